@@ -1,0 +1,102 @@
+"""Engine benchmark on the CPU with the demo model (issue: engine core).
+
+1. Batching: 32 requests (128-token prompts, 128 new tokens, ignore_eos) run one at a
+   time, then all 32 at once: output tok/s of each and the ratio.
+2. Prefix caching: TTFT of requests sharing a 512-token prefix, caching on vs off.
+
+Prints the numbers and writes bench/results/engine_cpu.json. No assertion on speed.
+Usage: python bench/engine_cpu.py [--requests 32] [--prompt-len 128] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+from tqdm import tqdm
+
+from llmesh.bench_results import write_result
+from llmesh.engine import LLM, SamplingParams
+from llmesh.engine.loader import find_demo_model
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def bench_batching(path: str, n: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    llm = LLM(path, dtype="float32", device="cpu", max_num_seqs=max(n, 1), max_num_batched_tokens=2048,
+              enable_prefix_caching=False)
+    prompts = _prompts(n, prompt_len, llm.engine.model_config.vocab_size, seed=0)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+
+    t0 = time.perf_counter()
+    seq_tokens = 0
+    for p in tqdm(prompts, desc="sequential", file=sys.stderr):
+        seq_tokens += len(llm.generate([p], params)[0].token_ids)
+    seq_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    batch_s = time.perf_counter() - t0
+    batch_tokens = sum(len(o.token_ids) for o in outs)
+    seq_rate, batch_rate = seq_tokens / seq_s, batch_tokens / batch_s
+    return {"sequential_out_tok_s": seq_rate, "batched_out_tok_s": batch_rate,
+            "batching_speedup_x": batch_rate / seq_rate}
+
+
+def _ttft_ms(llm: LLM, prompt: list[int]) -> float:
+    engine = llm.engine
+    t0 = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    ttft = None
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.token_ids and ttft is None:
+                ttft = time.perf_counter() - t0
+    return 1000 * ttft
+
+
+def bench_prefix(path: str, prefix_len: int, questions: int) -> dict[str, float]:
+    out = {}
+    for caching in (True, False):
+        llm = LLM(path, dtype="float32", device="cpu", enable_prefix_caching=caching)
+        vocab = llm.engine.model_config.vocab_size
+        prefix = _prompts(1, prefix_len, vocab, seed=1)[0]
+        suffixes = _prompts(questions + 1, 16, vocab, seed=2)
+        _ttft_ms(llm, prefix + suffixes[0])  # warm-up; fills the cache when caching is on
+        ttfts = [_ttft_ms(llm, prefix + s) for s in tqdm(suffixes[1:], desc=f"prefix caching={caching}",
+                                                          file=sys.stderr)]
+        out["prefix_hit_ttft_ms" if caching else "prefix_miss_ttft_ms"] = statistics.median(ttfts)
+    out["prefix_ttft_speedup_x"] = out["prefix_miss_ttft_ms"] / out["prefix_hit_ttft_ms"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefix-len", type=int, default=512)
+    ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--name", default="engine_cpu")
+    args = ap.parse_args()
+    path = find_demo_model()
+    metrics = {}
+    metrics.update(bench_prefix(path, args.prefix_len, args.questions))
+    metrics.update(bench_batching(path, args.requests, args.prompt_len, args.new_tokens))
+    for k, v in metrics.items():
+        print(f"{k:>24}: {v:10.2f}")
+    workload = {"model": "SmolLM2-135M-Instruct Q4_1 (dequantized, float32)", "requests": args.requests,
+                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ignore_eos": True,
+                "prefix_len": args.prefix_len, "prefix_questions": args.questions, "backend": "torch"}
+    print("wrote", write_result(args.name, workload, metrics))
+
+
+if __name__ == "__main__":
+    main()

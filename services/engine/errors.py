@@ -1,0 +1,28 @@
+"""Engine errors. Each carries a message a user can act on; the gRPC layer maps the
+classes to status codes (InvalidRequest → INVALID_ARGUMENT, Unsupported → FAILED_PRECONDITION)."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is wrong (bad sampling field, prompt too long, ...)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnsupportedModelError(EngineError, ValueError):
+    """The model files name an architecture, tensor type or field llmesh cannot serve."""
+
+
+class ModelLoadError(EngineError, OSError):
+    """The model files are missing or unreadable."""
+
+
+class RequestNotFoundError(EngineError, KeyError):
+    """No live request has this id."""

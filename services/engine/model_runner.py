@@ -1,0 +1,184 @@
+"""The model runner: turns a SchedulerOutput into one forward pass and sampled tokens.
+
+``TorchModelRunner`` is the reference backend (plain PyTorch, CPU or GPU). Every backend
+takes the same SchedulerOutput and returns the same ModelRunnerOutput, so the engine does
+not know which one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.llama import LlamaForCausalLM
+from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.request import Request
+from llmesh.engine.sampler import Sampler
+from llmesh.engine.scheduler_output import SchedulerOutput
+from llmesh.kernels.paged_attention import PagedAttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    """Request id → the token sampled this step (only requests whose chunk reached their end)."""
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+
+
+class ModelRunner(Protocol):
+    num_blocks: int
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of every layer for one block."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor            # [T]
+    positions: torch.Tensor            # [T]
+    meta: PagedAttentionMetadata
+    logits_indices: torch.Tensor       # [N]: flat index of the last token of each sampling chunk
+    sampling_requests: list[Request]   # [N]
+
+
+def _chunk_token_ids(req: Request, start: int, n: int) -> list[int]:
+    p = req.num_prompt_tokens
+    if start >= p:
+        return req.output_token_ids[start - p : start - p + n]
+    if start + n <= p:
+        return req.prompt_token_ids[start : start + n]
+    return req.prompt_token_ids[start:] + req.output_token_ids[: start + n - p]
+
+
+def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> BatchInputs:
+    """Flatten the step's chunks into tensors; slot mappings are computed per chunk with
+    array ops, never per token in Python."""
+    chunks = scheduled.chunks
+    token_ids: list[int] = []
+    positions, slots = [], []
+    query_start_loc, seq_lens = [0], []
+    max_blocks = max(-(-(c.start_pos + c.num_new_tokens) // block_size) for c in chunks)
+    tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+    logits_indices, sampling_requests = [], []
+    dec_seq, dec_tok, dec_len, pre_seq = [], [], [], []
+    for s, c in enumerate(chunks):
+        req, start, n = c.request, c.start_pos, c.num_new_tokens
+        end = start + n
+        token_ids.extend(_chunk_token_ids(req, start, n))
+        table = np.asarray(req.block_ids[: -(-end // block_size)], dtype=np.int64)
+        tables[s, : len(table)] = table
+        pos = np.arange(start, end, dtype=np.int64)
+        positions.append(pos)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        if n == 1:
+            dec_seq.append(s), dec_tok.append(query_start_loc[-1]), dec_len.append(end)
+        else:
+            pre_seq.append(s)
+        query_start_loc.append(query_start_loc[-1] + n)
+        seq_lens.append(end)
+        if c.samples:
+            logits_indices.append(query_start_loc[-1] - 1)
+            sampling_requests.append(req)
+
+    def t(x) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=torch.int64).to(device, non_blocking=True)
+
+    meta = PagedAttentionMetadata(
+        slot_mapping=t(np.concatenate(slots)),
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=t(tables),
+        decode_seq_idx=t(dec_seq),
+        decode_token_idx=t(dec_tok),
+        decode_seq_lens=t(dec_len),
+        prefill_seq_idx=pre_seq,
+    )
+    return BatchInputs(t(token_ids), t(np.concatenate(positions)), meta, t(logits_indices), sampling_requests)
+
+
+class TorchModelRunner:
+    """Reference backend: the Llama-family model in plain PyTorch over the paged pool."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        sampler: Sampler,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
+        self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
+        """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
+        self._init_model(weights)
+        self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_memory, gpu_memory_utilization)
+        self._init_kv_pool()
+
+    def _init_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.cfg)
+        model = model.to(self.dtype).to_empty(device=self.device)
+        model.load_weights(weights)
+        self.model = model.eval()
+        log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2)})
+
+    def _blocks_for_budget(self, budget: int | None, utilization: float) -> int:
+        per_block = kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * utilization)
+            else:
+                budget = 1 << 30
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory of {budget} bytes holds no block; one block of {self.block_size} "
+                f"tokens needs {per_block} bytes")
+        return int(blocks)
+
+    def _init_kv_pool(self) -> None:
+        c = self.cfg
+        # kv_caches: [L, 2, num_blocks, block_size, H_kv, D], one preallocated pool
+        self.kv_caches = torch.zeros(
+            (c.num_hidden_layers, 2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
+            dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        if not scheduled.chunks:
+            return ModelRunnerOutput()
+        batch = prepare_inputs(scheduled, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        out = ModelRunnerOutput()
+        if not batch.sampling_requests:
+            return out
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]
+        if self.logits_observer is not None:
+            self.logits_observer(batch.sampling_requests, logits)
+        sampled = self.sampler(logits, batch.sampling_requests)
+        for req, tok, lp in zip(batch.sampling_requests, sampled.token_ids, sampled.logprobs):
+            out.sampled_token_ids[req.request_id] = tok
+            if lp is not None:
+                out.logprobs[req.request_id] = lp
+        return out

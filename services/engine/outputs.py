@@ -1,0 +1,44 @@
+"""Typed results the engine hands to its callers (the LLM API, the async engine, gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmesh.engine.request import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one generated token and the top alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1 for the most likely token."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the ``logprobs`` most likely tokens, best first."""
+
+
+@dataclass
+class RequestOutput:
+    """What a request produced: cumulative for ``LLM.generate``, a delta when streamed.
+
+    In a streamed delta, ``token_ids`` / ``text`` / ``logprobs`` hold only what is new
+    since the previous delta; ``finished`` is set on the last one.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+    """Set when finish_reason is ERROR: why the engine failed the request."""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

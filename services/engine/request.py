@@ -1,0 +1,119 @@
+"""A request inside the engine: it owns its tokens, its block table and its counts.
+
+The scheduler decides on ``num_computed_tokens`` vs ``num_tokens`` alone — there is no
+prefill/decode flag: a request whose computed count trails its token count by more than
+one is (still) prefilling, by exactly one it is decoding.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmesh.engine.sampling_params import SamplingParams
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first. The gateway maps a key's tier onto these."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"          # EOS, a stop token id or a stop string
+    LENGTH = "length"      # max_tokens or the model window
+    ABORT = "abort"        # the caller aborted (cancel, disconnect, deadline)
+    ERROR = "error"        # the engine failed this request (the message says why)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = Priority.INTERACTIVE
+    arrival_time: float = field(default_factory=time.monotonic)
+    cache_salt: str | None = None
+    """Keeps this request's prefix blocks apart from other salts' (per-tenant caches)."""
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int | None = None
+    """The model window; generation stops with LENGTH when the sequence reaches it."""
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in the cache (cached prefix blocks included)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at the first admission (a preempted
+    request recomputes, so later hits are not counted again)."""
+    block_ids: list[int] = field(default_factory=list)
+    """The block table: physical block ids, one per ``block_size`` tokens."""
+    block_hashes: list[int] = field(default_factory=list)
+    """Chained hashes of the full blocks of ``all_token_ids`` computed so far."""
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the request, if any."""
+    sampler_state: Any = None
+    """Owned by the sampler (e.g. the seeded torch.Generator); opaque to the scheduler."""
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+
+    # ---- token counts -------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """After appending a token: set finish_reason if a token-level stop applies.
+
+        Stop strings are checked by the output processor, which sees the text.
+        """
+        sp = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and last in self.eos_token_ids:
+                self.finish_reason, self.stop_reason = FinishReason.STOP, None
+                return True
+            if last in sp.stop_token_ids:
+                self.finish_reason, self.stop_reason = FinishReason.STOP, last
+                return True
+        if self.num_output_tokens >= sp.max_tokens or (
+            self.max_model_len is not None and self.num_tokens >= self.max_model_len
+        ):
+            self.finish_reason = FinishReason.LENGTH
+            return True
+        return False

@@ -1,0 +1,223 @@
+"""The sampler: one next token per row of a logits batch, each row by its own request's rules.
+
+Order per row (as vLLM and HF, where they agree): penalties → greedy argmax, or
+temperature → top-k → top-p → min-p → sample. Rows with different parameters share
+one batch: every step is a tensor op over all rows that need it, and the host reads
+results back once, at the end, so the cost of a step does not grow with per-row
+Python work on the device's critical path.
+
+Randomness: a row is sampled with the exponential race (``argmax(probs / E)``, see
+``sampling_ops.exponential_race``), and its noise ``E`` is drawn from the row's own
+``torch.Generator`` when the request has a seed, else from the engine's generator. A
+seeded request therefore yields the same tokens whatever else is batched with it and
+wherever its row sits; unseeded requests are reproducible given the engine seed and
+the same sequence of batches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.request import Request
+from llmesh.engine.sampling_ops import (
+    apply_penalties,
+    exponential_race,
+    filter_keep_mask,
+    to_device,
+    token_logprobs,
+    unique_token_ids,
+)
+
+_SEED_MASK = (1 << 64) - 1
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampler call chose: one entry per row, in row order."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+    """None where the request did not ask for logprobs."""
+
+
+class Sampler:
+    """Picks the next token of every row of a ``[N, V]`` logits batch.
+
+    ``seed`` seeds the engine-wide generator that unseeded random rows draw noise from;
+    ``device`` is where that generator lives. Seeded requests keep their own generator
+    in ``request.sampler_state`` (created on first use, on the logits' device), so their
+    stream of draws continues across steps and survives preemption. Prompts of requests
+    with a repetition penalty are kept on the device as distinct ids, weakly keyed by
+    the request, since a prompt never changes once admitted.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        # Keyed weakly by request: an entry goes when the engine drops its request.
+        self._prompt_cache: weakref.WeakKeyDictionary[Request, torch.Tensor] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        # logits: [N, V], row i belongs to requests[i]
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [N, V] with N = {len(requests)} requests, "
+                             f"got {tuple(logits.shape)}")
+        if not requests:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        raw = logits.float()
+        penalised = self._penalise(raw, requests)
+
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if len(random_rows) == len(requests):
+            token_ids = self._sample(penalised, requests)
+        else:
+            token_ids = penalised.argmax(dim=-1)  # [N]; ties → lowest id
+            if random_rows:
+                idx = to_device(random_rows, torch.long, raw.device)
+                token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows])
+        return self._collect(raw, token_ids, requests)
+
+    # ---- penalties -------------------------------------------------------------------
+    def _penalise(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Logits after repetition/presence/frequency penalties; untouched (not copied)
+        when no row uses any, and computed only over the rows that do."""
+        rows = [
+            i for i, r in enumerate(requests)
+            if r.sampling_params.repetition_penalty != 1.0
+            or r.sampling_params.presence_penalty != 0.0
+            or r.sampling_params.frequency_penalty != 0.0
+        ]
+        if not rows:
+            return logits
+        device = logits.device
+        params = [requests[i].sampling_params for i in rows]
+        idx = to_device(rows, torch.long, device)
+        no_tokens = torch.empty(0, dtype=torch.long, device=device)
+        sub = apply_penalties(
+            logits[idx],
+            [self._prompt_ids(requests[i], device) if p.repetition_penalty != 1.0 else no_tokens
+             for i, p in zip(rows, params)],
+            [requests[i].output_token_ids for i in rows],
+            to_device([p.repetition_penalty for p in params], torch.float32, device),
+            to_device([p.presence_penalty for p in params], torch.float32, device),
+            to_device([p.frequency_penalty for p in params], torch.float32, device),
+        )
+        if len(rows) == len(requests):
+            return sub
+        out = logits.clone()
+        out[idx] = sub
+        return out
+
+    def _prompt_ids(self, request: Request, device: torch.device) -> torch.Tensor:
+        """The request's distinct prompt ids on ``device``, converted once per request."""
+        ids = self._prompt_cache.get(request)
+        if ids is None or ids.device != device:
+            ids = unique_token_ids(request.prompt_token_ids, device)
+            self._prompt_cache[request] = ids
+        return ids
+
+    # ---- random sampling ---------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Sampled token ids ``[R]`` for rows that all have temperature > 0."""
+        # logits: [R, V]
+        device = logits.device
+        params = [r.sampling_params for r in requests]
+        temperature = to_device([p.temperature for p in params], torch.float32, device)
+        # Shifting by the row max first keeps tiny temperatures from overflowing to inf.
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
+        keep = filter_keep_mask(
+            scaled, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
+        )
+        if keep is not None:
+            scaled = scaled.masked_fill(~keep, float("-inf"))
+        probs = scaled.softmax(dim=-1)  # [R, V]
+        return exponential_race(probs, self._noise(requests, logits.shape[1], device))
+
+    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise ``[R, V]``: seeded rows from their own generator, the rest from the
+        engine's, so a seeded row's noise never depends on its neighbours."""
+        unseeded = [j for j, r in enumerate(requests) if r.sampling_params.seed is None]
+        drawn = None
+        if unseeded:
+            drawn = torch.empty(len(unseeded), vocab, device=self.generator.device)
+            drawn = drawn.exponential_(generator=self.generator).to(device)
+            if len(unseeded) == len(requests):
+                return drawn
+        noise = torch.empty(len(requests), vocab, device=device)
+        if drawn is not None:
+            noise[to_device(unseeded, torch.long, device)] = drawn
+        for j, request in enumerate(requests):
+            if request.sampling_params.seed is not None:
+                gen = self._request_generator(request, device)
+                if gen.device.type == device.type:
+                    noise[j].exponential_(generator=gen)
+                else:  # the request moved devices: keep its stream, copy the draws over
+                    noise[j] = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
+        return noise
+
+    @staticmethod
+    def _request_generator(request: Request, device: torch.device) -> torch.Generator:
+        state = request.sampler_state
+        if not isinstance(state, torch.Generator):
+            state = torch.Generator(device=device)
+            # Reduced to 64 bits as torch does for negative seeds; torch rejects larger ones.
+            state.manual_seed(request.sampling_params.seed & _SEED_MASK)
+            request.sampler_state = state
+        return state
+
+    # ---- results -----------------------------------------------------------------------
+    @staticmethod
+    def _collect(
+        raw: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]
+    ) -> SamplerOutput:
+        """Token ids and logprobs as Python values, read back with a single ``.tolist()``.
+
+        Logprobs come from the raw logits (before penalties and temperature), as vLLM
+        reports them by default.
+        """
+        # raw: [N, V]; token_ids: [N]
+        num_rows = len(requests)
+        lp_rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        if not lp_rows:
+            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * num_rows)
+
+        idx = to_device(lp_rows, torch.long, raw.device)
+        vocab = raw.shape[1]
+        num_top = min(vocab, max(requests[i].sampling_params.logprobs for i in lp_rows))
+        chosen, rank, top_ids, top_lps = token_logprobs(
+            raw[idx].log_softmax(dim=-1), token_ids[idx], num_top
+        )
+        # Everything in one float64 vector: ids and ranks are exact below 2**53, and
+        # float32 logprobs widen exactly.
+        packed = torch.cat([
+            token_ids.double(), chosen.double(), rank.double(),
+            top_ids.double().flatten(), top_lps.double().flatten(),
+        ]).tolist()
+
+        ids = [int(t) for t in packed[:num_rows]]
+        n_lp = len(lp_rows)
+        chosen_lp = packed[num_rows:num_rows + n_lp]
+        ranks = packed[num_rows + n_lp:num_rows + 2 * n_lp]
+        start = num_rows + 2 * n_lp
+        top_id_vals = packed[start:start + n_lp * num_top]
+        top_lp_vals = packed[start + n_lp * num_top:]
+
+        logprobs: list[TokenLogprob | None] = [None] * num_rows
+        for j, i in enumerate(lp_rows):
+            n = min(requests[i].sampling_params.logprobs, num_top)
+            row = slice(j * num_top, j * num_top + n)
+            logprobs[i] = TokenLogprob(
+                token_id=ids[i],
+                logprob=chosen_lp[j],
+                rank=int(ranks[j]),
+                top=tuple(zip((int(t) for t in top_id_vals[row]), top_lp_vals[row])),
+            )
+        return SamplerOutput(token_ids=ids, logprobs=logprobs)

@@ -1,0 +1,284 @@
+"""The scheduler: iteration-level (continuous) batching over a paged KV cache.
+
+Each ``schedule()`` builds one step under a token budget (``max_num_batched_tokens``):
+
+1. Running requests first, best priority and earliest arrival first. Each gets
+   ``min(tokens left to compute, budget left)``: one token for a decode, a chunk for a
+   prefill still in progress. When the pool has no block for one, the worst running
+   request (lowest priority, latest arrival) is preempted by recompute — blocks freed,
+   computed count reset, back to the front of its priority's waiting queue — and the
+   allocation retried; if the request itself is the worst left, it is preempted.
+2. Then waiting requests, best priority first and first-come-first-served within a
+   priority, while budget, ``max_num_seqs`` and blocks allow. A cached prefix is taken
+   from the KV cache; the rest of the prompt is chunked to the budget left. Admission
+   stops at the first request that cannot be placed, so a long prompt is never starved
+   by shorter ones slipping past it — except that a waiting request may preempt running
+   requests of strictly worse priority to get its blocks or its seat, so interactive
+   traffic is never stuck behind batch traffic. A step whose running phase had to
+   preempt admits nothing: the preempted requests are at the front of the queue and
+   the blocks were just short.
+
+Nothing is lost or stuck: every live request is in exactly one of ``waiting`` and
+``running``, and its next step always fits in the whole pool — admission refuses a
+prompt that does not, and a sequence that grows to fill the pool finishes with LENGTH
+(as at the model window) when it receives the token that would overflow it, rather
+than being preempted forever. So a request alone can always run, a preempted one can
+always come back, and admission in strict order starves nobody.
+
+Unknown or already finished ids given to ``finish_request`` / ``abort_request`` return
+0 freed blocks; aborting twice is harmless.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Mapping
+
+from llmesh.engine.config import SchedulerConfig
+from llmesh.engine.errors import InvalidRequestError
+from llmesh.engine.kv_cache.manager import ComputedBlocks, KVCacheManager
+from llmesh.engine.request import FinishReason, Request, RequestStatus
+from llmesh.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.running: list[Request] = []
+        self._waiting: dict[int, deque[Request]] = {}
+        """priority → its queue, front first."""
+        self._requests: dict[str, Request] = {}
+        """Every live (waiting or running) request by id."""
+        self._arrival_order: dict[str, int] = {}
+        self._counter = itertools.count()
+        self._finished_ids: list[str] = []
+        """Finished since the last schedule(); reported in its output."""
+
+    # ---- queries ----------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The live request with this id; None once it finished or was aborted."""
+        return self._requests.get(request_id)
+
+    def waiting_requests(self) -> list[Request]:
+        """Waiting requests in the order they would be admitted."""
+        return [r for p in sorted(self._waiting) for r in self._waiting[p]]
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request, refusing one that could never run (InvalidRequestError).
+
+        The request's ``max_model_len`` is capped at the scheduler's window, so
+        ``Request.check_stop`` ends it with LENGTH there.
+        """
+        self._validate(request)
+        window = self.config.max_model_len
+        if request.max_model_len is None or request.max_model_len > window:
+            request.max_model_len = window
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._arrival_order[request.request_id] = next(self._counter)
+        queue = self._waiting.setdefault(request.priority, deque())
+        index = len(queue)
+        while index > 0 and self._key(queue[index - 1]) > self._key(request):
+            index -= 1
+        queue.insert(index, request)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> int:
+        """End a live request now (stop string, abort); returns how many blocks it freed."""
+        request = self._requests.get(request_id)
+        return 0 if request is None else self._finish(request, reason)
+
+    def abort_request(self, request_id: str) -> int:
+        return self.finish_request(request_id, FinishReason.ABORT)
+
+    # ---- one step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: dict[str, ScheduledChunk] = {}
+        preempted: list[str] = []
+        self.running.sort(key=self._key)
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            allocated = self.kv.allocate_slots(request, num_new)
+            while not allocated:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+                allocated = self.kv.allocate_slots(request, num_new)
+            if not allocated:
+                break
+            chunks[request.request_id] = ScheduledChunk(request, request.num_computed_tokens, num_new)
+            budget -= num_new
+            index += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, chunks, preempted)
+
+        decodes = [c for c in chunks.values() if c.request.num_tokens - c.start_pos == 1]
+        prefills = [c for c in chunks.values() if c.request.num_tokens - c.start_pos > 1]
+        finished, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            chunks=tuple(decodes + prefills),
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_request_ids=tuple(preempted),
+            finished_request_ids=finished,
+        )
+
+    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+        """Advance each scheduled request by its chunk and append the sampled tokens.
+
+        Returns the requests that received a token (finished ones included; their
+        blocks are already freed). Chunks of requests that were aborted or preempted
+        since ``schedule()`` are skipped.
+        """
+        received: list[Request] = []
+        for chunk in output.chunks:
+            request = chunk.request
+            if (
+                self._requests.get(request.request_id) is not request
+                or request.status is not RequestStatus.RUNNING
+                or request.num_computed_tokens != chunk.start_pos
+            ):
+                continue
+            request.num_computed_tokens += chunk.num_new_tokens
+            self.kv.cache_computed_blocks(request)
+            if not chunk.samples:
+                continue
+            if request.request_id not in sampled:
+                raise KeyError(f"no sampled token for request {request.request_id!r}, whose chunk samples")
+            request.append_output_token(sampled[request.request_id])
+            if request.check_stop():
+                self._finish(request, request.finish_reason)
+            elif self._outgrows_pool(request):
+                self._finish(request, FinishReason.LENGTH)
+            received.append(request)
+        return received
+
+    # ---- helpers --------------------------------------------------------------------
+    def _admit_waiting(
+        self, budget: int, chunks: dict[str, ScheduledChunk], preempted: list[str]
+    ) -> int:
+        """Admit waiting requests in order while they fit; returns the budget left."""
+        while budget > 0:
+            request = self._peek_waiting()
+            if request is None or request.request_id in preempted:
+                break
+            chunk = None
+            if len(self.running) < self.config.max_num_seqs:
+                computed = self.kv.get_computed_blocks(request)
+                num_new = request.num_tokens - computed.num_computed_tokens
+                if num_new > budget:
+                    if not self.config.enable_chunked_prefill:
+                        break
+                    num_new = budget
+                chunk = self._try_admit(request, computed, num_new)
+            if chunk is None:
+                victim = self._worse_running(request)
+                if victim is None:
+                    break
+                refund = chunks.pop(victim.request_id, None)
+                budget += refund.num_new_tokens if refund else 0
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                continue
+            chunks[request.request_id] = chunk
+            budget -= chunk.num_new_tokens
+        return budget
+
+    def _try_admit(self, request: Request, computed: ComputedBlocks, num_new: int) -> ScheduledChunk | None:
+        """Move the head waiting request to running with its first chunk, if blocks allow."""
+        if not self.kv.allocate_slots(request, num_new, computed):
+            return None
+        self._waiting[request.priority].popleft()
+        if request.status is RequestStatus.WAITING:
+            request.num_cached_tokens = computed.num_computed_tokens
+        request.num_computed_tokens = computed.num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return ScheduledChunk(request, request.num_computed_tokens, num_new)
+
+    def _key(self, request: Request) -> tuple[int, float, int]:
+        """Scheduling order: priority, then arrival time, then insertion order."""
+        return (request.priority, request.arrival_time, self._arrival_order[request.request_id])
+
+    def _peek_waiting(self) -> Request | None:
+        for priority in sorted(self._waiting):
+            if self._waiting[priority]:
+                return self._waiting[priority][0]
+        return None
+
+    def _worse_running(self, request: Request) -> Request | None:
+        """The worst running request if its priority is strictly worse than ``request``'s."""
+        if not self.running:
+            return None
+        victim = max(self.running, key=self._key)
+        return victim if victim.priority > request.priority else None
+
+    def _outgrows_pool(self, request: Request) -> bool:
+        """The next step would need more blocks than the whole pool has: it can never run."""
+        return self.kv.blocks_needed(request.num_tokens) > self.kv.num_total_blocks
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._waiting.setdefault(request.priority, deque()).appendleft(request)
+
+    def _finish(self, request: Request, reason: FinishReason | None) -> int:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self._waiting[request.priority].remove(request)
+        freed = self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]
+        del self._arrival_order[request.request_id]
+        self._finished_ids.append(request.request_id)
+        return freed
+
+    def _validate(self, request: Request) -> None:
+        n = request.num_prompt_tokens
+        window = self.config.max_model_len
+        if request.max_model_len is not None:
+            window = min(window, request.max_model_len)
+        if request.request_id in self._requests:
+            raise InvalidRequestError(
+                f"request_id {request.request_id!r} is already used by a live request", field="request_id"
+            )
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty: at least one token is needed", field="prompt")
+        if n >= window:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the model window (max_model_len) is {window}: "
+                f"at most {window - 1} prompt tokens leave room for one new token",
+                field="prompt",
+            )
+        need = self.kv.blocks_needed(n + 1)
+        if need > self.kv.num_total_blocks:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens and needs {need} KV blocks of {self.kv.block_size} tokens "
+                f"(with one new token), but the whole KV cache holds {self.kv.num_total_blocks} blocks: "
+                "shorten the prompt or give the engine more KV cache memory",
+                field="prompt",
+            )

@@ -1,0 +1,53 @@
+"""What one scheduler step decided: typed, immutable, handed to the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmesh.engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Run ``num_new_tokens`` tokens of ``request`` starting at position ``start_pos``.
+
+    The runner reads the tokens ``request.all_token_ids[start_pos : start_pos + n]`` and
+    writes their K/V into ``request.block_ids``; the tokens before ``start_pos`` are in
+    the cache already.
+    """
+
+    request: Request
+    start_pos: int
+    num_new_tokens: int
+    samples: bool = field(init=False)
+    """The chunk reaches the request's last known token, so its logits are sampled.
+    Fixed at creation: appending the sampled token later does not change it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "samples", self.start_pos + self.num_new_tokens == self.request.num_tokens
+        )
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    """Decode chunks (one token each) first, then prefill chunks, each in scheduling order."""
+    num_batched_tokens: int
+    preempted_request_ids: tuple[str, ...] = ()
+    """Requests preempted this step: their blocks are gone; they will be recomputed."""
+    finished_request_ids: tuple[str, ...] = ()
+    """Requests that finished (or were aborted) since the previous step: per-request
+    state elsewhere (sampler, detokenizer) can be dropped."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def num_scheduled_requests(self) -> int:
+        return len(self.chunks)
