@@ -1,7 +1,9 @@
 """The ``llmesh`` command.
 
-``llmesh demo``   chat with the demo model (SmolLM2-135M-Instruct) in-process, streaming.
-``llmesh offline --model PATH "prompt"``   one generation from any local model, in-process.
+``llmesh up``        start the whole mesh locally (Redis, index, engines, router, gateway)
+``llmesh generate``  stream a completion from the gateway; ``llmesh chat`` talks to it
+``llmesh demo``      chat with the demo model (SmolLM2-135M-Instruct) in-process, no mesh
+``llmesh offline --model PATH "prompt"``   one generation from any local model, in-process
 """
 
 from __future__ import annotations
@@ -79,11 +81,64 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from llmesh.launcher import UpConfig, up
+
+    cfg = UpConfig(models_file=args.models_file, host=args.host, gateway_port=args.gateway_port,
+                   router_port=args.router_port, prefix_cache_port=args.prefix_cache_port,
+                   engine_base_port=args.engine_base_port, redis_port=args.redis_port,
+                   metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir)
+    return up(cfg, prompt=args.prompt)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from llmesh.health import wait_serving
+
+    try:
+        wait_serving(args.address, timeout=args.timeout, service=args.service)
+    except TimeoutError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", help="exit 0 when a service reports SERVING (container health checks)")
+    p.add_argument("address", help="host:port of any llmesh service")
+    p.add_argument("--service", default="", help="one service's name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(fn=_cmd_health)
+
+
+def _add_up(sub) -> None:
+    from llmesh.launcher import UpConfig
+
+    d = UpConfig()
+    p = sub.add_parser("up", help="start the mesh locally with the demo model (or a models file)")
+    p.add_argument("--models-file", default=None, help="YAML models file (default: the demo model)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--gateway-port", type=int, default=d.gateway_port)
+    p.add_argument("--router-port", type=int, default=d.router_port)
+    p.add_argument("--prefix-cache-port", type=int, default=d.prefix_cache_port)
+    p.add_argument("--engine-base-port", type=int, default=d.engine_base_port)
+    p.add_argument("--redis-port", type=int, default=d.redis_port)
+    p.add_argument("--metrics-base-port", type=int, default=d.metrics_base_port, help="0 disables /metrics")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (engines)")
+    p.add_argument("--run-dir", default=None, help="where logs go (default: a temporary folder)")
+    p.add_argument("--prompt", default=None, help="once up, stream an answer to this prompt through the gateway")
+    p.set_defaults(fn=_cmd_up)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     parser = argparse.ArgumentParser(prog="llmesh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_up(sub)
+    _add_health(sub)
+    from llmesh.cli_client import add_client_commands
+
+    add_client_commands(sub)
     for name, fn, help_ in (("demo", _cmd_demo, "chat with the demo model in-process"),
                             ("offline", _cmd_offline, "generate from a local model in-process")):
         p = sub.add_parser(name, help=help_)

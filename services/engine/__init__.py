@@ -1,19 +1,33 @@
 """llmesh.engine: continuous-batching LLM engine with a paged KV cache and prefix caching.
 
     from llmesh.engine import LLM, SamplingParams
+
+The public names load lazily, so light users of sub-modules (the gateway reads
+tokenizers through ``llmesh.engine.text``) do not import torch.
 """
 
-from llmesh.engine.async_llm import AsyncLLM
-from llmesh.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from llmesh.engine.errors import EngineError, InvalidRequestError, ModelLoadError, UnsupportedModelError
-from llmesh.engine.llm import LLM, build_engine_config
-from llmesh.engine.llm_engine import EngineStats, LLMEngine
-from llmesh.engine.outputs import RequestOutput, TokenLogprob
-from llmesh.engine.request import FinishReason, Priority
-from llmesh.engine.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = [
-    "LLM", "AsyncLLM", "LLMEngine", "EngineStats", "SamplingParams", "RequestOutput", "TokenLogprob",
-    "FinishReason", "Priority", "EngineConfig", "CacheConfig", "SchedulerConfig", "build_engine_config",
-    "EngineError", "InvalidRequestError", "ModelLoadError", "UnsupportedModelError",
-]
+import importlib
+
+_EXPORTS = {
+    "LLM": "llm", "build_engine_config": "llm",
+    "AsyncLLM": "async_llm",
+    "LLMEngine": "llm_engine", "EngineStats": "llm_engine",
+    "CacheConfig": "config", "EngineConfig": "config", "SchedulerConfig": "config",
+    "EngineError": "errors", "InvalidRequestError": "errors", "ModelLoadError": "errors",
+    "UnsupportedModelError": "errors",
+    "RequestOutput": "outputs", "TokenLogprob": "outputs",
+    "FinishReason": "request", "Priority": "request",
+    "SamplingParams": "sampling_params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmesh.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llmesh.engine.{module}"), name)
+    globals()[name] = value
+    return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AbortResult:
+    found: bool
+    """Whether a live (waiting or running) request had this id."""
+    freed_blocks: int
 
 
 @dataclass
@@ -42,6 +50,9 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self._last_progress = time.monotonic()
+        self.fault_step_delay_s = 0.0
+        """Fault injection for tests of health and deadlines: sleep this long before each step."""
         self._thread = threading.Thread(target=self._run, name="llmesh-engine", daemon=True)
         self._thread.start()
 
@@ -83,6 +94,8 @@ class AsyncLLM:
         try:
             while True:
                 out: RequestOutput = await stream.queue.get()
+                while not out.finished and not stream.queue.empty():
+                    out = _merge(out, stream.queue.get_nowait())  # a slow reader gets several tokens per delta
                 finished = out.finished
                 yield out
                 if finished:
@@ -93,9 +106,29 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> int:
         """Abort a request; returns how many KV blocks were freed."""
+        return (await self.abort_request(request_id)).freed_blocks
+
+    async def abort_request(self, request_id: str) -> AbortResult:
+        """Abort a request; says whether it was live and how many KV blocks were freed."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         self._submit(lambda: _resolve(loop, fut, self._abort_now(request_id)))
+        return await fut
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                return
+            _resolve(loop, fut, result)
+
+        self._submit(run)
         return await fut
 
     def stats(self) -> EngineStats:
@@ -104,6 +137,11 @@ class AsyncLLM:
     @property
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests() or bool(self._commands)
+
+    def seconds_since_progress(self) -> float:
+        """Seconds since the engine thread last finished a step or found nothing to do;
+        grows without bound only when a step is stuck (health checks read it)."""
+        return time.monotonic() - self._last_progress
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopped = True
@@ -116,12 +154,13 @@ class AsyncLLM:
             self._commands.append(fn)
         self._wake.set()
 
-    def _abort_now(self, request_id: str) -> int:
+    def _abort_now(self, request_id: str) -> AbortResult:
+        found = self.engine.scheduler.get_request(request_id) is not None
         freed = self.engine.abort_request(request_id, emit_output=False)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
-        return freed
+        return AbortResult(found, freed)
 
     def _run(self) -> None:
         while not self._stopped:
@@ -131,14 +170,18 @@ class AsyncLLM:
             for fn in commands:
                 fn()
             if not self.engine.has_unfinished_requests():
+                self._last_progress = time.monotonic()
                 self._wake.wait(0.5)
                 continue
+            if self.fault_step_delay_s:
+                time.sleep(self.fault_step_delay_s)
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, never the thread
                 log.error("engine step failed: %s\n%s", e, traceback.format_exc())
                 outputs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
             self._dispatch(outputs)
+            self._last_progress = time.monotonic()
         self._fail_all("the engine is shutting down")
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
@@ -171,6 +214,16 @@ def _deliver(stream: _Stream, outs: list[RequestOutput]) -> None:
         stream.loop.call_soon_threadsafe(put)
     except RuntimeError:  # the caller's loop is closed: nobody is listening any more
         pass
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One delta covering ``a`` then ``b`` (b may be the last one)."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return RequestOutput(
+        request_id=a.request_id, prompt_token_ids=a.prompt_token_ids or b.prompt_token_ids,
+        token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs,
+        finished=b.finished, finish_reason=b.finish_reason, stop_reason=b.stop_reason,
+        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any) -> None:

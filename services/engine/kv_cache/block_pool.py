@@ -72,6 +72,10 @@ class BlockPool:
     def get_cached_block(self, block_hash: int) -> Block | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
+    def cached_block_hashes(self) -> list[int]:
+        """Hashes of every block currently registered in the prefix cache."""
+        return list(self._cached)
+
     def get_new_blocks(self, n: int) -> list[Block]:
         """Take ``n`` blocks from the front of the free queue (evicting their hashes), ref 1 each."""
         if n > len(self._free):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from llmesh.engine.kv_cache.block_pool import BlockPool, KVCacheStateError
-from llmesh.engine.kv_cache.events import KVEventBatch, KVEventPublisher, NullPublisher
+from llmesh.engine.kv_cache.events import AllCleared, BlockStored, KVEventBatch, KVEventPublisher, NullPublisher
 from llmesh.engine.request import Request
 from llmesh.prefix_hash import hash_prefix_blocks
 
@@ -156,6 +156,23 @@ class KVCacheManager:
         events = self.pool.take_events()
         if not events:
             return None
+        batch = KVEventBatch(seq=self._next_seq, timestamp=time.time(), events=tuple(events))
+        self._next_seq += 1
+        self.publisher.publish(batch)
+        return batch
+
+    def publish_snapshot(self) -> KVEventBatch:
+        """Publish the whole cached state (AllCleared, then every cached block) as one batch.
+
+        Sent when the prefix-cache index lost track of this engine (restart, sequence gap);
+        pending events are flushed first so the snapshot is ordered after them.
+        """
+        self.flush_events()
+        hashes = tuple(self.pool.cached_block_hashes())
+        events: list = [AllCleared()]
+        if hashes:
+            events.append(BlockStored(block_hashes=hashes, parent_hash=None, token_ids=(),
+                                      block_size=self.block_size, namespace=self.namespace))
         batch = KVEventBatch(seq=self._next_seq, timestamp=time.time(), events=tuple(events))
         self._next_seq += 1
         self.publisher.publish(batch)

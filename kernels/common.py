@@ -1,0 +1,112 @@
+"""Input checks and launch choices shared by the Triton kernel wrappers.
+
+A Triton kernel handed a wrong shape, dtype or stride reads and writes out of bounds without
+a word, so every wrapper checks its arguments first and raises a ValueError that names the
+argument and what was expected. This module does not import Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot operands are upcast to float32 for inputs of this dtype.
+
+    Float32 inputs stay float32 (with IEEE precision, see `dot_precision`). Under the
+    interpreter every operand is upcast: it stores bfloat16 as raw uint16 and multiplies the
+    bit patterns (triton-lang/triton#11584), so a bfloat16 tl.dot there is garbage.
+    """
+    return dtype == torch.float32 or interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: IEEE for float32 inputs, so a float32 model agrees with the torch
+    backend (which does not use TF32); the default for 16-bit inputs, where it has no effect."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    layout: str,
+    ndim: int,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> None:
+    """`t` is a tensor of `ndim` dims (described by `layout`, e.g. "[T, H, D]") of one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).removeprefix('torch.')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other inputs are on {device}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    """The kernels address the innermost dimension as consecutive elements."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_size(name: str, dim: str, got: int, expected: int, because: str) -> None:
+    if got != expected:
+        raise ValueError(f"{name} has {dim}={got}, expected {expected} ({because})")
+
+
+def check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device, contiguous: bool = False) -> torch.Tensor:
+    """Return `out` after checking it can hold the result, or a new tensor when it is None.
+
+    `contiguous` is for wrappers that flatten `out` into rows with a view.
+    """
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {got}")
+    if out.dtype != dtype or out.device != device:
+        raise ValueError(f"{name} must be {dtype} on {device}, got {out.dtype} on {out.device}")
+    if contiguous and not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {out.stride()}")
+    check_last_dim_contiguous(name, out)
+    return out
+
+
+def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor, num_seqs: int) -> tuple[int, int, int]:
+    """Shared checks of the paged attention wrappers; returns (block_size, H_kv, D)."""
+    device = q.device
+    check_tensor("k_cache", k_cache, "[num_blocks, block_size, H_kv, D]", 4, (q.dtype,), device=device)
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.device != device:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match k_cache "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype} on {device}")
+    _, block_size, h_kv, d = k_cache.shape
+    h_q = q.shape[1]
+    check_size("q", "D", q.shape[2], d, "the pool's head_dim")
+    if not 16 <= d <= 256:
+        raise ValueError(f"head_dim must be in 16..256, got {d}")
+    if h_q % h_kv:
+        raise ValueError(f"q has {h_q} heads, not a multiple of the pool's {h_kv} KV heads")
+    check_tensor("block_tables", block_tables, "[S, max_blocks]", 2, INDEX_DTYPES, device=device)
+    check_size("block_tables", "S", block_tables.shape[0], num_seqs, "one table per sequence")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
+        check_last_dim_contiguous(name, t)
+    return block_size, h_kv, d

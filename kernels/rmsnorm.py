@@ -1,0 +1,102 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in a decoder layer.
+
+With a residual, the kernel computes s = x + residual (rounded to the input dtype, as HF's
+``hidden_states = residual + hidden_states`` does) and returns (rmsnorm(s), s), so a decoder
+layer reads the hidden state once per norm instead of three times. The normalisation follows
+`layers.RMSNorm`: float32 statistics, the normalised value cast to the input dtype, then
+multiplied by the weight in the promoted dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import (
+    check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
+from llmesh.kernels.triton_helpers import cast_rtne
+
+_MAX_HIDDEN = 65536  # one program holds a whole row in registers
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    stride_x, stride_r, stride_o, stride_ro, eps,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    mask = c < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    in_dtype = x_ptr.dtype.element_ty
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+        s = cast_rtne(x + r, in_dtype, INTERPRET)
+        tl.store(res_out_ptr + row * stride_ro + c, s, mask=mask)
+        x = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
+    normed = cast_rtne(x * rstd, in_dtype, INTERPRET).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + c, cast_rtne(w * normed, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x: [..., H] with weight: [H].
+
+    Without `residual` returns normed [..., H] (dtype: x's promoted with weight's, as
+    `weight * x` in torch). With `residual` ([..., H], x's dtype) returns (normed, x + residual).
+    `out` / `residual_out` are optional preallocated results.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor [..., H]")
+    check_tensor("x", x, "[..., H]", x.dim())
+    hidden = x.shape[-1]
+    check_tensor("weight", weight, "[H]", 1, device=x.device)
+    check_size("weight", "H", weight.shape[0], hidden, "x's last dimension")
+    if not 0 < hidden <= _MAX_HIDDEN:
+        raise ValueError(f"hidden size must be in 1..{_MAX_HIDDEN}, got {hidden}")
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+    x2 = x.reshape(-1, hidden)
+    out = check_out("out", out, tuple(x.shape), torch.promote_types(x.dtype, weight.dtype), x.device,
+                    contiguous=True)
+    out2 = out.view(-1, hidden)
+    if residual is not None:
+        check_tensor("residual", residual, "[..., H]", x.dim(), (x.dtype,), device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        check_last_dim_contiguous("residual", residual)
+        residual_out = check_out("residual_out", residual_out, tuple(x.shape), x.dtype, x.device, contiguous=True)
+        r2, ro2 = residual.reshape(-1, hidden), residual_out.view(-1, hidden)
+    else:
+        r2 = ro2 = x2  # unused by the kernel
+    if x2.shape[0]:
+        block = next_power_of_2(hidden)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out2, ro2,
+            x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), float(eps),
+            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, INTERPRET=interpreting(),
+            num_warps=max(1, min(16, block // 256)),
+        )
+    return out if residual is None else (out, residual_out)
+
+
+def rmsnorm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of `layers.RMSNorm.forward`, after HF's residual add when one is given."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.to(torch.float32)
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)

@@ -1,0 +1,25 @@
+"""@triton.jit helpers shared by the kernels.
+
+Triton's interpreter (TRITON_INTERPRET=1, how the kernels are tested on the CPU) stores
+bfloat16 as raw uint16 and gets two things wrong that the GPU gets right: arithmetic on
+bfloat16 values (so every kernel upcasts to float32 right after loading) and float32 ->
+bfloat16 casts, which it truncates instead of rounding to nearest even. `cast_rtne` rounds
+by hand under the interpreter so CPU results match torch (and the GPU) bit for bit.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast_rtne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cast float32 `x` to DTYPE, rounding to nearest even on every backend."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        # Round the float32 bit pattern at bit 16 (ties to even); the truncating cast that
+        # follows is then exact. Infinities stay infinite; NaN payloads are not preserved.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

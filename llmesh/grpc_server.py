@@ -1,0 +1,194 @@
+"""What every llmesh gRPC server has: one error interceptor, tracing, the standard
+health service, reflection, Prometheus metrics and a graceful shutdown.
+
+A service builds a ``ServiceConfig`` subclass, registers its servicers in a
+``GrpcServer`` and calls ``run()``; on SIGTERM/SIGINT the server reports NOT_SERVING,
+stops accepting calls, lets in-flight streams finish within the grace period and
+cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmesh.config import option, require
+from llmesh.errors import ServiceError, status_for
+from llmesh.telemetry import current_trace_id, server_interceptors, setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    """Fields every service has; each service's config dataclass extends it."""
+
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = option(0, "gRPC port (0 picks a free one)")
+    metrics_port: int = option(0, "Prometheus /metrics HTTP port (0 disables it)")
+    grace_period_s: float = option(5.0, "on shutdown, seconds in-flight calls get to finish")
+    log_level: str = option("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        require(0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        require(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        require(self.log_level.lower() in ("debug", "info", "warning", "error"),
+                f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    mapped = status_for(exc)
+    if mapped is None:
+        trace_id = current_trace_id()
+        log.error("unhandled error: %s\n%s", exc, traceback.format_exc())
+        code, message = grpc.StatusCode.INTERNAL, (
+            f"internal error ({type(exc).__name__}); trace id {trace_id or 'n/a'} — see the service log")
+    else:
+        code, message = mapped
+    if isinstance(exc, ServiceError) and exc.trailers:
+        context.set_trailing_metadata(exc.trailers)
+    await context.abort(code, message)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into a status with a clear message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner_uu(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await _abort_with(context, e)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context) -> AsyncIterator:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await _abort_with(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator, context) -> AsyncIterator:
+                try:
+                    async for item in inner_ss(request_iterator, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await _abort_with(context, e)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class GrpcServer:
+    """One service's server. ``register`` adds servicers and returns their full names."""
+
+    def __init__(self, name: str, config: ServiceConfig,
+                 register: Callable[[grpc.aio.Server], list[str]],
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        setup_tracing(f"llmesh-{name}")
+        self.name, self.config, self._on_shutdown = name, config, on_shutdown
+        self.server = grpc.aio.server(
+            interceptors=[*server_interceptors(), ErrorInterceptor()],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = register(self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self._stopping = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        """Overall and per-service health ('' is the whole server)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        if self.config.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.config.metrics_port, addr=self.config.host)
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("serving", extra={"service": self.name, "address": self.address,
+                                   "metrics_port": self.config.metrics_port})
+
+    async def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down", extra={"grace_period_s": self.config.grace_period_s})
+        await self.server.stop(self.config.grace_period_s)
+        if self._on_shutdown is not None:
+            await self._on_shutdown()
+        shutdown_tracing()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Future] = []
+
+        def on_signal() -> None:
+            if not stopping:
+                stopping.append(asyncio.ensure_future(self.stop()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self.start()
+        print(f"LLMESH_READY {self.name} {self.address}", flush=True)
+        await self.server.wait_for_termination()
+        # The server stops before stop() has run its cleanup (on_shutdown, span flush):
+        # wait for it, or the loop closes and cancels it half-way.
+        if stopping:
+            await stopping[0]
+
+
+def run_async(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a service's main coroutine on uvloop (asyncio's loop when uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+        return
+    uvloop.run(main())

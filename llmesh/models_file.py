@@ -1,0 +1,113 @@
+"""The models file: which models the mesh serves, read by ``llmesh up``, the router, the
+gateway and compose alike.
+
+    default_model: smollm2-135m
+    models:
+      - name: smollm2-135m
+        path: demo               # "demo" (the demo GGUF), a HF folder or a .gguf file
+        size_class: small        # small | large: the classes of the router's "auto" policy
+        replicas: 1
+        addresses: []            # host:port per replica; `llmesh up` fills them in
+        engine:                  # engine flags (see `llmesh-engine --help`), per model
+          dtype: float32
+          max_num_seqs: 32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEMO = "demo"
+SIZE_CLASSES = ("small", "large")
+
+
+class ModelsFileError(ValueError):
+    """The models file is missing, unreadable or inconsistent; the message says where."""
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    name: str
+    """Name clients use; also the engines' served model name and prefix-hash namespace."""
+    path: str
+    """``demo``, a Hugging Face folder or a .gguf file (local files only)."""
+    size_class: str = "small"
+    replicas: int = 1
+    addresses: list[str] = dataclasses.field(default_factory=list)
+    """host:port of each replica's engine."""
+    engine: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra engine flags, e.g. {"dtype": "float32", "max_num_seqs": 32}."""
+
+    def resolved_path(self) -> str:
+        if self.path == DEMO:
+            from llmesh.demo_model import find_demo_model
+
+            return find_demo_model()
+        return self.path
+
+
+@dataclasses.dataclass
+class ModelsFile:
+    models: list[ModelSpec]
+    default_model: str
+
+    def get(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default_model": self.default_model, "models": [dataclasses.asdict(m) for m in self.models]}
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
+        raise ModelsFileError(f"{where}: expected a mapping with a non-empty 'models' list")
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    models: list[ModelSpec] = []
+    for i, m in enumerate(doc["models"]):
+        at = f"{where}: models[{i}]"
+        if not isinstance(m, dict):
+            raise ModelsFileError(f"{at}: expected a mapping")
+        unknown = set(m) - known
+        if unknown:
+            raise ModelsFileError(f"{at}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        for key in ("name", "path"):
+            if not isinstance(m.get(key), str) or not m[key]:
+                raise ModelsFileError(f"{at}: '{key}' must be a non-empty string")
+        spec = ModelSpec(**m)
+        if spec.size_class not in SIZE_CLASSES:
+            raise ModelsFileError(f"{at}: size_class must be one of {SIZE_CLASSES}, got {spec.size_class!r}")
+        if not isinstance(spec.replicas, int) or spec.replicas < 1:
+            raise ModelsFileError(f"{at}: replicas must be an integer >= 1, got {spec.replicas!r}")
+        if spec.addresses and len(spec.addresses) != spec.replicas:
+            raise ModelsFileError(f"{at}: {len(spec.addresses)} addresses for {spec.replicas} replicas")
+        if not isinstance(spec.engine, dict):
+            raise ModelsFileError(f"{at}: 'engine' must be a mapping of engine flags")
+        if any(x.name == spec.name for x in models):
+            raise ModelsFileError(f"{at}: duplicate model name {spec.name!r}")
+        models.append(spec)
+    default = doc.get("default_model") or models[0].name
+    if default not in [m.name for m in models]:
+        raise ModelsFileError(f"{where}: default_model {default!r} is not one of the models")
+    return ModelsFile(models, default)
+
+
+def load_models_file(path: str | Path) -> ModelsFile:
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ModelsFileError(f"cannot read models file {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ModelsFileError(f"models file {p} is not valid YAML: {e}") from None
+    return parse_models(doc, where=str(p))

@@ -1,0 +1,1 @@
+"""Generated gRPC contract (python -m llmesh.protos). Do not edit."""

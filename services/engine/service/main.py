@@ -1,0 +1,92 @@
+"""``llmesh-engine``: one engine process serving one model replica over gRPC.
+
+    python -m llmesh.engine.service.main --model demo --port 50061
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from llmesh.config import load_config
+from llmesh.engine.async_llm import AsyncLLM
+from llmesh.engine.llm import build_engine_config
+from llmesh.engine.service.config import EngineServiceConfig
+from llmesh.engine.service.index_link import IndexLink, QueueBridge
+from llmesh.engine.service.servicer import EngineServicer
+from llmesh.grpc_server import GrpcServer, run_async
+from llmesh.logs import setup_logging
+from llmesh.v1 import engine_pb2, engine_pb2_grpc
+
+log = logging.getLogger("llmesh.engine")
+
+
+async def _watch_health(server: GrpcServer, engine: AsyncLLM, stall_timeout_s: float) -> None:
+    """NOT_SERVING while the step loop has work but has not advanced for stall_timeout_s."""
+    serving = True
+    while True:
+        stalled = engine.has_work and engine.seconds_since_progress() > stall_timeout_s
+        if stalled == serving:
+            serving = not stalled
+            await server.set_serving(serving)
+            log.warning("engine step loop %s", "stalled: reporting NOT_SERVING" if stalled else "recovered")
+        await asyncio.sleep(min(0.5, stall_timeout_s / 4))
+
+
+async def serve(cfg: EngineServiceConfig) -> None:
+    from llmesh.demo_model import find_demo_model
+
+    model = find_demo_model() if cfg.model == "demo" else cfg.model
+    loop = asyncio.get_running_loop()
+    bridge = QueueBridge(loop) if cfg.prefix_index else None
+    engine_cfg = build_engine_config(
+        model, served_model_name=cfg.served_model_name, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
+        max_model_len=cfg.max_model_len, block_size=cfg.block_size, kv_cache_memory=cfg.kv_cache_memory,
+        num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs)
+    log.info("loading model", extra={"model": model})
+    engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge)
+    engine.fault_step_delay_s = cfg.fault_step_delay_s
+    epoch = time.time_ns() // 1_000_000  # grows across restarts: the index replaces older state
+    servicer = EngineServicer(engine, instance_id="", epoch=epoch, quantization=_quantization(model))
+    link: IndexLink | None = None
+
+    def register(server) -> list[str]:
+        engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+        return [engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name]
+
+    async def on_shutdown() -> None:
+        if link is not None:
+            await link.close()
+        await asyncio.to_thread(engine.shutdown)
+
+    server = GrpcServer("engine", cfg, register, on_shutdown)
+    address = cfg.advertise_address or server.address
+    servicer.instance_id = cfg.instance_id or f"{servicer.model}@{address}"
+    if bridge is not None:
+        link = IndexLink(cfg.prefix_index, engine, bridge, instance_id=servicer.instance_id, epoch=epoch,
+                         namespace=servicer.model, address=address,
+                         heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_ttl_s=cfg.heartbeat_ttl_s)
+        link.start()
+    watch = asyncio.create_task(_watch_health(server, engine, cfg.stall_timeout_s))
+    try:
+        await server.run()
+    finally:
+        watch.cancel()
+
+
+def _quantization(model: str) -> str:
+    return "gguf-dequantized" if model.endswith(".gguf") else "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(EngineServiceConfig, argv, service="engine")
+    setup_logging("engine", cfg.log_level)
+    run_async(lambda: serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The Engine gRPC servicer: a thin layer over AsyncLLM."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import trace
+
+from llmesh import prefix_hash
+from llmesh.engine.async_llm import AsyncLLM
+from llmesh.engine.request import FinishReason
+from llmesh.errors import ServiceError
+from llmesh.sampling_proto import FINISH_REASONS, priority_from_proto, sampling_from_proto
+from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+
+
+def _logprobs_to_proto(lps) -> list[common_pb2.TokenLogprob]:
+    return [common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                    top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+            for lp in lps or ()]
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self, engine: AsyncLLM, *, instance_id: str, epoch: int, backend: str = "torch",
+                 quantization: str = "none") -> None:
+        self.engine, self.instance_id, self.epoch = engine, instance_id, epoch
+        self.backend, self.quantization = backend, quantization
+        core = engine.engine
+        self.model = core.model_name
+
+    async def Generate(self, request: engine_pb2.EngineGenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        params = sampling_from_proto(request.sampling)
+        request_id = request.request_id or uuid.uuid4().hex
+        span = trace.get_current_span()
+        span.set_attributes({"llmesh.request_id": request_id, "llmesh.model": self.model,
+                             "llmesh.replica": self.instance_id,
+                             "llmesh.prompt_tokens": len(request.prompt_token_ids)})
+        span.add_event("queued")
+        t0, completion, first = time.perf_counter(), 0, True
+        async for out in self.engine.generate(list(request.prompt_token_ids), params, request_id=request_id,
+                                              priority=priority_from_proto(request.priority),
+                                              cache_salt=request.cache_salt or None):
+            if first and out.token_ids:
+                first = False
+                span.add_event("first_token", {"llmesh.ttft_ms": 1000 * (time.perf_counter() - t0),
+                                               "llmesh.cached_tokens": out.num_cached_tokens})
+            completion += len(out.token_ids)
+            msg = common_pb2.GenerateResponse(request_id=request_id, model=self.model, text=out.text,
+                                              token_ids=out.token_ids, logprobs=_logprobs_to_proto(out.logprobs))
+            if out.finished:
+                if out.finish_reason is FinishReason.ERROR:
+                    raise ServiceError(grpc.StatusCode.INTERNAL, f"engine {self.instance_id}: {out.error}")
+                msg.finish_reason = FINISH_REASONS[str(out.finish_reason)]
+                msg.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
+                msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
+                                                    cached_tokens=out.num_cached_tokens,
+                                                    completion_tokens=completion))
+                msg.replica = self.instance_id
+                span.set_attributes({"llmesh.cached_tokens": out.num_cached_tokens,
+                                     "llmesh.completion_tokens": completion,
+                                     "llmesh.finish_reason": str(out.finish_reason)})
+                span.add_event("finished")
+            yield msg
+
+    async def Abort(self, request: engine_pb2.AbortRequest, context) -> engine_pb2.AbortResponse:
+        result = await self.engine.abort_request(request.request_id)
+        return engine_pb2.AbortResponse(found=result.found, freed_blocks=result.freed_blocks)
+
+    async def Info(self, request, context) -> engine_pb2.InfoResponse:
+        core = self.engine.engine
+        return engine_pb2.InfoResponse(
+            model=self.model, instance_id=self.instance_id, block_size=core.config.cache.block_size,
+            max_model_len=core.max_model_len, dtype=str(core.dtype).removeprefix("torch."),
+            quantization=self.quantization, prefix_caching=core.config.cache.enable_prefix_caching,
+            hash_algorithm=prefix_hash.PREFIX_HASH_ALGORITHM, hash_seed=prefix_hash.PREFIX_HASH_SEED.hex(),
+            vocab_size=core.model_config.vocab_size, backend=self.backend, device=str(core.device),
+            kv_blocks_total=core.kv.num_total_blocks, epoch=self.epoch)
+
+    async def Load(self, request, context) -> engine_pb2.LoadResponse:
+        s = self.engine.stats()
+        return engine_pb2.LoadResponse(num_waiting=s.num_waiting, num_running=s.num_running,
+                                       kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                                       steps=s.steps, seconds_since_last_step=time.monotonic() - s.last_step_time)

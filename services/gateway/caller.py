@@ -1,0 +1,50 @@
+"""Who is calling: the one place authentication plugs into the gateway.
+
+Every Inference handler starts with ``caller = await authenticator.authenticate(context)``
+and then reads only the ``Caller``: which models it may use, its tier (the default
+priority and an ``auto`` policy input) and its prefix-cache salt. Without API keys every
+call is the anonymous caller, who may use every model. An authenticator that checks
+``authorization: Bearer <key>`` metadata raises ``ServiceError(UNAUTHENTICATED, ...)``
+and returns the key's Caller; rate limits hang off the same call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import grpc
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The authenticated identity of one call."""
+
+    key_id: str = ""
+    """Id of the API key (never the key itself); empty for the anonymous caller."""
+    tenant: str = ""
+    tier: str = ""
+    """e.g. "interactive" or "batch"; empty leaves the request's own priority."""
+    allowed_models: frozenset[str] | None = None
+    """Models this caller may use; None means all of them."""
+    cache_salt: str = ""
+    """Prefix-cache namespace: callers with different salts never share cached blocks."""
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+ANONYMOUS = Caller()
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The caller of this call, or raise ServiceError (UNAUTHENTICATED, PERMISSION_DENIED)."""
+        ...
+
+
+class NoAuth:
+    """Every call is the anonymous caller (local use, tests)."""
+
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        return ANONYMOUS

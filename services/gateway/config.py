@@ -1,0 +1,36 @@
+"""The gateway's config: where the router is, which models file to read tokenizers from,
+and the request limits checked before any engine work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmesh.config import option, require
+from llmesh.grpc_server import ServiceConfig
+
+DEFAULT_PORT = 50051
+"""The public port people type; tests and launchers pass --port 0 to get a free one."""
+
+
+@dataclasses.dataclass
+class GatewayConfig(ServiceConfig):
+    """llmesh gateway: the public Inference API (validation, tokenization, usage)."""
+
+    port: int = option(DEFAULT_PORT, "public gRPC port (0 picks a free one)")
+    router: str = option("127.0.0.1:50052", "host:port of the router")
+    models_file: str = option("", "models file (YAML) listing the models whose tokenizers the gateway loads")
+    max_request_bytes: int = option(1 << 20, "largest serialized request accepted, in bytes")
+    default_max_tokens: int = option(256, "max_tokens when a request leaves it unset (capped by the model window)")
+    models_refresh_s: float = option(10.0, "seconds between refreshes of the router's model list (windows, replicas)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.router.strip()), "router must be a host:port address")
+        require(bool(self.models_file.strip()),
+                "models_file is required: the gateway tokenizes with each model's tokenizer "
+                "(pass --models-file PATH or set LLMESH_GATEWAY_MODELS_FILE)")
+        require(self.max_request_bytes >= 1024,
+                f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        require(self.default_max_tokens >= 1,
+                f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        require(self.models_refresh_s > 0, f"models_refresh_s must be > 0, got {self.models_refresh_s}")

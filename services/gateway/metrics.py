@@ -1,0 +1,26 @@
+"""The gateway's Prometheus metrics (served on --metrics-port by GrpcServer)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+REQUESTS = Counter(
+    "llmesh_gateway_requests_total", "Finished Inference calls, by RPC, model and final status code.",
+    ["rpc", "model", "status"])
+PROMPT_TOKENS = Counter(
+    "llmesh_gateway_prompt_tokens_total", "Prompt tokens sent to the router (after chat templates).",
+    ["model"])
+CACHED_TOKENS = Counter(
+    "llmesh_gateway_cached_tokens_total", "Prompt tokens the engines served from the prefix cache.",
+    ["model"])
+COMPLETION_TOKENS = Counter(
+    "llmesh_gateway_completion_tokens_total", "Tokens generated and streamed to clients.", ["model"])
+TTFT = Histogram(
+    "llmesh_gateway_ttft_seconds", "Time from the request's arrival to its first generated token.",
+    ["model"], buckets=_LATENCY_BUCKETS)
+DURATION = Histogram(
+    "llmesh_gateway_request_duration_seconds", "Time from the request's arrival to the end of its stream.",
+    ["rpc", "model"], buckets=_LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("llmesh_gateway_streams_in_flight", "Generate and Chat streams now open.")

@@ -1,0 +1,52 @@
+"""Configuration of the router service (flags and LLMESH_ROUTER_* env)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmesh.config import option, require
+from llmesh.grpc_server import ServiceConfig
+
+
+@dataclasses.dataclass
+class RouterConfig(ServiceConfig):
+    """The router picks the model and the engine replica of each request and streams from it."""
+
+    port: int = option(50052, "gRPC port (0 picks a free one)")
+    models_file: str = option("models.yaml", "the models file (YAML): models, size classes, replica addresses")
+    prefix_index: str | None = option(
+        None, "host:port of the prefix-cache index (unset: replicas are chosen by load alone)")
+    cache_weight: float = option(
+        1.0, "score per prefix block a replica already holds (score = blocks*cache_weight - load_weight*load)")
+    load_weight: float = option(
+        2.0, "score cost per unit of load (waiting + running requests + KV use fraction); with the "
+             "defaults one queued request outweighs two cached blocks")
+    health_check_interval_s: float = option(
+        0.5, "seconds between health checks of each replica (a dead one leaves the pool within about this)")
+    health_check_timeout_s: float = option(1.0, "deadline of one health check; a replica that misses it is unhealthy")
+    load_poll_interval_s: float = option(0.5, "seconds between Load polls of each healthy replica")
+    index_timeout_s: float = option(
+        0.25, "deadline of the prefix-index Match; past it the replica is chosen by load alone (advisory index)")
+    startup_wait_s: float = option(
+        5.0, "at start, wait up to this long for the first health check of every replica before serving")
+    max_failovers: int = option(
+        2, "extra replicas tried when one fails before the first token (UNAVAILABLE)")
+    auto_long_prompt_tokens: int = option(
+        1024, "'auto' policy: prompts with more tokens than this go to the large model")
+    auto_task_hints: bool = option(
+        True, "'auto' policy: code, proofs, step-by-step and math in the prompt text go to the large model")
+    auto_batch_tier_small: bool = option(True, "'auto' policy: the batch tier goes to the small model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.models_file), "models_file must name the models file (--models-file)")
+        require(self.cache_weight >= 0, f"cache_weight must be >= 0, got {self.cache_weight}")
+        require(self.load_weight >= 0, f"load_weight must be >= 0, got {self.load_weight}")
+        for name in ("health_check_interval_s", "health_check_timeout_s", "load_poll_interval_s",
+                     "index_timeout_s"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be > 0, got {value}")
+        require(self.startup_wait_s >= 0, f"startup_wait_s must be >= 0, got {self.startup_wait_s}")
+        require(self.max_failovers >= 0, f"max_failovers must be >= 0, got {self.max_failovers}")
+        require(self.auto_long_prompt_tokens >= 1,
+                f"auto_long_prompt_tokens must be >= 1, got {self.auto_long_prompt_tokens}")

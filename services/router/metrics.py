@@ -1,0 +1,33 @@
+"""Prometheus metrics of the router service."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter(
+    "llmesh_router_model_decisions_total",
+    "Model choices, by model and reason (explicit, default, auto_long_prompt, auto_hint_code, ...)",
+    ["model", "reason"])
+PICKS = Counter(
+    "llmesh_router_replica_picks_total",
+    "Replica choices, by model and reason (prefix_cache, least_loaded, only_replica)",
+    ["model", "reason"])
+MATCHED_BLOCKS = Histogram(
+    "llmesh_router_cached_blocks_matched",
+    "Prefix blocks the chosen replica already held, per request",
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+INDEX_ERRORS = Counter(
+    "llmesh_router_prefix_index_errors_total",
+    "Match calls to the prefix index that failed (the replica was then chosen by load)", ["code"])
+FAILOVERS = Counter(
+    "llmesh_router_failovers_total",
+    "Requests retried on another replica after one failed before the first token", ["model"])
+MIDSTREAM_FAILURES = Counter(
+    "llmesh_router_midstream_failures_total",
+    "Streams that failed after the first token (not retried: tokens were already sent)", ["model"])
+REQUESTS = Counter("llmesh_router_requests_total", "Routed requests, by model and final status code",
+                   ["model", "code"])
+TTFT = Histogram(
+    "llmesh_router_time_to_first_token_seconds", "From the router receiving a request to the first token",
+    ["model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+HEALTHY_REPLICAS = Gauge("llmesh_router_healthy_replicas", "Replicas in the pool now, by model", ["model"])

@@ -1,0 +1,256 @@
+"""The engine replicas the router can send requests to, kept healthy and measured.
+
+One ``ReplicaPool`` per model, one ``Replica`` per configured address. A monitor task
+per replica polls ``grpc.health.v1`` Check every ``health_check_interval_s``: a replica
+that dies, stalls or reports NOT_SERVING leaves its pool at the next check (within
+about one interval; a failed Generate call takes it out at once), and when it answers
+SERVING again its ``Info`` is fetched anew — a restarted engine has a new instance id
+and maybe a new block size — before it rejoins. A second task polls ``Load``.
+
+Each replica has two channels: one for Generate calls, with the tracing interceptors so
+the engine's spans join the request's trace, and one for health/Info/Load without
+them, so that polling does not flood the traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmesh.models_file import ModelsFile, ModelSpec
+from llmesh.router import metrics
+from llmesh.telemetry import client_interceptors
+from llmesh.v1 import engine_pb2, engine_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    # Reconnect quickly to a restarted engine (gRPC's default backoff grows to minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the router needs of an engine's Info: how to hash prompts for it, its window."""
+
+    model: str
+    instance_id: str
+    block_size: int
+    max_model_len: int
+    kv_blocks_total: int
+    epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """The last Load answer of a replica."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_used: int = 0
+    kv_total: int = 0
+    steps: int = 0
+    at: float = 0.0
+
+
+class Replica:
+    """One engine process serving one model at one address."""
+
+    def __init__(self, model: str, address: str) -> None:
+        self.model = model
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                 interceptors=client_interceptors())
+        self.engine = engine_pb2_grpc.EngineStub(self.channel)
+        self._control = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._health = health_pb2_grpc.HealthStub(self._control)
+        self.control = engine_pb2_grpc.EngineStub(self._control)
+        self.healthy = False
+        self.info: EngineInfo | None = None
+        self.load = EngineLoad()
+        self.inflight = 0
+        """Requests this router is streaming from the replica now (Load lags behind)."""
+        self.last_error = ""
+
+    @property
+    def name(self) -> str:
+        """The instance id when known (it names the replica in the index and in traces)."""
+        return self.info.instance_id if self.info and self.info.instance_id else self.address
+
+    def load_value(self) -> float:
+        """Queue depth plus KV use fraction: the load term of the picker's score."""
+        queue = max(self.load.waiting + self.load.running, self.inflight)
+        kv = self.load.kv_used / self.load.kv_total if self.load.kv_total else 0.0
+        return queue + kv
+
+    def mark_unhealthy(self, reason: str) -> None:
+        """Take the replica out of its pool until a health check brings it back."""
+        self.last_error = reason
+        if self.healthy:
+            self.healthy = False
+            log.warning("replica unhealthy", extra={"model": self.model, "replica": self.name,
+                                                    "address": self.address, "reason": reason})
+
+    async def check(self, timeout: float) -> bool:
+        try:
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            self.last_error = f"health check: {e.code().name}: {e.details()}"
+            return False
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            self.last_error = f"health: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
+            return False
+        return True
+
+    async def fetch_info(self, timeout: float) -> EngineInfo | None:
+        try:
+            r = await self.control.Info(engine_pb2.InfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            self.last_error = f"Info: {e.code().name}: {e.details()}"
+            return None
+        if r.model != self.model:
+            self.last_error = (f"engine at {self.address} serves model {r.model!r}, but the models file lists it "
+                               f"under {self.model!r}; start it with --served-model-name {self.model}")
+            return None
+        if r.block_size <= 0:
+            self.last_error = f"engine at {self.address} reports block_size {r.block_size}"
+            return None
+        return EngineInfo(model=r.model, instance_id=r.instance_id, block_size=r.block_size,
+                          max_model_len=r.max_model_len, kv_blocks_total=r.kv_blocks_total, epoch=r.epoch)
+
+    async def poll_load(self, timeout: float) -> None:
+        try:
+            r = await self.control.Load(engine_pb2.LoadRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            self.last_error = f"Load: {e.code().name}: {e.details()}"
+            return
+        self.load = EngineLoad(r.num_waiting, r.num_running, r.kv_blocks_used, r.kv_blocks_total, r.steps,
+                               time.monotonic())
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self._control.close()
+
+
+@dataclasses.dataclass
+class ReplicaPool:
+    """The replicas of one model."""
+
+    spec: ModelSpec
+    replicas: list[Replica]
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy and r.info is not None]
+
+    def max_model_len(self) -> int:
+        """The window of the model as its engines report it (0 while none has answered)."""
+        return max((r.info.max_model_len for r in self.replicas if r.info), default=0)
+
+
+class Fleet:
+    """Every model's pool and the tasks that keep them current."""
+
+    def __init__(self, models: ModelsFile, *, health_check_interval_s: float, health_check_timeout_s: float,
+                 load_poll_interval_s: float) -> None:
+        self.models = models
+        self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a) for a in m.addresses]) for m in models.models}
+        self.interval = health_check_interval_s
+        self.timeout = health_check_timeout_s
+        self.load_interval = load_poll_interval_s
+        self._tasks: list[asyncio.Task] = []
+
+    def pool(self, model: str) -> ReplicaPool | None:
+        return self.pools.get(model)
+
+    def all_replicas(self) -> list[Replica]:
+        return [r for p in self.pools.values() for r in p.replicas]
+
+    async def start(self, wait_s: float) -> None:
+        """Start monitoring; wait up to ``wait_s`` for the first check of every replica, so
+        that replicas already up are in their pools when the router starts serving."""
+        replicas = self.all_replicas()
+        if replicas and wait_s > 0:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self._refresh(r) for r in replicas)), timeout=wait_s)
+            except asyncio.TimeoutError:
+                log.warning("some replicas did not answer their first health check in time",
+                            extra={"wait_s": wait_s})
+        for r in replicas:
+            self._tasks.append(asyncio.ensure_future(self._monitor(r)))
+            self._tasks.append(asyncio.ensure_future(self._poll_load(r)))
+        self._update_gauges()
+
+    async def _refresh(self, r: Replica) -> None:
+        """One health check; on a transition to healthy, fetch Info first."""
+        ok = await r.check(self.timeout)
+        if ok and not r.healthy:
+            before = r.last_error
+            info = await r.fetch_info(self.timeout)
+            if info is None:
+                if r.last_error != before:  # once per new reason, not every interval
+                    log.warning("replica not usable", extra={"model": r.model, "address": r.address,
+                                                             "reason": r.last_error})
+                return
+            r.info = info
+            await r.poll_load(self.timeout)
+            r.healthy = True
+            log.info("replica healthy", extra={"model": r.model, "replica": r.name, "address": r.address,
+                                               "block_size": info.block_size, "epoch": info.epoch})
+            self._update_gauges()
+        elif not ok and r.healthy:
+            r.mark_unhealthy(r.last_error)
+            self._update_gauges()
+
+    async def _monitor(self, r: Replica) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._refresh(r)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a monitor must survive anything a replica does
+                log.exception("health monitor error", extra={"address": r.address})
+
+    async def _poll_load(self, r: Replica) -> None:
+        """Poll Load; a step count that went down means the engine restarted between two
+        health checks, so its Info (instance id, block size) is fetched again."""
+        while True:
+            await asyncio.sleep(self.load_interval)
+            if not r.healthy:
+                continue
+            steps = r.load.steps
+            await r.poll_load(self.timeout)
+            if r.load.steps < steps:
+                info = await r.fetch_info(self.timeout)
+                if info is None:
+                    self.mark_unhealthy(r, r.last_error)
+                else:
+                    r.info = info
+                    log.info("replica restarted", extra={"model": r.model, "replica": r.name, "epoch": info.epoch})
+
+    def mark_unhealthy(self, r: Replica, reason: str) -> None:
+        r.mark_unhealthy(reason)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        for name, pool in self.pools.items():
+            metrics.HEALTHY_REPLICAS.labels(name).set(len(pool.healthy()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self.all_replicas()), return_exceptions=True)

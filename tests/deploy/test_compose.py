@@ -1,0 +1,73 @@
+"""compose.yaml is valid against the Compose Specification, and `llmesh up` starts the same
+services with the same settings (the LLMESH_* variables) as compose does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from llmesh.launcher import UpConfig, plan_mesh
+from llmesh.models_file import load_models_file
+
+ROOT = Path(__file__).resolve().parents[2]
+# Settings that are about where a process listens or is reached, which differ by design
+# between containers (0.0.0.0, service names) and local processes (127.0.0.1, ports).
+PLACEMENT = ("_HOST", "_PORT", "_ADDRESS", "_PREFIX_INDEX", "_ROUTER", "_REDIS_URL", "_MODELS_FILE", "_DEVICE")
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def _schema() -> dict:
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the Compose Specification schema ships in docker-compose==1.29.2 (make install adds it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "config" / "compose_spec.json"
+    return json.loads(path.read_text())
+
+
+def test_compose_file_follows_the_compose_specification():
+    # The schema names draft 2019-09 by an address jsonschema does not map; pick it explicitly.
+    jsonschema.Draft201909Validator(_schema()).validate(_compose())
+
+
+def test_compose_has_the_topology_of_the_design():
+    services = _compose()["services"]
+    assert {"redis", "jaeger", "prefix-cache", "engine-small", "engine-large", "router", "gateway"} <= set(services)
+    gpu = services["engine-large-gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for name, svc in services.items():
+        if name != "jaeger":
+            assert "healthcheck" in svc, f"{name} has no healthcheck"
+
+
+def _settings(env: dict) -> dict:
+    return {k: str(v) for k, v in env.items()
+            if k.startswith("LLMESH_") and not k.endswith(PLACEMENT)}
+
+
+def test_llmesh_up_starts_the_same_services_with_the_same_settings(tmp_path):
+    models = load_models_file(ROOT / "deploy" / "models.compose.yaml")
+    plan, _ = plan_mesh(UpConfig(), models, tmp_path)
+    by_name = {p.name: p for p in plan}
+    compose = _compose()["services"]
+    pairs = {"prefix-cache": "prefix-cache", "router": "router", "gateway": "gateway",
+             "engine-smollm2-135m-0": "engine-small", "engine-large-0": "engine-large"}
+    assert set(by_name) == set(pairs) | {"redis"}
+    for local, container in pairs.items():
+        local_env = by_name[local].env
+        container_env = compose[container]["environment"]
+        assert set(local_env) == {k for k in container_env if k.startswith("LLMESH_")}, local
+        assert _settings(local_env) == _settings(container_env), local
+    # engines are reachable at the addresses the models file gives the router
+    for m in models.models:
+        for i, addr in enumerate(m.addresses):
+            env = compose["engine-small" if m.size_class == "small" else "engine-large"]["environment"]
+            assert env["LLMESH_ENGINE_ADVERTISE_ADDRESS"] == addr
+            assert env["LLMESH_ENGINE_PORT"] == addr.rsplit(":", 1)[1]

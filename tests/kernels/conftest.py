@@ -1,0 +1,57 @@
+"""Kernel tests run on a CUDA device when there is one, otherwise on the CPU through Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET before anything imports Triton; it is
+set here too for runs of this folder alone)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PagedKV:
+    """A random paged KV pool holding given contexts, in two copies.
+
+    `k_cache`/`v_cache` (on the test device) hold NaN in every slot no context owns and in the
+    block that pads the tables, so a kernel that reads past a context or a table poisons its
+    output; `k_ref`/`v_ref` (CPU) hold random finite values there, for references that gather
+    whole tables and mask afterwards.
+    """
+
+    def __init__(self, ctx_lens, h_kv, d, block_size, dtype, gen, device, table_dtype=torch.int64, pad_blocks=2):
+        need = [-(-n // block_size) for n in ctx_lens]
+        num_blocks = sum(need) + 3  # the padding block and two never used
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        pad_block = order.pop()
+        self.k_ref = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(dtype)
+        self.v_ref = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(dtype)
+        owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+        width = max(need, default=0) + pad_blocks
+        tables = []
+        for n, nb in zip(ctx_lens, need):
+            table = [order.pop() for _ in range(nb)]
+            for p in range(n):
+                owned[table[p // block_size], p % block_size] = True
+            tables.append(table + [pad_block] * (width - nb))
+        self.block_tables = torch.tensor(tables, dtype=table_dtype).reshape(len(ctx_lens), width)
+        poison = ~owned[:, :, None, None]
+        self.k_cache = self.k_ref.masked_fill(poison, float("nan")).to(device)
+        self.v_cache = self.v_ref.masked_fill(poison, float("nan")).to(device)
+        self.seq_lens = torch.tensor(ctx_lens, dtype=torch.int32)
+        self.device = device
+
+
+@pytest.fixture
+def paged_kv(device):
+    def make(ctx_lens, h_kv, d, block_size, dtype, gen, **kw):
+        return PagedKV(ctx_lens, h_kv, d, block_size, dtype, gen, device, **kw)
+    return make
