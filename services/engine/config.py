@@ -73,7 +73,10 @@ class EngineConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     backend: str = "torch"
-    """Model-runner backend: torch (reference, CPU or GPU)."""
+    """Model-runner backend: torch (reference, CPU or GPU) or triton (Triton kernels, CUDA
+    graphs for decode on a GPU; on the CPU it runs through Triton's interpreter, for tests)."""
+    cuda_graphs: bool = True
+    """triton backend on a GPU: replay decode steps from captured CUDA graphs."""
     seed: int = 0
     """Seed of the engine's generator for unseeded random sampling."""
     max_model_len: int | None = None
@@ -84,7 +87,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        _require(self.backend in ("torch",), f"backend must be 'torch', got {self.backend!r}")
+        _require(self.backend in ("torch", "triton"), f"backend must be 'torch' or 'triton', got {self.backend!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len >= 2,

@@ -36,6 +36,8 @@ def build_engine_config(
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 64,
     enable_chunked_prefill: bool = True,
+    backend: str = "torch",
+    cuda_graphs: bool = True,
 ) -> EngineConfig:
     """The flat keyword arguments of ``LLM`` (and the engine's CLI flags) → EngineConfig."""
     return EngineConfig(
@@ -43,6 +45,8 @@ def build_engine_config(
         served_model_name=served_model_name,
         dtype=dtype,
         device=device,
+        backend=backend,
+        cuda_graphs=cuda_graphs,
         seed=seed,
         max_model_len=max_model_len,
         cache=CacheConfig(

@@ -89,17 +89,17 @@ class LLMEngine:
 
     def _init_runner(self, loaded: LoadedModel) -> None:
         cache = self.config.cache
-        self.runner: ModelRunner = TorchModelRunner(
-            self.model_config,
-            loaded.weights,
-            device=self.device,
-            dtype=self.dtype,
-            block_size=cache.block_size,
-            sampler=Sampler(seed=self.config.seed, device=self.device),
-            num_blocks=cache.num_blocks,
-            kv_cache_memory=cache.kv_cache_memory,
-            gpu_memory_utilization=cache.gpu_memory_utilization,
-        )
+        common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
+                      sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_blocks,
+                      kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization)
+        if self.config.backend == "triton":
+            from llmesh.engine.triton_runner import TritonModelRunner
+
+            self.runner: ModelRunner = TritonModelRunner(
+                self.model_config, loaded.weights, max_model_len=self.max_model_len,
+                max_num_seqs=self.config.scheduler.max_num_seqs, cuda_graphs=self.config.cuda_graphs, **common)
+        else:
+            self.runner = TorchModelRunner(self.model_config, loaded.weights, **common)
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache

@@ -22,6 +22,8 @@ from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenize
 from llmesh.engine.loader.hf_config import model_config_from_hf
 from llmesh.engine.loader.hf_folder import SafetensorsWeights, read_config_json
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.loader.random_weights import PREFIX as RANDOM_PREFIX
+from llmesh.engine.loader.random_weights import RandomWeights, byte_tokenizer_data, random_model_config
 from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model
 
 
@@ -79,6 +81,10 @@ def load_model(path: str, *, name: str | None = None) -> LoadedModel:
     """Open a local model. ``name`` is the served model name (default: the folder name or the
     file name without .gguf). Checks config, tensor names and tensor types before returning,
     so an unsupported model fails here rather than halfway through building."""
+    if path.startswith(RANDOM_PREFIX):
+        config = random_model_config(path, name)
+        return LoadedModel(config=config, weights=RandomWeights(config), tokenizer_source=byte_tokenizer_data(),
+                           source_format="random")
     model_path = Path(path).expanduser()
     if not model_path.exists():
         raise ModelLoadError(f"model path {model_path} does not exist")

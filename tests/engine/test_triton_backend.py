@@ -1,0 +1,47 @@
+"""The triton backend (Triton kernels; CUDA graphs on a GPU) gives the torch backend's greedy
+tokens and logits. On the CPU it runs through Triton's interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+from llmesh.engine import LLMEngine, SamplingParams, build_engine_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(path, backend, prompts, arrive_at, **kw):
+    engine = LLMEngine(build_engine_config(path, dtype="float32", device=DEVICE, backend=backend, **kw))
+    logits: dict[str, list[torch.Tensor]] = {}
+    engine.runner.logits_observer = lambda reqs, lg: [logits.setdefault(r.request_id, []).append(lg[i].cpu())
+                                                      for i, r in enumerate(reqs)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    added, outs, step = set(), {}, 0
+    while len(added) < len(prompts) or engine.has_unfinished_requests():
+        for i, p in enumerate(prompts):
+            if i not in added and arrive_at[i] <= step:
+                engine.add_request(p, params, request_id=f"r{i}")
+                added.add(i)
+        for d in engine.step():
+            outs.setdefault(d.request_id, []).extend(d.token_ids)
+        step += 1
+    return [outs[f"r{i}"] for i in range(len(prompts))], logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_backend_matches_torch_backend(tiny_model_dirs, arch):
+    path = tiny_model_dirs[arch]
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 512) for _ in range(20)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 11, 1)]
+    kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
+    ref_tokens, ref_logits = _run(path, "torch", prompts, [0, 1, 3], **kw)
+    tokens, logits = _run(path, "triton", prompts, [0, 1, 3], **kw)
+    assert tokens == ref_tokens
+    worst = max(float((a - b).abs().max()) for rid in ref_logits for a, b in zip(logits[rid], ref_logits[rid]))
+    assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
