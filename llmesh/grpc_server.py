@@ -59,6 +59,30 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> 
     await context.abort(code, message)
 
 
+def _guard_unary(inner):
+    async def handler(request, context):
+        try:
+            return await inner(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort_with(context, e)
+    return handler
+
+
+def _guard_stream(inner):
+    """For server-streaming and bidi handlers alike: both are async generators."""
+    async def handler(request_or_iterator, context) -> AsyncIterator:
+        try:
+            async for item in inner(request_or_iterator, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort_with(context, e)
+    return handler
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a handler into a status with a clear message."""
 
@@ -66,47 +90,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        io = (handler.request_deserializer, handler.response_serializer)
         if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request, context):
-                try:
-                    return await inner_uu(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:
-                    await _abort_with(context, e)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary), *io)
         if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request, context) -> AsyncIterator:
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:
-                    await _abort_with(context, e)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *io)
         if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator, context) -> AsyncIterator:
-                try:
-                    async for item in inner_ss(request_iterator, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:
-                    await _abort_with(context, e)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), *io)
         return handler
 
 

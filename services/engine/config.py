@@ -77,6 +77,10 @@ class EngineConfig:
     graphs for decode on a GPU; on the CPU it runs through Triton's interpreter, for tests)."""
     cuda_graphs: bool = True
     """triton backend on a GPU: replay decode steps from captured CUDA graphs."""
+    async_output: bool | None = None
+    """Detokenize and check stop strings for step N while step N+1 computes on the device.
+    None: on for the triton backend on a GPU (where the host would otherwise idle the GPU),
+    off elsewhere (on the CPU it would only delay each token's text by a step)."""
     seed: int = 0
     """Seed of the engine's generator for unseeded random sampling."""
     max_model_len: int | None = None

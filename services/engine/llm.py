@@ -38,6 +38,7 @@ def build_engine_config(
     enable_chunked_prefill: bool = True,
     backend: str = "torch",
     cuda_graphs: bool = True,
+    async_output: bool | None = None,
 ) -> EngineConfig:
     """The flat keyword arguments of ``LLM`` (and the engine's CLI flags) → EngineConfig."""
     return EngineConfig(
@@ -47,6 +48,7 @@ def build_engine_config(
         device=device,
         backend=backend,
         cuda_graphs=cuda_graphs,
+        async_output=async_output,
         seed=seed,
         max_model_len=max_model_len,
         cache=CacheConfig(

@@ -20,7 +20,7 @@ from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
 from llmesh.engine.model_runner import ModelRunner, TorchModelRunner
 from llmesh.engine.output_processor import OutputProcessor
-from llmesh.engine.outputs import RequestOutput
+from llmesh.engine.outputs import RequestOutput, TokenLogprob
 from llmesh.engine.request import FinishReason, Priority, Request
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.sampling_params import SamplingParams
@@ -56,9 +56,16 @@ class LLMEngine:
         self._init_window()
         self._init_runner(loaded)
         self._init_scheduler(publisher)
+        async_output = config.async_output
+        if async_output is None:
+            async_output = config.backend == "triton" and self.device.type == "cuda"
+        self.async_output = async_output
+        """Detokenize step N's tokens while step N+1 runs on the device (outputs lag one step)."""
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
+        self._deferred: list[tuple[Request, TokenLogprob | None]] = []
+        """Requests that got tokens last step, processed while the next step computes."""
         self._steps = 0
         self._last_step_time = time.monotonic()
 
@@ -165,23 +172,48 @@ class LLMEngine:
         return freed
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs) or bool(self._deferred)
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         scheduled = self.scheduler.schedule()
+        deferred, self._deferred = self._deferred, []
+        ran_deferred = False
+
+        def process_deferred() -> None:  # host work that overlaps the device's forward pass
+            nonlocal ran_deferred
+            ran_deferred = True
+            outputs.extend(self._process(deferred))
+
         if not scheduled.is_empty:
-            result = self.runner.execute(scheduled)
-            for req in self.scheduler.update_from_output(scheduled, result.sampled_token_ids):
-                delta, hit_stop = self.output_processor.process(req, result.logprobs.get(req.request_id))
-                if hit_stop:
-                    self.scheduler.finish_request(req.request_id, FinishReason.STOP)
-                    req.stop_reason = delta.stop_reason
-                outputs.append(delta)
+            result = self.runner.execute(scheduled, overlap=process_deferred if deferred else None)
+            updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+            items = [(req, result.logprobs.get(req.request_id)) for req in updated]
+            if self.async_output:
+                self._deferred = items
+            else:
+                outputs.extend(self._process(items))
+        if deferred and not ran_deferred:
+            outputs.extend(self._process(deferred))
         self.kv.flush_events()
         self._steps += 1
         self._last_step_time = time.monotonic()
+        return outputs
+
+    def _process(self, items: list[tuple[Request, TokenLogprob | None]]) -> list[RequestOutput]:
+        """Detokenize and check stop strings for requests that received tokens."""
+        outputs = []
+        for req, logprob in items:
+            if not self.output_processor.has(req.request_id):
+                continue  # aborted meanwhile; its final delta is already pending
+            delta, hit_stop = self.output_processor.process(req, logprob)
+            if hit_stop:
+                # With async output the request may already be in the next step's batch:
+                # finishing it now makes that step drop its token.
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP)
+                req.stop_reason = delta.stop_reason
+            outputs.append(delta)
         return outputs
 
     def stats(self) -> EngineStats:

@@ -37,7 +37,11 @@ class ModelRunnerOutput:
 class ModelRunner(Protocol):
     num_blocks: int
 
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step. ``overlap`` is host work to do once the device work is queued,
+        before waiting for the sampled tokens."""
+        ...
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -165,11 +169,13 @@ class TorchModelRunner:
             dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None) -> ModelRunnerOutput:
         if not scheduled.chunks:
             return ModelRunnerOutput()
         batch = prepare_inputs(scheduled, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if overlap is not None:
+            overlap()
         out = ModelRunnerOutput()
         if not batch.sampling_requests:
             return out

@@ -36,6 +36,9 @@ class OutputProcessor:
             stop=StopStringMatcher(sp.stop) if sp.stop else None,
         )
 
+    def has(self, request_id: str) -> bool:
+        return request_id in self._states
+
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class TritonModelRunner(TorchModelRunner):
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None) -> ModelRunnerOutput:
         chunks = scheduled.chunks
         if not chunks:
             return ModelRunnerOutput()
@@ -100,6 +100,8 @@ class TritonModelRunner(TorchModelRunner):
             hidden, reqs = self._run_decode(chunks)
         else:
             hidden, reqs = self._run_eager(chunks)
+        if overlap is not None:
+            overlap()  # the forward pass is queued on the GPU; the host works meanwhile
         out = ModelRunnerOutput()
         if not reqs:
             return out
