@@ -87,7 +87,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cfg = UpConfig(models_file=args.models_file, host=args.host, gateway_port=args.gateway_port,
                    router_port=args.router_port, prefix_cache_port=args.prefix_cache_port,
                    engine_base_port=args.engine_base_port, redis_port=args.redis_port,
-                   metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir)
+                   metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir, auth=args.auth)
     return up(cfg, prompt=args.prompt)
 
 
@@ -126,6 +126,8 @@ def _add_up(sub) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (engines)")
     p.add_argument("--run-dir", default=None, help="where logs go (default: a temporary folder)")
     p.add_argument("--prompt", default=None, help="once up, stream an answer to this prompt through the gateway")
+    p.add_argument("--no-auth", dest="auth", action="store_false",
+                   help="serve without API keys (default: keys required; a local admin key is created)")
     p.set_defaults(fn=_cmd_up)
 
 
@@ -139,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     from llmesh.cli_client import add_client_commands
 
     add_client_commands(sub)
+    from llmesh.keys_cli import add_keys_commands
+
+    add_keys_commands(sub)
+    from llmesh.bench.cli import add_bench_commands
+
+    add_bench_commands(sub)
     for name, fn, help_ in (("demo", _cmd_demo, "chat with the demo model in-process"),
                             ("offline", _cmd_offline, "generate from a local model in-process")):
         p = sub.add_parser(name, help=help_)

@@ -152,8 +152,17 @@ def tokenize_request(model: str, text: str = "", messages: Sequence[Message] | N
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    """The key given, else LLMESH_API_KEY, else the local admin key `llmesh up` created."""
+    from llmesh.keys_cli import api_key_from_env_or_file
+
+    key = api_key if api_key is not None else api_key_from_env_or_file()
     return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def _tls(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    """TLS to the gateway when given the CA that signed its certificate (or LLMESH_TLS_CA)."""
+    path = tls_ca or os.environ.get("LLMESH_TLS_CA")
+    return grpc.ssl_channel_credentials(root_certificates=open(path, "rb").read()) if path else None
 
 
 class _Base:
@@ -171,9 +180,10 @@ class LlmeshClient(_Base):
     """Blocking client over one channel; use it as a context manager or call close()."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, tls_ca: str | None = None) -> None:
         super().__init__(address, api_key, timeout)
-        self._channel = grpc.insecure_channel(address)
+        creds = _tls(tls_ca)
+        self._channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int], model: str = "auto", *, timeout: float | None = None,
@@ -221,9 +231,10 @@ class AsyncLlmeshClient(_Base):
     """asyncio client over one grpc.aio channel; create it inside a running event loop."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, tls_ca: str | None = None) -> None:
         super().__init__(address, api_key, timeout)
-        self._channel = grpc.aio.insecure_channel(address)
+        creds = _tls(tls_ca)
+        self._channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int], model: str = "auto", *, timeout: float | None = None,

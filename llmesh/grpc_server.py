@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmesh.config import option, require
 from llmesh.errors import ServiceError, status_for
+from llmesh.tls import server_credentials
 from llmesh.telemetry import current_trace_id, server_interceptors, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ class ServiceConfig:
     metrics_port: int = option(0, "Prometheus /metrics HTTP port (0 disables it)")
     grace_period_s: float = option(5.0, "on shutdown, seconds in-flight calls get to finish")
     log_level: str = option("info", "debug, info, warning or error")
+    tls_cert: str | None = option(None, "PEM certificate: serve TLS, and present it to peers asking for mTLS")
+    tls_key: str | None = option(None, "PEM private key of tls_cert")
+    tls_ca: str | None = option(None, "PEM CA of the peers: verify servers this service calls (and clients, with "
+                                      "tls_require_client_cert)")
+    tls_require_client_cert: bool = option(False, "mTLS: accept only clients with a certificate signed by tls_ca")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
@@ -118,7 +124,10 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        creds = server_credentials(config)
+        bind = f"{config.host}:{config.port}"
+        self.port = (self.server.add_secure_port(bind, creds) if creds is not None
+                     else self.server.add_insecure_port(bind))
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self._stopping = asyncio.Event()

@@ -46,6 +46,8 @@ class UpConfig:
     device: str = "auto"
     run_dir: str | None = None
     """Logs and the resolved models file; a temporary folder by default."""
+    auth: bool = True
+    """API keys on; the local admin key (``llmesh.keys_cli.ensure_local_key``) is registered in Redis."""
 
 
 @dataclasses.dataclass
@@ -111,6 +113,7 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path) -> tuple[list[Pr
         "LLMESH_ROUTER_METRICS_PORT": metrics(1)}, address=f"{cfg.host}:{cfg.router_port}"))
     procs.append(ProcessSpec("gateway", [sys.executable, "-m", "llmesh.gateway.main"], env={
         "LLMESH_GATEWAY_HOST": cfg.host, "LLMESH_GATEWAY_PORT": str(cfg.gateway_port),
+        "LLMESH_GATEWAY_AUTH": "true" if cfg.auth else "false", "LLMESH_GATEWAY_REDIS_URL": redis_url,
         "LLMESH_GATEWAY_ROUTER": f"{cfg.host}:{cfg.router_port}",
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
         "LLMESH_GATEWAY_METRICS_PORT": metrics(0)}, address=f"{cfg.host}:{cfg.gateway_port}"))
@@ -136,6 +139,7 @@ class Mesh:
         self.plan, self.models = plan_mesh(cfg, models, self.run_dir)
         self.models.dump(self.run_dir / "models.yaml")
         self.procs: dict[str, subprocess.Popen] = {}
+        self.api_key: str | None = None
         self._ready: dict[str, threading.Event] = {}
 
     def _say(self, msg: str) -> None:
@@ -167,7 +171,7 @@ class Mesh:
         threading.Thread(target=_watch_stdout, args=(proc, self._ready[spec.name]), daemon=True).start()
 
     def _wait_ready(self, spec: ProcessSpec, timeout: float) -> None:
-        proc, deadline = self.procs[spec.name], time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         if not spec.grpc:
             import redis
 
@@ -175,6 +179,8 @@ class Mesh:
             while True:
                 try:
                     if client.ping():
+                        if self.cfg.auth:
+                            self._register_admin_key(client)
                         return
                 except redis.RedisError:
                     pass
@@ -186,6 +192,17 @@ class Mesh:
 
         wait_serving(spec.address, timeout=max(1.0, deadline - time.monotonic()))
         self._say(f"  {spec.name} is serving")
+
+    def _register_admin_key(self, client) -> None:
+        """Create (first run) and register the local admin key; the CLI finds it in its file."""
+        from llmesh.gateway.keys import redis_put
+        from llmesh.keys_cli import ensure_local_key
+
+        key, record = ensure_local_key()
+        redis_put(client, record)
+        self.api_key = key
+        self._say(f"API key (admin): {record.key_id} in {os.environ.get('XDG_CONFIG_HOME') or '~/.config'}"
+                  "/llmesh/api_key")
 
     def _check_alive(self, spec: ProcessSpec, deadline: float) -> None:
         proc = self.procs[spec.name]
@@ -248,11 +265,13 @@ def up(cfg: UpConfig, prompt: str | None = None) -> int:
             print(f"  {name:<28} {address}")
         print(f"\n  models: {', '.join(mesh.models.names)} (default {mesh.models.default_model})")
         print(f"  logs:   {mesh.run_dir}")
-        print(f'\n  try:    llmesh generate "What is the capital of France?"   (Ctrl-C stops the mesh)\n',
+        print('\n  try:    llmesh generate "What is the capital of France?"   (Ctrl-C stops the mesh)\n',
               flush=True)
         if prompt:
             from llmesh.cli_client import stream_chat_once
 
+            if mesh.api_key:
+                os.environ["LLMESH_API_KEY"] = mesh.api_key
             stream_chat_once(f"{cfg.host}:{cfg.gateway_port}", prompt)
         while not stop.wait(0.5):
             dead = mesh.failed()

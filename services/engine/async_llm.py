@@ -124,7 +124,7 @@ class AsyncLLM:
             try:
                 result = fn(self.engine)
             except Exception as e:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
                 return
             _resolve(loop, fut, result)
 

@@ -29,6 +29,12 @@ class Caller:
     """Models this caller may use; None means all of them."""
     cache_salt: str = ""
     """Prefix-cache namespace: callers with different salts never share cached blocks."""
+    rpm: int = 0
+    """Requests per minute this key may start; 0 means unlimited (likewise tpm, concurrency)."""
+    tpm: int = 0
+    """Tokens per minute (prompt + max_tokens reserved at admission, settled at the end)."""
+    concurrency: int = 0
+    """Streams this key may have open at once."""
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

@@ -22,6 +22,14 @@ class GatewayConfig(ServiceConfig):
     max_request_bytes: int = option(1 << 20, "largest serialized request accepted, in bytes")
     default_max_tokens: int = option(256, "max_tokens when a request leaves it unset (capped by the model window)")
     models_refresh_s: float = option(10.0, "seconds between refreshes of the router's model list (windows, replicas)")
+    auth: bool = option(True, "require API keys ('authorization: Bearer <key>'); false serves everyone "
+                              "as the anonymous caller")
+    redis_url: str = option("", "Redis holding API keys, rate-limit buckets and usage (e.g. redis://host:6379/0)")
+    keys_file: str = option("", "keys file (JSON/YAML of hashed records from `llmesh keys create --keys-file`)")
+    key_pepper: str = option("", "secret mixed into key hashes; must match the one used by `llmesh keys create`")
+    redis_failure_mode: str = option("closed", "when Redis is unreachable: 'closed' refuses calls "
+                                               "(UNAVAILABLE), 'open' serves them without limits")
+    redis_timeout_s: float = option(0.5, "timeout of each Redis call, in seconds")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,4 +41,10 @@ class GatewayConfig(ServiceConfig):
                 f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         require(self.default_max_tokens >= 1,
                 f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        require(self.redis_failure_mode in ("open", "closed"),
+                f"redis_failure_mode must be 'open' or 'closed', got {self.redis_failure_mode!r}")
+        require(not self.auth or bool(self.redis_url or self.keys_file),
+                "auth is on but there is nowhere to find API keys: pass --redis-url URL and/or "
+                "--keys-file PATH, or --auth false to serve without keys")
+        require(self.redis_timeout_s > 0, f"redis_timeout_s must be > 0, got {self.redis_timeout_s}")
         require(self.models_refresh_s > 0, f"models_refresh_s must be > 0, got {self.models_refresh_s}")

@@ -9,27 +9,42 @@ import asyncio
 import sys
 
 import grpc
+import redis.asyncio as aioredis
 
 from llmesh.config import load_config
 from llmesh.engine.errors import EngineError
+from llmesh.gateway.auth import KeyAuthenticator
+from llmesh.gateway.caller import NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.keys import KeysFile
+from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers
+from llmesh.gateway.usage_store import UsageStore
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
 from llmesh.models_file import ModelsFileError, load_models_file
 from llmesh.telemetry import client_interceptors
+from llmesh.tls import aio_channel
 from llmesh.v1 import router_pb2_grpc
 
 
 async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
-    channel = grpc.aio.insecure_channel(
-        config.router, interceptors=client_interceptors(),
+    channel = aio_channel(
+        config.router, config, interceptors=client_interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20)])
     router = router_pb2_grpc.RouterStub(channel)
     catalog = ModelCatalog(router, config.router, config.models_refresh_s)
-    servicer = InferenceServicer(config, tokenizers, catalog, router)
+    redis_client = aioredis.Redis.from_url(
+        config.redis_url, socket_timeout=config.redis_timeout_s,
+        socket_connect_timeout=config.redis_timeout_s) if config.redis_url else None
+    guard = RedisGuard(config.redis_failure_mode)
+    authenticator = KeyAuthenticator(redis_client, KeysFile(config.keys_file) if config.keys_file else None,
+                                     guard, config.key_pepper) if config.auth else NoAuth()
+    limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
+    usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
+    servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store)
     refresher: asyncio.Task | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -39,6 +54,8 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
         if refresher is not None:
             refresher.cancel()
         await channel.close()
+        if redis_client is not None:
+            await redis_client.aclose()
 
     server = GrpcServer("gateway", config, register, on_shutdown)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
@@ -46,6 +63,8 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for a in argv for x in (("--auth", "false") if a == "--no-auth" else (a,))]  # the explicit spelling
     config = load_config(GatewayConfig, argv, service="gateway")
     setup_logging("gateway", config.log_level)
     try:

@@ -24,3 +24,9 @@ DURATION = Histogram(
     "llmesh_gateway_request_duration_seconds", "Time from the request's arrival to the end of its stream.",
     ["rpc", "model"], buckets=_LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("llmesh_gateway_streams_in_flight", "Generate and Chat streams now open.")
+AUTH_FAILURES = Counter(
+    "llmesh_gateway_auth_failures_total", "Calls refused by authentication, by reason.", ["reason"])
+RATE_LIMITED = Counter(
+    "llmesh_gateway_rate_limited_total", "Calls refused by a rate limit, by limit.", ["limit"])
+REDIS_ERRORS = Counter(
+    "llmesh_gateway_redis_errors_total", "Redis calls that failed, by what they were for.", ["where"])

@@ -24,8 +24,10 @@ from llmesh.gateway import metrics
 from llmesh.gateway.caller import Authenticator, Caller, NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage import UsageRecord
+from llmesh.gateway.usage_store import UsageStore
 from llmesh.gateway.validation import (
     AUTO,
     check_messages,
@@ -47,12 +49,16 @@ _tracer = tracer("llmesh.gateway")
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: GatewayConfig, tokenizers: ModelTokenizers, catalog: ModelCatalog,
-                 router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None) -> None:
+                 router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None,
+                 limiter: RateLimiter | None = None, usage_store: UsageStore | None = None) -> None:
         self._config = config
         self._tokenizers = tokenizers
         self._catalog = catalog
         self._router = router
         self._auth = authenticator or NoAuth()
+        self._limiter = limiter
+        self._usage_store = usage_store
+        self._background: set[asyncio.Task] = set()
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest,
@@ -73,6 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         caller = await self._auth.authenticate(context)
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
         model = request.model.strip()
+        _check_allowed(model, self._tokenizers.names, caller)
         names = [n for n in self._tokenizers.names if caller.may_use(n)]
         if model == AUTO or not model:
             raise invalid_argument(f"Tokenize needs a model name (tokenizers differ between models); "
@@ -107,11 +114,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         _check_decoded(request)
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
+        caller: Caller | None = None
+        lease: Lease | None = None
+        prompt_len = 0
         try:
             caller = await self._auth.authenticate(context)
-            usage.tenant = caller.tenant
+            usage.tenant, usage.key_id = caller.tenant, caller.key_id
             route = await build_route(request, caller)
+            apply_tier(route, caller)
             usage.request_id, usage.model = route.request_id, route.model
+            prompt_len = len(route.prompt_token_ids) or max(
+                (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
+            if self._limiter is not None:
+                lease = await self._limiter.admit(caller, prompt_len + route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
                 async for resp in stream:
                     yield resp
@@ -123,6 +138,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise
         finally:
             usage.finish(status)
+            self._after_stream(caller, lease, usage, prompt_len)
+
+    def _after_stream(self, caller: Caller | None, lease: Lease | None, usage: UsageRecord,
+                      prompt_len: int) -> None:
+        """Settle the token reservation and record usage, in the background: the stream may
+        be ending because its task was cancelled, and neither must delay the caller."""
+        started = usage.ttft_s is not None or usage.completion_tokens > 0
+        used = max(usage.prompt_tokens, prompt_len if started else 0) + usage.completion_tokens
+        jobs = []
+        if lease is not None:
+            jobs.append(lease.settle(used))
+        if self._usage_store is not None and caller is not None and usage.model and started:
+            jobs.append(self._usage_store.add(caller.key_id, caller.tenant, usage.model, usage.prompt_tokens
+                                              or prompt_len, usage.cached_tokens, usage.completion_tokens))
+        for job in jobs:
+            task = asyncio.ensure_future(job)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # ---- building the router request -------------------------------------------------------
     async def _route_generate(self, request: inference_pb2.GenerateRequest,
@@ -158,6 +191,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _resolve(self, requested: str, caller: Caller) -> str:
         cards = await self._catalog.cards(requested.strip())
+        _check_allowed(requested.strip(), list(cards), caller)
         return resolve_model(requested, [n for n in cards if caller.may_use(n)])
 
     def _candidates(self, model: str, caller: Caller) -> list[str]:
@@ -243,6 +277,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      "llmesh.cached_tokens": usage.cached_tokens,
                                      "llmesh.completion_tokens": usage.completion_tokens,
                                      "llmesh.finish_reason": usage.finish_reason})
+
+
+def _check_allowed(model: str, served, caller: Caller) -> None:
+    """A served model outside the key's list is PERMISSION_DENIED (not NOT_FOUND)."""
+    if model in served and not caller.may_use(model):
+        metrics.AUTH_FAILURES.labels("model_not_allowed").inc()
+        allowed = ", ".join(sorted(n for n in served if caller.may_use(n))) or "none"
+        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"API key {caller.key_id} may not use model {model!r}; it may use: {allowed}")
+
+
+def apply_tier(route: router_pb2.RouteRequest, caller: Caller) -> None:
+    """The key's tier is the request's priority: an interactive key's unset priority becomes
+    interactive; a batch key's requests run at batch priority and may not ask for interactive."""
+    if caller.tier == "interactive" and route.priority == common_pb2.PRIORITY_UNSPECIFIED:
+        route.priority = common_pb2.PRIORITY_INTERACTIVE
+    if caller.tier != "batch":
+        return
+    if route.priority == common_pb2.PRIORITY_INTERACTIVE:
+        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                           "this API key's tier is batch: it cannot ask for PRIORITY_INTERACTIVE "
+                           "(leave priority unset or use PRIORITY_BATCH)")
+    route.priority = common_pb2.PRIORITY_BATCH
 
 
 def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:

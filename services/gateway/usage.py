@@ -38,6 +38,8 @@ class UsageRecord:
     finish_reason: str = ""
     replica: str = ""
     tenant: str = ""
+    key_id: str = ""
+    """The API key's id (never the key); empty without auth."""
 
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
         """Account one streamed message."""
@@ -74,4 +76,5 @@ class UsageRecord:
             "completion_tokens": self.completion_tokens,
             "ttft_ms": round(1000 * self.ttft_s, 1) if self.ttft_s is not None else None,
             "duration_ms": round(1000 * duration, 1), "replica": self.replica, "tenant": self.tenant,
+            "key_id": self.key_id,
         })

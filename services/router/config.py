@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from llmesh.config import option, require
 from llmesh.grpc_server import ServiceConfig
+
+REPLICA_POLICIES = ("cache_aware", "round_robin")
 
 
 @dataclasses.dataclass
@@ -36,6 +39,15 @@ class RouterConfig(ServiceConfig):
     auto_task_hints: bool = option(
         True, "'auto' policy: code, proofs, step-by-step and math in the prompt text go to the large model")
     auto_batch_tier_small: bool = option(True, "'auto' policy: the batch tier goes to the small model")
+    policy: str = option(
+        "cache_aware", "replica choice: cache_aware (prefix blocks held vs load, see picker.py) or "
+                       "round_robin (ignores cache and load; the baseline of bench/routing.py)")
+    escalation_tokens: int = option(
+        8, "'auto' escalation: when 'auto' picked the small model, judge its confidence on its first this many "
+           "tokens (held back from the client meanwhile); 0 turns escalation off")
+    escalation_threshold: float = option(
+        -2.5, "'auto' escalation: when the small model's mean token log-probability (nats) over those tokens "
+              "is under this, its request is aborted and the large model answers from scratch")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,5 +60,9 @@ class RouterConfig(ServiceConfig):
             require(value > 0, f"{name} must be > 0, got {value}")
         require(self.startup_wait_s >= 0, f"startup_wait_s must be >= 0, got {self.startup_wait_s}")
         require(self.max_failovers >= 0, f"max_failovers must be >= 0, got {self.max_failovers}")
+        require(self.policy in REPLICA_POLICIES,
+                f"policy must be one of {', '.join(REPLICA_POLICIES)}, got {self.policy!r}")
+        require(not math.isnan(self.escalation_threshold), "escalation_threshold must be a number, got nan")
+        require(self.escalation_tokens >= 0, f"escalation_tokens must be >= 0, got {self.escalation_tokens}")
         require(self.auto_long_prompt_tokens >= 1,
                 f"auto_long_prompt_tokens must be >= 1, got {self.auto_long_prompt_tokens}")

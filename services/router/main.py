@@ -18,7 +18,7 @@ async def serve(config: RouterConfig) -> None:
     models = load_models_file(config.models_file)
     fleet = Fleet(models, health_check_interval_s=config.health_check_interval_s,
                   health_check_timeout_s=config.health_check_timeout_s,
-                  load_poll_interval_s=config.load_poll_interval_s)
+                  load_poll_interval_s=config.load_poll_interval_s, tls=config)
     policy = ModelPolicy(
         models,
         AutoPolicy(long_prompt_tokens=config.auto_long_prompt_tokens, task_hints=config.auto_task_hints,
@@ -26,8 +26,10 @@ async def serve(config: RouterConfig) -> None:
         healthy=lambda name: len(fleet.pools[name].healthy()),
         window=lambda name: fleet.pools[name].max_model_len())
     picker = Picker(config.prefix_index, cache_weight=config.cache_weight, load_weight=config.load_weight,
-                    index_timeout_s=config.index_timeout_s)
-    servicer = RouterServicer(fleet, policy, picker, max_failovers=config.max_failovers)
+                    index_timeout_s=config.index_timeout_s, policy=config.policy, tls=config)
+    servicer = RouterServicer(fleet, policy, picker, max_failovers=config.max_failovers,
+                              escalation_tokens=config.escalation_tokens,
+                              escalation_threshold=config.escalation_threshold)
 
     def register(server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

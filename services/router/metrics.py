@@ -10,7 +10,7 @@ DECISIONS = Counter(
     ["model", "reason"])
 PICKS = Counter(
     "llmesh_router_replica_picks_total",
-    "Replica choices, by model and reason (prefix_cache, least_loaded, only_replica)",
+    "Replica choices, by model and reason (prefix_cache, least_loaded, only_replica, round_robin)",
     ["model", "reason"])
 MATCHED_BLOCKS = Histogram(
     "llmesh_router_cached_blocks_matched",
@@ -25,6 +25,17 @@ FAILOVERS = Counter(
 MIDSTREAM_FAILURES = Counter(
     "llmesh_router_midstream_failures_total",
     "Streams that failed after the first token (not retried: tokens were already sent)", ["model"])
+ESCALATIONS = Counter(
+    "llmesh_router_escalations_total",
+    "'auto' requests whose small model was aborted for low confidence and answered by the large one",
+    ["from_model", "to_model"])
+ESCALATION_CHECKS = Counter(
+    "llmesh_router_escalation_checks_total",
+    "Confidence checks of the small model's first tokens, by outcome (kept, escalated)", ["model", "outcome"])
+CONFIDENCE = Histogram(
+    "llmesh_router_small_model_confidence_nats",
+    "Mean token log-probability of the small model's first tokens, per checked 'auto' request",
+    ["model"], buckets=(-8, -6, -5, -4, -3, -2.5, -2, -1.5, -1, -0.5, -0.25, -0.1, 0))
 REQUESTS = Counter("llmesh_router_requests_total", "Routed requests, by model and final status code",
                    ["model", "code"])
 TTFT = Histogram(

@@ -12,6 +12,10 @@ polled and lags a burst). The best score wins; ties go to the least loaded repli
 then round-robin. The index is advisory: without one, when it fails or is slower than
 ``index_timeout_s``, replicas are chosen by load alone. With one candidate there is no
 choice to make, so the index is not asked.
+
+With ``policy="round_robin"`` the picker ignores the index and the load and takes the
+healthy candidates in turn (reason ``round_robin``): the baseline that
+``bench/routing.py`` compares cache-aware routing against.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.router import metrics
 from llmesh.router.replicas import CHANNEL_OPTIONS, Replica, ReplicaPool
 from llmesh.telemetry import client_interceptors
+from llmesh.tls import TLSConfig, aio_channel
 from llmesh.v1 import prefix_index_pb2, prefix_index_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,21 +44,22 @@ class Pick:
     replica: Replica
     matched_blocks: int
     reason: str
-    """``prefix_cache`` (it holds part of the prompt), ``least_loaded`` or ``only_replica``."""
+    """``prefix_cache`` (it holds part of the prompt), ``least_loaded``, ``only_replica`` or ``round_robin``."""
     score: float
 
 
 class Picker:
     def __init__(self, index_address: str | None, *, cache_weight: float, load_weight: float,
-                 index_timeout_s: float) -> None:
+                 index_timeout_s: float, policy: str = "cache_aware", tls: TLSConfig | None = None) -> None:
+        self.policy = policy
         self.cache_weight = cache_weight
         self.load_weight = load_weight
         self.index_timeout_s = index_timeout_s
         self._channel = None
         self._index = None
         if index_address:
-            self._channel = grpc.aio.insecure_channel(index_address, options=CHANNEL_OPTIONS,
-                                                      interceptors=client_interceptors())
+            self._channel = aio_channel(index_address, tls, options=CHANNEL_OPTIONS,
+                                        interceptors=client_interceptors())
             self._index = prefix_index_pb2_grpc.PrefixIndexStub(self._channel)
         self._turn = 0
 
@@ -66,6 +72,9 @@ class Picker:
         if len(candidates) == 1:
             r = candidates[0]
             return Pick(r, 0, "only_replica", -self.load_weight * r.load_value())
+        if self.policy == "round_robin":
+            self._turn += 1
+            return Pick(candidates[self._turn % len(candidates)], 0, "round_robin", 0.0)
         matched = await self._matched_blocks(candidates, prompt_ids, cache_salt)
         scored = [(matched.get(r.address, 0) * self.cache_weight - self.load_weight * r.load_value(),
                    -r.load_value(), r) for r in candidates]

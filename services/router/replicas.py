@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.models_file import ModelsFile, ModelSpec
 from llmesh.router import metrics
 from llmesh.telemetry import client_interceptors
+from llmesh.tls import TLSConfig, aio_channel
 from llmesh.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,12 @@ class EngineLoad:
 class Replica:
     """One engine process serving one model at one address."""
 
-    def __init__(self, model: str, address: str) -> None:
+    def __init__(self, model: str, address: str, tls: TLSConfig | None = None) -> None:
         self.model = model
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                                 interceptors=client_interceptors())
+        self.channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self.engine = engine_pb2_grpc.EngineStub(self.channel)
-        self._control = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._control = aio_channel(address, tls, options=CHANNEL_OPTIONS)
         self._health = health_pb2_grpc.HealthStub(self._control)
         self.control = engine_pb2_grpc.EngineStub(self._control)
         self.healthy = False
@@ -164,9 +164,10 @@ class Fleet:
     """Every model's pool and the tasks that keep them current."""
 
     def __init__(self, models: ModelsFile, *, health_check_interval_s: float, health_check_timeout_s: float,
-                 load_poll_interval_s: float) -> None:
+                 load_poll_interval_s: float, tls: TLSConfig | None = None) -> None:
         self.models = models
-        self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a) for a in m.addresses]) for m in models.models}
+        self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a, tls) for a in m.addresses])
+                      for m in models.models}
         self.interval = health_check_interval_s
         self.timeout = health_check_timeout_s
         self.load_interval = load_poll_interval_s

@@ -8,11 +8,21 @@ times) and the failed one leaves its pool until a health check brings it back. A
 the first message a failure cannot be hidden (the caller holds part of the output): the
 stream ends with UNAVAILABLE naming the replica. When the caller goes away or its
 deadline passes, the engine call is cancelled, which aborts the request on the engine.
+
+Escalation: when ``auto`` chose a small model and a large one is healthy, the small
+model runs with per-token log-probabilities on, and its first ``escalation_tokens``
+tokens are held back. Their mean log-probability is its confidence: under
+``escalation_threshold`` the small request is cancelled (the engine aborts it) and the
+large model answers from scratch, so the caller only ever sees the large model's
+stream; otherwise the held messages are sent and the stream goes on. Log-probabilities
+the caller did not ask for are stripped. A small stream that ends before that many
+tokens is judged on the tokens it has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,7 +34,7 @@ from opentelemetry import trace
 from llmesh.errors import ServiceError, status_for, unavailable
 from llmesh.router import metrics
 from llmesh.router.picker import Picker
-from llmesh.router.policy import ModelPolicy, prompt_tokens
+from llmesh.router.policy import AUTO, Decision, ModelPolicy, prompt_tokens
 from llmesh.router.replicas import Fleet, Replica
 from llmesh.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 
@@ -46,11 +56,14 @@ def _remaining(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, fleet: Fleet, policy: ModelPolicy, picker: Picker, *, max_failovers: int) -> None:
+    def __init__(self, fleet: Fleet, policy: ModelPolicy, picker: Picker, *, max_failovers: int,
+                 escalation_tokens: int = 0, escalation_threshold: float = -2.5) -> None:
         self.fleet = fleet
         self.policy = policy
         self.picker = picker
         self.max_failovers = max_failovers
+        self.escalation_tokens = escalation_tokens
+        self.escalation_threshold = escalation_threshold
 
     async def Generate(self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[common_pb2.GenerateResponse]:
@@ -63,8 +76,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             trace.get_current_span().set_attributes({
                 "llmesh.model": decision.model, "llmesh.model_reason": decision.reason,
                 "llmesh.request_id": request_id})
-            async for msg in self._stream(request, request_id, decision.model, context):
-                yield msg
+            large = self._escalation_target(request, decision)
+            stream = (self._stream(request, request_id, decision.model, context) if large is None else
+                      self._escalating(request, request_id, decision.model, large, context))
+            async with contextlib.aclosing(stream):
+                async for msg in stream:
+                    model = msg.model or model
+                    yield msg
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -75,16 +93,84 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             metrics.REQUESTS.labels(model, code).inc()
 
+    def _escalation_target(self, request: router_pb2.RouteRequest, decision: Decision) -> str | None:
+        """The large model an ``auto`` request may escalate to, or None (no escalation)."""
+        if (request.model != AUTO or self.escalation_tokens <= 0 or decision.reason.endswith("_fallback")
+                or decision.model not in self.policy.by_class["small"]):
+            return None
+        for name in self.policy.by_class["large"]:
+            pool = self.fleet.pool(name)
+            if pool is not None and pool.healthy():
+                return name
+        return None
+
+    async def _escalating(self, request: router_pb2.RouteRequest, request_id: str, small: str, large: str,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """Run ``small``, judge its first tokens, and either pass it on or answer from ``large``."""
+        t0 = time.perf_counter()
+        caller_logprobs = request.sampling.HasField("logprobs")
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        if not caller_logprobs:
+            sampling.logprobs = 0
+        held: list[common_pb2.GenerateResponse] = []
+        logprobs: list[float] = []
+        confidence: float | None = None
+        stream = self._stream(request, request_id, small, context, sampling=sampling, t0=t0, observe_ttft=False)
+        async with contextlib.aclosing(stream):
+            async for msg in stream:
+                if confidence is None:
+                    logprobs.extend(lp.logprob for lp in msg.logprobs)
+                if not caller_logprobs:
+                    del msg.logprobs[:]
+                if confidence is not None:
+                    yield msg
+                    continue
+                held.append(msg)
+                done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if len(logprobs) < self.escalation_tokens and not done:
+                    continue
+                judged = logprobs[:self.escalation_tokens]
+                confidence = sum(judged) / len(judged) if judged else 0.0
+                metrics.CONFIDENCE.labels(small).observe(confidence)
+                if confidence < self.escalation_threshold:
+                    break
+                metrics.ESCALATION_CHECKS.labels(small, "kept").inc()
+                metrics.TTFT.labels(small).observe(time.perf_counter() - t0)
+                for m in held:
+                    yield m
+                held = []
+        if confidence is None:  # the stream ended without a last message: pass on what came
+            for m in held:
+                yield m
+            return
+        if confidence >= self.escalation_threshold:
+            return
+        metrics.ESCALATION_CHECKS.labels(small, "escalated").inc()
+        metrics.ESCALATIONS.labels(small, large).inc()
+        metrics.DECISIONS.labels(large, "auto_escalated").inc()
+        trace.get_current_span().add_event("escalated", {
+            "llmesh.from_model": small, "llmesh.to_model": large, "llmesh.confidence": confidence,
+            "llmesh.threshold": self.escalation_threshold, "llmesh.judged_tokens": len(judged)})
+        trace.get_current_span().set_attribute("llmesh.model", large)
+        log.info("escalated", extra={"request_id": request_id, "from_model": small, "to_model": large,
+                                     "confidence": round(confidence, 4), "threshold": self.escalation_threshold})
+        async for msg in self._stream(request, request_id, large, context, t0=t0):
+            yield msg
+
     async def _stream(self, request: router_pb2.RouteRequest, request_id: str, model: str,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
+                      context: grpc.aio.ServicerContext, *, sampling: common_pb2.SamplingParams | None = None,
+                      t0: float | None = None, observe_ttft: bool = True
+                      ) -> AsyncIterator[common_pb2.GenerateResponse]:
         pool = self.fleet.pool(model)
         assert pool is not None  # the policy only names models of the models file
         prompt = prompt_tokens(request, model)
         engine_request = engine_pb2.EngineGenerateRequest(
             request_id=request_id, prompt_token_ids=prompt,
-            sampling=request.sampling, priority=request.priority, cache_salt=request.cache_salt)
+            sampling=request.sampling if sampling is None else sampling,
+            priority=request.priority, cache_salt=request.cache_salt)
         span = trace.get_current_span()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         tried: set[str] = set()
         for attempt in range(self.max_failovers + 1):
             pick = await self.picker.pick(pool, prompt, request.cache_salt, tried)
@@ -101,7 +187,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 async for msg in call:
                     if not sent_any:
                         sent_any = True
-                        metrics.TTFT.labels(model).observe(time.perf_counter() - t0)
+                        if observe_ttft:
+                            metrics.TTFT.labels(model).observe(time.perf_counter() - t0)
                     if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
                         msg.replica = replica.name
                     yield msg

@@ -51,8 +51,9 @@ def test_llmesh_up_answers_and_stops_cleanly(tmp_path):
     args = [*LLMESH, "up", "--device", "cpu", "--metrics-base-port", "0", "--run-dir", str(tmp_path),
             "--prompt", "What is the capital of France?",
             *[x for k, v in ports.items() for x in (f"--{k}-port", str(v))]]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("LLMESH_API_KEY", None)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
@@ -67,7 +68,7 @@ def test_llmesh_up_answers_and_stops_cleanly(tmp_path):
 
         gen = subprocess.run([*LLMESH, "generate", "--address", f"127.0.0.1:{ports['gateway']}",
                               "--max-tokens", "8", "--temperature", "0", "Name a primary color:"],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, env=env)
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip() and "TTFT" in gen.stderr and "tok/s" in gen.stderr
 

@@ -31,7 +31,8 @@ def mesh(tmp_path_factory, tiny_llama):
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
     cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
                    router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir))
+                   redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir),
+                   auth=False)
     with OtlpReceiver() as otlp:
         saved = dict(os.environ)
         os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",

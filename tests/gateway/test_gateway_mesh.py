@@ -46,7 +46,7 @@ def mesh(tiny_llama, tmp_path_factory):
         metrics_port = free_port()
         gateway = stack.enter_context(ServiceProcess(
             "llmesh.gateway.main", ["--router", router.address, "--models-file", str(models_file),
-                                    "--metrics-port", str(metrics_port)]))
+                                    "--metrics-port", str(metrics_port), "--auth", "false"]))
         gateway.metrics_port = metrics_port
         yield {"engine": engine, "router": router, "gateway": gateway}
 
@@ -347,7 +347,8 @@ def test_gateway_without_a_router_answers_unavailable_and_still_tokenizes(tiny_l
     models_file = tmp_path / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": [{"name": MODEL, "path": tiny_llama}]}))
     router = f"127.0.0.1:{free_port()}"
-    with ServiceProcess("llmesh.gateway.main", ["--router", router, "--models-file", str(models_file)]) as gw, \
+    with ServiceProcess("llmesh.gateway.main", ["--router", router, "--models-file", str(models_file),
+                                                "--auth", "false"]) as gw, \
             LlmeshClient(gw.address, timeout=10) as c:
         for call in (lambda: list(c.generate("hi", model=MODEL)), c.list_models):
             with pytest.raises(grpc.RpcError) as e:

@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import pytest
+import redis
 
 from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.v1 import prefix_index_pb2 as pb
@@ -195,6 +196,29 @@ def test_match_with_a_thousand_blocks(index_stub):
     t0 = time.perf_counter()
     assert match(index_stub, h) == {a: 1000, b: 700}
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_match_is_not_fooled_by_a_later_block_held_elsewhere(index_stub):
+    """Leading blocks only: a replica holding blocks 0-1 and 3-4 matches 2, and one that
+    holds only later blocks matches nothing from the start."""
+    a, b = new_id(), new_id()
+    h = chain(5, seed=15)
+    publish(index_stub, batch(a, 0, stored(h[:2] + h[3:])))
+    publish(index_stub, batch(b, 0, stored(h[1:])))
+    assert match(index_stub, h) == {a: 2}
+    assert match(index_stub, h[1:]) == {b: 4, a: 1}
+
+
+def test_index_memory_per_stored_block_is_bounded(redis_server, index_stub):
+    """Redis memory grows by well under 1 KiB per stored block (one member in the block's
+    set and one in the replica's owned set; bench/routing.py reports the figure)."""
+    r = redis.Redis(port=redis_server.port)
+    n = 5000
+    before = r.info("memory")["used_memory"]
+    h, inst = chain(n, seed=16), new_id()
+    publish(index_stub, *[batch(inst, i, stored(h[k:k + 1000])) for i, k in enumerate(range(0, n, 1000))])
+    per_block = (r.info("memory")["used_memory"] - before) / n
+    assert 0 < per_block < 1024, per_block
 
 
 def test_invalid_requests_are_refused(index_stub):

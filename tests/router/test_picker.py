@@ -122,3 +122,24 @@ def test_unreachable_index_is_advisory():
             await asyncio.gather(*(r.close() for r in pool.replicas))
 
     run(scenario())
+
+
+def test_round_robin_policy_ignores_cache_and_load(index_address):
+    async def scenario():
+        pool = make_pool(2)
+        a, b = pool.replicas
+        publish(index_address, a.info.instance_id, hash_prefix_blocks(PROMPT, 16, MODEL))
+        b.load = EngineLoad(running=5, kv_total=100)
+        picker = Picker(index_address, cache_weight=1.0, load_weight=1.0, index_timeout_s=1.0,
+                        policy="round_robin")
+        try:
+            picks = [await picker.pick(pool, PROMPT, "") for _ in range(4)]
+            assert [p.replica for p in picks] in ([b, a, b, a], [a, b, a, b])
+            assert all((p.reason, p.matched_blocks) == ("round_robin", 0) for p in picks)
+            pick = await picker.pick(pool, PROMPT, "", exclude={a.address})
+            assert pick.replica is b
+        finally:
+            await picker.close()
+            await asyncio.gather(*(r.close() for r in pool.replicas))
+
+    run(scenario())

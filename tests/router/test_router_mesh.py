@@ -8,6 +8,7 @@ engines, so they run last.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import random
 import time
@@ -183,6 +184,28 @@ def test_shared_prefix_goes_to_the_replica_that_holds_it(mesh):
     assert mesh.metric("llmesh_router_replica_picks_total{model=\"tiny\",reason=\"prefix_cache\"}") >= 3
 
 
+def test_acceptance_requests_go_to_the_replica_holding_their_prefix(mesh):
+    """Issue 6 acceptance: two replicas under equal load, 20 requests over 4 cached
+    prefixes (5 each, sent in waves of 4 at once, one per prefix): >= 90% of them go to
+    the replica that holds their prefix and reuse it."""
+    stub = mesh.stub()
+    prefixes = [random_prompt(100 + i, 16 * 10) for i in range(4)]
+    holders = []
+    for i, prefix in enumerate(prefixes):
+        holder = route(stub, prefix + [5, 6, 7], max_tokens=1)[-1].replica
+        wait_indexed(mesh.index_address, prefix, holder, 10)
+        holders.append(holder)
+    hits = 0
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for wave in range(5):
+            futures = [pool.submit(route, stub, prefix + [300 + wave, 301 + i, 302], max_tokens=2)
+                       for i, prefix in enumerate(prefixes)]
+            for holder, fut in zip(holders, futures):
+                last = fut.result()[-1]
+                hits += last.replica == holder and last.usage.cached_tokens >= 16 * 10
+    assert hits >= 18, f"only {hits}/20 requests went to the replica holding their prefix ({holders})"
+
+
 def long_request(seed: int) -> router_pb2.RouteRequest:
     """A request that needs >= 4.5 s on these engines (450 steps of >= 10 ms)."""
     return router_pb2.RouteRequest(model=MODEL, prompt_token_ids=random_prompt(seed, 20),
@@ -216,6 +239,60 @@ def wait_healthy_replicas(stub, n: int, since: float, within: float) -> None:
     while healthy_replicas(stub) != n:
         assert time.monotonic() - since < within, f"the pool did not reach {n} healthy replicas in {within}s"
         time.sleep(0.05)
+
+
+def index_holders(index_address: str, prompt: list[int]) -> set[str]:
+    hashes = hash_prefix_blocks(prompt, 16, MODEL)
+    with grpc.insecure_channel(index_address) as ch:
+        resp = prefix_index_pb2_grpc.PrefixIndexStub(ch).Match(
+            prefix_index_pb2.MatchRequest(namespace=MODEL, block_hashes=hashes), timeout=5)
+    return {r.instance_id for r in resp.replicas}
+
+
+def test_acceptance_replica_killed_under_load(mesh):
+    """Issue 6 acceptance: a replica killed under load is routed around, every request
+    completes or ends with a clear error, the index forgets the replica, and after it
+    restarts the index converges again."""
+    stub = mesh.stub()
+    victim, survivor = mesh.engine_name(0), mesh.engine_name(1)
+    prefix = random_prompt(60, 16 * 6)
+    list(engine_pb2_grpc.EngineStub(grpc.insecure_channel(mesh.engines[0].address)).Generate(
+        engine_pb2.EngineGenerateRequest(prompt_token_ids=prefix, sampling=common_pb2.SamplingParams(max_tokens=1)),
+        timeout=TIMEOUT))
+    wait_indexed(mesh.index_address, prefix, victim, 6)
+
+    def one(seed: int) -> str:
+        try:
+            msgs = route(stub, random_prompt(seed, 24), max_tokens=60)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert victim in e.details() and "after the first token" in e.details(), e.details()
+            return "failed_clearly"
+        assert len(tokens(msgs)) == 60
+        return "completed"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, 200 + i) for i in range(8)]
+        time.sleep(0.3)  # all 8 are streaming (60 steps of >= 10 ms each)
+        mesh.engines[0].kill()
+        futures += [pool.submit(one, 300 + i) for i in range(8)]  # sent while the pool notices
+        outcomes = [f.result() for f in futures]
+    assert "completed" in outcomes and set(outcomes) <= {"completed", "failed_clearly"}
+    assert all(route(stub, random_prompt(400 + i, 20), max_tokens=2)[-1].replica == survivor for i in range(3))
+
+    deadline = time.monotonic() + 8  # the engines' heartbeat TTL is 5 s
+    while victim in index_holders(mesh.index_address, prefix):
+        assert time.monotonic() < deadline, "the index still lists the killed replica"
+        time.sleep(0.1)
+
+    port = mesh.engines[0].address.rsplit(":", 1)[1]
+    mesh.engines[0] = start_engine(mesh.model_dir, *mesh.engine_args, "--port", port)
+    wait_healthy_replicas(stub, 2, since=time.monotonic(), within=3)
+    list(engine_pb2_grpc.EngineStub(grpc.insecure_channel(mesh.engines[0].address)).Generate(
+        engine_pb2.EngineGenerateRequest(prompt_token_ids=prefix, sampling=common_pb2.SamplingParams(max_tokens=1)),
+        timeout=TIMEOUT))
+    wait_indexed(mesh.index_address, prefix, victim, 6)  # the restarted replica's new state
+    assert route(stub, prefix + [9], max_tokens=1)[-1].replica == victim
 
 
 def test_failover_and_replica_loss(mesh):

@@ -24,7 +24,7 @@ from llmesh.engine.loader.hf_folder import SafetensorsWeights, read_config_json
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.loader.random_weights import PREFIX as RANDOM_PREFIX
 from llmesh.engine.loader.random_weights import RandomWeights, byte_tokenizer_data, random_model_config
-from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model
+from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model  # noqa: F401 (re-exported)
 
 
 

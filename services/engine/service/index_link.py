@@ -19,6 +19,7 @@ import grpc
 from llmesh.engine.async_llm import AsyncLLM
 from llmesh.engine.kv_cache.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from llmesh.telemetry import client_interceptors
+from llmesh.tls import aio_channel
 from llmesh.v1 import prefix_index_pb2 as pb
 from llmesh.v1 import prefix_index_pb2_grpc as pb_grpc
 
@@ -66,11 +67,11 @@ def batch_to_proto(batch: KVEventBatch, *, instance_id: str, epoch: int, namespa
 class IndexLink:
     def __init__(self, index_address: str, engine: AsyncLLM, bridge: QueueBridge, *, instance_id: str,
                  epoch: int, namespace: str, address: str, heartbeat_interval_s: float,
-                 heartbeat_ttl_s: float) -> None:
+                 heartbeat_ttl_s: float, tls=None) -> None:
         self.engine, self.bridge = engine, bridge
         self.instance_id, self.epoch, self.namespace, self.address = instance_id, epoch, namespace, address
         self.heartbeat_interval_s, self.heartbeat_ttl_s = heartbeat_interval_s, heartbeat_ttl_s
-        self.channel = grpc.aio.insecure_channel(index_address, interceptors=client_interceptors())
+        self.channel = aio_channel(index_address, tls, interceptors=client_interceptors())
         self.stub = pb_grpc.PrefixIndexStub(self.channel)
         self._resync_pending = False
         self._last_snapshot_seq = -1

@@ -68,7 +68,8 @@ async def serve(cfg: EngineServiceConfig) -> None:
     if bridge is not None:
         link = IndexLink(cfg.prefix_index, engine, bridge, instance_id=servicer.instance_id, epoch=epoch,
                          namespace=servicer.model, address=address,
-                         heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_ttl_s=cfg.heartbeat_ttl_s)
+                         heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_ttl_s=cfg.heartbeat_ttl_s,
+                         tls=cfg)
         link.start()
     watch = asyncio.create_task(_watch_health(server, engine, cfg.stall_timeout_s))
     try:

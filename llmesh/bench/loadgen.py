@@ -1,0 +1,209 @@
+"""The serving load generator: streams a workload over gRPC and times every token.
+
+Two targets speak the same workload: ``GatewayTarget`` (the public Inference API, with
+an optional API key) and ``EngineTarget`` (one engine's Engine.Generate, token ids as
+they are). Requests leave at their arrival offsets (Poisson, or all at once) and an
+optional semaphore caps how many are in flight (fixed concurrency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from tqdm.auto import tqdm
+
+from llmesh.bench.workloads import RequestSpec, arrival_offsets
+from llmesh.client import AsyncLlmeshClient
+from llmesh.engine.errors import InvalidRequestError
+from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+
+_FINISH_ERROR = common_pb2.FINISH_REASON_ERROR
+
+
+@dataclasses.dataclass
+class RequestResult:
+    """Timings of one request, in seconds from its own send time."""
+
+    prompt_len: int
+    max_tokens: int
+    group: str = ""
+    sent_at: float = 0.0
+    """Seconds from the start of the run."""
+    chunk_times: list[float] = dataclasses.field(default_factory=list)
+    """Arrival of each streamed message that carried tokens."""
+    chunk_tokens: list[int] = dataclasses.field(default_factory=list)
+    e2e: float = 0.0
+    error: str = ""
+    """'' on success, else the gRPC status name (or FINISH_ERROR / FINISH_ABORT)."""
+    detail: str = ""
+    """The error's message, for the report."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def output_len(self) -> int:
+        return sum(self.chunk_tokens)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] if self.chunk_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        n = self.output_len
+        return (self.e2e - self.chunk_times[0]) / (n - 1) if n > 1 else None
+
+    @property
+    def itls(self) -> list[float]:
+        """Gaps between streamed messages (a message may carry several tokens)."""
+        t = self.chunk_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+@dataclasses.dataclass
+class RunResult:
+    label: str
+    rate: float
+    max_concurrency: int | None
+    duration_s: float
+    requests: list[RequestResult]
+
+
+class Target:
+    """Where requests go; ``stream`` yields (token count, finish error) per message."""
+
+    name = "target"
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stream(self, spec: RequestSpec, ignore_eos: bool, timeout: float) -> AsyncIterator[tuple[int, str]]:
+        raise NotImplementedError
+
+
+class GatewayTarget(Target):
+    """The gateway's Inference.Generate with token-id prompts."""
+
+    name = "gateway"
+
+    def __init__(self, address: str, model: str = "auto", api_key: str | None = None) -> None:
+        self.address, self.model, self.api_key = address, model, api_key
+        self._client: AsyncLlmeshClient | None = None
+
+    async def open(self) -> None:
+        self._client = AsyncLlmeshClient(self.address, api_key=self.api_key)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def resolve_model(self, timeout: float = 10.0) -> int:
+        """Pin the model (token-id prompts need an explicit one; "auto" works only when the
+        gateway serves a single model); returns its max_model_len."""
+        models = await self._client.list_models(timeout=timeout)
+        names = [m.name for m in models]
+        if self.model == "auto" and len(models) == 1:
+            self.model = names[0]
+        card = next((m for m in models if m.name == self.model), None)
+        if card is None:
+            raise InvalidRequestError(f"pick a model with --model: the gateway serves {', '.join(names) or 'none'}"
+                                      f" and token-id prompts belong to one model (got {self.model!r})",
+                                      field="model")
+        return card.max_model_len
+
+    async def stream(self, spec, ignore_eos, timeout):
+        async for chunk in self._client.generate(spec.prompt_token_ids, self.model, timeout=timeout,
+                                                 max_tokens=spec.max_tokens, temperature=0.0,
+                                                 ignore_eos=ignore_eos):
+            bad = chunk.finish_reason in ("error", "abort")
+            yield len(chunk.token_ids), f"FINISH_{chunk.finish_reason.upper()}" if bad else ""
+
+
+class EngineTarget(Target):
+    """One engine's Engine.Generate, bypassing gateway and router."""
+
+    name = "engine"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+
+    async def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address)
+        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def info(self, timeout: float = 10.0) -> engine_pb2.InfoResponse:
+        return await self._stub.Info(engine_pb2.InfoRequest(), timeout=timeout)
+
+    async def stream(self, spec, ignore_eos, timeout):
+        req = engine_pb2.EngineGenerateRequest(
+            request_id=uuid.uuid4().hex, prompt_token_ids=spec.prompt_token_ids,
+            sampling=common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos))
+        call = self._stub.Generate(req, timeout=timeout)
+        try:
+            async for msg in call:
+                bad = msg.finish_reason in (_FINISH_ERROR, common_pb2.FINISH_REASON_ABORT)
+                name = common_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
+                yield len(msg.token_ids), f"FINISH_{name}" if bad else ""
+        finally:
+            call.cancel()
+
+
+async def _one(target: Target, spec: RequestSpec, ignore_eos: bool, timeout: float, t_start: float,
+               t0: float) -> RequestResult:
+    res = RequestResult(len(spec.prompt_token_ids), spec.max_tokens, spec.group, sent_at=t_start - t0)
+    try:
+        async for n, err in target.stream(spec, ignore_eos, timeout):
+            if n:
+                res.chunk_times.append(time.perf_counter() - t_start)
+                res.chunk_tokens.append(n)
+            if err:
+                res.error = err
+    except grpc.aio.AioRpcError as e:
+        res.error, res.detail = e.code().name, e.details() or ""
+    res.e2e = time.perf_counter() - t_start
+    return res
+
+
+async def run_load(target: Target, requests: Sequence[RequestSpec], *, rate: float = float("inf"),
+                   max_concurrency: int | None = None, seed: int = 0, ignore_eos: bool = True,
+                   timeout: float = 600.0, label: str = "", progress: bool = True) -> RunResult:
+    """Send ``requests`` at their Poisson arrival times (or all at once for an infinite
+    rate), at most ``max_concurrency`` in flight; returns every request's timings."""
+    offsets = arrival_offsets(len(requests), rate, seed)
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(requests), desc=label or target.name, unit="req", file=sys.stderr,
+               disable=not progress, leave=False)
+    t0 = time.perf_counter()
+
+    async def fire(offset: float, spec: RequestSpec) -> RequestResult:
+        delay = t0 + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if sem is None:
+            res = await _one(target, spec, ignore_eos, timeout, time.perf_counter(), t0)
+        else:
+            async with sem:
+                res = await _one(target, spec, ignore_eos, timeout, time.perf_counter(), t0)
+        bar.update(1)
+        return res
+
+    try:
+        results = await asyncio.gather(*(fire(o, s) for o, s in zip(offsets, requests)))
+    finally:
+        bar.close()
+    return RunResult(label or target.name, rate, max_concurrency, time.perf_counter() - t0, list(results))

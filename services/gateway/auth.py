@@ -1,0 +1,86 @@
+"""API-key authentication: ``authorization: Bearer llm_<id>_<secret>`` metadata → Caller.
+
+The record is looked up by the key's id on every call (Redis first, then the keys file),
+so a revocation reaches every gateway on its next request. When Redis cannot be reached,
+fail-closed refuses with UNAVAILABLE; fail-open accepts keys verified before the outage
+(their last known record). The key never appears in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from llmesh.errors import ServiceError
+from llmesh.gateway import metrics
+from llmesh.gateway.caller import Caller
+from llmesh.gateway.keys import REDIS_PREFIX, KeyFormatError, KeyRecord, KeysFile, matches, parse_key
+from llmesh.gateway.ratelimit import RedisGuard
+
+MAX_AUTH_HEADER = 512
+"""Longer authorization values are refused before any parsing (a key is ~60 bytes)."""
+
+
+def _unauthenticated(reason: str, message: str) -> ServiceError:
+    metrics.AUTH_FAILURES.labels(reason).inc()
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+class KeyAuthenticator:
+    def __init__(self, redis_client: aioredis.Redis | None, keys_file: KeysFile | None, guard: RedisGuard,
+                 pepper: str = "") -> None:
+        self._redis = redis_client
+        self._file = keys_file
+        self._guard = guard
+        self._pepper = pepper
+        self._known: dict[str, KeyRecord] = {}
+
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if not values:
+            raise _unauthenticated("missing", "missing API key: send metadata 'authorization: Bearer <key>' "
+                                              "(set LLMESH_API_KEY; create one with `llmesh keys create`)")
+        if len(values) > 1:
+            raise _unauthenticated("malformed", "send exactly one 'authorization' metadata entry")
+        value = values[0]
+        if isinstance(value, bytes) or len(value) > MAX_AUTH_HEADER:
+            raise _unauthenticated("malformed", "the 'authorization' metadata is malformed: expected "
+                                                "'Bearer <key>'")
+        scheme, _, key = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise _unauthenticated("malformed", "the 'authorization' metadata must use the Bearer scheme: "
+                                                "'Bearer <key>'")
+        try:
+            key_id, _ = parse_key(key.strip())
+        except KeyFormatError as e:
+            raise _unauthenticated("malformed", str(e)) from None
+        record = await self._lookup(key_id)
+        if record is None or not matches(record, key.strip(), self._pepper):
+            raise _unauthenticated("invalid", "invalid API key (unknown or wrong secret)")
+        if record.revoked:
+            raise _unauthenticated("revoked", f"API key {key_id} has been revoked")
+        return Caller(key_id=record.key_id, tenant=record.tenant, tier=record.tier,
+                      allowed_models=None if record.models is None else frozenset(record.models),
+                      cache_salt=record.tenant, rpm=record.rpm, tpm=record.tpm, concurrency=record.concurrency)
+
+    async def _lookup(self, key_id: str) -> KeyRecord | None:
+        if self._redis is not None:
+            try:
+                data = await self._redis.hgetall(REDIS_PREFIX + key_id)
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                self._guard.failed("auth", e)
+                if self._guard.mode == "open" and key_id in self._known:
+                    return self._known[key_id]
+                file_record = self._file.get(key_id) if self._file else None
+                if file_record is not None:
+                    return file_record
+                raise self._guard.refuse("API keys") from None
+            self._guard.ok()
+            if data:
+                record = KeyRecord.from_redis(data)
+                self._known[key_id] = record
+                return record
+        return self._file.get(key_id) if self._file else None
