@@ -72,7 +72,8 @@ def load_config(cls: type[T], argv: list[str] | None, *, service: str, descripti
                 raise SystemExit(f"{env}={os.environ[env]!r}: {e}") from None
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=default,
                             metavar=tp.__name__.upper() if isinstance(tp, type) else "VALUE",
-                            help=f"{f.metadata.get('help', '')} (env {env}; default: {default!r})")
+                            # argparse %-formats help strings: escape literal percent signs
+                            help=f"{f.metadata.get('help', '')} (env {env}; default: {default!r})".replace("%", "%%"))
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))

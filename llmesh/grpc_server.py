@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -183,8 +185,21 @@ class GrpcServer:
             await stopping[0]
 
 
+def _die_with_parent() -> None:
+    """Under `llmesh up` (LLMESH_DIE_WITH_PARENT=1): get SIGTERM when the launcher dies."""
+    if os.environ.get("LLMESH_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
     """Run a service's main coroutine on uvloop (asyncio's loop when uvloop is missing)."""
+    _die_with_parent()
     try:
         import uvloop
     except ImportError:

@@ -5,13 +5,12 @@ replica, the router and the gateway, in that order; each is waited for (ready li
 then grpc.health.v1 SERVING) before the next starts. Services are configured through
 the same ``LLMESH_<SERVICE>_<FIELD>`` variables that compose.yaml sets, so both start
 the same topology with the same settings (a test compares them). Ctrl-C (or SIGTERM)
-stops everything in reverse order; children also get SIGTERM if the launcher dies
-(PR_SET_PDEATHSIG), so no process is left behind.
+stops everything in reverse order; the services also arm PR_SET_PDEATHSIG themselves,
+so they get SIGTERM if the launcher dies, and no process is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import shutil
@@ -120,14 +119,6 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path) -> tuple[list[Pr
     return procs, resolved_models
 
 
-def _pdeathsig() -> None:
-    """In the child: get SIGTERM when the launcher dies, whatever the way."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Mesh:
     """The running processes; a context manager that always stops them."""
 
@@ -163,9 +154,12 @@ class Mesh:
     def _spawn(self, spec: ProcessSpec) -> None:
         self._say(f"starting {spec.name} on {spec.address}")
         log = open(self.run_dir / f"{spec.name}.log", "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        # No preexec_fn: forking with live gRPC channels in this process and running Python
+        # in the child before exec crashes the child (gRPC's poller, grpc/grpc#43055). The
+        # services arm their own parent-death signal instead (LLMESH_DIE_WITH_PARENT).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMESH_DIE_WITH_PARENT": "1", **spec.env}
         proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.PIPE, stderr=log,
-                                stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig)
+                                stdin=subprocess.DEVNULL)
         self.procs[spec.name] = proc
         self._ready[spec.name] = threading.Event()
         threading.Thread(target=_watch_stdout, args=(proc, self._ready[spec.name]), daemon=True).start()

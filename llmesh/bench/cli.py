@@ -2,6 +2,7 @@
 
     llmesh bench serve --address localhost:50051 --rate 1 2 4 --workload chat
     llmesh bench serve --address 127.0.0.1:50061 --engine --max-concurrency 8
+    llmesh bench serve --address 127.0.0.1:50052 --router --model smollm2-135m
     llmesh bench offline --workload shared-prefix --num-prefixes 4 --num-requests 32
     llmesh bench overhead --rate 1 --num-requests 40          (starts its own CPU mesh)
     llmesh bench compare bench/results/a.json bench/results/b.json
@@ -97,18 +98,29 @@ def _write(args, workload: dict, metrics: dict[str, float]) -> Path:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from llmesh.bench.loadgen import EngineTarget, GatewayTarget, run_load
+    from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget, run_load
     from llmesh.bench.metrics import summarize
     from llmesh.bench.plots import plot_latency_cdfs, plot_rate_sweep
     from llmesh.bench.report import format_summary
     from llmesh.bench.workloads import build_requests
+    from llmesh.engine.errors import InvalidRequestError
 
-    target = EngineTarget(args.address) if args.engine else GatewayTarget(args.address, args.model, args.api_key)
+    if args.router:
+        target = RouterTarget(args.address, args.model)
+    elif args.engine:
+        target = EngineTarget(args.address)
+    else:
+        target = GatewayTarget(args.address, args.model, args.api_key)
     await target.open()
     try:
         if args.engine:
             info = await target.info()
             vocab, window = info.vocab_size, info.max_model_len
+        elif args.router:
+            if args.model == "auto":
+                raise InvalidRequestError("--router needs --model NAME: token-id prompts belong to one model",
+                                          field="model")
+            vocab, window = 512, 2048
         else:
             vocab, window = 512, await target.resolve_model()
         workload = _workload(args, vocab, window)
@@ -130,7 +142,7 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics = sweep[0][1]
     else:
         metrics = {f"{_rate_key(r)}_{k}": v for r, m in sweep for k, v in m.items()}
-    doc = {"target": target.name, "address": args.address, "model": info.model if args.engine else target.model,
+    doc = {"target": target.name, "address": args.address, "model": info.model if isinstance(target, EngineTarget) else target.model,
            "rates_req_s": [str(r) for r in args.rate], "max_concurrency": args.max_concurrency,
            "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "timeout_s": args.timeout,
            **workload.describe(), "notes": args.notes or NOTE_SHARED_CPU}
@@ -201,7 +213,7 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from llmesh.bench.overhead import measure_overhead, mesh_addresses, plot_overhead, start_mesh
+    from llmesh.bench.overhead import measure_overhead, mesh_addresses, plot_overhead, router_address, start_mesh
     from llmesh.bench.report import format_summary
 
     print("starting the mesh ...", file=sys.stderr)
@@ -212,7 +224,7 @@ def _overhead(args: argparse.Namespace) -> int:
         workload = _workload(args, 1 << 30, 1 << 30)  # clipped to the engine's own in measure_overhead
         result = asyncio.run(measure_overhead(gateway, engine, model, workload, rate=args.rate,
                                               max_concurrency=args.max_concurrency, rounds=args.rounds,
-                                              probes=args.probes,
+                                              probes=args.probes, router=router_address(mesh),
                                               api_key=api_key, slo=_slo(args), timeout=args.timeout,
                                               progress=not args.no_progress))
     finally:
@@ -222,7 +234,8 @@ def _overhead(args: argparse.Namespace) -> int:
     _say_errors(result.mesh)
     for leg in ("direct", "mesh"):
         print(format_summary(leg, {k.removeprefix(f"{leg}_"): v for k, v in m.items() if k.startswith(f"{leg}_")}))
-    for k in ("mesh_idle_added_ttft_p50_ms", "mesh_added_ttft_p50_ms", "mesh_added_ttft_p99_ms",
+    for k in ("mesh_idle_added_ttft_p50_ms", "router_hop_idle_added_ttft_p50_ms",
+              "gateway_hop_idle_added_ttft_p50_ms", "mesh_added_ttft_p50_ms", "mesh_added_ttft_p99_ms",
               "mesh_added_tpot_p50_ms", "mesh_throughput_ratio_frac"):
         if k in m:
             print(f"{k:>28}: {m[k]:9.3f}")
@@ -260,6 +273,7 @@ def add_bench_commands(subparsers) -> None:
     p = sub.add_parser("serve", help="streaming gRPC load against the gateway or one engine")
     p.add_argument("--address", default="localhost:50051", help="gateway (or, with --engine, engine) host:port")
     p.add_argument("--engine", action="store_true", help="the address is one engine (Engine API)")
+    p.add_argument("--router", action="store_true", help="the address is the router (Router API; needs --model)")
     p.add_argument("--model", default="auto", help="model name at the gateway")
     p.add_argument("--api-key", default=None, help="gateway API key (default: $LLMESH_API_KEY)")
     p.add_argument("--rate", type=_rate, nargs="+", default=[float("inf")],

@@ -1,8 +1,8 @@
 """The serving load generator: streams a workload over gRPC and times every token.
 
-Two targets speak the same workload: ``GatewayTarget`` (the public Inference API, with
-an optional API key) and ``EngineTarget`` (one engine's Engine.Generate, token ids as
-they are). Requests leave at their arrival offsets (Poisson, or all at once) and an
+Three targets speak the same workload: ``GatewayTarget`` (the public Inference API, with
+an optional API key), ``RouterTarget`` (Router.Generate, the hop behind the gateway) and
+``EngineTarget`` (one engine's Engine.Generate, token ids as they are). Requests leave at their arrival offsets (Poisson, or all at once) and an
 optional semaphore caps how many are in flight (fixed concurrency).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import sys
 import time
 import uuid
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from llmesh.bench.workloads import RequestSpec, arrival_offsets
 from llmesh.client import AsyncLlmeshClient
 from llmesh.engine.errors import InvalidRequestError
-from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 
 _FINISH_ERROR = common_pb2.FINISH_REASON_ERROR
 
@@ -66,7 +67,7 @@ class RequestResult:
     def itls(self) -> list[float]:
         """Gaps between streamed messages (a message may carry several tokens)."""
         t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
 
 @dataclasses.dataclass
@@ -156,11 +157,45 @@ class EngineTarget(Target):
         call = self._stub.Generate(req, timeout=timeout)
         try:
             async for msg in call:
-                bad = msg.finish_reason in (_FINISH_ERROR, common_pb2.FINISH_REASON_ABORT)
-                name = common_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
-                yield len(msg.token_ids), f"FINISH_{name}" if bad else ""
+                yield len(msg.token_ids), _finish_error(msg.finish_reason)
         finally:
             call.cancel()
+
+
+class RouterTarget(Target):
+    """The router's Router.Generate (what the gateway calls): the mesh without the gateway hop."""
+
+    name = "router"
+
+    def __init__(self, address: str, model: str) -> None:
+        self.address, self.model = address, model
+        self._channel: grpc.aio.Channel | None = None
+
+    async def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def stream(self, spec, ignore_eos, timeout):
+        req = router_pb2.RouteRequest(
+            request_id=uuid.uuid4().hex, model=self.model, prompt_token_ids=spec.prompt_token_ids,
+            sampling=common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos))
+        call = self._stub.Generate(req, timeout=timeout)
+        try:
+            async for msg in call:
+                yield len(msg.token_ids), _finish_error(msg.finish_reason)
+        finally:
+            call.cancel()
+
+
+def _finish_error(finish_reason: int) -> str:
+    """'' unless the stream ended in error or abort (then FINISH_ERROR / FINISH_ABORT)."""
+    if finish_reason not in (_FINISH_ERROR, common_pb2.FINISH_REASON_ABORT):
+        return ""
+    return "FINISH_" + common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_")
 
 
 async def _one(target: Target, spec: RequestSpec, ignore_eos: bool, timeout: float, t_start: float,
@@ -203,7 +238,7 @@ async def run_load(target: Target, requests: Sequence[RequestSpec], *, rate: flo
         return res
 
     try:
-        results = await asyncio.gather(*(fire(o, s) for o, s in zip(offsets, requests)))
+        results = await asyncio.gather(*(fire(o, s) for o, s in zip(offsets, requests, strict=True)))
     finally:
         bar.close()
     return RunResult(label or target.name, rate, max_concurrency, time.perf_counter() - t0, list(results))

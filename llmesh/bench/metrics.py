@@ -53,7 +53,7 @@ def errors_by_status(run: RunResult) -> dict[str, int]:
     return dict(Counter(r.error for r in run.requests if not r.ok))
 
 
-def summarize(run: RunResult, slo: Slo = Slo()) -> dict[str, float]:
+def summarize(run: RunResult, slo: Slo | None = None) -> dict[str, float]:
     """The run's metrics: counts, throughput, latency percentiles, goodput, errors."""
     ok = [r for r in run.requests if r.ok and r.ttft is not None]
     dur = max(run.duration_s, 1e-9)
@@ -68,7 +68,7 @@ def summarize(run: RunResult, slo: Slo = Slo()) -> dict[str, float]:
         m[f"{name}_mean_ms"] = sum(values) / len(values) if values else 0.0
         for q in PERCENTILES:
             m[f"{name}_p{q}_ms"] = percentile(values, q)
-    good = sum(_good(r, slo) for r in run.requests)
+    good = sum(_good(r, slo or Slo()) for r in run.requests)
     m["goodput_req_s"] = good / dur
     m["goodput_frac"] = good / len(run.requests) if run.requests else 0.0
     for status, n in errors_by_status(run).items():

@@ -13,7 +13,7 @@ import dataclasses
 import socket
 from pathlib import Path
 
-from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RunResult, Target, run_load
+from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget, RunResult, Target, run_load
 from llmesh.bench.metrics import Slo, percentile, prefixed, summarize
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 
@@ -57,6 +57,10 @@ def mesh_addresses(mesh) -> tuple[str, str, str]:
     return f"{mesh.cfg.host}:{mesh.cfg.gateway_port}", spec.addresses[0], spec.name
 
 
+def router_address(mesh) -> str:
+    return f"{mesh.cfg.host}:{mesh.cfg.router_port}"
+
+
 async def _idle_probe(targets: dict[str, Target], workload: WorkloadConfig, probes: int,
                       timeout: float) -> dict[str, float]:
     """TTFT of one-token requests sent one at a time, legs alternating request by request:
@@ -65,13 +69,19 @@ async def _idle_probe(targets: dict[str, Target], workload: WorkloadConfig, prob
     ttfts: dict[str, list[float]] = {leg: [] for leg in targets}
     # Each leg its own tokens: the second leg must not be served from the first leg's cache.
     sends = {leg: build_requests(spec, content_seed=3000 + k) for k, leg in enumerate(targets)}
+    legs = list(targets)
     for i in range(probes):
-        for leg in (list(targets) if i % 2 == 0 else list(reversed(targets))):
+        for leg in legs[i % len(legs):] + legs[:i % len(legs)]:  # rotate who goes first
             r = (await run_load(targets[leg], [sends[leg][i]], timeout=timeout, progress=False)).requests[0]
             if r.ok and r.ttft is not None:
                 ttfts[leg].append(1000 * r.ttft)
-    d, m = percentile(ttfts["direct"], 50), percentile(ttfts["mesh"], 50)
-    return {"idle_direct_ttft_p50_ms": d, "idle_mesh_ttft_p50_ms": m, "mesh_idle_added_ttft_p50_ms": m - d}
+    p50 = {leg: percentile(v, 50) for leg, v in ttfts.items()}
+    out = {f"idle_{leg}_ttft_p50_ms": v for leg, v in p50.items()}
+    out["mesh_idle_added_ttft_p50_ms"] = p50["mesh"] - p50["direct"]
+    if "router" in p50:  # where the added time goes: router hop, then gateway hop
+        out["router_hop_idle_added_ttft_p50_ms"] = p50["router"] - p50["direct"]
+        out["gateway_hop_idle_added_ttft_p50_ms"] = p50["mesh"] - p50["router"]
+    return out
 
 
 def _merge(label: str, runs: list[RunResult]) -> RunResult:
@@ -80,8 +90,9 @@ def _merge(label: str, runs: list[RunResult]) -> RunResult:
 
 
 async def measure_overhead(gateway: str, engine: str, model: str, workload: WorkloadConfig, *,
+                           router: str | None = None,
                            rate: float, max_concurrency: int | None = None, rounds: int = 1,
-                           warmup: int = 4, probes: int = 0, api_key: str | None = None, slo: Slo = Slo(),
+                           warmup: int = 4, probes: int = 0, api_key: str | None = None, slo: Slo | None = None,
                            timeout: float = 600.0, progress: bool = True) -> OverheadResult:
     direct_t, mesh_t = EngineTarget(engine), GatewayTarget(gateway, model, api_key)
     targets: dict[str, Target] = {"direct": direct_t, "mesh": mesh_t}
@@ -95,7 +106,15 @@ async def measure_overhead(gateway: str, engine: str, model: str, workload: Work
         warm = dataclasses.replace(workload, num_requests=warmup, kind="fixed", output_len=4)
         for i, t in enumerate(targets.values()):
             await run_load(t, build_requests(warm, content_seed=1000 + i), timeout=timeout, progress=False)
-        idle = await _idle_probe(targets, workload, probes, timeout) if probes else {}
+        probe_targets = dict(targets)
+        if router:
+            probe_targets["router"] = RouterTarget(router, mesh_t.model)
+            await probe_targets["router"].open()
+        try:
+            idle = await _idle_probe(probe_targets, workload, probes, timeout) if probes else {}
+        finally:
+            if router:
+                await probe_targets["router"].close()
         runs: dict[str, list[RunResult]] = {"direct": [], "mesh": []}
         order = [leg for r in range(rounds) for leg in (("direct", "mesh") if r % 2 == 0 else ("mesh", "direct"))]
         for i, leg in enumerate(order):
@@ -107,7 +126,7 @@ async def measure_overhead(gateway: str, engine: str, model: str, workload: Work
         for t in targets.values():
             await t.close()
     direct, mesh = _merge("direct", runs["direct"]), _merge("mesh", runs["mesh"])
-    md, mm = summarize(direct, slo), summarize(mesh, slo)
+    md, mm = summarize(direct, slo or Slo()), summarize(mesh, slo or Slo())
     metrics = {"mesh_added_ttft_p50_ms": mm["ttft_p50_ms"] - md["ttft_p50_ms"],
                "mesh_added_ttft_p99_ms": mm["ttft_p99_ms"] - md["ttft_p99_ms"],
                "mesh_added_tpot_p50_ms": mm["tpot_p50_ms"] - md["tpot_p50_ms"],

@@ -37,7 +37,7 @@ def plot_latency_cdfs(runs: Sequence[RunResult], path: Path, title: str = "") ->
     if plt is None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (key, label) in zip(axes.flat, _PANELS):
+    for ax, (key, label) in zip(axes.flat, _PANELS, strict=True):
         for run in runs:
             values = sorted(latency_samples(run)[key])
             if values:

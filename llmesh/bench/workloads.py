@@ -10,6 +10,7 @@ second hitting the prefix cache the first one filled.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 
@@ -20,6 +21,7 @@ KINDS = ("fixed", "lognormal", "shared-prefix", "chat")
 # The chat-like mix: (share, mean input tokens, mean output tokens) of short questions,
 # ordinary turns and long-context asks, with lognormal spread around each mean.
 CHAT_MIX = ((0.6, 64, 48), (0.3, 256, 128), (0.1, 768, 64))
+_CHAT_EDGES = tuple(itertools.accumulate(share for share, _, _ in CHAT_MIX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +109,9 @@ def build_requests(cfg: WorkloadConfig, content_seed: int | None = None) -> list
             p = i % cfg.num_prefixes  # N system prompts × M questions, interleaved
             n_in, n_out, group = cfg.input_len, cfg.output_len, f"prefix-{p}"
         else:
-            u, acc = shape.random(), 0.0
-            for c, (share, mean_in, mean_out) in enumerate(CHAT_MIX):
-                acc += share
-                if u < acc or c == len(CHAT_MIX) - 1:
-                    break
+            u = shape.random()
+            c = next((k for k, edge in enumerate(_CHAT_EDGES) if u < edge), len(CHAT_MIX) - 1)
+            _, mean_in, mean_out = CHAT_MIX[c]
             n_in, n_out = _lognormal(shape, mean_in, cfg.sigma), _lognormal(shape, mean_out, cfg.sigma)
             group = f"chat-{c}"
         if cfg.kind == "shared-prefix":

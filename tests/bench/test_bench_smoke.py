@@ -15,7 +15,7 @@ import yaml
 
 from llmesh.bench.metrics import summarize
 from llmesh.bench.offline import run_offline
-from llmesh.bench.overhead import measure_overhead, mesh_addresses
+from llmesh.bench.overhead import measure_overhead, mesh_addresses, router_address
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 from llmesh.engine import LLM
 from llmesh.launcher import Mesh, UpConfig
@@ -48,7 +48,7 @@ def _well_formed(doc: dict) -> dict:
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*LLMESH, "bench", *args], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([*LLMESH, "bench", *args], check=False, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -60,6 +60,9 @@ def test_serve_against_gateway_sweep_and_engine_then_compare(mesh, tmp_path):
            "--name", "gw", "--results-dir", str(tmp_path), *SMALL)
     _bench("serve", "--address", engine, "--engine", "--max-concurrency", "3", "--workload", "shared-prefix",
            "--num-prefixes", "2", "--prefix-len", "32", "--name", "eng", "--results-dir", str(tmp_path), *SMALL)
+    _bench("serve", "--address", router_address(mesh), "--router", "--model", "tiny", "--name", "rt",
+           "--results-dir", str(tmp_path), "--no-plots", *SMALL)
+    assert _well_formed(json.loads((tmp_path / "rt.json").read_text()))["completed_n"] == 6
     gw = _well_formed(json.loads((tmp_path / "gw.json").read_text()))
     eng = _well_formed(json.loads((tmp_path / "eng.json").read_text()))
     for prefix in ("r20_", "rinf_"):
@@ -76,9 +79,13 @@ def test_serve_against_gateway_sweep_and_engine_then_compare(mesh, tmp_path):
 def test_overhead_direct_vs_mesh(mesh):
     gateway, engine, model = mesh_addresses(mesh)
     wl = WorkloadConfig(num_requests=4, input_len=16, output_len=4)
-    res = asyncio.run(measure_overhead(gateway, engine, model, wl, rate=50.0, rounds=2, warmup=1,
-                                       timeout=60, progress=False))
+    res = asyncio.run(measure_overhead(gateway, engine, model, wl, rate=50.0, rounds=2, warmup=1, probes=2,
+                                       router=router_address(mesh), timeout=60, progress=False))
     m = res.metrics
+    for key in ("idle_direct_ttft_p50_ms", "idle_router_ttft_p50_ms", "idle_mesh_ttft_p50_ms"):
+        assert m[key] > 0
+    assert m["mesh_idle_added_ttft_p50_ms"] == pytest.approx(
+        m["router_hop_idle_added_ttft_p50_ms"] + m["gateway_hop_idle_added_ttft_p50_ms"])
     assert len(res.direct.requests) == len(res.mesh.requests) == 8
     assert m["direct_completed_n"] == m["mesh_completed_n"] == 8
     assert m["mesh_throughput_ratio_frac"] > 0

@@ -16,6 +16,8 @@ class EngineServiceConfig(ServiceConfig):
     served_model_name: str | None = option(None, "name clients use (default: the file or folder name)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto")
+    backend: str = option("torch", "model runner: torch (reference, CPU or GPU) or triton (Triton kernels, "
+                                   "CUDA graphs; GPU)")
     block_size: int = option(16, "tokens per KV block")
     num_kv_blocks: int | None = option(None, "exact KV pool size in blocks (default: from memory)")
     kv_cache_memory: int | None = option(None, "bytes for the KV pool (default: 90% of free GPU memory, 1 GiB on CPU)")
@@ -39,3 +41,4 @@ class EngineServiceConfig(ServiceConfig):
                 "heartbeat_ttl_s must exceed heartbeat_interval_s or the index forgets live replicas")
         require(self.stall_timeout_s > 0, "stall_timeout_s must be > 0")
         require(self.fault_step_delay_s >= 0, "fault_step_delay_s must be >= 0")
+        require(self.backend in ("torch", "triton"), f"backend must be torch or triton, got {self.backend!r}")

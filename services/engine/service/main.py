@@ -43,6 +43,7 @@ async def serve(cfg: EngineServiceConfig) -> None:
     bridge = QueueBridge(loop) if cfg.prefix_index else None
     engine_cfg = build_engine_config(
         model, served_model_name=cfg.served_model_name, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
+        backend=cfg.backend,
         max_model_len=cfg.max_model_len, block_size=cfg.block_size, kv_cache_memory=cfg.kv_cache_memory,
         num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs)
@@ -50,7 +51,8 @@ async def serve(cfg: EngineServiceConfig) -> None:
     engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge)
     engine.fault_step_delay_s = cfg.fault_step_delay_s
     epoch = time.time_ns() // 1_000_000  # grows across restarts: the index replaces older state
-    servicer = EngineServicer(engine, instance_id="", epoch=epoch, quantization=_quantization(model))
+    servicer = EngineServicer(engine, instance_id="", epoch=epoch, backend=cfg.backend,
+                              quantization=_quantization(model))
     link: IndexLink | None = None
 
     def register(server) -> list[str]:
