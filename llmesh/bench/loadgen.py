@@ -8,6 +8,7 @@ optional semaphore caps how many are in flight (fixed concurrency).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import itertools
@@ -79,17 +80,20 @@ class RunResult:
     requests: list[RequestResult]
 
 
-class Target:
+class Target(abc.ABC):
     """Where requests go; ``stream`` yields (token count, finish error) per message."""
 
     name = "target"
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect (the default target needs nothing)."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Disconnect (the default target holds nothing)."""
 
+    @abc.abstractmethod
     def stream(self, spec: RequestSpec, ignore_eos: bool, timeout: float) -> AsyncIterator[tuple[int, str]]:
-        raise NotImplementedError
+        """Send one request and stream its messages."""
 
 
 class GatewayTarget(Target):
