@@ -134,31 +134,32 @@ class GatewayTarget(Target):
             yield len(chunk.token_ids), f"FINISH_{chunk.finish_reason.upper()}" if bad else ""
 
 
-class EngineTarget(Target):
-    """One engine's Engine.Generate, bypassing gateway and router."""
-
-    name = "engine"
+class _InternalTarget(Target):
+    """A service behind the gateway, called over its own stub with raw token ids."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel: grpc.aio.Channel | None = None
 
+    @abc.abstractmethod
+    def _make_stub(self, channel: grpc.aio.Channel):
+        """The service's stub over ``channel``."""
+
+    @abc.abstractmethod
+    def _request(self, spec: RequestSpec, sampling: common_pb2.SamplingParams):
+        """The service's Generate request for ``spec``."""
+
     async def open(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.address)
-        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._stub = self._make_stub(self._channel)
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 
-    async def info(self, timeout: float = 10.0) -> engine_pb2.InfoResponse:
-        return await self._stub.Info(engine_pb2.InfoRequest(), timeout=timeout)
-
     async def stream(self, spec, ignore_eos, timeout):
-        req = engine_pb2.EngineGenerateRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=spec.prompt_token_ids,
-            sampling=common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos))
-        call = self._stub.Generate(req, timeout=timeout)
+        sampling = common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+        call = self._stub.Generate(self._request(spec, sampling), timeout=timeout)
         try:
             async for msg in call:
                 yield len(msg.token_ids), _finish_error(msg.finish_reason)
@@ -166,33 +167,37 @@ class EngineTarget(Target):
             call.cancel()
 
 
-class RouterTarget(Target):
+class EngineTarget(_InternalTarget):
+    """One engine's Engine.Generate, bypassing gateway and router."""
+
+    name = "engine"
+
+    def _make_stub(self, channel):
+        return engine_pb2_grpc.EngineStub(channel)
+
+    def _request(self, spec, sampling):
+        return engine_pb2.EngineGenerateRequest(request_id=uuid.uuid4().hex,
+                                                prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
+
+    async def info(self, timeout: float = 10.0) -> engine_pb2.InfoResponse:
+        return await self._stub.Info(engine_pb2.InfoRequest(), timeout=timeout)
+
+
+class RouterTarget(_InternalTarget):
     """The router's Router.Generate (what the gateway calls): the mesh without the gateway hop."""
 
     name = "router"
 
     def __init__(self, address: str, model: str) -> None:
-        self.address, self.model = address, model
-        self._channel: grpc.aio.Channel | None = None
+        super().__init__(address)
+        self.model = model
 
-    async def open(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address)
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+    def _make_stub(self, channel):
+        return router_pb2_grpc.RouterStub(channel)
 
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-
-    async def stream(self, spec, ignore_eos, timeout):
-        req = router_pb2.RouteRequest(
-            request_id=uuid.uuid4().hex, model=self.model, prompt_token_ids=spec.prompt_token_ids,
-            sampling=common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos))
-        call = self._stub.Generate(req, timeout=timeout)
-        try:
-            async for msg in call:
-                yield len(msg.token_ids), _finish_error(msg.finish_reason)
-        finally:
-            call.cancel()
+    def _request(self, spec, sampling):
+        return router_pb2.RouteRequest(request_id=uuid.uuid4().hex, model=self.model,
+                                       prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
 
 
 def _finish_error(finish_reason: int) -> str:

@@ -68,9 +68,23 @@ def _chunk_token_ids(req: Request, start: int, n: int) -> list[int]:
     return req.prompt_token_ids[start:] + req.output_token_ids[: start + n - p]
 
 
-def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> BatchInputs:
-    """Flatten the step's chunks into tensors; slot mappings are computed per chunk with
-    array ops, never per token in Python."""
+@dataclass
+class StagedBatch:
+    """A step's chunks flattened on the host (numpy), before either backend's tensors."""
+
+    token_ids: list[int]           # [T]
+    positions: np.ndarray          # [T] int64
+    slot_mapping: np.ndarray       # [T] int64
+    block_tables: np.ndarray       # [S, max_blocks] int64, zero-padded
+    query_start_loc: list[int]     # [S + 1]
+    seq_lens: list[int]            # [S]: context length after the step
+    logits_indices: list[int]      # [N]: flat index of the last token of each sampling chunk
+    sampling_requests: list[Request]  # [N]
+
+
+def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
+    """Flatten the step's chunks; slot mappings are computed per chunk with array ops,
+    never per token in Python."""
     chunks = scheduled.chunks
     token_ids: list[int] = []
     positions, slots = [], []
@@ -78,7 +92,6 @@ def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.de
     max_blocks = max(-(-(c.start_pos + c.num_new_tokens) // block_size) for c in chunks)
     tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
     logits_indices, sampling_requests = [], []
-    dec_seq, dec_tok, dec_len, pre_seq = [], [], [], []
     for s, c in enumerate(chunks):
         req, start, n = c.request, c.start_pos, c.num_new_tokens
         end = start + n
@@ -88,30 +101,35 @@ def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.de
         pos = np.arange(start, end, dtype=np.int64)
         positions.append(pos)
         slots.append(table[pos // block_size] * block_size + pos % block_size)
-        if n == 1:
-            dec_seq.append(s), dec_tok.append(query_start_loc[-1]), dec_len.append(end)
-        else:
-            pre_seq.append(s)
         query_start_loc.append(query_start_loc[-1] + n)
         seq_lens.append(end)
         if c.samples:
             logits_indices.append(query_start_loc[-1] - 1)
             sampling_requests.append(req)
+    return StagedBatch(token_ids, np.concatenate(positions), np.concatenate(slots), tables, query_start_loc,
+                       seq_lens, logits_indices, sampling_requests)
+
+
+def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> BatchInputs:
+    """The torch backend's tensors and attention metadata for one step."""
+    b = stage_chunks(scheduled, block_size)
+    qsl = b.query_start_loc
+    decodes = [s for s in range(len(b.seq_lens)) if qsl[s + 1] - qsl[s] == 1]
 
     def t(x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
     meta = PagedAttentionMetadata(
-        slot_mapping=t(np.concatenate(slots)),
-        query_start_loc=query_start_loc,
-        seq_lens=seq_lens,
-        block_tables=t(tables),
-        decode_seq_idx=t(dec_seq),
-        decode_token_idx=t(dec_tok),
-        decode_seq_lens=t(dec_len),
-        prefill_seq_idx=pre_seq,
+        slot_mapping=t(b.slot_mapping),
+        query_start_loc=qsl,
+        seq_lens=b.seq_lens,
+        block_tables=t(b.block_tables),
+        decode_seq_idx=t(decodes),
+        decode_token_idx=t([qsl[s] for s in decodes]),
+        decode_seq_lens=t([b.seq_lens[s] for s in decodes]),
+        prefill_seq_idx=[s for s in range(len(b.seq_lens)) if qsl[s + 1] - qsl[s] != 1],
     )
-    return BatchInputs(t(token_ids), t(np.concatenate(positions)), meta, t(logits_indices), sampling_requests)
+    return BatchInputs(t(b.token_ids), t(b.positions), meta, t(b.logits_indices), b.sampling_requests)
 
 
 class TorchModelRunner:

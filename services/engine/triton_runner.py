@@ -18,7 +18,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.fast_llama import FastAttentionMetadata, FastLlama
-from llmesh.engine.model_runner import ModelRunnerOutput, TorchModelRunner, _chunk_token_ids
+from llmesh.engine.model_runner import ModelRunnerOutput, TorchModelRunner, stage_chunks
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
@@ -99,7 +99,7 @@ class TritonModelRunner(TorchModelRunner):
         if decode_only and len(chunks) <= self.graph_sizes[-1]:
             hidden, reqs = self._run_decode(chunks)
         else:
-            hidden, reqs = self._run_eager(chunks)
+            hidden, reqs = self._run_eager(scheduled)
         if overlap is not None:
             overlap()  # the forward pass is queued on the GPU; the host works meanwhile
         out = ModelRunnerOutput()
@@ -142,33 +142,16 @@ class TritonModelRunner(TorchModelRunner):
             out = self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, self._static_meta(bs))
         return out[:n], [c.request for c in chunks]
 
-    def _run_eager(self, chunks) -> tuple[torch.Tensor, list[Request]]:
-        blk, dev = self.block_size, self.device
-        ids, pos, slots, qsl, lens, logits_idx, reqs = [], [], [], [0], [], [], []
-        width = max(-(-(c.start_pos + c.num_new_tokens) // blk) for c in chunks)
-        tables = np.zeros((len(chunks), width), np.int32)
-        for s, c in enumerate(chunks):
-            r, start, n = c.request, c.start_pos, c.num_new_tokens
-            end = start + n
-            ids.extend(_chunk_token_ids(r, start, n))
-            table = np.asarray(r.block_ids[: -(-end // blk)], dtype=np.int64)
-            tables[s, : len(table)] = table
-            p = np.arange(start, end, dtype=np.int64)
-            pos.append(p)
-            slots.append(table[p // blk] * blk + p % blk)
-            qsl.append(qsl[-1] + n)
-            lens.append(end)
-            if c.samples:
-                logits_idx.append(qsl[-1] - 1)
-                reqs.append(r)
+    def _run_eager(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
+        b, dev = stage_chunks(scheduled, self.block_size), self.device
 
         def t(x, dtype=torch.int64) -> torch.Tensor:
             return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
         meta = FastAttentionMetadata(
-            slot_mapping=t(np.concatenate(slots)), block_tables=t(tables, torch.int32),
-            seq_lens=t(lens, torch.int32), query_start_loc=t(qsl, torch.int32),
-            max_query_len=max(c.num_new_tokens for c in chunks), max_seq_len=max(lens))
-        hidden = self.fast.forward(t(ids), t(np.concatenate(pos)), self.kv_caches, meta)
-        return hidden[t(logits_idx)] if reqs else hidden[:0], reqs
-
+            slot_mapping=t(b.slot_mapping), block_tables=t(b.block_tables, torch.int32),
+            seq_lens=t(b.seq_lens, torch.int32), query_start_loc=t(b.query_start_loc, torch.int32),
+            max_query_len=max(c.num_new_tokens for c in scheduled.chunks), max_seq_len=max(b.seq_lens))
+        hidden = self.fast.forward(t(b.token_ids), t(b.positions), self.kv_caches, meta)
+        reqs = b.sampling_requests
+        return hidden[t(b.logits_indices)] if reqs else hidden[:0], reqs

@@ -244,17 +244,24 @@ class PrefixIndex:
                 return PublishResult(batch.seq, True, d)
             counts = self._queue_events(pipe, inst, batch)
             ttl_ms = _int(ttl_s) or self.default_ttl_ms
-            meta = {"epoch": batch.epoch, "seq": batch.seq, "namespace": batch.namespace,
-                    "ttl_ms": ttl_ms, "last_seen": time.time()}
-            if batch.address:
-                meta["address"] = batch.address
-            pipe.hset(self._inst(inst), mapping=meta)
-            pipe.sadd(self._instances, inst)
-            pipe.set(self._live(inst), "1", px=ttl_ms)
+            self._queue_alive(pipe, inst, ttl_ms, address=batch.address,
+                              epoch=batch.epoch, seq=batch.seq, namespace=batch.namespace)
             await pipe.execute()
         except RedisError as e:
             raise self._unavailable(e) from e
         return PublishResult(batch.seq, False, d, *counts)
+
+    def _queue_alive(self, pipe, inst: str, ttl_ms: int, *, address: str = "", namespace: str = "",
+                     **state) -> None:
+        """Queue the instance's metadata (non-empty fields only) and its liveness key."""
+        meta = {"ttl_ms": ttl_ms, "last_seen": time.time(), **state}
+        if address:
+            meta["address"] = address
+        if namespace:
+            meta["namespace"] = namespace
+        pipe.hset(self._inst(inst), mapping=meta)
+        pipe.sadd(self._instances, inst)
+        pipe.set(self._live(inst), "1", px=ttl_ms)
 
     def _queue_purge(self, pipe, inst: str) -> None:
         """Queue dropping the instance's blocks and sequence state (address and liveness stay)."""
@@ -304,14 +311,7 @@ class PrefixIndex:
             pipe = self.r.pipeline(transaction=True)
             if stored_epoch is not None and req.epoch > stored_epoch:
                 self._queue_purge(pipe, inst)
-            meta = {"ttl_ms": ttl_ms, "last_seen": time.time()}
-            if req.address:
-                meta["address"] = req.address
-            if req.namespace:
-                meta["namespace"] = req.namespace
-            pipe.hset(self._inst(inst), mapping=meta)
-            pipe.sadd(self._instances, inst)
-            pipe.set(self._live(inst), "1", px=ttl_ms)
+            self._queue_alive(pipe, inst, ttl_ms, address=req.address, namespace=req.namespace)
             await pipe.execute()
         except RedisError as e:
             raise self._unavailable(e) from e
