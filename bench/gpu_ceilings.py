@@ -13,7 +13,6 @@ Writes bench/results/ceilings_<dev>.json (metrics copy_tb_s, gemm_bf16_tflops).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -22,19 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmesh.bench_results import RESULTS_DIR, write_result
-
-
-def device_tag(device: torch.device | str) -> str:
-    """Short name for result files: h100, h200, else the sanitized device name (cpu on the CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device)
-    for tag in ("H100", "H200"):
-        if tag in name:
-            return tag.lower()
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+from llmesh.bench_results import RESULTS_DIR, device_tag, write_result  # noqa: F401 (device_tag re-exported)
 
 
 def device_name(device: torch.device | str) -> str:

@@ -31,6 +31,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def device_tag(device) -> str:
+    """Short name for result files: h100, h200, else the sanitized device name (cpu on the CPU)."""
+    import re
+
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    for tag in ("H100", "H200"):
+        if tag in name:
+            return tag.lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def describe_device() -> str:
     try:
         import torch

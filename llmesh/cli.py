@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmesh.bench.cli import add_bench_commands
 
     add_bench_commands(sub)
+    from llmesh.eval_cli import add_eval_commands
+
+    add_eval_commands(sub)
     for name, fn, help_ in (("demo", _cmd_demo, "chat with the demo model in-process"),
                             ("offline", _cmd_offline, "generate from a local model in-process")):
         p = sub.add_parser(name, help=help_)

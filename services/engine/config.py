@@ -77,6 +77,10 @@ class EngineConfig:
     graphs for decode on a GPU; on the CPU it runs through Triton's interpreter, for tests)."""
     cuda_graphs: bool = True
     """triton backend on a GPU: replay decode steps from captured CUDA graphs."""
+    quantization: str = "auto"
+    """Weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, a GGUF's Q8_0/Q4_x
+    blocks kept on a GPU; else full precision), none, int8 (per-channel), int4 (group 128,
+    zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), gguf, awq or gptq (see quant/config.py)."""
     async_output: bool | None = None
     """Detokenize and check stop strings for step N while step N+1 computes on the device.
     None: on for the triton backend on a GPU (where the host would otherwise idle the GPU),
@@ -92,6 +96,10 @@ class EngineConfig:
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _require(self.backend in ("torch", "triton"), f"backend must be 'torch' or 'triton', got {self.backend!r}")
+        from llmesh.engine.quant.config import QUANTIZATION_CHOICES
+
+        _require(self.quantization in QUANTIZATION_CHOICES,
+                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len >= 2,

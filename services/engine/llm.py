@@ -39,6 +39,7 @@ def build_engine_config(
     backend: str = "torch",
     cuda_graphs: bool = True,
     async_output: bool | None = None,
+    quantization: str = "auto",
 ) -> EngineConfig:
     """The flat keyword arguments of ``LLM`` (and the engine's CLI flags) → EngineConfig."""
     return EngineConfig(
@@ -49,6 +50,7 @@ def build_engine_config(
         backend=backend,
         cuda_graphs=cuda_graphs,
         async_output=async_output,
+        quantization=quantization,
         seed=seed,
         max_model_len=max_model_len,
         cache=CacheConfig(

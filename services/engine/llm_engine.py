@@ -19,6 +19,7 @@ from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
 from llmesh.engine.model_runner import ModelRunner, TorchModelRunner
+from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.outputs import RequestOutput, TokenLogprob
 from llmesh.engine.request import FinishReason, Priority, Request
@@ -96,17 +97,22 @@ class LLMEngine:
 
     def _init_runner(self, loaded: LoadedModel) -> None:
         cache = self.config.cache
+        self.quantization = resolve_quantization(
+            self.config.quantization, model=self.config.model, source_format=loaded.source_format,
+            checkpoint_method=loaded.checkpoint_method, device=self.device, backend=self.config.backend)
+        weights = loaded.weights_for(self.quantization)
         common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
                       sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_blocks,
-                      kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization)
+                      kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
+                      linear_method=self.quantization.linear_method)
         if self.config.backend == "triton":
             from llmesh.engine.triton_runner import TritonModelRunner
 
             self.runner: ModelRunner = TritonModelRunner(
-                self.model_config, loaded.weights, max_model_len=self.max_model_len,
+                self.model_config, weights, max_model_len=self.max_model_len,
                 max_num_seqs=self.config.scheduler.max_num_seqs, cuda_graphs=self.config.cuda_graphs, **common)
         else:
-            self.runner = TorchModelRunner(self.model_config, loaded.weights, **common)
+            self.runner = TorchModelRunner(self.model_config, weights, **common)
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache

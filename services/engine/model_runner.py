@@ -50,6 +50,16 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the weights take, packed ones at their packed size."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is not None and hasattr(m, "load"):
+            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes()
+    return total
+
+
 @dataclass
 class BatchInputs:
     input_ids: torch.Tensor            # [T]
@@ -147,8 +157,10 @@ class TorchModelRunner:
         num_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
+        linear_method: str = "none",
     ) -> None:
         self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
+        self.linear_method = linear_method
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
         self._init_model(weights)
@@ -158,11 +170,13 @@ class TorchModelRunner:
     def _init_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.cfg)
+            model = LlamaForCausalLM(self.cfg, self.linear_method)
         model = model.to(self.dtype).to_empty(device=self.device)
         model.load_weights(weights)
         self.model = model.eval()
-        log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2)})
+        log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
+                                                "weight_bytes": model_weight_bytes(model),
+                                                "linear_method": self.linear_method})
 
     def _blocks_for_budget(self, budget: int | None, utilization: float) -> int:
         per_block = kv_bytes_per_block(self.cfg, self.block_size, self.dtype)

@@ -34,13 +34,13 @@ class TritonModelRunner(TorchModelRunner):
     def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device,
                  dtype: torch.dtype, block_size: int, sampler: Sampler, max_model_len: int, max_num_seqs: int,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True) -> None:
+                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, linear_method: str = "none") -> None:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.fast: FastLlama | None = None
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                         gpu_memory_utilization=gpu_memory_utilization)
+                         gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._init_static(max(1, min(max_num_seqs, GRAPH_BATCH_SIZES[-1])))

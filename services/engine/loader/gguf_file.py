@@ -24,6 +24,7 @@ from llmesh.engine.errors import ModelLoadError, UnsupportedModelError
 from llmesh.engine.loader.gguf_dequant import check_supported, dequantize
 from llmesh.engine.loader.progress import tensor_progress
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.quant.packed import QuantizedWeight
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 """``general.architecture`` values llmesh serves (Mistral and SmolLM files say ``llama``)."""
@@ -256,9 +257,11 @@ class GGUFWeights:
     any weight is read. Re-iterable; reads go through the reader's memory map.
     """
 
-    def __init__(self, gguf: GGUFFile, config: ModelConfig) -> None:
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, keep_quantized: bool = False) -> None:
         self._gguf = gguf
         self._config = config
+        self._keep = keep_quantized
+        """Yield Q8_0 / Q4_0 / Q4_1 matrices packed (quant/gguf_blocks.py) instead of dequantized."""
         self._entries: list[tuple[str, ReaderTensor]] = []
         for gguf_name, tensor in gguf.tensors.items():
             hf_name = hf_tensor_name(gguf_name)
@@ -273,11 +276,25 @@ class GGUFWeights:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return tensor_progress(self._read(), len(self), self._gguf.path)
 
-    def _read(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        from llmesh.engine.quant.config import GGUF_KEPT_TYPES
+
         for hf_name, tensor in self._entries:
+            shape = _shape(tensor)
+            if self._keep and tensor.tensor_type.name in GGUF_KEPT_TYPES and len(shape) == 2:
+                yield hf_name, self._packed(hf_name, tensor, shape)
+                continue
             raw = torch.from_numpy(np.array(tensor.data).view(np.uint8).reshape(-1))
             weight = dequantize(raw, int(tensor.tensor_type), _shape(tensor), tensor.name)
             yield hf_name, self._to_hf_layout(hf_name, weight)
+
+    def _packed(self, hf_name: str, tensor: ReaderTensor, shape: tuple[int, ...]) -> QuantizedWeight:
+        from llmesh.engine.quant.gguf_blocks import rows_to_weight
+
+        # rows: [N, K / 32 blocks as bytes]; the Q/K un-permutation moves whole rows, so it
+        # applies to the raw blocks as it does to dequantized values.
+        rows = torch.from_numpy(np.array(tensor.data).view(np.uint8).reshape(shape[0], -1))
+        return rows_to_weight(self._to_hf_layout(hf_name, rows).contiguous(), tensor.tensor_type.name, shape[1])
 
     def _to_hf_layout(self, hf_name: str, weight: torch.Tensor) -> torch.Tensor:
         if self._config.architecture != "llama":

@@ -104,6 +104,11 @@ class SafetensorsWeights:
     def __len__(self) -> int:
         return len(self._tensor_files)
 
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint, known before any tensor is read."""
+        return list(self._tensor_files)
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return tensor_progress(self._read(), len(self), self._folder)
 

@@ -17,17 +17,16 @@ from pathlib import Path
 import torch
 
 from llmesh.engine.errors import ModelLoadError
-from llmesh.engine.loader.gguf_file import GGUFWeights, gguf_model_config, open_gguf
+from llmesh.engine.loader.gguf_file import GGUFFile, GGUFWeights, gguf_model_config, open_gguf
 from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenizer_data
 from llmesh.engine.loader.hf_config import model_config_from_hf
 from llmesh.engine.loader.hf_folder import SafetensorsWeights, read_config_json
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.quant.config import QuantSpec
+from llmesh.engine.quant.packed import QuantizedWeight
 from llmesh.engine.loader.random_weights import PREFIX as RANDOM_PREFIX
 from llmesh.engine.loader.random_weights import RandomWeights, byte_tokenizer_data, random_model_config
 from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model  # noqa: F401 (re-exported)
-
-
-
 
 GGUF_MAGIC = b"GGUF"
 
@@ -44,7 +43,28 @@ class LoadedModel:
     """The tokenizer rebuilt from GGUF metadata, or the HF folder path (tokenizer.json and
     tokenizer_config.json live there)."""
     source_format: str
-    """"hf" or "gguf"."""
+    """"hf", "gguf" or "random"."""
+    quantization_config: dict | None = None
+    """config.json's quantization_config: the checkpoint's tensors are already quantized."""
+    gguf: GGUFFile | None = None
+
+    @property
+    def checkpoint_method(self) -> str | None:
+        """awq / gptq (or another quant_method, refused when the engine resolves it)."""
+        if not self.quantization_config:
+            return None
+        return str(self.quantization_config.get("quant_method", "unknown")).lower()
+
+    def weights_for(self, spec: QuantSpec) -> Iterable[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """The weights as the resolved quantization loads them."""
+        if spec.name == "gguf":
+            return GGUFWeights(self.gguf, self.config, keep_quantized=True)
+        if spec.name in ("awq", "gptq"):
+            from llmesh.engine.quant.awq_gptq import parse_quant_config
+            from llmesh.engine.quant.checkpoint_weights import PackedCheckpointWeights
+
+            return PackedCheckpointWeights(self.weights, parse_quant_config(self.quantization_config))
+        return self.weights
 
 
 def _is_gguf(path: Path) -> bool:
@@ -60,9 +80,10 @@ def _load_hf(folder: Path, name: str) -> LoadedModel:
         raise ModelLoadError(
             f"{folder} is a folder without config.json; expected a Hugging Face model folder "
             f"(config.json, *.safetensors, tokenizer.json) or the path of a .gguf file")
-    config = model_config_from_hf(read_config_json(folder), name)
-    return LoadedModel(config=config, weights=SafetensorsWeights(folder),
-                       tokenizer_source=str(folder), source_format="hf")
+    raw = read_config_json(folder)
+    config = model_config_from_hf(raw, name)
+    return LoadedModel(config=config, weights=SafetensorsWeights(folder), tokenizer_source=str(folder),
+                       source_format="hf", quantization_config=raw.get("quantization_config"))
 
 
 def _load_gguf(file: Path, name: str) -> LoadedModel:
@@ -74,7 +95,7 @@ def _load_gguf(file: Path, name: str) -> LoadedModel:
     config = gguf_model_config(gguf, name)
     weights = GGUFWeights(gguf, config)
     tokenizer = gguf_tokenizer_data(gguf.metadata)
-    return LoadedModel(config=config, weights=weights, tokenizer_source=tokenizer, source_format="gguf")
+    return LoadedModel(config=config, weights=weights, tokenizer_source=tokenizer, source_format="gguf", gguf=gguf)
 
 
 def load_model(path: str, *, name: str | None = None) -> LoadedModel:

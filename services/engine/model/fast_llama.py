@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
+from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
+from llmesh.engine.quant.packed import cat_out_features
 
 
 @dataclass
@@ -30,16 +31,34 @@ class FastAttentionMetadata:
     max_seq_len: int                # bound on seq_lens (fixed under CUDA graphs)
 
 
+def fuse_out_features(weights: list[Weight]) -> Weight | list[Weight]:
+    """One weight computing all outputs in one GEMM; the list itself when the parts cannot
+    share a kernel (a GGUF file may store q/k/v in different block types)."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat(weights, 0).contiguous()
+    try:
+        return cat_out_features(weights)
+    except ValueError:
+        return weights
+
+
+def fused_linear(x: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(w, list):
+        y = torch.cat([linear(x, part) for part in w], dim=-1)
+        return y if bias is None else y + bias
+    return linear(x, w, bias)
+
+
 class _Layer:
     def __init__(self, layer, cfg: ModelConfig) -> None:
         a, m = layer.self_attn, layer.mlp
-        self.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0).contiguous()
+        self.w_qkv = fuse_out_features([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
         self.b_qkv = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], 0).contiguous()
                       if a.q_proj.bias is not None else None)
         self.w_o, self.b_o = a.o_proj.weight, a.o_proj.bias
         self.q_norm = a.q_norm.weight if a.q_norm is not None else None
         self.k_norm = a.k_norm.weight if a.k_norm is not None else None
-        self.w_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0).contiguous()
+        self.w_gate_up = fuse_out_features([m.gate_proj.weight, m.up_proj.weight])
         self.w_down = m.down_proj.weight
         self.w_in, self.w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
 
@@ -58,12 +77,13 @@ class FastLlama:
                 mod.weight = None
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
+        self.dtype = self.final_norm.dtype
         self.lm_head = self.embed if model.lm_head is None else model.lm_head.weight
         self.eps = cfg.rms_norm_eps
         self.nq, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.d ** -0.5
         self.cos_sin = rope_cos_sin_cache(self.d, cfg.rope_theta, cfg.rope_scaling, max_positions,
-                                          device=self.embed.device)
+                                          device=self.final_norm.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
@@ -76,14 +96,14 @@ class FastLlama:
         from llmesh.kernels.rope import rotary_embedding
 
         t, nq, nkv, d = input_ids.shape[0], self.nq, self.nkv, self.d
-        x = F.embedding(input_ids, self.embed)  # [T, H]
+        x = dequantize_rows(self.embed, input_ids, self.dtype)  # [T, H]
         residual = None
         for i, L in enumerate(self.layers):
             if residual is None:
                 h, residual = rmsnorm(x, L.w_in, self.eps), x
             else:
                 h, residual = rmsnorm(x, L.w_in, self.eps, residual=residual)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv)  # [T, (nq + 2 nkv) d]
+            qkv = fused_linear(h, L.w_qkv, L.b_qkv)  # [T, (nq + 2 nkv) d]
             q = qkv[:, : nq * d].view(t, nq, d)
             k = qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d)
             v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
@@ -99,11 +119,11 @@ class FastLlama:
             else:
                 o = prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                       self.scale, max_query_len=meta.max_query_len)
-            x = F.linear(o.view(t, nq * d), L.w_o, L.b_o)
+            x = linear(o.view(t, nq * d), L.w_o, L.b_o)
             h, residual = rmsnorm(x, L.w_post, self.eps, residual=residual)
-            x = F.linear(silu_and_mul(F.linear(h, L.w_gate_up)), L.w_down)
+            x = linear(silu_and_mul(fused_linear(h, L.w_gate_up)), L.w_down)
         out, _ = rmsnorm(x, self.final_norm, self.eps, residual=residual)
         return out  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -29,12 +29,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def make_linear(in_features: int, out_features: int, bias: bool, method: str = "none") -> nn.Module:
+    """nn.Linear, or a QuantLinear when the engine serves quantized weights (quant/config.py)."""
+    if method == "none":
+        return nn.Linear(in_features, out_features, bias=bias)
+    from llmesh.engine.quant.linear import QuantLinear
+
+    return QuantLinear(in_features, out_features, bias, method)
+
+
 class SiluAndMulMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, linear_method: str = "none") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = make_linear(hidden, intermediate, False, linear_method)
+        self.up_proj = make_linear(hidden, intermediate, False, linear_method)
+        self.down_proj = make_linear(intermediate, hidden, False, linear_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

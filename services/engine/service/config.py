@@ -18,6 +18,8 @@ class EngineServiceConfig(ServiceConfig):
     dtype: str = option("auto", "float32, bfloat16, float16 or auto")
     backend: str = option("torch", "model runner: torch (reference, CPU or GPU) or triton (Triton kernels, "
                                    "CUDA graphs; GPU)")
+    quantization: str = option("auto", "weights in memory: auto, none, int8, int4, fp8 (Ada/Hopper), gguf, awq "
+                                       "or gptq (auto: what the checkpoint holds; GGUF blocks kept on a GPU)")
     block_size: int = option(16, "tokens per KV block")
     num_kv_blocks: int | None = option(None, "exact KV pool size in blocks (default: from memory)")
     kv_cache_memory: int | None = option(None, "bytes for the KV pool (default: 90% of free GPU memory, 1 GiB on CPU)")
@@ -42,3 +44,7 @@ class EngineServiceConfig(ServiceConfig):
         require(self.stall_timeout_s > 0, "stall_timeout_s must be > 0")
         require(self.fault_step_delay_s >= 0, "fault_step_delay_s must be >= 0")
         require(self.backend in ("torch", "triton"), f"backend must be torch or triton, got {self.backend!r}")
+        from llmesh.engine.quant.config import QUANTIZATION_CHOICES
+
+        require(self.quantization in QUANTIZATION_CHOICES,
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r}")

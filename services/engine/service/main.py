@@ -46,13 +46,14 @@ async def serve(cfg: EngineServiceConfig) -> None:
         backend=cfg.backend,
         max_model_len=cfg.max_model_len, block_size=cfg.block_size, kv_cache_memory=cfg.kv_cache_memory,
         num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs)
+        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+        quantization=cfg.quantization)
     log.info("loading model", extra={"model": model})
     engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge)
     engine.fault_step_delay_s = cfg.fault_step_delay_s
     epoch = time.time_ns() // 1_000_000  # grows across restarts: the index replaces older state
     servicer = EngineServicer(engine, instance_id="", epoch=epoch, backend=cfg.backend,
-                              quantization=_quantization(model))
+                              quantization=_quantization(model, engine.engine.quantization.name))
     link: IndexLink | None = None
 
     def register(server) -> list[str]:
@@ -80,8 +81,8 @@ async def serve(cfg: EngineServiceConfig) -> None:
         watch.cancel()
 
 
-def _quantization(model: str) -> str:
-    return "gguf-dequantized" if model.endswith(".gguf") else "none"
+def _quantization(model: str, served: str) -> str:
+    return "gguf-dequantized" if served == "none" and model.endswith(".gguf") else served
 
 
 def main(argv: list[str] | None = None) -> int:

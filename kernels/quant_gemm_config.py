@@ -1,0 +1,119 @@
+"""Tile shapes and split-K for the weight-only quantized GEMMs (w4a16_gemm, w8a16_gemm).
+
+Decode (M <= 16 tokens) is memory bound: the whole weight is streamed once for a handful
+of rows, so what matters is keeping every SM loading. A 16-row tile (tl.dot's minimum)
+wastes no bandwidth, and split-K cuts the K range into chunks so that even a layer with few
+N tiles launches at least ~2 programs per SM; deep pipelining (num_stages 4) keeps several
+weight tiles in flight. Larger M becomes compute bound, so tiles grow to 64/128 rows and
+split-K is dropped (the grid is already large, and partials cost memory traffic).
+
+`block_k` counts rows of the *stored* weight: byte rows for INT4 (each holds two K values),
+K rows for INT8. A grouped weight needs block_k <= group_size and group_size % block_k == 0,
+so each tile uses a single scale row; `pick_config` clamps to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmesh.kernels.common import interpreting
+
+H100_SMS = 132
+_PROGRAMS_PER_SM = 2
+_MIN_ITERS_PER_SPLIT = 2  # below this a split's prologue and epilogue outweigh its loads
+
+KINDS = ("w4a16", "w8a16")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K)
+_TABLE = (
+    (16, 16, 128, 128, 4, 4, True),      # decode: memory bound
+    (64, 64, 128, 64, 4, 4, True),       # small batches: still mostly memory bound
+    (None, 128, 128, 64, 8, 3, False),   # prefill: compute bound
+)
+_INTERPRET = GemmConfig(block_m=16, block_n=32, block_k=32, split_k=1, num_warps=1, num_stages=1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def clamp_block_k(block_k: int, group_size: int, grouped: bool) -> int:
+    """block_k capped so a tile spans one scale group (a power of two dividing group_size)."""
+    return min(block_k, largest_pow2_divisor(group_size)) if grouped else block_k
+
+
+def k_rows(kind: str, k: int, group_size: int) -> int:
+    """Rows of the stored weight along K: Kp/2 byte rows for INT4, K rows for INT8."""
+    if kind == "w4a16":
+        step = 2 * group_size
+        return _cdiv(k, step) * step // 2
+    return k
+
+
+def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfig:
+    """Launch configuration for y[M, N] = x[M, K] @ W[K, N] (k: the true in_features)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    grouped = kind == "w4a16" or group_size != k
+    if interpreting():
+        return GemmConfig(_INTERPRET.block_m, _INTERPRET.block_n,
+                          clamp_block_k(_INTERPRET.block_k, group_size, grouped), 1, 1, 1)
+    for max_m, block_m, block_n, block_k, num_warps, num_stages, fill in _TABLE:
+        if max_m is None or m <= max_m:
+            break
+    if fill and n < 8192:
+        block_n = 64  # narrow layers: more N tiles before resorting to split-K
+    block_k = clamp_block_k(block_k, group_size, grouped)
+    split_k = 1
+    if fill:
+        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+        iters = _cdiv(k_rows(kind, k, group_size), block_k)
+        want = _cdiv(_PROGRAMS_PER_SM * H100_SMS, tiles)
+        split_k = max(1, min(want, iters // _MIN_ITERS_PER_SPLIT, 16))
+    return GemmConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+def _is_pow2(v: object) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+def check_config(config: GemmConfig, group_size: int, grouped: bool) -> None:
+    """A config the kernels can run: power-of-two tiles of at least 16 (tl.dot's minimum) and,
+    for grouped scales, block_k dividing group_size."""
+    if not isinstance(config, GemmConfig):
+        raise ValueError(f"config must be a GemmConfig, got {type(config).__name__}")
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(config, name)
+        if not _is_pow2(v) or v < 16:
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    if grouped and group_size % config.block_k:
+        raise ValueError(f"config.block_k={config.block_k} must divide group_size={group_size} "
+                         "(one scale row per tile)")
+    if not isinstance(config.split_k, int) or config.split_k < 1:
+        raise ValueError(f"config.split_k must be an int >= 1, got {config.split_k}")
+    if not _is_pow2(config.num_warps) or not isinstance(config.num_stages, int) or config.num_stages < 1:
+        raise ValueError(f"config.num_warps must be a power of two and num_stages >= 1, got "
+                         f"{config.num_warps} / {config.num_stages}")
+
+
+def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(splits, rows per split): the K rows cut into at most split_k chunks of whole tiles,
+    none empty, so every partial the reduction sums is written."""
+    iters = max(1, _cdiv(rows, block_k))
+    per_split = _cdiv(iters, max(1, split_k))
+    return _cdiv(iters, per_split), per_split * block_k

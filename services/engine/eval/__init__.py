@@ -1,0 +1,1 @@
+"""Model quality measurements run through the engine's own forward pass (perplexity)."""

@@ -1,0 +1,86 @@
+"""Which quantization an engine serves, decided once from the request, the checkpoint and
+the device, with an error that names what is missing when it cannot be served."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.engine.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4", "fp8", "gguf", "awq", "gptq")
+"""auto: what the checkpoint holds (AWQ/GPTQ as such, GGUF blocks kept on a GPU), else none.
+none: full precision (a GGUF is dequantized). int8 / int4 / fp8: quantize on load.
+gguf / awq / gptq: serve the checkpoint's own quantized tensors."""
+
+GGUF_KEPT_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_1"})
+"""GGUF block types served as they are; other types in a kept file are dequantized on load."""
+
+CHECKPOINT_METHODS = ("awq", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    name: str
+    """What is served: none, int8, int4, fp8, gguf, awq or gptq."""
+    linear_method: str
+    """How the model's linear layers load: none (plain nn.Linear), int8 / int4 / fp8
+    (quantize float weights on load) or keep (store packed checkpoint tensors as they come)."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.linear_method != "none"
+
+
+def _fp8_problem(device: torch.device, backend: str) -> str | None:
+    if device.type == "cpu":
+        if backend == "torch":
+            log.warning("fp8 on the CPU: the torch backend emulates W8A8 in float32 (for quality checks, not speed)")
+            return None
+        return ("quantization 'fp8' needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); "
+                "on the CPU only the torch backend can emulate it (--backend torch)")
+    from llmesh.kernels.fp8_gemm import fp8_support
+
+    return fp8_support(device)
+
+
+def resolve_quantization(requested: str | None, *, model: str, source_format: str,
+                         checkpoint_method: str | None, device: torch.device, backend: str) -> QuantSpec:
+    """``checkpoint_method``: awq/gptq for a pre-quantized HF checkpoint, else None."""
+    req = (requested or "auto").lower()
+    if req not in QUANTIZATION_CHOICES:
+        raise UnsupportedModelError(f"quantization {requested!r} is not supported; choose one of "
+                                    + ", ".join(QUANTIZATION_CHOICES))
+    if checkpoint_method is not None:
+        if checkpoint_method not in CHECKPOINT_METHODS:
+            raise UnsupportedModelError(
+                f"{model} is quantized with {checkpoint_method!r}; llmesh serves AWQ and GPTQ checkpoints, or "
+                f"float checkpoints quantized on load (int8, int4, fp8)")
+        if req in ("auto", checkpoint_method):
+            return QuantSpec(checkpoint_method, "keep")
+        raise UnsupportedModelError(
+            f"{model} is a {checkpoint_method.upper()} checkpoint; it is served as quantization="
+            f"'{checkpoint_method}' (or 'auto'), not {req!r}")
+    if req in CHECKPOINT_METHODS:
+        raise UnsupportedModelError(
+            f"quantization={req!r} needs a {req.upper()} checkpoint (config.json with quantization_config."
+            f"quant_method = {req!r}); {model} has none. To quantize a float model on load use int4 or int8")
+    if req == "gguf" or (req == "auto" and source_format == "gguf" and device.type == "cuda"):
+        if source_format != "gguf":
+            raise UnsupportedModelError(
+                f"quantization='gguf' keeps a GGUF file's quantized blocks; {model} is not a GGUF file. "
+                f"To quantize it on load use int8, int4 or fp8")
+        return QuantSpec("gguf", "keep")
+    if req == "auto":
+        # A GGUF on the CPU is dequantized: there are no compiled CPU kernels, and dense
+        # float32 matmuls are the fast path there.
+        return QuantSpec("none", "none")
+    if req == "fp8":
+        problem = _fp8_problem(device, backend)
+        if problem is not None:
+            raise UnsupportedModelError(problem)
+    return QuantSpec(req, req)

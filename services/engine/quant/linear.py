@@ -1,0 +1,128 @@
+"""Multiplying by a weight that may be quantized: the one place that picks the kernel.
+
+``linear(x, w, bias)`` takes a dense tensor (nn.Linear layout [N, K]) or a packed weight
+(packed.py) and returns x @ W^T + bias. With ``kernels=True`` packed weights go through our
+Triton GEMMs (the triton backend, and the torch backend on a GPU); otherwise through their
+torch references — dequantize, round to x's dtype, multiply — which is what the torch
+backend uses on the CPU, where Triton has no compiled kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
+
+
+def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    # x: [M, K] → [M, N]
+    if isinstance(w, Int4Weight):
+        from llmesh.kernels.w4a16_gemm import w4a16_gemm
+
+        if w.perm is not None:
+            x = x.index_select(1, w.perm)
+        return w4a16_gemm(x, w.qweight, w.scales, w.mins, w.group_size)
+    if isinstance(w, Int8Weight):
+        from llmesh.kernels.w8a16_gemm import w8a16_gemm
+
+        return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
+    from llmesh.kernels.fp8_gemm import fp8_gemm
+
+    return fp8_gemm(x, w.qweight, w.scales)
+
+
+def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    if isinstance(w, Fp8Weight):
+        from llmesh.kernels.fp8_gemm import fp8_gemm_ref
+
+        return fp8_gemm_ref(x, w.qweight, w.scales)
+    return x @ w.dequantize().to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kernels: bool = True) -> torch.Tensor:
+    """x: [..., K] → [..., N]."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _kernel_matmul(x2, w) if kernels else _reference_matmul(x2, w)
+    if bias is not None:
+        y = y + bias
+    return y.view(*lead, y.shape[-1])
+
+
+def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table stored as a linear weight [vocab, hidden] (dense) or
+    packed with N = vocab (GGUF's quantized token_embd): [T] → [T, hidden], only those rows
+    are expanded."""
+    if isinstance(w, torch.Tensor):
+        return F.embedding(ids, w)
+    if isinstance(w, Int8Weight):
+        part = Int8Weight(w.qweight.index_select(1, ids), w.scales.index_select(1, ids), w.group_size, w.format)
+    elif isinstance(w, Int4Weight):
+        part = Int4Weight(w.qweight.index_select(1, ids), w.scales.index_select(1, ids),
+                          w.mins.index_select(1, ids), w.group_size, w.in_features, w.perm, w.format)
+    else:
+        return (w.qweight.index_select(0, ids).float() * w.scales.index_select(0, ids)[:, None]).to(dtype)
+    return part.dequantize().t().to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """An nn.Linear whose weight is set at load time, quantized or not.
+
+    ``method``: int8 / int4 / fp8 quantize a float weight as it loads; ``keep`` stores what the
+    checkpoint holds (packed weights from GGUF, AWQ or GPTQ stay packed, float ones stay float).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.method = in_features, out_features, method
+        self.weight: Weight | None = None
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def load(self, w: Weight, *, dtype: torch.dtype, device: torch.device) -> None:
+        from llmesh.engine.quant.quantize import QUANTIZERS
+
+        if isinstance(w, torch.Tensor):
+            got = tuple(w.shape)
+            if got != (self.out_features, self.in_features):
+                raise ValueError(f"has shape {got}, the model expects {(self.out_features, self.in_features)}")
+            w = w.to(device)
+            self.weight = QUANTIZERS[self.method](w) if self.method in QUANTIZERS else w.to(dtype)
+            return
+        if (w.in_features, w.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"is a {w.format} weight of {w.in_features} → {w.out_features} features, "
+                             f"the model expects {self.in_features} → {self.out_features}")
+        self.weight = w.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, kernels=x.is_cuda)
+
+    def extra_repr(self) -> str:
+        kind = "dense" if isinstance(self.weight, torch.Tensor) else getattr(self.weight, "format", "unloaded")
+        return f"{self.in_features} → {self.out_features}, {self.method}: {kind}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings that may stay packed (GGUF Q8_0 / Q4_x token_embd); rows are
+    dequantized only for the tokens of a step."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight: Weight | None = None
+        self.dtype = torch.float32
+
+    def load(self, w: Weight, *, dtype: torch.dtype, device: torch.device) -> None:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else (w.out_features, w.in_features)
+        if shape != (self.num_embeddings, self.dim):
+            raise ValueError(f"has shape {shape}, the model expects {(self.num_embeddings, self.dim)}")
+        self.weight = w.to(device=device, dtype=dtype) if isinstance(w, torch.Tensor) else w.to(device)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.weight, ids, self.dtype)

@@ -1,0 +1,178 @@
+"""Quantized weights as they live in memory: the layouts our GEMM kernels read.
+
+Every 4-bit source (quantize-on-load INT4, AWQ, GPTQ, GGUF Q4_0 / Q4_1) is repacked once at
+load into one layout, and every 8-bit integer source (INT8 per-channel, GGUF Q8_0) into
+another, so one W4A16 and one W8A16 kernel serve them all. The layouts are for a GEMM
+``y[M, N] = x[M, K] @ W[K, N]`` (W is the transpose of an nn.Linear weight):
+
+Int4Weight
+    qweight  uint8 [Kp // 2, N]   byte (j, n): low nibble q[j, n], high nibble q[j + Kp/2, n]
+    scales   float16 [Kp // G, N]
+    mins     float16 [Kp // G, N]   w[k, n] = q[k, n] * scales[k // G, n] + mins[k // G, n]
+    Kp = K rounded up to a multiple of 2G; rows k >= K hold q = 0 and the kernels never read
+    x there. Splitting K in halves (rather than packing neighbours) lets a kernel load both
+    nibbles' activations as two contiguous tiles instead of interleaving them.
+    ``w = q*s + m`` covers every source: asymmetric INT4/AWQ/GPTQ (m = -z*s), Q4_0 (m = -8d)
+    and Q4_1 (m as stored), with q*s+m computed in float32.
+
+Int8Weight
+    qweight  int8 [K, N]
+    scales   float16 or float32 [K // G, N]   w[k, n] = q[k, n] * scales[k // G, n]
+    G = K for per-channel INT8 (one scale row), 32 for GGUF Q8_0.
+
+Fp8Weight
+    qweight  float8_e4m3fn [N, K]   (K-major: what Hopper's FP8 tensor cores want for B)
+    scales   float32 [N]            w[k, n] = qweight[n, k] * scales[n]
+    Activations are quantized per token at run time (W8A8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+GGUF_GROUP = 32
+"""Values per block of GGUF Q8_0 / Q4_0 / Q4_1."""
+
+
+def padded_k(k: int, group_size: int) -> int:
+    """K rounded up to a multiple of 2 * group_size (the Int4Weight layout's Kp)."""
+    step = 2 * group_size
+    return -(-k // step) * step
+
+
+@dataclass
+class Int4Weight:
+    qweight: torch.Tensor            # uint8 [Kp // 2, N]
+    scales: torch.Tensor             # float16 [Kp // G, N]
+    mins: torch.Tensor               # float16 [Kp // G, N]
+    group_size: int
+    in_features: int                 # K
+    perm: torch.Tensor | None = None
+    """GPTQ act-order: the GEMM reads x[:, perm] (rows of W were sorted by group)."""
+
+    format: str = "int4"
+    """Where it came from (int4, awq, gptq, q4_0, q4_1): for logs and memory reports."""
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def padded_in_features(self) -> int:
+        return 2 * self.qweight.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        """W [K, N] in float32 (the torch reference; rows in x's order when perm is set)."""
+        q = self.qweight
+        full = torch.cat([q & 0x0F, q >> 4], dim=0).float()           # [Kp, N]
+        s = self.scales.float().repeat_interleave(self.group_size, 0)  # [Kp, N]
+        m = self.mins.float().repeat_interleave(self.group_size, 0)
+        w = (full * s + m)[: self.in_features]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins))
+
+    def to(self, device: torch.device | str) -> Int4Weight:
+        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
+                       mins=self.mins.to(device), perm=None if self.perm is None else self.perm.to(device))
+
+
+@dataclass
+class Int8Weight:
+    qweight: torch.Tensor            # int8 [K, N]
+    scales: torch.Tensor             # float16 / float32 [K // G, N]
+    group_size: int
+    format: str = "int8"
+    """int8 (per-channel, group_size == K) or q8_0 (group 32)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scales.float().repeat_interleave(self.group_size, 0)
+        return self.qweight.float() * s
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device))
+
+
+@dataclass
+class Fp8Weight:
+    qweight: torch.Tensor            # float8_e4m3fn [N, K]
+    scales: torch.Tensor             # float32 [N]
+    format: str = "fp8"
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.qweight.float() * self.scales[:, None]).t()
+
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * 4
+
+    def to(self, device: torch.device | str) -> Fp8Weight:
+        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device))
+
+
+QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+              fmt: str = "int4") -> Int4Weight:
+    """Int4Weight from unpacked codes. q: [K, N] integers in 0..15; scales, mins: [ceil(K/G), N]
+    (any float dtype, stored as float16)."""
+    k, n = q.shape
+    kp = padded_k(k, group_size)
+    groups = kp // group_size
+    if scales.shape != mins.shape or scales.shape[1] != n or scales.shape[0] != -(-k // group_size):
+        raise ValueError(f"scales/mins must be [{-(-k // group_size)}, {n}] for q [{k}, {n}] and group "
+                         f"{group_size}, got {tuple(scales.shape)} / {tuple(mins.shape)}")
+    full = torch.zeros(kp, n, dtype=torch.uint8, device=q.device)
+    full[:k] = q.to(torch.uint8)
+    half = kp // 2
+    packed = full[:half] | (full[half:] << 4)
+    s = torch.zeros(groups, n, dtype=torch.float16, device=q.device)
+    m = torch.zeros(groups, n, dtype=torch.float16, device=q.device)
+    s[: scales.shape[0]] = scales.to(torch.float16)
+    m[: mins.shape[0]] = mins.to(torch.float16)
+    return Int4Weight(packed.contiguous(), s, m, group_size, k, format=fmt)
+
+
+def cat_out_features(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """One weight whose output columns are the inputs' in order (fused q/k/v, gate/up)."""
+    first = weights[0]
+    if any(type(w) is not type(first) for w in weights):
+        raise ValueError("cannot fuse weights of different formats: " + ", ".join(w.format for w in weights))
+    if isinstance(first, Fp8Weight):
+        return Fp8Weight(torch.cat([w.qweight for w in weights], 0), torch.cat([w.scales for w in weights], 0),
+                         format=first.format)
+    if isinstance(first, Int8Weight):
+        if any(w.group_size != first.group_size for w in weights):
+            raise ValueError("cannot fuse INT8 weights with different group sizes")
+        return Int8Weight(torch.cat([w.qweight for w in weights], 1), torch.cat([w.scales for w in weights], 1),
+                          first.group_size, format=first.format)
+    if any(w.group_size != first.group_size or w.in_features != first.in_features or w.perm is not None
+           for w in weights):
+        raise ValueError("INT4 weights fuse only with equal group size, equal K and no act-order permutation")
+    return Int4Weight(torch.cat([w.qweight for w in weights], 1), torch.cat([w.scales for w in weights], 1),
+                      torch.cat([w.mins for w in weights], 1), first.group_size, first.in_features,
+                      format=first.format)

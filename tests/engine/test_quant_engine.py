@@ -1,0 +1,177 @@
+"""Serving quantized weights end to end: quantize-on-load (int8 / int4 / fp8), GGUF blocks
+kept packed, AWQ / GPTQ checkpoints, and the errors for what cannot be served."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmesh.engine import LLM, SamplingParams
+from llmesh.engine.errors import UnsupportedModelError
+from llmesh.engine.quant.awq_gptq import pack_awq, pack_gptq
+from llmesh.engine.quant.linear import QuantEmbedding, QuantLinear
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight
+
+PROMPTS = [[5, 17, 99, 300, 42, 7], [400, 3, 3, 250], list(range(30, 70))]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _generate(path: str, **kw) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=64, **kw)
+    return llm, [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def _linears(llm: LLM) -> list[QuantLinear]:
+    return [m for m in llm.engine.runner.model.modules() if isinstance(m, QuantLinear)]
+
+
+def _first_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    llm.engine.runner.logits_observer = lambda reqs, logits: seen.append(logits[0].clone())
+    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    return seen[0]
+
+
+@pytest.mark.parametrize("method,kind", [("int8", Int8Weight), ("int4", Int4Weight), ("fp8", Fp8Weight)])
+def test_quantize_on_load_keeps_weights_packed(tiny_llama, method, kind):
+    """The quantized engine computes exactly what a float engine holding the dequantized
+    weights computes (weight-only formats); FP8 also quantizes activations, so it is only close."""
+    from llmesh.engine.model_runner import model_weight_bytes
+
+    # No prefix caching: the float engine's KV for the prompt must be recomputed after its
+    # weights are swapped.
+    quant, _ = _generate(tiny_llama, quantization=method, enable_prefix_caching=False)
+    dense, _ = _generate(tiny_llama, quantization="none", enable_prefix_caching=False)
+    assert quant.engine.quantization.name == method
+    linears = dict(quant.engine.runner.model.named_modules())
+    packed = {name: m for name, m in linears.items() if isinstance(m, QuantLinear)}
+    assert len(packed) == 7 * 2 and all(isinstance(m.weight, kind) for m in packed.values())
+    assert model_weight_bytes(quant.engine.runner.model) < model_weight_bytes(dense.engine.runner.model)
+    reference = _first_logits(dense, PROMPTS[2])
+    dense_modules = dict(dense.engine.runner.model.named_modules())
+    with torch.no_grad():
+        for name, m in packed.items():
+            dense_modules[name].weight.copy_(m.weight.dequantize().t())
+    got, twin = _first_logits(quant, PROMPTS[2]), _first_logits(dense, PROMPTS[2])
+    if method == "fp8":
+        assert torch.corrcoef(torch.stack([got, twin]))[0, 1] > 0.99
+    else:
+        torch.testing.assert_close(got, twin, rtol=1e-4, atol=1e-4)
+    assert (got - reference).norm() / reference.norm() < {"int8": 0.05, "int4": 0.6, "fp8": 0.4}[method]
+
+
+def test_demo_gguf_runs_as_q4_1_with_the_dequantized_models_tokens():
+    from llmesh.demo_model import find_demo_model
+    from llmesh.engine.model_runner import model_weight_bytes
+
+    path = find_demo_model()
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    msgs = [{"role": "user", "content": "Name three colors."}]
+    kept = LLM(path, quantization="gguf", num_kv_blocks=32)
+    model = kept.engine.runner.model
+    formats = {m.weight.format for m in _linears(kept)}
+    assert formats == {"q4_1"}
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and isinstance(embed.weight, Int8Weight) and embed.weight.format == "q8_0"
+    kept_text = kept.chat(msgs, params)[0]
+    kept_bytes = model_weight_bytes(model)
+    del kept, model, embed
+    dense = LLM(path, quantization="none", num_kv_blocks=32)
+    assert kept_bytes * 4 < model_weight_bytes(dense.engine.runner.model)
+    assert kept_text.token_ids == dense.chat(msgs, params)[0].token_ids
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_triton_backend_quantized_matches_torch_backend(tiny_llama, method):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    outs = []
+    for backend in ("torch", "triton"):
+        llm = LLM(tiny_llama, device=device, dtype="float32", backend=backend, quantization=method,
+                  num_kv_blocks=64, max_num_seqs=4)
+        outs.append([o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)])
+    assert outs[0] == outs[1]
+
+
+def _quantized_checkpoint(src: str, dest: Path, method: str, group: int = 64) -> Path:
+    """``src`` (a float HF folder) as an AWQ / GPTQ checkpoint with codes fitted to its weights,
+    and beside it (dest/float) a float twin holding exactly (q - z) * s."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    packed, twin = {}, {}
+    for name, w in tensors.items():
+        if not any(f".{p}.weight" in name for p in PROJ):
+            packed[name] = twin[name] = w
+            continue
+        wt = w.t().float()                                               # [K, N]
+        k, n = wt.shape
+        if method == "gptq":  # act-order: rows of one group scattered over K
+            g_idx = torch.arange(k, dtype=torch.int32)[torch.randperm(k, generator=gen)] // group
+        else:
+            g_idx = torch.arange(k, dtype=torch.int32) // group
+        scales = torch.zeros(k // group, n)
+        for g in range(k // group):
+            scales[g] = wt[g_idx == g].abs().amax(0) / 7.5
+        scales = scales.clamp_min(1e-4).half()
+        zeros = torch.randint(7, 10, (k // group, n), generator=gen)
+        s_rows, z_rows = scales.float()[g_idx.long()], zeros[g_idx.long()]
+        q = (torch.round(wt / s_rows) + z_rows).clamp(0, 15).to(torch.int32)
+        prefix = name.removesuffix(".weight")
+        parts = (pack_awq(q, zeros, scales) if method == "awq"
+                 else pack_gptq(q, zeros, scales, group, g_idx=g_idx, checkpoint_format="gptq"))
+        packed.update({f"{prefix}.{part}": t for part, t in parts.items()})
+        twin[name] = ((q - z_rows).float() * s_rows).t().contiguous()
+    for folder, weights in ((dest, packed), (dest / "float", twin)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in Path(src).iterdir():
+            if f.name != "model.safetensors" and f.is_file():
+                shutil.copy(f, folder / f.name)
+        save_file(weights, str(folder / "model.safetensors"))
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                   "version": "gemm"} if method == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True,
+                                   "sym": False, "checkpoint_format": "gptq"})
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_gptq_checkpoints_load_into_the_int4_path(tiny_llama, tmp_path, method):
+    folder = _quantized_checkpoint(tiny_llama, tmp_path / method, method)
+    llm, tokens = _generate(str(folder))
+    assert llm.engine.quantization.name == method
+    linears = [m for m in _linears(llm) if not isinstance(m.weight, torch.Tensor)]
+    assert len(linears) == 14 and all(isinstance(m.weight, Int4Weight) for m in linears)
+    assert isinstance(llm.engine.runner.model.lm_head.weight, torch.Tensor)  # stored in float, kept so
+    if method == "gptq":
+        assert all(m.weight.perm is not None for m in linears)
+    _, twin_tokens = _generate(str(folder / "float"))
+    assert tokens == twin_tokens
+
+
+def test_unservable_quantizations_say_what_is_missing(tiny_llama, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="not a GGUF file"):
+        LLM(tiny_llama, device="cpu", quantization="gguf", num_kv_blocks=8)
+    with pytest.raises(UnsupportedModelError, match="needs a AWQ checkpoint|needs an? AWQ checkpoint"):
+        LLM(tiny_llama, device="cpu", quantization="awq", num_kv_blocks=8)
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedModelError, match="compute capability 8.9"):
+            LLM(tiny_llama, device="cpu", backend="triton", quantization="fp8", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(tiny_llama, device="cpu", quantization="nf4", num_kv_blocks=8)
+    odd = tmp_path / "bnb"
+    shutil.copytree(tiny_llama, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (odd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="bitsandbytes"):
+        LLM(str(odd), device="cpu", num_kv_blocks=8)
+    awq = _quantized_checkpoint(tiny_llama, tmp_path / "awq", "awq")
+    with pytest.raises(UnsupportedModelError, match="AWQ checkpoint"):
+        LLM(str(awq), device="cpu", quantization="int8", num_kv_blocks=8)
