@@ -81,7 +81,7 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfi
     block_k = clamp_block_k(block_k, group_size, grouped)
     split_k = 1
     if fill:
-        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+        tiles = max(1, _cdiv(m, block_m) * _cdiv(n, block_n))  # M = 0: an empty launch
         iters = _cdiv(k_rows(kind, k, group_size), block_k)
         want = _cdiv(_PROGRAMS_PER_SM * H100_SMS, tiles)
         split_k = max(1, min(want, iters // _MIN_ITERS_PER_SPLIT, 16))

@@ -111,3 +111,16 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.set_defaults(fn=_cmd_perplexity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmesh.eval_cli perplexity ...``: the same command without the rest of the
+    CLI (whose gRPC client needs the grpcio version the generated code was built with)."""
+    parser = argparse.ArgumentParser(prog="llmesh")
+    add_eval_commands(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ from llmesh.eval_cli import DEFAULT_TEXT
 @pytest.mark.skipif(not Path(DEFAULT_TEXT).is_file(), reason=f"{DEFAULT_TEXT} (Debian base-files) is missing")
 def test_perplexity_of_every_format_on_the_demo_model(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli", "eval", "perplexity", "--max-tokens", "300", "--window", "150",
+        [sys.executable, "-m", "llmesh.eval_cli", "perplexity", "--max-tokens", "300", "--window", "150",
          "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "ppl_demo_cpu.json").read_text())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU-relevant tests on a CUDA machine, in parallel groups (Triton compiles on the CPU, so
+# groups overlap compilation), and a summary in bench/results/gpu_tests_<dev>.json.
+# Usage: bash bench/gpu_tests.sh [timeout seconds per group, default 420]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LIMIT=${1:-420}
+TMP=$(mktemp -d)
+groups=(
+  "tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py"
+  "tests/kernels/test_rmsnorm.py tests/kernels/test_rope.py tests/kernels/test_activation.py tests/kernels/test_kv_cache_write.py tests/kernels/test_paged_attention_ref.py tests/kernels/test_fp8_gemm.py"
+  "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py"
+  "tests/engine/test_triton_backend.py tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_quant_awq_gptq.py tests/engine/test_eval_perplexity.py"
+)
+pids=()
+for i in "${!groups[@]}"; do
+  # shellcheck disable=SC2086
+  timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider --junitxml "$TMP/g$i.xml" ${groups[$i]} \
+    > "$TMP/g$i.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || rc=1
+  echo "=== group $i: ${groups[$i]}"; tail -n 15 "$TMP/g$i.log"
+done
+$PY - "$TMP" <<'PYEOF'
+import sys, glob, xml.etree.ElementTree as ET
+sys.path.insert(0, "bench")
+import torch
+from llmesh.bench_results import device_tag, write_result
+totals = dict(tests=0, failures=0, errors=0, skipped=0)
+failed = []
+for path in sorted(glob.glob(f"{sys.argv[1]}/g*.xml")):
+    suite = ET.parse(path).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    for k in totals:
+        totals[k] += int(suite.get(k, 0))
+    for case in suite.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname')}::{case.get('name')}")
+metrics = {f"gpu_tests_{k}": v for k, v in totals.items()}
+metrics["gpu_tests_passed"] = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+print(metrics, failed[:20])
+write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed}, metrics)
+PYEOF
+exit $rc

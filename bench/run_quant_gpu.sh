@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The quantized-weights GPU run of issue 8 in one device call (about 7 minutes on an H100):
+#   quant kernel + engine quant tests on the GPU -> bench/quant_gpu.py (ceilings, GEMMs, engine
+#   per format, perplexity). Result: bench/results/quant_<dev>.json, copied to $OUT when it is set.
+# quant_gpu.py writes its file after every item and runs under a hard timeout, so a slow part
+# still leaves what finished (and the copy to $OUT happens). Exit status 1 if anything failed.
+# Knobs (environment): PYTHON (python3), PYTEST_TIMEOUT (80 s; SKIP_TESTS=1 skips the tests),
+# QUANT_TIMEOUT (420 s, hard cap of quant_gpu.py), PARTS (gemm,engine,ppl), NUM_PROMPTS (400),
+# FORMATS (none,int4,fp8,int8), GEMM_BUDGET_S (80), ENGINE_BUDGET_S (190), PPL_BUDGET_S (90),
+# MODEL (random:llama3-8b), RESULTS_DIR (bench/results),
+# SMOKE=1 (quant_gpu.py --smoke, no nvidia-smi, no tests, results to a scratch folder: checks
+# this script on a machine without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d)}
+  SMOKE_FLAG=(--smoke)
+else
+  RESULTS_DIR=${RESULTS_DIR:-bench/results}
+  SMOKE_FLAG=()
+fi
+START=$(date +%s)
+FAILED=()
+stamp() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+[ "$SMOKE" = 1 ] || nvidia-smi -L
+# The package must import as llmesh.engine / llmesh.kernels (setuptools package-dir mapping):
+# without an install, install it editable from the wheels carried in .whl/ and no network.
+if ! $PY -c "import llmesh.engine.llm, llmesh.kernels" 2>/dev/null; then
+  stamp "installing llmesh (editable, --no-deps, offline)"
+  if compgen -G ".whl/*.whl" >/dev/null; then $PY -m pip install -q --no-index --no-deps .whl/*.whl; fi
+  $PY -m pip install -q --no-deps --no-build-isolation -e .
+  $PY -c "import llmesh.engine.llm, llmesh.kernels"
+fi
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+if [ "$SMOKE" != 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
+  stamp "quant tests on the GPU (timeout ${PYTEST_TIMEOUT:-80}s)"
+  # Kernel files whole; elsewhere only the quantization tests. --tb=line keeps failures to a line each.
+  if ! timeout "${PYTEST_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider --tb=line -rfE \
+      tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_fp8_gemm.py \
+      tests/engine -k "gemm or quant or int4 or int8 or fp8 or gguf_blocks"; then
+    FAILED+=(tests)
+    stamp "quant tests: failures or timeout, the benchmark still runs"
+  fi
+fi
+
+stamp "quant_gpu.py (hard timeout ${QUANT_TIMEOUT:-420}s)"
+if ! timeout "${QUANT_TIMEOUT:-420}" $PY bench/quant_gpu.py --results-dir "$RESULTS_DIR" \
+    --parts "${PARTS:-gemm,engine,ppl}" --model "${MODEL:-random:llama3-8b}" \
+    ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} ${FORMATS:+--formats "$FORMATS"} \
+    ${GEMM_BUDGET_S:+--gemm-budget-s "$GEMM_BUDGET_S"} ${ENGINE_BUDGET_S:+--engine-budget-s "$ENGINE_BUDGET_S"} \
+    ${PPL_BUDGET_S:+--ppl-budget-s "$PPL_BUDGET_S"} ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}; then
+  FAILED+=(quant_gpu)
+  stamp "quant_gpu.py FAILED or timed out (its file holds what finished)"
+fi
+
+# The headline metrics only (the per-shape GEMM entries are in the file): the call's output is cut.
+DEV=$(PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+  $PY -c "from gpu_ceilings import device_tag, pick_device; print(device_tag(pick_device(None)))")
+$PY - "$RESULTS_DIR/quant_$DEV.json" <<'EOF' || true
+import json, sys
+
+doc = json.load(open(sys.argv[1]))
+print(f"\n{sys.argv[1]}  ({doc['device']}, {doc['commit']}, {doc['date']})")
+for name, value in doc["metrics"].items():
+    if not name.startswith("gemm_") or name == "gemm_bf16_tflops":
+        print(f"  {name:<34} {value:>12,.4g}")
+w = doc["workload"]
+for key, c in w.get("gemm_configs", {}).items():
+    if key != "errors" and c["best"] != c["default"]:
+        b = c["best"]
+        print(f"  best {key:<20} {c['best_ms']:.4f} vs {c['default_ms']:.4f} ms: block_n {b['block_n']} "
+              f"block_k {b['block_k']} split_k {b['split_k']} warps {b['num_warps']} stages {b['num_stages']}")
+print(f"  failed: {w.get('failed')}\n  skipped: {w.get('skipped')}")
+EOF
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$RESULTS_DIR"/quant_*.json "$OUT"/ && stamp "copied $(ls "$RESULTS_DIR"/quant_*.json | wc -l) file(s) to $OUT"
+fi
+stamp "done${FAILED[0]:+; failed: ${FAILED[*]}}"
+[ ${#FAILED[@]} -eq 0 ]
