@@ -56,15 +56,12 @@ from llmesh.bench_results import write_result  # noqa: E402
 
 HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
-MS = (1, 4, 16, 64, 256)
+MS = (1, 4, 16, 64, 256, 2048)
 SWEEP_MS = (1, 4, 16)
 # (block_n, block_k, num_warps, num_stages, split): "auto" splits K until ~2 programs per SM
 # (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
 SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
          (64, 64, 4, 6, "auto"), (64, 256, 4, 3, "auto"), (128, 128, 4, 4, "2x"), (64, 128, 8, 4, "1"))
-# GEMV candidates (block_m 1, M <= 4): (block_n, block_k, num_warps, num_stages, split)
-GEMV_SWEEP = ((128, 64, 4, 4, "auto"), (256, 64, 8, 4, "auto"), (128, 128, 8, 4, "auto"), (64, 128, 4, 4, "auto"),
-              (128, 32, 4, 4, "2x"), (256, 32, 4, 3, "auto"), (128, 64, 4, 4, "1"), (256, 128, 8, 3, "auto"))
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
 FORMATS = ("none", "int4", "fp8", "int8")
@@ -205,9 +202,7 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     grouped = kind == "w4a16" or group != k
     out = [pick_config(kind, m, n, k, group)]
-    gemv = [(1, c) for c in (SMOKE_SWEEP if smoke else GEMV_SWEEP)] if m <= 4 else []
-    for block_m, (block_n, block_k, warps, stages, split) in gemv + [(16, c) for c in
-                                                                     (SMOKE_SWEEP if smoke else SWEEP)]:
+    for block_m, (block_n, block_k, warps, stages, split) in [(16, c) for c in (SMOKE_SWEEP if smoke else SWEEP)]:
         block_k = clamp_block_k(block_k, group, grouped)
         tiles = -(-m // block_m) * -(-n // block_n)
         iters = -(-k_rows(kind, k, group) // block_k)

@@ -1,8 +1,8 @@
 """Tile shapes and split-K for the weight-only quantized GEMMs (w4a16_gemm, w8a16_gemm).
 
 Decode (M <= 16 tokens) is memory bound: the whole weight is streamed once for a handful
-of rows, so what matters is keeping every SM loading. Up to 4 rows a GEMV kernel (block_m
-1) gives each row its own programs; above, a 16-row tile (tl.dot's minimum). Split-K cuts the K range into chunks so that even a layer with few
+of rows, so what matters is keeping every SM loading. A 16-row tile (tl.dot's minimum)
+wastes no bandwidth, and split-K cuts the K range into chunks so that even a layer with few
 N tiles launches at least ~2 programs per SM; deep pipelining (num_stages 4) keeps several
 weight tiles in flight. Larger M becomes compute bound, so tiles grow to 64/128 rows and
 split-K is dropped (the grid is already large, and partials cost memory traffic).
@@ -24,6 +24,9 @@ _MIN_ITERS_PER_SPLIT = 2  # below this a split's prologue and epilogue outweigh 
 
 KINDS = ("w4a16", "w8a16")
 
+FACTORED_MAX_BLOCK_M = 32
+"""Tiles of at most this many rows apply scales per group after the dot (see w4a16_gemm)."""
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -35,16 +38,22 @@ class GemmConfig:
     num_stages: int
 
 
-# (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K)
-# block_m 1 is the GEMV kernel (a program per row, no tl.dot). The M <= 16 row is the best
-# of the sweep in bench/quant_gpu.py on an H100 (bench/results/quant_h100.json, 4096x14336:
-# 0.042 ms vs 0.089 ms for the first guess, which split K).
-_TABLE = (
-    (4, 1, 128, 64, 4, 4, True),         # decode: memory bound, one row per program
-    (16, 16, 64, 128, 8, 4, False),      # decode batches
-    (64, 64, 128, 64, 4, 4, True),       # small batches: still mostly memory bound
-    (None, 128, 128, 64, 8, 3, False),   # prefill: compute bound
-)
+# (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K), per
+# kind. The M <= 16 rows are the best of the sweep in bench/quant_gpu.py on an H100
+# (bench/results/quant_h100.json: all four Llama shapes, M = 1, 4, 16; split-K filling ~2
+# programs per SM reproduces each shape's best split).
+_TABLES = {
+    "w4a16": (
+        (16, 16, 64, 128, 4, 3, True),       # decode: memory bound
+        (64, 64, 128, 64, 4, 4, True),       # small batches: still mostly memory bound
+        (None, 128, 128, 64, 8, 3, False),   # prefill: compute bound
+    ),
+    "w8a16": (
+        (16, 16, 128, 64, 4, 4, True),
+        (64, 64, 128, 64, 4, 4, True),
+        (None, 128, 128, 64, 8, 3, False),
+    ),
+}
 _INTERPRET = GemmConfig(block_m=16, block_n=32, block_k=32, split_k=1, num_warps=1, num_stages=1)
 
 
@@ -77,11 +86,9 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfi
     if interpreting():
         return GemmConfig(_INTERPRET.block_m, _INTERPRET.block_n,
                           clamp_block_k(_INTERPRET.block_k, group_size, grouped), 1, 1, 1)
-    for max_m, block_m, block_n, block_k, num_warps, num_stages, fill in _TABLE:
+    for max_m, block_m, block_n, block_k, num_warps, num_stages, fill in _TABLES[kind]:
         if max_m is None or m <= max_m:
             break
-    if fill and block_m > 1 and n < 8192:
-        block_n = 64  # narrow layers: more N tiles before resorting to split-K
     block_k = clamp_block_k(block_k, group_size, grouped)
     split_k = 1
     if fill:
@@ -103,9 +110,8 @@ def check_config(config: GemmConfig, group_size: int, grouped: bool) -> None:
         raise ValueError(f"config must be a GemmConfig, got {type(config).__name__}")
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(config, name)
-        if not _is_pow2(v) or (v < 16 and not (name == "block_m" and v == 1)):
-            raise ValueError(f"config.{name} must be a power of two >= 16 (block_m: or 1, the GEMV kernel), "
-                             f"got {v}")
+        if not _is_pow2(v) or v < 16:
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
     if grouped and group_size % config.block_k:
         raise ValueError(f"config.block_k={config.block_k} must divide group_size={group_size} "
                          "(one scale row per tile)")

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting)
-from llmesh.kernels.quant_gemm_config import GemmConfig, check_config, pick_config, split_plan
+from llmesh.kernels.quant_gemm_config import (FACTORED_MAX_BLOCK_M, GemmConfig, check_config, pick_config,
+                                              split_plan)
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
@@ -33,6 +34,7 @@ def _w8a16_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    FACTORED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -54,18 +56,26 @@ def _w8a16_kernel(
         q = tl.load(q_ptr + k.to(tl.int64)[:, None] * stride_q + rn[None, :],
                     mask=k_mask[:, None] & n_mask[None, :], other=0)
         x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if PER_CHANNEL:
-            w = q.to(tl.float32)
+        if DOT_F32:
+            x = x.to(tl.float32)
+        if PER_CHANNEL or FACTORED:
+            # Codes -127..127 are exact in any float type: multiply them as they are and apply
+            # the scale to the product (per channel: once at the end; per group: per tile),
+            # not to every weight, which at decode sizes costs more ALU time than the loads.
+            t = tl.dot(x, q.to(tl.float32) if DOT_F32 else q.to(x_dtype), input_precision=DOT_PRECISION)
+            if PER_CHANNEL:
+                acc += t
+            else:
+                s = tl.load(s_ptr + (k0 // GROUP) * stride_s + rn, mask=n_mask, other=0.0).to(tl.float32)
+                acc += t * s[None, :]
         else:
             s = tl.load(s_ptr + (k0 // GROUP) * stride_s + rn, mask=n_mask, other=0.0).to(tl.float32)
             w = q.to(tl.float32) * s[None, :]
-        if DOT_F32:
-            if not PER_CHANNEL:
+            if DOT_F32:
                 w = cast_rtne(w, x_dtype, INTERPRET).to(tl.float32)
-            x = x.to(tl.float32)
-        else:
-            w = w.to(x_dtype)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+            else:
+                w = w.to(x_dtype)
+            acc += tl.dot(x, w, input_precision=DOT_PRECISION)
 
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -76,48 +86,6 @@ def _w8a16_kernel(
     else:
         out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _w8a16_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, out_ptr, part_ptr,
-    M, N, K, ROWS_PER_SPLIT,
-    stride_xm, stride_q, stride_s, stride_om,
-    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """One activation row per program (decode, M <= 4), elementwise products reduced over K
-    once at the end (see _w4a16_gemv_kernel); same numerics as the tl.dot kernel."""
-    row = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    x_dtype = x_ptr.dtype.element_ty
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    k_start = pid_k * ROWS_PER_SPLIT
-    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, K)
-    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        q = tl.load(q_ptr + k.to(tl.int64)[:, None] * stride_q + rn[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)
-        x = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
-        if PER_CHANNEL:
-            w = q.to(tl.float32)
-        else:
-            s = tl.load(s_ptr + (k0 // GROUP) * stride_s + rn, mask=n_mask, other=0.0).to(tl.float32)
-            w = cast_rtne(q.to(tl.float32) * s[None, :], x_dtype, INTERPRET).to(tl.float32)
-        acc += x[:, None] * w
-    y = tl.sum(acc, axis=0)
-    if PER_CHANNEL:
-        y = y * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if SPLIT:
-        tl.store(part_ptr + (pid_k.to(tl.int64) * M + row) * N + rn, y, mask=n_mask)
-    else:
-        tl.store(out_ptr + row.to(tl.int64) * stride_om + rn, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET),
-                 mask=n_mask)
 
 
 def _check_args(x, qweight, scales, group_size) -> tuple[int, int, int]:
@@ -167,16 +135,16 @@ def w8a16_gemm(
     split = splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
-    args = (x, qweight, scales, out, part, m, n, k, rows_per_split,
-            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0))
-    common = dict(GROUP=1 if per_channel else group_size, PER_CHANNEL=per_channel,  # no recompile per K
-                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split, INTERPRET=interpreting(),
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.block_m == 1:
-        _w8a16_gemv_kernel[grid](*args, **common)
-    else:
-        _w8a16_kernel[grid](*args, BLOCK_M=config.block_m, DOT_F32=dot_in_fp32(x.dtype),
-                            DOT_PRECISION=dot_precision(x.dtype), **common)
+    _w8a16_kernel[grid](
+        x, qweight, scales, out, part,
+        m, n, k, rows_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=1 if per_channel else group_size, PER_CHANNEL=per_channel,  # no recompile per K
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        INTERPRET=interpreting(), FACTORED=config.block_m <= FACTORED_MAX_BLOCK_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out

@@ -180,3 +180,21 @@ def test_unservable_quantizations_say_what_is_missing(tiny_llama, tmp_path):
     awq = _quantized_checkpoint(tiny_llama, tmp_path / "awq", "awq")
     with pytest.raises(UnsupportedModelError, match="AWQ checkpoint"):
         LLM(str(awq), device="cpu", quantization="int8", num_kv_blocks=8)
+
+
+@pytest.mark.parametrize("rows", [3, 300])  # the fused kernels, and expand-then-cuBLAS from 256 rows
+def test_linear_kernel_paths_match_the_reference(rows):
+    from llmesh.engine.quant.linear import linear
+    from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(rows)
+    dense = torch.randn(48, 160, generator=gen)                     # [N, K]
+    x = torch.randn(rows, 160, generator=gen)
+    int4 = quantize_int4(dense, group_size=32)
+    perm = torch.randperm(160, generator=gen)                       # act-order: x's columns permuted
+    shuffled = Int4Weight(int4.qweight, int4.scales, int4.mins, 32, 160, perm=perm)
+    for w in (quantize_int8(dense), int4, shuffled):
+        ref = linear(x, w, kernels=False)
+        got = linear(x.to(device), w.to(device), kernels=True).cpu()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)

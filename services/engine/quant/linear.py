@@ -18,8 +18,23 @@ from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, Quanti
 Weight = torch.Tensor | QuantizedWeight
 
 
+DEQUANT_GEMM_MIN_M = 256
+"""From this many rows on, packed INT4/INT8 weights are expanded to x's dtype by a kernel and
+multiplied by cuBLAS (compute bound there; vLLM's AWQ switches at the same size)."""
+
+
 def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     # x: [M, K] → [M, N]
+    if x.shape[0] >= DEQUANT_GEMM_MIN_M and not isinstance(w, Fp8Weight):
+        from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
+
+        if isinstance(w, Int4Weight):
+            dense = dequantize_int4(w.qweight, w.scales, w.mins, w.group_size, w.in_features, x.dtype)
+            if w.perm is not None:
+                x = x.index_select(1, w.perm)
+        else:
+            dense = dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
+        return x @ dense
     if isinstance(w, Int4Weight):
         from llmesh.kernels.w4a16_gemm import w4a16_gemm
 
