@@ -25,7 +25,7 @@ _MIN_ITERS_PER_SPLIT = 2  # below this a split's prologue and epilogue outweigh 
 KINDS = ("w4a16", "w8a16")
 
 FACTORED_MAX_BLOCK_M = 32
-"""Tiles of at most this many rows apply scales per group after the dot (see w4a16_gemm)."""
+"""Tiles of at most this many rows apply grouped INT8 scales after the dot (see w8a16_gemm)."""
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ q[j, n] in its low nibble and q[j + Kp/2, n] in its high nibble; scales and mins
 multiple of G and both halves start on a group boundary.
 
 A program owns a [BLOCK_M, BLOCK_N] output tile and a contiguous range of byte rows
-(split-K). For each [BLOCK_K, BLOCK_N] byte tile it loads the bytes once and issues two
-tl.dot, x[:, j] @ W_lo and x[:, Kp/2 + j] @ W_hi, both activation tiles contiguous and
-masked to zero past K (BLOCK_K divides G, so each half of the tile has one scale row and one
-min row). Small tiles (decode) multiply the raw codes and apply scale and min per group
-afterwards (FACTORED: s * (x @ q) + m * sum(x), exact in float32, more accurate than the
-reference which rounds W to x's dtype); large tiles dequantize W in registers first. Accumulation is float32. With split_k > 1 every split writes a
+(split-K). For each [BLOCK_K, BLOCK_N] byte tile it loads the bytes once, dequantizes both
+nibbles in registers in float32 (BLOCK_K divides G, so each half of the tile uses one scale
+row and one min row), rounds them to x's dtype as the torch reference does, and issues two
+tl.dot: x[:, j] @ W_lo and x[:, Kp/2 + j] @ W_hi, both activation tiles contiguous and
+masked to zero past K. Factoring the scales out of the dot (s * (x @ q) + m * sum(x), as
+the INT8 kernel does) measured slower here on an H100 (0.79x vs 1.17x bf16 at M = 1): the
+per-tile row sums of x for the mins cost more than the dequantization they save. Accumulation is float32. With split_k > 1 every split writes a
 float32 partial [SPLIT_K, M, N] and torch sums them: deterministic (greedy decoding must
 reproduce), unlike atomics. No host synchronisation, so the wrapper is CUDA-graph safe.
 """
@@ -24,8 +25,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting)
-from llmesh.kernels.quant_gemm_config import (FACTORED_MAX_BLOCK_M, GemmConfig, check_config, pick_config,
-                                              split_plan)
+from llmesh.kernels.quant_gemm_config import GemmConfig, check_config, pick_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
@@ -36,7 +36,6 @@ def _w4a16_kernel(
     stride_xm, stride_q, stride_s, stride_mn, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    FACTORED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -64,38 +63,18 @@ def _w4a16_kernel(
         # x_lo, x_hi: [BLOCK_M, BLOCK_K]; columns >= K (the padding rows of W) read as 0
         x_lo = tl.load(x_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
         x_hi = tl.load(x_rows + (HALF + j)[None, :], mask=m_mask[:, None] & (HALF + j < K)[None, :], other=0.0)
-        if FACTORED:
-            # sum_k x (q s + m) = s * (x @ q) + m * sum_k x: the codes 0..15 are exact in any
-            # float type, so they feed tl.dot as they are and the scale and min are applied
-            # once per output element and group instead of once per weight. Dequantizing
-            # every weight costs more ALU time than streaming the 4-bit codes at M <= 32.
-            if DOT_F32:
-                x_lo = x_lo.to(tl.float32)
-                x_hi = x_hi.to(tl.float32)
-                q_lo = (packed & 0xF).to(tl.float32)
-                q_hi = (packed >> 4).to(tl.float32)
-            else:
-                q_lo = (packed & 0xF).to(x_dtype)
-                q_hi = (packed >> 4).to(x_dtype)
-            t_lo = tl.dot(x_lo, q_lo, input_precision=DOT_PRECISION)
-            t_hi = tl.dot(x_hi, q_hi, input_precision=DOT_PRECISION)
-            sx_lo = tl.sum(x_lo.to(tl.float32), axis=1)
-            sx_hi = tl.sum(x_hi.to(tl.float32), axis=1)
-            acc += t_lo * s_lo[None, :] + sx_lo[:, None] * m_lo[None, :]
-            acc += t_hi * s_hi[None, :] + sx_hi[:, None] * m_hi[None, :]
+        w_lo = (packed & 0xF).to(tl.float32) * s_lo[None, :] + m_lo[None, :]  # rows k = j
+        w_hi = (packed >> 4).to(tl.float32) * s_hi[None, :] + m_hi[None, :]   # rows k = HALF + j
+        if DOT_F32:
+            w_lo = cast_rtne(w_lo, x_dtype, INTERPRET).to(tl.float32)
+            w_hi = cast_rtne(w_hi, x_dtype, INTERPRET).to(tl.float32)
+            x_lo = x_lo.to(tl.float32)
+            x_hi = x_hi.to(tl.float32)
         else:
-            w_lo = (packed & 0xF).to(tl.float32) * s_lo[None, :] + m_lo[None, :]  # rows k = j
-            w_hi = (packed >> 4).to(tl.float32) * s_hi[None, :] + m_hi[None, :]   # rows k = HALF + j
-            if DOT_F32:
-                w_lo = cast_rtne(w_lo, x_dtype, INTERPRET).to(tl.float32)
-                w_hi = cast_rtne(w_hi, x_dtype, INTERPRET).to(tl.float32)
-                x_lo = x_lo.to(tl.float32)
-                x_hi = x_hi.to(tl.float32)
-            else:
-                w_lo = w_lo.to(x_dtype)
-                w_hi = w_hi.to(x_dtype)
-            acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
-            acc += tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
+            w_lo = w_lo.to(x_dtype)
+            w_hi = w_hi.to(x_dtype)
+        acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
+        acc += tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
@@ -164,8 +143,7 @@ def w4a16_gemm(
         x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-        INTERPRET=interpreting(), FACTORED=config.block_m <= FACTORED_MAX_BLOCK_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling

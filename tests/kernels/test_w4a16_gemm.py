@@ -56,8 +56,7 @@ def test_matches_reference(device, m, n, k, g, dtype):
 @pytest.mark.parametrize("m,n,k,g", CASES[:4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_tiles_dequantize_first(device, m, n, k, g, dtype):
-    """block_m > 32 dequantizes W in registers before the dot (the decode tiles factor the
-    scales out of it); both paths match the reference."""
+    """Prefill-sized tiles (block_m 64, several warps) match the reference as the decode tiles do."""
     gen = torch.Generator().manual_seed(m * 7 + n + k + g)
     w = _weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
