@@ -383,7 +383,6 @@ def embedding_bytes(model: torch.nn.Module, tied: bool) -> int:
 
 def engine_part(run: Run, ceilings: dict[str, float]) -> None:
     from llmesh.engine import LLM, SamplingParams
-    from llmesh.engine.model_runner import model_weight_bytes
 
     args, met = run.args, run.metrics
     kw = {"backend": args.backend, "dtype": "bfloat16", "device": str(run.device), "max_num_seqs": 256,
@@ -396,7 +395,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
     run.workload["engine"] = {
         "model": args.model, "engine": kw, "formats": list(args.formats),
         "decode_b1": f"one {b1_prompt}-token prompt, {b1_new} new tokens (decode_gpu.decode_b1); roofline = "
-                     "copy_tb_s / (model_weight_bytes - input embedding table + K/V at the mean context)",
+                     "copy_tb_s / (runner.weight_bytes - input embedding table + K/V at the mean context)",
         "offline": {**asdict(work), "sampling": "greedy, ignore_eos, random token ids, all submitted at once"}}
     budget = Budget(args.engine_budget_s)
     for fmt in args.formats:
@@ -416,7 +415,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
                 met[f"load_{fmt}_s"] = time.perf_counter() - t
                 eng = llm.engine
                 cfg = eng.model_config
-                total = model_weight_bytes(eng.runner.model)
+                total = eng.runner.weight_bytes  # as loaded: the fused copies replace some modules' weights
                 met[f"weight_gib_{fmt}"] = total / 2**30
                 run.log(f"{fmt}: loaded in {met[f'load_{fmt}_s']:.1f}s, weights {total / 2**30:.2f} GiB "
                         f"({eng.quantization.name})")

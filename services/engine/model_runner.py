@@ -174,8 +174,11 @@ class TorchModelRunner:
         model = model.to(self.dtype).to_empty(device=self.device)
         model.load_weights(weights)
         self.model = model.eval()
+        self.weight_bytes = model_weight_bytes(model)
+        """Bytes of the weights as loaded (the triton backend later moves some into fused
+        copies outside the module, so measure here)."""
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
-                                                "weight_bytes": model_weight_bytes(model),
+                                                "weight_bytes": self.weight_bytes,
                                                 "linear_method": self.linear_method})
 
     def _blocks_for_budget(self, budget: int | None, utilization: float) -> int:

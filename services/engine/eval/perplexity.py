@@ -18,7 +18,6 @@ import torch
 
 from llmesh.engine.llm import build_engine_config
 from llmesh.engine.llm_engine import LLMEngine
-from llmesh.engine.model_runner import model_weight_bytes
 
 LOGIT_ROWS = 256
 """Positions whose float32 logits are materialised at once (vocab 128k x 256 = 128 MiB)."""
@@ -98,7 +97,7 @@ def evaluate(engine: LLMEngine, token_ids: Sequence[int], window: int, variant: 
         raise ValueError("the text has fewer than 2 tokens; nothing to score")
     return PerplexityResult(variant=variant, served=engine.quantization.name, perplexity=math.exp(nll / scored),
                             mean_nll=nll / scored, tokens=scored, windows=windows,
-                            weight_bytes=model_weight_bytes(engine.runner.model),
+                            weight_bytes=engine.runner.weight_bytes,
                             seconds=time.perf_counter() - t0)
 
 
