@@ -8,37 +8,13 @@
 # SMOKE=1 (every script with --smoke, no nvidia-smi, no kernel tests, results to a scratch
 # folder: checks this script on a machine without a GPU).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-SMOKE=${SMOKE:-0}
-if [ "$SMOKE" = 1 ]; then
-  RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d)}
-  SMOKE_FLAG=(--smoke)
-else
-  RESULTS_DIR=${RESULTS_DIR:-bench/results}
-  SMOKE_FLAG=()
-fi
-START=$(date +%s)
-FAILED=()
-
-stamp() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
+# shellcheck source=bench/gpu_session.sh
+source "$(dirname "$0")/gpu_session.sh"
 step() {
   local name=$1; shift
   stamp "$name: $*"
   if ! "$@"; then FAILED+=("$name"); stamp "$name FAILED"; fi
 }
-
-[ "$SMOKE" = 1 ] || nvidia-smi -L
-# The package must import as llmesh.engine / llmesh.kernels (setuptools package-dir mapping):
-# without an install, install it editable from the wheels carried in .whl/ and no network.
-if ! $PY -c "import llmesh.engine.llm, llmesh.kernels" 2>/dev/null; then
-  stamp "installing llmesh (editable, --no-deps, offline)"
-  if compgen -G ".whl/*.whl" >/dev/null; then $PY -m pip install -q --no-index --no-deps .whl/*.whl; fi
-  $PY -m pip install -q --no-deps --no-build-isolation -e .
-  $PY -c "import llmesh.engine.llm, llmesh.kernels"
-fi
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 OUTDIR=(--results-dir "$RESULTS_DIR")
 
 step ceilings $PY bench/gpu_ceilings.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}

@@ -251,7 +251,8 @@ def reverse_rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class GGUFWeights:
-    """The file's tensors as (hf_name, float32 tensor) pairs, dequantized one at a time.
+    """The file's tensors as (hf_name, float32 tensor) pairs, dequantized one at a time, or
+    with ``keep_quantized`` its Q8_0 / Q4_0 / Q4_1 matrices as packed weights (quant/packed.py).
 
     Construction checks every tensor's name and type, so an unsupported file fails before
     any weight is read. Re-iterable; reads go through the reader's memory map.
@@ -285,7 +286,7 @@ class GGUFWeights:
                 yield hf_name, self._packed(hf_name, tensor, shape)
                 continue
             raw = torch.from_numpy(np.array(tensor.data).view(np.uint8).reshape(-1))
-            weight = dequantize(raw, int(tensor.tensor_type), _shape(tensor), tensor.name)
+            weight = dequantize(raw, int(tensor.tensor_type), shape, tensor.name)
             yield hf_name, self._to_hf_layout(hf_name, weight)
 
     def _packed(self, hf_name: str, tensor: ReaderTensor, shape: tuple[int, ...]) -> QuantizedWeight:

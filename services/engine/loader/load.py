@@ -5,7 +5,8 @@
     for hf_name, tensor in loaded.weights: ...
 
 Both formats come out the same way: a ModelConfig, weights under HF names in HF layout
-(GGUF dequantized to float32), and where the tokenizer lives.
+(GGUF dequantized to float32), and where the tokenizer lives. ``weights_for(spec)`` gives
+them as a quantization loads them instead: GGUF blocks or AWQ/GPTQ tensors kept packed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,240 @@
+"""Part 2 of bench/quant_gpu.py: the quantized GEMMs against bf16 at Llama-3-8B shapes, and
+the GemmConfig sweep at decode sizes (see quant_gpu.py's docstring and bench/README.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from quant_common import Budget, Run
+
+HEADLINE = (4096, 14336)
+SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
+MS = (1, 4, 16, 64, 256, 2048)
+SWEEP_MS = (1, 4, 16)
+# (block_n, block_k, num_warps, num_stages, split): "auto" splits K until ~2 programs per SM
+# (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
+SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
+         (64, 64, 4, 6, "auto"), (64, 256, 4, 3, "auto"), (128, 128, 4, 4, "2x"), (64, 128, 8, 4, "1"))
+SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
+SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
+QUANT_KINDS = ("w8a16", "w4a16", "fp8")
+
+
+# ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
+L2_BYTES = 50 << 20
+"""H100 L2 cache; the timed weight copies together are at least 3x this."""
+
+
+def ring(obj, nbytes: int, clone: Callable) -> list:
+    """``obj`` and enough clones of it that cycling through them never hits in L2."""
+    copies = min(16, max(1, -(-3 * L2_BYTES // max(1, nbytes))))
+    return [obj] + [clone(obj) for _ in range(copies - 1)]
+
+
+def clone_packed(q):
+    return replace(q, **{f.name: getattr(q, f.name).clone() for f in fields(q)
+                         if isinstance(getattr(q, f.name), torch.Tensor)})
+
+
+def kernel_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """config -> y [M, N] through our kernel for this packed weight (out preallocated)."""
+    if kind == "w4a16":
+        from llmesh.kernels.w4a16_gemm import w4a16_gemm
+
+        return lambda config=None: w4a16_gemm(x, q.qweight, q.scales, q.mins, q.group_size, out=out, config=config)
+    if kind == "w8a16":
+        from llmesh.kernels.w8a16_gemm import w8a16_gemm
+
+        return lambda config=None: w8a16_gemm(x, q.qweight, q.scales, q.group_size, out=out, config=config)
+    from llmesh.kernels.fp8_gemm import fp8_gemm
+
+    return lambda config=None: fp8_gemm(x, q.qweight, q.scales, out=out, config=config)
+
+
+def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:
+    """torch._scaled_mm with per-row / per-column scales on x quantized beforehand (so only the GEMM)."""
+    from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
+
+    xq, xs = quantize_fp8_per_token_ref(x)
+    ws = q.scales[None, :]  # [1, N]
+    fn = lambda: torch._scaled_mm(xq, q.qweight.t(), xs[:, None], ws, out_dtype=x.dtype)  # noqa: E731
+    fn()  # raises here when this torch / device / shape has no such GEMM
+    return fn
+
+
+def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.device, smoke: bool) -> list:
+    """The default config first, then the candidates (deduplicated)."""
+    from llmesh.kernels.quant_gemm_config import GemmConfig, clamp_block_k, k_rows, pick_config
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    grouped = kind == "w4a16" or group != k
+    out = [pick_config(kind, m, n, k, group)]
+    for block_m, (block_n, block_k, warps, stages, split) in [(16, c) for c in (SMOKE_SWEEP if smoke else SWEEP)]:
+        block_k = clamp_block_k(block_k, group, grouped)
+        tiles = -(-m // block_m) * -(-n // block_n)
+        iters = -(-k_rows(kind, k, group) // block_k)
+        auto = max(1, min(-(-2 * sms // tiles), iters // 2, 16))
+        splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)), "1": 1}[split]
+        cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def cfg_str(cfg) -> str:
+    return f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
+    from llmesh.engine.quant.quantize import quantize_fp8, quantize_int4, quantize_int8
+
+    smoke, dev, met = run.args.smoke, run.device, run.metrics
+    budget = Budget(run.args.gemm_budget_s)  # the main table always runs; the sweep fills what is left
+    shapes, ms, sweep_ms = (SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS) if smoke else (SHAPES, MS, SWEEP_MS)
+    headline = shapes[0] if smoke else HEADLINE
+    copy_gb_s = ceilings["copy_tb_s"] * 1e3
+    gen = torch.Generator(dev).manual_seed(run.args.seed)
+    broken: set[str] = set()  # a kind that failed once is not retried at every shape
+    if dev.type == "cuda":
+        from llmesh.kernels.fp8_gemm import fp8_support
+
+        if (why := fp8_support(dev)) is not None:
+            broken.add("fp8")
+            run.skipped.append(f"gemm fp8: {why}")
+    packs: dict[tuple[int, int], dict] = {}
+    ring_cache: dict[tuple[int, int], dict] = {}
+    rows: list[str] = []
+    run.workload["gemm"] = {
+        "shapes_kxn": [list(s) for s in shapes], "m": list(ms), "headline": list(headline),
+        "weights": "randn * 0.02 bf16, nn.Linear layout [N, K], quantized by quantize_int8 / quantize_int4 "
+                   "(group 128) / quantize_fp8; x randn bf16 [M, K]",
+        "bf16": "F.linear(x, W) (cuBLAS; the engine's dense path)",
+        "scaled_mm": "torch._scaled_mm, row-wise scales, x quantized per token outside the timing",
+        "timing": "CUDA graph of the call over a ring of weight copies (>= 3x L2, each call reads memory), "
+                  "10 replays (sweep: 3); host launch overhead excluded, as in the engine's decode graphs",
+        "bytes": "packed weight bytes (codes + scales + mins) only; bw_frac = GB/s / copy ceiling"}
+    for k, n in shapes:
+        w = (0.02 * torch.randn(n, k, generator=gen, device=dev)).to(torch.bfloat16)  # [N, K]
+        pk: dict = {}
+        for kind, quant in zip(QUANT_KINDS, (quantize_int8, quantize_int4, quantize_fp8)):
+            if kind in broken:
+                continue
+            try:
+                pk[kind] = quant(w)
+            except Exception:
+                broken.add(kind)
+                run.fail(f"gemm quantize {kind}")
+        packs[(k, n)] = pk
+        w_ring = ring(w, w.numel() * 2, torch.clone) if dev.type == "cuda" else [w]
+        rings = {kind: ring(q, q.nbytes(), clone_packed) if dev.type == "cuda" else [q] for kind, q in pk.items()}
+        ring_cache[(k, n)] = rings
+        for m in ms:
+            x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.bfloat16)  # [M, K]
+            out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+            tag = f"{k}x{n}_m{m}"
+            bf16_ms = run.timer([partial(F.linear, x, wc) for wc in w_ring])
+            gb_s = n * k * 2 / (bf16_ms * 1e-3) / 1e9
+            met.update({f"gemm_bf16_{tag}_ms": bf16_ms, f"gemm_bf16_{tag}_bw_frac": gb_s / copy_gb_s})
+            cells = [f"{k:>5}x{n:<6}{m:>4}{bf16_ms:>9.4f}"]
+            for kind in QUANT_KINDS:
+                if kind in broken or kind not in pk:
+                    cells.append(f"{'-':>16}")
+                    continue
+                try:
+                    q_ms = run.timer([kernel_call(kind, x, qc, out) for qc in rings[kind]])
+                except Exception:
+                    broken.add(kind)
+                    run.fail(f"gemm {kind} {tag}")
+                    cells.append(f"{'FAILED':>16}")
+                    continue
+                gb_s = pk[kind].nbytes() / (q_ms * 1e-3) / 1e9
+                met.update({f"gemm_{kind}_{tag}_ms": q_ms, f"gemm_{kind}_{tag}_speedup_x": bf16_ms / q_ms,
+                            f"gemm_{kind}_{tag}_gb_s": gb_s, f"gemm_{kind}_{tag}_bw_frac": gb_s / copy_gb_s})
+                cells.append(f"{q_ms:>9.4f} {bf16_ms / q_ms:>5.2f}x")
+            cells.append(scaled_mm_cell(run, x, rings.get("fp8"), tag, bf16_ms))
+            rows.append(" ".join(cells))
+        del w, w_ring, rings
+        run.free()
+    print(f"\n{'K x N':<12}{'M':>4}{'bf16 ms':>9} {'w8a16 ms':>16} {'w4a16 ms':>16} {'fp8 ms':>16} "
+          f"{'_scaled_mm':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
+          f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
+    headlines(run, headline, "")
+    run.save()
+    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget)
+    headlines(run, headline, "_best")
+    del packs, ring_cache
+    run.free()
+
+
+def scaled_mm_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms: float) -> str:
+    if qs is None:
+        return f"{'-':>16}"
+    try:
+        s_ms = run.timer([scaled_mm_call(x, q) for q in qs])
+    except Exception as e:  # a reference only: not a failure, the reason is recorded
+        run.workload["gemm"].setdefault("scaled_mm_errors", []).append(f"{tag}: {type(e).__name__}: {str(e)[:160]}")
+        return f"{'n/a':>16}"
+    run.metrics.update({f"gemm_scaled_mm_{tag}_ms": s_ms, f"gemm_scaled_mm_{tag}_speedup_x": bf16_ms / s_ms})
+    return f"{s_ms:>9.4f} {bf16_ms / s_ms:>5.2f}x"
+
+
+def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken: set[str], copy_gb_s: float,
+          budget: Budget) -> None:
+    """Default vs best of the candidate configs at decode sizes; the configs go to workload.gemm_configs."""
+    gen = torch.Generator(run.device)
+    found = run.workload.setdefault("gemm_configs", {})
+    for k, n in shapes:
+        for kind in ("w4a16", "w8a16"):
+            qs = packs[(k, n)].get(kind)
+            q = qs[0] if qs else None
+            for m in sweep_ms:
+                tag = f"{k}x{n}_m{m}"
+                if q is None or kind in broken or not budget.allows():
+                    run.skipped.append(f"sweep {kind} {tag}")
+                    continue
+                with budget.item():
+                    x = torch.randn(m, k, generator=gen.manual_seed(m), device=run.device, dtype=torch.bfloat16)
+                    out = torch.empty(m, n, device=run.device, dtype=torch.bfloat16)
+                    calls = [kernel_call(kind, x, qc, out) for qc in qs]
+                    group = q.group_size
+                    times = []
+                    for cfg in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke):
+                        try:
+                            times.append((run.timer([partial(c, cfg) for c in calls], quick=True), cfg))
+                        except Exception as e:  # e.g. out of shared memory: that candidate is out
+                            found.setdefault("errors", []).append(f"{kind} {tag} {cfg_str(cfg)}: "
+                                                                  f"{type(e).__name__}: {str(e)[:120]}")
+                    if not times:
+                        run.failed.append(f"sweep {kind} {tag}: no config ran")
+                        continue
+                    best_ms, best = min(times, key=lambda t: t[0])
+                    default_ms = times[0][0]
+                    bf16_ms = run.metrics[f"gemm_bf16_{tag}_ms"]
+                    found[f"{kind}_{tag}"] = {"default": asdict(times[0][1]), "default_ms": round(default_ms, 5),
+                                              "best": asdict(best), "best_ms": round(best_ms, 5),
+                                              "all": [[cfg_str(c), round(t, 5)] for t, c in times]}
+                    gb_s = q.nbytes() / (best_ms * 1e-3) / 1e9
+                    run.metrics.update({f"gemm_{kind}_{tag}_best_ms": best_ms,
+                                        f"gemm_{kind}_{tag}_best_speedup_x": bf16_ms / best_ms,
+                                        f"gemm_{kind}_{tag}_best_bw_frac": gb_s / copy_gb_s})
+                    print(f"  sweep {kind} {tag:<16} default {default_ms:.4f} ms [{cfg_str(times[0][1])}]  best of "
+                          f"{len(times)} {best_ms:.4f} ms [{cfg_str(best)}]  {bf16_ms / best_ms:.2f}x bf16", flush=True)
+        run.save()
+
+
+def headlines(run: Run, shape: tuple[int, int], best: str) -> None:
+    """w4a16_m1_speedup_x etc. on the headline shape (the *_best_* ones after the sweep)."""
+    k, n = shape
+    met = run.metrics
+    for kind in QUANT_KINDS:
+        for m in (1, 16):
+            tag = f"gemm_{kind}_{k}x{n}_m{m}{best}"
+            if f"{tag}_speedup_x" in met:
+                met[f"{kind}_m{m}{best}_speedup_x"] = met[f"{tag}_speedup_x"]
+                met[f"{kind}_m{m}{best}_bw_frac"] = met[f"{tag}_bw_frac"]
+                if not best:
+                    met[f"{kind}_m{m}_gb_s"] = met[f"{tag}_gb_s"]
