@@ -2,7 +2,7 @@
 
 1. ceilings: copy TB/s and bf16 GEMM TFLOP/s of this device (bench/gpu_ceilings.py).
 2. gemm: y = x @ W at Llama-3-8B shapes K x N (4096x4096 q/o, 4096x14336 gate/up,
-   14336x4096 down, 4096x128256 LM head) and M = 1, 4, 16, 64, 256 bf16 rows. Random weights
+   14336x4096 down, 4096x128256 LM head) and M = 1, 4, 16, 64, 256, 2048 bf16 rows (quant_gemm.py). Random weights
    quantized by services/engine/quant/quantize.py; timed: F.linear on the bf16 weight (the
    engine's dense path, cuBLAS), w8a16_gemm, w4a16_gemm, fp8_gemm (per-token activation
    quantization included) and torch._scaled_mm on pre-quantized FP8 (a reference, when it
