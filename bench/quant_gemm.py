@@ -4,7 +4,7 @@ the GemmConfig sweep at decode sizes (see quant_gpu.py's docstring and bench/REA
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -33,11 +33,6 @@ def ring(obj, nbytes: int, clone: Callable) -> list:
     """``obj`` and enough clones of it that cycling through them never hits in L2."""
     copies = min(16, max(1, -(-3 * L2_BYTES // max(1, nbytes))))
     return [obj] + [clone(obj) for _ in range(copies - 1)]
-
-
-def clone_packed(q):
-    return replace(q, **{f.name: getattr(q, f.name).clone() for f in fields(q)
-                         if isinstance(getattr(q, f.name), torch.Tensor)})
 
 
 def kernel_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -130,7 +125,7 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                 run.fail(f"gemm quantize {kind}")
         packs[(k, n)] = pk
         w_ring = ring(w, w.numel() * 2, torch.clone) if dev.type == "cuda" else [w]
-        rings = {kind: ring(q, q.nbytes(), clone_packed) if dev.type == "cuda" else [q] for kind, q in pk.items()}
+        rings = {kind: ring(q, q.nbytes(), lambda p: p.map_tensors(torch.clone)) if dev.type == "cuda" else [q] for kind, q in pk.items()}
         ring_cache[(k, n)] = rings
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.bfloat16)  # [M, K]

@@ -26,6 +26,7 @@ import triton.language as tl
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting)
 from llmesh.kernels.quant_gemm_config import GemmConfig, check_config, pick_config, split_plan
+from llmesh.kernels.quant_ref import dequantize_int4_ref, w4a16_gemm_ref  # noqa: F401 (the kernel's references)
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
@@ -148,20 +149,3 @@ def w4a16_gemm(
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out
-
-
-def dequantize_int4_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                        k: int) -> torch.Tensor:
-    """W [K, N] in float32 (= Int4Weight.dequantize without act-order)."""
-    full = torch.cat([qweight & 0x0F, qweight >> 4], dim=0).float()  # [Kp, N]
-    s = scales.float().repeat_interleave(group_size, 0)
-    mn = mins.float().repeat_interleave(group_size, 0)
-    return (full * s + mn)[:k]
-
-
-def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
-    """Dequantize in float32, round W to x's dtype (as the torch backend's x @ W.to(x.dtype)),
-    multiply in float32 and cast: [M, N] in x's dtype."""
-    w = dequantize_int4_ref(qweight, scales, mins, group_size, x.shape[1]).to(x.dtype)
-    return (x.float() @ w.float()).to(x.dtype)

@@ -23,6 +23,7 @@ from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting)
 from llmesh.kernels.quant_gemm_config import (FACTORED_MAX_BLOCK_M, GemmConfig, check_config, pick_config,
                                               split_plan)
+from llmesh.kernels.quant_ref import dequantize_int8_ref, w8a16_gemm_ref  # noqa: F401 (the kernel's references)
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
@@ -148,22 +149,3 @@ def w8a16_gemm(
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out
-
-
-def dequantize_int8_ref(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """W [K, N] in float32 (= Int8Weight.dequantize)."""
-    return qweight.float() * scales.float().repeat_interleave(group_size, 0)
-
-
-def w8a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The kernel's arithmetic in torch: [M, N] in x's dtype.
-
-    Grouped: dequantize in float32, round W to x's dtype (as the torch backend's
-    x @ W.to(x.dtype)), multiply in float32, cast. Per-channel: x @ q in float32 times the
-    scale row, cast, like the kernel; this skips W's rounding, so in 16-bit it is closer to the
-    exact product than the torch backend is (they differ by ~2^-9 of |x| |W| per term).
-    """
-    if group_size == qweight.shape[0]:
-        return ((x.float() @ qweight.float()) * scales.float()).to(x.dtype)
-    w = dequantize_int8_ref(qweight, scales, group_size).to(x.dtype)
-    return (x.float() @ w.float()).to(x.dtype)

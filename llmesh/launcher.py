@@ -177,7 +177,7 @@ class Mesh:
                             self._register_admin_key(client)
                         return
                 except redis.RedisError:
-                    pass
+                    pass  # not accepting connections yet: poll again until the deadline
                 self._check_alive(spec, deadline)
                 time.sleep(0.05)
         while not self._ready[spec.name].wait(0.05):

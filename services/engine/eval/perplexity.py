@@ -69,8 +69,8 @@ def window_nll(runner, ids: Sequence[int]) -> float:
     positions = torch.arange(n, dtype=torch.int64, device=runner.device)
     meta = _metadata(runner, n)
     fast = getattr(runner, "fast", None)
-    model = fast if fast is not None else runner.model
-    hidden = (fast.forward if fast is not None else runner.model)(tokens, positions, runner.kv_caches, meta)
+    model = fast if fast is not None else runner.model  # both: forward(...) and compute_logits(...)
+    hidden = model.forward(tokens, positions, runner.kv_caches, meta)
     total = 0.0
     for start in range(0, n - 1, LOGIT_ROWS):
         stop = min(start + LOGIT_ROWS, n - 1)

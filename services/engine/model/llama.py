@@ -142,8 +142,6 @@ class LlamaForCausalLM(nn.Module):
                     raise ModelLoadError(f"checkpoint tensor {name!r} {exc}") from exc
                 seen.add(name)
                 continue
-            if not isinstance(tensor, torch.Tensor):
-                tensor = tensor.dequantize().t()  # a packed tensor for a layer kept in float
             if name not in params:
                 if "rotary_emb" in name:
                     continue

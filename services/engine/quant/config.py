@@ -39,7 +39,6 @@ class QuantSpec:
 def _fp8_problem(device: torch.device, backend: str) -> str | None:
     if device.type == "cpu":
         if backend == "torch":
-            log.warning("fp8 on the CPU: the torch backend emulates W8A8 in float32 (for quality checks, not speed)")
             return None
         return ("quantization 'fp8' needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); "
                 "on the CPU only the torch backend can emulate it (--backend torch)")
@@ -83,4 +82,6 @@ def resolve_quantization(requested: str | None, *, model: str, source_format: st
         problem = _fp8_problem(device, backend)
         if problem is not None:
             raise UnsupportedModelError(problem)
+        if device.type == "cpu":
+            log.warning("fp8 on the CPU: the torch backend emulates W8A8 in float32 (for quality checks, not speed)")
     return QuantSpec(req, req)

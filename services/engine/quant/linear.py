@@ -25,29 +25,25 @@ multiplied by cuBLAS (compute bound there; vLLM's AWQ switches at the same size)
 
 def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     # x: [M, K] → [M, N]
-    if x.shape[0] >= DEQUANT_GEMM_MIN_M and not isinstance(w, Fp8Weight):
+    if isinstance(w, Fp8Weight):
+        from llmesh.kernels.fp8_gemm import fp8_gemm
+
+        return fp8_gemm(x, w.qweight, w.scales)
+    if isinstance(w, Int4Weight) and w.perm is not None:
+        x = x.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
+    if x.shape[0] >= DEQUANT_GEMM_MIN_M:
         from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
 
         if isinstance(w, Int4Weight):
-            dense = dequantize_int4(w.qweight, w.scales, w.mins, w.group_size, w.in_features, x.dtype)
-            if w.perm is not None:
-                x = x.index_select(1, w.perm)
-        else:
-            dense = dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
-        return x @ dense
+            return x @ dequantize_int4(w.qweight, w.scales, w.mins, w.group_size, w.in_features, x.dtype)
+        return x @ dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
     if isinstance(w, Int4Weight):
         from llmesh.kernels.w4a16_gemm import w4a16_gemm
 
-        if w.perm is not None:
-            x = x.index_select(1, w.perm)
         return w4a16_gemm(x, w.qweight, w.scales, w.mins, w.group_size)
-    if isinstance(w, Int8Weight):
-        from llmesh.kernels.w8a16_gemm import w8a16_gemm
+    from llmesh.kernels.w8a16_gemm import w8a16_gemm
 
-        return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
-    from llmesh.kernels.fp8_gemm import fp8_gemm
-
-    return fp8_gemm(x, w.qweight, w.scales)
+    return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
 
 
 def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:

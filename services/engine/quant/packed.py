@@ -28,9 +28,11 @@ Fp8Weight
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+from llmesh.kernels.quant_ref import dequantize_int4_ref, dequantize_int8_ref
 
 GGUF_GROUP = 32
 """Values per block of GGUF Q8_0 / Q4_0 / Q4_1."""
@@ -42,8 +44,25 @@ def padded_k(k: int, group_size: int) -> int:
     return -(-k // step) * step
 
 
+class _Packed:
+    """What every packed weight does the same way, over whichever tensor fields it has."""
+
+    def map_tensors(self, fn):
+        """A copy with ``fn`` applied to every tensor field (device moves, clones, slices)."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device: torch.device | str):
+        return self.map_tensors(lambda t: t.to(device))
+
+    def nbytes(self) -> int:
+        """Bytes in memory (the act-order permutation included)."""
+        return sum(t.numel() * t.element_size() for f in fields(self)
+                   if isinstance(t := getattr(self, f.name), torch.Tensor))
+
+
 @dataclass
-class Int4Weight:
+class Int4Weight(_Packed):
     qweight: torch.Tensor            # uint8 [Kp // 2, N]
     scales: torch.Tensor             # float16 [Kp // G, N]
     mins: torch.Tensor               # float16 [Kp // G, N]
@@ -65,25 +84,14 @@ class Int4Weight:
 
     def dequantize(self) -> torch.Tensor:
         """W [K, N] in float32 (the torch reference; rows in x's order when perm is set)."""
-        q = self.qweight
-        full = torch.cat([q & 0x0F, q >> 4], dim=0).float()           # [Kp, N]
-        s = self.scales.float().repeat_interleave(self.group_size, 0)  # [Kp, N]
-        m = self.mins.float().repeat_interleave(self.group_size, 0)
-        w = (full * s + m)[: self.in_features]
+        w = dequantize_int4_ref(self.qweight, self.scales, self.mins, self.group_size, self.in_features)
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm, w)
         return w
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins))
-
-    def to(self, device: torch.device | str) -> Int4Weight:
-        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
-                       mins=self.mins.to(device), perm=None if self.perm is None else self.perm.to(device))
-
 
 @dataclass
-class Int8Weight:
+class Int8Weight(_Packed):
     qweight: torch.Tensor            # int8 [K, N]
     scales: torch.Tensor             # float16 / float32 [K // G, N]
     group_size: int
@@ -99,18 +107,11 @@ class Int8Weight:
         return self.qweight.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        s = self.scales.float().repeat_interleave(self.group_size, 0)
-        return self.qweight.float() * s
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
-
-    def to(self, device: torch.device | str) -> Int8Weight:
-        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device))
+        return dequantize_int8_ref(self.qweight, self.scales, self.group_size)
 
 
 @dataclass
-class Fp8Weight:
+class Fp8Weight(_Packed):
     qweight: torch.Tensor            # float8_e4m3fn [N, K]
     scales: torch.Tensor             # float32 [N]
     format: str = "fp8"
@@ -125,12 +126,6 @@ class Fp8Weight:
 
     def dequantize(self) -> torch.Tensor:
         return (self.qweight.float() * self.scales[:, None]).t()
-
-    def nbytes(self) -> int:
-        return self.qweight.numel() + self.scales.numel() * 4
-
-    def to(self, device: torch.device | str) -> Fp8Weight:
-        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device))
 
 
 QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight
