@@ -81,10 +81,12 @@ class EngineConfig:
     """Weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, a GGUF's Q8_0/Q4_x
     blocks kept on a GPU; else full precision), none, int8 (per-channel), int4 (group 128,
     zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), gguf, awq or gptq (see quant/config.py)."""
-    async_output: bool | None = None
-    """Detokenize and check stop strings for step N while step N+1 computes on the device.
-    None: on for the triton backend on a GPU (where the host would otherwise idle the GPU),
-    off elsewhere (on the CPU it would only delay each token's text by a step)."""
+    async_scheduling: bool | None = None
+    """Schedule step N+1 and stage its inputs while step N runs on the device, then detokenize
+    and check stops for step N while step N+1 computes; a decode's input token is read on the
+    device, so the only host-device sync per step is for the sampled tokens. Token for token
+    the same output. None: on for the triton backend on a GPU (where host work would
+    otherwise idle the GPU), off elsewhere (on the CPU a step's work is the host's anyway)."""
     seed: int = 0
     """Seed of the engine's generator for unseeded random sampling."""
     max_model_len: int | None = None

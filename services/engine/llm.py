@@ -38,7 +38,7 @@ def build_engine_config(
     enable_chunked_prefill: bool = True,
     backend: str = "torch",
     cuda_graphs: bool = True,
-    async_output: bool | None = None,
+    async_scheduling: bool | None = None,
     quantization: str = "auto",
 ) -> EngineConfig:
     """The flat keyword arguments of ``LLM`` (and the engine's CLI flags) → EngineConfig."""
@@ -49,7 +49,7 @@ def build_engine_config(
         device=device,
         backend=backend,
         cuda_graphs=cuda_graphs,
-        async_output=async_output,
+        async_scheduling=async_scheduling,
         quantization=quantization,
         seed=seed,
         max_model_len=max_model_len,

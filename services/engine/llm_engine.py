@@ -18,7 +18,7 @@ from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
-from llmesh.engine.model_runner import ModelRunner, TorchModelRunner
+from llmesh.engine.model_runner import ModelRunner, StepHandle, TorchModelRunner
 from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.outputs import RequestOutput, TokenLogprob
@@ -26,6 +26,7 @@ from llmesh.engine.request import FinishReason, Priority, Request
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.sampling_params import SamplingParams
 from llmesh.engine.scheduler import Scheduler
+from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.engine.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,16 @@ class LLMEngine:
         self._init_window()
         self._init_runner(loaded)
         self._init_scheduler(publisher)
-        async_output = config.async_output
-        if async_output is None:
-            async_output = config.backend == "triton" and self.device.type == "cuda"
-        self.async_output = async_output
-        """Detokenize step N's tokens while step N+1 runs on the device (outputs lag one step)."""
+        async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = config.backend == "triton" and self.device.type == "cuda"
+        self.async_scheduling = async_scheduling
+        """Step N+1 is scheduled and launched before step N's tokens are processed."""
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
-        self._deferred: list[tuple[Request, TokenLogprob | None]] = []
-        """Requests that got tokens last step, processed while the next step computes."""
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        """The launched step whose tokens the host has not processed yet."""
         self._steps = 0
         self._last_step_time = time.monotonic()
 
@@ -110,7 +111,9 @@ class LLMEngine:
 
             self.runner: ModelRunner = TritonModelRunner(
                 self.model_config, weights, max_model_len=self.max_model_len,
-                max_num_seqs=self.config.scheduler.max_num_seqs, cuda_graphs=self.config.cuda_graphs, **common)
+                max_num_seqs=self.config.scheduler.max_num_seqs,
+                max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+                cuda_graphs=self.config.cuda_graphs, **common)
         else:
             self.runner = TorchModelRunner(self.model_config, weights, **common)
 
@@ -178,34 +181,41 @@ class LLMEngine:
         return freed
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs) or bool(self._deferred)
+        return (self.scheduler.has_unfinished_requests() or bool(self._pending_outputs)
+                or self._inflight is not None)
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule → launch → update. With async scheduling the update is the previous
+        step's, done while this one computes; otherwise this step's, after it finishes."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._inflight is not None and self._needs_known_tokens():
+            outputs.extend(self._finish_step(self._inflight))
+            self._inflight = None
         scheduled = self.scheduler.schedule()
-        deferred, self._deferred = self._deferred, []
-        ran_deferred = False
-
-        def process_deferred() -> None:  # host work that overlaps the device's forward pass
-            nonlocal ran_deferred
-            ran_deferred = True
-            outputs.extend(self._process(deferred))
-
-        if not scheduled.is_empty:
-            result = self.runner.execute(scheduled, overlap=process_deferred if deferred else None)
-            updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-            items = [(req, result.logprobs.get(req.request_id)) for req in updated]
-            if self.async_output:
-                self._deferred = items
-            else:
-                outputs.extend(self._process(items))
-        if deferred and not ran_deferred:
-            outputs.extend(self._process(deferred))
+        launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            outputs.extend(self._finish_step(previous))
+        if not self.async_scheduling and self._inflight is not None:
+            outputs.extend(self._finish_step(self._inflight))
+            self._inflight = None
         self.kv.flush_events()
         self._steps += 1
         self._last_step_time = time.monotonic()
         return outputs
+
+    def _needs_known_tokens(self) -> bool:
+        """Penalties count every output token, so the step in flight must land before the
+        next is sampled; such batches run one step at a time."""
+        return any(r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty != 0.0
+                   or r.sampling_params.frequency_penalty != 0.0 for r in self.scheduler.running)
+
+    def _finish_step(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[RequestOutput]:
+        scheduled, handle = launched
+        result = handle.result()
+        updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        return self._process([(req, result.logprobs.get(req.request_id)) for req in updated])
 
     def _process(self, items: list[tuple[Request, TokenLogprob | None]]) -> list[RequestOutput]:
         """Detokenize and check stop strings for requests that received tokens."""
@@ -215,7 +225,7 @@ class LLMEngine:
                 continue  # aborted meanwhile; its final delta is already pending
             delta, hit_stop = self.output_processor.process(req, logprob)
             if hit_stop:
-                # With async output the request may already be in the next step's batch:
+                # With async scheduling the request may already be in the next step's batch:
                 # finishing it now makes that step drop its token.
                 self.scheduler.finish_request(req.request_id, FinishReason.STOP)
                 req.stop_reason = delta.stop_reason

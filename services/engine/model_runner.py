@@ -20,7 +20,8 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.request import Request
-from llmesh.engine.sampler import Sampler
+from llmesh.engine.sampler import SampledBatch, Sampler
+from llmesh.engine.sampling_ops import to_device
 from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.kernels.paged_attention import PagedAttentionMetadata
 
@@ -34,13 +35,64 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
+class StepHandle:
+    """A launched step: its device work is queued; ``result()`` waits for its sampled tokens
+    (the device-to-host copy of this step alone) and returns them as Python values."""
+
+    def __init__(self, sampled: SampledBatch | None) -> None:
+        self._sampled = sampled
+
+    def result(self) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if self._sampled is None:
+            return out
+        host = self._sampled.to_host()
+        for req, tok, lp in zip(self._sampled.requests, host.token_ids, host.logprobs):
+            out.sampled_token_ids[req.request_id] = tok
+            if lp is not None:
+                out.logprobs[req.request_id] = lp
+        return out
+
+
+class SampledTokenFeed:
+    """The previous step's sampled ids, on the device, by request.
+
+    Under async scheduling a step is staged before the previous step's tokens reach the
+    host; a decode's input token is then read here, on the device, by the request's row
+    in the previous step's batch.
+    """
+
+    def __init__(self) -> None:
+        self._ids: torch.Tensor | None = None  # [N] int64, device
+        self._rows: dict[str, int] = {}
+
+    def set(self, sampled: SampledBatch | None) -> None:
+        if sampled is None:
+            self._ids, self._rows = None, {}
+        else:
+            self._ids = sampled.token_ids
+            self._rows = {r.request_id: i for i, r in enumerate(sampled.requests)}
+
+    def patch(self, input_ids: torch.Tensor, flat_index: list[int], requests: list[Request]) -> None:
+        """input_ids[flat_index[i]] = the token requests[i] sampled last step."""
+        if not flat_index:
+            return
+        if self._ids is None:
+            raise RuntimeError("a step needs tokens sampled by the previous step, but none was kept")
+        dev = input_ids.device
+        rows = to_device([self._rows[r.request_id] for r in requests], torch.long, dev)
+        input_ids[to_device(flat_index, torch.long, dev)] = self._ids[rows]
+
+
 class ModelRunner(Protocol):
     num_blocks: int
 
-    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None
-                ) -> ModelRunnerOutput:
-        """Run one step. ``overlap`` is host work to do once the device work is queued,
-        before waiting for the sampled tokens."""
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        """Queue one step's device work and return without waiting for its results."""
+        ...
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled tokens."""
         ...
 
 
@@ -70,6 +122,8 @@ class BatchInputs:
 
 
 def _chunk_token_ids(req: Request, start: int, n: int) -> list[int]:
+    """The chunk's token ids known on the host (a pending last token is not among them)."""
+    n = min(n, req.num_tokens - start)
     p = req.num_prompt_tokens
     if start >= p:
         return req.output_token_ids[start - p : start - p + n]
@@ -90,6 +144,9 @@ class StagedBatch:
     seq_lens: list[int]            # [S]: context length after the step
     logits_indices: list[int]      # [N]: flat index of the last token of each sampling chunk
     sampling_requests: list[Request]  # [N]
+    pending_index: list[int] = field(default_factory=list)
+    """Flat indices whose token is the previous step's sample, still on the device."""
+    pending_requests: list[Request] = field(default_factory=list)
 
 
 def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
@@ -102,10 +159,15 @@ def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
     max_blocks = max(-(-(c.start_pos + c.num_new_tokens) // block_size) for c in chunks)
     tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
     logits_indices, sampling_requests = [], []
+    pending_index, pending_requests = [], []
     for s, c in enumerate(chunks):
         req, start, n = c.request, c.start_pos, c.num_new_tokens
         end = start + n
         token_ids.extend(_chunk_token_ids(req, start, n))
+        if end > req.num_tokens:  # the last input is the token the previous step sampled
+            pending_index.append(len(token_ids))
+            pending_requests.append(req)
+            token_ids.append(0)
         table = np.asarray(req.block_ids[: -(-end // block_size)], dtype=np.int64)
         tables[s, : len(table)] = table
         pos = np.arange(start, end, dtype=np.int64)
@@ -117,10 +179,11 @@ def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
             logits_indices.append(query_start_loc[-1] - 1)
             sampling_requests.append(req)
     return StagedBatch(token_ids, np.concatenate(positions), np.concatenate(slots), tables, query_start_loc,
-                       seq_lens, logits_indices, sampling_requests)
+                       seq_lens, logits_indices, sampling_requests, pending_index, pending_requests)
 
 
-def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> BatchInputs:
+def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device,
+                   feed: SampledTokenFeed | None = None) -> BatchInputs:
     """The torch backend's tensors and attention metadata for one step."""
     b = stage_chunks(scheduled, block_size)
     qsl = b.query_start_loc
@@ -139,11 +202,17 @@ def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.de
         decode_seq_lens=t([b.seq_lens[s] for s in decodes]),
         prefill_seq_idx=[s for s in range(len(b.seq_lens)) if qsl[s + 1] - qsl[s] != 1],
     )
-    return BatchInputs(t(b.token_ids), t(b.positions), meta, t(b.logits_indices), b.sampling_requests)
+    input_ids = t(b.token_ids)
+    if b.pending_index:
+        if feed is None:
+            raise RuntimeError("the step needs the previous step's sampled tokens")
+        feed.patch(input_ids, b.pending_index, b.pending_requests)
+    return BatchInputs(input_ids, t(b.positions), meta, t(b.logits_indices), b.sampling_requests)
 
 
-class TorchModelRunner:
-    """Reference backend: the Llama-family model in plain PyTorch over the paged pool."""
+class RunnerBase:
+    """What every backend shares: the loaded model, the paged KV pool, the sampler and the
+    feed of last step's sampled ids. Backends differ in how a step runs (``launch``)."""
 
     def __init__(
         self,
@@ -163,11 +232,12 @@ class TorchModelRunner:
         self.linear_method = linear_method
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
-        self._init_model(weights)
+        self.feed = SampledTokenFeed()
+        self._build_model(weights)
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_memory, gpu_memory_utilization)
         self._init_kv_pool()
 
-    def _init_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
         with torch.device("meta"):
             model = LlamaForCausalLM(self.cfg, self.linear_method)
@@ -203,23 +273,29 @@ class TorchModelRunner:
             (c.num_hidden_layers, 2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
             dtype=self.dtype, device=self.device)
 
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled tokens."""
+        return self.launch(scheduled).result()
+
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        raise NotImplementedError  # each backend's own
+
+
+class TorchModelRunner(RunnerBase):
+    """Reference backend: the Llama-family model in plain PyTorch over the paged pool."""
+
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None) -> ModelRunnerOutput:
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
         if not scheduled.chunks:
-            return ModelRunnerOutput()
-        batch = prepare_inputs(scheduled, self.block_size, self.device)
+            return StepHandle(None)
+        batch = prepare_inputs(scheduled, self.block_size, self.device, self.feed)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        if overlap is not None:
-            overlap()
-        out = ModelRunnerOutput()
-        if not batch.sampling_requests:
-            return out
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]
-        if self.logits_observer is not None:
-            self.logits_observer(batch.sampling_requests, logits)
-        sampled = self.sampler(logits, batch.sampling_requests)
-        for req, tok, lp in zip(batch.sampling_requests, sampled.token_ids, sampled.logprobs):
-            out.sampled_token_ids[req.request_id] = tok
-            if lp is not None:
-                out.logprobs[req.request_id] = lp
-        return out
+        sampled = None
+        if batch.sampling_requests:
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]
+            if self.logits_observer is not None:
+                self.logits_observer(batch.sampling_requests, logits)
+            sampled = self.sampler.sample(logits, batch.sampling_requests)
+            sampled.start_copy()
+        self.feed.set(sampled)
+        return StepHandle(sampled)

@@ -55,7 +55,13 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    """Tokens whose K/V are in the cache (cached prefix blocks included)."""
+    """Tokens whose K/V are in the cache or being written by a step in flight (cached prefix
+    blocks included): the scheduler advances it when it schedules a chunk, not when the
+    step finishes, so it can schedule step N+1 while step N still runs."""
+    num_pending_tokens: int = 0
+    """Tokens sampled by a step still in flight (0 or 1): their ids exist on the device only.
+    The next step can already compute them (their K/V position is known); they are appended
+    to ``output_token_ids`` when the step's results reach the host."""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache at the first admission (a preempted
     request recomputes, so later hits are not counted again)."""
@@ -85,6 +91,17 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens known plus tokens sampled on the device and not yet known on the host."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    def will_finish_by_length(self) -> bool:
+        """The pending token reaches max_tokens or the window: no further step is needed."""
+        n_out = self.num_output_tokens + self.num_pending_tokens
+        return n_out >= self.sampling_params.max_tokens or (
+            self.max_model_len is not None and self.num_tokens_with_pending >= self.max_model_len)
 
     @property
     def all_token_ids(self) -> list[int]:

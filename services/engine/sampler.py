@@ -67,11 +67,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         # logits: [N, V], row i belongs to requests[i]
+        return self.sample(logits, requests).to_host()
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampledBatch:
+        """All of the device work for a batch; nothing is read back yet (see SampledBatch)."""
+        # logits: [N, V], row i belongs to requests[i]
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [N, V] with N = {len(requests)} requests, "
                              f"got {tuple(logits.shape)}")
         if not requests:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            return SampledBatch(torch.empty(0, dtype=torch.long, device=logits.device), [], None, 0)
         raw = logits.float()
         penalised = self._penalise(raw, requests)
 
@@ -175,23 +180,18 @@ class Sampler:
 
     # ---- results -----------------------------------------------------------------------
     @staticmethod
-    def _collect(
-        raw: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]
-    ) -> SamplerOutput:
-        """Token ids and logprobs as Python values, read back with a single ``.tolist()``.
+    def _collect(raw: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]) -> SampledBatch:
+        """Token ids, and the logprobs of the rows that asked, packed for one readback.
 
         Logprobs come from the raw logits (before penalties and temperature), as vLLM
         reports them by default.
         """
         # raw: [N, V]; token_ids: [N]
-        num_rows = len(requests)
         lp_rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
         if not lp_rows:
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * num_rows)
-
+            return SampledBatch(token_ids, list(requests), None, 0)
         idx = to_device(lp_rows, torch.long, raw.device)
-        vocab = raw.shape[1]
-        num_top = min(vocab, max(requests[i].sampling_params.logprobs for i in lp_rows))
+        num_top = min(raw.shape[1], max(requests[i].sampling_params.logprobs for i in lp_rows))
         chosen, rank, top_ids, top_lps = token_logprobs(
             raw[idx].log_softmax(dim=-1), token_ids[idx], num_top
         )
@@ -200,19 +200,56 @@ class Sampler:
         packed = torch.cat([
             token_ids.double(), chosen.double(), rank.double(),
             top_ids.double().flatten(), top_lps.double().flatten(),
-        ]).tolist()
+        ])
+        return SampledBatch(token_ids, list(requests), packed, num_top, lp_rows)
 
-        ids = [int(t) for t in packed[:num_rows]]
-        n_lp = len(lp_rows)
-        chosen_lp = packed[num_rows:num_rows + n_lp]
-        ranks = packed[num_rows + n_lp:num_rows + 2 * n_lp]
+
+class SampledBatch:
+    """One step's sampled tokens, on the device, on their way to the host.
+
+    ``token_ids`` stays on the device so the next step can feed it as input before the
+    host has seen it (async scheduling). ``start_copy`` queues the device-to-host copy
+    behind the sampling kernels without waiting; ``to_host`` waits for that copy alone —
+    never for work queued after it — and unpacks Python values.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, requests: list[Request], packed: torch.Tensor | None,
+                 num_top: int, lp_rows: list[int] | None = None) -> None:
+        self.token_ids = token_ids  # [N] int64, device
+        self.requests = requests
+        self._packed = packed if packed is not None else token_ids
+        self._num_top = num_top
+        self._lp_rows = lp_rows or []
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        if self._host is not None or self._packed.device.type != "cuda":
+            return
+        self._host = torch.empty(self._packed.shape, dtype=self._packed.dtype, pin_memory=True)
+        self._host.copy_(self._packed, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def to_host(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+            values = self._host.tolist()
+        else:
+            values = self._packed.tolist()
+        num_rows = len(self.requests)
+        if not self._lp_rows:
+            return SamplerOutput(token_ids=[int(t) for t in values], logprobs=[None] * num_rows)
+        ids = [int(t) for t in values[:num_rows]]
+        n_lp, num_top = len(self._lp_rows), self._num_top
+        chosen_lp = values[num_rows:num_rows + n_lp]
+        ranks = values[num_rows + n_lp:num_rows + 2 * n_lp]
         start = num_rows + 2 * n_lp
-        top_id_vals = packed[start:start + n_lp * num_top]
-        top_lp_vals = packed[start + n_lp * num_top:]
-
+        top_id_vals = values[start:start + n_lp * num_top]
+        top_lp_vals = values[start + n_lp * num_top:]
         logprobs: list[TokenLogprob | None] = [None] * num_rows
-        for j, i in enumerate(lp_rows):
-            n = min(requests[i].sampling_params.logprobs, num_top)
+        for j, i in enumerate(self._lp_rows):
+            n = min(self.requests[i].sampling_params.logprobs, num_top)
             row = slice(j * num_top, j * num_top + n)
             logprobs[i] = TokenLogprob(
                 token_id=ids[i],

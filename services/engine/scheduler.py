@@ -55,6 +55,8 @@ class Scheduler:
         self._counter = itertools.count()
         self._finished_ids: list[str] = []
         """Finished since the last schedule(); reported in its output."""
+        self.num_preemptions_total = 0
+        """Preemptions since start (a metric)."""
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -106,6 +108,13 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """Build the next step and advance each scheduled request's computed count.
+
+        A request may still have a token in flight from the previous step (async
+        scheduling): its decode is scheduled all the same, at the position that token
+        takes, and the runner reads the token's id on the device. A request whose pending
+        token will end it by length is left out: that step would be wasted.
+        """
         budget = self.config.max_num_batched_tokens
         chunks: dict[str, ScheduledChunk] = {}
         preempted: list[str] = []
@@ -114,12 +123,17 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if num_new <= 0 or (request.num_pending_tokens and request.will_finish_by_length()):
+                index += 1
+                continue
             allocated = self.kv.allocate_slots(request, num_new)
             while not allocated:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
+                refund = chunks.pop(victim.request_id, None)
+                budget += refund.num_new_tokens if refund else 0
                 if victim is request:
                     break
                 allocated = self.kv.allocate_slots(request, num_new)
@@ -132,8 +146,12 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, chunks, preempted)
 
-        decodes = [c for c in chunks.values() if c.request.num_tokens - c.start_pos == 1]
-        prefills = [c for c in chunks.values() if c.request.num_tokens - c.start_pos > 1]
+        decodes, prefills = [], []
+        for c in chunks.values():
+            (decodes if c.is_decode else prefills).append(c)
+            c.request.num_computed_tokens += c.num_new_tokens
+            if c.samples:
+                c.request.num_pending_tokens += 1
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(
             chunks=tuple(decodes + prefills),
@@ -143,28 +161,28 @@ class Scheduler:
         )
 
     def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
-        """Advance each scheduled request by its chunk and append the sampled tokens.
+        """Append the tokens a step sampled, register blocks that became full, check stops.
 
         Returns the requests that received a token (finished ones included; their
-        blocks are already freed). Chunks of requests that were aborted or preempted
-        since ``schedule()`` are skipped.
+        blocks are already freed). Tokens of requests that finished or were aborted
+        since ``schedule()`` are dropped; a request preempted meanwhile keeps its token
+        (it was computed from its real context before the blocks were given back).
         """
         received: list[Request] = []
         for chunk in output.chunks:
             request = chunk.request
-            if (
-                self._requests.get(request.request_id) is not request
-                or request.status is not RequestStatus.RUNNING
-                or request.num_computed_tokens != chunk.start_pos
-            ):
-                continue
-            request.num_computed_tokens += chunk.num_new_tokens
-            self.kv.cache_computed_blocks(request)
             if not chunk.samples:
+                if request.status is RequestStatus.RUNNING:
+                    self.kv.cache_computed_blocks(request)
+                continue
+            request.num_pending_tokens -= 1
+            if self._requests.get(request.request_id) is not request:
                 continue
             if request.request_id not in sampled:
                 raise KeyError(f"no sampled token for request {request.request_id!r}, whose chunk samples")
             request.append_output_token(sampled[request.request_id])
+            if request.status is RequestStatus.RUNNING:
+                self.kv.cache_computed_blocks(request)
             if request.check_stop():
                 self._finish(request, request.finish_reason)
             elif self._outgrows_pool(request):
@@ -179,7 +197,7 @@ class Scheduler:
         """Admit waiting requests in order while they fit; returns the budget left."""
         while budget > 0:
             request = self._peek_waiting()
-            if request is None or request.request_id in preempted:
+            if request is None or request.request_id in preempted or request.num_pending_tokens:
                 break
             chunk = None
             if len(self.running) < self.config.max_num_seqs:
@@ -242,6 +260,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        self.num_preemptions_total += 1
         self._waiting.setdefault(request.priority, deque()).appendleft(request)
 
     def _finish(self, request: Request, reason: FinishReason | None) -> int:

@@ -13,7 +13,9 @@ class ScheduledChunk:
 
     The runner reads the tokens ``request.all_token_ids[start_pos : start_pos + n]`` and
     writes their K/V into ``request.block_ids``; the tokens before ``start_pos`` are in
-    the cache already.
+    the cache already (or are being written by the step in flight). Under async
+    scheduling the chunk's last token may be the previous step's pending sample, known
+    only on the device (``start_pos + n > request.num_tokens``).
     """
 
     request: Request
@@ -25,12 +27,17 @@ class ScheduledChunk:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "samples", self.start_pos + self.num_new_tokens == self.request.num_tokens
+            self, "samples", self.start_pos + self.num_new_tokens == self.request.num_tokens_with_pending
         )
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token that samples: a decode (a 1-token prefill chunk is not)."""
+        return self.num_new_tokens == 1 and self.samples
 
 
 @dataclass(frozen=True)

@@ -1,157 +1,179 @@
-"""The ``triton`` model-runner backend: Triton kernels, CUDA graphs for decode batches.
+"""The ``triton`` model-runner backend: Triton kernels, a CUDA graph for (nearly) every step.
 
-Same interface as TorchModelRunner (SchedulerOutput in, sampled tokens out). Decode-only
-steps replay a CUDA graph captured for the smallest bucketed batch size that fits (the
-launch overhead of ~400 small kernels per step disappears); steps with prefill chunks run
-eagerly through the prefill kernel. Inputs are staged on the host with array ops and
-copied once per step; sampling runs on the GPU with one host sync for the sampled ids.
+Same interface as TorchModelRunner (SchedulerOutput in, a StepHandle out). Three ways a
+step runs, picked by its shape:
+
+- decode-only batches (one sampling token per sequence) replay a graph captured per
+  batch size, with the paged decode attention kernel;
+- mixed batches (prefill chunks beside decodes) up to ``max_graph_tokens`` tokens replay
+  a graph captured per token bucket, with the unified attention kernel, whose launch
+  grid depends only on the bucket's shape, so the step's varying lengths live in the
+  static buffers it reads;
+- larger steps run eagerly (their GPU time dwarfs the launches, and under async
+  scheduling the launches overlap the previous step anyway).
+
+Inputs are staged on the host with array ops and sent in one pinned copy
+(step_inputs.py); decode inputs still on the device (async scheduling) are patched in
+from the previous step's sampled ids. Sampling runs on the GPU; the host reads the
+sampled ids back once per step, without waiting for work queued after them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.fast_llama import FastAttentionMetadata, FastLlama
-from llmesh.engine.model_runner import ModelRunnerOutput, TorchModelRunner, stage_chunks
-from llmesh.engine.request import Request
+from llmesh.engine.model_runner import RunnerBase, StepHandle
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
+from llmesh.engine.step_inputs import StaticInputs, stage_host
 
 log = logging.getLogger(__name__)
 
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+                      640, 768, 896, 1024)
+MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536,
+                       1792, 2048)
 
 
-class TritonModelRunner(TorchModelRunner):
-    """Loads like the torch runner (same weights, same pool), then runs the fast model."""
+def _unified_attention_available() -> bool:
+    try:
+        import llmesh.kernels.unified_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+@dataclass
+class GraphStats:
+    """How steps ran: the fraction replayed from a graph is what the benchmarks report."""
+
+    decode_graph_steps: int = 0
+    mixed_graph_steps: int = 0
+    eager_steps: int = 0
+
+    @property
+    def graph_replay_frac(self) -> float:
+        total = self.decode_graph_steps + self.mixed_graph_steps + self.eager_steps
+        return (self.decode_graph_steps + self.mixed_graph_steps) / total if total else 0.0
+
+
+class TritonModelRunner(RunnerBase):
     def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device,
                  dtype: torch.dtype, block_size: int, sampler: Sampler, max_model_len: int, max_num_seqs: int,
-                 num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, linear_method: str = "none") -> None:
+                 max_num_batched_tokens: int = 2048, num_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cuda_graphs: bool = True, max_graph_tokens: int = 2048, linear_method: str = "none") -> None:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
-        self.fast: FastLlama | None = None
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                          gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = cuda_graphs and device.type == "cuda"
-        self._init_static(max(1, min(max_num_seqs, GRAPH_BATCH_SIZES[-1])))
+        self.decode_sizes = [b for b in DECODE_BATCH_SIZES if b <= max_num_seqs] or [1]
+        self.graph_sizes = self.decode_sizes  # the decode benchmark's name for them
+        self.mixed_buckets = ([b for b in MIXED_TOKEN_BUCKETS if b <= max_graph_tokens]
+                              if _unified_attention_available() else [])
+        self.max_num_seqs = max_num_seqs
+        max_tokens = max(max_num_batched_tokens, self.decode_sizes[-1], *(self.mixed_buckets or [1]))
+        self.static = StaticInputs(max_tokens, max(max_num_seqs, self.decode_sizes[-1]), self.max_blocks, device)
+        self.decode_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.stats = GraphStats()
         if self.use_graphs:
             self._capture_graphs()
 
-    def _init_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super()._init_model(weights)
+    def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super()._build_model(weights)
         self.fast = FastLlama(self.model, self.max_model_len)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ---- decode graphs ------------------------------------------------------------------
-    def _init_static(self, max_bs: int) -> None:
-        dev = self.device
-        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs] or [1]
-        n = self.graph_sizes[-1]
-        self.s_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.s_pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.s_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.s_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+    # ---- graphs -------------------------------------------------------------------------
+    def _meta(self, t: int, s: int, kind: str, max_query_len: int, max_seq_len: int) -> FastAttentionMetadata:
+        st = self.static
+        return FastAttentionMetadata(
+            slot_mapping=st.slot_mapping[:t], block_tables=st.block_tables[:s], seq_lens=st.seq_lens[:s],
+            query_start_loc=None if kind == "decode" else st.query_start_loc[: s + 1],
+            max_query_len=max_query_len, max_seq_len=max_seq_len, unified=kind == "mixed")
 
-    def _static_meta(self, bs: int) -> FastAttentionMetadata:
-        return FastAttentionMetadata(slot_mapping=self.s_slots[:bs], block_tables=self.s_tables[:bs],
-                                     seq_lens=self.s_lens[:bs], query_start_loc=None, max_query_len=1,
-                                     max_seq_len=self.max_model_len)
+    def _mixed_seqs(self, bucket: int) -> int:
+        return min(bucket, self.max_num_seqs)
+
+    def _forward_static(self, t: int, s: int, kind: str) -> torch.Tensor:
+        st = self.static
+        max_q = 1 if kind == "decode" else t
+        meta = self._meta(t, s, kind, max_q, self.max_model_len)
+        return self.fast.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
 
     def _capture_graphs(self) -> None:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        shapes = [("mixed", b, self._mixed_seqs(b)) for b in reversed(self.mixed_buckets)]
+        shapes += [("decode", b, b) for b in reversed(self.decode_sizes)]
         with torch.cuda.stream(stream):
-            for bs in reversed(self.graph_sizes):
-                meta = self._static_meta(bs)
+            for kind, t, s in shapes:  # largest first: later graphs reuse the pool's memory
                 for _ in range(2):  # compile the kernels and settle the allocator outside capture
-                    self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
+                    self._forward_static(t, s, kind)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
-                self.graphs[bs] = (graph, out)
+                    out = self._forward_static(t, s, kind)
+                (self.decode_graphs if kind == "decode" else self.mixed_graphs)[t] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs", extra={"batch_sizes": self.graph_sizes,
-                                                        "seconds": round(time.perf_counter() - t0, 2)})
+        log.info("captured CUDA graphs", extra={"decode_batch_sizes": self.decode_sizes,
+                                                "mixed_token_buckets": self.mixed_buckets,
+                                                "seconds": round(time.perf_counter() - t0, 2)})
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput, overlap: Callable[[], None] | None = None) -> ModelRunnerOutput:
-        chunks = scheduled.chunks
-        if not chunks:
-            return ModelRunnerOutput()
-        # Single-token chunks that sample are decodes (a 1-token prefill chunk is not).
-        decode_only = all(c.num_new_tokens == 1 and c.samples for c in chunks)
-        if decode_only and len(chunks) <= self.graph_sizes[-1]:
-            hidden, reqs = self._run_decode(chunks)
-        else:
-            hidden, reqs = self._run_eager(scheduled)
-        if overlap is not None:
-            overlap()  # the forward pass is queued on the GPU; the host works meanwhile
-        out = ModelRunnerOutput()
-        if not reqs:
-            return out
-        logits = self.fast.compute_logits(hidden)  # [N, vocab] float32
-        if self.logits_observer is not None:
-            self.logits_observer(reqs, logits)
-        sampled = self.sampler(logits, reqs)
-        for req, tok, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
-            out.sampled_token_ids[req.request_id] = tok
-            if lp is not None:
-                out.logprobs[req.request_id] = lp
-        return out
-
-    def _run_decode(self, chunks) -> tuple[torch.Tensor, list[Request]]:
-        """Stage a decode batch into the static buffers, padded to a graph size, and run it."""
-        n, bs, blk = len(chunks), next(b for b in self.graph_sizes if b >= len(chunks)), self.block_size
-        ids = np.zeros(bs, np.int64)
-        pos = np.zeros(bs, np.int64)
-        slots = np.full(bs, -1, np.int64)
-        lens = np.zeros(bs, np.int32)
-        tables = np.zeros((bs, self.max_blocks), np.int32)
-        for i, c in enumerate(chunks):
-            r, p = c.request, c.start_pos
-            ids[i] = r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
-            pos[i], lens[i] = p, p + 1
-            table = r.block_ids
-            slots[i] = table[p // blk] * blk + p % blk
-            tables[i, : len(table)] = table
-        self.s_ids[:bs].copy_(torch.from_numpy(ids), non_blocking=True)
-        self.s_pos[:bs].copy_(torch.from_numpy(pos), non_blocking=True)
-        self.s_slots[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.s_lens[:bs].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.s_tables[:bs].copy_(torch.from_numpy(tables), non_blocking=True)
-        if self.use_graphs:
-            graph, out = self.graphs[bs]
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        if not scheduled.chunks:
+            return StepHandle(None)
+        host = stage_host(scheduled, self.block_size)
+        t, s = host.num_tokens, host.num_seqs
+        decode_only = t == s and len(host.sampling_requests) == s
+        st = self.static
+        if decode_only and self.use_graphs and s <= self.decode_sizes[-1]:
+            bs = next(b for b in self.decode_sizes if b >= s)
+            st.load(host, bs, bs)
+            self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
+            graph, out = self.decode_graphs[bs]
             graph.replay()
+            hidden = out[: len(host.sampling_requests)]  # decodes sample in row order
+            self.stats.decode_graph_steps += 1
         else:
-            out = self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, self._static_meta(bs))
-        return out[:n], [c.request for c in chunks]
-
-    def _run_eager(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        b, dev = stage_chunks(scheduled, self.block_size), self.device
-
-        def t(x, dtype=torch.int64) -> torch.Tensor:
-            return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
-        meta = FastAttentionMetadata(
-            slot_mapping=t(b.slot_mapping), block_tables=t(b.block_tables, torch.int32),
-            seq_lens=t(b.seq_lens, torch.int32), query_start_loc=t(b.query_start_loc, torch.int32),
-            max_query_len=max(c.num_new_tokens for c in scheduled.chunks), max_seq_len=max(b.seq_lens))
-        hidden = self.fast.forward(t(b.token_ids), t(b.positions), self.kv_caches, meta)
-        reqs = b.sampling_requests
-        return hidden[t(b.logits_indices)] if reqs else hidden[:0], reqs
+            bucket = next((b for b in self.mixed_buckets if b >= t), None) if self.use_graphs else None
+            if bucket is not None and s <= self._mixed_seqs(bucket):
+                st.load(host, bucket, self._mixed_seqs(bucket))
+                self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
+                graph, out = self.mixed_graphs[bucket]
+                graph.replay()
+                self.stats.mixed_graph_steps += 1
+            else:
+                st.load(host, t, s)
+                self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
+                kind = "decode" if decode_only else "eager"
+                meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len)
+                out = self.fast.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+                self.stats.eager_steps += 1
+            n = len(host.sampling_requests)
+            hidden = out[st.logits_indices[:n]] if n else out[:0]
+        sampled = None
+        reqs = host.sampling_requests
+        if reqs:
+            logits = self.fast.compute_logits(hidden)  # [N, vocab] float32
+            if self.logits_observer is not None:
+                self.logits_observer(reqs, logits)
+            sampled = self.sampler.sample(logits, reqs)
+            sampled.start_copy()
+        self.feed.set(sampled)
+        return StepHandle(sampled)

@@ -96,7 +96,7 @@ def check_output(s: Scheduler, out: SchedulerOutput) -> None:
     assert kinds == sorted(kinds, reverse=True), "decodes first"
     for c in out.chunks:
         assert c.num_new_tokens >= 1 and c.request.status is RequestStatus.RUNNING
-        assert c.start_pos == c.request.num_computed_tokens
+        assert c.start_pos + c.num_new_tokens == c.request.num_computed_tokens
         assert c.start_pos + c.num_new_tokens <= c.request.num_tokens
         assert len(c.request.block_ids) * s.kv.block_size >= c.start_pos + c.num_new_tokens
 

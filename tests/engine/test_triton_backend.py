@@ -33,15 +33,15 @@ def _run(path, backend, prompts, arrive_at, **kw):
     return [outs[f"r{i}"] for i in range(len(prompts))], logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_triton_backend_matches_torch_backend(tiny_model_dirs, arch):
+@pytest.mark.parametrize("arch,async_scheduling", [("llama", True), ("qwen3", False)])
+def test_triton_backend_matches_torch_backend(tiny_model_dirs, arch, async_scheduling):
     path = tiny_model_dirs[arch]
     rng = random.Random(7)
     shared = [rng.randrange(3, 512) for _ in range(20)]
     prompts = [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 11, 1)]
     kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
     ref_tokens, ref_logits = _run(path, "torch", prompts, [0, 1, 3], **kw)
-    tokens, logits = _run(path, "triton", prompts, [0, 1, 3], **kw)
+    tokens, logits = _run(path, "triton", prompts, [0, 1, 3], async_scheduling=async_scheduling, **kw)
     assert tokens == ref_tokens
     worst = max(float((a - b).abs().max()) for rid in ref_logits for a, b in zip(logits[rid], ref_logits[rid]))
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"

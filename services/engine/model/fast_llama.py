@@ -29,6 +29,9 @@ class FastAttentionMetadata:
     query_start_loc: torch.Tensor | None  # [S + 1] int32; None for a decode-only batch
     max_query_len: int              # 1 for decode-only batches
     max_seq_len: int                # bound on seq_lens (fixed under CUDA graphs)
+    unified: bool = False
+    """Attention through the unified kernel, whose launch grid depends on shapes only (mixed
+    batches replayed from a CUDA graph)."""
 
 
 def fuse_out_features(weights: list[Weight]) -> Weight | list[Weight]:
@@ -113,7 +116,12 @@ class FastLlama:
             rotary_embedding(positions, q, k, self.cos_sin, q_out=q, k_out=k)
             k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
             kv_cache_write(k_cache, v_cache, k, v, meta.slot_mapping)
-            if meta.query_start_loc is None:
+            if meta.unified:
+                from llmesh.kernels.unified_attention import unified_attention
+
+                o = unified_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                      self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+            elif meta.query_start_loc is None:
                 o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                                            max_seq_len=meta.max_seq_len)
             else:
