@@ -136,6 +136,8 @@ def decode_b1(llm: LLM, prompt: list[int], new_tokens: int, copy_tb_s: float) ->
 def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str = "offline") -> dict[str, float]:
     """(b): every request submitted at once; output and total (prompt + output) tokens per second."""
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
+    stats = getattr(llm.engine.runner, "stats", None)
+    before = replace(stats) if stats is not None else None
     sync(llm.engine.device)
     t0 = time.perf_counter()
     results = llm.generate(prompts, params)
@@ -148,8 +150,17 @@ def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str 
     n_out, n_in = sum(outputs), sum(len(p) for p in prompts)
     print(f"[decode] {prefix}: {len(prompts)} requests, {n_in} in + {n_out} out tokens in {wall:.1f}s: "
           f"{n_out / wall:.0f} out tok/s, {(n_in + n_out) / wall:.0f} total tok/s", flush=True)
-    return {f"{prefix}_out_tok_s": n_out / wall, f"{prefix}_total_tok_s": (n_in + n_out) / wall,
-            f"{prefix}_requests": len(prompts), f"{prefix}_wall_s": wall}
+    out = {f"{prefix}_out_tok_s": n_out / wall, f"{prefix}_total_tok_s": (n_in + n_out) / wall,
+           f"{prefix}_requests": len(prompts), f"{prefix}_wall_s": wall}
+    if before is not None:  # how the steps ran: graph replays (decode / mixed buckets) vs eager
+        d = {k: getattr(stats, k) - getattr(before, k) for k in ("decode_graph_steps", "mixed_graph_steps",
+                                                                 "eager_steps")}
+        total = sum(d.values()) or 1
+        out.update({f"{prefix}_{k}": v for k, v in d.items()})
+        out[f"{prefix}_graph_replay_frac"] = (d["decode_graph_steps"] + d["mixed_graph_steps"]) / total
+        print(f"[decode] {prefix}: steps {d} -> graph replay fraction {out[f'{prefix}_graph_replay_frac']:.3f}",
+              flush=True)
+    return out
 
 
 def gpu_busy_ms(prof: torch.profiler.profile) -> float:
@@ -175,7 +186,7 @@ def graph_forward_ms(llm: LLM, batch: int) -> float | None:
     Replays re-run the last staged step: they rewrite the same K/V slots with the same values.
     """
     runner = llm.engine.runner
-    graphs = getattr(runner, "graphs", None)
+    graphs = getattr(runner, "decode_graphs", None)
     sizes = [b for b in getattr(runner, "graph_sizes", []) if b >= batch]
     if not graphs or not sizes or sizes[0] not in graphs:
         return None
