@@ -39,7 +39,8 @@ class CompletionBuilder:
         self._tokenizer_of = tokenizer_of
         self._logprobs = logprobs
         self._texts: list[str] = []
-        self._lp_items: list[dict] = []
+        self._lp_items: list[tuple[str, float, list]] = []
+        self._last_lp: list[tuple[str, float, list]] | None = None
         self._text_offset = 0
         self.finish_reason: str | None = None
         self.usage: common_pb2.Usage | None = None
@@ -57,10 +58,12 @@ class CompletionBuilder:
         if resp.HasField("usage"):
             self.usage = resp.usage
         self._texts.append(resp.text)
+        self._last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
+        self._lp_items.extend(self._last_lp or ())
 
     def chunk(self, resp: common_pb2.GenerateResponse) -> dict[str, Any] | None:
         """The SSE chunk of this message; None when it carries nothing to send."""
-        logprobs = self._logprobs_of(resp) if self._logprobs and resp.logprobs else None
+        logprobs = self._format(self._last_lp) if self._last_lp is not None else None
         if not resp.text and logprobs is None and self.finish_reason is None and self._sent_role:
             return None
         if self.chat:
@@ -102,22 +105,15 @@ class CompletionBuilder:
     def _token(self, tok: Tokenizer | None, token_id: int) -> str:
         return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
 
-    def _logprobs_of(self, resp: common_pb2.GenerateResponse) -> dict[str, Any]:
+    def _logprob_items(self, resp: common_pb2.GenerateResponse) -> list[tuple[str, float, list]]:
+        """(token text, logprob, [(alternative text, logprob)]) of each token of ``resp``."""
         tok = self._tokenizer_of(self.model)
-        items = []
-        for lp in resp.logprobs:
-            token = self._token(tok, lp.token_id)
-            top = [(self._token(tok, t.token_id), t.logprob) for t in lp.top]
-            items.append((token, lp.logprob, top))
-        self._lp_items.extend({"token": t, "logprob": p, "top": top} for t, p, top in items)
-        return self._format(items)
+        return [(self._token(tok, lp.token_id), lp.logprob,
+                 [(self._token(tok, t.token_id), t.logprob) for t in lp.top]) for lp in resp.logprobs]
 
     def _whole_logprobs(self) -> dict[str, Any]:
-        saved, self._text_offset = self._text_offset, 0
-        try:
-            return self._format([(i["token"], i["logprob"], i["top"]) for i in self._lp_items])
-        finally:
-            self._text_offset = saved
+        self._text_offset = 0
+        return self._format(self._lp_items)
 
     def _format(self, items: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
         if self.chat:
