@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -225,3 +228,25 @@ def test_disconnect_mid_stream_frees_the_engine(mesh):
     next(iter(stream))
     stream.close()
     wait_engine_idle(mesh, within_s=5)
+
+
+# ---- `llmesh generate`: the chat template by default, the finish reason in the timing line -------
+def _llmesh(mesh, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMESH_API_KEY": mesh["keys"]["admin"]}
+    return subprocess.run([sys.executable, "-m", "llmesh.cli", *args, "--address", mesh["gateway"].address],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_llmesh_generate_uses_the_chat_template_unless_raw(mesh):
+    flags = ("--model", MODEL, "--max-tokens", "5", "--temperature", "0")
+    _, chat_text = grpc_tokens(mesh, messages=[{"role": "user", "content": PROMPT}], model=MODEL, max_tokens=5,
+                               temperature=0.0)
+    _, raw_text = grpc_tokens(mesh, prompt=PROMPT, model=MODEL, max_tokens=5, temperature=0.0)
+    templated = _llmesh(mesh, "generate", PROMPT, *flags)
+    raw = _llmesh(mesh, "generate", "--raw", PROMPT, *flags)
+    assert templated.returncode == 0 and raw.returncode == 0, templated.stderr + raw.stderr
+    assert templated.stdout.rstrip("\n") == chat_text.rstrip("\n")
+    assert raw.stdout.rstrip("\n") == raw_text.rstrip("\n")
+    for out, text in ((templated, chat_text), (raw, raw_text)):
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("[") and last.endswith(("· length]", "· stop]")), last
