@@ -1,11 +1,13 @@
 """``llmesh generate`` and ``llmesh chat``: talk to a running gateway.
 
-    llmesh generate "Once upon a time" --max-tokens 32
+    llmesh generate "What is the capital of France?"   # through the chat template, if the model has one
+    llmesh generate --raw "Once upon a time" --max-tokens 32
     llmesh chat                        # interactive; /reset clears the history, /exit quits
     llmesh chat --once "Hi there"
 
 Tokens stream to stdout; a timing line goes to stderr at the end of each answer:
-``[N tokens · TTFT 123 ms · 45.6 tok/s · model X]``. A gRPC error prints as one line on
+``[N tokens · TTFT 123 ms · 45.6 tok/s · model X · stop]``, ending with why the answer
+stopped (stop: end of turn or a stop string; length: max_tokens or the window). A gRPC error prints as one line on
 stderr (no traceback) and the command exits with status 1. The gateway address comes
 from ``--address``, else ``LLMESH_ADDRESS``, else localhost:50051; the API key from
 ``LLMESH_API_KEY``.
@@ -36,6 +38,8 @@ class StreamStats:
     ttft_s: float | None
     total_s: float
     model: str
+    finish_reason: str | None = None
+    """Why the answer ended ("stop", "length", "abort", "error"); None if cut off."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -47,7 +51,7 @@ class StreamStats:
     def line(self) -> str:
         ttft = f"{1000 * self.ttft_s:.0f} ms" if self.ttft_s is not None else "n/a"
         return (f"[{self.tokens} tokens · TTFT {ttft} · {self.tokens_per_s:.1f} tok/s · "
-                f"model {self.model or '?'}]")
+                f"model {self.model or '?'} · {self.finish_reason or 'interrupted'}]")
 
 
 class LineTracker:
@@ -78,6 +82,7 @@ def stream_to(chunks: Iterator[Chunk], out: TextIO | LineTracker) -> tuple[str, 
     ttft = None
     tokens = 0
     model = ""
+    finish_reason = None
     parts: list[str] = []
     try:
         for chunk in chunks:
@@ -85,6 +90,7 @@ def stream_to(chunks: Iterator[Chunk], out: TextIO | LineTracker) -> tuple[str, 
                 ttft = time.perf_counter() - start
             tokens += len(chunk.token_ids)
             model = chunk.model or model
+            finish_reason = chunk.finish_reason or finish_reason
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
             if chunk.text:
@@ -95,7 +101,7 @@ def stream_to(chunks: Iterator[Chunk], out: TextIO | LineTracker) -> tuple[str, 
         close = getattr(chunks, "close", None)
         if close is not None:
             close()  # cancels the call when the stream was interrupted
-    return "".join(parts), StreamStats(tokens, ttft, time.perf_counter() - start, model)
+    return "".join(parts), StreamStats(tokens, ttft, time.perf_counter() - start, model, finish_reason)
 
 
 def error_line(err: grpc.RpcError, address: str) -> str:
@@ -119,12 +125,24 @@ def _client(args: argparse.Namespace) -> LlmeshClient:
     return LlmeshClient(args.address, timeout=args.timeout)
 
 
+def uses_chat_template(client: LlmeshClient, model: str) -> bool:
+    """Whether ``llmesh generate`` should send the prompt as one user message: the model
+    named (or, for auto, every model the router may pick) has a chat template."""
+    models = client.list_models()
+    chosen = [m for m in models if model in ("auto", "", m.name)]
+    return bool(chosen) and all(m.has_chat_template for m in chosen)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     out = LineTracker(sys.stdout)
     with _client(args) as client:
         try:
-            _, stats = stream_to(client.generate(prompt, model=args.model, **_sampling(args)), out)
+            if not args.raw and uses_chat_template(client, args.model):
+                chunks = client.chat([{"role": "user", "content": prompt}], model=args.model, **_sampling(args))
+            else:
+                chunks = client.generate(prompt, model=args.model, **_sampling(args))
+            _, stats = stream_to(chunks, out)
         except grpc.RpcError as e:
             out.end_line()
             print(error_line(e, args.address), file=sys.stderr, flush=True)
@@ -204,7 +222,8 @@ def stream_chat_once(address: str, prompt: str, model: str = "auto", max_tokens:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto", help="model name from the gateway, or 'auto' (default)")
     p.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=None, help="0 for greedy (server default 1.0)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 for greedy (default: the model's, see ListModels; else 1.0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
@@ -218,6 +237,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``generate`` and ``chat`` to the ``llmesh`` command (each sets ``fn``)."""
     gen = subparsers.add_parser("generate", help="stream a completion from a running gateway")
     gen.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    gen.add_argument("--raw", action="store_true",
+                     help="send the text as a plain completion prompt (no chat template)")
     _common_flags(gen)
     gen.set_defaults(fn=cmd_generate)
 

@@ -85,10 +85,16 @@ class ModelInfo:
     max_model_len: int
     healthy_replicas: int
     replicas: int
+    has_chat_template: bool = False
+    """Chat renders conversations with the model's own template (``llmesh generate`` uses it)."""
+    generation_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Sampling values the gateway applies where a request leaves them unset."""
 
     @classmethod
     def from_proto(cls, card: router_pb2.ModelCard) -> ModelInfo:
-        return cls(card.name, card.size_class, card.max_model_len, card.healthy_replicas, card.replicas)
+        defaults = {f.name: v for f, v in card.generation_defaults.ListFields()}
+        return cls(card.name, card.size_class, card.max_model_len, card.healthy_replicas, card.replicas,
+                   card.has_chat_template, defaults)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llmesh.config import option, require
 from llmesh.errors import ServiceError, status_for
@@ -108,6 +109,54 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""The stable reflection service (current grpcurl and Postman ask for it first)."""
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default pool, so that reflection can
+    describe its own v1 service. grpcio-reflection ships only v1alpha; v1 is the same
+    file under another package (identical messages and field numbers)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for service in file.service:
+        for method in service.method:
+            for field in ("input_type", "output_type"):
+                setattr(method, field, getattr(method, field).replace(".grpc.reflection.v1alpha.",
+                                                                      ".grpc.reflection.v1."))
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+    file.options.Clear()
+    pool.Add(file)
+
+
+def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Serve reflection as both grpc.reflection.v1 and v1alpha over the same servicer.
+
+    The two protocols are wire-identical, so the v1 method decodes its messages with the
+    v1alpha classes; only the service name differs.
+    """
+    _register_reflection_v1_descriptor()
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),))
+
+
 class GrpcServer:
     """One service's server. ``register`` adds servicers and returns their full names."""
 
@@ -123,9 +172,8 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = register(self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self.server)
+        enable_reflection([*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                          self.server)
         creds = server_credentials(config)
         bind = f"{config.host}:{config.port}"
         self.port = (self.server.add_secure_port(bind, creds) if creds is not None

@@ -27,7 +27,9 @@ from llmesh.models_file import ModelsFile, ModelSpec, load_models_file, parse_mo
 READY_PREFIX = "LLMESH_READY "
 DEMO_MODELS = {"default_model": "smollm2-135m",
                "models": [{"name": "smollm2-135m", "path": "demo", "size_class": "small", "replicas": 1,
-                           "engine": {"dtype": "float32", "max_num_seqs": 32}}]}
+                           "engine": {"dtype": "float32", "max_num_seqs": 32},
+                           # The model card's suggested sampling; its GGUF carries no generation_config.
+                           "generation": {"temperature": 0.2, "top_p": 0.9}}]}
 
 
 @dataclasses.dataclass
@@ -36,6 +38,8 @@ class UpConfig:
     """YAML models file; None serves the demo model (SmolLM2-135M-Instruct) as ``smollm2-135m``."""
     host: str = "127.0.0.1"
     gateway_port: int = 50051
+    http_port: int = 8000
+    """The gateway's OpenAI-compatible HTTP front (0 turns it off)."""
     router_port: int = 50052
     prefix_cache_port: int = 50053
     engine_base_port: int = 50061
@@ -112,6 +116,7 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path) -> tuple[list[Pr
         "LLMESH_ROUTER_METRICS_PORT": metrics(1)}, address=f"{cfg.host}:{cfg.router_port}"))
     procs.append(ProcessSpec("gateway", [sys.executable, "-m", "llmesh.gateway.main"], env={
         "LLMESH_GATEWAY_HOST": cfg.host, "LLMESH_GATEWAY_PORT": str(cfg.gateway_port),
+        "LLMESH_GATEWAY_HTTP_PORT": str(cfg.http_port),
         "LLMESH_GATEWAY_AUTH": "true" if cfg.auth else "false", "LLMESH_GATEWAY_REDIS_URL": redis_url,
         "LLMESH_GATEWAY_ROUTER": f"{cfg.host}:{cfg.router_port}",
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
@@ -257,6 +262,8 @@ def up(cfg: UpConfig, prompt: str | None = None) -> int:
         print("\nllmesh is up:")
         for name, address in mesh.endpoints():
             print(f"  {name:<28} {address}")
+        if cfg.http_port:
+            print(f"  {'OpenAI-compatible HTTP':<28} http://{cfg.host}:{cfg.http_port}/v1")
         print(f"\n  models: {', '.join(mesh.models.names)} (default {mesh.models.default_model})")
         print(f"  logs:   {mesh.run_dir}")
         print('\n  try:    llmesh generate "What is the capital of France?"   (Ctrl-C stops the mesh)\n',

@@ -11,6 +11,9 @@ gateway and compose alike.
         engine:                  # engine flags (see `llmesh-engine --help`), per model
           dtype: float32
           max_num_seqs: 32
+        generation:              # sampling defaults for requests that leave them unset
+          temperature: 0.2       # (over the model's generation_config.json)
+          top_p: 0.9
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import yaml
 
 DEMO = "demo"
 SIZE_CLASSES = ("small", "large")
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+"""Sampling fields a model's generation defaults may set (as in generation_config.json)."""
 
 
 class ModelsFileError(ValueError):
@@ -41,6 +46,9 @@ class ModelSpec:
     """host:port of each replica's engine."""
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Extra engine flags, e.g. {"dtype": "float32", "max_num_seqs": 32}."""
+    generation: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Sampling defaults (GENERATION_KEYS) for requests that leave them unset; they
+    override the model's own generation_config.json, key by key."""
 
     def resolved_path(self) -> str:
         if self.path == DEMO:
@@ -93,6 +101,7 @@ def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
             raise ModelsFileError(f"{at}: {len(spec.addresses)} addresses for {spec.replicas} replicas")
         if not isinstance(spec.engine, dict):
             raise ModelsFileError(f"{at}: 'engine' must be a mapping of engine flags")
+        _check_generation(spec.generation, at)
         if any(x.name == spec.name for x in models):
             raise ModelsFileError(f"{at}: duplicate model name {spec.name!r}")
         models.append(spec)
@@ -100,6 +109,17 @@ def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
     if default not in [m.name for m in models]:
         raise ModelsFileError(f"{where}: default_model {default!r} is not one of the models")
     return ModelsFile(models, default)
+
+
+def _check_generation(generation: Any, at: str) -> None:
+    if not isinstance(generation, dict):
+        raise ModelsFileError(f"{at}: 'generation' must be a mapping of sampling defaults")
+    unknown = set(generation) - set(GENERATION_KEYS)
+    if unknown:
+        raise ModelsFileError(f"{at}: generation has unknown keys {sorted(unknown)} (known: {list(GENERATION_KEYS)})")
+    for key, value in generation.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelsFileError(f"{at}: generation.{key} must be a number, got {value!r}")
 
 
 def load_models_file(path: str | Path) -> ModelsFile:

@@ -47,18 +47,22 @@ class RouterListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "size_class", "max_model_len", "healthy_replicas", "replicas")
+    __slots__ = ("name", "size_class", "max_model_len", "healthy_replicas", "replicas", "generation_defaults", "has_chat_template")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_CLASS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_class: str
     max_model_len: int
     healthy_replicas: int
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., size_class: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+    generation_defaults: _common_pb2.SamplingParams
+    has_chat_template: bool
+    def __init__(self, name: _Optional[str] = ..., size_class: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., replicas: _Optional[int] = ..., generation_defaults: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class RouterListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from llmesh.errors import ServiceError
 from llmesh.gateway import metrics
-from llmesh.gateway.caller import Caller
+from llmesh.gateway.caller import CallContext, Caller
 from llmesh.gateway.keys import REDIS_PREFIX, KeyFormatError, KeyRecord, KeysFile, matches, parse_key
 from llmesh.gateway.ratelimit import RedisGuard
 
@@ -38,7 +38,7 @@ class KeyAuthenticator:
         self._pepper = pepper
         self._known: dict[str, KeyRecord] = {}
 
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def authenticate(self, context: CallContext) -> Caller:
         values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
         if not values:
             raise _unauthenticated("missing", "missing API key: send metadata 'authorization: Bearer <key>' "

@@ -1,6 +1,6 @@
 """Who is calling: the one place authentication plugs into the gateway.
 
-Every Inference handler starts with ``caller = await authenticator.authenticate(context)``
+Every Inference handler (gRPC or HTTP) starts with ``caller = await authenticator.authenticate(context)``
 and then reads only the ``Caller``: which models it may use, its tier (the default
 priority and an ``auto`` policy input) and its prefix-cache salt. Without API keys every
 call is the anonymous caller, who may use every model. An authenticator that checks
@@ -11,9 +11,8 @@ and returns the key's Caller; rate limits hang off the same call.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Protocol
-
-import grpc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +42,21 @@ class Caller:
 ANONYMOUS = Caller()
 
 
+class CallContext(Protocol):
+    """What the gateway reads of a call, whichever front it came through: a gRPC
+    ``ServicerContext`` is one, and the HTTP front passes its own (``HttpCallContext``)."""
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None:
+        """The call's metadata as (lower-case key, value) pairs (HTTP: its headers)."""
+        ...
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline; None without one."""
+        ...
+
+
 class Authenticator(Protocol):
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def authenticate(self, context: CallContext) -> Caller:
         """The caller of this call, or raise ServiceError (UNAUTHENTICATED, PERMISSION_DENIED)."""
         ...
 
@@ -52,5 +64,5 @@ class Authenticator(Protocol):
 class NoAuth:
     """Every call is the anonymous caller (local use, tests)."""
 
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def authenticate(self, context: CallContext) -> Caller:
         return ANONYMOUS

@@ -19,6 +19,8 @@ class GatewayConfig(ServiceConfig):
     port: int = option(DEFAULT_PORT, "public gRPC port (0 picks a free one)")
     router: str = option("127.0.0.1:50052", "host:port of the router")
     models_file: str = option("", "models file (YAML) listing the models whose tokenizers the gateway loads")
+    http_port: int = option(0, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, "
+                               "/v1/models, /health) on the same host; 0 turns the HTTP front off")
     max_request_bytes: int = option(1 << 20, "largest serialized request accepted, in bytes")
     default_max_tokens: int = option(256, "max_tokens when a request leaves it unset (capped by the model window)")
     models_refresh_s: float = option(10.0, "seconds between refreshes of the router's model list (windows, replicas)")
@@ -37,6 +39,7 @@ class GatewayConfig(ServiceConfig):
         require(bool(self.models_file.strip()),
                 "models_file is required: the gateway tokenizes with each model's tokenizer "
                 "(pass --models-file PATH or set LLMESH_GATEWAY_MODELS_FILE)")
+        require(0 <= self.http_port <= 65535, f"http_port must be in [0, 65535], got {self.http_port}")
         require(self.max_request_bytes >= 1024,
                 f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         require(self.default_max_tokens >= 1,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import grpc
@@ -17,6 +18,8 @@ from llmesh.gateway.auth import KeyAuthenticator
 from llmesh.gateway.caller import NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.generation_defaults import GenerationDefaults
+from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
@@ -29,8 +32,10 @@ from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
 from llmesh.v1 import router_pb2_grpc
 
+log = logging.getLogger("llmesh.gateway")
 
-async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
+
+async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults) -> None:
     channel = aio_channel(
         config.router, config, interceptors=client_interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -44,13 +49,17 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
                                      guard, config.key_pepper) if config.auth else NoAuth()
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
-    servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store)
+    servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
+                                 defaults)
     refresher: asyncio.Task | None = None
+    http: HttpFront | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_to_server(servicer, server)]
 
     async def on_shutdown() -> None:
+        if http is not None:
+            await http.stop(config.grace_period_s)
         if refresher is not None:
             refresher.cancel()
         await channel.close()
@@ -59,6 +68,10 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers) -> None:
 
     server = GrpcServer("gateway", config, register, on_shutdown)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
+    if config.http_port:
+        http = HttpFront(servicer, tokenizers, config.max_request_bytes)
+        await http.start(config.host, config.http_port)
+        log.info("HTTP front serving", extra={"address": f"http://{config.host}:{http.port}"})
     await server.run()
 
 
@@ -68,10 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(GatewayConfig, argv, service="gateway")
     setup_logging("gateway", config.log_level)
     try:
-        tokenizers = ModelTokenizers.load(load_models_file(config.models_file))
+        models = load_models_file(config.models_file)
+        tokenizers = ModelTokenizers.load(models)
+        defaults = GenerationDefaults.load(models)
     except (ModelsFileError, EngineError) as e:
         sys.exit(f"llmesh-gateway: {e}")
-    run_async(lambda: serve(config, tokenizers))
+    run_async(lambda: serve(config, tokenizers, defaults))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """The public Inference service: authenticate, validate, tokenize once, route, stream.
 
+Both fronts run through it: the gRPC handlers below, and the OpenAI-compatible HTTP
+front (``http_front``), which builds the same request messages and calls ``stream`` and
+``list_models`` with its own ``CallContext``; so keys, limits, usage, validation,
+generation defaults and tracing are one implementation.
+
 Each Generate/Chat call is checked completely before it costs any engine work (size,
 model, prompt, sampling ranges, window), tokenized here with the model's own tokenizer
 and chat template, and handed to the router as token ids. The router's stream is passed
@@ -21,9 +26,10 @@ from opentelemetry.trace import Status, StatusCode
 
 from llmesh.errors import ServiceError, invalid_argument, not_found, status_for, unavailable
 from llmesh.gateway import metrics
-from llmesh.gateway.caller import Authenticator, Caller, NoAuth
+from llmesh.gateway.caller import Authenticator, CallContext, Caller, NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage import UsageRecord
@@ -50,8 +56,10 @@ _tracer = tracer("llmesh.gateway")
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: GatewayConfig, tokenizers: ModelTokenizers, catalog: ModelCatalog,
                  router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None,
-                 limiter: RateLimiter | None = None, usage_store: UsageStore | None = None) -> None:
+                 limiter: RateLimiter | None = None, usage_store: UsageStore | None = None,
+                 defaults: GenerationDefaults | None = None) -> None:
         self._config = config
+        self._defaults = defaults or GenerationDefaults({})
         self._tokenizers = tokenizers
         self._catalog = catalog
         self._router = router
@@ -60,16 +68,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._usage_store = usage_store
         self._background: set[asyncio.Task] = set()
 
+    @property
+    def catalog(self) -> ModelCatalog:
+        return self._catalog
+
     # ---- RPCs ----------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
-        async with aclosing(self._serve("Generate", request, context, self._route_generate)) as stream:
+        async with aclosing(self.stream("Generate", request, context)) as stream:
             async for resp in stream:
                 yield resp
 
     async def Chat(self, request: inference_pb2.ChatRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
-        async with aclosing(self._serve("Chat", request, context, self._route_chat)) as stream:
+        async with aclosing(self.stream("Chat", request, context)) as stream:
             async for resp in stream:
                 yield resp
 
@@ -103,15 +115,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
         _check_decoded(request)
+        return await self.list_models(context)
+
+    # ---- what both fronts call ---------------------------------------------------------------
+    async def list_models(self, context: CallContext) -> inference_pb2.ListModelsResponse:
+        """The router's cards the caller may use, with what only the gateway knows (the
+        generation defaults it applies, whether it has a chat template) filled in."""
         caller = await self._auth.authenticate(context)
         cards = await self._catalog.cards()
-        return inference_pb2.ListModelsResponse(
-            models=[c for name, c in sorted(cards.items()) if caller.may_use(name)])
+        out = inference_pb2.ListModelsResponse()
+        for name, card in sorted(cards.items()):
+            if caller.may_use(name):
+                shown = out.models.add()
+                shown.CopyFrom(card)
+                shown.generation_defaults.CopyFrom(self._defaults.of(name))
+                tok = self._tokenizers.get(name)
+                shown.has_chat_template = tok is not None and tok.chat_template is not None
+        return out
 
-    async def _serve(self, rpc: str, request, context: grpc.aio.ServicerContext,
-                     build_route) -> AsyncIterator[common_pb2.GenerateResponse]:
-        """Authenticate, build the route request, stream it; one usage record either way."""
+    async def stream(self, rpc: str, request: inference_pb2.GenerateRequest | inference_pb2.ChatRequest,
+                     context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """Authenticate, build the route request, stream it; one usage record either way.
+
+        ``rpc`` names the call in usage lines, metrics and the span (``gateway.<rpc>``);
+        the request's type says whether it is a completion or a chat.
+        """
         _check_decoded(request)
+        build_route = self._route_chat if isinstance(request, inference_pb2.ChatRequest) else self._route_generate
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
@@ -232,10 +262,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if not fitting:
             raise errors[0]
         max_tokens = min(fitting.values())
-        to_sampling_params(sampling_proto_with(sampling, max_tokens), max_tokens)
+        effective = sampling_proto_with(sampling, max_tokens)
+        apply_defaults(effective, self._defaults.common(fitting) if model == AUTO else self._defaults.of(model))
+        to_sampling_params(effective, max_tokens)
         route = router_pb2.RouteRequest(
             request_id=request_id or uuid.uuid4().hex, model=model,
-            sampling=sampling_proto_with(sampling, max_tokens), priority=priority,
+            sampling=effective, priority=priority,
             cache_salt=caller.cache_salt, prompt_text=prompt_text, tier=caller.tier)
         if model == AUTO:
             for name in fitting:
@@ -246,7 +278,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     # ---- streaming -------------------------------------------------------------------------
     async def _stream(self, route: router_pb2.RouteRequest, usage: UsageRecord,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
+                      context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
         prompt_tokens = len(route.prompt_token_ids) or max(
             (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
         attributes = {"llmesh.model": route.model, "llmesh.request_id": route.request_id,
@@ -302,7 +334,7 @@ def apply_tier(route: router_pb2.RouteRequest, caller: Caller) -> None:
     route.priority = common_pb2.PRIORITY_BATCH
 
 
-def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+def _time_remaining(context: CallContext) -> float | None:
     """The caller's remaining deadline, for the router call (None: no deadline)."""
     remaining = context.time_remaining()
     if remaining is None or remaining > 10 ** 8:
@@ -310,7 +342,7 @@ def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
     return max(remaining, 0.0)
 
 
-def _status_name(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+def _status_name(exc: BaseException, context: CallContext) -> str:
     """The status code a call ends with, as a name, for logs and metrics."""
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()

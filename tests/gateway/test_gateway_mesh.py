@@ -285,12 +285,12 @@ def _cli(mesh, *args: str, stdin: str | None = None) -> subprocess.CompletedProc
                           input=stdin, capture_output=True, text=True, timeout=120)
 
 
-TIMING = re.compile(r"^\[(\d+) tokens · TTFT \d+ ms · [\d.]+ tok/s · model tiny\]$")
+TIMING = re.compile(r"^\[(\d+) tokens · TTFT \d+ ms · [\d.]+ tok/s · model tiny · (stop|length)\]$")
 
 
 def test_cli_generate_streams_text_and_a_timing_line(mesh, tokenizer):
     _, ref_text = _engine_greedy(mesh, tokenizer.encode(PROMPT), 8)
-    out = _cli(mesh, "generate", PROMPT, "--model", MODEL, "--max-tokens", "8", "--temperature", "0")
+    out = _cli(mesh, "generate", "--raw", PROMPT, "--model", MODEL, "--max-tokens", "8", "--temperature", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(ref_text) and out.stdout.strip("\n") == ref_text.strip("\n")
     m = TIMING.match(out.stderr.strip())

@@ -1,0 +1,264 @@
+"""OpenAI request bodies → the gateway's own request messages.
+
+``/v1/chat/completions`` becomes a ``ChatRequest`` and ``/v1/completions`` a
+``GenerateRequest``; from there both fronts share one path (validation, templates,
+defaults, limits). This module only checks what is particular to the JSON shape: the
+types of the fields, which OpenAI fields exist here, and the spelling of their aliases.
+A field llmesh does not implement is refused with 400 naming it, never ignored.
+Ranges (temperature >= 0, top_p in (0, 1], ...) are checked later by the engine's own
+SamplingParams rules, exactly as for gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from llmesh.gateway.http_errors import HttpError
+from llmesh.v1 import common_pb2, inference_pb2
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_INT_FIELDS = ("top_k", "seed", "min_tokens")
+_COMMON = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "n", "user",
+           "logprobs", "ignore_eos", "stop_token_ids", *_FLOAT_FIELDS, *_INT_FIELDS}
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "top_logprobs", "logit_bias", "tools", "tool_choice",
+                                   "response_format", "parallel_tool_calls"})
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix", "logit_bias"})
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+"""OpenAI's limit for /v1/completions' integer ``logprobs``."""
+ROLE_ALIASES = {"developer": "system"}
+"""OpenAI's newer name for the system role; chat templates know only "system"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+    """What the HTTP front needs besides the request message."""
+
+    message: inference_pb2.ChatRequest | inference_pb2.GenerateRequest
+    stream: bool
+    include_usage: bool
+    """stream_options.include_usage: a last chunk with usage and no choices."""
+    logprobs: bool
+    user: str
+
+
+def _bad(message: str, param: str | None) -> HttpError:
+    return HttpError(400, message, param=param)
+
+
+def _check_unknown(body: dict[str, Any], known: frozenset[str], endpoint: str) -> None:
+    for key in body:
+        if key not in known:
+            raise _bad(f"{key!r} is not supported by llmesh's {endpoint}; supported fields: "
+                       f"{', '.join(sorted(known))}", key)
+
+
+def _number(body: dict, key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{key} must be a number, got {value!r}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{key} must be an integer, got {value!r}", key)
+    return value
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"{key} must be true or false, got {value!r}", key)
+    return value
+
+
+def _only(body: dict, key: str, allowed: tuple, why: str) -> None:
+    """A field accepted only at the value(s) that mean 'the default behaviour'."""
+    if key in body and body[key] is not None and body[key] not in allowed:
+        raise _bad(f"{key}={body[key]!r} is not supported: {why}", key)
+
+
+def _set(sampling: common_pb2.SamplingParams, key: str, value: int) -> None:
+    try:
+        setattr(sampling, key, value)
+    except ValueError:
+        raise _bad(f"{key}={value} is out of range", key) from None
+
+
+def _sampling(body: dict) -> common_pb2.SamplingParams:
+    out = common_pb2.SamplingParams()
+    max_tokens, max_completion = _integer(body, "max_tokens"), _integer(body, "max_completion_tokens")
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise _bad("max_tokens and max_completion_tokens are aliases; send one of them", "max_tokens")
+    limit = max_completion if max_completion is not None else max_tokens
+    if limit is not None:
+        if limit < 1:
+            raise _bad(f"max_tokens must be >= 1, got {limit}", "max_tokens")
+        _set(out, "max_tokens", limit)
+    for key in _FLOAT_FIELDS:
+        value = _number(body, key)
+        if value is not None:
+            setattr(out, key, value)
+    top_k = _integer(body, "top_k")
+    if top_k is not None:
+        _set(out, "top_k", 0 if top_k == -1 else top_k)  # -1 is vLLM's spelling of "no top-k"
+    seed = _integer(body, "seed")
+    if seed is not None:
+        if seed < 0:
+            raise _bad(f"seed must be >= 0, got {seed}", "seed")
+        _set(out, "seed", seed)
+    min_tokens = _integer(body, "min_tokens")
+    if min_tokens is not None:
+        if min_tokens < 0:
+            raise _bad(f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
+        _set(out, "min_tokens", min_tokens)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        out.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        out.stop.extend(stop)
+    elif stop is not None:
+        raise _bad("stop must be a string or a list of strings", "stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in stop_ids):
+            raise _bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
+        out.stop_token_ids.extend(stop_ids)
+    out.ignore_eos = _flag(body, "ignore_eos")
+    return out
+
+
+def _common(body: Any, known: frozenset[str], endpoint: str) -> tuple[dict, bool, bool, str]:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    _check_unknown(body, known, endpoint)
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model is required: a name from GET /v1/models, or 'auto' to let the router choose", "model")
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        raise _bad(f"n={n} is not supported: llmesh returns one choice per request (send n requests)", "n")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _bad("stream_options is only allowed with stream=true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise _bad("stream_options supports only {'include_usage': bool}", "stream_options")
+        include_usage = _flag(options, "include_usage")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("user must be a string", "user")
+    _only(body, "logit_bias", ({},), "llmesh does not bias logits")
+    return body, stream, include_usage, user or ""
+
+
+def _content(content: Any, i: int) -> str:
+    """A message's content: a string, or a list of text parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(f"messages[{i}].content[{j}] is of type {kind!r}; llmesh serves text only "
+                           "(content parts of type 'text')", f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+
+
+def _messages(value: Any) -> list[inference_pb2.ChatMessage]:
+    if not isinstance(value, list) or not value:
+        raise _bad("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
+        extra = set(m) - {"role", "content"}
+        if extra:
+            raise _bad(f"messages[{i}] has unsupported keys {sorted(extra)}: llmesh takes role and content "
+                       "(no tool calls or names)", f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise _bad(f"messages[{i}].role must be a string", f"messages[{i}].role")
+        out.append(inference_pb2.ChatMessage(role=ROLE_ALIASES.get(role, role),
+                                             content=_content(m.get("content", ""), i)))
+    return out
+
+
+def parse_chat(body: Any) -> ParsedRequest:
+    """A ``POST /v1/chat/completions`` body → ChatRequest (raises HttpError 400)."""
+    body, stream, include_usage, user = _common(body, CHAT_FIELDS, "/v1/chat/completions")
+    if body.get("tools"):
+        raise _bad("tools are not supported by llmesh", "tools")
+    _only(body, "tool_choice", ("none",), "llmesh does not call tools")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("response_format supports only {'type': 'text'} (no JSON mode)", "response_format")
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise _bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    sampling = _sampling(body)
+    logprobs = _flag(body, "logprobs")
+    top = _integer(body, "top_logprobs")
+    if top is not None:
+        if not logprobs:
+            raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+    if logprobs:
+        sampling.logprobs = top or 0
+    message = inference_pb2.ChatRequest(model=body["model"], messages=_messages(body.get("messages")),
+                                        sampling=sampling)
+    return ParsedRequest(message, stream, include_usage, logprobs, user)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    """A completion prompt: text or token ids, alone or as a batch of one."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if any(t < 0 for t in value):
+            raise _bad("prompt token ids must be >= 0", "prompt")
+        return value
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise _bad(f"prompt holds {len(value)} prompts; llmesh takes one prompt per request", "prompt")
+    raise _bad("prompt must be a string or a list of token ids", "prompt")
+
+
+def parse_completion(body: Any) -> ParsedRequest:
+    """A ``POST /v1/completions`` body → GenerateRequest (raises HttpError 400)."""
+    body, stream, include_usage, user = _common(body, COMPLETION_FIELDS, "/v1/completions")
+    if "prompt" not in body:
+        raise _bad("prompt is required (a string or a list of token ids)", "prompt")
+    _only(body, "echo", (False,), "llmesh does not echo the prompt")
+    _only(body, "best_of", (1,), "llmesh returns one choice per request")
+    _only(body, "suffix", ("",), "llmesh does not insert completions")
+    sampling = _sampling(body)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) \
+                or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise _bad(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]", "logprobs")
+        sampling.logprobs = logprobs
+    message = inference_pb2.GenerateRequest(model=body["model"], sampling=sampling)
+    prompt = _prompt(body["prompt"])
+    if isinstance(prompt, str):
+        message.text = prompt
+    else:
+        message.token_ids.ids.extend(prompt)
+    return ParsedRequest(message, stream, include_usage, logprobs is not None, user)
