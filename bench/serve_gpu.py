@@ -69,8 +69,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                             "max_num_batched_tokens": 1024, "num_kv_blocks": 512},
                     workload=WorkloadConfig(kind="lognormal", input_len=32, output_len=16, sigma=0.5,
                                             vocab_size=128000, max_model_len=512, seed=0),
-                    rates=(4.0, 16.0), moderate_rate=16.0, concurrency=16, seconds_per_rate=2.0,
-                    concurrency_requests=32, warmup_requests=8, probes=4)
+                    rates=(16.0,), moderate_rate=16.0, concurrency=8, seconds_per_rate=1.0,
+                    concurrency_requests=16, warmup_requests=4, probes=2)
     models = yaml.safe_load(Path(args.models_file).read_text())
     spec = models["models"][0]
     return Plan(model=spec["path"], device="cuda", engine=dict(spec.get("engine", {})),
