@@ -31,6 +31,11 @@ def available() -> bool:
     return _pyplot() is not None
 
 
+def cdf_legend(label: str, values: Sequence[float]) -> str:
+    """A CDF line's legend: its p50 from the same percentile function as the result file."""
+    return f"{label} (p50 {percentile(list(values), 50):.1f} ms)"
+
+
 def plot_latency_cdfs(runs: Sequence[RunResult], path: Path, title: str = "") -> Path | None:
     """One panel per latency metric, one CDF line per run (e.g. direct vs mesh)."""
     plt = _pyplot()
@@ -42,7 +47,7 @@ def plot_latency_cdfs(runs: Sequence[RunResult], path: Path, title: str = "") ->
             values = sorted(latency_samples(run)[key])
             if values:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
-                ax.step(values, ys, where="post", label=f"{run.label} (p50 {percentile(values, 50):.1f} ms)")
+                ax.step(values, ys, where="post", label=cdf_legend(run.label, values))
         ax.set_title(label)
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of gaps")
