@@ -113,7 +113,8 @@ def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: 
 
 
 async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float) -> int:
-    targets: dict[str, Target] = {"engine": EngineTarget(engine), "gateway": GatewayTarget(gateway, MODEL_NAME, api_key)}
+    targets: dict[str, Target] = {"engine": EngineTarget(engine),
+                                  "gateway": GatewayTarget(gateway, MODEL_NAME, api_key)}
     for t in targets.values():
         await t.open()
     results: dict[tuple[str, str], PointResult] = {}

@@ -33,7 +33,8 @@ class LoadPoint:
     @property
     def key(self) -> str:
         """Metric-name prefix: r16, c256, r16_c64, rinf."""
-        parts = [] if math.isinf(self.rate) and self.max_concurrency else [f"r{'inf' if math.isinf(self.rate) else _num(self.rate)}"]
+        rate = "inf" if math.isinf(self.rate) else _num(self.rate)
+        parts = [] if math.isinf(self.rate) and self.max_concurrency else [f"r{rate}"]
         if self.max_concurrency:
             parts.append(f"c{self.max_concurrency}")
         return "_".join(parts)
