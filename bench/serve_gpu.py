@@ -82,8 +82,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def load_points(plan: Plan) -> list[LoadPoint]:
-    points = [LoadPoint(rate=r, num_requests=max(8, round(r * plan.seconds_per_rate))) for r in plan.rates]
-    return points + [LoadPoint(max_concurrency=plan.concurrency, num_requests=plan.concurrency_requests)]
+    """The headline points first (the moderate rate, then the concurrency), the other rates
+    after, so a start that eats the time budget costs the sweep's edges, not the headlines."""
+    rates = sorted(plan.rates, key=lambda r: (r != plan.moderate_rate, r))
+    points = [LoadPoint(rate=r, num_requests=max(8, round(r * plan.seconds_per_rate))) for r in rates]
+    return points[:1] + [LoadPoint(max_concurrency=plan.concurrency, num_requests=plan.concurrency_requests)] + points[1:]
 
 
 def headline(results: dict[tuple[str, str], PointResult], plan: Plan) -> dict[str, float]:
