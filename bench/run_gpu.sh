@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# All GPU benchmarks of issue 7 in one device call (about 5-7 minutes on an H100):
-#   ceilings -> kernel tests on the GPU -> kernel microbenchmarks -> engine benchmarks + HF baseline.
-# Results: bench/results/{ceilings,kernels,decode_8b}_<dev>.json, copied to $OUT when it is set.
+# The GPU benchmarks, stage by stage (STAGES, default "ceilings kernel-tests kernels decode": about
+# 5-7 minutes on an H100; "serve" alone: about 5 minutes):
+#   ceilings -> kernel tests on the GPU -> kernel microbenchmarks -> engine benchmarks + HF baseline
+#   serve: the mesh (gateway -> router -> engine) against the engine's own port (bench/serve_gpu.py)
+# Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
+# are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
 # Knobs (environment): PYTHON (python3), PYTEST_TIMEOUT (150 s), HF_MAX_SECONDS (100 s),
 # NUM_PROMPTS (1000; smoke: 12), MODEL (random:llama3-8b), BACKEND (triton), RESULTS_DIR (bench/results),
+# SERVE_TIMEOUT (420 s, a hard bound on the serve stage; its own budget is SERVE_BUDGET_S, 300 s),
 # SMOKE=1 (every script with --smoke, no nvidia-smi, no kernel tests, results to a scratch
 # folder: checks this script on a machine without a GPU).
 set -euo pipefail
@@ -16,27 +20,35 @@ step() {
   if ! "$@"; then FAILED+=("$name"); stamp "$name FAILED"; fi
 }
 OUTDIR=(--results-dir "$RESULTS_DIR")
+STAGES=${STAGES:-ceilings kernel-tests kernels decode}
+want() { [[ " ${STAGES//,/ } " == *" $1 "* ]]; }
+mkdir -p "$RESULTS_DIR"
+touch "$RESULTS_DIR/.run_start"
 
-step ceilings $PY bench/gpu_ceilings.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
-if [ "$SMOKE" != 1 ]; then
+want ceilings && step ceilings $PY bench/gpu_ceilings.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+if want kernel-tests && [ "$SMOKE" != 1 ]; then
   stamp "kernel tests on the GPU (timeout ${PYTEST_TIMEOUT:-150}s)"
   timeout "${PYTEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/kernels \
     || stamp "kernel tests: failures or timeout (rc=$?), benchmarks continue"
 fi
-step kernels $PY bench/kernels_gpu.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
-step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
+want kernels && step kernels $PY bench/kernels_gpu.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
   --hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}" ${BACKEND:+--backend "$BACKEND"} \
   "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+# The mesh's services are children of serve_gpu.py and die with it (parent-death signal).
+want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_gpu.py \
+  --budget-s "${SERVE_BUDGET_S:-300}" "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 
 stamp "results in $RESULTS_DIR"
-DEV=$(PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+[ "$SMOKE" = 1 ] && DEV=cpu || DEV=$(PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
   $PY -c "from gpu_ceilings import device_tag, pick_device; print(device_tag(pick_device(None)))")
 $PY - "$RESULTS_DIR" "$DEV" <<'EOF'
 import json, sys
 from pathlib import Path
 
 results, dev = Path(sys.argv[1]), sys.argv[2]
-for path in sorted(results.glob(f"*_{dev}.json")):
+start = (results / ".run_start").stat().st_mtime
+for path in sorted(p for p in results.glob(f"*_{dev}.json") if p.stat().st_mtime >= start):
     doc = json.loads(path.read_text())
     print(f"\n{path.name}  ({doc['device']}, {doc['commit']}, {doc['date']})")
     for name, value in doc["metrics"].items():
@@ -44,8 +56,11 @@ for path in sorted(results.glob(f"*_{dev}.json")):
 EOF
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  cp "$RESULTS_DIR"/*.json "$OUT"/
-  stamp "copied $(ls "$RESULTS_DIR"/*.json | wc -l) result files to $OUT"
+  # Only what this run wrote: the device tool brings back at most 8 files.
+  mapfile -t NEW < <(find "$RESULTS_DIR" -maxdepth 1 -name '*.json' -newer "$RESULTS_DIR/.run_start")
+  [ ${#NEW[@]} -eq 0 ] || cp "${NEW[@]}" "$OUT"/
+  stamp "copied ${#NEW[@]} result files to $OUT"
 fi
+rm -f "$RESULTS_DIR/.run_start"
 stamp "done${FAILED:+; failed: ${FAILED[*]}}"
 [ ${#FAILED[@]} -eq 0 ]

@@ -88,7 +88,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                    http_port=args.http_port,
                    router_port=args.router_port, prefix_cache_port=args.prefix_cache_port,
                    engine_base_port=args.engine_base_port, redis_port=args.redis_port,
-                   metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir, auth=args.auth)
+                   metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir, auth=args.auth,
+                   redis_server=args.redis_server)
     return up(cfg, prompt=args.prompt)
 
 
@@ -128,6 +129,8 @@ def _add_up(sub) -> None:
     p.add_argument("--metrics-base-port", type=int, default=d.metrics_base_port, help="0 disables /metrics")
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (engines)")
     p.add_argument("--run-dir", default=None, help="where logs go (default: a temporary folder)")
+    p.add_argument("--redis-server", default=d.redis_server,
+                   help="the redis-server program, name or path (default: $LLMESH_REDIS_SERVER or redis-server)")
     p.add_argument("--prompt", default=None, help="once up, stream an answer to this prompt through the gateway")
     p.add_argument("--no-auth", dest="auth", action="store_false",
                    help="serve without API keys (default: keys required; a local admin key is created)")

@@ -51,6 +51,10 @@ class UpConfig:
     """Logs and the resolved models file; a temporary folder by default."""
     auth: bool = True
     """API keys on; the local admin key (``llmesh.keys_cli.ensure_local_key``) is registered in Redis."""
+    redis_server: str = dataclasses.field(default_factory=lambda: os.environ.get("LLMESH_REDIS_SERVER")
+                                          or "redis-server")
+    """The redis-server program: a name on PATH or a path (``$LLMESH_REDIS_SERVER``; machines
+    without a system Redis run one unpacked elsewhere, see bench/README.md)."""
 
 
 @dataclasses.dataclass
@@ -87,7 +91,7 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path) -> tuple[list[Pr
     mp = cfg.metrics_base_port
     metrics = (lambda off: str(mp + off)) if mp else (lambda off: "0")
     redis_url = f"redis://{cfg.host}:{cfg.redis_port}/0"
-    procs = [ProcessSpec("redis", ["redis-server", "--bind", cfg.host, "--port", str(cfg.redis_port),
+    procs = [ProcessSpec("redis", [cfg.redis_server, "--bind", cfg.host, "--port", str(cfg.redis_port),
                                    "--save", "", "--appendonly", "no", "--dir", str(run_dir)],
                          env={}, address=f"{cfg.host}:{cfg.redis_port}", grpc=False),
              ProcessSpec("prefix-cache", [sys.executable, "-m", "llmesh.prefix_cache.main"], env={
@@ -143,9 +147,10 @@ class Mesh:
             print(msg, file=sys.stderr, flush=True)
 
     def start(self, timeout: float = 300) -> None:
-        if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not on PATH; install it (Debian/Ubuntu: "
-                               "sudo apt-get install -y redis-server)")
+        if shutil.which(self.cfg.redis_server) is None:
+            raise RuntimeError(f"redis: {self.cfg.redis_server!r} is not an executable on PATH; install "
+                               "redis-server (Debian/Ubuntu: sudo apt-get install -y redis-server) or "
+                               "point --redis-server / LLMESH_REDIS_SERVER at one")
         engines = [p for p in self.plan if p.name.startswith("engine-")]
         for spec in self.plan:
             if spec in engines[1:]:

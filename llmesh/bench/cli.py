@@ -41,7 +41,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=KINDS, default=d.kind,
                    help="fixed or lognormal lengths, shared-prefix (N system prompts x M questions), chat mix")
-    g.add_argument("--num-requests", type=int, default=d.num_requests)
+    g.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=d.num_requests,
+                   help="requests per run (--num-prompts: vLLM's name)")
     g.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens (mean for lognormal; "
                    "the question's for shared-prefix)")
     g.add_argument("--output-len", type=int, default=d.output_len, help="tokens to generate (mean for lognormal)")
@@ -85,10 +86,6 @@ def _results_dir(args: argparse.Namespace) -> Path:
     return args.results_dir or RESULTS_DIR
 
 
-def _rate_key(rate: float) -> str:
-    return "rinf" if math.isinf(rate) else "r" + f"{rate:g}".replace(".", "p")
-
-
 def _write(args, workload: dict, metrics: dict[str, float]) -> Path:
     from llmesh.bench_results import write_result
 
@@ -98,11 +95,10 @@ def _write(args, workload: dict, metrics: dict[str, float]) -> Path:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget, run_load
-    from llmesh.bench.metrics import summarize
+    from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget
     from llmesh.bench.plots import plot_latency_cdfs, plot_rate_sweep
     from llmesh.bench.report import format_summary
-    from llmesh.bench.workloads import build_requests
+    from llmesh.bench.sweep import LoadPoint, run_point
     from llmesh.engine.errors import InvalidRequestError
 
     if args.router:
@@ -126,22 +122,20 @@ async def _serve(args: argparse.Namespace) -> int:
         workload = _workload(args, vocab, window)
         runs, sweep = [], []
         for i, rate in enumerate(args.rate):
+            point = LoadPoint(rate, args.max_concurrency)
             # Same shapes at every rate, new tokens: a rate must not hit the cache the previous one filled.
-            requests = build_requests(workload, content_seed=None if i == 0 else workload.seed + 7919 * i)
-            run = await run_load(target, requests, rate=rate, max_concurrency=args.max_concurrency,
-                                 seed=workload.seed, ignore_eos=workload.ignore_eos, timeout=args.timeout,
-                                 label=f"rate {rate:g}", progress=not args.no_progress)
-            m = summarize(run, _slo(args))
-            print(format_summary(f"{target.name} {args.address}, rate {rate:g} req/s", m))
-            _say_errors(run)
-            runs.append(run)
-            sweep.append((rate, m))
+            res = await run_point(target, workload, point, content_seed=None if i == 0 else workload.seed + 7919 * i,
+                                  slo=_slo(args), timeout=args.timeout, progress=not args.no_progress)
+            print(format_summary(f"{target.name} {args.address}, {point.label}", res.metrics))
+            _say_errors(res.run)
+            runs.append(res.run)
+            sweep.append((point, res.metrics))
     finally:
         await target.close()
     if len(sweep) == 1:
         metrics = sweep[0][1]
     else:
-        metrics = {f"{_rate_key(r)}_{k}": v for r, m in sweep for k, v in m.items()}
+        metrics = {f"{p.key}_{k}": v for p, m in sweep for k, v in m.items()}
     doc = {"target": target.name, "address": args.address, "model": info.model if isinstance(target, EngineTarget) else target.model,
            "rates_req_s": [str(r) for r in args.rate], "max_concurrency": args.max_concurrency,
            "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "timeout_s": args.timeout,
@@ -149,7 +143,7 @@ async def _serve(args: argparse.Namespace) -> int:
     path = _write(args, doc, metrics)
     if not args.no_plots:
         plots = [plot_latency_cdfs(runs, path.with_name(f"{args.name}_cdf.png"), title=f"{target.name} latency")]
-        finite = [(r, m) for r, m in sweep if not math.isinf(r)]
+        finite = [(p.rate, m) for p, m in sweep if not math.isinf(p.rate)]
         if len(finite) > 1:
             plots.append(plot_rate_sweep({target.name: finite}, path.with_name(f"{args.name}_sweep.png")))
         _say_plots(plots)

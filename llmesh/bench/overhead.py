@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str | None = None,
-               auth: bool = False):
+               auth: bool = False, timeout: float = 300.0):
     """A ``Mesh`` on free loopback ports with /metrics off, started; the caller stops it.
     API keys are off unless ``auth`` (then ``mesh.api_key`` is the local admin key)."""
     from llmesh.launcher import Mesh, UpConfig
@@ -44,7 +44,7 @@ def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str
                    metrics_base_port=0, device=device, run_dir=run_dir, auth=auth)
     mesh = Mesh(cfg, quiet=True)
     try:
-        mesh.start()
+        mesh.start(timeout=timeout)
     except BaseException:
         mesh.stop()
         raise
@@ -61,7 +61,7 @@ def router_address(mesh) -> str:
     return f"{mesh.cfg.host}:{mesh.cfg.router_port}"
 
 
-async def _idle_probe(targets: dict[str, Target], workload: WorkloadConfig, probes: int,
+async def idle_probe(targets: dict[str, Target], workload: WorkloadConfig, probes: int,
                       timeout: float) -> dict[str, float]:
     """TTFT of one-token requests sent one at a time, legs alternating request by request:
     the fixed cost of the extra hops with no queueing and little drift in between."""
@@ -111,7 +111,7 @@ async def measure_overhead(gateway: str, engine: str, model: str, workload: Work
             probe_targets["router"] = RouterTarget(router, mesh_t.model)
             await probe_targets["router"].open()
         try:
-            idle = await _idle_probe(probe_targets, workload, probes, timeout) if probes else {}
+            idle = await idle_probe(probe_targets, workload, probes, timeout) if probes else {}
         finally:
             if router:
                 await probe_targets["router"].close()

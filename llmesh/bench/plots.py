@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from llmesh.bench.loadgen import RunResult
-from llmesh.bench.metrics import latency_samples
+from llmesh.bench.metrics import latency_samples, percentile
 
 _PANELS = (("ttft", "time to first token"), ("tpot", "time per output token"),
            ("itl", "inter-token latency"), ("e2e", "end-to-end latency"))
@@ -31,6 +31,11 @@ def available() -> bool:
     return _pyplot() is not None
 
 
+def cdf_legend(label: str, values: Sequence[float]) -> str:
+    """A CDF line's legend: its p50 from the same percentile function as the result file."""
+    return f"{label} (p50 {percentile(list(values), 50):.1f} ms)"
+
+
 def plot_latency_cdfs(runs: Sequence[RunResult], path: Path, title: str = "") -> Path | None:
     """One panel per latency metric, one CDF line per run (e.g. direct vs mesh)."""
     plt = _pyplot()
@@ -42,7 +47,7 @@ def plot_latency_cdfs(runs: Sequence[RunResult], path: Path, title: str = "") ->
             values = sorted(latency_samples(run)[key])
             if values:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
-                ax.step(values, ys, where="post", label=f"{run.label} (p50 {values[len(values) // 2]:.1f} ms)")
+                ax.step(values, ys, where="post", label=cdf_legend(run.label, values))
         ax.set_title(label)
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of gaps")
@@ -65,7 +70,7 @@ def plot_rate_sweep(series: Mapping[str, Sequence[tuple[float, Mapping[str, floa
         return None
     fig, (ax_tp, ax_ttft, ax_tpot) = plt.subplots(1, 3, figsize=(14, 4.2))
     for label, points in series.items():
-        points = sorted(points)
+        points = sorted(points, key=lambda p: p[0])
         rates = [r for r, _ in points]
         ax_tp.plot(rates, [m["out_tok_s"] for _, m in points], "o-", label=f"{label} output tok/s")
         ax_tp.plot(rates, [m["goodput_req_s"] for _, m in points], "s--", label=f"{label} goodput req/s")

@@ -58,8 +58,10 @@ def test_serve_against_gateway_sweep_and_engine_then_compare(mesh, tmp_path):
     gateway, engine, _ = mesh_addresses(mesh)
     _bench("serve", "--address", gateway, "--rate", "20", "inf", "--workload", "chat", "--max-model-len", "200",
            "--name", "gw", "--results-dir", str(tmp_path), *SMALL)
-    _bench("serve", "--address", engine, "--engine", "--max-concurrency", "3", "--workload", "shared-prefix",
-           "--num-prefixes", "2", "--prefix-len", "32", "--name", "eng", "--results-dir", str(tmp_path), *SMALL)
+    eng_run = _bench("serve", "--address", engine, "--engine", "--max-concurrency", "3", "--workload",
+                     "shared-prefix", "--num-prefixes", "2", "--prefix-len", "32", "--name", "eng",
+                     "--results-dir", str(tmp_path), *SMALL)
+    assert "concurrency 3" in eng_run.stdout and "rate inf" not in eng_run.stdout
     _bench("serve", "--address", router_address(mesh), "--router", "--model", "tiny", "--name", "rt",
            "--results-dir", str(tmp_path), "--no-plots", *SMALL)
     assert _well_formed(json.loads((tmp_path / "rt.json").read_text()))["completed_n"] == 6

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
 
 from llmesh.bench import plots
+from llmesh.bench.cli import add_bench_commands
 from llmesh.bench.loadgen import RequestResult, RunResult
 from llmesh.bench.metrics import Slo, percentile, summarize
 from llmesh.bench.report import compare
+from llmesh.bench.sweep import LoadPoint
 from llmesh.bench.workloads import KINDS, WorkloadConfig, arrival_offsets, build_requests
 from llmesh.engine.errors import InvalidRequestError
 
@@ -96,3 +99,24 @@ def test_plots_are_pngs_when_matplotlib_is_there(tmp_path):
         return
     for p in (cdf, sweep):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cdf_legend_p50_is_the_result_files_p50():
+    run = _run()
+    ttfts = plots.latency_samples(run)["ttft"]  # two requests: the p50 lies between them
+    assert plots.cdf_legend("t", sorted(ttfts)) == f"t (p50 {summarize(run)['ttft_p50_ms']:.1f} ms)"
+    assert plots.cdf_legend("t", [1.0, 2.0, 3.0, 4.0]) == "t (p50 2.5 ms)"
+
+
+def test_load_points_are_named_by_what_limits_them():
+    assert (LoadPoint(16).key, LoadPoint(16).label) == ("r16", "rate 16 req/s")
+    assert (LoadPoint(max_concurrency=256).key, LoadPoint(max_concurrency=256).label) == ("c256", "concurrency 256")
+    assert (LoadPoint(0.5, 8).key, LoadPoint(0.5, 8).label) == ("r0p5_c8", "rate 0.5 req/s, concurrency 8")
+    assert (LoadPoint().key, LoadPoint().label) == ("rinf", "all at once")
+
+
+def test_num_prompts_is_an_alias_of_num_requests():
+    parser = argparse.ArgumentParser()
+    add_bench_commands(parser.add_subparsers())
+    for flag in ("--num-prompts", "--num-requests"):
+        assert parser.parse_args(["bench", "serve", flag, "7"]).num_requests == 7

@@ -84,3 +84,19 @@ def test_llmesh_up_answers_and_stops_cleanly(tmp_path):
     time.sleep(0.5)
     assert proc.returncode == 0, "".join(out)
     assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+
+
+def test_llmesh_up_runs_the_redis_server_it_is_given(tmp_path):
+    """--redis-server (or LLMESH_REDIS_SERVER) picks the program; a wrong one fails at once, by name."""
+    from llmesh.launcher import UpConfig, plan_mesh
+    from llmesh.models_file import parse_models
+
+    models = parse_models({"models": [{"name": "m", "path": "random:tiny-llama3"}]})
+    cfg = UpConfig(redis_server="/opt/redisroot/redis-server.sh")
+    assert plan_mesh(cfg, models, tmp_path)[0][0].argv[0] == "/opt/redisroot/redis-server.sh"
+    env = {**os.environ, "LLMESH_REDIS_SERVER": str(tmp_path / "no-redis-here"), "XDG_CONFIG_HOME": str(tmp_path)}
+    for extra, env_ in (([], env), (["--redis-server", str(tmp_path / "nor-here")], os.environ)):
+        proc = subprocess.run([*LLMESH, "up", "--device", "cpu", "--metrics-base-port", "0", "--run-dir",
+                               str(tmp_path), *extra], capture_output=True, text=True, timeout=60, env=env_)
+        assert proc.returncode == 1 and "redis" in proc.stderr and "LLMESH_REDIS_SERVER" in proc.stderr, proc.stderr
+        assert ("no-redis-here" if not extra else "nor-here") in proc.stderr

@@ -26,7 +26,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.config import QuantSpec
 from llmesh.engine.quant.packed import QuantizedWeight
 from llmesh.engine.loader.random_weights import PREFIX as RANDOM_PREFIX
-from llmesh.engine.loader.random_weights import RandomWeights, byte_tokenizer_data, random_model_config
+from llmesh.engine.loader.random_weights import RandomWeights, random_model_config, random_tokenizer_data
 from llmesh.demo_model import DEMO_FILE as DEMO_MODEL_FILE, find_demo_model  # noqa: F401 (re-exported)
 
 GGUF_MAGIC = b"GGUF"
@@ -105,7 +105,7 @@ def load_model(path: str, *, name: str | None = None) -> LoadedModel:
     so an unsupported model fails here rather than halfway through building."""
     if path.startswith(RANDOM_PREFIX):
         config = random_model_config(path, name)
-        return LoadedModel(config=config, weights=RandomWeights(config), tokenizer_source=byte_tokenizer_data(),
+        return LoadedModel(config=config, weights=RandomWeights(config), tokenizer_source=random_tokenizer_data(config),
                            source_format="random")
     model_path = Path(path).expanduser()
     if not model_path.exists():

@@ -13,7 +13,11 @@ from llmesh.engine.text.tokenizer import Tokenizer
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of the model at ``path`` (a HF folder or a .gguf file)."""
+    """The tokenizer of the model at ``path`` (a HF folder, a .gguf file or ``random:<preset>``)."""
+    if path.startswith("random:"):
+        from llmesh.engine.loader.random_weights import random_tokenizer_for
+
+        return Tokenizer.from_gguf_data(random_tokenizer_for(path))
     if os.path.isdir(path):
         return Tokenizer.from_hf_folder(path)
     if not os.path.isfile(path):

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Fetch, on this machine, what the GPU machine lacks to run the mesh (it has no registry and no
+# network): Python wheels into .whl/ and Debian's redis-server into .deb/ (both ignored by git;
+# the device call names them in `carry`). Idempotent: a file already there is not fetched again.
+# bench/gpu_session.sh installs them on the device (wheels: pip --target /tmp/site + PYTHONPATH;
+# debs: dpkg -x into /tmp/redisroot, never into /). The list and why: bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Missing from the GPU image, or there in a version older than pyproject.toml's pins (grpcio,
+# protobuf: the generated code in llmesh/v1 needs a matching runtime). Never torch / numpy /
+# triton or anything else the image has and llmesh accepts: they would shadow the image's own.
+WHEELS=(
+  grpcio==1.85.3
+  grpcio-health-checking==1.85.1
+  grpcio-reflection==1.85.1
+  protobuf==7.36.2
+  googleapis-common-protos==1.76.0
+  opentelemetry-api==1.45.2
+  opentelemetry-sdk==1.45.2
+  opentelemetry-semantic-conventions==0.66b2
+  opentelemetry-proto==1.45.2
+  opentelemetry-exporter-otlp-proto-common==1.45.2
+  opentelemetry-exporter-otlp-proto-grpc==1.45.2
+  opentelemetry-instrumentation==0.66b2
+  opentelemetry-instrumentation-grpc==0.66b2
+  importlib-metadata==8.7.1
+  redis==8.1.0
+  gguf==0.19.0
+)
+# redis-server 7 from Debian 12 (glibc >= 2.34, so it runs on the image's Ubuntu 24.04) and the
+# shared libraries it links that a CUDA image may lack.
+DEBS=(redis-server redis-tools libjemalloc2 liblzf1 libatomic1)
+
+mkdir -p .whl .deb
+for spec in "${WHEELS[@]}"; do
+  name=${spec%%==*}; version=${spec#*==}
+  stem=$(echo "$name" | tr '-' '_')
+  if compgen -G ".whl/${stem}-${version}-*.whl" >/dev/null; then continue; fi
+  # A different version of the same package would make pip refuse the whole install.
+  rm -f ".whl/${stem}"-[0-9]*.whl
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"
+done
+missing=()
+for pkg in "${DEBS[@]}"; do
+  compgen -G ".deb/${pkg}_*.deb" >/dev/null || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! apt-cache policy redis-server 2>/dev/null | grep -q Candidate; then apt-get update -qq; fi
+  (cd .deb && apt-get download -q "${missing[@]}")
+fi
+ls -1 .whl .deb
+du -sch .whl .deb | tail -1

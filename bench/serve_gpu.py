@@ -1,0 +1,245 @@
+"""The whole mesh on a GPU: gateway -> router -> engine, against the engine's own port.
+
+Starts what ``llmesh up --device cuda --models-file bench/models.serve_gpu.yaml`` starts
+(Redis, the prefix-cache index, one engine with random:llama3-8b on the triton backend, the
+router, the gateway with API keys on), then runs the same load points against the gateway
+and against the engine's gRPC port directly: Poisson rates (default 4, 16, 64 req/s) and a
+saturating concurrency (256 streams). Both targets get the same request shapes and arrival
+times; each run has its own token contents (same lengths), so no run is served from the
+prefix cache another one filled. The two targets alternate per point, the first of the pair
+switching each time (ABBA), so drift hits both alike.
+
+Headlines:
+  gpu_mesh_throughput_ratio_frac  gateway out tok/s / engine out tok/s at the concurrency point
+  gpu_mesh_added_ttft_p50_ms      gateway TTFT p50 - engine TTFT p50 at the moderate rate (16 req/s)
+and for every target and point ``<target>_<point>_<metric>`` (TTFT / TPOT / ITL p50 and p99,
+out tok/s, req/s, completed / failed, the load generator's CPU share).
+
+Usage: python bench/serve_gpu.py [--smoke] [--results-dir DIR]
+--smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
+short runs: checks the script in under 2 minutes; its numbers mean nothing.
+The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from llmesh.bench.loadgen import EngineTarget, GatewayTarget, Target
+from llmesh.bench.metrics import Slo
+from llmesh.bench.overhead import idle_probe, mesh_addresses, start_mesh
+from llmesh.bench.report import format_summary
+from llmesh.bench.sweep import LoadPoint, PointResult, run_point
+from llmesh.bench.workloads import WorkloadConfig
+from llmesh.bench_results import write_result
+
+KEPT = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
+        "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s", "client_cpu_frac")
+MODEL_NAME = "llama3-8b-random"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: str
+    device: str
+    engine: dict
+    workload: WorkloadConfig
+    rates: tuple[float, ...]
+    moderate_rate: float
+    concurrency: int
+    seconds_per_rate: float
+    concurrency_requests: int
+    warmup_requests: int
+    probes: int
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.smoke:
+        return Plan(model="random:tiny-llama3", device="cpu",
+                    engine={"backend": "torch", "dtype": "float32", "max_num_seqs": 16,
+                            "max_num_batched_tokens": 1024, "num_kv_blocks": 512},
+                    workload=WorkloadConfig(kind="lognormal", input_len=32, output_len=16, sigma=0.5,
+                                            vocab_size=128000, max_model_len=512, seed=0),
+                    rates=(16.0,), moderate_rate=16.0, concurrency=8, seconds_per_rate=1.0,
+                    concurrency_requests=16, warmup_requests=4, probes=2)
+    models = yaml.safe_load(Path(args.models_file).read_text())
+    spec = models["models"][0]
+    return Plan(model=spec["path"], device="cuda", engine=dict(spec.get("engine", {})),
+                workload=WorkloadConfig(kind="lognormal", input_len=200, output_len=180, sigma=0.5,
+                                        vocab_size=128000, max_model_len=4096, seed=0),
+                rates=tuple(args.rates), moderate_rate=args.moderate_rate, concurrency=args.concurrency,
+                seconds_per_rate=args.seconds_per_rate, concurrency_requests=args.concurrency_requests,
+                warmup_requests=args.warmup_requests, probes=args.probes)
+
+
+def load_points(plan: Plan) -> list[LoadPoint]:
+    """The headline points first (the moderate rate, then the concurrency), the other rates
+    after, so a start that eats the time budget costs the sweep's edges, not the headlines."""
+    rates = sorted(plan.rates, key=lambda r: (r != plan.moderate_rate, r))
+    points = [LoadPoint(rate=r, num_requests=max(8, round(r * plan.seconds_per_rate))) for r in rates]
+    return points[:1] + [LoadPoint(max_concurrency=plan.concurrency, num_requests=plan.concurrency_requests)] + points[1:]
+
+
+def headline(results: dict[tuple[str, str], PointResult], plan: Plan) -> dict[str, float]:
+    """The two headline figures, from whichever of their points ran."""
+    out: dict[str, float] = {}
+    sat = LoadPoint(max_concurrency=plan.concurrency).key
+    eng, gw = results.get(("engine", sat)), results.get(("gateway", sat))
+    if eng and gw and eng.metrics["out_tok_s"] > 0:
+        out["gpu_mesh_throughput_ratio_frac"] = gw.metrics["out_tok_s"] / eng.metrics["out_tok_s"]
+    for point in {p.point.key for p in results.values()}:
+        eng, gw = results.get(("engine", point)), results.get(("gateway", point))
+        if eng and gw:
+            out[f"{point}_mesh_added_ttft_p50_ms"] = gw.metrics["ttft_p50_ms"] - eng.metrics["ttft_p50_ms"]
+            out[f"{point}_mesh_added_tpot_p50_ms"] = gw.metrics["tpot_p50_ms"] - eng.metrics["tpot_p50_ms"]
+    moderate = f"{LoadPoint(rate=plan.moderate_rate).key}_mesh_added_ttft_p50_ms"
+    if moderate in out:
+        out["gpu_mesh_added_ttft_p50_ms"] = out[moderate]
+    return out
+
+
+def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: dict[str, float]) -> dict:
+    m = headline(results, plan)
+    m.update(extra)
+    for (target, key), res in results.items():
+        m.update({f"{target}_{key}_{k}": res.metrics[k] for k in KEPT if k in res.metrics})
+    return m
+
+
+async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float) -> int:
+    targets: dict[str, Target] = {"engine": EngineTarget(engine),
+                                  "gateway": GatewayTarget(gateway, MODEL_NAME, api_key)}
+    for t in targets.values():
+        await t.open()
+    results: dict[tuple[str, str], PointResult] = {}
+    extra: dict[str, float] = {}
+    skipped: list[str] = []
+    slo = Slo()
+    try:
+        info = await targets["engine"].info()
+        window = await targets["gateway"].resolve_model()
+        work = dataclasses.replace(plan.workload, vocab_size=min(plan.workload.vocab_size, info.vocab_size),
+                                   max_model_len=min(plan.workload.max_model_len, info.max_model_len, window))
+        # Warm-up (not recorded): prefill shapes compile their kernels here, not in the first point.
+        warm = LoadPoint(max_concurrency=max(1, plan.warmup_requests // 2), num_requests=plan.warmup_requests)
+        for i, t in enumerate(targets.values()):
+            res = await run_point(t, dataclasses.replace(work, output_len=8), warm, content_seed=100 + i,
+                                  progress=False, label="warm-up")
+            if res.metrics["failed_n"]:
+                say(f"warm-up against {t.name} failed: {res.run.requests[0].error} {res.run.requests[0].detail}")
+                return 1
+        if plan.probes:
+            extra.update(await idle_probe({"direct": targets["engine"], "mesh": targets["gateway"]}, work,
+                                          plan.probes, timeout=60.0))
+        order = list(targets)
+        spent: list[float] = []
+        for i, point in enumerate(load_points(plan)):
+            # The point is skipped when the mean time of the earlier ones would cross the deadline.
+            if spent and time.monotonic() + sum(spent) / len(spent) > deadline:
+                skipped.append(point.key)
+                say(f"skipping {point.label}: the time budget is spent")
+                continue
+            t0 = time.monotonic()
+            for name in (order if i % 2 == 0 else order[::-1]):
+                res = await run_point(targets[name], work, point, content_seed=1000 + 10 * i + order.index(name),
+                                      slo=slo, timeout=120.0, progress=False)
+                results[(name, point.key)] = res
+                say(format_summary(f"{name}, {point.label} ({len(res.run.requests)} requests)", res.metrics)
+                    + f"\n  client_cpu_frac  {res.metrics['client_cpu_frac']:12.2f}")
+            spent.append(time.monotonic() - t0)
+            save(all_metrics(results, plan, extra), work, skipped)
+    finally:
+        for t in targets.values():
+            await t.close()
+    failed = sum(r.metrics["failed_n"] for r in results.values())
+    if failed:
+        say(f"{failed:.0f} requests failed")
+    return 1 if failed or skipped else 0
+
+
+def _run_loop(coro) -> int:
+    """uvloop when installed (as the services run): the load generator must not be what saturates."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, short runs (checks the script)")
+    ap.add_argument("--models-file", default=str(Path(__file__).with_name("models.serve_gpu.yaml")))
+    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0], help="Poisson rates (req/s)")
+    ap.add_argument("--moderate-rate", type=float, default=16.0, help="the rate of gpu_mesh_added_ttft_p50_ms")
+    ap.add_argument("--concurrency", type=int, default=256, help="the saturating point's streams in flight")
+    ap.add_argument("--seconds-per-rate", type=float, default=10.0, help="requests at a rate = rate x this")
+    ap.add_argument("--concurrency-requests", type=int, default=768, help="requests of the concurrency point")
+    ap.add_argument("--warmup-requests", type=int, default=64)
+    ap.add_argument("--probes", type=int, default=16, help="one-token requests one at a time per target")
+    ap.add_argument("--start-timeout-s", type=float, default=240.0, help="bound on the mesh's start")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="no point starts that would end past this")
+    ap.add_argument("--run-dir", default=None, help="mesh logs (default: a temporary folder)")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    args = ap.parse_args()
+    plan = make_plan(args)
+    t_start = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="serve-gpu-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["XDG_CONFIG_HOME"] = str(run_dir)  # the launcher's admin key goes here, not to ~/.config
+    models_path = run_dir / "models.yaml"
+    models_path.write_text(yaml.safe_dump({"default_model": MODEL_NAME, "models": [
+        {"name": MODEL_NAME, "path": plan.model, "size_class": "large", "replicas": 1, "engine": plan.engine}]}))
+    import torch
+
+    from llmesh.bench_results import device_tag
+
+    dev = device_tag("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
+    results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
+    describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
+                "targets": {"gateway": "Inference.Generate through gateway (API key on) -> router -> engine",
+                            "engine": "Engine.Generate on the engine's own gRPC port"},
+                "points": [p.key for p in load_points(plan)],
+                "requests_per_point": {p.key: p.num_requests for p in load_points(plan)},
+                "moderate_rate_req_s": plan.moderate_rate, "order": "per point: engine/gateway alternating (ABBA)",
+                "contents": "same lengths and arrival times per point, fresh token ids per run (no prefix hits)",
+                "smoke": args.smoke}
+
+    def save(metrics: dict, work: WorkloadConfig, skipped: list[str]) -> None:
+        path = write_result(f"serve_gpu_{dev}", {**describe, **work.describe(), "skipped": skipped}, metrics,
+                            results_dir=results_dir)
+        say(f"wrote {path}")
+
+    say(f"starting the mesh: {plan.model} on {plan.device} ({plan.engine}); logs in {run_dir}")
+    try:
+        mesh = start_mesh(device=plan.device, models_file=str(models_path), run_dir=str(run_dir), auth=True,
+                          timeout=args.start_timeout_s)
+    except (RuntimeError, TimeoutError) as e:
+        say(f"the mesh did not start: {e}")
+        return 1
+    try:
+        gateway, engine, _ = mesh_addresses(mesh)
+        say(f"mesh up: gateway {gateway}, engine {engine}")
+        deadline = t_start + args.budget_s
+        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline))
+    finally:
+        mesh.stop()
+    say(f"done (rc={rc})")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
