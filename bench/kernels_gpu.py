@@ -395,13 +395,25 @@ class KernelBench:
               flush=True)
 
 
+PARTS = {"decode": "decode_attention", "prefill": "prefill_attention", "causal": "causal_prefill",
+         "unified": "unified_mix", "rope_kv": "rope_kv", "kv_write": "kv_write", "rmsnorm": "rmsnorm",
+         "silu_and_mul": "silu_and_mul", "rope": "rope"}
+"""--parts name -> KernelBench method."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes; on a machine without CUDA through TRITON_INTERPRET=1 (CPU check)")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated subset of: " + ", ".join(PARTS) + " (default: all)")
     args = ap.parse_args()
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     device = pick_device(args.device)
     if device.type != "cuda":
         if not args.smoke:
@@ -414,12 +426,8 @@ def main() -> int:
     print(f"[kernels] {device_name(device)}: copy {ceilings['copy_tb_s']:.3f} TB/s, "
           f"gemm {ceilings['gemm_bf16_tflops']:.1f} TFLOP/s ({time.perf_counter() - t0:.1f}s)", flush=True)
     kb = KernelBench(shapes, device, ceilings, args.smoke)
-    for name, bench in (("decode attention", kb.decode_attention), ("prefill attention", kb.prefill_attention),
-                        ("causal prefill", kb.causal_prefill), ("unified attention", kb.unified_mix),
-                        ("rope+kv write", kb.rope_kv),
-                        ("kv write", kb.kv_write), ("rmsnorm", kb.rmsnorm), ("silu_and_mul", kb.silu_and_mul),
-                        ("rope", kb.rope)):
-        kb.run(name, bench)
+    for name in parts:
+        kb.run(name, getattr(kb, PARTS[name]))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     kb.print_table()
@@ -438,7 +446,7 @@ def main() -> int:
                    "paged_decode_attention + prefill_attention on the same batch",
         "elementwise": "T tokens; bytes = inputs read once + outputs written once; rope in place",
         "timing": "triton.testing.do_bench median (L2 flushed before each call); smoke: CPU wall clock",
-        "failed": kb.failed, "software": software_versions(), "smoke": args.smoke,
+        "failed": kb.failed, "parts": parts, "software": software_versions(), "smoke": args.smoke,
     }
     path = write_result(f"kernels_{device_tag(device)}", workload, rounded(kb.metrics), device=device_name(device),
                         results_dir=results_dir_for(args))
