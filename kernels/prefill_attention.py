@@ -42,7 +42,9 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence whose query blocks (numbered from qsl[s] // BLOCK_Q + s) hold block_idx."""
-    lo = tl.zeros((), tl.int32)
+    # An int32 scalar tensor whatever num_seqs is (Triton turns an argument equal to 1 into a
+    # constant, which the loop could not carry).
+    lo = tl.program_id(0) * 0
     hi = lo + num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
