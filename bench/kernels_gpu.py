@@ -10,6 +10,11 @@ prefill attention reports TFLOP/s and the fraction of the measured bf16 GEMM thr
   a long-running server's are); the torch reference (the torch backend's attention) timed at
   context 4096 x batch 32 for comparison.
 - prefill attention: 4 prompts x 2048 tokens, causal flops = 4 T^2 H D / 2 per prompt.
+- causal prefill (prefill_attn_gemm_frac): prompts of 1k-8k tokens (16k tokens a call), no cached
+  prefix: our paged kernel, the dispatched path (dense_causal_attention), SDPA cuDNN and FLASH.
+- unified attention: 256 decodes at context 512-2048 + one 256-token prefill chunk in one call
+  (GB/s, ms, vs the decode + prefill kernels), and the decodes alone (vs paged_decode_attention).
+- rope + KV write fused (rope_kv_write) vs rotary_embedding then kv_cache_write.
 - KV-cache write, RMSNorm (alone and fused with the residual add), SiLU-and-mul, RoPE at
   T = 8192 tokens: bytes = every input read once + every output written once.
 
@@ -50,13 +55,24 @@ class Shapes:
     prefill_len: int
     tokens: int
     """T of the elementwise kernels."""
+    causal_contexts: tuple[int, ...]
+    """Prompt lengths of the prefill_attn_gemm_frac figures (prompts of equal length)."""
+    causal_tokens: int
+    """Tokens per call there: tokens // context prompts (at least one)."""
+    mix_decodes: int
+    mix_ctx: tuple[int, int]
+    """Decode contexts of the unified-attention mix, uniform in [lo, hi]."""
+    mix_chunk: int
+    """New tokens of the mix's one prefill chunk (no cached prefix)."""
 
 
 LLAMA3_8B = Shapes(h_q=32, h_kv=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336,
                    contexts=(2048, 4096, 8192), batches=(16, 32, 64), main=(4096, 32),
-                   prefill_seqs=4, prefill_len=2048, tokens=8192)
+                   prefill_seqs=4, prefill_len=2048, tokens=8192, causal_contexts=(1024, 2048, 4096, 8192),
+                   causal_tokens=16384, mix_decodes=256, mix_ctx=(512, 2048), mix_chunk=256)
 SMOKE = Shapes(h_q=4, h_kv=2, head_dim=32, block_size=16, hidden=64, intermediate=96,
-               contexts=(64, 600), batches=(1, 2), main=(600, 2), prefill_seqs=2, prefill_len=40, tokens=16)
+               contexts=(64, 600), batches=(1, 2), main=(600, 2), prefill_seqs=2, prefill_len=40, tokens=16,
+               causal_contexts=(32, 64), causal_tokens=64, mix_decodes=4, mix_ctx=(16, 80), mix_chunk=24)
 
 
 @dataclass
@@ -80,6 +96,8 @@ class KernelBench:
         self.metrics: dict[str, float] = dict(ceilings)
         self.rows: list[Row] = []
         self.failed: list[str] = []
+        self.dispatch: dict[str, str] = {}
+        """dense_causal_attention's choice per causal-prefill context."""
         self.gen = torch.Generator(device).manual_seed(0)
         self.dtype = torch.bfloat16
 
@@ -183,6 +201,138 @@ class KernelBench:
         self.metrics.update(attn_prefill_tflops=tflops, attn_prefill_gemm_frac=tflops / self.gemm_tflops,
                             attn_prefill_ms=ms, attn_prefill_ref_ms=ref_ms, attn_prefill_vs_ref_x=ref_ms / ms)
 
+    def causal_prefill(self) -> None:
+        """prefill_attn_gemm_frac: causal prompts with no cached prefix, TFLOP/s over the GEMM
+        ceiling, for our paged kernel, the dispatched path and torch SDPA's cuDNN / FLASH."""
+        from llmesh.kernels.dense_causal_attention import choose_backend, dense_causal_attention
+        from llmesh.kernels.prefill_attention import prefill_attention
+
+        s = self.s
+        scale = s.head_dim ** -0.5
+        fracs: dict[str, list[float]] = {}
+        for ctx in s.causal_contexts:
+            n = max(1, s.causal_tokens // ctx)
+            t = n * ctx
+            nb = -(-ctx // s.block_size)
+            k_cache, v_cache = self.paged_pool(n * nb + 1)
+            tables = self.scattered_tables(n * nb + 1, n, nb)
+            q = self.randn(t, s.h_q, s.head_dim)  # q: [T, H_q, D]
+            k, v = self.randn(t, s.h_kv, s.head_dim), self.randn(t, s.h_kv, s.head_dim)  # dense [T, H_kv, D]
+            out = torch.empty_like(q)
+            qsl = torch.arange(0, t + 1, ctx, dtype=torch.int32, device=self.device)
+            starts = qsl.tolist()
+            seq_lens = torch.full((n,), ctx, dtype=torch.int32, device=self.device)
+            flops = n * 4 * ctx * ctx * s.h_q * s.head_dim / 2
+            impls = {
+                "ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out),
+                "dispatched": lambda: dense_causal_attention(q, k, v, starts, scale, out=out),
+            }
+            if self.device.type == "cuda":
+                for backend in ("cudnn", "flash"):
+                    impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, out=out,
+                                                                               backend=b))(backend)
+            for name, fn in impls.items():
+                try:
+                    ms = self.time(fn)
+                except RuntimeError as e:  # a backend this torch / GPU does not have
+                    print(f"[kernels] causal prefill {name} c{ctx}: {str(e)[:200]}", flush=True)
+                    continue
+                tflops = flops / (ms * 1e-3) / 1e12
+                frac = tflops / self.gemm_tflops
+                self.rows.append(Row(f"causal {name} {n}x{ctx}", ms, tflops, "TFLOP/s", frac))
+                self.metrics[f"prefill_attn_gemm_frac_{name}_c{ctx}"] = frac
+                self.metrics[f"prefill_attn_tflops_{name}_c{ctx}"] = tflops
+                fracs.setdefault(name, []).append(frac)
+            self.dispatch[str(ctx)] = choose_backend(q, s.h_q // s.h_kv, [ctx] * n)
+            del k_cache, v_cache, q, k, v, out
+        for name, values in fracs.items():
+            if len(values) == len(s.causal_contexts):
+                self.metrics[f"prefill_attn_gemm_frac_{name}"] = sum(values) / len(values)
+        if "prefill_attn_gemm_frac_dispatched" in self.metrics:
+            self.metrics["prefill_attn_gemm_frac"] = self.metrics["prefill_attn_gemm_frac_dispatched"]
+
+    def unified_mix(self) -> None:
+        """unified_attention on a decode-heavy mix (many decodes + one fresh prefill chunk) and on
+        the decodes alone, against today's split (paged_decode_attention + prefill_attention)."""
+        from llmesh.kernels.paged_decode_attention import paged_decode_attention
+        from llmesh.kernels.prefill_attention import prefill_attention
+        from llmesh.kernels.unified_attention import unified_attention
+
+        s, elem = self.s, 2
+        lo, hi = s.mix_ctx
+        ctx = torch.randint(lo, hi + 1, (s.mix_decodes,), generator=torch.Generator().manual_seed(1)).tolist()
+        lens = ctx + [s.mix_chunk]
+        nb = -(-max(hi, s.mix_chunk) // s.block_size)
+        num_blocks = len(lens) * nb + 1
+        k_cache, v_cache = self.paged_pool(num_blocks)
+        tables = self.scattered_tables(num_blocks, len(lens), nb)
+        t = s.mix_decodes + s.mix_chunk
+        q = self.randn(t, s.h_q, s.head_dim)
+        out = torch.empty_like(q)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        qsl = torch.tensor(list(range(s.mix_decodes + 1)) + [t], dtype=torch.int32, device=self.device)
+        scale = s.head_dim ** -0.5
+        max_seq_len = nb * s.block_size
+        kv_bytes = 2 * sum(lens) * s.h_kv * s.head_dim * elem
+        nbytes = kv_bytes + 2 * q.numel() * elem
+        uni = lambda: unified_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale,  # noqa: E731
+                                        max_query_len=s.mix_chunk, max_seq_len=max_seq_len, out=out)
+        ms, gb_s, frac = self.bandwidth(f"unified mix {s.mix_decodes}d+{s.mix_chunk}p", uni, nbytes)
+        self.metrics.update(unified_mix_ms=ms, unified_mix_gb_s=gb_s, unified_mix_bw_frac=frac)
+
+        d_n = s.mix_decodes
+        qd, od = q[:d_n], out[:d_n]
+        qp, op = q[d_n:], out[d_n:]
+
+        def split() -> None:
+            paged_decode_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], scale,
+                                   max_seq_len=max_seq_len, out=od)
+            prefill_attention(qp, k_cache, v_cache, tables[d_n:], qsl[d_n:] - d_n, seq_lens[d_n:], scale,
+                              max_query_len=s.mix_chunk, out=op)
+        split_ms = self.time(split)
+        self.rows.append(Row("  split decode+prefill", split_ms, nbytes / (split_ms * 1e-3) / 1e9, "GB/s",
+                             nbytes / (split_ms * 1e-3) / 1e9 / self.copy_gb_s))
+        self.metrics.update(unified_mix_split_ms=split_ms, unified_mix_vs_split_x=split_ms / ms)
+
+        dec_bytes = 2 * sum(ctx) * s.h_kv * s.head_dim * elem + 2 * qd.numel() * elem
+        dec = lambda: unified_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], qsl[:d_n + 1],  # noqa
+                                        scale, max_query_len=1, max_seq_len=max_seq_len, out=od)
+        ms, gb_s, frac = self.bandwidth(f"unified {d_n} decodes", dec, dec_bytes)
+        self.metrics.update(unified_decode_ms=ms, unified_decode_gb_s=gb_s, unified_decode_bw_frac=frac)
+        old_ms = self.time(lambda: paged_decode_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], scale,
+                                                          max_seq_len=max_seq_len, out=od))
+        self.rows.append(Row("  paged_decode_attention", old_ms, dec_bytes / (old_ms * 1e-3) / 1e9, "GB/s",
+                             dec_bytes / (old_ms * 1e-3) / 1e9 / self.copy_gb_s))
+        self.metrics.update(unified_decode_vs_paged_decode_x=old_ms / ms)
+
+    def rope_kv(self) -> None:
+        """rope_kv_write (one kernel) against rotary_embedding + kv_cache_write (two)."""
+        from llmesh.kernels.kv_cache_write import kv_cache_write
+        from llmesh.kernels.rope import rope_cos_sin_cache, rotary_embedding
+        from llmesh.kernels.rope_kv_write import rope_kv_write
+
+        s, t = self.s, self.s.tokens
+        max_pos = 8192
+        cache = rope_cos_sin_cache(s.head_dim, 500000.0, None, max_pos, device=self.device)
+        positions = torch.randint(0, max_pos, (t,), generator=self.gen, device=self.device)
+        num_blocks = 2 * t // s.block_size
+        k_cache, v_cache = self.paged_pool(num_blocks)
+        slots = torch.randperm(num_blocks * s.block_size, generator=self.gen, device=self.device)[:t]
+        q, k, v = self.randn(t, s.h_q, s.head_dim), self.randn(t, s.h_kv, s.head_dim), self.randn(t, s.h_kv, s.head_dim)
+        fused = lambda: rope_kv_write(positions, q, k, v, cache, k_cache, v_cache, slots,  # noqa: E731
+                                      q_out=q, k_out=k)
+
+        def two() -> None:
+            rotary_embedding(positions, q, k, cache, q_out=q, k_out=k)
+            kv_cache_write(k_cache, v_cache, k, v, slots)
+        nbytes = 2 * q.numel() * 2 + 2 * k.numel() * 2 + 2 * (k.numel() + v.numel()) * 2 + t * s.head_dim * 4 + t * 16
+        ms, gb_s, frac = self.bandwidth(f"rope+kv write T={t}", fused, nbytes)
+        two_ms = self.time(two)
+        self.rows.append(Row("  rope then kv write", two_ms, nbytes / (two_ms * 1e-3) / 1e9, "GB/s",
+                             nbytes / (two_ms * 1e-3) / 1e9 / self.copy_gb_s))
+        self.metrics.update(rope_kv_write_gb_s=gb_s, rope_kv_write_bw_frac=frac, rope_kv_write_ms=ms,
+                            rope_kv_write_vs_two_x=two_ms / ms)
+
     # ---- elementwise ------------------------------------------------------------------------
     def kv_write(self) -> None:
         from llmesh.kernels.kv_cache_write import kv_cache_write
@@ -245,13 +395,25 @@ class KernelBench:
               flush=True)
 
 
+PARTS = {"decode": "decode_attention", "prefill": "prefill_attention", "causal": "causal_prefill",
+         "unified": "unified_mix", "rope_kv": "rope_kv", "kv_write": "kv_write", "rmsnorm": "rmsnorm",
+         "silu_and_mul": "silu_and_mul", "rope": "rope"}
+"""--parts name -> KernelBench method."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes; on a machine without CUDA through TRITON_INTERPRET=1 (CPU check)")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated subset of: " + ", ".join(PARTS) + " (default: all)")
     args = ap.parse_args()
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     device = pick_device(args.device)
     if device.type != "cuda":
         if not args.smoke:
@@ -264,10 +426,8 @@ def main() -> int:
     print(f"[kernels] {device_name(device)}: copy {ceilings['copy_tb_s']:.3f} TB/s, "
           f"gemm {ceilings['gemm_bf16_tflops']:.1f} TFLOP/s ({time.perf_counter() - t0:.1f}s)", flush=True)
     kb = KernelBench(shapes, device, ceilings, args.smoke)
-    for name, bench in (("decode attention", kb.decode_attention), ("prefill attention", kb.prefill_attention),
-                        ("kv write", kb.kv_write), ("rmsnorm", kb.rmsnorm), ("silu_and_mul", kb.silu_and_mul),
-                        ("rope", kb.rope)):
-        kb.run(name, bench)
+    for name in parts:
+        kb.run(name, getattr(kb, PARTS[name]))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     kb.print_table()
@@ -276,9 +436,17 @@ def main() -> int:
         "decode": "q [B, H_q, D] over B contexts of equal length, block tables scattered at random over the "
                   "pool, max_seq_len = context; bytes = K+V of every context token + q + out",
         "prefill": "causal, S prompts of T tokens in one launch over the paged pool; flops = 4 T^2 H D / 2 each",
+        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,cudnn,flash}_c{ctx}: causal_tokens // ctx prompts "
+                          "of ctx tokens, no cached prefix; ours reads the paged pool, the others dense k/v "
+                          "(dispatched = dense_causal_attention's rule); flops = 4 ctx^2 H D / 2 each; "
+                          "prefill_attn_gemm_frac = the dispatched mean over contexts",
+        "causal_dispatch": kb.dispatch,
+        "unified": "mix_decodes decodes (context uniform in mix_ctx) + one mix_chunk-token fresh prefill chunk in "
+                   "one unified_attention call; bytes = K+V of every context token + q + out; split = "
+                   "paged_decode_attention + prefill_attention on the same batch",
         "elementwise": "T tokens; bytes = inputs read once + outputs written once; rope in place",
         "timing": "triton.testing.do_bench median (L2 flushed before each call); smoke: CPU wall clock",
-        "failed": kb.failed, "software": software_versions(), "smoke": args.smoke,
+        "failed": kb.failed, "parts": parts, "software": software_versions(), "smoke": args.smoke,
     }
     path = write_result(f"kernels_{device_tag(device)}", workload, rounded(kb.metrics), device=device_name(device),
                         results_dir=results_dir_for(args))

@@ -7,11 +7,20 @@ prefix-cache hit or earlier chunks of a chunked prefill) and the new tokens up t
 The new tokens' K/V are already in the pool (the KV write runs first), so every key is read
 through the block table and the kernel never sees a dense per-request cache.
 
-A program owns BLOCK_M query rows of one sequence and one query head and runs a
-FlashAttention-2 loop: tl.dot tiles of BLOCK_M x BLOCK_N scores, online softmax in float32,
-key tiles gathered through the block table, stopping at the causal bound of its last row.
-Grouped-query heads share K/V through kv_head = head // group (each query head reads its K/V
-tiles itself; prefill is bound by the dot products, not by those reads).
+Layout of the work (FlashAttention-2 with the GQA group packed into the rows, as vLLM's
+unified attention does):
+
+- A program owns one KV head and BLOCK_Q = BLOCK_M // group consecutive query tokens of one
+  sequence; its BLOCK_M tile rows are (token, query head of the group) pairs. Each K/V tile
+  is loaded once for the whole group, and the causal diagonal spans BLOCK_Q keys, not BLOCK_M.
+- The grid is flat over query blocks of all sequences: sequence s's blocks are numbered from
+  query_start_loc[s] // BLOCK_Q + s, so T // BLOCK_Q + S programs per KV head cover any
+  batch, and a program finds its sequence by binary search over query_start_loc. The grid
+  depends on shapes only (CUDA-graph safe); programs past the last block exit at once. The
+  blocks run longest first (reversed index) so the causal tail does not trail the grid.
+- The key loop is split in two: keys before the block's first query position need no mask
+  (every row sees them), then the diagonal tiles are masked. Softmax in float32 with exp2 on
+  log2e-scaled scores.
 """
 
 from __future__ import annotations
@@ -20,91 +29,185 @@ import torch
 import triton
 import triton.language as tl
 
+from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
 from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query blocks (numbered from qsl[s] // BLOCK_Q + s) hold block_idx."""
+    # An int32 scalar tensor whatever num_seqs is (Triton turns an argument equal to 1 into a
+    # constant, which the loop could not carry).
+    lo = tl.program_id(0) * 0
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = (tl.load(qsl_ptr + mid) // BLOCK_Q + mid).to(tl.int32)
+        if first <= block_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 BLOCK_SIZE: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """k: [BLOCK_D, BLOCK_N] (transposed for the dot), v: [BLOCK_N, BLOCK_D] of keys n, gathered
+    through the block table. MASK_N=False for tiles wholly inside the context (no predicates)."""
+    if MASK_N:
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    else:
+        block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
+    offset = n % BLOCK_SIZE
+    k_ptrs = k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
+    v_ptrs = v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
+    if MASK_N:
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def softmax_step(q, k, v, acc, l, m, scale_log2, valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile. m is the running max in log2 units; with
+    MASKED, `valid` [BLOCK_M, BLOCK_N] marks attended keys and a row with none so far keeps
+    m = -inf without producing NaN (exp2 is taken against 0 instead)."""
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l, m_new
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    scale_log2,
+    scale_log2, num_seqs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, MIN_QUERY_LEN: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    m_block = tl.program_id(1)
-    head = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    q_len = (tl.load(query_start_loc_ptr + seq + 1) - q_start).to(tl.int32)
-    if m_block * BLOCK_M >= q_len:
+    block_idx = tl.num_programs(0) - 1 - tl.program_id(0)  # longest blocks (highest index) first
+    kv_head = tl.program_id(1)
+    seq = find_seq(query_start_loc_ptr, block_idx, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    q_block = block_idx - (q_start // BLOCK_Q + seq)
+    # Sequences shorter than MIN_QUERY_LEN belong to another kernel (unified_attention's
+    # split-KV decode path); empty ones (padding) to none.
+    if (q_len < MIN_QUERY_LEN) | (q_block * BLOCK_Q >= q_len):
         return
     ctx_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     prefix = ctx_len - q_len  # tokens cached before this step's
 
-    i = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + r // GROUP  # [BLOCK_M] token of each row within the sequence
+    heads = kv_head * GROUP + r % GROUP
+    row_mask = (tok < q_len) & (r < BLOCK_Q * GROUP)
     d = tl.arange(0, BLOCK_D)
-    i_mask = i < q_len
     d_mask = d < HEAD_DIM
-    q_pos = prefix + i  # [BLOCK_M] position of each query row in its sequence
-    rows = q_start + i
+    q_pos = prefix + tok  # position of each row's token in its sequence
+    rows = (q_start + tok).to(tl.int64)
     # q: [BLOCK_M, BLOCK_D]
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    kv_head = head // GROUP
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    # Keys past the last row's position are masked for every row; stop there.
-    hi = tl.minimum(ctx_len, prefix + (m_block + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    first_pos = prefix + q_block * BLOCK_Q  # every row's position is at least this
+    # Keys past the block's last position are masked for every row; stop there.
+    hi = tl.minimum(ctx_len, first_pos + BLOCK_Q)
+    diag = tl.maximum(first_pos, 0) // BLOCK_N * BLOCK_N
+    n_range = tl.arange(0, BLOCK_N)
+    for n0 in range(0, diag, BLOCK_N):  # off-diagonal: visible to every row, inside the context
+        n = n0 + n_range
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n < hi, kv_head, d, d_mask,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            BLOCK_SIZE, False, HEAD_DIM == BLOCK_D, DOT_F32)
+        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, None, False, DOT_PRECISION)
+    for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
+        n = n0 + n_range
         n_mask = n < hi
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        offset = n % BLOCK_SIZE
-        kv_mask = n_mask[None, :] & d_mask[:, None]
-        # k: [BLOCK_D, BLOCK_N] (transposed for the dot); v: [BLOCK_N, BLOCK_D]
-        k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks
-                    + kv_head * stride_kh + d[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
-                    + kv_head * stride_vh + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        # Every row keeps key 0 (q_pos >= 0), so no row of the first tile is all -inf.
-        causal = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, DOT_F32)
+        valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, valid, True, DOT_PRECISION)
 
-    o = acc / l[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
-             cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET), mask=i_mask[:, None] & d_mask[None, :])
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row with no key (bad lengths) gives zeros
+    tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def _tiles(d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a head_dim: large tiles while they fit in registers."""
-    if d <= 64:
-        return 128, 64, 4
-    if d <= 128:
-        return 128, 64, 8
-    return 64, 32, 8
+def launch_prefill_kernel(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+    block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    *, min_query_len: int = 1, config: PrefillConfig | None = None,
+) -> None:
+    """Launch the causal tile kernel over every sequence with at least `min_query_len` new
+    tokens (arguments already checked). The grid depends on q's and the tables' shapes only."""
+    t, h_q, d = q.shape
+    s = block_tables.shape[0]
+    block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    group = h_q // h_kv
+    cfg = config or prefill_config(d)
+    block_m = max(cfg.block_m, next_power_of_2(group))
+    block_q = block_m // group
+    grid = (t // block_q + s, h_kv)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * LOG2E, s,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, MIN_QUERY_LEN=max(1, min_query_len),
+        DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def check_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> int:
+    """Checks shared by the flattened-batch attention wrappers; returns S."""
+    check_tensor("q", q, "[T, H_q, D]", 3)
+    check_tensor("seq_lens", seq_lens, "[S]", 1, INDEX_DTYPES, device=q.device)
+    s = seq_lens.shape[0]
+    check_paged_kv(q, k_cache, v_cache, block_tables, s)
+    check_tensor("query_start_loc", query_start_loc, "[S + 1]", 1, INDEX_DTYPES, device=q.device)
+    check_size("query_start_loc", "S + 1", query_start_loc.shape[0], s + 1, "one start per sequence and the end")
+    return s
 
 
 def prefill_attention(
@@ -124,34 +227,16 @@ def prefill_attention(
     k_cache, v_cache: [num_blocks, block_size, H_kv, D] holding every context token,
     the new ones included; block_tables: [S, max_blocks]; query_start_loc: [S + 1];
     seq_lens: [S] context lengths including the new tokens (seq_lens[s] must be at least
-    sequence s's new-token count). `max_query_len` bounds the new tokens per sequence and
-    sizes the grid; pass it to avoid a device sync. Returns (or fills `out`) [T, H_q, D].
+    sequence s's new-token count). The launch depends on shapes only, so the call never
+    syncs; `max_query_len` = 0 (a batch without new tokens) skips it. Returns (or fills
+    `out`) [T, H_q, D]; rows past query_start_loc[S] are left as they are.
     """
-    check_tensor("q", q, "[T, H_q, D]", 3)
-    t, h_q, _ = q.shape
-    check_tensor("seq_lens", seq_lens, "[S]", 1, INDEX_DTYPES, device=q.device)
-    s = seq_lens.shape[0]
-    block_size, h_kv, d = check_paged_kv(q, k_cache, v_cache, block_tables, s)
-    check_tensor("query_start_loc", query_start_loc, "[S + 1]", 1, INDEX_DTYPES, device=q.device)
-    check_size("query_start_loc", "S + 1", query_start_loc.shape[0], s + 1, "one start per sequence and the end")
-    out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if s else 0
-    if t == 0 or s == 0 or max_query_len == 0:
+    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    out = check_out("out", out, tuple(q.shape), q.dtype, q.device)
+    if q.shape[0] == 0 or s == 0 or max_query_len == 0:
         return out
-    block_m, block_n, num_warps = _tiles(d)
-    grid = (s, triton.cdiv(max_query_len, block_m), h_q)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc.contiguous(), seq_lens.contiguous(),
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=h_q // h_kv, HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
-        num_warps=num_warps,
-    )
+    launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc.contiguous(),
+                          seq_lens.contiguous(), scale)
     return out
 
 

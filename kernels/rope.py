@@ -23,8 +23,27 @@ from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
-def _round(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     return cast_rtne(x, DTYPE, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def rotate_heads(
+    x_ptr, stride_h, cos, sin, j, j_mask,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Rotated halves (o1, o2): [BLOCK_H, HALF] float32 of one token's heads, each product
+    rounded to DTYPE as the torch expression does (the sum is rounded by the caller's store),
+    and the mask of real (head, j) elements."""
+    h = tl.arange(0, BLOCK_H)
+    mask = (h[:, None] < NUM_HEADS) & j_mask[None, :]
+    src = x_ptr + h[:, None] * stride_h + j[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    c, s = cos[None, :], sin[None, :]
+    o1 = round_to(x1 * c, DTYPE, INTERPRET) + round_to(-x2 * s, DTYPE, INTERPRET)
+    o2 = round_to(x2 * c, DTYPE, INTERPRET) + round_to(x1 * s, DTYPE, INTERPRET)
+    return o1, o2, mask
 
 
 @triton.jit
@@ -32,16 +51,9 @@ def _rotate_heads(
     x_ptr, o_ptr, stride_h, stride_oh, cos, sin, j, j_mask,
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # x: [BLOCK_H, HALF] first and second halves of one token's heads; cos, sin: [HALF]
-    h = tl.arange(0, BLOCK_H)
-    mask = (h[:, None] < NUM_HEADS) & j_mask[None, :]
-    src = x_ptr + h[:, None] * stride_h + j[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = o_ptr.dtype.element_ty
-    c, s = cos[None, :], sin[None, :]
-    o1 = _round(x1 * c, dtype, INTERPRET) + _round(-x2 * s, dtype, INTERPRET)
-    o2 = _round(x2 * c, dtype, INTERPRET) + _round(x1 * s, dtype, INTERPRET)
+    o1, o2, mask = rotate_heads(x_ptr, stride_h, cos, sin, j, j_mask, NUM_HEADS, BLOCK_H, HALF, dtype, INTERPRET)
+    h = tl.arange(0, BLOCK_H)
     dst = o_ptr + h[:, None] * stride_oh + j[None, :]
     tl.store(dst, cast_rtne(o1, dtype, INTERPRET), mask=mask)
     tl.store(dst + HALF, cast_rtne(o2, dtype, INTERPRET), mask=mask)
@@ -60,8 +72,8 @@ def _rope_kernel(
     j_mask = j < HALF
     dtype = q_ptr.dtype.element_ty
     row = cache_ptr + pos * stride_cache
-    cos = _round(tl.load(row + j, mask=j_mask, other=0.0).to(tl.float32), dtype, INTERPRET)
-    sin = _round(tl.load(row + HALF + j, mask=j_mask, other=0.0).to(tl.float32), dtype, INTERPRET)
+    cos = round_to(tl.load(row + j, mask=j_mask, other=0.0).to(tl.float32), dtype, INTERPRET)
+    sin = round_to(tl.load(row + HALF + j, mask=j_mask, other=0.0).to(tl.float32), dtype, INTERPRET)
     _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin, j, j_mask,
                   NUM_Q_HEADS, BLOCK_HQ, HALF, INTERPRET)
     _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin, j, j_mask,

@@ -26,3 +26,27 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
         assert key in m, key
     assert m["weight_gib_int4"] < m["weight_gib_none"]
     assert doc["workload"]["gemm_configs"]
+
+
+def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/kernels_gpu.py", "--smoke", "--parts", "causal,unified,rope_kv",
+                           "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((tmp_path / "kernels_cpu.json").read_text())["metrics"]
+    for key in ("prefill_attn_gemm_frac", "prefill_attn_gemm_frac_ours", "prefill_attn_gemm_frac_ours_c64",
+                "unified_mix_gb_s", "unified_mix_vs_split_x", "unified_decode_vs_paged_decode_x",
+                "rope_kv_write_vs_two_x"):
+        assert key in m, key
+
+
+def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/attn_sweep.py", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "attn_sweep_cpu.json").read_text())
+    assert doc["workload"]["wrong"] == 0
+    assert set(doc["workload"]["winners"]) == {"prefill", "decode"}
+    assert any("PrefillConfig(" in line for line in doc["workload"]["paste"])

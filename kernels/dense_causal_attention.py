@@ -1,0 +1,172 @@
+"""Causal attention of prefill chunks with no cached prefix, dispatched to the fastest backend.
+
+When every key of a sequence is one of its own new tokens (a fresh prompt, or a first chunk),
+attention needs no block table: the dense q, k, v of the step are the whole problem, and
+torch SDPA's cuDNN backend (FlashAttention-3-class kernels on Hopper) runs it faster than a
+Triton kernel gathering through the pool (bench/kernels_gpu.py measures both:
+prefill_attn_gemm_frac_*). Our Triton prefill kernel stays the reference and the fallback.
+
+Dispatch rule (backend="auto"):
+- cuDNN when it can run here (a CUDA device, fp16/bf16, head_dim a multiple of 8 and at most
+  128, torch exposing SDPBackend.CUDNN_ATTENTION, and no earlier call found it refusing these
+  shapes) and the batch is big enough to amortise one SDPA call per sequence: at least
+  `CUDNN_MIN_TOKENS` tokens, and either every sequence the same length (one batched call) or
+  at most `CUDNN_MAX_CALLS` sequences.
+- otherwise the Triton prefill kernel, one launch for the whole batch (K/V read as a pool of
+  one-token blocks).
+Grouped-query heads go to cuDNN through enable_gqa; a torch whose cuDNN path refuses it gets
+K/V expanded to the query heads (remembered, so the refusal is paid once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llmesh.kernels.common import check_out, check_size, check_tensor
+
+CUDNN_MIN_TOKENS = 512
+"""Below this many tokens the Triton launch is as fast and avoids per-sequence calls."""
+CUDNN_MAX_CALLS = 16
+"""Most SDPA calls (sequences of unequal lengths) one dispatch makes before Triton is cheaper."""
+
+BACKENDS = ("auto", "cudnn", "flash", "triton")
+
+_refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised
+_gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None), "flash": SDPBackend.FLASH_ATTENTION}[name]
+
+
+def cudnn_usable(q: torch.Tensor, group: int) -> bool:
+    """Whether the cuDNN SDPA path can take q's shapes here (see the dispatch rule)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128 and _sdpa_backend("cudnn") is not None
+            and ("cudnn", q.dtype, q.shape[-1], group) not in _refusals)
+
+
+def choose_backend(q: torch.Tensor, group: int, lengths: Sequence[int]) -> str:
+    """The backend="auto" choice for a batch of sequences of these lengths."""
+    if not cudnn_usable(q, group) or sum(lengths) < CUDNN_MIN_TOKENS:
+        return "triton"
+    if len(set(lengths)) == 1 or len(lengths) <= CUDNN_MAX_CALLS:
+        return "cudnn"
+    return "triton"
+
+
+def _sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, H_q, L, D], k, v: [B, H_kv, L, D] -> [B, H_q, L, D], causal, on one SDPA backend."""
+    from torch.nn.attention import sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    key = (backend, q.dtype, q.shape[-1])
+    with sdpa_kernel([_sdpa_backend(backend)]):
+        if group > 1 and key not in _gqa_expand:
+            try:
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            except RuntimeError:
+                _gqa_expand.add(key)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _run_sdpa(backend: str, q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    if len(set(lengths)) == 1:  # one batched call: [S * L, H, D] -> [S, H, L, D]
+        n, L = len(lengths), lengths[0]
+        qs, ks, vs = (x[starts[0]:starts[-1]].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+        out[starts[0]:starts[-1]].unflatten(0, (n, L)).copy_(_sdpa(backend, qs, ks, vs, scale).transpose(1, 2))
+        return
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b > a:
+            qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, L, D]
+            out[a:b].copy_(_sdpa(backend, qs, ks, vs, scale)[0].transpose(0, 1))
+
+
+def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
+    from llmesh.kernels.prefill_attention import launch_prefill_kernel
+
+    # K/V as a pool of one-token blocks: k: [T, 1, H_kv, D]; sequence s's table lists its rows.
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    width = max(lengths)
+    dev = q.device
+    first = torch.tensor(starts[:-1], dtype=torch.int32, device=dev)
+    tables = (first[:, None] + torch.arange(width, dtype=torch.int32, device=dev)[None, :]).clamp_(max=q.shape[0] - 1)
+    launch_prefill_kernel(q, k.unsqueeze(1), v.unsqueeze(1), out, tables,
+                          torch.tensor(starts, dtype=torch.int32, device=dev),
+                          torch.tensor(lengths, dtype=torch.int32, device=dev), scale)
+
+
+def dense_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_start_loc: Sequence[int],
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention of sequences with no cached prefix: q: [T, H_q, D], k, v: [T, H_kv, D]
+    (the step's new tokens, RoPE applied; views of a fused qkv are fine), sequence s owning
+    rows query_start_loc[s]:query_start_loc[s+1] (host ints: SDPA calls are sized by them).
+    backend "auto" follows the module's dispatch rule; "cudnn", "flash" (torch SDPA backends)
+    and "triton" force one, for benchmarks and tests. Returns (or fills `out`) [T, H_q, D].
+    """
+    check_tensor("q", q, "[T, H_q, D]", 3)
+    t, h_q, d = q.shape
+    check_tensor("k", k, "[T, H_kv, D]", 3, (q.dtype,), device=q.device)
+    check_tensor("v", v, "[T, H_kv, D]", 3, (q.dtype,), device=q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    check_size("k", "T", k.shape[0], t, "one key per query token")
+    check_size("k", "D", k.shape[2], d, "q's head_dim")
+    if h_q % k.shape[1]:
+        raise ValueError(f"q has {h_q} heads, not a multiple of k's {k.shape[1]}")
+    starts = [int(x) for x in query_start_loc]
+    if not starts or starts[0] != 0 or starts[-1] > t or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"query_start_loc must rise from 0 to at most T={t}, got {starts[:8]}...")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    if not lengths or max(lengths) == 0:
+        return out
+    group = h_q // k.shape[1]
+    choice = choose_backend(q, group, lengths) if backend == "auto" else backend
+    if choice in ("cudnn", "flash"):
+        if not q.is_cuda or _sdpa_backend(choice) is None:
+            raise ValueError(f"backend {choice!r} needs a CUDA device and a torch that has it")
+        try:
+            _run_sdpa(choice, q, k, v, starts, scale, out)
+            return out
+        except RuntimeError:
+            if backend != "auto":
+                raise
+            _refusals.add((choice, q.dtype, d, group))  # e.g. a cuDNN build without these shapes
+    _run_triton(q, k, v, starts, scale, out)
+    return out
+
+
+def dense_causal_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: Sequence[int], scale: float
+) -> torch.Tensor:
+    """Per-sequence causal SDPA in float32 (rows no sequence owns are zeros)."""
+    out = torch.zeros_like(q)
+    starts = [int(x) for x in query_start_loc]
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b > a:
+            qs, ks, vs = (x[a:b].float().transpose(0, 1) for x in (q, k, v))
+            ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            out[a:b] = o.transpose(0, 1).to(q.dtype)
+    return out

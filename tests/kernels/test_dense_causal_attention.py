@@ -1,0 +1,80 @@
+"""dense_causal_attention (prefill chunks without a cached prefix) matches per-sequence causal
+attention on every backend it can dispatch to, and its dispatch rule picks as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from llmesh.kernels import dense_causal_attention as dca  # noqa: E402
+from llmesh.kernels.dense_causal_attention import dense_causal_attention, dense_causal_attention_ref  # noqa: E402
+
+TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _inputs(lengths, h_q, h_kv, d, dtype, seed, pad_rows=0):
+    gen = torch.Generator().manual_seed(seed)
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    t = starts[-1] + pad_rows
+    # q, k, v as views of one fused qkv projection, as the model produces them
+    qkv = torch.randn(t, (h_q + 2 * h_kv) * d, generator=gen).to(dtype)
+    q = qkv[:, :h_q * d].view(t, h_q, d)
+    k = qkv[:, h_q * d:(h_q + h_kv) * d].view(t, h_kv, d)
+    v = qkv[:, (h_q + h_kv) * d:].view(t, h_kv, d)
+    return q, k, v, starts
+
+
+BACKENDS = ["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,h_q,h_kv,d,dtype", [
+    ([1, 17, 40], 8, 2, 64, torch.bfloat16),  # unequal lengths: one call per sequence
+    ([24, 24], 4, 4, 64, torch.float16),  # equal lengths: one batched call
+    ([33], 8, 1, 128, torch.bfloat16),
+])
+def test_matches_reference(device, backend, lengths, h_q, h_kv, d, dtype):
+    q, k, v, starts = _inputs(lengths, h_q, h_kv, d, dtype, seed=sum(lengths) + h_q, pad_rows=3)
+    ref = dense_causal_attention_ref(q, k, v, starts, d ** -0.5)
+    out = torch.full_like(q, float("nan"), device=device)
+    got = dense_causal_attention(q.to(device), k.to(device), v.to(device), starts, d ** -0.5, out=out,
+                                 backend=backend).cpu()
+    real = starts[-1]
+    torch.testing.assert_close(got[:real].float(), ref[:real].float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.isnan(got[real:]).all()  # rows no sequence owns are not written
+
+
+def test_triton_path_float32(device):
+    q, k, v, starts = _inputs([5, 30], 6, 2, 80, torch.float32, seed=4)
+    got = dense_causal_attention(q.to(device), k.to(device), v.to(device), starts, 0.1)  # auto: Triton here
+    torch.testing.assert_close(got.cpu(), dense_causal_attention_ref(q, k, v, starts, 0.1),
+                               rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+def test_dispatch_rule():
+    cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    assert dca.choose_backend(cpu_q, 4, [4096]) == "triton"  # no CUDA, no cuDNN
+    if torch.cuda.is_available() and dca.cudnn_usable(cpu_q.cuda(), 4):
+        q = cpu_q.cuda()
+        assert dca.choose_backend(q, 4, [2048, 2048]) == "cudnn"
+        assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens
+        assert dca.choose_backend(q, 4, [64 + i for i in range(dca.CUDNN_MAX_CALLS + 1)]) == "triton"
+        assert dca.choose_backend(q.float(), 4, [4096]) == "triton"
+
+
+def test_rejects_bad_inputs(device):
+    q, k, v, starts = _inputs([4, 4], 4, 2, 64, torch.float32, seed=1)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        dense_causal_attention(q, k, v, [0, 5, 3], 0.1)
+    with pytest.raises(ValueError, match="backend"):
+        dense_causal_attention(q, k, v, starts, 0.1, backend="xformers")
+    with pytest.raises(ValueError, match="k has T=7"):
+        dense_causal_attention(q, k[:7], v[:7], starts, 0.1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            dense_causal_attention(q, k, v, starts, 0.1, backend="cudnn")
