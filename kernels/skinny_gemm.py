@@ -38,7 +38,9 @@ DTYPES = (torch.float16, torch.bfloat16)
 REDUCE_BLOCK = 256
 
 
-@triton.jit
+# M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
+# every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
+@triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
@@ -112,7 +114,7 @@ def _skinny_kernel(
         tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLITS"])
 def _splitk_reduce_kernel(
     part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,

@@ -1,0 +1,38 @@
+"""bench/gemm_sweep.py --smoke on the CPU (tiny shapes, Triton's interpreter): every (shape, M)
+runs, every config passes its check against F.linear, the JSON carries the headline metrics
+and the printed TUNED literal is valid Python of the table's form."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gemm_sweep_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/gemm_sweep.py", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gemm_sweep_cpu.json").read_text())
+    m, w = doc["metrics"], doc["workload"]
+    assert m["copy_tb_s"] > 0
+    for shape in w["shapes_n_k"]:
+        for mm in w["m"]:
+            for key in ("bw_frac", "speedup_x"):
+                assert m[f"skinny_gemm_m{mm}_{key}_{shape}"] > 0, (shape, mm, key)
+            assert m[f"flinear_m{mm}_bw_frac_{shape}"] > 0
+    assert not w["wrong"] and not w["errors"] and not w["skipped"]
+    assert any(" dot " in k for k in w["configs"]) and any(" fma " in k for k in w["configs"])
+    literal = w["tuned_literal"]
+    assert literal in proc.stdout and literal.startswith("TUNED['cpu'] = ")
+    table = ast.literal_eval(literal.split(" = ", 1)[1])
+    for (n, k, bucket), fields in table.items():
+        check_config(SkinnyConfig(*fields))
