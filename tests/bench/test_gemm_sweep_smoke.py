@@ -36,3 +36,22 @@ def test_gemm_sweep_smoke(tmp_path):
     table = ast.literal_eval(literal.split(" = ", 1)[1])
     for (n, k, bucket), fields in table.items():
         check_config(SkinnyConfig(*fields))
+
+
+def test_table_takes_only_clear_winners_at_bucket_sizes(monkeypatch):
+    """report(): a config enters TUNED only when it beats F.linear by MIN_SPEEDUP, at an M that
+    is a bucket; the fastest config of a cell is the one recorded."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gemm_sweep as gs
+
+    fast, slow = SkinnyConfig(1, 8, 512, 1, 4, 1, False), SkinnyConfig(16, 32, 128, 2, 4, 4, True)
+    shapes = {"a": (4096, 4096), "b": (6144, 4096)}
+    cells = [gs.Cell("a", 1, 0.010, [(0.012, slow), (0.008, fast)]),  # 1.25x: in
+             gs.Cell("a", 2, 0.010, [(0.0099, fast)]),                 # 1.01x: a tie, stays cuBLAS
+             gs.Cell("b", 3, 0.010, [(0.005, fast)]),                  # not a bucket size
+             gs.Cell("b", 16, 0.010, [])]                              # nothing ran
+    metrics, tuned = gs.report(cells, 4.0, shapes)
+    assert tuned == {(4096, 4096, 1): (1, 8, 512, 1, 4, 1, False)}
+    assert metrics["skinny_gemm_m1_speedup_x_a"] == 0.010 / 0.008
+    assert abs(metrics["skinny_gemm_m1_bw_frac_a"] - 4096 * 4096 * 2 / 8e-6 / 4e12) < 1e-9
+    assert "skinny_gemm_m16_speedup_x_b" not in metrics and "flinear_m16_bw_frac_b" in metrics

