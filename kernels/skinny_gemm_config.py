@@ -13,7 +13,7 @@ not import Triton (the engine consults the table on every dense linear).
 from __future__ import annotations
 
 import functools
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -91,11 +91,6 @@ def tuned_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig |
         return None
     fields = table.get((n, k, bucket))
     return SkinnyConfig(*fields) if fields is not None else None
-
-
-def as_fields(config: SkinnyConfig) -> tuple:
-    """The tuple form TUNED stores."""
-    return astuple(config)
 
 
 def _is_pow2(v: object) -> bool:
