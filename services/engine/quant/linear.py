@@ -4,7 +4,9 @@
 (packed.py) and returns x @ W^T + bias. With ``kernels=True`` packed weights go through our
 Triton GEMMs (the triton backend, and the torch backend on a GPU); otherwise through their
 torch references — dequantize, round to x's dtype, multiply — which is what the torch
-backend uses on the CPU, where Triton has no compiled kernels.
+backend uses on the CPU, where Triton has no compiled kernels. Dense weights use F.linear,
+except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
+the skinny Triton GEMM is faster for that shape.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
+from llmesh.kernels.skinny_gemm_config import tuned_config
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -54,9 +58,29 @@ def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return x @ w.dequantize().to(x.dtype)
 
 
+def _dense_skinny(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ W^T through the skinny Triton GEMM where bench/gemm_sweep.py measured it beating
+    cuBLAS on this device for this (N, K, M bucket); None everywhere else (then F.linear)."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not (0 < rows <= SKINNY_MAX_M) or x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return None
+    config = tuned_config(x.device, rows, w.shape[0], k)
+    if config is None or w.stride(-1) != 1:
+        return None
+    from llmesh.kernels.skinny_gemm import skinny_gemm
+
+    x2 = x.reshape(rows, k)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return skinny_gemm(x2, w, bias, config=config).view(*x.shape[:-1], w.shape[0])
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kernels: bool = True) -> torch.Tensor:
     """x: [..., K] → [..., N]."""
     if isinstance(w, torch.Tensor):
+        if kernels and x.is_cuda and (y := _dense_skinny(x, w, bias)) is not None:
+            return y
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

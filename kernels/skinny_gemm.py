@@ -1,0 +1,199 @@
+"""Skinny dense GEMM: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for decode-sized M.
+
+W is in nn.Linear's layout ([N, K], K contiguous) and x, W, y share one 16-bit dtype; the
+products accumulate in float32 and round once, like F.linear. At M <= 16 the GEMM only
+streams W, so the kernel is shaped around reading W at full memory bandwidth:
+
+- A program owns BLOCK_N rows of W (outputs) for BLOCK_M rows of x and walks its K range in
+  [BLOCK_N, BLOCK_K] tiles. Rows are K-contiguous, so each thread's loads are 16-byte vectors
+  and a warp's are coalesced; W is loaded with evict_first (read once), x with evict_last
+  (every program reads it). Rows past N / M are read from a valid row (index modulo N / M)
+  and never stored, so loads need no row predicate.
+- Two inner products, chosen per config: `dot` feeds 16-row tiles to tl.dot (the tensor
+  cores; Triton's pipeliner keeps num_stages tiles in flight), the FMA form multiplies
+  element-wise into a float32 [BLOCK_M, BLOCK_N, BLOCK_K] accumulator and sums over K once
+  at the end (no per-step cross-thread reduction), which suits M = 1 where a 16-row dot
+  wastes 15/16 of its work and registers.
+- Split-K: when N / BLOCK_N programs cannot fill the GPU, `split_k` programs share an output
+  tile, each writing a float32 partial to a [SPLIT, M, N] workspace; a second kernel sums the
+  partials in split order, adds the bias and rounds. No atomics, so results are identical run
+  to run (greedy decoding reproduces), and nothing syncs with the host: the workspace comes
+  from the caching allocator, which hands out graph-private memory during CUDA-graph capture.
+
+Which config, and whether to use this kernel at all rather than cuBLAS, is decided per
+device and shape by measurement (skinny_gemm_config.TUNED, filled by bench/gemm_sweep.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
+from llmesh.kernels.triton_helpers import cast_rtne
+
+DTYPES = (torch.float16, torch.bfloat16)
+REDUCE_BLOCK = 256
+
+
+# M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
+# every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
+@triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
+def _skinny_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
+    # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_n = pid // NUM_M_BLOCKS
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :]  # [BN, BK]
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + k_lo + rk  # [BK]
+    else:
+        x_ptrs = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + (k_lo + rk)[None, :]  # [BM, BK]
+
+    if DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, eviction_policy="evict_last")
+        else:
+            k_ok = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if BLOCK_M == 1:
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_last")
+        if DOT:
+            if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        elif BLOCK_M == 1:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        else:
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    if DOT:
+        y = acc  # [BM, BN]
+    elif BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    else:
+        y = tl.sum(acc, axis=2)  # [BM, BN]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
+        tl.store(part, y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "SPLITS"])
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):  # split order, every run: the sum is reproducible
+        acc += tl.load(part_ptr + (s * M + pid_m).to(tl.int64) * N + rn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_m.to(tl.int64) * stride_om + rn, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=mask)
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(M, N, K) after checking x [M, K], weight [N, K] and bias [N]."""
+    check_tensor("x", x, "[M, K]", 2, DTYPES)
+    check_tensor("weight", weight, "[N, K]", 2, (x.dtype,), device=x.device)
+    m, k = x.shape
+    n = weight.shape[0]
+    check_size("weight", "K", weight.shape[1], k, "x's columns")
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias, "[N]", 1, (torch.float16, torch.bfloat16, torch.float32), device=x.device)
+        check_size("bias", "N", bias.shape[0], n, "weight's rows")
+        check_last_dim_contiguous("bias", bias)
+    return m, n, k
+
+
+def skinny_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:
+    """x: [M, K] @ weight [N, K]^T (+ bias [N]) → [M, N] in x's dtype (float16 / bfloat16).
+
+    Rows of x and out may be strided; their last dimension must be contiguous, as must the
+    weight's rows. `config` overrides `default_config` (the engine passes the tuned one).
+    """
+    m, n, k = _check_args(x, weight, bias)
+    config = config or default_config(m, n, k)
+    check_config(config)
+    out = check_out("out", out, (m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    splits, k_per_split = split_plan(k, config.block_k, config.split_k)
+    split = splits > 1
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    num_m_blocks = triton.cdiv(m, config.block_m)
+    interpret = interpreting()
+    _skinny_kernel[(num_m_blocks * triton.cdiv(n, config.block_n), splits)](
+        x, weight, bias_arg, out, part,
+        m, n, k, k_per_split, num_m_blocks,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        DOT_F32=interpret, INTERPRET=interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split:
+        _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            part, bias_arg, out, m, n, splits, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, INTERPRET=interpret, num_warps=4,
+        )
+    return out
+
+
+def skinny_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with float32 accumulation, the bias added in float32, rounded once to x's dtype."""
+    y = x.float() @ weight.float().t()  # [M, N]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,119 @@
+"""Launch configurations of the skinny dense GEMM (skinny_gemm.py) and the table that says,
+per device, weight shape and batch size, whether it beats cuBLAS at all.
+
+At decode sizes (M <= 16 rows) y = x @ W^T streams the whole weight once for a handful of
+rows, so its speed is the fraction of the memory bandwidth the kernel sustains. That depends
+on the tile shape, the split of K and the number of loads in flight in ways no formula
+predicts well, so the choice is measured: bench/gemm_sweep.py times F.linear and a grid of
+configs per (N, K, M) on a device and prints `TUNED` entries for the winners. A shape, batch
+bucket or device without an entry keeps F.linear: dispatch never guesses. This module does
+not import Triton (the engine consults the table on every dense linear).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.kernels.common import interpreting
+
+MAX_M = 16
+"""Rows up to which the skinny kernel is considered; past this cuBLAS's tiles are not wasted."""
+
+M_BUCKETS = (1, 2, 4, 8, 16)
+"""A batch of M rows uses the entry of the smallest bucket >= M (tiles are padded to it)."""
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """block_m: rows of x per program (a power of two; >= 16 when `dot`); block_n: weight rows
+    (outputs) per program; block_k: K columns per loop step; split_k: programs sharing one
+    output tile's K range (partials summed in a fixed order); dot: tl.dot (tensor cores) or
+    per-element fused multiply-adds summed once at the end."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    dot: bool
+
+    def short(self) -> str:
+        return (f"{'dot' if self.dot else 'fma'} m{self.block_m} n{self.block_n} k{self.block_k} "
+                f"s{self.split_k} w{self.num_warps} st{self.num_stages}")
+
+
+# ---- measured table -----------------------------------------------------------------------
+# device tag (llmesh.bench_results.device_tag) -> {(N, K, M bucket): config fields in
+# SkinnyConfig order}. Only entries where the kernel beat F.linear in bench/gemm_sweep.py;
+# replace a device's block with the literal the sweep prints.
+TUNED: dict[str, dict[tuple[int, int, int], tuple[int, int, int, int, int, int, bool]]] = {}
+
+_INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
+
+
+def m_bucket(m: int) -> int | None:
+    """The table's batch bucket for M rows (None past MAX_M)."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return None
+
+
+def default_config(m: int, n: int, k: int) -> SkinnyConfig:
+    """A config that runs anywhere (tests, the interpreter, shapes the sweep has not seen): FMA
+    tiles of one x row for M = 1, tl.dot tiles of 16 rows above. Correct, not tuned."""
+    if interpreting():
+        return SkinnyConfig(1, 16, 32, 1, 1, 1, False) if m == 1 else _INTERPRET_DOT
+    if m == 1:
+        return SkinnyConfig(1, 16, 256, 1, 4, 3, False)
+    return SkinnyConfig(16, 32, 128, 1, 4, 4, True)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_tag(index: int) -> str:
+    from llmesh.bench_results import device_tag
+
+    return device_tag(torch.device("cuda", index))
+
+
+def tuned_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig | None:
+    """The measured winner for y[M, N] = x[M, K] @ W[N, K]^T on `device`, or None where the
+    sweep found cuBLAS faster or never ran (then the caller uses F.linear)."""
+    bucket = m_bucket(m)
+    if bucket is None or device.type != "cuda":
+        return None
+    table = TUNED.get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    if not table:
+        return None
+    fields = table.get((n, k, bucket))
+    return SkinnyConfig(*fields) if fields is not None else None
+
+
+def _is_pow2(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
+
+
+def check_config(config: SkinnyConfig) -> None:
+    if not isinstance(config, SkinnyConfig):
+        raise ValueError(f"config must be a SkinnyConfig, got {type(config).__name__}")
+    for name in ("block_m", "block_n", "block_k", "num_warps"):
+        if not _is_pow2(getattr(config, name)):
+            raise ValueError(f"config.{name} must be a power of two, got {getattr(config, name)!r}")
+    if config.dot and min(config.block_m, config.block_n, config.block_k) < 16:
+        raise ValueError(f"tl.dot tiles need block_m, block_n, block_k >= 16, got {config.short()}")
+    if not isinstance(config.split_k, int) or config.split_k < 1:
+        raise ValueError(f"config.split_k must be an int >= 1, got {config.split_k!r}")
+    if not isinstance(config.num_stages, int) or config.num_stages < 1:
+        raise ValueError(f"config.num_stages must be an int >= 1, got {config.num_stages!r}")
+
+
+def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(splits, K columns per split): whole tiles per split, no split empty, so every partial
+    the reduction reads is written."""
+    tiles = max(1, -(-k // block_k))
+    per_split = -(-tiles // max(1, split_k))
+    return -(-tiles // per_split), per_split * block_k

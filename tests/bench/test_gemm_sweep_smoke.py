@@ -1,0 +1,57 @@
+"""bench/gemm_sweep.py --smoke on the CPU (tiny shapes, Triton's interpreter): every (shape, M)
+runs, every config passes its check against F.linear, the JSON carries the headline metrics
+and the printed TUNED literal is valid Python of the table's form."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gemm_sweep_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/gemm_sweep.py", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gemm_sweep_cpu.json").read_text())
+    m, w = doc["metrics"], doc["workload"]
+    assert m["copy_tb_s"] > 0
+    for shape in w["shapes_n_k"]:
+        for mm in w["m"]:
+            for key in ("bw_frac", "speedup_x"):
+                assert m[f"skinny_gemm_m{mm}_{key}_{shape}"] > 0, (shape, mm, key)
+            assert m[f"flinear_m{mm}_bw_frac_{shape}"] > 0
+    assert not w["wrong"] and not w["errors"] and not w["skipped"]
+    assert any(" dot " in k for k in w["configs"]) and any(" fma " in k for k in w["configs"])
+    literal = w["tuned_literal"]
+    assert literal in proc.stdout and literal.startswith("TUNED['cpu'] = ")
+    table = ast.literal_eval(literal.split(" = ", 1)[1])
+    for (n, k, bucket), fields in table.items():
+        check_config(SkinnyConfig(*fields))
+
+
+def test_table_takes_only_clear_winners_at_bucket_sizes(monkeypatch):
+    """report(): a config enters TUNED only when it beats F.linear by MIN_SPEEDUP, at an M that
+    is a bucket; the fastest config of a cell is the one recorded."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gemm_sweep as gs
+
+    fast, slow = SkinnyConfig(1, 8, 512, 1, 4, 1, False), SkinnyConfig(16, 32, 128, 2, 4, 4, True)
+    shapes = {"a": (4096, 4096), "b": (6144, 4096)}
+    cells = [gs.Cell("a", 1, 0.010, [(0.012, slow), (0.008, fast)]),  # 1.25x: in
+             gs.Cell("a", 2, 0.010, [(0.0099, fast)]),                 # 1.01x: a tie, stays cuBLAS
+             gs.Cell("b", 3, 0.010, [(0.005, fast)]),                  # not a bucket size
+             gs.Cell("b", 16, 0.010, [])]                              # nothing ran
+    metrics, tuned = gs.report(cells, 4.0, shapes)
+    assert tuned == {(4096, 4096, 1): (1, 8, 512, 1, 4, 1, False)}
+    assert metrics["skinny_gemm_m1_speedup_x_a"] == 0.010 / 0.008
+    assert abs(metrics["skinny_gemm_m1_bw_frac_a"] - 4096 * 4096 * 2 / 8e-6 / 4e12) < 1e-9
+    assert "skinny_gemm_m16_speedup_x_b" not in metrics and "flinear_m16_bw_frac_b" in metrics
