@@ -21,6 +21,12 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for uncommitted changes); LLMESH_COMMIT overrides it, for copies of the
+    tree whose .git is not the one the code came from (the GPU machine's)."""
+    import os
+
+    if os.environ.get("LLMESH_COMMIT"):
+        return os.environ["LLMESH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
