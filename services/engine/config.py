@@ -53,19 +53,21 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = option(
         True, "split long prefills across steps so running decodes are never starved "
               "(off: max_num_batched_tokens must cover a whole prompt)")
-    max_model_len: int = derived(
-        2048, "the served window (prompt + generated tokens), resolved by the engine from the model "
-              "and EngineConfig.max_model_len")
+    max_model_len: int | None = derived(
+        None, "the served window (prompt + generated tokens), resolved by the engine from the model "
+              "and EngineConfig.max_model_len before the scheduler starts")
 
     def __post_init__(self) -> None:
         require(self.max_num_batched_tokens >= 1,
                 f"max_num_batched_tokens must be ≥ 1, got {self.max_num_batched_tokens!r}")
         require(self.max_num_seqs >= 1, f"max_num_seqs must be ≥ 1, got {self.max_num_seqs!r}")
-        require(self.max_model_len >= 2, f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
-        require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+        require(self.max_model_len is None or self.max_model_len >= 2,
+                f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
+        require(self.enable_chunked_prefill or self.max_model_len is None
+                or self.max_num_batched_tokens >= self.max_model_len,
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
-                f"≥ max_model_len ({self.max_model_len}) or long prompts could never be scheduled: raise max_num_batched_tokens, lower max_model_len or "
-                "enable chunked prefill")
+                f"≥ max_model_len ({self.max_model_len}) or long prompts could never be scheduled: raise "
+                "max_num_batched_tokens, lower max_model_len or enable chunked prefill")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

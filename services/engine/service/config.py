@@ -23,7 +23,8 @@ class EngineServiceConfig(ServiceConfig):
     advertise_address: str | None = option(None, "host:port the router reaches this engine at (default: bound address)")
     heartbeat_interval_s: float = option(2.0, "seconds between heartbeats to the index")
     heartbeat_ttl_s: float = option(10.0, "the index forgets this replica after this long without a heartbeat")
-    stall_timeout_s: float = option(30.0, "report NOT_SERVING when the step loop has work but no step finished for this long")
+    stall_timeout_s: float = option(
+        30.0, "report NOT_SERVING when the step loop has work but no step finished for this long")
     fault_step_delay_s: float = option(0.0, "fault injection for tests: sleep this long before every step")
 
     def __post_init__(self) -> None:
