@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,15 +23,15 @@ from llmesh.engine.request import Priority
 from llmesh.engine.sampling_params import SamplingParams
 
 
-def build_engine_config(model: str, **options: Any) -> EngineConfig:
+def build_engine_config(model: str | os.PathLike, **options: Any) -> EngineConfig:
     """``LLM``'s keyword arguments → EngineConfig: each is an EngineConfig option by its flat
     name (``max_num_seqs``, ``block_size``, ...; the list is in docs/configuration.md). An
     unknown name raises UnknownOptionError (a TypeError) listing the valid ones."""
-    return build(EngineConfig, {"model": model, **options}, what="engine config")
+    return build(EngineConfig, {"model": os.fspath(model), **options}, what="engine config")
 
 
 class LLM:
-    def __init__(self, model: str, *, publisher: KVEventPublisher | None = None, **options: Any) -> None:
+    def __init__(self, model: str | os.PathLike, *, publisher: KVEventPublisher | None = None, **options: Any) -> None:
         """``options``: EngineConfig options by name, e.g. ``LLM(path, max_num_seqs=8, dtype="float32")``."""
         self.engine = LLMEngine(build_engine_config(model, **options), publisher=publisher)
 
