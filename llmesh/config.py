@@ -122,7 +122,7 @@ def _collect(cls: type, path: tuple[str, ...], overrides: Mapping[str, Any], fou
                                f.metadata.get("help", ""), cls)
 
 
-def unknown_keys_message(what: str, unknown: list[str], valid: list[str]) -> str:
+def _unknown_message(what: str, unknown: list[str], valid: list[str]) -> str:
     hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, valid, 1)) else repr(k)
              for k in unknown]
     return f"{what}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; valid: {', '.join(valid)}"
@@ -139,7 +139,7 @@ def check_values(cls: type, values: Mapping[str, Any], *, what: str,
     valid = [n for n in opts if n not in exclude]
     unknown = [k for k in values if k not in valid]
     if unknown:
-        raise UnknownOptionError(unknown_keys_message(what, unknown, valid))
+        raise UnknownOptionError(_unknown_message(what, unknown, valid))
     for key, value in values.items():
         opts[key].check(value, what)
 
