@@ -8,7 +8,7 @@ gateway and compose alike.
         size_class: small        # small | large: the classes of the router's "auto" policy
         replicas: 1
         addresses: []            # host:port per replica; `llmesh up` fills them in
-        engine:                  # engine flags (see `llmesh-engine --help`), per model
+        engine:                  # engine options by name (docs/configuration.md), per model
           dtype: float32
           max_num_seqs: 32
         generation:              # sampling defaults for requests that leave them unset
@@ -24,10 +24,15 @@ from typing import Any
 
 import yaml
 
+from llmesh.config import check_values
+from llmesh.engine.config import EngineConfig
+
 DEMO = "demo"
 SIZE_CLASSES = ("small", "large")
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 """Sampling fields a model's generation defaults may set (as in generation_config.json)."""
+SET_BY_SPEC = {"model": "it is the model's 'path'", "served_model_name": "it is the model's 'name'"}
+"""Engine options a model's ``engine:`` section may not set, and why."""
 
 
 class ModelsFileError(ValueError):
@@ -45,7 +50,8 @@ class ModelSpec:
     addresses: list[str] = dataclasses.field(default_factory=list)
     """host:port of each replica's engine."""
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Extra engine flags, e.g. {"dtype": "float32", "max_num_seqs": 32}."""
+    """EngineConfig options of this model's engines, e.g. {"dtype": "float32", "max_num_seqs": 32};
+    ``model`` and ``served_model_name`` come from ``path`` and ``name``."""
     generation: dict[str, float] = dataclasses.field(default_factory=dict)
     """Sampling defaults (GENERATION_KEYS) for requests that leave them unset; they
     override the model's own generation_config.json, key by key."""
@@ -100,8 +106,12 @@ def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
         if spec.addresses and len(spec.addresses) != spec.replicas:
             raise ModelsFileError(f"{at}: {len(spec.addresses)} addresses for {spec.replicas} replicas")
         if not isinstance(spec.engine, dict):
-            raise ModelsFileError(f"{at}: 'engine' must be a mapping of engine flags")
+            raise ModelsFileError(f"{at}: 'engine' must be a mapping of engine options")
         _check_generation(spec.generation, at)
+        try:
+            check_values(EngineConfig, spec.engine, what=f"{at}.engine", exclude=SET_BY_SPEC)
+        except TypeError as e:
+            raise ModelsFileError(str(e)) from None
         if any(x.name == spec.name for x in models):
             raise ModelsFileError(f"{at}: duplicate model name {spec.name!r}")
         models.append(spec)

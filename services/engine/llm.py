@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from llmesh.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from llmesh.config import build
+from llmesh.engine.config import EngineConfig
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.llm_engine import LLMEngine
 from llmesh.engine.outputs import RequestOutput
@@ -20,57 +23,17 @@ from llmesh.engine.request import Priority
 from llmesh.engine.sampling_params import SamplingParams
 
 
-def build_engine_config(
-    model: str,
-    *,
-    served_model_name: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    seed: int = 0,
-    max_model_len: int | None = None,
-    block_size: int = 16,
-    kv_cache_memory: int | None = None,
-    num_kv_blocks: int | None = None,
-    gpu_memory_utilization: float = 0.9,
-    enable_prefix_caching: bool = True,
-    max_num_batched_tokens: int = 2048,
-    max_num_seqs: int = 64,
-    enable_chunked_prefill: bool = True,
-    backend: str = "torch",
-    cuda_graphs: bool = True,
-    async_scheduling: bool | None = None,
-    quantization: str = "auto",
-) -> EngineConfig:
-    """The flat keyword arguments of ``LLM`` (and the engine's CLI flags) → EngineConfig."""
-    return EngineConfig(
-        model=model,
-        served_model_name=served_model_name,
-        dtype=dtype,
-        device=device,
-        backend=backend,
-        cuda_graphs=cuda_graphs,
-        async_scheduling=async_scheduling,
-        quantization=quantization,
-        seed=seed,
-        max_model_len=max_model_len,
-        cache=CacheConfig(
-            block_size=block_size,
-            kv_cache_memory=kv_cache_memory,
-            num_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            enable_chunked_prefill=enable_chunked_prefill,
-        ),
-    )
+def build_engine_config(model: str | os.PathLike, **options: Any) -> EngineConfig:
+    """``LLM``'s keyword arguments → EngineConfig: each is an EngineConfig option by its flat
+    name (``max_num_seqs``, ``block_size``, ...; the list is in docs/configuration.md). An
+    unknown name raises UnknownOptionError (a TypeError) listing the valid ones."""
+    return build(EngineConfig, {"model": os.fspath(model), **options}, what="engine config")
 
 
 class LLM:
-    def __init__(self, model: str, *, publisher: KVEventPublisher | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(build_engine_config(model, **kwargs), publisher=publisher)
+    def __init__(self, model: str | os.PathLike, *, publisher: KVEventPublisher | None = None, **options: Any) -> None:
+        """``options``: EngineConfig options by name, e.g. ``LLM(path, max_num_seqs=8, dtype="float32")``."""
+        self.engine = LLMEngine(build_engine_config(model, **options), publisher=publisher)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,7 +94,7 @@ class LLMEngine:
         if self.config.max_model_len is not None:
             window = min(window, self.config.max_model_len)
         self.max_model_len = window
-        self.config.scheduler.max_model_len = window
+        self.config.scheduler = replace(self.config.scheduler, max_model_len=window)  # validates it
 
     def _init_runner(self, loaded: LoadedModel) -> None:
         cache = self.config.cache
@@ -103,7 +103,7 @@ class LLMEngine:
             checkpoint_method=loaded.checkpoint_method, device=self.device, backend=self.config.backend)
         weights = loaded.weights_for(self.quantization)
         common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
-                      sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_blocks,
+                      sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
                       kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
                       linear_method=self.quantization.linear_method)
         if self.config.backend == "triton":

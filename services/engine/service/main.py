@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
 
 from llmesh.config import load_config
 from llmesh.engine.async_llm import AsyncLLM
-from llmesh.engine.llm import build_engine_config
 from llmesh.engine.service.config import EngineServiceConfig
 from llmesh.engine.service.index_link import IndexLink, QueueBridge
 from llmesh.engine.service.servicer import EngineServicer
@@ -38,21 +38,15 @@ async def _watch_health(server: GrpcServer, engine: AsyncLLM, stall_timeout_s: f
 async def serve(cfg: EngineServiceConfig) -> None:
     from llmesh.demo_model import find_demo_model
 
-    model = find_demo_model() if cfg.model == "demo" else cfg.model
+    model = find_demo_model() if cfg.engine.model == "demo" else cfg.engine.model
     loop = asyncio.get_running_loop()
     bridge = QueueBridge(loop) if cfg.prefix_index else None
-    engine_cfg = build_engine_config(
-        model, served_model_name=cfg.served_model_name, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-        backend=cfg.backend,
-        max_model_len=cfg.max_model_len, block_size=cfg.block_size, kv_cache_memory=cfg.kv_cache_memory,
-        num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-        quantization=cfg.quantization)
+    engine_cfg = dataclasses.replace(cfg.engine, model=model)
     log.info("loading model", extra={"model": model})
     engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge)
     engine.fault_step_delay_s = cfg.fault_step_delay_s
     epoch = time.time_ns() // 1_000_000  # grows across restarts: the index replaces older state
-    servicer = EngineServicer(engine, instance_id="", epoch=epoch, backend=cfg.backend,
+    servicer = EngineServicer(engine, instance_id="", epoch=epoch, backend=cfg.engine.backend,
                               quantization=_quantization(model, engine.engine.quantization.name))
     link: IndexLink | None = None
 
