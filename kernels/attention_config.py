@@ -44,15 +44,16 @@ class DecodeConfig:
     """Split the context until (sequences x KV heads x segments) reaches this many per SM."""
 
 
-# head_dim -> config (H100/H200 defaults; bench/attn_sweep.py prints replacements)
+# head_dim -> config; head_dim 128 from bench/attn_sweep.py on the H200 (2026-11-29:
+# bench/results/attn_sweep_h200.json), the others Hopper defaults
 PREFILL: dict[int, PrefillConfig] = {
     64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: PrefillConfig(block_m=128, block_n=32, num_warps=4, num_stages=4),
     256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
 DECODE: dict[int, DecodeConfig] = {
     64: DecodeConfig(block_n=64, num_warps=4, num_stages=3, min_segment=256, programs_per_sm=4),
-    128: DecodeConfig(block_n=64, num_warps=4, num_stages=3, min_segment=256, programs_per_sm=4),
+    128: DecodeConfig(block_n=64, num_warps=2, num_stages=2, min_segment=256, programs_per_sm=4),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_segment=256, programs_per_sm=4),
 }
 

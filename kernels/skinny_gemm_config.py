@@ -51,6 +51,19 @@ class SkinnyConfig:
 # SkinnyConfig order}. Only entries where the kernel beat F.linear in bench/gemm_sweep.py;
 # replace a device's block with the literal the sweep prints.
 TUNED: dict[str, dict[tuple[int, int, int], tuple[int, int, int, int, int, int, bool]]] = {}
+# bench/results/gemm_sweep_h200.json (H200, 2026-11-29): M = 1 wins 1.04-1.24x (0.73-0.99 of copy
+# bandwidth against cuBLAS's 0.59-0.95); from M = 2 cuBLAS mostly wins, the LM head excepted.
+TUNED["h200"] = {(4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
+                 (4096, 4096, 8): (16, 32, 128, 3, 4, 4, True),
+                 (4096, 4096, 16): (16, 32, 128, 3, 4, 4, True),
+                 (4096, 14336, 1): (1, 8, 1024, 1, 4, 1, False),
+                 (6144, 4096, 1): (1, 8, 512, 1, 4, 1, False),
+                 (28672, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+                 (128256, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+                 (128256, 4096, 2): (16, 64, 128, 1, 4, 4, True),
+                 (128256, 4096, 4): (16, 64, 128, 1, 4, 4, True),
+                 (128256, 4096, 8): (16, 64, 128, 1, 4, 4, True),
+                 (128256, 4096, 16): (16, 64, 128, 1, 4, 4, True)}
 
 _INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
 
