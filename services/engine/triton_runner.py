@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model.fast_llama import FastAttentionMetadata, FastLlama
-from llmesh.engine.model_runner import ModelRunnerOutput, TorchModelRunner, stage_chunks
+from llmesh.engine.model_runner import ModelRunnerOutput, TorchModelRunner, build_metadata, stage_chunks
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
+from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +29,24 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 
 
 class TritonModelRunner(TorchModelRunner):
-    """Loads like the torch runner (same weights, same pool), then runs the fast model."""
+    """The torch runner's model and pool on the triton op table."""
+
+    ops = "triton"
 
     def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device,
                  dtype: torch.dtype, block_size: int, sampler: Sampler, max_model_len: int, max_num_seqs: int,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, linear_method: str = "none") -> None:
-        self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
-        self.fast: FastLlama | None = None
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                         gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method)
+                         gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
+                         max_model_len=max_model_len)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._init_static(max(1, min(max_num_seqs, GRAPH_BATCH_SIZES[-1])))
         if self.use_graphs:
             self._capture_graphs()
-
-    def _init_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super()._init_model(weights)
-        self.fast = FastLlama(self.model, self.max_model_len)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     # ---- decode graphs ------------------------------------------------------------------
     def _init_static(self, max_bs: int) -> None:
@@ -64,8 +59,8 @@ class TritonModelRunner(TorchModelRunner):
         self.s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.s_lens = torch.zeros(n, dtype=torch.int32, device=dev)
 
-    def _static_meta(self, bs: int) -> FastAttentionMetadata:
-        return FastAttentionMetadata(slot_mapping=self.s_slots[:bs], block_tables=self.s_tables[:bs],
+    def _static_meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=self.s_slots[:bs], block_tables=self.s_tables[:bs],
                                      seq_lens=self.s_lens[:bs], query_start_loc=None, max_query_len=1,
                                      max_seq_len=self.max_model_len)
 
@@ -78,10 +73,10 @@ class TritonModelRunner(TorchModelRunner):
             for bs in reversed(self.graph_sizes):
                 meta = self._static_meta(bs)
                 for _ in range(2):  # compile the kernels and settle the allocator outside capture
-                    self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
+                    self.model.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
+                    out = self.model.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, meta)
                 self.graphs[bs] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
@@ -105,7 +100,7 @@ class TritonModelRunner(TorchModelRunner):
         out = ModelRunnerOutput()
         if not reqs:
             return out
-        logits = self.fast.compute_logits(hidden)  # [N, vocab] float32
+        logits = self.model.compute_logits(hidden)  # [N, vocab] float32
         if self.logits_observer is not None:
             self.logits_observer(reqs, logits)
         sampled = self.sampler(logits, reqs)
@@ -139,7 +134,7 @@ class TritonModelRunner(TorchModelRunner):
             graph, out = self.graphs[bs]
             graph.replay()
         else:
-            out = self.fast.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, self._static_meta(bs))
+            out = self.model.forward(self.s_ids[:bs], self.s_pos[:bs], self.kv_caches, self._static_meta(bs))
         return out[:n], [c.request for c in chunks]
 
     def _run_eager(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
@@ -148,10 +143,7 @@ class TritonModelRunner(TorchModelRunner):
         def t(x, dtype=torch.int64) -> torch.Tensor:
             return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
-        meta = FastAttentionMetadata(
-            slot_mapping=t(b.slot_mapping), block_tables=t(b.block_tables, torch.int32),
-            seq_lens=t(b.seq_lens, torch.int32), query_start_loc=t(b.query_start_loc, torch.int32),
-            max_query_len=max(c.num_new_tokens for c in scheduled.chunks), max_seq_len=max(b.seq_lens))
-        hidden = self.fast.forward(t(b.token_ids), t(b.positions), self.kv_caches, meta)
+        meta = build_metadata(b, dev)
+        hidden = self.model.forward(t(b.token_ids), t(b.positions), self.kv_caches, meta)
         reqs = b.sampling_requests
         return hidden[t(b.logits_indices)] if reqs else hidden[:0], reqs
