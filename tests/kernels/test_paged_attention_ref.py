@@ -64,3 +64,29 @@ def test_mixed_batch_matches_dense(h_q, h_kv, d, block_size, host_lists):
         ref = _dense(q_all[i], ctx_k[i], ctx_v[i], cached, d ** -0.5)
         got = out[qsl[i]:qsl[i + 1]].double()
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (i, float((got - ref).abs().max()))
+
+
+@pytest.mark.parametrize("lens", [[9, 40, 17], [33, 33], [21]])
+@pytest.mark.parametrize("host_lists", [True, False])
+def test_decode_only_batch_matches_dense(lens, host_lists):
+    """query_start_loc None: sequence s owns token s; tables wider than the context (as under
+    CUDA graphs) and a max_seq_len above every length are read only as far as needed."""
+    torch.manual_seed(len(lens) * 100 + lens[0])
+    h_q, h_kv, d, block_size, num_blocks = 8, 2, 32, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, h_kv, d)
+    v_cache = torch.randn(num_blocks, block_size, h_kv, d)
+    perm = torch.randperm(num_blocks)
+    width = 8  # blocks per table: more than any sequence uses
+    tables = perm[: len(lens) * width].view(len(lens), width).to(torch.int32)
+    q = torch.randn(len(lens), h_q, d)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((len(lens),), -1), block_tables=tables,
+        seq_lens=torch.tensor(lens, dtype=torch.int32), query_start_loc=None, max_query_len=1,
+        max_seq_len=width * block_size, host_seq_lens=lens if host_lists else None)
+    out = paged_attention_ref(q, k_cache, v_cache, meta, d ** -0.5)
+    for s, n in enumerate(lens):
+        slots = [int(tables[s, p // block_size]) * block_size + p % block_size for p in range(n)]
+        k = k_cache.view(-1, h_kv, d)[slots]
+        v = v_cache.view(-1, h_kv, d)[slots]
+        ref = _dense(q[s:s + 1], k, v, n - 1, d ** -0.5)
+        assert torch.allclose(out[s:s + 1].double(), ref, atol=1e-5, rtol=1e-5), s
