@@ -70,8 +70,10 @@ def write_kv_ref(
     """Store new keys/values into their slots. k, v: [T, H_kv, D]; slot_mapping: [T], every
     slot valid (callers drop -1 padding first: torch would wrap it to the last slot)."""
     num_blocks, block_size, h_kv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, h_kv, d)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, h_kv, d)[slot_mapping] = v.to(v_cache.dtype)
+    # index_copy_ rather than advanced indexing: a plain loop over T rows, where index_put
+    # pays for a parallel region per call (most of a CPU decode step's attention time).
+    k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -89,10 +91,10 @@ def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
     _, block_size, h_kv, d = k_cache.shape
     b = q.shape[0]
     nb = min(max(1, -(-max_len // block_size)), tables.shape[1])
-    tables = tables[:, :nb].long()
+    blocks = tables[:, :nb].reshape(-1).long()
     ctx = nb * block_size
-    k = k_cache[tables].view(b, ctx, h_kv, d)
-    v = v_cache[tables].view(b, ctx, h_kv, d)
+    k = k_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
+    v = v_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
     if one_len is not None:  # every sequence this long: no mask, the padding sliced off
         k, v, mask = k[:, :one_len], v[:, :one_len], None
     else:
@@ -142,8 +144,8 @@ def paged_attention_ref(
             continue
         n_blocks = -(-ctx_len // block_size)
         table = meta.block_tables[s, :n_blocks].long()
-        k = k_cache[table].reshape(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
-        v = v_cache[table].reshape(-1, h_kv, d)[:ctx_len].transpose(0, 1)
+        k = k_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
+        v = v_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)
         qs = q[start:end].transpose(0, 1)  # [H_q, L, D]
         q_pos = torch.arange(ctx_len - n_new, ctx_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(ctx_len, device=q.device)[None, :]  # [L, C]

@@ -51,7 +51,7 @@ class TorchOps:
         return rms_norm(x, weight, eps), x
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self._cos[positions], self._sin[positions]  # [T, D]
+        cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)  # [T, D]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
