@@ -139,7 +139,7 @@ class KernelBench:
         return perm.view(seqs, blocks_each).to(torch.int32)
 
     def decode_attention(self) -> None:
-        from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref
+        from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
         from llmesh.kernels.paged_decode_attention import paged_decode_attention
 
         s, elem = self.s, 2
@@ -164,11 +164,9 @@ class KernelBench:
                     self.metrics["attn_decode_bw_frac"] = frac
                     self.metrics[f"attn_decode_c{ctx}_b{bs}_gb_s"] = gb_s
                     self.metrics[f"attn_decode_c{ctx}_b{bs}_ms"] = ms
-                    idx = torch.arange(bs, device=self.device)
-                    meta = PagedAttentionMetadata(  # built once, outside the timing, as the torch backend does per step
-                        slot_mapping=idx, query_start_loc=list(range(bs + 1)), seq_lens=[ctx] * bs,
-                        block_tables=tables.long(), decode_seq_idx=idx, decode_token_idx=idx,
-                        decode_seq_lens=seq_lens.long(), prefill_seq_idx=[])
+                    meta = AttentionMetadata(  # built once, outside the timing, as the torch backend does per step
+                        slot_mapping=torch.arange(bs, device=self.device), block_tables=tables, seq_lens=seq_lens,
+                        query_start_loc=None, max_query_len=1, max_seq_len=ctx, host_seq_lens=[ctx] * bs)
                     ref_ms = self.time(lambda: paged_attention_ref(q, k_cache, v_cache, meta, scale))
                     self.rows.append(Row(f"  torch ref c{ctx} b{bs}", ref_ms, nbytes / (ref_ms * 1e-3) / 1e9, "GB/s",
                                          nbytes / (ref_ms * 1e-3) / 1e9 / self.copy_gb_s))

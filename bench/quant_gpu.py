@@ -56,11 +56,11 @@ def weight_bytes(w) -> int:
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes()
 
 
-def embedding_bytes(model: torch.nn.Module, tied: bool) -> int:
+def embedding_bytes(model, tied: bool) -> int:
     """Bytes of the input embedding table (0 when it doubles as the LM head, which reads it all)."""
     if tied:
         return 0
-    return sum(weight_bytes(m.weight) for name, m in model.named_modules() if name.endswith("embed_tokens"))
+    return weight_bytes(model.embed_tokens)
 
 
 def engine_part(run: Run, ceilings: dict[str, float]) -> None:

@@ -1,10 +1,11 @@
-"""Paged attention over a block-table KV pool: the torch reference.
+"""Paged attention over a block-table KV pool: the metadata every backend reads, and the
+torch reference.
 
 The KV pool of one layer is ``k_cache, v_cache: [num_blocks, block_size, H_kv, D]``.
 A sequence's keys live in the blocks its block table lists, in order; token ``p`` of a
 sequence sits in slot ``block_table[p // block_size] * block_size + p % block_size``.
 
-This reference gathers through the block table (never a dense per-request cache) and
+The reference gathers through the block table (never a dense per-request cache) and
 handles a mixed batch: sequences with one new token (decodes) in one batched op, the
 others (prefill chunks, extends after a prefix hit) one by one with a causal mask offset
 by the tokens already cached. It is the torch backend's attention and the oracle the
@@ -19,48 +20,98 @@ import torch
 
 
 @dataclass
-class PagedAttentionMetadata:
-    """Where each sequence of a batch is, in the flat token dimension and in the pool."""
+class AttentionMetadata:
+    """Where each sequence of a batch is, in the flat token dimension and in the pool.
+
+    Device tensors are what the kernels read (built per step, or kept static under CUDA
+    graphs); the host lists are optional copies the torch reference loops over, filled by a
+    host-side builder so the reference never syncs to read them back.
+    """
 
     slot_mapping: torch.Tensor
-    """[T] int64: the pool slot each new token's K/V is written to."""
-    query_start_loc: list[int]
-    """[S + 1] host ints: sequence s owns new tokens query_start_loc[s]:query_start_loc[s+1]."""
-    seq_lens: list[int]
-    """[S] host ints: context length of each sequence after this step's tokens."""
+    """[T] int64: the pool slot each new token's K/V is written to; -1 = padding (not written)."""
     block_tables: torch.Tensor
-    """[S, max_blocks] int64, padded with 0 past each sequence's table."""
-    decode_seq_idx: torch.Tensor
-    """[S_d] int64: sequences with exactly one new token."""
-    decode_token_idx: torch.Tensor
-    """[S_d] int64: their token index in the flat batch."""
-    decode_seq_lens: torch.Tensor
-    """[S_d] int64: their context lengths."""
-    prefill_seq_idx: list[int]
-    """Host ints: the other sequences (prefill chunks and extends)."""
+    """[S, max_blocks] int32, padded with 0 past each sequence's table."""
+    seq_lens: torch.Tensor
+    """[S] int32: context length of each sequence after this step's tokens (0 = padding)."""
+    query_start_loc: torch.Tensor | None
+    """[S + 1] int32: sequence s owns new tokens query_start_loc[s]:query_start_loc[s+1].
+    None for a decode-only batch, where sequence s owns exactly token s."""
+    max_query_len: int
+    """Bound on new tokens per sequence (1 for decode-only batches)."""
+    max_seq_len: int
+    """Bound on seq_lens (fixed, not tight, under CUDA graphs)."""
+    host_query_start_loc: list[int] | None = None
+    """query_start_loc as host ints (None: read back from the device when needed)."""
+    host_seq_lens: list[int] | None = None
+    """seq_lens as host ints (None: read back from the device when needed)."""
+    unified: bool = False
+    """Attention through the unified kernel, whose launch grid depends on shapes only: a
+    mixed batch replayed from a CUDA graph, its lengths in the static buffers it reads."""
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    def query_starts(self) -> list[int]:
+        """[S + 1] host ints (a decode-only batch: 0..S)."""
+        if self.host_query_start_loc is None:
+            self.host_query_start_loc = (list(range(self.num_seqs + 1)) if self.query_start_loc is None
+                                         else self.query_start_loc.tolist())
+        return self.host_query_start_loc
+
+    def context_lens(self) -> list[int]:
+        """[S] host ints."""
+        if self.host_seq_lens is None:
+            self.host_seq_lens = self.seq_lens.tolist()
+        return self.host_seq_lens
 
 
 def write_kv_ref(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store new keys/values into their slots. k, v: [T, H_kv, D]; slot_mapping: [T]."""
+    """Store new keys/values into their slots. k, v: [T, H_kv, D]; slot_mapping: [T], every
+    slot valid (callers drop -1 padding first: torch would wrap it to the last slot)."""
     num_blocks, block_size, h_kv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, h_kv, d)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, h_kv, d)[slot_mapping] = v.to(v_cache.dtype)
+    # index_copy_ rather than advanced indexing: a plain loop over T rows, where index_put
+    # pays for a parallel region per call (most of a CPU decode step's attention time).
+    k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    # q: [B, H_q, L, D]; k, v: [B, H_kv, C, D]; mask: [B, 1, L, C] (True = attend)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    # q: [B, H_q, L, D]; k, v: [B, H_kv, C, D]; mask: [B, 1, L, C] (True = attend) or None
     # SDPA's fused CPU/GPU kernels, grouped-query heads without materialising repeats.
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                lens: torch.Tensor, max_len: int, scale: float, one_len: int | None) -> torch.Tensor:
+    """One new token per sequence. q: [B, H_q, D]; tables: [B, NB]; lens: [B] → [B, H_q, D].
+    Only the first ceil(max_len / block_size) blocks of each table are gathered."""
+    _, block_size, h_kv, d = k_cache.shape
+    b = q.shape[0]
+    nb = min(max(1, -(-max_len // block_size)), tables.shape[1])
+    blocks = tables[:, :nb].reshape(-1).long()
+    ctx = nb * block_size
+    k = k_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
+    v = v_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
+    if one_len is not None:  # every sequence this long: no mask, the padding sliced off
+        k, v, mask = k[:, :one_len], v[:, :one_len], None
+    else:
+        # Padding rows (length 0) attend to slot 0 rather than to nothing, which would be NaN.
+        pos = torch.arange(ctx, device=q.device)
+        mask = (pos[None, :] < lens.clamp_min(1)[:, None]).view(b, 1, 1, ctx)
+    return _attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).squeeze(2)
 
 
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: PagedAttentionMetadata,
+    meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of the batch's new tokens over each sequence's paged context.
@@ -69,26 +120,35 @@ def paged_attention_ref(
     The new tokens' K/V must already be written to the pool.
     """
     _, block_size, h_kv, d = k_cache.shape
-    t, h_q, _ = q.shape
+    if meta.query_start_loc is None:
+        lens = meta.context_lens() if meta.host_seq_lens is not None or q.shape[0] == 1 else None
+        one = lens[0] if lens is not None and min(lens) == max(lens) > 0 else None
+        return _decode_ref(q, k_cache, v_cache, meta.block_tables[: q.shape[0]], meta.seq_lens[: q.shape[0]],
+                           meta.max_seq_len, scale, one)
+
+    qsl, seq_lens = meta.query_starts(), meta.context_lens()
     out = torch.empty_like(q)
+    decodes = [s for s in range(len(seq_lens)) if qsl[s + 1] - qsl[s] == 1]
+    if decodes:
+        lens = [seq_lens[s] for s in decodes]
+        one = lens[0] if min(lens) == max(lens) else None
+        if len(decodes) == len(seq_lens):
+            out[:] = _decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, max(lens), scale, one)
+            return out
+        seq_idx = torch.tensor(decodes, device=q.device)
+        tok_idx = torch.tensor([qsl[s] for s in decodes], device=q.device)
+        out[tok_idx] = _decode_ref(q[tok_idx], k_cache, v_cache, meta.block_tables[seq_idx],
+                                   meta.seq_lens[seq_idx], max(lens), scale, one)
 
-    if meta.decode_seq_idx.numel():
-        tables = meta.block_tables[meta.decode_seq_idx]  # [B, NB]
-        max_ctx = int(tables.shape[1]) * block_size
-        k = k_cache[tables].reshape(len(tables), max_ctx, h_kv, d).transpose(1, 2)  # [B, H_kv, C, D]
-        v = v_cache[tables].reshape(len(tables), max_ctx, h_kv, d).transpose(1, 2)
-        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H_q, 1, D]
-        ctx = torch.arange(max_ctx, device=q.device)
-        mask = (ctx[None, :] < meta.decode_seq_lens[:, None]).view(-1, 1, 1, max_ctx)
-        out[meta.decode_token_idx] = _attend(qd, k, v, mask, scale).squeeze(2)
-
-    for s in meta.prefill_seq_idx:
-        start, end = meta.query_start_loc[s], meta.query_start_loc[s + 1]
-        n_new, ctx_len = end - start, meta.seq_lens[s]
+    for s in range(len(seq_lens)):
+        start, end = qsl[s], qsl[s + 1]
+        n_new, ctx_len = end - start, seq_lens[s]
+        if n_new <= 1:
+            continue
         n_blocks = -(-ctx_len // block_size)
-        table = meta.block_tables[s, :n_blocks]
-        k = k_cache[table].reshape(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
-        v = v_cache[table].reshape(-1, h_kv, d)[:ctx_len].transpose(0, 1)
+        table = meta.block_tables[s, :n_blocks].long()
+        k = k_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
+        v = v_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)
         qs = q[start:end].transpose(0, 1)  # [H_q, L, D]
         q_pos = torch.arange(ctx_len - n_new, ctx_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(ctx_len, device=q.device)[None, :]  # [L, C]

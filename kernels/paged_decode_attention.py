@@ -19,7 +19,7 @@ import triton.language as tl
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref
+from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 
 _LOG2E = 1.4426950408889634
@@ -209,10 +209,7 @@ def paged_decode_attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """The decode path of `paged_attention_ref` (sequences with seq_len >= 1)."""
-    b = q.shape[0]
-    idx = torch.arange(b, device=q.device)
-    meta = PagedAttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), query_start_loc=list(range(b + 1)),
-        seq_lens=[int(n) for n in seq_lens], block_tables=block_tables.long(), decode_seq_idx=idx,
-        decode_token_idx=idx, decode_seq_lens=seq_lens.long(), prefill_seq_idx=[])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), block_tables=block_tables,
+        seq_lens=seq_lens, query_start_loc=None, max_query_len=1, max_seq_len=int(seq_lens.max()))
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -33,7 +33,7 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref
+from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 
 LOG2E = 1.4426950408889634
@@ -251,9 +251,9 @@ def prefill_attention_ref(
 ) -> torch.Tensor:
     """The prefill path of `paged_attention_ref`, taken by every sequence."""
     qsl = [int(x) for x in query_start_loc]
-    empty = torch.empty(0, dtype=torch.long, device=q.device)
-    meta = PagedAttentionMetadata(
-        slot_mapping=empty, query_start_loc=qsl, seq_lens=[int(n) for n in seq_lens],
-        block_tables=block_tables.long(), decode_seq_idx=empty, decode_token_idx=empty, decode_seq_lens=empty,
-        prefill_seq_idx=[i for i in range(len(qsl) - 1) if qsl[i + 1] > qsl[i]])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), block_tables=block_tables,
+        seq_lens=seq_lens, query_start_loc=query_start_loc,
+        max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)), max_seq_len=int(seq_lens.max()),
+        host_query_start_loc=qsl, host_seq_lens=[int(n) for n in seq_lens])
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -115,7 +115,7 @@ class LLMEngine:
                 max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
                 cuda_graphs=self.config.cuda_graphs, **common)
         else:
-            self.runner = TorchModelRunner(self.model_config, weights, **common)
+            self.runner = TorchModelRunner(self.model_config, weights, max_model_len=self.max_model_len, **common)
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache

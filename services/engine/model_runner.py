@@ -23,7 +23,7 @@ from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
 from llmesh.engine.scheduler_output import SchedulerOutput
-from llmesh.kernels.paged_attention import PagedAttentionMetadata
+from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,16 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def model_weight_bytes(model: torch.nn.Module) -> int:
+def model_weight_bytes(model: LlamaForCausalLM) -> int:
     """Bytes the weights take, packed ones at their packed size."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if w is not None and hasattr(m, "load"):
-            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes()
-    return total
+    return model.weight_bytes
 
 
 @dataclass
 class BatchInputs:
     input_ids: torch.Tensor            # [T]
     positions: torch.Tensor            # [T]
-    meta: PagedAttentionMetadata
+    meta: AttentionMetadata
     logits_indices: torch.Tensor       # [N]: flat index of the last token of each sampling chunk
     sampling_requests: list[Request]   # [N]
 
@@ -139,7 +134,7 @@ class StagedBatch:
     token_ids: list[int]           # [T]
     positions: np.ndarray          # [T] int64
     slot_mapping: np.ndarray       # [T] int64
-    block_tables: np.ndarray       # [S, max_blocks] int64, zero-padded
+    block_tables: np.ndarray       # [S, max_blocks] int32, zero-padded
     query_start_loc: list[int]     # [S + 1]
     seq_lens: list[int]            # [S]: context length after the step
     logits_indices: list[int]      # [N]: flat index of the last token of each sampling chunk
@@ -157,7 +152,7 @@ def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
     positions, slots = [], []
     query_start_loc, seq_lens = [0], []
     max_blocks = max(-(-(c.start_pos + c.num_new_tokens) // block_size) for c in chunks)
-    tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+    tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
     logits_indices, sampling_requests = [], []
     pending_index, pending_requests = [], []
     for s, c in enumerate(chunks):
@@ -182,37 +177,46 @@ def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
                        seq_lens, logits_indices, sampling_requests, pending_index, pending_requests)
 
 
+def build_metadata(b: StagedBatch, device: torch.device) -> AttentionMetadata:
+    """Attention metadata of a staged batch: device tensors plus the host lists they came
+    from (the torch reference loops over those without reading the device back). A batch
+    of single-token chunks is decode-only (query_start_loc None)."""
+    qsl, lens = b.query_start_loc, b.seq_lens
+    decode_only = qsl[-1] == len(lens)
+
+    def t(x, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=dtype).to(device, non_blocking=True)
+
+    return AttentionMetadata(
+        slot_mapping=t(b.slot_mapping, torch.int64), block_tables=t(b.block_tables, torch.int32),
+        seq_lens=t(lens, torch.int32), query_start_loc=None if decode_only else t(qsl, torch.int32),
+        max_query_len=max(qsl[s + 1] - qsl[s] for s in range(len(lens))), max_seq_len=max(lens),
+        host_query_start_loc=qsl, host_seq_lens=lens)
+
+
 def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device,
                    feed: SampledTokenFeed | None = None) -> BatchInputs:
-    """The torch backend's tensors and attention metadata for one step."""
+    """The step's input tensors and attention metadata."""
     b = stage_chunks(scheduled, block_size)
-    qsl = b.query_start_loc
-    decodes = [s for s in range(len(b.seq_lens)) if qsl[s + 1] - qsl[s] == 1]
 
     def t(x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
-    meta = PagedAttentionMetadata(
-        slot_mapping=t(b.slot_mapping),
-        query_start_loc=qsl,
-        seq_lens=b.seq_lens,
-        block_tables=t(b.block_tables),
-        decode_seq_idx=t(decodes),
-        decode_token_idx=t([qsl[s] for s in decodes]),
-        decode_seq_lens=t([b.seq_lens[s] for s in decodes]),
-        prefill_seq_idx=[s for s in range(len(b.seq_lens)) if qsl[s + 1] - qsl[s] != 1],
-    )
     input_ids = t(b.token_ids)
     if b.pending_index:
         if feed is None:
             raise RuntimeError("the step needs the previous step's sampled tokens")
         feed.patch(input_ids, b.pending_index, b.pending_requests)
-    return BatchInputs(input_ids, t(b.positions), meta, t(b.logits_indices), b.sampling_requests)
+    return BatchInputs(input_ids, t(b.positions), build_metadata(b, device), t(b.logits_indices),
+                       b.sampling_requests)
 
 
 class RunnerBase:
-    """What every backend shares: the loaded model, the paged KV pool, the sampler and the
-    feed of last step's sampled ids. Backends differ in how a step runs (``launch``)."""
+    """What every backend shares: the model (on the backend's op table, ``ops``), the paged
+    KV pool, the sampler and the feed of last step's sampled ids. Backends differ in how a
+    step runs (``launch``)."""
+
+    ops = "torch"
 
     def __init__(
         self,
@@ -227,7 +231,9 @@ class RunnerBase:
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
         linear_method: str = "none",
+        max_model_len: int | None = None,
     ) -> None:
+        self.max_model_len = max_model_len
         self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
         self.linear_method = linear_method
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
@@ -239,16 +245,13 @@ class RunnerBase:
 
     def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = LlamaForCausalLM(self.cfg, self.linear_method)
-        model = model.to(self.dtype).to_empty(device=self.device)
-        model.load_weights(weights)
-        self.model = model.eval()
-        self.weight_bytes = model_weight_bytes(model)
-        """Bytes of the weights as loaded (the triton backend later moves some into fused
-        copies outside the module, so measure here)."""
+        self.model = LlamaForCausalLM(self.cfg, weights, linear_method=self.linear_method, ops=self.ops,
+                                      device=self.device, dtype=self.dtype, max_positions=self.max_model_len)
+        self.weight_bytes = self.model.weight_bytes
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the unfused parts of fused weights
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
-                                                "weight_bytes": self.weight_bytes,
+                                                "weight_bytes": self.weight_bytes, "ops": self.ops,
                                                 "linear_method": self.linear_method})
 
     def _blocks_for_budget(self, budget: int | None, utilization: float) -> int:
@@ -289,7 +292,7 @@ class TorchModelRunner(RunnerBase):
         if not scheduled.chunks:
             return StepHandle(None)
         batch = prepare_inputs(scheduled, self.block_size, self.device, self.feed)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         sampled = None
         if batch.sampling_requests:
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]

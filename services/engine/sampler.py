@@ -45,6 +45,13 @@ class SamplerOutput:
     """None where the request did not ask for logprobs."""
 
 
+def _plain_greedy(request: Request) -> bool:
+    """Greedy with no penalty and no logprobs: the argmax of the raw logits is the answer."""
+    p = request.sampling_params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0)
+
+
 class Sampler:
     """Picks the next token of every row of a ``[N, V]`` logits batch.
 
@@ -77,6 +84,9 @@ class Sampler:
                              f"got {tuple(logits.shape)}")
         if not requests:
             return SampledBatch(torch.empty(0, dtype=torch.long, device=logits.device), [], None, 0)
+        if all(_plain_greedy(r) for r in requests):
+            # The usual serving batch: nothing to build but the argmax (ties → lowest id).
+            return SampledBatch(logits.argmax(dim=-1), list(requests), None, 0)
         raw = logits.float()
         penalised = self._penalise(raw, requests)
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model.fast_llama import FastAttentionMetadata, FastLlama
 from llmesh.engine.model_runner import RunnerBase, StepHandle
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
-from llmesh.engine.step_inputs import StaticInputs, stage_host
+from llmesh.engine.step_inputs import HostStep, StaticInputs, stage_host
+from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,6 @@ DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 25
                       640, 768, 896, 1024)
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536,
                        1792, 2048)
-
-
-def _unified_attention_available() -> bool:
-    try:
-        import llmesh.kernels.unified_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass
@@ -65,21 +57,24 @@ class GraphStats:
 
 
 class TritonModelRunner(RunnerBase):
+    """The shared model on the triton op table, stepped through CUDA graphs."""
+
+    ops = "triton"
+
     def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device,
                  dtype: torch.dtype, block_size: int, sampler: Sampler, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int = 2048, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  cuda_graphs: bool = True, max_graph_tokens: int = 2048, linear_method: str = "none") -> None:
-        self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                         gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method)
+                         gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
+                         max_model_len=max_model_len)
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.decode_sizes = [b for b in DECODE_BATCH_SIZES if b <= max_num_seqs] or [1]
         self.graph_sizes = self.decode_sizes  # the decode benchmark's name for them
-        self.mixed_buckets = ([b for b in MIXED_TOKEN_BUCKETS if b <= max_graph_tokens]
-                              if _unified_attention_available() else [])
+        self.mixed_buckets = [b for b in MIXED_TOKEN_BUCKETS if b <= max_graph_tokens]
         self.max_num_seqs = max_num_seqs
         max_tokens = max(max_num_batched_tokens, self.decode_sizes[-1], *(self.mixed_buckets or [1]))
         self.static = StaticInputs(max_tokens, max(max_num_seqs, self.decode_sizes[-1]), self.max_blocks, device)
@@ -89,19 +84,18 @@ class TritonModelRunner(RunnerBase):
         if self.use_graphs:
             self._capture_graphs()
 
-    def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super()._build_model(weights)
-        self.fast = FastLlama(self.model, self.max_model_len)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     # ---- graphs -------------------------------------------------------------------------
-    def _meta(self, t: int, s: int, kind: str, max_query_len: int, max_seq_len: int) -> FastAttentionMetadata:
+    def _meta(self, t: int, s: int, kind: str, max_query_len: int, max_seq_len: int,
+              host: HostStep | None = None) -> AttentionMetadata:
+        """Metadata over the static buffers; an eager step also carries its host lists (the
+        attention dispatch reads them to pick the dense prefill path)."""
         st = self.static
-        return FastAttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=st.slot_mapping[:t], block_tables=st.block_tables[:s], seq_lens=st.seq_lens[:s],
             query_start_loc=None if kind == "decode" else st.query_start_loc[: s + 1],
-            max_query_len=max_query_len, max_seq_len=max_seq_len, unified=kind == "mixed")
+            max_query_len=max_query_len, max_seq_len=max_seq_len, unified=kind == "mixed",
+            host_query_start_loc=None if host is None else host.query_start_loc.tolist(),
+            host_seq_lens=None if host is None else host.seq_lens.tolist())
 
     def _mixed_seqs(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
@@ -110,7 +104,7 @@ class TritonModelRunner(RunnerBase):
         st = self.static
         max_q = 1 if kind == "decode" else t
         meta = self._meta(t, s, kind, max_q, self.max_model_len)
-        return self.fast.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+        return self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
 
     def _capture_graphs(self) -> None:
         t0 = time.perf_counter()
@@ -162,15 +156,15 @@ class TritonModelRunner(RunnerBase):
                 st.load(host, t, s)
                 self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
                 kind = "decode" if decode_only else "eager"
-                meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len)
-                out = self.fast.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+                meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len, host)
+                out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
                 self.stats.eager_steps += 1
             n = len(host.sampling_requests)
             hidden = out[st.logits_indices[:n]] if n else out[:0]
         sampled = None
         reqs = host.sampling_requests
         if reqs:
-            logits = self.fast.compute_logits(hidden)  # [N, vocab] float32
+            logits = self.model.compute_logits(hidden)  # [N, vocab] float32
             if self.logits_observer is not None:
                 self.logits_observer(reqs, logits)
             sampled = self.sampler.sample(logits, reqs)

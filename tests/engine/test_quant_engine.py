@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from llmesh.engine import LLM, SamplingParams
 from llmesh.engine.errors import UnsupportedModelError
+from llmesh.engine.model.weights import FusedLinear
 from llmesh.engine.quant.awq_gptq import pack_awq, pack_gptq
-from llmesh.engine.quant.linear import QuantEmbedding, QuantLinear
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight
 
 PROMPTS = [[5, 17, 99, 300, 42, 7], [400, 3, 3, 250], list(range(30, 70))]
@@ -27,8 +27,14 @@ def _generate(path: str, **kw) -> tuple[LLM, list[list[int]]]:
     return llm, [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
-def _linears(llm: LLM) -> list[QuantLinear]:
-    return [m for m in llm.engine.runner.model.modules() if isinstance(m, QuantLinear)]
+def _linears(llm: LLM) -> dict[str, FusedLinear]:
+    """The decoder's linear layers (q/k/v and gate/up fused: 4 per layer), LM head excluded."""
+    return {name: m for name, m in llm.engine.runner.model.named_linears() if name != "lm_head"}
+
+
+def _parts(w) -> list:
+    """A fused weight's parts: itself, or the list of parts that could not share a kernel."""
+    return w if isinstance(w, list) else [w]
 
 
 def _first_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
@@ -49,12 +55,11 @@ def test_quantize_on_load_keeps_weights_packed(tiny_llama, method, kind):
     quant, _ = _generate(tiny_llama, quantization=method, enable_prefix_caching=False)
     dense, _ = _generate(tiny_llama, quantization="none", enable_prefix_caching=False)
     assert quant.engine.quantization.name == method
-    linears = dict(quant.engine.runner.model.named_modules())
-    packed = {name: m for name, m in linears.items() if isinstance(m, QuantLinear)}
-    assert len(packed) == 7 * 2 and all(isinstance(m.weight, kind) for m in packed.values())
+    packed = _linears(quant)
+    assert len(packed) == 4 * 2 and all(isinstance(m.weight, kind) for m in packed.values())
     assert model_weight_bytes(quant.engine.runner.model) < model_weight_bytes(dense.engine.runner.model)
     reference = _first_logits(dense, PROMPTS[2])
-    dense_modules = dict(dense.engine.runner.model.named_modules())
+    dense_modules = _linears(dense)
     with torch.no_grad():
         for name, m in packed.items():
             dense_modules[name].weight.copy_(m.weight.dequantize().t())
@@ -80,10 +85,10 @@ def test_demo_gguf_runs_as_q4_1_with_the_dequantized_models_tokens():
     # float32 on both so that, on a GPU too, the packed kernels and the dense matmuls round alike.
     kept = LLM(path, quantization="gguf", num_kv_blocks=32, dtype="float32")
     model = kept.engine.runner.model
-    formats = {m.weight.format for m in _linears(kept)}
+    formats = {p.format for m in _linears(kept).values() for p in _parts(m.weight)}
     assert formats == {"q4_1"}
-    embed = model.model.embed_tokens
-    assert isinstance(embed, QuantEmbedding) and isinstance(embed.weight, Int8Weight) and embed.weight.format == "q8_0"
+    embed = model.embed_tokens
+    assert isinstance(embed, Int8Weight) and embed.format == "q8_0"
     kept_text = kept.chat(msgs, params)[0]
     kept_bytes = model_weight_bytes(model)
     del kept, model, embed
@@ -151,11 +156,13 @@ def test_awq_gptq_checkpoints_load_into_the_int4_path(tiny_llama, tmp_path, meth
     folder = _quantized_checkpoint(tiny_llama, tmp_path / method, method)
     llm, tokens = _generate(str(folder))
     assert llm.engine.quantization.name == method
-    linears = [m for m in _linears(llm) if not isinstance(m.weight, torch.Tensor)]
-    assert len(linears) == 14 and all(isinstance(m.weight, Int4Weight) for m in linears)
+    parts = [p for m in _linears(llm).values() for p in _parts(m.weight)]
+    assert all(isinstance(p, Int4Weight) for p in parts)
+    # q/k/v and gate/up fuse unless act-order gave each its own permutation (GPTQ here)
+    assert len(parts) == (14 if method == "gptq" else 8)
     assert isinstance(llm.engine.runner.model.lm_head.weight, torch.Tensor)  # stored in float, kept so
     if method == "gptq":
-        assert all(m.weight.perm is not None for m in linears)
+        assert all(p.perm is not None for p in parts)
     _, twin_tokens = _generate(str(folder / "float"))
     assert tokens == twin_tokens
 

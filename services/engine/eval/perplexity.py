@@ -18,6 +18,7 @@ import torch
 
 from llmesh.engine.llm import build_engine_config
 from llmesh.engine.llm_engine import LLMEngine
+from llmesh.kernels.paged_attention import AttentionMetadata
 
 LOGIT_ROWS = 256
 """Positions whose float32 logits are materialised at once (vocab 128k x 256 = 128 MiB)."""
@@ -38,25 +39,16 @@ class PerplexityResult:
     seconds: float
 
 
-def _metadata(runner, n: int):
+def _metadata(runner, n: int) -> AttentionMetadata:
     """Attention metadata for one sequence of n new tokens in blocks 0.. of the pool."""
     dev, bs = runner.device, runner.block_size
     blocks = -(-n // bs)
-    slots = torch.arange(n, dtype=torch.int64, device=dev)
-    table = torch.arange(blocks, dtype=torch.int64, device=dev)[None, :]
-    if getattr(runner, "fast", None) is not None:
-        from llmesh.engine.model.fast_llama import FastAttentionMetadata
-
-        return FastAttentionMetadata(
-            slot_mapping=slots, block_tables=table.to(torch.int32),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev), max_query_len=n, max_seq_len=n)
-    from llmesh.kernels.paged_attention import PagedAttentionMetadata
-
-    empty = torch.zeros(0, dtype=torch.int64, device=dev)
-    return PagedAttentionMetadata(slot_mapping=slots, query_start_loc=[0, n], seq_lens=[n], block_tables=table,
-                                  decode_seq_idx=empty, decode_token_idx=empty, decode_seq_lens=empty,
-                                  prefill_seq_idx=[0])
+    return AttentionMetadata(
+        slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
+        block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None, :],
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev), max_query_len=n, max_seq_len=n,
+        host_query_start_loc=[0, n], host_seq_lens=[n])
 
 
 @torch.inference_mode()
@@ -68,8 +60,7 @@ def window_nll(runner, ids: Sequence[int]) -> float:
     tokens = torch.tensor(ids, dtype=torch.int64, device=runner.device)
     positions = torch.arange(n, dtype=torch.int64, device=runner.device)
     meta = _metadata(runner, n)
-    fast = getattr(runner, "fast", None)
-    model = fast if fast is not None else runner.model  # both: forward(...) and compute_logits(...)
+    model = runner.model
     hidden = model.forward(tokens, positions, runner.kv_caches, meta)
     total = 0.0
     for start in range(0, n - 1, LOGIT_ROWS):

@@ -15,6 +15,15 @@ from torch import nn
 from llmesh.engine.errors import UnsupportedModelError
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: statistics in float32, the normalised value cast back before the weight."""
+    # x: [..., dim]
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -22,31 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., dim]
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def make_linear(in_features: int, out_features: int, bias: bool, method: str = "none") -> nn.Module:
-    """nn.Linear, or a QuantLinear when the engine serves quantized weights (quant/config.py)."""
-    if method == "none":
-        return nn.Linear(in_features, out_features, bias=bias)
-    from llmesh.engine.quant.linear import QuantLinear
-
-    return QuantLinear(in_features, out_features, bias, method)
-
-
-class SiluAndMulMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, linear_method: str = "none") -> None:
-        super().__init__()
-        self.gate_proj = make_linear(hidden, intermediate, False, linear_method)
-        self.up_proj = make_linear(hidden, intermediate, False, linear_method)
-        self.down_proj = make_linear(intermediate, hidden, False, linear_method)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

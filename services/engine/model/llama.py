@@ -2,156 +2,218 @@
 (q/k norm) and SmolLM2 (tied embeddings) differ only in flags of ModelConfig.
 
 Tokens of all sequences in a step are flattened into one dimension ``T``; attention
-finds each sequence's context through the paged KV pool and its metadata.
+finds each sequence's context through the paged KV pool and its metadata. Every op goes
+through an op table (ops.py): the torch table is the reference, the triton table the
+fast backend; the weights, their fusion and the order of operations are shared.
+
+Checkpoints load by their Hugging Face names: q/k/v and gate/up tensors are stacked into
+one fused weight each as they arrive (``STACKED``), as vLLM's stacked-params mapping does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMulMLP, apply_rotary, make_linear
-from llmesh.engine.quant.linear import linear
-from llmesh.engine.quant.packed import QuantizedWeight
-from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref, write_kv_ref
+from llmesh.engine.model.ops import ModelOps, make_ops
+from llmesh.engine.model.weights import FusedLinear, weight_nbytes
+from llmesh.engine.quant.linear import Weight
+from llmesh.kernels.paged_attention import AttentionMetadata
+
+STACKED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+"""HF projection → (fused projection, output block)."""
+
+DEFAULT_MAX_POSITIONS = 4096
+"""RoPE table rows built up front when the caller gives no bound (the torch table grows)."""
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear_method: str = "none") -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.scale = self.head_dim ** -0.5
-        h, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = make_linear(h, self.num_heads * self.head_dim, bias, linear_method)
-        self.k_proj = make_linear(h, self.num_kv_heads * self.head_dim, bias, linear_method)
-        self.v_proj = make_linear(h, self.num_kv_heads * self.head_dim, bias, linear_method)
-        # HF's Llama/Qwen3 put the bias on o_proj too when attention_bias is set; Qwen2 never does.
-        o_bias = bias and cfg.architecture != "qwen2"
-        self.o_proj = make_linear(self.num_heads * self.head_dim, h, o_bias, linear_method)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: PagedAttentionMetadata,
-    ) -> torch.Tensor:
-        # x: [T, hidden]; kv_cache: [2, num_blocks, block_size, H_kv, D]
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv_ref(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        o = paged_attention_ref(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+@dataclass
+class DecoderLayer:
+    qkv_proj: FusedLinear
+    o_proj: FusedLinear
+    gate_up_proj: FusedLinear
+    down_proj: FusedLinear
+    input_layernorm: torch.Tensor | None = None      # [H]
+    post_attention_layernorm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None               # [D] (Qwen3)
+    k_norm: torch.Tensor | None = None
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear_method: str = "none") -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, linear_method)
-        self.mlp = SiluAndMulMLP(cfg.hidden_size, cfg.intermediate_size, linear_method)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear_method: str = "none") -> None:
-        super().__init__()
-        if linear_method == "keep":  # a GGUF's token_embd may be packed too
-            from llmesh.engine.quant.linear import QuantEmbedding
-
-            self.embed_tokens = QuantEmbedding(cfg.vocab_size, cfg.hidden_size)
-        else:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, linear_method) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class LlamaForCausalLM(nn.Module):
-    """HF-compatible parameter names, so HF checkpoints load by name.
+class LlamaForCausalLM:
+    """Built from a weights iterable of (HF name, tensor or packed weight) pairs.
 
     ``linear_method`` (quant/config.py QuantSpec): none, int8 / int4 / fp8 (decoder linears
     quantized as they load; embeddings and LM head stay in the model dtype, as is usual), or
     keep (every linear and the embeddings store what the checkpoint holds, packed or not).
+    ``ops``: the op table, torch or triton. ``max_positions``: the longest sequence served
+    (None: grown on demand by the torch table).
     """
 
-    def __init__(self, cfg: ModelConfig, linear_method: str = "none") -> None:
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, Weight]], *, linear_method: str = "none",
+                 ops: str = "torch", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_positions: int | None = None) -> None:
         self.config = cfg
-        self.model = LlamaModel(cfg, linear_method)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.device, self.dtype, self.linear_method = torch.device(device), dtype, linear_method
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.scale = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self.ops: ModelOps = make_ops(ops, cfg, device=self.device, dtype=dtype,
+                                      max_positions=max_positions or min(cfg.max_position_embeddings,
+                                                                         DEFAULT_MAX_POSITIONS))
+        self.layers = [self._new_layer() for _ in range(cfg.num_hidden_layers)]
+        self.embed_tokens: Weight | None = None
+        self.norm: torch.Tensor | None = None
         head_method = "keep" if linear_method == "keep" else "none"
-        self.lm_head = None if cfg.tie_word_embeddings else make_linear(cfg.hidden_size, cfg.vocab_size, False,
-                                                                        head_method)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        self._linear(cfg.hidden_size, [cfg.vocab_size], False, head_method))
+        self._load(weights)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: torch.Tensor,
-        meta: PagedAttentionMetadata,
-    ) -> torch.Tensor:
-        # input_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, H_kv, D]
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_caches[i], meta)
-        return self.model.norm(x)  # [T, hidden]
+    def _linear(self, k: int, parts: list[int], bias: bool, method: str) -> FusedLinear:
+        return FusedLinear(k, parts, bias, method, dtype=self.dtype, device=self.device)
+
+    def _new_layer(self) -> DecoderLayer:
+        c, m = self.config, self.linear_method
+        h, d = c.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        # HF's Llama/Qwen3 put the bias on o_proj too when attention_bias is set; Qwen2 never does.
+        o_bias = c.attention_bias and c.architecture != "qwen2"
+        return DecoderLayer(
+            qkv_proj=self._linear(h, [q, kv, kv], c.attention_bias, m),
+            o_proj=self._linear(q, [h], o_bias, m),
+            gate_up_proj=self._linear(h, [c.intermediate_size] * 2, False, m),
+            down_proj=self._linear(c.intermediate_size, [h], False, m))
+
+    # ---- loading ----------------------------------------------------------------------
+    def named_linears(self) -> Iterator[tuple[str, FusedLinear]]:
+        for i, layer in enumerate(self.layers):
+            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                yield f"model.layers.{i}.{name}", getattr(layer, name.split(".")[1])
+        if self.lm_head is not None:
+            yield "lm_head", self.lm_head
+
+    def _tensor_names(self) -> dict[str, tuple[object, str, int]]:
+        """HF name of each plain tensor → (owner, attribute, expected length; 0: the embedding)."""
+        c = self.config
+        names: dict[str, tuple[object, str, int]] = {"model.embed_tokens.weight": (self, "embed_tokens", 0),
+                                                     "model.norm.weight": (self, "norm", c.hidden_size)}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            names[p + "input_layernorm.weight"] = (layer, "input_layernorm", c.hidden_size)
+            names[p + "post_attention_layernorm.weight"] = (layer, "post_attention_layernorm", c.hidden_size)
+            if c.qk_norm:
+                names[p + "self_attn.q_norm.weight"] = (layer, "q_norm", self.head_dim)
+                names[p + "self_attn.k_norm.weight"] = (layer, "k_norm", self.head_dim)
+        return names
+
+    def _linear_parts(self) -> dict[str, tuple[FusedLinear, int]]:
+        """HF prefix of each projection → (the fused linear holding it, output block)."""
+        parts: dict[str, tuple[FusedLinear, int]] = {}
+        for name, lin in self.named_linears():
+            if name == "lm_head":
+                parts[name] = (lin, 0)
+                continue
+            prefix, _, short = name.rpartition(".layers.")[2].partition(".")
+            layer_prefix = f"model.layers.{prefix}."
+            fused = [hf for hf, (target, _) in STACKED.items() if target == short]
+            for hf in fused:
+                parts[layer_prefix + hf] = (lin, STACKED[hf][1])
+            if not fused:
+                parts[layer_prefix + short] = (lin, 0)
+        return parts
+
+    @torch.no_grad()
+    def _load(self, weights: Iterable[tuple[str, Weight]]) -> None:
+        """Every tensor must be provided exactly once; errors name the checkpoint tensor."""
+        linears, tensors = self._linear_parts(), self._tensor_names()
+        seen: set[str] = set()
+        for name, t in weights:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            prefix, _, kind = name.rpartition(".")
+            try:
+                if prefix in linears:
+                    lin, part = linears[prefix]
+                    lin.load(part, kind, t)
+                elif name in tensors:
+                    self._load_tensor(tensors[name], t)
+                elif "rotary_emb" in name:
+                    continue
+                else:
+                    raise ModelLoadError(
+                        f"checkpoint tensor {name!r} has no place in the {self.config.architecture} model")
+            except ValueError as exc:
+                raise ModelLoadError(f"checkpoint tensor {name!r} {exc}") from exc
+            seen.add(name)
+        expected = set(tensors) | {f"{p}.weight" for p in linears}
+        expected |= {f"{p}.bias" for p, (lin, _) in linears.items() if lin.has_bias}
+        missing = sorted(expected - seen)
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _load_tensor(self, target: tuple[object, str, int], t: Weight) -> None:
+        owner, attr, length = target
+        c = self.config
+        if length == 0:  # the embedding table: dense, or packed (a GGUF's token_embd) kept so
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else (t.out_features, t.in_features)
+            if shape != (c.vocab_size, c.hidden_size):
+                raise ValueError(f"has shape {shape}, the model expects {(c.vocab_size, c.hidden_size)}")
+            t = t.to(device=self.device, dtype=self.dtype) if isinstance(t, torch.Tensor) else t.to(self.device)
+        else:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (length,):
+                raise ValueError(f"has shape {tuple(getattr(t, 'shape', ()))}, the model expects {(length,)}")
+            t = t.to(device=self.device, dtype=self.dtype)
+        setattr(owner, attr, t)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take as loaded, packed ones at their packed size."""
+        norms = [self.norm] + [t for layer in self.layers for t in (
+            layer.input_layernorm, layer.post_attention_layernorm, layer.q_norm, layer.k_norm)]
+        return (weight_nbytes(self.embed_tokens) + sum(lin.nbytes() for _, lin in self.named_linears())
+                + sum(weight_nbytes(t) for t in norms))
+
+    # ---- forward ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, H_kv, D] → [T, hidden]
+        ops, eps = self.ops, self.eps
+        t, nq, nkv, d = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        ops.prepare(meta)
+        x = ops.embed(self.embed_tokens, input_ids, self.dtype)  # [T, H]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = ops.rmsnorm(x, layer.input_layernorm, eps, residual)
+            qkv = ops.linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
+            q = qkv[:, : nq * d].view(t, nq, d)
+            k = qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d)
+            v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
+            if layer.q_norm is not None:
+                q = ops.rmsnorm(q.contiguous(), layer.q_norm, eps)[0]
+                k = ops.rmsnorm(k.contiguous(), layer.k_norm, eps)[0]
+            k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
+            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta)
+            o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, nq, d]
+            x = ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias)
+            h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
+            x = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up_proj.weight)), layer.down_proj.weight)
+        out, _ = ops.rmsnorm(x, self.norm, eps, residual)
+        return out
+
+    __call__ = forward
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> [N, vocab] in float32
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight, kernels=hidden.is_cuda).float()
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
-        """Copy HF-named tensors in; every parameter must be provided exactly once. Weights of
-        quantized layers (QuantLinear / QuantEmbedding) are handed to the layer, which
-        quantizes a float tensor or keeps a packed one."""
-        params = dict(self.named_parameters())
-        loadable = {f"{name}.weight": m for name, m in self.named_modules() if hasattr(m, "load")}
-        params.update(loadable)
-        device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
-        seen: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: some checkpoints store the copy anyway
-            if name in loadable:
-                try:
-                    loadable[name].load(tensor, dtype=dtype, device=device)
-                except ValueError as exc:
-                    raise ModelLoadError(f"checkpoint tensor {name!r} {exc}") from exc
-                seen.add(name)
-                continue
-            if name not in params:
-                if "rotary_emb" in name:
-                    continue
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the {self.config.architecture} model")
-            p = params[name]
-            if tuple(p.shape) != tuple(tensor.shape):
-                raise ModelLoadError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(p.shape)}")
-            p.copy_(tensor.to(p.dtype))
-            seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return self.ops.linear(hidden, weight).float()

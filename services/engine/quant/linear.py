@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
@@ -104,60 +103,3 @@ def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     else:
         return (w.qweight.index_select(0, ids).float() * w.scales.index_select(0, ids)[:, None]).to(dtype)
     return part.dequantize().t().to(dtype)
-
-
-class QuantLinear(nn.Module):
-    """An nn.Linear whose weight is set at load time, quantized or not.
-
-    ``method``: int8 / int4 / fp8 quantize a float weight as it loads; ``keep`` stores what the
-    checkpoint holds (packed weights from GGUF, AWQ or GPTQ stay packed, float ones stay float).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, method: str) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.method = in_features, out_features, method
-        self.weight: Weight | None = None
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-
-    def load(self, w: Weight, *, dtype: torch.dtype, device: torch.device) -> None:
-        from llmesh.engine.quant.quantize import QUANTIZERS
-
-        if isinstance(w, torch.Tensor):
-            got = tuple(w.shape)
-            if got != (self.out_features, self.in_features):
-                raise ValueError(f"has shape {got}, the model expects {(self.out_features, self.in_features)}")
-            w = w.to(device)
-            self.weight = QUANTIZERS[self.method](w) if self.method in QUANTIZERS else w.to(dtype)
-            return
-        if (w.in_features, w.out_features) != (self.in_features, self.out_features):
-            raise ValueError(f"is a {w.format} weight of {w.in_features} → {w.out_features} features, "
-                             f"the model expects {self.in_features} → {self.out_features}")
-        self.weight = w.to(device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, kernels=x.is_cuda)
-
-    def extra_repr(self) -> str:
-        kind = "dense" if isinstance(self.weight, torch.Tensor) else getattr(self.weight, "format", "unloaded")
-        return f"{self.in_features} → {self.out_features}, {self.method}: {kind}"
-
-
-class QuantEmbedding(nn.Module):
-    """Token embeddings that may stay packed (GGUF Q8_0 / Q4_x token_embd); rows are
-    dequantized only for the tokens of a step."""
-
-    def __init__(self, num_embeddings: int, dim: int) -> None:
-        super().__init__()
-        self.num_embeddings, self.dim = num_embeddings, dim
-        self.weight: Weight | None = None
-        self.dtype = torch.float32
-
-    def load(self, w: Weight, *, dtype: torch.dtype, device: torch.device) -> None:
-        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else (w.out_features, w.in_features)
-        if shape != (self.num_embeddings, self.dim):
-            raise ValueError(f"has shape {shape}, the model expects {(self.num_embeddings, self.dim)}")
-        self.weight = w.to(device=device, dtype=dtype) if isinstance(w, torch.Tensor) else w.to(device)
-        self.dtype = dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.weight, ids, self.dtype)

@@ -1,0 +1,66 @@
+"""The op table a model's forward pass dispatches through.
+
+One model definition (llama.py) computes with whichever table it is built with: ``torch``
+(plain PyTorch, CPU or GPU; the numerics of Hugging Face, the oracle) or ``triton`` (the
+Triton kernels in kernels/). Both take the same tensors and return the same shapes, so the
+two backends cannot drift apart in anything but the kernels themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.quant.linear import Weight
+from llmesh.kernels.paged_attention import AttentionMetadata
+
+OP_TABLES = ("torch", "triton")
+
+
+class ModelOps(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Once per forward pass, before any layer (e.g. grow a table the step outgrows)."""
+
+    def embed(self, weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` [T] of the embedding table → [T, H]."""
+
+    def linear(self, x: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """x [..., K] @ W^T (+ bias) → [..., N]; a list is a fused weight whose parts could
+        not share one kernel, their outputs concatenated."""
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); with no residual, (norm(x), x)."""
+
+    def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, H_q, D] and k [T, H_kv, D] (views into the fused projection) at
+        positions [T] and store the rotated k and v [T, H_kv, D] at meta.slot_mapping (-1
+        skipped); returns the rotated pair (the Triton table rotates in place, one kernel)."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[..., :I]) * x[..., I:] → [..., I]."""
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Causal paged attention of q [T, H_q, D] over the pool → [T, H_q, D]; k, v [T, H_kv, D]
+        are the step's own (already in the pool), for paths that need no gather."""
+
+
+def make_ops(name: str, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
+             max_positions: int) -> ModelOps:
+    if name == "torch":
+        from llmesh.engine.model.ops_torch import TorchOps
+
+        return TorchOps(cfg, device=device, dtype=dtype, max_positions=max_positions)
+    if name == "triton":
+        from llmesh.engine.model.ops_triton import TritonOps
+
+        return TritonOps(cfg, device=device, max_positions=max_positions)
+    raise ValueError(f"model op table {name!r} is unknown (known: {', '.join(OP_TABLES)})")

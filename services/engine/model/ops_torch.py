@@ -1,0 +1,80 @@
+"""The torch op table: plain PyTorch in Hugging Face's order of operations (the oracle).
+
+Runs on the CPU or a GPU. What it caches is what HF would recompute identically each
+step (RoPE cos/sin per position), so caching changes speed, not a single bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.layers import apply_rotary, rms_norm, rope_inv_freq
+from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
+from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref, write_kv_ref
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, max_positions: int) -> None:
+        self.device, self.dtype = device, dtype
+        self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self._grow_rope(max_positions)
+
+    def _grow_rope(self, positions: int) -> None:
+        # As RotaryEmbedding: float32 frequencies, cos/sin rounded to the model dtype.
+        pos = torch.arange(positions, device=self.device).to(torch.float32)
+        freqs = pos[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if meta.max_seq_len > self._cos.shape[0]:  # positions < seq_lens <= max_seq_len
+            self._grow_rope(max(meta.max_seq_len, 2 * self._cos.shape[0]))
+
+    def embed(self, weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_rows(weight, ids, dtype)
+
+    def linear(self, x: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None) -> torch.Tensor:
+        # Packed weights on a GPU use the Triton GEMMs; on the CPU their dequantizing reference.
+        kernels = x.is_cuda
+        if isinstance(w, list):
+            y = torch.cat([linear(x, part, kernels=kernels) for part in w], dim=-1)
+            return y if bias is None else y + bias
+        return linear(x, w, bias, kernels=kernels)
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = residual + x  # HF: hidden = residual + hidden, in the model dtype
+        return rms_norm(x, weight, eps), x
+
+    def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)  # [T, D]
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        i = x.shape[-1] // 2
+        return torch.nn.functional.silu(x[..., :i]) * x[..., i:]
+
+    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        slots = meta.slot_mapping
+        if meta.host_seq_lens is None:  # device-built metadata may carry -1 padding
+            keep = slots >= 0
+            k, v, slots = k[keep], v[keep], slots[keep]
+        write_kv_ref(k_cache, v_cache, k, v, slots)
+
+    def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.rope(positions, q, k)
+        self.write_kv(k_cache, v_cache, k, v, meta)
+        return q, k
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        # k, v: the step's own keys (the triton table's dense prefill path reads them); the
+        # reference reads everything through the pool.
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)

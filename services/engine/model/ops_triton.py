@@ -1,0 +1,89 @@
+"""The triton op table: the Triton kernels of kernels/ (the ``triton`` backend).
+
+Same contract as the torch table, rearranged for speed: RMSNorm fused with the residual
+add, RoPE applied in place on the fused q/k/v projection and K/V written in the same
+kernel, dense weights through the skinny GEMM where it beats cuBLAS (quant/linear.py),
+packed weights through our quantized GEMMs, and attention by one dispatch function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
+from llmesh.kernels.activation import silu_and_mul
+from llmesh.kernels.paged_attention import AttentionMetadata
+from llmesh.kernels.dense_causal_attention import dense_causal_attention
+from llmesh.kernels.paged_decode_attention import paged_decode_attention
+from llmesh.kernels.prefill_attention import prefill_attention
+from llmesh.kernels.rmsnorm import rmsnorm
+from llmesh.kernels.rope import rope_cos_sin_cache
+from llmesh.kernels.rope_kv_write import rope_kv_write
+from llmesh.kernels.unified_attention import unified_attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal paged attention of q [T, H_q, D] → [T, H_q, D], by the batch's shape:
+
+    - a mixed batch replayed from a CUDA graph: the unified kernel (grid from shapes only);
+    - a decode-only batch: the paged decode kernel (no host reads, graph friendly);
+    - a batch of prefill chunks that all start at position 0 (nothing cached before them,
+      known from the host lists): dense causal attention over the step's own k/v, which
+      dispatches to cuDNN where that was measured faster (kernels/dense_causal_attention.py);
+    - anything else (extends after a cached prefix, chunks beside decodes): the paged
+      prefill kernel, which takes any mix.
+    """
+    if meta.unified:
+        return unified_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                 scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+    qsl, lens = meta.host_query_start_loc, meta.host_seq_lens
+    if (qsl is not None and lens is not None and meta.query_start_loc is not None
+            and all(qsl[s + 1] - qsl[s] == n for s, n in enumerate(lens))):
+        return dense_causal_attention(q, k, v, qsl, scale)
+    if meta.query_start_loc is None:
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                      max_seq_len=meta.max_seq_len)
+    return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+                             max_query_len=meta.max_query_len)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device, max_positions: int) -> None:
+        # Fixed size: a table that grew would move under a captured CUDA graph.
+        self.cos_sin = rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
+                                          device=device)  # [P, D] float32
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        return None
+
+    def embed(self, weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_rows(weight, ids, dtype)
+
+    def linear(self, x: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, list):
+            y = torch.cat([linear(x, part) for part in w], dim=-1)
+            return y if bias is None else y + bias
+        return linear(x, w, bias)
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rmsnorm(x, weight, eps), x
+        return rmsnorm(x, weight, eps, residual=residual)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
+
+    def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One kernel: q and k rotated in place, k and v stored in their slots.
+        return rope_kv_write(positions, q, k, v, self.cos_sin, k_cache, v_cache, meta.slot_mapping, q_out=q, k_out=k)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return attention(q, k, v, k_cache, v_cache, meta, scale)
