@@ -30,7 +30,7 @@ import triton.language as tl
 
 from llmesh.kernels.attention_config import DecodeConfig, PrefillConfig, decode_config, sm_count
 from llmesh.kernels.common import check_out, dot_in_fp32, dot_precision, interpreting, next_power_of_2
-from llmesh.kernels.paged_attention import PagedAttentionMetadata, paged_attention_ref
+from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.prefill_attention import (
     LOG2E, check_varlen_paged, launch_prefill_kernel, load_kv_tile, softmax_step)
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -263,16 +263,20 @@ def unified_attention_ref(
     rows no sequence owns are zeros."""
     qsl = [int(x) for x in query_start_loc]
     lens = [int(n) for n in seq_lens]
-    decodes = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-    idx = torch.tensor(decodes, dtype=torch.long, device=q.device)
-    meta = PagedAttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), query_start_loc=qsl, seq_lens=lens,
-        block_tables=block_tables.long(), decode_seq_idx=idx,
-        decode_token_idx=torch.tensor([qsl[i] for i in decodes], dtype=torch.long, device=q.device),
-        decode_seq_lens=torch.tensor([lens[i] for i in decodes], dtype=torch.long, device=q.device),
-        prefill_seq_idx=[i for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1])
-    out = paged_attention_ref(q, k_cache, v_cache, meta, scale)
-    owned = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-    for i in range(len(lens)):
-        owned[qsl[i]:qsl[i + 1]] = True
-    return out.masked_fill(~owned[:, None, None], 0.0)
+    live = [i for i in range(len(lens)) if qsl[i + 1] > qsl[i] and lens[i] > 0]
+    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1], device=q.device) for i in live]) if live else None
+    out = torch.zeros_like(q)
+    if rows is None:
+        return out
+    sub_qsl = [0]
+    for i in live:
+        sub_qsl.append(sub_qsl[-1] + qsl[i + 1] - qsl[i])
+    sub_lens = [lens[i] for i in live]
+    idx = torch.tensor(live, dtype=torch.long, device=q.device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), block_tables=block_tables[idx],
+        seq_lens=seq_lens[idx], query_start_loc=torch.tensor(sub_qsl, dtype=torch.int32, device=q.device),
+        max_query_len=max(b - a for a, b in zip(sub_qsl, sub_qsl[1:])), max_seq_len=max(sub_lens),
+        host_query_start_loc=sub_qsl, host_seq_lens=sub_lens)
+    out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, meta, scale)
+    return out
