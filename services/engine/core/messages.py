@@ -39,12 +39,14 @@ class AbortRequests:
 
 @dataclass
 class UtilityCall:
-    """Run ``fn(core, *args)`` between steps and send back its result (``fn`` pickles by
-    reference: a module-level function)."""
+    """Run ``fn(core, *args)`` between steps and send back its result.
+
+    ``payload`` is ``pickle.dumps((fn, args))``, made by the front end (where an
+    unpicklable ``fn`` fails at once) and opened by the core inside the call, so a
+    function the core cannot import fails this call, not the core."""
 
     call_id: int
-    fn: Any
-    args: tuple = ()
+    payload: bytes
 
 
 @dataclass
@@ -94,11 +96,13 @@ class EngineStats:
 
 @dataclass
 class RejectedRequest:
-    """The core refused a request at admission (InvalidRequestError): nothing was admitted."""
+    """The core refused a request at admission: nothing was admitted."""
 
     request_id: str
     message: str
     field: str | None = None
+    invalid: bool = True
+    """An InvalidRequestError (the request's fault); False: the core failed to admit it."""
 
 
 @dataclass
