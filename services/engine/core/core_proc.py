@@ -201,13 +201,26 @@ def run_core(config: EngineConfig, commands: Connection, results: Connection, fa
     """The core process's entry point (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from tqdm import tqdm
+
     from llmesh.logs import setup_logging
 
     setup_logging("engine-core", log_level)
+    # tqdm's default lock is a named semaphore, which _exit's skipped teardown would leak.
+    tqdm.set_lock(threading.RLock())
     try:
         proc = EngineCoreProc(config, commands, results, faults)
     except BaseException as e:  # noqa: BLE001  (reported to the front end, which raises it)
         results.send(CoreFailed(f"the engine core could not start ({type(e).__name__}: {e})",
                                 traceback.format_exc()))
-        sys.exit(1)
-    sys.exit(proc.run())
+        _exit(1)
+    _exit(proc.run())
+
+
+def _exit(code: int) -> None:
+    """Exit without the interpreter's teardown: the core keeps nothing on disk, and tearing
+    down torch took seconds of a graceful shutdown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
