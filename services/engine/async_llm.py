@@ -1,27 +1,40 @@
-"""AsyncLLM: the engine for asyncio callers (the gRPC servicer).
+"""AsyncLLM: the engine for asyncio callers (the gRPC servicer), with the core in its own process.
 
-The engine core is synchronous and single-threaded; it runs on one dedicated thread that
-loops schedule → execute → update. Torch releases the GIL inside its kernels, so the
-event loop stays responsive while a step runs. Callers talk to that thread through a
-command queue (add / abort) and receive outputs through one asyncio.Queue per request.
-An abort is applied before the next step starts, so a cancelled request's KV blocks are
-free within one scheduler step.
+This process keeps the front end: tokenization and checks (InputProcessor), incremental
+detokenization and stop strings (OutputProcessor), the per-request streams. The engine
+core (scheduler, model runner, KV cache) runs in a child process (core/core_proc.py), so
+its step loop never waits for the GIL held by gRPC, protobuf or detokenization work.
+
+Commands go to the core through a pipe and are applied before its next step, so an abort
+frees the request's KV blocks within one step. Outputs come back on a reader thread that
+detokenizes them and hands deltas to each caller's event loop. A core that dies or whose
+step fails ends every stream at once with EngineDeadError, and new requests are refused.
+See docs/engine-core.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import pickle
 import threading
 import time
-import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmesh.engine.config import EngineConfig
+from llmesh.engine.core.core_client import CoreClient
+from llmesh.engine.core.core_proc import CoreFaults
+from llmesh.engine.core.engine_core import abort_with_result
+from llmesh.engine.core.messages import AbortRequests, EngineCoreOutputs, EngineStats, UtilityCall
+from llmesh.engine.errors import EngineDeadError, EngineError, InvalidRequestError
+from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
-from llmesh.engine.llm_engine import EngineStats, LLMEngine
+from llmesh.engine.loader import load_model
+from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
@@ -38,27 +51,58 @@ class AbortResult:
 
 @dataclass
 class _Stream:
+    """One request's deltas on their way to the caller's event loop; an exception item
+    ends the stream with that error."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    items: deque = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None) -> None:
-        self.engine = LLMEngine(config, publisher=publisher)
-        self._commands: list[Callable[[], None]] = []
+    def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None, *,
+                 fault_step_delay_s: float = 0.0, fault_fail_step_at: int = 0,
+                 log_level: str | None = None) -> None:
+        loaded = load_model(config.model, name=config.served_model_name)  # config and tokenizer; no weights
+        self.config = config
+        self.model_config = loaded.config
+        self.model_name = loaded.config.name
+        self.input_processor = InputProcessor(loaded)
+        self.output_processor = OutputProcessor(self.input_processor.tokenizer)
+        self._publisher = publisher
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        """Guards streams, calls and the output processor (the reader thread vs callers)."""
         self._streams: dict[str, _Stream] = {}
-        self._stopped = False
-        self._last_progress = time.monotonic()
-        self.fault_step_delay_s = 0.0
-        """Fault injection for tests of health and deadlines: sleep this long before each step."""
-        self._thread = threading.Thread(target=self._run, name="llmesh-engine", daemon=True)
-        self._thread.start()
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self._dead: str | None = None
+        self._progress = time.monotonic()
+        self._stats: EngineStats | None = None
+        self._core = CoreClient(
+            config, on_message=self._on_message, on_death=self._on_death,
+            faults=CoreFaults(step_delay_s=fault_step_delay_s, fail_at_step=fault_fail_step_at),
+            log_level=log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
+        ready = self._core.ready
+        self.max_model_len = ready.max_model_len
+        self.config.scheduler.max_model_len = ready.max_model_len
+        self.kv_blocks_total = ready.num_kv_blocks
+        self.device, self.dtype, self.quantization = ready.device, ready.dtype, ready.quantization
+        if self._stats is None:
+            self._stats = EngineStats(0, 0, 0, ready.num_kv_blocks, 0, time.monotonic())
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.input_processor.tokenizer
+
+    @property
+    def core_pid(self) -> int:
+        """The engine-core process (tests kill it)."""
+        return self._core.pid
+
+    @property
+    def dead(self) -> str | None:
+        """Why the core is gone, or None while it runs."""
+        return self._dead
 
     # ---- public API (any event loop) ------------------------------------------------------
     async def generate(
@@ -71,145 +115,172 @@ class AsyncLLM:
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request. Raises InvalidRequestError before the first
-        delta when the request cannot be admitted. Closing or cancelling the iterator
-        aborts the request."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        admitted: asyncio.Future = loop.create_future()
-
-        def add() -> None:
-            try:
-                self.engine.add_request(prompt, params, request_id=request_id, priority=priority,
-                                        cache_salt=cache_salt)
-                self._streams[request_id] = stream
-                _resolve(loop, admitted, None)
-            except Exception as e:  # handed to the caller, whose mistake it usually is
-                _resolve(loop, admitted, e)
-
-        self._submit(add)
-        error = await admitted
-        if error is not None:
-            raise error
+        delta when the request cannot be admitted, EngineDeadError when the core is or
+        goes away. Closing or cancelling the iterator aborts the request."""
+        core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
+                                                cache_salt=cache_salt)
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
+                                          field="request_id")
+            self._streams[request_id] = stream
+            self.output_processor.add_request(core_req)
         finished = False
         try:
+            self._core.send(core_req)
             while True:
-                out: RequestOutput = await stream.queue.get()
-                while not out.finished and not stream.queue.empty():
-                    out = _merge(out, stream.queue.get_nowait())  # a slow reader gets several tokens per delta
-                finished = out.finished
-                yield out
+                if not stream.items:
+                    stream.ready.clear()
+                    await stream.ready.wait()
+                    continue
+                item = stream.items.popleft()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                # A slow reader gets several tokens per delta.
+                while not item.finished and stream.items and not isinstance(stream.items[0], BaseException):
+                    item = _merge(item, stream.items.popleft())
+                finished = item.finished
+                yield item
                 if finished:
                     return
         finally:
             if not finished:
-                self._submit(lambda: self._abort_now(request_id))
+                self._forget(request_id, stream)
 
     async def abort(self, request_id: str) -> int:
         """Abort a request; returns how many KV blocks were freed."""
         return (await self.abort_request(request_id)).freed_blocks
 
     async def abort_request(self, request_id: str) -> AbortResult:
-        """Abort a request; says whether it was live and how many KV blocks were freed."""
+        """Abort a request; says whether it was live and how many KV blocks were freed.
+        Its stream (if any) ends with an ABORT delta."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            self.output_processor.remove(request_id)
+        if stream is not None:
+            _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
+        found, freed = await self.call(abort_with_result, request_id)
+        return AbortResult(found, freed)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(core, *args)`` in the core process between steps and return its result
+        (or raise its error). ``fn`` travels by reference, so it must be a module-level
+        function the core process can import; ``core`` is the EngineCore."""
+        try:
+            payload = pickle.dumps((fn, args))
+        except Exception as e:
+            raise TypeError(f"AsyncLLM.call runs its function in the engine-core process, so it must pickle "
+                            f"(a module-level function, picklable arguments); {fn!r} does not: {e}") from e
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self._submit(lambda: _resolve(loop, fut, self._abort_now(request_id)))
-        return await fut
-
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-
-        def run() -> None:
-            try:
-                result = fn(self.engine)
-            except Exception as e:
-                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
-                return
-            _resolve(loop, fut, result)
-
-        self._submit(run)
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            call_id = next(self._call_ids)
+            self._calls[call_id] = (loop, fut)
+        try:
+            self._core.send(UtilityCall(call_id, payload))
+        except EngineDeadError:
+            with self._lock:
+                self._calls.pop(call_id, None)
+            raise
         return await fut
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The core's load as of its last message (each step, and every quarter second idle)."""
+        return self._stats
 
     @property
     def has_work(self) -> bool:
-        return self.engine.has_unfinished_requests() or bool(self._commands)
+        return bool(self._streams) or bool(self._calls)
 
     def seconds_since_progress(self) -> float:
-        """Seconds since the engine thread last finished a step or found nothing to do;
-        grows without bound only when a step is stuck (health checks read it)."""
-        return time.monotonic() - self._last_progress
+        """Seconds since the core last finished a step or found nothing to do; grows
+        without bound only when a step is stuck (health checks read it)."""
+        return time.monotonic() - self._progress
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout)
-
-    # ---- engine thread ----------------------------------------------------------------------
-    def _submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            self._commands.append(fn)
-        self._wake.set()
-
-    def _abort_now(self, request_id: str) -> AbortResult:
-        found = self.engine.scheduler.get_request(request_id) is not None
-        freed = self.engine.abort_request(request_id, emit_output=False)
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
-        return AbortResult(found, freed)
-
-    def _run(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                commands, self._commands = self._commands, []
-                self._wake.clear()
-            for fn in commands:
-                fn()
-            if not self.engine.has_unfinished_requests():
-                self._last_progress = time.monotonic()
-                self._wake.wait(0.5)
-                continue
-            if self.fault_step_delay_s:
-                time.sleep(self.fault_step_delay_s)
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a failed step fails its requests, never the thread
-                log.error("engine step failed: %s\n%s", e, traceback.format_exc())
-                outputs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
-            self._dispatch(outputs)
-            self._last_progress = time.monotonic()
         self._fail_all("the engine is shutting down")
+        self._core.shutdown(timeout)
 
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        outs = []
-        for request_id in list(self._streams):
-            self.engine.abort_request(request_id, emit_output=False)
-            outs.append(RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR,
-                                      error=message))
-        self._dispatch(outs)
-        return []
+    # ---- the reader thread -------------------------------------------------------------------
+    def _forget(self, request_id: str, stream: _Stream) -> None:
+        """The caller stopped listening: drop the stream and abort the request in the core."""
+        with self._lock:
+            if self._streams.get(request_id) is not stream:
+                return
+            del self._streams[request_id]
+            self.output_processor.remove(request_id)
+            if self._dead is not None:
+                return
+        try:
+            self._core.send(AbortRequests([request_id]))
+        except EngineDeadError:
+            pass
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        by_stream: dict[int, tuple[_Stream, list[RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if out.finished:
-                del self._streams[out.request_id]
-            by_stream.setdefault(id(stream), (stream, []))[1].append(out)
-        for stream, outs in by_stream.values():
-            _deliver(stream, outs)
+    def _on_message(self, msg: EngineCoreOutputs) -> None:
+        for batch in msg.kv_events:
+            if self._publisher is not None:
+                self._publisher.publish(batch)
+        deliveries: dict[int, tuple[_Stream, list]] = {}
+        stopped: list[str] = []
+        with self._lock:
+            if msg.stats is not None:
+                self._stats, self._progress = msg.stats, msg.progress_time
+            for out in msg.outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None or not self.output_processor.has(out.request_id):
+                    continue  # aborted or stopped meanwhile
+                delta, hit_stop = self.output_processor.process(out)
+                if hit_stop:
+                    stopped.append(out.request_id)
+                if delta.finished:
+                    del self._streams[out.request_id]
+                deliveries.setdefault(id(stream), (stream, []))[1].append(delta)
+            for rej in msg.rejected:
+                stream = self._streams.pop(rej.request_id, None)
+                self.output_processor.remove(rej.request_id)
+                if stream is not None:
+                    err = (InvalidRequestError(rej.message, field=rej.field) if rej.invalid
+                           else EngineError(f"the engine core could not admit the request: {rej.message}"))
+                    deliveries.setdefault(id(stream), (stream, []))[1].append(err)
+            calls = [(self._calls.pop(r.call_id), r) for r in msg.utility_results if r.call_id in self._calls]
+        if stopped:
+            try:
+                self._core.send(AbortRequests(stopped, FinishReason.STOP))
+            except EngineDeadError:
+                pass
+        for stream, items in deliveries.values():
+            _deliver(stream, items)
+        for (loop, fut), res in calls:
+            _resolve(loop, fut, res.result, res.error)
+
+    def _on_death(self, reason: str) -> None:
+        self._fail_all(reason)
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
+            streams, self._streams = self._streams, {}
+            calls, self._calls = self._calls, {}
+            for request_id in streams:
+                self.output_processor.remove(request_id)
+        for stream in streams.values():
+            _deliver(stream, [EngineDeadError(reason)])
+        for loop, fut in calls.values():
+            _resolve(loop, fut, None, EngineDeadError(reason))
 
 
-def _deliver(stream: _Stream, outs: list[RequestOutput]) -> None:
+def _deliver(stream: _Stream, items: list) -> None:
     def put() -> None:
-        for o in outs:
-            stream.queue.put_nowait(o)
+        stream.items.extend(items)
+        stream.ready.set()
     try:
         stream.loop.call_soon_threadsafe(put)
     except RuntimeError:  # the caller's loop is closed: nobody is listening any more
@@ -226,9 +297,14 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error)
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any) -> None:
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,
+             error: BaseException | None = None) -> None:
     def set_() -> None:
-        if not fut.done():
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
             fut.set_result(value)
     try:
         loop.call_soon_threadsafe(set_)

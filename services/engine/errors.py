@@ -26,3 +26,8 @@ class ModelLoadError(EngineError, OSError):
 
 class RequestNotFoundError(EngineError, KeyError):
     """No live request has this id."""
+
+
+class EngineDeadError(EngineError):
+    """The engine core is gone (its process died, or a step failed and it stopped): every
+    in-flight request fails with this and new ones are refused."""

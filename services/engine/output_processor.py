@@ -1,16 +1,17 @@
-"""Turns sampled tokens into text deltas: incremental detokenization and stop strings.
+"""The front end's second half: core outputs (token ids) → text deltas, with incremental
+detokenization and stop strings.
 
-Runs on the engine thread after each step. A stop string is matched on the text, so it
-may span several tokens; the text before it is emitted, the stop string never is, and
-the scheduler is told to finish the request.
+A stop string is matched on the text, so it may span several tokens; the text before it
+is emitted, the stop string never is, and the caller finishes the request in the core.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmesh.engine.outputs import RequestOutput, TokenLogprob
-from llmesh.engine.request import FinishReason, Request
+from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest
+from llmesh.engine.outputs import RequestOutput
+from llmesh.engine.request import FinishReason
 from llmesh.engine.text.detokenizer import IncrementalDetokenizer
 from llmesh.engine.text.stop import StopStringMatcher
 from llmesh.engine.text.tokenizer import Tokenizer
@@ -18,10 +19,9 @@ from llmesh.engine.text.tokenizer import Tokenizer
 
 @dataclass
 class _RequestState:
+    prompt_token_ids: list[int]
     detokenizer: IncrementalDetokenizer
     stop: StopStringMatcher | None
-    num_sent_tokens: int = 0
-    stopped_by_string: str | None = None
 
 
 class OutputProcessor:
@@ -29,9 +29,10 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._states: dict[str, _RequestState] = {}
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: EngineCoreRequest) -> None:
         sp = req.sampling_params
         self._states[req.request_id] = _RequestState(
+            prompt_token_ids=req.prompt_token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens),
             stop=StopStringMatcher(sp.stop) if sp.stop else None,
         )
@@ -42,40 +43,41 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def process(self, req: Request, logprob: TokenLogprob | None) -> tuple[RequestOutput, bool]:
-        """Delta for the tokens ``req`` received since the last call.
+    def prompt_token_ids(self, request_id: str) -> list[int]:
+        return self._states[request_id].prompt_token_ids
+
+    def process(self, out: EngineCoreOutput) -> tuple[RequestOutput, bool]:
+        """The delta for one core output.
 
         Returns the delta and whether a stop string just ended the request (the caller
-        then finishes it in the scheduler). Finished requests are forgotten here.
+        then finishes it in the core with STOP). Finished requests are forgotten here.
         """
-        st = self._states[req.request_id]
-        new_ids = req.output_token_ids[st.num_sent_tokens :]
-        st.num_sent_tokens = req.num_output_tokens
-        text = st.detokenizer.add(new_ids)
-        hit_stop = False
-        if st.stop is not None and st.stopped_by_string is None:
+        st = self._states[out.request_id]
+        text = st.detokenizer.add(out.new_token_ids)
+        hit_stop, stop_string = False, None
+        if st.stop is not None:
             res = st.stop.feed(text)
             text = res.text
             if res.stopped:
-                st.stopped_by_string = res.stop_string
-                hit_stop = True
-        finished = req.is_finished or hit_stop
+                hit_stop, stop_string = True, res.stop_string
+        finished = out.finished or hit_stop
         if finished and not hit_stop:
             text += self._flush(st)
-        out = RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(new_ids),
+        delta = RequestOutput(
+            request_id=out.request_id,
+            prompt_token_ids=st.prompt_token_ids,
+            token_ids=list(out.new_token_ids),
             text=text,
-            logprobs=[logprob] if logprob is not None else None,
+            logprobs=out.new_logprobs,
             finished=finished,
-            finish_reason=FinishReason.STOP if hit_stop else req.finish_reason,
-            stop_reason=st.stopped_by_string if hit_stop else req.stop_reason,
-            num_cached_tokens=req.num_cached_tokens,
+            finish_reason=FinishReason.STOP if hit_stop else out.finish_reason,
+            stop_reason=stop_string if hit_stop else out.stop_reason,
+            num_cached_tokens=out.num_cached_tokens,
+            error=out.error,
         )
         if finished:
-            self.remove(req.request_id)
-        return out, hit_stop
+            self.remove(out.request_id)
+        return delta, hit_stop
 
     def _flush(self, st: _RequestState) -> str:
         text = st.detokenizer.flush()

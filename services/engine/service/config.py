@@ -26,6 +26,7 @@ class EngineServiceConfig(ServiceConfig):
     stall_timeout_s: float = option(
         30.0, "report NOT_SERVING when the step loop has work but no step finished for this long")
     fault_step_delay_s: float = option(0.0, "fault injection for tests: sleep this long before every step")
+    fault_fail_step_at: int = option(0, "fault injection for tests: the engine core's N-th step raises (0: never)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -34,3 +35,4 @@ class EngineServiceConfig(ServiceConfig):
                 "heartbeat_ttl_s must exceed heartbeat_interval_s or the index forgets live replicas")
         require(self.stall_timeout_s > 0, "stall_timeout_s must be > 0")
         require(self.fault_step_delay_s >= 0, "fault_step_delay_s must be >= 0")
+        require(self.fault_fail_step_at >= 0, "fault_fail_step_at must be >= 0")

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmesh.engine.async_llm import AsyncLLM
+from llmesh.engine.core.engine_core import publish_kv_snapshot
 from llmesh.engine.kv_cache.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
@@ -95,7 +96,7 @@ class IndexLink:
         if self._resync_pending:
             return
         self._resync_pending = True
-        await self.engine.call(lambda eng: eng.kv.publish_snapshot())
+        await self.engine.call(publish_kv_snapshot)
 
     async def _outgoing(self) -> AsyncIterator[pb.KVEventBatch]:
         while True:

@@ -24,15 +24,20 @@ log = logging.getLogger("llmesh.engine")
 
 
 async def _watch_health(server: GrpcServer, engine: AsyncLLM, stall_timeout_s: float) -> None:
-    """NOT_SERVING while the step loop has work but has not advanced for stall_timeout_s."""
+    """NOT_SERVING while the step loop has work but has not advanced for stall_timeout_s,
+    and for good once the engine core is dead."""
     serving = True
     while True:
+        if engine.dead is not None:
+            await server.set_serving(False)
+            log.error("engine core is dead (%s): reporting NOT_SERVING", engine.dead)
+            return
         stalled = engine.has_work and engine.seconds_since_progress() > stall_timeout_s
         if stalled == serving:
             serving = not stalled
             await server.set_serving(serving)
             log.warning("engine step loop %s", "stalled: reporting NOT_SERVING" if stalled else "recovered")
-        await asyncio.sleep(min(0.5, stall_timeout_s / 4))
+        await asyncio.sleep(min(0.1, stall_timeout_s / 4))
 
 
 async def serve(cfg: EngineServiceConfig) -> None:
@@ -43,11 +48,11 @@ async def serve(cfg: EngineServiceConfig) -> None:
     bridge = QueueBridge(loop) if cfg.prefix_index else None
     engine_cfg = dataclasses.replace(cfg.engine, model=model)
     log.info("loading model", extra={"model": model})
-    engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge)
-    engine.fault_step_delay_s = cfg.fault_step_delay_s
+    engine = await asyncio.to_thread(AsyncLLM, engine_cfg, bridge, fault_step_delay_s=cfg.fault_step_delay_s,
+                                     fault_fail_step_at=cfg.fault_fail_step_at, log_level=cfg.log_level)
     epoch = time.time_ns() // 1_000_000  # grows across restarts: the index replaces older state
     servicer = EngineServicer(engine, instance_id="", epoch=epoch, backend=cfg.engine.backend,
-                              quantization=_quantization(model, engine.engine.quantization.name))
+                              quantization=_quantization(model, engine.quantization))
     link: IndexLink | None = None
 
     def register(server) -> list[str]:

@@ -1,4 +1,7 @@
-"""The Engine gRPC servicer: a thin layer over AsyncLLM."""
+"""The Engine gRPC servicer: a thin layer over AsyncLLM.
+
+A dead engine core (its process died, or a step failed) ends every stream and refuses
+every new call with UNAVAILABLE naming this engine, so the router fails over."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from opentelemetry import trace
 
 from llmesh import prefix_hash
 from llmesh.engine.async_llm import AsyncLLM
+from llmesh.engine.errors import EngineDeadError
 from llmesh.engine.request import FinishReason
 from llmesh.errors import ServiceError
 from llmesh.sampling_proto import FINISH_REASONS, priority_from_proto, sampling_from_proto
@@ -28,11 +32,20 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                  quantization: str = "none") -> None:
         self.engine, self.instance_id, self.epoch = engine, instance_id, epoch
         self.backend, self.quantization = backend, quantization
-        core = engine.engine
-        self.model = core.model_name
+        self.model = engine.model_name
+
+    def _unavailable(self, e: EngineDeadError) -> ServiceError:
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"engine {self.instance_id}: {e}")
 
     async def Generate(self, request: engine_pb2.EngineGenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        try:
+            async for msg in self._generate(request):
+                yield msg
+        except EngineDeadError as e:
+            raise self._unavailable(e) from e
+
+    async def _generate(self, request: engine_pb2.EngineGenerateRequest) -> AsyncIterator[common_pb2.GenerateResponse]:
         params = sampling_from_proto(request.sampling)
         request_id = request.request_id or uuid.uuid4().hex
         span = trace.get_current_span()
@@ -67,18 +80,21 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             yield msg
 
     async def Abort(self, request: engine_pb2.AbortRequest, context) -> engine_pb2.AbortResponse:
-        result = await self.engine.abort_request(request.request_id)
+        try:
+            result = await self.engine.abort_request(request.request_id)
+        except EngineDeadError as e:
+            raise self._unavailable(e) from e
         return engine_pb2.AbortResponse(found=result.found, freed_blocks=result.freed_blocks)
 
     async def Info(self, request, context) -> engine_pb2.InfoResponse:
-        core = self.engine.engine
+        eng = self.engine
         return engine_pb2.InfoResponse(
-            model=self.model, instance_id=self.instance_id, block_size=core.config.cache.block_size,
-            max_model_len=core.max_model_len, dtype=str(core.dtype).removeprefix("torch."),
-            quantization=self.quantization, prefix_caching=core.config.cache.enable_prefix_caching,
+            model=self.model, instance_id=self.instance_id, block_size=eng.config.cache.block_size,
+            max_model_len=eng.max_model_len, dtype=eng.dtype,
+            quantization=self.quantization, prefix_caching=eng.config.cache.enable_prefix_caching,
             hash_algorithm=prefix_hash.PREFIX_HASH_ALGORITHM, hash_seed=prefix_hash.PREFIX_HASH_SEED.hex(),
-            vocab_size=core.model_config.vocab_size, backend=self.backend, device=str(core.device),
-            kv_blocks_total=core.kv.num_total_blocks, epoch=self.epoch)
+            vocab_size=eng.model_config.vocab_size, backend=self.backend, device=eng.device,
+            kv_blocks_total=eng.kv_blocks_total, epoch=self.epoch)
 
     async def Load(self, request, context) -> engine_pb2.LoadResponse:
         s = self.engine.stats()

@@ -1,0 +1,208 @@
+"""EngineCore: the scheduler, the model runner and the KV cache. One ``step()`` is
+schedule → launch → update, and returns what each request received.
+
+With async scheduling (on for the triton backend on a GPU) the update is the previous
+step's: step N+1 is scheduled and launched before step N's tokens are read back, so the
+host's scheduling, staging and the front end's text work overlap the device's forward
+pass, and the only host-device sync per step is for the sampled tokens.
+
+The core knows token ids only: tokenization, detokenization and stop strings belong to
+the front end (``LLMEngine`` in-process, ``AsyncLLM`` across a process boundary). Not
+thread-safe: exactly one thread drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+import torch
+
+from llmesh.engine.config import EngineConfig
+from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest, EngineStats
+from llmesh.engine.kv_cache.events import KVEventPublisher
+from llmesh.engine.kv_cache.manager import KVCacheManager
+from llmesh.engine.loader import LoadedModel, load_model
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model_runner import ModelRunner, StepHandle, TorchModelRunner
+from llmesh.engine.quant.config import resolve_quantization
+from llmesh.engine.request import FinishReason, Request
+from llmesh.engine.sampler import Sampler
+from llmesh.engine.scheduler import Scheduler
+from llmesh.engine.scheduler_output import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The served window: the model's, capped by a sliding window and the configured cap."""
+    window = model_config.max_position_embeddings
+    if model_config.sliding_window:
+        window = min(window, model_config.sliding_window)
+    if config.max_model_len is not None:
+        window = min(window, config.max_model_len)
+    return window
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None,
+                 loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self._init_device()
+        loaded = loaded or load_model(config.model, name=config.served_model_name)
+        self.model_config = loaded.config
+        self.model_name = loaded.config.name
+        self.max_model_len = resolve_max_model_len(self.model_config, config)
+        self.config.scheduler = replace(self.config.scheduler, max_model_len=self.max_model_len)  # validates it
+        self._init_runner(loaded)
+        self._init_scheduler(publisher)
+        async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = config.backend == "triton" and self.device.type == "cuda"
+        self.async_scheduling = async_scheduling
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        """The launched step whose tokens the host has not landed yet."""
+        self._steps = 0
+        self._last_step_time = time.monotonic()
+
+    # ---- construction -----------------------------------------------------------------
+    def _init_device(self) -> None:
+        dev = self.config.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        dt = self.config.dtype
+        if dt == "auto":
+            dt = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = _DTYPES[dt]
+
+    def _init_runner(self, loaded: LoadedModel) -> None:
+        cache = self.config.cache
+        self.quantization = resolve_quantization(
+            self.config.quantization, model=self.config.model, source_format=loaded.source_format,
+            checkpoint_method=loaded.checkpoint_method, device=self.device, backend=self.config.backend)
+        weights = loaded.weights_for(self.quantization)
+        common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
+                      sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
+                      kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
+                      linear_method=self.quantization.linear_method)
+        if self.config.backend == "triton":
+            from llmesh.engine.triton_runner import TritonModelRunner
+
+            self.runner: ModelRunner = TritonModelRunner(
+                self.model_config, weights, max_model_len=self.max_model_len,
+                max_num_seqs=self.config.scheduler.max_num_seqs,
+                max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+                cuda_graphs=self.config.cuda_graphs, **common)
+        else:
+            self.runner = TorchModelRunner(self.model_config, weights, max_model_len=self.max_model_len, **common)
+
+    def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
+        cache = self.config.cache
+        self.kv = KVCacheManager(
+            num_blocks=self.runner.num_blocks,
+            block_size=cache.block_size,
+            namespace=self.model_name,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            publisher=publisher,
+        )
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        log.info("engine ready", extra={"model": self.model_name, "kv_blocks": self.runner.num_blocks,
+                                         "block_size": cache.block_size, "max_model_len": self.max_model_len})
+
+    # ---- requests -------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> Request:
+        """Admit a request; raises InvalidRequestError (nothing is admitted) when it cannot run."""
+        req = Request(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params,
+            priority=int(request.priority),
+            cache_salt=request.cache_salt,
+            eos_token_ids=request.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        self.scheduler.add_request(req)
+        return req
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> int:
+        """End a live request now (abort, a stop string the front end saw); returns the
+        KV blocks freed (0 when the id is unknown or already finished)."""
+        return self.scheduler.finish_request(request_id, reason)
+
+    def abort_request(self, request_id: str) -> int:
+        return self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """schedule → launch → update. With async scheduling the update is the previous
+        step's, done while this one computes; otherwise this step's, after it finishes."""
+        outputs: list[EngineCoreOutput] = []
+        if self._inflight is not None and self._needs_known_tokens():
+            outputs.extend(self._land(self._inflight))
+            self._inflight = None
+        scheduled = self.scheduler.schedule()
+        launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            outputs.extend(self._land(previous))
+        if not self.async_scheduling and self._inflight is not None:
+            outputs.extend(self._land(self._inflight))
+            self._inflight = None
+        self.kv.flush_events()
+        self._steps += 1
+        self._last_step_time = time.monotonic()
+        return outputs
+
+    def _needs_known_tokens(self) -> bool:
+        """Penalties count every output token, so the step in flight must land before the
+        next is sampled; such batches run one step at a time."""
+        return any(r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty != 0.0
+                   or r.sampling_params.frequency_penalty != 0.0 for r in self.scheduler.running)
+
+    def _land(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:
+        """Read a launched step's tokens back and advance its requests."""
+        scheduled, handle = launched
+        result = handle.result()
+        updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        return [_output(req, result.logprobs.get(req.request_id)) for req in updated]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_total_blocks,
+            steps=self._steps,
+            last_step_time=self._last_step_time,
+        )
+
+
+def _output(req: Request, logprob) -> EngineCoreOutput:
+    """What ``req`` received this step: exactly its last token (the scheduler appends one
+    sampled token per request per step)."""
+    return EngineCoreOutput(
+        request_id=req.request_id,
+        new_token_ids=[req.output_token_ids[-1]],
+        new_logprobs=[logprob] if logprob is not None else None,
+        finish_reason=req.finish_reason if req.is_finished else None,
+        stop_reason=req.stop_reason if req.is_finished else None,
+        num_cached_tokens=req.num_cached_tokens,
+    )
+
+
+# ---- utility calls (AsyncLLM.call sends these by reference to a core in another process) ----
+def publish_kv_snapshot(core: EngineCore) -> None:
+    """Publish the whole prefix-cache state to the KV event publisher (index resync)."""
+    core.kv.publish_snapshot()
+
+
+def abort_with_result(core: EngineCore, request_id: str) -> tuple[bool, int]:
+    """Abort a request; (whether it was live, KV blocks freed)."""
+    found = core.scheduler.get_request(request_id) is not None
+    return found, core.abort_request(request_id)

@@ -1,0 +1,41 @@
+"""The front end's first half: the tokenizer and turning a prompt into an EngineCoreRequest.
+
+Runs where the caller is (the gRPC process, or the ``LLM`` caller's thread), so the core
+only ever sees validated token ids.
+"""
+
+from __future__ import annotations
+
+from llmesh.engine.core.messages import EngineCoreRequest
+from llmesh.engine.errors import InvalidRequestError
+from llmesh.engine.loader import LoadedModel
+from llmesh.engine.request import Priority
+from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.text.tokenizer import Tokenizer
+
+
+class InputProcessor:
+    def __init__(self, loaded: LoadedModel) -> None:
+        src = loaded.tokenizer_source
+        self.tokenizer = Tokenizer.from_hf_folder(src) if isinstance(src, str) else Tokenizer.from_gguf_data(src)
+        self.model_config = loaded.config
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+
+    def process(self, prompt: str | list[int], params: SamplingParams | None, *, request_id: str,
+                priority: int = Priority.INTERACTIVE, cache_salt: str | None = None) -> EngineCoreRequest:
+        """Tokenize and check a prompt; raises InvalidRequestError for one that cannot run.
+        Checks that need the KV pool (window, blocks) are the core's, at admission."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})",
+                                          field="prompt_token_ids")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", field="prompt")
+        return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+                                 eos_token_ids=self.eos_token_ids, priority=int(priority), cache_salt=cache_salt)
