@@ -30,7 +30,7 @@ def instrument(llm: LLM) -> list[dict]:
     eng, runner = llm.engine, llm.engine.runner
     steps: list[dict] = []
     cuda = eng.device.type == "cuda"
-    launch, schedule, finish = runner.launch, eng.scheduler.schedule, eng._finish_step
+    launch, schedule, finish = runner.launch, eng.scheduler.schedule, eng.core._land
     stats = getattr(runner, "stats", None)
 
     def timed_schedule():
@@ -64,7 +64,7 @@ def instrument(llm: LLM) -> list[dict]:
         steps[-1]["finish_s"] += time.perf_counter() - t0
         return out
 
-    runner.launch, eng.scheduler.schedule, eng._finish_step = timed_launch, timed_schedule, timed_finish
+    runner.launch, eng.scheduler.schedule, eng.core._land = timed_launch, timed_schedule, timed_finish
     return steps
 
 
