@@ -116,7 +116,9 @@ def main() -> None:
         kw.update(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=128, num_kv_blocks=256)
     llm = LLM(args.model, **kw)
     prompts, outputs = make_workload(work, llm.engine.model_config.vocab_size)
-    llm.generate(prompts[:8], [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * 8)  # warm-up
+    warm, _ = make_workload(replace(work, num_prompts=min(work.num_prompts, 128), seed=work.seed + 7),
+                            llm.engine.model_config.vocab_size)
+    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # compile outside the timing
     steps = instrument(llm)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
     t0 = time.perf_counter()
