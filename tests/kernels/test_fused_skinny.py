@@ -23,7 +23,7 @@ from llmesh.kernels.fused_skinny import (  # noqa: E402
     rmsnorm_linear, rmsnorm_linear_ref, silu_mul_linear, silu_mul_linear_ref)
 from llmesh.kernels.rmsnorm import rmsnorm  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
-from llmesh.kernels.skinny_gemm_config import TUNED, SkinnyConfig  # noqa: E402
+from llmesh.kernels.skinny_gemm_config import FUSED_SLOWER, M_BUCKETS, TUNED, SkinnyConfig  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to max |y|: an ulp or so of the output
@@ -190,6 +190,13 @@ def test_op_tables_compose_and_fall_back(device, monkeypatch):
         assert torch.equal(ops.act_linear(gu, wd), ops.linear(ops.silu_and_mul(gu), wd))
 
 
+def test_fused_slower_table_is_valid():
+    for tag, shapes in FUSED_SLOWER.items():
+        assert isinstance(shapes, set), tag
+        for n, k, bucket in shapes:
+            assert n > 0 and k > 0 and bucket in M_BUCKETS, (tag, n, k, bucket)
+
+
 def _gpu_table(monkeypatch, entries):
     from llmesh.bench_results import device_tag
 
@@ -213,6 +220,10 @@ def test_triton_table_dispatches_by_skinny_table(monkeypatch):
     assert torch.equal(ops.act_linear(gu, wd), silu_mul_linear(gu, wd, config=cfg))
     assert torch.equal(ops.act_linear(gu, wd), skinny_gemm(silu_and_mul(gu), wd, config=cfg))
     assert fused_config(x.float(), w.float(), 1024) is None  # float32: separate ops
+    from llmesh.bench_results import device_tag
+
+    monkeypatch.setitem(FUSED_SLOWER, device_tag(x.device), {(512, 1024, 4)})
+    assert fused_config(x, w, 1024) is None and fused_config(gu, wd, 512) == cfg  # measured slower: not fused
     assert fused_config(torch.cat([x] * 6), w, 1024) is None  # 18 rows: past the skinny table
 
 

@@ -29,7 +29,7 @@ from llmesh.kernels.rmsnorm import rmsnorm
 from llmesh.kernels.rope import rope_cos_sin_cache
 from llmesh.kernels.rope_kv_write import rope_kv_write
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
-from llmesh.kernels.skinny_gemm_config import SkinnyConfig, tuned_config
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config
 from llmesh.kernels.unified_attention import unified_attention
 
 FUSED_DECODE_ENV = "LLMESH_FUSED_DECODE"
@@ -43,12 +43,13 @@ def fused_decode_enabled() -> bool:
 def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyConfig | None:
     """The skinny config for a GEMV with a fused prologue reading a: [M, *] into w: [N, k], or
     None where linear() would not use the skinny kernel for w at M rows (not CUDA, packed or
-    split weights, not 16-bit, M past the table, no measured entry for (N, k, M bucket))."""
+    split weights, not 16-bit, M past the table, no measured entry for (N, k, M bucket)) or where
+    the fused prologue was measured slower than the separate ops (FUSED_SLOWER)."""
     if (not isinstance(w, torch.Tensor) or not a.is_cuda or a.dim() != 2 or w.dim() != 2
             or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype or w.shape[1] != k
             or w.stride(-1) != 1 or a.stride(-1) != 1 or not 0 < a.shape[0] <= SKINNY_MAX_M):
         return None
-    return tuned_config(a.device, a.shape[0], w.shape[0], k)
+    return fused_prologue_config(a.device, a.shape[0], w.shape[0], k)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
