@@ -21,6 +21,15 @@ the (N, K, M bucket) entries where the best config beat F.linear by at least MIN
 Usage (GPU, about 2-3 minutes, mostly Triton compiles): python bench/gemm_sweep.py
   [--out DIR] [--budget-s 150] [--shapes qkv,o,gate_up,down,lm_head] [--ms 1,2,4,8,16]
 --smoke: tiny shapes through Triton's interpreter on the CPU, results to a scratch folder.
+
+--ab-fused (instead of the sweep): at M = 1 on the Llama-3-8B shapes, the decode ops that
+kernels/fused_skinny.py fuses, each pair timed the same way (one CUDA graph, weight ring):
+rmsnorm (with the residual add) + skinny qkv against rmsnorm_linear, the same for gate_up, and
+silu_and_mul + skinny down against silu_mul_linear; both sides use the tuned config of that
+shape (kernels/skinny_gemm_config.py; the default config where the table has none, which is
+then named in the output). Prints and records the time saved per layer and per 32-layer step,
+and whether the fused outputs equal the unfused ones bit for bit
+(bench/results/gemm_fused_ab_<dev>.json). About a minute on a GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ from quant_common import Budget, graph_ms  # noqa: E402
 
 from llmesh.bench_results import RESULTS_DIR, write_result  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
-from llmesh.kernels.skinny_gemm_config import SkinnyConfig, m_bucket, split_plan  # noqa: E402
+from llmesh.kernels.skinny_gemm_config import (SkinnyConfig, default_config, m_bucket, split_plan,  # noqa: E402
+                                               tuned_config)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N, K)
@@ -206,6 +216,105 @@ def report(cells: list[Cell], copy_tb_s: float, shapes: dict) -> tuple[dict[str,
     return metrics, tuned
 
 
+AB_PAIRS = {"qkv": "norm", "gate_up": "norm", "down": "act"}  # shape -> the op fused before it
+AB_SMOKE_SHAPES = {"qkv": (48, 96), "gate_up": (64, 96), "down": (40, 48)}
+LLAMA3_8B_LAYERS = 32
+
+
+def ab_fused(args: argparse.Namespace, device: torch.device, t0: float) -> tuple[dict[str, float], dict]:
+    """(metrics, workload details) of the fused-prologue A/B at M = 1."""
+    from llmesh.kernels.activation import silu_and_mul
+    from llmesh.kernels.fused_skinny import rmsnorm_linear, silu_mul_linear
+    from llmesh.kernels.rmsnorm import rmsnorm
+
+    cuda = device.type == "cuda"
+    shapes = AB_SMOKE_SHAPES if args.smoke else {s: SHAPES[s] for s in AB_PAIRS}
+    gen = torch.Generator(device).manual_seed(0)
+    metrics: dict[str, float] = {}
+    info: dict = {"configs": {}, "bit_equal": {}, "max_rel_err": {}, "wrong": []}
+    saved = 0.0
+    slower: set[tuple[int, int, int]] = set()
+    rows = [f"{'pair':<28}{'N x K':>13}{'unfused us':>12}{'fused us':>11}{'saved us':>11}  config"]
+    for name, kind in AB_PAIRS.items():
+        n, k = shapes[name]
+        tuned = tuned_config(device, 1, n, k)
+        cfg = tuned or default_config(1, n, k)
+        info["configs"][name] = cfg.short() + ("" if tuned else " (default: no TUNED entry)")
+        ws = ring((0.02 * torch.randn(n, k, generator=gen, device=device)).to(torch.bfloat16), cuda)
+        if kind == "norm":
+            x = torch.randn(1, k, generator=gen, device=device).to(torch.bfloat16)  # [1, H]
+            res = torch.randn(1, k, generator=gen, device=device).to(torch.bfloat16)
+            g = (1 + 0.1 * torch.randn(k, generator=gen, device=device)).to(torch.bfloat16)
+
+            def unfused(w):
+                h, r = rmsnorm(x, g, 1e-5, residual=res)
+                return skinny_gemm(h, w, config=cfg), r
+
+            def fused(w):
+                return rmsnorm_linear(x, res, g, 1e-5, w, config=cfg)
+            label = f"rmsnorm+{name} / fused"
+        else:
+            gu = torch.randn(1, 2 * k, generator=gen, device=device).to(torch.bfloat16)  # [1, 2I]
+
+            def unfused(w):
+                return (skinny_gemm(silu_and_mul(gu), w, config=cfg),)
+
+            def fused(w):
+                return (silu_mul_linear(gu, w, config=cfg),)
+            label = f"silu_and_mul+{name} / fused"
+        want, got = unfused(ws[0]), fused(ws[0])
+        info["bit_equal"][name] = all(torch.equal(a, b) for a, b in zip(want, got))
+        err = ((got[0].float() - want[0].float()).abs().max() / want[0].float().abs().max().clamp_min(1e-6)).item()
+        info["max_rel_err"][name] = err
+        if not err <= TOL or not torch.equal(got[-1], want[-1]):
+            info["wrong"].append(f"{name}: fused differs from unfused, max error {err:.3g} of max |y|")
+        un_ms = timer([lambda w=w: unfused(w) for w in ws], cuda, device)
+        fu_ms = timer([lambda w=w: fused(w) for w in ws], cuda, device)
+        saved += un_ms - fu_ms
+        metrics.update({f"unfused_us_{name}": un_ms * 1e3, f"fused_us_{name}": fu_ms * 1e3,
+                        f"saved_us_{name}": (un_ms - fu_ms) * 1e3, f"speedup_x_{name}": un_ms / fu_ms})
+        if fu_ms > un_ms:
+            slower.add((n, k, 1))
+        rows.append(f"{label:<28}{f'{n}x{k}':>13}{un_ms * 1e3:>12.2f}{fu_ms * 1e3:>11.2f}"
+                    f"{(un_ms - fu_ms) * 1e3:>11.2f}  {info['configs'][name]}")
+        log(t0, rows[-1])
+    metrics["saved_us_per_layer"] = saved * 1e3
+    metrics["saved_ms_per_step_llama3_8b"] = saved * LLAMA3_8B_LAYERS
+    print("\n" + "\n".join(rows) + f"\nsaved per layer {saved * 1e3:.2f} us; per {LLAMA3_8B_LAYERS}-layer step "
+          f"{saved * LLAMA3_8B_LAYERS:.3f} ms; bit-equal: {info['bit_equal']}\n", flush=True)
+    literal = (f"FUSED_SLOWER[{device_tag(device)!r}] = "
+               + ("{" + ", ".join(map(repr, sorted(slower))) + "}" if slower else "set()"))
+    info["fused_slower_literal"] = literal
+    print("# shapes where fusing lost (paste into kernels/skinny_gemm_config.py; an empty set: fuse all)\n"
+          f"{literal}\n", flush=True)
+    # saved per layer counts only pairs the engine would fuse (the others keep the separate ops)
+    metrics["saved_us_per_layer_dispatched"] = sum(
+        max(0.0, metrics[f"saved_us_{name}"]) for name in AB_PAIRS)
+    return metrics, info
+
+
+def main_ab_fused(args: argparse.Namespace, device: torch.device, out_dir: Path) -> None:
+    t0 = time.perf_counter()
+    log(t0, f"{device_name(device)}: fused-prologue A/B at M = 1")
+    metrics, info = ab_fused(args, device, t0)
+    workload = {
+        "software": software_versions(), "smoke": args.smoke, "m": 1,
+        "pairs": {"qkv": "rmsnorm(x + residual) + skinny_gemm vs rmsnorm_linear",
+                  "gate_up": "rmsnorm(x + residual) + skinny_gemm vs rmsnorm_linear",
+                  "down": "silu_and_mul + skinny_gemm vs silu_mul_linear"},
+        "shapes_n_k": {s: list(v) for s, v in (AB_SMOKE_SHAPES if args.smoke else
+                                                {s: SHAPES[s] for s in AB_PAIRS}).items()},
+        "timing": "mean of 20 replays of one CUDA graph over a ring of weight copies >= 3x L2 (>= 2 copies); "
+                  "activations one fixed copy (L2 resident, as in a decode step)",
+        "per_step": f"saved_ms_per_step_llama3_8b = saved per layer x {LLAMA3_8B_LAYERS} layers", **info}
+    path = write_result(f"gemm_fused_ab_{device_tag(device)}", workload, rounded(metrics),
+                        device=device_name(device), results_dir=out_dir)
+    log(t0, f"wrote {path}")
+    if info["wrong"]:
+        print("[gemm_sweep] FAILED: " + "; ".join(info["wrong"]), flush=True)
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -215,12 +324,18 @@ def main() -> None:
     ap.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES), help="subset of " + ",".join(SHAPES))
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=list(MS))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    ap.add_argument("--ab-fused", action="store_true",
+                    help="instead of the sweep: unfused vs fused-prologue decode ops at M = 1 (rmsnorm + qkv / "
+                         "gate_up, silu_and_mul + down)")
     args = ap.parse_args()
     if unknown := [s for s in args.shapes if s not in SHAPES]:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     device = pick_device(args.device)
     # smoke runs write to a scratch folder so CPU numbers never replace real results
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="llmesh-smoke-")) if args.smoke else RESULTS_DIR
+    if args.ab_fused:
+        main_ab_fused(args, device, out_dir)
+        return
     t0 = time.perf_counter()
     copy_tb_s = measure_copy_tb_s(device, 1 / 64 if args.smoke else 1.0)
     log(t0, f"{device_name(device)}: copy {copy_tb_s:.3f} TB/s")

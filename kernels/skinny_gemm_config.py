@@ -67,6 +67,11 @@ TUNED["h200"] = {(4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
 
 _INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
 
+# device tag -> {(N, K, M bucket)} where `bench/gemm_sweep.py --ab-fused` measured the skinny
+# GEMV with the fused RMSNorm / SiLU-and-mul prologue (fused_skinny.py) slower than the two
+# separate kernels: those shapes keep the separate ops. Empty until a GPU run says otherwise.
+FUSED_SLOWER: dict[str, set[tuple[int, int, int]]] = {}
+
 
 def m_bucket(m: int) -> int | None:
     """The table's batch bucket for M rows (None past MAX_M)."""
@@ -104,6 +109,15 @@ def tuned_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig |
         return None
     fields = table.get((n, k, bucket))
     return SkinnyConfig(*fields) if fields is not None else None
+
+
+def fused_prologue_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig | None:
+    """tuned_config, except where FUSED_SLOWER says the fused prologue lost on this device."""
+    config = tuned_config(device, m, n, k)
+    if config is None:
+        return None
+    slower = FUSED_SLOWER.get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    return None if slower and (n, k, m_bucket(m)) in slower else config
 
 
 def _is_pow2(v: object) -> bool:

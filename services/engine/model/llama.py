@@ -194,8 +194,8 @@ class LlamaForCausalLM:
         x = ops.embed(self.embed_tokens, input_ids, self.dtype)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
-            h, residual = ops.rmsnorm(x, layer.input_layernorm, eps, residual)
-            qkv = ops.linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
+            qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
+                                            layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
             q = qkv[:, : nq * d].view(t, nq, d)
             k = qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d)
             v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
@@ -206,8 +206,9 @@ class LlamaForCausalLM:
             q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta)
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, nq, d]
             x = ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias)
-            h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
-            x = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up_proj.weight)), layer.down_proj.weight)
+            gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
+                                                layer.gate_up_proj.weight)  # [T, 2 I]
+            x = ops.act_linear(gate_up, layer.down_proj.weight)
         out, _ = ops.rmsnorm(x, self.norm, eps, residual)
         return out
 

@@ -37,6 +37,16 @@ class ModelOps(Protocol):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); with no residual, (norm(x), x)."""
 
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: Weight | list[Weight], bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(rmsnorm(x + residual), w, bias), x + residual): ``rmsnorm`` then ``linear``
+        (the triton table fuses them into one kernel at decode sizes)."""
+
+    def act_linear(self, gate_up: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """linear(silu_and_mul(gate_up), w, bias) (fused likewise by the triton table)."""
+
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,16 @@ class TorchOps:
             x = residual + x  # HF: hidden = residual + hidden, in the model dtype
         return rms_norm(x, weight, eps), x
 
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: Weight | list[Weight], bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.rmsnorm(x, norm_weight, eps, residual)
+        return self.linear(h, w, bias), residual
+
+    def act_linear(self, gate_up: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        return self.linear(self.silu_and_mul(gate_up), w, bias)
+
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)  # [T, D]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

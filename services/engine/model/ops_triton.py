@@ -4,9 +4,17 @@ Same contract as the torch table, rearranged for speed: RMSNorm fused with the r
 add, RoPE applied in place on the fused q/k/v projection and K/V written in the same
 kernel, dense weights through the skinny GEMM where it beats cuBLAS (quant/linear.py),
 packed weights through our quantized GEMMs, and attention by one dispatch function.
+
+At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
+the down projection run inside the skinny GEMV's prologue (kernels/fused_skinny.py), one kernel
+instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
+measured table); everywhere else they stay separate ops. ``LLMESH_FUSED_DECODE=0`` in the
+environment keeps them separate everywhere (to A/B the fusion on one GPU).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,7 +28,28 @@ from llmesh.kernels.prefill_attention import prefill_attention
 from llmesh.kernels.rmsnorm import rmsnorm
 from llmesh.kernels.rope import rope_cos_sin_cache
 from llmesh.kernels.rope_kv_write import rope_kv_write
+from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config
 from llmesh.kernels.unified_attention import unified_attention
+
+FUSED_DECODE_ENV = "LLMESH_FUSED_DECODE"
+
+
+def fused_decode_enabled() -> bool:
+    """False when the environment sets LLMESH_FUSED_DECODE=0."""
+    return os.environ.get(FUSED_DECODE_ENV, "1").strip() != "0"
+
+
+def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyConfig | None:
+    """The skinny config for a GEMV with a fused prologue reading a: [M, *] into w: [N, k], or
+    None where linear() would not use the skinny kernel for w at M rows (not CUDA, packed or
+    split weights, not 16-bit, M past the table, no measured entry for (N, k, M bucket)) or where
+    the fused prologue was measured slower than the separate ops (FUSED_SLOWER)."""
+    if (not isinstance(w, torch.Tensor) or not a.is_cuda or a.dim() != 2 or w.dim() != 2
+            or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype or w.shape[1] != k
+            or w.stride(-1) != 1 or a.stride(-1) != 1 or not 0 < a.shape[0] <= SKINNY_MAX_M):
+        return None
+    return fused_prologue_config(a.device, a.shape[0], w.shape[0], k)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -53,6 +82,7 @@ class TritonOps:
     name = "triton"
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, max_positions: int) -> None:
+        self.fused_decode = fused_decode_enabled()
         # Fixed size: a table that grew would move under a captured CUDA graph.
         self.cos_sin = rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
                                           device=device)  # [P, D] float32
@@ -77,6 +107,28 @@ class TritonOps:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: Weight | list[Weight], bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (self.fused_decode and norm_weight.dtype == x.dtype
+                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                          and residual.stride(-1) == 1))
+                and (config := fused_config(x, w, x.shape[-1])) is not None):
+            from llmesh.kernels.fused_skinny import rmsnorm_linear
+
+            return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
+        h, residual = self.rmsnorm(x, norm_weight, eps, residual)
+        return self.linear(h, w, bias), residual
+
+    def act_linear(self, gate_up: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        if (self.fused_decode and gate_up.shape[-1] % 2 == 0
+                and (config := fused_config(gate_up, w, gate_up.shape[-1] // 2)) is not None):
+            from llmesh.kernels.fused_skinny import silu_mul_linear
+
+            return silu_mul_linear(gate_up, w, bias, config=config)
+        return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
