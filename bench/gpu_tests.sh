@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU-relevant tests on a CUDA machine, in parallel groups (Triton compiles on the CPU, so
 # groups overlap compilation), and a summary in bench/results/gpu_tests_<dev>.json.
-# Usage: bash bench/gpu_tests.sh [timeout seconds per group, default 420]
+# Usage: bash bench/gpu_tests.sh [timeout seconds per group, default 420] [results folder, default bench/results]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LIMIT=${1:-420}
+RESULTS=${2:-}
 TMP=$(mktemp -d)
 groups=(
-  "tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py"
-  "tests/kernels/test_rmsnorm.py tests/kernels/test_rope.py tests/kernels/test_activation.py tests/kernels/test_kv_cache_write.py tests/kernels/test_paged_attention_ref.py tests/kernels/test_fp8_gemm.py"
-  "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py"
-  "tests/engine/test_triton_backend.py tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_quant_awq_gptq.py tests/engine/test_eval_perplexity.py"
+  "tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py tests/kernels/test_unified_attention.py tests/kernels/test_dense_causal_attention.py"
+  "tests/kernels/test_rmsnorm.py tests/kernels/test_rope.py tests/kernels/test_rope_kv_write.py tests/kernels/test_activation.py tests/kernels/test_kv_cache_write.py tests/kernels/test_paged_attention_ref.py tests/kernels/test_fp8_gemm.py"
+  "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_skinny_gemm.py tests/kernels/test_fused_skinny.py"
+  "tests/engine/test_triton_backend.py tests/engine/test_async_scheduling.py tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_quant_awq_gptq.py tests/engine/test_eval_perplexity.py"
 )
 pids=()
 for i in "${!groups[@]}"; do
@@ -25,7 +26,7 @@ for i in "${!pids[@]}"; do
   wait "${pids[$i]}" || rc=1
   echo "=== group $i: ${groups[$i]}"; tail -n 15 "$TMP/g$i.log"
 done
-$PY - "$TMP" <<'PYEOF'
+$PY - "$TMP" "$RESULTS" <<'PYEOF'
 import sys, glob, xml.etree.ElementTree as ET
 sys.path.insert(0, "bench")
 import torch
@@ -43,6 +44,6 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/g*.xml")):
 metrics = {f"gpu_tests_{k}": v for k, v in totals.items()}
 metrics["gpu_tests_passed"] = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
 print(metrics, failed[:20])
-write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed}, metrics)
+write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed}, metrics, results_dir=sys.argv[2] or None)
 PYEOF
 exit $rc
