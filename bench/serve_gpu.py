@@ -15,7 +15,9 @@ Headlines:
 and for every target and point ``<target>_<point>_<metric>`` (TTFT / TPOT / ITL p50 and p99,
 out tok/s, req/s, completed / failed, the load generator's CPU share).
 
-Usage: python bench/serve_gpu.py [--smoke] [--results-dir DIR]
+Usage: python bench/serve_gpu.py [--smoke] [--results-dir DIR] [--gateway-routing direct|proxy]
+--gateway-routing: the gateway's routing mode (docs/routing.md), recorded in the workload;
+proxy writes serve_gpu_<dev>_proxy.json so that a run of each mode compares the two.
 --smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
 short runs: checks the script in under 2 minutes; its numbers mean nothing.
 The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
@@ -190,6 +192,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300.0, help="no point starts that would end past this")
     ap.add_argument("--run-dir", default=None, help="mesh logs (default: a temporary folder)")
     ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--gateway-routing", choices=("direct", "proxy"), default="direct",
+                    help="direct: the gateway streams from the engine after the router's Route; proxy: through "
+                         "the router's Generate")
     args = ap.parse_args()
     plan = make_plan(args)
     t_start = time.monotonic()
@@ -199,6 +204,7 @@ def main() -> int:
 
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="serve-gpu-"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["LLMESH_GATEWAY_ROUTING"] = args.gateway_routing  # the launcher's gateway inherits it
     os.environ["XDG_CONFIG_HOME"] = str(run_dir)  # the launcher's admin key goes here, not to ~/.config
     models_path = run_dir / "models.yaml"
     models_path.write_text(yaml.safe_dump({"default_model": MODEL_NAME, "models": [
@@ -210,7 +216,10 @@ def main() -> int:
     dev = device_tag("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
     results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
     describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
-                "targets": {"gateway": "Inference.Generate through gateway (API key on) -> router -> engine",
+                "gateway_routing": args.gateway_routing,
+                "targets": {"gateway": ("Inference.Generate through gateway (API key on), Router.Route, engine"
+                                        if args.gateway_routing == "direct" else
+                                        "Inference.Generate through gateway (API key on) -> router -> engine"),
                             "engine": "Engine.Generate on the engine's own gRPC port"},
                 "points": [p.key for p in load_points(plan)],
                 "requests_per_point": {p.key: p.num_requests for p in load_points(plan)},
@@ -219,7 +228,8 @@ def main() -> int:
                 "smoke": args.smoke}
 
     def save(metrics: dict, work: WorkloadConfig, skipped: list[str]) -> None:
-        path = write_result(f"serve_gpu_{dev}", {**describe, **work.describe(), "skipped": skipped}, metrics,
+        suffix = "_proxy" if args.gateway_routing == "proxy" else ""
+        path = write_result(f"serve_gpu_{dev}{suffix}", {**describe, **work.describe(), "skipped": skipped}, metrics,
                             results_dir=results_dir)
         say(f"wrote {path}")
 

@@ -1,4 +1,5 @@
 from llmesh.v1 import common_pb2 as _common_pb2
+from llmesh.v1 import engine_pb2 as _engine_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -69,3 +70,49 @@ class RouterListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelCard]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ...) -> None: ...
+
+class RouteCandidate(_message.Message):
+    __slots__ = ("address", "replica")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    replica: str
+    def __init__(self, address: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class RouteTarget(_message.Message):
+    __slots__ = ("model", "reason", "candidates", "request", "matched_blocks", "pick_reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PICK_REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reason: str
+    candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
+    request: _engine_pb2.EngineGenerateRequest
+    matched_blocks: int
+    pick_reason: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., request: _Optional[_Union[_engine_pb2.EngineGenerateRequest, _Mapping]] = ..., matched_blocks: _Optional[int] = ..., pick_reason: _Optional[str] = ...) -> None: ...
+
+class EscalationPlan(_message.Message):
+    __slots__ = ("large", "tokens", "threshold", "strip_logprobs")
+    LARGE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STRIP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    large: RouteTarget
+    tokens: int
+    threshold: float
+    strip_logprobs: bool
+    def __init__(self, large: _Optional[_Union[RouteTarget, _Mapping]] = ..., tokens: _Optional[int] = ..., threshold: _Optional[float] = ..., strip_logprobs: _Optional[bool] = ...) -> None: ...
+
+class RouteDecision(_message.Message):
+    __slots__ = ("target", "escalation", "max_failovers")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    target: RouteTarget
+    escalation: EscalationPlan
+    max_failovers: int
+    def __init__(self, target: _Optional[_Union[RouteTarget, _Mapping]] = ..., escalation: _Optional[_Union[EscalationPlan, _Mapping]] = ..., max_failovers: _Optional[int] = ...) -> None: ...

@@ -41,6 +41,11 @@ class RouterStub:
                 request_serializer=llmesh_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Route = channel.unary_unary(
+                '/llmesh.v1.Router/Route',
+                request_serializer=llmesh_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_router__pb2.RouteDecision.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/llmesh.v1.Router/ListModels',
                 request_serializer=llmesh_dot_v1_dot_router__pb2.RouterListModelsRequest.SerializeToString,
@@ -54,6 +59,15 @@ class RouterServicer:
 
     def Generate(self, request, context):
         """Route one tokenized request and stream its tokens from the chosen engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Route(self, request, context):
+        """Decide one tokenized request's route without streaming it: the model, the replicas to
+        try in order, the engine request to send them, and the escalation plan if any. The
+        caller (the gateway in direct mode) then streams from the engine itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +87,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=llmesh_dot_v1_dot_router__pb2.RouteRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Route': grpc.unary_unary_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=llmesh_dot_v1_dot_router__pb2.RouteRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_router__pb2.RouteDecision.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -108,6 +127,33 @@ class Router:
             '/llmesh.v1.Router/Generate',
             llmesh_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
             llmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Route(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Router/Route',
+            llmesh_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
+            llmesh_dot_v1_dot_router__pb2.RouteDecision.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ import dataclasses
 from llmesh.config import option, require
 from llmesh.grpc_server import ServiceConfig
 
+ROUTING_MODES = ("direct", "proxy")
 DEFAULT_PORT = 50051
 """The public port people type; tests and launchers pass --port 0 to get a free one."""
 
@@ -32,6 +33,8 @@ class GatewayConfig(ServiceConfig):
     redis_failure_mode: str = option("closed", "when Redis is unreachable: 'closed' refuses calls "
                                                "(UNAVAILABLE), 'open' serves them without limits")
     redis_timeout_s: float = option(0.5, "timeout of each Redis call, in seconds")
+    routing: str = option("direct", "'direct': ask the router for a route (Route) and stream from the engine "
+                                    "here; 'proxy': stream through the router (Generate). See docs/routing.md")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,4 +53,6 @@ class GatewayConfig(ServiceConfig):
                 "auth is on but there is nowhere to find API keys: pass --redis-url URL and/or "
                 "--keys-file PATH, or --auth false to serve without keys")
         require(self.redis_timeout_s > 0, f"redis_timeout_s must be > 0, got {self.redis_timeout_s}")
+        require(self.routing in ROUTING_MODES,
+                f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
         require(self.models_refresh_s > 0, f"models_refresh_s must be > 0, got {self.models_refresh_s}")

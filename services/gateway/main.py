@@ -18,6 +18,7 @@ from llmesh.gateway.auth import KeyAuthenticator
 from llmesh.gateway.caller import NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.direct import DirectStreamer, EngineChannels
 from llmesh.gateway.generation_defaults import GenerationDefaults
 from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
@@ -49,8 +50,9 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
                                      guard, config.key_pepper) if config.auth else NoAuth()
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
+    engines = EngineChannels(config) if config.routing == "direct" else None
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
-                                 defaults)
+                                 defaults, None if engines is None else DirectStreamer(router, engines))
     refresher: asyncio.Task | None = None
     http: HttpFront | None = None
 
@@ -63,6 +65,8 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
         if refresher is not None:
             refresher.cancel()
         await channel.close()
+        if engines is not None:
+            await engines.close()
         if redis_client is not None:
             await redis_client.aclose()
 

@@ -7,10 +7,11 @@ generation defaults and tracing are one implementation.
 
 Each Generate/Chat call is checked completely before it costs any engine work (size,
 model, prompt, sampling ranges, window), tokenized here with the model's own tokenizer
-and chat template, and handed to the router as token ids. The router's stream is passed
-through unchanged. The router call lives exactly as long as the client's: a client that
-goes away (or whose deadline passes) cancels it, which cancels the engine request and
-frees its KV blocks.
+and chat template, and routed as token ids: in ``direct`` routing the router's ``Route``
+names the engine and the gateway streams from it (``direct``); in ``proxy`` routing the
+router's ``Generate`` stream is passed through unchanged. Either call lives exactly as
+long as the client's: a client that goes away (or whose deadline passes) cancels it,
+which cancels the engine request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llmesh.gateway import metrics
 from llmesh.gateway.caller import Authenticator, CallContext, Caller, NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
+from llmesh.gateway.direct import DirectStreamer
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.tokenizers import ModelTokenizers
@@ -57,12 +59,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: GatewayConfig, tokenizers: ModelTokenizers, catalog: ModelCatalog,
                  router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None,
                  limiter: RateLimiter | None = None, usage_store: UsageStore | None = None,
-                 defaults: GenerationDefaults | None = None) -> None:
+                 defaults: GenerationDefaults | None = None, direct: DirectStreamer | None = None) -> None:
         self._config = config
         self._defaults = defaults or GenerationDefaults({})
         self._tokenizers = tokenizers
         self._catalog = catalog
         self._router = router
+        self._direct = direct
+        """Streams from the engines itself (direct routing); None streams through the router."""
         self._auth = authenticator or NoAuth()
         self._limiter = limiter
         self._usage_store = usage_store
@@ -286,7 +290,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       "llmesh.max_tokens": route.sampling.max_tokens}
         with _tracer.start_as_current_span(f"gateway.{usage.rpc}", attributes=attributes,
                                            record_exception=False, set_status_on_exception=False) as span:
-            call = self._router.Generate(route, timeout=_time_remaining(context))
+            span.set_attribute("llmesh.routing", "proxy" if self._direct is None else "direct")
+            call = (self._router.Generate(route, timeout=_time_remaining(context)) if self._direct is None else
+                    self._direct.stream(route, lambda: _time_remaining(context)))
             metrics.IN_FLIGHT.inc()
             try:
                 async for resp in call:
@@ -302,7 +308,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 span.set_status(Status(StatusCode.ERROR, _status_name(e, context)))
                 raise
             finally:
-                call.cancel()
+                if isinstance(call, grpc.aio.Call):
+                    call.cancel()
+                else:
+                    await call.aclose()
                 metrics.IN_FLIGHT.dec()
                 span.set_attributes({"llmesh.model": usage.model, "llmesh.replica": usage.replica,
                                      "llmesh.prompt_tokens": usage.prompt_tokens or prompt_tokens,

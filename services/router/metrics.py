@@ -38,6 +38,9 @@ CONFIDENCE = Histogram(
     ["model"], buckets=(-8, -6, -5, -4, -3, -2.5, -2, -1.5, -1, -0.5, -0.25, -0.1, 0))
 REQUESTS = Counter("llmesh_router_requests_total", "Routed requests, by model and final status code",
                    ["model", "code"])
+ROUTES = Counter("llmesh_router_routes_total",
+                 "Route decisions handed to callers that stream from the engine themselves, by model and "
+                 "status code", ["model", "code"])
 TTFT = Histogram(
     "llmesh_router_time_to_first_token_seconds", "From the router receiving a request to the first token",
     ["model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -85,6 +85,14 @@ class Picker:
         blocks = matched.get(chosen.address, 0)
         return Pick(chosen, blocks, "prefix_cache" if blocks else "least_loaded", best[0])
 
+    async def candidates(self, pool: ReplicaPool, prompt_ids: Sequence[int], cache_salt: str,
+                         limit: int) -> list[Pick]:
+        """At most ``limit`` replicas to try in order: ``pick``'s choice, then the other
+        healthy replicas of the pool, least loaded first (failovers, reason ``failover``)."""
+        first = await self.pick(pool, prompt_ids, cache_salt)
+        rest = sorted((r for r in pool.healthy() if r is not first.replica), key=lambda r: r.load_value())
+        return [first, *(Pick(r, 0, "failover", -self.load_weight * r.load_value()) for r in rest[:limit - 1])]
+
     async def _matched_blocks(self, candidates: list[Replica], prompt_ids: Sequence[int],
                               cache_salt: str) -> dict[str, int]:
         """Leading blocks each candidate holds, by address ({} without an answer)."""

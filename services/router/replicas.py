@@ -24,19 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.models_file import ModelsFile, ModelSpec
 from llmesh.router import metrics
+from llmesh.router.channels import CHANNEL_OPTIONS
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import TLSConfig, aio_channel
 from llmesh.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
-    # Reconnect quickly to a restarted engine (gRPC's default backoff grows to minutes).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,13 @@ stream ends with UNAVAILABLE naming the replica. When the caller goes away or it
 deadline passes, the engine call is cancelled, which aborts the request on the engine.
 
 Escalation: when ``auto`` chose a small model and a large one is healthy, the small
-model runs with per-token log-probabilities on, and its first ``escalation_tokens``
-tokens are held back. Their mean log-probability is its confidence: under
-``escalation_threshold`` the small request is cancelled (the engine aborts it) and the
-large model answers from scratch, so the caller only ever sees the large model's
-stream; otherwise the held messages are sent and the stream goes on. Log-probabilities
-the caller did not ask for are stripped. A small stream that ends before that many
-tokens is judged on the tokens it has.
+model's first tokens are judged and a low-confidence answer is replaced by the large
+model's (the rule lives in ``escalation``, shared with the gateway's direct stream).
+
+``Route`` makes the same decisions without streaming: the model, the replicas to try in
+order, the engine request and the escalation plan, for a gateway that streams from the
+engine itself (docs/routing.md). Its failovers and escalations are the gateway's to run;
+the router's load view then comes from its Load polls alone.
 """
 
 from __future__ import annotations
@@ -31,8 +31,18 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from llmesh.errors import ServiceError, status_for, unavailable
+from llmesh.errors import ServiceError, status_for
 from llmesh.router import metrics
+from llmesh.router.escalation import (
+    FAILOVER_CODES,
+    EscalationRule,
+    Verdict,
+    escalating,
+    exhausted_error,
+    judged_sampling,
+    midstream_error,
+    refused_error,
+)
 from llmesh.router.picker import Picker
 from llmesh.router.policy import AUTO, Decision, ModelPolicy, prompt_tokens
 from llmesh.router.replicas import Fleet, Replica
@@ -40,11 +50,6 @@ from llmesh.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-"""Codes that mean "this replica could not take the request" (dead, shutting down)."""
-REPLICA_FAULT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
-                                 grpc.StatusCode.INTERNAL})
-"""Codes that, after the first token, are reported as the replica's failure."""
 
 
 def _remaining(context: grpc.aio.ServicerContext) -> float | None:
@@ -93,6 +98,62 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             metrics.REQUESTS.labels(model, code).inc()
 
+    async def Route(self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+                    ) -> router_pb2.RouteDecision:
+        """The route ``Generate`` would take, for a caller that streams from the engine itself."""
+        model, code = request.model or "default", "OK"
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            decision = self.policy.decide(request)
+            model = decision.model
+            metrics.DECISIONS.labels(decision.model, decision.reason).inc()
+            large = self._escalation_target(request, decision)
+            rule = self._rule(request) if large is not None else None
+            out = router_pb2.RouteDecision(max_failovers=self.max_failovers)
+            out.target.CopyFrom(await self._target(
+                request, request_id, decision.model, decision.reason,
+                None if rule is None else judged_sampling(rule, request.sampling)))
+            if rule is not None and large is not None:
+                out.escalation.large.CopyFrom(await self._target(request, request_id, large, "auto_escalated"))
+                out.escalation.tokens = rule.tokens
+                out.escalation.threshold = rule.threshold
+                out.escalation.strip_logprobs = rule.strip_logprobs
+            trace.get_current_span().set_attributes({
+                "llmesh.model": decision.model, "llmesh.model_reason": decision.reason,
+                "llmesh.request_id": request_id, "llmesh.replica": out.target.candidates[0].replica,
+                "llmesh.matched_blocks": out.target.matched_blocks, "llmesh.pick_reason": out.target.pick_reason,
+                "llmesh.escalation_planned": large is not None})
+            return out
+        except Exception as e:
+            mapped = status_for(e)
+            code = mapped[0].name if mapped else "INTERNAL"
+            raise
+        finally:
+            metrics.ROUTES.labels(model, code).inc()
+
+    async def _target(self, request: router_pb2.RouteRequest, request_id: str, model: str, reason: str,
+                      sampling: common_pb2.SamplingParams | None = None) -> router_pb2.RouteTarget:
+        pool = self.fleet.pool(model)
+        assert pool is not None  # the policy only names models of the models file
+        engine_request = self._engine_request(request, request_id, model, sampling)
+        picks = await self.picker.candidates(pool, engine_request.prompt_token_ids, request.cache_salt,
+                                             self.max_failovers + 1)
+        metrics.PICKS.labels(model, picks[0].reason).inc()
+        metrics.MATCHED_BLOCKS.observe(picks[0].matched_blocks)
+        return router_pb2.RouteTarget(
+            model=model, reason=reason, request=engine_request, matched_blocks=picks[0].matched_blocks,
+            pick_reason=picks[0].reason,
+            candidates=[router_pb2.RouteCandidate(address=p.replica.address, replica=p.replica.name)
+                        for p in picks])
+
+    @staticmethod
+    def _engine_request(request: router_pb2.RouteRequest, request_id: str, model: str,
+                        sampling: common_pb2.SamplingParams | None) -> engine_pb2.EngineGenerateRequest:
+        return engine_pb2.EngineGenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_tokens(request, model),
+            sampling=request.sampling if sampling is None else sampling,
+            priority=request.priority, cache_salt=request.cache_salt)
+
     def _escalation_target(self, request: router_pb2.RouteRequest, decision: Decision) -> str | None:
         """The large model an ``auto`` request may escalate to, or None (no escalation)."""
         if (request.model != AUTO or self.escalation_tokens <= 0 or decision.reason.endswith("_fallback")
@@ -104,58 +165,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 return name
         return None
 
+    def _rule(self, request: router_pb2.RouteRequest) -> EscalationRule:
+        return EscalationRule(self.escalation_tokens, self.escalation_threshold,
+                              strip_logprobs=not request.sampling.HasField("logprobs"))
+
     async def _escalating(self, request: router_pb2.RouteRequest, request_id: str, small: str, large: str,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GenerateResponse]:
         """Run ``small``, judge its first tokens, and either pass it on or answer from ``large``."""
         t0 = time.perf_counter()
-        caller_logprobs = request.sampling.HasField("logprobs")
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(request.sampling)
-        if not caller_logprobs:
-            sampling.logprobs = 0
-        held: list[common_pb2.GenerateResponse] = []
-        logprobs: list[float] = []
-        confidence: float | None = None
-        stream = self._stream(request, request_id, small, context, sampling=sampling, t0=t0, observe_ttft=False)
-        async with contextlib.aclosing(stream):
-            async for msg in stream:
-                if confidence is None:
-                    logprobs.extend(lp.logprob for lp in msg.logprobs)
-                if not caller_logprobs:
-                    del msg.logprobs[:]
-                if confidence is not None:
-                    yield msg
-                    continue
-                held.append(msg)
-                done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                if len(logprobs) < self.escalation_tokens and not done:
-                    continue
-                judged = logprobs[:self.escalation_tokens]
-                confidence = sum(judged) / len(judged) if judged else 0.0
-                metrics.CONFIDENCE.labels(small).observe(confidence)
-                if confidence < self.escalation_threshold:
-                    break
-                metrics.ESCALATION_CHECKS.labels(small, "kept").inc()
+        rule = self._rule(request)
+        stream = self._stream(request, request_id, small, context, sampling=judged_sampling(rule, request.sampling),
+                              t0=t0, observe_ttft=False)
+
+        def on_verdict(v: Verdict) -> None:
+            record_verdict(small, large, rule, v, request_id)
+            if not v.escalate:
                 metrics.TTFT.labels(small).observe(time.perf_counter() - t0)
-                for m in held:
-                    yield m
-                held = []
-        if confidence is None:  # the stream ended without a last message: pass on what came
-            for m in held:
-                yield m
-            return
-        if confidence >= self.escalation_threshold:
-            return
-        metrics.ESCALATION_CHECKS.labels(small, "escalated").inc()
-        metrics.ESCALATIONS.labels(small, large).inc()
-        metrics.DECISIONS.labels(large, "auto_escalated").inc()
-        trace.get_current_span().add_event("escalated", {
-            "llmesh.from_model": small, "llmesh.to_model": large, "llmesh.confidence": confidence,
-            "llmesh.threshold": self.escalation_threshold, "llmesh.judged_tokens": len(judged)})
-        trace.get_current_span().set_attribute("llmesh.model", large)
-        log.info("escalated", extra={"request_id": request_id, "from_model": small, "to_model": large,
-                                     "confidence": round(confidence, 4), "threshold": self.escalation_threshold})
-        async for msg in self._stream(request, request_id, large, context, t0=t0):
+
+        async for msg in escalating(rule, stream, lambda: self._stream(request, request_id, large, context, t0=t0),
+                                    on_verdict):
             yield msg
 
     async def _stream(self, request: router_pb2.RouteRequest, request_id: str, model: str,
@@ -164,11 +192,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                       ) -> AsyncIterator[common_pb2.GenerateResponse]:
         pool = self.fleet.pool(model)
         assert pool is not None  # the policy only names models of the models file
-        prompt = prompt_tokens(request, model)
-        engine_request = engine_pb2.EngineGenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt,
-            sampling=request.sampling if sampling is None else sampling,
-            priority=request.priority, cache_salt=request.cache_salt)
+        engine_request = self._engine_request(request, request_id, model, sampling)
+        prompt = engine_request.prompt_token_ids
         span = trace.get_current_span()
         t0 = time.perf_counter() if t0 is None else t0
         tried: set[str] = set()
@@ -197,13 +222,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 if sent_any:
                     raise self._midstream_failure(model, replica, e) from None
                 if e.code() not in FAILOVER_CODES:
-                    raise ServiceError(e.code(), f"replica {replica.name} ({replica.address}): "
-                                                 f"{e.details() or e.code().name}") from None
+                    raise refused_error(replica.name, replica.address, e) from None
                 self.fleet.mark_unhealthy(replica, f"Generate: {e.code().name}: {e.details()}")
                 if attempt == self.max_failovers:
-                    raise unavailable(f"model {model!r}: replica {replica.name} ({replica.address}) failed "
-                                      f"before the first token ({e.details() or e.code().name}) and "
-                                      f"{attempt} failover(s) failed too") from None
+                    raise exhausted_error(model, replica.name, replica.address, e, attempt) from None
                 metrics.FAILOVERS.labels(model).inc()
                 span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": e.details() or ""})
                 log.warning("failover", extra={"model": model, "replica": replica.name,
@@ -215,13 +237,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _midstream_failure(self, model: str, replica: Replica, e: grpc.aio.AioRpcError) -> ServiceError:
         metrics.MIDSTREAM_FAILURES.labels(model).inc()
-        where = f"replica {replica.name} ({replica.address})"
-        if e.code() not in REPLICA_FAULT_CODES:
-            return ServiceError(e.code(), f"{where}: {e.details() or e.code().name}")
         if e.code() is grpc.StatusCode.UNAVAILABLE:
             self.fleet.mark_unhealthy(replica, f"Generate: {e.code().name}: {e.details()}")
-        return unavailable(f"{where} failed after the first token ({e.code().name}: {e.details()}); "
-                           f"the partial output cannot be resumed on another replica, retry the request")
+        return midstream_error(replica.name, replica.address, e)
 
     async def ListModels(self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> router_pb2.RouterListModelsResponse:
@@ -233,3 +251,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 name=spec.name, size_class=spec.size_class, max_model_len=pool.max_model_len(),
                 healthy_replicas=len(pool.healthy()), replicas=spec.replicas))
         return router_pb2.RouterListModelsResponse(models=cards)
+
+
+def record_verdict(small: str, large: str, rule: EscalationRule, verdict: Verdict, request_id: str) -> None:
+    """Metrics, span event and log line of one escalation verdict."""
+    metrics.CONFIDENCE.labels(small).observe(verdict.confidence)
+    if not verdict.escalate:
+        metrics.ESCALATION_CHECKS.labels(small, "kept").inc()
+        return
+    metrics.ESCALATION_CHECKS.labels(small, "escalated").inc()
+    metrics.ESCALATIONS.labels(small, large).inc()
+    metrics.DECISIONS.labels(large, "auto_escalated").inc()
+    span = trace.get_current_span()
+    span.add_event("escalated", {
+        "llmesh.from_model": small, "llmesh.to_model": large, "llmesh.confidence": verdict.confidence,
+        "llmesh.threshold": rule.threshold, "llmesh.judged_tokens": verdict.judged})
+    span.set_attribute("llmesh.model", large)
+    log.info("escalated", extra={"request_id": request_id, "from_model": small, "to_model": large,
+                                 "confidence": round(verdict.confidence, 4), "threshold": rule.threshold})

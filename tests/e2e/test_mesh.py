@@ -87,7 +87,13 @@ def test_one_trace_gateway_router_engine(mesh):
         path.append(span.service)
         span = trace.get(span.parent_span_id)
     services_in_order = [s for i, s in enumerate(path) if i == 0 or path[i - 1] != s]
-    assert services_in_order == ["llmesh-engine", "llmesh-router", "llmesh-gateway"], path
+    # Direct routing (the gateway's default): the engine's span is the gateway's child, and
+    # the router's Route span is its sibling, under the same gateway span.
+    assert services_in_order == ["llmesh-engine", "llmesh-gateway"], path
+    gateway_span = trace[leaf.parent_span_id]
+    assert any(s.service == "llmesh-router" and trace.get(s.parent_span_id) is not None
+               and trace[s.parent_span_id].service == "llmesh-gateway" for s in trace.values())
+    assert gateway_span.service == "llmesh-gateway"
     assert {"queued", "first_token", "finished"} <= set(leaf.events)
     assert leaf.attributes["llmesh.prompt_tokens"] > 0 and leaf.attributes["llmesh.completion_tokens"] == 4
     assert "llmesh.cached_tokens" in leaf.attributes and leaf.attributes["llmesh.model"] == "tiny"

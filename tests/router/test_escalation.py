@@ -19,7 +19,8 @@ import grpc
 import pytest
 import yaml
 
-from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
+from llmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc, router_pb2,
+                       router_pb2_grpc)
 from tests.fixtures.tiny_models import build_tiny_model
 from tests.mesh_helpers import ServiceProcess, free_port, start_engine, wait_serving
 from tests.otlp_receiver import OtlpReceiver
@@ -49,6 +50,8 @@ class EscalationMesh:
     never: Router
     always: Router
     otlp: OtlpReceiver
+    gateways: dict[str, ServiceProcess]
+    """Gateways over ``always``, by routing mode (direct, proxy)."""
 
 
 def start_router(stack: contextlib.ExitStack, models_file: str, threshold: float,
@@ -88,7 +91,10 @@ def mesh(tmp_path_factory):
         always = start_router(stack, str(models_file), 1.0, env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "100"})
-        yield EscalationMesh(engines, never, always, otlp)
+        gateways = {mode: stack.enter_context(ServiceProcess("llmesh.gateway.main", [
+            "--router", always.proc.address, "--models-file", str(models_file), "--auth", "false",
+            "--routing", mode])) for mode in ("direct", "proxy")}
+        yield EscalationMesh(engines, never, always, otlp, gateways)
 
 
 def greedy(max_tokens: int, logprobs: int | None = None) -> common_pb2.SamplingParams:
@@ -188,3 +194,43 @@ def test_escalation_aborts_the_small_request(mesh):
         time.sleep(0.02)
     msgs = [first, *call]
     assert tokens(msgs) == direct(mesh, LARGE, 300) and msgs[-1].model == LARGE
+
+
+def gateway_auto(mesh: EscalationMesh, mode: str, max_tokens: int) -> list[common_pb2.GenerateResponse]:
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(mesh.gateways[mode].address))
+    req = inference_pb2.GenerateRequest(model="auto", text="Hello there", sampling=greedy(max_tokens),
+                                        request_id="esc-gw")
+    return list(stub.Generate(req, timeout=TIMEOUT))
+
+
+def test_route_plans_the_escalation(mesh):
+    req = router_pb2.RouteRequest(model="auto", request_id="plan", sampling=greedy(5), prompt_token_ids=PROMPT)
+    decision = mesh.always.stub().Route(req, timeout=TIMEOUT)
+    assert decision.target.model == SMALL and decision.target.reason == "auto_default"
+    assert decision.target.request.sampling.HasField("logprobs"), "the judge needs the small model's logprobs"
+    plan = decision.escalation
+    assert plan.large.model == LARGE and plan.tokens == 8 and plan.threshold == 1.0 and plan.strip_logprobs
+    assert [c.address for c in plan.large.candidates] == [mesh.engines[LARGE].address]
+    assert not plan.large.request.sampling.HasField("logprobs")
+    explicit = mesh.always.stub().Route(router_pb2.RouteRequest(model=SMALL, sampling=greedy(5),
+                                                                prompt_token_ids=PROMPT), timeout=TIMEOUT)
+    assert not explicit.HasField("escalation") and explicit.target.model == SMALL
+
+
+def test_direct_routing_escalates_like_the_router(mesh):
+    direct_msgs = gateway_auto(mesh, "direct", 12)
+    proxy_msgs = gateway_auto(mesh, "proxy", 12)
+    assert direct_msgs == proxy_msgs
+    assert all(m.model == LARGE for m in direct_msgs) and not any(m.logprobs for m in direct_msgs)
+    assert direct_msgs[-1].usage.completion_tokens == 12
+    # 300 small steps take >= 3 s: by the large model's first message the gateway must have
+    # aborted the small request on its engine.
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(mesh.gateways["direct"].address))
+    call = stub.Generate(inference_pb2.GenerateRequest(model="auto", text="Hello there", sampling=greedy(300)),
+                         timeout=TIMEOUT)
+    first = next(call)
+    t0 = time.monotonic()
+    while engine_running(mesh, SMALL):
+        assert time.monotonic() - t0 < 0.5, "the small model's request was not aborted"
+        time.sleep(0.02)
+    assert first.model == LARGE and len(tokens([first, *call])) == 300

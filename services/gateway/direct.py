@@ -1,0 +1,146 @@
+"""Direct routing: ask the router where a request goes, then stream from the engine here.
+
+The router's ``Route`` answers once per request with the model, the replicas to try in
+order, the engine request and the escalation plan; the token stream then flows engine →
+gateway with no hop through the router. Failover (before the first token) and escalation
+follow the same rules as the router's own stream (``llmesh.router.escalation``), so the
+caller sees the same messages and statuses in either mode. Nothing is reported back per
+message: the router's load view comes from its Load polls.
+
+One channel per engine address, created on first use and kept (with the tracing
+interceptors, so the engine's span is a child of the gateway's, and the TLS settings the
+router uses for engines). A client that goes away or whose deadline passes closes the
+stream, which cancels the engine call and so aborts the request on the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from opentelemetry import trace
+
+from llmesh.errors import ServiceError, unavailable
+from llmesh.router.escalation import (
+    FAILOVER_CODES,
+    EscalationRule,
+    Verdict,
+    escalating,
+    exhausted_error,
+    midstream_error,
+    refused_error,
+)
+from llmesh.router.channels import CHANNEL_OPTIONS
+from llmesh.telemetry import client_interceptors
+from llmesh.tls import TLSConfig, aio_channel
+from llmesh.v1 import common_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class EngineChannels:
+    """One channel and Engine stub per engine address, reused by every request."""
+
+    def __init__(self, tls: TLSConfig | None) -> None:
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, engine_pb2_grpc.EngineStub] = {}
+
+    def stub(self, address: str) -> engine_pb2_grpc.EngineStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = aio_channel(address, self._tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+            self._channels[address] = channel
+            stub = self._stubs[address] = engine_pb2_grpc.EngineStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+
+class DirectStreamer:
+    """Route once through the router, stream from the engines directly."""
+
+    def __init__(self, router: router_pb2_grpc.RouterStub, engines: EngineChannels) -> None:
+        self._router = router
+        self._engines = engines
+
+    async def stream(self, route: router_pb2.RouteRequest, timeout: Callable[[], float | None]
+                     ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """``timeout()`` is the caller's remaining deadline (None: none), asked before each call."""
+        decision = await self._router.Route(route, timeout=timeout())
+        span = trace.get_current_span()
+        target = decision.target
+        span.set_attributes({"llmesh.routing": "direct", "llmesh.model_reason": target.reason,
+                             "llmesh.pick_reason": target.pick_reason,
+                             "llmesh.matched_blocks": target.matched_blocks})
+        if not decision.HasField("escalation"):
+            async for msg in self._engine_stream(target, decision.max_failovers, timeout):
+                yield msg
+            return
+        plan = decision.escalation
+        rule = EscalationRule(plan.tokens, plan.threshold, plan.strip_logprobs)
+
+        def on_verdict(v: Verdict) -> None:
+            span.set_attribute("llmesh.escalation_confidence", v.confidence)
+            if v.escalate:
+                span.add_event("escalated", {
+                    "llmesh.from_model": target.model, "llmesh.to_model": plan.large.model,
+                    "llmesh.confidence": v.confidence, "llmesh.threshold": rule.threshold,
+                    "llmesh.judged_tokens": v.judged})
+                log.info("escalated", extra={"request_id": target.request.request_id, "from_model": target.model,
+                                             "to_model": plan.large.model, "confidence": round(v.confidence, 4),
+                                             "threshold": rule.threshold})
+
+        small = self._engine_stream(target, decision.max_failovers, timeout)
+        async for msg in escalating(rule, small,
+                                    lambda: self._engine_stream(plan.large, decision.max_failovers, timeout),
+                                    on_verdict):
+            yield msg
+
+    async def _engine_stream(self, target: router_pb2.RouteTarget, max_failovers: int,
+                             timeout: Callable[[], float | None]
+                             ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """The engine stream of ``target``, failing over along its candidates before the first message."""
+        span = trace.get_current_span()
+        candidates = list(target.candidates)[:max_failovers + 1]
+        if not candidates:
+            raise unavailable(f"no healthy replica of model {target.model!r} (the router named none)")
+        for attempt, cand in enumerate(candidates):
+            span.set_attributes({"llmesh.replica": cand.replica, "llmesh.attempt": attempt})
+            call = self._engines.stub(cand.address).Generate(target.request, timeout=timeout())
+            sent_any = False
+            try:
+                async for msg in call:
+                    sent_any = True
+                    if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
+                        msg.replica = cand.replica
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                if sent_any:
+                    raise midstream_error(cand.replica, cand.address, e) from None
+                if e.code() not in FAILOVER_CODES:
+                    raise refused_error(cand.replica, cand.address, e) from None
+                if attempt == len(candidates) - 1:
+                    raise _last_failure(target.model, cand, e, attempt, max_failovers) from None
+                span.add_event("failover", {"llmesh.replica": cand.replica, "llmesh.error": e.details() or ""})
+                log.warning("failover", extra={"model": target.model, "replica": cand.replica,
+                                               "address": cand.address, "error": e.details(),
+                                               "request_id": target.request.request_id})
+            finally:
+                call.cancel()
+
+
+def _last_failure(model: str, cand: router_pb2.RouteCandidate, e: grpc.aio.AioRpcError, attempt: int,
+                  max_failovers: int) -> ServiceError:
+    """All failovers used: the router's message; fewer healthy replicas than failovers: say so."""
+    if attempt == max_failovers:
+        return exhausted_error(model, cand.replica, cand.address, e, attempt)
+    return unavailable(f"no healthy replica of model {model!r} left: replica {cand.replica} ({cand.address}) "
+                       f"failed before the first token ({e.details() or e.code().name}) after {attempt} "
+                       f"failover(s), and the router named no other")

@@ -1,0 +1,128 @@
+"""Escalation and failover rules shared by the router's proxy stream and the gateway's
+direct stream, so that both paths give the caller the same messages and statuses.
+
+Escalation: an ``auto`` request that went to the small model runs with per-token
+log-probabilities on, and its first ``tokens`` tokens are held back. Their mean
+log-probability is its confidence: under ``threshold`` the small stream is closed (the
+engine aborts it) and the large model answers from scratch, so the caller only ever sees
+the large model's stream; otherwise the held messages are released and the stream goes
+on. Log-probabilities the caller did not ask for are stripped. A small stream that ends
+before that many tokens is judged on the tokens it has.
+
+Failover: a replica failing with a code in ``FAILOVER_CODES`` before its first message
+is skipped for the next candidate; after the first message the failure is reported with
+``midstream_error`` (the caller holds part of the output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from llmesh.errors import ServiceError, unavailable
+from llmesh.v1 import common_pb2
+
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""Codes that mean "this replica could not take the request" (dead, shutting down)."""
+REPLICA_FAULT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
+                                 grpc.StatusCode.INTERNAL})
+"""Codes that, after the first token, are reported as the replica's failure."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EscalationRule:
+    """How a small model's first tokens are judged."""
+
+    tokens: int
+    threshold: float
+    strip_logprobs: bool
+    """The caller asked for no log-probabilities: the ones the judge needs are removed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The outcome of one judgement: the confidence (nats) and how many tokens it saw."""
+
+    confidence: float
+    judged: int
+    escalate: bool
+
+
+def judge(rule: EscalationRule, logprobs: list[float]) -> Verdict:
+    """Mean log-probability of the first ``rule.tokens`` tokens against the threshold."""
+    judged = logprobs[:rule.tokens]
+    confidence = sum(judged) / len(judged) if judged else 0.0
+    return Verdict(confidence, len(judged), confidence < rule.threshold)
+
+
+def judged_sampling(rule: EscalationRule, sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
+    """The small model's sampling: the caller's, with log-probabilities on for the judge."""
+    out = common_pb2.SamplingParams()
+    out.CopyFrom(sampling)
+    if rule.strip_logprobs:
+        out.logprobs = 0
+    return out
+
+
+async def escalating(rule: EscalationRule, small: AsyncIterator[common_pb2.GenerateResponse],
+                     open_large: Callable[[], AsyncIterator[common_pb2.GenerateResponse]],
+                     on_verdict: Callable[[Verdict], None]) -> AsyncIterator[common_pb2.GenerateResponse]:
+    """Stream ``small`` past the judge; on a low-confidence verdict, close it and stream
+    ``open_large()`` instead. ``on_verdict`` is called once, when the verdict is known."""
+    held: list[common_pb2.GenerateResponse] = []
+    logprobs: list[float] = []
+    verdict: Verdict | None = None
+    async with contextlib.aclosing(small):
+        async for msg in small:
+            if verdict is None:
+                logprobs.extend(lp.logprob for lp in msg.logprobs)
+            if rule.strip_logprobs:
+                del msg.logprobs[:]
+            if verdict is not None:
+                yield msg
+                continue
+            held.append(msg)
+            done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+            if len(logprobs) < rule.tokens and not done:
+                continue
+            verdict = judge(rule, logprobs)
+            on_verdict(verdict)
+            if verdict.escalate:
+                break
+            for m in held:
+                yield m
+            held = []
+    if verdict is None:  # the stream ended without a last message: pass on what came
+        for m in held:
+            yield m
+        return
+    if not verdict.escalate:
+        return
+    large = open_large()
+    async with contextlib.aclosing(large):
+        async for msg in large:
+            yield msg
+
+
+def midstream_error(replica: str, address: str, e: grpc.aio.AioRpcError) -> ServiceError:
+    """The caller's error when a replica fails after its first message."""
+    where = f"replica {replica} ({address})"
+    if e.code() not in REPLICA_FAULT_CODES:
+        return ServiceError(e.code(), f"{where}: {e.details() or e.code().name}")
+    return unavailable(f"{where} failed after the first token ({e.code().name}: {e.details()}); "
+                       f"the partial output cannot be resumed on another replica, retry the request")
+
+
+def refused_error(replica: str, address: str, e: grpc.aio.AioRpcError) -> ServiceError:
+    """The caller's error when a replica refuses a request with a non-failover code."""
+    return ServiceError(e.code(), f"replica {replica} ({address}): {e.details() or e.code().name}")
+
+
+def exhausted_error(model: str, replica: str, address: str, e: grpc.aio.AioRpcError, failovers: int
+                    ) -> ServiceError:
+    """The caller's error when the last allowed replica failed before the first token."""
+    return unavailable(f"model {model!r}: replica {replica} ({address}) failed before the first token "
+                       f"({e.details() or e.code().name}) and {failovers} failover(s) failed too")
