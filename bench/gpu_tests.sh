@@ -44,6 +44,6 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/g*.xml")):
 metrics = {f"gpu_tests_{k}": v for k, v in totals.items()}
 metrics["gpu_tests_passed"] = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
 print(metrics, failed[:20])
-write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed}, metrics, results_dir=sys.argv[2] or None)
+write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed, "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
 PYEOF
 exit $rc

@@ -79,7 +79,7 @@ def write_result(name: str, workload: dict[str, Any], metrics: dict[str, float],
         "workload": workload,
         "metrics": metrics,
     }
-    out_dir = results_dir or RESULTS_DIR
+    out_dir = Path(results_dir) if results_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
