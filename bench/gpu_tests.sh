@@ -23,11 +23,14 @@ for i in "${!groups[@]}"; do
 done
 rc=0
 for i in "${!pids[@]}"; do
-  wait "${pids[$i]}" || rc=1
+  wait "${pids[$i]}"; code=$?
+  [ "$code" -eq 0 ] || rc=1
+  # a group killed by its time limit writes no report: name it so the record says it did not finish
+  [ "$code" -eq 124 ] && echo "${groups[$i]}" >> "$TMP/timed_out"
   echo "=== group $i: ${groups[$i]}"; tail -n 15 "$TMP/g$i.log"
 done
 $PY - "$TMP" "$RESULTS" <<'PYEOF'
-import sys, glob, xml.etree.ElementTree as ET
+import os, sys, glob, xml.etree.ElementTree as ET
 sys.path.insert(0, "bench")
 import torch
 from llmesh.bench_results import device_tag, write_result
@@ -43,7 +46,10 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/g*.xml")):
             failed.append(f"{case.get('classname')}::{case.get('name')}")
 metrics = {f"gpu_tests_{k}": v for k, v in totals.items()}
 metrics["gpu_tests_passed"] = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+timed_out = open(f"{sys.argv[1]}/timed_out").read().split("\n") if os.path.exists(f"{sys.argv[1]}/timed_out") else []
+metrics["gpu_tests_groups_timed_out"] = len([g for g in timed_out if g])
 print(metrics, failed[:20])
-write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed, "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
+write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed, "timed_out_groups": [g for g in timed_out if g],
+                                                  "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
 PYEOF
 exit $rc
