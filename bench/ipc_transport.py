@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from llmesh.bench_results import write_result
-from llmesh.engine.core.messages import EngineCoreOutput, UtilityCall, UtilityResult
+from llmesh.engine.core.messages import EngineCoreOutput, UtilityResult
 
 STEP, SMALL, STREAM, STOP = "step", "small", "stream", "stop"
 

@@ -7,6 +7,7 @@ not know which one runs.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -211,7 +212,7 @@ def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.de
                        b.sampling_requests)
 
 
-class RunnerBase:
+class RunnerBase(abc.ABC):
     """What every backend shares: the model (on the backend's op table, ``ops``), the paged
     KV pool, the sampler and the feed of last step's sampled ids. Backends differ in how a
     step runs (``launch``)."""
@@ -280,8 +281,9 @@ class RunnerBase:
         """Run one step and wait for its sampled tokens."""
         return self.launch(scheduled).result()
 
+    @abc.abstractmethod
     def launch(self, scheduled: SchedulerOutput) -> StepHandle:
-        raise NotImplementedError  # each backend's own
+        """Queue one step's device work and return without waiting for its results."""
 
 
 class TorchModelRunner(RunnerBase):
