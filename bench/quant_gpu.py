@@ -1,4 +1,4 @@
-"""Quantized weights on a GPU (issue 8): the GEMM kernels alone, the engine per format, perplexity.
+"""Quantized weights on a GPU: the GEMM kernels alone, the engine per format, perplexity.
 
 1. ceilings: copy TB/s and bf16 GEMM TFLOP/s of this device (bench/gpu_ceilings.py).
 2. gemm: y = x @ W at Llama-3-8B shapes K x N (4096x4096 q/o, 4096x14336 gate/up,

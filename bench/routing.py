@@ -1,4 +1,4 @@
-"""Routing benchmark (issue 6): cache-aware replica choice vs round-robin, in a real mesh.
+"""Routing benchmark: cache-aware replica choice vs round-robin, in a real mesh.
 
 Each policy runs in a fresh mesh on this machine: redis-server, the prefix-cache index,
 two engine processes serving a tiny random llama (CPU, float32) and the router with
