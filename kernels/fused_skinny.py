@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting
-from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _splitk_reduce_kernel
+from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _splitk_reduce_kernel, _store_tile
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne
 
@@ -141,21 +141,8 @@ def _fused_skinny_kernel(
             acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
 
-    if DOT:
-        y = acc  # [BM, BN]
-    elif BLOCK_M == 1:
-        y = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    else:
-        y = tl.sum(acc, axis=2)  # [BM, BN]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(part, y, mask=mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
+                BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
 
 def _check_weight(a: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:

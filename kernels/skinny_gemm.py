@@ -40,6 +40,30 @@ REDUCE_BLOCK = 256
 
 # M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
 # every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
+@triton.jit
+def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
+                BLOCK_M: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """A program's tile of y: reduce the accumulator, then a split-K partial (fp32, to the
+    workspace) or the output (bias added, rounded once). Shared with the fused kernels so
+    their epilogue, and with it every bit of y, is this one."""
+    if DOT:
+        y = acc  # [BM, BN]
+    elif BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    else:
+        y = tl.sum(acc, axis=2)  # [BM, BN]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
+        tl.store(part, y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
@@ -97,21 +121,8 @@ def _skinny_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
-    if DOT:
-        y = acc  # [BM, BN]
-    elif BLOCK_M == 1:
-        y = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    else:
-        y = tl.sum(acc, axis=2)  # [BM, BN]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(part, y, mask=mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
+                BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["M", "SPLITS"])
