@@ -122,7 +122,7 @@ def _register_reflection_v1_descriptor() -> None:
         pool.FindServiceByName(REFLECTION_V1)
         return
     except KeyError:
-        pass
+        pass  # not registered yet: build it below
     file = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(file)
     file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"

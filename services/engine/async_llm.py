@@ -220,7 +220,7 @@ class AsyncLLM:
         try:
             self._core.send(AbortRequests([request_id]))
         except EngineDeadError:
-            pass
+            pass  # a dead core holds no request and no block: nothing left to abort
 
     def _on_message(self, msg: EngineCoreOutputs) -> None:
         for batch in msg.kv_events:
@@ -253,7 +253,7 @@ class AsyncLLM:
             try:
                 self._core.send(AbortRequests(stopped, FinishReason.STOP))
             except EngineDeadError:
-                pass
+                pass  # the stream already ended on its stop string; a dead core has nothing to free
         for stream, items in deliveries.values():
             _deliver(stream, items)
         for (loop, fut), res in calls:
@@ -308,5 +308,5 @@ def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,
             fut.set_result(value)
     try:
         loop.call_soon_threadsafe(set_)
-    except RuntimeError:
+    except RuntimeError:  # the caller's loop is closed: nobody awaits the result any more
         pass

@@ -66,7 +66,7 @@ class CoreClient:
                         raise EngineError(msg.message)
                     continue
             except EOFError:
-                pass
+                pass  # the child closed its end: it died while loading; the check below says how
             if not self.proc.is_alive():
                 self.proc.join(1)
                 self.shutdown(timeout=1)
@@ -116,7 +116,7 @@ class CoreClient:
                 with self._send_lock:
                     self._commands.send(Shutdown())
             except (OSError, ValueError):
-                pass
+                pass  # the pipe is already closed: the child is gone or going, and is joined below
             self.proc.join(timeout)
         if self.proc.is_alive():
             log.warning("engine core did not stop within %.1fs: killing it", timeout)
