@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from llmesh.engine.model.config import ModelConfig
@@ -24,6 +23,7 @@ from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
 from llmesh.engine.scheduler_output import SchedulerOutput
+from llmesh.engine.step_inputs import HostStep, stage_host
 from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -117,99 +117,38 @@ class BatchInputs:
     sampling_requests: list[Request]   # [N]
 
 
-def _chunk_token_ids(req: Request, start: int, n: int) -> list[int]:
-    """The chunk's token ids known on the host (a pending last token is not among them)."""
-    n = min(n, req.num_tokens - start)
-    p = req.num_prompt_tokens
-    if start >= p:
-        return req.output_token_ids[start - p : start - p + n]
-    if start + n <= p:
-        return req.prompt_token_ids[start : start + n]
-    return req.prompt_token_ids[start:] + req.output_token_ids[: start + n - p]
-
-
-@dataclass
-class StagedBatch:
-    """A step's chunks flattened on the host (numpy), before either backend's tensors."""
-
-    token_ids: list[int]           # [T]
-    positions: np.ndarray          # [T] int64
-    slot_mapping: np.ndarray       # [T] int64
-    block_tables: np.ndarray       # [S, max_blocks] int32, zero-padded
-    query_start_loc: list[int]     # [S + 1]
-    seq_lens: list[int]            # [S]: context length after the step
-    logits_indices: list[int]      # [N]: flat index of the last token of each sampling chunk
-    sampling_requests: list[Request]  # [N]
-    pending_index: list[int] = field(default_factory=list)
-    """Flat indices whose token is the previous step's sample, still on the device."""
-    pending_requests: list[Request] = field(default_factory=list)
-
-
-def stage_chunks(scheduled: SchedulerOutput, block_size: int) -> StagedBatch:
-    """Flatten the step's chunks; slot mappings are computed per chunk with array ops,
-    never per token in Python."""
-    chunks = scheduled.chunks
-    token_ids: list[int] = []
-    positions, slots = [], []
-    query_start_loc, seq_lens = [0], []
-    max_blocks = max(-(-(c.start_pos + c.num_new_tokens) // block_size) for c in chunks)
-    tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-    logits_indices, sampling_requests = [], []
-    pending_index, pending_requests = [], []
-    for s, c in enumerate(chunks):
-        req, start, n = c.request, c.start_pos, c.num_new_tokens
-        end = start + n
-        token_ids.extend(_chunk_token_ids(req, start, n))
-        if end > req.num_tokens:  # the last input is the token the previous step sampled
-            pending_index.append(len(token_ids))
-            pending_requests.append(req)
-            token_ids.append(0)
-        table = np.asarray(req.block_ids[: -(-end // block_size)], dtype=np.int64)
-        tables[s, : len(table)] = table
-        pos = np.arange(start, end, dtype=np.int64)
-        positions.append(pos)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
-        query_start_loc.append(query_start_loc[-1] + n)
-        seq_lens.append(end)
-        if c.samples:
-            logits_indices.append(query_start_loc[-1] - 1)
-            sampling_requests.append(req)
-    return StagedBatch(token_ids, np.concatenate(positions), np.concatenate(slots), tables, query_start_loc,
-                       seq_lens, logits_indices, sampling_requests, pending_index, pending_requests)
-
-
-def build_metadata(b: StagedBatch, device: torch.device) -> AttentionMetadata:
-    """Attention metadata of a staged batch: device tensors plus the host lists they came
-    from (the torch reference loops over those without reading the device back). A batch
+def build_metadata(host: HostStep, device: torch.device) -> AttentionMetadata:
+    """Attention metadata of a staged step: device tensors plus the host lists they came
+    from (the torch reference loops over those without reading the device back). A step
     of single-token chunks is decode-only (query_start_loc None)."""
-    qsl, lens = b.query_start_loc, b.seq_lens
-    decode_only = qsl[-1] == len(lens)
+    qsl, lens = host.query_start_loc.tolist(), host.seq_lens.tolist()
 
     def t(x, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(x, dtype=dtype).to(device, non_blocking=True)
 
     return AttentionMetadata(
-        slot_mapping=t(b.slot_mapping, torch.int64), block_tables=t(b.block_tables, torch.int32),
-        seq_lens=t(lens, torch.int32), query_start_loc=None if decode_only else t(qsl, torch.int32),
-        max_query_len=max(qsl[s + 1] - qsl[s] for s in range(len(lens))), max_seq_len=max(lens),
+        slot_mapping=t(host.slot_mapping, torch.int64), block_tables=t(host.padded_block_tables(), torch.int32),
+        seq_lens=t(lens, torch.int32),
+        query_start_loc=None if host.num_tokens == host.num_seqs else t(qsl, torch.int32),
+        max_query_len=host.max_query_len, max_seq_len=host.max_seq_len,
         host_query_start_loc=qsl, host_seq_lens=lens)
 
 
 def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device,
                    feed: SampledTokenFeed | None = None) -> BatchInputs:
     """The step's input tensors and attention metadata."""
-    b = stage_chunks(scheduled, block_size)
+    host = stage_host(scheduled, block_size)
 
     def t(x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
-    input_ids = t(b.token_ids)
-    if b.pending_index:
+    input_ids = t(host.token_ids)
+    if host.pending_index:
         if feed is None:
             raise RuntimeError("the step needs the previous step's sampled tokens")
-        feed.patch(input_ids, b.pending_index, b.pending_requests)
-    return BatchInputs(input_ids, t(b.positions), build_metadata(b, device), t(b.logits_indices),
-                       b.sampling_requests)
+        feed.patch(input_ids, host.pending_index, host.pending_requests)
+    return BatchInputs(input_ids, t(host.positions), build_metadata(host, device), t(host.logits_indices),
+                       host.sampling_requests)
 
 
 class RunnerBase(abc.ABC):

@@ -44,8 +44,22 @@ class HostStep:
     max_query_len: int
     max_seq_len: int
 
+    def block_table_coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) of each entry of ``block_ids`` in a padded [S, max_blocks] table."""
+        rows = np.repeat(np.arange(self.num_seqs), self.table_lens)
+        starts = np.cumsum(self.table_lens) - self.table_lens
+        return rows, np.arange(len(self.block_ids)) - np.repeat(starts, self.table_lens)
+
+    def padded_block_tables(self) -> np.ndarray:
+        """[S, longest table] int32, zero-padded."""
+        tables = np.zeros((self.num_seqs, int(self.table_lens.max())), np.int32)
+        tables[self.block_table_coords()] = self.block_ids
+        return tables
+
 
 def stage_host(scheduled: SchedulerOutput, block_size: int) -> HostStep:
+    """Flatten a step's chunks (both backends' one staging); per-token arrays come from array
+    ops over the batch, the chunks' own token ids from list slices."""
     chunks = scheduled.chunks
     num_seqs = len(chunks)
     starts = np.fromiter((c.start_pos for c in chunks), np.int64, num_seqs)
@@ -145,10 +159,7 @@ class StaticInputs:
         lens[:s] = step.seq_lens
         tables2d = tables.reshape(self.max_seqs, self.max_blocks)
         tables2d[:s_pad] = 0
-        rows = np.repeat(np.arange(s), step.table_lens)
-        cols = np.arange(len(step.block_ids)) - np.repeat(np.cumsum(step.table_lens) - step.table_lens,
-                                                          step.table_lens)
-        tables2d[rows, cols] = step.block_ids
+        tables2d[step.block_table_coords()] = step.block_ids
         n = len(step.logits_indices)
         logits[:s_pad] = 0
         logits[:n] = step.logits_indices
