@@ -123,6 +123,12 @@ def tokens(msgs) -> list[int]:
     return [t for m in msgs for t in m.token_ids]
 
 
+def stream_summary(msgs) -> tuple:
+    last = msgs[-1]
+    return (tokens(msgs), "".join(m.text for m in msgs), {m.model for m in msgs}, last.finish_reason,
+            last.usage.prompt_tokens, last.usage.completion_tokens, last.replica.split("@")[0])
+
+
 def engine_running(mesh: EscalationMesh, model: str) -> int:
     stub = engine_pb2_grpc.EngineStub(grpc.insecure_channel(mesh.engines[model].address))
     load = stub.Load(engine_pb2.LoadRequest(), timeout=5)
@@ -220,7 +226,8 @@ def test_route_plans_the_escalation(mesh):
 def test_direct_routing_escalates_like_the_router(mesh):
     direct_msgs = gateway_auto(mesh, "direct", 12)
     proxy_msgs = gateway_auto(mesh, "proxy", 12)
-    assert direct_msgs == proxy_msgs
+    # How tokens are grouped into messages depends on step timing; the stream's content does not.
+    assert stream_summary(direct_msgs) == stream_summary(proxy_msgs)
     assert all(m.model == LARGE for m in direct_msgs) and not any(m.logprobs for m in direct_msgs)
     assert direct_msgs[-1].usage.completion_tokens == 12
     # 300 small steps take >= 3 s: by the large model's first message the gateway must have
