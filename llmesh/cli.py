@@ -83,13 +83,20 @@ def _cmd_offline(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from llmesh.launcher import UpConfig, up
+    from llmesh.supervisor import RestartPolicy
 
+    try:
+        restart = RestartPolicy(backoff_s=args.restart_backoff_s, backoff_max_s=args.restart_backoff_max_s,
+                                quick_s=args.restart_quick_s, max_quick_failures=args.max_quick_failures)
+    except ValueError as e:
+        print(f"llmesh up: {e}", file=sys.stderr)
+        return 2
     cfg = UpConfig(models_file=args.models_file, host=args.host, gateway_port=args.gateway_port,
                    http_port=args.http_port,
                    router_port=args.router_port, prefix_cache_port=args.prefix_cache_port,
                    engine_base_port=args.engine_base_port, redis_port=args.redis_port,
                    metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir, auth=args.auth,
-                   redis_server=args.redis_server)
+                   redis_server=args.redis_server, data_dir=args.data_dir, restart=restart)
     return up(cfg, prompt=args.prompt)
 
 
@@ -129,6 +136,18 @@ def _add_up(sub) -> None:
     p.add_argument("--metrics-base-port", type=int, default=d.metrics_base_port, help="0 disables /metrics")
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (engines)")
     p.add_argument("--run-dir", default=None, help="where logs go (default: a temporary folder)")
+    p.add_argument("--data-dir", default=None,
+                   help="what outlives the mesh: Redis's append-only file and password (default: "
+                        "$LLMESH_DATA_DIR, else $XDG_DATA_HOME/llmesh or ~/.local/share/llmesh)")
+    r = d.restart
+    p.add_argument("--restart-backoff-s", type=float, default=r.backoff_s,
+                   help="delay before restarting a crashed service; doubles per quick failure in a row")
+    p.add_argument("--restart-backoff-max-s", type=float, default=r.backoff_max_s, help="cap of that delay")
+    p.add_argument("--restart-quick-s", type=float, default=r.quick_s,
+                   help="a service that exits sooner than this after starting failed 'quickly'")
+    p.add_argument("--max-quick-failures", type=int, default=r.max_quick_failures,
+                   help="give up (stop the mesh) after this many quick failures in a row of one service "
+                        "(0: never)")
     p.add_argument("--redis-server", default=d.redis_server,
                    help="the redis-server program, name or path (default: $LLMESH_REDIS_SERVER or redis-server)")
     p.add_argument("--prompt", default=None, help="once up, stream an answer to this prompt through the gateway")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
-import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llmesh.config import option, require
 from llmesh.errors import ServiceError, status_for
+from llmesh.parent_death import arm_from_env
 from llmesh.tls import server_credentials
 from llmesh.telemetry import current_trace_id, server_interceptors, setup_tracing, shutdown_tracing
 
@@ -233,21 +232,9 @@ class GrpcServer:
             await stopping[0]
 
 
-def _die_with_parent() -> None:
-    """Under `llmesh up` (LLMESH_DIE_WITH_PARENT=1): get SIGTERM when the launcher dies."""
-    if os.environ.get("LLMESH_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the launcher died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
     """Run a service's main coroutine on uvloop (asyncio's loop when uvloop is missing)."""
-    _die_with_parent()
+    arm_from_env()
     try:
         import uvloop
     except ImportError:

@@ -59,6 +59,42 @@ def ensure_local_key(pepper: str = ""):
     return key, record
 
 
+def default_redis_url() -> str:
+    """``llmesh up``'s Redis: DEFAULT_REDIS with the password of the local data folder."""
+    from llmesh.local_redis import LocalRedis, default_data_dir
+    from llmesh.redis_url import with_password
+
+    try:
+        password = LocalRedis(default_data_dir()).password_file.read_text().strip()
+    except OSError:
+        return DEFAULT_REDIS
+    return with_password("127.0.0.1", 6379, password)
+
+
+def _write_key_file(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
+
+
+def _existing_key(args: argparse.Namespace):
+    """--out FILE --if-missing: (key, record) when FILE already holds a key, else None."""
+    from llmesh.gateway.keys import KeyFormatError, KeyRecord, hash_key, parse_key
+
+    if not (args.out and args.if_missing):
+        return None
+    try:
+        key = Path(args.out).read_text().strip()
+        key_id, _ = parse_key(key)
+    except (OSError, KeyFormatError):
+        return None  # absent or damaged: create a fresh key
+    return key, KeyRecord(key_id, hash_key(key, args.pepper), args.tenant, args.tier, None, args.rpm, args.tpm,
+                          args.concurrency)
+
+
 def _redis(url: str):
     import redis
 
@@ -66,7 +102,16 @@ def _redis(url: str):
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    from llmesh.gateway.keys import load_keys_file, new_key, parse_models, redis_put, save_keys_file
+    import time
+
+    from llmesh.gateway.keys import (
+        REDIS_PREFIX,
+        load_keys_file,
+        new_key,
+        parse_models,
+        redis_put,
+        save_keys_file,
+    )
 
     try:
         key, record = new_key(args.tenant, args.tier, parse_models(args.models), args.rpm, args.tpm,
@@ -74,12 +119,28 @@ def _cmd_create(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"llmesh keys create: {e}", file=sys.stderr)
         return 2
+    existing = _existing_key(args)
+    if existing is not None:
+        # Idempotent (compose's init runs at every `up`): keep the key; register it again only
+        # if the store lost it.
+        key, record = existing
+        record.models, record.created = parse_models(args.models), time.time()
+        present = (record.key_id in load_keys_file(args.keys_file) if args.keys_file
+                   else bool(_redis(args.redis).exists(REDIS_PREFIX + record.key_id)))
+        if present:
+            print(f"key {record.key_id} in {args.out} exists; nothing to do", file=sys.stderr)
+            return 0
     if args.keys_file:
         records = load_keys_file(args.keys_file)
         records[record.key_id] = record
         save_keys_file(args.keys_file, records)
     else:
         redis_put(_redis(args.redis), record)
+    if args.out:
+        _write_key_file(Path(args.out), key)
+        print(f"key id {record.key_id} for tenant {record.tenant} ({record.tier}) written to {args.out} "
+              "(mode 0600)", file=sys.stderr)
+        return 0
     print(key)
     print(f"key id {record.key_id} for tenant {record.tenant} ({record.tier}); this is the only time the "
           "key is shown", file=sys.stderr)
@@ -138,10 +199,12 @@ def _friendly(fn):
     def run(args: argparse.Namespace) -> int:
         from redis.exceptions import RedisError
 
+        from llmesh.redis_url import redact
+
         try:
             return fn(args)
         except (RedisError, OSError, ValueError) as e:
-            where = getattr(args, "keys_file", None) or args.redis
+            where = getattr(args, "keys_file", None) or redact(args.redis)
             print(f"llmesh {args.cmd}: cannot use {where}: {e}", file=sys.stderr)
             return 1
 
@@ -149,8 +212,9 @@ def _friendly(fn):
 
 
 def _store_flags(p: argparse.ArgumentParser, keys_file: bool = True) -> None:
-    p.add_argument("--redis", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS),
-                   help=f"Redis URL of the mesh (env LLMESH_REDIS_URL; default {DEFAULT_REDIS})")
+    p.add_argument("--redis", default=os.environ.get("LLMESH_REDIS_URL") or default_redis_url(),
+                   help=f"Redis URL of the mesh (env LLMESH_REDIS_URL; default {DEFAULT_REDIS} with the "
+                        "password `llmesh up` keeps in its data folder)")
     if keys_file:
         p.add_argument("--keys-file", default=None, help="use this keys file instead of Redis")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -168,6 +232,10 @@ def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=0, help="concurrent streams (0 = unlimited)")
     p.add_argument("--pepper", default=os.environ.get("LLMESH_GATEWAY_KEY_PEPPER", ""),
                    help="the gateways' --key-pepper (env LLMESH_GATEWAY_KEY_PEPPER)")
+    p.add_argument("--out", default=None, help="write the key to this file (mode 0600) instead of printing it")
+    p.add_argument("--if-missing", action="store_true",
+                   help="with --out: keep the key the file already holds (registering it again if the store "
+                        "lost it) instead of creating another")
     _store_flags(p)
     p.set_defaults(fn=_friendly(_cmd_create))
     p = sub.add_parser("list", help="list keys (never their secrets)")

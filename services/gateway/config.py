@@ -33,6 +33,9 @@ class GatewayConfig(ServiceConfig):
     redis_failure_mode: str = option("closed", "when Redis is unreachable: 'closed' refuses calls "
                                                "(UNAVAILABLE), 'open' serves them without limits")
     redis_timeout_s: float = option(0.5, "timeout of each Redis call, in seconds")
+    redis_check_interval_s: float = option(
+        1.0, "how often Redis is pinged; with auth on and keys only in Redis the gateway reports NOT_SERVING "
+             "while Redis does not answer")
     routing: str = option("direct", "'direct': ask the router for a route (Route) and stream from the engine "
                                     "here; 'proxy': stream through the router (Generate). See docs/routing.md")
 
@@ -53,6 +56,8 @@ class GatewayConfig(ServiceConfig):
                 "auth is on but there is nowhere to find API keys: pass --redis-url URL and/or "
                 "--keys-file PATH, or --auth false to serve without keys")
         require(self.redis_timeout_s > 0, f"redis_timeout_s must be > 0, got {self.redis_timeout_s}")
+        require(self.redis_check_interval_s > 0,
+                f"redis_check_interval_s must be > 0, got {self.redis_check_interval_s}")
         require(self.routing in ROUTING_MODES,
                 f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
         require(self.models_refresh_s > 0, f"models_refresh_s must be > 0, got {self.models_refresh_s}")

@@ -23,6 +23,7 @@ from llmesh.gateway.generation_defaults import GenerationDefaults
 from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
+from llmesh.gateway.redis_health import redis_health_loop
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage_store import UsageStore
@@ -54,6 +55,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
                                  defaults, None if engines is None else DirectStreamer(router, engines))
     refresher: asyncio.Task | None = None
+    redis_probe: asyncio.Task | None = None
     http: HttpFront | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -62,8 +64,9 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     async def on_shutdown() -> None:
         if http is not None:
             await http.stop(config.grace_period_s)
-        if refresher is not None:
-            refresher.cancel()
+        for task in (refresher, redis_probe):
+            if task is not None:
+                task.cancel()
         await channel.close()
         if engines is not None:
             await engines.close()
@@ -72,6 +75,10 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
 
     server = GrpcServer("gateway", config, register, on_shutdown)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
+    if config.auth and redis_client is not None and not config.keys_file:
+        # Keys only in Redis: without it nobody can be authenticated, so health says so.
+        redis_probe = asyncio.create_task(redis_health_loop(redis_client, guard, config.redis_check_interval_s,
+                                                            server.set_serving))
     if config.http_port:
         http = HttpFront(servicer, tokenizers, config.max_request_bytes)
         await http.start(config.host, config.http_port)

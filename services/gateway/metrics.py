@@ -30,3 +30,4 @@ RATE_LIMITED = Counter(
     "llmesh_gateway_rate_limited_total", "Calls refused by a rate limit, by limit.", ["limit"])
 REDIS_ERRORS = Counter(
     "llmesh_gateway_redis_errors_total", "Redis calls that failed, by what they were for.", ["where"])
+REDIS_UP = Gauge("llmesh_gateway_redis_up", "1 while the gateway's Redis answers its health probe, else 0.")

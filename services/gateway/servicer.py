@@ -132,6 +132,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if caller.may_use(name):
                 shown = out.models.add()
                 shown.CopyFrom(card)
+                if name in self._tokenizers.unavailable:
+                    shown.healthy_replicas = 0  # the gateway cannot serve it (its files are missing)
                 shown.generation_defaults.CopyFrom(self._defaults.of(name))
                 tok = self._tokenizers.get(name)
                 shown.has_chat_template = tok is not None and tok.chat_template is not None
@@ -240,6 +242,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _tokenizer(self, model: str):
         tok = self._tokenizers.get(model)
+        if tok is None and model in self._tokenizers.unavailable:
+            raise unavailable(self._tokenizers.unavailable[model])
         if tok is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the gateway has no tokenizer for model {model!r}: add it to the gateway's "

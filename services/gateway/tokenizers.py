@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.text.loading import load_tokenizer
@@ -30,19 +31,28 @@ class Tokenized:
 class ModelTokenizers:
     """Model name → its tokenizer."""
 
-    def __init__(self, tokenizers: dict[str, Tokenizer]) -> None:
+    def __init__(self, tokenizers: dict[str, Tokenizer], unavailable: dict[str, str] | None = None) -> None:
         self._by_model = dict(tokenizers)
+        self.unavailable = dict(unavailable or {})
+        """Model name → why it cannot be served here (its files are missing)."""
 
     @classmethod
     def load(cls, models: ModelsFile) -> ModelTokenizers:
-        """Load the tokenizer of every model in the models file (fails fast on a bad path)."""
-        loaded = {}
+        """Load the tokenizer of every model whose files exist; a model whose path is missing
+        is reported unavailable instead (a deployment may mount only some models, as compose
+        does without its "large" profile). A path that exists but does not load fails fast."""
+        loaded, unavailable = {}, {}
         for spec in models.models:
             path = spec.resolved_path()
+            if not os.path.exists(path):
+                unavailable[spec.name] = f"model {spec.name!r} is unavailable: its files are missing at {path}"
+                log.warning("model unavailable", extra={"model": spec.name, "path": path,
+                                                        "reason": "files missing"})
+                continue
             loaded[spec.name] = load_tokenizer(path)
             log.info("tokenizer loaded", extra={"model": spec.name, "path": path,
                                                 "vocab_size": loaded[spec.name].vocab_size})
-        return cls(loaded)
+        return cls(loaded, unavailable)
 
     @property
     def names(self) -> list[str]:

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from llmesh.errors import ServiceError, invalid_argument
+from llmesh.redis_url import redact
 from llmesh.v1 import prefix_index_pb2 as pb
 
 _PURGE_LUA = """
@@ -187,7 +188,7 @@ class PrefixIndex:
             redis_url, decode_responses=True, socket_timeout=timeout_s,
             socket_connect_timeout=min(timeout_s, 1.0), retry=Retry(NoBackoff(), 1),
             health_check_interval=5)
-        return cls(client, key_prefix, default_ttl_s, redis_url)
+        return cls(client, key_prefix, default_ttl_s, redact(redis_url))  # the URL may carry a password
 
     async def close(self) -> None:
         await self.r.aclose()
