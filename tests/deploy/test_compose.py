@@ -71,3 +71,45 @@ def test_llmesh_up_starts_the_same_services_with_the_same_settings(tmp_path):
             env = compose["engine-small" if m.size_class == "small" else "engine-large"]["environment"]
             assert env["LLMESH_ENGINE_ADVERTISE_ADDRESS"] == addr
             assert env["LLMESH_ENGINE_PORT"] == addr.rsplit(":", 1)[1]
+
+
+def test_redis_is_durable_and_password_protected_in_compose_and_llmesh_up(tmp_path):
+    """Both start Redis with an fsync-every-second append-only file on storage that outlives
+    the container or process, and every service reaches it with the password."""
+    from llmesh.local_redis import LocalRedis
+
+    services = _compose()["services"]
+    redis = services["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command and "--dir /data" in command
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in _compose()["volumes"]
+    assert "requirepass" in command and "--requirepass" not in command  # never on argv
+    for name, var in (("gateway", "LLMESH_GATEWAY_REDIS_URL"), ("prefix-cache", "LLMESH_PREFIX_CACHE_REDIS_URL"),
+                      ("init", "LLMESH_REDIS_URL")):
+        assert "${LLMESH_REDIS_PASSWORD" in services[name]["environment"][var], name
+
+    store = LocalRedis(tmp_path / "data")
+    store.write_conf("s3cret")
+    conf = store.conf_file.read_text().splitlines()
+    assert {"appendonly yes", "appendfsync everysec", 'requirepass "s3cret"'} <= set(conf)
+    assert store.conf_file.stat().st_mode & 0o077 == 0
+    models = load_models_file(ROOT / "deploy" / "models.compose.yaml")
+    plan, _ = plan_mesh(UpConfig(data_dir=str(tmp_path / "data")), models, tmp_path, redis_password="pw")
+    by_name = {p.name: p for p in plan}
+    assert by_name["redis"].argv[1] == str(store.conf_file)
+    assert by_name["gateway"].env["LLMESH_GATEWAY_REDIS_URL"].startswith("redis://:pw@")
+    assert by_name["prefix-cache"].env["LLMESH_PREFIX_CACHE_REDIS_URL"].startswith("redis://:pw@")
+
+
+def test_compose_init_writes_the_admin_key_where_the_gateway_and_readme_have_it():
+    services = _compose()["services"]
+    init, gateway = services["init"], services["gateway"]
+    assert init["restart"] == "no" and init["command"][:3] == ["llmesh", "keys", "create"]
+    out = init["command"][init["command"].index("--out") + 1]
+    assert "--if-missing" in init["command"]
+    assert gateway["depends_on"]["init"] == {"condition": "service_completed_successfully"}
+    volume = next(v for v in init["volumes"] if v.endswith(":/var/lib/llmesh"))
+    assert f"{volume}:ro" in gateway["volumes"] and out.startswith("/var/lib/llmesh/")
+    assert f"docker compose exec gateway cat {out}" in (ROOT / "README.md").read_text()
+    # the gateway sees the models folder, so a mounted large model is served and a missing one reported
+    assert "./models:/models:ro" in gateway["volumes"]
