@@ -347,16 +347,19 @@ class Mesh:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def endpoints(self) -> list[tuple[str, str, int]]:
-        """(name, address, metrics port or 0) of every process."""
-        return [(p.name, p.address, p.metrics_port) for p in self.plan]
+    def failed(self) -> str | None:
+        """The name of a process that has exited and is not (yet) restarted, if any."""
+        return next((name for name, c in self.children.items() if c.exited() is not None), None)
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        return [(p.name, p.address) for p in self.plan]
 
 
 def _print_up(mesh: Mesh, cfg: UpConfig) -> None:
     print("\nllmesh is up:")
-    for name, address, metrics_port in mesh.endpoints():
-        metrics = f"metrics http://{cfg.host}:{metrics_port}/metrics" if metrics_port else ""
-        print(f"  {name:<28} {address:<22} {metrics}".rstrip())
+    for spec in mesh.plan:
+        metrics = f"metrics http://{cfg.host}:{spec.metrics_port}/metrics" if spec.metrics_port else ""
+        print(f"  {spec.name:<28} {spec.address:<22} {metrics}".rstrip())
     if cfg.http_port:
         print(f"  {'OpenAI-compatible HTTP':<28} http://{cfg.host}:{cfg.http_port}/v1")
     print(f"\n  models: {', '.join(mesh.models.names)} (default {mesh.models.default_model})")

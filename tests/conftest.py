@@ -17,6 +17,13 @@ if not torch.cuda.is_available():
 
 from tests.fixtures.tiny_models import ARCHS, build_tiny_model
 
+# Meshes started in tests keep their Redis data in a folder of this session, never in the
+# user's data folder (llmesh.local_redis).
+if "LLMESH_DATA_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["LLMESH_DATA_DIR"] = tempfile.mkdtemp(prefix="llmesh-test-data-")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:

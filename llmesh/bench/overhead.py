@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import tempfile
 from pathlib import Path
 
 from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget, RunResult, Target, run_load
@@ -41,7 +42,8 @@ def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str
 
     cfg = UpConfig(models_file=models_file, host="127.0.0.1", gateway_port=free_port(), router_port=free_port(),
                    prefix_cache_port=free_port(), engine_base_port=free_port(), redis_port=free_port(),
-                   metrics_base_port=0, device=device, run_dir=run_dir, auth=auth)
+                   metrics_base_port=0, device=device, run_dir=run_dir, auth=auth,
+                   data_dir=tempfile.mkdtemp(prefix="llmesh-bench-data-"))  # beside a running `llmesh up`
     mesh = Mesh(cfg, quiet=True)
     try:
         mesh.start(timeout=timeout)

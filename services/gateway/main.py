@@ -77,7 +77,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     refresher = asyncio.create_task(catalog.run_refresh_loop())
     if config.auth and redis_client is not None and not config.keys_file:
         # Keys only in Redis: without it nobody can be authenticated, so health says so.
-        redis_probe = asyncio.create_task(redis_health_loop(redis_client, guard, config.redis_check_interval_s,
+        redis_probe = asyncio.create_task(redis_health_loop(redis_client, config.redis_check_interval_s,
                                                             server.set_serving))
     if config.http_port:
         http = HttpFront(servicer, tokenizers, config.max_request_bytes)

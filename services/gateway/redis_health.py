@@ -17,12 +17,11 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import RedisError
 
 from llmesh.gateway import metrics
-from llmesh.gateway.ratelimit import RedisGuard
 
 log = logging.getLogger("llmesh.gateway.redis_health")
 
 
-async def redis_health_loop(client, guard: RedisGuard, interval_s: float,
+async def redis_health_loop(client, interval_s: float,
                             set_serving: Callable[[bool], Awaitable[None]]) -> None:
     """PING every ``interval_s``; on each change, set the server's health."""
     up = True
@@ -30,15 +29,17 @@ async def redis_health_loop(client, guard: RedisGuard, interval_s: float,
         try:
             await client.ping()
             ok = True
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except (RedisError, OSError, asyncio.TimeoutError):
             ok = False
-            guard.failed("health", e)
-        if ok:
-            guard.ok()
         metrics.REDIS_UP.set(1 if ok else 0)
+        if not ok:
+            # Every time, not only on the change: the server's own start may set SERVING
+            # after this loop's first probe.
+            await set_serving(False)
+        elif not up:
+            await set_serving(True)
         if ok != up:
             up = ok
-            await set_serving(ok)
             if ok:
                 log.warning("redis reachable again: SERVING")
             else:

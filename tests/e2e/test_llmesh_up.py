@@ -51,7 +51,8 @@ def test_llmesh_up_answers_and_stops_cleanly(tmp_path):
     args = [*LLMESH, "up", "--device", "cpu", "--metrics-base-port", "0", "--run-dir", str(tmp_path),
             "--prompt", "What is the capital of France?",
             *[x for k, v in ports.items() for x in (f"--{k}-port", str(v))]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
     env.pop("LLMESH_API_KEY", None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out: list[str] = []
@@ -94,8 +95,10 @@ def test_llmesh_up_runs_the_redis_server_it_is_given(tmp_path):
     models = parse_models({"models": [{"name": "m", "path": "random:tiny-llama3"}]})
     cfg = UpConfig(redis_server="/opt/redisroot/redis-server.sh")
     assert plan_mesh(cfg, models, tmp_path)[0][0].argv[0] == "/opt/redisroot/redis-server.sh"
-    env = {**os.environ, "LLMESH_REDIS_SERVER": str(tmp_path / "no-redis-here"), "XDG_CONFIG_HOME": str(tmp_path)}
-    for extra, env_ in (([], env), (["--redis-server", str(tmp_path / "nor-here")], os.environ)):
+    env = {**os.environ, "LLMESH_REDIS_SERVER": str(tmp_path / "no-redis-here"), "XDG_CONFIG_HOME": str(tmp_path),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
+    for extra, env_ in (([], env), (["--redis-server", str(tmp_path / "nor-here")],
+                                    {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")})):
         proc = subprocess.run([*LLMESH, "up", "--device", "cpu", "--metrics-base-port", "0", "--run-dir",
                                str(tmp_path), *extra], capture_output=True, text=True, timeout=60, env=env_)
         assert proc.returncode == 1 and "redis" in proc.stderr and "LLMESH_REDIS_SERVER" in proc.stderr, proc.stderr

@@ -160,3 +160,24 @@ def test_redis_requires_the_password_kept_private_in_the_data_folder(mesh):
     for log in mesh.run_dir.glob("*.log"):
         assert mesh.redis_password() not in log.read_text(errors="replace"), log
     assert list((mesh.data_dir / "redis").glob("appendonlydir/*.aof"))
+
+
+def test_gateway_started_before_its_redis_is_not_serving_until_redis_answers(tmp_path):
+    """No mesh: a gateway whose Redis is not up yet must not claim SERVING at start."""
+    from tests.mesh_helpers import RedisServer, ServiceProcess, free_port
+
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - name: {MODEL}\n    path: demo\n")
+    redis_server = RedisServer(start=False)
+    try:
+        with ServiceProcess("llmesh.gateway.main", [
+                "--models-file", str(models), "--router", f"127.0.0.1:{free_port()}", "--redis-url", redis_server.url,
+                "--redis-check-interval-s", "0.2"]) as gateway:
+            time.sleep(1.0)  # several probes after the server's own start
+            assert health(gateway.address) == "NOT_SERVING"
+            redis_server.start()
+            wait_until(lambda: health(gateway.address) == "SERVING", 5, "gateway SERVING once Redis answers")
+            redis_server.stop()
+            wait_until(lambda: health(gateway.address) == "NOT_SERVING", 5, "gateway NOT_SERVING again")
+    finally:
+        redis_server.close()
