@@ -201,6 +201,8 @@ class Mesh:
         self.specs = {p.name: p for p in self.plan}
         self.children: dict[str, Child] = {}
         self.api_key: str | None = None
+        self.interrupted = threading.Event()
+        """Set (by Ctrl-C) to abandon a start in progress."""
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -292,6 +294,8 @@ class Mesh:
         self.api_key = key
 
     def _check_alive(self, child: Child, deadline: float) -> None:
+        if self.interrupted.is_set():
+            raise RuntimeError(f"interrupted while waiting for {child.name}")
         code = child.exited()
         if code is not None or time.monotonic() > deadline:
             why = describe_exit(code) if code is not None else "was not ready in time"
@@ -380,6 +384,7 @@ def up(cfg: UpConfig, prompt: str | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"llmesh up failed: {e}", file=sys.stderr)
         return 1
+    mesh.interrupted = stop
     with mesh:
         try:
             mesh.start()
