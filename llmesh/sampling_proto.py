@@ -11,7 +11,7 @@ from llmesh.engine.sampling_params import SamplingParams
 from llmesh.v1 import common_pb2
 
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "logprobs", "min_tokens")
+             "presence_penalty", "frequency_penalty", "seed", "logprobs", "min_tokens", "n")
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, *, default_max_tokens: int | None = None) -> SamplingParams:
@@ -25,6 +25,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, default_max_tokens: i
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         skip_special_tokens=not msg.include_special_tokens,
+        logit_bias={int(t): float(b) for t, b in msg.logit_bias.items()},
     )
 
 

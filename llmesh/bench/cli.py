@@ -101,7 +101,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from llmesh.bench.sweep import LoadPoint, run_point
     from llmesh.engine.errors import InvalidRequestError
 
-    if args.router:
+    if args.backend == "openai":
+        from llmesh.bench.openai_target import OpenAITarget
+
+        if not args.base_url:
+            raise InvalidRequestError("--backend openai needs --base-url http://host:port/v1", field="base_url")
+        target = OpenAITarget(args.base_url, args.model, args.openai_endpoint, args.api_key)
+    elif args.router:
         target = RouterTarget(args.address, args.model)
     elif args.engine:
         target = EngineTarget(args.address)
@@ -109,7 +115,9 @@ async def _serve(args: argparse.Namespace) -> int:
         target = GatewayTarget(args.address, args.model, args.api_key)
     await target.open()
     try:
-        if args.engine:
+        if args.backend == "openai":
+            vocab, window = 512, await target.resolve_model() or 2048
+        elif args.engine:
             info = await target.info()
             vocab, window = info.vocab_size, info.max_model_len
         elif args.router:
@@ -136,7 +144,7 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics = sweep[0][1]
     else:
         metrics = {f"{p.key}_{k}": v for p, m in sweep for k, v in m.items()}
-    doc = {"target": target.name, "address": args.address, "model": info.model if isinstance(target, EngineTarget) else target.model,
+    doc = {"target": target.name, "address": args.base_url if args.backend == "openai" else args.address, "model": info.model if isinstance(target, EngineTarget) else target.model,
            "rates_req_s": [str(r) for r in args.rate], "max_concurrency": args.max_concurrency,
            "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "timeout_s": args.timeout,
            **workload.describe(), "notes": args.notes or NOTE_SHARED_CPU}
@@ -266,6 +274,11 @@ def add_bench_commands(subparsers) -> None:
 
     p = sub.add_parser("serve", help="streaming gRPC load against the gateway or one engine")
     p.add_argument("--address", default="localhost:50051", help="gateway (or, with --engine, engine) host:port")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: llmesh's own API at --address; openai: any OpenAI-compatible server at --base-url")
+    p.add_argument("--base-url", default=None, help="--backend openai: the server's /v1 URL, e.g. http://host:8000/v1")
+    p.add_argument("--openai-endpoint", choices=("completions", "chat"), default="completions",
+                   help="--backend openai: stream /v1/completions (token-id prompts) or /v1/chat/completions")
     p.add_argument("--engine", action="store_true", help="the address is one engine (Engine API)")
     p.add_argument("--router", action="store_true", help="the address is the router (Router API; needs --model)")
     p.add_argument("--model", default="auto", help="model name at the gateway")

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import aiohttp
 import grpc
 from tqdm.auto import tqdm
 
@@ -26,6 +27,8 @@ from llmesh.engine.errors import InvalidRequestError
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 
 _FINISH_ERROR = common_pb2.FINISH_REASON_ERROR
+SAME_CHUNK = "same-chunk"
+"""Third item of a streamed tuple: its tokens arrived with the previous message (no new time)."""
 
 
 @dataclasses.dataclass
@@ -81,7 +84,8 @@ class RunResult:
 
 
 class Target(abc.ABC):
-    """Where requests go; ``stream`` yields (token count, finish error) per message."""
+    """Where requests go; ``stream`` yields (token count, finish error) per message, and
+    optionally a third item: the error's detail, or SAME_CHUNK (tokens of the previous message)."""
 
     name = "target"
 
@@ -211,14 +215,20 @@ async def _one(target: Target, spec: RequestSpec, ignore_eos: bool, timeout: flo
                t0: float) -> RequestResult:
     res = RequestResult(len(spec.prompt_token_ids), spec.max_tokens, spec.group, sent_at=t_start - t0)
     try:
-        async for n, err in target.stream(spec, ignore_eos, timeout):
-            if n:
+        async for item in target.stream(spec, ignore_eos, timeout):
+            n, err, extra = item[0], item[1], item[2] if len(item) > 2 else ""
+            if n and extra == SAME_CHUNK and res.chunk_tokens:
+                res.chunk_tokens[-1] += n
+            elif n:
                 res.chunk_times.append(time.perf_counter() - t_start)
                 res.chunk_tokens.append(n)
             if err:
                 res.error = err
+                res.detail = extra if extra != SAME_CHUNK else ""
     except grpc.aio.AioRpcError as e:
         res.error, res.detail = e.code().name, e.details() or ""
+    except (aiohttp.ClientError, TimeoutError) as e:
+        res.error, res.detail = type(e).__name__, str(e)
     res.e2e = time.perf_counter() - t_start
     return res
 

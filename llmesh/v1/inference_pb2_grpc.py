@@ -46,10 +46,25 @@ class InferenceStub:
                 request_serializer=llmesh_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/llmesh.v1.Inference/Complete',
+                request_serializer=llmesh_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_inference__pb2.CompleteResponse.FromString,
+                _registered_method=True)
+        self.ChatComplete = channel.unary_unary(
+                '/llmesh.v1.Inference/ChatComplete',
+                request_serializer=llmesh_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_inference__pb2.CompleteResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/llmesh.v1.Inference/Tokenize',
                 request_serializer=llmesh_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/llmesh.v1.Inference/Detokenize',
+                request_serializer=llmesh_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/llmesh.v1.Inference/ListModels',
@@ -77,8 +92,29 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """Generate from a prompt and answer once, with every choice's whole text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatComplete(self, request, context):
+        """Chat, answered once with every choice's whole message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Tokenize text with a model's tokenizer (optionally through its chat template).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Token ids back to text with a model's tokenizer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,10 +140,25 @@ def add_InferenceServicer_to_server(servicer, server):
                     request_deserializer=llmesh_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=llmesh_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_inference__pb2.CompleteResponse.SerializeToString,
+            ),
+            'ChatComplete': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChatComplete,
+                    request_deserializer=llmesh_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_inference__pb2.CompleteResponse.SerializeToString,
+            ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
                     request_deserializer=llmesh_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=llmesh_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -181,6 +232,60 @@ class Inference:
             _registered_method=True)
 
     @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Inference/Complete',
+            llmesh_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            llmesh_dot_v1_dot_inference__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatComplete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Inference/ChatComplete',
+            llmesh_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            llmesh_dot_v1_dot_inference__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Tokenize(request,
             target,
             options=(),
@@ -197,6 +302,33 @@ class Inference:
             '/llmesh.v1.Inference/Tokenize',
             llmesh_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
             llmesh_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Inference/Detokenize',
+            llmesh_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            llmesh_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
 from llmesh.engine.output_processor import OutputProcessor
+from llmesh.engine.parallel_sampling import fan_out
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
@@ -74,6 +75,8 @@ class AsyncLLM:
         """Guards streams, calls and the output processor (the reader thread vs callers)."""
         self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._choices: dict[str, list[str]] = {}
+        """A live request with n > 1 → its choices' core request ids."""
         self._call_ids = itertools.count()
         self._dead: str | None = None
         self._progress = time.monotonic()
@@ -119,45 +122,60 @@ class AsyncLLM:
         goes away. Closing or cancelling the iterator aborts the request."""
         core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
                                                 cache_salt=cache_salt)
+        choices = fan_out(core_req)
+        index_of = {c.request_id: i for i, c in enumerate(choices)}
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
-            if request_id in self._streams:
+            if request_id in self._streams or request_id in self._choices \
+                    or any(c in self._streams for c in index_of):
                 raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
                                           field="request_id")
-            self._streams[request_id] = stream
-            self.output_processor.add_request(core_req)
-        finished = False
+            for c in choices:
+                self._streams[c.request_id] = stream
+                self.output_processor.add_request(c)
+            if len(choices) > 1:
+                self._choices[request_id] = list(index_of)
+        live = set(index_of)
         try:
-            self._core.send(core_req)
-            while True:
+            for c in choices:
+                self._core.send(c)
+            while live:
                 if not stream.items:
                     stream.ready.clear()
                     await stream.ready.wait()
                     continue
                 item = stream.items.popleft()
                 if isinstance(item, BaseException):
-                    finished = True
                     raise item
-                # A slow reader gets several tokens per delta.
-                while not item.finished and stream.items and not isinstance(stream.items[0], BaseException):
+                # A slow reader gets several tokens of a choice per delta.
+                while (not item.finished and stream.items and not isinstance(stream.items[0], BaseException)
+                       and stream.items[0].request_id == item.request_id):
                     item = _merge(item, stream.items.popleft())
-                finished = item.finished
+                if item.finished:
+                    live.discard(item.request_id)
+                item.index = index_of.get(item.request_id, 0)
+                item.request_id = request_id
                 yield item
-                if finished:
-                    return
         finally:
-            if not finished:
-                self._forget(request_id, stream)
+            with self._lock:
+                self._choices.pop(request_id, None)
+            for choice_id in live:
+                self._forget(choice_id, stream)
 
     async def abort(self, request_id: str) -> int:
         """Abort a request; returns how many KV blocks were freed."""
         return (await self.abort_request(request_id)).freed_blocks
 
     async def abort_request(self, request_id: str) -> AbortResult:
-        """Abort a request; says whether it was live and how many KV blocks were freed.
-        Its stream (if any) ends with an ABORT delta."""
+        """Abort a request (every choice of it); says whether it was live and how many KV
+        blocks were freed. Its stream (if any) ends with an ABORT delta per choice."""
+        with self._lock:
+            choice_ids = self._choices.get(request_id)
+        if choice_ids is not None:
+            results = [await self.abort_request(c) for c in choice_ids]
+            return AbortResult(any(r.found for r in results), sum(r.freed_blocks for r in results))
         with self._lock:
             stream = self._streams.pop(request_id, None)
             self.output_processor.remove(request_id)
@@ -294,7 +312,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         request_id=a.request_id, prompt_token_ids=a.prompt_token_ids or b.prompt_token_ids,
         token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs,
         finished=b.finished, finish_reason=b.finish_reason, stop_reason=b.stop_reason,
-        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error)
+        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error, index=a.index)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,

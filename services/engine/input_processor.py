@@ -37,5 +37,9 @@ class InputProcessor:
                                           field="prompt_token_ids")
         if not token_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
+        bad_bias = next((t for t in params.logit_bias if t >= self.model_config.vocab_size), None)
+        if bad_bias is not None:
+            raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size})", field="logit_bias")
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                                  eos_token_ids=self.eos_token_ids, priority=int(priority), cache_salt=cache_salt)

@@ -12,6 +12,7 @@ import itertools
 from llmesh.engine.config import EngineConfig
 from llmesh.engine.core.engine_core import EngineCore
 from llmesh.engine.core.messages import EngineCoreOutput, EngineStats
+from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
@@ -86,6 +87,10 @@ class LLMEngine:
         cache_salt: str | None = None,
     ) -> Request:
         """Admit a request; raises InvalidRequestError (nothing is admitted) when it cannot run."""
+        if params is not None and params.n != 1:
+            raise InvalidRequestError(f"n={params.n}: the synchronous engine returns one sequence per request; "
+                                      "several choices share a prompt through AsyncLLM (the engine service)",
+                                      field="n")
         core_req = self.input_processor.process(
             prompt, params, request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
             priority=priority, cache_salt=cache_salt)

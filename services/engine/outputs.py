@@ -38,6 +38,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     """Set when finish_reason is ERROR: why the engine failed the request."""
+    index: int = 0
+    """The choice (0 .. n-1) this output belongs to; ``finished`` is per choice."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -51,6 +51,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int | None = None
     """The model window; generation stops with LENGTH when the sequence reaches it."""
+    fork_of: str | None = None
+    """Parallel sampling: the id of the choice whose computed prompt blocks this one shares."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -1,6 +1,6 @@
 """The sampler: one next token per row of a logits batch, each row by its own request's rules.
 
-Order per row (as vLLM and HF, where they agree): penalties → greedy argmax, or
+Order per row (as vLLM and HF, where they agree): logit bias → penalties → greedy argmax, or
 temperature → top-k → top-p → min-p → sample. Rows with different parameters share
 one batch: every step is a tensor op over all rows that need it, and the host reads
 results back once, at the end, so the cost of a step does not grow with per-row
@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmesh.engine.outputs import TokenLogprob
@@ -46,10 +47,10 @@ class SamplerOutput:
 
 
 def _plain_greedy(request: Request) -> bool:
-    """Greedy with no penalty and no logprobs: the argmax of the raw logits is the answer."""
+    """Greedy with no penalty, bias or logprobs: the argmax of the raw logits is the answer."""
     p = request.sampling_params
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0)
+            and p.frequency_penalty == 0.0 and not p.logit_bias)
 
 
 class Sampler:
@@ -88,7 +89,7 @@ class Sampler:
             # The usual serving batch: nothing to build but the argmax (ties → lowest id).
             return SampledBatch(logits.argmax(dim=-1), list(requests), None, 0)
         raw = logits.float()
-        penalised = self._penalise(raw, requests)
+        penalised = self._penalise(self._bias(raw, requests), requests)
 
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(random_rows) == len(requests):
@@ -99,6 +100,27 @@ class Sampler:
                 idx = to_device(random_rows, torch.long, raw.device)
                 token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows])
         return self._collect(raw, token_ids, requests)
+
+    # ---- logit bias ------------------------------------------------------------------
+    @staticmethod
+    def _bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Logits plus each row's own ``logit_bias``; untouched (not copied) when no row has one.
+
+        Every (row, id, bias) triple goes to the device in one copy and lands with one
+        scatter, so a batch mixing biased and unbiased rows costs one op, not one per row.
+        """
+        # logits: [N, V]
+        vocab = logits.shape[1]
+        cells = [(i, t, b) for i, r in enumerate(requests) for t, b in r.sampling_params.logit_bias.items()
+                 if t < vocab]
+        if not cells:
+            return logits
+        host = np.asarray(cells, dtype=np.float64)  # [C, 3]: row, id, bias
+        triples = to_device(host, torch.float64, logits.device)
+        flat = triples[:, 0].long() * vocab + triples[:, 1].long()  # [C]
+        out = logits.clone().view(-1)
+        out.index_add_(0, flat, triples[:, 2].to(logits.dtype))
+        return out.view_as(logits)
 
     # ---- penalties -------------------------------------------------------------------
     def _penalise(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

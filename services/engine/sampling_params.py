@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 
 from llmesh.engine.errors import InvalidRequestError
 
+MAX_N = 16
+"""Most choices one request may ask for (each is a sequence in the batch)."""
+MAX_LOGIT_BIAS = 300
+"""Most entries of ``logit_bias`` (OpenAI's limit)."""
+LOGIT_BIAS_RANGE = 100.0
+
 
 @dataclass
 class SamplingParams:
@@ -46,6 +52,11 @@ class SamplingParams:
     """Leave special tokens out of the output text."""
     min_tokens: int = 0
     """Do not stop on EOS or stop token ids before this many tokens."""
+    n: int = 1
+    """Choices generated from the prompt; the prompt is prefilled once and its KV blocks shared."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id → bias in [-100, 100] added to its logit before penalties and sampling.
+    The ids are checked against the vocabulary where it is known (the input processor)."""
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -59,6 +70,11 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be a list, got {getattr(self, name)!r}", field=name)
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidRequestError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}",
+                                      field="logit_bias")
         self._validate()
 
     @property
@@ -107,6 +123,18 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}]")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} "
+                                      "are allowed", field="logit_bias")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids ≥ 0, got {t!r}", field="logit_bias")
+            if (not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b)
+                    or not -LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE):
+                raise InvalidRequestError(f"logit_bias[{t}] must be a number in [-100, 100], got {b!r}",
+                                          field="logit_bias")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}", field="stop")

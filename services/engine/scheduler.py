@@ -14,7 +14,10 @@ Each ``schedule()`` builds one step under a token budget (``max_num_batched_toke
    stops at the first request that cannot be placed, so a long prompt is never starved
    by shorter ones slipping past it — except that a waiting request may preempt running
    requests of strictly worse priority to get its blocks or its seat, so interactive
-   traffic is never stuck behind batch traffic. A step whose running phase had to
+   traffic is never stuck behind batch traffic. A choice of a request with n > 1
+   (``fork_of``) is admitted only once the first choice's prompt is computed (scheduled:
+   later steps run after it on the device) and takes that choice's prompt blocks by
+   reference, so the prompt is prefilled once for all n. A step whose running phase had to
    preempt admits nothing: the preempted requests are at the front of the queue and
    the blocks were just short.
 
@@ -201,7 +204,9 @@ class Scheduler:
                 break
             chunk = None
             if len(self.running) < self.config.max_num_seqs:
-                computed = self.kv.get_computed_blocks(request)
+                computed = self._prefix_of(request)
+                if computed is None:
+                    break  # its first choice is still prefilling the shared prompt
                 num_new = request.num_tokens - computed.num_computed_tokens
                 if num_new > budget:
                     if not self.config.enable_chunked_prefill:
@@ -220,6 +225,18 @@ class Scheduler:
             chunks[request.request_id] = chunk
             budget -= chunk.num_new_tokens
         return budget
+
+    def _prefix_of(self, request: Request) -> ComputedBlocks | None:
+        """The blocks a request starts from: its first choice's prompt blocks for a forked
+        choice (None: wait, that prompt is not computed yet), else its cached prefix."""
+        parent = self._requests.get(request.fork_of) if request.fork_of else None
+        if parent is not None and parent is not request and parent.status is RequestStatus.RUNNING:
+            if parent.num_computed_tokens < parent.num_prompt_tokens:
+                return None
+            forked = self.kv.fork_blocks(parent, request)
+            cached = self.kv.get_computed_blocks(request)
+            return forked if forked.num_computed_tokens >= cached.num_computed_tokens else cached
+        return self.kv.get_computed_blocks(request)
 
     def _try_admit(self, request: Request, computed: ComputedBlocks, num_new: int) -> ScheduledChunk | None:
         """Move the head waiting request to running with its first chunk, if blocks allow."""

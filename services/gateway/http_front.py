@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front of the gateway (aiohttp, in the gateway's own loop).
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health
+    POST /tokenize   POST /detokenize   (vLLM's shapes)
 
 Each request is parsed into the gateway's own ChatRequest/GenerateRequest and run
 through ``InferenceServicer.stream``, the path the gRPC front takes: the same API keys
@@ -30,7 +31,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from llmesh.gateway.http_errors import HttpError, http_error_for
-from llmesh.gateway.openai_request import ParsedRequest, parse_chat, parse_completion
+from llmesh.gateway.openai_request import (
+    ParsedRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from llmesh.gateway.openai_response import CompletionBuilder
 from llmesh.gateway.servicer import InferenceServicer
 from llmesh.gateway.tokenizers import ModelTokenizers
@@ -84,7 +91,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
             raise
         type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
         message = {404: f"no route {request.method} {request.path}; llmesh serves /v1/chat/completions, "
-                        "/v1/completions, /v1/models and /health",
+                        "/v1/completions, /v1/models, /tokenize, /detokenize and /health",
                    405: f"method {request.method} is not allowed on {request.path}",
                    413: f"request body is over the gateway's limit of {request.app['max_bytes']} bytes "
                         "(max_request_bytes)"}.get(e.status, e.reason)
@@ -104,6 +111,8 @@ class HttpFront:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/tokenize", self.tokenize)
+        self.app.router.add_post("/detokenize", self.detokenize)
         self.app.router.add_get("/health", self.health)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -143,6 +152,27 @@ class HttpFront:
                          "generation_defaults": defaults, "has_chat_template": card.has_chat_template})
         return _json_response({"object": "list", "data": data})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """``{"model", "prompt"}`` or ``{"model", "messages"}`` → ``{"tokens", "count", "max_model_len"}``."""
+        try:
+            body = await _body(request)
+            message = parse_tokenize(body)
+            out = await self._servicer.Tokenize(message, _context(request))
+        except Exception as e:  # noqa: BLE001 - every failure becomes its HTTP status
+            return _error_response(http_error_for(e))
+        return _json_response({"tokens": list(out.token_ids), "count": len(out.token_ids),
+                               "max_model_len": out.max_model_len, "token_strs": list(out.tokens)})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """``{"model", "tokens": [ids]}`` → ``{"prompt": text}``."""
+        try:
+            body = await _body(request)
+            message = parse_detokenize(body)
+            out = await self._servicer.Detokenize(message, _context(request))
+        except Exception as e:  # noqa: BLE001
+            return _error_response(http_error_for(e))
+        return _json_response({"prompt": out.text})
+
     async def health(self, request: web.Request) -> web.Response:
         """200 while the router lists at least one model with a healthy replica."""
         try:
@@ -156,11 +186,7 @@ class HttpFront:
     async def _generate(self, request: web.Request, parse: Callable[[Any], ParsedRequest],
                         rpc: str) -> web.StreamResponse:
         try:
-            body = await request.json(loads=_strict_json)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error_response(HttpError(400, f"the request body is not valid JSON ({e})"))
-        try:
-            parsed = parse(body)
+            parsed = parse(await _body(request))
         except HttpError as e:
             return _error_response(e)
         parsed.message.request_id = uuid.uuid4().hex
@@ -172,7 +198,8 @@ class HttpFront:
 
     async def _run(self, request: web.Request, parsed: ParsedRequest, rpc: str) -> web.StreamResponse:
         builder = CompletionBuilder(chat=rpc == "ChatCompletions", request_id=parsed.message.request_id,
-                                    tokenizer_of=self._tokenizers.get, logprobs=parsed.logprobs)
+                                    tokenizer_of=self._tokenizers.get, logprobs=parsed.logprobs,
+                                    echo=self._echo_text(parsed) if parsed.echo else "")
         async with aclosing(self._servicer.stream(rpc, parsed.message, _context(request))) as stream:
             try:
                 first = await anext(stream, None)
@@ -183,6 +210,14 @@ class HttpFront:
             if not parsed.stream:
                 return await self._whole(stream, first, builder)
             return await self._sse(request, stream, first, builder, parsed.include_usage)
+
+    def _echo_text(self, parsed: ParsedRequest) -> str:
+        """The prompt as text: as sent, or its token ids decoded by the model's tokenizer."""
+        message = parsed.message
+        if message.WhichOneof("prompt") == "text":
+            return message.text
+        tok = self._tokenizers.get(message.model)
+        return tok.decode(list(message.token_ids.ids), skip_special_tokens=False) if tok is not None else ""
 
     async def _whole(self, stream: AsyncIterator[common_pb2.GenerateResponse],
                      first: common_pb2.GenerateResponse | None, builder: CompletionBuilder) -> web.Response:
@@ -217,6 +252,13 @@ class HttpFront:
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=_strict_json)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HttpError(400, f"the request body is not valid JSON ({e})") from None
 
 
 def _strict_json(text: str) -> Any:

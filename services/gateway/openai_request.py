@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llmesh.engine.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_N
 from llmesh.gateway.http_errors import HttpError
 from llmesh.v1 import common_pb2, inference_pb2
 
@@ -41,6 +42,8 @@ class ParsedRequest:
     """stream_options.include_usage: a last chunk with usage and no choices."""
     logprobs: bool
     user: str
+    echo: bool = False
+    """Completions: the answer starts with the prompt text."""
 
 
 def _bad(message: str, param: str | None) -> HttpError:
@@ -97,13 +100,19 @@ def _set(sampling: common_pb2.SamplingParams, key: str, value: int) -> None:
 def _sampling(body: dict) -> common_pb2.SamplingParams:
     out = common_pb2.SamplingParams()
     max_tokens, max_completion = _integer(body, "max_tokens"), _integer(body, "max_completion_tokens")
-    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-        raise _bad("max_tokens and max_completion_tokens are aliases; send one of them", "max_tokens")
-    limit = max_completion if max_completion is not None else max_tokens
+    # OpenAI's newer name wins when both are sent (max_tokens is deprecated in chat).
+    name, limit = ("max_completion_tokens", max_completion) if max_completion is not None \
+        else ("max_tokens", max_tokens)
     if limit is not None:
         if limit < 1:
-            raise _bad(f"max_tokens must be >= 1, got {limit}", "max_tokens")
+            raise _bad(f"{name} must be >= 1, got {limit}", name)
         _set(out, "max_tokens", limit)
+    n = _integer(body, "n")
+    if n is not None:
+        if not 1 <= n <= MAX_N:
+            raise _bad(f"n must be in [1, {MAX_N}], got {n}", "n")
+        out.n = n
+    _logit_bias(body.get("logit_bias"), out)
     for key in _FLOAT_FIELDS:
         value = _number(body, key)
         if value is not None:
@@ -138,6 +147,26 @@ def _sampling(body: dict) -> common_pb2.SamplingParams:
     return out
 
 
+def _logit_bias(value: Any, out: common_pb2.SamplingParams) -> None:
+    """``{"token id": bias}`` (JSON keys are strings) → the proto's map; ranges are the engine's rules."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise _bad("logit_bias must be an object mapping token ids to biases", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _bad(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")
+    for key, bias in value.items():
+        if not isinstance(key, str) or not key.isdigit():
+            raise _bad(f"logit_bias keys must be token ids (non-negative integers), got {key!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise _bad(f"logit_bias[{key}] must be a number in [-100, 100], got {bias!r}", "logit_bias")
+        token = int(key)
+        if token >= 2**32:
+            raise _bad(f"logit_bias key {key} is not a token id", "logit_bias")
+        out.logit_bias[token] = float(bias)
+
+
 def _common(body: Any, known: frozenset[str], endpoint: str) -> tuple[dict, bool, bool, str]:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
@@ -145,9 +174,6 @@ def _common(body: Any, known: frozenset[str], endpoint: str) -> tuple[dict, bool
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _bad("model is required: a name from GET /v1/models, or 'auto' to let the router choose", "model")
-    n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise _bad(f"n={n} is not supported: llmesh returns one choice per request (send n requests)", "n")
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -160,7 +186,6 @@ def _common(body: Any, known: frozenset[str], endpoint: str) -> tuple[dict, bool
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("user must be a string", "user")
-    _only(body, "logit_bias", ({},), "llmesh does not bias logits")
     return body, stream, include_usage, user or ""
 
 
@@ -245,8 +270,12 @@ def parse_completion(body: Any) -> ParsedRequest:
     body, stream, include_usage, user = _common(body, COMPLETION_FIELDS, "/v1/completions")
     if "prompt" not in body:
         raise _bad("prompt is required (a string or a list of token ids)", "prompt")
-    _only(body, "echo", (False,), "llmesh does not echo the prompt")
-    _only(body, "best_of", (1,), "llmesh returns one choice per request")
+    echo = _flag(body, "echo")
+    if echo and body.get("logprobs") is not None:
+        raise _bad("echo with logprobs is not supported: the engine does not compute prompt logprobs "
+                   "(send echo or logprobs)", "echo")
+    if body.get("best_of") is not None and body["best_of"] != (body.get("n") or 1):
+        raise _bad("best_of is supported only equal to n: llmesh returns every choice it generates", "best_of")
     _only(body, "suffix", ("",), "llmesh does not insert completions")
     sampling = _sampling(body)
     logprobs = body.get("logprobs")
@@ -261,4 +290,39 @@ def parse_completion(body: Any) -> ParsedRequest:
         message.text = prompt
     else:
         message.token_ids.ids.extend(prompt)
-    return ParsedRequest(message, stream, include_usage, logprobs is not None, user)
+    return ParsedRequest(message, stream, include_usage, logprobs is not None, user, echo)
+
+
+def parse_tokenize(body: Any) -> inference_pb2.TokenizeRequest:
+    """A ``POST /tokenize`` body (vLLM's: model with prompt or messages) → TokenizeRequest."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    _check_unknown(body, frozenset({"model", "prompt", "messages", "add_special_tokens"}), "/tokenize")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model is required: a name from GET /v1/models", "model")
+    out = inference_pb2.TokenizeRequest(model=model)
+    if body.get("messages") is not None:
+        out.messages.extend(_messages(body["messages"]))
+    elif isinstance(body.get("prompt"), str):
+        out.text = body["prompt"]
+    else:
+        raise _bad("send prompt (a string) or messages", "prompt")
+    if body.get("add_special_tokens") is not None:
+        out.add_special_tokens = _flag(body, "add_special_tokens")
+    return out
+
+
+def parse_detokenize(body: Any) -> inference_pb2.DetokenizeRequest:
+    """A ``POST /detokenize`` body (vLLM's: model and tokens) → DetokenizeRequest."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    _check_unknown(body, frozenset({"model", "tokens"}), "/detokenize")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model is required: a name from GET /v1/models", "model")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                                               for t in tokens):
+        raise _bad("tokens must be a list of token ids (non-negative integers)", "tokens")
+    return inference_pb2.DetokenizeRequest(model=model, token_ids=tokens)

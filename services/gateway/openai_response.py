@@ -8,6 +8,7 @@ the serving model's tokenizer (the stream carries ids).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -28,23 +29,42 @@ def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-class CompletionBuilder:
-    """Builds one request's OpenAI objects; ``chat`` picks the chat or completions shape."""
+@dataclasses.dataclass
+class _ChoiceState:
+    """What one choice has sent so far."""
 
-    def __init__(self, chat: bool, request_id: str, tokenizer_of, logprobs: bool) -> None:
+    texts: list[str] = dataclasses.field(default_factory=list)
+    lp_items: list[tuple[str, float, bytes, list]] = dataclasses.field(default_factory=list)
+    last_lp: list | None = None
+    finish_reason: str | None = None
+    started: bool = False
+    """Its first chunk went out (the chat role, the echoed prompt)."""
+    text_offset: int = 0
+
+
+class CompletionBuilder:
+    """Builds one request's OpenAI objects; ``chat`` picks the chat or completions shape.
+
+    With n > 1 the stream's messages belong to choices by their ``index``; each chunk
+    carries the one choice its message belongs to, as OpenAI streams them. ``echo`` is
+    the prompt text a completion starts with (``echo: true``)."""
+
+    def __init__(self, chat: bool, request_id: str, tokenizer_of, logprobs: bool, echo: str = "") -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = ""
         self._tokenizer_of = tokenizer_of
         self._logprobs = logprobs
-        self._texts: list[str] = []
-        self._lp_items: list[tuple[str, float, list]] = []
-        self._last_lp: list[tuple[str, float, list]] | None = None
-        self._text_offset = 0
-        self.finish_reason: str | None = None
+        self._echo = echo
+        self._choices: dict[int, _ChoiceState] = {}
         self.usage: common_pb2.Usage | None = None
-        self._sent_role = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The first choice's (the only one when n == 1)."""
+        first = self._choices.get(0)
+        return first.finish_reason if first else None
 
     # ---- per message ---------------------------------------------------------------------
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
@@ -53,29 +73,33 @@ class CompletionBuilder:
         if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
             raise HttpError(500, f"the engine failed the request: {resp.stop_reason or 'see the engine log'}",
                             type_="server_error")
+        st = self._choices.setdefault(resp.index, _ChoiceState(text_offset=len(self._echo)))
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            self.finish_reason = FINISH_REASONS[resp.finish_reason]
+            st.finish_reason = FINISH_REASONS[resp.finish_reason]
         if resp.HasField("usage"):
             self.usage = resp.usage
-        self._texts.append(resp.text)
-        self._last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
-        self._lp_items.extend(self._last_lp or ())
+        st.texts.append(resp.text)
+        st.last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
+        st.lp_items.extend(st.last_lp or ())
 
     def chunk(self, resp: common_pb2.GenerateResponse) -> dict[str, Any] | None:
         """The SSE chunk of this message; None when it carries nothing to send."""
-        logprobs = self._format(self._last_lp) if self._last_lp is not None else None
-        if not resp.text and logprobs is None and self.finish_reason is None and self._sent_role:
+        st = self._choices[resp.index]
+        logprobs = self._format(st, st.last_lp) if st.last_lp is not None else None
+        if not resp.text and logprobs is None and st.finish_reason is None and st.started:
             return None
+        first = not st.started
+        st.started = True
         if self.chat:
             delta: dict[str, Any] = {}
-            if not self._sent_role:
+            if first:
                 delta["role"] = "assistant"
-                self._sent_role = True
-            if resp.text or "role" in delta:
+            if resp.text or first:
                 delta["content"] = resp.text
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": self.finish_reason}
+            choice = {"index": resp.index, "delta": delta, "logprobs": logprobs, "finish_reason": st.finish_reason}
         else:
-            choice = {"index": 0, "text": resp.text, "logprobs": logprobs, "finish_reason": self.finish_reason}
+            text = (self._echo if first else "") + resp.text
+            choice = {"index": resp.index, "text": text, "logprobs": logprobs, "finish_reason": st.finish_reason}
         return self._object([choice], chunk=True)
 
     def usage_chunk(self) -> dict[str, Any]:
@@ -86,14 +110,19 @@ class CompletionBuilder:
 
     # ---- the whole response ----------------------------------------------------------------
     def whole(self) -> dict[str, Any]:
-        text = "".join(self._texts)
-        logprobs = self._whole_logprobs() if self._logprobs else None
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": self.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
-        out = self._object([choice], chunk=False)
+        choices = []
+        for index in sorted(self._choices):
+            st = self._choices[index]
+            text = "".join(st.texts)
+            st.text_offset = len(self._echo)
+            logprobs = self._format(st, st.lp_items) if self._logprobs else None
+            if self.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": st.finish_reason})
+            else:
+                choices.append({"index": index, "text": self._echo + text, "logprobs": logprobs,
+                                "finish_reason": st.finish_reason})
+        out = self._object(choices, chunk=False)
         out["usage"] = usage_json(self.usage or common_pb2.Usage())
         return out
 
@@ -102,28 +131,32 @@ class CompletionBuilder:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     # ---- logprobs ----------------------------------------------------------------------------
-    def _token(self, tok: Tokenizer | None, token_id: int) -> str:
-        return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
+    def _token(self, tok: Tokenizer | None, token_id: int, text: str, raw: bytes) -> tuple[str, bytes]:
+        """The token's text and bytes: the engine's when it sent them, else the gateway's tokenizer's."""
+        if text or raw:
+            return text, raw or text.encode("utf-8")
+        text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
+        return text, text.encode("utf-8")
 
-    def _logprob_items(self, resp: common_pb2.GenerateResponse) -> list[tuple[str, float, list]]:
-        """(token text, logprob, [(alternative text, logprob)]) of each token of ``resp``."""
+    def _logprob_items(self, resp: common_pb2.GenerateResponse) -> list[tuple[str, float, bytes, list]]:
+        """(token text, logprob, bytes, [(alternative text, logprob, bytes)]) of each token of ``resp``."""
         tok = self._tokenizer_of(self.model)
-        return [(self._token(tok, lp.token_id), lp.logprob,
-                 [(self._token(tok, t.token_id), t.logprob) for t in lp.top]) for lp in resp.logprobs]
+        items = []
+        for lp in resp.logprobs:
+            text, raw = self._token(tok, lp.token_id, lp.token, lp.token_bytes)
+            top = [(*self._token(tok, t.token_id, t.token, t.token_bytes), t.logprob) for t in lp.top]
+            items.append((text, lp.logprob, raw, [(a, q, b) for a, b, q in top]))
+        return items
 
-    def _whole_logprobs(self) -> dict[str, Any]:
-        self._text_offset = 0
-        return self._format(self._lp_items)
-
-    def _format(self, items: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    def _format(self, st: _ChoiceState, items: list[tuple[str, float, bytes, list]]) -> dict[str, Any]:
         if self.chat:
             return {"content": [
-                {"token": t, "logprob": p, "bytes": list(t.encode("utf-8")),
-                 "top_logprobs": [{"token": a, "logprob": q, "bytes": list(a.encode("utf-8"))} for a, q in top]}
-                for t, p, top in items]}
+                {"token": t, "logprob": p, "bytes": list(raw),
+                 "top_logprobs": [{"token": a, "logprob": q, "bytes": list(b)} for a, q, b in top]}
+                for t, p, raw, top in items]}
         offsets = []
-        for t, _, _ in items:
-            offsets.append(self._text_offset)
-            self._text_offset += len(t)
-        return {"tokens": [t for t, _, _ in items], "token_logprobs": [p for _, p, _ in items],
-                "top_logprobs": [dict(top) for _, _, top in items], "text_offset": offsets}
+        for t, _, _, _ in items:
+            offsets.append(st.text_offset)
+            st.text_offset += len(t)
+        return {"tokens": [t for t, _, _, _ in items], "token_logprobs": [p for _, p, _, _ in items],
+                "top_logprobs": [{a: q for a, q, _ in top} for _, _, _, top in items], "text_offset": offsets}

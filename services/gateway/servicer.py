@@ -29,6 +29,7 @@ from llmesh.errors import ServiceError, invalid_argument, not_found, status_for,
 from llmesh.gateway import metrics
 from llmesh.gateway.caller import Authenticator, CallContext, Caller, NoAuth
 from llmesh.gateway.catalog import ModelCatalog
+from llmesh.gateway.choices import ChoiceAccumulator
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
@@ -89,19 +90,53 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for resp in stream:
                 yield resp
 
+    async def Complete(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> inference_pb2.CompleteResponse:
+        return await self._unary("Complete", request, context)
+
+    async def ChatComplete(self, request: inference_pb2.ChatRequest,
+                           context: grpc.aio.ServicerContext) -> inference_pb2.CompleteResponse:
+        return await self._unary("ChatComplete", request, context)
+
+    async def _unary(self, rpc: str, request, context) -> inference_pb2.CompleteResponse:
+        """The streaming path read to its end: the same checks, limits, usage and routing."""
+        gathered = ChoiceAccumulator()
+        async with aclosing(self.stream(rpc, request, context)) as stream:
+            async for resp in stream:
+                gathered.add(resp)
+        return gathered.response()
+
+    async def Detokenize(self, request: inference_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> inference_pb2.DetokenizeResponse:
+        _check_decoded(request)
+        caller = await self._auth.authenticate(context)
+        check_request_size(request.ByteSize(), self._config.max_request_bytes)
+        model = self._tokenizer_model(request.model.strip(), caller, "Detokenize")
+        tok = self._tokenizers.get(model)
+        ids = list(request.token_ids)
+        check_token_ids(ids, tok.vocab_size, model, "token_ids")
+        skip = not request.include_special_tokens
+        return inference_pb2.DetokenizeResponse(
+            text=tok.decode(ids, skip_special_tokens=skip),
+            tokens=[tok.decode([t], skip_special_tokens=False) for t in ids])
+
+    def _tokenizer_model(self, model: str, caller: Caller, rpc: str) -> str:
+        """The named model of a tokenizer call, checked: allowed to the caller and served."""
+        _check_allowed(model, self._tokenizers.names, caller)
+        names = [n for n in self._tokenizers.names if caller.may_use(n)]
+        if model == AUTO or not model:
+            raise invalid_argument(f"{rpc} needs a model name (tokenizers differ between models); "
+                                   f"available models: {', '.join(sorted(names))}")
+        if model not in names:
+            raise not_found(f"model {model!r} is not served; available models: {', '.join(sorted(names))}")
+        return model
+
     async def Tokenize(self, request: inference_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.TokenizeResponse:
         _check_decoded(request)
         caller = await self._auth.authenticate(context)
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
-        model = request.model.strip()
-        _check_allowed(model, self._tokenizers.names, caller)
-        names = [n for n in self._tokenizers.names if caller.may_use(n)]
-        if model == AUTO or not model:
-            raise invalid_argument(f"Tokenize needs a model name (tokenizers differ between models); "
-                                   f"available models: {', '.join(sorted(names))}")
-        if model not in names:
-            raise not_found(f"model {model!r} is not served; available models: {', '.join(sorted(names))}")
+        model = self._tokenizer_model(request.model.strip(), caller, "Tokenize")
         if request.messages:
             messages = check_messages([(m.role, m.content) for m in request.messages])
             out = self._tokenizers.tokenize(model, messages=messages)
@@ -162,7 +197,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prompt_len = len(route.prompt_token_ids) or max(
                 (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
             if self._limiter is not None:
-                lease = await self._limiter.admit(caller, prompt_len + route.sampling.max_tokens)
+                choices = route.sampling.n if route.sampling.HasField("n") else 1
+                lease = await self._limiter.admit(caller, prompt_len + choices * route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
                 async for resp in stream:
                     yield resp
@@ -269,6 +305,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 errors.append(e)
         if not fitting:
             raise errors[0]
+        for name in fitting:
+            tok = self._tokenizers.get(name)
+            bad = next((t for t in sorted(sampling.logit_bias) if tok is not None and t >= tok.vocab_size), None)
+            if bad is not None:
+                raise invalid_argument(f"sampling.logit_bias: token id {bad} is outside model {name!r}'s "
+                                       f"vocabulary [0, {tok.vocab_size})")
         max_tokens = min(fitting.values())
         effective = sampling_proto_with(sampling, max_tokens)
         apply_defaults(effective, self._defaults.common(fitting) if model == AUTO else self._defaults.of(model))
@@ -401,6 +443,13 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> str:
                                  response_serializer=common_pb2.GenerateResponse.SerializeToString),
         "Chat": unary_stream(servicer.Chat, request_deserializer=_tolerant(inference_pb2.ChatRequest),
                              response_serializer=common_pb2.GenerateResponse.SerializeToString),
+        "Complete": unary_unary(servicer.Complete, request_deserializer=_tolerant(inference_pb2.GenerateRequest),
+                                response_serializer=inference_pb2.CompleteResponse.SerializeToString),
+        "ChatComplete": unary_unary(servicer.ChatComplete, request_deserializer=_tolerant(inference_pb2.ChatRequest),
+                                    response_serializer=inference_pb2.CompleteResponse.SerializeToString),
+        "Detokenize": unary_unary(servicer.Detokenize,
+                                  request_deserializer=_tolerant(inference_pb2.DetokenizeRequest),
+                                  response_serializer=inference_pb2.DetokenizeResponse.SerializeToString),
         "Tokenize": unary_unary(servicer.Tokenize, request_deserializer=_tolerant(inference_pb2.TokenizeRequest),
                                 response_serializer=inference_pb2.TokenizeResponse.SerializeToString),
         "ListModels": unary_unary(servicer.ListModels,

@@ -34,6 +34,7 @@ def mesh(tmp_path_factory, tiny_llama):
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
     cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
                    router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
+                   http_port=free_port(),
                    redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir), auth=False)
     with Mesh(cfg, quiet=True) as m:
         m.start(timeout=180)
@@ -76,6 +77,19 @@ def test_serve_against_gateway_sweep_and_engine_then_compare(mesh, tmp_path):
     assert pngs in ([], ["eng_cdf.png", "gw_cdf.png"])  # no sweep plot: one finite rate only
     out = _bench("compare", str(tmp_path / "eng.json"), str(tmp_path / "gw.json")).stdout
     assert "out_tokens_n" in out and "workloads differ" in out
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_serve_openai_backend_against_llmesh_http_front(mesh, tmp_path, endpoint):
+    """The OpenAI backend drives llmesh's own HTTP front and times every token as the gRPC one."""
+    base_url = f"http://127.0.0.1:{mesh.cfg.http_port}/v1"
+    _bench("serve", "--backend", "openai", "--base-url", base_url, "--openai-endpoint", endpoint,
+           "--max-concurrency", "3", "--name", "oa", "--results-dir", str(tmp_path), "--no-plots", *SMALL)
+    doc = json.loads((tmp_path / "oa.json").read_text())
+    m = _well_formed(doc)
+    assert doc["workload"]["target"] == "openai" and doc["workload"]["address"] == base_url
+    assert m["completed_n"] == 6 and m["failed_n"] == 0 and m["out_tokens_n"] == 24
+    assert 0 < m["ttft_p50_ms"] <= m["e2e_p50_ms"] and m["tpot_p50_ms"] > 0
 
 
 def test_overhead_direct_vs_mesh(mesh):

@@ -197,7 +197,7 @@ def test_model_not_allowed_403_unknown_404(mesh):
 
 
 @pytest.mark.parametrize("kw,param", [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 10_000}, None),

@@ -123,6 +123,7 @@ class EngineCore:
             cache_salt=request.cache_salt,
             eos_token_ids=request.eos_token_ids,
             max_model_len=self.max_model_len,
+            fork_of=request.fork_of,
         )
         self.scheduler.add_request(req)
         return req

@@ -27,6 +27,8 @@ class EngineCoreRequest:
     eos_token_ids: frozenset[int]
     priority: int = Priority.INTERACTIVE
     cache_salt: str | None = None
+    fork_of: str | None = None
+    """Parallel sampling: another choice of the same request, whose prompt blocks this one shares."""
 
 
 @dataclass

@@ -88,6 +88,20 @@ class KVCacheManager:
             block_ids.append(block.block_id)
         return ComputedBlocks(block_ids, len(block_ids) * self.block_size)
 
+    def fork_blocks(self, parent: Request, child: Request) -> ComputedBlocks:
+        """The full blocks of ``parent``'s computed prompt, for ``child`` (same prompt) to share.
+
+        Parallel sampling: the choices of one request fork from the first choice once its
+        prompt is computed, holding references to its prompt blocks instead of recomputing
+        them — with or without prefix caching. Only blocks wholly inside the prompt are
+        shared (a block holding a generated token differs between choices), and at least
+        one of the child's tokens is left to compute, for its logits.
+        """
+        bs = self.block_size
+        num_full = min(parent.num_computed_tokens, parent.num_prompt_tokens, child.num_tokens - 1) // bs
+        num_full = min(num_full, len(parent.block_ids))
+        return ComputedBlocks(list(parent.block_ids[:num_full]), num_full * bs)
+
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None
     ) -> bool:

@@ -16,15 +16,23 @@ from llmesh import prefix_hash
 from llmesh.engine.async_llm import AsyncLLM
 from llmesh.engine.errors import EngineDeadError
 from llmesh.engine.request import FinishReason
+from llmesh.engine.text.token_text import TokenTexts
 from llmesh.errors import ServiceError
 from llmesh.sampling_proto import FINISH_REASONS, priority_from_proto, sampling_from_proto
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 
-def _logprobs_to_proto(lps) -> list[common_pb2.TokenLogprob]:
-    return [common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
-                                    top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
-            for lp in lps or ()]
+def _logprobs_to_proto(lps, texts: TokenTexts) -> list[common_pb2.TokenLogprob]:
+    out = []
+    for lp in lps or ():
+        token, raw = texts.of(lp.token_id)
+        top = []
+        for t, v in lp.top:
+            alt, alt_raw = texts.of(t)
+            top.append(common_pb2.TopLogprob(token_id=t, logprob=v, token=alt, token_bytes=alt_raw))
+        out.append(common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank, top=top,
+                                           token=token, token_bytes=raw))
+    return out
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
@@ -33,6 +41,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.engine, self.instance_id, self.epoch = engine, instance_id, epoch
         self.backend, self.quantization = backend, quantization
         self.model = engine.model_name
+        self.token_texts = TokenTexts(engine.tokenizer)
 
     def _unavailable(self, e: EngineDeadError) -> ServiceError:
         return ServiceError(grpc.StatusCode.UNAVAILABLE, f"engine {self.instance_id}: {e}")
@@ -54,6 +63,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                              "llmesh.prompt_tokens": len(request.prompt_token_ids)})
         span.add_event("queued")
         t0, completion, first = time.perf_counter(), 0, True
+        choices_left, cached = params.n, None
         async for out in self.engine.generate(list(request.prompt_token_ids), params, request_id=request_id,
                                               priority=priority_from_proto(request.priority),
                                               cache_salt=request.cache_salt or None):
@@ -63,19 +73,25 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                                "llmesh.cached_tokens": out.num_cached_tokens})
             completion += len(out.token_ids)
             msg = common_pb2.GenerateResponse(request_id=request_id, model=self.model, text=out.text,
-                                              token_ids=out.token_ids, logprobs=_logprobs_to_proto(out.logprobs))
+                                              token_ids=out.token_ids, index=out.index,
+                                              logprobs=_logprobs_to_proto(out.logprobs, self.token_texts))
             if out.finished:
                 if out.finish_reason is FinishReason.ERROR:
                     raise ServiceError(grpc.StatusCode.INTERNAL, f"engine {self.instance_id}: {out.error}")
                 msg.finish_reason = FINISH_REASONS[str(out.finish_reason)]
                 msg.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
-                msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
-                                                    cached_tokens=out.num_cached_tokens,
-                                                    completion_tokens=completion))
                 msg.replica = self.instance_id
-                span.set_attributes({"llmesh.cached_tokens": out.num_cached_tokens,
+                choices_left -= 1
+                if out.index == 0 or cached is None:
+                    cached = out.num_cached_tokens  # the first choice's: the others forked from it
+            if out.finished and choices_left == 0:
+                # Usage once, on the stream's last message: the prompt counts once, the
+                # completions of every choice add up.
+                msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
+                                                    cached_tokens=cached, completion_tokens=completion))
+                span.set_attributes({"llmesh.cached_tokens": cached,
                                      "llmesh.completion_tokens": completion,
-                                     "llmesh.finish_reason": str(out.finish_reason)})
+                                     "llmesh.finish_reason": str(out.finish_reason), "llmesh.n": params.n})
                 span.add_event("finished")
             yield msg
 
