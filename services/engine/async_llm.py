@@ -34,10 +34,12 @@ from llmesh.engine.errors import EngineDeadError, EngineError, InvalidRequestErr
 from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
+from llmesh.engine.metrics import EngineMetrics
 from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.stats import IterationStats, RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class AsyncLLM:
         self.model_name = loaded.config.name
         self.input_processor = InputProcessor(loaded)
         self.output_processor = OutputProcessor(self.input_processor.tokenizer)
+        self.metrics = EngineMetrics(self.model_name)
         self._publisher = publisher
         self._lock = threading.Lock()
         """Guards streams, calls and the output processor (the reader thread vs callers)."""
@@ -117,6 +120,7 @@ class AsyncLLM:
         """Stream deltas of one request. Raises InvalidRequestError before the first
         delta when the request cannot be admitted, EngineDeadError when the core is or
         goes away. Closing or cancelling the iterator aborts the request."""
+        arrival = time.monotonic()
         core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
                                                 cache_salt=cache_salt)
         stream = _Stream(asyncio.get_running_loop())
@@ -127,7 +131,7 @@ class AsyncLLM:
                 raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
                                           field="request_id")
             self._streams[request_id] = stream
-            self.output_processor.add_request(core_req)
+            self.output_processor.add_request(core_req, arrival)
         finished = False
         try:
             self._core.send(core_req)
@@ -160,7 +164,7 @@ class AsyncLLM:
         Its stream (if any) ends with an ABORT delta."""
         with self._lock:
             stream = self._streams.pop(request_id, None)
-            self.output_processor.remove(request_id)
+            self._record_abort(self.output_processor.remove(request_id))
         if stream is not None:
             _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
         found, freed = await self.call(abort_with_result, request_id)
@@ -214,7 +218,7 @@ class AsyncLLM:
             if self._streams.get(request_id) is not stream:
                 return
             del self._streams[request_id]
-            self.output_processor.remove(request_id)
+            self._record_abort(self.output_processor.remove(request_id))
             if self._dead is not None:
                 return
         try:
@@ -228,6 +232,7 @@ class AsyncLLM:
                 self._publisher.publish(batch)
         deliveries: dict[int, tuple[_Stream, list]] = {}
         stopped: list[str] = []
+        iteration = IterationStats(step_tokens=msg.step_tokens)
         with self._lock:
             if msg.stats is not None:
                 self._stats, self._progress = msg.stats, msg.progress_time
@@ -235,7 +240,7 @@ class AsyncLLM:
                 stream = self._streams.get(out.request_id)
                 if stream is None or not self.output_processor.has(out.request_id):
                     continue  # aborted or stopped meanwhile
-                delta, hit_stop = self.output_processor.process(out)
+                delta, hit_stop = self.output_processor.process(out, iteration, msg.progress_time)
                 if hit_stop:
                     stopped.append(out.request_id)
                 if delta.finished:
@@ -249,6 +254,7 @@ class AsyncLLM:
                            else EngineError(f"the engine core could not admit the request: {rej.message}"))
                     deliveries.setdefault(id(stream), (stream, []))[1].append(err)
             calls = [(self._calls.pop(r.call_id), r) for r in msg.utility_results if r.call_id in self._calls]
+        self.metrics.record(msg.stats, None if iteration.is_empty else iteration)
         if stopped:
             try:
                 self._core.send(AbortRequests(stopped, FinishReason.STOP))
@@ -258,6 +264,14 @@ class AsyncLLM:
             _deliver(stream, items)
         for (loop, fut), res in calls:
             _resolve(loop, fut, res.result, res.error)
+
+    def _record_abort(self, stats: RequestStats | None) -> None:
+        """A live request the caller gave up on (cancel, disconnect, Abort) ends as 'abort'."""
+        if stats is None:
+            return
+        iteration = IterationStats()
+        iteration.finish(stats, str(FinishReason.ABORT), time.monotonic())
+        self.metrics.record(None, iteration)
 
     def _on_death(self, reason: str) -> None:
         self._fail_all(reason)
