@@ -9,7 +9,8 @@ Endpoint, headers, TLS, batching and sampling follow the same variables, read by
 ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` picks ``grpc`` (default) or ``http/protobuf``.
 
 Background traffic is kept out of the traces, or it would bury the requests: health
-checks, the router's Load/Info polls, the engines' heartbeats and reflection are never
+checks, the router's Load/Info polls, the engines' heartbeats and KV-event streams and
+reflection are never
 traced (a filter on both the client and the server interceptors), and a model-list poll
 (``Router/ListModels``) is traced only inside a request's trace, never as a root.
 """
@@ -22,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+# The SDK's own reading of OTEL_TRACES_SAMPLER(_ARG), which NoRootForPolls wraps.
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, _get_from_env_or_default
 
 _provider: TracerProvider | None = None
@@ -32,10 +34,12 @@ UNTRACED_METHODS = frozenset({
     "/llmesh.v1.Engine/Load",
     "/llmesh.v1.Engine/Info",
     "/llmesh.v1.PrefixIndex/Heartbeat",
+    "/llmesh.v1.PrefixIndex/Publish",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 })
-"""Polls and probes: no span at all, on either side."""
+"""Polls, probes and the engines' KV-event stream (one span per connection, open for the
+engine's life, parent of nothing): no span at all, on either side."""
 
 NO_ROOT_METHODS = frozenset({"/llmesh.v1.Router/ListModels"})
 """Called by requests (a client's ListModels) and by background refreshes alike: traced
