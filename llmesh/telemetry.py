@@ -10,9 +10,9 @@ Endpoint, headers, TLS, batching and sampling follow the same variables, read by
 
 Background traffic is kept out of the traces, or it would bury the requests: health
 checks, the router's Load/Info polls, the engines' heartbeats and KV-event streams and
-reflection are never
-traced (a filter on both the client and the server interceptors), and a model-list poll
-(``Router/ListModels``) is traced only inside a request's trace, never as a root.
+reflection are never traced (a filter on both the client and the server interceptors),
+and a model-list poll (``Router/ListModels``) is traced only inside a request's trace,
+never as a root.
 """
 
 from __future__ import annotations
