@@ -1,5 +1,6 @@
 """What every llmesh gRPC server has: one error interceptor, tracing, the standard
-health service, reflection, Prometheus metrics and a graceful shutdown.
+health service, reflection, Prometheus metrics (every RPC counted by status code, and
+failures logged with their reason: rpc_outcomes) and a graceful shutdown.
 
 A service builds a ``ServiceConfig`` subclass, registers its servicers in a
 ``GrpcServer`` and calls ``run()``; on SIGTERM/SIGINT the server reports NOT_SERVING,
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from llmesh.config import option, require
 from llmesh.errors import ServiceError, status_for
 from llmesh.parent_death import arm_from_env
+from llmesh.rpc_outcomes import RpcOutcomeInterceptor
 from llmesh.tls import server_credentials
 from llmesh.telemetry import current_trace_id, server_interceptors, setup_tracing, shutdown_tracing
 
@@ -165,7 +167,7 @@ class GrpcServer:
         setup_tracing(f"llmesh-{name}")
         self.name, self.config, self._on_shutdown = name, config, on_shutdown
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), ErrorInterceptor()],
+            interceptors=[*server_interceptors(), RpcOutcomeInterceptor(), ErrorInterceptor()],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.health = health.aio.HealthServicer()

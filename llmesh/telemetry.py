@@ -5,7 +5,14 @@ W3C trace context always travels in gRPC metadata (``traceparent``), so one requ
 one trace across gateway → router → engine. Export is on when the environment asks for
 it: ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` set, or
 ``OTEL_TRACES_EXPORTER=otlp|console``; ``OTEL_SDK_DISABLED=true`` turns tracing off.
-Endpoint, headers, TLS, batching and sampling follow the same variables, read by the SDK.
+Endpoint, headers, TLS, batching and sampling follow the same variables, read by the SDK;
+``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` picks ``grpc`` (default) or ``http/protobuf``.
+
+Background traffic is kept out of the traces, or it would bury the requests: health
+checks, the router's Load/Info polls, the engines' heartbeats and KV-event streams and
+reflection are never traced (a filter on both the client and the server interceptors),
+and a model-list poll (``Router/ListModels``) is traced only inside a request's trace,
+never as a root.
 """
 
 from __future__ import annotations
@@ -16,8 +23,44 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+# The SDK's own reading of OTEL_TRACES_SAMPLER(_ARG), which NoRootForPolls wraps.
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, _get_from_env_or_default
 
 _provider: TracerProvider | None = None
+
+UNTRACED_METHODS = frozenset({
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/llmesh.v1.Engine/Load",
+    "/llmesh.v1.Engine/Info",
+    "/llmesh.v1.PrefixIndex/Heartbeat",
+    "/llmesh.v1.PrefixIndex/Publish",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+})
+"""Polls, probes and the engines' KV-event stream (one span per connection, open for the
+engine's life, parent of nothing): no span at all, on either side."""
+
+NO_ROOT_METHODS = frozenset({"/llmesh.v1.Router/ListModels"})
+"""Called by requests (a client's ListModels) and by background refreshes alike: traced
+as part of a request's trace, dropped when it would start a trace of its own."""
+
+
+class NoRootForPolls(Sampler):
+    """Drops the root spans of NO_ROOT_METHODS; every other decision is ``inner``'s (the
+    sampler OTEL_TRACES_SAMPLER configures)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None) -> SamplingResult:
+        if name in NO_ROOT_METHODS and not trace.get_current_span(parent_context).get_span_context().is_valid:
+            return SamplingResult(Decision.DROP)
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"NoRootForPolls{{{self.inner.get_description()}}}"
 
 
 def _exporter_kind() -> str | None:
@@ -37,12 +80,10 @@ def setup_tracing(service: str) -> TracerProvider | None:
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=NoRootForPolls(_get_from_env_or_default()))
     kind = _exporter_kind()
     if kind == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
     elif kind == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif kind is not None:
@@ -50,6 +91,18 @@ def setup_tracing(service: str) -> TracerProvider | None:
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
+
+
+def _otlp_exporter():
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (use grpc or http/protobuf)")
+    return OTLPSpanExporter()
 
 
 def shutdown_tracing() -> None:
@@ -63,14 +116,22 @@ def server_interceptors() -> list:
     """Interceptors that open a server span per RPC, parented by the caller's traceparent."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor(filter_=_traced)]
 
 
 def client_interceptors() -> list:
     """Interceptors that open a client span per call and send traceparent downstream."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors(filter_=_traced))
+
+
+def _traced(call_details) -> bool:
+    """The instrumentation's filter: True for the calls that get a span."""
+    method = call_details.method
+    if isinstance(method, bytes):  # some grpc versions hand the client side bytes
+        method = method.decode()
+    return method not in UNTRACED_METHODS
 
 
 def tracer(name: str) -> trace.Tracer:

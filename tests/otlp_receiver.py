@@ -1,4 +1,5 @@
-"""A real OTLP/gRPC trace receiver for tests: the collector's TraceService, in-process."""
+"""Real OTLP trace receivers for tests, in-process: the collector's gRPC TraceService
+(``OtlpReceiver``) and its HTTP/protobuf endpoint, POST /v1/traces (``OtlpHttpReceiver``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -29,6 +31,10 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self.lock = threading.Lock()
 
     def Export(self, request, context):
+        self.add(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         got = []
         for rs in request.resource_spans:
             service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
@@ -39,7 +45,6 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                                             s.parent_span_id.hex(), attrs, tuple(e.name for e in s.events)))
         with self.lock:
             self.spans.extend(got)
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 def _value(v):
@@ -47,7 +52,26 @@ def _value(v):
     return getattr(v, kind) if kind else None
 
 
-class OtlpReceiver:
+class _Spans:
+    _collector: _Collector
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self._collector.lock:
+            return list(self._collector.spans)
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> list[ReceivedSpan]:
+        """Spans, once ``predicate(spans)`` holds (TimeoutError with what arrived otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = self.spans()
+            if predicate(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"spans did not arrive; got {[(s.service, s.name) for s in spans]}")
+            time.sleep(0.1)
+
+
+class OtlpReceiver(_Spans):
     """``with OtlpReceiver() as r:`` then point OTEL_EXPORTER_OTLP_ENDPOINT at ``r.endpoint``."""
 
     def __init__(self) -> None:
@@ -64,17 +88,41 @@ class OtlpReceiver:
     def __exit__(self, *exc) -> None:
         self._server.stop(0)
 
-    def spans(self) -> list[ReceivedSpan]:
-        with self._collector.lock:
-            return list(self._collector.spans)
 
-    def wait_for(self, predicate, timeout: float = 15.0) -> list[ReceivedSpan]:
-        """Spans, once ``predicate(spans)`` holds (TimeoutError with what arrived otherwise)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            spans = self.spans()
-            if predicate(spans):
-                return spans
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"spans did not arrive; got {[(s.service, s.name) for s in spans]}")
-            time.sleep(0.1)
+class OtlpHttpReceiver(_Spans):
+    """OTLP over HTTP/protobuf: ``with OtlpHttpReceiver() as r:``, then set
+    OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf and OTEL_EXPORTER_OTLP_ENDPOINT=``r.endpoint``
+    (the exporter posts to ``<endpoint>/v1/traces``)."""
+
+    def __init__(self) -> None:
+        self._collector = collector = _Collector()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                    self.send_error(404 if self.path != "/v1/traces" else 415)
+                    return
+                collector.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass  # quiet: the test output is not the place for access logs
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> OtlpHttpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

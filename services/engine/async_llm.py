@@ -34,11 +34,13 @@ from llmesh.engine.errors import EngineDeadError, EngineError, InvalidRequestErr
 from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
+from llmesh.engine.metrics import EngineMetrics
 from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.parallel_sampling import fan_out
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.stats import IterationStats, RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class AsyncLLM:
         self.model_name = loaded.config.name
         self.input_processor = InputProcessor(loaded)
         self.output_processor = OutputProcessor(self.input_processor.tokenizer)
+        self.metrics = EngineMetrics(self.model_name)
         self._publisher = publisher
         self._lock = threading.Lock()
         """Guards streams, calls and the output processor (the reader thread vs callers)."""
@@ -120,6 +123,7 @@ class AsyncLLM:
         """Stream deltas of one request. Raises InvalidRequestError before the first
         delta when the request cannot be admitted, EngineDeadError when the core is or
         goes away. Closing or cancelling the iterator aborts the request."""
+        arrival = time.monotonic()
         core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
                                                 cache_salt=cache_salt)
         choices = fan_out(core_req)
@@ -134,7 +138,7 @@ class AsyncLLM:
                                           field="request_id")
             for c in choices:
                 self._streams[c.request_id] = stream
-                self.output_processor.add_request(c)
+                self.output_processor.add_request(c, arrival)
             if len(choices) > 1:
                 self._choices[request_id] = list(index_of)
         live = set(index_of)
@@ -178,7 +182,7 @@ class AsyncLLM:
             return AbortResult(any(r.found for r in results), sum(r.freed_blocks for r in results))
         with self._lock:
             stream = self._streams.pop(request_id, None)
-            self.output_processor.remove(request_id)
+            self._record_abort(self.output_processor.remove(request_id))
         if stream is not None:
             _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
         found, freed = await self.call(abort_with_result, request_id)
@@ -232,7 +236,7 @@ class AsyncLLM:
             if self._streams.get(request_id) is not stream:
                 return
             del self._streams[request_id]
-            self.output_processor.remove(request_id)
+            self._record_abort(self.output_processor.remove(request_id))
             if self._dead is not None:
                 return
         try:
@@ -246,6 +250,7 @@ class AsyncLLM:
                 self._publisher.publish(batch)
         deliveries: dict[int, tuple[_Stream, list]] = {}
         stopped: list[str] = []
+        iteration = IterationStats(step_tokens=msg.step_tokens)
         with self._lock:
             if msg.stats is not None:
                 self._stats, self._progress = msg.stats, msg.progress_time
@@ -253,7 +258,7 @@ class AsyncLLM:
                 stream = self._streams.get(out.request_id)
                 if stream is None or not self.output_processor.has(out.request_id):
                     continue  # aborted or stopped meanwhile
-                delta, hit_stop = self.output_processor.process(out)
+                delta, hit_stop = self.output_processor.process(out, iteration, msg.progress_time)
                 if hit_stop:
                     stopped.append(out.request_id)
                 if delta.finished:
@@ -267,6 +272,7 @@ class AsyncLLM:
                            else EngineError(f"the engine core could not admit the request: {rej.message}"))
                     deliveries.setdefault(id(stream), (stream, []))[1].append(err)
             calls = [(self._calls.pop(r.call_id), r) for r in msg.utility_results if r.call_id in self._calls]
+        self.metrics.record(msg.stats, None if iteration.is_empty else iteration)
         if stopped:
             try:
                 self._core.send(AbortRequests(stopped, FinishReason.STOP))
@@ -276,6 +282,14 @@ class AsyncLLM:
             _deliver(stream, items)
         for (loop, fut), res in calls:
             _resolve(loop, fut, res.result, res.error)
+
+    def _record_abort(self, stats: RequestStats | None) -> None:
+        """A live request the caller gave up on (cancel, disconnect, Abort) ends as 'abort'."""
+        if stats is None:
+            return
+        iteration = IterationStats()
+        iteration.finish(stats, str(FinishReason.ABORT), time.monotonic())
+        self.metrics.record(None, iteration)
 
     def _on_death(self, reason: str) -> None:
         self._fail_all(reason)

@@ -7,11 +7,13 @@ is emitted, the stop string never is, and the caller finishes the request in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason
+from llmesh.engine.stats import IterationStats, RequestStats
 from llmesh.engine.text.detokenizer import IncrementalDetokenizer
 from llmesh.engine.text.stop import StopStringMatcher
 from llmesh.engine.text.tokenizer import Tokenizer
@@ -22,6 +24,7 @@ class _RequestState:
     prompt_token_ids: list[int]
     detokenizer: IncrementalDetokenizer
     stop: StopStringMatcher | None
+    stats: RequestStats = field(default_factory=lambda: RequestStats(time.monotonic(), 0))
 
 
 class OutputProcessor:
@@ -29,30 +32,41 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._states: dict[str, _RequestState] = {}
 
-    def add_request(self, req: EngineCoreRequest) -> None:
+    def add_request(self, req: EngineCoreRequest, arrival_time: float | None = None) -> None:
+        """``arrival_time``: time.monotonic() when the request reached the front end (now if None)."""
         sp = req.sampling_params
         self._states[req.request_id] = _RequestState(
             prompt_token_ids=req.prompt_token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens),
             stop=StopStringMatcher(sp.stop) if sp.stop else None,
+            stats=RequestStats(time.monotonic() if arrival_time is None else arrival_time,
+                               len(req.prompt_token_ids)),
         )
 
     def has(self, request_id: str) -> bool:
         return request_id in self._states
 
-    def remove(self, request_id: str) -> None:
-        self._states.pop(request_id, None)
+    def remove(self, request_id: str) -> RequestStats | None:
+        """Forget a request; returns its timeline (None when it was not live)."""
+        st = self._states.pop(request_id, None)
+        return st.stats if st is not None else None
 
     def prompt_token_ids(self, request_id: str) -> list[int]:
         return self._states[request_id].prompt_token_ids
 
-    def process(self, out: EngineCoreOutput) -> tuple[RequestOutput, bool]:
+    def process(self, out: EngineCoreOutput, iteration: IterationStats | None = None,
+                step_time: float = 0.0) -> tuple[RequestOutput, bool]:
         """The delta for one core output.
 
         Returns the delta and whether a stop string just ended the request (the caller
         then finishes it in the core with STOP). Finished requests are forgotten here.
+        With ``iteration``, the output's tokens and timings (``step_time``: when the core's
+        step ended) are accounted there.
         """
         st = self._states[out.request_id]
+        now = time.monotonic()
+        if iteration is not None:
+            iteration.update_from_output(out, st.stats, step_time, now)
         text = st.detokenizer.add(out.new_token_ids)
         hit_stop, stop_string = False, None
         if st.stop is not None:
@@ -77,6 +91,8 @@ class OutputProcessor:
         )
         if finished:
             self.remove(out.request_id)
+            if iteration is not None:
+                iteration.finish(st.stats, str(delta.finish_reason), now)
         return delta, hit_stop
 
     def _flush(self, st: _RequestState) -> str:

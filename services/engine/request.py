@@ -72,6 +72,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     """Chained hashes of the full blocks of ``all_token_ids`` computed so far."""
     num_preemptions: int = 0
+    scheduled_time: float = 0.0
+    """time.monotonic() at the first admission (0.0 while never scheduled)."""
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""

@@ -35,6 +35,7 @@ Unknown or already finished ids given to ``finish_request`` / ``abort_request`` 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Mapping
 
@@ -60,6 +61,10 @@ class Scheduler:
         """Finished since the last schedule(); reported in its output."""
         self.num_preemptions_total = 0
         """Preemptions since start (a metric)."""
+        self.prefix_cache_queries_total = 0
+        self.prefix_cache_hits_total = 0
+        """Prompt tokens looked up in the prefix cache at first admissions, and those found
+        (metrics; counted once per request, as a recomputed preempted request hits again)."""
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -245,6 +250,9 @@ class Scheduler:
         self._waiting[request.priority].popleft()
         if request.status is RequestStatus.WAITING:
             request.num_cached_tokens = computed.num_computed_tokens
+            request.scheduled_time = time.monotonic()
+            self.prefix_cache_queries_total += request.num_tokens
+            self.prefix_cache_hits_total += computed.num_computed_tokens
         request.num_computed_tokens = computed.num_computed_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)

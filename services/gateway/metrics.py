@@ -8,7 +8,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 
 REQUESTS = Counter(
     "llmesh_gateway_requests_total", "Finished Inference calls, by RPC, model and final status code.",
-    ["rpc", "model", "status"])
+    ["rpc", "model", "code"])
 PROMPT_TOKENS = Counter(
     "llmesh_gateway_prompt_tokens_total", "Prompt tokens sent to the router (after chat templates).",
     ["model"])

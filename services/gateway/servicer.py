@@ -204,6 +204,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield resp
         except BaseException as e:
             status = _status_name(e, context)
+            usage.error = _error_reason(e, status)
             requested = request.model.strip() or AUTO
             if not usage.model and (requested == AUTO or requested in self._catalog.names):
                 usage.model = requested  # a known name: a bounded metric label
@@ -337,6 +338,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         with _tracer.start_as_current_span(f"gateway.{usage.rpc}", attributes=attributes,
                                            record_exception=False, set_status_on_exception=False) as span:
             span.set_attribute("llmesh.routing", "proxy" if self._direct is None else "direct")
+            usage.trace_id = format(span.get_span_context().trace_id, "032x")
             call = (self._router.Generate(route, timeout=_time_remaining(context)) if self._direct is None else
                     self._direct.stream(route, lambda: _time_remaining(context)))
             metrics.IN_FLIGHT.inc()
@@ -404,6 +406,16 @@ def _status_name(exc: BaseException, context: CallContext) -> str:
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     mapped = status_for(exc) if isinstance(exc, Exception) else None
     return mapped[0].name if mapped is not None else "INTERNAL"
+
+
+def _error_reason(exc: BaseException, status: str) -> str:
+    """What the caller was told (for the usage line)."""
+    mapped = status_for(exc) if isinstance(exc, Exception) else None
+    if mapped is not None:
+        return mapped[1]
+    if status in ("CANCELLED", "DEADLINE_EXCEEDED"):
+        return "the caller cancelled the call" if status == "CANCELLED" else "the caller's deadline passed"
+    return f"internal error ({type(exc).__name__}: {exc})"
 
 
 class UndecodableRequest:

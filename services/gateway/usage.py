@@ -1,7 +1,8 @@
 """Usage accounting: one structured log line and the metrics of each finished stream.
 
 The log line is the billing and debugging record of a request: it carries the trace id
-(so the Jaeger trace can be found from it), the model, the final status, the token
+(so the Jaeger trace can be found from it), the model, the final status and, when it
+failed, why (the message the caller got), the token
 counts the engine reported and the latencies the client saw.
 """
 
@@ -40,6 +41,10 @@ class UsageRecord:
     tenant: str = ""
     key_id: str = ""
     """The API key's id (never the key); empty without auth."""
+    error: str = ""
+    """Why the call failed (the message the caller got); empty when it succeeded."""
+    trace_id: str = ""
+    """The request's trace (set once its span starts; else the current span's is logged)."""
 
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
         """Account one streamed message."""
@@ -69,9 +74,11 @@ class UsageRecord:
         metrics.COMPLETION_TOKENS.labels(label).inc(self.completion_tokens)
         if self.ttft_s is not None:
             metrics.TTFT.labels(label).observe(self.ttft_s)
-        log.info("usage", extra={
-            "trace_id": current_trace_id(), "rpc": self.rpc, "request_id": self.request_id,
-            "model": self.model or self.requested_model, "status": status, "finish_reason": self.finish_reason,
+        level = logging.INFO if status in ("OK", "CANCELLED") else logging.WARNING
+        log.log(level, "usage", extra={
+            "trace_id": self.trace_id or current_trace_id(), "rpc": self.rpc, "request_id": self.request_id,
+            "model": self.model or self.requested_model, "status": status, "error": self.error,
+            "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "ttft_ms": round(1000 * self.ttft_s, 1) if self.ttft_s is not None else None,

@@ -334,8 +334,8 @@ def test_metrics_count_requests_tokens_and_ttft(mesh, client):
         assert found, f"{name}{labels} not in /metrics"
         return sum(found)
 
-    assert value("llmesh_gateway_requests_total", rpc="Generate", model=MODEL, status="OK") >= 1
-    assert value("llmesh_gateway_requests_total", rpc="Generate", model=MODEL, status="INVALID_ARGUMENT") >= 1
+    assert value("llmesh_gateway_requests_total", rpc="Generate", model=MODEL, code="OK") >= 1
+    assert value("llmesh_gateway_requests_total", rpc="Generate", model=MODEL, code="INVALID_ARGUMENT") >= 1
     assert value("llmesh_gateway_completion_tokens_total", model=MODEL) >= 5
     assert value("llmesh_gateway_prompt_tokens_total", model=MODEL) > 0
     assert value("llmesh_gateway_ttft_seconds_count", model=MODEL) >= 1

@@ -70,4 +70,4 @@ def test_refusals_are_counted_in_metrics(mesh):
     assert samples[("llmesh_gateway_rate_limited_total", (("limit", "requests_per_minute"),))] >= 1
     assert samples[("llmesh_gateway_auth_failures_total", (("reason", "missing"),))] >= 1
     assert samples[("llmesh_gateway_requests_total",
-                    (("model", MODEL), ("rpc", "Generate"), ("status", "RESOURCE_EXHAUSTED")))] >= 1
+                    (("code", "RESOURCE_EXHAUSTED"), ("model", MODEL), ("rpc", "Generate")))] >= 1

@@ -126,11 +126,12 @@ class EngineCoreProc:
                     break
                 if self.core.has_unfinished_requests():
                     report.outputs = self._step()
+                    report.step_tokens = self.core.last_step_tokens
                 self._progress = time.monotonic()
                 report.kv_events = self._publisher.take()
                 now = time.monotonic()
-                if (report.outputs or report.rejected or report.utility_results or report.kv_events
-                        or now - last_sent >= IDLE_TICK_S):
+                if (report.outputs or report.step_tokens or report.rejected or report.utility_results
+                        or report.kv_events or now - last_sent >= IDLE_TICK_S):
                     report.stats, report.progress_time = self.core.stats(), self._progress
                     self._outbox.put(report)
                     last_sent = now

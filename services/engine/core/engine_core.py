@@ -66,6 +66,8 @@ class EngineCore:
         """The launched step whose tokens the host has not landed yet."""
         self._steps = 0
         self._last_step_time = time.monotonic()
+        self.last_step_tokens = 0
+        """Tokens the last step scheduled (the iteration-tokens metric)."""
 
     # ---- construction -----------------------------------------------------------------
     def _init_device(self) -> None:
@@ -148,6 +150,7 @@ class EngineCore:
             outputs.extend(self._land(self._inflight))
             self._inflight = None
         scheduled = self.scheduler.schedule()
+        self.last_step_tokens = scheduled.num_batched_tokens
         launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
         previous, self._inflight = self._inflight, launched
         if previous is not None:
@@ -181,12 +184,16 @@ class EngineCore:
             kv_blocks_total=self.kv.num_total_blocks,
             steps=self._steps,
             last_step_time=self._last_step_time,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries_total,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits_total,
+            num_preemptions=self.scheduler.num_preemptions_total,
         )
 
 
 def _output(req: Request, logprob) -> EngineCoreOutput:
     """What ``req`` received this step: exactly its last token (the scheduler appends one
     sampled token per request per step)."""
+    first = req.num_output_tokens == 1
     return EngineCoreOutput(
         request_id=req.request_id,
         new_token_ids=[req.output_token_ids[-1]],
@@ -194,6 +201,8 @@ def _output(req: Request, logprob) -> EngineCoreOutput:
         finish_reason=req.finish_reason if req.is_finished else None,
         stop_reason=req.stop_reason if req.is_finished else None,
         num_cached_tokens=req.num_cached_tokens,
+        queued_time=req.arrival_time if first else 0.0,
+        scheduled_time=req.scheduled_time if first else 0.0,
     )
 
 

@@ -70,6 +70,10 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     """Set when finish_reason is ERROR: why the core failed the request."""
+    queued_time: float = 0.0
+    scheduled_time: float = 0.0
+    """On a request's first output only (0.0 on later ones): time.monotonic() when the core
+    queued it and when it was first scheduled (the front end's queue and prefill times)."""
 
     @property
     def finished(self) -> bool:
@@ -79,12 +83,14 @@ class EngineCoreOutput:
         # Pickled as a constructor call on a tuple: about 2.5x faster both ways than the
         # default __dict__ state (bench/ipc_transport.py; one of these per request per step).
         return (EngineCoreOutput, (self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason,
-                                   self.stop_reason, self.num_cached_tokens, self.error))
+                                   self.stop_reason, self.num_cached_tokens, self.error, self.queued_time,
+                                   self.scheduled_time))
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the core's load (the gRPC ``Load`` RPC reports it)."""
+    """A snapshot of the core's load (the gRPC ``Load`` RPC reports it) and its counters
+    since start (the front end turns their growth into Prometheus counters)."""
 
     num_waiting: int
     num_running: int
@@ -94,6 +100,16 @@ class EngineStats:
     last_step_time: float
     """time.monotonic() at the end of the last step (health: a stuck loop stops moving it).
     CLOCK_MONOTONIC is system-wide on Linux, so the front end can compare it with its own."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache, at each request's first admission."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""
+    num_preemptions: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by requests, 0–1 (cached free blocks count as free)."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass
@@ -124,7 +140,10 @@ class EngineCoreOutputs:
     kv_events: list[KVEventBatch] = field(default_factory=list)
     stats: EngineStats | None = None
     progress_time: float = 0.0
-    """time.monotonic() when the core last finished a step or found nothing to do."""
+    """time.monotonic() when the core last finished a step or found nothing to do (the
+    timestamp of this message's tokens, for the latency metrics)."""
+    step_tokens: int = 0
+    """Tokens the step run for this message computed (0: no step ran)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""How every RPC of every llmesh server ended: counted, timed and, when it failed, logged
+with its reason.
+
+One server interceptor (installed by ``GrpcServer``) so that each service counts its
+calls the same way, under the same label names — ``grpc_service``, ``grpc_method`` and
+``code`` (the status code's name, ``OK`` included) — and every RPC is counted, the small
+unary ones (Tokenize, ListModels, Load, health checks) as well as the streams. A failed
+call's log line carries the status code, the message the caller got and (from the log
+formatter) the trace id, so the line, the metric and the Jaeger trace lead to each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+log = logging.getLogger("llmesh.rpc")
+
+HANDLED = Counter("llmesh_rpc_server_handled", "RPCs finished, by service, method and status code.",
+                  ["grpc_service", "grpc_method", "code"])
+HANDLING_SECONDS = Histogram(
+    "llmesh_rpc_server_handling_seconds", "From an RPC's start to its end (a stream's whole life).",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0))
+
+_CALLER_FAULTS = frozenset({
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+"""Refusals of what the caller asked (logged at info); any other failure is the mesh's (warning)."""
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/pkg.Service/Method' → ('pkg.Service', 'Method')."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
+    """The status the call ends with and its message."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
+        return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
+    code = context.code()
+    if isinstance(code, int):  # set_code may hand back the raw enum value
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if code is None:
+        code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
+    details = context.details() or (f"{type(exc).__name__}: {exc}" if exc is not None else "")
+    if isinstance(details, bytes):
+        details = details.decode("utf-8", "replace")
+    return code, details
+
+
+class _Outcome:
+    def __init__(self, full_method: str) -> None:
+        self.full_method = full_method
+        self.service, self.method = split_method(full_method)
+        self.started = time.perf_counter()
+
+    def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        code, details = _final_code(context, exc)
+        HANDLED.labels(self.service, self.method, code.name).inc()
+        HANDLING_SECONDS.labels(self.service, self.method).observe(time.perf_counter() - self.started)
+        if code is grpc.StatusCode.OK:
+            return
+        level = logging.INFO if code in _CALLER_FAULTS else logging.WARNING
+        log.log(level, "rpc failed: %s %s: %s", self.full_method, code.name, details,
+                extra={"rpc": self.full_method, "code": code.name, "error": details})
+
+
+def _unary(inner, full_method: str):
+    async def handler(request, context):
+        outcome, exc = _Outcome(full_method), None
+        try:
+            return await inner(request, context)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            outcome.finish(context, exc)
+    return handler
+
+
+def _stream(inner, full_method: str):
+    async def handler(request_or_iterator, context) -> AsyncIterator:
+        outcome, exc = _Outcome(full_method), None
+        try:
+            async for item in inner(request_or_iterator, context):
+                yield item
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            outcome.finish(context, exc)
+    return handler
+
+
+class RpcOutcomeInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and logs each RPC's outcome. Goes inside the tracing interceptor (so
+    the log line carries the call's trace id) and outside the error interceptor (so it
+    sees the status that turned an exception into)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode()
+        io = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), *io)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method), *io)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, method), *io)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, method), *io)
+        return handler
