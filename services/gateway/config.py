@@ -33,6 +33,9 @@ class GatewayConfig(ServiceConfig):
     redis_failure_mode: str = option("closed", "when Redis is unreachable: 'closed' refuses calls "
                                                "(UNAVAILABLE), 'open' serves them without limits")
     redis_timeout_s: float = option(0.5, "timeout of each Redis call, in seconds")
+    engine_stall_timeout_s: float = option(
+        2.0, "direct routing: a stream whose engine has answered no health check for this long (frozen) ends "
+             "with UNAVAILABLE, or fails over before its first token, even without a client deadline")
     routing: str = option("direct", "'direct': ask the router for a route (Route) and stream from the engine "
                                     "here; 'proxy': stream through the router (Generate). See docs/routing.md")
 
