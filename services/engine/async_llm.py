@@ -8,8 +8,9 @@ its step loop never waits for the GIL held by gRPC, protobuf or detokenization w
 Commands go to the core through a pipe and are applied before its next step, so an abort
 frees the request's KV blocks within one step. Outputs come back on a reader thread that
 detokenizes them and hands deltas to each caller's event loop. A core that dies or whose
-step fails ends every stream at once with EngineDeadError, and new requests are refused.
-See docs/engine-core.md.
+step fails ends every stream at once with EngineDeadError, and new requests are refused
+until ``restart_core`` has started a fresh core (the engine service does that; see
+docs/operations.md). See docs/engine-core.md.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None, *,
                  fault_step_delay_s: float = 0.0, fault_fail_step_at: int = 0,
-                 log_level: str | None = None) -> None:
+                 fault_fail_admission: bool = False, log_level: str | None = None) -> None:
         loaded = load_model(config.model, name=config.served_model_name)  # config and tokenizer; no weights
         self.config = config
         self.model_config = loaded.config
@@ -84,10 +85,12 @@ class AsyncLLM:
         self._dead: str | None = None
         self._progress = time.monotonic()
         self._stats: EngineStats | None = None
-        self._core = CoreClient(
-            config, on_message=self._on_message, on_death=self._on_death,
-            faults=CoreFaults(step_delay_s=fault_step_delay_s, fail_at_step=fault_fail_step_at),
-            log_level=log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
+        self._faults = CoreFaults(step_delay_s=fault_step_delay_s, fail_at_step=fault_fail_step_at,
+                                  fail_admission=fault_fail_admission)
+        self._log_level = log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        self.core_starts = 1
+        """Cores started so far (1 + restarts)."""
+        self._core = self._start_core()
         ready = self._core.ready
         self.max_model_len = ready.max_model_len
         self.config.scheduler.max_model_len = ready.max_model_len
@@ -95,6 +98,28 @@ class AsyncLLM:
         self.device, self.dtype, self.quantization = ready.device, ready.dtype, ready.quantization
         if self._stats is None:
             self._stats = EngineStats(0, 0, 0, ready.num_kv_blocks, 0, time.monotonic())
+
+    def _start_core(self) -> CoreClient:
+        return CoreClient(self.config, on_message=self._on_message, on_death=self._on_death,
+                          faults=self._faults, log_level=self._log_level)
+
+    def restart_core(self) -> None:
+        """Replace a dead core with a fresh process (blocks while it loads the model; call it
+        from a thread). The old core's requests already ended with EngineDeadError and its
+        KV blocks died with it, so the new core starts empty; new requests are refused, with
+        the old core's failure as the reason, until this returns."""
+        with self._lock:
+            if self._dead is None:
+                raise RuntimeError("restart_core: the engine core is running")
+            self._dead = f"{self._dead}; a fresh engine core is starting"
+        self._core.shutdown(timeout=2)  # reap the old process (a failed core is already exiting)
+        core = self._start_core()
+        with self._lock:
+            self._core = core
+            self._stats = EngineStats(0, 0, 0, core.ready.num_kv_blocks, 0, time.monotonic())
+            self._progress = time.monotonic()
+            self.core_starts += 1
+            self._dead = None
 
     @property
     def tokenizer(self):

@@ -43,12 +43,25 @@ class CacheConfig:
                 f"num_kv_blocks must be ≥ 1, got {self.num_kv_blocks!r}")
 
 
+GPU_STEP_TOKENS = 2048
+CPU_STEP_TOKENS = 128
+"""On the CPU a step costs about 6 ms per token (SmolLM2-135M, float32), so 128 tokens keep
+a step, and with it the time an abort takes to land, under a second."""
+
+
+def default_step_tokens(device_type: str) -> int:
+    """max_num_batched_tokens when the config leaves it unset."""
+    return CPU_STEP_TOKENS if device_type == "cpu" else GPU_STEP_TOKENS
+
+
 @dataclass
 class SchedulerConfig:
     """Scheduler: batch sizes and chunked prefill."""
 
-    max_num_batched_tokens: int = option(
-        2048, "token budget of one step: a decode counts one token, a prefill chunk its length")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one step: a decode counts one token, a prefill chunk its length. None: "
+              f"{GPU_STEP_TOKENS} on a GPU, {CPU_STEP_TOKENS} on the CPU, where a step costs milliseconds "
+              "per token and an abort or a passed deadline only lands between steps")
     max_num_seqs: int = option(64, "cap on running requests")
     enable_chunked_prefill: bool = option(
         True, "split long prefills across steps so running decodes are never starved "
@@ -58,12 +71,12 @@ class SchedulerConfig:
               "and EngineConfig.max_model_len before the scheduler starts")
 
     def __post_init__(self) -> None:
-        require(self.max_num_batched_tokens >= 1,
+        require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                 f"max_num_batched_tokens must be ≥ 1, got {self.max_num_batched_tokens!r}")
         require(self.max_num_seqs >= 1, f"max_num_seqs must be ≥ 1, got {self.max_num_seqs!r}")
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
-        require(self.enable_chunked_prefill or self.max_model_len is None
+        require(self.enable_chunked_prefill or self.max_model_len is None or self.max_num_batched_tokens is None
                 or self.max_num_batched_tokens >= self.max_model_len,
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
                 f"≥ max_model_len ({self.max_model_len}) or long prompts could never be scheduled: raise "
@@ -116,6 +129,7 @@ class EngineConfig:
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
         require(self.scheduler.enable_chunked_prefill or self.max_model_len is None
+                or self.scheduler.max_num_batched_tokens is None
                 or self.scheduler.max_num_batched_tokens >= self.max_model_len,
                 f"without chunked prefill, max_num_batched_tokens ({self.scheduler.max_num_batched_tokens}) "
                 f"must be ≥ max_model_len ({self.max_model_len}) or long prompts could never be scheduled: raise "

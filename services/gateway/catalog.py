@@ -2,7 +2,8 @@
 
 Every request needs its model's window for the length check; asking the router each
 time would add a round trip to every call, so the list is refreshed every few seconds
-and read from memory. A failed refresh keeps the last list (the router may be
+and read from memory. ListModels itself asks the router each time (``fresh_cards``): it is
+rare, and its healthy-replica counts must not lag the router's view. A failed refresh keeps the last list (the router may be
 restarting); only a gateway that never got a list answers UNAVAILABLE.
 """
 
@@ -14,7 +15,7 @@ import time
 
 import grpc
 
-from llmesh.errors import unavailable
+from llmesh.errors import ServiceError, unavailable
 from llmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ class ModelCatalog:
                 await self.refresh()
             except Exception as e:  # keep serving from the last list
                 log.warning("model list refresh failed", extra={"error": str(e)})
+        return self._cards
+
+    async def fresh_cards(self) -> dict[str, router_pb2.ModelCard]:
+        """The router's cards as of now (ListModels shows replica health, which changes within
+        a health-check interval); the last list when the router cannot answer."""
+        try:
+            await self.refresh()
+        except ServiceError:
+            if self._loaded_at is None:
+                raise
+            log.warning("model list refresh failed; answering from the last list",
+                        extra={"router": self._router_address})
         return self._cards
 
     @property

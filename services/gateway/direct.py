@@ -10,18 +10,22 @@ message: the router's load view comes from its Load polls.
 One channel per engine address, created on first use and kept (with the tracing
 interceptors, so the engine's span is a child of the gateway's, and the TLS settings the
 router uses for engines). A client that goes away or whose deadline passes closes the
-stream, which cancels the engine call and so aborts the request on the engine.
+stream, which cancels the engine call and so aborts the request on the engine. An engine
+that stops answering health checks (frozen) ends its streams with UNAVAILABLE, or is
+failed over before the first token, like the router's own streams (``llmesh.router.liveness``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 
-from llmesh.errors import ServiceError, unavailable
+from llmesh.errors import unavailable
 from llmesh.router.escalation import (
     FAILOVER_CODES,
     EscalationRule,
@@ -32,6 +36,7 @@ from llmesh.router.escalation import (
     refused_error,
 )
 from llmesh.router.channels import CHANNEL_OPTIONS
+from llmesh.router.liveness import LivenessProbe, ReplicaFrozen, until_frozen
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import TLSConfig, aio_channel
 from llmesh.v1 import common_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
@@ -40,26 +45,41 @@ log = logging.getLogger(__name__)
 
 
 class EngineChannels:
-    """One channel and Engine stub per engine address, reused by every request."""
+    """One channel and Engine stub per engine address, reused by every request, and a
+    liveness probe per address while streams read from it (on a channel of its own, without
+    the tracing interceptors, so that probes do not flood the traces)."""
 
-    def __init__(self, tls: TLSConfig | None) -> None:
+    def __init__(self, tls: TLSConfig | None, stall_timeout_s: float = 2.0) -> None:
         self._tls = tls
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stall_timeout_s = stall_timeout_s
+        self._channels: list[grpc.aio.Channel] = []
         self._stubs: dict[str, engine_pb2_grpc.EngineStub] = {}
+        self._probes: dict[str, LivenessProbe] = {}
 
     def stub(self, address: str) -> engine_pb2_grpc.EngineStub:
         stub = self._stubs.get(address)
         if stub is None:
             channel = aio_channel(address, self._tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
-            self._channels[address] = channel
+            self._channels.append(channel)
             stub = self._stubs[address] = engine_pb2_grpc.EngineStub(channel)
         return stub
 
+    def probe(self, address: str) -> LivenessProbe:
+        probe = self._probes.get(address)
+        if probe is None:
+            channel = aio_channel(address, self._tls, options=CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            probe = self._probes[address] = LivenessProbe(health_pb2_grpc.HealthStub(channel), self._stall_timeout_s)
+        return probe
+
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for probe in self._probes.values():
+            probe.close()
+        for channel in self._channels:
             await channel.close()
         self._channels.clear()
         self._stubs.clear()
+        self._probes.clear()
 
 
 class DirectStreamer:
@@ -115,32 +135,27 @@ class DirectStreamer:
             call = self._engines.stub(cand.address).Generate(target.request, timeout=timeout())
             sent_any = False
             try:
-                async for msg in call:
-                    sent_any = True
-                    if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
-                        msg.replica = cand.replica
-                    yield msg
+                with self._engines.probe(cand.address).held() as liveness:
+                    async with contextlib.aclosing(until_frozen(call, liveness)) as messages:
+                        async for msg in messages:
+                            sent_any = True
+                            if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
+                                msg.replica = cand.replica
+                            yield msg
                 return
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, ReplicaFrozen) as e:
+                code, details = ((grpc.StatusCode.UNAVAILABLE, f"the engine stopped answering: {e}")
+                                 if isinstance(e, ReplicaFrozen) else (e.code(), e.details() or e.code().name))
                 if sent_any:
-                    raise midstream_error(cand.replica, cand.address, e) from None
-                if e.code() not in FAILOVER_CODES:
-                    raise refused_error(cand.replica, cand.address, e) from None
+                    raise midstream_error(cand.replica, cand.address, code, details) from None
+                if code not in FAILOVER_CODES:
+                    raise refused_error(cand.replica, cand.address, code, details) from None
                 if attempt == len(candidates) - 1:
-                    raise _last_failure(target.model, cand, e, attempt, max_failovers) from None
-                span.add_event("failover", {"llmesh.replica": cand.replica, "llmesh.error": e.details() or ""})
+                    raise exhausted_error(target.model, cand.replica, cand.address, code, details,
+                                          attempt) from None
+                span.add_event("failover", {"llmesh.replica": cand.replica, "llmesh.error": details})
                 log.warning("failover", extra={"model": target.model, "replica": cand.replica,
-                                               "address": cand.address, "error": e.details(),
+                                               "address": cand.address, "error": details,
                                                "request_id": target.request.request_id})
             finally:
                 call.cancel()
-
-
-def _last_failure(model: str, cand: router_pb2.RouteCandidate, e: grpc.aio.AioRpcError, attempt: int,
-                  max_failovers: int) -> ServiceError:
-    """All failovers used: the router's message; fewer healthy replicas than failovers: say so."""
-    if attempt == max_failovers:
-        return exhausted_error(model, cand.replica, cand.address, e, attempt)
-    return unavailable(f"no healthy replica of model {model!r} left: replica {cand.replica} ({cand.address}) "
-                       f"failed before the first token ({e.details() or e.code().name}) after {attempt} "
-                       f"failover(s), and the router named no other")

@@ -51,7 +51,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
                                      guard, config.key_pepper) if config.auth else NoAuth()
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
-    engines = EngineChannels(config) if config.routing == "direct" else None
+    engines = EngineChannels(config, config.engine_stall_timeout_s) if config.routing == "direct" else None
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
                                  defaults, None if engines is None else DirectStreamer(router, engines))
     refresher: asyncio.Task | None = None

@@ -161,7 +161,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """The router's cards the caller may use, with what only the gateway knows (the
         generation defaults it applies, whether it has a chat template) filled in."""
         caller = await self._auth.authenticate(context)
-        cards = await self._catalog.cards()
+        cards = await self._catalog.fresh_cards()
         out = inference_pb2.ListModelsResponse()
         for name, card in sorted(cards.items()):
             if caller.may_use(name):
@@ -348,7 +348,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield resp
             except grpc.aio.AioRpcError as e:
                 span.set_status(Status(StatusCode.ERROR, e.code().name))
-                if e.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or ""):
+                # Only the channel's own connection error is about the router: the router's
+                # errors about engines may quote an engine's "failed to connect" too.
+                if e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").startswith("failed to connect"):
                     raise unavailable(f"the router at {self._config.router} is unreachable; try again "
                                       f"shortly ({e.details()})") from None
                 raise

@@ -27,13 +27,18 @@ class RouterConfig(ServiceConfig):
     health_check_interval_s: float = option(
         0.5, "seconds between health checks of each replica (a dead one leaves the pool within about this)")
     health_check_timeout_s: float = option(1.0, "deadline of one health check; a replica that misses it is unhealthy")
+    stream_stall_timeout_s: float = option(
+        2.0, "a stream whose replica has answered no health check for this long (a frozen engine) ends with "
+             "UNAVAILABLE, or fails over before its first token, even without a client deadline; it ends "
+             "within about this plus health_check_interval_s + health_check_timeout_s")
     load_poll_interval_s: float = option(0.5, "seconds between Load polls of each healthy replica")
     index_timeout_s: float = option(
         0.25, "deadline of the prefix-index Match; past it the replica is chosen by load alone (advisory index)")
     startup_wait_s: float = option(
         5.0, "at start, wait up to this long for the first health check of every replica before serving")
     max_failovers: int = option(
-        2, "extra replicas tried when one fails before the first token (UNAVAILABLE)")
+        2, "extra replicas tried when one fails before the first token (UNAVAILABLE, INTERNAL, UNKNOWN, "
+           "or frozen)")
     auto_long_prompt_tokens: int = option(
         1024, "'auto' policy: prompts with more tokens than this go to the large model")
     auto_task_hints: bool = option(
@@ -55,7 +60,7 @@ class RouterConfig(ServiceConfig):
         require(self.cache_weight >= 0, f"cache_weight must be >= 0, got {self.cache_weight}")
         require(self.load_weight >= 0, f"load_weight must be >= 0, got {self.load_weight}")
         for name in ("health_check_interval_s", "health_check_timeout_s", "load_poll_interval_s",
-                     "index_timeout_s"):
+                     "index_timeout_s", "stream_stall_timeout_s"):
             value = getattr(self, name)
             require(value > 0, f"{name} must be > 0, got {value}")
         require(self.startup_wait_s >= 0, f"startup_wait_s must be >= 0, got {self.startup_wait_s}")

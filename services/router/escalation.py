@@ -9,9 +9,11 @@ the large model's stream; otherwise the held messages are released and the strea
 on. Log-probabilities the caller did not ask for are stripped. A small stream that ends
 before that many tokens is judged on the tokens it has.
 
-Failover: a replica failing with a code in ``FAILOVER_CODES`` before its first message
-is skipped for the next candidate; after the first message the failure is reported with
-``midstream_error`` (the caller holds part of the output).
+Failover: a replica failing with a code in ``FAILOVER_CODES`` (or frozen, see
+``liveness``) before its first message is skipped for the next candidate; after the first
+message the failure is reported with ``midstream_error`` (the caller holds part of the
+output, so a retry elsewhere would repeat tokens). Every error names the engine as
+"engine <instance id> at <address>".
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import grpc
 from llmesh.errors import ServiceError, unavailable
 from llmesh.v1 import common_pb2
 
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-"""Codes that mean "this replica could not take the request" (dead, shutting down)."""
-REPLICA_FAULT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
-                                 grpc.StatusCode.INTERNAL})
-"""Codes that, after the first token, are reported as the replica's failure."""
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+"""Codes that are the replica's fault, not the request's (dead, restarting its core, shutting
+down, failing): before the first token the request moves to another replica and this one
+leaves its pool until a health check passes; after it they are reported as the replica's
+failure. DEADLINE_EXCEEDED is not one: the engine call carries the caller's own deadline,
+so it says nothing about the replica (a frozen one is caught by liveness.py instead)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +110,35 @@ async def escalating(rule: EscalationRule, small: AsyncIterator[common_pb2.Gener
             yield msg
 
 
-def midstream_error(replica: str, address: str, e: grpc.aio.AioRpcError) -> ServiceError:
+def engine_where(replica: str, address: str) -> str:
+    """A replica as errors name it: "engine <instance id> at <address>" (the address once)."""
+    return f"engine {replica}" if address in replica else f"engine {replica} at {address}"
+
+
+def _detail(where: str, code: grpc.StatusCode, details: str) -> str:
+    """The engine's own message, without the prefix that repeats who it is."""
+    details = (details or code.name).removeprefix(f"{where} is unavailable: ").removeprefix(f"{where}: ")
+    return f"{code.name}: {details}"
+
+
+def midstream_error(replica: str, address: str, code: grpc.StatusCode, details: str) -> ServiceError:
     """The caller's error when a replica fails after its first message."""
-    where = f"replica {replica} ({address})"
-    if e.code() not in REPLICA_FAULT_CODES:
-        return ServiceError(e.code(), f"{where}: {e.details() or e.code().name}")
-    return unavailable(f"{where} failed after the first token ({e.code().name}: {e.details()}); "
+    where = engine_where(replica, address)
+    if code not in FAILOVER_CODES:
+        return ServiceError(code, f"{where}: {details or code.name}")
+    return unavailable(f"{where} failed after the first token ({_detail(where, code, details)}); "
                        f"the partial output cannot be resumed on another replica, retry the request")
 
 
-def refused_error(replica: str, address: str, e: grpc.aio.AioRpcError) -> ServiceError:
+def refused_error(replica: str, address: str, code: grpc.StatusCode, details: str) -> ServiceError:
     """The caller's error when a replica refuses a request with a non-failover code."""
-    return ServiceError(e.code(), f"replica {replica} ({address}): {e.details() or e.code().name}")
+    return ServiceError(code, f"{engine_where(replica, address)}: {details or code.name}")
 
 
-def exhausted_error(model: str, replica: str, address: str, e: grpc.aio.AioRpcError, failovers: int
-                    ) -> ServiceError:
-    """The caller's error when the last allowed replica failed before the first token."""
-    return unavailable(f"model {model!r}: replica {replica} ({address}) failed before the first token "
-                       f"({e.details() or e.code().name}) and {failovers} failover(s) failed too")
+def exhausted_error(model: str, replica: str, address: str, code: grpc.StatusCode, details: str,
+                    failovers: int) -> ServiceError:
+    """The caller's error when the last replica tried failed before the first token."""
+    where = engine_where(replica, address)
+    tail = (f"{failovers} other replica(s) of model {model!r} failed too" if failovers
+            else f"no other replica of model {model!r} is healthy")
+    return unavailable(f"{where} is unavailable ({_detail(where, code, details)}); {tail}")

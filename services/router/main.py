@@ -18,7 +18,8 @@ async def serve(config: RouterConfig) -> None:
     models = load_models_file(config.models_file)
     fleet = Fleet(models, health_check_interval_s=config.health_check_interval_s,
                   health_check_timeout_s=config.health_check_timeout_s,
-                  load_poll_interval_s=config.load_poll_interval_s, tls=config)
+                  load_poll_interval_s=config.load_poll_interval_s,
+                  stream_stall_timeout_s=config.stream_stall_timeout_s, tls=config)
     policy = ModelPolicy(
         models,
         AutoPolicy(long_prompt_tokens=config.auto_long_prompt_tokens, task_hints=config.auto_task_hints,

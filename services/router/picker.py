@@ -29,6 +29,7 @@ import grpc
 from llmesh.errors import unavailable
 from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.router import metrics
+from llmesh.router.escalation import engine_where
 from llmesh.router.replicas import CHANNEL_OPTIONS, Replica, ReplicaPool
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import TLSConfig, aio_channel
@@ -133,6 +134,7 @@ def _none_left(pool: ReplicaPool, exclude: set[str]) -> str:
         return (f"model {pool.model!r} has no replica addresses in the models file "
                 f"(is its engine started, e.g. by `llmesh up`?)")
     states = "; ".join(
-        f"{r.address}: {'failed for this request' if r.address in exclude else (r.last_error or 'starting')}"
+        f"{engine_where(r.name, r.address)}: "
+        f"{'failed for this request' if r.address in exclude else (r.last_error or 'starting')}"
         for r in pool.replicas if not (r.healthy and r.address not in exclude))
     return f"no healthy replica of model {pool.model!r} ({len(pool.replicas)} configured; {states})"

@@ -5,7 +5,9 @@ per replica polls ``grpc.health.v1`` Check every ``health_check_interval_s``: a 
 that dies, stalls or reports NOT_SERVING leaves its pool at the next check (within
 about one interval; a failed Generate call takes it out at once), and when it answers
 SERVING again its ``Info`` is fetched anew — a restarted engine has a new instance id
-and maybe a new block size — before it rejoins. A second task polls ``Load``.
+and maybe a new block size — before it rejoins. A second task polls ``Load``. The same
+checks feed the replica's ``Liveness``: streams from an engine that has answered no check
+for ``stream_stall_timeout_s`` (frozen) end instead of hanging (liveness.py).
 
 Each replica has two channels: one for Generate calls, with the tracing interceptors so
 the engine's spans join the request's trace, and one for health/Info/Load without
@@ -25,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.models_file import ModelsFile, ModelSpec
 from llmesh.router import metrics
 from llmesh.router.channels import CHANNEL_OPTIONS
+from llmesh.router.liveness import Liveness
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import TLSConfig, aio_channel
 from llmesh.v1 import engine_pb2, engine_pb2_grpc
@@ -60,7 +63,8 @@ class EngineLoad:
 class Replica:
     """One engine process serving one model at one address."""
 
-    def __init__(self, model: str, address: str, tls: TLSConfig | None = None) -> None:
+    def __init__(self, model: str, address: str, tls: TLSConfig | None = None,
+                 stall_timeout_s: float = 2.0) -> None:
         self.model = model
         self.address = address
         self.channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
@@ -74,6 +78,8 @@ class Replica:
         self.inflight = 0
         """Requests this router is streaming from the replica now (Load lags behind)."""
         self.last_error = ""
+        self.liveness = Liveness(stall_timeout_s)
+        """When the engine last answered a health check; streams end once it is frozen."""
 
     @property
     def name(self) -> str:
@@ -99,7 +105,9 @@ class Replica:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             self.last_error = f"health check: {e.code().name}: {e.details()}"
+            self.liveness.missed(self.last_error)
             return False
+        self.liveness.answered()
         if resp.status != health_pb2.HealthCheckResponse.SERVING:
             self.last_error = f"health: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
             return False
@@ -158,9 +166,10 @@ class Fleet:
     """Every model's pool and the tasks that keep them current."""
 
     def __init__(self, models: ModelsFile, *, health_check_interval_s: float, health_check_timeout_s: float,
-                 load_poll_interval_s: float, tls: TLSConfig | None = None) -> None:
+                 load_poll_interval_s: float, stream_stall_timeout_s: float = 2.0,
+                 tls: TLSConfig | None = None) -> None:
         self.models = models
-        self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a, tls) for a in m.addresses])
+        self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a, tls, stream_stall_timeout_s) for a in m.addresses])
                       for m in models.models}
         self.interval = health_check_interval_s
         self.timeout = health_check_timeout_s

@@ -2,11 +2,12 @@
 
 A request is routed in three steps: ``ModelPolicy`` names the model, ``Picker`` names
 the replica, and the engine's stream is passed through message by message. When the
-replica fails with UNAVAILABLE before its first message, nothing has reached the caller
-yet, so the request is retried on another healthy replica (at most ``max_failovers``
-times) and the failed one leaves its pool until a health check brings it back. After
-the first message a failure cannot be hidden (the caller holds part of the output): the
-stream ends with UNAVAILABLE naming the replica. When the caller goes away or its
+replica fails with UNAVAILABLE, INTERNAL or UNKNOWN, or freezes (answers no health check
+for ``stream_stall_timeout_s``, liveness.py), before its first message, nothing has
+reached the caller yet, so the request is retried on another healthy replica (at most
+``max_failovers`` times) and the failed one leaves its pool until a health check brings
+it back. After the first message a failure cannot be hidden (the caller holds part of
+the output): the stream ends with UNAVAILABLE naming the engine. When the caller goes away or its
 deadline passes, the engine call is cancelled, which aborts the request on the engine.
 
 Escalation: when ``auto`` chose a small model and a large one is healthy, the small
@@ -43,6 +44,7 @@ from llmesh.router.escalation import (
     midstream_error,
     refused_error,
 )
+from llmesh.router.liveness import ReplicaFrozen, until_frozen
 from llmesh.router.picker import Picker
 from llmesh.router.policy import AUTO, Decision, ModelPolicy, prompt_tokens
 from llmesh.router.replicas import Fleet, Replica
@@ -50,6 +52,13 @@ from llmesh.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+
+
+def _failure(e: grpc.aio.AioRpcError | ReplicaFrozen) -> tuple[grpc.StatusCode, str]:
+    """The status and message of a failed engine stream (a frozen replica counts as UNAVAILABLE)."""
+    if isinstance(e, ReplicaFrozen):
+        return grpc.StatusCode.UNAVAILABLE, f"the engine stopped answering: {e}"
+    return e.code(), e.details() or e.code().name
 
 
 def _remaining(context: grpc.aio.ServicerContext) -> float | None:
@@ -209,37 +218,41 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             replica.inflight += 1
             call = replica.engine.Generate(engine_request, timeout=_remaining(context))
             try:
-                async for msg in call:
-                    if not sent_any:
-                        sent_any = True
-                        if observe_ttft:
-                            metrics.TTFT.labels(model).observe(time.perf_counter() - t0)
-                    if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
-                        msg.replica = replica.name
-                    yield msg
+                async with contextlib.aclosing(until_frozen(call, replica.liveness)) as messages:
+                    async for msg in messages:
+                        if not sent_any:
+                            sent_any = True
+                            if observe_ttft:
+                                metrics.TTFT.labels(model).observe(time.perf_counter() - t0)
+                        if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and not msg.replica:
+                            msg.replica = replica.name
+                        yield msg
                 return
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, ReplicaFrozen) as e:
+                code, details = _failure(e)
                 if sent_any:
-                    raise self._midstream_failure(model, replica, e) from None
-                if e.code() not in FAILOVER_CODES:
-                    raise refused_error(replica.name, replica.address, e) from None
-                self.fleet.mark_unhealthy(replica, f"Generate: {e.code().name}: {e.details()}")
-                if attempt == self.max_failovers:
-                    raise exhausted_error(model, replica.name, replica.address, e, attempt) from None
+                    raise self._midstream_failure(model, replica, code, details) from None
+                if code not in FAILOVER_CODES:
+                    raise refused_error(replica.name, replica.address, code, details) from None
+                self.fleet.mark_unhealthy(replica, f"Generate: {code.name}: {details}")
+                others = [r for r in pool.healthy() if r.address not in tried]
+                if attempt == self.max_failovers or not others:
+                    raise exhausted_error(model, replica.name, replica.address, code, details, attempt) from None
                 metrics.FAILOVERS.labels(model).inc()
-                span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": e.details() or ""})
+                span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": details})
                 log.warning("failover", extra={"model": model, "replica": replica.name,
-                                               "address": replica.address, "error": e.details(),
+                                               "address": replica.address, "error": details,
                                                "request_id": engine_request.request_id})
             finally:
                 replica.inflight -= 1
                 call.cancel()
 
-    def _midstream_failure(self, model: str, replica: Replica, e: grpc.aio.AioRpcError) -> ServiceError:
+    def _midstream_failure(self, model: str, replica: Replica, code: grpc.StatusCode, details: str
+                           ) -> ServiceError:
         metrics.MIDSTREAM_FAILURES.labels(model).inc()
-        if e.code() is grpc.StatusCode.UNAVAILABLE:
-            self.fleet.mark_unhealthy(replica, f"Generate: {e.code().name}: {e.details()}")
-        return midstream_error(replica.name, replica.address, e)
+        if code in FAILOVER_CODES:
+            self.fleet.mark_unhealthy(replica, f"Generate: {code.name}: {details}")
+        return midstream_error(replica.name, replica.address, code, details)
 
     async def ListModels(self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> router_pb2.RouterListModelsResponse:

@@ -52,6 +52,8 @@ class CoreFaults:
     """Sleep this long before every step."""
     fail_at_step: int = 0
     """The core's N-th step raises (0: never)."""
+    fail_admission: bool = False
+    """Admitting any request raises (the request fails with an internal error; the core goes on)."""
 
 
 class _ForwardingPublisher:
@@ -163,6 +165,8 @@ class EngineCoreProc:
     def _apply(self, msg, report: EngineCoreOutputs) -> None:
         if isinstance(msg, EngineCoreRequest):
             try:
+                if self.faults.fail_admission:
+                    raise RuntimeError("fault injection: admission fails")
                 self.core.add_request(msg)
             except InvalidRequestError as e:
                 report.rejected.append(RejectedRequest(msg.request_id, str(e), e.field))

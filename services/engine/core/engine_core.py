@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 import torch
 
-from llmesh.engine.config import EngineConfig
+from llmesh.engine.config import EngineConfig, default_step_tokens
 from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest, EngineStats
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
@@ -46,6 +46,16 @@ def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> in
     return window
 
 
+def resolve_step_tokens(config: EngineConfig, device_type: str, max_model_len: int) -> int:
+    """The step's token budget: the configured one, else the device's default (raised to the
+    window when chunked prefill is off, or long prompts could never be scheduled)."""
+    sched = config.scheduler
+    if sched.max_num_batched_tokens is not None:
+        return sched.max_num_batched_tokens
+    tokens = default_step_tokens(device_type)
+    return tokens if sched.enable_chunked_prefill else max(tokens, max_model_len)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None,
                  loaded: LoadedModel | None = None) -> None:
@@ -55,7 +65,9 @@ class EngineCore:
         self.model_config = loaded.config
         self.model_name = loaded.config.name
         self.max_model_len = resolve_max_model_len(self.model_config, config)
-        self.config.scheduler = replace(self.config.scheduler, max_model_len=self.max_model_len)  # validates it
+        self.config.scheduler = replace(  # validates them
+            self.config.scheduler, max_model_len=self.max_model_len,
+            max_num_batched_tokens=resolve_step_tokens(self.config, self.device.type, self.max_model_len))
         self._init_runner(loaded)
         self._init_scheduler(publisher)
         async_scheduling = config.async_scheduling

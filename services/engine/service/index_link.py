@@ -18,6 +18,7 @@ import grpc
 
 from llmesh.engine.async_llm import AsyncLLM
 from llmesh.engine.core.engine_core import publish_kv_snapshot
+from llmesh.engine.errors import EngineDeadError
 from llmesh.engine.kv_cache.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
@@ -92,6 +93,15 @@ class IndexLink:
             log.warning("could not deregister from the prefix index: %s", e.details())
         await self.channel.close()
 
+    async def core_restarted(self, epoch: int) -> None:
+        """A fresh core holds nothing: publish under a new epoch, starting with a snapshot."""
+        self.epoch = epoch
+        self._resync_pending = False
+        try:
+            await self.request_snapshot()
+        except EngineDeadError:
+            self._resync_pending = False  # the fresh core failed too; the next one resyncs again
+
     async def request_snapshot(self) -> None:
         if self._resync_pending:
             return
@@ -130,9 +140,9 @@ class IndexLink:
             backoff = min(backoff * 2, 5.0)
 
     async def _heartbeat_forever(self) -> None:
-        req = pb.HeartbeatRequest(instance_id=self.instance_id, epoch=self.epoch, namespace=self.namespace,
-                                  ttl_seconds=self.heartbeat_ttl_s, address=self.address)
         while True:
+            req = pb.HeartbeatRequest(instance_id=self.instance_id, epoch=self.epoch, namespace=self.namespace,
+                                      ttl_seconds=self.heartbeat_ttl_s, address=self.address)
             try:
                 resp = await self.stub.Heartbeat(req, timeout=self.heartbeat_interval_s)
                 if resp.resync_required:

@@ -1,7 +1,8 @@
 """The Engine gRPC servicer: a thin layer over AsyncLLM.
 
 A dead engine core (its process died, or a step failed) ends every stream and refuses
-every new call with UNAVAILABLE naming this engine, so the router fails over."""
+every new call with UNAVAILABLE naming this engine, so the router fails over, until the
+service's supervisor has started a fresh core (supervisor.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from opentelemetry import trace
 
 from llmesh import prefix_hash
 from llmesh.engine.async_llm import AsyncLLM
-from llmesh.engine.errors import EngineDeadError
+from llmesh.engine.errors import EngineDeadError, EngineError
 from llmesh.engine.request import FinishReason
 from llmesh.engine.text.token_text import TokenTexts
 from llmesh.errors import ServiceError
@@ -39,12 +40,21 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self, engine: AsyncLLM, *, instance_id: str, epoch: int, backend: str = "torch",
                  quantization: str = "none") -> None:
         self.engine, self.instance_id, self.epoch = engine, instance_id, epoch
+        self.address = ""
+        """host:port the router reaches this engine at (set once the server is bound)."""
         self.backend, self.quantization = backend, quantization
         self.model = engine.model_name
         self.token_texts = TokenTexts(engine.tokenizer)
 
+    @property
+    def where(self) -> str:
+        """This engine as errors name it: its instance id, and its address when the id lacks it."""
+        if not self.address or self.address in self.instance_id:
+            return f"engine {self.instance_id}"
+        return f"engine {self.instance_id} at {self.address}"
+
     def _unavailable(self, e: EngineDeadError) -> ServiceError:
-        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"engine {self.instance_id}: {e}")
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.where} is unavailable: {e}")
 
     async def Generate(self, request: engine_pb2.EngineGenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[common_pb2.GenerateResponse]:
@@ -53,6 +63,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 yield msg
         except EngineDeadError as e:
             raise self._unavailable(e) from e
+        except EngineError as e:
+            if type(e) is not EngineError:  # InvalidRequest, Unsupported...: their own status (status_for)
+                raise
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.where}: {e}") from e
 
     async def _generate(self, request: engine_pb2.EngineGenerateRequest) -> AsyncIterator[common_pb2.GenerateResponse]:
         params = sampling_from_proto(request.sampling)
@@ -77,7 +91,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                               logprobs=_logprobs_to_proto(out.logprobs, self.token_texts))
             if out.finished:
                 if out.finish_reason is FinishReason.ERROR:
-                    raise ServiceError(grpc.StatusCode.INTERNAL, f"engine {self.instance_id}: {out.error}")
+                    raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.where}: {out.error}")
                 msg.finish_reason = FINISH_REASONS[str(out.finish_reason)]
                 msg.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
                 msg.replica = self.instance_id
