@@ -36,7 +36,6 @@ class GatewayConfig(ServiceConfig):
     redis_check_interval_s: float = option(
         1.0, "how often Redis is pinged; with auth on and keys only in Redis the gateway reports NOT_SERVING "
              "while Redis does not answer")
-
     engine_stall_timeout_s: float = option(
         2.0, "direct routing: a stream whose engine has answered no health check for this long (frozen) ends "
              "with UNAVAILABLE, or fails over before its first token, even without a client deadline")
