@@ -159,6 +159,8 @@ class HttpFront:
             body = await request.json(loads=_strict_json)
         except (ValueError, UnicodeDecodeError) as e:
             return _error_response(HttpError(400, f"the request body is not valid JSON ({e})"))
+        except RecursionError:
+            return _error_response(HttpError(400, "the request body nests JSON arrays or objects too deeply"))
         try:
             parsed = parse(body)
         except HttpError as e:
