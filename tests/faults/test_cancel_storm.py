@@ -138,12 +138,12 @@ def test_client_cancels_mid_decode_free_every_kv_block(mesh, baseline):
 
     def calls(ch):
         stub = engine_pb2_grpc.EngineStub(ch)
-        for i in range(64):
+        for i in range(48):
             call = stub.Generate(_engine_request(rng, f"decode-{i}"), timeout=60)
             yield _consume(call, read_at_most=rng.randint(1, 8))
 
     counts, peak = asyncio.run(_storm(mesh.engine.address, calls, mesh.engine.address))
-    assert counts.get("CANCELLED", 0) > 32, counts
+    assert counts.get("CANCELLED", 0) > 24, counts
     assert peak.running > 1 and peak.blocks > 0, peak
     _after_storm(mesh, baseline, counts)
 
@@ -256,10 +256,10 @@ def test_abort_rpcs_racing_client_cancels_free_every_kv_block(mesh, baseline):
                 await stub.Abort(engine_pb2.AbortRequest(request_id=rid), timeout=10)
             return grpc.StatusCode.OK
 
-        for i in range(48):
+        for i in range(40):
             rid = f"abort-{i}"
             call = stub.Generate(_engine_request(rng, rid), timeout=60)
-            yield _consume(call, read_at_most=rng.choice([None, 2, 5]))
+            yield _consume(call, read_at_most=rng.choice([None, 1, 2, 5]))
             yield abort(rid if rng.random() < 0.8 else f"never-{i}", rng.uniform(0, 0.4))
 
     counts, peak = asyncio.run(_storm(mesh.engine.address, calls, mesh.engine.address))
