@@ -87,7 +87,7 @@ class WireFuzzer:
             elif t == _F.TYPE_BOOL:
                 n = rng.choice([0, 1, 2, 2**64 - 1]) if extreme else rng.randint(0, 1)
             else:
-                n = rng.choice(_EXTREME_INTS) if extreme else rng.randint(0, 600)
+                n = rng.choice(_EXTREME_INTS) if extreme else rng.randint(0, 500)
             if t in (_F.TYPE_SINT32, _F.TYPE_SINT64):
                 n = (n << 1) ^ (n >> 63)
             return tag(field.number, VARINT) + varint(n)
@@ -125,7 +125,7 @@ class WireFuzzer:
             return length_delimited(field.number, self._message(field.message_type, rng, depth + 1, extreme))
         if field.is_repeated and field.type in _VARINT_TYPES and rng.random() < 0.5:
             # Packed encoding, as proto3 clients send repeated scalars.
-            values = [rng.choice(_EXTREME_INTS) if extreme else rng.randint(0, 600)
+            values = [rng.choice(_EXTREME_INTS) if extreme else rng.randint(0, 500)
                       for _ in range(rng.randint(0, 40))]
             return length_delimited(field.number, b"".join(varint(v) for v in values))
         return self._scalar(field, rng, extreme)
@@ -180,7 +180,7 @@ class WireFuzzer:
         field = rng.choice(list(self.descriptor.fields))
         n = rng.randint(1000, 50_000)
         if field.type in _VARINT_TYPES and field.is_repeated:
-            out += length_delimited(field.number, b"".join(varint(rng.randint(0, 600)) for _ in range(n)))
+            out += length_delimited(field.number, b"".join(varint(rng.randint(0, 500)) for _ in range(n)))
         else:
             one = self._field(field, rng, 0, extreme=False) or (tag(field.number, LEN) + varint(0))
             out += one * min(n, max(1, 2_000_000 // max(1, len(one))))
