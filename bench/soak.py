@@ -326,7 +326,7 @@ class Faults:
     def schedule(self, duration_s: float, smoke: bool) -> list[tuple[float, str]]:
         """(seconds from start, fault) pairs, all before FAULTS_UNTIL of the duration."""
         if smoke:
-            cycle = [("sigstop", 0.05), ("kill_engine", 0.15), ("kill_redis", 0.4)]
+            cycle = [("sigstop", 0.2), ("kill_engine", 0.3), ("kill_redis", 0.45)]
         else:
             cycle = [("sigstop", 0.15), ("kill_engine", 0.3), ("kill_redis", 0.45),
                      ("sigstop", 0.6), ("kill_engine", 0.66), ("kill_redis", 0.75)]

@@ -35,7 +35,7 @@ def test_soak_smoke_recovers_from_every_fault_and_leaks_no_kv_block(tiny_llama, 
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in m.values())
     assert m["leaked_kv_blocks_n"] == 0 and m["dead_services_n"] == 0
     assert m["fault_engine_kill9_n"] == 1 and m["fault_redis_kill9_n"] == 1 and m["fault_engine_sigstop_n"] == 1
-    assert m["ok_n"] > 20 and m["invalid_wrong_answer_n"] == 0 and m["invalid_refused_n"] > 0
+    assert m["ok_n"] > 20 and m["out_tok_s"] > 0 and m["invalid_wrong_answer_n"] == 0 and m["invalid_refused_n"] > 0
     assert m["recovery_after_traffic_s"] >= 0
     assert m["rss_gateway_start_mb"] > 0 and m["latency_p50_ms"] > 0
     assert doc["workload"]["engine_restarts"] in ("launcher", "soak script")
