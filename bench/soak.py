@@ -28,8 +28,6 @@ import asyncio
 import dataclasses
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +38,12 @@ import grpc
 from llmesh.bench_results import write_result
 from llmesh.launcher import Mesh, UpConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak_faults import Faults  # noqa: E402  (the sibling module, however this script is started)
+
 SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from one to five.",
                  "Name three colors.", "Explain gravity in one sentence.", "Say hello politely."]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches"]
-FAULTS_UNTIL = 0.8
-"""Fraction of the duration after which no fault is injected (the tail shows recovery)."""
 TAIL = 0.9
 """Errors after this fraction of the duration are counted apart (errors_tail_n)."""
 
@@ -102,15 +101,10 @@ class Stats:
     out_tokens: int = 0
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
     ttfts_ms: list[float] = dataclasses.field(default_factory=list)
-    faults: dict[str, int] = dataclasses.field(default_factory=dict)
-    restart_s: list[float] = dataclasses.field(default_factory=list)
 
     def error(self, key: str, in_tail: bool) -> None:
         self.errors[key] = self.errors.get(key, 0) + 1
         self.errors_tail += in_tail
-
-    def fault(self, key: str) -> None:
-        self.faults[key] = self.faults.get(key, 0) + 1
 
 
 # ---- traffic ----------------------------------------------------------------------------------
@@ -245,102 +239,6 @@ class Traffic:
             await client.close()
 
 
-# ---- faults -----------------------------------------------------------------------------------
-
-class Faults:
-    """Injects the schedule's faults into the mesh's processes and brings them back."""
-
-    def __init__(self, mesh: Mesh, stats: Stats, register_keys, log) -> None:
-        self.mesh, self.stats, self.register_keys, self.log = mesh, stats, register_keys, log
-        self.engines = [s for s in mesh.plan if s.name.startswith("engine-")]
-        self.redis = next(s for s in mesh.plan if s.name == "redis")
-
-    def _respawn(self, spec) -> subprocess.Popen:
-        # No parent-death signal: it fires when the spawning *thread* exits (faults run in a
-        # worker thread), not the process. Mesh.stop() still stops what is in mesh.procs.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMESH_DIE_WITH_PARENT": "0", **spec.env}
-        with open(self.mesh.run_dir / f"{spec.name}.log", "ab") as log:
-            proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                                    stdin=subprocess.DEVNULL)
-        self.mesh.procs[spec.name] = proc
-        return proc
-
-    def sigstop_engine(self, seconds: float) -> None:
-        spec = self.engines[0]
-        proc = self.mesh.procs[spec.name]
-        self.log(f"fault: SIGSTOP {spec.name} for {seconds:.0f}s")
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(seconds)
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        self.stats.fault("engine_sigstop")
-
-    def kill_engine(self, launcher_wait_s: float, ready_timeout_s: float = 300.0) -> None:
-        from llmesh.health import wait_serving
-
-        spec = self.engines[0]
-        victim = self.mesh.procs[spec.name]
-        self.log(f"fault: kill -9 {spec.name} (pid {victim.pid})")
-        t0 = time.monotonic()
-        victim.kill()
-        victim.wait(timeout=30)
-        self.stats.fault("engine_kill9")
-        # A launcher that restarts crashed children puts a new process in mesh.procs.
-        deadline = t0 + launcher_wait_s
-        while time.monotonic() < deadline and self.mesh.procs.get(spec.name) is victim:
-            time.sleep(0.2)
-        if self.mesh.procs.get(spec.name) is victim:
-            self._respawn(spec)
-            self.stats.fault("engine_restarted_by_soak")
-            self.log(f"  {spec.name}: the launcher did not restart it; restarted by the soak script")
-        else:
-            self.stats.fault("engine_restarted_by_launcher")
-        wait_serving(spec.address, timeout=ready_timeout_s)
-        self.stats.restart_s.append(time.monotonic() - t0)
-        self.log(f"  {spec.name} serving again after {time.monotonic() - t0:.1f}s")
-
-    def kill_redis(self, down_s: float = 2.0) -> None:
-        import redis
-
-        proc = self.mesh.procs["redis"]
-        self.log(f"fault: kill -9 redis (pid {proc.pid}) for {down_s:.0f}s")
-        proc.kill()
-        proc.wait(timeout=30)
-        self.stats.fault("redis_kill9")
-        time.sleep(down_s)
-        self._respawn(self.redis)
-        client = redis.Redis.from_url(f"redis://{self.redis.address}/0", socket_timeout=1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
-        self.register_keys(client)
-        self.log("  redis back, tenant keys registered again")
-
-    def schedule(self, duration_s: float, smoke: bool) -> list[tuple[float, str]]:
-        """(seconds from start, fault) pairs, all before FAULTS_UNTIL of the duration."""
-        if smoke:
-            cycle = [("sigstop", 0.2), ("kill_engine", 0.3), ("kill_redis", 0.45)]
-        else:
-            cycle = [("sigstop", 0.15), ("kill_engine", 0.3), ("kill_redis", 0.45),
-                     ("sigstop", 0.6), ("kill_engine", 0.66), ("kill_redis", 0.75)]
-        return [(frac * duration_s, name) for name, frac in cycle if frac < FAULTS_UNTIL]
-
-    def run(self, name: str, smoke: bool) -> None:
-        if name == "sigstop":
-            self.sigstop_engine(3.0 if smoke else 10.0)
-        elif name == "kill_engine":
-            self.kill_engine(launcher_wait_s=5.0 if smoke else 20.0)
-        else:
-            self.kill_redis()
-
-
 # ---- the run ----------------------------------------------------------------------------------
 
 def _load_all(mesh: Mesh):
@@ -449,7 +347,7 @@ def soak(args: argparse.Namespace) -> dict:
         log(f"mesh up: model {card.name} (window {card.max_model_len}); RSS MB "
             + ", ".join(f"{k} {v:.0f}" for k, v in rss_start.items()))
         stats = Stats()
-        faults = Faults(mesh, stats, register_keys, log)
+        faults = Faults(mesh, register_keys, log)
         results = asyncio.run(_traffic_and_faults(args, gateway, f"http://{cfg.host}:{cfg.http_port}/v1", keys,
                                                   card.name, long_prompt, stats, faults, log))
         traffic_s = results
@@ -466,10 +364,10 @@ def soak(args: argparse.Namespace) -> dict:
         "throughput_req_s": stats.ok / traffic_s, "out_tok_s": stats.out_tokens / traffic_s,
         "latency_p50_ms": percentile(stats.latencies_ms, 50), "latency_p99_ms": percentile(stats.latencies_ms, 99),
         "ttft_p50_ms": percentile(stats.ttfts_ms, 50), "ttft_p99_ms": percentile(stats.ttfts_ms, 99),
-        "engine_restart_max_s": max(stats.restart_s, default=0.0), "recovery_after_traffic_s": recovery_s,
+        "engine_restart_max_s": max(faults.restart_s, default=0.0), "recovery_after_traffic_s": recovery_s,
     }
     metrics.update({f"errors_{k}_n": v for k, v in sorted(stats.errors.items())})
-    metrics.update({f"fault_{k}_n": v for k, v in sorted(stats.faults.items())})
+    metrics.update({f"fault_{k}_n": v for k, v in sorted(faults.counts.items())})
     for name in sorted(set(rss_start) | set(rss_end)):
         key = name.replace("-", "_")
         start, end = rss_start.get(name, 0.0), rss_end.get(name, 0.0)
@@ -480,8 +378,8 @@ def soak(args: argparse.Namespace) -> dict:
                 "mix": "grpc stream 40, http chat stream 20, grpc cancel 10, grpc long prompt 10, "
                        "grpc tokenize 8, invalid 7, http completion unary 5; tenants a 70% b 30%",
                 "faults": [f"{t:.0f}s {n}" for t, n in faults.schedule(args.duration_s, args.smoke)],
-                "engine_restarts": ("launcher" if stats.faults.get("engine_restarted_by_launcher")
-                                    else "soak script" if stats.faults.get("engine_restarted_by_soak") else "none"),
+                "engine_restarts": ("launcher" if faults.counts.get("engine_restarted_by_launcher")
+                                    else "soak script" if faults.counts.get("engine_restarted_by_soak") else "none"),
                 "note": "engine RSS after a kill -9 is the restarted process's; redis keeps nothing on disk, so "
                         "the soak registers the tenant keys again after restarting it"}
     path = write_result(args.name, workload, metrics, results_dir=Path(args.results_dir) if args.results_dir else None)
