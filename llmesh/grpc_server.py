@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llmesh.config import option, require
@@ -69,9 +70,45 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> 
     await context.abort(code, message)
 
 
-def _guard_unary(inner):
+class _Undecodable:
+    """What a request's bytes decode to when they are not a valid message of its type.
+
+    grpc would answer a deserializer's exception with UNKNOWN and a Python exception
+    repr; the guards answer INVALID_ARGUMENT naming the method instead."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+    def refusal(self, method: str) -> ServiceError:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{method}: the request is not a valid protobuf message ({self.error})")
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as e:
+            return _Undecodable(e)
+    return decode
+
+
+async def _checked(requests: AsyncIterator, method: str) -> AsyncIterator:
+    """A client stream whose undecodable message ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.refusal(method)
+        yield request
+
+
+def _guard_unary(inner, method: str):
     async def handler(request, context):
         try:
+            if isinstance(request, _Undecodable):
+                raise request.refusal(method)
             return await inner(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -80,10 +117,14 @@ def _guard_unary(inner):
     return handler
 
 
-def _guard_stream(inner):
+def _guard_stream(inner, method: str, client_streaming: bool):
     """For server-streaming and bidi handlers alike: both are async generators."""
     async def handler(request_or_iterator, context) -> AsyncIterator:
         try:
+            if client_streaming:
+                request_or_iterator = _checked(request_or_iterator, method)
+            elif isinstance(request_or_iterator, _Undecodable):
+                raise request_or_iterator.refusal(method)
             async for item in inner(request_or_iterator, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -100,13 +141,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        io = (handler.request_deserializer, handler.response_serializer)
+        io = (_tolerant(handler.request_deserializer), handler.response_serializer)
+        method = handler_call_details.method
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary), *io)
+            return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), *io)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *io)
+            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method, False), *io)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), *io)
+            return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream, method, True), *io)
         return handler
 
 

@@ -259,6 +259,8 @@ async def _body(request: web.Request) -> Any:
         return await request.json(loads=_strict_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise HttpError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise HttpError(400, "the request body nests JSON arrays or objects too deeply") from None
 
 
 def _strict_json(text: str) -> Any:

@@ -63,7 +63,10 @@ def _number(body: dict, key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"{key} must be a number, got {value!r}", key)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past any float: out of every sampling field's range
+        raise _bad(f"{key} is out of range (too large for a number)", key) from None
 
 
 def _integer(body: dict, key: str) -> int | None:
@@ -94,7 +97,7 @@ def _set(sampling: common_pb2.SamplingParams, key: str, value: int) -> None:
     try:
         setattr(sampling, key, value)
     except ValueError:
-        raise _bad(f"{key}={value} is out of range", key) from None
+        raise _bad(f"{key} is out of range (too large for a number)", key) from None
 
 
 def _sampling(body: dict) -> common_pb2.SamplingParams:

@@ -158,6 +158,11 @@ class MatchResult:
     """Replicas that held blocks but whose liveness expired (purged in the background)."""
 
 
+MAX_TTL_S = 86_400.0
+"""Longest heartbeat TTL: a replica silent for a day is gone (and Redis refuses expiries
+past 2**63 ms, so an unbounded one would fail the call)."""
+
+
 class IndexUnavailable(ServiceError):
     """Redis cannot be reached; the call fails with UNAVAILABLE and may be retried."""
 
@@ -300,8 +305,9 @@ class PrefixIndex:
         """Refresh liveness; a newer epoch drops the old state and asks for a snapshot."""
         if not req.instance_id:
             raise invalid_argument("HeartbeatRequest.instance_id must be set")
-        if req.ttl_seconds < 0:
-            raise invalid_argument(f"HeartbeatRequest.ttl_seconds must be >= 0, got {req.ttl_seconds}")
+        if not 0 <= req.ttl_seconds <= MAX_TTL_S:  # NaN fails this too
+            raise invalid_argument(f"HeartbeatRequest.ttl_seconds must be in [0, {MAX_TTL_S:g}], "
+                                   f"got {req.ttl_seconds}")
         inst = req.instance_id
         ttl_ms = int(req.ttl_seconds * 1000) if req.ttl_seconds > 0 else self.default_ttl_ms
         try:

@@ -1,0 +1,443 @@
+"""Soak benchmark: the whole CPU mesh under mixed traffic for a long time, with faults.
+
+    python bench/soak.py                      # 20 minutes, the demo model (SmolLM2-135M)
+    python bench/soak.py --smoke              # ~60 s (CI: tests/bench/test_soak_smoke.py)
+    python bench/soak.py --duration-s 3600 --models-file models.yaml
+
+Starts the mesh as ``llmesh up`` does (llmesh.launcher.Mesh: Redis, prefix-cache index,
+engines, router, gateway with its HTTP front, API keys on), registers two tenants' keys,
+and runs ``--concurrency`` clients that mix short and long prompts, gRPC streams and
+unary calls, the OpenAI SDK over HTTP (streaming and not), client cancels, invalid
+requests and both tenants. Meanwhile a schedule injects faults: SIGSTOP/SIGCONT of an
+engine, kill -9 of an engine (restarted by the launcher when it restarts crashed
+children, else by this script: the result says which), kill -9 of Redis (restarted by
+this script, which then registers the keys again: the soak's Redis keeps nothing on
+disk). Faults stop at 80% of the duration, so the tail of the run shows recovery.
+
+When the traffic stops and drains, it records in bench/results/soak_cpu.json: requests
+and errors by gRPC code / HTTP status, invalid requests answered with the right refusal,
+KV blocks still held by any engine (must be 0), resident memory of every service (process
+tree: an engine's core process included) at start and end, throughput and latency.
+A line of progress is printed every ``--progress-s`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from llmesh.bench_results import write_result
+from llmesh.launcher import Mesh, UpConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak_faults import Faults  # noqa: E402  (the sibling module, however this script is started)
+
+SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from one to five.",
+                 "Name three colors.", "Explain gravity in one sentence.", "Say hello politely."]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches"]
+TAIL = 0.9
+"""Errors after this fraction of the duration are counted apart (errors_tail_n)."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MB (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited while listing
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return total / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+@dataclasses.dataclass
+class Stats:
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    total: int = 0
+    ok: int = 0
+    cancelled: int = 0
+    invalid_refused: int = 0
+    invalid_wrong: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    errors_tail: int = 0
+    out_tokens: int = 0
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    ttfts_ms: list[float] = dataclasses.field(default_factory=list)
+
+    def error(self, key: str, in_tail: bool) -> None:
+        self.errors[key] = self.errors.get(key, 0) + 1
+        self.errors_tail += in_tail
+
+
+# ---- traffic ----------------------------------------------------------------------------------
+
+class Traffic:
+    """One client's mix of requests; every call has a deadline."""
+
+    def __init__(self, gateway: str, http_base: str, keys: dict[str, str], model: str, long_prompt: str,
+                 stats: Stats, deadline_at: float, duration_s: float, rng: random.Random) -> None:
+        import openai
+
+        from llmesh.v1 import inference_pb2_grpc
+
+        self.channel = grpc.aio.insecure_channel(gateway)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.sdk = {t: openai.AsyncOpenAI(base_url=http_base, api_key=k, max_retries=0, timeout=60)
+                    for t, k in keys.items()}
+        self.keys, self.model, self.long_prompt = keys, model, long_prompt
+        self.stats, self.deadline_at, self.duration_s, self.rng = stats, deadline_at, duration_s, rng
+
+    def _in_tail(self) -> bool:
+        return time.monotonic() - self.stats.started > TAIL * self.duration_s
+
+    async def run(self) -> None:
+        kinds = [(self.grpc_stream, 40), (self.http_chat, 20), (self.grpc_cancel, 10), (self.grpc_long, 10),
+                 (self.grpc_tokenize, 8), (self.invalid, 7), (self.http_unary, 5)]
+        while time.monotonic() < self.deadline_at:
+            action = self.rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
+            tenant = "a" if self.rng.random() < 0.7 else "b"
+            self.stats.total += 1
+            t0 = time.perf_counter()
+            try:
+                tokens = await action(tenant)
+            except grpc.aio.AioRpcError as e:
+                self.stats.error(f"grpc_{e.code().name}", self._in_tail())
+                await asyncio.sleep(0.2)  # an erroring mesh is not hammered in a tight loop
+                continue
+            except Exception as e:  # noqa: BLE001 - every failure is counted by its kind
+                import openai
+
+                key = f"http_{e.status_code}" if isinstance(e, openai.APIStatusError) else f"http_{type(e).__name__}"
+                self.stats.error(key, self._in_tail())
+                await asyncio.sleep(0.2)
+                continue
+            if tokens is not None:
+                self.stats.ok += 1
+                self.stats.out_tokens += tokens
+                self.stats.latencies_ms.append(1000 * (time.perf_counter() - t0))
+
+    def _md(self, tenant: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.keys[tenant]}"),)
+
+    def _generate(self, text: str, max_tokens: int, **sampling):
+        from llmesh.v1 import common_pb2, inference_pb2
+
+        return inference_pb2.GenerateRequest(model=self.model, text=text, sampling=common_pb2.SamplingParams(
+            max_tokens=max_tokens, **sampling))
+
+    async def _stream(self, req, tenant: str) -> int:
+        t0, n = time.perf_counter(), 0
+        async for msg in self.stub.Generate(req, metadata=self._md(tenant), timeout=60):
+            if n == 0 and msg.token_ids:
+                self.stats.ttfts_ms.append(1000 * (time.perf_counter() - t0))
+            n += len(msg.token_ids)
+        return n
+
+    async def grpc_stream(self, tenant: str) -> int:
+        return await self._stream(self._generate(self.rng.choice(SHORT_PROMPTS), 16), tenant)
+
+    async def grpc_long(self, tenant: str) -> int:
+        return await self._stream(self._generate(self.long_prompt, 24, temperature=0.0), tenant)
+
+    async def grpc_cancel(self, tenant: str) -> None:
+        call = self.stub.Generate(self._generate(self.rng.choice(SHORT_PROMPTS), 64, ignore_eos=True),
+                                  metadata=self._md(tenant), timeout=60)
+        for _ in range(self.rng.randint(0, 3)):
+            if await call.read() is grpc.aio.EOF:
+                break
+        call.cancel()
+        self.stats.cancelled += 1
+
+    async def grpc_tokenize(self, tenant: str) -> int:
+        from llmesh.v1 import inference_pb2
+
+        await self.stub.Tokenize(inference_pb2.TokenizeRequest(model=self.model, text=self.rng.choice(SHORT_PROMPTS)),
+                                 metadata=self._md(tenant), timeout=30)
+        return 0
+
+    async def invalid(self, tenant: str) -> None:
+        """A request that must be refused: INVALID_ARGUMENT (gRPC) or 400 (HTTP); anything
+        else is an error of the mesh."""
+        import openai
+
+        if self.rng.random() < 0.5:
+            try:
+                await self._stream(self._generate("hi", 8, temperature=-1.0), tenant)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    self.stats.invalid_refused += 1
+                    return
+                raise
+        else:
+            try:
+                await self.sdk[tenant].chat.completions.create(model=self.model, messages=[], max_tokens=4)
+            except openai.BadRequestError:
+                self.stats.invalid_refused += 1
+                return
+        self.stats.invalid_wrong += 1
+        return
+
+    async def http_chat(self, tenant: str) -> int:
+        stream = await self.sdk[tenant].chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": self.rng.choice(SHORT_PROMPTS)}],
+            max_tokens=16, stream=True, stream_options={"include_usage": True})
+        t0, first, n = time.perf_counter(), True, 0
+        async for chunk in stream:
+            if first and chunk.choices and chunk.choices[0].delta.content:
+                self.stats.ttfts_ms.append(1000 * (time.perf_counter() - t0))
+                first = False
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+        return n
+
+    async def http_unary(self, tenant: str) -> int:
+        resp = await self.sdk[tenant].completions.create(model=self.model, prompt=self.rng.choice(SHORT_PROMPTS),
+                                                         max_tokens=16)
+        return resp.usage.completion_tokens
+
+    async def close(self) -> None:
+        await self.channel.close()
+        for client in self.sdk.values():
+            await client.close()
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def _load_all(mesh: Mesh):
+    from llmesh.v1 import engine_pb2, engine_pb2_grpc
+
+    loads = {}
+    for spec in mesh.plan:
+        if spec.name.startswith("engine-"):
+            with grpc.insecure_channel(spec.address) as ch:
+                loads[spec.name] = engine_pb2_grpc.EngineStub(ch).Load(engine_pb2.LoadRequest(), timeout=5)
+    return loads
+
+
+def drain(mesh: Mesh, timeout_s: float = 120.0) -> int:
+    """Wait until no engine runs or queues a request; the KV blocks still held (0 unless
+    leaked). An engine that does not answer Load by the deadline raises."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            loads = _load_all(mesh)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        held = sum(lo.kv_blocks_used for lo in loads.values())
+        busy = sum(lo.num_running + lo.num_waiting for lo in loads.values())
+        if (held == 0 and busy == 0) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
+
+
+def wait_recovered(gateway: str, http_base: str, keys: dict[str, str], model: str, timeout_s: float) -> float:
+    """Seconds until a gRPC stream (tenant a) and an HTTP chat completion (tenant b) both
+    succeed again after the faults; raises TimeoutError past ``timeout_s``."""
+    import openai
+
+    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+    t0 = time.monotonic()
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(gateway))
+    sdk = openai.OpenAI(base_url=http_base, api_key=keys["b"], max_retries=0, timeout=30)
+    last: Exception | None = None
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            list(stub.Generate(inference_pb2.GenerateRequest(model=model, text="hello", sampling=common_pb2.SamplingParams(
+                max_tokens=4)), metadata=(("authorization", f"Bearer {keys['a']}"),), timeout=30))
+            sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+            return time.monotonic() - t0
+        except (grpc.RpcError, openai.OpenAIError) as e:
+            last = e
+            time.sleep(1.0)
+    raise TimeoutError(f"the mesh did not serve again within {timeout_s:.0f}s of the last fault: {last}")
+
+
+def rss_by_service(mesh: Mesh) -> dict[str, float]:
+    return {name: tree_rss_mb(proc.pid) for name, proc in mesh.procs.items() if proc.poll() is None}
+
+
+def _long_prompt(stub, model: str, key: str, window: int) -> str:
+    """Words filling about half the model's window (measured with its tokenizer)."""
+    from llmesh.v1 import inference_pb2
+
+    sample = " ".join(WORDS[i % len(WORDS)] for i in range(400))
+    n = len(stub.Tokenize(inference_pb2.TokenizeRequest(model=model, text=sample),
+                          metadata=(("authorization", f"Bearer {key}"),), timeout=30).token_ids)
+    words = max(8, int(400 * min(window // 2, 1024) / max(1, n)))
+    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+
+def soak(args: argparse.Namespace) -> dict:
+    from llmesh.gateway.keys import new_key, redis_put
+
+    from llmesh.v1 import inference_pb2, inference_pb2_grpc
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="llmesh-soak-"))
+    # The launcher writes the local admin key under XDG_CONFIG_HOME: keep it inside the run.
+    os.environ["XDG_CONFIG_HOME"] = str(run_dir / "config")
+    cfg = UpConfig(models_file=args.models_file, gateway_port=_free_port(), http_port=_free_port(),
+                   router_port=_free_port(), prefix_cache_port=_free_port(), engine_base_port=_free_port(),
+                   redis_port=_free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir), auth=True)
+    t_start = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[soak {time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
+
+    records = {t: new_key(f"soak-tenant-{t}") for t in ("a", "b")}
+    keys = {t: k for t, (k, _) in records.items()}
+
+    def register_keys(client) -> None:
+        for _, record in records.values():
+            redis_put(client, record)
+
+    with Mesh(cfg, quiet=True) as mesh:
+        log(f"starting the mesh (logs in {run_dir})")
+        mesh.start(timeout=600)
+        import redis
+
+        register_keys(redis.Redis.from_url(f"redis://{cfg.host}:{cfg.redis_port}/0"))
+        gateway = f"{cfg.host}:{cfg.gateway_port}"
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(gateway))
+        md = (("authorization", f"Bearer {keys['a']}"),)
+        card = stub.ListModels(inference_pb2.ListModelsRequest(), metadata=md, timeout=30).models[0]
+        long_prompt = _long_prompt(stub, card.name, keys["a"], card.max_model_len)
+        rss_start = rss_by_service(mesh)
+        log(f"mesh up: model {card.name} (window {card.max_model_len}); RSS MB "
+            + ", ".join(f"{k} {v:.0f}" for k, v in rss_start.items()))
+        stats = Stats()
+        faults = Faults(mesh, register_keys, log)
+        results = asyncio.run(_traffic_and_faults(args, gateway, f"http://{cfg.host}:{cfg.http_port}/v1", keys,
+                                                  card.name, long_prompt, stats, faults, log))
+        traffic_s = results
+        log("traffic stopped; checking the mesh serves again, then draining")
+        recovery_s = wait_recovered(gateway, f"http://{cfg.host}:{cfg.http_port}/v1", keys, card.name, 300)
+        leaked = drain(mesh)
+        rss_end = rss_by_service(mesh)
+        dead = mesh.failed()
+    metrics: dict[str, float] = {
+        "duration_s": round(traffic_s, 1), "requests_total_n": stats.total, "ok_n": stats.ok,
+        "cancelled_n": stats.cancelled, "invalid_refused_n": stats.invalid_refused,
+        "invalid_wrong_answer_n": stats.invalid_wrong, "errors_total_n": sum(stats.errors.values()),
+        "errors_tail_n": stats.errors_tail, "leaked_kv_blocks_n": leaked, "dead_services_n": int(dead is not None),
+        "throughput_req_s": stats.ok / traffic_s, "out_tok_s": stats.out_tokens / traffic_s,
+        "latency_p50_ms": percentile(stats.latencies_ms, 50), "latency_p99_ms": percentile(stats.latencies_ms, 99),
+        "ttft_p50_ms": percentile(stats.ttfts_ms, 50), "ttft_p99_ms": percentile(stats.ttfts_ms, 99),
+        "engine_restart_max_s": max(faults.restart_s, default=0.0), "recovery_after_traffic_s": recovery_s,
+    }
+    metrics.update({f"errors_{k}_n": v for k, v in sorted(stats.errors.items())})
+    metrics.update({f"fault_{k}_n": v for k, v in sorted(faults.counts.items())})
+    for name in sorted(set(rss_start) | set(rss_end)):
+        key = name.replace("-", "_")
+        start, end = rss_start.get(name, 0.0), rss_end.get(name, 0.0)
+        metrics.update({f"rss_{key}_start_mb": round(start, 1), f"rss_{key}_end_mb": round(end, 1),
+                        f"rss_{key}_growth_mb": round(end - start, 1)})
+    workload = {"duration_s": args.duration_s, "smoke": args.smoke, "concurrency": args.concurrency,
+                "seed": args.seed, "model": card.name, "models_file": args.models_file or "demo",
+                "mix": "grpc stream 40, http chat stream 20, grpc cancel 10, grpc long prompt 10, "
+                       "grpc tokenize 8, invalid 7, http completion unary 5; tenants a 70% b 30%",
+                "faults": [f"{t:.0f}s {n}" for t, n in faults.schedule(args.duration_s, args.smoke)],
+                "engine_restarts": ("launcher" if faults.counts.get("engine_restarted_by_launcher")
+                                    else "soak script" if faults.counts.get("engine_restarted_by_soak") else "none"),
+                "note": "engine RSS after a kill -9 is the restarted process's; redis keeps nothing on disk, so "
+                        "the soak registers the tenant keys again after restarting it"}
+    path = write_result(args.name, workload, metrics, results_dir=Path(args.results_dir) if args.results_dir else None)
+    log(f"wrote {path}")
+    if dead is not None:
+        log(f"WARNING: {dead} exited during the soak")
+    return metrics
+
+
+async def _traffic_and_faults(args, gateway: str, http_base: str, keys: dict[str, str], model: str,
+                              long_prompt: str, stats: Stats, faults: Faults, log) -> float:
+    rng = random.Random(args.seed)
+    t0 = time.monotonic()
+    stats.started = t0
+    end = t0 + args.duration_s
+    clients = [Traffic(gateway, http_base, keys, model, long_prompt, stats, end, args.duration_s,
+                       random.Random(rng.random())) for _ in range(args.concurrency)]
+
+    async def run_faults() -> None:
+        for at, name in faults.schedule(args.duration_s, args.smoke):
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            await asyncio.to_thread(faults.run, name, args.smoke)
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(args.progress_s)
+            el = time.monotonic() - t0
+            log(f"{el:5.0f}/{args.duration_s:.0f}s: {stats.total} requests, {stats.ok} ok, "
+                f"{sum(stats.errors.values())} errors {stats.errors or ''}, {stats.ok / el:.1f} req/s, "
+                f"p50 {percentile(stats.latencies_ms[-500:], 50):.0f} ms")
+
+    ticker = asyncio.create_task(progress())
+    try:
+        await asyncio.gather(run_faults(), *(c.run() for c in clients))
+    finally:
+        ticker.cancel()
+        for c in clients:
+            await c.close()
+    return time.monotonic() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration-s", type=float, default=1200.0, help="traffic duration (default 20 minutes)")
+    p.add_argument("--smoke", action="store_true", help="a ~60 s run with fewer faults (CI)")
+    p.add_argument("--models-file", default=None, help="models file (default: the demo model, as `llmesh up`)")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--name", default="soak_cpu", help="result file name (without .json)")
+    p.add_argument("--results-dir", default=None, help="default: bench/results")
+    p.add_argument("--run-dir", default=None, help="logs of the mesh (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.smoke and "--duration-s" not in " ".join(argv if argv is not None else sys.argv):
+        args.duration_s = 60.0
+    metrics = soak(args)
+    return 1 if metrics["leaked_kv_blocks_n"] or metrics["dead_services_n"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
