@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from llmesh.config import env_prefix
+from llmesh.mesh_secret import MESH_SECRET_FILE, write_secret
 from llmesh.models_file import ModelsFile, ModelSpec, load_models_file, parse_models
 
 READY_PREFIX = "LLMESH_READY "
@@ -125,6 +127,12 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path) -> tuple[list[Pr
         "LLMESH_GATEWAY_ROUTER": f"{cfg.host}:{cfg.router_port}",
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
         "LLMESH_GATEWAY_METRICS_PORT": metrics(0)}, address=f"{cfg.host}:{cfg.gateway_port}"))
+    # Every service reads the mesh secret (written by Mesh at each start) from this file:
+    # the path travels, the secret never appears on a command line.
+    for p in procs:
+        if p.grpc:
+            service = "engine" if p.name.startswith("engine-") else p.name
+            p.env[env_prefix(service) + "INTERNAL_SECRET_FILE"] = str(run_dir / MESH_SECRET_FILE)
     return procs, resolved_models
 
 
@@ -136,6 +144,7 @@ class Mesh:
         self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="llmesh-up-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         models = load_models_file(cfg.models_file) if cfg.models_file else parse_models(DEMO_MODELS, "demo")
+        write_secret(self.run_dir / MESH_SECRET_FILE)
         self.plan, self.models = plan_mesh(cfg, models, self.run_dir)
         self.models.dump(self.run_dir / "models.yaml")
         self.procs: dict[str, subprocess.Popen] = {}

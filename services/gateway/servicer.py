@@ -17,7 +17,6 @@ which cancels the engine request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -33,6 +32,7 @@ from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
+from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage import UsageRecord
 from llmesh.gateway.usage_store import UsageStore
@@ -71,6 +71,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._limiter = limiter
         self._usage_store = usage_store
         self._background: set[asyncio.Task] = set()
+        self._live_ids = LiveRequestIds()
 
     @property
     def catalog(self) -> ModelCatalog:
@@ -149,6 +150,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
+        ids: RequestIds | None = None
         lease: Lease | None = None
         prompt_len = 0
         try:
@@ -156,13 +158,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             usage.tenant, usage.key_id = caller.tenant, caller.key_id
             route = await build_route(request, caller)
             apply_tier(route, caller)
-            usage.request_id, usage.model = route.request_id, route.model
+            ids = self._live_ids.claim(caller.key_id, request.request_id)
+            route.request_id = ids.engine
+            usage.request_id, usage.engine_request_id, usage.model = ids.client, ids.engine, route.model
             prompt_len = len(route.prompt_token_ids) or max(
                 (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
             if self._limiter is not None:
                 lease = await self._limiter.admit(caller, prompt_len + route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
                 async for resp in stream:
+                    resp.request_id = ids.client  # the engine's id is the mesh's, never shown
                     yield resp
         except BaseException as e:
             status = _status_name(e, context)
@@ -171,6 +176,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 usage.model = requested  # a known name: a bounded metric label
             raise
         finally:
+            if ids is not None:
+                self._live_ids.release(caller.key_id, ids)
             usage.finish(status)
             self._after_stream(caller, lease, usage, prompt_len)
 
@@ -209,8 +216,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prompts = {model: ids}
         else:
             prompts = {m: self._tokenizer(m).encode(request.text) for m in self._candidates(model, caller)}
-        return self._route_request(request.request_id, model, prompts, request.sampling,
-                                   request.priority, caller, request.text if model == AUTO else "")
+        return self._route_request(model, prompts, request.sampling, request.priority, caller,
+                                   request.text if model == AUTO else "")
 
     async def _route_chat(self, request: inference_pb2.ChatRequest, caller: Caller) -> router_pb2.RouteRequest:
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
@@ -220,8 +227,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         to_sampling_params(request.sampling, self._config.default_max_tokens)
         prompts = {m: self._tokenizer(m).encode_chat(messages) for m in self._candidates(model, caller)}
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return self._route_request(request.request_id, model, prompts, request.sampling,
-                                   request.priority, caller, last_user if model == AUTO else "")
+        return self._route_request(model, prompts, request.sampling, request.priority, caller,
+                                   last_user if model == AUTO else "")
 
     async def _resolve(self, requested: str, caller: Caller) -> str:
         cards = await self._catalog.cards(requested.strip())
@@ -246,10 +253,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                "models file")
         return tok
 
-    def _route_request(self, request_id: str, model: str, prompts: dict[str, list[int]],
+    def _route_request(self, model: str, prompts: dict[str, list[int]],
                        sampling: common_pb2.SamplingParams, priority: int, caller: Caller,
                        prompt_text: str) -> router_pb2.RouteRequest:
-        """Window checks, the effective max_tokens, and the RouteRequest itself.
+        """Window checks, the effective max_tokens, and the RouteRequest itself (its
+        request_id is set once the request is admitted, by ``stream``).
 
         For ``auto`` only the models whose window fits the prompt are offered to the
         router; the request fails only when none does.
@@ -270,8 +278,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         apply_defaults(effective, self._defaults.common(fitting) if model == AUTO else self._defaults.of(model))
         to_sampling_params(effective, max_tokens)
         route = router_pb2.RouteRequest(
-            request_id=request_id or uuid.uuid4().hex, model=model,
-            sampling=effective, priority=priority,
+            model=model, sampling=effective, priority=priority,
             cache_salt=caller.cache_salt, prompt_text=prompt_text, tier=caller.tier)
         if model == AUTO:
             for name in fitting:
@@ -285,7 +292,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
         prompt_tokens = len(route.prompt_token_ids) or max(
             (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
-        attributes = {"llmesh.model": route.model, "llmesh.request_id": route.request_id,
+        attributes = {"llmesh.model": route.model, "llmesh.request_id": usage.request_id,
+                      "llmesh.engine_request_id": route.request_id,
                       "llmesh.prompt_tokens": prompt_tokens,
                       "llmesh.max_tokens": route.sampling.max_tokens}
         with _tracer.start_as_current_span(f"gateway.{usage.rpc}", attributes=attributes,
