@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from llmesh.engine import LLM, SamplingParams
 from llmesh.health import wait_serving
 from llmesh.launcher import Mesh, UpConfig
+from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
 from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, prefix_index_pb2, prefix_index_pb2_grpc
 from tests.mesh_helpers import free_port
@@ -112,7 +113,8 @@ def test_the_index_learns_where_the_prefix_is(mesh, tiny_llama):
 
     deadline = time.monotonic() + 10
     while True:
-        resp = index.Match(prefix_index_pb2.MatchRequest(namespace="tiny", block_hashes=hashes), timeout=5)
+        resp = index.Match(prefix_index_pb2.MatchRequest(namespace="tiny", block_hashes=hashes), timeout=5,
+                           metadata=[(METADATA_KEY, read_secret(m.run_dir / MESH_SECRET_FILE).decode())])
         if resp.replicas and resp.replicas[0].matched_blocks == len(hashes):
             break
         assert time.monotonic() < deadline, f"index never matched the prefix: {resp}"
