@@ -11,7 +11,9 @@ and chat template, and routed as token ids: in ``direct`` routing the router's `
 names the engine and the gateway streams from it (``direct``); in ``proxy`` routing the
 router's ``Generate`` stream is passed through unchanged. Either call lives exactly as
 long as the client's: a client that goes away (or whose deadline passes) cancels it,
-which cancels the engine request and frees its KV blocks.
+which cancels the engine request and frees its KV blocks. The client's request_id is
+unique per API key only; router and engines see an id of the gateway's (``request_ids``),
+and responses carry the client's own.
 """
 
 from __future__ import annotations

@@ -75,8 +75,12 @@ def test_one_trace_gateway_router_engine(mesh):
     _generate(cfg, "e2e-trace", max_tokens=4, temperature=0.0, ignore_eos=True)
 
     def engine_span(spans):
-        return next((s for s in spans if s.service == "llmesh-engine"
-                     and s.attributes.get("llmesh.request_id") == "e2e-trace"), None)
+        """The engine knows the request by the gateway's engine request id, not the client's."""
+        gateway = next((s for s in spans if s.service == "llmesh-gateway"
+                        and s.attributes.get("llmesh.request_id") == "e2e-trace"), None)
+        return None if gateway is None else next(
+            (s for s in spans if s.service == "llmesh-engine"
+             and s.attributes.get("llmesh.request_id") == gateway.attributes["llmesh.engine_request_id"]), None)
 
     spans = otlp.wait_for(lambda s: engine_span(s) is not None
                           and {x.service for x in s if x.trace_id == engine_span(s).trace_id}
