@@ -4,6 +4,7 @@
 ``llmesh generate``  stream a completion from the gateway; ``llmesh chat`` talks to it
 ``llmesh demo``      chat with the demo model (SmolLM2-135M-Instruct) in-process, no mesh
 ``llmesh offline --model PATH "prompt"``   one generation from any local model, in-process
+``llmesh certs``     a local CA, per-service certificates (mTLS) and the mesh secret
 """
 
 from __future__ import annotations
@@ -102,10 +103,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     from llmesh.health import wait_serving
+    from llmesh.tls import channel_credentials
 
+    tls = argparse.Namespace(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             tls_client_cert=None, tls_client_key=None)
     try:
-        wait_serving(args.address, timeout=args.timeout, service=args.service)
-    except TimeoutError as e:
+        wait_serving(args.address, timeout=args.timeout, service=args.service, credentials=channel_credentials(tls))
+    except (TimeoutError, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
     return 0
@@ -116,6 +120,9 @@ def _add_health(sub) -> None:
     p.add_argument("address", help="host:port of any llmesh service")
     p.add_argument("--service", default="", help="one service's name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--tls-ca", default=None, help="PEM CA: check over TLS, verifying the service against it")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for a service requiring mTLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.set_defaults(fn=_cmd_health)
 
 
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmesh.keys_cli import add_keys_commands
 
     add_keys_commands(sub)
+    from llmesh.certs import add_certs_command
+
+    add_certs_command(sub)
     from llmesh.bench.cli import add_bench_commands
 
     add_bench_commands(sub)

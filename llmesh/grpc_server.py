@@ -2,6 +2,8 @@
 health service, reflection, Prometheus metrics (every RPC counted by status code, and
 failures logged with their reason: rpc_outcomes) and a graceful shutdown.
 
+Internal servers also check the mesh secret (``llmesh.mesh_secret``).
+
 A service builds a ``ServiceConfig`` subclass, registers its servicers in a
 ``GrpcServer`` and calls ``run()``; on SIGTERM/SIGINT the server reports NOT_SERVING,
 stops accepting calls, lets in-flight streams finish within the grace period and
@@ -27,6 +29,7 @@ from llmesh.config import option, require
 from llmesh.errors import ServiceError, status_for
 from llmesh.parent_death import arm_from_env
 from llmesh.rpc_outcomes import RpcOutcomeInterceptor
+from llmesh.mesh_secret import CredentialInterceptor, secret_of
 from llmesh.tls import server_credentials
 from llmesh.telemetry import current_trace_id, server_interceptors, setup_tracing, shutdown_tracing
 
@@ -47,6 +50,12 @@ class ServiceConfig:
     tls_ca: str | None = option(None, "PEM CA of the peers: verify servers this service calls (and clients, with "
                                       "tls_require_client_cert)")
     tls_require_client_cert: bool = option(False, "mTLS: accept only clients with a certificate signed by tls_ca")
+    tls_client_cert: str | None = option(None, "PEM certificate presented on this service's own calls instead "
+                                               "of tls_cert (a service whose port serves no TLS)")
+    tls_client_key: str | None = option(None, "PEM private key of tls_client_cert")
+    internal_secret_file: str | None = option(None, "file holding the mesh secret: sent on this service's calls "
+                                                    "to other services; internal services refuse calls without "
+                                                    "it; the gateway keys tenants' cache salts with it")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
@@ -54,6 +63,8 @@ class ServiceConfig:
         require(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
         require(self.log_level.lower() in ("debug", "info", "warning", "error"),
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        require(bool(self.tls_client_cert) == bool(self.tls_client_key),
+                "tls_client_cert and tls_client_key must be given together")
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -201,15 +212,21 @@ def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None
 
 
 class GrpcServer:
-    """One service's server. ``register`` adds servicers and returns their full names."""
+    """One service's server. ``register`` adds servicers and returns their full names.
+
+    An ``internal`` server (every one but the gateway's public port) refuses calls without
+    the mesh secret when the config names an ``internal_secret_file``.
+    """
 
     def __init__(self, name: str, config: ServiceConfig,
                  register: Callable[[grpc.aio.Server], list[str]],
-                 on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None, *, internal: bool = True) -> None:
         setup_tracing(f"llmesh-{name}")
         self.name, self.config, self._on_shutdown = name, config, on_shutdown
+        secret = secret_of(config) if internal else None
+        credential = [CredentialInterceptor(name, secret)] if secret else []
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), RpcOutcomeInterceptor(), ErrorInterceptor()],
+            interceptors=[*server_interceptors(), RpcOutcomeInterceptor(), *credential, ErrorInterceptor()],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.health = health.aio.HealthServicer()

@@ -8,11 +8,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def wait_serving(address: str, timeout: float = 30, service: str = "") -> None:
-    """Poll Check on ``address`` until it reports SERVING; TimeoutError with the last answer."""
+def wait_serving(address: str, timeout: float = 30, service: str = "",
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Poll Check on ``address`` until it reports SERVING; TimeoutError with the last answer.
+    ``credentials``: TLS (with a client certificate for a service that requires mTLS)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials) if credentials is not None
+          else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 from llmesh.local_redis import LocalRedis, default_data_dir
+from llmesh.config import env_prefix
+from llmesh.mesh_secret import MESH_SECRET_FILE, write_secret
 from llmesh.models_file import ModelsFile, ModelSpec, load_models_file, parse_models
 from llmesh.parent_death import ENV as DIE_WITH_PARENT_ENV
 from llmesh.redis_url import with_password
@@ -153,6 +155,12 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
         "LLMESH_GATEWAY_METRICS_PORT": str(metrics(0))}, address=f"{cfg.host}:{cfg.gateway_port}",
         metrics_port=metrics(0), extra_ports={"HTTP": cfg.http_port} if cfg.http_port else {}))
+    # Every service reads the mesh secret (written by Mesh at each start) from this file:
+    # the path travels, the secret never appears on a command line.
+    for p in procs:
+        if p.grpc:
+            service = "engine" if p.name.startswith("engine-") else p.name
+            p.env[env_prefix(service) + "INTERNAL_SECRET_FILE"] = str(run_dir / MESH_SECRET_FILE)
     return procs, resolved_models
 
 
@@ -196,6 +204,7 @@ class Mesh:
         self.store = LocalRedis(cfg.data_dir or default_data_dir())
         self.redis_password = self.store.password()
         models = load_models_file(cfg.models_file) if cfg.models_file else parse_models(DEMO_MODELS, "demo")
+        write_secret(self.run_dir / MESH_SECRET_FILE)
         self.plan, self.models = plan_mesh(cfg, models, self.run_dir, self.redis_password)
         self.models.dump(self.run_dir / "models.yaml")
         self.specs = {p.name: p for p in self.plan}

@@ -9,8 +9,13 @@ One set of fields on ServiceConfig covers both directions of a service:
   server against it when it is set; with ``tls_require_client_cert`` the server also
   requires and verifies client certificates against it (mTLS between services).
 
-The public gateway port typically sets cert/key only (clients authenticate with API
-keys); the internal services add ``tls_require_client_cert``.
+* ``tls_client_cert`` / ``tls_client_key``: the identity outgoing channels present instead,
+  for a service whose own port serves no TLS (the gateway: its public port is API-key
+  authenticated, its calls to router and engines are mTLS).
+
+The internal services add ``tls_require_client_cert``. Every channel between services is
+made by ``aio_channel``, which also sends the mesh secret (``llmesh.mesh_secret``) when the
+config names an ``internal_secret_file``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ from typing import Protocol
 
 import grpc
 
+from llmesh.mesh_secret import credential_interceptors, secret_of
+
 
 class TLSConfig(Protocol):
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
     tls_require_client_cert: bool
+    tls_client_cert: str | None
+    tls_client_key: str | None
+    internal_secret_file: str | None
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -56,13 +66,18 @@ def channel_credentials(cfg: TLSConfig) -> grpc.ChannelCredentials | None:
     ca = _read(cfg.tls_ca, "TLS CA")
     if ca is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=_read(cfg.tls_key, "TLS key"),
-                                        certificate_chain=_read(cfg.tls_cert, "TLS certificate"))
+    cert_path = cfg.tls_client_cert or cfg.tls_cert
+    key_path = cfg.tls_client_key or cfg.tls_key
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=_read(key_path, "TLS key"),
+                                        certificate_chain=_read(cert_path, "TLS certificate"))
 
 
-def aio_channel(address: str, cfg: TLSConfig | None, **kwargs) -> grpc.aio.Channel:
-    """An asyncio channel to ``address``: TLS (and mTLS) when ``cfg`` has a CA."""
+def aio_channel(address: str, cfg: TLSConfig | None, *, interceptors=(), **kwargs) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: TLS (and mTLS) when ``cfg`` has a CA, sending the
+    mesh secret when ``cfg`` has one."""
     creds = channel_credentials(cfg) if cfg is not None else None
+    secret = secret_of(cfg) if cfg is not None else None
+    interceptors = [*(credential_interceptors(secret) if secret else ()), *interceptors]
     if creds is None:
-        return grpc.aio.insecure_channel(address, **kwargs)
-    return grpc.aio.secure_channel(address, creds, **kwargs)
+        return grpc.aio.insecure_channel(address, interceptors=interceptors, **kwargs)
+    return grpc.aio.secure_channel(address, creds, interceptors=interceptors, **kwargs)

@@ -3,7 +3,9 @@
 The record is looked up by the key's id on every call (Redis first, then the keys file),
 so a revocation reaches every gateway on its next request. When Redis cannot be reached,
 fail-closed refuses with UNAVAILABLE; fail-open accepts keys verified before the outage
-(their last known record). The key never appears in a message or a log line.
+(their last known record). The key never appears in a message or a log line. A caller's
+prefix-cache salt is keyed by the mesh secret (``llmesh.mesh_secret.cache_salt``), never
+the tenant's name itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from llmesh.gateway import metrics
 from llmesh.gateway.caller import CallContext, Caller
 from llmesh.gateway.keys import REDIS_PREFIX, KeyFormatError, KeyRecord, KeysFile, matches, parse_key
 from llmesh.gateway.ratelimit import RedisGuard
+from llmesh.mesh_secret import cache_salt
 
 MAX_AUTH_HEADER = 512
 """Longer authorization values are refused before any parsing (a key is ~60 bytes)."""
@@ -31,8 +34,10 @@ def _unauthenticated(reason: str, message: str) -> ServiceError:
 
 class KeyAuthenticator:
     def __init__(self, redis_client: aioredis.Redis | None, keys_file: KeysFile | None, guard: RedisGuard,
-                 pepper: str = "") -> None:
+                 pepper: str = "", *, salt_key: bytes) -> None:
+        """``salt_key`` keys the tenants' cache salts (the mesh secret)."""
         self._redis = redis_client
+        self._salt_key = salt_key
         self._file = keys_file
         self._guard = guard
         self._pepper = pepper
@@ -64,7 +69,8 @@ class KeyAuthenticator:
             raise _unauthenticated("revoked", f"API key {key_id} has been revoked")
         return Caller(key_id=record.key_id, tenant=record.tenant, tier=record.tier,
                       allowed_models=None if record.models is None else frozenset(record.models),
-                      cache_salt=record.tenant, rpm=record.rpm, tpm=record.tpm, concurrency=record.concurrency)
+                      cache_salt=cache_salt(self._salt_key, record.tenant), rpm=record.rpm, tpm=record.tpm,
+                      concurrency=record.concurrency)
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
         if self._redis is not None:

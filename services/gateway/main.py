@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sys
 
 import grpc
@@ -29,6 +30,7 @@ from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
+from llmesh.mesh_secret import MeshSecretError, secret_of
 from llmesh.models_file import ModelsFileError, load_models_file
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
@@ -48,7 +50,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
         socket_connect_timeout=config.redis_timeout_s) if config.redis_url else None
     guard = RedisGuard(config.redis_failure_mode)
     authenticator = KeyAuthenticator(redis_client, KeysFile(config.keys_file) if config.keys_file else None,
-                                     guard, config.key_pepper) if config.auth else NoAuth()
+                                     guard, config.key_pepper, salt_key=_salt_key(config)) if config.auth else NoAuth()
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
     engines = EngineChannels(config, config.engine_stall_timeout_s) if config.routing == "direct" else None
@@ -73,7 +75,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
         if redis_client is not None:
             await redis_client.aclose()
 
-    server = GrpcServer("gateway", config, register, on_shutdown)
+    server = GrpcServer("gateway", config, register, on_shutdown, internal=False)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
     if config.auth and redis_client is not None and not config.keys_file:
         # Keys only in Redis: without it nobody can be authenticated, so health says so.
@@ -86,6 +88,17 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     await server.run()
 
 
+def _salt_key(config: GatewayConfig) -> bytes:
+    """The mesh secret; without one, a key of this process only: tenants stay apart, but
+    gateways do not agree on salts (each starts its tenants' caches anew)."""
+    secret = secret_of(config)
+    if secret is None:
+        log.warning("no internal_secret_file: tenants' cache salts are keyed by a random key of this "
+                    "gateway process; give every gateway the mesh secret so they share cached prefixes")
+        return secrets.token_bytes(32)
+    return secret
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [x for a in argv for x in (("--auth", "false") if a == "--no-auth" else (a,))]  # the explicit spelling
@@ -96,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizers = ModelTokenizers.load(models)
         defaults = GenerationDefaults.load(models)
     except (ModelsFileError, EngineError) as e:
+        sys.exit(f"llmesh-gateway: {e}")
+    try:
+        secret_of(config)
+    except MeshSecretError as e:
         sys.exit(f"llmesh-gateway: {e}")
     run_async(lambda: serve(config, tokenizers, defaults))
 

@@ -11,13 +11,14 @@ and chat template, and routed as token ids: in ``direct`` routing the router's `
 names the engine and the gateway streams from it (``direct``); in ``proxy`` routing the
 router's ``Generate`` stream is passed through unchanged. Either call lives exactly as
 long as the client's: a client that goes away (or whose deadline passes) cancels it,
-which cancels the engine request and frees its KV blocks.
+which cancels the engine request and frees its KV blocks. The client's request_id is
+unique per API key only; router and engines see an id of the gateway's (``request_ids``),
+and responses carry the client's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -34,6 +35,7 @@ from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
+from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.gateway.usage import UsageRecord
 from llmesh.gateway.usage_store import UsageStore
@@ -72,6 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._limiter = limiter
         self._usage_store = usage_store
         self._background: set[asyncio.Task] = set()
+        self._live_ids = LiveRequestIds()
 
     @property
     def catalog(self) -> ModelCatalog:
@@ -186,6 +189,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
+        ids: RequestIds | None = None
         lease: Lease | None = None
         prompt_len = 0
         try:
@@ -193,7 +197,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             usage.tenant, usage.key_id = caller.tenant, caller.key_id
             route = await build_route(request, caller)
             apply_tier(route, caller)
-            usage.request_id, usage.model = route.request_id, route.model
+            ids = self._live_ids.claim(caller.key_id, request.request_id)
+            route.request_id = ids.engine
+            usage.request_id, usage.engine_request_id, usage.model = ids.client, ids.engine, route.model
             prompt_len = len(route.prompt_token_ids) or max(
                 (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
             if self._limiter is not None:
@@ -201,6 +207,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 lease = await self._limiter.admit(caller, prompt_len + choices * route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
                 async for resp in stream:
+                    resp.request_id = ids.client  # the engine's id is the mesh's, never shown
                     yield resp
         except BaseException as e:
             status = _status_name(e, context)
@@ -210,6 +217,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 usage.model = requested  # a known name: a bounded metric label
             raise
         finally:
+            if ids is not None:
+                self._live_ids.release(caller.key_id, ids)
             usage.finish(status)
             self._after_stream(caller, lease, usage, prompt_len)
 
@@ -248,8 +257,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prompts = {model: ids}
         else:
             prompts = {m: self._tokenizer(m).encode(request.text) for m in self._candidates(model, caller)}
-        return self._route_request(request.request_id, model, prompts, request.sampling,
-                                   request.priority, caller, request.text if model == AUTO else "")
+        return self._route_request(model, prompts, request.sampling, request.priority, caller,
+                                   request.text if model == AUTO else "")
 
     async def _route_chat(self, request: inference_pb2.ChatRequest, caller: Caller) -> router_pb2.RouteRequest:
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
@@ -259,8 +268,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         to_sampling_params(request.sampling, self._config.default_max_tokens)
         prompts = {m: self._tokenizer(m).encode_chat(messages) for m in self._candidates(model, caller)}
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return self._route_request(request.request_id, model, prompts, request.sampling,
-                                   request.priority, caller, last_user if model == AUTO else "")
+        return self._route_request(model, prompts, request.sampling, request.priority, caller,
+                                   last_user if model == AUTO else "")
 
     async def _resolve(self, requested: str, caller: Caller) -> str:
         cards = await self._catalog.cards(requested.strip())
@@ -287,10 +296,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                "models file")
         return tok
 
-    def _route_request(self, request_id: str, model: str, prompts: dict[str, list[int]],
+    def _route_request(self, model: str, prompts: dict[str, list[int]],
                        sampling: common_pb2.SamplingParams, priority: int, caller: Caller,
                        prompt_text: str) -> router_pb2.RouteRequest:
-        """Window checks, the effective max_tokens, and the RouteRequest itself.
+        """Window checks, the effective max_tokens, and the RouteRequest itself (its
+        request_id is set once the request is admitted, by ``stream``).
 
         For ``auto`` only the models whose window fits the prompt are offered to the
         router; the request fails only when none does.
@@ -317,8 +327,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         apply_defaults(effective, self._defaults.common(fitting) if model == AUTO else self._defaults.of(model))
         to_sampling_params(effective, max_tokens)
         route = router_pb2.RouteRequest(
-            request_id=request_id or uuid.uuid4().hex, model=model,
-            sampling=effective, priority=priority,
+            model=model, sampling=effective, priority=priority,
             cache_salt=caller.cache_salt, prompt_text=prompt_text, tier=caller.tier)
         if model == AUTO:
             for name in fitting:
@@ -332,7 +341,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
         prompt_tokens = len(route.prompt_token_ids) or max(
             (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
-        attributes = {"llmesh.model": route.model, "llmesh.request_id": route.request_id,
+        attributes = {"llmesh.model": route.model, "llmesh.request_id": usage.request_id,
+                      "llmesh.engine_request_id": route.request_id,
                       "llmesh.prompt_tokens": prompt_tokens,
                       "llmesh.max_tokens": route.sampling.max_tokens}
         with _tracer.start_as_current_span(f"gateway.{usage.rpc}", attributes=attributes,

@@ -45,6 +45,9 @@ class UsageRecord:
     """Why the call failed (the message the caller got); empty when it succeeded."""
     trace_id: str = ""
     """The request's trace (set once its span starts; else the current span's is logged)."""
+    engine_request_id: str = ""
+    """The id router and engines know the request by (``request_ids``): what an operator
+    passes to an engine's Abort; ``request_id`` is the client's own."""
 
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
         """Account one streamed message."""
@@ -83,5 +86,5 @@ class UsageRecord:
             "completion_tokens": self.completion_tokens,
             "ttft_ms": round(1000 * self.ttft_s, 1) if self.ttft_s is not None else None,
             "duration_ms": round(1000 * duration, 1), "replica": self.replica, "tenant": self.tenant,
-            "key_id": self.key_id,
+            "key_id": self.key_id, "engine_request_id": self.engine_request_id,
         })

@@ -17,7 +17,10 @@ from llmesh.models_file import load_models_file
 ROOT = Path(__file__).resolve().parents[2]
 # Settings that are about where a process listens or is reached, which differ by design
 # between containers (0.0.0.0, service names) and local processes (127.0.0.1, ports).
-PLACEMENT = ("_HOST", "_PORT", "_ADDRESS", "_PREFIX_INDEX", "_ROUTER", "_REDIS_URL", "_MODELS_FILE", "_DEVICE")
+PLACEMENT = ("_HOST", "_PORT", "_ADDRESS", "_PREFIX_INDEX", "_ROUTER", "_REDIS_URL", "_MODELS_FILE", "_DEVICE",
+             "_INTERNAL_SECRET_FILE")
+# mTLS is compose's alone: `llmesh up` runs on loopback with the mesh secret only.
+TLS = ("_TLS_CERT", "_TLS_KEY", "_TLS_CA", "_TLS_REQUIRE_CLIENT_CERT", "_TLS_CLIENT_CERT", "_TLS_CLIENT_KEY")
 
 
 def _compose() -> dict:
@@ -62,7 +65,7 @@ def test_llmesh_up_starts_the_same_services_with_the_same_settings(tmp_path):
     assert set(by_name) == set(pairs) | {"redis"}
     for local, container in pairs.items():
         local_env = by_name[local].env
-        container_env = compose[container]["environment"]
+        container_env = {k: v for k, v in compose[container]["environment"].items() if not k.endswith(TLS)}
         assert set(local_env) == {k for k in container_env if k.startswith("LLMESH_")}, local
         assert _settings(local_env) == _settings(container_env), local
     # engines are reachable at the addresses the models file gives the router

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from llmesh.engine import LLM, SamplingParams
 from llmesh.health import wait_serving
 from llmesh.launcher import Mesh, UpConfig
+from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
 from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, prefix_index_pb2, prefix_index_pb2_grpc
 from tests.mesh_helpers import free_port
@@ -74,8 +75,12 @@ def test_one_trace_gateway_router_engine(mesh):
     _generate(cfg, "e2e-trace", max_tokens=4, temperature=0.0, ignore_eos=True)
 
     def engine_span(spans):
-        return next((s for s in spans if s.service == "llmesh-engine"
-                     and s.attributes.get("llmesh.request_id") == "e2e-trace"), None)
+        """The engine knows the request by the gateway's engine request id, not the client's."""
+        gateway = next((s for s in spans if s.service == "llmesh-gateway"
+                        and s.attributes.get("llmesh.request_id") == "e2e-trace"), None)
+        return None if gateway is None else next(
+            (s for s in spans if s.service == "llmesh-engine"
+             and s.attributes.get("llmesh.request_id") == gateway.attributes["llmesh.engine_request_id"]), None)
 
     spans = otlp.wait_for(lambda s: engine_span(s) is not None
                           and {x.service for x in s if x.trace_id == engine_span(s).trace_id}
@@ -112,7 +117,8 @@ def test_the_index_learns_where_the_prefix_is(mesh, tiny_llama):
 
     deadline = time.monotonic() + 10
     while True:
-        resp = index.Match(prefix_index_pb2.MatchRequest(namespace="tiny", block_hashes=hashes), timeout=5)
+        resp = index.Match(prefix_index_pb2.MatchRequest(namespace="tiny", block_hashes=hashes), timeout=5,
+                           metadata=[(METADATA_KEY, read_secret(m.run_dir / MESH_SECRET_FILE).decode())])
         if resp.replicas and resp.replicas[0].matched_blocks == len(hashes):
             break
         assert time.monotonic() < deadline, f"index never matched the prefix: {resp}"
