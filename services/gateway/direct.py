@@ -24,7 +24,9 @@ from opentelemetry import trace
 from llmesh.errors import ServiceError, unavailable
 from llmesh.router.escalation import (
     FAILOVER_CODES,
+    OVERLOAD_CODES,
     EscalationRule,
+    Overloads,
     Verdict,
     escalating,
     exhausted_error,
@@ -110,6 +112,7 @@ class DirectStreamer:
         candidates = list(target.candidates)[:max_failovers + 1]
         if not candidates:
             raise unavailable(f"no healthy replica of model {target.model!r} (the router named none)")
+        overloads = Overloads()
         for attempt, cand in enumerate(candidates):
             span.set_attributes({"llmesh.replica": cand.replica, "llmesh.attempt": attempt})
             call = self._engines.stub(cand.address).Generate(target.request, timeout=timeout())
@@ -124,6 +127,12 @@ class DirectStreamer:
             except grpc.aio.AioRpcError as e:
                 if sent_any:
                     raise midstream_error(cand.replica, cand.address, e) from None
+                if e.code() in OVERLOAD_CODES:
+                    overloads.add(cand.replica, cand.address, e)
+                    if attempt == len(candidates) - 1:
+                        raise overloads.error(target.model) from None
+                    span.add_event("overloaded", {"llmesh.replica": cand.replica})
+                    continue
                 if e.code() not in FAILOVER_CODES:
                     raise refused_error(cand.replica, cand.address, e) from None
                 if attempt == len(candidates) - 1:

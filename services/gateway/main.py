@@ -24,7 +24,7 @@ from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
-from llmesh.gateway.tokenizers import ModelTokenizers
+from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
@@ -36,7 +36,8 @@ from llmesh.v1 import router_pb2_grpc
 log = logging.getLogger("llmesh.gateway")
 
 
-async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults) -> None:
+async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults,
+                pool: TokenizerPool) -> None:
     channel = aio_channel(
         config.router, config, interceptors=client_interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -52,7 +53,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
     engines = EngineChannels(config) if config.routing == "direct" else None
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
-                                 defaults, None if engines is None else DirectStreamer(router, engines))
+                                 defaults, None if engines is None else DirectStreamer(router, engines), pool)
     refresher: asyncio.Task | None = None
     http: HttpFront | None = None
 
@@ -69,6 +70,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
             await engines.close()
         if redis_client is not None:
             await redis_client.aclose()
+        pool.close()
 
     server = GrpcServer("gateway", config, register, on_shutdown)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
@@ -90,7 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         defaults = GenerationDefaults.load(models)
     except (ModelsFileError, EngineError) as e:
         sys.exit(f"llmesh-gateway: {e}")
-    run_async(lambda: serve(config, tokenizers, defaults))
+    pool = TokenizerPool(tokenizers, config.tokenizer_workers, config.tokenize_inline_bytes)
+    pool.start()  # before serving: no request waits for a worker to start
+    try:
+        run_async(lambda: serve(config, tokenizers, defaults, pool))
+    finally:
+        pool.close()
 
 
 if __name__ == "__main__":

@@ -30,3 +30,5 @@ RATE_LIMITED = Counter(
     "llmesh_gateway_rate_limited_total", "Calls refused by a rate limit, by limit.", ["limit"])
 REDIS_ERRORS = Counter(
     "llmesh_gateway_redis_errors_total", "Redis calls that failed, by what they were for.", ["where"])
+OVERLOADED = Counter(
+    "llmesh_gateway_overloaded_total", "Calls refused because the gateway had max_streams streams open.")

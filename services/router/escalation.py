@@ -11,7 +11,10 @@ before that many tokens is judged on the tokens it has.
 
 Failover: a replica failing with a code in ``FAILOVER_CODES`` before its first message
 is skipped for the next candidate; after the first message the failure is reported with
-``midstream_error`` (the caller holds part of the output).
+``midstream_error`` (the caller holds part of the output). A replica refusing with
+RESOURCE_EXHAUSTED (its waiting queue is full) is healthy, just busy: the next candidate
+with room is tried without marking it down, and when none is left the caller gets
+RESOURCE_EXHAUSTED with the shortest retry hint any replica gave (``overloaded_error``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from llmesh.errors import ServiceError, unavailable
+from llmesh.overload import retry_after_s, retry_trailers
 from llmesh.v1 import common_pb2
 
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 """Codes that mean "this replica could not take the request" (dead, shutting down)."""
+OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""Codes that mean "this replica is full right now": try another, but it stays healthy."""
 REPLICA_FAULT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
                                  grpc.StatusCode.INTERNAL})
 """Codes that, after the first token, are reported as the replica's failure."""
@@ -126,3 +132,22 @@ def exhausted_error(model: str, replica: str, address: str, e: grpc.aio.AioRpcEr
     """The caller's error when the last allowed replica failed before the first token."""
     return unavailable(f"model {model!r}: replica {replica} ({address}) failed before the first token "
                        f"({e.details() or e.code().name}) and {failovers} failover(s) failed too")
+
+
+class Overloads:
+    """The RESOURCE_EXHAUSTED refusals of one request's candidates, for the caller's error."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str, grpc.aio.AioRpcError]] = []
+
+    def add(self, replica: str, address: str, e: grpc.aio.AioRpcError) -> None:
+        self.refusals.append((replica, address, e))
+
+    def error(self, model: str) -> ServiceError:
+        """RESOURCE_EXHAUSTED naming every refusing replica, with the shortest retry hint."""
+        hints = [h for _, _, e in self.refusals if (h := retry_after_s(e.trailing_metadata())) is not None]
+        where = "; ".join(f"replica {r} ({a}): {e.details() or e.code().name}" for r, a, e in self.refusals)
+        trailers = retry_trailers(min(hints)) if hints else ()
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"model {model!r} is overloaded: {len(self.refusals)} replica(s) refused the request "
+                            f"({where})", trailers=trailers)

@@ -1,6 +1,8 @@
 """The Engine gRPC servicer: a thin layer over AsyncLLM.
 
-A dead engine core (its process died, or a step failed) ends every stream and refuses
+A full waiting queue refuses a request at once with RESOURCE_EXHAUSTED and a retry hint
+(``llmesh.overload``), so the router can try another replica and callers back off
+instead of queueing without bound. A dead engine core (its process died, or a step failed) ends every stream and refuses
 every new call with UNAVAILABLE naming this engine, so the router fails over."""
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from opentelemetry import trace
 
 from llmesh import prefix_hash
 from llmesh.engine.async_llm import AsyncLLM
-from llmesh.engine.errors import EngineDeadError
+from llmesh.engine.errors import EngineDeadError, EngineOverloadedError
 from llmesh.engine.request import FinishReason
 from llmesh.errors import ServiceError
+from llmesh.overload import overloaded
 from llmesh.sampling_proto import FINISH_REASONS, priority_from_proto, sampling_from_proto
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
@@ -44,6 +47,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 yield msg
         except EngineDeadError as e:
             raise self._unavailable(e) from e
+        except EngineOverloadedError as e:
+            trace.get_current_span().add_event("refused_overloaded")
+            raise overloaded(f"engine {self.instance_id}: {e}", e.retry_after_s) from None
 
     async def _generate(self, request: engine_pb2.EngineGenerateRequest) -> AsyncIterator[common_pb2.GenerateResponse]:
         params = sampling_from_proto(request.sampling)
