@@ -24,7 +24,15 @@ import openai
 import pytest
 import yaml
 
-from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc
+from llmesh.v1 import (
+    common_pb2,
+    engine_pb2,
+    engine_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from tests.gateway.test_auth import add_key, bearer
 from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, start_engine
 
@@ -40,14 +48,19 @@ def mesh(tiny_llama, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("admission")
     with contextlib.ExitStack() as stack:
         redis_server = stack.enter_context(RedisServer())
+        # A fixed port (the last --port wins), so that every process starts at once.
+        engine_address = f"127.0.0.1:{free_port()}"
         engine = stack.enter_context(start_engine(
             tiny_llama, "--served-model-name", MODEL, "--num-kv-blocks", "64", "--max-model-len", str(WINDOW),
-            "--max-num-seqs", "1", "--max-waiting-requests", "1", "--fault-step-delay-s", "0.05"))
+            "--max-num-seqs", "1", "--max-waiting-requests", "1", "--fault-step-delay-s", "0.05",
+            "--port", engine_address.rsplit(":", 1)[1], wait=False))
         models_file = run_dir / "models.yaml"
         models_file.write_text(yaml.safe_dump({"default_model": MODEL, "models": [{
             "name": MODEL, "path": tiny_llama, "size_class": "small", "replicas": 1,
-            "addresses": [engine.address]}]}))
-        router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(models_file)]))
+            "addresses": [engine_address]}]}))
+        router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(models_file)],
+                                                    wait=False))
+        router.wait_ready()
         common = ["--router", router.address, "--models-file", str(models_file)]
         keyed_http, capped_http = free_port(), free_port()
         keyed = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
@@ -55,13 +68,25 @@ def mesh(tiny_llama, tmp_path_factory):
         capped = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
             *common, "--auth", "false", "--max-streams", "2", "--max-prompt-bytes", "4096",
             "--http-port", str(capped_http)], wait=False))
-        keyed.wait_ready()
-        capped.wait_ready()
+        for proc in (engine, keyed, capped):
+            proc.wait_ready()
+        _wait_router_healthy(router.address)
         yield {"redis": redis_server, "engine": engine.address, "keyed": keyed.address,
                "capped": capped.address, "capped_http": capped_http}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _wait_router_healthy(address: str, timeout: float = 60.0) -> None:
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout
+    while True:
+        cards = stub.ListModels(router_pb2.RouterListModelsRequest(), timeout=5).models
+        if cards and all(c.healthy_replicas for c in cards):
+            return
+        assert time.monotonic() < deadline, f"the router never saw a healthy engine: {cards}"
+        time.sleep(0.1)
+
+
 def _engine(mesh) -> engine_pb2_grpc.EngineStub:
     return engine_pb2_grpc.EngineStub(grpc.insecure_channel(mesh["engine"]))
 
@@ -275,9 +300,10 @@ def test_an_empty_rate_limit_bucket_refuses_a_1mb_prompt_without_tokenizing_it(m
     assert elapsed < FAST_S, f"refusal took {elapsed * 1000:.0f} ms"
 
     key, _ = add_key(mesh["redis"].url, tpm=40)
-    _generate(mesh["keyed"], bearer(key), max_tokens=30, ignore_eos=True)  # ~33 of 40 tokens used
+    _generate(mesh["keyed"], bearer(key), max_tokens=30, ignore_eos=True)  # ~35 of 40 tokens used
+    # max_tokens=30 alone is more than is left (the bucket refills 40 tokens a minute).
     elapsed, err = _median_refusal(lambda: _gateway(mesh["keyed"]).Generate(
-        inference_pb2.GenerateRequest(model=MODEL, text=big, sampling=common_pb2.SamplingParams(max_tokens=10)),
+        inference_pb2.GenerateRequest(model=MODEL, text=big, sampling=common_pb2.SamplingParams(max_tokens=30)),
         metadata=bearer(key), timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED, attempts=3)
     assert "tokens per minute" in err.details() and elapsed < FAST_S, (elapsed, err.details())
 
