@@ -6,10 +6,10 @@ no text work on the hot path. Only tokenizers are read (``load_tokenizer``), nev
 weights, so the gateway needs neither torch nor the model files' tensors.
 
 ``TokenizerPool`` keeps large inputs off the event loop. Hugging Face's fast tokenizer
-holds the GIL in ``encode`` (measured: a thread pool leaves the loop stalled for the whole
-encode, ~1.3 s for 1 MB on this project's 2-core CI machine) and ``encode_batch``, which
-releases it, still stalls the loop ~0.25 s building the result; a process pool kept the
-loop's worst gap near 60 ms. So text over ``inline_bytes`` is tokenized in worker
+holds the GIL in ``encode``, so a thread pool leaves the loop stalled for the whole encode
+(seconds for 1 MB), and ``encode_batch``, which releases it, still stalls the loop ~0.25 s
+building the result; a process pool kept the loop's worst gap near 60 ms
+(bench/tokenize_offload.py). So text over ``inline_bytes`` is tokenized in worker
 processes (spawned, holding pickled copies of the tokenizers, at a lower CPU priority so
 the event loop wins a busy core) and comes back as packed bytes, which unpickle in
 microseconds; small inputs are tokenized inline, where a round trip would cost more than
