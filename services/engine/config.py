@@ -52,7 +52,7 @@ class SchedulerConfig:
     max_num_seqs: int = option(64, "cap on running requests")
     max_waiting_requests: int | None = option(
         None, "online serving (the engine service, AsyncLLM): cap on requests admitted but not yet "
-              "running; one more is refused at once with RESOURCE_EXHAUSTED and a retry-after hint "
+              "running; one more is refused at once with RESOURCE_EXHAUSTED and a retry hint "
               "instead of queueing (None: max_num_seqs, so a request waits at most about one batch's "
               "turnover; 0: no queue). Offline LLM.generate batches are not capped")
     enable_chunked_prefill: bool = option(
