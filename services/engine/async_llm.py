@@ -31,7 +31,7 @@ from llmesh.engine.core.core_client import CoreClient
 from llmesh.engine.core.core_proc import CoreFaults
 from llmesh.engine.core.engine_core import abort_with_result
 from llmesh.engine.core.messages import AbortRequests, EngineCoreOutputs, EngineStats, UtilityCall
-from llmesh.engine.errors import EngineDeadError, EngineError, InvalidRequestError
+from llmesh.engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError
 from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
@@ -42,6 +42,7 @@ from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 from llmesh.engine.stats import IterationStats, RequestStats
+from llmesh.overload import RetryEstimator
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class AsyncLLM:
         self.core_starts = 1
         """Cores started so far (1 + restarts)."""
         self._core = self._start_core()
+        self._retry = RetryEstimator()
+        """Streams ending (finished or dropped): how soon a refused caller may find room."""
         ready = self._core.ready
         self.max_model_len = ready.max_model_len
         self.config.scheduler.max_model_len = ready.max_model_len
@@ -146,8 +149,10 @@ class AsyncLLM:
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request. Raises InvalidRequestError before the first
-        delta when the request cannot be admitted, EngineDeadError when the core is or
-        goes away. Closing or cancelling the iterator aborts the request."""
+        delta when the request cannot be admitted, EngineOverloadedError when the waiting
+        queue is full, EngineDeadError when the core is or goes away. Closing or
+        cancelling the iterator aborts the request."""
+        self._check_room()  # the cheap refusal first: a full queue costs no input processing
         arrival = time.monotonic()
         core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
                                                 cache_salt=cache_salt)
@@ -161,6 +166,7 @@ class AsyncLLM:
                     or any(c in self._streams for c in index_of):
                 raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
                                           field="request_id")
+            self._check_room()
             for c in choices:
                 self._streams[c.request_id] = stream
                 self.output_processor.add_request(c, arrival)
@@ -254,6 +260,26 @@ class AsyncLLM:
         self._fail_all("the engine is shutting down")
         self._core.shutdown(timeout)
 
+    def _check_room(self) -> None:
+        """Refuse a request the waiting queue has no room for, before the core sees it.
+
+        Waiting = live streams that the core cannot start at its next step. From its last
+        report (R running, W waiting): with nobody waiting, the free seats
+        (max_num_seqs − R) take new requests; with some waiting, something other than
+        seats (KV blocks) holds them, so every request beyond the running ones waits.
+        Between reports this counts requests the core has just started as waiting, so the
+        cap errs on the side of refusing. Nothing is allocated yet, so a refusal holds no
+        KV block and no request slot.
+        """
+        s, sched = self._stats, self.config.scheduler
+        free_seats = max(0, sched.max_num_seqs - s.num_running) if s.num_waiting == 0 else 0
+        waiting = max(0, len(self._streams) - s.num_running - free_seats)
+        if waiting >= sched.waiting_cap:
+            hint = self._retry.hint(waiting - sched.waiting_cap + 1)
+            raise EngineOverloadedError(
+                f"the engine is overloaded: its waiting queue is full ({waiting} requests waiting, "
+                f"max_waiting_requests={sched.waiting_cap}, {s.num_running} running)", retry_after_s=hint)
+
     # ---- the reader thread -------------------------------------------------------------------
     def _forget(self, request_id: str, stream: _Stream) -> None:
         """The caller stopped listening: drop the stream and abort the request in the core."""
@@ -262,6 +288,7 @@ class AsyncLLM:
                 return
             del self._streams[request_id]
             self._record_abort(self.output_processor.remove(request_id))
+            self._retry.finished()
             if self._dead is not None:
                 return
         try:
@@ -288,6 +315,7 @@ class AsyncLLM:
                     stopped.append(out.request_id)
                 if delta.finished:
                     del self._streams[out.request_id]
+                    self._retry.finished()
                 deliveries.setdefault(id(stream), (stream, []))[1].append(delta)
             for rej in msg.rejected:
                 stream = self._streams.pop(rej.request_id, None)

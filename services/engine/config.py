@@ -56,13 +56,18 @@ def default_step_tokens(device_type: str) -> int:
 
 @dataclass
 class SchedulerConfig:
-    """Scheduler: batch sizes and chunked prefill."""
+    """Scheduler: batch sizes, chunked prefill and the waiting queue's cap."""
 
     max_num_batched_tokens: int | None = option(
         None, "token budget of one step: a decode counts one token, a prefill chunk its length. None: "
               f"{GPU_STEP_TOKENS} on a GPU, {CPU_STEP_TOKENS} on the CPU, where a step costs milliseconds "
               "per token and an abort or a passed deadline only lands between steps")
     max_num_seqs: int = option(64, "cap on running requests")
+    max_waiting_requests: int | None = option(
+        None, "online serving (the engine service, AsyncLLM): cap on requests admitted but not yet "
+              "running; one more is refused at once with RESOURCE_EXHAUSTED and a retry hint "
+              "instead of queueing (None: max_num_seqs, so a request waits at most about one batch's "
+              "turnover; 0: no queue). Offline LLM.generate batches are not capped")
     enable_chunked_prefill: bool = option(
         True, "split long prefills across steps so running decodes are never starved "
               "(off: max_num_batched_tokens must cover a whole prompt)")
@@ -74,6 +79,8 @@ class SchedulerConfig:
         require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                 f"max_num_batched_tokens must be ≥ 1, got {self.max_num_batched_tokens!r}")
         require(self.max_num_seqs >= 1, f"max_num_seqs must be ≥ 1, got {self.max_num_seqs!r}")
+        require(self.max_waiting_requests is None or self.max_waiting_requests >= 0,
+                f"max_waiting_requests must be ≥ 0, got {self.max_waiting_requests!r}")
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
         require(self.enable_chunked_prefill or self.max_model_len is None or self.max_num_batched_tokens is None
@@ -81,6 +88,11 @@ class SchedulerConfig:
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
                 f"≥ max_model_len ({self.max_model_len}) or long prompts could never be scheduled: raise "
                 "max_num_batched_tokens, lower max_model_len or enable chunked prefill")
+
+    @property
+    def waiting_cap(self) -> int:
+        """The effective cap on waiting requests (max_waiting_requests resolved)."""
+        return self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -28,6 +28,15 @@ class RequestNotFoundError(EngineError, KeyError):
     """No live request has this id."""
 
 
+class EngineOverloadedError(EngineError):
+    """The engine's waiting queue is full: the request was refused before it reached the
+    core (nothing allocated); ``retry_after_s`` is when a slot is likely to be free."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class EngineDeadError(EngineError):
     """The engine core is gone (its process died, or a step failed and it stopped): every
     in-flight request fails with this and new ones are refused."""

@@ -1,5 +1,6 @@
 """The gateway's config: where the router is, which models file to read tokenizers from,
-and the request limits checked before any engine work."""
+the request limits checked before any engine work, and admission (stream cap, tokenizer
+workers); docs/operations.md "Admission control" explains how they work together."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ class GatewayConfig(ServiceConfig):
     http_port: int = option(0, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, "
                                "/v1/models, /health) on the same host; 0 turns the HTTP front off")
     max_request_bytes: int = option(1 << 20, "largest serialized request accepted, in bytes")
+    max_prompt_bytes: int = option(1 << 20, "largest prompt accepted, in UTF-8 bytes (a chat: the messages' "
+                                            "contents together), checked before tokenizing")
+    max_stop_strings: int = option(16, "most stop strings one request may set (OpenAI allows 4)")
+    max_stop_chars: int = option(256, "longest stop string accepted, in characters")
+    max_streams: int = option(1024, "streams this gateway serves at once (gRPC and HTTP together); one more "
+                                    "is refused at once with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after "
+                                    "hint. 0: no cap")
+    tokenizer_workers: int = option(2, "processes that tokenize prompts over tokenize_inline_bytes, so a large "
+                                       "prompt never stalls other streams; 0 tokenizes everything on the "
+                                       "event loop")
+    tokenize_inline_bytes: int = option(8192, "prompts up to this many UTF-8 bytes are tokenized on the event "
+                                              "loop (about 10 ms of work), larger ones in a tokenizer worker")
     default_max_tokens: int = option(256, "max_tokens when a request leaves it unset (capped by the model window)")
     models_refresh_s: float = option(10.0, "seconds between refreshes of the router's model list (windows, replicas)")
     auth: bool = option(True, "require API keys ('authorization: Bearer <key>'); false serves everyone "
@@ -51,6 +64,13 @@ class GatewayConfig(ServiceConfig):
         require(0 <= self.http_port <= 65535, f"http_port must be in [0, 65535], got {self.http_port}")
         require(self.max_request_bytes >= 1024,
                 f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        require(self.max_prompt_bytes >= 1, f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
+        require(self.max_stop_strings >= 0, f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        require(self.max_stop_chars >= 1, f"max_stop_chars must be >= 1, got {self.max_stop_chars}")
+        require(self.max_streams >= 0, f"max_streams must be >= 0, got {self.max_streams}")
+        require(self.tokenizer_workers >= 0, f"tokenizer_workers must be >= 0, got {self.tokenizer_workers}")
+        require(self.tokenize_inline_bytes >= 0,
+                f"tokenize_inline_bytes must be >= 0, got {self.tokenize_inline_bytes}")
         require(self.default_max_tokens >= 1,
                 f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         require(self.redis_failure_mode in ("open", "closed"),

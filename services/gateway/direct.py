@@ -28,7 +28,9 @@ from opentelemetry import trace
 from llmesh.errors import unavailable
 from llmesh.router.escalation import (
     FAILOVER_CODES,
+    OVERLOAD_CODES,
     EscalationRule,
+    Overloads,
     Verdict,
     escalating,
     exhausted_error,
@@ -130,6 +132,7 @@ class DirectStreamer:
         candidates = list(target.candidates)[:max_failovers + 1]
         if not candidates:
             raise unavailable(f"no healthy replica of model {target.model!r} (the router named none)")
+        overloads = Overloads()
         for attempt, cand in enumerate(candidates):
             span.set_attributes({"llmesh.replica": cand.replica, "llmesh.attempt": attempt})
             call = self._engines.stub(cand.address).Generate(target.request, timeout=timeout())
@@ -148,6 +151,12 @@ class DirectStreamer:
                                  if isinstance(e, ReplicaFrozen) else (e.code(), e.details() or e.code().name))
                 if sent_any:
                     raise midstream_error(cand.replica, cand.address, code, details) from None
+                if code in OVERLOAD_CODES:
+                    overloads.add(cand.replica, cand.address, e)
+                    if attempt == len(candidates) - 1:
+                        raise overloads.error(target.model) from None
+                    span.add_event("overloaded", {"llmesh.replica": cand.replica})
+                    continue
                 if code not in FAILOVER_CODES:
                     raise refused_error(cand.replica, cand.address, code, details) from None
                 if attempt == len(candidates) - 1:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from llmesh.errors import ServiceError, status_for
+from llmesh.overload import RETRY_AFTER, retry_after_s, retry_trailers
 
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
@@ -53,16 +54,15 @@ def http_error_for(exc: BaseException) -> HttpError:
     code, message = mapped
     status, type_, err_code = _BY_CODE.get(code, (500, "server_error", None))
     headers = {}
-    if isinstance(exc, ServiceError):
-        retry = dict(exc.trailers).get("retry-after")
-        if retry:
-            headers["Retry-After"] = retry
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        retry = dict(exc.trailing_metadata() or ()).get("retry-after")
-        if isinstance(retry, str):
-            headers["Retry-After"] = retry
-    if status == 429 and "Retry-After" not in headers:
-        headers["Retry-After"] = "1"
+    trailers = exc.trailers if isinstance(exc, ServiceError) else (
+        exc.trailing_metadata() if isinstance(exc, grpc.aio.AioRpcError) else ())
+    retry = retry_after_s(trailers)
+    if retry is None and status == 429:
+        retry = 1.0
+    if retry is not None:
+        # OpenAI's clients read retry-after-ms first (fractions of a second), then Retry-After.
+        headers.update({name.title() if name == RETRY_AFTER else name: value
+                        for name, value in retry_trailers(retry)})
     field = _SAMPLING_FIELD.match(message)
     param = field.group(1) if field else ("model" if status in (403, 404) else None)
     return HttpError(status, message, type_=type_, param=param, code=err_code, headers=headers)

@@ -26,7 +26,7 @@ from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
 from llmesh.gateway.redis_health import redis_health_loop
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
-from llmesh.gateway.tokenizers import ModelTokenizers
+from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
@@ -39,7 +39,8 @@ from llmesh.v1 import router_pb2_grpc
 log = logging.getLogger("llmesh.gateway")
 
 
-async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults) -> None:
+async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults,
+                pool: TokenizerPool) -> None:
     channel = aio_channel(
         config.router, config, interceptors=client_interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -55,7 +56,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
     engines = EngineChannels(config, config.engine_stall_timeout_s) if config.routing == "direct" else None
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
-                                 defaults, None if engines is None else DirectStreamer(router, engines))
+                                 defaults, None if engines is None else DirectStreamer(router, engines), pool)
     refresher: asyncio.Task | None = None
     redis_probe: asyncio.Task | None = None
     http: HttpFront | None = None
@@ -74,6 +75,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
             await engines.close()
         if redis_client is not None:
             await redis_client.aclose()
+        pool.close()
 
     server = GrpcServer("gateway", config, register, on_shutdown, internal=False)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
@@ -114,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         secret_of(config)
     except MeshSecretError as e:
         sys.exit(f"llmesh-gateway: {e}")
-    run_async(lambda: serve(config, tokenizers, defaults))
+    pool = TokenizerPool(tokenizers, config.tokenizer_workers, config.tokenize_inline_bytes)
+    pool.start()  # before serving: no request waits for a worker to start
+    try:
+        run_async(lambda: serve(config, tokenizers, defaults, pool))
+    finally:
+        pool.close()
 
 
 if __name__ == "__main__":

@@ -31,3 +31,5 @@ RATE_LIMITED = Counter(
 REDIS_ERRORS = Counter(
     "llmesh_gateway_redis_errors_total", "Redis calls that failed, by what they were for.", ["where"])
 REDIS_UP = Gauge("llmesh_gateway_redis_up", "1 while the gateway's Redis answers its health probe, else 0.")
+OVERLOADED = Counter(
+    "llmesh_gateway_overloaded_total", "Calls refused because the gateway had max_streams streams open.")

@@ -5,9 +5,12 @@ front (``http_front``), which builds the same request messages and calls ``strea
 ``list_models`` with its own ``CallContext``; so keys, limits, usage, validation,
 generation defaults and tracing are one implementation.
 
-Each Generate/Chat call is checked completely before it costs any engine work (size,
-model, prompt, sampling ranges, window), tokenized here with the model's own tokenizer
-and chat template, and routed as token ids: in ``direct`` routing the router's ``Route``
+Each Generate/Chat call runs its checks cheapest first, so a refusal costs as little as
+possible: the gateway's stream cap (``max_streams``), the API key, every check that
+needs no tokenizer (size, prompt bytes, stop strings, priority, sampling ranges, model),
+the key's rate limits; only then is the prompt tokenized (large ones in worker
+processes, off the event loop), the window checked and the token reservation completed
+(``route_builder``, docs/operations.md "Admission control"). It is routed as token ids: in ``direct`` routing the router's ``Route``
 names the engine and the gateway streams from it (``direct``); in ``proxy`` routing the
 router's ``Generate`` stream is passed through unchanged. Either call lives exactly as
 long as the client's: a client that goes away (or whose deadline passes) cancels it,
@@ -28,30 +31,22 @@ from opentelemetry.trace import Status, StatusCode
 
 from llmesh.errors import ServiceError, invalid_argument, not_found, status_for, unavailable
 from llmesh.gateway import metrics
+from llmesh.gateway.admission import StreamCap
 from llmesh.gateway.caller import Authenticator, CallContext, Caller, NoAuth
 from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.choices import ChoiceAccumulator
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer
-from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
+from llmesh.gateway.generation_defaults import GenerationDefaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
-from llmesh.gateway.tokenizers import ModelTokenizers
+from llmesh.gateway.route_builder import RouteBuilder, check_allowed
+from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage import UsageRecord
 from llmesh.gateway.usage_store import UsageStore
-from llmesh.gateway.validation import (
-    AUTO,
-    check_messages,
-    check_prompt_present,
-    check_request_id,
-    check_request_size,
-    check_text,
-    check_token_ids,
-    fit_window,
-    resolve_model,
-    sampling_proto_with,
-    to_sampling_params,
-)
+from llmesh.gateway.validation import (AUTO, check_messages, check_prompt_bytes, check_request_size, check_text,
+                                       check_token_ids)
+from llmesh.overload import passed_on
 from llmesh.telemetry import tracer
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -62,10 +57,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: GatewayConfig, tokenizers: ModelTokenizers, catalog: ModelCatalog,
                  router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None,
                  limiter: RateLimiter | None = None, usage_store: UsageStore | None = None,
-                 defaults: GenerationDefaults | None = None, direct: DirectStreamer | None = None) -> None:
+                 defaults: GenerationDefaults | None = None, direct: DirectStreamer | None = None,
+                 pool: TokenizerPool | None = None) -> None:
         self._config = config
         self._defaults = defaults or GenerationDefaults({})
         self._tokenizers = tokenizers
+        self._pool = pool or TokenizerPool(tokenizers, workers=0, inline_bytes=0)
+        """Tokenizes large inputs off the event loop (no workers: everything inline)."""
+        self._routes = RouteBuilder(config, tokenizers, self._pool, catalog, self._defaults)
+        self._streams = StreamCap(config.max_streams)
         self._catalog = catalog
         self._router = router
         self._direct = direct
@@ -125,7 +125,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _tokenizer_model(self, model: str, caller: Caller, rpc: str) -> str:
         """The named model of a tokenizer call, checked: allowed to the caller and served."""
-        _check_allowed(model, self._tokenizers.names, caller)
+        check_allowed(model, self._tokenizers.names, caller)
         names = [n for n in self._tokenizers.names if caller.may_use(n)]
         if model == AUTO or not model:
             raise invalid_argument(f"{rpc} needs a model name (tokenizers differ between models); "
@@ -142,11 +142,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         model = self._tokenizer_model(request.model.strip(), caller, "Tokenize")
         if request.messages:
             messages = check_messages([(m.role, m.content) for m in request.messages])
-            out = self._tokenizers.tokenize(model, messages=messages)
+            check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), self._config.max_prompt_bytes,
+                               "messages")
+            out = await self._pool.tokenize(model, messages=messages)
         else:
             check_text(request.text, "text")
+            check_prompt_bytes(len(request.text.encode()), self._config.max_prompt_bytes, "text")
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            out = self._tokenizers.tokenize(model, text=request.text, add_special_tokens=add_special)
+            out = await self._pool.tokenize(model, text=request.text, add_special_tokens=add_special)
         try:
             await self._catalog.cards(model)
         except ServiceError:
@@ -185,26 +188,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         the request's type says whether it is a completion or a chat.
         """
         _check_decoded(request)
-        build_route = self._route_chat if isinstance(request, inference_pb2.ChatRequest) else self._route_generate
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
         ids: RequestIds | None = None
         lease: Lease | None = None
         prompt_len = 0
+        holds_slot = False
         try:
+            self._streams.acquire()
+            holds_slot = True
             caller = await self._auth.authenticate(context)
             usage.tenant, usage.key_id = caller.tenant, caller.key_id
-            route = await build_route(request, caller)
-            apply_tier(route, caller)
+            checked = await self._routes.check(request, caller)
             ids = self._live_ids.claim(caller.key_id, request.request_id)
+            usage.request_id, usage.engine_request_id = ids.client, ids.engine
+            if self._limiter is not None:
+                lease = await self._limiter.admit(caller, checked.known_tokens)
+            route = await self._routes.build(checked, caller)
             route.request_id = ids.engine
-            usage.request_id, usage.engine_request_id, usage.model = ids.client, ids.engine, route.model
+            usage.model = route.model
             prompt_len = len(route.prompt_token_ids) or max(
                 (len(t.ids) for t in route.prompt_token_ids_by_model.values()), default=0)
-            if self._limiter is not None:
+            if lease is not None:
                 choices = route.sampling.n if route.sampling.HasField("n") else 1
-                lease = await self._limiter.admit(caller, prompt_len + choices * route.sampling.max_tokens)
+                await lease.extend(prompt_len + choices * route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
                 async for resp in stream:
                     resp.request_id = ids.client  # the engine's id is the mesh's, never shown
@@ -219,6 +227,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if ids is not None:
                 self._live_ids.release(caller.key_id, ids)
+            if holds_slot:
+                self._streams.release()
             usage.finish(status)
             self._after_stream(caller, lease, usage, prompt_len)
 
@@ -238,103 +248,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             task = asyncio.ensure_future(job)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    # ---- building the router request -------------------------------------------------------
-    async def _route_generate(self, request: inference_pb2.GenerateRequest,
-                              caller: Caller) -> router_pb2.RouteRequest:
-        check_request_size(request.ByteSize(), self._config.max_request_bytes)
-        check_request_id(request.request_id)
-        model = await self._resolve(request.model, caller)
-        kind = request.WhichOneof("prompt")
-        check_prompt_present(kind, request.text, request.token_ids.ids)
-        to_sampling_params(request.sampling, self._config.default_max_tokens)
-        if kind == "token_ids":
-            if model == AUTO:
-                raise invalid_argument("a token_ids prompt needs an explicit model: token ids belong to one "
-                                       "model's tokenizer; send prompt text to use 'auto'")
-            ids = list(request.token_ids.ids)
-            check_token_ids(ids, self._tokenizer(model).vocab_size, model, "prompt.token_ids")
-            prompts = {model: ids}
-        else:
-            prompts = {m: self._tokenizer(m).encode(request.text) for m in self._candidates(model, caller)}
-        return self._route_request(model, prompts, request.sampling, request.priority, caller,
-                                   request.text if model == AUTO else "")
-
-    async def _route_chat(self, request: inference_pb2.ChatRequest, caller: Caller) -> router_pb2.RouteRequest:
-        check_request_size(request.ByteSize(), self._config.max_request_bytes)
-        check_request_id(request.request_id)
-        model = await self._resolve(request.model, caller)
-        messages = check_messages([(m.role, m.content) for m in request.messages])
-        to_sampling_params(request.sampling, self._config.default_max_tokens)
-        prompts = {m: self._tokenizer(m).encode_chat(messages) for m in self._candidates(model, caller)}
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return self._route_request(model, prompts, request.sampling, request.priority, caller,
-                                   last_user if model == AUTO else "")
-
-    async def _resolve(self, requested: str, caller: Caller) -> str:
-        cards = await self._catalog.cards(requested.strip())
-        _check_allowed(requested.strip(), list(cards), caller)
-        return resolve_model(requested, [n for n in cards if caller.may_use(n)])
-
-    def _candidates(self, model: str, caller: Caller) -> list[str]:
-        """The models a text prompt is tokenized for: the one named, or every one for auto."""
-        if model != AUTO:
-            return [model]
-        names = [n for n in self._catalog.names if caller.may_use(n) and self._tokenizers.get(n)]
-        if not names:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "no served model has a tokenizer in the gateway's models file")
-        return names
-
-    def _tokenizer(self, model: str):
-        tok = self._tokenizers.get(model)
-        if tok is None and model in self._tokenizers.unavailable:
-            raise unavailable(self._tokenizers.unavailable[model])
-        if tok is None:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"the gateway has no tokenizer for model {model!r}: add it to the gateway's "
-                               "models file")
-        return tok
-
-    def _route_request(self, model: str, prompts: dict[str, list[int]],
-                       sampling: common_pb2.SamplingParams, priority: int, caller: Caller,
-                       prompt_text: str) -> router_pb2.RouteRequest:
-        """Window checks, the effective max_tokens, and the RouteRequest itself (its
-        request_id is set once the request is admitted, by ``stream``).
-
-        For ``auto`` only the models whose window fits the prompt are offered to the
-        router; the request fails only when none does.
-        """
-        requested = sampling.max_tokens if sampling.HasField("max_tokens") else None
-        fitting: dict[str, int] = {}
-        errors: list[ServiceError] = []
-        for name, ids in prompts.items():
-            try:
-                fitting[name] = fit_window(len(ids), requested, self._config.default_max_tokens,
-                                           self._catalog.window(name), name)
-            except ServiceError as e:
-                errors.append(e)
-        if not fitting:
-            raise errors[0]
-        for name in fitting:
-            tok = self._tokenizers.get(name)
-            bad = next((t for t in sorted(sampling.logit_bias) if tok is not None and t >= tok.vocab_size), None)
-            if bad is not None:
-                raise invalid_argument(f"sampling.logit_bias: token id {bad} is outside model {name!r}'s "
-                                       f"vocabulary [0, {tok.vocab_size})")
-        max_tokens = min(fitting.values())
-        effective = sampling_proto_with(sampling, max_tokens)
-        apply_defaults(effective, self._defaults.common(fitting) if model == AUTO else self._defaults.of(model))
-        to_sampling_params(effective, max_tokens)
-        route = router_pb2.RouteRequest(
-            model=model, sampling=effective, priority=priority,
-            cache_salt=caller.cache_salt, prompt_text=prompt_text, tier=caller.tier)
-        if model == AUTO:
-            for name in fitting:
-                route.prompt_token_ids_by_model[name].ids.extend(prompts[name])
-        else:
-            route.prompt_token_ids.extend(prompts[model])
-        return route
 
     # ---- streaming -------------------------------------------------------------------------
     async def _stream(self, route: router_pb2.RouteRequest, usage: UsageRecord,
@@ -363,6 +276,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 if e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").startswith("failed to connect"):
                     raise unavailable(f"the router at {self._config.router} is unreachable; try again "
                                       f"shortly ({e.details()})") from None
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # keep the retry hint for the caller
+                    raise ServiceError(e.code(), e.details() or e.code().name, trailers=passed_on(e)) from None
                 raise
             except BaseException as e:
                 span.set_status(Status(StatusCode.ERROR, _status_name(e, context)))
@@ -378,29 +293,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      "llmesh.cached_tokens": usage.cached_tokens,
                                      "llmesh.completion_tokens": usage.completion_tokens,
                                      "llmesh.finish_reason": usage.finish_reason})
-
-
-def _check_allowed(model: str, served, caller: Caller) -> None:
-    """A served model outside the key's list is PERMISSION_DENIED (not NOT_FOUND)."""
-    if model in served and not caller.may_use(model):
-        metrics.AUTH_FAILURES.labels("model_not_allowed").inc()
-        allowed = ", ".join(sorted(n for n in served if caller.may_use(n))) or "none"
-        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                           f"API key {caller.key_id} may not use model {model!r}; it may use: {allowed}")
-
-
-def apply_tier(route: router_pb2.RouteRequest, caller: Caller) -> None:
-    """The key's tier is the request's priority: an interactive key's unset priority becomes
-    interactive; a batch key's requests run at batch priority and may not ask for interactive."""
-    if caller.tier == "interactive" and route.priority == common_pb2.PRIORITY_UNSPECIFIED:
-        route.priority = common_pb2.PRIORITY_INTERACTIVE
-    if caller.tier != "batch":
-        return
-    if route.priority == common_pb2.PRIORITY_INTERACTIVE:
-        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                           "this API key's tier is batch: it cannot ask for PRIORITY_INTERACTIVE "
-                           "(leave priority unset or use PRIORITY_BATCH)")
-    route.priority = common_pb2.PRIORITY_BATCH
 
 
 def _time_remaining(context: CallContext) -> float | None:

@@ -30,6 +30,38 @@ def check_request_size(nbytes: int, limit: int) -> None:
             "(max_request_bytes); send a shorter prompt or conversation")
 
 
+def check_prompt_bytes(nbytes: int, limit: int, field: str) -> None:
+    """A prompt over ``max_prompt_bytes``, refused before it costs any tokenizing."""
+    if nbytes > limit:
+        raise invalid_argument(
+            f"{field} is {nbytes} bytes, over the gateway's limit of {limit} bytes (max_prompt_bytes); "
+            "send a shorter prompt")
+
+
+def check_stop_limits(proto: common_pb2.SamplingParams, max_count: int, max_chars: int) -> None:
+    """Stop strings are matched against every generated token's text: bound their number
+    and length (``max_stop_strings``, ``max_stop_chars``)."""
+    if len(proto.stop) > max_count:
+        raise invalid_argument(
+            f"sampling.stop has {len(proto.stop)} strings, over the gateway's limit of {max_count} "
+            "(max_stop_strings); send fewer stop strings")
+    for i, s in enumerate(proto.stop):
+        if len(s) > max_chars:
+            raise invalid_argument(
+                f"sampling.stop[{i}] has {len(s)} characters, over the gateway's limit of {max_chars} "
+                "(max_stop_chars); use a shorter stop string")
+
+
+PRIORITIES = {common_pb2.Priority.Name(v): v for v in common_pb2.Priority.values()}
+
+
+def check_priority(value: int) -> None:
+    """Protobuf keeps enum numbers it does not know; refuse them rather than guess a class."""
+    if value not in PRIORITIES.values():
+        names = ", ".join(f"{name} ({v})" for name, v in PRIORITIES.items())
+        raise invalid_argument(f"priority {value} is not a Priority value; use one of {names}")
+
+
 def check_text(text: str, field: str) -> None:
     """Refuse text that is not valid Unicode (lone surrogates cannot be encoded as UTF-8)."""
     try:
@@ -72,6 +104,8 @@ def check_prompt_present(kind: str | None, text: str, token_ids: Sequence[int]) 
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, model: str, field: str) -> None:
+    if not token_ids or max(token_ids) < vocab_size:  # max() runs in C: a long prompt costs no Python loop
+        return
     for i, t in enumerate(token_ids):
         if t >= vocab_size:
             raise invalid_argument(

@@ -14,6 +14,10 @@ Failover: a replica failing with a code in ``FAILOVER_CODES`` (or frozen, see
 message the failure is reported with ``midstream_error`` (the caller holds part of the
 output, so a retry elsewhere would repeat tokens). Every error names the engine as
 "engine <instance id> at <address>".
+A replica refusing with RESOURCE_EXHAUSTED (its waiting queue is full) is healthy, just
+busy: the next candidate with room is tried without marking it down, and when none is left
+the caller gets RESOURCE_EXHAUSTED with the shortest retry hint any replica gave
+(``Overloads``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from llmesh.errors import ServiceError, unavailable
+from llmesh.overload import retry_after_s, retry_trailers
 from llmesh.v1 import common_pb2
 
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -33,6 +38,8 @@ down, failing): before the first token the request moves to another replica and 
 leaves its pool until a health check passes; after it they are reported as the replica's
 failure. DEADLINE_EXCEEDED is not one: the engine call carries the caller's own deadline,
 so it says nothing about the replica (a frozen one is caught by liveness.py instead)."""
+OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""Codes that mean "this replica is full right now": try another, but it stays healthy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +149,22 @@ def exhausted_error(model: str, replica: str, address: str, code: grpc.StatusCod
     tail = (f"{failovers} other replica(s) of model {model!r} failed too" if failovers
             else f"no other replica of model {model!r} is healthy")
     return unavailable(f"{where} is unavailable ({_detail(where, code, details)}); {tail}")
+
+
+class Overloads:
+    """The RESOURCE_EXHAUSTED refusals of one request's candidates, for the caller's error."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str, grpc.aio.AioRpcError]] = []
+
+    def add(self, replica: str, address: str, e: grpc.aio.AioRpcError) -> None:
+        self.refusals.append((replica, address, e))
+
+    def error(self, model: str) -> ServiceError:
+        """RESOURCE_EXHAUSTED naming every refusing replica, with the shortest retry hint."""
+        hints = [h for _, _, e in self.refusals if (h := retry_after_s(e.trailing_metadata())) is not None]
+        where = "; ".join(f"replica {r} ({a}): {e.details() or e.code().name}" for r, a, e in self.refusals)
+        trailers = retry_trailers(min(hints)) if hints else ()
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"model {model!r} is overloaded: {len(self.refusals)} replica(s) refused the request "
+                            f"({where})", trailers=trailers)

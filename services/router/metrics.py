@@ -22,6 +22,10 @@ INDEX_ERRORS = Counter(
 FAILOVERS = Counter(
     "llmesh_router_failovers_total",
     "Requests retried on another replica after one failed before the first token", ["model"])
+OVERLOADED = Counter(
+    "llmesh_router_overloaded_refusals_total",
+    "Engine refusals with RESOURCE_EXHAUSTED (waiting queue full), by model; another replica with room "
+    "is tried", ["model"])
 MIDSTREAM_FAILURES = Counter(
     "llmesh_router_midstream_failures_total",
     "Streams that failed after the first token (not retried: tokens were already sent)", ["model"])

@@ -7,7 +7,9 @@ for ``stream_stall_timeout_s``, liveness.py), before its first message, nothing 
 reached the caller yet, so the request is retried on another healthy replica (at most
 ``max_failovers`` times) and the failed one leaves its pool until a health check brings
 it back. After the first message a failure cannot be hidden (the caller holds part of
-the output): the stream ends with UNAVAILABLE naming the engine. When the caller goes away or its
+the output): the stream ends with UNAVAILABLE naming the engine. A replica whose waiting queue is full
+(RESOURCE_EXHAUSTED) stays in its pool; the next one with room is tried, and when none
+has room the caller gets RESOURCE_EXHAUSTED with a retry hint. When the caller goes away or its
 deadline passes, the engine call is cancelled, which aborts the request on the engine.
 
 Escalation: when ``auto`` chose a small model and a large one is healthy, the small
@@ -36,7 +38,9 @@ from llmesh.errors import ServiceError, status_for
 from llmesh.router import metrics
 from llmesh.router.escalation import (
     FAILOVER_CODES,
+    OVERLOAD_CODES,
     EscalationRule,
+    Overloads,
     Verdict,
     escalating,
     exhausted_error,
@@ -206,6 +210,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         span = trace.get_current_span()
         t0 = time.perf_counter() if t0 is None else t0
         tried: set[str] = set()
+        overloads = Overloads()
         for attempt in range(self.max_failovers + 1):
             pick = await self.picker.pick(pool, prompt, request.cache_salt, tried)
             replica = pick.replica
@@ -232,6 +237,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 code, details = _failure(e)
                 if sent_any:
                     raise self._midstream_failure(model, replica, code, details) from None
+                if code in OVERLOAD_CODES:
+                    overloads.add(replica.name, replica.address, e)
+                    metrics.OVERLOADED.labels(model).inc()
+                    if attempt == self.max_failovers or not any(
+                            r.address not in tried for r in pool.healthy()):
+                        raise overloads.error(model) from None
+                    span.add_event("overloaded", {"llmesh.replica": replica.name})
+                    continue
                 if code not in FAILOVER_CODES:
                     raise refused_error(replica.name, replica.address, code, details) from None
                 self.fleet.mark_unhealthy(replica, f"Generate: {code.name}: {details}")

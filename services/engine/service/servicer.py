@@ -1,8 +1,10 @@
 """The Engine gRPC servicer: a thin layer over AsyncLLM.
 
-A dead engine core (its process died, or a step failed) ends every stream and refuses
-every new call with UNAVAILABLE naming this engine, so the router fails over, until the
-service's supervisor has started a fresh core (supervisor.py)."""
+A full waiting queue refuses a request at once with RESOURCE_EXHAUSTED and a retry hint
+(``llmesh.overload``), so the router can try another replica and callers back off
+instead of queueing without bound. A dead engine core (its process died, or a step failed)
+ends every stream and refuses every new call with UNAVAILABLE naming this engine, so the
+router fails over, until the service's supervisor has started a fresh core (supervisor.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from opentelemetry import trace
 
 from llmesh import prefix_hash
 from llmesh.engine.async_llm import AsyncLLM
-from llmesh.engine.errors import EngineDeadError, EngineError
+from llmesh.engine.errors import EngineDeadError, EngineError, EngineOverloadedError
 from llmesh.engine.request import FinishReason
 from llmesh.engine.text.token_text import TokenTexts
 from llmesh.errors import ServiceError
+from llmesh.overload import overloaded
 from llmesh.sampling_proto import FINISH_REASONS, priority_from_proto, sampling_from_proto
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
@@ -63,6 +66,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 yield msg
         except EngineDeadError as e:
             raise self._unavailable(e) from e
+        except EngineOverloadedError as e:
+            trace.get_current_span().add_event("refused_overloaded")
+            raise overloaded(f"engine {self.instance_id}: {e}", e.retry_after_s) from None
         except EngineError as e:
             if type(e) is not EngineError:  # InvalidRequest, Unsupported...: their own status (status_for)
                 raise
