@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from llmesh.engine.errors import InvalidRequestError
+from llmesh.engine.structured_output.spec import StructuredOutputSpec
 
 
 @dataclass
@@ -46,6 +47,12 @@ class SamplingParams:
     """Leave special tokens out of the output text."""
     min_tokens: int = 0
     """Do not stop on EOS or stop token ids before this many tokens."""
+
+    # ---- structured output ----
+    structured_output: StructuredOutputSpec | None = None
+    """Constrain the output to a JSON object or schema, a regex, a choice or an EBNF grammar:
+    the sampler masks every token the grammar does not allow next, and the request stops
+    once the grammar is complete."""
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -110,6 +117,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}", field="stop")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise InvalidRequestError("structured_output must be a StructuredOutputSpec", field="structured_output")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise InvalidRequestError(
