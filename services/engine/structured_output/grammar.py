@@ -35,10 +35,10 @@ def build_grammar(spec: StructuredOutputSpec) -> xgr.Grammar:
     form is what ``json.dumps`` writes anyway.
     """
     try:
-        if spec.kind == "json_object":
-            return xgr.Grammar.from_json_schema(JSON_OBJECT_SCHEMA, any_whitespace=False)
-        if spec.kind == "json_schema":
-            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+        if spec.kind in ("json_object", "json_schema"):
+            schema = JSON_OBJECT_SCHEMA if spec.kind == "json_object" else spec.value
+            return _without_raw_control_chars(
+                xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
         if spec.kind == "regex":
             return xgr.Grammar.from_regex(spec.value)
         if spec.kind == "choice":
@@ -49,6 +49,21 @@ def build_grammar(spec: StructuredOutputSpec) -> xgr.Grammar:
         message = _XGR_LOG_PREFIX.sub("", str(e).strip())
         raise InvalidRequestError(f"{spec.field} is not a valid {spec.kind.replace('_', ' ')}: {message}",
                                   field=spec.field) from None
+
+
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def _without_raw_control_chars(grammar: xgr.Grammar) -> xgr.Grammar:
+    """xgrammar writes the characters of a length-bounded string (minLength/maxLength) as
+    "anything but quote, backslash, CR, LF", which lets tabs and other control characters
+    through raw; JSON forbids them unescaped (json.loads refuses the output). Such rules
+    are rewritten to JSON's own character class."""
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 def _ebnf_literal(text: str) -> str:
