@@ -22,6 +22,10 @@ FINISH_REASONS = {
 }
 
 
+def _tool_call_json(call: common_pb2.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -45,6 +49,7 @@ class CompletionBuilder:
         self.finish_reason: str | None = None
         self.usage: common_pb2.Usage | None = None
         self._sent_role = False
+        self.tool_calls: list[common_pb2.ToolCall] = []
 
     # ---- per message ---------------------------------------------------------------------
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
@@ -57,6 +62,9 @@ class CompletionBuilder:
             self.finish_reason = FINISH_REASONS[resp.finish_reason]
         if resp.HasField("usage"):
             self.usage = resp.usage
+        self.tool_calls.extend(resp.tool_calls)
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
         self._texts.append(resp.text)
         self._last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
         self._lp_items.extend(self._last_lp or ())
@@ -73,6 +81,12 @@ class CompletionBuilder:
                 self._sent_role = True
             if resp.text or "role" in delta:
                 delta["content"] = resp.text
+            if resp.tool_calls:
+                # Each call whole in one delta (OpenAI may split the arguments over several;
+                # clients concatenate them by index either way).
+                start = len(self.tool_calls) - len(resp.tool_calls)
+                delta["tool_calls"] = [dict(_tool_call_json(c), index=start + i)
+                                       for i, c in enumerate(resp.tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": self.finish_reason}
         else:
             choice = {"index": 0, "text": resp.text, "logprobs": logprobs, "finish_reason": self.finish_reason}
@@ -89,8 +103,11 @@ class CompletionBuilder:
         text = "".join(self._texts)
         logprobs = self._whole_logprobs() if self._logprobs else None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": self.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tool_calls:
+                message["content"] = text or None  # OpenAI's shape for an answer that is only calls
+                message["tool_calls"] = [_tool_call_json(c) for c in self.tool_calls]
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
         out = self._object([choice], chunk=False)

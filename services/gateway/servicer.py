@@ -34,6 +34,14 @@ from llmesh.gateway.direct import DirectStreamer
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.tokenizers import ModelTokenizers
+from llmesh.gateway.tool_calls import (
+    ToolCallParser,
+    ToolUse,
+    forced_spec,
+    output_format,
+    template_messages,
+    tool_use_of,
+)
 from llmesh.gateway.usage import UsageRecord
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.gateway.validation import (
@@ -49,6 +57,7 @@ from llmesh.gateway.validation import (
     sampling_proto_with,
     to_sampling_params,
 )
+from llmesh.sampling_proto import structured_output_to_proto
 from llmesh.telemetry import tracer
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -145,7 +154,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         the request's type says whether it is a completion or a chat.
         """
         _check_decoded(request)
-        build_route = self._route_chat if isinstance(request, inference_pb2.ChatRequest) else self._route_generate
+        is_chat = isinstance(request, inference_pb2.ChatRequest)
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
@@ -154,7 +163,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             caller = await self._auth.authenticate(context)
             usage.tenant, usage.key_id = caller.tenant, caller.key_id
-            route = await build_route(request, caller)
+            use = tool_use_of(request, request.parallel_tool_calls if request.HasField("parallel_tool_calls")
+                              else True) if is_chat else None
+            route = await (self._route_chat(request, caller, use) if is_chat else
+                           self._route_generate(request, caller))
             apply_tier(route, caller)
             usage.request_id, usage.model = route.request_id, route.model
             prompt_len = len(route.prompt_token_ids) or max(
@@ -162,7 +174,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if self._limiter is not None:
                 lease = await self._limiter.admit(caller, prompt_len + route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
+                parser: ToolCallParser | None = None
                 async for resp in stream:
+                    if use is not None:
+                        if parser is None:
+                            template = self._tokenizer(resp.model).chat_template if resp.model else None
+                            parser = ToolCallParser(use, output_format(template))
+                        _parse_tool_calls(parser, resp)
                     yield resp
         except BaseException as e:
             status = _status_name(e, context)
@@ -212,15 +230,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return self._route_request(request.request_id, model, prompts, request.sampling,
                                    request.priority, caller, request.text if model == AUTO else "")
 
-    async def _route_chat(self, request: inference_pb2.ChatRequest, caller: Caller) -> router_pb2.RouteRequest:
+    async def _route_chat(self, request: inference_pb2.ChatRequest, caller: Caller,
+                          use: ToolUse | None) -> router_pb2.RouteRequest:
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
         check_request_id(request.request_id)
         model = await self._resolve(request.model, caller)
         messages = check_messages([(m.role, m.content) for m in request.messages])
-        to_sampling_params(request.sampling, self._config.default_max_tokens)
-        prompts = {m: self._tokenizer(m).encode_chat(messages) for m in self._candidates(model, caller)}
+        for message, extra in zip(messages, template_messages(request.messages)):
+            message.update(extra)
+        sampling = request.sampling
+        forced = forced_spec(use) if use is not None else None
+        if forced is not None:
+            if request.sampling.WhichOneof("structured_output") is not None:
+                raise invalid_argument("tool_choice forces a function call, which is generated under its own "
+                                       "grammar: drop sampling.structured_output (or use tool_choice auto)")
+            sampling = common_pb2.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            structured_output_to_proto(forced, sampling)
+        to_sampling_params(sampling, self._config.default_max_tokens)
+        tools = {"tools": use.tools} if use is not None else {}
+        prompts = {m: self._tokenizer(m).encode_chat(messages, **tools) for m in self._candidates(model, caller)}
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return self._route_request(request.request_id, model, prompts, request.sampling,
+        return self._route_request(request.request_id, model, prompts, sampling,
                                    request.priority, caller, last_user if model == AUTO else "")
 
     async def _resolve(self, requested: str, caller: Caller) -> str:
@@ -318,6 +349,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      "llmesh.cached_tokens": usage.cached_tokens,
                                      "llmesh.completion_tokens": usage.completion_tokens,
                                      "llmesh.finish_reason": usage.finish_reason})
+
+
+def _parse_tool_calls(parser: ToolCallParser, resp: common_pb2.GenerateResponse) -> None:
+    """Withhold the text of function calls from ``resp``; the last message gets the calls."""
+    text = parser.feed(resp.text)
+    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        rest, calls = parser.finish()
+        text += rest
+        resp.tool_calls.extend(calls)
+    resp.text = text
 
 
 def _check_allowed(model: str, served, caller: Caller) -> None:
