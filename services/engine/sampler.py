@@ -210,6 +210,9 @@ class Sampler:
         chosen, rank, top_ids, top_lps = token_logprobs(
             raw[idx].log_softmax(dim=-1), token_ids[idx], num_top
         )
+        # A grammar's mask leaves -inf logprobs among the alternatives; -9999 is what OpenAI
+        # reports for those, and unlike -inf it is valid JSON.
+        top_lps = top_lps.clamp_min(-9999.0)
         # Everything in one float64 vector: ids and ranks are exact below 2**53, and
         # float32 logprobs widen exactly.
         packed = torch.cat([

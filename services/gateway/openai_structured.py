@@ -63,8 +63,9 @@ def _response_format(fmt: Any) -> StructuredOutputSpec | None:
     if kind == "json_schema":
         inner = fmt.get("json_schema")
         if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
-            raise _bad("response_format.json_schema must be an object with a schema "
-                       '({"name": ..., "schema": {...}})', "response_format.json_schema.schema")
+            raise _bad("response_format.json_schema.schema is missing: send "
+                       '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                       "response_format.json_schema.schema")
         return _spec("json_schema", inner["schema"], "response_format.json_schema.schema")
     raise _bad(f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
                "response_format")

@@ -151,3 +151,11 @@ def test_malformed_spec_is_refused_naming_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as err:
         StructuredOutputSpec(**kwargs)
     assert err.value.field == field
+
+
+def test_logprobs_of_a_constrained_request_are_finite(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0.0, logprobs=5,
+                                                  structured_output=StructuredOutputSpec("choice", choices=("a",))))[0]
+    assert out.text == "a" and out.logprobs
+    for lp in out.logprobs:
+        assert all(-9999.0 <= v <= 0.0 for _, v in lp.top) and lp.logprob > -9999.0

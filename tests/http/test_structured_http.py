@@ -88,6 +88,6 @@ def test_bad_structured_output_is_a_400_naming_the_field(mesh, body, param):
     client = sdk(mesh)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=QWEN, messages=MESSAGES, max_tokens=5, **body)
-    assert param in str(err.value)
+    assert param in f"{err.value.param} {err.value}"
     ok = client.chat.completions.create(model=QWEN, messages=MESSAGES, max_tokens=3, temperature=0.0)
     assert ok.choices[0].finish_reason in ("stop", "length")

@@ -115,7 +115,7 @@ def test_tool_choice_none_leaves_tools_out_and_conversations_with_calls_render(m
 def test_bad_tool_requests_are_400(mesh, kw, param):
     with pytest.raises(openai.BadRequestError) as err:
         sdk(mesh).chat.completions.create(model=QWEN, messages=MESSAGES, max_tokens=5, **kw)
-    assert param in str(err.value)
+    assert param in f"{err.value.param} {err.value}"
 
 
 def test_grpc_chat_returns_parsed_calls(mesh):
