@@ -70,7 +70,7 @@ def test_auto_parses_hermes_calls_from_the_text(mesh):
     """The model's output is forced (a regex) into Qwen's format; the gateway finds the call."""
     regex = r'Sure\. <tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Oslo)", "unit": "C"\}\}\n</tool_call>'
     client = sdk(mesh)
-    kw = dict(model=QWEN, messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=0.0,
+    kw = dict(model=QWEN, messages=MESSAGES, tools=TOOLS, max_tokens=250, temperature=0.0,
               extra_body={"guided_regex": regex})
     whole = client.chat.completions.create(**kw).choices[0]
     assert whole.finish_reason == "tool_calls" and whole.message.content == "Sure. "
