@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from llmesh.engine.request import Priority
 from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.structured_output.spec import StructuredOutputSpec
 from llmesh.v1 import common_pb2
 
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -26,7 +27,33 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, default_max_tokens: i
         ignore_eos=msg.ignore_eos,
         skip_special_tokens=not msg.include_special_tokens,
         logit_bias={int(t): float(b) for t, b in msg.logit_bias.items()},
+        structured_output=structured_output_from_proto(msg),
     )
+
+
+def structured_output_from_proto(msg: common_pb2.SamplingParams) -> StructuredOutputSpec | None:
+    """The ``structured_output`` oneof as a spec (None when unset); raises InvalidRequestError."""
+    kind = msg.WhichOneof("structured_output")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return StructuredOutputSpec("json_object") if msg.json_object else None
+    if kind == "choice":
+        return StructuredOutputSpec("choice", choices=tuple(msg.choice.values))
+    return StructuredOutputSpec(kind, getattr(msg, kind))
+
+
+def structured_output_to_proto(spec: StructuredOutputSpec | None, msg: common_pb2.SamplingParams) -> None:
+    """Set ``msg``'s structured_output oneof from ``spec`` (clears it for None)."""
+    msg.ClearField("structured_output")
+    if spec is None:
+        return
+    if spec.kind == "json_object":
+        msg.json_object = True
+    elif spec.kind == "choice":
+        msg.choice.values.extend(spec.choices)
+    else:
+        setattr(msg, spec.kind, spec.value)
 
 
 def priority_from_proto(value: int) -> int:

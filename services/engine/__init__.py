@@ -19,7 +19,7 @@ _EXPORTS = {
     "UnsupportedModelError": "errors",
     "RequestOutput": "outputs", "TokenLogprob": "outputs",
     "FinishReason": "request", "Priority": "request",
-    "SamplingParams": "sampling_params",
+    "SamplingParams": "sampling_params", "StructuredOutputSpec": "structured_output.spec",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -41,5 +41,11 @@ class InputProcessor:
         if bad_bias is not None:
             raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})", field="logit_bias")
+        if params.structured_output is not None:
+            # A grammar that does not parse is the caller's error, refused here; the core
+            # only compiles grammars that parse (see structured_output.grammar).
+            from llmesh.engine.structured_output.grammar import build_grammar
+
+            build_grammar(params.structured_output)
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                                  eos_token_ids=self.eos_token_ids, priority=int(priority), cache_salt=cache_salt)

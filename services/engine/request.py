@@ -79,6 +79,9 @@ class Request:
     """The stop token id or stop string that ended the request, if any."""
     sampler_state: Any = None
     """Owned by the sampler (e.g. the seeded torch.Generator); opaque to the scheduler."""
+    grammar: Any = None
+    """The structured-output matcher (``GrammarState``) of a constrained request, set by the
+    core once its grammar is compiled; the sampler masks with it, the core advances it."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -1,6 +1,7 @@
 """The sampler: one next token per row of a logits batch, each row by its own request's rules.
 
-Order per row (as vLLM and HF, where they agree): logit bias → penalties → greedy argmax, or
+Order per row (as vLLM and HF, where they agree): the structured-output grammar's mask
+(tokens it does not allow next become -inf) → logit bias → penalties → greedy argmax, or
 temperature → top-k → top-p → min-p → sample. Rows with different parameters share
 one batch: every step is a tensor op over all rows that need it, and the host reads
 results back once, at the end, so the cost of a step does not grow with per-row
@@ -25,6 +26,7 @@ import torch
 
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.request import Request
+from llmesh.engine.structured_output.state import apply_bitmask
 from llmesh.engine.sampling_ops import (
     apply_penalties,
     exponential_race,
@@ -47,10 +49,10 @@ class SamplerOutput:
 
 
 def _plain_greedy(request: Request) -> bool:
-    """Greedy with no penalty, bias or logprobs: the argmax of the raw logits is the answer."""
+    """Greedy with no penalty, bias, grammar or logprobs: the argmax of the raw logits is the answer."""
     p = request.sampling_params
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0 and not p.logit_bias)
+    return (p.greedy and p.logprobs is None and request.grammar is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and not p.logit_bias)
 
 
 class Sampler:
@@ -89,6 +91,9 @@ class Sampler:
             # The usual serving batch: nothing to build but the argmax (ties → lowest id).
             return SampledBatch(logits.argmax(dim=-1), list(requests), None, 0)
         raw = logits.float()
+        # The grammar mask comes first: a disallowed token must not be chosen, nor count in
+        # top-p's mass or min-p's reference; logprobs are then over the allowed tokens, as vLLM's.
+        apply_bitmask(raw, [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None])
         penalised = self._penalise(self._bias(raw, requests), requests)
 
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -227,6 +232,9 @@ class Sampler:
         chosen, rank, top_ids, top_lps = token_logprobs(
             raw[idx].log_softmax(dim=-1), token_ids[idx], num_top
         )
+        # A grammar's mask leaves -inf logprobs among the alternatives; -9999 is what OpenAI
+        # reports for those, and unlike -inf it is valid JSON.
+        top_lps = top_lps.clamp_min(-9999.0)
         # Everything in one float64 vector: ids and ranks are exact below 2**53, and
         # float32 logprobs widen exactly.
         packed = torch.cat([

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from llmesh.engine.errors import InvalidRequestError
+from llmesh.engine.structured_output.spec import StructuredOutputSpec
 
 MAX_N = 16
 """Most choices one request may ask for (each is a sequence in the batch)."""
@@ -57,6 +58,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Token id → bias in [-100, 100] added to its logit before penalties and sampling.
     The ids are checked against the vocabulary where it is known (the input processor)."""
+
+    # ---- structured output ----
+    structured_output: StructuredOutputSpec | None = None
+    """Constrain the output to a JSON object or schema, a regex, a choice or an EBNF grammar:
+    the sampler masks every token the grammar does not allow next, and the request stops
+    once the grammar is complete."""
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -138,6 +145,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}", field="stop")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise InvalidRequestError("structured_output must be a StructuredOutputSpec", field="structured_output")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise InvalidRequestError(

@@ -16,14 +16,20 @@ from typing import Any
 
 from llmesh.engine.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_N
 from llmesh.gateway.http_errors import HttpError
+from llmesh.gateway.openai_structured import (
+    STRUCTURED_FIELDS,
+    TOOL_FIELDS,
+    apply_structured_output,
+    apply_tools,
+    message_tool_fields,
+)
 from llmesh.v1 import common_pb2, inference_pb2
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "n", "user",
-           "logprobs", "ignore_eos", "stop_token_ids", *_FLOAT_FIELDS, *_INT_FIELDS}
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "top_logprobs", "logit_bias", "tools", "tool_choice",
-                                   "response_format", "parallel_tool_calls"})
+           "logprobs", "ignore_eos", "stop_token_ids", *_FLOAT_FIELDS, *_INT_FIELDS, *STRUCTURED_FIELDS}
+CHAT_FIELDS = frozenset(_COMMON | TOOL_FIELDS | {"messages", "top_logprobs", "logit_bias"})
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix", "logit_bias"})
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -147,6 +153,7 @@ def _sampling(body: dict) -> common_pb2.SamplingParams:
             raise _bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
         out.stop_token_ids.extend(stop_ids)
     out.ignore_eos = _flag(body, "ignore_eos")
+    apply_structured_output(body, out)
     return out
 
 
@@ -215,29 +222,24 @@ def _messages(value: Any) -> list[inference_pb2.ChatMessage]:
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        extra = set(m) - {"role", "content"}
+        extra = set(m) - {"role", "content", "tool_calls", "tool_call_id", "name"}
         if extra:
-            raise _bad(f"messages[{i}] has unsupported keys {sorted(extra)}: llmesh takes role and content "
-                       "(no tool calls or names)", f"messages[{i}]")
+            raise _bad(f"messages[{i}] has unsupported keys {sorted(extra)}: llmesh takes role, content, "
+                       "tool_calls, tool_call_id and name", f"messages[{i}]")
         role = m.get("role")
         if not isinstance(role, str):
             raise _bad(f"messages[{i}].role must be a string", f"messages[{i}].role")
-        out.append(inference_pb2.ChatMessage(role=ROLE_ALIASES.get(role, role),
-                                             content=_content(m.get("content", ""), i)))
+        content = m.get("content")
+        message = inference_pb2.ChatMessage(role=ROLE_ALIASES.get(role, role),
+                                            content=_content(content if content is not None else "", i))
+        message_tool_fields(m, i, message)
+        out.append(message)
     return out
 
 
 def parse_chat(body: Any) -> ParsedRequest:
     """A ``POST /v1/chat/completions`` body → ChatRequest (raises HttpError 400)."""
     body, stream, include_usage, user = _common(body, CHAT_FIELDS, "/v1/chat/completions")
-    if body.get("tools"):
-        raise _bad("tools are not supported by llmesh", "tools")
-    _only(body, "tool_choice", ("none",), "llmesh does not call tools")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _bad("response_format supports only {'type': 'text'} (no JSON mode)", "response_format")
-    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
-        raise _bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
     sampling = _sampling(body)
     logprobs = _flag(body, "logprobs")
     top = _integer(body, "top_logprobs")
@@ -250,6 +252,7 @@ def parse_chat(body: Any) -> ParsedRequest:
         sampling.logprobs = top or 0
     message = inference_pb2.ChatRequest(model=body["model"], messages=_messages(body.get("messages")),
                                         sampling=sampling)
+    apply_tools(body, message)
     return ParsedRequest(message, stream, include_usage, logprobs, user)
 
 

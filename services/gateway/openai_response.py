@@ -23,6 +23,10 @@ FINISH_REASONS = {
 }
 
 
+def _tool_call_json(call: common_pb2.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -40,6 +44,7 @@ class _ChoiceState:
     started: bool = False
     """Its first chunk went out (the chat role, the echoed prompt)."""
     text_offset: int = 0
+    tool_calls: list[common_pb2.ToolCall] = dataclasses.field(default_factory=list)
 
 
 class CompletionBuilder:
@@ -78,6 +83,9 @@ class CompletionBuilder:
             st.finish_reason = FINISH_REASONS[resp.finish_reason]
         if resp.HasField("usage"):
             self.usage = resp.usage
+        st.tool_calls.extend(resp.tool_calls)
+        if st.tool_calls and st.finish_reason == "stop":
+            st.finish_reason = "tool_calls"
         st.texts.append(resp.text)
         st.last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
         st.lp_items.extend(st.last_lp or ())
@@ -96,6 +104,12 @@ class CompletionBuilder:
                 delta["role"] = "assistant"
             if resp.text or first:
                 delta["content"] = resp.text
+            if resp.tool_calls:
+                # Each call whole in one delta (OpenAI may split the arguments over several;
+                # clients concatenate them by index either way).
+                start = len(st.tool_calls) - len(resp.tool_calls)
+                delta["tool_calls"] = [dict(_tool_call_json(c), index=start + i)
+                                       for i, c in enumerate(resp.tool_calls)]
             choice = {"index": resp.index, "delta": delta, "logprobs": logprobs, "finish_reason": st.finish_reason}
         else:
             text = (self._echo if first else "") + resp.text
@@ -117,8 +131,12 @@ class CompletionBuilder:
             st.text_offset = len(self._echo)
             logprobs = self._format(st, st.lp_items) if self._logprobs else None
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": logprobs, "finish_reason": st.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if st.tool_calls:
+                    message["content"] = text or None  # OpenAI's shape for an answer that is only calls
+                    message["tool_calls"] = [_tool_call_json(c) for c in st.tool_calls]
+                choices.append({"index": index, "message": message, "logprobs": logprobs,
+                                "finish_reason": st.finish_reason})
             else:
                 choices.append({"index": index, "text": self._echo + text, "logprobs": logprobs,
                                 "finish_reason": st.finish_reason})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import grpc
 
@@ -22,6 +23,7 @@ from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.generation_defaults import GenerationDefaults, apply_defaults
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool, input_bytes
+from llmesh.gateway.tool_calls import ToolUse, forced_spec, template_messages, tool_use_of
 from llmesh.gateway.validation import (
     AUTO,
     check_messages,
@@ -37,6 +39,7 @@ from llmesh.gateway.validation import (
     sampling_proto_with,
     to_sampling_params,
 )
+from llmesh.sampling_proto import structured_output_to_proto
 from llmesh.v1 import common_pb2, inference_pb2, router_pb2
 
 
@@ -53,7 +56,9 @@ class CheckedRequest:
     """After the caller's tier (``tier_priority``)."""
     text: str | None = None
     token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tool_use: ToolUse | None = None
+    """Chat with tools: what the template renders and how calls are parsed from the output."""
 
     @property
     def known_tokens(self) -> int:
@@ -87,10 +92,16 @@ class RouteBuilder:
         check_request_size(request.ByteSize(), cfg.max_request_bytes)
         check_request_id(request.request_id)
         check_priority(request.priority)
-        text = token_ids = messages = None
+        text = token_ids = messages = use = None
+        sampling = request.sampling
         if isinstance(request, inference_pb2.ChatRequest):
             messages = check_messages([(m.role, m.content) for m in request.messages])
+            for message, extra in zip(messages, template_messages(request.messages)):
+                message.update(extra)
             check_prompt_bytes(input_bytes(messages=messages), cfg.max_prompt_bytes, "messages")
+            use = tool_use_of(request, request.parallel_tool_calls if request.HasField("parallel_tool_calls")
+                              else True)
+            sampling = _forced_call_sampling(sampling, use)
         else:
             kind = request.WhichOneof("prompt")
             check_prompt_present(kind, request.text, request.token_ids.ids)
@@ -99,8 +110,8 @@ class RouteBuilder:
                 check_prompt_bytes(input_bytes(text), cfg.max_prompt_bytes, "prompt.text")
             else:
                 token_ids = list(request.token_ids.ids)
-        check_stop_limits(request.sampling, cfg.max_stop_strings, cfg.max_stop_chars)
-        to_sampling_params(request.sampling, cfg.default_max_tokens)
+        check_stop_limits(sampling, cfg.max_stop_strings, cfg.max_stop_chars)
+        to_sampling_params(sampling, cfg.default_max_tokens)
         priority = tier_priority(request.priority, caller)
         model = await self._resolve(request.model, caller)
         if token_ids is not None:
@@ -111,7 +122,7 @@ class RouteBuilder:
             candidates = [model]
         else:
             candidates = self._candidates(model, caller)
-        return CheckedRequest(model, candidates, request.sampling, priority, text, token_ids, messages)
+        return CheckedRequest(model, candidates, sampling, priority, text, token_ids, messages, use)
 
     async def _resolve(self, requested: str, caller: Caller) -> str:
         cards = await self._catalog.cards(requested.strip())
@@ -151,7 +162,8 @@ class RouteBuilder:
     async def _encode(self, model: str, checked: CheckedRequest) -> list[int]:
         tok = self.tokenizer(model)
         if checked.messages is not None:
-            return await self._pool.encode_chat(tok, model, checked.messages)
+            tools = checked.tool_use.tools if checked.tool_use is not None else None
+            return await self._pool.encode_chat(tok, model, checked.messages, tools)
         return await self._pool.encode(tok, model, checked.text or "")
 
     def _route_request(self, checked: CheckedRequest, prompts: dict[str, list[int]],
@@ -194,6 +206,21 @@ class RouteBuilder:
         else:
             route.prompt_token_ids.extend(prompts[model])
         return route
+
+
+def _forced_call_sampling(sampling: common_pb2.SamplingParams, use: ToolUse | None) -> common_pb2.SamplingParams:
+    """A forced function call (tool_choice "required" or a name) is generated under the
+    grammar of its arguments' schema, put into the request's sampling."""
+    forced = forced_spec(use) if use is not None else None
+    if forced is None:
+        return sampling
+    if sampling.WhichOneof("structured_output") is not None:
+        raise invalid_argument("tool_choice forces a function call, which is generated under its own "
+                               "grammar: drop sampling.structured_output (or use tool_choice auto)")
+    out = common_pb2.SamplingParams()
+    out.CopyFrom(sampling)
+    structured_output_to_proto(forced, out)
+    return out
 
 
 def check_allowed(model: str, served, caller: Caller) -> None:

@@ -42,6 +42,7 @@ from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
 from llmesh.gateway.route_builder import RouteBuilder, check_allowed
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
+from llmesh.gateway.tool_calls import ToolCallParser, output_format
 from llmesh.gateway.usage import UsageRecord
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.gateway.validation import (AUTO, check_messages, check_prompt_bytes, check_request_size, check_text,
@@ -214,7 +215,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 choices = route.sampling.n if route.sampling.HasField("n") else 1
                 await lease.extend(prompt_len + choices * route.sampling.max_tokens)
             async with aclosing(self._stream(route, usage, context)) as stream:
+                parsers: dict[int, ToolCallParser] = {}
                 async for resp in stream:
+                    if checked.tool_use is not None:  # one parser per choice
+                        if resp.index not in parsers:
+                            template = self._routes.tokenizer(resp.model).chat_template if resp.model else None
+                            parsers[resp.index] = ToolCallParser(checked.tool_use, output_format(template))
+                        _parse_tool_calls(parsers[resp.index], resp)
                     resp.request_id = ids.client  # the engine's id is the mesh's, never shown
                     yield resp
         except BaseException as e:
@@ -293,6 +300,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      "llmesh.cached_tokens": usage.cached_tokens,
                                      "llmesh.completion_tokens": usage.completion_tokens,
                                      "llmesh.finish_reason": usage.finish_reason})
+
+
+def _parse_tool_calls(parser: ToolCallParser, resp: common_pb2.GenerateResponse) -> None:
+    """Withhold the text of function calls from ``resp``; the last message gets the calls."""
+    text = parser.feed(resp.text)
+    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        rest, calls = parser.finish()
+        text += rest
+        resp.tool_calls.extend(calls)
+    resp.text = text
 
 
 def _time_remaining(context: CallContext) -> float | None:

@@ -116,11 +116,18 @@ def _unpack(data: bytes) -> list[int]:
     return out.tolist()
 
 
-def _encode_in_worker(model: str, text: str | None, messages: list[dict] | None) -> bytes:
+def _encode_in_worker(model: str, text: str | None, messages: list[dict] | None,
+                      tools: list[dict] | None = None) -> bytes:
     assert _worker_tokenizers is not None
     tok = _worker_tokenizers.get(model)
     assert tok is not None  # the caller checked the name against the same tokenizers
-    return _pack(tok.encode_chat(messages) if messages is not None else tok.encode(text or ""))
+    return _pack(_encode_chat(tok, messages, tools) if messages is not None else tok.encode(text or ""))
+
+
+def _encode_chat(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The template renders the tools only when there are some (tools=None and no tools
+    differ in some templates)."""
+    return tok.encode_chat(messages, tools=tools) if tools else tok.encode_chat(messages)
 
 
 def _tokenize_in_worker(model: str, text: str, messages: list[dict] | None, add_special_tokens: bool
@@ -132,7 +139,7 @@ def _tokenize_in_worker(model: str, text: str, messages: list[dict] | None, add_
 def input_bytes(text: str | None = None, messages: list[dict] | None = None) -> int:
     """Size of a prompt in UTF-8 bytes (chat: the messages' contents)."""
     if messages is not None:
-        return sum(len(m["content"].encode("utf-8")) for m in messages)
+        return sum(len((m.get("content") or "").encode("utf-8")) for m in messages)
     return len((text or "").encode("utf-8"))
 
 
@@ -190,11 +197,12 @@ class TokenizerPool:
             return tok.encode(text)
         return _unpack(await self._run(_encode_in_worker, model, text, None))
 
-    async def encode_chat(self, tok: Tokenizer, model: str, messages: list[dict]) -> list[int]:
-        """Prompt ids of a conversation rendered with ``model``'s chat template."""
+    async def encode_chat(self, tok: Tokenizer, model: str, messages: list[dict],
+                          tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation (and its tools) rendered with ``model``'s chat template."""
         if not self._offloaded(input_bytes(messages=messages)):
-            return tok.encode_chat(messages)
-        return _unpack(await self._run(_encode_in_worker, model, None, messages))
+            return _encode_chat(tok, messages, tools)
+        return _unpack(await self._run(_encode_in_worker, model, None, messages, tools))
 
     async def tokenize(self, model: str, text: str = "", messages: list[dict] | None = None,
                        add_special_tokens: bool = True) -> Tokenized:

@@ -202,7 +202,7 @@ def test_model_not_allowed_403_unknown_404(mesh):
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 10_000}, None),
     ({"extra_body": {"unknown_field": 1}}, "unknown_field"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "a function without a name"}}]}, "tools[0]"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_invalid_requests_are_400(mesh, kw, param):

@@ -13,13 +13,17 @@ thread-safe: exactly one thread drives it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from dataclasses import replace
+from typing import Any
+
 import torch
 
 from llmesh.engine.config import EngineConfig, default_step_tokens
 from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest, EngineStats
+from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
@@ -28,6 +32,7 @@ from llmesh.engine.model_runner import ModelRunner, StepHandle, TorchModelRunner
 from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.request import FinishReason, Request
 from llmesh.engine.sampler import Sampler
+from llmesh.engine.structured_output.spec import StructuredOutputSpec
 from llmesh.engine.scheduler import Scheduler
 from llmesh.engine.scheduler_output import SchedulerOutput
 
@@ -76,6 +81,12 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         """The launched step whose tokens the host has not landed yet."""
+        self._tokenizer_source = loaded.tokenizer_source
+        self._grammars: Any = None
+        """The compiled-grammar cache (``GrammarCache``), built at the first constrained request."""
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
+        """Constrained requests whose grammar is being compiled: admitted to the scheduler
+        once it is ready, so the step loop never waits for a compilation."""
         self._steps = 0
         self._last_step_time = time.monotonic()
         self.last_step_tokens = 0
@@ -139,25 +150,95 @@ class EngineCore:
             max_model_len=self.max_model_len,
             fork_of=request.fork_of,
         )
-        self.scheduler.add_request(req)
+        spec = request.sampling_params.structured_output
+        if spec is None:
+            self.scheduler.add_request(req)
+            return req
+        if req.request_id in self._compiling or self.scheduler.get_request(req.request_id) is not None:
+            raise InvalidRequestError(f"request_id {req.request_id!r} is already used by a live request",
+                                      field="request_id")
+        self._compiling[req.request_id] = (req, self._grammar_cache().get(spec))
         return req
+
+    # ---- structured output ------------------------------------------------------------
+    def _grammar_cache(self):
+        if self._grammars is None:
+            from llmesh.engine.structured_output.grammar import GrammarCache, tokenizer_info
+            from llmesh.engine.text.tokenizer import Tokenizer
+
+            src = self._tokenizer_source
+            tok = Tokenizer.from_hf_folder(src) if isinstance(src, str) else Tokenizer.from_gguf_data(src)
+            stops = set(self.model_config.eos_token_ids) | set(tok.eos_token_ids)
+            self._grammars = GrammarCache(tokenizer_info(tok, self.model_config.vocab_size, stops))
+        return self._grammars
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Hand the requests whose grammar is ready to the scheduler; a grammar that failed
+        to compile fails its request alone. Waits briefly when nothing else can run."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished_requests() and self._inflight is None:
+            concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        from llmesh.engine.structured_output.state import GrammarState
+
+        failed = []
+        for request_id, (req, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                req.grammar = GrammarState(future.result(), req.eos_token_ids | set(req.sampling_params.stop_token_ids))
+            except Exception as e:  # noqa: BLE001 - this request fails; the core goes on
+                spec: StructuredOutputSpec = req.sampling_params.structured_output
+                log.warning("grammar compilation failed", extra={"request_id": request_id, "error": str(e)})
+                req.finish_reason = FinishReason.ERROR
+                failed.append(EngineCoreOutput(request_id=request_id, new_token_ids=[],
+                                               finish_reason=FinishReason.ERROR,
+                                               error=f"{spec.field} could not be compiled: {e}"))
+                continue
+            try:
+                self.scheduler.add_request(req)
+            except InvalidRequestError as e:
+                req.finish_reason = FinishReason.ERROR
+                failed.append(EngineCoreOutput(request_id=request_id, new_token_ids=[],
+                                               finish_reason=FinishReason.ERROR, error=str(e)))
+        return failed
+
+    def _advance_grammars(self, updated: list[Request]) -> None:
+        """Advance each constrained request's matcher past the token it just received; a
+        request whose grammar is complete finishes with STOP."""
+        for req in updated:
+            if req.grammar is None or req.is_finished:
+                continue
+            token = req.output_token_ids[-1]
+            if not req.grammar.accept(token):
+                # The mask allowed only tokens the grammar accepts: this is an engine bug.
+                log.error("grammar refused a sampled token", extra={"request_id": req.request_id, "token": token})
+                self.scheduler.finish_request(req.request_id, FinishReason.ERROR)
+            elif req.grammar.terminated:
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP)
 
     def finish_request(self, request_id: str, reason: FinishReason) -> int:
         """End a live request now (abort, a stop string the front end saw); returns the
         KV blocks freed (0 when the id is unknown or already finished)."""
+        if self._compiling.pop(request_id, None) is not None:
+            return 0  # still waiting for its grammar: it holds no blocks yet
         return self.scheduler.finish_request(request_id, reason)
 
     def abort_request(self, request_id: str) -> int:
+        if self._compiling.pop(request_id, None) is not None:
+            return 0
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._inflight is not None
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None or bool(self._compiling)
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         """schedule → launch → update. With async scheduling the update is the previous
         step's, done while this one computes; otherwise this step's, after it finishes."""
-        outputs: list[EngineCoreOutput] = []
+        outputs: list[EngineCoreOutput] = self._admit_compiled()
         if self._inflight is not None and self._needs_known_tokens():
             outputs.extend(self._land(self._inflight))
             self._inflight = None
@@ -176,16 +257,19 @@ class EngineCore:
         return outputs
 
     def _needs_known_tokens(self) -> bool:
-        """Penalties count every output token, so the step in flight must land before the
-        next is sampled; such batches run one step at a time."""
-        return any(r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty != 0.0
-                   or r.sampling_params.frequency_penalty != 0.0 for r in self.scheduler.running)
+        """Penalties count every output token, and a grammar's mask depends on every token
+        its matcher accepted, so the step in flight must land before the next is sampled;
+        such batches run one step at a time."""
+        return any(r.grammar is not None or r.sampling_params.repetition_penalty != 1.0
+                   or r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
+                   for r in self.scheduler.running)
 
     def _land(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:
         """Read a launched step's tokens back and advance its requests."""
         scheduled, handle = launched
         result = handle.result()
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        self._advance_grammars(updated)
         return [_output(req, result.logprobs.get(req.request_id)) for req in updated]
 
     def stats(self) -> EngineStats:

@@ -1,0 +1,51 @@
+"""One request's grammar matcher: which tokens it may take next, advanced token by token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import xgrammar as xgr
+
+
+class GrammarState:
+    """The matcher of one request, kept on the request in the core (``Request.grammar``).
+
+    The request's stop tokens (its EOS ids and stop_token_ids) are the grammar's: once the
+    grammar is complete only they are allowed, so a constrained request ends with STOP.
+    """
+
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: Iterable[int]) -> None:
+        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(set(stop_token_ids)) or None)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 words, 1 bit per token)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past ``token_id``; False when the grammar does not allow it."""
+        return self._matcher.accept_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted."""
+        return self._matcher.is_terminated()
+
+
+def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
+    """Set to -inf, in place, every token the grammar of row ``i`` does not allow next.
+
+    ``states`` pairs a row of ``logits`` with its request's matcher. The bitmask is filled
+    on the host (the matchers are host objects) and applied on the logits' device.
+    """
+    # logits: [N, V] float32
+    if not states:
+        return
+    # One bitmask row per logits row, as xgrammar indexes it; only the rows in ``states``
+    # are filled and applied, so unconstrained rows of a mixed batch are left alone.
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # [N, ceil(V / 32)] int32, host
+    for i, state in states:
+        state.fill(bitmask, i)
+    if logits.device.type != "cpu":
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[i for i, _ in states])
