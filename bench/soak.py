@@ -43,7 +43,7 @@ from llmesh.bench_results import write_result
 from llmesh.launcher import Mesh, UpConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_faults import Faults  # noqa: E402  (the sibling module, however this script is started)
+from soak_faults import Faults, drain, supervise  # noqa: E402  (the sibling module, however this script is started)
 
 SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from one to five.",
                  "Name three colors.", "Explain gravity in one sentence.", "Say hello politely."]
@@ -251,42 +251,6 @@ class Traffic:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def _load_all(mesh: Mesh, credential: tuple[tuple[str, str], ...]):
-    from llmesh.v1 import engine_pb2, engine_pb2_grpc
-
-    loads = {}
-    for spec in mesh.plan:
-        if spec.name.startswith("engine-"):
-            with grpc.insecure_channel(spec.address) as ch:
-                loads[spec.name] = engine_pb2_grpc.EngineStub(ch).Load(engine_pb2.LoadRequest(), metadata=credential,
-                                                                       timeout=5)
-    return loads
-
-
-def drain(mesh: Mesh, timeout_s: float = 120.0) -> int:
-    """Wait until no engine runs or queues a request; the KV blocks still held (0 unless
-    leaked). An engine that does not answer Load by the deadline raises. Load is an
-    internal call: it carries the mesh secret the launcher wrote, as the services' own
-    channels do."""
-    from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
-
-    credential = ((METADATA_KEY, read_secret(mesh.run_dir / MESH_SECRET_FILE).decode()),)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            loads = _load_all(mesh, credential)
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-            continue
-        held = sum(lo.kv_blocks_used for lo in loads.values())
-        busy = sum(lo.num_running + lo.num_waiting for lo in loads.values())
-        if (held == 0 and busy == 0) or time.monotonic() > deadline:
-            return held
-        time.sleep(0.2)
-
-
 def wait_recovered(gateway: str, http_base: str, keys: dict[str, str], model: str, timeout_s: float) -> float:
     """Seconds until a gRPC stream (tenant a) and an HTTP chat completion (tenant b) both
     succeed again after the faults; raises TimeoutError past ``timeout_s``."""
@@ -428,20 +392,9 @@ def soak(args: argparse.Namespace) -> dict:
     return metrics
 
 
-async def _supervise(mesh: Mesh, log) -> str:
-    """The launcher's supervision, one pass every 0.2 s on the main thread (as `llmesh up`
-    does); returns only when the launcher gives up on a child."""
-    while True:
-        gave_up = mesh.supervise()
-        if gave_up:
-            log(f"the launcher gave up: {gave_up}")
-            return gave_up
-        await asyncio.sleep(0.2)
-
-
 async def _run(args, mesh: Mesh, gateway: str, http_base: str, keys: dict[str, str], model: str,
                long_prompt: str, stats: Stats, faults: Faults, log) -> Outcome:
-    supervisor = asyncio.create_task(_supervise(mesh, log))
+    supervisor = asyncio.create_task(supervise(mesh, log))
     try:
         traffic_s = await _traffic_and_faults(args, gateway, http_base, keys, model, long_prompt, stats, faults,
                                               log, supervisor)

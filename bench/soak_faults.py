@@ -3,10 +3,12 @@ engine, kill -9 of an engine, kill -9 of Redis. Every restart is the launcher's 
 (``Mesh.supervise``, which the soak calls from its main thread): a fault here only kills,
 then measures how long the mesh takes to serve again. After a Redis kill the tenants'
 keys are not registered again: Redis persists them, and the check that they still work
-counts any that do not."""
+counts any that do not. Also the checks of recovery that need the mesh's internals: the
+launcher's supervision loop and the drain (engine Load, carrying the mesh secret)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -128,3 +130,50 @@ class Faults:
             self.kill_engine()
         else:
             self.kill_redis()
+
+
+async def supervise(mesh: Mesh, log) -> str:
+    """The launcher's supervision, one pass every 0.2 s on the main thread (as `llmesh up`
+    does); returns only when the launcher gives up on a child."""
+    while True:
+        gave_up = mesh.supervise()
+        if gave_up:
+            log(f"the launcher gave up: {gave_up}")
+            return gave_up
+        await asyncio.sleep(0.2)
+
+
+def _load_all(mesh: Mesh, credential: tuple[tuple[str, str], ...]):
+    from llmesh.v1 import engine_pb2, engine_pb2_grpc
+
+    loads = {}
+    for spec in mesh.plan:
+        if spec.name.startswith("engine-"):
+            with grpc.insecure_channel(spec.address) as ch:
+                loads[spec.name] = engine_pb2_grpc.EngineStub(ch).Load(engine_pb2.LoadRequest(), metadata=credential,
+                                                                       timeout=5)
+    return loads
+
+
+def drain(mesh: Mesh, timeout_s: float = 120.0) -> int:
+    """Wait until no engine runs or queues a request; the KV blocks still held (0 unless
+    leaked). An engine that does not answer Load by the deadline raises. Load is an
+    internal call: it carries the mesh secret the launcher wrote, as the services' own
+    channels do."""
+    from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
+
+    credential = ((METADATA_KEY, read_secret(mesh.run_dir / MESH_SECRET_FILE).decode()),)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            loads = _load_all(mesh, credential)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        held = sum(lo.kv_blocks_used for lo in loads.values())
+        busy = sum(lo.num_running + lo.num_waiting for lo in loads.values())
+        if (held == 0 and busy == 0) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
