@@ -9,14 +9,18 @@ engines, router, gateway with its HTTP front, API keys on), registers two tenant
 and runs ``--concurrency`` clients that mix short and long prompts, gRPC streams and
 unary calls, the OpenAI SDK over HTTP (streaming and not), client cancels, invalid
 requests and both tenants. Meanwhile a schedule injects faults: SIGSTOP/SIGCONT of an
-engine, kill -9 of an engine (restarted by the launcher when it restarts crashed
-children, else by this script: the result says which), kill -9 of Redis (restarted by
-this script, which then registers the keys again: the soak's Redis keeps nothing on
-disk). Faults stop at 80% of the duration, so the tail of the run shows recovery.
+engine, kill -9 of an engine, kill -9 of Redis. Every restart is the launcher's own:
+this script calls ``Mesh.supervise()`` from its main thread, as ``llmesh up`` does, and
+records the restarts it made by child and how long each killed child took to serve
+again. Redis persists (append-only file, in a temporary data folder of this run, never
+the user's), so the keys are not registered again after its kill: the soak checks they
+still work and counts those that do not (keys_lost_after_redis_restart_n). Faults stop
+at 80% of the duration, so the tail of the run shows recovery.
 
 When the traffic stops and drains, it records in bench/results/soak_cpu.json: requests
 and errors by gRPC code / HTTP status, invalid requests answered with the right refusal,
-KV blocks still held by any engine (must be 0), resident memory of every service (process
+KV blocks still held by any engine (must be 0; read with engine Load over a call that
+carries the mesh secret), resident memory of every service (process
 tree: an engine's core process included) at start and end, throughput and latency.
 A line of progress is printed every ``--progress-s`` seconds.
 """
@@ -39,7 +43,7 @@ from llmesh.bench_results import write_result
 from llmesh.launcher import Mesh, UpConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_faults import Faults  # noqa: E402  (the sibling module, however this script is started)
+from soak_faults import Faults, drain, supervise  # noqa: E402  (the sibling module, however this script is started)
 
 SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from one to five.",
                  "Name three colors.", "Explain gravity in one sentence.", "Say hello politely."]
@@ -98,13 +102,16 @@ class Stats:
     invalid_wrong: int = 0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)
     errors_tail: int = 0
+    auth_after_redis_restart: int = 0
+    """UNAUTHENTICATED / HTTP 401 once Redis was back from a kill: keys it lost."""
     out_tokens: int = 0
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
     ttfts_ms: list[float] = dataclasses.field(default_factory=list)
 
-    def error(self, key: str, in_tail: bool) -> None:
+    def error(self, key: str, in_tail: bool, after_redis_restart: bool) -> None:
         self.errors[key] = self.errors.get(key, 0) + 1
         self.errors_tail += in_tail
+        self.auth_after_redis_restart += after_redis_restart and key in ("grpc_UNAUTHENTICATED", "http_401")
 
 
 # ---- traffic ----------------------------------------------------------------------------------
@@ -113,7 +120,8 @@ class Traffic:
     """One client's mix of requests; every call has a deadline."""
 
     def __init__(self, gateway: str, http_base: str, keys: dict[str, str], model: str, long_prompt: str,
-                 stats: Stats, deadline_at: float, duration_s: float, rng: random.Random) -> None:
+                 stats: Stats, deadline_at: float, duration_s: float, rng: random.Random,
+                 redis_restarted) -> None:
         import openai
 
         from llmesh.v1 import inference_pb2_grpc
@@ -124,6 +132,8 @@ class Traffic:
                     for t, k in keys.items()}
         self.keys, self.model, self.long_prompt = keys, model, long_prompt
         self.stats, self.deadline_at, self.duration_s, self.rng = stats, deadline_at, duration_s, rng
+        self.redis_restarted = redis_restarted
+        """() -> bool: whether Redis has come back from a kill -9 (auth failures are lost keys)."""
 
     def _in_tail(self) -> bool:
         return time.monotonic() - self.stats.started > TAIL * self.duration_s
@@ -139,14 +149,14 @@ class Traffic:
             try:
                 tokens = await action(tenant)
             except grpc.aio.AioRpcError as e:
-                self.stats.error(f"grpc_{e.code().name}", self._in_tail())
+                self.stats.error(f"grpc_{e.code().name}", self._in_tail(), self.redis_restarted())
                 await asyncio.sleep(0.2)  # an erroring mesh is not hammered in a tight loop
                 continue
             except Exception as e:  # noqa: BLE001 - every failure is counted by its kind
                 import openai
 
                 key = f"http_{e.status_code}" if isinstance(e, openai.APIStatusError) else f"http_{type(e).__name__}"
-                self.stats.error(key, self._in_tail())
+                self.stats.error(key, self._in_tail(), self.redis_restarted())
                 await asyncio.sleep(0.2)
                 continue
             if tokens is not None:
@@ -241,36 +251,6 @@ class Traffic:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def _load_all(mesh: Mesh):
-    from llmesh.v1 import engine_pb2, engine_pb2_grpc
-
-    loads = {}
-    for spec in mesh.plan:
-        if spec.name.startswith("engine-"):
-            with grpc.insecure_channel(spec.address) as ch:
-                loads[spec.name] = engine_pb2_grpc.EngineStub(ch).Load(engine_pb2.LoadRequest(), timeout=5)
-    return loads
-
-
-def drain(mesh: Mesh, timeout_s: float = 120.0) -> int:
-    """Wait until no engine runs or queues a request; the KV blocks still held (0 unless
-    leaked). An engine that does not answer Load by the deadline raises."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            loads = _load_all(mesh)
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-            continue
-        held = sum(lo.kv_blocks_used for lo in loads.values())
-        busy = sum(lo.num_running + lo.num_waiting for lo in loads.values())
-        if (held == 0 and busy == 0) or time.monotonic() > deadline:
-            return held
-        time.sleep(0.2)
-
-
 def wait_recovered(gateway: str, http_base: str, keys: dict[str, str], model: str, timeout_s: float) -> float:
     """Seconds until a gRPC stream (tenant a) and an HTTP chat completion (tenant b) both
     succeed again after the faults; raises TimeoutError past ``timeout_s``."""
@@ -295,7 +275,7 @@ def wait_recovered(gateway: str, http_base: str, keys: dict[str, str], model: st
 
 
 def rss_by_service(mesh: Mesh) -> dict[str, float]:
-    return {name: tree_rss_mb(proc.pid) for name, proc in mesh.procs.items() if proc.poll() is None}
+    return {name: tree_rss_mb(child.proc.pid) for name, child in mesh.children.items() if child.exited() is None}
 
 
 def _long_prompt(stub, model: str, key: str, window: int) -> str:
@@ -309,17 +289,36 @@ def _long_prompt(stub, model: str, key: str, window: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(words))
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What the main-thread part of the run measured, read before the mesh stops."""
+    traffic_s: float
+    recovery_s: float
+    leaked_kv_blocks: int
+    rss_end: dict[str, float]
+    dead: str | None
+    restarts: dict[str, int]
+    """Restarts the launcher made, by child."""
+
+
 def soak(args: argparse.Namespace) -> dict:
+    import redis
     from llmesh.gateway.keys import new_key, redis_put
 
+    from llmesh.redis_url import with_password
     from llmesh.v1 import inference_pb2, inference_pb2_grpc
 
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="llmesh-soak-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
     # The launcher writes the local admin key under XDG_CONFIG_HOME: keep it inside the run.
     os.environ["XDG_CONFIG_HOME"] = str(run_dir / "config")
+    # A fresh data folder per run: the soak's Redis (its append-only file and password) is
+    # never the user's, and no key of an earlier run is there to hide a lost one.
+    data_dir = tempfile.mkdtemp(prefix="data-", dir=run_dir)
     cfg = UpConfig(models_file=args.models_file, gateway_port=_free_port(), http_port=_free_port(),
                    router_port=_free_port(), prefix_cache_port=_free_port(), engine_base_port=_free_port(),
-                   redis_port=_free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir), auth=True)
+                   redis_port=_free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir),
+                   data_dir=data_dir, auth=True)
     t_start = time.monotonic()
 
     def log(msg: str) -> None:
@@ -328,17 +327,16 @@ def soak(args: argparse.Namespace) -> dict:
     records = {t: new_key(f"soak-tenant-{t}") for t in ("a", "b")}
     keys = {t: k for t, (k, _) in records.items()}
 
-    def register_keys(client) -> None:
+    with Mesh(cfg, quiet=True) as mesh:
+        log(f"starting the mesh (logs in {run_dir}, Redis data in {data_dir})")
+        mesh.start(timeout=600)
+        # Registered once: Redis keeps them through its kills (append-only file).
+        client = redis.Redis.from_url(with_password(cfg.host, cfg.redis_port, mesh.redis_password))
         for _, record in records.values():
             redis_put(client, record)
-
-    with Mesh(cfg, quiet=True) as mesh:
-        log(f"starting the mesh (logs in {run_dir})")
-        mesh.start(timeout=600)
-        import redis
-
-        register_keys(redis.Redis.from_url(f"redis://{cfg.host}:{cfg.redis_port}/0"))
+        client.close()
         gateway = f"{cfg.host}:{cfg.gateway_port}"
+        http_base = f"http://{cfg.host}:{cfg.http_port}/v1"
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(gateway))
         md = (("authorization", f"Bearer {keys['a']}"),)
         card = stub.ListModels(inference_pb2.ListModelsRequest(), metadata=md, timeout=30).models[0]
@@ -347,30 +345,31 @@ def soak(args: argparse.Namespace) -> dict:
         log(f"mesh up: model {card.name} (window {card.max_model_len}); RSS MB "
             + ", ".join(f"{k} {v:.0f}" for k, v in rss_start.items()))
         stats = Stats()
-        faults = Faults(mesh, register_keys, log)
-        results = asyncio.run(_traffic_and_faults(args, gateway, f"http://{cfg.host}:{cfg.http_port}/v1", keys,
-                                                  card.name, long_prompt, stats, faults, log))
-        traffic_s = results
-        log("traffic stopped; checking the mesh serves again, then draining")
-        recovery_s = wait_recovered(gateway, f"http://{cfg.host}:{cfg.http_port}/v1", keys, card.name, 300)
-        leaked = drain(mesh)
-        rss_end = rss_by_service(mesh)
-        dead = mesh.failed()
+        faults = Faults(mesh, gateway, keys, card.name, log)
+        # On the main thread, like `llmesh up`: the launcher's restarts happen in this loop.
+        out = asyncio.run(_run(args, mesh, gateway, http_base, keys, card.name, long_prompt, stats, faults, log))
     metrics: dict[str, float] = {
-        "duration_s": round(traffic_s, 1), "requests_total_n": stats.total, "ok_n": stats.ok,
+        "duration_s": round(out.traffic_s, 1), "requests_total_n": stats.total, "ok_n": stats.ok,
         "cancelled_n": stats.cancelled, "invalid_refused_n": stats.invalid_refused,
         "invalid_wrong_answer_n": stats.invalid_wrong, "errors_total_n": sum(stats.errors.values()),
-        "errors_tail_n": stats.errors_tail, "leaked_kv_blocks_n": leaked, "dead_services_n": int(dead is not None),
-        "throughput_req_s": stats.ok / traffic_s, "out_tok_s": stats.out_tokens / traffic_s,
+        "errors_tail_n": stats.errors_tail, "leaked_kv_blocks_n": out.leaked_kv_blocks,
+        "dead_services_n": int(out.dead is not None),
+        "keys_lost_after_redis_restart_n": faults.keys_lost,
+        "auth_errors_after_redis_restart_n": stats.auth_after_redis_restart,
+        "throughput_req_s": stats.ok / out.traffic_s, "out_tok_s": stats.out_tokens / out.traffic_s,
         "latency_p50_ms": percentile(stats.latencies_ms, 50), "latency_p99_ms": percentile(stats.latencies_ms, 99),
         "ttft_p50_ms": percentile(stats.ttfts_ms, 50), "ttft_p99_ms": percentile(stats.ttfts_ms, 99),
-        "engine_restart_max_s": max(faults.restart_s, default=0.0), "recovery_after_traffic_s": recovery_s,
+        "engine_restart_max_s": max((s for name, took in faults.serving_again_s.items() if name.startswith("engine-")
+                                     for s in took), default=0.0),
+        "redis_restart_max_s": max(faults.serving_again_s.get("redis", []), default=0.0),
+        "recovery_after_traffic_s": out.recovery_s,
     }
     metrics.update({f"errors_{k}_n": v for k, v in sorted(stats.errors.items())})
     metrics.update({f"fault_{k}_n": v for k, v in sorted(faults.counts.items())})
-    for name in sorted(set(rss_start) | set(rss_end)):
+    metrics.update({f"launcher_restarts_{k.replace('-', '_')}_n": v for k, v in sorted(out.restarts.items())})
+    for name in sorted(set(rss_start) | set(out.rss_end)):
         key = name.replace("-", "_")
-        start, end = rss_start.get(name, 0.0), rss_end.get(name, 0.0)
+        start, end = rss_start.get(name, 0.0), out.rss_end.get(name, 0.0)
         metrics.update({f"rss_{key}_start_mb": round(start, 1), f"rss_{key}_end_mb": round(end, 1),
                         f"rss_{key}_growth_mb": round(end - start, 1)})
     workload = {"duration_s": args.duration_s, "smoke": args.smoke, "concurrency": args.concurrency,
@@ -378,29 +377,56 @@ def soak(args: argparse.Namespace) -> dict:
                 "mix": "grpc stream 40, http chat stream 20, grpc cancel 10, grpc long prompt 10, "
                        "grpc tokenize 8, invalid 7, http completion unary 5; tenants a 70% b 30%",
                 "faults": [f"{t:.0f}s {n}" for t, n in faults.schedule(args.duration_s, args.smoke)],
-                "engine_restarts": ("launcher" if faults.counts.get("engine_restarted_by_launcher")
-                                    else "soak script" if faults.counts.get("engine_restarted_by_soak") else "none"),
-                "note": "engine RSS after a kill -9 is the restarted process's; redis keeps nothing on disk, so "
-                        "the soak registers the tenant keys again after restarting it"}
+                "engine_restarts": "launcher" if any(out.restarts.get(s.name) for s in faults.engines) else "none",
+                "note": "every restart is the launcher's (Mesh.supervise on the soak's main thread); engine RSS "
+                        "after a kill -9 is the restarted process's; Redis persists to an append-only file in a "
+                        "temporary data folder, so the tenant keys are registered once and only checked after "
+                        "its kill -9 (keys_lost_after_redis_restart_n)"}
     path = write_result(args.name, workload, metrics, results_dir=Path(args.results_dir) if args.results_dir else None)
     log(f"wrote {path}")
-    if dead is not None:
-        log(f"WARNING: {dead} exited during the soak")
+    if out.dead is not None:
+        log(f"WARNING: {out.dead}")
+    if faults.keys_lost or stats.auth_after_redis_restart:
+        log(f"WARNING: tenant keys refused after the Redis restart ({faults.keys_lost} by the check, "
+            f"{stats.auth_after_redis_restart} in traffic)")
     return metrics
 
 
+async def _run(args, mesh: Mesh, gateway: str, http_base: str, keys: dict[str, str], model: str,
+               long_prompt: str, stats: Stats, faults: Faults, log) -> Outcome:
+    supervisor = asyncio.create_task(supervise(mesh, log))
+    try:
+        traffic_s = await _traffic_and_faults(args, gateway, http_base, keys, model, long_prompt, stats, faults,
+                                              log, supervisor)
+        log("traffic stopped; checking the mesh serves again, then draining")
+        recovery_s = await asyncio.to_thread(wait_recovered, gateway, http_base, keys, model, 300)
+        leaked = await asyncio.to_thread(drain, mesh)
+        if supervisor.done():
+            dead = supervisor.result()
+        else:
+            failed = mesh.failed()
+            dead = f"{failed} exited and was not restarted" if failed else None
+        return Outcome(traffic_s, recovery_s, leaked, rss_by_service(mesh), dead,
+                       {name: child.tracker.restarts for name, child in mesh.children.items()})
+    finally:
+        supervisor.cancel()
+
+
 async def _traffic_and_faults(args, gateway: str, http_base: str, keys: dict[str, str], model: str,
-                              long_prompt: str, stats: Stats, faults: Faults, log) -> float:
+                              long_prompt: str, stats: Stats, faults: Faults, log, supervisor: asyncio.Task) -> float:
     rng = random.Random(args.seed)
     t0 = time.monotonic()
     stats.started = t0
     end = t0 + args.duration_s
     clients = [Traffic(gateway, http_base, keys, model, long_prompt, stats, end, args.duration_s,
-                       random.Random(rng.random())) for _ in range(args.concurrency)]
+                       random.Random(rng.random()), lambda: faults.redis_restarted) for _ in range(args.concurrency)]
 
     async def run_faults() -> None:
         for at, name in faults.schedule(args.duration_s, args.smoke):
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            if supervisor.done():
+                raise RuntimeError(f"no more faults: the launcher gave up ({supervisor.result()})")
+            # A worker thread: a fault only kills and waits; the restart is the supervisor's.
             await asyncio.to_thread(faults.run, name, args.smoke)
 
     async def progress() -> None:
@@ -431,12 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--name", default="soak_cpu", help="result file name (without .json)")
     p.add_argument("--results-dir", default=None, help="default: bench/results")
-    p.add_argument("--run-dir", default=None, help="logs of the mesh (default: a temporary folder)")
+    p.add_argument("--run-dir", default=None, help="logs of the mesh and its Redis data folder (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.smoke and "--duration-s" not in " ".join(argv if argv is not None else sys.argv):
         args.duration_s = 60.0
     metrics = soak(args)
-    return 1 if metrics["leaked_kv_blocks_n"] or metrics["dead_services_n"] else 0
+    failed = ("leaked_kv_blocks_n", "dead_services_n", "keys_lost_after_redis_restart_n",
+              "auth_errors_after_redis_restart_n")
+    return 1 if any(metrics[k] for k in failed) else 0
 
 
 if __name__ == "__main__":

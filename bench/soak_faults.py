@@ -1,13 +1,18 @@
 """The fault schedule of bench/soak.py and the faults themselves: SIGSTOP/SIGCONT of an
-engine, kill -9 of an engine (restarted by the launcher when it restarts crashed children,
-else here), kill -9 of Redis (restarted here, with the soak's API keys registered again)."""
+engine, kill -9 of an engine, kill -9 of Redis. Every restart is the launcher's own
+(``Mesh.supervise``, which the soak calls from its main thread): a fault here only kills,
+then measures how long the mesh takes to serve again. After a Redis kill the tenants'
+keys are not registered again: Redis persists them, and the check that they still work
+counts any that do not. Also the checks of recovery that need the mesh's internals: the
+launcher's supervision loop and the drain (engine Load, carrying the mesh secret)."""
 
 from __future__ import annotations
 
-import os
+import asyncio
 import signal
-import subprocess
 import time
+
+import grpc
 
 from llmesh.launcher import Mesh
 
@@ -16,34 +21,46 @@ FAULTS_UNTIL = 0.8
 
 
 class Faults:
-    """Injects the schedule's faults into the mesh's processes and brings them back."""
+    """Injects the schedule's faults into the mesh's processes and waits for the launcher
+    to bring them back. Runs in a worker thread: it never starts a process (the children's
+    parent-death signal fires when the thread that started them exits)."""
 
-    def __init__(self, mesh: Mesh, register_keys, log) -> None:
-        self.mesh, self.register_keys, self.log = mesh, register_keys, log
+    def __init__(self, mesh: Mesh, gateway: str, keys: dict[str, str], model: str, log) -> None:
+        self.mesh, self.gateway, self.keys, self.model, self.log = mesh, gateway, keys, model, log
         self.counts: dict[str, int] = {}
-        """Faults injected and how engines came back, by name."""
-        self.restart_s: list[float] = []
-        """Seconds from each engine kill until it served again."""
+        """Faults injected, by name."""
+        self.serving_again_s: dict[str, list[float]] = {}
+        """Seconds from each kill until the killed child served again, by child."""
+        self.keys_lost = 0
+        """Tenant keys refused (UNAUTHENTICATED) once Redis was back after a kill -9."""
+        self.redis_restarted = False
+        """Set once Redis has come back from a kill: auth failures after that are lost keys."""
         self.engines = [s for s in mesh.plan if s.name.startswith("engine-")]
-        self.redis = next(s for s in mesh.plan if s.name == "redis")
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def _respawn(self, spec) -> subprocess.Popen:
-        # No parent-death signal: it fires when the spawning *thread* exits (faults run in a
-        # worker thread), not the process. Mesh.stop() still stops what is in mesh.procs.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMESH_DIE_WITH_PARENT": "0", **spec.env}
-        with open(self.mesh.run_dir / f"{spec.name}.log", "ab") as log:
-            proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                                    stdin=subprocess.DEVNULL)
-        self.mesh.procs[spec.name] = proc
-        return proc
+    def _kill(self, name: str):
+        """SIGKILL the child ``name``; returns its process object and when it was killed."""
+        victim = self.mesh.children[name].proc
+        self.log(f"fault: kill -9 {name} (pid {victim.pid})")
+        t0 = time.monotonic()
+        victim.kill()
+        victim.wait(timeout=30)
+        return victim, t0
+
+    def _wait_restarted(self, name: str, victim, timeout_s: float) -> None:
+        """Until the launcher has started a new process for ``name``."""
+        deadline = time.monotonic() + timeout_s
+        while self.mesh.children[name].proc is victim:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the launcher did not restart {name} within {timeout_s:.0f}s of its kill -9")
+            time.sleep(0.1)
 
     def sigstop_engine(self, seconds: float) -> None:
-        spec = self.engines[0]
-        proc = self.mesh.procs[spec.name]
-        self.log(f"fault: SIGSTOP {spec.name} for {seconds:.0f}s")
+        name = self.engines[0].name
+        proc = self.mesh.children[name].proc
+        self.log(f"fault: SIGSTOP {name} for {seconds:.0f}s")
         proc.send_signal(signal.SIGSTOP)
         try:
             time.sleep(seconds)
@@ -51,52 +68,51 @@ class Faults:
             proc.send_signal(signal.SIGCONT)
         self._count("engine_sigstop")
 
-    def kill_engine(self, launcher_wait_s: float, ready_timeout_s: float = 300.0) -> None:
+    def kill_engine(self, timeout_s: float = 300.0) -> None:
         from llmesh.health import wait_serving
 
         spec = self.engines[0]
-        victim = self.mesh.procs[spec.name]
-        self.log(f"fault: kill -9 {spec.name} (pid {victim.pid})")
-        t0 = time.monotonic()
-        victim.kill()
-        victim.wait(timeout=30)
+        victim, t0 = self._kill(spec.name)
         self._count("engine_kill9")
-        # A launcher that restarts crashed children puts a new process in mesh.procs.
-        deadline = t0 + launcher_wait_s
-        while time.monotonic() < deadline and self.mesh.procs.get(spec.name) is victim:
-            time.sleep(0.2)
-        if self.mesh.procs.get(spec.name) is victim:
-            self._respawn(spec)
-            self._count("engine_restarted_by_soak")
-            self.log(f"  {spec.name}: the launcher did not restart it; restarted by the soak script")
-        else:
-            self._count("engine_restarted_by_launcher")
-        wait_serving(spec.address, timeout=ready_timeout_s)
-        self.restart_s.append(time.monotonic() - t0)
-        self.log(f"  {spec.name} serving again after {time.monotonic() - t0:.1f}s")
+        self._wait_restarted(spec.name, victim, timeout_s)
+        wait_serving(spec.address, timeout=max(1.0, t0 + timeout_s - time.monotonic()))
+        self._served_again(spec.name, t0)
 
-    def kill_redis(self, down_s: float = 2.0) -> None:
-        import redis
-
-        proc = self.mesh.procs["redis"]
-        self.log(f"fault: kill -9 redis (pid {proc.pid}) for {down_s:.0f}s")
-        proc.kill()
-        proc.wait(timeout=30)
+    def kill_redis(self, timeout_s: float = 120.0) -> None:
+        victim, t0 = self._kill("redis")
         self._count("redis_kill9")
-        time.sleep(down_s)
-        self._respawn(self.redis)
-        client = redis.Redis.from_url(f"redis://{self.redis.address}/0", socket_timeout=1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
-        self.register_keys(client)
-        self.log("  redis back, tenant keys registered again")
+        self._wait_restarted("redis", victim, timeout_s)
+        self._check_keys(t0 + timeout_s)
+        self.redis_restarted = True
+        self._served_again("redis", t0)
+
+    def _served_again(self, name: str, t0: float) -> None:
+        took = time.monotonic() - t0
+        self.serving_again_s.setdefault(name, []).append(took)
+        self.log(f"  {name} restarted by the launcher, serving again after {took:.1f}s")
+
+    def _check_keys(self, deadline: float) -> None:
+        """Each tenant's key, unchanged, through the gateway: UNAVAILABLE while the gateway
+        waits for Redis is retried; UNAUTHENTICATED means Redis lost the key."""
+        from llmesh.v1 import inference_pb2, inference_pb2_grpc
+
+        with grpc.insecure_channel(self.gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for tenant, key in self.keys.items():
+                while True:
+                    try:
+                        stub.Tokenize(inference_pb2.TokenizeRequest(model=self.model, text="hello"),
+                                      metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+                        break
+                    except grpc.RpcError as e:
+                        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                            self.keys_lost += 1
+                            self.log(f"  tenant {tenant}'s key was lost with the Redis restart: {e.details()}")
+                            break
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"the gateway did not take tenant {tenant}'s key again after "
+                                               f"the Redis restart: {e.code().name} {e.details()}") from None
+                        time.sleep(0.2)
 
     def schedule(self, duration_s: float, smoke: bool) -> list[tuple[float, str]]:
         """(seconds from start, fault) pairs, all before FAULTS_UNTIL of the duration."""
@@ -111,6 +127,53 @@ class Faults:
         if name == "sigstop":
             self.sigstop_engine(3.0 if smoke else 10.0)
         elif name == "kill_engine":
-            self.kill_engine(launcher_wait_s=5.0 if smoke else 20.0)
+            self.kill_engine()
         else:
             self.kill_redis()
+
+
+async def supervise(mesh: Mesh, log) -> str:
+    """The launcher's supervision, one pass every 0.2 s on the main thread (as `llmesh up`
+    does); returns only when the launcher gives up on a child."""
+    while True:
+        gave_up = mesh.supervise()
+        if gave_up:
+            log(f"the launcher gave up: {gave_up}")
+            return gave_up
+        await asyncio.sleep(0.2)
+
+
+def _load_all(mesh: Mesh, credential: tuple[tuple[str, str], ...]):
+    from llmesh.v1 import engine_pb2, engine_pb2_grpc
+
+    loads = {}
+    for spec in mesh.plan:
+        if spec.name.startswith("engine-"):
+            with grpc.insecure_channel(spec.address) as ch:
+                loads[spec.name] = engine_pb2_grpc.EngineStub(ch).Load(engine_pb2.LoadRequest(), metadata=credential,
+                                                                       timeout=5)
+    return loads
+
+
+def drain(mesh: Mesh, timeout_s: float = 120.0) -> int:
+    """Wait until no engine runs or queues a request; the KV blocks still held (0 unless
+    leaked). An engine that does not answer Load by the deadline raises. Load is an
+    internal call: it carries the mesh secret the launcher wrote, as the services' own
+    channels do."""
+    from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
+
+    credential = ((METADATA_KEY, read_secret(mesh.run_dir / MESH_SECRET_FILE).decode()),)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            loads = _load_all(mesh, credential)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        held = sum(lo.kv_blocks_used for lo in loads.values())
+        busy = sum(lo.num_running + lo.num_waiting for lo in loads.values())
+        if (held == 0 and busy == 0) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
