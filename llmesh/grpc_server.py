@@ -128,6 +128,17 @@ def _guard_unary(inner, method: str):
     return handler
 
 
+def _guard_client_stream(inner, method: str):
+    async def handler(request_iterator, context):
+        try:
+            return await inner(_checked(request_iterator, method), context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort_with(context, e)
+    return handler
+
+
 def _guard_stream(inner, method: str, client_streaming: bool):
     """For server-streaming and bidi handlers alike: both are async generators."""
     async def handler(request_or_iterator, context) -> AsyncIterator:
@@ -158,6 +169,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), *io)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method, False), *io)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_guard_client_stream(handler.stream_unary, method), *io)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream, method, True), *io)
         return handler

@@ -108,10 +108,11 @@ class EngineMetrics:
         self._waiting.set(stats.num_waiting)
         self._kv.set(stats.kv_cache_usage)
         last = self._last
-        # The core sends totals since its start; the counters grow by the difference.
-        self._queries.inc(stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0))
-        self._hits.inc(stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0))
-        self._preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        # The core sends totals since its start; the counters grow by the difference. A fresh
+        # core (after a restart) counts from 0 again: its totals are all new.
+        self._queries.inc(_grown(stats.prefix_cache_queries, last.prefix_cache_queries if last else None))
+        self._hits.inc(_grown(stats.prefix_cache_hits, last.prefix_cache_hits if last else None))
+        self._preemptions.inc(_grown(stats.num_preemptions, last.num_preemptions if last else None))
         self._last = stats
 
     def _record_iteration(self, it: IterationStats) -> None:
@@ -135,3 +136,8 @@ class EngineMetrics:
             self._decode.observe(f.decode_time)
             if f.time_per_output_token is not None:
                 self._tpot.observe(f.time_per_output_token)
+
+
+def _grown(total: int, previous: int | None) -> int:
+    """How much a running total grew; a total below the previous one restarted from 0."""
+    return total - previous if previous is not None and total >= previous else total

@@ -1,7 +1,6 @@
 """A generation stream's messages gathered into whole choices (``n`` of them, by index).
 
-The unary gRPC calls (Complete, ChatComplete) and the HTTP front's non-streaming answers
-both read a stream to its end and answer once; this is the one place that gathers it.
+The unary gRPC calls (Complete, ChatComplete) read a stream to its end and answer once.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ class Choice:
     logprobs: list[common_pb2.TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     stop_reason: str = ""
+    tool_calls: list[common_pb2.ToolCall] = dataclasses.field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -48,6 +48,7 @@ class ChoiceAccumulator:
         choice.texts.append(resp.text)
         choice.token_ids.extend(resp.token_ids)
         choice.logprobs.extend(resp.logprobs)
+        choice.tool_calls.extend(resp.tool_calls)
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             choice.finish_reason, choice.stop_reason = resp.finish_reason, resp.stop_reason
         if resp.HasField("usage"):
@@ -63,7 +64,7 @@ class ChoiceAccumulator:
         out = inference_pb2.CompleteResponse(request_id=self.request_id, model=self.model, replica=self.replica)
         for c in self.choices:
             out.choices.add(index=c.index, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason, tool_calls=c.tool_calls)
         if self.usage is not None:
             out.usage.CopyFrom(self.usage)
         return out

@@ -160,6 +160,8 @@ class DirectStreamer:
                 if code not in FAILOVER_CODES:
                     raise refused_error(cand.replica, cand.address, code, details) from None
                 if attempt == len(candidates) - 1:
+                    if overloads.refusals:  # a full replica is a retryable overload, not a failure
+                        raise overloads.error(target.model) from None
                     raise exhausted_error(target.model, cand.replica, cand.address, code, details,
                                           attempt) from None
                 span.add_event("failover", {"llmesh.replica": cand.replica, "llmesh.error": details})

@@ -65,12 +65,6 @@ class CompletionBuilder:
         self._choices: dict[int, _ChoiceState] = {}
         self.usage: common_pb2.Usage | None = None
 
-    @property
-    def finish_reason(self) -> str | None:
-        """The first choice's (the only one when n == 1)."""
-        first = self._choices.get(0)
-        return first.finish_reason if first else None
-
     # ---- per message ---------------------------------------------------------------------
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
         """Take in one streamed message (call before ``chunk``)."""

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
-from google.protobuf.message import DecodeError
 from opentelemetry.trace import Status, StatusCode
 
 from llmesh.errors import ServiceError, invalid_argument, not_found, status_for, unavailable
@@ -52,6 +51,10 @@ from llmesh.telemetry import tracer
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
 _tracer = tracer("llmesh.gateway")
+
+
+MAX_DETOKENIZE_IDS = 32768
+"""Ids one Detokenize call may decode (a window's worth); larger calls are refused."""
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -112,12 +115,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Detokenize(self, request: inference_pb2.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.DetokenizeResponse:
-        _check_decoded(request)
         caller = await self._auth.authenticate(context)
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
         model = self._tokenizer_model(request.model.strip(), caller, "Detokenize")
         tok = self._tokenizers.get(model)
         ids = list(request.token_ids)
+        if len(ids) > MAX_DETOKENIZE_IDS:  # decoded on the event loop: bound the work
+            raise invalid_argument(f"token_ids: {len(ids)} ids, at most {MAX_DETOKENIZE_IDS} per Detokenize call")
         check_token_ids(ids, tok.vocab_size, model, "token_ids")
         skip = not request.include_special_tokens
         return inference_pb2.DetokenizeResponse(
@@ -137,7 +141,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Tokenize(self, request: inference_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.TokenizeResponse:
-        _check_decoded(request)
         caller = await self._auth.authenticate(context)
         check_request_size(request.ByteSize(), self._config.max_request_bytes)
         model = self._tokenizer_model(request.model.strip(), caller, "Tokenize")
@@ -160,7 +163,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
-        _check_decoded(request)
         return await self.list_models(context)
 
     # ---- what both fronts call ---------------------------------------------------------------
@@ -188,7 +190,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         ``rpc`` names the call in usage lines, metrics and the span (``gateway.<rpc>``);
         the request's type says whether it is a completion or a chat.
         """
-        _check_decoded(request)
         usage = UsageRecord(rpc, request.request_id, requested_model=request.model)
         status = "OK"
         caller: Caller | None = None
@@ -339,57 +340,8 @@ def _error_reason(exc: BaseException, status: str) -> str:
     return f"internal error ({type(exc).__name__}: {exc})"
 
 
-class UndecodableRequest:
-    """Bytes that are not a valid request message (e.g. a string field that is not UTF-8).
-
-    The stock deserializer fails such calls with UNKNOWN before any handler runs; the
-    gateway's own deserializers hand this marker to the handler instead, which answers
-    INVALID_ARGUMENT like any other bad input.
-    """
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _tolerant(message_cls):
-    def deserialize(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except DecodeError as e:
-            return UndecodableRequest(str(e))
-
-    return deserialize
-
-
-def _check_decoded(request) -> None:
-    if isinstance(request, UndecodableRequest):
-        raise invalid_argument(f"the request could not be decoded ({request.error}); "
-                               "send a valid message with UTF-8 strings")
-
-
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> str:
-    """Register the Inference service (as the generated helper does, with tolerant
-    deserializers); returns its full name."""
-    unary_stream, unary_unary = grpc.unary_stream_rpc_method_handler, grpc.unary_unary_rpc_method_handler
-    handlers = {
-        "Generate": unary_stream(servicer.Generate, request_deserializer=_tolerant(inference_pb2.GenerateRequest),
-                                 response_serializer=common_pb2.GenerateResponse.SerializeToString),
-        "Chat": unary_stream(servicer.Chat, request_deserializer=_tolerant(inference_pb2.ChatRequest),
-                             response_serializer=common_pb2.GenerateResponse.SerializeToString),
-        "Complete": unary_unary(servicer.Complete, request_deserializer=_tolerant(inference_pb2.GenerateRequest),
-                                response_serializer=inference_pb2.CompleteResponse.SerializeToString),
-        "ChatComplete": unary_unary(servicer.ChatComplete, request_deserializer=_tolerant(inference_pb2.ChatRequest),
-                                    response_serializer=inference_pb2.CompleteResponse.SerializeToString),
-        "Detokenize": unary_unary(servicer.Detokenize,
-                                  request_deserializer=_tolerant(inference_pb2.DetokenizeRequest),
-                                  response_serializer=inference_pb2.DetokenizeResponse.SerializeToString),
-        "Tokenize": unary_unary(servicer.Tokenize, request_deserializer=_tolerant(inference_pb2.TokenizeRequest),
-                                response_serializer=inference_pb2.TokenizeResponse.SerializeToString),
-        "ListModels": unary_unary(servicer.ListModels,
-                                  request_deserializer=_tolerant(inference_pb2.ListModelsRequest),
-                                  response_serializer=inference_pb2.ListModelsResponse.SerializeToString),
-    }
-    name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
-    return name
+    """Register the Inference service; returns its full name. (Undecodable request bytes
+    are refused with INVALID_ARGUMENT by the error interceptor every server has.)"""
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    return inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -151,6 +151,11 @@ def exhausted_error(model: str, replica: str, address: str, code: grpc.StatusCod
     return unavailable(f"{where} is unavailable ({_detail(where, code, details)}); {tail}")
 
 
+def _refusal(replica: str, address: str, e: grpc.aio.AioRpcError) -> str:
+    where = engine_where(replica, address)
+    return f"{where}: {(e.details() or e.code().name).removeprefix(f'{where}: ')}"
+
+
 class Overloads:
     """The RESOURCE_EXHAUSTED refusals of one request's candidates, for the caller's error."""
 
@@ -163,7 +168,7 @@ class Overloads:
     def error(self, model: str) -> ServiceError:
         """RESOURCE_EXHAUSTED naming every refusing replica, with the shortest retry hint."""
         hints = [h for _, _, e in self.refusals if (h := retry_after_s(e.trailing_metadata())) is not None]
-        where = "; ".join(f"replica {r} ({a}): {e.details() or e.code().name}" for r, a, e in self.refusals)
+        where = "; ".join(_refusal(r, a, e) for r, a, e in self.refusals)
         trailers = retry_trailers(min(hints)) if hints else ()
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"model {model!r} is overloaded: {len(self.refusals)} replica(s) refused the request "

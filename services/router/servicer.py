@@ -250,6 +250,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 self.fleet.mark_unhealthy(replica, f"Generate: {code.name}: {details}")
                 others = [r for r in pool.healthy() if r.address not in tried]
                 if attempt == self.max_failovers or not others:
+                    if overloads.refusals:  # a full replica is a retryable overload, not a failure
+                        raise overloads.error(model) from None
                     raise exhausted_error(model, replica.name, replica.address, code, details, attempt) from None
                 metrics.FAILOVERS.labels(model).inc()
                 span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": details})

@@ -71,6 +71,9 @@ def test_detokenize_inverts_tokenize(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Detokenize(inference_pb2.DetokenizeRequest(model=MODEL, token_ids=[10**8]), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Detokenize(inference_pb2.DetokenizeRequest(model=MODEL, token_ids=[1] * 32769), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 32768" in e.value.details()
 
 
 @pytest.mark.parametrize("bias,needle", [({10**6: 1.0}, "vocabulary"), ({5: 150.0}, "[-100, 100]"),

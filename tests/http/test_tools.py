@@ -126,11 +126,17 @@ def test_grpc_chat_returns_parsed_calls(mesh):
                                   parameters=json.dumps(t["function"]["parameters"])) for t in TOOLS],
         tool_choice=inference_pb2.ToolChoice(function="get_weather"))
     with grpc.insecure_channel(mesh["gateway"].address) as channel:
-        chunks = list(inference_pb2_grpc.InferenceStub(channel).Chat(request, timeout=120))
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        chunks = list(stub.Chat(request, timeout=120))
+        whole = stub.ChatComplete(request, timeout=120)
     assert not "".join(c.text for c in chunks)
     calls = chunks[-1].tool_calls
     assert [c.name for c in calls] == ["get_weather"]
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    # The unary call gathers the same calls (greedy: the same arguments).
+    (choice,) = whole.choices
+    assert not choice.text and [(c.name, c.arguments) for c in choice.tool_calls] == [
+        (c.name, c.arguments) for c in calls]
 
 
 # ---- the parser alone ----------------------------------------------------------------------

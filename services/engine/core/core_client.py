@@ -95,7 +95,12 @@ class CoreClient:
                 self._die(reason)
                 continue
             if not self._dead:
-                self._on_message(msg)
+                try:
+                    self._on_message(msg)
+                except Exception as e:  # a front-end bug: fail loudly (streams end, core restarts), never hang
+                    log.exception("handling the engine core's output failed")
+                    self._die(f"the engine front end failed to handle the core's output "
+                              f"({type(e).__name__}: {e})")
         self.proc.join(2)
         self._die(reason or f"the engine core process {_describe_exit(self.proc.exitcode)}")
 

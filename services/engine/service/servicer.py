@@ -68,7 +68,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             raise self._unavailable(e) from e
         except EngineOverloadedError as e:
             trace.get_current_span().add_event("refused_overloaded")
-            raise overloaded(f"engine {self.instance_id}: {e}", e.retry_after_s) from None
+            raise overloaded(f"{self.where}: {e}", e.retry_after_s) from None
         except EngineError as e:
             if type(e) is not EngineError:  # InvalidRequest, Unsupported...: their own status (status_for)
                 raise
