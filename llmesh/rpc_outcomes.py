@@ -42,13 +42,22 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+def caller_gone(context, exc: BaseException | None) -> tuple[grpc.StatusCode, str] | None:
+    """A call cut short by its caller (cancelled, or its deadline passed): the status it
+    ends with and why; None for any other ending."""
+    if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return None
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
+    return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
+
+
 def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
     """The status the call ends with and its message."""
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
-        return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
+    gone = caller_gone(context, exc)
+    if gone is not None:
+        return gone
     code = context.code()
     if isinstance(code, int):  # set_code may hand back the raw enum value
         code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

@@ -21,15 +21,16 @@ from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer, EngineChannels
 from llmesh.gateway.generation_defaults import GenerationDefaults
+from llmesh.gateway import metrics
 from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
-from llmesh.gateway.redis_health import redis_health_loop
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
+from llmesh.redis_health import pinger, redis_health_loop
 from llmesh.mesh_secret import MeshSecretError, secret_of
 from llmesh.models_file import ModelsFileError, load_models_file
 from llmesh.telemetry import client_interceptors
@@ -81,8 +82,9 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     refresher = asyncio.create_task(catalog.run_refresh_loop())
     if config.auth and redis_client is not None and not config.keys_file:
         # Keys only in Redis: without it nobody can be authenticated, so health says so.
-        redis_probe = asyncio.create_task(redis_health_loop(redis_client, config.redis_check_interval_s,
-                                                            server.set_serving))
+        redis_probe = asyncio.create_task(redis_health_loop(
+            pinger(redis_client), config.redis_check_interval_s, server.set_serving, metrics.REDIS_UP,
+            "API keys live there"))
     if config.http_port:
         http = HttpFront(servicer, tokenizers, config.max_request_bytes)
         await http.start(config.host, config.http_port)

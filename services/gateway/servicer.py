@@ -47,6 +47,7 @@ from llmesh.gateway.usage_store import UsageStore
 from llmesh.gateway.validation import (AUTO, check_messages, check_prompt_bytes, check_request_size, check_text,
                                        check_token_ids)
 from llmesh.overload import passed_on
+from llmesh.rpc_outcomes import caller_gone
 from llmesh.telemetry import tracer
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -226,8 +227,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     resp.request_id = ids.client  # the engine's id is the mesh's, never shown
                     yield resp
         except BaseException as e:
-            status = _status_name(e, context)
-            usage.error = _error_reason(e, status)
+            status, usage.error = _outcome(e, context)
             requested = request.model.strip() or AUTO
             if not usage.model and (requested == AUTO or requested in self._catalog.names):
                 usage.model = requested  # a known name: a bounded metric label
@@ -288,7 +288,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     raise ServiceError(e.code(), e.details() or e.code().name, trailers=passed_on(e)) from None
                 raise
             except BaseException as e:
-                span.set_status(Status(StatusCode.ERROR, _status_name(e, context)))
+                span.set_status(Status(StatusCode.ERROR, _outcome(e, context)[0]))
                 raise
             finally:
                 if isinstance(call, grpc.aio.Call):
@@ -321,23 +321,15 @@ def _time_remaining(context: CallContext) -> float | None:
     return max(remaining, 0.0)
 
 
-def _status_name(exc: BaseException, context: CallContext) -> str:
-    """The status code a call ends with, as a name, for logs and metrics."""
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-    mapped = status_for(exc) if isinstance(exc, Exception) else None
-    return mapped[0].name if mapped is not None else "INTERNAL"
-
-
-def _error_reason(exc: BaseException, status: str) -> str:
-    """What the caller was told (for the usage line)."""
+def _outcome(exc: BaseException, context: CallContext) -> tuple[str, str]:
+    """The status a call ends with (its name, for logs and metrics) and what the caller was told."""
+    gone = caller_gone(context, exc)
+    if gone is not None:
+        return gone[0].name, gone[1]
     mapped = status_for(exc) if isinstance(exc, Exception) else None
     if mapped is not None:
-        return mapped[1]
-    if status in ("CANCELLED", "DEADLINE_EXCEEDED"):
-        return "the caller cancelled the call" if status == "CANCELLED" else "the caller's deadline passed"
-    return f"internal error ({type(exc).__name__}: {exc})"
+        return mapped[0].name, mapped[1]
+    return "INTERNAL", f"internal error ({type(exc).__name__}: {exc})"
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> str:

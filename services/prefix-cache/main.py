@@ -7,6 +7,8 @@ import asyncio
 from llmesh.config import load_config
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
+from llmesh.redis_health import redis_health_loop
+from llmesh.prefix_cache import metrics
 from llmesh.prefix_cache.config import PrefixCacheConfig
 from llmesh.prefix_cache.index import PrefixIndex
 from llmesh.prefix_cache.servicer import PrefixIndexServicer
@@ -31,7 +33,9 @@ async def serve(config: PrefixCacheConfig) -> None:
     server = GrpcServer("prefix-cache", config, register, on_shutdown)
     if config.sweep_interval_s > 0:
         loops.append(asyncio.ensure_future(servicer.sweep_loop(config.sweep_interval_s)))
-    loops.append(asyncio.ensure_future(servicer.redis_probe_loop(config.redis_check_interval_s, server.set_serving)))
+    loops.append(asyncio.ensure_future(redis_health_loop(
+        index.ping, config.redis_check_interval_s, server.set_serving, metrics.REDIS_UP,
+        "the index keeps its blocks there", {"redis_url": index.redis_url})))
     await server.run()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -114,21 +114,6 @@ class PrefixIndexServicer(prefix_index_pb2_grpc.PrefixIndexServicer):
                 continue
             if expired:
                 await self._purge(expired, "expired")
-
-    async def redis_probe_loop(self, interval_s: float, set_serving: Callable[[bool], Awaitable[None]]) -> None:
-        """Report NOT_SERVING while Redis is unreachable, SERVING when it answers again."""
-        up = True
-        while True:
-            await asyncio.sleep(interval_s)
-            ok = await self.index.ping()
-            metrics.REDIS_UP.set(1 if ok else 0)
-            if ok != up:
-                up = ok
-                await set_serving(ok)
-                if ok:
-                    log.info("redis reachable again", extra={"redis_url": self.index.redis_url})
-                else:
-                    log.warning("redis unreachable", extra={"redis_url": self.index.redis_url})
 
     async def close(self) -> None:
         for task in list(self._tasks):
