@@ -47,7 +47,10 @@ CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE
 
 @pytest.fixture(scope="module")
 def mesh(tiny_llama, tmp_path_factory):
+    # A deep waiting queue: the storm cancels requests while they wait (admission control
+    # would otherwise refuse most of them, see test_admission.py).
     with robust_mesh(tiny_llama, tmp_path_factory.mktemp("storm-mesh"), "--max-num-seqs", "8",
+                     "--max-waiting-requests", "512",
                      "--fault-step-delay-s", "0.01") as m:
         yield m
 
