@@ -117,8 +117,9 @@ def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: 
     return m
 
 
-async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float) -> int:
-    targets: dict[str, Target] = {"engine": EngineTarget(engine),
+async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float,
+                  credential: list[tuple[str, str]] | None = None) -> int:
+    targets: dict[str, Target] = {"engine": EngineTarget(engine, credential),
                                   "gateway": GatewayTarget(gateway, MODEL_NAME, api_key)}
     for t in targets.values():
         await t.open()
@@ -244,7 +245,7 @@ def main() -> int:
         gateway, engine, _ = mesh_addresses(mesh)
         say(f"mesh up: gateway {gateway}, engine {engine}")
         deadline = t_start + args.budget_s
-        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline))
+        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential()))
     finally:
         mesh.stop()
     say(f"done (rc={rc})")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from llmesh.local_redis import LocalRedis, default_data_dir
 from llmesh.config import env_prefix
-from llmesh.mesh_secret import MESH_SECRET_FILE, write_secret
+from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret, write_secret
 from llmesh.models_file import ModelsFile, ModelSpec, load_models_file, parse_models
 from llmesh.parent_death import ENV as DIE_WITH_PARENT_ENV
 from llmesh.redis_url import with_password
@@ -366,6 +366,11 @@ class Mesh:
 
     def endpoints(self) -> list[tuple[str, str]]:
         return [(p.name, p.address) for p in self.plan]
+
+    def credential(self) -> list[tuple[str, str]]:
+        """gRPC metadata that lets a tool of the operator's call this mesh's internal
+        services (engine Load, Info, Abort...) like a service does."""
+        return [(METADATA_KEY, read_secret(self.run_dir / MESH_SECRET_FILE).decode())]
 
 
 def _print_up(mesh: Mesh, cfg: UpConfig) -> None:

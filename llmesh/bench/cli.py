@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def _write(args, workload: dict, metrics: dict[str, float]) -> Path:
     return path
 
 
+def _credential(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The mesh secret's metadata for --engine/--router targets (their services refuse
+    calls without it when the mesh runs with a secret, as ``llmesh up`` does)."""
+    if not args.internal_secret_file:
+        return None
+    from llmesh.mesh_secret import METADATA_KEY, read_secret
+
+    return [(METADATA_KEY, read_secret(args.internal_secret_file).decode())]
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget
     from llmesh.bench.plots import plot_latency_cdfs, plot_rate_sweep
@@ -108,9 +119,9 @@ async def _serve(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--backend openai needs --base-url http://host:port/v1", field="base_url")
         target = OpenAITarget(args.base_url, args.model, args.openai_endpoint, args.api_key)
     elif args.router:
-        target = RouterTarget(args.address, args.model)
+        target = RouterTarget(args.address, args.model, _credential(args))
     elif args.engine:
-        target = EngineTarget(args.address)
+        target = EngineTarget(args.address, _credential(args))
     else:
         target = GatewayTarget(args.address, args.model, args.api_key)
     await target.open()
@@ -225,6 +236,7 @@ def _overhead(args: argparse.Namespace) -> int:
         api_key = args.api_key or mesh.api_key
         workload = _workload(args, 1 << 30, 1 << 30)  # clipped to the engine's own in measure_overhead
         result = asyncio.run(measure_overhead(gateway, engine, model, workload, rate=args.rate,
+                                              credential=mesh.credential(),
                                               max_concurrency=args.max_concurrency, rounds=args.rounds,
                                               probes=args.probes, router=router_address(mesh),
                                               api_key=api_key, slo=_slo(args), timeout=args.timeout,
@@ -281,6 +293,9 @@ def add_bench_commands(subparsers) -> None:
                    help="--backend openai: stream /v1/completions (token-id prompts) or /v1/chat/completions")
     p.add_argument("--engine", action="store_true", help="the address is one engine (Engine API)")
     p.add_argument("--router", action="store_true", help="the address is the router (Router API; needs --model)")
+    p.add_argument("--internal-secret-file", default=os.environ.get("LLMESH_INTERNAL_SECRET_FILE", ""),
+                   help="with --engine/--router: the mesh secret file (`llmesh up` writes mesh.secret in its run "
+                        "folder) [$LLMESH_INTERNAL_SECRET_FILE]")
     p.add_argument("--model", default="auto", help="model name at the gateway")
     p.add_argument("--api-key", default=None, help="gateway API key (default: $LLMESH_API_KEY)")
     p.add_argument("--rate", type=_rate, nargs="+", default=[float("inf")],

@@ -139,10 +139,13 @@ class GatewayTarget(Target):
 
 
 class _InternalTarget(Target):
-    """A service behind the gateway, called over its own stub with raw token ids."""
+    """A service behind the gateway, called over its own stub with raw token ids.
+    ``credential``: the mesh secret's metadata (``Mesh.credential()``) where the internal
+    services require it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credential: list[tuple[str, str]] | None = None) -> None:
         self.address = address
+        self._metadata = credential or None
         self._channel: grpc.aio.Channel | None = None
 
     @abc.abstractmethod
@@ -163,7 +166,7 @@ class _InternalTarget(Target):
 
     async def stream(self, spec, ignore_eos, timeout):
         sampling = common_pb2.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=ignore_eos)
-        call = self._stub.Generate(self._request(spec, sampling), timeout=timeout)
+        call = self._stub.Generate(self._request(spec, sampling), timeout=timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 yield len(msg.token_ids), _finish_error(msg.finish_reason)
@@ -184,7 +187,7 @@ class EngineTarget(_InternalTarget):
                                                 prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
 
     async def info(self, timeout: float = 10.0) -> engine_pb2.InfoResponse:
-        return await self._stub.Info(engine_pb2.InfoRequest(), timeout=timeout)
+        return await self._stub.Info(engine_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
 
 
 class RouterTarget(_InternalTarget):
@@ -192,8 +195,8 @@ class RouterTarget(_InternalTarget):
 
     name = "router"
 
-    def __init__(self, address: str, model: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, model: str, credential: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(address, credential)
         self.model = model
 
     def _make_stub(self, channel):

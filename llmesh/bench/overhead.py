@@ -95,8 +95,10 @@ async def measure_overhead(gateway: str, engine: str, model: str, workload: Work
                            router: str | None = None,
                            rate: float, max_concurrency: int | None = None, rounds: int = 1,
                            warmup: int = 4, probes: int = 0, api_key: str | None = None, slo: Slo | None = None,
-                           timeout: float = 600.0, progress: bool = True) -> OverheadResult:
-    direct_t, mesh_t = EngineTarget(engine), GatewayTarget(gateway, model, api_key)
+                           timeout: float = 600.0, progress: bool = True,
+                           credential: list[tuple[str, str]] | None = None) -> OverheadResult:
+    """``credential``: the mesh secret's metadata, for the direct engine and router calls."""
+    direct_t, mesh_t = EngineTarget(engine, credential), GatewayTarget(gateway, model, api_key)
     targets: dict[str, Target] = {"direct": direct_t, "mesh": mesh_t}
     for t in targets.values():
         await t.open()
@@ -110,7 +112,7 @@ async def measure_overhead(gateway: str, engine: str, model: str, workload: Work
             await run_load(t, build_requests(warm, content_seed=1000 + i), timeout=timeout, progress=False)
         probe_targets = dict(targets)
         if router:
-            probe_targets["router"] = RouterTarget(router, mesh_t.model)
+            probe_targets["router"] = RouterTarget(router, mesh_t.model, credential)
             await probe_targets["router"].open()
         try:
             idle = await idle_probe(probe_targets, workload, probes, timeout) if probes else {}

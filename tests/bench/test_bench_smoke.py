@@ -19,6 +19,7 @@ from llmesh.bench.overhead import measure_overhead, mesh_addresses, router_addre
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 from llmesh.engine import LLM
 from llmesh.launcher import Mesh, UpConfig
+from llmesh.mesh_secret import MESH_SECRET_FILE
 from tests.mesh_helpers import free_port
 
 LLMESH = [sys.executable, "-m", "llmesh.cli"]
@@ -59,11 +60,12 @@ def test_serve_against_gateway_sweep_and_engine_then_compare(mesh, tmp_path):
     gateway, engine, _ = mesh_addresses(mesh)
     _bench("serve", "--address", gateway, "--rate", "20", "inf", "--workload", "chat", "--max-model-len", "200",
            "--name", "gw", "--results-dir", str(tmp_path), *SMALL)
-    eng_run = _bench("serve", "--address", engine, "--engine", "--max-concurrency", "3", "--workload",
+    secret = ("--internal-secret-file", str(mesh.run_dir / MESH_SECRET_FILE))
+    eng_run = _bench("serve", "--address", engine, "--engine", *secret, "--max-concurrency", "3", "--workload",
                      "shared-prefix", "--num-prefixes", "2", "--prefix-len", "32", "--name", "eng",
                      "--results-dir", str(tmp_path), *SMALL)
     assert "concurrency 3" in eng_run.stdout and "rate inf" not in eng_run.stdout
-    _bench("serve", "--address", router_address(mesh), "--router", "--model", "tiny", "--name", "rt",
+    _bench("serve", "--address", router_address(mesh), "--router", *secret, "--model", "tiny", "--name", "rt",
            "--results-dir", str(tmp_path), "--no-plots", *SMALL)
     assert _well_formed(json.loads((tmp_path / "rt.json").read_text()))["completed_n"] == 6
     gw = _well_formed(json.loads((tmp_path / "gw.json").read_text()))
@@ -96,7 +98,8 @@ def test_overhead_direct_vs_mesh(mesh):
     gateway, engine, model = mesh_addresses(mesh)
     wl = WorkloadConfig(num_requests=4, input_len=16, output_len=4)
     res = asyncio.run(measure_overhead(gateway, engine, model, wl, rate=50.0, rounds=2, warmup=1, probes=2,
-                                       router=router_address(mesh), timeout=60, progress=False))
+                                       router=router_address(mesh), timeout=60, progress=False,
+                                       credential=mesh.credential()))
     m = res.metrics
     for key in ("idle_direct_ttft_p50_ms", "idle_router_ttft_p50_ms", "idle_mesh_ttft_p50_ms"):
         assert m[key] > 0

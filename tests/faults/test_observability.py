@@ -182,12 +182,19 @@ def test_polls_health_checks_and_heartbeats_make_no_spans_while_requests_do(mesh
     engine_address = next(addr for name, addr in m.endpoints() if name.startswith("engine-"))
     channel = grpc.insecure_channel(engine_address)
     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    engine_pb2_grpc.EngineStub(channel).Load(engine_pb2.LoadRequest(), timeout=5)
-    engine_pb2_grpc.EngineStub(channel).Info(engine_pb2.InfoRequest(), timeout=5)
+    engine_pb2_grpc.EngineStub(channel).Load(engine_pb2.LoadRequest(), timeout=5, metadata=m.credential())
+    engine_pb2_grpc.EngineStub(channel).Info(engine_pb2.InfoRequest(), timeout=5, metadata=m.credential())
     time.sleep(1.0)  # the router polls Health and Load, engines heartbeat, the gateway lists models
     _generate(cfg, "obs-trace", max_tokens=2, temperature=0.0, ignore_eos=True)
-    spans = otlp.wait_for(lambda ss: any(s.service == "llmesh-engine" and s.name == "/llmesh.v1.Engine/Generate"
-                                         and s.attributes.get("llmesh.request_id") == "obs-trace" for s in ss))
+    def engine_span_of_the_request(ss) -> bool:
+        # Engines know the request by the gateway's id for it (per-tenant ids), which the
+        # gateway's span records beside the client's.
+        ids = {s.attributes.get("llmesh.engine_request_id") for s in ss
+               if s.service == "llmesh-gateway" and s.attributes.get("llmesh.request_id") == "obs-trace"}
+        return any(s.service == "llmesh-engine" and s.name == "/llmesh.v1.Engine/Generate"
+                   and s.attributes.get("llmesh.request_id") in ids for s in ss)
+
+    spans = otlp.wait_for(engine_span_of_the_request)
     polls = [(s.service, s.name) for s in spans if s.name in UNTRACED_METHODS]
     assert not polls, f"polls and probes were traced: {polls}"
     roots = {s.name for s in spans if not s.parent_span_id}
@@ -233,7 +240,8 @@ def test_a_failed_request_is_logged_with_its_code_reason_and_trace_id(mesh):
     engine_address = next(addr for name, addr in m.endpoints() if name.startswith("engine-"))
     with pytest.raises(grpc.RpcError) as e:
         list(engine_pb2_grpc.EngineStub(grpc.insecure_channel(engine_address)).Generate(
-            engine_pb2.EngineGenerateRequest(request_id="obs-long", prompt_token_ids=[5] * 300), timeout=10))
+            engine_pb2.EngineGenerateRequest(request_id="obs-long", prompt_token_ids=[5] * 300), timeout=10,
+            metadata=m.credential()))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     engine_failed = _wait(lambda: [x for x in _log_lines(m, f"engine-{MODEL}-0")
                                    if x.get("logger") == "llmesh.rpc" and x.get("code") == "INVALID_ARGUMENT"],
