@@ -159,9 +159,11 @@ models:
     size_class: large
     addresses: ["127.0.0.1:{free_port()}"]
 """)
-    with ServiceProcess("llmesh.router.main", ["--models-file", str(models), "--startup-wait-s", "1"]) as router, \
+    secret = ["--internal-secret-file", str(mesh.run_dir / "mesh.secret")]  # the launcher's engine wants it
+    with ServiceProcess("llmesh.router.main", ["--models-file", str(models), "--startup-wait-s", "1", *secret]) \
+            as router, \
             ServiceProcess("llmesh.gateway.main", ["--models-file", str(models), "--router", router.address,
-                                                   "--auth", "false"]) as gateway:
+                                                   "--auth", "false", *secret]) as gateway:
         with LlmeshClient(gateway.address, timeout=60) as client:
             assert "".join(c.text for c in client.generate("Name a color:", MODEL, max_tokens=4, temperature=0))
             cards = {m.name: m for m in client.list_models()}
