@@ -285,7 +285,7 @@ def test_a_1mb_prompt_does_not_stall_another_stream(mesh):
     # Tokenized on the event loop this prompt stalls every stream for its whole
     # tokenization (seconds with this tokenizer, which the big request's own duration shows).
     assert big_end - big_start > 0.5, big_end - big_start
-    assert stall < 0.25, f"a stream stalled {stall * 1000:.0f} ms while a 1 MB prompt was tokenized"
+    assert stall < 0.1, f"a stream stalled {stall * 1000:.0f} ms while a 1 MB prompt was tokenized"
 
 
 def test_an_empty_rate_limit_bucket_refuses_a_1mb_prompt_without_tokenizing_it(mesh):
