@@ -37,7 +37,7 @@ def token_bytes(piece: str | None, text: str) -> bytes:
         try:
             return bytes([int(piece[3:5], 16)])
         except ValueError:
-            pass
+            pass  # "<0xZZ>" is not a byte token: an ordinary piece, read below
     byte_map = _byte_level_map()
     if piece and all(c in byte_map for c in piece) and "▁" not in piece:
         raw = bytes(byte_map[c] for c in piece)
