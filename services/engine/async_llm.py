@@ -31,7 +31,13 @@ from llmesh.engine.core.core_client import CoreClient
 from llmesh.engine.core.core_proc import CoreFaults
 from llmesh.engine.core.engine_core import abort_with_result
 from llmesh.engine.core.messages import AbortRequests, EngineCoreOutputs, EngineStats, UtilityCall
-from llmesh.engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError
+from llmesh.engine.errors import (
+    EngineClosingError,
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
 from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
@@ -84,6 +90,9 @@ class AsyncLLM:
         """A live request with n > 1 → its choices' core request ids."""
         self._call_ids = itertools.count()
         self._dead: str | None = None
+        self.closing = False
+        """Set by shutdown(): a core that goes away now is not a failure to recover from."""
+        self._death_listeners: list[Callable[[str], None]] = []
         self._progress = time.monotonic()
         self._stats: EngineStats | None = None
         self._faults = CoreFaults(step_delay_s=fault_step_delay_s, fail_at_step=fault_fail_step_at,
@@ -112,12 +121,17 @@ class AsyncLLM:
         KV blocks died with it, so the new core starts empty; new requests are refused, with
         the old core's failure as the reason, until this returns."""
         with self._lock:
+            if self.closing:
+                raise EngineClosingError("the engine is shutting down: no fresh core is started")
             if self._dead is None:
                 raise RuntimeError("restart_core: the engine core is running")
             self._dead = f"{self._dead}; a fresh engine core is starting"
         self._core.shutdown(timeout=2)  # reap the old process (a failed core is already exiting)
         core = self._start_core()
         with self._lock:
+            if self.closing:  # shutdown() came while the fresh core loaded: it must not outlive us
+                core.shutdown(timeout=2)
+                raise EngineClosingError("the engine is shutting down: the fresh core was stopped")
             self._core = core
             self._stats = EngineStats(0, 0, 0, core.ready.num_kv_blocks, 0, time.monotonic())
             self._progress = time.monotonic()
@@ -256,7 +270,13 @@ class AsyncLLM:
         without bound only when a step is stuck (health checks read it)."""
         return time.monotonic() - self._progress
 
+    def on_core_death(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(reason)`` (from the reader thread) when the core fails; not on shutdown."""
+        self._death_listeners.append(listener)
+
     def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self.closing = True
         self._fail_all("the engine is shutting down")
         self._core.shutdown(timeout)
 
@@ -346,6 +366,9 @@ class AsyncLLM:
 
     def _on_death(self, reason: str) -> None:
         self._fail_all(reason)
+        if not self.closing:
+            for listener in self._death_listeners:
+                listener(reason)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:

@@ -40,3 +40,7 @@ class EngineOverloadedError(EngineError):
 class EngineDeadError(EngineError):
     """The engine core is gone (its process died, or a step failed and it stopped): every
     in-flight request fails with this and new ones are refused."""
+
+
+class EngineClosingError(EngineError):
+    """The engine is shutting down: no fresh core is started in its place."""

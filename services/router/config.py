@@ -26,7 +26,11 @@ class RouterConfig(ServiceConfig):
              "defaults one queued request outweighs two cached blocks")
     health_check_interval_s: float = option(
         0.5, "seconds between health checks of each replica (a dead one leaves the pool within about this)")
-    health_check_timeout_s: float = option(1.0, "deadline of one health check; a replica that misses it is unhealthy")
+    health_check_timeout_s: float = option(
+        1.0, "deadline of one health check; a replica that misses health_check_misses in a row is unhealthy")
+    health_check_misses: int = option(
+        2, "health checks in a row that may pass their deadline before the replica leaves its pool (a slow "
+           "answer under CPU load is not a dead engine); a refused connection or NOT_SERVING takes it out at once")
     stream_stall_timeout_s: float = option(
         2.0, "a stream whose replica has answered no health check for this long (a frozen engine) ends with "
              "UNAVAILABLE, or fails over before its first token, even without a client deadline; it ends "
@@ -63,6 +67,7 @@ class RouterConfig(ServiceConfig):
                      "index_timeout_s", "stream_stall_timeout_s"):
             value = getattr(self, name)
             require(value > 0, f"{name} must be > 0, got {value}")
+        require(self.health_check_misses >= 1, f"health_check_misses must be >= 1, got {self.health_check_misses}")
         require(self.startup_wait_s >= 0, f"startup_wait_s must be >= 0, got {self.startup_wait_s}")
         require(self.max_failovers >= 0, f"max_failovers must be >= 0, got {self.max_failovers}")
         require(self.policy in REPLICA_POLICIES,

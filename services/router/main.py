@@ -18,6 +18,7 @@ async def serve(config: RouterConfig) -> None:
     models = load_models_file(config.models_file)
     fleet = Fleet(models, health_check_interval_s=config.health_check_interval_s,
                   health_check_timeout_s=config.health_check_timeout_s,
+                  health_check_misses=config.health_check_misses,
                   load_poll_interval_s=config.load_poll_interval_s,
                   stream_stall_timeout_s=config.stream_stall_timeout_s, tls=config)
     policy = ModelPolicy(

@@ -2,8 +2,10 @@
 
 One ``ReplicaPool`` per model, one ``Replica`` per configured address. A monitor task
 per replica polls ``grpc.health.v1`` Check every ``health_check_interval_s``: a replica
-that dies, stalls or reports NOT_SERVING leaves its pool at the next check (within
-about one interval; a failed Generate call takes it out at once), and when it answers
+that dies or reports NOT_SERVING leaves its pool at the next check (within about one
+interval; a failed Generate call takes it out at once); one whose checks pass their
+deadline leaves after ``health_check_misses`` of them in a row, since one slow answer
+from a busy machine is not a dead engine. When it answers
 SERVING again its ``Info`` is fetched anew — a restarted engine has a new instance id
 and maybe a new block size — before it rejoins. A second task polls ``Load``. The same
 checks feed the replica's ``Liveness``: streams from an engine that has answered no check
@@ -73,6 +75,8 @@ class Replica:
         self._health = health_pb2_grpc.HealthStub(self._control)
         self.control = engine_pb2_grpc.EngineStub(self._control)
         self.healthy = False
+        self.misses = 0
+        """Health checks in a row that passed their deadline."""
         self.info: EngineInfo | None = None
         self.load = EngineLoad()
         self.inflight = 0
@@ -100,13 +104,20 @@ class Replica:
             log.warning("replica unhealthy", extra={"model": self.model, "replica": self.name,
                                                     "address": self.address, "reason": reason})
 
-    async def check(self, timeout: float) -> bool:
+    async def check(self, timeout: float, misses_allowed: int = 1) -> bool | None:
+        """True: SERVING. False: not usable. None: a slow answer, not yet ``misses_allowed``
+        in a row (the replica keeps its state)."""
         try:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             self.last_error = f"health check: {e.code().name}: {e.details()}"
             self.liveness.missed(self.last_error)
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.misses += 1
+                if self.misses < misses_allowed:
+                    return None
             return False
+        self.misses = 0
         self.liveness.answered()
         if resp.status != health_pb2.HealthCheckResponse.SERVING:
             self.last_error = f"health: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
@@ -167,12 +178,13 @@ class Fleet:
 
     def __init__(self, models: ModelsFile, *, health_check_interval_s: float, health_check_timeout_s: float,
                  load_poll_interval_s: float, stream_stall_timeout_s: float = 2.0,
-                 tls: TLSConfig | None = None) -> None:
+                 health_check_misses: int = 1, tls: TLSConfig | None = None) -> None:
         self.models = models
         self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a, tls, stream_stall_timeout_s) for a in m.addresses])
                       for m in models.models}
         self.interval = health_check_interval_s
         self.timeout = health_check_timeout_s
+        self.misses_allowed = health_check_misses
         self.load_interval = load_poll_interval_s
         self._tasks: list[asyncio.Task] = []
 
@@ -199,7 +211,9 @@ class Fleet:
 
     async def _refresh(self, r: Replica) -> None:
         """One health check; on a transition to healthy, fetch Info first."""
-        ok = await r.check(self.timeout)
+        ok = await r.check(self.timeout, self.misses_allowed)
+        if ok is None:
+            return
         if ok and not r.healthy:
             before = r.last_error
             info = await r.fetch_info(self.timeout)

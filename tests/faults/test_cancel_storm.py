@@ -105,6 +105,8 @@ async def _consume(call, read_at_most: int | None, cancel_after_s: float | None 
     except asyncio.TimeoutError:
         pass  # the planned cancel point: mid-prefill or in the queue
     except grpc.aio.AioRpcError as e:
+        if e.code() not in CLEAN:
+            print(f"unclean ending {e.code().name}: {e.details()}")  # shown when the test fails
         return e.code()
     call.cancel()
     return await call.code()

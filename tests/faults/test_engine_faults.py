@@ -123,9 +123,14 @@ def test_killed_core_is_replaced_and_its_requests_fail_naming_the_engine(tiny_ll
             list(stub.Generate(request("late", 2), timeout=30))
         except grpc.RpcError as late:
             assert late.code() == grpc.StatusCode.UNAVAILABLE and "SIGKILL" in late.details(), late
+        # The fresh core's new epoch (the index drops the old core's blocks) marks the restart
+        # as done; SERVING alone could be read before the supervisor saw the death.
+        t1 = time.monotonic()
+        while stub.Info(engine_pb2.InfoRequest(), timeout=5).epoch == epoch:
+            assert time.monotonic() - t1 < RESTART_WITHIN_S, "no fresh core (new epoch) in time"
+            time.sleep(0.02)
         wait_health(proc.address, SERVING, RESTART_WITHIN_S)
         assert sum(len(m.token_ids) for m in stub.Generate(request("after", 3), timeout=30)) == 3
-        assert stub.Info(engine_pb2.InfoRequest(), timeout=5).epoch > epoch  # the index drops the old core's blocks
 
 
 def test_core_failure_past_the_restart_budget_exits_the_engine(tiny_llama):

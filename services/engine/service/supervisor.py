@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from llmesh.engine.async_llm import AsyncLLM
+from llmesh.engine.errors import EngineClosingError
 from llmesh.engine.service.index_link import IndexLink
 from llmesh.engine.service.servicer import EngineServicer
 from llmesh.grpc_server import GrpcServer
@@ -48,9 +50,15 @@ class CoreSupervisor:
         """The server's shutdown, once the supervisor gave up on the core."""
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        failed = asyncio.Event()
+        # Woken the moment the core dies, so health turns NOT_SERVING before a caller that
+        # saw its stream fail can ask (polling alone would leave a window of stale SERVING).
+        self.engine.on_core_death(lambda _reason: loop.call_soon_threadsafe(failed.set))
         serving = True
-        while True:
+        while not self.engine.closing:
             if self.engine.dead is not None:
+                failed.clear()
                 await self.server.set_serving(False)
                 if not await self._replace_core():
                     return
@@ -61,7 +69,8 @@ class CoreSupervisor:
                 serving = not stalled
                 await self.server.set_serving(serving)
                 log.warning("engine step loop %s", "stalled: reporting NOT_SERVING" if stalled else "recovered")
-            await asyncio.sleep(min(0.1, self.stall_timeout_s / 4))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(failed.wait(), min(0.1, self.stall_timeout_s / 4))
 
     async def _replace_core(self) -> bool:
         """Start a fresh core and report SERVING again; False when the engine gave up and stops."""
@@ -79,6 +88,8 @@ class CoreSupervisor:
         t0 = time.monotonic()
         try:
             await asyncio.to_thread(self.engine.restart_core)
+        except EngineClosingError:
+            return False  # a graceful shutdown, not a failure: the exit code stays 0
         except Exception as e:  # noqa: BLE001  (a core that cannot start: the process restart may fix it)
             self._give_up(f"the engine core failed ({reason}) and a fresh core could not start "
                           f"({type(e).__name__}: {e})")
