@@ -88,5 +88,7 @@ def _accumulate(acc: RequestOutput, delta: RequestOutput) -> None:
     if delta.logprobs is not None and acc.logprobs is not None:
         acc.logprobs.extend(delta.logprobs)
     acc.num_cached_tokens = delta.num_cached_tokens
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     if delta.finished:
         acc.finished, acc.finish_reason, acc.stop_reason = True, delta.finish_reason, delta.stop_reason

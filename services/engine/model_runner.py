@@ -19,6 +19,7 @@ import torch
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
 from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.prompt_logprobs import PromptLogprobs, plan_prompt_logprobs
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
@@ -34,17 +35,22 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     """Request id → the token sampled this step (only requests whose chunk reached their end)."""
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
+    """Request id → (prompt index of the first entry, entries) for chunks that asked for them."""
 
 
 class StepHandle:
     """A launched step: its device work is queued; ``result()`` waits for its sampled tokens
     (the device-to-host copy of this step alone) and returns them as Python values."""
 
-    def __init__(self, sampled: SampledBatch | None) -> None:
+    def __init__(self, sampled: SampledBatch | None, prompt_logprobs: PromptLogprobs | None = None) -> None:
         self._sampled = sampled
+        self._prompt_logprobs = prompt_logprobs
 
     def result(self) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
+        if self._prompt_logprobs is not None:
+            out.prompt_logprobs = self._prompt_logprobs.to_host()
         if self._sampled is None:
             return out
         host = self._sampled.to_host()
@@ -220,6 +226,13 @@ class RunnerBase(abc.ABC):
         """Run one step and wait for its sampled tokens."""
         return self.launch(scheduled).result()
 
+    def prompt_logprobs(self, scheduled: SchedulerOutput, query_start_loc, hidden: torch.Tensor
+                        ) -> PromptLogprobs | None:
+        """The step's prompt logprobs, queued on the device (None when no chunk asked)."""
+        # hidden: [T, H], the final hidden state of every token of the step
+        spans = plan_prompt_logprobs(scheduled, query_start_loc)
+        return PromptLogprobs(spans, hidden, self.model.compute_logits) if spans else None
+
     @abc.abstractmethod
     def launch(self, scheduled: SchedulerOutput) -> StepHandle:
         """Queue one step's device work and return without waiting for its results."""
@@ -234,6 +247,7 @@ class TorchModelRunner(RunnerBase):
             return StepHandle(None)
         batch = prepare_inputs(scheduled, self.block_size, self.device, self.feed)
         hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        prompt_lps = self.prompt_logprobs(scheduled, batch.meta.host_query_start_loc, hidden)
         sampled = None
         if batch.sampling_requests:
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]
@@ -242,4 +256,4 @@ class TorchModelRunner(RunnerBase):
             sampled = self.sampler.sample(logits, batch.sampling_requests)
             sampled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled)
+        return StepHandle(sampled, prompt_lps)

@@ -40,6 +40,9 @@ class RequestOutput:
     """Set when finish_reason is ERROR: why the engine failed the request."""
     index: int = 0
     """The choice (0 .. n-1) this output belongs to; ``finished`` is per choice."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """With ``prompt_logprobs`` asked: prompt tokens 1 .. P-1's logprobs (the first token has
+    none), in the first delta."""
 
     @property
     def num_prompt_tokens(self) -> int:

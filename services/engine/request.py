@@ -82,6 +82,10 @@ class Request:
     grammar: Any = None
     """The structured-output matcher (``GrammarState``) of a constrained request, set by the
     core once its grammar is compiled; the sampler masks with it, the core advances it."""
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    """With ``sampling_params.prompt_logprobs``: the TokenLogprob of prompt tokens 1, 2, ...
+    as their chunks are computed (a recomputation after preemption does not add them again);
+    sent with the request's first output."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

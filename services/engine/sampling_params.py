@@ -49,6 +49,10 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token (benchmarks)."""
     logprobs: int | None = None
     """When set, return the sampled token's log-probability and this many top alternatives."""
+    prompt_logprobs: int | None = None
+    """When set, return each prompt token's log-probability given the tokens before it (the
+    first token has none) and this many top alternatives. Such a prompt is computed whole:
+    logits of cached prefix blocks were never kept, so the prefix cache is not used for it."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the output text."""
     min_tokens: int = 0
@@ -123,6 +127,11 @@ class SamplingParams:
             or not 0 <= self.logprobs <= 20
         ):
             raise bad("logprobs", "must be an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or isinstance(self.prompt_logprobs, bool)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", "must be an integer in [0, 20]")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise bad("min_tokens", "must be an integer ≥ 0")
         if self.min_tokens > self.max_tokens:

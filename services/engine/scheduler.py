@@ -239,8 +239,12 @@ class Scheduler:
             if parent.num_computed_tokens < parent.num_prompt_tokens:
                 return None
             forked = self.kv.fork_blocks(parent, request)
+            if request.sampling_params.prompt_logprobs is not None:
+                request.prompt_logprobs = parent.prompt_logprobs  # one prompt: its logprobs once
             cached = self.kv.get_computed_blocks(request)
             return forked if forked.num_computed_tokens >= cached.num_computed_tokens else cached
+        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            return ComputedBlocks([], 0)  # every prompt position's logits are needed
         return self.kv.get_computed_blocks(request)
 
     def _try_admit(self, request: Request, computed: ComputedBlocks, num_new: int) -> ScheduledChunk | None:

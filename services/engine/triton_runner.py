@@ -161,6 +161,7 @@ class TritonModelRunner(RunnerBase):
                 self.stats.eager_steps += 1
             n = len(host.sampling_requests)
             hidden = out[st.logits_indices[:n]] if n else out[:0]
+        prompt_lps = None if decode_only else self.prompt_logprobs(scheduled, host.query_start_loc, out)
         sampled = None
         reqs = host.sampling_requests
         if reqs:
@@ -170,4 +171,4 @@ class TritonModelRunner(RunnerBase):
             sampled = self.sampler.sample(logits, reqs)
             sampled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled)
+        return StepHandle(sampled, prompt_lps)

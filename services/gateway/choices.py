@@ -21,6 +21,7 @@ class Choice:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     stop_reason: str = ""
     tool_calls: list[common_pb2.ToolCall] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = dataclasses.field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -36,6 +37,8 @@ class ChoiceAccumulator:
         self.model = ""
         self.replica = ""
         self.usage: common_pb2.Usage | None = None
+        self.prompt_text = ""
+        self.prompt_token_ids: list[int] = []
 
     def add(self, resp: common_pb2.GenerateResponse) -> Choice:
         """Take in one message; returns the choice it belongs to."""
@@ -49,6 +52,9 @@ class ChoiceAccumulator:
         choice.token_ids.extend(resp.token_ids)
         choice.logprobs.extend(resp.logprobs)
         choice.tool_calls.extend(resp.tool_calls)
+        choice.prompt_logprobs.extend(resp.prompt_logprobs)
+        if resp.prompt_token_ids:
+            self.prompt_text, self.prompt_token_ids = resp.prompt_text, list(resp.prompt_token_ids)
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             choice.finish_reason, choice.stop_reason = resp.finish_reason, resp.stop_reason
         if resp.HasField("usage"):
@@ -61,10 +67,12 @@ class ChoiceAccumulator:
 
     def response(self) -> inference_pb2.CompleteResponse:
         """The whole answer of a unary call."""
-        out = inference_pb2.CompleteResponse(request_id=self.request_id, model=self.model, replica=self.replica)
+        out = inference_pb2.CompleteResponse(request_id=self.request_id, model=self.model, replica=self.replica,
+                                             prompt_text=self.prompt_text, prompt_token_ids=self.prompt_token_ids)
         for c in self.choices:
             out.choices.add(index=c.index, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason, tool_calls=c.tool_calls)
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason, tool_calls=c.tool_calls,
+                            prompt_logprobs=c.prompt_logprobs)
         if self.usage is not None:
             out.usage.CopyFrom(self.usage)
         return out

@@ -199,7 +199,7 @@ class HttpFront:
     async def _run(self, request: web.Request, parsed: ParsedRequest, rpc: str) -> web.StreamResponse:
         builder = CompletionBuilder(chat=rpc == "ChatCompletions", request_id=parsed.message.request_id,
                                     tokenizer_of=self._tokenizers.get, logprobs=parsed.logprobs,
-                                    echo=self._echo_text(parsed) if parsed.echo else "")
+                                    echo=parsed.echo)
         async with aclosing(self._servicer.stream(rpc, parsed.message, _context(request))) as stream:
             try:
                 first = await anext(stream, None)
@@ -210,14 +210,6 @@ class HttpFront:
             if not parsed.stream:
                 return await self._whole(stream, first, builder)
             return await self._sse(request, stream, first, builder, parsed.include_usage)
-
-    def _echo_text(self, parsed: ParsedRequest) -> str:
-        """The prompt as text: as sent, or its token ids decoded by the model's tokenizer."""
-        message = parsed.message
-        if message.WhichOneof("prompt") == "text":
-            return message.text
-        tok = self._tokenizers.get(message.model)
-        return tok.decode(list(message.token_ids.ids), skip_special_tokens=False) if tok is not None else ""
 
     async def _whole(self, stream: AsyncIterator[common_pb2.GenerateResponse],
                      first: common_pb2.GenerateResponse | None, builder: CompletionBuilder) -> web.Response:

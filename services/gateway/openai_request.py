@@ -277,9 +277,6 @@ def parse_completion(body: Any) -> ParsedRequest:
     if "prompt" not in body:
         raise _bad("prompt is required (a string or a list of token ids)", "prompt")
     echo = _flag(body, "echo")
-    if echo and body.get("logprobs") is not None:
-        raise _bad("echo with logprobs is not supported: the engine does not compute prompt logprobs "
-                   "(send echo or logprobs)", "echo")
     if body.get("best_of") is not None and body["best_of"] != (body.get("n") or 1):
         raise _bad("best_of is supported only equal to n: llmesh returns every choice it generates", "best_of")
     _only(body, "suffix", ("",), "llmesh does not insert completions")
@@ -290,7 +287,9 @@ def parse_completion(body: Any) -> ParsedRequest:
                 or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
             raise _bad(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]", "logprobs")
         sampling.logprobs = logprobs
-    message = inference_pb2.GenerateRequest(model=body["model"], sampling=sampling)
+        if echo:  # the echoed prompt's tokens come with their logprobs too
+            sampling.prompt_logprobs = logprobs
+    message = inference_pb2.GenerateRequest(model=body["model"], sampling=sampling, echo=echo)
     prompt = _prompt(body["prompt"])
     if isinstance(prompt, str):
         message.text = prompt

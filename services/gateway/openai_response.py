@@ -43,6 +43,8 @@ class _ChoiceState:
     finish_reason: str | None = None
     started: bool = False
     """Its first chunk went out (the chat role, the echoed prompt)."""
+    echo: str = ""
+    """The prompt text the choice starts with (``echo: true``)."""
     text_offset: int = 0
     tool_calls: list[common_pb2.ToolCall] = dataclasses.field(default_factory=list)
 
@@ -51,10 +53,12 @@ class CompletionBuilder:
     """Builds one request's OpenAI objects; ``chat`` picks the chat or completions shape.
 
     With n > 1 the stream's messages belong to choices by their ``index``; each chunk
-    carries the one choice its message belongs to, as OpenAI streams them. ``echo`` is
-    the prompt text a completion starts with (``echo: true``)."""
+    carries the one choice its message belongs to, as OpenAI streams them. With ``echo``
+    a completion starts with its prompt (the gateway puts it on each choice's first
+    message), and with logprobs too, the prompt's tokens lead the logprobs (the first
+    one with none, as OpenAI reports it)."""
 
-    def __init__(self, chat: bool, request_id: str, tokenizer_of, logprobs: bool, echo: str = "") -> None:
+    def __init__(self, chat: bool, request_id: str, tokenizer_of, logprobs: bool, echo: bool = False) -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
@@ -72,7 +76,12 @@ class CompletionBuilder:
         if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
             raise HttpError(500, f"the engine failed the request: {resp.stop_reason or 'see the engine log'}",
                             type_="server_error")
-        st = self._choices.setdefault(resp.index, _ChoiceState(text_offset=len(self._echo)))
+        st = self._choices.get(resp.index)
+        echo_items = []
+        if st is None:
+            st = self._choices[resp.index] = _ChoiceState(echo=resp.prompt_text if self._echo else "")
+            if self._echo and self._logprobs:
+                echo_items = self._prompt_items(resp)
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             st.finish_reason = FINISH_REASONS[resp.finish_reason]
         if resp.HasField("usage"):
@@ -81,8 +90,9 @@ class CompletionBuilder:
         if st.tool_calls and st.finish_reason == "stop":
             st.finish_reason = "tool_calls"
         st.texts.append(resp.text)
-        st.last_lp = self._logprob_items(resp) if self._logprobs and resp.logprobs else None
-        st.lp_items.extend(st.last_lp or ())
+        items = echo_items + (self._logprob_items(resp.logprobs) if self._logprobs else [])
+        st.last_lp = items or None
+        st.lp_items.extend(items)
 
     def chunk(self, resp: common_pb2.GenerateResponse) -> dict[str, Any] | None:
         """The SSE chunk of this message; None when it carries nothing to send."""
@@ -106,7 +116,7 @@ class CompletionBuilder:
                                        for i, c in enumerate(resp.tool_calls)]
             choice = {"index": resp.index, "delta": delta, "logprobs": logprobs, "finish_reason": st.finish_reason}
         else:
-            text = (self._echo if first else "") + resp.text
+            text = (st.echo if first else "") + resp.text
             choice = {"index": resp.index, "text": text, "logprobs": logprobs, "finish_reason": st.finish_reason}
         return self._object([choice], chunk=True)
 
@@ -122,7 +132,7 @@ class CompletionBuilder:
         for index in sorted(self._choices):
             st = self._choices[index]
             text = "".join(st.texts)
-            st.text_offset = len(self._echo)
+            st.text_offset = 0
             logprobs = self._format(st, st.lp_items) if self._logprobs else None
             if self.chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -132,7 +142,7 @@ class CompletionBuilder:
                 choices.append({"index": index, "message": message, "logprobs": logprobs,
                                 "finish_reason": st.finish_reason})
             else:
-                choices.append({"index": index, "text": self._echo + text, "logprobs": logprobs,
+                choices.append({"index": index, "text": st.echo + text, "logprobs": logprobs,
                                 "finish_reason": st.finish_reason})
         out = self._object(choices, chunk=False)
         out["usage"] = usage_json(self.usage or common_pb2.Usage())
@@ -150,11 +160,19 @@ class CompletionBuilder:
         text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
         return text, text.encode("utf-8")
 
-    def _logprob_items(self, resp: common_pb2.GenerateResponse) -> list[tuple[str, float, bytes, list]]:
-        """(token text, logprob, bytes, [(alternative text, logprob, bytes)]) of each token of ``resp``."""
+    def _prompt_items(self, resp: common_pb2.GenerateResponse) -> list[tuple[str, float | None, bytes, list | None]]:
+        """The echoed prompt's logprob items: its first token (no logprob: nothing comes before
+        it), then the engine's prompt logprobs."""
+        if not resp.prompt_token_ids:
+            return []
+        text, raw = self._token(self._tokenizer_of(self.model), resp.prompt_token_ids[0], "", b"")
+        return [(text, None, raw, None)] + self._logprob_items(resp.prompt_logprobs)
+
+    def _logprob_items(self, logprobs) -> list[tuple[str, float, bytes, list]]:
+        """(token text, logprob, bytes, [(alternative text, logprob, bytes)]) of each TokenLogprob."""
         tok = self._tokenizer_of(self.model)
         items = []
-        for lp in resp.logprobs:
+        for lp in logprobs:
             text, raw = self._token(tok, lp.token_id, lp.token, lp.token_bytes)
             top = [(*self._token(tok, t.token_id, t.token, t.token_bytes), t.logprob) for t in lp.top]
             items.append((text, lp.logprob, raw, [(a, q, b) for a, b, q in top]))
@@ -171,4 +189,5 @@ class CompletionBuilder:
             offsets.append(st.text_offset)
             st.text_offset += len(t)
         return {"tokens": [t for t, _, _, _ in items], "token_logprobs": [p for _, p, _, _ in items],
-                "top_logprobs": [{a: q for a, q, _ in top} for _, _, _, top in items], "text_offset": offsets}
+                "top_logprobs": [None if top is None else {a: q for a, q, _ in top} for _, _, _, top in items],
+                "text_offset": offsets}

@@ -36,6 +36,7 @@ from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.choices import ChoiceAccumulator
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.direct import DirectStreamer
+from llmesh.gateway.echo import PromptEcho
 from llmesh.gateway.generation_defaults import GenerationDefaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
@@ -216,9 +217,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if lease is not None:
                 choices = route.sampling.n if route.sampling.HasField("n") else 1
                 await lease.extend(prompt_len + choices * route.sampling.max_tokens)
+            echo = PromptEcho(request, route, self._tokenizers.get) if getattr(request, "echo", False) else None
             async with aclosing(self._stream(route, usage, context)) as stream:
                 parsers: dict[int, ToolCallParser] = {}
                 async for resp in stream:
+                    if echo is not None:
+                        echo.fill(resp)
                     if checked.tool_use is not None:  # one parser per choice
                         if resp.index not in parsers:
                             template = self._routes.tokenizer(resp.model).chat_template if resp.model else None

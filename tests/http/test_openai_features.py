@@ -30,10 +30,10 @@ def mesh(tiny_llama, tmp_path_factory):
             "name": MODEL, "path": tiny_llama, "addresses": [engine.address]}]}))
         router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(models_file)]))
         http_port = free_port()
-        stack.enter_context(ServiceProcess("llmesh.gateway.main", [
+        gateway = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
             "--router", router.address, "--models-file", str(models_file), "--no-auth",
             "--http-port", str(http_port)]))
-        yield {"base": f"http://127.0.0.1:{http_port}",
+        yield {"base": f"http://127.0.0.1:{http_port}", "grpc": gateway.address,
                "sdk": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0,
                                     timeout=60)}
 
@@ -106,9 +106,52 @@ def test_completion_logprobs_and_echo(mesh):
         model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, stream=True,
         extra_body={"ignore_eos": True}) if c.choices)
     assert streamed == echoed.choices[0].text
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
-    assert e.value.body["param"] == "echo"
+
+
+def test_echo_with_logprobs_leads_with_the_prompt_tokens(mesh):
+    client = mesh["sdk"]
+    _, tok = post(mesh, "/tokenize", {"model": MODEL, "prompt": PROMPT})
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    n_prompt = len(tok["tokens"])
+    assert len(lp.tokens) == n_prompt + 3 and out.usage.prompt_tokens == n_prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert all(isinstance(p, float) and p <= 0 for p in lp.token_logprobs[1:])
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [p for s in streamed for p in s.token_logprobs] == pytest.approx(lp.token_logprobs)
+
+
+def test_grpc_echo_and_prompt_logprobs_agree_with_the_generated_tokens_logprob(mesh):
+    """Prompt token i's logprob is the logprob the model gave it when it generated it."""
+    import grpc
+
+    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2
+
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(mesh["grpc"]))
+    prompt = [5, 17, 99, 250, 31, 8]
+    first = inference_pb2.GenerateRequest(model=MODEL, token_ids=router_pb2.TokenIds(ids=prompt),
+                                          sampling=common_pb2.SamplingParams(max_tokens=1, temperature=0,
+                                                                             logprobs=0, ignore_eos=True))
+    generated = stub.Complete(first, timeout=60).choices[0]
+    longer = prompt + list(generated.token_ids)
+    req = inference_pb2.GenerateRequest(model=MODEL, token_ids=router_pb2.TokenIds(ids=longer), echo=True,
+                                        sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0,
+                                                                           prompt_logprobs=1, ignore_eos=True))
+    msgs = list(stub.Generate(req, timeout=60))
+    assert list(msgs[0].prompt_token_ids) == longer and msgs[0].prompt_text
+    plps = msgs[0].prompt_logprobs
+    assert [p.token_id for p in plps] == longer[1:]
+    assert plps[-1].logprob == pytest.approx(generated.logprobs[0].logprob, abs=1e-4)
+    assert plps[-1].rank == 1 and len(plps[-1].top) == 1  # it was the greedy choice
+    assert not any(m.prompt_token_ids or m.prompt_logprobs for m in msgs[1:])
+    whole = stub.Complete(req, timeout=60)
+    assert list(whole.prompt_token_ids) == longer and len(whole.choices[0].prompt_logprobs) == len(longer) - 1
 
 
 def test_logit_bias_steers_one_request_and_bad_bias_is_400_naming_it(mesh):

@@ -29,6 +29,7 @@ from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model_runner import ModelRunner, StepHandle, TorchModelRunner
+from llmesh.engine.prompt_logprobs import collect as collect_prompt_logprobs
 from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.request import FinishReason, Request
 from llmesh.engine.sampler import Sampler
@@ -268,6 +269,10 @@ class EngineCore:
         """Read a launched step's tokens back and advance its requests."""
         scheduled, handle = launched
         result = handle.result()
+        for request_id, (first_target, entries) in result.prompt_logprobs.items():
+            req = self.scheduler.get_request(request_id)
+            if req is not None:  # not finished or aborted since the step was scheduled
+                collect_prompt_logprobs(req, first_target, entries)
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         self._advance_grammars(updated)
         return [_output(req, result.logprobs.get(req.request_id)) for req in updated]
@@ -299,6 +304,7 @@ def _output(req: Request, logprob) -> EngineCoreOutput:
         num_cached_tokens=req.num_cached_tokens,
         queued_time=req.arrival_time if first else 0.0,
         scheduled_time=req.scheduled_time if first else 0.0,
+        prompt_logprobs=req.prompt_logprobs if first and req.sampling_params.prompt_logprobs is not None else None,
     )
 
 

@@ -74,6 +74,8 @@ class EngineCoreOutput:
     scheduled_time: float = 0.0
     """On a request's first output only (0.0 on later ones): time.monotonic() when the core
     queued it and when it was first scheduled (the front end's queue and prefill times)."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On the first output of a request that asked for them: prompt tokens 1 .. P-1's logprobs."""
 
     @property
     def finished(self) -> bool:
@@ -84,7 +86,7 @@ class EngineCoreOutput:
         # default __dict__ state (bench/ipc_transport.py; one of these per request per step).
         return (EngineCoreOutput, (self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason,
                                    self.stop_reason, self.num_cached_tokens, self.error, self.queued_time,
-                                   self.scheduled_time))
+                                   self.scheduled_time, self.prompt_logprobs))
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             msg = common_pb2.GenerateResponse(request_id=request_id, model=self.model, text=out.text,
                                               token_ids=out.token_ids, index=out.index,
                                               logprobs=_logprobs_to_proto(out.logprobs, self.token_texts))
+            if out.prompt_logprobs is not None:
+                msg.prompt_logprobs.extend(_logprobs_to_proto(out.prompt_logprobs, self.token_texts))
             if out.finished:
                 if out.finish_reason is FinishReason.ERROR:
                     raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.where}: {out.error}")
