@@ -95,3 +95,19 @@ def test_abort_by_request_id_ends_every_choice(engine):
     got = asyncio.run(asyncio.wait_for(main(), 120))
     assert got == {0: FinishReason.ABORT, 1: FinishReason.ABORT}
     assert wait_blocks_free(engine) == 0
+
+
+def test_every_choice_carries_the_prompt_logprobs_computed_once(engine):
+    async def main():
+        firsts: dict[int, object] = {}
+        async for d in engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                                              n=3, prompt_logprobs=1), request_id="plp"):
+            if d.prompt_logprobs is not None:
+                assert d.index not in firsts, "prompt logprobs sent twice to a choice"
+                firsts[d.index] = d.prompt_logprobs
+        return firsts
+    firsts = asyncio.run(asyncio.wait_for(main(), 120))
+    assert sorted(firsts) == [0, 1, 2]
+    assert [e.token_id for e in firsts[0]] == PROMPT[1:]
+    assert firsts[1] == firsts[0] and firsts[2] == firsts[0]
+    assert wait_blocks_free(engine) == 0
