@@ -402,7 +402,8 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         request_id=a.request_id, prompt_token_ids=a.prompt_token_ids or b.prompt_token_ids,
         token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs,
         finished=b.finished, finish_reason=b.finish_reason, stop_reason=b.stop_reason,
-        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error, index=a.index)
+        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error, index=a.index,
+        embedding=b.embedding)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,

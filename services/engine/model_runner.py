@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
 from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.pooling import PooledBatch, has_pooling, pool_step
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
@@ -34,17 +36,23 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     """Request id → the token sampled this step (only requests whose chunk reached their end)."""
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+    """Request id → the embedding of each embedding request whose prompt ended this step."""
 
 
 class StepHandle:
     """A launched step: its device work is queued; ``result()`` waits for its sampled tokens
-    (the device-to-host copy of this step alone) and returns them as Python values."""
+    and pooled vectors (the device-to-host copies of this step alone) and returns them as
+    host values."""
 
-    def __init__(self, sampled: SampledBatch | None) -> None:
+    def __init__(self, sampled: SampledBatch | None, pooled: PooledBatch | None = None) -> None:
         self._sampled = sampled
+        self._pooled = pooled
 
     def result(self) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
+        if self._pooled is not None:
+            out.pooled = self._pooled.to_host()
         if self._sampled is None:
             return out
         host = self._sampled.to_host()
@@ -241,5 +249,8 @@ class TorchModelRunner(RunnerBase):
                 self.logits_observer(batch.sampling_requests, logits)
             sampled = self.sampler.sample(logits, batch.sampling_requests)
             sampled.start_copy()
+        pooled = pool_step(hidden, scheduled.chunks) if has_pooling(scheduled.chunks) else None
+        if pooled is not None:
+            pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled)
+        return StepHandle(sampled, pooled)

@@ -88,6 +88,7 @@ class OutputProcessor:
             stop_reason=stop_string if hit_stop else out.stop_reason,
             num_cached_tokens=out.num_cached_tokens,
             error=out.error,
+            embedding=out.embedding,
         )
         if finished:
             self.remove(out.request_id)

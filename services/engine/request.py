@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.sampling_params import SamplingParams
 
 
@@ -53,6 +54,9 @@ class Request:
     """The model window; generation stops with LENGTH when the sequence reaches it."""
     fork_of: str | None = None
     """Parallel sampling: the id of the choice whose computed prompt blocks this one shares."""
+    pooling: PoolingParams | None = None
+    """Set for an embedding request: its prompt is computed, pooled into a vector, and the
+    request finishes there (it never samples). See pooling.py."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -82,6 +86,8 @@ class Request:
     grammar: Any = None
     """The structured-output matcher (``GrammarState``) of a constrained request, set by the
     core once its grammar is compiled; the sampler masks with it, the core advances it."""
+    pooling_state: Any = None
+    """Owned by the pooler: a mean request's running sum of hidden states (device tensor)."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -241,6 +241,8 @@ class Scheduler:
             forked = self.kv.fork_blocks(parent, request)
             cached = self.kv.get_computed_blocks(request)
             return forked if forked.num_computed_tokens >= cached.num_computed_tokens else cached
+        if request.pooling is not None and not request.pooling.reads_prefix_cache:
+            return ComputedBlocks([], 0)  # mean pooling needs every token's hidden state
         return self.kv.get_computed_blocks(request)
 
     def _try_admit(self, request: Request, computed: ComputedBlocks, num_new: int) -> ScheduledChunk | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from llmesh.engine.kv_cache.events import KVEventBatch
 from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 
@@ -29,6 +30,8 @@ class EngineCoreRequest:
     cache_salt: str | None = None
     fork_of: str | None = None
     """Parallel sampling: another choice of the same request, whose prompt blocks this one shares."""
+    pooling: PoolingParams | None = None
+    """Set for an embedding request (its sampling params are then unused)."""
 
 
 @dataclass
@@ -74,6 +77,8 @@ class EngineCoreOutput:
     scheduled_time: float = 0.0
     """On a request's first output only (0.0 on later ones): time.monotonic() when the core
     queued it and when it was first scheduled (the front end's queue and prefill times)."""
+    embedding: Any = None
+    """An embedding request's vector (a float32 numpy array), on its one, finishing output."""
 
     @property
     def finished(self) -> bool:
@@ -84,7 +89,7 @@ class EngineCoreOutput:
         # default __dict__ state (bench/ipc_transport.py; one of these per request per step).
         return (EngineCoreOutput, (self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason,
                                    self.stop_reason, self.num_cached_tokens, self.error, self.queued_time,
-                                   self.scheduled_time))
+                                   self.scheduled_time, self.embedding))
 
 
 @dataclass(frozen=True)
