@@ -40,7 +40,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch")
+    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "pooling", "normalize", "matryoshka", "embedding_dimensions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,10 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    MATRYOSHKA_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     instance_id: str
     block_size: int
@@ -69,7 +73,55 @@ class InfoResponse(_message.Message):
     device: str
     kv_blocks_total: int
     epoch: int
-    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    pooling: str
+    normalize: bool
+    matryoshka: bool
+    embedding_dimensions: int
+    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., matryoshka: _Optional[bool] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
+
+class EngineEmbedInput(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EngineEmbedRequest(_message.Message):
+    __slots__ = ("request_id", "inputs", "dimensions", "priority", "cache_salt")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: _containers.RepeatedCompositeFieldContainer[EngineEmbedInput]
+    dimensions: int
+    priority: _common_pb2.Priority
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EngineEmbedInput, _Mapping]]] = ..., dimensions: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("index", "vector")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    vector: bytes
+    def __init__(self, index: _Optional[int] = ..., vector: _Optional[bytes] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("request_id", "model", "data", "usage", "replica", "dimensions")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    data: _containers.RepeatedCompositeFieldContainer[Embedding]
+    usage: _common_pb2.Usage
+    replica: str
+    dimensions: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., replica: _Optional[str] = ..., dimensions: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -56,6 +56,11 @@ class EngineStub:
                 request_serializer=llmesh_dot_v1_dot_engine__pb2.LoadRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_engine__pb2.LoadResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmesh.v1.Engine/Embed',
+                request_serializer=llmesh_dot_v1_dot_engine__pb2.EngineEmbedRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_engine__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -91,6 +96,15 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed a batch of tokenized inputs with the engine's pooling mode (Info.pooling). An
+        engine without one answers INVALID_ARGUMENT naming its model. Cancelling the call
+        aborts every input still running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=llmesh_dot_v1_dot_engine__pb2.LoadRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_engine__pb2.LoadResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmesh_dot_v1_dot_engine__pb2.EngineEmbedRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_engine__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +243,33 @@ class Engine:
             '/llmesh.v1.Engine/Load',
             llmesh_dot_v1_dot_engine__pb2.LoadRequest.SerializeToString,
             llmesh_dot_v1_dot_engine__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Engine/Embed',
+            llmesh_dot_v1_dot_engine__pb2.EngineEmbedRequest.SerializeToString,
+            llmesh_dot_v1_dot_engine__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

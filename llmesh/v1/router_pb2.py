@@ -26,7 +26,7 @@ from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 from llmesh.v1 import engine_pb2 as llmesh_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/router.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/engine.proto\"\x80\x03\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x13\n\x0bprompt_text\x18\x07 \x01(\t\x12U\n\x19prompt_token_ids_by_model\x18\x08 \x03(\x0b\x32\x32.llmesh.v1.RouteRequest.PromptTokenIdsByModelEntry\x12\x0c\n\x04tier\x18\t \x01(\t\x1aQ\n\x1aPromptTokenIdsByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.llmesh.v1.TokenIds:\x02\x38\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x19\n\x17RouterListModelsRequest\"\xc3\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_class\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x18\n\x10healthy_replicas\x18\x04 \x01(\r\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x36\n\x13generation_defaults\x18\x06 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\"@\n\x18RouterListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"2\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xbb\x01\n\x0bRouteTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\ncandidates\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.RouteCandidate\x12\x31\n\x07request\x18\x04 \x01(\x0b\x32 .llmesh.v1.EngineGenerateRequest\x12\x16\n\x0ematched_blocks\x18\x05 \x01(\r\x12\x13\n\x0bpick_reason\x18\x06 \x01(\t\"r\n\x0e\x45scalationPlan\x12%\n\x05large\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.RouteTarget\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x16\n\x0estrip_logprobs\x18\x04 \x01(\x08\"}\n\rRouteDecision\x12&\n\x06target\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.RouteTarget\x12-\n\nescalation\x18\x02 \x01(\x0b\x32\x19.llmesh.v1.EscalationPlan\x12\x15\n\rmax_failovers\x18\x03 \x01(\r2\xdf\x01\n\x06Router\x12\x42\n\x08Generate\x12\x17.llmesh.v1.RouteRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12:\n\x05Route\x12\x17.llmesh.v1.RouteRequest\x1a\x18.llmesh.v1.RouteDecision\x12U\n\nListModels\x12\".llmesh.v1.RouterListModelsRequest\x1a#.llmesh.v1.RouterListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/router.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/engine.proto\"S\n\x12RouterEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.llmesh.v1.EngineEmbedRequest\"\x80\x03\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x13\n\x0bprompt_text\x18\x07 \x01(\t\x12U\n\x19prompt_token_ids_by_model\x18\x08 \x03(\x0b\x32\x32.llmesh.v1.RouteRequest.PromptTokenIdsByModelEntry\x12\x0c\n\x04tier\x18\t \x01(\t\x1aQ\n\x1aPromptTokenIdsByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.llmesh.v1.TokenIds:\x02\x38\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x19\n\x17RouterListModelsRequest\"\xc3\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_class\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x18\n\x10healthy_replicas\x18\x04 \x01(\r\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x36\n\x13generation_defaults\x18\x06 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\"@\n\x18RouterListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"2\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xbb\x01\n\x0bRouteTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\ncandidates\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.RouteCandidate\x12\x31\n\x07request\x18\x04 \x01(\x0b\x32 .llmesh.v1.EngineGenerateRequest\x12\x16\n\x0ematched_blocks\x18\x05 \x01(\r\x12\x13\n\x0bpick_reason\x18\x06 \x01(\t\"r\n\x0e\x45scalationPlan\x12%\n\x05large\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.RouteTarget\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x16\n\x0estrip_logprobs\x18\x04 \x01(\x08\"}\n\rRouteDecision\x12&\n\x06target\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.RouteTarget\x12-\n\nescalation\x18\x02 \x01(\x0b\x32\x19.llmesh.v1.EscalationPlan\x12\x15\n\rmax_failovers\x18\x03 \x01(\r2\xa1\x02\n\x06Router\x12\x42\n\x08Generate\x12\x17.llmesh.v1.RouteRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12:\n\x05Route\x12\x17.llmesh.v1.RouteRequest\x1a\x18.llmesh.v1.RouteDecision\x12U\n\nListModels\x12\".llmesh.v1.RouterListModelsRequest\x1a#.llmesh.v1.RouterListModelsResponse\x12@\n\x05\x45mbed\x12\x1d.llmesh.v1.RouterEmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._loaded_options = None
   _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTEREQUEST']._serialized_start=86
-  _globals['_ROUTEREQUEST']._serialized_end=470
-  _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._serialized_start=389
-  _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._serialized_end=470
-  _globals['_TOKENIDS']._serialized_start=472
-  _globals['_TOKENIDS']._serialized_end=495
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=497
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=522
-  _globals['_MODELCARD']._serialized_start=525
-  _globals['_MODELCARD']._serialized_end=720
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=722
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=786
-  _globals['_ROUTECANDIDATE']._serialized_start=788
-  _globals['_ROUTECANDIDATE']._serialized_end=838
-  _globals['_ROUTETARGET']._serialized_start=841
-  _globals['_ROUTETARGET']._serialized_end=1028
-  _globals['_ESCALATIONPLAN']._serialized_start=1030
-  _globals['_ESCALATIONPLAN']._serialized_end=1144
-  _globals['_ROUTEDECISION']._serialized_start=1146
-  _globals['_ROUTEDECISION']._serialized_end=1271
-  _globals['_ROUTER']._serialized_start=1274
-  _globals['_ROUTER']._serialized_end=1497
+  _globals['_ROUTEREMBEDREQUEST']._serialized_start=85
+  _globals['_ROUTEREMBEDREQUEST']._serialized_end=168
+  _globals['_ROUTEREQUEST']._serialized_start=171
+  _globals['_ROUTEREQUEST']._serialized_end=555
+  _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._serialized_start=474
+  _globals['_ROUTEREQUEST_PROMPTTOKENIDSBYMODELENTRY']._serialized_end=555
+  _globals['_TOKENIDS']._serialized_start=557
+  _globals['_TOKENIDS']._serialized_end=580
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=582
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=607
+  _globals['_MODELCARD']._serialized_start=610
+  _globals['_MODELCARD']._serialized_end=805
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=807
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=871
+  _globals['_ROUTECANDIDATE']._serialized_start=873
+  _globals['_ROUTECANDIDATE']._serialized_end=923
+  _globals['_ROUTETARGET']._serialized_start=926
+  _globals['_ROUTETARGET']._serialized_end=1113
+  _globals['_ESCALATIONPLAN']._serialized_start=1115
+  _globals['_ESCALATIONPLAN']._serialized_end=1229
+  _globals['_ROUTEDECISION']._serialized_start=1231
+  _globals['_ROUTEDECISION']._serialized_end=1356
+  _globals['_ROUTER']._serialized_start=1359
+  _globals['_ROUTER']._serialized_end=1648
 # @@protoc_insertion_point(module_scope)

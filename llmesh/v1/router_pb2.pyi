@@ -8,6 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RouterEmbedRequest(_message.Message):
+    __slots__ = ("model", "request")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request: _engine_pb2.EngineEmbedRequest
+    def __init__(self, model: _Optional[str] = ..., request: _Optional[_Union[_engine_pb2.EngineEmbedRequest, _Mapping]] = ...) -> None: ...
+
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "priority", "cache_salt", "prompt_text", "prompt_token_ids_by_model", "tier")
     class PromptTokenIdsByModelEntry(_message.Message):

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
+from llmesh.v1 import engine_pb2 as llmesh_dot_v1_dot_engine__pb2
 from llmesh.v1 import router_pb2 as llmesh_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -51,6 +52,11 @@ class RouterStub:
                 request_serializer=llmesh_dot_v1_dot_router__pb2.RouterListModelsRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_router__pb2.RouterListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmesh.v1.Router/Embed',
+                request_serializer=llmesh_dot_v1_dot_router__pb2.RouterEmbedRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_engine__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -80,6 +86,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed a tokenized batch on one replica of the named model (prefix-aware pick on the
+        first input); the whole batch fails over to another replica on UNAVAILABLE, as an
+        embedding has no partial output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +112,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llmesh_dot_v1_dot_router__pb2.RouterListModelsRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_router__pb2.RouterListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmesh_dot_v1_dot_router__pb2.RouterEmbedRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_engine__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +201,33 @@ class Router:
             '/llmesh.v1.Router/ListModels',
             llmesh_dot_v1_dot_router__pb2.RouterListModelsRequest.SerializeToString,
             llmesh_dot_v1_dot_router__pb2.RouterListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Router/Embed',
+            llmesh_dot_v1_dot_router__pb2.RouterEmbedRequest.SerializeToString,
+            llmesh_dot_v1_dot_engine__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,7 +44,8 @@ from llmesh.engine.loader import load_model
 from llmesh.engine.metrics import EngineMetrics
 from llmesh.engine.output_processor import OutputProcessor
 from llmesh.engine.parallel_sampling import fan_out
-from llmesh.engine.outputs import RequestOutput
+from llmesh.engine.outputs import EmbeddingOutput, RequestOutput
+from llmesh.engine.pooling_params import PoolingParams, pooling_for_model
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 from llmesh.engine.stats import IterationStats, RequestStats
@@ -212,6 +213,71 @@ class AsyncLLM:
                 self._choices.pop(request_id, None)
             for choice_id in live:
                 self._forget(choice_id, stream)
+
+    def pooling_params(self, dimensions: int | None = None) -> PoolingParams:
+        """The PoolingParams of an embedding request to this engine (InvalidRequestError naming
+        the model when it runs without a pooling mode, or cannot give ``dimensions``)."""
+        p = self.config.pooler
+        return pooling_for_model(self.model_name, p.pooling, p.normalize, p.matryoshka,
+                                 self.model_config.hidden_size, dimensions)
+
+    async def embed(
+        self,
+        prompts: list[str | list[int]],
+        *,
+        request_id: str,
+        dimensions: int | None = None,
+        priority: int = Priority.INTERACTIVE,
+        cache_salt: str | None = None,
+    ) -> list[EmbeddingOutput]:
+        """The vectors of a batch of prompts, in order; input i runs as ``<request_id>/<i>``.
+
+        The batch is refused as a whole (EngineOverloadedError) when the waiting queue is
+        full, and fails as a whole when any input fails; cancelling the call aborts every
+        input still running. Raises InvalidRequestError when the engine serves no
+        embeddings or an input cannot run."""
+        self._check_room()
+        pooling = self.pooling_params(dimensions)
+        arrival = time.monotonic()
+        reqs = [self.input_processor.process(p, None, request_id=f"{request_id}/{i}", priority=priority,
+                                             cache_salt=cache_salt, pooling=pooling)
+                for i, p in enumerate(prompts)]
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            if any(r.request_id in self._streams for r in reqs):
+                raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
+                                          field="request_id")
+            self._check_room()
+            for r in reqs:
+                self._streams[r.request_id] = stream
+                self.output_processor.add_request(r, arrival)
+        live = {r.request_id for r in reqs}
+        done: dict[str, RequestOutput] = {}
+        try:
+            for r in reqs:
+                self._core.send(r)
+            while live:
+                if not stream.items:
+                    stream.ready.clear()
+                    await stream.ready.wait()
+                    continue
+                item = stream.items.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                if not item.finished:
+                    continue
+                live.discard(item.request_id)
+                if item.embedding is None:
+                    raise EngineError(f"embedding input {item.request_id} ended without a vector "
+                                      f"({item.finish_reason}{': ' + item.error if item.error else ''})")
+                done[item.request_id] = item
+        finally:
+            for rid in live:
+                self._forget(rid, stream)
+        return [EmbeddingOutput(r.request_id, r.prompt_token_ids, done[r.request_id].embedding.tolist(),
+                                done[r.request_id].num_cached_tokens) for r in reqs]
 
     async def abort(self, request_id: str) -> int:
         """Abort a request; returns how many KV blocks were freed."""
@@ -403,7 +469,8 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs,
         finished=b.finished, finish_reason=b.finish_reason, stop_reason=b.stop_reason,
         num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error, index=a.index,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        embedding=b.embedding)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,

@@ -95,6 +95,28 @@ class SchedulerConfig:
         return self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
 
 
+POOLING_MODES = ("none", "last", "mean")
+
+
+@dataclass
+class PoolerConfig:
+    """Embeddings: how a prompt's final hidden states become one vector (docs/embeddings.md)."""
+
+    pooling: str = option(
+        "none", "embeddings: none (generation only), last (the last prompt token's final hidden state, "
+                "after the final norm; Qwen3-Embedding) or mean (the mean over the prompt tokens; e5-style)")
+    normalize: bool = option(False, "embeddings: L2-normalize each pooled vector")
+    matryoshka: bool = option(
+        False, "embeddings: the model was trained so that a prefix of its vector is an embedding too "
+               "(Matryoshka, e.g. Qwen3-Embedding), so requests may ask for fewer dimensions")
+
+    def __post_init__(self) -> None:
+        require(self.pooling in POOLING_MODES,
+                f"pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
+        require(isinstance(self.normalize, bool), f"normalize must be true or false, got {self.normalize!r}")
+        require(isinstance(self.matryoshka, bool), f"matryoshka must be true or false, got {self.matryoshka!r}")
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("torch", "triton")
 
@@ -127,6 +149,7 @@ class EngineConfig:
         None, "cap the served window (prompt + generated tokens) below the model's own (None: the model's)")
     cache: CacheConfig = group(CacheConfig)
     scheduler: SchedulerConfig = group(SchedulerConfig)
+    pooler: PoolerConfig = group(PoolerConfig)
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), f"model must be a path, got {self.model!r}")

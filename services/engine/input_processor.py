@@ -9,6 +9,7 @@ from __future__ import annotations
 from llmesh.engine.core.messages import EngineCoreRequest
 from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.loader import LoadedModel
+from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.request import Priority
 from llmesh.engine.sampling_params import SamplingParams
 from llmesh.engine.text.tokenizer import Tokenizer
@@ -22,9 +23,11 @@ class InputProcessor:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
 
     def process(self, prompt: str | list[int], params: SamplingParams | None, *, request_id: str,
-                priority: int = Priority.INTERACTIVE, cache_salt: str | None = None) -> EngineCoreRequest:
+                priority: int = Priority.INTERACTIVE, cache_salt: str | None = None,
+                pooling: PoolingParams | None = None) -> EngineCoreRequest:
         """Tokenize and check a prompt; raises InvalidRequestError for one that cannot run.
-        Checks that need the KV pool (window, blocks) are the core's, at admission."""
+        Checks that need the KV pool (window, blocks) are the core's, at admission.
+        ``pooling`` makes it an embedding request (``params`` are then unused)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
@@ -48,4 +51,5 @@ class InputProcessor:
 
             build_grammar(params.structured_output)
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                                 eos_token_ids=self.eos_token_ids, priority=int(priority), cache_salt=cache_salt)
+                                 eos_token_ids=self.eos_token_ids, priority=int(priority), cache_salt=cache_salt,
+                                 pooling=pooling)

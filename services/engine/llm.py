@@ -18,7 +18,7 @@ from llmesh.config import build
 from llmesh.engine.config import EngineConfig
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.llm_engine import LLMEngine
-from llmesh.engine.outputs import RequestOutput
+from llmesh.engine.outputs import EmbeddingOutput, RequestOutput
 from llmesh.engine.request import Priority
 from llmesh.engine.sampling_params import SamplingParams
 
@@ -69,6 +69,44 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [results[i] for i in order]
+
+    def embed(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        dimensions: int | None = None,
+        priority: int = Priority.INTERACTIVE,
+        use_tqdm: bool = False,
+    ) -> list[EmbeddingOutput]:
+        """The embedding of every prompt (text or token ids), in prompt order, pooled as the
+        engine's ``pooling``/``normalize`` options say (vLLM's ``LLM.embed``). ``dimensions``
+        shortens the vectors of a ``matryoshka`` model. Raises InvalidRequestError when the
+        engine runs without a pooling mode."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        pooling = self.engine.pooling_params(dimensions)
+        order: list[str] = []
+        prompt_ids: dict[str, list[int]] = {}
+        results: dict[str, RequestOutput] = {}
+        for prompt in prompts:
+            req = self.engine.add_request(list(prompt) if not isinstance(prompt, str) else prompt,
+                                          priority=priority, pooling=pooling)
+            order.append(req.request_id)
+            prompt_ids[req.request_id] = req.prompt_token_ids
+        bar = tqdm(total=len(order), desc="embed", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                if delta.finished and delta.request_id in prompt_ids:
+                    results[delta.request_id] = delta
+                    bar.update(1)
+        bar.close()
+        out = []
+        for i in order:
+            r = results[i]
+            if r.embedding is None:
+                raise RuntimeError(f"embedding request {i} ended without a vector ({r.finish_reason}: {r.error})")
+            out.append(EmbeddingOutput(i, prompt_ids[i], r.embedding.tolist(), r.num_cached_tokens))
+        return out
 
     def chat(
         self,

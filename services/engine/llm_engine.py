@@ -17,6 +17,7 @@ from llmesh.engine.input_processor import InputProcessor
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.loader import load_model
 from llmesh.engine.output_processor import OutputProcessor
+from llmesh.engine.pooling_params import PoolingParams, pooling_for_model
 from llmesh.engine.outputs import RequestOutput
 from llmesh.engine.request import FinishReason, Priority, Request
 from llmesh.engine.sampling_params import SamplingParams
@@ -85,18 +86,27 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = Priority.INTERACTIVE,
         cache_salt: str | None = None,
+        pooling: PoolingParams | None = None,
     ) -> Request:
-        """Admit a request; raises InvalidRequestError (nothing is admitted) when it cannot run."""
+        """Admit a request; raises InvalidRequestError (nothing is admitted) when it cannot run.
+        With ``pooling`` it is an embedding request (see ``pooling_params``)."""
         if params is not None and params.n != 1:
             raise InvalidRequestError(f"n={params.n}: the synchronous engine returns one sequence per request; "
                                       "several choices share a prompt through AsyncLLM (the engine service)",
                                       field="n")
         core_req = self.input_processor.process(
             prompt, params, request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            priority=priority, cache_salt=cache_salt)
+            priority=priority, cache_salt=cache_salt, pooling=pooling)
         req = self.core.add_request(core_req)
         self.output_processor.add_request(core_req)
         return req
+
+    def pooling_params(self, dimensions: int | None = None) -> PoolingParams:
+        """The PoolingParams of an embedding request to this engine (InvalidRequestError when
+        it runs without a pooling mode, or cannot give ``dimensions``)."""
+        p = self.config.pooler
+        return pooling_for_model(self.model_name, p.pooling, p.normalize, p.matryoshka,
+                                 self.model_config.hidden_size, dimensions)
 
     def abort_request(self, request_id: str, *, emit_output: bool = True) -> int:
         """Abort at any moment; returns how many KV blocks were freed (0 if unknown/finished).

@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.prompt_logprobs import PromptLogprobs, plan_prompt_logprobs
+from llmesh.engine.pooling import PooledBatch, has_pooling, pool_step
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
@@ -37,20 +39,27 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     """Request id → (prompt index of the first entry, entries) for chunks that asked for them."""
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+    """Request id → the embedding of each embedding request whose prompt ended this step."""
 
 
 class StepHandle:
     """A launched step: its device work is queued; ``result()`` waits for its sampled tokens
-    (the device-to-host copy of this step alone) and returns them as Python values."""
+    and pooled vectors (the device-to-host copies of this step alone) and returns them as
+    host values."""
 
-    def __init__(self, sampled: SampledBatch | None, prompt_logprobs: PromptLogprobs | None = None) -> None:
+    def __init__(self, sampled: SampledBatch | None, *, prompt_logprobs: PromptLogprobs | None = None,
+                 pooled: PooledBatch | None = None) -> None:
         self._sampled = sampled
         self._prompt_logprobs = prompt_logprobs
+        self._pooled = pooled
 
     def result(self) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
         if self._prompt_logprobs is not None:
             out.prompt_logprobs = self._prompt_logprobs.to_host()
+        if self._pooled is not None:
+            out.pooled = self._pooled.to_host()
         if self._sampled is None:
             return out
         host = self._sampled.to_host()
@@ -255,5 +264,8 @@ class TorchModelRunner(RunnerBase):
                 self.logits_observer(batch.sampling_requests, logits)
             sampled = self.sampler.sample(logits, batch.sampling_requests)
             sampled.start_copy()
+        pooled = pool_step(hidden, scheduled.chunks) if has_pooling(scheduled.chunks) else None
+        if pooled is not None:
+            pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled, prompt_lps)
+        return StepHandle(sampled, prompt_logprobs=prompt_lps, pooled=pooled)

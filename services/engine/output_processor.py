@@ -89,6 +89,7 @@ class OutputProcessor:
             num_cached_tokens=out.num_cached_tokens,
             error=out.error,
             prompt_logprobs=out.prompt_logprobs,
+            embedding=out.embedding,
         )
         if finished:
             self.remove(out.request_id)

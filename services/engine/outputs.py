@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmesh.engine.request import FinishReason
 
@@ -43,6 +44,23 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None
     """With ``prompt_logprobs`` asked: prompt tokens 1 .. P-1's logprobs (the first token has
     none), in the first delta."""
+    embedding: Any = None
+    """An embedding request's vector (float32 numpy array), on its finished output."""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class EmbeddingOutput:
+    """The vector of one embedding request (``LLM.embed``, ``AsyncLLM.embed``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache (last pooling only)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.sampling_params import SamplingParams
 
 
@@ -53,6 +54,9 @@ class Request:
     """The model window; generation stops with LENGTH when the sequence reaches it."""
     fork_of: str | None = None
     """Parallel sampling: the id of the choice whose computed prompt blocks this one shares."""
+    pooling: PoolingParams | None = None
+    """Set for an embedding request: its prompt is computed, pooled into a vector, and the
+    request finishes there (it never samples). See pooling.py."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -86,6 +90,8 @@ class Request:
     """With ``sampling_params.prompt_logprobs``: the TokenLogprob of prompt tokens 1, 2, ...
     as their chunks are computed (a recomputation after preemption does not add them again);
     sent with the request's first output."""
+    pooling_state: Any = None
+    """Owned by the pooler: a mean request's running sum of hidden states (device tensor)."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

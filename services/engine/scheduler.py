@@ -245,6 +245,8 @@ class Scheduler:
             return forked if forked.num_computed_tokens >= cached.num_computed_tokens else cached
         if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
             return ComputedBlocks([], 0)  # every prompt position's logits are needed
+        if request.pooling is not None and not request.pooling.reads_prefix_cache:
+            return ComputedBlocks([], 0)  # mean pooling needs every token's hidden state
         return self.kv.get_computed_blocks(request)
 
     def _try_admit(self, request: Request, computed: ComputedBlocks, num_new: int) -> ScheduledChunk | None:

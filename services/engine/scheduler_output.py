@@ -22,12 +22,14 @@ class ScheduledChunk:
     start_pos: int
     num_new_tokens: int
     samples: bool = field(init=False)
-    """The chunk reaches the request's last known token, so its logits are sampled.
+    """The chunk reaches the request's last known token, so its logits are sampled (never
+    for an embedding request: its last chunk is pooled instead, see pooling.py).
     Fixed at creation: appending the sampled token later does not change it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "samples", self.start_pos + self.num_new_tokens == self.request.num_tokens_with_pending
+            self, "samples", self.request.pooling is None
+            and self.start_pos + self.num_new_tokens == self.request.num_tokens_with_pending
         )
 
     @property

@@ -29,6 +29,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model_runner import RunnerBase, StepHandle
+from llmesh.engine.pooling import has_pooling, pool_step
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.engine.step_inputs import HostStep, StaticInputs, stage_host
@@ -170,5 +171,10 @@ class TritonModelRunner(RunnerBase):
                 self.logits_observer(reqs, logits)
             sampled = self.sampler.sample(logits, reqs)
             sampled.start_copy()
+        # An embedding chunk never samples, so its step is never decode-only: ``out`` holds
+        # every token's hidden state, padded rows after the step's ``t``.
+        pooled = pool_step(out, scheduled.chunks) if has_pooling(scheduled.chunks) else None
+        if pooled is not None:
+            pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled, prompt_lps)
+        return StepHandle(sampled, prompt_logprobs=prompt_lps, pooled=pooled)

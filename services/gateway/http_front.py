@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front of the gateway (aiohttp, in the gateway's own loop).
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings   GET /v1/models   GET /health
     POST /tokenize   POST /detokenize   (vLLM's shapes)
 
 Each request is parsed into the gateway's own ChatRequest/GenerateRequest and run
@@ -38,6 +38,7 @@ from llmesh.gateway.openai_request import (
     parse_detokenize,
     parse_tokenize,
 )
+from llmesh.gateway.openai_embeddings import embeddings_body, parse_embeddings
 from llmesh.gateway.openai_response import CompletionBuilder
 from llmesh.gateway.servicer import InferenceServicer
 from llmesh.gateway.tokenizers import ModelTokenizers
@@ -91,7 +92,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
             raise
         type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
         message = {404: f"no route {request.method} {request.path}; llmesh serves /v1/chat/completions, "
-                        "/v1/completions, /v1/models, /tokenize, /detokenize and /health",
+                        "/v1/completions, /v1/embeddings, /v1/models, /tokenize, /detokenize and /health",
                    405: f"method {request.method} is not allowed on {request.path}",
                    413: f"request body is over the gateway's limit of {request.app['max_bytes']} bytes "
                         "(max_request_bytes)"}.get(e.status, e.reason)
@@ -110,6 +111,7 @@ class HttpFront:
         self.app["max_bytes"] = max_request_bytes
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_post("/tokenize", self.tokenize)
         self.app.router.add_post("/detokenize", self.detokenize)
@@ -137,6 +139,19 @@ class HttpFront:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse_completion, "Completions")
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings: ``{"model", "input", "encoding_format"?, "dimensions"?}``."""
+        try:
+            message, encoding = parse_embeddings(await _body(request))
+            token = otel_context.attach(propagate.extract(request.headers))
+            try:
+                out = await self._servicer.Embed(message, _context(request))
+            finally:
+                otel_context.detach(token)
+        except Exception as e:  # noqa: BLE001 - every failure becomes its HTTP status
+            return _error_response(http_error_for(e))
+        return _json_response(embeddings_body(out, encoding))
 
     async def models(self, request: web.Request) -> web.Response:
         try:

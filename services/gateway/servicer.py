@@ -50,7 +50,7 @@ from llmesh.gateway.validation import (AUTO, check_messages, check_prompt_bytes,
 from llmesh.overload import passed_on
 from llmesh.rpc_outcomes import caller_gone
 from llmesh.telemetry import tracer
-from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+from llmesh.v1 import common_pb2, engine_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
 _tracer = tracer("llmesh.gateway")
 
@@ -81,6 +81,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._usage_store = usage_store
         self._background: set[asyncio.Task] = set()
         self._live_ids = LiveRequestIds()
+        from llmesh.gateway.embeddings import Embedder  # it reuses this module's call outcomes
+
+        self._embedder = Embedder(config, self._routes, self._pool, catalog, router, self._auth, self._streams,
+                                  self._live_ids, limiter, usage_store)
 
     @property
     def catalog(self) -> ModelCatalog:
@@ -162,6 +166,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             pass  # tokenizing does not need the router; the window is then reported as 0
         return inference_pb2.TokenizeResponse(token_ids=out.token_ids, tokens=out.tokens,
                                               max_model_len=self._catalog.window(model))
+
+    async def Embed(self, request: inference_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> engine_pb2.EmbedResponse:
+        return await self._embedder.embed(request, context)
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:

@@ -16,6 +16,10 @@ Escalation: when ``auto`` chose a small model and a large one is healthy, the sm
 model's first tokens are judged and a low-confidence answer is replaced by the large
 model's (the rule lives in ``escalation``, shared with the gateway's direct stream).
 
+``Embed`` routes an embedding batch: the named model (never ``auto``), a replica picked
+like a prompt's (on the first input's tokens), and the whole batch retried on another
+replica after UNAVAILABLE or an overload, since an embedding has no partial output.
+
 ``Route`` makes the same decisions without streaming: the model, the replicas to try in
 order, the engine request and the escalation plan, for a gateway that streams from the
 engine itself (docs/routing.md). Its failovers and escalations are the gateway's to run;
@@ -34,7 +38,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from llmesh.errors import ServiceError, status_for
+from llmesh.errors import ServiceError, invalid_argument, status_for
 from llmesh.router import metrics
 from llmesh.router.escalation import (
     FAILOVER_CODES,
@@ -268,6 +272,67 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if code in FAILOVER_CODES:
             self.fleet.mark_unhealthy(replica, f"Generate: {code.name}: {details}")
         return midstream_error(replica.name, replica.address, code, details)
+
+    async def Embed(self, request: router_pb2.RouterEmbedRequest, context: grpc.aio.ServicerContext
+                    ) -> engine_pb2.EmbedResponse:
+        model, code = request.model or "default", "OK"
+        try:
+            if request.model == AUTO:
+                raise invalid_argument("Embed needs a model name: embeddings of different models are not comparable, "
+                                       f"so {AUTO!r} is not taken")
+            model = self.policy.decide(router_pb2.RouteRequest(model=request.model)).model
+            return await self._embed(model, request.request, context)
+        except Exception as e:
+            mapped = status_for(e)
+            code = mapped[0].name if mapped else "INTERNAL"
+            raise
+        finally:
+            metrics.REQUESTS.labels(model, code).inc()
+
+    async def _embed(self, model: str, engine_request: engine_pb2.EngineEmbedRequest,
+                     context: grpc.aio.ServicerContext) -> engine_pb2.EmbedResponse:
+        pool = self.fleet.pool(model)
+        assert pool is not None  # the policy only names models of the models file
+        if not engine_request.request_id:
+            engine_request.request_id = uuid.uuid4().hex
+        first = engine_request.inputs[0].token_ids if engine_request.inputs else []
+        span = trace.get_current_span()
+        span.set_attributes({"llmesh.model": model, "llmesh.request_id": engine_request.request_id})
+        tried: set[str] = set()
+        overloads = Overloads()
+        for attempt in range(self.max_failovers + 1):
+            pick = await self.picker.pick(pool, first, engine_request.cache_salt, tried)
+            replica = pick.replica
+            tried.add(replica.address)
+            span.set_attributes({"llmesh.replica": replica.name, "llmesh.matched_blocks": pick.matched_blocks,
+                                 "llmesh.pick_reason": pick.reason, "llmesh.attempt": attempt})
+            metrics.PICKS.labels(model, pick.reason).inc()
+            replica.inflight += 1
+            try:
+                resp = await replica.engine.Embed(engine_request, timeout=_remaining(context))
+                resp.replica = resp.replica or replica.name
+                return resp
+            except grpc.aio.AioRpcError as e:
+                code, details = _failure(e)
+                others = [r for r in pool.healthy() if r.address not in tried]
+                if code in OVERLOAD_CODES:
+                    overloads.add(replica.name, replica.address, e)
+                    metrics.OVERLOADED.labels(model).inc()
+                    if attempt == self.max_failovers or not others:
+                        raise overloads.error(model) from None
+                    continue
+                if code not in FAILOVER_CODES:
+                    raise refused_error(replica.name, replica.address, code, details) from None
+                self.fleet.mark_unhealthy(replica, f"Embed: {code.name}: {details}")
+                if attempt == self.max_failovers or not others:
+                    if overloads.refusals:
+                        raise overloads.error(model) from None
+                    raise exhausted_error(model, replica.name, replica.address, code, details, attempt) from None
+                metrics.FAILOVERS.labels(model).inc()
+                span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": details})
+            finally:
+                replica.inflight -= 1
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def ListModels(self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> router_pb2.RouterListModelsResponse:

@@ -27,6 +27,7 @@ SAMPLES = {
     "block_size": 32, "kv_cache_memory": 1 << 28, "gpu_memory_utilization": 0.5, "num_kv_blocks": 100,
     "enable_prefix_caching": False, "max_num_batched_tokens": 4096, "max_num_seqs": 8,
     "enable_chunked_prefill": False, "max_waiting_requests": 4,
+    "pooling": "mean", "normalize": True, "matryoshka": True,
 }
 VLLM_NAMES = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching",
               "enable_chunked_prefill", "block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "dtype",

@@ -150,6 +150,7 @@ class EngineCore:
             eos_token_ids=request.eos_token_ids,
             max_model_len=self.max_model_len,
             fork_of=request.fork_of,
+            pooling=request.pooling,
         )
         spec = request.sampling_params.structured_output
         if spec is None:
@@ -275,7 +276,17 @@ class EngineCore:
                 collect_prompt_logprobs(req, first_target, entries)
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         self._advance_grammars(updated)
-        return [_output(req, result.logprobs.get(req.request_id)) for req in updated]
+        outputs = [_output(req, result.logprobs.get(req.request_id)) for req in updated]
+        for request_id, vector in result.pooled.items():
+            req = self.scheduler.get_request(request_id)
+            if req is None:
+                continue  # aborted while its last chunk ran
+            self.scheduler.finish_request(request_id, FinishReason.STOP)
+            outputs.append(EngineCoreOutput(
+                request_id=request_id, new_token_ids=[], finish_reason=FinishReason.STOP,
+                num_cached_tokens=req.num_cached_tokens, queued_time=req.arrival_time,
+                scheduled_time=req.scheduled_time, embedding=vector))
+        return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -12,6 +12,7 @@ from typing import Any
 
 from llmesh.engine.kv_cache.events import KVEventBatch
 from llmesh.engine.outputs import TokenLogprob
+from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 
@@ -29,6 +30,8 @@ class EngineCoreRequest:
     cache_salt: str | None = None
     fork_of: str | None = None
     """Parallel sampling: another choice of the same request, whose prompt blocks this one shares."""
+    pooling: PoolingParams | None = None
+    """Set for an embedding request (its sampling params are then unused)."""
 
 
 @dataclass
@@ -76,6 +79,8 @@ class EngineCoreOutput:
     queued it and when it was first scheduled (the front end's queue and prefill times)."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """On the first output of a request that asked for them: prompt tokens 1 .. P-1's logprobs."""
+    embedding: Any = None
+    """An embedding request's vector (a float32 numpy array), on its one, finishing output."""
 
     @property
     def finished(self) -> bool:
@@ -86,7 +91,7 @@ class EngineCoreOutput:
         # default __dict__ state (bench/ipc_transport.py; one of these per request per step).
         return (EngineCoreOutput, (self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason,
                                    self.stop_reason, self.num_cached_tokens, self.error, self.queued_time,
-                                   self.scheduled_time, self.prompt_logprobs))
+                                   self.scheduled_time, self.prompt_logprobs, self.embedding))
 
 
 @dataclass(frozen=True)

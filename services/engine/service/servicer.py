@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 
 from llmesh import prefix_hash
@@ -117,6 +118,38 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 span.add_event("finished")
             yield msg
 
+    async def Embed(self, request: engine_pb2.EngineEmbedRequest, context: grpc.aio.ServicerContext
+                    ) -> engine_pb2.EmbedResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        span = trace.get_current_span()
+        prompts = [list(x.token_ids) for x in request.inputs]
+        span.set_attributes({"llmesh.request_id": request_id, "llmesh.model": self.model,
+                             "llmesh.replica": self.instance_id, "llmesh.inputs": len(prompts),
+                             "llmesh.prompt_tokens": sum(map(len, prompts))})
+        if not prompts:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{self.where}: Embed needs at least one input")
+        try:
+            outs = await self.engine.embed(prompts, request_id=request_id, dimensions=request.dimensions or None,
+                                           priority=priority_from_proto(request.priority),
+                                           cache_salt=request.cache_salt or None)
+        except EngineDeadError as e:
+            raise self._unavailable(e) from e
+        except EngineOverloadedError as e:
+            span.add_event("refused_overloaded")
+            raise overloaded(f"{self.where}: {e}", e.retry_after_s) from None
+        except EngineError as e:
+            if type(e) is not EngineError:  # InvalidRequest: INVALID_ARGUMENT (status_for)
+                raise
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.where}: {e}") from e
+        cached = sum(o.num_cached_tokens for o in outs)
+        span.set_attribute("llmesh.cached_tokens", cached)
+        return engine_pb2.EmbedResponse(
+            request_id=request_id, model=self.model, replica=self.instance_id,
+            dimensions=len(outs[0].embedding),
+            data=[engine_pb2.Embedding(index=i, vector=np.asarray(o.embedding, "<f4").tobytes())
+                  for i, o in enumerate(outs)],
+            usage=common_pb2.Usage(prompt_tokens=sum(o.num_prompt_tokens for o in outs), cached_tokens=cached))
+
     async def Abort(self, request: engine_pb2.AbortRequest, context) -> engine_pb2.AbortResponse:
         try:
             result = await self.engine.abort_request(request.request_id)
@@ -132,7 +165,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             quantization=self.quantization, prefix_caching=eng.config.cache.enable_prefix_caching,
             hash_algorithm=prefix_hash.PREFIX_HASH_ALGORITHM, hash_seed=prefix_hash.PREFIX_HASH_SEED.hex(),
             vocab_size=eng.model_config.vocab_size, backend=self.backend, device=eng.device,
-            kv_blocks_total=eng.kv_blocks_total, epoch=self.epoch)
+            kv_blocks_total=eng.kv_blocks_total, epoch=self.epoch,
+            pooling=eng.config.pooler.pooling, normalize=eng.config.pooler.normalize,
+            matryoshka=eng.config.pooler.matryoshka, embedding_dimensions=eng.model_config.hidden_size)
 
     async def Load(self, request, context) -> engine_pb2.LoadResponse:
         s = self.engine.stats()
