@@ -14,6 +14,7 @@ from llmesh.engine.kv_cache.events import KVEventBatch
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.spec_decode.stats import SpecDecodeStats
 
 
 # ---- front end → core ---------------------------------------------------------------------
@@ -105,6 +106,8 @@ class EngineStats:
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
     num_preemptions: int = 0
+    spec: SpecDecodeStats | None = None
+    """Speculative decoding counters (None when the core does not speculate)."""
 
     @property
     def kv_cache_usage(self) -> float:
