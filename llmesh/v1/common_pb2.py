@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\"\xb6\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1e\n\x16include_special_tokens\x18\x0f \x01(\x08\x12\x0e\n\x01n\x18< \x01(\rH\x0c\x88\x01\x01\x12<\n\nlogit_bias\x18= \x03(\x0b\x32(.llmesh.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x0bjson_object\x18( \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18) \x01(\tH\x00\x12\x0f\n\x05regex\x18* \x01(\tH\x00\x12\'\n\x06\x63hoice\x18+ \x01(\x0b\x32\x15.llmesh.v1.StringListH\x00\x12\x11\n\x07grammar\x18, \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11structured_outputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x04\n\x02_n\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x87\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.llmesh.v1.TopLogprob\x12\r\n\x05token\x18< \x01(\t\x12\x13\n\x0btoken_bytes\x18= \x01(\x0c\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18< \x01(\t\x12\x13\n\x0btoken_bytes\x18= \x01(\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xb0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\t \x01(\t\x12\r\n\x05index\x18< \x01(\r\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\"\xe0\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1e\n\x16include_special_tokens\x18\x0f \x01(\x08\x12\x0e\n\x01n\x18< \x01(\rH\x0c\x88\x01\x01\x12<\n\nlogit_bias\x18= \x03(\x0b\x32(.llmesh.v1.SamplingParams.LogitBiasEntry\x12\x18\n\x0bspeculative\x18Z \x01(\x08H\r\x88\x01\x01\x12\x15\n\x0bjson_object\x18( \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18) \x01(\tH\x00\x12\x0f\n\x05regex\x18* \x01(\tH\x00\x12\'\n\x06\x63hoice\x18+ \x01(\x0b\x32\x15.llmesh.v1.StringListH\x00\x12\x11\n\x07grammar\x18, \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11structured_outputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0e\n\x0c_speculative\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x87\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.llmesh.v1.TopLogprob\x12\r\n\x05token\x18< \x01(\t\x12\x13\n\x0btoken_bytes\x18= \x01(\x0c\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18< \x01(\t\x12\x13\n\x0btoken_bytes\x18= \x01(\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xb0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\t \x01(\t\x12\r\n\x05index\x18< \x01(\r\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=1561
-  _globals['_PRIORITY']._serialized_end=1643
-  _globals['_FINISHREASON']._serialized_start=1646
-  _globals['_FINISHREASON']._serialized_end=1791
+  _globals['_PRIORITY']._serialized_start=1603
+  _globals['_PRIORITY']._serialized_end=1685
+  _globals['_FINISHREASON']._serialized_start=1688
+  _globals['_FINISHREASON']._serialized_end=1833
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=860
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=621
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=669
-  _globals['_STRINGLIST']._serialized_start=862
-  _globals['_STRINGLIST']._serialized_end=890
-  _globals['_TOOLCALL']._serialized_start=892
-  _globals['_TOOLCALL']._serialized_end=947
-  _globals['_TOKENLOGPROB']._serialized_start=950
-  _globals['_TOKENLOGPROB']._serialized_end=1085
-  _globals['_TOPLOGPROB']._serialized_start=1087
-  _globals['_TOPLOGPROB']._serialized_end=1170
-  _globals['_USAGE']._serialized_start=1172
-  _globals['_USAGE']._serialized_end=1252
-  _globals['_GENERATERESPONSE']._serialized_start=1255
-  _globals['_GENERATERESPONSE']._serialized_end=1559
+  _globals['_SAMPLINGPARAMS']._serialized_end=902
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=647
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=695
+  _globals['_STRINGLIST']._serialized_start=904
+  _globals['_STRINGLIST']._serialized_end=932
+  _globals['_TOOLCALL']._serialized_start=934
+  _globals['_TOOLCALL']._serialized_end=989
+  _globals['_TOKENLOGPROB']._serialized_start=992
+  _globals['_TOKENLOGPROB']._serialized_end=1127
+  _globals['_TOPLOGPROB']._serialized_start=1129
+  _globals['_TOPLOGPROB']._serialized_end=1212
+  _globals['_USAGE']._serialized_start=1214
+  _globals['_USAGE']._serialized_end=1294
+  _globals['_GENERATERESPONSE']._serialized_start=1297
+  _globals['_GENERATERESPONSE']._serialized_end=1601
 # @@protoc_insertion_point(module_scope)

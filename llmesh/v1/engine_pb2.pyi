@@ -40,7 +40,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch")
+    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,12 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_MAX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_MIN_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DISABLE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     instance_id: str
     block_size: int
@@ -69,7 +75,13 @@ class InfoResponse(_message.Message):
     device: str
     kv_blocks_total: int
     epoch: int
-    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    speculative_method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    speculative_model: str
+    speculative_disable_batch_size: int
+    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

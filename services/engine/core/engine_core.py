@@ -300,10 +300,17 @@ class EngineCore:
         running = self.scheduler.running
         for r in running:
             r.spec_token_ids = []
+        self.proposer.retain({r.request_id for r in running})
         if len(running) > spec.speculative_disable_batch_size:
             return
-        reqs = [r for r in running if self._speculates(r) and not r.num_pending_tokens
-                and r.num_computed_tokens == r.num_tokens - 1]
+        reqs = []
+        for r in running:
+            if not self._speculates(r) or r.num_pending_tokens or r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            if r.spec_skip:
+                r.spec_skip -= 1
+                continue
+            reqs.append(r)
         if not reqs:
             return
         k = spec.num_speculative_tokens
@@ -323,10 +330,9 @@ class EngineCore:
         new_tokens = {r.request_id: r.output_token_ids[before[r.request_id]:] for r in updated}
         for chunk in scheduled.chunks:
             if chunk.num_spec_tokens and chunk.request_id in result.sampled_token_ids:
-                self.spec_stats.record(chunk.num_spec_tokens, len(result.sampled_token_ids[chunk.request_id]) - 1,
-                                       len(new_tokens.get(chunk.request_id, ())))
-        if self.proposer is not None and scheduled.finished_request_ids:
-            self.proposer.on_finished(scheduled.finished_request_ids)
+                accepted = len(result.sampled_token_ids[chunk.request_id]) - 1
+                self.spec_stats.record(chunk.num_spec_tokens, accepted, len(new_tokens.get(chunk.request_id, ())))
+                _back_off(chunk.request, accepted)
         self._advance_grammars(updated, new_tokens)
         return [_output(req, new_tokens[req.request_id], result.logprobs.get(req.request_id)) for req in updated]
 
@@ -343,6 +349,21 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions_total,
             spec=self.spec_stats.snapshot() if self.proposer is not None else None,
         )
+
+
+SPEC_MAX_BACKOFF = 32
+"""Most steps a request goes without drafts after verify steps that accepted nothing."""
+
+
+def _back_off(req: Request, accepted: int) -> None:
+    """After a verify step: drafts that all missed make the request skip proposals for
+    exponentially longer (1, 3, 7, ... steps, capped), so a request whose context never
+    predicts its output pays for verify width rarely; one accepted draft resets it."""
+    if accepted:
+        req.spec_misses = 0
+        return
+    req.spec_misses += 1
+    req.spec_skip = min(2 ** req.spec_misses - 1, SPEC_MAX_BACKOFF)
 
 
 def _output(req: Request, new_tokens: list[int], logprobs) -> EngineCoreOutput:

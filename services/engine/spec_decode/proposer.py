@@ -37,8 +37,9 @@ class Proposer(abc.ABC):
         ``all_token_ids``. ``hidden_states`` ([len(requests), H], the target's last layer at
         each request's last token) is for proposers that read it; others ignore it."""
 
-    def on_finished(self, request_ids: Sequence[str]) -> None:
-        """Forget per-request state (a draft model's KV blocks)."""
+    def retain(self, request_ids: set[str]) -> None:
+        """Forget per-request state (a draft model's KV blocks) of every request not in
+        ``request_ids`` (the running ones): finished, aborted or preempted."""
 
 
 def build_proposer(config, target=None) -> Proposer | None:
