@@ -13,7 +13,7 @@ from llmesh.v1 import common_pb2
 
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed", "logprobs", "min_tokens", "n",
-             "prompt_logprobs")
+             "prompt_logprobs", "speculative")
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, *, default_max_tokens: int | None = None) -> SamplingParams:

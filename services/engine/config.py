@@ -115,6 +115,61 @@ class PoolerConfig:
                 f"pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
         require(isinstance(self.normalize, bool), f"normalize must be true or false, got {self.normalize!r}")
         require(isinstance(self.matryoshka, bool), f"matryoshka must be true or false, got {self.matryoshka!r}")
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: drafts checked by the target in one pass (docs/speculative-decoding.md)."""
+
+    speculative_method: str | None = option(
+        None, "None (off), ngram (prompt lookup: drafts copied from earlier in the prompt and output) "
+              "or draft (a smaller model with the same tokenizer, speculative_model)")
+    num_speculative_tokens: int = option(4, "drafts proposed per request per step (k); a verify step "
+                                            "computes k + 1 positions")
+    prompt_lookup_max: int = option(4, "ngram: longest suffix (in tokens) looked up in the context")
+    prompt_lookup_min: int = option(1, "ngram: shortest suffix looked up; shorter matches propose nothing")
+    speculative_model: str | None = option(None, "draft: path of the draft model (same tokenizer and vocabulary)")
+    speculative_disable_batch_size: int = option(
+        8, "no drafts while more requests than this run: a large batch is compute-bound and verify "
+           "width would cost more than it saves")
+
+    def __post_init__(self) -> None:
+        require(self.speculative_method is None or self.speculative_method in SPECULATIVE_METHODS,
+                f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} or None, "
+                f"got {self.speculative_method!r}")
+        require(isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 64,
+                f"num_speculative_tokens must be in [1, 64], got {self.num_speculative_tokens!r}")
+        require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+                f"need 1 ≤ prompt_lookup_min ≤ prompt_lookup_max, got {self.prompt_lookup_min!r} and "
+                f"{self.prompt_lookup_max!r}")
+        require(self.speculative_method != "draft" or bool(self.speculative_model),
+                "speculative_method 'draft' needs speculative_model (the draft model's path)")
+        require(self.speculative_disable_batch_size >= 1,
+                f"speculative_disable_batch_size must be ≥ 1, got {self.speculative_disable_batch_size!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method is not None
+
+
+SPECULATIVE_CONFIG_KEYS = {
+    "method": "speculative_method", "num_speculative_tokens": "num_speculative_tokens",
+    "prompt_lookup_max": "prompt_lookup_max", "prompt_lookup_min": "prompt_lookup_min",
+    "model": "speculative_model", "disable_by_batch_size": "speculative_disable_batch_size",
+}
+"""vLLM's ``speculative_config`` dict keys → this config's flat option names."""
+
+
+def speculative_options(speculative_config: dict | None) -> dict:
+    """``LLM(speculative_config={...})`` (vLLM's form) as flat options; unknown keys raise."""
+    if not speculative_config:
+        return {}
+    unknown = sorted(set(speculative_config) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise TypeError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; valid: "
+                        f"{', '.join(SPECULATIVE_CONFIG_KEYS)}")
+    return {SPECULATIVE_CONFIG_KEYS[k]: v for k, v in speculative_config.items()}
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -150,6 +205,7 @@ class EngineConfig:
     cache: CacheConfig = group(CacheConfig)
     scheduler: SchedulerConfig = group(SchedulerConfig)
     pooler: PoolerConfig = group(PoolerConfig)
+    speculative: SpeculativeConfig = group(SpeculativeConfig)
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), f"model must be a path, got {self.model!r}")

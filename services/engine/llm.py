@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from llmesh.config import build
-from llmesh.engine.config import EngineConfig
+from llmesh.engine.config import EngineConfig, speculative_options
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.llm_engine import LLMEngine
 from llmesh.engine.outputs import EmbeddingOutput, RequestOutput
@@ -26,8 +26,10 @@ from llmesh.engine.sampling_params import SamplingParams
 def build_engine_config(model: str | os.PathLike, **options: Any) -> EngineConfig:
     """``LLM``'s keyword arguments → EngineConfig: each is an EngineConfig option by its flat
     name (``max_num_seqs``, ``block_size``, ...; the list is in docs/configuration.md). An
-    unknown name raises UnknownOptionError (a TypeError) listing the valid ones."""
-    return build(EngineConfig, {"model": os.fspath(model), **options}, what="engine config")
+    unknown name raises UnknownOptionError (a TypeError) listing the valid ones.
+    ``speculative_config`` takes vLLM's dict form, e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``."""
+    spec = speculative_options(options.pop("speculative_config", None))
+    return build(EngineConfig, {"model": os.fspath(model), **options, **spec}, what="engine config")
 
 
 class LLM:

@@ -56,6 +56,17 @@ GENERATION_TOKENS = Counter("llmesh_engine_generation_tokens", "Tokens generated
 REQUEST_SUCCESS = Counter("llmesh_engine_request_success", "Requests finished, by reason (stop, length, "
                           "abort, error).", _M + ["finished_reason"])
 
+SPEC_VERIFY_STEPS = Counter("llmesh_engine_spec_decode_verify_steps", "Verify chunks run by speculative "
+                            "decoding (one per speculating request per step).", _M)
+SPEC_PROPOSED = Counter("llmesh_engine_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", _M)
+SPEC_ACCEPTED = Counter("llmesh_engine_spec_decode_num_accepted_tokens", "Draft tokens the target accepted.", _M)
+SPEC_EMITTED = Counter("llmesh_engine_spec_decode_num_emitted_tokens", "Tokens verify chunks emitted: accepted "
+                       "drafts plus the target's own token, cut at a stop.", _M)
+SPEC_ACCEPTANCE = Gauge("llmesh_engine_spec_decode_acceptance_rate", "Accepted / proposed draft tokens since "
+                        "the core started.", _M)
+SPEC_MEAN_LENGTH = Gauge("llmesh_engine_spec_decode_mean_accepted_length", "Tokens per verify step (accepted "
+                         "drafts + 1) since the core started.", _M)
+
 ITERATION_TOKENS = Histogram("llmesh_engine_iteration_tokens_total", "Tokens computed per engine step "
                              "(prefill chunks and decodes).", _M, buckets=_ITERATION_TOKEN_BUCKETS)
 REQUEST_PROMPT_TOKENS = Histogram("llmesh_engine_request_prompt_tokens", "Prompt tokens per finished request.",
@@ -88,6 +99,8 @@ class EngineMetrics:
                                                                                KV_CACHE_USAGE))
         self._queries, self._hits, self._preemptions = (c.labels(model) for c in (
             PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS))
+        self._spec = [c.labels(model) for c in (SPEC_VERIFY_STEPS, SPEC_PROPOSED, SPEC_ACCEPTED, SPEC_EMITTED)]
+        self._spec_rate, self._spec_len = SPEC_ACCEPTANCE.labels(model), SPEC_MEAN_LENGTH.labels(model)
         self._prompt, self._generation = PROMPT_TOKENS.labels(model), GENERATION_TOKENS.labels(model)
         self._success = {str(r): REQUEST_SUCCESS.labels(model, str(r)) for r in FinishReason}
         self._iteration = ITERATION_TOKENS.labels(model)
@@ -113,6 +126,12 @@ class EngineMetrics:
         self._queries.inc(_grown(stats.prefix_cache_queries, last.prefix_cache_queries if last else None))
         self._hits.inc(_grown(stats.prefix_cache_hits, last.prefix_cache_hits if last else None))
         self._preemptions.inc(_grown(stats.num_preemptions, last.num_preemptions if last else None))
+        if stats.spec is not None:
+            prev = last.spec if last is not None else None
+            for counter, name in zip(self._spec, ("verify_steps", "proposed", "accepted", "emitted")):
+                counter.inc(_grown(getattr(stats.spec, name), getattr(prev, name) if prev else None))
+            self._spec_rate.set(stats.spec.acceptance_rate)
+            self._spec_len.set(stats.spec.mean_accepted_length)
         self._last = stats
 
     def _record_iteration(self, it: IterationStats) -> None:

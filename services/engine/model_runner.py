@@ -26,6 +26,7 @@ from llmesh.engine.request import Request
 from llmesh.engine.sampler import SampledBatch, Sampler
 from llmesh.engine.sampling_ops import to_device
 from llmesh.engine.scheduler_output import SchedulerOutput
+from llmesh.engine.spec_decode.verify import accept_deterministic
 from llmesh.engine.step_inputs import HostStep, stage_host
 from llmesh.kernels.paged_attention import AttentionMetadata
 
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    """Request id → the token sampled this step (only requests whose chunk reached their end)."""
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Request id → the tokens this step gives it (only requests whose chunk reached their
+    end): one, or for a verify chunk the accepted drafts and the target's next token."""
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    """Request id → one entry per token in ``sampled_token_ids`` (requests that asked)."""
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     """Request id → (prompt index of the first entry, entries) for chunks that asked for them."""
     pooled: dict[str, np.ndarray] = field(default_factory=dict)
@@ -44,13 +47,19 @@ class ModelRunnerOutput:
 
 
 class StepHandle:
-    """A launched step: its device work is queued; ``result()`` waits for its sampled tokens
-    and pooled vectors (the device-to-host copies of this step alone) and returns them as
-    host values."""
+    """A launched step: its device work is queued; ``result()`` waits for its sampled tokens,
+    prompt logprobs and pooled vectors (the device-to-host copies of this step alone) and
+    returns them as host values.
 
-    def __init__(self, sampled: SampledBatch | None, *, prompt_logprobs: PromptLogprobs | None = None,
-                 pooled: PooledBatch | None = None) -> None:
+    ``drafts[i]`` are the drafts the step verifies for its i-th sampling request, whose
+    rows in the sampled batch are its 1 + k verify positions; rejection sampling
+    (``accept_deterministic``) picks the tokens each request keeps.
+    """
+
+    def __init__(self, sampled: SampledBatch | None, drafts: list[tuple[int, ...]] | None = None, *,
+                 prompt_logprobs: PromptLogprobs | None = None, pooled: PooledBatch | None = None) -> None:
         self._sampled = sampled
+        self._drafts = drafts
         self._prompt_logprobs = prompt_logprobs
         self._pooled = pooled
 
@@ -63,10 +72,18 @@ class StepHandle:
         if self._sampled is None:
             return out
         host = self._sampled.to_host()
-        for req, tok, lp in zip(self._sampled.requests, host.token_ids, host.logprobs):
-            out.sampled_token_ids[req.request_id] = tok
-            if lp is not None:
-                out.logprobs[req.request_id] = lp
+        rows = self._sampled.requests
+        row = 0
+        while row < len(rows):
+            req = rows[row]
+            drafts = self._drafts[len(out.sampled_token_ids)] if self._drafts else ()
+            width = len(drafts) + 1
+            tokens = accept_deterministic(drafts, host.token_ids[row: row + width])
+            out.sampled_token_ids[req.request_id] = tokens
+            lps = host.logprobs[row: row + len(tokens)]
+            if lps[0] is not None:
+                out.logprobs[req.request_id] = lps
+            row += width
         return out
 
 
@@ -87,7 +104,12 @@ class SampledTokenFeed:
             self._ids, self._rows = None, {}
         else:
             self._ids = sampled.token_ids
-            self._rows = {r.request_id: i for i, r in enumerate(sampled.requests)}
+            # A verifying request has several rows and its token is known only after
+            # acceptance, on the host: it is never fed from here (such steps run synchronously).
+            rows: dict[str, int] = {}
+            for i, r in enumerate(sampled.requests):
+                rows[r.request_id] = -1 if r.request_id in rows else i
+            self._rows = {k: v for k, v in rows.items() if v >= 0}
 
     def patch(self, input_ids: torch.Tensor, flat_index: list[int], requests: list[Request]) -> None:
         """input_ids[flat_index[i]] = the token requests[i] sampled last step."""
@@ -128,8 +150,9 @@ class BatchInputs:
     input_ids: torch.Tensor            # [T]
     positions: torch.Tensor            # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor       # [N]: flat index of the last token of each sampling chunk
+    logits_indices: torch.Tensor       # [R]: flat index of each sampled position (k + 1 per verify chunk)
     sampling_requests: list[Request]   # [N]
+    spec_drafts: list[tuple[int, ...]]  # [N]: the drafts each sampling request's chunk verifies
 
 
 def build_metadata(host: HostStep, device: torch.device) -> AttentionMetadata:
@@ -163,7 +186,7 @@ def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.de
             raise RuntimeError("the step needs the previous step's sampled tokens")
         feed.patch(input_ids, host.pending_index, host.pending_requests)
     return BatchInputs(input_ids, t(host.positions), build_metadata(host, device), t(host.logits_indices),
-                       host.sampling_requests)
+                       host.sampling_requests, host.spec_drafts)
 
 
 class RunnerBase(abc.ABC):
@@ -259,13 +282,13 @@ class TorchModelRunner(RunnerBase):
         prompt_lps = self.prompt_logprobs(scheduled, batch.meta.host_query_start_loc, hidden)
         sampled = None
         if batch.sampling_requests:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, vocab]
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab]
             if self.logits_observer is not None:
                 self.logits_observer(batch.sampling_requests, logits)
-            sampled = self.sampler.sample(logits, batch.sampling_requests)
+            sampled = self.sampler.sample(logits, batch.sampling_requests, batch.spec_drafts)
             sampled.start_copy()
         pooled = pool_step(hidden, scheduled.chunks) if has_pooling(scheduled.chunks) else None
         if pooled is not None:
             pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled, prompt_logprobs=prompt_lps, pooled=pooled)
+        return StepHandle(sampled, batch.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)

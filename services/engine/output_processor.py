@@ -67,22 +67,31 @@ class OutputProcessor:
         now = time.monotonic()
         if iteration is not None:
             iteration.update_from_output(out, st.stats, step_time, now)
-        text = st.detokenizer.add(out.new_token_ids)
+        token_ids, logprobs = list(out.new_token_ids), out.new_logprobs
         hit_stop, stop_string = False, None
-        if st.stop is not None:
-            res = st.stop.feed(text)
-            text = res.text
-            if res.stopped:
-                hit_stop, stop_string = True, res.stop_string
+        if st.stop is None:
+            text = st.detokenizer.add(token_ids)
+        else:
+            # Several tokens at once (speculative decoding): fed one by one, so the tokens
+            # after the one that completes a stop string are never emitted.
+            text = ""
+            for i, token in enumerate(token_ids):
+                res = st.stop.feed(st.detokenizer.add([token]))
+                text += res.text
+                if res.stopped:
+                    hit_stop, stop_string = True, res.stop_string
+                    token_ids = token_ids[: i + 1]
+                    logprobs = logprobs[: i + 1] if logprobs is not None else None
+                    break
         finished = out.finished or hit_stop
         if finished and not hit_stop:
             text += self._flush(st)
         delta = RequestOutput(
             request_id=out.request_id,
             prompt_token_ids=st.prompt_token_ids,
-            token_ids=list(out.new_token_ids),
+            token_ids=token_ids,
             text=text,
-            logprobs=out.new_logprobs,
+            logprobs=logprobs,
             finished=finished,
             finish_reason=FinishReason.STOP if hit_stop else out.finish_reason,
             stop_reason=stop_string if hit_stop else out.stop_reason,

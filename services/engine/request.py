@@ -83,6 +83,14 @@ class Request:
     """The stop token id or stop string that ended the request, if any."""
     sampler_state: Any = None
     """Owned by the sampler (e.g. the seeded torch.Generator); opaque to the scheduler."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed for the next step (speculative decoding): the scheduler turns the
+    next decode into a verify chunk of the last token plus these, budget permitting."""
+    spec_misses: int = 0
+    """Verify steps in a row that accepted no draft; the proposer then skips this request for
+    2**spec_misses steps (at most SPEC_MAX_BACKOFF), so drafts that never land stop costing."""
+    spec_skip: int = 0
+    """Steps left before this request is proposed for again."""
     grammar: Any = None
     """The structured-output matcher (``GrammarState``) of a constrained request, set by the
     core once its grammar is compiled; the sampler masks with it, the core advances it."""

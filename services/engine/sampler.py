@@ -79,11 +79,32 @@ class Sampler:
         # logits: [N, V], row i belongs to requests[i]
         return self.sample(logits, requests).to_host()
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampledBatch:
-        """All of the device work for a batch; nothing is read back yet (see SampledBatch)."""
-        # logits: [N, V], row i belongs to requests[i]
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request],
+               drafts: Sequence[Sequence[int]] | None = None) -> SampledBatch:
+        """All of the device work for a batch; nothing is read back yet (see SampledBatch).
+
+        With ``drafts`` (speculative decoding), request i owns ``1 + len(drafts[i])``
+        consecutive rows, its verify positions: row j is sampled as if ``drafts[i][:j]``
+        had been appended to its output (penalties count them, the grammar has accepted
+        them), so each row draws from exactly the distribution a plain step would.
+        """
+        # logits: [R, V]; without drafts row i belongs to requests[i]
+        prior: list[tuple[int, ...]] | None = None
+        if drafts is not None and any(drafts):
+            rows = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
+            prior = [tuple(d[:j]) for d in drafts for j in range(len(d) + 1)]
+            grammar_rows = []
+            first = 0
+            for r, d in zip(requests, drafts):
+                if r.grammar is not None:
+                    grammar_rows.append((first, r.grammar, tuple(d)))
+                first += len(d) + 1
+        else:
+            rows = list(requests)
+            grammar_rows = [(i, r.grammar, ()) for i, r in enumerate(rows) if r.grammar is not None]
+        requests = rows
         if logits.dim() != 2 or logits.shape[0] != len(requests):
-            raise ValueError(f"logits must be [N, V] with N = {len(requests)} requests, "
+            raise ValueError(f"logits must be [N, V] with N = {len(requests)} rows, "
                              f"got {tuple(logits.shape)}")
         if not requests:
             return SampledBatch(torch.empty(0, dtype=torch.long, device=logits.device), [], None, 0)
@@ -93,8 +114,8 @@ class Sampler:
         raw = logits.float()
         # The grammar mask comes first: a disallowed token must not be chosen, nor count in
         # top-p's mass or min-p's reference; logprobs are then over the allowed tokens, as vLLM's.
-        apply_bitmask(raw, [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None])
-        penalised = self._penalise(self._bias(raw, requests), requests)
+        apply_bitmask(raw, grammar_rows)
+        penalised = self._penalise(self._bias(raw, requests), requests, prior)
 
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(random_rows) == len(requests):
@@ -128,9 +149,11 @@ class Sampler:
         return out.view_as(logits)
 
     # ---- penalties -------------------------------------------------------------------
-    def _penalise(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _penalise(self, logits: torch.Tensor, requests: Sequence[Request],
+                  prior: Sequence[tuple[int, ...]] | None = None) -> torch.Tensor:
         """Logits after repetition/presence/frequency penalties; untouched (not copied)
-        when no row uses any, and computed only over the rows that do."""
+        when no row uses any, and computed only over the rows that do. ``prior[i]``: draft
+        tokens row i counts as output after the request's own."""
         rows = [
             i for i, r in enumerate(requests)
             if r.sampling_params.repetition_penalty != 1.0
@@ -147,7 +170,8 @@ class Sampler:
             logits[idx],
             [self._prompt_ids(requests[i], device) if p.repetition_penalty != 1.0 else no_tokens
              for i, p in zip(rows, params)],
-            [requests[i].output_token_ids for i in rows],
+            [requests[i].output_token_ids + list(prior[i]) if prior else requests[i].output_token_ids
+             for i in rows],
             to_device([p.repetition_penalty for p in params], torch.float32, device),
             to_device([p.presence_penalty for p in params], torch.float32, device),
             to_device([p.frequency_penalty for p in params], torch.float32, device),

@@ -63,6 +63,11 @@ class SamplingParams:
     """Token id → bias in [-100, 100] added to its logit before penalties and sampling.
     The ids are checked against the vocabulary where it is known (the input processor)."""
 
+    speculative: bool = True
+    """Let the engine speculate for this request (when it runs with a speculative_config):
+    the output distribution is the same either way; off trades its speed-up for no verify
+    width (say, for a request known not to repeat its input)."""
+
     # ---- structured output ----
     structured_output: StructuredOutputSpec | None = None
     """Constrain the output to a JSON object or schema, a regex, a choice or an EBNF grammar:
@@ -154,6 +159,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}", field="stop")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be true or false")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
             raise InvalidRequestError("structured_output must be a StructuredOutputSpec", field="structured_output")
         for t in self.stop_token_ids:

@@ -28,6 +28,13 @@ prompt that does not, and a sequence that grows to fill the pool finishes with L
 than being preempted forever. So a request alone can always run, a preempted one can
 always come back, and admission in strict order starves nobody.
 
+Speculative decoding: a running decode whose request carries draft tokens
+(``Request.spec_token_ids``) becomes a verify chunk of 1 + k tokens, with k taken only
+from the budget left after every decode and prefill is placed, and only when the pool
+has the lookahead slots without preempting anyone. ``update_from_output`` then appends
+the accepted tokens one by one (a stop among them ends the request there), rolls the
+computed count back past the rejected drafts and frees the blocks that held only them.
+
 Unknown or already finished ids given to ``finish_request`` / ``abort_request`` return
 0 freed blocks; aborting twice is harmless.
 """
@@ -37,7 +44,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from llmesh.engine.config import SchedulerConfig
 from llmesh.engine.errors import InvalidRequestError
@@ -153,6 +160,7 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit_waiting(budget, chunks, preempted)
+        budget = self._add_drafts(chunks, budget)
 
         decodes, prefills = [], []
         for c in chunks.values():
@@ -168,13 +176,16 @@ class Scheduler:
             finished_request_ids=finished,
         )
 
-    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput,
+                           sampled: Mapping[str, int | Sequence[int]]) -> list[Request]:
         """Append the tokens a step sampled, register blocks that became full, check stops.
 
-        Returns the requests that received a token (finished ones included; their
-        blocks are already freed). Tokens of requests that finished or were aborted
-        since ``schedule()`` are dropped; a request preempted meanwhile keeps its token
-        (it was computed from its real context before the blocks were given back).
+        ``sampled`` maps a request to its token, or for a verify chunk to the tokens it
+        emitted (accepted drafts, then the target's own token). Returns the requests that
+        received tokens (finished ones included; their blocks are already freed). Tokens
+        of requests that finished or were aborted since ``schedule()`` are dropped; a
+        request preempted meanwhile keeps its tokens (they were computed from its real
+        context before the blocks were given back).
         """
         received: list[Request] = []
         for chunk in output.chunks:
@@ -188,10 +199,25 @@ class Scheduler:
                 continue
             if request.request_id not in sampled:
                 raise KeyError(f"no sampled token for request {request.request_id!r}, whose chunk samples")
-            request.append_output_token(sampled[request.request_id])
+            tokens = sampled[request.request_id]
+            tokens = [tokens] if isinstance(tokens, int) else list(tokens)
+            if not 1 <= len(tokens) <= chunk.num_spec_tokens + 1:
+                raise ValueError(f"request {request.request_id!r}: {len(tokens)} tokens for a chunk with "
+                                 f"{chunk.num_spec_tokens} drafts")
+            if request.status is RequestStatus.RUNNING and chunk.num_spec_tokens:
+                # the KV of rejected drafts is garbage: the computed count stops at the last
+                # accepted token, and blocks holding only rejected slots go back at once
+                request.num_computed_tokens -= chunk.num_spec_tokens + 1 - len(tokens)
+                self.kv.release_tail(request)
+            for token in tokens:
+                request.append_output_token(token)
+                if request.check_stop():
+                    break
             if request.status is RequestStatus.RUNNING:
+                if chunk.num_spec_tokens:  # a stop among the accepted tokens leaves later ones unused
+                    request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
                 self.kv.cache_computed_blocks(request)
-            if request.check_stop():
+            if request.finish_reason is not None:
                 self._finish(request, request.finish_reason)
             elif self._outgrows_pool(request):
                 self._finish(request, FinishReason.LENGTH)
@@ -199,6 +225,26 @@ class Scheduler:
         return received
 
     # ---- helpers --------------------------------------------------------------------
+    def _add_drafts(self, chunks: dict[str, ScheduledChunk], budget: int) -> int:
+        """Widen decodes whose request has drafts into verify chunks, from the spare budget
+        only and without preempting anyone for a lookahead slot; returns the budget left."""
+        for request_id, chunk in list(chunks.items()):
+            request = chunk.request
+            drafts = request.spec_token_ids
+            if budget <= 0:
+                break
+            if not drafts or not chunk.is_decode or request.num_pending_tokens:
+                continue
+            # never draft past max_tokens or the window: the target adds one token of its own
+            room = min(request.sampling_params.max_tokens - request.num_output_tokens,
+                       (request.max_model_len or self.config.max_model_len) - request.num_tokens) - 1
+            k = min(len(drafts), budget, room)
+            if k <= 0 or not self.kv.allocate_slots(request, 1 + k):
+                continue
+            chunks[request_id] = ScheduledChunk(request, chunk.start_pos, 1 + k, tuple(drafts[:k]))
+            budget -= k
+        return budget
+
     def _admit_waiting(
         self, budget: int, chunks: dict[str, ScheduledChunk], preempted: list[str]
     ) -> int:
@@ -289,6 +335,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1

@@ -37,8 +37,9 @@ class HostStep:
     seq_lens: np.ndarray           # [S] int64
     block_ids: np.ndarray          # [sum of table lengths] int64, the tables back to back
     table_lens: np.ndarray         # [S] int64
-    logits_indices: np.ndarray     # [N] int64
+    logits_indices: np.ndarray     # [R] int64: one row per sampling chunk, k + 1 for a verify chunk
     sampling_requests: list[Request]
+    spec_drafts: list[tuple[int, ...]]  # per sampling request, the drafts its chunk verifies
     pending_index: list[int]       # flat indices whose token is last step's sample (device)
     pending_requests: list[Request]
     max_query_len: int
@@ -71,11 +72,12 @@ def stage_host(scheduled: SchedulerOutput, block_size: int) -> HostStep:
 
     token_ids: list[int] = []
     pending_index, pending_requests = [], []
-    logits_idx, sampling = [], []
+    logits_idx, sampling, drafts = [], [], []
     tables = []
     for s, c in enumerate(chunks):
         req = c.request
-        known_end = min(int(ends[s]), req.num_tokens)
+        k = c.num_spec_tokens
+        known_end = min(int(ends[s]) - k, req.num_tokens)
         start = c.start_pos
         if known_end > start:
             p = req.num_prompt_tokens
@@ -86,13 +88,15 @@ def stage_host(scheduled: SchedulerOutput, block_size: int) -> HostStep:
             else:
                 token_ids.extend(req.prompt_token_ids[start:])
                 token_ids.extend(req.output_token_ids[: known_end - p])
-        if ends[s] > known_end:  # the last input is the token the previous step sampled
+        if ends[s] - k > known_end:  # the last input is the token the previous step sampled
             pending_index.append(len(token_ids))
             pending_requests.append(req)
             token_ids.append(0)
+        token_ids.extend(c.spec_token_ids)
         if c.samples:
-            logits_idx.append(int(qsl[s + 1]) - 1)
+            logits_idx.extend(range(int(qsl[s + 1]) - 1 - k, int(qsl[s + 1])))
             sampling.append(req)
+            drafts.append(c.spec_token_ids)
         tables.append(req.block_ids[: -(-int(ends[s]) // block_size)])
 
     table_lens = np.fromiter((len(x) for x in tables), np.int64, num_seqs)
@@ -107,7 +111,7 @@ def stage_host(scheduled: SchedulerOutput, block_size: int) -> HostStep:
     return HostStep(
         num_tokens=t, num_seqs=num_seqs, token_ids=np.asarray(token_ids, np.int64), positions=positions,
         slot_mapping=slots, query_start_loc=qsl, seq_lens=ends, block_ids=block_ids, table_lens=table_lens,
-        logits_indices=np.asarray(logits_idx, np.int64), sampling_requests=sampling,
+        logits_indices=np.asarray(logits_idx, np.int64), sampling_requests=sampling, spec_drafts=drafts,
         pending_index=pending_index, pending_requests=pending_requests,
         max_query_len=int(lens.max()), max_seq_len=int(ends.max()))
 
@@ -125,9 +129,9 @@ class StaticInputs:
         self.query_start_loc = torch.zeros(max_seqs + 1, **i32)
         self.seq_lens = torch.zeros(max_seqs, **i32)
         self.block_tables = torch.zeros(max_seqs, max_blocks, **i32)
-        self.logits_indices = torch.zeros(max_seqs, **i64)
+        self.logits_indices = torch.zeros(max_tokens, **i64)  # a verify chunk samples every position
         # one packed transfer: ids, positions, slots | qsl | lens | tables | logits indices
-        self._sizes = [max_tokens] * 3 + [max_seqs + 1, max_seqs, max_seqs * max_blocks, max_seqs]
+        self._sizes = [max_tokens] * 3 + [max_seqs + 1, max_seqs, max_seqs * max_blocks, max_tokens]
         self._staging = torch.zeros(sum(self._sizes), **i64)
         self._pinned = [torch.zeros(sum(self._sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
                         for _ in range(2)]
@@ -161,7 +165,7 @@ class StaticInputs:
         tables2d[:s_pad] = 0
         tables2d[step.block_table_coords()] = step.block_ids
         n = len(step.logits_indices)
-        logits[:s_pad] = 0
+        logits[:t_pad] = 0
         logits[:n] = step.logits_indices
         self._staging.copy_(buf, non_blocking=True)
         if self.device.type == "cuda":
@@ -176,4 +180,4 @@ class StaticInputs:
         self.query_start_loc[: s_pad + 1].copy_(dev[3][: s_pad + 1])
         self.seq_lens[:s_pad].copy_(dev[4][:s_pad])
         self.block_tables[:s_pad].copy_(dev[5].view(self.max_seqs, self.max_blocks)[:s_pad])
-        self.logits_indices[:s_pad].copy_(dev[6][:s_pad])
+        self.logits_indices[:t_pad].copy_(dev[6][:t_pad])

@@ -160,16 +160,16 @@ class TritonModelRunner(RunnerBase):
                 meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len, host)
                 out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
                 self.stats.eager_steps += 1
-            n = len(host.sampling_requests)
+            n = len(host.logits_indices)  # verify chunks (speculative decoding) sample k + 1 rows
             hidden = out[st.logits_indices[:n]] if n else out[:0]
         prompt_lps = None if decode_only else self.prompt_logprobs(scheduled, host.query_start_loc, out)
         sampled = None
         reqs = host.sampling_requests
         if reqs:
-            logits = self.model.compute_logits(hidden)  # [N, vocab] float32
+            logits = self.model.compute_logits(hidden)  # [R, vocab] float32
             if self.logits_observer is not None:
                 self.logits_observer(reqs, logits)
-            sampled = self.sampler.sample(logits, reqs)
+            sampled = self.sampler.sample(logits, reqs, host.spec_drafts)
             sampled.start_copy()
         # An embedding chunk never samples, so its step is never decode-only: ``out`` holds
         # every token's hidden state, padded rows after the step's ``t``.
@@ -177,4 +177,4 @@ class TritonModelRunner(RunnerBase):
         if pooled is not None:
             pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled, prompt_logprobs=prompt_lps, pooled=pooled)
+        return StepHandle(sampled, host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)

@@ -28,6 +28,8 @@ SAMPLES = {
     "enable_prefix_caching": False, "max_num_batched_tokens": 4096, "max_num_seqs": 8,
     "enable_chunked_prefill": False, "max_waiting_requests": 4,
     "pooling": "mean", "normalize": True, "matryoshka": True,
+    "speculative_method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2,
+    "speculative_model": "/models/draft", "speculative_disable_batch_size": 4,
 }
 VLLM_NAMES = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching",
               "enable_chunked_prefill", "block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "dtype",

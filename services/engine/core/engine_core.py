@@ -6,6 +6,12 @@ step's: step N+1 is scheduled and launched before step N's tokens are read back,
 host's scheduling, staging and the front end's text work overlap the device's forward
 pass, and the only host-device sync per step is for the sampled tokens.
 
+Speculative decoding (a ``speculative`` config): after a step lands, the proposer drafts
+tokens for running requests that speculate; the next schedule turns their decodes into
+verify chunks. Proposing needs the accepted tokens on the host, so while any running
+request speculates the core runs steps synchronously (land, propose, schedule); batches
+with no speculating request keep the async path.
+
 The core knows token ids only: tokenization, detokenization and stop strings belong to
 the front end (``LLMEngine`` in-process, ``AsyncLLM`` across a process boundary). Not
 thread-safe: exactly one thread drives it.
@@ -88,6 +94,11 @@ class EngineCore:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Constrained requests whose grammar is being compiled: admitted to the scheduler
         once it is ready, so the step loop never waits for a compilation."""
+        from llmesh.engine.spec_decode import build_proposer
+        from llmesh.engine.spec_decode.stats import SpecDecodeStats
+
+        self.proposer = build_proposer(config.speculative if config.speculative.enabled else None, self)
+        self.spec_stats = SpecDecodeStats()
         self._steps = 0
         self._last_step_time = time.monotonic()
         self.last_step_tokens = 0
@@ -114,6 +125,7 @@ class EngineCore:
                       sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
                       kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
                       linear_method=self.quantization.linear_method)
+        self._runner_common = common
         if self.config.backend == "triton":
             from llmesh.engine.triton_runner import TritonModelRunner
 
@@ -207,19 +219,22 @@ class EngineCore:
                                                finish_reason=FinishReason.ERROR, error=str(e)))
         return failed
 
-    def _advance_grammars(self, updated: list[Request]) -> None:
-        """Advance each constrained request's matcher past the token it just received; a
+    def _advance_grammars(self, updated: list[Request], new_tokens: dict[str, list[int]]) -> None:
+        """Advance each constrained request's matcher past the tokens it just received; a
         request whose grammar is complete finishes with STOP."""
         for req in updated:
             if req.grammar is None or req.is_finished:
                 continue
-            token = req.output_token_ids[-1]
-            if not req.grammar.accept(token):
-                # The mask allowed only tokens the grammar accepts: this is an engine bug.
-                log.error("grammar refused a sampled token", extra={"request_id": req.request_id, "token": token})
-                self.scheduler.finish_request(req.request_id, FinishReason.ERROR)
-            elif req.grammar.terminated:
-                self.scheduler.finish_request(req.request_id, FinishReason.STOP)
+            for token in new_tokens[req.request_id]:
+                if not req.grammar.accept(token):
+                    # The mask allowed only tokens the grammar accepts: this is an engine bug.
+                    log.error("grammar refused a sampled token",
+                              extra={"request_id": req.request_id, "token": token})
+                    self.scheduler.finish_request(req.request_id, FinishReason.ERROR)
+                    break
+                if req.grammar.terminated:
+                    self.scheduler.finish_request(req.request_id, FinishReason.STOP)
+                    break
 
     def finish_request(self, request_id: str, reason: FinishReason) -> int:
         """End a live request now (abort, a stop string the front end saw); returns the
@@ -244,15 +259,18 @@ class EngineCore:
         if self._inflight is not None and self._needs_known_tokens():
             outputs.extend(self._land(self._inflight))
             self._inflight = None
+            self._propose()
         scheduled = self.scheduler.schedule()
         self.last_step_tokens = scheduled.num_batched_tokens
         launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             outputs.extend(self._land(previous))
-        if not self.async_scheduling and self._inflight is not None:
+        if self._inflight is not None and (not self.async_scheduling or self._speculating()):
             outputs.extend(self._land(self._inflight))
             self._inflight = None
+        if self._inflight is None:
+            self._propose()
         self.kv.flush_events()
         self._steps += 1
         self._last_step_time = time.monotonic()
@@ -262,9 +280,48 @@ class EngineCore:
         """Penalties count every output token, and a grammar's mask depends on every token
         its matcher accepted, so the step in flight must land before the next is sampled;
         such batches run one step at a time."""
-        return any(r.grammar is not None or r.sampling_params.repetition_penalty != 1.0
+        return self._speculating() or any(r.grammar is not None or r.sampling_params.repetition_penalty != 1.0
                    or r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
                    for r in self.scheduler.running)
+
+    # ---- speculative decoding -----------------------------------------------------------
+    def _speculates(self, req: Request) -> bool:
+        return self.proposer is not None and req.sampling_params.speculative
+
+    def _speculating(self) -> bool:
+        """Some running request speculates: its next step needs its tokens on the host."""
+        return self.proposer is not None and any(self._speculates(r) for r in self.scheduler.running)
+
+    def _propose(self) -> None:
+        """Draft tokens for every running request that speculates and is decoding; none while
+        the batch is larger than speculative_disable_batch_size (compute-bound: verify width
+        would cost more than it saves)."""
+        if self.proposer is None:
+            return
+        spec = self.config.speculative
+        running = self.scheduler.running
+        for r in running:
+            r.spec_token_ids = []
+        self.proposer.retain({r.request_id for r in running})
+        if len(running) > spec.speculative_disable_batch_size:
+            return
+        reqs = []
+        for r in running:
+            if not self._speculates(r) or r.num_pending_tokens or r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            if r.spec_skip:
+                r.spec_skip -= 1
+                continue
+            reqs.append(r)
+        if not reqs:
+            return
+        k = spec.num_speculative_tokens
+        limits = [max(0, min(k, r.sampling_params.max_tokens - r.num_output_tokens - 1)) for r in reqs]
+        for req, proposal in zip(reqs, self.proposer.propose(reqs, limits)):
+            drafts = proposal.token_ids[:k]
+            if req.grammar is not None and drafts:
+                drafts = drafts[: req.grammar.valid_prefix(drafts)]
+            req.spec_token_ids = drafts
 
     def _land(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:
         """Read a launched step's tokens back and advance its requests."""
@@ -274,9 +331,16 @@ class EngineCore:
             req = self.scheduler.get_request(request_id)
             if req is not None:  # not finished or aborted since the step was scheduled
                 collect_prompt_logprobs(req, first_target, entries)
+        before = {c.request_id: c.request.num_output_tokens for c in scheduled.chunks if c.samples}
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-        self._advance_grammars(updated)
-        outputs = [_output(req, result.logprobs.get(req.request_id)) for req in updated]
+        new_tokens = {r.request_id: r.output_token_ids[before[r.request_id]:] for r in updated}
+        for chunk in scheduled.chunks:
+            if chunk.num_spec_tokens and chunk.request_id in result.sampled_token_ids:
+                accepted = len(result.sampled_token_ids[chunk.request_id]) - 1
+                self.spec_stats.record(chunk.num_spec_tokens, accepted, len(new_tokens.get(chunk.request_id, ())))
+                _back_off(chunk.request, accepted)
+        self._advance_grammars(updated, new_tokens)
+        outputs = [_output(req, new_tokens[req.request_id], result.logprobs.get(req.request_id)) for req in updated]
         for request_id, vector in result.pooled.items():
             req = self.scheduler.get_request(request_id)
             if req is None:
@@ -299,17 +363,33 @@ class EngineCore:
             prefix_cache_queries=self.scheduler.prefix_cache_queries_total,
             prefix_cache_hits=self.scheduler.prefix_cache_hits_total,
             num_preemptions=self.scheduler.num_preemptions_total,
+            spec=self.spec_stats.snapshot() if self.proposer is not None else None,
         )
 
 
-def _output(req: Request, logprob) -> EngineCoreOutput:
-    """What ``req`` received this step: exactly its last token (the scheduler appends one
-    sampled token per request per step)."""
-    first = req.num_output_tokens == 1
+SPEC_MAX_BACKOFF = 32
+"""Most steps a request goes without drafts after verify steps that accepted nothing."""
+
+
+def _back_off(req: Request, accepted: int) -> None:
+    """After a verify step: drafts that all missed make the request skip proposals for
+    exponentially longer (1, 3, 7, ... steps, capped), so a request whose context never
+    predicts its output pays for verify width rarely; one accepted draft resets it."""
+    if accepted:
+        req.spec_misses = 0
+        return
+    req.spec_misses += 1
+    req.spec_skip = min(2 ** req.spec_misses - 1, SPEC_MAX_BACKOFF)
+
+
+def _output(req: Request, new_tokens: list[int], logprobs) -> EngineCoreOutput:
+    """What ``req`` received this step: one token, or several from a verify chunk (cut at a
+    stop: ``new_tokens`` holds only those appended)."""
+    first = req.num_output_tokens == len(new_tokens)
     return EngineCoreOutput(
         request_id=req.request_id,
-        new_token_ids=[req.output_token_ids[-1]],
-        new_logprobs=[logprob] if logprob is not None else None,
+        new_token_ids=list(new_tokens),
+        new_logprobs=list(logprobs[: len(new_tokens)]) if logprobs is not None else None,
         finish_reason=req.finish_reason if req.is_finished else None,
         stop_reason=req.stop_reason if req.is_finished else None,
         num_cached_tokens=req.num_cached_tokens,

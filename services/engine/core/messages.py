@@ -15,6 +15,7 @@ from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.pooling_params import PoolingParams
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
+from llmesh.engine.spec_decode.stats import SpecDecodeStats
 
 
 # ---- front end → core ---------------------------------------------------------------------
@@ -112,6 +113,8 @@ class EngineStats:
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
     num_preemptions: int = 0
+    spec: SpecDecodeStats | None = None
+    """Speculative decoding counters (None when the core does not speculate)."""
 
     @property
     def kv_cache_usage(self) -> float:

@@ -153,6 +153,20 @@ class KVCacheManager:
             )
         self._num_registered[request.request_id] = num_full
 
+    def release_tail(self, request: Request) -> int:
+        """Free the blocks past the request's computed tokens (rejected drafts' slots); returns
+        how many. Those blocks were never registered: a block is cached only once every
+        token in it is computed and known, and the computed count was rolled back first."""
+        keep = self.blocks_needed(request.num_computed_tokens)
+        if len(request.block_ids) <= keep:
+            return 0
+        if self._num_registered.get(request.request_id, 0) > keep:
+            raise KVCacheStateError(f"request {request.request_id}: a block past its computed tokens is cached")
+        tail = request.block_ids[keep:]
+        self.pool.free_blocks([self.pool.blocks[i] for i in reversed(tail)])
+        del request.block_ids[keep:]
+        return len(tail)
+
     def free(self, request: Request) -> int:
         """Release the request's blocks, tail first, and clear its table; returns how many."""
         blocks = [self.pool.blocks[i] for i in reversed(request.block_ids)]

@@ -167,10 +167,21 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             vocab_size=eng.model_config.vocab_size, backend=self.backend, device=eng.device,
             kv_blocks_total=eng.kv_blocks_total, epoch=self.epoch,
             pooling=eng.config.pooler.pooling, normalize=eng.config.pooler.normalize,
-            matryoshka=eng.config.pooler.matryoshka, embedding_dimensions=eng.model_config.hidden_size)
+            matryoshka=eng.config.pooler.matryoshka, embedding_dimensions=eng.model_config.hidden_size,
+            **_speculative_info(eng.config.speculative))
 
     async def Load(self, request, context) -> engine_pb2.LoadResponse:
         s = self.engine.stats()
         return engine_pb2.LoadResponse(num_waiting=s.num_waiting, num_running=s.num_running,
                                        kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                                        steps=s.steps, seconds_since_last_step=time.monotonic() - s.last_step_time)
+
+
+def _speculative_info(spec) -> dict:
+    """InfoResponse's speculative-decoding fields (empty method and zeros when off)."""
+    if not spec.enabled:
+        return {}
+    return dict(speculative_method=spec.speculative_method, num_speculative_tokens=spec.num_speculative_tokens,
+                prompt_lookup_max=spec.prompt_lookup_max, prompt_lookup_min=spec.prompt_lookup_min,
+                speculative_model=spec.speculative_model or "",
+                speculative_disable_batch_size=spec.speculative_disable_batch_size)

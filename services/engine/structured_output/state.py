@@ -26,17 +26,44 @@ class GrammarState:
         """Advance past ``token_id``; False when the grammar does not allow it."""
         return self._matcher.accept_token(token_id)
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading ``token_ids`` the grammar accepts in turn, the state left as it was
+        (drafts are cut at the first token it refuses)."""
+        n = 0
+        for t in token_ids:
+            if not self._matcher.accept_token(t):
+                break
+            n += 1
+            if self._matcher.is_terminated():  # the stop token ends the drafts: nothing follows it
+                break
+        if n:
+            self._matcher.rollback(n)
+        return n
+
+    def fill_rows(self, bitmask: torch.Tensor, first_row: int, drafts: tuple[int, ...]) -> None:
+        """Rows ``first_row + j`` (j = 0..len(drafts)): the tokens allowed after ``drafts[:j]``;
+        the state is left as it was. Drafts are grammar-valid (see ``valid_prefix``)."""
+        self.fill(bitmask, first_row)
+        for j, t in enumerate(drafts):
+            if not self._matcher.accept_token(t):
+                raise RuntimeError(f"grammar: draft token {t} was not checked before verification")
+            self.fill(bitmask, first_row + j + 1)
+        if drafts:
+            self._matcher.rollback(len(drafts))
+
     @property
     def terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted."""
         return self._matcher.is_terminated()
 
 
-def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
+def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState, tuple[int, ...]]]) -> None:
     """Set to -inf, in place, every token the grammar of row ``i`` does not allow next.
 
-    ``states`` pairs a row of ``logits`` with its request's matcher. The bitmask is filled
-    on the host (the matchers are host objects) and applied on the logits' device.
+    ``states`` holds (first row, the request's matcher, drafts): rows ``i .. i + len(drafts)``
+    get the mask after each prefix of the drafts (a verify chunk; no drafts: row i alone).
+    The bitmask is filled on the host (the matchers are host objects) and applied on the
+    logits' device.
     """
     # logits: [N, V] float32
     if not states:
@@ -44,8 +71,10 @@ def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState]]) 
     # One bitmask row per logits row, as xgrammar indexes it; only the rows in ``states``
     # are filled and applied, so unconstrained rows of a mixed batch are left alone.
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # [N, ceil(V / 32)] int32, host
-    for i, state in states:
-        state.fill(bitmask, i)
+    indices = []
+    for i, state, drafts in states:
+        state.fill_rows(bitmask, i, drafts)
+        indices.extend(range(i, i + len(drafts) + 1))
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[i for i, _ in states])
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=indices)
