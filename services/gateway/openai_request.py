@@ -28,7 +28,7 @@ from llmesh.v1 import common_pb2, inference_pb2
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "n", "user",
-           "logprobs", "ignore_eos", "stop_token_ids", *_FLOAT_FIELDS, *_INT_FIELDS, *STRUCTURED_FIELDS}
+           "logprobs", "ignore_eos", "stop_token_ids", "speculative", *_FLOAT_FIELDS, *_INT_FIELDS, *STRUCTURED_FIELDS}
 CHAT_FIELDS = frozenset(_COMMON | TOOL_FIELDS | {"messages", "top_logprobs", "logit_bias"})
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix", "logit_bias"})
 MAX_TOP_LOGPROBS = 20
@@ -153,6 +153,8 @@ def _sampling(body: dict) -> common_pb2.SamplingParams:
             raise _bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
         out.stop_token_ids.extend(stop_ids)
     out.ignore_eos = _flag(body, "ignore_eos")
+    if body.get("speculative") is not None:  # an engine running speculative decoding may use it (default)
+        out.speculative = _flag(body, "speculative")
     apply_structured_output(body, out)
     return out
 

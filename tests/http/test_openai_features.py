@@ -187,3 +187,12 @@ def test_tokenize_and_detokenize_round_trip(mesh):
     assert status == 400 and "vocabulary" in err["error"]["message"]
     status, err = post(mesh, "/detokenize", {"model": "nope", "tokens": [1]})
     assert status == 404
+
+
+def test_speculative_is_a_per_request_flag(mesh):
+    status, body = post(mesh, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                  "speculative": False})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    status, body = post(mesh, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                  "speculative": "no"})
+    assert status == 400 and body["error"]["param"] == "speculative"
