@@ -26,39 +26,41 @@ from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 from llmesh.v1 import router_pb2 as llmesh_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmesh/v1/inference.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/router.proto\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18) \x01(\t\x12\x0c\n\x04name\x18* \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xb4\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1e\n\x05tools\x18( \x03(\x0b\x32\x0f.llmesh.v1.Tool\x12*\n\x0btool_choice\x18) \x01(\x0b\x32\x15.llmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18* \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x90\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"\xd9\x01\n\x0e\x43ompleteChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\"\x93\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.CompleteChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\"U\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x1e\n\x16include_special_tokens\x18\x03 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t2\xf6\x03\n\tInference\x12\x45\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x0c\x43hatComplete\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.llmesh.v1.DetokenizeRequest\x1a\x1d.llmesh.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmesh/v1/inference.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/router.proto\"\xf9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x05\x63\x61\x63he\x18\x32 \x01(\x0e\x32\x1c.llmesh.v1.ResponseCacheModeB\x08\n\x06prompt\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18) \x01(\t\x12\x0c\n\x04name\x18* \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xe1\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1e\n\x05tools\x18( \x03(\x0b\x32\x0f.llmesh.v1.Tool\x12*\n\x0btool_choice\x18) \x01(\x0b\x32\x15.llmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18* \x01(\x08H\x00\x88\x01\x01\x12+\n\x05\x63\x61\x63he\x18\x32 \x01(\x0e\x32\x1c.llmesh.v1.ResponseCacheModeB\x16\n\x14_parallel_tool_calls\"\x90\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"\xd9\x01\n\x0e\x43ompleteChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\"\x93\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.CompleteChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\"U\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x1e\n\x16include_special_tokens\x18\x03 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t*\x96\x01\n\x11ResponseCacheMode\x12#\n\x1fRESPONSE_CACHE_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESPONSE_CACHE_MODE_USE\x10\x01\x12\x1e\n\x1aRESPONSE_CACHE_MODE_BYPASS\x10\x02\x12\x1f\n\x1bRESPONSE_CACHE_MODE_REFRESH\x10\x03\x32\xf6\x03\n\tInference\x12\x45\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x0c\x43hatComplete\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.llmesh.v1.DetokenizeRequest\x1a\x1d.llmesh.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESPONSECACHEMODE']._serialized_start=1758
+  _globals['_RESPONSECACHEMODE']._serialized_end=1908
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=293
-  _globals['_CHATMESSAGE']._serialized_start=295
-  _globals['_CHATMESSAGE']._serialized_end=416
-  _globals['_TOOL']._serialized_start=418
-  _globals['_TOOL']._serialized_end=479
-  _globals['_TOOLCHOICE']._serialized_start=481
-  _globals['_TOOLCHOICE']._serialized_end=539
-  _globals['_CHATREQUEST']._serialized_start=542
-  _globals['_CHATREQUEST']._serialized_end=850
-  _globals['_TOKENIZEREQUEST']._serialized_start=853
-  _globals['_TOKENIZEREQUEST']._serialized_end=997
-  _globals['_TOKENIZERESPONSE']._serialized_start=999
-  _globals['_TOKENIZERESPONSE']._serialized_end=1075
-  _globals['_LISTMODELSREQUEST']._serialized_start=1077
-  _globals['_LISTMODELSREQUEST']._serialized_end=1096
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1098
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1156
-  _globals['_COMPLETECHOICE']._serialized_start=1159
-  _globals['_COMPLETECHOICE']._serialized_end=1376
-  _globals['_COMPLETERESPONSE']._serialized_start=1379
-  _globals['_COMPLETERESPONSE']._serialized_end=1526
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1528
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1613
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1615
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1665
-  _globals['_INFERENCE']._serialized_start=1668
-  _globals['_INFERENCE']._serialized_end=2170
+  _globals['_GENERATEREQUEST']._serialized_end=338
+  _globals['_CHATMESSAGE']._serialized_start=340
+  _globals['_CHATMESSAGE']._serialized_end=461
+  _globals['_TOOL']._serialized_start=463
+  _globals['_TOOL']._serialized_end=524
+  _globals['_TOOLCHOICE']._serialized_start=526
+  _globals['_TOOLCHOICE']._serialized_end=584
+  _globals['_CHATREQUEST']._serialized_start=587
+  _globals['_CHATREQUEST']._serialized_end=940
+  _globals['_TOKENIZEREQUEST']._serialized_start=943
+  _globals['_TOKENIZEREQUEST']._serialized_end=1087
+  _globals['_TOKENIZERESPONSE']._serialized_start=1089
+  _globals['_TOKENIZERESPONSE']._serialized_end=1165
+  _globals['_LISTMODELSREQUEST']._serialized_start=1167
+  _globals['_LISTMODELSREQUEST']._serialized_end=1186
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1188
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1246
+  _globals['_COMPLETECHOICE']._serialized_start=1249
+  _globals['_COMPLETECHOICE']._serialized_end=1466
+  _globals['_COMPLETERESPONSE']._serialized_start=1469
+  _globals['_COMPLETERESPONSE']._serialized_end=1616
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1618
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1703
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1705
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1755
+  _globals['_INFERENCE']._serialized_start=1911
+  _globals['_INFERENCE']._serialized_end=2413
 # @@protoc_insertion_point(module_scope)
