@@ -22,7 +22,7 @@ from contextlib import aclosing
 
 from llmesh.gateway import metrics
 from llmesh.gateway.caller import Caller
-from llmesh.gateway.response_cache.codec import CorruptEntry, decode, encode
+from llmesh.gateway.response_cache.codec import CorruptEntry, Entry, encode
 from llmesh.gateway.response_cache.config import ResponseCacheConfig
 from llmesh.gateway.response_cache.key import CacheKey, cache_key, deterministic
 from llmesh.gateway.response_cache.policy import Decision, decide
@@ -134,7 +134,7 @@ class ResponseCache:
         # Reached only when the stream ended normally (an error or a cancel raises past this).
         self._store_later(plan, recorder)
 
-    async def _lookup(self, plan: Plan) -> list[common_pb2.GenerateResponse] | None:
+    async def _lookup(self, plan: Plan) -> Entry | None:
         model = plan.key.model
         with _tracer.start_as_current_span("gateway.response_cache.lookup",
                                            attributes={"llmesh.model": model}) as span:
@@ -148,7 +148,7 @@ class ResponseCache:
                 span.set_attribute("llmesh.response_cache", "miss")
                 return None
             try:
-                messages = decode(got.value)
+                messages = Entry(got.value)
             except CorruptEntry as e:
                 metrics.RESPONSE_CACHE_ERRORS.labels(model, "decode").inc()
                 span.set_attributes({"llmesh.response_cache": "error", "llmesh.response_cache.error": str(e)})
@@ -157,8 +157,8 @@ class ResponseCache:
             span.set_attribute("llmesh.response_cache", "hit")
             return messages
 
-    async def _replay(self, messages: list[common_pb2.GenerateResponse], usage: UsageRecord) -> Stream:
-        attributes = {"llmesh.model": messages[0].model, "llmesh.request_id": usage.request_id,
+    async def _replay(self, messages: Entry, usage: UsageRecord) -> Stream:
+        attributes = {"llmesh.model": messages.first.model, "llmesh.request_id": usage.request_id,
                       "llmesh.response_cache": "hit"}
         with _tracer.start_as_current_span(f"gateway.{usage.rpc}", attributes=attributes) as span:
             usage.trace_id = format(span.get_span_context().trace_id, "032x")
