@@ -6,8 +6,11 @@ bounded against a real Redis that is frozen."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -157,3 +160,19 @@ def test_store_waits_are_bounded_on_a_frozen_redis():
 
     with RedisServer() as server:
         asyncio.run(run(server))
+
+
+def test_keys_cli_stores_the_policy_and_refuses_a_bad_one(tmp_path):
+    keys_file = tmp_path / "keys.json"
+    cli = [sys.executable, "-m", "llmesh.cli", "keys"]
+    out = subprocess.run([*cli, "create", "--tenant", "acme", "--response-cache", "ttl=3600", "--keys-file",
+                          str(keys_file)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (record,) = json.loads(keys_file.read_text())["keys"]
+    assert record["response_cache"] == "ttl=3600"
+    listed = subprocess.run([*cli, "list", "--keys-file", str(keys_file)], capture_output=True, text=True,
+                            timeout=60)
+    assert "ttl=3600" in listed.stdout
+    bad = subprocess.run([*cli, "create", "--tenant", "acme", "--response-cache", "forever", "--keys-file",
+                          str(keys_file)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "ttl=<seconds>" in bad.stderr
