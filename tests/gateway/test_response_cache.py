@@ -278,3 +278,10 @@ def test_frozen_then_stopped_cache_redis_never_fails_requests(mesh):
         generate(mesh, key, temperature=0.0)
         time.sleep(0.2)
     assert all(m.cached_response for m in generate(mesh, key, temperature=0.0))
+
+
+def test_an_unknown_mode_is_invalid(mesh):
+    key, _ = fresh_key(mesh)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(mesh, key, cache=9, temperature=0.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ResponseCacheMode" in err.value.details()

@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
+from llmesh.errors import invalid_argument
 from llmesh.gateway import metrics
 from llmesh.gateway.caller import Caller
 from llmesh.gateway.response_cache.codec import CorruptEntry, Entry, encode
@@ -98,6 +99,9 @@ class ResponseCache:
              route: router_pb2.RouteRequest) -> Plan | None:
         """The cache's part in this request; None leaves it alone (and says why in a metric)."""
         model = route.model
+        if request.cache not in inference_pb2.ResponseCacheMode.values():
+            raise invalid_argument(f"cache: {request.cache} is not a ResponseCacheMode (use "
+                                   f"{', '.join(inference_pb2.ResponseCacheMode.keys())})")
         if not route.prompt_token_ids:  # "auto": the model is the router's choice, made later
             return _skipped(model, "auto")
         if not deterministic(route.sampling):
