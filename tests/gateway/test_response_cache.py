@@ -285,3 +285,17 @@ def test_an_unknown_mode_is_invalid(mesh):
     with pytest.raises(grpc.RpcError) as err:
         generate(mesh, key, cache=9, temperature=0.0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ResponseCacheMode" in err.value.details()
+
+
+def test_hits_spend_no_tokens_per_minute(mesh):
+    # Each request reserves prompt + max_tokens (about 12 tokens); 20 of them would be 240, far
+    # over this key's 60 per minute: only a hit's full refund lets them all through.
+    key, tenant = fresh_key(mesh, tpm=60)
+    generate(mesh, key, temperature=0.0, max_tokens=4)
+    wait_entries(mesh, tenant, 1)
+    for _ in range(20):
+        assert all(m.cached_response for m in generate(mesh, key, temperature=0.0, max_tokens=4))
+    with pytest.raises(grpc.RpcError) as err:  # while misses still spend theirs
+        for i in range(20):
+            generate(mesh, key, temperature=0.0, max_tokens=4, text=f"miss {i}")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
