@@ -92,7 +92,7 @@ def _existing_key(args: argparse.Namespace):
     except (OSError, KeyFormatError):
         return None  # absent or damaged: create a fresh key
     return key, KeyRecord(key_id, hash_key(key, args.pepper), args.tenant, args.tier, None, args.rpm, args.tpm,
-                          args.concurrency)
+                          args.concurrency, response_cache=args.response_cache.strip().lower())
 
 
 def _redis(url: str):
@@ -115,7 +115,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
     try:
         key, record = new_key(args.tenant, args.tier, parse_models(args.models), args.rpm, args.tpm,
-                              args.concurrency, pepper=args.pepper)
+                              args.concurrency, pepper=args.pepper, response_cache=args.response_cache)
     except ValueError as e:
         print(f"llmesh keys create: {e}", file=sys.stderr)
         return 2
@@ -154,11 +154,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.public() for r in records], indent=2))
         return 0
-    print(f"{'ID':<14}{'TENANT':<16}{'TIER':<13}{'RPM':>7}{'TPM':>10}{'CONC':>6}  {'STATE':<8}MODELS")
+    print(f"{'ID':<14}{'TENANT':<16}{'TIER':<13}{'RPM':>7}{'TPM':>10}{'CONC':>6}  {'STATE':<8}{'CACHE':<10}MODELS")
     for r in records:
         models = "*" if r.models is None else ",".join(r.models)
         print(f"{r.key_id:<14}{r.tenant:<16}{r.tier:<13}{r.rpm:>7}{r.tpm:>10}{r.concurrency:>6}  "
-              f"{'revoked' if r.revoked else 'active':<8}{models}")
+              f"{'revoked' if r.revoked else 'active':<8}{r.response_cache or 'default':<10}{models}")
     return 0
 
 
@@ -230,6 +230,9 @@ def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = unlimited)")
     p.add_argument("--tpm", type=int, default=0, help="tokens per minute (0 = unlimited)")
     p.add_argument("--concurrency", type=int, default=0, help="concurrent streams (0 = unlimited)")
+    p.add_argument("--response-cache", default="", metavar="POLICY",
+                   help="response cache policy of the key: 'off', 'on' or 'ttl=SECONDS' (default: the "
+                        "gateway's --response-cache and its TTL); see docs/response-cache.md")
     p.add_argument("--pepper", default=os.environ.get("LLMESH_GATEWAY_KEY_PEPPER", ""),
                    help="the gateways' --key-pepper (env LLMESH_GATEWAY_KEY_PEPPER)")
     p.add_argument("--out", default=None, help="write the key to this file (mode 0600) instead of printing it")

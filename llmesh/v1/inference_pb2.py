@@ -27,43 +27,45 @@ from llmesh.v1 import engine_pb2 as llmesh_dot_v1_dot_engine__pb2
 from llmesh.v1 import router_pb2 as llmesh_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmesh/v1/inference.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/engine.proto\x1a\x16llmesh/v1/router.proto\"\xda\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04\x65\x63ho\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18) \x01(\t\x12\x0c\n\x04name\x18* \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xb4\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1e\n\x05tools\x18( \x03(\x0b\x32\x0f.llmesh.v1.Tool\x12*\n\x0btool_choice\x18) \x01(\x0b\x32\x15.llmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18* \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x90\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"\x8b\x02\n\x0e\x43ompleteChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x30\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\"\xc2\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.CompleteChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\x13\n\x0bprompt_text\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\"U\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x1e\n\x16include_special_tokens\x18\x03 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xa7\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.llmesh.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\r\n\x0b_dimensions2\xb2\x04\n\tInference\x12\x45\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x0c\x43hatComplete\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.llmesh.v1.DetokenizeRequest\x1a\x1d.llmesh.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12:\n\x05\x45mbed\x12\x17.llmesh.v1.EmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmesh/v1/inference.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/engine.proto\x1a\x16llmesh/v1/router.proto\"\x87\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04\x65\x63ho\x18\x07 \x01(\x08\x12+\n\x05\x63\x61\x63he\x18\x32 \x01(\x0e\x32\x1c.llmesh.v1.ResponseCacheModeB\x08\n\x06prompt\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18( \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18) \x01(\t\x12\x0c\n\x04name\x18* \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xe1\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1e\n\x05tools\x18( \x03(\x0b\x32\x0f.llmesh.v1.Tool\x12*\n\x0btool_choice\x18) \x01(\x0b\x32\x15.llmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18* \x01(\x08H\x00\x88\x01\x01\x12+\n\x05\x63\x61\x63he\x18\x32 \x01(\x0e\x32\x1c.llmesh.v1.ResponseCacheModeB\x16\n\x14_parallel_tool_calls\"\x90\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelCard\"\x8b\x02\n\x0e\x43ompleteChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x30\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\"\xc2\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.llmesh.v1.CompleteChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\x13\n\x0bprompt_text\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\"U\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x1e\n\x16include_special_tokens\x18\x03 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.llmesh.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xa7\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.llmesh.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\r\n\x0b_dimensions*\x96\x01\n\x11ResponseCacheMode\x12#\n\x1fRESPONSE_CACHE_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESPONSE_CACHE_MODE_USE\x10\x01\x12\x1e\n\x1aRESPONSE_CACHE_MODE_BYPASS\x10\x02\x12\x1f\n\x1bRESPONSE_CACHE_MODE_REFRESH\x10\x03\x32\xb2\x04\n\tInference\x12\x45\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x0c\x43hatComplete\x12\x16.llmesh.v1.ChatRequest\x1a\x1b.llmesh.v1.CompleteResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.llmesh.v1.DetokenizeRequest\x1a\x1d.llmesh.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12:\n\x05\x45mbed\x12\x17.llmesh.v1.EmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESPONSECACHEMODE']._serialized_start=2144
+  _globals['_RESPONSECACHEMODE']._serialized_end=2294
   _globals['_GENERATEREQUEST']._serialized_start=113
-  _globals['_GENERATEREQUEST']._serialized_end=331
-  _globals['_CHATMESSAGE']._serialized_start=333
-  _globals['_CHATMESSAGE']._serialized_end=454
-  _globals['_TOOL']._serialized_start=456
-  _globals['_TOOL']._serialized_end=517
-  _globals['_TOOLCHOICE']._serialized_start=519
-  _globals['_TOOLCHOICE']._serialized_end=577
-  _globals['_CHATREQUEST']._serialized_start=580
-  _globals['_CHATREQUEST']._serialized_end=888
-  _globals['_TOKENIZEREQUEST']._serialized_start=891
-  _globals['_TOKENIZEREQUEST']._serialized_end=1035
-  _globals['_TOKENIZERESPONSE']._serialized_start=1037
-  _globals['_TOKENIZERESPONSE']._serialized_end=1113
-  _globals['_LISTMODELSREQUEST']._serialized_start=1115
-  _globals['_LISTMODELSREQUEST']._serialized_end=1134
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1136
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1194
-  _globals['_COMPLETECHOICE']._serialized_start=1197
-  _globals['_COMPLETECHOICE']._serialized_end=1464
-  _globals['_COMPLETERESPONSE']._serialized_start=1467
-  _globals['_COMPLETERESPONSE']._serialized_end=1661
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1663
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1748
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1750
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1800
-  _globals['_EMBEDINPUT']._serialized_start=1802
-  _globals['_EMBEDINPUT']._serialized_end=1881
-  _globals['_EMBEDREQUEST']._serialized_start=1884
-  _globals['_EMBEDREQUEST']._serialized_end=2051
-  _globals['_INFERENCE']._serialized_start=2054
-  _globals['_INFERENCE']._serialized_end=2616
+  _globals['_GENERATEREQUEST']._serialized_end=376
+  _globals['_CHATMESSAGE']._serialized_start=378
+  _globals['_CHATMESSAGE']._serialized_end=499
+  _globals['_TOOL']._serialized_start=501
+  _globals['_TOOL']._serialized_end=562
+  _globals['_TOOLCHOICE']._serialized_start=564
+  _globals['_TOOLCHOICE']._serialized_end=622
+  _globals['_CHATREQUEST']._serialized_start=625
+  _globals['_CHATREQUEST']._serialized_end=978
+  _globals['_TOKENIZEREQUEST']._serialized_start=981
+  _globals['_TOKENIZEREQUEST']._serialized_end=1125
+  _globals['_TOKENIZERESPONSE']._serialized_start=1127
+  _globals['_TOKENIZERESPONSE']._serialized_end=1203
+  _globals['_LISTMODELSREQUEST']._serialized_start=1205
+  _globals['_LISTMODELSREQUEST']._serialized_end=1224
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1226
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1284
+  _globals['_COMPLETECHOICE']._serialized_start=1287
+  _globals['_COMPLETECHOICE']._serialized_end=1554
+  _globals['_COMPLETERESPONSE']._serialized_start=1557
+  _globals['_COMPLETERESPONSE']._serialized_end=1751
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1753
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1838
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1840
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1890
+  _globals['_EMBEDINPUT']._serialized_start=1892
+  _globals['_EMBEDINPUT']._serialized_end=1971
+  _globals['_EMBEDREQUEST']._serialized_start=1974
+  _globals['_EMBEDREQUEST']._serialized_end=2141
+  _globals['_INFERENCE']._serialized_start=2297
+  _globals['_INFERENCE']._serialized_end=2859
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,7 @@ class KeyAuthenticator:
         return Caller(key_id=record.key_id, tenant=record.tenant, tier=record.tier,
                       allowed_models=None if record.models is None else frozenset(record.models),
                       cache_salt=cache_salt(self._salt_key, record.tenant), rpm=record.rpm, tpm=record.tpm,
-                      concurrency=record.concurrency)
+                      concurrency=record.concurrency, response_cache=record.response_cache)
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
         if self._redis is not None:

@@ -34,6 +34,8 @@ class Caller:
     """Tokens per minute (prompt + max_tokens reserved at admission, settled at the end)."""
     concurrency: int = 0
     """Streams this key may have open at once."""
+    response_cache: str = ""
+    """The key's response cache policy ("" follows the gateway; see ``response_cache.policy``)."""
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

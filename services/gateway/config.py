@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmesh.config import option, require
+from llmesh.config import group, option, require
+from llmesh.gateway.response_cache.config import ResponseCacheConfig
 from llmesh.grpc_server import ServiceConfig
 
 ROUTING_MODES = ("direct", "proxy")
@@ -54,6 +55,8 @@ class GatewayConfig(ServiceConfig):
              "with UNAVAILABLE, or fails over before its first token, even without a client deadline")
     routing: str = option("direct", "'direct': ask the router for a route (Route) and stream from the engine "
                                     "here; 'proxy': stream through the router (Generate). See docs/routing.md")
+    response_cache: ResponseCacheConfig = group(ResponseCacheConfig)
+    """The response cache's options (docs/response-cache.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,3 +87,4 @@ class GatewayConfig(ServiceConfig):
         require(self.routing in ROUTING_MODES,
                 f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
         require(self.models_refresh_s > 0, f"models_refresh_s must be > 0, got {self.models_refresh_s}")
+        self.response_cache.check_redis(self.redis_url)

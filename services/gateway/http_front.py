@@ -40,6 +40,7 @@ from llmesh.gateway.openai_request import (
 )
 from llmesh.gateway.openai_embeddings import embeddings_body, parse_embeddings
 from llmesh.gateway.openai_response import CompletionBuilder
+from llmesh.gateway.response_cache.policy import parse_mode_header
 from llmesh.gateway.servicer import InferenceServicer
 from llmesh.gateway.tokenizers import ModelTokenizers
 from llmesh.v1 import common_pb2
@@ -47,6 +48,9 @@ from llmesh.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CACHE_HEADER = "x-llmesh-cache"
+"""Request: the response cache mode (use, bypass, refresh). Response: ``hit`` when the answer
+was replayed from the response cache (its JSON then also has ``"cached_response": true``)."""
 OWNED_BY = "llmesh"
 
 
@@ -202,8 +206,11 @@ class HttpFront:
                         rpc: str) -> web.StreamResponse:
         try:
             parsed = parse(await _body(request))
+            parsed.message.cache = parse_mode_header(request.headers.get(CACHE_HEADER))
         except HttpError as e:
             return _error_response(e)
+        except ValueError as e:
+            return _error_response(HttpError(400, str(e)))
         parsed.message.request_id = uuid.uuid4().hex
         token = otel_context.attach(propagate.extract(request.headers))
         try:
@@ -233,25 +240,30 @@ class HttpFront:
                 builder.observe(resp)
         except Exception as e:  # noqa: BLE001
             return _error_response(http_error_for(e))
-        return _json_response(builder.whole())
+        body = builder.whole()
+        if first is not None and first.cached_response:
+            body["cached_response"] = True
+            return _json_response(body, headers={CACHE_HEADER: "hit"})
+        return _json_response(body)
 
     async def _sse(self, request: web.Request, stream: AsyncIterator[common_pb2.GenerateResponse],
                    first: common_pb2.GenerateResponse | None, builder: CompletionBuilder,
                    include_usage: bool) -> web.StreamResponse:
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        cached = first is not None and first.cached_response
+        response = web.StreamResponse(headers={**SSE_HEADERS, CACHE_HEADER: "hit"} if cached else SSE_HEADERS)
         await response.prepare(request)
         try:
             if first is not None:
                 chunk = builder.chunk(first)
                 if chunk is not None:
-                    await response.write(_sse(chunk))
+                    await response.write(_sse(_marked(chunk, cached)))
             async for resp in stream:
                 builder.observe(resp)
                 chunk = builder.chunk(resp)
                 if chunk is not None:
-                    await response.write(_sse(chunk))
+                    await response.write(_sse(_marked(chunk, cached)))
             if include_usage:
-                await response.write(_sse(builder.usage_chunk()))
+                await response.write(_sse(_marked(builder.usage_chunk(), cached)))
         except (ConnectionResetError, ConnectionError):
             return response  # the client went away; closing the stream cancels the request
         except Exception as e:  # noqa: BLE001 - headers are out: the error is the last event
@@ -259,6 +271,13 @@ class HttpFront:
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response
+
+
+def _marked(chunk: dict[str, Any], cached: bool) -> dict[str, Any]:
+    """A chunk of a replayed answer says so (a field OpenAI's SDK keeps as an extra)."""
+    if cached:
+        chunk["cached_response"] = True
+    return chunk
 
 
 async def _body(request: web.Request) -> Any:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from llmesh.gateway.response_cache.policy import parse_key_policy
+
 KEY_PREFIX = "llm"
 REDIS_PREFIX = "llmesh:apikey:"
 TIERS = ("interactive", "batch")
@@ -47,12 +49,15 @@ class KeyRecord:
     concurrency: int = 0
     created: float = 0.0
     revoked: bool = False
+    response_cache: str = ""
+    """The key's response cache policy (``response_cache.policy``): "" follows the gateway,
+    "off", "on" or "ttl=<seconds>"."""
 
     def to_redis(self) -> dict[str, str]:
         return {"key_id": self.key_id, "key_hash": self.key_hash, "tenant": self.tenant, "tier": self.tier,
                 "models": json.dumps(self.models), "rpm": str(self.rpm), "tpm": str(self.tpm),
                 "concurrency": str(self.concurrency), "created": str(self.created),
-                "revoked": "1" if self.revoked else "0"}
+                "revoked": "1" if self.revoked else "0", "response_cache": self.response_cache}
 
     @classmethod
     def from_redis(cls, data: dict) -> KeyRecord:
@@ -61,7 +66,8 @@ class KeyRecord:
         return cls(key_id=d["key_id"], key_hash=d["key_hash"], tenant=d.get("tenant", ""),
                    tier=d.get("tier", "interactive"), models=json.loads(d.get("models", "null")),
                    rpm=int(d.get("rpm", 0)), tpm=int(d.get("tpm", 0)), concurrency=int(d.get("concurrency", 0)),
-                   created=float(d.get("created", 0)), revoked=d.get("revoked", "0") == "1")
+                   created=float(d.get("created", 0)), revoked=d.get("revoked", "0") == "1",
+                   response_cache=d.get("response_cache", ""))
 
     def public(self) -> dict:
         """The record without its hash (for ``llmesh keys list``)."""
@@ -100,8 +106,10 @@ def parse_models(text: str) -> list[str] | None:
 
 
 def new_key(tenant: str, tier: str = "interactive", models: list[str] | None = None, rpm: int = 0,
-            tpm: int = 0, concurrency: int = 0, pepper: str = "") -> tuple[str, KeyRecord]:
+            tpm: int = 0, concurrency: int = 0, pepper: str = "",
+            response_cache: str = "") -> tuple[str, KeyRecord]:
     """A fresh key and its record (the key is returned once, here)."""
+    parse_key_policy(response_cache)  # ValueError naming the allowed values
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
     if min(rpm, tpm, concurrency) < 0:
@@ -111,7 +119,7 @@ def new_key(tenant: str, tier: str = "interactive", models: list[str] | None = N
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
     return key, KeyRecord(key_id, hash_key(key, pepper), tenant, tier, models, rpm, tpm, concurrency,
-                          created=time.time())
+                          created=time.time(), response_cache=response_cache.strip().lower())
 
 
 # ---- the keys file -----------------------------------------------------------------------

@@ -25,6 +25,9 @@ from llmesh.gateway import metrics
 from llmesh.gateway.http_front import HttpFront
 from llmesh.gateway.keys import KeysFile
 from llmesh.gateway.ratelimit import RateLimiter, RedisGuard
+from llmesh.gateway.response_cache.cache import ResponseCache
+from llmesh.gateway.response_cache.revision import ModelRevisions
+from llmesh.gateway.response_cache.store import TenantStore, configure_lru, evictions_loop
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
@@ -32,7 +35,7 @@ from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
 from llmesh.redis_health import pinger, redis_health_loop
 from llmesh.mesh_secret import MeshSecretError, secret_of
-from llmesh.models_file import ModelsFileError, load_models_file
+from llmesh.models_file import ModelsFile, ModelsFileError, load_models_file
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
 from llmesh.v1 import router_pb2_grpc
@@ -41,7 +44,7 @@ log = logging.getLogger("llmesh.gateway")
 
 
 async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: GenerationDefaults,
-                pool: TokenizerPool) -> None:
+                pool: TokenizerPool, models: ModelsFile) -> None:
     channel = aio_channel(
         config.router, config, interceptors=client_interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -56,10 +59,13 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
     engines = EngineChannels(config, config.engine_stall_timeout_s) if config.routing == "direct" else None
+    cache_client, response_cache = await _response_cache(config, models)
     servicer = InferenceServicer(config, tokenizers, catalog, router, authenticator, limiter, usage_store,
-                                 defaults, None if engines is None else DirectStreamer(router, engines), pool)
+                                 defaults, None if engines is None else DirectStreamer(router, engines), pool,
+                                 response_cache)
     refresher: asyncio.Task | None = None
     redis_probe: asyncio.Task | None = None
+    evictions: asyncio.Task | None = None
     http: HttpFront | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -68,18 +74,23 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
     async def on_shutdown() -> None:
         if http is not None:
             await http.stop(config.grace_period_s)
-        for task in (refresher, redis_probe):
+        for task in (refresher, redis_probe, evictions):
             if task is not None:
                 task.cancel()
         await channel.close()
         if engines is not None:
             await engines.close()
-        if redis_client is not None:
-            await redis_client.aclose()
+        for client in (redis_client, cache_client):
+            if client is not None:
+                await client.aclose()
         pool.close()
 
     server = GrpcServer("gateway", config, register, on_shutdown, internal=False)
     refresher = asyncio.create_task(catalog.run_refresh_loop())
+    if cache_client is not None:
+        evictions = asyncio.create_task(evictions_loop(
+            cache_client, config.response_cache.response_cache_evictions_interval_s,
+            metrics.RESPONSE_CACHE_EVICTIONS.inc))
     if config.auth and redis_client is not None and not config.keys_file:
         # Keys only in Redis: without it nobody can be authenticated, so health says so.
         redis_probe = asyncio.create_task(redis_health_loop(
@@ -90,6 +101,26 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
         await http.start(config.host, config.http_port)
         log.info("HTTP front serving", extra={"address": f"http://{config.host}:{http.port}"})
     await server.run()
+
+
+async def _response_cache(config: GatewayConfig, models: ModelsFile):
+    """(its Redis client, the cache), or (None, None) when --response-cache is off. The cache
+    has a client of its own: its short waits and cancelled calls never touch the connections
+    that check keys and limits."""
+    cfg = config.response_cache
+    if not cfg.response_cache:
+        return None, None
+    client = aioredis.Redis.from_url(cfg.response_cache_redis_url or config.redis_url,
+                                     socket_timeout=max(config.redis_timeout_s, cfg.response_cache_timeout_s),
+                                     socket_connect_timeout=max(config.redis_timeout_s,
+                                                                cfg.response_cache_timeout_s))
+    if cfg.response_cache_max_memory:
+        await configure_lru(client, cfg.response_cache_max_memory)
+    # The digests are keyed by the mesh secret, else the key pepper: both are the same on
+    # every gateway of a mesh, so gateways share entries (an empty key still hashes).
+    secret = secret_of(config) or config.key_pepper.encode()
+    store = TenantStore(client, cfg.response_cache_prefix, cfg.response_cache_timeout_s)
+    return client, ResponseCache(store, ModelRevisions(models, config.models_refresh_s), secret, cfg)
 
 
 def _salt_key(config: GatewayConfig) -> bytes:
@@ -121,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = TokenizerPool(tokenizers, config.tokenizer_workers, config.tokenize_inline_bytes)
     pool.start()  # before serving: no request waits for a worker to start
     try:
-        run_async(lambda: serve(config, tokenizers, defaults, pool))
+        run_async(lambda: serve(config, tokenizers, defaults, pool, models))
     finally:
         pool.close()
 

@@ -33,3 +33,22 @@ REDIS_ERRORS = Counter(
 REDIS_UP = Gauge("llmesh_gateway_redis_up", "1 while the gateway's Redis answers its health probe, else 0.")
 OVERLOADED = Counter(
     "llmesh_gateway_overloaded_total", "Calls refused because the gateway had max_streams streams open.")
+RESPONSE_CACHE_HITS = Counter(
+    "llmesh_gateway_response_cache_hits_total", "Requests answered from the response cache.", ["model"])
+RESPONSE_CACHE_MISSES = Counter(
+    "llmesh_gateway_response_cache_misses_total", "Response cache lookups that found no stored answer.",
+    ["model"])
+RESPONSE_CACHE_STORES = Counter(
+    "llmesh_gateway_response_cache_stores_total", "Answers stored in the response cache.", ["model"])
+RESPONSE_CACHE_STORED_BYTES = Counter(
+    "llmesh_gateway_response_cache_stored_bytes_total", "Bytes of the answers stored in the response cache.",
+    ["model"])
+RESPONSE_CACHE_ERRORS = Counter(
+    "llmesh_gateway_response_cache_errors_total", "Response cache calls that failed (the request went on "
+    "without the cache), by operation: lookup, store, decode.", ["model", "op"])
+RESPONSE_CACHE_SKIPPED = Counter(
+    "llmesh_gateway_response_cache_skipped_total", "Requests the response cache left alone, by why: sampled "
+    "(no seed), auto, off (key policy or bypass), unknown_model, unfinished, too_large.", ["model", "reason"])
+RESPONSE_CACHE_EVICTIONS = Counter(
+    "llmesh_gateway_response_cache_evictions_total", "Keys the response cache's Redis evicted under its "
+    "maxmemory policy (INFO evicted_keys; the whole Redis's when it is shared).")

@@ -40,6 +40,7 @@ from llmesh.gateway.echo import PromptEcho
 from llmesh.gateway.generation_defaults import GenerationDefaults
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
+from llmesh.gateway.response_cache.cache import ResponseCache
 from llmesh.gateway.route_builder import RouteBuilder, check_allowed
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.tool_calls import ToolCallParser, output_format
@@ -64,8 +65,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                  router: router_pb2_grpc.RouterStub, authenticator: Authenticator | None = None,
                  limiter: RateLimiter | None = None, usage_store: UsageStore | None = None,
                  defaults: GenerationDefaults | None = None, direct: DirectStreamer | None = None,
-                 pool: TokenizerPool | None = None) -> None:
+                 pool: TokenizerPool | None = None, response_cache: ResponseCache | None = None) -> None:
         self._config = config
+        self._response_cache = response_cache
+        """Answers repeated deterministic requests from Redis (None: off)."""
         self._defaults = defaults or GenerationDefaults({})
         self._tokenizers = tokenizers
         self._pool = pool or TokenizerPool(tokenizers, workers=0, inline_bytes=0)
@@ -226,7 +229,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 choices = route.sampling.n if route.sampling.HasField("n") else 1
                 await lease.extend(prompt_len + choices * route.sampling.max_tokens)
             echo = PromptEcho(request, route, self._tokenizers.get) if getattr(request, "echo", False) else None
-            async with aclosing(self._stream(route, usage, context)) as stream:
+            async with aclosing(self._serve(request, caller, route, usage, context)) as stream:
                 parsers: dict[int, ToolCallParser] = {}
                 async for resp in stream:
                     if echo is not None:
@@ -257,19 +260,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Settle the token reservation and record usage, in the background: the stream may
         be ending because its task was cancelled, and neither must delay the caller."""
         started = usage.ttft_s is not None or usage.completion_tokens > 0
-        used = max(usage.prompt_tokens, prompt_len if started else 0) + usage.completion_tokens
+        # A response cache hit spent no engine token: its reservation is given back whole.
+        used = 0 if usage.cached_response else (
+            max(usage.prompt_tokens, prompt_len if started else 0) + usage.completion_tokens)
         jobs = []
         if lease is not None:
             jobs.append(lease.settle(used))
         if self._usage_store is not None and caller is not None and usage.model and started:
             jobs.append(self._usage_store.add(caller.key_id, caller.tenant, usage.model, usage.prompt_tokens
-                                              or prompt_len, usage.cached_tokens, usage.completion_tokens))
+                                              or prompt_len, usage.cached_tokens, usage.completion_tokens,
+                                              cached_response=usage.cached_response))
         for job in jobs:
             task = asyncio.ensure_future(job)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     # ---- streaming -------------------------------------------------------------------------
+    def _serve(self, request: inference_pb2.GenerateRequest | inference_pb2.ChatRequest, caller: Caller,
+               route: router_pb2.RouteRequest, usage: UsageRecord,
+               context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """The engines' stream, through the response cache when it is on (docs/response-cache.md)."""
+        if self._response_cache is None:
+            return self._stream(route, usage, context)
+        return self._response_cache.serve(self._response_cache.plan(request, caller, route),
+                                          lambda: self._stream(route, usage, context), usage)
+
     async def _stream(self, route: router_pb2.RouteRequest, usage: UsageRecord,
                       context: CallContext) -> AsyncIterator[common_pb2.GenerateResponse]:
         prompt_tokens = len(route.prompt_token_ids) or max(

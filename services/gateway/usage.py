@@ -48,11 +48,15 @@ class UsageRecord:
     engine_request_id: str = ""
     """The id router and engines know the request by (``request_ids``): what an operator
     passes to an engine's Abort; ``request_id`` is the client's own."""
+    cached_response: bool = False
+    """Answered from the response cache: the token counts are the stored answer's, and
+    no engine token was spent (the token metrics leave them out)."""
 
     def observe(self, resp: common_pb2.GenerateResponse) -> None:
         """Account one streamed message."""
         if resp.model:
             self.model = resp.model
+        self.cached_response = self.cached_response or resp.cached_response
         if resp.token_ids and self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.started
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -72,9 +76,10 @@ class UsageRecord:
         label = self.model or "unknown"
         metrics.REQUESTS.labels(self.rpc, label, status).inc()
         metrics.DURATION.labels(self.rpc, label).observe(duration)
-        metrics.PROMPT_TOKENS.labels(label).inc(self.prompt_tokens)
-        metrics.CACHED_TOKENS.labels(label).inc(self.cached_tokens)
-        metrics.COMPLETION_TOKENS.labels(label).inc(self.completion_tokens)
+        if not self.cached_response:  # engine work only
+            metrics.PROMPT_TOKENS.labels(label).inc(self.prompt_tokens)
+            metrics.CACHED_TOKENS.labels(label).inc(self.cached_tokens)
+            metrics.COMPLETION_TOKENS.labels(label).inc(self.completion_tokens)
         if self.ttft_s is not None:
             metrics.TTFT.labels(label).observe(self.ttft_s)
         level = logging.INFO if status in ("OK", "CANCELLED") else logging.WARNING
@@ -87,4 +92,5 @@ class UsageRecord:
             "ttft_ms": round(1000 * self.ttft_s, 1) if self.ttft_s is not None else None,
             "duration_ms": round(1000 * duration, 1), "replica": self.replica, "tenant": self.tenant,
             "key_id": self.key_id, "engine_request_id": self.engine_request_id,
+            "cached_response": self.cached_response,
         })

@@ -1,7 +1,8 @@
 """Usage per key and model, kept in Redis for ``llmesh usage``.
 
 One hash per (key id, model) with running totals: requests, prompt, cached and completion
-tokens. Written after each stream ends; a Redis outage loses those increments (counted in
+tokens, and the requests answered from the response cache (``cached_responses``: counted as
+requests, their tokens not, as no engine spent them). Written after each stream ends; a Redis outage loses those increments (counted in
 the Redis error metric) rather than failing requests that already ran.
 """
 
@@ -14,7 +15,7 @@ from redis.exceptions import RedisError
 from llmesh.gateway.ratelimit import RedisGuard
 
 USAGE_PREFIX = "llmesh:usage:"
-FIELDS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens")
+FIELDS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cached_responses")
 
 
 class UsageStore:
@@ -22,14 +23,18 @@ class UsageStore:
         self._redis = client
         self._guard = guard
 
-    async def add(self, key_id: str, tenant: str, model: str, prompt: int, cached: int, completion: int) -> None:
+    async def add(self, key_id: str, tenant: str, model: str, prompt: int, cached: int, completion: int,
+                  cached_response: bool = False) -> None:
         name = f"{USAGE_PREFIX}{key_id or '-'}:{model or 'unknown'}"
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hincrby(name, "requests", 1)
-                pipe.hincrby(name, "prompt_tokens", prompt)
-                pipe.hincrby(name, "cached_tokens", cached)
-                pipe.hincrby(name, "completion_tokens", completion)
+                if cached_response:
+                    pipe.hincrby(name, "cached_responses", 1)
+                else:
+                    pipe.hincrby(name, "prompt_tokens", prompt)
+                    pipe.hincrby(name, "cached_tokens", cached)
+                    pipe.hincrby(name, "completion_tokens", completion)
                 pipe.hset(name, "tenant", tenant)
                 await pipe.execute()
         except (RedisError, OSError, asyncio.TimeoutError) as e:
