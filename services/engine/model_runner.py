@@ -79,6 +79,7 @@ class StepHandle:
             drafts = self._drafts[len(out.sampled_token_ids)] if self._drafts else ()
             width = len(drafts) + 1
             tokens = accept_deterministic(drafts, host.token_ids[row: row + width])
+            self._sampled.rewind(req, len(tokens))
             out.sampled_token_ids[req.request_id] = tokens
             lps = host.logprobs[row: row + len(tokens)]
             if lps[0] is not None:

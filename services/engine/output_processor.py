@@ -65,8 +65,6 @@ class OutputProcessor:
         """
         st = self._states[out.request_id]
         now = time.monotonic()
-        if iteration is not None:
-            iteration.update_from_output(out, st.stats, step_time, now)
         token_ids, logprobs = list(out.new_token_ids), out.new_logprobs
         hit_stop, stop_string = False, None
         if st.stop is None:
@@ -83,6 +81,8 @@ class OutputProcessor:
                     token_ids = token_ids[: i + 1]
                     logprobs = logprobs[: i + 1] if logprobs is not None else None
                     break
+        if iteration is not None:  # the tokens cut after a stop string are not counted
+            iteration.update_from_output(out, st.stats, step_time, now, num_tokens=len(token_ids))
         finished = out.finished or hit_stop
         if finished and not hit_stop:
             text += self._flush(st)

@@ -17,6 +17,7 @@ the same sequence of batches.
 
 from __future__ import annotations
 
+import collections
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,14 +119,17 @@ class Sampler:
         penalised = self._penalise(self._bias(raw, requests), requests, prior)
 
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        rewinds: dict[Request, list[torch.Tensor]] = {}
         if len(random_rows) == len(requests):
-            token_ids = self._sample(penalised, requests)
+            token_ids = self._sample(penalised, requests, rewinds)
         else:
             token_ids = penalised.argmax(dim=-1)  # [N]; ties → lowest id
             if random_rows:
                 idx = to_device(random_rows, torch.long, raw.device)
-                token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows])
-        return self._collect(raw, token_ids, requests)
+                token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows], rewinds)
+        batch = self._collect(raw, token_ids, requests)
+        batch.rewinds = rewinds
+        return batch
 
     # ---- logit bias ------------------------------------------------------------------
     @staticmethod
@@ -191,7 +195,8 @@ class Sampler:
         return ids
 
     # ---- random sampling ---------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request],
+                rewinds: dict[Request, list[torch.Tensor]]) -> torch.Tensor:
         """Sampled token ids ``[R]`` for rows that all have temperature > 0."""
         # logits: [R, V]
         device = logits.device
@@ -205,11 +210,17 @@ class Sampler:
         if keep is not None:
             scaled = scaled.masked_fill(~keep, float("-inf"))
         probs = scaled.softmax(dim=-1)  # [R, V]
-        return exponential_race(probs, self._noise(requests, logits.shape[1], device))
+        return exponential_race(probs, self._noise(requests, logits.shape[1], device, rewinds))
 
-    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device) -> torch.Tensor:
+    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device,
+               rewinds: dict[Request, list[torch.Tensor]]) -> torch.Tensor:
         """Exp(1) noise ``[R, V]``: seeded rows from their own generator, the rest from the
-        engine's, so a seeded row's noise never depends on its neighbours."""
+        engine's, so a seeded row's noise never depends on its neighbours.
+
+        A seeded request with several rows (a verify chunk) draws one row per position, as
+        that many plain steps would; ``rewinds[request]`` gets its generator's state before
+        each draw, so that the draws of rejected positions can be given back
+        (``SampledBatch.rewind``) and its tokens do not depend on how far it speculated."""
         unseeded = [j for j, r in enumerate(requests) if r.sampling_params.seed is None]
         drawn = None
         if unseeded:
@@ -220,9 +231,12 @@ class Sampler:
         noise = torch.empty(len(requests), vocab, device=device)
         if drawn is not None:
             noise[to_device(unseeded, torch.long, device)] = drawn
+        rows_of = collections.Counter(requests)
         for j, request in enumerate(requests):
             if request.sampling_params.seed is not None:
                 gen = self._request_generator(request, device)
+                if rows_of[request] > 1:
+                    rewinds.setdefault(request, []).append(gen.get_state())
                 if gen.device.type == device.type:
                     noise[j].exponential_(generator=gen)
                 else:  # the request moved devices: keep its stream, copy the draws over
@@ -286,6 +300,15 @@ class SampledBatch:
         self._lp_rows = lp_rows or []
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
+        self.rewinds: dict[Request, list[torch.Tensor]] = {}
+        """Seeded requests with several rows → their generator's state before each row's draw."""
+
+    def rewind(self, request: Request, used: int) -> None:
+        """Give back the draws of ``request``'s rows past the first ``used`` (rejected verify
+        positions): its next step then draws what a plain step at that position would."""
+        states = self.rewinds.get(request)
+        if states and used < len(states):
+            request.sampler_state.set_state(states[used])
 
     def start_copy(self) -> None:
         if self._host is not None or self._packed.device.type != "cuda":

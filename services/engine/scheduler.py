@@ -160,7 +160,9 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit_waiting(budget, chunks, preempted)
-        budget = self._add_drafts(chunks, budget)
+        # Lookahead slots only when memory is not short: not in a step that preempted, nor
+        # while a request waits (the slots are better spent admitting it).
+        budget = self._add_drafts(chunks, budget if not preempted and not self.num_waiting else 0)
 
         decodes, prefills = [], []
         for c in chunks.values():
@@ -230,10 +232,10 @@ class Scheduler:
         only and without preempting anyone for a lookahead slot; returns the budget left."""
         for request_id, chunk in list(chunks.items()):
             request = chunk.request
-            drafts = request.spec_token_ids
-            if budget <= 0:
-                break
-            if not drafts or not chunk.is_decode or request.num_pending_tokens:
+            # A proposal is used by the step right after it was made, or dropped: later the
+            # context has moved on (an async step landed without a new proposal).
+            drafts, request.spec_token_ids = request.spec_token_ids, []
+            if not drafts or budget <= 0 or not chunk.is_decode or request.num_pending_tokens:
                 continue
             # never draft past max_tokens or the window: the target adds one token of its own
             room = min(request.sampling_params.max_tokens - request.num_output_tokens,

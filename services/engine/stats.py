@@ -74,12 +74,15 @@ class IterationStats:
     finished: list[FinishedRequest] = field(default_factory=list)
 
     def update_from_output(self, out: EngineCoreOutput, req: RequestStats, step_time: float,
-                           now: float) -> None:
+                           now: float, num_tokens: int | None = None) -> None:
         """Account one request's output. ``step_time``: when the core's step ended;
-        ``now``: when the front end got it (TTFT is what a caller of the engine sees)."""
+        ``now``: when the front end got it (TTFT is what a caller of the engine sees);
+        ``num_tokens``: how many of its tokens count (those before a stop string)."""
         if out.queued_time:
             req.queued_time, req.scheduled_time = out.queued_time, out.scheduled_time
-        n = len(out.new_token_ids)
+        n = len(out.new_token_ids) if num_tokens is None else num_tokens
+        if out.embedding is not None:  # an embedding's one output: its prompt was all its work
+            self.num_prompt_tokens += req.num_prompt_tokens
         if n == 0:
             return
         if req.num_generation_tokens == 0:

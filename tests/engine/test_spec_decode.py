@@ -236,6 +236,41 @@ def test_structured_output_with_speculation(repetitive_model):
     assert llm.engine.core.spec_stats.verify_steps > 0
 
 
+def test_a_draft_that_ends_the_grammar_is_left_to_the_target(repetitive_model):
+    """The prompt repeats the one allowed answer followed by EOS, so the n-gram drafts end
+    with the stop token: verifying a row after it would ask a finished matcher for a mask
+    (xgrammar refuses, which used to fail the whole core)."""
+    engine = _engine(repetitive_model, NGRAM)
+    answer = engine.input_processor.tokenizer.encode("the mat")
+    eos = min(engine.input_processor.eos_token_ids)
+    params = SamplingParams(max_tokens=20, temperature=0.0, logit_bias={t: 30.0 for t in answer},
+                            structured_output=StructuredOutputSpec("choice", choices=("the mat",)))
+    out = _run(engine, [(answer + [eos]) * 4], params)[0]
+    assert out == answer + [eos]
+    assert engine.core.spec_stats.verify_steps > 0
+    _check_drained(engine)
+
+
+def test_seeded_sampling_is_the_same_with_speculation_on_or_off_alone_or_batched(repetitive_model):
+    """Rejected verify positions give their draws back, so a seeded request's tokens do not
+    depend on how far it speculated (which depends on its neighbours)."""
+    base = [11, 57, 203, 99, 141, 8]
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, seed=1234, ignore_eos=True,
+                            logit_bias={t: 12.0 for t in base})
+    other = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    results = []
+    for spec in (None, dict(NGRAM, disable_by_batch_size=1)):
+        for neighbour in (False, True):
+            engine = _engine(repetitive_model, spec)
+            prompts, params = [base * 4], [seeded]
+            if neighbour:
+                prompts, params = prompts + [[5, 6, 7, 8, 9]], params + [other]
+            results.append(_run(engine, prompts, params)[0])
+            if spec:
+                assert engine.core.spec_stats.verify_steps > 0
+    assert all(r == results[0] for r in results), results
+
+
 # ---- aborts ---------------------------------------------------------------------------------------
 def test_abort_mid_speculation_leaks_no_blocks(repetitive_model):
     engine = _engine(repetitive_model, NGRAM, block_size=4)

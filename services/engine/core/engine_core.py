@@ -286,11 +286,15 @@ class EngineCore:
 
     # ---- speculative decoding -----------------------------------------------------------
     def _speculates(self, req: Request) -> bool:
-        return self.proposer is not None and req.sampling_params.speculative
+        return self.proposer is not None and req.sampling_params.speculative and req.pooling is None
 
     def _speculating(self) -> bool:
-        """Some running request speculates: its next step needs its tokens on the host."""
-        return self.proposer is not None and any(self._speculates(r) for r in self.scheduler.running)
+        """Some running request speculates: its next step needs its tokens on the host. Not
+        while the batch is past speculative_disable_batch_size: no drafts are proposed then,
+        and such a (compute-bound) batch is where async scheduling pays most."""
+        running = self.scheduler.running
+        return (self.proposer is not None and len(running) <= self.config.speculative.speculative_disable_batch_size
+                and any(self._speculates(r) for r in running))
 
     def _propose(self) -> None:
         """Draft tokens for every running request that speculates and is decoding; none while

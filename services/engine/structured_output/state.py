@@ -28,14 +28,17 @@ class GrammarState:
 
     def valid_prefix(self, token_ids: list[int]) -> int:
         """How many leading ``token_ids`` the grammar accepts in turn, the state left as it was
-        (drafts are cut at the first token it refuses)."""
+        (drafts are cut at the first token it refuses). A draft that would end the grammar
+        (its stop token) is cut too: a verify row after it would ask a finished matcher for
+        a mask, and the target emits the stop token itself at that row anyway."""
         n = 0
         for t in token_ids:
             if not self._matcher.accept_token(t):
                 break
-            n += 1
-            if self._matcher.is_terminated():  # the stop token ends the drafts: nothing follows it
+            if self._matcher.is_terminated():
+                self._matcher.rollback(1)
                 break
+            n += 1
         if n:
             self._matcher.rollback(n)
         return n
@@ -45,7 +48,7 @@ class GrammarState:
         the state is left as it was. Drafts are grammar-valid (see ``valid_prefix``)."""
         self.fill(bitmask, first_row)
         for j, t in enumerate(drafts):
-            if not self._matcher.accept_token(t):
+            if not self._matcher.accept_token(t) or self._matcher.is_terminated():
                 raise RuntimeError(f"grammar: draft token {t} was not checked before verification")
             self.fill(bitmask, first_row + j + 1)
         if drafts:
