@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,6 +141,31 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def kv_budget(device: torch.device, kv_cache_memory: int | None, utilization: float) -> int:
+    """Bytes for all KV pools of an engine: ``kv_cache_memory`` when set; on a GPU,
+    ``utilization`` of the memory free now (call it once every model's weights are on the
+    device); on the CPU, 1 GiB."""
+    if kv_cache_memory is not None:
+        return kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * utilization)
+    return 1 << 30
+
+
+def blocks_for_budget(budget: int, bytes_per_block: Sequence[int], block_size: int) -> int:
+    """Blocks per pool when pools of these per-block sizes hold the same number of blocks
+    (a draft model's pool shadows the target's block for block) and together fit ``budget``:
+    num_blocks × sum(bytes_per_block) ≤ budget."""
+    per_block = sum(bytes_per_block)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"KV cache: {budget} bytes hold no block; one block of {block_size} tokens needs {per_block} "
+            f"bytes (per pool: {list(bytes_per_block)})")
+    return int(blocks)
+
+
 def model_weight_bytes(model: LlamaForCausalLM) -> int:
     """Bytes the weights take, packed ones at their packed size."""
     return model.weight_bytes
@@ -211,7 +236,13 @@ class RunnerBase(abc.ABC):
         gpu_memory_utilization: float = 0.9,
         linear_method: str = "none",
         max_model_len: int | None = None,
+        extra_kv_pools: Sequence[int] = (),
+        allocate_kv_pool: bool = True,
     ) -> None:
+        """``num_blocks`` sizes the KV pool exactly; else it takes the budget (``kv_budget``)
+        shared with ``extra_kv_pools`` (bytes per block of other pools with as many blocks,
+        e.g. a draft model's, whose weights are loaded already). With ``allocate_kv_pool``
+        False the pool waits for ``init_kv_pool`` (a draft sized with its target)."""
         self.max_model_len = max_model_len
         self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
         self.linear_method = linear_method
@@ -219,8 +250,12 @@ class RunnerBase(abc.ABC):
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
         self.feed = SampledTokenFeed()
         self._build_model(weights)
-        self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_memory, gpu_memory_utilization)
-        self._init_kv_pool()
+        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, dtype)
+        self.num_blocks = 0
+        if allocate_kv_pool:
+            self.init_kv_pool(num_blocks or blocks_for_budget(
+                kv_budget(device, kv_cache_memory, gpu_memory_utilization),
+                [self.kv_bytes_per_block, *extra_kv_pools], block_size))
 
     def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
@@ -233,27 +268,21 @@ class RunnerBase(abc.ABC):
                                                 "weight_bytes": self.weight_bytes, "ops": self.ops,
                                                 "linear_method": self.linear_method})
 
-    def _blocks_for_budget(self, budget: int | None, utilization: float) -> int:
-        per_block = kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * utilization)
-            else:
-                budget = 1 << 30
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory of {budget} bytes holds no block; one block of {self.block_size} "
-                f"tokens needs {per_block} bytes")
-        return int(blocks)
-
-    def _init_kv_pool(self) -> None:
+    def init_kv_pool(self, num_blocks: int) -> None:
         c = self.cfg
+        self.num_blocks = num_blocks
         # kv_caches: [L, 2, num_blocks, block_size, H_kv, D], one preallocated pool
         self.kv_caches = torch.zeros(
-            (c.num_hidden_layers, 2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
+            (c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
             dtype=self.dtype, device=self.device)
+        log.info("KV pool allocated", extra={"ops": self.ops, "num_blocks": num_blocks,
+                                             "block_size": self.block_size,
+                                             "bytes_per_block": self.kv_bytes_per_block,
+                                             "kv_bytes": self.kv_pool_bytes})
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.num_blocks * self.kv_bytes_per_block
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its sampled tokens."""

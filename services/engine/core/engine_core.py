@@ -80,6 +80,13 @@ class EngineCore:
         self.config.scheduler = replace(  # validates them
             self.config.scheduler, max_model_len=self.max_model_len,
             max_num_batched_tokens=resolve_step_tokens(self.config, self.device.type, self.max_model_len))
+        from llmesh.engine.spec_decode import build_proposer
+        from llmesh.engine.spec_decode.stats import SpecDecodeStats
+
+        # A draft model's weights load before the target's KV pool is sized: both pools
+        # share one budget (see _init_runner).
+        self.proposer = build_proposer(config.speculative if config.speculative.enabled else None, self)
+        self.spec_stats = SpecDecodeStats()
         self._init_runner(loaded)
         self._init_scheduler(publisher)
         async_scheduling = config.async_scheduling
@@ -94,11 +101,6 @@ class EngineCore:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Constrained requests whose grammar is being compiled: admitted to the scheduler
         once it is ready, so the step loop never waits for a compilation."""
-        from llmesh.engine.spec_decode import build_proposer
-        from llmesh.engine.spec_decode.stats import SpecDecodeStats
-
-        self.proposer = build_proposer(config.speculative if config.speculative.enabled else None, self)
-        self.spec_stats = SpecDecodeStats()
         self._steps = 0
         self._last_step_time = time.monotonic()
         self.last_step_tokens = 0
@@ -125,6 +127,8 @@ class EngineCore:
                       sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
                       kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
                       linear_method=self.quantization.linear_method)
+        if self.proposer is not None and self.proposer.kv_bytes_per_block:
+            common["extra_kv_pools"] = (self.proposer.kv_bytes_per_block,)
         self._runner_common = common
         if self.config.backend == "triton":
             from llmesh.engine.triton_runner import TritonModelRunner
@@ -136,6 +140,8 @@ class EngineCore:
                 cuda_graphs=self.config.cuda_graphs, **common)
         else:
             self.runner = TorchModelRunner(self.model_config, weights, max_model_len=self.max_model_len, **common)
+        if self.proposer is not None:
+            self.proposer.init_kv_pool(self.runner.num_blocks)
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache
@@ -147,7 +153,11 @@ class EngineCore:
             publisher=publisher,
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
-        log.info("engine ready", extra={"model": self.model_name, "kv_blocks": self.runner.num_blocks,
+        pools = {"kv_blocks": self.runner.num_blocks, "kv_bytes": self.runner.kv_pool_bytes}
+        if self.proposer is not None and self.proposer.kv_bytes_per_block:
+            pools.update(draft_kv_blocks=self.runner.num_blocks,
+                         draft_kv_bytes=self.runner.num_blocks * self.proposer.kv_bytes_per_block)
+        log.info("engine ready", extra={"model": self.model_name, **pools,
                                          "block_size": cache.block_size, "max_model_len": self.max_model_len})
 
     # ---- requests -------------------------------------------------------------------

@@ -29,6 +29,12 @@ class Proposal:
 
 class Proposer(abc.ABC):
     method: str = ""
+    kv_bytes_per_block: int = 0
+    """Bytes per block of the proposer's own KV pool (a draft model's; 0: none). That pool
+    holds as many blocks as the target's and shares its budget (``init_kv_pool``)."""
+
+    def init_kv_pool(self, num_blocks: int) -> None:
+        """Allocate the proposer's KV pool once the target's is sized (``num_blocks`` each)."""
 
     @abc.abstractmethod
     def propose(self, requests: Sequence[Request], max_tokens: Sequence[int],
@@ -44,7 +50,8 @@ class Proposer(abc.ABC):
 
 def build_proposer(config, target=None) -> Proposer | None:
     """The proposer a SpeculativeConfig asks for (None when speculation is off). ``target``
-    is the engine's runner: a draft model shares its device, dtype and block size."""
+    is the engine core, before its runner exists: a draft model shares its device, dtype,
+    block size, window and step token budget, and its KV pool is sized with the target's."""
     if config is None or config.speculative_method is None:
         return None
     if config.speculative_method == "ngram":
