@@ -100,21 +100,24 @@ class EngineEmbedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EngineEmbedInput, _Mapping]]] = ..., dimensions: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("index", "vector")
+    __slots__ = ("index", "vector", "cached")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     index: int
     vector: bytes
-    def __init__(self, index: _Optional[int] = ..., vector: _Optional[bytes] = ...) -> None: ...
+    cached: bool
+    def __init__(self, index: _Optional[int] = ..., vector: _Optional[bytes] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("request_id", "model", "data", "usage", "replica", "dimensions", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size")
+    __slots__ = ("request_id", "model", "data", "usage", "replica", "dimensions", "cached_inputs", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOOKUP_MAX_FIELD_NUMBER: _ClassVar[int]
@@ -127,13 +130,14 @@ class EmbedResponse(_message.Message):
     usage: _common_pb2.Usage
     replica: str
     dimensions: int
+    cached_inputs: int
     speculative_method: str
     num_speculative_tokens: int
     prompt_lookup_max: int
     prompt_lookup_min: int
     speculative_model: str
     speculative_disable_batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., replica: _Optional[str] = ..., dimensions: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., replica: _Optional[str] = ..., dimensions: _Optional[int] = ..., cached_inputs: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -10,8 +10,10 @@ token-id inputs to the router's ``Embed``, which picks a replica and fails over.
 record per call (prompt tokens = the inputs' tokens, no completion tokens) and one span,
 ``gateway.Embed``.
 
-``compute`` is the one function from token-id inputs to vectors, so a per-input cache
-lookup can slot in there. Embeddings always go through the router (in direct routing
+``compute`` is the one function from token-id inputs to vectors: with the embedding cache
+on (``response_cache.embedding_cache``) it takes the vectors of inputs seen before from
+Redis and sends only the others to the engine; rate limits then charge only the engine's
+tokens, while the answer's usage still counts every input. Embeddings always go through the router (in direct routing
 too): a call is unary and its vectors are small beside a generation's stream, so the
 extra hop buys one failover implementation (the router's).
 """
@@ -31,6 +33,8 @@ from llmesh.gateway.catalog import ModelCatalog
 from llmesh.gateway.config import GatewayConfig
 from llmesh.gateway.ratelimit import Lease, RateLimiter
 from llmesh.gateway.request_ids import LiveRequestIds, RequestIds
+from llmesh.gateway.response_cache.embedding_cache import EmbedPlan, EmbeddingCache
+from llmesh.gateway.response_cache.policy import check_mode
 from llmesh.gateway.route_builder import RouteBuilder, check_allowed, tier_priority
 from llmesh.gateway.servicer import _outcome, _time_remaining
 from llmesh.gateway.tokenizers import TokenizerPool, input_bytes
@@ -68,10 +72,13 @@ class Embedder:
 
     def __init__(self, config: GatewayConfig, routes: RouteBuilder, pool: TokenizerPool, catalog: ModelCatalog,
                  router: router_pb2_grpc.RouterStub, auth: Authenticator, streams: StreamCap,
-                 live_ids: LiveRequestIds, limiter: RateLimiter | None, usage_store: UsageStore | None) -> None:
+                 live_ids: LiveRequestIds, limiter: RateLimiter | None, usage_store: UsageStore | None,
+                 cache: EmbeddingCache | None = None) -> None:
         self._config, self._routes, self._pool, self._catalog = config, routes, pool, catalog
         self._router, self._auth, self._streams, self._live_ids = router, auth, streams, live_ids
         self._limiter, self._usage_store = limiter, usage_store
+        self._cache = cache
+        """Vectors of inputs seen before, from Redis (None: off; docs/response-cache.md)."""
         self._background: set[asyncio.Task] = set()
 
     async def embed(self, request: inference_pb2.EmbedRequest, context: CallContext) -> engine_pb2.EmbedResponse:
@@ -96,9 +103,11 @@ class Embedder:
             total = sum(map(len, token_inputs))
             if lease is not None:
                 await lease.extend(total)
+            plan = None if self._cache is None else self._cache.plan(
+                checked.model, token_inputs, checked.dimensions, caller, request.cache)
             resp = await self.compute(checked.model, token_inputs, dimensions=checked.dimensions,
                                       priority=checked.priority, cache_salt=caller.cache_salt,
-                                      request_id=ids.engine, usage=usage, context=context)
+                                      request_id=ids.engine, usage=usage, context=context, plan=plan)
             resp.request_id = ids.client  # the engine's id is the mesh's, never shown
             return resp
         except BaseException as e:
@@ -117,6 +126,7 @@ class Embedder:
         check_request_size(request.ByteSize(), cfg.max_request_bytes)
         check_request_id(request.request_id)
         check_priority(request.priority)
+        check_mode(request.cache)
         if not request.inputs:
             raise invalid_argument("inputs is empty: send at least one text or token-id list to embed")
         if len(request.inputs) > MAX_EMBED_INPUTS:
@@ -164,48 +174,94 @@ class Embedder:
         return out
 
     async def compute(self, model: str, inputs: list[list[int]], *, dimensions: int | None, priority: int,
-                      cache_salt: str, request_id: str, usage: UsageRecord,
-                      context: CallContext) -> engine_pb2.EmbedResponse:
-        """The vectors of token-id inputs, in order, from one replica of ``model`` (the
-        router picks it and fails over)."""
-        engine_request = engine_pb2.EngineEmbedRequest(
-            request_id=request_id, dimensions=dimensions or 0, priority=priority, cache_salt=cache_salt,
-            inputs=[engine_pb2.EngineEmbedInput(token_ids=x) for x in inputs])
+                      cache_salt: str, request_id: str, usage: UsageRecord, context: CallContext,
+                      plan: EmbedPlan | None = None) -> engine_pb2.EmbedResponse:
+        """The vectors of token-id inputs, in order: those the embedding cache holds (``plan``)
+        from Redis, the others from one replica of ``model`` (the router picks it and fails
+        over), which the cache then keeps."""
         attributes = {"llmesh.model": model, "llmesh.request_id": usage.request_id,
                       "llmesh.engine_request_id": request_id, "llmesh.inputs": len(inputs),
                       "llmesh.prompt_tokens": sum(map(len, inputs))}
         with _tracer.start_as_current_span("gateway.Embed", attributes=attributes, record_exception=False,
                                            set_status_on_exception=False) as span:
             usage.trace_id = format(span.get_span_context().trace_id, "032x")
-            try:
-                resp = await self._router.Embed(router_pb2.RouterEmbedRequest(model=model, request=engine_request),
-                                                timeout=_time_remaining(context))
-            except grpc.aio.AioRpcError as e:
-                span.set_status(Status(StatusCode.ERROR, e.code().name))
-                if e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").startswith("failed to connect"):
-                    raise unavailable(f"the router at {self._config.router} is unreachable; try again "
-                                      f"shortly ({e.details()})") from None
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # keep the retry hint for the caller
-                    raise ServiceError(e.code(), e.details() or e.code().name, trailers=passed_on(e)) from None
-                raise
-            usage.model, usage.replica = resp.model or model, resp.replica
-            usage.prompt_tokens, usage.cached_tokens = resp.usage.prompt_tokens, resp.usage.cached_tokens
+            found = await self._cache.lookup(plan) if plan is not None and plan.decision.lookup else {}
+            missing = [i for i in range(len(inputs)) if i not in found]
+            engine = None
+            if missing:
+                engine = await self._engine_embed(model, [inputs[i] for i in missing], dimensions=dimensions,
+                                                  priority=priority, cache_salt=cache_salt, request_id=request_id,
+                                                  context=context, span=span)
+                stale = [i for i, v in found.items() if len(v) != 4 * engine.dimensions]
+                if stale:  # a stored width the model no longer gives: only a damaged entry does that
+                    self._cache.distrust(plan, len(stale))
+                    found, missing = {}, list(range(len(inputs)))
+                    engine = await self._engine_embed(model, inputs, dimensions=dimensions, priority=priority,
+                                                      cache_salt=cache_salt, request_id=request_id,
+                                                      context=context, span=span)
+            computed = {} if engine is None else {missing[e.index]: e.vector for e in engine.data}
+            if plan is not None:
+                self._cache.store_later(plan, computed)
+            resp = _assemble(model, inputs, found, computed, engine)
+            if engine is None:  # every vector from the cache: no engine token was spent
+                usage.model, usage.cached_response, usage.prompt_tokens = model, True, resp.usage.prompt_tokens
+            else:  # the engine's tokens only: what rate limits and usage charge
+                usage.model, usage.replica = engine.model or model, engine.replica
+                usage.prompt_tokens, usage.cached_tokens = engine.usage.prompt_tokens, engine.usage.cached_tokens
             span.set_attributes({"llmesh.replica": resp.replica, "llmesh.cached_tokens": resp.usage.cached_tokens,
-                                 "llmesh.dimensions": resp.dimensions})
+                                 "llmesh.dimensions": resp.dimensions, "llmesh.embedding_cache.hits": len(found)})
             return resp
+
+    async def _engine_embed(self, model: str, inputs: list[list[int]], *, dimensions: int | None, priority: int,
+                            cache_salt: str, request_id: str, context: CallContext, span) -> engine_pb2.EmbedResponse:
+        engine_request = engine_pb2.EngineEmbedRequest(
+            request_id=request_id, dimensions=dimensions or 0, priority=priority, cache_salt=cache_salt,
+            inputs=[engine_pb2.EngineEmbedInput(token_ids=x) for x in inputs])
+        try:
+            return await self._router.Embed(router_pb2.RouterEmbedRequest(model=model, request=engine_request),
+                                            timeout=_time_remaining(context))
+        except grpc.aio.AioRpcError as e:
+            span.set_status(Status(StatusCode.ERROR, e.code().name))
+            if e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").startswith("failed to connect"):
+                raise unavailable(f"the router at {self._config.router} is unreachable; try again "
+                                  f"shortly ({e.details()})") from None
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # keep the retry hint for the caller
+                raise ServiceError(e.code(), e.details() or e.code().name, trailers=passed_on(e)) from None
+            raise
 
     def _settle(self, caller: Caller | None, lease: Lease | None, usage: UsageRecord) -> None:
         """Settle the reservation to the tokens embedded and record usage, in the background."""
         jobs = []
+        # Cached inputs spent no engine token: their share of the reservation is given back,
+        # as a response cache hit's is (a call answered whole from the cache gives back all).
+        spent = 0 if usage.cached_response else usage.prompt_tokens
         if lease is not None:
-            jobs.append(lease.settle(usage.prompt_tokens))
+            jobs.append(lease.settle(spent))
         if self._usage_store is not None and caller is not None and usage.model and usage.prompt_tokens:
-            jobs.append(self._usage_store.add(caller.key_id, caller.tenant, usage.model, usage.prompt_tokens,
-                                              usage.cached_tokens, 0))
+            jobs.append(self._usage_store.add(caller.key_id, caller.tenant, usage.model, spent,
+                                              usage.cached_tokens, 0, cached_response=usage.cached_response))
         for job in jobs:
             task = asyncio.ensure_future(job)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+
+def _assemble(model: str, inputs: list[list[int]], found: dict[int, bytes], computed: dict[int, bytes],
+              engine: engine_pb2.EmbedResponse | None) -> engine_pb2.EmbedResponse:
+    """One answer in input order from the cache's vectors and the engine's. Usage counts
+    every input's tokens (what the caller sent); ``cached_inputs`` says how many cost none."""
+    resp = engine_pb2.EmbedResponse(model=model, cached_inputs=len(found))
+    for i in range(len(inputs)):
+        cached = i in found
+        resp.data.add(index=i, vector=found[i] if cached else computed[i], cached=cached)
+    resp.usage.prompt_tokens = sum(map(len, inputs))
+    if engine is None:
+        resp.dimensions = len(resp.data[0].vector) // 4
+        resp.usage.cached_response = True
+    else:
+        resp.model, resp.replica, resp.dimensions = engine.model or model, engine.replica, engine.dimensions
+        resp.usage.cached_tokens = engine.usage.cached_tokens
+    return resp
 
 
 async def _ready(ids: list[int]) -> list[int]:

@@ -38,7 +38,7 @@ from llmesh.gateway.openai_request import (
     parse_detokenize,
     parse_tokenize,
 )
-from llmesh.gateway.openai_embeddings import embeddings_body, parse_embeddings
+from llmesh.gateway.openai_embeddings import cache_outcome, embeddings_body, parse_embeddings
 from llmesh.gateway.openai_response import CompletionBuilder
 from llmesh.gateway.response_cache.policy import parse_mode_header
 from llmesh.gateway.servicer import InferenceServicer
@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CACHE_HEADER = "x-llmesh-cache"
 """Request: the response cache mode (use, bypass, refresh). Response: ``hit`` when the answer
-was replayed from the response cache (its JSON then also has ``"cached_response": true``)."""
+was replayed from the response cache (its JSON then also has ``"cached_response": true``);
+/v1/embeddings answers ``hit``, ``partial`` or ``miss`` (how many vectors the cache gave)."""
 OWNED_BY = "llmesh"
 
 
@@ -147,7 +148,7 @@ class HttpFront:
     async def embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's embeddings: ``{"model", "input", "encoding_format"?, "dimensions"?}``."""
         try:
-            message, encoding = parse_embeddings(await _body(request))
+            message, encoding = parse_embeddings(await _body(request), request.headers.get(CACHE_HEADER))
             token = otel_context.attach(propagate.extract(request.headers))
             try:
                 out = await self._servicer.Embed(message, _context(request))
@@ -155,7 +156,7 @@ class HttpFront:
                 otel_context.detach(token)
         except Exception as e:  # noqa: BLE001 - every failure becomes its HTTP status
             return _error_response(http_error_for(e))
-        return _json_response(embeddings_body(out, encoding))
+        return _json_response(embeddings_body(out, encoding), headers={CACHE_HEADER: cache_outcome(out)})
 
     async def models(self, request: web.Request) -> web.Response:
         try:

@@ -52,3 +52,19 @@ RESPONSE_CACHE_SKIPPED = Counter(
 RESPONSE_CACHE_EVICTIONS = Counter(
     "llmesh_gateway_response_cache_evictions_total", "Keys the response cache's Redis evicted under its "
     "maxmemory policy (INFO evicted_keys; the whole Redis's when it is shared).")
+EMBEDDING_CACHE_HITS = Counter(
+    "llmesh_gateway_embedding_cache_hits_total", "Embedding inputs answered from the cache (one per input, "
+    "not per call).", ["model"])
+EMBEDDING_CACHE_MISSES = Counter(
+    "llmesh_gateway_embedding_cache_misses_total", "Embedding inputs looked up and not found (sent to the "
+    "engine).", ["model"])
+EMBEDDING_CACHE_STORES = Counter(
+    "llmesh_gateway_embedding_cache_stores_total", "Embedding vectors stored in the cache.", ["model"])
+EMBEDDING_CACHE_STORED_BYTES = Counter(
+    "llmesh_gateway_embedding_cache_stored_bytes_total", "Bytes of the vectors stored in the cache.", ["model"])
+EMBEDDING_CACHE_ERRORS = Counter(
+    "llmesh_gateway_embedding_cache_errors_total", "Embedding cache calls that failed (the inputs went to the "
+    "engine), by operation: lookup, store (one per batch), decode (one per damaged vector).", ["model", "op"])
+EMBEDDING_CACHE_SKIPPED = Counter(
+    "llmesh_gateway_embedding_cache_skipped_total", "Embed calls the cache left alone, by why: off (key "
+    "policy or bypass), unknown_model.", ["model", "reason"])

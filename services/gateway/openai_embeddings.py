@@ -3,7 +3,9 @@
 ``input`` is a string, a list of strings, a list of token ids or a list of token-id lists;
 ``encoding_format`` is ``float`` (JSON numbers) or ``base64`` (the packed little-endian
 float32 bytes, base64-encoded: what OpenAI's SDK asks for by default and decodes itself).
-A field llmesh does not implement is refused with 400 naming it, never ignored.
+A field llmesh does not implement is refused with 400 naming it, never ignored. The
+``x-llmesh-cache`` header asks the embedding cache to ``use``, ``bypass`` or ``refresh``
+(docs/response-cache.md); the answer's header of that name says ``hit``, ``partial`` or ``miss``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from llmesh.gateway.http_errors import HttpError
+from llmesh.gateway.response_cache.policy import parse_mode_header
 from llmesh.v1 import engine_pb2, inference_pb2
 
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
@@ -28,8 +31,13 @@ def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def parse_embeddings(body: Any) -> tuple[inference_pb2.EmbedRequest, str]:
-    """The EmbedRequest of a /v1/embeddings body and its encoding_format."""
+def parse_embeddings(body: Any, cache_header: str | None = None) -> tuple[inference_pb2.EmbedRequest, str]:
+    """The EmbedRequest of a /v1/embeddings body (and its ``x-llmesh-cache`` header's mode)
+    and its encoding_format."""
+    try:
+        mode = parse_mode_header(cache_header)
+    except ValueError as e:
+        raise _bad(str(e), "x-llmesh-cache") from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", "body")
     unknown = sorted(set(body) - EMBEDDING_FIELDS)
@@ -43,7 +51,7 @@ def parse_embeddings(body: Any) -> tuple[inference_pb2.EmbedRequest, str]:
         encoding = "float"
     if encoding not in ENCODINGS:
         raise _bad(f"encoding_format must be one of {', '.join(ENCODINGS)}, got {encoding!r}", "encoding_format")
-    msg = inference_pb2.EmbedRequest(model=model)
+    msg = inference_pb2.EmbedRequest(model=model, cache=mode)
     raw = body.get("input")
     if isinstance(raw, str):
         items: list[Any] = [raw]
@@ -85,3 +93,11 @@ def embeddings_body(resp: engine_pb2.EmbedResponse, encoding: str) -> dict[str, 
     tokens = resp.usage.prompt_tokens
     return {"object": "list", "data": data, "model": resp.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def cache_outcome(resp: engine_pb2.EmbedResponse) -> str:
+    """The ``x-llmesh-cache`` response header: ``hit`` (every vector from the embedding
+    cache), ``partial`` (some) or ``miss`` (none, also when the cache is off or bypassed)."""
+    if resp.cached_inputs and resp.cached_inputs == len(resp.data):
+        return "hit"
+    return "partial" if resp.cached_inputs else "miss"

@@ -87,7 +87,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         from llmesh.gateway.embeddings import Embedder  # it reuses this module's call outcomes
 
         self._embedder = Embedder(config, self._routes, self._pool, catalog, router, self._auth, self._streams,
-                                  self._live_ids, limiter, usage_store)
+                                  self._live_ids, limiter, usage_store,
+                                  None if response_cache is None else response_cache.embedding_cache())
 
     @property
     def catalog(self) -> ModelCatalog:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmesh.gateway.response_cache.codec import CorruptEntry, Entry, decode, encode
-from llmesh.gateway.response_cache.key import cache_key, deterministic
+from llmesh.gateway.response_cache.key import cache_key, deterministic, embedding_key
 from llmesh.gateway.response_cache.policy import decide, parse_key_policy, parse_mode_header
 from llmesh.gateway.response_cache.revision import ModelRevisions
 from llmesh.gateway.response_cache.store import TenantStore
@@ -68,6 +68,21 @@ def test_repeated_sampling_fields_change_the_key_and_map_order_does_not():
 
 def test_tenant_and_model_fields_cannot_be_shifted_into_each_other():
     assert _key(tenant="ab", model="c") != _key(tenant="a", model="bc")
+
+
+def test_embedding_keys_follow_tenant_model_ids_and_dimensions_only():
+    base = {"tenant": "acme", "model": "m", "revision": "r1", "token_ids": [1, 2, 3], "dimensions": None}
+
+    def key(secret: bytes = b"s", **kw) -> str:
+        return embedding_key(secret, **{**base, **kw}).digest
+
+    for change in ({"tenant": "other"}, {"model": "m2"}, {"revision": "r2"}, {"token_ids": [1, 2, 4]},
+                   {"token_ids": [1, 2]}, {"dimensions": 32}, {"secret": b"t"}):
+        assert key(**change) != key(), change
+    assert key(dimensions=32) != key(dimensions=16)
+    assert key() == key()
+    # a generation entry of the same prompt is never read as a vector
+    assert key() != _key(tenant="acme", model="m", revision="r1", prompt_token_ids=[1, 2, 3])
 
 
 def test_only_greedy_or_seeded_requests_are_deterministic():
@@ -156,6 +171,18 @@ def test_store_waits_are_bounded_on_a_frozen_redis():
             os.kill(server._proc.pid, signal.SIGCONT)
         await asyncio.sleep(0.6)
         assert (await store.get("a b", "d")).value == b"v"
+        # batches: one MGET, one pipeline of SETs, the same bound
+        assert await store.put_many("a b", [("e", b"1"), ("f", b"2")], 10) == ""
+        assert (await store.get_many("a b", ["e", "x", "f", "d"])).values == (b"1", None, b"2", b"v")
+        assert 0 < await client.pttl("t:a%20b:f") <= 10_000
+        os.kill(server._proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            many = await store.get_many("a b", ["e", "f"])
+            assert many.error and many.values == () and time.monotonic() - started < 0.5
+            assert "paused" in await store.put_many("a b", [("g", b"3")], 10)
+        finally:
+            os.kill(server._proc.pid, signal.SIGCONT)
         await client.aclose()
 
     with RedisServer() as server:

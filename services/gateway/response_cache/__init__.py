@@ -4,5 +4,6 @@
 answers, e.g. embeddings). ``key``: what makes two requests the same. ``policy``: the
 API key's setting and the request's mode. ``codec``: a stream's messages as bytes.
 ``revision``: a model's identity on disk. ``cache``: the lookup, replay and store around
-one Generate/Chat stream. docs/response-cache.md explains the whole.
+one Generate/Chat stream. ``embedding_cache``: the same for
+embeddings, input by input. docs/response-cache.md explains the whole.
 """

@@ -20,13 +20,13 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
-from llmesh.errors import invalid_argument
 from llmesh.gateway import metrics
 from llmesh.gateway.caller import Caller
 from llmesh.gateway.response_cache.codec import CorruptEntry, Entry, encode
 from llmesh.gateway.response_cache.config import ResponseCacheConfig
+from llmesh.gateway.response_cache.embedding_cache import EmbeddingCache
 from llmesh.gateway.response_cache.key import CacheKey, cache_key, deterministic
-from llmesh.gateway.response_cache.policy import Decision, decide
+from llmesh.gateway.response_cache.policy import Decision, check_mode, decide
 from llmesh.gateway.response_cache.revision import ModelRevisions
 from llmesh.gateway.response_cache.store import TenantStore
 from llmesh.gateway.usage import UsageRecord
@@ -95,13 +95,18 @@ class ResponseCache:
         self._config = config
         self._background: set[asyncio.Task] = set()
 
+    def embedding_cache(self) -> EmbeddingCache | None:
+        """The embedding cache on this cache's Redis, keys and TTL (None when
+        --response-cache-embeddings is off)."""
+        if not self._config.response_cache_embeddings:
+            return None
+        return EmbeddingCache(self._store, self._revisions, self._secret, self._config)
+
     def plan(self, request: inference_pb2.GenerateRequest | inference_pb2.ChatRequest, caller: Caller,
              route: router_pb2.RouteRequest) -> Plan | None:
         """The cache's part in this request; None leaves it alone (and says why in a metric)."""
         model = route.model
-        if request.cache not in inference_pb2.ResponseCacheMode.values():
-            raise invalid_argument(f"cache: {request.cache} is not a ResponseCacheMode (use "
-                                   f"{', '.join(inference_pb2.ResponseCacheMode.keys())})")
+        check_mode(request.cache)
         if not route.prompt_token_ids:  # "auto": the model is the router's choice, made later
             return _skipped(model, "auto")
         if not deterministic(route.sampling):

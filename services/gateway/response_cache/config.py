@@ -13,6 +13,9 @@ class ResponseCacheConfig:
     response_cache: bool = option(False, "answer repeated deterministic requests (greedy, or seeded) from "
                                          "Redis; API keys may turn it off or set their own TTL "
                                          "(docs/response-cache.md)")
+    response_cache_embeddings: bool = option(True, "with --response-cache: also keep embeddings, input by "
+                                                   "input, so a repeated input is never embedded twice "
+                                                   "(false: only generation answers are cached)")
     response_cache_ttl_s: float = option(600.0, "how long a stored answer is served, in seconds, unless the "
                                                 "API key sets its own ttl")
     response_cache_redis_url: str = option("", "Redis of the response cache; empty uses --redis-url. A "

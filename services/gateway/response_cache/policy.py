@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from llmesh.errors import invalid_argument
 from llmesh.v1 import inference_pb2
 
 MODES = {"use": inference_pb2.RESPONSE_CACHE_MODE_USE, "bypass": inference_pb2.RESPONSE_CACHE_MODE_BYPASS,
@@ -49,6 +50,13 @@ def parse_key_policy(text: str) -> KeyPolicy:
             return KeyPolicy(enabled=True, ttl_s=ttl)
     raise ValueError(f"response cache policy must be 'default', 'off', 'on' or 'ttl=<seconds>' (seconds > 0), "
                      f"got {text!r}")
+
+
+def check_mode(mode: int) -> None:
+    """A request's ``cache`` field must name a ResponseCacheMode (INVALID_ARGUMENT otherwise)."""
+    if mode not in inference_pb2.ResponseCacheMode.values():
+        raise invalid_argument(f"cache: {mode} is not a ResponseCacheMode (use "
+                               f"{', '.join(inference_pb2.ResponseCacheMode.keys())})")
 
 
 def parse_mode_header(value: str | None) -> int:

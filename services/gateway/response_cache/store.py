@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from redis.exceptions import RedisError
@@ -34,6 +34,15 @@ class Got:
     """The outcome of one lookup: the value (None: not stored), or why Redis did not answer."""
 
     value: bytes | None = None
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GotMany:
+    """The outcome of one batched lookup: a value or None per digest, in order (empty when
+    Redis did not answer: ``error`` says why)."""
+
+    values: tuple[bytes | None, ...] = ()
     error: str = ""
 
 
@@ -66,13 +75,38 @@ class TenantStore:
         self._ok()
         return Got(value=value)
 
+    async def get_many(self, tenant: str, digests: Sequence[str]) -> GotMany:
+        """Every digest's value in one round trip (MGET), within the same bound as ``get``."""
+        if self._paused():
+            return GotMany(error="unavailable (paused after a failure)")
+        try:
+            async with asyncio.timeout(self._timeout):
+                values = await self._redis.mget([self.redis_key(tenant, d) for d in digests])
+        except _FAILURES as e:
+            return GotMany(error=self._failed("lookup", e))
+        self._ok()
+        return GotMany(values=tuple(values))
+
     async def put(self, tenant: str, digest: str, value: bytes, ttl_s: float) -> str:
         """Store ``value`` for ``ttl_s`` seconds; returns "" or why it was not stored."""
+        return await self.put_many(tenant, [(digest, value)], ttl_s)
+
+    async def put_many(self, tenant: str, items: Sequence[tuple[str, bytes]], ttl_s: float) -> str:
+        """Store each (digest, value) for ``ttl_s`` seconds in one round trip (a pipeline of
+        SETs, not a transaction: an entry is whole on its own); returns "" or why not."""
         if self._paused():
             return "unavailable (paused after a failure)"
+        ttl_ms = max(1, round(ttl_s * 1000))
         try:
             async with asyncio.timeout(self._store_timeout):
-                await self._redis.set(self.redis_key(tenant, digest), value, px=max(1, round(ttl_s * 1000)))
+                if len(items) == 1:
+                    (digest, value), = items
+                    await self._redis.set(self.redis_key(tenant, digest), value, px=ttl_ms)
+                else:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for digest, value in items:
+                            pipe.set(self.redis_key(tenant, digest), value, px=ttl_ms)
+                        await pipe.execute()
         except _FAILURES as e:
             return self._failed("store", e)
         self._ok()
