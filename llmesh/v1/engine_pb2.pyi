@@ -40,7 +40,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "pooling", "normalize", "matryoshka", "embedding_dimensions")
+    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "pooling", "normalize", "matryoshka", "embedding_dimensions", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,12 @@ class InfoResponse(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     MATRYOSHKA_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_MAX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_MIN_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DISABLE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     instance_id: str
     block_size: int
@@ -77,7 +83,13 @@ class InfoResponse(_message.Message):
     normalize: bool
     matryoshka: bool
     embedding_dimensions: int
-    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., matryoshka: _Optional[bool] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
+    speculative_method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    speculative_model: str
+    speculative_disable_batch_size: int
+    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., matryoshka: _Optional[bool] = ..., embedding_dimensions: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ...) -> None: ...
 
 class EngineEmbedInput(_message.Message):
     __slots__ = ("token_ids",)
@@ -110,7 +122,7 @@ class Embedding(_message.Message):
     def __init__(self, index: _Optional[int] = ..., vector: _Optional[bytes] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("request_id", "model", "data", "usage", "replica", "dimensions", "cached_inputs", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size")
+    __slots__ = ("request_id", "model", "data", "usage", "replica", "dimensions", "cached_inputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -118,12 +130,6 @@ class EmbedResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUTS_FIELD_NUMBER: _ClassVar[int]
-    SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
-    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_LOOKUP_MAX_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_LOOKUP_MIN_FIELD_NUMBER: _ClassVar[int]
-    SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
-    SPECULATIVE_DISABLE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     data: _containers.RepeatedCompositeFieldContainer[Embedding]
@@ -131,13 +137,7 @@ class EmbedResponse(_message.Message):
     replica: str
     dimensions: int
     cached_inputs: int
-    speculative_method: str
-    num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
-    speculative_model: str
-    speculative_disable_batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., replica: _Optional[str] = ..., dimensions: _Optional[int] = ..., cached_inputs: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., replica: _Optional[str] = ..., dimensions: _Optional[int] = ..., cached_inputs: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -148,3 +148,16 @@ def test_graceful_shutdown_lets_streams_finish(tiny_llama):
         assert proc._proc.wait(timeout=30) == 0, proc.log_tail()
         # Stopping the core on shutdown is not a core failure: no fresh core is started.
         assert "fresh core" not in proc.log_tail(20000), proc.log_tail()
+
+
+def test_speculating_engine_reports_its_config_and_serves_both_ways(tiny_llama):
+    with start_engine(tiny_llama, "--num-kv-blocks", "64", "--speculative-method", "ngram",
+                      "--num-speculative-tokens", "3", "--prompt-lookup-max", "3") as proc:
+        stub = _stub(proc.address)
+        info = stub.Info(engine_pb2.InfoRequest(), timeout=10)
+        assert (info.speculative_method, info.num_speculative_tokens, info.prompt_lookup_max,
+                info.prompt_lookup_min) == ("ngram", 3, 3, 1)
+        on = [t for m in stub.Generate(_request("spec-on", 20), timeout=60) for t in m.token_ids]
+        off = [t for m in stub.Generate(_request("spec-off", 20, speculative=False), timeout=60) for t in m.token_ids]
+        assert on == off and len(on) == 20
+        assert _wait_idle(stub).kv_blocks_used == 0
