@@ -162,7 +162,7 @@ class Scheduler:
             budget = self._admit_waiting(budget, chunks, preempted)
         # Lookahead slots only when memory is not short: not in a step that preempted, nor
         # while a request waits (the slots are better spent admitting it).
-        budget = self._add_drafts(chunks, budget if not preempted and not self.num_waiting else 0)
+        budget = self._add_drafts(chunks, budget, allowed=not preempted and not self.num_waiting)
 
         decodes, prefills = [], []
         for c in chunks.values():
@@ -227,15 +227,16 @@ class Scheduler:
         return received
 
     # ---- helpers --------------------------------------------------------------------
-    def _add_drafts(self, chunks: dict[str, ScheduledChunk], budget: int) -> int:
+    def _add_drafts(self, chunks: dict[str, ScheduledChunk], budget: int, allowed: bool) -> int:
         """Widen decodes whose request has drafts into verify chunks, from the spare budget
-        only and without preempting anyone for a lookahead slot; returns the budget left."""
+        only and without preempting anyone for a lookahead slot; returns the budget left.
+        Not ``allowed``: the drafts are dropped unused."""
         for request_id, chunk in list(chunks.items()):
             request = chunk.request
             # A proposal is used by the step right after it was made, or dropped: later the
             # context has moved on (an async step landed without a new proposal).
             drafts, request.spec_token_ids = request.spec_token_ids, []
-            if not drafts or budget <= 0 or not chunk.is_decode or request.num_pending_tokens:
+            if not allowed or not drafts or budget <= 0 or not chunk.is_decode or request.num_pending_tokens:
                 continue
             # never draft past max_tokens or the window: the target adds one token of its own
             room = min(request.sampling_params.max_tokens - request.num_output_tokens,
