@@ -192,13 +192,7 @@ class AsyncLLM:
             for c in choices:
                 self._core.send(c)
             while live:
-                if not stream.items:
-                    stream.ready.clear()
-                    await stream.ready.wait()
-                    continue
-                item = stream.items.popleft()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await _next_item(stream)
                 # A slow reader gets several tokens of a choice per delta.
                 while (not item.finished and stream.items and not isinstance(stream.items[0], BaseException)
                        and stream.items[0].request_id == item.request_id):
@@ -259,13 +253,7 @@ class AsyncLLM:
             for r in reqs:
                 self._core.send(r)
             while live:
-                if not stream.items:
-                    stream.ready.clear()
-                    await stream.ready.wait()
-                    continue
-                item = stream.items.popleft()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await _next_item(stream)
                 if not item.finished:
                     continue
                 live.discard(item.request_id)
@@ -449,6 +437,17 @@ class AsyncLLM:
             _deliver(stream, [EngineDeadError(reason)])
         for loop, fut in calls.values():
             _resolve(loop, fut, None, EngineDeadError(reason))
+
+
+async def _next_item(stream: _Stream) -> RequestOutput:
+    """The stream's next output, waiting for one; raises the error that ended the stream."""
+    while not stream.items:
+        stream.ready.clear()
+        await stream.ready.wait()
+    item = stream.items.popleft()
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 def _deliver(stream: _Stream, items: list) -> None:
