@@ -28,6 +28,13 @@ WHEELS=(
   importlib-metadata==8.7.1
   redis==8.1.0
   gguf==0.19.0
+  # structured output: xgrammar and what it needs that the image lacks
+  xgrammar==0.2.9
+  apache-tvm-ffi==0.1.15.post2
+  pydantic==2.14.4
+  pydantic-core==2.50.5
+  annotated-types==0.8.0
+  typing-inspection==0.4.5
 )
 # redis-server 7 from Debian 12 (glibc >= 2.34, so it runs on the image's Ubuntu 24.04) and the
 # shared libraries it links that a CUDA image may lack.

@@ -11,8 +11,10 @@ matcher's advance, and the step-at-a-time scheduling a grammar request forces.
 
 CPU (demo model; writes bench/results/structured_cpu.json):
     python bench/structured_output.py
-GPU (writes bench/results/structured_<gpu>.json), e.g. with a Llama-3.1-8B-Instruct folder:
-    python bench/structured_output.py --device cuda --backend triton --model /models/Llama-3.1-8B-Instruct \
+GPU (writes bench/results/structured_<gpu>.json), e.g. with a Llama-3.1-8B-Instruct folder, or
+with the random-weight 8B shape (no chat template: plain prompts; random logits under the
+grammar still produce schema-valid JSON, though not always finished within the budget):
+    python bench/structured_output.py --device cuda --backend triton --model random:llama3-8b \
         --requests 64 --new-tokens 256
 --smoke: a short CPU run that writes nothing (checks the script).
 """
@@ -25,6 +27,7 @@ import time
 
 from llmesh.bench_results import device_tag, write_result
 from llmesh.engine import LLM, SamplingParams, StructuredOutputSpec
+from llmesh.engine.errors import InvalidRequestError
 from llmesh.engine.loader import find_demo_model
 
 SCHEMA = {
@@ -46,9 +49,12 @@ TOPICS = ["a football team", "a family", "a school class", "an office", "a band"
 
 def _prompts(llm: LLM, n: int) -> list[list[int]]:
     tok = llm.get_tokenizer()
-    return [tok.encode_chat([{"role": "user", "content": f"List the people of {TOPICS[i % len(TOPICS)]} as JSON "
-                                                         "with name, age, city and employment."}])
-            for i in range(n)]
+    texts = [f"List the people of {TOPICS[i % len(TOPICS)]} as JSON with name, age, city and employment."
+             for i in range(n)]
+    try:
+        return [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    except InvalidRequestError:  # a random-weight model has no chat template: plain prompts
+        return [tok.encode(t) for t in texts]
 
 
 def _parses(text: str) -> bool:

@@ -210,8 +210,9 @@ def test_triton_backend_embeddings(tiny_model_dirs, async_scheduling):
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
     path = tiny_model_dirs["llama"]
     prompts = _prompts(3, seed=9, lo=5, hi=30)
-    engine = _engine(path, backend="triton", pooling="last", normalize=True, block_size=16, num_kv_blocks=32,
-                     max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = _engine(path, backend="triton", device=device, pooling="last", normalize=True, block_size=16,
+                     num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4,
                      async_scheduling=async_scheduling)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     pooling = engine.pooling_params()

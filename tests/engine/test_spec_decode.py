@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from llmesh.engine import LLMEngine, SamplingParams, StructuredOutputSpec, build_engine_config
 from llmesh.engine.spec_decode.ngram import ngram_lookup
@@ -26,6 +27,13 @@ def repetitive_model(tmp_path_factory) -> str:
     """A random Llama whose greedy output revisits its own n-grams (n-gram drafts get accepted)."""
     return build_tiny_model(str(tmp_path_factory.mktemp("repetitive")), "llama", hidden_size=32,
                             intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def repetitive_model_d16(tmp_path_factory) -> str:
+    """The repetitive model's shape with head_dim 16, the smallest the Triton kernels take."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("repetitive16")), "llama", hidden_size=32,
+                            intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
 
 
 def _prompts(n: int, seed: int, lo: int = 5, hi: int = 60) -> list[list[int]]:
@@ -112,6 +120,22 @@ def test_greedy_equals_speculation_off(repetitive_model, scenario):
     assert stats.emitted == stats.accepted + stats.verify_steps  # no stop cut any verify step
     if scenario == "preemption":
         assert engine.core.scheduler.num_preemptions_total > 0
+    _check_drained(engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_triton_backend_verifies_like_the_torch_backend(repetitive_model_d16, async_scheduling):
+    """Verify steps (several tokens per request, CUDA graphs or eager on a GPU; Triton's
+    interpreter on the CPU) give the torch backend's tokens with speculation off."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = _prompts(3, seed=11, lo=12, hi=30)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ref = _run(_engine(repetitive_model_d16, None), prompts, params, arrive_at=[0, 1, 3])
+    engine = _engine(repetitive_model_d16, NGRAM, backend="triton", device=device, block_size=16, num_kv_blocks=32,
+                     max_model_len=128, async_scheduling=async_scheduling)
+    assert _run(engine, prompts, params, arrive_at=[0, 1, 3]) == ref
+    assert engine.core.spec_stats.accepted > 0, "the scenario was meant to accept drafts"
     _check_drained(engine)
 
 
