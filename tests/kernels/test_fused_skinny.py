@@ -40,8 +40,10 @@ SHAPES = [(1, 40, 100), (2, 33, 64), (5, 24, 72), (11, 17, 96), (16, 20, 48)]  #
 
 def _close(got, ref):
     assert got.dtype == ref.dtype and got.shape == ref.shape
-    scale = ref.float().abs().max().clamp_min(1.0)
-    torch.testing.assert_close(got.cpu().float() / scale, ref.float() / scale, rtol=0, atol=TOL[ref.dtype])
+    tol = TOL[ref.dtype]
+    got, ref = got.cpu().float(), ref.cpu().float()  # either may live on the GPU
+    scale = ref.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got / scale, ref / scale, rtol=0, atol=tol)
 
 
 def _norm_inputs(m, n, h, dtype, gen, device, bias=False):

@@ -49,8 +49,10 @@ def _inputs(m, n, k, dtype, gen, bias_dtype=None):
 
 def _close(got, ref):
     assert got.dtype == ref.dtype and got.shape == ref.shape
-    scale = ref.float().abs().max().clamp_min(1.0)
-    torch.testing.assert_close(got.cpu().float() / scale, ref.float() / scale, rtol=0, atol=TOL[ref.dtype])
+    tol = TOL[ref.dtype]
+    got, ref = got.cpu().float(), ref.cpu().float()  # either may live on the GPU
+    scale = ref.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got / scale, ref / scale, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

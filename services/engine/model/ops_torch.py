@@ -37,12 +37,13 @@ class TorchOps:
         return dequantize_rows(weight, ids, dtype)
 
     def linear(self, x: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None) -> torch.Tensor:
-        # Packed weights on a GPU use the Triton GEMMs; on the CPU their dequantizing reference.
+        # Packed weights on a GPU use the Triton GEMMs; on the CPU PyTorch's packed kernels
+        # where the format has one (float32 accumulation, like the dequantizing reference).
         kernels = x.is_cuda
         if isinstance(w, list):
-            y = torch.cat([linear(x, part, kernels=kernels) for part in w], dim=-1)
+            y = torch.cat([linear(x, part, kernels=kernels, cpu_kernels=True) for part in w], dim=-1)
             return y if bias is None else y + bias
-        return linear(x, w, bias, kernels=kernels)
+        return linear(x, w, bias, kernels=kernels, cpu_kernels=True)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 ``linear(x, w, bias)`` takes a dense tensor (nn.Linear layout [N, K]) or a packed weight
 (packed.py) and returns x @ W^T + bias. With ``kernels=True`` packed weights go through our
 Triton GEMMs (the triton backend, and the torch backend on a GPU); otherwise through their
-torch references — dequantize, round to x's dtype, multiply — which is what the torch
-backend uses on the CPU, where Triton has no compiled kernels. Dense weights use F.linear,
+torch references — dequantize, round to x's dtype, multiply. The torch backend on the CPU,
+where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
+(cpu_matmul.py), the reference for the formats they do not take. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmesh.engine.quant.cpu_matmul import cpu_packed_matmul
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
 from llmesh.kernels.skinny_gemm_config import tuned_config
@@ -75,15 +77,22 @@ def _dense_skinny(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     return skinny_gemm(x2, w, bias, config=config).view(*x.shape[:-1], w.shape[0])
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kernels: bool = True) -> torch.Tensor:
-    """x: [..., K] → [..., N]."""
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kernels: bool = True,
+           cpu_kernels: bool = False) -> torch.Tensor:
+    """x: [..., K] → [..., N]. ``cpu_kernels`` (with kernels off, x on the CPU): packed
+    weights through PyTorch's CPU kernels (cpu_matmul.py) where their format allows."""
     if isinstance(w, torch.Tensor):
         if kernels and x.is_cuda and (y := _dense_skinny(x, w, bias)) is not None:
             return y
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = _kernel_matmul(x2, w) if kernels else _reference_matmul(x2, w)
+    if kernels:
+        y = _kernel_matmul(x2, w)
+    elif cpu_kernels and x2.device.type == "cpu" and (y := cpu_packed_matmul(x2, w)) is not None:
+        pass
+    else:
+        y = _reference_matmul(x2, w)
     if bias is not None:
         y = y + bias
     return y.view(*lead, y.shape[-1])

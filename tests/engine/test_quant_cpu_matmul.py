@@ -1,0 +1,73 @@
+"""PyTorch's packed CPU GEMMs (quant/cpu_matmul.py) against the dequantizing reference on
+random weights: per-channel INT8, INT4 of every CPU group size (K padded to 2G, act-order),
+GGUF Q4_0/Q4_1 blocks; formats without a CPU kernel fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmesh.engine.quant.cpu_matmul import cpu_packed_matmul
+from llmesh.engine.quant.linear import linear
+from llmesh.engine.quant.packed import Int4Weight, Int8Weight
+from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
+
+
+def _check(x: torch.Tensor, w, tol: float = 1e-4) -> None:
+    got = cpu_packed_matmul(x, w)
+    assert got is not None, "this format has a CPU kernel"
+    ref = x.float() @ w.dequantize()
+    scale = ref.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got.float() / scale, ref / scale, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int8_per_channel(m):
+    gen = torch.Generator().manual_seed(m)
+    w = quantize_int8(torch.randn(72, 160, generator=gen))
+    _check(torch.randn(m, 160, generator=gen), w)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("k", [256, 200])  # 200: K padded to 2G, the padding rows must add nothing
+@pytest.mark.parametrize("m", [1, 5])
+def test_int4_groups(group, k, m):
+    gen = torch.Generator().manual_seed(group + k + m)
+    w = quantize_int4(torch.randn(64, k, generator=gen), group_size=group)
+    _check(torch.randn(m, k, generator=gen), w)
+
+
+def test_int4_act_order():
+    gen = torch.Generator().manual_seed(3)
+    base = quantize_int4(torch.randn(48, 160, generator=gen), group_size=32)
+    w = Int4Weight(base.qweight, base.scales, base.mins, 32, 160, perm=torch.randperm(160, generator=gen))
+    _check(torch.randn(4, 160, generator=gen), w)
+
+
+def test_bfloat16_activations():
+    gen = torch.Generator().manual_seed(5)
+    w = quantize_int4(torch.randn(64, 256, generator=gen), group_size=64)
+    _check(torch.randn(2, 256, generator=gen).to(torch.bfloat16), w, tol=2e-2)
+
+
+def test_formats_without_a_cpu_kernel_fall_back_to_the_reference():
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(40, 64, generator=gen)
+    q8_0 = quantize_int8(dense)
+    q8_0 = Int8Weight(q8_0.qweight, q8_0.scales.expand(2, -1).contiguous(), 32, "q8_0")  # grouped
+    x = torch.randn(3, 64, generator=gen)
+    assert cpu_packed_matmul(x, q8_0) is None
+    torch.testing.assert_close(linear(x, q8_0, kernels=False, cpu_kernels=True), linear(x, q8_0, kernels=False))
+    int4 = quantize_int4(dense, group_size=16)  # below the CPU kernel's smallest group
+    assert cpu_packed_matmul(x, int4) is None
+    assert cpu_packed_matmul(x.half(), quantize_int8(dense)) is None  # float16: no CPU kernel
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_4bit_blocks(qtype):
+    from llmesh.engine.quant.gguf_blocks import quantize_rows, rows_to_weight
+
+    gen = torch.Generator().manual_seed(11)
+    w = rows_to_weight(quantize_rows(torch.randn(64, 96, generator=gen), qtype), qtype, 96)
+    assert isinstance(w, Int4Weight) and w.group_size == 32
+    _check(torch.randn(3, 96, generator=gen), w)
