@@ -49,6 +49,9 @@ class DnsResolver:
                 resolver = dns.asyncresolver.Resolver()
             except dns.resolver.NoResolverConfiguration as e:
                 raise DiscoveryError(f"router discovery: no DNS configuration (/etc/resolv.conf): {e}") from None
+            # Short names ("llmesh-engine-small") resolve through the search domains, as
+            # getaddrinfo would: the models file then works in any namespace.
+            resolver.use_search_by_default = True
         resolver.timeout = resolver.lifetime = timeout_s
         self._resolver = resolver
 
