@@ -4,6 +4,12 @@ failures logged with their reason: rpc_outcomes) and a graceful shutdown.
 
 Internal servers also check the mesh secret (``llmesh.mesh_secret``).
 
+With ``health_port`` set, the same health service is also served in plaintext on that
+port, alone: Kubernetes' native gRPC probes speak neither TLS nor the mesh secret, and an
+mTLS-only port would fail them. Besides the overall status ('') it answers ``liveness``,
+SERVING from start to shutdown whatever the readiness is (a service that reports
+NOT_SERVING while Redis is down is not wedged, and must not be restarted for it).
+
 A service builds a ``ServiceConfig`` subclass, registers its servicers in a
 ``GrpcServer`` and calls ``run()``; on SIGTERM/SIGINT the server reports NOT_SERVING,
 stops accepting calls, lets in-flight streams finish within the grace period and
@@ -43,6 +49,8 @@ class ServiceConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = option(0, "gRPC port (0 picks a free one)")
     metrics_port: int = option(0, "Prometheus /metrics HTTP port (0 disables it)")
+    health_port: int = option(0, "also serve grpc.health.v1 alone, in plaintext, on this port (Kubernetes gRPC "
+                                 "probes, which speak no TLS); 0 disables it")
     grace_period_s: float = option(5.0, "on shutdown, seconds in-flight calls get to finish")
     log_level: str = option("info", "debug, info, warning or error")
     tls_cert: str | None = option(None, "PEM certificate: serve TLS, and present it to peers asking for mTLS")
@@ -60,6 +68,7 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         require(0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        require(0 <= self.health_port <= 65535, f"health_port must be in [0, 65535], got {self.health_port}")
         require(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
         require(self.log_level.lower() in ("debug", "info", "warning", "error"),
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}")
@@ -176,6 +185,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+LIVENESS = "liveness"
+"""Health service name that stays SERVING while the process runs (liveness probes)."""
+
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 """The stable reflection service (current grpcurl and Postman ask for it first)."""
 
@@ -253,6 +265,12 @@ class GrpcServer:
                      else self.server.add_insecure_port(bind))
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.health_server: grpc.aio.Server | None = None
+        if config.health_port:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if self.health_server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+                raise OSError(f"{name}: cannot listen on health_port {config.host}:{config.health_port}")
         self._stopping = asyncio.Event()
 
     @property
@@ -271,6 +289,9 @@ class GrpcServer:
 
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(True)
         log.info("serving", extra={"service": self.name, "address": self.address,
                                    "metrics_port": self.config.metrics_port})
@@ -282,6 +303,8 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_period_s": self.config.grace_period_s})
         await self.server.stop(self.config.grace_period_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self._on_shutdown is not None:
             await self._on_shutdown()
         shutdown_tracing()

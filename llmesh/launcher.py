@@ -138,7 +138,8 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
                                      env=engine_env(spec, replica, address, cfg, metrics(10 + n)),
                                      address=address, metrics_port=metrics(10 + n)))
             port, n = port + 1, n + 1
-        resolved.append(dataclasses.replace(spec, addresses=addresses))
+        # `llmesh up` starts the engines itself: its router knows their addresses, not DNS names.
+        resolved.append(dataclasses.replace(spec, addresses=addresses, discovery=""))
     resolved_models = ModelsFile(resolved, models.default_model)
     models_path = str(run_dir / "models.yaml")
     procs.append(ProcessSpec("router", [sys.executable, "-m", "llmesh.router.main"], env={

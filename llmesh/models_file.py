@@ -8,6 +8,9 @@ gateway and compose alike.
         size_class: small        # small | large: the classes of the router's "auto" policy
         replicas: 1
         addresses: []            # host:port per replica; `llmesh up` fills them in
+        # discovery: dns://llmesh-engine-small.llmesh.svc.cluster.local:50061
+        #                        # instead of addresses: the router resolves this name's A/AAAA
+        #                        # records periodically (Kubernetes: a headless Service)
         engine:                  # engine options by name (docs/configuration.md), per model
           dtype: float32
           max_num_seqs: 32
@@ -49,6 +52,9 @@ class ModelSpec:
     replicas: int = 1
     addresses: list[str] = dataclasses.field(default_factory=list)
     """host:port of each replica's engine."""
+    discovery: str = ""
+    """``dns://HOST:PORT``: the router finds the replicas as the A/AAAA records of HOST
+    (re-resolved periodically), each serving on PORT; exclusive with ``addresses``."""
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     """EngineConfig options of this model's engines, e.g. {"dtype": "float32", "max_num_seqs": 32};
     ``model`` and ``served_model_name`` come from ``path`` and ``name``."""
@@ -105,6 +111,14 @@ def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
             raise ModelsFileError(f"{at}: replicas must be an integer >= 1, got {spec.replicas!r}")
         if spec.addresses and len(spec.addresses) != spec.replicas:
             raise ModelsFileError(f"{at}: {len(spec.addresses)} addresses for {spec.replicas} replicas")
+        if spec.discovery:
+            try:
+                parse_discovery(spec.discovery)
+            except ValueError as e:
+                raise ModelsFileError(f"{at}: {e}") from None
+            if spec.addresses:
+                raise ModelsFileError(f"{at}: 'addresses' and 'discovery' exclude each other (static replicas, "
+                                      "or replicas found in DNS)")
         if not isinstance(spec.engine, dict):
             raise ModelsFileError(f"{at}: 'engine' must be a mapping of engine options")
         _check_generation(spec.generation, at)
@@ -119,6 +133,19 @@ def parse_models(doc: Any, where: str = "models file") -> ModelsFile:
     if default not in [m.name for m in models]:
         raise ModelsFileError(f"{where}: default_model {default!r} is not one of the models")
     return ModelsFile(models, default)
+
+
+DISCOVERY_SCHEME = "dns://"
+
+
+def parse_discovery(url: str) -> tuple[str, int]:
+    """``dns://HOST:PORT`` as (HOST, PORT); ValueError naming what is wrong."""
+    if not isinstance(url, str) or not url.startswith(DISCOVERY_SCHEME):
+        raise ValueError(f"discovery must look like dns://HOST:PORT, got {url!r}")
+    host, sep, port = url[len(DISCOVERY_SCHEME):].rpartition(":")
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"discovery must look like dns://HOST:PORT with a port in [1, 65535], got {url!r}")
+    return host, int(port)
 
 
 def _check_generation(generation: Any, at: str) -> None:

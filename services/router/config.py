@@ -58,15 +58,26 @@ class RouterConfig(ServiceConfig):
         -2.5, "'auto' escalation: when the small model's mean token log-probability (nats) over those tokens "
               "is under this, its request is aborted and the large model answers from scratch")
 
+    discovery_interval_s: float = option(
+        5.0, "models with discovery: dns://HOST:PORT: seconds between lookups of HOST (new engines join once "
+             "SERVING; engines gone from DNS take no new requests)")
+    discovery_timeout_s: float = option(2.0, "deadline of one DNS lookup; a failed lookup keeps the replicas found before")
+    discovery_nameserver: str | None = option(
+        None, "ip:port of the DNS server discovery asks (unset: the system's, from /etc/resolv.conf)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.models_file), "models_file must name the models file (--models-file)")
         require(self.cache_weight >= 0, f"cache_weight must be >= 0, got {self.cache_weight}")
         require(self.load_weight >= 0, f"load_weight must be >= 0, got {self.load_weight}")
         for name in ("health_check_interval_s", "health_check_timeout_s", "load_poll_interval_s",
-                     "index_timeout_s", "stream_stall_timeout_s"):
+                     "index_timeout_s", "stream_stall_timeout_s", "discovery_interval_s", "discovery_timeout_s"):
             value = getattr(self, name)
             require(value > 0, f"{name} must be > 0, got {value}")
+        if self.discovery_nameserver:
+            ip, sep, port = self.discovery_nameserver.rpartition(":")
+            require(bool(sep and ip) and port.isdigit() and 0 < int(port) <= 65535,
+                    f"discovery_nameserver must be ip:port, got {self.discovery_nameserver!r}")
         require(self.health_check_misses >= 1, f"health_check_misses must be >= 1, got {self.health_check_misses}")
         require(self.startup_wait_s >= 0, f"startup_wait_s must be >= 0, got {self.startup_wait_s}")
         require(self.max_failovers >= 0, f"max_failovers must be >= 0, got {self.max_failovers}")

@@ -20,7 +20,9 @@ async def serve(config: RouterConfig) -> None:
                   health_check_timeout_s=config.health_check_timeout_s,
                   health_check_misses=config.health_check_misses,
                   load_poll_interval_s=config.load_poll_interval_s,
-                  stream_stall_timeout_s=config.stream_stall_timeout_s, tls=config)
+                  stream_stall_timeout_s=config.stream_stall_timeout_s, tls=config,
+                  discovery_interval_s=config.discovery_interval_s, discovery_timeout_s=config.discovery_timeout_s,
+                  discovery_nameserver=config.discovery_nameserver)
     policy = ModelPolicy(
         models,
         AutoPolicy(long_prompt_tokens=config.auto_long_prompt_tokens, task_hints=config.auto_task_hints,

@@ -11,6 +11,13 @@ and maybe a new block size — before it rejoins. A second task polls ``Load``. 
 checks feed the replica's ``Liveness``: streams from an engine that has answered no check
 for ``stream_stall_timeout_s`` (frozen) end instead of hanging (liveness.py).
 
+A model with ``discovery: dns://HOST:PORT`` starts with no replicas: its ``DnsDiscovery``
+re-resolves HOST every ``discovery_interval_s`` and ``Fleet.sync`` admits each new address
+only after its first check answers SERVING (and Info is read), and retires an address gone
+from DNS: it leaves the pool at once, and its channels close when its last stream ends
+(discovery.py). Discovered replicas are dialed by IP, so their TLS server name is HOST
+(the name their certificate carries).
+
 Each replica has two channels: one for Generate calls, with the tracing interceptors so
 the engine's spans join the request's trace, and one for health/Info/Load without
 them, so that polling does not flood the traces.
@@ -29,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.models_file import ModelsFile, ModelSpec
 from llmesh.router import metrics
 from llmesh.router.channels import CHANNEL_OPTIONS
+from llmesh.router.discovery import DnsDiscovery, DnsResolver
 from llmesh.router.liveness import Liveness
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import TLSConfig, aio_channel
@@ -66,12 +74,14 @@ class Replica:
     """One engine process serving one model at one address."""
 
     def __init__(self, model: str, address: str, tls: TLSConfig | None = None,
-                 stall_timeout_s: float = 2.0) -> None:
+                 stall_timeout_s: float = 2.0, server_name: str | None = None) -> None:
         self.model = model
         self.address = address
-        self.channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        options = CHANNEL_OPTIONS if not server_name else [
+            *CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+        self.channel = aio_channel(address, tls, options=options, interceptors=client_interceptors())
         self.engine = engine_pb2_grpc.EngineStub(self.channel)
-        self._control = aio_channel(address, tls, options=CHANNEL_OPTIONS)
+        self._control = aio_channel(address, tls, options=options)
         self._health = health_pb2_grpc.HealthStub(self._control)
         self.control = engine_pb2_grpc.EngineStub(self._control)
         self.healthy = False
@@ -178,15 +188,25 @@ class Fleet:
 
     def __init__(self, models: ModelsFile, *, health_check_interval_s: float, health_check_timeout_s: float,
                  load_poll_interval_s: float, stream_stall_timeout_s: float = 2.0,
-                 health_check_misses: int = 1, tls: TLSConfig | None = None) -> None:
+                 health_check_misses: int = 1, tls: TLSConfig | None = None,
+                 discovery_interval_s: float = 5.0, discovery_timeout_s: float = 2.0,
+                 discovery_nameserver: str | None = None) -> None:
         self.models = models
         self.pools = {m.name: ReplicaPool(m, [Replica(m.name, a, tls, stream_stall_timeout_s) for a in m.addresses])
                       for m in models.models}
+        self.tls = tls
+        self.stall_timeout_s = stream_stall_timeout_s
         self.interval = health_check_interval_s
         self.timeout = health_check_timeout_s
         self.misses_allowed = health_check_misses
         self.load_interval = load_poll_interval_s
         self._tasks: list[asyncio.Task] = []
+        self._replica_tasks: dict[Replica, list[asyncio.Task]] = {}
+        self._draining: set[asyncio.Task] = set()
+        discovered = [m for m in models.models if m.discovery]
+        resolver = DnsResolver(discovery_nameserver, discovery_timeout_s) if discovered else None
+        self.discoveries = {m.name: DnsDiscovery(m.name, m.discovery, resolver, discovery_interval_s)
+                            for m in discovered}
 
     def pool(self, model: str) -> ReplicaPool | None:
         return self.pools.get(model)
@@ -195,19 +215,84 @@ class Fleet:
         return [r for p in self.pools.values() for r in p.replicas]
 
     async def start(self, wait_s: float) -> None:
-        """Start monitoring; wait up to ``wait_s`` for the first check of every replica, so
-        that replicas already up are in their pools when the router starts serving."""
+        """Start monitoring; wait up to ``wait_s`` for the first check of every replica (and
+        the first lookup of every discovered model), so that replicas already up are in their
+        pools when the router starts serving."""
         replicas = self.all_replicas()
-        if replicas and wait_s > 0:
+        if (replicas or self.discoveries) and wait_s > 0:
+            first = [*(self._refresh(r) for r in replicas), *(self.discover(name) for name in self.discoveries)]
             try:
-                await asyncio.wait_for(asyncio.gather(*(self._refresh(r) for r in replicas)), timeout=wait_s)
+                await asyncio.wait_for(asyncio.gather(*first), timeout=wait_s)
             except asyncio.TimeoutError:
                 log.warning("some replicas did not answer their first health check in time",
                             extra={"wait_s": wait_s})
         for r in replicas:
-            self._tasks.append(asyncio.ensure_future(self._monitor(r)))
-            self._tasks.append(asyncio.ensure_future(self._poll_load(r)))
+            self._watch(r)
+        for name in self.discoveries:
+            self._tasks.append(asyncio.ensure_future(self._discover_forever(name)))
         self._update_gauges()
+
+    def _watch(self, r: Replica) -> None:
+        self._replica_tasks[r] = [asyncio.ensure_future(self._monitor(r)), asyncio.ensure_future(self._poll_load(r))]
+
+    async def discover(self, model: str) -> None:
+        """One lookup of ``model``'s DNS name and the pool brought in line with it."""
+        found = await self.discoveries[model].resolve()
+        if found is not None:
+            await self.sync(model, found)
+
+    async def _discover_forever(self, model: str) -> None:
+        discovery = self.discoveries[model]
+        while True:
+            await asyncio.sleep(discovery.interval_s)
+            try:
+                await self.discover(model)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("discovery error", extra={"model": model})
+
+    async def sync(self, model: str, addresses: set[str]) -> None:
+        """Make ``model``'s pool the replicas at ``addresses``: a new address joins once its
+        first check answers SERVING (else it is tried again at the next call); a missing one
+        is retired."""
+        pool = self.pools[model]
+        current = {r.address: r for r in pool.replicas}
+        for address in current.keys() - addresses:
+            self._retire(pool, current[address])
+        server_name = self.discoveries[model].host if model in self.discoveries else None
+        candidates = [Replica(model, a, self.tls, self.stall_timeout_s, server_name=server_name)
+                      for a in sorted(addresses - current.keys())]
+        await asyncio.gather(*(self._refresh(c) for c in candidates))
+        for c in candidates:
+            if c.healthy:
+                pool.replicas.append(c)
+                self._watch(c)
+            else:
+                log.info("discovered replica not admitted yet", extra={"model": model, "address": c.address,
+                                                                       "reason": c.last_error})
+                await c.close()
+        self._update_gauges()
+
+    def _retire(self, pool: ReplicaPool, r: Replica) -> None:
+        """Out of the pool now; its channels close once the streams on it have ended."""
+        pool.replicas.remove(r)
+        for t in self._replica_tasks.pop(r, ()):
+            t.cancel()
+        log.info("replica left discovery", extra={"model": r.model, "replica": r.name, "address": r.address,
+                                                  "inflight": r.inflight})
+        task = asyncio.ensure_future(self._drain(r))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, r: Replica) -> None:
+        # Checks go on while streams remain, so that a frozen engine still ends them (liveness).
+        try:
+            while r.inflight > 0:
+                await asyncio.sleep(self.interval)
+                await r.check(self.timeout, self.misses_allowed)
+        finally:
+            await r.close()
 
     async def _refresh(self, r: Replica) -> None:
         """One health check; on a transition to healthy, fetch Info first."""
@@ -268,7 +353,8 @@ class Fleet:
             metrics.HEALTHY_REPLICAS.labels(name).set(len(pool.healthy()))
 
     async def close(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *(t for ts in self._replica_tasks.values() for t in ts), *self._draining]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(r.close() for r in self.all_replicas()), return_exceptions=True)
