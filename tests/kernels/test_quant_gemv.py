@@ -91,3 +91,19 @@ def test_rejects_more_than_16_rows_and_bad_configs(device):
         w4a16_gemv(torch.randn(17, 64, device=device), *args, 32)
     with pytest.raises(ValueError, match="divide group_size"):
         w4a16_gemv(torch.randn(1, 64, device=device), *args, 32, config=GemvConfig(16, 64, 1, 1, 1))
+
+
+def test_dispatch_table_lookup_takes_the_nearest_measured_batch_at_or_above_m():
+    from llmesh.kernels.quant_gemm_config import load_tuned, lookup, table_key
+
+    table = {table_key("w4a16", 14336, 4096, 1): ["gemv", [64, 64, 4, 4, 3]],
+             table_key("w4a16", 14336, 4096, 16): ["dot", [16, 64, 128, 8, 4, 3]],
+             table_key("fp8", 14336, 4096, 256): ["scaled_mm", []]}
+    assert lookup(table, "w4a16", 1, 14336, 4096) == ("gemv", (64, 64, 4, 4, 3))
+    assert lookup(table, "w4a16", 3, 14336, 4096) == ("dot", (16, 64, 128, 8, 4, 3))
+    assert lookup(table, "w4a16", 64, 14336, 4096) == ("dot", (16, 64, 128, 8, 4, 3))  # past the last
+    assert lookup(table, "fp8", 2048, 14336, 4096) == ("scaled_mm", ())
+    assert lookup(table, "w8a16", 1, 14336, 4096) is None and lookup(table, "w4a16", 1, 4096, 4096) is None
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lookup({table_key("w4a16", 8, 8, 1): ["magic", []]}, "w4a16", 1, 8, 8)
+    assert isinstance(load_tuned(), dict)  # the shipped file parses
