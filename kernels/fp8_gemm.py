@@ -256,6 +256,16 @@ def fp8_gemm(
     return out
 
 
+def fp8_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """fp8_gemm's product through torch._scaled_mm (cuBLASLt) with row-wise scales: x
+    quantized per token by the same kernel, then one cuBLASLt FP8 GEMM. x: [M, K] 16-bit,
+    qweight [N, K], w_scale [N] -> [M, N] in x's dtype. The dispatch table picks it where it
+    measured faster than fp8_gemm (large M, mostly)."""
+    xq, x_scale = quantize_fp8_per_token(x)
+    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                            out_dtype=x.dtype)
+
+
 def fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """`fp8_gemm` in torch: quantize x per token, dequantize both sides to float32, matmul."""
     xq, x_scale = quantize_fp8_per_token_ref(x)

@@ -14,7 +14,10 @@ so each tile uses a single scale row; `pick_config` clamps to that.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmesh.kernels.common import interpreting
 
@@ -128,3 +131,52 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
     iters = max(1, _cdiv(rows, block_k))
     per_split = _cdiv(iters, max(1, split_k))
     return _cdiv(iters, per_split), per_split * block_k
+
+
+# ---- measured dispatch table ------------------------------------------------------------------
+# Which kernel runs a quantized linear is measured, not guessed: bench/quant_gemm.py times every
+# candidate per (kind, N, K, M) on a device and writes the winner to TUNED_FILE under the
+# device's tag. Candidates: "dot" (w4a16_gemm / w8a16_gemm with a GemmConfig), "gemv"
+# (quant_gemv.py with a GemvConfig), and for fp8 "fp8" (fp8_gemm) or "scaled_mm"
+# (torch._scaled_mm, cuBLASLt). A device, shape or M without an entry keeps the default path.
+
+TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")
+CHOICES = ("dot", "gemv", "fp8", "scaled_mm")
+
+
+def table_key(kind: str, n: int, k: int, m: int) -> str:
+    return f"{kind} {n}x{k} m{m}"
+
+
+@functools.lru_cache(maxsize=1)
+def load_tuned(path: Path = TUNED_FILE) -> dict[str, dict[str, list]]:
+    """{device tag: {table_key: [choice, config fields]}} from the file ({} without one)."""
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def lookup(table: dict[str, list], kind: str, m: int, n: int, k: int) -> tuple[str, tuple] | None:
+    """The entry of the smallest measured M >= m for this (kind, N, K) (the largest measured M
+    past the last), or None when the shape was never measured."""
+    prefix = f"{kind} {n}x{k} m"
+    measured = sorted(int(key[len(prefix):]) for key in table if key.startswith(prefix))
+    if not measured:
+        return None
+    pick = next((mm for mm in measured if mm >= m), measured[-1])
+    choice, fields = table[prefix + str(pick)]
+    if choice not in CHOICES:
+        raise ValueError(f"{TUNED_FILE.name}: entry {prefix}{pick} names an unknown kernel {choice!r}")
+    return choice, tuple(fields)
+
+
+def tuned_choice(device, kind: str, m: int, n: int, k: int) -> tuple[str, tuple] | None:
+    """The measured kernel for y[M, N] = x[M, K] @ W on ``device`` (None: the default path)."""
+    if device.type != "cuda" or interpreting():
+        return None
+    import torch
+
+    from llmesh.kernels.skinny_gemm_config import _device_tag
+
+    table = load_tuned().get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    return lookup(table, kind, m, n, k) if table else None

@@ -22,7 +22,7 @@ def _default_variants(model: str, device: str) -> list[str]:
 
     from llmesh.kernels.fp8_gemm import fp8_support
 
-    variants = ["none", "int8", "int4"]
+    variants = ["none", "int8", "int4", "int4-awq"]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dev.type == "cpu" or fp8_support(dev) is None:
@@ -77,10 +77,11 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         shown = "  (ref)" if d is None else f"{d:+9.3%}"
         print(f"{r.variant:<8} {r.served:<8} {r.perplexity:11.4f} {shown:>9} {r.weight_bytes / 2**20:12.1f} "
               f"{r.tokens:7d} {r.seconds:7.1f}")
-        metrics[f"ppl_{r.variant}"] = r.perplexity
-        metrics[f"weight_mib_{r.variant}"] = r.weight_bytes / 2**20
+        key = r.variant.replace("-", "_")
+        metrics[f"ppl_{key}"] = r.perplexity
+        metrics[f"weight_mib_{key}"] = r.weight_bytes / 2**20
         if d is not None:
-            metrics[f"ppl_delta_{r.variant}_frac"] = d
+            metrics[f"ppl_delta_{key}_frac"] = d
     if not args.no_write:
         dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                            ("cpu" if args.device == "auto" else args.device))
@@ -101,7 +102,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf, random:<preset> or demo (default: demo)")
     p.add_argument("--text", default=DEFAULT_TEXT, help=f"a UTF-8 text file (default: {DEFAULT_TEXT})")
     p.add_argument("--quantization", default=None,
-                   help="comma-separated variants (default: none,int8,int4 + fp8 where it runs + gguf for a GGUF)")
+                   help="comma-separated variants (default: none,int8,int4,int4-awq + fp8 where it runs + gguf for a "
+                        "GGUF; int4-awq is int4 quantized activation-aware)")
     p.add_argument("--reference", default="none", help="the variant deltas are relative to (default: none)")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--max-tokens", type=int, default=4096, help="score only the text's first N tokens")

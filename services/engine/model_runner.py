@@ -238,6 +238,7 @@ class RunnerBase(abc.ABC):
         max_model_len: int | None = None,
         extra_kv_pools: Sequence[int] = (),
         allocate_kv_pool: bool = True,
+        awq_calibration: list[int] | None = None,
     ) -> None:
         """``num_blocks`` sizes the KV pool exactly; else it takes the budget (``kv_budget``)
         shared with ``extra_kv_pools`` (bytes per block of other pools with as many blocks,
@@ -249,7 +250,7 @@ class RunnerBase(abc.ABC):
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
         self.feed = SampledTokenFeed()
-        self._build_model(weights)
+        self._build_model(weights, awq_calibration)
         self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, dtype)
         self.num_blocks = 0
         if allocate_kv_pool:
@@ -257,10 +258,17 @@ class RunnerBase(abc.ABC):
                 kv_budget(device, kv_cache_memory, gpu_memory_utilization),
                 [self.kv_bytes_per_block, *extra_kv_pools], block_size))
 
-    def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]], awq_calibration: list[int] | None) -> None:
+        """``awq_calibration``: token ids; the model loads in float, is calibrated on them and
+        quantized to INT4 activation-aware (quant/activation_aware.py)."""
         t0 = time.perf_counter()
-        self.model = LlamaForCausalLM(self.cfg, weights, linear_method=self.linear_method, ops=self.ops,
+        method = "none" if awq_calibration else self.linear_method
+        self.model = LlamaForCausalLM(self.cfg, weights, linear_method=method, ops=self.ops,
                                       device=self.device, dtype=self.dtype, max_positions=self.max_model_len)
+        if awq_calibration:
+            from llmesh.engine.quant.activation_aware import apply_awq
+
+            self.awq_report = apply_awq(self.model, awq_calibration)
         self.weight_bytes = self.model.weight_bytes
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the unfused parts of fused weights

@@ -67,12 +67,13 @@ class TritonModelRunner(RunnerBase):
                  max_num_batched_tokens: int = 2048, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  cuda_graphs: bool = True, max_graph_tokens: int = 2048, linear_method: str = "none",
-                 extra_kv_pools: Sequence[int] = ()) -> None:
+                 extra_kv_pools: Sequence[int] = (), awq_calibration: list[int] | None = None) -> None:
         self.max_blocks = -(-max_model_len // block_size)
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                          gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
-                         max_model_len=max_model_len, extra_kv_pools=extra_kv_pools)
+                         max_model_len=max_model_len, extra_kv_pools=extra_kv_pools,
+                         awq_calibration=awq_calibration)
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.decode_sizes = [b for b in DECODE_BATCH_SIZES if b <= max_num_seqs] or [1]
         self.graph_sizes = self.decode_sizes  # the decode benchmark's name for them

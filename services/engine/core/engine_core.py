@@ -29,7 +29,7 @@ import torch
 
 from llmesh.engine.config import EngineConfig, default_step_tokens
 from llmesh.engine.core.messages import EngineCoreOutput, EngineCoreRequest, EngineStats
-from llmesh.engine.errors import InvalidRequestError
+from llmesh.engine.errors import InvalidRequestError, UnsupportedModelError
 from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
@@ -126,7 +126,8 @@ class EngineCore:
         common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
                       sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
                       kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
-                      linear_method=self.quantization.linear_method)
+                      linear_method=self.quantization.linear_method,
+                      awq_calibration=self._awq_calibration(loaded))
         if self.proposer is not None and self.proposer.kv_bytes_per_block:
             common["extra_kv_pools"] = (self.proposer.kv_bytes_per_block,)
         self._runner_common = common
@@ -142,6 +143,32 @@ class EngineCore:
             self.runner = TorchModelRunner(self.model_config, weights, max_model_len=self.max_model_len, **common)
         if self.proposer is not None:
             self.proposer.init_kv_pool(self.runner.num_blocks)
+
+    def _awq_calibration(self, loaded: LoadedModel) -> list[int] | None:
+        """Token ids of the calibration text when INT4 is activation-aware, else None."""
+        if not self.config.int4_activation_aware:
+            return None
+        if self.quantization.linear_method != "int4":
+            raise UnsupportedModelError(
+                f"int4_activation_aware calibrates INT4 quantized on load; this engine serves "
+                f"{self.quantization.name!r} (set quantization='int4')")
+        from pathlib import Path
+
+        from llmesh.engine.quant.activation_aware import CALIBRATION_TOKENS
+        from llmesh.engine.text.tokenizer import Tokenizer
+
+        path = Path(self.config.calibration_text)
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            raise UnsupportedModelError(f"activation-aware INT4: cannot read calibration_text {path}: {exc}") from exc
+        src = loaded.tokenizer_source
+        tok = Tokenizer.from_hf_folder(src) if isinstance(src, str) else Tokenizer.from_gguf_data(src)
+        ids = tok.encode(text, add_special_tokens=False)[:CALIBRATION_TOKENS]
+        if len(ids) < 16:
+            raise UnsupportedModelError(f"activation-aware INT4: calibration_text {path} has {len(ids)} tokens; "
+                                        f"it needs at least 16")
+        return ids
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache

@@ -92,6 +92,17 @@ def evaluate(engine: LLMEngine, token_ids: Sequence[int], window: int, variant: 
                             seconds=time.perf_counter() - t0)
 
 
+AWQ_SUFFIX = "-awq"
+"""A variant ``<format>-awq`` (int4-awq) is that format quantized activation-aware."""
+
+
+def variant_options(variant: str) -> dict:
+    """Engine options of a variant name: a quantization, or int4-awq."""
+    if variant.endswith(AWQ_SUFFIX):
+        return {"quantization": variant[: -len(AWQ_SUFFIX)], "int4_activation_aware": True}
+    return {"quantization": variant}
+
+
 def perplexity_sweep(model: str, text: str, variants: Sequence[str], *, window: int = 512,
                      max_tokens: int | None = None, backend: str = "torch", device: str = "auto",
                      dtype: str = "auto", progress: Callable[[str], None] | None = None) -> list[PerplexityResult]:
@@ -102,7 +113,7 @@ def perplexity_sweep(model: str, text: str, variants: Sequence[str], *, window: 
     for variant in variants:
         if progress is not None:
             progress(f"{variant}: loading {model}")
-        cfg = build_engine_config(model, quantization=variant, backend=backend, device=device, dtype=dtype,
+        cfg = build_engine_config(model, **variant_options(variant), backend=backend, device=device, dtype=dtype,
                                   num_kv_blocks=-(-window // 16) + 1, max_model_len=max(window, 2),
                                   max_num_batched_tokens=max(window, 2048), cuda_graphs=False)
         engine = LLMEngine(cfg)

@@ -5,7 +5,9 @@
 Triton GEMMs (the triton backend, and the torch backend on a GPU); otherwise through their
 torch references — dequantize, round to x's dtype, multiply. The torch backend on the CPU,
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
-(cpu_matmul.py), the reference for the formats they do not take. Dense weights use F.linear,
+(cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
+first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
+GEMM config, or cuBLASLt FP8 per shape and batch size. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -28,14 +30,53 @@ DEQUANT_GEMM_MIN_M = 256
 multiplied by cuBLAS (compute bound there; vLLM's AWQ switches at the same size)."""
 
 
+_KIND = {Int4Weight: "w4a16", Int8Weight: "w8a16", Fp8Weight: "fp8"}
+
+
+def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
+    """The kernel bench/quant_gemm.py measured fastest for this device, shape and M
+    (kernels/quant_gemm_tuned.json), or None where it has no entry (the default path)."""
+    from llmesh.kernels.quant_gemm_config import GemmConfig, tuned_choice
+
+    choice = tuned_choice(x.device, _KIND[type(w)], x.shape[0], w.out_features, w.in_features)
+    if choice is None:
+        return None
+    name, fields = choice
+    if name == "scaled_mm":
+        from llmesh.kernels.fp8_gemm import fp8_scaled_mm
+
+        return fp8_scaled_mm(x, w.qweight, w.scales)
+    if name == "fp8" or isinstance(w, Fp8Weight):
+        return None
+    if name == "gemv":
+        from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
+
+        if x.shape[0] > MAX_M:
+            return None
+        cfg = GemvConfig(*fields)
+        if isinstance(w, Int4Weight):
+            return w4a16_gemv(x, w.qweight, w.scales, w.mins, w.group_size, config=cfg)
+        return w8a16_gemv(x, w.qweight, w.scales, w.group_size, config=cfg)
+    cfg = GemmConfig(*fields)
+    if isinstance(w, Int4Weight):
+        from llmesh.kernels.w4a16_gemm import w4a16_gemm
+
+        return w4a16_gemm(x, w.qweight, w.scales, w.mins, w.group_size, config=cfg)
+    from llmesh.kernels.w8a16_gemm import w8a16_gemm
+
+    return w8a16_gemm(x, w.qweight, w.scales, w.group_size, config=cfg)
+
+
 def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     # x: [M, K] → [M, N]
+    if isinstance(w, Int4Weight) and w.perm is not None:
+        x = x.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
+    if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
+        return y
     if isinstance(w, Fp8Weight):
         from llmesh.kernels.fp8_gemm import fp8_gemm
 
         return fp8_gemm(x, w.qweight, w.scales)
-    if isinstance(w, Int4Weight) and w.perm is not None:
-        x = x.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
         from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
 
