@@ -1,6 +1,6 @@
 """PyTorch's packed CPU GEMMs (quant/cpu_matmul.py) against the dequantizing reference on
 random weights: per-channel INT8, INT4 of every CPU group size (K padded to 2G, act-order),
-GGUF Q4_0/Q4_1 blocks; formats without a CPU kernel fall back."""
+GGUF Q4_0/Q4_1 blocks, grouped INT8; formats without a CPU kernel fall back."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from llmesh.engine.quant.packed import Int4Weight, Int8Weight
 from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
 
 
-def _check(x: torch.Tensor, w, tol: float = 1e-4) -> None:
+def _check(x: torch.Tensor, w, tol: float = 1e-2) -> None:
+    """Within bfloat16 rounding of the activations (the kernels' input type) of the exact product."""
     got = cpu_packed_matmul(x, w)
     assert got is not None, "this format has a CPU kernel"
     ref = x.float() @ w.dequantize()
@@ -47,17 +48,20 @@ def test_int4_act_order():
 def test_bfloat16_activations():
     gen = torch.Generator().manual_seed(5)
     w = quantize_int4(torch.randn(64, 256, generator=gen), group_size=64)
-    _check(torch.randn(2, 256, generator=gen).to(torch.bfloat16), w, tol=2e-2)
+    _check(torch.randn(2, 256, generator=gen).to(torch.bfloat16), w)
+
+
+def test_grouped_int8_is_expanded_once():
+    gen = torch.Generator().manual_seed(8)
+    base = quantize_int8(torch.randn(40, 64, generator=gen))
+    q8_0 = Int8Weight(base.qweight, base.scales.expand(2, -1).contiguous(), 32, "q8_0")  # two groups of 32
+    _check(torch.randn(3, 64, generator=gen), q8_0)
 
 
 def test_formats_without_a_cpu_kernel_fall_back_to_the_reference():
     gen = torch.Generator().manual_seed(7)
     dense = torch.randn(40, 64, generator=gen)
-    q8_0 = quantize_int8(dense)
-    q8_0 = Int8Weight(q8_0.qweight, q8_0.scales.expand(2, -1).contiguous(), 32, "q8_0")  # grouped
     x = torch.randn(3, 64, generator=gen)
-    assert cpu_packed_matmul(x, q8_0) is None
-    torch.testing.assert_close(linear(x, q8_0, kernels=False, cpu_kernels=True), linear(x, q8_0, kernels=False))
     int4 = quantize_int4(dense, group_size=16)  # below the CPU kernel's smallest group
     assert cpu_packed_matmul(x, int4) is None
     assert cpu_packed_matmul(x.half(), quantize_int8(dense)) is None  # float16: no CPU kernel
