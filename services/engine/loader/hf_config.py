@@ -186,7 +186,8 @@ def _experts(config: dict[str, Any], architecture: str) -> dict[str, Any]:
                     moe_intermediate_size=int(_required(config, "intermediate_size")), norm_topk_prob=True)
     if architecture not in ("qwen2_moe", "qwen3_moe"):
         return {}
-    experts = int(_required(config, "num_experts"))
+    # Released Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts.
+    experts = int(config.get("num_experts") or _required(config, "num_local_experts"))
     top_k = int(_required(config, "num_experts_per_tok"))
     if not 0 < top_k <= experts:
         raise UnsupportedModelError(f"num_experts_per_tok={top_k} must be in 1..num_experts={experts}")
