@@ -211,6 +211,8 @@ class LlamaForCausalLM:
         ops.prepare(meta)
         x = ops.embed(self.embed_tokens, input_ids, self.dtype)  # [T, H]
         residual = None
+        # Padding rows of a replayed CUDA graph (slot -1) route too; they are not counted.
+        real_tokens = (meta.slot_mapping >= 0).long() if self.expert_tokens.numel() else None  # [T]
         for i, layer in enumerate(self.layers):
             qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
                                             layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
@@ -226,7 +228,7 @@ class LlamaForCausalLM:
             x = ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias)
             if layer.moe is not None:
                 h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
-                x = layer.moe.forward(ops, h)
+                x = layer.moe.forward(ops, h, real_tokens)
                 continue
             gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
                                                 layer.gate_up_proj.weight)  # [T, 2 I]

@@ -202,14 +202,14 @@ class SparseMoeBlock:
                 + shared)
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, H] (normalised) → [T, H]
+    def forward(self, ops, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include → [T, H]
         c = self.cfg
         router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
         weights, ids = select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
-        self.expert_tokens.index_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
+        self.expert_tokens.index_add_(0, ids.flatten(), counted[:, None].expand_as(ids).flatten())
         out = ops.moe(x, self.experts, weights, ids)
         if self.shared_gate_up is not None:
             shared = ops.act_linear(ops.linear(x, self.shared_gate_up.weight), self.shared_down.weight)  # [T, H]
