@@ -85,3 +85,21 @@ def test_forced_preemption(moe_dirs, arch):
     assert sum(r.num_preemptions for r in reqs) > 0, "the pool was meant to force preemption"
     assert tokens == _reference(path, prompts)
     assert engine.kv.num_free_blocks == engine.kv.num_total_blocks
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_triton_backend_matches_torch_backend(moe_dirs, arch):
+    """The fused MoE kernel (through Triton's interpreter on the CPU) inside the engine."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    from tests.engine.test_triton_backend import _run as run_backend
+
+    path = moe_dirs[arch]
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 512) for _ in range(20)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 11, 1)]
+    kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
+    ref_tokens, ref_logits = run_backend(path, "torch", prompts, [0, 1, 3], **kw)
+    tokens, logits = run_backend(path, "triton", prompts, [0, 1, 3], **kw)
+    assert tokens == ref_tokens
+    worst = max(float((a - b).abs().max()) for rid in ref_logits for a, b in zip(logits[rid], ref_logits[rid]))
+    assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
