@@ -129,9 +129,15 @@ class SparseMoeBlock:
     def load(self, what: str, expert: int | None, part: str | None, t: Weight) -> None:
         """Take one checkpoint tensor (see moe_tensor_name). Raises ValueError when it does
         not fit."""
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"is a {type(t).__name__}; experts load from float tensors")
         c, h = self.cfg, self.cfg.hidden_size
+        packed = not isinstance(t, torch.Tensor)
+        if packed and what in ("router", "shared_gate") and hasattr(t, "dequantize"):
+            # A GGUF kept packed: the router runs in float (a packed weight dequantizes to [K, N]).
+            t, packed = t.dequantize().t(), False
+        if packed and not what.startswith("shared."):  # the shared expert's FusedLinear takes packed ones
+            raise ValueError(f"is a {type(t).__name__}; experts load from float tensors")
+        if what == "shared_gate" and t.dim() == 1:
+            t = t[None]  # GGUF stores the shared-expert gate as a vector [H]
         if what == "router":
             self.router = self._dense(t, (c.num_experts, h))
         elif what == "shared_gate":
