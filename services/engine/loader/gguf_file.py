@@ -263,6 +263,10 @@ def _experts(gguf: GGUFFile, meta: _Meta, architecture: str, experts: int) -> di
     """ModelConfig's mixture-of-experts fields. GGUF has no sparse-step key: a layer is sparse
     when its router tensor (ffn_gate_inp) is in the file."""
     if not experts:
+        stray = next((n for n in gguf.tensors if ".ffn_gate_inp" in n or "_exps." in n or "_shexp." in n), None)
+        if stray is not None:
+            raise UnsupportedModelError(f"GGUF tensor {stray!r} belongs to a mixture of experts, and the file "
+                                        f"has no '{meta.arch}.expert_count'")
         return {}
     layers = int(meta.required("block_count"))
     dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors]
