@@ -103,3 +103,51 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
     assert tokens == ref_tokens
     worst = max(float((a - b).abs().max()) for rid in ref_logits for a, b in zip(logits[rid], ref_logits[rid]))
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
+
+
+def test_int8_experts_triton_equals_torch_and_stay_close_to_float(moe_dirs):
+    """Quantize-on-load int8: experts become int8 codes with per-row scales; the fused kernel
+    (dequant factored out of its K loop) gives the torch reference's tokens."""
+    from llmesh.engine import LLM, SamplingParams
+    from llmesh.engine.model_runner import model_weight_bytes
+
+    path = moe_dirs["qwen3_moe"]
+    prompts = _prompts(2, seed=6)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs, sizes = [], []
+    for backend, method in (("torch", "int8"), ("triton", "int8"), ("torch", "none")):
+        llm = LLM(path, device="cpu", dtype="float32", backend=backend, quantization=method, num_kv_blocks=64,
+                  max_num_seqs=4)
+        model = llm.engine.runner.model
+        if method == "int8":
+            assert model.layers[1].moe.experts.w13.dtype == torch.int8
+        outs.append([o.token_ids for o in llm.generate(prompts, greedy)])
+        sizes.append(model_weight_bytes(model))
+    assert outs[0] == outs[1]
+    assert sizes[0] < sizes[2] / 2
+
+
+def test_checkpoint_lacking_an_expert_is_named(moe_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmesh.engine.errors import ModelLoadError
+
+    dest = tmp_path / "broken"
+    shutil.copytree(moe_dirs["mixtral"], dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"block_sparse_moe\.experts\.5\.w3"):
+        _engine(str(dest))
+
+
+def test_bad_expert_counts_are_refused():
+    from llmesh.engine.errors import UnsupportedModelError
+
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 300, "num_experts": 4,
+           "num_experts_per_tok": 8, "moe_intermediate_size": 32}
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=8"):
+        model_config_from_hf(cfg, "bad")

@@ -171,7 +171,7 @@ class LlamaForCausalLM:
         expected = set(tensors) | {f"{p}.weight" for p in linears}
         expected |= {f"{p}.bias" for p, (lin, _) in linears.items() if lin.has_bias}
         missing = sorted(expected - seen) + [n for i, layer in enumerate(self.layers) if layer.moe is not None
-                                             for n in layer.moe.missing(f"model.layers.{i}.mlp")]
+                                             for n in layer.moe.missing(i)]
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 

@@ -186,13 +186,15 @@ class SparseMoeBlock:
             target[sel, rows] = stacked.to(target.dtype)
         self._filled.update((part, x) for x in experts)
 
-    def missing(self, prefix: str) -> list[str]:
-        """Checkpoint names this block still lacks (``prefix``: ``model.layers.{i}.mlp``)."""
+    def missing(self, layer: int) -> list[str]:
+        """Checkpoint names (HF spelling) this block still lacks."""
+        mixtral = self.cfg.architecture == "mixtral"
+        prefix = f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}"
         out = [] if ("router", -1) in self._filled else [f"{prefix}.gate.weight"]
-        for part in ("gate", "up", "down"):
+        for part, hf in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
             lacking = [x for x in range(self.cfg.num_experts) if (part, x) not in self._filled]
             if lacking:
-                out.append(f"{prefix}.experts.{lacking[0]}.{part}_proj.weight")
+                out.append(f"{prefix}.experts.{lacking[0]}.{hf if mixtral else part + '_proj'}.weight")
         if self.shared_gate_up is not None:
             if not self.shared_gate_up.loaded:
                 out.append(f"{prefix}.shared_expert.gate_proj.weight")
