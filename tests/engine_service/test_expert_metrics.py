@@ -1,5 +1,5 @@
-"""llmesh_engine_expert_tokens_total on a real engine process serving a tiny Mixtral: after
-a request, the counters add up to every token fed times top-k times the sparse layers."""
+"""A real engine process serving a tiny Mixtral: Info reports its experts, and after a request
+llmesh_engine_expert_tokens_total adds up to every token fed times top-k times the sparse layers."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def test_expert_token_counters_add_up(tiny_mixtral):
     port = free_port()
     with start_engine(tiny_mixtral, "--max-model-len", "512", "--metrics-port", str(port)) as proc:
         stub = engine_pb2_grpc.EngineStub(grpc.insecure_channel(proc.address))
-        model = stub.Info(engine_pb2.InfoRequest(), timeout=10).model
+        info = stub.Info(engine_pb2.InfoRequest(), timeout=10)
+        assert (info.num_experts, info.num_experts_per_tok) == (8, 2)
+        model = info.model
         scraper = Scraper(port)
         max_tokens = 6
         list(stub.Generate(_request("moe-0", max_tokens=max_tokens), timeout=60))
