@@ -191,7 +191,7 @@ def main() -> int:
     ap.add_argument("--backend", choices=("triton", "torch"), default=None,
                     help="engine part's backend (default triton; smoke: torch)")
     ap.add_argument("--autotune", action="store_true", help="sweep tile configs and print TABLE entries")
-    ap.add_argument("--tune-m", default="1,8,64,512,4096", help="token counts the autotune sweeps")
+    ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision, \
-    interpreting
+from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
+                                   interpreting)
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.triton_helpers import cast_rtne
