@@ -17,10 +17,12 @@ The design of vLLM's / SGLang's Triton fused_moe:
 4. The k copies of each token are summed by one ``sum`` over [T, k, H] (fixed order, so the
    result does not depend on scheduling; atomics would not be deterministic).
 
-INT8 weight-only experts (per-output-channel scales, w = q * scale) go through the same
-kernels: the codes -127..127 are exact in 16-bit floats, so they feed tl.dot as they are and
-the accumulator is multiplied by the scale row once after the K loop — the dequantization
-of every weight, factored out of the loop (one multiply per output, not per weight).
+INT8 and FP8 (E4M3) weight-only experts (per-output-channel scales, w = q * scale) go through
+the same kernels: int8 codes -127..127 and every E4M3 value are exact in 16-bit floats, so
+the codes are cast to the activation dtype in the K loop and feed tl.dot, and the accumulator
+is multiplied by the scale row once after the loop — the dequantization of every weight with
+its multiply factored out (one multiply per output, not per weight). Activations stay 16-bit
+(W8A16; no FP8 tensor-core GEMM).
 
 Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
 rounded to the activation dtype, then silu(gate), then the product; the down output is
@@ -38,6 +40,10 @@ from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.triton_helpers import cast_rtne
+
+
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+"""Expert weight types that carry per-row scales."""
 
 
 def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -82,7 +88,7 @@ def _moe_gemm_kernel(
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     N, K, num_pairs, a_row_div,
     stride_am, stride_be, stride_bn, stride_se, stride_om,
-    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, INT8: tl.constexpr,
+    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -115,22 +121,22 @@ def _moe_gemm_kernel(
         k_mask = k < K
         a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         b_mask = k_mask[:, None] & n_mask[None, :]
-        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0)  # [BK, BN]
+        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)  # [BK, BN]
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         else:
-            b = b.to(act_dtype)  # int8 codes are exact in 16-bit floats
+            b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
         if GATED:
-            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0)
+            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
             if DOT_F32:
                 bu = bu.to(tl.float32)
             else:
                 bu = bu.to(act_dtype)
             acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
 
-    if INT8:
+    if SCALED:
         s_base = scale_ptr + expert * stride_se
         acc = acc * tl.load(s_base + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -152,8 +158,8 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int
     """Returns (T, H, E, I, k) after checking the stacked layouts against x."""
     check_tensor("x", x, "[T, H]", 2)
     device = x.device
-    int8 = w13.dtype == torch.int8
-    wdtypes = (torch.int8,) if int8 else (x.dtype,)
+    int8 = w13.dtype in QUANTIZED_DTYPES
+    wdtypes = QUANTIZED_DTYPES if int8 else (x.dtype,)
     check_tensor("w13", w13, "[E, 2I, H]", 3, wdtypes, device=device)
     check_tensor("w2", w2, "[E, H, I]", 3, wdtypes, device=device)
     t, h = x.shape
@@ -169,13 +175,15 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int
     check_size("topk_ids", "T", topk_ids.shape[0], t, "x's rows")
     if int8:
         if w13_scale is None or w2_scale is None:
-            raise ValueError("int8 experts need w13_scale [E, 2I] and w2_scale [E, H]")
+            raise ValueError("int8 / fp8 experts need w13_scale [E, 2I] and w2_scale [E, H]")
         check_tensor("w13_scale", w13_scale, "[E, 2I]", 2, (torch.float32, torch.float16), device=device)
         check_tensor("w2_scale", w2_scale, "[E, H]", 2, (torch.float32, torch.float16), device=device)
         check_size("w13_scale", "shape", tuple(w13_scale.shape), (e, two_i), "one scale per w13 row")
         check_size("w2_scale", "shape", tuple(w2_scale.shape), (e, h), "one scale per w2 row")
     elif w13_scale is not None or w2_scale is not None:
-        raise ValueError("scales are for int8 experts; these weights are float")
+        raise ValueError("scales are for int8 / fp8 experts; these weights are float")
+    if w2.dtype != w13.dtype:
+        raise ValueError(f"w13 is {w13.dtype} and w2 is {w2.dtype}; both experts' weights need one type")
     for name, tensor in (("x", x), ("w13", w13), ("w2", w2)):
         check_last_dim_contiguous(name, tensor)
     return t, h, e, inter, topk_ids.shape[1]
@@ -186,7 +194,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               config: MoEConfig | None = None, down_config: MoEConfig | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 with w13_scale [E, 2I], w2_scale [E, H])
-    → [T, H] in x's dtype. ``config`` / ``down_config`` override the tile table per GEMM
+    → [T, H] in x's dtype (int8 / float8_e4m3fn experts likewise). ``config`` / ``down_config`` override the tile table per GEMM
     (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's."""
     t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -196,9 +204,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     down_config = down_config or pick_config(t, e, h, inter, top_k)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e)
     pairs = t * top_k
-    int8 = w13.dtype == torch.int8
+    int8 = w13.dtype in QUANTIZED_DTYPES
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
-                  INT8=int8, BLOCK_M=config.block_m)
+                  SCALED=int8, BLOCK_M=config.block_m)
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))
     _moe_gemm_kernel[grid](

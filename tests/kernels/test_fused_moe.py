@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmesh.engine.model.moe import quantize_experts_int8
+from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
 from llmesh.kernels.fused_moe import fused_moe, moe_align_block_size
 from llmesh.kernels.fused_moe_config import MoEConfig, default_config, m_bucket
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
@@ -57,14 +57,15 @@ def test_float32_routing_weights_and_default_config(device):
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_int8_experts_match_dequantized_reference(device, k):
+@pytest.mark.parametrize("k,quantize", [(1, quantize_experts_int8), (2, quantize_experts_int8),
+                                        (2, quantize_experts_fp8)], ids=["int8-k1", "int8-k2", "fp8-k2"])
+def test_quantized_experts_match_dequantized_reference(device, k, quantize):
     gen = torch.Generator().manual_seed(11 + k)
     t, e, h, inter = 21, 8, 64, 32
     x = torch.randn(t, h, generator=gen)
     w13, w2 = _experts(e, h, inter, torch.float32, gen)
-    q13, s13 = quantize_experts_int8(w13)
-    q2, s2 = quantize_experts_int8(w2)
+    q13, s13 = quantize(w13)
+    q2, s2 = quantize(w2)
     weights, ids = _routing(t, e, k, gen, skew=True)
     ref = fused_moe_ref(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
     cfg = MoEConfig(block_m=16, block_n=32, block_k=32)
@@ -73,7 +74,7 @@ def test_int8_experts_match_dequantized_reference(device, k):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # And the quantization itself stays close to the float experts.
     full = fused_moe_ref(x, w13, w2, weights, ids)
-    assert float((ref - full).abs().max()) < 0.05 * float(full.abs().max())
+    assert float((ref - full).abs().max()) < 0.1 * float(full.abs().max())
 
 
 def test_same_expert_twice_in_a_block_and_empty_batch(device):
@@ -131,6 +132,6 @@ def test_bad_arguments_are_named(device):
     ids = torch.zeros(4, 1, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="w2"):
         fused_moe(x, w13, w2, torch.ones(4, 1, device=device), ids)
-    with pytest.raises(ValueError, match="int8 experts need"):
+    with pytest.raises(ValueError, match="int8 / fp8 experts need"):
         fused_moe(x, w13.to(torch.int8), torch.zeros(2, 32, 32, dtype=torch.int8, device=device),
                   torch.ones(4, 1, device=device), ids)

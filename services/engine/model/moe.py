@@ -13,8 +13,8 @@ Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_p
 ``w1``...) or one stacked tensor per projection (GGUF's ``ffn_gate_exps``, named
 ``experts.gate_proj`` by the GGUF loader); both fill stacked weights w13 [E, 2I, H] (gate rows,
 then up rows) and w2 [E, H, I]. With ``linear_method`` int8 each expert is quantized as it
-arrives (per output channel, so part by part equals the whole); other quantized methods keep
-the experts in the model dtype (the fused kernel takes float or int8 experts).
+arrives (per output channel, so part by part equals the whole), likewise FP8 E4M3 with
+``fp8``; other quantized methods keep the experts in the model dtype.
 
 Each block counts the tokens routed to each expert in a device tensor (no host read per
 layer); the engine reads all counts at most once per stats interval (``expert_token_counts``).
@@ -77,10 +77,27 @@ def quantize_experts_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value."""
+
+
+def quantize_experts_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8 E4M3 of stacked experts: w [E, N, K] → (float8_e4m3fn [E, N, K],
+    scales float32 [E, N]), w ≈ q * scale, each row's largest weight mapped to 448."""
+    w = w.float()
+    scales = (w.abs().amax(dim=-1) / FP8_MAX).clamp_min(1e-10)  # [E, N]
+    q = (w / scales[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.float8_e4m3fn, quantize_experts_fp8)}
+"""linear_method → (stored dtype, quantizer) of the routed experts; other methods keep them float."""
+
+
 @dataclass
 class StackedExperts:
     """The routed experts of one layer: w13 [E, 2I, H], w2 [E, H, I] in the model dtype, or
-    int8 codes with per-row scales w13_scale [E, 2I], w2_scale [E, H]."""
+    int8 / float8_e4m3fn codes with per-row scales w13_scale [E, 2I], w2_scale [E, H]."""
 
     w13: torch.Tensor
     w2: torch.Tensor
@@ -111,13 +128,13 @@ class SparseMoeBlock:
     def empty(cls, cfg: ModelConfig, expert_tokens: torch.Tensor, *, linear_method: str, dtype: torch.dtype,
               device: torch.device) -> SparseMoeBlock:
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        int8 = linear_method == "int8"
-        wdtype = torch.int8 if int8 else dtype
+        scaled = linear_method in EXPERT_QUANTIZERS
+        wdtype = EXPERT_QUANTIZERS[linear_method][0] if scaled else dtype
         experts = StackedExperts(
             w13=torch.empty(e, 2 * i, h, dtype=wdtype, device=device),
             w2=torch.empty(e, h, i, dtype=wdtype, device=device),
-            w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if int8 else None,
-            w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if int8 else None)
+            w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if scaled else None,
+            w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if scaled else None)
         block = cls(cfg=cfg, experts=experts, expert_tokens=expert_tokens, dtype=dtype)
         si = cfg.shared_expert_intermediate_size
         if si:
@@ -179,7 +196,8 @@ class SparseMoeBlock:
                          else (self.experts.w13, self.experts.w13_scale))
         sel = slice(0, e) if expert is None else slice(expert, expert + 1)
         if scale is not None:
-            q, s = quantize_experts_int8(stacked)
+            quantize = next(fn for dtype, fn in EXPERT_QUANTIZERS.values() if dtype == target.dtype)
+            q, s = quantize(stacked)
             target[sel, rows] = q
             scale[sel, rows] = s
         else:
