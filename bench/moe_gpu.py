@@ -10,7 +10,7 @@ router logits, so experts are hit unevenly as in a real batch):
   moe_gemm_frac_prefill4k = achieved FLOP/s over the measured bf16 GEMM throughput (about
   689e12 on an H200).
 - moe_gemm_frac = the smaller of the two; the torch reference (per-expert loop, the torch
-  backend's path) is timed at both shapes, and the INT8-expert kernel at both.
+  backend's path) is timed at both shapes, and the INT8- and FP8-expert kernels at both.
 Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batch-1 decode
 (roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
 and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s.
@@ -73,7 +73,7 @@ def expert_bytes(s: Shapes, elem: float) -> float:
 
 
 def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
-    from llmesh.engine.model.moe import quantize_experts_int8
+    from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_ref import fused_moe_ref
 
@@ -81,6 +81,8 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     w13, w2 = experts(s, device, gen)
     q13, s13 = quantize_experts_int8(w13)
     q2, s2 = quantize_experts_int8(w2)
+    f13, fs13 = quantize_experts_fp8(w13)
+    f2, fs2 = quantize_experts_fp8(w2)
     m: dict[str, float] = {}
     for tag, t in (("decode64", s.decode_batch), ("prefill4k", s.prefill_tokens)):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
@@ -93,19 +95,21 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids), device)
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
+        fp8_ms = time_ms(lambda: fused_moe(x, f13, f2, weights, ids, w13_scale=fs13, w2_scale=fs2), device)
         distinct = int(ids.unique().numel())
         act_bytes = 2 * t * s.hidden * 2 + t * s.top_k * (s.inter + s.hidden) * 2 * 2  # x, out; hidden, per-copy out
         bytes_ = distinct * expert_bytes(s, 2) + act_bytes
         flops = 2 * t * s.top_k * expert_bytes(s, 1)
         m.update({f"moe_{tag}_ms": ms, f"moe_{tag}_ref_ms": ref_ms, f"moe_{tag}_vs_ref_x": ref_ms / ms,
-                  f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_distinct_experts": distinct,
+                  f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_distinct_experts": distinct,
                   f"moe_{tag}_tb_s": bytes_ / ms / 1e9, f"moe_{tag}_tflops": flops / ms / 1e9})
         if tag == "decode64":
             m["moe_gemm_frac_decode64"] = bytes_ / (ms / 1e3) / (ceilings["copy_tb_s"] * 1e12)
             m["moe_int8_decode64_vs_bf16_x"] = ms / int8_ms
+            m["moe_fp8_decode64_vs_bf16_x"] = ms / fp8_ms
         else:
             m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
-        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms), "
+        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     return m
