@@ -88,8 +88,10 @@ def model_tag(model: str) -> str:
 
 
 def bytes_per_decode_step(cfg: ModelConfig, elem: int, context: float) -> tuple[float, float]:
-    """(weight bytes read by one decode step, K/V bytes read at `context` tokens) for batch 1."""
-    params = sum(math.prod(shape) for _, shape in parameter_shapes(cfg))
+    """(weight bytes read by one decode step, K/V bytes read at `context` tokens) for batch 1.
+    A mixture of experts reads its token's top-k experts of each sparse layer, not all E."""
+    params = sum(math.prod(shape) * (cfg.num_experts_per_tok / cfg.num_experts if ".experts." in name else 1)
+                 for name, shape in parameter_shapes(cfg))
     if not cfg.tie_word_embeddings:
         params -= cfg.vocab_size * cfg.hidden_size  # the embedding lookup reads one row, not the table
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem

@@ -67,6 +67,10 @@ SPEC_ACCEPTANCE = Gauge("llmesh_engine_spec_decode_acceptance_rate", "Accepted /
 SPEC_MEAN_LENGTH = Gauge("llmesh_engine_spec_decode_mean_accepted_length", "Tokens per verify step (accepted "
                          "drafts + 1) since the core started.", _M)
 
+EXPERT_TOKENS = Counter("llmesh_engine_expert_tokens", "Tokens routed to each expert of a mixture of experts, "
+                        "by expert = \"layer.expert\" (decoder layer index, expert index); each token counts "
+                        "once per expert of its top-k.", _M + ["expert"])
+
 ITERATION_TOKENS = Histogram("llmesh_engine_iteration_tokens_total", "Tokens computed per engine step "
                              "(prefill chunks and decodes).", _M, buckets=_ITERATION_TOKEN_BUCKETS)
 REQUEST_PROMPT_TOKENS = Histogram("llmesh_engine_request_prompt_tokens", "Prompt tokens per finished request.",
@@ -95,6 +99,8 @@ class EngineMetrics:
     def __init__(self, model: str) -> None:
         self.model = model
         self._last: EngineStats | None = None
+        self._experts: dict[str, int] = {}
+        """The last per-expert totals seen (they arrive only now and then)."""
         self._running, self._waiting, self._kv = (g.labels(model) for g in (NUM_RUNNING, NUM_WAITING,
                                                                                KV_CACHE_USAGE))
         self._queries, self._hits, self._preemptions = (c.labels(model) for c in (
@@ -132,6 +138,10 @@ class EngineMetrics:
                 counter.inc(_grown(getattr(stats.spec, name), getattr(prev, name) if prev else None))
             self._spec_rate.set(stats.spec.acceptance_rate)
             self._spec_len.set(stats.spec.mean_accepted_length)
+        if stats.expert_tokens is not None:
+            for expert, total in stats.expert_tokens.items():
+                EXPERT_TOKENS.labels(self.model, expert).inc(_grown(total, self._experts.get(expert)))
+            self._experts = stats.expert_tokens
         self._last = stats
 
     def _record_iteration(self, it: IterationStats) -> None:

@@ -126,6 +126,7 @@ class TritonModelRunner(RunnerBase):
                 (self.decode_graphs if kind == "decode" else self.mixed_graphs)[t] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
+        self.model.expert_tokens.zero_()  # the warm-up passes routed tokens no request sent
         log.info("captured CUDA graphs", extra={"decode_batch_sizes": self.decode_sizes,
                                                 "mixed_token_buckets": self.mixed_buckets,
                                                 "seconds": round(time.perf_counter() - t0, 2)})

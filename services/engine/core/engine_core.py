@@ -103,6 +103,7 @@ class EngineCore:
         once it is ready, so the step loop never waits for a compilation."""
         self._steps = 0
         self._last_step_time = time.monotonic()
+        self._expert_tokens_read = float("-inf")
         self.last_step_tokens = 0
         """Tokens the last step scheduled (the iteration-tokens metric)."""
 
@@ -405,8 +406,26 @@ class EngineCore:
             prefix_cache_hits=self.scheduler.prefix_cache_hits_total,
             num_preemptions=self.scheduler.num_preemptions_total,
             spec=self.spec_stats.snapshot() if self.proposer is not None else None,
+            expert_tokens=self._expert_tokens(),
         )
 
+    def _expert_tokens(self) -> dict[str, int] | None:
+        """The model's per-expert token totals, read from the device at most once per
+        EXPERT_TOKENS_INTERVAL_S (stats go out every step; one small copy per interval, never
+        a host sync per layer); None for dense models and between reads."""
+        model = getattr(self.runner, "model", None)
+        counts = getattr(model, "expert_tokens", None)
+        now = time.monotonic()
+        if counts is None or counts.numel() == 0 or now - self._expert_tokens_read < EXPERT_TOKENS_INTERVAL_S:
+            return None
+        self._expert_tokens_read = now
+        layers = model.config.sparse_layers
+        return {f"{layers[row]}.{e}": n for row, per_expert in enumerate(counts.tolist())
+                for e, n in enumerate(per_expert)}
+
+
+EXPERT_TOKENS_INTERVAL_S = 1.0
+"""Most often the per-expert token counts are copied from the device into the stats."""
 
 SPEC_MAX_BACKOFF = 32
 """Most steps a request goes without drafts after verify steps that accepted nothing."""

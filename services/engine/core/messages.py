@@ -115,6 +115,9 @@ class EngineStats:
     num_preemptions: int = 0
     spec: SpecDecodeStats | None = None
     """Speculative decoding counters (None when the core does not speculate)."""
+    expert_tokens: dict[str, int] | None = None
+    """Tokens routed to each expert since start, by "layer.expert" (a mixture of experts);
+    read from the device at most once per EXPERT_TOKENS_INTERVAL_S, None between reads."""
 
     @property
     def kv_cache_usage(self) -> float:

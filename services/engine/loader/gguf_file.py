@@ -26,8 +26,16 @@ from llmesh.engine.loader.progress import tensor_progress
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.packed import QuantizedWeight
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-"""``general.architecture`` values llmesh serves (Mistral and SmolLM files say ``llama``)."""
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+"""``general.architecture`` values llmesh serves (Mistral, SmolLM and Mixtral files say ``llama``;
+a ``llama`` file with experts is a Mixtral)."""
+
+_MOE_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+"""GGUF architecture → ModelConfig.architecture, where the spellings differ."""
+
+_NORM_TOPK_DEFAULT = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+"""Whether llama.cpp renormalises the top-k weights of each architecture when the file has no
+``expert_weights_norm`` key (its qwen2moe graph does not, its qwen3moe graph does)."""
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -46,6 +54,15 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_norm": "post_attention_layernorm",
+    # Mixtures of experts: the experts come stacked [E, ...] (model/moe.py takes both forms).
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _NAME_RE = re.compile(r"^(?:blk\.(?P<layer>\d+)\.)?(?P<module>[a-z_]+)\.(?P<kind>weight|bias)$")
 
@@ -214,11 +231,14 @@ def gguf_model_config(gguf: GGUFFile, name: str) -> ModelConfig:
     eos_ids = [gguf.metadata[key] for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
                if gguf.metadata.get(key) is not None]
     window = meta.get("attention.sliding_window")
+    experts = int(meta.get("expert_count") or 0)
+    architecture = _MOE_ARCHITECTURES.get(arch, "mixtral" if arch == "llama" and experts else arch)
     return ModelConfig(
-        architecture=arch,
+        architecture=architecture,
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=_uniform(meta.required("feed_forward_length"), f"{arch}.feed_forward_length"),
+        intermediate_size=_uniform(meta.get("feed_forward_length") or meta.required("expert_feed_forward_length"),
+                                   f"{arch}.feed_forward_length"),
         num_hidden_layers=int(meta.required("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -235,7 +255,30 @@ def gguf_model_config(gguf: GGUFFile, name: str) -> ModelConfig:
         eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids)),
         torch_dtype="float32",
         name=name,
+        **_experts(gguf, meta, architecture, experts),
     )
+
+
+def _experts(gguf: GGUFFile, meta: _Meta, architecture: str, experts: int) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields. GGUF has no sparse-step key: a layer is sparse
+    when its router tensor (ffn_gate_inp) is in the file."""
+    if not experts:
+        stray = next((n for n in gguf.tensors if ".ffn_gate_inp" in n or "_exps." in n or "_shexp." in n), None)
+        if stray is not None:
+            raise UnsupportedModelError(f"GGUF tensor {stray!r} belongs to a mixture of experts, and the file "
+                                        f"has no '{meta.arch}.expert_count'")
+        return {}
+    layers = int(meta.required("block_count"))
+    dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors]
+    shared = "blk.{}.ffn_gate_shexp.weight"
+    shared_size = next((_shape(gguf.tensors[shared.format(i)])[0] for i in range(layers)
+                        if shared.format(i) in gguf.tensors), 0)
+    norm = meta.get("expert_weights_norm")
+    expert_ffn = meta.get("expert_feed_forward_length") or meta.required("feed_forward_length")
+    return dict(num_experts=experts, num_experts_per_tok=int(meta.required("expert_used_count")),
+                moe_intermediate_size=_uniform(expert_ffn, f"{meta.arch}.expert_feed_forward_length"),
+                norm_topk_prob=_NORM_TOPK_DEFAULT[architecture] if norm is None else bool(norm),
+                shared_expert_intermediate_size=int(shared_size), mlp_only_layers=dense)
 
 
 def reverse_rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -298,7 +341,7 @@ class GGUFWeights:
         return rows_to_weight(self._to_hf_layout(hf_name, rows).contiguous(), tensor.tensor_type.name, shape[1])
 
     def _to_hf_layout(self, hf_name: str, weight: torch.Tensor) -> torch.Tensor:
-        if self._config.architecture != "llama":
+        if self._config.architecture not in ("llama", "mixtral"):
             return weight
         if ".self_attn.q_proj." in hf_name:
             return reverse_rope_permute(weight, self._config.num_attention_heads)

@@ -17,6 +17,9 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 """HF class name → ModelConfig.architecture. SmolLM and Llama 2/3/3.1 are LlamaForCausalLM."""
 
@@ -142,6 +145,8 @@ def model_config_from_hf(config: dict[str, Any], name: str) -> ModelConfig:
     theta, scaling = _rope(config)
     if architecture == "qwen2":
         attention_bias = True
+    elif architecture == "qwen2_moe":
+        attention_bias = bool(config.get("qkv_bias", True))
     else:
         attention_bias = bool(config.get("attention_bias", False))
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
@@ -162,10 +167,33 @@ def model_config_from_hf(config: dict[str, Any], name: str) -> ModelConfig:
         rope_scaling=scaling,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=attention_bias,
-        qk_norm=architecture == "qwen3",
+        qk_norm=architecture in ("qwen3", "qwen3_moe"),
         sliding_window=_sliding_window(config, architecture),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_eos_ids(config.get("eos_token_id")),
         torch_dtype=_DTYPES[dtype],
         name=name,
+        **_experts(config, architecture),
     )
+
+
+def _experts(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields; empty for a dense architecture."""
+    if architecture == "mixtral":
+        # Every layer sparse, the experts as wide as intermediate_size, top-k always renormalised.
+        return dict(num_experts=int(_required(config, "num_local_experts")),
+                    num_experts_per_tok=int(_required(config, "num_experts_per_tok")),
+                    moe_intermediate_size=int(_required(config, "intermediate_size")), norm_topk_prob=True)
+    if architecture not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    # Released Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts.
+    experts = int(config.get("num_experts") or _required(config, "num_local_experts"))
+    top_k = int(_required(config, "num_experts_per_tok"))
+    if not 0 < top_k <= experts:
+        raise UnsupportedModelError(f"num_experts_per_tok={top_k} must be in 1..num_experts={experts}")
+    step = int(config.get("decoder_sparse_step") or 1)
+    return dict(num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=int(_required(config, "moe_intermediate_size")),
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+                decoder_sparse_step=step, mlp_only_layers=[int(i) for i in config.get("mlp_only_layers") or []])

@@ -1,4 +1,5 @@
-"""Random-weight models of real shapes, for benchmarks: ``random:llama3-8b``, ``random:llama3.2-1b``.
+"""Random-weight models of real shapes, for benchmarks: ``random:llama3-8b``, ``random:llama3.2-1b``,
+``random:qwen3-30b-a3b`` (a mixture of experts: 128 experts, top-8).
 
 Speed does not depend on weight values, so GPU benchmarks run Llama-3-shaped models
 without multi-GB checkpoints. Weights are drawn on the target device (the GPU when there
@@ -47,6 +48,19 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
         eos_token_ids=[128001], torch_dtype="bfloat16"),
+    "qwen3-30b-a3b": ModelConfig(
+        architecture="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        bos_token_id=None, eos_token_ids=[151645], torch_dtype="bfloat16", num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    # Its body in miniature: CPU smoke runs of the MoE serving path.
+    "tiny-qwen3-moe": ModelConfig(
+        architecture="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        bos_token_id=1, eos_token_ids=[2], torch_dtype="bfloat16", num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True),
 }
 
 
@@ -75,9 +89,22 @@ def parameter_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
         if c.qk_norm:
             yield p + "self_attn.q_norm.weight", (d,)
             yield p + "self_attn.k_norm.weight", (d,)
-        yield p + "mlp.gate_proj.weight", (c.intermediate_size, h)
-        yield p + "mlp.up_proj.weight", (c.intermediate_size, h)
-        yield p + "mlp.down_proj.weight", (h, c.intermediate_size)
+        if c.is_sparse_layer(i):  # experts stacked [E, ...], as a GGUF stores them (model/moe.py)
+            e, inter = c.num_experts, c.moe_intermediate_size
+            yield p + "mlp.gate.weight", (e, h)
+            yield p + "mlp.experts.gate_proj.weight", (e, inter, h)
+            yield p + "mlp.experts.up_proj.weight", (e, inter, h)
+            yield p + "mlp.experts.down_proj.weight", (e, h, inter)
+            if c.shared_expert_intermediate_size:
+                s = c.shared_expert_intermediate_size
+                yield p + "mlp.shared_expert.gate_proj.weight", (s, h)
+                yield p + "mlp.shared_expert.up_proj.weight", (s, h)
+                yield p + "mlp.shared_expert.down_proj.weight", (h, s)
+                yield p + "mlp.shared_expert_gate.weight", (1, h)
+        else:
+            yield p + "mlp.gate_proj.weight", (c.intermediate_size, h)
+            yield p + "mlp.up_proj.weight", (c.intermediate_size, h)
+            yield p + "mlp.down_proj.weight", (h, c.intermediate_size)
         yield p + "input_layernorm.weight", (h,)
         yield p + "post_attention_layernorm.weight", (h,)
     yield "model.norm.weight", (h,)

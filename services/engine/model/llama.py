@@ -1,5 +1,6 @@
 """One decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2 (qkv bias), Qwen3
-(q/k norm) and SmolLM2 (tied embeddings) differ only in flags of ModelConfig.
+(q/k norm) and SmolLM2 (tied embeddings) differ only in flags of ModelConfig; Mixtral and
+Qwen2/3-MoE run a mixture of experts (moe.py) in place of the MLP of their sparse layers.
 
 Tokens of all sequences in a step are flattened into one dimension ``T``; attention
 finds each sequence's context through the paged KV pool and its metadata. Every op goes
@@ -19,6 +20,7 @@ import torch
 
 from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.moe import SparseMoeBlock, moe_tensor_name
 from llmesh.engine.model.ops import ModelOps, make_ops
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
@@ -41,12 +43,13 @@ DEFAULT_MAX_POSITIONS = 4096
 class DecoderLayer:
     qkv_proj: FusedLinear
     o_proj: FusedLinear
-    gate_up_proj: FusedLinear
-    down_proj: FusedLinear
+    gate_up_proj: FusedLinear | None  # None in a sparse layer: ``moe`` replaces the MLP
+    down_proj: FusedLinear | None
     input_layernorm: torch.Tensor | None = None      # [H]
     post_attention_layernorm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None               # [D] (Qwen3)
     k_norm: torch.Tensor | None = None
+    moe: SparseMoeBlock | None = None
 
 
 class LlamaForCausalLM:
@@ -71,7 +74,10 @@ class LlamaForCausalLM:
         self.ops: ModelOps = make_ops(ops, cfg, device=self.device, dtype=dtype,
                                       max_positions=max_positions or min(cfg.max_position_embeddings,
                                                                          DEFAULT_MAX_POSITIONS))
-        self.layers = [self._new_layer() for _ in range(cfg.num_hidden_layers)]
+        self.expert_tokens = torch.zeros(len(cfg.sparse_layers), cfg.num_experts, dtype=torch.int64,
+                                         device=self.device)
+        """Tokens routed to each expert of each sparse layer [L_sparse, E], counted on the device."""
+        self.layers = [self._new_layer(i) for i in range(cfg.num_hidden_layers)]
         self.embed_tokens: Weight | None = None
         self.norm: torch.Tensor | None = None
         head_method = "keep" if linear_method == "keep" else "none"
@@ -82,23 +88,28 @@ class LlamaForCausalLM:
     def _linear(self, k: int, parts: list[int], bias: bool, method: str) -> FusedLinear:
         return FusedLinear(k, parts, bias, method, dtype=self.dtype, device=self.device)
 
-    def _new_layer(self) -> DecoderLayer:
+    def _new_layer(self, i: int) -> DecoderLayer:
         c, m = self.config, self.linear_method
         h, d = c.hidden_size, self.head_dim
         q, kv = self.num_heads * d, self.num_kv_heads * d
         # HF's Llama/Qwen3 put the bias on o_proj too when attention_bias is set; Qwen2 never does.
-        o_bias = c.attention_bias and c.architecture != "qwen2"
-        return DecoderLayer(
-            qkv_proj=self._linear(h, [q, kv, kv], c.attention_bias, m),
-            o_proj=self._linear(q, [h], o_bias, m),
-            gate_up_proj=self._linear(h, [c.intermediate_size] * 2, False, m),
-            down_proj=self._linear(c.intermediate_size, [h], False, m))
+        o_bias = c.attention_bias and c.architecture not in ("qwen2", "qwen2_moe")
+        layer = DecoderLayer(qkv_proj=self._linear(h, [q, kv, kv], c.attention_bias, m),
+                             o_proj=self._linear(q, [h], o_bias, m), gate_up_proj=None, down_proj=None)
+        if c.is_sparse_layer(i):
+            layer.moe = SparseMoeBlock.empty(c, self.expert_tokens[c.sparse_layers.index(i)], linear_method=m,
+                                             dtype=self.dtype, device=self.device)
+        else:
+            layer.gate_up_proj = self._linear(h, [c.intermediate_size] * 2, False, m)
+            layer.down_proj = self._linear(c.intermediate_size, [h], False, m)
+        return layer
 
     # ---- loading ----------------------------------------------------------------------
     def named_linears(self) -> Iterator[tuple[str, FusedLinear]]:
         for i, layer in enumerate(self.layers):
             for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-                yield f"model.layers.{i}.{name}", getattr(layer, name.split(".")[1])
+                if (lin := getattr(layer, name.split(".")[1])) is not None:
+                    yield f"model.layers.{i}.{name}", lin
         if self.lm_head is not None:
             yield "lm_head", self.lm_head
 
@@ -147,6 +158,8 @@ class LlamaForCausalLM:
                     lin.load(part, kind, t)
                 elif name in tensors:
                     self._load_tensor(tensors[name], t)
+                elif (moe := moe_tensor_name(name)) is not None and self._moe_block(moe[0]) is not None:
+                    self._moe_block(moe[0]).load(*moe[1:], t)
                 elif "rotary_emb" in name:
                     continue
                 else:
@@ -157,9 +170,13 @@ class LlamaForCausalLM:
             seen.add(name)
         expected = set(tensors) | {f"{p}.weight" for p in linears}
         expected |= {f"{p}.bias" for p, (lin, _) in linears.items() if lin.has_bias}
-        missing = sorted(expected - seen)
+        missing = sorted(expected - seen) + [n for i, layer in enumerate(self.layers) if layer.moe is not None
+                                             for n in layer.moe.missing(i)]
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _moe_block(self, layer: int) -> SparseMoeBlock | None:
+        return self.layers[layer].moe if 0 <= layer < len(self.layers) else None
 
     def _load_tensor(self, target: tuple[object, str, int], t: Weight) -> None:
         owner, attr, length = target
@@ -181,7 +198,8 @@ class LlamaForCausalLM:
         norms = [self.norm] + [t for layer in self.layers for t in (
             layer.input_layernorm, layer.post_attention_layernorm, layer.q_norm, layer.k_norm)]
         return (weight_nbytes(self.embed_tokens) + sum(lin.nbytes() for _, lin in self.named_linears())
-                + sum(weight_nbytes(t) for t in norms))
+                + sum(weight_nbytes(t) for t in norms)
+                + sum(layer.moe.nbytes() for layer in self.layers if layer.moe is not None))
 
     # ---- forward ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -193,6 +211,8 @@ class LlamaForCausalLM:
         ops.prepare(meta)
         x = ops.embed(self.embed_tokens, input_ids, self.dtype)  # [T, H]
         residual = None
+        # Padding rows of a replayed CUDA graph (slot -1) route too; they are not counted.
+        real_tokens = (meta.slot_mapping >= 0).long() if self.expert_tokens.numel() else None  # [T]
         for i, layer in enumerate(self.layers):
             qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
                                             layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
@@ -206,6 +226,10 @@ class LlamaForCausalLM:
             q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta)
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, nq, d]
             x = ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias)
+            if layer.moe is not None:
+                h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
+                x = layer.moe.forward(ops, h, real_tokens)
+                continue
             gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
                                                 layer.gate_up_proj.weight)  # [T, 2 I]
             x = ops.act_linear(gate_up, layer.down_proj.weight)

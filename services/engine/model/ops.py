@@ -8,13 +8,16 @@ two backends cannot drift apart in anything but the kernels themselves.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.linear import Weight
 from llmesh.kernels.paged_attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from llmesh.engine.model.moe import StackedExperts
 
 OP_TABLES = ("torch", "triton")
 
@@ -56,6 +59,11 @@ class ModelOps(Protocol):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
+
+    def moe(self, x: torch.Tensor, experts: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+            ) -> torch.Tensor:
+        """The routed experts of a mixture-of-experts layer: x [T, H] through each token's
+        experts topk_ids [T, k], weighted by topk_weights [T, k] and summed → [T, H]."""
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.activation import silu_and_mul
+from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
 from llmesh.kernels.paged_decode_attention import paged_decode_attention
@@ -107,6 +108,10 @@ class TritonOps:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+    def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,
+                         w2_scale=experts.w2_scale)
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     w: Weight | list[Weight], bias: torch.Tensor | None = None

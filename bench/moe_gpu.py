@@ -1,0 +1,246 @@
+"""The fused MoE layer (kernels/fused_moe.py) at Qwen3-30B-A3B's shape, and the engine on a
+random-weight Qwen3-30B-A3B.
+
+Kernel (bf16; hidden 2048, 128 experts, top-8, expert FFN 768; routing from softmax of random
+router logits, so experts are hit unevenly as in a real batch):
+- decode, batch 64: a weight stream. bytes = the distinct experts the batch touches, each read
+  once (w13 + w2), + the activations in and out; moe_gemm_frac_decode64 = achieved B/s over
+  the measured copy bandwidth (about 4.26e12 B/s on an H200).
+- prefill, 4096 tokens: compute. flops = 2 * T * k * (2 I H + H I);
+  moe_gemm_frac_prefill4k = achieved FLOP/s over the measured bf16 GEMM throughput (about
+  689e12 on an H200).
+- moe_gemm_frac = the smaller of the two; the torch reference (per-expert loop, the torch
+  backend's path) is timed at both shapes, and the INT8- and FP8-expert kernels at both.
+Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batch-1 decode
+(roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
+and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s.
+
+Usage: python bench/moe_gpu.py [--parts kernel,engine] [--autotune] [--smoke]
+Writes bench/results/moe_<dev>.json. --autotune sweeps fused_moe_config.CANDIDATES for both
+GEMMs at decode 64 / prefill 4096 (and the M buckets in --tune-m) and prints TABLE entries.
+--smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device, results_dir_for, rounded,  # noqa: E402
+                          software_versions, time_ms)
+from llmesh.bench_results import write_result  # noqa: E402
+
+PARTS = ("kernel", "engine")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    experts: int
+    top_k: int
+    inter: int
+    decode_batch: int
+    prefill_tokens: int
+
+
+QWEN3_30B_A3B = Shapes(hidden=2048, experts=128, top_k=8, inter=768, decode_batch=64, prefill_tokens=4096)
+SMOKE = Shapes(hidden=64, experts=8, top_k=2, inter=32, decode_batch=4, prefill_tokens=24)
+
+
+def routing(t: int, s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmesh.engine.model.moe import select_experts
+
+    logits = torch.randn(t, s.experts, generator=gen, device=device)  # [T, E]
+    return select_experts(logits, s.top_k, True, torch.bfloat16)
+
+
+def experts(s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = torch.randn(s.experts, 2 * s.inter, s.hidden, generator=gen, device=device).mul_(0.02).bfloat16()
+    w2 = torch.randn(s.experts, s.hidden, s.inter, generator=gen, device=device).mul_(0.02).bfloat16()
+    return w13, w2
+
+
+def expert_bytes(s: Shapes, elem: float) -> float:
+    return 3 * s.inter * s.hidden * elem
+
+
+def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
+    from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
+    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe_ref import fused_moe_ref
+
+    gen = torch.Generator(device).manual_seed(0)
+    w13, w2 = experts(s, device, gen)
+    q13, s13 = quantize_experts_int8(w13)
+    q2, s2 = quantize_experts_int8(w2)
+    f13, fs13 = quantize_experts_fp8(w13)
+    f2, fs2 = quantize_experts_fp8(w2)
+    m: dict[str, float] = {}
+    for tag, t in (("decode64", s.decode_batch), ("prefill4k", s.prefill_tokens)):
+        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
+        weights, ids = routing(t, s, device, gen)
+        ref = fused_moe_ref(x, w13, w2, weights, ids)
+        got = fused_moe(x, w13, w2, weights, ids)
+        err = float((got.float() - ref.float()).abs().max()) / max(float(ref.float().abs().max()), 1e-6)
+        if err > 0.05:
+            raise RuntimeError(f"fused_moe differs from its reference at {tag}: relative max error {err:.3g}")
+        ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids), device)
+        ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
+        int8_ms = time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
+        fp8_ms = time_ms(lambda: fused_moe(x, f13, f2, weights, ids, w13_scale=fs13, w2_scale=fs2), device)
+        distinct = int(ids.unique().numel())
+        act_bytes = 2 * t * s.hidden * 2 + t * s.top_k * (s.inter + s.hidden) * 2 * 2  # x, out; hidden, per-copy out
+        bytes_ = distinct * expert_bytes(s, 2) + act_bytes
+        flops = 2 * t * s.top_k * expert_bytes(s, 1)
+        m.update({f"moe_{tag}_ms": ms, f"moe_{tag}_ref_ms": ref_ms, f"moe_{tag}_vs_ref_x": ref_ms / ms,
+                  f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_distinct_experts": distinct,
+                  f"moe_{tag}_tb_s": bytes_ / ms / 1e9, f"moe_{tag}_tflops": flops / ms / 1e9})
+        if tag == "decode64":
+            m["moe_gemm_frac_decode64"] = bytes_ / (ms / 1e3) / (ceilings["copy_tb_s"] * 1e12)
+            m["moe_int8_decode64_vs_bf16_x"] = ms / int8_ms
+            m["moe_fp8_decode64_vs_bf16_x"] = ms / fp8_ms
+        else:
+            m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
+        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
+              f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+    m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
+    return m
+
+
+def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool) -> list[str]:
+    """Time every candidate config per GEMM and M; returns TABLE lines for the winners."""
+    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe_config import CANDIDATES, m_bucket, pick_config
+
+    gen = torch.Generator(device).manual_seed(1)
+    w13, w2 = experts(s, device, gen)
+    candidates = CANDIDATES[:3] if smoke else CANDIDATES
+    lines = []
+    for t in m_values:
+        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
+        weights, ids = routing(t, s, device, gen)
+        # The gate/up GEMM first (down at its default); then the down GEMM with the same BLOCK_M.
+        best_up, best_up_ms = None, float("inf")
+        for c in candidates:
+            try:
+                ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=c,
+                                               down_config=replace(pick_config(t, s.experts, s.hidden, s.inter,
+                                                                               s.top_k), block_m=c.block_m)), device)
+            except Exception as exc:  # out of shared memory / registers for this tile: skip it
+                print(f"[moe] autotune T={t} {c}: {type(exc).__name__}", flush=True)
+                continue
+            if ms < best_up_ms:
+                best_up, best_up_ms = c, ms
+        best_down, best_down_ms = None, float("inf")
+        for c in candidates:
+            if c.block_m != best_up.block_m:
+                continue
+            try:
+                ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=best_up, down_config=c), device)
+            except Exception as exc:
+                print(f"[moe] autotune T={t} down {c}: {type(exc).__name__}", flush=True)
+                continue
+            if ms < best_down_ms:
+                best_down, best_down_ms = c, ms
+        b = m_bucket(t)
+        lines.append(f"({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r},  # gate/up, {best_up_ms:.3f} ms")
+        if best_down is not None:
+            lines.append(f"({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r},  # down, total "
+                         f"{best_down_ms:.3f} ms")
+        print("\n".join(lines[-2:]), flush=True)
+    return lines
+
+
+def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, backend: str
+                 ) -> tuple[dict[str, float], dict]:
+    """decode_gpu.py's batch-1 decode and offline workload on the MoE preset, metrics prefixed moe_."""
+    from decode_gpu import SMOKE_WORKLOAD, Workload, decode_b1, make_workload, offline
+
+    from llmesh.engine import LLM, SamplingParams
+
+    model = "random:tiny-qwen3-moe" if smoke else "random:qwen3-30b-a3b"
+    work = SMOKE_WORKLOAD if smoke else Workload()
+    engine_kwargs = dict(backend=backend, dtype="bfloat16", device=str(device), max_num_seqs=1024,
+                         max_num_batched_tokens=16384, max_model_len=2048)
+    if smoke:
+        engine_kwargs.update(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=128, num_kv_blocks=256)
+    llm = LLM(model, **engine_kwargs)
+    cfg = llm.engine.model_config
+    prompts, outputs = make_workload(work, cfg.vocab_size)
+    gen = torch.Generator().manual_seed(2)
+    warm = [torch.randint(10, cfg.vocab_size, (n,), generator=gen).tolist() for n in (8, 64, 100)]
+    llm.generate(warm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    b1_prompt, b1_new = (16, 12) if smoke else (128, 256)
+    m = decode_b1(llm, torch.randint(10, cfg.vocab_size, (b1_prompt,), generator=gen).tolist(), b1_new,
+                  ceilings["copy_tb_s"])
+    m.update(offline(llm, prompts, outputs))
+    workload = {"model": model, "engine": engine_kwargs, "offline": asdict(work),
+                "decode_b1": f"one {b1_prompt}-token prompt, {b1_new} new tokens; roofline = copy_tb_s / (top-k "
+                             "experts of each layer + other weights except the input embedding + K/V)"}
+    return {f"moe_{k}": v for k, v in m.items()}, workload
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    ap.add_argument("--parts", default="kernel,engine", help="comma-separated subset of: " + ", ".join(PARTS))
+    ap.add_argument("--backend", choices=("triton", "torch"), default=None,
+                    help="engine part's backend (default triton; smoke: torch)")
+    ap.add_argument("--autotune", action="store_true", help="sweep tile configs and print TABLE entries")
+    ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    device = pick_device(args.device)
+    if device.type != "cuda":
+        if not args.smoke:
+            ap.error("the kernels need a CUDA device; use --smoke for the CPU interpreter check")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules are imported
+    shapes = SMOKE if args.smoke else QWEN3_30B_A3B
+    t0 = time.perf_counter()
+    ceilings = measure_ceilings(device, copy_gib=1 / 16 if args.smoke else 2.0, gemm_n=256 if args.smoke else 8192)
+    print(f"[moe] {device_name(device)}: copy {ceilings['copy_tb_s']:.3f} TB/s, gemm "
+          f"{ceilings['gemm_bf16_tflops']:.1f} TFLOP/s ({time.perf_counter() - t0:.1f}s)", flush=True)
+    metrics: dict[str, float] = dict(ceilings)
+    workload: dict = {"shapes": asdict(shapes), "dtype": "bfloat16", "software": software_versions(),
+                      "smoke": args.smoke,
+                      "kernel": "fused_moe (aligned blocks, gate/up + SiLU-mul fused, down with the routing weight, "
+                                "sum over k); decode bytes = distinct experts touched x (w13 + w2) + activations; "
+                                "prefill flops = 2 T k (3 I H)"}
+    results_dir = results_dir_for(args)
+    name = f"moe_{device_tag(device)}"
+
+    def save() -> None:
+        path = write_result(name, workload, rounded(metrics), device=device_name(device), results_dir=results_dir)
+        print(f"[moe] wrote {path}", flush=True)
+
+    if "kernel" in parts:
+        metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
+        save()
+    if args.autotune:
+        m_values = [max(1, int(v)) for v in args.tune_m.split(",")]
+        if args.smoke:
+            m_values = [min(v, shapes.prefill_tokens) for v in m_values[:2]]
+        workload["autotune"] = autotune(shapes, device, m_values, args.smoke)
+        save()
+    if "engine" in parts:
+        engine_metrics, workload["engine"] = bench_engine(device, ceilings, args.smoke,
+                                                          args.backend or ("torch" if args.smoke else "triton"))
+        metrics.update(engine_metrics)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Fused mixture-of-experts layer: y[t] = sum_j w[t, j] * SwiGLU_{e[t, j]}(x[t]), in Triton.
+
+The design of vLLM's / SGLang's Triton fused_moe:
+
+1. ``moe_align_block_size`` sorts the T * k (token, slot) pairs by expert and pads each
+   expert's run to a multiple of BLOCK_M, so every BLOCK_M block of the sorted list belongs to
+   one expert (``expert_ids[block]``). Torch ops only, on the device, without a host read:
+   the grid is sized by an upper bound of the padded length, and blocks past the real end
+   (``num_tokens_post_padded``) return at once, so the wrapper is CUDA-graph safe.
+2. One grouped GEMM launch for all experts computes gate and up together: each program
+   loads the gate tile and the up tile of the same columns of its block's expert, keeps two
+   accumulators, and writes silu(gate) * up in its epilogue. The [T*k, 2I] gate/up
+   activation never reaches memory, and no separate silu-mul launch runs; the price is two
+   accumulators per program (register pressure), which the tile table sizes for.
+3. A second grouped GEMM runs the down projection, multiplies each row by its routing
+   weight in the epilogue, and writes one row per (token, slot) pair.
+4. The k copies of each token are summed by one ``sum`` over [T, k, H] (fixed order, so the
+   result does not depend on scheduling; atomics would not be deterministic).
+
+INT8 and FP8 (E4M3) weight-only experts (per-output-channel scales, w = q * scale) go through
+the same kernels: int8 codes -127..127 and every E4M3 value are exact in 16-bit floats, so
+the codes are cast to the activation dtype in the K loop and feed tl.dot, and the accumulator
+is multiplied by the scale row once after the loop — the dequantization of every weight with
+its multiply factored out (one multiply per output, not per weight). Activations stay 16-bit
+(W8A16; no FP8 tensor-core GEMM).
+
+Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
+rounded to the activation dtype, then silu(gate), then the product; the down output is
+rounded before the routing weight multiplies it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
+                                   interpreting)
+from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
+from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
+from llmesh.kernels.triton_helpers import cast_rtne
+
+
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+"""Expert weight types that carry per-row scales."""
+
+
+def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Most entries the sorted, padded list can need: each hit expert pads < BLOCK_M rows,
+    and at most min(E, T * k) experts are hit."""
+    return num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert, each expert's run padded to BLOCK_M.
+
+    topk_ids [T, k] → (sorted_ids int32 [P]: flat pair index t * k + j, or T * k for padding;
+    expert_ids int32 [P / BLOCK_M]: the expert of each block, -1 past the end;
+    num_tokens_post_padded int32 [1]). P is ``padded_length_bound`` rounded up to BLOCK_M.
+    Pairs of one expert keep their token order (a stable sort).
+    """
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    ends = torch.cumsum(padded, 0)  # [E]
+    starts = ends - padded
+    first_pair = torch.cumsum(counts, 0) - counts  # [E] where each expert's pairs begin, unpadded
+    order = torch.argsort(flat, stable=True)  # [N]
+    expert_of = flat[order]
+    dest = starts[expert_of] + torch.arange(n, device=device) - first_pair[expert_of]  # [N]
+    length = triton.cdiv(padded_length_bound(n, num_experts, block_m), block_m) * block_m
+    sorted_ids = torch.full((length,), n, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, length, block_m, device=device)  # [P / BLOCK_M]
+    expert_ids = torch.searchsorted(ends, block_starts, right=True)
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, scale_ptr, out_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    N, K, num_pairs, a_row_div,
+    stride_am, stride_be, stride_bn, stride_se, stride_om,
+    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
+
+    GATED: b holds 2N rows (gate, then up); the tile is silu(a @ gate^T) * (a @ up^T).
+    MUL_WEIGHT: rows are scaled by their pair's routing weight.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs)  # [BLOCK_M] flat (token, slot) index; num_pairs: padding
+    m_mask = pair < num_pairs
+    a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    b_base = b_ptr + expert * stride_be
+    act_dtype = a_ptr.dtype.element_ty
+    out_dtype = out_ptr.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)  # [BK, BN]
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        if GATED:
+            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
+            if DOT_F32:
+                bu = bu.to(tl.float32)
+            else:
+                bu = bu.to(act_dtype)
+            acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
+
+    if SCALED:
+        s_base = scale_ptr + expert * stride_se
+        acc = acc * tl.load(s_base + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(s_base + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    # Round where the reference rounds (each op's output in the activation dtype).
+    acc = cast_rtne(acc, out_dtype, INTERPRET).to(tl.float32)
+    if GATED:
+        up = cast_rtne(acc_up, out_dtype, INTERPRET).to(tl.float32)
+        act = cast_rtne(acc * tl.sigmoid(acc), out_dtype, INTERPRET).to(tl.float32)
+        acc = act * up
+    if MUL_WEIGHT:
+        w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, cast_rtne(acc, out_dtype, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int, int, int, int, int]:
+    """Returns (T, H, E, I, k) after checking the stacked layouts against x."""
+    check_tensor("x", x, "[T, H]", 2)
+    device = x.device
+    int8 = w13.dtype in QUANTIZED_DTYPES
+    wdtypes = QUANTIZED_DTYPES if int8 else (x.dtype,)
+    check_tensor("w13", w13, "[E, 2I, H]", 3, wdtypes, device=device)
+    check_tensor("w2", w2, "[E, H, I]", 3, wdtypes, device=device)
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    check_size("w13", "H", w13.shape[2], h, "x's columns")
+    if two_i % 2:
+        raise ValueError(f"w13 must stack gate and up rows (2I), got {two_i} rows")
+    inter = two_i // 2
+    check_size("w2", "shape", tuple(w2.shape), (e, h, inter), "[E, H, I] of w13's E, x's H and w13's I")
+    check_tensor("topk_ids", topk_ids, "[T, k]", 2, (torch.int32, torch.int64), device=device)
+    check_tensor("topk_weights", topk_weights, "[T, k]", 2, device=device)
+    check_size("topk_ids", "shape", tuple(topk_ids.shape), tuple(topk_weights.shape), "topk_weights' shape")
+    check_size("topk_ids", "T", topk_ids.shape[0], t, "x's rows")
+    if int8:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError("int8 / fp8 experts need w13_scale [E, 2I] and w2_scale [E, H]")
+        check_tensor("w13_scale", w13_scale, "[E, 2I]", 2, (torch.float32, torch.float16), device=device)
+        check_tensor("w2_scale", w2_scale, "[E, H]", 2, (torch.float32, torch.float16), device=device)
+        check_size("w13_scale", "shape", tuple(w13_scale.shape), (e, two_i), "one scale per w13 row")
+        check_size("w2_scale", "shape", tuple(w2_scale.shape), (e, h), "one scale per w2 row")
+    elif w13_scale is not None or w2_scale is not None:
+        raise ValueError("scales are for int8 / fp8 experts; these weights are float")
+    if w2.dtype != w13.dtype:
+        raise ValueError(f"w13 is {w13.dtype} and w2 is {w2.dtype}; both experts' weights need one type")
+    for name, tensor in (("x", x), ("w13", w13), ("w2", w2)):
+        check_last_dim_contiguous(name, tensor)
+    return t, h, e, inter, topk_ids.shape[1]
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              config: MoEConfig | None = None, down_config: MoEConfig | None = None) -> torch.Tensor:
+    """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
+    w2 [E, H, I] (float in x's dtype, or int8 with w13_scale [E, 2I], w2_scale [E, H])
+    → [T, H] in x's dtype (int8 / float8_e4m3fn experts likewise). ``config`` / ``down_config`` override the tile table per GEMM
+    (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
+    its BLOCK_M is the gate/up config's."""
+    t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if t == 0:
+        return torch.zeros_like(x)
+    config = config or pick_config(t, e, inter, h, top_k)
+    down_config = down_config or pick_config(t, e, h, inter, top_k)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e)
+    pairs = t * top_k
+    int8 = w13.dtype in QUANTIZED_DTYPES
+    common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
+                  SCALED=int8, BLOCK_M=config.block_m)
+    hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
+    grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))
+    _moe_gemm_kernel[grid](
+        x, w13, w13_scale if int8 else w13, hidden, topk_weights,
+        sorted_ids, expert_ids, num_post,
+        inter, h, pairs, top_k,
+        x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if int8 else 0, hidden.stride(0),
+        GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **common)
+    weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
+    out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
+    grid = (expert_ids.shape[0], triton.cdiv(h, down_config.block_n))
+    _moe_gemm_kernel[grid](
+        hidden, w2, w2_scale if int8 else w2, out, weights,
+        sorted_ids, expert_ids, num_post,
+        h, inter, pairs, 1,
+        hidden.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if int8 else 0, out.stride(0),
+        GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
+        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **common)
+    return out.view(t, top_k, h).sum(1)

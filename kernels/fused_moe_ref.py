@@ -1,0 +1,52 @@
+"""Torch reference of the fused mixture-of-experts layer (kernels/fused_moe.py).
+
+One SwiGLU per expert, over the tokens routed to it, in Hugging Face's order (its
+``*Experts.forward``): gate/up projection, silu(gate) * up, down projection, times the
+routing weight, accumulated into the output expert by expert with ``index_add_``. The torch
+op table runs this, so a float32 model agrees with transformers to rounding.
+
+Weights are stacked over experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
+INT8 weight-only experts carry per-output-channel scales (w = q * scale): w13_scale [E, 2I],
+w2_scale [E, H].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[E, N, K] int8 codes with scales [E, N] → [E, N, K] in ``dtype`` (float weights pass)."""
+    if scale is None:
+        return q.to(dtype)
+    return (q.float() * scale.float()[:, :, None]).to(dtype)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H], routing topk_weights / topk_ids [T, k] → [T, H] in x's dtype.
+
+    topk_weights may be float32 (Mixtral keeps them so, and the product is rounded once) or
+    x's dtype (Qwen-MoE rounds them first); either way the weighted output is rounded to x's
+    dtype before it is added, as HF does.
+    """
+    # x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_*: [T, k]
+    num_experts = w13.shape[0]
+    inter = w2.shape[2]
+    out = torch.zeros_like(x)
+    if x.shape[0] == 0:
+        return out
+    # A host read of which experts are hit: the reference's loop runs over those alone.
+    hit = torch.bincount(topk_ids.flatten().long(), minlength=num_experts).nonzero().flatten().tolist()
+    for e in hit:
+        token_idx, slot = torch.where(topk_ids == e)  # [n], [n]
+        w_gate_up = dequantize_experts_ref(w13[e : e + 1], None if w13_scale is None else w13_scale[e : e + 1],
+                                           x.dtype)[0]  # [2I, H]
+        w_down = dequantize_experts_ref(w2[e : e + 1], None if w2_scale is None else w2_scale[e : e + 1],
+                                        x.dtype)[0]  # [H, I]
+        gate_up = torch.nn.functional.linear(x[token_idx], w_gate_up)  # [n, 2I]
+        h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
+        y = torch.nn.functional.linear(h, w_down) * topk_weights[token_idx, slot, None]  # [n, H]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out

@@ -1,0 +1,244 @@
+"""The sparse mixture-of-experts block a decoder layer runs instead of its dense MLP.
+
+    router_logits = x @ gate^T                       [T, E]
+    p = softmax(router_logits) (float32), top-k      [T, k] weights and expert ids
+    (renormalised to sum 1 when norm_topk_prob; Mixtral always)
+    y = sum_j p_j * SwiGLU_{e_j}(x)  (+ sigmoid(x @ g_s^T) * SwiGLU_shared(x), Qwen2-MoE)
+
+Routing is computed here, once for both op tables; the experts run through the table's
+``moe`` op (torch: a per-expert loop in HF's order; triton: the fused grouped GEMMs of
+kernels/fused_moe.py).
+
+Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_proj`` /
+``w1``...) or one stacked tensor per projection (GGUF's ``ffn_gate_exps``, named
+``experts.gate_proj`` by the GGUF loader); both fill stacked weights w13 [E, 2I, H] (gate rows,
+then up rows) and w2 [E, H, I]. With ``linear_method`` int8 each expert is quantized as it
+arrives (per output channel, so part by part equals the whole), likewise FP8 E4M3 with
+``fp8``; other quantized methods keep the experts in the model dtype.
+
+Each block counts the tokens routed to each expert in a device tensor (no host read per
+layer); the engine reads all counts at most once per stats interval (``expert_token_counts``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.weights import FusedLinear, weight_nbytes
+from llmesh.engine.quant.linear import Weight
+
+_EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+"""Checkpoint projection names (Qwen / Mixtral) → part of the stacked weights."""
+
+_NAME_RE = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.(?P<rest>"
+    r"gate\.weight|shared_expert_gate\.weight|shared_expert\.(?:gate|up|down)_proj\.weight"
+    r"|experts\.(?:(?P<expert>\d+)\.)?(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight)$")
+
+
+def moe_tensor_name(name: str) -> tuple[int, str, int | None, str | None] | None:
+    """(layer, what, expert, part) of an MoE checkpoint tensor, or None for other tensors.
+    what: "router", "shared_gate", "shared.gate_proj"..., or "experts" (expert None: stacked)."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        return None
+    rest = m["rest"]
+    if m["proj"] is not None:
+        expert = int(m["expert"]) if m["expert"] is not None else None
+        return int(m["layer"]), "experts", expert, _EXPERT_PARTS[m["proj"]]
+    if rest == "gate.weight":
+        return int(m["layer"]), "router", None, None
+    if rest == "shared_expert_gate.weight":
+        return int(m["layer"]), "shared_gate", None, None
+    return int(m["layer"]), "shared." + rest.split(".")[1], None, None
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's router: softmax over all experts in float32, top-k, optionally renormalised.
+    router_logits [T, E] → (weights [T, k] in weights_dtype, expert ids int64 [T, k])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(weights_dtype), ids
+
+
+def quantize_experts_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel INT8 of stacked experts (quant/quantize.py's rule per
+    expert): w [E, N, K] → (codes int8 [E, N, K], scales float32 [E, N]), w ≈ q * scale."""
+    w = w.float()
+    scales = (w.abs().amax(dim=-1) / 127.0).clamp_min(1e-10)  # [E, N]
+    q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value."""
+
+
+def quantize_experts_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8 E4M3 of stacked experts: w [E, N, K] → (float8_e4m3fn [E, N, K],
+    scales float32 [E, N]), w ≈ q * scale, each row's largest weight mapped to 448."""
+    w = w.float()
+    scales = (w.abs().amax(dim=-1) / FP8_MAX).clamp_min(1e-10)  # [E, N]
+    q = (w / scales[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.float8_e4m3fn, quantize_experts_fp8)}
+"""linear_method → (stored dtype, quantizer) of the routed experts; other methods keep them float."""
+
+
+@dataclass
+class StackedExperts:
+    """The routed experts of one layer: w13 [E, 2I, H], w2 [E, H, I] in the model dtype, or
+    int8 / float8_e4m3fn codes with per-row scales w13_scale [E, 2I], w2_scale [E, H]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(weight_nbytes(t) for t in (self.w13, self.w2, self.w13_scale, self.w2_scale))
+
+
+@dataclass
+class SparseMoeBlock:
+    """One layer's router, routed experts and optional gated shared expert."""
+
+    cfg: ModelConfig
+    experts: StackedExperts
+    expert_tokens: torch.Tensor
+    """int64 [E] on the model's device: tokens routed to each expert (the model's counts row)."""
+    dtype: torch.dtype
+    """The model dtype: the router and the shared gate stay in it when the experts are int8."""
+    router: torch.Tensor | None = None  # [E, H]
+    shared_gate_up: FusedLinear | None = None
+    shared_down: FusedLinear | None = None
+    shared_expert_gate: torch.Tensor | None = None  # [1, H]
+    _filled: set[tuple[str, int]] = field(default_factory=set)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, expert_tokens: torch.Tensor, *, linear_method: str, dtype: torch.dtype,
+              device: torch.device) -> SparseMoeBlock:
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        scaled = linear_method in EXPERT_QUANTIZERS
+        wdtype = EXPERT_QUANTIZERS[linear_method][0] if scaled else dtype
+        experts = StackedExperts(
+            w13=torch.empty(e, 2 * i, h, dtype=wdtype, device=device),
+            w2=torch.empty(e, h, i, dtype=wdtype, device=device),
+            w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if scaled else None,
+            w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if scaled else None)
+        block = cls(cfg=cfg, experts=experts, expert_tokens=expert_tokens, dtype=dtype)
+        si = cfg.shared_expert_intermediate_size
+        if si:
+            block.shared_gate_up = FusedLinear(h, [si, si], False, linear_method, dtype=dtype, device=device)
+            block.shared_down = FusedLinear(si, [h], False, linear_method, dtype=dtype, device=device)
+        return block
+
+    # ---- loading ------------------------------------------------------------------------
+    def load(self, what: str, expert: int | None, part: str | None, t: Weight) -> None:
+        """Take one checkpoint tensor (see moe_tensor_name). Raises ValueError when it does
+        not fit."""
+        c, h = self.cfg, self.cfg.hidden_size
+        packed = not isinstance(t, torch.Tensor)
+        if packed and what in ("router", "shared_gate") and hasattr(t, "dequantize"):
+            # A GGUF kept packed: the router runs in float (a packed weight dequantizes to [K, N]).
+            t, packed = t.dequantize().t(), False
+        if packed and not what.startswith("shared."):  # the shared expert's FusedLinear takes packed ones
+            raise ValueError(f"is a {type(t).__name__}; experts load from float tensors")
+        if what == "shared_gate" and t.dim() == 1:
+            t = t[None]  # GGUF stores the shared-expert gate as a vector [H]
+        if what == "router":
+            self.router = self._dense(t, (c.num_experts, h))
+        elif what == "shared_gate":
+            if self.shared_gate_up is None:
+                raise ValueError("is a shared-expert gate, and the config has no shared expert")
+            self.shared_expert_gate = self._dense(t, (1, h))
+        elif what.startswith("shared."):
+            if self.shared_gate_up is None:
+                raise ValueError("is a shared-expert weight, and the config has no shared expert")
+            proj = what.removeprefix("shared.")
+            if proj == "down_proj":
+                self.shared_down.load(0, "weight", t)
+            else:
+                self.shared_gate_up.load(0 if proj == "gate_proj" else 1, "weight", t)
+        else:
+            self._load_expert(part, expert, t)
+            return
+        self._filled.add((what, -1))
+
+    def _dense(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
+        return t.to(device=self.expert_tokens.device, dtype=self.dtype)
+
+    def _load_expert(self, part: str, expert: int | None, t: torch.Tensor) -> None:
+        c = self.cfg
+        e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        rows = slice(0, i) if part == "gate" else slice(i, 2 * i) if part == "up" else slice(0, h)
+        one = (i, h) if part != "down" else (h, i)
+        experts = range(e) if expert is None else [expert]
+        if expert is not None and not 0 <= expert < e:
+            raise ValueError(f"is expert {expert}, the model has {e} experts")
+        shape = (e, *one) if expert is None else one
+        if tuple(t.shape) != shape:
+            raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
+        t = t.to(self.expert_tokens.device)
+        stacked = t if expert is None else t[None]  # [n, rows, cols]
+        target, scale = ((self.experts.w2, self.experts.w2_scale) if part == "down"
+                         else (self.experts.w13, self.experts.w13_scale))
+        sel = slice(0, e) if expert is None else slice(expert, expert + 1)
+        if scale is not None:
+            quantize = next(fn for dtype, fn in EXPERT_QUANTIZERS.values() if dtype == target.dtype)
+            q, s = quantize(stacked)
+            target[sel, rows] = q
+            scale[sel, rows] = s
+        else:
+            target[sel, rows] = stacked.to(target.dtype)
+        self._filled.update((part, x) for x in experts)
+
+    def missing(self, layer: int) -> list[str]:
+        """Checkpoint names (HF spelling) this block still lacks."""
+        mixtral = self.cfg.architecture == "mixtral"
+        prefix = f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}"
+        out = [] if ("router", -1) in self._filled else [f"{prefix}.gate.weight"]
+        for part, hf in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            lacking = [x for x in range(self.cfg.num_experts) if (part, x) not in self._filled]
+            if lacking:
+                out.append(f"{prefix}.experts.{lacking[0]}.{hf if mixtral else part + '_proj'}.weight")
+        if self.shared_gate_up is not None:
+            if not self.shared_gate_up.loaded:
+                out.append(f"{prefix}.shared_expert.gate_proj.weight")
+            if not self.shared_down.loaded:
+                out.append(f"{prefix}.shared_expert.down_proj.weight")
+            if ("shared_gate", -1) not in self._filled:
+                out.append(f"{prefix}.shared_expert_gate.weight")
+        return out
+
+    def nbytes(self) -> int:
+        shared = sum(lin.nbytes() for lin in (self.shared_gate_up, self.shared_down) if lin is not None)
+        return (self.experts.nbytes() + weight_nbytes(self.router) + weight_nbytes(self.shared_expert_gate)
+                + shared)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, ops, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include → [T, H]
+        c = self.cfg
+        router_logits = ops.linear(x, self.router)  # [T, E]
+        # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
+        weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
+        weights, ids = select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
+        self.expert_tokens.index_add_(0, ids.flatten(), counted[:, None].expand_as(ids).flatten())
+        out = ops.moe(x, self.experts, weights, ids)
+        if self.shared_gate_up is not None:
+            shared = ops.act_linear(ops.linear(x, self.shared_gate_up.weight), self.shared_down.weight)  # [T, H]
+            gate = torch.sigmoid(ops.linear(x, self.shared_expert_gate))  # [T, 1]
+            out = out + gate * shared
+        return out

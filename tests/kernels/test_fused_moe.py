@@ -1,0 +1,137 @@
+"""The fused MoE kernel against its per-expert torch reference (kernels/fused_moe_ref.py),
+and the block alignment against its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
+from llmesh.kernels.fused_moe import fused_moe, moe_align_block_size
+from llmesh.kernels.fused_moe_config import MoEConfig, default_config, m_bucket
+from llmesh.kernels.fused_moe_ref import fused_moe_ref
+
+
+def _routing(t: int, e: int, k: int, gen: torch.Generator, skew: bool = False):
+    """Random top-k routing [T, k]: distinct experts per token, softmax-renormalised weights.
+    skew: every token's experts come from the first k + 1 (many experts get no token)."""
+    pool = k + 1 if skew else e
+    scores = torch.rand(t, pool, generator=gen)
+    ids = scores.topk(k, dim=-1).indices
+    weights = torch.softmax(torch.randn(t, k, generator=gen), dim=-1)
+    return weights, ids
+
+
+def _experts(e: int, h: int, inter: int, dtype, gen):
+    w13 = (torch.randn(e, 2 * inter, h, generator=gen) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, generator=gen) / inter ** 0.5).to(dtype)
+    return w13, w2
+
+
+@pytest.mark.parametrize("t,e,k,skew", [(1, 8, 2, False), (5, 4, 1, False), (7, 8, 8, False),
+                                        (33, 16, 2, True), (19, 8, 2, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_matches_reference(device, t, e, k, skew, dtype):
+    gen = torch.Generator().manual_seed(t * 100 + e * 10 + k)
+    h, inter = 64, 48  # I not a multiple of the 32-wide tiles: masked columns
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, dtype, gen)
+    weights, ids = _routing(t, e, k, gen, skew)
+    ref = fused_moe_ref(x, w13, w2, weights.to(dtype), ids)
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=32)
+    got = fused_moe(x.to(device), w13.to(device), w2.to(device), weights.to(dtype).to(device), ids.to(device),
+                    config=cfg, down_config=cfg).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_float32_routing_weights_and_default_config(device):
+    """Mixtral keeps its routing weights in float32 beside bf16 activations; default tiles."""
+    gen = torch.Generator().manual_seed(3)
+    t, e, k, h, inter = 40, 8, 2, 128, 64
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    w13, w2 = _experts(e, h, inter, torch.bfloat16, gen)
+    weights, ids = _routing(t, e, k, gen)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    got = fused_moe(x.to(device), w13.to(device), w2.to(device), weights.to(device), ids.to(device)).cpu()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("k,quantize", [(1, quantize_experts_int8), (2, quantize_experts_int8),
+                                        (2, quantize_experts_fp8)], ids=["int8-k1", "int8-k2", "fp8-k2"])
+def test_quantized_experts_match_dequantized_reference(device, k, quantize):
+    gen = torch.Generator().manual_seed(11 + k)
+    t, e, h, inter = 21, 8, 64, 32
+    x = torch.randn(t, h, generator=gen)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    q13, s13 = quantize(w13)
+    q2, s2 = quantize(w2)
+    weights, ids = _routing(t, e, k, gen, skew=True)
+    ref = fused_moe_ref(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=32)
+    got = fused_moe(x.to(device), q13.to(device), q2.to(device), weights.to(device), ids.to(device),
+                    w13_scale=s13.to(device), w2_scale=s2.to(device), config=cfg, down_config=cfg).cpu()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # And the quantization itself stays close to the float experts.
+    full = fused_moe_ref(x, w13, w2, weights, ids)
+    assert float((ref - full).abs().max()) < 0.1 * float(full.abs().max())
+
+
+def test_same_expert_twice_in_a_block_and_empty_batch(device):
+    """Every token to the same two experts (one block holds many copies of one expert's rows)."""
+    gen = torch.Generator().manual_seed(5)
+    t, e, h, inter = 20, 4, 32, 32
+    x = torch.randn(t, h, generator=gen)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    ids = torch.tensor([[2, 0]] * t)
+    weights = torch.full((t, 2), 0.5)
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=32)
+    got = fused_moe(x.to(device), w13.to(device), w2.to(device), weights.to(device), ids.to(device),
+                    config=cfg, down_config=cfg).cpu()
+    torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+    empty = fused_moe(x[:0].to(device), w13.to(device), w2.to(device), weights[:0].to(device), ids[:0].to(device))
+    assert empty.shape == (0, h)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_align_block_size(block_m):
+    gen = torch.Generator().manual_seed(block_m)
+    t, e, k = 37, 6, 2
+    _, ids = _routing(t, e, k, gen, skew=True)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, block_m, e)
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=e)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert int(num_post) == int(padded.sum())
+    pos = 0
+    for ex in range(e):
+        run = sorted_ids[pos : pos + int(padded[ex])]
+        real = run[run < flat.numel()]
+        # Every pair of this expert, in token order, then padding.
+        assert real.tolist() == torch.nonzero(flat == ex).flatten().tolist()
+        assert (run[len(real):] == flat.numel()).all()
+        blocks = expert_ids[pos // block_m : (pos + int(padded[ex])) // block_m]
+        assert (blocks == ex).all()
+        pos += int(padded[ex])
+    assert (expert_ids[pos // block_m :] == -1).all()
+    assert (sorted_ids[pos:] == flat.numel()).all()
+
+
+def test_config_heuristic_and_buckets():
+    assert m_bucket(1) == 1 and m_bucket(3) == 4 and m_bucket(10**6) == 8192
+    assert default_config(1, 128, 768, 2048, 8).block_m == 16
+    assert default_config(4096, 128, 768, 2048, 8).block_m == 64
+    with pytest.raises(ValueError, match="power of two"):
+        MoEConfig(block_m=24, block_n=32, block_k=32)
+
+
+def test_bad_arguments_are_named(device):
+    x = torch.randn(4, 32, device=device)
+    w13 = torch.randn(2, 64, 32, device=device)
+    w2 = torch.randn(2, 32, 16, device=device)  # I = 16, but w13 says 32
+    ids = torch.zeros(4, 1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="w2"):
+        fused_moe(x, w13, w2, torch.ones(4, 1, device=device), ids)
+    with pytest.raises(ValueError, match="int8 / fp8 experts need"):
+        fused_moe(x, w13.to(torch.int8), torch.zeros(2, 32, 32, dtype=torch.int8, device=device),
+                  torch.ones(4, 1, device=device), ids)
