@@ -71,8 +71,12 @@ def resolve_step_tokens(config: EngineConfig, device_type: str, max_model_len: i
 
 class EngineCore:
     def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, on_worker_death: Callable[[str], None] | None = None) -> None:
+        """``on_worker_death``: called from a watcher thread when a tensor-parallel worker
+        exits (the engine core's process ends itself there; in-process, the next collective
+        fails or times out instead)."""
         self.config = config
+        self.on_worker_death = on_worker_death
         self._init_device()
         loaded = loaded or load_model(config.model, name=config.served_model_name)
         self.model_config = loaded.config
@@ -142,10 +146,6 @@ class EngineCore:
             extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender)
         if self.proposer is not None:
             self.proposer.init_kv_pool(self.runner.num_blocks)
-
-    on_worker_death: Callable[[str], None] | None = None
-    """Called from a watcher thread when a tensor-parallel worker exits (the engine core's
-    process ends itself there; in-process, the next collective fails or times out)."""
 
     def _on_worker_death(self, reason: str) -> None:
         if self.on_worker_death is not None:

@@ -17,11 +17,13 @@ on rank 0's device go by a broadcast queued in stream order, so the host never w
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,6 +89,17 @@ def init_group(rank: int, world_size: int, device: torch.device, init_method: st
     return ShardSpec(rank, world_size, torch.distributed.group.WORLD)
 
 
+_LIVE: weakref.WeakSet[TensorParallelGroup] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_groups() -> None:
+    """A process that exits without shutting its group down still stops its workers (before
+    multiprocessing's exit hook, which would wait for them: they ignore SIGTERM)."""
+    for group in list(_LIVE):
+        group.shutdown(timeout=2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,6 +137,7 @@ class TensorParallelGroup:
             theirs.close()  # only the child holds it now: its death reads as EOF here
             self.procs.append(proc)
             self.conns.append(mine)
+        _LIVE.add(self)
         self._watch = threading.Thread(target=self._watch_workers, name="tp-worker-watch", daemon=True)
         self._watch.start()
         self.shard = init_group(0, self.world_size, device, init_method)
@@ -195,3 +209,4 @@ class TensorParallelGroup:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
+        _LIVE.discard(self)

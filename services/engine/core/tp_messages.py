@@ -32,7 +32,7 @@ STOP_MESSAGE = np.array([OP_STOP] + [0] * (HEADER_LEN - 1), np.int64).tobytes()
 def unpack_step(buf: bytes) -> HostStep | None:
     """The step (None for the stop message). The worker's copy names no requests: it
     samples nothing, and ``pending_index`` says which input ids arrive by broadcast."""
-    a = np.frombuffer(buf, np.int64)
+    a = np.frombuffer(buf, np.int64).copy()  # writable: the arrays become tensors
     op, t, s, b, r, p, max_q, max_seq = (int(v) for v in a[:HEADER_LEN])
     if op == OP_STOP:
         return None

@@ -41,9 +41,15 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """The worker's entry point (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
+
+    from tqdm import tqdm
+
     from llmesh.logs import setup_logging
 
     setup_logging(f"engine-tp-worker-{spec.rank}", spec.log_level)
+    # tqdm's default lock is a named semaphore, which _exit's skipped teardown would leak.
+    tqdm.set_lock(threading.RLock())
     try:
         from llmesh.engine.core.engine_core import build_runner
         from llmesh.engine.model_runner import BroadcastTokenFeed
