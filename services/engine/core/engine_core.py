@@ -140,10 +140,14 @@ class EngineCore:
                                           max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
                                           on_death=self._on_worker_death)
             step_sender, shard = self.tp.send_step, self.tp.shard
-        self.runner: ModelRunner = build_runner(
-            self.config, self.model_config, weights, device=self.device, dtype=self.dtype,
-            max_model_len=self.max_model_len, linear_method=self.quantization.linear_method,
-            extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender)
+        try:
+            self.runner: ModelRunner = build_runner(
+                self.config, self.model_config, weights, device=self.device, dtype=self.dtype,
+                max_model_len=self.max_model_len, linear_method=self.quantization.linear_method,
+                extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender)
+        except BaseException:
+            self.shutdown()  # the workers would wait for a rank 0 that never comes
+            raise
         if self.proposer is not None:
             self.proposer.init_kv_pool(self.runner.num_blocks)
 

@@ -113,6 +113,9 @@ class TensorParallelGroup:
                  max_model_len: int, device: torch.device, dtype: torch.dtype,
                  on_death: Callable[[str], None] | None = None, log_level: str = "info") -> None:
         self.world_size = config.tensor_parallel_size
+        if torch.distributed.is_initialized():
+            raise RuntimeError("tensor parallelism: this process already runs a tensor-parallel engine (one "
+                               "torch.distributed group per process); shut that engine down first")
         if device.type == "cuda":
             available = torch.cuda.device_count() - (device.index or 0)
             if available < self.world_size:
@@ -195,7 +198,9 @@ class TensorParallelGroup:
 
     # ---- shutdown -----------------------------------------------------------------------
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the workers (a stop message, then a kill after ``timeout``)."""
+        """Stop the workers (a stop message, then a kill after ``timeout``) and leave the group."""
+        if self._closing:
+            return
         self._closing = True
         for conn in self.conns:
             try:
@@ -209,4 +214,6 @@ class TensorParallelGroup:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         _LIVE.discard(self)
