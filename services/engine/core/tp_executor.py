@@ -143,7 +143,7 @@ class TensorParallelGroup:
         _LIVE.add(self)
         self._watch = threading.Thread(target=self._watch_workers, name="tp-worker-watch", daemon=True)
         self._watch.start()
-        self.shard = init_group(0, self.world_size, device, init_method)
+        self.shard = init_group(0, self.world_size, rank_device(device, 0), init_method)
         log.info("tensor-parallel group up", extra={"world_size": self.world_size, "device": str(device),
                                                     "backend": group_backend(device),
                                                     "worker_pids": [p.pid for p in self.procs]})
