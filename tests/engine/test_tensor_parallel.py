@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 def _generate(model: str, **kw) -> list[list[int]]:
-    llm = LLM(model, dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=64, **kw)
+    llm = LLM(model, **{"dtype": "float32", "device": "cpu", "max_model_len": 256, "num_kv_blocks": 64, **kw})
     try:
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     finally:
@@ -40,6 +40,25 @@ def _generate(model: str, **kw) -> list[list[int]]:
 def test_tp2_greedy_tokens_equal_tp1(tiny_model_dirs, arch, kw):
     model = tiny_model_dirs[arch]
     assert _generate(model, tensor_parallel_size=2, **kw) == _generate(model, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_on_gpus_with_cuda_graphs_gives_tp1_tokens(tiny_model_dirs):
+    # NCCL, the triton backend, decode and mixed steps replayed from graphs that hold the
+    # all-reduces, async scheduling (decode inputs broadcast from rank 0's sampled ids).
+    pytest.importorskip("triton")
+    model = tiny_model_dirs["llama"]
+    kw = dict(device="cuda", backend="triton", async_scheduling=True, max_num_seqs=8)
+    llm = LLM(model, dtype="float32", max_model_len=256, num_kv_blocks=64, tensor_parallel_size=2, **kw)
+    assert llm.engine.runner.use_graphs
+    try:
+        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        stats = llm.engine.runner.stats
+        assert stats.decode_graph_steps > 0
+    finally:
+        llm.engine.core.shutdown()
+    assert got == _generate(model, **kw)
 
 
 def test_int4_shard_off_a_group_boundary_is_refused(tiny_llama):
