@@ -15,6 +15,9 @@
     carries over to 80 layers: every layer is the same work and the same two all-reduces;
     the fixed per-step costs, LM head and sampling, weigh a little more at fewer layers, so
     the fraction at L < 80 is a slight underestimate). The JSON records L.
+(a') the per-step message rank 0 sends each worker (the staged step packed into one int64
+    buffer over a pipe): one-way time of a decode step of batch 1 and 256 at 1024 tokens of
+    context, measured as a round trip to a spawned process, halved.
 (c) offline throughput of bench/decode_gpu.py's workload (1000 prompts, lognormal lengths,
     greedy, ignore_eos, all submitted at once; ``--num-prompts`` to shrink).
 
@@ -96,6 +99,61 @@ def measure_allreduce(device: torch.device, sizes: list[int], iters: int) -> dic
         mp.start_processes(_allreduce_rank, args=(2, port, device.type, sizes, iters, out), nprocs=2,
                            start_method="spawn", join=True)
         return dict(out)
+
+
+# ---- (a') the step message --------------------------------------------------------------
+def _echo(conn) -> None:
+    from llmesh.engine.core.tp_messages import unpack_step
+
+    while True:
+        buf = conn.recv_bytes()
+        if unpack_step(buf) is None:
+            return
+        conn.send_bytes(b"k")
+
+
+def decode_step_host(batch: int, context: int, block_size: int = 16):
+    """The HostStep of a decode step of ``batch`` sequences at ``context`` tokens."""
+    from llmesh.engine.step_inputs import HostStep
+
+    blocks = -(-context // block_size)
+    seqs = np.arange(batch)
+    return HostStep(
+        num_tokens=batch, num_seqs=batch, token_ids=np.arange(batch), positions=np.full(batch, context - 1),
+        slot_mapping=seqs * blocks * block_size + context - 1, query_start_loc=np.arange(batch + 1),
+        seq_lens=np.full(batch, context), block_ids=np.arange(batch * blocks), table_lens=np.full(batch, blocks),
+        logits_indices=seqs, sampling_requests=[], spec_drafts=[], pending_index=list(range(batch)),
+        pending_requests=[], max_query_len=1, max_seq_len=context)
+
+
+def measure_step_message(batches: list[int], context: int, iters: int) -> dict[str, float]:
+    """Round trip of one step's message to a spawned process over a pipe (what rank 0 sends
+    each worker per step: pack, send, receive, unpack), halved: the one-way cost."""
+    import multiprocessing as mp
+
+    from llmesh.engine.core.tp_messages import STOP_MESSAGE, pack_step
+
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_echo, args=(theirs,), daemon=True)
+    child.start()
+    out = {}
+    try:
+        for batch in batches:
+            host = decode_step_host(batch, context)
+            samples = []
+            for i in range(iters + 20):  # the first 20 warm the pipe and the child up
+                t0 = time.perf_counter()
+                mine.send_bytes(pack_step(host))
+                mine.recv_bytes()
+                if i >= 20:
+                    samples.append(time.perf_counter() - t0)
+            out[f"tp_step_message_b{batch}_one_way_us"] = float(np.median(samples)) / 2 * 1e6
+            out[f"tp_step_message_b{batch}_bytes"] = len(pack_step(host))
+    finally:
+        mine.send_bytes(STOP_MESSAGE)
+        child.join(5)
+    return out
 
 
 # ---- (b) batch-1 decode -----------------------------------------------------------------
@@ -183,6 +241,9 @@ def main() -> None:
         print(f"{clock()} [tp] (a) all-reduce {nbytes} B: {t * 1e6:.1f} us, "
               f"bus {metrics[f'tp2_allreduce_bus_bw_gb_s_{label}']:.1f} GB/s", flush=True)
     metrics["tp2_allreduce_bus_bw_gb_s"] = metrics["tp2_allreduce_bus_bw_gb_s_64mb"]
+    metrics.update(measure_step_message([1, 256], context=1024, iters=50 if args.smoke else 500))
+    print(f"{clock()} [tp] (a') step message one way: b1 {metrics['tp_step_message_b1_one_way_us']:.1f} us, "
+          f"b256 {metrics['tp_step_message_b256_one_way_us']:.1f} us", flush=True)
     save()
 
     engine_kwargs = dict(backend=backend, dtype="float32" if args.smoke else "bfloat16", device=str(device),

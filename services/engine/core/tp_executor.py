@@ -10,9 +10,11 @@ the way a failed step does (``on_death``).
 Why a pipe plus a broadcast: the step must reach a worker whenever it is scheduled, however
 long the engine was idle before, and a collective left waiting (for the next step) would hit
 the group's timeout; a pipe read waits without one and ends at EOF when the core dies. The
-message is one packed int64 buffer (tens of µs one way, bench/ipc_transport.py measured the
-pipe), sent while rank 0's device still runs the previous step. The tokens that exist only
-on rank 0's device go by a broadcast queued in stream order, so the host never waits for them.
+message is one packed int64 buffer, sent while rank 0's device still runs the previous step:
+bench/tp_gpu.py measured a batch-1 decode step's (648 bytes) at ~60 µs one way and a batch of
+256 at 1024 tokens of context (148 KB, mostly block tables) at ~110 µs on a busy 2-core CPU.
+The tokens that exist only on rank 0's device go by a broadcast queued in stream order, so
+the host never waits for them.
 """
 
 from __future__ import annotations
