@@ -15,7 +15,7 @@ import torch
 from llmesh.engine import LLM, AsyncLLM, SamplingParams, build_engine_config
 from llmesh.engine.errors import EngineDeadError, ModelLoadError
 from llmesh.engine.model.shard import ShardSpec, slice_in_features, slice_out_features
-from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
+from llmesh.engine.quant.quantize import quantize_fp8, quantize_int4, quantize_int8
 from llmesh.engine.quant.packed import Int8Weight
 
 PROMPTS = [[11, 42, 7, 300, 12], [5, 99, 23, 64, 128, 256], [3] * 40]
@@ -145,3 +145,11 @@ def test_int8_shards_keep_their_scales():
     assert torch.equal(slice_in_features(grouped, 32, 96).dequantize(), grouped.dequantize()[32:96])
     with pytest.raises(ValueError, match="group boundary"):
         slice_in_features(grouped, 16, 64)
+
+
+def test_fp8_shards_keep_their_per_channel_scales():
+    torch.manual_seed(0)
+    q = quantize_fp8(torch.randn(32, 64))  # qweight [N, K], one scale per output channel
+    whole = q.dequantize()
+    assert torch.equal(slice_in_features(q, 32, 64).dequantize(), whole[32:64])
+    assert torch.equal(slice_out_features(q, 8, 24).dequantize(), whole[:, 8:24])
