@@ -208,6 +208,10 @@ class EngineConfig:
               "device; same output token for token). None: on for the triton backend on a GPU, off "
               "elsewhere (on the CPU a step's work is the host's anyway)")
     seed: int = option(0, "seed of the engine's generator for unseeded random sampling")
+    tensor_parallel_size: int = option(
+        1, "split the model over this many GPUs (one worker process per GPU after the first, "
+           "Megatron-style sharding; docs/tensor-parallel.md); on the CPU, as many processes "
+           "(gloo), for tests")
     max_model_len: int | None = option(
         None, "cap the served window (prompt + generated tokens) below the model's own (None: the model's)")
     cache: CacheConfig = group(CacheConfig)
@@ -227,6 +231,14 @@ class EngineConfig:
                 f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
+        require(isinstance(self.tensor_parallel_size, int) and 1 <= self.tensor_parallel_size <= 64,
+                f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}")
+        require(self.tensor_parallel_size == 1 or not self.int4_activation_aware,
+                "int4_activation_aware calibrates the whole model in one process; it does not run with "
+                "tensor_parallel_size > 1")
+        require(self.tensor_parallel_size == 1 or self.speculative.speculative_method != "draft",
+                "speculative_method 'draft' does not run with tensor_parallel_size > 1 (the draft model "
+                "is not sharded); use ngram or tensor_parallel_size 1")
         require(self.scheduler.enable_chunked_prefill or self.max_model_len is None
                 or self.scheduler.max_num_batched_tokens is None
                 or self.scheduler.max_num_batched_tokens >= self.max_model_len,

@@ -19,6 +19,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
+from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.prompt_logprobs import PromptLogprobs, plan_prompt_logprobs
 from llmesh.engine.pooling import PooledBatch, has_pooling, pool_step
@@ -112,15 +113,36 @@ class SampledTokenFeed:
                 rows[r.request_id] = -1 if r.request_id in rows else i
             self._rows = {k: v for k, v in rows.items() if v >= 0}
 
+    def values(self, requests: list[Request]) -> torch.Tensor:
+        """[P] the token each of ``requests`` sampled last step, on the device."""
+        if self._ids is None:
+            raise RuntimeError("a step needs tokens sampled by the previous step, but none was kept")
+        return self._ids[to_device([self._rows[r.request_id] for r in requests], torch.long, self._ids.device)]
+
     def patch(self, input_ids: torch.Tensor, flat_index: list[int], requests: list[Request]) -> None:
         """input_ids[flat_index[i]] = the token requests[i] sampled last step."""
         if not flat_index:
             return
-        if self._ids is None:
-            raise RuntimeError("a step needs tokens sampled by the previous step, but none was kept")
-        dev = input_ids.device
-        rows = to_device([self._rows[r.request_id] for r in requests], torch.long, dev)
-        input_ids[to_device(flat_index, torch.long, dev)] = self._ids[rows]
+        input_ids[to_device(flat_index, torch.long, input_ids.device)] = self.values(requests)
+
+
+class BroadcastTokenFeed(SampledTokenFeed):
+    """A tensor-parallel worker's feed: the tokens rank 0 sampled last step arrive by a
+    broadcast from rank 0 (which sends them as it stages the step), in stream order."""
+
+    def __init__(self, shard: ShardSpec) -> None:
+        super().__init__()
+        self.shard = shard
+
+    def set(self, sampled: SampledBatch | None) -> None:
+        pass
+
+    def patch(self, input_ids: torch.Tensor, flat_index: list[int], requests: list[Request]) -> None:
+        if not flat_index:
+            return
+        values = torch.empty(len(flat_index), dtype=torch.int64, device=input_ids.device)  # [P]
+        torch.distributed.broadcast(values, src=0, group=self.shard.group)
+        input_ids[to_device(flat_index, torch.long, input_ids.device)] = values
 
 
 class ModelRunner(Protocol):
@@ -135,10 +157,10 @@ class ModelRunner(Protocol):
         ...
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of every layer for one block."""
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """K and V of every layer for one block (of one rank's KV heads under tensor parallelism)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * cfg.num_hidden_layers * block_size * (cfg.num_key_value_heads // tp_size) * cfg.head_dim * elem
 
 
 def kv_budget(device: torch.device, kv_cache_memory: int | None, utilization: float) -> int:
@@ -198,11 +220,8 @@ def build_metadata(host: HostStep, device: torch.device) -> AttentionMetadata:
         host_query_start_loc=qsl, host_seq_lens=lens)
 
 
-def prepare_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device,
-                   feed: SampledTokenFeed | None = None) -> BatchInputs:
-    """The step's input tensors and attention metadata."""
-    host = stage_host(scheduled, block_size)
-
+def inputs_from_host(host: HostStep, device: torch.device, feed: SampledTokenFeed | None = None) -> BatchInputs:
+    """A staged step's input tensors and attention metadata."""
     def t(x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
@@ -239,11 +258,20 @@ class RunnerBase(abc.ABC):
         extra_kv_pools: Sequence[int] = (),
         allocate_kv_pool: bool = True,
         awq_calibration: list[int] | None = None,
+        shard: ShardSpec | None = None,
+        step_sender: Callable[[HostStep, SampledTokenFeed], None] | None = None,
     ) -> None:
         """``num_blocks`` sizes the KV pool exactly; else it takes the budget (``kv_budget``)
         shared with ``extra_kv_pools`` (bytes per block of other pools with as many blocks,
         e.g. a draft model's, whose weights are loaded already). With ``allocate_kv_pool``
-        False the pool waits for ``init_kv_pool`` (a draft sized with its target)."""
+        False the pool waits for ``init_kv_pool`` (a draft sized with its target).
+
+        Tensor parallelism: ``shard`` places this runner in the group (its model holds one
+        shard; every rank's pool has as many blocks, the smallest any rank can afford), and
+        rank 0 hands each staged step to ``step_sender`` before running it, so the other
+        ranks run the same forward pass (``run_host_step``)."""
+        self.shard = shard or ShardSpec()
+        self.step_sender = step_sender
         self.max_model_len = max_model_len
         self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
         self.linear_method = linear_method
@@ -251,12 +279,17 @@ class RunnerBase(abc.ABC):
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
         self.feed = SampledTokenFeed()
         self._build_model(weights, awq_calibration)
-        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, dtype)
+        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, dtype, self.shard.world_size)
         self.num_blocks = 0
         if allocate_kv_pool:
-            self.init_kv_pool(num_blocks or blocks_for_budget(
+            blocks = num_blocks or blocks_for_budget(
                 kv_budget(device, kv_cache_memory, gpu_memory_utilization),
-                [self.kv_bytes_per_block, *extra_kv_pools], block_size))
+                [self.kv_bytes_per_block, *extra_kv_pools], block_size)
+            if self.shard.parallel:  # block tables are shared: every rank holds the same count
+                count = torch.tensor([blocks], dtype=torch.int64, device=device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN, group=self.shard.group)
+                blocks = int(count.item())
+            self.init_kv_pool(blocks)
 
     def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]], awq_calibration: list[int] | None) -> None:
         """``awq_calibration``: token ids; the model loads in float, is calibrated on them and
@@ -264,7 +297,8 @@ class RunnerBase(abc.ABC):
         t0 = time.perf_counter()
         method = "none" if awq_calibration else self.linear_method
         self.model = LlamaForCausalLM(self.cfg, weights, linear_method=method, ops=self.ops,
-                                      device=self.device, dtype=self.dtype, max_positions=self.max_model_len)
+                                      device=self.device, dtype=self.dtype, max_positions=self.max_model_len,
+                                      shard=self.shard)
         if awq_calibration:
             from llmesh.engine.quant.activation_aware import apply_awq
 
@@ -279,9 +313,9 @@ class RunnerBase(abc.ABC):
     def init_kv_pool(self, num_blocks: int) -> None:
         c = self.cfg
         self.num_blocks = num_blocks
-        # kv_caches: [L, 2, num_blocks, block_size, H_kv, D], one preallocated pool
+        # kv_caches: [L, 2, num_blocks, block_size, H_kv (this rank's), D], one preallocated pool
         self.kv_caches = torch.zeros(
-            (c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
+            (c.num_hidden_layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim),
             dtype=self.dtype, device=self.device)
         log.info("KV pool allocated", extra={"ops": self.ops, "num_blocks": num_blocks,
                                              "block_size": self.block_size,
@@ -303,9 +337,29 @@ class RunnerBase(abc.ABC):
         spans = plan_prompt_logprobs(scheduled, query_start_loc)
         return PromptLogprobs(spans, hidden, self.model.compute_logits) if spans else None
 
+    def stage(self, scheduled: SchedulerOutput) -> HostStep:
+        """The step's host arrays; rank 0 of a tensor-parallel group sends them to the others."""
+        host = stage_host(scheduled, self.block_size)
+        if self.step_sender is not None:
+            self.step_sender(host, self.feed)
+        return host
+
     @abc.abstractmethod
     def launch(self, scheduled: SchedulerOutput) -> StepHandle:
         """Queue one step's device work and return without waiting for its results."""
+
+    @abc.abstractmethod
+    def forward_host(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model over a staged step: (every token's final hidden state [T', H],
+        the rows that sample [R, H])."""
+
+    @torch.inference_mode()
+    def run_host_step(self, host: HostStep) -> None:
+        """A tensor-parallel worker's step: rank 0's staged step (input ids already resolved),
+        the same forward pass, and its part of the LM head for the rows that sample."""
+        _, hidden = self.forward_host(host)
+        if len(host.logits_indices):
+            self.model.compute_logits(hidden)
 
 
 class TorchModelRunner(RunnerBase):
@@ -315,18 +369,23 @@ class TorchModelRunner(RunnerBase):
     def launch(self, scheduled: SchedulerOutput) -> StepHandle:
         if not scheduled.chunks:
             return StepHandle(None)
-        batch = prepare_inputs(scheduled, self.block_size, self.device, self.feed)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        prompt_lps = self.prompt_logprobs(scheduled, batch.meta.host_query_start_loc, hidden)
+        host = self.stage(scheduled)
+        hidden, rows = self.forward_host(host)
+        prompt_lps = self.prompt_logprobs(scheduled, host.query_start_loc, hidden)
         sampled = None
-        if batch.sampling_requests:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab]
+        if host.sampling_requests:
+            logits = self.model.compute_logits(rows)  # [R, vocab]
             if self.logits_observer is not None:
-                self.logits_observer(batch.sampling_requests, logits)
-            sampled = self.sampler.sample(logits, batch.sampling_requests, batch.spec_drafts)
+                self.logits_observer(host.sampling_requests, logits)
+            sampled = self.sampler.sample(logits, host.sampling_requests, host.spec_drafts)
             sampled.start_copy()
         pooled = pool_step(hidden, scheduled.chunks) if has_pooling(scheduled.chunks) else None
         if pooled is not None:
             pooled.start_copy()
         self.feed.set(sampled)
-        return StepHandle(sampled, batch.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)
+        return StepHandle(sampled, host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)
+
+    def forward_host(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = inputs_from_host(host, self.device, self.feed)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return hidden, hidden[batch.logits_indices]

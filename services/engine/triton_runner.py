@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model_runner import RunnerBase, StepHandle
+from llmesh.engine.model.shard import ShardSpec
+from llmesh.engine.model_runner import RunnerBase, SampledTokenFeed, StepHandle
 from llmesh.engine.pooling import has_pooling, pool_step
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
-from llmesh.engine.step_inputs import HostStep, StaticInputs, stage_host
+from llmesh.engine.step_inputs import HostStep, StaticInputs
 from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,15 @@ class TritonModelRunner(RunnerBase):
                  max_num_batched_tokens: int = 2048, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  cuda_graphs: bool = True, max_graph_tokens: int = 2048, linear_method: str = "none",
-                 extra_kv_pools: Sequence[int] = (), awq_calibration: list[int] | None = None) -> None:
+                 extra_kv_pools: Sequence[int] = (), awq_calibration: list[int] | None = None,
+                 shard: ShardSpec | None = None,
+                 step_sender: Callable[[HostStep, SampledTokenFeed], None] | None = None) -> None:
         self.max_blocks = -(-max_model_len // block_size)
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                          gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
                          max_model_len=max_model_len, extra_kv_pools=extra_kv_pools,
-                         awq_calibration=awq_calibration)
+                         awq_calibration=awq_calibration, shard=shard, step_sender=step_sender)
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.decode_sizes = [b for b in DECODE_BATCH_SIZES if b <= max_num_seqs] or [1]
         self.graph_sizes = self.decode_sizes  # the decode benchmark's name for them
@@ -132,13 +135,15 @@ class TritonModelRunner(RunnerBase):
                                                 "seconds": round(time.perf_counter() - t0, 2)})
 
     # ---- one step ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
-        if not scheduled.chunks:
-            return StepHandle(None)
-        host = stage_host(scheduled, self.block_size)
+    @staticmethod
+    def _decode_only(host: HostStep) -> bool:
+        # From the arrays alone: a tensor-parallel worker's step carries no requests, and every
+        # rank must pick the same graph (their collectives pair up).
+        return host.num_tokens == host.num_seqs and len(host.logits_indices) == host.num_seqs
+
+    def forward_host(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
         t, s = host.num_tokens, host.num_seqs
-        decode_only = t == s and len(host.sampling_requests) == s
+        decode_only = self._decode_only(host)
         st = self.static
         if decode_only and self.use_graphs and s <= self.decode_sizes[-1]:
             bs = next(b for b in self.decode_sizes if b >= s)
@@ -146,25 +151,32 @@ class TritonModelRunner(RunnerBase):
             self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
             graph, out = self.decode_graphs[bs]
             graph.replay()
-            hidden = out[: len(host.sampling_requests)]  # decodes sample in row order
             self.stats.decode_graph_steps += 1
+            return out, out[: len(host.logits_indices)]  # decodes sample in row order
+        bucket = next((b for b in self.mixed_buckets if b >= t), None) if self.use_graphs else None
+        if bucket is not None and s <= self._mixed_seqs(bucket):
+            st.load(host, bucket, self._mixed_seqs(bucket))
+            self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
+            graph, out = self.mixed_graphs[bucket]
+            graph.replay()
+            self.stats.mixed_graph_steps += 1
         else:
-            bucket = next((b for b in self.mixed_buckets if b >= t), None) if self.use_graphs else None
-            if bucket is not None and s <= self._mixed_seqs(bucket):
-                st.load(host, bucket, self._mixed_seqs(bucket))
-                self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
-                graph, out = self.mixed_graphs[bucket]
-                graph.replay()
-                self.stats.mixed_graph_steps += 1
-            else:
-                st.load(host, t, s)
-                self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
-                kind = "decode" if decode_only else "eager"
-                meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len, host)
-                out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
-                self.stats.eager_steps += 1
-            n = len(host.logits_indices)  # verify chunks (speculative decoding) sample k + 1 rows
-            hidden = out[st.logits_indices[:n]] if n else out[:0]
+            st.load(host, t, s)
+            self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
+            kind = "decode" if decode_only else "eager"
+            meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len, host)
+            out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+            self.stats.eager_steps += 1
+        n = len(host.logits_indices)  # verify chunks (speculative decoding) sample k + 1 rows
+        return out, (out[st.logits_indices[:n]] if n else out[:0])
+
+    @torch.inference_mode()
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        if not scheduled.chunks:
+            return StepHandle(None)
+        host = self.stage(scheduled)
+        out, hidden = self.forward_host(host)
+        decode_only = self._decode_only(host)
         prompt_lps = None if decode_only else self.prompt_logprobs(scheduled, host.query_start_loc, out)
         sampled = None
         reqs = host.sampling_requests

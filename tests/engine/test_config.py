@@ -26,7 +26,7 @@ SAMPLES = {
     "cuda_graphs": False, "quantization": "int8", "async_scheduling": True, "seed": 7, "max_model_len": 1024,
     "block_size": 32, "kv_cache_memory": 1 << 28, "gpu_memory_utilization": 0.5, "num_kv_blocks": 100,
     "enable_prefix_caching": False, "max_num_batched_tokens": 4096, "max_num_seqs": 8,
-    "enable_chunked_prefill": False, "max_waiting_requests": 4,
+    "enable_chunked_prefill": False, "max_waiting_requests": 4, "tensor_parallel_size": 2,
     "pooling": "mean", "normalize": True, "matryoshka": True,
     "speculative_method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2,
     "speculative_model": "/models/draft", "speculative_disable_batch_size": 4,
@@ -34,7 +34,8 @@ SAMPLES = {
 }
 VLLM_NAMES = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching",
               "enable_chunked_prefill", "block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "dtype",
-              "device", "backend", "quantization", "seed", "cuda_graphs", "async_scheduling", "served_model_name")
+              "device", "backend", "quantization", "seed", "cuda_graphs", "async_scheduling", "served_model_name",
+              "tensor_parallel_size")
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +164,17 @@ def test_new_flags_parse_and_validate(monkeypatch):
     assert out.returncode == 2 and "expected true or false, got 'maybe'" in out.stderr
     out = _engine_cli("--enable-chunked-prefill", "false", "--max-model-len", "512", "--max-num-batched-tokens", "256")
     assert out.returncode == 2 and "without chunked prefill, max_num_batched_tokens (256)" in out.stderr
+
+
+def test_tensor_parallel_size_is_validated():
+    assert build_engine_config("/models/m", tensor_parallel_size=4).tensor_parallel_size == 4
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be an integer in \[1, 64\], got 0"):
+        build_engine_config("/models/m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="'draft' does not run with tensor_parallel_size > 1"):
+        build_engine_config("/models/m", tensor_parallel_size=2, speculative_method="draft",
+                            speculative_model="/models/d")
+    out = _engine_cli("--tensor-parallel-size", "-1")
+    assert out.returncode == 2 and "tensor_parallel_size must be an integer in [1, 64], got -1" in out.stderr
 
 
 def _step_once(tiny_llama: str, chunked: bool) -> LLMEngine:

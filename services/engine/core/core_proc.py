@@ -80,7 +80,8 @@ class EngineCoreProc:
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self._publisher = _ForwardingPublisher()
-        self.core = EngineCore(config, publisher=self._publisher)
+        self._reader_started = False
+        self.core = EngineCore(config, publisher=self._publisher, on_worker_death=self._worker_died)
         self._reader = threading.Thread(target=self._read_commands, name="core-commands", daemon=True)
         self._writer = threading.Thread(target=self._write_results, name="core-results", daemon=True)
         self._progress = time.monotonic()
@@ -118,6 +119,7 @@ class EngineCoreProc:
         """Serve until Shutdown; returns the exit code (1 after a failed step)."""
         self._reader.start()
         self._writer.start()
+        self._reader_started = True
         self._outbox.put(self.ready())
         last_sent = time.monotonic()
         code = 0
@@ -139,12 +141,30 @@ class EngineCoreProc:
                     last_sent = now
         except Exception as e:  # the core's state is unknown now: stop, and say why
             log.error("engine core step failed: %s\n%s", e, traceback.format_exc())
-            self._outbox.put(CoreFailed(f"the engine core's step failed ({type(e).__name__}: {e}); "
-                                        "the core process stopped", traceback.format_exc()))
+            dead = self.core.tp.failure() if self.core.tp is not None else None
+            cause = f"{dead}" if dead else f"{type(e).__name__}: {e}"
+            self._outbox.put(CoreFailed(f"the engine core's step failed ({cause}); the core process stopped",
+                                        traceback.format_exc()))
             code = 1
         self._outbox.put(_STOP)
         self._writer.join(10)
+        self.core.shutdown()
         return code
+
+    def _worker_died(self, reason: str) -> None:
+        """A tensor-parallel worker exited (watcher thread): the core cannot step any more and
+        may be blocked in a collective, so it reports why and ends its process from here."""
+        failed = CoreFailed(f"the engine core stopped: {reason}", "")
+        if self._reader_started:
+            self._outbox.put(failed)
+            self._outbox.put(_STOP)
+            self._writer.join(5)
+        else:  # still loading: the writer thread is not running yet
+            try:
+                self._results.send(failed)
+            except (OSError, EOFError):
+                pass
+        _exit(1)
 
     def _take_commands(self, report: EngineCoreOutputs) -> bool:
         """Apply every queued command (waiting for one while idle); True on Shutdown."""

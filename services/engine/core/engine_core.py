@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -70,8 +71,12 @@ def resolve_step_tokens(config: EngineConfig, device_type: str, max_model_len: i
 
 class EngineCore:
     def __init__(self, config: EngineConfig, publisher: KVEventPublisher | None = None,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, on_worker_death: Callable[[str], None] | None = None) -> None:
+        """``on_worker_death``: called from a watcher thread when a tensor-parallel worker
+        exits (the engine core's process ends itself there; in-process, the next collective
+        fails or times out instead)."""
         self.config = config
+        self.on_worker_death = on_worker_death
         self._init_device()
         loaded = loaded or load_model(config.model, name=config.served_model_name)
         self.model_config = loaded.config
@@ -119,29 +124,32 @@ class EngineCore:
         self.dtype = _DTYPES[dt]
 
     def _init_runner(self, loaded: LoadedModel) -> None:
-        cache = self.config.cache
         self.quantization = resolve_quantization(
             self.config.quantization, model=self.config.model, source_format=loaded.source_format,
             checkpoint_method=loaded.checkpoint_method, device=self.device, backend=self.config.backend)
         weights = loaded.weights_for(self.quantization)
-        common = dict(device=self.device, dtype=self.dtype, block_size=cache.block_size,
-                      sampler=Sampler(seed=self.config.seed, device=self.device), num_blocks=cache.num_kv_blocks,
-                      kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
-                      linear_method=self.quantization.linear_method,
-                      awq_calibration=self._awq_calibration(loaded))
+        extra_kv_pools = ()
         if self.proposer is not None and self.proposer.kv_bytes_per_block:
-            common["extra_kv_pools"] = (self.proposer.kv_bytes_per_block,)
-        self._runner_common = common
-        if self.config.backend == "triton":
-            from llmesh.engine.triton_runner import TritonModelRunner
+            extra_kv_pools = (self.proposer.kv_bytes_per_block,)
+        self.tp = None
+        """The tensor-parallel group (tp_executor.py) when tensor_parallel_size > 1."""
+        step_sender, shard = None, None
+        if self.config.tensor_parallel_size > 1:
+            from llmesh.engine.core.tp_executor import TensorParallelGroup
 
-            self.runner: ModelRunner = TritonModelRunner(
-                self.model_config, weights, max_model_len=self.max_model_len,
-                max_num_seqs=self.config.scheduler.max_num_seqs,
-                max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
-                cuda_graphs=self.config.cuda_graphs, **common)
-        else:
-            self.runner = TorchModelRunner(self.model_config, weights, max_model_len=self.max_model_len, **common)
+            self.tp = TensorParallelGroup(self.config, self.model_config, self.quantization,
+                                          max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
+                                          on_death=self._on_worker_death)
+            step_sender, shard = self.tp.send_step, self.tp.shard
+        try:
+            self.runner: ModelRunner = build_runner(
+                self.config, self.model_config, weights, device=self.device, dtype=self.dtype,
+                max_model_len=self.max_model_len, linear_method=self.quantization.linear_method,
+                extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender,
+                awq_calibration=self._awq_calibration(loaded))
+        except BaseException:
+            self.shutdown()  # the workers would wait for a rank 0 that never comes
+            raise
         if self.proposer is not None:
             self.proposer.init_kv_pool(self.runner.num_blocks)
 
@@ -170,6 +178,15 @@ class EngineCore:
             raise UnsupportedModelError(f"activation-aware INT4: calibration_text {path} has {len(ids)} tokens; "
                                         f"it needs at least 16")
         return ids
+
+    def _on_worker_death(self, reason: str) -> None:
+        if self.on_worker_death is not None:
+            self.on_worker_death(reason)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing else outlives the core)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _init_scheduler(self, publisher: KVEventPublisher | None) -> None:
         cache = self.config.cache
@@ -202,6 +219,9 @@ class EngineCore:
             fork_of=request.fork_of,
             pooling=request.pooling,
         )
+        if self.tp is not None and request.sampling_params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs are not supported with tensor parallelism "
+                                      "(tensor_parallel_size > 1)", field="prompt_logprobs")
         spec = request.sampling_params.structured_output
         if spec is None:
             self.scheduler.add_request(req)
@@ -426,6 +446,27 @@ class EngineCore:
 
 EXPERT_TOKENS_INTERVAL_S = 1.0
 """Most often the per-expert token counts are copied from the device into the stats."""
+
+def build_runner(config: EngineConfig, model_config: ModelConfig, weights, *, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, linear_method: str, extra_kv_pools=(),
+                 shard=None, step_sender=None, awq_calibration: list[int] | None = None) -> ModelRunner:
+    """The configured backend's runner; every tensor-parallel rank builds its own the same way
+    (same graphs, same pool size), so their collectives pair up."""
+    cache = config.cache
+    common = dict(device=device, dtype=dtype, block_size=cache.block_size,
+                  sampler=Sampler(seed=config.seed, device=device), num_blocks=cache.num_kv_blocks,
+                  kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
+                  linear_method=linear_method, extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender,
+                  awq_calibration=awq_calibration)
+    if config.backend == "triton":
+        from llmesh.engine.triton_runner import TritonModelRunner
+
+        return TritonModelRunner(model_config, weights, max_model_len=max_model_len,
+                                 max_num_seqs=config.scheduler.max_num_seqs,
+                                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                 cuda_graphs=config.cuda_graphs, **common)
+    return TorchModelRunner(model_config, weights, max_model_len=max_model_len, **common)
+
 
 SPEC_MAX_BACKOFF = 32
 """Most steps a request goes without drafts after verify steps that accepted nothing."""

@@ -9,6 +9,11 @@ fast backend; the weights, their fusion and the order of operations are shared.
 
 Checkpoints load by their Hugging Face names: q/k/v and gate/up tensors are stacked into
 one fused weight each as they arrive (``STACKED``), as vLLM's stacked-params mapping does.
+
+With a ``shard`` of several ranks (tensor parallelism, model/shard.py) each rank holds its
+heads of q/k/v and its columns of gate/up (column-parallel), the matching input rows of
+o_proj and down_proj (row-parallel, all-reduced), its vocabulary range of the embedding and
+LM head; loading takes the rank's slice of each checkpoint tensor as it arrives.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.moe import SparseMoeBlock, moe_tensor_name
 from llmesh.engine.model.ops import ModelOps, make_ops
+from llmesh.engine.model.shard import ShardSpec, check_divisible, slice_out_features
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
 from llmesh.kernels.paged_attention import AttentionMetadata
@@ -64,11 +70,25 @@ class LlamaForCausalLM:
 
     def __init__(self, cfg: ModelConfig, weights: Iterable[tuple[str, Weight]], *, linear_method: str = "none",
                  ops: str = "torch", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_positions: int | None = None) -> None:
+                 max_positions: int | None = None, shard: ShardSpec | None = None) -> None:
         self.config = cfg
         self.device, self.dtype, self.linear_method = torch.device(device), dtype, linear_method
+        self.shard = shard or ShardSpec()
+        tp = self.shard.world_size
+        if self.shard.parallel:
+            if cfg.num_experts:
+                raise ModelLoadError(f"{cfg.architecture}: mixture-of-experts layers are not split by tensor "
+                                     "parallelism yet; serve this model with tensor_parallel_size 1")
+            # KV heads are split, never replicated: every rank's pool holds distinct heads.
+            try:
+                check_divisible("num_attention_heads", cfg.num_attention_heads, tp)
+                check_divisible("num_key_value_heads", cfg.num_key_value_heads, tp)
+                check_divisible("intermediate_size", cfg.intermediate_size, tp)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+            cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, cfg.head_dim)
+        self.vocab_start, self.vocab_end = self.shard.range(cfg.vocab_size)
         self.scale = self.head_dim ** -0.5
         self.eps = cfg.rms_norm_eps
         self.ops: ModelOps = make_ops(ops, cfg, device=self.device, dtype=dtype,
@@ -82,26 +102,28 @@ class LlamaForCausalLM:
         self.norm: torch.Tensor | None = None
         head_method = "keep" if linear_method == "keep" else "none"
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        self._linear(cfg.hidden_size, [cfg.vocab_size], False, head_method))
+                        self._linear(cfg.hidden_size, [cfg.vocab_size], False, head_method, "column"))
         self._load(weights)
 
-    def _linear(self, k: int, parts: list[int], bias: bool, method: str) -> FusedLinear:
-        return FusedLinear(k, parts, bias, method, dtype=self.dtype, device=self.device)
+    def _linear(self, k: int, parts: list[int], bias: bool, method: str, parallel: str) -> FusedLinear:
+        """A linear of the whole layer's sizes; ``parallel`` (column / row) says how it shards."""
+        return FusedLinear(k, parts, bias, method, dtype=self.dtype, device=self.device, shard=self.shard,
+                           parallel=parallel)
 
     def _new_layer(self, i: int) -> DecoderLayer:
         c, m = self.config, self.linear_method
         h, d = c.hidden_size, self.head_dim
-        q, kv = self.num_heads * d, self.num_kv_heads * d
+        q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
         # HF's Llama/Qwen3 put the bias on o_proj too when attention_bias is set; Qwen2 never does.
         o_bias = c.attention_bias and c.architecture not in ("qwen2", "qwen2_moe")
-        layer = DecoderLayer(qkv_proj=self._linear(h, [q, kv, kv], c.attention_bias, m),
-                             o_proj=self._linear(q, [h], o_bias, m), gate_up_proj=None, down_proj=None)
+        layer = DecoderLayer(qkv_proj=self._linear(h, [q, kv, kv], c.attention_bias, m, "column"),
+                             o_proj=self._linear(q, [h], o_bias, m, "row"), gate_up_proj=None, down_proj=None)
         if c.is_sparse_layer(i):
             layer.moe = SparseMoeBlock.empty(c, self.expert_tokens[c.sparse_layers.index(i)], linear_method=m,
                                              dtype=self.dtype, device=self.device)
         else:
-            layer.gate_up_proj = self._linear(h, [c.intermediate_size] * 2, False, m)
-            layer.down_proj = self._linear(c.intermediate_size, [h], False, m)
+            layer.gate_up_proj = self._linear(h, [c.intermediate_size] * 2, False, m, "column")
+            layer.down_proj = self._linear(c.intermediate_size, [h], False, m, "row")
         return layer
 
     # ---- loading ----------------------------------------------------------------------
@@ -185,6 +207,8 @@ class LlamaForCausalLM:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else (t.out_features, t.in_features)
             if shape != (c.vocab_size, c.hidden_size):
                 raise ValueError(f"has shape {shape}, the model expects {(c.vocab_size, c.hidden_size)}")
+            if self.shard.parallel:
+                t = slice_out_features(t, self.vocab_start, self.vocab_end)
             t = t.to(device=self.device, dtype=self.dtype) if isinstance(t, torch.Tensor) else t.to(self.device)
         else:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (length,):
@@ -209,7 +233,7 @@ class LlamaForCausalLM:
         ops, eps = self.ops, self.eps
         t, nq, nkv, d = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         ops.prepare(meta)
-        x = ops.embed(self.embed_tokens, input_ids, self.dtype)  # [T, H]
+        x = self._embed(input_ids)  # [T, H]
         residual = None
         # Padding rows of a replayed CUDA graph (slot -1) route too; they are not counted.
         real_tokens = (meta.slot_mapping >= 0).long() if self.expert_tokens.numel() else None  # [T]
@@ -225,20 +249,33 @@ class LlamaForCausalLM:
             k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
             q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta)
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, nq, d]
-            x = ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias)
+            x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:
                 h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
                 x = layer.moe.forward(ops, h, real_tokens)
                 continue
             gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
                                                 layer.gate_up_proj.weight)  # [T, 2 I]
-            x = ops.act_linear(gate_up, layer.down_proj.weight)
+            x = self.shard.all_reduce(ops.act_linear(gate_up, layer.down_proj.weight))
         out, _ = ops.rmsnorm(x, self.norm, eps, residual)
         return out
 
     __call__ = forward
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] -> [T, H]
+        if not self.shard.parallel:
+            return self.ops.embed(self.embed_tokens, input_ids, self.dtype)
+        # Vocab-parallel: ids outside this rank's range look up row 0 and are zeroed; the sum
+        # over ranks has each token's row exactly once.
+        mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local = torch.where(mine, input_ids - self.vocab_start, 0)
+        x = self.ops.embed(self.embed_tokens, local, self.dtype) * mine[:, None].to(self.dtype)
+        return self.shard.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> [N, vocab] in float32
+        """hidden [N, hidden] → logits [N, vocab] float32. Tensor-parallel: every rank must call
+        it with the same rows; rank 0 gets the gathered logits, the others their own part."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return self.ops.linear(hidden, weight).float()
+        logits = self.ops.linear(hidden, weight).float()  # [N, vocab part]
+        return self.shard.gather_last_dim(logits, self.config.vocab_size)

@@ -169,7 +169,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             pooling=eng.config.pooler.pooling, normalize=eng.config.pooler.normalize,
             matryoshka=eng.config.pooler.matryoshka, embedding_dimensions=eng.model_config.hidden_size,
             num_experts=eng.model_config.num_experts, num_experts_per_tok=eng.model_config.num_experts_per_tok,
-            **_speculative_info(eng.config.speculative))
+            tensor_parallel_size=eng.config.tensor_parallel_size, **_speculative_info(eng.config.speculative))
 
     async def Load(self, request, context) -> engine_pb2.LoadResponse:
         s = self.engine.stats()
