@@ -72,9 +72,9 @@ def copy_bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> float:
 
 
 def bench_single_stream(path: str, prompt_len: int, new_tokens: int, quantization: str,
-                        repeats: int) -> tuple[float, int]:
+                        repeats: int, dtype: str = "float32") -> tuple[float, int]:
     """(output tok/s of one greedy stream, the weight bytes it reads per step)."""
-    llm = LLM(path, dtype="float32", device="cpu", quantization=quantization, enable_prefix_caching=False)
+    llm = LLM(path, dtype=dtype, device="cpu", quantization=quantization, enable_prefix_caching=False)
     prompt = _prompts(1, prompt_len, llm.engine.model_config.vocab_size, seed=3)[0]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], params)  # warm-up: allocator, caches, any compilation

@@ -14,9 +14,14 @@ from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
 
 
 def _check(x: torch.Tensor, w, tol: float = 1e-2) -> None:
-    """Within bfloat16 rounding of the activations (the kernels' input type) of the exact product."""
+    """bfloat16 activations: within bfloat16 rounding of the exact product; float32: the
+    reference's bits."""
     got = cpu_packed_matmul(x, w)
-    assert got is not None, "this format has a CPU kernel"
+    assert got is not None, "this format has a CPU path"
+    if x.dtype == torch.float32:
+        assert torch.equal(got, linear(x, w, kernels=False))
+        x = x.to(torch.bfloat16)
+        got = cpu_packed_matmul(x, w)
     ref = x.float() @ w.dequantize()
     scale = ref.abs().max().clamp_min(1.0)
     torch.testing.assert_close(got.float() / scale, ref / scale, rtol=0, atol=tol)
@@ -63,7 +68,8 @@ def test_formats_without_a_cpu_kernel_fall_back_to_the_reference():
     dense = torch.randn(40, 64, generator=gen)
     x = torch.randn(3, 64, generator=gen)
     int4 = quantize_int4(dense, group_size=16)  # below the CPU kernel's smallest group
-    assert cpu_packed_matmul(x, int4) is None
+    assert cpu_packed_matmul(x.to(torch.bfloat16), int4) is None
+    torch.testing.assert_close(linear(x, int4, kernels=False, cpu_kernels=True), linear(x, int4, kernels=False))
     assert cpu_packed_matmul(x.half(), quantize_int8(dense)) is None  # float16: no CPU kernel
 
 

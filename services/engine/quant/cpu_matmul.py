@@ -1,26 +1,22 @@
-"""Packed weights on the CPU through PyTorch's own CPU kernels, without expanding them.
+"""Packed weights on the CPU without expanding them on every step.
 
 The torch backend's reference for a packed weight dequantizes all of W every step: on the
 CPU that reads four bytes per weight (more than a float32 model does) and spends the step
-expanding it, so a quantized model ran slower than the float32 one it came from. PyTorch
-ships CPU kernels that read the packed bytes directly and accumulate in float32:
+expanding it, so a quantized model ran slower than the float32 one it came from. Here each
+weight is prepared once, on first use, and the copy kept beside it:
 
-- ``_weight_int8pack_mm``: INT8 with one scale per output channel (quantize-on-load INT8).
-- ``_weight_int4pack_mm_for_cpu`` (the CPU twin of gpt-fast's tinygemm): 4-bit groups of
-  32-256 with a scale and a zero point, ``w = (q - 8) * scale + zero``. Our Int4Weight
-  stores ``w = q * s + m`` (every 4-bit source: INT4/AWQ/GPTQ, GGUF Q4_0/Q4_1), which is the
-  same map with ``zero = m + 8 s``.
+- bfloat16 activations: PyTorch's packed CPU kernels, which read the packed bytes and
+  accumulate in float32. ``_weight_int8pack_mm`` takes INT8 with one scale per output
+  channel (quantize-on-load INT8); ``_weight_int4pack_mm_for_cpu`` (the CPU twin of
+  gpt-fast's tinygemm) takes 4-bit groups of 32-256 with a scale and a zero point,
+  ``w = (q - 8) * scale + zero`` — our Int4Weight's ``w = q * s + m`` (every 4-bit source:
+  INT4/AWQ/GPTQ, GGUF Q4_0/Q4_1) with ``zero = m + 8 s``. INT8 in 32-value groups (GGUF
+  Q8_0) has no such kernel and is expanded once to bfloat16.
+- float32 activations: those kernels have only a scalar float32 path, several times slower
+  than a float32 dense GEMV, so W is expanded once to float32 — exactly the reference's
+  ``x @ W.dequantize()``, bit for bit, at a float32 model's speed and memory.
 
-Both are vectorized for bfloat16 activations only (float32 ones take a scalar path several
-times slower than a float32 dense GEMV), so float32 activations are rounded to bfloat16 for
-the product and the result returned in float32: a relative error of about 2^-9 per term,
-far below the weights' own quantization error.
-
-Their layouts differ from ours (packed.py holds the GPU kernels' layout), so each weight is
-repacked once, on first use, and the copy kept beside it. Weights
-with 32-value INT8 groups (GGUF Q8_0) are expanded once to bfloat16. Weights these kernels
-do not take (FP8, 4-bit groups under 32) return None and the caller keeps the dequantizing
-reference.
+Other formats (FP8) return None and the caller keeps the dequantizing reference.
 """
 
 from __future__ import annotations
@@ -56,31 +52,36 @@ def _int4_pack(w: Int4Weight, dtype: torch.dtype) -> tuple | None:
 
 
 def _pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
+    if not isinstance(w, (Int8Weight, Int4Weight)):
+        return None
+    if dtype == torch.float32:
+        return ("float32", w.dequantize())  # [K, N]: the reference's W, multiplied the same way
     if isinstance(w, Int8Weight):
         return _int8_pack(w, dtype)
-    if isinstance(w, Int4Weight):
-        return _int4_pack(w, dtype)
-    return None
+    return _int4_pack(w, dtype)
 
 
 def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     """x [M, K] (float32 or bfloat16, on the CPU) @ W → [M, N], or None when W's format has
-    no CPU kernel here."""
+    no CPU path here."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if _CACHE not in w.__dict__:
-        w.__dict__[_CACHE] = _pack(w, torch.bfloat16)
-    pack = w.__dict__[_CACHE]
+    cache: dict = w.__dict__.setdefault(_CACHE, {})
+    if x.dtype not in cache:
+        cache[x.dtype] = _pack(w, x.dtype)
+    pack = cache[x.dtype]
     if pack is None:
         return None
-    xb = x.to(torch.bfloat16).contiguous()
+    if pack[0] == "float32":
+        return x @ pack[1]
+    x = x.contiguous()
     if pack[0] == "dense":
-        return torch.nn.functional.linear(xb, pack[1]).to(x.dtype)
+        return torch.nn.functional.linear(x, pack[1])
     if pack[0] == "int8":
-        return torch.ops.aten._weight_int8pack_mm(xb, pack[1], pack[2]).to(x.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x, pack[1], pack[2])
     _, packed, scale_zero, kp = pack
     if isinstance(w, Int4Weight) and w.perm is not None:
-        xb = xb.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
-    if xb.shape[1] < kp:  # Kp's padding rows hold q = 0; zero activations make them add nothing
-        xb = torch.nn.functional.pad(xb, (0, kp - xb.shape[1]))
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, w.group_size, scale_zero).to(x.dtype)
+        x = x.index_select(1, w.perm)  # act-order: the packed rows are stored sorted by group
+    if x.shape[1] < kp:  # Kp's padding rows hold q = 0; zero activations make them add nothing
+        x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, w.group_size, scale_zero)
