@@ -1,11 +1,13 @@
 """Engine benchmark on the CPU with the demo model.
 
 0. Single stream: one request (128-token prompt, 128 new tokens, greedy, in-process) on
-   float32 weights (``cpu_demo_seq_tok_s``) and on the GGUF blocks kept packed
-   (``cpu_demo_seq_gguf_tok_s``; Q4_1 through PyTorch's CPU int4 kernel) and quantized to
-   INT8 on load (``cpu_demo_seq_int8_tok_s``; PyTorch's CPU int8 kernel), beside the
-   machine's memory bandwidth (one large torch copy) and the tok/s that bandwidth allows
-   when every step reads all weights once.
+   float32 weights (``cpu_demo_seq_tok_s``), on the GGUF blocks kept packed
+   (``cpu_demo_seq_gguf_tok_s``: float32 activations, each weight expanded once), and in
+   bfloat16: dense (``cpu_demo_seq_bf16_tok_s``), the GGUF blocks through PyTorch's packed CPU
+   kernels (``cpu_demo_seq_gguf_bf16_tok_s``) and INT8 quantized on load
+   (``cpu_demo_seq_int8_bf16_tok_s``); beside the machine's memory bandwidth (one large
+   torch copy) and the tok/s that bandwidth allows when every float32 step reads all weights
+   once.
 1. Batching: 32 requests (128-token prompts, 128 new tokens, ignore_eos) run one at a
    time, then all 32 at once: output tok/s of each and the ratio.
 2. Prefix caching: TTFT of requests sharing a 512-token prefix, caching on vs off.
@@ -90,7 +92,12 @@ def single_stream_metrics(path: str, prompt_len: int, new_tokens: int, repeats: 
     out: dict[str, float] = {"cpu_copy_gb_s": copy_bandwidth_gb_s()}
     out["cpu_demo_seq_tok_s"], dense_bytes = bench_single_stream(path, prompt_len, new_tokens, "none", repeats)
     out["cpu_demo_seq_gguf_tok_s"], gguf_bytes = bench_single_stream(path, prompt_len, new_tokens, "gguf", repeats)
-    out["cpu_demo_seq_int8_tok_s"], int8_bytes = bench_single_stream(path, prompt_len, new_tokens, "int8", repeats)
+    out["cpu_demo_seq_bf16_tok_s"], _ = bench_single_stream(path, prompt_len, new_tokens, "none", repeats,
+                                                             "bfloat16")
+    out["cpu_demo_seq_gguf_bf16_tok_s"], _ = bench_single_stream(path, prompt_len, new_tokens, "gguf", repeats,
+                                                                  "bfloat16")
+    out["cpu_demo_seq_int8_bf16_tok_s"], int8_bytes = bench_single_stream(path, prompt_len, new_tokens, "int8",
+                                                                          repeats, "bfloat16")
     out["cpu_demo_gguf_weight_mib"], out["cpu_demo_int8_weight_mib"] = gguf_bytes / 2**20, int8_bytes / 2**20
     out["cpu_demo_weight_mib"] = dense_bytes / 2**20
     out["cpu_demo_bandwidth_bound_tok_s"] = out["cpu_copy_gb_s"] * 1e9 / dense_bytes

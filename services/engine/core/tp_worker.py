@@ -72,12 +72,21 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         except (EOFError, OSError):
             _exit(0)  # the engine core is gone: never outlive it
         host = unpack_step(buf)
-        if host is None:
+        if host is None:  # rank 0 leaves the group now too: tear it down together (NCCL
+            _leave_group()  # can block a rank that destroys its communicator alone)
             _exit(0)
         try:
             runner.run_host_step(host)
         except BaseException as e:  # noqa: BLE001
             _fail(conn, f"step failed ({type(e).__name__}: {e})")
+
+
+def _leave_group() -> None:
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001  (exiting anyway)
+        log.warning("tensor-parallel worker: leaving the process group failed", exc_info=True)
 
 
 def _fail(conn: Connection, message: str) -> None:
