@@ -100,7 +100,10 @@ def main() -> None:
                "plain_decode_step_ms": base_step * 1e3}
     del ngram
     if args.exact_check_tokens:
-        metrics["spec_gpu_f32_greedy_equal"] = float(_exact_in_float32(args, kw, prompt))
+        exact = _exact_in_float32(args, kw, prompt)
+        metrics["spec_gpu_f32_greedy_equal"] = float(exact)
+        if not exact:  # lossless in exact arithmetic is the claim: a failure voids the run
+            raise SystemExit("float32: n-gram speculation changed the greedy tokens; nothing written")
     draft = LLM(args.model, speculative_config={"method": "draft", "model": args.draft,
                                                 "num_speculative_tokens": args.k}, **kw)
     _, _, draft_step = _tokens_per_s(draft, seed_text, args.new_tokens)

@@ -157,13 +157,14 @@ def load_tuned(path: Path = TUNED_FILE) -> dict[str, dict[str, list]]:
 
 
 def lookup(table: dict[str, list], kind: str, m: int, n: int, k: int) -> tuple[str, tuple] | None:
-    """The entry of the smallest measured M >= m for this (kind, N, K) (the largest measured M
-    past the last), or None when the shape was never measured."""
+    """The entry of the smallest measured M >= m for this (kind, N, K), or None when the shape
+    was never measured or m lies past the largest measured M (a decode-tuned choice says
+    nothing about a prefill's M; the default path's size rules decide there)."""
     prefix = f"{kind} {n}x{k} m"
     measured = sorted(int(key[len(prefix):]) for key in table if key.startswith(prefix))
-    if not measured:
+    pick = next((mm for mm in measured if mm >= m), None)
+    if pick is None:
         return None
-    pick = next((mm for mm in measured if mm >= m), measured[-1])
     choice, fields = table[prefix + str(pick)]
     if choice not in CHOICES:
         raise ValueError(f"{TUNED_FILE.name}: entry {prefix}{pick} names an unknown kernel {choice!r}")

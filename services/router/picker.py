@@ -77,6 +77,11 @@ class Picker:
             self._turn += 1
             return Pick(candidates[self._turn % len(candidates)], 0, "round_robin", 0.0)
         matched = await self._matched_blocks(candidates, prompt_ids, cache_salt)
+        # A replica that left discovery while the index answered is draining: its channels
+        # close once its last stream ends, so it takes nothing new.
+        candidates = [r for r in candidates if not r.retired]
+        if not candidates:
+            return await self.pick(pool, prompt_ids, cache_salt, exclude)
         scored = [(matched.get(r.address, 0) * self.cache_weight - self.load_weight * r.load_value(),
                    -r.load_value(), r) for r in candidates]
         best = max((s, load) for s, load, _ in scored)

@@ -91,6 +91,8 @@ class Replica:
         self.load = EngineLoad()
         self.inflight = 0
         """Requests this router is streaming from the replica now (Load lags behind)."""
+        self.retired = False
+        """Gone from discovery: out of the pool, draining its streams, never picked again."""
         self.last_error = ""
         self.liveness = Liveness(stall_timeout_s)
         """When the engine last answered a health check; streams end once it is frozen."""
@@ -277,6 +279,7 @@ class Fleet:
     def _retire(self, pool: ReplicaPool, r: Replica) -> None:
         """Out of the pool now; its channels close once the streams on it have ended."""
         pool.replicas.remove(r)
+        r.retired = True
         for t in self._replica_tasks.pop(r, ()):
             t.cancel()
         log.info("replica left discovery", extra={"model": r.model, "replica": r.name, "address": r.address,

@@ -112,3 +112,16 @@ def test_engine_serves_activation_aware_int4_on_load(monkeypatch, tmp_path):
     with pytest.raises(UnsupportedModelError, match="calibration_text"):
         LLM("random:tiny-awq", dtype="float32", device="cpu", num_kv_blocks=32, quantization="int4",
             int4_activation_aware=True, calibration_text=str(tmp_path / "missing.txt"))
+
+
+def test_mixture_of_experts_is_refused(tmp_path):
+    from llmesh.engine import LLM
+    from llmesh.engine.errors import UnsupportedModelError
+    from tests.fixtures.tiny_models import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "qwen3_moe"), "qwen3_moe")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        LLM(path, dtype="float32", device="cpu", num_kv_blocks=32, quantization="int4",
+            int4_activation_aware=True, calibration_text=str(text))

@@ -5,6 +5,7 @@ are the matching parts of the whole weight."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import time
@@ -153,3 +154,13 @@ def test_fp8_shards_keep_their_per_channel_scales():
     whole = q.dequantize()
     assert torch.equal(slice_in_features(q, 32, 64).dequantize(), whole[32:64])
     assert torch.equal(slice_out_features(q, 8, 24).dequantize(), whole[:, 8:24])
+
+
+def test_moe_model_is_refused_before_any_worker_starts(tmp_path):
+    from tests.fixtures.tiny_models import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "mixtral"), "mixtral")
+    children = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(ModelLoadError, match="mixture-of-experts layers are not split by tensor parallelism"):
+        _generate(path, tensor_parallel_size=2)
+    assert {p.pid for p in multiprocessing.active_children()} <= children, "a worker was started"

@@ -101,8 +101,9 @@ def test_dispatch_table_lookup_takes_the_nearest_measured_batch_at_or_above_m():
              table_key("fp8", 14336, 4096, 256): ["scaled_mm", []]}
     assert lookup(table, "w4a16", 1, 14336, 4096) == ("gemv", (64, 64, 4, 4, 3))
     assert lookup(table, "w4a16", 3, 14336, 4096) == ("dot", (16, 64, 128, 8, 4, 3))
-    assert lookup(table, "w4a16", 64, 14336, 4096) == ("dot", (16, 64, 128, 8, 4, 3))  # past the last
-    assert lookup(table, "fp8", 2048, 14336, 4096) == ("scaled_mm", ())
+    assert lookup(table, "w4a16", 64, 14336, 4096) is None  # past the largest measured M: the default path
+    assert lookup(table, "fp8", 200, 14336, 4096) == ("scaled_mm", ())
+    assert lookup(table, "fp8", 2048, 14336, 4096) is None
     assert lookup(table, "w8a16", 1, 14336, 4096) is None and lookup(table, "w4a16", 1, 4096, 4096) is None
     with pytest.raises(ValueError, match="unknown kernel"):
         lookup({table_key("w4a16", 8, 8, 1): ["magic", []]}, "w4a16", 1, 8, 8)

@@ -136,6 +136,9 @@ class EngineCore:
         step_sender, shard = None, None
         if self.config.tensor_parallel_size > 1:
             from llmesh.engine.core.tp_executor import TensorParallelGroup
+            from llmesh.engine.model.shard import check_shardable
+
+            check_shardable(self.model_config, self.config.tensor_parallel_size)  # before any worker loads
 
             self.tp = TensorParallelGroup(self.config, self.model_config, self.quantization,
                                           max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
@@ -157,6 +160,11 @@ class EngineCore:
         """Token ids of the calibration text when INT4 is activation-aware, else None."""
         if not self.config.int4_activation_aware:
             return None
+        if self.model_config.num_experts:
+            raise UnsupportedModelError(
+                f"int4_activation_aware folds scales into the norm before each MLP; in a mixture-of-experts "
+                f"model ({self.model_config.architecture}) that norm feeds the router and every expert. "
+                f"Use quantization='int4' without it")
         if self.quantization.linear_method != "int4":
             raise UnsupportedModelError(
                 f"int4_activation_aware calibrates INT4 quantized on load; this engine serves "

@@ -102,6 +102,16 @@ def _stop_live_groups() -> None:
         group.shutdown(timeout=2)
 
 
+def _abort_group() -> None:
+    """Drop the default group without the collective teardown (a peer is gone or stuck)."""
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:  # noqa: BLE001  (a torch without it, or a group already gone)
+        log.warning("tensor-parallel group: abort failed", exc_info=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,7 +210,13 @@ class TensorParallelGroup:
 
     # ---- shutdown -----------------------------------------------------------------------
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the workers (a stop message, then a kill after ``timeout``) and leave the group."""
+        """Stop the workers and leave the group together with them.
+
+        NCCL tears a communicator down collectively: a rank that destroys it waits for its
+        peers to do the same. So the stop message goes out first, this rank destroys its side
+        at once while the workers destroy theirs (bounded: a thread), and only then are the
+        workers joined. A group with a dead worker cannot be torn down collectively; it is
+        aborted instead."""
         if self._closing:
             return
         self._closing = True
@@ -209,6 +225,7 @@ class TensorParallelGroup:
                 conn.send_bytes(STOP_MESSAGE)
             except (OSError, ValueError):
                 pass  # already gone
+        self._leave_group(collective=self.failure() is None, timeout=timeout)
         for proc in self.procs:
             proc.join(timeout)
             if proc.is_alive():
@@ -216,6 +233,25 @@ class TensorParallelGroup:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
         _LIVE.discard(self)
+
+    @staticmethod
+    def _leave_group(collective: bool, timeout: float) -> None:
+        if not torch.distributed.is_initialized():
+            return
+        if collective:
+            done = threading.Event()
+
+            def destroy() -> None:
+                try:
+                    torch.distributed.destroy_process_group()
+                except Exception:  # noqa: BLE001  (aborted below)
+                    log.warning("tensor-parallel group: destroy failed", exc_info=True)
+                done.set()
+
+            threading.Thread(target=destroy, name="tp-group-destroy", daemon=True).start()
+            if done.wait(timeout) and not torch.distributed.is_initialized():
+                return
+            log.warning("tensor-parallel group: the collective teardown did not finish in %.0f s; aborting",
+                        timeout)
+        _abort_group()

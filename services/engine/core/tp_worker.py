@@ -41,6 +41,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """The worker's entry point (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     import threading
 
     from tqdm import tqdm
@@ -79,6 +80,19 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             runner.run_host_step(host)
         except BaseException as e:  # noqa: BLE001
             _fail(conn, f"step failed ({type(e).__name__}: {e})")
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the engine core dies: a worker blocked in a collective or on the device
+    never reads the pipe's EOF, and would hold its GPU until NCCL's watchdog fired."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the core died before the call took effect
+        _exit(0)
 
 
 def _leave_group() -> None:

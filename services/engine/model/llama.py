@@ -27,7 +27,7 @@ from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.moe import SparseMoeBlock, moe_tensor_name
 from llmesh.engine.model.ops import ModelOps, make_ops
-from llmesh.engine.model.shard import ShardSpec, check_divisible, slice_out_features
+from llmesh.engine.model.shard import ShardSpec, check_shardable, own_storage, slice_out_features
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
 from llmesh.kernels.paged_attention import AttentionMetadata
@@ -76,16 +76,7 @@ class LlamaForCausalLM:
         self.shard = shard or ShardSpec()
         tp = self.shard.world_size
         if self.shard.parallel:
-            if cfg.num_experts:
-                raise ModelLoadError(f"{cfg.architecture}: mixture-of-experts layers are not split by tensor "
-                                     "parallelism yet; serve this model with tensor_parallel_size 1")
-            # KV heads are split, never replicated: every rank's pool holds distinct heads.
-            try:
-                check_divisible("num_attention_heads", cfg.num_attention_heads, tp)
-                check_divisible("num_key_value_heads", cfg.num_key_value_heads, tp)
-                check_divisible("intermediate_size", cfg.intermediate_size, tp)
-            except ValueError as exc:
-                raise ModelLoadError(str(exc)) from exc
+            check_shardable(cfg, tp)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, cfg.head_dim)
         self.vocab_start, self.vocab_end = self.shard.range(cfg.vocab_size)
@@ -209,6 +200,7 @@ class LlamaForCausalLM:
                 raise ValueError(f"has shape {shape}, the model expects {(c.vocab_size, c.hidden_size)}")
             if self.shard.parallel:
                 t = slice_out_features(t, self.vocab_start, self.vocab_end)
+                t = own_storage(t) if isinstance(t, torch.Tensor) else t.map_tensors(own_storage)
             t = t.to(device=self.device, dtype=self.dtype) if isinstance(t, torch.Tensor) else t.to(self.device)
         else:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (length,):

@@ -77,6 +77,32 @@ def check_divisible(what: str, count: int, world_size: int) -> None:
                          f"({world_size})")
 
 
+def check_shardable(cfg, world_size: int) -> None:
+    """What the model itself refuses to split, raised as ModelLoadError (the model checks the
+    same again; the engine core asks first, before any worker loads a byte)."""
+    from llmesh.engine.errors import ModelLoadError
+
+    if cfg.num_experts:
+        raise ModelLoadError(f"{cfg.architecture}: mixture-of-experts layers are not split by tensor "
+                             "parallelism yet; serve this model with tensor_parallel_size 1")
+    try:
+        # KV heads are split, never replicated: every rank's pool holds distinct heads.
+        check_divisible("num_attention_heads", cfg.num_attention_heads, world_size)
+        check_divisible("num_key_value_heads", cfg.num_key_value_heads, world_size)
+        check_divisible("intermediate_size", cfg.intermediate_size, world_size)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in storage of its own size: a slice of a whole checkpoint tensor (already on the
+    device, in the model dtype) would otherwise keep the whole tensor alive."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def slice_out_features(w: Weight, start: int, end: int) -> Weight:
     """Output features [start, end) of a weight (nn.Linear rows; packed weights' N columns)."""
     if isinstance(w, torch.Tensor):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llmesh.engine.model.shard import ShardSpec, slice_in_features, slice_out_features
+from llmesh.engine.model.shard import ShardSpec, own_storage, slice_in_features, slice_out_features
 from llmesh.engine.quant.linear import Weight
 from llmesh.engine.quant.packed import QuantizedWeight, cat_out_features
 from llmesh.engine.quant.quantize import QUANTIZERS
@@ -128,7 +128,7 @@ class FusedLinear:
             part = slice_out_features(w, *self.shard.range(n))
         else:
             part = slice_in_features(w, *self.shard.range(k))
-        return part.contiguous() if isinstance(part, torch.Tensor) else part.map_tensors(lambda t: t.contiguous())
+        return own_storage(part) if isinstance(part, torch.Tensor) else part.map_tensors(own_storage)
 
     def nbytes(self) -> int:
         return weight_nbytes(self.weight) + weight_nbytes(self.bias)
