@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quantized-weights GPU run of issue 8 in one device call (about 7 minutes on an H100):
+# The quantized-weights GPU run in one device call (about 8 minutes on an H200):
 #   quant kernel + engine quant tests on the GPU -> bench/quant_gpu.py (ceilings, GEMMs, engine
 #   per format, perplexity). Result: bench/results/quant_<dev>.json, copied to $OUT when it is set.
 # quant_gpu.py writes its file after every item and runs under a hard timeout, so a slow part

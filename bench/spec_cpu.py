@@ -13,7 +13,9 @@
 - ``spec_ngram_open_ended_cost_frac``: the slowdown of n-gram speculation on an open-ended
   prompt (nothing to copy: drafts are rare and mostly rejected).
 
-Each figure is the best of ``--repeats`` runs. Writes bench/results/spec_cpu.json.
+Each figure is the best of ``--repeats`` runs. Writes bench/results/spec_cpu.json (``--name``).
+``--dtype bfloat16 --quantization gguf``: the demo served in its own packed format through
+PyTorch's packed CPU kernels (the fastest demo configuration; see bench/README.md).
 """
 
 from __future__ import annotations
@@ -83,11 +85,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default="spec_cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--quantization", default="none",
+                    help="none: the GGUF dequantized; gguf: its blocks kept packed (PyTorch's CPU kernels in bfloat16)")
     args = ap.parse_args()
     path = find_demo_model()
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-    base = LLM(path, device="cpu", dtype="float32")
-    fast = LLM(path, device="cpu", dtype="float32", speculative_config=spec)
+    model_kw = dict(device="cpu", dtype=args.dtype, quantization=args.quantization)
+    base = LLM(path, **model_kw)
+    fast = LLM(path, speculative_config=spec, **model_kw)
 
     base_tps, base_tokens, base_decode = _best(base, GROUNDED, args.new_tokens, args.repeats)
     fast.engine.core.spec_stats.__init__()
@@ -122,7 +128,8 @@ def main() -> None:
 
     for k, v in metrics.items():
         print(f"{k:>36}: {v:10.3f}")
-    workload = {"model": "SmolLM2-135M-Instruct Q4_1 (dequantized, float32)", "backend": "torch",
+    weights = "dequantized" if args.quantization == "none" else f"quantization={args.quantization}"
+    workload = {"model": f"SmolLM2-135M-Instruct Q4_1 ({weights}, {args.dtype})", "backend": "torch",
                 "streams": 1, "new_tokens": args.new_tokens, "greedy": True, "speculative_config": spec,
                 "grounded_prompt": "chat: rewrite a 100-word passage fixing two typos",
                 "open_ended_prompt": OPEN_ENDED, "zero_accept": "always-wrong drafts (k per step, back-off on)",

@@ -67,8 +67,16 @@ class DnsResolver:
 
     async def addresses(self, host: str, port: int) -> set[str]:
         """``ip:port`` of every A and AAAA record of ``host`` (empty: no such name or records)."""
-        v4, v6 = await asyncio.gather(self._records(host, "A"), self._records(host, "AAAA"))
-        return {_address(ip, port) for ip in (*v4, *v6)}
+        v4, v6 = await asyncio.gather(self._records(host, "A"), self._records(host, "AAAA"),
+                                      return_exceptions=True)
+        failed = [r for r in (v4, v6) if isinstance(r, BaseException)]
+        found = [ip for r in (v4, v6) if not isinstance(r, BaseException) for ip in r]
+        # Some resolvers drop one family's queries (AAAA, often): the other family's answer
+        # stands. Both failed, or one failed and the other found nothing: the lookup failed
+        # (the caller keeps its pool rather than emptying it on a timeout).
+        if failed and not found:
+            raise failed[0]
+        return {_address(ip, port) for ip in found}
 
 
 class DnsDiscovery:

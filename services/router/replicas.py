@@ -265,15 +265,19 @@ class Fleet:
         server_name = self.discoveries[model].host if model in self.discoveries else None
         candidates = [Replica(model, a, self.tls, self.stall_timeout_s, server_name=server_name)
                       for a in sorted(addresses - current.keys())]
-        await asyncio.gather(*(self._refresh(c) for c in candidates))
-        for c in candidates:
-            if c.healthy:
-                pool.replicas.append(c)
-                self._watch(c)
-            else:
-                log.info("discovered replica not admitted yet", extra={"model": model, "address": c.address,
-                                                                       "reason": c.last_error})
-                await c.close()
+        admitted: set[Replica] = set()
+        try:
+            await asyncio.gather(*(self._refresh(c) for c in candidates))
+            for c in candidates:
+                if c.healthy:
+                    pool.replicas.append(c)
+                    self._watch(c)
+                    admitted.add(c)
+                else:
+                    log.info("discovered replica not admitted yet", extra={"model": model, "address": c.address,
+                                                                           "reason": c.last_error})
+        finally:  # also when cancelled (a start-up deadline): no channel of a candidate outlives it
+            await asyncio.gather(*(c.close() for c in candidates if c not in admitted), return_exceptions=True)
         self._update_gauges()
 
     def _retire(self, pool: ReplicaPool, r: Replica) -> None:

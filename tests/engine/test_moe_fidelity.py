@@ -154,3 +154,8 @@ def test_bad_expert_counts_are_refused():
            "num_experts_per_tok": 8, "moe_intermediate_size": 32}
     with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=8"):
         model_config_from_hf(cfg, "bad")
+    mixtral = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+               "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 300, "num_local_experts": 8,
+               "num_experts_per_tok": 0}
+    with pytest.raises(UnsupportedModelError, match=r"num_experts_per_tok \(0\) must be in 1\.\.8"):
+        model_config_from_hf(mixtral, "bad")

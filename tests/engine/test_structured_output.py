@@ -159,3 +159,35 @@ def test_logprobs_of_a_constrained_request_are_finite(llm):
     assert out.text == "a" and out.logprobs
     for lp in out.logprobs:
         assert all(-9999.0 <= v <= 0.0 for _, v in lp.top) and lp.logprob > -9999.0
+
+
+def test_batched_mask_fill_equals_one_matcher_at_a_time(llm):
+    """Rows without drafts are filled by xgrammar's batch matcher (threads): the same bits as
+    each matcher's own fill, with a row holding drafts and an unconstrained row beside them."""
+    import torch
+    import xgrammar as xgr
+
+    from llmesh.engine.structured_output.state import GrammarState, apply_bitmask
+
+    core = llm.engine.core
+    vocab = llm.engine.model_config.vocab_size
+    compiled = core._grammar_cache().get(StructuredOutputSpec.json_schema(SCHEMA)).result(timeout=60)
+    regex = core._grammar_cache().get(StructuredOutputSpec("regex", "(ab|cd)+x")).result(timeout=60)
+    states = [GrammarState(compiled, [0]) for _ in range(3)] + [GrammarState(regex, [0])]
+    tok = llm.get_tokenizer()
+    for t in tok.encode('{"name": "b', add_special_tokens=False):
+        states[1].accept(t)  # matchers in different states
+    drafts = tuple(tok.encode("ab", add_special_tokens=False))
+    assert states[3].valid_prefix(list(drafts)) == len(drafts)
+    rows = [(0, states[0], ()), (2, states[1], ()), (3, states[2], ()), (4, states[3], drafts)]
+    logits = torch.zeros(5 + len(drafts), vocab)
+    apply_bitmask(logits, rows)
+    want = xgr.allocate_token_bitmask(logits.shape[0], vocab)
+    for i, state, d in rows:
+        state.fill_rows(want, i, d)
+    expect = torch.zeros_like(logits)
+    xgr.apply_token_bitmask_inplace(expect, want, vocab_size=vocab,
+                                    indices=[0, 2, 3, *range(4, 5 + len(drafts))])
+    assert torch.equal(logits, expect)
+    assert torch.isinf(logits[0]).any() and not torch.isinf(logits[1]).any()  # row 1: unconstrained
+    assert not torch.equal(logits[0], logits[2])  # different matcher states, different masks

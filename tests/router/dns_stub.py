@@ -1,8 +1,9 @@
 """A real UDP DNS server for discovery tests: answers A queries from a table the test edits.
 
 Names in ``records`` answer their A records (AAAA: no records); other names answer
-NXDOMAIN; names in ``failing`` answer SERVFAIL (a broken upstream). Served by dnslib's
-threaded UDP server on loopback.
+NXDOMAIN; names in ``failing`` answer SERVFAIL (a broken upstream), names in
+``failing_aaaa`` SERVFAIL to AAAA queries only (resolvers that drop one family). Served by
+dnslib's threaded UDP server on loopback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class DnsStub:
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
         self.failing: set[str] = set()
+        self.failing_aaaa: set[str] = set()
         self.queries = 0
         self._lock = threading.Lock()
         self._server = DNSServer(self, address="127.0.0.1", port=0,
@@ -38,6 +40,7 @@ class DnsStub:
         with self._lock:
             self.queries += 1
             failing, ips = name in self.failing, self.records.get(name)
+            failing |= name in self.failing_aaaa and request.q.qtype == QTYPE.AAAA
         if failing:
             reply.header.rcode = RCODE.SERVFAIL
         elif ips is None:

@@ -260,3 +260,21 @@ def test_an_unreachable_nameserver_is_a_bounded_failure():
             assert time.monotonic() - t0 < 2
 
     _run(scenario())
+
+
+def test_one_address_family_failing_keeps_the_other_families_answer(dns):
+    """A resolver that drops AAAA queries must not freeze the pool: the A records stand; a
+    failure with nothing found by the other family is a failed lookup (the pool is kept)."""
+    from llmesh.router.discovery import DiscoveryError, DnsResolver
+
+    resolver = DnsResolver(dns.address, timeout_s=2.0)
+    dns.set(NAME, IPS[:2])
+    dns.failing_aaaa.add(NAME)
+
+    async def scenario():
+        assert await resolver.addresses(NAME, 50061) == {f"{ip}:50061" for ip in IPS[:2]}
+        dns.set(NAME, [])
+        with pytest.raises(DiscoveryError, match="AAAA lookup"):
+            await resolver.addresses(NAME, 50061)
+
+    _run(scenario())

@@ -268,6 +268,13 @@ def _experts(gguf: GGUFFile, meta: _Meta, architecture: str, experts: int) -> di
             raise UnsupportedModelError(f"GGUF tensor {stray!r} belongs to a mixture of experts, and the file "
                                         f"has no '{meta.arch}.expert_count'")
         return {}
+    if architecture not in _NORM_TOPK_DEFAULT:
+        raise UnsupportedModelError(f"GGUF architecture {meta.arch!r} has '{meta.arch}.expert_count' = {experts}; "
+                                    f"mixtures of experts are served as {', '.join(sorted(_NORM_TOPK_DEFAULT))}")
+    top_k = int(meta.required("expert_used_count"))
+    if not 0 < top_k <= experts:
+        raise UnsupportedModelError(f"GGUF '{meta.arch}.expert_used_count' = {top_k} must be in 1..{experts} "
+                                    f"(the expert count)")
     layers = int(meta.required("block_count"))
     dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors]
     shared = "blk.{}.ffn_gate_shexp.weight"
@@ -275,7 +282,7 @@ def _experts(gguf: GGUFFile, meta: _Meta, architecture: str, experts: int) -> di
                         if shared.format(i) in gguf.tensors), 0)
     norm = meta.get("expert_weights_norm")
     expert_ffn = meta.get("expert_feed_forward_length") or meta.required("feed_forward_length")
-    return dict(num_experts=experts, num_experts_per_tok=int(meta.required("expert_used_count")),
+    return dict(num_experts=experts, num_experts_per_tok=top_k,
                 moe_intermediate_size=_uniform(expert_ffn, f"{meta.arch}.expert_feed_forward_length"),
                 norm_topk_prob=_NORM_TOPK_DEFAULT[architecture] if norm is None else bool(norm),
                 shared_expert_intermediate_size=int(shared_size), mlp_only_layers=dense)

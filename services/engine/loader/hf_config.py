@@ -181,8 +181,11 @@ def _experts(config: dict[str, Any], architecture: str) -> dict[str, Any]:
     """ModelConfig's mixture-of-experts fields; empty for a dense architecture."""
     if architecture == "mixtral":
         # Every layer sparse, the experts as wide as intermediate_size, top-k always renormalised.
-        return dict(num_experts=int(_required(config, "num_local_experts")),
-                    num_experts_per_tok=int(_required(config, "num_experts_per_tok")),
+        experts, top_k = int(_required(config, "num_local_experts")), int(_required(config, "num_experts_per_tok"))
+        if not 0 < top_k <= experts:
+            raise UnsupportedModelError(f"config.json: num_experts_per_tok ({top_k}) must be in 1..{experts} "
+                                        f"(num_local_experts)")
+        return dict(num_experts=experts, num_experts_per_tok=top_k,
                     moe_intermediate_size=int(_required(config, "intermediate_size")), norm_topk_prob=True)
     if architecture not in ("qwen2_moe", "qwen3_moe"):
         return {}

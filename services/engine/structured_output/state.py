@@ -18,6 +18,10 @@ class GrammarState:
     def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: Iterable[int]) -> None:
         self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(set(stop_token_ids)) or None)
 
+    @property
+    def matcher(self) -> xgr.GrammarMatcher:
+        return self._matcher
+
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into ``bitmask[row]`` (int32 words, 1 bit per token)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
@@ -60,6 +64,16 @@ class GrammarState:
         return self._matcher.is_terminated()
 
 
+_BATCH: xgr.BatchGrammarMatcher | None = None
+
+
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    global _BATCH
+    if _BATCH is None:
+        _BATCH = xgr.BatchGrammarMatcher()  # threads: half the host's cores
+    return _BATCH
+
+
 def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState, tuple[int, ...]]]) -> None:
     """Set to -inf, in place, every token the grammar of row ``i`` does not allow next.
 
@@ -74,10 +88,20 @@ def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState, tu
     # One bitmask row per logits row, as xgrammar indexes it; only the rows in ``states``
     # are filled and applied, so unconstrained rows of a mixed batch are left alone.
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # [N, ceil(V / 32)] int32, host
-    indices = []
+    indices, plain, plain_rows = [], [], []
     for i, state, drafts in states:
-        state.fill_rows(bitmask, i, drafts)
+        if drafts:  # each row after a draft needs the matcher advanced: one request at a time
+            state.fill_rows(bitmask, i, drafts)
+        else:
+            plain.append(state.matcher)
+            plain_rows.append(i)
         indices.extend(range(i, i + len(drafts) + 1))
+    if len(plain) > 1:
+        # A JSON-schema row costs ~0.1 ms to fill at a 128k vocabulary: a batch of them fills
+        # on xgrammar's threads, outside the GIL, instead of one after another.
+        _batch_matcher().batch_fill_next_token_bitmask(plain, bitmask, plain_rows)
+    elif plain:
+        plain[0].fill_next_token_bitmask(bitmask, plain_rows[0])
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=indices)
