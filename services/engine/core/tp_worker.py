@@ -84,7 +84,9 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
 
 def _die_with_parent() -> None:
     """SIGKILL when the engine core dies: a worker blocked in a collective or on the device
-    never reads the pipe's EOF, and would hold its GPU until NCCL's watchdog fired."""
+    never reads the pipe's EOF, and would hold its GPU until NCCL's watchdog fired. Linux
+    sends it when the *thread* that started the worker ends: the served core builds its group
+    on its main thread; an offline ``LLM`` must be built on a thread that outlives it."""
     if sys.platform != "linux":
         return
     import ctypes
