@@ -81,3 +81,15 @@ def test_gguf_4bit_blocks(qtype):
     w = rows_to_weight(quantize_rows(torch.randn(64, 96, generator=gen), qtype), qtype, 96)
     assert isinstance(w, Int4Weight) and w.group_size == 32
     _check(torch.randn(3, 96, generator=gen), w)
+
+
+def test_expanded_copies_stay_within_their_memory_budget(monkeypatch):
+    import llmesh.engine.quant.cpu_matmul as cm
+
+    gen = torch.Generator().manual_seed(12)
+    w = quantize_int4(torch.randn(64, 256, generator=gen), group_size=32)
+    x = torch.randn(2, 256, generator=gen)
+    monkeypatch.setattr(cm, "EXPAND_BUDGET_FRAC", 0.0)  # nothing may be expanded
+    assert cpu_packed_matmul(x, w) is None  # float32: the per-step reference instead
+    assert torch.equal(linear(x, w, kernels=False, cpu_kernels=True), linear(x, w, kernels=False))
+    assert cpu_packed_matmul(x.to(torch.bfloat16), w) is not None  # the int4 kernel expands nothing

@@ -14,12 +14,18 @@ weight is prepared once, on first use, and the copy kept beside it:
   Q8_0) has no such kernel and is expanded once to bfloat16.
 - float32 activations: those kernels have only a scalar float32 path, several times slower
   than a float32 dense GEMV, so W is expanded once to float32 — exactly the reference's
-  ``x @ W.dequantize()``, bit for bit, at a float32 model's speed and memory.
+  ``x @ W.dequantize()``, bit for bit, at a float32 model's speed (and its memory, on top
+  of the packed weight).
 
+Expanded copies (float32, and bfloat16 for Q8_0) are bounded: once they would pass a
+quarter of the machine's memory (``EXPAND_BUDGET_FRAC``), further weights keep the
+per-step dequantizing reference, so a large quantized model still fits where it did.
 Other formats (FP8) return None and the caller keeps the dequantizing reference.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,12 +36,31 @@ INT4_CPU_GROUPS = (32, 64, 128, 256)
 
 _CACHE = "_cpu_pack"
 
+EXPAND_BUDGET_FRAC = 0.25
+"""Share of physical memory that expanded copies of packed weights may take, in all."""
 
-def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple:
+_expanded_bytes = 0
+
+
+def _may_expand(nbytes: int) -> bool:
+    global _expanded_bytes
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    if _expanded_bytes + nbytes > EXPAND_BUDGET_FRAC * total:
+        return False
+    _expanded_bytes += nbytes
+    return True
+
+
+def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple | None:
     if w.group_size != w.in_features:
         # Grouped (GGUF Q8_0, e.g. the demo's tied embedding / LM head): the int8 kernel takes
         # one scale per channel only, so keep W expanded to bfloat16 (half of float32's bytes,
         # and bfloat16 GEMMs are vectorized) rather than expanding it on every step.
+        if not _may_expand(w.in_features * w.out_features * 2):
+            return None
         return ("dense", w.dequantize().t().to(dtype).contiguous())  # [N, K]
     return ("int8", w.qweight.t().contiguous(), w.scales[0].to(dtype).contiguous())  # [N, K], [N]
 
@@ -55,6 +80,8 @@ def _pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
     if not isinstance(w, (Int8Weight, Int4Weight)):
         return None
     if dtype == torch.float32:
+        if not _may_expand(w.in_features * w.out_features * 4):
+            return None
         return ("float32", w.dequantize())  # [K, N]: the reference's W, multiplied the same way
     if isinstance(w, Int8Weight):
         return _int8_pack(w, dtype)
