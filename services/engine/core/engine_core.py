@@ -35,11 +35,11 @@ from llmesh.engine.kv_cache.events import KVEventPublisher
 from llmesh.engine.kv_cache.manager import KVCacheManager
 from llmesh.engine.loader import LoadedModel, load_model
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model_runner import ModelRunner, StepHandle, TorchModelRunner
+from llmesh.engine.core.runner_factory import build_runner
+from llmesh.engine.model_runner import ModelRunner, StepHandle
 from llmesh.engine.prompt_logprobs import collect as collect_prompt_logprobs
 from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.request import FinishReason, Request
-from llmesh.engine.sampler import Sampler
 from llmesh.engine.structured_output.spec import StructuredOutputSpec
 from llmesh.engine.scheduler import Scheduler
 from llmesh.engine.scheduler_output import SchedulerOutput
@@ -454,27 +454,6 @@ class EngineCore:
 
 EXPERT_TOKENS_INTERVAL_S = 1.0
 """Most often the per-expert token counts are copied from the device into the stats."""
-
-def build_runner(config: EngineConfig, model_config: ModelConfig, weights, *, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, linear_method: str, extra_kv_pools=(),
-                 shard=None, step_sender=None, awq_calibration: list[int] | None = None) -> ModelRunner:
-    """The configured backend's runner; every tensor-parallel rank builds its own the same way
-    (same graphs, same pool size), so their collectives pair up."""
-    cache = config.cache
-    common = dict(device=device, dtype=dtype, block_size=cache.block_size,
-                  sampler=Sampler(seed=config.seed, device=device), num_blocks=cache.num_kv_blocks,
-                  kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
-                  linear_method=linear_method, extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender,
-                  awq_calibration=awq_calibration)
-    if config.backend == "triton":
-        from llmesh.engine.triton_runner import TritonModelRunner
-
-        return TritonModelRunner(model_config, weights, max_model_len=max_model_len,
-                                 max_num_seqs=config.scheduler.max_num_seqs,
-                                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                                 cuda_graphs=config.cuda_graphs, **common)
-    return TorchModelRunner(model_config, weights, max_model_len=max_model_len, **common)
-
 
 SPEC_MAX_BACKOFF = 32
 """Most steps a request goes without drafts after verify steps that accepted nothing."""

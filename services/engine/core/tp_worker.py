@@ -52,7 +52,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     # tqdm's default lock is a named semaphore, which _exit's skipped teardown would leak.
     tqdm.set_lock(threading.RLock())
     try:
-        from llmesh.engine.core.engine_core import build_runner
+        from llmesh.engine.core.runner_factory import build_runner
         from llmesh.engine.model_runner import BroadcastTokenFeed
 
         device = rank_device(torch.device(spec.device), spec.rank)
