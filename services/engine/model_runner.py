@@ -135,7 +135,7 @@ class BroadcastTokenFeed(SampledTokenFeed):
         self.shard = shard
 
     def set(self, sampled: SampledBatch | None) -> None:
-        pass
+        """Nothing to keep: a worker samples nothing (its tokens come from ``patch``)."""
 
     def patch(self, input_ids: torch.Tensor, flat_index: list[int], requests: list[Request]) -> None:
         if not flat_index:

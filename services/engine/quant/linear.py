@@ -48,23 +48,19 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         return fp8_scaled_mm(x, w.qweight, w.scales)
     if name == "fp8" or isinstance(w, Fp8Weight):
         return None
+    from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
+
+    if name == "gemv" and x.shape[0] > MAX_M:
+        return None
+    cfg = GemvConfig(*fields) if name == "gemv" else GemmConfig(*fields)
     # The table's key has no group size: a config measured at another group whose K tile
     # would straddle this weight's groups falls back to the default path.
-    grouped = isinstance(w, Int4Weight) or w.group_size != w.in_features
+    if (isinstance(w, Int4Weight) or w.group_size != w.in_features) and w.group_size % cfg.block_k:
+        return None
     if name == "gemv":
-        from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
-
-        if x.shape[0] > MAX_M:
-            return None
-        cfg = GemvConfig(*fields)
-        if grouped and w.group_size % cfg.block_k:
-            return None
         if isinstance(w, Int4Weight):
             return w4a16_gemv(x, w.qweight, w.scales, w.mins, w.group_size, config=cfg)
         return w8a16_gemv(x, w.qweight, w.scales, w.group_size, config=cfg)
-    cfg = GemmConfig(*fields)
-    if grouped and w.group_size % cfg.block_k:
-        return None
     if isinstance(w, Int4Weight):
         from llmesh.kernels.w4a16_gemm import w4a16_gemm
 
@@ -135,11 +131,12 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    y = None
     if kernels:
         y = _kernel_matmul(x2, w)
-    elif cpu_kernels and x2.device.type == "cpu" and (y := cpu_packed_matmul(x2, w)) is not None:
-        pass
-    else:
+    elif cpu_kernels and x2.device.type == "cpu":
+        y = cpu_packed_matmul(x2, w)  # None: no CPU path for this format
+    if y is None:
         y = _reference_matmul(x2, w)
     if bias is not None:
         y = y + bias
