@@ -29,6 +29,7 @@ from llmesh.engine.model.moe import SparseMoeBlock, moe_tensor_name
 from llmesh.engine.model.ops import ModelOps, make_ops
 from llmesh.engine.model.shard import ShardSpec, check_shardable, own_storage, slice_out_features
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
+from llmesh.engine.quant.cpu_matmul import cpu_layout
 from llmesh.engine.quant.linear import Weight
 from llmesh.kernels.paged_attention import AttentionMetadata
 
@@ -95,6 +96,8 @@ class LlamaForCausalLM:
         self.lm_head = (None if cfg.tie_word_embeddings else
                         self._linear(cfg.hidden_size, [cfg.vocab_size], False, head_method, "column"))
         self._load(weights)
+        if ops == "torch" and self.device.type == "cpu":
+            self._cpu_layouts()
 
     def _linear(self, k: int, parts: list[int], bias: bool, method: str, parallel: str) -> FusedLinear:
         """A linear of the whole layer's sizes; ``parallel`` (column / row) says how it shards."""
@@ -187,6 +190,14 @@ class LlamaForCausalLM:
                                              for n in layer.moe.missing(i)]
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _cpu_layouts(self) -> None:
+        """Float32 weights in the layout the CPU's GEMMs read fastest (quant/cpu_matmul.py)."""
+        for _, lin in self.named_linears():
+            if isinstance(lin.weight, torch.Tensor):
+                lin.weight = cpu_layout(lin.weight)
+        if self.lm_head is None and isinstance(self.embed_tokens, torch.Tensor):
+            self.embed_tokens = cpu_layout(self.embed_tokens)  # tied: it is the LM head too
 
     def _moe_block(self, layer: int) -> SparseMoeBlock | None:
         return self.layers[layer].moe if 0 <= layer < len(self.layers) else None

@@ -17,9 +17,16 @@ weight is prepared once, on first use, and the copy kept beside it:
   ``x @ W.dequantize()``, bit for bit, at a float32 model's speed (and its memory, on top
   of the packed weight).
 
-Expanded copies (float32, and bfloat16 for Q8_0) are bounded: once they would pass a
-quarter of the machine's memory (``EXPAND_BUDGET_FRAC``), further weights keep the
-per-step dequantizing reference, so a large quantized model still fits where it did.
+Float32 GEMMs, dense or expanded (measured on a 2-core AVX2 EPYC with ``bench/cpu_linear.py``):
+MKL's sgemm reads a weight stored [K, N] about 1.7x faster than the [N, K] of a checkpoint at
+one row, but takes 2-3x its one-row time at 2-16 rows (a verify step, a small batch), where
+oneDNN's prepacked weights are 1.5-2.5x faster and about as fast from there up. So a float32
+weight is stored [K, N] (``cpu_layout``: a transposed view, same shape, which F.linear hands
+to MKL as is) for the one-row steps, and gets a oneDNN-packed copy for the others.
+
+Expanded and packed copies (float32, bfloat16 for Q8_0, oneDNN's) are bounded: once they
+would pass a quarter of the machine's memory (``EXPAND_BUDGET_FRAC``), further weights keep
+the per-step dequantizing reference or MKL, so a large model still fits where it did.
 Other formats (FP8) return None and the caller keeps the dequantizing reference.
 """
 
@@ -52,6 +59,46 @@ def _may_expand(nbytes: int) -> bool:
         return False
     _expanded_bytes += nbytes
     return True
+
+
+ONEDNN_MIN_ROWS = 2
+"""From this many rows up, float32 GEMMs use oneDNN's prepacked weight (MKL below)."""
+
+_ONEDNN = "_llmesh_onednn"
+
+
+def cpu_layout(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [N, K] on the CPU, stored [K, N] behind the same shape and values (the
+    layout MKL's one-row GEMV reads fastest); other weights as they are."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or w.stride(0) == 1:
+        return w
+    return w.t().contiguous().t()
+
+
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's prepacked copy of a float32 weight [N, K] (any strides), made once; None where
+    this PyTorch has no oneDNN linear or the copy would pass the memory budget."""
+    packed = w.__dict__.get(_ONEDNN)
+    if packed is None:
+        packed = False
+        if torch.backends.mkldnn.is_available() and _may_expand(w.numel() * 4):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+            except (RuntimeError, AttributeError):  # a build or CPU without this oneDNN path
+                packed = False
+        w.__dict__[_ONEDNN] = packed
+    return packed if packed is not False else None
+
+
+def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """float32 x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN when M >= ONEDNN_MIN_ROWS; None
+    (the caller uses F.linear, MKL) for one row, other dtypes or no oneDNN."""
+    if x.shape[0] < ONEDNN_MIN_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return None
+    packed = _onednn_pack(w)
+    if packed is None:
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple | None:
@@ -100,7 +147,8 @@ def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | Non
     if pack is None:
         return None
     if pack[0] == "float32":
-        return x @ pack[1]
+        y = cpu_dense_matmul(x, pack[1].t())  # pack[1] is [K, N]: its transpose is W [N, K]
+        return x @ pack[1] if y is None else y
     x = x.contiguous()
     if pack[0] == "dense":
         return torch.nn.functional.linear(x, pack[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmesh.engine.quant.cpu_matmul import cpu_packed_matmul
+from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_packed_matmul
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
 from llmesh.kernels.skinny_gemm_config import tuned_config
@@ -128,6 +128,10 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
     if isinstance(w, torch.Tensor):
         if kernels and x.is_cuda and (y := _dense_skinny(x, w, bias)) is not None:
             return y
+        if cpu_kernels and x.device.type == "cpu" and x.dim() >= 2:
+            y = cpu_dense_matmul(x.reshape(-1, x.shape[-1]), w, bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
