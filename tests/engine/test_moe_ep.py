@@ -149,6 +149,18 @@ def test_tp2_with_expert_parallel_gives_tp1_tokens(moe_dirs, arch):
     assert torch.equal(counts, want_counts)  # llmesh_engine_expert_tokens_total: each expert once
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_expert_parallel_on_gpus_with_cuda_graphs_gives_tp1_tokens(moe_dirs):
+    # NCCL, the fused kernel with id -1 pairs inside captured decode and mixed graphs.
+    pytest.importorskip("triton")
+    kw = dict(device="cuda", backend="triton", max_num_seqs=8)
+    got, counts, _ = _generate(moe_dirs["qwen3_moe"], tensor_parallel_size=2, enable_expert_parallel=True, **kw)
+    want, want_counts, _ = _generate(moe_dirs["qwen3_moe"], **kw)
+    assert got == want
+    assert torch.equal(counts, want_counts)
+
+
 def test_indivisible_expert_count_is_refused_before_any_worker_starts(tmp_path):
     path = build_tiny_model(str(tmp_path / "mixtral5"), "mixtral", num_local_experts=5)
     children = {p.pid for p in multiprocessing.active_children()}
