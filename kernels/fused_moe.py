@@ -17,6 +17,12 @@ The design of vLLM's / SGLang's Triton fused_moe:
 4. The k copies of each token are summed by one ``sum`` over [T, k, H] (fixed order, so the
    result does not depend on scheduling; atomics would not be deterministic).
 
+Expert parallelism: an id of -1 in ``topk_ids`` is a pair whose expert another rank holds
+(vLLM's ``expert_map`` convention). The align step sorts those pairs into one trailing run
+whose blocks carry expert -1: the gate/up GEMM skips them, the down GEMM writes zeros to
+their rows (no weight is read), so they add nothing to the top-k sum. No host read decides
+anything, so the layer stays CUDA-graph safe with a rank's partial expert set.
+
 INT8 and FP8 (E4M3) weight-only experts (per-output-channel scales, w = q * scale) go through
 the same kernels: int8 codes -127..127 and every E4M3 value are exact in 16-bit floats, so
 the codes are cast to the activation dtype in the K loop and feed tl.dot, and the accumulator
@@ -50,29 +56,32 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Most entries the sorted, padded list can need: each hit expert pads < BLOCK_M rows,
-    and at most min(E, T * k) experts are hit."""
-    return num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    """Most entries the sorted, padded list can need: each hit expert (and the run of pairs
+    held elsewhere, id -1) pads < BLOCK_M rows, and at most min(E + 1, T * k) runs exist."""
+    return num_pairs + min(num_experts + 1, num_pairs) * (block_m - 1)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort (token, slot) pairs by expert, each expert's run padded to BLOCK_M.
 
-    topk_ids [T, k] → (sorted_ids int32 [P]: flat pair index t * k + j, or T * k for padding;
-    expert_ids int32 [P / BLOCK_M]: the expert of each block, -1 past the end;
-    num_tokens_post_padded int32 [1]). P is ``padded_length_bound`` rounded up to BLOCK_M.
-    Pairs of one expert keep their token order (a stable sort).
+    topk_ids [T, k] (ids in [0, E), or -1: an expert held by another rank) → (sorted_ids
+    int32 [P]: flat pair index t * k + j, or T * k for padding; expert_ids int32 [P / BLOCK_M]:
+    the expert of each block, -1 for the run of id -1 pairs (after every expert's) and past
+    the end; num_tokens_post_padded int32 [1], that run included). P is
+    ``padded_length_bound`` rounded up to BLOCK_M. Pairs of one expert keep their token order
+    (a stable sort).
     """
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
+    flat = torch.where(flat < 0, num_experts, flat)  # bucket E: pairs of other ranks' experts
     n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
-        0, flat, torch.ones_like(flat))  # [E]
-    padded = (counts + block_m - 1) // block_m * block_m  # [E]
-    ends = torch.cumsum(padded, 0)  # [E]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E + 1]
+    padded = (counts + block_m - 1) // block_m * block_m  # [E + 1]
+    ends = torch.cumsum(padded, 0)  # [E + 1]
     starts = ends - padded
-    first_pair = torch.cumsum(counts, 0) - counts  # [E] where each expert's pairs begin, unpadded
+    first_pair = torch.cumsum(counts, 0) - counts  # [E + 1] where each run's pairs begin, unpadded
     order = torch.argsort(flat, stable=True)  # [N]
     expert_of = flat[order]
     dest = starts[expert_of] + torch.arange(n, device=device) - first_pair[expert_of]  # [N]
@@ -105,14 +114,20 @@ def _moe_gemm_kernel(
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert < 0:
-        return
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs)  # [BLOCK_M] flat (token, slot) index; num_pairs: padding
     m_mask = pair < num_pairs
-    a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
+    if expert < 0:
+        # Pairs whose expert another rank holds: the top-k sum reads their down rows, so they
+        # must be zero (cheaper than zeroing the whole output first).
+        if MUL_WEIGHT:
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], zeros,
+                     mask=m_mask[:, None] & n_mask[None, :])
+        return
+    a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
     act_dtype = a_ptr.dtype.element_ty
     out_dtype = out_ptr.dtype.element_ty

@@ -7,7 +7,8 @@ op table runs this, so a float32 model agrees with transformers to rounding.
 
 Weights are stacked over experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
 INT8 weight-only experts carry per-output-channel scales (w = q * scale): w13_scale [E, 2I],
-w2_scale [E, H].
+w2_scale [E, H]. A topk_ids entry of -1 names an expert held by another rank (expert
+parallelism): the pair contributes zero.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     out = torch.zeros_like(x)
     if x.shape[0] == 0:
         return out
-    # A host read of which experts are hit: the reference's loop runs over those alone.
-    hit = torch.bincount(topk_ids.flatten().long(), minlength=num_experts).nonzero().flatten().tolist()
+    # A host read of which experts are hit: the reference's loop runs over those alone. Id -1
+    # is an expert another rank holds (expert parallelism): its pairs add nothing here.
+    ids = topk_ids.flatten().long()
+    hit = torch.bincount(ids[ids >= 0], minlength=num_experts).nonzero().flatten().tolist()
     for e in hit:
         token_idx, slot = torch.where(topk_ids == e)  # [n], [n]
         w_gate_up = dequantize_experts_ref(w13[e : e + 1], None if w13_scale is None else w13_scale[e : e + 1],

@@ -212,6 +212,10 @@ class EngineConfig:
         1, "split the model over this many GPUs (one worker process per GPU after the first, "
            "Megatron-style sharding; docs/tensor-parallel.md); on the CPU, as many processes "
            "(gloo), for tests")
+    enable_expert_parallel: bool = option(
+        False, "with tensor_parallel_size N > 1, split the routed experts of a mixture of experts whole over "
+               "the N ranks (rank r holds experts [r E/N, (r+1) E/N)); attention and shared experts stay "
+               "split by tensor parallelism (docs/moe.md)")
     max_model_len: int | None = option(
         None, "cap the served window (prompt + generated tokens) below the model's own (None: the model's)")
     cache: CacheConfig = group(CacheConfig)

@@ -161,6 +161,6 @@ def test_moe_model_is_refused_before_any_worker_starts(tmp_path):
 
     path = build_tiny_model(str(tmp_path / "mixtral"), "mixtral")
     children = {p.pid for p in multiprocessing.active_children()}
-    with pytest.raises(ModelLoadError, match="mixture-of-experts layers are not split by tensor parallelism"):
+    with pytest.raises(ModelLoadError, match="mixture-of-experts layers split over ranks only by expert parallelism; set enable_expert_parallel"):
         _generate(path, tensor_parallel_size=2)
     assert {p.pid for p in multiprocessing.active_children()} <= children, "a worker was started"

@@ -138,7 +138,8 @@ class EngineCore:
             from llmesh.engine.core.tp_executor import TensorParallelGroup
             from llmesh.engine.model.shard import check_shardable
 
-            check_shardable(self.model_config, self.config.tensor_parallel_size)  # before any worker loads
+            check_shardable(self.model_config, self.config.tensor_parallel_size,  # before any worker loads
+                            expert_parallel=self.config.enable_expert_parallel)
 
             self.tp = TensorParallelGroup(self.config, self.model_config, self.quantization,
                                           max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,

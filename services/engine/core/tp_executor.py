@@ -78,7 +78,8 @@ def group_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_group(rank: int, world_size: int, device: torch.device, init_method: str) -> ShardSpec:
+def init_group(rank: int, world_size: int, device: torch.device, init_method: str,
+               expert_parallel: bool = False) -> ShardSpec:
     """Join the tensor-parallel process group; the returned ShardSpec carries it."""
     os.environ.update(WORKER_ENV)
     kwargs = {}
@@ -88,7 +89,7 @@ def init_group(rank: int, world_size: int, device: torch.device, init_method: st
     torch.distributed.init_process_group(group_backend(device), init_method=init_method, rank=rank,
                                          world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
                                          **kwargs)
-    return ShardSpec(rank, world_size, torch.distributed.group.WORLD)
+    return ShardSpec(rank, world_size, torch.distributed.group.WORLD, expert_parallel=expert_parallel)
 
 
 _LIVE: weakref.WeakSet[TensorParallelGroup] = weakref.WeakSet()
@@ -155,7 +156,8 @@ class TensorParallelGroup:
         _LIVE.add(self)
         self._watch = threading.Thread(target=self._watch_workers, name="tp-worker-watch", daemon=True)
         self._watch.start()
-        self.shard = init_group(0, self.world_size, rank_device(device, 0), init_method)
+        self.shard = init_group(0, self.world_size, rank_device(device, 0), init_method,
+                                expert_parallel=config.enable_expert_parallel)
         log.info("tensor-parallel group up", extra={"world_size": self.world_size, "device": str(device),
                                                     "backend": group_backend(device),
                                                     "worker_pids": [p.pid for p in self.procs]})

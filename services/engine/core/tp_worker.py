@@ -58,7 +58,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         device = rank_device(torch.device(spec.device), spec.rank)
         if device.type == "cpu":  # the ranks share the host's cores: no oversubscription
             torch.set_num_threads(max(1, torch.get_num_threads() // spec.world_size))
-        shard = init_group(spec.rank, spec.world_size, device, spec.init_method)
+        shard = init_group(spec.rank, spec.world_size, device, spec.init_method,
+                           expert_parallel=spec.config.enable_expert_parallel)
         weights = _load(spec, device).weights_for(spec.quantization)
         runner = build_runner(spec.config, spec.model_config, weights, device=device, dtype=spec.dtype,
                               max_model_len=spec.max_model_len, linear_method=spec.quantization.linear_method,

@@ -13,7 +13,9 @@ one fused weight each as they arrive (``STACKED``), as vLLM's stacked-params map
 With a ``shard`` of several ranks (tensor parallelism, model/shard.py) each rank holds its
 heads of q/k/v and its columns of gate/up (column-parallel), the matching input rows of
 o_proj and down_proj (row-parallel, all-reduced), its vocabulary range of the embedding and
-LM head; loading takes the rank's slice of each checkpoint tensor as it arrives.
+LM head; loading takes the rank's slice of each checkpoint tensor as it arrives. A sparse
+layer under expert parallelism holds whole experts instead (moe.py); its output is
+all-reduced like down_proj's.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class LlamaForCausalLM:
         self.shard = shard or ShardSpec()
         tp = self.shard.world_size
         if self.shard.parallel:
-            check_shardable(cfg, tp)
+            check_shardable(cfg, tp, expert_parallel=self.shard.expert_parallel)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, cfg.head_dim)
         self.vocab_start, self.vocab_end = self.shard.range(cfg.vocab_size)
@@ -114,7 +116,7 @@ class LlamaForCausalLM:
                              o_proj=self._linear(q, [h], o_bias, m, "row"), gate_up_proj=None, down_proj=None)
         if c.is_sparse_layer(i):
             layer.moe = SparseMoeBlock.empty(c, self.expert_tokens[c.sparse_layers.index(i)], linear_method=m,
-                                             dtype=self.dtype, device=self.device)
+                                             dtype=self.dtype, device=self.device, shard=self.shard)
         else:
             layer.gate_up_proj = self._linear(h, [c.intermediate_size] * 2, False, m, "column")
             layer.down_proj = self._linear(c.intermediate_size, [h], False, m, "row")
@@ -255,7 +257,7 @@ class LlamaForCausalLM:
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:
                 h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
-                x = layer.moe.forward(ops, h, real_tokens)
+                x = self.shard.all_reduce(layer.moe.forward(ops, h, real_tokens))
                 continue
             gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
                                                 layer.gate_up_proj.weight)  # [T, 2 I]

@@ -18,6 +18,13 @@ arrives (per output channel, so part by part equals the whole), likewise FP8 E4M
 
 Each block counts the tokens routed to each expert in a device tensor (no host read per
 layer); the engine reads all counts at most once per stats interval (``expert_token_counts``).
+
+Expert parallelism (a ``shard`` with ``expert_parallel``, model/shard.py): the block holds
+only experts [expert_start, expert_end) — only those are loaded — and routes every token with
+the whole (replicated) router. Global ids outside its range become -1 (the ``moe`` op skips
+those pairs, kernels/fused_moe.py), local ones are shifted to start at 0; the output is this
+rank's partial sum, which the decoder all-reduces. Counting happens on the global ids before
+the mapping, so every rank's counts cover all experts once (rank 0's are the ones read).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
 
@@ -96,8 +104,9 @@ EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.
 
 @dataclass
 class StackedExperts:
-    """The routed experts of one layer: w13 [E, 2I, H], w2 [E, H, I] in the model dtype, or
-    int8 / float8_e4m3fn codes with per-row scales w13_scale [E, 2I], w2_scale [E, H]."""
+    """The routed experts of one layer (this rank's E of them under expert parallelism): w13
+    [E, 2I, H], w2 [E, H, I] in the model dtype, or int8 / float8_e4m3fn codes with per-row
+    scales w13_scale [E, 2I], w2_scale [E, H]."""
 
     w13: torch.Tensor
     w2: torch.Tensor
@@ -122,12 +131,18 @@ class SparseMoeBlock:
     shared_gate_up: FusedLinear | None = None
     shared_down: FusedLinear | None = None
     shared_expert_gate: torch.Tensor | None = None  # [1, H]
+    expert_start: int = 0
+    expert_end: int = 0
+    """The global ids [expert_start, expert_end) of the experts held here (all without expert
+    parallelism)."""
     _filled: set[tuple[str, int]] = field(default_factory=set)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, expert_tokens: torch.Tensor, *, linear_method: str, dtype: torch.dtype,
-              device: torch.device) -> SparseMoeBlock:
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+              device: torch.device, shard: ShardSpec | None = None) -> SparseMoeBlock:
+        shard = shard or ShardSpec()
+        start, end = shard.expert_range(cfg.num_experts)
+        e, h, i = end - start, cfg.hidden_size, cfg.moe_intermediate_size
         scaled = linear_method in EXPERT_QUANTIZERS
         wdtype = EXPERT_QUANTIZERS[linear_method][0] if scaled else dtype
         experts = StackedExperts(
@@ -135,12 +150,20 @@ class SparseMoeBlock:
             w2=torch.empty(e, h, i, dtype=wdtype, device=device),
             w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if scaled else None,
             w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if scaled else None)
-        block = cls(cfg=cfg, experts=experts, expert_tokens=expert_tokens, dtype=dtype)
+        block = cls(cfg=cfg, experts=experts, expert_tokens=expert_tokens, dtype=dtype, expert_start=start,
+                    expert_end=end)
         si = cfg.shared_expert_intermediate_size
-        if si:
-            block.shared_gate_up = FusedLinear(h, [si, si], False, linear_method, dtype=dtype, device=device)
-            block.shared_down = FusedLinear(si, [h], False, linear_method, dtype=dtype, device=device)
+        if si:  # tensor-parallel like a dense MLP: its partial sum joins the routed one's all-reduce
+            block.shared_gate_up = FusedLinear(h, [si, si], False, linear_method, dtype=dtype, device=device,
+                                               shard=shard, parallel="column")
+            block.shared_down = FusedLinear(si, [h], False, linear_method, dtype=dtype, device=device,
+                                            shard=shard, parallel="row")
         return block
+
+    @property
+    def partial_experts(self) -> bool:
+        """Whether other ranks hold some of the experts (expert parallelism)."""
+        return self.expert_end - self.expert_start != self.cfg.num_experts
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, what: str, expert: int | None, part: str | None, t: Weight) -> None:
@@ -182,19 +205,22 @@ class SparseMoeBlock:
     def _load_expert(self, part: str, expert: int | None, t: torch.Tensor) -> None:
         c = self.cfg
         e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        start, end = self.expert_start, self.expert_end
         rows = slice(0, i) if part == "gate" else slice(i, 2 * i) if part == "up" else slice(0, h)
         one = (i, h) if part != "down" else (h, i)
-        experts = range(e) if expert is None else [expert]
         if expert is not None and not 0 <= expert < e:
             raise ValueError(f"is expert {expert}, the model has {e} experts")
         shape = (e, *one) if expert is None else one
         if tuple(t.shape) != shape:
             raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
-        t = t.to(self.expert_tokens.device)
-        stacked = t if expert is None else t[None]  # [n, rows, cols]
+        if expert is not None and not start <= expert < end:
+            return  # another rank's expert (expert parallelism): never copied to this device
+        experts = range(start, end) if expert is None else [expert]
+        # Only this rank's experts travel to the device (a stacked tensor is cut first).
+        stacked = (t[start:end] if expert is None else t[None]).to(self.expert_tokens.device)  # [n, rows, cols]
         target, scale = ((self.experts.w2, self.experts.w2_scale) if part == "down"
                          else (self.experts.w13, self.experts.w13_scale))
-        sel = slice(0, e) if expert is None else slice(expert, expert + 1)
+        sel = slice(0, end - start) if expert is None else slice(expert - start, expert - start + 1)
         if scale is not None:
             quantize = next(fn for dtype, fn in EXPERT_QUANTIZERS.values() if dtype == target.dtype)
             q, s = quantize(stacked)
@@ -210,7 +236,7 @@ class SparseMoeBlock:
         prefix = f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}"
         out = [] if ("router", -1) in self._filled else [f"{prefix}.gate.weight"]
         for part, hf in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
-            lacking = [x for x in range(self.cfg.num_experts) if (part, x) not in self._filled]
+            lacking = [x for x in range(self.expert_start, self.expert_end) if (part, x) not in self._filled]
             if lacking:
                 out.append(f"{prefix}.experts.{lacking[0]}.{hf if mixtral else part + '_proj'}.weight")
         if self.shared_gate_up is not None:
@@ -229,14 +255,19 @@ class SparseMoeBlock:
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, ops, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-        # x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include → [T, H]
+        """x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include →
+        [T, H]; with several ranks, this rank's partial sum (the caller all-reduces it)."""
         c = self.cfg
         router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
         weights, ids = select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
         self.expert_tokens.index_add_(0, ids.flatten(), counted[:, None].expand_as(ids).flatten())
-        out = ops.moe(x, self.experts, weights, ids)
+        if self.partial_experts:
+            # Global → local ids; other ranks' experts → -1, which the moe op skips. No host read.
+            local = ids - self.expert_start  # [T, k]
+            ids = torch.where((local >= 0) & (local < self.expert_end - self.expert_start), local, -1)
+        out = ops.moe(x, self.experts, weights, ids)  # [T, H]: this rank's experts' share
         if self.shared_gate_up is not None:
             shared = ops.act_linear(ops.linear(x, self.shared_gate_up.weight), self.shared_down.weight)  # [T, H]
             gate = torch.sigmoid(ops.linear(x, self.shared_expert_gate))  # [T, 1]

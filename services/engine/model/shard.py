@@ -8,7 +8,12 @@ collectives that put the partial results back together (Megatron-style).
 - vocab-parallel embedding: a rank holds a range of vocabulary rows, looks up the ids that
   fall in it (others give zeros) and the rows are all-reduced;
 - vocab-parallel LM head: a rank computes the logits of its vocabulary range; rank 0
-  gathers them (only rank 0 samples).
+  gathers them (only rank 0 samples);
+- expert-parallel MoE (``expert_parallel``): a rank holds whole experts, a contiguous range of
+  E / N of them, and runs only the routed (token, expert) pairs that fall in it; the partial
+  outputs are all-reduced like a row-parallel layer's. Attention leaves the hidden states
+  replicated on every rank, so every rank routes every token and dispatch needs no
+  communication. Shared experts stay column/row-parallel.
 
 Packed (quantized) weights slice in their own layouts (packed.py), so a rank's shard is
 bit for bit the matching part of the whole weight quantized at once.
@@ -34,6 +39,8 @@ class ShardSpec:
     world_size: int = 1
     group: Any = None
     """The torch.distributed process group (None with one rank)."""
+    expert_parallel: bool = False
+    """Mixture-of-experts layers split whole experts over the ranks (``enable_expert_parallel``)."""
 
     @property
     def parallel(self) -> bool:
@@ -45,6 +52,15 @@ class ShardSpec:
         per = -(-total // self.world_size)
         start = min(self.rank * per, total)
         return start, min(start + per, total)
+
+    def expert_range(self, num_experts: int) -> tuple[int, int]:
+        """[start, end) of the experts this rank holds: all of them without expert
+        parallelism, else an equal contiguous share."""
+        if not (self.parallel and self.expert_parallel):
+            return 0, num_experts
+        check_experts_divisible(num_experts, self.world_size)
+        per = num_experts // self.world_size
+        return self.rank * per, (self.rank + 1) * per
 
     def padded_part(self, total: int) -> int:
         return -(-total // self.world_size)
@@ -77,19 +93,31 @@ def check_divisible(what: str, count: int, world_size: int) -> None:
                          f"({world_size})")
 
 
-def check_shardable(cfg, world_size: int) -> None:
+def check_experts_divisible(num_experts: int, world_size: int) -> None:
+    if num_experts % world_size:
+        raise ValueError(f"enable_expert_parallel: num_experts ({num_experts}) must be divisible by "
+                         f"tensor_parallel_size ({world_size}); every rank holds an equal share of whole experts")
+
+
+def check_shardable(cfg, world_size: int, expert_parallel: bool = False) -> None:
     """What the model itself refuses to split, raised as ModelLoadError (the model checks the
     same again; the engine core asks first, before any worker loads a byte)."""
     from llmesh.engine.errors import ModelLoadError
 
-    if cfg.num_experts:
-        raise ModelLoadError(f"{cfg.architecture}: mixture-of-experts layers are not split by tensor "
-                             "parallelism yet; serve this model with tensor_parallel_size 1")
+    if cfg.num_experts and not expert_parallel:
+        # Slicing every expert's FFN dim would leave tiny per-rank GEMMs; whole experts per
+        # rank (expert parallelism) is the supported split.
+        raise ModelLoadError(f"{cfg.architecture}: mixture-of-experts layers split over ranks only by expert "
+                             "parallelism; set enable_expert_parallel (or serve with tensor_parallel_size 1)")
     try:
         # KV heads are split, never replicated: every rank's pool holds distinct heads.
         check_divisible("num_attention_heads", cfg.num_attention_heads, world_size)
         check_divisible("num_key_value_heads", cfg.num_key_value_heads, world_size)
-        check_divisible("intermediate_size", cfg.intermediate_size, world_size)
+        if any(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)):
+            check_divisible("intermediate_size", cfg.intermediate_size, world_size)
+        if cfg.num_experts:
+            check_experts_divisible(cfg.num_experts, world_size)
+            check_divisible("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, world_size)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
 
