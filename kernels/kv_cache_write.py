@@ -17,7 +17,8 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_last_dim_contiguous, check_size, check_tensor, interpreting, next_power_of_2)
-from llmesh.kernels.kv_quant import POOL_DTYPES, check_kv_scales, quantize_kv_tile
+from llmesh.kernels.kv_quant import quantize_kv_tile
+from llmesh.kernels.kv_quant_ref import POOL_DTYPES, check_kv_scales
 from llmesh.kernels.paged_attention import write_kv_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmesh.kernels.kv_quant import dequantize_kv_ref, is_fp8, quantize_kv_ref
+from llmesh.kernels.kv_quant_ref import dequantize_kv_ref, is_fp8, quantize_kv_ref
 
 
 @dataclass

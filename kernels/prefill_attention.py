@@ -33,7 +33,8 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.kv_quant import check_kv_scales, exponent_to_scale
+from llmesh.kernels.kv_quant import exponent_to_scale
+from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 

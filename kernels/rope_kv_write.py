@@ -18,7 +18,8 @@ import triton.language as tl
 
 from llmesh.kernels.common import INDEX_DTYPES, check_out, check_size, check_tensor, interpreting, next_power_of_2
 from llmesh.kernels.kv_cache_write import kv_cache_write_ref
-from llmesh.kernels.kv_quant import POOL_DTYPES, check_kv_scales, kv_exponent, kv_quantize
+from llmesh.kernels.kv_quant import kv_exponent, kv_quantize
+from llmesh.kernels.kv_quant_ref import POOL_DTYPES, check_kv_scales
 from llmesh.kernels.rope import _check_heads, rotary_embedding_ref, rotate_heads, round_to
 from llmesh.kernels.triton_helpers import cast_rtne
 

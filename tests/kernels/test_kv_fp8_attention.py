@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from llmesh.kernels.kv_quant import KV_FP8_DTYPE, KV_SCALE_DTYPE  # noqa: E402
+from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_DTYPE  # noqa: E402
 from llmesh.kernels.paged_attention import write_kv_ref  # noqa: E402
 from llmesh.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
 from llmesh.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
-from llmesh.kernels.kv_quant import (  # noqa: E402
+from llmesh.kernels.kv_quant_ref import (  # noqa: E402
     KV_FP8_DTYPE, KV_SCALE_DTYPE, dequantize_kv_ref, quantize_kv_ref)
 from llmesh.kernels.rope import rope_cos_sin_cache  # noqa: E402
 from llmesh.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref  # noqa: E402
