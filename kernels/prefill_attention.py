@@ -138,7 +138,8 @@ def softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, MASKED: tl.const
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+    seq_lens_ptr,
     scale_log2, num_seqs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh,
@@ -185,7 +186,8 @@ def _prefill_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(0, diag, BLOCK_N):  # off-diagonal: visible to every row, inside the context
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
@@ -193,7 +195,8 @@ def _prefill_kernel(
     for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
         n = n0 + n_range
         n_mask = n < hi
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
@@ -224,7 +227,8 @@ def launch_prefill_kernel(
     grid = (t // block_q + s, h_kv)
     fp8 = k_scales is not None
     _prefill_kernel[grid](
-        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables,
+        query_start_loc, seq_lens,
         scale * LOG2E, s,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -269,13 +273,15 @@ def prefill_attention(
     """Causal attention of the new tokens q: [T, H_q, D] over their sequences' paged context.
 
     k_cache, v_cache: [num_blocks, block_size, H_kv, D] holding every context token,
-    the new ones included (an FP8 pool with k_scales, v_scales [num_blocks, block_size, H_kv]); block_tables: [S, max_blocks]; query_start_loc: [S + 1];
+    the new ones included (an FP8 pool with k_scales, v_scales [num_blocks, block_size, H_kv]);
+    block_tables: [S, max_blocks]; query_start_loc: [S + 1];
     seq_lens: [S] context lengths including the new tokens (seq_lens[s] must be at least
     sequence s's new-token count). The launch depends on shapes only, so the call never
     syncs; `max_query_len` = 0 (a batch without new tokens) skips it. Returns (or fills
     `out`) [T, H_q, D]; rows past query_start_loc[S] are left as they are.
     """
-    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales)
+    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales,
+                           v_scales)
     out = check_out("out", out, tuple(q.shape), q.dtype, q.device)
     if q.shape[0] == 0 or s == 0 or max_query_len == 0:
         return out

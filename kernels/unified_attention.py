@@ -45,7 +45,8 @@ def _segment_len(ctx_len, NUM_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, MIN
 
 @triton.jit
 def _short_query_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+    seq_lens_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -98,7 +99,8 @@ def _short_query_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(start, open_end, BLOCK_N):
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
@@ -106,7 +108,8 @@ def _short_query_kernel(
     for n0 in range(open_end, end, BLOCK_N):
         n = n0 + n_range
         n_mask = n < end
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
@@ -237,7 +240,8 @@ def unified_attention(
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
                   NUM_SEGMENTS=segments, MIN_SEGMENT=cfg.min_segment, INTERPRET=interpreting())
     _short_query_kernel[(s, h_kv, segments)](
-        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables, query_start_loc, seq_lens, part_m, part_l, part_acc,
+        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables,
+        query_start_loc, seq_lens, part_m, part_l, part_acc,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
