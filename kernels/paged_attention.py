@@ -10,6 +10,9 @@ handles a mixed batch: sequences with one new token (decodes) in one batched op,
 others (prefill chunks, extends after a prefix hit) one by one with a causal mask offset
 by the tokens already cached. It is the torch backend's attention and the oracle the
 Triton kernels are tested against.
+
+An FP8 pool (kernels/kv_quant.py) comes with its per-(token, head) scale pools: the reference
+quantizes on write and dequantizes what it gathers to q's dtype before attending.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from llmesh.kernels.kv_quant_ref import dequantize_kv_ref, is_fp8, quantize_kv_ref
 
 
 @dataclass
@@ -68,15 +73,32 @@ class AttentionMetadata:
 
 
 def write_kv_ref(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> None:
     """Store new keys/values into their slots. k, v: [T, H_kv, D]; slot_mapping: [T], every
-    slot valid (callers drop -1 padding first: torch would wrap it to the last slot)."""
+    slot valid (callers drop -1 padding first: torch would wrap it to the last slot). An FP8
+    pool stores them quantized, their scale exponents into k_scales, v_scales [num_blocks, block_size, H_kv]."""
     num_blocks, block_size, h_kv, d = k_cache.shape
+    if is_fp8(k_cache):
+        (k, ke), (v, ve) = quantize_kv_ref(k), quantize_kv_ref(v)
+        k_scales.view(num_blocks * block_size, h_kv).index_copy_(0, slot_mapping, ke)
+        v_scales.view(num_blocks * block_size, h_kv).index_copy_(0, slot_mapping, ve)
+        # index_copy_ has no float8 kernel on the CPU: copy the bytes.
+        k_cache, v_cache, k, v = (x.view(torch.uint8) for x in (k_cache, v_cache, k, v))
     # index_copy_ rather than advanced indexing: a plain loop over T rows, where index_put
     # pays for a parallel region per call (most of a CPU decode step's attention time).
     k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """Blocks [N] of a pool → [N, block_size, H_kv, D] in dtype (an FP8 pool dequantized)."""
+    x = cache.index_select(0, blocks)
+    if not is_fp8(cache):
+        return x
+    return dequantize_kv_ref(x, scales.index_select(0, blocks), dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -88,7 +110,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                lens: torch.Tensor, max_len: int, scale: float, one_len: int | None) -> torch.Tensor:
+                lens: torch.Tensor, max_len: int, scale: float, one_len: int | None,
+                k_scales: torch.Tensor | None, v_scales: torch.Tensor | None) -> torch.Tensor:
     """One new token per sequence. q: [B, H_q, D]; tables: [B, NB]; lens: [B] → [B, H_q, D].
     Only the first ceil(max_len / block_size) blocks of each table are gathered."""
     _, block_size, h_kv, d = k_cache.shape
@@ -96,8 +119,8 @@ def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
     nb = min(max(1, -(-max_len // block_size)), tables.shape[1])
     blocks = tables[:, :nb].reshape(-1).long()
     ctx = nb * block_size
-    k = k_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
-    v = v_cache.index_select(0, blocks).view(b, ctx, h_kv, d)
+    k = _gather(k_cache, k_scales, blocks, q.dtype).view(b, ctx, h_kv, d)
+    v = _gather(v_cache, v_scales, blocks, q.dtype).view(b, ctx, h_kv, d)
     if one_len is not None:  # every sequence this long: no mask, the padding sliced off
         k, v = k[:, :one_len], v[:, :one_len]
     # Two small batched matmuls rather than SDPA: for one query row the CPU SDPA kernel's
@@ -121,18 +144,20 @@ def paged_attention_ref(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the batch's new tokens over each sequence's paged context.
 
     q: [T, H_q, D] (H_q a multiple of H_kv: grouped-query attention). Returns [T, H_q, D].
-    The new tokens' K/V must already be written to the pool.
+    The new tokens' K/V must already be written to the pool (an FP8 one with its scales).
     """
     _, block_size, h_kv, d = k_cache.shape
     if meta.query_start_loc is None:
         lens = meta.context_lens() if meta.host_seq_lens is not None or q.shape[0] == 1 else None
         one = lens[0] if lens is not None and min(lens) == max(lens) > 0 else None
         return _decode_ref(q, k_cache, v_cache, meta.block_tables[: q.shape[0]], meta.seq_lens[: q.shape[0]],
-                           meta.max_seq_len, scale, one)
+                           meta.max_seq_len, scale, one, k_scales, v_scales)
 
     qsl, seq_lens = meta.query_starts(), meta.context_lens()
     out = torch.empty_like(q)
@@ -141,12 +166,13 @@ def paged_attention_ref(
         lens = [seq_lens[s] for s in decodes]
         one = lens[0] if min(lens) == max(lens) else None
         if len(decodes) == len(seq_lens):
-            out[:] = _decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, max(lens), scale, one)
+            out[:] = _decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, max(lens), scale, one,
+                                 k_scales, v_scales)
             return out
         seq_idx = torch.tensor(decodes, device=q.device)
         tok_idx = torch.tensor([qsl[s] for s in decodes], device=q.device)
         out[tok_idx] = _decode_ref(q[tok_idx], k_cache, v_cache, meta.block_tables[seq_idx],
-                                   meta.seq_lens[seq_idx], max(lens), scale, one)
+                                   meta.seq_lens[seq_idx], max(lens), scale, one, k_scales, v_scales)
 
     for s in range(len(seq_lens)):
         start, end = qsl[s], qsl[s + 1]
@@ -155,8 +181,8 @@ def paged_attention_ref(
             continue
         n_blocks = -(-ctx_len // block_size)
         table = meta.block_tables[s, :n_blocks].long()
-        k = k_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
-        v = v_cache.index_select(0, table).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)
+        k = _gather(k_cache, k_scales, table, q.dtype).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)  # [H_kv, C, D]
+        v = _gather(v_cache, v_scales, table, q.dtype).view(-1, h_kv, d)[:ctx_len].transpose(0, 1)
         qs = q[start:end].transpose(0, 1)  # [H_q, L, D]
         q_pos = torch.arange(ctx_len - n_new, ctx_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(ctx_len, device=q.device)[None, :]  # [L, C]

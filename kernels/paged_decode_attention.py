@@ -8,6 +8,10 @@ through the block table. With one partition the program writes the output; with 
 (long contexts, where a single program per head would leave most of the GPU idle) each
 writes its running max, sum and unnormalised output, and a reduce kernel rescales and
 combines them.
+
+An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype on load (exact) and its
+per-(token, head) power-of-two scales applied per key column: to the scores for K, to the
+probabilities for V, which equals dequantizing the tiles first at BLOCK_N multiplies a tile.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import triton.language as tl
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
+from llmesh.kernels.kv_quant import exponent_to_scale
+from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 
@@ -27,14 +33,15 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_partition_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     scale_log2, num_partitions,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -71,15 +78,30 @@ def _decode_partition_kernel(
                     + kv_head * stride_kh + d[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
                     + kv_head * stride_vh + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        if FP8:
+            # scales: [num_blocks, block_size, H_kv] uint8 exponents → [BLOCK_N] float32
+            sc = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
+            ks = exponent_to_scale(tl.load(k_scale_ptr + sc, mask=n_mask, other=0)) * scale_log2
+            vs = exponent_to_scale(tl.load(v_scale_ptr + sc, mask=n_mask, other=0))
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            else:
+                k = k.to(q_ptr.dtype.element_ty)
+                v = v.to(q_ptr.dtype.element_ty)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * ks[None, :]  # [BLOCK_G, BLOCK_N]
+        else:
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
+        if FP8:
+            p = p * vs[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -144,6 +166,8 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     partition_size: int = 512,
     out: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q: [B, H_q, D] (one token per sequence) over each sequence's paged context.
 
@@ -152,11 +176,13 @@ def paged_decode_attention(
     token (0 gives a zero output, for padded batches). `max_seq_len` must bound seq_lens; it
     sets the number of partitions. Pass it to avoid a device sync (and, as the model's
     maximum length, to keep the launch fixed under CUDA graphs: partitions past a sequence's
-    end exit at once). `partition_size` (a power of two >= 16) is the split-K chunk.
+    end exit at once). `partition_size` (a power of two >= 16) is the split-K chunk. An FP8
+    pool comes with its scale pools k_scales, v_scales: [num_blocks, block_size, H_kv] uint8.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)
     b, h_q, _ = q.shape
     block_size, h_kv, d = check_paged_kv(q, k_cache, v_cache, block_tables, b)
+    fp8 = check_kv_scales(k_cache, k_scales, v_scales)
     check_tensor("seq_lens", seq_lens, "[B]", 1, INDEX_DTYPES, device=q.device)
     check_size("seq_lens", "B", seq_lens.shape[0], b, "one length per sequence")
     if partition_size < 16 or partition_size & (partition_size - 1):
@@ -181,13 +207,15 @@ def paged_decode_attention(
         part_m = part_l = part_acc = out  # unused by the kernel
     block_d = next_power_of_2(d)
     _decode_partition_kernel[(b, h_kv, num_partitions)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
+        out, part_m, part_l, part_acc,
         scale * _LOG2E, num_partitions,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=min(64, partition_size), PARTITION=partition_size, SPLIT=split,
+        NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
         num_warps=4,
     )
@@ -207,9 +235,11 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode path of `paged_attention_ref` (sequences with seq_len >= 1)."""
     meta = AttentionMetadata(
         slot_mapping=torch.empty(0, dtype=torch.long, device=q.device), block_tables=block_tables,
         seq_lens=seq_lens, query_start_loc=None, max_query_len=1, max_seq_len=int(seq_lens.max()))
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scales, v_scales)

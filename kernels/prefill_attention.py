@@ -33,6 +33,8 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
+from llmesh.kernels.kv_quant import exponent_to_scale
+from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
 
@@ -57,11 +59,15 @@ def find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head, d, d_mask,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 BLOCK_SIZE: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, MASK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr, Q_DTYPE: tl.constexpr):
     """k: [BLOCK_D, BLOCK_N] (transposed for the dot), v: [BLOCK_N, BLOCK_D] of keys n, gathered
-    through the block table. MASK_N=False for tiles wholly inside the context (no predicates)."""
+    through the block table, and (FP8 pool) their per-key scales ks, vs: [BLOCK_N] float32
+    (1.0 otherwise). MASK_N=False for tiles wholly inside the context (no predicates). An FP8
+    tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32) and left
+    unscaled: the scales are applied per key column by `softmax_step`."""
     if MASK_N:
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     else:
@@ -78,18 +84,40 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
     else:
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    if FP8:
+        # scales: [num_blocks, block_size, H_kv] uint8 exponents, contiguous
+        sc = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head  # [BLOCK_N]
+        if MASK_N:
+            ks = exponent_to_scale(tl.load(k_scale_ptr + sc, mask=n_mask, other=0))
+            vs = exponent_to_scale(tl.load(v_scale_ptr + sc, mask=n_mask, other=0))
+        else:
+            ks = exponent_to_scale(tl.load(k_scale_ptr + sc))
+            vs = exponent_to_scale(tl.load(v_scale_ptr + sc))
+        if not DOT_F32:
+            k = k.to(Q_DTYPE)
+            v = v.to(Q_DTYPE)
+    else:
+        ks = 1.0
+        vs = 1.0
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    return k, v
+    return k, v, ks, vs
 
 
 @triton.jit
-def softmax_step(q, k, v, acc, l, m, scale_log2, valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, MASKED: tl.constexpr, FP8: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key tile. m is the running max in log2 units; with
     MASKED, `valid` [BLOCK_M, BLOCK_N] marks attended keys and a row with none so far keeps
-    m = -inf without producing NaN (exp2 is taken against 0 instead)."""
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    m = -inf without producing NaN (exp2 is taken against 0 instead). With FP8, the key
+    scales ks [BLOCK_N] multiply the score columns and the value scales vs [BLOCK_N] the
+    probability columns: the same numbers as dequantizing the tiles first (powers of two
+    scale exactly), BLOCK_N multiplies instead of BLOCK_N x D."""
+    if FP8:
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * (ks * scale_log2)[None, :]  # [BLOCK_M, BLOCK_N]
+    else:
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -100,18 +128,24 @@ def softmax_step(q, k, v, acc, l, m, scale_log2, valid, MASKED: tl.constexpr, DO
     alpha = tl.exp2(m - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if FP8:
+        pv = p * vs[None, :]
+    else:
+        pv = p
+    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l, m_new
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+    seq_lens_ptr,
     scale_log2, num_seqs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, MIN_QUERY_LEN: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     block_idx = tl.num_programs(0) - 1 - tl.program_id(0)  # longest blocks (highest index) first
@@ -152,18 +186,22 @@ def _prefill_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(0, diag, BLOCK_N):  # off-diagonal: visible to every row, inside the context
         n = n0 + n_range
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n < hi, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, False, HEAD_DIM == BLOCK_D, DOT_F32)
-        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, None, False, DOT_PRECISION)
+                            BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+                                    q_ptr.dtype.element_ty)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION)
     for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
         n = n0 + n_range
         n_mask = n < hi
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, DOT_F32)
+                            BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+                                    q_ptr.dtype.element_ty)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, valid, True, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION)
 
     o = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row with no key (bad lengths) gives zeros
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -174,9 +212,11 @@ def launch_prefill_kernel(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
     *, min_query_len: int = 1, config: PrefillConfig | None = None,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> None:
     """Launch the causal tile kernel over every sequence with at least `min_query_len` new
-    tokens (arguments already checked). The grid depends on q's and the tables' shapes only."""
+    tokens (arguments already checked; scale pools given exactly for an FP8 pool). The grid
+    depends on q's and the tables' shapes only."""
     t, h_q, d = q.shape
     s = block_tables.shape[0]
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
@@ -185,28 +225,34 @@ def launch_prefill_kernel(
     block_m = max(cfg.block_m, next_power_of_2(group))
     block_q = block_m // group
     grid = (t // block_q + s, h_kv)
+    fp8 = k_scales is not None
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables,
+        query_start_loc, seq_lens,
         scale * LOG2E, s,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, MIN_QUERY_LEN=max(1, min_query_len),
+        NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def check_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> int:
-    """Checks shared by the flattened-batch attention wrappers; returns S."""
+                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> int:
+    """Checks shared by the flattened-batch attention wrappers (an FP8 pool with its scale
+    pools); returns S."""
     check_tensor("q", q, "[T, H_q, D]", 3)
     check_tensor("seq_lens", seq_lens, "[S]", 1, INDEX_DTYPES, device=q.device)
     s = seq_lens.shape[0]
     check_paged_kv(q, k_cache, v_cache, block_tables, s)
     check_tensor("query_start_loc", query_start_loc, "[S + 1]", 1, INDEX_DTYPES, device=q.device)
     check_size("query_start_loc", "S + 1", query_start_loc.shape[0], s + 1, "one start per sequence and the end")
+    check_kv_scales(k_cache, k_scales, v_scales)
     return s
 
 
@@ -221,22 +267,26 @@ def prefill_attention(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens q: [T, H_q, D] over their sequences' paged context.
 
     k_cache, v_cache: [num_blocks, block_size, H_kv, D] holding every context token,
-    the new ones included; block_tables: [S, max_blocks]; query_start_loc: [S + 1];
+    the new ones included (an FP8 pool with k_scales, v_scales [num_blocks, block_size, H_kv]);
+    block_tables: [S, max_blocks]; query_start_loc: [S + 1];
     seq_lens: [S] context lengths including the new tokens (seq_lens[s] must be at least
     sequence s's new-token count). The launch depends on shapes only, so the call never
     syncs; `max_query_len` = 0 (a batch without new tokens) skips it. Returns (or fills
     `out`) [T, H_q, D]; rows past query_start_loc[S] are left as they are.
     """
-    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales,
+                           v_scales)
     out = check_out("out", out, tuple(q.shape), q.dtype, q.device)
     if q.shape[0] == 0 or s == 0 or max_query_len == 0:
         return out
     launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc.contiguous(),
-                          seq_lens.contiguous(), scale)
+                          seq_lens.contiguous(), scale, k_scales=k_scales, v_scales=v_scales)
     return out
 
 
@@ -248,6 +298,8 @@ def prefill_attention_ref(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The prefill path of `paged_attention_ref`, taken by every sequence."""
     qsl = [int(x) for x in query_start_loc]
@@ -256,4 +308,4 @@ def prefill_attention_ref(
         seq_lens=seq_lens, query_start_loc=query_start_loc,
         max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)), max_seq_len=int(seq_lens.max()),
         host_query_start_loc=qsl, host_seq_lens=[int(n) for n in seq_lens])
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scales, v_scales)

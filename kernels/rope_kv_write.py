@@ -6,7 +6,8 @@ k then cast to the pool's dtype), but one program per token does both: the rotat
 from registers to k_out and to its pool slot, and v is copied to its slot, so k and v are
 read once and the second launch disappears. A negative slot marks a padding token (a batch
 padded to a CUDA-graph size): it is rotated (harmless) but not written to the pool. The grid
-is (T,), shapes only, so the launch is graph-capturable.
+is (T,), shapes only, so the launch is graph-capturable. An FP8 pool is quantized on store
+per (token, head) as kv_cache_write does (kernels/kv_quant.py), the scale from both halves.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ import triton.language as tl
 
 from llmesh.kernels.common import INDEX_DTYPES, check_out, check_size, check_tensor, interpreting, next_power_of_2
 from llmesh.kernels.kv_cache_write import kv_cache_write_ref
+from llmesh.kernels.kv_quant import kv_exponent, kv_quantize
+from llmesh.kernels.kv_quant_ref import POOL_DTYPES, check_kv_scales
 from llmesh.kernels.rope import _check_heads, rotary_embedding_ref, rotate_heads, round_to
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
 def _rope_kv_write_kernel(
-    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, k_cache_ptr, v_cache_ptr, cos_sin_ptr, stride_cs,
+    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    cos_sin_ptr, stride_cs,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, INTERPRET: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -65,15 +70,29 @@ def _rope_kv_write_kernel(
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     kc_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch + j[None, :]
-    tl.store(kc_dst, cast_rtne(k1.to(tl.float32), cache_dtype, INTERPRET), mask=write)
-    tl.store(kc_dst + HALF, cast_rtne(k2.to(tl.float32), cache_dtype, INTERPRET), mask=write)
     # v: [BLOCK_HKV, HALF] halves copied to the pool
     v_src = v_ptr + t * stride_vt + h[:, None] * stride_vh + j[None, :]
     vc_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch + j[None, :]
     v1 = tl.load(v_src, mask=write, other=0.0).to(tl.float32)
     v2 = tl.load(v_src + HALF, mask=write, other=0.0).to(tl.float32)
-    tl.store(vc_dst, cast_rtne(v1, cache_dtype, INTERPRET), mask=write)
-    tl.store(vc_dst + HALF, cast_rtne(v2, cache_dtype, INTERPRET), mask=write)
+    if FP8:
+        k1 = tl.where(kv_mask, k1.to(tl.float32), 0.0)
+        k2 = tl.where(kv_mask, k2.to(tl.float32), 0.0)
+        ke = kv_exponent(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)))  # [BLOCK_HKV]
+        ve = kv_exponent(tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
+        tl.store(kc_dst, kv_quantize(k1, ke, INTERPRET), mask=write)
+        tl.store(kc_dst + HALF, kv_quantize(k2, ke, INTERPRET), mask=write)
+        tl.store(vc_dst, kv_quantize(v1, ve, INTERPRET), mask=write)
+        tl.store(vc_dst + HALF, kv_quantize(v2, ve, INTERPRET), mask=write)
+        # scales: [num_blocks, block_size, H_kv] contiguous, a slot's heads adjacent
+        h_mask = (h < NUM_KV_HEADS) & (h * 0 + slot >= 0)
+        tl.store(k_scale_ptr + slot * NUM_KV_HEADS + h, ke.to(tl.uint8), mask=h_mask)
+        tl.store(v_scale_ptr + slot * NUM_KV_HEADS + h, ve.to(tl.uint8), mask=h_mask)
+    else:
+        tl.store(kc_dst, cast_rtne(k1.to(tl.float32), cache_dtype, INTERPRET), mask=write)
+        tl.store(kc_dst + HALF, cast_rtne(k2.to(tl.float32), cache_dtype, INTERPRET), mask=write)
+        tl.store(vc_dst, cast_rtne(v1, cache_dtype, INTERPRET), mask=write)
+        tl.store(vc_dst + HALF, cast_rtne(v2, cache_dtype, INTERPRET), mask=write)
 
 
 def rope_kv_write(
@@ -88,10 +107,13 @@ def rope_kv_write(
     *,
     q_out: torch.Tensor | None = None,
     k_out: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q: [T, H_q, D] and k: [T, H_kv, D] at positions: [T], store the rotated k and
     v: [T, H_kv, D] into k_cache, v_cache: [num_blocks, block_size, H_kv, D] at
-    slot_mapping: [T] (negative slots skipped). Returns (q_out, k_out): new tensors, or the
+    slot_mapping: [T] (negative slots skipped); an FP8 pool quantized, with its scale pools
+    k_scales, v_scales: [num_blocks, block_size, H_kv] uint8. Returns (q_out, k_out): new tensors, or the
     ones given (q_out=q, k_out=k rotates in place; q, k, v may be views of a fused qkv)."""
     check_tensor("cos_sin_cache", cos_sin_cache, "[max_positions, D]", 2)
     device = cos_sin_cache.device
@@ -106,7 +128,7 @@ def rope_kv_write(
         raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    check_tensor("k_cache", k_cache, "[num_blocks, block_size, H_kv, D]", 4, device=device)
+    check_tensor("k_cache", k_cache, "[num_blocks, block_size, H_kv, D]", 4, POOL_DTYPES, device=device)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.device != device:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match k_cache "
                          f"{tuple(k_cache.shape)} {k_cache.dtype} on {device}")
@@ -117,6 +139,7 @@ def rope_kv_write(
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {c.stride()}")
     check_tensor("slot_mapping", slot_mapping, "[T]", 1, INDEX_DTYPES, device=device)
     check_size("slot_mapping", "T", slot_mapping.shape[0], t, "one slot per token")
+    fp8 = check_kv_scales(k_cache, k_scales, v_scales)
     q_out = check_out("q_out", q_out, tuple(q.shape), q.dtype, device)
     k_out = check_out("k_out", k_out, tuple(k.shape), k.dtype, device)
     if t == 0:
@@ -124,13 +147,14 @@ def rope_kv_write(
     h_q, h_kv = q.shape[1], k.shape[1]
     _rope_kv_write_kernel[(t,)](
         positions.contiguous(), slot_mapping.contiguous(), q, k, v, q_out, k_out, k_cache, v_cache,
-        cos_sin_cache, cos_sin_cache.stride(0),
+        k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, cos_sin_cache, cos_sin_cache.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
         NUM_Q_HEADS=h_q, NUM_KV_HEADS=h_kv, BLOCK_HQ=next_power_of_2(h_q), BLOCK_HKV=next_power_of_2(h_kv),
-        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2), BLOCK_SIZE=k_cache.shape[1], INTERPRET=interpreting(),
+        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2), BLOCK_SIZE=k_cache.shape[1], FP8=fp8,
+        INTERPRET=interpreting(),
     )
     return q_out, k_out
 
@@ -138,8 +162,9 @@ def rope_kv_write(
 def rope_kv_write_ref(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding_ref`, then `kv_cache_write_ref` of the rotated k and v; returns (q, k) rotated."""
     q_rot, k_rot = rotary_embedding_ref(positions, q, k, cos_sin_cache)
-    kv_cache_write_ref(k_cache, v_cache, k_rot, v, slot_mapping)
+    kv_cache_write_ref(k_cache, v_cache, k_rot, v, slot_mapping, k_scales, v_scales)
     return q_rot, k_rot

@@ -45,14 +45,15 @@ def _segment_len(ctx_len, NUM_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, MIN
 
 @triton.jit
 def _short_query_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+    seq_lens_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT: tl.constexpr, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -98,18 +99,22 @@ def _short_query_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(start, open_end, BLOCK_N):
         n = n0 + n_range
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n < end, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, False, HEAD_DIM == BLOCK_D, DOT_F32)
-        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, None, False, DOT_PRECISION)
+                            BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+                                    q_ptr.dtype.element_ty)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION)
     for n0 in range(open_end, end, BLOCK_N):
         n = n0 + n_range
         n_mask = n < end
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
+                                    d, d_mask,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, DOT_F32)
+                            BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+                                    q_ptr.dtype.element_ty)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        acc, l, m = softmax_step(q, k, v, acc, l, m, scale_log2, valid, True, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION)
 
     if NUM_SEGMENTS > 1:
         # partials: [S, H_kv, NUM_SEGMENTS, BLOCK_M] (m, l) and [..., BLOCK_D] (acc)
@@ -198,10 +203,13 @@ def unified_attention(
     decode_cfg: DecodeConfig | None = None,
     prefill_cfg: PrefillConfig | None = None,
     num_segments: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flattened mixed batch q: [T, H_q, D] over the paged pool.
 
-    k_cache, v_cache: [num_blocks, block_size, H_kv, D] with this step's K/V written;
+    k_cache, v_cache: [num_blocks, block_size, H_kv, D] with this step's K/V written (an FP8
+    pool with k_scales, v_scales [num_blocks, block_size, H_kv]);
     block_tables: [S, max_blocks]; seq_lens: [S] context lengths after this step (0 for a
     padding sequence); query_start_loc: [S + 1], non-decreasing. `max_query_len` and
     `max_seq_len` are static bounds (>= every sequence's new tokens / context), e.g. the
@@ -210,7 +218,8 @@ def unified_attention(
     query_start_loc[S] are not written. The *_cfg / num_segments overrides are for
     bench/attn_sweep.py; the tables in attention_config.py are the defaults.
     """
-    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales)
+    fp8 = k_scales is not None
     out = check_out("out", out, tuple(q.shape), q.dtype, q.device)
     t, h_q, d = q.shape
     if t == 0 or s == 0 or max_query_len <= 0:
@@ -231,13 +240,14 @@ def unified_attention(
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
                   NUM_SEGMENTS=segments, MIN_SEGMENT=cfg.min_segment, INTERPRET=interpreting())
     _short_query_kernel[(s, h_kv, segments)](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, part_m, part_l, part_acc,
+        q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables,
+        query_start_loc, seq_lens, part_m, part_l, part_acc,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        BLOCK_SIZE=block_size, NUM_KV_HEADS=h_kv, FP8=fp8, DOT_F32=dot_in_fp32(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if segments > 1:
         _short_query_reduce_kernel[(s, h_kv)](
@@ -246,7 +256,7 @@ def unified_attention(
         )
     if max_query_len > block_q:
         launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
-                              min_query_len=block_q + 1, config=prefill_cfg)
+                              min_query_len=block_q + 1, config=prefill_cfg, k_scales=k_scales, v_scales=v_scales)
     return out
 
 
@@ -258,6 +268,8 @@ def unified_attention_ref(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention_ref` on the batch's non-empty sequences (one-token ones as decodes);
     rows no sequence owns are zeros."""
@@ -278,5 +290,5 @@ def unified_attention_ref(
         seq_lens=seq_lens[idx], query_start_loc=torch.tensor(sub_qsl, dtype=torch.int32, device=q.device),
         max_query_len=max(b - a for a, b in zip(sub_qsl, sub_qsl[1:])), max_seq_len=max(sub_lens),
         host_query_start_loc=sub_qsl, host_seq_lens=sub_lens)
-    out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, meta, scale)
+    out[rows] = paged_attention_ref(q[rows], k_cache, v_cache, meta, scale, k_scales, v_scales)
     return out

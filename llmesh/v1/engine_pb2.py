@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/engine.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\xad\x01\n\x15\x45ngineGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"4\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x14\n\x0c\x66reed_blocks\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"\xfd\x04\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x07 \x01(\x08\x12\x16\n\x0ehash_algorithm\x18\x08 \x01(\t\x12\x11\n\thash_seed\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\x12\x0f\n\x07pooling\x18\x46 \x01(\t\x12\x11\n\tnormalize\x18G \x01(\x08\x12\x12\n\nmatryoshka\x18H \x01(\x08\x12\x1c\n\x14\x65mbedding_dimensions\x18I \x01(\r\x12\x1a\n\x12speculative_method\x18Z \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18[ \x01(\r\x12\x19\n\x11prompt_lookup_max\x18\\ \x01(\r\x12\x19\n\x11prompt_lookup_min\x18] \x01(\r\x12\x19\n\x11speculative_model\x18^ \x01(\t\x12&\n\x1especulative_disable_batch_size\x18_ \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x64 \x01(\r\x12\x13\n\x0bnum_experts\x18i \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18j \x01(\r\"%\n\x10\x45ngineEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xa4\x01\n\x12\x45ngineEmbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06inputs\x18\x02 \x03(\x0b\x32\x1b.llmesh.v1.EngineEmbedInput\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x05 \x01(\t\":\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18P \x01(\x08\"\xb3\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\r\x12\x15\n\rcached_inputs\x18P \x01(\r\"\r\n\x0bLoadRequest\"\x99\x01\n\x0cLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x1f\n\x17seconds_since_last_step\x18\x06 \x01(\x01\x32\xc5\x02\n\x06\x45ngine\x12K\n\x08Generate\x12 .llmesh.v1.EngineGenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.llmesh.v1.InfoRequest\x1a\x17.llmesh.v1.InfoResponse\x12\x37\n\x04Load\x12\x16.llmesh.v1.LoadRequest\x1a\x17.llmesh.v1.LoadResponse\x12@\n\x05\x45mbed\x12\x1d.llmesh.v1.EngineEmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/engine.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\xad\x01\n\x15\x45ngineGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"4\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x14\n\x0c\x66reed_blocks\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"\x95\x05\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x07 \x01(\x08\x12\x16\n\x0ehash_algorithm\x18\x08 \x01(\t\x12\x11\n\thash_seed\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\x12\x0f\n\x07pooling\x18\x46 \x01(\t\x12\x11\n\tnormalize\x18G \x01(\x08\x12\x12\n\nmatryoshka\x18H \x01(\x08\x12\x1c\n\x14\x65mbedding_dimensions\x18I \x01(\r\x12\x1a\n\x12speculative_method\x18Z \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18[ \x01(\r\x12\x19\n\x11prompt_lookup_max\x18\\ \x01(\r\x12\x19\n\x11prompt_lookup_min\x18] \x01(\r\x12\x19\n\x11speculative_model\x18^ \x01(\t\x12&\n\x1especulative_disable_batch_size\x18_ \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x64 \x01(\r\x12\x13\n\x0bnum_experts\x18i \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18j \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18n \x01(\t\"%\n\x10\x45ngineEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xa4\x01\n\x12\x45ngineEmbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06inputs\x18\x02 \x03(\x0b\x32\x1b.llmesh.v1.EngineEmbedInput\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12%\n\x08priority\x18\x04 \x01(\x0e\x32\x13.llmesh.v1.Priority\x12\x12\n\ncache_salt\x18\x05 \x01(\t\":\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18P \x01(\x08\"\xb3\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\r\x12\x15\n\rcached_inputs\x18P \x01(\r\"\r\n\x0bLoadRequest\"\x99\x01\n\x0cLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x1f\n\x17seconds_since_last_step\x18\x06 \x01(\x01\x32\xc5\x02\n\x06\x45ngine\x12K\n\x08Generate\x12 .llmesh.v1.EngineGenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.llmesh.v1.InfoRequest\x1a\x17.llmesh.v1.InfoResponse\x12\x37\n\x04Load\x12\x16.llmesh.v1.LoadRequest\x1a\x17.llmesh.v1.LoadResponse\x12@\n\x05\x45mbed\x12\x1d.llmesh.v1.EngineEmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=327
   _globals['_INFOREQUEST']._serialized_end=340
   _globals['_INFORESPONSE']._serialized_start=343
-  _globals['_INFORESPONSE']._serialized_end=980
-  _globals['_ENGINEEMBEDINPUT']._serialized_start=982
-  _globals['_ENGINEEMBEDINPUT']._serialized_end=1019
-  _globals['_ENGINEEMBEDREQUEST']._serialized_start=1022
-  _globals['_ENGINEEMBEDREQUEST']._serialized_end=1186
-  _globals['_EMBEDDING']._serialized_start=1188
-  _globals['_EMBEDDING']._serialized_end=1246
-  _globals['_EMBEDRESPONSE']._serialized_start=1249
-  _globals['_EMBEDRESPONSE']._serialized_end=1428
-  _globals['_LOADREQUEST']._serialized_start=1430
-  _globals['_LOADREQUEST']._serialized_end=1443
-  _globals['_LOADRESPONSE']._serialized_start=1446
-  _globals['_LOADRESPONSE']._serialized_end=1599
-  _globals['_ENGINE']._serialized_start=1602
-  _globals['_ENGINE']._serialized_end=1927
+  _globals['_INFORESPONSE']._serialized_end=1004
+  _globals['_ENGINEEMBEDINPUT']._serialized_start=1006
+  _globals['_ENGINEEMBEDINPUT']._serialized_end=1043
+  _globals['_ENGINEEMBEDREQUEST']._serialized_start=1046
+  _globals['_ENGINEEMBEDREQUEST']._serialized_end=1210
+  _globals['_EMBEDDING']._serialized_start=1212
+  _globals['_EMBEDDING']._serialized_end=1270
+  _globals['_EMBEDRESPONSE']._serialized_start=1273
+  _globals['_EMBEDRESPONSE']._serialized_end=1452
+  _globals['_LOADREQUEST']._serialized_start=1454
+  _globals['_LOADREQUEST']._serialized_end=1467
+  _globals['_LOADRESPONSE']._serialized_start=1470
+  _globals['_LOADRESPONSE']._serialized_end=1623
+  _globals['_ENGINE']._serialized_start=1626
+  _globals['_ENGINE']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "pooling", "normalize", "matryoshka", "embedding_dimensions", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size", "tensor_parallel_size", "num_experts", "num_experts_per_tok")
+    __slots__ = ("model", "instance_id", "block_size", "max_model_len", "dtype", "quantization", "prefix_caching", "hash_algorithm", "hash_seed", "vocab_size", "backend", "device", "kv_blocks_total", "epoch", "pooling", "normalize", "matryoshka", "embedding_dimensions", "speculative_method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_model", "speculative_disable_batch_size", "tensor_parallel_size", "num_experts", "num_experts_per_tok", "kv_cache_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class InfoResponse(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_PER_TOK_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     instance_id: str
     block_size: int
@@ -95,7 +96,8 @@ class InfoResponse(_message.Message):
     tensor_parallel_size: int
     num_experts: int
     num_experts_per_tok: int
-    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., matryoshka: _Optional[bool] = ..., embedding_dimensions: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., hash_algorithm: _Optional[str] = ..., hash_seed: _Optional[str] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., matryoshka: _Optional[bool] = ..., embedding_dimensions: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., prompt_lookup_max: _Optional[int] = ..., prompt_lookup_min: _Optional[int] = ..., speculative_model: _Optional[str] = ..., speculative_disable_batch_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class EngineEmbedInput(_message.Message):
     __slots__ = ("token_ids",)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from llmesh.config import MISSING, derived, group, option, require
 from llmesh.prefix_hash import DEFAULT_BLOCK_SIZE
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
 
 @dataclass
 class CacheConfig:
@@ -31,6 +33,9 @@ class CacheConfig:
         None, "exact KV pool size in blocks; overrides kv_cache_memory and gpu_memory_utilization "
               "(vLLM's num_gpu_blocks_override)")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of equal prompt prefixes across requests")
+    kv_cache_dtype: str = option(
+        "auto", "KV pool element type: auto (the model dtype) or fp8 (float8 E4M3 with a power-of-two scale "
+                "per token and KV head, about twice the tokens in the same memory; docs/quantization.md)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024,
@@ -41,6 +46,8 @@ class CacheConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                 f"num_kv_blocks must be ≥ 1, got {self.num_kv_blocks!r}")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 GPU_STEP_TOKENS = 2048

@@ -29,6 +29,7 @@ from llmesh.engine.sampling_ops import to_device
 from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.engine.spec_decode.verify import accept_deterministic
 from llmesh.engine.step_inputs import HostStep, stage_host
+from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_BYTES, KV_SCALE_DTYPE
 from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -157,10 +158,32 @@ class ModelRunner(Protocol):
         ...
 
 
+def kv_pool_dtype(kv_cache_dtype: str, dtype: torch.dtype, device: torch.device, ops: str) -> torch.dtype:
+    """The element type of the KV pool for the ``kv_cache_dtype`` option; raises where FP8 cannot
+    run (a PyTorch without float8, or the triton backend on a GPU without E4M3 conversions)."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {kv_cache_dtype!r}")
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise ValueError(f"kv_cache_dtype fp8: PyTorch {torch.__version__} has no float8_e4m3fn; "
+                         "upgrade PyTorch or use kv_cache_dtype auto")
+    if ops == "triton" and device.type == "cuda":
+        from llmesh.kernels.fp8_gemm import fp8_support
+
+        why = fp8_support(device)
+        if why is not None:
+            raise ValueError(f"kv_cache_dtype fp8 with the triton backend: {why}; use kv_cache_dtype auto "
+                             "or the torch backend")
+    return KV_FP8_DTYPE
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """K and V of every layer for one block (of one rank's KV heads under tensor parallelism)."""
+    """K and V of every layer for one block (of one rank's KV heads under tensor parallelism),
+    in a pool of ``dtype``; an FP8 pool adds its one-byte scale per (token, KV head)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * (cfg.num_key_value_heads // tp_size) * cfg.head_dim * elem
+    per_token_head = cfg.head_dim * elem + (KV_SCALE_BYTES if dtype == KV_FP8_DTYPE else 0)
+    return 2 * cfg.num_hidden_layers * block_size * (cfg.num_key_value_heads // tp_size) * per_token_head
 
 
 def kv_budget(device: torch.device, kv_cache_memory: int | None, utilization: float) -> int:
@@ -257,6 +280,7 @@ class RunnerBase(abc.ABC):
         max_model_len: int | None = None,
         extra_kv_pools: Sequence[int] = (),
         allocate_kv_pool: bool = True,
+        kv_cache_dtype: str = "auto",
         awq_calibration: list[int] | None = None,
         shard: ShardSpec | None = None,
         step_sender: Callable[[HostStep, SampledTokenFeed], None] | None = None,
@@ -278,8 +302,9 @@ class RunnerBase(abc.ABC):
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
         """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
         self.feed = SampledTokenFeed()
+        self.kv_dtype = kv_pool_dtype(kv_cache_dtype, dtype, device, self.ops)
         self._build_model(weights, awq_calibration)
-        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, dtype, self.shard.world_size)
+        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, self.kv_dtype, self.shard.world_size)
         self.num_blocks = 0
         if allocate_kv_pool:
             blocks = num_blocks or blocks_for_budget(
@@ -314,10 +339,13 @@ class RunnerBase(abc.ABC):
         c = self.cfg
         self.num_blocks = num_blocks
         # kv_caches: [L, 2, num_blocks, block_size, H_kv (this rank's), D], one preallocated pool
-        self.kv_caches = torch.zeros(
-            (c.num_hidden_layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim),
-            dtype=self.dtype, device=self.device)
+        shape = (c.num_hidden_layers, 2, num_blocks, self.block_size, self.model.num_kv_heads)
+        self.kv_caches = torch.zeros((*shape, c.head_dim), dtype=self.kv_dtype, device=self.device)
+        # kv_scales: [L, 2, num_blocks, block_size, H_kv] scale exponents beside an FP8 pool
+        self.kv_scales = (torch.zeros(shape, dtype=KV_SCALE_DTYPE, device=self.device)
+                          if self.kv_dtype == KV_FP8_DTYPE else None)
         log.info("KV pool allocated", extra={"ops": self.ops, "num_blocks": num_blocks,
+                                             "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
                                              "block_size": self.block_size,
                                              "bytes_per_block": self.kv_bytes_per_block,
                                              "kv_bytes": self.kv_pool_bytes})
@@ -387,5 +415,5 @@ class TorchModelRunner(RunnerBase):
 
     def forward_host(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
         batch = inputs_from_host(host, self.device, self.feed)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.kv_scales)
         return hidden, hidden[batch.logits_indices]

@@ -70,13 +70,15 @@ class TritonModelRunner(RunnerBase):
                  cuda_graphs: bool = True, max_graph_tokens: int = 2048, linear_method: str = "none",
                  extra_kv_pools: Sequence[int] = (), awq_calibration: list[int] | None = None,
                  shard: ShardSpec | None = None,
-                 step_sender: Callable[[HostStep, SampledTokenFeed], None] | None = None) -> None:
+                 step_sender: Callable[[HostStep, SampledTokenFeed], None] | None = None,
+                 kv_cache_dtype: str = "auto") -> None:
         self.max_blocks = -(-max_model_len // block_size)
         super().__init__(cfg, weights, device=device, dtype=dtype, block_size=block_size, sampler=sampler,
                          num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                          gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
                          max_model_len=max_model_len, extra_kv_pools=extra_kv_pools,
-                         awq_calibration=awq_calibration, shard=shard, step_sender=step_sender)
+                         awq_calibration=awq_calibration, shard=shard, step_sender=step_sender,
+                         kv_cache_dtype=kv_cache_dtype)
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.decode_sizes = [b for b in DECODE_BATCH_SIZES if b <= max_num_seqs] or [1]
         self.graph_sizes = self.decode_sizes  # the decode benchmark's name for them
@@ -110,7 +112,7 @@ class TritonModelRunner(RunnerBase):
         st = self.static
         max_q = 1 if kind == "decode" else t
         meta = self._meta(t, s, kind, max_q, self.max_model_len)
-        return self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+        return self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta, self.kv_scales)
 
     def _capture_graphs(self) -> None:
         t0 = time.perf_counter()
@@ -165,7 +167,7 @@ class TritonModelRunner(RunnerBase):
             self.feed.patch(st.input_ids, host.pending_index, host.pending_requests)
             kind = "decode" if decode_only else "eager"
             meta = self._meta(t, s, kind, host.max_query_len, host.max_seq_len, host)
-            out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta)
+            out = self.model.forward(st.input_ids[:t], st.positions[:t], self.kv_caches, meta, self.kv_scales)
             self.stats.eager_steps += 1
         n = len(host.logits_indices)  # verify chunks (speculative decoding) sample k + 1 rows
         return out, (out[st.logits_indices[:n]] if n else out[:0])

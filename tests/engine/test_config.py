@@ -25,7 +25,7 @@ SAMPLES = {
     "model": "/models/m", "served_model_name": "m2", "dtype": "float16", "device": "cpu", "backend": "triton",
     "cuda_graphs": False, "quantization": "int8", "async_scheduling": True, "seed": 7, "max_model_len": 1024,
     "block_size": 32, "kv_cache_memory": 1 << 28, "gpu_memory_utilization": 0.5, "num_kv_blocks": 100,
-    "enable_prefix_caching": False, "max_num_batched_tokens": 4096, "max_num_seqs": 8,
+    "enable_prefix_caching": False, "kv_cache_dtype": "fp8", "max_num_batched_tokens": 4096, "max_num_seqs": 8,
     "enable_chunked_prefill": False, "max_waiting_requests": 4, "tensor_parallel_size": 2,
     "enable_expert_parallel": True, "pooling": "mean", "normalize": True, "matryoshka": True,
     "speculative_method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2,
@@ -35,7 +35,7 @@ SAMPLES = {
 VLLM_NAMES = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching",
               "enable_chunked_prefill", "block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "dtype",
               "device", "backend", "quantization", "seed", "cuda_graphs", "async_scheduling", "served_model_name",
-              "tensor_parallel_size", "enable_expert_parallel")
+              "tensor_parallel_size", "enable_expert_parallel", "kv_cache_dtype")
 
 
 @pytest.fixture(autouse=True)

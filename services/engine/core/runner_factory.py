@@ -20,7 +20,7 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, weights, *, de
                   sampler=Sampler(seed=config.seed, device=device), num_blocks=cache.num_kv_blocks,
                   kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
                   linear_method=linear_method, extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender,
-                  awq_calibration=awq_calibration)
+                  awq_calibration=awq_calibration, kv_cache_dtype=cache.kv_cache_dtype)
     if config.backend == "triton":
         from llmesh.engine.triton_runner import TritonModelRunner
 

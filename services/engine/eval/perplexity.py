@@ -61,7 +61,7 @@ def window_nll(runner, ids: Sequence[int]) -> float:
     positions = torch.arange(n, dtype=torch.int64, device=runner.device)
     meta = _metadata(runner, n)
     model = runner.model
-    hidden = model.forward(tokens, positions, runner.kv_caches, meta)
+    hidden = model.forward(tokens, positions, runner.kv_caches, meta, runner.kv_scales)
     total = 0.0
     for start in range(0, n - 1, LOGIT_ROWS):
         stop = min(start + LOGIT_ROWS, n - 1)

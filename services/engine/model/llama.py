@@ -233,8 +233,9 @@ class LlamaForCausalLM:
     # ---- forward ----------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, H_kv, D] → [T, hidden]
+                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, H_kv, D] → [T, hidden];
+        # kv_scales: [L, 2, num_blocks, block_size, H_kv] uint8 beside an FP8 pool (kernels/kv_quant.py)
         ops, eps = self.ops, self.eps
         t, nq, nkv, d = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         ops.prepare(meta)
@@ -252,8 +253,9 @@ class LlamaForCausalLM:
                 q = ops.rmsnorm(q.contiguous(), layer.q_norm, eps)[0]
                 k = ops.rmsnorm(k.contiguous(), layer.k_norm, eps)[0]
             k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
-            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta)
-            o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, nq, d]
+            k_scales, v_scales = (None, None) if kv_scales is None else (kv_scales[i, 0], kv_scales[i, 1])
+            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales)
+            o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:
                 h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)

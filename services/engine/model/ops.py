@@ -51,11 +51,13 @@ class ModelOps(Protocol):
         """linear(silu_and_mul(gate_up), w, bias) (fused likewise by the triton table)."""
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, H_q, D] and k [T, H_kv, D] (views into the fused projection) at
         positions [T] and store the rotated k and v [T, H_kv, D] at meta.slot_mapping (-1
-        skipped); returns the rotated pair (the Triton table rotates in place, one kernel)."""
+        skipped); returns the rotated pair (the Triton table rotates in place, one kernel).
+        An FP8 pool is quantized on store, its scales [num_blocks, block_size, H_kv] in k_scales, v_scales."""
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
@@ -66,9 +68,11 @@ class ModelOps(Protocol):
         experts topk_ids [T, k], weighted by topk_weights [T, k] and summed → [T, H]."""
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
         """Causal paged attention of q [T, H_q, D] over the pool → [T, H_q, D]; k, v [T, H_kv, D]
-        are the step's own (already in the pool), for paths that need no gather."""
+        are the step's own (already in the pool), for paths that need no gather. An FP8 pool
+        (with its scales) is dequantized on load."""
 
 
 def make_ops(name: str, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,

@@ -75,22 +75,25 @@ class TorchOps:
         return torch.nn.functional.silu(x[..., :i]) * x[..., i:]
 
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
+                 meta: AttentionMetadata, k_scales: torch.Tensor | None = None,
+                 v_scales: torch.Tensor | None = None) -> None:
         slots = meta.slot_mapping
         if meta.host_seq_lens is None:  # device-built metadata may carry -1 padding
             keep = slots >= 0
             k, v, slots = k[keep], v[keep], slots[keep]
-        write_kv_ref(k_cache, v_cache, k, v, slots)
+        write_kv_ref(k_cache, v_cache, k, v, slots, k_scales, v_scales)
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = self.rope(positions, q, k)
-        self.write_kv(k_cache, v_cache, k, v, meta)
+        self.write_kv(k_cache, v_cache, k, v, meta, k_scales, v_scales)
         return q, k
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
         # k, v: the step's own keys (the triton table's dense prefill path reads them); the
         # reference reads everything through the pool.
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scales, v_scales)

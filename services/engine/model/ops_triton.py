@@ -54,7 +54,8 @@ def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyCon
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+              meta: AttentionMetadata, scale: float, k_scales: torch.Tensor | None = None,
+              v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention of q [T, H_q, D] → [T, H_q, D], by the batch's shape:
 
     - a mixed batch replayed from a CUDA graph: the unified kernel (grid from shapes only);
@@ -64,19 +65,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
       dispatches to cuDNN where that was measured faster (kernels/dense_causal_attention.py);
     - anything else (extends after a cached prefix, chunks beside decodes): the paged
       prefill kernel, which takes any mix.
+
+    An FP8 pool (k_scales, v_scales given) skips the dense path: attention reads the quantized
+    K/V through the pool, so a prompt sees the keys its later decodes and prefix-cache hits see
+    (and the torch reference computes), not their unquantized originals.
     """
+    scales = dict(k_scales=k_scales, v_scales=v_scales)
     if meta.unified:
         return unified_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                 scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+                                 scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, **scales)
     qsl, lens = meta.host_query_start_loc, meta.host_seq_lens
-    if (qsl is not None and lens is not None and meta.query_start_loc is not None
+    if (k_scales is None and qsl is not None and lens is not None and meta.query_start_loc is not None
             and all(qsl[s + 1] - qsl[s] == n for s, n in enumerate(lens))):
         return dense_causal_attention(q, k, v, qsl, scale)
     if meta.query_start_loc is None:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                      max_seq_len=meta.max_seq_len)
+                                      max_seq_len=meta.max_seq_len, **scales)
     return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-                             max_query_len=meta.max_query_len)
+                             max_query_len=meta.max_query_len, **scales)
 
 
 class TritonOps:
@@ -136,11 +142,14 @@ class TritonOps:
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One kernel: q and k rotated in place, k and v stored in their slots.
-        return rope_kv_write(positions, q, k, v, self.cos_sin, k_cache, v_cache, meta.slot_mapping, q_out=q, k_out=k)
+        # One kernel: q and k rotated in place, k and v stored (an FP8 pool quantized) in their slots.
+        return rope_kv_write(positions, q, k, v, self.cos_sin, k_cache, v_cache, meta.slot_mapping, q_out=q, k_out=k,
+                             k_scales=k_scales, v_scales=v_scales)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return attention(q, k, v, k_cache, v_cache, meta, scale)
+                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
+        return attention(q, k, v, k_cache, v_cache, meta, scale, k_scales, v_scales)

@@ -169,7 +169,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             pooling=eng.config.pooler.pooling, normalize=eng.config.pooler.normalize,
             matryoshka=eng.config.pooler.matryoshka, embedding_dimensions=eng.model_config.hidden_size,
             num_experts=eng.model_config.num_experts, num_experts_per_tok=eng.model_config.num_experts_per_tok,
-            tensor_parallel_size=eng.config.tensor_parallel_size, **_speculative_info(eng.config.speculative))
+            tensor_parallel_size=eng.config.tensor_parallel_size, **_speculative_info(eng.config.speculative),
+            kv_cache_dtype=eng.dtype if eng.config.cache.kv_cache_dtype == "auto" else eng.config.cache.kv_cache_dtype)
 
     async def Load(self, request, context) -> engine_pb2.LoadResponse:
         s = self.engine.stats()

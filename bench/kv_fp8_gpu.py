@@ -1,0 +1,90 @@
+"""FP8 KV cache on the GPU: decode attention time over an FP8 pool against a bf16 pool at long
+context, and the KV capacity (tokens in the same memory) of kv_cache_dtype=fp8 against auto.
+
+Usage: python bench/kv_fp8_gpu.py [--smoke]
+Writes bench/results/kv_fp8_<dev>.json with kv_fp8_decode_attn_speedup_x (bf16 ms / fp8 ms of
+paged_decode_attention, batch 64, context 4096, 32 query / 8 KV heads, head_dim 128) and
+kv_fp8_tokens_capacity_x (blocks per byte budget, 8B shape: 32 layers, 8 KV heads, D 128).
+--smoke runs tiny shapes through Triton's interpreter on the CPU and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from llmesh.bench_results import device_tag, write_result  # noqa: E402
+from llmesh.engine.model.config import ModelConfig  # noqa: E402
+from llmesh.engine.model_runner import kv_bytes_per_block  # noqa: E402
+from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_DTYPE  # noqa: E402
+
+
+def _pools(num_seqs: int, ctx: int, h_kv: int, d: int, block_size: int, dtype, device, gen):
+    """A bf16 pool of random K/V, the same contexts written into an FP8 pool with scales, and the tables."""
+    from llmesh.kernels.kv_cache_write import kv_cache_write
+
+    nb = -(-ctx // block_size)
+    num_blocks = num_seqs * nb
+    k = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(device, dtype)
+    v = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(device, dtype)
+    k8 = torch.empty(k.shape, dtype=KV_FP8_DTYPE, device=device)
+    v8 = torch.empty_like(k8)
+    ks = torch.empty(k.shape[:3], dtype=KV_SCALE_DTYPE, device=device)
+    vs = torch.empty_like(ks)
+    slots = torch.arange(num_blocks * block_size, device=device)
+    kv_cache_write(k8, v8, k.view(-1, h_kv, d), v.view(-1, h_kv, d), slots, ks, vs)
+    tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, nb).to(device, torch.int32)
+    return (k, v), (k8, v8, ks, vs), tables
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter; writes nothing")
+    args = ap.parse_args()
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from gpu_ceilings import time_ms
+
+    from llmesh.kernels.paged_decode_attention import paged_decode_attention
+
+    device = torch.device("cpu" if smoke else "cuda")
+    batch, ctx, h_q, h_kv, d, bs = (2, 64, 4, 2, 32, 16) if smoke else (64, 4096, 32, 8, 128, 16)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    (k, v), (k8, v8, ks, vs), tables = _pools(batch, ctx, h_kv, d, bs, dtype, device, gen)
+    q = torch.randn(batch, h_q, d, generator=gen).to(device, dtype)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    scale = d ** -0.5
+
+    def full():
+        return paged_decode_attention(q, k, v, tables, lens, scale, max_seq_len=ctx)
+
+    def fp8():
+        return paged_decode_attention(q, k8, v8, tables, lens, scale, max_seq_len=ctx, k_scales=ks, v_scales=vs)
+
+    err = ((fp8().float() - full().float()).norm() / full().float().norm()).item()
+    full_ms, fp8_ms = time_ms(full, device, cpu_reps=1), time_ms(fp8, device, cpu_reps=1)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=8192)
+    capacity = kv_bytes_per_block(cfg, bs, torch.bfloat16) / kv_bytes_per_block(cfg, bs, KV_FP8_DTYPE)
+    metrics = {"kv_fp8_decode_attn_speedup_x": full_ms / fp8_ms, "kv_fp8_tokens_capacity_x": capacity,
+               "kv_fp8_decode_attn_ms": fp8_ms, "kv_bf16_decode_attn_ms": full_ms,
+               "kv_fp8_decode_attn_rel_err": err}
+    print({k: round(x, 4) for k, x in metrics.items()})
+    if smoke:
+        return
+    workload = dict(batch=batch, context=ctx, h_q=h_q, h_kv=h_kv, head_dim=d, block_size=bs,
+                    capacity_shape="Llama-3-8B (32 layers, 8 KV heads, D 128)")
+    print(write_result(f"kv_fp8_{device_tag(device)}", workload, metrics))
+
+
+if __name__ == "__main__":
+    main()

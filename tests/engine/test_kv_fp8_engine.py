@@ -1,0 +1,119 @@
+"""The FP8 KV cache (kv_cache_dtype="fp8") end to end on the tiny Llama: tokens close to the
+float32 engine's, twice-ish the blocks for the same memory, and prefix caching, preemption and
+the triton backend all reading and writing the FP8 pool consistently."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmesh.engine import LLM, SamplingParams
+from llmesh.engine.model_runner import kv_bytes_per_block
+from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE
+
+STEPS = 16
+FIRST_EQUAL = 2
+"""Every prompt's first tokens equal the float32 engine's. The tiny model's random weights make
+its logits nearly flat and chaotic (its FP8-weights test allows 0.4 relative logit error), so a
+near-tie flips early and the bounded logit error below is the sharper check."""
+MATCH_FRACTION = 0.2
+"""Of all generated tokens (vocabulary 512), at least this share sits in the common prefix with
+float32 (measured 0.25; chance agreement is about 0)."""
+LOGIT_ERROR_MEAN, LOGIT_ERROR_MAX = 0.15, 0.5
+"""Per step, while both engines saw the same tokens: ||logits - float32 logits|| / ||float32
+logits||, its mean over all such steps and its largest. The tiny model's random weights
+(initializer range 0.15) amplify the KV rounding (E4M3 keeps 3 mantissa bits): measured mean
+0.09, largest 0.37 (the step where a near-tie flips). A scale dropped or misapplied anywhere
+gives errors of order 1."""
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 40))] for _ in range(n)]
+
+
+def _run(path: str, prompts, **kw) -> tuple[LLM, list[list[int]], list[list[torch.Tensor]]]:
+    """Greedy tokens and each request's logits per step, one request at a time (so a step's
+    logits row is that request's)."""
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256, **kw)
+    tokens, logits = [], []
+    for p in prompts:
+        seen: list[torch.Tensor] = []
+        llm.engine.runner.logits_observer = lambda reqs, lg: seen.append(lg[0].clone())
+        out = llm.generate([p], SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))[0]
+        tokens.append(out.token_ids)
+        logits.append(seen)
+    return llm, tokens, logits
+
+
+def test_fp8_tokens_track_float32(tiny_llama):
+    prompts = _prompts(6, 1)
+    fp8, got, got_logits = _run(tiny_llama, prompts, kv_cache_dtype="fp8")
+    _, want, want_logits = _run(tiny_llama, prompts)
+    assert fp8.engine.runner.kv_caches.dtype == KV_FP8_DTYPE and fp8.engine.runner.kv_scales is not None
+    matched, errors = 0, []
+    for g, w, gl, wl in zip(got, want, got_logits, want_logits):
+        common = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(w))
+        assert common >= FIRST_EQUAL, f"fp8 {g} left float32 {w} at token {common}"
+        matched += common
+        # Logits agree while the inputs are the same (steps up to and including the first difference).
+        for a, b in zip(gl[:common + 1], wl[:common + 1]):
+            errors.append(((a - b).norm() / b.norm()).item())
+    assert matched >= MATCH_FRACTION * STEPS * len(prompts)
+    assert sum(errors) / len(errors) <= LOGIT_ERROR_MEAN and max(errors) <= LOGIT_ERROR_MAX, errors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_pool_holds_more_blocks_in_the_same_memory(tiny_llama, dtype):
+    budget = 1 << 22
+
+    def runner(kv: str):
+        return LLM(tiny_llama, device="cpu", dtype=dtype, kv_cache_memory=budget, kv_cache_dtype=kv,
+                   max_model_len=256).engine.runner
+
+    auto, fp8 = runner("auto"), runner("fp8")
+    cfg, bs = auto.cfg, auto.block_size
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    assert kv_bytes_per_block(cfg, bs, KV_FP8_DTYPE) * (cfg.head_dim * elem) == \
+        kv_bytes_per_block(cfg, bs, auto.dtype) * (cfg.head_dim + 1)  # D bytes and a 1-byte scale
+    assert fp8.num_blocks == budget // kv_bytes_per_block(cfg, bs, KV_FP8_DTYPE)
+    assert auto.num_blocks == budget // kv_bytes_per_block(cfg, bs, auto.dtype)
+    # elem * D / (D + 1): 2x less 1/(D+1) for 16-bit models (1.94x at D = 32, 1.98x at D = 128)
+    ratio = fp8.num_blocks / auto.num_blocks
+    assert abs(ratio - elem * cfg.head_dim / (cfg.head_dim + 1)) < 0.01
+    assert fp8.kv_caches.nbytes + fp8.kv_scales.nbytes <= budget
+
+
+def test_prefix_hits_and_preemption_reuse_the_fp8_pool_exactly(tiny_llama):
+    """Scales are per token and head, so a block's bits depend on its tokens only: a prefix hit
+    and a recompute after preemption see exactly what an engine without either computes."""
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 500) for _ in range(12)]
+    prompts = [shared + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))] for _ in range(8)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    kw = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", block_size=4, max_model_len=96)
+    tight = LLM(tiny_llama, num_kv_blocks=16, max_num_batched_tokens=24, max_num_seqs=6, **kw)
+    tight.generate(prompts[:1], params)  # the shared prefix is cached before the batch
+    got = tight.generate(prompts, params)
+    plain = LLM(tiny_llama, num_kv_blocks=256, enable_prefix_caching=False, **kw)
+    want = plain.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert tight.engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
+    assert sum(o.num_cached_tokens for o in got) >= 8, "the shared prefix was meant to hit the cache"
+    assert tight.engine.kv.num_used_blocks == 0
+
+
+def test_triton_backend_matches_torch_on_the_fp8_pool(tiny_llama):
+    prompts = _prompts(2, 7)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=32, max_model_len=128)
+    torch_out = LLM(tiny_llama, backend="torch", **kw).generate(prompts, params)
+    triton_out = LLM(tiny_llama, backend="triton", **kw).generate(prompts, params)
+    assert [o.token_ids for o in torch_out] == [o.token_ids for o in triton_out]
+
+
+def test_unknown_kv_cache_dtype_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, got 'int8'"):
+        LLM(tiny_llama, device="cpu", kv_cache_dtype="int8")
