@@ -15,11 +15,16 @@ from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
 
 def _check(x: torch.Tensor, w, tol: float = 1e-2) -> None:
     """bfloat16 activations: within bfloat16 rounding of the exact product; float32: the
-    reference's bits."""
+    reference's bits at one row (the same MKL GEMV on the same W), its values within float32
+    summation order from two rows up (oneDNN)."""
     got = cpu_packed_matmul(x, w)
     assert got is not None, "this format has a CPU path"
     if x.dtype == torch.float32:
-        assert torch.equal(got, linear(x, w, kernels=False))
+        want = linear(x, w, kernels=False)
+        if x.shape[0] == 1:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         x = x.to(torch.bfloat16)
         got = cpu_packed_matmul(x, w)
     ref = x.float() @ w.dequantize()

@@ -14,7 +14,7 @@ weight is prepared once, on first use, and the copy kept beside it:
   Q8_0) has no such kernel and is expanded once to bfloat16.
 - float32 activations: those kernels have only a scalar float32 path, several times slower
   than a float32 dense GEMV, so W is expanded once to float32 — exactly the reference's
-  ``x @ W.dequantize()``, bit for bit, at a float32 model's speed (and its memory, on top
+  ``x @ W.dequantize()`` (bit for bit at one row), at a float32 model's speed (and its memory, on top
   of the packed weight).
 
 Float32 GEMMs, dense or expanded (measured on a 2-core AVX2 EPYC with ``bench/cpu_linear.py``):
