@@ -12,7 +12,6 @@ import re
 import jsonschema
 import pytest
 import torch
-
 from llmesh.engine import LLM, FinishReason, SamplingParams, StructuredOutputSpec
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import Sampler
@@ -129,7 +128,7 @@ def test_async_equals_sync_for_grammar_penalty_and_plain_requests(runs):
 def test_constrained_outputs_are_valid_and_end_by_their_grammar(runs):
     _, async_, _ = runs
     for rid in ("json-greedy", "json-seeded"):
-        tokens, text, reason = async_[rid]
+        _, text, reason = async_[rid]
         assert reason is FinishReason.STOP, text
         jsonschema.validate(json.loads(text), SCHEMA)
     assert async_["regex"][2] is FinishReason.STOP and re.fullmatch(REGEX, async_["regex"][1])

@@ -5,11 +5,10 @@ With async scheduling (on for the triton backend on a GPU) the update is the pre
 step's: step N+1 is scheduled and launched before step N's tokens are read back, so the
 host's scheduling, staging and the front end's text work overlap the device's forward
 pass, and the only host-device sync per step is for the sampled tokens.
-
-A launched step is a forward pass and then its sampling (StepHandle.sample). When a row
-of step N+1 has a grammar, its mask depends on step N's token, so the core queues N+1's
-forward, lands N (the matchers advance) while the device computes, and only then samples
-N+1. Penalties need no such wait: the sampler counts output tokens on the device.
+A launched step is a forward pass, then its sampling (StepHandle.sample): a grammar's mask
+for step N+1 depends on step N's token, so N+1's forward is queued, N lands (the matchers
+advance) while the device computes, and N+1 is sampled after. Penalties need no such wait
+(the sampler counts output tokens on the device).
 
 Speculative decoding (a ``speculative`` config): after a step lands, the proposer drafts
 tokens for running requests that speculate; the next schedule turns their decodes into
@@ -335,8 +334,8 @@ class EngineCore:
         self.last_step_tokens = scheduled.num_batched_tokens
         launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
         previous, self._inflight = self._inflight, launched
-        if launched is not None and (previous is None or not _masks_rows(scheduled)):
-            launched[1].sample()
+        if launched is not None and (previous is None or not any(c.request.grammar for c in scheduled.chunks)):
+            launched[1].sample()  # no mask to wait for
         if previous is not None:
             outputs.extend(self._land(previous))
         if launched is not None:
@@ -356,9 +355,8 @@ class EngineCore:
         return self.proposer is not None and req.sampling_params.speculative and req.pooling is None
 
     def _speculating(self) -> bool:
-        """Some running request speculates: its next step needs its tokens on the host (drafts
-        are proposed from them, before the step is scheduled), so the step in flight lands
-        before the next is scheduled and such batches run one step at a time. Not
+        """Some running request speculates: drafts are proposed from its tokens on the host, so
+        such batches land each step before scheduling the next (synchronous steps). Not
         while the batch is past speculative_disable_batch_size: no drafts are proposed then,
         and such a (compute-bound) batch is where async scheduling pays most."""
         running = self.scheduler.running
@@ -460,12 +458,6 @@ EXPERT_TOKENS_INTERVAL_S = 1.0
 
 SPEC_MAX_BACKOFF = 32
 """Most steps a request goes without drafts after verify steps that accepted nothing."""
-
-
-def _masks_rows(scheduled: SchedulerOutput) -> bool:
-    """Some row the step samples takes a grammar's mask, which must wait for the step in
-    flight to land (its token advances the matcher)."""
-    return any(c.samples and c.request.grammar is not None for c in scheduled.chunks)
 
 
 def _back_off(req: Request, accepted: int) -> None:
