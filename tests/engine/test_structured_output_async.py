@@ -192,3 +192,22 @@ def test_counts_slot_is_reused_after_its_request_goes():
         gc.collect()
         sampler.sample(torch.zeros(3, 16), reqs)
     assert sampler.output_counts._table.shape[0] == size
+
+
+def test_triton_backend_async_equals_torch_backend_sync(tiny_llama):
+    """The triton runner's split launch (forward, then sampling) gives the torch backend's
+    synchronous tokens for grammar, penalty and plain rows (on the CPU through Triton's
+    interpreter)."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=128)
+    params = [SamplingParams(max_tokens=10, temperature=0.0, structured_output=_spec("json")),
+              SamplingParams(max_tokens=10, temperature=1.0, seed=5, structured_output=_spec("regex")),
+              SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, structured_output=_spec("choice")),
+              SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5),
+              SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)]
+    want = LLM(tiny_llama, async_scheduling=False, **kw).generate(PROMPTS[:5], params)
+    triton = LLM(tiny_llama, backend="triton", async_scheduling=True, **kw)
+    assert triton.engine.async_scheduling
+    got = triton.generate(PROMPTS[:5], params)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+    assert got[2].text in CHOICES and triton.engine.kv.num_used_blocks == 0
