@@ -90,6 +90,8 @@ class OutputTokenCounts:
         self._entries: weakref.WeakKeyDictionary[Request, list[int]] = weakref.WeakKeyDictionary()
         """request → [slot, tokens its row holds]"""
         self._free: list[int] = []
+        self.rebuilds = 0
+        """Rows built from the host's tokens: once per request, unless its counts went stale."""
 
     def rows(self, requests: Sequence[Request], vocab: int) -> torch.Tensor:
         """``[R]`` slots of ``requests`` on the device, their rows brought up to date."""
@@ -111,6 +113,7 @@ class OutputTokenCounts:
                 entry[1] = expected
             slots.append(entry[0])
         if stale:
+            self.rebuilds += len(stale)
             idx = to_device([slot for slot, _ in stale], torch.long, self.device)
             self._table[idx] = count_tokens([ids for _, ids in stale], vocab, self.device)
         return to_device(slots, torch.long, self.device)

@@ -144,6 +144,15 @@ def test_grammar_batches_launch_before_the_step_in_flight_lands(runs):
     assert sum(1 for inflight, masked in launches if inflight and masked) >= 10, launches
 
 
+def test_penalty_rows_are_counted_on_the_device(tiny_llama):
+    """Under async scheduling a penalised request's row is built from the host once; every
+    later token is counted on the device."""
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=32, max_model_len=256, async_scheduling=True)
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, frequency_penalty=1.0)] * 3
+    llm.generate(PROMPTS[:3], params)
+    assert llm.engine.runner.sampler.output_counts.rebuilds == 3
+
+
 def test_penalties_change_the_output(tiny_llama, runs):
     """The penalised rows really are penalised (the comparison above would pass if
     penalties were ignored in both engines)."""
@@ -211,3 +220,24 @@ def test_triton_backend_async_equals_torch_backend_sync(tiny_llama):
     got = triton.generate(PROMPTS[:5], params)
     assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
     assert got[2].text in CHOICES and triton.engine.kv.num_used_blocks == 0
+
+
+def test_penalty_counts_take_accepted_drafts(tmp_path):
+    """Verify steps (speculative decoding, synchronous) count a request's accepted drafts in
+    its device row: speculating, penalised greedy outputs equal the plain engine's."""
+    from tests.fixtures.tiny_models import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "repetitive"), "llama", hidden_size=32, intermediate_size=64)
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=256, async_scheduling=True)
+    prompts = [[(7 * i + j) % 40 + 3 for j in range(24)] for i in range(3)]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=0.05 * i,
+                             frequency_penalty=0.02, repetition_penalty=1.0 + 0.05 * i) for i in range(3)]
+    want = LLM(path, **kw).generate(prompts, params)
+    spec = LLM(path, speculative_config=ngram, **kw)
+    got = spec.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert spec.engine.core.spec_stats.accepted > 0
+    # each row was built once, at its request's first step: later steps' tokens, accepted
+    # drafts included, were added to it
+    assert spec.engine.runner.sampler.output_counts.rebuilds == len(prompts)
