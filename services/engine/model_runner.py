@@ -49,23 +49,38 @@ class ModelRunnerOutput:
 
 
 class StepHandle:
-    """A launched step: its device work is queued; ``result()`` waits for its sampled tokens,
-    prompt logprobs and pooled vectors (the device-to-host copies of this step alone) and
-    returns them as host values.
+    """A launched step: its forward pass is queued; its sampling runs at ``sample()``;
+    ``result()`` samples if that has not happened, waits for the sampled tokens, prompt
+    logprobs and pooled vectors (the device-to-host copies of this step alone) and returns
+    them as host values.
+
+    Sampling is separate because only it reads host state that the previous step's tokens
+    change: the grammar's mask (every token its matcher accepted). The engine queues step
+    N+1's forward, lands step N (the matchers advance) while the device computes, then
+    samples N+1 with masks that see every token (vLLM V1 orders structured output the same
+    way: the bitmask is only needed after the forward).
 
     ``drafts[i]`` are the drafts the step verifies for its i-th sampling request, whose
     rows in the sampled batch are its 1 + k verify positions; rejection sampling
     (``accept_deterministic``) picks the tokens each request keeps.
     """
 
-    def __init__(self, sampled: SampledBatch | None, drafts: list[tuple[int, ...]] | None = None, *,
+    def __init__(self, sample: Callable[[], SampledBatch] | None = None,
+                 drafts: list[tuple[int, ...]] | None = None, *,
                  prompt_logprobs: PromptLogprobs | None = None, pooled: PooledBatch | None = None) -> None:
-        self._sampled = sampled
+        self._sample = sample
+        self._sampled: SampledBatch | None = None
         self._drafts = drafts
         self._prompt_logprobs = prompt_logprobs
         self._pooled = pooled
 
+    def sample(self) -> None:
+        """Queue the step's sampling (once); the next step's forward reads its tokens."""
+        if self._sample is not None:
+            self._sampled, self._sample = self._sample(), None
+
     def result(self) -> ModelRunnerOutput:
+        self.sample()
         out = ModelRunnerOutput()
         if self._prompt_logprobs is not None:
             out.prompt_logprobs = self._prompt_logprobs.to_host()
@@ -81,7 +96,7 @@ class StepHandle:
             drafts = self._drafts[len(out.sampled_token_ids)] if self._drafts else ()
             width = len(drafts) + 1
             tokens = accept_deterministic(drafts, host.token_ids[row: row + width])
-            self._sampled.rewind(req, len(tokens))
+            self._sampled.accept(req, tokens)
             out.sampled_token_ids[req.request_id] = tokens
             lps = host.logprobs[row: row + len(tokens)]
             if lps[0] is not None:
@@ -358,6 +373,24 @@ class RunnerBase(abc.ABC):
         """Run one step and wait for its sampled tokens."""
         return self.launch(scheduled).result()
 
+    def sampling(self, logits: torch.Tensor, host: HostStep) -> Callable[[], SampledBatch] | None:
+        """The step's sampling, to run once the host state it reads is current (see
+        StepHandle); None when no row samples. Called at launch, with the forward queued:
+        a step that samples nothing leaves no tokens for the next step to read."""
+        if not host.sampling_requests:
+            self.feed.set(None)
+            return None
+        if self.logits_observer is not None:
+            self.logits_observer(host.sampling_requests, logits)
+
+        def sample() -> SampledBatch:
+            sampled = self.sampler.sample(logits, host.sampling_requests, host.spec_drafts)
+            sampled.start_copy()
+            self.feed.set(sampled)
+            return sampled
+
+        return sample
+
     def prompt_logprobs(self, scheduled: SchedulerOutput, query_start_loc, hidden: torch.Tensor
                         ) -> PromptLogprobs | None:
         """The step's prompt logprobs, queued on the device (None when no chunk asked)."""
@@ -400,18 +433,11 @@ class TorchModelRunner(RunnerBase):
         host = self.stage(scheduled)
         hidden, rows = self.forward_host(host)
         prompt_lps = self.prompt_logprobs(scheduled, host.query_start_loc, hidden)
-        sampled = None
-        if host.sampling_requests:
-            logits = self.model.compute_logits(rows)  # [R, vocab]
-            if self.logits_observer is not None:
-                self.logits_observer(host.sampling_requests, logits)
-            sampled = self.sampler.sample(logits, host.sampling_requests, host.spec_drafts)
-            sampled.start_copy()
+        logits = self.model.compute_logits(rows) if host.sampling_requests else None  # [R, vocab]
         pooled = pool_step(hidden, scheduled.chunks) if has_pooling(scheduled.chunks) else None
         if pooled is not None:
             pooled.start_copy()
-        self.feed.set(sampled)
-        return StepHandle(sampled, host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)
+        return StepHandle(self.sampling(logits, host), host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)
 
     def forward_host(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
         batch = inputs_from_host(host, self.device, self.feed)

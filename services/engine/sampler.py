@@ -27,15 +27,16 @@ import torch
 
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.request import Request
-from llmesh.engine.structured_output.state import apply_bitmask
 from llmesh.engine.sampling_ops import (
     apply_penalties,
+    count_tokens,
     exponential_race,
     filter_keep_mask,
     to_device,
     token_logprobs,
     unique_token_ids,
 )
+from llmesh.engine.structured_output.state import apply_bitmask
 
 _SEED_MASK = (1 << 64) - 1
 
@@ -52,8 +53,104 @@ class SamplerOutput:
 def _plain_greedy(request: Request) -> bool:
     """Greedy with no penalty, bias, grammar or logprobs: the argmax of the raw logits is the answer."""
     p = request.sampling_params
-    return (p.greedy and p.logprobs is None and request.grammar is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and not p.logit_bias)
+    return (p.greedy and p.logprobs is None and request.grammar is None and not _penalised(request)
+            and not p.logit_bias)
+
+
+def _penalised(request: Request) -> bool:
+    p = request.sampling_params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _masked(request: Request) -> bool:
+    """The row takes its grammar's mask: not once the request has finished (its grammar
+    may be complete; under async scheduling the step after its last one still samples a
+    row for it, whose token is dropped)."""
+    return request.grammar is not None and not request.is_finished
+
+
+class OutputTokenCounts:
+    """How often each request with a penalty generated each token, kept on the device.
+
+    One ``[slots, V]`` int32 table; a request holds a row (its slot) from its first
+    penalised step until it is dropped. Each step adds the tokens just sampled on the
+    device, so a penalty row never waits for the host to learn the previous step's token
+    (async scheduling keeps running). Verify rows (speculative decoding) are counted
+    when their accepted tokens are known, on the host (``add_host``).
+
+    The host tallies how many tokens each row holds; a row whose tally disagrees with
+    the request's own count (the request's tokens came from elsewhere, e.g. a caller
+    of the bare sampler) is rebuilt from ``output_token_ids`` when all of them are
+    known there.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._table: torch.Tensor | None = None  # [S, V] int32
+        self._entries: weakref.WeakKeyDictionary[Request, list[int]] = weakref.WeakKeyDictionary()
+        """request → [slot, tokens its row holds]"""
+        self._free: list[int] = []
+        self.rebuilds = 0
+        """Rows built from the host's tokens: once per request, unless its counts went stale."""
+
+    def rows(self, requests: Sequence[Request], vocab: int) -> torch.Tensor:
+        """``[R]`` slots of ``requests`` on the device, their rows brought up to date."""
+        slots, stale = [], []
+        for r in requests:
+            entry = self._entries.get(r)
+            if entry is None:
+                entry = [self._allocate(vocab), -1]
+                self._entries[r] = entry
+                weakref.finalize(r, self._free.append, entry[0])
+            # tokens sampled before this step: landed on the host, or still on their way
+            # (a step in flight besides this one: num_pending_tokens counts both)
+            expected = r.num_output_tokens + max(0, r.num_pending_tokens - 1)
+            if entry[1] != expected:
+                if expected != r.num_output_tokens:
+                    raise RuntimeError(f"sampler: request {r.request_id!r} counts {entry[1]} output tokens "
+                                       f"on the device, expected {expected} (some are not on the host yet)")
+                stale.append((entry[0], r.output_token_ids))
+                entry[1] = expected
+            slots.append(entry[0])
+        if stale:
+            self.rebuilds += len(stale)
+            idx = to_device([slot for slot, _ in stale], torch.long, self.device)
+            self._table[idx] = count_tokens([ids for _, ids in stale], vocab, self.device)
+        return to_device(slots, torch.long, self.device)
+
+    def add(self, requests: Sequence[Request], slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Count ``token_ids[i]`` (on the device) for ``requests[i]`` (slot ``slots[i]``)."""
+        # slots, token_ids: [R]
+        self._table.index_put_((slots, token_ids), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
+        for r in requests:
+            self._entries[r][1] += 1
+
+    def add_host(self, request: Request, token_ids: Sequence[int]) -> None:
+        """Count tokens known on the host (a verify chunk's accepted ones)."""
+        entry = self._entries.get(request)
+        if entry is None or not token_ids:
+            return
+        slots = torch.full((len(token_ids),), entry[0], dtype=torch.long)
+        self._table.index_put_((to_device(slots, torch.long, self.device),
+                                to_device(list(token_ids), torch.long, self.device)),
+                               torch.ones(len(token_ids), dtype=torch.int32, device=self.device), accumulate=True)
+        entry[1] += len(token_ids)
+
+    def _allocate(self, vocab: int) -> int:
+        if not self._free:
+            size = 0 if self._table is None else self._table.shape[0]
+            grown = torch.zeros(max(8, 2 * size), vocab, dtype=torch.int32, device=self.device)
+            if self._table is not None:
+                grown[:size] = self._table
+            self._table = grown
+            self._free.extend(range(grown.shape[0] - 1, size - 1, -1))
+        slot = self._free.pop()
+        self._table[slot].zero_()
+        return slot
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[R, V]`` int32 copies of the rows of ``slots``."""
+        return self._table[slots]
 
 
 class Sampler:
@@ -75,6 +172,7 @@ class Sampler:
         self._prompt_cache: weakref.WeakKeyDictionary[Request, torch.Tensor] = (
             weakref.WeakKeyDictionary()
         )
+        self.output_counts = OutputTokenCounts(self.device)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         # logits: [N, V], row i belongs to requests[i]
@@ -91,18 +189,20 @@ class Sampler:
         """
         # logits: [R, V]; without drafts row i belongs to requests[i]
         prior: list[tuple[int, ...]] | None = None
+        verifying: set[Request] = set()
         if drafts is not None and any(drafts):
             rows = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
             prior = [tuple(d[:j]) for d in drafts for j in range(len(d) + 1)]
+            verifying = {r for r, d in zip(requests, drafts) if d}
             grammar_rows = []
             first = 0
             for r, d in zip(requests, drafts):
-                if r.grammar is not None:
+                if _masked(r):
                     grammar_rows.append((first, r.grammar, tuple(d)))
                 first += len(d) + 1
         else:
             rows = list(requests)
-            grammar_rows = [(i, r.grammar, ()) for i, r in enumerate(rows) if r.grammar is not None]
+            grammar_rows = [(i, r.grammar, ()) for i, r in enumerate(rows) if _masked(r)]
         requests = rows
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [N, V] with N = {len(requests)} rows, "
@@ -116,7 +216,7 @@ class Sampler:
         # The grammar mask comes first: a disallowed token must not be chosen, nor count in
         # top-p's mass or min-p's reference; logprobs are then over the allowed tokens, as vLLM's.
         apply_bitmask(raw, grammar_rows)
-        penalised = self._penalise(self._bias(raw, requests), requests, prior)
+        penalised, counted = self._penalise(self._bias(raw, requests), requests, prior, verifying)
 
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         rewinds: dict[Request, list[torch.Tensor]] = {}
@@ -127,8 +227,12 @@ class Sampler:
             if random_rows:
                 idx = to_device(random_rows, torch.long, raw.device)
                 token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows], rewinds)
+        if counted is not None:
+            rows_idx, slots, counted_requests = counted
+            self.output_counts.add(counted_requests, slots, token_ids[rows_idx])
         batch = self._collect(raw, token_ids, requests)
         batch.rewinds = rewinds
+        batch.verify_counts = {r: self.output_counts for r in verifying if _penalised(r)}
         return batch
 
     # ---- logit bias ------------------------------------------------------------------
@@ -154,37 +258,46 @@ class Sampler:
 
     # ---- penalties -------------------------------------------------------------------
     def _penalise(self, logits: torch.Tensor, requests: Sequence[Request],
-                  prior: Sequence[tuple[int, ...]] | None = None) -> torch.Tensor:
+                  prior: Sequence[tuple[int, ...]] | None = None, verifying: set[Request] = frozenset()
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, list[Request]] | None]:
         """Logits after repetition/presence/frequency penalties; untouched (not copied)
         when no row uses any, and computed only over the rows that do. ``prior[i]``: draft
-        tokens row i counts as output after the request's own."""
-        rows = [
-            i for i, r in enumerate(requests)
-            if r.sampling_params.repetition_penalty != 1.0
-            or r.sampling_params.presence_penalty != 0.0
-            or r.sampling_params.frequency_penalty != 0.0
-        ]
+        tokens row i counts as output after the request's own.
+
+        Also returns what to count once the rows are sampled: (rows, their slots in
+        ``output_counts``, their requests) for every penalised row outside a verify chunk
+        (a verify chunk's tokens are counted once accepted); None when no row is."""
+        rows = [i for i, r in enumerate(requests) if _penalised(r)]
         if not rows:
-            return logits
+            return logits, None
         device = logits.device
+        vocab = logits.shape[1]
         params = [requests[i].sampling_params for i in rows]
         idx = to_device(rows, torch.long, device)
+        slots = self.output_counts.rows([requests[i] for i in rows], vocab)  # [P]
+        counts = self.output_counts.gather(slots)  # [P, V] int32
+        if prior and any(prior[i] for i in rows):
+            counts += count_tokens([prior[i] for i in rows], vocab, device)
         no_tokens = torch.empty(0, dtype=torch.long, device=device)
         sub = apply_penalties(
             logits[idx],
             [self._prompt_ids(requests[i], device) if p.repetition_penalty != 1.0 else no_tokens
              for i, p in zip(rows, params)],
-            [requests[i].output_token_ids + list(prior[i]) if prior else requests[i].output_token_ids
-             for i in rows],
+            counts,
             to_device([p.repetition_penalty for p in params], torch.float32, device),
             to_device([p.presence_penalty for p in params], torch.float32, device),
             to_device([p.frequency_penalty for p in params], torch.float32, device),
         )
+        single = [j for j, i in enumerate(rows) if requests[i] not in verifying]
+        counted = None
+        if single:
+            j_idx = to_device(single, torch.long, device)
+            counted = (idx[j_idx], slots[j_idx], [requests[rows[j]] for j in single])
         if len(rows) == len(requests):
-            return sub
+            return sub, counted
         out = logits.clone()
         out[idx] = sub
-        return out
+        return out, counted
 
     def _prompt_ids(self, request: Request, device: torch.device) -> torch.Tensor:
         """The request's distinct prompt ids on ``device``, converted once per request."""
@@ -220,7 +333,7 @@ class Sampler:
         A seeded request with several rows (a verify chunk) draws one row per position, as
         that many plain steps would; ``rewinds[request]`` gets its generator's state before
         each draw, so that the draws of rejected positions can be given back
-        (``SampledBatch.rewind``) and its tokens do not depend on how far it speculated."""
+        (``SampledBatch.accept``) and its tokens do not depend on how far it speculated."""
         unseeded = [j for j, r in enumerate(requests) if r.sampling_params.seed is None]
         drawn = None
         if unseeded:
@@ -302,13 +415,19 @@ class SampledBatch:
         self._event: torch.cuda.Event | None = None
         self.rewinds: dict[Request, list[torch.Tensor]] = {}
         """Seeded requests with several rows → their generator's state before each row's draw."""
+        self.verify_counts: dict[Request, OutputTokenCounts] = {}
+        """Penalised requests with several rows → the counts their accepted tokens go to."""
 
-    def rewind(self, request: Request, used: int) -> None:
-        """Give back the draws of ``request``'s rows past the first ``used`` (rejected verify
-        positions): its next step then draws what a plain step at that position would."""
+    def accept(self, request: Request, tokens: Sequence[int]) -> None:
+        """``request`` keeps ``tokens`` of its verify rows: its penalty counts take them, and
+        the draws of the rows past them (rejected positions) are given back, so its next
+        step draws what a plain step at that position would."""
+        counts = self.verify_counts.get(request)
+        if counts is not None:
+            counts.add_host(request, tokens)
         states = self.rewinds.get(request)
-        if states and used < len(states):
-            request.sampler_state.set_state(states[used])
+        if states and len(tokens) < len(states):
+            request.sampler_state.set_state(states[len(tokens)])
 
     def start_copy(self) -> None:
         if self._host is not None or self._packed.device.type != "cuda":

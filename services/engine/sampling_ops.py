@@ -51,10 +51,24 @@ def _flat_cells(rows: torch.Tensor, token_ids: torch.Tensor, vocab: int) -> torc
     return rows * (vocab + 1) + token_ids.masked_fill(~valid, vocab)
 
 
+def count_tokens(token_ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[R, V]`` int32: how often each id occurs in each row's list, built with one flat
+    scatter. Ids outside the vocabulary are not counted (see ``_flat_cells``)."""
+    num_rows = len(token_ids)
+    lengths = [len(t) for t in token_ids]
+    host = np.empty((2, sum(lengths)), dtype=np.int64)  # [2, T]: row, token
+    host[0] = np.repeat(np.arange(num_rows), lengths)
+    host[1] = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=host.shape[1])
+    rows, tokens = to_device(host, torch.long, device)
+    counts = torch.zeros(num_rows * (vocab + 1), dtype=torch.int32, device=device)
+    counts.scatter_add_(0, _flat_cells(rows, tokens, vocab), torch.ones_like(tokens, dtype=torch.int32))
+    return counts.view(num_rows, vocab + 1)[:, :vocab]
+
+
 def apply_penalties(
     logits: torch.Tensor,
     prompt_ids: Sequence[torch.Tensor],
-    output_ids: Sequence[Sequence[int]],
+    output_counts: torch.Tensor,
     repetition: torch.Tensor,
     presence: torch.Tensor,
     frequency: torch.Tensor,
@@ -65,26 +79,15 @@ def apply_penalties(
     divided by the penalty, any other multiplied, so > 1 always makes the token less
     likely. Presence and frequency (OpenAI style) cover generated tokens only.
 
-    ``prompt_ids`` are per-row device tensors (duplicates allowed); ``output_ids`` plain
-    lists. Rows are concatenated, not padded, so one long prompt does not make the
-    whole batch pay for its length; each set is built with one flat scatter.
+    ``prompt_ids`` are per-row device tensors (duplicates allowed), concatenated rather
+    than padded, so one long prompt does not make the whole batch pay for its length;
+    ``output_counts`` [R, V] says how often each row generated each token so far (the
+    sampler keeps it on the device, so no output token has to come from the host).
     """
-    # logits: [R, V]; repetition / presence / frequency: [R]
+    # logits: [R, V]; output_counts: [R, V]; repetition / presence / frequency: [R]
     num_rows, vocab = logits.shape
     device = logits.device
-    cells = num_rows * (vocab + 1)
-
-    # output_counts: [R, V] — how often each token was generated so far
-    lengths = [len(o) for o in output_ids]
-    host = np.empty((2, sum(lengths)), dtype=np.int64)  # [2, T]: row, token
-    host[0] = np.repeat(np.arange(num_rows), lengths)
-    host[1] = np.fromiter(chain.from_iterable(output_ids), dtype=np.int64, count=host.shape[1])
-    out_rows, out_tokens = to_device(host, torch.long, device)
-    output_counts = torch.zeros(cells, dtype=logits.dtype, device=device)
-    output_counts.scatter_add_(
-        0, _flat_cells(out_rows, out_tokens, vocab), torch.ones_like(out_tokens, dtype=logits.dtype)
-    )
-    output_counts = output_counts.view(num_rows, vocab + 1)[:, :vocab]
+    output_counts = output_counts.to(logits.dtype)
 
     # seen: [R, V] — token occurs in prompt or output
     prompt_tokens = torch.cat(list(prompt_ids)).to(device=device, dtype=torch.long)  # [P]
@@ -93,7 +96,7 @@ def apply_penalties(
         to_device([p.numel() for p in prompt_ids], torch.long, device),
         output_size=prompt_tokens.numel(),  # known on the host: no read-back
     )
-    seen = torch.zeros(cells, dtype=torch.bool, device=device)
+    seen = torch.zeros(num_rows * (vocab + 1), dtype=torch.bool, device=device)
     seen.scatter_(0, _flat_cells(prompt_rows, prompt_tokens, vocab), True)
     seen = seen.view(num_rows, vocab + 1)[:, :vocab] | (output_counts > 0)
 

@@ -180,18 +180,11 @@ class TritonModelRunner(RunnerBase):
         out, hidden = self.forward_host(host)
         decode_only = self._decode_only(host)
         prompt_lps = None if decode_only else self.prompt_logprobs(scheduled, host.query_start_loc, out)
-        sampled = None
-        reqs = host.sampling_requests
-        if reqs:
-            logits = self.model.compute_logits(hidden)  # [R, vocab] float32
-            if self.logits_observer is not None:
-                self.logits_observer(reqs, logits)
-            sampled = self.sampler.sample(logits, reqs, host.spec_drafts)
-            sampled.start_copy()
+        # [R, vocab] float32, a fresh tensor: the next graph replay does not overwrite it
+        logits = self.model.compute_logits(hidden) if host.sampling_requests else None
         # An embedding chunk never samples, so its step is never decode-only: ``out`` holds
         # every token's hidden state, padded rows after the step's ``t``.
         pooled = pool_step(out, scheduled.chunks) if has_pooling(scheduled.chunks) else None
         if pooled is not None:
             pooled.start_copy()
-        self.feed.set(sampled)
-        return StepHandle(sampled, host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)
+        return StepHandle(self.sampling(logits, host), host.spec_drafts, prompt_logprobs=prompt_lps, pooled=pooled)

@@ -82,8 +82,8 @@ def test_preemption_chunking_and_prefix_hits_match_sync(tiny_llama):
 
 
 def test_seeded_sampling_and_penalties_match_sync(tiny_llama):
-    """Seeded random sampling keeps its stream; penalties (which need every token on the
-    host) make the engine land the step in flight first. Same tokens either way."""
+    """Seeded random sampling keeps its stream; penalties count the tokens of the step in
+    flight on the device. Same tokens either way."""
     kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=256)
     sync, async_ = LLM(tiny_llama, async_scheduling=False, **kw), LLM(tiny_llama, async_scheduling=True, **kw)
     prompts = _prompts(5, 9)

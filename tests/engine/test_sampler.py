@@ -10,7 +10,7 @@ import torch
 
 from llmesh.engine.request import Request
 from llmesh.engine.sampler import Sampler
-from llmesh.engine.sampling_ops import apply_penalties, filter_keep_mask
+from llmesh.engine.sampling_ops import apply_penalties, count_tokens, filter_keep_mask
 from llmesh.engine.sampling_params import SamplingParams
 
 
@@ -174,7 +174,7 @@ def test_penalties_match_per_token_reference():
     logits = rand_logits(len(PENALTY_ROWS), 16, seed=4)
     got = apply_penalties(
         logits,
-        [torch.tensor(r[0]) for r in PENALTY_ROWS], [r[1] for r in PENALTY_ROWS],
+        [torch.tensor(r[0]) for r in PENALTY_ROWS], count_tokens([r[1] for r in PENALTY_ROWS], 16, logits.device),
         torch.tensor([r[2] for r in PENALTY_ROWS]),
         torch.tensor([r[3] for r in PENALTY_ROWS]),
         torch.tensor([r[4] for r in PENALTY_ROWS]),
@@ -206,7 +206,7 @@ def test_greedy_after_penalties_in_mixed_batch_and_input_untouched():
 def test_penalties_ignore_token_ids_outside_vocabulary():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     r = req(prompt=[0, 99], output=[-1, 2], temperature=0.0, repetition_penalty=2.0)
-    got = apply_penalties(logits, [torch.tensor(r.prompt_token_ids)], [r.output_token_ids],
+    got = apply_penalties(logits, [torch.tensor(r.prompt_token_ids)], count_tokens([r.output_token_ids], 3, logits.device),
                           torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]))
     torch.testing.assert_close(got, torch.tensor([[0.5, 2.0, 1.5]]))
 

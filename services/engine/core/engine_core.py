@@ -5,6 +5,10 @@ With async scheduling (on for the triton backend on a GPU) the update is the pre
 step's: step N+1 is scheduled and launched before step N's tokens are read back, so the
 host's scheduling, staging and the front end's text work overlap the device's forward
 pass, and the only host-device sync per step is for the sampled tokens.
+A launched step is a forward pass, then its sampling (StepHandle.sample): a grammar's mask
+for step N+1 depends on step N's token, so N+1's forward is queued, N lands (the matchers
+advance) while the device computes, and N+1 is sampled after. Penalties need no such wait
+(the sampler counts output tokens on the device).
 
 Speculative decoding (a ``speculative`` config): after a step lands, the proposer drafts
 tokens for running requests that speculate; the next schedule turns their decodes into
@@ -323,7 +327,7 @@ class EngineCore:
         """schedule → launch → update. With async scheduling the update is the previous
         step's, done while this one computes; otherwise this step's, after it finishes."""
         outputs: list[EngineCoreOutput] = self._admit_compiled()
-        if self._inflight is not None and self._needs_known_tokens():
+        if self._inflight is not None and self._speculating():
             outputs.extend(self._land(self._inflight))
             self._inflight = None
             self._propose()
@@ -331,8 +335,12 @@ class EngineCore:
         self.last_step_tokens = scheduled.num_batched_tokens
         launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
         previous, self._inflight = self._inflight, launched
+        if launched is not None and (previous is None or not any(c.request.grammar for c in scheduled.chunks)):
+            launched[1].sample()  # no mask to wait for
         if previous is not None:
             outputs.extend(self._land(previous))
+        if launched is not None:
+            launched[1].sample()  # a grammar's mask now sees every token its request received
         if self._inflight is not None and (not self.async_scheduling or self._speculating()):
             outputs.extend(self._land(self._inflight))
             self._inflight = None
@@ -343,20 +351,13 @@ class EngineCore:
         self._last_step_time = time.monotonic()
         return outputs
 
-    def _needs_known_tokens(self) -> bool:
-        """Penalties count every output token, and a grammar's mask depends on every token
-        its matcher accepted, so the step in flight must land before the next is sampled;
-        such batches run one step at a time."""
-        return self._speculating() or any(r.grammar is not None or r.sampling_params.repetition_penalty != 1.0
-                   or r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
-                   for r in self.scheduler.running)
-
     # ---- speculative decoding -----------------------------------------------------------
     def _speculates(self, req: Request) -> bool:
         return self.proposer is not None and req.sampling_params.speculative and req.pooling is None
 
     def _speculating(self) -> bool:
-        """Some running request speculates: its next step needs its tokens on the host. Not
+        """Some running request speculates: drafts are proposed from its tokens on the host, so
+        such batches land each step before scheduling the next (synchronous steps). Not
         while the batch is past speculative_disable_batch_size: no drafts are proposed then,
         and such a (compute-bound) batch is where async scheduling pays most."""
         running = self.scheduler.running

@@ -80,14 +80,17 @@ def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState, tu
     ``states`` holds (first row, the request's matcher, drafts): rows ``i .. i + len(drafts)``
     get the mask after each prefix of the drafts (a verify chunk; no drafts: row i alone).
     The bitmask is filled on the host (the matchers are host objects) and applied on the
-    logits' device.
+    logits' device. On a GPU it goes over in pinned memory: a copy from pageable memory
+    would wait for the queued forward pass, which the fill is meant to overlap.
     """
     # logits: [N, V] float32
     if not states:
         return
     # One bitmask row per logits row, as xgrammar indexes it; only the rows in ``states``
     # are filled and applied, so unconstrained rows of a mixed batch are left alone.
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # [N, ceil(V / 32)] int32, host
+    on_gpu = logits.device.type != "cpu"
+    words = (logits.shape[1] + 31) // 32
+    bitmask = torch.full((logits.shape[0], words), -1, dtype=torch.int32, pin_memory=on_gpu)  # [N, W], host
     indices, plain, plain_rows = [], [], []
     for i, state, drafts in states:
         if drafts:  # each row after a draft needs the matcher advanced: one request at a time
@@ -102,6 +105,7 @@ def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState, tu
         _batch_matcher().batch_fill_next_token_bitmask(plain, bitmask, plain_rows)
     elif plain:
         plain[0].fill_next_token_bitmask(bitmask, plain_rows[0])
-    if logits.device.type != "cpu":
+    if on_gpu:
         bitmask = bitmask.to(logits.device, non_blocking=True)
+        indices = torch.tensor(indices, dtype=torch.int32, pin_memory=True).to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=indices)
