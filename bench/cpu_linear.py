@@ -3,15 +3,17 @@
 For the demo model's projections (SmolLM2-135M: qkv, o, gate_up, down, the tied LM head)
 and M = 1..128 rows, the time of one ``x @ W^T`` with W
 - ``nk``: stored [N, K] as checkpoints hold it (F.linear → MKL),
-- ``kn``: stored [K, N] behind the same shape (``cpu_layout``; F.linear → MKL),
+- ``kn``: stored [K, N] behind the same shape (F.linear → MKL; ``cpu_layout`` stores W so
+  when N >= K),
 - ``onednn``: oneDNN's prepacked copy (``cpu_dense_matmul``).
 Each timing cycles through enough copies of the weight (a model's worth of layers) that they
 come from memory, not the cache, as in a real step. quant/cpu_matmul.py picks ``kn`` at one
 row and ``onednn`` from ONEDNN_MIN_ROWS up from these figures.
 
 Writes bench/results/cpu_linear_cpu.json: per shape and M the microseconds of each variant,
-and the summary ratios ``cpu_f32_m1_kn_vs_nk_x`` and ``cpu_f32_m5_onednn_vs_kn_x`` (geometric
-means over the shapes; above 1 means faster). Usage: python bench/cpu_linear.py [--threads 2]
+and the summary ratios ``cpu_f32_m1_layout_vs_nk_x`` (cpu_layout's choice at one row) and
+``cpu_f32_m5_onednn_vs_mkl_x`` (oneDNN against the faster MKL layout at five rows, a verify
+step's width), geometric means over the shapes, above 1 meaning faster. Usage: python bench/cpu_linear.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def main() -> None:
         for name, (k, n) in SHAPES.items():
             copies = max(2, min(30, CACHE_BYTES // (4 * k * n)))
             nk = [torch.randn(n, k) for _ in range(copies)]
-            kn = [cpu_layout(w.clone()) for w in nk]
+            kn = [w.t().contiguous().t() for w in nk]
+            chosen = "kn" if cpu_layout(nk[0]).stride(0) == 1 else "nk"
             for m in ROWS:
                 x = torch.randn(m, k)
                 ref = torch.nn.functional.linear(x, nk[0])
@@ -77,13 +80,13 @@ def main() -> None:
                     metrics[f"cpu_linear_{name}_m{m}_{variant}_us"] = us
                 print(f"{name:8s} M={m:3d} " + "  ".join(f"{v} {us:9.1f} us" for v, us in t.items()), flush=True)
                 if m == 1:
-                    m1.append(t["nk"] / t["kn"])
+                    m1.append(t["nk"] / t[chosen])
                 if m == 5 and "onednn" in t:
-                    m5.append(t["kn"] / t["onednn"])
+                    m5.append(min(t["nk"], t["kn"]) / t["onednn"])
             del nk, kn
-    metrics["cpu_f32_m1_kn_vs_nk_x"] = math.exp(sum(map(math.log, m1)) / len(m1))
+    metrics["cpu_f32_m1_layout_vs_nk_x"] = math.exp(sum(map(math.log, m1)) / len(m1))
     if m5:
-        metrics["cpu_f32_m5_onednn_vs_kn_x"] = math.exp(sum(map(math.log, m5)) / len(m5))
+        metrics["cpu_f32_m5_onednn_vs_mkl_x"] = math.exp(sum(map(math.log, m5)) / len(m5))
     print({k: round(v, 3) for k, v in metrics.items() if k.endswith("_x")})
     workload = {"shapes_k_n": SHAPES, "rows": list(ROWS), "threads": args.threads, "dtype": "float32",
                 "weights_cycled_mib": CACHE_BYTES >> 20}
