@@ -79,14 +79,15 @@ def cpu_layout(w: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked copy of a float32 weight [N, K] (any strides), made once; None where
-    this PyTorch has no oneDNN linear or the copy would pass the memory budget."""
+    """oneDNN's prepacked float32 copy of a weight [N, K] (any strides; a bfloat16 one widened,
+    exactly), made once; None where this PyTorch has no oneDNN linear or the copy would pass
+    the memory budget."""
     packed = w.__dict__.get(_ONEDNN)
     if packed is None:
         packed = False
         if torch.backends.mkldnn.is_available() and _may_expand(w.numel() * 4):
             try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 4)
             except (RuntimeError, AttributeError):  # a build or CPU without this oneDNN path
                 packed = False
         w.__dict__[_ONEDNN] = packed
@@ -94,14 +95,22 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """float32 x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN when M >= ONEDNN_MIN_ROWS; None
-    (the caller uses F.linear, MKL) for one row, other dtypes or no oneDNN."""
-    if x.shape[0] < ONEDNN_MIN_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32:
+    """x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN when M >= ONEDNN_MIN_ROWS; None
+    (the caller uses F.linear) for one row, other dtypes or no oneDNN.
+
+    bfloat16 goes through the float32 copy too: without AVX-512 BF16, PyTorch's bfloat16 GEMM
+    takes 3-8x its one-row time at 2-16 rows, and it accumulates in float32 anyway, so the
+    widened product differs from it by summation order only (rounded to bfloat16 the same way).
+    """
+    if x.shape[0] < ONEDNN_MIN_ROWS or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
         return None
     packed = _onednn_pack(w)
     if packed is None:
         return None
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    b = None if bias is None else bias.float()
+    return torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "").to(x.dtype)
 
 
 def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple | None:
@@ -154,7 +163,8 @@ def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | Non
         return x @ pack[1] if y is None else y
     x = x.contiguous()
     if pack[0] == "dense":
-        return torch.nn.functional.linear(x, pack[1])
+        y = cpu_dense_matmul(x, pack[1])
+        return torch.nn.functional.linear(x, pack[1]) if y is None else y
     if pack[0] == "int8":
         return torch.ops.aten._weight_int8pack_mm(x, pack[1], pack[2])
     _, packed, scale_zero, kp = pack
