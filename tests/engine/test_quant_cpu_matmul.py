@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmesh.engine.quant.cpu_matmul import cpu_packed_matmul
+from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_layout, cpu_packed_matmul
 from llmesh.engine.quant.linear import linear
 from llmesh.engine.quant.packed import Int4Weight, Int8Weight
 from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
@@ -98,3 +98,34 @@ def test_expanded_copies_stay_within_their_memory_budget(monkeypatch):
     assert cpu_packed_matmul(x, w) is None  # float32: the per-step reference instead
     assert torch.equal(linear(x, w, kernels=False, cpu_kernels=True), linear(x, w, kernels=False))
     assert cpu_packed_matmul(x.to(torch.bfloat16), w) is not None  # the int4 kernel expands nothing
+
+
+# ---- dense float32 / bfloat16 weights ------------------------------------------------------
+def test_cpu_layout_keeps_shape_and_values_and_stores_wide_weights_k_major():
+    wide, tall = torch.randn(96, 32), torch.randn(32, 96)  # [N, K]: N >= K, and N < K
+    got = cpu_layout(wide)
+    assert got.shape == wide.shape and torch.equal(got, wide) and got.stride() == (1, 96)
+    assert cpu_layout(tall) is tall  # the down projection's shape reads faster as stored
+    assert cpu_layout(wide.bfloat16()).stride() == (32, 1)  # bfloat16's one-row GEMV wants [N, K]
+    x = torch.randn(1, 32)
+    assert torch.equal(torch.nn.functional.linear(x, got), x @ got.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 5, 40])
+def test_cpu_dense_matmul_from_two_rows_equals_f_linear(dtype, m):
+    gen = torch.Generator().manual_seed(m)
+    w = cpu_layout(torch.randn(200, 72, generator=gen)).to(dtype)
+    bias = torch.randn(200, generator=gen).to(dtype)
+    x = torch.randn(m, 72, generator=gen).to(dtype)
+    got = cpu_dense_matmul(x, w, bias)
+    if m == 1:
+        assert got is None  # one row: MKL's GEMV on the stored layout (F.linear)
+        return
+    assert got is not None and got.dtype == dtype and got.shape == (m, 200)
+    exact = x.double() @ w.double().t() + bias.double()
+    scale = exact.abs().max().item()
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # float32 summation order; one bfloat16 rounding
+    torch.testing.assert_close(got.double() / scale, exact / scale, rtol=0, atol=tol)
+    # Through linear(): the same path the torch op table takes.
+    torch.testing.assert_close(linear(x, w, bias, kernels=False, cpu_kernels=True), got, rtol=0, atol=0)
