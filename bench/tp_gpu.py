@@ -216,7 +216,7 @@ def main() -> None:
     backend = args.backend or ("torch" if args.smoke else "triton")
     decode_bytes = cfg.hidden_size * 2  # one token's hidden state in bf16
     sizes = [decode_bytes, (1 << 20) if args.smoke else (64 << 20)]
-    name = f"tp_{device_tag(device)}"
+    name = f"tp_{device_tag(device)}x{args.tp}" if args.tp > 1 else f"tp_{device_tag(device)}"
     metrics: dict[str, float] = {}
     workload = {
         "model_config": {k: v for k, v in asdict(cfg).items() if k != "name"}, "layers": cfg.num_hidden_layers,

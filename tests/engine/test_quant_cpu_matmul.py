@@ -129,3 +129,22 @@ def test_cpu_dense_matmul_from_two_rows_equals_f_linear(dtype, m):
     torch.testing.assert_close(got.double() / scale, exact / scale, rtol=0, atol=tol)
     # Through linear(): the same path the torch op table takes.
     torch.testing.assert_close(linear(x, w, bias, kernels=False, cpu_kernels=True), got, rtol=0, atol=0)
+
+
+def test_cpu_dense_matmul_follows_a_weight_written_in_place():
+    w, x = torch.randn(64, 32), torch.randn(4, 32)
+    first = cpu_dense_matmul(x, w)
+    with torch.no_grad():
+        w.copy_(torch.randn(64, 32))  # a weight reload: the packed copy must not go stale
+    torch.testing.assert_close(cpu_dense_matmul(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, torch.nn.functional.linear(x, w))
+
+
+def test_a_packed_weights_onednn_copy_is_made_once():
+    w = quantize_int8(torch.randn(64, 160))
+    x = torch.randn(3, 160)
+    cpu_packed_matmul(x, w)
+    kn_view = w.__dict__["_cpu_pack"][torch.float32][2]
+    packed = kn_view.__dict__["_llmesh_onednn"][1]
+    cpu_packed_matmul(x, w)
+    assert w.__dict__["_cpu_pack"][torch.float32][2].__dict__["_llmesh_onednn"][1] is packed

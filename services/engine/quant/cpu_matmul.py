@@ -78,19 +78,27 @@ def cpu_layout(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
 
+def _version(w: torch.Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # an inference tensor: it cannot be written in place outside inference mode
+        return 0
+
+
 def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's prepacked float32 copy of a weight [N, K] (any strides; a bfloat16 one widened,
-    exactly), made once; None where this PyTorch has no oneDNN linear or the copy would pass
-    the memory budget."""
-    packed = w.__dict__.get(_ONEDNN)
-    if packed is None:
+    exactly), made once and again after W is written in place (a weight reload); None where
+    this PyTorch has no oneDNN linear or the copy would pass the memory budget."""
+    version, packed = w.__dict__.get(_ONEDNN, (None, None))
+    if version != _version(w):
+        charged = packed is not None and packed is not False  # a repack reuses the budget it took
         packed = False
-        if torch.backends.mkldnn.is_available() and _may_expand(w.numel() * 4):
+        if torch.backends.mkldnn.is_available() and (charged or _may_expand(w.numel() * 4)):
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 4)
             except (RuntimeError, AttributeError):  # a build or CPU without this oneDNN path
                 packed = False
-        w.__dict__[_ONEDNN] = packed
+        w.__dict__[_ONEDNN] = (_version(w), packed)
     return packed if packed is not False else None
 
 
@@ -141,7 +149,8 @@ def _pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
     if dtype == torch.float32:
         if not _may_expand(w.in_features * w.out_features * 4):
             return None
-        return ("float32", w.dequantize())  # [K, N]: the reference's W, multiplied the same way
+        kn = w.dequantize()  # [K, N]: the reference's W, multiplied the same way
+        return ("float32", kn, kn.t())  # its [N, K] view, one object, so its oneDNN copy is kept
     if isinstance(w, Int8Weight):
         return _int8_pack(w, dtype)
     return _int4_pack(w, dtype)
@@ -159,7 +168,7 @@ def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | Non
     if pack is None:
         return None
     if pack[0] == "float32":
-        y = cpu_dense_matmul(x, pack[1].t())  # pack[1] is [K, N]: its transpose is W [N, K]
+        y = cpu_dense_matmul(x, pack[2])
         return x @ pack[1] if y is None else y
     x = x.contiguous()
     if pack[0] == "dense":
