@@ -74,6 +74,7 @@ class StepHandle:
         self._prompt_logprobs = prompt_logprobs
         self._pooled = pooled
 
+    @torch.inference_mode()  # called after launch() returned, outside its inference mode
     def sample(self) -> None:
         """Queue the step's sampling (once); the next step's forward reads its tokens."""
         if self._sample is not None:
@@ -166,6 +167,10 @@ class ModelRunner(Protocol):
 
     def launch(self, scheduled: SchedulerOutput) -> StepHandle:
         """Queue one step's device work and return without waiting for its results."""
+        ...
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Drop the per-request state of requests that finished (or were aborted)."""
         ...
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
@@ -372,6 +377,9 @@ class RunnerBase(abc.ABC):
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its sampled tokens."""
         return self.launch(scheduled).result()
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        self.sampler.release(request_ids)
 
     def sampling(self, logits: torch.Tensor, host: HostStep) -> Callable[[], SampledBatch] | None:
         """The step's sampling, to run once the host state it reads is current (see

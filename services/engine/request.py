@@ -65,9 +65,12 @@ class Request:
     blocks included): the scheduler advances it when it schedules a chunk, not when the
     step finishes, so it can schedule step N+1 while step N still runs."""
     num_pending_tokens: int = 0
-    """Tokens sampled by a step still in flight (0 or 1): their ids exist on the device only.
-    The next step can already compute them (their K/V position is known); they are appended
-    to ``output_token_ids`` when the step's results reach the host."""
+    """Tokens sampled (or to be sampled) by scheduled steps whose results have not reached the
+    host: their ids exist on the device only. The next step can already compute them (their
+    K/V position is known); they are appended to ``output_token_ids`` when the step's
+    results land. Usually 0 or 1; 2 while step N+1 is scheduled and sampled before step N
+    lands (async scheduling with a grammar or penalty row: the sampler's output counts
+    already hold step N's token then)."""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache at the first admission (a preempted
     request recomputes, so later hits are not counted again)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmesh.engine.output_counts import OutputTokenCounts
 from llmesh.engine.outputs import TokenLogprob
 from llmesh.engine.request import Request
 from llmesh.engine.sampling_ops import (
@@ -69,90 +70,6 @@ def _masked(request: Request) -> bool:
     return request.grammar is not None and not request.is_finished
 
 
-class OutputTokenCounts:
-    """How often each request with a penalty generated each token, kept on the device.
-
-    One ``[slots, V]`` int32 table; a request holds a row (its slot) from its first
-    penalised step until it is dropped. Each step adds the tokens just sampled on the
-    device, so a penalty row never waits for the host to learn the previous step's token
-    (async scheduling keeps running). Verify rows (speculative decoding) are counted
-    when their accepted tokens are known, on the host (``add_host``).
-
-    The host tallies how many tokens each row holds; a row whose tally disagrees with
-    the request's own count (the request's tokens came from elsewhere, e.g. a caller
-    of the bare sampler) is rebuilt from ``output_token_ids`` when all of them are
-    known there.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._table: torch.Tensor | None = None  # [S, V] int32
-        self._entries: weakref.WeakKeyDictionary[Request, list[int]] = weakref.WeakKeyDictionary()
-        """request → [slot, tokens its row holds]"""
-        self._free: list[int] = []
-        self.rebuilds = 0
-        """Rows built from the host's tokens: once per request, unless its counts went stale."""
-
-    def rows(self, requests: Sequence[Request], vocab: int) -> torch.Tensor:
-        """``[R]`` slots of ``requests`` on the device, their rows brought up to date."""
-        slots, stale = [], []
-        for r in requests:
-            entry = self._entries.get(r)
-            if entry is None:
-                entry = [self._allocate(vocab), -1]
-                self._entries[r] = entry
-                weakref.finalize(r, self._free.append, entry[0])
-            # tokens sampled before this step: landed on the host, or still on their way
-            # (a step in flight besides this one: num_pending_tokens counts both)
-            expected = r.num_output_tokens + max(0, r.num_pending_tokens - 1)
-            if entry[1] != expected:
-                if expected != r.num_output_tokens:
-                    raise RuntimeError(f"sampler: request {r.request_id!r} counts {entry[1]} output tokens "
-                                       f"on the device, expected {expected} (some are not on the host yet)")
-                stale.append((entry[0], r.output_token_ids))
-                entry[1] = expected
-            slots.append(entry[0])
-        if stale:
-            self.rebuilds += len(stale)
-            idx = to_device([slot for slot, _ in stale], torch.long, self.device)
-            self._table[idx] = count_tokens([ids for _, ids in stale], vocab, self.device)
-        return to_device(slots, torch.long, self.device)
-
-    def add(self, requests: Sequence[Request], slots: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """Count ``token_ids[i]`` (on the device) for ``requests[i]`` (slot ``slots[i]``)."""
-        # slots, token_ids: [R]
-        self._table.index_put_((slots, token_ids), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
-        for r in requests:
-            self._entries[r][1] += 1
-
-    def add_host(self, request: Request, token_ids: Sequence[int]) -> None:
-        """Count tokens known on the host (a verify chunk's accepted ones)."""
-        entry = self._entries.get(request)
-        if entry is None or not token_ids:
-            return
-        slots = torch.full((len(token_ids),), entry[0], dtype=torch.long)
-        self._table.index_put_((to_device(slots, torch.long, self.device),
-                                to_device(list(token_ids), torch.long, self.device)),
-                               torch.ones(len(token_ids), dtype=torch.int32, device=self.device), accumulate=True)
-        entry[1] += len(token_ids)
-
-    def _allocate(self, vocab: int) -> int:
-        if not self._free:
-            size = 0 if self._table is None else self._table.shape[0]
-            grown = torch.zeros(max(8, 2 * size), vocab, dtype=torch.int32, device=self.device)
-            if self._table is not None:
-                grown[:size] = self._table
-            self._table = grown
-            self._free.extend(range(grown.shape[0] - 1, size - 1, -1))
-        slot = self._free.pop()
-        self._table[slot].zero_()
-        return slot
-
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """``[R, V]`` int32 copies of the rows of ``slots``."""
-        return self._table[slots]
-
-
 class Sampler:
     """Picks the next token of every row of a ``[N, V]`` logits batch.
 
@@ -161,10 +78,16 @@ class Sampler:
     in ``request.sampler_state`` (created on first use, on the logits' device), so their
     stream of draws continues across steps and survives preemption. Prompts of requests
     with a repetition penalty are kept on the device as distinct ids, weakly keyed by
-    the request, since a prompt never changes once admitted.
+    the request, since a prompt never changes once admitted. ``max_penalty_rows``: most
+    requests with penalties whose output counts stay on the device (the engine's
+    max_num_seqs; see OutputTokenCounts).
+
+    Sampling runs in inference mode whoever calls it: the engine samples a step after
+    its forward was launched, outside the runner's inference mode, and the logits are
+    inference tensors (no autograd bookkeeping either).
     """
 
-    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu", max_penalty_rows: int = 256) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -172,12 +95,17 @@ class Sampler:
         self._prompt_cache: weakref.WeakKeyDictionary[Request, torch.Tensor] = (
             weakref.WeakKeyDictionary()
         )
-        self.output_counts = OutputTokenCounts(self.device)
+        self.output_counts = OutputTokenCounts(self.device, max_penalty_rows)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         # logits: [N, V], row i belongs to requests[i]
         return self.sample(logits, requests).to_host()
 
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Drop the per-request device state of finished (or aborted) requests."""
+        self.output_counts.release(request_ids)
+
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, requests: Sequence[Request],
                drafts: Sequence[Sequence[int]] | None = None) -> SampledBatch:
         """All of the device work for a batch; nothing is read back yet (see SampledBatch).
@@ -266,8 +194,10 @@ class Sampler:
 
         Also returns what to count once the rows are sampled: (rows, their slots in
         ``output_counts``, their requests) for every penalised row outside a verify chunk
-        (a verify chunk's tokens are counted once accepted); None when no row is."""
-        rows = [i for i, r in enumerate(requests) if _penalised(r)]
+        (a verify chunk's tokens are counted once accepted); None when no row is.
+        A finished request's row (async scheduling samples it once more; its token is
+        dropped) is left alone: its counts may already be released."""
+        rows = [i for i, r in enumerate(requests) if _penalised(r) and not r.is_finished]
         if not rows:
             return logits, None
         device = logits.device

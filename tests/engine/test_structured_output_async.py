@@ -188,19 +188,169 @@ def test_device_output_counts_include_tokens_not_yet_on_the_host():
     assert torch.equal(sampler.output_counts.gather(slot)[0], recount)
 
 
-def test_counts_slot_is_reused_after_its_request_goes():
-    import gc
+def test_counts_table_is_bounded_and_takes_back_least_recent_rows():
+    """The table never grows past max_rows; a new request past it takes the row of the
+    request sampled longest ago, and that request's row is rebuilt from the host when it
+    samples again (same tokens as a fresh sampler's)."""
+    vocab = 16
+    params = SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.5, frequency_penalty=0.5)
+    sampler = Sampler(max_penalty_rows=4)
+    counts = sampler.output_counts
+    first = [Request(f"r{i}", [1], params, output_token_ids=[i, i]) for i in range(3)]
+    sampler.sample(torch.zeros(3, vocab), first)
+    for step in range(5):
+        batch = [Request(f"n{step}-{i}", [1], params, output_token_ids=[i + 3]) for i in range(3)]
+        sampler.sample(torch.zeros(3, vocab), batch)
+        assert counts._table.shape[0] <= 4 and counts.num_rows <= 4
+    assert counts._table.shape[0] == 4
+    rebuilds = counts.rebuilds
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1))
+    got = sampler.sample(logits, first).to_host().token_ids  # their rows were taken back
+    assert counts.rebuilds == rebuilds + 3
+    assert got == Sampler().sample(logits, first).to_host().token_ids
+    with pytest.raises(RuntimeError, match="more than 4 requests with penalties"):
+        sampler.sample(torch.zeros(5, vocab), [Request(f"x{i}", [1], params) for i in range(5)])
 
+
+def test_sampling_runs_in_inference_mode_outside_the_runners():
+    """The engine samples a step after launch() returned, outside its inference mode, from
+    inference-tensor logits (float32: ``logits.float()`` is the same tensor): the sampler
+    enters inference mode itself, and the counts it keeps take updates outside it."""
+    vocab = 32
+    with torch.inference_mode():
+        logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0.0, max_tokens=8, frequency_penalty=1.0, logprobs=2),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=8, presence_penalty=0.5, logit_bias={5: 2.0}),
+              SamplingParams(temperature=0.0, max_tokens=8)]
+    reqs = [Request(f"r{i}", [1, 2], p, output_token_ids=[4]) for i, p in enumerate(params)]
     sampler = Sampler()
-    params = SamplingParams(temperature=0.0, max_tokens=4, repetition_penalty=1.5)
-    reqs = [Request(f"r{i}", [1], params, output_token_ids=[i]) for i in range(3)]
-    sampler.sample(torch.zeros(3, 16), reqs)
-    size = sampler.output_counts._table.shape[0]
-    for _ in range(5):
-        reqs = [Request(f"n{i}", [1], params, output_token_ids=[i]) for i in range(3)]
-        gc.collect()
-        sampler.sample(torch.zeros(3, 16), reqs)
-    assert sampler.output_counts._table.shape[0] == size
+    assert not torch.is_inference_mode_enabled()
+    batch = sampler.sample(logits, reqs)
+    assert batch.token_ids.is_inference()
+    batch.to_host()
+    sampler.output_counts.add_host(reqs[0], [7, 7])  # a verify chunk's accepted tokens
+    sampler.release(["r1"])
+    reqs[0].output_token_ids += [int(batch.token_ids[0]), 7, 7]
+    slot = sampler.output_counts.rows([reqs[0]], vocab)
+    recount = torch.bincount(torch.tensor(reqs[0].output_token_ids), minlength=vocab).to(torch.int32)
+    assert torch.equal(sampler.output_counts.gather(slot)[0], recount)
+
+
+def _recount_rows(core) -> int:
+    """Every live request's device counts row equals a bincount of its tokens on the host,
+    plus the token of the step in flight (sampled, not landed): returns the rows checked."""
+    counts = core.runner.sampler.output_counts
+    checked = 0
+    for request_id, row in counts._rows.items():
+        req = row.request
+        if core.scheduler.get_request(request_id) is not req:
+            continue
+        on_device = counts._table[row.slot]
+        host = torch.bincount(torch.tensor(req.output_token_ids, dtype=torch.long),
+                              minlength=on_device.shape[0]).to(torch.int32)
+        diff = on_device - host
+        assert int(diff.min()) >= 0, request_id
+        assert int(diff.sum()) == row.tokens - req.num_output_tokens in (0, 1), request_id
+        checked += 1
+    return checked
+
+
+def test_preemption_with_grammar_and_penalty_requests_matches_sync(tiny_llama):
+    """A pool too small for the batch preempts grammar and penalty requests mid-output:
+    async equals sync; at every step boundary each live row's device counts equal a recount
+    of its tokens; finished and aborted requests give their rows back."""
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=16, block_size=4, max_model_len=96,
+              max_num_batched_tokens=24, max_num_seqs=6)
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, frequency_penalty=1.2),
+              SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.4),
+              SamplingParams(max_tokens=20, temperature=0.0, structured_output=_spec("choice")),
+              SamplingParams(max_tokens=24, temperature=1.0, seed=2, structured_output=_spec("regex"),
+                             frequency_penalty=0.6),
+              SamplingParams(max_tokens=40, temperature=0.0, structured_output=_spec("json"), presence_penalty=0.3),
+              SamplingParams(max_tokens=22, temperature=0.0, ignore_eos=True, presence_penalty=0.8),
+              SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, frequency_penalty=0.9)]
+
+    def drive(async_scheduling):
+        llm = LLM(tiny_llama, async_scheduling=async_scheduling, **kw)
+        llm.generate(PROMPTS[:3], [SamplingParams(max_tokens=1, temperature=0.0, structured_output=_spec(k))
+                                   for k in ("json", "regex", "choice")])
+        eng, core = llm.engine, llm.engine.core
+        for i, p in enumerate(params):
+            eng.add_request(PROMPTS[i], p, request_id=f"q{i}")
+        tokens, reasons, checked = {}, {}, 0
+        for step in range(400):
+            if step == 9:
+                eng.abort_request("q6")
+            for out in eng.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+            checked += _recount_rows(core)
+            if not eng.has_unfinished_requests():
+                break
+        eng.step()  # the rows of the last requests to finish go back at the next schedule
+        assert core.runner.sampler.output_counts.num_rows == 0 and eng.kv.num_used_blocks == 0
+        assert core.runner.sampler.output_counts._table.shape[0] <= kw["max_num_seqs"]
+        return tokens, reasons, core, checked
+
+    want, want_reasons, _, _ = drive(False)
+    got, got_reasons, core, checked = drive(True)
+    assert core.stats().num_preemptions > 0, "the pool was meant to force preemption"
+    assert checked > 20
+    assert got_reasons["q6"] is FinishReason.ABORT
+    assert {k: v for k, v in got.items() if k != "q6"} == {k: v for k, v in want.items() if k != "q6"}
+    assert {k: v for k, v in got_reasons.items() if k != "q6"} == {k: v for k, v in want_reasons.items() if k != "q6"}
+
+
+def test_engine_samples_in_inference_mode(tiny_llama):
+    """Async grammar and penalty batches are sampled after launch() returned: every
+    sampled batch is still an inference tensor (sampling ran in inference mode)."""
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=32, max_model_len=128, async_scheduling=True)
+    sampler = llm.engine.runner.sampler
+    sample, modes = sampler.sample, []
+
+    def observed(*args, **kwargs):
+        batch = sample(*args, **kwargs)
+        modes.append(batch.token_ids.is_inference())
+        return batch
+
+    sampler.sample = observed
+    llm.generate(PROMPTS[:3], [SamplingParams(max_tokens=8, temperature=0.0, structured_output=_spec("regex")),
+                               SamplingParams(max_tokens=8, temperature=0.7, seed=1, frequency_penalty=1.0),
+                               SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, repetition_penalty=1.2)])
+    assert modes and all(modes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU matter")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grammar_and_penalty_sampling_adds_no_host_sync(tiny_llama, dtype):
+    """On a GPU, sampling a grammar + penalty + seeded batch queues device work only: the
+    one intended sync is the read-back of the sampled tokens (outside the sampler)."""
+    kw = dict(dtype=dtype, device="cuda", num_kv_blocks=64, max_model_len=128)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, structured_output=_spec("json"), frequency_penalty=0.5),
+              SamplingParams(max_tokens=12, temperature=1.0, seed=5, structured_output=_spec("regex")),
+              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=3, ignore_eos=True,
+                             repetition_penalty=1.3, presence_penalty=0.4, logprobs=2),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=1.0)]
+    want = LLM(tiny_llama, async_scheduling=False, **kw).generate(PROMPTS[:4], params)
+    llm = LLM(tiny_llama, async_scheduling=True, **kw)
+    sampler = llm.engine.runner.sampler
+    sample, calls = sampler.sample, []
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            calls.append(1)
+
+    sampler.sample = checked
+    got = llm.generate(PROMPTS[:4], params)
+    assert len(calls) >= 10
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
 def test_triton_backend_async_equals_torch_backend_sync(tiny_llama):

@@ -44,6 +44,7 @@ from llmesh.engine.model_runner import ModelRunner, StepHandle
 from llmesh.engine.prompt_logprobs import collect as collect_prompt_logprobs
 from llmesh.engine.quant.config import resolve_quantization
 from llmesh.engine.request import FinishReason, Request
+from llmesh.engine.structured_output.advance import advance_grammars
 from llmesh.engine.structured_output.spec import StructuredOutputSpec
 from llmesh.engine.scheduler import Scheduler
 from llmesh.engine.scheduler_output import SchedulerOutput
@@ -290,23 +291,6 @@ class EngineCore:
                                                finish_reason=FinishReason.ERROR, error=str(e)))
         return failed
 
-    def _advance_grammars(self, updated: list[Request], new_tokens: dict[str, list[int]]) -> None:
-        """Advance each constrained request's matcher past the tokens it just received; a
-        request whose grammar is complete finishes with STOP."""
-        for req in updated:
-            if req.grammar is None or req.is_finished:
-                continue
-            for token in new_tokens[req.request_id]:
-                if not req.grammar.accept(token):
-                    # The mask allowed only tokens the grammar accepts: this is an engine bug.
-                    log.error("grammar refused a sampled token",
-                              extra={"request_id": req.request_id, "token": token})
-                    self.scheduler.finish_request(req.request_id, FinishReason.ERROR)
-                    break
-                if req.grammar.terminated:
-                    self.scheduler.finish_request(req.request_id, FinishReason.STOP)
-                    break
-
     def finish_request(self, request_id: str, reason: FinishReason) -> int:
         """End a live request now (abort, a stop string the front end saw); returns the
         KV blocks freed (0 when the id is unknown or already finished)."""
@@ -332,15 +316,18 @@ class EngineCore:
             self._inflight = None
             self._propose()
         scheduled = self.scheduler.schedule()
+        self.runner.release(scheduled.finished_request_ids)  # any later use of their rows is queued after
         self.last_step_tokens = scheduled.num_batched_tokens
         launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
         previous, self._inflight = self._inflight, launched
-        if launched is not None and (previous is None or not any(c.request.grammar for c in scheduled.chunks)):
-            launched[1].sample()  # no mask to wait for
+        sample = launched[1].sample if launched is not None else None
+        if sample is not None and (previous is None or not any(
+                c.samples and c.request.grammar is not None for c in scheduled.chunks)):
+            sample()  # no mask to wait for
         if previous is not None:
-            outputs.extend(self._land(previous))
-        if launched is not None:
-            launched[1].sample()  # a grammar's mask now sees every token its request received
+            outputs.extend(self._land(previous, sample))
+        if sample is not None:
+            sample()  # no-op when done already
         if self._inflight is not None and (not self.async_scheduling or self._speculating()):
             outputs.extend(self._land(self._inflight))
             self._inflight = None
@@ -395,8 +382,11 @@ class EngineCore:
                 drafts = drafts[: req.grammar.valid_prefix(drafts)]
             req.spec_token_ids = drafts
 
-    def _land(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:
-        """Read a launched step's tokens back and advance its requests."""
+    def _land(self, launched: tuple[SchedulerOutput, StepHandle],
+              sample_next: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
+        """Read a launched step's tokens back and advance its requests. ``sample_next``
+        (the next step's sampling) runs as soon as the grammars have advanced, so the
+        device samples while the host builds this step's outputs."""
         scheduled, handle = launched
         result = handle.result()
         for request_id, (first_target, entries) in result.prompt_logprobs.items():
@@ -411,7 +401,9 @@ class EngineCore:
                 accepted = len(result.sampled_token_ids[chunk.request_id]) - 1
                 self.spec_stats.record(chunk.num_spec_tokens, accepted, len(new_tokens.get(chunk.request_id, ())))
                 _back_off(chunk.request, accepted)
-        self._advance_grammars(updated, new_tokens)
+        advance_grammars(self.scheduler, updated, new_tokens)
+        if sample_next is not None:
+            sample_next()  # a grammar's mask now sees every token its request received
         outputs = [_output(req, new_tokens[req.request_id], result.logprobs.get(req.request_id)) for req in updated]
         for request_id, vector in result.pooled.items():
             req = self.scheduler.get_request(request_id)

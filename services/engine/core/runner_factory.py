@@ -16,8 +16,8 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, weights, *, de
     """The configured backend's runner; every tensor-parallel rank builds its own the same way
     (same graphs, same pool size), so their collectives pair up."""
     cache = config.cache
-    common = dict(device=device, dtype=dtype, block_size=cache.block_size,
-                  sampler=Sampler(seed=config.seed, device=device), num_blocks=cache.num_kv_blocks,
+    sampler = Sampler(seed=config.seed, device=device, max_penalty_rows=config.scheduler.max_num_seqs)
+    common = dict(device=device, dtype=dtype, block_size=cache.block_size, sampler=sampler, num_blocks=cache.num_kv_blocks,
                   kv_cache_memory=cache.kv_cache_memory, gpu_memory_utilization=cache.gpu_memory_utilization,
                   linear_method=linear_method, extra_kv_pools=extra_kv_pools, shard=shard, step_sender=step_sender,
                   awq_calibration=awq_calibration, kv_cache_dtype=cache.kv_cache_dtype)

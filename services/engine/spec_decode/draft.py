@@ -75,7 +75,8 @@ class DraftModelProposer(Proposer):
         # Weights now, the pool once the target's is sized from the budget both share.
         self.runner = TorchModelRunner(
             loaded.config, loaded.weights_for(quant), device=target.device, dtype=target.dtype,
-            block_size=self.block_size, sampler=Sampler(device=target.device), max_model_len=target.max_model_len,
+            block_size=self.block_size, max_model_len=target.max_model_len,
+            sampler=Sampler(device=target.device, max_penalty_rows=target.config.scheduler.max_num_seqs),
             linear_method=quant.linear_method, allocate_kv_pool=False)
         self.kv_bytes_per_block = self.runner.kv_bytes_per_block
         self._free: list[int] = []
