@@ -20,14 +20,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INTERPRET_FP16_DOTS = "LLMESH_INTERPRET_FP16_DOTS"
+"""Set to 1 (tests only) to run float16 kernels' 16-bit branches under the interpreter."""
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tl.dot operands are upcast to float32 for inputs of this dtype.
 
     Float32 inputs stay float32 (with IEEE precision, see `dot_precision`). Under the
     interpreter every operand is upcast: it stores bfloat16 as raw uint16 and multiplies the
-    bit patterns (triton-lang/triton#11584), so a bfloat16 tl.dot there is garbage.
+    bit patterns (triton-lang/triton#11584), so a bfloat16 tl.dot there is garbage. Float16 it
+    multiplies correctly (exact products, float32 sums, as a GPU's dot units), so with
+    INTERPRET_FP16_DOTS=1 float16 inputs take the GPU's 16-bit branches there too, which lets a
+    CPU test catch what those branches round (a kernel that also runs bfloat16 dots inside such
+    a branch emulates them under the interpreter).
     """
-    return dtype == torch.float32 or interpreting()
+    if dtype == torch.float32:
+        return True
+    if not interpreting():
+        return False
+    return not (dtype == torch.float16 and os.environ.get(INTERPRET_FP16_DOTS, "0") == "1")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -9,12 +9,34 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.fp8_gemm import _to_e4m3
+from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
 def exponent_to_scale(e):
     """int32 biased exponents → float32 scales 2^(e - 127) (bit construction, exact)."""
     return (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
+    """Operands of the P·V dot over an FP8 value tile: p: [M, N] float32 probabilities times the
+    value scales vs: [N], and v: [N, D] E4M3 codes.
+
+    In float32 when the kernel's dots run in float32; otherwise in bfloat16 whatever the model's
+    dtype, because p * vs takes the magnitude of the value vectors (a vector of absmax 0.03 has
+    scale 2^-14): float16 holds that only as subnormals (a 46% error at value std 0.01), while
+    bfloat16 has float32's exponent range and holds every E4M3 code exactly; its 8-bit
+    mantissa rounds p by 2^-9 at most, far below E4M3's own 2^-4. The interpreter cannot
+    multiply bfloat16 (see triton_helpers), so there the bfloat16-rounded operands go to a
+    float32 dot: the same products, accumulated in float32 as the GPU's dot units do.
+    """
+    pv = p * vs[None, :]
+    if DOT_F32:
+        return pv, v.to(tl.float32)
+    if INTERPRET:
+        return cast_rtne(pv, tl.bfloat16, INTERPRET).to(tl.float32), v.to(tl.float32)
+    return pv.to(tl.bfloat16), v.to(tl.bfloat16)
 
 
 @triton.jit

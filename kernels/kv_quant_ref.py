@@ -1,8 +1,6 @@
 """FP8 (E4M3) KV cache: the torch reference of the quantization (no Triton import, so the
 torch backend runs without it) and the pool layout. kernels/kv_quant.py holds the same
 arithmetic as @triton.jit helpers; the rationale below applies to both.
-FP8 (E4M3) KV cache: the quantization every KV-write kernel applies on store and every
-attention kernel undoes on load, in torch (the reference) and as @triton.jit helpers.
 
 Layout: the pools ``k_cache, v_cache: [num_blocks, block_size, H_kv, D]`` hold float8_e4m3fn
 and beside them ``k_scales, v_scales: [num_blocks, block_size, H_kv]`` uint8 hold one scale per
@@ -75,8 +73,10 @@ def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_kv_ref(xq: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """xq: [..., D] float8_e4m3fn, e: [...] uint8 → [..., D] in dtype (exact for fp32/bf16/fp16:
-    an E4M3 value times a power of two fits each of them)."""
+    """xq: [..., D] float8_e4m3fn, e: [...] uint8 → [..., D] in dtype. Exact for float32 and
+    bfloat16 (an E4M3 value times a power of two fits their exponent range); float16 is exact
+    while the scale is at least 2^-15 (a vector's absmax above about 0.007), below that its
+    smallest codes fall under float16's subnormal step, 2^-24, and round."""
     return (xq.to(torch.float32) * exponent_to_scale_ref(e)[..., None]).to(dtype)
 
 

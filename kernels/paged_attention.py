@@ -95,9 +95,10 @@ def write_kv_ref(
 def _gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
             ) -> torch.Tensor:
     """Blocks [N] of a pool → [N, block_size, H_kv, D] in dtype (an FP8 pool dequantized)."""
-    x = cache.index_select(0, blocks)
     if not is_fp8(cache):
-        return x
+        return cache.index_select(0, blocks)
+    # index_select has no float8 kernel on CUDA in older PyTorch: gather the bytes.
+    x = cache.view(torch.uint8).index_select(0, blocks).view(cache.dtype)
     return dequantize_kv_ref(x, scales.index_select(0, blocks), dtype)
 
 

@@ -9,9 +9,10 @@ through the block table. With one partition the program writes the output; with 
 writes its running max, sum and unnormalised output, and a reduce kernel rescales and
 combines them.
 
-An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype on load (exact) and its
-per-(token, head) power-of-two scales applied per key column: to the scores for K, to the
-probabilities for V, which equals dequantizing the tiles first at BLOCK_N multiplies a tile.
+An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
+head) power-of-two scales applied per key column: to the scores for K, to the probabilities
+for V (whose P·V dot runs in bfloat16 for 16-bit models, see `fp8_pv_operands`), which equals
+dequantizing the tiles first at BLOCK_N multiplies a tile.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.kv_quant import exponent_to_scale
+from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -83,12 +84,11 @@ def _decode_partition_kernel(
             sc = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
             ks = exponent_to_scale(tl.load(k_scale_ptr + sc, mask=n_mask, other=0)) * scale_log2
             vs = exponent_to_scale(tl.load(v_scale_ptr + sc, mask=n_mask, other=0))
+            # v stays E4M3 codes until the P·V dot (fp8_pv_operands)
             if DOT_F32:
                 k = k.to(tl.float32)
-                v = v.to(tl.float32)
             else:
                 k = k.to(q_ptr.dtype.element_ty)
-                v = v.to(q_ptr.dtype.element_ty)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * ks[None, :]  # [BLOCK_G, BLOCK_N]
         else:
             if DOT_F32:
@@ -101,8 +101,10 @@ def _decode_partition_kernel(
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         if FP8:
-            p = p * vs[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            pv, v = fp8_pv_operands(p, vs, v, DOT_F32, INTERPRET)
+        else:
+            pv = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PRECISION)
         m = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]

@@ -33,7 +33,7 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.kv_quant import exponent_to_scale
+from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -66,8 +66,9 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n
     """k: [BLOCK_D, BLOCK_N] (transposed for the dot), v: [BLOCK_N, BLOCK_D] of keys n, gathered
     through the block table, and (FP8 pool) their per-key scales ks, vs: [BLOCK_N] float32
     (1.0 otherwise). MASK_N=False for tiles wholly inside the context (no predicates). An FP8
-    tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32) and left
-    unscaled: the scales are applied per key column by `softmax_step`."""
+    K tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32), the V tile
+    left as E4M3 codes for `fp8_pv_operands`; both unscaled: `softmax_step` applies the scales
+    per key column."""
     if MASK_N:
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     else:
@@ -93,27 +94,30 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n
         else:
             ks = exponent_to_scale(tl.load(k_scale_ptr + sc))
             vs = exponent_to_scale(tl.load(v_scale_ptr + sc))
-        if not DOT_F32:
+        # v stays E4M3 codes until the P·V dot (fp8_pv_operands)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        else:
             k = k.to(Q_DTYPE)
-            v = v.to(Q_DTYPE)
     else:
         ks = 1.0
         vs = 1.0
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
     return k, v, ks, vs
 
 
 @triton.jit
 def softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, MASKED: tl.constexpr, FP8: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
     """One online-softmax step over a key tile. m is the running max in log2 units; with
     MASKED, `valid` [BLOCK_M, BLOCK_N] marks attended keys and a row with none so far keeps
     m = -inf without producing NaN (exp2 is taken against 0 instead). With FP8, the key
     scales ks [BLOCK_N] multiply the score columns and the value scales vs [BLOCK_N] the
     probability columns: the same numbers as dequantizing the tiles first (powers of two
-    scale exactly), BLOCK_N multiplies instead of BLOCK_N x D."""
+    scale exactly), BLOCK_N multiplies instead of BLOCK_N x D; that P·V dot runs in bfloat16
+    for 16-bit models (`fp8_pv_operands` says why)."""
     if FP8:
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * (ks * scale_log2)[None, :]  # [BLOCK_M, BLOCK_N]
     else:
@@ -129,10 +133,10 @@ def softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, MASKED: tl.const
     p = tl.exp2(s - m_ref[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     if FP8:
-        pv = p * vs[None, :]
+        pv, v = fp8_pv_operands(p, vs, v, DOT_F32, INTERPRET)
     else:
-        pv = p
-    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=DOT_PRECISION)
+        pv = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PRECISION)
     return acc, l, m_new
 
 
@@ -186,22 +190,24 @@ def _prefill_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(0, diag, BLOCK_N):  # off-diagonal: visible to every row, inside the context
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi, kv_head,
-                                    d, d_mask,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi,
+                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
+                                    stride_vb, stride_vs, stride_vh,
+                                    BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
-        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
+                                 DOT_F32, INTERPRET)
     for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
         n = n0 + n_range
         n_mask = n < hi
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
-                                    d, d_mask,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask,
+                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
+                                    stride_vb, stride_vs, stride_vh,
+                                    BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
+                                 DOT_F32, INTERPRET)
 
     o = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row with no key (bad lengths) gives zeros
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],

@@ -99,22 +99,24 @@ def _short_query_kernel(
     n_range = tl.arange(0, BLOCK_N)
     for n0 in range(start, open_end, BLOCK_N):
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end, kv_head,
-                                    d, d_mask,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end,
+                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
+                                    stride_vb, stride_vs, stride_vh,
+                                    BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
-        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
+                                 DOT_F32, INTERPRET)
     for n0 in range(open_end, end, BLOCK_N):
         n = n0 + n_range
         n_mask = n < end
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head,
-                                    d, d_mask,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
+        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask,
+                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
+                                    stride_vb, stride_vs, stride_vh,
+                                    BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
                                     q_ptr.dtype.element_ty)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION)
+        acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
+                                 DOT_F32, INTERPRET)
 
     if NUM_SEGMENTS > 1:
         # partials: [S, H_kv, NUM_SEGMENTS, BLOCK_M] (m, l) and [..., BLOCK_D] (acc)

@@ -16,6 +16,8 @@ from llmesh.config import MISSING, derived, group, option, require
 from llmesh.prefix_hash import DEFAULT_BLOCK_SIZE
 
 KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
+"""Other spellings accepted (vLLM's), stored as the canonical name."""
 
 
 @dataclass
@@ -34,8 +36,9 @@ class CacheConfig:
               "(vLLM's num_gpu_blocks_override)")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of equal prompt prefixes across requests")
     kv_cache_dtype: str = option(
-        "auto", "KV pool element type: auto (the model dtype) or fp8 (float8 E4M3 with a power-of-two scale "
-                "per token and KV head, about twice the tokens in the same memory; docs/quantization.md)")
+        "auto", "KV pool element type: auto (the model dtype) or fp8 (alias fp8_e4m3: float8 E4M3 with a "
+                "power-of-two scale per token and KV head, about twice the tokens in the same memory; "
+                "docs/quantization.md)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024,
@@ -46,8 +49,10 @@ class CacheConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                 f"num_kv_blocks must be ≥ 1, got {self.num_kv_blocks!r}")
+        self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
         require(self.kv_cache_dtype in KV_CACHE_DTYPES,
-                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+                f"kv_cache_dtype must be one of {', '.join((*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES))}, "
+                f"got {self.kv_cache_dtype!r}")
 
 
 GPU_STEP_TOKENS = 2048

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from llmesh.engine.config import KV_CACHE_DTYPE_ALIASES
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.llama import LlamaForCausalLM
 from llmesh.engine.model.shard import ShardSpec
@@ -183,8 +184,8 @@ def kv_pool_dtype(kv_cache_dtype: str, dtype: torch.dtype, device: torch.device,
     run (a PyTorch without float8, or the triton backend on a GPU without E4M3 conversions)."""
     if kv_cache_dtype == "auto":
         return dtype
-    if kv_cache_dtype != "fp8":
-        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {kv_cache_dtype!r}")
+    if KV_CACHE_DTYPE_ALIASES.get(kv_cache_dtype, kv_cache_dtype) != "fp8":
+        raise ValueError(f"kv_cache_dtype must be auto or fp8 (alias fp8_e4m3), got {kv_cache_dtype!r}")
     if not hasattr(torch, "float8_e4m3fn"):
         raise ValueError(f"kv_cache_dtype fp8: PyTorch {torch.__version__} has no float8_e4m3fn; "
                          "upgrade PyTorch or use kv_cache_dtype auto")

@@ -177,6 +177,12 @@ def test_tensor_parallel_size_is_validated():
     assert out.returncode == 2 and "tensor_parallel_size must be an integer in [1, 64], got -1" in out.stderr
 
 
+def test_kv_cache_dtype_accepts_vllms_fp8_e4m3():
+    assert build_engine_config("/models/m", kv_cache_dtype="fp8_e4m3").cache.kv_cache_dtype == "fp8"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int8'"):
+        build_engine_config("/models/m", kv_cache_dtype="int8")
+
+
 def _step_once(tiny_llama: str, chunked: bool) -> LLMEngine:
     engine = LLMEngine(build_engine_config(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=64,
                                            max_model_len=256, max_num_batched_tokens=256,

@@ -62,6 +62,7 @@ def test_info_and_load(engine):
     assert info.block_size == 16 and info.max_model_len == 512 and info.prefix_caching
     assert info.hash_algorithm == "blake2b-64" and info.kv_blocks_total == 64 and info.vocab_size == 512
     assert info.instance_id.endswith(engine.address)
+    assert info.kv_cache_dtype == info.dtype == "float32"  # kv_cache_dtype auto: the model dtype
     load = stub.Load(engine_pb2.LoadRequest(), timeout=5)
     assert load.kv_blocks_total == 64
 
@@ -160,4 +161,17 @@ def test_speculating_engine_reports_its_config_and_serves_both_ways(tiny_llama):
         on = [t for m in stub.Generate(_request("spec-on", 20), timeout=60) for t in m.token_ids]
         off = [t for m in stub.Generate(_request("spec-off", 20, speculative=False), timeout=60) for t in m.token_ids]
         assert on == off and len(on) == 20
+        assert _wait_idle(stub).kv_blocks_used == 0
+
+
+def test_fp8_kv_engine_reports_it_and_serves_as_in_process(tiny_llama):
+    """vLLM's spelling fp8_e4m3 on the command line; Info names the pool's type as "fp8"."""
+    with start_engine(tiny_llama, "--num-kv-blocks", "64", "--kv-cache-dtype", "fp8_e4m3") as proc:
+        stub = _stub(proc.address)
+        info = stub.Info(engine_pb2.InfoRequest(), timeout=10)
+        assert (info.kv_cache_dtype, info.dtype) == ("fp8", "float32")
+        got = [t for m in stub.Generate(_request("fp8", 8), timeout=60) for t in m.token_ids]
+        ref = LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=64, kv_cache_dtype="fp8").generate(
+            [PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+        assert got == ref.token_ids
         assert _wait_idle(stub).kv_blocks_used == 0

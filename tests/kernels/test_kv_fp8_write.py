@@ -8,11 +8,15 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
+from llmesh.kernels.fp8_gemm import fp8_support  # noqa: E402
 from llmesh.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
 from llmesh.kernels.kv_quant_ref import (  # noqa: E402
     KV_FP8_DTYPE, KV_SCALE_DTYPE, dequantize_kv_ref, quantize_kv_ref)
 from llmesh.kernels.rope import rope_cos_sin_cache  # noqa: E402
 from llmesh.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref  # noqa: E402
+
+_NO_FP8 = fp8_support("cuda") if torch.cuda.is_available() else None
+pytestmark = pytest.mark.skipif(_NO_FP8 is not None, reason=f"FP8 KV pool: {_NO_FP8}")
 
 
 def _pools(num_blocks, block_size, h_kv, d):
