@@ -13,7 +13,7 @@
 - ``spec_ngram_open_ended_cost_frac``: the slowdown of n-gram speculation on an open-ended
   prompt (nothing to copy: drafts are rare and mostly rejected).
 
-Each figure is the best of ``--repeats`` runs. Writes bench/results/spec_cpu.json (``--name``).
+Each figure is the best of ``--repeats`` runs, the variants interleaved within each repeat. Writes bench/results/spec_cpu.json (``--name``).
 ``--dtype bfloat16 --quantization gguf``: the demo served in its own packed format through
 PyTorch's packed CPU kernels (the fastest demo configuration; see bench/README.md).
 """
@@ -74,16 +74,22 @@ def _run(llm: LLM, prompt: str, new_tokens: int) -> tuple[float, list[int], floa
     return len(tokens) / (t_end - t0), tokens, decode_rate
 
 
-def _best(llm: LLM, prompt: str, new_tokens: int, repeats: int) -> tuple[float, list[int], float]:
-    runs = [_run(llm, prompt, new_tokens) for _ in range(repeats)]
-    return max(r[0] for r in runs), runs[0][1], max(r[2] for r in runs)
+def _interleaved(variants: dict, prompt: str, new_tokens: int, repeats: int) -> dict:
+    """name → (best tokens/s, the tokens of its first run, best decode tokens/s). Each repeat
+    runs every variant once, in turn: this host's speed drifts by 10-30 % over minutes, and
+    variants run back to back would each see a different machine."""
+    runs: dict[str, list] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            runs[name].append(run(prompt, new_tokens))
+    return {name: (max(r[0] for r in rs), rs[0][1], max(r[2] for r in rs)) for name, rs in runs.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--name", default="spec_cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--quantization", default="none",
@@ -95,12 +101,33 @@ def main() -> None:
     base = LLM(path, **model_kw)
     fast = LLM(path, speculative_config=spec, **model_kw)
 
-    base_tps, base_tokens, base_decode = _best(base, GROUNDED, args.new_tokens, args.repeats)
-    fast.engine.core.spec_stats.__init__()
-    spec_tps, spec_tokens, spec_decode = _best(fast, GROUNDED, args.new_tokens, args.repeats)
+    core = fast.engine.core
+    ngram = core.proposer
+    wrong = AlwaysWrongProposer(fast.engine.model_config.vocab_size - 1)
+    spec_stats: dict[str, object] = {}
+
+    def with_proposer(proposer, name: str):
+        def run(prompt: str, new_tokens: int):
+            core.proposer = proposer
+            core.spec_stats.__init__()
+            out = _run(fast, prompt, new_tokens)
+            spec_stats.setdefault(name, core.spec_stats)  # one run's counts (every run's are the same)
+            core.spec_stats = type(core.spec_stats)()
+            return out
+        return run
+
+    def plain(prompt: str, new_tokens: int):
+        return _run(base, prompt, new_tokens)
+
+    grounded = _interleaved({"base": plain, "spec": with_proposer(ngram, "spec"),
+                             "wrong": with_proposer(wrong, "wrong")}, GROUNDED, args.new_tokens, args.repeats)
+    (base_tps, base_tokens, base_decode), (spec_tps, spec_tokens, spec_decode), (wrong_tps, wrong_tokens, _) = (
+        grounded["base"], grounded["spec"], grounded["wrong"])
     if spec_tokens != base_tokens:
         raise SystemExit("speculation changed the greedy output: the benchmark is void")
-    stats = fast.engine.core.spec_stats
+    if wrong_tokens != base_tokens or spec_stats["wrong"].accepted:
+        raise SystemExit("the always-wrong proposer had a draft accepted or changed the output")
+    stats = spec_stats["spec"]
     metrics = {
         "spec_ngram_speedup_x": spec_tps / base_tps,
         # The same runs after the first token (the prompt's prefill is the same work with or
@@ -110,21 +137,13 @@ def main() -> None:
         "spec_ngram_mean_accepted_length": stats.mean_accepted_length,
         "baseline_tokens_per_s": base_tps,
         "spec_ngram_tokens_per_s": spec_tps,
+        # Not clamped: a negative value is run-to-run noise larger than the cost, and says so.
+        "spec_zero_accept_cost_frac": 1.0 - wrong_tps / base_tps,
+        "spec_zero_accept_verify_steps": spec_stats["wrong"].verify_steps,
     }
-
-    fast.engine.core.proposer = AlwaysWrongProposer(fast.engine.model_config.vocab_size - 1)
-    fast.engine.core.spec_stats.__init__()
-    wrong_tps, wrong_tokens, _ = _best(fast, GROUNDED, args.new_tokens, args.repeats)
-    if wrong_tokens != base_tokens or fast.engine.core.spec_stats.accepted:
-        raise SystemExit("the always-wrong proposer had a draft accepted or changed the output")
-    # Not clamped: a negative value is run-to-run noise larger than the cost, and says so.
-    metrics["spec_zero_accept_cost_frac"] = 1.0 - wrong_tps / base_tps
-    metrics["spec_zero_accept_verify_steps"] = fast.engine.core.spec_stats.verify_steps
-
-    fast.engine.core.proposer = NgramProposer(spec["prompt_lookup_min"], spec["prompt_lookup_max"])
-    open_base, _, _ = _best(base, OPEN_ENDED, args.new_tokens, args.repeats)
-    open_spec, _, _ = _best(fast, OPEN_ENDED, args.new_tokens, args.repeats)
-    metrics["spec_ngram_open_ended_cost_frac"] = 1.0 - open_spec / open_base
+    open_ended = _interleaved({"base": plain, "spec": with_proposer(ngram, "open")}, OPEN_ENDED,
+                              args.new_tokens, args.repeats)
+    metrics["spec_ngram_open_ended_cost_frac"] = 1.0 - open_ended["spec"][0] / open_ended["base"][0]
 
     for k, v in metrics.items():
         print(f"{k:>36}: {v:10.3f}")
