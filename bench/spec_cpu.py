@@ -13,7 +13,8 @@
 - ``spec_ngram_open_ended_cost_frac``: the slowdown of n-gram speculation on an open-ended
   prompt (nothing to copy: drafts are rare and mostly rejected).
 
-Each figure is the best of ``--repeats`` runs, the variants interleaved within each repeat. Writes bench/results/spec_cpu.json (``--name``).
+The variants run interleaved, one run each per repeat (``--repeats``); a ratio is the median
+over repeats of the ratio within a repeat, a rate the best run's. Writes bench/results/spec_cpu.json (``--name``).
 ``--dtype bfloat16 --quantization gguf``: the demo served in its own packed format through
 PyTorch's packed CPU kernels (the fastest demo configuration; see bench/README.md).
 """
@@ -21,6 +22,7 @@ PyTorch's packed CPU kernels (the fastest demo configuration; see bench/README.m
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -74,22 +76,27 @@ def _run(llm: LLM, prompt: str, new_tokens: int) -> tuple[float, list[int], floa
     return len(tokens) / (t_end - t0), tokens, decode_rate
 
 
-def _interleaved(variants: dict, prompt: str, new_tokens: int, repeats: int) -> dict:
-    """name → (best tokens/s, the tokens of its first run, best decode tokens/s). Each repeat
-    runs every variant once, in turn: this host's speed drifts by 10-30 % over minutes, and
-    variants run back to back would each see a different machine."""
+def _interleaved(variants: dict, prompt: str, new_tokens: int, repeats: int) -> dict[str, list]:
+    """name → its runs, (tokens/s, tokens, decode tokens/s) each. Each repeat runs every
+    variant once, in turn: this host's speed drifts by 10-30 % over minutes, so variants run
+    back to back would each see a different machine, while one repeat's runs see about the same."""
     runs: dict[str, list] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
             runs[name].append(run(prompt, new_tokens))
-    return {name: (max(r[0] for r in rs), rs[0][1], max(r[2] for r in rs)) for name, rs in runs.items()}
+    return runs
+
+
+def _paired(runs: dict[str, list], a: str, b: str, field: int = 0) -> float:
+    """The median over repeats of a's rate / b's rate within the same repeat."""
+    return statistics.median(ra[field] / rb[field] for ra, rb in zip(runs[a], runs[b]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--name", default="spec_cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--quantization", default="none",
@@ -121,29 +128,28 @@ def main() -> None:
 
     grounded = _interleaved({"base": plain, "spec": with_proposer(ngram, "spec"),
                              "wrong": with_proposer(wrong, "wrong")}, GROUNDED, args.new_tokens, args.repeats)
-    (base_tps, base_tokens, base_decode), (spec_tps, spec_tokens, spec_decode), (wrong_tps, wrong_tokens, _) = (
-        grounded["base"], grounded["spec"], grounded["wrong"])
-    if spec_tokens != base_tokens:
+    base_tokens = grounded["base"][0][1]
+    if any(r[1] != base_tokens for r in grounded["spec"]):
         raise SystemExit("speculation changed the greedy output: the benchmark is void")
-    if wrong_tokens != base_tokens or spec_stats["wrong"].accepted:
+    if any(r[1] != base_tokens for r in grounded["wrong"]) or spec_stats["wrong"].accepted:
         raise SystemExit("the always-wrong proposer had a draft accepted or changed the output")
     stats = spec_stats["spec"]
     metrics = {
-        "spec_ngram_speedup_x": spec_tps / base_tps,
+        "spec_ngram_speedup_x": _paired(grounded, "spec", "base"),
         # The same runs after the first token (the prompt's prefill is the same work with or
         # without speculation, and dilutes the end-to-end ratio of a short answer).
-        "spec_ngram_decode_speedup_x": spec_decode / base_decode,
+        "spec_ngram_decode_speedup_x": _paired(grounded, "spec", "base", field=2),
         "spec_ngram_acceptance_frac": stats.acceptance_rate,
         "spec_ngram_mean_accepted_length": stats.mean_accepted_length,
-        "baseline_tokens_per_s": base_tps,
-        "spec_ngram_tokens_per_s": spec_tps,
+        "baseline_tokens_per_s": max(r[0] for r in grounded["base"]),
+        "spec_ngram_tokens_per_s": max(r[0] for r in grounded["spec"]),
         # Not clamped: a negative value is run-to-run noise larger than the cost, and says so.
-        "spec_zero_accept_cost_frac": 1.0 - wrong_tps / base_tps,
+        "spec_zero_accept_cost_frac": 1.0 - _paired(grounded, "wrong", "base"),
         "spec_zero_accept_verify_steps": spec_stats["wrong"].verify_steps,
     }
     open_ended = _interleaved({"base": plain, "spec": with_proposer(ngram, "open")}, OPEN_ENDED,
                               args.new_tokens, args.repeats)
-    metrics["spec_ngram_open_ended_cost_frac"] = 1.0 - open_ended["spec"][0] / open_ended["base"][0]
+    metrics["spec_ngram_open_ended_cost_frac"] = 1.0 - _paired(open_ended, "spec", "base")
 
     for k, v in metrics.items():
         print(f"{k:>36}: {v:10.3f}")
