@@ -14,13 +14,14 @@ weight is prepared once, on first use, and the copy kept beside it:
   Q8_0) has no such kernel and is expanded once to bfloat16.
 - float32 activations: those kernels have only a scalar float32 path, several times slower
   than a float32 dense GEMV, so W is expanded once to float32 — exactly the reference's
-  ``x @ W.dequantize()`` (bit for bit at one row), at a float32 model's speed (and its memory, on top
-  of the packed weight).
+  ``x @ W.dequantize()`` (bit for bit at one row), at a float32 model's speed (and its
+  memory, on top of the packed weight).
 
 Float32 GEMMs, dense or expanded (measured on a 2-core AVX2 EPYC with ``bench/cpu_linear.py``):
 MKL's sgemm reads a weight with more outputs than inputs (N >= K) up to 2x faster stored
-[K, N] than in the [N, K] of a checkpoint at one row, but takes 2-4x its one-row time at 2-16 rows (a verify step, a small batch), where
-oneDNN's prepacked weights are 1.5-2.5x faster and about as fast from there up. So a float32
+[K, N] than in the [N, K] of a checkpoint at one row, but takes 2-4x its one-row time at
+2-16 rows (a verify step, a small batch), where oneDNN's prepacked weights are 1.5-3x faster
+and about as fast from there up. So a float32
 weight is stored [K, N] (``cpu_layout``: a transposed view, same shape, which F.linear hands
 to MKL as is) for the one-row steps, and gets a oneDNN-packed copy for the others.
 
