@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from llmesh.engine.request import Request
 from llmesh.engine.sampling_ops import count_tokens, to_device
 
