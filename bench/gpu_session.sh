@@ -23,9 +23,13 @@ stamp() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
 [ "$SMOKE" = 1 ] || nvidia-smi -L
 if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-  stamp "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # a second script in the same call finds them installed (the list of wheels is the stamp)
+  if ! ls .whl | cmp -s - /tmp/site/.llmesh_wheels; then
+    stamp "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    ls .whl > /tmp/site/.llmesh_wheels
+  fi
+  [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "$SMOKE" != 1 ] && compgen -G ".deb/*.deb" >/dev/null && ! command -v redis-server >/dev/null; then
   stamp "unpacking $(ls .deb/*.deb | wc -l) carried Debian packages into /tmp/redisroot"

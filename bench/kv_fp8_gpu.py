@@ -46,6 +46,7 @@ def _pools(num_seqs: int, ctx: int, h_kv: int, d: int, block_size: int, dtype, d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter; writes nothing")
+    ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
@@ -83,7 +84,8 @@ def main() -> None:
         return
     workload = dict(batch=batch, context=ctx, h_q=h_q, h_kv=h_kv, head_dim=d, block_size=bs,
                     capacity_shape="Llama-3-8B (32 layers, 8 KV heads, D 128)")
-    print(write_result(f"kv_fp8_{device_tag(device)}", workload, metrics))
+    print(write_result(f"kv_fp8_{device_tag(device)}", workload, metrics,
+                       results_dir=Path(args.results_dir) if args.results_dir else None))
 
 
 if __name__ == "__main__":

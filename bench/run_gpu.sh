@@ -3,6 +3,10 @@
 # 5-7 minutes on an H100; "serve" alone: about 5 minutes):
 #   ceilings -> kernel tests on the GPU -> kernel microbenchmarks -> engine benchmarks + HF baseline
 #   serve: the mesh (gateway -> router -> engine) against the engine's own port (bench/serve_gpu.py)
+# Further stages, named in STAGES (a device call holds at most 10 minutes: group them to fit):
+#   gpu-tests (bench/gpu_tests.sh, GPU_TESTS_LIMIT s per group), timeline (step_timeline.py),
+#   structured (structured_output.py, async scheduling on and off), kv-fp8 (kv_fp8_gpu.py),
+#   tp and moe-ep (2 GPUs: tp_gpu.py, moe_ep_gpu.py; NCCL multicast off as the device requires).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
@@ -32,9 +36,31 @@ if want kernel-tests && [ "$SMOKE" != 1 ]; then
     || stamp "kernel tests: failures or timeout (rc=$?), benchmarks continue"
 fi
 want kernels && step kernels $PY bench/kernels_gpu.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+HF=(--hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}")
+[ "${HF_BASELINE:-1}" = 1 ] || HF=()
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
-  --hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}" ${BACKEND:+--backend "$BACKEND"} \
+  ${HF[@]+"${HF[@]}"} ${OFFLINE_REPEATS:+--offline-repeats "$OFFLINE_REPEATS"} ${BACKEND:+--backend "$BACKEND"} \
   "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want timeline && step timeline $PY bench/step_timeline.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+if want structured; then
+  if [ "$SMOKE" = 1 ]; then
+    step structured $PY bench/structured_output.py --smoke
+  else
+    for mode in on off; do
+      step "structured-$mode" $PY bench/structured_output.py --device cuda --backend triton \
+        --model random:llama3-8b --requests 64 --new-tokens 256 --async-scheduling "$mode" "${OUTDIR[@]}"
+    done
+  fi
+fi
+want kv-fp8 && step kv-fp8 $PY bench/kv_fp8_gpu.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+want tp && step tp $PY bench/tp_gpu.py ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} "${OUTDIR[@]}" \
+  ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want moe-ep && step moe-ep $PY bench/moe_ep_gpu.py ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} "${OUTDIR[@]}" \
+  ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+if want gpu-tests && [ "$SMOKE" != 1 ]; then
+  step gpu-tests bash bench/gpu_tests.sh "${GPU_TESTS_LIMIT:-420}" "$RESULTS_DIR"
+fi
 # The mesh's services are children of serve_gpu.py and die with it (parent-death signal).
 want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_gpu.py \
   --budget-s "${SERVE_BUDGET_S:-300}" "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
@@ -58,7 +84,11 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   # Only what this run wrote: the device tool brings back at most 8 files.
   mapfile -t NEW < <(find "$RESULTS_DIR" -maxdepth 1 -name '*.json' -newer "$RESULTS_DIR/.run_start")
-  [ ${#NEW[@]} -eq 0 ] || cp "${NEW[@]}" "$OUT"/
+  if [ ${#NEW[@]} -le 7 ]; then
+    [ ${#NEW[@]} -eq 0 ] || cp "${NEW[@]}" "$OUT"/
+  else  # more than the tool brings back one by one: one archive
+    tar -czf "$OUT/results.tgz" "${NEW[@]}"
+  fi
   stamp "copied ${#NEW[@]} result files to $OUT"
 fi
 rm -f "$RESULTS_DIR/.run_start"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from llmesh.bench_results import device_tag, write_result
 from llmesh.engine import LLM, SamplingParams, StructuredOutputSpec
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
                     help="auto: the engine's default (on for the triton backend on a GPU)")
     ap.add_argument("--smoke", action="store_true", help="2 requests, 16 tokens, nothing written")
+    ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()
     if args.smoke:
         args.requests, args.new_tokens = 2, 16
@@ -125,7 +127,9 @@ def main() -> None:
                     "requests": args.requests, "max_new_tokens": args.new_tokens, "greedy": True,
                     "schema": "people[] objects, 1-3 items", "prefix_caching": False,
                     "async_scheduling": async_on}
-        path = write_result(f"structured_{device_tag(args.device)}", workload, metrics)
+        # synchronous steps are the baseline of the async figure: a file of their own
+        name = f"structured_{device_tag(args.device)}" + ("_sync" if args.async_scheduling == "off" else "")
+        path = write_result(name, workload, metrics, results_dir=Path(args.results_dir) if args.results_dir else None)
         print(f"wrote {path}")
 
 
