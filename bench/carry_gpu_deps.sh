@@ -35,6 +35,12 @@ WHEELS=(
   pydantic-core==2.50.5
   annotated-types==0.8.0
   typing-inspection==0.4.5
+  # the structured-output tests validate answers with jsonschema
+  jsonschema==4.26.0
+  jsonschema-specifications==2025.9.1
+  referencing==0.37.0
+  rpds-py==2026.9.1
+  attrs==26.1.0
 )
 # redis-server 7 from Debian 12 (glibc >= 2.34, so it runs on the image's Ubuntu 24.04) and the
 # shared libraries it links that a CUDA image may lack.

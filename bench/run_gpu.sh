@@ -41,7 +41,8 @@ HF=(--hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}")
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
   ${HF[@]+"${HF[@]}"} ${OFFLINE_REPEATS:+--offline-repeats "$OFFLINE_REPEATS"} ${BACKEND:+--backend "$BACKEND"} \
   "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
-want timeline && step timeline $PY bench/step_timeline.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want timeline && step timeline $PY bench/step_timeline.py ${TIMELINE_REPEATS:+--repeats "$TIMELINE_REPEATS"} \
+  "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 if want structured; then
   if [ "$SMOKE" = 1 ]; then
     step structured $PY bench/structured_output.py --smoke

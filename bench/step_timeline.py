@@ -7,7 +7,8 @@ host time of schedule, launch and landing the previous step. Prints a table by k
 share of wall time the GPU was busy; writes bench/results/step_timeline_<dev>.json.
 
 Usage: python bench/step_timeline.py [--num-prompts 1000] [--max-num-seqs 1024]
-       [--max-num-batched-tokens 16384] [--smoke]
+       [--max-num-batched-tokens 16384] [--repeats N] [--smoke]
+With --repeats N the last run's figures are the plain metrics and earlier runs' carry run<i>_.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from decode_gpu import SMOKE_PRESET, SMOKE_WORKLOAD, Workload, make_workload, register_smoke_preset
@@ -58,9 +60,9 @@ def instrument(llm: LLM) -> list[dict]:
                     rec["kind"] = kind.removesuffix("_steps")
         return handle
 
-    def timed_finish(launched):
+    def timed_finish(*args, **kwargs):
         t0 = time.perf_counter()
-        out = finish(launched)
+        out = finish(*args, **kwargs)
         steps[-1]["finish_s"] += time.perf_counter() - t0
         return out
 
@@ -101,6 +103,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of the workload, each on fresh token ids of the same lengths")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
@@ -121,14 +125,26 @@ def main() -> None:
     llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # compile outside the timing
     steps = instrument(llm)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
-    t0 = time.perf_counter()
-    llm.generate(prompts, params)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    metrics = summarize(steps, wall)
-    metrics["out_tok_s"] = sum(outputs) / wall
-    print(f"{sum(outputs) / wall:.0f} out tok/s")
+    rng = np.random.default_rng(work.seed + 11)
+    metrics: dict[str, float] = {}
+    for run in range(args.repeats):
+        if run:  # fresh ids of the same lengths: no prefix-cache hits between runs
+            prompts = [rng.integers(10, llm.engine.model_config.vocab_size, size=len(p)).tolist() for p in prompts]
+        steps.clear()
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        print(f"run {run}:")
+        run_metrics = summarize(steps, wall)
+        run_metrics["out_tok_s"] = sum(outputs) / wall
+        slow = sorted(steps, key=lambda r: r["schedule_s"] + r["launch_s"] + r["finish_s"], reverse=True)[:8]
+        print(f"{sum(outputs) / wall:.0f} out tok/s; slowest steps on the host (kind, tokens, seqs, sched/launch/land ms):",
+              [(r["kind"], r["tokens"], r["seqs"], round(1e3 * r["schedule_s"], 1), round(1e3 * r["launch_s"], 1),
+                round(1e3 * r["finish_s"], 1)) for r in slow])
+        # the last run's figures plain, earlier runs' under run<i>_ (the first pays one-time costs)
+        metrics.update(run_metrics if run == args.repeats - 1 else {f"run{run}_{k}": v for k, v in run_metrics.items()})
     workload = {"model": args.model, "engine": kw, "offline": vars(work) if hasattr(work, "__dict__") else str(work),
                 "software": software_versions()}
     write_result(f"step_timeline_{device_tag(device)}", workload, rounded(metrics), device=device_name(device),

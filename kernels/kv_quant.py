@@ -31,12 +31,18 @@ def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
     multiply bfloat16 (see triton_helpers), so there the bfloat16-rounded operands go to a
     float32 dot: the same products, accumulated in float32 as the GPU's dot units do.
     """
+    # One return: Triton's code generator goes on past a return inside a constexpr branch,
+    # and a second return of other types fails to compile.
     pv = p * vs[None, :]
     if DOT_F32:
-        return pv, v.to(tl.float32)
-    if INTERPRET:
-        return cast_rtne(pv, tl.bfloat16, INTERPRET).to(tl.float32), v.to(tl.float32)
-    return pv.to(tl.bfloat16), v.to(tl.bfloat16)
+        v = v.to(tl.float32)
+    elif INTERPRET:
+        pv = cast_rtne(pv, tl.bfloat16, INTERPRET).to(tl.float32)
+        v = v.to(tl.float32)
+    else:
+        pv = pv.to(tl.bfloat16)
+        v = v.to(tl.bfloat16)
+    return pv, v
 
 
 @triton.jit

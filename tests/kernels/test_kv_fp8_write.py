@@ -87,9 +87,19 @@ def test_rope_kv_write_matches_reference(device, t, h_q, h_kv, d, dtype):
     got = [x.to(device) for x in _pools(num_blocks, block_size, h_kv, d)]
     q_out, k_out = rope_kv_write(positions.to(device), q.to(device), k.to(device), v.to(device), cos_sin.to(device),
                                  got[0], got[1], slots.to(device), k_scales=got[2], v_scales=got[3])
-    assert torch.equal(q_out.cpu(), q_ref) and torch.equal(k_out.cpu(), k_ref)
-    for a, b in zip(got, expect):
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # one rounding apart at most
+    torch.testing.assert_close(q_out.cpu().float(), q_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(k_out.cpu().float(), k_ref.float(), rtol=tol, atol=tol)
+    # The pool holds exactly what kv_cache_write_ref stores from the kernel's own rotated k:
+    # a GPU's FMA contraction may move a rotated element by one rounding (exact on the CPU
+    # interpreter), and one rounding can move an E4M3 code.
+    from_got = _pools(num_blocks, block_size, h_kv, d)
+    kv_cache_write_ref(from_got[0], from_got[1], k_out.cpu(), v, slots, from_got[2], from_got[3])
+    for a, b in zip(got, from_got):
         assert _same_bits(a, b)
+    if device.type == "cpu":
+        for a, b in zip(got, expect):
+            assert _same_bits(a, b)
 
 
 def test_fp8_pool_needs_its_scales(device):
