@@ -73,12 +73,14 @@ def test_fp8_tokens_track_float32(tiny_llama):
     assert sum(errors) / len(errors) <= LOGIT_ERROR_MEAN and max(errors) <= LOGIT_ERROR_MAX, errors
 
 
-BACKEND_LOGIT_ERROR_MEAN, BACKEND_LOGIT_ERROR_MAX = 0.03, 0.1
-"""Triton (CUDA graphs) against torch over the same FP8 pool, 16-bit models on a GPU: both read
-the same stored bits (the quantization is bit-equal across backends), so they differ by the
-16-bit rounding of their GEMMs and attention only: a few 2^-9 (bfloat16) steps, amplified by
-the tiny model about as FP8's 2^-4 is (0.09 above) would give under 0.01. A value scale lost
-(or rounded into float16's subnormals) on one side gives errors of order 0.1 to 1."""
+BACKEND_LOGIT_ERROR = {"float16": (0.03, 0.1), "bfloat16": (0.06, 0.25)}
+"""(mean, max) relative logit error of triton (CUDA graphs) against torch over the same FP8
+pool, 16-bit models on a GPU. Both read the same stored bits (the quantization is bit-equal
+across backends), so they differ by the 16-bit rounding of their GEMMs and attention only,
+which the tiny random model amplifies: bfloat16 rounds 8x coarser than float16 (2^-8 against
+2^-11); measured on the H200, bfloat16 gave a mean of 0.030 and float16 passed 0.03. A value
+scale lost (or rounded into float16's subnormals) on one side gives errors of order 0.1 to 1
+at every position, far past either mean."""
 
 
 @pytest.mark.gpu
@@ -98,7 +100,8 @@ def test_triton_graphs_match_torch_on_the_fp8_pool_on_gpu(tiny_llama, dtype):
     runner = tri.engine.runner
     assert runner.kv_caches.dtype == KV_FP8_DTYPE and runner.use_graphs and runner.stats.decode_graph_steps > 0
     matched, errors = _compare(got, want, got_logits, want_logits, f"{dtype} triton vs torch")
-    assert sum(errors) / len(errors) <= BACKEND_LOGIT_ERROR_MEAN and max(errors) <= BACKEND_LOGIT_ERROR_MAX, errors
+    mean_limit, max_limit = BACKEND_LOGIT_ERROR[dtype]
+    assert sum(errors) / len(errors) <= mean_limit and max(errors) <= max_limit, errors
     # A batch (mixed prefill and decode steps from graphs) gives each prompt its one-at-a-time tokens
     # wherever the torch backend agrees with them.
     params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
@@ -148,9 +151,17 @@ def test_prefix_hits_and_preemption_reuse_the_fp8_pool_exactly(tiny_llama):
 
 
 def test_triton_backend_matches_torch_on_the_fp8_pool(tiny_llama):
+    """float32 model, both backends on one device: the GPU when there is one (Triton kernels
+    take no CPU tensors there), else the CPU through Triton's interpreter."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        from llmesh.kernels.fp8_gemm import fp8_support
+
+        if (why := fp8_support("cuda")) is not None:
+            pytest.skip(f"FP8 KV with the triton backend: {why}")
     prompts = _prompts(2, 7)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    kw = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=32, max_model_len=128)
+    kw = dict(device=device, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=32, max_model_len=128)
     torch_out = LLM(tiny_llama, backend="torch", **kw).generate(prompts, params)
     triton_out = LLM(tiny_llama, backend="triton", **kw).generate(prompts, params)
     assert [o.token_ids for o in torch_out] == [o.token_ids for o in triton_out]

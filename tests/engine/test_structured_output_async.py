@@ -355,10 +355,11 @@ def test_grammar_and_penalty_sampling_adds_no_host_sync(tiny_llama, dtype):
 
 def test_triton_backend_async_equals_torch_backend_sync(tiny_llama):
     """The triton runner's split launch (forward, then sampling) gives the torch backend's
-    synchronous tokens for grammar, penalty and plain rows (on the CPU through Triton's
-    interpreter)."""
+    synchronous tokens for grammar, penalty and plain rows (on the GPU when there is one, else
+    on the CPU through Triton's interpreter; both backends on the same device)."""
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
-    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=128)
+    kw = dict(dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu", num_kv_blocks=64,
+              max_model_len=128)
     params = [SamplingParams(max_tokens=10, temperature=0.0, structured_output=_spec("json")),
               SamplingParams(max_tokens=10, temperature=1.0, seed=5, structured_output=_spec("regex")),
               SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, structured_output=_spec("choice")),
