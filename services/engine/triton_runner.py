@@ -136,6 +136,19 @@ class TritonModelRunner(RunnerBase):
                                                 "mixed_token_buckets": self.mixed_buckets,
                                                 "seconds": round(time.perf_counter() - t0, 2)})
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and the memory they hold; later steps run eager. Under
+        tensor parallelism every rank calls it before leaving the group: NCCL cannot tear a
+        communicator down while captured graphs hold its collectives."""
+        if not self.decode_graphs and not self.mixed_graphs:
+            return
+        torch.cuda.synchronize(self.device)
+        for graph, _ in (*self.decode_graphs.values(), *self.mixed_graphs.values()):
+            graph.reset()
+        self.decode_graphs.clear()
+        self.mixed_graphs.clear()
+        self.use_graphs = False
+
     # ---- one step ---------------------------------------------------------------------
     @staticmethod
     def _decode_only(host: HostStep) -> bool:

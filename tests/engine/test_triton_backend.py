@@ -45,3 +45,24 @@ def test_triton_backend_matches_torch_backend(tiny_model_dirs, arch, async_sched
     assert tokens == ref_tokens
     worst = max(float((a - b).abs().max()) for rid in ref_logits for a, b in zip(logits[rid], ref_logits[rid]))
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_released_graphs_leave_eager_steps_with_the_same_tokens(tiny_llama):
+    """release_graphs (what every tensor-parallel rank does before leaving its NCCL group)
+    drops the captured graphs; the engine then runs eager with the same greedy tokens."""
+    from llmesh.engine import LLM
+
+    llm = LLM(tiny_llama, device="cuda", backend="triton", dtype="float32", max_num_seqs=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    runner = llm.engine.runner
+    before = [o.token_ids for o in llm.generate(prompts, params)]
+    assert runner.stats.decode_graph_steps > 0
+    runner.release_graphs()
+    assert not runner.use_graphs and not runner.decode_graphs and not runner.mixed_graphs
+    steps = runner.stats.decode_graph_steps + runner.stats.mixed_graph_steps
+    assert [o.token_ids for o in llm.generate(prompts, params)] == before
+    assert runner.stats.decode_graph_steps + runner.stats.mixed_graph_steps == steps
+    runner.release_graphs()  # a second call is a no-op

@@ -98,9 +98,6 @@ class EngineCore:
         self.proposer = build_proposer(config.speculative if config.speculative.enabled else None, self)
         self.spec_stats = SpecDecodeStats()
         self._init_runner(loaded)
-        self.warm_up_stats: dict[str, float] = {}
-        if self.device.type == "cuda":
-            self._warm_up()
         self._init_scheduler(publisher)
         async_scheduling = config.async_scheduling
         if async_scheduling is None:
@@ -162,25 +159,10 @@ class EngineCore:
         except BaseException:
             self.shutdown()  # the workers would wait for a rank 0 that never comes
             raise
+        if self.tp is not None:
+            self.tp.before_leave = getattr(self.runner, "release_graphs", None)
         if self.proposer is not None:
             self.proposer.init_kv_pool(self.runner.num_blocks)
-
-    def _warm_up(self) -> None:
-        """The peak eager step once, before serving (core/warm_up.py says why); the step counts
-        and expert tallies it leaves are cleared, so stats describe requests only."""
-        from llmesh.engine.core.warm_up import warm_up
-
-        try:
-            self.warm_up_stats = warm_up(self.runner, self.config, self.max_model_len)
-        except BaseException:
-            self.shutdown()  # tensor-parallel workers would wait for a rank 0 that is gone
-            raise
-        stats = getattr(self.runner, "stats", None)
-        if stats is not None:
-            self.runner.stats = type(stats)()
-        expert_tokens = getattr(self.runner.model, "expert_tokens", None)
-        if expert_tokens is not None:
-            expert_tokens.zero_()
 
     def _awq_calibration(self, loaded: LoadedModel) -> list[int] | None:
         """Token ids of the calibration text when INT4 is activation-aware, else None."""

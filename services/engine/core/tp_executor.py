@@ -135,6 +135,9 @@ class TensorParallelGroup:
                 raise RuntimeError(f"tensor parallelism: tensor_parallel_size={self.world_size} needs that many "
                                    f"GPUs from {device}, and {available} are visible")
         self.on_death = on_death
+        self.before_leave: Callable[[], None] | None = None
+        """Rank 0's runner drops its CUDA graphs here before the group is torn down (see
+        `_leave_group`); the engine core sets it once the runner exists."""
         self._closing = False
         self._dead: str | None = None
         os.environ.update(WORKER_ENV)  # inherited by the spawned workers
@@ -227,7 +230,7 @@ class TensorParallelGroup:
                 conn.send_bytes(STOP_MESSAGE)
             except (OSError, ValueError):
                 pass  # already gone
-        self._leave_group(collective=self.failure() is None, timeout=timeout)
+        self._leave_group(collective=self.failure() is None, timeout=timeout, before=self.before_leave)
         for proc in self.procs:
             proc.join(timeout)
             if proc.is_alive():
@@ -238,7 +241,11 @@ class TensorParallelGroup:
         _LIVE.discard(self)
 
     @staticmethod
-    def _leave_group(collective: bool, timeout: float) -> None:
+    def _leave_group(collective: bool, timeout: float, before: Callable[[], None] | None = None) -> None:
+        """NCCL does not tear down a communicator whose collectives are held by captured CUDA
+        graphs (on the H200 the destroy hung, and the abort after it too): the graphs go
+        first (`before`), inside the bounded thread, since their release synchronizes with
+        the device. Not on the abort path: a dead peer can leave a collective that never ends."""
         if not torch.distributed.is_initialized():
             return
         if collective:
@@ -246,6 +253,8 @@ class TensorParallelGroup:
 
             def destroy() -> None:
                 try:
+                    if before is not None:
+                        before()
                     torch.distributed.destroy_process_group()
                 except Exception:  # noqa: BLE001  (aborted below)
                     log.warning("tensor-parallel group: destroy failed", exc_info=True)

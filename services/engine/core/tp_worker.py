@@ -75,7 +75,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             _exit(0)  # the engine core is gone: never outlive it
         host = unpack_step(buf)
         if host is None:  # rank 0 leaves the group now too: tear it down together (NCCL
-            _leave_group()  # can block a rank that destroys its communicator alone)
+            _leave_group(runner)  # can block a rank that destroys its communicator alone)
             _exit(0)
         try:
             runner.run_host_step(host)
@@ -98,8 +98,13 @@ def _die_with_parent() -> None:
         _exit(0)
 
 
-def _leave_group() -> None:
+def _leave_group(runner) -> None:
+    """The runner's CUDA graphs first: they hold the communicator's collectives, which NCCL
+    does not tear down (see TensorParallelGroup._leave_group)."""
     try:
+        release = getattr(runner, "release_graphs", None)
+        if release is not None:
+            release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001  (exiting anyway)
