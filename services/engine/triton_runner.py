@@ -138,8 +138,8 @@ class TritonModelRunner(RunnerBase):
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and the memory they hold; later steps run eager. Under
-        tensor parallelism every rank calls it before leaving the group: NCCL cannot tear a
-        communicator down while captured graphs hold its collectives."""
+        tensor parallelism every rank calls it before leaving the group: destroying a group
+        whose collectives were captured in graphs can hang (tp_executor._leave_group)."""
         if not self.decode_graphs and not self.mixed_graphs:
             return
         torch.cuda.synchronize(self.device)

@@ -103,14 +103,25 @@ def _stop_live_groups() -> None:
         group.shutdown(timeout=2)
 
 
-def _abort_group() -> None:
-    """Drop the default group without the collective teardown (a peer is gone or stuck)."""
-    try:
-        from torch.distributed.distributed_c10d import _abort_process_group
+def _abort_group(timeout: float) -> None:
+    """Drop the default group without the collective teardown (a peer is gone or stuck),
+    bounded: the abort can hang too (on the H200 it did, after a destroy that hung), and an
+    engine that is shutting down must not hang with it. A stuck abort is left behind on its
+    daemon thread; this process's NCCL state is then unusable until it exits."""
+    done = threading.Event()
 
-        _abort_process_group()
-    except Exception:  # noqa: BLE001  (a torch without it, or a group already gone)
-        log.warning("tensor-parallel group: abort failed", exc_info=True)
+    def abort() -> None:
+        try:
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+        except Exception:  # noqa: BLE001  (a torch without it, or a group already gone)
+            log.warning("tensor-parallel group: abort failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=abort, name="tp-group-abort", daemon=True).start()
+    if not done.wait(timeout):
+        log.error("tensor-parallel group: the abort did not return in %.0f s; left behind", timeout)
 
 
 def _free_port() -> int:
@@ -242,10 +253,10 @@ class TensorParallelGroup:
 
     @staticmethod
     def _leave_group(collective: bool, timeout: float, before: Callable[[], None] | None = None) -> None:
-        """NCCL does not tear down a communicator whose collectives are held by captured CUDA
-        graphs (on the H200 the destroy hung, and the abort after it too): the graphs go
-        first (`before`), inside the bounded thread, since their release synchronizes with
-        the device. Not on the abort path: a dead peer can leave a collective that never ends."""
+        """Once collectives were captured in CUDA graphs, destroying the group can hang in
+        ncclCommDestroy (on the H200 it did, and the abort after it too): the graphs go first
+        (`before`), inside the bounded thread, since their release synchronizes with the
+        device. Not on the abort path: a dead peer can leave a collective that never ends."""
         if not torch.distributed.is_initialized():
             return
         if collective:
@@ -265,4 +276,4 @@ class TensorParallelGroup:
                 return
             log.warning("tensor-parallel group: the collective teardown did not finish in %.0f s; aborting",
                         timeout)
-        _abort_group()
+        _abort_group(timeout)

@@ -99,8 +99,8 @@ def _die_with_parent() -> None:
 
 
 def _leave_group(runner) -> None:
-    """The runner's CUDA graphs first: they hold the communicator's collectives, which NCCL
-    does not tear down (see TensorParallelGroup._leave_group)."""
+    """The runner's CUDA graphs first: a group whose collectives were captured in graphs can
+    hang on destroy (see TensorParallelGroup._leave_group)."""
     try:
         release = getattr(runner, "release_graphs", None)
         if release is not None:

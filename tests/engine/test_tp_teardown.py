@@ -1,0 +1,59 @@
+"""Tensor parallelism's teardown is bounded: a group abort that never returns (NCCL's can hang
+once collectives were captured in CUDA graphs) is left behind after the timeout, and the graph
+release runs before the collective destroy, inside the bounded thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import torch.distributed.distributed_c10d as c10d
+
+from llmesh.engine.core import tp_executor
+
+
+def test_a_hanging_abort_is_left_behind_after_the_timeout(monkeypatch, caplog):
+    release = threading.Event()
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda *a, **k: release.wait(30))  # a stuck abort
+    t0 = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger=tp_executor.log.name):
+        tp_executor._abort_group(0.2)
+    assert time.monotonic() - t0 < 5
+    assert "did not return" in caplog.text
+    release.set()
+
+
+def test_an_abort_that_returns_is_waited_for(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda *a, **k: calls.append(1))
+    with caplog.at_level(logging.ERROR, logger=tp_executor.log.name):
+        tp_executor._abort_group(5)
+    assert calls == [1] and "did not return" not in caplog.text
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A real one-rank gloo group in this process, destroyed afterwards if a test left it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_graphs_are_released_before_the_collective_destroy(gloo_group):
+    import torch.distributed as dist
+
+    seen = []
+    tp_executor.TensorParallelGroup._leave_group(True, 5, before=lambda: seen.append(dist.is_initialized()))
+    assert seen == [True]  # released while the group still stood
+    assert not dist.is_initialized()
+
+
+def test_no_graph_release_on_the_abort_path(gloo_group):
+    """A dead peer can leave a collective that never ends: releasing graphs would synchronize
+    with it, so the abort path skips the release."""
+    tp_executor.TensorParallelGroup._leave_group(False, 5, before=lambda: pytest.fail("released on abort"))
