@@ -67,15 +67,14 @@ want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_g
   --budget-s "${SERVE_BUDGET_S:-300}" "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 
 stamp "results in $RESULTS_DIR"
-[ "$SMOKE" = 1 ] && DEV=cpu || DEV=$(PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
-  $PY -c "from gpu_ceilings import device_tag, pick_device; print(device_tag(pick_device(None)))")
-$PY - "$RESULTS_DIR" "$DEV" <<'EOF'
+# every file this run wrote (tp_<dev>x2, structured_<dev>_sync, ... included)
+$PY - "$RESULTS_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 
-results, dev = Path(sys.argv[1]), sys.argv[2]
+results = Path(sys.argv[1])
 start = (results / ".run_start").stat().st_mtime
-for path in sorted(p for p in results.glob(f"*_{dev}.json") if p.stat().st_mtime >= start):
+for path in sorted(p for p in results.glob("*.json") if p.stat().st_mtime >= start):
     doc = json.loads(path.read_text())
     print(f"\n{path.name}  ({doc['device']}, {doc['commit']}, {doc['date']})")
     for name, value in doc["metrics"].items():

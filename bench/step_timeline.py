@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     device = pick_device(None)
     work = SMOKE_WORKLOAD if args.smoke else Workload()
     work = replace(work, num_prompts=args.num_prompts or work.num_prompts)

@@ -9,28 +9,39 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed.distributed_c10d as c10d
 
+from llmesh.engine.config import EngineConfig
 from llmesh.engine.core import tp_executor
 
 
 def test_a_hanging_abort_is_left_behind_after_the_timeout(monkeypatch, caplog):
+    """...and the process starts no new group while it may still act on the default one."""
     release = threading.Event()
+    monkeypatch.setattr(tp_executor, "_LEFT_BEHIND", threading.Event())  # this test's flag only
     monkeypatch.setattr(c10d, "_abort_process_group", lambda *a, **k: release.wait(30))  # a stuck abort
     t0 = time.monotonic()
     with caplog.at_level(logging.ERROR, logger=tp_executor.log.name):
         tp_executor._abort_group(0.2)
     assert time.monotonic() - t0 < 5
     assert "did not return" in caplog.text
+    assert tp_executor._LEFT_BEHIND.is_set()
+    config = EngineConfig(model="unused", tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="teardown did not finish in this process"):
+        tp_executor.TensorParallelGroup(config, None, None, max_model_len=64, device=torch.device("cpu"),
+                                        dtype=torch.float32)
     release.set()
 
 
 def test_an_abort_that_returns_is_waited_for(monkeypatch, caplog):
     calls = []
+    monkeypatch.setattr(tp_executor, "_LEFT_BEHIND", threading.Event())
     monkeypatch.setattr(c10d, "_abort_process_group", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.ERROR, logger=tp_executor.log.name):
         tp_executor._abort_group(5)
     assert calls == [1] and "did not return" not in caplog.text
+    assert not tp_executor._LEFT_BEHIND.is_set()
 
 
 @pytest.fixture
@@ -53,7 +64,20 @@ def test_graphs_are_released_before_the_collective_destroy(gloo_group):
     assert not dist.is_initialized()
 
 
+def test_a_failing_release_still_destroys_the_group(gloo_group):
+    """The peers destroy their side whatever this rank's graphs did: so does this rank."""
+    import torch.distributed as dist
+
+    def fail() -> None:
+        raise RuntimeError("a sticky CUDA error")
+
+    tp_executor.TensorParallelGroup._leave_group(True, 5, before=fail)
+    assert not dist.is_initialized()
+
+
 def test_no_graph_release_on_the_abort_path(gloo_group):
     """A dead peer can leave a collective that never ends: releasing graphs would synchronize
     with it, so the abort path skips the release."""
-    tp_executor.TensorParallelGroup._leave_group(False, 5, before=lambda: pytest.fail("released on abort"))
+    calls = []
+    tp_executor.TensorParallelGroup._leave_group(False, 5, before=lambda: calls.append(1))
+    assert calls == []

@@ -103,12 +103,39 @@ def _stop_live_groups() -> None:
         group.shutdown(timeout=2)
 
 
+_LEFT_BEHIND = threading.Event()
+"""Set when a teardown thread (destroy or abort) outlived its bound: it may still act on
+torch.distributed's default group, so this process starts no new group."""
+
+
+def _bounded(target: Callable[[], None], name: str, timeout: float) -> bool:
+    """Run ``target`` on a daemon thread for at most ``timeout`` seconds; False (and the
+    thread left behind, `_LEFT_BEHIND` set) when it did not return in time. Where the
+    interpreter is shutting down and refuses new threads, runs it in place."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            target()
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except RuntimeError:  # interpreter shutdown: no new threads
+        run()
+        return True
+    if done.wait(timeout):
+        return True
+    _LEFT_BEHIND.set()
+    return False
+
+
 def _abort_group(timeout: float) -> None:
     """Drop the default group without the collective teardown (a peer is gone or stuck),
     bounded: the abort can hang too (on the H200 it did, after a destroy that hung), and an
     engine that is shutting down must not hang with it. A stuck abort is left behind on its
     daemon thread; this process's NCCL state is then unusable until it exits."""
-    done = threading.Event()
 
     def abort() -> None:
         try:
@@ -117,10 +144,8 @@ def _abort_group(timeout: float) -> None:
             _abort_process_group()
         except Exception:  # noqa: BLE001  (a torch without it, or a group already gone)
             log.warning("tensor-parallel group: abort failed", exc_info=True)
-        done.set()
 
-    threading.Thread(target=abort, name="tp-group-abort", daemon=True).start()
-    if not done.wait(timeout):
+    if not _bounded(abort, "tp-group-abort", timeout):
         log.error("tensor-parallel group: the abort did not return in %.0f s; left behind", timeout)
 
 
@@ -140,6 +165,9 @@ class TensorParallelGroup:
         if torch.distributed.is_initialized():
             raise RuntimeError("tensor parallelism: this process already runs a tensor-parallel engine (one "
                                "torch.distributed group per process); shut that engine down first")
+        if _LEFT_BEHIND.is_set():
+            raise RuntimeError("tensor parallelism: an earlier group's teardown did not finish in this process "
+                               "(its NCCL state is unusable); start the engine in a fresh process")
         if device.type == "cuda":
             available = torch.cuda.device_count() - (device.index or 0)
             if available < self.world_size:
@@ -260,20 +288,24 @@ class TensorParallelGroup:
         if not torch.distributed.is_initialized():
             return
         if collective:
-            done = threading.Event()
+            abandoned = threading.Event()
 
             def destroy() -> None:
-                try:
-                    if before is not None:
+                if before is not None:
+                    try:
                         before()
+                    except Exception:  # noqa: BLE001  (the peers destroy anyway: so does this rank)
+                        log.warning("tensor-parallel group: releasing the CUDA graphs failed", exc_info=True)
+                if abandoned.is_set():  # the caller aborted meanwhile: the group may be another's now
+                    return
+                try:
                     torch.distributed.destroy_process_group()
                 except Exception:  # noqa: BLE001  (aborted below)
                     log.warning("tensor-parallel group: destroy failed", exc_info=True)
-                done.set()
 
-            threading.Thread(target=destroy, name="tp-group-destroy", daemon=True).start()
-            if done.wait(timeout) and not torch.distributed.is_initialized():
+            if _bounded(destroy, "tp-group-destroy", timeout) and not torch.distributed.is_initialized():
                 return
+            abandoned.set()
             log.warning("tensor-parallel group: the collective teardown did not finish in %.0f s; aborting",
                         timeout)
         _abort_group(timeout)

@@ -101,10 +101,13 @@ def _die_with_parent() -> None:
 def _leave_group(runner) -> None:
     """The runner's CUDA graphs first: a group whose collectives were captured in graphs can
     hang on destroy (see TensorParallelGroup._leave_group)."""
-    try:
-        release = getattr(runner, "release_graphs", None)
-        if release is not None:
+    release = getattr(runner, "release_graphs", None)
+    if release is not None:
+        try:
             release()
+        except Exception:  # noqa: BLE001  (rank 0 destroys anyway: so does this rank)
+            log.warning("tensor-parallel worker: releasing the CUDA graphs failed", exc_info=True)
+    try:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001  (exiting anyway)
