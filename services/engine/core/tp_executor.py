@@ -110,8 +110,9 @@ torch.distributed's default group, so this process starts no new group."""
 
 def _bounded(target: Callable[[], None], name: str, timeout: float) -> bool:
     """Run ``target`` on a daemon thread for at most ``timeout`` seconds; False (and the
-    thread left behind, `_LEFT_BEHIND` set) when it did not return in time. Where the
-    interpreter is shutting down and refuses new threads, runs it in place."""
+    thread left behind, `_LEFT_BEHIND` set) when it did not return in time. An interpreter
+    that is exiting refuses new threads (Python 3.12 at atexit): then ``target`` is skipped,
+    not run unbounded, since the process ends anyway and its workers die with it."""
     done = threading.Event()
 
     def run() -> None:
@@ -123,8 +124,9 @@ def _bounded(target: Callable[[], None], name: str, timeout: float) -> bool:
     try:
         threading.Thread(target=run, name=name, daemon=True).start()
     except RuntimeError:  # interpreter shutdown: no new threads
-        run()
-        return True
+        log.warning("tensor-parallel group: %s skipped (the interpreter is exiting)", name)
+        _LEFT_BEHIND.set()
+        return False
     if done.wait(timeout):
         return True
     _LEFT_BEHIND.set()
