@@ -62,6 +62,11 @@ class Workload:
 SMOKE_WORKLOAD = Workload(num_prompts=12, in_median=24, in_min=4, in_max=64, out_median=8, out_min=2, out_max=16)
 
 
+def fresh_ids(prompts: list[list[int]], vocab_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """New random token ids of the same lengths: a rerun the prefix cache cannot serve."""
+    return [rng.integers(10, vocab_size, size=len(p)).tolist() for p in prompts]
+
+
 def make_workload(w: Workload, vocab_size: int) -> tuple[list[list[int]], list[int]]:
     """(prompts as token ids, output length of each), the same for a given Workload."""
     rng = np.random.default_rng(w.seed)
@@ -338,8 +343,7 @@ def main() -> None:
     save()
     runs = [offline(llm, prompts, outputs)]
     for _ in range(1, args.offline_repeats):  # fresh ids: the prefix cache must not serve a repeat
-        fresh = [rng.integers(10, cfg.vocab_size, size=len(p)).tolist() for p in prompts]
-        runs.append(offline(llm, fresh, outputs))
+        runs.append(offline(llm, fresh_ids(prompts, cfg.vocab_size, rng), outputs))
     # the lower median: with an even count the slower of the middle two, never a mean of runs
     metrics.update(sorted(runs, key=lambda r: r["offline_out_tok_s"])[(len(runs) - 1) // 2])
     if len(runs) > 1:
@@ -354,7 +358,7 @@ def main() -> None:
 
     if args.hf_baseline:
         # Same lengths, new token ids: the engine's prefix cache still holds the (b) prompts.
-        prompts = [rng.integers(10, cfg.vocab_size, size=len(p)).tolist() for p in prompts[:args.hf_num_prompts]]
+        prompts = fresh_ids(prompts[:args.hf_num_prompts], cfg.vocab_size, rng)
         outputs = outputs[: len(prompts)]
         metrics.update(offline(llm, prompts, outputs, prefix="offline_hf_subset"))
         del llm  # the HF model needs the memory

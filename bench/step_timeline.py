@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from decode_gpu import SMOKE_PRESET, SMOKE_WORKLOAD, Workload, make_workload, register_smoke_preset
+from decode_gpu import SMOKE_PRESET, SMOKE_WORKLOAD, Workload, fresh_ids, make_workload, register_smoke_preset
 from gpu_ceilings import device_name, device_tag, pick_device, results_dir_for, rounded, software_versions
 from llmesh.bench_results import write_result
 from llmesh.engine import LLM, SamplingParams
@@ -131,7 +131,7 @@ def main() -> None:
     metrics: dict[str, float] = {}
     for run in range(args.repeats):
         if run:  # fresh ids of the same lengths: no prefix-cache hits between runs
-            prompts = [rng.integers(10, llm.engine.model_config.vocab_size, size=len(p)).tolist() for p in prompts]
+            prompts = fresh_ids(prompts, llm.engine.model_config.vocab_size, rng)
         steps.clear()
         t0 = time.perf_counter()
         llm.generate(prompts, params)
