@@ -16,8 +16,10 @@ Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batc
 and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s.
 
 Usage: python bench/moe_gpu.py [--parts kernel,engine] [--autotune] [--smoke]
-Writes bench/results/moe_<dev>.json. --autotune sweeps fused_moe_config.CANDIDATES for both
-GEMMs at decode 64 / prefill 4096 (and the M buckets in --tune-m) and prints TABLE entries.
+Writes bench/results/moe_<dev>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
+whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
+counts in --tune-m) and merges the winners into kernels/fused_moe_tuned.json under the device's
+tag, which the kernel and engine parts of the same run then use.
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
 """
 
@@ -115,18 +117,30 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     return m
 
 
-def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool) -> list[str]:
-    """Time every candidate config per GEMM and M; returns TABLE lines for the winners."""
+def tune_candidates(t: int, s: Shapes, smoke: bool) -> list:
+    """CANDIDATES whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far taller pads
+    most rows, one far shorter re-reads each weight tile; neither can win, both cost a compile."""
+    from llmesh.kernels.fused_moe_config import CANDIDATES
+
+    if smoke:
+        return list(CANDIDATES[:3])
+    rows = t * s.top_k / s.experts
+    return [c for c in CANDIDATES if c.block_m <= max(16, rows) and c.block_m >= min(64, rows / 4)]
+
+
+def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path) -> list[str]:
+    """Time the candidate configs per GEMM and M; the winners go into ``tuned_file`` under this
+    device's tag (what fused_moe's pick_config reads). Returns one line per winner."""
     from llmesh.kernels.fused_moe import fused_moe
-    from llmesh.kernels.fused_moe_config import CANDIDATES, m_bucket, pick_config
+    from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config
 
     gen = torch.Generator(device).manual_seed(1)
     w13, w2 = experts(s, device, gen)
-    candidates = CANDIDATES[:3] if smoke else CANDIDATES
-    lines = []
+    lines, entries = [], {}
     for t in m_values:
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         weights, ids = routing(t, s, device, gen)
+        candidates = tune_candidates(t, s, smoke)
         # The gate/up GEMM first (down at its default); then the down GEMM with the same BLOCK_M.
         best_up, best_up_ms = None, float("inf")
         for c in candidates:
@@ -139,6 +153,9 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool) 
                 continue
             if ms < best_up_ms:
                 best_up, best_up_ms = c, ms
+        if best_up is None:
+            lines.append(f"T={t}: no gate/up config ran")
+            continue
         best_down, best_down_ms = None, float("inf")
         for c in candidates:
             if c.block_m != best_up.block_m:
@@ -151,11 +168,17 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool) 
             if ms < best_down_ms:
                 best_down, best_down_ms = c, ms
         b = m_bucket(t)
-        lines.append(f"({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r},  # gate/up, {best_up_ms:.3f} ms")
+        entries[(s.experts, s.inter, s.hidden, b)] = best_up
+        lines.append(f"({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, {best_up_ms:.3f} ms "
+                     f"({len(candidates)} candidates)")
         if best_down is not None:
-            lines.append(f"({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r},  # down, total "
+            entries[(s.experts, s.hidden, s.inter, b)] = best_down
+            lines.append(f"({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
                          f"{best_down_ms:.3f} ms")
         print("\n".join(lines[-2:]), flush=True)
+    if entries:
+        merge_tuned(tuned_file, device_tag(device), entries)
+        print(f"[moe] {len(entries)} entries for {device_tag(device)} -> {tuned_file}", flush=True)
     return lines
 
 
@@ -194,8 +217,12 @@ def main() -> int:
     ap.add_argument("--parts", default="kernel,engine", help="comma-separated subset of: " + ", ".join(PARTS))
     ap.add_argument("--backend", choices=("triton", "torch"), default=None,
                     help="engine part's backend (default triton; smoke: torch)")
-    ap.add_argument("--autotune", action="store_true", help="sweep tile configs and print TABLE entries")
+    ap.add_argument("--autotune", action="store_true",
+                    help="sweep tile configs first and merge the winners into the tuned file")
     ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
+    ap.add_argument("--tuned-file", default=None,
+                    help="table the autotune writes (default kernels/fused_moe_tuned.json; smoke: "
+                         "<results-dir>/fused_moe_tuned_smoke.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()
@@ -225,14 +252,20 @@ def main() -> int:
         path = write_result(name, workload, rounded(metrics), device=device_name(device), results_dir=results_dir)
         print(f"[moe] wrote {path}", flush=True)
 
-    if "kernel" in parts:
-        metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
-        save()
-    if args.autotune:
+    if args.autotune:  # first, so the kernel and engine parts run the configs it measured
+        from llmesh.kernels.fused_moe_config import TUNED_FILE
+
         m_values = [max(1, int(v)) for v in args.tune_m.split(",")]
         if args.smoke:
             m_values = [min(v, shapes.prefill_tokens) for v in m_values[:2]]
-        workload["autotune"] = autotune(shapes, device, m_values, args.smoke)
+        tuned_file = Path(args.tuned_file) if args.tuned_file else (
+            results_dir / "fused_moe_tuned_smoke.json" if args.smoke else TUNED_FILE)
+        t1 = time.perf_counter()
+        workload["autotune"] = autotune(shapes, device, m_values, args.smoke, tuned_file)
+        print(f"[moe] autotune {time.perf_counter() - t1:.0f}s", flush=True)
+        save()
+    if "kernel" in parts:
+        metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
         save()
     if "engine" in parts:
         engine_metrics, workload["engine"] = bench_engine(device, ceilings, args.smoke,

@@ -23,9 +23,20 @@ SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "aut
 # counts stored rows (INT4: byte rows, two K values each) and is clamped to the scale group.
 GEMV_SWEEP = ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32, 4, 3, 2), (32, 128, 4, 3, 2),
               (128, 64, 8, 3, 4), (32, 64, 2, 4, 4), (64, 128, 4, 2, 8))
+# The int32-word variants (kernels/int_words.py): the W4A16 tl.dot kernel's as SWEEP's rows
+# (block_n >= 64), the GEMV's as GEMV_SWEEP's, kept to tiles whose accumulators fit in about 64
+# registers a thread at the batch's M (their [M, block_k, block_n] float32 tile lives in registers).
+WORD_SWEEP = ((64, 128, 4, 3, "auto"), (128, 128, 4, 3, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
+              (64, 64, 4, 4, "2x"), (128, 128, 8, 4, "1"))
+GEMV_WORD_SWEEP = ((128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 64, 4, 3, 4), (256, 32, 4, 3, 2),
+                   (256, 32, 8, 3, 4), (64, 128, 4, 3, 2), (128, 32, 4, 4, 8), (64, 32, 4, 3, 4),
+                   (32, 32, 4, 3, 4), (64, 16, 4, 3, 8), (32, 16, 4, 3, 8))
+GEMV_ACC_REGS = 64
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
 SMOKE_GEMV_SWEEP = ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2))
+SMOKE_WORD_SWEEP = ((64, 32, 1, 1, "1"),)
+SMOKE_GEMV_WORD_SWEEP = ((16, 16, 1, 1, 2),)
 QUANT_KINDS = ("w8a16", "w4a16", "fp8")
 
 
@@ -73,26 +84,36 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     grouped = kind == "w4a16" or group != k
     out = [pick_config(kind, m, n, k, group)]
-    for block_m, (block_n, block_k, warps, stages, split) in [(16, c) for c in (SMOKE_SWEEP if smoke else SWEEP)]:
+    rows = [(c, False) for c in (SMOKE_SWEEP if smoke else SWEEP)]
+    if kind == "w4a16":
+        rows += [(c, True) for c in (SMOKE_WORD_SWEEP if smoke else WORD_SWEEP)]
+    for (block_n, block_k, warps, stages, split), words in rows:
+        block_m = 16
         block_k = clamp_block_k(block_k, group, grouped)
         tiles = -(-m // block_m) * -(-n // block_n)
         iters = -(-k_rows(kind, k, group) // block_k)
         auto = max(1, min(-(-2 * sms // tiles), iters // 2, 16))
         splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)), "1": 1}[split]
-        cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages)
+        cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages, words)
         if cfg not in out:
             out.append(cfg)
     return out
 
 
-def gemv_configs(kind: str, k: int, group: int, smoke: bool) -> list:
+def gemv_configs(kind: str, m: int, k: int, group: int, smoke: bool) -> list:
+    from llmesh.kernels.common import next_power_of_2
     from llmesh.kernels.quant_gemm_config import clamp_block_k
     from llmesh.kernels.quant_gemv import GemvConfig
 
     grouped = kind == "w4a16" or group != k
+    rows = [(c, False) for c in (SMOKE_GEMV_SWEEP if smoke else GEMV_SWEEP)]
+    rows += [(c, True) for c in (SMOKE_GEMV_WORD_SWEEP if smoke else GEMV_WORD_SWEEP)]
     out = []
-    for block_n, block_k, warps, stages, split in (SMOKE_GEMV_SWEEP if smoke else GEMV_SWEEP):
-        cfg = GemvConfig(block_n, clamp_block_k(block_k, group, grouped), split, warps, stages)
+    for (block_n, block_k, warps, stages, split), words in rows:
+        block_k = clamp_block_k(block_k, group, grouped)
+        if words and not smoke and next_power_of_2(m) * block_k * block_n > GEMV_ACC_REGS * 32 * warps:
+            continue
+        cfg = GemvConfig(block_n, block_k, split, warps, stages, words)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -109,7 +130,8 @@ def gemv_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[...,
 def cfg_str(cfg) -> str:
     if hasattr(cfg, "short"):
         return cfg.short()
-    return f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+    return (f"{'words ' if cfg.words else ''}m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} "
+            f"w{cfg.num_warps} st{cfg.num_stages}")
 
 
 def write_tuned(run: Run, entries: dict[str, list]) -> None:
@@ -214,7 +236,7 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
           tuned)
     write_tuned(run, tuned)
     headlines(run, headline, "_best")
-    dispatched_headlines(run)
+    dispatched_headlines(run, ring_cache[headline], headline, copy_gb_s)
     del packs, ring_cache
     run.free()
 
@@ -268,7 +290,7 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     ref = kernel_call(kind, x, q, torch.empty_like(out))().clone()  # the default path's y
                     times = []
                     candidates = [(c, calls) for c in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)]
-                    candidates += [(c, gemvs) for c in gemv_configs(kind, k, group, run.args.smoke)]
+                    candidates += [(c, gemvs) for c in gemv_configs(kind, m, k, group, run.args.smoke)]
                     for cfg, fns in candidates:
                         try:
                             got = fns[0](cfg).float()
@@ -300,18 +322,34 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
         run.save()
 
 
-def dispatched_headlines(run: Run) -> None:
-    """The goal metrics (w4a16_m1_speedup_x, ...) are what the engine runs: after the sweep
-    the dispatch table holds the best kernel, so they take the best time; the default
-    config's stays as *_default_speedup_x."""
+def dispatched_headlines(run: Run, rings: dict, headline: tuple[int, int], copy_gb_s: float) -> None:
+    """The goal metrics (w4a16_m1_speedup_x, ...) time what the engine runs: quant.linear's
+    dispatch on the headline shape, through the table this run just wrote (or the default path
+    where it has no entry). The default config's figure stays as *_default_speedup_x."""
+    from llmesh.engine.quant.linear import linear
+
+    k, n = headline
     met = run.metrics
+    gen = torch.Generator(run.device)
     for kind in ("w8a16", "w4a16"):
+        qs = rings.get(kind)
+        if not qs:
+            continue
         for m in (1, 16):
-            best = f"{kind}_m{m}_best_speedup_x"
-            if best in met and f"{kind}_m{m}_speedup_x" in met:
-                met[f"{kind}_m{m}_default_speedup_x"] = met[f"{kind}_m{m}_speedup_x"]
-                met[f"{kind}_m{m}_speedup_x"] = max(met[best], met[f"{kind}_m{m}_speedup_x"])
-                met[f"{kind}_m{m}_bw_frac"] = max(met[f"{kind}_m{m}_best_bw_frac"], met[f"{kind}_m{m}_bw_frac"])
+            if f"{kind}_m{m}_speedup_x" not in met:
+                continue
+            x = torch.randn(m, k, generator=gen.manual_seed(m), device=run.device, dtype=torch.bfloat16)
+            try:
+                ms = run.timer([partial(linear, x, q) for q in qs])
+            except Exception:
+                run.fail(f"gemm dispatch {kind} m{m}")
+                continue
+            bf16_ms = met[f"gemm_bf16_{k}x{n}_m{m}_ms"]
+            met[f"{kind}_m{m}_default_speedup_x"] = met[f"{kind}_m{m}_speedup_x"]
+            met[f"gemm_{kind}_{k}x{n}_m{m}_dispatch_ms"] = ms
+            met[f"{kind}_m{m}_speedup_x"] = bf16_ms / ms
+            met[f"{kind}_m{m}_bw_frac"] = qs[0].nbytes() / (ms * 1e-3) / 1e9 / copy_gb_s
+            run.log(f"dispatch {kind} {k}x{n} m{m}: {ms:.4f} ms, {bf16_ms / ms:.2f}x bf16")
 
 
 def headlines(run: Run, shape: tuple[int, int], best: str) -> None:

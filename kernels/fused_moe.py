@@ -218,8 +218,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     if t == 0:
         return torch.zeros_like(x)
-    config = config or pick_config(t, e, inter, h, top_k)
-    down_config = down_config or pick_config(t, e, h, inter, top_k)
+    config = config or pick_config(t, e, inter, h, top_k, x.device)
+    down_config = down_config or pick_config(t, e, h, inter, top_k, x.device)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e)
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES

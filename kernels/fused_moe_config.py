@@ -1,20 +1,24 @@
 """Tile configurations of the fused MoE GEMMs (kernels/fused_moe.py).
 
-A table keyed by (E, N, K, M bucket) — E experts, N output columns of one GEMM (I for the
-gate/up GEMM, whose program computes both the gate and the up tile; H for the down GEMM), K
-its reduction length, M the tokens of the batch rounded up to a bucket — holds measured
-winners; any shape it lacks gets the default heuristic (vLLM's ``get_default_config``
+A table per device (TUNED_FILE, keyed by the device tag, h200 for an H200) maps (E, N, K, M
+bucket) — E experts, N output columns of one GEMM (I for the gate/up GEMM, whose program
+computes both the gate and the up tile; H for the down GEMM), K its reduction length, M the
+tokens of the batch rounded up to a bucket — to measured winners; any shape or device it
+lacks gets the default heuristic (vLLM's ``get_default_config``
 reasoning: at decode sizes each expert sees few rows, so BLOCK_M is small and the weights
 stream in wide tiles; at prefill sizes BLOCK_M grows to reuse each weight tile across rows).
 
-``bench/moe_gpu.py --autotune`` sweeps CANDIDATES on a GPU and prints entries in the form
-TABLE takes; entries are added here only from such a measured run.
+``bench/moe_gpu.py --autotune`` sweeps CANDIDATES on a GPU and merges its winners into
+TUNED_FILE under the device's tag; entries come only from such a measured run.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from dataclasses import dataclass
+import json
+from dataclasses import astuple, dataclass
+from pathlib import Path
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -34,8 +38,41 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
 
 
-TABLE: dict[tuple[int, int, int, int], MoEConfig] = {}
-"""(E, N, K, M bucket) → measured config (empty until a GPU autotune run fills it)."""
+TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
+"""{device tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages]}}."""
+
+Key = tuple[int, int, int, int]
+
+
+@functools.lru_cache(maxsize=1)
+def load_tuned(path: Path = TUNED_FILE) -> dict[str, dict[Key, MoEConfig]]:
+    """The measured tables by device tag ({} without the file)."""
+    if not path.is_file():
+        return {}
+    doc = json.loads(path.read_text())
+    return {tag: {tuple(int(v) for v in key.split(",")): MoEConfig(*fields) for key, fields in entries.items()}
+            for tag, entries in doc.items()}
+
+
+def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
+    """Write ``entries`` into the file at ``path`` under ``tag`` (other devices' entries kept)."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    mine = doc.get(tag, {})
+    mine.update({",".join(map(str, key)): list(astuple(cfg)) for key, cfg in entries.items()})
+    doc[tag] = dict(sorted(mine.items(), key=lambda kv: tuple(int(v) for v in kv[0].split(","))))
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    load_tuned.cache_clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _device_table(device_type: str, index: int | None) -> dict[Key, MoEConfig]:
+    if device_type != "cuda":
+        return {}
+    import torch
+
+    from llmesh.bench_results import device_tag
+
+    return load_tuned().get(device_tag(torch.device("cuda", index)), {})
 
 
 def m_bucket(m: int) -> int:
@@ -61,8 +98,15 @@ def default_config(m: int, num_experts: int, n: int, k: int, top_k: int) -> MoEC
     return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
-def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int) -> MoEConfig:
-    return TABLE.get((num_experts, n, k, m_bucket(m))) or default_config(m, num_experts, n, k, top_k)
+def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=None) -> MoEConfig:
+    """The measured config for this shape on ``device`` (a torch.device), else the heuristic."""
+    table = {}
+    if device is not None and device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        table = _device_table("cuda", index)
+    return table.get((num_experts, n, k, m_bucket(m))) or default_config(m, num_experts, n, k, top_k)
 
 
 CANDIDATES = tuple(

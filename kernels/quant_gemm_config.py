@@ -39,6 +39,9 @@ class GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    words: bool = False
+    """W4A16: read the codes as int32 words and convert them by bit moves (int_words.py); the
+    four byte positions of a word are four dots of block_n / 4 columns (block_n >= 64)."""
 
 
 # (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K), per
@@ -120,6 +123,9 @@ def check_config(config: GemmConfig, group_size: int, grouped: bool) -> None:
                          "(one scale row per tile)")
     if not isinstance(config.split_k, int) or config.split_k < 1:
         raise ValueError(f"config.split_k must be an int >= 1, got {config.split_k}")
+    if config.words and config.block_n < 64:
+        raise ValueError(f"config.block_n must be >= 64 with words (four dots of block_n / 4 >= 16 columns), "
+                         f"got {config.block_n}")
     if not _is_pow2(config.num_warps) or not isinstance(config.num_stages, int) or config.num_stages < 1:
         raise ValueError(f"config.num_warps must be a power of two and num_stages >= 1, got "
                          f"{config.num_warps} / {config.num_stages}")

@@ -15,7 +15,12 @@ M to a 16-row tile and, when they split K, sum the float32 partials with two mor
 - reads the packed layouts as stored (packed.py): Int4Weight's byte rows hold k = j (low
   nibble) and k = Kp/2 + j (high nibble), N contiguous, so a [BLOCK_K, BLOCK_N] byte tile is
   BLOCK_K coalesced rows and each group's scale/min row is read once per tile; INT8 [K, N]
-  likewise, a per-channel scale applied once after the reduction.
+  likewise, a per-channel scale applied once after the reduction;
+- with ``GemvConfig.words`` reads those bytes as int32 words instead (four adjacent columns
+  a word, one accumulator per byte position) and turns codes into floats by moving them into
+  a float's mantissa (int_words.py) rather than with int-to-float instructions, which on
+  Hopper issue at an eighth of the FP32 rate and bound the byte kernels (0.21 of the H200's
+  copy bandwidth for INT4 at M = 1). Which of the two runs is measured per shape.
 
 Numerics: W is dequantized in float32 (q * s + m) and multiplied in float32 without rounding
 W to x's dtype first, so in 16-bit it is slightly closer to the exact product than the torch
@@ -31,6 +36,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import check_out, interpreting, next_power_of_2
+from llmesh.kernels.int_words import SIGN_FLIP_BYTES, as_words, unit_code
 from llmesh.kernels.triton_helpers import cast_rtne
 
 MAX_M = 16
@@ -45,16 +51,20 @@ _locks: dict[tuple, torch.Tensor] = {}
 @dataclass(frozen=True)
 class GemvConfig:
     """block_n: output columns per program; block_k: stored weight rows per step (byte rows for
-    INT4, dividing the group size); split_k: programs sharing one column tile's K range."""
+    INT4, dividing the group size); split_k: programs sharing one column tile's K range;
+    words: read the codes as int32 words and convert them by bit moves (int_words.py) instead
+    of byte loads and int-to-float conversions (needs N % 4 == 0; bytes otherwise)."""
 
     block_n: int
     block_k: int
     split_k: int
     num_warps: int
     num_stages: int
+    words: bool = False
 
     def short(self) -> str:
-        return f"gemv n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+        return (f"gemv{'-words' if self.words else ''} n{self.block_n} k{self.block_k} s{self.split_k} "
+                f"w{self.num_warps} st{self.num_stages}")
 
 
 def default_gemv_config(kind: str, k_rows: int, group_size: int) -> GemvConfig:
@@ -75,6 +85,8 @@ def check_gemv_config(config: GemvConfig, group_size: int, grouped: bool) -> Non
         raise ValueError(f"config.block_k={config.block_k} must divide group_size={group_size}")
     if not isinstance(config.split_k, int) or config.split_k < 1 or config.num_stages < 1:
         raise ValueError(f"config.split_k and num_stages must be ints >= 1, got {config.short()}")
+    if config.words and config.block_n < 4:
+        raise ValueError(f"config.block_n must be >= 4 with words (four columns a word), got {config.block_n}")
 
 
 def _lock_buffer(device: torch.device, tiles: int) -> torch.Tensor:
@@ -91,24 +103,46 @@ def _lock_buffer(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 @triton.jit
+def _store_out(acc, out_ptr, rm, cols, mask, stride_om, INTERPRET: tl.constexpr):
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _store_part(acc, part_ptr, pid_k, rm, cols, mask, M, N):
+    tl.store(part_ptr + pid_k.to(tl.int64) * M * N + (rm[:, None] * N + cols[None, :]).to(tl.int64), acc, mask=mask)
+
+
+@triton.jit
+def _arrive(lock_ptr, pid_n):
+    """This split's arrival at its column tile; the last one to arrive sees SPLIT - 1."""
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    return tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+
+
+@triton.jit
+def _store_sum(part_ptr, out_ptr, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """y = the partials summed in split order (deterministic)."""
+    tile = (rm[:, None] * N + cols[None, :]).to(tl.int64)
+    total = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for s in range(SPLIT):
+        total += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+    _store_out(total, out_ptr, rm, cols, mask, stride_om, INTERPRET)
+
+
+@triton.jit
 def _finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask, n_mask, pid_n, pid_k, M, N, stride_om,
             SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
     """Write y, or this split's partial; the last split of the column tile to arrive sums the
     partials in split order and writes y."""
     mask = m_mask[:, None] & n_mask[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     if SPLIT == 1:
-        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        _store_out(acc, out_ptr, rm, rn, mask, stride_om, INTERPRET)
     else:
-        tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)            # [BLOCK_M, BLOCK_N]
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT):
-                total += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, cast_rtne(total, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        _store_part(acc, part_ptr, pid_k, rm, rn, mask, M, N)
+        if _arrive(lock_ptr, pid_n) == SPLIT - 1:
+            _store_sum(part_ptr, out_ptr, rm, rn, mask, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch on this stream
 
 
@@ -187,6 +221,143 @@ def _w8a16_gemv_kernel(
             SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
 
 
+@triton.jit
+def _w4_word_class(acc, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                   B: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_K, BLOCK_C] += the products of byte B of each word (columns 4c + B):
+    its low nibble holds k = j, its high nibble k = HALF + j (Int4Weight's layout)."""
+    cols = 4 * rc + B
+    s_lo = tl.load(s_ptr + g_lo * stride_s + cols, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    c_lo = tl.load(mn_ptr + g_lo * stride_mn + cols, mask=c_mask, other=0.0).to(tl.float32) - s_lo
+    s_hi = tl.load(s_ptr + g_hi * stride_s + cols, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    c_hi = tl.load(mn_ptr + g_hi * stride_mn + cols, mask=c_mask, other=0.0).to(tl.float32) - s_hi
+    w_lo = unit_code(words, 8 * B, 4) * s_lo[None, :] + c_lo[None, :]      # q * s + m, one FMA
+    w_hi = unit_code(words, 8 * B + 4, 4) * s_hi[None, :] + c_hi[None, :]
+    return acc + x_lo[:, :, None] * w_lo[None, :, :] + x_hi[:, :, None] * w_hi[None, :, :]
+
+
+@triton.jit
+def _w4a16_gemv_words_kernel(
+    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, HALF, NW, ROWS_PER_SPLIT,
+    stride_xm, stride_q, stride_s, stride_mn, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The INT4 GEMV over int32 words (q_ptr: qweight viewed as int32 [Kp/2, N/4]); a program
+    owns 4 * BLOCK_C columns, one accumulator per byte position of the word."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rc = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_mask = rm < M
+    c_mask = rc < NW
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    j_start = pid_k * ROWS_PER_SPLIT
+    j_end = tl.minimum(j_start + ROWS_PER_SPLIT, HALF)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        words = tl.load(q_ptr + j.to(tl.int64)[:, None] * stride_q + rc[None, :], mask=c_mask[None, :], other=0)
+        g_lo = j0 // GROUP
+        g_hi = (HALF + j0) // GROUP
+        x_lo = tl.load(x_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0).to(tl.float32)
+        x_hi = tl.load(x_rows + (HALF + j)[None, :], mask=m_mask[:, None] & (HALF + j < K)[None, :],
+                       other=0.0).to(tl.float32)
+        acc0 = _w4_word_class(acc0, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 0)
+        acc1 = _w4_word_class(acc1, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 1)
+        acc2 = _w4_word_class(acc2, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 2)
+        acc3 = _w4_word_class(acc3, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 3)
+    _finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
+                  part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N, stride_om,
+                  SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
+
+
+@triton.jit
+def _w8_word_class(acc, words, x, s_ptr, g, stride_s, rc, c_mask, B: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """acc += the products of byte B of each word (columns 4c + B); words are sign-flipped, so
+    f = 1 + (q + 128) / 256 and q = 256 f - 384. Per channel the scale comes after the sum."""
+    f = unit_code(words, 8 * B, 8)
+    if PER_CHANNEL:
+        w = f * 256.0 - 384.0                                               # the code, exact
+    else:
+        s = tl.load(s_ptr + g * stride_s + 4 * rc + B, mask=c_mask, other=0.0).to(tl.float32)
+        w = f * (256.0 * s)[None, :] - (384.0 * s)[None, :]
+    return acc + x[:, :, None] * w[None, :, :]
+
+
+@triton.jit
+def _w8a16_gemv_words_kernel(
+    x_ptr, q_ptr, s_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, NW, ROWS_PER_SPLIT,
+    stride_xm, stride_q, stride_s, stride_om,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The INT8 GEMV over int32 words (q_ptr: qweight viewed as int32 [K, N/4])."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rc = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_mask = rm < M
+    c_mask = rc < NW
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    k_start = pid_k * ROWS_PER_SPLIT
+    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, K)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < k_end
+        words = tl.load(q_ptr + k.to(tl.int64)[:, None] * stride_q + rc[None, :],
+                        mask=k_mask[:, None] & c_mask[None, :], other=0) ^ SIGN_FLIP_BYTES
+        x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        g = k0 // GROUP
+        acc0 = _w8_word_class(acc0, words, x, s_ptr, g, stride_s, rc, c_mask, 0, PER_CHANNEL)
+        acc1 = _w8_word_class(acc1, words, x, s_ptr, g, stride_s, rc, c_mask, 1, PER_CHANNEL)
+        acc2 = _w8_word_class(acc2, words, x, s_ptr, g, stride_s, rc, c_mask, 2, PER_CHANNEL)
+        acc3 = _w8_word_class(acc3, words, x, s_ptr, g, stride_s, rc, c_mask, 3, PER_CHANNEL)
+    y0 = tl.sum(acc0, axis=1)
+    y1 = tl.sum(acc1, axis=1)
+    y2 = tl.sum(acc2, axis=1)
+    y3 = tl.sum(acc3, axis=1)
+    if PER_CHANNEL:
+        y0 = y0 * tl.load(s_ptr + 4 * rc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        y1 = y1 * tl.load(s_ptr + 4 * rc + 1, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        y2 = y2 * tl.load(s_ptr + 4 * rc + 2, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        y3 = y3 * tl.load(s_ptr + 4 * rc + 3, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    _finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N,
+                  stride_om, SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
+
+
+@triton.jit
+def _finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N,
+                  stride_om, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """_finish for the four column classes of a word tile (columns 4c + B)."""
+    mask = m_mask[:, None] & c_mask[None, :]
+    if SPLIT == 1:
+        _store_out(y0, out_ptr, rm, 4 * rc, mask, stride_om, INTERPRET)
+        _store_out(y1, out_ptr, rm, 4 * rc + 1, mask, stride_om, INTERPRET)
+        _store_out(y2, out_ptr, rm, 4 * rc + 2, mask, stride_om, INTERPRET)
+        _store_out(y3, out_ptr, rm, 4 * rc + 3, mask, stride_om, INTERPRET)
+    else:
+        _store_part(y0, part_ptr, pid_k, rm, 4 * rc, mask, M, N)
+        _store_part(y1, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N)
+        _store_part(y2, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N)
+        _store_part(y3, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N)
+        if _arrive(lock_ptr, pid_n) == SPLIT - 1:
+            for b in tl.static_range(4):
+                _store_sum(part_ptr, out_ptr, rm, 4 * rc + b, mask, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_C,
+                           INTERPRET)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
 def _split(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
     """(splits, rows per split): whole tiles per split, none empty."""
     iters = max(1, -(-rows // block_k))
@@ -217,6 +388,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
         return out
     splits, rows = _split(half, config.block_k, config.split_k)
     part, locks = _launch_buffers(x, m, n, splits, config.block_n)
+    words = as_words(qweight) if config.words else None
+    if words is not None:
+        _w4a16_gemv_words_kernel[(triton.cdiv(n, config.block_n), splits)](
+            x, words, scales, mins, out, part, locks, m, n, k, half, n // 4, rows,
+            x.stride(0), words.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP=group_size, BLOCK_M=max(1, next_power_of_2(m)), BLOCK_C=config.block_n // 4,
+            BLOCK_K=config.block_k, SPLIT=splits, INTERPRET=interpreting(), num_warps=config.num_warps,
+            num_stages=config.num_stages)
+        return out
     _w4a16_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](
         x, qweight, scales, mins, out, part, locks, m, n, k, half, rows,
         x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
@@ -241,6 +421,15 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
         return out
     splits, rows = _split(k, config.block_k, config.split_k)
     part, locks = _launch_buffers(x, m, n, splits, config.block_n)
+    words = as_words(qweight) if config.words else None
+    if words is not None:
+        _w8a16_gemv_words_kernel[(triton.cdiv(n, config.block_n), splits)](
+            x, words, scales, out, part, locks, m, n, k, n // 4, rows,
+            x.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+            GROUP=group_size, PER_CHANNEL=per_channel, BLOCK_M=max(1, next_power_of_2(m)),
+            BLOCK_C=config.block_n // 4, BLOCK_K=config.block_k, SPLIT=splits, INTERPRET=interpreting(),
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
     _w8a16_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](
         x, qweight, scales, out, part, locks, m, n, k, rows,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),

@@ -26,6 +26,7 @@ import triton.language as tl
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting)
 from llmesh.kernels.quant_gemm_config import GemmConfig, check_config, pick_config, split_plan
+from llmesh.kernels.int_words import as_words, unit_code
 from llmesh.kernels.quant_ref import dequantize_int4_ref, w4a16_gemm_ref  # noqa: F401 (the kernel's references)
 from llmesh.kernels.triton_helpers import cast_rtne
 
@@ -86,6 +87,89 @@ def _w4a16_kernel(
         tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+@triton.jit
+def _w4_dot_class(acc, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                  B: tl.constexpr, X_DTYPE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_C] += x @ W for columns 4c + B (byte B of each word; the low nibble
+    holds k = j, the high one k = HALF + j), W dequantized by one FMA a weight (int_words.py)."""
+    cols = 4 * rc + B
+    s_lo = tl.load(s_ptr + g_lo * stride_s + cols, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    c_lo = tl.load(mn_ptr + g_lo * stride_mn + cols, mask=c_mask, other=0.0).to(tl.float32) - s_lo
+    s_hi = tl.load(s_ptr + g_hi * stride_s + cols, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    c_hi = tl.load(mn_ptr + g_hi * stride_mn + cols, mask=c_mask, other=0.0).to(tl.float32) - s_hi
+    w_lo = unit_code(words, 8 * B, 4) * s_lo[None, :] + c_lo[None, :]
+    w_hi = unit_code(words, 8 * B + 4, 4) * s_hi[None, :] + c_hi[None, :]
+    if DOT_F32:
+        w_lo = cast_rtne(w_lo, X_DTYPE, INTERPRET).to(tl.float32)
+        w_hi = cast_rtne(w_hi, X_DTYPE, INTERPRET).to(tl.float32)
+    else:
+        w_lo = w_lo.to(X_DTYPE)
+        w_hi = w_hi.to(X_DTYPE)
+    acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
+    return acc + tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_class(acc, out_ptr, part_ptr, pid_k, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    if SPLIT:
+        tl.store(part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + cols[None, :], acc, mask=mask)
+    else:
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _w4a16_words_kernel(
+    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr,
+    M, N, K, HALF, NW, ROWS_PER_SPLIT,
+    stride_xm, stride_q, stride_s, stride_mn, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """_w4a16_kernel over int32 words (q_ptr: qweight viewed as int32 [Kp/2, N/4]): a program
+    owns 4 * BLOCK_C columns as four dots of BLOCK_C columns, one per byte position."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_mask = rm < M
+    c_mask = rc < NW
+    x_dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    j_start = pid_k * ROWS_PER_SPLIT
+    j_end = tl.minimum(j_start + ROWS_PER_SPLIT, HALF)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        words = tl.load(q_ptr + j.to(tl.int64)[:, None] * stride_q + rc[None, :], mask=c_mask[None, :], other=0)
+        g_lo = j0 // GROUP
+        g_hi = (HALF + j0) // GROUP
+        x_lo = tl.load(x_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
+        x_hi = tl.load(x_rows + (HALF + j)[None, :], mask=m_mask[:, None] & (HALF + j < K)[None, :], other=0.0)
+        if DOT_F32:
+            x_lo = x_lo.to(tl.float32)
+            x_hi = x_hi.to(tl.float32)
+        acc0 = _w4_dot_class(acc0, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                             0, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
+        acc1 = _w4_dot_class(acc1, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                             1, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
+        acc2 = _w4_dot_class(acc2, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                             2, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
+        acc3 = _w4_dot_class(acc3, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
+                             3, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
+    mask = m_mask[:, None] & c_mask[None, :]
+    _store_class(acc0, out_ptr, part_ptr, pid_k, rm, 4 * rc, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_class(acc1, out_ptr, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_class(acc2, out_ptr, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_class(acc3, out_ptr, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N, stride_om, SPLIT, INTERPRET)
+
+
 def _check_args(x, qweight, scales, mins, group_size) -> tuple[int, int, int]:
     """Returns (M, N, K) after checking the Int4Weight layout against x."""
     check_tensor("x", x, "[M, K]", 2)
@@ -138,14 +222,23 @@ def w4a16_gemm(
     split = splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
-    _w4a16_kernel[grid](
-        x, qweight, scales, mins, out, part,
-        m, n, k, half, rows_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-        INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    words = as_words(qweight) if config.words else None
+    if words is not None:
+        _w4a16_words_kernel[grid](
+            x, words, scales, mins, out, part, m, n, k, half, n // 4, rows_per_split,
+            x.stride(0), words.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP=group_size, BLOCK_M=config.block_m, BLOCK_C=config.block_n // 4, BLOCK_K=config.block_k,
+            SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+            INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _w4a16_kernel[grid](
+            x, qweight, scales, mins, out, part,
+            m, n, k, half, rows_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+            INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     if split:
         out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out

@@ -129,6 +129,8 @@ def w8a16_gemm(
     if config is None:
         config = pick_config("w8a16", m, n, k, group_size)
     check_config(config, group_size, grouped=not per_channel)
+    if config.words:
+        raise ValueError("config.words is for w4a16_gemm; the INT8 word path is quant_gemv's (M <= 16)")
     out = check_out("out", out, (m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return out

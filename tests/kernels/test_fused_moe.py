@@ -135,3 +135,20 @@ def test_bad_arguments_are_named(device):
     with pytest.raises(ValueError, match="int8 / fp8 experts need"):
         fused_moe(x, w13.to(torch.int8), torch.zeros(2, 32, 32, dtype=torch.int8, device=device),
                   torch.ones(4, 1, device=device), ids)
+
+
+def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
+    from llmesh.kernels.fused_moe_config import MoEConfig, load_tuned, merge_tuned, pick_config
+
+    path = tmp_path / "tuned.json"
+    merge_tuned(path, "h200", {(128, 768, 2048, 64): MoEConfig(16, 64, 128, 4, 3)})
+    merge_tuned(path, "h200", {(128, 2048, 768, 64): MoEConfig(16, 128, 64, 8, 4)})
+    merge_tuned(path, "h100", {(128, 768, 2048, 64): MoEConfig(32, 64, 64, 4, 3)})
+    tables = load_tuned(path)
+    assert tables["h200"] == {(128, 768, 2048, 64): MoEConfig(16, 64, 128, 4, 3),
+                              (128, 2048, 768, 64): MoEConfig(16, 128, 64, 8, 4)}
+    assert tables["h100"][(128, 768, 2048, 64)].block_m == 32
+    load_tuned.cache_clear()
+    assert isinstance(load_tuned(), dict)  # the shipped file (or none) parses
+    # no device, or a CPU tensor's: the heuristic
+    assert pick_config(64, 128, 768, 2048, 8) == pick_config(64, 128, 768, 2048, 8, torch.device("cpu"))

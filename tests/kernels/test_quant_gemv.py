@@ -4,6 +4,8 @@ and per-channel INT8; repeated split launches reuse the arrival counters correct
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,8 +48,12 @@ def _close(got, ref):
     (40, 96, 32, GemvConfig(16, 16, 3, 1, 1)),       # Kp = 128: 64 byte rows = 4 tiles in 3 splits (2+2)
     (33, 320, 32, GemvConfig(32, 16, 4, 1, 1)),      # 192 byte rows = 12 tiles in 4 splits; ragged N
     (64, 256, 64, GemvConfig(16, 32, 3, 1, 1)),      # 128 byte rows = 4 tiles in 3 splits (2+2)
+    (36, 128, 32, GemvConfig(16, 16, 2, 1, 1)),      # words: 9 words in tiles of 4, the last ragged
 ])
-def test_w4a16_gemv_matches_reference(device, m, dtype, n, k, g, cfg):
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_w4a16_gemv_matches_reference(device, m, dtype, n, k, g, cfg, words):
+    """words=True with N = 33 falls back to the byte kernel (no whole words)."""
+    cfg = dataclasses.replace(cfg, words=words)
     gen = torch.Generator().manual_seed(m * 1000 + k)
     w = _int4(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -62,21 +68,24 @@ def test_w4a16_gemv_matches_reference(device, m, dtype, n, k, g, cfg):
     (200, 200, GemvConfig(16, 32, 3, 1, 1)),  # per channel: 7 tiles in 3 splits (3+3+1), last one ragged
     (256, 32, GemvConfig(16, 32, 3, 1, 1)),   # GGUF Q8_0 groups: 8 tiles in 3 splits
 ])
-def test_w8a16_gemv_matches_reference(device, m, dtype, k, g, cfg):
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_w8a16_gemv_matches_reference(device, m, dtype, k, g, cfg, words):
+    cfg = dataclasses.replace(cfg, words=words)
     gen = torch.Generator().manual_seed(m * 7 + k)
-    n = 40
+    n = 40  # words: 10 a row, tiles of 4 words, the last ragged
     q, s = _int8(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     got = w8a16_gemv(x.to(device), q.to(device), s.to(device), g, config=cfg)
     _close(got, w8a16_gemm_ref(x, q, s, g))
 
 
-def test_split_launches_in_a_row_reuse_the_counters(device):
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_split_launches_in_a_row_reuse_the_counters(device, words):
     """Each split launch leaves its tiles' counters at zero; a stale counter would make the
     wrong split write y (a partial sum) on the next launch."""
     gen = torch.Generator().manual_seed(5)
     w = _int4(128, 64, 32, gen)
-    cfg = GemvConfig(16, 16, 4, 1, 1)
+    cfg = GemvConfig(16, 16, 4, 1, 1, words)
     args = [t.to(device) for t in (w.qweight, w.scales, w.mins)]
     for i in range(3):
         x = torch.randn(2, 128, generator=gen)
@@ -108,3 +117,15 @@ def test_dispatch_table_lookup_takes_the_nearest_measured_batch_at_or_above_m():
     with pytest.raises(ValueError, match="unknown kernel"):
         lookup({table_key("w4a16", 8, 8, 1): ["magic", []]}, "w4a16", 1, 8, 8)
     assert isinstance(load_tuned(), dict)  # the shipped file parses
+
+
+def test_words_read_a_sliced_weight_and_fall_back_where_words_do_not_line_up(device):
+    """A qweight view starting at an odd column is not word-aligned: the byte kernel runs."""
+    gen = torch.Generator().manual_seed(9)
+    w = _int4(64, 68, 32, gen)
+    x = torch.randn(2, 64, generator=gen)
+    cfg = GemvConfig(16, 16, 2, 1, 1, True)
+    for cols in (slice(4, 68), slice(1, 65)):
+        q, s, mn = (t[:, cols] for t in (w.qweight, w.scales, w.mins))
+        got = w4a16_gemv(x.to(device), q.to(device), s.to(device), mn.to(device), 32, config=cfg)
+        _close(got, w4a16_gemm_ref(x, q, s, mn, 32))

@@ -64,6 +64,30 @@ def test_prefill_tiles_dequantize_first(device, m, n, k, g, dtype):
     _close(_run(w, x, device, config=cfg), w4a16_gemm_ref(x, w.qweight, w.scales, w.mins, g), dtype)
 
 
+WORD_CASES = [  # (M, N, K, G, split_k): N / 4 words in tiles of 16 (block_n 64)
+    (1, 64, 64, 32, 1),
+    (3, 80, 96, 32, 2),      # 20 words: the second tile ragged; Kp = 128 in 2 splits
+    (17, 128, 256, 64, 3),   # two M tiles, two column tiles, 3 splits
+    (2, 68, 130, 64, 1),     # padded K (Kp = 256), 17 words
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,split", WORD_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_words_match_reference(device, m, n, k, g, split, dtype):
+    """The int32-word kernel (codes moved into a float's mantissa, four dots a tile) matches
+    the reference as the byte kernel does."""
+    gen = torch.Generator().manual_seed(m * 31 + n + k + g)
+    w = _weight(k, n, g, gen, q4_1=True)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    cfg = GemmConfig(16, 64, min(32, g & -g), split, 1, 1, words=True)
+    ref = w4a16_gemm_ref(x, w.qweight, w.scales, w.mins, g)
+    _close(_run(w, x, device, config=cfg), ref, dtype)
+    _close(_run(w, x, device, config=GemmConfig(16, 32, min(32, g & -g), split, 1, 1)), ref, dtype)
+    w_odd = _weight(k, 33, g, gen)  # no whole words: the byte kernel runs
+    _close(_run(w_odd, x, device, config=cfg), w4a16_gemm_ref(x, w_odd.qweight, w_odd.scales, w_odd.mins, g), dtype)
+
+
 def test_float16_and_out(device):
     gen = torch.Generator().manual_seed(5)
     w = _weight(96, 80, 32, gen)
