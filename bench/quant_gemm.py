@@ -27,10 +27,12 @@ GEMV_SWEEP = ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32,
 # (block_n >= 64), the GEMV's as GEMV_SWEEP's, kept to tiles whose accumulators fit in about 64
 # registers a thread at the batch's M (their [M, block_k, block_n] float32 tile lives in registers).
 WORD_SWEEP = ((64, 128, 4, 3, "auto"), (128, 128, 4, 3, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
-              (64, 64, 4, 4, "2x"), (128, 128, 8, 4, "1"))
+              (64, 64, 4, 4, "2x"), (128, 128, 8, 4, "1"), (128, 128, 4, 3, "2x"), (64, 128, 4, 3, "2x"),
+              (128, 64, 4, 3, "4x"), (64, 64, 4, 3, "4x"))
 GEMV_WORD_SWEEP = ((128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 64, 4, 3, 4), (256, 32, 4, 3, 2),
                    (256, 32, 8, 3, 4), (64, 128, 4, 3, 2), (128, 32, 4, 4, 8), (64, 32, 4, 3, 4),
-                   (32, 32, 4, 3, 4), (64, 16, 4, 3, 8), (32, 16, 4, 3, 8))
+                   (32, 32, 4, 3, 4), (64, 16, 4, 3, 8), (32, 16, 4, 3, 8), (128, 64, 4, 3, 8),
+                   (64, 64, 4, 3, 8), (64, 64, 4, 3, 16), (128, 32, 4, 3, 16), (64, 32, 2, 3, 16))
 GEMV_ACC_REGS = 64
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
@@ -66,6 +68,11 @@ def kernel_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..
     return lambda config=None: fp8_gemm(x, q.qweight, q.scales, out=out, config=config)
 
 
+def _word_sum(qweight: torch.Tensor) -> Callable[[], torch.Tensor]:
+    words = qweight.view(torch.int32)
+    return lambda: words.sum(dtype=torch.int64)
+
+
 def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:
     """torch._scaled_mm with per-row / per-column scales on x quantized beforehand (so only the GEMM)."""
     from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
@@ -93,7 +100,8 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
         tiles = -(-m // block_m) * -(-n // block_n)
         iters = -(-k_rows(kind, k, group) // block_k)
         auto = max(1, min(-(-2 * sms // tiles), iters // 2, 16))
-        splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)), "1": 1}[split]
+        splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)),
+                  "4x": max(1, min(4 * auto, iters // 2, 32)), "1": 1}[split]
         cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages, words)
         if cfg not in out:
             out.append(cfg)
@@ -162,7 +170,12 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
     smoke, dev, met = run.args.smoke, run.device, run.metrics
     budget = Budget(run.args.gemm_budget_s)  # the main table always runs; the sweep fills what is left
     shapes, ms, sweep_ms = (SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS) if smoke else (SHAPES, MS, SWEEP_MS)
-    headline = shapes[0] if smoke else HEADLINE
+    if run.args.gemm_shapes:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in run.args.gemm_shapes.split(","))
+    if run.args.gemm_ms:
+        ms = tuple(int(v) for v in run.args.gemm_ms.split(","))
+        sweep_ms = tuple(m for m in sweep_ms if m in ms) or sweep_ms
+    headline = HEADLINE if HEADLINE in shapes else shapes[0]
     copy_gb_s = ceilings["copy_tb_s"] * 1e3
     gen = torch.Generator(dev).manual_seed(run.args.seed)
     broken: set[str] = set()  # a kind that failed once is not retried at every shape
@@ -199,6 +212,12 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
         w_ring = ring(w, w.numel() * 2, torch.clone) if dev.type == "cuda" else [w]
         rings = {kind: ring(q, q.nbytes(), lambda p: p.map_tensors(torch.clone)) if dev.type == "cuda" else [q] for kind, q in pk.items()}
         ring_cache[(k, n)] = rings
+        if "w4a16" in rings and dev.type == "cuda":
+            # what reading the packed INT4 bytes once costs through torch's own reduction: the
+            # floor the INT4 kernels approach (a GEMM reads the same bytes plus scales and mins)
+            floor_ms = run.timer([_word_sum(qc.qweight) for qc in rings["w4a16"]])
+            met[f"gemm_w4_read_floor_{k}x{n}_ms"] = floor_ms
+            run.log(f"read floor {k}x{n}: {floor_ms:.4f} ms for {pk['w4a16'].qweight.numel() / 1e6:.1f} MB")
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.bfloat16)  # [M, K]
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
@@ -318,7 +337,9 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                                         f"gemm_{kind}_{tag}_best_speedup_x": bf16_ms / best_ms,
                                         f"gemm_{kind}_{tag}_best_bw_frac": gb_s / copy_gb_s})
                     print(f"  sweep {kind} {tag:<16} default {default_ms:.4f} ms [{cfg_str(times[0][1])}]  best of "
-                          f"{len(times)} {best_ms:.4f} ms [{cfg_str(best)}]  {bf16_ms / best_ms:.2f}x bf16", flush=True)
+                          f"{len(times)} {best_ms:.4f} ms [{cfg_str(best)}]  {bf16_ms / best_ms:.2f}x bf16; next: "
+                          + ", ".join(f"{t:.4f} [{cfg_str(c)}]" for t, c in sorted(times, key=lambda t: t[0])[1:8]),
+                          flush=True)
         run.save()
 
 

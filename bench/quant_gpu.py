@@ -204,6 +204,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="perplexity text")
     ap.add_argument("--gemm-budget-s", type=float, default=None,
                     help="seconds for the GEMM part: the config sweep starts nothing past it (default 110)")
+    ap.add_argument("--gemm-shapes", default=None,
+                    help="KxN shapes of the GEMM part, comma-separated (default: the four Llama-3-8B shapes)")
+    ap.add_argument("--gemm-ms", default=None, help="batch sizes M of the GEMM part (default 1,4,16,64,256,2048)")
     ap.add_argument("--engine-budget-s", type=float, default=None, help="seconds for the engine part (default 190)")
     ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")
     ap.add_argument("--tuned-file", default=None,

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-SIGN_FLIP_BYTES = -2139062144
-"""0x80808080 as an int32: XOR with it turns four int8 codes q into the unsigned q + 128."""
+SIGN_FLIP_BYTES = tl.constexpr(-2139062144)
+"""0x80808080 as an int32: XOR with it turns four int8 codes q into the unsigned q + 128 (a
+constexpr: a @jit function reads no other globals)."""
 
 
 @triton.jit
