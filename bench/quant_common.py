@@ -32,7 +32,7 @@ class Run:
         print(f"[{time.perf_counter() - self.t0:6.1f}s] [quant] {msg}", flush=True)
 
     def save(self) -> None:
-        write_result(f"quant_{device_tag(self.device)}", self.workload, rounded(self.metrics),
+        write_result(f"quant_{device_tag(self.device)}{self.args.suffix}", self.workload, rounded(self.metrics),
                      device=device_name(self.device), results_dir=self.results_dir)
 
     def fail(self, what: str) -> None:

@@ -340,6 +340,8 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                           f"{len(times)} {best_ms:.4f} ms [{cfg_str(best)}]  {bf16_ms / best_ms:.2f}x bf16; next: "
                           + ", ".join(f"{t:.4f} [{cfg_str(c)}]" for t, c in sorted(times, key=lambda t: t[0])[1:8]),
                           flush=True)
+                    run.save()  # each cell as it is measured: a run cut short keeps what it found
+                    write_tuned(run, tuned)
         run.save()
 
 

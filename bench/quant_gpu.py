@@ -207,6 +207,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gemm-shapes", default=None,
                     help="KxN shapes of the GEMM part, comma-separated (default: the four Llama-3-8B shapes)")
     ap.add_argument("--gemm-ms", default=None, help="batch sizes M of the GEMM part (default 1,4,16,64,256,2048)")
+    ap.add_argument("--suffix", default="", help="result file quant_<device><suffix>.json (e.g. _sweep)")
     ap.add_argument("--engine-budget-s", type=float, default=None, help="seconds for the engine part (default 190)")
     ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")
     ap.add_argument("--tuned-file", default=None,
@@ -254,7 +255,7 @@ def main() -> int:
         run.free()
         run.log(f"part {name} done in {time.perf_counter() - t:.1f}s")
         run.save()
-    path = run.results_dir / f"quant_{device_tag(device)}.json"
+    path = run.results_dir / f"quant_{device_tag(device)}{args.suffix}.json"
     run.log(f"wrote {path}" + (f"; failed: {run.failed}" if run.failed else "")
             + (f"; skipped: {len(run.skipped)} items" if run.skipped else ""))
     return 1 if run.failed else 0

@@ -44,20 +44,22 @@ class GemmConfig:
     four byte positions of a word are four dots of block_n / 4 columns (block_n >= 64)."""
 
 
-# (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K), per
-# kind. The M <= 16 rows are the best of the sweep in bench/quant_gpu.py on an H100
+# (max M, block_m, block_n, block_k, num_warps, num_stages, fill the GPU with split-K, words),
+# per kind. The M <= 16 rows were the best of the sweep in bench/quant_gpu.py on an H100
 # (bench/results/quant_h100.json: all four Llama shapes, M = 1, 4, 16; split-K filling ~2
-# programs per SM reproduces each shape's best split).
+# programs per SM reproduces each shape's best split); the INT4 one is now the int32-word
+# kernel, which the H200 sweep of 4096x14336 at M = 1 and 4 put in the top two (0.0305 and
+# 0.0309 ms against the byte kernel's 0.0348 and 0.0359; bench/results/quant_sweep_h200.json).
 _TABLES = {
     "w4a16": (
-        (16, 16, 64, 128, 4, 3, True),       # decode: memory bound
-        (64, 64, 128, 64, 4, 4, True),       # small batches: still mostly memory bound
-        (None, 128, 128, 64, 8, 3, False),   # prefill: compute bound
+        (16, 16, 128, 128, 4, 3, True, True),      # decode: memory bound
+        (64, 64, 128, 64, 4, 4, True, False),      # small batches: still mostly memory bound
+        (None, 128, 128, 64, 8, 3, False, False),  # prefill: compute bound
     ),
     "w8a16": (
-        (16, 16, 128, 64, 4, 4, True),
-        (64, 64, 128, 64, 4, 4, True),
-        (None, 128, 128, 64, 8, 3, False),
+        (16, 16, 128, 64, 4, 4, True, False),
+        (64, 64, 128, 64, 4, 4, True, False),
+        (None, 128, 128, 64, 8, 3, False, False),
     ),
 }
 _INTERPRET = GemmConfig(block_m=16, block_n=32, block_k=32, split_k=1, num_warps=1, num_stages=1)
@@ -92,7 +94,7 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfi
     if interpreting():
         return GemmConfig(_INTERPRET.block_m, _INTERPRET.block_n,
                           clamp_block_k(_INTERPRET.block_k, group_size, grouped), 1, 1, 1)
-    for max_m, block_m, block_n, block_k, num_warps, num_stages, fill in _TABLES[kind]:
+    for max_m, block_m, block_n, block_k, num_warps, num_stages, fill, words in _TABLES[kind]:
         if max_m is None or m <= max_m:
             break
     block_k = clamp_block_k(block_k, group_size, grouped)
@@ -102,7 +104,7 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int) -> GemmConfi
         iters = _cdiv(k_rows(kind, k, group_size), block_k)
         want = _cdiv(_PROGRAMS_PER_SM * H100_SMS, tiles)
         split_k = max(1, min(want, iters // _MIN_ITERS_PER_SPLIT, 16))
-    return GemmConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    return GemmConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, words)
 
 
 def _is_pow2(v: object) -> bool:

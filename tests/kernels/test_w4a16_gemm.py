@@ -183,7 +183,7 @@ def test_pick_config_h100_table(monkeypatch, n, k):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU table, not the interpreter's
     for g in (32, 128):
         decode = pick_config("w4a16", 1, n, k, g)
-        assert decode.block_m == 16 and decode.num_stages >= 3 and g % decode.block_k == 0
+        assert decode.block_m == 16 and decode.num_stages >= 3 and g % decode.block_k == 0 and decode.words
         programs = -(-n // decode.block_n) * decode.split_k
         assert programs >= 2 * H100_SMS * 0.9
         big = pick_config("w4a16", 4096, n, k, g)
