@@ -24,8 +24,9 @@ SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "aut
 GEMV_SWEEP = ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32, 4, 3, 2), (32, 128, 4, 3, 2),
               (128, 64, 8, 3, 4), (32, 64, 2, 4, 4), (64, 128, 4, 2, 8))
 # The int32-word variants (kernels/int_words.py): the W4A16 tl.dot kernel's as SWEEP's rows
-# (block_n >= 64), the GEMV's as GEMV_SWEEP's, kept to tiles whose accumulators fit in about 64
-# registers a thread at the batch's M (their [M, block_k, block_n] float32 tile lives in registers).
+# (block_n >= 64), the GEMV's as GEMV_SWEEP's. GEMV tiles of either kind are kept to those whose
+# accumulators fit in about 64 registers a thread at the batch's M (their [M, block_k, block_n]
+# float32 tile lives in registers; larger ones spill, and at M = 16 took minutes to compile).
 WORD_SWEEP = ((64, 128, 4, 3, "auto"), (128, 128, 4, 3, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
               (64, 64, 4, 4, "2x"), (128, 128, 8, 4, "1"), (128, 128, 4, 3, "2x"), (64, 128, 4, 3, "2x"),
               (128, 64, 4, 3, "4x"), (64, 64, 4, 3, "4x"))
@@ -119,7 +120,7 @@ def gemv_configs(kind: str, m: int, k: int, group: int, smoke: bool) -> list:
     out = []
     for (block_n, block_k, warps, stages, split), words in rows:
         block_k = clamp_block_k(block_k, group, grouped)
-        if words and not smoke and next_power_of_2(m) * block_k * block_n > GEMV_ACC_REGS * 32 * warps:
+        if not smoke and next_power_of_2(m) * block_k * block_n > GEMV_ACC_REGS * 32 * warps:
             continue
         cfg = GemvConfig(block_n, block_k, split, warps, stages, words)
         if cfg not in out:
