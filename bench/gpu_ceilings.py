@@ -73,6 +73,25 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return statistics.median(times)
 
 
+def graph_time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """time_ms of `fn` replayed from a CUDA graph: the GPU time of a call whose host side (many
+    small launches) would otherwise be timed instead, as it is in the engine's decode graphs.
+    `fn` must be capturable (no host synchronisation). On the CPU: time_ms."""
+    if device.type != "cuda":
+        return time_ms(fn, device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, device)
+
+
 def measure_copy_tb_s(device: torch.device, gib: float = 2.0) -> float:
     """TB/s of a device-to-device copy of `gib` GiB (bytes read + bytes written per second).
 

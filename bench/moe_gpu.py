@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device, results_dir_for, rounded,  # noqa: E402
-                          software_versions, time_ms)
+from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_ceilings, pick_device,  # noqa: E402
+                          results_dir_for, rounded, software_versions, time_ms)
 from llmesh.bench_results import write_result  # noqa: E402
 
 PARTS = ("kernel", "engine")
@@ -75,7 +75,7 @@ def expert_bytes(s: Shapes, elem: float) -> float:
 
 
 def best_of_two(fn, device: torch.device) -> float:
-    return min(time_ms(fn, device), time_ms(fn, device))
+    return min(graph_time_ms(fn, device), graph_time_ms(fn, device))
 
 
 def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
@@ -98,8 +98,9 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         err = float((got.float() - ref.float()).abs().max()) / max(float(ref.float().abs().max()), 1e-6)
         if err > 0.05:
             raise RuntimeError(f"fused_moe differs from its reference at {tag}: relative max error {err:.3g}")
-        # the better of two timings each: one do_bench of the decode shape moved by 2x between
-        # runs (0.68 and 1.35 ms for the same configs) while the variants timed after it did not
+        # Replayed from a CUDA graph (as the engine runs the layer), the better of two timings:
+        # timed from the host, the layer's ~20 launches (the align step's torch ops, two GEMMs,
+        # the sum) made decode 64 host-bound, 0.54-1.35 ms from run to run for ~0.3 ms of GPU time
         ms = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = best_of_two(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
@@ -151,7 +152,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         best_up, best_up_ms = None, float("inf")
         for c in candidates:
             try:
-                ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=c,
+                ms = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=c,
                                                down_config=replace(pick_config(t, s.experts, s.hidden, s.inter,
                                                                                s.top_k), block_m=c.block_m)), device)
             except Exception as exc:  # out of shared memory / registers for this tile: skip it
@@ -167,7 +168,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             if c.block_m != best_up.block_m:
                 continue
             try:
-                ms = time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=best_up, down_config=c), device)
+                ms = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=best_up, down_config=c), device)
             except Exception as exc:
                 print(f"[moe] autotune T={t} down {c}: {type(exc).__name__}", flush=True)
                 continue
