@@ -2,11 +2,12 @@
 
 The design of vLLM's / SGLang's Triton fused_moe:
 
-1. ``moe_align_block_size`` sorts the T * k (token, slot) pairs by expert and pads each
-   expert's run to a multiple of BLOCK_M, so every BLOCK_M block of the sorted list belongs to
-   one expert (``expert_ids[block]``). Torch ops only, on the device, without a host read:
-   the grid is sized by an upper bound of the padded length, and blocks past the real end
-   (``num_tokens_post_padded``) return at once, so the wrapper is CUDA-graph safe.
+1. ``moe_align_block_size`` (moe_align.py) sorts the T * k (token, slot) pairs by expert and
+   pads each expert's run to a multiple of BLOCK_M, so every BLOCK_M block of the sorted list
+   belongs to one expert (``expert_ids[block]``): one Triton program for decode-sized batches,
+   torch ops for large ones, on the device without a host read. The grid is sized by an upper
+   bound of the padded length, and blocks past the real end (``num_tokens_post_padded``)
+   return at once, so the wrapper is CUDA-graph safe.
 2. One grouped GEMM launch for all experts computes gate and up together: each program
    loads the gate tile and the up tile of the same columns of its block's expert, keeps two
    accumulators, and writes silu(gate) * up in its epilogue. The [T*k, 2I] gate/up
@@ -48,50 +49,12 @@ from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_
                                    interpreting)
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
+from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
-
-
-def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Most entries the sorted, padded list can need: each hit expert (and the run of pairs
-    held elsewhere, id -1) pads < BLOCK_M rows, and at most min(E + 1, T * k) runs exist."""
-    return num_pairs + min(num_experts + 1, num_pairs) * (block_m - 1)
-
-
-def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert, each expert's run padded to BLOCK_M.
-
-    topk_ids [T, k] (ids in [0, E), or -1: an expert held by another rank) → (sorted_ids
-    int32 [P]: flat pair index t * k + j, or T * k for padding; expert_ids int32 [P / BLOCK_M]:
-    the expert of each block, -1 for the run of id -1 pairs (after every expert's) and past
-    the end; num_tokens_post_padded int32 [1], that run included). P is
-    ``padded_length_bound`` rounded up to BLOCK_M. Pairs of one expert keep their token order
-    (a stable sort).
-    """
-    device = topk_ids.device
-    flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
-    flat = torch.where(flat < 0, num_experts, flat)  # bucket E: pairs of other ranks' experts
-    n = flat.numel()
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
-        0, flat, torch.ones_like(flat))  # [E + 1]
-    padded = (counts + block_m - 1) // block_m * block_m  # [E + 1]
-    ends = torch.cumsum(padded, 0)  # [E + 1]
-    starts = ends - padded
-    first_pair = torch.cumsum(counts, 0) - counts  # [E + 1] where each run's pairs begin, unpadded
-    order = torch.argsort(flat, stable=True)  # [N]
-    expert_of = flat[order]
-    dest = starts[expert_of] + torch.arange(n, device=device) - first_pair[expert_of]  # [N]
-    length = triton.cdiv(padded_length_bound(n, num_experts, block_m), block_m) * block_m
-    sorted_ids = torch.full((length,), n, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(0, length, block_m, device=device)  # [P / BLOCK_M]
-    expert_ids = torch.searchsorted(ends, block_starts, right=True)
-    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
-    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
 @triton.jit

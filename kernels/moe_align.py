@@ -1,0 +1,147 @@
+"""The align step of the fused MoE layer: (token, slot) pairs sorted by expert, each expert's
+run padded to BLOCK_M, so every BLOCK_M block of the sorted list belongs to one expert.
+
+Two implementations of one contract (``moe_align_block_size``):
+
+- ``moe_align_block_size_ref``: torch ops (a histogram, cumulative sums, a stable argsort,
+  scatters, a searchsorted): the reference, and the path for large batches;
+- ``_moe_align_kernel``: one Triton program. In a decode step's CUDA graph the torch version
+  is about twenty small kernels per MoE layer (a stable sort alone is several), each a few
+  microseconds however few the pairs, which at batch 1 is comparable to the layer's two GEMMs
+  (vLLM and SGLang have a CUDA kernel for this step for the same reason). One program walks
+  the pairs in chunks: a histogram by comparison against the expert ids, the padded run
+  starts by a cumulative sum, then each chunk's pairs placed at their expert's running write
+  position plus their rank among the chunk's pairs of that expert (a [CHUNK, CHUNK] lower
+  triangle), which keeps the sort stable. Its cost grows with the pairs on one SM, so it runs
+  up to ALIGN_KERNEL_MAX_PAIRS and the torch ops beyond.
+
+Both give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import interpreting, next_power_of_2
+
+ALIGN_KERNEL_MAX_PAIRS = 4096
+"""Pairs (tokens x top-k) up to which the one-program kernel aligns; the torch ops above (a
+guess from the work per pair, to be replaced by a measured crossover)."""
+
+_CHUNK = 32
+
+
+def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Most entries the sorted, padded list can need: each hit expert (and the run of pairs
+    held elsewhere, id -1) pads < BLOCK_M rows, and at most min(E + 1, T * k) runs exist."""
+    return num_pairs + min(num_experts + 1, num_pairs) * (block_m - 1)
+
+
+def _length(n: int, num_experts: int, block_m: int) -> int:
+    return triton.cdiv(padded_length_bound(n, num_experts, block_m), block_m) * block_m
+
+
+def moe_align_block_size_ref(topk_ids: torch.Tensor, block_m: int, num_experts: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align_block_size in torch ops."""
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
+    flat = torch.where(flat < 0, num_experts, flat)  # bucket E: pairs of other ranks' experts
+    n = flat.numel()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E + 1]
+    padded = (counts + block_m - 1) // block_m * block_m  # [E + 1]
+    ends = torch.cumsum(padded, 0)  # [E + 1]
+    starts = ends - padded
+    first_pair = torch.cumsum(counts, 0) - counts  # [E + 1] where each run's pairs begin, unpadded
+    order = torch.argsort(flat, stable=True)  # [N]
+    expert_of = flat[order]
+    dest = starts[expert_of] + torch.arange(n, device=device) - first_pair[expert_of]  # [N]
+    length = _length(n, num_experts, block_m)
+    sorted_ids = torch.full((length,), n, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, length, block_m, device=device)  # [P / BLOCK_M]
+    expert_ids = torch.searchsorted(ends, block_starts, right=True)
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
+
+
+@triton.jit
+def _experts_of(ids_ptr, i, N, E):
+    """The bucket of pairs i (E for -1, another rank's expert) and which of them exist."""
+    valid = i < N
+    e = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+    return tl.where(e < 0, E, e), valid
+
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, next_ptr,
+                      N, E, LENGTH, NUM_BLOCKS,
+                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    r = tl.arange(0, CHUNK)
+    bins = tl.arange(0, E_P2)  # experts 0..E-1, then bucket E; bins past E stay empty
+    # 1. pairs per bucket
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, N, CHUNK):
+        e, valid = _experts_of(ids_ptr, c0 + r, N, E)
+        counts += tl.sum(((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+    # 2. each bucket's run, padded to BLOCK_M, in bucket order
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(next_ptr + bins, ends - padded)  # the running write position of each bucket
+    tl.store(num_post_ptr, tl.sum(padded, axis=0))
+    for p0 in range(0, LENGTH, CHUNK):  # padding slots hold N
+        p = p0 + r
+        tl.store(sorted_ptr + p, tl.full([CHUNK], 0, tl.int32) + N, mask=p < LENGTH)
+    tl.debug_barrier()
+    # 3. pairs placed in order: rank among the chunk's earlier pairs of the same bucket
+    earlier = r[None, :] < r[:, None]  # [CHUNK, CHUNK]: j < i
+    for c0 in range(0, N, CHUNK):
+        i = c0 + r
+        e, valid = _experts_of(ids_ptr, i, N, E)
+        same = (e[:, None] == e[None, :]) & earlier & valid[None, :]
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        pos = tl.load(next_ptr + e, mask=valid, other=0) + rank
+        tl.store(sorted_ptr + pos, i, mask=valid)
+        tl.debug_barrier()  # every position read before the running positions move on
+        moved = tl.sum(((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+        tl.store(next_ptr + bins, tl.load(next_ptr + bins) + moved)
+        tl.debug_barrier()
+    # 4. each block's expert: how many runs end at or before its start (searchsorted, right)
+    ends_live = tl.where(bins <= E, ends, 2147483647)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        b = b0 + r
+        owner = tl.sum((ends_live[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, kernel: bool | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert, each expert's run padded to BLOCK_M.
+
+    topk_ids [T, k] (ids in [0, E), or -1: an expert held by another rank) → (sorted_ids
+    int32 [P]: flat pair index t * k + j, or T * k for padding; expert_ids int32 [P / BLOCK_M]:
+    the expert of each block, -1 for the run of id -1 pairs (after every expert's) and past
+    the end; num_tokens_post_padded int32 [1], that run included). P is
+    ``padded_length_bound`` rounded up to BLOCK_M. Pairs of one expert keep their token order
+    (a stable sort). ``kernel`` forces a path (tests); by default the Triton kernel runs on a
+    GPU (or under the interpreter) up to ALIGN_KERNEL_MAX_PAIRS pairs, the torch ops otherwise.
+    """
+    n = topk_ids.numel()
+    if kernel is None:
+        kernel = (topk_ids.is_cuda or interpreting()) and 0 < n <= ALIGN_KERNEL_MAX_PAIRS
+    if not kernel or n == 0:
+        return moe_align_block_size_ref(topk_ids, block_m, num_experts)
+    device = topk_ids.device
+    length = _length(n, num_experts, block_m)
+    sorted_ids = torch.empty(length, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(length // block_m, dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    e_p2 = next_power_of_2(num_experts + 1)
+    next_pos = torch.empty(e_p2, dtype=torch.int32, device=device)
+    _moe_align_kernel[(1,)](topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, next_pos,
+                            n, num_experts, length, length // block_m,
+                            BLOCK_M=block_m, E_P2=e_p2, CHUNK=_CHUNK, num_warps=4)
+    return sorted_ids, expert_ids, num_post

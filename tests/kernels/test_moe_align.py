@@ -1,0 +1,52 @@
+"""The one-program Triton align step (moe_align.py) gives exactly the torch reference's sorted
+pairs, block experts and padded length: ids of another rank (-1), experts never hit, pairs
+spanning several chunks (ranks carried across chunks), the kernel's size cut-over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from llmesh.kernels.moe_align import (  # noqa: E402
+    ALIGN_KERNEL_MAX_PAIRS, moe_align_block_size, moe_align_block_size_ref)
+
+
+def _ids(t, e, k, gen, held_elsewhere=0.0, skew=False):
+    """[T, k] distinct experts per token; a share of them -1 (an expert another rank holds)."""
+    logits = torch.randn(t, e, generator=gen)
+    if skew:
+        logits[:, : max(1, e // 4)] += 3.0  # a few hot experts, some never hit
+    ids = logits.topk(k, dim=-1).indices
+    if held_elsewhere:
+        ids = torch.where(torch.rand(t, k, generator=gen) < held_elsewhere, -1, ids)
+    return ids
+
+
+@pytest.mark.parametrize("t,e,k,block_m,held,skew", [
+    (1, 128, 8, 16, 0.0, False),    # batch 1 of Qwen3-30B-A3B's routing: 8 pairs, 120 experts idle
+    (37, 6, 2, 16, 0.0, True),      # 74 pairs in 3 chunks, hot experts
+    (64, 8, 2, 32, 0.4, False),     # expert parallelism: -1 pairs run last, as -1 blocks
+    (100, 128, 8, 64, 0.1, True),   # 800 pairs, 25 chunks
+    (5, 3, 3, 16, 1.0, False),      # every pair held elsewhere
+])
+def test_kernel_equals_reference(device, t, e, k, block_m, held, skew):
+    gen = torch.Generator().manual_seed(t * 31 + e + block_m)
+    ids = _ids(t, e, k, gen, held, skew)
+    ref = moe_align_block_size_ref(ids, block_m, e)
+    for dtype in (torch.int64, torch.int32):  # select_experts' ids, and a caller's int32 ones
+        got = moe_align_block_size(ids.to(dtype).to(device), block_m, e, kernel=True)
+        for name, a, b in zip(("sorted_ids", "expert_ids", "num_tokens_post_padded"), got, ref):
+            assert a.dtype == b.dtype == torch.int32, name
+            assert torch.equal(a.cpu(), b), (name, dtype, a.cpu().tolist()[:40], b.tolist()[:40])
+
+
+def test_default_path_takes_the_kernel_up_to_its_size(device):
+    gen = torch.Generator().manual_seed(3)
+    small = _ids(4, 16, 2, gen).to(device)
+    big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # one pair past the cut-over
+    for ids in (small, big):
+        got = moe_align_block_size(ids, 16, 16)
+        for a, b in zip(got, moe_align_block_size_ref(ids.cpu(), 16, 16)):
+            assert torch.equal(a.cpu(), b)
