@@ -48,8 +48,8 @@ class GemmConfig:
 # per kind. The M <= 16 rows were the best of the sweep in bench/quant_gpu.py on an H100
 # (bench/results/quant_h100.json: all four Llama shapes, M = 1, 4, 16; split-K filling ~2
 # programs per SM reproduces each shape's best split); the INT4 one is now the int32-word
-# kernel, which the H200 sweep of 4096x14336 at M = 1 and 4 put in the top two (0.0305 and
-# 0.0309 ms against the byte kernel's 0.0348 and 0.0359; bench/results/quant_h200_sweep.json).
+# kernel: the H200 sweep of 4096x14336 at M = 1 put word kernels in its top four (0.0298 and
+# 0.0305 ms, this config the second, against the byte kernel's 0.0348; quant_h200_sweep.json).
 _TABLES = {
     "w4a16": (
         (16, 16, 128, 128, 4, 3, True, True),      # decode: memory bound
