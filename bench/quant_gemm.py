@@ -33,7 +33,12 @@ WORD_SWEEP = ((64, 128, 4, 3, "auto"), (128, 128, 4, 3, "auto"), (128, 64, 4, 4,
 GEMV_WORD_SWEEP = ((128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 64, 4, 3, 4), (256, 32, 4, 3, 2),
                    (256, 32, 8, 3, 4), (64, 128, 4, 3, 2), (128, 32, 4, 4, 8), (64, 32, 4, 3, 4),
                    (32, 32, 4, 3, 4), (64, 16, 4, 3, 8), (32, 16, 4, 3, 8), (128, 64, 4, 3, 8),
-                   (64, 64, 4, 3, 8), (64, 64, 4, 3, 16), (128, 32, 4, 3, 16), (64, 32, 2, 3, 16))
+                   (64, 64, 4, 3, 8), (64, 64, 4, 3, 16), (128, 32, 4, 3, 16), (64, 32, 2, 3, 16),
+                   # gemlite's GEMV shape: thousands of one- or two-warp programs, each one or two
+                   # short K steps, so the warp scheduler hides the load latency that a long
+                   # per-program loop must pipeline (split up to 128; the last arrival reduces)
+                   (128, 16, 1, 1, 64), (256, 16, 2, 1, 64), (128, 32, 1, 1, 32), (256, 32, 2, 1, 32),
+                   (512, 16, 4, 1, 64), (256, 16, 2, 1, 128))
 GEMV_ACC_REGS = 64
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
 SMOKE_SWEEP = ((32, 32, 1, 1, "1"), (16, 32, 1, 1, "auto"))
