@@ -121,6 +121,31 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
+    m.update(bench_align(s, device, w13, w2, gen))
+    return m
+
+
+def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
+                ) -> dict[str, float]:
+    """The align step both ways (the torch ops, the one-program Triton kernel) alone and inside
+    the layer, at batch 1 and the decode batch: what decides ALIGN_KERNEL_ON_CUDA."""
+    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe_config import pick_config
+    from llmesh.kernels.moe_align import moe_align_block_size
+
+    m: dict[str, float] = {}
+    for t in (1, s.decode_batch):
+        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
+        weights, ids = routing(t, s, device, gen)
+        block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
+        for path, kernel in (("torch", False), ("kernel", True)):
+            m[f"moe_align_t{t}_{path}_us"] = 1e3 * best_of_two(
+                lambda: moe_align_block_size(ids, block_m, s.experts, kernel=kernel), device)
+            m[f"moe_layer_t{t}_align_{path}_ms"] = best_of_two(
+                lambda: fused_moe(x, w13, w2, weights, ids, align_kernel=kernel), device)
+        print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
+              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us; layer {m[f'moe_layer_t{t}_align_torch_ms']:.3f} / "
+              f"{m[f'moe_layer_t{t}_align_kernel_ms']:.3f} ms", flush=True)
     return m
 
 

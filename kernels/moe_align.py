@@ -30,6 +30,11 @@ ALIGN_KERNEL_MAX_PAIRS = 4096
 """Pairs (tokens x top-k) up to which the one-program kernel aligns; the torch ops above (a
 guess from the work per pair, to be replaced by a measured crossover)."""
 
+ALIGN_KERNEL_ON_CUDA = False
+"""The kernel is checked against the reference under Triton's interpreter; on a GPU the torch
+ops stay the default until its GPU test and timing have run (bench/moe_gpu.py times the layer
+both ways), since an unmeasured path should not replace a measured one."""
+
 _CHUNK = 32
 
 
@@ -126,12 +131,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     the expert of each block, -1 for the run of id -1 pairs (after every expert's) and past
     the end; num_tokens_post_padded int32 [1], that run included). P is
     ``padded_length_bound`` rounded up to BLOCK_M. Pairs of one expert keep their token order
-    (a stable sort). ``kernel`` forces a path (tests); by default the Triton kernel runs on a
-    GPU (or under the interpreter) up to ALIGN_KERNEL_MAX_PAIRS pairs, the torch ops otherwise.
+    (a stable sort). ``kernel`` forces a path (tests, the benchmark); by default the Triton
+    kernel runs under the interpreter (and on a GPU once ALIGN_KERNEL_ON_CUDA) up to
+    ALIGN_KERNEL_MAX_PAIRS pairs, the torch ops otherwise.
     """
     n = topk_ids.numel()
     if kernel is None:
-        kernel = (topk_ids.is_cuda or interpreting()) and 0 < n <= ALIGN_KERNEL_MAX_PAIRS
+        on = interpreting() or (topk_ids.is_cuda and ALIGN_KERNEL_ON_CUDA)
+        kernel = on and 0 < n <= ALIGN_KERNEL_MAX_PAIRS
     if not kernel or n == 0:
         return moe_align_block_size_ref(topk_ids, block_m, num_experts)
     device = topk_ids.device
