@@ -102,6 +102,7 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         # timed from the host, the layer's ~20 launches (the align step's torch ops, two GEMMs,
         # the sum) made decode 64 host-bound, 0.54-1.35 ms from run to run for ~0.3 ms of GPU time
         ms = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)
+        # the reference's per-expert loop reads routing on the host (not capturable): host-timed
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = best_of_two(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
         fp8_ms = best_of_two(lambda: fused_moe(x, f13, f2, weights, ids, w13_scale=fs13, w2_scale=fs2), device)

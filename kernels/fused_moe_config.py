@@ -62,6 +62,7 @@ def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
     doc[tag] = dict(sorted(mine.items(), key=lambda kv: tuple(int(v) for v in kv[0].split(","))))
     path.write_text(json.dumps(doc, indent=1) + "\n")
     load_tuned.cache_clear()
+    _device_table.cache_clear()  # pick_config reads the new entries in this process too
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,7 @@ dequantization folds the offset into the scale's FMA with per-column constants:
     q * s + m = f * (2^BITS * s) + (m - 2^BITS * s),        f = 1 + q / 2^BITS
 
 one FMA per weight, evaluated exactly and rounded once (the constant's own rounding is
-2^-24 of 2^BITS * s). The kernels load the packed weights as int32 words, four bytes of four
+2^-24 of |m - 2^BITS * s|). The kernels load the packed weights as int32 words, four bytes of four
 adjacent output columns each, so no byte is extracted on its own: the shift picks the code
 straight out of the word.
 """
@@ -44,6 +44,6 @@ def unit_code(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 def as_words(qweight: torch.Tensor) -> torch.Tensor | None:
     """A packed [rows, N] byte weight as int32 words [rows, N/4] (a view), or None where its
     layout has no whole words (N % 4, a row stride or start off a 4-byte boundary)."""
-    if qweight.shape[1] % 4 or qweight.stride(0) % 4 or qweight.data_ptr() % 4:
-        return None
+    if qweight.shape[1] % 4 or qweight.stride(0) % 4 or qweight.storage_offset() % 4 or qweight.data_ptr() % 4:
+        return None  # view(int32) needs the offset aligned; the kernels need the address aligned
     return qweight.view(torch.int32)

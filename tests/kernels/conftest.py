@@ -18,6 +18,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture
+def forbid(monkeypatch):
+    """forbid(module, name): launching the @triton.jit kernel ``module.name`` fails the test, to
+    show that a wrapper took another path (the int32-word kernel instead of the byte one)."""
+    def _forbid(module, name: str, patch=monkeypatch) -> None:
+        class Forbidden:
+            def __getitem__(self, grid):
+                raise AssertionError(f"{name} ran where another kernel should have")
+
+        patch.setattr(module, name, Forbidden())
+
+    return _forbid
+
+
 class PagedKV:
     """A random paged KV pool holding given contexts, in two copies.
 

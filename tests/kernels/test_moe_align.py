@@ -42,11 +42,26 @@ def test_kernel_equals_reference(device, t, e, k, block_m, held, skew):
             assert torch.equal(a.cpu(), b), (name, dtype, a.cpu().tolist()[:40], b.tolist()[:40])
 
 
-def test_default_path_takes_the_kernel_up_to_its_size(device):
+def test_default_path_picks_by_size(device, monkeypatch):
+    """Under the interpreter the kernel aligns up to ALIGN_KERNEL_MAX_PAIRS pairs and the torch
+    ops beyond (a spy on the kernel says which ran); either way the output is the reference's."""
+    import llmesh.kernels.moe_align as moe_align
+
+    launched = []
+    kernel = moe_align._moe_align_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(moe_align, "_moe_align_kernel", Spy())
     gen = torch.Generator().manual_seed(3)
     small = _ids(4, 16, 2, gen).to(device)
-    big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # one pair past the cut-over
-    for ids in (small, big):
+    big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # two pairs past the cut-over
+    for ids, kernel_expected in ((small, moe_align.interpreting() or moe_align.ALIGN_KERNEL_ON_CUDA), (big, False)):
+        launched.clear()
         got = moe_align_block_size(ids, 16, 16)
+        assert bool(launched) == bool(kernel_expected)
         for a, b in zip(got, moe_align_block_size_ref(ids.cpu(), 16, 16)):
             assert torch.equal(a.cpu(), b)

@@ -10,6 +10,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 from llmesh.engine.quant.packed import GGUF_GROUP, pack_int4  # noqa: E402
 from llmesh.kernels.quant_gemm_config import H100_SMS, GemmConfig, pick_config  # noqa: E402
+from llmesh.kernels import w4a16_gemm as w4a16_module  # noqa: E402
 from llmesh.kernels.w4a16_gemm import dequantize_int4_ref, w4a16_gemm, w4a16_gemm_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}  # 16-bit: an ulp or so at |y| ~ 1
@@ -74,7 +75,7 @@ WORD_CASES = [  # (M, N, K, G, split_k): N / 4 words in tiles of 16 (block_n 64)
 
 @pytest.mark.parametrize("m,n,k,g,split", WORD_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_words_match_reference(device, m, n, k, g, split, dtype):
+def test_words_match_reference(device, m, n, k, g, split, dtype, monkeypatch, forbid):
     """The int32-word kernel (codes moved into a float's mantissa, four dots a tile) matches
     the reference as the byte kernel does."""
     gen = torch.Generator().manual_seed(m * 31 + n + k + g)
@@ -82,7 +83,9 @@ def test_words_match_reference(device, m, n, k, g, split, dtype):
     x = torch.randn(m, k, generator=gen).to(dtype)
     cfg = GemmConfig(16, 64, min(32, g & -g), split, 1, 1, words=True)
     ref = w4a16_gemm_ref(x, w.qweight, w.scales, w.mins, g)
-    _close(_run(w, x, device, config=cfg), ref, dtype)
+    with monkeypatch.context() as patch:
+        forbid(w4a16_module, "_w4a16_kernel", patch)
+        _close(_run(w, x, device, config=cfg), ref, dtype)
     _close(_run(w, x, device, config=GemmConfig(16, 32, min(32, g & -g), split, 1, 1)), ref, dtype)
     w_odd = _weight(k, 33, g, gen)  # no whole words: the byte kernel runs
     _close(_run(w_odd, x, device, config=cfg), w4a16_gemm_ref(x, w_odd.qweight, w_odd.scales, w_odd.mins, g), dtype)
