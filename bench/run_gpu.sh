@@ -6,7 +6,8 @@
 # Further stages, named in STAGES (a device call holds at most 10 minutes: group them to fit):
 #   gpu-tests (bench/gpu_tests.sh, GPU_TESTS_LIMIT s per group), timeline (step_timeline.py),
 #   structured (structured_output.py, async scheduling on and off), kv-fp8 (kv_fp8_gpu.py),
-#   tp and moe-ep (2 GPUs: tp_gpu.py, moe_ep_gpu.py; NCCL multicast off as the device requires).
+#   tp and moe-ep (2 GPUs: tp_gpu.py, moe_ep_gpu.py; NCCL multicast off as the device requires),
+#   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
@@ -59,6 +60,15 @@ want tp && step tp $PY bench/tp_gpu.py ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPT
   ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 want moe-ep && step moe-ep $PY bench/moe_ep_gpu.py ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} "${OUTDIR[@]}" \
   ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+# moe: the fused MoE layer and the engine on Qwen3-30B-A3B's shape (MOE_AUTOTUNE=1 sweeps the
+# tiles first); quant-sweep: the weight-only GEMM configs (QUANT_SHAPES, QUANT_MS cut the grid,
+# QUANT_SWEEP_BUDGET_S bounds it). Both merge what they measure into kernels/*_tuned.json,
+# which comes back with the results.
+want moe && step moe $PY bench/moe_gpu.py --parts kernel,engine ${MOE_AUTOTUNE:+--autotune} "${OUTDIR[@]}" \
+  ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want quant-sweep && step quant-sweep $PY bench/quant_gpu.py --parts gemm --suffix _sweep \
+  ${QUANT_SHAPES:+--gemm-shapes "$QUANT_SHAPES"} ${QUANT_MS:+--gemm-ms "$QUANT_MS"} \
+  --gemm-budget-s "${QUANT_SWEEP_BUDGET_S:-300}" "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 if want gpu-tests && [ "$SMOKE" != 1 ]; then
   step gpu-tests bash bench/gpu_tests.sh "${GPU_TESTS_LIMIT:-420}" "$RESULTS_DIR"
 fi
@@ -76,6 +86,9 @@ results = Path(sys.argv[1])
 start = (results / ".run_start").stat().st_mtime
 for path in sorted(p for p in results.glob("*.json") if p.stat().st_mtime >= start):
     doc = json.loads(path.read_text())
+    if "metrics" not in doc:  # a tuned table written beside the results (smoke runs)
+        print(f"\n{path.name}  (a tuned table)")
+        continue
     print(f"\n{path.name}  ({doc['device']}, {doc['commit']}, {doc['date']})")
     for name, value in doc["metrics"].items():
         print(f"  {name:<40} {value:>14,.4g}" if isinstance(value, float) else f"  {name:<40} {value:>14}")
@@ -83,7 +96,7 @@ EOF
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   # Only what this run wrote: the device tool brings back at most 8 files.
-  mapfile -t NEW < <(find "$RESULTS_DIR" -maxdepth 1 -name '*.json' -newer "$RESULTS_DIR/.run_start")
+  mapfile -t NEW < <(find "$RESULTS_DIR" kernels -maxdepth 1 -name '*.json' -newer "$RESULTS_DIR/.run_start")
   if [ ${#NEW[@]} -le 7 ]; then
     [ ${#NEW[@]} -eq 0 ] || cp "${NEW[@]}" "$OUT"/
   else  # more than the tool brings back one by one: one archive
