@@ -285,7 +285,12 @@ def test_a_1mb_prompt_does_not_stall_another_stream(mesh):
     # Tokenized on the event loop this prompt stalls every stream for its whole
     # tokenization (seconds with this tokenizer, which the big request's own duration shows).
     assert big_end - big_start > 0.5, big_end - big_start
-    assert stall < 0.1, f"a stream stalled {stall * 1000:.0f} ms while a 1 MB prompt was tokenized"
+    # The bound separates that failure (a stall as long as the tokenization, > 0.5 s) from the
+    # prompt's other work on a 2-core machine: its ~250k ids unpacked and copied into the
+    # RouteRequest on the gateway's loop (~40 ms in a py-spy profile), and the router and engine
+    # parsing them beside the streaming engine. 100 ms held on this machine once and then
+    # measured 104-229 ms in repeated runs here, also with the code of commit 066d6cc.
+    assert stall < 0.25, f"a stream stalled {stall * 1000:.0f} ms while a 1 MB prompt was tokenized"
 
 
 def test_an_empty_rate_limit_bucket_refuses_a_1mb_prompt_without_tokenizing_it(mesh):
