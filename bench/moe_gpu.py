@@ -29,6 +29,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -122,7 +123,11 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
-    m.update(bench_align(s, device, w13, w2, gen))
+    try:  # the align kernel is not yet the GPU default: its failure must not cost the figures above
+        m.update(bench_align(s, device, w13, w2, gen))
+    except Exception:
+        traceback.print_exc()
+        print("[moe] align comparison FAILED (the moe_align_* metrics are missing)", flush=True)
     return m
 
 
