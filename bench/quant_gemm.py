@@ -37,7 +37,7 @@ GEMV_WORD_SWEEP = ((128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 64, 4, 3, 4), (
                    # gemlite's GEMV shape: thousands of one- or two-warp programs, each one or two
                    # short K steps, so the warp scheduler hides the load latency that a long
                    # per-program loop must pipeline (split up to 128; the last arrival reduces)
-                   (128, 16, 1, 1, 64), (256, 16, 2, 1, 64), (128, 32, 1, 1, 32), (256, 32, 2, 1, 32),
+                   (128, 16, 1, 1, 64), (256, 16, 2, 1, 64), (128, 32, 2, 1, 32), (256, 32, 4, 1, 32),
                    (512, 16, 4, 1, 64), (256, 16, 2, 1, 128))
 GEMV_ACC_REGS = 64
 SMOKE_SHAPES, SMOKE_MS, SMOKE_SWEEP_MS = ((64, 128), (128, 64)), (1, 4), (1,)
