@@ -1,9 +1,11 @@
 """Integer weight codes to float32 without int-to-float conversions (Marlin's trick, in Triton).
 
-A weight-streaming INT4 kernel that converts every code with an int-to-float instruction is
-bound by that instruction, not by memory: on Hopper I2F issues at 16 per SM per clock, an
-eighth of the FP32 rate, and a byte of INT4 holds two codes, so the conversions alone cap the
-kernel near half of the H200's copy bandwidth (the byte kernels measured 0.21 of it).
+A weight-streaming INT4 kernel that converts every code with an int-to-float instruction
+spends issue slots on that instruction: on Hopper I2F issues at 16 per SM per clock, an eighth
+of the FP32 rate, and a byte of INT4 holds two codes, so the conversions alone cap the kernel
+near half of the H200's copy bandwidth. (Measured, they were one limit, not the main one: the
+word kernels made INT4 at M = 1 1.10x bf16 where the byte kernels were 0.94x, both far from the
+copy bandwidth; docs/quantization.md says what the sweep points at next.)
 
 Instead the code is moved into the top mantissa bits of 1.0: the float32 bit pattern
 0x3F800000 | (q << (23 - BITS)) is exactly 1 + q / 2^BITS. Moving it is a shift and an

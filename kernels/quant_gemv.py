@@ -19,8 +19,8 @@ M to a 16-row tile and, when they split K, sum the float32 partials with two mor
 - with ``GemvConfig.words`` reads those bytes as int32 words instead (four adjacent columns
   a word, one accumulator per byte position) and turns codes into floats by moving them into
   a float's mantissa (int_words.py) rather than with int-to-float instructions, which on
-  Hopper issue at an eighth of the FP32 rate and bound the byte kernels (0.21 of the H200's
-  copy bandwidth for INT4 at M = 1). Which of the two runs is measured per shape.
+  Hopper issue at an eighth of the FP32 rate. Which of the two runs is measured per shape
+  (on the H200 at M = 1 the tl.dot kernels beat both GEMVs: docs/quantization.md).
 
 Numerics: W is dequantized in float32 (q * s + m) and multiplied in float32 without rounding
 W to x's dtype first, so in 16-bit it is slightly closer to the exact product than the torch
