@@ -32,6 +32,17 @@ from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
+def _store_tile(acc, out_ptr, part_ptr, pid_k, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """A [BLOCK_M, len(cols)] tile: this split's float32 partial, or y in out's dtype."""
+    if SPLIT:
+        tl.store(part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + cols[None, :], acc, mask=mask)
+    else:
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr,
     M, N, K, HALF, ROWS_PER_SPLIT,
@@ -78,13 +89,8 @@ def _w4a16_kernel(
         acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
         acc += tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
 
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(part, acc, mask=mask)
-    else:
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _store_tile(acc, out_ptr, part_ptr, pid_k, rm, rn, m_mask[:, None] & n_mask[None, :], M, N, stride_om,
+                SPLIT, INTERPRET)
 
 
 @triton.jit
@@ -108,16 +114,6 @@ def _w4_dot_class(acc, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, s
         w_hi = w_hi.to(X_DTYPE)
     acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
     return acc + tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _store_class(acc, out_ptr, part_ptr, pid_k, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr,
-                 INTERPRET: tl.constexpr):
-    if SPLIT:
-        tl.store(part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + cols[None, :], acc, mask=mask)
-    else:
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -164,10 +160,10 @@ def _w4a16_words_kernel(
         acc3 = _w4_dot_class(acc3, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
                              3, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
     mask = m_mask[:, None] & c_mask[None, :]
-    _store_class(acc0, out_ptr, part_ptr, pid_k, rm, 4 * rc, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_class(acc1, out_ptr, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_class(acc2, out_ptr, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_class(acc3, out_ptr, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_tile(acc0, out_ptr, part_ptr, pid_k, rm, 4 * rc, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_tile(acc1, out_ptr, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_tile(acc2, out_ptr, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N, stride_om, SPLIT, INTERPRET)
+    _store_tile(acc3, out_ptr, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N, stride_om, SPLIT, INTERPRET)
 
 
 def _check_args(x, qweight, scales, mins, group_size) -> tuple[int, int, int]:
