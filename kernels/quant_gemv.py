@@ -277,15 +277,13 @@ def _w4a16_gemv_words_kernel(
 
 
 @triton.jit
-def _w8_word_class(acc, words, x, s_ptr, g, stride_s, rc, c_mask, B: tl.constexpr, PER_CHANNEL: tl.constexpr):
+def _w8_word_class(acc, words, x, s_ptr, g, stride_s, rc, c_mask, B: tl.constexpr):
     """acc += the products of byte B of each word (columns 4c + B); words are sign-flipped, so
-    f = 1 + (q + 128) / 256 and q = 256 f - 384. Per channel the scale comes after the sum."""
+    f = 1 + (q + 128) / 256 and q * s = f * 256 s - 384 s. Per channel (GROUP = K) the scale
+    row is row 0 throughout."""
     f = unit_code(words, 8 * B, 8)
-    if PER_CHANNEL:
-        w = f * 256.0 - 384.0                                               # the code, exact
-    else:
-        s = tl.load(s_ptr + g * stride_s + 4 * rc + B, mask=c_mask, other=0.0).to(tl.float32)
-        w = f * (256.0 * s)[None, :] - (384.0 * s)[None, :]
+    s = tl.load(s_ptr + g * stride_s + 4 * rc + B, mask=c_mask, other=0.0).to(tl.float32)
+    w = f * (256.0 * s)[None, :] - (384.0 * s)[None, :]
     return acc + x[:, :, None] * w[None, :, :]
 
 
@@ -294,10 +292,11 @@ def _w8a16_gemv_words_kernel(
     x_ptr, q_ptr, s_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, NW, ROWS_PER_SPLIT,
     stride_xm, stride_q, stride_s, stride_om,
-    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """The INT8 GEMV over int32 words (q_ptr: qweight viewed as int32 [K, N/4])."""
+    """The INT8 GEMV over int32 words (q_ptr: qweight viewed as int32 [K, N/4]); scales are
+    applied per weight, per channel too (one FMA either way)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -318,21 +317,13 @@ def _w8a16_gemv_words_kernel(
                         mask=k_mask[:, None] & c_mask[None, :], other=0) ^ SIGN_FLIP_BYTES
         x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         g = k0 // GROUP
-        acc0 = _w8_word_class(acc0, words, x, s_ptr, g, stride_s, rc, c_mask, 0, PER_CHANNEL)
-        acc1 = _w8_word_class(acc1, words, x, s_ptr, g, stride_s, rc, c_mask, 1, PER_CHANNEL)
-        acc2 = _w8_word_class(acc2, words, x, s_ptr, g, stride_s, rc, c_mask, 2, PER_CHANNEL)
-        acc3 = _w8_word_class(acc3, words, x, s_ptr, g, stride_s, rc, c_mask, 3, PER_CHANNEL)
-    y0 = tl.sum(acc0, axis=1)
-    y1 = tl.sum(acc1, axis=1)
-    y2 = tl.sum(acc2, axis=1)
-    y3 = tl.sum(acc3, axis=1)
-    if PER_CHANNEL:
-        y0 = y0 * tl.load(s_ptr + 4 * rc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        y1 = y1 * tl.load(s_ptr + 4 * rc + 1, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        y2 = y2 * tl.load(s_ptr + 4 * rc + 2, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        y3 = y3 * tl.load(s_ptr + 4 * rc + 3, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    _finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N,
-                  stride_om, SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
+        acc0 = _w8_word_class(acc0, words, x, s_ptr, g, stride_s, rc, c_mask, 0)
+        acc1 = _w8_word_class(acc1, words, x, s_ptr, g, stride_s, rc, c_mask, 1)
+        acc2 = _w8_word_class(acc2, words, x, s_ptr, g, stride_s, rc, c_mask, 2)
+        acc3 = _w8_word_class(acc3, words, x, s_ptr, g, stride_s, rc, c_mask, 3)
+    _finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
+                  part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N, stride_om,
+                  SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
 
 
 @triton.jit
@@ -426,7 +417,7 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
         _w8a16_gemv_words_kernel[(triton.cdiv(n, config.block_n), splits)](
             x, words, scales, out, part, locks, m, n, k, n // 4, rows,
             x.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group_size, PER_CHANNEL=per_channel, BLOCK_M=max(1, next_power_of_2(m)),
+            GROUP=group_size, BLOCK_M=max(1, next_power_of_2(m)),
             BLOCK_C=config.block_n // 4, BLOCK_K=config.block_k, SPLIT=splits, INTERPRET=interpreting(),
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out
