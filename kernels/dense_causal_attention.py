@@ -80,15 +80,29 @@ def _sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 def _run_sdpa(backend: str, q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
     lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    group = q.shape[1] // k.shape[1]
     if len(set(lengths)) == 1:  # one batched call: [S * L, H, D] -> [S, H, L, D]
         n, L = len(lengths), lengths[0]
+        if L == 1:
+            out[starts[0]:starts[-1]].copy_(_one_key(v[starts[0]:starts[-1]], group))
+            return
         qs, ks, vs = (x[starts[0]:starts[-1]].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
         out[starts[0]:starts[-1]].unflatten(0, (n, L)).copy_(_sdpa(backend, qs, ks, vs, scale).transpose(1, 2))
         return
     for a, b in zip(starts[:-1], starts[1:]):
-        if b > a:
+        if b - a == 1:
+            out[a:b].copy_(_one_key(v[a:b], group))
+        elif b > a:
             qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, L, D]
             out[a:b].copy_(_sdpa(backend, qs, ks, vs, scale)[0].transpose(0, 1))
+
+
+def _one_key(v: torch.Tensor, group: int) -> torch.Tensor:
+    """Causal attention of a one-token sequence: softmax over its single key is 1, so the output
+    is that token's value in each query head. cuDNN SDPA refuses key length 1 ("does not support
+    key/value sequence length 1", measured on the H200), and a refusal in auto mode would turn
+    cuDNN off for the shape for the whole process."""
+    return v.repeat_interleave(group, dim=1) if group > 1 else v
 
 
 def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ BACKENDS = ["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []
     ([1, 17, 40], 8, 2, 64, torch.bfloat16),  # unequal lengths: one call per sequence
     ([24, 24], 4, 4, 64, torch.float16),  # equal lengths: one batched call
     ([33], 8, 1, 128, torch.bfloat16),
+    ([1, 1, 1], 8, 2, 64, torch.bfloat16),  # one-token sequences: cuDNN refuses key length 1
 ])
 def test_matches_reference(device, backend, lengths, h_q, h_kv, d, dtype):
     q, k, v, starts = _inputs(lengths, h_q, h_kv, d, dtype, seed=sum(lengths) + h_q, pad_rows=3)
@@ -64,6 +65,20 @@ def test_dispatch_rule():
         assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens
         assert dca.choose_backend(q, 4, [64 + i for i in range(dca.CUDNN_MAX_CALLS + 1)]) == "triton"
         assert dca.choose_backend(q.float(), 4, [4096]) == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN SDPA needs a CUDA device")
+def test_one_token_sequence_keeps_cudnn():
+    """A one-token prompt in a batch cuDNN takes does not make auto mode give cuDNN up for the shape
+    (cuDNN refuses key length 1; that sequence's output is its value, computed aside)."""
+    q, k, v, starts = _inputs([1, 2047], 8, 2, 64, torch.bfloat16, seed=7)
+    if not dca.cudnn_usable(q.cuda(), 4):
+        pytest.skip("this torch has no cuDNN SDPA for these shapes")
+    dca._refusals.clear()
+    got = dense_causal_attention(q.cuda(), k.cuda(), v.cuda(), starts, 0.125).cpu()
+    torch.testing.assert_close(got.float(), dense_causal_attention_ref(q, k, v, starts, 0.125).float(),
+                               rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+    assert dca.choose_backend(q.cuda(), 4, [1, 2047]) == "cudnn" and not dca._refusals
 
 
 def test_rejects_bad_inputs(device):
