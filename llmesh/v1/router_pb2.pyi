@@ -116,11 +116,13 @@ class EscalationPlan(_message.Message):
     def __init__(self, large: _Optional[_Union[RouteTarget, _Mapping]] = ..., tokens: _Optional[int] = ..., threshold: _Optional[float] = ..., strip_logprobs: _Optional[bool] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
-    __slots__ = ("target", "escalation", "max_failovers")
+    __slots__ = ("target", "escalation", "max_failovers", "reuse_ms")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     MAX_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    REUSE_MS_FIELD_NUMBER: _ClassVar[int]
     target: RouteTarget
     escalation: EscalationPlan
     max_failovers: int
-    def __init__(self, target: _Optional[_Union[RouteTarget, _Mapping]] = ..., escalation: _Optional[_Union[EscalationPlan, _Mapping]] = ..., max_failovers: _Optional[int] = ...) -> None: ...
+    reuse_ms: int
+    def __init__(self, target: _Optional[_Union[RouteTarget, _Mapping]] = ..., escalation: _Optional[_Union[EscalationPlan, _Mapping]] = ..., max_failovers: _Optional[int] = ..., reuse_ms: _Optional[int] = ...) -> None: ...

@@ -1,8 +1,9 @@
 """Direct routing: ask the router where a request goes, then stream from the engine here.
 
 The router's ``Route`` answers once per request with the model, the replicas to try in
-order, the engine request and the escalation plan; the token stream then flows engine →
-gateway with no hop through the router. Failover (before the first token) and escalation
+order, the engine request and the escalation plan (or the gateway reuses an answer the router
+said holds for a while, ``route_reuse``); the token stream then flows engine → gateway with no
+hop through the router. Failover (before the first token) and escalation
 follow the same rules as the router's own stream (``llmesh.router.escalation``), so the
 caller sees the same messages and statuses in either mode. Nothing is reported back per
 message: the router's load view comes from its Load polls.
@@ -25,7 +26,9 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 
-from llmesh.errors import unavailable
+from llmesh.errors import ServiceError, unavailable
+from llmesh.gateway import metrics
+from llmesh.gateway.route_reuse import ReusableRoutes
 from llmesh.router.escalation import (
     FAILOVER_CODES,
     OVERLOAD_CODES,
@@ -87,18 +90,49 @@ class EngineChannels:
 class DirectStreamer:
     """Route once through the router, stream from the engines directly."""
 
-    def __init__(self, router: router_pb2_grpc.RouterStub, engines: EngineChannels) -> None:
+    def __init__(self, router: router_pb2_grpc.RouterStub, engines: EngineChannels,
+                 reusable: ReusableRoutes | None = None) -> None:
         self._router = router
         self._engines = engines
+        self._reusable = ReusableRoutes() if reusable is None else reusable
 
     async def stream(self, route: router_pb2.RouteRequest, timeout: Callable[[], float | None]
                      ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """``timeout()`` is the caller's remaining deadline (None: none), asked before each call."""
+        decision = self._reusable.decision(route)
+        if decision is None:
+            async for msg in self._routed(route, await self._route(route, timeout), timeout):
+                yield msg
+            return
+        sent_any = False
+        try:
+            async for msg in self._routed(route, decision, timeout, reused=True):
+                sent_any = True
+                yield msg
+        except ServiceError as e:
+            # The reused replica failed before the first token: the router may know better
+            # (it left the pool, another joined), so forget the grant and ask once.
+            if sent_any or e.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self._reusable.forget(route.model)
+            trace.get_current_span().add_event("reused_route_failed", {"llmesh.error": str(e)})
+            async for msg in self._routed(route, await self._route(route, timeout), timeout):
+                yield msg
+
+    async def _route(self, route: router_pb2.RouteRequest, timeout: Callable[[], float | None]
+                     ) -> router_pb2.RouteDecision:
         decision = await self._router.Route(route, timeout=timeout())
+        self._reusable.remember(route, decision)
+        return decision
+
+    async def _routed(self, route: router_pb2.RouteRequest, decision: router_pb2.RouteDecision,
+                      timeout: Callable[[], float | None], reused: bool = False
+                      ) -> AsyncIterator[common_pb2.GenerateResponse]:
         span = trace.get_current_span()
         target = decision.target
+        metrics.ROUTE_DECISIONS.labels(target.model, "reused" if reused else "router").inc()
         span.set_attributes({"llmesh.routing": "direct", "llmesh.model_reason": target.reason,
-                             "llmesh.pick_reason": target.pick_reason,
+                             "llmesh.pick_reason": target.pick_reason, "llmesh.route_reused": reused,
                              "llmesh.matched_blocks": target.matched_blocks})
         if not decision.HasField("escalation"):
             async for msg in self._engine_stream(target, decision.max_failovers, timeout):

@@ -23,6 +23,10 @@ TTFT = Histogram(
 DURATION = Histogram(
     "llmesh_gateway_request_duration_seconds", "Time from the request's arrival to the end of its stream.",
     ["rpc", "model"], buckets=_LATENCY_BUCKETS)
+ROUTE_DECISIONS = Counter(
+    "llmesh_gateway_route_decisions_total",
+    "Direct routing's routes, by model and source: router (a Route call) or reused (an answer the router "
+    "said holds for a while: one replica, a named model).", ["model", "source"])
 IN_FLIGHT = Gauge("llmesh_gateway_streams_in_flight", "Generate and Chat streams now open.")
 AUTH_FAILURES = Counter(
     "llmesh_gateway_auth_failures_total", "Calls refused by authentication, by reason.", ["reason"])

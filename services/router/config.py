@@ -51,6 +51,10 @@ class RouterConfig(ServiceConfig):
     policy: str = option(
         "cache_aware", "replica choice: cache_aware (prefix blocks held vs load, see picker.py) or "
                        "round_robin (ignores cache and load; the baseline of bench/routing.py)")
+    decision_reuse_ms: int = option(
+        1000, "direct routing: milliseconds a gateway may reuse a Route answer for the same model without asking "
+              "again, given only when the answer cannot depend on the request (a named model with one healthy "
+              "replica, no escalation); a replica that joins is used within this; 0 makes every request ask")
     escalation_tokens: int = option(
         8, "'auto' escalation: when 'auto' picked the small model, judge its confidence on its first this many "
            "tokens (held back from the client meanwhile); 0 turns escalation off")
@@ -70,6 +74,8 @@ class RouterConfig(ServiceConfig):
         require(bool(self.models_file), "models_file must name the models file (--models-file)")
         require(self.cache_weight >= 0, f"cache_weight must be >= 0, got {self.cache_weight}")
         require(self.load_weight >= 0, f"load_weight must be >= 0, got {self.load_weight}")
+        require(0 <= self.decision_reuse_ms <= 60_000,
+                f"decision_reuse_ms must be in [0, 60000], got {self.decision_reuse_ms}")
         for name in ("health_check_interval_s", "health_check_timeout_s", "load_poll_interval_s",
                      "index_timeout_s", "stream_stall_timeout_s", "discovery_interval_s", "discovery_timeout_s"):
             value = getattr(self, name)

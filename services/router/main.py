@@ -33,7 +33,8 @@ async def serve(config: RouterConfig) -> None:
                     index_timeout_s=config.index_timeout_s, policy=config.policy, tls=config)
     servicer = RouterServicer(fleet, policy, picker, max_failovers=config.max_failovers,
                               escalation_tokens=config.escalation_tokens,
-                              escalation_threshold=config.escalation_threshold)
+                              escalation_threshold=config.escalation_threshold,
+                              decision_reuse_ms=config.decision_reuse_ms)
 
     def register(server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from llmesh.errors import invalid_argument, not_found
 from llmesh.models_file import ModelsFile
-from llmesh.v1 import router_pb2
+from llmesh.v1 import common_pb2, engine_pb2, router_pb2
 
 AUTO = "auto"
 DEFAULT_MAX_TOKENS = 16
@@ -143,3 +143,14 @@ def prompt_tokens(request: router_pb2.RouteRequest, model: str, *, strict: bool 
     if strict and not ids:
         raise invalid_argument("the prompt is empty: set prompt_token_ids (or prompt_token_ids_by_model)")
     return ids
+
+
+def engine_request(request: router_pb2.RouteRequest, request_id: str, model: str,
+                   sampling: common_pb2.SamplingParams | None = None) -> engine_pb2.EngineGenerateRequest:
+    """The engine request of ``request`` for ``model``: what the router streams, what ``Route``
+    hands the gateway, and what the gateway builds itself for a reused route (one builder, so the
+    three cannot drift). ``sampling`` replaces the caller's (escalation's judged sampling)."""
+    return engine_pb2.EngineGenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt_tokens(request, model),
+        sampling=request.sampling if sampling is None else sampling,
+        priority=request.priority, cache_salt=request.cache_salt)

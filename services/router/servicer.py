@@ -23,7 +23,9 @@ replica after UNAVAILABLE or an overload, since an embedding has no partial outp
 ``Route`` makes the same decisions without streaming: the model, the replicas to try in
 order, the engine request and the escalation plan, for a gateway that streams from the
 engine itself (docs/routing.md). Its failovers and escalations are the gateway's to run;
-the router's load view then comes from its Load polls alone.
+the router's load view then comes from its Load polls alone. When the answer cannot depend
+on the request (``reusable``), it says for how long the gateway may reuse it
+(``decision_reuse_ms``), which takes the Route round trip off that model's next requests.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from llmesh.router.escalation import (
 )
 from llmesh.router.liveness import ReplicaFrozen, until_frozen
 from llmesh.router.picker import Picker
-from llmesh.router.policy import AUTO, Decision, ModelPolicy, prompt_tokens
+from llmesh.router.policy import AUTO, Decision, ModelPolicy, engine_request
 from llmesh.router.replicas import Fleet, Replica
 from llmesh.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 
@@ -69,6 +71,14 @@ def _failure(e: grpc.aio.AioRpcError | ReplicaFrozen) -> tuple[grpc.StatusCode, 
     return e.code(), e.details() or e.code().name
 
 
+def reusable(decision: Decision, target: router_pb2.RouteTarget) -> bool:
+    """Whether a Route answer holds for any request naming the same model: the model came from
+    the name alone (not ``auto``'s reading of the prompt) and one healthy replica was left to
+    pick (no prefix match or load comparison, no failover list)."""
+    return (decision.reason in ("explicit", "default") and target.pick_reason == "only_replica"
+            and len(target.candidates) == 1)
+
+
 def _remaining(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's remaining deadline in seconds (None when it set none)."""
     left = context.time_remaining()
@@ -79,11 +89,13 @@ def _remaining(context: grpc.aio.ServicerContext) -> float | None:
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, fleet: Fleet, policy: ModelPolicy, picker: Picker, *, max_failovers: int,
-                 escalation_tokens: int = 0, escalation_threshold: float = -2.5) -> None:
+                 escalation_tokens: int = 0, escalation_threshold: float = -2.5,
+                 decision_reuse_ms: int = 0) -> None:
         self.fleet = fleet
         self.policy = policy
         self.picker = picker
         self.max_failovers = max_failovers
+        self.decision_reuse_ms = decision_reuse_ms
         self.escalation_tokens = escalation_tokens
         self.escalation_threshold = escalation_threshold
 
@@ -130,6 +142,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             out.target.CopyFrom(await self._target(
                 request, request_id, decision.model, decision.reason,
                 None if rule is None else judged_sampling(rule, request.sampling)))
+            if large is None and reusable(decision, out.target):
+                out.reuse_ms = self.decision_reuse_ms
             if rule is not None and large is not None:
                 out.escalation.large.CopyFrom(await self._target(request, request_id, large, "auto_escalated"))
                 out.escalation.tokens = rule.tokens
@@ -152,24 +166,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                       sampling: common_pb2.SamplingParams | None = None) -> router_pb2.RouteTarget:
         pool = self.fleet.pool(model)
         assert pool is not None  # the policy only names models of the models file
-        engine_request = self._engine_request(request, request_id, model, sampling)
-        picks = await self.picker.candidates(pool, engine_request.prompt_token_ids, request.cache_salt,
+        engine_req = engine_request(request, request_id, model, sampling)
+        picks = await self.picker.candidates(pool, engine_req.prompt_token_ids, request.cache_salt,
                                              self.max_failovers + 1)
         metrics.PICKS.labels(model, picks[0].reason).inc()
         metrics.MATCHED_BLOCKS.observe(picks[0].matched_blocks)
         return router_pb2.RouteTarget(
-            model=model, reason=reason, request=engine_request, matched_blocks=picks[0].matched_blocks,
+            model=model, reason=reason, request=engine_req, matched_blocks=picks[0].matched_blocks,
             pick_reason=picks[0].reason,
             candidates=[router_pb2.RouteCandidate(address=p.replica.address, replica=p.replica.name)
                         for p in picks])
-
-    @staticmethod
-    def _engine_request(request: router_pb2.RouteRequest, request_id: str, model: str,
-                        sampling: common_pb2.SamplingParams | None) -> engine_pb2.EngineGenerateRequest:
-        return engine_pb2.EngineGenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_tokens(request, model),
-            sampling=request.sampling if sampling is None else sampling,
-            priority=request.priority, cache_salt=request.cache_salt)
 
     def _escalation_target(self, request: router_pb2.RouteRequest, decision: Decision) -> str | None:
         """The large model an ``auto`` request may escalate to, or None (no escalation)."""
@@ -209,8 +215,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                       ) -> AsyncIterator[common_pb2.GenerateResponse]:
         pool = self.fleet.pool(model)
         assert pool is not None  # the policy only names models of the models file
-        engine_request = self._engine_request(request, request_id, model, sampling)
-        prompt = engine_request.prompt_token_ids
+        engine_req = engine_request(request, request_id, model, sampling)
+        prompt = engine_req.prompt_token_ids
         span = trace.get_current_span()
         t0 = time.perf_counter() if t0 is None else t0
         tried: set[str] = set()
@@ -225,7 +231,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             metrics.MATCHED_BLOCKS.observe(pick.matched_blocks)
             sent_any = False
             replica.inflight += 1
-            call = replica.engine.Generate(engine_request, timeout=_remaining(context))
+            call = replica.engine.Generate(engine_req, timeout=_remaining(context))
             try:
                 async with contextlib.aclosing(until_frozen(call, replica.liveness)) as messages:
                     async for msg in messages:
@@ -261,7 +267,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 span.add_event("failover", {"llmesh.replica": replica.name, "llmesh.error": details})
                 log.warning("failover", extra={"model": model, "replica": replica.name,
                                                "address": replica.address, "error": details,
-                                               "request_id": engine_request.request_id})
+                                               "request_id": engine_req.request_id})
             finally:
                 replica.inflight -= 1
                 call.cancel()
