@@ -27,6 +27,8 @@ WHEELS=(
   opentelemetry-instrumentation-grpc==0.66b2
   importlib-metadata==8.7.1
   redis==8.1.0
+  # the router's DNS discovery (Kubernetes) imports it at start
+  dnspython==2.9.2
   gguf==0.19.0
   # structured output: xgrammar and what it needs that the image lacks
   xgrammar==0.2.9

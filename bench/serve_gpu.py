@@ -43,6 +43,7 @@ from llmesh.bench.report import format_summary
 from llmesh.bench.sweep import LoadPoint, PointResult, run_point
 from llmesh.bench.workloads import WorkloadConfig
 from llmesh.bench_results import write_result
+from llmesh.router.config import RouterConfig
 
 KEPT = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
         "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s", "client_cpu_frac")
@@ -218,7 +219,10 @@ def main() -> int:
     results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
     describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
                 "gateway_routing": args.gateway_routing,
-                "targets": {"gateway": ("Inference.Generate through gateway (API key on), Router.Route, engine"
+                # the router's grant of reused routes (docs/routing.md), as its children read it
+                "router_decision_reuse_ms": int(os.environ.get(
+                    "LLMESH_ROUTER_DECISION_REUSE_MS", RouterConfig.decision_reuse_ms)),
+                "targets": {"gateway": ("Inference.Generate through gateway (API key on), Router.Route (or a reused route), engine"
                                         if args.gateway_routing == "direct" else
                                         "Inference.Generate through gateway (API key on) -> router -> engine"),
                             "engine": "Engine.Generate on the engine's own gRPC port"},
