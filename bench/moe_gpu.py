@@ -152,6 +152,16 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
         print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
               f"{m[f'moe_align_t{t}_kernel_us']:.1f} us; layer {m[f'moe_layer_t{t}_align_torch_ms']:.3f} / "
               f"{m[f'moe_layer_t{t}_align_kernel_ms']:.3f} ms", flush=True)
+    # The step alone at larger batches (the kernel forced past ALIGN_KERNEL_MAX_PAIRS): where the
+    # one-program kernel's time, which grows with the pairs, meets the torch ops'.
+    for t in (2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
+        _, ids = routing(t, s, device, gen)
+        block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
+        for path, kernel in (("torch", False), ("kernel", True)):
+            m[f"moe_align_t{t}_{path}_us"] = 1e3 * best_of_two(
+                lambda: moe_align_block_size(ids, block_m, s.experts, kernel=kernel), device)
+        print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
+              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us", flush=True)
     return m
 
 

@@ -28,14 +28,16 @@ from llmesh.kernels.common import interpreting, next_power_of_2
 
 ALIGN_KERNEL_MAX_PAIRS = 1024
 """Pairs (tokens x top-k) up to which the one-program kernel aligns; the torch ops above. On
-the H200 (moe_h200.json, 128 experts) the kernel took 7.6 us for 8 pairs and 31 us for 512
-(about 1.5 us per 32-pair chunk), the torch ops 62 and 92 us: the crossover is near 2,000
-pairs, and 1,024 (batch 128 at top-8) keeps a margin for more experts per chunk."""
+the H200 (moe_h200.json, 128 experts) the kernel took 7.9 us for 8 pairs and 33 us for 512,
+the torch ops 65 and 97 us. The kernel is one program on one SM, so its time keeps growing
+with the pairs while the torch ops spread over the GPU; until bench/moe_gpu.py's timings at
+more sizes (moe_align_t<T>_*_us) place the crossover, it stops at batch 128 at top-8."""
 
 ALIGN_KERNEL_ON_CUDA = True
 """Measured on the H200 (bench/moe_gpu.py, moe_h200.json): the Qwen3-30B-A3B-shaped layer in a
-CUDA graph took 0.042 ms with the kernel against 0.097 ms with the torch ops at batch 1, and
-0.326 against 0.386 ms at batch 64; its tests pass there (gpu_tests_h200.json)."""
+CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at batch 1, and
+0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
+(gpu_tests_h200.json)."""
 
 _CHUNK = 32
 

@@ -100,24 +100,34 @@ class DirectStreamer:
                      ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """``timeout()`` is the caller's remaining deadline (None: none), asked before each call."""
         decision = self._reusable.decision(route)
+        reused = decision is not None
         if decision is None:
-            async for msg in self._routed(route, await self._route(route, timeout), timeout):
-                yield msg
-            return
+            decision = await self._route(route, timeout)
         sent_any = False
         try:
-            async for msg in self._routed(route, decision, timeout, reused=True):
-                sent_any = True
-                yield msg
+            # One generator between the engine's messages and the caller (each layer costs
+            # every streamed message a resumption on the gateway's busy loop).
+            async with contextlib.aclosing(self._messages(decision, reused, timeout)) as messages:
+                async for msg in messages:
+                    sent_any = True
+                    yield msg
         except ServiceError as e:
-            # The reused replica failed before the first token: the router may know better
-            # (it left the pool, another joined), so forget the grant and ask once.
-            if sent_any or e.code != grpc.StatusCode.UNAVAILABLE:
+            # A reused replica that failed before the first token: the router may know better
+            # (it left the pool, another joined), so forget the grant and ask once. An answer
+            # naming only the replica that just failed (its health check has not run yet) is
+            # this request's error, and is not kept as a grant either.
+            if not reused or sent_any or e.code != grpc.StatusCode.UNAVAILABLE:
                 raise
             self._reusable.forget(route.model)
             trace.get_current_span().add_event("reused_route_failed", {"llmesh.error": str(e)})
-            async for msg in self._routed(route, await self._route(route, timeout), timeout):
-                yield msg
+            failed = [c.address for c in decision.target.candidates]
+            decision = await self._router.Route(route, timeout=timeout())
+            if [c.address for c in decision.target.candidates] == failed:
+                raise
+            self._reusable.remember(route, decision)
+            async with contextlib.aclosing(self._messages(decision, False, timeout)) as messages:
+                async for msg in messages:
+                    yield msg
 
     async def _route(self, route: router_pb2.RouteRequest, timeout: Callable[[], float | None]
                      ) -> router_pb2.RouteDecision:
@@ -125,9 +135,9 @@ class DirectStreamer:
         self._reusable.remember(route, decision)
         return decision
 
-    async def _routed(self, route: router_pb2.RouteRequest, decision: router_pb2.RouteDecision,
-                      timeout: Callable[[], float | None], reused: bool = False
-                      ) -> AsyncIterator[common_pb2.GenerateResponse]:
+    def _messages(self, decision: router_pb2.RouteDecision, reused: bool, timeout: Callable[[], float | None]
+                  ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """The caller's messages for ``decision``: its engine stream, or the escalating pair."""
         span = trace.get_current_span()
         target = decision.target
         metrics.ROUTE_DECISIONS.labels(target.model, "reused" if reused else "router").inc()
@@ -135,9 +145,7 @@ class DirectStreamer:
                              "llmesh.pick_reason": target.pick_reason, "llmesh.route_reused": reused,
                              "llmesh.matched_blocks": target.matched_blocks})
         if not decision.HasField("escalation"):
-            async for msg in self._engine_stream(target, decision.max_failovers, timeout):
-                yield msg
-            return
+            return self._engine_stream(target, decision.max_failovers, timeout)
         plan = decision.escalation
         rule = EscalationRule(plan.tokens, plan.threshold, plan.strip_logprobs)
 
@@ -153,10 +161,8 @@ class DirectStreamer:
                                              "threshold": rule.threshold})
 
         small = self._engine_stream(target, decision.max_failovers, timeout)
-        async for msg in escalating(rule, small,
-                                    lambda: self._engine_stream(plan.large, decision.max_failovers, timeout),
-                                    on_verdict):
-            yield msg
+        return escalating(rule, small, lambda: self._engine_stream(plan.large, decision.max_failovers, timeout),
+                          on_verdict)
 
     async def _engine_stream(self, target: router_pb2.RouteTarget, max_failovers: int,
                              timeout: Callable[[], float | None]
