@@ -59,10 +59,10 @@ SMOKE = Shapes(hidden=64, experts=8, top_k=2, inter=32, decode_batch=4, prefill_
 
 
 def routing(t: int, s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    from llmesh.engine.model.moe import select_experts
+    from llmesh.kernels.moe_router import topk_softmax_ref
 
     logits = torch.randn(t, s.experts, generator=gen, device=device)  # [T, E]
-    return select_experts(logits, s.top_k, True, torch.bfloat16)
+    return topk_softmax_ref(logits, s.top_k, True, torch.bfloat16)
 
 
 def experts(s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +123,33 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
-    try:  # the align kernel is not yet the GPU default: its failure must not cost the figures above
+    try:  # a failure of the step comparisons must not cost the figures above
         m.update(bench_align(s, device, w13, w2, gen))
     except Exception:
         traceback.print_exc()
         print("[moe] align comparison FAILED (the moe_align_* metrics are missing)", flush=True)
+    try:  # the router kernel is not yet the GPU default
+        m.update(bench_router(s, device, gen))
+    except Exception:
+        traceback.print_exc()
+        print("[moe] router comparison FAILED (the moe_router_* metrics are missing)", flush=True)
+    return m
+
+
+def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
+    """The router's softmax + top-k + renormalisation both ways (torch ops, one Triton program
+    per token), replayed from a graph at batch 1 and the decode batch: what decides
+    ROUTER_KERNEL_ON_CUDA."""
+    from llmesh.kernels.moe_router import select_experts
+
+    m: dict[str, float] = {}
+    for t in (1, s.decode_batch):
+        logits = torch.randn(t, s.experts, generator=gen, device=device).bfloat16()
+        for path, kernel in (("torch", False), ("kernel", True)):
+            m[f"moe_router_t{t}_{path}_us"] = 1e3 * best_of_two(
+                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, kernel=kernel), device)
+        print(f"[moe] router T={t}: torch {m[f'moe_router_t{t}_torch_us']:.1f} us, kernel "
+              f"{m[f'moe_router_t{t}_kernel_us']:.1f} us", flush=True)
     return m
 
 

@@ -65,17 +65,6 @@ def moe_tensor_name(name: str) -> tuple[int, str, int | None, str | None] | None
     return int(m["layer"]), "shared." + rest.split(".")[1], None, None
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's router: softmax over all experts in float32, top-k, optionally renormalised.
-    router_logits [T, E] → (weights [T, k] in weights_dtype, expert ids int64 [T, k])."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(weights_dtype), ids
-
-
 def quantize_experts_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8 of stacked experts (quant/quantize.py's rule per
     expert): w [E, N, K] → (codes int8 [E, N, K], scales float32 [E, N]), w ≈ q * scale."""
@@ -261,7 +250,7 @@ class SparseMoeBlock:
         router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
-        weights, ids = select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
+        weights, ids = ops.select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
         self.expert_tokens.index_add_(0, ids.flatten(), counted[:, None].expand_as(ids).flatten())
         if self.partial_experts:
             # Global → local ids; other ranks' experts → -1, which the moe op skips. No host read.

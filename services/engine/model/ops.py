@@ -62,6 +62,11 @@ class ModelOps(Protocol):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
 
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MoE router: softmax over router_logits [T, E] in float32, the top k, renormalised
+        when asked → (weights [T, k] in weights_dtype, expert ids int64 [T, k])."""
+
     def moe(self, x: torch.Tensor, experts: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor
             ) -> torch.Tensor:
         """The routed experts of a mixture-of-experts layer: x [T, H] through each token's

@@ -12,6 +12,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.layers import apply_rotary, rms_norm, rope_inv_freq
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
+from llmesh.kernels.moe_router import topk_softmax_ref
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref, write_kv_ref
 
 
@@ -65,6 +66,10 @@ class TorchOps:
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)  # [T, D]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe_ref(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,

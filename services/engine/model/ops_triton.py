@@ -22,6 +22,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.activation import silu_and_mul
 from llmesh.kernels.fused_moe import fused_moe
+from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
 from llmesh.kernels.paged_decode_attention import paged_decode_attention
@@ -114,6 +115,10 @@ class TritonOps:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize, weights_dtype)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,

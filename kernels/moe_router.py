@@ -1,0 +1,104 @@
+"""The MoE router's expert choice in one Triton program per token: softmax over the experts'
+logits in float32, the top k, optionally renormalised to sum 1, cast to the weights' dtype.
+
+Two implementations of one contract (``topk_softmax``):
+
+- ``topk_softmax_ref``: torch ops, Hugging Face's order (softmax, topk, sum, divide, cast): the
+  reference, and what the torch op table runs;
+- ``_topk_softmax_kernel``: at a decode step these are five or six kernels of a few
+  microseconds each per MoE layer, 48 layers deep in Qwen3-30B-A3B, where the whole step is
+  ~5 ms at batch 1. One program per token holds its row of logits (E <= a few hundred) in
+  registers and picks the k experts by k arg-maxes, ties to the lower expert id.
+
+Numerics: the same float32 formula (max-subtracted exponentials over their sum), but the
+reductions' order differs from torch's, so weights can differ in the last bits; the ids differ
+only where two probabilities tie to the bit. The engine's triton op table uses the kernel on a
+GPU only once ``ROUTER_KERNEL_ON_CUDA`` is set after its GPU test and timing
+(bench/moe_gpu.py, ``moe_router_t<T>_{torch,kernel}_us``), as ``moe_align`` did.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import interpreting, next_power_of_2
+
+ROUTER_KERNEL_ON_CUDA = False
+"""Tested against the reference under Triton's interpreter only: a measured path (the torch
+ops) is not replaced by an unmeasured one."""
+
+MAX_EXPERTS = 1024
+"""Experts one program holds in registers (a row of logits)."""
+
+
+def topk_softmax_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] → (weights [T, k] in weights_dtype, expert ids int64 [T, k])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(weights_dtype), ids
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
+                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    x = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = tl.where(valid, p, 0.0)
+    p = p / tl.sum(p, axis=0)
+    # Pass 1: the k winners' total (for the renormalisation); pass 2 picks them again
+    # identically and writes them (values stay in registers: no re-read of a store).
+    left = tl.where(valid, p, -1.0)
+    total = 0.0
+    for _ in tl.static_range(K):
+        i = tl.argmax(left, axis=0, tie_break_left=True)
+        total += tl.sum(tl.where(e == i, p, 0.0), axis=0)
+        left = tl.where(e == i, -1.0, left)
+    left = tl.where(valid, p, -1.0)
+    for j in tl.static_range(K):
+        i = tl.argmax(left, axis=0, tie_break_left=True)
+        w = tl.sum(tl.where(e == i, p, 0.0), axis=0)
+        if RENORM:
+            w = w / total
+        tl.store(ids_ptr + t * K + j, i.to(tl.int64))
+        tl.store(weights_ptr + t * K + j, w.to(weights_ptr.dtype.element_ty))
+        left = tl.where(e == i, -1.0, left)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_softmax_ref``'s contract in one launch (CUDA-graph safe, no host read)."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
+    t, e = router_logits.shape
+    if not 0 < top_k <= e:
+        raise ValueError(f"top_k must be in [1, {e}] (the experts), got {top_k}")
+    if e > MAX_EXPERTS:
+        raise ValueError(f"{e} experts exceed the kernel's {MAX_EXPERTS}; use topk_softmax_ref")
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=weights_dtype, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
+    if t:
+        _topk_softmax_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), K=top_k,
+                                   BLOCK_E=next_power_of_2(e), RENORM=bool(renormalize),
+                                   num_warps=1 if interpreting() else 4)
+    return weights, ids
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
+                   *, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's choice: the kernel on a GPU once ROUTER_KERNEL_ON_CUDA (``kernel`` forces a
+    path: tests, the benchmark), the torch reference otherwise."""
+    if kernel is None:
+        kernel = router_logits.is_cuda and ROUTER_KERNEL_ON_CUDA and router_logits.shape[-1] <= MAX_EXPERTS
+    if kernel:
+        return topk_softmax(router_logits, top_k, renormalize, weights_dtype)
+    return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype)

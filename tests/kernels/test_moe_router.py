@@ -1,0 +1,71 @@
+"""The MoE router's one-program top-k softmax (kernels/moe_router.py) against its torch reference
+on random logits: the same experts in the same order, weights to float32 rounding (the
+reductions' order differs), renormalised or not, every weights dtype the models use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from llmesh.kernels import moe_router  # noqa: E402
+from llmesh.kernels.moe_router import select_experts, topk_softmax, topk_softmax_ref  # noqa: E402
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (5, 60, 4), (3, 128, 8), (2, 6, 6), (4, 200, 1)])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(device, t, e, k, renormalize, weights_dtype):
+    gen = torch.Generator().manual_seed(t * 1000 + e + k)
+    logits = (torch.randn(t, e, generator=gen) * 3).to(torch.bfloat16)
+    want_w, want_ids = topk_softmax_ref(logits.float(), k, renormalize, weights_dtype)
+    got_w, got_ids = topk_softmax(logits.to(device), k, renormalize, weights_dtype)
+    assert got_ids.dtype == torch.int64 and got_w.dtype == weights_dtype
+    assert got_ids.cpu().tolist() == want_ids.tolist()
+    tol = 1e-6 if weights_dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=tol, atol=tol)
+    if renormalize:
+        torch.testing.assert_close(got_w.float().sum(-1).cpu(), torch.ones(t), rtol=2e-2, atol=2e-2)
+
+
+def test_ties_go_to_the_lower_expert(device):
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0, 2.0]], device=device)
+    _, ids = topk_softmax(logits, 3, False, torch.float32)
+    assert ids.cpu().tolist() == [[1, 2, 4]]
+    _, ids = topk_softmax(logits, 4, False, torch.float32)
+    assert ids.cpu().tolist() == [[1, 2, 4, 3]]
+
+
+def test_strided_logits_and_no_tokens(device):
+    base = torch.randn(4, 20, generator=torch.Generator().manual_seed(3))
+    view = base[:, ::2]  # [4, 10], stride 2 along the experts
+    got_w, got_ids = topk_softmax(view.to(device), 3, True, torch.float32)
+    want_w, want_ids = topk_softmax_ref(view, 3, True, torch.float32)
+    assert got_ids.cpu().tolist() == want_ids.tolist()
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-6, atol=1e-6)
+    w, ids = topk_softmax(torch.empty(0, 10, device=device), 2, True, torch.bfloat16)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+def test_rejects_bad_arguments(device):
+    logits = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="top_k"):
+        topk_softmax(logits, 9, True, torch.float32)
+    with pytest.raises(ValueError, match="top_k"):
+        topk_softmax(logits, 0, True, torch.float32)
+    with pytest.raises(ValueError, match=r"\[T, E\]"):
+        topk_softmax(logits[0], 2, True, torch.float32)
+    with pytest.raises(ValueError, match="exceed"):
+        topk_softmax(torch.randn(1, moe_router.MAX_EXPERTS + 1, device=device), 2, True, torch.float32)
+
+
+def test_dispatch_keeps_the_reference_until_measured(device, forbid):
+    """select_experts runs the torch ops unless the kernel is forced, or on a GPU once
+    ROUTER_KERNEL_ON_CUDA is set (it is not before a GPU timing)."""
+    logits = torch.randn(3, 16, device=device)
+    if not (logits.is_cuda and moe_router.ROUTER_KERNEL_ON_CUDA):
+        forbid(moe_router, "_topk_softmax_kernel")
+        w, ids = select_experts(logits, 2, True, torch.float32)
+        want_w, want_ids = topk_softmax_ref(logits, 2, True, torch.float32)
+        assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
