@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import interpreting, next_power_of_2
+from llmesh.kernels.triton_helpers import cast_rtne
 
 ROUTER_KERNEL_ON_CUDA = False
 """Tested against the reference under Triton's interpreter only: a measured path (the torch
@@ -44,8 +45,15 @@ def topk_softmax_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 @triton.jit
+def _candidates(p, valid):
+    """The arg-max operand: probabilities, NaN as +inf (a NaN row still names k distinct real
+    experts, as torch.topk does), padding lanes below every pick (-1) so never chosen."""
+    return tl.where(valid, tl.where(p != p, float("inf"), p), -2.0)
+
+
+@triton.jit
 def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
-                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr):
+                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
@@ -55,20 +63,20 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
     p = p / tl.sum(p, axis=0)
     # Pass 1: the k winners' total (for the renormalisation); pass 2 picks them again
     # identically and writes them (values stay in registers: no re-read of a store).
-    left = tl.where(valid, p, -1.0)
+    left = _candidates(p, valid)
     total = 0.0
     for _ in tl.static_range(K):
         i = tl.argmax(left, axis=0, tie_break_left=True)
         total += tl.sum(tl.where(e == i, p, 0.0), axis=0)
         left = tl.where(e == i, -1.0, left)
-    left = tl.where(valid, p, -1.0)
+    left = _candidates(p, valid)
     for j in tl.static_range(K):
         i = tl.argmax(left, axis=0, tie_break_left=True)
         w = tl.sum(tl.where(e == i, p, 0.0), axis=0)
         if RENORM:
             w = w / total
         tl.store(ids_ptr + t * K + j, i.to(tl.int64))
-        tl.store(weights_ptr + t * K + j, w.to(weights_ptr.dtype.element_ty))
+        tl.store(weights_ptr + t * K + j, cast_rtne(w, weights_ptr.dtype.element_ty, INTERPRET))
         left = tl.where(e == i, -1.0, left)
 
 
@@ -89,7 +97,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, wei
     if t:
         _topk_softmax_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), K=top_k,
                                    BLOCK_E=next_power_of_2(e), RENORM=bool(renormalize),
-                                   num_warps=1 if interpreting() else 4)
+                                   INTERPRET=interpreting(), num_warps=1 if interpreting() else 4)
     return weights, ids
 
 
