@@ -162,28 +162,24 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
     from llmesh.kernels.moe_align import moe_align_block_size
 
     m: dict[str, float] = {}
-    for t in (1, s.decode_batch):
+    # The layer at batch 1 and the decode batch; the step alone also at larger batches (the
+    # kernel forced past ALIGN_KERNEL_MAX_PAIRS), where its time, which grows with the pairs on
+    # one SM, meets the torch ops'.
+    layer_sizes = (1, s.decode_batch)
+    for t in (*layer_sizes, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         weights, ids = routing(t, s, device, gen)
         block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
         for path, kernel in (("torch", False), ("kernel", True)):
             m[f"moe_align_t{t}_{path}_us"] = 1e3 * best_of_two(
                 lambda: moe_align_block_size(ids, block_m, s.experts, kernel=kernel), device)
-            m[f"moe_layer_t{t}_align_{path}_ms"] = best_of_two(
-                lambda: fused_moe(x, w13, w2, weights, ids, align_kernel=kernel), device)
+            if t in layer_sizes:
+                m[f"moe_layer_t{t}_align_{path}_ms"] = best_of_two(
+                    lambda: fused_moe(x, w13, w2, weights, ids, align_kernel=kernel), device)
+        layer = "" if t not in layer_sizes else (
+            f"; layer {m[f'moe_layer_t{t}_align_torch_ms']:.3f} / {m[f'moe_layer_t{t}_align_kernel_ms']:.3f} ms")
         print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
-              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us; layer {m[f'moe_layer_t{t}_align_torch_ms']:.3f} / "
-              f"{m[f'moe_layer_t{t}_align_kernel_ms']:.3f} ms", flush=True)
-    # The step alone at larger batches (the kernel forced past ALIGN_KERNEL_MAX_PAIRS): where the
-    # one-program kernel's time, which grows with the pairs, meets the torch ops'.
-    for t in (2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
-        _, ids = routing(t, s, device, gen)
-        block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
-        for path, kernel in (("torch", False), ("kernel", True)):
-            m[f"moe_align_t{t}_{path}_us"] = 1e3 * best_of_two(
-                lambda: moe_align_block_size(ids, block_m, s.experts, kernel=kernel), device)
-        print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
-              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us", flush=True)
+              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us{layer}", flush=True)
     return m
 
 

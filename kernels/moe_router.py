@@ -61,23 +61,18 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
     p = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(valid, p, 0.0)
     p = p / tl.sum(p, axis=0)
-    # Pass 1: the k winners' total (for the renormalisation); pass 2 picks them again
-    # identically and writes them (values stay in registers: no re-read of a store).
+    # k arg-maxes name the winners in order; their ranks place every weight in one masked store.
     left = _candidates(p, valid)
-    total = 0.0
-    for _ in tl.static_range(K):
-        i = tl.argmax(left, axis=0, tie_break_left=True)
-        total += tl.sum(tl.where(e == i, p, 0.0), axis=0)
-        left = tl.where(e == i, -1.0, left)
-    left = _candidates(p, valid)
+    rank = tl.full([BLOCK_E], -1, tl.int32)
     for j in tl.static_range(K):
         i = tl.argmax(left, axis=0, tie_break_left=True)
-        w = tl.sum(tl.where(e == i, p, 0.0), axis=0)
-        if RENORM:
-            w = w / total
         tl.store(ids_ptr + t * K + j, i.to(tl.int64))
-        tl.store(weights_ptr + t * K + j, cast_rtne(w, weights_ptr.dtype.element_ty, INTERPRET))
+        rank = tl.where(e == i, j, rank)
         left = tl.where(e == i, -1.0, left)
+    picked = rank >= 0
+    if RENORM:
+        p = p / tl.sum(tl.where(picked, p, 0.0), axis=0)
+    tl.store(weights_ptr + t * K + rank, cast_rtne(p, weights_ptr.dtype.element_ty, INTERPRET), mask=picked)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype

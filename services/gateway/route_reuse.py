@@ -50,8 +50,8 @@ class ReusableRoutes:
 
     def decision(self, route: router_pb2.RouteRequest) -> router_pb2.RouteDecision | None:
         """The reused answer for ``route`` (its own engine request inside), or None: ask the router."""
-        grant = self._grants.get(route.model)
-        if grant is None or route.model == AUTO:
+        grant = self._grants.get(route.model)  # never one for "auto": remember keeps none
+        if grant is None:
             return None
         if self._clock() >= grant.expires:
             del self._grants[route.model]
