@@ -1,0 +1,193 @@
+"""Where a decode step's GPU time goes, kernel by kernel (torch.profiler over CUDA-graph replays).
+
+For each model named: one request decodes at batch 1 (or --batch requests together) on the
+triton backend; after warm-up, --steps engine steps run under torch.profiler, which records
+every kernel of the replayed graphs. Per model it reports the step's wall time, the kernels
+a step launches, the GPU time they sum to, the share of the wall the GPU was busy (union of
+kernel intervals; the rest is launch gaps and host time), the time by kernel family
+(GEMM, attention, norm, MoE, ...) and the top kernels by time, so a fusion or a launch-count
+cut is chosen from a measurement.
+
+Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
+       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--smoke]
+Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
+profile_<T>_b<B>_{step_ms, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
+<family>_ms_per_step}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_gpu import SMOKE_PRESET, model_tag, register_smoke_preset  # noqa: E402
+from gpu_ceilings import device_name, device_tag, pick_device, results_dir_for, rounded, software_versions  # noqa: E402
+
+from llmesh.bench_results import write_result  # noqa: E402
+from llmesh.engine import LLM, SamplingParams  # noqa: E402
+
+# First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
+# internals, torch's ATen kernels).
+FAMILIES: list[tuple[str, str]] = [
+    ("moe", r"moe|expert|topk_softmax"),
+    ("attention", r"attn|attention|flash|fmha|sdpa|cudnn"),
+    ("norm", r"rmsnorm|rms_norm|layer_norm|norm"),
+    ("rope_kv", r"rope|kv_cache|kv_write|reshape_and_cache"),
+    ("gemm", r"gemm|gemv|nvjet|cublas|cutlass|xmma|sm90|matmul|_mm_|splitk|skinny|linear"),
+    ("activation", r"silu|gelu|act"),
+    ("sampling", r"argmax|sample|softmax|topk|sort|cumsum|gather|scatter|index"),
+    ("copy", r"copy|memcpy|memset|fill|cat"),
+    ("elementwise", r"elementwise|vectorized|reduce|unrolled"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, low):
+            return fam
+    return "other"
+
+
+def kernel_events(prof) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of every device kernel the profiler saw (CPU ops on the CPU)."""
+    out = []
+    for evt in prof.events():
+        on_device = getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if torch.cuda.is_available() and not on_device:
+            continue
+        if not torch.cuda.is_available() and (evt.cpu_parent is not None or on_device):
+            continue  # on the CPU: top-level ops only, so nothing is counted twice
+        tr = evt.time_range
+        out.append((evt.name, float(tr.start), float(tr.end)))
+    return out
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def profile_model(model: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+    kwargs = dict(backend="triton" if device.type == "cuda" else "torch", dtype="bfloat16", device=str(device),
+                  max_num_seqs=max(8, args.batch), max_num_batched_tokens=8192, max_model_len=2048)
+    if args.smoke:
+        kwargs.update(max_num_batched_tokens=256, max_model_len=256, num_kv_blocks=128)
+    llm = LLM(model, **kwargs)
+    eng = llm.engine
+    rng = np.random.default_rng(0)
+    vocab = eng.model_config.vocab_size
+    params = SamplingParams(max_tokens=args.warmup + args.steps + 16, temperature=0.0, ignore_eos=True)
+    for _ in range(args.batch):
+        eng.add_request(rng.integers(10, vocab, size=args.prompt).tolist(), params)
+    for _ in range(args.warmup):  # prefill, graph capture of this batch size, caches warm
+        eng.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            eng.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall_s = time.perf_counter() - t0
+    events = kernel_events(prof)
+    while eng.has_unfinished_requests():
+        eng.step()
+    del llm
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    per_family: dict[str, float] = defaultdict(float)
+    for name, s, e in events:
+        per_name[name][0] += 1
+        per_name[name][1] += e - s
+        per_family[family(name)] += e - s
+    steps = args.steps
+    tag = f"profile_{model_tag(model)}_b{args.batch}"
+    total_us = sum(v[1] for v in per_name.values())
+    metrics = {
+        f"{tag}_step_ms": 1e3 * wall_s / steps,
+        f"{tag}_kernels_per_step": len(events) / steps,
+        f"{tag}_kernel_ms_per_step": total_us / 1e3 / steps,
+        f"{tag}_gpu_busy_frac": busy_us([(s, e) for _, s, e in events]) / (1e6 * wall_s),
+    }
+    for fam, us in sorted(per_family.items()):
+        metrics[f"{tag}_{fam}_ms_per_step"] = us / 1e3 / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:args.top]
+    table = [{"kernel": name[:160], "family": family(name), "calls_per_step": n / steps,
+              "us_per_step": us / steps, "us_per_call": us / max(n, 1), "share": us / max(total_us, 1e-9)}
+             for name, (n, us) in top]
+    print(f"[profile] {model} batch {args.batch}: {metrics[f'{tag}_step_ms']:.3f} ms/step, "
+          f"{metrics[f'{tag}_kernels_per_step']:.0f} kernels/step summing to "
+          f"{metrics[f'{tag}_kernel_ms_per_step']:.3f} ms, GPU busy {metrics[f'{tag}_gpu_busy_frac']:.2f}", flush=True)
+    for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1]):
+        print(f"    {fam:<12} {us / 1e3 / steps:8.3f} ms/step", flush=True)
+    for row in table:
+        print(f"    {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.1f}x  {row['us_per_call']:7.2f} us/call  "
+              f"{row['kernel'][:100]}", flush=True)
+    return metrics, {"kernels": table, "engine": kwargs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="random:llama3-8b,random:qwen3-30b-a3b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--router-kernel", choices=("default", "on", "off"), default="default",
+                    help="MoE router: the Triton kernel or the torch ops on the GPU (kernels.moe_router)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (torch backend)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    if args.router_kernel != "default":
+        import llmesh.kernels.moe_router as moe_router
+
+        moe_router.ROUTER_KERNEL_ON_CUDA = args.router_kernel == "on"
+    models = args.models.split(",")
+    if args.smoke:
+        register_smoke_preset()
+        models = [f"random:{SMOKE_PRESET}"]
+        args.prompt, args.warmup, args.steps = 16, 3, 4
+    metrics: dict[str, float] = {}
+    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
+                      "profiled_steps": args.steps, "router_kernel": args.router_kernel,
+                      "software": software_versions(), "smoke": args.smoke,
+                      "families": dict(FAMILIES), "models": {}}
+    for model in models:
+        m, detail = profile_model(model, args, device)
+        metrics.update(m)
+        workload["models"][model] = detail
+    path = write_result(f"kernel_profile_{device_tag(device)}{args.suffix}", workload, rounded(metrics),
+                        device=device_name(device), results_dir=results_dir_for(args))
+    print(f"[profile] wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
