@@ -2,6 +2,7 @@
 
 For each Llama-3-8B bf16 projection (weights [N, K] like nn.Linear) — qkv [6144 x 4096],
 o [4096 x 4096], gate_up [28672 x 4096], down [4096 x 14336], lm_head [128256 x 4096] — and
+Qwen3-30B-A3B's dense ones — moe_qkv [5120 x 2048], moe_o [2048 x 4096], moe_router [128 x 2048] — at
 M = 1, 2, 4, 8, 16 rows: times F.linear and the kernel over a grid of SkinnyConfigs (FMA
 rows, FMA tiles, tl.dot tiles; each without split-K and with the splits that fill the GPU),
 checks every config once against F.linear in float32, and reports the best config per
@@ -19,7 +20,7 @@ config's time in workload.configs) and the `TUNED` literal for kernels/skinny_ge
 the (N, K, M bucket) entries where the best config beat F.linear by at least MIN_SPEEDUP.
 
 Usage (GPU, about 2-3 minutes, mostly Triton compiles): python bench/gemm_sweep.py
-  [--out DIR] [--budget-s 150] [--shapes qkv,o,gate_up,down,lm_head] [--ms 1,2,4,8,16]
+  [--out DIR] [--budget-s 150] [--shapes qkv,o,...,moe_router] [--ms 1,2,4,8,16]
 --smoke: tiny shapes through Triton's interpreter on the CPU, results to a scratch folder.
 
 --ab-fused (instead of the sweep): at M = 1 on the Llama-3-8B shapes, the decode ops that
@@ -59,7 +60,9 @@ from llmesh.kernels.skinny_gemm_config import (SkinnyConfig, default_config, m_b
                                                tuned_config)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}  # name -> (N, K)
+          "lm_head": (128256, 4096),
+          # Qwen3-30B-A3B's dense projections (its experts run in fused_moe): qkv, o, the router
+          "moe_qkv": (5120, 2048), "moe_o": (2048, 4096), "moe_router": (128, 2048)}  # name -> (N, K)
 MS = (1, 2, 4, 8, 16)
 SMOKE_SHAPES = {"a": (48, 96), "b": (40, 64)}
 SMOKE_MS = (1, 3)
