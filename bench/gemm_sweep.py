@@ -14,7 +14,7 @@ overhead out, the split-K reduce kernel's launch in) over a ring of weight copie
 together exceed 3x the L2 cache, so every call reads its weight from memory; mean of the
 replays (quant_common.graph_ms).
 
-Output: a table, bench/results/gemm_sweep_<dev>.json (metrics skinny_gemm_m<M>_bw_frac_<shape>,
+Output: a table, bench/results/gemm_sweep_<dev><suffix>.json (metrics skinny_gemm_m<M>_bw_frac_<shape>,
 skinny_gemm_m<M>_speedup_x_<shape>, flinear_m<M>_bw_frac_<shape>, copy_tb_s, ...; every
 config's time in workload.configs) and the `TUNED` literal for kernels/skinny_gemm_config.py:
 the (N, K, M bucket) entries where the best config beat F.linear by at least MIN_SPEEDUP.
@@ -219,8 +219,8 @@ def report(cells: list[Cell], copy_tb_s: float, shapes: dict) -> tuple[dict[str,
     return metrics, tuned
 
 
-AB_PAIRS = {"qkv": "norm", "gate_up": "norm", "down": "act"}  # shape -> the op fused before it
-AB_SMOKE_SHAPES = {"qkv": (48, 96), "gate_up": (64, 96), "down": (40, 48)}
+AB_PAIRS = {"qkv": "norm", "gate_up": "norm", "down": "act", "moe_qkv": "norm"}  # shape -> the op fused before it
+AB_SMOKE_SHAPES = {"qkv": (48, 96), "gate_up": (64, 96), "down": (40, 48), "moe_qkv": (40, 64)}
 LLAMA3_8B_LAYERS = 32
 
 
@@ -273,7 +273,8 @@ def ab_fused(args: argparse.Namespace, device: torch.device, t0: float) -> tuple
             info["wrong"].append(f"{name}: fused differs from unfused, max error {err:.3g} of max |y|")
         un_ms = timer([lambda w=w: unfused(w) for w in ws], cuda, device)
         fu_ms = timer([lambda w=w: fused(w) for w in ws], cuda, device)
-        saved += un_ms - fu_ms
+        if not name.startswith("moe_"):  # the per-step figures are the 8B's
+            saved += un_ms - fu_ms
         metrics.update({f"unfused_us_{name}": un_ms * 1e3, f"fused_us_{name}": fu_ms * 1e3,
                         f"saved_us_{name}": (un_ms - fu_ms) * 1e3, f"speedup_x_{name}": un_ms / fu_ms})
         if fu_ms > un_ms:
@@ -292,7 +293,7 @@ def ab_fused(args: argparse.Namespace, device: torch.device, t0: float) -> tuple
           f"{literal}\n", flush=True)
     # saved per layer counts only pairs the engine would fuse (the others keep the separate ops)
     metrics["saved_us_per_layer_dispatched"] = sum(
-        max(0.0, metrics[f"saved_us_{name}"]) for name in AB_PAIRS)
+        max(0.0, metrics[f"saved_us_{name}"]) for name in AB_PAIRS if not name.startswith("moe_"))
     return metrics, info
 
 
@@ -304,7 +305,8 @@ def main_ab_fused(args: argparse.Namespace, device: torch.device, out_dir: Path)
         "software": software_versions(), "smoke": args.smoke, "m": 1,
         "pairs": {"qkv": "rmsnorm(x + residual) + skinny_gemm vs rmsnorm_linear",
                   "gate_up": "rmsnorm(x + residual) + skinny_gemm vs rmsnorm_linear",
-                  "down": "silu_and_mul + skinny_gemm vs silu_mul_linear"},
+                  "down": "silu_and_mul + skinny_gemm vs silu_mul_linear",
+                  "moe_qkv": "rmsnorm(x + residual) + skinny_gemm vs rmsnorm_linear (Qwen3-30B-A3B)"},
         "shapes_n_k": {s: list(v) for s, v in (AB_SMOKE_SHAPES if args.smoke else
                                                 {s: SHAPES[s] for s in AB_PAIRS}).items()},
         "timing": "mean of 20 replays of one CUDA graph over a ring of weight copies >= 3x L2 (>= 2 copies); "
@@ -326,6 +328,8 @@ def main() -> None:
                     help="no further (shape, M) starts once elapsed + mean item time exceeds this")
     ap.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES), help="subset of " + ",".join(SHAPES))
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=list(MS))
+    ap.add_argument("--suffix", default="", help="appended to the sweep's result file name (a partial sweep "
+                    "beside the full one: --shapes moe_qkv,moe_o,moe_router --suffix _moe)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--ab-fused", action="store_true",
                     help="instead of the sweep: unfused vs fused-prologue decode ops at M = 1 (rmsnorm + qkv / "
@@ -360,7 +364,7 @@ def main() -> None:
         "check": f"every config once against F.linear in float32: max |err| / max |y| <= {TOL}",
         "min_speedup_for_table": MIN_SPEEDUP, "tuned": {f"{n}x{k}_m{m}": list(v) for (n, k, m), v in tuned.items()},
         "tuned_literal": literal, **info}
-    path = write_result(f"gemm_sweep_{tag}", workload, rounded(metrics), device=device_name(device),
+    path = write_result(f"gemm_sweep_{tag}{args.suffix}", workload, rounded(metrics), device=device_name(device),
                         results_dir=out_dir)
     log(t0, f"wrote {path}")
     if info["wrong"] or not any(c.times for c in cells):

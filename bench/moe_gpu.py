@@ -137,17 +137,20 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
 
 
 def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
-    """The router's softmax + top-k + renormalisation both ways (torch ops, one Triton program
-    per token), replayed from a graph at batch 1 and the decode batch: what decides
-    ROUTER_KERNEL_ON_CUDA."""
+    """The router's softmax + top-k + renormalisation + expert counts both ways (torch ops, one
+    Triton program per token), replayed from a graph at batch 1 and the decode batch: what
+    decides ROUTER_KERNEL_ON_CUDA."""
     from llmesh.kernels.moe_router import select_experts
 
     m: dict[str, float] = {}
+    counts = torch.zeros(s.experts, dtype=torch.int64, device=device)
     for t in (1, s.decode_batch):
         logits = torch.randn(t, s.experts, generator=gen, device=device).bfloat16()
+        counted = torch.ones(t, dtype=torch.int64, device=device)
         for path, kernel in (("torch", False), ("kernel", True)):
             m[f"moe_router_t{t}_{path}_us"] = 1e3 * best_of_two(
-                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, kernel=kernel), device)
+                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, counts, counted, kernel=kernel),
+                device)
         print(f"[moe] router T={t}: torch {m[f'moe_router_t{t}_torch_us']:.1f} us, kernel "
               f"{m[f'moe_router_t{t}_kernel_us']:.1f} us", flush=True)
     return m

@@ -19,6 +19,7 @@ are the usual Hopper FlashAttention-2 shapes until a sweep on the target GPU rep
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from llmesh.kernels.common import interpreting
@@ -94,3 +95,53 @@ def sm_count(device) -> int:
     if idx not in _sm_counts:
         _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _sm_counts[idx]
+
+
+# ---- paged decode attention's partition size (paged_decode_attention.py) --------------------
+# device tag -> {(sequence, KV head) pairs bucket: partition size}, from
+# bench/decode_partition_sweep.py. Under a CUDA graph the partition grid is fixed by the model's
+# maximum length, so at small batches only the partitions holding tokens work, each walking its
+# keys one tile after another; smaller partitions spread a short context over more programs.
+DECODE_PARTITION: dict[str, dict[int, int]] = {}
+# bench/results/decode_partition_h200.json (H200, 2026-11-30; 32 query heads, 8 or 4 KV heads,
+# head_dim 128, contexts 128-2048, max_seq_len 2048): at batch 1 size 64 takes 12.9 us at
+# context 512 against 23.3 us with 512 (1.56x over the contexts); from 256 pairs 512 wins.
+DECODE_PARTITION["h200"] = {4: 64, 8: 64, 16: 64, 32: 128, 64: 128, 128: 256, 256: 512, 512: 512}
+
+DEFAULT_DECODE_PARTITION = 512
+MAX_DECODE_PARTITIONS = 64
+"""Most partitions a sequence is split into: past this the dead programs of a long maximum
+length (a grid of B x H_kv x max_len / size) and the reduce's loop cost more than a short
+partition saves (the sweep measured up to 32)."""
+
+
+def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
+    """Partition size for a decode batch of `pairs` (sequences x KV heads) whose launch is sized
+    for `max_seq_len` keys: the measured table's entry for the smallest bucket >= pairs, raised
+    until at most MAX_DECODE_PARTITIONS partitions cover max_seq_len; 512 where there is no table."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return DEFAULT_DECODE_PARTITION
+    table = DECODE_PARTITION.get(_device_tag(device.index if device.index is not None
+                                             else torch.cuda.current_device()))
+    return pick_partition(table or {}, pairs, max_seq_len)
+
+
+def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:
+    """decode_partition_size's rule over one device's table."""
+    size = next((table[b] for b in sorted(table) if pairs <= b), DEFAULT_DECODE_PARTITION)
+    while -(-max_seq_len // size) > MAX_DECODE_PARTITIONS:
+        size *= 2
+    return size
+
+
+
+@functools.lru_cache(maxsize=16)
+def _device_tag(index: int) -> str:
+    import torch
+
+    from llmesh.bench_results import device_tag
+
+    return device_tag(torch.device("cuda", index))

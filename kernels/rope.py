@@ -28,22 +28,25 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def rotate_heads(
-    x_ptr, stride_h, cos, sin, j, j_mask,
-    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Rotated halves (o1, o2): [BLOCK_H, HALF] float32 of one token's heads, each product
-    rounded to DTYPE as the torch expression does (the sum is rounded by the caller's store),
-    and the mask of real (head, j) elements."""
+def load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    """(x1, x2, mask): the halves [BLOCK_H, HALF] of one token's heads in float32, and the mask
+    of real (head, j) elements."""
     h = tl.arange(0, BLOCK_H)
     mask = (h[:, None] < NUM_HEADS) & j_mask[None, :]
     src = x_ptr + h[:, None] * stride_h + j[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2, mask
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """The rotated halves in float32, each product rounded to DTYPE as the torch expression does
+    (the sum is rounded by the caller's store)."""
     c, s = cos[None, :], sin[None, :]
     o1 = round_to(x1 * c, DTYPE, INTERPRET) + round_to(-x2 * s, DTYPE, INTERPRET)
     o2 = round_to(x2 * c, DTYPE, INTERPRET) + round_to(x1 * s, DTYPE, INTERPRET)
-    return o1, o2, mask
+    return o1, o2
 
 
 @triton.jit
@@ -52,7 +55,8 @@ def _rotate_heads(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     dtype = o_ptr.dtype.element_ty
-    o1, o2, mask = rotate_heads(x_ptr, stride_h, cos, sin, j, j_mask, NUM_HEADS, BLOCK_H, HALF, dtype, INTERPRET)
+    x1, x2, mask = load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS, BLOCK_H, HALF)
+    o1, o2 = rotate_halves(x1, x2, cos, sin, dtype, INTERPRET)
     h = tl.arange(0, BLOCK_H)
     dst = o_ptr + h[:, None] * stride_oh + j[None, :]
     tl.store(dst, cast_rtne(o1, dtype, INTERPRET), mask=mask)

@@ -64,6 +64,20 @@ TUNED["h200"] = {(4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
                  (128256, 4096, 4): (16, 64, 128, 1, 4, 4, True),
                  (128256, 4096, 8): (16, 64, 128, 1, 4, 4, True),
                  (128256, 4096, 16): (16, 64, 128, 1, 4, 4, True)}
+# Qwen3-30B-A3B's dense projections (bench/results/gemm_sweep_h200_moe.json, H200, 2026-11-30):
+# at M = 1 the router (128 x 2048) 2.7 us against cuBLAS's 5.3, o (2048 x 4096) 6.4 against 9.3,
+# qkv (5120 x 2048) 7.3 against 8.7; from M = 2 cuBLAS keeps qkv.
+TUNED["h200"].update({(128, 2048, 1): (1, 4, 1024, 1, 4, 1, False),
+                      (128, 2048, 2): (1, 4, 1024, 1, 4, 1, False),
+                      (128, 2048, 4): (1, 4, 1024, 1, 4, 1, False),
+                      (128, 2048, 8): (1, 4, 1024, 1, 4, 1, False),
+                      (128, 2048, 16): (16, 16, 128, 8, 4, 4, True),
+                      (2048, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+                      (2048, 4096, 2): (1, 8, 1024, 1, 4, 1, False),
+                      (2048, 4096, 4): (16, 64, 64, 8, 4, 6, True),
+                      (2048, 4096, 8): (16, 64, 64, 8, 4, 6, True),
+                      (2048, 4096, 16): (16, 64, 64, 8, 4, 6, True),
+                      (5120, 2048, 1): (1, 8, 512, 1, 4, 3, False)})
 
 _INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
 
@@ -74,7 +88,9 @@ FUSED_SLOWER: dict[str, set[tuple[int, int, int]]] = {}
 # bench/results/gemm_fused_ab_h200.json: at M = 1 the RMSNorm prologue costs more than the
 # separate norm kernel for qkv (-5.9 us) and gate_up (-3.8 us, whose programs read 40 KB of
 # activation row for a 32 KB weight slice); the SiLU prologue of down saves 2.2 us.
-FUSED_SLOWER["h200"] = {(6144, 4096, 1), (28672, 4096, 1)}
+# Qwen3-30B-A3B's qkv (5120 x 2048) re-reads its activation row per program as the 8B's does; kept
+# separate until its own A/B (gemm_sweep.py --ab-fused, pair moe_qkv) says otherwise.
+FUSED_SLOWER["h200"] = {(6144, 4096, 1), (28672, 4096, 1), (5120, 2048, 1)}
 
 
 def m_bucket(m: int) -> int | None:

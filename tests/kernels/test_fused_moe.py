@@ -155,3 +155,19 @@ def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
     assert isinstance(load_tuned(), dict)  # the shipped file (or none) parses
     # no device, or a CPU tensor's: the heuristic
     assert pick_config(64, 128, 768, 2048, 8) == pick_config(64, 128, 768, 2048, 8, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("t,k,h", [(1, 8, 2048), (3, 2, 100), (0, 4, 64), (5, 1, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_sum_adds_slots_in_order(device, t, k, h, dtype):
+    """The top-k sum: float32 in slot order, rounded once, bit for bit; masked tail columns."""
+    from llmesh.kernels.fused_moe import moe_sum
+
+    gen = torch.Generator().manual_seed(t * 7 + k + h)
+    src = (torch.randn(t, k, h, generator=gen) * torch.logspace(-3, 3, k)[None, :, None]).to(dtype)
+    want = torch.zeros(t, h)
+    for j in range(k):
+        want = want + src[:, j].float()
+    got = moe_sum(src.to(device))
+    assert got.dtype == dtype and got.shape == (t, h)
+    assert torch.equal(got.cpu(), want.to(dtype))

@@ -75,12 +75,48 @@ def test_rejects_bad_arguments(device):
         topk_softmax(torch.randn(1, moe_router.MAX_EXPERTS + 1, device=device), 2, True, torch.float32)
 
 
-def test_dispatch_keeps_the_reference_until_measured(device, forbid):
-    """select_experts runs the torch ops unless the kernel is forced, or on a GPU once
-    ROUTER_KERNEL_ON_CUDA is set (it is not before a GPU timing)."""
+def test_dispatch_follows_the_measured_flag(device, forbid, monkeypatch):
+    """select_experts runs the kernel on a GPU where ROUTER_KERNEL_ON_CUDA is set (its GPU timing
+    decided it) and the torch ops everywhere else, unless a path is forced."""
     logits = torch.randn(3, 16, device=device)
-    if not (logits.is_cuda and moe_router.ROUTER_KERNEL_ON_CUDA):
+    if logits.is_cuda and moe_router.ROUTER_KERNEL_ON_CUDA:
+        def refuse(*args, **kwargs):
+            raise AssertionError("the torch ops ran where the kernel should have")
+        monkeypatch.setattr(moe_router, "topk_softmax_ref", refuse)
+    else:
         forbid(moe_router, "_topk_softmax_kernel")
-        w, ids = select_experts(logits, 2, True, torch.float32)
-        want_w, want_ids = topk_softmax_ref(logits, 2, True, torch.float32)
-        assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+    w, ids = select_experts(logits, 2, True, torch.float32)
+    want_w, want_ids = topk_softmax_ref(logits, 2, True, torch.float32)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_counts_each_chosen_expert_per_counted_token(device, kernel):
+    """The load-balance counts: every chosen expert of a counted token (1) grows by one, padding
+    tokens (0) add nothing, counts accumulate across calls; kernel and torch ops agree."""
+    gen = torch.Generator().manual_seed(11)
+    t, e, k = 9, 40, 4
+    logits = torch.randn(t, e, generator=gen).to(device)
+    counted = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.int64, device=device)
+    counts = torch.full((e,), 5, dtype=torch.int64, device=device)
+    _, ids = select_experts(logits, k, True, torch.float32, counts, counted, kernel=kernel)
+    _, ids2 = select_experts(logits, k, True, torch.float32, counts, counted, kernel=kernel)
+    assert torch.equal(ids, ids2)
+    want = torch.full((e,), 5, dtype=torch.int64)
+    for row, c in zip(ids.cpu().tolist(), counted.cpu().tolist()):
+        for i in row:
+            want[i] += 2 * c
+    assert counts.cpu().tolist() == want.tolist()
+
+
+def test_counts_arguments_are_checked(device):
+    logits = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="together"):
+        topk_softmax(logits, 2, True, torch.float32, torch.zeros(8, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="counts must be"):
+        topk_softmax(logits, 2, True, torch.float32, torch.zeros(7, dtype=torch.int64, device=device),
+                     torch.ones(2, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="counted must be"):
+        topk_softmax(logits, 2, True, torch.float32, torch.zeros(8, dtype=torch.int64, device=device),
+                     torch.ones(3, dtype=torch.int64, device=device))

@@ -1,4 +1,5 @@
-"""The fused RoPE + KV write equals rotary_embedding_ref followed by kv_cache_write_ref."""
+"""The fused RoPE + KV write equals rotary_embedding_ref followed by kv_cache_write_ref (after
+rmsnorm_ref of each head when Qwen3's q/k norms are fused in)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # 16-bit
     (7, 6, 2, 64, 32, torch.float32, torch.bfloat16, None),
 ])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_matches_two_kernel_reference(device, t, h_q, h_kv, d, block_size, dtype, cache_dtype, scaling, inplace):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_matches_two_kernel_reference(device, t, h_q, h_kv, d, block_size, dtype, cache_dtype, scaling, inplace,
+                                      qk_norm):
     gen = torch.Generator().manual_seed(t * 31 + d + inplace)
     max_pos, num_blocks = 4096, 6
     positions = torch.randint(0, max_pos, (t,), generator=gen)
@@ -38,7 +41,11 @@ def test_matches_two_kernel_reference(device, t, h_q, h_kv, d, block_size, dtype
     slots[1::4] = -1  # padding tokens
     cache = rope_cos_sin_cache(d, 500000.0, scaling, max_pos)
     expect_kc, expect_vc = k_cache.clone(), v_cache.clone()
-    expect_q, expect_k = rope_kv_write_ref(positions, q, k, v, cache, expect_kc, expect_vc, slots)
+    norms = {}
+    if qk_norm:  # weights away from 1, so a missing or swapped norm shows
+        norms = dict(q_norm=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype),
+                     k_norm=(0.5 + 0.3 * torch.randn(d, generator=gen)).to(dtype), eps=1e-6)
+    expect_q, expect_k = rope_kv_write_ref(positions, q, k, v, cache, expect_kc, expect_vc, slots, **norms)
 
     qkv_dev = qkv.to(device)
     q_dev = qkv_dev[:, :h_q * d].view(t, h_q, d)
@@ -46,11 +53,12 @@ def test_matches_two_kernel_reference(device, t, h_q, h_kv, d, block_size, dtype
     v_dev = qkv_dev[:, (h_q + h_kv) * d:].view(t, h_kv, d)
     kc_dev, vc_dev = k_cache.to(device), v_cache.to(device)
     outs = dict(q_out=q_dev, k_out=k_dev) if inplace else {}
+    dev_norms = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in norms.items()}
     got_q, got_k = rope_kv_write(positions.to(device, torch.int32), q_dev, k_dev, v_dev, cache.to(device),
-                                 kc_dev, vc_dev, slots.to(device), **outs)
+                                 kc_dev, vc_dev, slots.to(device), **outs, **dev_norms)
     if inplace:
         assert got_q is q_dev and got_k is k_dev
-    tol = TOL[dtype]
+    tol = TOL[dtype] * (2 if qk_norm else 1)  # the norm's rounding before the rotation's
     torch.testing.assert_close(got_q.cpu().float(), expect_q.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(got_k.cpu().float(), expect_k.float(), rtol=tol, atol=tol)
     # The pool: the values kv_cache_write would store from this k_out, and nothing else touched
@@ -77,3 +85,10 @@ def test_rejects_bad_inputs(device):
         rope_kv_write(pos, q, k, k.half(), cache, kc, kc.clone(), slots)
     with pytest.raises(ValueError, match="v_cache"):
         rope_kv_write(pos, q, k, k, cache, kc, kc[:2].clone(), slots)
+    w = torch.ones(64, device=device)
+    with pytest.raises(ValueError, match="come together"):
+        rope_kv_write(pos, q, k, k, cache, kc, kc.clone(), slots, q_norm=w)
+    with pytest.raises(ValueError, match="k_norm"):
+        rope_kv_write(pos, q, k, k, cache, kc, kc.clone(), slots, q_norm=w, k_norm=w[:32])
+    with pytest.raises(ValueError, match="q_norm"):
+        rope_kv_write(pos, q, k, k, cache, kc, kc.clone(), slots, q_norm=w.half(), k_norm=w)

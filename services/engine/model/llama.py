@@ -249,12 +249,10 @@ class LlamaForCausalLM:
             q = qkv[:, : nq * d].view(t, nq, d)
             k = qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d)
             v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
-            if layer.q_norm is not None:
-                q = ops.rmsnorm(q.contiguous(), layer.q_norm, eps)[0]
-                k = ops.rmsnorm(k.contiguous(), layer.k_norm, eps)[0]
+            qk_norm = None if layer.q_norm is None else (layer.q_norm, layer.k_norm, eps)
             k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
             k_scales, v_scales = (None, None) if kv_scales is None else (kv_scales[i, 0], kv_scales[i, 1])
-            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales)
+            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales, qk_norm)
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:

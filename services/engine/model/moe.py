@@ -250,8 +250,8 @@ class SparseMoeBlock:
         router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
-        weights, ids = ops.select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype)
-        self.expert_tokens.index_add_(0, ids.flatten(), counted[:, None].expand_as(ids).flatten())
+        weights, ids = ops.select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype,
+                                          self.expert_tokens, counted)
         if self.partial_experts:
             # Global → local ids; other ranks' experts → -1, which the moe op skips. No host read.
             local = ids - self.expert_start  # [T, k]

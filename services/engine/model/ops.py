@@ -52,20 +52,25 @@ class ModelOps(Protocol):
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+                          qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, H_q, D] and k [T, H_kv, D] (views into the fused projection) at
         positions [T] and store the rotated k and v [T, H_kv, D] at meta.slot_mapping (-1
         skipped); returns the rotated pair (the Triton table rotates in place, one kernel).
+        qk_norm = (q weight [D], k weight [D], eps): Qwen3's per-head RMSNorm of q and k first
+        (inside the same kernel in the Triton table).
         An FP8 pool is quantized on store, its scales [num_blocks, block_size, H_kv] in k_scales, v_scales."""
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MoE router: softmax over router_logits [T, E] in float32, the top k, renormalised
-        when asked → (weights [T, k] in weights_dtype, expert ids int64 [T, k])."""
+        when asked → (weights [T, k] in weights_dtype, expert ids int64 [T, k]); each chosen
+        expert's counts [E] (int64) grows by its token's counted [T] (1, or 0 for padding)."""
 
     def moe(self, x: torch.Tensor, experts: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor
             ) -> torch.Tensor:

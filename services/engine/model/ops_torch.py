@@ -68,8 +68,9 @@ class TorchOps:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype)
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe_ref(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,
@@ -90,8 +91,14 @@ class TorchOps:
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+                          qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q [T, H_q, D] and k [T, H_kv, D] (after Qwen3's per-head q/k RMSNorm when
+        ``qk_norm`` = (q weight, k weight, eps)), and the rotated k and v into the pool."""
+        if qk_norm is not None:
+            q_w, k_w, eps = qk_norm
+            q, k = self.rmsnorm(q, q_w, eps)[0], self.rmsnorm(k, k_w, eps)[0]
         q, k = self.rope(positions, q, k)
         self.write_kv(k_cache, v_cache, k, v, meta, k_scales, v_scales)
         return q, k

@@ -23,6 +23,7 @@ from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.activation import silu_and_mul
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.moe_router import select_experts
+from llmesh.kernels.attention_config import decode_partition_size
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
 from llmesh.kernels.paged_decode_attention import paged_decode_attention
@@ -80,8 +81,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
             and all(qsl[s + 1] - qsl[s] == n for s, n in enumerate(lens))):
         return dense_causal_attention(q, k, v, qsl, scale)
     if meta.query_start_loc is None:
+        size = decode_partition_size(q.device, q.shape[0] * k_cache.shape[2], meta.max_seq_len)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                      max_seq_len=meta.max_seq_len, **scales)
+                                      max_seq_len=meta.max_seq_len, partition_size=size, **scales)
     return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
                              max_query_len=meta.max_query_len, **scales)
 
@@ -117,8 +119,9 @@ class TritonOps:
         return silu_and_mul(x)
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                       weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(router_logits, top_k, renormalize, weights_dtype)
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,
@@ -148,11 +151,20 @@ class TritonOps:
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None
+                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+                          qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One kernel: q and k rotated in place, k and v stored (an FP8 pool quantized) in their slots.
+        # One kernel: q and k normed per head (Qwen3) and rotated in place, k and v stored (an
+        # FP8 pool quantized) in their slots.
+        norms = {}
+        if qk_norm is not None:
+            q_w, k_w, eps = qk_norm
+            if q_w.dtype == q.dtype and k_w.dtype == q.dtype:
+                norms = dict(q_norm=q_w, k_norm=k_w, eps=eps)
+            else:  # the fused norm rounds in q's dtype; a promoting weight keeps the separate op
+                q, k = self.rmsnorm(q.contiguous(), q_w, eps)[0], self.rmsnorm(k.contiguous(), k_w, eps)[0]
         return rope_kv_write(positions, q, k, v, self.cos_sin, k_cache, v_cache, meta.slot_mapping, q_out=q, k_out=k,
-                             k_scales=k_scales, v_scales=v_scales)
+                             k_scales=k_scales, v_scales=v_scales, **norms)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
