@@ -88,8 +88,7 @@ FUSED_SLOWER: dict[str, set[tuple[int, int, int]]] = {}
 # bench/results/gemm_fused_ab_h200.json: at M = 1 the RMSNorm prologue costs more than the
 # separate norm kernel for qkv (-5.9 us) and gate_up (-3.8 us, whose programs read 40 KB of
 # activation row for a 32 KB weight slice); the SiLU prologue of down saves 2.2 us.
-# Qwen3-30B-A3B's qkv (5120 x 2048) re-reads its activation row per program as the 8B's does; kept
-# separate until its own A/B (gemm_sweep.py --ab-fused, pair moe_qkv) says otherwise.
+# Qwen3-30B-A3B's qkv (5120 x 2048): 8.80 us fused against 8.73 separate (same file, 2026-11-30).
 FUSED_SLOWER["h200"] = {(6144, 4096, 1), (28672, 4096, 1), (5120, 2048, 1)}
 
 
