@@ -4,7 +4,7 @@ the GemmConfig sweep at decode sizes (see quant_gpu.py's docstring and bench/REA
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -46,6 +46,35 @@ SMOKE_GEMV_SWEEP = ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2))
 SMOKE_WORD_SWEEP = ((64, 32, 1, 1, "1"),)
 SMOKE_GEMV_WORD_SWEEP = ((16, 16, 1, 1, 2),)
 QUANT_KINDS = ("w8a16", "w4a16", "fp8")
+
+
+@dataclass(frozen=True)
+class Int4PackConfig:
+    """PyTorch's tinygemm INT4 kernel (llmesh.engine.quant.int4pack) as a W4A16 candidate."""
+
+    inner_k_tiles: int
+    choice = "int4pack"
+
+    def short(self) -> str:
+        return f"int4pack ik{self.inner_k_tiles}"
+
+
+def int4pack_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for tinygemm at each tiling the weight takes (CUDA, bfloat16 x only);
+    each ring copy is packed once, outside the timing (the engine packs at load)."""
+    from llmesh.engine.quant.int4pack import INNER_K_TILES, int4pack_matmul, pack, supported
+
+    if kind != "w4a16" or smoke or not x.is_cuda or x.dtype != torch.bfloat16:
+        return []
+    out = []
+    for tiles in INNER_K_TILES:
+        if not supported(q, tiles):
+            continue
+        for qc in qs:
+            pack(qc, tiles)
+        out.append((Int4PackConfig(tiles), [lambda cfg, qc=qc: int4pack_matmul(x, qc, cfg.inner_k_tiles)
+                                            for qc in qs]))
+    return out
 
 
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
@@ -316,6 +345,11 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     times = []
                     candidates = [(c, calls) for c in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)]
                     candidates += [(c, gemvs) for c in gemv_configs(kind, m, k, group, run.args.smoke)]
+                    try:
+                        candidates += int4pack_candidates(kind, q, qs, x, run.args.smoke)
+                    except Exception as e:  # a torch without the op on this device: ours only
+                        found.setdefault("errors", []).append(f"{kind} {tag} int4pack: {type(e).__name__}: "
+                                                              f"{str(e)[:120]}")
                     for cfg, fns in candidates:
                         try:
                             got = fns[0](cfg).float()
@@ -336,8 +370,8 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                                               "all": [[cfg_str(c), round(t, 5)] for t, c in times]}
                     from llmesh.kernels.quant_gemm_config import table_key
 
-                    tuned[table_key(kind, n, k, m)] = ["gemv" if hasattr(best, "short") else "dot",
-                                                       list(asdict(best).values())]
+                    tuned[table_key(kind, n, k, m)] = [getattr(best, "choice", None) or (
+                        "gemv" if hasattr(best, "short") else "dot"), list(asdict(best).values())]
                     gb_s = q.nbytes() / (best_ms * 1e-3) / 1e9
                     run.metrics.update({f"gemm_{kind}_{tag}_best_ms": best_ms,
                                         f"gemm_{kind}_{tag}_best_speedup_x": bf16_ms / best_ms,

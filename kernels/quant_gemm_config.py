@@ -149,7 +149,7 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # (torch._scaled_mm, cuBLASLt). A device, shape or M without an entry keeps the default path.
 
 TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")
-CHOICES = ("dot", "gemv", "fp8", "scaled_mm")
+CHOICES = ("dot", "gemv", "fp8", "scaled_mm", "int4pack")
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

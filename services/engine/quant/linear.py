@@ -7,7 +7,8 @@ torch references — dequantize, round to x's dtype, multiply. The torch backend
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
-GEMM config, or cuBLASLt FP8 per shape and batch size. Dense weights use F.linear,
+GEMM config, cuBLASLt FP8, or PyTorch's tinygemm INT4 kernel (int4pack.py) per shape and batch
+size. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -42,6 +43,10 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     if choice is None:
         return None
     name, fields = choice
+    if name == "int4pack":
+        from llmesh.engine.quant.int4pack import int4pack_matmul
+
+        return int4pack_matmul(x, w, int(fields[0])) if isinstance(w, Int4Weight) else None
     if name == "scaled_mm":
         from llmesh.kernels.fp8_gemm import fp8_scaled_mm
 
