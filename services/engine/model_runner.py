@@ -361,6 +361,7 @@ class RunnerBase(abc.ABC):
             torch.cuda.empty_cache()  # the unfused parts of fused weights
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
                                                 "weight_bytes": self.weight_bytes, "ops": self.ops,
+                                                "int4pack_bytes": getattr(self, "int4pack_bytes", 0),
                                                 "linear_method": self.linear_method})
 
     def init_kv_pool(self, num_blocks: int) -> None:
