@@ -172,10 +172,15 @@ def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str 
 
 def gpu_busy_ms(prof: torch.profiler.profile) -> float:
     """Union of the device activity intervals (kernels, copies, memsets) seen by the profiler."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    return union_length(spans) / 1e3  # time_range is in microseconds
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
     busy, cur_start, cur_end = 0.0, None, None
-    for start, end in spans:
+    for start, end in sorted(spans):
         if cur_end is None or start > cur_end:
             if cur_end is not None:
                 busy += cur_end - cur_start
@@ -184,7 +189,7 @@ def gpu_busy_ms(prof: torch.profiler.profile) -> float:
             cur_end = max(cur_end, end)
     if cur_end is not None:
         busy += cur_end - cur_start
-    return busy / 1e3  # time_range is in microseconds
+    return busy
 
 
 def graph_forward_ms(llm: LLM, batch: int) -> float | None:

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_gpu import SMOKE_PRESET, model_tag, register_smoke_preset  # noqa: E402
+from decode_gpu import SMOKE_PRESET, model_tag, register_smoke_preset, union_length  # noqa: E402
 from gpu_ceilings import device_name, device_tag, pick_device, results_dir_for, rounded, software_versions  # noqa: E402
 
 from llmesh.bench_results import write_result  # noqa: E402
@@ -71,20 +71,6 @@ def kernel_events(prof) -> list[tuple[str, float, float]]:
         tr = evt.time_range
         out.append((evt.name, float(tr.start), float(tr.end)))
     return out
-
-
-def busy_us(intervals: list[tuple[float, float]]) -> float:
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
 
 
 def profile_model(model: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
@@ -131,7 +117,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
         f"{tag}_step_ms": 1e3 * wall_s / steps,
         f"{tag}_kernels_per_step": len(events) / steps,
         f"{tag}_kernel_ms_per_step": total_us / 1e3 / steps,
-        f"{tag}_gpu_busy_frac": busy_us([(s, e) for _, s, e in events]) / (1e6 * wall_s),
+        f"{tag}_gpu_busy_frac": union_length([(s, e) for _, s, e in events]) / (1e6 * wall_s),
     }
     for fam, us in sorted(per_family.items()):
         metrics[f"{tag}_{fam}_ms_per_step"] = us / 1e3 / steps

@@ -151,7 +151,8 @@ def bench_ungated(s: Shapes, device: torch.device, ceilings: dict[str, float], w
     """The gate/up GEMM ungated (one accumulator over the 2I rows, then silu_and_mul) against
     the gated epilogue, with a few tiles for the ungated form (the default pick among them):
     what decides fused_moe.UNGATED_MIN_ROWS_PER_EXPERT. The best ungated tile is merged into the
-    tuned table (key N = 2I, which only the ungated form reads)."""
+    tuned table under its key (E, 2I, H, M bucket): the ungated GEMM's shape, which another
+    model's gated GEMM would share only if its expert FFN were 2I wide at the same E and H."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import TUNED_FILE, MoEConfig, m_bucket, merge_tuned, pick_config
 

@@ -118,7 +118,8 @@ partition saves (the sweep measured up to 32)."""
 def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
     """Partition size for a decode batch of `pairs` (sequences x KV heads) whose launch is sized
     for `max_seq_len` keys: the measured table's entry for the smallest bucket >= pairs, raised
-    until at most MAX_DECODE_PARTITIONS partitions cover max_seq_len; 512 where there is no table."""
+    until at most MAX_DECODE_PARTITIONS partitions cover max_seq_len (never past 512); 512 where
+    there is no table."""
     import torch
 
     device = torch.device(device)
@@ -130,9 +131,11 @@ def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
 
 
 def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:
-    """decode_partition_size's rule over one device's table."""
+    """decode_partition_size's rule over one device's table. The cap only raises a measured
+    size smaller than the default back toward it: past MAX_DECODE_PARTITIONS partitions of the
+    default (a very long maximum length) the launch is what it was before the table existed."""
     size = next((table[b] for b in sorted(table) if pairs <= b), DEFAULT_DECODE_PARTITION)
-    while -(-max_seq_len // size) > MAX_DECODE_PARTITIONS:
+    while size < DEFAULT_DECODE_PARTITION and -(-max_seq_len // size) > MAX_DECODE_PARTITIONS:
         size *= 2
     return size
 

@@ -172,6 +172,8 @@ def rope_kv_write(
         for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
             check_tensor(name, w, f"[{d}]", 1, (q.dtype,), device=device)
             check_size(name, "D", w.shape[0], d, "the head dimension")
+            if not w.is_contiguous():
+                raise ValueError(f"{name} must be contiguous, got stride {w.stride()}")
     q_out = check_out("q_out", q_out, tuple(q.shape), q.dtype, device)
     k_out = check_out("k_out", k_out, tuple(k.shape), k.dtype, device)
     if t == 0:

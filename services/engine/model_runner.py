@@ -355,9 +355,7 @@ class RunnerBase(abc.ABC):
 
             # tinygemm's copies of the INT4 weights the measured table sends to it: made now,
             # so the KV pool is sized with them in memory
-            linears = [lin.weight for _, lin in self.model.named_linears()]
-            self.int4pack_bytes = prepare_int4pack(
-                (w for ws in linears for w in (ws if isinstance(ws, list) else [ws])), self.device)
+            self.int4pack_bytes = prepare_int4pack(self.model.linear_weights(), self.device, self.dtype)
             torch.cuda.empty_cache()  # the unfused parts of fused weights
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
                                                 "weight_bytes": self.weight_bytes, "ops": self.ops,

@@ -41,7 +41,7 @@ def test_cpu_weights_stay_on_our_kernels():
     w = _weight(16, 256, 128)
     assert not int4pack.supported(w, 8)
     assert int4pack.int4pack_matmul(torch.randn(1, 256).bfloat16(), w, 8) is None
-    assert int4pack.prepare_int4pack([w], torch.device("cpu")) == 0
+    assert int4pack.prepare_int4pack([w], torch.device("cpu"), torch.bfloat16) == 0
 
 
 def test_the_table_accepts_int4pack_entries():
@@ -55,7 +55,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm (_weigh
 
 @gpu
 @pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("n,k,group,tiles", [(256, 512, 128, 8), (64, 384, 64, 2), (128, 1024, 32, 4)])
+@pytest.mark.parametrize("n,k,group,tiles", [(256, 512, 128, 8), (64, 384, 64, 2), (128, 1024, 32, 4),
+                                             (64, 200, 32, 4)])  # K < Kp: x padded with zeros
 def test_int4pack_matches_the_dequantized_reference(m, n, k, group, tiles):
     w = _weight(n, k, group, seed=m).to("cuda")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16().cuda()
@@ -76,7 +77,8 @@ def test_linear_dispatches_to_int4pack_where_the_table_says(monkeypatch):
     calls = []
     real = int4pack.int4pack_matmul
     monkeypatch.setattr(int4pack, "int4pack_matmul", lambda *a: calls.append(a) or real(*a))
-    assert int4pack.prepare_int4pack([w], torch.device("cuda")) > 0  # packed at load, not in a graph
+    assert int4pack.prepare_int4pack([w], torch.device("cuda"), torch.float16) == 0  # fp16: never used
+    assert int4pack.prepare_int4pack([w], torch.device("cuda"), torch.bfloat16) > 0  # packed at load
     x = torch.randn(1, k, device="cuda").bfloat16()
     y = linear(x, w)
     assert len(calls) == 1

@@ -22,8 +22,10 @@ def test_a_long_maximum_length_raises_the_size_until_the_partitions_fit():
     table = {8: 64}
     assert pick_partition(table, 8, 64 * MAX_DECODE_PARTITIONS) == 64
     assert pick_partition(table, 8, 64 * MAX_DECODE_PARTITIONS + 1) == 128
-    size = pick_partition(table, 8, 131072)
-    assert -(-131072 // size) <= MAX_DECODE_PARTITIONS and size & (size - 1) == 0
+    assert pick_partition(table, 8, 32768) == 512
+    # past 64 partitions of the default the launch is the one without a table: never above 512
+    assert pick_partition(table, 8, 131072) == DEFAULT_DECODE_PARTITION
+    assert pick_partition({}, 8, 131072) == DEFAULT_DECODE_PARTITION
     assert pick_partition({8: 512}, 8, 16) == 512  # never below the table's size
 
 

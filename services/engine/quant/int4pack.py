@@ -74,20 +74,25 @@ def int4pack_matmul(x: torch.Tensor, w: Int4Weight, inner_k_tiles: int) -> torch
     return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, w.group_size, sz)
 
 
-def prepare_int4pack(weights: Iterable[object], device: torch.device, max_m: int = 16) -> int:
-    """Pack, now, every Int4Weight the measured table sends to tinygemm at some M <= max_m;
-    returns the bytes the packed copies take."""
-    from llmesh.kernels.quant_gemm_config import tuned_choice
+def prepare_int4pack(weights: Iterable[object], device: torch.device, dtype: torch.dtype) -> int:
+    """Pack, now, every Int4Weight the measured table sends to tinygemm at some batch size (a
+    bfloat16 model on CUDA: the kernel takes no other activations); returns the bytes the
+    packed copies take."""
+    from llmesh.kernels.quant_gemm_config import load_tuned
+    from llmesh.kernels.skinny_gemm_config import _device_tag
 
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return 0
+    table = load_tuned().get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    if not table:
         return 0
     total = 0
     for w in weights:
         if not isinstance(w, Int4Weight):
             continue
-        tilings = {int(choice[1][0]) for m in range(1, max_m + 1)
-                   if (choice := tuned_choice(device, "w4a16", m, w.out_features, w.in_features)) is not None
-                   and choice[0] == "int4pack"}
+        prefix = f"w4a16 {w.out_features}x{w.in_features} m"
+        tilings = {int(fields[0]) for key, (choice, fields) in table.items()
+                   if key.startswith(prefix) and choice == "int4pack"}
         for tiles in sorted(t for t in tilings if supported(w, t)):
             packed, sz = pack(w, tiles)
             total += packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
