@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mesh_helpers import free_port
+from tests.mesh_helpers import free_ports
 
 pytestmark = pytest.mark.slow
 LLMESH = [sys.executable, "-m", "llmesh.cli"]
@@ -47,7 +47,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_llmesh_up_answers_and_stops_cleanly(tmp_path):
-    ports = {k: free_port() for k in ("gateway", "router", "prefix-cache", "engine-base", "redis")}
+    names = ("gateway", "router", "prefix-cache", "engine-base", "redis")
+    ports = dict(zip(names, free_ports(len(names))))
     args = [*LLMESH, "up", "--device", "cpu", "--metrics-base-port", "0", "--run-dir", str(tmp_path),
             "--prompt", "What is the capital of France?",
             *[x for k, v in ports.items() for x in (f"--{k}-port", str(v))]]

@@ -16,7 +16,7 @@ import yaml
 from llmesh.gateway.keys import new_key, save_keys_file
 from llmesh.mesh_secret import METADATA_KEY, read_secret, write_secret
 from llmesh.v1 import router_pb2, router_pb2_grpc
-from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, start_engine
+from tests.mesh_helpers import RedisServer, ServiceProcess, free_ports, start_engine
 
 MODEL = "tiny"
 WINDOW = 256
@@ -76,7 +76,7 @@ def secure_mesh(tiny_llama: str, run_dir: Path, *, step_delay_s: float = 0.0,
         records[name] = record
     keys_file = run_dir / "keys.json"
     save_keys_file(keys_file, {r.key_id: r for r in records.values()})
-    ports = {name: free_port() for name in ("index", "engine", "router")}
+    ports = dict(zip(("index", "engine", "router"), free_ports(3)))
     index_at, engine_at, router_at = (f"127.0.0.1:{ports[n]}" for n in ("index", "engine", "router"))
     models_file = run_dir / "models.yaml"
     models_file.write_text(yaml.safe_dump({"default_model": MODEL, "models": [{

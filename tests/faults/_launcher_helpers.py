@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.mesh_helpers import free_port
+from tests.mesh_helpers import free_ports
 
 LLMESH = [sys.executable, "-m", "llmesh.cli"]
 
@@ -83,8 +83,9 @@ class LlmeshUp:
 
     def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.root = root
-        self.ports = {k: free_port() for k in ("gateway", "router", "prefix-cache", "engine-base", "redis")}
-        self.metrics_base = free_port()
+        names = ("gateway", "router", "prefix-cache", "engine-base", "redis")
+        *ports, self.metrics_base = free_ports(len(names) + 1)
+        self.ports = dict(zip(names, ports))
         self.data_dir, self.run_dir = root / "data", root / "run"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(root / "config"),
                     "XDG_DATA_HOME": str(root / "xdg-data"), **(env or {})}
