@@ -19,10 +19,9 @@ are the usual Hopper FlashAttention-2 shapes until a sweep on the target GPU rep
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
-from llmesh.kernels.common import interpreting
+from llmesh.kernels.common import cuda_device_tag, interpreting
 
 
 @dataclass(frozen=True)
@@ -125,8 +124,7 @@ def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
     device = torch.device(device)
     if device.type != "cuda" or interpreting():
         return DEFAULT_DECODE_PARTITION
-    table = DECODE_PARTITION.get(_device_tag(device.index if device.index is not None
-                                             else torch.cuda.current_device()))
+    table = DECODE_PARTITION.get(cuda_device_tag(device))
     return pick_partition(table or {}, pairs, max_seq_len)
 
 
@@ -139,12 +137,3 @@ def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:
         size *= 2
     return size
 
-
-
-@functools.lru_cache(maxsize=16)
-def _device_tag(index: int) -> str:
-    import torch
-
-    from llmesh.bench_results import device_tag
-
-    return device_tag(torch.device("cuda", index))

@@ -7,12 +7,26 @@ argument and what was expected. This module does not import Triton.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_tag(index: int) -> str:
+    from llmesh.bench_results import device_tag
+
+    return device_tag(torch.device("cuda", index))
+
+
+def cuda_device_tag(device: torch.device) -> str:
+    """The key of the measured tables for a CUDA device (h200, h100, ...), cached: the name
+    query is slow, and not allowed while a CUDA graph is captured."""
+    return _cuda_tag(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def interpreting() -> bool:

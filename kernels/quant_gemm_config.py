@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmesh.kernels.common import interpreting
+from llmesh.kernels.common import cuda_device_tag, interpreting
 
 H100_SMS = 132
 _PROGRAMS_PER_SM = 2
@@ -183,9 +183,5 @@ def tuned_choice(device, kind: str, m: int, n: int, k: int) -> tuple[str, tuple]
     """The measured kernel for y[M, N] = x[M, K] @ W on ``device`` (None: the default path)."""
     if device.type != "cuda" or interpreting():
         return None
-    import torch
-
-    from llmesh.kernels.skinny_gemm_config import _device_tag
-
-    table = load_tuned().get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    table = load_tuned().get(cuda_device_tag(device))
     return lookup(table, kind, m, n, k) if table else None

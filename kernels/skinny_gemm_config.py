@@ -12,12 +12,11 @@ not import Triton (the engine consults the table on every dense linear).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from llmesh.kernels.common import interpreting
+from llmesh.kernels.common import cuda_device_tag, interpreting
 
 MAX_M = 16
 """Rows up to which the skinny kernel is considered; past this cuBLAS's tiles are not wasted."""
@@ -110,20 +109,13 @@ def default_config(m: int, n: int, k: int) -> SkinnyConfig:
     return SkinnyConfig(16, 32, 128, 1, 4, 4, True)
 
 
-@functools.lru_cache(maxsize=16)
-def _device_tag(index: int) -> str:
-    from llmesh.bench_results import device_tag
-
-    return device_tag(torch.device("cuda", index))
-
-
 def tuned_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig | None:
     """The measured winner for y[M, N] = x[M, K] @ W[N, K]^T on `device`, or None where the
     sweep found cuBLAS faster or never ran (then the caller uses F.linear)."""
     bucket = m_bucket(m)
     if bucket is None or device.type != "cuda":
         return None
-    table = TUNED.get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    table = TUNED.get(cuda_device_tag(device))
     if not table:
         return None
     fields = table.get((n, k, bucket))
@@ -135,7 +127,7 @@ def fused_prologue_config(device: torch.device, m: int, n: int, k: int) -> Skinn
     config = tuned_config(device, m, n, k)
     if config is None:
         return None
-    slower = FUSED_SLOWER.get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    slower = FUSED_SLOWER.get(cuda_device_tag(device))
     return None if slower and (n, k, m_bucket(m)) in slower else config
 
 

@@ -70,9 +70,9 @@ def test_int4pack_matches_the_dequantized_reference(m, n, k, group, tiles):
 def test_linear_dispatches_to_int4pack_where_the_table_says(monkeypatch):
     n, k = 256, 512
     w = _weight(n, k, 128).to("cuda")
-    from llmesh.kernels.skinny_gemm_config import _device_tag
+    from llmesh.kernels.common import cuda_device_tag
 
-    table = {_device_tag(torch.cuda.current_device()): {f"w4a16 {n}x{k} m1": ["int4pack", [8]]}}
+    table = {cuda_device_tag(torch.device("cuda")): {f"w4a16 {n}x{k} m1": ["int4pack", [8]]}}
     monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
     calls = []
     real = int4pack.int4pack_matmul

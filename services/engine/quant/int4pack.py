@@ -78,12 +78,12 @@ def prepare_int4pack(weights: Iterable[object], device: torch.device, dtype: tor
     """Pack, now, every Int4Weight the measured table sends to tinygemm at some batch size (a
     bfloat16 model on CUDA: the kernel takes no other activations); returns the bytes the
     packed copies take."""
+    from llmesh.kernels.common import cuda_device_tag
     from llmesh.kernels.quant_gemm_config import load_tuned
-    from llmesh.kernels.skinny_gemm_config import _device_tag
 
     if device.type != "cuda" or dtype != torch.bfloat16:
         return 0
-    table = load_tuned().get(_device_tag(device.index if device.index is not None else torch.cuda.current_device()))
+    table = load_tuned().get(cuda_device_tag(device))
     if not table:
         return 0
     total = 0
