@@ -133,61 +133,6 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     except Exception:
         traceback.print_exc()
         print("[moe] router comparison FAILED (the moe_router_* metrics are missing)", flush=True)
-    try:
-        m.update(bench_ungated(s, device, ceilings, w13, w2, gen, smoke))
-    except Exception:
-        traceback.print_exc()
-        print("[moe] ungated gate/up comparison FAILED (the *_ungated_* metrics are missing)", flush=True)
-    return m
-
-
-UNGATED_CANDIDATES = {"decode64": ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 128, 64, 4, 3)),
-                      "prefill4k": ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                    (64, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4))}
-
-
-def bench_ungated(s: Shapes, device: torch.device, ceilings: dict[str, float], w13: torch.Tensor, w2: torch.Tensor,
-                  gen: torch.Generator, smoke: bool) -> dict[str, float]:
-    """The gate/up GEMM ungated (one accumulator over the 2I rows, then silu_and_mul) against
-    the gated epilogue, with a few tiles for the ungated form (the default pick among them):
-    what decides fused_moe.UNGATED_MIN_ROWS_PER_EXPERT. The best ungated tile is merged into the
-    tuned table under its key (E, 2I, H, M bucket): the ungated GEMM's shape, which another
-    model's gated GEMM would share only if its expert FFN were 2I wide at the same E and H."""
-    from llmesh.kernels.fused_moe import fused_moe
-    from llmesh.kernels.fused_moe_config import TUNED_FILE, MoEConfig, m_bucket, merge_tuned, pick_config
-
-    m: dict[str, float] = {}
-    winners = {}
-    for tag, t in (("decode64", s.decode_batch), ("prefill4k", s.prefill_tokens)):
-        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
-        weights, ids = routing(t, s, device, gen)
-        gated_out = fused_moe(x, w13, w2, weights, ids, gated=True)
-        gated_ms = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids, gated=True), device)
-        down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device)
-        cands = [pick_config(t, s.experts, 2 * s.inter, s.hidden, s.top_k, device)]
-        cands += [MoEConfig(*c) for c in ([] if smoke else UNGATED_CANDIDATES[tag]) if MoEConfig(*c) not in cands]
-        best = None
-        for cfg in cands:
-            def run(cfg=cfg):
-                return fused_moe(x, w13, w2, weights, ids, gated=False, config=cfg, down_config=down)
-            err = float((run().float() - gated_out.float()).abs().max()) / max(float(gated_out.float().abs().max()), 1e-6)
-            if err > 2e-2:
-                print(f"[moe] ungated {tag} {cfg}: differs from gated by {err:.3g}, skipped", flush=True)
-                continue
-            ms = best_of_two(run, device)
-            print(f"[moe] ungated {tag} {cfg}: {ms:.3f} ms (gated {gated_ms:.3f} ms)", flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        if best is None:
-            continue
-        flops = 2 * t * s.top_k * expert_bytes(s, 1)
-        m.update({f"moe_{tag}_gated_ms": gated_ms, f"moe_{tag}_ungated_ms": best[0],
-                  f"moe_{tag}_ungated_vs_gated_x": gated_ms / best[0]})
-        if tag == "prefill4k":
-            m["moe_gemm_frac_prefill4k_ungated"] = flops / (best[0] / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
-        winners[(s.experts, 2 * s.inter, s.hidden, m_bucket(t))] = best[1]
-    if winners and not smoke and device.type == "cuda":
-        merge_tuned(TUNED_FILE, device_tag(device), winners)
     return m
 
 

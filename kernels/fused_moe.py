@@ -47,7 +47,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.activation import silu_and_mul
 from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
                                    interpreting)
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
@@ -58,13 +57,6 @@ from llmesh.kernels.triton_helpers import cast_rtne
 
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
-
-UNGATED_MIN_ROWS_PER_EXPERT: float | None = None
-"""From this many rows per expert on (T * k / E), the gate/up GEMM runs ungated: one
-accumulator over the 2I stacked rows (larger tiles fit without spilling, as vLLM's fused_moe
-runs it) and a separate silu_and_mul, instead of the gated epilogue's two accumulators. None:
-always gated, until bench/moe_gpu.py (moe_prefill4k_ungated_ms against moe_prefill4k_ms) says
-where the ungated path wins."""
 
 
 @triton.jit
@@ -209,38 +201,32 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               config: MoEConfig | None = None, down_config: MoEConfig | None = None,
-              align_kernel: bool | None = None, gated: bool | None = None) -> torch.Tensor:
+              align_kernel: bool | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 with w13_scale [E, 2I], w2_scale [E, H])
     → [T, H] in x's dtype (int8 / float8_e4m3fn experts likewise). ``config`` / ``down_config`` override the tile table per GEMM
     (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's. ``align_kernel`` forces the align step's path
-    (moe_align_block_size's ``kernel``; the benchmark times both); ``gated`` forces the gate/up
-    GEMM's form (see UNGATED_MIN_ROWS_PER_EXPERT; an ungated config is keyed by N = 2I)."""
+    (moe_align_block_size's ``kernel``; the benchmark times both)."""
     t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     if t == 0:
         return torch.zeros_like(x)
-    if gated is None:
-        gated = UNGATED_MIN_ROWS_PER_EXPERT is None or t * top_k / e < UNGATED_MIN_ROWS_PER_EXPERT
-    config = config or pick_config(t, e, inter if gated else 2 * inter, h, top_k, x.device)
+    config = config or pick_config(t, e, inter, h, top_k, x.device)
     down_config = down_config or pick_config(t, e, h, inter, top_k, x.device)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, kernel=align_kernel)
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
                   SCALED=int8, BLOCK_M=config.block_m)
-    n1 = inter if gated else 2 * inter
-    hidden = torch.empty(pairs, n1, dtype=x.dtype, device=x.device)  # [T*k, I], or [T*k, 2I] ungated
-    grid = (expert_ids.shape[0], triton.cdiv(n1, config.block_n))
+    hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
+    grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))
     _moe_gemm_kernel[grid](
         x, w13, w13_scale if int8 else w13, hidden, topk_weights,
         sorted_ids, expert_ids, num_post,
-        n1, h, pairs, top_k,
+        inter, h, pairs, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if int8 else 0, hidden.stride(0),
-        GATED=gated, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **common)
-    if not gated:  # the same roundings as the gated epilogue: gate and up, silu(gate), the product
-        hidden = silu_and_mul(hidden)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     grid = (expert_ids.shape[0], triton.cdiv(h, down_config.block_n))
