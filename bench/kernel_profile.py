@@ -11,13 +11,15 @@ cut is chosen from a measurement.
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
        [--batch 1] [--steps 24] [--router-kernel default|on|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
-profile_<T>_b<B>_{step_ms, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
-<family>_ms_per_step}.
+profile_<T>_b<B>_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
+<family>_ms_per_step}. LLMESH_PDL / LLMESH_PDL_PREFETCH / LLMESH_FUSED_DECODE, when set, are
+recorded in the workload (A/B of one switch per run, with --suffix).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -35,6 +37,8 @@ from gpu_ceilings import device_name, device_tag, pick_device, results_dir_for, 
 
 from llmesh.bench_results import write_result  # noqa: E402
 from llmesh.engine import LLM, SamplingParams  # noqa: E402
+from llmesh.engine.model.ops_triton import FUSED_DECODE_ENV  # noqa: E402
+from llmesh.kernels.common import PDL_ENV, PDL_PREFETCH_ENV  # noqa: E402
 
 # First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
 # internals, torch's ATen kernels).
@@ -82,13 +86,19 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     eng = llm.engine
     rng = np.random.default_rng(0)
     vocab = eng.model_config.vocab_size
-    params = SamplingParams(max_tokens=args.warmup + args.steps + 16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.warmup + 2 * args.steps + 16, temperature=0.0, ignore_eos=True)
     for _ in range(args.batch):
         eng.add_request(rng.integers(10, vocab, size=args.prompt).tolist(), params)
     for _ in range(args.warmup):  # prefill, graph capture of this batch size, caches warm
         eng.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    t0 = time.perf_counter()  # the same steps unprofiled: the profiler's own cost stays out of this one
+    for _ in range(args.steps):
+        eng.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    plain_s = time.perf_counter() - t0
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -115,6 +125,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     total_us = sum(v[1] for v in per_name.values())
     metrics = {
         f"{tag}_step_ms": 1e3 * wall_s / steps,
+        f"{tag}_step_ms_unprofiled": 1e3 * plain_s / steps,
         f"{tag}_kernels_per_step": len(events) / steps,
         f"{tag}_kernel_ms_per_step": total_us / 1e3 / steps,
         f"{tag}_gpu_busy_frac": union_length([(s, e) for _, s, e in events]) / (1e6 * wall_s),
@@ -125,7 +136,8 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     table = [{"kernel": name[:160], "family": family(name), "calls_per_step": n / steps,
               "us_per_step": us / steps, "us_per_call": us / max(n, 1), "share": us / max(total_us, 1e-9)}
              for name, (n, us) in top]
-    print(f"[profile] {model} batch {args.batch}: {metrics[f'{tag}_step_ms']:.3f} ms/step, "
+    print(f"[profile] {model} batch {args.batch}: {metrics[f'{tag}_step_ms']:.3f} ms/step "
+          f"({metrics[f'{tag}_step_ms_unprofiled']:.3f} unprofiled), "
           f"{metrics[f'{tag}_kernels_per_step']:.0f} kernels/step summing to "
           f"{metrics[f'{tag}_kernel_ms_per_step']:.3f} ms, GPU busy {metrics[f'{tag}_gpu_busy_frac']:.2f}", flush=True)
     for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1]):
@@ -165,6 +177,8 @@ def main() -> None:
     workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
                       "software": software_versions(), "smoke": args.smoke,
+                      "environment": {k: os.environ[k] for k in (PDL_ENV, PDL_PREFETCH_ENV, FUSED_DECODE_ENV)
+                                      if k in os.environ},
                       "families": dict(FAMILIES), "models": {}}
     for model in models:
         m, detail = profile_model(model, args, device)

@@ -17,9 +17,11 @@ prefill attention reports TFLOP/s and the fraction of the measured bf16 GEMM thr
 - rope + KV write fused (rope_kv_write) vs rotary_embedding then kv_cache_write.
 - KV-cache write, RMSNorm (alone and fused with the residual add), SiLU-and-mul, RoPE at
   T = 8192 tokens: bytes = every input read once + every output written once.
+- argmax (the greedy sampler): float32 logits [N, 128256] at N = 1, 8, 64, 256, the split-row
+  kernel (kernels/argmax.py) against torch's argmax: argmax_us_{ours,torch}_n{N}.
 
-Usage: python bench/kernels_gpu.py [--smoke]
-Writes bench/results/kernels_<dev>.json. --smoke runs tiny shapes through the Triton
+Usage: python bench/kernels_gpu.py [--smoke] [--parts a,b] [--suffix _x]
+Writes bench/results/kernels_<dev><suffix>.json. --smoke runs tiny shapes through the Triton
 interpreter on the CPU (proves the code paths, the numbers mean nothing).
 """
 
@@ -384,6 +386,18 @@ class KernelBench:
         _, gb_s, frac = self.bandwidth(f"rope T={t}", fn, nbytes)
         self.metrics.update(rope_gb_s=gb_s, rope_bw_frac=frac)
 
+    def argmax(self) -> None:
+        from llmesh.kernels.argmax import argmax_rows
+
+        vocab = 1000 if self.smoke else 128256
+        for n in (1, 8) if self.smoke else (1, 8, 64, 256):
+            logits = torch.randn(n, vocab, generator=self.gen, device=self.device, dtype=torch.float32)
+            assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+            for name, fn in (("ours", lambda: argmax_rows(logits)), ("torch", lambda: logits.argmax(dim=-1))):
+                ms, gb_s, frac = self.bandwidth(f"argmax {name} N={n}", fn, logits.numel() * 4)
+                self.metrics[f"argmax_us_{name}_n{n}"] = ms * 1e3
+                self.metrics[f"argmax_bw_frac_{name}_n{n}"] = frac
+
     def print_table(self) -> None:
         print(f"\n{'kernel':<28}{'ms':>10}{'rate':>12}  {'unit':<8}{'of ceiling':>10}")
         for r in self.rows:
@@ -395,7 +409,7 @@ class KernelBench:
 
 PARTS = {"decode": "decode_attention", "prefill": "prefill_attention", "causal": "causal_prefill",
          "unified": "unified_mix", "rope_kv": "rope_kv", "kv_write": "kv_write", "rmsnorm": "rmsnorm",
-         "silu_and_mul": "silu_and_mul", "rope": "rope"}
+         "silu_and_mul": "silu_and_mul", "rope": "rope", "argmax": "argmax"}
 """--parts name -> KernelBench method."""
 
 
@@ -407,6 +421,7 @@ def main() -> int:
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     ap.add_argument("--parts", default=None,
                     help="comma-separated subset of: " + ", ".join(PARTS) + " (default: all)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (a run of some parts)")
     args = ap.parse_args()
     parts = args.parts.split(",") if args.parts else list(PARTS)
     unknown = sorted(set(parts) - set(PARTS))
@@ -443,11 +458,12 @@ def main() -> int:
                    "one unified_attention call; bytes = K+V of every context token + q + out; split = "
                    "paged_decode_attention + prefill_attention on the same batch",
         "elementwise": "T tokens; bytes = inputs read once + outputs written once; rope in place",
+        "argmax": "float32 logits [N, vocab]; bytes = the logits read once",
         "timing": "triton.testing.do_bench median (L2 flushed before each call); smoke: CPU wall clock",
         "failed": kb.failed, "parts": parts, "software": software_versions(), "smoke": args.smoke,
     }
-    path = write_result(f"kernels_{device_tag(device)}", workload, rounded(kb.metrics), device=device_name(device),
-                        results_dir=results_dir_for(args))
+    path = write_result(f"kernels_{device_tag(device)}{args.suffix}", workload, rounded(kb.metrics),
+                        device=device_name(device), results_dir=results_dir_for(args))
     print(f"[kernels] wrote {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return 1 if kb.failed else 0
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_tensor, interpreting
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_tensor, interpreting, pdl_launch
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _BLOCK = 1024
 
@@ -20,7 +20,9 @@ _BLOCK = 1024
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < INTER
@@ -46,7 +48,8 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
         return out
     grid = (x2.shape[0], triton.cdiv(inter, _BLOCK))
     _silu_and_mul_kernel[grid](
-        x2, out2, x2.stride(0), out2.stride(0), INTER=inter, BLOCK=_BLOCK, INTERPRET=interpreting())
+        x2, out2, x2.stride(0), out2.stride(0), INTER=inter, BLOCK=_BLOCK, INTERPRET=interpreting(),
+        **pdl_launch(x2.device))
     return out
 
 

@@ -34,6 +34,42 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+PDL_ENV = "LLMESH_PDL"
+"""Set to 0 to launch every kernel in stream order, without programmatic dependent launch."""
+
+
+@functools.lru_cache(maxsize=16)
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch arguments for a kernel that starts with `triton_helpers.pdl_enter(PDL)`.
+
+    On Hopper and later a kernel can be launched with programmatic dependent launch (PDL): its
+    programs become resident while the previous kernel in the stream drains, and wait on the
+    device (griddepcontrol.wait) for it to finish and flush its writes, instead of the host
+    launch path waiting for it. A decode step is ~300 kernels of a few microseconds each, so
+    the launch gap between two of them is a measurable share of the step
+    (bench/kernel_profile.py). Every kernel launched this way must wait before it touches
+    global memory; `pdl_enter` at the top of the kernel does, and returns at once without PDL.
+    Off under the interpreter, on CPUs and pre-Hopper GPUs, and with LLMESH_PDL=0.
+    """
+    if (device.type != "cuda" or interpreting() or os.environ.get(PDL_ENV, "1").strip() == "0"
+            or not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+PDL_PREFETCH_ENV = "LLMESH_PDL_PREFETCH"
+
+
+def prefetch_weights(pdl: dict[str, bool]) -> bool:
+    """Whether a GEMV launched with `pdl` loads its first weight tile before waiting on the
+    previous kernel (LLMESH_PDL_PREFETCH=0: after, to A/B the prefetch on one GPU)."""
+    return pdl["PDL"] and os.environ.get(PDL_PREFETCH_ENV, "1").strip() != "0"
+
+
 INTERPRET_FP16_DOTS = "LLMESH_INTERPRET_FP16_DOTS"
 """Set to 1 (tests only) to run float16 kernels' 16-bit branches under the interpreter."""
 

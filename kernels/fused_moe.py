@@ -48,11 +48,11 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
-                                   interpreting)
+                                   interpreting, pdl_launch)
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -67,13 +67,14 @@ def _moe_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_se, stride_om,
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
     GATED: b holds 2N rows (gate, then up); the tile is silu(a @ gate^T) * (a @ up^T).
     MUL_WEIGHT: rows are scaled by their pair's routing weight.
     """
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -139,7 +140,8 @@ def _moe_gemm_kernel(
 
 @triton.jit
 def _moe_sum_kernel(src_ptr, out_ptr, H, stride_st, stride_sk, stride_ot,
-                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = h < H
@@ -159,7 +161,7 @@ def moe_sum(src: torch.Tensor) -> torch.Tensor:
     block_h = min(1024, triton.next_power_of_2(h)) if not interpreting() else min(64, triton.next_power_of_2(h))
     _moe_sum_kernel[(t, triton.cdiv(h, block_h))](src, out, h, src.stride(0), src.stride(1), out.stride(0),
                                                   K=k, BLOCK_H=block_h, INTERPRET=interpreting(),
-                                                  num_warps=4 if not interpreting() else 1)
+                                                  num_warps=4 if not interpreting() else 1, **pdl_launch(src.device))
     return out
 
 
@@ -217,6 +219,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
+                  **pdl_launch(x.device),
                   SCALED=int8, BLOCK_M=config.block_m)
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))

@@ -16,11 +16,11 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    INDEX_DTYPES, check_last_dim_contiguous, check_size, check_tensor, interpreting, next_power_of_2)
+    INDEX_DTYPES, check_last_dim_contiguous, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
 from llmesh.kernels.kv_quant import quantize_kv_tile
 from llmesh.kernels.kv_quant_ref import POOL_DTYPES, check_kv_scales
 from llmesh.kernels.paged_attention import write_kv_ref
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
 @triton.jit
@@ -29,8 +29,9 @@ def _kv_cache_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
@@ -95,7 +96,7 @@ def kv_cache_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=h_kv, HEAD_DIM=d, BLOCK_H=next_power_of_2(h_kv), BLOCK_D=next_power_of_2(d),
-        BLOCK_SIZE=block_size, FP8=fp8, INTERPRET=interpreting(),
+        BLOCK_SIZE=block_size, FP8=fp8, INTERPRET=interpreting(), **pdl_launch(k.device)
     )
 
 

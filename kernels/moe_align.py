@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import interpreting, next_power_of_2
+from llmesh.kernels.common import interpreting, next_power_of_2, pdl_launch
+from llmesh.kernels.triton_helpers import pdl_enter
 
 ALIGN_KERNEL_MAX_PAIRS = 1024
 """Pairs (tokens x top-k) up to which the one-program kernel aligns; the torch ops above. On
@@ -88,7 +89,8 @@ def _experts_of(ids_ptr, i, N, E):
 @triton.jit
 def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, next_ptr,
                       N, E, LENGTH, NUM_BLOCKS,
-                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     r = tl.arange(0, CHUNK)
     bins = tl.arange(0, E_P2)  # experts 0..E-1, then bucket E; bins past E stay empty
     # 1. pairs per bucket
@@ -154,5 +156,5 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     next_pos = torch.empty(e_p2, dtype=torch.int32, device=device)
     _moe_align_kernel[(1,)](topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, next_pos,
                             n, num_experts, length, length // block_m,
-                            BLOCK_M=block_m, E_P2=e_p2, CHUNK=_CHUNK, num_warps=4)
+                            BLOCK_M=block_m, E_P2=e_p2, CHUNK=_CHUNK, num_warps=4, **pdl_launch(device))
     return sorted_ids, expert_ids, num_post

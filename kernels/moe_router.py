@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import interpreting, next_power_of_2
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.common import interpreting, next_power_of_2, pdl_launch
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 ROUTER_KERNEL_ON_CUDA = True
 """Measured on the H200 (moe_h200.json, 128 experts, top-8): 6.9 us a call at batch 1 and 7.5 at
@@ -61,7 +61,8 @@ def _candidates(p, valid):
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, stride_l,
                          K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
@@ -115,7 +116,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, wei
         _topk_softmax_kernel[(t,)](router_logits, weights, ids, counts if count else ids,
                                    counted if count else ids, e, router_logits.stride(0), K=top_k,
                                    BLOCK_E=next_power_of_2(e), RENORM=bool(renormalize), COUNT=count,
-                                   INTERPRET=interpreting(), num_warps=1 if interpreting() else 4)
+                                   INTERPRET=interpreting(), num_warps=1 if interpreting() else 4,
+                                   **pdl_launch(router_logits.device))
     return weights, ids
 
 

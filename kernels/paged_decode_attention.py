@@ -23,11 +23,11 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
-    next_power_of_2)
+    next_power_of_2, pdl_launch)
 from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _LOG2E = 1.4426950408889634
 
@@ -42,8 +42,9 @@ def _decode_partition_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -124,8 +125,9 @@ def _decode_reduce_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr,
     num_partitions, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PARTITION: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -219,13 +221,13 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=min(64, partition_size), PARTITION=partition_size, SPLIT=split,
         NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
-        num_warps=4,
+        num_warps=4, **pdl_launch(q.device)
     )
     if split:
         _decode_reduce_kernel[(b, h_q)](
             out, part_m, part_l, part_acc, seq_lens, num_partitions, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, PARTITION=partition_size,
-            BLOCK_P=min(16, next_power_of_2(num_partitions)), INTERPRET=interpreting(),
+            BLOCK_P=min(16, next_power_of_2(num_partitions)), INTERPRET=interpreting(), **pdl_launch(q.device)
         )
     return out
 

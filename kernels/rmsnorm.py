@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
-from llmesh.kernels.triton_helpers import cast_rtne
+    check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -24,8 +24,9 @@ _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     mask = c < HIDDEN
@@ -86,7 +87,7 @@ def rmsnorm(
             x2, r2, weight, out2, ro2,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), float(eps),
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, INTERPRET=interpreting(),
-            num_warps=max(1, min(16, block // 256)),
+            num_warps=max(1, min(16, block // 256)), **pdl_launch(x2.device)
         )
     return out if residual is None else (out, residual_out)
 

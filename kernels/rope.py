@@ -18,8 +18,9 @@ import triton.language as tl
 
 from llmesh.engine.model.layers import apply_rotary, rope_inv_freq
 from llmesh.kernels.common import (
-    INDEX_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
-from llmesh.kernels.triton_helpers import cast_rtne
+    INDEX_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
+    next_power_of_2, pdl_launch)
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
 @triton.jit
@@ -68,8 +69,9 @@ def _rope_kernel(
     pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, cache_ptr, stride_cache,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERPRET: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -138,7 +140,7 @@ def rotary_embedding(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         NUM_Q_HEADS=h_q, NUM_KV_HEADS=h_kv, BLOCK_HQ=next_power_of_2(h_q), BLOCK_HKV=next_power_of_2(h_kv),
-        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2), INTERPRET=interpreting(),
+        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2), INTERPRET=interpreting(), **pdl_launch(q.device)
     )
     return q_out, k_out
 

@@ -21,13 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import INDEX_DTYPES, check_out, check_size, check_tensor, interpreting, next_power_of_2
+from llmesh.kernels.common import (INDEX_DTYPES, check_out, check_size, check_tensor, interpreting, next_power_of_2,
+                                   pdl_launch)
 from llmesh.kernels.kv_cache_write import kv_cache_write_ref
 from llmesh.kernels.kv_quant import kv_exponent, kv_quantize
 from llmesh.kernels.kv_quant_ref import POOL_DTYPES, check_kv_scales
 from llmesh.kernels.rmsnorm import rmsnorm_ref
 from llmesh.kernels.rope import _check_heads, load_halves, rotary_embedding_ref, rotate_halves, round_to
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
 @triton.jit
@@ -50,8 +51,9 @@ def _rope_kv_write_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
-    QK_NORM: tl.constexpr, INTERPRET: tl.constexpr,
+    QK_NORM: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -189,7 +191,7 @@ def rope_kv_write(
         v_cache.stride(2),
         NUM_Q_HEADS=h_q, NUM_KV_HEADS=h_kv, BLOCK_HQ=next_power_of_2(h_q), BLOCK_HKV=next_power_of_2(h_kv),
         HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2), BLOCK_SIZE=k_cache.shape[1], FP8=fp8,
-        QK_NORM=q_norm is not None, INTERPRET=interpreting(),
+        QK_NORM=q_norm is not None, INTERPRET=interpreting(), **pdl_launch(q.device)
     )
     return q_out, k_out
 

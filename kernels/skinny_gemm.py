@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting
+from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
+                                   pdl_launch, prefetch_weights)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 DTYPES = (torch.float16, torch.bfloat16)
 REDUCE_BLOCK = 256
@@ -64,6 +65,40 @@ def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, par
         tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+@triton.jit
+def _load_w(w_ptrs, k0, rk, K, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile: read once, so evict_first."""
+    if EVEN_K:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    return tl.load(w_ptrs, mask=((k0 + rk) < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_x_tile(x_ptrs, k0, rk, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """x's [BLOCK_K] (BLOCK_M = 1) or [BLOCK_M, BLOCK_K] tile: every program reads it, so evict_last."""
+    if EVEN_K:
+        return tl.load(x_ptrs, eviction_policy="evict_last")
+    k_ok = (k0 + rk) < K
+    if BLOCK_M == 1:
+        return tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+    return tl.load(x_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _accumulate(acc, w, x, BLOCK_M: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x @ w^T in the config's form: tl.dot, or float32 FMAs summed over K at the end."""
+    if DOT:
+        if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    elif BLOCK_M == 1:
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
@@ -71,7 +106,7 @@ def _skinny_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
     # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
@@ -98,26 +133,21 @@ def _skinny_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, eviction_policy="evict_last")
-        else:
-            k_ok = (k0 + rk) < K
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if BLOCK_M == 1:
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
-            else:
-                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_last")
-        if DOT:
-            if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        elif BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        else:
-            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    k_start = k_lo
+    if PREFETCH:
+        # W is never written by an earlier kernel: its first tile streams in before the wait,
+        # while the previous kernel drains (the weight-prefetch idea of CUTLASS's example 63).
+        w = _load_w(w_ptrs, k_lo, rk, K, EVEN_K)
+        pdl_enter(PDL)
+        acc = _accumulate(acc, w, _load_x_tile(x_ptrs, k_lo, rk, K, BLOCK_M, EVEN_K), BLOCK_M, DOT, DOT_F32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_start = k_lo + BLOCK_K
+    else:
+        pdl_enter(PDL)
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        acc = _accumulate(acc, _load_w(w_ptrs, k0, rk, K, EVEN_K), _load_x_tile(x_ptrs, k0, rk, K, BLOCK_M, EVEN_K),
+                          BLOCK_M, DOT, DOT_F32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
@@ -128,8 +158,9 @@ def _skinny_kernel(
 @triton.jit(do_not_specialize=["M", "SPLITS"])
 def _splitk_reduce_kernel(
     part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rn < N
@@ -185,19 +216,20 @@ def skinny_gemm(
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     num_m_blocks = triton.cdiv(m, config.block_m)
     interpret = interpreting()
+    pdl = pdl_launch(x.device)
     _skinny_kernel[(num_m_blocks * triton.cdiv(n, config.block_n), splits)](
         x, weight, bias_arg, out, part,
         m, n, k, k_per_split, num_m_blocks,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        DOT_F32=interpret, INTERPRET=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_F32=interpret, INTERPRET=interpret, PREFETCH=prefetch_weights(pdl),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if split:
         _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             part, bias_arg, out, m, n, splits, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, INTERPRET=interpret, num_warps=4,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, INTERPRET=interpret, num_warps=4, **pdl,
         )
     return out
 

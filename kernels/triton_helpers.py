@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -23,3 +24,13 @@ def cast_rtne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First statement of a kernel launched with common.pdl_launch: wait until the previous
+    kernel has finished and its writes are visible, then let the next kernel's programs be
+    scheduled (they wait in turn), so its launch overlaps this kernel's work."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

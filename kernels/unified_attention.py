@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.attention_config import DecodeConfig, PrefillConfig, decode_config, sm_count
-from llmesh.kernels.common import check_out, dot_in_fp32, dot_precision, interpreting, next_power_of_2
+from llmesh.kernels.common import check_out, dot_in_fp32, dot_precision, interpreting, next_power_of_2, pdl_launch
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.prefill_attention import (
     LOG2E, check_varlen_paged, launch_prefill_kernel, load_kv_tile, softmax_step)
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
 @triton.jit
@@ -54,8 +54,9 @@ def _short_query_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT: tl.constexpr, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -136,8 +137,9 @@ def _short_query_reduce_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
@@ -250,11 +252,12 @@ def unified_attention(
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, NUM_KV_HEADS=h_kv, FP8=fp8, DOT_F32=dot_in_fp32(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        **pdl_launch(q.device),
     )
     if segments > 1:
         _short_query_reduce_kernel[(s, h_kv)](
             out, query_start_loc, seq_lens, part_m, part_l, part_acc, out.stride(0), out.stride(1),
-            num_warps=4, **common,
+            num_warps=4, **common, **pdl_launch(q.device)
         )
     if max_query_len > block_q:
         launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,

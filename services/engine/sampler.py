@@ -33,6 +33,7 @@ from llmesh.engine.sampling_ops import (
     count_tokens,
     exponential_race,
     filter_keep_mask,
+    greedy_ids,
     to_device,
     token_logprobs,
     unique_token_ids,
@@ -139,7 +140,7 @@ class Sampler:
             return SampledBatch(torch.empty(0, dtype=torch.long, device=logits.device), [], None, 0)
         if all(_plain_greedy(r) for r in requests):
             # The usual serving batch: nothing to build but the argmax (ties → lowest id).
-            return SampledBatch(logits.argmax(dim=-1), list(requests), None, 0)
+            return SampledBatch(greedy_ids(logits), list(requests), None, 0)
         raw = logits.float()
         # The grammar mask comes first: a disallowed token must not be chosen, nor count in
         # top-p's mass or min-p's reference; logprobs are then over the allowed tokens, as vLLM's.
@@ -151,7 +152,7 @@ class Sampler:
         if len(random_rows) == len(requests):
             token_ids = self._sample(penalised, requests, rewinds)
         else:
-            token_ids = penalised.argmax(dim=-1)  # [N]; ties → lowest id
+            token_ids = greedy_ids(penalised)  # [N]; ties → lowest id
             if random_rows:
                 idx = to_device(random_rows, torch.long, raw.device)
                 token_ids[idx] = self._sample(penalised[idx], [requests[i] for i in random_rows], rewinds)

@@ -15,6 +15,9 @@ from itertools import chain
 import numpy as np
 import torch
 
+from llmesh.kernels.argmax import argmax_rows
+from llmesh.kernels.common import interpreting
+
 
 def to_device(
     values: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device
@@ -30,6 +33,15 @@ def to_device(
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax ([N, V] → [N] int64; ties → lowest id). On a GPU the split-row kernel
+    (kernels/argmax.py; torch reduces a row in one block, ~27 µs for a 128k vocabulary on an
+    H200, bench/kernels_gpu.py's argmax part), elsewhere torch's, which equals it."""
+    if logits.is_cuda and not interpreting() and logits.stride(-1) == 1:
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def unique_token_ids(token_ids: Sequence[int], device: torch.device) -> torch.Tensor:
