@@ -21,7 +21,8 @@ from llmesh.kernels.triton_helpers import pdl_enter
 CHUNK = 2048
 """Entries a first-stage program reduces: 63 programs for a 128k row."""
 
-_BIG = 2**31 - 1
+_MAX_INDEX = 2**31 - 1
+_BIG = tl.constexpr(_MAX_INDEX)  # the index of "no entry": above every real one
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         return out
     if v == 0:
         raise ValueError("logits must have at least one column (V = 0)")
-    if v >= _BIG:
+    if v >= _MAX_INDEX:
         raise ValueError(f"logits has V = {v} columns; indices must fit int32")
     chunks = triton.cdiv(v, CHUNK)
     key = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)

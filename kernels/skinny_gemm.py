@@ -76,12 +76,14 @@ def _load_w(w_ptrs, k0, rk, K, EVEN_K: tl.constexpr):
 @triton.jit
 def _load_x_tile(x_ptrs, k0, rk, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
     """x's [BLOCK_K] (BLOCK_M = 1) or [BLOCK_M, BLOCK_K] tile: every program reads it, so evict_last."""
+    # one return: Triton checks every return statement's type, dead constexpr branches too
     if EVEN_K:
-        return tl.load(x_ptrs, eviction_policy="evict_last")
-    k_ok = (k0 + rk) < K
-    if BLOCK_M == 1:
-        return tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
-    return tl.load(x_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_last")
+        x = tl.load(x_ptrs, eviction_policy="evict_last")
+    elif BLOCK_M == 1:
+        x = tl.load(x_ptrs, mask=(k0 + rk) < K, other=0.0, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptrs, mask=((k0 + rk) < K)[None, :], other=0.0, eviction_policy="evict_last")
+    return x
 
 
 @triton.jit
