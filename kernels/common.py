@@ -61,15 +61,6 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True}
 
 
-PDL_PREFETCH_ENV = "LLMESH_PDL_PREFETCH"
-
-
-def prefetch_weights(pdl: dict[str, bool]) -> bool:
-    """Whether a GEMV launched with `pdl` loads its first weight tile before waiting on the
-    previous kernel (LLMESH_PDL_PREFETCH=0: after, to A/B the prefetch on one GPU)."""
-    return pdl["PDL"] and os.environ.get(PDL_PREFETCH_ENV, "1").strip() != "0"
-
-
 INTERPRET_FP16_DOTS = "LLMESH_INTERPRET_FP16_DOTS"
 """Set to 1 (tests only) to run float16 kernels' 16-bit branches under the interpreter."""
 

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
-                                   pdl_launch, prefetch_weights)
-from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _load_w, _splitk_reduce_kernel, _store_tile
+                                   pdl_launch)
+from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _splitk_reduce_kernel, _store_tile
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -67,22 +67,6 @@ def _prologue_tile(a_ptr, r_ptr, g_ptr, row_off, r_row_off, cols, ok, rstd, K,
     return cast_rtne(act * up, dtype, INTERPRET).to(tl.float32)
 
 
-@triton.jit
-def _accumulate_x32(acc, w, x, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr,
-                    DOT_F32: tl.constexpr):
-    """skinny_gemm's accumulate for an x tile already in float32 (holding activation-dtype values)."""
-    if DOT:
-        if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
-            acc += tl.dot(x, tl.trans(w.to(tl.float32)))
-        else:
-            acc += tl.dot(x.to(W_DTYPE), tl.trans(w))
-    elif BLOCK_M == 1:
-        acc += w.to(tl.float32) * x
-    else:
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _fused_skinny_kernel(
     a_ptr, r_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, res_out_ptr,
@@ -91,8 +75,9 @@ def _fused_skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     # Grid, tiles and loop as skinny_gemm's _skinny_kernel, so the accumulation order (and with
     # it every bit of y) is the same for the same config; only x's loads are replaced.
     pid = tl.program_id(0)
@@ -110,12 +95,6 @@ def _fused_skinny_kernel(
     row_off = rows[:, None] * stride_am  # [BM, 1]
     r_row_off = rows[:, None] * stride_rm
 
-    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :]  # [BN, BK]
-    if PREFETCH:
-        # The weights are never written by an earlier kernel: the first tile streams in while
-        # the previous kernel drains; everything derived from the activation waits.
-        w_first = _load_w(w_ptrs, k_lo, rk, K, EVEN_K)
-    pdl_enter(PDL)
     rstd = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if NORM:
         # The whole row's sum of squares, by every program; one program per row block stores
@@ -138,26 +117,31 @@ def _fused_skinny_kernel(
             sq += s * s
         rstd = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]  # [BM, 1]
 
+    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :]  # [BN, BK]
     if DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     elif BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_start = k_lo
-    if PREFETCH:
-        cols = k_lo + rk
-        x = _prologue_tile(a_ptr, r_ptr, g_ptr, row_off, r_row_off, cols, cols < K, rstd, K,
-                           NORM, HAS_RESIDUAL, not EVEN_K, INTERPRET)  # [BM, BK]
-        acc = _accumulate_x32(acc, w_first, x, w_ptr.dtype.element_ty, BLOCK_M, DOT, DOT_F32)
-        w_ptrs += BLOCK_K
-        k_start = k_lo + BLOCK_K
-    for k0 in range(k_start, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         cols = k0 + rk
-        x = _prologue_tile(a_ptr, r_ptr, g_ptr, row_off, r_row_off, cols, cols < K, rstd, K,
+        k_ok = cols < K
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x = _prologue_tile(a_ptr, r_ptr, g_ptr, row_off, r_row_off, cols, k_ok, rstd, K,
                            NORM, HAS_RESIDUAL, not EVEN_K, INTERPRET)  # [BM, BK]
-        acc = _accumulate_x32(acc, _load_w(w_ptrs, k0, rk, K, EVEN_K), x, w_ptr.dtype.element_ty, BLOCK_M, DOT,
-                              DOT_F32)
+        if DOT:
+            if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
+                acc += tl.dot(x, tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x.to(w_ptr.dtype.element_ty), tl.trans(w))
+        elif BLOCK_M == 1:
+            acc += w.to(tl.float32) * x
+        else:
+            acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
 
     _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
@@ -194,7 +178,7 @@ def _launch(a, r, g, weight, bias, out, res_out, m, n, k, eps, config, norm, has
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_H=block_h,
         DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         NORM=norm, HAS_RESIDUAL=has_residual, DOT_F32=interpret, INTERPRET=interpret,
-        PREFETCH=prefetch_weights(pdl), num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if split:
         _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](

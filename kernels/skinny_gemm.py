@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
-                                   pdl_launch, prefetch_weights)
+                                   pdl_launch)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -65,42 +65,6 @@ def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, par
         tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit
-def _load_w(w_ptrs, k0, rk, K, EVEN_K: tl.constexpr):
-    """A [BLOCK_N, BLOCK_K] weight tile: read once, so evict_first."""
-    if EVEN_K:
-        return tl.load(w_ptrs, eviction_policy="evict_first")
-    return tl.load(w_ptrs, mask=((k0 + rk) < K)[None, :], other=0.0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _load_x_tile(x_ptrs, k0, rk, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
-    """x's [BLOCK_K] (BLOCK_M = 1) or [BLOCK_M, BLOCK_K] tile: every program reads it, so evict_last."""
-    # one return: Triton checks every return statement's type, dead constexpr branches too
-    if EVEN_K:
-        x = tl.load(x_ptrs, eviction_policy="evict_last")
-    elif BLOCK_M == 1:
-        x = tl.load(x_ptrs, mask=(k0 + rk) < K, other=0.0, eviction_policy="evict_last")
-    else:
-        x = tl.load(x_ptrs, mask=((k0 + rk) < K)[None, :], other=0.0, eviction_policy="evict_last")
-    return x
-
-
-@triton.jit
-def _accumulate(acc, w, x, BLOCK_M: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc += x @ w^T in the config's form: tl.dot, or float32 FMAs summed over K at the end."""
-    if DOT:
-        if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    elif BLOCK_M == 1:
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    else:
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
@@ -108,8 +72,9 @@ def _skinny_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
     # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
     pid = tl.program_id(0)
@@ -135,21 +100,26 @@ def _skinny_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_start = k_lo
-    if PREFETCH:
-        # W is never written by an earlier kernel: its first tile streams in before the wait,
-        # while the previous kernel drains (the weight-prefetch idea of CUTLASS's example 63).
-        w = _load_w(w_ptrs, k_lo, rk, K, EVEN_K)
-        pdl_enter(PDL)
-        acc = _accumulate(acc, w, _load_x_tile(x_ptrs, k_lo, rk, K, BLOCK_M, EVEN_K), BLOCK_M, DOT, DOT_F32)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        k_start = k_lo + BLOCK_K
-    else:
-        pdl_enter(PDL)
-    for k0 in range(k_start, k_hi, BLOCK_K):
-        acc = _accumulate(acc, _load_w(w_ptrs, k0, rk, K, EVEN_K), _load_x_tile(x_ptrs, k0, rk, K, BLOCK_M, EVEN_K),
-                          BLOCK_M, DOT, DOT_F32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, eviction_policy="evict_last")
+        else:
+            k_ok = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if BLOCK_M == 1:
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_last")
+        if DOT:
+            if DOT_F32:  # the interpreter multiplies bfloat16 bit patterns (common.dot_in_fp32)
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        elif BLOCK_M == 1:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        else:
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
@@ -225,7 +195,7 @@ def skinny_gemm(
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        DOT_F32=interpret, INTERPRET=interpret, PREFETCH=prefetch_weights(pdl),
+        DOT_F32=interpret, INTERPRET=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if split:

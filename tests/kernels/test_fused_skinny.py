@@ -87,25 +87,6 @@ def test_rmsnorm_linear_matches_the_composition(device, name, m, n, k):
     _close(y, ref_y)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("m,n,k", [(1, 40, 100), (5, 24, 72)])
-def test_weight_prefetch_is_the_same_loop(device, monkeypatch, name, m, n, k):
-    """The PDL form (first weight tile loaded before the wait, its product taken before the
-    loop) gives every bit of both fused kernels that the plain loop gives."""
-    import llmesh.kernels.fused_skinny as mod
-
-    gen = torch.Generator().manual_seed(m + n + k)
-    x, r, g, w, b = _norm_inputs(m, n, k, torch.bfloat16, gen, device, bias=True)
-    gu, w_act = _act_inputs(m, n, k, torch.bfloat16, gen, device)
-    cfg = CONFIGS[name]
-    results = []
-    for prefetch in (False, True):
-        monkeypatch.setattr(mod, "prefetch_weights", lambda pdl, on=prefetch: on)
-        results.append((*rmsnorm_linear(x, r, g, EPS, w, b, config=cfg), silu_mul_linear(gu, w_act, config=cfg)))
-    for plain, peeled in zip(*results):
-        assert torch.equal(plain, peeled)
-
-
 @pytest.mark.parametrize("name", ["fma_row", "dot_split"])
 def test_rmsnorm_linear_without_residual(device, name):
     gen = torch.Generator().manual_seed(3)

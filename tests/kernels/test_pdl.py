@@ -46,7 +46,8 @@ def _layer(x, res, g, w_qkv, w_down, positions, cos_sin, k_cache, v_cache, slots
     q, k, v = qkv.split([h_q * d, h_kv * d, h_kv * d], dim=-1)
     q, k = rope_kv_write(positions, q.view(-1, h_q, d), k.view(-1, h_kv, d), v.view(-1, h_kv, d), cos_sin,
                          k_cache, v_cache, slots)
-    attn = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, d ** -0.5, partition_size=64)
+    attn = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, d ** -0.5, partition_size=64,
+                                  max_seq_len=block_tables.shape[1] * k_cache.shape[1])  # no sync in a capture
     y = skinny_gemm(attn.reshape(x.shape[0], -1), w_down, config=SkinnyConfig(1, 16, 128, 1, 4, 2, False))
     normed, res = rmsnorm(y, g, 1e-5, residual=res)
     return argmax_rows(normed), normed, res

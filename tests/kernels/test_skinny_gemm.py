@@ -64,21 +64,6 @@ def test_matches_reference(device, name, m, n, k):
     _close(got, skinny_gemm_ref(x, w, b))
 
 
-@pytest.mark.parametrize("name", ["fma_row", "fma_row_split", "fma_tile", "dot_split"])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 100), (5, 48, 72), (16, 24, 128)])
-def test_weight_prefetch_is_the_same_loop(device, monkeypatch, name, m, n, k):
-    """With PDL the first weight tile is loaded before the wait and its product accumulated
-    before the loop (PREFETCH); that peeled loop must give every bit the plain loop gives."""
-    import llmesh.kernels.skinny_gemm as mod
-
-    gen = torch.Generator().manual_seed(m + n + k)
-    x, w, b = (t.to(device) if t is not None else None for t in _inputs(m, n, k, torch.bfloat16, gen, torch.float32))
-    monkeypatch.setattr(mod, "prefetch_weights", lambda pdl: False)
-    plain = skinny_gemm(x, w, b, config=CONFIGS[name])
-    monkeypatch.setattr(mod, "prefetch_weights", lambda pdl: True)
-    assert torch.equal(skinny_gemm(x, w, b, config=CONFIGS[name]), plain)
-
-
 @pytest.mark.parametrize("name", ["fma_row", "fma_tile_split", "dot_split"])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float16])
 def test_float16(device, name, bias_dtype):

@@ -1,0 +1,144 @@
+"""The decode-path kernels compile for Hopper (sm90) with programmatic dependent launch on, here
+on the CPU: Triton's interpreter, which runs the other kernel tests on a machine without a GPU,
+accepts code its compiler rejects (a global that is not a constexpr, return statements of
+different types in dead constexpr branches), and the PDL branch (griddepcontrol) never runs
+under the interpreter at all. triton.compile for a GPUTarget needs no GPU: the front end,
+the LLVM passes and ptxas (shipped in Triton's wheel) run here. The compiler runs in a child
+process without TRITON_INTERPRET (under it, @triton.jit gives interpreter objects), one child
+for every case."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+try:
+    from triton.backends import backends as _backends
+    _NVIDIA = "nvidia" in _backends
+except Exception:  # an older or a non-NVIDIA build of Triton
+    _NVIDIA = False
+
+# (module, kernel, pointer element types by argument (default bf16), constexprs)
+ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, FP8=False, DOT_F32=False,
+            DOT_PRECISION="tf32", INTERPRET=False)
+CASES = [
+    ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
+     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, DOT=False, SPLIT=True, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
+          INTERPRET=False)),
+    ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT=True, SPLIT=False, HAS_BIAS=True, EVEN_K=False, DOT_F32=False,
+          INTERPRET=False)),
+    ("skinny_gemm", "_splitk_reduce_kernel", {"part_ptr": "fp32"}, dict(HAS_BIAS=True, BLOCK=256, INTERPRET=False)),
+    ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
+     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, BLOCK_H=1024, DOT=False, SPLIT=False, HAS_BIAS=False, EVEN_K=True,
+          NORM=True, HAS_RESIDUAL=True, DOT_F32=False, INTERPRET=False)),
+    ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
+     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_H=256, DOT=True, SPLIT=True, HAS_BIAS=False, EVEN_K=False,
+          NORM=False, HAS_RESIDUAL=False, DOT_F32=False, INTERPRET=False)),
+    ("argmax", "_argmax_chunk_kernel", {"x_ptr": "fp32", "key_ptr": "fp32", "nan_ptr": "i32", "idx_ptr": "i32"},
+     dict(CHUNK=2048)),
+    ("argmax", "_argmax_final_kernel", {"key_ptr": "fp32", "nan_ptr": "i32", "idx_ptr": "i32", "out_ptr": "i64"},
+     dict(BLOCK_C=64)),
+    ("rmsnorm", "_rmsnorm_kernel", {}, dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True, INTERPRET=False)),
+    ("activation", "_silu_and_mul_kernel", {}, dict(INTER=14336, BLOCK=1024, INTERPRET=False)),
+    ("rope_kv_write", "_rope_kv_write_kernel", {"pos_ptr": "i64", "slot_ptr": "i64", "cos_sin_ptr": "fp32"},
+     dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, BLOCK_HQ=32, BLOCK_HKV=8, HALF=64, BLOCK_HALF=64, BLOCK_SIZE=16, FP8=False,
+          QK_NORM=True, INTERPRET=False)),
+    ("rope", "_rope_kernel", {"pos_ptr": "i64", "cache_ptr": "fp32"},
+     dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, BLOCK_HQ=32, BLOCK_HKV=8, HALF=64, BLOCK_HALF=64, INTERPRET=False)),
+    ("kv_cache_write", "_kv_cache_write_kernel", {"slot_ptr": "i64"},
+     dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16, FP8=False, INTERPRET=False)),
+    ("paged_decode_attention", "_decode_partition_kernel",
+     {"block_tables_ptr": "i32", "seq_lens_ptr": "i32", "part_m_ptr": "fp32", "part_l_ptr": "fp32",
+      "part_acc_ptr": "fp32"},
+     dict(ATTN, BLOCK_G=16, BLOCK_N=64, PARTITION=64, SPLIT=True)),
+    ("paged_decode_attention", "_decode_reduce_kernel",
+     {"seq_lens_ptr": "i32", "part_m_ptr": "fp32", "part_l_ptr": "fp32", "part_acc_ptr": "fp32"},
+     dict(HEAD_DIM=128, BLOCK_D=128, PARTITION=64, BLOCK_P=16, INTERPRET=False)),
+    ("unified_attention", "_short_query_kernel",
+     {"block_tables_ptr": "i32", "query_start_loc_ptr": "i32", "seq_lens_ptr": "i32", "part_m_ptr": "fp32",
+      "part_l_ptr": "fp32", "part_acc_ptr": "fp32"},
+     dict(ATTN, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=64, NUM_SEGMENTS=4, MIN_SEGMENT=256)),
+    ("unified_attention", "_short_query_reduce_kernel",
+     {"query_start_loc_ptr": "i32", "seq_lens_ptr": "i32", "part_m_ptr": "fp32", "part_l_ptr": "fp32",
+      "part_acc_ptr": "fp32"},
+     dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=64, NUM_SEGMENTS=4, MIN_SEGMENT=256,
+          INTERPRET=False)),
+    ("moe_router", "_topk_softmax_kernel", {"ids_ptr": "i64", "counts_ptr": "i64", "counted_ptr": "i64"},
+     dict(K=8, BLOCK_E=128, RENORM=True, COUNT=True, INTERPRET=False)),
+    ("moe_align", "_moe_align_kernel", {p: "i32" for p in ("sorted_ptr", "expert_ids_ptr", "num_post_ptr",
+                                                             "next_ptr")} | {"ids_ptr": "i64"},
+     dict(BLOCK_M=16, E_P2=16, CHUNK=32)),  # 8 experts: at 128 (E_P2 256) ptxas takes minutes here
+    ("fused_moe", "_moe_gemm_kernel",
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+      "scale_ptr": "fp32"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, DOT_F32=False,
+          DOT_PRECISION="tf32", INTERPRET=False)),
+    ("fused_moe", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
+]
+
+_FLOAT_ARGS = {"eps", "scale_log2"}
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + pointers.get(p.name, "bf16")
+        else:
+            sig[p.name] = "fp32" if p.name in _FLOAT_ARGS else "i32"
+    missing = [n for n, t in sig.items() if t == "constexpr" and n not in constexprs]
+    assert not missing, f"{fn.__name__}: give constexprs {missing}"
+    return sig
+
+
+def compile_cases() -> dict[str, str | None]:
+    """Case id -> None when it compiled to PTX that waits on its predecessor, else the error."""
+    out: dict[str, str | None] = {}
+    for i, (module, name, pointers, constexprs) in enumerate(CASES):
+        try:
+            fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), name)
+            constexprs = dict(constexprs, PDL=True)
+            src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
+            ptx = triton.compile(src, target=HOPPER).asm["ptx"]
+            out[_case_id(i)] = None if "griddepcontrol.wait" in ptx else "no griddepcontrol.wait in the PTX"
+        except Exception as e:  # noqa: BLE001 - reported per case
+            cause = e.__cause__ or e
+            out[_case_id(i)] = f"{type(cause).__name__}: {cause}"[-3000:]
+    return out
+
+
+def _case_id(i: int) -> str:
+    return f"{CASES[i][1]}-{i}"
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, str | None]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from tests.kernels.test_hopper_compile import compile_cases; "
+            "sys.stdout.write('@@' + json.dumps(compile_cases()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("@@", 1)[1])
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("case_id", [_case_id(i) for i in range(len(CASES))])
+def test_compiles_for_sm90_with_pdl(compiled, case_id):
+    assert compiled[case_id] is None, compiled[case_id]
