@@ -32,7 +32,8 @@ from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# stride_bt: the block table's width changes per eager step; not specialised (see prefill_attention).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,

@@ -140,7 +140,10 @@ def softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, MASKED: tl.const
     return acc, l, m_new
 
 
-@triton.jit
+# The block table's width (stride_bt) and the sequence count change from step to step; Triton
+# would compile a variant per value class (== 1, % 16 == 0), so a server's first steps of each
+# class stalled on a compile (over a second each on the H200, bench/README.md).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
     seq_lens_ptr,
