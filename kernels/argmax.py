@@ -82,7 +82,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         return out
     if v == 0:
         raise ValueError("logits must have at least one column (V = 0)")
-    if v >= _MAX_INDEX:
+    if v > _MAX_INDEX - CHUNK:  # the last chunk's int32 offsets must not wrap
         raise ValueError(f"logits has V = {v} columns; indices must fit int32")
     chunks = triton.cdiv(v, CHUNK)
     key = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)

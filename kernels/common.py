@@ -40,7 +40,8 @@ PDL_ENV = "LLMESH_PDL"
 
 @functools.lru_cache(maxsize=16)
 def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # ROCm builds report MI200/MI300 as 9.x too; Triton's AMD backend has no launch_pdl option
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:

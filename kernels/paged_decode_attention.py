@@ -32,8 +32,10 @@ from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 _LOG2E = 1.4426950408889634
 
 
-# stride_bt: the block table's width changes per eager step; not specialised (see prefill_attention).
-@triton.jit(do_not_specialize=["stride_bt"])
+# The partition count (from the step's longest context in eager steps) and the block table's
+# width change from step to step: not specialised, so no step stalls on a compile (see
+# prefill_attention).
+@triton.jit(do_not_specialize=["num_partitions", "stride_bt"])
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -121,7 +123,7 @@ def _decode_partition_kernel(
                  cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _decode_reduce_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr,
     num_partitions, stride_ob, stride_oh,

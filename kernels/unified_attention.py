@@ -43,8 +43,7 @@ def _segment_len(ctx_len, NUM_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, MIN
     return tl.maximum(share, MIN_SEGMENT)
 
 
-# stride_bt: the block table's width changes per step; not specialised (see prefill_attention).
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit
 def _short_query_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
     seq_lens_ptr,

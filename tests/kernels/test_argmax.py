@@ -49,6 +49,17 @@ def test_nan_is_the_largest_and_the_first_nan_wins(device):
     assert torch.equal(got, argmax_rows_ref(x))
 
 
+def test_all_nan_rows_and_nan_before_inf(device):
+    v = 2 * CHUNK + 3
+    x = torch.randn(2, v, generator=torch.Generator().manual_seed(3))
+    x[0, :] = float("nan")                             # every entry NaN: the first
+    x[1, 4] = float("nan")                             # NaN in chunk 0 beats +inf in a later chunk
+    x[1, CHUNK + 1] = float("inf")
+    got = argmax_rows(x.to(device)).cpu()
+    assert got.tolist() == [0, 4]
+    assert torch.equal(got, argmax_rows_ref(x))
+
+
 def test_strided_rows_and_bad_inputs(device):
     x = torch.randn(3, 2 * CHUNK, generator=torch.Generator().manual_seed(2))
     view = x.to(device)[:, :CHUNK + 100]  # rows strided, last dim contiguous

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,19 +108,52 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> d
     return sig
 
 
+_GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async)")
+
+
+def check_ptx(ptx: str) -> str | None:
+    """None when the kernel waits on its predecessor before its first global memory access and
+    then lets its dependents launch, else what is wrong."""
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0:
+        return "no griddepcontrol.wait in the PTX"
+    first = _GLOBAL_ACCESS.search(ptx)
+    if first is not None and first.start() < wait:
+        return f"global access before the wait: {ptx[first.start():first.start() + 60]!r}"
+    if "griddepcontrol.launch_dependents" not in ptx:
+        return "no griddepcontrol.launch_dependents in the PTX"
+    return None
+
+
+def pdl_kernels() -> set[str]:
+    """Every @triton.jit kernel in kernels/ that takes PDL (so may be launched with it)."""
+    from triton.runtime.jit import JITFunction
+
+    found = set()
+    for path in sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.py")):
+        mod = importlib.import_module(f"llmesh.kernels.{path.stem}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ and "PDL" in obj.arg_names \
+                    and name.startswith("_") and name.endswith("_kernel"):
+                found.add(name)
+    return found
+
+
 def compile_cases() -> dict[str, str | None]:
-    """Case id -> None when it compiled to PTX that waits on its predecessor, else the error."""
+    """Case id -> None when it compiled to PTX that waits on its predecessor first, else the
+    error; "coverage" -> the PDL kernels no case compiles."""
     out: dict[str, str | None] = {}
     for i, (module, name, pointers, constexprs) in enumerate(CASES):
         try:
             fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), name)
             constexprs = dict(constexprs, PDL=True)
             src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
-            ptx = triton.compile(src, target=HOPPER).asm["ptx"]
-            out[_case_id(i)] = None if "griddepcontrol.wait" in ptx else "no griddepcontrol.wait in the PTX"
+            out[_case_id(i)] = check_ptx(triton.compile(src, target=HOPPER).asm["ptx"])
         except Exception as e:  # noqa: BLE001 - reported per case
             cause = e.__cause__ or e
             out[_case_id(i)] = f"{type(cause).__name__}: {cause}"[-3000:]
+    missing = sorted(pdl_kernels() - {c[1] for c in CASES})
+    out["coverage"] = f"PDL kernels without a case: {missing}" if missing else None
     return out
 
 
@@ -133,12 +167,12 @@ def compiled() -> dict[str, str | None]:
     code = ("import json, sys; from tests.kernels.test_hopper_compile import compile_cases; "
             "sys.stdout.write('@@' + json.dumps(compile_cases()))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("@@", 1)[1])
 
 
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
-@pytest.mark.parametrize("case_id", [_case_id(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("case_id", [_case_id(i) for i in range(len(CASES))] + ["coverage"])
 def test_compiles_for_sm90_with_pdl(compiled, case_id):
     assert compiled[case_id] is None, compiled[case_id]
