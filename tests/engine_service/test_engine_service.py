@@ -82,9 +82,17 @@ def test_bad_request_is_invalid_argument_and_process_stays_healthy(engine):
 
 def test_cancel_frees_blocks(engine):
     stub = _stub(engine.address)
-    call = stub.Generate(_request("cancel", max_tokens=400), timeout=60)
-    next(call)
-    assert stub.Load(engine_pb2.LoadRequest(), timeout=5).kv_blocks_used > 0
+    for attempt in range(3):
+        call = stub.Generate(_request(f"cancel-{attempt}", max_tokens=400), timeout=60)
+        next(call)
+        if stub.Load(engine_pb2.LoadRequest(), timeout=5).kv_blocks_used > 0:
+            break
+        # The tiny model can finish 400 tokens before a client on a loaded machine asks: then
+        # there is nothing left to cancel, so try again.
+        call.cancel()
+        _wait_idle(stub)
+    else:
+        pytest.fail("the request finished before Load saw it, three times")
     call.cancel()
     load = _wait_idle(stub)
     assert load.kv_blocks_used == 0 and load.num_running == 0
