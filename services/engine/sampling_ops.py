@@ -15,7 +15,6 @@ from itertools import chain
 import numpy as np
 import torch
 
-from llmesh.kernels.argmax import argmax_rows
 from llmesh.kernels.common import interpreting
 
 
@@ -41,6 +40,8 @@ def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     profiled H200 step, bench/kernel_profile.py), elsewhere torch's, which equals it."""
     if (logits.is_cuda and not interpreting() and logits.stride(-1) == 1
             and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        from llmesh.kernels.argmax import argmax_rows  # imports Triton: only where it runs
+
         return argmax_rows(logits)
     return logits.argmax(dim=-1)
 
