@@ -213,6 +213,7 @@ def paged_decode_attention(
     else:
         part_m = part_l = part_acc = out  # unused by the kernel
     block_d = next_power_of_2(d)
+    pdl = pdl_launch(q.device)
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
         out, part_m, part_l, part_acc,
@@ -224,13 +225,13 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=min(64, partition_size), PARTITION=partition_size, SPLIT=split,
         NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
-        num_warps=4, **pdl_launch(q.device)
+        num_warps=4, **pdl
     )
     if split:
         _decode_reduce_kernel[(b, h_q)](
             out, part_m, part_l, part_acc, seq_lens, num_partitions, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, PARTITION=partition_size,
-            BLOCK_P=min(16, next_power_of_2(num_partitions)), INTERPRET=interpreting(), **pdl_launch(q.device)
+            BLOCK_P=min(16, next_power_of_2(num_partitions)), INTERPRET=interpreting(), **pdl
         )
     return out
 

@@ -242,7 +242,8 @@ def unified_attention(
     else:
         part_m = part_l = part_acc = out  # unused by the kernel
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-                  NUM_SEGMENTS=segments, MIN_SEGMENT=cfg.min_segment, INTERPRET=interpreting())
+                  NUM_SEGMENTS=segments, MIN_SEGMENT=cfg.min_segment, INTERPRET=interpreting(),
+                  **pdl_launch(q.device))
     _short_query_kernel[(s, h_kv, segments)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, out, block_tables,
         query_start_loc, seq_lens, part_m, part_l, part_acc,
@@ -252,12 +253,11 @@ def unified_attention(
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, NUM_KV_HEADS=h_kv, FP8=fp8, DOT_F32=dot_in_fp32(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-        **pdl_launch(q.device),
     )
     if segments > 1:
         _short_query_reduce_kernel[(s, h_kv)](
             out, query_start_loc, seq_lens, part_m, part_l, part_acc, out.stride(0), out.stride(1),
-            num_warps=4, **common, **pdl_launch(q.device)
+            num_warps=4, **common,
         )
     if max_query_len > block_q:
         launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
