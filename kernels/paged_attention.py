@@ -127,8 +127,13 @@ def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
     # Two small batched matmuls rather than SDPA: for one query row the CPU SDPA kernel's
     # parallel region costs more than the arithmetic (48 us on one thread, 6 ms on two
     # threads of a busy machine, against 0.1-0.4 ms here).
-    h_q = q.shape[1]
-    qg = q.view(b, h_kv, h_q // h_kv, d)                                     # [B, H_kv, G, D]
+    h_q, out_dtype = q.shape[1], q.dtype
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        # A CPU without bfloat16 FMA runs a half-precision matmul several times slower than
+        # float32 (the demo's bf16 decode spent more time here than in its GEMVs), and
+        # rounding the scores to half is what SDPA's CPU kernel avoids anyway: attend in float32.
+        q, k, v = q.float(), k.float(), v.float()
+    qg = q.reshape(b, h_kv, h_q // h_kv, d)                                  # [B, H_kv, G, D]
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale                 # [B, H_kv, G, C]
     if one_len is None:
         # Padding rows (length 0) attend to slot 0 rather than to nothing, which would be NaN.
@@ -136,7 +141,7 @@ def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
         keep = (pos[None, :] < lens.clamp_min(1)[:, None]).view(b, 1, 1, ctx)
         scores = scores.masked_fill(~keep, float("-inf"))
     out = torch.matmul(scores.softmax(-1), v.transpose(1, 2))                # [B, H_kv, G, D]
-    return out.reshape(b, h_q, d)
+    return out.reshape(b, h_q, d).to(out_dtype)
 
 
 def paged_attention_ref(
