@@ -108,6 +108,14 @@ DECODE_PARTITION: dict[str, dict[int, int]] = {}
 DECODE_PARTITION["h200"] = {4: 64, 8: 64, 16: 64, 32: 128, 64: 128, 128: 256, 256: 512, 512: 512}
 
 DEFAULT_DECODE_PARTITION = 512
+SINGLE_PARTITION_PAIRS = 1024
+"""(sequence, KV head) pairs from which a decode batch runs one partition per sequence: the
+programs alone fill the GPU several times over, so splitting a context buys no parallelism,
+while the split launch's reduce kernel costs a pass over every head's partials (26 us a layer
+at batch 256 on the 8B shape, kernel_profile_h200_b256.json). Only where the launch's length
+bound is at most SINGLE_PARTITION_MAX_LEN: one program walks a whole context, and one long
+context among short ones must not make the step wait on a single program for long."""
+SINGLE_PARTITION_MAX_LEN = 4096
 MAX_DECODE_PARTITIONS = 64
 """Most partitions a sequence is split into: past this the dead programs of a long maximum
 length (a grid of B x H_kv x max_len / size) and the reduce's loop cost more than a short
@@ -129,9 +137,12 @@ def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
 
 
 def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:
-    """decode_partition_size's rule over one device's table. The cap only raises a measured
+    """decode_partition_size's rule over one device's table (one partition covering
+    max_seq_len for a batch of SINGLE_PARTITION_PAIRS pairs or more). The cap only raises a measured
     size smaller than the default back toward it: past MAX_DECODE_PARTITIONS partitions of the
     default (a very long maximum length) the launch is what it was before the table existed."""
+    if pairs >= SINGLE_PARTITION_PAIRS and max_seq_len <= SINGLE_PARTITION_MAX_LEN:
+        return max(DEFAULT_DECODE_PARTITION, 1 << max(0, max_seq_len - 1).bit_length())
     size = next((table[b] for b in sorted(table) if pairs <= b), DEFAULT_DECODE_PARTITION)
     while size < DEFAULT_DECODE_PARTITION and -(-max_seq_len // size) > MAX_DECODE_PARTITIONS:
         size *= 2

@@ -86,7 +86,7 @@ def _experts_of(ids_ptr, i, N, E):
     return tl.where(e < 0, E, e), valid
 
 
-@triton.jit(do_not_specialize=["N", "LENGTH", "NUM_BLOCKS"])  # per-step sizes: no compile per value class
+@triton.jit
 def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, next_ptr,
                       N, E, LENGTH, NUM_BLOCKS,
                       BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from llmesh.kernels.attention_config import (DECODE_PARTITION, DEFAULT_DECODE_PARTITION, MAX_DECODE_PARTITIONS,
-                                             decode_partition_size, pick_partition)
+                                             SINGLE_PARTITION_MAX_LEN, SINGLE_PARTITION_PAIRS, decode_partition_size,
+                                             pick_partition)
 
 
 def test_the_smallest_bucket_at_or_above_the_pairs_decides():
@@ -14,8 +15,21 @@ def test_the_smallest_bucket_at_or_above_the_pairs_decides():
     assert pick_partition(table, 8, 2048) == 64
     assert pick_partition(table, 9, 2048) == 128
     assert pick_partition(table, 256, 2048) == 512
-    assert pick_partition(table, 4096, 2048) == DEFAULT_DECODE_PARTITION  # past the table
+    assert pick_partition(table, 512, 8192) == 512
+    assert pick_partition(table, 4096, 8192) == DEFAULT_DECODE_PARTITION  # past the table
     assert pick_partition({}, 1, 2048) == DEFAULT_DECODE_PARTITION
+
+
+def test_a_batch_that_fills_the_gpu_runs_one_partition_per_sequence():
+    table = {8: 64, 256: 512}
+    many = SINGLE_PARTITION_PAIRS
+    assert pick_partition(table, many, 2048) == 2048  # one partition: no reduce kernel
+    assert pick_partition(table, many, 1500) == 2048  # a power of two covering the bound
+    assert pick_partition(table, many, 100) == DEFAULT_DECODE_PARTITION
+    assert pick_partition({}, many, SINGLE_PARTITION_MAX_LEN) == SINGLE_PARTITION_MAX_LEN
+    # a longer bound keeps the split: one program must not walk a very long context alone
+    assert pick_partition(table, many, SINGLE_PARTITION_MAX_LEN + 1) == DEFAULT_DECODE_PARTITION
+    assert pick_partition(table, many - 1, 2048) == DEFAULT_DECODE_PARTITION
 
 
 def test_a_long_maximum_length_raises_the_size_until_the_partitions_fit():
