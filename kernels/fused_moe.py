@@ -59,7 +59,9 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
 
 
-@triton.jit
+# The pair count changes with every eager step's tokens: not specialised (no compile per
+# value class mid-serving, kernels/README.md).
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, scale_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
