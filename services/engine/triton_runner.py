@@ -34,7 +34,6 @@ from llmesh.engine.pooling import has_pooling, pool_step
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.engine.step_inputs import HostStep, StaticInputs
-from llmesh.kernels.fused_moe_config import M_BUCKETS
 from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -92,9 +91,6 @@ class TritonModelRunner(RunnerBase):
         self.stats = GraphStats()
         if self.use_graphs:
             self._capture_graphs()
-        if device.type == "cuda":
-            self._warm_moe([t for t in (*M_BUCKETS, max_num_batched_tokens)
-                            if max(self.mixed_buckets or [0]) < t <= max_num_batched_tokens])
 
     # ---- graphs -------------------------------------------------------------------------
     def _meta(self, t: int, s: int, kind: str, max_query_len: int, max_seq_len: int,
@@ -139,28 +135,6 @@ class TritonModelRunner(RunnerBase):
         log.info("captured CUDA graphs", extra={"decode_batch_sizes": self.decode_sizes,
                                                 "mixed_token_buckets": self.mixed_buckets,
                                                 "seconds": round(time.perf_counter() - t0, 2)})
-
-    @torch.inference_mode()
-    def _warm_moe(self, token_counts: list[int]) -> None:
-        """Run one sparse layer's experts at the eager steps' sizes now, so that their Triton
-        kernels (a tile config per token bucket) compile at start-up and not in a serving
-        step: the graphs' warm-up passes compiled only the sizes they captured. Zero inputs
-        route every token alike; no token is counted (``counted`` 0)."""
-        layer = next((layer for layer in self.model.layers if layer.moe is not None), None)
-        if layer is None or not token_counts:
-            return
-        t0 = time.perf_counter()
-        hidden = self.model.config.hidden_size
-        for t in sorted(set(token_counts)):
-            try:
-                x = torch.zeros(t, hidden, dtype=self.model.dtype, device=self.device)
-                layer.moe.forward(self.model.ops, x, torch.zeros(t, dtype=torch.int64, device=self.device))
-            except torch.cuda.OutOfMemoryError:  # what is left beside the KV pool: later sizes compile when used
-                log.warning("MoE kernel warm-up stopped for memory", extra={"tokens": t})
-                break
-        torch.cuda.synchronize(self.device)
-        log.info("compiled the MoE kernels of eager steps", extra={"tokens": sorted(set(token_counts)),
-                                                                   "seconds": round(time.perf_counter() - t0, 2)})
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and the memory they hold; later steps run eager. Under
