@@ -86,11 +86,11 @@ def _experts_of(ids_ptr, i, N, E):
     return tl.where(e < 0, E, e), valid
 
 
-# N and NUM_BLOCKS change with every step's tokens: not specialised (no compile per value class
-# mid-serving). LENGTH is too, but always a multiple of BLOCK_M (>= 16): its one value class
-# costs no compile, and knowing it lets the padding stores vectorise (31 us at T = 64 on the
-# H200, 52 us with LENGTH unspecialised too; moe_h200.json, moe_align_t64_kernel_us).
-@triton.jit(do_not_specialize=["N", "NUM_BLOCKS"])
+# Specialised on its sizes, unlike the kernels that run in eager steps of any size: it runs for
+# at most ALIGN_KERNEL_MAX_PAIRS pairs, i.e. in decode steps, whose sizes the CUDA graphs compile
+# at capture, and specialising is worth it there (31 us at T = 64 on the H200 against 52 us
+# with N, LENGTH and NUM_BLOCKS unspecialised; moe_align_t64_kernel_us in moe_h200.json).
+@triton.jit
 def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, next_ptr,
                       N, E, LENGTH, NUM_BLOCKS,
                       BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
