@@ -58,8 +58,9 @@ class LLM:
         order: list[str] = []
         results: dict[str, RequestOutput] = {}
         for prompt, p in zip(prompts, params_list):
+            # Only the finished text is returned: no text deltas to build step by step.
             req = self.engine.add_request(list(prompt) if not isinstance(prompt, str) else prompt, p,
-                                          priority=priority)
+                                          priority=priority, text_deltas=False)
             order.append(req.request_id)
             results[req.request_id] = RequestOutput(req.request_id, req.prompt_token_ids,
                                                     logprobs=[] if p.logprobs is not None else None)

@@ -87,9 +87,12 @@ class LLMEngine:
         priority: int = Priority.INTERACTIVE,
         cache_salt: str | None = None,
         pooling: PoolingParams | None = None,
+        text_deltas: bool = True,
     ) -> Request:
         """Admit a request; raises InvalidRequestError (nothing is admitted) when it cannot run.
-        With ``pooling`` it is an embedding request (see ``pooling_params``)."""
+        With ``pooling`` it is an embedding request (see ``pooling_params``). ``text_deltas``
+        False: its text comes whole in the final output, not a delta per step
+        (OutputProcessor.add_request)."""
         if params is not None and params.n != 1:
             raise InvalidRequestError(f"n={params.n}: the synchronous engine returns one sequence per request; "
                                       "several choices share a prompt through AsyncLLM (the engine service)",
@@ -98,7 +101,7 @@ class LLMEngine:
             prompt, params, request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
             priority=priority, cache_salt=cache_salt, pooling=pooling)
         req = self.core.add_request(core_req)
-        self.output_processor.add_request(core_req)
+        self.output_processor.add_request(core_req, text_deltas=text_deltas)
         return req
 
     def pooling_params(self, dimensions: int | None = None) -> PoolingParams:

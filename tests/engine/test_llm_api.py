@@ -75,3 +75,42 @@ def test_bad_input_is_refused_with_the_field_named(llm):
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]])
     assert llm.engine.kv.num_used_blocks == 0
+
+
+def _run(llm, prompts, params, text_deltas):
+    """Each request's deltas through LLMEngine.step, added with or without text deltas."""
+    eng = llm.engine
+    ids = [eng.add_request(p, params, text_deltas=text_deltas).request_id for p in prompts]
+    deltas = {i: [] for i in ids}
+    while eng.has_unfinished_requests():
+        for d in eng.step():
+            deltas[d.request_id].append(d)
+    return [deltas[i] for i in ids]
+
+
+def test_text_whole_at_the_end_equals_the_streamed_text(llm):
+    """LLM.generate reads only the final text: its requests are detokenized once at the end,
+    and that text equals what the per-step deltas add up to, special tokens and all."""
+    prompts = ["hello world", "the quick brown fox", [5, 6, 7], [1, 2, 3, 4, 5, 6]]
+    for skip in (True, False):
+        params = SamplingParams(max_tokens=17, temperature=1.0, seed=7, ignore_eos=True, skip_special_tokens=skip)
+        streamed = _run(llm, prompts, params, text_deltas=True)
+        whole = _run(llm, prompts, params, text_deltas=False)
+        for s, w in zip(streamed, whole):
+            assert [t for d in w for t in d.token_ids] == [t for d in s for t in d.token_ids]
+            assert all(d.text == "" for d in w[:-1]) and w[-1].finished
+            assert w[-1].text == "".join(d.text for d in s)
+            assert w[-1].text == llm.get_tokenizer().decode([t for d in w for t in d.token_ids],
+                                                            skip_special_tokens=skip)
+        outs = llm.generate(prompts, params)
+        assert [o.text for o in outs] == ["".join(d.text for d in s) for s in streamed]
+
+
+def test_stop_strings_still_end_requests_whose_text_comes_at_the_end(llm):
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    full = _run(llm, ["stop string probe"], greedy, text_deltas=False)[0][-1].text
+    stop = full[4:7]
+    (deltas,) = _run(llm, ["stop string probe"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                                                                stop=[stop]), text_deltas=False)
+    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_reason == stop
+    assert "".join(d.text for d in deltas) == full[: full.index(stop)]
