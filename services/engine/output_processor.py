@@ -39,8 +39,8 @@ class OutputProcessor:
         """``arrival_time``: time.monotonic() when the request reached the front end (now if None).
         ``text_deltas`` False: a caller that reads the text only at the end (``LLM.generate``)
         gets it all in the final delta; without stop strings the tokens are then detokenized
-        once at the finish rather than every step (at batch 256 that was a third of the
-        engine's host work per step outside the core)."""
+        once at the finish rather than every step (at batch 256, profiled on a 2-core CPU with
+        a tiny model, the step's text work went from 5.7 to 1.7 ms of about 30 ms of host work)."""
         sp = req.sampling_params
         self._states[req.request_id] = _RequestState(
             prompt_token_ids=req.prompt_token_ids,
