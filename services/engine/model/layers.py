@@ -22,7 +22,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     if x32.device.type == "cpu":
         # The same ops (pow, mean, add, rsqrt, mul) run by PyTorch's C++ composite: bit for bit
-        # HF's value (tests/engine/test_layers.py), without five Python-level dispatches a call.
+        # HF's value (tests/engine/test_model_ops.py), without five Python-level dispatches a call.
         x32 = torch.nn.functional.rms_norm(x32, (x32.shape[-1],), None, eps)
     else:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
