@@ -1,7 +1,8 @@
 """API-key authentication: ``authorization: Bearer llm_<id>_<secret>`` metadata → Caller.
 
-The record is looked up by the key's id on every call (Redis first, then the keys file),
-so a revocation reaches every gateway on its next request. When Redis cannot be reached,
+The record is looked up by the key's id (Redis first, then the keys file); a record read from
+Redis is reused for ``key_cache_s`` (0.5 s by default: a round trip off each request's path),
+so a revocation reaches every gateway within that. When Redis cannot be reached,
 fail-closed refuses with UNAVAILABLE; fail-open accepts keys verified before the outage
 (their last known record). The key never appears in a message or a log line. A caller's
 prefix-cache salt is keyed by the mesh secret (``llmesh.mesh_secret.cache_salt``), never
@@ -11,6 +12,8 @@ the tenant's name itself.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import grpc
 import redis.asyncio as aioredis
@@ -23,6 +26,9 @@ from llmesh.gateway.keys import REDIS_PREFIX, KeyFormatError, KeyRecord, KeysFil
 from llmesh.gateway.ratelimit import RedisGuard
 from llmesh.mesh_secret import cache_salt
 
+MAX_KNOWN_KEYS = 100_000
+"""Key records kept in memory (for reuse within ``cache_s`` and for fail-open)."""
+
 MAX_AUTH_HEADER = 512
 """Longer authorization values are refused before any parsing (a key is ~60 bytes)."""
 
@@ -34,14 +40,20 @@ def _unauthenticated(reason: str, message: str) -> ServiceError:
 
 class KeyAuthenticator:
     def __init__(self, redis_client: aioredis.Redis | None, keys_file: KeysFile | None, guard: RedisGuard,
-                 pepper: str = "", *, salt_key: bytes) -> None:
-        """``salt_key`` keys the tenants' cache salts (the mesh secret)."""
+                 pepper: str = "", *, salt_key: bytes, cache_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``salt_key`` keys the tenants' cache salts (the mesh secret). ``cache_s``: how long
+        a record read from Redis is reused (0: read on every call)."""
         self._redis = redis_client
         self._salt_key = salt_key
         self._file = keys_file
         self._guard = guard
         self._pepper = pepper
+        self._cache_s = cache_s
+        self._clock = clock
         self._known: dict[str, KeyRecord] = {}
+        self._read_at: dict[str, float] = {}
+        """When each record of ``_known`` was read from Redis (monotonic seconds)."""
 
     async def authenticate(self, context: CallContext) -> Caller:
         values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
@@ -74,6 +86,9 @@ class KeyAuthenticator:
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
         if self._redis is not None:
+            read_at = self._read_at.get(key_id)
+            if read_at is not None and self._clock() - read_at < self._cache_s:
+                return self._known[key_id]
             try:
                 data = await self._redis.hgetall(REDIS_PREFIX + key_id)
             except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -87,6 +102,11 @@ class KeyAuthenticator:
             self._guard.ok()
             if data:
                 record = KeyRecord.from_redis(data)
+                if len(self._known) >= MAX_KNOWN_KEYS and key_id not in self._known:
+                    self._known.clear()  # bounded: only keys that exist get here, so this is rare
+                    self._read_at.clear()
                 self._known[key_id] = record
+                self._read_at[key_id] = self._clock()
                 return record
+            self._read_at.pop(key_id, None)  # deleted: never served from the cache
         return self._file.get(key_id) if self._file else None

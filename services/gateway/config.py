@@ -47,6 +47,9 @@ class GatewayConfig(ServiceConfig):
     redis_failure_mode: str = option("closed", "when Redis is unreachable: 'closed' refuses calls "
                                                "(UNAVAILABLE), 'open' serves them without limits")
     redis_timeout_s: float = option(0.5, "timeout of each Redis call, in seconds")
+    key_cache_s: float = option(0.5, "how long an API key's record read from Redis is reused before it is read "
+                                     "again (a Redis round trip off each request's path); a revocation or a "
+                                     "changed limit takes effect within this. 0: read on every call")
     redis_check_interval_s: float = option(
         1.0, "how often Redis is pinged; with auth on and keys only in Redis the gateway reports NOT_SERVING "
              "while Redis does not answer")
@@ -82,6 +85,7 @@ class GatewayConfig(ServiceConfig):
                 "auth is on but there is nowhere to find API keys: pass --redis-url URL and/or "
                 "--keys-file PATH, or --auth false to serve without keys")
         require(self.redis_timeout_s > 0, f"redis_timeout_s must be > 0, got {self.redis_timeout_s}")
+        require(0 <= self.key_cache_s <= 60, f"key_cache_s must be in [0, 60], got {self.key_cache_s}")
         require(self.redis_check_interval_s > 0,
                 f"redis_check_interval_s must be > 0, got {self.redis_check_interval_s}")
         require(self.routing in ROUTING_MODES,

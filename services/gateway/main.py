@@ -55,7 +55,8 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
         socket_connect_timeout=config.redis_timeout_s) if config.redis_url else None
     guard = RedisGuard(config.redis_failure_mode)
     authenticator = KeyAuthenticator(redis_client, KeysFile(config.keys_file) if config.keys_file else None,
-                                     guard, config.key_pepper, salt_key=_salt_key(config)) if config.auth else NoAuth()
+                                     guard, config.key_pepper, salt_key=_salt_key(config),
+                                     cache_s=config.key_cache_s) if config.auth else NoAuth()
     limiter = RateLimiter(redis_client, guard) if redis_client is not None else None
     usage_store = UsageStore(redis_client, guard) if redis_client is not None else None
     engines = EngineChannels(config, config.engine_stall_timeout_s) if config.routing == "direct" else None
