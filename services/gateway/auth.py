@@ -87,7 +87,7 @@ class KeyAuthenticator:
     async def _lookup(self, key_id: str) -> KeyRecord | None:
         if self._redis is not None:
             read_at = self._read_at.get(key_id)
-            if read_at is not None and self._clock() - read_at < self._cache_s:
+            if read_at is not None and not self._guard.down and self._clock() - read_at < self._cache_s:
                 return self._known[key_id]
             try:
                 data = await self._redis.hgetall(REDIS_PREFIX + key_id)

@@ -94,8 +94,12 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
             metrics.RESPONSE_CACHE_EVICTIONS.inc))
     if config.auth and redis_client is not None and not config.keys_file:
         # Keys only in Redis: without it nobody can be authenticated, so health says so.
+        async def redis_verdict(up: bool) -> None:
+            guard.observed(up)  # while Redis is known down no key record is reused: fail-closed holds
+            await server.set_serving(up)
+
         redis_probe = asyncio.create_task(redis_health_loop(
-            pinger(redis_client), config.redis_check_interval_s, server.set_serving, metrics.REDIS_UP,
+            pinger(redis_client), config.redis_check_interval_s, redis_verdict, metrics.REDIS_UP,
             "API keys live there"))
     if config.http_port:
         http = HttpFront(servicer, tokenizers, config.max_request_bytes)

@@ -133,6 +133,13 @@ class RedisGuard:
             log.warning("redis reachable again")
         self.down = False
 
+    def observed(self, up: bool) -> None:
+        """The health check's verdict (no request failed: no error counted)."""
+        if up:
+            self.ok()
+        else:
+            self.down = True
+
     def refuse(self, what: str) -> ServiceError:
         return unavailable(f"the gateway cannot reach its Redis to check {what}; try again shortly")
 

@@ -68,6 +68,18 @@ async def _run(url: str) -> None:
             await auth.authenticate(_Context(key))
     assert len(reads) == 4
 
+    guard = RedisGuard("closed")
+    guarded = KeyAuthenticator(client, None, guard, salt_key=b"s", cache_s=0.5, clock=clock)
+    key3, record3 = new_key("third")
+    await client.hset(REDIS_PREFIX + record3.key_id, mapping=record3.to_redis())
+    await guarded.authenticate(_Context(key3))
+    before = len(reads)
+    guard.observed(False)  # the health check found Redis down: the record is read again (and would fail)
+    await guarded.authenticate(_Context(key3))
+    assert len(reads) == before + 1 and not guard.down  # the read answered: up again
+    await guarded.authenticate(_Context(key3))
+    assert len(reads) == before + 1
+
     uncached = KeyAuthenticator(client, None, RedisGuard("closed"), salt_key=b"s", cache_s=0.0, clock=clock)
     key2, record2 = new_key("other")
     await client.hset(REDIS_PREFIX + record2.key_id, mapping=record2.to_redis())
