@@ -140,6 +140,21 @@ def decode_b1(llm: LLM, prompt: list[int], new_tokens: int, copy_tb_s: float) ->
             "decode_b1_ttft_ms": 1e3 * (t_first - t0), "decode_b1_step_ms": 1e3 / tok_s}
 
 
+def offline_repeated(llm: LLM, prompts: list[list[int]], outputs: list[int], repeats: int,
+                     rng: np.random.Generator) -> dict[str, float]:
+    """``offline`` run ``repeats`` times, each after the first on fresh ids of the same lengths
+    (the prefix cache must not serve a repeat): the lower-median run's metrics (with an even
+    count the slower of the middle two, never a mean of runs), and every run's out tok/s."""
+    runs = [offline(llm, prompts, outputs)]
+    for _ in range(1, repeats):
+        runs.append(offline(llm, fresh_ids(prompts, llm.engine.model_config.vocab_size, rng), outputs))
+    metrics = dict(sorted(runs, key=lambda r: r["offline_out_tok_s"])[(len(runs) - 1) // 2])
+    if len(runs) > 1:
+        metrics.update({f"offline_run{i}_out_tok_s": r["offline_out_tok_s"] for i, r in enumerate(runs)})
+        metrics["offline_runs"] = len(runs)
+    return metrics
+
+
 def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str = "offline") -> dict[str, float]:
     """(b): every request submitted at once; output and total (prompt + output) tokens per second."""
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
@@ -346,14 +361,7 @@ def main() -> None:
     metrics.update(decode_b1(llm, rng.integers(10, cfg.vocab_size, size=b1_prompt).tolist(), b1_new,
                              ceilings["copy_tb_s"]))
     save()
-    runs = [offline(llm, prompts, outputs)]
-    for _ in range(1, args.offline_repeats):  # fresh ids: the prefix cache must not serve a repeat
-        runs.append(offline(llm, fresh_ids(prompts, cfg.vocab_size, rng), outputs))
-    # the lower median: with an even count the slower of the middle two, never a mean of runs
-    metrics.update(sorted(runs, key=lambda r: r["offline_out_tok_s"])[(len(runs) - 1) // 2])
-    if len(runs) > 1:
-        metrics.update({f"offline_run{i}_out_tok_s": r["offline_out_tok_s"] for i, r in enumerate(runs)})
-        metrics["offline_runs"] = len(runs)
+    metrics.update(offline_repeated(llm, prompts, outputs, args.offline_repeats, rng))
     save()
     step_prompts = [rng.integers(10, cfg.vocab_size, size=step_prompt).tolist() for _ in range(step_batch)]
     step_metrics, gpu_source = decode_step_breakdown(llm, step_prompts, steps, max(1, steps // 2))

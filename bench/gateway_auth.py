@@ -1,7 +1,7 @@
 """What an API key check costs a request on the gateway, with and without its record cache.
 
-``KeyAuthenticator.authenticate`` against a real ``redis-server`` on loopback (started here,
-no persistence), in-process, one call at a time: with ``key_cache_s`` 0 every call reads the
+``KeyAuthenticator.authenticate`` against a real ``redis-server`` on loopback (the tests'
+throwaway one, no persistence), in-process, one call at a time: with ``key_cache_s`` 0 every call reads the
 key's record from Redis; with the gateway's default (0.5 s) the record read by the first call
 is reused. The two settings alternate (A B A B) so drift hits both. Metrics:
 ``auth_uncached_p50_us``, ``auth_cached_p50_us`` (median of each setting's calls, both
@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from llmesh.bench_results import write_result
-from llmesh.gateway.auth import KeyAuthenticator
-from llmesh.gateway.config import GatewayConfig
-from llmesh.gateway.keys import REDIS_PREFIX, new_key
-from llmesh.gateway.ratelimit import RedisGuard
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tests.* helpers
+
+from llmesh.bench_results import write_result  # noqa: E402
+from llmesh.gateway.auth import KeyAuthenticator  # noqa: E402
+from llmesh.gateway.config import GatewayConfig  # noqa: E402
+from llmesh.gateway.keys import REDIS_PREFIX, new_key  # noqa: E402
+from llmesh.gateway.ratelimit import RedisGuard  # noqa: E402
+from tests.mesh_helpers import RedisServer  # noqa: E402
 
 
 class _Metadata:
@@ -40,31 +39,6 @@ class _Metadata:
 
     def invocation_metadata(self):
         return self._md
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis() -> tuple[subprocess.Popen, str]:
-    binary = os.environ.get("LLMESH_REDIS_SERVER") or shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", tempfile.mkdtemp(prefix="llmesh-bench-redis-")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start within 10 s")
 
 
 async def _measure(url: str, calls: int, rounds: int, cached_s: float) -> dict[str, list[float]]:
@@ -95,12 +69,8 @@ def main() -> None:
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
     cached_s = GatewayConfig.__dataclass_fields__["key_cache_s"].default
-    proc, url = _start_redis()
-    try:
-        times = asyncio.run(_measure(url, args.calls, args.rounds, cached_s))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with RedisServer() as redis_server:
+        times = asyncio.run(_measure(redis_server.url, args.calls, args.rounds, cached_s))
     uncached = 1e6 * statistics.median(times["uncached"])
     cached = 1e6 * statistics.median(times["cached"])
     metrics = {"auth_uncached_p50_us": uncached, "auth_cached_p50_us": cached,

@@ -255,7 +255,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
 def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, backend: str,
                  offline_repeats: int = 3) -> tuple[dict[str, float], dict]:
     """decode_gpu.py's batch-1 decode and offline workload on the MoE preset, metrics prefixed moe_."""
-    from decode_gpu import SMOKE_WORKLOAD, Workload, decode_b1, fresh_ids, make_workload, offline
+    from decode_gpu import SMOKE_WORKLOAD, Workload, decode_b1, make_workload, offline_repeated
 
     from llmesh.engine import LLM, SamplingParams
 
@@ -274,16 +274,8 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
     b1_prompt, b1_new = (16, 12) if smoke else (128, 256)
     m = decode_b1(llm, torch.randint(10, cfg.vocab_size, (b1_prompt,), generator=gen).tolist(), b1_new,
                   ceilings["copy_tb_s"])
-    # As decode_gpu.py: the lower median of repeats, each with fresh ids (no prefix-cache hits),
-    # so a first run's kernel compiles do not decide the figure.
-    runs = [offline(llm, prompts, outputs)]
-    rng = np.random.default_rng(3)
-    for _ in range(1, offline_repeats):
-        runs.append(offline(llm, fresh_ids(prompts, cfg.vocab_size, rng), outputs))
-    m.update(sorted(runs, key=lambda r: r["offline_out_tok_s"])[(len(runs) - 1) // 2])
-    if len(runs) > 1:
-        m.update({f"offline_run{i}_out_tok_s": r["offline_out_tok_s"] for i, r in enumerate(runs)})
-        m["offline_runs"] = len(runs)
+    # As decode_gpu.py: one run varies a lot (docs/moe.md), so the lower median of repeats.
+    m.update(offline_repeated(llm, prompts, outputs, offline_repeats, np.random.default_rng(3)))
     workload = {"model": model, "engine": engine_kwargs, "offline": asdict(work),
                 "decode_b1": f"one {b1_prompt}-token prompt, {b1_new} new tokens; roofline = copy_tb_s / (top-k "
                              "experts of each layer + other weights except the input embedding + K/V)"}
