@@ -66,6 +66,29 @@ INTERPRET_FP16_DOTS = "LLMESH_INTERPRET_FP16_DOTS"
 """Set to 1 (tests only) to run float16 kernels' 16-bit branches under the interpreter."""
 
 
+ARRIVAL_SLOTS = 1 << 16
+"""Arrival counters per (kernel, device, stream)."""
+
+_arrival: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counters(kernel: str, device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed int32 counters for a kernel whose programs count their arrivals so that the last
+    one combines the others' partial results (split-K with no second launch). Each launch must
+    leave every counter it used at zero (the last arrival resets its own); one buffer per
+    kernel, device and stream, so that launches on other streams cannot interleave, and the
+    same buffer each time, which a CUDA graph can capture."""
+    if needed > ARRIVAL_SLOTS:
+        raise ValueError(f"{kernel}: {needed} arrival counters needed, {ARRIVAL_SLOTS} exist; "
+                         f"launch fewer split tiles")
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (kernel, device.type, device.index, stream)
+    buf = _arrival.get(key)
+    if buf is None:
+        buf = _arrival[key] = torch.zeros(ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+    return buf
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tl.dot operands are upcast to float32 for inputs of this dtype.
 

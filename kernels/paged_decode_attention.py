@@ -6,8 +6,11 @@ tl.dot), so each K/V tile is read once per group rather than once per query head
 an online softmax in float32 over the partition's tokens, BLOCK_N at a time, gathered
 through the block table. With one partition the program writes the output; with several
 (long contexts, where a single program per head would leave most of the GPU idle) each
-writes its running max, sum and unnormalised output, and a reduce kernel rescales and
-combines them.
+writes its running max, sum and unnormalised output, and the last of a (sequence, KV head)'s
+partition programs to finish (an arrival counter per pair, kernels/common.arrival_counters)
+rescales and combines them, in partition order; a sequence whose context fits one partition
+is written directly. `fold=False` (LLMESH_DECODE_FOLD=0) combines in a second, reduce kernel
+instead, as before.
 
 An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
 head) power-of-two scales applied per key column: to the scores for K, to the probabilities
@@ -17,19 +20,29 @@ dequantizing the tiles first at BLOCK_N multiplies a tile.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
-    next_power_of_2, pdl_launch)
+    INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
+    interpreting, next_power_of_2, pdl_launch)
 from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _LOG2E = 1.4426950408889634
+
+FOLD_ENV = "LLMESH_DECODE_FOLD"
+"""0: a split launch combines its partitions in a second (reduce) kernel instead of in the
+last partition program to finish (for A/B runs)."""
+
+
+def fold_enabled() -> bool:
+    return os.environ.get(FOLD_ENV, "1") != "0"
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -38,14 +51,14 @@ _LOG2E = 1.4426950408889634
 @triton.jit(do_not_specialize=["num_partitions", "stride_bt"])
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr,
     scale_log2, num_partitions,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    FOLD: tl.constexpr, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -112,15 +125,53 @@ def _decode_partition_kernel(
         m = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
+    out_tile = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    used = tl.cdiv(seq_len, PARTITION)  # the partitions holding tokens (0 for an empty context)
     if SPLIT:
-        row = (b * tl.num_programs(1) * GROUP + heads) * num_partitions + part  # [BLOCK_G]
-        tl.store(part_m_ptr + row, m, mask=g_mask)
-        tl.store(part_l_ptr + row, l, mask=g_mask)
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+        split_here = used > 1
     else:
+        split_here = False  # one partition covers max_seq_len: always the direct path
+    if split_here:
+        base = (b * NUM_KV_HEADS * GROUP + heads) * num_partitions  # [BLOCK_G]
+        tl.store(part_m_ptr + base + part, m, mask=g_mask)
+        tl.store(part_l_ptr + base + part, l, mask=g_mask)
+        tl.store(part_acc_ptr + (base + part)[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+        if FOLD:
+            # The last partition of this (sequence, KV head) to finish combines them all, in
+            # partition order (deterministic): no reduce kernel. Its counter is reset for the
+            # next launch on this stream.
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            counter = lock_ptr + b * NUM_KV_HEADS + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
+                _combine_partitions(out_tile, part_m_ptr, part_l_ptr, part_acc_ptr, base, used, g_mask, d,
+                                    out_mask, HEAD_DIM, BLOCK_G, BLOCK_D, INTERPRET)
+                tl.atomic_xchg(counter, 0)
+    else:
+        # One partition holds the whole context: the output directly, the reduce skips it.
         o = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty context gives zeros
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+        tl.store(out_tile, cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+
+
+@triton.jit
+def _combine_partitions(out_tile, part_m_ptr, part_l_ptr, part_acc_ptr, base, used, g_mask, d, out_mask,
+                        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """out = the partitions' softmax-weighted outputs of a group's heads, combined in order.
+    The partials are read past L1 (.cg): other programs wrote them."""
+    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for p in range(0, used):
+        m_all = tl.maximum(m_all, tl.load(part_m_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg"))
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for p in range(0, used):
+        # padding rows (past the group) read m = 0: finite weights, zeroed
+        w = tl.where(g_mask, tl.exp2(tl.load(part_m_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+                                     - m_all), 0.0)
+        l_sum += w * tl.load(part_l_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :], mask=out_mask,
+                                    other=0.0, cache_modifier=".cg")
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_tile, cast_rtne(o, out_tile.dtype.element_ty, INTERPRET), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["num_partitions"])
@@ -135,6 +186,8 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     used = tl.cdiv(seq_len, PARTITION)  # partitions past the context wrote nothing
+    if used <= 1:
+        return  # partition 0 wrote the output itself
     base = (b * tl.num_programs(1) + head) * num_partitions
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -175,6 +228,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    fold: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q: [B, H_q, D] (one token per sequence) over each sequence's paged context.
 
@@ -185,6 +239,8 @@ def paged_decode_attention(
     maximum length, to keep the launch fixed under CUDA graphs: partitions past a sequence's
     end exit at once). `partition_size` (a power of two >= 16) is the split-K chunk. An FP8
     pool comes with its scale pools k_scales, v_scales: [num_blocks, block_size, H_kv] uint8.
+    `fold` (default: on unless LLMESH_DECODE_FOLD=0): the last partition program of a sequence
+    and KV head to finish combines the partitions, instead of a reduce kernel.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)
     b, h_q, _ = q.shape
@@ -214,20 +270,22 @@ def paged_decode_attention(
         part_m = part_l = part_acc = out  # unused by the kernel
     block_d = next_power_of_2(d)
     pdl = pdl_launch(q.device)
+    fold = split and (fold_enabled() if fold is None else fold)
+    counters = arrival_counters("paged_decode_attention", q.device, b * h_kv) if fold else seq_lens
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
-        out, part_m, part_l, part_acc,
+        out, part_m, part_l, part_acc, counters,
         scale * _LOG2E, num_partitions,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=min(64, partition_size), PARTITION=partition_size, SPLIT=split,
-        NUM_KV_HEADS=h_kv, FP8=fp8,
+        FOLD=fold, NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
         num_warps=4, **pdl
     )
-    if split:
+    if split and not fold:
         _decode_reduce_kernel[(b, h_q)](
             out, part_m, part_l, part_acc, seq_lens, num_partitions, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, PARTITION=partition_size,

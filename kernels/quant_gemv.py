@@ -35,18 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import check_out, interpreting, next_power_of_2
+from llmesh.kernels.common import arrival_counters, check_out, interpreting, next_power_of_2
 from llmesh.kernels.int_words import SIGN_FLIP_BYTES, as_words, unit_code
 from llmesh.kernels.triton_helpers import cast_rtne
 
 MAX_M = 16
 """Rows up to which the GEMV runs (the register tile grows with M)."""
-
-_LOCK_SLOTS = 1 << 16
-"""Arrival counters per (device, stream): one per column tile of a split launch."""
-
-_locks: dict[tuple, torch.Tensor] = {}
-
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -87,19 +81,6 @@ def check_gemv_config(config: GemvConfig, group_size: int, grouped: bool) -> Non
         raise ValueError(f"config.split_k and num_stages must be ints >= 1, got {config.short()}")
     if config.words and config.block_n < 4:
         raise ValueError(f"config.block_n must be >= 4 with words (four columns a word), got {config.block_n}")
-
-
-def _lock_buffer(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for this device and stream (each split launch leaves them zero)."""
-    if tiles > _LOCK_SLOTS:
-        raise ValueError(f"quant_gemv: {tiles} column tiles exceed the {_LOCK_SLOTS} arrival counters; "
-                         f"use a larger block_n")
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _locks.get(key)
-    if buf is None:
-        buf = _locks[key] = torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
-    return buf
 
 
 @triton.jit
@@ -360,7 +341,7 @@ def _launch_buffers(x: torch.Tensor, m: int, n: int, splits: int, block_n: int):
     if splits == 1:
         return x, x  # unused pointers
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    return part, _lock_buffer(x.device, triton.cdiv(n, block_n))
+    return part, arrival_counters("quant_gemv", x.device, triton.cdiv(n, block_n))
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,

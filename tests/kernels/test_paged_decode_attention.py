@@ -16,7 +16,7 @@ TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat1
 HEADS = [(4, 4), (8, 2), (8, 1)]  # GQA ratios 1, 4, 8
 
 
-def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partition_size, table_dtype):
+def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partition_size, table_dtype, fold=None):
     gen = torch.Generator().manual_seed(sum(seq_lens) * 7 + h_q * 3 + h_kv + d + partition_size + block_size)
     kv = paged_kv(seq_lens, h_kv, d, block_size, dtype, gen, table_dtype=table_dtype)
     q = torch.randn(len(seq_lens), h_q, d, generator=gen).to(dtype)
@@ -26,7 +26,7 @@ def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partitio
     out = torch.full_like(q, float("nan"), device=device)  # every element must be written
     got = paged_decode_attention(
         q.to(device), kv.k_cache, kv.v_cache, kv.block_tables.to(device), kv.seq_lens.to(device), scale,
-        partition_size=partition_size, out=out)
+        partition_size=partition_size, out=out, fold=fold)
     assert got is out
     tol = TOL[dtype]
     torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=tol, atol=tol)
@@ -35,11 +35,28 @@ def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partitio
 @pytest.mark.parametrize("h_q,h_kv", HEADS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("partition_size", [32, 2048], ids=["split", "nosplit"])
-def test_batch_matches_reference(device, paged_kv, h_q, h_kv, d, dtype, partition_size):
+@pytest.mark.parametrize("partition_size,fold", [(32, True), (32, False), (2048, None)],
+                         ids=["split-fold", "split-reduce", "nosplit"])
+def test_batch_matches_reference(device, paged_kv, h_q, h_kv, d, dtype, partition_size, fold):
     """Context lengths around block boundaries and a long one, in one batch; split-K forced on
-    (33 partitions for the long context, several reduce steps) or off."""
-    _check(device, paged_kv, [1, 15, 16, 17, 33, 1030], h_q, h_kv, d, 16, dtype, partition_size, torch.int32)
+    (33 partitions for the long context), combined by the last partition program or by the
+    reduce kernel, or off."""
+    _check(device, paged_kv, [1, 15, 16, 17, 33, 1030], h_q, h_kv, d, 16, dtype, partition_size, torch.int32,
+           fold)
+
+
+def test_folded_launches_reuse_their_counters(device, paged_kv):
+    """Each folded launch leaves its arrival counters at zero: the same inputs again, and
+    another batch, give the same outputs as the reduce kernel's path."""
+    gen = torch.Generator().manual_seed(5)
+    for seq_lens in ([300, 2, 129], [300, 2, 129], [64, 65, 700, 1]):
+        kv = paged_kv(seq_lens, 2, 64, 16, torch.float32, gen)
+        q = torch.randn(len(seq_lens), 8, 64, generator=gen).to(device)
+        args = (kv.k_cache, kv.v_cache, kv.block_tables.to(device), kv.seq_lens.to(device), 0.125)
+        folded = paged_decode_attention(q, *args, partition_size=32, fold=True)
+        reduced = paged_decode_attention(q, *args, partition_size=32, fold=False)
+        torch.testing.assert_close(folded, reduced, rtol=1e-5, atol=1e-5)
+        assert torch.equal(paged_decode_attention(q, *args, partition_size=32, fold=True), folded)
 
 
 @pytest.mark.parametrize("seq_lens,h_q,h_kv,d,block_size,dtype,partition_size", [
@@ -53,15 +70,16 @@ def test_edge_cases_match_reference(device, paged_kv, seq_lens, h_q, h_kv, d, bl
     _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partition_size, torch.int64)
 
 
-@pytest.mark.parametrize("partition_size", [16, 512])
-def test_empty_context_gives_zeros(device, paged_kv, partition_size):
+@pytest.mark.parametrize("partition_size,fold", [(16, True), (16, False), (512, None)])
+def test_empty_context_gives_zeros(device, paged_kv, partition_size, fold):
     """A batch padded with empty entries (CUDA-graph sizes) leaves the real ones unchanged."""
     gen = torch.Generator().manual_seed(11)
     kv = paged_kv([20, 0, 5], 2, 64, 16, torch.float32, gen)
     q = torch.randn(3, 4, 64, generator=gen)
     out = torch.full_like(q, float("nan"), device=device)
     paged_decode_attention(q.to(device), kv.k_cache, kv.v_cache, kv.block_tables.to(device),
-                           kv.seq_lens.to(device), 0.125, max_seq_len=64, partition_size=partition_size, out=out)
+                           kv.seq_lens.to(device), 0.125, max_seq_len=64, partition_size=partition_size, out=out,
+                           fold=fold)
     keep = torch.tensor([0, 2])
     ref = paged_decode_attention_ref(q[keep], kv.k_ref, kv.v_ref, kv.block_tables[keep], kv.seq_lens[keep], 0.125)
     torch.testing.assert_close(out.cpu()[keep], ref, rtol=1e-3, atol=1e-3)
