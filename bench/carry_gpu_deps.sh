@@ -44,6 +44,11 @@ WHEELS=(
   rpds-py==2026.9.1
   attrs==26.1.0
 )
+# Published as a source distribution only: built into a wheel here (pure Python, Triton kernels).
+SDISTS=(
+  # the `gpu` extra: GemLite's INT4/INT8 kernels, a candidate of the quantized dispatch table
+  gemlite==0.6.0.post2
+)
 # redis-server 7 from Debian 12 (glibc >= 2.34, so it runs on the image's Ubuntu 24.04) and the
 # shared libraries it links that a CUDA image may lack.
 DEBS=(redis-server redis-tools libjemalloc2 liblzf1 libatomic1)
@@ -58,6 +63,12 @@ for spec in "${WHEELS[@]}"; do
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"
+done
+for spec in "${SDISTS[@]}"; do
+  name=${spec%%==*}; version=${spec#*==}
+  compgen -G ".whl/${name}-${version}-*.whl" >/dev/null && continue
+  rm -f ".whl/${name}"-[0-9]*.whl
+  $PY -m pip wheel -q --no-deps -w .whl "$spec"
 done
 missing=()
 for pkg in "${DEBS[@]}"; do

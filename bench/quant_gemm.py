@@ -77,6 +77,35 @@ def int4pack_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) ->
     return out
 
 
+@dataclass(frozen=True)
+class GemliteConfig:
+    """One of GemLite's kernels (llmesh.engine.quant.gemlite_kernels) as a W4A16 / W8A16 candidate."""
+
+    matmul_type: str
+    choice = "gemlite"
+
+    def short(self) -> str:
+        return f"gemlite {self.matmul_type}"
+
+
+def gemlite_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for each gemlite kernel that serves this M (its GEMVs up to M = 4, as its
+    own dispatch does, its split-K GEMM above); each ring copy is packed once, outside the timing.
+    Its autotuner picks the tiles on the first call (the sweep's correctness check)."""
+    from llmesh.engine.quant import gemlite_kernels
+
+    if kind not in ("w4a16", "w8a16") or smoke or not gemlite_kernels.supported(q, x.dtype):
+        return []
+    if (why := gemlite_kernels.unavailable_reason()) is not None:
+        raise RuntimeError(why)
+    for qc in qs:
+        gemlite_kernels.layer(qc, x.dtype)
+    types = [t for t in gemlite_kernels.MATMUL_TYPES if (t.startswith("GEMV") and x.shape[0] <= 4)
+             or (t == "GEMM_SPLITK" and x.shape[0] > 1)]
+    return [(GemliteConfig(t), [lambda cfg, qc=qc: gemlite_kernels.gemlite_matmul(x, qc, cfg.matmul_type)
+                                for qc in qs]) for t in types]
+
+
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
 L2_BYTES = 50 << 20
 """H100 L2 cache; the timed weight copies together are at least 3x this."""
@@ -345,11 +374,12 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     times = []
                     candidates = [(c, calls) for c in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)]
                     candidates += [(c, gemvs) for c in gemv_configs(kind, m, k, group, run.args.smoke)]
-                    try:
-                        candidates += int4pack_candidates(kind, q, qs, x, run.args.smoke)
-                    except Exception as e:  # a torch without the op on this device: ours only
-                        found.setdefault("errors", []).append(f"{kind} {tag} int4pack: {type(e).__name__}: "
-                                                              f"{str(e)[:120]}")
+                    for name, library in (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates)):
+                        try:
+                            candidates += library(kind, q, qs, x, run.args.smoke)
+                        except Exception as e:  # not on this torch / device / install: the others only
+                            found.setdefault("errors", []).append(f"{kind} {tag} {name}: {type(e).__name__}: "
+                                                                  f"{str(e)[:120]}")
                     for cfg, fns in candidates:
                         try:
                             got = fns[0](cfg).float()

@@ -146,10 +146,12 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # candidate per (kind, N, K, M) on a device and writes the winner to TUNED_FILE under the
 # device's tag. Candidates: "dot" (w4a16_gemm / w8a16_gemm with a GemmConfig), "gemv"
 # (quant_gemv.py with a GemvConfig), and for fp8 "fp8" (fp8_gemm) or "scaled_mm"
-# (torch._scaled_mm, cuBLASLt). A device, shape or M without an entry keeps the default path.
+# (torch._scaled_mm, cuBLASLt); and two libraries' kernels, "int4pack" (PyTorch's tinygemm)
+# and "gemlite" (services/engine/quant/). A device, shape or M without an entry keeps the
+# default path.
 
 TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")
-CHOICES = ("dot", "gemv", "fp8", "scaled_mm", "int4pack")
+CHOICES = ("dot", "gemv", "fp8", "scaled_mm", "int4pack", "gemlite")
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:
@@ -177,6 +179,16 @@ def lookup(table: dict[str, list], kind: str, m: int, n: int, k: int) -> tuple[s
     if choice not in CHOICES:
         raise ValueError(f"{TUNED_FILE.name}: entry {prefix}{pick} names an unknown kernel {choice!r}")
     return choice, tuple(fields)
+
+
+def tuned_choices_any_m(device, kind: str, n: int, k: int) -> set[tuple[str, tuple]]:
+    """Every (choice, fields) the table holds for (kind, N, K) at some M on ``device``: what a
+    weight may be dispatched to, so a library kernel's copy of it is made at load."""
+    if device.type != "cuda" or interpreting():
+        return set()
+    prefix = f"{kind} {n}x{k} m"
+    table = load_tuned().get(cuda_device_tag(device)) or {}
+    return {(choice, tuple(fields)) for key, (choice, fields) in table.items() if key.startswith(prefix)}
 
 
 def tuned_choice(device, kind: str, m: int, n: int, k: int) -> tuple[str, tuple] | None:

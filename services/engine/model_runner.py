@@ -351,15 +351,16 @@ class RunnerBase(abc.ABC):
             self.awq_report = apply_awq(self.model, awq_calibration)
         self.weight_bytes = self.model.weight_bytes
         if self.device.type == "cuda":
-            from llmesh.engine.quant.int4pack import prepare_int4pack
+            from llmesh.engine.quant.linear import prepare_library_weights
 
-            # tinygemm's copies of the INT4 weights the measured table sends to it: made now,
-            # so the KV pool is sized with them in memory
-            self.int4pack_bytes = prepare_int4pack(self.model.linear_weights(), self.device, self.dtype)
+            # the library kernels' (tinygemm, gemlite) copies of the packed weights the measured
+            # table sends to them: made now, so the KV pool is sized with them in memory
+            self.library_weight_bytes = prepare_library_weights(self.model.linear_weights(), self.device,
+                                                                self.dtype)
             torch.cuda.empty_cache()  # the unfused parts of fused weights
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
                                                 "weight_bytes": self.weight_bytes, "ops": self.ops,
-                                                "int4pack_bytes": getattr(self, "int4pack_bytes", 0),
+                                                "library_weight_bytes": getattr(self, "library_weight_bytes", 0),
                                                 "linear_method": self.linear_method})
 
     def init_kv_pool(self, num_blocks: int) -> None:

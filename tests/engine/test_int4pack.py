@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmesh.engine.quant import int4pack
-from llmesh.engine.quant.linear import linear
+from llmesh.engine.quant.linear import linear, prepare_library_weights
 from llmesh.engine.quant.quantize import quantize_int4
 from llmesh.kernels import quant_gemm_config
 
@@ -41,7 +41,7 @@ def test_cpu_weights_stay_on_our_kernels():
     w = _weight(16, 256, 128)
     assert not int4pack.supported(w, 8)
     assert int4pack.int4pack_matmul(torch.randn(1, 256).bfloat16(), w, 8) is None
-    assert int4pack.prepare_int4pack([w], torch.device("cpu"), torch.bfloat16) == 0
+    assert prepare_library_weights([w], torch.device("cpu"), torch.bfloat16) == 0
 
 
 def test_the_table_accepts_int4pack_entries():
@@ -77,8 +77,8 @@ def test_linear_dispatches_to_int4pack_where_the_table_says(monkeypatch):
     calls = []
     real = int4pack.int4pack_matmul
     monkeypatch.setattr(int4pack, "int4pack_matmul", lambda *a: calls.append(a) or real(*a))
-    assert int4pack.prepare_int4pack([w], torch.device("cuda"), torch.float16) == 0  # fp16: never used
-    assert int4pack.prepare_int4pack([w], torch.device("cuda"), torch.bfloat16) > 0  # packed at load
+    assert prepare_library_weights([w], torch.device("cuda"), torch.float16) == 0  # fp16: never used
+    assert prepare_library_weights([w], torch.device("cuda"), torch.bfloat16) > 0  # packed at load
     x = torch.randn(1, k, device="cuda").bfloat16()
     y = linear(x, w)
     assert len(calls) == 1

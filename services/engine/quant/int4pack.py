@@ -7,7 +7,7 @@ H200 it was measured against our W4A16 kernels at decode sizes. Its weight layou
 (an [N/8, K/(16 * inner_k_tiles), 32, inner_k_tiles/2] int32 tiling of the tensor-core
 fragments), so a weight it serves keeps a second, packed copy beside ours: our kernels still
 serve the batch sizes where they win (the table is per M). The copies are made once after the
-model loads (``prepare_int4pack``), before the KV pool takes its share of memory.
+model loads (``linear.prepare_library_weights``), before the KV pool takes its share of memory.
 
 Numerics: tinygemm computes ``w = (q - 8) * scale + zero`` with bfloat16 scale and zero; our
 ``w = q * s + m`` becomes scale = s, zero = m + 8 s, each rounded to bfloat16 once (our float16
@@ -16,8 +16,6 @@ rounding of the weight: within the INT4 tolerance, not bit for bit.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 
@@ -72,28 +70,3 @@ def int4pack_matmul(x: torch.Tensor, w: Int4Weight, inner_k_tiles: int) -> torch
     if x.shape[1] < kp:  # Kp's padding rows hold q = 0 (w = zero there): zero activations cancel them
         x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
     return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, w.group_size, sz)
-
-
-def prepare_int4pack(weights: Iterable[object], device: torch.device, dtype: torch.dtype) -> int:
-    """Pack, now, every Int4Weight the measured table sends to tinygemm at some batch size (a
-    bfloat16 model on CUDA: the kernel takes no other activations); returns the bytes the
-    packed copies take."""
-    from llmesh.kernels.common import cuda_device_tag
-    from llmesh.kernels.quant_gemm_config import load_tuned
-
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return 0
-    table = load_tuned().get(cuda_device_tag(device))
-    if not table:
-        return 0
-    total = 0
-    for w in weights:
-        if not isinstance(w, Int4Weight):
-            continue
-        prefix = f"w4a16 {w.out_features}x{w.in_features} m"
-        tilings = {int(fields[0]) for key, (choice, fields) in table.items()
-                   if key.startswith(prefix) and choice == "int4pack"}
-        for tiles in sorted(t for t in tilings if supported(w, t)):
-            packed, sz = pack(w, tiles)
-            total += packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
-    return total

@@ -7,8 +7,9 @@ torch references — dequantize, round to x's dtype, multiply. The torch backend
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
-GEMM config, cuBLASLt FP8, or PyTorch's tinygemm INT4 kernel (int4pack.py) per shape and batch
-size. Dense weights use F.linear,
+GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py) or GemLite's INT4/INT8
+kernels (gemlite_kernels.py) per shape and batch size; ``prepare_library_weights`` makes the
+library kernels' copies of the weights they will serve. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -47,6 +48,10 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         from llmesh.engine.quant.int4pack import int4pack_matmul
 
         return int4pack_matmul(x, w, int(fields[0])) if isinstance(w, Int4Weight) else None
+    if name == "gemlite":
+        from llmesh.engine.quant.gemlite_kernels import gemlite_matmul
+
+        return gemlite_matmul(x, w, str(fields[0])) if isinstance(w, (Int4Weight, Int8Weight)) else None
     if name == "scaled_mm":
         from llmesh.kernels.fp8_gemm import fp8_scaled_mm
 
@@ -73,6 +78,34 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     from llmesh.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size, config=cfg)
+
+
+def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
+    """Make, now, the copies of every packed weight that the measured table sends to a library
+    kernel at some batch size (tinygemm's and gemlite's layouts are their own); returns their
+    bytes. Called once after the model loads, so the KV pool is sized with them in memory."""
+    from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
+
+    if device.type != "cuda":
+        return 0
+    total = 0
+    for w in weights:
+        if not isinstance(w, (Int4Weight, Int8Weight)):
+            continue
+        for name, fields in sorted(tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)):
+            if name == "int4pack" and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
+                from llmesh.engine.quant import int4pack
+
+                if int4pack.supported(w, int(fields[0])):
+                    packed, sz = int4pack.pack(w, int(fields[0]))
+                    total += packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+            elif name == "gemlite":
+                from llmesh.engine.quant import gemlite_kernels
+
+                if gemlite_kernels.unavailable_reason() is None and gemlite_kernels.supported(w, dtype):
+                    gemlite_kernels.layer(w, dtype)
+                    total += gemlite_kernels.copy_bytes(w)
+    return total
 
 
 def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
