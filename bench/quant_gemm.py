@@ -356,7 +356,7 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
     gen = torch.Generator(run.device)
     found = run.workload.setdefault("gemm_configs", {})
     for k, n in shapes:
-        for kind in ("w4a16", "w8a16"):
+        for kind in (k for k in ("w4a16", "w8a16") if k in run.args.gemm_sweep_kinds.split(",")):
             qs = packs[(k, n)].get(kind)
             q = qs[0] if qs else None
             for m in sweep_ms:

@@ -207,6 +207,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gemm-shapes", default=None,
                     help="KxN shapes of the GEMM part, comma-separated (default: the four Llama-3-8B shapes)")
     ap.add_argument("--gemm-ms", default=None, help="batch sizes M of the GEMM part (default 1,4,16,64,256,2048)")
+    ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",
+                    help="weight-only kinds whose kernel candidates the sweep times (default both)")
     ap.add_argument("--suffix", default="", help="result file quant_<device><suffix>.json (e.g. _sweep)")
     ap.add_argument("--engine-budget-s", type=float, default=None, help="seconds for the engine part (default 190)")
     ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")
