@@ -16,6 +16,8 @@ the skinny Triton GEMM is faster for that shape.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,7 @@ multiplied by cuBLAS (compute bound there; vLLM's AWQ switches at the same size)
 
 
 _KIND = {Int4Weight: "w4a16", Int8Weight: "w8a16", Fp8Weight: "fp8"}
+log = logging.getLogger(__name__)
 
 
 def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
@@ -86,25 +89,30 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     bytes. Called once after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
+    from llmesh.engine.quant import gemlite_kernels, int4pack
+
     if device.type != "cuda":
         return 0
     total = 0
+    missing: set[str] = set()
     for w in weights:
         if not isinstance(w, (Int4Weight, Int8Weight)):
             continue
-        for name, fields in sorted(tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)):
+        choices = tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)
+        for name, fields in sorted(choices):
             if name == "int4pack" and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
-                from llmesh.engine.quant import int4pack
-
                 if int4pack.supported(w, int(fields[0])):
                     packed, sz = int4pack.pack(w, int(fields[0]))
                     total += packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
-            elif name == "gemlite":
-                from llmesh.engine.quant import gemlite_kernels
-
-                if gemlite_kernels.unavailable_reason() is None and gemlite_kernels.supported(w, dtype):
-                    gemlite_kernels.layer(w, dtype)
-                    total += gemlite_kernels.copy_bytes(w)
+        if any(name == "gemlite" for name, _ in choices):
+            if (why := gemlite_kernels.unavailable_reason()) is not None:
+                missing.add(why)
+            elif gemlite_kernels.supported(w, dtype):
+                gemlite_kernels.layer(w, dtype)  # one copy, whichever of its kernels an M takes
+                total += gemlite_kernels.copy_bytes(w)
+    for why in missing:  # those weights run our kernels at the sizes the table gave gemlite
+        log.warning("the measured table picks gemlite for some weights, but it cannot run here; our kernels "
+                    "serve them (pip install 'llmesh[gpu]')", extra={"reason": why})
     return total
 
 
