@@ -43,6 +43,19 @@ def test_int8_codes_are_shifted_by_128():
     assert torch.equal(codes.t().to(torch.int16) - 128, w.qweight.to(torch.int16))
 
 
+def test_formats_it_was_not_checked_at_stay_on_our_kernels():
+    """The table's key has no group size: INT4 groups and grouped INT8 that no GPU test has
+    covered must not reach gemlite through an entry measured at another group."""
+    assert gemlite_kernels.format_supported(_int4(16, 256, 128), torch.bfloat16)
+    assert gemlite_kernels.format_supported(_int4(16, 256, 64), torch.float16)
+    assert not gemlite_kernels.format_supported(_int4(16, 256, 32), torch.bfloat16)
+    assert gemlite_kernels.format_supported(_int8(16, 256), torch.bfloat16)
+    w = _int8(16, 256)
+    grouped = type(w)(w.qweight, w.scales.expand(4, 16).contiguous(), group_size=64)  # four 64-row groups
+    assert not gemlite_kernels.format_supported(grouped, torch.bfloat16)
+    assert not gemlite_kernels.format_supported(w, torch.float32)
+
+
 def test_cpu_weights_stay_on_our_kernels():
     w = _int4(16, 256, 128)
     assert not gemlite_kernels.supported(w, torch.bfloat16)

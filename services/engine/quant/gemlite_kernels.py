@@ -46,14 +46,26 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def supported(w: object, dtype: torch.dtype) -> bool:
-    """Whether gemlite can hold this weight for activations of ``dtype``."""
+CHECKED_INT4_GROUPS = (64, 128)
+"""INT4 group sizes its kernels have been checked at on a GPU (tests/engine/test_gemlite_kernels.py).
+The table's key has no group size, so a weight of another group (GGUF's Q4 blocks of 32), or a
+grouped INT8 weight (GGUF's Q8_0), keeps our kernels until a GPU test covers it."""
+
+
+def format_supported(w: object, dtype: torch.dtype) -> bool:
+    """Whether this weight's format, shape and group are ones gemlite serves here (any device)."""
     if dtype not in (torch.float16, torch.bfloat16) or not isinstance(w, (Int4Weight, Int8Weight)):
         return False
-    if not w.qweight.is_cuda or (isinstance(w, Int4Weight) and w.perm is not None):
-        return False
-    k = w.padded_in_features if isinstance(w, Int4Weight) else w.in_features
-    return k % 32 == 0 and w.group_size >= 16 and k % w.group_size == 0
+    if isinstance(w, Int4Weight):
+        k = w.padded_in_features
+        return w.perm is None and w.group_size in CHECKED_INT4_GROUPS and k % 32 == 0 and k % w.group_size == 0
+    return w.group_size == w.in_features and w.in_features % 32 == 0  # one scale per output channel
+
+
+def supported(w: object, dtype: torch.dtype) -> bool:
+    """Whether gemlite can hold this weight for activations of ``dtype``: a CUDA weight of a
+    supported format."""
+    return format_supported(w, dtype) and w.qweight.is_cuda
 
 
 def _codes_n_by_k(w: Int4Weight | Int8Weight) -> torch.Tensor:
