@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from llmesh.engine.quant import gemlite_kernels
-from llmesh.engine.quant.linear import linear, prepare_library_weights
+from llmesh.engine.quant.linear import prepare_library_weights
 from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
 from llmesh.kernels import quant_gemm_config
+from tests.engine.library_dispatch import check_one_row_dispatch, count_calls, use_table
 
 
 def _int4(n: int, k: int, group: int, seed: int = 0):
@@ -104,20 +105,9 @@ def test_int8_kernels_match_the_dequantized_reference(m, matmul_type, n, k):
 
 @gpu
 def test_linear_dispatches_to_gemlite_where_the_table_says(monkeypatch):
-    n, k = 256, 512
-    w = _int4(n, k, 128).to("cuda")
-    from llmesh.kernels.common import cuda_device_tag
-
-    table = {cuda_device_tag(torch.device("cuda")): {f"w4a16 {n}x{k} m1": ["gemlite", ["GEMV_REVSPLITK"]]}}
-    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
-    calls = []
-    real = gemlite_kernels.gemlite_matmul
-    monkeypatch.setattr(gemlite_kernels, "gemlite_matmul", lambda *a: calls.append(a) or real(*a))
+    w = _int4(256, 512, 128).to("cuda")
+    use_table(monkeypatch, w, ["gemlite", ["GEMV_REVSPLITK"]])
+    calls = count_calls(monkeypatch, gemlite_kernels, "gemlite_matmul")
     assert prepare_library_weights([w], torch.device("cuda"), torch.bfloat16) > 0  # the copy is made at load
     assert gemlite_kernels.layer(w, torch.bfloat16) is gemlite_kernels.layer(w, torch.bfloat16)  # made once
-    x = torch.randn(1, k, device="cuda").bfloat16()
-    y = linear(x, w)
-    assert len(calls) == 1
-    torch.testing.assert_close(y.float(), x.float() @ w.dequantize(), rtol=3e-2, atol=3e-2 * y.abs().max().item())
-    linear(torch.randn(4, k, device="cuda").bfloat16(), w)  # M = 4: past the table's M, our kernels
-    assert len(calls) == 1
+    check_one_row_dispatch(w, calls)

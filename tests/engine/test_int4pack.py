@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from llmesh.engine.quant import int4pack
-from llmesh.engine.quant.linear import linear, prepare_library_weights
+from llmesh.engine.quant.linear import prepare_library_weights
 from llmesh.engine.quant.quantize import quantize_int4
 from llmesh.kernels import quant_gemm_config
+from tests.engine.library_dispatch import check_one_row_dispatch, count_calls, use_table
 
 
 def _weight(n: int, k: int, group: int, seed: int = 0):
@@ -68,20 +69,9 @@ def test_int4pack_matches_the_dequantized_reference(m, n, k, group, tiles):
 
 @gpu
 def test_linear_dispatches_to_int4pack_where_the_table_says(monkeypatch):
-    n, k = 256, 512
-    w = _weight(n, k, 128).to("cuda")
-    from llmesh.kernels.common import cuda_device_tag
-
-    table = {cuda_device_tag(torch.device("cuda")): {f"w4a16 {n}x{k} m1": ["int4pack", [8]]}}
-    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
-    calls = []
-    real = int4pack.int4pack_matmul
-    monkeypatch.setattr(int4pack, "int4pack_matmul", lambda *a: calls.append(a) or real(*a))
+    w = _weight(256, 512, 128).to("cuda")
+    use_table(monkeypatch, w, ["int4pack", [8]])
+    calls = count_calls(monkeypatch, int4pack, "int4pack_matmul")
     assert prepare_library_weights([w], torch.device("cuda"), torch.float16) == 0  # fp16: never used
     assert prepare_library_weights([w], torch.device("cuda"), torch.bfloat16) > 0  # packed at load
-    x = torch.randn(1, k, device="cuda").bfloat16()
-    y = linear(x, w)
-    assert len(calls) == 1
-    torch.testing.assert_close(y.float(), x.float() @ w.dequantize(), rtol=3e-2, atol=3e-2 * y.abs().max().item())
-    linear(torch.randn(4, k, device="cuda").bfloat16(), w)  # M = 4: past the table's M, our kernels
-    assert len(calls) == 1
+    check_one_row_dispatch(w, calls)
