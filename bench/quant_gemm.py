@@ -49,14 +49,22 @@ QUANT_KINDS = ("w8a16", "w4a16", "fp8")
 
 
 @dataclass(frozen=True)
-class Int4PackConfig:
-    """PyTorch's tinygemm INT4 kernel (llmesh.engine.quant.int4pack) as a W4A16 candidate."""
+class LibraryConfig:
+    """A library's kernel as a candidate, in the dispatch table's terms: ``choice`` "int4pack"
+    (PyTorch's tinygemm, ``arg`` its inner-k tiling) or "gemlite" (``arg`` its matmul type)."""
 
-    inner_k_tiles: int
-    choice = "int4pack"
+    choice: str
+    arg: int | str
 
     def short(self) -> str:
-        return f"int4pack ik{self.inner_k_tiles}"
+        return f"{self.choice} {self.arg}"
+
+
+def table_entry(cfg) -> list:
+    """The dispatch table's [choice, fields] for a winning candidate."""
+    if isinstance(cfg, LibraryConfig):
+        return [cfg.choice, [cfg.arg]]
+    return ["gemv" if hasattr(cfg, "short") else "dot", list(asdict(cfg).values())]
 
 
 def int4pack_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
@@ -72,20 +80,9 @@ def int4pack_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) ->
             continue
         for qc in qs:
             pack(qc, tiles)
-        out.append((Int4PackConfig(tiles), [lambda cfg, qc=qc: int4pack_matmul(x, qc, cfg.inner_k_tiles)
-                                            for qc in qs]))
+        out.append((LibraryConfig("int4pack", tiles), [lambda cfg, qc=qc: int4pack_matmul(x, qc, cfg.arg)
+                                                        for qc in qs]))
     return out
-
-
-@dataclass(frozen=True)
-class GemliteConfig:
-    """One of GemLite's kernels (llmesh.engine.quant.gemlite_kernels) as a W4A16 / W8A16 candidate."""
-
-    matmul_type: str
-    choice = "gemlite"
-
-    def short(self) -> str:
-        return f"gemlite {self.matmul_type}"
 
 
 def gemlite_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
@@ -102,8 +99,8 @@ def gemlite_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
         gemlite_kernels.layer(qc, x.dtype)
     types = [t for t in gemlite_kernels.MATMUL_TYPES if (t.startswith("GEMV") and x.shape[0] <= 4)
              or (t == "GEMM_SPLITK" and x.shape[0] > 1)]
-    return [(GemliteConfig(t), [lambda cfg, qc=qc: gemlite_kernels.gemlite_matmul(x, qc, cfg.matmul_type)
-                                for qc in qs]) for t in types]
+    return [(LibraryConfig("gemlite", t), [lambda cfg, qc=qc: gemlite_kernels.gemlite_matmul(x, qc, cfg.arg)
+                                           for qc in qs]) for t in types]
 
 
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
@@ -400,8 +397,7 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                                               "all": [[cfg_str(c), round(t, 5)] for t, c in times]}
                     from llmesh.kernels.quant_gemm_config import table_key
 
-                    tuned[table_key(kind, n, k, m)] = [getattr(best, "choice", None) or (
-                        "gemv" if hasattr(best, "short") else "dot"), list(asdict(best).values())]
+                    tuned[table_key(kind, n, k, m)] = table_entry(best)
                     gb_s = q.nbytes() / (best_ms * 1e-3) / 1e9
                     run.metrics.update({f"gemm_{kind}_{tag}_best_ms": best_ms,
                                         f"gemm_{kind}_{tag}_best_speedup_x": bf16_ms / best_ms,
