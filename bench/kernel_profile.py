@@ -39,7 +39,7 @@ from llmesh.bench_results import write_result  # noqa: E402
 from llmesh.engine import LLM, SamplingParams  # noqa: E402
 from llmesh.engine.model.ops_triton import FUSED_DECODE_ENV  # noqa: E402
 from llmesh.kernels.common import PDL_ENV  # noqa: E402
-from llmesh.kernels.paged_decode_attention import FOLD_ENV  # noqa: E402
+from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
 
 # First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
 # internals, torch's ATen kernels).

@@ -19,6 +19,7 @@ are the usual Hopper FlashAttention-2 shapes until a sweep on the target GPU rep
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from llmesh.kernels.common import cuda_device_tag, interpreting
@@ -116,6 +117,17 @@ at batch 256 on the 8B shape, kernel_profile_h200_b256.json). Only where the lau
 bound is at most SINGLE_PARTITION_MAX_LEN: one program walks a whole context, and one long
 context among short ones must not make the step wait on a single program for long."""
 SINGLE_PARTITION_MAX_LEN = 4096
+FOLD_ENV = "LLMESH_DECODE_FOLD"
+"""0: a split launch combines its partitions in a second (reduce) kernel instead of in the
+last partition program to finish (for A/B runs)."""
+FOLD_MIN_PAIRS = 512
+"""(sequence, KV head) pairs from which a split decode launch folds the combine into its last
+partition program (paged_decode_attention.py). Measured on the H200 (8B shape under CUDA graphs,
+kernel_profile.py, results in bench/results/decode_fold/): at 512 pairs (batch 64) the step took
+5.23 ms folded against 5.44 ms with the reduce kernel; at 8 pairs (batch 1) 4.31 against 4.12 ms
+in two alternating runs each. There the last program's combine, two serial loops over the
+partials' loads, adds more latency to the launch than the separate reduce kernel costs. Pairs
+in between were not measured: the reduce kernel runs below 512."""
 MAX_DECODE_PARTITIONS = 64
 """Most partitions a sequence is split into: past this the dead programs of a long maximum
 length (a grid of B x H_kv x max_len / size) and the reduce's loop cost more than a short
@@ -134,6 +146,12 @@ def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
         return DEFAULT_DECODE_PARTITION
     table = DECODE_PARTITION.get(cuda_device_tag(device))
     return pick_partition(table or {}, pairs, max_seq_len)
+
+
+def decode_fold(pairs: int) -> bool:
+    """Whether a split decode launch of ``pairs`` (sequences x KV heads) combines its partitions
+    in its last partition program rather than in a reduce kernel."""
+    return pairs >= FOLD_MIN_PAIRS and os.environ.get(FOLD_ENV, "1") != "0"
 
 
 def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:

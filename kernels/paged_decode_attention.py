@@ -9,7 +9,7 @@ through the block table. With one partition the program writes the output; with 
 writes its running max, sum and unnormalised output, and the last of a (sequence, KV head)'s
 partition programs to finish (an arrival counter per pair, kernels/common.arrival_counters)
 rescales and combines them, in partition order; a sequence whose context fits one partition
-is written directly. Below FOLD_MIN_PAIRS pairs (measured), or with `fold=False`
+is written directly. Below attention_config.FOLD_MIN_PAIRS pairs (measured), or with `fold=False`
 (LLMESH_DECODE_FOLD=0), a second, reduce kernel combines them instead.
 
 An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
@@ -20,12 +20,11 @@ dequantizing the tiles first at BLOCK_N multiplies a tile.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from llmesh.kernels.attention_config import decode_fold
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
     interpreting, next_power_of_2, pdl_launch)
@@ -35,24 +34,6 @@ from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_re
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _LOG2E = 1.4426950408889634
-
-FOLD_ENV = "LLMESH_DECODE_FOLD"
-"""0: a split launch combines its partitions in a second (reduce) kernel instead of in the
-last partition program to finish (for A/B runs)."""
-
-
-FOLD_MIN_PAIRS = 512
-"""(sequence, KV head) pairs from which a split launch folds the combine into its last
-partition program. Measured on the H200 (8B shape under CUDA graphs, kernel_profile.py, results
-in bench/results/decode_fold/): at 512 pairs (batch 64) the step took 5.23 ms folded against
-5.44 ms with the reduce kernel; at 8 pairs (batch 1) 4.31 against 4.12 ms in two alternating
-runs each. There the last program's combine, two serial loops over the partials' loads, adds
-more latency to the launch than the separate reduce kernel costs. Pairs in between were not
-measured: the reduce kernel runs below 512."""
-
-
-def fold_enabled(pairs: int) -> bool:
-    return pairs >= FOLD_MIN_PAIRS and os.environ.get(FOLD_ENV, "1") != "0"
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -249,8 +230,8 @@ def paged_decode_attention(
     maximum length, to keep the launch fixed under CUDA graphs: partitions past a sequence's
     end exit at once). `partition_size` (a power of two >= 16) is the split-K chunk. An FP8
     pool comes with its scale pools k_scales, v_scales: [num_blocks, block_size, H_kv] uint8.
-    `fold` (default: from FOLD_MIN_PAIRS (sequence, KV head) pairs on, unless
-    LLMESH_DECODE_FOLD=0): the last partition program of a sequence and KV head to finish
+    `fold` (default: `attention_config.decode_fold`, from FOLD_MIN_PAIRS (sequence, KV head)
+    pairs on, unless LLMESH_DECODE_FOLD=0): the last partition program of a sequence and KV head to finish
     combines the partitions, instead of a reduce kernel.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)
@@ -281,7 +262,7 @@ def paged_decode_attention(
         part_m = part_l = part_acc = out  # unused by the kernel
     block_d = next_power_of_2(d)
     pdl = pdl_launch(q.device)
-    fold = split and (fold_enabled(b * h_kv) if fold is None else fold)
+    fold = split and (decode_fold(b * h_kv) if fold is None else fold)
     counters = arrival_counters("paged_decode_attention", q.device, b * h_kv) if fold else seq_lens
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llmesh.kernels.attention_config import (DECODE_PARTITION, DEFAULT_DECODE_PARTITION, MAX_DECODE_PARTITIONS,
-                                             SINGLE_PARTITION_MAX_LEN, SINGLE_PARTITION_PAIRS, decode_partition_size,
-                                             pick_partition)
+from llmesh.kernels.attention_config import (DECODE_PARTITION, DEFAULT_DECODE_PARTITION, FOLD_ENV, FOLD_MIN_PAIRS,
+                                             MAX_DECODE_PARTITIONS, SINGLE_PARTITION_MAX_LEN, SINGLE_PARTITION_PAIRS,
+                                             decode_fold, decode_partition_size, pick_partition)
 
 
 def test_the_smallest_bucket_at_or_above_the_pairs_decides():
@@ -50,3 +50,12 @@ def test_every_shipped_size_is_a_power_of_two_the_kernel_takes():
 
 def test_cpu_keeps_the_default():
     assert decode_partition_size(torch.device("cpu"), 1, 2048) == DEFAULT_DECODE_PARTITION
+
+
+def test_the_fold_runs_from_its_measured_pair_count(monkeypatch):
+    monkeypatch.delenv(FOLD_ENV, raising=False)
+    assert not decode_fold(8)  # batch 1 of 8 KV heads: the reduce kernel measured faster
+    assert not decode_fold(FOLD_MIN_PAIRS - 1)
+    assert decode_fold(FOLD_MIN_PAIRS)
+    monkeypatch.setenv(FOLD_ENV, "0")  # the A/B switch
+    assert not decode_fold(FOLD_MIN_PAIRS)
