@@ -34,6 +34,8 @@ from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_re
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _LOG2E = 1.4426950408889634
+FOLD_BLOCK_P = tl.constexpr(16)
+"""Partials a folded combine loads at once (fixed: the partition count is not specialised)."""
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -134,8 +136,11 @@ def _decode_partition_kernel(
             tl.debug_barrier()  # every thread's partials are stored before the release below
             counter = lock_ptr + b * NUM_KV_HEADS + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
-                _combine_partitions(out_tile, part_m_ptr, part_l_ptr, part_acc_ptr, base, used, g_mask, d,
-                                    out_mask, HEAD_DIM, BLOCK_G, BLOCK_D, INTERPRET)
+                for gi in tl.static_range(GROUP):  # the reduce kernel's combine, per head of the group
+                    head = kv_head * GROUP + gi
+                    _combine_head(out_ptr + b * stride_ob + head * stride_oh, part_m_ptr, part_l_ptr, part_acc_ptr,
+                                  (b * NUM_KV_HEADS * GROUP + head) * num_partitions, used, d, d_mask,
+                                  HEAD_DIM, BLOCK_D, FOLD_BLOCK_P, INTERPRET)
                 tl.atomic_xchg(counter, 0)
     else:
         # One partition holds the whole context: the output directly, the reduce skips it.
@@ -144,25 +149,30 @@ def _decode_partition_kernel(
 
 
 @triton.jit
-def _combine_partitions(out_tile, part_m_ptr, part_l_ptr, part_acc_ptr, base, used, g_mask, d, out_mask,
-                        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                        INTERPRET: tl.constexpr):
-    """out = the partitions' softmax-weighted outputs of a group's heads, combined in order.
-    The partials are read past L1 (.cg): other programs wrote them."""
-    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for p in range(0, used):
-        m_all = tl.maximum(m_all, tl.load(part_m_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg"))
-    l_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for p in range(0, used):
-        # padding rows (past the group) read m = 0: finite weights, zeroed
-        w = tl.where(g_mask, tl.exp2(tl.load(part_m_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg")
-                                     - m_all), 0.0)
-        l_sum += w * tl.load(part_l_ptr + base + p, mask=g_mask, other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * tl.load(part_acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :], mask=out_mask,
-                                    other=0.0, cache_modifier=".cg")
-    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    tl.store(out_tile, cast_rtne(o, out_tile.dtype.element_ty, INTERPRET), mask=out_mask)
+def _combine_head(out_row, part_m_ptr, part_l_ptr, part_acc_ptr, base, used, d, d_mask,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
+    """One head's output from its ``used`` partitions' (max, sum, unnormalised output) at rows
+    base..base+used-1, BLOCK_P partitions a load, in partition order (deterministic). Read past
+    L1 (.cg): in a folded launch other programs of the same launch wrote them."""
+    m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + p, mask=p < used, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    m_all = tl.max(m_max, axis=0)
+    l_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for p0 in range(0, used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < used
+        w = tl.exp2(tl.load(part_m_ptr + base + p, mask=p_mask, other=float("-inf"), cache_modifier=".cg") - m_all)
+        l_sum += w * tl.load(part_l_ptr + base + p, mask=p_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :],
+                                    mask=p_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+    total = tl.sum(l_sum, axis=0)
+    # An empty context (a padded batch entry) gives zeros rather than 0/0.
+    o = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_row + d, cast_rtne(o, out_row.dtype.element_ty, INTERPRET), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["num_partitions"])
@@ -179,31 +189,10 @@ def _decode_reduce_kernel(
     used = tl.cdiv(seq_len, PARTITION)  # partitions past the context wrote nothing
     if used <= 1:
         return  # partition 0 wrote the output itself
-    base = (b * tl.num_programs(1) + head) * num_partitions
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-
-    m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, used, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + p, mask=p < used, other=float("-inf")))
-    m_all = tl.max(m_max, axis=0)
-
-    l_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    for p0 in range(0, used, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < used
-        w = tl.exp2(tl.load(part_m_ptr + base + p, mask=p_mask, other=float("-inf")) - m_all)
-        l_sum += w * tl.load(part_l_ptr + base + p, mask=p_mask, other=0.0)
-        part_acc = tl.load(part_acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :],
-                           mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += w[:, None] * part_acc
-    total = tl.sum(l_sum, axis=0)
-    # An empty context (a padded batch entry) gives zeros rather than 0/0.
-    o = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + d, cast_rtne(o, out_ptr.dtype.element_ty, INTERPRET),
-             mask=d_mask)
+    _combine_head(out_ptr + b * stride_ob + head * stride_oh, part_m_ptr, part_l_ptr, part_acc_ptr,
+                  (b * tl.num_programs(1) + head) * num_partitions, used, d, d < HEAD_DIM,
+                  HEAD_DIM, BLOCK_D, BLOCK_P, INTERPRET)
 
 
 def paged_decode_attention(
