@@ -118,8 +118,8 @@ bound is at most SINGLE_PARTITION_MAX_LEN: one program walks a whole context, an
 context among short ones must not make the step wait on a single program for long."""
 SINGLE_PARTITION_MAX_LEN = 4096
 FOLD_ENV = "LLMESH_DECODE_FOLD"
-"""0: a split launch combines its partitions in a second (reduce) kernel instead of in the
-last partition program to finish (for A/B runs)."""
+"""For A/B runs: 0, a split launch always combines its partitions in a second (reduce) kernel;
+1, always in the last partition program to finish; unset (or auto), by FOLD_MIN_PAIRS."""
 FOLD_MIN_PAIRS = 512
 """(sequence, KV head) pairs from which a split decode launch folds the combine into its last
 partition program (paged_decode_attention.py). Measured on the H200 (8B shape under CUDA graphs,
@@ -151,7 +151,10 @@ def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
 def decode_fold(pairs: int) -> bool:
     """Whether a split decode launch of ``pairs`` (sequences x KV heads) combines its partitions
     in its last partition program rather than in a reduce kernel."""
-    return pairs >= FOLD_MIN_PAIRS and os.environ.get(FOLD_ENV, "1") != "0"
+    forced = os.environ.get(FOLD_ENV, "auto")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return pairs >= FOLD_MIN_PAIRS
 
 
 def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:

@@ -10,7 +10,7 @@ writes its running max, sum and unnormalised output, and the last of a (sequence
 partition programs to finish (an arrival counter per pair, kernels/common.arrival_counters)
 rescales and combines them, in partition order; a sequence whose context fits one partition
 is written directly. Below attention_config.FOLD_MIN_PAIRS pairs (measured), or with `fold=False`
-(LLMESH_DECODE_FOLD=0), a second, reduce kernel combines them instead.
+(LLMESH_DECODE_FOLD=0; =1 folds at every size), a second, reduce kernel combines them instead.
 
 An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
 head) power-of-two scales applied per key column: to the scores for K, to the probabilities
@@ -220,7 +220,7 @@ def paged_decode_attention(
     end exit at once). `partition_size` (a power of two >= 16) is the split-K chunk. An FP8
     pool comes with its scale pools k_scales, v_scales: [num_blocks, block_size, H_kv] uint8.
     `fold` (default: `attention_config.decode_fold`, from FOLD_MIN_PAIRS (sequence, KV head)
-    pairs on, unless LLMESH_DECODE_FOLD=0): the last partition program of a sequence and KV head to finish
+    pairs on; LLMESH_DECODE_FOLD=0 / 1 forces it off / on): the last partition program of a sequence and KV head to finish
     combines the partitions, instead of a reduce kernel.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)

@@ -57,5 +57,9 @@ def test_the_fold_runs_from_its_measured_pair_count(monkeypatch):
     assert not decode_fold(8)  # batch 1 of 8 KV heads: the reduce kernel measured faster
     assert not decode_fold(FOLD_MIN_PAIRS - 1)
     assert decode_fold(FOLD_MIN_PAIRS)
-    monkeypatch.setenv(FOLD_ENV, "0")  # the A/B switch
+    monkeypatch.setenv(FOLD_ENV, "0")  # the A/B switch, both ways
     assert not decode_fold(FOLD_MIN_PAIRS)
+    monkeypatch.setenv(FOLD_ENV, "1")
+    assert decode_fold(8)
+    monkeypatch.setenv(FOLD_ENV, "auto")
+    assert not decode_fold(8) and decode_fold(FOLD_MIN_PAIRS)
