@@ -125,9 +125,12 @@ FOLD_MIN_PAIRS = 512
 partition program (paged_decode_attention.py). Measured on the H200 (8B shape under CUDA graphs,
 kernel_profile.py, results in bench/results/decode_fold/): at 512 pairs (batch 64) the step took
 5.23 ms folded against 5.44 ms with the reduce kernel; at 8 pairs (batch 1) 4.31 against 4.12 ms
-in two alternating runs each. There the last program's combine, two serial loops over the
-partials' loads, adds more latency to the launch than the separate reduce kernel costs. Pairs
-in between were not measured: the reduce kernel runs below 512."""
+in two alternating runs each. The combine was then made the reduce kernel's own vectorised one
+(bench/results/decode_fold/shared_combine/, 8fe95f5): batch 64 still gains (5.38 against 5.53 ms),
+batch 1 still loses (4.44 against 4.13 ms), so the serial loads were not the cause: at 8 pairs
+the folding launch itself runs longer (its arrival atomics and the partials' round trip through
+L2 sit on the critical path of a launch of a few dozen programs). Pairs in between were not
+measured: the reduce kernel runs below 512."""
 MAX_DECODE_PARTITIONS = 64
 """Most partitions a sequence is split into: past this the dead programs of a long maximum
 length (a grid of B x H_kv x max_len / size) and the reduce's loop cost more than a short
