@@ -10,8 +10,7 @@ M to a 16-row tile and, when they split K, sum the float32 partials with two mor
   [BLOCK_M, BLOCK_K, BLOCK_N] float32 register tile that is reduced over K once at the end
   (no cross-thread reduction per step);
 - splits K across SPLIT programs per column tile, and the last of them to finish sums the
-  partials in split order and writes y (a per-tile arrival counter, reset by that program):
-  one launch, deterministic, no host synchronisation, CUDA-graph safe;
+  partials in split order and writes y (split_k.py: one launch, deterministic, CUDA-graph safe);
 - reads the packed layouts as stored (packed.py): Int4Weight's byte rows hold k = j (low
   nibble) and k = Kp/2 + j (high nibble), N contiguous, so a [BLOCK_K, BLOCK_N] byte tile is
   BLOCK_K coalesced rows and each group's scale/min row is read once per tile; INT8 [K, N]
@@ -35,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import arrival_counters, check_out, interpreting, next_power_of_2
+from llmesh.kernels.common import check_out, interpreting, next_power_of_2
 from llmesh.kernels.int_words import SIGN_FLIP_BYTES, as_words, unit_code
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.split_k import finish, finish_words, split_buffers
 
 MAX_M = 16
 """Rows up to which the GEMV runs (the register tile grows with M)."""
@@ -84,50 +83,6 @@ def check_gemv_config(config: GemvConfig, group_size: int, grouped: bool) -> Non
 
 
 @triton.jit
-def _store_out(acc, out_ptr, rm, cols, mask, stride_om, INTERPRET: tl.constexpr):
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _store_part(acc, part_ptr, pid_k, rm, cols, mask, M, N):
-    tl.store(part_ptr + pid_k.to(tl.int64) * M * N + (rm[:, None] * N + cols[None, :]).to(tl.int64), acc, mask=mask)
-
-
-@triton.jit
-def _arrive(lock_ptr, pid_n):
-    """This split's arrival at its column tile; the last one to arrive sees SPLIT - 1."""
-    tl.debug_barrier()  # every thread's partial is stored before the release below
-    return tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-
-
-@triton.jit
-def _store_sum(part_ptr, out_ptr, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
-    """y = the partials summed in split order (deterministic)."""
-    tile = (rm[:, None] * N + cols[None, :]).to(tl.int64)
-    total = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for s in range(SPLIT):
-        total += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-    _store_out(total, out_ptr, rm, cols, mask, stride_om, INTERPRET)
-
-
-@triton.jit
-def _finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask, n_mask, pid_n, pid_k, M, N, stride_om,
-            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """Write y, or this split's partial; the last split of the column tile to arrive sums the
-    partials in split order and writes y."""
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT == 1:
-        _store_out(acc, out_ptr, rm, rn, mask, stride_om, INTERPRET)
-    else:
-        _store_part(acc, part_ptr, pid_k, rm, rn, mask, M, N)
-        if _arrive(lock_ptr, pid_n) == SPLIT - 1:
-            _store_sum(part_ptr, out_ptr, rm, rn, mask, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch on this stream
-
-
-@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, HALF, ROWS_PER_SPLIT,
@@ -163,8 +118,8 @@ def _w4a16_gemv_kernel(
         w_hi = (packed >> 4).to(tl.float32) * s_hi[None, :] + m_hi[None, :]   # rows k = HALF + j
         acc3 += x_lo[:, :, None] * w_lo[None, :, :] + x_hi[:, :, None] * w_hi[None, :, :]
     acc = tl.sum(acc3, axis=1)                                          # [BLOCK_M, BLOCK_N]
-    _finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask, n_mask, pid_n, pid_k, M, N, stride_om,
-            SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
+    finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask[:, None] & n_mask[None, :], pid_n, pid_k, M, N,
+           stride_om, SPLIT, SPLIT > 1, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
@@ -198,8 +153,8 @@ def _w8a16_gemv_kernel(
     acc = tl.sum(acc3, axis=1)
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    _finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask, n_mask, pid_n, pid_k, M, N, stride_om,
-            SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
+    finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask[:, None] & n_mask[None, :], pid_n, pid_k, M, N,
+           stride_om, SPLIT, SPLIT > 1, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
@@ -252,9 +207,9 @@ def _w4a16_gemv_words_kernel(
         acc1 = _w4_word_class(acc1, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 1)
         acc2 = _w4_word_class(acc2, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 2)
         acc3 = _w4_word_class(acc3, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask, 3)
-    _finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
-                  part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N, stride_om,
-                  SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
+    finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
+                 part_ptr, lock_ptr, out_ptr, rm, rc, m_mask[:, None] & c_mask[None, :], pid_n, pid_k, M, N,
+                 stride_om, SPLIT, SPLIT > 1, BLOCK_M, BLOCK_C, INTERPRET)
 
 
 @triton.jit
@@ -302,32 +257,9 @@ def _w8a16_gemv_words_kernel(
         acc1 = _w8_word_class(acc1, words, x, s_ptr, g, stride_s, rc, c_mask, 1)
         acc2 = _w8_word_class(acc2, words, x, s_ptr, g, stride_s, rc, c_mask, 2)
         acc3 = _w8_word_class(acc3, words, x, s_ptr, g, stride_s, rc, c_mask, 3)
-    _finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
-                  part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N, stride_om,
-                  SPLIT, BLOCK_M, BLOCK_C, INTERPRET)
-
-
-@triton.jit
-def _finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, m_mask, c_mask, pid_n, pid_k, M, N,
-                  stride_om, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    """_finish for the four column classes of a word tile (columns 4c + B)."""
-    mask = m_mask[:, None] & c_mask[None, :]
-    if SPLIT == 1:
-        _store_out(y0, out_ptr, rm, 4 * rc, mask, stride_om, INTERPRET)
-        _store_out(y1, out_ptr, rm, 4 * rc + 1, mask, stride_om, INTERPRET)
-        _store_out(y2, out_ptr, rm, 4 * rc + 2, mask, stride_om, INTERPRET)
-        _store_out(y3, out_ptr, rm, 4 * rc + 3, mask, stride_om, INTERPRET)
-    else:
-        _store_part(y0, part_ptr, pid_k, rm, 4 * rc, mask, M, N)
-        _store_part(y1, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N)
-        _store_part(y2, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N)
-        _store_part(y3, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N)
-        if _arrive(lock_ptr, pid_n) == SPLIT - 1:
-            for b in tl.static_range(4):
-                _store_sum(part_ptr, out_ptr, rm, 4 * rc + b, mask, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_C,
-                           INTERPRET)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)
+    finish_words(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
+                 part_ptr, lock_ptr, out_ptr, rm, rc, m_mask[:, None] & c_mask[None, :], pid_n, pid_k, M, N,
+                 stride_om, SPLIT, SPLIT > 1, BLOCK_M, BLOCK_C, INTERPRET)
 
 
 def _split(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -335,13 +267,6 @@ def _split(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
     iters = max(1, -(-rows // block_k))
     per = -(-iters // max(1, split_k))
     return -(-iters // per), per * block_k
-
-
-def _launch_buffers(x: torch.Tensor, m: int, n: int, splits: int, block_n: int):
-    if splits == 1:
-        return x, x  # unused pointers
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    return part, arrival_counters("quant_gemv", x.device, triton.cdiv(n, block_n))
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -359,7 +284,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     if m == 0 or n == 0:
         return out
     splits, rows = _split(half, config.block_k, config.split_k)
-    part, locks = _launch_buffers(x, m, n, splits, config.block_n)
+    part, locks = split_buffers("quant_gemv", x, m, n, splits, triton.cdiv(n, config.block_n))
     words = as_words(qweight) if config.words else None
     if words is not None:
         _w4a16_gemv_words_kernel[(triton.cdiv(n, config.block_n), splits)](
@@ -392,7 +317,7 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     if m == 0 or n == 0:
         return out
     splits, rows = _split(k, config.block_k, config.split_k)
-    part, locks = _launch_buffers(x, m, n, splits, config.block_n)
+    part, locks = split_buffers("quant_gemv", x, m, n, splits, triton.cdiv(n, config.block_n))
     words = as_words(qweight) if config.words else None
     if words is not None:
         _w8a16_gemv_words_kernel[(triton.cdiv(n, config.block_n), splits)](

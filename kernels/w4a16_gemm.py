@@ -12,9 +12,10 @@ row and one min row), rounds them to x's dtype as the torch reference does, and 
 tl.dot: x[:, j] @ W_lo and x[:, Kp/2 + j] @ W_hi, both activation tiles contiguous and
 masked to zero past K. Factoring the scales out of the dot (s * (x @ q) + m * sum(x), as
 the INT8 kernel does) measured slower here on an H100 (0.79x vs 1.17x bf16 at M = 1): the
-per-tile row sums of x for the mins cost more than the dequantization they save. Accumulation is float32. With split_k > 1 every split writes a
-float32 partial [SPLIT_K, M, N] and torch sums them: deterministic (greedy decoding must
-reproduce), unlike atomics. No host synchronisation, so the wrapper is CUDA-graph safe.
+per-tile row sums of x for the mins cost more than the dequantization they save. Accumulation
+is float32. With split_k > 1 every split writes a float32 partial and the last split of a tile
+to finish sums them in split order (split_k.py): deterministic (greedy decoding must
+reproduce), unlike atomic adds, and one launch. No host synchronisation: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -28,24 +29,14 @@ from llmesh.kernels.common import (
 from llmesh.kernels.quant_gemm_config import GemmConfig, check_config, pick_config, split_plan
 from llmesh.kernels.int_words import as_words, unit_code
 from llmesh.kernels.quant_ref import dequantize_int4_ref, w4a16_gemm_ref  # noqa: F401 (the kernel's references)
+from llmesh.kernels.split_k import finish, finish_words, split_buffers
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
-def _store_tile(acc, out_ptr, part_ptr, pid_k, rm, cols, mask, M, N, stride_om, SPLIT: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """A [BLOCK_M, len(cols)] tile: this split's float32 partial, or y in out's dtype."""
-    if SPLIT:
-        tl.store(part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + cols[None, :], acc, mask=mask)
-    else:
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
 def _w4a16_kernel(
-    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr,
-    M, N, K, HALF, ROWS_PER_SPLIT,
+    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, HALF, ROWS_PER_SPLIT, SPLITS,
     stride_xm, stride_q, stride_s, stride_mn, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -89,8 +80,8 @@ def _w4a16_kernel(
         acc += tl.dot(x_lo, w_lo, input_precision=DOT_PRECISION)
         acc += tl.dot(x_hi, w_hi, input_precision=DOT_PRECISION)
 
-    _store_tile(acc, out_ptr, part_ptr, pid_k, rm, rn, m_mask[:, None] & n_mask[None, :], M, N, stride_om,
-                SPLIT, INTERPRET)
+    finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask[:, None] & n_mask[None, :],
+           pid_m * tl.num_programs(1) + pid_n, pid_k, M, N, stride_om, SPLITS, SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
@@ -118,8 +109,8 @@ def _w4_dot_class(acc, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, s
 
 @triton.jit
 def _w4a16_words_kernel(
-    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr,
-    M, N, K, HALF, NW, ROWS_PER_SPLIT,
+    x_ptr, q_ptr, s_ptr, mn_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, HALF, NW, ROWS_PER_SPLIT, SPLITS,
     stride_xm, stride_q, stride_s, stride_mn, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -159,11 +150,9 @@ def _w4a16_words_kernel(
                              2, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
         acc3 = _w4_dot_class(acc3, words, x_lo, x_hi, s_ptr, mn_ptr, g_lo, g_hi, stride_s, stride_mn, rc, c_mask,
                              3, x_dtype, DOT_F32, DOT_PRECISION, INTERPRET)
-    mask = m_mask[:, None] & c_mask[None, :]
-    _store_tile(acc0, out_ptr, part_ptr, pid_k, rm, 4 * rc, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_tile(acc1, out_ptr, part_ptr, pid_k, rm, 4 * rc + 1, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_tile(acc2, out_ptr, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N, stride_om, SPLIT, INTERPRET)
-    _store_tile(acc3, out_ptr, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N, stride_om, SPLIT, INTERPRET)
+    finish_words(acc0, acc1, acc2, acc3, part_ptr, lock_ptr, out_ptr, rm, rc, m_mask[:, None] & c_mask[None, :],
+                 pid_m * tl.num_programs(1) + pid_n, pid_k, M, N, stride_om, SPLITS, SPLIT, BLOCK_M, BLOCK_C,
+                 INTERPRET)
 
 
 def _check_args(x, qweight, scales, mins, group_size) -> tuple[int, int, int]:
@@ -216,25 +205,23 @@ def w4a16_gemm(
         return out
     splits, rows_per_split = split_plan(half, config.block_k, config.split_k)
     split = splits > 1
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+    part, locks = split_buffers("w4a16_gemm", x, m, n, splits, grid[0] * grid[1])
     words = as_words(qweight) if config.words else None
     if words is not None:
         _w4a16_words_kernel[grid](
-            x, words, scales, mins, out, part, m, n, k, half, n // 4, rows_per_split,
+            x, words, scales, mins, out, part, locks, m, n, k, half, n // 4, rows_per_split, splits,
             x.stride(0), words.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
             GROUP=group_size, BLOCK_M=config.block_m, BLOCK_C=config.block_n // 4, BLOCK_K=config.block_k,
             SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
             INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         _w4a16_kernel[grid](
-            x, qweight, scales, mins, out, part,
-            m, n, k, half, rows_per_split,
+            x, qweight, scales, mins, out, part, locks,
+            m, n, k, half, rows_per_split, splits,
             x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
             GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             SPLIT=split, DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
             INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    if split:
-        out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out

@@ -8,9 +8,9 @@ loads [BLOCK_K, BLOCK_N] int8 tiles. Per-channel weights feed the codes to tl.do
 are (int8 values are exact in 16-bit floats) and multiply the float32 accumulator by the
 scale row once at the end: one multiply per output instead of one per weight. Grouped
 weights are dequantized per tile in float32 (BLOCK_K divides G, so a tile uses one scale
-row) and rounded to x's dtype, as the torch reference does. Split-K partials are float32
-[SPLIT_K, M, N] summed by torch (deterministic, no atomics); no host synchronisation, so the
-wrapper is CUDA-graph safe.
+row) and rounded to x's dtype, as the torch reference does. Split-K partials are float32,
+summed in split order by the last split of a tile to finish (split_k.py: deterministic, one
+launch); no host synchronisation, so the wrapper is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from llmesh.kernels.common import (
 from llmesh.kernels.quant_gemm_config import (FACTORED_MAX_BLOCK_M, GemmConfig, check_config, pick_config,
                                               split_plan)
 from llmesh.kernels.quant_ref import dequantize_int8_ref, w8a16_gemm_ref  # noqa: F401 (the kernel's references)
+from llmesh.kernels.split_k import finish, split_buffers
 from llmesh.kernels.triton_helpers import cast_rtne
 
 
 @triton.jit
 def _w8a16_kernel(
-    x_ptr, q_ptr, s_ptr, out_ptr, part_ptr,
-    M, N, K, ROWS_PER_SPLIT,
+    x_ptr, q_ptr, s_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, ROWS_PER_SPLIT, SPLITS,
     stride_xm, stride_q, stride_s, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,13 +81,8 @@ def _w8a16_kernel(
 
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(part, acc, mask=mask)
-    else:
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, m_mask[:, None] & n_mask[None, :],
+           pid_m * tl.num_programs(1) + pid_n, pid_k, M, N, stride_om, SPLITS, SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 def _check_args(x, qweight, scales, group_size) -> tuple[int, int, int]:
@@ -136,11 +132,11 @@ def w8a16_gemm(
         return out
     splits, rows_per_split = split_plan(k, config.block_k, config.split_k)
     split = splits > 1
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+    part, locks = split_buffers("w8a16_gemm", x, m, n, splits, grid[0] * grid[1])
     _w8a16_kernel[grid](
-        x, qweight, scales, out, part,
-        m, n, k, rows_per_split,
+        x, qweight, scales, out, part, locks,
+        m, n, k, rows_per_split, splits,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         GROUP=1 if per_channel else group_size, PER_CHANNEL=per_channel,  # no recompile per K
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -148,6 +144,4 @@ def w8a16_gemm(
         INTERPRET=interpreting(), FACTORED=config.block_m <= FACTORED_MAX_BLOCK_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split:
-        out.copy_(part.sum(0))  # a fixed-order reduction: results do not depend on scheduling
     return out
