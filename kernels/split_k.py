@@ -73,7 +73,10 @@ def finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, mask, tile, pid_k, M, N, st
 def finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, mask, tile, pid_k, M, N, stride_om,
                  splits, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  INTERPRET: tl.constexpr):
-    """finish for the four column classes of an int32-word tile (y_b: columns 4c + b)."""
+    """finish for the four column classes of an int32-word tile (y_b: columns 4c + b, for the
+    BLOCK_C words rc of one tile). The partials are stored by class (every fourth column), but
+    summed over the tile's 4 * BLOCK_C contiguous columns at once: read by class, the sum took
+    a quarter of each sector it loaded (at M = 16, 9 splits: 45 us where torch's sum gave 37)."""
     if not SPLIT:
         store_out(y0, out_ptr, rm, 4 * rc, mask, stride_om, INTERPRET)
         store_out(y1, out_ptr, rm, 4 * rc + 1, mask, stride_om, INTERPRET)
@@ -85,9 +88,9 @@ def finish_words(y0, y1, y2, y3, part_ptr, lock_ptr, out_ptr, rm, rc, mask, tile
         store_part(y2, part_ptr, pid_k, rm, 4 * rc + 2, mask, M, N)
         store_part(y3, part_ptr, pid_k, rm, 4 * rc + 3, mask, M, N)
         if arrive(lock_ptr, tile) == splits - 1:
-            for b in tl.static_range(4):
-                store_sum(part_ptr, out_ptr, rm, 4 * rc + b, mask, M, N, stride_om, splits, BLOCK_M, BLOCK_C,
-                          INTERPRET)
+            cols = 4 * tl.min(rc, axis=0) + tl.arange(0, 4 * BLOCK_C)
+            store_sum(part_ptr, out_ptr, rm, cols, (rm < M)[:, None] & (cols < N)[None, :], M, N, stride_om, splits,
+                      BLOCK_M, 4 * BLOCK_C, INTERPRET)
             tl.atomic_xchg(lock_ptr + tile, 0)
 
 
