@@ -159,33 +159,34 @@ def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[
 
 def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
                 ) -> dict[str, float]:
-    """The align step both ways (the torch ops, the one-program Triton kernel) alone and inside
-    the layer, at batch 1 and the decode batch: what decides ALIGN_KERNEL_ON_CUDA."""
+    """The align step three ways (the torch ops, the one-program Triton kernel, the chunked
+    kernels) alone, and inside the layer at batch 1, the decode batch and the prefill: what
+    decides ALIGN_KERNEL_ON_CUDA, ALIGN_KERNEL_MAX_PAIRS and ALIGN_CHUNKS_ON_CUDA. Metric
+    names: moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_<same>_ms."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import pick_config
     from llmesh.kernels.moe_align import moe_align_block_size
 
     m: dict[str, float] = {}
-    # The layer at batch 1 and the decode batch; the step alone also at larger batches (the
-    # kernel forced past ALIGN_KERNEL_MAX_PAIRS), where its time, which grows with the pairs on
-    # one SM, meets the torch ops'.
-    layer_sizes = (1, s.decode_batch)
+    paths = (("torch", "torch"), ("kernel", "program"), ("chunks", "chunks"))
+    # Every path at every size (each forced), so the crossovers are placed: the one-program
+    # kernel's time grows with the pairs on one SM, the torch ops' and the chunked kernels' spread.
+    layer_sizes = (1, s.decode_batch, s.prefill_tokens)
     for t in (*layer_sizes, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         weights, ids = routing(t, s, device, gen)
         block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
-        for path, kernel in (("torch", False), ("kernel", True)):
-            m[f"moe_align_t{t}_{path}_us"] = 1e3 * best_of_two(
-                lambda: moe_align_block_size(ids, block_m, s.experts, kernel=kernel), device)
+        for name, path in paths:
+            m[f"moe_align_t{t}_{name}_us"] = 1e3 * best_of_two(
+                lambda: moe_align_block_size(ids, block_m, s.experts, path=path), device)
             if t in layer_sizes:
-                m[f"moe_layer_t{t}_align_{path}_ms"] = best_of_two(
-                    lambda: fused_moe(x, w13, w2, weights, ids, align_kernel=kernel), device)
-        layer = "" if t not in layer_sizes else (
-            f"; layer {m[f'moe_layer_t{t}_align_torch_ms']:.3f} / {m[f'moe_layer_t{t}_align_kernel_ms']:.3f} ms")
-        print(f"[moe] align T={t}: torch {m[f'moe_align_t{t}_torch_us']:.1f} us, kernel "
-              f"{m[f'moe_align_t{t}_kernel_us']:.1f} us{layer}", flush=True)
+                m[f"moe_layer_t{t}_align_{name}_ms"] = best_of_two(
+                    lambda: fused_moe(x, w13, w2, weights, ids, align_path=path), device)
+        line = ", ".join(f"{name} {m[f'moe_align_t{t}_{name}_us']:.1f} us" for name, _ in paths)
+        if t in layer_sizes:
+            line += "; layer " + " / ".join(f"{m[f'moe_layer_t{t}_align_{name}_ms']:.3f}" for name, _ in paths) + " ms"
+        print(f"[moe] align T={t}: {line}", flush=True)
     return m
-
 
 def tune_candidates(t: int, s: Shapes, smoke: bool) -> list:
     """CANDIDATES whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far taller pads

@@ -205,19 +205,19 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               config: MoEConfig | None = None, down_config: MoEConfig | None = None,
-              align_kernel: bool | None = None) -> torch.Tensor:
+              align_path: str | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 with w13_scale [E, 2I], w2_scale [E, H])
     → [T, H] in x's dtype (int8 / float8_e4m3fn experts likewise). ``config`` / ``down_config`` override the tile table per GEMM
     (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
-    its BLOCK_M is the gate/up config's. ``align_kernel`` forces the align step's path
-    (moe_align_block_size's ``kernel``; the benchmark times both)."""
+    its BLOCK_M is the gate/up config's. ``align_path`` forces the align step's implementation
+    (moe_align_block_size's ``path``; the benchmark times each)."""
     t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     if t == 0:
         return torch.zeros_like(x)
     config = config or pick_config(t, e, inter, h, top_k, x.device)
     down_config = down_config or pick_config(t, e, h, inter, top_k, x.device)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, kernel=align_kernel)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),

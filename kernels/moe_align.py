@@ -1,7 +1,7 @@
 """The align step of the fused MoE layer: (token, slot) pairs sorted by expert, each expert's
 run padded to BLOCK_M, so every BLOCK_M block of the sorted list belongs to one expert.
 
-Two implementations of one contract (``moe_align_block_size``):
+Three implementations of one contract (``moe_align_block_size``), the path picked by size:
 
 - ``moe_align_block_size_ref``: torch ops (a histogram, cumulative sums, a stable argsort,
   scatters, a searchsorted): the reference, and the path for large batches;
@@ -14,8 +14,17 @@ Two implementations of one contract (``moe_align_block_size``):
   position plus their rank among the chunk's pairs of that expert (a [CHUNK, CHUNK] lower
   triangle), which keeps the sort stable. Its cost grows with the pairs on one SM, so it runs
   up to ALIGN_KERNEL_MAX_PAIRS and the torch ops beyond.
+- the chunked kernels, for large batches (a prefill of 4k tokens is 32k pairs at top-8, where
+  the torch ops' argsort and scatters took 146 us at 8k pairs on the H200): the pairs in
+  chunks of CHUNK_PAIRS, one program each, in three launches: each chunk's count per bucket
+  (and its share of the padding fill); one program scans those counts, down the chunks for
+  each chunk's offset inside its bucket's run and across the buckets for the runs' padded
+  starts; then each chunk places its pairs at run start + chunk offset + rank, the rank
+  counted as in the one-program kernel. Stable too, and no atomics: the output does not
+  depend on scheduling.
 
-Both give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph safe.
+All three give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph
+safe.
 """
 
 from __future__ import annotations
@@ -40,7 +49,18 @@ CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at 
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
 
+ALIGN_CHUNKS_ON_CUDA = False
+"""Whether CUDA runs the chunked kernels past ALIGN_KERNEL_MAX_PAIRS (else the torch ops). Off
+until bench/moe_gpu.py has timed the three paths there (moe_align_t<T>_chunks_us): written
+after the last GPU session, the chunked path has run only under the interpreter."""
+
+ALIGN_PATHS = ("torch", "program", "chunks")
+
+CHUNK_PAIRS = 256
+"""Pairs per program of the chunked kernels (a loop of _CHUNK-pair steps)."""
+
 _CHUNK = 32
+_SCAN_ROWS = 16
 
 
 def padded_length_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -132,7 +152,113 @@ def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, next_pt
         tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, kernel: bool | None = None
+@triton.jit
+def _bucket_onehot(e, valid, bins):
+    return ((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32)  # [_CHUNK, E_P2]
+
+
+@triton.jit
+def _chunk_counts_kernel(ids_ptr, counts_ptr, sorted_ptr, N, E, LENGTH, FILL,
+                         E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """counts[c, b] = chunk c's pairs in bucket b; sorted_ids[c * FILL, (c + 1) * FILL) = N."""
+    pdl_enter(PDL)
+    c = tl.program_id(0)
+    r = tl.arange(0, CHUNK)
+    bins = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for s0 in range(0, SPAN, CHUNK):
+        e, valid = _experts_of(ids_ptr, c * SPAN + s0 + r, N, E)
+        counts += tl.sum(_bucket_onehot(e, valid, bins), axis=0)
+    tl.store(counts_ptr + c * E_P2 + bins, counts)
+    fill_end = tl.minimum((c + 1) * FILL, LENGTH)
+    for p0 in range(c * FILL, fill_end, CHUNK):  # padding slots hold N; placed pairs overwrite theirs
+        p = p0 + r
+        tl.store(sorted_ptr + p, tl.full([CHUNK], 0, tl.int32) + N, mask=p < fill_end)
+
+
+@triton.jit
+def _chunk_scan_kernel(counts_ptr, base_ptr, expert_ids_ptr, num_post_ptr, C, E, NUM_BLOCKS,
+                       BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """base[c, b] = where chunk c's pairs of bucket b begin in sorted_ids (the bucket's padded run
+    start plus the bucket's pairs in chunks before c); the block experts and the padded length."""
+    pdl_enter(PDL)
+    bins = tl.arange(0, E_P2)
+    rows = tl.arange(0, ROWS)
+    total = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, C, ROWS):
+        cr = c0 + rows
+        total += tl.sum(tl.load(counts_ptr + cr[:, None] * E_P2 + bins[None, :], mask=(cr < C)[:, None], other=0),
+                        axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(num_post_ptr, tl.sum(padded, axis=0))
+    running = ends - padded  # each bucket's run start, then moved past each chunk's pairs
+    for c0 in range(0, C, ROWS):
+        cr = c0 + rows
+        at = cr[:, None] * E_P2 + bins[None, :]
+        tile = tl.load(counts_ptr + at, mask=(cr < C)[:, None], other=0)
+        tl.store(base_ptr + at, running[None, :] + tl.cumsum(tile, axis=0) - tile, mask=(cr < C)[:, None])
+        running += tl.sum(tile, axis=0)
+    ends_live = tl.where(bins <= E, ends, 2147483647)
+    r = tl.arange(0, CHUNK)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):  # each block's expert, as in _moe_align_kernel
+        b = b0 + r
+        owner = tl.sum((ends_live[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
+
+
+@triton.jit
+def _chunk_place_kernel(ids_ptr, base_ptr, sorted_ptr, N, E,
+                        E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Chunk c's pairs at base[c, bucket] + the bucket's pairs placed before them in the chunk."""
+    pdl_enter(PDL)
+    c = tl.program_id(0)
+    r = tl.arange(0, CHUNK)
+    bins = tl.arange(0, E_P2)
+    earlier = r[None, :] < r[:, None]  # [CHUNK, CHUNK]: j < i
+    seen = tl.zeros([E_P2], dtype=tl.int32)  # this chunk's pairs placed so far, per bucket
+    for s0 in range(0, SPAN, CHUNK):
+        i = c * SPAN + s0 + r
+        e, valid = _experts_of(ids_ptr, i, N, E)
+        onehot = _bucket_onehot(e, valid, bins)
+        rank = tl.sum(((e[:, None] == e[None, :]) & earlier & valid[None, :]).to(tl.int32), axis=1)
+        before = tl.sum(onehot * seen[None, :], axis=1)
+        pos = tl.load(base_ptr + c * E_P2 + e, mask=valid, other=0) + before + rank
+        tl.store(sorted_ptr + pos, i, mask=valid)
+        seen += tl.sum(onehot, axis=0)
+
+
+def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids: torch.Tensor,
+                  expert_ids: torch.Tensor, num_post: torch.Tensor) -> None:
+    n, length = flat.numel(), sorted_ids.numel()
+    e_p2 = next_power_of_2(num_experts + 1)
+    chunks = triton.cdiv(n, CHUNK_PAIRS)
+    counts = torch.empty(chunks, e_p2, dtype=torch.int32, device=flat.device)
+    base = torch.empty_like(counts)
+    pdl = pdl_launch(flat.device)
+    _chunk_counts_kernel[(chunks,)](flat, counts, sorted_ids, n, num_experts, length, triton.cdiv(length, chunks),
+                                    E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
+    _chunk_scan_kernel[(1,)](counts, base, expert_ids, num_post, chunks, num_experts, length // block_m,
+                             BLOCK_M=block_m, E_P2=e_p2, ROWS=_SCAN_ROWS, CHUNK=_CHUNK, num_warps=4, **pdl)
+    _chunk_place_kernel[(chunks,)](flat, base, sorted_ids, n, num_experts,
+                                   E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
+
+
+def default_align_path(topk_ids: torch.Tensor) -> str:
+    """The path moe_align_block_size takes for these ids: under the interpreter and on CUDA
+    (ALIGN_KERNEL_ON_CUDA) the one-program kernel up to ALIGN_KERNEL_MAX_PAIRS pairs; past it
+    the chunked kernels under the interpreter and where measured (ALIGN_CHUNKS_ON_CUDA), else
+    the torch ops (and on the CPU)."""
+    n = topk_ids.numel()
+    if n == 0 or not (interpreting() or topk_ids.is_cuda):
+        return "torch"
+    if n <= ALIGN_KERNEL_MAX_PAIRS:
+        return "program" if interpreting() or ALIGN_KERNEL_ON_CUDA else "torch"
+    return "chunks" if interpreting() or ALIGN_CHUNKS_ON_CUDA else "torch"
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, path: str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort (token, slot) pairs by expert, each expert's run padded to BLOCK_M.
 
@@ -141,21 +267,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     the expert of each block, -1 for the run of id -1 pairs (after every expert's) and past
     the end; num_tokens_post_padded int32 [1], that run included). P is
     ``padded_length_bound`` rounded up to BLOCK_M. Pairs of one expert keep their token order
-    (a stable sort). ``kernel`` forces a path (tests, the benchmark); by default the Triton
-    kernel runs under the interpreter and on a GPU (ALIGN_KERNEL_ON_CUDA) up to
-    ALIGN_KERNEL_MAX_PAIRS pairs, the torch ops otherwise.
+    (a stable sort). ``path`` (one of ALIGN_PATHS) forces an implementation (tests, the
+    benchmark); by default `default_align_path` picks one by size and device.
     """
     n = topk_ids.numel()
-    if kernel is None:
-        on = interpreting() or (topk_ids.is_cuda and ALIGN_KERNEL_ON_CUDA)
-        kernel = on and 0 < n <= ALIGN_KERNEL_MAX_PAIRS
-    if not kernel or n == 0:
+    path = path or default_align_path(topk_ids)
+    if path not in ALIGN_PATHS:
+        raise ValueError(f"path must be one of {ALIGN_PATHS}, got {path!r}")
+    if path == "torch" or n == 0:
         return moe_align_block_size_ref(topk_ids, block_m, num_experts)
     device = topk_ids.device
     length = _length(n, num_experts, block_m)
     sorted_ids = torch.empty(length, dtype=torch.int32, device=device)
     expert_ids = torch.empty(length // block_m, dtype=torch.int32, device=device)
     num_post = torch.empty(1, dtype=torch.int32, device=device)
+    if path == "chunks":
+        _align_chunks(topk_ids.reshape(-1), block_m, num_experts, sorted_ids, expert_ids, num_post)
+        return sorted_ids, expert_ids, num_post
     e_p2 = next_power_of_2(num_experts + 1)
     next_pos = torch.empty(e_p2, dtype=torch.int32, device=device)
     _moe_align_kernel[(1,)](topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, next_pos,

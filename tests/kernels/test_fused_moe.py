@@ -94,13 +94,13 @@ def test_same_expert_twice_in_a_block_and_empty_batch(device):
 
 
 @pytest.mark.parametrize("block_m", [16, 32])
-@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "triton"])
-def test_align_block_size(block_m, kernel, device):
+@pytest.mark.parametrize("path", ["torch", "program", "chunks"])
+def test_align_block_size(block_m, path, device):
     gen = torch.Generator().manual_seed(block_m)
     t, e, k = 37, 6, 2
     _, ids = _routing(t, e, k, gen, skew=True)
     # The Triton kernel reads device memory (or runs under the interpreter on the CPU).
-    out = moe_align_block_size(ids.to(device), block_m, e, kernel=kernel)
+    out = moe_align_block_size(ids.to(device), block_m, e, path=path)
     sorted_ids, expert_ids, num_post = (x.cpu() for x in out)
     flat = ids.flatten()
     counts = torch.bincount(flat, minlength=e)

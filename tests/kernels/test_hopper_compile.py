@@ -83,6 +83,13 @@ CASES = [
     ("moe_align", "_moe_align_kernel", {p: "i32" for p in ("sorted_ptr", "expert_ids_ptr", "num_post_ptr",
                                                              "next_ptr")} | {"ids_ptr": "i64"},
      dict(BLOCK_M=16, E_P2=16, CHUNK=32)),  # 8 experts: at 128 (E_P2 256) ptxas takes minutes here
+    ("moe_align", "_chunk_counts_kernel", {"ids_ptr": "i64", "counts_ptr": "i32", "sorted_ptr": "i32"},
+     dict(E_P2=16, SPAN=256, CHUNK=32)),
+    ("moe_align", "_chunk_scan_kernel", {p: "i32" for p in ("counts_ptr", "base_ptr", "expert_ids_ptr",
+                                                              "num_post_ptr")},
+     dict(BLOCK_M=16, E_P2=16, ROWS=16, CHUNK=32)),
+    ("moe_align", "_chunk_place_kernel", {"ids_ptr": "i64", "base_ptr": "i32", "sorted_ptr": "i32"},
+     dict(E_P2=16, SPAN=256, CHUNK=32)),
     ("fused_moe", "_moe_gemm_kernel",
      {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
       "scale_ptr": "fp32"},

@@ -1,6 +1,7 @@
-"""The one-program Triton align step (moe_align.py) gives exactly the torch reference's sorted
-pairs, block experts and padded length: ids of another rank (-1), experts never hit, pairs
-spanning several chunks (ranks carried across chunks), the kernel's size cut-over."""
+"""Both Triton align steps (moe_align.py: the one-program kernel, the chunked kernels) give
+exactly the torch reference's sorted pairs, block experts and padded length: ids of another
+rank (-1), experts never hit, pairs spanning several chunks (ranks carried across chunks),
+the size cut-over between the paths."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.moe_align import (  # noqa: E402
-    ALIGN_KERNEL_MAX_PAIRS, moe_align_block_size, moe_align_block_size_ref)
+    ALIGN_KERNEL_MAX_PAIRS, CHUNK_PAIRS, moe_align_block_size, moe_align_block_size_ref)
 
 
 def _ids(t, e, k, gen, held_elsewhere=0.0, skew=False):
@@ -30,38 +31,55 @@ def _ids(t, e, k, gen, held_elsewhere=0.0, skew=False):
     (64, 8, 2, 32, 0.4, False),     # expert parallelism: -1 pairs run last, as -1 blocks
     (100, 128, 8, 64, 0.1, True),   # 800 pairs, 25 chunks
     (5, 3, 3, 16, 1.0, False),      # every pair held elsewhere
+    (CHUNK_PAIRS // 2 + 3, 16, 2, 16, 0.2, True),  # chunked: a second chunk of 6 pairs
+    (3 * CHUNK_PAIRS // 8, 128, 8, 32, 0.0, True),  # chunked: 3 full chunks, many buckets
 ])
-def test_kernel_equals_reference(device, t, e, k, block_m, held, skew):
+@pytest.mark.parametrize("path", ["program", "chunks"])
+def test_kernel_equals_reference(device, t, e, k, block_m, held, skew, path):
     gen = torch.Generator().manual_seed(t * 31 + e + block_m)
     ids = _ids(t, e, k, gen, held, skew)
     ref = moe_align_block_size_ref(ids, block_m, e)
     for dtype in (torch.int64, torch.int32):  # select_experts' ids, and a caller's int32 ones
-        got = moe_align_block_size(ids.to(dtype).to(device), block_m, e, kernel=True)
+        got = moe_align_block_size(ids.to(dtype).to(device), block_m, e, path=path)
         for name, a, b in zip(("sorted_ids", "expert_ids", "num_tokens_post_padded"), got, ref):
             assert a.dtype == b.dtype == torch.int32, name
             assert torch.equal(a.cpu(), b), (name, dtype, a.cpu().tolist()[:40], b.tolist()[:40])
 
 
+def test_unknown_path_is_refused(device):
+    with pytest.raises(ValueError, match="path must be one of"):
+        moe_align_block_size(torch.zeros(2, 2, dtype=torch.int64, device=device), 16, 4, path="fast")
+
+
 def test_default_path_picks_by_size(device, monkeypatch):
-    """Under the interpreter the kernel aligns up to ALIGN_KERNEL_MAX_PAIRS pairs and the torch
-    ops beyond (a spy on the kernel says which ran); either way the output is the reference's."""
+    """Up to ALIGN_KERNEL_MAX_PAIRS pairs the one-program kernel aligns (under the interpreter,
+    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels (the interpreter, and
+    CUDA with ALIGN_CHUNKS_ON_CUDA) or the torch ops; spies on the kernels say which ran, and
+    either way the output is the reference's."""
     import llmesh.kernels.moe_align as moe_align
 
     launched = []
-    kernel = moe_align._moe_align_kernel
 
     class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
 
-    monkeypatch.setattr(moe_align, "_moe_align_kernel", Spy())
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(moe_align, "_moe_align_kernel", Spy("program", moe_align._moe_align_kernel))
+    monkeypatch.setattr(moe_align, "_chunk_place_kernel", Spy("chunks", moe_align._chunk_place_kernel))
     gen = torch.Generator().manual_seed(3)
     small = _ids(4, 16, 2, gen).to(device)
     big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # two pairs past the cut-over
-    for ids, kernel_expected in ((small, moe_align.interpreting() or moe_align.ALIGN_KERNEL_ON_CUDA), (big, False)):
+    on_cuda = device.type == "cuda" and not moe_align.interpreting()
+    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None,
+                "chunks" if not on_cuda or moe_align.ALIGN_CHUNKS_ON_CUDA else None}
+    for ids, path in zip((small, big), ("program", "chunks")):
         launched.clear()
         got = moe_align_block_size(ids, 16, 16)
-        assert bool(launched) == bool(kernel_expected)
+        assert launched == ([path] if path in expected else []), (path, launched)
+        assert moe_align.default_align_path(ids) == (path if path in expected else "torch")
         for a, b in zip(got, moe_align_block_size_ref(ids.cpu(), 16, 16)):
             assert torch.equal(a.cpu(), b)
