@@ -15,8 +15,13 @@ Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batc
 (roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
 and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s.
 
-Usage: python bench/moe_gpu.py [--parts kernel,engine] [--autotune] [--offline-repeats 3] [--smoke]
-Writes bench/results/moe_<dev>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
+Align (--parts align; the kernel part runs it too): the align step's three paths (torch ops,
+one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
+4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
+
+Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--offline-repeats 3] [--smoke]
+       [--suffix _x]
+Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
 counts in --tune-m) and merges the winners into kernels/fused_moe_tuned.json under the device's
 tag, which the kernel and engine parts of the same run then use.
@@ -42,7 +47,7 @@ from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_ceilin
                           results_dir_for, rounded, software_versions, time_ms)
 from llmesh.bench_results import write_result  # noqa: E402
 
-PARTS = ("kernel", "engine")
+PARTS = ("kernel", "engine", "align")
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,7 @@ def main() -> int:
                     help="engine part: offline runs (fresh ids each); the lower median is reported")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (a run of some parts)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):
@@ -320,7 +326,7 @@ def main() -> int:
                                 "sum over k); decode bytes = distinct experts touched x (w13 + w2) + activations; "
                                 "prefill flops = 2 T k (3 I H)"}
     results_dir = results_dir_for(args)
-    name = f"moe_{device_tag(device)}"
+    name = f"moe_{device_tag(device)}{args.suffix}"
 
     def save() -> None:
         path = write_result(name, workload, rounded(metrics), device=device_name(device), results_dir=results_dir)
@@ -340,6 +346,10 @@ def main() -> int:
         save()
     if "kernel" in parts:
         metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
+        save()
+    if "align" in parts and "kernel" not in parts:
+        gen = torch.Generator(device).manual_seed(0)
+        metrics.update(bench_align(shapes, device, *experts(shapes, device, gen), gen))
         save()
     if "engine" in parts:
         engine_metrics, workload["engine"] = bench_engine(device, ceilings, args.smoke,
