@@ -4,7 +4,7 @@ run padded to BLOCK_M, so every BLOCK_M block of the sorted list belongs to one 
 Three implementations of one contract (``moe_align_block_size``), the path picked by size:
 
 - ``moe_align_block_size_ref``: torch ops (a histogram, cumulative sums, a stable argsort,
-  scatters, a searchsorted): the reference, and the path for large batches;
+  scatters, a searchsorted): the reference, and the CPU's path;
 - ``_moe_align_kernel``: one Triton program. In a decode step's CUDA graph the torch version
   is about twenty small kernels per MoE layer (a stable sort alone is several), each a few
   microseconds however few the pairs, which at batch 1 is comparable to the layer's two GEMMs
@@ -13,9 +13,9 @@ Three implementations of one contract (``moe_align_block_size``), the path picke
   starts by a cumulative sum, then each chunk's pairs placed at their expert's running write
   position plus their rank among the chunk's pairs of that expert (a [CHUNK, CHUNK] lower
   triangle), which keeps the sort stable. Its cost grows with the pairs on one SM, so it runs
-  up to ALIGN_KERNEL_MAX_PAIRS and the torch ops beyond.
+  up to ALIGN_KERNEL_MAX_PAIRS and the chunked kernels beyond.
 - the chunked kernels, for large batches (a prefill of 4k tokens is 32k pairs at top-8, where
-  the torch ops' argsort and scatters took 146 us at 8k pairs on the H200): the pairs in
+  the torch ops' argsort and scatters took 143 us on the H200, these 55): the pairs in
   chunks of CHUNK_PAIRS, one program each, in three launches: each chunk's count per bucket
   (and its share of the padding fill); one program scans those counts, down the chunks for
   each chunk's offset inside its bucket's run and across the buckets for the runs' padded
@@ -36,12 +36,11 @@ import triton.language as tl
 from llmesh.kernels.common import interpreting, next_power_of_2, pdl_launch
 from llmesh.kernels.triton_helpers import pdl_enter
 
-ALIGN_KERNEL_MAX_PAIRS = 1024
-"""Pairs (tokens x top-k) up to which the one-program kernel aligns; the torch ops above. On
-the H200 (moe_h200.json, 128 experts) the kernel took 7.9 us for 8 pairs and 33 us for 512,
-the torch ops 65 and 97 us. The kernel is one program on one SM, so its time keeps growing
-with the pairs while the torch ops spread over the GPU; until bench/moe_gpu.py's timings at
-more sizes (moe_align_t<T>_*_us) place the crossover, it stops at batch 128 at top-8."""
+ALIGN_KERNEL_MAX_PAIRS = 512
+"""Pairs (tokens x top-k) up to which the one-program kernel aligns; the chunked kernels above.
+On the H200 (moe_h200_align.json, 128 experts, top-8, 628393d) the one program took 7.8 us for
+8 pairs and 31.7 us for 512, the chunked kernels 28.0 and 36.3; at 1,024 pairs 56.3 against
+38.9 (the one program's time grows with the pairs on one SM, the chunks spread them)."""
 
 ALIGN_KERNEL_ON_CUDA = True
 """Measured on the H200 (bench/moe_gpu.py, moe_h200.json): the Qwen3-30B-A3B-shaped layer in a
@@ -49,10 +48,11 @@ CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at 
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
 
-ALIGN_CHUNKS_ON_CUDA = False
-"""Whether CUDA runs the chunked kernels past ALIGN_KERNEL_MAX_PAIRS (else the torch ops). Off
-until bench/moe_gpu.py has timed the three paths there (moe_align_t<T>_chunks_us): written
-after the last GPU session, the chunked path has run only under the interpreter."""
+ALIGN_CHUNKS_ON_CUDA = True
+"""Whether CUDA runs the chunked kernels past ALIGN_KERNEL_MAX_PAIRS (else the torch ops).
+Measured on the H200 (moe_h200_align.json): 38.9 / 40.4 / 46.4 / 54.9 us at 1,024 / 2,048 /
+8,192 / 32,768 pairs against the torch ops' 96.9 / 98.3 / 146.9 / 143.1; the Qwen3-30B-A3B
+layer at a 4,096-token prefill 0.942 ms against 0.995."""
 
 ALIGN_PATHS = ("torch", "program", "chunks")
 
