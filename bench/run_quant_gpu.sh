@@ -19,7 +19,7 @@ if [ "$SMOKE" != 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   # Kernel files whole; elsewhere only the quantization tests. --tb=line keeps failures to a line each.
   if ! timeout "${PYTEST_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider --tb=line -rfE \
       tests/kernels/test_w4a16_gemm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_fp8_gemm.py \
-      tests/kernels/test_quant_gemv.py \
+      tests/kernels/test_quant_gemv.py tests/kernels/test_fp8_fused_quant.py \
       tests/engine -k "gemm or quant or int4 or int8 or fp8 or gguf_blocks"; then
     FAILED+=(tests)
     stamp "quant tests: failures or timeout, the benchmark still runs"

@@ -3,6 +3,11 @@
 x: [..., 2 * I] holds gate then up; the result is silu(gate) * up: [..., I]. The kernel
 rounds where torch does (silu's result to the input dtype, then the product), so it matches
 `SiluAndMulMLP` in layers.py, which computes silu(gate_proj(x)) * up_proj(x) in the model dtype.
+
+`silu_and_mul_fp8` hands the product to an FP8 down projection already quantized per token:
+one program a row computes the products (rounded as above) for the row's absmax, then again
+for the E4M3 codes, so the bf16 product is never written and re-read; bit for bit
+`quantize_fp8_per_token(silu_and_mul(x))`.
 """
 
 from __future__ import annotations
@@ -12,9 +17,39 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_tensor, interpreting, pdl_launch
+from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, fp8_support
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _BLOCK = 1024
+
+
+@triton.jit
+def _silu_mul(x_row, c, mask, INTER: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """silu(gate) * up at columns c of one row, rounded to DTYPE where torch rounds (float32 out)."""
+    gate = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + INTER + c, mask=mask, other=0.0).to(tl.float32)
+    act = cast_rtne(gate * tl.sigmoid(gate), DTYPE, INTERPRET).to(tl.float32)
+    return cast_rtne(act * up, DTYPE, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(
+    x_ptr, xq_ptr, scale_ptr, stride_x, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + t * stride_x
+    dtype = x_ptr.dtype.element_ty
+    amax = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, INTER, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_mul(x_row, c, c < INTER, INTER, dtype, INTERPRET)))
+    inv = fp8_row_inverse(tl.max(amax, axis=0), scale_ptr + t, SCALE_EPS_JIT)
+    for c0 in range(0, INTER, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        y = _silu_mul(x_row, c, c < INTER, INTER, dtype, INTERPRET)
+        tl.store(xq_ptr + t * stride_q + c, fp8_quantize(y, inv, INTERPRET), mask=c < INTER)
 
 
 @triton.jit
@@ -27,10 +62,8 @@ def _silu_and_mul_kernel(
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < INTER
     dtype = out_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + t * stride_x + c, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + t * stride_x + INTER + c, mask=mask, other=0.0).to(tl.float32)
-    act = cast_rtne(gate * tl.sigmoid(gate), dtype, INTERPRET).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + c, cast_rtne(act * up, dtype, INTERPRET), mask=mask)
+    y = _silu_mul(x_ptr + t * stride_x, c, mask, INTER, dtype, INTERPRET)
+    tl.store(out_ptr + t * stride_o + c, y.to(dtype), mask=mask)  # exact: y is rounded to dtype already
 
 
 def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,6 +84,25 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
         x2, out2, x2.stride(0), out2.stride(0), INTER=inter, BLOCK=_BLOCK, INTERPRET=interpreting(),
         **pdl_launch(x2.device))
     return out
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
+    """quantize_fp8_per_token(silu_and_mul(x)) for a 16-bit x: [M, 2 * I], in one kernel."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a tensor [M, 2 * I]")
+    check_tensor("x", x, "[M, 2 * I]", 2, (torch.float16, torch.bfloat16))
+    if x.shape[-1] % 2 or x.shape[-1] == 0:
+        raise ValueError(f"x's last dimension must be even and positive (gate and up halves), got {x.shape[-1]}")
+    check_last_dim_contiguous("x", x)
+    if not interpreting() and (why := fp8_support(x.device)) is not None:
+        raise ValueError(why)
+    m, inter = x.shape[0], x.shape[-1] // 2
+    xq = torch.empty(m, inter, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _silu_and_mul_fp8_kernel[(m,)](x, xq, scale, x.stride(0), xq.stride(0), INTER=inter, BLOCK=_BLOCK,
+                                       INTERPRET=interpreting(), num_warps=4, **pdl_launch(x.device))
+    return Fp8Rows(xq, scale)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

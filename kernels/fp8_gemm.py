@@ -21,6 +21,7 @@ after which the interpreter's cast is exact; the GPU casts in hardware (round to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,8 +36,19 @@ FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_EPS = 1e-12
 """Floor of a row's absmax, so an all-zero row (padding) gets a finite, non-zero scale."""
+SCALE_EPS_JIT = tl.constexpr(SCALE_EPS)
+"""SCALE_EPS where a @triton.jit function reads it (globals there must be constexprs)."""
 
 _QUANT_BLOCK = 4096  # per-token quantization walks a row in chunks of at most this many values
+
+
+class Fp8Rows(NamedTuple):
+    """Activations quantized per token: x ~ xq * scale[:, None]. What quantize_fp8_per_token
+    returns, and what the fused producers (rmsnorm_fp8, silu_and_mul_fp8) hand to the GEMM, so
+    the quantization costs no pass of its own."""
+
+    xq: torch.Tensor     # float8_e4m3fn [M, K]
+    scale: torch.Tensor  # float32 [M]
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,21 @@ def _to_e4m3(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def fp8_row_inverse(amax, scale_ptr, eps):
+    """A row's quantization from its absmax: stores its scale (amax / 448) at scale_ptr and
+    returns the multiplier 448 / amax. IEEE divisions: the torch reference gets the same values."""
+    amax = tl.maximum(amax, eps)
+    tl.store(scale_ptr, tl.math.div_rn(amax, 448.0))
+    return tl.math.div_rn(448.0, amax)
+
+
+@triton.jit
+def fp8_quantize(x, inv, INTERPRET: tl.constexpr):
+    """float32 values of a row times its multiplier, as E4M3."""
+    return _to_e4m3(tl.minimum(tl.maximum(x * inv, -448.0), 448.0), INTERPRET)
+
+
+@triton.jit
 def _quant_per_token_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, eps,
     BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
@@ -108,14 +135,11 @@ def _quant_per_token_kernel(
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + c, mask=k0 + c < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    amax = tl.maximum(tl.max(amax, axis=0), eps)
-    inv = tl.math.div_rn(448.0, amax)  # IEEE division: the torch reference gets the same value
-    tl.store(scale_ptr + row, tl.math.div_rn(amax, 448.0))
+    inv = fp8_row_inverse(tl.max(amax, axis=0), scale_ptr + row, eps)
     for k0 in range(0, K, BLOCK):
         mask = k0 + c < K
         x = tl.load(x_row + k0 + c, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
-        tl.store(xq_ptr + row * stride_q + k0 + c, _to_e4m3(q, INTERPRET), mask=mask)
+        tl.store(xq_ptr + row * stride_q + k0 + c, fp8_quantize(x, inv, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -175,7 +199,7 @@ def _check_runnable(x: torch.Tensor) -> None:
             raise ValueError(why)
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Rows:
     """x: [M, K] float -> (xq float8_e4m3fn [M, K], x_scale float32 [M]), x ~ xq * x_scale[:, None]."""
     check_tensor("x", x, "[M, K]", 2, FLOAT_DTYPES)
     check_last_dim_contiguous("x", x)
@@ -191,16 +215,16 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
             x, xq, scale, k, x.stride(0), xq.stride(0), SCALE_EPS,
             BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(8, block // 256)),
         )
-    return xq, scale
+    return Fp8Rows(xq, scale)
 
 
-def quantize_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token_ref(x: torch.Tensor) -> Fp8Rows:
     """The arithmetic of `_quant_per_token_kernel` in torch (same roundings, same bits)."""
     x32 = x.to(torch.float32)
     amax = x32.abs().amax(dim=-1).clamp_min(SCALE_EPS)
     inv = torch.full_like(amax, FP8_MAX) / amax
     xq = (x32 * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return xq, amax / FP8_MAX
+    return Fp8Rows(xq, amax / FP8_MAX)
 
 
 def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,9 +263,23 @@ def fp8_gemm(
     for name, t in (("x", x), ("qweight", qweight), ("w_scale", w_scale)):
         check_last_dim_contiguous(name, t)
     out = check_out("out", out, (m, n), x.dtype, device)
+    return fp8_gemm_rows(quantize_fp8_per_token(x), qweight, w_scale, out=out, config=config)
+
+
+def fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, w_scale: torch.Tensor, *,
+                  out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                  config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """fp8_gemm on activations already quantized per token (Fp8Rows): [M, N] in ``out``'s
+    dtype, or ``out_dtype``."""
+    xq, x_scale = rows
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if out is None:
+        if out_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"give out or a float out_dtype, got {out_dtype!r}")
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if config is not None and not isinstance(config, Fp8GemmConfig):
         raise ValueError(f"config must be an Fp8GemmConfig, got {type(config).__name__}")
-    xq, x_scale = quantize_fp8_per_token(x)
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(m, n, k)
@@ -261,9 +299,14 @@ def fp8_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor)
     quantized per token by the same kernel, then one cuBLASLt FP8 GEMM. x: [M, K] 16-bit,
     qweight [N, K], w_scale [N] -> [M, N] in x's dtype. The dispatch table picks it where it
     measured faster than fp8_gemm (large M, mostly)."""
-    xq, x_scale = quantize_fp8_per_token(x)
-    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
-                            out_dtype=x.dtype)
+    return fp8_scaled_mm_rows(quantize_fp8_per_token(x), qweight, w_scale, x.dtype)
+
+
+def fp8_scaled_mm_rows(rows: Fp8Rows, qweight: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """fp8_scaled_mm on activations already quantized per token."""
+    return torch._scaled_mm(rows.xq, qweight.t(), scale_a=rows.scale[:, None], scale_b=w_scale[None, :],
+                            out_dtype=out_dtype)
 
 
 def fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,11 @@ With a residual, the kernel computes s = x + residual (rounded to the input dtyp
 layer reads the hidden state once per norm instead of three times. The normalisation follows
 `layers.RMSNorm`: float32 statistics, the normalised value cast to the input dtype, then
 multiplied by the weight in the promoted dtype.
+
+`rmsnorm_fp8` ends the same kernel with the per-token FP8 quantization of its output (the
+input of an FP8 linear layer): the normalised row, rounded to its dtype as `rmsnorm` stores it,
+is still in registers, so its absmax and E4M3 codes cost no second pass over memory, and the
+codes and scale are bit for bit `quantize_fp8_per_token(rmsnorm(...))`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
+from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, fp8_support
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _MAX_HIDDEN = 65536  # one program holds a whole row in registers
@@ -22,9 +28,10 @@ _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
 @triton.jit
 def _rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr,
     stride_x, stride_r, stride_o, stride_ro, eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -40,7 +47,13 @@ def _rmsnorm_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
     normed = cast_rtne(x * rstd, in_dtype, INTERPRET).to(tl.float32)
     w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + c, cast_rtne(w * normed, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if FP8:  # the row as rmsnorm stores it (weight in x's dtype), then quantized per token
+        y = cast_rtne(w * normed, in_dtype, INTERPRET).to(tl.float32)
+        inv = fp8_row_inverse(tl.max(tl.abs(y), axis=0), scale_ptr + row, SCALE_EPS_JIT)
+        tl.store(out_ptr + row * stride_o + c, fp8_quantize(y, inv, INTERPRET), mask=mask)
+    else:
+        tl.store(out_ptr + row * stride_o + c, cast_rtne(w * normed, out_ptr.dtype.element_ty, INTERPRET),
+                 mask=mask)
 
 
 def rmsnorm(
@@ -58,6 +71,24 @@ def rmsnorm(
     `weight * x` in torch). With `residual` ([..., H], x's dtype) returns (normed, x + residual).
     `out` / `residual_out` are optional preallocated results.
     """
+    return _launch(x, weight, eps, residual, out, residual_out, fp8=False)
+
+
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                ) -> tuple[Fp8Rows, torch.Tensor | None]:
+    """(quantize_fp8_per_token(normed), x + residual or None) for x: [M, H] and weight: [H] in
+    x's (16-bit) dtype: `rmsnorm` with the per-token FP8 quantization of its output fused in."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a tensor [M, H]")
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        raise ValueError(f"rmsnorm_fp8 takes 16-bit x and a weight of its dtype, got {x.dtype} and "
+                         f"{getattr(weight, 'dtype', None)}")
+    if not interpreting() and (why := fp8_support(x.device)) is not None:
+        raise ValueError(why)
+    return _launch(x, weight, eps, residual, None, None, fp8=True)
+
+
+def _launch(x, weight, eps, residual, out, residual_out, fp8: bool):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor [..., H]")
     check_tensor("x", x, "[..., H]", x.dim())
@@ -69,9 +100,10 @@ def rmsnorm(
     check_last_dim_contiguous("x", x)
     check_last_dim_contiguous("weight", weight)
     x2 = x.reshape(-1, hidden)
-    out = check_out("out", out, tuple(x.shape), torch.promote_types(x.dtype, weight.dtype), x.device,
-                    contiguous=True)
+    out = check_out("out", out, tuple(x.shape), FP8_DTYPE if fp8 else torch.promote_types(x.dtype, weight.dtype),
+                    x.device, contiguous=True)
     out2 = out.view(-1, hidden)
+    scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device) if fp8 else out2
     if residual is not None:
         check_tensor("residual", residual, "[..., H]", x.dim(), (x.dtype,), device=x.device)
         if residual.shape != x.shape:
@@ -84,11 +116,13 @@ def rmsnorm(
     if x2.shape[0]:
         block = next_power_of_2(hidden)
         _rmsnorm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out2, ro2,
+            x2, r2, weight, out2, ro2, scale,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), float(eps),
-            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, INTERPRET=interpreting(),
+            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, FP8=fp8, INTERPRET=interpreting(),
             num_warps=max(1, min(16, block // 256)), **pdl_launch(x2.device)
         )
+    if fp8:
+        return Fp8Rows(out, scale), residual_out
     return out if residual is None else (out, residual_out)
 
 

@@ -8,8 +8,11 @@ packed weights through our quantized GEMMs, and attention by one dispatch functi
 At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
 the down projection run inside the skinny GEMV's prologue (kernels/fused_skinny.py), one kernel
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
-measured table); everywhere else they stay separate ops. ``LLMESH_FUSED_DECODE=0`` in the
-environment keeps them separate everywhere (to A/B the fusion on one GPU).
+measured table); everywhere else they stay separate ops. Before an FP8 linear layer, at any
+size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
+silu_and_mul_fp8), so quantizing the activations costs no kernel of its own.
+``LLMESH_FUSED_DECODE=0`` in the environment keeps all of them separate (to A/B the fusions on
+one GPU).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import os
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
-from llmesh.kernels.activation import silu_and_mul
+from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear
+from llmesh.engine.quant.packed import Fp8Weight
+from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.attention_config import decode_partition_size
@@ -28,7 +32,8 @@ from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
 from llmesh.kernels.paged_decode_attention import paged_decode_attention
 from llmesh.kernels.prefill_attention import prefill_attention
-from llmesh.kernels.rmsnorm import rmsnorm
+from llmesh.kernels.common import interpreting
+from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
 from llmesh.kernels.rope import rope_cos_sin_cache
 from llmesh.kernels.rope_kv_write import rope_kv_write
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
@@ -53,6 +58,13 @@ def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyCon
             or w.stride(-1) != 1 or a.stride(-1) != 1 or not 0 < a.shape[0] <= SKINNY_MAX_M):
         return None
     return fused_prologue_config(a.device, a.shape[0], w.shape[0], k)
+
+
+def fp8_input(a: torch.Tensor, w: Weight | list[Weight]) -> bool:
+    """Whether the op producing a: [M, *] for the FP8 weight w quantizes its output itself
+    (rmsnorm_fp8, silu_and_mul_fp8): one FP8 weight, 16-bit 2-D a, on a GPU (or the interpreter)."""
+    return (isinstance(w, Fp8Weight) and a.dim() == 2 and a.dtype in (torch.float16, torch.bfloat16)
+            and a.stride(-1) == 1 and (a.is_cuda or interpreting()))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -86,6 +98,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
                                       max_seq_len=meta.max_seq_len, partition_size=size, **scales)
     return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
                              max_query_len=meta.max_query_len, **scales)
+
+
+def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
 
 
 class TritonOps:
@@ -137,6 +153,11 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import rmsnorm_linear
 
             return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
+        if (self.fused_decode and fp8_input(x, w) and norm_weight.dtype == x.dtype
+                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                          and residual.stride(-1) == 1))):
+            rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual)
+            return _plus(fp8_matmul(rows, w, x.dtype), bias), x if summed is None else summed
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
         return self.linear(h, w, bias), residual
 
@@ -147,6 +168,8 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import silu_mul_linear
 
             return silu_mul_linear(gate_up, w, bias, config=config)
+        if self.fused_decode and fp8_input(gate_up, w) and gate_up.shape[-1] % 2 == 0:
+            return _plus(fp8_matmul(silu_and_mul_fp8(gate_up), w, gate_up.dtype), bias)
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -55,12 +55,8 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         from llmesh.engine.quant.gemlite_kernels import gemlite_matmul
 
         return gemlite_matmul(x, w, str(fields[0])) if isinstance(w, (Int4Weight, Int8Weight)) else None
-    if name == "scaled_mm":
-        from llmesh.kernels.fp8_gemm import fp8_scaled_mm
-
-        return fp8_scaled_mm(x, w.qweight, w.scales)
-    if name == "fp8" or isinstance(w, Fp8Weight):
-        return None
+    if isinstance(w, Fp8Weight):
+        return None  # fp8_matmul reads the table itself
     from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
 
     if name == "gemv" and x.shape[0] > MAX_M:
@@ -120,12 +116,12 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     # x: [M, K] → [M, N]
     if isinstance(w, Int4Weight) and w.perm is not None:
         x = x.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
+    if isinstance(w, Fp8Weight):
+        from llmesh.kernels.fp8_gemm import quantize_fp8_per_token
+
+        return fp8_matmul(quantize_fp8_per_token(x), w, x.dtype)
     if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
         return y
-    if isinstance(w, Fp8Weight):
-        from llmesh.kernels.fp8_gemm import fp8_gemm
-
-        return fp8_gemm(x, w.qweight, w.scales)
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
         from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
 
@@ -139,6 +135,19 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     from llmesh.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
+
+
+def fp8_matmul(rows, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+    """Activations quantized per token (kernels.fp8_gemm.Fp8Rows: by quantize_fp8_per_token, or
+    fused into the op that produced them) @ an FP8 weight → [M, N] in out_dtype: cuBLASLt's
+    FP8 GEMM where the measured table says ``scaled_mm``, else our kernel."""
+    from llmesh.kernels.fp8_gemm import fp8_gemm_rows, fp8_scaled_mm_rows
+    from llmesh.kernels.quant_gemm_config import tuned_choice
+
+    choice = tuned_choice(rows.xq.device, "fp8", rows.xq.shape[0], w.out_features, w.in_features)
+    if choice is not None and choice[0] == "scaled_mm":
+        return fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
+    return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype)
 
 
 def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
