@@ -166,7 +166,7 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
                 ) -> dict[str, float]:
     """The align step three ways (the torch ops, the one-program Triton kernel, the chunked
     kernels) alone, and inside the layer at batch 1, the decode batch and the prefill: what
-    decides ALIGN_KERNEL_ON_CUDA, ALIGN_KERNEL_MAX_PAIRS and ALIGN_CHUNKS_ON_CUDA. Metric
+    decides ALIGN_KERNEL_ON_CUDA and ALIGN_KERNEL_MAX_PAIRS. Metric
     names: moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_<same>_ms."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import pick_config

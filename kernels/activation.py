@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import check_last_dim_contiguous, check_out, check_tensor, interpreting, pdl_launch
-from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, fp8_support
+from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _BLOCK = 1024
@@ -94,8 +94,7 @@ def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
     if x.shape[-1] % 2 or x.shape[-1] == 0:
         raise ValueError(f"x's last dimension must be even and positive (gate and up halves), got {x.shape[-1]}")
     check_last_dim_contiguous("x", x)
-    if not interpreting() and (why := fp8_support(x.device)) is not None:
-        raise ValueError(why)
+    check_fp8_runnable(x.device)
     m, inter = x.shape[0], x.shape[-1] // 2
     xq = torch.empty(m, inter, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)

@@ -191,12 +191,11 @@ def _fp8_gemm_kernel(
              cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
 
 
-def _check_runnable(x: torch.Tensor) -> None:
-    """Fail with a message a user can act on instead of a Triton compile error."""
-    if not interpreting():
-        why = fp8_support(x.device)
-        if why is not None:
-            raise ValueError(why)
+def check_fp8_runnable(device: torch.device) -> None:
+    """Fail with a message a user can act on instead of a Triton compile error (every FP8
+    kernel's wrapper: here, rmsnorm_fp8, silu_and_mul_fp8)."""
+    if not interpreting() and (why := fp8_support(device)) is not None:
+        raise ValueError(why)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Rows:
@@ -206,7 +205,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Rows:
     m, k = x.shape
     if k < 1:
         raise ValueError(f"x must have K >= 1, got shape {tuple(x.shape)}")
-    _check_runnable(x)
+    check_fp8_runnable(x.device)
     xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:

@@ -40,19 +40,16 @@ ALIGN_KERNEL_MAX_PAIRS = 512
 """Pairs (tokens x top-k) up to which the one-program kernel aligns; the chunked kernels above.
 On the H200 (moe_h200_align.json, 128 experts, top-8, 628393d) the one program took 7.8 us for
 8 pairs and 31.7 us for 512, the chunked kernels 28.0 and 36.3; at 1,024 pairs 56.3 against
-38.9 (the one program's time grows with the pairs on one SM, the chunks spread them)."""
+38.9 (the one program's time grows with the pairs on one SM, the chunks spread them). Past it
+the chunked kernels beat the torch ops at every size measured: 38.9 / 40.4 / 46.4 / 54.9 us at
+1,024 / 2,048 / 8,192 / 32,768 pairs against 96.9 / 98.3 / 146.9 / 143.1 (the Qwen3-30B-A3B layer
+at a 4,096-token prefill: 0.942 ms against 0.995)."""
 
 ALIGN_KERNEL_ON_CUDA = True
 """Measured on the H200 (bench/moe_gpu.py, moe_h200.json): the Qwen3-30B-A3B-shaped layer in a
 CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at batch 1, and
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
-
-ALIGN_CHUNKS_ON_CUDA = True
-"""Whether CUDA runs the chunked kernels past ALIGN_KERNEL_MAX_PAIRS (else the torch ops).
-Measured on the H200 (moe_h200_align.json): 38.9 / 40.4 / 46.4 / 54.9 us at 1,024 / 2,048 /
-8,192 / 32,768 pairs against the torch ops' 96.9 / 98.3 / 146.9 / 143.1; the Qwen3-30B-A3B
-layer at a 4,096-token prefill 0.942 ms against 0.995."""
 
 ALIGN_PATHS = ("torch", "program", "chunks")
 
@@ -246,16 +243,15 @@ def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids
 
 
 def default_align_path(topk_ids: torch.Tensor) -> str:
-    """The path moe_align_block_size takes for these ids: under the interpreter and on CUDA
-    (ALIGN_KERNEL_ON_CUDA) the one-program kernel up to ALIGN_KERNEL_MAX_PAIRS pairs; past it
-    the chunked kernels under the interpreter and where measured (ALIGN_CHUNKS_ON_CUDA), else
-    the torch ops (and on the CPU)."""
+    """The path moe_align_block_size takes for these ids: under the interpreter and on CUDA,
+    the one-program kernel up to ALIGN_KERNEL_MAX_PAIRS pairs (on CUDA while
+    ALIGN_KERNEL_ON_CUDA) and the chunked kernels past it; the torch ops on the CPU."""
     n = topk_ids.numel()
     if n == 0 or not (interpreting() or topk_ids.is_cuda):
         return "torch"
     if n <= ALIGN_KERNEL_MAX_PAIRS:
         return "program" if interpreting() or ALIGN_KERNEL_ON_CUDA else "torch"
-    return "chunks" if interpreting() or ALIGN_CHUNKS_ON_CUDA else "torch"
+    return "chunks"
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, path: str | None = None

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
-from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, fp8_support
+from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 _MAX_HIDDEN = 65536  # one program holds a whole row in registers
@@ -83,8 +83,7 @@ def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_fp8 takes 16-bit x and a weight of its dtype, got {x.dtype} and "
                          f"{getattr(weight, 'dtype', None)}")
-    if not interpreting() and (why := fp8_support(x.device)) is not None:
-        raise ValueError(why)
+    check_fp8_runnable(x.device)
     return _launch(x, weight, eps, residual, None, None, fp8=True)
 
 

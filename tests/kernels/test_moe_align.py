@@ -53,9 +53,8 @@ def test_unknown_path_is_refused(device):
 
 def test_default_path_picks_by_size(device, monkeypatch):
     """Up to ALIGN_KERNEL_MAX_PAIRS pairs the one-program kernel aligns (under the interpreter,
-    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels (the interpreter, and
-    CUDA with ALIGN_CHUNKS_ON_CUDA) or the torch ops; spies on the kernels say which ran, and
-    either way the output is the reference's."""
+    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels; spies on the kernels
+    say which ran, and either way the output is the reference's."""
     import llmesh.kernels.moe_align as moe_align
 
     launched = []
@@ -74,8 +73,7 @@ def test_default_path_picks_by_size(device, monkeypatch):
     small = _ids(4, 16, 2, gen).to(device)
     big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # two pairs past the cut-over
     on_cuda = device.type == "cuda" and not moe_align.interpreting()
-    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None,
-                "chunks" if not on_cuda or moe_align.ALIGN_CHUNKS_ON_CUDA else None}
+    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None, "chunks"}
     for ids, path in zip((small, big), ("program", "chunks")):
         launched.clear()
         got = moe_align_block_size(ids, 16, 16)

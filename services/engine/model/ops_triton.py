@@ -146,16 +146,14 @@ class TritonOps:
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     w: Weight | list[Weight], bias: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (self.fused_decode and norm_weight.dtype == x.dtype
-                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                          and residual.stride(-1) == 1))
-                and (config := fused_config(x, w, x.shape[-1])) is not None):
+        fusable = (self.fused_decode and norm_weight.dtype == x.dtype
+                   and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                             and residual.stride(-1) == 1)))
+        if fusable and (config := fused_config(x, w, x.shape[-1])) is not None:
             from llmesh.kernels.fused_skinny import rmsnorm_linear
 
             return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
-        if (self.fused_decode and fp8_input(x, w) and norm_weight.dtype == x.dtype
-                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                          and residual.stride(-1) == 1))):
+        if fusable and fp8_input(x, w):
             rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual)
             return _plus(fp8_matmul(rows, w, x.dtype), bias), x if summed is None else summed
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
