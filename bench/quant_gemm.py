@@ -9,12 +9,17 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from gpu_ceilings import device_tag
 from quant_common import Budget, Run
 
 HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
-MS = (1, 4, 16, 64, 256, 2048)
+MS = (1, 4, 16, 32, 64, 128, 256, 2048)
 SWEEP_MS = (1, 4, 16)
+LIBRARY_MAX_M = 256
+"""Batch sizes past the full sweep's, up to this, still get a table entry: our default config,
+the table's current entry and the library kernels are timed (FBGEMM's INT4 GEMM held bf16 speed
+to M = 128 on the H200 where our tl.dot kernels fell to 0.4x)."""
 # (block_n, block_k, num_warps, num_stages, split): "auto" splits K until ~2 programs per SM
 # (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
 SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
@@ -101,6 +106,24 @@ def gemlite_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
              or (t == "GEMM_SPLITK" and x.shape[0] > 1)]
     return [(LibraryConfig("gemlite", t), [lambda cfg, qc=qc: gemlite_kernels.gemlite_matmul(x, qc, cfg.arg)
                                            for qc in qs]) for t in types]
+
+
+def fbgemm_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for FBGEMM's INT4 GEMM (bf16i4bf16_shuffled; CUDA sm_90+, bfloat16 x);
+    each ring copy is shuffled once, outside the timing."""
+    from llmesh.engine.quant import fbgemm_kernels
+
+    if kind != "w4a16" or smoke or not x.is_cuda or x.dtype != torch.bfloat16 or not fbgemm_kernels.int4_supported(q):
+        return []
+    if (why := fbgemm_kernels.unavailable_reason()) is not None:
+        raise RuntimeError(why)
+    for qc in qs:
+        fbgemm_kernels.int4_pack(qc)
+    return [(LibraryConfig("fbgemm", fbgemm_kernels.INT4_KERNEL),
+             [lambda cfg, qc=qc: fbgemm_kernels.int4_matmul(x, qc) for qc in qs])]
+
+
+LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates))
 
 
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
@@ -214,8 +237,6 @@ def write_tuned(run: Run, entries: dict[str, list]) -> None:
         return
     path = Path(run.args.tuned_file) if run.args.tuned_file else (
         run.results_dir / "quant_gemm_tuned_smoke.json" if run.args.smoke else TUNED_FILE)
-    from llmesh.bench_results import device_tag
-
     tag = device_tag(run.device)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc[tag] = dict(sorted({**doc.get(tag, {}), **entries}.items()))
@@ -235,7 +256,9 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in run.args.gemm_shapes.split(","))
     if run.args.gemm_ms:
         ms = tuple(int(v) for v in run.args.gemm_ms.split(","))
-        sweep_ms = tuple(m for m in sweep_ms if m in ms)  # none: no sweep (it needs the main grid's bf16 times)
+    if run.args.gemm_sweep_ms is not None:
+        sweep_ms = tuple(int(v) for v in run.args.gemm_sweep_ms.split(",") if v)
+    sweep_ms = tuple(m for m in sweep_ms if m in ms)  # none: no sweep (it needs the main grid's bf16 times)
     headline = HEADLINE if HEADLINE in shapes else shapes[0]
     copy_gb_s = ceilings["copy_tb_s"] * 1e3
     gen = torch.Generator(dev).manual_seed(run.args.seed)
@@ -303,17 +326,19 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                             f"gemm_{kind}_{tag}_gb_s": gb_s, f"gemm_{kind}_{tag}_bw_frac": gb_s / copy_gb_s})
                 cells.append(f"{q_ms:>9.4f} {bf16_ms / q_ms:>5.2f}x")
             cells.append(scaled_mm_cell(run, x, rings.get("fp8"), tag, bf16_ms))
+            cells.append(fbgemm_fp8_cell(run, x, rings.get("fp8"), tag, bf16_ms))
             rows.append(" ".join(cells))
         del w, w_ring, rings
         run.free()
     print(f"\n{'K x N':<12}{'M':>4}{'bf16 ms':>9} {'w8a16 ms':>16} {'w4a16 ms':>16} {'fp8 ms':>16} "
-          f"{'_scaled_mm':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
+          f"{'_scaled_mm':>16} {'fbgemm fp8':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
           f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
     headlines(run, headline, "")
     run.save()
     tuned = fp8_choices(run, shapes, ms)
-    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, broken, copy_gb_s, budget,
-          tuned)
+    library_ms = tuple(m for m in ms if m not in sweep_ms and m <= LIBRARY_MAX_M)
+    sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, library_ms, broken,
+          copy_gb_s, budget, tuned)
     write_tuned(run, tuned)
     headlines(run, headline, "_best")
     dispatched_headlines(run, ring_cache[headline], headline, copy_gb_s)
@@ -333,30 +358,74 @@ def scaled_mm_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms
     return f"{s_ms:>9.4f} {bf16_ms / s_ms:>5.2f}x"
 
 
+def fbgemm_fp8_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms: float) -> str:
+    """FBGEMM's f8f8bf16_rowwise on x quantized beforehand (as scaled_mm_cell), checked against
+    our kernel's result before it is timed."""
+    from llmesh.engine.quant import fbgemm_kernels
+    from llmesh.kernels.fp8_gemm import fp8_gemm, quantize_fp8_per_token_ref
+
+    if qs is None or x.dtype != torch.bfloat16 or not x.is_cuda:
+        return f"{'-':>16}"
+    try:
+        if (why := fbgemm_kernels.unavailable_reason()) is not None:
+            raise RuntimeError(why)
+        xq, xs = quantize_fp8_per_token_ref(x)
+        ref = fp8_gemm(x, qs[0].qweight, qs[0].scales).float()
+        got = fbgemm_kernels.fp8_matmul(xq, xs, qs[0], x.dtype).float()
+        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+            raise ValueError(f"wrong result: max |diff| {(got - ref).abs().max().item():.3g}")
+        f_ms = run.timer([partial(fbgemm_kernels.fp8_matmul, xq, xs, q, x.dtype) for q in qs])
+    except Exception as e:  # a candidate: not a failure, the reason is recorded
+        run.workload["gemm"].setdefault("fbgemm_fp8_errors", []).append(f"{tag}: {type(e).__name__}: {str(e)[:160]}")
+        return f"{'n/a':>16}"
+    run.metrics.update({f"gemm_fbgemm_fp8_{tag}_ms": f_ms, f"gemm_fbgemm_fp8_{tag}_speedup_x": bf16_ms / f_ms})
+    return f"{f_ms:>9.4f} {bf16_ms / f_ms:>5.2f}x"
+
+
+FP8_CANDIDATES = (("fp8", "gemm_fp8"), ("scaled_mm", "gemm_scaled_mm"), ("fbgemm", "gemm_fbgemm_fp8"))
+"""The FP8 table's choices and the main grid's metric that times each."""
+
+
 def fp8_choices(run: Run, shapes, ms) -> dict[str, list]:
-    """fp8_gemm or torch._scaled_mm per (N, K, M), whichever the main table timed faster."""
+    """fp8_gemm, torch._scaled_mm or FBGEMM's rowwise GEMM per (N, K, M), whichever the main
+    table timed fastest (our kernel must have run: it is the fallback)."""
     from llmesh.kernels.quant_gemm_config import table_key
 
     met, out = run.metrics, {}
     for k, n in shapes:
         for m in ms:
             tag = f"{k}x{n}_m{m}"
-            ours, cublas = met.get(f"gemm_fp8_{tag}_ms"), met.get(f"gemm_scaled_mm_{tag}_ms")
-            if ours is not None and cublas is not None:
-                out[table_key("fp8", n, k, m)] = ["scaled_mm", []] if cublas < ours else ["fp8", []]
+            times = [(met[f"{metric}_{tag}_ms"], choice) for choice, metric in FP8_CANDIDATES
+                     if f"{metric}_{tag}_ms" in met]
+            if f"gemm_fp8_{tag}_ms" in met and len(times) > 1:
+                out[table_key("fp8", n, k, m)] = [min(times)[1], []]
     return out
 
 
-def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken: set[str], copy_gb_s: float,
-          budget: Budget, tuned: dict[str, list]) -> None:
-    """Default vs best of the candidate configs at decode sizes; the configs go to workload.gemm_configs."""
+def current_entry(device: torch.device, kind: str, m: int, n: int, k: int, calls: list, gemvs: list) -> list:
+    """The table's current own-kernel entry for this exact (kind, N, K, M) as a candidate, so an
+    M that only times libraries never replaces a swept config by a slower library kernel (the
+    library entries are candidates anyway)."""
+    from llmesh.kernels.quant_gemm_config import GemmConfig, load_tuned, table_key
+    from llmesh.kernels.quant_gemv import MAX_M, GemvConfig
+
+    entry = load_tuned().get(device_tag(device), {}).get(table_key(kind, n, k, m))
+    if entry is None or entry[0] not in ("dot", "gemv") or (entry[0] == "gemv" and m > MAX_M):
+        return []
+    return [(GemmConfig(*entry[1]), calls)] if entry[0] == "dot" else [(GemvConfig(*entry[1]), gemvs)]
+
+
+def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], library_ms: tuple[int, ...],
+          broken: set[str], copy_gb_s: float, budget: Budget, tuned: dict[str, list]) -> None:
+    """Default vs best of the candidate configs at decode sizes (sweep_ms), and default vs the
+    library kernels at library_ms; the configs go to workload.gemm_configs."""
     gen = torch.Generator(run.device)
     found = run.workload.setdefault("gemm_configs", {})
     for k, n in shapes:
         for kind in (k for k in ("w4a16", "w8a16") if k in run.args.gemm_sweep_kinds.split(",")):
             qs = packs[(k, n)].get(kind)
             q = qs[0] if qs else None
-            for m in sweep_ms:
+            for m in sweep_ms + library_ms:
                 tag = f"{k}x{n}_m{m}"
                 if q is None or kind in broken or not budget.allows():
                     run.skipped.append(f"sweep {kind} {tag}")
@@ -369,9 +438,15 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], broken
                     group = q.group_size
                     ref = kernel_call(kind, x, q, torch.empty_like(out))().clone()  # the default path's y
                     times = []
-                    candidates = [(c, calls) for c in sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)]
-                    candidates += [(c, gemvs) for c in gemv_configs(kind, m, k, group, run.args.smoke)]
-                    for name, library in (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates)):
+                    configs = sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)
+                    if m in library_ms:
+                        candidates = [(configs[0], calls)] + current_entry(run.device, kind, m, n, k, calls, gemvs)
+                    else:
+                        candidates = [(c, calls) for c in configs]
+                        candidates += [(c, gemvs) for c in gemv_configs(kind, m, k, group, run.args.smoke)]
+                    for name, library in LIBRARIES:
+                        if name not in run.args.gemm_libraries.split(","):
+                            continue
                         try:
                             candidates += library(kind, q, qs, x, run.args.smoke)
                         except Exception as e:  # not on this torch / device / install: the others only

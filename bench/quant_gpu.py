@@ -206,7 +206,13 @@ def parse_args() -> argparse.Namespace:
                     help="seconds for the GEMM part: the config sweep starts nothing past it (default 110)")
     ap.add_argument("--gemm-shapes", default=None,
                     help="KxN shapes of the GEMM part, comma-separated (default: the four Llama-3-8B shapes)")
-    ap.add_argument("--gemm-ms", default=None, help="batch sizes M of the GEMM part (default 1,4,16,64,256,2048)")
+    ap.add_argument("--gemm-ms", default=None,
+                    help="batch sizes M of the GEMM part (default 1,4,16,32,64,128,256,2048)")
+    ap.add_argument("--gemm-sweep-ms", default=None,
+                    help="Ms whose full config sweep runs (default 1,4,16); the others up to 256 time the "
+                         "default config, the table's current entry and the library kernels only")
+    ap.add_argument("--gemm-libraries", default="int4pack,gemlite,fbgemm",
+                    help="library kernels the sweep times as candidates (default all three)")
     ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",
                     help="weight-only kinds whose kernel candidates the sweep times (default both)")
     ap.add_argument("--suffix", default="", help="result file quant_<device><suffix>.json (e.g. _sweep)")

@@ -7,8 +7,9 @@ torch references — dequantize, round to x's dtype, multiply. The torch backend
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
-GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py) or GemLite's INT4/INT8
-kernels (gemlite_kernels.py) per shape and batch size; ``prepare_library_weights`` makes the
+GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8
+kernels (gemlite_kernels.py) or FBGEMM's INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape
+and batch size; ``prepare_library_weights`` makes the
 library kernels' copies of the weights they will serve. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
@@ -55,6 +56,10 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         from llmesh.engine.quant.gemlite_kernels import gemlite_matmul
 
         return gemlite_matmul(x, w, str(fields[0])) if isinstance(w, (Int4Weight, Int8Weight)) else None
+    if name == "fbgemm":
+        from llmesh.engine.quant.fbgemm_kernels import int4_matmul
+
+        return int4_matmul(x, w) if isinstance(w, Int4Weight) else None
     if isinstance(w, Fp8Weight):
         return None  # fp8_matmul reads the table itself
     from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
@@ -81,11 +86,11 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
 def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
     """Make, now, the copies of every packed weight that the measured table sends to a library
-    kernel at some batch size (tinygemm's and gemlite's layouts are their own); returns their
+    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own); returns their
     bytes. Called once after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
-    from llmesh.engine.quant import gemlite_kernels, int4pack
+    from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack
 
     if device.type != "cuda":
         return 0
@@ -106,9 +111,15 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
             elif gemlite_kernels.supported(w, dtype):
                 gemlite_kernels.layer(w, dtype)  # one copy, whichever of its kernels an M takes
                 total += gemlite_kernels.copy_bytes(w)
+        if any(name == "fbgemm" for name, _ in choices) and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
+            if (why := fbgemm_kernels.unavailable_reason()) is not None:
+                missing.add(why)
+            elif fbgemm_kernels.int4_supported(w):
+                fbgemm_kernels.int4_pack(w)
+                total += fbgemm_kernels.copy_bytes(w)
     for why in missing:  # those weights run our kernels at the sizes the table gave gemlite
-        log.warning("the measured table picks gemlite for some weights, but it cannot run here; our kernels "
-                    "serve them (pip install 'llmesh[gpu]')", extra={"reason": why})
+        log.warning("the measured table picks a library kernel for some weights, but it cannot run here; our "
+                    "kernels serve them (pip install 'llmesh[gpu]')", extra={"reason": why})
     return total
 
 
@@ -140,13 +151,19 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 def fp8_matmul(rows, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """Activations quantized per token (kernels.fp8_gemm.Fp8Rows: by quantize_fp8_per_token, or
     fused into the op that produced them) @ an FP8 weight → [M, N] in out_dtype: cuBLASLt's
-    FP8 GEMM where the measured table says ``scaled_mm``, else our kernel."""
+    FP8 GEMM where the measured table says ``scaled_mm``, FBGEMM's where it says ``fbgemm``
+    (and it can run), else our kernel."""
     from llmesh.kernels.fp8_gemm import fp8_gemm_rows, fp8_scaled_mm_rows
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
     choice = tuned_choice(rows.xq.device, "fp8", rows.xq.shape[0], w.out_features, w.in_features)
     if choice is not None and choice[0] == "scaled_mm":
         return fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
+    if choice is not None and choice[0] == "fbgemm":
+        from llmesh.engine.quant.fbgemm_kernels import fp8_matmul as fbgemm_fp8_matmul
+
+        if (y := fbgemm_fp8_matmul(rows.xq, rows.scale, w, out_dtype)) is not None:
+            return y
     return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype)
 
 

@@ -1,0 +1,130 @@
+"""FBGEMM's GenAI kernels (PyPI ``fbgemm-gpu-genai``, github.com/pytorch/FBGEMM) for INT4
+weight-only and FP8 W8A8 linears on Hopper, where the measured table picks them.
+
+FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's INT4
+"preshuffled" format and Llama 4's FP8 serving run on). Two of them serve our formats:
+
+- ``bf16i4bf16_shuffled``: bfloat16 activations times INT4 weights with bfloat16 group scales
+  and zeros, a Hopper mixed-input GEMM (wgmma, TMA) over weights pre-shuffled into its
+  tensor-core fragment order. On the H200 it held 1.0-1.15x bf16 from M = 1 to 128 on
+  Llama-3-8B shapes, where our tl.dot kernels fall to 0.4x past M = 16; tinygemm and our GEMV
+  stay faster at M <= 4 (bench/quant_gemm.py measures; kernels/quant_gemm_tuned.json records).
+- ``f8f8bf16_rowwise``: FP8 activations quantized per token times FP8 weights with one scale
+  per output channel (exactly Fp8Weight), bfloat16 out: 1.6-1.9x bf16 from M = 1 to 128,
+  where cuBLASLt through ``torch._scaled_mm`` gave 1.35x at decode sizes.
+
+INT4 weights keep a second copy in FBGEMM's layout (made once after the model loads, by
+``linear.prepare_library_weights``, before the KV pool is sized); FP8 weights are used as
+they are. Our kernels stay the reference and the fallback: the library is the optional
+``gpu`` extra, built for one torch (1.6.x for torch 2.11) and sm_90a / sm_100a.
+
+Numerics: INT4 computes ``w = q' * scale + zero`` with signed codes q' = q - 8, so our
+``w = q * s + m`` becomes scale = s, zero = m + 8 s, each rounded once to bfloat16 (as
+tinygemm's): within the INT4 tolerance, not bit for bit. FP8 accumulates in float32 with
+CUTLASS's fast accumulation, as cuBLASLt does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight
+
+CHECKED_INT4_GROUPS = (128,)
+"""INT4 group sizes checked on a GPU (tests/engine/test_fbgemm_kernels.py); its packer takes
+groups of at least 128, and the table's key has no group size."""
+
+INT4_KERNEL = "shuffled"
+FP8_KERNEL = "rowwise"
+KERNELS = (INT4_KERNEL, FP8_KERNEL)
+"""The names a table entry ``["fbgemm", [name]]`` may give."""
+
+_CACHE = "_fbgemm"
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """Why FBGEMM's kernels cannot run here (None: they can)."""
+    if not torch.cuda.is_available():
+        return "fbgemm-gpu-genai needs a CUDA device"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "fbgemm-gpu-genai's INT4 / FP8 GEMMs are built for sm_90a and later"
+    try:
+        # Its import warns, through the root logger, that its own version table lacks an
+        # entry for 1.6.0; the pin in pyproject.toml is the pairing FBGEMM documents.
+        logging.disable(logging.WARNING)
+        try:
+            import fbgemm_gpu.experimental.gen_ai  # noqa: F401
+        finally:
+            logging.disable(logging.NOTSET)
+        torch.ops.fbgemm.bf16i4bf16_shuffled  # noqa: B018 (raises when the op did not register)
+        torch.ops.fbgemm.f8f8bf16_rowwise  # noqa: B018
+    except Exception as e:  # not installed, or built for another torch
+        return f"fbgemm-gpu-genai does not load: {type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+def int4_format_supported(w: object) -> bool:
+    """Whether this INT4 weight's format and shape are ones its kernel serves (any device)."""
+    return (isinstance(w, Int4Weight) and w.perm is None and w.group_size in CHECKED_INT4_GROUPS
+            and w.out_features % 128 == 0 and w.padded_in_features % w.group_size == 0)
+
+
+def int4_supported(w: object) -> bool:
+    return int4_format_supported(w) and w.qweight.is_cuda
+
+
+def signed_nibbles_n_by_k(w: Int4Weight) -> torch.Tensor:
+    """int8 [N, Kp/2]: the codes minus 8, k = 2j in the low nibble and 2j + 1 in the high one
+    (the packing FBGEMM's ``pack_int4`` makes), from our [Kp/2, N] halves layout."""
+    q = torch.cat([w.qweight & 0x0F, w.qweight >> 4], dim=0).t().to(torch.int16) - 8  # [N, Kp] -8..7
+    return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8).contiguous()
+
+
+def scales_and_zeros(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """bfloat16 [Kp/G, N] scale and zero with w = (q - 8) * scale + zero."""
+    s = w.scales.float()
+    return s.to(torch.bfloat16).contiguous(), (w.mins.float() + 8.0 * s).to(torch.bfloat16).contiguous()
+
+
+def int4_pack(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shuffled codes, shuffled scales, zeros) for ``bf16i4bf16_shuffled``, cached on the weight."""
+    cache: dict = w.__dict__.setdefault(_CACHE, {})
+    if INT4_KERNEL not in cache:
+        if (why := unavailable_reason()) is not None:
+            raise RuntimeError(why)
+        if not int4_supported(w):
+            raise ValueError(f"fbgemm: INT4 weight [{w.in_features} x {w.out_features}] group {w.group_size} "
+                             f"cannot run its kernel (CUDA, group in {CHECKED_INT4_GROUPS}, N % 128, no act-order)")
+        scale, zero = scales_and_zeros(w)
+        codes, scale = torch.ops.fbgemm.preshuffle_i4(signed_nibbles_n_by_k(w), scale)
+        cache[INT4_KERNEL] = (codes, scale, zero)
+    return cache[INT4_KERNEL]
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
+    """x [M, K] @ W -> [M, N] bfloat16, or None where it cannot run (x not bfloat16, no rows,
+    a weight it cannot hold, the library missing)."""
+    if x.dtype != torch.bfloat16 or x.shape[0] == 0 or not int4_supported(w) or unavailable_reason() is not None:
+        return None
+    codes, scale, zero = int4_pack(w)
+    kp = w.padded_in_features
+    if x.shape[1] < kp:  # Kp's padding rows hold q = 0 (w = zero there): zero activations cancel them
+        x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+    return torch.ops.fbgemm.bf16i4bf16_shuffled(x.contiguous(), codes, scale, zero)
+
+
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-token FP8 rows (codes [M, K], float32 scales [M]) @ an FP8 weight -> [M, N] bfloat16,
+    or None where it cannot run (another output dtype, no rows, the library missing)."""
+    if out_dtype != torch.bfloat16 or xq.shape[0] == 0 or not w.qweight.is_cuda or unavailable_reason() is not None:
+        return None
+    return torch.ops.fbgemm.f8f8bf16_rowwise(xq, w.qweight, x_scale.float(), w.scales.float())
+
+
+def copy_bytes(w: Int4Weight) -> int:
+    """Bytes of the FBGEMM copy made for ``w``."""
+    return sum(t.numel() * t.element_size() for t in w.__dict__.get(_CACHE, {}).get(INT4_KERNEL, ()))
