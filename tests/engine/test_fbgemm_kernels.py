@@ -63,9 +63,9 @@ def test_cpu_weights_stay_on_our_kernels():
 
 
 def test_the_table_accepts_fbgemm_entries():
-    table = {"w4a16 4096x14336 m64": ["fbgemm", ["shuffled"]], "fp8 4096x14336 m1": ["fbgemm", ["rowwise"]]}
+    table = {"w4a16 4096x14336 m64": ["fbgemm", ["shuffled"]], "fp8 4096x14336 m1": ["fbgemm", []]}
     assert quant_gemm_config.lookup(table, "w4a16", 33, 4096, 14336) == ("fbgemm", ("shuffled",))
-    assert quant_gemm_config.lookup(table, "fp8", 1, 4096, 14336) == ("fbgemm", ("rowwise",))
+    assert quant_gemm_config.lookup(table, "fp8", 1, 4096, 14336) == ("fbgemm", ())
 
 
 gpu = pytest.mark.skipif(fbgemm_kernels.unavailable_reason() is not None,
@@ -139,7 +139,7 @@ def test_linear_dispatches_fp8_to_fbgemm_where_the_table_says(monkeypatch):
     from llmesh.kernels.fp8_gemm import fp8_gemm_ref
 
     w = quantize_fp8((0.05 * torch.randn(256, 512)).bfloat16().cuda())
-    table = {cuda_device_tag(torch.device("cuda")): {"fp8 256x512 m1": ["fbgemm", ["rowwise"]]}}
+    table = {cuda_device_tag(torch.device("cuda")): {"fp8 256x512 m1": ["fbgemm", []]}}
     monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
     calls = count_calls(monkeypatch, fbgemm_kernels, "fp8_matmul")
     x = torch.randn(1, 512, device="cuda").bfloat16()

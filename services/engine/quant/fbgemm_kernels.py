@@ -38,9 +38,8 @@ CHECKED_INT4_GROUPS = (128,)
 groups of at least 128, and the table's key has no group size."""
 
 INT4_KERNEL = "shuffled"
-FP8_KERNEL = "rowwise"
-KERNELS = (INT4_KERNEL, FP8_KERNEL)
-"""The names a table entry ``["fbgemm", [name]]`` may give."""
+"""The INT4 table entry's field (``["fbgemm", ["shuffled"]]``; FP8 entries have none) and the key
+of the weight's cached copy."""
 
 _CACHE = "_fbgemm"
 
