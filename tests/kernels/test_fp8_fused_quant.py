@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8  # noqa: E402
+from llmesh.kernels.activation import ONE_PASS_MAX, silu_and_mul, silu_and_mul_fp8  # noqa: E402
 from llmesh.kernels.fp8_gemm import fp8_support, quantize_fp8_per_token, quantize_fp8_weight  # noqa: E402
 from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8  # noqa: E402
 
@@ -52,9 +52,9 @@ def test_rmsnorm_fp8_is_quantized_rmsnorm(device, dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_silu_and_mul_fp8_is_quantized_product(device, dtype):
+@pytest.mark.parametrize("inter", [1024 + 40, ONE_PASS_MAX + 40])  # a ragged row in registers; one walked in blocks
+def test_silu_and_mul_fp8_is_quantized_product(device, dtype, inter):
     gen = torch.Generator().manual_seed(6)
-    inter = 1024 + 40  # two blocks of the kernel, the second ragged
     x = (torch.randn(3, 2 * inter, generator=gen) * 2).to(dtype).to(device)
     _same_rows(silu_and_mul_fp8(x), quantize_fp8_per_token(silu_and_mul(x)))
 

@@ -60,6 +60,8 @@ CASES = [
     ("activation", "_silu_and_mul_kernel", {}, dict(INTER=14336, BLOCK=1024, INTERPRET=False)),
     ("activation", "_silu_and_mul_fp8_kernel", {"xq_ptr": "fp8e4nv", "scale_ptr": "fp32"},
      dict(INTER=14336, BLOCK=1024, INTERPRET=False)),
+    ("activation", "_silu_and_mul_fp8_kernel", {"xq_ptr": "fp8e4nv", "scale_ptr": "fp32"},
+     dict(INTER=14336, BLOCK=16384, INTERPRET=False)),
     ("rope_kv_write", "_rope_kv_write_kernel", {"pos_ptr": "i64", "slot_ptr": "i64", "cos_sin_ptr": "fp32"},
      dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, BLOCK_HQ=32, BLOCK_HKV=8, HALF=64, BLOCK_HALF=64, BLOCK_SIZE=16, FP8=False,
           QK_NORM=True, INTERPRET=False)),
