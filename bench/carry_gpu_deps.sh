@@ -37,6 +37,9 @@ WHEELS=(
   pydantic-core==2.50.5
   annotated-types==0.8.0
   typing-inspection==0.4.5
+  # the `gpu` extra: FBGEMM GenAI's CUTLASS INT4 / FP8 GEMMs, candidates of the quantized
+  # dispatch table (the build for the image's torch 2.11, CUDA 13)
+  fbgemm-gpu-genai==1.6.0
   # the structured-output tests validate answers with jsonschema
   jsonschema==4.26.0
   jsonschema-specifications==2025.9.1
