@@ -353,7 +353,7 @@ class RunnerBase(abc.ABC):
         if self.device.type == "cuda":
             from llmesh.engine.quant.linear import prepare_library_weights
 
-            # the library kernels' (tinygemm, gemlite) copies of the packed weights the measured
+            # the library kernels' (tinygemm, gemlite, FBGEMM) copies of the packed weights the measured
             # table sends to them: made now, so the KV pool is sized with them in memory
             self.library_weight_bytes = prepare_library_weights(self.model.linear_weights(), self.device,
                                                                 self.dtype)

@@ -9,8 +9,8 @@ where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
 GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8
 kernels (gemlite_kernels.py) or FBGEMM's INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape
-and batch size; ``prepare_library_weights`` makes the
-library kernels' copies of the weights they will serve. Dense weights use F.linear,
+and batch size; ``prepare_library_weights`` makes the library kernels' copies of the weights
+they will serve. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -86,8 +86,9 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
 def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
     """Make, now, the copies of every packed weight that the measured table sends to a library
-    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own); returns their
-    bytes. Called once after the model loads, so the KV pool is sized with them in memory."""
+    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own);
+    returns their bytes. Called once after the model loads, so the KV pool is sized with them in
+    memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
     from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack
@@ -117,7 +118,7 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
             elif fbgemm_kernels.int4_supported(w):
                 fbgemm_kernels.int4_pack(w)
                 total += fbgemm_kernels.copy_bytes(w)
-    for why in missing:  # those weights run our kernels at the sizes the table gave gemlite
+    for why in missing:  # those weights run our kernels at the sizes the table gave a library
         log.warning("the measured table picks a library kernel for some weights, but it cannot run here; our "
                     "kernels serve them (pip install 'llmesh[gpu]')", extra={"reason": why})
     return total
