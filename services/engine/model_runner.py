@@ -339,7 +339,7 @@ class RunnerBase(abc.ABC):
 
     def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]], awq_calibration: list[int] | None) -> None:
         """``awq_calibration``: token ids; the model loads in float, is calibrated on them and
-        quantized to INT4 activation-aware (quant/activation_aware.py)."""
+        quantized activation-aware to its linear method, int4 or int8 (quant/activation_aware.py)."""
         t0 = time.perf_counter()
         method = "none" if awq_calibration else self.linear_method
         self.model = LlamaForCausalLM(self.cfg, weights, linear_method=method, ops=self.ops,
@@ -348,7 +348,7 @@ class RunnerBase(abc.ABC):
         if awq_calibration:
             from llmesh.engine.quant.activation_aware import apply_awq
 
-            self.awq_report = apply_awq(self.model, awq_calibration)
+            self.awq_report = apply_awq(self.model, awq_calibration, fmt=self.linear_method)
         self.weight_bytes = self.model.weight_bytes
         if self.device.type == "cuda":
             from llmesh.engine.quant.linear import prepare_library_weights

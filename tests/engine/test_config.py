@@ -30,7 +30,7 @@ SAMPLES = {
     "enable_expert_parallel": True, "pooling": "mean", "normalize": True, "matryoshka": True,
     "speculative_method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2,
     "speculative_model": "/models/draft", "speculative_disable_batch_size": 4,
-    "int4_activation_aware": True, "calibration_text": "/texts/calib.txt",
+    "activation_aware": True, "calibration_text": "/texts/calib.txt",
 }
 VLLM_NAMES = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching",
               "enable_chunked_prefill", "block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "dtype",

@@ -165,18 +165,21 @@ class EngineCore:
             self.proposer.init_kv_pool(self.runner.num_blocks)
 
     def _awq_calibration(self, loaded: LoadedModel) -> list[int] | None:
-        """Token ids of the calibration text when INT4 is activation-aware, else None."""
-        if not self.config.int4_activation_aware:
+        """Token ids of the calibration text when the quantization is activation-aware, else None."""
+        if not self.config.activation_aware:
             return None
         if self.model_config.num_experts:
             raise UnsupportedModelError(
-                f"int4_activation_aware folds scales into the norm before each MLP; in a mixture-of-experts "
+                f"activation_aware folds scales into the norm before each MLP; in a mixture-of-experts "
                 f"model ({self.model_config.architecture}) that norm feeds the router and every expert. "
-                f"Use quantization='int4' without it")
-        if self.quantization.linear_method != "int4":
+                f"Use quantization={self.quantization.name!r} without it")
+        from llmesh.engine.quant.activation_aware import FORMATS
+
+        if self.quantization.linear_method not in FORMATS:
             raise UnsupportedModelError(
-                f"int4_activation_aware calibrates INT4 quantized on load; this engine serves "
-                f"{self.quantization.name!r} (set quantization='int4')")
+                f"activation_aware calibrates {' or '.join(FORMATS)} quantized on load; this engine serves "
+                f"{self.quantization.name!r} (set quantization='int4' or 'int8'; FP8's error is its "
+                f"mantissa, which the search does not reduce)")
         from pathlib import Path
 
         from llmesh.engine.quant.activation_aware import CALIBRATION_TOKENS
@@ -186,7 +189,8 @@ class EngineCore:
         try:
             text = path.read_text(errors="replace")
         except OSError as exc:
-            raise UnsupportedModelError(f"activation-aware INT4: cannot read calibration_text {path}: {exc}") from exc
+            raise UnsupportedModelError(f"activation-aware quantization: cannot read calibration_text {path}: {exc}"
+                                        ) from exc
         src = loaded.tokenizer_source
         tok = Tokenizer.from_hf_folder(src) if isinstance(src, str) else Tokenizer.from_gguf_data(src)
         ids = tok.encode(text, add_special_tokens=False)[:CALIBRATION_TOKENS]

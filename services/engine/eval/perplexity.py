@@ -93,13 +93,13 @@ def evaluate(engine: LLMEngine, token_ids: Sequence[int], window: int, variant: 
 
 
 AWQ_SUFFIX = "-awq"
-"""A variant ``<format>-awq`` (int4-awq) is that format quantized activation-aware."""
+"""A variant ``<format>-awq`` (int4-awq, int8-awq) is that format quantized activation-aware."""
 
 
 def variant_options(variant: str) -> dict:
-    """Engine options of a variant name: a quantization, or int4-awq."""
+    """Engine options of a variant name: a quantization, or <format>-awq."""
     if variant.endswith(AWQ_SUFFIX):
-        return {"quantization": variant[: -len(AWQ_SUFFIX)], "int4_activation_aware": True}
+        return {"quantization": variant[: -len(AWQ_SUFFIX)], "activation_aware": True}
     return {"quantization": variant}
 
 
