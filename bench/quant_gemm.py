@@ -1,16 +1,18 @@
 """Part 2 of bench/quant_gpu.py: the quantized GEMMs against bf16 at Llama-3-8B shapes, and
-the GemmConfig sweep at decode sizes (see quant_gpu.py's docstring and bench/README.md)."""
+the GemmConfig sweep at decode sizes (see quant_gpu.py's docstring and bench/README.md); the
+library kernels timed beside ours are in quant_libraries.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from gpu_ceilings import device_tag
 from quant_common import Budget, Run
+from quant_libraries import LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fp8_choices, scaled_mm_cell
 
 HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
@@ -53,77 +55,11 @@ SMOKE_GEMV_WORD_SWEEP = ((16, 16, 1, 1, 2),)
 QUANT_KINDS = ("w8a16", "w4a16", "fp8")
 
 
-@dataclass(frozen=True)
-class LibraryConfig:
-    """A library's kernel as a candidate, in the dispatch table's terms: ``choice`` "int4pack"
-    (PyTorch's tinygemm, ``arg`` its inner-k tiling) or "gemlite" (``arg`` its matmul type)."""
-
-    choice: str
-    arg: int | str
-
-    def short(self) -> str:
-        return f"{self.choice} {self.arg}"
-
-
 def table_entry(cfg) -> list:
     """The dispatch table's [choice, fields] for a winning candidate."""
     if isinstance(cfg, LibraryConfig):
         return [cfg.choice, [cfg.arg]]
     return ["gemv" if hasattr(cfg, "short") else "dot", list(asdict(cfg).values())]
-
-
-def int4pack_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
-    """(config, calls) for tinygemm at each tiling the weight takes (CUDA, bfloat16 x only);
-    each ring copy is packed once, outside the timing (the engine packs at load)."""
-    from llmesh.engine.quant.int4pack import INNER_K_TILES, int4pack_matmul, pack, supported
-
-    if kind != "w4a16" or smoke or not x.is_cuda or x.dtype != torch.bfloat16:
-        return []
-    out = []
-    for tiles in INNER_K_TILES:
-        if not supported(q, tiles):
-            continue
-        for qc in qs:
-            pack(qc, tiles)
-        out.append((LibraryConfig("int4pack", tiles), [lambda cfg, qc=qc: int4pack_matmul(x, qc, cfg.arg)
-                                                        for qc in qs]))
-    return out
-
-
-def gemlite_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
-    """(config, calls) for each gemlite kernel that serves this M (its GEMVs up to M = 4, as its
-    own dispatch does, its split-K GEMM above); each ring copy is packed once, outside the timing.
-    Its autotuner picks the tiles on the first call (the sweep's correctness check)."""
-    from llmesh.engine.quant import gemlite_kernels
-
-    if kind not in ("w4a16", "w8a16") or smoke or not gemlite_kernels.supported(q, x.dtype):
-        return []
-    if (why := gemlite_kernels.unavailable_reason()) is not None:
-        raise RuntimeError(why)
-    for qc in qs:
-        gemlite_kernels.layer(qc, x.dtype)
-    types = [t for t in gemlite_kernels.MATMUL_TYPES if (t.startswith("GEMV") and x.shape[0] <= 4)
-             or (t == "GEMM_SPLITK" and x.shape[0] > 1)]
-    return [(LibraryConfig("gemlite", t), [lambda cfg, qc=qc: gemlite_kernels.gemlite_matmul(x, qc, cfg.arg)
-                                           for qc in qs]) for t in types]
-
-
-def fbgemm_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
-    """(config, calls) for FBGEMM's INT4 GEMM (bf16i4bf16_shuffled; CUDA sm_90+, bfloat16 x);
-    each ring copy is shuffled once, outside the timing."""
-    from llmesh.engine.quant import fbgemm_kernels
-
-    if kind != "w4a16" or smoke or not x.is_cuda or x.dtype != torch.bfloat16 or not fbgemm_kernels.int4_supported(q):
-        return []
-    if (why := fbgemm_kernels.unavailable_reason()) is not None:
-        raise RuntimeError(why)
-    for qc in qs:
-        fbgemm_kernels.int4_pack(qc)
-    return [(LibraryConfig("fbgemm", fbgemm_kernels.INT4_KERNEL),
-             [lambda cfg, qc=qc: fbgemm_kernels.int4_matmul(x, qc) for qc in qs])]
-
-
-LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates))
 
 
 # ---- 2. GEMM microbenchmarks ------------------------------------------------------------------
@@ -155,17 +91,6 @@ def kernel_call(kind: str, x: torch.Tensor, q, out: torch.Tensor) -> Callable[..
 def _word_sum(qweight: torch.Tensor) -> Callable[[], torch.Tensor]:
     words = qweight.view(torch.int32)
     return lambda: words.sum(dtype=torch.int64)
-
-
-def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:
-    """torch._scaled_mm with per-row / per-column scales on x quantized beforehand (so only the GEMM)."""
-    from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
-
-    xq, xs = quantize_fp8_per_token_ref(x)
-    ws = q.scales[None, :]  # [1, N]
-    fn = lambda: torch._scaled_mm(xq, q.qweight.t(), xs[:, None], ws, out_dtype=x.dtype)  # noqa: E731
-    fn()  # raises here when this torch / device / shape has no such GEMM
-    return fn
 
 
 def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.device, smoke: bool) -> list:
@@ -344,62 +269,6 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
     dispatched_headlines(run, ring_cache[headline], headline, copy_gb_s)
     del packs, ring_cache
     run.free()
-
-
-def scaled_mm_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms: float) -> str:
-    if qs is None:
-        return f"{'-':>16}"
-    try:
-        s_ms = run.timer([scaled_mm_call(x, q) for q in qs])
-    except Exception as e:  # a reference only: not a failure, the reason is recorded
-        run.workload["gemm"].setdefault("scaled_mm_errors", []).append(f"{tag}: {type(e).__name__}: {str(e)[:160]}")
-        return f"{'n/a':>16}"
-    run.metrics.update({f"gemm_scaled_mm_{tag}_ms": s_ms, f"gemm_scaled_mm_{tag}_speedup_x": bf16_ms / s_ms})
-    return f"{s_ms:>9.4f} {bf16_ms / s_ms:>5.2f}x"
-
-
-def fbgemm_fp8_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_ms: float) -> str:
-    """FBGEMM's f8f8bf16_rowwise on x quantized beforehand (as scaled_mm_cell), checked against
-    our kernel's result before it is timed."""
-    from llmesh.engine.quant import fbgemm_kernels
-    from llmesh.kernels.fp8_gemm import fp8_gemm, quantize_fp8_per_token_ref
-
-    if qs is None or x.dtype != torch.bfloat16 or not x.is_cuda:
-        return f"{'-':>16}"
-    try:
-        if (why := fbgemm_kernels.unavailable_reason()) is not None:
-            raise RuntimeError(why)
-        xq, xs = quantize_fp8_per_token_ref(x)
-        ref = fp8_gemm(x, qs[0].qweight, qs[0].scales).float()
-        got = fbgemm_kernels.fp8_matmul(xq, xs, qs[0], x.dtype).float()
-        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-            raise ValueError(f"wrong result: max |diff| {(got - ref).abs().max().item():.3g}")
-        f_ms = run.timer([partial(fbgemm_kernels.fp8_matmul, xq, xs, q, x.dtype) for q in qs])
-    except Exception as e:  # a candidate: not a failure, the reason is recorded
-        run.workload["gemm"].setdefault("fbgemm_fp8_errors", []).append(f"{tag}: {type(e).__name__}: {str(e)[:160]}")
-        return f"{'n/a':>16}"
-    run.metrics.update({f"gemm_fbgemm_fp8_{tag}_ms": f_ms, f"gemm_fbgemm_fp8_{tag}_speedup_x": bf16_ms / f_ms})
-    return f"{f_ms:>9.4f} {bf16_ms / f_ms:>5.2f}x"
-
-
-FP8_CANDIDATES = (("fp8", "gemm_fp8"), ("scaled_mm", "gemm_scaled_mm"), ("fbgemm", "gemm_fbgemm_fp8"))
-"""The FP8 table's choices and the main grid's metric that times each."""
-
-
-def fp8_choices(run: Run, shapes, ms) -> dict[str, list]:
-    """fp8_gemm, torch._scaled_mm or FBGEMM's rowwise GEMM per (N, K, M), whichever the main
-    table timed fastest (our kernel must have run: it is the fallback)."""
-    from llmesh.kernels.quant_gemm_config import table_key
-
-    met, out = run.metrics, {}
-    for k, n in shapes:
-        for m in ms:
-            tag = f"{k}x{n}_m{m}"
-            times = [(met[f"{metric}_{tag}_ms"], choice) for choice, metric in FP8_CANDIDATES
-                     if f"{metric}_{tag}_ms" in met]
-            if f"gemm_fp8_{tag}_ms" in met and len(times) > 1:
-                out[table_key("fp8", n, k, m)] = [min(times)[1], []]
-    return out
 
 
 def current_entry(device: torch.device, kind: str, m: int, n: int, k: int, calls: list, gemvs: list) -> list:
