@@ -15,7 +15,8 @@ from quant_common import Run
 @dataclass(frozen=True)
 class LibraryConfig:
     """A library's kernel as a candidate, in the dispatch table's terms: ``choice`` "int4pack"
-    (PyTorch's tinygemm, ``arg`` its inner-k tiling) or "gemlite" (``arg`` its matmul type)."""
+    (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its matmul type) or
+    "fbgemm" (``arg`` its kernel, "shuffled")."""
 
     choice: str
     arg: int | str
