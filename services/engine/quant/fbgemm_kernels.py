@@ -7,7 +7,7 @@ FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's 
 - ``bf16i4bf16_shuffled``: bfloat16 activations times INT4 weights with bfloat16 group scales
   and zeros, a Hopper mixed-input GEMM (wgmma, TMA) over weights pre-shuffled into its
   tensor-core fragment order. On the H200 it ran 0.7-1.0x bf16 at M = 32-256 on Llama-3-8B
-  shapes, where our tl.dot kernels fell to 0.3-0.4x; tinygemm stays faster at M <= 4 and our
+  shapes, where our tl.dot kernels fell to 0.2-0.5x; tinygemm stays faster at M <= 4 and our
   kernels mostly at M = 16 (bench/quant_gemm.py measures; kernels/quant_gemm_tuned.json records).
 - ``f8f8bf16_rowwise``: FP8 activations quantized per token times FP8 weights with one scale
   per output channel (exactly Fp8Weight), bfloat16 out: 1.5-1.9x bf16 from M = 1 to 8192,
