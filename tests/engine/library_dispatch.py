@@ -10,11 +10,11 @@ from llmesh.engine.quant.linear import linear
 from llmesh.kernels import quant_gemm_config
 
 
-def use_table(monkeypatch, w, entry: list) -> None:
-    """The dispatch table of this GPU: ``entry`` for w's shape at M = 1, nothing else."""
+def use_table(monkeypatch, w, entry: list, kind: str = "w4a16") -> None:
+    """The dispatch table of this GPU: ``entry`` for w's kind and shape at M = 1, nothing else."""
     from llmesh.kernels.common import cuda_device_tag
 
-    key = f"w4a16 {w.out_features}x{w.in_features} m1"
+    key = f"{kind} {w.out_features}x{w.in_features} m1"
     table = {cuda_device_tag(torch.device("cuda")): {key: entry}}
     monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
 

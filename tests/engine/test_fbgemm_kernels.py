@@ -135,12 +135,10 @@ def test_linear_dispatches_int4_to_fbgemm_where_the_table_says(monkeypatch):
 
 @gpu
 def test_linear_dispatches_fp8_to_fbgemm_where_the_table_says(monkeypatch):
-    from llmesh.kernels.common import cuda_device_tag
     from llmesh.kernels.fp8_gemm import fp8_gemm_ref
 
     w = quantize_fp8((0.05 * torch.randn(256, 512)).bfloat16().cuda())
-    table = {cuda_device_tag(torch.device("cuda")): {"fp8 256x512 m1": ["fbgemm", []]}}
-    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda: table)
+    use_table(monkeypatch, w, ["fbgemm", []], kind="fp8")
     calls = count_calls(monkeypatch, fbgemm_kernels, "fp8_matmul")
     x = torch.randn(1, 512, device="cuda").bfloat16()
     y = linear(x, w)

@@ -138,11 +138,13 @@ FORMATS = ("int4", "int8")
 
 def quantize(w: torch.Tensor, fmt: str, group_size: int = INT4_GROUP_SIZE):
     """w [N, K] float → the packed weight of ``fmt`` (int4: groups of group_size; int8: per channel)."""
-    if fmt == "int4":
-        return quantize_int4(w, group_size)
-    if fmt == "int8":
-        return quantize_int8(w)
-    raise ValueError(f"activation-aware quantization serves {', '.join(FORMATS)}, not {fmt!r}")
+    _check_format(fmt)
+    return quantize_int4(w, group_size) if fmt == "int4" else quantize_int8(w)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"activation-aware quantization serves {', '.join(FORMATS)}, not {fmt!r}")
 
 
 def output_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, group_size: int, fmt: str = "int4") -> float:
@@ -250,7 +252,7 @@ def apply_awq(model, token_ids: list[int], group_size: int = INT4_GROUP_SIZE,
     """Calibrate, fold the scales and quantize every decoder linear of a float model to ``fmt``
     (int4 or int8) in place (the model then serves as linear_method ``fmt``)."""
     t0 = time.perf_counter()
-    quantize(torch.zeros(1, 1), fmt)  # an unknown format fails before the calibration pass
+    _check_format(fmt)  # before the calibration pass
     report = fold_awq_scales(model, token_ids, group_size, grid, fmt)
     for layer in model.layers:
         for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):

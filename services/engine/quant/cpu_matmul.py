@@ -136,11 +136,8 @@ def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple | None:
 def _int4_pack(w: Int4Weight, dtype: torch.dtype) -> tuple | None:
     if w.group_size not in INT4_CPU_GROUPS:
         return None
-    q = torch.cat([w.qweight & 0x0F, w.qweight >> 4], dim=0)  # [Kp, N] values 0..15
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous().to(torch.int32), 1)
-    scales = w.scales.float()
-    zeros = w.mins.float() + 8.0 * scales
-    scale_zero = torch.stack([scales, zeros], dim=-1).to(dtype).contiguous()  # [Kp / G, N, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().t().contiguous().to(torch.int32), 1)
+    scale_zero = torch.stack([w.scales.float(), w.signed_zeros()], dim=-1).to(dtype).contiguous()  # [Kp / G, N, 2]
     return ("int4", packed, scale_zero, w.padded_in_features)
 
 

@@ -79,14 +79,13 @@ def int4_supported(w: object) -> bool:
 def signed_nibbles_n_by_k(w: Int4Weight) -> torch.Tensor:
     """int8 [N, Kp/2]: the codes minus 8, k = 2j in the low nibble and 2j + 1 in the high one
     (the packing FBGEMM's ``pack_int4`` makes), from our [Kp/2, N] halves layout."""
-    q = torch.cat([w.qweight & 0x0F, w.qweight >> 4], dim=0).t().to(torch.int16) - 8  # [N, Kp] -8..7
+    q = w.codes().t().to(torch.int16) - 8  # [N, Kp] -8..7
     return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8).contiguous()
 
 
 def scales_and_zeros(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """bfloat16 [Kp/G, N] scale and zero with w = (q - 8) * scale + zero."""
-    s = w.scales.float()
-    return s.to(torch.bfloat16).contiguous(), (w.mins.float() + 8.0 * s).to(torch.bfloat16).contiguous()
+    return w.scales.to(torch.bfloat16).contiguous(), w.signed_zeros().to(torch.bfloat16).contiguous()
 
 
 def int4_pack(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -71,7 +71,7 @@ def supported(w: object, dtype: torch.dtype) -> bool:
 def _codes_n_by_k(w: Int4Weight | Int8Weight) -> torch.Tensor:
     """uint8 [N, K] unsigned codes (what gemlite's packer takes)."""
     if isinstance(w, Int4Weight):
-        return torch.cat([w.qweight & 0x0F, w.qweight >> 4], dim=0).t().contiguous()  # [Kp, N] -> [N, Kp]
+        return w.codes().t().contiguous()  # [Kp, N] -> [N, Kp]
     return (w.qweight.to(torch.int16) + 128).to(torch.uint8).t().contiguous()
 
 

@@ -37,14 +37,13 @@ def supported(w: Int4Weight, inner_k_tiles: int) -> bool:
 def nibbles_n_by_k(w: Int4Weight) -> torch.Tensor:
     """uint8 [N, Kp/2]: q[n, 2j] in the high nibble, q[n, 2j + 1] in the low one (the input
     ``_convert_weight_to_int4pack`` takes), from our [Kp/2, N] halves layout."""
-    q = torch.cat([w.qweight & 0x0F, w.qweight >> 4], dim=0).t()  # [N, Kp] values 0..15
+    q = w.codes().t()  # [N, Kp] values 0..15
     return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
 
 
 def scales_and_zeros(w: Int4Weight) -> torch.Tensor:
     """bfloat16 [Kp/G, N, 2]: (scale, zero) with w = (q - 8) * scale + zero."""
-    s = w.scales.float()
-    return torch.stack([s, w.mins.float() + 8.0 * s], dim=-1).to(torch.bfloat16).contiguous()
+    return torch.stack([w.scales.float(), w.signed_zeros()], dim=-1).to(torch.bfloat16).contiguous()
 
 
 def pack(w: Int4Weight, inner_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

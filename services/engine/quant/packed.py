@@ -82,6 +82,16 @@ class Int4Weight(_Packed):
     def padded_in_features(self) -> int:
         return 2 * self.qweight.shape[0]
 
+    def codes(self) -> torch.Tensor:
+        """uint8 [Kp, N]: the codes 0..15 unpacked from the halves layout (what the library
+        kernels' packers start from)."""
+        return torch.cat([self.qweight & 0x0F, self.qweight >> 4], dim=0)
+
+    def signed_zeros(self) -> torch.Tensor:
+        """float32 [Kp / G, N]: the zero of ``w = (q - 8) * scales + zero``, the form tinygemm,
+        PyTorch's CPU INT4 kernel and FBGEMM take (our ``w = q * s + m`` with zero = m + 8 s)."""
+        return self.mins.float() + 8.0 * self.scales.float()
+
     def dequantize(self) -> torch.Tensor:
         """W [K, N] in float32 (the torch reference; rows in x's order when perm is set)."""
         w = dequantize_int4_ref(self.qweight, self.scales, self.mins, self.group_size, self.in_features)
