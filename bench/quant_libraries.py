@@ -1,6 +1,7 @@
 """The library kernels bench/quant_gemm.py times beside ours: tinygemm, GemLite and FBGEMM as
-candidates of the weight-only sweep (LibraryConfig), and cuBLASLt's and FBGEMM's FP8 GEMMs as
-columns of the main grid, from which the FP8 table's choice per cell is made."""
+candidates of the weight-only sweep (LibraryConfig), cuBLASLt's and FBGEMM's FP8 GEMMs as
+columns of the main grid, from which the FP8 table's choice per cell is made, and FBGEMM's
+W4A8 GEMM (that format's only kernel) as a column of its own."""
 
 from __future__ import annotations
 
@@ -124,6 +125,47 @@ def fbgemm_fp8_cell(run: Run, x: torch.Tensor, qs: list | None, tag: str, bf16_m
         return f"{'n/a':>16}"
     run.metrics.update({f"gemm_fbgemm_fp8_{tag}_ms": f_ms, f"gemm_fbgemm_fp8_{tag}_speedup_x": bf16_ms / f_ms})
     return f"{f_ms:>9.4f} {bf16_ms / f_ms:>5.2f}x"
+
+
+def w4a8_ring(run: Run, w: torch.Tensor, ring) -> tuple[list | None, object]:
+    """(copies of w quantized to W4A8 and shuffled for FBGEMM, one unshuffled for the reference),
+    or (None, None) where FBGEMM's kernel cannot run."""
+    from llmesh.engine.quant import fbgemm_kernels
+    from llmesh.engine.quant.quantize import quantize_w4a8
+
+    if not w.is_cuda or (why := fbgemm_kernels.unavailable_reason()) is not None:
+        if w.is_cuda:
+            run.skipped.append(f"gemm w4a8: {why}")
+        return None, None
+    ref = quantize_w4a8(w)
+    first = fbgemm_kernels.w4a8_shuffle(ref.map_tensors(torch.clone))
+    return ring(first, first.nbytes(), lambda p: p.map_tensors(torch.clone)), ref
+
+
+def fbgemm_w4a8_cell(run: Run, x: torch.Tensor, qs: list | None, ref, tag: str, bf16_ms: float,
+                     copy_gb_s: float) -> str:
+    """FBGEMM's f8i4bf16_shuffled (W4A8, the format's only GPU kernel) on x quantized beforehand,
+    checked against linear.w4a8_matmul_ref before it is timed."""
+    from llmesh.engine.quant import fbgemm_kernels
+    from llmesh.engine.quant.linear import w4a8_matmul_ref
+    from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
+
+    if qs is None or x.dtype != torch.bfloat16:
+        return f"{'-':>16}"
+    try:
+        rows = quantize_fp8_per_token_ref(x)
+        want = w4a8_matmul_ref(rows, ref, torch.float32)
+        got = fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, qs[0]).float()
+        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            raise ValueError(f"wrong result: max |diff| {(got - want).abs().max().item():.3g}")
+        ms = run.timer([partial(fbgemm_kernels.w4a8_matmul, rows.xq, rows.scale, q) for q in qs])
+    except Exception as e:
+        run.fail(f"gemm w4a8 {tag}: {type(e).__name__}: {str(e)[:160]}")
+        return f"{'FAILED':>16}"
+    gb_s = qs[0].nbytes() / (ms * 1e-3) / 1e9
+    run.metrics.update({f"gemm_w4a8_{tag}_ms": ms, f"gemm_w4a8_{tag}_speedup_x": bf16_ms / ms,
+                        f"gemm_w4a8_{tag}_gb_s": gb_s, f"gemm_w4a8_{tag}_bw_frac": gb_s / copy_gb_s})
+    return f"{ms:>9.4f} {bf16_ms / ms:>5.2f}x"
 
 
 FP8_CANDIDATES = (("fp8", "gemm_fp8"), ("scaled_mm", "gemm_scaled_mm"), ("fbgemm", "gemm_fbgemm_fp8"))

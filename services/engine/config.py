@@ -205,9 +205,10 @@ class EngineConfig:
     quantization: str = option(
         "auto", "weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, a GGUF's "
                 "Q8_0/Q4_x blocks kept on a GPU; else full precision), none, int8 (per channel), int4 "
-                "(group 128, zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), gguf, awq or gptq")
+                "(group 128, zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), w4a8 (INT4 weights in groups of "
+                "128 times FP8 activations, FBGEMM's kernel on Hopper), gguf, awq or gptq")
     activation_aware: bool = option(
-        False, "quantization int4 or int8: calibrate on a short text first and scale each linear's "
+        False, "quantization int4, int8 or w4a8: calibrate on a short text first and scale each linear's "
                "salient input channels before rounding (AWQ's search, folded into the RMSNorm weights "
                "and the previous projection; loads the float model once, then quantizes it)")
     calibration_text: str = option(

@@ -339,7 +339,7 @@ class RunnerBase(abc.ABC):
 
     def _build_model(self, weights: Iterable[tuple[str, torch.Tensor]], awq_calibration: list[int] | None) -> None:
         """``awq_calibration``: token ids; the model loads in float, is calibrated on them and
-        quantized activation-aware to its linear method, int4 or int8 (quant/activation_aware.py)."""
+        quantized activation-aware to its linear method, int4, int8 or w4a8 (quant/activation_aware.py)."""
         t0 = time.perf_counter()
         method = "none" if awq_calibration else self.linear_method
         self.model = LlamaForCausalLM(self.cfg, weights, linear_method=method, ops=self.ops,

@@ -1,6 +1,6 @@
 """FBGEMM GenAI's kernels behind the measured table (services/engine/quant/fbgemm_kernels.py):
 the signed nibbles, scales and zeros handed to its INT4 packer rebuild our weights (CPU); its
-INT4 and FP8 GEMMs against the references, under a CUDA graph, and the dispatch through
+INT4, FP8 and W4A8 GEMMs against the references, under a CUDA graph, and the dispatch through
 quant.linear, on a Hopper GPU with fbgemm-gpu-genai installed (the ``gpu`` extra)."""
 
 from __future__ import annotations
@@ -147,3 +147,52 @@ def test_linear_dispatches_fp8_to_fbgemm_where_the_table_says(monkeypatch):
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     linear(torch.randn(4, 512, device="cuda").bfloat16(), w)  # M = 4: past the table's M, our kernel
     assert len(calls) == 1
+
+
+def _w4a8(n: int, k: int, seed: int = 0):
+    from llmesh.engine.quant.quantize import quantize_w4a8
+
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_w4a8((0.05 * torch.randn(n, k, generator=gen)).bfloat16().cuda())
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (5, 384, 1000), (64, 512, 1024), (1, 14336, 4096),
+                                   (256, 4096, 14336)])
+def test_w4a8_matches_the_reference(m, n, k):
+    """FBGEMM's f8i4bf16_shuffled computes w4a8_matmul_ref's arithmetic (E4M3 products from its
+    table, float32 sums): equal up to the bfloat16 output and summation order. K = 1000 is
+    padded to 1024 on both sides."""
+    from llmesh.engine.quant.linear import w4a8_matmul_ref
+    from llmesh.kernels.fp8_gemm import quantize_fp8_per_token
+
+    w = _w4a8(n, k, seed=m)
+    want_w = w.map_tensors(torch.clone)  # the reference reads the unshuffled codes
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16().cuda()
+    rows = quantize_fp8_per_token(x)
+    want = w4a8_matmul_ref(rows, want_w, torch.float32)
+    got = fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, w)
+    assert w.shuffled and got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@gpu
+def test_w4a8_replays_in_a_cuda_graph_and_dispatches_through_linear(monkeypatch):
+    from llmesh.kernels.fp8_gemm import quantize_fp8_per_token
+
+    w = _w4a8(256, 512)
+    assert prepare_library_weights([w], torch.device("cuda"), torch.bfloat16) == 0 and w.shuffled  # in place
+    rows = quantize_fp8_per_token(torch.ones(4, 512, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, w)
+    new_rows = quantize_fp8_per_token(torch.randn(4, 512, device="cuda").bfloat16())
+    rows.xq.copy_(new_rows.xq), rows.scale.copy_(new_rows.scale)
+    graph.replay()
+    torch.testing.assert_close(y, fbgemm_kernels.w4a8_matmul(new_rows.xq, new_rows.scale, w))
+    calls = count_calls(monkeypatch, fbgemm_kernels, "w4a8_matmul")
+    x = torch.randn(3, 512, device="cuda").bfloat16()
+    got = linear(x, w)
+    assert len(calls) == 1 and got.dtype == torch.bfloat16
+    assert linear(x.half(), w).dtype == torch.float16  # its bfloat16 output, cast

@@ -1,4 +1,4 @@
-"""Serving quantized weights end to end: quantize-on-load (int8 / int4 / fp8), GGUF blocks
+"""Serving quantized weights end to end: quantize-on-load (int8 / int4 / fp8 / w4a8), GGUF blocks
 kept packed, AWQ / GPTQ checkpoints, and the errors for what cannot be served."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from llmesh.engine import LLM, SamplingParams
 from llmesh.engine.errors import UnsupportedModelError
 from llmesh.engine.model.weights import FusedLinear
 from llmesh.engine.quant.awq_gptq import pack_awq, pack_gptq
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, W4A8Weight
 
 PROMPTS = [[5, 17, 99, 300, 42, 7], [400, 3, 3, 250], list(range(30, 70))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -44,10 +44,12 @@ def _first_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     return seen[0]
 
 
-@pytest.mark.parametrize("method,kind", [("int8", Int8Weight), ("int4", Int4Weight), ("fp8", Fp8Weight)])
+@pytest.mark.parametrize("method,kind", [("int8", Int8Weight), ("int4", Int4Weight), ("fp8", Fp8Weight),
+                                         ("w4a8", W4A8Weight)])
 def test_quantize_on_load_keeps_weights_packed(tiny_llama, method, kind):
     """The quantized engine computes exactly what a float engine holding the dequantized
-    weights computes (weight-only formats); FP8 also quantizes activations, so it is only close."""
+    weights computes (weight-only formats); FP8 and W4A8 also quantize activations, so they are
+    only close."""
     from llmesh.engine.model_runner import model_weight_bytes
 
     # No prefix caching: the float engine's KV for the prompt must be recomputed after its
@@ -64,11 +66,11 @@ def test_quantize_on_load_keeps_weights_packed(tiny_llama, method, kind):
         for name, m in packed.items():
             dense_modules[name].weight.copy_(m.weight.dequantize().t())
     got, twin = _first_logits(quant, PROMPTS[2]), _first_logits(dense, PROMPTS[2])
-    if method == "fp8":
+    if method in ("fp8", "w4a8"):
         assert torch.corrcoef(torch.stack([got, twin]))[0, 1] > 0.99
     else:
         torch.testing.assert_close(got, twin, rtol=1e-4, atol=1e-4)
-    assert (got - reference).norm() / reference.norm() < {"int8": 0.05, "int4": 0.6, "fp8": 0.4}[method]
+    assert (got - reference).norm() / reference.norm() < {"int8": 0.05, "int4": 0.6, "fp8": 0.4, "w4a8": 0.7}[method]
 
 
 def test_demo_gguf_runs_as_q4_1_with_the_dequantized_models_tokens():
@@ -175,6 +177,8 @@ def test_unservable_quantizations_say_what_is_missing(tiny_llama, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UnsupportedModelError, match="compute capability 8.9"):
             LLM(tiny_llama, device="cpu", backend="triton", quantization="fp8", num_kv_blocks=8)
+        with pytest.raises(UnsupportedModelError, match="w4a8.*FBGEMM.*--backend torch"):
+            LLM(tiny_llama, device="cpu", backend="triton", quantization="w4a8", num_kv_blocks=8)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(tiny_llama, device="cpu", quantization="nf4", num_kv_blocks=8)
     odd = tmp_path / "bnb"

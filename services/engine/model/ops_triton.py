@@ -23,7 +23,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear
-from llmesh.engine.quant.packed import Fp8Weight
+from llmesh.engine.quant.packed import Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.moe_router import select_experts
@@ -61,9 +61,10 @@ def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyCon
 
 
 def fp8_input(a: torch.Tensor, w: Weight | list[Weight]) -> bool:
-    """Whether the op producing a: [M, *] for the FP8 weight w quantizes its output itself
-    (rmsnorm_fp8, silu_and_mul_fp8): one FP8 weight, 16-bit 2-D a, on a GPU (or the interpreter)."""
-    return (isinstance(w, Fp8Weight) and a.dim() == 2 and a.dtype in (torch.float16, torch.bfloat16)
+    """Whether the op producing a: [M, *] for the FP8 activations of w quantizes its output itself
+    (rmsnorm_fp8, silu_and_mul_fp8): one FP8 or W4A8 weight, 16-bit 2-D a, on a GPU (or the
+    interpreter)."""
+    return (isinstance(w, (Fp8Weight, W4A8Weight)) and a.dim() == 2 and a.dtype in (torch.float16, torch.bfloat16)
             and a.stride(-1) == 1 and (a.is_cuda or interpreting()))
 
 

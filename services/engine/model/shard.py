@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmesh.engine.quant.linear import Weight
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, pack_int4
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, W4A8Weight, pack_int4
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,10 @@ def slice_out_features(w: Weight, start: int, end: int) -> Weight:
         return w[start:end]
     if isinstance(w, Fp8Weight):
         return w.map_tensors(lambda t: t[start:end])
+    if isinstance(w, W4A8Weight):
+        w._check_readable()
+        return W4A8Weight(w.qweight[start:end], w.group_scales[:, start:end], w.scales[start:end], w.group_size,
+                          w.in_features)
     if isinstance(w, Int4Weight) and w.perm is not None:
         return w.map_tensors(lambda t: t if t is w.perm else t[:, start:end])
     return w.map_tensors(lambda t: t[:, start:end])
@@ -156,6 +160,13 @@ def slice_in_features(w: Weight, start: int, end: int) -> Weight:
     if isinstance(w, Fp8Weight):
         return Fp8Weight(w.qweight[:, start:end], w.scales, w.format)
     k = w.in_features
+    if isinstance(w, W4A8Weight):  # the row scale holds for every slice of K
+        w._check_readable()
+        g = w.group_size
+        _check_group_cut(w.format, start, end, k, g)
+        stop = w.padded_in_features if end == k else end  # the last shard keeps the padding
+        return W4A8Weight(w.qweight[:, start // 2:stop // 2], w.group_scales[start // g:stop // g], w.scales, g,
+                          end - start)
     if isinstance(w, Int8Weight):
         if w.group_size == k:  # per channel: the one scale row holds for every slice of K
             return Int8Weight(w.qweight[start:end], w.scales, end - start, w.format)

@@ -12,9 +12,10 @@ from llmesh.engine.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4", "fp8", "gguf", "awq", "gptq")
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4", "fp8", "w4a8", "gguf", "awq", "gptq")
 """auto: what the checkpoint holds (AWQ/GPTQ as such, GGUF blocks kept on a GPU), else none.
-none: full precision (a GGUF is dequantized). int8 / int4 / fp8: quantize on load.
+none: full precision (a GGUF is dequantized). int8 / int4 / fp8 / w4a8: quantize on load
+(w4a8: INT4 weights for FP8 activations, FBGEMM's kernel).
 gguf / awq / gptq: serve the checkpoint's own quantized tensors."""
 
 GGUF_KEPT_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_1"})
@@ -26,9 +27,9 @@ CHECKPOINT_METHODS = ("awq", "gptq")
 @dataclass(frozen=True)
 class QuantSpec:
     name: str
-    """What is served: none, int8, int4, fp8, gguf, awq or gptq."""
+    """What is served: none, int8, int4, fp8, w4a8, gguf, awq or gptq."""
     linear_method: str
-    """How the model's linear layers load: none (plain nn.Linear), int8 / int4 / fp8
+    """How the model's linear layers load: none (plain nn.Linear), int8 / int4 / fp8 / w4a8
     (quantize float weights on load) or keep (store packed checkpoint tensors as they come)."""
 
     @property
@@ -45,6 +46,19 @@ def _fp8_problem(device: torch.device, backend: str) -> str | None:
     from llmesh.kernels.fp8_gemm import fp8_support
 
     return fp8_support(device)
+
+
+def _w4a8_problem(device: torch.device, backend: str) -> str | None:
+    if device.type == "cpu":
+        if backend == "torch":
+            return None
+        return ("quantization 'w4a8' runs FBGEMM's kernel on an NVIDIA Hopper GPU; on the CPU only the torch "
+                "backend can emulate it (--backend torch)")
+    from llmesh.engine.quant.fbgemm_kernels import unavailable_reason
+
+    if (why := unavailable_reason()) is not None:
+        return f"quantization 'w4a8' needs FBGEMM's W4A8 kernel: {why} (pip install 'llmesh[gpu]')"
+    return None
 
 
 def resolve_quantization(requested: str | None, *, model: str, source_format: str,
@@ -78,10 +92,10 @@ def resolve_quantization(requested: str | None, *, model: str, source_format: st
         # A GGUF on the CPU is dequantized: there are no compiled CPU kernels, and dense
         # float32 matmuls are the fast path there.
         return QuantSpec("none", "none")
-    if req == "fp8":
-        problem = _fp8_problem(device, backend)
+    if req in ("fp8", "w4a8"):
+        problem = (_fp8_problem if req == "fp8" else _w4a8_problem)(device, backend)
         if problem is not None:
             raise UnsupportedModelError(problem)
         if device.type == "cpu":
-            log.warning("fp8 on the CPU: the torch backend emulates W8A8 in float32 (for quality checks, not speed)")
+            log.warning(f"{req} on the CPU: the torch backend emulates it in float32 (for quality checks, not speed)")
     return QuantSpec(req, req)

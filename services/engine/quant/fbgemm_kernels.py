@@ -2,7 +2,7 @@
 weight-only and FP8 W8A8 linears on Hopper, where the measured table picks them.
 
 FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's INT4
-"preshuffled" format and Llama 4's FP8 serving run on). Two of them serve our formats:
+"preshuffled" format and Llama 4's FP8 serving run on). Three of them serve our formats:
 
 - ``bf16i4bf16_shuffled``: bfloat16 activations times INT4 weights with bfloat16 group scales
   and zeros, a Hopper mixed-input GEMM (wgmma, TMA) over weights pre-shuffled into its
@@ -12,10 +12,14 @@ FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's 
 - ``f8f8bf16_rowwise``: FP8 activations quantized per token times FP8 weights with one scale
   per output channel (exactly Fp8Weight), bfloat16 out: 1.3-1.9x bf16 from M = 1 to 8192,
   where cuBLASLt through ``torch._scaled_mm`` gave 0.8-1.4x at decode sizes.
+- ``f8i4bf16_shuffled``: FP8 activations times INT4 weights with FP8 group scales and a float32
+  row scale (W4A8Weight, the only kernel that format has on a GPU): the codes are widened to
+  FP8 in registers and multiplied on FP8 tensor cores, so large batches run at FP8's rate
+  while the weights stay at INT4's bytes.
 
 INT4 weights keep a second copy in FBGEMM's layout (made once after the model loads, by
 ``linear.prepare_library_weights``, before the KV pool is sized); FP8 weights are used as
-they are. Our kernels stay the reference and the fallback: the library is the optional
+they are; W4A8 weights are re-laid in place (they have no other reader on a GPU). Our kernels stay the reference and the fallback: the library is the optional
 ``gpu`` extra, built for one torch (1.6.x for torch 2.11) and sm_90a / sm_100a.
 
 Numerics: INT4 computes ``w = q' * scale + zero`` with signed codes q' = q - 8, so our
@@ -31,7 +35,7 @@ import logging
 
 import torch
 
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, W4A8Weight
 
 CHECKED_INT4_GROUPS = (128,)
 """INT4 group sizes checked on a GPU (tests/engine/test_fbgemm_kernels.py); its packer takes
@@ -61,6 +65,7 @@ def unavailable_reason() -> str | None:
             logging.disable(logging.NOTSET)
         torch.ops.fbgemm.bf16i4bf16_shuffled  # noqa: B018 (raises when the op did not register)
         torch.ops.fbgemm.f8f8bf16_rowwise  # noqa: B018
+        torch.ops.fbgemm.f8i4bf16_shuffled  # noqa: B018
     except Exception as e:  # not installed, or built for another torch
         return f"fbgemm-gpu-genai does not load: {type(e).__name__}: {str(e)[:160]}"
     return None
@@ -121,6 +126,50 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight, out_dtype:
     if out_dtype != torch.bfloat16 or xq.shape[0] == 0 or not w.qweight.is_cuda or unavailable_reason() is not None:
         return None
     return torch.ops.fbgemm.f8f8bf16_rowwise(xq, w.qweight, x_scale.float(), w.scales.float())
+
+
+W4A8_MIN_GROUP = 128
+"""FBGEMM's W4A8 packer takes groups of at least 128 input channels."""
+
+
+def w4a8_supported(w: W4A8Weight) -> str | None:
+    """Why FBGEMM's W4A8 kernel cannot serve this weight (None: it can)."""
+    if (why := unavailable_reason()) is not None:
+        return why
+    if not w.qweight.is_cuda:
+        return "the weight is not on a CUDA device"
+    if w.group_size < W4A8_MIN_GROUP:
+        return f"group size {w.group_size} (FBGEMM takes groups of at least {W4A8_MIN_GROUP})"
+    if w.out_features % 8:
+        return f"{w.out_features} output features (FBGEMM's layout needs a multiple of 8)"
+    return None
+
+
+def w4a8_shuffle(w: W4A8Weight) -> W4A8Weight:
+    """Re-lay ``w`` in place into FBGEMM's shuffled order (codes keep their [N, K/2] shape, group
+    scales become [K/G, 8, N]); a weight already shuffled is left as it is."""
+    if not w.shuffled:
+        if (why := w4a8_supported(w)) is not None:
+            raise RuntimeError(f"fbgemm: W4A8 weight [{w.in_features} x {w.out_features}]: {why}")
+        w.qweight, w.group_scales = torch.ops.fbgemm.preshuffle_i4(w.qweight.contiguous(),
+                                                                   w.group_scales.contiguous())
+        w.shuffled = True
+    return w
+
+
+def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight) -> torch.Tensor:
+    """Per-token FP8 rows (codes [M, K], float32 scales [M]) @ a W4A8 weight -> [M, N] bfloat16
+    (the weight is shuffled first if it was not: outside a CUDA graph capture, as
+    prepare_library_weights does at load)."""
+    w4a8_shuffle(w)
+    if xq.shape[0] == 0:
+        return torch.empty(0, w.out_features, dtype=torch.bfloat16, device=xq.device)
+    if xq.shape[1] < w.padded_in_features:  # the codes past K are 0; zero activations meet them
+        padded = torch.zeros(xq.shape[0], w.padded_in_features, dtype=xq.dtype, device=xq.device)
+        padded[:, : xq.shape[1]] = xq
+        xq = padded
+    return torch.ops.fbgemm.f8i4bf16_shuffled(xq.contiguous(), w.qweight, x_scale.float().contiguous(),
+                                              w.scales, w.group_scales)
 
 
 def copy_bytes(w: Int4Weight) -> int:

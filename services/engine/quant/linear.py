@@ -10,7 +10,7 @@ first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): G
 GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8
 kernels (gemlite_kernels.py) or FBGEMM's INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape
 and batch size; ``prepare_library_weights`` makes the library kernels' copies of the weights
-they will serve. Dense weights use F.linear,
+they will serve. W4A8 weights have one GPU kernel, FBGEMM's, and no table. Dense weights use F.linear,
 except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
 the skinny Triton GEMM is faster for that shape.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_packed_matmul
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, W4A8Weight
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
 from llmesh.kernels.skinny_gemm_config import tuned_config
 
@@ -86,8 +86,8 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
 def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
     """Make, now, the copies of every packed weight that the measured table sends to a library
-    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own);
-    returns their bytes. Called once after the model loads, so the KV pool is sized with them in
+    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own),
+    and re-lay W4A8 weights for FBGEMM's kernel in place; returns the copies' bytes. Called once after the model loads, so the KV pool is sized with them in
     memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
@@ -98,6 +98,8 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     total = 0
     missing: set[str] = set()
     for w in weights:
+        if isinstance(w, W4A8Weight) and fbgemm_kernels.w4a8_supported(w) is None:
+            fbgemm_kernels.w4a8_shuffle(w)  # in place: no copy, so no bytes to count
         if not isinstance(w, (Int4Weight, Int8Weight)):
             continue
         choices = tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)
@@ -128,7 +130,7 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     # x: [M, K] → [M, N]
     if isinstance(w, Int4Weight) and w.perm is not None:
         x = x.index_select(1, w.perm)  # act-order: W's rows are stored sorted by group
-    if isinstance(w, Fp8Weight):
+    if isinstance(w, (Fp8Weight, W4A8Weight)):
         from llmesh.kernels.fp8_gemm import quantize_fp8_per_token
 
         return fp8_matmul(quantize_fp8_per_token(x), w, x.dtype)
@@ -149,14 +151,16 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
 
 
-def fp8_matmul(rows, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_matmul(rows, w: Fp8Weight | W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """Activations quantized per token (kernels.fp8_gemm.Fp8Rows: by quantize_fp8_per_token, or
-    fused into the op that produced them) @ an FP8 weight → [M, N] in out_dtype: cuBLASLt's
-    FP8 GEMM where the measured table says ``scaled_mm``, FBGEMM's where it says ``fbgemm``
-    (and it can run), else our kernel."""
+    fused into the op that produced them) @ an FP8 or W4A8 weight → [M, N] in out_dtype. FP8:
+    cuBLASLt's FP8 GEMM where the measured table says ``scaled_mm``, FBGEMM's where it says
+    ``fbgemm`` (and it can run), else our kernel. W4A8: w4a8_matmul."""
     from llmesh.kernels.fp8_gemm import fp8_gemm_rows, fp8_scaled_mm_rows
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
+    if isinstance(w, W4A8Weight):
+        return w4a8_matmul(rows, w, out_dtype)
     choice = tuned_choice(rows.xq.device, "fp8", rows.xq.shape[0], w.out_features, w.in_features)
     if choice is not None and choice[0] == "scaled_mm":
         return fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
@@ -168,7 +172,31 @@ def fp8_matmul(rows, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor:
     return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype)
 
 
+def w4a8_matmul(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-token FP8 rows @ a W4A8 weight → [M, N] in out_dtype: FBGEMM's kernel on a GPU where
+    it runs (its bfloat16 output cast when another dtype is asked), else the reference."""
+    if rows.xq.is_cuda:
+        from llmesh.engine.quant import fbgemm_kernels
+
+        if (why := fbgemm_kernels.w4a8_supported(w)) is None:
+            return fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, w).to(out_dtype)
+        if w.shuffled:
+            raise RuntimeError(f"a W4A8 weight in FBGEMM's layout cannot run here: {why}")
+    return w4a8_matmul_ref(rows, w, out_dtype)
+
+
+def w4a8_matmul_ref(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+    """The W4A8 kernel's arithmetic in float32: FP8 codes times e4m3(code * group scale), summed,
+    then times the token's and the row's scales."""
+    acc = rows.xq.float() @ w.unscaled_t()[: w.in_features]                   # [M, N]
+    return (acc * rows.scale.float()[:, None] * w.scales.float()[None, :]).to(out_dtype)
+
+
 def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    if isinstance(w, W4A8Weight):
+        from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
+
+        return w4a8_matmul_ref(quantize_fp8_per_token_ref(x), w, x.dtype)
     if isinstance(w, Fp8Weight):
         from llmesh.kernels.fp8_gemm import fp8_gemm_ref
 
@@ -226,6 +254,10 @@ def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     are expanded."""
     if isinstance(w, torch.Tensor):
         return F.embedding(ids, w)
+    if isinstance(w, W4A8Weight):
+        part = W4A8Weight(w.qweight.index_select(0, ids), w.group_scales.index_select(1, ids),
+                          w.scales.index_select(0, ids), w.group_size, w.in_features)
+        return part.dequantize().t().to(dtype)
     if isinstance(w, Int8Weight):
         part = Int8Weight(w.qweight.index_select(1, ids), w.scales.index_select(1, ids), w.group_size, w.format)
     elif isinstance(w, Int4Weight):

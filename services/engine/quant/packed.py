@@ -24,6 +24,21 @@ Fp8Weight
     qweight  float8_e4m3fn [N, K]   (K-major: what Hopper's FP8 tensor cores want for B)
     scales   float32 [N]            w[k, n] = qweight[n, k] * scales[n]
     Activations are quantized per token at run time (W8A8).
+
+W4A8Weight
+    qweight       int8 [N, Kp // 2]      signed codes -8..7; byte (n, j): k = 2j in the low
+                                         nibble, k = 2j + 1 in the high one
+    group_scales  float8_e4m3fn [Kp // G, N]
+    scales        float32 [N]            w[k, n] = e4m3(q[n, k] * group_scales[k // G, n]) * scales[n]
+    INT4 weights for FP8 activations quantized per token (W4A8): the tensor cores multiply in
+    FP8, so past the memory-bound batch sizes it runs at FP8's rate with INT4's bytes. The
+    product of code and group scale is rounded to E4M3 because that is what the kernel
+    multiplies: FBGEMM's (CUTLASS's) W4A8 GEMM widens a code by looking it up in a table of
+    the eight products g * -8 .. g * -1, each stored as an E4M3 value, negated for positive
+    codes. Kp = K rounded up to a multiple of G (codes 0 past K; the activations are padded to
+    match where K is not). The layout is FBGEMM's (its ``pack_int4``); on a GPU the weight is
+    re-laid in place once into its kernel's shuffled order (``shuffled`` True), which only that
+    kernel reads.
 """
 
 from __future__ import annotations
@@ -138,7 +153,60 @@ class Fp8Weight(_Packed):
         return (self.qweight.float() * self.scales[:, None]).t()
 
 
-QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight
+W4A8_ROW_RANGE = 392.0
+"""|w| / row scale of a W4A8 row's largest weight: 7 * 56, so group scales stay at most 56 and
+every product code * scale within E4M3's 448 (the kernel's table saturates past it)."""
+
+
+def w4a8_product(q: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """float32 e4m3(q * g): the value the W4A8 kernel multiplies for code q in group scale g
+    (both exact in float32: a 4-bit integer times a 4-bit mantissa)."""
+    return (q.float() * group_scale.float()).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
+@dataclass
+class W4A8Weight(_Packed):
+    qweight: torch.Tensor            # int8 [N, Kp // 2]
+    group_scales: torch.Tensor       # float8_e4m3fn [Kp // G, N]
+    scales: torch.Tensor             # float32 [N]
+    group_size: int
+    in_features: int                 # K
+    shuffled: bool = False
+    """True once re-laid for FBGEMM's kernel (fbgemm_kernels.w4a8_shuffle): qweight keeps its
+    shape, group_scales become [Kp // G, 8, N]; the codes are then no longer readable here."""
+    format: str = "w4a8"
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def padded_in_features(self) -> int:
+        return 2 * self.qweight.shape[1]
+
+    def _check_readable(self) -> None:
+        if self.shuffled:
+            raise ValueError("this W4A8 weight is in FBGEMM's shuffled layout, which only its kernel reads; "
+                             "slice or dequantize it before fbgemm_kernels.w4a8_shuffle")
+
+    def codes(self) -> torch.Tensor:
+        """int8 [N, Kp]: the signed codes -8..7 (0 in the padding past K)."""
+        self._check_readable()
+        low = (self.qweight << 4) >> 4  # arithmetic shifts sign-extend each nibble
+        high = self.qweight >> 4
+        return torch.stack([low, high], dim=-1).reshape(self.out_features, self.padded_in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [K, N] in float32: e4m3(code * group scale) times the row scale."""
+        return self.unscaled_t()[: self.in_features] * self.scales.float()[None, :]
+
+    def unscaled_t(self) -> torch.Tensor:
+        """float32 [Kp, N]: e4m3(code * group scale), what the kernel's tensor cores multiply."""
+        g = self.group_scales.repeat_interleave(self.group_size, dim=0)        # [Kp, N]
+        return w4a8_product(self.codes().t(), g)
+
+
+QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight | W4A8Weight
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -170,6 +238,13 @@ def cat_out_features(weights: list[QuantizedWeight]) -> QuantizedWeight:
     if isinstance(first, Fp8Weight):
         return Fp8Weight(torch.cat([w.qweight for w in weights], 0), torch.cat([w.scales for w in weights], 0),
                          format=first.format)
+    if isinstance(first, W4A8Weight):
+        if any(w.group_size != first.group_size or w.in_features != first.in_features or w.shuffled
+               for w in weights):
+            raise ValueError("W4A8 weights fuse only with equal group size and K, before they are shuffled")
+        return W4A8Weight(torch.cat([w.qweight for w in weights], 0), torch.cat([w.group_scales for w in weights], 1),
+                          torch.cat([w.scales for w in weights], 0), first.group_size, first.in_features,
+                          format=first.format)
     if isinstance(first, Int8Weight):
         if any(w.group_size != first.group_size for w in weights):
             raise ValueError("cannot fuse INT8 weights with different group sizes")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, pack_int4
+from llmesh.engine.quant.packed import (W4A8_ROW_RANGE, Fp8Weight, Int4Weight, Int8Weight, W4A8Weight,
+                                        pack_int4, w4a8_product)
 
 INT4_GROUP_SIZE = 128
 """Group size of INT4 quantize-on-load (the AWQ/GPTQ default)."""
@@ -58,4 +59,46 @@ def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
     return Fp8Weight(q.contiguous(), scales.float().contiguous())
 
 
-QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
+W4A8_GROUP_SIZE = 128
+"""Group size of W4A8 (FBGEMM's kernel takes groups of at least 128)."""
+
+_E4M3_MIN_SUBNORMAL = 2.0 ** -9
+
+
+def quantize_w4a8(weight: torch.Tensor, group_size: int = W4A8_GROUP_SIZE) -> W4A8Weight:
+    """Symmetric group-wise INT4 for FP8 activations: w ~ e4m3(q * g) * r with q in -8..7, one
+    E4M3 scale g per group of ``group_size`` input channels and one float32 scale r per output
+    channel (W4A8Weight says why the product is rounded to E4M3: it is the kernel's arithmetic).
+
+    K is padded with zeros to a multiple of ``group_size``. r maps each row's largest |w| to
+    W4A8_ROW_RANGE = 392 = 7 * 56, so that every group scale
+    stays at most 56 and every product q * g within E4M3's 448. The group scale is the least
+    that covers the group's range on the side it lies, max(max w / 7, -min w / 8) (max|w| / 8,
+    FBGEMM's recipe, clips the positive extreme; max|w| / 7 never uses -8), rounded to E4M3;
+    each code is then the one whose rounded product lies nearest the weight. FBGEMM's recipe
+    instead rounds the weights to FP8 first and fits the codes to the unrounded scale, so its
+    weights are rounded three times where these are fitted to what the kernel reconstructs.
+    """
+    w = weight.float()                                                     # [N, K]
+    n, k = w.shape
+    kp = -(-k // group_size) * group_size
+    rows = (w.abs().amax(dim=1) / W4A8_ROW_RANGE).clamp_min(_TINY)          # [N]
+    g = torch.zeros(n, kp, dtype=torch.float32, device=w.device)
+    g[:, :k] = w / rows[:, None]
+    g = g.view(n, kp // group_size, group_size)                             # [N, G, gs] within +-392
+    need = torch.maximum(g.amax(dim=2).clamp_min(0) / 7.0, (-g.amin(dim=2)).clamp_min(0) / 8.0)
+    gs8 = need.clamp(_E4M3_MIN_SUBNORMAL, W4A8_ROW_RANGE / 7).to(torch.float8_e4m3fn)   # [N, G]
+    scale = gs8.float()[:, :, None]
+    q0 = torch.round(g / scale).clamp_(-8, 7)
+    best, best_err = q0, (w4a8_product(q0, scale) - g).abs()
+    for step in (-1.0, 1.0):  # the product's rounding can make a neighbouring code nearer
+        cand = (q0 + step).clamp_(-8, 7)
+        err = (w4a8_product(cand, scale) - g).abs()
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    q = best.to(torch.int16).view(n, kp)
+    packed = ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8)       # [N, Kp/2]
+    return W4A8Weight(packed.contiguous(), gs8.t().contiguous(), rows.contiguous(), group_size, k)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8, "w4a8": quantize_w4a8}
