@@ -73,7 +73,11 @@ def test_the_reference_is_the_kernels_arithmetic(m, k):
     got = w4a8_matmul_ref(rows, w, torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(linear(x, w, kernels=False), got)
-    torch.testing.assert_close(linear(x, w, kernels=True), got)  # through Triton's interpreter: same bits
+    if torch.cuda.is_available():  # FBGEMM's kernel: its sums round differently (test_fbgemm_kernels.py)
+        on_gpu = linear(x.cuda(), w.to("cuda"), kernels=True).float().cpu()
+        torch.testing.assert_close(on_gpu, got, rtol=2e-2, atol=2e-2 * got.abs().max().item())
+    else:  # through Triton's interpreter: the same bits
+        torch.testing.assert_close(linear(x, w, kernels=True), got)
     # and close to the float product: a W4A8 weight is a 4-bit weight
     dense = x @ _weight(64, k, outlier=False).t()
     assert (got - dense).norm() / dense.norm() < 0.15
