@@ -43,6 +43,18 @@ def test_each_code_is_the_nearest_value_the_kernel_can_reconstruct(n, k):
     torch.testing.assert_close(q.dequantize().t(), w4a8_product(codes[:, :k], g) * q.scales[:, None])
 
 
+def test_rows_are_quantized_in_slices_with_the_same_result(monkeypatch):
+    from llmesh.engine.quant import quantize
+
+    w = _weight(80, 256)
+    whole = quantize_w4a8(w)
+    monkeypatch.setattr(quantize, "W4A8_ROWS_AT_ONCE", 24)  # 80 rows: three slices and a short one
+    sliced = quantize_w4a8(w)
+    for a, b in zip((whole.qweight, whole.group_scales.view(torch.uint8), whole.scales),
+                    (sliced.qweight, sliced.group_scales.view(torch.uint8), sliced.scales)):
+        assert torch.equal(a, b)
+
+
 def test_scales_keep_every_product_inside_e4m3():
     w = _weight(32, 256)
     q = quantize_w4a8(w)

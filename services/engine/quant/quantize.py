@@ -79,15 +79,32 @@ def quantize_w4a8(weight: torch.Tensor, group_size: int = W4A8_GROUP_SIZE) -> W4
     instead rounds the weights to FP8 first and fits the codes to the unrounded scale, so its
     weights are rounded three times where these are fitted to what the kernel reconstructs.
     """
-    w = weight.float()                                                     # [N, K]
-    n, k = w.shape
+    n, k = weight.shape
     kp = -(-k // group_size) * group_size
-    rows = (w.abs().amax(dim=1) / W4A8_ROW_RANGE).clamp_min(_TINY)          # [N]
+    packed = torch.empty(n, kp // 2, dtype=torch.int8, device=weight.device)
+    gs8 = torch.empty(n, kp // group_size, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for r0 in range(0, n, W4A8_ROWS_AT_ONCE):  # a dozen float32 temporaries of the slice, not the weight
+        r1 = min(n, r0 + W4A8_ROWS_AT_ONCE)
+        packed[r0:r1], gs8[r0:r1], rows[r0:r1] = _w4a8_rows(weight[r0:r1], kp, group_size)
+    return W4A8Weight(packed, gs8.t().contiguous(), rows, group_size, k)
+
+
+W4A8_ROWS_AT_ONCE = 2048
+"""Output rows quantize_w4a8 works on at a time: an LM head of 128k rows would otherwise need
+~15 GB of float32 temporaries on the device it loads on."""
+
+
+def _w4a8_rows(weight: torch.Tensor, kp: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_w4a8 of rows [R, K]: (codes int8 [R, Kp/2], group scales E4M3 [R, G], row scales [R])."""
+    w = weight.float()                                                     # [R, K]
+    n, k = w.shape
+    rows = (w.abs().amax(dim=1) / W4A8_ROW_RANGE).clamp_min(_TINY)          # [R]
     g = torch.zeros(n, kp, dtype=torch.float32, device=w.device)
     g[:, :k] = w / rows[:, None]
-    g = g.view(n, kp // group_size, group_size)                             # [N, G, gs] within +-392
+    g = g.view(n, kp // group_size, group_size)                             # [R, G, gs] within +-392
     need = torch.maximum(g.amax(dim=2).clamp_min(0) / 7.0, (-g.amin(dim=2)).clamp_min(0) / 8.0)
-    gs8 = need.clamp(_E4M3_MIN_SUBNORMAL, W4A8_ROW_RANGE / 7).to(torch.float8_e4m3fn)   # [N, G]
+    gs8 = need.clamp(_E4M3_MIN_SUBNORMAL, W4A8_ROW_RANGE / 7).to(torch.float8_e4m3fn)   # [R, G]
     scale = gs8.float()[:, :, None]
     q0 = torch.round(g / scale).clamp_(-8, 7)
     best, best_err = q0, (w4a8_product(q0, scale) - g).abs()
@@ -97,8 +114,7 @@ def quantize_w4a8(weight: torch.Tensor, group_size: int = W4A8_GROUP_SIZE) -> W4
         better = err < best_err
         best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
     q = best.to(torch.int16).view(n, kp)
-    packed = ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8)       # [N, Kp/2]
-    return W4A8Weight(packed.contiguous(), gs8.t().contiguous(), rows.contiguous(), group_size, k)
+    return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8), gs8, rows
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8, "w4a8": quantize_w4a8}
