@@ -10,10 +10,13 @@ router logits, so experts are hit unevenly as in a real batch):
   moe_gemm_frac_prefill4k = achieved FLOP/s over the measured bf16 GEMM throughput (about
   689e12 on an H200).
 - moe_gemm_frac = the smaller of the two; the torch reference (per-expert loop, the torch
-  backend's path) is timed at both shapes, and the INT8- and FP8-expert kernels at both.
+  backend's path) is timed at both shapes, and the INT8-, FP8- and INT4-expert kernels at both
+  (moe_<fmt>_decode64_vs_bf16_x).
 Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batch-1 decode
 (roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
-and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s.
+and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s. With
+--engine-quantization none,int4 the INT4 engine (experts and linears quantized on load) runs
+the batch-1 decode too: moe_int4_decode_b1_tok_s, moe_int4_decode_b1_vs_bf16_x.
 
 Align (--parts align; the kernel part runs it too): the align step's three paths (torch ops,
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
@@ -31,6 +34,7 @@ tag, which the kernel and engine parts of the same run then use.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -86,7 +90,7 @@ def best_of_two(fn, device: torch.device) -> float:
 
 
 def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
-    from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
+    from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int4, quantize_experts_int8
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_ref import fused_moe_ref
 
@@ -96,6 +100,9 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     q2, s2 = quantize_experts_int8(w2)
     f13, fs13 = quantize_experts_fp8(w13)
     f2, fs2 = quantize_experts_fp8(w2)
+    c13, cs13, cm13 = quantize_experts_int4(w13)
+    c2, cs2, cm2 = quantize_experts_int4(w2)
+    int4 = dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2)
     m: dict[str, float] = {}
     for tag, t in (("decode64", s.decode_batch), ("prefill4k", s.prefill_tokens)):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
@@ -113,20 +120,27 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = best_of_two(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
         fp8_ms = best_of_two(lambda: fused_moe(x, f13, f2, weights, ids, w13_scale=fs13, w2_scale=fs2), device)
+        ref4 = fused_moe_ref(x, c13, c2, weights, ids, **int4)
+        err4 = float((fused_moe(x, c13, c2, weights, ids, **int4).float() - ref4.float()).abs().max())
+        if err4 > 0.05 * max(float(ref4.float().abs().max()), 1e-6):
+            raise RuntimeError(f"INT4 fused_moe differs from its reference at {tag}: max error {err4:.3g}")
+        int4_ms = best_of_two(lambda: fused_moe(x, c13, c2, weights, ids, **int4), device)
         distinct = int(ids.unique().numel())
         act_bytes = 2 * t * s.hidden * 2 + t * s.top_k * (s.inter + s.hidden) * 2 * 2  # x, out; hidden, per-copy out
         bytes_ = distinct * expert_bytes(s, 2) + act_bytes
         flops = 2 * t * s.top_k * expert_bytes(s, 1)
         m.update({f"moe_{tag}_ms": ms, f"moe_{tag}_ref_ms": ref_ms, f"moe_{tag}_vs_ref_x": ref_ms / ms,
-                  f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_distinct_experts": distinct,
+                  f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_int4_ms": int4_ms,
+                  f"moe_{tag}_distinct_experts": distinct,
                   f"moe_{tag}_tb_s": bytes_ / ms / 1e9, f"moe_{tag}_tflops": flops / ms / 1e9})
         if tag == "decode64":
             m["moe_gemm_frac_decode64"] = bytes_ / (ms / 1e3) / (ceilings["copy_tb_s"] * 1e12)
             m["moe_int8_decode64_vs_bf16_x"] = ms / int8_ms
             m["moe_fp8_decode64_vs_bf16_x"] = ms / fp8_ms
+            m["moe_int4_decode64_vs_bf16_x"] = ms / int4_ms
         else:
             m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
-        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms), "
+        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     try:  # a failure of the step comparisons must not cost the figures above
@@ -259,8 +273,9 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
 
 
 def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, backend: str,
-                 offline_repeats: int = 3) -> tuple[dict[str, float], dict]:
-    """decode_gpu.py's batch-1 decode and offline workload on the MoE preset, metrics prefixed moe_."""
+                 offline_repeats: int = 3, quantization: str = "none") -> tuple[dict[str, float], dict]:
+    """decode_gpu.py's batch-1 decode and offline workload on the MoE preset, metrics prefixed moe_
+    (another ``quantization``: the batch-1 decode alone, metrics prefixed moe_<quantization>_)."""
     from decode_gpu import SMOKE_WORKLOAD, Workload, decode_b1, make_workload, offline_repeated
 
     from llmesh.engine import LLM, SamplingParams
@@ -268,7 +283,7 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
     model = "random:tiny-qwen3-moe" if smoke else "random:qwen3-30b-a3b"
     work = SMOKE_WORKLOAD if smoke else Workload()
     engine_kwargs = dict(backend=backend, dtype="bfloat16", device=str(device), max_num_seqs=1024,
-                         max_num_batched_tokens=16384, max_model_len=2048)
+                         max_num_batched_tokens=16384, max_model_len=2048, quantization=quantization)
     if smoke:
         engine_kwargs.update(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=128, num_kv_blocks=256)
     llm = LLM(model, **engine_kwargs)
@@ -280,6 +295,9 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
     b1_prompt, b1_new = (16, 12) if smoke else (128, 256)
     m = decode_b1(llm, torch.randint(10, cfg.vocab_size, (b1_prompt,), generator=gen).tolist(), b1_new,
                   ceilings["copy_tb_s"])
+    if quantization != "none":  # decode_b1's roofline counts the model dtype's bytes: not this format's
+        return ({f"moe_{quantization}_{k}": v for k, v in m.items() if "roofline" not in k},
+                {"model": model, "engine": engine_kwargs})
     # As decode_gpu.py: one run varies a lot (docs/moe.md), so the lower median of repeats.
     m.update(offline_repeated(llm, prompts, outputs, offline_repeats, np.random.default_rng(3)))
     workload = {"model": model, "engine": engine_kwargs, "offline": asdict(work),
@@ -302,6 +320,8 @@ def main() -> int:
                          "<results-dir>/fused_moe_tuned_smoke.json)")
     ap.add_argument("--offline-repeats", type=int, default=3,
                     help="engine part: offline runs (fresh ids each); the lower median is reported")
+    ap.add_argument("--engine-quantization", default="none",
+                    help="engine part: comma-separated quantizations (none first: the full part; others: batch-1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     ap.add_argument("--suffix", default="", help="appended to the result file's name (a run of some parts)")
@@ -351,11 +371,17 @@ def main() -> int:
         gen = torch.Generator(device).manual_seed(0)
         metrics.update(bench_align(shapes, device, *experts(shapes, device, gen), gen))
         save()
-    if "engine" in parts:
-        engine_metrics, workload["engine"] = bench_engine(device, ceilings, args.smoke,
-                                                          args.backend or ("torch" if args.smoke else "triton"),
-                                                          min(2, args.offline_repeats) if args.smoke else args.offline_repeats)
+    for quant in args.engine_quantization.split(",") if "engine" in parts else ():
+        engine_metrics, workload["engine" if quant == "none" else f"engine_{quant}"] = bench_engine(
+            device, ceilings, args.smoke, args.backend or ("torch" if args.smoke else "triton"),
+            min(2, args.offline_repeats) if args.smoke else args.offline_repeats, quant)
         metrics.update(engine_metrics)
+        gc.collect()  # the engine's pool, before the next quantization's engine sizes its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if quant != "none" and "moe_decode_b1_tok_s" in metrics:
+            metrics[f"moe_{quant}_decode_b1_vs_bf16_x"] = (metrics[f"moe_{quant}_decode_b1_tok_s"]
+                                                           / metrics["moe_decode_b1_tok_s"])
         save()
     return 0
 

@@ -33,6 +33,14 @@ is multiplied by the scale row once after the loop — the dequantization of eve
 its multiply factored out (one multiply per output, not per weight). Activations stay 16-bit
 (W8A16; no FP8 tensor-core GEMM).
 
+INT4 experts (group-wise with zero points, quant/quantize.py's ``quantize_int4`` per expert)
+store each expert as an Int4Weight does: codes uint8 [E, Kp / 2, N] whose byte (j, n) holds
+the codes of rows j and j + Kp / 2 (so both halves' activations load as contiguous tiles),
+float16 scales and mins [E, Kp / G, N], w = q * scale + min. The K loop walks the two halves
+together, widens each nibble tile to the activation dtype with its group's scale and min
+(rounded there, as the reference dequantizes) and feeds tl.dot: a W4A16 grouped GEMM that reads
+a quarter of bf16's bytes, for the memory-bound decode steps of large-expert models.
+
 Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
 rounded to the activation dtype, then silu(gate), then the product; the down output is
 rounded before the routing weight multiplies it. One place differs: the k weighted expert
@@ -42,6 +50,9 @@ after adding each expert (in expert order); in 16-bit that is about one ulp of t
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import triton
@@ -59,15 +70,89 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
 
 
+@triton.jit
+def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, stride_bn, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert."""
+    act_dtype = a_rows.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)  # [BK, BN]
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        if GATED:
+            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
+            if DOT_F32:
+                bu = bu.to(tl.float32)
+            else:
+                bu = bu.to(act_dtype)
+            acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
+def _int4_tile(b_ptrs, s_ptrs, m_ptrs, n_mask, HIGH: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] weights of one half's tile: codes widened with their group's scale and
+    min, rounded to DTYPE as the reference's dequantization is."""
+    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
+    q = (codes >> 4) if HIGH else (codes & 0xF)
+    s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    return cast_rtne(q.to(tl.float32) * s[None, :] + m[None, :], DTYPE, INTERPRET)
+
+
+@triton.jit
+def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH, stride_bk, stride_sg,
+                   GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """(a @ gate^T, a @ up^T) over INT4 codes in the halves layout (see the module docstring):
+    rows j and j + KH of a K step share their codes' bytes."""
+    wdtype = tl.float32 if DOT_F32 else a_rows.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, KH, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
+        j = j0 + tl.arange(0, BLOCK_K)
+        a_lo = tl.load(a_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
+        a_hi = tl.load(a_rows + (j + KH)[None, :], mask=m_mask[:, None] & ((j + KH) < K)[None, :], other=0.0)
+        if DOT_F32:
+            a_lo = a_lo.to(tl.float32)
+            a_hi = a_hi.to(tl.float32)
+        b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
+        g_lo = s_base + (j0 // GROUP) * stride_sg
+        g_hi = s_base + ((j0 + KH) // GROUP) * stride_sg
+        z_lo = m_base + (j0 // GROUP) * stride_sg
+        z_hi = m_base + ((j0 + KH) // GROUP) * stride_sg
+        acc += tl.dot(a_lo, _int4_tile(b_ptrs, g_lo + rn, z_lo + rn, n_mask, False, wdtype, INTERPRET),
+                      input_precision=DOT_PRECISION)
+        acc += tl.dot(a_hi, _int4_tile(b_ptrs, g_hi + rn, z_hi + rn, n_mask, True, wdtype, INTERPRET),
+                      input_precision=DOT_PRECISION)
+        if GATED:  # the up columns follow the gate columns: N further along each row
+            acc_up += tl.dot(a_lo, _int4_tile(b_ptrs + N, g_lo + N + rn, z_lo + N + rn, n_mask, False, wdtype,
+                                              INTERPRET), input_precision=DOT_PRECISION)
+            acc_up += tl.dot(a_hi, _int4_tile(b_ptrs + N, g_hi + N + rn, z_hi + N + rn, n_mask, True, wdtype,
+                                              INTERPRET), input_precision=DOT_PRECISION)
+    return acc, acc_up
+
+
 # The pair count changes with every eager step's tokens: not specialised (no compile per
 # value class mid-serving, kernels/README.md).
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, scale_ptr, out_ptr, topk_w_ptr,
+    a_ptr, b_ptr, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
-    N, K, num_pairs, a_row_div,
-    stride_am, stride_be, stride_bn, stride_se, stride_om,
-    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr,
+    N, K, KH, num_pairs, a_row_div,
+    stride_am, stride_be, stride_bn, stride_se, stride_sg, stride_om,
+    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -75,6 +160,8 @@ def _moe_gemm_kernel(
 
     GATED: b holds 2N rows (gate, then up); the tile is silu(a @ gate^T) * (a @ up^T).
     MUL_WEIGHT: rows are scaled by their pair's routing weight.
+    INT4: b is codes [Kp / 2, N (2N gated)] per expert (stride_bn steps along Kp / 2), scales and
+    mins [Kp / GROUP, N] per expert (stride_se an expert, stride_sg a group); KH = Kp / 2.
     """
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -100,27 +187,13 @@ def _moe_gemm_kernel(
     act_dtype = a_ptr.dtype.element_ty
     out_dtype = out_ptr.dtype.element_ty
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-        b_mask = k_mask[:, None] & n_mask[None, :]
-        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)  # [BK, BN]
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        else:
-            b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-        if GATED:
-            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
-            if DOT_F32:
-                bu = bu.to(tl.float32)
-            else:
-                bu = bu.to(act_dtype)
-            acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
+    if INT4:
+        acc, acc_up = _int4_mainloop(a_rows, m_mask, b_base, scale_ptr + expert * stride_se,
+                                     min_ptr + expert * stride_se, rn, n_mask, N, K, KH, stride_bn, stride_sg,
+                                     GATED, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION, INTERPRET)
+    else:
+        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, stride_bn, GATED, BLOCK_M, BLOCK_N,
+                                      BLOCK_K, DOT_F32, DOT_PRECISION)
 
     if SCALED:
         s_base = scale_ptr + expert * stride_se
@@ -167,25 +240,41 @@ def moe_sum(src: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int, int, int, int, int]:
+def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min
+           ) -> tuple[int, int, int, int, int]:
     """Returns (T, H, E, I, k) after checking the stacked layouts against x."""
     check_tensor("x", x, "[T, H]", 2)
     device = x.device
+    t, h = x.shape
+    if w13.dtype == torch.uint8:
+        e, inter = _check_int4(h, w13, w2, w13_scale, w2_scale, w13_min, w2_min, device)
+    else:
+        e, inter = _check_rows(h, x.dtype, w13, w2, w13_scale, w2_scale, device)
+        if w13_min is not None or w2_min is not None:
+            raise ValueError("mins are for INT4 (uint8) experts")
+    check_tensor("topk_ids", topk_ids, "[T, k]", 2, (torch.int32, torch.int64), device=device)
+    check_tensor("topk_weights", topk_weights, "[T, k]", 2, device=device)
+    check_size("topk_ids", "shape", tuple(topk_ids.shape), tuple(topk_weights.shape), "topk_weights' shape")
+    check_size("topk_ids", "T", topk_ids.shape[0], t, "x's rows")
+    if w2.dtype != w13.dtype:
+        raise ValueError(f"w13 is {w13.dtype} and w2 is {w2.dtype}; both experts' weights need one type")
+    for name, tensor in (("x", x), ("w13", w13), ("w2", w2)):
+        check_last_dim_contiguous(name, tensor)
+    return t, h, e, inter, topk_ids.shape[1]
+
+
+def _check_rows(h, act_dtype, w13, w2, w13_scale, w2_scale, device) -> tuple[int, int]:
+    """Float, int8 or E4M3 experts: w13 [E, 2I, H], w2 [E, H, I] (+ per-row scales)."""
     int8 = w13.dtype in QUANTIZED_DTYPES
-    wdtypes = QUANTIZED_DTYPES if int8 else (x.dtype,)
+    wdtypes = QUANTIZED_DTYPES if int8 else (act_dtype,)
     check_tensor("w13", w13, "[E, 2I, H]", 3, wdtypes, device=device)
     check_tensor("w2", w2, "[E, H, I]", 3, wdtypes, device=device)
-    t, h = x.shape
     e, two_i, _ = w13.shape
     check_size("w13", "H", w13.shape[2], h, "x's columns")
     if two_i % 2:
         raise ValueError(f"w13 must stack gate and up rows (2I), got {two_i} rows")
     inter = two_i // 2
     check_size("w2", "shape", tuple(w2.shape), (e, h, inter), "[E, H, I] of w13's E, x's H and w13's I")
-    check_tensor("topk_ids", topk_ids, "[T, k]", 2, (torch.int32, torch.int64), device=device)
-    check_tensor("topk_weights", topk_weights, "[T, k]", 2, device=device)
-    check_size("topk_ids", "shape", tuple(topk_ids.shape), tuple(topk_weights.shape), "topk_weights' shape")
-    check_size("topk_ids", "T", topk_ids.shape[0], t, "x's rows")
     if int8:
         if w13_scale is None or w2_scale is None:
             raise ValueError("int8 / fp8 experts need w13_scale [E, 2I] and w2_scale [E, H]")
@@ -194,52 +283,98 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> tuple[int
         check_size("w13_scale", "shape", tuple(w13_scale.shape), (e, two_i), "one scale per w13 row")
         check_size("w2_scale", "shape", tuple(w2_scale.shape), (e, h), "one scale per w2 row")
     elif w13_scale is not None or w2_scale is not None:
-        raise ValueError("scales are for int8 / fp8 experts; these weights are float")
-    if w2.dtype != w13.dtype:
-        raise ValueError(f"w13 is {w13.dtype} and w2 is {w2.dtype}; both experts' weights need one type")
-    for name, tensor in (("x", x), ("w13", w13), ("w2", w2)):
-        check_last_dim_contiguous(name, tensor)
-    return t, h, e, inter, topk_ids.shape[1]
+        raise ValueError("scales are for int8 / fp8 / int4 experts; these weights are float")
+    return e, inter
+
+
+def _check_int4(h, w13, w2, w13_scale, w2_scale, w13_min, w2_min, device) -> tuple[int, int]:
+    """INT4 experts: codes w13 [E, Kp(H) / 2, 2I], w2 [E, Kp(I) / 2, H] and float16 scales and
+    mins [E, Kp / G, N] of each (the module docstring's layout)."""
+    check_tensor("w13", w13, "[E, Kp/2, 2I]", 3, (torch.uint8,), device=device)
+    check_tensor("w2", w2, "[E, Kp/2, H]", 3, (torch.uint8,), device=device)
+    e, _, two_i = w13.shape
+    if two_i % 2:
+        raise ValueError(f"w13 must hold gate and up columns (2I), got {two_i}")
+    inter = two_i // 2
+    check_size("w2", "E x H", (w2.shape[0], w2.shape[2]), (e, h), "w13's E and x's H")
+    for name, codes, scale, low, k in (("w13", w13, w13_scale, w13_min, h), ("w2", w2, w2_scale, w2_min, inter)):
+        if scale is None or low is None:
+            raise ValueError("INT4 experts need w13_scale, w13_min, w2_scale and w2_min [E, Kp / G, N]")
+        for part, t in (("scale", scale), ("min", low)):
+            check_tensor(f"{name}_{part}", t, "[E, Kp/G, N]", 3, (torch.float16,), device=device)
+            check_last_dim_contiguous(f"{name}_{part}", t)
+        kp, groups = 2 * codes.shape[1], scale.shape[1]
+        if kp < k or groups == 0 or groups % 2 or kp % groups:  # each half of Kp holds whole groups
+            raise ValueError(f"{name}: codes for {kp} input rows in {groups} groups do not hold {k} rows in the "
+                             f"halves layout (Kp a multiple of 2 G, Int4Weight's)")
+        check_size(f"{name}_scale", "shape", tuple(scale.shape), (e, scale.shape[1], codes.shape[2]),
+                   f"{name}'s E and N")
+        check_size(f"{name}_min", "shape", tuple(low.shape), tuple(scale.shape), f"{name}_scale's shape")
+    return e, inter
+
+
+def _within_group(config: MoEConfig, codes: torch.Tensor, scale: torch.Tensor) -> MoEConfig:
+    group = 2 * codes.shape[1] // scale.shape[1]
+    block_k = math.gcd(config.block_k, group)
+    return config if block_k == config.block_k else dataclasses.replace(config, block_k=max(16, block_k))
+
+
+def _int4_args(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict:
+    """The INT4 launch's layout arguments for one GEMM's experts."""
+    kp = 2 * codes.shape[1]
+    return dict(KH=kp // 2, GROUP=kp // scale.shape[1], min_ptr=low, stride_se=scale.stride(0),
+                stride_sg=scale.stride(1))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              w13_min: torch.Tensor | None = None, w2_min: torch.Tensor | None = None,
               config: MoEConfig | None = None, down_config: MoEConfig | None = None,
               align_path: str | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
-    w2 [E, H, I] (float in x's dtype, or int8 with w13_scale [E, 2I], w2_scale [E, H])
-    → [T, H] in x's dtype (int8 / float8_e4m3fn experts likewise). ``config`` / ``down_config`` override the tile table per GEMM
+    w2 [E, H, I] (float in x's dtype, or int8 / float8_e4m3fn with w13_scale [E, 2I], w2_scale
+    [E, H]; or INT4 codes with group scales and mins, the module docstring's layout)
+    → [T, H] in x's dtype. ``config`` / ``down_config`` override the tile table per GEMM
     (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's. ``align_path`` forces the align step's implementation
     (moe_align_block_size's ``path``; the benchmark times each)."""
-    t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min)
     if t == 0:
         return torch.zeros_like(x)
     config = config or pick_config(t, e, inter, h, top_k, x.device)
     down_config = down_config or pick_config(t, e, h, inter, top_k, x.device)
+    if w13.dtype == torch.uint8:  # a K step must stay inside one group of each half
+        config = _within_group(config, w13, w13_scale)
+        down_config = _within_group(down_config, w2, w2_scale)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES
+    int4 = w13.dtype == torch.uint8
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
-                  **pdl_launch(x.device),
-                  SCALED=int8, BLOCK_M=config.block_m)
+                  **pdl_launch(x.device), SCALED=int8, INT4=int4, BLOCK_M=config.block_m)
+    layouts = []
+    for codes, scale, low in ((w13, w13_scale, w13_min), (w2, w2_scale, w2_min)):
+        if int4:
+            layouts.append(_int4_args(codes, scale, low))
+        else:  # KH, GROUP, min_ptr and the group stride are the INT4 path's: unused here
+            layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0, stride_sg=0))
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))
     _moe_gemm_kernel[grid](
-        x, w13, w13_scale if int8 else w13, hidden, topk_weights,
-        sorted_ids, expert_ids, num_post,
-        inter, h, pairs, top_k,
-        x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if int8 else 0, hidden.stride(0),
+        x, w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
+        sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
+        N=inter, K=h, num_pairs=pairs, a_row_div=top_k,
+        stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **common)
+        num_warps=config.num_warps, num_stages=config.num_stages, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     grid = (expert_ids.shape[0], triton.cdiv(h, down_config.block_n))
     _moe_gemm_kernel[grid](
-        hidden, w2, w2_scale if int8 else w2, out, weights,
-        sorted_ids, expert_ids, num_post,
-        h, inter, pairs, 1,
-        hidden.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if int8 else 0, out.stride(0),
+        hidden, w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
+        sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
+        N=h, K=inter, num_pairs=pairs, a_row_div=1,
+        stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
-        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **common)
+        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **layouts[1], **common)
     return moe_sum(out.view(t, top_k, h))

@@ -7,7 +7,8 @@ op table runs this, so a float32 model agrees with transformers to rounding.
 
 Weights are stacked over experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
 INT8 weight-only experts carry per-output-channel scales (w = q * scale): w13_scale [E, 2I],
-w2_scale [E, H]. A topk_ids entry of -1 names an expert held by another rank (expert
+w2_scale [E, H]. INT4 experts are codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout
+with float16 group scales and mins [E, Kp / G, N] (w = q * scale + min; kernels/fused_moe.py). A topk_ids entry of -1 names an expert held by another rank (expert
 parallelism): the pair contributes zero.
 """
 
@@ -16,16 +17,24 @@ from __future__ import annotations
 import torch
 
 
-def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """[E, N, K] int8 codes with scales [E, N] → [E, N, K] in ``dtype`` (float weights pass)."""
+def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+                           low: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
+    """[E, N, K] int8 codes with scales [E, N] → [E, N, K] in ``dtype`` (float weights pass);
+    INT4 codes [E, Kp / 2, N] with ``low`` (the mins) and K given → [E, N, K] likewise."""
     if scale is None:
         return q.to(dtype)
-    return (q.float() * scale.float()[:, :, None]).to(dtype)
+    if low is None:
+        return (q.float() * scale.float()[:, :, None]).to(dtype)
+    codes = torch.cat([q & 0x0F, q >> 4], dim=1).float()  # [E, Kp, N]
+    group = codes.shape[1] // scale.shape[1]
+    w = codes * scale.float().repeat_interleave(group, dim=1) + low.float().repeat_interleave(group, dim=1)
+    return w[:, :k].transpose(1, 2).to(dtype)
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None = None, w13_min: torch.Tensor | None = None,
+                  w2_min: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], routing topk_weights / topk_ids [T, k] → [T, H] in x's dtype.
 
     topk_weights may be float32 (Mixtral keeps them so, and the product is rounded once) or
@@ -34,7 +43,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     """
     # x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_*: [T, k]
     num_experts = w13.shape[0]
-    inter = w2.shape[2]
+    int4 = w13_min is not None
+    inter = w13.shape[2] // 2 if int4 else w2.shape[2]
     out = torch.zeros_like(x)
     if x.shape[0] == 0:
         return out
@@ -44,10 +54,11 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     hit = torch.bincount(ids[ids >= 0], minlength=num_experts).nonzero().flatten().tolist()
     for e in hit:
         token_idx, slot = torch.where(topk_ids == e)  # [n], [n]
-        w_gate_up = dequantize_experts_ref(w13[e : e + 1], None if w13_scale is None else w13_scale[e : e + 1],
-                                           x.dtype)[0]  # [2I, H]
-        w_down = dequantize_experts_ref(w2[e : e + 1], None if w2_scale is None else w2_scale[e : e + 1],
-                                        x.dtype)[0]  # [H, I]
+        one = slice(e, e + 1)
+        w_gate_up = dequantize_experts_ref(w13[one], None if w13_scale is None else w13_scale[one], x.dtype,
+                                           None if w13_min is None else w13_min[one], x.shape[1])[0]  # [2I, H]
+        w_down = dequantize_experts_ref(w2[one], None if w2_scale is None else w2_scale[one], x.dtype,
+                                        None if w2_min is None else w2_min[one], inter)[0]  # [H, I]
         gate_up = torch.nn.functional.linear(x[token_idx], w_gate_up)  # [n, 2I]
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
         y = torch.nn.functional.linear(h, w_down) * topk_weights[token_idx, slot, None]  # [n, H]

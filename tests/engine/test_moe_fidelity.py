@@ -105,10 +105,11 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
 
 
-@pytest.mark.parametrize("method,dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
+@pytest.mark.parametrize("method,dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn), ("int4", torch.uint8)])
 def test_quantized_experts_triton_equals_torch(moe_dirs, method, dtype):
     """Quantize-on-load int8 / fp8: experts become codes with per-row scales; the fused kernel
-    (dequant factored out of its K loop) gives the torch reference's tokens."""
+    (dequant factored out of its K loop) gives the torch reference's tokens. int4: group-wise
+    codes with zero points, widened inside the K loop."""
     from llmesh.engine import LLM, SamplingParams
     from llmesh.engine.model_runner import model_weight_bytes
 
@@ -124,6 +125,7 @@ def test_quantized_experts_triton_equals_torch(moe_dirs, method, dtype):
         model = llm.engine.runner.model
         if quant != "none":
             assert model.layers[1].moe.experts.w13.dtype == dtype
+            assert model.layers[1].moe.experts.int4 == (method == "int4")
         outs.append([o.token_ids for o in llm.generate(prompts, greedy)])
         sizes.append(model_weight_bytes(model))
     assert outs[0] == outs[1]

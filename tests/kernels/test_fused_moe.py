@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
+from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int4, quantize_experts_int8
 from llmesh.kernels.fused_moe import fused_moe, moe_align_block_size
 from llmesh.kernels.fused_moe_config import MoEConfig, default_config, m_bucket
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
@@ -75,6 +75,44 @@ def test_quantized_experts_match_dequantized_reference(device, k, quantize):
     # And the quantization itself stays close to the float experts.
     full = fused_moe_ref(x, w13, w2, weights, ids)
     assert float((ref - full).abs().max()) < 0.1 * float(full.abs().max())
+
+
+@pytest.mark.parametrize("t,k,h,inter,dtype,block_k", [
+    (21, 2, 256, 128, torch.float32, 64),     # K steps of 64 inside the groups of 128
+    (3, 1, 128, 64, torch.float32, 128),      # K shorter than the padded halves: masked rows
+    (9, 2, 256, 384, torch.bfloat16, 128),    # 16-bit activations: the widened weights rounded
+])
+def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype, block_k):
+    """INT4 experts (quantize_int4 per expert, the halves layout, group 128) through the kernel
+    equal the reference that dequantizes them first (to rounding of the sums)."""
+    gen = torch.Generator().manual_seed(31 + t)
+    e = 8
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    q13, s13, m13 = quantize_experts_int4(w13)
+    q2, s2, m2 = quantize_experts_int4(w2)
+    assert q13.dtype == torch.uint8 and q13.shape == (e, -(-h // 256) * 128, 2 * inter)
+    weights, ids = _routing(t, e, k, gen, skew=t > 10)
+    quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+    ref = fused_moe_ref(x, q13, q2, weights.to(dtype), ids, **quant)
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=block_k)
+    got = fused_moe(x.to(device), q13.to(device), q2.to(device), weights.to(dtype).to(device), ids.to(device),
+                    **{name: v.to(device) for name, v in quant.items()}, config=cfg, down_config=cfg).cpu()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    full = fused_moe_ref(x.float(), w13, w2, weights, ids)  # and INT4 stays near the float experts
+    assert float((ref.float() - full).norm() / full.norm()) < 0.2
+
+
+def test_int4_experts_dequantize_as_int4weight_does():
+    from llmesh.engine.quant.quantize import quantize_int4
+    from llmesh.kernels.fused_moe_ref import dequantize_experts_ref
+
+    w = torch.randn(3, 96, 200, generator=torch.Generator().manual_seed(5))  # [E, N, K], K padded to 256
+    q, scale, low = quantize_experts_int4(w)
+    got = dequantize_experts_ref(q, scale, torch.float32, low, 200)  # [E, N, K]
+    for i in range(3):
+        torch.testing.assert_close(got[i], quantize_int4(w[i]).dequantize().t())
 
 
 def test_same_expert_twice_in_a_block_and_empty_batch(device):

@@ -14,7 +14,9 @@ Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_p
 ``experts.gate_proj`` by the GGUF loader); both fill stacked weights w13 [E, 2I, H] (gate rows,
 then up rows) and w2 [E, H, I]. With ``linear_method`` int8 each expert is quantized as it
 arrives (per output channel, so part by part equals the whole), likewise FP8 E4M3 with
-``fp8``; other quantized methods keep the experts in the model dtype.
+``fp8``, and INT4 in groups of 128 input channels with ``int4`` (each output column its own
+groups: gate and up may arrive apart); other quantized methods keep the experts in the model
+dtype.
 
 Each block counts the tokens routed to each expert in a device tensor (no host read per
 layer); the engine reads all counts at most once per stats interval (``expert_token_counts``).
@@ -87,7 +89,19 @@ def quantize_experts_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.float8_e4m3fn, quantize_experts_fp8)}
+def quantize_experts_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise INT4 with zero points of stacked experts, quantize_int4's rule per expert:
+    w [E, N, K] → (codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout, scales and mins
+    float16 [E, Kp / 128, N]), w ≈ q * scale + min (kernels/fused_moe.py's INT4 layout)."""
+    from llmesh.engine.quant.quantize import quantize_int4
+
+    parts = [quantize_int4(one) for one in w]  # [N, K] each, an nn.Linear weight's layout
+    return (torch.stack([q.qweight for q in parts]), torch.stack([q.scales for q in parts]),
+            torch.stack([q.mins for q in parts]))
+
+
+EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.float8_e4m3fn, quantize_experts_fp8),
+                     "int4": (torch.uint8, quantize_experts_int4)}
 """linear_method → (stored dtype, quantizer) of the routed experts; other methods keep them float."""
 
 
@@ -95,15 +109,45 @@ EXPERT_QUANTIZERS = {"int8": (torch.int8, quantize_experts_int8), "fp8": (torch.
 class StackedExperts:
     """The routed experts of one layer (this rank's E of them under expert parallelism): w13
     [E, 2I, H], w2 [E, H, I] in the model dtype, or int8 / float8_e4m3fn codes with per-row
-    scales w13_scale [E, 2I], w2_scale [E, H]."""
+    scales w13_scale [E, 2I], w2_scale [E, H]; or INT4 codes w13 [E, Kp(H) / 2, 2I], w2
+    [E, Kp(I) / 2, H] with group scales and mins [E, Kp / 128, N] (``int4`` is then True)."""
 
     w13: torch.Tensor
     w2: torch.Tensor
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
+    w13_min: torch.Tensor | None = None
+    w2_min: torch.Tensor | None = None
+
+    @property
+    def int4(self) -> bool:
+        return self.w13_min is not None
+
+    def quant_args(self) -> dict:
+        """The ``moe`` ops' keyword arguments for these weights' scales (and mins)."""
+        args = dict(w13_scale=self.w13_scale, w2_scale=self.w2_scale)
+        if self.int4:
+            args.update(w13_min=self.w13_min, w2_min=self.w2_min)
+        return args
 
     def nbytes(self) -> int:
-        return sum(weight_nbytes(t) for t in (self.w13, self.w2, self.w13_scale, self.w2_scale))
+        return sum(weight_nbytes(t) for t in (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_min,
+                                              self.w2_min))
+
+
+def _empty_int4_experts(e: int, h: int, i: int, device: torch.device) -> StackedExperts:
+    from llmesh.engine.quant.packed import padded_k
+    from llmesh.engine.quant.quantize import INT4_GROUP_SIZE as G
+
+    kh, ki = padded_k(h, G), padded_k(i, G)  # gate/up read H, down reads I
+
+    def group_tensor(kp: int, n: int) -> torch.Tensor:
+        return torch.empty(e, kp // G, n, dtype=torch.float16, device=device)
+
+    return StackedExperts(w13=torch.empty(e, kh // 2, 2 * i, dtype=torch.uint8, device=device),
+                          w2=torch.empty(e, ki // 2, h, dtype=torch.uint8, device=device),
+                          w13_scale=group_tensor(kh, 2 * i), w2_scale=group_tensor(ki, h),
+                          w13_min=group_tensor(kh, 2 * i), w2_min=group_tensor(ki, h))
 
 
 @dataclass
@@ -134,11 +178,14 @@ class SparseMoeBlock:
         e, h, i = end - start, cfg.hidden_size, cfg.moe_intermediate_size
         scaled = linear_method in EXPERT_QUANTIZERS
         wdtype = EXPERT_QUANTIZERS[linear_method][0] if scaled else dtype
-        experts = StackedExperts(
-            w13=torch.empty(e, 2 * i, h, dtype=wdtype, device=device),
-            w2=torch.empty(e, h, i, dtype=wdtype, device=device),
-            w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if scaled else None,
-            w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if scaled else None)
+        if linear_method == "int4":
+            experts = _empty_int4_experts(e, h, i, device)
+        else:
+            experts = StackedExperts(
+                w13=torch.empty(e, 2 * i, h, dtype=wdtype, device=device),
+                w2=torch.empty(e, h, i, dtype=wdtype, device=device),
+                w13_scale=torch.empty(e, 2 * i, dtype=torch.float32, device=device) if scaled else None,
+                w2_scale=torch.empty(e, h, dtype=torch.float32, device=device) if scaled else None)
         block = cls(cfg=cfg, experts=experts, expert_tokens=expert_tokens, dtype=dtype, expert_start=start,
                     expert_end=end)
         si = cfg.shared_expert_intermediate_size
@@ -210,7 +257,10 @@ class SparseMoeBlock:
         target, scale = ((self.experts.w2, self.experts.w2_scale) if part == "down"
                          else (self.experts.w13, self.experts.w13_scale))
         sel = slice(0, end - start) if expert is None else slice(expert - start, expert - start + 1)
-        if scale is not None:
+        if self.experts.int4:  # N is the last dimension of the INT4 layout
+            low = self.experts.w2_min if part == "down" else self.experts.w13_min
+            target[sel, :, rows], scale[sel, :, rows], low[sel, :, rows] = quantize_experts_int4(stacked)
+        elif scale is not None:
             quantize = next(fn for dtype, fn in EXPERT_QUANTIZERS.values() if dtype == target.dtype)
             q, s = quantize(stacked)
             target[sel, rows] = q

@@ -73,8 +73,7 @@ class TorchOps:
         return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe_ref(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,
-                             w2_scale=experts.w2_scale)
+        return fused_moe_ref(x, experts.w13, experts.w2, topk_weights, topk_ids, **experts.quant_args())
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         i = x.shape[-1] // 2

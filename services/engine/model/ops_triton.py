@@ -141,8 +141,7 @@ class TritonOps:
         return select_experts(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, w13_scale=experts.w13_scale,
-                         w2_scale=experts.w2_scale)
+        return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, **experts.quant_args())
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     w: Weight | list[Weight], bias: torch.Tensor | None = None
