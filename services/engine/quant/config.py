@@ -37,23 +37,23 @@ class QuantSpec:
         return self.linear_method != "none"
 
 
-def _fp8_problem(device: torch.device, backend: str) -> str | None:
+_ACTIVATION_FORMAT_NEEDS = {
+    "fp8": "an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper)",
+    "w4a8": "FBGEMM's kernel on an NVIDIA Hopper GPU",
+}
+"""The formats that quantize activations to FP8, and what runs them."""
+
+
+def _activation_format_problem(req: str, device: torch.device, backend: str) -> str | None:
     if device.type == "cpu":
         if backend == "torch":
             return None
-        return ("quantization 'fp8' needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); "
-                "on the CPU only the torch backend can emulate it (--backend torch)")
-    from llmesh.kernels.fp8_gemm import fp8_support
+        return (f"quantization {req!r} needs {_ACTIVATION_FORMAT_NEEDS[req]}; on the CPU only the torch backend "
+                f"can emulate it (--backend torch)")
+    if req == "fp8":
+        from llmesh.kernels.fp8_gemm import fp8_support
 
-    return fp8_support(device)
-
-
-def _w4a8_problem(device: torch.device, backend: str) -> str | None:
-    if device.type == "cpu":
-        if backend == "torch":
-            return None
-        return ("quantization 'w4a8' runs FBGEMM's kernel on an NVIDIA Hopper GPU; on the CPU only the torch "
-                "backend can emulate it (--backend torch)")
+        return fp8_support(device)
     from llmesh.engine.quant.fbgemm_kernels import unavailable_reason
 
     if (why := unavailable_reason()) is not None:
@@ -92,8 +92,8 @@ def resolve_quantization(requested: str | None, *, model: str, source_format: st
         # A GGUF on the CPU is dequantized: there are no compiled CPU kernels, and dense
         # float32 matmuls are the fast path there.
         return QuantSpec("none", "none")
-    if req in ("fp8", "w4a8"):
-        problem = (_fp8_problem if req == "fp8" else _w4a8_problem)(device, backend)
+    if req in _ACTIVATION_FORMAT_NEEDS:
+        problem = _activation_format_problem(req, device, backend)
         if problem is not None:
             raise UnsupportedModelError(problem)
         if device.type == "cpu":
