@@ -140,7 +140,8 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
             m["moe_int4_decode64_vs_bf16_x"] = ms / int4_ms
         else:
             m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
-        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, fp8 {fp8_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
+        print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, "
+              f"fp8 {fp8_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     try:  # a failure of the step comparisons must not cost the figures above

@@ -259,7 +259,8 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
         del w, w_ring, rings, w4a8s, w4a8_ref
         run.free()
     print(f"\n{'K x N':<12}{'M':>4}{'bf16 ms':>9} {'w8a16 ms':>16} {'w4a16 ms':>16} {'fp8 ms':>16} "
-          f"{'_scaled_mm':>16} {'fbgemm fp8':>16} {'fbgemm w4a8':>16}\n" + "\n".join(rows) + f"\n(speedup = bf16 ms / ms; copy ceiling "
+          f"{'_scaled_mm':>16} {'fbgemm fp8':>16} {'fbgemm w4a8':>16}\n" + "\n".join(rows)
+          + f"\n(speedup = bf16 ms / ms; copy ceiling "
           f"{ceilings['copy_tb_s']:.3f} TB/s)\n", flush=True)
     headlines(run, headline, "")
     run.save()

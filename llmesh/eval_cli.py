@@ -106,7 +106,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf, random:<preset> or demo (default: demo)")
     p.add_argument("--text", default=DEFAULT_TEXT, help=f"a UTF-8 text file (default: {DEFAULT_TEXT})")
     p.add_argument("--quantization", default=None,
-                   help="comma-separated variants (default: none,int8,int8-awq,int4,int4-awq + fp8, w4a8 and w4a8-awq where they run + gguf "
+                   help="comma-separated variants (default: none,int8,int8-awq,int4,int4-awq + fp8, w4a8 and "
+                        "w4a8-awq where they run + gguf "
                         "for a GGUF; <format>-awq is that format quantized activation-aware)")
     p.add_argument("--reference", default="none", help="the variant deltas are relative to (default: none)")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")

@@ -22,9 +22,10 @@ searches of a layer use the same recorded inputs).
 
 The same search serves per-channel INT8 (its error measured with quantize_int8): on the demo
 model it took INT8's perplexity delta from +0.51% to +0.30%; and W4A8, whose weights are INT4
-groups (the search measures the weights' error; the activations' FP8 rounding is per token). FP8 is not offered: its error is
-E4M3's three-bit mantissa on weights and activations alike, which a per-channel scale does not
-refine, and the search's best scales left the demo's delta where it was (+2.49% against +2.33%).
+groups (the search measures the weights' error; the activations' FP8 rounding is per token).
+FP8 is not offered: its error is E4M3's three-bit mantissa on weights and activations alike,
+which a per-channel scale does not refine, and the search's best scales left the demo's delta
+where it was (+2.49% against +2.33%).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's 
 
 INT4 weights keep a second copy in FBGEMM's layout (made once after the model loads, by
 ``linear.prepare_library_weights``, before the KV pool is sized); FP8 weights are used as
-they are; W4A8 weights are re-laid in place (they have no other reader on a GPU). Our kernels stay the reference and the fallback: the library is the optional
-``gpu`` extra, built for one torch (1.6.x for torch 2.11) and sm_90a / sm_100a.
+they are; W4A8 weights are re-laid in place (they have no other reader on a GPU). Our kernels
+stay the reference and the fallback: the library is the optional ``gpu`` extra, built for one
+torch (1.6.x for torch 2.11) and sm_90a / sm_100a.
 
 Numerics: INT4 computes ``w = q' * scale + zero`` with signed codes q' = q - 8, so our
 ``w = q * s + m`` becomes scale = s, zero = m + 8 s, each rounded once to bfloat16 (as

@@ -10,9 +10,9 @@ first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): G
 GEMM config, cuBLASLt FP8, PyTorch's tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8
 kernels (gemlite_kernels.py) or FBGEMM's INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape
 and batch size; ``prepare_library_weights`` makes the library kernels' copies of the weights
-they will serve. W4A8 weights have one GPU kernel, FBGEMM's, and no table. Dense weights use F.linear,
-except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py) says
-the skinny Triton GEMM is faster for that shape.
+they will serve. W4A8 weights have one GPU kernel, FBGEMM's, and no table. Dense weights use
+F.linear, except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py)
+says the skinny Triton GEMM is faster for that shape.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
     """Make, now, the copies of every packed weight that the measured table sends to a library
     kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own),
-    and re-lay W4A8 weights for FBGEMM's kernel in place; returns the copies' bytes. Called once after the model loads, so the KV pool is sized with them in
-    memory."""
+    and re-lay W4A8 weights for FBGEMM's kernel in place; returns the copies' bytes. Called once
+    after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
     from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack
@@ -255,6 +255,7 @@ def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     if isinstance(w, torch.Tensor):
         return F.embedding(ids, w)
     if isinstance(w, W4A8Weight):
+        w._check_readable()
         part = W4A8Weight(w.qweight.index_select(0, ids), w.group_scales.index_select(1, ids),
                           w.scales.index_select(0, ids), w.group_size, w.in_features)
         return part.dequantize().t().to(dtype)
