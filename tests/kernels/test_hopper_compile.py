@@ -100,8 +100,13 @@ CASES = [
     ("fused_moe", "_moe_gemm_kernel",
      {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
       "scale_ptr": "fp32"},
-     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, DOT_F32=False,
-          DOT_PRECISION="tf32", INTERPRET=False)),
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
+    ("fused_moe", "_moe_gemm_kernel",  # INT4 experts: uint8 codes, float16 group scales and mins
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+      "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
 ]
 
