@@ -307,6 +307,9 @@ def _check_int4(h, w13, w2, w13_scale, w2_scale, w13_min, w2_min, device) -> tup
         if kp < k or groups == 0 or groups % 2 or kp % groups:  # each half of Kp holds whole groups
             raise ValueError(f"{name}: codes for {kp} input rows in {groups} groups do not hold {k} rows in the "
                              f"halves layout (Kp a multiple of 2 G, Int4Weight's)")
+        if (kp // groups) % 16:
+            raise ValueError(f"{name}: groups of {kp // groups} input rows; the kernel's K steps (multiples of 16) "
+                             f"must fit whole in a group")
         check_size(f"{name}_scale", "shape", tuple(scale.shape), (e, scale.shape[1], codes.shape[2]),
                    f"{name}'s E and N")
         check_size(f"{name}_min", "shape", tuple(low.shape), tuple(scale.shape), f"{name}_scale's shape")
@@ -315,8 +318,8 @@ def _check_int4(h, w13, w2, w13_scale, w2_scale, w13_min, w2_min, device) -> tup
 
 def _within_group(config: MoEConfig, codes: torch.Tensor, scale: torch.Tensor) -> MoEConfig:
     group = 2 * codes.shape[1] // scale.shape[1]
-    block_k = math.gcd(config.block_k, group)
-    return config if block_k == config.block_k else dataclasses.replace(config, block_k=max(16, block_k))
+    block_k = math.gcd(config.block_k, group)  # >= 16: _check_int4 takes groups of multiples of 16
+    return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
 
 
 def _int4_args(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict:

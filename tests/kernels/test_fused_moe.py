@@ -104,6 +104,18 @@ def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype,
     assert float((ref.float() - full).norm() / full.norm()) < 0.2
 
 
+def test_int4_experts_in_groups_no_k_step_fits_are_refused():
+    gen = torch.Generator().manual_seed(2)
+    w13, w2 = _experts(4, 64, 32, torch.float32, gen)
+    q13, s13, m13 = quantize_experts_int4(w13)
+    q2, s2, m2 = quantize_experts_int4(w2)
+    weights, ids = _routing(2, 4, 1, gen)
+    narrow = s13.repeat_interleave(16, dim=1)  # 256 rows in groups of 8
+    with pytest.raises(ValueError, match="groups of 8 input rows"):
+        fused_moe(torch.randn(2, 64), q13, q2, weights, ids, w13_scale=narrow, w2_scale=s2,
+                  w13_min=narrow, w2_min=m2)
+
+
 def test_int4_experts_dequantize_as_int4weight_does():
     from llmesh.engine.quant.quantize import quantize_int4
     from llmesh.kernels.fused_moe_ref import dequantize_experts_ref
