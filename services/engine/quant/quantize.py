@@ -71,8 +71,8 @@ def quantize_w4a8(weight: torch.Tensor, group_size: int = W4A8_GROUP_SIZE) -> W4
     channel (W4A8Weight says why the product is rounded to E4M3: it is the kernel's arithmetic).
 
     K is padded with zeros to a multiple of ``group_size``. r maps each row's largest |w| to
-    W4A8_ROW_RANGE = 392 = 7 * 56, so that every group scale
-    stays at most 56 and every product q * g within E4M3's 448. The group scale is the least
+    W4A8_ROW_RANGE = 392 = 7 * 56, so that every group scale stays at most 56 and every product
+    q * g within E4M3's 448. The group scale is the least
     that covers the group's range on the side it lies, max(max w / 7, -min w / 8) (max|w| / 8,
     FBGEMM's recipe, clips the positive extreme; max|w| / 7 never uses -8), rounded to E4M3;
     each code is then the one whose rounded product lies nearest the weight. FBGEMM's recipe
@@ -91,8 +91,8 @@ def quantize_w4a8(weight: torch.Tensor, group_size: int = W4A8_GROUP_SIZE) -> W4
 
 
 W4A8_ROWS_AT_ONCE = 2048
-"""Output rows quantize_w4a8 works on at a time: an LM head of 128k rows would otherwise need
-~15 GB of float32 temporaries on the device it loads on."""
+"""Output rows quantize_w4a8 works on at a time: a 70B model's 28672 x 8192 projection would
+otherwise need ~11 GB of float32 temporaries on the device it loads on."""
 
 
 def _w4a8_rows(weight: torch.Tensor, kp: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
