@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from llmesh.kernels.quant_ref import dequantize_int4_ref
+
 
 def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
                            low: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
@@ -26,10 +28,9 @@ def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: t
         return q.to(dtype)
     if low is None:
         return (q.float() * scale.float()[:, :, None]).to(dtype)
-    codes = torch.cat([q & 0x0F, q >> 4], dim=1).float()  # [E, Kp, N]
-    group = codes.shape[1] // scale.shape[1]
-    w = codes * scale.float().repeat_interleave(group, dim=1) + low.float().repeat_interleave(group, dim=1)
-    return w[:, :k].transpose(1, 2).to(dtype)
+    group = 2 * q.shape[1] // scale.shape[1]
+    return torch.stack([dequantize_int4_ref(q[e], scale[e], low[e], group, k).t()  # [N, K] each
+                        for e in range(q.shape[0])]).to(dtype)
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

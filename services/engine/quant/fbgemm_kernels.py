@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, W4A8Weight
+from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, W4A8Weight, pack_signed_nibbles
 
 CHECKED_INT4_GROUPS = (128,)
 """INT4 group sizes checked on a GPU (tests/engine/test_fbgemm_kernels.py); its packer takes
@@ -85,8 +85,7 @@ def int4_supported(w: object) -> bool:
 def signed_nibbles_n_by_k(w: Int4Weight) -> torch.Tensor:
     """int8 [N, Kp/2]: the codes minus 8, k = 2j in the low nibble and 2j + 1 in the high one
     (the packing FBGEMM's ``pack_int4`` makes), from our [Kp/2, N] halves layout."""
-    q = w.codes().t().to(torch.int16) - 8  # [N, Kp] -8..7
-    return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8).contiguous()
+    return pack_signed_nibbles(w.codes().t().to(torch.int16) - 8)  # codes [N, Kp] in -8..7
 
 
 def scales_and_zeros(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,10 +178,9 @@ def w4a8_matmul(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
     if rows.xq.is_cuda:
         from llmesh.engine.quant import fbgemm_kernels
 
-        if (why := fbgemm_kernels.w4a8_supported(w)) is None:
+        # shuffled: the support check passed at load (prepare_library_weights), not again per call
+        if w.shuffled or fbgemm_kernels.w4a8_supported(w) is None:
             return fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, w).to(out_dtype)
-        if w.shuffled:
-            raise RuntimeError(f"a W4A8 weight in FBGEMM's layout cannot run here: {why}")
     return w4a8_matmul_ref(rows, w, out_dtype)
 
 

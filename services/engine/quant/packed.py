@@ -164,6 +164,13 @@ def w4a8_product(q: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
     return (q.float() * group_scale.float()).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 
+def pack_signed_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K / 2] from signed codes q [N, K] in -8..7: k = 2j in the low nibble, k = 2j + 1
+    in the high one (FBGEMM's ``pack_int4``; W4A8Weight.codes() unpacks it)."""
+    q = q.to(torch.int16)
+    return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8).contiguous()
+
+
 @dataclass
 class W4A8Weight(_Packed):
     qweight: torch.Tensor            # int8 [N, Kp // 2]

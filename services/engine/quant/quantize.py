@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmesh.engine.quant.packed import (W4A8_ROW_RANGE, Fp8Weight, Int4Weight, Int8Weight, W4A8Weight,
-                                        pack_int4, w4a8_product)
+                                        pack_int4, pack_signed_nibbles, w4a8_product)
 
 INT4_GROUP_SIZE = 128
 """Group size of INT4 quantize-on-load (the AWQ/GPTQ default)."""
@@ -114,7 +114,7 @@ def _w4a8_rows(weight: torch.Tensor, kp: int, group_size: int) -> tuple[torch.Te
         better = err < best_err
         best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
     q = best.to(torch.int16).view(n, kp)
-    return ((q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)).to(torch.int8), gs8, rows
+    return pack_signed_nibbles(q), gs8, rows
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8, "w4a8": quantize_w4a8}
