@@ -22,12 +22,13 @@ Align (--parts align; the kernel part runs it too): the align step's three paths
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
 4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
 
-Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--offline-repeats 3] [--smoke]
-       [--suffix _x]
+Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--tune-weights dense,int4]
+       [--offline-repeats 3] [--smoke] [--suffix _x]
 Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
 counts in --tune-m) and merges the winners into kernels/fused_moe_tuned.json under the device's
-tag, which the kernel and engine parts of the same run then use.
+tag, which the kernel and engine parts of the same run then use; --tune-weights int4 sweeps
+INT4_CANDIDATES with INT4 experts into the device's ":int4" table.
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
 """
 
@@ -208,68 +209,88 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
         print(f"[moe] align T={t}: {line}", flush=True)
     return m
 
-def tune_candidates(t: int, s: Shapes, smoke: bool) -> list:
-    """CANDIDATES whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far taller pads
-    most rows, one far shorter re-reads each weight tile; neither can win, both cost a compile."""
-    from llmesh.kernels.fused_moe_config import CANDIDATES
+def tune_candidates(t: int, s: Shapes, smoke: bool, weights: str = "dense") -> list:
+    """The format's candidates whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far
+    taller pads most rows, one far shorter re-reads each weight tile; neither can win, both cost
+    a compile."""
+    from llmesh.kernels.fused_moe_config import CANDIDATES, INT4_CANDIDATES
 
+    pool = INT4_CANDIDATES if weights == "int4" else CANDIDATES
     if smoke:
-        return list(CANDIDATES[:3])
+        return list(pool[:3])
     rows = t * s.top_k / s.experts
-    return [c for c in CANDIDATES if c.block_m <= max(16, rows) and c.block_m >= min(64, rows / 4)]
+    return [c for c in pool if c.block_m <= max(16, rows) and c.block_m >= min(64, rows / 4)]
 
 
-def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path) -> list[str]:
-    """Time the candidate configs per GEMM and M; the winners go into ``tuned_file`` under this
-    device's tag (what fused_moe's pick_config reads). Returns one line per winner."""
+def tune_weights(weights: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The experts in the swept format: (w13, w2, fused_moe's quantization keywords)."""
+    if weights == "dense":
+        return w13, w2, {}
+    from llmesh.engine.model.moe import quantize_experts_int4
+
+    c13, cs13, cm13 = quantize_experts_int4(w13)
+    c2, cs2, cm2 = quantize_experts_int4(w2)
+    return c13, c2, dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2)
+
+
+def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path,
+             weights: str = "dense") -> list[str]:
+    """Time the candidate configs per GEMM and M for one expert format (fused_moe_config's
+    WEIGHT_FORMATS); the winners go into ``tuned_file`` under the table tag of this device and
+    format (what fused_moe's pick_config reads). Returns one line per winner."""
     from llmesh.kernels.fused_moe import fused_moe
-    from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config
+    from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
     gen = torch.Generator(device).manual_seed(1)
-    w13, w2 = experts(s, device, gen)
+    w13, w2, quant = tune_weights(weights, *experts(s, device, gen))
     lines, entries = [], {}
     for t in m_values:
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
-        weights, ids = routing(t, s, device, gen)
-        candidates = tune_candidates(t, s, smoke)
+        topk_w, ids = routing(t, s, device, gen)
+        candidates = tune_candidates(t, s, smoke, weights)
+        default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)
+
+        def run(up, down):
+            return graph_time_ms(lambda: fused_moe(x, w13, w2, topk_w, ids, config=up, down_config=down, **quant),
+                                 device)
+
         # The gate/up GEMM first (down at its default); then the down GEMM with the same BLOCK_M.
         best_up, best_up_ms = None, float("inf")
         for c in candidates:
             try:
-                ms = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=c,
-                                               down_config=replace(pick_config(t, s.experts, s.hidden, s.inter,
-                                                                               s.top_k), block_m=c.block_m)), device)
+                ms = run(c, replace(default_down, block_m=c.block_m))
             except Exception as exc:  # out of shared memory / registers for this tile: skip it
-                print(f"[moe] autotune T={t} {c}: {type(exc).__name__}", flush=True)
+                print(f"[moe] autotune {weights} T={t} {c}: {type(exc).__name__}", flush=True)
                 continue
             if ms < best_up_ms:
                 best_up, best_up_ms = c, ms
         if best_up is None:
-            lines.append(f"T={t}: no gate/up config ran")
+            lines.append(f"{weights} T={t}: no gate/up config ran")
             continue
         best_down, best_down_ms = None, float("inf")
         for c in candidates:
             if c.block_m != best_up.block_m:
                 continue
             try:
-                ms = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, config=best_up, down_config=c), device)
+                ms = run(best_up, c)
             except Exception as exc:
-                print(f"[moe] autotune T={t} down {c}: {type(exc).__name__}", flush=True)
+                print(f"[moe] autotune {weights} T={t} down {c}: {type(exc).__name__}", flush=True)
                 continue
             if ms < best_down_ms:
                 best_down, best_down_ms = c, ms
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
-        lines.append(f"({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, {best_up_ms:.3f} ms "
-                     f"({len(candidates)} candidates)")
+        lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "
+                     f"{best_up_ms:.3f} ms ({len(candidates)} candidates)")
         if best_down is not None:
             entries[(s.experts, s.hidden, s.inter, b)] = best_down
-            lines.append(f"({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
+            lines.append(f"{weights} ({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
                          f"{best_down_ms:.3f} ms")
         print("\n".join(lines[-2:]), flush=True)
     if entries:
-        merge_tuned(tuned_file, device_tag(device), entries)
-        print(f"[moe] {len(entries)} entries for {device_tag(device)} -> {tuned_file}", flush=True)
+        tag = table_tag(device_tag(device), weights)
+        merge_tuned(tuned_file, tag, entries)
+        print(f"[moe] {len(entries)} entries for {tag} -> {tuned_file}", flush=True)
     return lines
 
 
@@ -316,6 +337,8 @@ def main() -> int:
     ap.add_argument("--autotune", action="store_true",
                     help="sweep tile configs first and merge the winners into the tuned file")
     ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
+    ap.add_argument("--tune-weights", default="dense",
+                    help="comma-separated expert formats the autotune sweeps: dense (bf16, int8, fp8), int4")
     ap.add_argument("--tuned-file", default=None,
                     help="table the autotune writes (default kernels/fused_moe_tuned.json; smoke: "
                          "<results-dir>/fused_moe_tuned_smoke.json)")
@@ -362,7 +385,8 @@ def main() -> int:
         tuned_file = Path(args.tuned_file) if args.tuned_file else (
             results_dir / "fused_moe_tuned_smoke.json" if args.smoke else TUNED_FILE)
         t1 = time.perf_counter()
-        workload["autotune"] = autotune(shapes, device, m_values, args.smoke, tuned_file)
+        workload["autotune"] = [line for weights in args.tune_weights.split(",")
+                                for line in autotune(shapes, device, m_values, args.smoke, tuned_file, weights)]
         print(f"[moe] autotune {time.perf_counter() - t1:.0f}s", flush=True)
         save()
     if "kernel" in parts:

@@ -99,15 +99,69 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, stride_bn, GATED: 
     return acc, acc_up
 
 
+# Marlin's exponent trick, two codes a 32-bit op: a code q in the low mantissa bits of a
+# 16-bit float whose exponent makes the mantissa's last bit worth 1 (128.0 in bfloat16, 1024.0
+# in float16) is that float plus q, so an and-or and a paired subtraction widen two codes,
+# where a conversion instruction (a quarter of the FMA rate) would widen one.
+_NIBBLE_MAGIC = {"bf16": ("0x43004300", "bf16x2"), "fp16": ("0x64006400", "f16x2")}
+
+
+def _nibbles_asm(kind: str) -> str:
+    magic, op = _NIBBLE_MAGIC[kind]
+    # $4 holds four code bytes; prmt spreads bytes 0, 1 (2, 3) into the two 16-bit halves of
+    # t0 (t1); $0, $1 get their low nibbles widened, $2, $3 the high ones (shifted down first).
+    return f"""{{
+    .reg .b32 t0, t1, h0, h1, m;
+    mov.b32 m, {magic};
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    shr.b32 h0, t0, 4;
+    shr.b32 h1, t1, 4;
+    lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 h0, h0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 h1, h1, 0x000F000F, {magic}, 0xEA;
+    sub.{op} $0, t0, m;
+    sub.{op} $1, t1, m;
+    sub.{op} $2, h0, m;
+    sub.{op} $3, h1, m;
+    }}"""
+
+
+_NIBBLES_BF16 = tl.constexpr(_nibbles_asm("bf16"))
+_NIBBLES_FP16 = tl.constexpr(_nibbles_asm("fp16"))
+
+
 @triton.jit
-def _int4_tile(b_ptrs, s_ptrs, m_ptrs, n_mask, HIGH: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] weights of one half's tile: codes widened with their group's scale and
-    min, rounded to DTYPE as the reference's dequantization is."""
-    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
-    q = (codes >> 4) if HIGH else (codes & 0xF)
-    s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    return cast_rtne(q.to(tl.float32) * s[None, :] + m[None, :], DTYPE, INTERPRET)
+def _nibbles(codes, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """(low, high) 4-bit codes of a uint8 tile as exact small integers in DTYPE."""
+    if FAST:  # a 16-bit DTYPE on a GPU
+        if DTYPE == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [codes], dtype=(DTYPE, DTYPE),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [codes], dtype=(DTYPE, DTYPE),
+                                               is_pure=True, pack=4)
+    else:
+        lo = (codes & 0xF).to(DTYPE)
+        hi = (codes >> 4).to(DTYPE)
+    return lo, hi
+
+
+@triton.jit
+def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, g_lo, g_hi, s_base, m_base, n_mask, WDTYPE: tl.constexpr,
+               FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + one K step of both halves: a @ (q * s + m) = (a @ q) * s + rowsum(a) * m, exact
+    codes into the dot and each column's scale and min applied to its product (one group a step)."""
+    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N], each byte two rows
+    q_lo, q_hi = _nibbles(codes, WDTYPE, FAST)
+    s_lo = tl.load(s_base + g_lo, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    m_lo = tl.load(m_base + g_lo, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    s_hi = tl.load(s_base + g_hi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    m_hi = tl.load(m_base + g_hi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc += tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo + sum_lo * m_lo
+    acc += tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi + sum_hi * m_hi
+    return acc
 
 
 @triton.jit
@@ -118,6 +172,7 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
     """(a @ gate^T, a @ up^T) over INT4 codes in the halves layout (see the module docstring):
     rows j and j + KH of a K step share their codes' bytes."""
     wdtype = tl.float32 if DOT_F32 else a_rows.dtype.element_ty
+    fast = not DOT_F32 and not INTERPRET
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, KH, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
@@ -127,20 +182,16 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
         if DOT_F32:
             a_lo = a_lo.to(tl.float32)
             a_hi = a_hi.to(tl.float32)
+        sum_lo = tl.sum(a_lo.to(tl.float32), axis=1)[:, None]
+        sum_hi = tl.sum(a_hi.to(tl.float32), axis=1)[:, None]
         b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-        g_lo = s_base + (j0 // GROUP) * stride_sg
-        g_hi = s_base + ((j0 + KH) // GROUP) * stride_sg
-        z_lo = m_base + (j0 // GROUP) * stride_sg
-        z_hi = m_base + ((j0 + KH) // GROUP) * stride_sg
-        acc += tl.dot(a_lo, _int4_tile(b_ptrs, g_lo + rn, z_lo + rn, n_mask, False, wdtype, INTERPRET),
-                      input_precision=DOT_PRECISION)
-        acc += tl.dot(a_hi, _int4_tile(b_ptrs, g_hi + rn, z_hi + rn, n_mask, True, wdtype, INTERPRET),
-                      input_precision=DOT_PRECISION)
+        g_lo = (j0 // GROUP) * stride_sg + rn
+        g_hi = ((j0 + KH) // GROUP) * stride_sg + rn
+        acc = _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, g_lo, g_hi, s_base, m_base, n_mask, wdtype, fast,
+                         DOT_PRECISION)
         if GATED:  # the up columns follow the gate columns: N further along each row
-            acc_up += tl.dot(a_lo, _int4_tile(b_ptrs + N, g_lo + N + rn, z_lo + N + rn, n_mask, False, wdtype,
-                                              INTERPRET), input_precision=DOT_PRECISION)
-            acc_up += tl.dot(a_hi, _int4_tile(b_ptrs + N, g_hi + N + rn, z_hi + N + rn, n_mask, True, wdtype,
-                                              INTERPRET), input_precision=DOT_PRECISION)
+            acc_up = _int4_step(acc_up, a_lo, a_hi, sum_lo, sum_hi, b_ptrs + N, g_lo + N, g_hi + N, s_base, m_base,
+                                n_mask, wdtype, fast, DOT_PRECISION)
     return acc, acc_up
 
 
@@ -344,9 +395,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     t, h, e, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min)
     if t == 0:
         return torch.zeros_like(x)
-    config = config or pick_config(t, e, inter, h, top_k, x.device)
-    down_config = down_config or pick_config(t, e, h, inter, top_k, x.device)
-    if w13.dtype == torch.uint8:  # a K step must stay inside one group of each half
+    fmt = "int4" if w13.dtype == torch.uint8 else "dense"  # the tile table's expert format
+    config = config or pick_config(t, e, inter, h, top_k, x.device, fmt)
+    down_config = down_config or pick_config(t, e, h, inter, top_k, x.device, fmt)
+    if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)

@@ -8,8 +8,13 @@ lacks gets the default heuristic (vLLM's ``get_default_config``
 reasoning: at decode sizes each expert sees few rows, so BLOCK_M is small and the weights
 stream in wide tiles; at prefill sizes BLOCK_M grows to reuse each weight tile across rows).
 
-``bench/moe_gpu.py --autotune`` sweeps CANDIDATES on a GPU and merges its winners into
-TUNED_FILE under the device's tag; entries come only from such a measured run.
+INT4 experts (fused_moe.py's INT4 path) have tables of their own, under the device tag with
+":int4" appended (``h200:int4``): their K loop widens codes and scales each group's product,
+so the tile that streams bf16 weights best is not the one that streams nibbles best, and
+their BLOCK_K counts the rows of each half of the packed codes (a K step covers 2 BLOCK_K).
+
+``bench/moe_gpu.py --autotune`` sweeps CANDIDATES (INT4_CANDIDATES) on a GPU and merges its
+winners into TUNED_FILE under the table's tag; entries come only from such a measured run.
 """
 
 from __future__ import annotations
@@ -39,7 +44,18 @@ class MoEConfig:
 
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
-"""{device tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages]}}."""
+"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages]}}."""
+
+WEIGHT_FORMATS = ("dense", "int4")
+"""Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8
+codes, which stream through the same K loop), "int4"."""
+
+
+def table_tag(device: str, weights: str = "dense") -> str:
+    """The key of a device's table for one expert format (``h200``, ``h200:int4``)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown expert weight format {weights!r}; expected one of {WEIGHT_FORMATS}")
+    return device if weights == "dense" else f"{device}:{weights}"
 
 Key = tuple[int, int, int, int]
 
@@ -66,14 +82,14 @@ def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_table(device_type: str, index: int | None) -> dict[Key, MoEConfig]:
+def _device_table(device_type: str, index: int | None, weights: str = "dense") -> dict[Key, MoEConfig]:
     if device_type != "cuda":
         return {}
     import torch
 
     from llmesh.bench_results import device_tag
 
-    return load_tuned().get(device_tag(torch.device("cuda", index)), {})
+    return load_tuned().get(table_tag(device_tag(torch.device("cuda", index)), weights), {})
 
 
 def m_bucket(m: int) -> int:
@@ -84,14 +100,21 @@ def m_bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def default_config(m: int, num_experts: int, n: int, k: int, top_k: int) -> MoEConfig:
+def default_config(m: int, num_experts: int, n: int, k: int, top_k: int, weights: str = "dense") -> MoEConfig:
     """The heuristic for shapes the table lacks.
 
     Rows per expert average m * top_k / E: below a 16-row tile the GEMM is a weight stream
     (small BLOCK_M, so padding wastes little); past it the tile grows so each weight tile
-    loaded serves more rows.
+    loaded serves more rows. An INT4 K step covers 2 BLOCK_K rows (both halves), so its
+    BLOCK_K is half the dense one.
     """
     rows_per_expert = m * top_k / max(num_experts, 1)
+    if weights == "int4":
+        if rows_per_expert <= 16:
+            return MoEConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        if rows_per_expert <= 64:
+            return MoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        return MoEConfig(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)
     if rows_per_expert <= 16:
         return MoEConfig(block_m=16, block_n=64, block_k=128 if k >= 128 else 64, num_warps=4, num_stages=3)
     if rows_per_expert <= 64:
@@ -99,15 +122,18 @@ def default_config(m: int, num_experts: int, n: int, k: int, top_k: int) -> MoEC
     return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
-def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=None) -> MoEConfig:
-    """The measured config for this shape on ``device`` (a torch.device), else the heuristic."""
+def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=None,
+                weights: str = "dense") -> MoEConfig:
+    """The measured config for this shape and expert format on ``device`` (a torch.device),
+    else the heuristic."""
     table = {}
     if device is not None and device.type == "cuda":
         import torch
 
         index = device.index if device.index is not None else torch.cuda.current_device()
-        table = _device_table("cuda", index)
-    return table.get((num_experts, n, k, m_bucket(m))) or default_config(m, num_experts, n, k, top_k)
+        table = _device_table("cuda", index, weights)
+    return (table.get((num_experts, n, k, m_bucket(m)))
+            or default_config(m, num_experts, n, k, top_k, weights))
 
 
 CANDIDATES = tuple(
@@ -117,3 +143,10 @@ CANDIDATES = tuple(
 """What an autotune run sweeps (96 configs, of which bench/moe_gpu.py compiles those whose
 BLOCK_M suits the rows per expert). BLOCK_N 32 is for the smallest batches: at T = 1 the
 gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more programs."""
+
+INT4_CANDIDATES = tuple(
+    MoEConfig(bm, bn, bk, w, s)
+    for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (3, 4))
+)
+"""The INT4 sweep: BLOCK_K 32 to 128 rows of each half (64 to 256 rows a K step; fused_moe
+clamps it to the group)."""

@@ -80,11 +80,14 @@ def test_quantized_experts_match_dequantized_reference(device, k, quantize):
 @pytest.mark.parametrize("t,k,h,inter,dtype,block_k", [
     (21, 2, 256, 128, torch.float32, 64),     # K steps of 64 inside the groups of 128
     (3, 1, 128, 64, torch.float32, 128),      # K shorter than the padded halves: masked rows
-    (9, 2, 256, 384, torch.bfloat16, 128),    # 16-bit activations: the widened weights rounded
+    (9, 2, 256, 384, torch.bfloat16, 128),    # 16-bit activations (on a GPU: codes widened by the
+    (9, 2, 256, 384, torch.float16, 64),      # exponent trick, bf16's and fp16's own magic numbers)
 ])
 def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype, block_k):
     """INT4 experts (quantize_int4 per expert, the halves layout, group 128) through the kernel
-    equal the reference that dequantizes them first (to rounding of the sums)."""
+    equal the reference that dequantizes them first (to rounding of the sums; in 16 bits the
+    kernel applies each group's scale and min to the exact codes' products, where the reference
+    rounds every dequantized weight first)."""
     gen = torch.Generator().manual_seed(31 + t)
     e = 8
     x = torch.randn(t, h, generator=gen).to(dtype)
