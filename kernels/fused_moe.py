@@ -137,11 +137,11 @@ def _nibbles(codes, DTYPE: tl.constexpr, FAST: tl.constexpr):
     """(low, high) 4-bit codes of a uint8 tile as exact small integers in DTYPE."""
     if FAST:  # a 16-bit DTYPE on a GPU
         if DTYPE == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [codes], dtype=(DTYPE, DTYPE),
-                                               is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [codes],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [codes], dtype=(DTYPE, DTYPE),
-                                               is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [codes],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         lo = (codes & 0xF).to(DTYPE)
         hi = (codes >> 4).to(DTYPE)
