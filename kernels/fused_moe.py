@@ -133,34 +133,51 @@ _NIBBLES_FP16 = tl.constexpr(_nibbles_asm("fp16"))
 
 
 @triton.jit
-def _nibbles(codes, DTYPE: tl.constexpr, FAST: tl.constexpr):
-    """(low, high) 4-bit codes of a uint8 tile as exact small integers in DTYPE."""
-    if FAST:  # a 16-bit DTYPE on a GPU
+def _nibbles(codes, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
+    """(low, high) 4-bit codes of a uint8 tile as exact small integers in DTYPE: by integer ops
+    and a conversion for float32 dots and in the interpreter (nested tests: Triton 3.6 took
+    `not DOT_F32 and not INTERPRET` for true with DOT_F32 set), else by the asm above."""
+    if DOT_F32:
+        lo = (codes & 0xF).to(DTYPE)
+        hi = (codes >> 4).to(DTYPE)
+    elif INTERPRET:
+        lo = (codes & 0xF).to(DTYPE)
+        hi = (codes >> 4).to(DTYPE)
+    else:  # a 16-bit DTYPE on a GPU
         if DTYPE == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [codes],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
             lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [codes],
                                                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        lo = (codes & 0xF).to(DTYPE)
-        hi = (codes >> 4).to(DTYPE)
     return lo, hi
 
 
 @triton.jit
-def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, g_lo, g_hi, s_base, m_base, n_mask, WDTYPE: tl.constexpr,
-               FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + one K step of both halves: a @ (q * s + m) = (a @ q) * s + rowsum(a) * m, exact
-    codes into the dot and each column's scale and min applied to its product (one group a step)."""
+def _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP: tl.constexpr):
+    """The scale and min rows of the K step at j0's two groups (one a half: BLOCK_K divides
+    GROUP); nothing past KH (the prefetch after the last step)."""
+    cols = n_mask & (j0 < KH)
+    g_lo = (j0 // GROUP) * stride_sg
+    g_hi = ((j0 + KH) // GROUP) * stride_sg
+    s_lo = tl.load(s_cols + g_lo, mask=cols, other=0.0)
+    z_lo = tl.load(z_cols + g_lo, mask=cols, other=0.0)
+    s_hi = tl.load(s_cols + g_hi, mask=cols, other=0.0)
+    z_hi = tl.load(z_cols + g_hi, mask=cols, other=0.0)
+    return s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
+def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, WDTYPE: tl.constexpr,
+               DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + one K step of both halves: a @ (q * s + z) = (a @ q) * s + rowsum(a) * z, exact
+    codes into the dot and each column's scale and min applied to its product."""
     codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N], each byte two rows
-    q_lo, q_hi = _nibbles(codes, WDTYPE, FAST)
-    s_lo = tl.load(s_base + g_lo, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    m_lo = tl.load(m_base + g_lo, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    s_hi = tl.load(s_base + g_hi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    m_hi = tl.load(m_base + g_hi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    acc += tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo + sum_lo * m_lo
-    acc += tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi + sum_hi * m_hi
+    q_lo, q_hi = _nibbles(codes, WDTYPE, DOT_F32, INTERPRET)
+    acc += (tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo.to(tl.float32)[None, :]
+            + sum_lo * z_lo.to(tl.float32)[None, :])
+    acc += (tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi.to(tl.float32)[None, :]
+            + sum_hi * z_hi.to(tl.float32)[None, :])
     return acc
 
 
@@ -170,28 +187,39 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
                    BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """(a @ gate^T, a @ up^T) over INT4 codes in the halves layout (see the module docstring):
-    rows j and j + KH of a K step share their codes' bytes."""
+    rows j and j + KH of a K step share their codes' bytes.
+
+    Triton's pipeliner stages the code and activation tiles (their loads feed tl.dot) but not
+    the scale and min rows, which feed arithmetic: left in the loop, each step waited out their
+    latency (eight loads, serialized by the layout conversions after them). So they are loaded
+    one step ahead and carried in registers."""
     wdtype = tl.float32 if DOT_F32 else a_rows.dtype.element_ty
-    fast = not DOT_F32 and not INTERPRET
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s_cols = s_base + rn
+    z_cols = m_base + rn
+    s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, 0, KH, stride_sg, GROUP)
+    # the up columns follow the gate columns: N further along each row (unused values when not GATED)
+    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, n_mask & GATED, 0, KH, stride_sg, GROUP)
     for j0 in range(0, KH, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
+        ns_lo, nz_lo, ns_hi, nz_hi = _int4_groups(s_cols, z_cols, n_mask, j0 + BLOCK_K, KH, stride_sg, GROUP)
+        nsu_lo, nzu_lo, nsu_hi, nzu_hi = _int4_groups(s_cols + N, z_cols + N, n_mask & GATED, j0 + BLOCK_K, KH,
+                                                      stride_sg, GROUP)
         j = j0 + tl.arange(0, BLOCK_K)
         a_lo = tl.load(a_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
         a_hi = tl.load(a_rows + (j + KH)[None, :], mask=m_mask[:, None] & ((j + KH) < K)[None, :], other=0.0)
-        if DOT_F32:
-            a_lo = a_lo.to(tl.float32)
-            a_hi = a_hi.to(tl.float32)
         sum_lo = tl.sum(a_lo.to(tl.float32), axis=1)[:, None]
         sum_hi = tl.sum(a_hi.to(tl.float32), axis=1)[:, None]
+        x_lo = a_lo.to(wdtype)  # float32 dots (and the interpreter's): upcast
+        x_hi = a_hi.to(wdtype)
         b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-        g_lo = (j0 // GROUP) * stride_sg + rn
-        g_hi = ((j0 + KH) // GROUP) * stride_sg + rn
-        acc = _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, g_lo, g_hi, s_base, m_base, n_mask, wdtype, fast,
-                         DOT_PRECISION)
-        if GATED:  # the up columns follow the gate columns: N further along each row
-            acc_up = _int4_step(acc_up, a_lo, a_hi, sum_lo, sum_hi, b_ptrs + N, g_lo + N, g_hi + N, s_base, m_base,
-                                n_mask, wdtype, fast, DOT_PRECISION)
+        acc = _int4_step(acc, x_lo, x_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, wdtype, DOT_F32,
+                         INTERPRET, DOT_PRECISION)
+        if GATED:
+            acc_up = _int4_step(acc_up, x_lo, x_hi, sum_lo, sum_hi, b_ptrs + N, n_mask, su_lo, zu_lo, su_hi, zu_hi,
+                                wdtype, DOT_F32, INTERPRET, DOT_PRECISION)
+        s_lo, z_lo, s_hi, z_hi = ns_lo, nz_lo, ns_hi, nz_hi
+        su_lo, zu_lo, su_hi, zu_hi = nsu_lo, nzu_lo, nsu_hi, nzu_hi
     return acc, acc_up
 
 
