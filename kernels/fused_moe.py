@@ -156,14 +156,14 @@ def _nibbles(codes, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.co
 @triton.jit
 def _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP: tl.constexpr):
     """The scale and min rows of the K step at j0's two groups (one a half: BLOCK_K divides
-    GROUP); nothing past KH (the prefetch after the last step)."""
-    cols = n_mask & (j0 < KH)
-    g_lo = (j0 // GROUP) * stride_sg
-    g_hi = ((j0 + KH) // GROUP) * stride_sg
-    s_lo = tl.load(s_cols + g_lo, mask=cols, other=0.0)
-    z_lo = tl.load(z_cols + g_lo, mask=cols, other=0.0)
-    s_hi = tl.load(s_cols + g_hi, mask=cols, other=0.0)
-    z_hi = tl.load(z_cols + g_hi, mask=cols, other=0.0)
+    GROUP); the prefetch after the last step (j0 = KH) reads the last groups again, unused."""
+    g = tl.minimum(j0, KH - 1) // GROUP
+    g_lo = g * stride_sg
+    g_hi = (g + KH // GROUP) * stride_sg
+    s_lo = tl.load(s_cols + g_lo, mask=n_mask, other=0.0)
+    z_lo = tl.load(z_cols + g_lo, mask=n_mask, other=0.0)
+    s_hi = tl.load(s_cols + g_hi, mask=n_mask, other=0.0)
+    z_hi = tl.load(z_cols + g_hi, mask=n_mask, other=0.0)
     return s_lo, z_lo, s_hi, z_hi
 
 
@@ -198,13 +198,16 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s_cols = s_base + rn
     z_cols = m_base + rn
+    if GATED:  # the up columns follow the gate columns: N further along each row
+        up_mask = n_mask
+    else:  # no up columns: their (unused) rows load nothing
+        up_mask = rn < 0
     s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, 0, KH, stride_sg, GROUP)
-    # the up columns follow the gate columns: N further along each row (unused values when not GATED)
-    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, n_mask & GATED, 0, KH, stride_sg, GROUP)
+    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, 0, KH, stride_sg, GROUP)
     for j0 in range(0, KH, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
         ns_lo, nz_lo, ns_hi, nz_hi = _int4_groups(s_cols, z_cols, n_mask, j0 + BLOCK_K, KH, stride_sg, GROUP)
-        nsu_lo, nzu_lo, nsu_hi, nzu_hi = _int4_groups(s_cols + N, z_cols + N, n_mask & GATED, j0 + BLOCK_K, KH,
-                                                      stride_sg, GROUP)
+        nsu_lo, nzu_lo, nsu_hi, nzu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0 + BLOCK_K, KH, stride_sg,
+                                                      GROUP)
         j = j0 + tl.arange(0, BLOCK_K)
         a_lo = tl.load(a_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
         a_hi = tl.load(a_rows + (j + KH)[None, :], mask=m_mask[:, None] & ((j + KH) < K)[None, :], other=0.0)
