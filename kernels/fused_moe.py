@@ -169,15 +169,27 @@ def _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP: tl.constexpr)
 
 @triton.jit
 def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, WDTYPE: tl.constexpr,
-               DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + one K step of both halves: a @ (q * s + z) = (a @ q) * s + rowsum(a) * z, exact
-    codes into the dot and each column's scale and min applied to its product."""
+               WIDEN: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + one K step of both halves, the scales applied where they cost least:
+
+    - WIDEN (tiles of 64 rows or more): each weight widened to q * s + z and rounded to the dot
+      type, as the reference dequantizes, and accumulated in place by tl.dot (wgmma keeps its
+      accumulator; the widening is shared by the tile's many rows);
+    - else: a @ (q * s + z) = (a @ q) * s + rowsum(a) * z, the exact codes into the dot and each
+      column's scale and min applied to its product (a few rows: no per-weight arithmetic
+      beyond the widening of the codes)."""
     codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N], each byte two rows
     q_lo, q_hi = _nibbles(codes, WDTYPE, DOT_F32, INTERPRET)
-    acc += (tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo.to(tl.float32)[None, :]
-            + sum_lo * z_lo.to(tl.float32)[None, :])
-    acc += (tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi.to(tl.float32)[None, :]
-            + sum_hi * z_hi.to(tl.float32)[None, :])
+    if WIDEN:
+        w_lo = q_lo.to(tl.float32) * s_lo.to(tl.float32)[None, :] + z_lo.to(tl.float32)[None, :]
+        w_hi = q_hi.to(tl.float32) * s_hi.to(tl.float32)[None, :] + z_hi.to(tl.float32)[None, :]
+        acc = tl.dot(a_lo, cast_rtne(w_lo, WDTYPE, INTERPRET), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a_hi, cast_rtne(w_hi, WDTYPE, INTERPRET), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += (tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo.to(tl.float32)[None, :]
+                + sum_lo * z_lo.to(tl.float32)[None, :])
+        acc += (tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi.to(tl.float32)[None, :]
+                + sum_hi * z_hi.to(tl.float32)[None, :])
     return acc
 
 
@@ -216,11 +228,11 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
         x_lo = a_lo.to(wdtype)  # float32 dots (and the interpreter's): upcast
         x_hi = a_hi.to(wdtype)
         b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-        acc = _int4_step(acc, x_lo, x_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, wdtype, DOT_F32,
-                         INTERPRET, DOT_PRECISION)
+        acc = _int4_step(acc, x_lo, x_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, wdtype,
+                         BLOCK_M >= 64, DOT_F32, INTERPRET, DOT_PRECISION)
         if GATED:
             acc_up = _int4_step(acc_up, x_lo, x_hi, sum_lo, sum_hi, b_ptrs + N, n_mask, su_lo, zu_lo, su_hi, zu_hi,
-                                wdtype, DOT_F32, INTERPRET, DOT_PRECISION)
+                                wdtype, BLOCK_M >= 64, DOT_F32, INTERPRET, DOT_PRECISION)
         s_lo, z_lo, s_hi, z_hi = ns_lo, nz_lo, ns_hi, nz_hi
         su_lo, zu_lo, su_hi, zu_hi = nsu_lo, nzu_lo, nsu_hi, nzu_hi
     return acc, acc_up

@@ -77,13 +77,15 @@ def test_quantized_experts_match_dequantized_reference(device, k, quantize):
     assert float((ref - full).abs().max()) < 0.1 * float(full.abs().max())
 
 
-@pytest.mark.parametrize("t,k,h,inter,dtype,block_k", [
-    (21, 2, 256, 128, torch.float32, 64),     # K steps of 64 inside the groups of 128
-    (3, 1, 128, 64, torch.float32, 128),      # K shorter than the padded halves: masked rows
-    (9, 2, 256, 384, torch.bfloat16, 128),    # 16-bit activations (on a GPU: codes widened by the
-    (9, 2, 256, 384, torch.float16, 64),      # exponent trick, bf16's and fp16's own magic numbers)
+@pytest.mark.parametrize("t,k,h,inter,dtype,block_k,block_m", [
+    (21, 2, 256, 128, torch.float32, 64, 16),     # K steps of 64 inside the groups of 128
+    (3, 1, 128, 64, torch.float32, 128, 16),      # K shorter than the padded halves: masked rows
+    (9, 2, 256, 384, torch.bfloat16, 128, 16),    # 16-bit activations (on a GPU: codes widened by the
+    (9, 2, 256, 384, torch.float16, 64, 16),      # exponent trick, bf16's and fp16's own magic numbers)
+    (21, 2, 256, 128, torch.float32, 64, 64),     # tiles of 64 rows: the scales go into the weights
+    (40, 2, 256, 384, torch.bfloat16, 64, 64),    # (rounded to the dot type, as the reference)
 ])
-def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype, block_k):
+def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype, block_k, block_m):
     """INT4 experts (quantize_int4 per expert, the halves layout, group 128) through the kernel
     equal the reference that dequantizes them first (to rounding of the sums; in 16 bits the
     kernel applies each group's scale and min to the exact codes' products, where the reference
@@ -98,7 +100,7 @@ def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype,
     weights, ids = _routing(t, e, k, gen, skew=t > 10)
     quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
     ref = fused_moe_ref(x, q13, q2, weights.to(dtype), ids, **quant)
-    cfg = MoEConfig(block_m=16, block_n=32, block_k=block_k)
+    cfg = MoEConfig(block_m=block_m, block_n=32, block_k=block_k)
     got = fused_moe(x.to(device), q13.to(device), q2.to(device), weights.to(dtype).to(device), ids.to(device),
                     **{name: v.to(device) for name, v in quant.items()}, config=cfg, down_config=cfg).cpu()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
