@@ -37,9 +37,15 @@ INT4 experts (group-wise with zero points, quant/quantize.py's ``quantize_int4``
 store each expert as an Int4Weight does: codes uint8 [E, Kp / 2, N] whose byte (j, n) holds
 the codes of rows j and j + Kp / 2 (so both halves' activations load as contiguous tiles),
 float16 scales and mins [E, Kp / G, N], w = q * scale + min. The K loop walks the two halves
-together, widens each nibble tile to the activation dtype with its group's scale and min
-(rounded there, as the reference dequantizes) and feeds tl.dot: a W4A16 grouped GEMM that reads
-a quarter of bf16's bytes, for the memory-bound decode steps of large-expert models.
+together (one group of each per step) and widens the codes to exact small integers in the dot
+type (two a 32-bit op on a GPU, the exponent trick in ``_nibbles``). Decode tiles (BLOCK_M < 64,
+a few rows an expert) feed those codes to tl.dot and apply each column's scale and min to the
+product, a @ (q s + z) = (a @ q) s + rowsum(a) z: no per-weight arithmetic beyond the widening,
+and no rounding of the weights (the reference rounds each dequantized weight to the activation
+dtype, so 16-bit results differ from it by that rounding). Prefill tiles widen each weight to
+q s + z rounded as the reference does and let tl.dot accumulate in place: a scale applied after
+each step's product would take wgmma's accumulator out of the loop. INT4 has a tile table of
+its own (fused_moe_config.py). A W4A16 grouped GEMM reading a quarter of bf16's bytes.
 
 Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
 rounded to the activation dtype, then silu(gate), then the product; the down output is

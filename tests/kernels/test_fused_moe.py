@@ -179,6 +179,9 @@ def test_config_heuristic_and_buckets():
     assert m_bucket(1) == 1 and m_bucket(3) == 4 and m_bucket(10**6) == 8192
     assert default_config(1, 128, 768, 2048, 8).block_m == 16
     assert default_config(4096, 128, 768, 2048, 8).block_m == 64
+    # INT4: a step covers 2 BLOCK_K rows, so decode tiles take half bf16's BLOCK_K
+    assert default_config(1, 128, 768, 2048, 8, "int4") == MoEConfig(16, 64, 64, 4, 3)
+    assert default_config(4096, 128, 768, 2048, 8, "int4").block_m == 128
     with pytest.raises(ValueError, match="power of two"):
         MoEConfig(block_m=24, block_n=32, block_k=32)
 
@@ -196,7 +199,7 @@ def test_bad_arguments_are_named(device):
 
 
 def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
-    from llmesh.kernels.fused_moe_config import MoEConfig, load_tuned, merge_tuned, pick_config
+    from llmesh.kernels.fused_moe_config import MoEConfig, load_tuned, merge_tuned, pick_config, table_tag
 
     path = tmp_path / "tuned.json"
     merge_tuned(path, "h200", {(128, 768, 2048, 64): MoEConfig(16, 64, 128, 4, 3)})
@@ -206,6 +209,13 @@ def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
     assert tables["h200"] == {(128, 768, 2048, 64): MoEConfig(16, 64, 128, 4, 3),
                               (128, 2048, 768, 64): MoEConfig(16, 128, 64, 8, 4)}
     assert tables["h100"][(128, 768, 2048, 64)].block_m == 32
+    # INT4 experts: a table of their own beside the device's dense one
+    merge_tuned(path, table_tag("h200", "int4"), {(128, 768, 2048, 64): MoEConfig(16, 128, 64, 4, 3)})
+    tables = load_tuned(path)
+    assert tables["h200:int4"] == {(128, 768, 2048, 64): MoEConfig(16, 128, 64, 4, 3)}
+    assert tables["h200"][(128, 768, 2048, 64)] == MoEConfig(16, 64, 128, 4, 3)
+    with pytest.raises(ValueError, match="expert weight format"):
+        table_tag("h200", "int3")
     load_tuned.cache_clear()
     assert isinstance(load_tuned(), dict)  # the shipped file (or none) parses
     # no device, or a CPU tensor's: the heuristic
