@@ -209,6 +209,12 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
         print(f"[moe] align T={t}: {line}", flush=True)
     return m
 
+SPLIT_CANDIDATES = (2, 4, 8)
+"""split_k values the autotune tries on its winners at decode sizes."""
+SPLIT_MAX_PAIRS_PER_EXPERT = 4
+"""Batches with at most this many (token, slot) pairs an expert on average count as decode sizes."""
+
+
 def tune_candidates(t: int, s: Shapes, smoke: bool, weights: str = "dense") -> list:
     """The format's candidates whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far
     taller pads most rows, one far shorter re-reads each weight tile; neither can win, both cost
@@ -278,6 +284,23 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
                 continue
             if ms < best_down_ms:
                 best_down, best_down_ms = c, ms
+        if best_down is not None and t * s.top_k <= SPLIT_MAX_PAIRS_PER_EXPERT * s.experts:
+            # decode sizes: the winners again with the K loop in pieces (more programs for a
+            # batch whose few expert blocks leave SMs idle), each against the layer's total
+            for split in SPLIT_CANDIDATES:
+                for which in ("up", "down"):
+                    c = replace(best_up if which == "up" else best_down, split_k=split)
+                    try:
+                        ms = run(c, best_down) if which == "up" else run(best_up, c)
+                    except Exception as exc:
+                        print(f"[moe] autotune {weights} T={t} {which} {c}: {type(exc).__name__}", flush=True)
+                        continue
+                    if ms < best_down_ms:
+                        best_down_ms = ms
+                        if which == "up":
+                            best_up = c
+                        else:
+                            best_down = c
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "

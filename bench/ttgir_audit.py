@@ -27,9 +27,10 @@ from llmesh.kernels.compile_check import compile_sm90, loop_report  # noqa: E402
 
 _QUANT = dict(DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)
 _ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, FP8=False, **_QUANT)
-_MOE_PTRS = {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32"}
+_MOE_PTRS = {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+             "part_ptr": "fp32", "lock_ptr": "i32"}
 _MOE_INT4 = dict(_MOE_PTRS, b_ptr="u8", scale_ptr="fp16", min_ptr="fp16")
-_MOE = dict(MUL_WEIGHT=False, SCALED=False, PDL=False, **_QUANT)
+_MOE = dict(MUL_WEIGHT=False, SCALED=False, PDL=False, SPLIT_K=1, **_QUANT)
 _SPLIT = {"part_ptr": "fp32", "lock_ptr": "i32"}
 
 

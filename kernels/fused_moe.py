@@ -69,6 +69,7 @@ from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
+from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
@@ -77,13 +78,15 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 @triton.jit
-def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, stride_bn, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert."""
+def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride_bn, GATED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert,
+    columns k_lo..k_hi of K (this split's)."""
     act_dtype = a_rows.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
@@ -200,12 +203,12 @@ def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi
 
 
 @triton.jit
-def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH, stride_bk, stride_sg,
+def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH, j_lo, j_hi, stride_bk, stride_sg,
                    GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """(a @ gate^T, a @ up^T) over INT4 codes in the halves layout (see the module docstring):
-    rows j and j + KH of a K step share their codes' bytes.
+    rows j and j + KH of a K step share their codes' bytes; code rows j_lo..j_hi (this split's).
 
     Triton's pipeliner stages the code and activation tiles (their loads feed tl.dot) but not
     the scale and min rows, which feed arithmetic: left in the loop, each step waited out their
@@ -220,9 +223,9 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
         up_mask = n_mask
     else:  # no up columns: their (unused) rows load nothing
         up_mask = rn < 0
-    s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, 0, KH, stride_sg, GROUP)
-    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, 0, KH, stride_sg, GROUP)
-    for j0 in range(0, KH, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
+    s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, j_lo, KH, stride_sg, GROUP)
+    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j_lo, KH, stride_sg, GROUP)
+    for j0 in range(j_lo, j_hi, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
         ns_lo, nz_lo, ns_hi, nz_hi = _int4_groups(s_cols, z_cols, n_mask, j0 + BLOCK_K, KH, stride_sg, GROUP)
         nsu_lo, nzu_lo, nsu_hi, nzu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0 + BLOCK_K, KH, stride_sg,
                                                       GROUP)
@@ -249,11 +252,11 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
-    N, K, KH, num_pairs, a_row_div,
+    sorted_ids_ptr, expert_ids_ptr, num_post_ptr, part_ptr, lock_ptr,
+    N, K, KH, num_pairs, a_row_div, k_split,
     stride_am, stride_be, stride_bn, stride_se, stride_sg, stride_om,
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
@@ -262,10 +265,14 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: rows are scaled by their pair's routing weight.
     INT4: b is codes [Kp / 2, N (2N gated)] per expert (stride_bn steps along Kp / 2), scales and
     mins [Kp / GROUP, N] per expert (stride_se an expert, stride_sg a group); KH = Kp / 2.
+    SPLIT_K > 1: program_id(2) takes k_split rows of K (INT4: of KH) and stores its float32
+    partials (part: [SPLIT_K, grid rows * BLOCK_M, 2N gated / N]); the tile's last split to
+    arrive sums them in split order and runs the epilogue (split_k.py's scheme).
     """
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -284,19 +291,45 @@ def _moe_gemm_kernel(
         return
     a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
-    act_dtype = a_ptr.dtype.element_ty
-    out_dtype = out_ptr.dtype.element_ty
-
+    k_lo = pid_k * k_split
     if INT4:
         acc, acc_up = _int4_mainloop(a_rows, m_mask, b_base, scale_ptr + expert * stride_se,
-                                     min_ptr + expert * stride_se, rn, n_mask, N, K, KH, stride_bn, stride_sg,
-                                     GATED, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION, INTERPRET)
+                                     min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,
+                                     tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_M,
+                                     BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION, INTERPRET)
     else:
-        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, stride_bn, GATED, BLOCK_M, BLOCK_N,
-                                      BLOCK_K, DOT_F32, DOT_PRECISION)
+        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, tl.minimum(k_lo + k_split, K),
+                                      stride_bn, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION)
+    if SPLIT_K > 1:
+        rows = tl.num_programs(0) * BLOCK_M  # the partials' rows: every sorted position
+        width = N
+        if GATED:
+            width = 2 * N
+        cols_mask = (offs >= 0)[:, None] & n_mask[None, :]
+        store_part(acc, part_ptr, pid_k, offs, rn, cols_mask, rows, width)
+        if GATED:
+            store_part(acc_up, part_ptr, pid_k, offs, rn + N, cols_mask, rows, width)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if arrive(lock_ptr, tile) == SPLIT_K - 1:
+            acc = load_sum(part_ptr, offs, rn, cols_mask, rows, width, SPLIT_K, BLOCK_M, BLOCK_N)
+            if GATED:
+                acc_up = load_sum(part_ptr, offs, rn + N, cols_mask, rows, width, SPLIT_K, BLOCK_M, BLOCK_N)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
+            _epilogue(acc, acc_up, scale_ptr + expert * stride_se, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N,
+                      stride_om, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+    else:
+        _epilogue(acc, acc_up, scale_ptr + expert * stride_se, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N,
+                  stride_om, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, s_base, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N, stride_om, GATED: tl.constexpr,
+              MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The tile's output rows from its float32 sums: INT8/FP8 scales, SiLU-and-mul (gated), the
+    routing weight (down), rounded where the reference rounds."""
+    out_dtype = out_ptr.dtype.element_ty
 
     if SCALED:
-        s_base = scale_ptr + expert * stride_se
         acc = acc * tl.load(s_base + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(s_base + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -463,22 +496,36 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         else:  # KH, GROUP, min_ptr and the group stride are the INT4 path's: unused here
             layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0, stride_sg=0))
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
-    grid = (expert_ids.shape[0], triton.cdiv(inter, config.block_n))
+    grid, split = _grid_and_split("fused_moe_up", x, config, expert_ids.shape[0], inter, 2 * inter,
+                                  w13.shape[1] if int4 else h)
     _moe_gemm_kernel[grid](
         x, w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=inter, K=h, num_pairs=pairs, a_row_div=top_k,
         stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **layouts[0], **common)
+        num_warps=config.num_warps, num_stages=config.num_stages, **split, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
-    grid = (expert_ids.shape[0], triton.cdiv(h, down_config.block_n))
+    grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
+                                  w2.shape[1] if int4 else inter)
     _moe_gemm_kernel[grid](
         hidden, w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=h, K=inter, num_pairs=pairs, a_row_div=1,
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
-        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **layouts[1], **common)
+        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **split, **layouts[1], **common)
     return moe_sum(out.view(t, top_k, h))
+
+
+def _grid_and_split(kernel: str, x: torch.Tensor, config: MoEConfig, blocks: int, n: int, width: int,
+                    k_rows: int) -> tuple[tuple[int, int, int], dict]:
+    """One GEMM's grid (sorted blocks, column tiles, K splits) and split-K launch arguments:
+    config.split_k pieces of the K loop's ``k_rows`` (K, or INT4's code rows), each a multiple
+    of BLOCK_K, with float32 partials for every sorted row and ``width`` columns (2N gated)."""
+    k_split = triton.cdiv(triton.cdiv(k_rows, config.split_k), config.block_k) * config.block_k
+    splits = triton.cdiv(k_rows, k_split)  # a short K takes fewer splits than asked
+    grid = (blocks, triton.cdiv(n, config.block_n), splits)
+    part, locks = split_buffers(kernel, x, blocks * config.block_m, width, splits, grid[0] * grid[1])
+    return grid, dict(part_ptr=part, lock_ptr=locks, k_split=k_split, SPLIT_K=splits)

@@ -35,16 +35,22 @@ class MoEConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1
+    """Pieces of the K loop run by separate programs (float32 partials, the last to arrive sums
+    them and runs the epilogue): more programs for decode batches whose few expert blocks
+    leave SMs idle, at the price of the partials' traffic."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"MoEConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"MoEConfig.split_k must be a positive int, got {self.split_k!r}")
 
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
-"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages]}}."""
+"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k)]}}."""
 
 WEIGHT_FORMATS = ("dense", "int4")
 """Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8

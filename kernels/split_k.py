@@ -11,7 +11,9 @@ common.arrival_counters) sums the partials in split order and writes the output:
   kernel and stream, and the last arrival resets its own to zero);
 - deterministic: the sum's order is the split order, whichever split finished last.
 
-quant_gemv.py (the no-dot GEMV) and the tl.dot kernels (w4a16_gemm.py, w8a16_gemm.py) share it.
+quant_gemv.py (the no-dot GEMV), the tl.dot kernels (w4a16_gemm.py, w8a16_gemm.py) and the
+fused MoE's gate/up GEMM at decode sizes (fused_moe.py, whose last split runs the SiLU epilogue
+on the sums) share it.
 """
 
 from __future__ import annotations
@@ -45,13 +47,20 @@ def arrive(lock_ptr, tile):
 
 
 @triton.jit
-def store_sum(part_ptr, out_ptr, rm, cols, mask, M, N, stride_om, splits, BLOCK_M: tl.constexpr,
-              BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
-    """y = the tile's partials summed in split order."""
+def load_sum(part_ptr, rm, cols, mask, M, N, splits, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile's partials summed in split order (float32)."""
     tile = (rm[:, None] * N + cols[None, :]).to(tl.int64)
     total = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for s in range(splits):
         total += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def store_sum(part_ptr, out_ptr, rm, cols, mask, M, N, stride_om, splits, BLOCK_M: tl.constexpr,
+              BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """y = the tile's partials summed in split order."""
+    total = load_sum(part_ptr, rm, cols, mask, M, N, splits, BLOCK_M, BLOCK_C)
     store_out(total, out_ptr, rm, cols, mask, stride_om, INTERPRET)
 
 

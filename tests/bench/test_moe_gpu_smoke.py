@@ -26,4 +26,4 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
     assert m["moe_gemm_frac"] == min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     assert any("MoEConfig(" in line for line in doc["workload"]["autotune"])
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
-    assert tuned and all(len(fields) == 5 for fields in tuned.values())
+    assert tuned and all(len(fields) == 6 for fields in tuned.values())  # the five tile fields and split_k

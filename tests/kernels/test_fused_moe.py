@@ -109,6 +109,42 @@ def test_int4_experts_match_dequantized_reference(device, t, k, h, inter, dtype,
     assert float((ref.float() - full).norm() / full.norm()) < 0.2
 
 
+@pytest.mark.parametrize("fmt,dtype,split", [("dense", torch.float32, 3), ("dense", torch.bfloat16, 2),
+                                              ("int4", torch.float32, 2), ("int4", torch.bfloat16, 4)])
+def test_split_k_sums_every_piece_once(device, fmt, dtype, split):
+    """split_k: the K loop in pieces, float32 partials summed by the tile's last arrival, which
+    runs the epilogue (SiLU-and-mul, routing weight); both GEMMs, a K that does not divide
+    evenly into the pieces, and a second call on the same counters (each launch resets them)."""
+    gen = torch.Generator().manual_seed(41 + split)
+    t, e, k, h, inter = 3, 8, 2, 320, 192
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(t, e, k, gen)
+    quant = {}
+    if fmt == "int4":
+        w13, s13, m13 = quantize_experts_int4(w13)
+        w2, s2, m2 = quantize_experts_int4(w2)
+        quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
+    qdev = {name: v.to(device) for name, v in quant.items()}
+    one = MoEConfig(block_m=16, block_n=32, block_k=32)
+    many = MoEConfig(block_m=16, block_n=32, block_k=32, split_k=split)
+    want = fused_moe(*args, **qdev, config=one, down_config=one).cpu()
+    for _ in range(2):
+        got = fused_moe(*args, **qdev, config=many, down_config=many).cpu()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # the pieces' float32 sums in another order
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    ref = fused_moe_ref(x, w13, w2, weights.to(dtype), ids, **quant)
+    torch.testing.assert_close(got, ref, atol=10 * tol, rtol=10 * tol)
+
+
+def test_split_k_must_be_positive():
+    with pytest.raises(ValueError, match="split_k"):
+        MoEConfig(16, 32, 32, 4, 3, 0)
+
+
 def test_int4_experts_in_groups_no_k_step_fits_are_refused():
     gen = torch.Generator().manual_seed(2)
     w13, w2 = _experts(4, 64, 32, torch.float32, gen)

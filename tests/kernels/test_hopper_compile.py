@@ -95,41 +95,47 @@ CASES = [
     ("moe_align", "_chunk_place_kernel", {"ids_ptr": "i64", "base_ptr": "i32", "sorted_ptr": "i32"},
      dict(E_P2=16, SPAN=256, CHUNK=32)),
     ("fused_moe", "_moe_gemm_kernel",
-     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32", "part_ptr": "fp32", "lock_ptr": "i32",
       "scale_ptr": "fp32"},
-     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1,
           DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_gemm_kernel",  # INT4 experts: uint8 codes, float16 group scales and mins
-     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32", "part_ptr": "fp32", "lock_ptr": "i32",
       "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
-     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1,
           DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_gemm_kernel",  # INT4 prefill tiles (weights widened) in float16
      {"a_ptr": "fp16", "out_ptr": "fp16", "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32",
-      "num_post_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
-     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=True, GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+      "num_post_ptr": "i32", "part_ptr": "fp32", "lock_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
+     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=True, GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1,
           DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_gemm_kernel",  # INT4 with float32 activations: the codes' plain widening
      {"a_ptr": "fp32", "out_ptr": "fp32", "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32",
-      "num_post_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
-     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
+      "num_post_ptr": "i32", "part_ptr": "fp32", "lock_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1,
           DOT_F32=True, DOT_PRECISION="ieee", INTERPRET=False)),
+    ("fused_moe", "_moe_gemm_kernel",  # split-K at decode: the last split runs the epilogue
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          SPLIT_K=4, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
 # shared memory, num_stages deep): (case index in CASES, the least number of async copies:
 # three a tile at 3 stages, two in the prologue and one in the loop: the dense gate/up GEMM's
-# a, gate and up tiles; the INT4 one's two activation halves and two code tiles; INT4 down's three).
+# a, gate and up tiles; the INT4 one's two activation halves and two code tiles; INT4 down's three;
+# the INT4 gate/up GEMM split four ways along K).
 # Compiled as a launch specialises them (pointers and the named ints divisible by 16): without
 # that, no load is wide enough for cp.async and nothing is pipelined. The INT4 experts' code
 # tiles stay pipelined only while their loads reach tl.dot through the widening in the same
 # step (carried across steps in registers, as a manual prefetch would, Triton left them plain);
 # their scale and min rows, which Triton does not pipeline, must be carried a step ahead, not
 # waited on (kernels/compile_check.py's LoopReport).
-PIPELINED = [(24, 9), (25, 12), (26, 9)]
-_DIVISIBLE_INTS = frozenset({"N", "K", "KH", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_sg",
-                             "stride_om"})
+PIPELINED = [(24, 9), (25, 12), (26, 9), (28, 12)]
+_DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
+                             "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async)")
 
