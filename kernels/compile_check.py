@@ -40,8 +40,8 @@ def signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> di
     return sig
 
 
-def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], *, divisible: frozenset[str] = frozenset(),
-                 num_warps: int = 4, num_stages: int = 3):
+def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], *,
+                 divisible: frozenset[str] = frozenset(), num_warps: int = 4, num_stages: int = 3):
     """The compiled kernel for sm90. ``divisible``: integer arguments a launch sees divisible by
     16 (empty: no specialisation at all, pointers included, as the PDL check needs)."""
     import triton
