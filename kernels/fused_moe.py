@@ -37,14 +37,8 @@ INT4 experts (group-wise with zero points, quant/quantize.py's ``quantize_int4``
 store each expert as an Int4Weight does: codes uint8 [E, Kp / 2, N] whose byte (j, n) holds
 the codes of rows j and j + Kp / 2 (so both halves' activations load as contiguous tiles),
 float16 scales and mins [E, Kp / G, N], w = q * scale + min. The K loop walks the two halves
-together (one group of each per step) and widens the codes to exact small integers in the dot
-type (two a 32-bit op on a GPU, the exponent trick in ``_nibbles``). Decode tiles (BLOCK_M < 64,
-a few rows an expert) feed those codes to tl.dot and apply each column's scale and min to the
-product, a @ (q s + z) = (a @ q) s + rowsum(a) z: no per-weight arithmetic beyond the widening,
-and no rounding of the weights (the reference rounds each dequantized weight to the activation
-dtype, so 16-bit results differ from it by that rounding). Prefill tiles widen each weight to
-q s + z rounded as the reference does and let tl.dot accumulate in place: a scale applied after
-each step's product would take wgmma's accumulator out of the loop. INT4 has a tile table of
+together (one group of each per step); fused_moe_int4.py holds that loop: how the codes are
+widened and where each group's scale goes in decode and prefill tiles. INT4 has a tile table of
 its own (fused_moe_config.py). A W4A16 grouped GEMM reading a quarter of bf16's bytes.
 
 Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
@@ -67,6 +61,7 @@ import triton.language as tl
 from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
                                    interpreting, pdl_launch)
 from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
+from llmesh.kernels.fused_moe_int4 import _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
 from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
@@ -105,145 +100,6 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride
             else:
                 bu = bu.to(act_dtype)
             acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
-    return acc, acc_up
-
-
-# Marlin's exponent trick, two codes a 32-bit op: a code q in the low mantissa bits of a
-# 16-bit float whose exponent makes the mantissa's last bit worth 1 (128.0 in bfloat16, 1024.0
-# in float16) is that float plus q, so an and-or and a paired subtraction widen two codes,
-# where a conversion instruction (a quarter of the FMA rate) would widen one.
-_NIBBLE_MAGIC = {"bf16": ("0x43004300", "bf16x2"), "fp16": ("0x64006400", "f16x2")}
-
-
-def _nibbles_asm(kind: str) -> str:
-    magic, op = _NIBBLE_MAGIC[kind]
-    # $4 holds four code bytes; prmt spreads bytes 0, 1 (2, 3) into the two 16-bit halves of
-    # t0 (t1); $0, $1 get their low nibbles widened, $2, $3 the high ones (shifted down first).
-    return f"""{{
-    .reg .b32 t0, t1, h0, h1, m;
-    mov.b32 m, {magic};
-    prmt.b32 t0, $4, 0, 0x4140;
-    prmt.b32 t1, $4, 0, 0x4342;
-    shr.b32 h0, t0, 4;
-    shr.b32 h1, t1, 4;
-    lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 h0, h0, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 h1, h1, 0x000F000F, {magic}, 0xEA;
-    sub.{op} $0, t0, m;
-    sub.{op} $1, t1, m;
-    sub.{op} $2, h0, m;
-    sub.{op} $3, h1, m;
-    }}"""
-
-
-_NIBBLES_BF16 = tl.constexpr(_nibbles_asm("bf16"))
-_NIBBLES_FP16 = tl.constexpr(_nibbles_asm("fp16"))
-
-
-@triton.jit
-def _nibbles(codes, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
-    """(low, high) 4-bit codes of a uint8 tile as exact small integers in DTYPE: by integer ops
-    and a conversion for float32 dots and in the interpreter (nested tests: Triton 3.6 took
-    `not DOT_F32 and not INTERPRET` for true with DOT_F32 set), else by the asm above."""
-    if DOT_F32:
-        lo = (codes & 0xF).to(DTYPE)
-        hi = (codes >> 4).to(DTYPE)
-    elif INTERPRET:
-        lo = (codes & 0xF).to(DTYPE)
-        hi = (codes >> 4).to(DTYPE)
-    else:  # a 16-bit DTYPE on a GPU
-        if DTYPE == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [codes],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [codes],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    return lo, hi
-
-
-@triton.jit
-def _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP: tl.constexpr):
-    """The scale and min rows of the K step at j0's two groups (one a half: BLOCK_K divides
-    GROUP); the prefetch after the last step (j0 = KH) reads the last groups again, unused."""
-    g = tl.minimum(j0, KH - 1) // GROUP
-    g_lo = g * stride_sg
-    g_hi = (g + KH // GROUP) * stride_sg
-    s_lo = tl.load(s_cols + g_lo, mask=n_mask, other=0.0)
-    z_lo = tl.load(z_cols + g_lo, mask=n_mask, other=0.0)
-    s_hi = tl.load(s_cols + g_hi, mask=n_mask, other=0.0)
-    z_hi = tl.load(z_cols + g_hi, mask=n_mask, other=0.0)
-    return s_lo, z_lo, s_hi, z_hi
-
-
-@triton.jit
-def _int4_step(acc, a_lo, a_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, WDTYPE: tl.constexpr,
-               WIDEN: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + one K step of both halves, the scales applied where they cost least:
-
-    - WIDEN (tiles of 64 rows or more): each weight widened to q * s + z and rounded to the dot
-      type, as the reference dequantizes, and accumulated in place by tl.dot (wgmma keeps its
-      accumulator; the widening is shared by the tile's many rows);
-    - else: a @ (q * s + z) = (a @ q) * s + rowsum(a) * z, the exact codes into the dot and each
-      column's scale and min applied to its product (a few rows: no per-weight arithmetic
-      beyond the widening of the codes)."""
-    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N], each byte two rows
-    q_lo, q_hi = _nibbles(codes, WDTYPE, DOT_F32, INTERPRET)
-    if WIDEN:
-        w_lo = q_lo.to(tl.float32) * s_lo.to(tl.float32)[None, :] + z_lo.to(tl.float32)[None, :]
-        w_hi = q_hi.to(tl.float32) * s_hi.to(tl.float32)[None, :] + z_hi.to(tl.float32)[None, :]
-        acc = tl.dot(a_lo, cast_rtne(w_lo, WDTYPE, INTERPRET), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(a_hi, cast_rtne(w_hi, WDTYPE, INTERPRET), acc, input_precision=DOT_PRECISION)
-    else:
-        acc += (tl.dot(a_lo, q_lo, input_precision=DOT_PRECISION) * s_lo.to(tl.float32)[None, :]
-                + sum_lo * z_lo.to(tl.float32)[None, :])
-        acc += (tl.dot(a_hi, q_hi, input_precision=DOT_PRECISION) * s_hi.to(tl.float32)[None, :]
-                + sum_hi * z_hi.to(tl.float32)[None, :])
-    return acc
-
-
-@triton.jit
-def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH, j_lo, j_hi, stride_bk, stride_sg,
-                   GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    """(a @ gate^T, a @ up^T) over INT4 codes in the halves layout (see the module docstring):
-    rows j and j + KH of a K step share their codes' bytes; code rows j_lo..j_hi (this split's).
-
-    Triton's pipeliner stages the code and activation tiles (their loads feed tl.dot) but not
-    the scale and min rows, which feed arithmetic: left in the loop, each step waited out their
-    latency (eight loads, serialized by the layout conversions after them). So they are loaded
-    one step ahead and carried in registers."""
-    wdtype = tl.float32 if DOT_F32 else a_rows.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    s_cols = s_base + rn
-    z_cols = m_base + rn
-    if GATED:  # the up columns follow the gate columns: N further along each row
-        up_mask = n_mask
-    else:  # no up columns: their (unused) rows load nothing
-        up_mask = rn < 0
-    s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, j_lo, KH, stride_sg, GROUP)
-    su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j_lo, KH, stride_sg, GROUP)
-    for j0 in range(j_lo, j_hi, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
-        ns_lo, nz_lo, ns_hi, nz_hi = _int4_groups(s_cols, z_cols, n_mask, j0 + BLOCK_K, KH, stride_sg, GROUP)
-        nsu_lo, nzu_lo, nsu_hi, nzu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0 + BLOCK_K, KH, stride_sg,
-                                                      GROUP)
-        j = j0 + tl.arange(0, BLOCK_K)
-        a_lo = tl.load(a_rows + j[None, :], mask=m_mask[:, None] & (j < K)[None, :], other=0.0)
-        a_hi = tl.load(a_rows + (j + KH)[None, :], mask=m_mask[:, None] & ((j + KH) < K)[None, :], other=0.0)
-        sum_lo = tl.sum(a_lo.to(tl.float32), axis=1)[:, None]
-        sum_hi = tl.sum(a_hi.to(tl.float32), axis=1)[:, None]
-        x_lo = a_lo.to(wdtype)  # float32 dots (and the interpreter's): upcast
-        x_hi = a_hi.to(wdtype)
-        b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-        acc = _int4_step(acc, x_lo, x_hi, sum_lo, sum_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, wdtype,
-                         BLOCK_M >= 64, DOT_F32, INTERPRET, DOT_PRECISION)
-        if GATED:
-            acc_up = _int4_step(acc_up, x_lo, x_hi, sum_lo, sum_hi, b_ptrs + N, n_mask, su_lo, zu_lo, su_hi, zu_hi,
-                                wdtype, BLOCK_M >= 64, DOT_F32, INTERPRET, DOT_PRECISION)
-        s_lo, z_lo, s_hi, z_hi = ns_lo, nz_lo, ns_hi, nz_hi
-        su_lo, zu_lo, su_hi, zu_hi = nsu_lo, nzu_lo, nsu_hi, nzu_hi
     return acc, acc_up
 
 
@@ -486,7 +342,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     pairs = t * top_k
     int8 = w13.dtype in QUANTIZED_DTYPES
-    int4 = w13.dtype == torch.uint8
+    int4 = fmt == "int4"
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
                   **pdl_launch(x.device), SCALED=int8, INT4=int4, BLOCK_M=config.block_m)
     layouts = []

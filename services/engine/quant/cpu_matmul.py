@@ -149,7 +149,7 @@ def _pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
     if dtype == torch.float32:
         if not _may_expand(w.in_features * w.out_features * 4):
             return None
-        return ("float32", cpu_layout(w.dequantize().t().contiguous()))  # [N, K], as a dense weight
+        return ("dense", cpu_layout(w.dequantize().t().contiguous()))  # [N, K], as a dense weight
     if isinstance(w, Int8Weight):
         return _int8_pack(w, dtype)
     return _int4_pack(w, dtype)
@@ -166,7 +166,7 @@ def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | Non
     pack = cache[x.dtype]
     if pack is None:
         return None
-    if pack[0] in ("float32", "dense"):  # an expanded copy, used as a dense weight is
+    if pack[0] == "dense":  # an expanded copy (float32, or Q8_0's bfloat16), used as a dense weight is
         y = cpu_dense_matmul(x, pack[1])
         return torch.nn.functional.linear(x, pack[1]) if y is None else y
     x = x.contiguous()
