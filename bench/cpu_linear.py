@@ -5,15 +5,16 @@ and M = 1..128 rows, the time of one ``x @ W^T`` with W
 - ``nk``: stored [N, K] as checkpoints hold it (F.linear → MKL),
 - ``kn``: stored [K, N] behind the same shape (F.linear → MKL; ``cpu_layout`` stores W so
   when N >= K),
-- ``onednn``: oneDNN's prepacked copy (``cpu_dense_matmul``).
+- ``onednn``: oneDNN's prepacked copy (what ``cpu_dense_matmul`` runs where it is chosen).
 Each timing cycles through enough copies of the weight (a model's worth of layers) that they
-come from memory, not the cache, as in a real step. quant/cpu_matmul.py picks ``kn`` at one
-row and ``onednn`` from ONEDNN_MIN_ROWS up from these figures.
+come from memory, not the cache, as in a real step. quant/cpu_matmul.py measures the same
+choice on the model's own weights when it loads (``calibrate``); these figures show it per M.
 
 Writes bench/results/cpu_linear_cpu.json: per shape and M the microseconds of each variant,
-and the summary ratios ``cpu_f32_m1_layout_vs_nk_x`` (cpu_layout's choice at one row) and
-``cpu_f32_m5_onednn_vs_mkl_x`` (oneDNN against the faster MKL layout at five rows, a verify
-step's width), geometric means over the shapes, above 1 meaning faster. Usage: python bench/cpu_linear.py [--threads 2]
+and the summary ratios ``cpu_f32_m1_layout_vs_nk_x`` (cpu_layout's choice at one row),
+``cpu_f32_m1_onednn_vs_mkl_x`` and ``cpu_f32_m5_onednn_vs_mkl_x`` (oneDNN against the faster
+MKL layout at one row, and at five rows, a verify step's width), geometric means over the
+shapes, above 1 meaning faster. Usage: python bench/cpu_linear.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ import time
 import torch
 
 from llmesh.bench_results import write_result
-from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_layout
+from llmesh.engine.quant.cpu_matmul import cpu_layout
+from llmesh.engine.quant.cpu_matmul import _run as run_gemm_path
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x @ W^T through oneDNN's packed copy at any row count (None without oneDNN)."""
+    return run_gemm_path("onednn", x, w, None)
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
 """name → (K, N) of the demo model's linears."""
@@ -59,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     metrics: dict[str, float] = {}
-    m1, m5 = [], []
+    m1, m1_onednn, m5 = [], [], []
     with torch.inference_mode():
         for name, (k, n) in SHAPES.items():
             copies = max(2, min(30, CACHE_BYTES // (4 * k * n)))
@@ -69,22 +76,26 @@ def main() -> None:
             for m in ROWS:
                 x = torch.randn(m, k)
                 ref = torch.nn.functional.linear(x, nk[0])
-                got = cpu_dense_matmul(x, kn[0])
+                got = onednn(x, kn[0])
                 if got is not None:
                     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
                 t = {"nk": _time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in nk]),
                      "kn": _time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in kn])}
                 if got is not None:
-                    t["onednn"] = _time_us([lambda w=w: cpu_dense_matmul(x, w) for w in kn])
+                    t["onednn"] = _time_us([lambda w=w: onednn(x, w) for w in kn])
                 for variant, us in t.items():
                     metrics[f"cpu_linear_{name}_m{m}_{variant}_us"] = us
                 print(f"{name:8s} M={m:3d} " + "  ".join(f"{v} {us:9.1f} us" for v, us in t.items()), flush=True)
                 if m == 1:
                     m1.append(t["nk"] / t[chosen])
+                    if "onednn" in t:
+                        m1_onednn.append(min(t["nk"], t["kn"]) / t["onednn"])
                 if m == 5 and "onednn" in t:
                     m5.append(min(t["nk"], t["kn"]) / t["onednn"])
             del nk, kn
     metrics["cpu_f32_m1_layout_vs_nk_x"] = math.exp(sum(map(math.log, m1)) / len(m1))
+    if m1_onednn:
+        metrics["cpu_f32_m1_onednn_vs_mkl_x"] = math.exp(sum(map(math.log, m1_onednn)) / len(m1_onednn))
     if m5:
         metrics["cpu_f32_m5_onednn_vs_mkl_x"] = math.exp(sum(map(math.log, m5)) / len(m5))
     print({k: round(v, 3) for k, v in metrics.items() if k.endswith("_x")})

@@ -358,6 +358,13 @@ class RunnerBase(abc.ABC):
             self.library_weight_bytes = prepare_library_weights(self.model.linear_weights(), self.device,
                                                                 self.dtype)
             torch.cuda.empty_cache()  # the unfused parts of fused weights
+        elif self.device.type == "cpu" and self.ops == "torch":
+            from llmesh.engine.quant.cpu_matmul import calibrate, cpu_dense_copies
+
+            # which GEMM path is fastest per weight shape is the host's: timed on the model's own weights
+            self.cpu_gemm_plan = calibrate(cpu_dense_copies(self.model.linear_weights(), self.dtype))
+            if self.cpu_gemm_plan:
+                log.info("cpu gemm paths measured", extra={"plan": self.cpu_gemm_plan})
         log.info("model weights loaded", extra={"seconds": round(time.perf_counter() - t0, 2),
                                                 "weight_bytes": self.weight_bytes, "ops": self.ops,
                                                 "library_weight_bytes": getattr(self, "library_weight_bytes", 0),

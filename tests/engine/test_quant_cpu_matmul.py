@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmesh.engine.quant import cpu_matmul
 from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_layout, cpu_packed_matmul
 from llmesh.engine.quant.linear import linear
 from llmesh.engine.quant.packed import Int4Weight, Int8Weight
@@ -144,6 +145,56 @@ def test_a_packed_weights_onednn_copy_is_made_once():
     x = torch.randn(3, 160)
     cpu_packed_matmul(x, w)
     expanded = w.__dict__["_cpu_pack"][torch.float32][1]
-    packed = expanded.__dict__["_llmesh_onednn"][1]
+    packed = expanded.__dict__["_llmesh_onednn"][torch.float32][1]
     cpu_packed_matmul(x, w)
-    assert w.__dict__["_cpu_pack"][torch.float32][1].__dict__["_llmesh_onednn"][1] is packed
+    assert w.__dict__["_cpu_pack"][torch.float32][1].__dict__["_llmesh_onednn"][torch.float32][1] is packed
+
+
+# ---- measured choice of GEMM path (calibrate) ----------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_gemm_path_calibrate_can_choose_computes_the_product(dtype):
+    gen = torch.Generator().manual_seed(7)
+    w = cpu_layout(torch.randn(256, 96, generator=gen)).to(dtype)
+    bias = torch.randn(256, generator=gen).to(dtype)
+    for m in (1, 8):
+        x = torch.randn(m, 96, generator=gen).to(dtype)
+        exact = x.double() @ w.double().t() + bias.double()
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+        for choice in cpu_matmul._candidates(dtype):
+            got = cpu_matmul._run(choice, x, w, bias)
+            if choice == "mkl":
+                assert got is None  # the caller's F.linear
+                continue
+            if got is None:  # no oneDNN (or no bfloat16 oneDNN) on this CPU
+                continue
+            assert got.dtype == dtype and got.shape == (m, 256)
+            scale = exact.abs().max().item()
+            torch.testing.assert_close(got.double() / scale, exact / scale, rtol=0, atol=tol)
+
+
+def test_calibrate_times_each_shape_and_row_bucket_and_keeps_only_the_chosen_copies():
+    gen = torch.Generator().manual_seed(8)
+    f32 = [cpu_layout(torch.randn(320, 64, generator=gen)) for _ in range(3)]
+    bf16 = [torch.randn(320, 64, generator=gen).bfloat16() for _ in range(3)]
+    tiny = torch.randn(40, 24, generator=gen)
+    assert cpu_matmul.calibrate(f32 + bf16 + [tiny]) == {}, "weights that fit in the caches keep the default rule"
+    report = cpu_matmul.calibrate(f32 + bf16 + [tiny], min_bytes=0)
+    assert set(report) >= {"float32 320x64 m1", "float32 320x64 m8", "bfloat16 320x64 m1", "bfloat16 320x64 m8",
+                           "float32 40x24 m1"}
+    for key, entry in report.items():
+        dtype = torch.float32 if key.startswith("float32") else torch.bfloat16
+        assert entry["choice"] in cpu_matmul._candidates(dtype) and entry[entry["choice"]] > 0
+        assert entry[entry["choice"]] == min(v for k, v in entry.items() if k != "choice")
+    for ws, dtype in ((f32, torch.float32), (bf16, torch.bfloat16)):
+        chosen = {report[f"{str(dtype)[6:]} 320x64 m{m}"]["choice"] for m in (1, 8)}
+        for m in (1, 8):
+            x = torch.randn(m, 64, generator=gen).to(dtype)
+            choice = report[f"{str(dtype)[6:]} 320x64 m{m}"]["choice"]
+            got = cpu_dense_matmul(x, ws[0])
+            if choice == "mkl":
+                assert got is None
+            else:
+                assert torch.equal(got, cpu_matmul._run(choice, x, ws[0], None))
+        kept = set(ws[0].__dict__.get("_llmesh_onednn", {}))
+        wanted = {torch.float32 if c == "onednn_f32" else dtype for c in chosen if c != "mkl"}
+        assert kept == wanted, "a oneDNN copy no choice uses is freed"

@@ -132,14 +132,16 @@ class LlamaForCausalLM:
             yield "lm_head", self.lm_head
 
     def linear_weights(self) -> Iterator[object]:
-        """Every weight a linear() call multiplies by: the fused projections, the LM head and
-        the MoE shared experts' (routed experts run in the fused MoE kernel)."""
+        """Every weight a linear() call multiplies by: the fused projections, the LM head (the
+        embedding, when tied) and the MoE shared experts' (routed experts run in the fused MoE kernel)."""
         lins = [lin for _, lin in self.named_linears()]
         for layer in self.layers:
             if layer.moe is not None:
                 lins += [lin for lin in (layer.moe.shared_gate_up, layer.moe.shared_down) if lin is not None]
         for lin in lins:
             yield from (lin.weight if isinstance(lin.weight, list) else [lin.weight])
+        if self.lm_head is None:
+            yield self.embed_tokens
 
     def _tensor_names(self) -> dict[str, tuple[object, str, int]]:
         """HF name of each plain tensor → (owner, attribute, expected length; 0: the embedding)."""

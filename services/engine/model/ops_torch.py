@@ -34,6 +34,7 @@ class TorchOps:
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.max_seq_len > self._cos.shape[0]:  # positions < seq_lens <= max_seq_len
             self._grow_rope(max(meta.max_seq_len, 2 * self._cos.shape[0]))
+        self._rows = None  # the step's cos/sin rows, gathered by its first layer
 
     def embed(self, weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_rows(weight, ids, dtype)
@@ -64,7 +65,14 @@ class TorchOps:
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)  # [T, D]
+        rows = getattr(self, "_rows", None)
+        if rows is None or rows[0] is not positions:  # every layer of a step shares its rows
+            rows = self._rows = (positions, self._cos.index_select(0, positions), self._sin.index_select(0, positions))
+        _, cos, sin = rows  # [T, D]
+        if (qk := _side_by_side(q, k)) is not None:
+            # One rotation over both heads' sets: the same elementwise ops, half the dispatches.
+            rotated = apply_rotary(qk, cos, sin)
+            return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
@@ -108,3 +116,15 @@ class TorchOps:
         # k, v: the step's own keys (the triton table's dense prefill path reads them); the
         # reference reads everything through the pool.
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scales, v_scales)
+
+
+def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, H_q, D] and k [T, H_kv, D] as one [T, H_q + H_kv, D] view where k's heads follow
+    q's in memory (both views into the fused qkv projection); None otherwise."""
+    t, h_q, d = q.shape
+    if torch.compiler.is_compiling():  # data pointers are not traceable; a compiler fuses the two anyway
+        return None
+    if (q.stride() != k.stride() or q.stride(2) != 1 or q.stride(1) != d or q.dtype != k.dtype
+            or k.data_ptr() != q.data_ptr() + h_q * d * q.element_size()):
+        return None
+    return q.as_strided((t, h_q + k.shape[1], d), q.stride())

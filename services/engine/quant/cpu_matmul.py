@@ -19,13 +19,17 @@ weight is prepared once, on first use, and the copy kept beside it:
   ``dequantize()`` returns it, the down projection (K > N) took 487 us a GEMV against 314
   stored [N, K] (cpu_linear_cpu.json), about 5 ms of a 30-layer step.
 
-Float32 GEMMs, dense or expanded (measured on a 2-core AVX2 EPYC with ``bench/cpu_linear.py``):
-MKL's sgemm reads a weight with more outputs than inputs (N >= K) up to 2x faster stored
-[K, N] than in the [N, K] of a checkpoint at one row, but takes 2-4x its one-row time at
-2-16 rows (a verify step, a small batch), where oneDNN's prepacked weights are 1.5-3x faster
-and about as fast from there up. So a float32
-weight is stored [K, N] (``cpu_layout``: a transposed view, same shape, which F.linear hands
-to MKL as is) for the one-row steps, and gets a oneDNN-packed copy for the others.
+Dense GEMMs (float32, bfloat16, and the expanded copies): MKL (F.linear) or oneDNN's
+prepacked copy of W, chosen per weight shape and row count by measurement on the host
+(``calibrate``, run once on the model's own weights after it loads). Hosts disagree: on a
+2-core AVX2 EPYC MKL's one-row float32 GEMV read a weight stored [K, N] up to 2x faster than
+[N, K], and oneDNN was 1.5-3x faster than MKL at 2-16 rows (``bench/cpu_linear.py``); on a
+2-core AVX-512 BF16 EPYC oneDNN won at every row count, one row included (float32 1.1-1.4x
+MKL's best layout), and its packed bfloat16 copy ran at twice MKL's bfloat16 speed (the
+demo's tied LM head 3.4 against 6.0 ms a row).
+A float32 weight is still stored [K, N] where N >= K (``cpu_layout``), MKL's better layout;
+weights too small to leave the caches keep the rule the AVX2 host measured (MKL for one row,
+oneDNN from two).
 
 Expanded and packed copies (float32, bfloat16 for Q8_0, oneDNN's) are bounded: once they
 would pass a quarter of the machine's memory (``EXPAND_BUDGET_FRAC``), further weights keep
@@ -35,7 +39,10 @@ Other formats (FP8) return None and the caller keeps the dequantizing reference.
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Iterable
 
 import torch
 
@@ -65,9 +72,27 @@ def _may_expand(nbytes: int) -> bool:
 
 
 ONEDNN_MIN_ROWS = 2
-"""From this many rows up, float32 GEMMs use oneDNN's prepacked weight (MKL below)."""
+"""Uncalibrated (see ``calibrate``): from this many rows up, dense GEMMs use oneDNN's
+prepacked weight, MKL below."""
 
 _ONEDNN = "_llmesh_onednn"
+
+ROW_BUCKETS = (1, 8)
+"""Row counts ``calibrate`` times: one row (one stream's decode step) and a few (a verify
+step, a small batch); every M >= 2 takes the second bucket's choice."""
+
+CALIBRATE_MIN_BYTES = 16 << 20
+"""Weights of one shape that take less than this stay on the uncalibrated rule: they sit in
+the caches, where the choice saves little and would only make numerics depend on timing."""
+
+CALIBRATE_SAMPLE_BYTES = 96 << 20
+"""Each candidate is timed over this many bytes of a shape's weights (all of them if fewer),
+cycled, so they stream from memory as in a step, not from the caches."""
+
+_CHOICE: dict[tuple, str] = {}
+"""(dtype, N, K, K-major, row bucket) → the measured fastest: 'mkl' (F.linear on the stored
+weight), 'onednn' (oneDNN's copy packed in the activations' dtype), 'onednn_f32' (bfloat16
+widened to a float32 copy)."""
 
 
 def cpu_layout(w: torch.Tensor) -> torch.Tensor:
@@ -88,40 +113,131 @@ def _version(w: torch.Tensor) -> int:
         return 0
 
 
-def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked float32 copy of a weight [N, K] (any strides; a bfloat16 one widened,
-    exactly), made once and again after W is written in place (a weight reload); None where
-    this PyTorch has no oneDNN linear or the copy would pass the memory budget."""
-    version, packed = w.__dict__.get(_ONEDNN, (None, None))
+def _onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """oneDNN's prepacked copy of a weight [N, K] (any strides) in ``dtype`` (a bfloat16 one
+    widened to float32 exactly, or packed as it is), made once and again after W is written
+    in place (a weight reload); None where this PyTorch or CPU has no such oneDNN linear or
+    the copy would pass the memory budget."""
+    packs = w.__dict__.setdefault(_ONEDNN, {})
+    version, packed = packs.get(dtype, (None, None))
     if version != _version(w):
         charged = packed is not None and packed is not False  # a repack reuses the budget it took
         packed = False
-        if torch.backends.mkldnn.is_available() and (charged or _may_expand(w.numel() * 4)):
+        if torch.backends.mkldnn.is_available() and (charged or _may_expand(w.numel() * dtype.itemsize)):
             try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 4)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), 4)
             except (RuntimeError, AttributeError):  # a build or CPU without this oneDNN path
                 packed = False
-        w.__dict__[_ONEDNN] = (_version(w), packed)
+        packs[dtype] = (_version(w), packed)
     return packed if packed is not False else None
 
 
-def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN when M >= ONEDNN_MIN_ROWS; None
-    (the caller uses F.linear) for one row, other dtypes or no oneDNN.
+def _drop_onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> None:
+    """Free a copy no measured choice uses, and give its bytes back to the budget."""
+    global _expanded_bytes
+    _, packed = w.__dict__.get(_ONEDNN, {}).pop(dtype, (None, None))
+    if packed is not None and packed is not False:
+        _expanded_bytes -= w.numel() * dtype.itemsize
 
-    bfloat16 goes through the float32 copy too: without AVX-512 BF16, PyTorch's bfloat16 GEMM
-    takes 3-8x its one-row time at 2-16 rows, and it accumulates in float32 anyway, so the
-    widened product differs from it by summation order only (rounded to bfloat16 the same way).
-    """
-    if x.shape[0] < ONEDNN_MIN_ROWS or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
+
+def _choice_key(x: torch.Tensor, w: torch.Tensor) -> tuple:
+    return (x.dtype, w.shape[0], w.shape[1], w.stride(0) == 1, 0 if x.shape[0] == 1 else 1)
+
+
+def _default_choice(dtype: torch.dtype, rows: int) -> str:
+    if rows < ONEDNN_MIN_ROWS:
+        return "mkl"
+    return "onednn" if dtype == torch.float32 else "onednn_f32"
+
+
+def _run(choice: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ W^T (+ bias) the way ``choice`` says; None for 'mkl' or a oneDNN copy it cannot have."""
+    if choice == "mkl":
         return None
-    packed = _onednn_pack(w)
+    pack_dtype = torch.float32 if choice == "onednn_f32" else x.dtype
+    packed = _onednn_pack(w, pack_dtype)
     if packed is None:
         return None
-    if x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if pack_dtype == x.dtype:
+        b = None if bias is None else bias.to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
     b = None if bias is None else bias.float()
     return torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "").to(x.dtype)
+
+
+def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN where ``calibrate`` measured it
+    faster for W's shape and M's bucket (uncalibrated: from ONEDNN_MIN_ROWS rows up); None
+    (the caller uses F.linear: MKL) otherwise, for other dtypes or without oneDNN.
+
+    bfloat16 may take a float32 copy ('onednn_f32'): without AVX-512 BF16, PyTorch's bfloat16
+    GEMM takes 3-8x its one-row time at 2-16 rows, and it accumulates in float32 anyway, so the
+    widened product differs from it by summation order only (rounded to bfloat16 the same way).
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
+        return None
+    key = _choice_key(x, w)
+    choice = _CHOICE.get(key) or _default_choice(x.dtype, x.shape[0])
+    return _run(choice, x, w, bias)
+
+
+def _candidates(dtype: torch.dtype) -> tuple[str, ...]:
+    return ("mkl", "onednn") if dtype == torch.float32 else ("mkl", "onednn", "onednn_f32")
+
+
+def _time_pass(choice: str, x: torch.Tensor, weights: list[torch.Tensor], passes: int = 3) -> float:
+    """Seconds per GEMM: the best of ``passes`` passes through ``weights``, after one to warm up."""
+    fns = [(lambda w=w: torch.nn.functional.linear(x, w)) if choice == "mkl" else (lambda w=w: _run(choice, x, w, None))
+           for w in weights]
+    try:
+        if any(f() is None for f in fns):
+            return math.inf  # no such oneDNN copy here
+    except RuntimeError:  # a oneDNN path this CPU lacks (bfloat16 without AVX-512)
+        return math.inf
+    best = math.inf
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        best = min(best, (time.perf_counter() - t0) / len(fns))
+    return best
+
+
+@torch.inference_mode()
+def calibrate(weights: Iterable[torch.Tensor], min_bytes: int = CALIBRATE_MIN_BYTES) -> dict[str, dict]:
+    """Time each GEMM path on the model's own dense CPU weights and keep the fastest per shape
+    and row bucket for ``cpu_dense_matmul``. Which is fastest is a property of the host (MKL's
+    one-row GEMV beat oneDNN on one 2-core AVX2 EPYC; oneDNN's packed bfloat16 ran twice MKL's
+    speed on an AVX-512 BF16 one), so it is measured, not assumed. Returns what it chose and
+    the microseconds behind it, by 'dtype NxK bucket', for logs and benchmarks."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for w in weights:
+        if (isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.dim() == 2
+                and w.dtype in (torch.float32, torch.bfloat16)):
+            groups.setdefault((w.dtype, w.shape[0], w.shape[1], w.stride(0) == 1), []).append(w)
+    report: dict[str, dict] = {}
+    for (dtype, n, k, k_major), ws in groups.items():
+        if sum(w.numel() for w in ws) * dtype.itemsize < min_bytes:
+            continue
+        sample, nbytes = [], 0
+        for w in ws:
+            if nbytes >= CALIBRATE_SAMPLE_BYTES:
+                break
+            sample.append(w)
+            nbytes += w.numel() * dtype.itemsize
+        chosen: set[str] = set()
+        for bucket, rows in enumerate(ROW_BUCKETS):
+            x = torch.randn(rows, k, dtype=dtype)
+            us = {c: 1e6 * _time_pass(c, x, sample) for c in _candidates(dtype)}
+            choice = min(us, key=us.get)
+            _CHOICE[(dtype, n, k, k_major, bucket)] = choice
+            chosen.add(choice)
+            report[f"{str(dtype).removeprefix('torch.')} {n}x{k} m{rows}"] = {
+                "choice": choice, **{c: round(t, 1) for c, t in us.items() if t != math.inf}}
+        for c in set(_candidates(dtype)) - chosen - {"mkl"}:
+            for w in sample:
+                _drop_onednn_pack(w, torch.float32 if c == "onednn_f32" else dtype)
+    return report
 
 
 def _int8_pack(w: Int8Weight, dtype: torch.dtype) -> tuple | None:
@@ -155,15 +271,35 @@ def _pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
     return _int4_pack(w, dtype)
 
 
+def _prepared(w: QuantizedWeight, dtype: torch.dtype) -> tuple | None:
+    """W's CPU form for ``dtype`` activations, made on first use and kept beside it."""
+    cache: dict = w.__dict__.setdefault(_CACHE, {})
+    if dtype not in cache:
+        cache[dtype] = _pack(w, dtype)
+    return cache[dtype]
+
+
+def cpu_dense_copies(weights: Iterable[object], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The dense weights a CPU model of ``dtype`` multiplies by: its dense ones, and the
+    expanded copies of packed ones (made now rather than on the first step) — what
+    ``calibrate`` times."""
+    out = []
+    for w in weights:
+        if isinstance(w, torch.Tensor):
+            out.append(w)
+        elif isinstance(w, QuantizedWeight) and dtype in (torch.float32, torch.bfloat16):
+            pack = _prepared(w, dtype)
+            if pack is not None and pack[0] == "dense":
+                out.append(pack[1])
+    return out
+
+
 def cpu_packed_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     """x [M, K] (float32 or bfloat16, on the CPU) @ W → [M, N], or None when W's format has
     no CPU path here."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    cache: dict = w.__dict__.setdefault(_CACHE, {})
-    if x.dtype not in cache:
-        cache[x.dtype] = _pack(w, x.dtype)
-    pack = cache[x.dtype]
+    pack = _prepared(w, x.dtype)
     if pack is None:
         return None
     if pack[0] == "dense":  # an expanded copy (float32, or Q8_0's bfloat16), used as a dense weight is
