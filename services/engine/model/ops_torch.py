@@ -22,6 +22,8 @@ class TorchOps:
     def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, max_positions: int) -> None:
         self.device, self.dtype = device, dtype
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(positions, cos rows, sin rows) of the step running: every layer rotates at the same positions."""
         self._grow_rope(max_positions)
 
     def _grow_rope(self, positions: int) -> None:
@@ -34,7 +36,7 @@ class TorchOps:
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.max_seq_len > self._cos.shape[0]:  # positions < seq_lens <= max_seq_len
             self._grow_rope(max(meta.max_seq_len, 2 * self._cos.shape[0]))
-        self._rows = None  # the step's cos/sin rows, gathered by its first layer
+        self._rows = None  # gathered again by the step's first layer
 
     def embed(self, weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_rows(weight, ids, dtype)
@@ -65,8 +67,8 @@ class TorchOps:
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = getattr(self, "_rows", None)
-        if rows is None or rows[0] is not positions:  # every layer of a step shares its rows
+        rows = self._rows
+        if rows is None or rows[0] is not positions:
             rows = self._rows = (positions, self._cos.index_select(0, positions), self._sin.index_select(0, positions))
         _, cos, sin = rows  # [T, D]
         if (qk := _side_by_side(q, k)) is not None:

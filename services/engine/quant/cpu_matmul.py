@@ -206,9 +206,9 @@ def _time_pass(choice: str, x: torch.Tensor, weights: list[torch.Tensor], passes
 @torch.inference_mode()
 def calibrate(weights: Iterable[torch.Tensor], min_bytes: int = CALIBRATE_MIN_BYTES) -> dict[str, dict]:
     """Time each GEMM path on the model's own dense CPU weights and keep the fastest per shape
-    and row bucket for ``cpu_dense_matmul``. Which is fastest is a property of the host (MKL's
-    one-row GEMV beat oneDNN on one 2-core AVX2 EPYC; oneDNN's packed bfloat16 ran twice MKL's
-    speed on an AVX-512 BF16 one), so it is measured, not assumed. Returns what it chose and
+    and row bucket for ``cpu_dense_matmul``. Which is fastest is a property of the host (oneDNN
+    at 2-16 rows was 1.5-3x MKL on a 2-core AVX2 EPYC; on an AVX-512 BF16 one it also won at
+    one row, its packed bfloat16 at twice MKL's speed), so it is measured, not assumed. Returns what it chose and
     the microseconds behind it, by 'dtype NxK bucket', for logs and benchmarks."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for w in weights:
