@@ -26,8 +26,7 @@ import time
 import torch
 
 from llmesh.bench_results import write_result
-from llmesh.engine.quant.cpu_matmul import cpu_layout
-from llmesh.engine.quant.cpu_matmul import _run as run_gemm_path
+from llmesh.engine.quant.cpu_matmul import cpu_layout, run_gemm_path
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:

@@ -160,8 +160,8 @@ def test_every_gemm_path_calibrate_can_choose_computes_the_product(dtype):
         x = torch.randn(m, 96, generator=gen).to(dtype)
         exact = x.double() @ w.double().t() + bias.double()
         tol = 1e-6 if dtype == torch.float32 else 2 ** -8
-        for choice in cpu_matmul._candidates(dtype):
-            got = cpu_matmul._run(choice, x, w, bias)
+        for choice in cpu_matmul.gemm_paths(dtype):
+            got = cpu_matmul.run_gemm_path(choice, x, w, bias)
             if choice == "mkl":
                 assert got is None  # the caller's F.linear
                 continue
@@ -183,7 +183,7 @@ def test_calibrate_times_each_shape_and_row_bucket_and_keeps_only_the_chosen_cop
                            "float32 40x24 m1"}
     for key, entry in report.items():
         dtype = torch.float32 if key.startswith("float32") else torch.bfloat16
-        assert entry["choice"] in cpu_matmul._candidates(dtype) and entry[entry["choice"]] > 0
+        assert entry["choice"] in cpu_matmul.gemm_paths(dtype) and entry[entry["choice"]] > 0
         assert entry[entry["choice"]] == min(v for k, v in entry.items() if k != "choice")
     for ws, dtype in ((f32, torch.float32), (bf16, torch.bfloat16)):
         chosen = {report[f"{str(dtype)[6:]} 320x64 m{m}"]["choice"] for m in (1, 8)}
@@ -194,7 +194,7 @@ def test_calibrate_times_each_shape_and_row_bucket_and_keeps_only_the_chosen_cop
             if choice == "mkl":
                 assert got is None
             else:
-                assert torch.equal(got, cpu_matmul._run(choice, x, ws[0], None))
+                assert torch.equal(got, cpu_matmul.run_gemm_path(choice, x, ws[0], None))
         kept = set(ws[0].__dict__.get("_llmesh_onednn", {}))
         wanted = {torch.float32 if c == "onednn_f32" else dtype for c in chosen if c != "mkl"}
         assert kept == wanted, "a oneDNN copy no choice uses is freed"

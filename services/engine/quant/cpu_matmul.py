@@ -150,7 +150,7 @@ def _default_choice(dtype: torch.dtype, rows: int) -> str:
     return "onednn" if dtype == torch.float32 else "onednn_f32"
 
 
-def _run(choice: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+def run_gemm_path(choice: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ W^T (+ bias) the way ``choice`` says; None for 'mkl' or a oneDNN copy it cannot have."""
     if choice == "mkl":
         return None
@@ -178,17 +178,20 @@ def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         return None
     key = _choice_key(x, w)
     choice = _CHOICE.get(key) or _default_choice(x.dtype, x.shape[0])
-    return _run(choice, x, w, bias)
+    return run_gemm_path(choice, x, w, bias)
 
 
-def _candidates(dtype: torch.dtype) -> tuple[str, ...]:
+def gemm_paths(dtype: torch.dtype) -> tuple[str, ...]:
+    """The paths ``calibrate`` chooses among for a dense weight of ``dtype``."""
     return ("mkl", "onednn") if dtype == torch.float32 else ("mkl", "onednn", "onednn_f32")
 
 
 def _time_pass(choice: str, x: torch.Tensor, weights: list[torch.Tensor], passes: int = 3) -> float:
     """Seconds per GEMM: the best of ``passes`` passes through ``weights``, after one to warm up."""
-    fns = [(lambda w=w: torch.nn.functional.linear(x, w)) if choice == "mkl" else (lambda w=w: _run(choice, x, w, None))
-           for w in weights]
+    if choice == "mkl":
+        fns = [lambda w=w: torch.nn.functional.linear(x, w) for w in weights]
+    else:
+        fns = [lambda w=w: run_gemm_path(choice, x, w, None) for w in weights]
     try:
         if any(f() is None for f in fns):
             return math.inf  # no such oneDNN copy here
@@ -228,13 +231,13 @@ def calibrate(weights: Iterable[torch.Tensor], min_bytes: int = CALIBRATE_MIN_BY
         chosen: set[str] = set()
         for bucket, rows in enumerate(ROW_BUCKETS):
             x = torch.randn(rows, k, dtype=dtype)
-            us = {c: 1e6 * _time_pass(c, x, sample) for c in _candidates(dtype)}
+            us = {c: 1e6 * _time_pass(c, x, sample) for c in gemm_paths(dtype)}
             choice = min(us, key=us.get)
             _CHOICE[(dtype, n, k, k_major, bucket)] = choice
             chosen.add(choice)
             report[f"{str(dtype).removeprefix('torch.')} {n}x{k} m{rows}"] = {
                 "choice": choice, **{c: round(t, 1) for c, t in us.items() if t != math.inf}}
-        for c in set(_candidates(dtype)) - chosen - {"mkl"}:
+        for c in set(gemm_paths(dtype)) - chosen - {"mkl"}:
             for w in sample:
                 _drop_onednn_pack(w, torch.float32 if c == "onednn_f32" else dtype)
     return report
