@@ -12,7 +12,9 @@
    time, then all 32 at once: output tok/s of each and the ratio.
 2. Prefix caching: TTFT of requests sharing a 512-token prefix, caching on vs off.
 
-Prints the numbers and writes bench/results/engine_cpu.json. No assertion on speed.
+Prints the numbers and writes bench/results/engine_cpu.json (its workload names the host's
+instruction-set flags and the GEMM path each single-stream engine measured and took). No
+assertion on speed.
 Usage: python bench/engine_cpu.py [--requests 32] [--prompt-len 128] [--new-tokens 128] [--only-single]
 """
 
@@ -73,10 +75,25 @@ def copy_bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+GEMM_PLANS: dict[str, dict] = {}
+"""The GEMM path each single-stream variant's engine measured and took (quant/cpu_matmul.calibrate)."""
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which CPU kernels are fast (the hosts differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+
+
 def bench_single_stream(path: str, prompt_len: int, new_tokens: int, quantization: str,
                         repeats: int, dtype: str = "float32") -> tuple[float, int]:
     """(output tok/s of one greedy stream, the weight bytes it reads per step)."""
     llm = LLM(path, dtype=dtype, device="cpu", quantization=quantization, enable_prefix_caching=False)
+    GEMM_PLANS[f"{quantization}_{dtype}"] = {k: v["choice"] for k, v in llm.engine.runner.cpu_gemm_plan.items()}
     prompt = _prompts(1, prompt_len, llm.engine.model_config.vocab_size, seed=3)[0]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], params)  # warm-up: allocator, caches, any compilation
@@ -153,7 +170,8 @@ def main() -> None:
     workload = {"model": "SmolLM2-135M-Instruct Q4_1 (dequantized, float32)", "requests": args.requests,
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ignore_eos": True,
                 "prefix_len": args.prefix_len, "prefix_questions": args.questions, "backend": "torch",
-                "torch_threads": torch.get_num_threads(), "single_stream_repeats": args.repeats, "only_single": args.only_single}
+                "torch_threads": torch.get_num_threads(), "single_stream_repeats": args.repeats,
+                "only_single": args.only_single, "cpu_flags": cpu_flags(), "gemm_plans": GEMM_PLANS}
     print("wrote", write_result(args.name, workload, metrics))
 
 
