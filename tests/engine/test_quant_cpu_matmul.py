@@ -184,7 +184,11 @@ def test_calibrate_times_each_shape_and_row_bucket_and_keeps_only_the_chosen_cop
     for key, entry in report.items():
         dtype = torch.float32 if key.startswith("float32") else torch.bfloat16
         assert entry["choice"] in cpu_matmul.gemm_paths(dtype) and entry[entry["choice"]] > 0
-        assert entry[entry["choice"]] == min(v for k, v in entry.items() if k != "choice")
+        fastest = min(v for k, v in entry.items() if k != "choice")
+        default = cpu_matmul._default_choice(dtype, int(key.rpartition("m")[2]))
+        # the fastest, or the fixed rule's path when that is within the margin of it
+        assert entry[entry["choice"]] == fastest or (
+            entry["choice"] == default and entry[default] <= cpu_matmul.CALIBRATE_MARGIN * fastest + 0.1)
     for ws, dtype in ((f32, torch.float32), (bf16, torch.bfloat16)):
         chosen = {report[f"{str(dtype)[6:]} 320x64 m{m}"]["choice"] for m in (1, 8)}
         for m in (1, 8):
