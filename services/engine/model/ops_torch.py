@@ -124,8 +124,6 @@ def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """q [T, H_q, D] and k [T, H_kv, D] as one [T, H_q + H_kv, D] view where k's heads follow
     q's in memory (both views into the fused qkv projection); None otherwise."""
     t, h_q, d = q.shape
-    if torch.compiler.is_compiling():  # data pointers are not traceable; a compiler fuses the two anyway
-        return None
     if (q.stride() != k.stride() or q.stride(2) != 1 or q.stride(1) != d or q.dtype != k.dtype
             or k.data_ptr() != q.data_ptr() + h_q * d * q.element_size()):
         return None

@@ -3,7 +3,8 @@
 The torch backend's reference for a packed weight dequantizes all of W every step: on the
 CPU that reads four bytes per weight (more than a float32 model does) and spends the step
 expanding it, so a quantized model ran slower than the float32 one it came from. Here each
-weight is prepared once, on first use, and the copy kept beside it:
+weight is prepared once (when the model loads, for the copies ``calibrate`` times; on first
+use otherwise) and the copy kept beside it:
 
 - bfloat16 activations: PyTorch's packed CPU kernels, which read the packed bytes and
   accumulate in float32. ``_weight_int8pack_mm`` takes INT8 with one scale per output
