@@ -60,7 +60,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
                                    interpreting, pdl_launch)
-from llmesh.kernels.fused_moe_config import MoEConfig, pick_config
+from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_int4 import _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
@@ -334,8 +334,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if t == 0:
         return torch.zeros_like(x)
     fmt = "int4" if w13.dtype == torch.uint8 else "dense"  # the tile table's expert format
-    config = config or pick_config(t, e, inter, h, top_k, x.device, fmt)
-    down_config = down_config or pick_config(t, e, h, inter, top_k, x.device, fmt)
+    limit = shared_memory_limit(x.device)
+    fit = dict(act_bytes=x.element_size(), weight_bytes=w13.element_size(), int4=fmt == "int4")
+    # a table's tile is fitted to this launch's dtypes; an explicit one (tests, the sweep) runs as given
+    config = config or fit_shared_memory(pick_config(t, e, inter, h, top_k, x.device, fmt), limit, gated=True, **fit)
+    down_config = down_config or fit_shared_memory(pick_config(t, e, h, inter, top_k, x.device, fmt), limit,
+                                                   gated=False, **fit)
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)

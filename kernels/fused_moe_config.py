@@ -19,6 +19,7 @@ winners into TUNED_FILE under the table's tag; entries come only from such a mea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -128,6 +129,51 @@ def default_config(m: int, num_experts: int, n: int, k: int, top_k: int, weights
     if rows_per_expert <= 64:
         return MoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
     return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+SHARED_MEMORY_LIMIT = 232448
+"""Shared memory one block may opt into on Hopper, where a device reports none (the interpreter)."""
+
+
+def shared_memory_estimate(config: MoEConfig, act_bytes: int, weight_bytes: int, gated: bool, int4: bool) -> int:
+    """Bytes of shared memory one program of this tile takes: Triton's pipeline keeps
+    num_stages - 1 copies of the activation and weight tiles in flight, and a dot operand made
+    in registers (INT4 codes widened, or any operand cast to float32) is staged once more. On
+    the H200 the INT4 gate/up tile 128 x 128 x 64 with 4 stages and float32 activations asked
+    for 311,296 bytes, which this gives exactly."""
+    k_rows = 2 * config.block_k if int4 else config.block_k  # an INT4 step covers both halves
+    b_cols = config.block_n * (2 if gated else 1)  # the gate and up tiles
+    a = config.block_m * k_rows * act_bytes
+    b = config.block_k * b_cols if int4 else k_rows * b_cols * weight_bytes
+    staged = k_rows * config.block_n * act_bytes if int4 or act_bytes == 4 else 0
+    return (config.num_stages - 1) * (a + b) + staged
+
+
+def fit_shared_memory(config: MoEConfig, limit: int, act_bytes: int, weight_bytes: int, gated: bool,
+                      int4: bool) -> MoEConfig:
+    """``config`` with fewer stages, then shorter K steps, until its estimate fits ``limit``.
+
+    The tables and the heuristic are measured with 16-bit activations; float32 ones (the GPU
+    fidelity runs) double the activation tiles, and a prefill tile that fits in bfloat16 does
+    not. BLOCK_M stays: the down GEMM shares the gate/up GEMM's sorted blocks."""
+    def fits(c: MoEConfig) -> bool:
+        return shared_memory_estimate(c, act_bytes, weight_bytes, gated, int4) <= limit
+
+    while not fits(config) and config.num_stages > 2:
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    while not fits(config) and config.block_k > 16:
+        config = dataclasses.replace(config, block_k=config.block_k // 2)
+    return config
+
+
+def shared_memory_limit(device) -> int:
+    """The opt-in shared memory a block of ``device`` (a torch.device) may use."""
+    if device is None or device.type != "cuda":
+        return SHARED_MEMORY_LIMIT
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or SHARED_MEMORY_LIMIT)
 
 
 def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=None,

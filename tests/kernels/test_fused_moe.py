@@ -222,6 +222,33 @@ def test_config_heuristic_and_buckets():
         MoEConfig(block_m=24, block_n=32, block_k=32)
 
 
+def test_tiles_are_fitted_to_shared_memory():
+    from llmesh.kernels.fused_moe_config import (SHARED_MEMORY_LIMIT, fit_shared_memory, load_tuned,
+                                                 shared_memory_estimate)
+
+    prefill = MoEConfig(128, 128, 64, 8, 4)
+    # the H200's report for this INT4 gate/up tile with float32 activations (OutOfResources)
+    assert shared_memory_estimate(prefill, 4, 1, gated=True, int4=True) == 311296
+    fitted = fit_shared_memory(prefill, SHARED_MEMORY_LIMIT, 4, 1, gated=True, int4=True)
+    assert fitted.block_m == 128 and fitted.num_stages < 4
+    assert shared_memory_estimate(fitted, 4, 1, gated=True, int4=True) <= SHARED_MEMORY_LIMIT
+    # a limit that no number of stages meets shortens the K step, never below a dot tile
+    tight = fit_shared_memory(prefill, 40_000, 4, 1, gated=True, int4=True)
+    assert tight.num_stages == 2 and tight.block_k < 64 and tight.block_m == 128
+    assert fit_shared_memory(prefill, 1, 4, 1, gated=True, int4=True).block_k == 16
+    # 16-bit activations: every shipped tile and heuristic tile is left as measured
+    for tag, table in load_tuned().items():
+        int4 = tag.endswith(":int4")
+        for (_, n, k, _), cfg in table.items():
+            for gated in (True, False):
+                assert fit_shared_memory(cfg, SHARED_MEMORY_LIMIT, 2, 1 if int4 else 2, gated, int4) == cfg, (tag, cfg)
+    for weights in ("dense", "int4"):
+        for m in (1, 64, 4096):
+            cfg = default_config(m, 128, 768, 2048, 8, weights)
+            assert fit_shared_memory(cfg, SHARED_MEMORY_LIMIT, 2, 1 if weights == "int4" else 2, True,
+                                     weights == "int4") == cfg
+
+
 def test_bad_arguments_are_named(device):
     x = torch.randn(4, 32, device=device)
     w13 = torch.randn(2, 64, 32, device=device)
