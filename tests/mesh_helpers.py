@@ -9,7 +9,7 @@ failing test shows why the process died.
 
 API (stable; other test packages import it):
 
-* ``free_port() -> int``
+* ``free_port() -> int``, ``free_ports(n)``, ``free_port_base(offsets, avoid=())``
 * ``RedisServer(port=None)``: ``.url``, ``.port``, ``.start()``, ``.stop()``, ``.ping()``
 * ``ServiceProcess(module, args, env=None, ready_timeout=120, wait=True)``:
   ``.address``, ``.name``, ``.pid``, ``.wait_ready()``, ``.stop(sig, timeout)``,
@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 
 import pytest
 
@@ -55,6 +56,30 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_port_base(offsets: Iterable[int], avoid: Iterable[int] = (), attempts: int = 50) -> int:
+    """A base port whose base + offset are all free now and none of them in ``avoid``: a
+    service planned at an offset from a base (metrics ports) must not land on a port another
+    service was given, nor on one a connection holds."""
+    offsets, avoid = list(offsets), set(avoid)
+    for _ in range(attempts):
+        base = free_ports(1)[0]
+        ports = [base + off for off in offsets]
+        if max(ports) > 65535 or avoid.intersection(ports):
+            continue
+        socks = []
+        try:
+            for port in ports:
+                socks.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                socks[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no free block of ports at offsets {offsets} after {attempts} tries")
 
 
 def _kill_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:

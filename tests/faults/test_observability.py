@@ -22,7 +22,7 @@ from llmesh.launcher import Mesh, UpConfig
 from llmesh.telemetry import NO_ROOT_METHODS, UNTRACED_METHODS
 from llmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc,
                        prefix_index_pb2, prefix_index_pb2_grpc)
-from tests.mesh_helpers import RedisServer, free_port, start_prefix_index
+from tests.mesh_helpers import RedisServer, free_port, free_port_base, start_prefix_index
 from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,27 +34,6 @@ REQUEST_ROOTS = {"/llmesh.v1.Inference/Generate", "/llmesh.v1.Inference/Chat", "
                  "/llmesh.v1.Inference/ListModels", "/llmesh.v1.Engine/Generate"}
 
 
-def _free_base() -> int:
-    """A base port whose +0, +1, +2 and +10 are free now."""
-    for _ in range(50):
-        base = free_port()
-        ports = [base + off for off in SERVICES.values()]
-        if max(ports) < 65536 and all(_is_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free block of metrics ports")
-
-
-def _is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, tiny_llama):
     run_dir = tmp_path_factory.mktemp("obs-mesh")
@@ -64,7 +43,7 @@ def mesh(tmp_path_factory, tiny_llama):
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
     cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
                    router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=_free_base(), device="cpu", run_dir=str(run_dir),
+                   redis_port=free_port(), metrics_base_port=free_port_base(SERVICES.values()), device="cpu", run_dir=str(run_dir),
                    auth=False)
     with OtlpReceiver() as otlp:
         saved = dict(os.environ)
