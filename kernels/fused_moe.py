@@ -334,12 +334,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if t == 0:
         return torch.zeros_like(x)
     fmt = "int4" if w13.dtype == torch.uint8 else "dense"  # the tile table's expert format
-    limit = shared_memory_limit(x.device)
-    fit = dict(act_bytes=x.element_size(), weight_bytes=w13.element_size(), int4=fmt == "int4")
     # a table's tile is fitted to this launch's dtypes; an explicit one (tests, the sweep) runs as given
-    config = config or fit_shared_memory(pick_config(t, e, inter, h, top_k, x.device, fmt), limit, gated=True, **fit)
-    down_config = down_config or fit_shared_memory(pick_config(t, e, h, inter, top_k, x.device, fmt), limit,
-                                                   gated=False, **fit)
+    if config is None or down_config is None:
+        fit = dict(limit=shared_memory_limit(x.device), act_bytes=x.element_size(),
+                   weight_bytes=w13.element_size(), int4=fmt == "int4")
+        config = config or fit_shared_memory(pick_config(t, e, inter, h, top_k, x.device, fmt), gated=True, **fit)
+        down_config = down_config or fit_shared_memory(pick_config(t, e, h, inter, top_k, x.device, fmt),
+                                                       gated=False, **fit)
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)

@@ -172,7 +172,14 @@ def shared_memory_limit(device) -> int:
         return SHARED_MEMORY_LIMIT
     import torch
 
-    props = torch.cuda.get_device_properties(device)
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_shared_memory(index: int) -> int:  # read once per GPU: fused_moe asks on every launch
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or SHARED_MEMORY_LIMIT)
 
 
