@@ -112,20 +112,28 @@ def engine_env(spec: ModelSpec, replica: int, address: str, cfg: UpConfig, metri
     return env
 
 
+METRICS_OFFSETS = {"gateway": 0, "router": 1, "prefix-cache": 2}
+"""Each service's metrics port, as an offset from ``metrics_base_port``."""
+ENGINE_METRICS_OFFSET = 10
+"""The n-th engine process (in plan order) serves metrics at base + ENGINE_METRICS_OFFSET + n."""
+
+
 def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
               redis_password: str = "") -> tuple[list[ProcessSpec], ModelsFile]:
     """Every process of the mesh with its settings, in start order; and the models file
     with each replica's address filled in (what router and gateway read). Writes nothing."""
     mp = cfg.metrics_base_port
     metrics = (lambda off: mp + off) if mp else (lambda off: 0)
+    gateway_metrics, router_metrics, cache_metrics = (metrics(METRICS_OFFSETS[name])
+                                                      for name in ("gateway", "router", "prefix-cache"))
     redis_url = with_password(cfg.host, cfg.redis_port, redis_password)
     store = LocalRedis(cfg.data_dir or default_data_dir())
     procs = [ProcessSpec("redis", store.argv(cfg.redis_server, cfg.host, cfg.redis_port),
                          env={}, address=f"{cfg.host}:{cfg.redis_port}", grpc=False),
              ProcessSpec("prefix-cache", [sys.executable, "-m", "llmesh.prefix_cache.main"], env={
                  "LLMESH_PREFIX_CACHE_HOST": cfg.host, "LLMESH_PREFIX_CACHE_PORT": str(cfg.prefix_cache_port),
-                 "LLMESH_PREFIX_CACHE_REDIS_URL": redis_url, "LLMESH_PREFIX_CACHE_METRICS_PORT": str(metrics(2))},
-                 address=f"{cfg.host}:{cfg.prefix_cache_port}", metrics_port=metrics(2))]
+                 "LLMESH_PREFIX_CACHE_REDIS_URL": redis_url, "LLMESH_PREFIX_CACHE_METRICS_PORT": str(cache_metrics)},
+                 address=f"{cfg.host}:{cfg.prefix_cache_port}", metrics_port=cache_metrics)]
     resolved = []
     port, n = cfg.engine_base_port, 0
     for spec in models.models:
@@ -135,8 +143,8 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
             addresses.append(address)
             procs.append(ProcessSpec(f"engine-{spec.name}-{replica}",
                                      [sys.executable, "-m", "llmesh.engine.service.main"],
-                                     env=engine_env(spec, replica, address, cfg, metrics(10 + n)),
-                                     address=address, metrics_port=metrics(10 + n)))
+                                     env=engine_env(spec, replica, address, cfg, metrics(ENGINE_METRICS_OFFSET + n)),
+                                     address=address, metrics_port=metrics(ENGINE_METRICS_OFFSET + n)))
             port, n = port + 1, n + 1
         # `llmesh up` starts the engines itself: its router knows their addresses, not DNS names.
         resolved.append(dataclasses.replace(spec, addresses=addresses, discovery=""))
@@ -146,16 +154,16 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
         "LLMESH_ROUTER_HOST": cfg.host, "LLMESH_ROUTER_PORT": str(cfg.router_port),
         "LLMESH_ROUTER_MODELS_FILE": models_path,
         "LLMESH_ROUTER_PREFIX_INDEX": f"{cfg.host}:{cfg.prefix_cache_port}",
-        "LLMESH_ROUTER_METRICS_PORT": str(metrics(1))}, address=f"{cfg.host}:{cfg.router_port}",
-        metrics_port=metrics(1)))
+        "LLMESH_ROUTER_METRICS_PORT": str(router_metrics)}, address=f"{cfg.host}:{cfg.router_port}",
+        metrics_port=router_metrics))
     procs.append(ProcessSpec("gateway", [sys.executable, "-m", "llmesh.gateway.main"], env={
         "LLMESH_GATEWAY_HOST": cfg.host, "LLMESH_GATEWAY_PORT": str(cfg.gateway_port),
         "LLMESH_GATEWAY_HTTP_PORT": str(cfg.http_port),
         "LLMESH_GATEWAY_AUTH": "true" if cfg.auth else "false", "LLMESH_GATEWAY_REDIS_URL": redis_url,
         "LLMESH_GATEWAY_ROUTER": f"{cfg.host}:{cfg.router_port}",
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
-        "LLMESH_GATEWAY_METRICS_PORT": str(metrics(0))}, address=f"{cfg.host}:{cfg.gateway_port}",
-        metrics_port=metrics(0), extra_ports={"HTTP": cfg.http_port} if cfg.http_port else {}))
+        "LLMESH_GATEWAY_METRICS_PORT": str(gateway_metrics)}, address=f"{cfg.host}:{cfg.gateway_port}",
+        metrics_port=gateway_metrics, extra_ports={"HTTP": cfg.http_port} if cfg.http_port else {}))
     # Every service reads the mesh secret (written by Mesh at each start) from this file:
     # the path travels, the secret never appears on a command line.
     for p in procs:

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmesh.launcher import ENGINE_METRICS_OFFSET, METRICS_OFFSETS
 from tests.mesh_helpers import free_port_base, free_ports
 
 LLMESH = [sys.executable, "-m", "llmesh.cli"]
@@ -86,8 +87,8 @@ class LlmeshUp:
         names = ("gateway", "router", "prefix-cache", "engine-base", "redis")
         self.ports = dict(zip(names, free_ports(len(names))))
         engines = range(self.ports["engine-base"], self.ports["engine-base"] + 8)
-        # gateway +0, router +1, prefix cache +2, engines from +10 (llmesh.launcher)
-        self.metrics_base = free_port_base((0, 1, 2, *range(10, 18)), avoid=[*self.ports.values(), *engines])
+        offsets = (*METRICS_OFFSETS.values(), *range(ENGINE_METRICS_OFFSET, ENGINE_METRICS_OFFSET + 8))
+        self.metrics_base = free_port_base(offsets, avoid=[*self.ports.values(), *engines])
         self.data_dir, self.run_dir = root / "data", root / "run"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(root / "config"),
                     "XDG_DATA_HOME": str(root / "xdg-data"), **(env or {})}

@@ -18,7 +18,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmesh.launcher import Mesh, UpConfig
+from llmesh.launcher import ENGINE_METRICS_OFFSET, METRICS_OFFSETS, Mesh, UpConfig
 from llmesh.telemetry import NO_ROOT_METHODS, UNTRACED_METHODS
 from llmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc,
                        prefix_index_pb2, prefix_index_pb2_grpc)
@@ -28,7 +28,7 @@ from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 PROMPT = "the quick brown fox jumps over the lazy dog"
-SERVICES = {"gateway": 0, "router": 1, "prefix-cache": 2, f"engine-{MODEL}-0": 10}
+SERVICES = {**METRICS_OFFSETS, f"engine-{MODEL}-0": ENGINE_METRICS_OFFSET}
 """Process name in the run dir → its metrics port's offset from metrics_base_port."""
 REQUEST_ROOTS = {"/llmesh.v1.Inference/Generate", "/llmesh.v1.Inference/Chat", "/llmesh.v1.Inference/Tokenize",
                  "/llmesh.v1.Inference/ListModels", "/llmesh.v1.Engine/Generate"}
@@ -43,8 +43,8 @@ def mesh(tmp_path_factory, tiny_llama):
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
     cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
                    router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=free_port_base(SERVICES.values()), device="cpu", run_dir=str(run_dir),
-                   auth=False)
+                   redis_port=free_port(), metrics_base_port=free_port_base(SERVICES.values()), device="cpu",
+                   run_dir=str(run_dir), auth=False)
     with OtlpReceiver() as otlp:
         saved = dict(os.environ)
         # Fast polls, so that the test sees many of them in a short time.
