@@ -87,6 +87,14 @@ def wait_entries(mesh, tenant: str, count: int, within_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def wait_stored(client, name, vector, timeout=5.0):
+    """Until the gateway's background store has written ``vector`` under ``name``."""
+    deadline = time.monotonic() + timeout
+    while client.get(name) != vector:
+        assert time.monotonic() < deadline, "the embedding was not stored afresh"
+        time.sleep(0.02)
+
+
 def vectors(resp: engine_pb2.EmbedResponse) -> list[bytes]:
     return [d.vector for d in resp.data]
 
@@ -255,17 +263,25 @@ def test_damaged_entries_are_misses_and_are_stored_again(mesh):
     out = embed(mesh, key, [A])
     assert out.cached_inputs == 0 and out.dimensions == 128
     assert_close(np.frombuffer(out.data[0].vector, "<f4"), reference(mesh, A))
+    # The fresh vector is stored in the background: damage the entry again only once that
+    # store has landed, or it would overwrite the damage (a race CI once lost).
+    wait_stored(client, name, out.data[0].vector)
     # a well-formed vector of another width: caught beside an input the engine embeds
     client.set(name, good.data[0].vector[:64 * 4])
     out = embed(mesh, key, [A, B])
     assert out.cached_inputs == 0 and out.dimensions == 128
     assert_close(np.frombuffer(out.data[0].vector, "<f4"), reference(mesh, A))
     assert metric(mesh, "llmesh_gateway_embedding_cache_errors_total", model=EMB, op="decode") == errors + 2
-    deadline = time.monotonic() + 5
-    while client.get(name) != out.data[0].vector:  # stored afresh
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_stored(client, name, out.data[0].vector)
     assert embed(mesh, key, [A]).cached_inputs == 1
+
+
+def wait_stored(client, name, vector, timeout=5.0):
+    """Until the gateway's background store has written ``vector`` under ``name``."""
+    deadline = time.monotonic() + timeout
+    while client.get(name) != vector:
+        assert time.monotonic() < deadline, "the embedding was not stored afresh"
+        time.sleep(0.02)
 
 
 def test_frozen_then_stopped_cache_redis_never_fails_calls(mesh):
