@@ -13,11 +13,17 @@ Headlines:
   gpu_mesh_throughput_ratio_frac  gateway out tok/s / engine out tok/s at the concurrency point
   gpu_mesh_added_ttft_p50_ms      gateway TTFT p50 - engine TTFT p50 at the moderate rate (16 req/s)
 and for every target and point ``<target>_<point>_<metric>`` (TTFT / TPOT / ITL p50 and p99,
-out tok/s, req/s, completed / failed, the load generator's CPU share).
+out tok/s, req/s, completed / failed, the CPU share of the load generator and of the gateway,
+router and engine process trees: 1.0 is one core busy, so a gateway worker near 1.0 is
+the limit).
 
 Usage: python bench/serve_gpu.py [--smoke] [--results-dir DIR] [--gateway-routing direct|proxy]
+                                [--gateway-workers N] [--connections N]
 --gateway-routing: the gateway's routing mode (docs/routing.md), recorded in the workload;
 proxy writes serve_gpu_<dev>_proxy.json so that a run of each mode compares the two.
+--gateway-workers N: the gateway as N processes on one port (its --workers), reached over
+--connections TCP connections (default 4 per worker, 1 with one); N > 1 writes
+serve_gpu_<dev>_wN.json. An A/B of worker counts passes the same --connections to both.
 --smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
 short runs: checks the script in under 2 minutes; its numbers mean nothing.
 The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
@@ -46,7 +52,8 @@ from llmesh.bench_results import write_result
 from llmesh.router.config import RouterConfig
 
 KEPT = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
-        "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s", "client_cpu_frac")
+        "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s", "client_cpu_frac",
+        "gateway_cpu_frac", "router_cpu_frac", "engine_cpu_frac")
 MODEL_NAME = "llama3-8b-random"
 
 
@@ -119,9 +126,11 @@ def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: 
 
 
 async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float,
-                  credential: list[tuple[str, str]] | None = None) -> int:
+                  credential: list[tuple[str, str]] | None = None, connections: int = 1,
+                  watch: dict[str, int] | None = None) -> int:
+    """``watch``: the mesh's service processes (name -> pid) whose CPU share each point records."""
     targets: dict[str, Target] = {"engine": EngineTarget(engine, credential),
-                                  "gateway": GatewayTarget(gateway, MODEL_NAME, api_key)}
+                                  "gateway": GatewayTarget(gateway, MODEL_NAME, api_key, connections=connections)}
     for t in targets.values():
         await t.open()
     results: dict[tuple[str, str], PointResult] = {}
@@ -155,10 +164,10 @@ async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, sa
             t0 = time.monotonic()
             for name in (order if i % 2 == 0 else order[::-1]):
                 res = await run_point(targets[name], work, point, content_seed=1000 + 10 * i + order.index(name),
-                                      slo=slo, timeout=120.0, progress=False)
+                                      slo=slo, timeout=120.0, progress=False, watch=watch)
                 results[(name, point.key)] = res
                 say(format_summary(f"{name}, {point.label} ({len(res.run.requests)} requests)", res.metrics)
-                    + f"\n  client_cpu_frac  {res.metrics['client_cpu_frac']:12.2f}")
+                    + "".join(f"\n  {k:<17}{v:12.2f}" for k, v in res.metrics.items() if k.endswith("_cpu_frac")))
             spent.append(time.monotonic() - t0)
             save(all_metrics(results, plan, extra), work, skipped)
     finally:
@@ -197,7 +206,13 @@ def main() -> int:
     ap.add_argument("--gateway-routing", choices=("direct", "proxy"), default="direct",
                     help="direct: the gateway streams from the engine after the router's Route; proxy: through "
                          "the router's Generate")
+    ap.add_argument("--gateway-workers", type=int, default=1,
+                    help="gateway processes sharing its port (the gateway's --workers; docs/operations.md)")
+    ap.add_argument("--connections", type=int, default=None,
+                    help="TCP connections of the gateway target (default: 1 with one gateway worker, as the "
+                         "earlier runs; 4 per worker with more, since the kernel balances them by connection)")
     args = ap.parse_args()
+    connections = args.connections or (1 if args.gateway_workers == 1 else 4 * args.gateway_workers)
     plan = make_plan(args)
     t_start = time.monotonic()
 
@@ -207,6 +222,7 @@ def main() -> int:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="serve-gpu-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["LLMESH_GATEWAY_ROUTING"] = args.gateway_routing  # the launcher's gateway inherits it
+    os.environ["LLMESH_GATEWAY_WORKERS"] = str(args.gateway_workers)
     os.environ["XDG_CONFIG_HOME"] = str(run_dir)  # the launcher's admin key goes here, not to ~/.config
     models_path = run_dir / "models.yaml"
     models_path.write_text(yaml.safe_dump({"default_model": MODEL_NAME, "models": [
@@ -218,7 +234,8 @@ def main() -> int:
     dev = device_tag("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
     results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
     describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
-                "gateway_routing": args.gateway_routing,
+                "gateway_routing": args.gateway_routing, "gateway_workers": args.gateway_workers,
+                "gateway_connections": connections,
                 # the router's grant of reused routes (docs/routing.md), as its children read it
                 "router_decision_reuse_ms": int(os.environ.get(
                     "LLMESH_ROUTER_DECISION_REUSE_MS", RouterConfig.decision_reuse_ms)),
@@ -233,7 +250,8 @@ def main() -> int:
                 "smoke": args.smoke}
 
     def save(metrics: dict, work: WorkloadConfig, skipped: list[str]) -> None:
-        suffix = "_proxy" if args.gateway_routing == "proxy" else ""
+        suffix = ("_proxy" if args.gateway_routing == "proxy" else "") + (
+            f"_w{args.gateway_workers}" if args.gateway_workers > 1 else "")
         path = write_result(f"serve_gpu_{dev}{suffix}", {**describe, **work.describe(), "skipped": skipped}, metrics,
                             results_dir=results_dir)
         say(f"wrote {path}")
@@ -249,7 +267,10 @@ def main() -> int:
         gateway, engine, _ = mesh_addresses(mesh)
         say(f"mesh up: gateway {gateway}, engine {engine}")
         deadline = t_start + args.budget_s
-        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential()))
+        watch = {kind: child.proc.pid for name, child in mesh.children.items() if child.proc is not None
+                 for kind in ("gateway", "router", "engine") if name.startswith(kind)}
+        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
+                               connections, watch))
     finally:
         mesh.stop()
     say(f"done (rc={rc})")

@@ -237,10 +237,14 @@ class AsyncLlmeshClient(_Base):
     """asyncio client over one grpc.aio channel; create it inside a running event loop."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None,
-                 timeout: float | None = None, tls_ca: str | None = None) -> None:
+                 timeout: float | None = None, tls_ca: str | None = None, own_connection: bool = False) -> None:
+        """``own_connection``: a TCP connection no other channel of this process shares (channels
+        to one address share one by default), e.g. to reach every worker of a gateway."""
         super().__init__(address, api_key, timeout)
         creds = _tls(tls_ca)
-        self._channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else None
+        self._channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
+                         else grpc.aio.insecure_channel(address, options=options))
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int], model: str = "auto", *, timeout: float | None = None,

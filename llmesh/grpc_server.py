@@ -240,19 +240,22 @@ class GrpcServer:
     """One service's server. ``register`` adds servicers and returns their full names.
 
     An ``internal`` server (every one but the gateway's public port) refuses calls without
-    the mesh secret when the config names an ``internal_secret_file``.
+    the mesh secret when the config names an ``internal_secret_file``. Ports are exclusive
+    (a second server on a taken port fails to start) unless ``reuse_port``: the gateway's
+    worker processes share theirs (``llmesh.gateway.workers``).
     """
 
     def __init__(self, name: str, config: ServiceConfig,
                  register: Callable[[grpc.aio.Server], list[str]],
-                 on_shutdown: Callable[[], Awaitable[None]] | None = None, *, internal: bool = True) -> None:
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None, *, internal: bool = True,
+                 reuse_port: bool = False) -> None:
         setup_tracing(f"llmesh-{name}")
         self.name, self.config, self._on_shutdown = name, config, on_shutdown
         secret = secret_of(config) if internal else None
         credential = [CredentialInterceptor(name, secret)] if secret else []
         self.server = grpc.aio.server(
             interceptors=[*server_interceptors(), RpcOutcomeInterceptor(), *credential, ErrorInterceptor()],
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
+            options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -267,7 +270,7 @@ class GrpcServer:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self.health_server: grpc.aio.Server | None = None
         if config.health_port:
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             if self.health_server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
                 raise OSError(f"{name}: cannot listen on health_port {config.host}:{config.health_port}")

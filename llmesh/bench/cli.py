@@ -123,7 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
     elif args.engine:
         target = EngineTarget(args.address, _credential(args))
     else:
-        target = GatewayTarget(args.address, args.model, args.api_key)
+        target = GatewayTarget(args.address, args.model, args.api_key, connections=args.connections)
     await target.open()
     try:
         if args.backend == "openai":
@@ -298,6 +298,9 @@ def add_bench_commands(subparsers) -> None:
                         "folder) [$LLMESH_INTERNAL_SECRET_FILE]")
     p.add_argument("--model", default="auto", help="model name at the gateway")
     p.add_argument("--api-key", default=None, help="gateway API key (default: $LLMESH_API_KEY)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="gateway: TCP connections the requests take in turn (a gateway with --workers N "
+                        "balances connections: give it at least N)")
     p.add_argument("--rate", type=_rate, nargs="+", default=[float("inf")],
                    help="Poisson request rate(s) in req/s; several = a sweep; inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")

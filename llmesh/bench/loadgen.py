@@ -101,20 +101,31 @@ class Target(abc.ABC):
 
 
 class GatewayTarget(Target):
-    """The gateway's Inference.Generate with token-id prompts."""
+    """The gateway's Inference.Generate with token-id prompts, over ``connections`` TCP
+    connections taken in turn per request (a gateway of several workers balances
+    connections, not requests: one connection reaches one worker)."""
 
     name = "gateway"
 
-    def __init__(self, address: str, model: str = "auto", api_key: str | None = None) -> None:
+    def __init__(self, address: str, model: str = "auto", api_key: str | None = None, connections: int = 1) -> None:
         self.address, self.model, self.api_key = address, model, api_key
-        self._client: AsyncLlmeshClient | None = None
+        self.connections = max(1, connections)
+        self._clients: list[AsyncLlmeshClient] = []
+        self._next = 0
+
+    @property
+    def _client(self) -> AsyncLlmeshClient:
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next]
 
     async def open(self) -> None:
-        self._client = AsyncLlmeshClient(self.address, api_key=self.api_key)
+        self._clients = [AsyncLlmeshClient(self.address, api_key=self.api_key, own_connection=self.connections > 1)
+                         for _ in range(self.connections)]
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for client in self._clients:
+            await client.close()
+        self._clients = []
 
     async def resolve_model(self, timeout: float = 10.0) -> int:
         """Pin the model (token-id prompts need an explicit one; "auto" works only when the

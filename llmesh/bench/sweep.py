@@ -14,6 +14,7 @@ import time
 
 from llmesh.bench.loadgen import RunResult, Target, run_load
 from llmesh.bench.metrics import Slo, summarize
+from llmesh.bench.process_cpu import cpu_fracs, cpu_snapshot
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 
 
@@ -59,15 +60,19 @@ class PointResult:
 
 async def run_point(target: Target, workload: WorkloadConfig, point: LoadPoint, *, content_seed: int | None = None,
                     slo: Slo | None = None, timeout: float = 600.0, progress: bool = True,
-                    label: str = "") -> PointResult:
-    """Send the workload's requests (token contents from ``content_seed``) at ``point``."""
+                    label: str = "", watch: dict[str, int] | None = None) -> PointResult:
+    """Send the workload's requests (token contents from ``content_seed``) at ``point``.
+    ``watch``: service processes (name -> pid) whose CPU share over the run is reported as
+    ``<name>_cpu_frac`` (process trees: a gateway's workers, an engine's core)."""
     if point.num_requests is not None:
         workload = dataclasses.replace(workload, num_requests=point.num_requests)
     requests = build_requests(workload, content_seed=content_seed)
     cpu0 = time.process_time()
+    services0 = cpu_snapshot(watch or {})
     run = await run_load(target, requests, rate=point.rate, max_concurrency=point.max_concurrency,
                          seed=workload.seed, ignore_eos=workload.ignore_eos, timeout=timeout,
                          label=label or point.label, progress=progress)
     metrics = summarize(run, slo)
     metrics["client_cpu_frac"] = (time.process_time() - cpu0) / max(run.duration_s, 1e-9)
+    metrics.update(cpu_fracs(services0, cpu_snapshot(watch or {}), run.duration_s))
     return PointResult(point, run, metrics)

@@ -124,12 +124,13 @@ class HttpFront:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """``reuse_port``: the gateway's workers share the port (``llmesh.gateway.workers``)."""
         # handler_cancellation: a client that disconnects cancels its handler (and so the
         # router call), instead of the stream running on until its next write fails.
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the bound port when port was 0
 

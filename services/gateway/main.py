@@ -31,11 +31,13 @@ from llmesh.gateway.response_cache.store import TenantStore, configure_lru, evic
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
+from llmesh.gateway.workers import is_worker, supervise, supervisor_salt_key
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
 from llmesh.redis_health import pinger, redis_health_loop
 from llmesh.mesh_secret import MeshSecretError, secret_of
 from llmesh.models_file import ModelsFile, ModelsFileError, load_models_file
+from llmesh.parent_death import arm_from_env
 from llmesh.telemetry import client_interceptors
 from llmesh.tls import aio_channel
 from llmesh.v1 import router_pb2_grpc
@@ -86,7 +88,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
                 await client.aclose()
         pool.close()
 
-    server = GrpcServer("gateway", config, register, on_shutdown, internal=False)
+    server = GrpcServer("gateway", config, register, on_shutdown, internal=False, reuse_port=is_worker())
     refresher = asyncio.create_task(catalog.run_refresh_loop())
     if cache_client is not None:
         evictions = asyncio.create_task(evictions_loop(
@@ -103,7 +105,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
             "API keys live there"))
     if config.http_port:
         http = HttpFront(servicer, tokenizers, config.max_request_bytes)
-        await http.start(config.host, config.http_port)
+        await http.start(config.host, config.http_port, reuse_port=is_worker())
         log.info("HTTP front serving", extra={"address": f"http://{config.host}:{http.port}"})
     await server.run()
 
@@ -129,9 +131,10 @@ async def _response_cache(config: GatewayConfig, models: ModelsFile):
 
 
 def _salt_key(config: GatewayConfig) -> bytes:
-    """The mesh secret; without one, a key of this process only: tenants stay apart, but
-    gateways do not agree on salts (each starts its tenants' caches anew)."""
-    secret = secret_of(config)
+    """The mesh secret, else the key a supervisor shares with its workers (``--workers``);
+    without either, a key of this process only: tenants stay apart, but gateways do not
+    agree on salts (each starts its tenants' caches anew)."""
+    secret = secret_of(config) or supervisor_salt_key()
     if secret is None:
         log.warning("no internal_secret_file: tenants' cache salts are keyed by a random key of this "
                     "gateway process; give every gateway the mesh secret so they share cached prefixes")
@@ -144,6 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = [x for a in argv for x in (("--auth", "false") if a == "--no-auth" else (a,))]  # the explicit spelling
     config = load_config(GatewayConfig, argv, service="gateway")
     setup_logging("gateway", config.log_level)
+    if config.workers > 1:
+        try:
+            load_models_file(config.models_file)  # a bad file fails here, once, not in every worker
+            secret_of(config)
+        except (ModelsFileError, MeshSecretError) as e:
+            sys.exit(f"llmesh-gateway: {e}")
+        arm_from_env()
+        try:
+            sys.exit(supervise(config, argv))
+        except OSError as e:
+            sys.exit(str(e))
     try:
         models = load_models_file(config.models_file)
         tokenizers = ModelTokenizers.load(models)

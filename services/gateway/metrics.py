@@ -27,14 +27,17 @@ ROUTE_DECISIONS = Counter(
     "llmesh_gateway_route_decisions_total",
     "Direct routing's routes, by model and source: router (a Route call) or reused (an answer the router "
     "said holds for a while: one replica, a named model).", ["model", "source"])
-IN_FLIGHT = Gauge("llmesh_gateway_streams_in_flight", "Generate and Chat streams now open.")
+# Gauges say how the workers of one gateway combine (``--workers``; the mode is ignored with one).
+IN_FLIGHT = Gauge("llmesh_gateway_streams_in_flight", "Generate and Chat streams now open.",
+                  multiprocess_mode="livesum")
 AUTH_FAILURES = Counter(
     "llmesh_gateway_auth_failures_total", "Calls refused by authentication, by reason.", ["reason"])
 RATE_LIMITED = Counter(
     "llmesh_gateway_rate_limited_total", "Calls refused by a rate limit, by limit.", ["limit"])
 REDIS_ERRORS = Counter(
     "llmesh_gateway_redis_errors_total", "Redis calls that failed, by what they were for.", ["where"])
-REDIS_UP = Gauge("llmesh_gateway_redis_up", "1 while the gateway's Redis answers its health probe, else 0.")
+REDIS_UP = Gauge("llmesh_gateway_redis_up", "1 while the gateway's Redis answers its health probe, else 0.",
+                 multiprocess_mode="livemin")
 OVERLOADED = Counter(
     "llmesh_gateway_overloaded_total", "Calls refused because the gateway had max_streams streams open.")
 RESPONSE_CACHE_HITS = Counter(

@@ -1,0 +1,217 @@
+"""A gateway of several worker processes (``--workers``) in front of a real router and engine:
+connections spread over the workers, every worker answers gRPC and HTTP alike, metrics are
+summed over workers, a killed worker is started again, and the workers never outlive the
+supervisor (SIGTERM stops them, a SIGKILLed supervisor takes them along)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import grpc
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc, router_pb2
+from tests.mesh_helpers import ServiceProcess, free_port, start_engine
+
+MODEL = "tiny"
+WORKERS = 2
+CONNECTIONS = 24
+"""Connections opened at once: the chance that the kernel puts them all on one of two
+workers is 2 * 2**-24."""
+PROMPT = [5, 17, 23, 99, 4, 61]
+
+
+@pytest.fixture(scope="module")
+def models_file(tiny_llama, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gateway-workers")
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(start_engine(tiny_llama, "--served-model-name", MODEL,
+                                                  "--num-kv-blocks", "64", "--max-model-len", "256"))
+        path = run_dir / "models.yaml"
+        path.write_text(yaml.safe_dump({"default_model": MODEL, "models": [{
+            "name": MODEL, "path": tiny_llama, "size_class": "small", "replicas": 1,
+            "addresses": [engine.address]}]}))
+        router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(path)]))
+        yield {"path": str(path), "router": router.address, "engine": engine.address}
+
+
+def start_gateway(models_file, *extra: str) -> ServiceProcess:
+    return ServiceProcess("llmesh.gateway.main", ["--router", models_file["router"], "--models-file",
+                                                  models_file["path"], "--auth", "false", "--workers", str(WORKERS),
+                                                  *extra], ready_timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gateway(models_file):
+    metrics_port, http_port = free_port(), free_port()
+    with start_gateway(models_file, "--metrics-port", str(metrics_port), "--http-port", str(http_port)) as gw:
+        gw.metrics_port, gw.http_port = metrics_port, http_port
+        yield gw
+
+
+def workers_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def wait_workers(pid: int, count: int, within_s: float = 60.0) -> list[int]:
+    """The supervisor's worker pids once ``count`` run (bounded)."""
+    deadline = time.monotonic() + within_s
+    while len(kids := workers_of(pid)) != count:
+        assert time.monotonic() < deadline, f"{len(kids)} gateway workers, wanted {count}"
+        time.sleep(0.1)
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def served_connections(worker: int, port: int) -> int:
+    """Established connections on ``port`` whose socket the process ``worker`` holds."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/net/{name}") as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED, server side
+                    inodes.add(fields[9])
+    held = 0
+    for fd in os.listdir(f"/proc/{worker}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{worker}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                held += 1
+    return held
+
+
+def own_channel(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels to one address share one by default)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def generate(channel: grpc.Channel, max_tokens: int = 3) -> list[int]:
+    req = inference_pb2.GenerateRequest(model=MODEL, token_ids=router_pb2.TokenIds(ids=PROMPT),
+                                        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                           ignore_eos=True))
+    return [t for m in inference_pb2_grpc.InferenceStub(channel).Generate(req, timeout=60) for t in m.token_ids]
+
+
+def engine_output(models_file, max_tokens: int = 3) -> tuple[list[int], str]:
+    req = engine_pb2.EngineGenerateRequest(request_id=f"ref-{time.monotonic_ns()}", prompt_token_ids=PROMPT,
+                                           sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                              ignore_eos=True))
+    with grpc.insecure_channel(models_file["engine"]) as ch:
+        msgs = list(engine_pb2_grpc.EngineStub(ch).Generate(req, timeout=60))
+    return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
+
+
+def requests_total(gw) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "llmesh_gateway_requests"
+               for s in fam.samples if s.name == "llmesh_gateway_requests_total" and s.labels.get("rpc") == "Generate")
+
+
+def restarts_total(gw) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "llmesh_gateway_worker_restarts_total")
+
+
+def test_connections_spread_over_workers_and_every_worker_answers(gateway, models_file):
+    workers = wait_workers(gateway.pid, WORKERS)
+    port = int(gateway.address.rsplit(":", 1)[1])
+    want, _ = engine_output(models_file)
+    before = requests_total(gateway)
+    channels = [own_channel(gateway.address) for _ in range(CONNECTIONS)]
+    try:
+        for ch in channels:
+            assert generate(ch) == want
+        served = {w: served_connections(w, port) for w in workers}
+        assert sum(served.values()) == CONNECTIONS, served
+        assert all(n > 0 for n in served.values()), f"one worker got every connection: {served}"
+    finally:
+        for ch in channels:
+            ch.close()
+    # Counters of every worker, summed by the supervisor's /metrics.
+    assert requests_total(gateway) == before + CONNECTIONS
+
+
+def test_http_front_is_served_by_the_workers(gateway, models_file):
+    _, want = engine_output(models_file, 4)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.http_port}/v1", api_key="none", max_retries=0,
+                           timeout=60)
+    for _ in range(4):
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+        assert out.choices[0].text == want
+
+
+def test_a_killed_worker_is_started_again(gateway, models_file):
+    workers = wait_workers(gateway.pid, WORKERS)
+    restarts = restarts_total(gateway)
+    want, _ = engine_output(models_file)
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    # Until the supervisor has reaped it, so that every thread has exited and its listening
+    # sockets are closed: a connection the kernel queues on them meanwhile is reset (a zombie
+    # main thread alone does not prove that).
+    while workers[0] in workers_of(gateway.pid):
+        assert time.monotonic() < deadline, "the killed worker was not reaped"
+        time.sleep(0.02)
+    # The survivor takes every new connection while the other is down.
+    for _ in range(4):
+        with own_channel(gateway.address) as ch:
+            assert generate(ch) == want
+    deadline = time.monotonic() + 60
+    while True:
+        kids = workers_of(gateway.pid)
+        if len(kids) == WORKERS and workers[0] not in kids and restarts_total(gateway) == restarts + 1:
+            break
+        assert time.monotonic() < deadline, f"worker not started again: {kids}\n{gateway.log_tail()}"
+        time.sleep(0.1)
+    assert gateway.alive()
+
+
+def test_sigterm_stops_every_worker(models_file):
+    gw = start_gateway(models_file)
+    workers = wait_workers(gw.pid, WORKERS)
+    os.kill(gw.pid, signal.SIGTERM)  # the supervisor alone, as an orchestrator does
+    assert gw._proc.wait(timeout=30) == 0
+    assert not any(alive(w) for w in workers)
+
+
+def test_workers_die_with_a_killed_supervisor(models_file):
+    gw = start_gateway(models_file)
+    workers = wait_workers(gw.pid, WORKERS)
+    os.kill(gw.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(alive(w) for w in workers):
+        assert time.monotonic() < deadline, "gateway workers outlived their supervisor"
+        time.sleep(0.1)
+    gw.stop()
+
+
+def test_a_taken_port_is_refused(models_file):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            start_gateway(models_file, "--port", str(port))
