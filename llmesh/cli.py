@@ -93,7 +93,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"llmesh up: {e}", file=sys.stderr)
         return 2
     cfg = UpConfig(models_file=args.models_file, host=args.host, gateway_port=args.gateway_port,
-                   http_port=args.http_port,
+                   http_port=args.http_port, gateway_workers=args.gateway_workers,
                    router_port=args.router_port, prefix_cache_port=args.prefix_cache_port,
                    engine_base_port=args.engine_base_port, redis_port=args.redis_port,
                    metrics_base_port=args.metrics_base_port, device=args.device, run_dir=args.run_dir, auth=args.auth,
@@ -136,6 +136,9 @@ def _add_up(sub) -> None:
     p.add_argument("--gateway-port", type=int, default=d.gateway_port)
     p.add_argument("--http-port", type=int, default=d.http_port,
                    help="the gateway's OpenAI-compatible HTTP port (0 turns it off)")
+    p.add_argument("--gateway-workers", type=int, default=None,
+                   help="gateway processes sharing its ports, for GPU token rates (default: 1, or "
+                        "$LLMESH_GATEWAY_WORKERS; docs/operations.md \"Gateway workers\")")
     p.add_argument("--router-port", type=int, default=d.router_port)
     p.add_argument("--prefix-cache-port", type=int, default=d.prefix_cache_port)
     p.add_argument("--engine-base-port", type=int, default=d.engine_base_port)

@@ -53,6 +53,9 @@ class UpConfig:
     gateway_port: int = 50051
     http_port: int = 8000
     """The gateway's OpenAI-compatible HTTP front (0 turns it off)."""
+    gateway_workers: int | None = None
+    """Gateway processes on its ports (docs/operations.md "Gateway workers"); None leaves the
+    gateway's own default (1, or ``$LLMESH_GATEWAY_WORKERS``)."""
     router_port: int = 50052
     prefix_cache_port: int = 50053
     engine_base_port: int = 50061
@@ -164,6 +167,8 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
         "LLMESH_GATEWAY_METRICS_PORT": str(gateway_metrics)}, address=f"{cfg.host}:{cfg.gateway_port}",
         metrics_port=gateway_metrics, extra_ports={"HTTP": cfg.http_port} if cfg.http_port else {}))
+    if cfg.gateway_workers is not None:
+        procs[-1].env["LLMESH_GATEWAY_WORKERS"] = str(cfg.gateway_workers)
     # Every service reads the mesh secret (written by Mesh at each start) from this file:
     # the path travels, the secret never appears on a command line.
     for p in procs:

@@ -215,3 +215,15 @@ def test_a_taken_port_is_refused(models_file):
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
             start_gateway(models_file, "--port", str(port))
+
+
+def test_llmesh_up_passes_gateway_workers_only_when_asked(tmp_path):
+    from llmesh.launcher import DEMO_MODELS, UpConfig, plan_mesh
+    from llmesh.models_file import parse_models
+
+    models = parse_models(DEMO_MODELS, "demo")
+    gateway = {p.name: p for p in plan_mesh(UpConfig(gateway_workers=4), models, tmp_path)[0]}["gateway"]
+    assert gateway.env["LLMESH_GATEWAY_WORKERS"] == "4"
+    # Left out by default: the gateway's own default, or the operator's environment, holds.
+    gateway = {p.name: p for p in plan_mesh(UpConfig(), models, tmp_path)[0]}["gateway"]
+    assert "LLMESH_GATEWAY_WORKERS" not in gateway.env
