@@ -31,7 +31,7 @@ from llmesh.gateway.response_cache.store import TenantStore, configure_lru, evic
 from llmesh.gateway.servicer import InferenceServicer, add_to_server
 from llmesh.gateway.tokenizers import ModelTokenizers, TokenizerPool
 from llmesh.gateway.usage_store import UsageStore
-from llmesh.gateway.workers import is_worker, supervise, supervisor_salt_key
+from llmesh.gateway.workers import is_worker, supervise, supervisor_salt_key, worker_index
 from llmesh.grpc_server import GrpcServer, run_async
 from llmesh.logs import setup_logging
 from llmesh.redis_health import pinger, redis_health_loop
@@ -90,7 +90,7 @@ async def serve(config: GatewayConfig, tokenizers: ModelTokenizers, defaults: Ge
 
     server = GrpcServer("gateway", config, register, on_shutdown, internal=False, reuse_port=is_worker())
     refresher = asyncio.create_task(catalog.run_refresh_loop())
-    if cache_client is not None:
+    if cache_client is not None and worker_index() == 0:  # one count per Redis, not one per worker
         evictions = asyncio.create_task(evictions_loop(
             cache_client, config.response_cache.response_cache_evictions_interval_s,
             metrics.RESPONSE_CACHE_EVICTIONS.inc))

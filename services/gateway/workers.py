@@ -64,6 +64,12 @@ def is_worker() -> bool:
     return bool(os.environ.get(WORKER_ENV))
 
 
+def worker_index() -> int:
+    """This worker's index (0 in a gateway without workers): work that must happen once per
+    gateway, not once per worker, runs in worker 0."""
+    return int(os.environ.get(WORKER_ENV, "0/1").split("/")[0])
+
+
 def supervisor_salt_key() -> bytes | None:
     """The salt key the supervisor shares with its workers (None: not a worker, or a mesh secret)."""
     path = os.environ.get(SALT_KEY_ENV)

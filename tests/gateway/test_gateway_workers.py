@@ -227,3 +227,12 @@ def test_llmesh_up_passes_gateway_workers_only_when_asked(tmp_path):
     # Left out by default: the gateway's own default, or the operator's environment, holds.
     gateway = {p.name: p for p in plan_mesh(UpConfig(), models, tmp_path)[0]}["gateway"]
     assert "LLMESH_GATEWAY_WORKERS" not in gateway.env
+
+
+def test_worker_index_names_the_worker_that_runs_once_per_gateway_work(monkeypatch):
+    from llmesh.gateway.workers import WORKER_ENV, is_worker, worker_index
+
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    assert not is_worker() and worker_index() == 0
+    monkeypatch.setenv(WORKER_ENV, "3/4")
+    assert is_worker() and worker_index() == 3
