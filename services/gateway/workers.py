@@ -1,9 +1,10 @@
 """Several gateway processes on one set of ports (``--workers N``).
 
-A gateway relays every streamed message through Python: about 0.2 ms of CPU each on the
-2-core CI host (a bare grpc relay: 0.1 ms), most of it inside grpc and the event loop. So
-one process, one core, bounds the tokens per second a gateway passes, and near that bound
-its busy loop delays other requests' first tokens. With ``workers`` > 1 the process started becomes the
+A gateway relays every streamed message through Python: about 0.26 ms of CPU each on a
+2-core host at a light message rate, where a bare grpc.aio relay pays 0.18 ms
+(``bench/gateway_cpu.py``), most of it inside grpc and the event loop. So one process, one
+core, bounds the tokens per second a gateway passes, and near that bound its busy loop
+delays other requests' first tokens. With ``workers`` > 1 the process started becomes the
 supervisor of N worker processes, each a whole gateway:
 
 * it reserves the gateway's ports (gRPC, and HTTP and health when on; a gRPC port given as
