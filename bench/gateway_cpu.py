@@ -16,7 +16,7 @@ measures, on the machine it runs on:
    floor a Python grpc relay pays.
 
 ``gateway_over_bare_x`` is their ratio. Writes bench/results/gateway_cpu_<dev>.json.
-Usage: python bench/gateway_cpu.py [--streams 8] [--tokens 96] [--requests 64] [--rounds 2]
+Usage: python bench/gateway_cpu.py [--streams 8] [--tokens 96] [--requests 64] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=96, help="tokens of each long stream")
     ap.add_argument("--requests", type=int, default=64, help="two-token requests of the per-request rounds")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--role", choices=("source", "relay"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
