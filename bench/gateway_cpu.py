@@ -17,6 +17,10 @@ measures, on the machine it runs on:
 
 ``gateway_over_bare_x`` is their ratio. Writes bench/results/gateway_cpu_<dev>.json.
 Usage: python bench/gateway_cpu.py [--streams 8] [--tokens 96] [--requests 64] [--rounds 4]
+                                  [--results-dir DIR] [--smoke]
+--smoke: 4 streams of 48 tokens, 4 requests, one round, the file to a scratch folder unless
+--results-dir says otherwise: checks the script (tests/bench/test_gateway_cpu_smoke.py); its
+numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from llmesh.bench.loadgen import GatewayTarget, run_load
 from llmesh.bench.overhead import free_port, mesh_addresses, start_mesh
@@ -175,6 +180,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=96, help="tokens of each long stream")
     ap.add_argument("--requests", type=int, default=64, help="two-token requests of the per-request rounds")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the script")
     ap.add_argument("--role", choices=("source", "relay"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
@@ -187,6 +194,9 @@ def main() -> int:
     if args.role == "relay":
         _run(_relay(args.port, args.upstream))
         return 0
+    if args.smoke:
+        args.streams, args.tokens, args.requests, args.rounds = 4, 48, 4, 1  # ~5 CPU ticks of relaying
+        args.results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -205,8 +215,10 @@ def main() -> int:
         "streams": args.streams, "tokens_per_stream": args.tokens, "requests_of_two_tokens": args.requests,
         "rounds": args.rounds, "cpu": "the gateway's (or the relay's) process tree, from /proc",
         "bare_relay": "grpc.aio + uvloop, generic handlers, no interceptors, same streams and message interval",
+        "smoke": args.smoke,
         "notes": "CPU time, not wall time: other work on the host changes it less, but the per-message cost "
-                 "depends on how many messages share a loop wake-up (the message rate)"}, metrics)
+                 "depends on how many messages share a loop wake-up (the message rate)"}, metrics,
+        results_dir=args.results_dir)
     say(f"wrote {path}")
     return 0
 
