@@ -35,8 +35,8 @@ class GatewayConfig(ServiceConfig):
     workers: int = option(1, "gateway processes serving the same ports (SO_REUSEPORT: the kernel spreads "
                              "connections over them); each streamed message costs a gateway a few tenths of a "
                              "millisecond of CPU (bench/gateway_cpu.py), so more workers pass more tokens per "
-                             "second. max_streams and "
-                             "tokenizer_workers are per worker (docs/operations.md \"Gateway workers\")")
+                             "second. max_streams and tokenizer_workers are per worker (docs/operations.md "
+                             "\"Gateway workers\")")
     tokenizer_workers: int = option(2, "processes that tokenize prompts over tokenize_inline_bytes, so a large "
                                        "prompt never stalls other streams; 0 tokenizes everything on the "
                                        "event loop")
