@@ -83,10 +83,14 @@ def test_closing_the_stream_aborts_every_choice_and_frees_their_blocks(engine):
 def test_abort_by_request_id_ends_every_choice(engine):
     async def main():
         got: dict[int, object] = {}
+        aborted = False
         gen = engine.generate(PROMPT, SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, n=2),
                               request_id="abort-n")
         async for d in gen:
-            if d.token_ids and not got:
+            # Once: tokens already on their way arrive after the abort (a loaded host shows them),
+            # and a second abort of the same id rightly finds nothing.
+            if d.token_ids and not aborted:
+                aborted = True
                 result = await engine.abort_request("abort-n")
                 assert result.found
             if d.finished:
