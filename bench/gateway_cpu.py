@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmesh.bench.loadgen import GatewayTarget, run_load
+from llmesh.bench.loadgen import GatewayTarget, run_load, run_loop
 from llmesh.bench.overhead import free_port, mesh_addresses, start_mesh
-from llmesh.bench.process_cpu import tree_cpu_s
+from llmesh.bench.process_tree import tree_cpu_s
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 from llmesh.bench_results import device_tag, write_result
 
@@ -45,40 +45,38 @@ PAYLOAD = b"y" * 60
 
 
 # ---- the bare relay: three roles of this file ---------------------------------------------------
-async def _source(port: int, messages: int, interval_s: float) -> None:
+async def _serve_stream(port: int, stream) -> None:
+    """Serve ``stream`` as /bench.Source/Stream (a generic handler, no interceptors) until killed."""
     import grpc
 
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Source", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def _source(port: int, messages: int, interval_s: float) -> None:
     async def stream(request, context):
         for _ in range(messages):
             await asyncio.sleep(interval_s)
             yield PAYLOAD
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Source", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
+    await _serve_stream(port, stream)
 
 
 async def _relay(port: int, upstream: int) -> None:
     import grpc
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{upstream}")
-    upstream_stream = channel.unary_stream("/bench.Source/Stream")
+    upstream_stream = grpc.aio.insecure_channel(f"127.0.0.1:{upstream}").unary_stream("/bench.Source/Stream")
 
     async def stream(request, context):
         async for message in upstream_stream(request):
             yield message
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Source", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
+    await _serve_stream(port, stream)
 
 
 def _spawn(*args: str) -> subprocess.Popen:
@@ -115,7 +113,7 @@ def bare_relay(streams: int, messages: int, interval_s: float, rounds: int) -> f
             await channel.close()
             return statistics.median(per_message)
 
-        return _run(drive())
+        return run_loop(drive())
     finally:
         for p in procs:
             p.kill()
@@ -161,17 +159,9 @@ def mesh_costs(streams: int, tokens: int, requests: int, rounds: int, say) -> di
                     "gateway_cpu_per_request_ms": statistics.median(per_request),
                     "mesh_message_interval_ms": 1e3 * statistics.median(intervals)}
 
-        return _run(drive())
+        return run_loop(drive())
     finally:
         mesh.stop()
-
-
-def _run(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main() -> int:
@@ -189,10 +179,10 @@ def main() -> int:
     ap.add_argument("--interval-s", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "source":
-        _run(_source(args.port, args.messages, args.interval_s))
+        run_loop(_source(args.port, args.messages, args.interval_s))
         return 0
     if args.role == "relay":
-        _run(_relay(args.port, args.upstream))
+        run_loop(_relay(args.port, args.upstream))
         return 0
     if args.smoke:
         args.streams, args.tokens, args.requests, args.rounds = 4, 48, 4, 1  # ~5 CPU ticks of relaying

@@ -32,7 +32,6 @@ The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout kee
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from llmesh.bench.loadgen import EngineTarget, GatewayTarget, Target
+from llmesh.bench.loadgen import EngineTarget, GatewayTarget, Target, run_loop
 from llmesh.bench.metrics import Slo
 from llmesh.bench.overhead import idle_probe, mesh_addresses, start_mesh
 from llmesh.bench.report import format_summary
@@ -179,15 +178,6 @@ async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, sa
     return 1 if failed or skipped else 0
 
 
-def _run_loop(coro) -> int:
-    """uvloop when installed (as the services run): the load generator must not be what saturates."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, short runs (checks the script)")
@@ -269,7 +259,7 @@ def main() -> int:
         deadline = t_start + args.budget_s
         watch = {kind: child.proc.pid for name, child in mesh.children.items() if child.proc is not None
                  for kind in ("gateway", "router", "engine") if name.startswith(kind)}
-        rc = _run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
+        rc = run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
                                connections, watch))
     finally:
         mesh.stop()

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import grpc
 
+from llmesh.bench.process_tree import tree_rss_mb
 from llmesh.bench_results import write_result
 from llmesh.launcher import Mesh, UpConfig
 
@@ -61,29 +62,6 @@ def _free_port() -> int:
 
 
 # ---- measurements -----------------------------------------------------------------------------
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, in MB (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # exited while listing
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-        except OSError:
-            continue
-    return total / 1024
-
 
 def percentile(values: list[float], q: float) -> float:
     if not values:

@@ -218,6 +218,16 @@ class RouterTarget(_InternalTarget):
                                        prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
 
 
+def run_loop(coro):
+    """Run ``coro`` on uvloop when installed (as the services run): the load generator must not
+    be what saturates. Returns its result."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def _finish_error(finish_reason: int) -> str:
     """'' unless the stream ended in error or abort (then FINISH_ERROR / FINISH_ABORT)."""
     if finish_reason not in (_FINISH_ERROR, common_pb2.FINISH_REASON_ABORT):

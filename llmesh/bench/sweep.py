@@ -14,7 +14,7 @@ import time
 
 from llmesh.bench.loadgen import RunResult, Target, run_load
 from llmesh.bench.metrics import Slo, summarize
-from llmesh.bench.process_cpu import cpu_fracs, cpu_snapshot
+from llmesh.bench.process_tree import cpu_fracs, cpu_snapshot
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 
 

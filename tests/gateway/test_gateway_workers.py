@@ -19,6 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc, router_pb2
+from tests.faults._launcher_helpers import alive
 from tests.mesh_helpers import ServiceProcess, free_port, start_engine
 
 MODEL = "tiny"
@@ -69,14 +70,6 @@ def wait_workers(pid: int, count: int, within_s: float = 60.0) -> list[int]:
         assert time.monotonic() < deadline, f"{len(kids)} gateway workers, wanted {count}"
         time.sleep(0.1)
     return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def served_connections(worker: int, port: int) -> int:
