@@ -1,7 +1,7 @@
 """Several gateway processes on one set of ports (``--workers N``).
 
-A gateway relays every streamed message through Python: about 0.28 ms of CPU each on a
-2-core host at a light message rate, where a bare grpc.aio relay pays 0.21 ms
+A gateway relays every streamed message through Python: about 0.22 ms of CPU each on a
+2-core host at a light message rate, where a bare grpc.aio relay pays 0.17 ms
 (``bench/gateway_cpu.py``), most of it inside grpc and the event loop. So one process, one
 core, bounds the tokens per second a gateway passes, and near that bound its busy loop
 delays other requests' first tokens. With ``workers`` > 1 the process started becomes the
