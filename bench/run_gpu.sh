@@ -15,6 +15,7 @@
 # NUM_PROMPTS (1000; smoke: 12), MODEL (random:llama3-8b), BACKEND (triton), RESULTS_DIR (bench/results),
 # SERVE_TIMEOUT (420 s, a hard bound on the serve stage; its own budget is SERVE_BUDGET_S, 300 s),
 # GATEWAY_WORKERS (1: the gateway's processes in the serve stage) and SERVE_CONNECTIONS,
+# COMPARE_GATEWAY_WORKERS (M: a second gateway with M workers measured in the same serve run),
 # SMOKE=1 (every script with --smoke, no nvidia-smi, no kernel tests, results to a scratch
 # folder: checks this script on a machine without a GPU).
 set -euo pipefail
@@ -76,6 +77,7 @@ fi
 # The mesh's services are children of serve_gpu.py and die with it (parent-death signal).
 want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_gpu.py \
   --budget-s "${SERVE_BUDGET_S:-300}" --gateway-workers "${GATEWAY_WORKERS:-1}" \
+  ${COMPARE_GATEWAY_WORKERS:+--compare-gateway-workers "$COMPARE_GATEWAY_WORKERS"} \
   ${SERVE_CONNECTIONS:+--connections "$SERVE_CONNECTIONS"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 
 stamp "results in $RESULTS_DIR"

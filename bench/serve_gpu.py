@@ -24,6 +24,11 @@ proxy writes serve_gpu_<dev>_proxy.json so that a run of each mode compares the 
 --gateway-workers N: the gateway as N processes on one port (its --workers), reached over
 --connections TCP connections (default 4 per worker, 1 with one); N > 1 writes
 serve_gpu_<dev>_wN.json. An A/B of worker counts passes the same --connections to both.
+--compare-gateway-workers M: a second gateway with M workers beside the mesh's, same router,
+engine, Redis and keys, measured as a third target (``gateway_wM``) in the same rotation:
+the A/B of worker counts in one run, on one warm engine. Its figures carry the prefix
+``wM_`` (``wM_gpu_mesh_throughput_ratio_frac``, ...); both gateways get --connections
+(default 4 x M) connections.
 --smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
 short runs: checks the script in under 2 minutes; its numbers mean nothing.
 The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
@@ -43,7 +48,7 @@ import yaml
 
 from llmesh.bench.loadgen import EngineTarget, GatewayTarget, Target, run_loop
 from llmesh.bench.metrics import Slo
-from llmesh.bench.overhead import idle_probe, mesh_addresses, start_mesh
+from llmesh.bench.overhead import free_port, idle_probe, mesh_addresses, start_mesh
 from llmesh.bench.report import format_summary
 from llmesh.bench.sweep import LoadPoint, PointResult, run_point
 from llmesh.bench.workloads import WorkloadConfig
@@ -51,8 +56,8 @@ from llmesh.bench_results import write_result
 from llmesh.router.config import RouterConfig
 
 KEPT = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
-        "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s", "client_cpu_frac",
-        "gateway_cpu_frac", "router_cpu_frac", "engine_cpu_frac")
+        "out_tok_s", "req_s", "completed_n", "failed_n", "duration_s")
+"""Per target and point, besides every ``*_cpu_frac`` (client and watched services)."""
 MODEL_NAME = "llama3-8b-random"
 
 
@@ -98,21 +103,29 @@ def load_points(plan: Plan) -> list[LoadPoint]:
     return points[:1] + [LoadPoint(max_concurrency=plan.concurrency, num_requests=plan.concurrency_requests)] + points[1:]
 
 
+def gateway_prefix(target: str) -> str:
+    """The metric prefix of a gateway target: "" for the mesh's own, "w4_" for ``gateway_w4``."""
+    return "" if target == "gateway" else target.removeprefix("gateway_") + "_"
+
+
 def headline(results: dict[tuple[str, str], PointResult], plan: Plan) -> dict[str, float]:
-    """The two headline figures, from whichever of their points ran."""
+    """The two headline figures per gateway target, from whichever of their points ran."""
     out: dict[str, float] = {}
     sat = LoadPoint(max_concurrency=plan.concurrency).key
-    eng, gw = results.get(("engine", sat)), results.get(("gateway", sat))
-    if eng and gw and eng.metrics["out_tok_s"] > 0:
-        out["gpu_mesh_throughput_ratio_frac"] = gw.metrics["out_tok_s"] / eng.metrics["out_tok_s"]
-    for point in {p.point.key for p in results.values()}:
-        eng, gw = results.get(("engine", point)), results.get(("gateway", point))
-        if eng and gw:
-            out[f"{point}_mesh_added_ttft_p50_ms"] = gw.metrics["ttft_p50_ms"] - eng.metrics["ttft_p50_ms"]
-            out[f"{point}_mesh_added_tpot_p50_ms"] = gw.metrics["tpot_p50_ms"] - eng.metrics["tpot_p50_ms"]
-    moderate = f"{LoadPoint(rate=plan.moderate_rate).key}_mesh_added_ttft_p50_ms"
-    if moderate in out:
-        out["gpu_mesh_added_ttft_p50_ms"] = out[moderate]
+    points = {p.point.key for p in results.values()}
+    for target in sorted({t for t, _ in results if t.startswith("gateway")}):
+        pre = gateway_prefix(target)
+        eng, gw = results.get(("engine", sat)), results.get((target, sat))
+        if eng and gw and eng.metrics["out_tok_s"] > 0:
+            out[f"{pre}gpu_mesh_throughput_ratio_frac"] = gw.metrics["out_tok_s"] / eng.metrics["out_tok_s"]
+        for point in points:
+            eng, gw = results.get(("engine", point)), results.get((target, point))
+            if eng and gw:
+                out[f"{pre}{point}_mesh_added_ttft_p50_ms"] = gw.metrics["ttft_p50_ms"] - eng.metrics["ttft_p50_ms"]
+                out[f"{pre}{point}_mesh_added_tpot_p50_ms"] = gw.metrics["tpot_p50_ms"] - eng.metrics["tpot_p50_ms"]
+        moderate = f"{pre}{LoadPoint(rate=plan.moderate_rate).key}_mesh_added_ttft_p50_ms"
+        if moderate in out:
+            out[f"{pre}gpu_mesh_added_ttft_p50_ms"] = out[moderate]
     return out
 
 
@@ -120,16 +133,18 @@ def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: 
     m = headline(results, plan)
     m.update(extra)
     for (target, key), res in results.items():
-        m.update({f"{target}_{key}_{k}": res.metrics[k] for k in KEPT if k in res.metrics})
+        m.update({f"{target}_{key}_{k}": v for k, v in res.metrics.items() if k in KEPT or k.endswith("_cpu_frac")})
     return m
 
 
-async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, save, say, deadline: float,
-                  credential: list[tuple[str, str]] | None = None, connections: int = 1,
+async def measure(gateways: dict[str, str], engine: str, api_key: str | None, plan: Plan, save, say,
+                  deadline: float, credential: list[tuple[str, str]] | None = None, connections: int = 1,
                   watch: dict[str, int] | None = None) -> int:
-    """``watch``: the mesh's service processes (name -> pid) whose CPU share each point records."""
-    targets: dict[str, Target] = {"engine": EngineTarget(engine, credential),
-                                  "gateway": GatewayTarget(gateway, MODEL_NAME, api_key, connections=connections)}
+    """``gateways``: target name ("gateway", "gateway_w4") -> address. ``watch``: the mesh's
+    service processes (name -> pid) whose CPU share each point records."""
+    targets: dict[str, Target] = {"engine": EngineTarget(engine, credential)}
+    targets.update({name: GatewayTarget(address, MODEL_NAME, api_key, connections=connections)
+                    for name, address in gateways.items()})
     for t in targets.values():
         await t.open()
     results: dict[tuple[str, str], PointResult] = {}
@@ -150,8 +165,10 @@ async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, sa
                 say(f"warm-up against {t.name} failed: {res.run.requests[0].error} {res.run.requests[0].detail}")
                 return 1
         if plan.probes:
-            extra.update(await idle_probe({"direct": targets["engine"], "mesh": targets["gateway"]}, work,
-                                          plan.probes, timeout=60.0))
+            extra.update(await idle_probe({"direct": targets["engine"], "mesh": targets["gateway"],
+                                           **{f"mesh_{gateway_prefix(g)[:-1]}": targets[g]
+                                              for g in gateways if g != "gateway"}},
+                                          work, plan.probes, timeout=60.0))
         order = list(targets)
         spent: list[float] = []
         for i, point in enumerate(load_points(plan)):
@@ -161,12 +178,15 @@ async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, sa
                 say(f"skipping {point.label}: the time budget is spent")
                 continue
             t0 = time.monotonic()
-            for name in (order if i % 2 == 0 else order[::-1]):
+            # Two targets: ABBA. More: each point starts one further along (ABC, BCA, CAB).
+            n = len(order)
+            turn = (order if i % 2 == 0 else order[::-1]) if n == 2 else order[i % n:] + order[:i % n]
+            for name in turn:
                 res = await run_point(targets[name], work, point, content_seed=1000 + 10 * i + order.index(name),
                                       slo=slo, timeout=120.0, progress=False, watch=watch)
                 results[(name, point.key)] = res
                 say(format_summary(f"{name}, {point.label} ({len(res.run.requests)} requests)", res.metrics)
-                    + "".join(f"\n  {k:<17}{v:12.2f}" for k, v in res.metrics.items() if k.endswith("_cpu_frac")))
+                    + "".join(f"\n  {k:<20}{v:12.2f}" for k, v in res.metrics.items() if k.endswith("_cpu_frac")))
             spent.append(time.monotonic() - t0)
             save(all_metrics(results, plan, extra), work, skipped)
     finally:
@@ -176,6 +196,21 @@ async def measure(gateway: str, engine: str, api_key: str | None, plan: Plan, sa
     if failed:
         say(f"{failed:.0f} requests failed")
     return 1 if failed or skipped else 0
+
+
+def start_second_gateway(mesh, workers: int, timeout: float) -> tuple[str, int]:
+    """A gateway beside the mesh's own, with its settings (router, Redis, keys, mesh secret)
+    but ``workers`` processes, its own gRPC port, no HTTP front and no /metrics. Returns its
+    address and pid; ``mesh.stop()`` stops it."""
+    from llmesh.launcher import ProcessSpec
+
+    first = mesh.specs["gateway"]
+    port = free_port()
+    env = {**first.env, "LLMESH_GATEWAY_PORT": str(port), "LLMESH_GATEWAY_HTTP_PORT": "0",
+           "LLMESH_GATEWAY_METRICS_PORT": "0", "LLMESH_GATEWAY_WORKERS": str(workers)}
+    spec = ProcessSpec(f"gateway-w{workers}", first.argv, env=env, address=f"{mesh.cfg.host}:{port}")
+    mesh.start_extra(spec, timeout)
+    return spec.address, mesh.children[spec.name].proc.pid
 
 
 def main() -> int:
@@ -201,8 +236,11 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=None,
                     help="TCP connections of the gateway target (default: 1 with one gateway worker, as the "
                          "earlier runs; 4 per worker with more, since the kernel balances them by connection)")
+    ap.add_argument("--compare-gateway-workers", type=int, default=0, metavar="M",
+                    help="also measure a second gateway with M workers on the same mesh (0: off)")
     args = ap.parse_args()
-    connections = args.connections or (1 if args.gateway_workers == 1 else 4 * args.gateway_workers)
+    most_workers = max(args.gateway_workers, args.compare_gateway_workers)
+    connections = args.connections or (1 if most_workers == 1 else 4 * most_workers)
     plan = make_plan(args)
     t_start = time.monotonic()
 
@@ -225,6 +263,7 @@ def main() -> int:
     results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
     describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
                 "gateway_routing": args.gateway_routing, "gateway_workers": args.gateway_workers,
+                "compare_gateway_workers": args.compare_gateway_workers,
                 "gateway_connections": connections,
                 # the router's grant of reused routes (docs/routing.md), as its children read it
                 "router_decision_reuse_ms": int(os.environ.get(
@@ -256,10 +295,16 @@ def main() -> int:
     try:
         gateway, engine, _ = mesh_addresses(mesh)
         say(f"mesh up: gateway {gateway}, engine {engine}")
-        deadline = t_start + args.budget_s
         watch = {kind: child.proc.pid for name, child in mesh.children.items() if child.proc is not None
                  for kind in ("gateway", "router", "engine") if name.startswith(kind)}
-        rc = run_loop(measure(gateway, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
+        gateways = {"gateway": gateway}
+        if args.compare_gateway_workers:
+            name = f"gateway_w{args.compare_gateway_workers}"
+            gateways[name], watch[name] = start_second_gateway(mesh, args.compare_gateway_workers,
+                                                               args.start_timeout_s)
+            say(f"second gateway ({args.compare_gateway_workers} workers) up on {gateways[name]}")
+        deadline = t_start + args.budget_s
+        rc = run_loop(measure(gateways, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
                                connections, watch))
     finally:
         mesh.stop()

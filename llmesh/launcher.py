@@ -256,6 +256,17 @@ class Mesh:
             for s in group:
                 self._wait_ready(s, timeout)
 
+    def start_extra(self, spec: ProcessSpec, timeout: float = 300) -> None:
+        """Start one more process beside the planned ones (a benchmark's second gateway) and
+        wait until it serves; ``stop`` stops it with the rest. Its ports are checked first."""
+        if spec.name in self.specs:
+            raise RuntimeError(f"a process named {spec.name!r} is already part of this mesh")
+        check_ports(self.cfg.host, planned_ports([spec]))
+        self.plan.append(spec)
+        self.specs[spec.name] = spec
+        self._spawn(spec)
+        self._wait_ready(spec, timeout)
+
     def _spawn(self, spec: ProcessSpec) -> None:
         child = self.children.get(spec.name)
         if child is None:

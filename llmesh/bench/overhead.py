@@ -80,6 +80,9 @@ async def idle_probe(targets: dict[str, Target], workload: WorkloadConfig, probe
     p50 = {leg: percentile(v, 50) for leg, v in ttfts.items()}
     out = {f"idle_{leg}_ttft_p50_ms": v for leg, v in p50.items()}
     out["mesh_idle_added_ttft_p50_ms"] = p50["mesh"] - p50["direct"]
+    for leg in p50:  # further meshes to compare ("mesh_w4": a second gateway) -> w4_mesh_idle_...
+        if leg.startswith("mesh_"):
+            out[f"{leg.removeprefix('mesh_')}_mesh_idle_added_ttft_p50_ms"] = p50[leg] - p50["direct"]
     if "router" in p50:  # where the added time goes: router hop, then gateway hop
         out["router_hop_idle_added_ttft_p50_ms"] = p50["router"] - p50["direct"]
         out["gateway_hop_idle_added_ttft_p50_ms"] = p50["mesh"] - p50["router"]
