@@ -23,8 +23,6 @@ WHEELS=(
   opentelemetry-proto==1.45.2
   opentelemetry-exporter-otlp-proto-common==1.45.2
   opentelemetry-exporter-otlp-proto-grpc==1.45.2
-  opentelemetry-instrumentation==0.66b2
-  opentelemetry-instrumentation-grpc==0.66b2
   importlib-metadata==8.7.1
   redis==8.1.0
   # the router's DNS discovery (Kubernetes) imports it at start

@@ -14,8 +14,9 @@
 # Knobs (environment): PYTHON (python3), PYTEST_TIMEOUT (150 s), HF_MAX_SECONDS (100 s),
 # NUM_PROMPTS (1000; smoke: 12), MODEL (random:llama3-8b), BACKEND (triton), RESULTS_DIR (bench/results),
 # SERVE_TIMEOUT (420 s, a hard bound on the serve stage; its own budget is SERVE_BUDGET_S, 300 s),
-# GATEWAY_WORKERS (1: the gateway's processes in the serve stage) and SERVE_CONNECTIONS,
+# GATEWAY_WORKERS (the gateway's processes in the serve stage; default llmesh up's) and SERVE_CONNECTIONS,
 # COMPARE_GATEWAY_WORKERS (M: a second gateway with M workers measured in the same serve run),
+# COMPARE_ROUTE_REUSE_MS (R: that second gateway behind a router granting reused routes for R ms),
 # SMOKE=1 (every script with --smoke, no nvidia-smi, no kernel tests, results to a scratch
 # folder: checks this script on a machine without a GPU).
 set -euo pipefail
@@ -76,8 +77,9 @@ if want gpu-tests && [ "$SMOKE" != 1 ]; then
 fi
 # The mesh's services are children of serve_gpu.py and die with it (parent-death signal).
 want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_gpu.py \
-  --budget-s "${SERVE_BUDGET_S:-300}" --gateway-workers "${GATEWAY_WORKERS:-1}" \
+  --budget-s "${SERVE_BUDGET_S:-300}" ${GATEWAY_WORKERS:+--gateway-workers "$GATEWAY_WORKERS"} \
   ${COMPARE_GATEWAY_WORKERS:+--compare-gateway-workers "$COMPARE_GATEWAY_WORKERS"} \
+  ${COMPARE_ROUTE_REUSE_MS:+--compare-route-reuse-ms "$COMPARE_ROUTE_REUSE_MS"} \
   ${SERVE_CONNECTIONS:+--connections "$SERVE_CONNECTIONS"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 
 stamp "results in $RESULTS_DIR"

@@ -21,14 +21,18 @@ Usage: python bench/serve_gpu.py [--smoke] [--results-dir DIR] [--gateway-routin
                                 [--gateway-workers N] [--connections N]
 --gateway-routing: the gateway's routing mode (docs/routing.md), recorded in the workload;
 proxy writes serve_gpu_<dev>_proxy.json so that a run of each mode compares the two.
---gateway-workers N: the gateway as N processes on one port (its --workers), reached over
---connections TCP connections (default 4 per worker, 1 with one); N > 1 writes
-serve_gpu_<dev>_wN.json. An A/B of worker counts passes the same --connections to both.
+--gateway-workers N: the gateway as N processes on one port (its --workers; default: what
+``llmesh up`` starts, 4 on a GPU host of 16 cores), reached over --connections TCP connections
+(default 4 per worker, 1 with one); a given N writes serve_gpu_<dev>_wN.json. An A/B of worker
+counts passes the same --connections to both.
 --compare-gateway-workers M: a second gateway with M workers beside the mesh's, same router,
 engine, Redis and keys, measured as a third target (``gateway_wM``) in the same rotation:
 the A/B of worker counts in one run, on one warm engine. Its figures carry the prefix
 ``wM_`` (``wM_gpu_mesh_throughput_ratio_frac``, ...); both gateways get --connections
 (default 4 x M) connections.
+--compare-route-reuse-ms R: the second gateway (with the mesh's worker count unless
+--compare-gateway-workers says otherwise) asks a second router, which grants reused routes
+for R ms (docs/routing.md); the target is ``gateway_wM_reuse`` and its prefix ``wM_reuse_``.
 --smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
 short runs: checks the script in under 2 minutes; its numbers mean nothing.
 The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
@@ -139,9 +143,10 @@ def all_metrics(results: dict[tuple[str, str], PointResult], plan: Plan, extra: 
 
 async def measure(gateways: dict[str, str], engine: str, api_key: str | None, plan: Plan, save, say,
                   deadline: float, credential: list[tuple[str, str]] | None = None, connections: int = 1,
-                  watch: dict[str, int] | None = None) -> int:
+                  watch: dict[str, int] | None = None, readings=None) -> int:
     """``gateways``: target name ("gateway", "gateway_w4") -> address. ``watch``: the mesh's
-    service processes (name -> pid) whose CPU share each point records."""
+    service processes (name -> pid) whose CPU share each point records. ``readings``: called
+    after each point, figures read from the services themselves (merged into the file)."""
     targets: dict[str, Target] = {"engine": EngineTarget(engine, credential)}
     targets.update({name: GatewayTarget(address, MODEL_NAME, api_key, connections=connections)
                     for name, address in gateways.items()})
@@ -188,6 +193,8 @@ async def measure(gateways: dict[str, str], engine: str, api_key: str | None, pl
                 say(format_summary(f"{name}, {point.label} ({len(res.run.requests)} requests)", res.metrics)
                     + "".join(f"\n  {k:<20}{v:12.2f}" for k, v in res.metrics.items() if k.endswith("_cpu_frac")))
             spent.append(time.monotonic() - t0)
+            if readings is not None:
+                extra.update(readings())
             save(all_metrics(results, plan, extra), work, skipped)
     finally:
         for t in targets.values():
@@ -198,19 +205,47 @@ async def measure(gateways: dict[str, str], engine: str, api_key: str | None, pl
     return 1 if failed or skipped else 0
 
 
-def start_second_gateway(mesh, workers: int, timeout: float) -> tuple[str, int]:
+def start_second_gateway(mesh, workers: int, reuse_ms: int, timeout: float) -> tuple[str, int]:
     """A gateway beside the mesh's own, with its settings (router, Redis, keys, mesh secret)
-    but ``workers`` processes, its own gRPC port, no HTTP front and no /metrics. Returns its
-    address and pid; ``mesh.stop()`` stops it."""
+    but ``workers`` processes, its own gRPC and /metrics ports, no HTTP front; with
+    ``reuse_ms``, behind a second router like the first but granting reused routes. Returns
+    the gateway's address and pid (its router's CPU is not watched); ``mesh.stop()`` stops both."""
     from llmesh.launcher import ProcessSpec
 
     first = mesh.specs["gateway"]
+    env = {**first.env, "LLMESH_GATEWAY_HTTP_PORT": "0", "LLMESH_GATEWAY_METRICS_PORT": str(free_port()),
+           "LLMESH_GATEWAY_WORKERS": str(workers)}
+    if reuse_ms:
+        router = mesh.specs["router"]
+        port = free_port()
+        spec = ProcessSpec("router-reuse", router.argv, env={
+            **router.env, "LLMESH_ROUTER_PORT": str(port), "LLMESH_ROUTER_METRICS_PORT": "0",
+            "LLMESH_ROUTER_DECISION_REUSE_MS": str(reuse_ms)}, address=f"{mesh.cfg.host}:{port}")
+        mesh.start_extra(spec, timeout)
+        env["LLMESH_GATEWAY_ROUTER"] = spec.address
     port = free_port()
-    env = {**first.env, "LLMESH_GATEWAY_PORT": str(port), "LLMESH_GATEWAY_HTTP_PORT": "0",
-           "LLMESH_GATEWAY_METRICS_PORT": "0", "LLMESH_GATEWAY_WORKERS": str(workers)}
+    env["LLMESH_GATEWAY_PORT"] = str(port)
     spec = ProcessSpec(f"gateway-w{workers}", first.argv, env=env, address=f"{mesh.cfg.host}:{port}")
     mesh.start_extra(spec, timeout)
     return spec.address, mesh.children[spec.name].proc.pid
+
+
+def route_sources(mesh, name: str) -> dict[str, float]:
+    """``llmesh_gateway_route_decisions_total`` of the extra gateway ``name``, summed by source
+    ("router", "reused"): whether reuse happened, read from the gateway itself."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = mesh.specs[name].env["LLMESH_GATEWAY_METRICS_PORT"]
+    with urllib.request.urlopen(f"http://{mesh.cfg.host}:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {"router": 0.0, "reused": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llmesh_gateway_route_decisions_total":
+                out[sample.labels["source"]] = out.get(sample.labels["source"], 0.0) + sample.value
+    return out
 
 
 def main() -> int:
@@ -231,16 +266,17 @@ def main() -> int:
     ap.add_argument("--gateway-routing", choices=("direct", "proxy"), default="direct",
                     help="direct: the gateway streams from the engine after the router's Route; proxy: through "
                          "the router's Generate")
-    ap.add_argument("--gateway-workers", type=int, default=1,
-                    help="gateway processes sharing its port (the gateway's --workers; docs/operations.md)")
+    ap.add_argument("--gateway-workers", type=int, default=None,
+                    help="gateway processes sharing its port (the gateway's --workers; default: llmesh up's "
+                         "choice for the device; docs/operations.md)")
     ap.add_argument("--connections", type=int, default=None,
                     help="TCP connections of the gateway target (default: 1 with one gateway worker, as the "
                          "earlier runs; 4 per worker with more, since the kernel balances them by connection)")
     ap.add_argument("--compare-gateway-workers", type=int, default=0, metavar="M",
                     help="also measure a second gateway with M workers on the same mesh (0: off)")
+    ap.add_argument("--compare-route-reuse-ms", type=int, default=0, metavar="R",
+                    help="the second gateway asks its own router, which grants reused routes for R ms")
     args = ap.parse_args()
-    most_workers = max(args.gateway_workers, args.compare_gateway_workers)
-    connections = args.connections or (1 if most_workers == 1 else 4 * most_workers)
     plan = make_plan(args)
     t_start = time.monotonic()
 
@@ -250,7 +286,6 @@ def main() -> int:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="serve-gpu-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["LLMESH_GATEWAY_ROUTING"] = args.gateway_routing  # the launcher's gateway inherits it
-    os.environ["LLMESH_GATEWAY_WORKERS"] = str(args.gateway_workers)
     os.environ["XDG_CONFIG_HOME"] = str(run_dir)  # the launcher's admin key goes here, not to ~/.config
     models_path = run_dir / "models.yaml"
     models_path.write_text(yaml.safe_dump({"default_model": MODEL_NAME, "models": [
@@ -262,9 +297,8 @@ def main() -> int:
     dev = device_tag("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
     results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="serve-gpu-results-")) if args.smoke else None)
     describe = {"model": plan.model, "engine": plan.engine, "device": plan.device,
-                "gateway_routing": args.gateway_routing, "gateway_workers": args.gateway_workers,
-                "compare_gateway_workers": args.compare_gateway_workers,
-                "gateway_connections": connections,
+                "gateway_routing": args.gateway_routing, "compare_gateway_workers": args.compare_gateway_workers,
+                "compare_route_reuse_ms": args.compare_route_reuse_ms,
                 # the router's grant of reused routes (docs/routing.md), as its children read it
                 "router_decision_reuse_ms": int(os.environ.get(
                     "LLMESH_ROUTER_DECISION_REUSE_MS", RouterConfig.decision_reuse_ms)),
@@ -280,7 +314,7 @@ def main() -> int:
 
     def save(metrics: dict, work: WorkloadConfig, skipped: list[str]) -> None:
         suffix = ("_proxy" if args.gateway_routing == "proxy" else "") + (
-            f"_w{args.gateway_workers}" if args.gateway_workers > 1 else "")
+            f"_w{args.gateway_workers}" if args.gateway_workers else "")
         path = write_result(f"serve_gpu_{dev}{suffix}", {**describe, **work.describe(), "skipped": skipped}, metrics,
                             results_dir=results_dir)
         say(f"wrote {path}")
@@ -288,24 +322,36 @@ def main() -> int:
     say(f"starting the mesh: {plan.model} on {plan.device} ({plan.engine}); logs in {run_dir}")
     try:
         mesh = start_mesh(device=plan.device, models_file=str(models_path), run_dir=str(run_dir), auth=True,
-                          timeout=args.start_timeout_s)
+                          timeout=args.start_timeout_s, gateway_workers=args.gateway_workers)
     except (RuntimeError, TimeoutError) as e:
         say(f"the mesh did not start: {e}")
         return 1
     try:
         gateway, engine, _ = mesh_addresses(mesh)
-        say(f"mesh up: gateway {gateway}, engine {engine}")
+        # what the launcher chose for the device (or was told), as the gateway reads it
+        workers = int(mesh.specs["gateway"].env.get("LLMESH_GATEWAY_WORKERS")
+                      or os.environ.get("LLMESH_GATEWAY_WORKERS") or 1)
+        second = args.compare_gateway_workers or (workers if args.compare_route_reuse_ms else 0)
+        connections = args.connections or (1 if max(workers, second) == 1 else 4 * max(workers, second))
+        describe.update(gateway_workers=workers, gateway_connections=connections)
+        say(f"mesh up: gateway {gateway} ({workers} workers), engine {engine}")
         watch = {kind: child.proc.pid for name, child in mesh.children.items() if child.proc is not None
                  for kind in ("gateway", "router", "engine") if name.startswith(kind)}
         gateways = {"gateway": gateway}
-        if args.compare_gateway_workers:
-            name = f"gateway_w{args.compare_gateway_workers}"
-            gateways[name], watch[name] = start_second_gateway(mesh, args.compare_gateway_workers,
+        readings = None
+        if second:
+            name = f"gateway_w{second}" + ("_reuse" if args.compare_route_reuse_ms else "")
+            gateways[name], watch[name] = start_second_gateway(mesh, second, args.compare_route_reuse_ms,
                                                                args.start_timeout_s)
-            say(f"second gateway ({args.compare_gateway_workers} workers) up on {gateways[name]}")
+            say(f"second gateway ({second} workers, route reuse {args.compare_route_reuse_ms} ms) up on "
+                f"{gateways[name]}")
+
+            def readings() -> dict[str, float]:
+                src = route_sources(mesh, f"gateway-w{second}")
+                return {f"{gateway_prefix(name)}route_reused_frac": src["reused"] / max(1.0, sum(src.values()))}
         deadline = t_start + args.budget_s
         rc = run_loop(measure(gateways, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
-                               connections, watch))
+                               connections, watch, readings))
     finally:
         mesh.stop()
     say(f"done (rc={rc})")

@@ -137,8 +137,9 @@ def _add_up(sub) -> None:
     p.add_argument("--http-port", type=int, default=d.http_port,
                    help="the gateway's OpenAI-compatible HTTP port (0 turns it off)")
     p.add_argument("--gateway-workers", type=int, default=None,
-                   help="gateway processes sharing its ports, for GPU token rates (default: 1, or "
-                        "$LLMESH_GATEWAY_WORKERS; docs/operations.md \"Gateway workers\")")
+                   help="gateway processes sharing its ports, for GPU token rates (default: "
+                        "$LLMESH_GATEWAY_WORKERS, else 4 with --device cuda on 16 or more cores (a quarter "
+                        "of the cores on fewer), 1 on the CPU; docs/operations.md \"Gateway workers\")")
     p.add_argument("--router-port", type=int, default=d.router_port)
     p.add_argument("--prefix-cache-port", type=int, default=d.prefix_cache_port)
     p.add_argument("--engine-base-port", type=int, default=d.engine_base_port)

@@ -54,8 +54,9 @@ class UpConfig:
     http_port: int = 8000
     """The gateway's OpenAI-compatible HTTP front (0 turns it off)."""
     gateway_workers: int | None = None
-    """Gateway processes on its ports (docs/operations.md "Gateway workers"); None leaves the
-    gateway's own default (1, or ``$LLMESH_GATEWAY_WORKERS``)."""
+    """Gateway processes on its ports (docs/operations.md "Gateway workers"). None: the
+    gateway's own default (``$LLMESH_GATEWAY_WORKERS``, else 1), except on a GPU, where
+    ``gpu_gateway_workers()`` processes keep up with the engine."""
     router_port: int = 50052
     prefix_cache_port: int = 50053
     engine_base_port: int = 50061
@@ -121,6 +122,28 @@ ENGINE_METRICS_OFFSET = 10
 """The n-th engine process (in plan order) serves metrics at base + ENGINE_METRICS_OFFSET + n."""
 
 
+GPU_GATEWAY_WORKERS = 4
+"""On the H200 (bench/results/serve_gpu_h200.json, 16 cores) one gateway process was the
+limit at 256 streams (0.979 of the engine's own throughput, its loop at 0.85-1.27 cores) and
+added 247 ms to the first token at 64 req/s; four reached 0.996 and 8.6 ms."""
+
+
+def gpu_gateway_workers(cpus: int | None = None) -> int:
+    """Gateway workers of a GPU mesh left to its default: GPU_GATEWAY_WORKERS, fewer on a host
+    with under 4 cores a worker (the engine's own processes need two or more)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(GPU_GATEWAY_WORKERS, cpus // 4))
+
+
+def gateway_workers(cfg: UpConfig) -> int | None:
+    """The workers ``llmesh up`` asks of its gateway; None leaves the gateway's own default."""
+    if cfg.gateway_workers is not None:
+        return cfg.gateway_workers
+    if cfg.device.startswith("cuda") and not os.environ.get("LLMESH_GATEWAY_WORKERS"):
+        return gpu_gateway_workers()
+    return None
+
+
 def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
               redis_password: str = "") -> tuple[list[ProcessSpec], ModelsFile]:
     """Every process of the mesh with its settings, in start order; and the models file
@@ -167,8 +190,9 @@ def plan_mesh(cfg: UpConfig, models: ModelsFile, run_dir: Path,
         "LLMESH_GATEWAY_MODELS_FILE": models_path,
         "LLMESH_GATEWAY_METRICS_PORT": str(gateway_metrics)}, address=f"{cfg.host}:{cfg.gateway_port}",
         metrics_port=gateway_metrics, extra_ports={"HTTP": cfg.http_port} if cfg.http_port else {}))
-    if cfg.gateway_workers is not None:
-        procs[-1].env["LLMESH_GATEWAY_WORKERS"] = str(cfg.gateway_workers)
+    workers = gateway_workers(cfg)
+    if workers is not None:
+        procs[-1].env["LLMESH_GATEWAY_WORKERS"] = str(workers)
     # Every service reads the mesh secret (written by Mesh at each start) from this file:
     # the path travels, the secret never appears on a command line.
     for p in procs:

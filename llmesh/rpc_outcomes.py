@@ -53,7 +53,7 @@ def caller_gone(context, exc: BaseException | None) -> tuple[grpc.StatusCode, st
     return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
+def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
     """The status the call ends with and its message."""
     gone = caller_gone(context, exc)
     if gone is not None:
@@ -76,7 +76,7 @@ class _Outcome:
         self.started = time.perf_counter()
 
     def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-        code, details = _final_code(context, exc)
+        code, details = final_code(context, exc)
         HANDLED.labels(self.service, self.method, code.name).inc()
         HANDLING_SECONDS.labels(self.service, self.method).observe(time.perf_counter() - self.started)
         if code is grpc.StatusCode.OK:

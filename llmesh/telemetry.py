@@ -114,23 +114,20 @@ def shutdown_tracing() -> None:
 
 def server_interceptors() -> list:
     """Interceptors that open a server span per RPC, parented by the caller's traceparent."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from llmesh.rpc_spans import ServerSpans
 
-    return [aio_server_interceptor(filter_=_traced)]
+    return [ServerSpans(traced)]
 
 
 def client_interceptors() -> list:
     """Interceptors that open a client span per call and send traceparent downstream."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    from llmesh.rpc_spans import client_spans
 
-    return list(aio_client_interceptors(filter_=_traced))
+    return client_spans(traced)
 
 
-def _traced(call_details) -> bool:
-    """The instrumentation's filter: True for the calls that get a span."""
-    method = call_details.method
-    if isinstance(method, bytes):  # some grpc versions hand the client side bytes
-        method = method.decode()
+def traced(method: str) -> bool:
+    """True for the calls (``/pkg.Service/Method``) that get a span."""
     return method not in UNTRACED_METHODS
 
 

@@ -35,14 +35,15 @@ def free_port() -> int:
 
 
 def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str | None = None,
-               auth: bool = False, timeout: float = 300.0):
+               auth: bool = False, timeout: float = 300.0, gateway_workers: int | None = None):
     """A ``Mesh`` on free loopback ports with /metrics off, started; the caller stops it.
-    API keys are off unless ``auth`` (then ``mesh.api_key`` is the local admin key)."""
+    API keys are off unless ``auth`` (then ``mesh.api_key`` is the local admin key);
+    ``gateway_workers`` None: the launcher's choice for ``device``."""
     from llmesh.launcher import Mesh, UpConfig
 
     cfg = UpConfig(models_file=models_file, host="127.0.0.1", gateway_port=free_port(), router_port=free_port(),
                    prefix_cache_port=free_port(), engine_base_port=free_port(), redis_port=free_port(),
-                   metrics_base_port=0, device=device, run_dir=run_dir, auth=auth,
+                   metrics_base_port=0, device=device, run_dir=run_dir, auth=auth, gateway_workers=gateway_workers,
                    data_dir=tempfile.mkdtemp(prefix="llmesh-bench-data-"))  # beside a running `llmesh up`
     mesh = Mesh(cfg, quiet=True)
     try:

@@ -210,16 +210,26 @@ def test_a_taken_port_is_refused(models_file):
             start_gateway(models_file, "--port", str(port))
 
 
-def test_llmesh_up_passes_gateway_workers_only_when_asked(tmp_path):
-    from llmesh.launcher import DEMO_MODELS, UpConfig, plan_mesh
+def test_llmesh_up_passes_gateway_workers_when_asked_and_several_on_a_gpu(tmp_path, monkeypatch):
+    from llmesh.launcher import DEMO_MODELS, UpConfig, gpu_gateway_workers, plan_mesh
     from llmesh.models_file import parse_models
 
+    def gateway_env(cfg: UpConfig) -> dict[str, str]:
+        return {p.name: p for p in plan_mesh(cfg, models, tmp_path)[0]}["gateway"].env
+
+    monkeypatch.delenv("LLMESH_GATEWAY_WORKERS", raising=False)
     models = parse_models(DEMO_MODELS, "demo")
-    gateway = {p.name: p for p in plan_mesh(UpConfig(gateway_workers=4), models, tmp_path)[0]}["gateway"]
-    assert gateway.env["LLMESH_GATEWAY_WORKERS"] == "4"
-    # Left out by default: the gateway's own default, or the operator's environment, holds.
-    gateway = {p.name: p for p in plan_mesh(UpConfig(), models, tmp_path)[0]}["gateway"]
-    assert "LLMESH_GATEWAY_WORKERS" not in gateway.env
+    assert gateway_env(UpConfig(gateway_workers=4))["LLMESH_GATEWAY_WORKERS"] == "4"
+    assert gateway_env(UpConfig(gateway_workers=1, device="cuda"))["LLMESH_GATEWAY_WORKERS"] == "1"
+    # Left out on the CPU: the gateway's own default (one process) holds.
+    assert "LLMESH_GATEWAY_WORKERS" not in gateway_env(UpConfig())
+    assert "LLMESH_GATEWAY_WORKERS" not in gateway_env(UpConfig(device="cpu"))
+    # On a GPU one process cannot keep up with the engine: several, a quarter of the cores at most.
+    assert gateway_env(UpConfig(device="cuda"))["LLMESH_GATEWAY_WORKERS"] == str(gpu_gateway_workers())
+    assert [gpu_gateway_workers(n) for n in (2, 4, 8, 12, 16, 64)] == [1, 1, 2, 3, 4, 4]
+    # The operator's environment is the gateway's to read, on a GPU too.
+    monkeypatch.setenv("LLMESH_GATEWAY_WORKERS", "2")
+    assert "LLMESH_GATEWAY_WORKERS" not in gateway_env(UpConfig(device="cuda"))
 
 
 def test_worker_index_names_the_worker_that_runs_once_per_gateway_work(monkeypatch):
