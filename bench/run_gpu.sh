@@ -7,7 +7,8 @@
 #   gpu-tests (bench/gpu_tests.sh, GPU_TESTS_LIMIT s per group), timeline (step_timeline.py),
 #   structured (structured_output.py, async scheduling on and off), kv-fp8 (kv_fp8_gpu.py),
 #   tp and moe-ep (2 GPUs: tp_gpu.py, moe_ep_gpu.py; NCCL multicast off as the device requires),
-#   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep).
+#   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep),
+#   trace (mesh_trace.py: the added TTFT from the services' spans; TRACE_TIMEOUT, 300 s).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
@@ -81,6 +82,9 @@ want serve && step serve timeout -k 10 "${SERVE_TIMEOUT:-420}" $PY bench/serve_g
   ${COMPARE_GATEWAY_WORKERS:+--compare-gateway-workers "$COMPARE_GATEWAY_WORKERS"} \
   ${COMPARE_ROUTE_REUSE_MS:+--compare-route-reuse-ms "$COMPARE_ROUTE_REUSE_MS"} \
   ${SERVE_CONNECTIONS:+--connections "$SERVE_CONNECTIONS"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+# trace: where the mesh's added time to first token goes, from every service's spans
+want trace && step trace timeout -k 10 "${TRACE_TIMEOUT:-300}" $PY bench/mesh_trace.py "${OUTDIR[@]}" \
+  ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 
 stamp "results in $RESULTS_DIR"
 # every file this run wrote (tp_<dev>x2, structured_<dev>_sync, ... included)

@@ -31,8 +31,9 @@ the A/B of worker counts in one run, on one warm engine. Its figures carry the p
 ``wM_`` (``wM_gpu_mesh_throughput_ratio_frac``, ...); both gateways get --connections
 (default 4 x M) connections.
 --compare-route-reuse-ms R: the second gateway (with the mesh's worker count unless
---compare-gateway-workers says otherwise) asks a second router, which grants reused routes
-for R ms (docs/routing.md); the target is ``gateway_wM_reuse`` and its prefix ``wM_reuse_``.
+--compare-gateway-workers says otherwise) asks a second router whose decision_reuse_ms is R
+(0: every request asks; docs/routing.md); the target is ``gateway_wM_reuseR`` and its
+prefix ``wM_reuseR_``.
 --smoke: random:tiny-llama3 (Llama-3's vocabulary, a toy body) on the CPU, torch backend,
 short runs: checks the script in under 2 minutes; its numbers mean nothing.
 The file (serve_gpu_<dev>.json) is rewritten after every point, so a timeout keeps what finished.
@@ -205,17 +206,18 @@ async def measure(gateways: dict[str, str], engine: str, api_key: str | None, pl
     return 1 if failed or skipped else 0
 
 
-def start_second_gateway(mesh, workers: int, reuse_ms: int, timeout: float) -> tuple[str, int]:
+def start_second_gateway(mesh, workers: int, reuse_ms: int | None, timeout: float) -> tuple[str, int]:
     """A gateway beside the mesh's own, with its settings (router, Redis, keys, mesh secret)
     but ``workers`` processes, its own gRPC and /metrics ports, no HTTP front; with
-    ``reuse_ms``, behind a second router like the first but granting reused routes. Returns
+    ``reuse_ms`` (not None), behind a second router like the first but with that
+    ``decision_reuse_ms``. Returns
     the gateway's address and pid (its router's CPU is not watched); ``mesh.stop()`` stops both."""
     from llmesh.launcher import ProcessSpec
 
     first = mesh.specs["gateway"]
     env = {**first.env, "LLMESH_GATEWAY_HTTP_PORT": "0", "LLMESH_GATEWAY_METRICS_PORT": str(free_port()),
            "LLMESH_GATEWAY_WORKERS": str(workers)}
-    if reuse_ms:
+    if reuse_ms is not None:
         router = mesh.specs["router"]
         port = free_port()
         spec = ProcessSpec("router-reuse", router.argv, env={
@@ -231,13 +233,13 @@ def start_second_gateway(mesh, workers: int, reuse_ms: int, timeout: float) -> t
 
 
 def route_sources(mesh, name: str) -> dict[str, float]:
-    """``llmesh_gateway_route_decisions_total`` of the extra gateway ``name``, summed by source
+    """``llmesh_gateway_route_decisions_total`` of the gateway ``name``, summed by source
     ("router", "reused"): whether reuse happened, read from the gateway itself."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    port = mesh.specs[name].env["LLMESH_GATEWAY_METRICS_PORT"]
+    port = mesh.specs[name].env["LLMESH_GATEWAY_METRICS_PORT"]  # the supervisor's sum over workers
     with urllib.request.urlopen(f"http://{mesh.cfg.host}:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {"router": 0.0, "reused": 0.0}
@@ -274,8 +276,8 @@ def main() -> int:
                          "earlier runs; 4 per worker with more, since the kernel balances them by connection)")
     ap.add_argument("--compare-gateway-workers", type=int, default=0, metavar="M",
                     help="also measure a second gateway with M workers on the same mesh (0: off)")
-    ap.add_argument("--compare-route-reuse-ms", type=int, default=0, metavar="R",
-                    help="the second gateway asks its own router, which grants reused routes for R ms")
+    ap.add_argument("--compare-route-reuse-ms", type=int, default=None, metavar="R",
+                    help="the second gateway asks its own router, whose decision_reuse_ms is R (0: no reuse)")
     args = ap.parse_args()
     plan = make_plan(args)
     t_start = time.monotonic()
@@ -322,7 +324,7 @@ def main() -> int:
     say(f"starting the mesh: {plan.model} on {plan.device} ({plan.engine}); logs in {run_dir}")
     try:
         mesh = start_mesh(device=plan.device, models_file=str(models_path), run_dir=str(run_dir), auth=True,
-                          timeout=args.start_timeout_s, gateway_workers=args.gateway_workers)
+                          timeout=args.start_timeout_s, gateway_workers=args.gateway_workers, metrics=True)
     except (RuntimeError, TimeoutError) as e:
         say(f"the mesh did not start: {e}")
         return 1
@@ -331,24 +333,28 @@ def main() -> int:
         # what the launcher chose for the device (or was told), as the gateway reads it
         workers = int(mesh.specs["gateway"].env.get("LLMESH_GATEWAY_WORKERS")
                       or os.environ.get("LLMESH_GATEWAY_WORKERS") or 1)
-        second = args.compare_gateway_workers or (workers if args.compare_route_reuse_ms else 0)
+        reuse = args.compare_route_reuse_ms
+        second = args.compare_gateway_workers or (workers if reuse is not None else 0)
         connections = args.connections or (1 if max(workers, second) == 1 else 4 * max(workers, second))
         describe.update(gateway_workers=workers, gateway_connections=connections)
         say(f"mesh up: gateway {gateway} ({workers} workers), engine {engine}")
         watch = {kind: child.proc.pid for name, child in mesh.children.items() if child.proc is not None
                  for kind in ("gateway", "router", "engine") if name.startswith(kind)}
         gateways = {"gateway": gateway}
-        readings = None
-        if second:
-            name = f"gateway_w{second}" + ("_reuse" if args.compare_route_reuse_ms else "")
-            gateways[name], watch[name] = start_second_gateway(mesh, second, args.compare_route_reuse_ms,
-                                                               args.start_timeout_s)
-            say(f"second gateway ({second} workers, route reuse {args.compare_route_reuse_ms} ms) up on "
-                f"{gateways[name]}")
+        services = {"gateway": "gateway"}  # target -> the mesh's process name
 
-            def readings() -> dict[str, float]:
-                src = route_sources(mesh, f"gateway-w{second}")
-                return {f"{gateway_prefix(name)}route_reused_frac": src["reused"] / max(1.0, sum(src.values()))}
+        def readings() -> dict[str, float]:
+            out = {}
+            for target, proc in services.items():
+                src = route_sources(mesh, proc)
+                out[f"{gateway_prefix(target)}route_reused_frac"] = src["reused"] / max(1.0, sum(src.values()))
+            return out
+        if second:
+            name = f"gateway_w{second}" + ("" if reuse is None else f"_reuse{reuse}")
+            gateways[name], watch[name] = start_second_gateway(mesh, second, reuse, args.start_timeout_s)
+            say(f"second gateway ({second} workers, its router's route reuse "
+                f"{'as the first' if reuse is None else f'{reuse} ms'}) up on {gateways[name]}")
+            services[name] = f"gateway-w{second}"
         deadline = t_start + args.budget_s
         rc = run_loop(measure(gateways, engine, mesh.api_key, plan, save, say, deadline, mesh.credential(),
                                connections, watch, readings))

@@ -34,16 +34,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_metrics_base(engines: int = 1, tries: int = 50) -> int:
+    """A base port whose every metrics port (``llmesh.launcher``'s offsets) is free now."""
+    from llmesh.launcher import ENGINE_METRICS_OFFSET, METRICS_OFFSETS
+
+    offsets = [*METRICS_OFFSETS.values(), *(ENGINE_METRICS_OFFSET + n for n in range(engines))]
+    for _ in range(tries):
+        base = free_port()
+        if base + max(offsets) > 65535:
+            continue
+        try:
+            for off in offsets:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", base + off))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no block of free metrics ports found in {tries} tries")
+
+
 def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str | None = None,
-               auth: bool = False, timeout: float = 300.0, gateway_workers: int | None = None):
-    """A ``Mesh`` on free loopback ports with /metrics off, started; the caller stops it.
-    API keys are off unless ``auth`` (then ``mesh.api_key`` is the local admin key);
-    ``gateway_workers`` None: the launcher's choice for ``device``."""
+               auth: bool = False, timeout: float = 300.0, gateway_workers: int | None = None,
+               metrics: bool = False):
+    """A ``Mesh`` on free loopback ports, started; the caller stops it. API keys are off unless
+    ``auth`` (then ``mesh.api_key`` is the local admin key); ``gateway_workers`` None: the
+    launcher's choice for ``device``; /metrics only with ``metrics`` (each service's port is
+    its spec's ``metrics_port``)."""
     from llmesh.launcher import Mesh, UpConfig
 
     cfg = UpConfig(models_file=models_file, host="127.0.0.1", gateway_port=free_port(), router_port=free_port(),
                    prefix_cache_port=free_port(), engine_base_port=free_port(), redis_port=free_port(),
-                   metrics_base_port=0, device=device, run_dir=run_dir, auth=auth, gateway_workers=gateway_workers,
+                   metrics_base_port=free_metrics_base() if metrics else 0, device=device, run_dir=run_dir, auth=auth, gateway_workers=gateway_workers,
                    data_dir=tempfile.mkdtemp(prefix="llmesh-bench-data-"))  # beside a running `llmesh up`
     mesh = Mesh(cfg, quiet=True)
     try:
