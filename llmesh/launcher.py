@@ -123,9 +123,9 @@ ENGINE_METRICS_OFFSET = 10
 
 
 GPU_GATEWAY_WORKERS = 4
-"""On the H200 (bench/results/serve_gpu_h200.json, 16 cores) one gateway process was the
-limit at 256 streams (0.979 of the engine's own throughput, its loop at 0.85-1.27 cores) and
-added 247 ms to the first token at 64 req/s; four reached 0.996 and 8.6 ms."""
+"""On the H200 (16 cores; bench/README.md "serve_gpu.py", the run at a0ee582) one gateway
+process was the limit at 256 streams (0.979 of the engine's own throughput, 0.85-1.27 cores
+busy) and added 247 ms to the first token at 64 req/s; four reached 0.996 and 8.6 ms."""
 
 
 def gpu_gateway_workers(cpus: int | None = None) -> int:
