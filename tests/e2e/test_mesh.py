@@ -5,6 +5,7 @@ process healthy."""
 from __future__ import annotations
 
 import os
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from llmesh.health import wait_serving
 from llmesh.launcher import Mesh, UpConfig
 from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
 from llmesh.prefix_hash import hash_prefix_blocks
+from llmesh.router.config import RouterConfig
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, prefix_index_pb2, prefix_index_pb2_grpc
 from tests.mesh_helpers import free_port
 from tests.otlp_receiver import OtlpReceiver
@@ -72,6 +74,9 @@ def test_streams_the_engines_greedy_text_with_usage(mesh, tiny_llama):
 
 def test_one_trace_gateway_router_engine(mesh):
     m, otlp, cfg = mesh
+    # The router grants reused routes (docs/routing.md): past the grant of the module's earlier
+    # requests the gateway asks it again, so this request's trace has the router's Route span.
+    time.sleep(RouterConfig.decision_reuse_ms / 1000 + 0.3)
     _generate(cfg, "e2e-trace", max_tokens=4, temperature=0.0, ignore_eos=True)
 
     def engine_span(spans):
