@@ -171,7 +171,8 @@ def main() -> None:
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ignore_eos": True,
                 "prefix_len": args.prefix_len, "prefix_questions": args.questions, "backend": "torch",
                 "torch_threads": torch.get_num_threads(), "single_stream_repeats": args.repeats,
-                "only_single": args.only_single, "cpu_flags": cpu_flags(), "gemm_plans": GEMM_PLANS}
+                "only_single": args.only_single, "cpu_flags": cpu_flags(), "torch": torch.__version__,
+                "gemm_plans": GEMM_PLANS}
     print("wrote", write_result(args.name, workload, metrics))
 
 
