@@ -64,7 +64,8 @@ def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str
 
     cfg = UpConfig(models_file=models_file, host="127.0.0.1", gateway_port=free_port(), router_port=free_port(),
                    prefix_cache_port=free_port(), engine_base_port=free_port(), redis_port=free_port(),
-                   metrics_base_port=free_metrics_base() if metrics else 0, device=device, run_dir=run_dir, auth=auth, gateway_workers=gateway_workers,
+                   metrics_base_port=free_metrics_base() if metrics else 0, device=device, run_dir=run_dir,
+                   auth=auth, gateway_workers=gateway_workers,
                    data_dir=tempfile.mkdtemp(prefix="llmesh-bench-data-"))  # beside a running `llmesh up`
     mesh = Mesh(cfg, quiet=True)
     try:

@@ -30,7 +30,8 @@ def test_mesh_trace_lines_up_each_requests_spans(tmp_path, reuse_ms):
     m = doc["metrics"]
     assert doc["workload"]["router_decision_reuse_ms"] == str(reuse_ms)
     assert m["trace_requests_traced_n"] == 8  # every request after the warm-up, none of the warm-up's
-    assert m["trace_mesh_added_ttft_p50_ms"] == pytest.approx(m["trace_mesh_ttft_p50_ms"] - m["trace_direct_ttft_p50_ms"])
+    assert m["trace_mesh_added_ttft_p50_ms"] == pytest.approx(
+        m["trace_mesh_ttft_p50_ms"] - m["trace_direct_ttft_p50_ms"])
     for k in ("trace_gateway_pre_engine_p50_ms", "trace_engine_hop_p50_ms", "trace_gateway_end_lag_p50_ms"):
         assert 0 < m[k] < 1000, k
     assert 0 < m["trace_gateway_ttft_p50_ms"] < m["trace_mesh_ttft_p50_ms"]
