@@ -134,7 +134,7 @@ async def probe(gateway: str, engine: str, api_key: str | None, credential, requ
                               vocab_size=min(work.vocab_size, info.vocab_size), max_model_len=256)
         sends = {leg: build_requests(spec, content_seed=7000 + k) for k, leg in enumerate(targets)}
         ttfts: dict[str, list[float]] = {leg: [] for leg in targets}
-        for i in range(requests + WARMUP):  # the first of each leg warm up, unrecorded
+        for i in range(requests + WARMUP):  # the first WARMUP of each leg warm up, unrecorded
             for leg in (list(targets) if i % 2 == 0 else list(targets)[::-1]):
                 r = (await run_load(targets[leg], [sends[leg][i]], timeout=60, progress=False)).requests[0]
                 if i >= WARMUP and r.ok and r.ttft is not None:
