@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -69,48 +70,64 @@ def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> 
     return code, details
 
 
-class _Outcome:
-    def __init__(self, full_method: str) -> None:
-        self.full_method = full_method
-        self.service, self.method = split_method(full_method)
-        self.started = time.perf_counter()
-
-    def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-        code, details = final_code(context, exc)
-        HANDLED.labels(self.service, self.method, code.name).inc()
-        HANDLING_SECONDS.labels(self.service, self.method).observe(time.perf_counter() - self.started)
-        if code is grpc.StatusCode.OK:
-            return
-        level = logging.INFO if code in _CALLER_FAULTS else logging.WARNING
-        log.log(level, "rpc failed: %s %s: %s", self.full_method, code.name, details,
-                extra={"rpc": self.full_method, "code": code.name, "error": details})
+def method_name(method: str | bytes) -> str:
+    """A handler's full method name (some grpc versions hand bytes)."""
+    return method.decode() if isinstance(method, bytes) else method
 
 
-def _unary(inner, full_method: str):
-    async def handler(request, context):
-        outcome, exc = _Outcome(full_method), None
-        try:
-            return await inner(request, context)
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            outcome.finish(context, exc)
+Observe = Callable[[str, grpc.aio.ServicerContext], AbstractContextManager]
+"""Opened around one RPC (its full method name and context): it sees the exception the call
+ends with, if any, and what it makes current is current while the handler runs."""
+
+
+def observe_handler(handler: grpc.RpcMethodHandler, method: str, observe: Observe) -> grpc.RpcMethodHandler:
+    """``handler`` with every call run inside ``observe`` (a whole stream, for streamed
+    responses): the one way the server interceptors that watch calls wrap them."""
+    io = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method, observe), *io)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method, observe), *io)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, method, observe), *io)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, method, observe), *io)
     return handler
 
 
-def _stream(inner, full_method: str):
+def _unary(inner, method: str, observe: Observe):
+    async def handler(request, context):
+        with observe(method, context):
+            return await inner(request, context)
+    return handler
+
+
+def _stream(inner, method: str, observe: Observe):
     async def handler(request_or_iterator, context) -> AsyncIterator:
-        outcome, exc = _Outcome(full_method), None
-        try:
+        with observe(method, context):
             async for item in inner(request_or_iterator, context):
                 yield item
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            outcome.finish(context, exc)
     return handler
+
+
+@contextmanager
+def _outcome(full_method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Counts, times and (when it failed) logs the call."""
+    service, method = split_method(full_method)
+    started, exc = time.perf_counter(), None
+    try:
+        yield
+    except BaseException as e:
+        exc = e
+        raise
+    finally:
+        code, details = final_code(context, exc)
+        HANDLED.labels(service, method, code.name).inc()
+        HANDLING_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+        if code is not grpc.StatusCode.OK:
+            level = logging.INFO if code in _CALLER_FAULTS else logging.WARNING
+            log.log(level, "rpc failed: %s %s: %s", full_method, code.name, details,
+                    extra={"rpc": full_method, "code": code.name, "error": details})
 
 
 class RpcOutcomeInterceptor(grpc.aio.ServerInterceptor):
@@ -122,16 +139,4 @@ class RpcOutcomeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode()
-        io = (handler.request_deserializer, handler.response_serializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), *io)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method), *io)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, method), *io)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, method), *io)
-        return handler
+        return observe_handler(handler, method_name(handler_call_details.method), _outcome)

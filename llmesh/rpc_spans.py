@@ -16,13 +16,15 @@ traced).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from llmesh.rpc_outcomes import final_code  # the one reading of how a call ended
+# the one reading of how a call ended, and the one way server interceptors wrap a call
+from llmesh.rpc_outcomes import final_code, method_name, observe_handler
 
 _tracer = trace.get_tracer("llmesh.rpc")
 
@@ -32,10 +34,6 @@ SERVER_ERRORS = frozenset({
 })
 """The codes that mark a server span as failed (OpenTelemetry's RPC conventions): the others
 are the caller's to answer for and leave the server's span unset."""
-
-
-def _method_name(method) -> str:
-    return method.decode() if isinstance(method, bytes) else method
 
 
 def _attributes(full_method: str) -> dict[str, str]:
@@ -62,6 +60,10 @@ def _end_client_span(span: trace.Span, code: grpc.StatusCode | None, details: st
     span.end()
 
 
+def _fail_client_span(span: trace.Span, exc: BaseException) -> None:
+    _end_client_span(span, exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None, str(exc))
+
+
 class _ClientSpans:
     """A CLIENT span per call (child of the caller's current span) whose context travels as
     ``traceparent``. The call object itself goes back to the caller: no per-message wrapper."""
@@ -70,7 +72,7 @@ class _ClientSpans:
         self._traced = traced
 
     def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span | None, grpc.aio.ClientCallDetails]:
-        method = _method_name(details.method)
+        method = method_name(details.method)
         if not self._traced(method):
             return None, details
         span = _tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_attributes(method))
@@ -86,10 +88,10 @@ class _ClientSpans:
         try:
             call = await continuation(details, request)
             code = await call.code()  # the end of the call: its response is read by the caller
-            _end_client_span(span, code, await call.details())
         except BaseException as e:
-            _end_client_span(span, e.code() if isinstance(e, grpc.aio.AioRpcError) else None, str(e))
+            _fail_client_span(span, e)
             raise
+        _end_client_span(span, code, await call.details())
         return call
 
     async def _stream_response(self, continuation, details, request):
@@ -99,7 +101,7 @@ class _ClientSpans:
         try:
             call = await continuation(details, request)
         except BaseException as e:
-            _end_client_span(span, e.code() if isinstance(e, grpc.aio.AioRpcError) else None, str(e))
+            _fail_client_span(span, e)
             raise
         # The status is read after the end (a done callback cannot await it); the task runs
         # once the caller has had its last message, never on a message's path.
@@ -158,61 +160,27 @@ class ServerSpans(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        method = _method_name(handler_call_details.method)
+        method = method_name(handler_call_details.method)
         if handler is None or not self._traced(method):
             return handler
-        io = (handler.request_deserializer, handler.response_serializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), *io)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method), *io)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, method), *io)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, method), *io)
-        return handler
+        return observe_handler(handler, method, _server_span)
 
 
-def _server_span(method: str, context):
+@contextmanager
+def _server_span(method: str, context) -> Iterator[None]:
     parent = propagate.extract(dict(context.invocation_metadata() or ()))
-    return _tracer.start_as_current_span(method, context=parent, kind=SpanKind.SERVER,
-                                         attributes=_attributes(method), record_exception=False,
-                                         set_status_on_exception=False, end_on_exit=True)
-
-
-def _close_server_span(span: trace.Span, context, exc: BaseException | None) -> None:
-    code, details = final_code(context, exc)
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in SERVER_ERRORS:
-        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
-        if exc is not None and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            span.record_exception(exc)
-
-
-def _unary(inner, method: str):
-    async def handler(request, context):
-        with _server_span(method, context) as span:
-            exc = None
-            try:
-                return await inner(request, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                _close_server_span(span, context, exc)
-    return handler
-
-
-def _stream(inner, method: str):
-    async def handler(request_or_iterator, context) -> AsyncIterator:
-        with _server_span(method, context) as span:
-            exc = None
-            try:
-                async for item in inner(request_or_iterator, context):
-                    yield item
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                _close_server_span(span, context, exc)
-    return handler
+    with _tracer.start_as_current_span(method, context=parent, kind=SpanKind.SERVER, attributes=_attributes(method),
+                                       record_exception=False, set_status_on_exception=False) as span:
+        exc = None
+        try:
+            yield
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            code, details = final_code(context, exc)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+                if exc is not None and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    span.record_exception(exc)
