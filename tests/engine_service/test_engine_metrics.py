@@ -3,6 +3,7 @@ metric is there with values that match what was sent."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 
@@ -103,21 +104,42 @@ def test_request_counts_tokens_and_latencies_match_the_requests_sent(engine):
     assert d("llmesh_engine_iteration_tokens_total_sum") >= 3 * 5 + len(PROMPT)
 
 
+def _gauges_while_running(stub, scraper, model, rid: str):
+    """Start one request and scrape until the gauges show it running. Returns those gauges
+    and the thread that drains the stream, or None if the request ended before any scrape
+    saw it (a loaded host can finish a tiny model's request between two scrapes)."""
+    # 18 + 110 tokens fill the 8 blocks of 16 exactly: the longest request the cache holds.
+    stream = stub.Generate(_request(rid, prompt=PROMPT, max_tokens=110), timeout=120)
+    next(stream)
+    ended = threading.Event()
+    drain = threading.Thread(target=lambda: (list(stream), ended.set()), daemon=True)
+    drain.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not ended.is_set():
+        # One scrape for all three gauges, so they describe the same moment.
+        samples = scraper.samples()
+        gauges = tuple(scraper.value(f"llmesh_engine_{name}", samples, model=model) for name in
+                       ("num_requests_running", "kv_cache_usage_perc", "num_requests_waiting"))
+        if gauges[0] == 1 and gauges[1] > 0:
+            return gauges, drain
+        time.sleep(0.01)
+    stream.cancel()
+    drain.join(timeout=30)
+    return None
+
+
 def test_running_and_kv_usage_rise_during_a_request_and_return_to_zero(engine):
     stub, scraper, model = engine
-    stream = stub.Generate(_request("long", prompt=PROMPT, max_tokens=100), timeout=120)
-    next(stream)
-    # One scrape for all three gauges: on a loaded host the request can end between two scrapes.
-    deadline = time.monotonic() + 10
-    while True:
-        samples = scraper.samples()
-        running, usage, waiting = (scraper.value(f"llmesh_engine_{name}", samples, model=model) for name in
-                                   ("num_requests_running", "kv_cache_usage_perc", "num_requests_waiting"))
-        if running == 1 and usage > 0 or time.monotonic() > deadline:
+    seen = None
+    for attempt in range(3):
+        seen = _gauges_while_running(stub, scraper, model, f"long-{attempt}")
+        if seen is not None:
             break
-        time.sleep(0.01)
+    assert seen is not None, "no scrape saw the request running in three attempts"
+    (running, usage, waiting), drain = seen
     assert running == 1 and 0 < usage <= 1 and waiting == 0
-    list(stream)
+    drain.join(timeout=120)
+    assert not drain.is_alive()
     scraper.wait_for("llmesh_engine_num_requests_running", lambda v: v == 0, model=model)
     assert scraper.wait_for("llmesh_engine_kv_cache_usage_perc", lambda v: v < 0.02, model=model) >= 0
 
