@@ -204,7 +204,7 @@ class KernelBench:
     def causal_prefill(self) -> None:
         """prefill_attn_gemm_frac: causal prompts with no cached prefix, TFLOP/s over the GEMM
         ceiling, for our paged kernel, the dispatched path and torch SDPA's cuDNN / FLASH."""
-        from llmesh.kernels.dense_causal_attention import choose_backend, dense_causal_attention
+        from llmesh.kernels.dense_causal_attention import _gqa_expand, choose_backend, dense_causal_attention
         from llmesh.kernels.prefill_attention import prefill_attention
 
         s = self.s
@@ -223,13 +223,16 @@ class KernelBench:
             starts = qsl.tolist()
             seq_lens = torch.full((n,), ctx, dtype=torch.int32, device=self.device)
             flops = n * 4 * ctx * ctx * s.h_q * s.head_dim / 2
+            # The library backends are called as the engine calls them, with no `out`: a batch of
+            # equal lengths then returns SDPA's own output instead of copying it.
             impls = {
                 "ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out),
-                "dispatched": lambda: dense_causal_attention(q, k, v, starts, scale, out=out),
+                "dispatched": lambda: dense_causal_attention(q, k, v, starts, scale),
+                "dispatched_out": lambda: dense_causal_attention(q, k, v, starts, scale, out=out),
             }
             if self.device.type == "cuda":
                 for backend in ("cudnn", "flash"):
-                    impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, out=out,
+                    impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale,
                                                                                backend=b))(backend)
             for name, fn in impls.items():
                 try:
@@ -244,6 +247,8 @@ class KernelBench:
                 self.metrics[f"prefill_attn_tflops_{name}_c{ctx}"] = tflops
                 fracs.setdefault(name, []).append(frac)
             self.dispatch[str(ctx)] = choose_backend(q, s.h_q // s.h_kv, [ctx] * n)
+            # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.
+            self.dispatch["cudnn_gqa"] = "expanded" if any(key[0] == "cudnn" for key in _gqa_expand) else "native"
             del k_cache, v_cache, q, k, v, out
         for name, values in fracs.items():
             if len(values) == len(s.causal_contexts):

@@ -86,8 +86,8 @@ def _run_sdpa(backend: str, q, k, v, starts: Sequence[int], scale: float, out: t
         if L == 1:
             out[starts[0]:starts[-1]].copy_(_one_key(v[starts[0]:starts[-1]], group))
             return
-        qs, ks, vs = (x[starts[0]:starts[-1]].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
-        out[starts[0]:starts[-1]].unflatten(0, (n, L)).copy_(_sdpa(backend, qs, ks, vs, scale).transpose(1, 2))
+        rows = slice(starts[0], starts[-1])
+        out[rows].unflatten(0, (n, L)).copy_(_batched_sdpa(backend, q[rows], k[rows], v[rows], n, scale))
         return
     for a, b in zip(starts[:-1], starts[1:]):
         if b - a == 1:
@@ -95,6 +95,13 @@ def _run_sdpa(backend: str, q, k, v, starts: Sequence[int], scale: float, out: t
         elif b > a:
             qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, L, D]
             out[a:b].copy_(_sdpa(backend, qs, ks, vs, scale)[0].transpose(0, 1))
+
+
+def _batched_sdpa(backend: str, q, k, v, n: int, scale: float) -> torch.Tensor:
+    """n sequences of equal length in one SDPA call: q [n L, H_q, D], k, v [n L, H_kv, D] ->
+    [n, L, H_q, D] (a view of SDPA's [n, H_q, L, D] output)."""
+    qs, ks, vs = (x.unflatten(0, (n, x.shape[0] // n)).transpose(1, 2) for x in (q, k, v))
+    return _sdpa(backend, qs, ks, vs, scale).transpose(1, 2)
 
 
 def _one_key(v: torch.Tensor, group: int) -> torch.Tensor:
@@ -150,6 +157,7 @@ def dense_causal_attention(
         raise ValueError(f"query_start_loc must rise from 0 to at most T={t}, got {starts[:8]}...")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    given = out
     out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
     lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
     if not lengths or max(lengths) == 0:
@@ -160,6 +168,11 @@ def dense_causal_attention(
         if not q.is_cuda or _sdpa_backend(choice) is None:
             raise ValueError(f"backend {choice!r} needs a CUDA device and a torch that has it")
         try:
+            if given is None and starts[-1] == t and len(set(lengths)) == 1 and lengths[0] > 1:
+                # SDPA's own output, no copy into `out`: cuDNN allocates it in q's layout, so
+                # [S, H, L, D] over [S, L, H, D] memory is already [T, H, D] (the copy cost 18%
+                # of a 1k-token prefill on the H200; bench/README.md "Causal prefill").
+                return _batched_sdpa(choice, q, k, v, len(lengths), scale).reshape(t, h_q, d)
             _run_sdpa(choice, q, k, v, starts, scale, out)
             return out
         except RuntimeError:

@@ -49,6 +49,18 @@ def test_matches_reference(device, backend, lengths, h_q, h_kv, d, dtype):
     assert torch.isnan(got[real:]).all()  # rows no sequence owns are not written
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,h_q,h_kv", [([24, 24, 24], 8, 2), ([40], 4, 4)])
+def test_without_out_equal_lengths_return_the_library_output(device, backend, lengths, h_q, h_kv):
+    # No `out` and every row owned: the SDPA backends return their own output (no copy); it
+    # must still be [T, H_q, D] in row order and equal the reference.
+    q, k, v, starts = _inputs(lengths, h_q, h_kv, 64, torch.bfloat16, seed=len(lengths) + h_q)
+    got = dense_causal_attention(q.to(device), k.to(device), v.to(device), starts, 0.125, backend=backend)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.cpu().float(), dense_causal_attention_ref(q, k, v, starts, 0.125).float(),
+                               rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
 def test_triton_path_float32(device):
     q, k, v, starts = _inputs([5, 30], 6, 2, 80, torch.float32, seed=4)
     got = dense_causal_attention(q.to(device), k.to(device), v.to(device), starts, 0.1)  # auto: Triton here
