@@ -17,7 +17,7 @@ quantizes on write and dequantizes what it gathers to q's dtype before attending
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,8 @@ class AttentionMetadata:
     unified: bool = False
     """Attention through the unified kernel, whose launch grid depends on shapes only: a
     mixed batch replayed from a CUDA graph, its lengths in the static buffers it reads."""
+    _rows: tuple[int, int] | bool | None = field(default=None, repr=False, compare=False)
+    """one_sequence_rows' answer, read once a step (None: not read yet)."""
 
     @property
     def num_seqs(self) -> int:
@@ -71,6 +73,22 @@ class AttentionMetadata:
             self.host_seq_lens = self.seq_lens.tolist()
         return self.host_seq_lens
 
+    def one_sequence_rows(self, block_size: int) -> tuple[int, int] | None:
+        """A batch of one sequence whose table is on the host: (first slot, context length)
+        when its blocks are consecutive in the pool, so its keys are the flat pool's rows
+        start:start + length, a view; None otherwise. A CPU decode step reads it once and its
+        layers reuse it (one sequence decoding alone keeps consecutive blocks as it grows
+        unless other requests took the blocks between)."""
+        if self._rows is None:
+            self._rows = False
+            if self.num_seqs == 1 and self.block_tables.device.type == "cpu":
+                n = self.context_lens()[0]
+                nb = -(-n // block_size)
+                blocks = self.block_tables[0, :nb].tolist()
+                if n > 0 and blocks == list(range(blocks[0], blocks[0] + nb)):
+                    self._rows = (blocks[0] * block_size, n)
+        return self._rows or None
+
 
 def write_kv_ref(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
@@ -88,8 +106,13 @@ def write_kv_ref(
         k_cache, v_cache, k, v = (x.view(torch.uint8) for x in (k_cache, v_cache, k, v))
     # index_copy_ rather than advanced indexing: a plain loop over T rows, where index_put
     # pays for a parallel region per call (most of a CPU decode step's attention time).
-    k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, _as(k, k_cache.dtype))
+    v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, _as(v, v_cache.dtype))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A same-dtype .to() still costs a dispatch; a CPU decode step makes hundreds of them.
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
@@ -141,7 +164,25 @@ def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
         keep = (pos[None, :] < lens.clamp_min(1)[:, None]).view(b, 1, 1, ctx)
         scores = scores.masked_fill(~keep, float("-inf"))
     out = torch.matmul(scores.softmax(-1), v.transpose(1, 2))                # [B, H_kv, G, D]
-    return out.reshape(b, h_q, d).to(out_dtype)
+    return _as(out.reshape(b, h_q, d), out_dtype)
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: tuple[int, int],
+                 scale: float) -> torch.Tensor:
+    """_decode_ref for one sequence whose keys are the pool rows start:start + n: the same
+    matmuls over the same strides (the same bits), on views instead of gathered copies.
+    q: [1, H_q, D] → [1, H_q, D]."""
+    start, n = rows
+    _, _, h_kv, d = k_cache.shape
+    h_q, out_dtype = q.shape[1], q.dtype
+    k = k_cache.view(-1, h_kv, d)[start:start + n]  # [C, H_kv, D]
+    v = v_cache.view(-1, h_kv, d)[start:start + n]
+    if q.device.type == "cpu" and q.dtype != torch.float32:  # as _decode_ref: attend in float32
+        q, k, v = q.float(), k.float(), v.float()
+    qg = q.reshape(h_kv, h_q // h_kv, d)                               # [H_kv, G, D]
+    scores = torch.matmul(qg, k.permute(1, 2, 0)) * scale               # [H_kv, G, C]
+    out = torch.matmul(scores.softmax(-1), v.transpose(0, 1))           # [H_kv, G, D]
+    return _as(out.reshape(1, h_q, d), out_dtype)
 
 
 def paged_attention_ref(
@@ -160,6 +201,8 @@ def paged_attention_ref(
     """
     _, block_size, h_kv, d = k_cache.shape
     if meta.query_start_loc is None:
+        if q.shape[0] == 1 and k_scales is None and (rows := meta.one_sequence_rows(block_size)) is not None:
+            return _decode_rows(q, k_cache, v_cache, rows, scale)
         lens = meta.context_lens() if meta.host_seq_lens is not None or q.shape[0] == 1 else None
         one = lens[0] if lens is not None and min(lens) == max(lens) > 0 else None
         return _decode_ref(q, k_cache, v_cache, meta.block_tables[: q.shape[0]], meta.seq_lens[: q.shape[0]],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model.layers import apply_rotary, rms_norm, rope_inv_freq
+from llmesh.engine.model.layers import apply_rotary_signed, rms_norm, rope_inv_freq, signed_sin
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from llmesh.kernels.moe_router import topk_softmax_ref
@@ -23,7 +23,8 @@ class TorchOps:
         self.device, self.dtype = device, dtype
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        """(positions, cos rows, sin rows) of the step running: every layer rotates at the same positions."""
+        """(positions, cos rows, signed sin rows) [T, 1, D] of the step running: every layer
+        rotates at the same positions."""
         self._grow_rope(max_positions)
 
     def _grow_rope(self, positions: int) -> None:
@@ -69,13 +70,14 @@ class TorchOps:
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows
         if rows is None or rows[0] is not positions:
-            rows = self._rows = (positions, self._cos.index_select(0, positions), self._sin.index_select(0, positions))
-        _, cos, sin = rows  # [T, D]
+            rows = self._rows = (positions, self._cos.index_select(0, positions)[:, None],
+                                 signed_sin(self._sin.index_select(0, positions))[:, None])
+        _, cos, sin_signed = rows  # [T, 1, D]
         if (qk := _side_by_side(q, k)) is not None:
             # One rotation over both heads' sets: the same elementwise ops, half the dispatches.
-            rotated = apply_rotary(qk, cos, sin)
+            rotated = apply_rotary_signed(qk, cos, sin_signed)
             return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary_signed(q, cos, sin_signed), apply_rotary_signed(k, cos, sin_signed)
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
                        weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor

@@ -165,8 +165,10 @@ def run_gemm_path(choice: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     if packed is None:
         return None
     if pack_dtype == x.dtype:
-        b = None if bias is None else bias.to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        # The checks before each call cost more than some of these GEMVs' Python: no no-op copy.
+        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, b,
+                                                  "none", [], "")
     b = None if bias is None else bias.float()
     return torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "").to(x.dtype)
 
