@@ -170,8 +170,9 @@ def dense_causal_attention(
         try:
             if given is None and starts[-1] == t and len(set(lengths)) == 1 and lengths[0] > 1:
                 # SDPA's own output, no copy into `out`: cuDNN allocates it in q's layout, so
-                # [S, H, L, D] over [S, L, H, D] memory is already [T, H, D] (the copy cost 18%
-                # of a 1k-token prefill on the H200; bench/README.md "Causal prefill").
+                # [S, H, L, D] over [S, L, H, D] memory is already [T, H, D]. The copy reads and
+                # writes the whole output, by estimate a fifth of a 1k-token prefill's time
+                # (bench/README.md, the causal prefill figures).
                 return _batched_sdpa(choice, q, k, v, len(lengths), scale).reshape(t, h_q, d)
             _run_sdpa(choice, q, k, v, starts, scale, out)
             return out

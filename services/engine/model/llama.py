@@ -100,6 +100,9 @@ class LlamaForCausalLM:
         self._load(weights)
         if ops == "torch" and self.device.type == "cpu":
             self._cpu_layouts()
+        self._layer_kv: tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]] = (None, [])
+        """(the KV pool, each layer's (k_cache, v_cache) views of it): the pool lives as long as
+        the runner, so its per-layer views are made once, not four indexing ops a layer a step."""
 
     def _linear(self, k: int, parts: list[int], bias: bool, method: str, parallel: str) -> FusedLinear:
         """A linear of the whole layer's sizes; ``parallel`` (column / row) says how it shards."""
@@ -255,14 +258,13 @@ class LlamaForCausalLM:
         residual = None
         # Padding rows of a replayed CUDA graph (slot -1) route too; they are not counted.
         real_tokens = (meta.slot_mapping >= 0).long() if self.expert_tokens.numel() else None  # [T]
+        layer_kv = self._kv_views(kv_caches)
         for i, layer in enumerate(self.layers):
             qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
                                             layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
-            q = qkv[:, : nq * d].view(t, nq, d)
-            k = qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d)
-            v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
+            q, k, v = qkv.view(t, nq + 2 * nkv, d).split((nq, nkv, nkv), dim=1)  # views of qkv
             qk_norm = None if layer.q_norm is None else (layer.q_norm, layer.k_norm, eps)
-            k_cache, v_cache = kv_caches[i, 0], kv_caches[i, 1]
+            k_cache, v_cache = layer_kv[i]
             k_scales, v_scales = (None, None) if kv_scales is None else (kv_scales[i, 0], kv_scales[i, 1])
             q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales, qk_norm)
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
@@ -278,6 +280,13 @@ class LlamaForCausalLM:
         return out
 
     __call__ = forward
+
+    def _kv_views(self, kv_caches: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pool, views = self._layer_kv
+        if pool is not kv_caches:
+            views = [(kv_caches[i, 0], kv_caches[i, 1]) for i in range(kv_caches.shape[0])]
+            self._layer_kv = (kv_caches, views)
+        return views
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, H]
