@@ -202,3 +202,21 @@ def test_calibrate_times_each_shape_and_row_bucket_and_keeps_only_the_chosen_cop
         kept = set(ws[0].__dict__.get("_llmesh_onednn", {}))
         wanted = {torch.float32 if c == "onednn_f32" else dtype for c in chosen if c != "mkl"}
         assert kept == wanted, "a oneDNN copy no choice uses is freed"
+
+
+def test_a_gemm_resolved_before_calibrate_follows_its_choice():
+    # The first call memoizes its oneDNN copy (the default rule from two rows up); calibrating
+    # afterwards may choose MKL for the shape, and then the memo must not be used.
+    gen = torch.Generator().manual_seed(9)
+    # A shape no other test calibrates: the choices are process-wide.
+    ws = [cpu_layout(torch.randn(336, 72, generator=gen)) for _ in range(3)]
+    x = torch.randn(8, 72, generator=gen)
+    before = cpu_dense_matmul(x, ws[0])
+    if before is None:
+        pytest.skip("no oneDNN linear in this PyTorch build")
+    assert cpu_dense_matmul(x, ws[0]) is not None  # the memoized call
+    choice = cpu_matmul.calibrate(ws, min_bytes=0)["float32 336x72 m8"]["choice"]
+    after = cpu_dense_matmul(x, ws[0])
+    assert (after is None) == (choice == "mkl")
+    if after is not None:
+        torch.testing.assert_close(after, torch.nn.functional.linear(x, ws[0]), rtol=1e-5, atol=1e-5)

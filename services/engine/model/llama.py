@@ -262,7 +262,7 @@ class LlamaForCausalLM:
         for i, layer in enumerate(self.layers):
             qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
                                             layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
-            q, k, v = qkv.view(t, nq + 2 * nkv, d).split((nq, nkv, nkv), dim=1)  # views of qkv
+            q, k, v = qkv.view(t, nq + 2 * nkv, d).split_with_sizes((nq, nkv, nkv), 1)  # views of qkv
             qk_norm = None if layer.q_norm is None else (layer.q_norm, layer.k_norm, eps)
             k_cache, v_cache = layer_kv[i]
             k_scales, v_scales = (None, None) if kv_scales is None else (kv_scales[i, 0], kv_scales[i, 1])

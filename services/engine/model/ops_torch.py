@@ -76,7 +76,7 @@ class TorchOps:
         if (qk := _side_by_side(q, k)) is not None:
             # One rotation over both heads' sets: the same elementwise ops, half the dispatches.
             rotated = apply_rotary_signed(qk, cos, sin_signed)
-            return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
+            return rotated.split_with_sizes((q.shape[1], k.shape[1]), 1)
         return apply_rotary_signed(q, cos, sin_signed), apply_rotary_signed(k, cos, sin_signed)
 
     def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,

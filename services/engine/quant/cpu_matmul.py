@@ -138,9 +138,15 @@ def _onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     return packed if packed is not False else None
 
 
+def _new_plan_epoch() -> None:
+    global _plan_epoch
+    _plan_epoch += 1
+
+
 def _drop_onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> None:
     """Free a copy no measured choice uses, and give its bytes back to the budget."""
     global _expanded_bytes
+    _new_plan_epoch()
     _, packed = w.__dict__.get(_ONEDNN, {}).pop(dtype, (None, None))
     if packed is not None and packed is not False:
         _expanded_bytes -= w.numel() * dtype.itemsize
@@ -173,6 +179,14 @@ def run_gemm_path(choice: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     return torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "").to(x.dtype)
 
 
+_RESOLVED = "_llmesh_cpu_gemm"
+"""Per weight: {(x dtype, row bucket): (plan epoch, weight version, oneDNN copy)} for the
+same-dtype oneDNN path, so a decode step's GEMV skips the choice and pack lookups."""
+
+_plan_epoch = 0
+"""Bumped by whatever changes a choice or drops a copy (``calibrate``): older memos are stale."""
+
+
 def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, K] @ W[N, K]^T (+ bias) → [M, N] through oneDNN where ``calibrate`` measured it
     faster for W's shape and M's bucket (uncalibrated: from ONEDNN_MIN_ROWS rows up); None
@@ -182,11 +196,20 @@ def cpu_dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     GEMM takes 3-8x its one-row time at 2-16 rows, and it accumulates in float32 anyway, so the
     widened product differs from it by summation order only (rounded to bfloat16 the same way).
     """
+    memo = w.__dict__.get(_RESOLVED)
+    if memo is not None and x.is_contiguous() and (bias is None or bias.dtype == x.dtype):
+        hit = memo.get((x.dtype, x.shape[0] == 1))
+        if hit is not None and hit[0] == _plan_epoch and hit[1] == _version(w):
+            return torch.ops.mkldnn._linear_pointwise(x, hit[2], bias, "none", [], "")
     if x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
         return None
     key = _choice_key(x, w)
     choice = _CHOICE.get(key) or _default_choice(x.dtype, x.shape[0])
-    return run_gemm_path(choice, x, w, bias)
+    y = run_gemm_path(choice, x, w, bias)
+    if choice == "onednn" and y is not None:
+        packed = w.__dict__[_ONEDNN][x.dtype][1]
+        w.__dict__.setdefault(_RESOLVED, {})[(x.dtype, x.shape[0] == 1)] = (_plan_epoch, _version(w), packed)
+    return y
 
 
 def gemm_paths(dtype: torch.dtype) -> tuple[str, ...]:
@@ -245,6 +268,7 @@ def calibrate(weights: Iterable[torch.Tensor], min_bytes: int = CALIBRATE_MIN_BY
             if us[default] <= CALIBRATE_MARGIN * us[choice]:
                 choice = default  # a near tie: keep the fixed rule rather than follow the noise
             _CHOICE[(dtype, n, k, k_major, bucket)] = choice
+            _new_plan_epoch()
             chosen.add(choice)
             report[f"{str(dtype).removeprefix('torch.')} {n}x{k} m{rows}"] = {
                 "choice": choice, **{c: round(t, 1) for c, t in us.items() if t != math.inf}}
