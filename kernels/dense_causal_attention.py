@@ -157,29 +157,31 @@ def dense_causal_attention(
         raise ValueError(f"query_start_loc must rise from 0 to at most T={t}, got {starts[:8]}...")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    given = out
-    out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
+    if out is not None:
+        out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
     lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
     if not lengths or max(lengths) == 0:
-        return out
+        return check_out("out", out, (t, h_q, d), q.dtype, q.device)
     group = h_q // k.shape[1]
     choice = choose_backend(q, group, lengths) if backend == "auto" else backend
     if choice in ("cudnn", "flash"):
         if not q.is_cuda or _sdpa_backend(choice) is None:
             raise ValueError(f"backend {choice!r} needs a CUDA device and a torch that has it")
         try:
-            if given is None and starts[-1] == t and len(set(lengths)) == 1 and lengths[0] > 1:
+            if out is None and starts[-1] == t and len(set(lengths)) == 1 and lengths[0] > 1:
                 # SDPA's own output, no copy into `out`: cuDNN allocates it in q's layout, so
                 # [S, H, L, D] over [S, L, H, D] memory is already [T, H, D]. The copy reads and
                 # writes the whole output, by estimate a fifth of a 1k-token prefill's time
                 # (bench/README.md, the causal prefill figures).
                 return _batched_sdpa(choice, q, k, v, len(lengths), scale).reshape(t, h_q, d)
+            out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
             _run_sdpa(choice, q, k, v, starts, scale, out)
             return out
         except RuntimeError:
             if backend != "auto":
                 raise
             _refusals.add((choice, q.dtype, d, group))  # e.g. a cuDNN build without these shapes
+    out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
     _run_triton(q, k, v, starts, scale, out)
     return out
 

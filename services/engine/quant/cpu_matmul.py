@@ -127,6 +127,7 @@ def _onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     packs = w.__dict__.setdefault(_ONEDNN, {})
     version, packed = packs.get(dtype, (None, None))
     if version != _version(w):
+        w.__dict__.pop(_RESOLVED, None)  # memos of the old copy: stale, and they would keep it alive
         charged = packed is not None and packed is not False  # a repack reuses the budget it took
         packed = False
         if torch.backends.mkldnn.is_available() and (charged or _may_expand(w.numel() * dtype.itemsize)):
@@ -147,6 +148,7 @@ def _drop_onednn_pack(w: torch.Tensor, dtype: torch.dtype) -> None:
     """Free a copy no measured choice uses, and give its bytes back to the budget."""
     global _expanded_bytes
     _new_plan_epoch()
+    w.__dict__.pop(_RESOLVED, None)  # its memo would keep the dropped copy alive
     _, packed = w.__dict__.get(_ONEDNN, {}).pop(dtype, (None, None))
     if packed is not None and packed is not False:
         _expanded_bytes -= w.numel() * dtype.itemsize
