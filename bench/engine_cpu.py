@@ -7,7 +7,9 @@
    kernels (``cpu_demo_seq_gguf_bf16_tok_s``) and INT8 quantized on load
    (``cpu_demo_seq_int8_bf16_tok_s``); beside the machine's memory bandwidth (one large
    torch copy) and the tok/s that bandwidth allows when every float32 step reads all weights
-   once.
+   once; and the same ceiling measured on the step's own GEMV path (``gemv_pass_ms``: every
+   projection and the LM head, one row each, in step order): ``cpu_demo_gemv_bound_tok_s``,
+   ``cpu_demo_seq_of_gemv_bound``.
 1. Batching: 32 requests (128-token prompts, 128 new tokens, ignore_eos) run one at a
    time, then all 32 at once: output tok/s of each and the ratio.
 2. Prefix caching: TTFT of requests sharing a 512-token prefix, caching on vs off.
@@ -89,6 +91,37 @@ def cpu_flags() -> list[str]:
     return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
 
 
+GEMV_PASS_MS: dict[str, float] = {}
+"""ms of one pass through a step's GEMVs alone, by configuration (``gemv_pass_ms``)."""
+
+
+@torch.inference_mode()
+def gemv_pass_ms(llm: LLM, passes: int = 9) -> float:
+    """Median milliseconds of one pass through a decode step's GEMVs alone: every projection of
+    every layer and the LM head, one row each, in step order, through the model's own op table
+    (so the weights stream from memory as in a step, on the path the step takes). Its inverse
+    is the tok/s a step made only of its GEMVs would reach: a ceiling measured on this host's
+    GEMV path, not inferred from a copy."""
+    model = llm.engine.runner.model
+    weights = [(lin.weight, lin.bias) for _, lin in model.named_linears()]
+    weights.append((model.embed_tokens if model.lm_head is None else model.lm_head.weight, None))
+    def k_of(w) -> int:
+        w = w[0] if isinstance(w, list) else w  # a fused projection kept as its parts
+        return w.shape[1] if isinstance(w, torch.Tensor) else w.in_features
+
+    rows = {k: torch.randn(1, k, dtype=llm.engine.dtype) for k in {k_of(w) for w, _ in weights}}
+    calls = [(rows[k_of(w)], w, b) for w, b in weights]
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for x, w, b in calls:
+            model.ops.linear(x, w, b)
+        return (time.perf_counter() - t0) * 1e3
+
+    one_pass()
+    return statistics.median(one_pass() for _ in range(passes))
+
+
 def bench_single_stream(path: str, prompt_len: int, new_tokens: int, quantization: str,
                         repeats: int, dtype: str = "float32") -> tuple[float, int]:
     """(output tok/s of one greedy stream, the weight bytes it reads per step)."""
@@ -102,6 +135,7 @@ def bench_single_stream(path: str, prompt_len: int, new_tokens: int, quantizatio
         t0 = time.perf_counter()
         n = len(llm.generate([prompt], params)[0].token_ids)
         best = max(best, n / (time.perf_counter() - t0))
+    GEMV_PASS_MS[f"{quantization}_{dtype}"] = gemv_pass_ms(llm)
     return best, llm.engine.runner.weight_bytes
 
 
@@ -119,6 +153,11 @@ def single_stream_metrics(path: str, prompt_len: int, new_tokens: int, repeats: 
     out["cpu_demo_weight_mib"] = dense_bytes / 2**20
     out["cpu_demo_bandwidth_bound_tok_s"] = out["cpu_copy_gb_s"] * 1e9 / dense_bytes
     out["cpu_demo_seq_of_bound"] = out["cpu_demo_seq_tok_s"] / out["cpu_demo_bandwidth_bound_tok_s"]
+    # The same ceiling measured on the GEMV path itself, in the same process as the stream.
+    out["cpu_demo_gemv_pass_ms"] = GEMV_PASS_MS["none_float32"]
+    out["cpu_demo_gemv_bound_tok_s"] = 1e3 / out["cpu_demo_gemv_pass_ms"]
+    out["cpu_demo_seq_of_gemv_bound"] = out["cpu_demo_seq_tok_s"] / out["cpu_demo_gemv_bound_tok_s"]
+    out["cpu_demo_gguf_bf16_gemv_pass_ms"] = GEMV_PASS_MS["gguf_bfloat16"]
     return out
 
 
