@@ -51,8 +51,10 @@ def _engine(tiny_llama: str, *args: str):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    # 8 blocks of 16 tokens: enough for one request at a time, too few for three at once.
-    proc, scraper = _engine(tiny_llama, "--num-kv-blocks", "8")
+    # 8 blocks of 16 tokens: enough for one request at a time, too few for three at once. Steps
+    # of at least 5 ms keep a 110-token request running for half a second, long enough to be
+    # scraped mid-flight (the tiny model alone can finish it between two scrapes).
+    proc, scraper = _engine(tiny_llama, "--num-kv-blocks", "8", "--fault-step-delay-s", "0.005")
     with proc:
         stub = engine_pb2_grpc.EngineStub(grpc.insecure_channel(proc.address))
         model = stub.Info(engine_pb2.InfoRequest(), timeout=10).model

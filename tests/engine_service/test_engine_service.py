@@ -21,7 +21,11 @@ PROMPT = [5, 17, 99, 23, 42, 7, 300, 12, 64, 128, 256, 33, 91, 18, 44, 71, 3, 25
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    with start_engine(tiny_llama, "--num-kv-blocks", "64", "--max-model-len", "512") as proc:
+    # A step takes at least 5 ms, so a 400-token request outlives the 0.3 s deadline and the
+    # cancel/abort calls of the tests below: the tiny model alone decodes 400 tokens in well
+    # under 0.3 s on a fast host (a clean-clone run saw the deadline test's stream complete).
+    with start_engine(tiny_llama, "--num-kv-blocks", "64", "--max-model-len", "512",
+                      "--fault-step-delay-s", "0.005") as proc:
         yield proc
 
 
