@@ -105,6 +105,7 @@ def gemv_pass_ms(llm: LLM, passes: int = 9) -> float:
     model = llm.engine.runner.model
     weights = [(lin.weight, lin.bias) for _, lin in model.named_linears()]
     weights.append((model.embed_tokens if model.lm_head is None else model.lm_head.weight, None))
+
     def k_of(w) -> int:
         w = w[0] if isinstance(w, list) else w  # a fused projection kept as its parts
         return w.shape[1] if isinstance(w, torch.Tensor) else w.in_features
