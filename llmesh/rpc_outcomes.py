@@ -111,23 +111,37 @@ def _stream(inner, method: str, observe: Observe):
 
 
 @contextmanager
-def _outcome(full_method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
-    """Counts, times and (when it failed) logs the call."""
-    service, method = split_method(full_method)
-    started, exc = time.perf_counter(), None
+def on_end(context: grpc.aio.ServicerContext,
+           ended: Callable[[grpc.StatusCode, str, BaseException | None], None]) -> Iterator[None]:
+    """Runs the call's body, then, however it ended, ``ended(code, details, exception)`` with
+    the status the call ends with (``final_code``): the one reading of a call's end that the
+    outcome counter and the server spans share."""
+    exc = None
     try:
         yield
     except BaseException as e:
         exc = e
         raise
     finally:
-        code, details = final_code(context, exc)
+        ended(*final_code(context, exc), exc)
+
+
+@contextmanager
+def _outcome(full_method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Counts, times and (when it failed) logs the call."""
+    service, method = split_method(full_method)
+    started = time.perf_counter()
+
+    def ended(code: grpc.StatusCode, details: str, exc: BaseException | None) -> None:
         HANDLED.labels(service, method, code.name).inc()
         HANDLING_SECONDS.labels(service, method).observe(time.perf_counter() - started)
         if code is not grpc.StatusCode.OK:
             level = logging.INFO if code in _CALLER_FAULTS else logging.WARNING
             log.log(level, "rpc failed: %s %s: %s", full_method, code.name, details,
                     extra={"rpc": full_method, "code": code.name, "error": details})
+
+    with on_end(context, ended):
+        yield
 
 
 class RpcOutcomeInterceptor(grpc.aio.ServerInterceptor):

@@ -24,7 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 # the one reading of how a call ended, and the one way server interceptors wrap a call
-from llmesh.rpc_outcomes import final_code, method_name, observe_handler
+from llmesh.rpc_outcomes import method_name, observe_handler, on_end
 
 _tracer = trace.get_tracer("llmesh.rpc")
 
@@ -171,16 +171,13 @@ def _server_span(method: str, context) -> Iterator[None]:
     parent = propagate.extract(dict(context.invocation_metadata() or ()))
     with _tracer.start_as_current_span(method, context=parent, kind=SpanKind.SERVER, attributes=_attributes(method),
                                        record_exception=False, set_status_on_exception=False) as span:
-        exc = None
-        try:
-            yield
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            code, details = final_code(context, exc)
+
+        def ended(code: grpc.StatusCode, details: str, exc: BaseException | None) -> None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code in SERVER_ERRORS:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
                 if exc is not None and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                     span.record_exception(exc)
+
+        with on_end(context, ended):
+            yield
