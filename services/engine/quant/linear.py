@@ -229,14 +229,10 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
         if kernels and x.is_cuda and (y := _dense_skinny(x, w, bias)) is not None:
             return y
         if cpu_kernels and x.is_cpu and x.dim() >= 2:
-            if x.dim() == 2:  # the model's [T, K]: no reshape and view around the GEMM
-                y = cpu_dense_matmul(x, w, bias)
-                if y is not None:
-                    return y
-            else:
-                y = cpu_dense_matmul(x.reshape(-1, x.shape[-1]), w, bias)
-                if y is not None:
-                    return y.view(*x.shape[:-1], y.shape[-1])
+            flat = x.dim() == 2  # the model's [T, K]: no reshape and view around the GEMM
+            y = cpu_dense_matmul(x if flat else x.reshape(-1, x.shape[-1]), w, bias)
+            if y is not None:
+                return y if flat else y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
