@@ -9,7 +9,7 @@ kernel intervals; the rest is launch gaps and host time), the time by kernel fam
 cut is chosen from a measurement.
 
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
-       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--smoke]
+       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--pair-blocks default|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_FUSED_DECODE / LLMESH_DECODE_FOLD, when set, are
@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--router-kernel", choices=("default", "on", "off"), default="default",
                     help="MoE router: the Triton kernel or the torch ops on the GPU (kernels.moe_router)")
+    ap.add_argument("--pair-blocks", choices=("default", "off"), default="default",
+                    help="MoE: off sorts a one-token step's pairs by expert (the align launch) and sums "
+                         "them with _moe_sum_kernel, as before kernels.fused_moe.PAIR_BLOCKS_MAX_TOKENS")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (torch backend)")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--results-dir", default=None)
@@ -169,6 +172,10 @@ def main() -> None:
         import llmesh.kernels.moe_router as moe_router
 
         moe_router.ROUTER_KERNEL_ON_CUDA = args.router_kernel == "on"
+    if args.pair_blocks == "off":
+        import llmesh.kernels.fused_moe as fused_moe
+
+        fused_moe.PAIR_BLOCKS_MAX_TOKENS = 0
     models = args.models.split(",")
     if args.smoke:
         register_smoke_preset()
@@ -177,6 +184,7 @@ def main() -> None:
     metrics: dict[str, float] = {}
     workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
+                      "pair_blocks": args.pair_blocks,
                       "software": software_versions(), "smoke": args.smoke,
                       "environment": {k: os.environ[k] for k in (PDL_ENV, FUSED_DECODE_ENV, FOLD_ENV)
                                       if k in os.environ},

@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32, dot_precision,
-                                   interpreting, pdl_launch)
+from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, check_size, check_tensor, dot_in_fp32,
+                                   dot_precision, interpreting, pdl_launch)
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_int4 import _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
@@ -70,6 +70,14 @@ from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
+
+PAIR_BLOCKS_MAX_TOKENS = 1
+"""Steps of at most this many tokens give each (token, slot) pair a block of its own instead of
+sorting pairs by expert: one token's k experts are distinct, so no expert is read twice, and the
+blocks are known without the align launch (expert_ids is topk_ids itself). With more tokens two
+pairs can share an expert, whose weights the sorted blocks read once."""
+
+_pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
@@ -114,6 +122,7 @@ def _moe_gemm_kernel(
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    SUM_SLOTS: tl.constexpr = 0,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -124,6 +133,8 @@ def _moe_gemm_kernel(
     SPLIT_K > 1: program_id(2) takes k_split rows of K (INT4: of KH) and stores its float32
     partials (part: [SPLIT_K, grid rows * BLOCK_M, 2N gated / N]); the tile's last split to
     arrive sums them in split order and runs the epilogue (split_k.py's scheme).
+    SUM_SLOTS = k (one token, one pair a block, no split; MUL_WEIGHT): the k weighted rows are
+    summed here instead of by _moe_sum_kernel (_slot_sum) into out [1, N]; part is [k, N] float32.
     """
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -141,9 +152,13 @@ def _moe_gemm_kernel(
         # Pairs whose expert another rank holds: the top-k sum reads their down rows, so they
         # must be zero (cheaper than zeroing the whole output first).
         if MUL_WEIGHT:
-            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], zeros,
-                     mask=m_mask[:, None] & n_mask[None, :])
+            if SUM_SLOTS > 0:
+                _slot_sum(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), part_ptr, lock_ptr, out_ptr, pair, m_mask,
+                          rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
+            else:
+                zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+                tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], zeros,
+                         mask=m_mask[:, None] & n_mask[None, :])
         return
     a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
@@ -171,18 +186,25 @@ def _moe_gemm_kernel(
             if GATED:
                 acc_up = load_sum(part_ptr, offs, rn + N, cols_mask, rows, width, SPLIT_K, BLOCK_M, BLOCK_N)
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
-            _epilogue(acc, acc_up, scale_ptr + expert * stride_se, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N,
-                      stride_om, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+            acc = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
+                                 n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], acc,
+                     mask=m_mask[:, None] & n_mask[None, :])
     else:
-        _epilogue(acc, acc_up, scale_ptr + expert * stride_se, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N,
-                  stride_om, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+        acc = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
+                             n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+        if SUM_SLOTS > 0:
+            _slot_sum(acc, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
+        else:
+            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], acc,
+                     mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _epilogue(acc, acc_up, s_base, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask, N, stride_om, GATED: tl.constexpr,
-              MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
-    """The tile's output rows from its float32 sums: INT8/FP8 scales, SiLU-and-mul (gated), the
-    routing weight (down), rounded where the reference rounds."""
+def _epilogue_rows(acc, acc_up, s_base, topk_w_ptr, out_ptr, pair, m_mask, rn, n_mask, N, GATED: tl.constexpr,
+                   MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The tile's output rows in out's dtype from its float32 sums: INT8/FP8 scales,
+    SiLU-and-mul (gated), the routing weight (down), rounded where the reference rounds."""
     out_dtype = out_ptr.dtype.element_ty
 
     if SCALED:
@@ -198,8 +220,25 @@ def _epilogue(acc, acc_up, s_base, out_ptr, topk_w_ptr, pair, m_mask, rn, n_mask
     if MUL_WEIGHT:
         w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
-    out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, cast_rtne(acc, out_dtype, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+    return cast_rtne(acc, out_dtype, INTERPRET)
+
+
+@triton.jit
+def _slot_sum(rows, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, tile, SLOTS: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """One token's top-k sum inside the down GEMM (one pair a block): each program stores its
+    pair's weighted row (rounded, as the [T, k, H] rows _moe_sum_kernel reads) into part [k, N];
+    the last of the k to arrive at this column tile sums them in slot order in float32, rounds
+    once, writes out [1, N] and resets the tile's counter: _moe_sum_kernel's result, bit for bit,
+    without its launch."""
+    tl.store(part_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :], rows.to(tl.float32),
+             mask=m_mask[:, None] & n_mask[None, :])
+    if arrive(lock_ptr, tile) == SLOTS - 1:
+        total = tl.zeros(rn.shape, dtype=tl.float32)
+        for j in tl.static_range(SLOTS):
+            total += tl.load(part_ptr + j * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + rn, cast_rtne(total, out_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
+        tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
@@ -344,8 +383,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     pairs = t * top_k
+    pair_blocks = align_path is None and t <= PAIR_BLOCKS_MAX_TOKENS
+    if pair_blocks:
+        sorted_ids, num_post = _pair_blocks(pairs, config.block_m, x.device)
+        expert_ids = topk_ids.reshape(-1)
+    else:
+        sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     int8 = w13.dtype in QUANTIZED_DTYPES
     int4 = fmt == "int4"
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
@@ -367,17 +411,41 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **split, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
-    out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
+    # one token's k rows summed by the down GEMM's last program of each column tile
+    slot_sum = pair_blocks and t == 1 and split["SPLIT_K"] == 1
+    if slot_sum:
+        out = torch.empty(1, h, dtype=x.dtype, device=x.device)
+        split.update(part_ptr=torch.empty(top_k, h, dtype=torch.float32, device=x.device),
+                     lock_ptr=arrival_counters("fused_moe_slot_sum", x.device, grid[1]))
+    else:
+        out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     _moe_gemm_kernel[grid](
         hidden, w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=h, K=inter, num_pairs=pairs, a_row_div=1,
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
-        num_warps=down_config.num_warps, num_stages=down_config.num_stages, **split, **layouts[1], **common)
-    return moe_sum(out.view(t, top_k, h))
+        num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
+        **split, **layouts[1], **common)
+    return out if slot_sum else moe_sum(out.view(t, top_k, h))
+
+
+def _pair_blocks(pairs: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids, num_post) with block b holding pair b alone (its other rows padding): what
+    moe_align_block_size would return for pairs of distinct experts in that order. Constant,
+    so kept per size (not while a CUDA graph captures: its fill would only run at replay)."""
+    key = (device.type, device.index, pairs, block_m)
+    hit = _pair_block_cache.get(key)
+    if hit is not None:
+        return hit
+    sorted_ids = torch.full((pairs, block_m), pairs, dtype=torch.int32, device=device)
+    sorted_ids[:, 0] = torch.arange(pairs, dtype=torch.int32, device=device)
+    blocks = (sorted_ids.view(-1), torch.full((1,), pairs * block_m, dtype=torch.int32, device=device))
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _pair_block_cache[key] = blocks
+    return blocks
 
 
 def _grid_and_split(kernel: str, x: torch.Tensor, config: MoEConfig, blocks: int, n: int, width: int,

@@ -140,6 +140,52 @@ def test_split_k_sums_every_piece_once(device, fmt, dtype, split):
     torch.testing.assert_close(got, ref, atol=10 * tol, rtol=10 * tol)
 
 
+@pytest.mark.parametrize("fmt,dtype,ep", [("dense", torch.float32, False), ("dense", torch.bfloat16, True),
+                                           ("int8", torch.float32, False), ("int4", torch.bfloat16, True),
+                                           ("int4", torch.float32, False)])
+def test_one_token_skips_the_align_step_and_sums_in_the_down_gemm(device, fmt, dtype, ep):
+    """A one-token step gives each pair its own block (no align launch) and the down GEMM's last
+    program per column tile sums the k rows: bit for bit what the sorted blocks and
+    _moe_sum_kernel give (align_path forces that path), with pairs of another rank's experts
+    (id -1) among them, on counters each launch leaves at zero (three calls, one split-K config)."""
+    from llmesh.kernels import fused_moe as fm
+
+    gen = torch.Generator().manual_seed(7 + len(fmt))
+    e, k, h, inter = 16, 8, 256, 96
+    x = torch.randn(1, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(1, e, k, gen)
+    if ep:
+        ids[0, 2] = ids[0, 5] = -1
+    quant = {}
+    if fmt == "int4":
+        w13, s13, m13 = quantize_experts_int4(w13)
+        w2, s2, m2 = quantize_experts_int4(w2)
+        quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+    elif fmt == "int8":
+        w13, s13 = quantize_experts_int8(w13)
+        w2, s2 = quantize_experts_int8(w2)
+        quant = dict(w13_scale=s13, w2_scale=s2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
+    qdev = {name: v.to(device) for name, v in quant.items()}
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=64 if fmt == "int4" else 32)
+    aligned = fused_moe(*args, **qdev, config=cfg, down_config=cfg, align_path="torch").cpu()
+    assert fm.PAIR_BLOCKS_MAX_TOKENS >= 1
+    for down in (cfg, cfg, MoEConfig(16, 32, 32, split_k=2)):  # the last: rows summed by moe_sum
+        got = fused_moe(*args, **qdev, config=cfg, down_config=down).cpu()
+        if down is cfg:
+            assert torch.equal(got, aligned)
+    torch.testing.assert_close(got, aligned, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+    kept = ids.clamp(min=0)  # the reference on the experts this rank holds: -1 pairs weigh 0
+    w_kept = torch.where(ids < 0, 0.0, weights)
+    ref = fused_moe_ref(x, w13, w2, w_kept.to(dtype), kept, **quant)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(aligned, ref, atol=tol, rtol=tol)
+    assert not fm._pair_block_cache or all(v[0].numel() == v[1].item() for v in fm._pair_block_cache.values())
+
+
 def test_split_k_must_be_positive():
     with pytest.raises(ValueError, match="split_k"):
         MoEConfig(16, 32, 32, 4, 3, 0)
