@@ -186,17 +186,17 @@ def _moe_gemm_kernel(
             if GATED:
                 acc_up = load_sum(part_ptr, offs, rn + N, cols_mask, rows, width, SPLIT_K, BLOCK_M, BLOCK_N)
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
-            acc = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
-                                 n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], acc,
+            out_rows = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask,
+                                      rn, n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows,
                      mask=m_mask[:, None] & n_mask[None, :])
     else:
-        acc = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
-                             n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
+        out_rows = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
+                                  n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
         if SUM_SLOTS > 0:
-            _slot_sum(acc, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
+            _slot_sum(out_rows, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
         else:
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], acc,
+            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows,
                      mask=m_mask[:, None] & n_mask[None, :])
 
 
