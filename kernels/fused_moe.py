@@ -7,7 +7,8 @@ The design of vLLM's / SGLang's Triton fused_moe:
    belongs to one expert (``expert_ids[block]``): one Triton program for decode-sized batches,
    torch ops for large ones, on the device without a host read. The grid is sized by an upper
    bound of the padded length, and blocks past the real end (``num_tokens_post_padded``)
-   return at once, so the wrapper is CUDA-graph safe.
+   return at once, so the wrapper is CUDA-graph safe. A one-token step skips this launch: its
+   k experts are distinct, so each pair gets a block of its own (``PAIR_BLOCKS_MAX_TOKENS``).
 2. One grouped GEMM launch for all experts computes gate and up together: each program
    loads the gate tile and the up tile of the same columns of its block's expert, keeps two
    accumulators, and writes silu(gate) * up in its epilogue. The [T*k, 2I] gate/up
@@ -18,7 +19,8 @@ The design of vLLM's / SGLang's Triton fused_moe:
 4. The k copies of each token are summed by ``_moe_sum_kernel`` over [T, k, H] in slot order
    (fixed, so the result does not depend on scheduling; atomics would not be deterministic).
    One launch of T x H / BLOCK_H programs: torch's ``sum`` over the middle dimension was a
-   4.5 us reduction a layer at batch 1 on the H200 (kernel_profile_h200.json).
+   4.5 us reduction a layer at batch 1 on the H200 (kernel_profile_h200.json). A one-token
+   step sums inside the down GEMM instead, in the same order (``_slot_sum``).
 
 Expert parallelism: an id of -1 in ``topk_ids`` is a pair whose expert another rank holds
 (vLLM's ``expert_map`` convention). The align step sorts those pairs into one trailing run
