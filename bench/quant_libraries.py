@@ -15,9 +15,10 @@ from quant_common import Run
 
 @dataclass(frozen=True)
 class LibraryConfig:
-    """A library's kernel as a candidate, in the dispatch table's terms: ``choice`` "int4pack"
-    (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its matmul type) or
-    "fbgemm" (``arg`` its kernel, "shuffled")."""
+    """A kernel with a weight layout of its own as a candidate, in the dispatch table's terms:
+    ``choice`` "int4pack" (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its
+    matmul type), "fbgemm" (``arg`` its kernel, "shuffled") or "swapped" (our swapped-operand
+    INT4 kernel, ``arg`` its config as SwappedConfig.short writes it)."""
 
     choice: str
     arg: int | str
@@ -77,7 +78,45 @@ def fbgemm_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> l
              [lambda cfg, qc=qc: fbgemm_kernels.int4_matmul(x, qc) for qc in qs])]
 
 
-LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates))
+SWAPPED_SWEEP = tuple((bn, bk, split, 4, stages) for bn in (64, 128) for bk in (64, 128) for split in (1, 2, 4, 8)
+                      for stages in (3, 4)) + ((128, 64, 2, 8, 4), (128, 64, 4, 8, 4), (128, 128, 2, 8, 3),
+                                               (128, 128, 4, 8, 3))
+"""The swapped kernel's candidates (block_n, block_k, split_k, num_warps, num_stages); block_m is
+M rounded up to 16-64. K steps larger than the group are clamped to it."""
+SMOKE_SWAPPED_SWEEP = ((64, 16, 2, 4, 2),)
+
+
+def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for our swapped-operand INT4 kernel (kernels/w4a16_swapped.py: the weight
+    on the dot's left, wgmma from registers on Hopper) at each swept tile; each ring copy's codes
+    are transposed once, outside the timing (the engine does it at load). ``arg`` is the config
+    as the table stores it."""
+    from llmesh.engine.quant import swapped_int4
+    from llmesh.kernels.w4a16_swapped import MAX_M, SwappedConfig, w4a16_swapped
+
+    m = x.shape[0]
+    if kind != "w4a16" or m > MAX_M or q.group_size % 16 or not (x.is_cuda or smoke):
+        return []
+    for qc in qs:
+        swapped_int4.codes(qc)
+    block_m = max(16, 1 << (m - 1).bit_length())
+    out, seen = [], set()
+    for bn, bk, split, warps, stages in SMOKE_SWAPPED_SWEEP if smoke else SWAPPED_SWEEP:
+        bk = min(bk, q.group_size)
+        if q.group_size % bk:
+            continue
+        cfg = SwappedConfig(block_m, bn, bk, split, warps, stages).short()
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        out.append((LibraryConfig("swapped", cfg),
+                    [lambda c, qc=qc: w4a16_swapped(x, swapped_int4.codes(qc), qc.scales, qc.mins, qc.group_size,
+                                                    config=SwappedConfig.parse(c.arg)) for qc in qs]))
+    return out
+
+
+LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates),
+             ("swapped", swapped_candidates))
 
 
 def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:

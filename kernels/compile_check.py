@@ -25,7 +25,7 @@ FLOAT_ARGS = frozenset({"eps", "scale_log2"})
 
 def signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     """Triton's signature of ``fn``: pointers typed by ``pointers`` (default bf16), scalars i32
-    (fp32 for FLOAT_ARGS), constexprs as given (all must be)."""
+    (fp32 for FLOAT_ARGS), constexprs as given (all must be, except those with a default)."""
     sig = {}
     for p in fn.params:
         if p.is_constexpr:
@@ -34,7 +34,8 @@ def signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> di
             sig[p.name] = "*" + pointers.get(p.name, "bf16")
         else:
             sig[p.name] = "fp32" if p.name in FLOAT_ARGS else "i32"
-    missing = [n for n, t in sig.items() if t == "constexpr" and n not in constexprs]
+    defaults = {p.name for p in fn.params if p.is_constexpr and p.has_default}
+    missing = [n for n, t in sig.items() if t == "constexpr" and n not in constexprs and n not in defaults]
     if missing:
         raise ValueError(f"{fn.__name__}: give constexprs {missing}")
     return sig
@@ -49,6 +50,7 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], *,
     from triton.compiler import ASTSource
 
     sig = signature(fn, pointers, constexprs)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     names = list(sig)
     attrs = None
     if divisible:

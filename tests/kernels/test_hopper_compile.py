@@ -122,6 +122,11 @@ CASES = [
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=4, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("fused_moe", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
+    ("fused_moe", "_moe_gemm_kernel",  # one token's down GEMM summing its k rows (one pair a block)
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
+     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          SPLIT_K=1, SUM_SLOTS=8, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
