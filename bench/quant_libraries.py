@@ -18,7 +18,7 @@ class LibraryConfig:
     """A kernel with a weight layout of its own as a candidate, in the dispatch table's terms:
     ``choice`` "int4pack" (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its
     matmul type), "fbgemm" (``arg`` its kernel, "shuffled") or "swapped" (our swapped-operand
-    INT4 kernel, ``arg`` its config as SwappedConfig.short writes it)."""
+    INT4 kernel, ``arg`` its config as w4a16_swapped.config_str writes it)."""
 
     choice: str
     arg: int | str
@@ -92,7 +92,8 @@ def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
     are transposed once, outside the timing (the engine does it at load). ``arg`` is the config
     as the table stores it."""
     from llmesh.engine.quant import swapped_int4
-    from llmesh.kernels.w4a16_swapped import MAX_M, SwappedConfig, w4a16_swapped
+    from llmesh.kernels.quant_gemm_config import GemmConfig
+    from llmesh.kernels.w4a16_swapped import MAX_M, config_str, parse_config, w4a16_swapped
 
     m = x.shape[0]
     if kind != "w4a16" or m > MAX_M or q.group_size % 16 or not (x.is_cuda or smoke):
@@ -105,13 +106,13 @@ def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
         bk = min(bk, q.group_size)
         if q.group_size % bk:
             continue
-        cfg = SwappedConfig(block_m, bn, bk, split, warps, stages).short()
+        cfg = config_str(GemmConfig(block_m, bn, bk, split, warps, stages))
         if cfg in seen:
             continue
         seen.add(cfg)
         out.append((LibraryConfig("swapped", cfg),
                     [lambda c, qc=qc: w4a16_swapped(x, swapped_int4.codes(qc), qc.scales, qc.mins, qc.group_size,
-                                                    config=SwappedConfig.parse(c.arg)) for qc in qs]))
+                                                    config=parse_config(c.arg)) for qc in qs]))
     return out
 
 

@@ -145,7 +145,7 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # Which kernel runs a quantized linear is measured, not guessed: bench/quant_gemm.py times every
 # candidate per (kind, N, K, M) on a device and writes the winner to TUNED_FILE under the
 # device's tag. Candidates: "dot" (w4a16_gemm / w8a16_gemm with a GemmConfig), "gemv"
-# (quant_gemv.py with a GemvConfig), "swapped" (w4a16_swapped.py, its SwappedConfig as a string;
+# (quant_gemv.py with a GemvConfig), "swapped" (w4a16_swapped.py, its GemmConfig as a string;
 # a transposed copy of the codes), and for fp8 "fp8" (fp8_gemm) or "scaled_mm"
 # (torch._scaled_mm, cuBLASLt); and three libraries' kernels, "int4pack" (PyTorch's tinygemm),
 # "gemlite" and "fbgemm" (FBGEMM GenAI's CUTLASS INT4 and FP8 GEMMs; services/engine/quant/).

@@ -28,8 +28,6 @@ across programs finish in the kernel (split_k.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -37,46 +35,38 @@ import triton.language as tl
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32,
                                    dot_precision, interpreting)
 from llmesh.kernels.fused_moe_int4 import _nibbles
+from llmesh.kernels.quant_gemm_config import GemmConfig
 from llmesh.kernels.split_k import finish, split_buffers
 
 MAX_M = 64
 """Rows up to which the kernel runs (x^T's tile is at most 64 wide)."""
 
 
-@dataclass(frozen=True)
-class SwappedConfig:
-    """block_m: x rows a program (16-64, the right operand's width); block_n: output columns a
-    program (the wgmma's 64-row left operand: 64 or 128); block_k: code bytes a K step (each
-    covers two input rows, one in each half; divides the group); split_k: programs sharing a
-    column tile's K range."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-
-    def short(self) -> str:
-        return f"{self.block_m},{self.block_n},{self.block_k},{self.split_k},{self.num_warps},{self.num_stages}"
-
-    @classmethod
-    def parse(cls, text: str) -> SwappedConfig:
-        """The inverse of ``short`` (the dispatch table stores configs as that string)."""
-        fields = [int(v) for v in str(text).split(",")]
-        if len(fields) != 6:
-            raise ValueError(f"a swapped W4A16 config is six integers 'm,n,k,split,warps,stages', got {text!r}")
-        return cls(*fields)
+def config_str(config: GemmConfig) -> str:
+    """A tile config as the dispatch table stores this kernel's: "m,n,k,split,warps,stages"
+    (block_m: x rows a program, 16-64, the right operand's width; block_n: output columns, the
+    wgmma's left operand of 64 or 128 rows; block_k: code bytes a K step, each covering two input
+    rows, dividing the group; split_k: programs sharing a column tile's K range)."""
+    return ",".join(str(v) for v in (config.block_m, config.block_n, config.block_k, config.split_k,
+                                     config.num_warps, config.num_stages))
 
 
-def default_config(m: int, n: int, half: int, group: int) -> SwappedConfig:
+def parse_config(text: str) -> GemmConfig:
+    """The inverse of ``config_str``."""
+    fields = [int(v) for v in str(text).split(",")]
+    if len(fields) != 6:
+        raise ValueError(f"a swapped W4A16 config is six integers 'm,n,k,split,warps,stages', got {text!r}")
+    return GemmConfig(*fields)
+
+
+def default_config(m: int, n: int, half: int, group: int) -> GemmConfig:
     """A config for when no measured one is given: 16-row x tiles, 128 columns, a K step of 64
     bytes (or the group), K split until about two programs per SM of an H200."""
     block_m = max(16, min(MAX_M, triton.next_power_of_2(m)))
     block_k = min(64, group)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
     split = max(1, min(triton.cdiv(264, tiles), half // block_k // 2, 16))
-    return SwappedConfig(block_m, 128, block_k, split, 4, 4)
+    return GemmConfig(block_m, 128, block_k, split, 4, 4)
 
 
 def swap_codes(qweight: torch.Tensor) -> torch.Tensor:
@@ -144,7 +134,7 @@ def _w4a16_swapped_kernel(
 
 
 def w4a16_swapped(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                  *, out: torch.Tensor | None = None, config: SwappedConfig | None = None) -> torch.Tensor:
+                  *, out: torch.Tensor | None = None, config: GemmConfig | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W's codes in the swapped layout (``swap_codes``: uint8
     [N, Kp / 2]) with float16 scales and mins [Kp / G, N], w = q * s + m (Int4Weight's)."""
     check_tensor("x", x, "[M, K]", 2)
@@ -164,8 +154,9 @@ def w4a16_swapped(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor, 
     if m > MAX_M:
         raise ValueError(f"w4a16_swapped serves up to {MAX_M} rows (decode sizes), got M={m}")
     config = config or default_config(m, n, half, group_size)
-    if group_size % config.block_k or config.block_m > MAX_M:
-        raise ValueError(f"config {config}: block_k must divide group_size={group_size}, block_m <= {MAX_M}")
+    if group_size % config.block_k or config.block_m > MAX_M or config.words:
+        raise ValueError(f"config {config}: block_k must divide group_size={group_size}, block_m <= {MAX_M}, "
+                         f"no int32 words")
     out = check_out("out", out, (m, n), x.dtype, x.device)
     if m == 0:
         return out

@@ -11,7 +11,8 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 from llmesh.engine.quant.packed import pack_int4  # noqa: E402
 from llmesh.kernels.quant_ref import w4a16_gemm_ref  # noqa: E402
-from llmesh.kernels.w4a16_swapped import SwappedConfig, default_config, swap_codes, w4a16_swapped  # noqa: E402
+from llmesh.kernels.quant_gemm_config import GemmConfig  # noqa: E402
+from llmesh.kernels.w4a16_swapped import config_str, default_config, parse_config, swap_codes, w4a16_swapped  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
@@ -31,10 +32,10 @@ def _run(w, x, device, **kw):
 
 @pytest.mark.parametrize("m,n,k,g,config", [
     (1, 128, 256, 64, None),
-    (3, 80, 96, 32, SwappedConfig(16, 64, 16, 1, 4, 2)),        # K pads to Kp = 128; masked columns
-    (16, 64, 512, 128, SwappedConfig(16, 64, 32, 3, 4, 2)),     # split K, a split shorter than the others
-    (40, 64, 256, 128, SwappedConfig(64, 64, 64, 2, 4, 2)),     # 64-row x tiles, masked rows
-    (17, 192, 256, 64, SwappedConfig(16, 64, 64, 2, 4, 2)),     # two row tiles, three column tiles
+    (3, 80, 96, 32, GemmConfig(16, 64, 16, 1, 4, 2)),        # K pads to Kp = 128; masked columns
+    (16, 64, 512, 128, GemmConfig(16, 64, 32, 3, 4, 2)),     # split K, a split shorter than the others
+    (40, 64, 256, 128, GemmConfig(64, 64, 64, 2, 4, 2)),     # 64-row x tiles, masked rows
+    (17, 192, 256, 64, GemmConfig(16, 64, 64, 2, 4, 2)),     # two row tiles, three column tiles
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_reference(device, m, n, k, g, config, dtype):
@@ -51,10 +52,10 @@ def test_matches_reference(device, m, n, k, g, config, dtype):
 
 
 def test_config_round_trips_and_bad_arguments_are_named(device):
-    cfg = SwappedConfig(16, 128, 64, 4, 4, 3)
-    assert SwappedConfig.parse(cfg.short()) == cfg
+    cfg = GemmConfig(16, 128, 64, 4, 4, 3)
+    assert parse_config(config_str(cfg)) == cfg
     with pytest.raises(ValueError, match="six integers"):
-        SwappedConfig.parse("16,128")
+        parse_config("16,128")
     d = default_config(1, 14336, 2048, 128)
     assert d.block_m == 16 and d.block_n == 128 and 1 <= d.split_k <= 16
     gen = torch.Generator().manual_seed(0)
@@ -64,7 +65,7 @@ def test_config_round_trips_and_bad_arguments_are_named(device):
     with pytest.raises(ValueError, match="K=200"):
         _run(w, torch.randn(1, 200), device)
     with pytest.raises(ValueError, match="block_k must divide"):
-        _run(w, torch.randn(1, 128), device, config=SwappedConfig(16, 64, 48, 1, 4, 2))
+        _run(w, torch.randn(1, 128), device, config=GemmConfig(16, 64, 48, 1, 4, 2))
 
 
 _SM90 = """

@@ -11,9 +11,9 @@ GEMM config, our swapped-operand INT4 kernel (swapped_int4.py), cuBLASLt FP8, Py
 tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8 kernels (gemlite_kernels.py) or FBGEMM's
 INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
-(the swapped kernel and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's, and no table. Dense weights use
-F.linear, except on CUDA at decode sizes where the measured table (kernels/skinny_gemm_config.py)
-says the skinny Triton GEMM is faster for that shape.
+(the swapped kernel and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
+and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
+table (kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ def copy_bytes(w: Int4Weight) -> int:
 def swapped_matmul(x: torch.Tensor, w: Int4Weight, config: str) -> torch.Tensor | None:
     """x [M, K] @ W → [M, N] through the swapped kernel with the table's config, or None where it
     cannot serve these rows (the caller's default path then does)."""
-    from llmesh.kernels.w4a16_swapped import SwappedConfig, w4a16_swapped
+    from llmesh.kernels.w4a16_swapped import parse_config, w4a16_swapped
 
     if not supported(w, x.shape[0]):
         return None
-    cfg = SwappedConfig.parse(config)
+    cfg = parse_config(config)
     if w.group_size % cfg.block_k:
         return None  # a config measured at another group size: its K step would straddle groups
     return w4a16_swapped(x, codes(w), w.scales, w.mins, w.group_size, config=cfg)
