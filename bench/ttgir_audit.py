@@ -90,7 +90,8 @@ def audit(case: Case) -> dict:
     kernel = compile_sm90(fn, case.pointers, case.constexprs, divisible=frozenset(ints - case.not_divisible),
                           num_warps=case.num_warps, num_stages=case.num_stages)
     report = loop_report(kernel.asm["ttgir"])
-    return dict(asdict(report), shared_bytes=kernel.metadata.shared)
+    # lop3: the exponent trick's widening of INT4 codes (kernels/fused_moe_int4.py) made it to the PTX
+    return dict(asdict(report), shared_bytes=kernel.metadata.shared, ptx_lop3=kernel.asm["ptx"].count("lop3.b32"))
 
 
 def main() -> int:
@@ -111,7 +112,8 @@ def main() -> int:
         loops = "; ".join(f"loop {i}: waited {len(w)}" + (f" ({', '.join(sorted(set(w)))})" if w else "")
                           + (f", carried {len(c)}" if c else "")
                           for i, (w, c) in enumerate(zip(r["waited_loads"], r["carried_loads"])))
-        print(f"{case.name:26s} cp.async {r['async_copies']:3d}  wgmma {r['wgmma']}  smem {r['shared_bytes']:6d}  "
+        print(f"{case.name:26s} cp.async {r['async_copies']:3d}  wgmma {r['wgmma']} ({r['wgmma_register_lhs']} from "
+              f"registers)  smem {r['shared_bytes']:6d}  "
               f"{loops}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -67,6 +67,9 @@ class LoopReport:
     """cp.async copies in the whole kernel (prologue and loop bodies)."""
     wgmma: int
     """Hopper warp-group MMAs (tl.dot on tiles of 64 rows or more)."""
+    wgmma_register_lhs: int = 0
+    """Those of them whose left operand is in registers (a dot-operand tensor, as a value computed
+    in the kernel, e.g. widened INT4 codes, can be), not read from shared memory."""
     waited_loads: list[list[str]] = field(default_factory=list)
     """Per scf.for loop, in order: the types of the plain tt.loads whose value the same step uses
     (each step waits out their latency)."""
@@ -74,6 +77,7 @@ class LoopReport:
     """Per loop: plain tt.loads whose value goes straight to the next step (loaded a step ahead)."""
 
 
+_WGMMA = re.compile(r"ttng\.warp_group_dot [^\n]*? : ([^\n]*?) \* ")
 _LOAD = re.compile(r"(%[\w#]+) = tt\.load [^:]*: (tensor<[^>]*>|!tt\.ptr<\w+>)")
 
 
@@ -87,5 +91,17 @@ def loop_report(ttgir: str) -> LoopReport:
         loads = _LOAD.findall(body[:end if end >= 0 else len(body)])
         waited.append([ty for name, ty in loads if name not in yielded])
         carried.append([ty for name, ty in loads if name in yielded])
+    lhs = _WGMMA.findall(ttgir)
     return LoopReport(async_copies=ttgir.count("async_copy_global_to_local"),
-                      wgmma=len(re.findall(r"warp_group_dot ", ttgir)), waited_loads=waited, carried_loads=carried)
+                      wgmma=len(re.findall(r"warp_group_dot ", ttgir)),
+                      wgmma_register_lhs=sum("#ttg.dot_op<{opIdx = 0" in t and "memdesc" not in t for t in lhs),
+                      waited_loads=waited, carried_loads=carried)
+
+
+def nvidia_backend() -> bool:
+    """Whether this Triton build can compile for NVIDIA targets (the sm90 checks skip without)."""
+    try:
+        from triton.backends import backends
+    except Exception:  # noqa: BLE001 - no Triton, or an older one without the backends registry
+        return False
+    return "nvidia" in backends

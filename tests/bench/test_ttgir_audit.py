@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from llmesh.kernels.compile_check import nvidia_backend
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _nvidia_triton() -> bool:
-    try:
-        from triton.backends import backends
-    except Exception:  # no Triton, or one without the backends registry
-        return False
-    return "nvidia" in backends
-
-
-@pytest.mark.skipif(not _nvidia_triton(), reason="this Triton build has no NVIDIA backend")
+@pytest.mark.skipif(not nvidia_backend(), reason="this Triton build has no NVIDIA backend")
 def test_audit_reports_pipelined_and_waited_loads(tmp_path):
     out = tmp_path / "audit.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the script must drop it itself

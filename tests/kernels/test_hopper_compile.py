@@ -21,13 +21,9 @@ import pytest
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from llmesh.kernels.compile_check import compile_sm90, loop_report  # noqa: E402
+from llmesh.kernels.compile_check import compile_sm90, loop_report, nvidia_backend  # noqa: E402
 
-try:
-    from triton.backends import backends as _backends
-    _NVIDIA = "nvidia" in _backends
-except Exception:  # an older or a non-NVIDIA build of Triton
-    _NVIDIA = False
+_NVIDIA = nvidia_backend()
 
 # (module, kernel, pointer element types by argument (default bf16), constexprs)
 ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, FP8=False, DOT_F32=False,

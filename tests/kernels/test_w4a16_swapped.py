@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.engine.quant.packed import pack_int4  # noqa: E402
+from llmesh.kernels.compile_check import nvidia_backend  # noqa: E402
 from llmesh.kernels.quant_ref import w4a16_gemm_ref  # noqa: E402
 from llmesh.kernels.quant_gemm_config import GemmConfig  # noqa: E402
 from llmesh.kernels.w4a16_swapped import config_str, default_config, parse_config, swap_codes, w4a16_swapped  # noqa: E402
@@ -68,53 +69,27 @@ def test_config_round_trips_and_bad_arguments_are_named(device):
         _run(w, torch.randn(1, 128), device, config=GemmConfig(16, 64, 48, 1, 4, 2))
 
 
-_SM90 = """
-import json, sys
-from llmesh.kernels.compile_check import compile_sm90, loop_report
-from llmesh.kernels.w4a16_swapped import _w4a16_swapped_kernel
-kernel = compile_sm90(_w4a16_swapped_kernel, {"q_ptr": "u8", "s_ptr": "fp16", "mn_ptr": "fp16", "part_ptr": "fp32",
-                                              "lock_ptr": "i32"},
-                      dict(GROUP=128, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT=True, DOT_F32=False,
-                           DOT_PRECISION="tf32", INTERPRET=False),
-                      divisible=frozenset({"N", "K", "HALF", "ROWS_PER_SPLIT", "stride_xm", "stride_qn", "stride_s",
-                                           "stride_om"}), num_warps=4, num_stages=4)
-ttgir = kernel.asm["ttgir"]
-report = loop_report(ttgir)
-dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
-sys.stdout.write("@@" + json.dumps(dict(dots=dots, copies=report.async_copies, waited=report.waited_loads,
-                                        asm="lop3.b32" in kernel.asm["ptx"])))
-"""
-
-
-def test_sm90_compile_feeds_the_widened_weight_to_wgmma_from_registers():
-    """What the kernel is for, checked on the CPU (kernels/compile_check.py): on Hopper both dots
-    are warp-group MMAs whose left operand, the widened codes, is in registers (not staged through
-    shared memory), the codes come by the exponent trick's lop3, the code tiles are cp.async copies,
-    and the K loop waits on no plain load (the scale and min rows are carried a step ahead)."""
+@pytest.mark.skipif(not nvidia_backend(), reason="this Triton build has no NVIDIA backend")
+def test_sm90_compile_feeds_the_widened_weight_to_wgmma_from_registers(tmp_path):
+    """What the kernel is for, checked on the CPU (bench/ttgir_audit.py's case w4a16_swapped, an
+    sm90 compile): on Hopper both dots are warp-group MMAs whose left operand, the widened codes,
+    is in registers (not read from shared memory), the codes come by the exponent trick's lop3,
+    the code tiles are cp.async copies, and the K loop waits on no plain load (the scale and min
+    rows are carried a step ahead)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    try:
-        from triton.backends import backends
-    except Exception:  # noqa: BLE001 - an older or non-NVIDIA Triton build
-        backends = {}
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SM90], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.split("@@", 1)[1])
-    assert len(got["dots"]) == 2, got["dots"]
-    for line in got["dots"]:
-        left = line.split(" : ", 1)[1].split(" * ", 1)[0]
-        assert "#ttg.dot_op<{opIdx = 0" in left and "memdesc" not in left, line
-    assert got["asm"], "the codes were not widened by the lop3 exponent trick"
-    assert got["copies"] >= 6, got
-    assert got["waited"] and got["waited"][0] == [], got["waited"]
+    out = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, "bench/ttgir_audit.py", "--only", "w4a16_swapped", "--json", str(out)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())["w4a16_swapped"]
+    assert got["wgmma"] == 2 and got["wgmma_register_lhs"] == 2, got
+    assert got["ptx_lop3"] > 0, "the codes were not widened by the lop3 exponent trick"
+    assert got["async_copies"] >= 6, got
+    assert got["waited_loads"] and got["waited_loads"][0] == [], got["waited_loads"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured table dispatches on CUDA only")
