@@ -35,7 +35,7 @@ import triton.language as tl
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, dot_in_fp32,
                                    dot_precision, interpreting)
 from llmesh.kernels.fused_moe_int4 import _nibbles
-from llmesh.kernels.quant_gemm_config import GemmConfig
+from llmesh.kernels.quant_gemm_config import GemmConfig, split_plan
 from llmesh.kernels.split_k import finish, split_buffers
 
 MAX_M = 64
@@ -160,8 +160,7 @@ def w4a16_swapped(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor, 
     out = check_out("out", out, (m, n), x.dtype, x.device)
     if m == 0:
         return out
-    rows_per_split = triton.cdiv(triton.cdiv(half, config.split_k), config.block_k) * config.block_k
-    splits = triton.cdiv(half, rows_per_split)  # a short K takes fewer splits than asked
+    splits, rows_per_split = split_plan(half, config.block_k, config.split_k)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
     part, locks = split_buffers("w4a16_swapped", x, m, n, splits, grid[0] * grid[1])
     _w4a16_swapped_kernel[grid](
