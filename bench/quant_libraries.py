@@ -17,8 +17,9 @@ from quant_common import Run
 class LibraryConfig:
     """A kernel with a weight layout of its own as a candidate, in the dispatch table's terms:
     ``choice`` "int4pack" (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its
-    matmul type), "fbgemm" (``arg`` its kernel, "shuffled") or "swapped" (our swapped-operand
-    INT4 kernel, ``arg`` its config as w4a16_swapped.config_str writes it)."""
+    matmul type), "fbgemm" (``arg`` its kernel, "shuffled"), "swapped" (our swapped-operand
+    INT4 kernel, ``arg`` its config as w4a16_swapped.config_str writes it) or "mma" (our CUDA C++
+    fragment-order INT4 kernel, ``arg`` as w4a16_mma.config_str writes it)."""
 
     choice: str
     arg: int | str
@@ -116,8 +117,40 @@ def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
     return out
 
 
+MMA_SWEEP = tuple((wn, wk, stages, split) for wn, wk in ((1, 8), (2, 4), (1, 4), (2, 8), (4, 4))
+                  for stages in (4, 8, 12) for split in (1, 2, 4, 8))
+"""The fragment-order kernel's candidates (wn, wk, stages, split); a split past the K range's
+whole groups launches fewer blocks (the same config as a smaller split: tried once)."""
+SMOKE_MMA_SWEEP = ((1, 8, 8, 1), (1, 4, 4, 2))
+
+
+def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for our CUDA C++ INT4 kernel with the codes in mma.sync's fragment order
+    (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine does it
+    at load). ``arg`` is the config as the table stores it."""
+    from llmesh.engine.quant import mma_int4
+    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, parse_config, split_steps, w4a16_mma
+
+    if kind != "w4a16" or x.shape[0] > MAX_M or not x.is_cuda or not mma_int4.supported(q, x):
+        return []
+    for qc in qs:
+        mma_int4.layout(qc)
+    kp = q.padded_in_features
+    out, seen = [], set()
+    for wn, wk, stages, split in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
+        cfg = MmaConfig(wn, wk, stages, split)
+        launched = (wn, wk, stages, split_steps(cfg, kp, q.group_size))
+        if launched in seen:
+            continue
+        seen.add(launched)
+        out.append((LibraryConfig("mma", config_str(cfg)),
+                    [lambda c, qc=qc: w4a16_mma(x, *mma_int4.layout(qc), qc.group_size, config=parse_config(c.arg))
+                     for qc in qs]))
+    return out
+
+
 LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates),
-             ("swapped", swapped_candidates))
+             ("swapped", swapped_candidates), ("mma", mma_candidates))
 
 
 def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:

@@ -7,11 +7,12 @@ torch references — dequantize, round to x's dtype, multiply. The torch backend
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
-GEMM config, our swapped-operand INT4 kernel (swapped_int4.py), cuBLASLt FP8, PyTorch's
+GEMM config, our swapped-operand INT4 kernel (swapped_int4.py), our CUDA C++ fragment-order
+INT4 kernel (mma_int4.py), cuBLASLt FP8, PyTorch's
 tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8 kernels (gemlite_kernels.py) or FBGEMM's
 INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
-(the swapped kernel and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
+(the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
 and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
 table (kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape.
 """
@@ -65,6 +66,10 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         from llmesh.engine.quant.swapped_int4 import swapped_matmul
 
         return swapped_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
+    if name == "mma":
+        from llmesh.engine.quant.mma_int4 import mma_matmul
+
+        return mma_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
     if isinstance(w, Fp8Weight):
         return None  # fp8_matmul reads the table itself
     from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
@@ -96,7 +101,7 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
-    from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack, swapped_int4
+    from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack, mma_int4, swapped_int4
 
     if device.type != "cuda":
         return 0
@@ -122,6 +127,9 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
         if any(name == "swapped" for name, _ in choices) and isinstance(w, Int4Weight):
             swapped_int4.codes(w)  # one copy, whichever config an M takes
             total += swapped_int4.copy_bytes(w)
+        if any(name == "mma" for name, _ in choices) and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
+            mma_int4.layout(w)
+            total += mma_int4.copy_bytes(w)
         if any(name == "fbgemm" for name, _ in choices) and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
             if (why := fbgemm_kernels.unavailable_reason()) is not None:
                 missing.add(why)

@@ -1,0 +1,270 @@
+// W4A16 at decode sizes in CUDA C++: y[M, N] = x[M, K] @ W[K, N], W's codes in the fragment
+// order of mma.sync (Marlin's idea), widened in registers and never staged as bf16.
+//
+// Compiled at run time by NVRTC (kernels/cuda_rtc.py) with no headers: everything below is
+// plain C++ and inline PTX, so a compile takes about a second and needs no CUDA toolkit.
+// kernels/w4a16_mma.py holds the layouts (it writes the codes and scales this kernel reads),
+// the launch and a torch model of what each lane computes; docs/quantization.md the why.
+//
+// Per warp: one strip of 64 output columns over a range of K in steps of 16. A step is one
+// 16-byte copy per lane (cp.async into a per-lane ring in shared memory, STAGES deep) holding
+// the lane's B fragments of eight m16n8k16 MMAs; the codes widen by the exponent trick (a
+// nibble OR-ed into the mantissa of bf16 128.0 gives 128 + q exactly, one lop3 for two), so
+// the MMAs compute x . (128 + q). One more MMA against ones gives each row's sum of x, and at
+// each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q * s + m), which
+// costs no arithmetic per weight beyond the lop3 and its shift.
+//
+// Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
+// gridDim.y splits of K meet through float32 partials, the last split to arrive adding them
+// in split order (one launch, CUDA-graph safe; kernels/split_k.py does the same in Triton).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct alignas(16) u32x4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+  // .cg: the codes are read once, so they skip L1
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ u32x4 lds128(u32 addr) {
+  u32x4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32* a, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
+}
+
+// (v & 0x000f000f) | 0x43004300: two nibbles (bits 0-3 and 16-19) into bf16 128 + q
+__device__ __forceinline__ u32 widen(u32 v) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));
+  return r;
+}
+
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float half_lo(u32 v) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(v));
+  return f;
+}
+
+__device__ __forceinline__ float half_hi(u32 v) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(v));
+  return f;
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float ldcg(const float* p) {  // L2: another block wrote it
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
+  u32x4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// codes:   u32 [N/64, Kp/16, 32 lanes, 4]  (kernels/w4a16_mma.py pack_codes)
+// scales:  u32x4 [N/64, Kp/G, 4 (t), 4]    (pack_scales: per lane t its 16 columns' s, m as half2)
+// x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
+// split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
+template <int WN, int WK, int STAGES, int GS>
+__global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
+    const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
+    u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
+    int M, int N, int K, int Kp, int ldx, int ldo, int split_steps) {
+  constexpr int THREADS = WN * WK * 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int g = lane >> 2, t = lane & 3;
+  const int strip = blockIdx.x * WN + wn;
+  const int m0 = blockIdx.z * 16;
+  const int mrows = min(16, M - m0);
+  const int ksteps = Kp >> 4, groups = ksteps / GS;
+  const int warp_steps = split_steps / WK;
+  const int kstep0 = blockIdx.y * split_steps;          // the block's first K step
+  const int my0 = kstep0 + wk * warp_steps;              // this warp's first
+  const bool live = strip < N / 64;  // a last block may hold fewer than WN strips
+  const int count = live ? max(0, min(warp_steps, ksteps - my0)) : 0;
+  const int kc = split_steps * 16;                       // K values the block's x tile holds
+  const int xrow = kc + 8;                               // padded: ldmatrix rows 16 B apart in banks
+
+  unsigned char* ring = smem;                                              // STAGES x THREADS x 16 B
+  u16* xs = reinterpret_cast<u16*>(smem + STAGES * THREADS * 16);          // [mrows, xrow]
+  u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);               // one 16-byte row of zeros
+
+  const u32 ring0 = smem_addr(ring) + tid * 16;
+  const u32* src = codes + ((size_t)strip * ksteps + my0) * 128 + lane * 4;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < count) cp_async16(ring0 + s * THREADS * 16, src + (size_t)s * 128);
+    cp_async_commit();
+  }
+
+  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
+  const int kbase = kstep0 * 16;
+  for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
+    const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
+    u32x4 v = {0u, 0u, 0u, 0u};
+    if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
+    *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
+  }
+  if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
+  __syncthreads();
+
+  // ldmatrix x4: lanes 0-7 address rows 0-7 at k 0, 8-15 rows 8-15 at k 0, 16-23 rows 0-7 at
+  // k 8, 24-31 rows 8-15 at k 8: a0..a3 of the m16n8k16 A fragment. Rows past M read zeros.
+  const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
+  const bool arow_live = arow < mrows;
+  const u32 a0 = arow_live ? smem_addr(xs + arow * xrow + wk * warp_steps * 16 + acol) : smem_addr(zero);
+  const u32 astep = arow_live ? 32u : 0u;
+
+  float tot[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tot[j][e] = 0.f;
+
+  const u32 ONES = 0x3f803f80u;  // bf16x2 (1, 1)
+  const u32x4* sc_src = scales + ((size_t)strip * groups + my0 / GS) * 16 + t * 4;
+  for (int g0 = 0; g0 < count; g0 += GS) {
+    u32x4 sc[4];  // this group's scales and mins: loaded now, used after its GS steps
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sc[q] = ldg128(sc_src + (g0 / GS) * 16 + q);
+    float acc[8][4], xsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+    for (int js = 0; js < GS; ++js) {
+      const int i = g0 + js;
+      cp_async_wait<STAGES - 2>();
+      const u32x4 b = lds128(ring0 + (i % STAGES) * THREADS * 16);
+      u32 a[4];
+      ldmatrix_x4(a, a0 + i * astep);
+      const u32 w[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        mma(acc[2 * q], a, widen(w[q]), widen(w[q] >> 4));
+        mma(acc[2 * q + 1], a, widen(w[q] >> 8), widen(w[q] >> 12));
+      }
+      mma(xsum, a, ONES, ONES);
+      // refill the slot step i - 1 used (read into registers an iteration ago)
+      const int nxt = i + STAGES - 1;
+      if (nxt < count) cp_async16(ring0 + (nxt % STAGES) * THREADS * 16, src + (size_t)nxt * 128);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const u32 sv[2] = {sc[q].x, sc[q].z}, mv[2] = {sc[q].y, sc[q].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * q + h;
+        const float s0 = half_lo(sv[h]), s1 = half_hi(sv[h]);
+        const float z0 = half_lo(mv[h]) - 128.f * s0, z1 = half_hi(mv[h]) - 128.f * s1;
+        tot[j][0] += s0 * acc[j][0] + z0 * xsum[0];
+        tot[j][1] += s1 * acc[j][1] + z1 * xsum[1];
+        tot[j][2] += s0 * acc[j][2] + z0 * xsum[2];
+        tot[j][3] += s1 * acc[j][3] + z1 * xsum[3];
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring and x tile are free: the WK warps' sums meet there
+
+  float* red = reinterpret_cast<float*>(smem);  // [WK, WN, mrows, 64]
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int col = 8 * j + 2 * t;
+    if (g < mrows) {
+      float* p = red + ((wk * WN + wn) * mrows + g) * 64 + col;
+      p[0] = tot[j][0];
+      p[1] = tot[j][1];
+    }
+    if (g + 8 < mrows) {
+      float* p = red + ((wk * WN + wn) * mrows + g + 8) * 64 + col;
+      p[0] = tot[j][2];
+      p[1] = tot[j][3];
+    }
+  }
+  __syncthreads();
+
+  const int splits = gridDim.y, n0 = blockIdx.x * WN * 64;
+  const int pairs = WN * mrows * 32;  // column pairs of the block's [mrows, WN * 64] tile
+  for (int i = tid; i < pairs; i += THREADS) {
+    const int sn = i / (mrows * 32), r = (i / 32) % mrows, c = (i % 32) * 2;
+    const int n = n0 + sn * 64 + c;
+    if (n >= N) continue;
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+    for (int k = 0; k < WK; ++k) {
+      const float* p = red + ((k * WN + sn) * mrows + r) * 64 + c;
+      v0 += p[0];
+      v1 += p[1];
+    }
+    if (splits == 1) {
+      *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
+    } else {
+      float* p = part + ((size_t)blockIdx.y * M + m0 + r) * N + n;
+      p[0] = v0;
+      p[1] = v1;
+    }
+  }
+  if (splits == 1) return;
+
+  __shared__ int last;
+  __threadfence();  // this split's partials are visible before its arrival is
+  __syncthreads();
+  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+  if (tid == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = tid; i < pairs; i += THREADS) {
+    const int sn = i / (mrows * 32), r = (i / 32) % mrows, c = (i % 32) * 2;
+    const int n = n0 + sn * 64 + c;
+    if (n >= N) continue;
+    float v0 = 0.f, v1 = 0.f;
+    for (int s = 0; s < splits; ++s) {  // in split order: the same sum whichever split came last
+      const float* p = part + ((size_t)s * M + m0 + r) * N + n;
+      v0 += ldcg(p);
+      v1 += ldcg(p + 1);
+    }
+    *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
+  }
+  if (tid == 0) atomicExch(counters + tile, 0);  // ready for the next launch on this stream
+}

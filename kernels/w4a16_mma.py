@@ -1,0 +1,250 @@
+"""W4A16 at decode sizes with the codes in mma.sync's fragment order: a CUDA C++ kernel.
+
+Our Triton INT4 kernels read the weight at about 1.1 TB/s on the H200 whichever operand it is
+(w4a16_gemm.py, quant_gemv.py, w4a16_swapped.py): Triton stages a widened tile through shared
+memory or registers in layouts it chooses, and the widening costs per weight. Marlin's answer
+is to store the codes so that each lane's 16-byte load *is* its B fragments: one load, a lop3
+per two codes, eight MMAs. Triton cannot place fragments, so this kernel is CUDA C++
+(kernels/cuda/w4a16_mma.cu, compiled at run time by NVRTC: cuda_rtc.py); the design is
+Marlin's, the code ours, and the scales are applied after the MMAs (below) rather than before.
+
+Layouts (made once at load from an Int4Weight, services/engine/quant/mma_int4.py):
+
+codes   int32 [N / 64, Kp / 16, 32, 4]: for column strip c (64 columns), K step s (16 rows),
+        lane l = 4 g + t, word w: the lane's B fragments of the m16n8k16 MMAs of column groups
+        2w and 2w + 1 (columns 64 c + 8 (2w + h) + g). Within a word, the r-th nibble pair
+        (bits 4r..4r+3 and 16+4r..19+4r, r = 0..3) is the bf16x2 register b(r % 2) of column
+        group 2w + r // 2: rows k = 2t + 8 (r % 2) and k + 1 of the step. The kernel widens
+        a pair with one lop3 into bf16 (128 + q_lo, 128 + q_hi) after a shift by 4r.
+scales  float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]: per strip and group, for t = 0..3 the 64
+        bytes lane t (and the seven other lanes of its column pairs) reads as four 16-byte
+        loads: for column group j = 2q + h the scale pair then the min pair of columns
+        8 j + 2 t and 8 j + 2 t + 1.
+
+Arithmetic: the MMAs multiply x by (128 + q), exact in bf16; one more MMA against ones sums
+each row of x over the step; at the end of each group y += s * acc + (m - 128 s) * sum(x) in
+float32. So w = q * s + m is applied in float32 per output, not rounded to bf16 per weight:
+the result is at least as close to x @ W as the reference (quant_ref's dequantize-then-
+matmul), not bit-equal to it.
+
+Work: a warp owns a strip over a run of K steps; a block is WN strips x WK warps along K
+(summed in shared memory); ``split`` blocks share a strip's K range (float32 partials, the
+last to arrive adds them: split_k.py's scheme). Rows come in tiles of 16 (grid z); each tile
+re-reads the codes, so the kernel is for M up to a few tiles (decode), where the rest of the
+batch arrives from L2.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.kernels.common import arrival_counters, check_out, check_size, check_tensor
+
+MAX_M = 64
+"""Rows up to which the dispatch table considers it (four 16-row tiles, each reading the codes)."""
+
+STRIP = 64
+GROUP_STEPS = (1, 2, 4, 8, 16)
+"""Groups of 16 to 256 input rows (a group is a whole number of 16-row MMA steps)."""
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    wn: int
+    """column strips (64 columns each) a block"""
+    wk: int
+    """warps a strip along K in a block (their sums meet in shared memory)"""
+    stages: int
+    """16-byte copies in flight per lane, plus the one being used"""
+    split: int
+    """blocks along K (float32 partials; the last to arrive adds them)"""
+
+
+def config_str(config: MmaConfig) -> str:
+    """The dispatch table's form: "wn,wk,stages,split"."""
+    return f"{config.wn},{config.wk},{config.stages},{config.split}"
+
+
+def parse_config(text: str) -> MmaConfig:
+    fields = [int(v) for v in str(text).split(",")]
+    if len(fields) != 4:
+        raise ValueError(f"a w4a16_mma config is four integers 'wn,wk,stages,split', got {text!r}")
+    return check_config(MmaConfig(*fields))
+
+
+def check_config(config: MmaConfig) -> MmaConfig:
+    if config.wn < 1 or config.wk < 1 or config.wn * config.wk > 16 or config.wn * config.wk * 32 < 32:
+        raise ValueError(f"{config}: wn * wk warps must be 1..16")
+    if not 2 <= config.stages <= 16:
+        raise ValueError(f"{config}: stages must be 2..16")
+    if config.split < 1:
+        raise ValueError(f"{config}: split must be >= 1")
+    return config
+
+
+def default_config(m: int, n: int, kp: int, group: int, sms: int = 132) -> MmaConfig:
+    """Eight warps along K per strip, eight copies in flight, K split until about two blocks
+    per SM (all resident at once: then every block streams at the same share of bandwidth)."""
+    wn, wk = 1, 8
+    blocks = -(-n // (STRIP * wn)) * -(-m // 16)
+    unit = wk * (group // 16)
+    units = max(1, kp // 16 // unit)
+    split = max(1, min(units, 2 * sms // blocks))
+    return MmaConfig(wn, wk, 8, split)
+
+
+def split_steps(config: MmaConfig, kp: int, group: int) -> tuple[int, int]:
+    """(K steps a split, splits launched): whole groups for each of the WK warps."""
+    unit = config.wk * (group // 16)
+    units = -(-(kp // 16) // unit)
+    per = -(-units // min(config.split, units)) * unit
+    return per, -(-(kp // 16) // per)
+
+
+def smem_bytes(config: MmaConfig, rows: int, steps: int) -> int:
+    """Shared memory of a block: the copy ring, x's rows over the block's K (16-byte padded
+    rows) and a row of zeros; the warps' sums reuse it at the end."""
+    threads = config.wn * config.wk * 32
+    ring = config.stages * threads * 16
+    x_tile = rows * (steps * 16 + 8) * 2 + 16
+    return max(ring + x_tile, config.wk * config.wn * rows * STRIP * 4)
+
+
+# ---- layouts ----
+
+def _fragment_index(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For (t, word, nibble position p = 0..7): the row within the step and the column group
+    that nibble holds (the module docstring's rule), and its shift."""
+    t = torch.arange(4, device=device).view(4, 1, 1)
+    w = torch.arange(4, device=device).view(1, 4, 1)
+    p = torch.arange(8, device=device).view(1, 1, 8)
+    r, hi = p % 4, p // 4  # nibble pair r, low (k) or high (k + 1) half of the bf16x2
+    k = 2 * t + 8 * (r % 2) + hi
+    group = 2 * w + r // 2
+    shift = 4 * r + 16 * hi
+    return k.expand(4, 4, 8), group.expand(4, 4, 8), shift.expand(4, 4, 8)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [Kp, N] (0..15, Int4Weight.codes()) → int32 [N / 64, Kp / 16, 32, 4]."""
+    kp, n = codes.shape
+    if kp % 16 or n % STRIP:
+        raise ValueError(f"codes [Kp, N]={list(codes.shape)}: Kp must be a multiple of 16 and N of {STRIP}")
+    c = codes.view(kp // 16, 16, n // STRIP, 8, 8).permute(2, 0, 4, 1, 3)  # [strip, step, g, k, group]
+    k, grp, shift = _fragment_index(codes.device)
+    nib = c[:, :, :, k, grp].to(torch.int64)                                  # [strip, step, g, t, w, p]
+    words = (nib << shift).sum(-1)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.reshape(n // STRIP, kp // 16, 32, 4).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_codes`` read as the kernel reads it: uint8 [Kp, N]."""
+    strips, steps = packed.shape[:2]
+    k, grp, shift = _fragment_index(packed.device)
+    words = packed.view(strips, steps, 8, 4, 4, 1).to(torch.int64) & 0xFFFFFFFF
+    nib = (words >> shift) & 0xF                                                # [strip, step, g, t, w, p]
+    out = torch.empty(strips, steps, 8, 16, 8, dtype=torch.uint8, device=packed.device)  # [.., g, k, group]
+    out[:, :, :, k, grp] = nib.to(torch.uint8)
+    return out.permute(1, 3, 0, 4, 2).reshape(steps * 16, strips * STRIP)
+
+
+def pack_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """float16 scales and mins [Kp / G, N] → float16 [N / 64, Kp / G, 4, 4, 2, 2, 2] (t, q, h,
+    scale-or-min, column of the pair)."""
+    groups, n = scales.shape
+    if n % STRIP:
+        raise ValueError(f"scales [Kp/G, N]={list(scales.shape)}: N must be a multiple of {STRIP}")
+    s = scales.view(groups, n // STRIP, 4, 2, 4, 2)  # [group, strip, q, h, t, e]: column 8 (2q + h) + 2t + e
+    m = mins.view(groups, n // STRIP, 4, 2, 4, 2)
+    both = torch.stack([s, m], dim=-2)               # [group, strip, q, h, t, sm, e]
+    return both.permute(1, 0, 4, 2, 3, 5, 6).contiguous()
+
+
+def unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_scales``: (scales, mins) [Kp / G, N]."""
+    strips, groups = packed.shape[:2]
+    both = packed.permute(1, 0, 3, 4, 2, 5, 6)       # [group, strip, q, h, t, sm, e]
+    return (both[..., 0, :].reshape(groups, strips * STRIP), both[..., 1, :].reshape(groups, strips * STRIP))
+
+
+def emulate(x: torch.Tensor, packed_codes: torch.Tensor, packed_scales: torch.Tensor, group: int) -> torch.Tensor:
+    """What the kernel computes, in torch (float32): per group, x @ (128 + q) and x's row sums,
+    folded by s and m - 128 s; the CPU tests hold the layouts and the fold to the reference."""
+    q = unpack_codes(packed_codes).float()
+    s, m = (v.float() for v in unpack_scales(packed_scales))
+    kp, k = q.shape[0], x.shape[1]
+    xp = torch.nn.functional.pad(x.float(), (0, kp - k))
+    y = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float32, device=x.device)
+    for gi in range(kp // group):
+        xg = xp[:, gi * group:(gi + 1) * group]
+        acc = xg @ (128.0 + q[gi * group:(gi + 1) * group])
+        y += s[gi] * acc + (m[gi] - 128.0 * s[gi]) * xg.sum(1, keepdim=True)
+    return y
+
+
+# ---- launch ----
+
+def unsupported(x: torch.Tensor, n: int, group: int) -> str | None:
+    """Why the kernel cannot serve this call, or None."""
+    if not x.is_cuda:
+        return "a CUDA kernel"
+    if x.dtype != torch.bfloat16:
+        return f"bf16 activations only (got {x.dtype})"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs bf16 mma.sync (sm_80 or newer)"
+    if n % STRIP or x.shape[1] % 8 or group % 16 or group // 16 not in GROUP_STEPS:
+        return f"needs N % {STRIP} == 0, K % 8 == 0 and a group of 16..256 rows in steps of 16"
+    return None
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,
+              out: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
+    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]); x bf16 on a GPU."""
+    from llmesh.kernels import cuda_rtc
+
+    check_tensor("x", x, "[M, K]", 2)
+    check_tensor("codes", codes, "[N/64, Kp/16, 32, 4]", 4, (torch.int32,), device=x.device)
+    check_tensor("scales", scales, "[N/64, Kp/G, 4, 4, 2, 2, 2]", 7, (torch.float16,), device=x.device)
+    m, k = x.shape
+    strips, steps = codes.shape[:2]
+    n, kp = strips * STRIP, steps * 16
+    if (why := unsupported(x, n, group_size)) is not None:
+        raise ValueError(f"w4a16_mma: {why}")
+    if kp % (2 * group_size) or not kp - 2 * group_size < k <= kp:
+        raise ValueError(f"codes hold Kp={kp} input rows; x has K={k}: expected Kp a multiple of "
+                         f"2*group_size={2 * group_size} and {kp - 2 * group_size} < K <= {kp}")
+    check_size("codes", "shape", tuple(codes.shape), (strips, steps, 32, 4), "[N/64, Kp/16, 32, 4]")
+    check_size("scales", "shape", tuple(scales.shape), (strips, kp // group_size, 4, 4, 2, 2, 2),
+               f"[N/64, Kp/G, 4, 4, 2, 2, 2] of Kp={kp}, G={group_size}")
+    if not (codes.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("w4a16_mma: codes and scales must be contiguous")
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)  # rows are read as 16-byte vectors
+    out = check_out("out", out, (m, n), x.dtype, x.device)
+    if out.stride(-1) != 1 or out.stride(0) % 2:
+        raise ValueError(f"out must have unit last stride and an even row stride, got {out.stride()}")
+    if m == 0:
+        return out
+    config = check_config(config or default_config(m, n, kp, group_size, _sms(x.device.index or 0)))
+    per, splits = split_steps(config, kp, group_size)
+    grid = (-(-strips // config.wn), splits, -(-m // 16))
+    kernel = cuda_rtc.load("w4a16_mma.cu", f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, "
+                                           f"{group_size // 16}>", x.device)
+    if splits > 1:
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = arrival_counters("w4a16_mma", x.device, grid[0] * grid[2])
+    else:
+        part, counters = out, out  # not read with one split
+    kernel.launch(grid, config.wn * config.wk * 32, smem_bytes(config, min(m, 16), per),
+                  [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), per])
+    return out

@@ -1,0 +1,153 @@
+"""The CUDA C++ W4A16 kernel with codes in mma.sync's fragment order (kernels/w4a16_mma.py).
+
+On the CPU: the layouts hold the fragment rule of PTX's m16n8k16 B operand (checked element by
+element against the rule as PTX states it, not against the packer's own index tables), the
+torch model of the kernel's arithmetic matches the reference, and NVRTC (where installed)
+compiles the source for sm_90 with no local memory. On a GPU: the kernel against the reference
+for rows 1-40, K padded, groups 32-128, K split across blocks (twice on the same counters), in
+a CUDA graph."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llmesh.engine.quant.packed import pack_int4
+from llmesh.kernels.quant_ref import w4a16_gemm_ref
+from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, pack_codes, pack_scales,
+                                      parse_config, smem_bytes, split_steps, unpack_codes, unpack_scales,
+                                      w4a16_mma)
+
+
+def _weight(k, n, g, gen):
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    groups = -(-k // g)
+    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.005
+    mins = -torch.rand(groups, n, generator=gen) * 0.15
+    return pack_int4(q, scales, mins, g, fmt="q4_1")
+
+
+def test_codes_follow_the_mma_b_fragment_rule():
+    # PTX ISA, mma.m16n8k16 with .bf16: lane l holds B[k][n] for n = l / 4 (groupID) and, in
+    # register b0, k = 2 (l % 4) + {0, 1}; in b1 the same rows + 8; the lower k in the low half.
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (64, 128), generator=gen, dtype=torch.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (2, 4, 32, 4) and packed.dtype == torch.int32
+    for strip, step, lane, word in itertools.product(range(2), range(4), range(32), range(4)):
+        v = int(packed[strip, step, lane, word]) & 0xFFFFFFFF
+        g, t = lane // 4, lane % 4
+        for r in range(4):  # the kernel's widen(v >> 4r): bits 0-3 and 16-19 after the shift
+            reg, col_group = r % 2, 2 * word + r // 2
+            col = 64 * strip + 8 * col_group + g
+            for half in range(2):
+                k = 16 * step + 2 * t + 8 * reg + half
+                assert (v >> (4 * r + 16 * half)) & 0xF == codes[k, col]
+    assert torch.equal(unpack_codes(packed), codes)
+
+
+def test_scales_are_the_c_fragment_columns_of_each_lane():
+    # C fragment: lane l holds columns 2 (l % 4) and + 1 of each n8 tile
+    gen = torch.Generator().manual_seed(2)
+    s = torch.rand(3, 128, generator=gen).half()
+    m = torch.rand(3, 128, generator=gen).half()
+    packed = pack_scales(s, m)
+    assert packed.shape == (2, 3, 4, 4, 2, 2, 2)
+    for strip, grp, t, q, h in itertools.product(range(2), range(3), range(4), range(4), range(2)):
+        col = 64 * strip + 8 * (2 * q + h) + 2 * t
+        assert torch.equal(packed[strip, grp, t, q, h, 0], s[grp, col:col + 2])
+        assert torch.equal(packed[strip, grp, t, q, h, 1], m[grp, col:col + 2])
+    us, um = unpack_scales(packed)
+    assert torch.equal(us, s) and torch.equal(um, m)
+
+
+@pytest.mark.parametrize("m,n,k,g", [(1, 128, 256, 64), (5, 192, 200, 32), (16, 64, 512, 128)])
+def test_the_kernels_arithmetic_matches_the_reference(m, n, k, g):
+    """x . (128 + q) per group, folded by s and m - 128 s in float32 (emulate), is x @ W."""
+    gen = torch.Generator().manual_seed(m + n + k + g)
+    w = _weight(k, n, g, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    got = emulate(x, pack_codes(w.codes()), pack_scales(w.scales, w.mins), g)
+    ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_configs_plan_whole_groups_and_fit_shared_memory():
+    cfg = MmaConfig(1, 8, 8, 3)
+    assert parse_config(config_str(cfg)) == cfg
+    with pytest.raises(ValueError, match="four integers"):
+        parse_config("1,8")
+    with pytest.raises(ValueError, match="stages"):
+        parse_config("1,8,1,1")
+    per, splits = split_steps(MmaConfig(1, 8, 8, 3), 4096, 128)  # 256 steps, units of 64
+    assert (per, splits) == (128, 2)
+    per, splits = split_steps(MmaConfig(1, 4, 8, 3), 4096, 128)  # units of 32: 8 units → 3 + 3 + 2
+    assert per == 96 and splits == 3
+    d = default_config(1, 14336, 4096, 128)
+    assert d.split == 1  # 224 strips already fill the GPU twice over with one split
+    assert default_config(1, 4096, 14336, 128).split > 1
+    # the block's sums reuse the ring: the reserve covers them even with few stages
+    assert smem_bytes(MmaConfig(2, 8, 2, 1), 16, 32) >= 8 * 2 * 16 * 64 * 4
+
+
+def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
+    from llmesh.kernels import cuda_rtc
+
+    try:
+        cuda_rtc.nvrtc()
+    except cuda_rtc.RtcError as e:
+        pytest.skip(str(e))
+    source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    cubin, lowered = cuda_rtc.compile_cubin(source, "w4a16_mma<1, 8, 8, 8>", "sm_90")
+    assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
+    report = cuda_rtc.resource_usage(cubin, tmp_path)
+    if report is None:
+        pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
+    assert report["LOCAL"] == 0 and report["STACK"] == 0, report
+    assert report["REG"] <= 128, report  # two 256-thread blocks per SM
+
+
+@pytest.mark.parametrize("m,n,k,g,config", [
+    (1, 128, 256, 64, None),
+    (3, 192, 200, 32, MmaConfig(1, 2, 4, 1)),      # K pads to Kp = 256; x zero past K
+    (16, 256, 640, 64, MmaConfig(2, 2, 4, 2)),     # split K, the second split shorter
+    (17, 192, 256, 64, MmaConfig(2, 4, 8, 2)),     # two row tiles; a block with a missing strip
+    (40, 64, 1024, 128, MmaConfig(1, 8, 2, 1)),    # three row tiles; two stages
+])
+def test_kernel_matches_reference_on_gpu(m, n, k, g, config):
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA kernel: needs a GPU")
+    gen = torch.Generator().manual_seed(m * 100 + n + k + g)
+    w = _weight(k, n, g, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
+    codes, scales, xd = pack_codes(w.codes()).cuda(), pack_scales(w.scales, w.mins).cuda(), x.cuda()
+    for _ in range(2):  # the second call finds the split counters reset by the first
+        got = w4a16_mma(xd, codes, scales, g, config=config)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w4a16_mma(xd, codes, scales, g, out=out, config=config)
+    out.zero_()
+    graph.replay()
+    graph.replay()
+    torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bad_arguments_are_named():
+    gen = torch.Generator().manual_seed(0)
+    w = _weight(128, 64, 64, gen)
+    codes, scales = pack_codes(w.codes()), pack_scales(w.scales, w.mins)
+    with pytest.raises(ValueError, match="CUDA kernel"):
+        w4a16_mma(torch.randn(1, 128).to(torch.bfloat16), codes, scales, 64)
+    with pytest.raises(ValueError, match="N of 64"):
+        pack_codes(torch.zeros(32, 48, dtype=torch.uint8))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="K=200"):
+            w4a16_mma(torch.randn(1, 200, device="cuda").to(torch.bfloat16), codes.cuda(), scales.cuda(), 64)
+        with pytest.raises(ValueError, match="bf16"):
+            w4a16_mma(torch.randn(1, 128, device="cuda").half(), codes.cuda(), scales.cuda(), 64)
