@@ -151,3 +151,29 @@ def test_bad_arguments_are_named():
             w4a16_mma(torch.randn(1, 200, device="cuda").to(torch.bfloat16), codes.cuda(), scales.cuda(), 64)
         with pytest.raises(ValueError, match="bf16"):
             w4a16_mma(torch.randn(1, 128, device="cuda").half(), codes.cuda(), scales.cuda(), 64)
+
+
+def test_the_measured_table_dispatches_to_it(monkeypatch):
+    """A table entry ["mma", [config]] sends the weight's decode rows to this kernel, with its
+    layout made once (and counted) by prepare_library_weights; rows past the table's largest
+    measured M keep the default path."""
+    if not torch.cuda.is_available():
+        pytest.skip("the measured table dispatches on CUDA only")
+    from llmesh.engine.quant import linear as linear_mod
+    from llmesh.engine.quant import mma_int4
+    from llmesh.kernels import quant_gemm_config
+    from llmesh.kernels.common import cuda_device_tag
+
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    w = _weight(256, 128, 128, gen).to(device)
+    table = {cuda_device_tag(device): {quant_gemm_config.table_key("w4a16", 128, 256, 16): ["mma", ["1,4,4,2"]]}}
+    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda *a: table)
+    codes_bytes, scale_bytes = 128 * 256 // 2, 2 * 128 * 256 // 128 * 2
+    assert linear_mod.prepare_library_weights([w], device, torch.bfloat16) == codes_bytes + scale_bytes
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    got = linear_mod._tuned_matmul(x.to(device), w)
+    ref = w4a16_gemm_ref(x.float(), w.qweight.cpu(), w.scales.cpu(), w.mins.cpu(), 128)
+    torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+    assert mma_int4.copy_bytes(w) == codes_bytes + scale_bytes
+    assert linear_mod._tuned_matmul(torch.randn(17, 256, device=device, dtype=torch.bfloat16), w) is None
