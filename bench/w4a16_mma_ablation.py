@@ -1,0 +1,115 @@
+"""Where the fragment-order INT4 kernel's time goes (kernels/w4a16_mma.py), by leaving stages out.
+
+METHOD: with no hardware counters, time variants of the kernel that leave one stage out and
+compare. The variants are the kernel's own source with one function body replaced, compiled by
+NVRTC as the kernel is (their results are wrong by design; only their time is used):
+
+  full          the kernel
+  no_mma        the eight MMAs and the ones-MMA replaced by an XOR into the accumulator (the
+                widening kept)
+  loads_only    no MMA and no widening: the cp.async ring, the x tile, the scales and the
+                epilogue only
+  interleaved   loads_only with the WK warps of a block reading consecutive 512-byte steps
+                (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
+
+at 4096 x 14336 (the issue's headline shape), M = 1, for four block shapes, against bf16
+F.linear and a device-to-device copy of the same bytes in the same run. Timing as
+bench/quant_gemm.py: one CUDA graph over a ring of weight copies (> 3x L2), quant_common.graph_ms.
+
+Output: bench/results/w4a16_mma_ablation_<dev>.json, metrics ``<variant>_<wn>_<wk>_<stages>_us``,
+``<variant>_..._tb_s`` (packed bytes / time), ``bf16_us``, ``copy_us``.
+Usage (GPU, under a minute): python bench/w4a16_mma_ablation.py [--results-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quant_common import graph_ms  # noqa: E402
+
+from llmesh.bench_results import device_tag, write_result  # noqa: E402
+from llmesh.kernels import cuda_rtc  # noqa: E402
+from llmesh.kernels.common import arrival_counters  # noqa: E402
+from llmesh.kernels.w4a16_mma import MmaConfig, pack_codes, pack_scales, smem_bytes, split_steps  # noqa: E402
+
+MMA = '''  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));'''
+NO_MMA = '''  float f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b0 ^ b1 ^ a[0]));
+  c[0] += f;'''
+WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));'''
+SRC = "const u32* src = codes + ((size_t)strip * ksteps + my0) * 128 + lane * 4;"
+CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1))
+
+
+def variants(source: str) -> dict[str, str]:
+    for part in (MMA, WIDEN, SRC):
+        if part not in source:
+            raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
+    loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
+    strided = (loads.replace(SRC, "const u32* src = codes + ((size_t)strip * ksteps + kstep0 + wk) * 128 + lane * 4;")
+               .replace("src + (size_t)s * 128", "src + (size_t)s * 128 * WK")
+               .replace("src + (size_t)nxt * 128", "src + (size_t)nxt * 128 * WK"))
+    return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("a CUDA kernel's ablation: needs a GPU")
+    from llmesh.engine.quant.quantize import quantize_int4
+
+    dev = torch.device("cuda")
+    k, n, m = 4096, 14336, 1
+    w = (0.02 * torch.randn(n, k, device=dev, generator=torch.Generator(dev).manual_seed(0))).to(torch.bfloat16)
+    q = quantize_int4(w)
+    packed = (pack_codes(q.codes()), pack_scales(q.scales.half(), q.mins.half()))
+    nbytes = sum(t.numel() * t.element_size() for t in packed)
+    ring = [tuple(t.clone() for t in packed) for _ in range(8)]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+    bf16_ms = graph_ms([lambda wc=wc: torch.nn.functional.linear(x, wc) for wc in [w.clone() for _ in range(3)]])
+    src, dst = torch.empty(nbytes, dtype=torch.uint8, device=dev), torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    metrics = {"bf16_us": bf16_ms * 1e3, "copy_us": graph_ms([lambda: dst.copy_(src)]) * 1e3}
+    print(f"bf16 F.linear {metrics['bf16_us']:.2f} us; copy of {nbytes / 1e6:.1f} MB {metrics['copy_us']:.2f} us")
+    source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    for name, text in variants(source).items():
+        path = cuda_rtc.SOURCES / f"ablation_{name}.cu"
+        path.write_text(text)
+        try:
+            for cfg in CONFIGS:
+                per, splits = split_steps(cfg, 4096, q.group_size)
+                kern = cuda_rtc.load(path.name, f"w4a16_mma<{cfg.wn}, {cfg.wk}, {cfg.stages}, 8>", dev)
+                grid = (-(-(n // 64) // cfg.wn), splits, 1)
+                part = torch.empty(splits, m, n, dtype=torch.float32, device=dev)
+                counters = arrival_counters("w4a16_mma_ablation", dev, grid[0])
+                fns = [lambda c=c, s=s: kern.launch(grid, cfg.wn * cfg.wk * 32, smem_bytes(cfg, 1, per),
+                                                    [c, s, x, out, part, counters, m, n, k, 4096, k, n, per])
+                       for c, s in ring]
+                us = graph_ms(fns) * 1e3
+                tag = f"{name}_{cfg.wn}_{cfg.wk}_{cfg.stages}"
+                metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
+                print(f"{name:12} wn {cfg.wn} wk {cfg.wk:>2} stages {cfg.stages}  {us:6.2f} us  "
+                      f"{metrics['bf16_us'] / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
+        finally:
+            path.unlink()
+    workload = {"shape_kxn": [k, n], "m": m, "group": q.group_size, "packed_bytes": nbytes,
+                "configs": [[c.wn, c.wk, c.stages, c.split] for c in CONFIGS], "variants": list(variants(source)),
+                "timing": "CUDA graph over 8 weight copies (> 3x L2), quant_common.graph_ms; bf16 over 3 copies"}
+    path = write_result(f"w4a16_mma_ablation_{device_tag(dev)}", workload, metrics,
+                        results_dir=Path(args.results_dir) if args.results_dir else None)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
