@@ -117,11 +117,14 @@ def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
     return out
 
 
-MMA_SWEEP = tuple((wn, wk, stages, split) for wn, wk in ((1, 8), (2, 4), (1, 4), (2, 8), (4, 4))
-                  for stages in (4, 8, 12) for split in (1, 2, 4, 8))
-"""The fragment-order kernel's candidates (wn, wk, stages, split); a split past the K range's
-whole groups launches fewer blocks (the same config as a smaller split: tried once)."""
-SMOKE_MMA_SWEEP = ((1, 8, 8, 1), (1, 4, 4, 2))
+MMA_SWEEP = tuple((wn, wk, stages, split, 0) for wn, wk in ((1, 8), (2, 4), (1, 4), (2, 8), (4, 4))
+                  for stages in (4, 8, 12) for split in (1, 2, 4, 8)) + \
+    tuple((wn, wk, stages, split, bulk) for wn, wk in ((1, 8), (2, 4), (4, 4), (2, 8)) for stages in (2, 4)
+          for bulk in (2, 4, 8) for split in (1, 4))
+"""The fragment-order kernel's candidates (wn, wk, stages, split, bulk); a split past the K
+range's whole groups launches fewer blocks (the same config as a smaller split: tried once);
+bulk copies only where the device is Hopper and the bulk divides the group's steps."""
+SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
 def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
@@ -137,9 +140,12 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
         mma_int4.layout(qc)
     kp = q.padded_in_features
     out, seen = [], set()
-    for wn, wk, stages, split in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
-        cfg = MmaConfig(wn, wk, stages, split)
-        launched = (wn, wk, stages, split_steps(cfg, kp, q.group_size))
+    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
+    for wn, wk, stages, split, bulk in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
+        if bulk and (not hopper or (q.group_size // 16) % bulk):
+            continue
+        cfg = MmaConfig(wn, wk, stages, split, bulk)
+        launched = (wn, wk, stages, bulk, split_steps(cfg, kp, q.group_size))
         if launched in seen:
             continue
         seen.add(launched)

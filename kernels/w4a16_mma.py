@@ -61,17 +61,22 @@ class MmaConfig:
     """16-byte copies in flight per lane, plus the one being used"""
     split: int
     """blocks along K (float32 partials; the last to arrive adds them)"""
+    bulk: int = 0
+    """0: each lane copies its 16 bytes a step (cp.async); 1-8 (Hopper): a warp's lane 0 copies
+    this many steps of its codes with one bulk copy (TMA's 1-D form), each ring slot that many
+    steps, completion on an mbarrier a slot"""
 
 
 def config_str(config: MmaConfig) -> str:
-    """The dispatch table's form: "wn,wk,stages,split"."""
-    return f"{config.wn},{config.wk},{config.stages},{config.split}"
+    """The dispatch table's form: "wn,wk,stages,split" (",bulk" when it is not 0)."""
+    text = f"{config.wn},{config.wk},{config.stages},{config.split}"
+    return text + (f",{config.bulk}" if config.bulk else "")
 
 
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
-    if len(fields) != 4:
-        raise ValueError(f"a w4a16_mma config is four integers 'wn,wk,stages,split', got {text!r}")
+    if len(fields) not in (4, 5):
+        raise ValueError(f"a w4a16_mma config is four or five integers 'wn,wk,stages,split[,bulk]', got {text!r}")
     return check_config(MmaConfig(*fields))
 
 
@@ -82,6 +87,8 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: stages must be 2..16")
     if config.split < 1:
         raise ValueError(f"{config}: split must be >= 1")
+    if config.bulk not in (0, 1, 2, 4, 8):
+        raise ValueError(f"{config}: bulk must be 0, 1, 2, 4 or 8 steps")
     return config
 
 
@@ -108,7 +115,7 @@ def smem_bytes(config: MmaConfig, rows: int, steps: int) -> int:
     """Shared memory of a block: the copy ring, x's rows over the block's K (16-byte padded
     rows) and a row of zeros; the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
-    ring = config.stages * threads * 16
+    ring = config.stages * threads * 16 * max(1, config.bulk)
     x_tile = rows * (steps * 16 + 8) * 2 + 16
     return max(ring + x_tile, config.wk * config.wn * rows * STRIP * 4)
 
@@ -236,10 +243,13 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if m == 0:
         return out
     config = check_config(config or default_config(m, n, kp, group_size, _sms(x.device.index or 0)))
+    if config.bulk and ((group_size // 16) % config.bulk or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        raise ValueError(f"{config}: bulk copies need Hopper (sm_90) and a bulk dividing the group's "
+                         f"{group_size // 16} steps")
     per, splits = split_steps(config, kp, group_size)
     grid = (-(-strips // config.wn), splits, -(-m // 16))
     kernel = cuda_rtc.load("w4a16_mma.cu", f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, "
-                                           f"{group_size // 16}>", x.device)
+                                           f"{group_size // 16}, {config.bulk}>", x.device)
     if splits > 1:
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         counters = arrival_counters("w4a16_mma", x.device, grid[0] * grid[2])

@@ -39,6 +39,27 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+__device__ __forceinline__ void mbar_init(u32 bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+// one bulk copy global -> shared of `bytes` (a multiple of 16), counted on `bar` (its one arrival)
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, int bytes, u32 bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
+  u32 done;
+  do {
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(phase) : "memory");
+  } while (!done);
+}
+
 __device__ __forceinline__ u32x4 lds128(u32 addr) {
   u32x4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -100,7 +121,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // scales:  u32x4 [N/64, Kp/G, 4 (t), 4]    (pack_scales: per lane t its 16 columns' s, m as half2)
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
-template <int WN, int WK, int STAGES, int GS>
+template <int WN, int WK, int STAGES, int GS, int BULK = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
@@ -122,16 +143,35 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   const int kc = split_steps * 16;                       // K values the block's x tile holds
   const int xrow = kc + 8;                               // padded: ldmatrix rows 16 B apart in banks
 
-  unsigned char* ring = smem;                                              // STAGES x THREADS x 16 B
-  u16* xs = reinterpret_cast<u16*>(smem + STAGES * THREADS * 16);          // [mrows, xrow]
+  constexpr int SLOT = BULK > 0 ? BULK : 1;  // steps a ring slot holds
+  unsigned char* ring = smem;                                              // STAGES x THREADS x 16 B x SLOT
+  u16* xs = reinterpret_cast<u16*>(smem + STAGES * THREADS * 16 * SLOT);   // [mrows, xrow]
   u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);               // one 16-byte row of zeros
 
   const u32 ring0 = smem_addr(ring) + tid * 16;
   const u32* src = codes + ((size_t)strip * ksteps + my0) * 128 + lane * 4;
+  // BULK: lane 0 copies BULK steps of the warp's (contiguous) codes a slot with one bulk copy
+  // (TMA's 1-D form), completion counted on the slot's mbarrier; the lanes wait on its phase
+  __shared__ __align__(8) unsigned long long bars[BULK > 0 ? WN * WK * STAGES : 1];
+  const u32 bar0 = smem_addr(bars) + warp * STAGES * 8;
+  const u32 wring0 = smem_addr(ring) + warp * SLOT * 512;  // the warp's slot 0 (BULK)
+  const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(codes + ((size_t)strip * ksteps + my0) * 128);
+  if constexpr (BULK > 0) {
+    if (lane == 0) {
+      for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + s * 8);
+      fence_mbar_init();
+    }
+    __syncwarp();
+    if (lane == 0) {
+      for (int c = 0; c < STAGES - 1; ++c)
+        if (c * BULK < count) bulk_copy(wring0 + c * THREADS * 16 * SLOT, wsrc + (size_t)c * BULK * 512, BULK * 512, bar0 + c * 8);
+    }
+  } else {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < count) cp_async16(ring0 + s * THREADS * 16, src + (size_t)s * 128);
-    cp_async_commit();
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < count) cp_async16(ring0 + s * THREADS * 16, src + (size_t)s * 128);
+      cp_async_commit();
+    }
   }
 
   // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
@@ -172,8 +212,22 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 #pragma unroll
     for (int js = 0; js < GS; ++js) {
       const int i = g0 + js;
-      cp_async_wait<STAGES - 2>();
-      const u32x4 b = lds128(ring0 + (i % STAGES) * THREADS * 16);
+      u32x4 b;
+      if constexpr (BULK > 0) {
+        const int c = i / BULK, slot = c % STAGES;
+        if (js % BULK == 0) {
+          mbar_wait(bar0 + slot * 8, (c / STAGES) & 1);
+          __syncwarp();  // every lane is done with the slot chunk c - 1 used: refill it
+          const int nc = c + STAGES - 1;
+          if (lane == 0 && nc * BULK < count)
+            bulk_copy(wring0 + (nc % STAGES) * THREADS * 16 * SLOT, wsrc + (size_t)nc * BULK * 512, BULK * 512,
+                      bar0 + (nc % STAGES) * 8);
+        }
+        b = lds128(wring0 + slot * THREADS * 16 * SLOT + (js % BULK) * 512 + lane * 16);
+      } else {
+        cp_async_wait<STAGES - 2>();
+        b = lds128(ring0 + (i % STAGES) * THREADS * 16);
+      }
       u32 a[4];
       ldmatrix_x4(a, a0 + i * astep);
       const u32 w[4] = {b.x, b.y, b.z, b.w};
@@ -184,9 +238,11 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       }
       mma(xsum, a, ONES, ONES);
       // refill the slot step i - 1 used (read into registers an iteration ago)
-      const int nxt = i + STAGES - 1;
-      if (nxt < count) cp_async16(ring0 + (nxt % STAGES) * THREADS * 16, src + (size_t)nxt * 128);
-      cp_async_commit();
+      if constexpr (BULK == 0) {
+        const int nxt = i + STAGES - 1;
+        if (nxt < count) cp_async16(ring0 + (nxt % STAGES) * THREADS * 16, src + (size_t)nxt * 128);
+        cp_async_commit();
+      }
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {

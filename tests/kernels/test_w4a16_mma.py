@@ -76,8 +76,11 @@ def test_the_kernels_arithmetic_matches_the_reference(m, n, k, g):
 
 def test_configs_plan_whole_groups_and_fit_shared_memory():
     cfg = MmaConfig(1, 8, 8, 3)
-    assert parse_config(config_str(cfg)) == cfg
-    with pytest.raises(ValueError, match="four integers"):
+    assert parse_config(config_str(cfg)) == cfg and config_str(cfg) == "1,8,8,3"
+    assert parse_config("1,8,4,1,4") == MmaConfig(1, 8, 4, 1, 4)
+    with pytest.raises(ValueError, match="bulk"):
+        parse_config("1,8,4,1,3")
+    with pytest.raises(ValueError, match="four or five integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
         parse_config("1,8,1,1")
@@ -100,13 +103,14 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     except cuda_rtc.RtcError as e:
         pytest.skip(str(e))
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
-    cubin, lowered = cuda_rtc.compile_cubin(source, "w4a16_mma<1, 8, 8, 8>", "sm_90")
-    assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
-    report = cuda_rtc.resource_usage(cubin, tmp_path)
-    if report is None:
-        pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
-    assert report["LOCAL"] == 0 and report["STACK"] == 0, report
-    assert report["REG"] <= 128, report  # two 256-thread blocks per SM
+    for name in ("w4a16_mma<1, 8, 8, 8>", "w4a16_mma<1, 8, 4, 8, 4>"):  # per-lane copies; bulk copies
+        cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
+        assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
+        report = cuda_rtc.resource_usage(cubin, tmp_path)
+        if report is None:
+            pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
+        assert report["LOCAL"] == 0 and report["STACK"] == 0, report
+        assert report["REG"] <= 128, report  # two 256-thread blocks per SM
 
 
 @pytest.mark.parametrize("m,n,k,g,config", [
@@ -115,10 +119,15 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2)),     # split K, the second split shorter
     (17, 192, 256, 64, MmaConfig(2, 4, 8, 2)),     # two row tiles; a block with a missing strip
     (40, 64, 1024, 128, MmaConfig(1, 8, 2, 1)),    # three row tiles; two stages
+    (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 4)),  # bulk copies of 4 steps, two slots
+    (16, 256, 640, 64, MmaConfig(2, 2, 4, 2, 2)),   # bulk copies with split K (a shorter split)
+    (3, 192, 200, 32, MmaConfig(1, 2, 3, 1, 2)),    # bulk copies, K padded, three slots
 ])
 def test_kernel_matches_reference_on_gpu(m, n, k, g, config):
     if not torch.cuda.is_available():
         pytest.skip("a CUDA kernel: needs a GPU")
+    if config is not None and config.bulk and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies need Hopper")
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
     w = _weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
