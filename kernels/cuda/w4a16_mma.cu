@@ -7,8 +7,11 @@
 // the launch and a torch model of what each lane computes; docs/quantization.md the why.
 //
 // Per warp: one strip of 64 output columns over a range of K in steps of 16. A step is one
-// 16-byte copy per lane (cp.async into a per-lane ring in shared memory, STAGES deep) holding
-// the lane's B fragments of eight m16n8k16 MMAs; the codes widen by the exponent trick (a
+// 16-byte copy per lane holding the lane's B fragments of eight m16n8k16 MMAs: either each
+// lane's cp.async into its own ring in shared memory (STAGES deep), or (BULK > 0, Hopper) lane
+// 0's bulk copy of BULK steps of the warp's contiguous codes a ring slot, on an mbarrier (on
+// the H200 the bulk copies streamed faster: bench/w4a16_mma_ablation.py found the loads, not
+// the MMAs, setting the time); the codes widen by the exponent trick (a
 // nibble OR-ed into the mantissa of bf16 128.0 gives 128 + q exactly, one lop3 for two), so
 // the MMAs compute x . (128 + q). One more MMA against ones gives each row's sum of x, and at
 // each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q * s + m), which
