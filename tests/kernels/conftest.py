@@ -69,3 +69,19 @@ def paged_kv(device):
     def make(ctx_lens, h_kv, d, block_size, dtype, gen, **kw):
         return PagedKV(ctx_lens, h_kv, d, block_size, dtype, gen, device, **kw)
     return make
+
+
+@pytest.fixture
+def int4_weight():
+    """int4_weight(k, n, group, generator): a random Int4Weight (codes 0..15, scales 0.005-0.025,
+    mins down to -0.15: Q4_1's w = q * s + m) for the INT4 kernels' tests."""
+    from llmesh.engine.quant.packed import pack_int4
+
+    def make(k: int, n: int, g: int, gen: torch.Generator):
+        q = torch.randint(0, 16, (k, n), generator=gen)
+        groups = -(-k // g)
+        scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.005
+        mins = -torch.rand(groups, n, generator=gen) * 0.15
+        return pack_int4(q, scales, mins, g, fmt="q4_1")
+
+    return make

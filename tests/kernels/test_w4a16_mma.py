@@ -14,19 +14,11 @@ import itertools
 import pytest
 import torch
 
-from llmesh.engine.quant.packed import pack_int4
 from llmesh.kernels.quant_ref import w4a16_gemm_ref
 from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, pack_codes, pack_scales,
                                       parse_config, smem_bytes, split_steps, unpack_codes, unpack_scales,
                                       w4a16_mma)
 
-
-def _weight(k, n, g, gen):
-    q = torch.randint(0, 16, (k, n), generator=gen)
-    groups = -(-k // g)
-    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.005
-    mins = -torch.rand(groups, n, generator=gen) * 0.15
-    return pack_int4(q, scales, mins, g, fmt="q4_1")
 
 
 def test_codes_follow_the_mma_b_fragment_rule():
@@ -64,10 +56,10 @@ def test_scales_are_the_c_fragment_columns_of_each_lane():
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 128, 256, 64), (5, 192, 200, 32), (16, 64, 512, 128)])
-def test_the_kernels_arithmetic_matches_the_reference(m, n, k, g):
+def test_the_kernels_arithmetic_matches_the_reference(m, n, k, g, int4_weight):
     """x . (128 + q) per group, folded by s and m - 128 s in float32 (emulate), is x @ W."""
     gen = torch.Generator().manual_seed(m + n + k + g)
-    w = _weight(k, n, g, gen)
+    w = int4_weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     got = emulate(x, pack_codes(w.codes()), pack_scales(w.scales, w.mins), g)
     ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
@@ -123,13 +115,13 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2, 2)),   # bulk copies with split K (a shorter split)
     (3, 192, 200, 32, MmaConfig(1, 2, 3, 1, 2)),    # bulk copies, K padded, three slots
 ])
-def test_kernel_matches_reference_on_gpu(m, n, k, g, config):
+def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     if not torch.cuda.is_available():
         pytest.skip("a CUDA kernel: needs a GPU")
     if config is not None and config.bulk and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("bulk copies need Hopper")
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
-    w = _weight(k, n, g, gen)
+    w = int4_weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
     codes, scales, xd = pack_codes(w.codes()).cuda(), pack_scales(w.scales, w.mins).cuda(), x.cuda()
@@ -147,9 +139,9 @@ def test_kernel_matches_reference_on_gpu(m, n, k, g, config):
     torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named(int4_weight):
     gen = torch.Generator().manual_seed(0)
-    w = _weight(128, 64, 64, gen)
+    w = int4_weight(128, 64, 64, gen)
     codes, scales = pack_codes(w.codes()), pack_scales(w.scales, w.mins)
     with pytest.raises(ValueError, match="CUDA kernel"):
         w4a16_mma(torch.randn(1, 128).to(torch.bfloat16), codes, scales, 64)
@@ -162,7 +154,7 @@ def test_bad_arguments_are_named():
             w4a16_mma(torch.randn(1, 128, device="cuda").half(), codes.cuda(), scales.cuda(), 64)
 
 
-def test_the_measured_table_dispatches_to_it(monkeypatch):
+def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
     """A table entry ["mma", [config]] sends the weight's decode rows to this kernel, with its
     layout made once (and counted) by prepare_library_weights; rows past the table's largest
     measured M keep the default path."""
@@ -175,7 +167,7 @@ def test_the_measured_table_dispatches_to_it(monkeypatch):
 
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(3)
-    w = _weight(256, 128, 128, gen).to(device)
+    w = int4_weight(256, 128, 128, gen).to(device)
     table = {cuda_device_tag(device): {quant_gemm_config.table_key("w4a16", 128, 256, 16): ["mma", ["1,4,4,2"]]}}
     monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda *a: table)
     codes_bytes, scale_bytes = 128 * 256 // 2, 2 * 128 * 256 // 128 * 2

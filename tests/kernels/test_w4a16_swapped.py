@@ -9,7 +9,6 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from llmesh.engine.quant.packed import pack_int4  # noqa: E402
 from llmesh.kernels.compile_check import nvidia_backend  # noqa: E402
 from llmesh.kernels.quant_ref import w4a16_gemm_ref  # noqa: E402
 from llmesh.kernels.quant_gemm_config import GemmConfig  # noqa: E402
@@ -17,13 +16,6 @@ from llmesh.kernels.w4a16_swapped import config_str, default_config, parse_confi
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
-
-def _weight(k, n, g, gen):
-    q = torch.randint(0, 16, (k, n), generator=gen)
-    groups = -(-k // g)
-    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.005
-    mins = -torch.rand(groups, n, generator=gen) * 0.15
-    return pack_int4(q, scales, mins, g, fmt="q4_1")
 
 
 def _run(w, x, device, **kw):
@@ -39,9 +31,9 @@ def _run(w, x, device, **kw):
     (17, 192, 256, 64, GemmConfig(16, 64, 64, 2, 4, 2)),     # two row tiles, three column tiles
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(device, m, n, k, g, config, dtype):
+def test_matches_reference(device, m, n, k, g, config, dtype, int4_weight):
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
-    w = _weight(k, n, g, gen)
+    w = int4_weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     # W's codes go to the dot exact and its scale and min to the product: the reference keeps W in
     # float32 (the torch backend's rounds W to x's dtype first, about an ulp of W per product)
@@ -52,7 +44,7 @@ def test_matches_reference(device, m, n, k, g, config, dtype):
         torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_config_round_trips_and_bad_arguments_are_named(device):
+def test_config_round_trips_and_bad_arguments_are_named(device, int4_weight):
     cfg = GemmConfig(16, 128, 64, 4, 4, 3)
     assert parse_config(config_str(cfg)) == cfg
     with pytest.raises(ValueError, match="six integers"):
@@ -60,7 +52,7 @@ def test_config_round_trips_and_bad_arguments_are_named(device):
     d = default_config(1, 14336, 2048, 128)
     assert d.block_m == 16 and d.block_n == 128 and 1 <= d.split_k <= 16
     gen = torch.Generator().manual_seed(0)
-    w = _weight(128, 64, 64, gen)
+    w = int4_weight(128, 64, 64, gen)
     with pytest.raises(ValueError, match="up to 64 rows"):
         _run(w, torch.randn(65, 128), device)
     with pytest.raises(ValueError, match="K=200"):
@@ -93,7 +85,7 @@ def test_sm90_compile_feeds_the_widened_weight_to_wgmma_from_registers(tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured table dispatches on CUDA only")
-def test_the_measured_table_dispatches_to_it(monkeypatch):
+def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
     """A table entry ["swapped", [config]] sends the weight's decode rows to this kernel, with the
     transposed codes made once (and counted) by prepare_library_weights; rows past the table's
     largest measured M keep the default path."""
@@ -104,7 +96,7 @@ def test_the_measured_table_dispatches_to_it(monkeypatch):
 
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(3)
-    w = _weight(256, 128, 128, gen).to(device)
+    w = int4_weight(256, 128, 128, gen).to(device)
     table = {cuda_device_tag(device): {quant_gemm_config.table_key("w4a16", 128, 256, 16):
                                        ["swapped", ["16,64,64,2,4,3"]]}}
     monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda *a: table)
