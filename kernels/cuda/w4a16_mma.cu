@@ -2,7 +2,7 @@
 // order of mma.sync (Marlin's idea), widened in registers and never staged as bf16.
 //
 // Compiled at run time by NVRTC (kernels/cuda_rtc.py) with no headers: everything below is
-// plain C++ and inline PTX, so a compile takes about a second and needs no CUDA toolkit.
+// plain C++ and inline PTX, so a compile takes a fraction of a second and needs no CUDA toolkit.
 // kernels/w4a16_mma.py holds the layouts (it writes the codes and scales this kernel reads),
 // the launch and a torch model of what each lane computes; docs/quantization.md the why.
 //
