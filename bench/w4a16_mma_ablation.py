@@ -46,7 +46,7 @@ NO_MMA = '''  float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b0 ^ b1 ^ a[0]));
   c[0] += f;'''
 WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));'''
-SRC = "const u32* src = codes + ((size_t)strip * ksteps + my0) * 128 + lane * 4;"
+SRC = "const u32* src = wcodes + lane * 4;"
 CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1))
 
 

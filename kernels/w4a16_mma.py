@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmesh.kernels.common import arrival_counters, check_out, check_size, check_tensor
+from llmesh.kernels.common import check_out, check_size, check_tensor
+from llmesh.kernels.quant_gemm_config import split_plan
+from llmesh.kernels.split_k import split_buffers
 
 MAX_M = 64
 """Rows up to which the dispatch table considers it (four 16-row tiles, each reading the codes)."""
@@ -73,6 +75,7 @@ def config_str(config: MmaConfig) -> str:
     return text + (f",{config.bulk}" if config.bulk else "")
 
 
+@functools.lru_cache(maxsize=256)
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
     if len(fields) not in (4, 5):
@@ -104,11 +107,10 @@ def default_config(m: int, n: int, kp: int, group: int, sms: int = 132) -> MmaCo
 
 
 def split_steps(config: MmaConfig, kp: int, group: int) -> tuple[int, int]:
-    """(K steps a split, splits launched): whole groups for each of the WK warps."""
-    unit = config.wk * (group // 16)
-    units = -(-(kp // 16) // unit)
-    per = -(-units // min(config.split, units)) * unit
-    return per, -(-(kp // 16) // per)
+    """(K steps a split, splits launched): whole groups for each of the WK warps
+    (quant_gemm_config.split_plan over K steps in units of WK groups)."""
+    splits, per = split_plan(kp // 16, config.wk * (group // 16), config.split)
+    return per, splits
 
 
 def smem_bytes(config: MmaConfig, rows: int, steps: int) -> int:
@@ -250,11 +252,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     grid = (-(-strips // config.wn), splits, -(-m // 16))
     kernel = cuda_rtc.load("w4a16_mma.cu", f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, "
                                            f"{group_size // 16}, {config.bulk}>", x.device)
-    if splits > 1:
-        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        counters = arrival_counters("w4a16_mma", x.device, grid[0] * grid[2])
-    else:
-        part, counters = out, out  # not read with one split
+    part, counters = split_buffers("w4a16_mma", x, m, n, splits, grid[0] * grid[2])
     kernel.launch(grid, config.wn * config.wk * 32, smem_bytes(config, min(m, 16), per),
                   [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), per])
     return out

@@ -151,14 +151,15 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   u16* xs = reinterpret_cast<u16*>(smem + STAGES * THREADS * 16 * SLOT);   // [mrows, xrow]
   u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);               // one 16-byte row of zeros
 
+  const u32* wcodes = codes + ((size_t)strip * ksteps + my0) * 128;  // the warp's run: 512 B a step
   const u32 ring0 = smem_addr(ring) + tid * 16;
-  const u32* src = codes + ((size_t)strip * ksteps + my0) * 128 + lane * 4;
+  const u32* src = wcodes + lane * 4;
   // BULK: lane 0 copies BULK steps of the warp's (contiguous) codes a slot with one bulk copy
   // (TMA's 1-D form), completion counted on the slot's mbarrier; the lanes wait on its phase
   __shared__ __align__(8) unsigned long long bars[BULK > 0 ? WN * WK * STAGES : 1];
   const u32 bar0 = smem_addr(bars) + warp * STAGES * 8;
   const u32 wring0 = smem_addr(ring) + warp * SLOT * 512;  // the warp's slot 0 (BULK)
-  const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(codes + ((size_t)strip * ksteps + my0) * 128);
+  const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wcodes);
   if constexpr (BULK > 0) {
     if (lane == 0) {
       for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + s * 8);
