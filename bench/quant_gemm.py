@@ -364,6 +364,7 @@ def dispatched_headlines(run: Run, rings: dict, headline: tuple[int, int], copy_
     dispatch on the headline shape, through the table this run just wrote (or the default path
     where it has no entry). The default config's figure stays as *_default_speedup_x."""
     from llmesh.engine.quant.linear import linear
+    from llmesh.kernels.common import pdl_launch, pdl_off
 
     k, n = headline
     met = run.metrics
@@ -382,6 +383,17 @@ def dispatched_headlines(run: Run, rings: dict, headline: tuple[int, int], copy_
                 run.fail(f"gemm dispatch {kind} m{m}")
                 continue
             bf16_ms = met[f"gemm_bf16_{k}x{n}_m{m}_ms"]
+            if pdl_launch(run.device)["PDL"]:
+                # the same calls launched plainly: what programmatic dependent launch buys here
+                # (each call's weight copies start during the previous call's tail, as they do
+                # after the step's previous kernel in the engine); cuBLAS's bf16 runs without it
+                try:
+                    with pdl_off():
+                        plain_ms = run.timer([partial(linear, x, q) for q in qs])
+                    met[f"gemm_{kind}_{k}x{n}_m{m}_dispatch_nopdl_ms"] = plain_ms
+                    met[f"{kind}_m{m}_nopdl_speedup_x"] = bf16_ms / plain_ms
+                except Exception:
+                    run.fail(f"gemm dispatch {kind} m{m} without PDL")
             met[f"{kind}_m{m}_default_speedup_x"] = met[f"{kind}_m{m}_speedup_x"]
             met[f"gemm_{kind}_{k}x{n}_m{m}_dispatch_ms"] = ms
             met[f"{kind}_m{m}_speedup_x"] = bf16_ms / ms

@@ -36,7 +36,7 @@ from quant_common import graph_ms  # noqa: E402
 from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.kernels import cuda_rtc  # noqa: E402
 from llmesh.kernels.common import arrival_counters  # noqa: E402
-from llmesh.kernels.w4a16_mma import MmaConfig, pack_codes, pack_scales, smem_bytes, split_steps  # noqa: E402
+from llmesh.kernels.w4a16_mma import MmaConfig, pack_codes, pack_scales, plan_launch  # noqa: E402
 
 MMA = '''  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
@@ -84,25 +84,20 @@ def main() -> None:
     print(f"bf16 F.linear {metrics['bf16_us']:.2f} us; copy of {nbytes / 1e6:.1f} MB {metrics['copy_us']:.2f} us")
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
     for name, text in variants(source).items():
-        path = cuda_rtc.SOURCES / f"ablation_{name}.cu"
-        path.write_text(text)
-        try:
-            for cfg in CONFIGS:
-                per, splits = split_steps(cfg, 4096, q.group_size)
-                kern = cuda_rtc.load(path.name, f"w4a16_mma<{cfg.wn}, {cfg.wk}, {cfg.stages}, 8>", dev)
-                grid = (-(-(n // 64) // cfg.wn), splits, 1)
-                part = torch.empty(splits, m, n, dtype=torch.float32, device=dev)
-                counters = arrival_counters("w4a16_mma_ablation", dev, grid[0])
-                fns = [lambda c=c, s=s: kern.launch(grid, cfg.wn * cfg.wk * 32, smem_bytes(cfg, 1, per),
-                                                    [c, s, x, out, part, counters, m, n, k, 4096, k, n, per])
-                       for c, s in ring]
-                us = graph_ms(fns) * 1e3
-                tag = f"{name}_{cfg.wn}_{cfg.wk}_{cfg.stages}"
-                metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
-                print(f"{name:12} wn {cfg.wn} wk {cfg.wk:>2} stages {cfg.stages}  {us:6.2f} us  "
-                      f"{metrics['bf16_us'] / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
-        finally:
-            path.unlink()
+        for cfg in CONFIGS:
+            plan = plan_launch(cfg, m, n, 4096, q.group_size)
+            kern = cuda_rtc.load_source(text, plan.name, dev)
+            part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
+            counters = arrival_counters("w4a16_mma_ablation", dev, plan.grid[0])
+            args = [m, n, k, 4096, k, n, plan.split_steps]
+            fns = [lambda c=c, s=s: kern.launch(plan.grid, plan.threads, plan.smem,
+                                                [c, s, x, out, part, counters, *args])
+                   for c, s in ring]
+            us = graph_ms(fns) * 1e3
+            tag = f"{name}_{cfg.wn}_{cfg.wk}_{cfg.stages}"
+            metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
+            print(f"{name:12} wn {cfg.wn} wk {cfg.wk:>2} stages {cfg.stages}  {us:6.2f} us  "
+                  f"{metrics['bf16_us'] / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
     workload = {"shape_kxn": [k, n], "m": m, "group": q.group_size, "packed_bytes": nbytes,
                 "configs": [[c.wn, c.wk, c.stages, c.split] for c in CONFIGS], "variants": list(variants(source)),
                 "timing": "CUDA graph over 8 weight copies (> 3x L2), quant_common.graph_ms; bf16 over 3 copies"}

@@ -7,6 +7,7 @@ argument and what was expected. This module does not import Triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -42,6 +43,21 @@ PDL_ENV = "LLMESH_PDL"
 def _pdl_capable(index: int) -> bool:
     # ROCm builds report MI200/MI300 as 9.x too; Triton's AMD backend has no launch_pdl option
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@contextlib.contextmanager
+def pdl_off():
+    """Kernels launched inside are launched plainly (benchmarks: what PDL buys). A CUDA graph
+    captured inside keeps its plain launches."""
+    before = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PDL_ENV, None)
+        else:
+            os.environ[PDL_ENV] = before
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:

@@ -145,6 +145,18 @@ def device_arch(device: torch.device) -> str:
 
 
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):  # cuda.h CUlaunchAttribute: id, pad to 8, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_pad", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # cuda.h CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
 
 
 @dataclass
@@ -158,9 +170,13 @@ class Kernel:
     shared_limit: int = 48 * 1024
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def launch(self, grid: tuple[int, int, int], block: int, shared: int, args: list) -> None:
+    def launch(self, grid: tuple[int, int, int], block: int, shared: int, args: list, *, pdl: bool = False) -> None:
         """Launch on PyTorch's current stream of the kernel's device. ``args`` are tensors
-        (passed as pointers), ints (C int) or ``ctypes`` values, in the kernel's order."""
+        (passed as pointers), ints (C int) or ``ctypes`` values, in the kernel's order.
+
+        ``pdl``: programmatic dependent launch (Hopper; common.pdl_launch says when): the
+        blocks may become resident while the previous kernel drains, so the kernel must run
+        ``griddepcontrol.wait`` before it touches memory that kernel writes."""
         if shared > self.shared_limit:
             with self._lock:
                 if shared > self.shared_limit:
@@ -177,8 +193,15 @@ class Kernel:
                 held.append(ctypes.c_int(a))
         ptrs = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check(_cuda().cuLaunchKernel(self.function, *grid, block, 1, 1, shared, ctypes.c_void_p(stream), ptrs,
-                                      None), f"launch of {self.name}")
+        if not pdl:
+            _check(_cuda().cuLaunchKernel(self.function, *grid, block, 1, 1, shared, ctypes.c_void_p(stream), ptrs,
+                                          None), f"launch of {self.name}")
+            return
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(block, 1, 1), shared,
+                               ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
+        _check(_cuda().cuLaunchKernelEx(ctypes.byref(config), self.function, ptrs, None),
+               f"launch of {self.name} (programmatic dependent launch)")
 
 
 _LOADED: dict[tuple, Kernel] = {}
@@ -190,6 +213,17 @@ def load(source_file: str, name: str, device: torch.device, options: tuple[str, 
     process and device; NVRTC takes 0.2-0.3 s for w4a16_mma)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (source_file, name, index, options)
+    kernel = _LOADED.get(key)  # a launch's lookup: no file read
+    if kernel is None:
+        kernel = _LOADED[key] = load_source((SOURCES / source_file).read_text(), name, device, options)
+    return kernel
+
+
+def load_source(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
+    """``name`` from the CUDA C++ text ``source`` (benchmarks' variants of a kernel), compiled
+    for ``device``'s GPU once per process, device and text."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (source, name, index, options)
     kernel = _LOADED.get(key)
     if kernel is not None:
         return kernel
@@ -197,7 +231,6 @@ def load(source_file: str, name: str, device: torch.device, options: tuple[str, 
         if (kernel := _LOADED.get(key)) is not None:
             return kernel
         dev = torch.device("cuda", index)
-        source = (SOURCES / source_file).read_text()
         cubin, lowered = compile_cubin(source, name, device_arch(dev), options)
         module, function = ctypes.c_void_p(), ctypes.c_void_p()
         with torch.cuda.device(dev):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmesh.kernels.common import check_out, check_size, check_tensor
+from llmesh.kernels.common import check_out, check_size, check_tensor, pdl_launch
 from llmesh.kernels.quant_gemm_config import split_plan
 from llmesh.kernels.split_k import split_buffers
 
@@ -120,6 +120,25 @@ def smem_bytes(config: MmaConfig, rows: int, steps: int) -> int:
     ring = config.stages * threads * 16 * max(1, config.bulk)
     x_tile = rows * (steps * 16 + 8) * 2 + 16
     return max(ring + x_tile, config.wk * config.wn * rows * STRIP * 4)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One call's launch: the template instance, grid (strip blocks, splits, 16-row tiles),
+    threads, shared memory and the K steps of a split (the kernel's last argument)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    threads: int
+    smem: int
+    split_steps: int
+
+
+def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int) -> Launch:
+    per, splits = split_steps(config, kp, group)
+    grid = (-(-(n // STRIP) // config.wn), splits, -(-m // 16))
+    name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}>"
+    return Launch(name, grid, config.wn * config.wk * 32, smem_bytes(config, min(m, 16), per), per)
 
 
 # ---- layouts ----
@@ -216,9 +235,13 @@ def _sms(index: int) -> int:
 
 
 def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,
-              out: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, config: MmaConfig | None = None,
+              pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
-    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]); x bf16 on a GPU."""
+    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]); x bf16 on a GPU.
+
+    ``pdl`` (default: common.pdl_launch's rule): programmatic dependent launch, the weight
+    copies in flight while the previous kernel drains (the kernel waits before reading x)."""
     from llmesh.kernels import cuda_rtc
 
     check_tensor("x", x, "[M, K]", 2)
@@ -248,11 +271,12 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if config.bulk and ((group_size // 16) % config.bulk or torch.cuda.get_device_capability(x.device) < (9, 0)):
         raise ValueError(f"{config}: bulk copies need Hopper (sm_90) and a bulk dividing the group's "
                          f"{group_size // 16} steps")
-    per, splits = split_steps(config, kp, group_size)
-    grid = (-(-strips // config.wn), splits, -(-m // 16))
-    kernel = cuda_rtc.load("w4a16_mma.cu", f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, "
-                                           f"{group_size // 16}, {config.bulk}>", x.device)
-    part, counters = split_buffers("w4a16_mma", x, m, n, splits, grid[0] * grid[2])
-    kernel.launch(grid, config.wn * config.wk * 32, smem_bytes(config, min(m, 16), per),
-                  [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), per])
+    plan = plan_launch(config, m, n, kp, group_size)
+    kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
+    part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0] * plan.grid[2])
+    if pdl is None:
+        pdl = pdl_launch(x.device)["PDL"]
+    kernel.launch(plan.grid, plan.threads, plan.smem,
+                  [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps],
+                  pdl=pdl)
     return out

@@ -63,6 +63,13 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
   } while (!done);
 }
 
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32x4 lds128(u32 addr) {
   u32x4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -177,6 +184,13 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       cp_async_commit();
     }
   }
+
+  // Launched with programmatic dependent launch (Hopper), the block may be resident before the
+  // previous kernel has finished: the copies above read weights, which no kernel of a step
+  // writes, so they are in flight during its tail; x, out and the split-K partials and counters
+  // wait for it. Then the next kernel's blocks may be scheduled as ours retire. Without PDL
+  // both return at once.
+  pdl_wait_then_release();
 
   // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
   const int kbase = kstep0 * 16;

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from llmesh.kernels.common import PDL_ENV, pdl_launch  # noqa: E402
+from llmesh.kernels.common import PDL_ENV, pdl_launch, pdl_off  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
@@ -27,6 +27,19 @@ def test_on_for_hopper_unless_the_environment_says_no(monkeypatch):
     assert pdl_launch(dev) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv(PDL_ENV, "0")
     assert pdl_launch(dev) == {"PDL": False}
+
+
+def test_pdl_off_turns_it_off_inside_and_restores_the_environment(monkeypatch):
+    import os
+
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    with pdl_off():
+        assert os.environ[PDL_ENV] == "0" and pdl_launch(torch.device("cuda", 0)) == {"PDL": False}
+    assert PDL_ENV not in os.environ
+    monkeypatch.setenv(PDL_ENV, "1")
+    with pytest.raises(RuntimeError), pdl_off():
+        raise RuntimeError("a benchmark's failure inside")
+    assert os.environ[PDL_ENV] == "1"
 
 
 def _layer(x, res, g, w_qkv, w_down, positions, cos_sin, k_cache, v_cache, slots, meta_args):

@@ -16,7 +16,7 @@ import torch
 
 from llmesh.kernels.quant_ref import w4a16_gemm_ref
 from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, pack_codes, pack_scales,
-                                      parse_config, smem_bytes, split_steps, unpack_codes, unpack_scales,
+                                      parse_config, plan_launch, smem_bytes, split_steps, unpack_codes, unpack_scales,
                                       w4a16_mma)
 
 
@@ -87,6 +87,13 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     assert smem_bytes(MmaConfig(2, 8, 2, 1), 16, 32) >= 8 * 2 * 16 * 64 * 4
 
 
+def test_the_launch_plan_names_the_instance_and_covers_the_output():
+    plan = plan_launch(MmaConfig(2, 4, 4, 4, 8), 20, 64 * 151, 4096, 128)
+    assert plan.name == "w4a16_mma<2, 4, 4, 8, 8>" and plan.threads == 256
+    assert plan.grid == (76, 4, 2) and plan.split_steps == 64  # 151 strips in blocks of 2; 2 row tiles
+    assert plan.smem == smem_bytes(MmaConfig(2, 4, 4, 4, 8), 16, 64)
+
+
 def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     from llmesh.kernels import cuda_rtc
 
@@ -137,6 +144,41 @@ def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     graph.replay()
     graph.replay()
     torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_programmatic_dependent_launch_reads_x_after_its_producer(int4_weight):
+    """Launched with PDL, the kernel's blocks start while the previous kernel drains and copy
+    weights before they wait: x written by a PDL producer the step before (SiLU-and-mul, as in
+    a down projection) must still be read after it is written, and a PDL kernel after ours
+    must read our output; in a CUDA graph replayed with new inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA kernel: needs a GPU")
+    from llmesh.kernels.activation import silu_and_mul
+    from llmesh.kernels.common import pdl_launch
+
+    if not pdl_launch(torch.device("cuda"))["PDL"]:
+        pytest.skip("programmatic dependent launch needs Hopper (and LLMESH_PDL unset or 1)")
+    m, n, k, g = 4, 4096, 2048, 128
+    gen = torch.Generator().manual_seed(11)
+    w = int4_weight(k, n, g, gen)
+    codes, scales = pack_codes(w.codes()).cuda(), pack_scales(w.scales, w.mins).cuda()
+    gate_up = torch.empty(m, 2 * k, dtype=torch.bfloat16, device="cuda")
+    h = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    z = torch.empty(m, n // 2, dtype=torch.bfloat16, device="cuda")
+    for config in (MmaConfig(1, 8, 4, 2, 4), MmaConfig(2, 4, 4, 1)):  # bulk + split K; per-lane copies
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            silu_and_mul(gate_up, out=h)
+            w4a16_mma(h, codes, scales, g, out=y, config=config, pdl=True)
+            silu_and_mul(y, out=z)
+        for step in range(3):
+            gate_up.copy_(torch.randn(m, 2 * k, generator=gen).to(torch.bfloat16))
+            graph.replay()
+            hx = silu_and_mul(gate_up).cpu()  # the producer's own output, computed alone
+            ref = w4a16_gemm_ref(hx.float(), w.qweight, w.scales, w.mins, g)
+            torch.testing.assert_close(y.cpu().float(), ref, rtol=1e-2, atol=1e-2, msg=f"{config} step {step}")
+            torch.testing.assert_close(z.cpu(), silu_and_mul(y).cpu(), rtol=0, atol=0)
 
 
 def test_bad_arguments_are_named(int4_weight):
