@@ -59,7 +59,7 @@ QUANT_KINDS = ("w8a16", "w4a16", "fp8")
 def table_entry(cfg) -> list:
     """The dispatch table's [choice, fields] for a winning candidate."""
     if isinstance(cfg, LibraryConfig):
-        return [cfg.choice, [cfg.arg]]
+        return [cfg.choice, [cfg.arg] if cfg.arg != "" else []]
     return ["gemv" if hasattr(cfg, "short") else "dot", list(asdict(cfg).values())]
 
 

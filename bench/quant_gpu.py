@@ -213,8 +213,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gemm-sweep-ms", default=None,
                     help="Ms whose full config sweep runs (default 1,4,16); the others up to 256 time the "
                          "default config, the table's current entry and the library kernels only")
-    ap.add_argument("--gemm-libraries", default="int4pack,gemlite,fbgemm,swapped,mma",
-                    help="kernels with layouts of their own the sweep times as candidates (default all five)")
+    ap.add_argument("--gemm-libraries", default="int4pack,gemlite,fbgemm,swapped,mma,dequant",
+                    help="kernels with layouts of their own (and dequant: expand, then cuBLAS) the sweep times as candidates (default all six)")
     ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",
                     help="weight-only kinds whose kernel candidates the sweep times (default both)")
     ap.add_argument("--ppl-variants", default="none,int8,int8-awq,int4,int4-awq,fp8,w4a8,w4a8-awq",

@@ -18,8 +18,9 @@ class LibraryConfig:
     """A kernel with a weight layout of its own as a candidate, in the dispatch table's terms:
     ``choice`` "int4pack" (PyTorch's tinygemm, ``arg`` its inner-k tiling), "gemlite" (``arg`` its
     matmul type), "fbgemm" (``arg`` its kernel, "shuffled"), "swapped" (our swapped-operand
-    INT4 kernel, ``arg`` its config as w4a16_swapped.config_str writes it) or "mma" (our CUDA C++
-    fragment-order INT4 kernel, ``arg`` as w4a16_mma.config_str writes it)."""
+    INT4 kernel, ``arg`` its config as w4a16_swapped.config_str writes it), "mma" (our CUDA C++
+    fragment-order INT4 kernel, ``arg`` as w4a16_mma.config_str writes it) or "dequant" (the
+    weight expanded, then cuBLAS; no ``arg``)."""
 
     choice: str
     arg: int | str
@@ -77,6 +78,17 @@ def fbgemm_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> l
         fbgemm_kernels.int4_pack(qc)
     return [(LibraryConfig("fbgemm", fbgemm_kernels.INT4_KERNEL),
              [lambda cfg, qc=qc: fbgemm_kernels.int4_matmul(x, qc) for qc in qs])]
+
+
+def dequant_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+    """(config, calls) for the weight expanded to bf16 by our kernel, then cuBLAS
+    (quant.linear's default past DEQUANT_GEMM_MIN_M rows): the expansion is timed, as the
+    engine pays it every call."""
+    from llmesh.engine.quant.linear import _dequant_matmul
+
+    if kind not in ("w4a16", "w8a16") or not x.is_cuda:
+        return []
+    return [(LibraryConfig("dequant", ""), [lambda cfg, qc=qc: _dequant_matmul(x, qc) for qc in qs])]
 
 
 SWAPPED_SWEEP = tuple((bn, bk, split, 4, stages) for bn in (64, 128) for bk in (64, 128) for split in (1, 2, 4, 8)
@@ -156,7 +168,7 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
 
 
 LIBRARIES = (("int4pack", int4pack_candidates), ("gemlite", gemlite_candidates), ("fbgemm", fbgemm_candidates),
-             ("swapped", swapped_candidates), ("mma", mma_candidates))
+             ("swapped", swapped_candidates), ("mma", mma_candidates), ("dequant", dequant_candidates))
 
 
 def scaled_mm_call(x: torch.Tensor, q) -> Callable[[], torch.Tensor]:

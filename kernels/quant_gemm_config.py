@@ -149,11 +149,13 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # a transposed copy of the codes), "mma" (w4a16_mma.py, the CUDA C++ kernel with the codes in
 # mma.sync's fragment order, its MmaConfig as a string; a copy in that order), and for fp8 "fp8" (fp8_gemm) or "scaled_mm"
 # (torch._scaled_mm, cuBLASLt); and three libraries' kernels, "int4pack" (PyTorch's tinygemm),
-# "gemlite" and "fbgemm" (FBGEMM GenAI's CUTLASS INT4 and FP8 GEMMs; services/engine/quant/).
+# "gemlite" and "fbgemm" (FBGEMM GenAI's CUTLASS INT4 and FP8 GEMMs; services/engine/quant/);
+# and "dequant" (the weight expanded to x's dtype, then cuBLAS: linear.py's default from
+# DEQUANT_GEMM_MIN_M rows, measured against the others at prefill sizes).
 # A device, shape or M without an entry keeps the default path.
 
 TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")
-CHOICES = ("dot", "gemv", "swapped", "mma", "fp8", "scaled_mm", "int4pack", "gemlite", "fbgemm")
+CHOICES = ("dot", "gemv", "swapped", "mma", "fp8", "scaled_mm", "int4pack", "gemlite", "fbgemm", "dequant")
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

@@ -209,3 +209,30 @@ def test_linear_kernel_paths_match_the_reference(rows):
         ref = linear(x, w, kernels=False)
         got = linear(x.to(device), w.to(device), kernels=True).cpu()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured table dispatches on CUDA only")
+@pytest.mark.parametrize("kind", ["w4a16", "w8a16"])
+def test_a_dequant_table_entry_expands_then_multiplies(monkeypatch, kind):
+    """["dequant", []] at a measured M sends those rows through expand-then-cuBLAS (the default
+    only from DEQUANT_GEMM_MIN_M rows), act-order weights included; M past the entry, the
+    default path."""
+    from llmesh.engine.quant import linear as linear_mod
+    from llmesh.engine.quant.quantize import quantize_int4, quantize_int8
+    from tests.engine.library_dispatch import count_calls, use_table
+
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(64, 256, generator=gen)
+    w = quantize_int4(dense, group_size=64) if kind == "w4a16" else quantize_int8(dense)
+    if kind == "w4a16":  # act-order: x's columns permuted before the expansion
+        w = Int4Weight(w.qweight, w.scales, w.mins, 64, 256, perm=torch.randperm(256, generator=gen))
+    w = w.to("cuda")
+    use_table(monkeypatch, w, ["dequant", []], kind)
+    calls = count_calls(monkeypatch, linear_mod, "_dequant_matmul")
+    x = torch.randn(1, 256, generator=gen)
+    got = linear_mod.linear(x.cuda().bfloat16(), w).float().cpu()
+    ref = linear_mod.linear(x.bfloat16(), w.to("cpu"), kernels=False).float()
+    assert len(calls) == 1
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    linear_mod.linear(torch.randn(4, 256, device="cuda").bfloat16(), w)  # M = 4: past the entry
+    assert len(calls) == 1

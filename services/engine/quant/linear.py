@@ -70,6 +70,8 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
         from llmesh.engine.quant.mma_int4 import mma_matmul
 
         return mma_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
+    if name == "dequant":
+        return _dequant_matmul(x, w) if isinstance(w, (Int4Weight, Int8Weight)) else None
     if isinstance(w, Fp8Weight):
         return None  # fp8_matmul reads the table itself
     from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
@@ -153,11 +155,7 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
         return y
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
-        from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
-
-        if isinstance(w, Int4Weight):
-            return x @ dequantize_int4(w.qweight, w.scales, w.mins, w.group_size, w.in_features, x.dtype)
-        return x @ dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
+        return _dequant_matmul(x, w)
     if isinstance(w, Int4Weight):
         from llmesh.kernels.w4a16_gemm import w4a16_gemm
 
@@ -165,6 +163,17 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     from llmesh.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
+
+
+def _dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
+    """x @ W with W expanded to x's dtype by a kernel first (a transient copy of the whole
+    weight), then cuBLAS: compute-bound sizes, where the expansion's one pass is cheap beside
+    the GEMM; the table may pick it at any measured M ("dequant")."""
+    from llmesh.kernels.quant_dequant import dequantize_int4, dequantize_int8
+
+    if isinstance(w, Int4Weight):
+        return x @ dequantize_int4(w.qweight, w.scales, w.mins, w.group_size, w.in_features, x.dtype)
+    return x @ dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
 
 
 def fp8_matmul(rows, w: Fp8Weight | W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
