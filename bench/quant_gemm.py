@@ -19,10 +19,12 @@ HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
 MS = (1, 4, 16, 32, 64, 128, 256, 2048)
 SWEEP_MS = (1, 4, 16)
-LIBRARY_MAX_M = 256
+LIBRARY_MAX_M = 8192
 """Batch sizes past the full sweep's, up to this, still get a table entry: our default config,
 the table's current entry and the library kernels are timed (FBGEMM's INT4 GEMM ran 0.7-1.0x
-bf16 at M = 32-256 on the H200, where our tl.dot kernels fell to 0.2-0.5x)."""
+bf16 at M = 32-256 on the H200, where our tl.dot kernels fell to 0.2-0.5x). Past 256 rows the
+"dequant" candidate (expand, then cuBLAS: the default path there) competes too, so a prefill
+size's entry is a measured choice between it and the libraries."""
 # (block_n, block_k, num_warps, num_stages, split): "auto" splits K until ~2 programs per SM
 # (pick_config's rule), "2x" twice that, "1" no split. block_k is clamped to the scale group.
 SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "auto"), (256, 64, 8, 3, "auto"),
