@@ -79,6 +79,12 @@ class Budget:
             self.items, self.spent = self.items + 1, self.spent + time.perf_counter() - t
 
 
+def seeded_weight(n: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """A random bf16 weight [N, K] with a weight-like scale (0.02), the same on every run."""
+    gen = torch.Generator(device).manual_seed(seed)
+    return (0.02 * torch.randn(n, k, device=device, generator=gen)).to(torch.bfloat16)
+
+
 def graph_ms(fns: list[Callable[[], object]], reps: int = 10) -> float:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

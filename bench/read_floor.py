@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant_common import graph_ms  # noqa: E402
+from quant_common import graph_ms, seeded_weight  # noqa: E402
 
 from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.kernels import cuda_rtc  # noqa: E402
@@ -165,7 +165,7 @@ def main() -> None:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     k, n = 4096, 14336
-    w = (0.02 * torch.randn(n, k, device=dev, generator=torch.Generator(dev).manual_seed(0))).to(torch.bfloat16)
+    w = seeded_weight(n, k, dev)
     q = quantize_int4(w)
     int4_bytes = sum(t.numel() * t.element_size() for t in mma_int4.layout(q))
     x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant_common import graph_ms  # noqa: E402
+from quant_common import graph_ms, seeded_weight  # noqa: E402
 
 from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.kernels import cuda_rtc  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
 
     dev = torch.device("cuda")
     k, n, m = 4096, 14336, 1
-    w = (0.02 * torch.randn(n, k, device=dev, generator=torch.Generator(dev).manual_seed(0))).to(torch.bfloat16)
+    w = seeded_weight(n, k, dev)
     q = quantize_int4(w)
     packed = (pack_codes(q.codes()), pack_scales(q.scales.half(), q.mins.half()))
     nbytes = sum(t.numel() * t.element_size() for t in packed)
