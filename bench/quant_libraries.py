@@ -84,11 +84,11 @@ def dequant_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
     """(config, calls) for the weight expanded to bf16 by our kernel, then cuBLAS
     (quant.linear's default past DEQUANT_GEMM_MIN_M rows): the expansion is timed, as the
     engine pays it every call."""
-    from llmesh.engine.quant.linear import _dequant_matmul
+    from llmesh.engine.quant.linear import dequant_matmul
 
     if kind not in ("w4a16", "w8a16") or not x.is_cuda:
         return []
-    return [(LibraryConfig("dequant", ""), [lambda cfg, qc=qc: _dequant_matmul(x, qc) for qc in qs])]
+    return [(LibraryConfig("dequant", ""), [lambda cfg, qc=qc: dequant_matmul(x, qc) for qc in qs])]
 
 
 SWAPPED_SWEEP = tuple((bn, bk, split, 4, stages) for bn in (64, 128) for bk in (64, 128) for split in (1, 2, 4, 8)

@@ -20,7 +20,6 @@ from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emu
                                       w4a16_mma)
 
 
-
 def test_codes_follow_the_mma_b_fragment_rule():
     # PTX ISA, mma.m16n8k16 with .bf16: lane l holds B[k][n] for n = l / 4 (groupID) and, in
     # register b0, k = 2 (l % 4) + {0, 1}; in b1 the same rows + 8; the lower k in the low half.

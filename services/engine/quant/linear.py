@@ -71,7 +71,7 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
         return mma_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
     if name == "dequant":
-        return _dequant_matmul(x, w) if isinstance(w, (Int4Weight, Int8Weight)) else None
+        return dequant_matmul(x, w) if isinstance(w, (Int4Weight, Int8Weight)) else None
     if isinstance(w, Fp8Weight):
         return None  # fp8_matmul reads the table itself
     from llmesh.kernels.quant_gemv import MAX_M, GemvConfig, w4a16_gemv, w8a16_gemv
@@ -155,7 +155,7 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
         return y
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
-        return _dequant_matmul(x, w)
+        return dequant_matmul(x, w)
     if isinstance(w, Int4Weight):
         from llmesh.kernels.w4a16_gemm import w4a16_gemm
 
@@ -165,7 +165,7 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
 
 
-def _dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
+def dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     """x @ W with W expanded to x's dtype by a kernel first (a transient copy of the whole
     weight), then cuBLAS: compute-bound sizes, where the expansion's one pass is cheap beside
     the GEMM; the table may pick it at any measured M ("dequant")."""
