@@ -130,12 +130,13 @@ def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> 
 
 
 MMA_SWEEP = tuple((wn, wk, stages, split, 0) for wn, wk in ((1, 8), (2, 4), (1, 4), (2, 8), (4, 4))
-                  for stages in (4, 8, 12) for split in (1, 2, 4, 8)) + \
+                  for stages in (1, 2, 4, 8) for split in (1, 2, 4, 8)) + \
     tuple((wn, wk, stages, split, bulk) for wn, wk in ((1, 8), (2, 4), (4, 4), (2, 8)) for stages in (2, 4)
           for bulk in (2, 4, 8) for split in (1, 4))
 """The fragment-order kernel's candidates (wn, wk, stages, split, bulk); a split past the K
 range's whole groups launches fewer blocks (the same config as a smaller split: tried once);
-bulk copies only where the device is Hopper and the bulk divides the group's steps."""
+bulk copies only where the device is Hopper and the bulk divides the group's steps; steps held
+in registers (bulk 0) only where they divide the group's steps."""
 SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
@@ -154,7 +155,7 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
     out, seen = [], set()
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
     for wn, wk, stages, split, bulk in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
-        if bulk and (not hopper or (q.group_size // 16) % bulk):
+        if (bulk and (not hopper or (q.group_size // 16) % bulk)) or (not bulk and (q.group_size // 16) % stages):
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk)
         launched = (wn, wk, stages, bulk, split_steps(cfg, kp, q.group_size))

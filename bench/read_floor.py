@@ -42,13 +42,6 @@ from llmesh.kernels import cuda_rtc  # noqa: E402
 from llmesh.kernels.common import pdl_off  # noqa: E402
 
 KERNELS = r'''
-__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {
-  u32x4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ u32 fold(u32x4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
 template <int U>
@@ -127,7 +120,7 @@ def source() -> str:
     """The PTX helpers of the INT4 kernel's source (everything before its kernel), then ours."""
     text = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
     head = text.split("\n// codes:", 1)[0]
-    for helper in ("smem_addr", "bulk_copy", "mbar_wait", "lds128", "struct alignas(16) u32x4"):
+    for helper in ("smem_addr", "bulk_copy", "mbar_wait", "lds128", "ldg_stream", "struct alignas(16) u32x4"):
         if helper not in head:
             raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: {helper} is no longer before its kernel")
     return head + KERNELS

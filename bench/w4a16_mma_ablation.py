@@ -5,10 +5,9 @@ compare. The variants are the kernel's own source with one function body replace
 NVRTC as the kernel is (their results are wrong by design; only their time is used):
 
   full          the kernel
-  no_mma        the eight MMAs and the ones-MMA replaced by an XOR into the accumulator (the
-                widening kept)
-  loads_only    no MMA and no widening: the cp.async ring, the x tile, the scales and the
-                epilogue only
+  no_mma        the MMAs replaced by an XOR into the accumulator (the widening kept)
+  loads_only    no MMA and no widening: the register loads, the x tile and its group sums,
+                the scales and the epilogue only
   interleaved   loads_only with the WK warps of a block reading consecutive 512-byte steps
                 (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
 
@@ -46,7 +45,7 @@ NO_MMA = '''  float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b0 ^ b1 ^ a[0]));
   c[0] += f;'''
 WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));'''
-SRC = "const u32* src = wcodes + lane * 4;"
+SRC = "const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;"
 CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1))
 
 
@@ -55,9 +54,10 @@ def variants(source: str) -> dict[str, str]:
         if part not in source:
             raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
     loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
-    strided = (loads.replace(SRC, "const u32* src = codes + ((size_t)strip * ksteps + kstep0 + wk) * 128 + lane * 4;")
-               .replace("src + (size_t)s * 128", "src + (size_t)s * 128 * WK")
-               .replace("src + (size_t)nxt * 128", "src + (size_t)nxt * 128 * WK"))
+    strided = (loads.replace(SRC, "const u32x4* src = reinterpret_cast<const u32x4*>(codes + ((size_t)strip * ksteps"
+                                  " + kstep0 + wk) * 128) + lane;")
+               .replace("src + (size_t)s * 32", "src + (size_t)s * 32 * WK")
+               .replace("src + (size_t)nxt * 32", "src + (size_t)nxt * 32 * WK"))
     return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided}
 
 

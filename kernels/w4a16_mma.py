@@ -3,35 +3,39 @@
 Our Triton INT4 kernels read the weight at about 1.1 TB/s on the H200 whichever operand it is
 (w4a16_gemm.py, quant_gemv.py, w4a16_swapped.py): Triton stages a widened tile through shared
 memory or registers in layouts it chooses, and the widening costs per weight. Marlin's answer
-is to store the codes so that each lane's 16-byte load *is* its B fragments: one load, a lop3
-per two codes, eight MMAs. Triton cannot place fragments, so this kernel is CUDA C++
-(kernels/cuda/w4a16_mma.cu, compiled at run time by NVRTC: cuda_rtc.py); the design is
-Marlin's, the code ours, and the scales are applied after the MMAs (below) rather than before.
+is to store the codes so that each lane's 16-byte load *is* its MMA fragments: one load, a lop3
+per two codes, no shuffles. Triton cannot place fragments, so this kernel is CUDA C++
+(kernels/cuda/w4a16_mma.cu, compiled at run time by NVRTC: cuda_rtc.py); the layout idea is
+Marlin's, the code ours, the scales are applied after the MMAs (below) rather than before, and
+the weight is the MMA's A operand (16 output columns) and x its B (8 rows): at decode sizes an
+MMA then wastes no rows of 16 on padding, and a lane holds half the accumulators (so more warps
+fit an SM).
 
 Layouts (made once at load from an Int4Weight, services/engine/quant/mma_int4.py):
 
 codes   int32 [N / 64, Kp / 16, 32, 4]: for column strip c (64 columns), K step s (16 rows),
-        lane l = 4 g + t, word w: the lane's B fragments of the m16n8k16 MMAs of column groups
-        2w and 2w + 1 (columns 64 c + 8 (2w + h) + g). Within a word, the r-th nibble pair
-        (bits 4r..4r+3 and 16+4r..19+4r, r = 0..3) is the bf16x2 register b(r % 2) of column
-        group 2w + r // 2: rows k = 2t + 8 (r % 2) and k + 1 of the step. The kernel widens
-        a pair with one lop3 into bf16 (128 + q_lo, 128 + q_hi) after a shift by 4r.
-scales  float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]: per strip and group, for t = 0..3 the 64
-        bytes lane t (and the seven other lanes of its column pairs) reads as four 16-byte
-        loads: for column group j = 2q + h the scale pair then the min pair of columns
-        8 j + 2 t and 8 j + 2 t + 1.
+        lane l = 4 g + t, word w: what would be the lane's B fragments of the m16n8k16 MMAs of
+        column groups 2w and 2w + 1 (columns 64 c + 8 (2w + h) + g), which are also its A
+        fragment of the MMA of columns 16w..16w+15 (A rows g and g + 8). Within a word, the
+        r-th nibble pair (bits 4r..4r+3 and 16+4r..19+4r, r = 0..3) holds column group
+        2w + r // 2, rows k = 2t + 8 (r % 2) and k + 1 of the step. The kernel widens a pair
+        with one lop3 into bf16 (128 + q_lo, 128 + q_hi) after a shift by 4r.
+scales  float16 [N / 64, Kp / G, 8, 4, 2, 2]: per strip and group, for g = 0..7 the 32 bytes
+        lanes 4g..4g+3 read as two 16-byte loads: for MMA q the scales of columns 16q + g and
+        16q + 8 + g (the lane's C-fragment rows), then their mins.
 
-Arithmetic: the MMAs multiply x by (128 + q), exact in bf16; one more MMA against ones sums
-each row of x over the step; at the end of each group y += s * acc + (m - 128 s) * sum(x) in
-float32. So w = q * s + m is applied in float32 per output, not rounded to bf16 per weight:
+Arithmetic: the MMAs multiply x by (128 + q), exact in bf16; the block sums each row of x over
+each group in float32 as it stages x; at the end of each group y += s * acc + (m - 128 s) *
+sum(x) in float32. So w = q * s + m is applied in float32 per output, not rounded to bf16 per weight:
 the result is at least as close to x @ W as the reference (quant_ref's dequantize-then-
 matmul), not bit-equal to it.
 
 Work: a warp owns a strip over a run of K steps; a block is WN strips x WK warps along K
 (summed in shared memory); ``split`` blocks share a strip's K range (float32 partials, the
-last to arrive adds them: split_k.py's scheme). Rows come in tiles of 16 (grid z); each tile
-re-reads the codes, so the kernel is for M up to a few tiles (decode), where the rest of the
-batch arrives from L2.
+last to arrive adds them: split_k.py's scheme). Rows come in tiles of 8 (M <= 8: one n8 tile
+of the MMA) or 16 (two n8 tiles sharing each widened weight fragment), one tile a grid z
+index; each tile re-reads the codes, so the kernel is for M up to a few tiles (decode), where
+the rest of the batch arrives from L2.
 """
 
 from __future__ import annotations
@@ -60,13 +64,14 @@ class MmaConfig:
     wk: int
     """warps a strip along K in a block (their sums meet in shared memory)"""
     stages: int
-    """16-byte copies in flight per lane, plus the one being used"""
+    """bulk = 0: K steps whose codes a lane holds in registers ahead of use (1-8, dividing the
+    group's steps); bulk > 0: ring slots a warp (2-16), one being read"""
     split: int
     """blocks along K (float32 partials; the last to arrive adds them)"""
     bulk: int = 0
-    """0: each lane copies its 16 bytes a step (cp.async); 1-8 (Hopper): a warp's lane 0 copies
-    this many steps of its codes with one bulk copy (TMA's 1-D form), each ring slot that many
-    steps, completion on an mbarrier a slot"""
+    """0: each lane loads its 16 bytes a step straight into registers (no shared memory for the
+    weight); 1-8 (Hopper): a warp's lane 0 copies this many steps of its codes with one bulk
+    copy (TMA's 1-D form) into a ring in shared memory, completion on an mbarrier a slot"""
 
 
 def config_str(config: MmaConfig) -> str:
@@ -86,8 +91,10 @@ def parse_config(text: str) -> MmaConfig:
 def check_config(config: MmaConfig) -> MmaConfig:
     if config.wn < 1 or config.wk < 1 or config.wn * config.wk > 16 or config.wn * config.wk * 32 < 32:
         raise ValueError(f"{config}: wn * wk warps must be 1..16")
-    if not 2 <= config.stages <= 16:
-        raise ValueError(f"{config}: stages must be 2..16")
+    if config.bulk and not 2 <= config.stages <= 16:
+        raise ValueError(f"{config}: stages (ring slots) must be 2..16 with bulk copies")
+    if not config.bulk and config.stages not in (1, 2, 4, 8):
+        raise ValueError(f"{config}: stages (steps held in registers) must be 1, 2, 4 or 8 without bulk copies")
     if config.split < 1:
         raise ValueError(f"{config}: split must be >= 1")
     if config.bulk not in (0, 1, 2, 4, 8):
@@ -96,14 +103,14 @@ def check_config(config: MmaConfig) -> MmaConfig:
 
 
 def default_config(m: int, n: int, kp: int, group: int, sms: int = 132) -> MmaConfig:
-    """Eight warps along K per strip, eight copies in flight, K split until about two blocks
+    """Eight warps along K per strip, four steps loaded ahead, K split until about two blocks
     per SM (all resident at once: then every block streams at the same share of bandwidth)."""
     wn, wk = 1, 8
-    blocks = -(-n // (STRIP * wn)) * -(-m // 16)
+    blocks = -(-n // (STRIP * wn)) * -(-m // row_tile(m))
     unit = wk * (group // 16)
     units = max(1, kp // 16 // unit)
     split = max(1, min(units, 2 * sms // blocks))
-    return MmaConfig(wn, wk, 8, split)
+    return MmaConfig(wn, wk, min(4, group // 16), split)
 
 
 def split_steps(config: MmaConfig, kp: int, group: int) -> tuple[int, int]:
@@ -113,18 +120,28 @@ def split_steps(config: MmaConfig, kp: int, group: int) -> tuple[int, int]:
     return per, splits
 
 
-def smem_bytes(config: MmaConfig, rows: int, steps: int) -> int:
-    """Shared memory of a block: the copy ring, x's rows over the block's K (16-byte padded
-    rows) and a row of zeros; the warps' sums reuse it at the end."""
+RED_ROW = 68
+"""Floats a row of the warps' sums in shared memory (64 columns, padded against bank conflicts)."""
+
+
+def row_tile(m: int) -> int:
+    """x rows a grid z tile: 8 (one n8 tile of the MMA) up to 8 rows, else 16 (two)."""
+    return 8 if m <= 8 else 16
+
+
+def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1) -> int:
+    """Shared memory of a block: the bulk-copy ring (none without), x's rows over the block's
+    K (16-byte padded rows), a row of zeros and x's float32 sums over each group of ``group_steps``
+    K steps; the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
-    ring = config.stages * threads * 16 * max(1, config.bulk)
-    x_tile = rows * (steps * 16 + 8) * 2 + 16
-    return max(ring + x_tile, config.wk * config.wn * rows * STRIP * 4)
+    ring = config.stages * threads * 16 * config.bulk
+    x_tile = rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
+    return max(ring + x_tile, config.wk * config.wn * rows * RED_ROW * 4)
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One call's launch: the template instance, grid (strip blocks, splits, 16-row tiles),
+    """One call's launch: the template instance, grid (strip blocks, splits, row tiles),
     threads, shared memory and the K steps of a split (the kernel's last argument)."""
 
     name: str
@@ -136,9 +153,10 @@ class Launch:
 
 def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int) -> Launch:
     per, splits = split_steps(config, kp, group)
-    grid = (-(-(n // STRIP) // config.wn), splits, -(-m // 16))
-    name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}>"
-    return Launch(name, grid, config.wn * config.wk * 32, smem_bytes(config, min(m, 16), per), per)
+    tile = row_tile(m)
+    grid = (-(-(n // STRIP) // config.wn), splits, -(-m // tile))
+    name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}>"
+    return Launch(name, grid, config.wn * config.wk * 32, smem_bytes(config, min(m, tile), per, group // 16), per)
 
 
 # ---- layouts ----
@@ -180,23 +198,26 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return out.permute(1, 3, 0, 4, 2).reshape(steps * 16, strips * STRIP)
 
 
+SCALES_SHAPE = "[N/64, Kp/G, 8, 4, 2, 2]"
+
+
 def pack_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """float16 scales and mins [Kp / G, N] → float16 [N / 64, Kp / G, 4, 4, 2, 2, 2] (t, q, h,
-    scale-or-min, column of the pair)."""
+    """float16 scales and mins [Kp / G, N] → float16 [N / 64, Kp / G, 8, 4, 2, 2] (g, q,
+    scale-or-min, column 16q + g or 16q + 8 + g)."""
     groups, n = scales.shape
     if n % STRIP:
         raise ValueError(f"scales [Kp/G, N]={list(scales.shape)}: N must be a multiple of {STRIP}")
-    s = scales.view(groups, n // STRIP, 4, 2, 4, 2)  # [group, strip, q, h, t, e]: column 8 (2q + h) + 2t + e
-    m = mins.view(groups, n // STRIP, 4, 2, 4, 2)
-    both = torch.stack([s, m], dim=-2)               # [group, strip, q, h, t, sm, e]
-    return both.permute(1, 0, 4, 2, 3, 5, 6).contiguous()
+    s = scales.view(groups, n // STRIP, 4, 2, 8)  # [group, strip, q, h, g]: column 16q + 8h + g
+    m = mins.view(groups, n // STRIP, 4, 2, 8)
+    both = torch.stack([s, m], dim=-1)            # [group, strip, q, h, g, sm]
+    return both.permute(1, 0, 4, 2, 5, 3).contiguous()
 
 
 def unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``pack_scales``: (scales, mins) [Kp / G, N]."""
     strips, groups = packed.shape[:2]
-    both = packed.permute(1, 0, 3, 4, 2, 5, 6)       # [group, strip, q, h, t, sm, e]
-    return (both[..., 0, :].reshape(groups, strips * STRIP), both[..., 1, :].reshape(groups, strips * STRIP))
+    both = packed.permute(1, 0, 3, 5, 2, 4)       # [group, strip, q, h, g, sm]
+    return (both[..., 0].reshape(groups, strips * STRIP), both[..., 1].reshape(groups, strips * STRIP))
 
 
 def emulate(x: torch.Tensor, packed_codes: torch.Tensor, packed_scales: torch.Tensor, group: int) -> torch.Tensor:
@@ -238,7 +259,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
               out: torch.Tensor | None = None, config: MmaConfig | None = None,
               pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
-    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 4, 4, 2, 2, 2]); x bf16 on a GPU.
+    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 8, 4, 2, 2]); x bf16 on a GPU.
 
     ``pdl`` (default: common.pdl_launch's rule): programmatic dependent launch, the weight
     copies in flight while the previous kernel drains (the kernel waits before reading x)."""
@@ -246,7 +267,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
 
     check_tensor("x", x, "[M, K]", 2)
     check_tensor("codes", codes, "[N/64, Kp/16, 32, 4]", 4, (torch.int32,), device=x.device)
-    check_tensor("scales", scales, "[N/64, Kp/G, 4, 4, 2, 2, 2]", 7, (torch.float16,), device=x.device)
+    check_tensor("scales", scales, SCALES_SHAPE, 6, (torch.float16,), device=x.device)
     m, k = x.shape
     strips, steps = codes.shape[:2]
     n, kp = strips * STRIP, steps * 16
@@ -256,8 +277,8 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
         raise ValueError(f"codes hold Kp={kp} input rows; x has K={k}: expected Kp a multiple of "
                          f"2*group_size={2 * group_size} and {kp - 2 * group_size} < K <= {kp}")
     check_size("codes", "shape", tuple(codes.shape), (strips, steps, 32, 4), "[N/64, Kp/16, 32, 4]")
-    check_size("scales", "shape", tuple(scales.shape), (strips, kp // group_size, 4, 4, 2, 2, 2),
-               f"[N/64, Kp/G, 4, 4, 2, 2, 2] of Kp={kp}, G={group_size}")
+    check_size("scales", "shape", tuple(scales.shape), (strips, kp // group_size, 8, 4, 2, 2),
+               f"{SCALES_SHAPE} of Kp={kp}, G={group_size}")
     if not (codes.is_contiguous() and scales.is_contiguous()):
         raise ValueError("w4a16_mma: codes and scales must be contiguous")
     if not x.is_contiguous() or x.data_ptr() % 16:
@@ -270,6 +291,9 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     config = check_config(config or default_config(m, n, kp, group_size, _sms(x.device.index or 0)))
     if config.bulk and ((group_size // 16) % config.bulk or torch.cuda.get_device_capability(x.device) < (9, 0)):
         raise ValueError(f"{config}: bulk copies need Hopper (sm_90) and a bulk dividing the group's "
+                         f"{group_size // 16} steps")
+    if not config.bulk and (group_size // 16) % config.stages:
+        raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")
     plan = plan_launch(config, m, n, kp, group_size)
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)

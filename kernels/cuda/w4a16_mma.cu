@@ -6,16 +6,22 @@
 // kernels/w4a16_mma.py holds the layouts (it writes the codes and scales this kernel reads),
 // the launch and a torch model of what each lane computes; docs/quantization.md the why.
 //
+// The weight is the MMA's A operand and x its B (swap AB, as decode GEMMs in TensorRT-LLM and
+// CUTLASS do at small M): an m16n8k16 MMA computes 16 output columns for 8 rows of x, so at
+// M <= 8 a 64-column strip takes four MMAs a K step where x as A (16 rows, 15 of them padding
+// at M = 1) took eight, and holds half the accumulators; at 9-16 rows (NT = 2) two n8 tiles
+// share each widened A fragment. The codes' layout serves both orientations: a lane's B
+// fragments of column groups 2q and 2q + 1 are its A fragment of columns 16q..16q+15.
+//
 // Per warp: one strip of 64 output columns over a range of K in steps of 16. A step is one
-// 16-byte copy per lane holding the lane's B fragments of eight m16n8k16 MMAs: either each
-// lane's cp.async into its own ring in shared memory (STAGES deep), or (BULK > 0, Hopper) lane
-// 0's bulk copy of BULK steps of the warp's contiguous codes a ring slot, on an mbarrier (on
-// the H200 the bulk copies streamed faster: bench/w4a16_mma_ablation.py found the loads, not
-// the MMAs, setting the time); the codes widen by the exponent trick (a
+// 16-byte load per lane holding its A fragments of four MMAs: either straight into registers,
+// STAGES steps ahead (BULK = 0: no shared memory for the weight, so many warps an SM), or (BULK
+// > 0, Hopper) lane 0's bulk copy of BULK steps of the warp's contiguous codes into a ring slot
+// in shared memory, STAGES slots, on an mbarrier. The codes widen by the exponent trick (a
 // nibble OR-ed into the mantissa of bf16 128.0 gives 128 + q exactly, one lop3 for two), so
-// the MMAs compute x . (128 + q). One more MMA against ones gives each row's sum of x, and at
-// each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q * s + m), which
-// costs no arithmetic per weight beyond the lop3 and its shift.
+// the MMAs compute (128 + q) . x. The block sums each row of x over each group once, as it
+// stages x, and at each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q s
+// + m), which costs no arithmetic per weight beyond the lop3 and its shift.
 //
 // Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
 // gridDim.y splits of K meet through float32 partials, the last split to arrive adding them
@@ -31,16 +37,6 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-  // .cg: the codes are read once, so they skip L1
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 __device__ __forceinline__ void mbar_init(u32 bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
@@ -75,6 +71,17 @@ __device__ __forceinline__ u32x4 lds128(u32 addr) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
   return v;
+}
+
+__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {  // read once: skip L1
+  u32x4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void ldmatrix_x2(u32* a, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(a[0]), "=r"(a[1]) : "r"(addr) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(u32* a, u32 addr) {
@@ -128,22 +135,26 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 }
 
 // codes:   u32 [N/64, Kp/16, 32 lanes, 4]  (kernels/w4a16_mma.py pack_codes)
-// scales:  u32x4 [N/64, Kp/G, 4 (t), 4]    (pack_scales: per lane t its 16 columns' s, m as half2)
+// scales:  u32x4 [N/64, Kp/G, 8 (g), 2]    (pack_scales: per lane g its 8 columns' s, m as half2)
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
-template <int WN, int WK, int STAGES, int GS, int BULK = 0>
+// NT: n8 tiles of x rows a block (rows 8 * NT a grid z tile)
+template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
     int M, int N, int K, int Kp, int ldx, int ldo, int split_steps) {
-  constexpr int THREADS = WN * WK * 32;
+  static_assert(NT == 1 || NT == 2, "one or two n8 tiles of x rows");
+  static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
+  constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
+  constexpr int RED = 68;  // float row stride of the warps' sums: lanes' stores fall in distinct banks
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int g = lane >> 2, t = lane & 3;
   const int strip = blockIdx.x * WN + wn;
-  const int m0 = blockIdx.z * 16;
-  const int mrows = min(16, M - m0);
+  const int m0 = blockIdx.z * MT;
+  const int mrows = min(MT, M - m0);
   const int ksteps = Kp >> 4, groups = ksteps / GS;
   const int warp_steps = split_steps / WK;
   const int kstep0 = blockIdx.y * split_steps;          // the block's first K step
@@ -153,20 +164,21 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   const int kc = split_steps * 16;                       // K values the block's x tile holds
   const int xrow = kc + 8;                               // padded: ldmatrix rows 16 B apart in banks
 
-  constexpr int SLOT = BULK > 0 ? BULK : 1;  // steps a ring slot holds
-  unsigned char* ring = smem;                                              // STAGES x THREADS x 16 B x SLOT
-  u16* xs = reinterpret_cast<u16*>(smem + STAGES * THREADS * 16 * SLOT);   // [mrows, xrow]
-  u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);               // one 16-byte row of zeros
+  constexpr int RING = BULK > 0 ? STAGES * THREADS * 16 * BULK : 0;
+  unsigned char* ring = smem;                                  // BULK: STAGES slots of BULK steps a warp
+  u16* xs = reinterpret_cast<u16*>(smem + RING);               // [mrows, xrow]
+  u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);   // one 16-byte row of zeros
+  float* xsum = reinterpret_cast<float*>(zero + 1);            // [mrows, kc / (16 GS)]: x's group sums
 
   const u32* wcodes = codes + ((size_t)strip * ksteps + my0) * 128;  // the warp's run: 512 B a step
-  const u32 ring0 = smem_addr(ring) + tid * 16;
-  const u32* src = wcodes + lane * 4;
+  const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;
   // BULK: lane 0 copies BULK steps of the warp's (contiguous) codes a slot with one bulk copy
   // (TMA's 1-D form), completion counted on the slot's mbarrier; the lanes wait on its phase
   __shared__ __align__(8) unsigned long long bars[BULK > 0 ? WN * WK * STAGES : 1];
   const u32 bar0 = smem_addr(bars) + warp * STAGES * 8;
-  const u32 wring0 = smem_addr(ring) + warp * SLOT * 512;  // the warp's slot 0 (BULK)
+  const u32 wring0 = smem_addr(ring) + warp * BULK * 512;  // the warp's slot 0 (BULK)
   const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wcodes);
+  u32x4 pre[BULK > 0 ? 1 : STAGES];  // BULK = 0: the next STAGES steps' codes, in flight
   if constexpr (BULK > 0) {
     if (lane == 0) {
       for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + s * 8);
@@ -175,58 +187,81 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     __syncwarp();
     if (lane == 0) {
       for (int c = 0; c < STAGES - 1; ++c)
-        if (c * BULK < count) bulk_copy(wring0 + c * THREADS * 16 * SLOT, wsrc + (size_t)c * BULK * 512, BULK * 512, bar0 + c * 8);
+        if (c * BULK < count) bulk_copy(wring0 + c * THREADS * 16 * BULK, wsrc + (size_t)c * BULK * 512, BULK * 512, bar0 + c * 8);
     }
   } else {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < count) cp_async16(ring0 + s * THREADS * 16, src + (size_t)s * 128);
-      cp_async_commit();
-    }
+    for (int s = 0; s < STAGES; ++s)
+      if (s < count) pre[s] = ldg_stream(src + (size_t)s * 32);
   }
 
   // Launched with programmatic dependent launch (Hopper), the block may be resident before the
-  // previous kernel has finished: the copies above read weights, which no kernel of a step
+  // previous kernel has finished: the loads above read weights, which no kernel of a step
   // writes, so they are in flight during its tail; x, out and the split-K partials and counters
   // wait for it. Then the next kernel's blocks may be scheduled as ours retire. Without PDL
   // both return at once.
   pdl_wait_then_release();
 
-  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
-  const int kbase = kstep0 * 16;
-  for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
+  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too),
+  // and each row's sum over each group: a lane sums its eight values, then the 2 GS lanes of a
+  // group (consecutive: a row's chunks are whole groups, and 2 GS divides 32) add theirs
+  const int kbase = kstep0 * 16, chunks = mrows * (kc / 8), gpb = split_steps / GS;
+  for (int base = warp * 32; base < chunks; base += THREADS) {
+    const int i = base + lane;
     const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
     u32x4 v = {0u, 0u, 0u, 0u};
-    if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
-    *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
+    if (i < chunks && kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
+    if (i < chunks) *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
+    const u32 h[4] = {v.x, v.y, v.z, v.w};
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
+#pragma unroll
+    for (int o = 1; o < 2 * GS; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (i < chunks && (lane & (2 * GS - 1)) == 0) xsum[r * gpb + c / (16 * GS)] = sum;
   }
   if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
   __syncthreads();
 
-  // ldmatrix x4: lanes 0-7 address rows 0-7 at k 0, 8-15 rows 8-15 at k 0, 16-23 rows 0-7 at
-  // k 8, 24-31 rows 8-15 at k 8: a0..a3 of the m16n8k16 A fragment. Rows past M read zeros.
-  const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
-  const bool arow_live = arow < mrows;
-  const u32 a0 = arow_live ? smem_addr(xs + arow * xrow + wk * warp_steps * 16 + acol) : smem_addr(zero);
-  const u32 astep = arow_live ? 32u : 0u;
+  // x as the B operand (k16 x n8, column n = row n of x): ldmatrix (not transposed) of 8x8
+  // tiles whose rows are x's rows gives lane l row l / 4 at k 2 (l % 4), +1: b0 from k 0-7,
+  // b1 from k 8-15. Lanes 0-7 address rows 0-7 at k 0, 8-15 the same rows at k 8, and with NT
+  // = 2 lanes 16-31 rows 8-15 likewise. Rows past M read zeros.
+  const int xr = (lane & 7) + (NT == 2 ? (lane >> 4) * 8 : 0), xk = ((lane >> 3) & 1) * 8;
+  const bool xr_live = xr < mrows;
+  const u32 xa0 = xr_live ? smem_addr(xs + xr * xrow + wk * warp_steps * 16 + xk) : smem_addr(zero);
+  const u32 xstep = xr_live ? 32u : 0u;
 
-  float tot[8][4];
+  // C fragment of MMA q, n8 tile nt: [0] column 16q + g, x row 8nt + 2t; [1] row + 1;
+  // [2], [3] the same rows at column 16q + 8 + g
+  float tot[NT][4][4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) tot[j][e] = 0.f;
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tot[nt][q][e] = 0.f;
 
-  const u32 ONES = 0x3f803f80u;  // bf16x2 (1, 1)
-  const u32x4* sc_src = scales + ((size_t)strip * groups + my0 / GS) * 16 + t * 4;
+  // the lane's x rows 8 nt + 2t and + 1 (C-fragment columns) in the group sums; rows past M
+  // read row 0 (their results are never stored)
+  int srow[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) srow[nt][e] = (8 * nt + 2 * t + e < mrows ? 8 * nt + 2 * t + e : 0) * gpb;
+  const int sgroup0 = wk * warp_steps / GS;  // the warp's first group within the block's
+  const u32x4* sc_src = scales + ((size_t)strip * groups + my0 / GS) * 16 + g * 2;
   for (int g0 = 0; g0 < count; g0 += GS) {
-    u32x4 sc[4];  // this group's scales and mins: loaded now, used after its GS steps
+    u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps
+    sc[0] = ldg128(sc_src + (g0 / GS) * 16);
+    sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
+    float acc[NT][4][4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) sc[q] = ldg128(sc_src + (g0 / GS) * 16 + q);
-    float acc[8][4], xsum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc[nt][q][e] = 0.f;
 #pragma unroll
     for (int js = 0; js < GS; ++js) {
       const int i = g0 + js;
@@ -238,61 +273,70 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           __syncwarp();  // every lane is done with the slot chunk c - 1 used: refill it
           const int nc = c + STAGES - 1;
           if (lane == 0 && nc * BULK < count)
-            bulk_copy(wring0 + (nc % STAGES) * THREADS * 16 * SLOT, wsrc + (size_t)nc * BULK * 512, BULK * 512,
+            bulk_copy(wring0 + (nc % STAGES) * THREADS * 16 * BULK, wsrc + (size_t)nc * BULK * 512, BULK * 512,
                       bar0 + (nc % STAGES) * 8);
         }
-        b = lds128(wring0 + slot * THREADS * 16 * SLOT + (js % BULK) * 512 + lane * 16);
+        b = lds128(wring0 + slot * THREADS * 16 * BULK + (js % BULK) * 512 + lane * 16);
       } else {
-        cp_async_wait<STAGES - 2>();
-        b = lds128(ring0 + (i % STAGES) * THREADS * 16);
+        // g0 is a multiple of GS, which STAGES divides: the ring index is a constant
+        b = pre[js % STAGES];
+        const int nxt = i + STAGES;
+        if (nxt < count) pre[js % STAGES] = ldg_stream(src + (size_t)nxt * 32);
       }
-      u32 a[4];
-      ldmatrix_x4(a, a0 + i * astep);
+      u32 bx[2 * NT];
+      if constexpr (NT == 1) ldmatrix_x2(bx, xa0 + i * xstep);
+      else ldmatrix_x4(bx, xa0 + i * xstep);
       const u32 w[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        mma(acc[2 * q], a, widen(w[q]), widen(w[q] >> 4));
-        mma(acc[2 * q + 1], a, widen(w[q] >> 8), widen(w[q] >> 12));
+        // word q's nibble pairs 0..3: b0, b1 of column group 2q, then of 2q + 1 (the B-fragment
+        // order they were packed in); as A: rows g (group 2q) and g + 8 (group 2q + 1)
+        const u32 a[4] = {widen(w[q]), widen(w[q] >> 8), widen(w[q] >> 4), widen(w[q] >> 12)};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
       }
-      mma(xsum, a, ONES, ONES);
-      // refill the slot step i - 1 used (read into registers an iteration ago)
-      if constexpr (BULK == 0) {
-        const int nxt = i + STAGES - 1;
-        if (nxt < count) cp_async16(ring0 + (nxt % STAGES) * THREADS * 16, src + (size_t)nxt * 128);
-        cp_async_commit();
-      }
+    }
+    const u32 sw[8] = {sc[0].x, sc[0].y, sc[0].z, sc[0].w, sc[1].x, sc[1].y, sc[1].z, sc[1].w};
+    const int sg = sgroup0 + g0 / GS;
+    float xs0[NT], xs1[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      xs0[nt] = xsum[srow[nt][0] + sg];
+      xs1[nt] = xsum[srow[nt][1] + sg];
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const u32 sv[2] = {sc[q].x, sc[q].z}, mv[2] = {sc[q].y, sc[q].w};
+      // sw[2q]: (s of column 16q + g, s of 16q + 8 + g) as half2; sw[2q + 1] the mins
+      const float sa = half_lo(sw[2 * q]), sb = half_hi(sw[2 * q]);
+      const float za = half_lo(sw[2 * q + 1]) - 128.f * sa, zb = half_hi(sw[2 * q + 1]) - 128.f * sb;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = 2 * q + h;
-        const float s0 = half_lo(sv[h]), s1 = half_hi(sv[h]);
-        const float z0 = half_lo(mv[h]) - 128.f * s0, z1 = half_hi(mv[h]) - 128.f * s1;
-        tot[j][0] += s0 * acc[j][0] + z0 * xsum[0];
-        tot[j][1] += s1 * acc[j][1] + z1 * xsum[1];
-        tot[j][2] += s0 * acc[j][2] + z0 * xsum[2];
-        tot[j][3] += s1 * acc[j][3] + z1 * xsum[3];
+      for (int nt = 0; nt < NT; ++nt) {
+        tot[nt][q][0] += sa * acc[nt][q][0] + za * xs0[nt];
+        tot[nt][q][1] += sa * acc[nt][q][1] + za * xs1[nt];
+        tot[nt][q][2] += sb * acc[nt][q][2] + zb * xs0[nt];
+        tot[nt][q][3] += sb * acc[nt][q][3] + zb * xs1[nt];
       }
     }
   }
-  cp_async_wait<0>();
   __syncthreads();  // the ring and x tile are free: the WK warps' sums meet there
 
-  float* red = reinterpret_cast<float*>(smem);  // [WK, WN, mrows, 64]
+  float* red = reinterpret_cast<float*>(smem);  // [WK, WN, mrows, RED]
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int col = 8 * j + 2 * t;
-    if (g < mrows) {
-      float* p = red + ((wk * WN + wn) * mrows + g) * 64 + col;
-      p[0] = tot[j][0];
-      p[1] = tot[j][1];
-    }
-    if (g + 8 < mrows) {
-      float* p = red + ((wk * WN + wn) * mrows + g + 8) * 64 + col;
-      p[0] = tot[j][2];
-      p[1] = tot[j][3];
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = 8 * nt + 2 * t;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int col = 16 * q + g;
+      if (r < mrows) {
+        float* p = red + ((wk * WN + wn) * mrows + r) * RED + col;
+        p[0] = tot[nt][q][0];
+        p[8] = tot[nt][q][2];
+      }
+      if (r + 1 < mrows) {
+        float* p = red + ((wk * WN + wn) * mrows + r + 1) * RED + col;
+        p[0] = tot[nt][q][1];
+        p[8] = tot[nt][q][3];
+      }
     }
   }
   __syncthreads();
@@ -306,7 +350,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     float v0 = 0.f, v1 = 0.f;
 #pragma unroll
     for (int k = 0; k < WK; ++k) {
-      const float* p = red + ((k * WN + sn) * mrows + r) * 64 + c;
+      const float* p = red + ((k * WN + sn) * mrows + r) * RED + c;
       v0 += p[0];
       v1 += p[1];
     }

@@ -53,3 +53,33 @@ def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
     assert doc["workload"]["wrong"] == 0
     assert set(doc["workload"]["winners"]) == {"prefill", "decode"}
     assert any("PrefillConfig(" in line for line in doc["workload"]["paste"])
+
+
+def test_the_cuda_benchmarks_sources_compile():
+    """read_floor.py and w4a16_mma_ablation.py build their kernels from kernels/cuda/w4a16_mma.cu's
+    text (its helpers; its body with parts replaced): NVRTC compiles what they would launch, so a
+    change to the kernel that breaks them shows here rather than on the device."""
+    import importlib.util
+
+    import pytest
+
+    from llmesh.kernels import cuda_rtc
+    from llmesh.kernels.w4a16_mma import MmaConfig, plan_launch
+
+    try:
+        cuda_rtc.nvrtc()
+    except cuda_rtc.RtcError as e:
+        pytest.skip(str(e))
+    sys.path.insert(0, str(ROOT / "bench"))
+    modules = {}
+    for name in ("read_floor", "w4a16_mma_ablation"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    floor = modules["read_floor"].source()
+    for name in ("read_grid<4>", "read_blocked<4>", "read_bulk<4096, 2, 8>"):
+        assert cuda_rtc.compile_cubin(floor, name, "sm_90")[1]
+    ablation = modules["w4a16_mma_ablation"]
+    plan = plan_launch(MmaConfig(1, 8, 4, 1), 1, 14336, 4096, 128)
+    for variant, text in ablation.variants((cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()).items():
+        assert cuda_rtc.compile_cubin(text, plan.name, "sm_90")[1], variant

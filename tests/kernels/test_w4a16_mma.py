@@ -1,11 +1,11 @@
 """The CUDA C++ W4A16 kernel with codes in mma.sync's fragment order (kernels/w4a16_mma.py).
 
-On the CPU: the layouts hold the fragment rule of PTX's m16n8k16 B operand (checked element by
-element against the rule as PTX states it, not against the packer's own index tables), the
+On the CPU: the layouts hold the fragment rules of PTX's m16n8k16 operands (checked element by
+element against the rules as PTX states them, not against the packer's own index tables), the
 torch model of the kernel's arithmetic matches the reference, and NVRTC (where installed)
 compiles the source for sm_90 with no local memory. On a GPU: the kernel against the reference
-for rows 1-40, K padded, groups 32-128, K split across blocks (twice on the same counters), in
-a CUDA graph."""
+for rows 1-40 (tiles of 8 and 16 rows), K padded, groups 32-128, K split across blocks (twice
+on the same counters), register and bulk-copy loads, in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -39,17 +39,37 @@ def test_codes_follow_the_mma_b_fragment_rule():
     assert torch.equal(unpack_codes(packed), codes)
 
 
-def test_scales_are_the_c_fragment_columns_of_each_lane():
-    # C fragment: lane l holds columns 2 (l % 4) and + 1 of each n8 tile
+def test_codes_are_the_a_fragment_of_the_swapped_mma():
+    # The kernel uses a word as the A operand (rows = 16 output columns, 16 K): PTX's A fragment
+    # gives lane l = 4g + t a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+    # a3 = A[g+8][2t+8, 2t+9]; the kernel passes {widen(w), widen(w >> 8), widen(w >> 4),
+    # widen(w >> 12)} for MMA q = word w, A row r = column 16w + r of the strip.
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (32, 64), generator=gen, dtype=torch.uint8)
+    packed = pack_codes(codes)
+    for step, lane, word in itertools.product(range(2), range(32), range(4)):
+        v = int(packed[0, step, lane, word]) & 0xFFFFFFFF
+        g, t = lane // 4, lane % 4
+        for reg, shift in enumerate((0, 8, 4, 12)):
+            row = g + 8 * (reg % 2)
+            kk = 2 * t + 8 * (reg // 2)
+            for half in range(2):
+                assert (v >> (shift + 16 * half)) & 0xF == codes[16 * step + kk + half, 16 * word + row]
+
+
+def test_scales_are_the_c_fragment_rows_of_each_lane():
+    # C fragment of the swapped MMA: lane l = 4g + t holds rows g and g + 8 (output columns
+    # 16q + g and 16q + 8 + g of MMA q); the two 16-byte loads of lane g read, per q, the
+    # scale pair then the min pair of those columns
     gen = torch.Generator().manual_seed(2)
     s = torch.rand(3, 128, generator=gen).half()
     m = torch.rand(3, 128, generator=gen).half()
     packed = pack_scales(s, m)
-    assert packed.shape == (2, 3, 4, 4, 2, 2, 2)
-    for strip, grp, t, q, h in itertools.product(range(2), range(3), range(4), range(4), range(2)):
-        col = 64 * strip + 8 * (2 * q + h) + 2 * t
-        assert torch.equal(packed[strip, grp, t, q, h, 0], s[grp, col:col + 2])
-        assert torch.equal(packed[strip, grp, t, q, h, 1], m[grp, col:col + 2])
+    assert packed.shape == (2, 3, 8, 4, 2, 2)
+    for strip, grp, g, q in itertools.product(range(2), range(3), range(8), range(4)):
+        cols = [64 * strip + 16 * q + g, 64 * strip + 16 * q + 8 + g]
+        assert torch.equal(packed[strip, grp, g, q, 0], s[grp, cols])
+        assert torch.equal(packed[strip, grp, g, q, 1], m[grp, cols])
     us, um = unpack_scales(packed)
     assert torch.equal(us, s) and torch.equal(um, m)
 
@@ -74,7 +94,9 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     with pytest.raises(ValueError, match="four or five integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
-        parse_config("1,8,1,1")
+        parse_config("1,8,3,1")  # steps held in registers: 1, 2, 4 or 8
+    with pytest.raises(ValueError, match="stages"):
+        parse_config("1,8,1,1,4")  # a ring of one slot
     per, splits = split_steps(MmaConfig(1, 8, 8, 3), 4096, 128)  # 256 steps, units of 64
     assert (per, splits) == (128, 2)
     per, splits = split_steps(MmaConfig(1, 4, 8, 3), 4096, 128)  # units of 32: 8 units → 3 + 3 + 2
@@ -82,15 +104,20 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     d = default_config(1, 14336, 4096, 128)
     assert d.split == 1  # 224 strips already fill the GPU twice over with one split
     assert default_config(1, 4096, 14336, 128).split > 1
-    # the block's sums reuse the ring: the reserve covers them even with few stages
+    assert default_config(1, 4096, 4096, 32).stages == 2  # divides the group's two steps
+    # the block's sums reuse the ring and x tile: the reserve covers them
     assert smem_bytes(MmaConfig(2, 8, 2, 1), 16, 32) >= 8 * 2 * 16 * 64 * 4
+    assert smem_bytes(MmaConfig(1, 4, 2, 1, 4), 8, 32, 8) >= 2 * 128 * 16 * 4 + 8 * 32 * 16 * 2 + 8 * 4 * 4
 
 
 def test_the_launch_plan_names_the_instance_and_covers_the_output():
     plan = plan_launch(MmaConfig(2, 4, 4, 4, 8), 20, 64 * 151, 4096, 128)
-    assert plan.name == "w4a16_mma<2, 4, 4, 8, 8>" and plan.threads == 256
+    assert plan.name == "w4a16_mma<2, 4, 4, 8, 8, 2>" and plan.threads == 256
     assert plan.grid == (76, 4, 2) and plan.split_steps == 64  # 151 strips in blocks of 2; 2 row tiles
-    assert plan.smem == smem_bytes(MmaConfig(2, 4, 4, 4, 8), 16, 64)
+    assert plan.smem == smem_bytes(MmaConfig(2, 4, 4, 4, 8), 16, 64, 8)
+    decode = plan_launch(MmaConfig(1, 8, 4, 1), 8, 4096, 4096, 128)  # up to 8 rows: one n8 tile
+    assert decode.name == "w4a16_mma<1, 8, 4, 8, 0, 1>" and decode.grid == (64, 1, 1)
+    assert plan_launch(MmaConfig(1, 8, 4, 1), 9, 4096, 4096, 128).name.endswith(", 2>")
 
 
 def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
@@ -101,23 +128,30 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     except cuda_rtc.RtcError as e:
         pytest.skip(str(e))
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
-    for name in ("w4a16_mma<1, 8, 8, 8>", "w4a16_mma<1, 8, 4, 8, 4>"):  # per-lane copies; bulk copies
+    # (instance, registers at most): one n8 tile holds half the accumulators of two, so three
+    # 256-thread blocks fit an SM; two tiles still fit two
+    for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1>", 96), ("w4a16_mma<2, 8, 2, 8, 4, 1>", 96),
+                       ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
         if report is None:
             pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
-        assert report["LOCAL"] == 0 and report["STACK"] == 0, report
-        assert report["REG"] <= 128, report  # two 256-thread blocks per SM
+        assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
+        assert report["REG"] <= regs, (name, report)
 
 
 @pytest.mark.parametrize("m,n,k,g,config", [
     (1, 128, 256, 64, None),
-    (3, 192, 200, 32, MmaConfig(1, 2, 4, 1)),      # K pads to Kp = 256; x zero past K
+    (3, 192, 200, 32, MmaConfig(1, 2, 2, 1)),      # K pads to Kp = 256; x zero past K
+    (8, 192, 1024, 128, MmaConfig(1, 4, 8, 1)),    # a full n8 tile; eight steps in registers
+    (5, 128, 512, 128, MmaConfig(2, 2, 1, 2)),     # one step ahead; split K
+    (9, 192, 512, 64, MmaConfig(1, 4, 4, 1)),      # two n8 tiles, the second one row
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2)),     # split K, the second split shorter
-    (17, 192, 256, 64, MmaConfig(2, 4, 8, 2)),     # two row tiles; a block with a missing strip
+    (17, 192, 256, 64, MmaConfig(2, 4, 4, 2)),     # two row tiles; a block with a missing strip
     (40, 64, 1024, 128, MmaConfig(1, 8, 2, 1)),    # three row tiles; two stages
     (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 4)),  # bulk copies of 4 steps, two slots
+    (7, 192, 640, 64, MmaConfig(2, 2, 2, 2, 4)),    # bulk, one n8 tile, split K (a shorter split)
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2, 2)),   # bulk copies with split K (a shorter split)
     (3, 192, 200, 32, MmaConfig(1, 2, 3, 1, 2)),    # bulk copies, K padded, three slots
 ])
@@ -165,7 +199,7 @@ def test_programmatic_dependent_launch_reads_x_after_its_producer(int4_weight):
     h = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     z = torch.empty(m, n // 2, dtype=torch.bfloat16, device="cuda")
-    for config in (MmaConfig(1, 8, 4, 2, 4), MmaConfig(2, 4, 4, 1)):  # bulk + split K; per-lane copies
+    for config in (MmaConfig(1, 8, 4, 2, 4), MmaConfig(2, 4, 4, 1)):  # bulk + split K; register loads
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             silu_and_mul(gate_up, out=h)
