@@ -136,7 +136,8 @@ MMA_SWEEP = tuple((wn, wk, stages, split, 0) for wn, wk in ((1, 8), (2, 4), (1, 
 """The fragment-order kernel's candidates (wn, wk, stages, split, bulk); a split past the K
 range's whole groups launches fewer blocks (the same config as a smaller split: tried once);
 bulk copies only where the device is Hopper and the bulk divides the group's steps; steps held
-in registers (bulk 0) only where they divide the group's steps."""
+in registers (bulk 0) only where they divide the group's steps; none whose shared memory does not
+fit a block."""
 SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
@@ -145,7 +146,7 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
     (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine does it
     at load). ``arg`` is the config as the table stores it."""
     from llmesh.engine.quant import mma_int4
-    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, parse_config, split_steps, w4a16_mma
+    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, parse_config, plan_launch, split_steps, w4a16_mma
 
     if kind != "w4a16" or x.shape[0] > MAX_M or not x.is_cuda or not mma_int4.supported(q, x):
         return []
@@ -154,10 +155,13 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
     kp = q.padded_in_features
     out, seen = [], set()
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
+    smem_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     for wn, wk, stages, split, bulk in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
         if (bulk and (not hopper or (q.group_size // 16) % bulk)) or (not bulk and (q.group_size // 16) % stages):
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk)
+        if plan_launch(cfg, x.shape[0], q.out_features, kp, q.group_size).smem > smem_limit:
+            continue  # a ring this deep does not fit: not a candidate here
         launched = (wn, wk, stages, bulk, split_steps(cfg, kp, q.group_size))
         if launched in seen:
             continue

@@ -202,25 +202,30 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // both return at once.
   pdl_wait_then_release();
 
-  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too),
-  // and each row's sum over each group: a lane sums its eight values, then the 2 GS lanes of a
-  // group (consecutive: a row's chunks are whole groups, and 2 GS divides 32) add theirs
-  const int kbase = kstep0 * 16, chunks = mrows * (kc / 8), gpb = split_steps / GS;
-  for (int base = warp * 32; base < chunks; base += THREADS) {
-    const int i = base + lane;
+  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
+  const int kbase = kstep0 * 16, gpb = split_steps / GS;
+  for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
     const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
     u32x4 v = {0u, 0u, 0u, 0u};
-    if (i < chunks && kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
-    if (i < chunks) *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
-    const u32 h[4] = {v.x, v.y, v.z, v.w};
-    float sum = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
-#pragma unroll
-    for (int o = 1; o < 2 * GS; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (i < chunks && (lane & (2 * GS - 1)) == 0) xsum[r * gpb + c / (16 * GS)] = sum;
+    if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
+    *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
   }
   if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
+  __syncthreads();
+  // each row's sum over each group: a thread a (row, group), its 2 GS 16-byte chunks read
+  // from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
+  for (int p = tid; p < mrows * gpb; p += THREADS) {
+    const u16* row = xs + (p / gpb) * xrow + (p % gpb) * 16 * GS;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 2 * GS; ++j) {
+      const u32x4 v = *reinterpret_cast<const u32x4*>(row + ((j + lane) & (2 * GS - 1)) * 8);
+      const u32 h[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
+    }
+    xsum[p] = sum;
+  }
   __syncthreads();
 
   // x as the B operand (k16 x n8, column n = row n of x): ldmatrix (not transposed) of 8x8
