@@ -5,6 +5,8 @@ W4A8 GEMM (that format's only kernel) as a column of its own."""
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -156,13 +158,15 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
     out, seen = [], set()
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
     smem_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    for wn, wk, stages, split, bulk in SMOKE_MMA_SWEEP if smoke else MMA_SWEEP:
+    sweep = SMOKE_MMA_SWEEP if smoke else MMA_SWEEP
+    # past 8 rows, tiles of 16 rows (the default) and of 8 (twice the reads, the repeats from L2)
+    for (wn, wk, stages, split, bulk), rows in itertools.product(sweep, (0, 8) if x.shape[0] > 8 else (0,)):
         if (bulk and (not hopper or (q.group_size // 16) % bulk)) or (not bulk and (q.group_size // 16) % stages):
             continue
-        cfg = MmaConfig(wn, wk, stages, split, bulk)
+        cfg = MmaConfig(wn, wk, stages, split, bulk, rows)
         if plan_launch(cfg, x.shape[0], q.out_features, kp, q.group_size).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
-        launched = (wn, wk, stages, bulk, split_steps(cfg, kp, q.group_size))
+        launched = (wn, wk, stages, bulk, rows, split_steps(cfg, kp, q.group_size))
         if launched in seen:
             continue
         seen.add(launched)

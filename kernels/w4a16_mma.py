@@ -32,10 +32,11 @@ matmul), not bit-equal to it.
 
 Work: a warp owns a strip over a run of K steps; a block is WN strips x WK warps along K
 (summed in shared memory); ``split`` blocks share a strip's K range (float32 partials, the
-last to arrive adds them: split_k.py's scheme). Rows come in tiles of 8 (M <= 8: one n8 tile
-of the MMA) or 16 (two n8 tiles sharing each widened weight fragment), one tile a grid z
-index; each tile re-reads the codes, so the kernel is for M up to a few tiles (decode), where
-the rest of the batch arrives from L2.
+last to arrive adds them: split_k.py's scheme). Rows come in tiles of 8 (one n8 tile of the
+MMA) or 16 (two n8 tiles sharing each widened weight fragment; ``rows``, by default 8 up to 8
+rows); each tile re-reads the codes, and the grid runs a strip's tiles side by side (the tile
+is the fastest index) so that the first read comes from memory and the others mostly from L2.
+The kernel is for M up to a few tiles (decode).
 """
 
 from __future__ import annotations
@@ -72,19 +73,27 @@ class MmaConfig:
     """0: each lane loads its 16 bytes a step straight into registers (no shared memory for the
     weight); 1-8 (Hopper): a warp's lane 0 copies this many steps of its codes with one bulk
     copy (TMA's 1-D form) into a ring in shared memory, completion on an mbarrier a slot"""
+    rows: int = 0
+    """x rows a block: 8 (one n8 tile of the MMA) or 16 (two sharing each widened weight
+    fragment); 0: 8 up to 8 rows, else 16. The tiles of a strip run side by side, so past the
+    first the codes come from L2"""
 
 
 def config_str(config: MmaConfig) -> str:
-    """The dispatch table's form: "wn,wk,stages,split" (",bulk" when it is not 0)."""
+    """The dispatch table's form: "wn,wk,stages,split" (",bulk" when it or rows is not 0,
+    ",rows" when it is not 0)."""
     text = f"{config.wn},{config.wk},{config.stages},{config.split}"
+    if config.rows:
+        return text + f",{config.bulk},{config.rows}"
     return text + (f",{config.bulk}" if config.bulk else "")
 
 
 @functools.lru_cache(maxsize=256)
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
-    if len(fields) not in (4, 5):
-        raise ValueError(f"a w4a16_mma config is four or five integers 'wn,wk,stages,split[,bulk]', got {text!r}")
+    if len(fields) not in (4, 5, 6):
+        raise ValueError(f"a w4a16_mma config is four to six integers 'wn,wk,stages,split[,bulk[,rows]]', "
+                         f"got {text!r}")
     return check_config(MmaConfig(*fields))
 
 
@@ -99,6 +108,8 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: split must be >= 1")
     if config.bulk not in (0, 1, 2, 4, 8):
         raise ValueError(f"{config}: bulk must be 0, 1, 2, 4 or 8 steps")
+    if config.rows not in (0, 8, 16):
+        raise ValueError(f"{config}: rows must be 0 (by M), 8 or 16")
     return config
 
 
@@ -124,9 +135,10 @@ RED_ROW = 68
 """Floats a row of the warps' sums in shared memory (64 columns, padded against bank conflicts)."""
 
 
-def row_tile(m: int) -> int:
-    """x rows a grid z tile: 8 (one n8 tile of the MMA) up to 8 rows, else 16 (two)."""
-    return 8 if m <= 8 else 16
+def row_tile(m: int, rows: int = 0) -> int:
+    """x rows a tile: ``rows`` when set, else 8 (one n8 tile of the MMA) up to 8 rows and 16
+    (two) past."""
+    return rows or (8 if m <= 8 else 16)
 
 
 def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1) -> int:
@@ -141,7 +153,7 @@ def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1) -
 
 @dataclass(frozen=True)
 class Launch:
-    """One call's launch: the template instance, grid (strip blocks, splits, row tiles),
+    """One call's launch: the template instance, grid (row tiles x strip blocks, splits, 1),
     threads, shared memory and the K steps of a split (the kernel's last argument)."""
 
     name: str
@@ -153,8 +165,8 @@ class Launch:
 
 def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int) -> Launch:
     per, splits = split_steps(config, kp, group)
-    tile = row_tile(m)
-    grid = (-(-(n // STRIP) // config.wn), splits, -(-m // tile))
+    tile = row_tile(m, config.rows)
+    grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}>"
     return Launch(name, grid, config.wn * config.wk * 32, smem_bytes(config, min(m, tile), per, group // 16), per)
 
@@ -297,7 +309,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
                          f"{group_size // 16} steps")
     plan = plan_launch(config, m, n, kp, group_size)
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
-    part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0] * plan.grid[2])
+    part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:
         pdl = pdl_launch(x.device)["PDL"]
     kernel.launch(plan.grid, plan.threads, plan.smem,

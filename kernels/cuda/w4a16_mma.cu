@@ -138,7 +138,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // scales:  u32x4 [N/64, Kp/G, 8 (g), 2]    (pack_scales: per lane g its 8 columns' s, m as half2)
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
-// NT: n8 tiles of x rows a block (rows 8 * NT a grid z tile)
+// NT: n8 tiles of x rows a block (8 * NT rows a tile); grid (tiles x strip blocks, splits)
 template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
@@ -152,8 +152,11 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int g = lane >> 2, t = lane & 3;
-  const int strip = blockIdx.x * WN + wn;
-  const int m0 = blockIdx.z * MT;
+  // blockIdx.x: the row tile fastest, then the block of strips: the tiles of a strip run side by
+  // side, so the codes one reads from memory the others find in L2
+  const int tiles = (M + MT - 1) / MT, sb = blockIdx.x / tiles;
+  const int strip = sb * WN + wn;
+  const int m0 = (blockIdx.x % tiles) * MT;
   const int mrows = min(MT, M - m0);
   const int ksteps = Kp >> 4, groups = ksteps / GS;
   const int warp_steps = split_steps / WK;
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   }
   __syncthreads();
 
-  const int splits = gridDim.y, n0 = blockIdx.x * WN * 64;
+  const int splits = gridDim.y, n0 = sb * WN * 64;
   const int pairs = WN * mrows * 32;  // column pairs of the block's [mrows, WN * 64] tile
   for (int i = tid; i < pairs; i += THREADS) {
     const int sn = i / (mrows * 32), r = (i / 32) % mrows, c = (i % 32) * 2;
@@ -372,8 +375,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   __shared__ int last;
   __threadfence();  // this split's partials are visible before its arrival is
   __syncthreads();
-  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
-  if (tid == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+  if (tid == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -389,5 +391,5 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     }
     *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
   }
-  if (tid == 0) atomicExch(counters + tile, 0);  // ready for the next launch on this stream
+  if (tid == 0) atomicExch(counters + blockIdx.x, 0);  // ready for the next launch on this stream
 }

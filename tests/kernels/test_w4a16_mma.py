@@ -89,9 +89,13 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     cfg = MmaConfig(1, 8, 8, 3)
     assert parse_config(config_str(cfg)) == cfg and config_str(cfg) == "1,8,8,3"
     assert parse_config("1,8,4,1,4") == MmaConfig(1, 8, 4, 1, 4)
+    assert parse_config("1,8,4,1,0,8") == MmaConfig(1, 8, 4, 1, 0, 8)
+    assert config_str(MmaConfig(1, 8, 4, 1, 0, 8)) == "1,8,4,1,0,8"
+    with pytest.raises(ValueError, match="rows"):
+        parse_config("1,8,4,1,0,4")
     with pytest.raises(ValueError, match="bulk"):
         parse_config("1,8,4,1,3")
-    with pytest.raises(ValueError, match="four or five integers"):
+    with pytest.raises(ValueError, match="four to six integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
         parse_config("1,8,3,1")  # steps held in registers: 1, 2, 4 or 8
@@ -113,11 +117,13 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
 def test_the_launch_plan_names_the_instance_and_covers_the_output():
     plan = plan_launch(MmaConfig(2, 4, 4, 4, 8), 20, 64 * 151, 4096, 128)
     assert plan.name == "w4a16_mma<2, 4, 4, 8, 8, 2>" and plan.threads == 256
-    assert plan.grid == (76, 4, 2) and plan.split_steps == 64  # 151 strips in blocks of 2; 2 row tiles
+    assert plan.grid == (152, 4, 1) and plan.split_steps == 64  # 151 strips in blocks of 2, x 2 row tiles
     assert plan.smem == smem_bytes(MmaConfig(2, 4, 4, 4, 8), 16, 64, 8)
     decode = plan_launch(MmaConfig(1, 8, 4, 1), 8, 4096, 4096, 128)  # up to 8 rows: one n8 tile
     assert decode.name == "w4a16_mma<1, 8, 4, 8, 0, 1>" and decode.grid == (64, 1, 1)
     assert plan_launch(MmaConfig(1, 8, 4, 1), 9, 4096, 4096, 128).name.endswith(", 2>")
+    eights = plan_launch(MmaConfig(1, 8, 4, 1, 0, 8), 16, 4096, 4096, 128)  # 16 rows in two tiles of 8
+    assert eights.name.endswith(", 1>") and eights.grid == (128, 1, 1)
 
 
 def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
@@ -150,6 +156,8 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2)),     # split K, the second split shorter
     (17, 192, 256, 64, MmaConfig(2, 4, 4, 2)),     # two row tiles; a block with a missing strip
     (40, 64, 1024, 128, MmaConfig(1, 8, 2, 1)),    # three row tiles; two stages
+    (20, 128, 512, 64, MmaConfig(2, 2, 2, 2, 0, 8)),  # three tiles of 8 rows, split K
+    (13, 192, 640, 64, MmaConfig(1, 4, 2, 1, 4, 8)),  # bulk, two tiles of 8 rows (the second 5)
     (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 4)),  # bulk copies of 4 steps, two slots
     (7, 192, 640, 64, MmaConfig(2, 2, 2, 2, 4)),    # bulk, one n8 tile, split K (a shorter split)
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2, 2)),   # bulk copies with split K (a shorter split)
