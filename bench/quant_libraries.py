@@ -6,7 +6,6 @@ W4A8 GEMM (that format's only kernel) as a column of its own."""
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
