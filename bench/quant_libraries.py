@@ -143,35 +143,35 @@ SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
 def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
-    """(config, calls) for our CUDA C++ INT4 kernel with the codes in mma.sync's fragment order
-    (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine does it
-    at load). ``arg`` is the config as the table stores it."""
-    from llmesh.engine.quant import mma_int4
-    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, parse_config, plan_launch, split_steps, w4a16_mma
+    """(config, calls) for our CUDA C++ INT4/INT8 kernel with the codes in mma.sync's fragment
+    order (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
+    does it at load). ``arg`` is the config as the table stores it."""
+    from llmesh.engine.quant import mma_weights
+    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, plan_launch, split_steps
 
-    if kind != "w4a16" or x.shape[0] > MAX_M or not x.is_cuda or not mma_int4.supported(q, x):
+    if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x):
         return []
     for qc in qs:
-        mma_int4.layout(qc)
-    kp = q.padded_in_features
+        mma_weights.layout(qc)
+    lay = mma_weights.layout(q)
+    kp, group, planes = lay.codes.shape[1] * 16, lay.group, lay.codes.dim() - 3
     out, seen = [], set()
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
     smem_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     sweep = SMOKE_MMA_SWEEP if smoke else MMA_SWEEP
     # past 8 rows, tiles of 16 rows (the default) and of 8 (twice the reads, the repeats from L2)
     for (wn, wk, stages, split, bulk), rows in itertools.product(sweep, (0, 8) if x.shape[0] > 8 else (0,)):
-        if (bulk and (not hopper or (q.group_size // 16) % bulk)) or (not bulk and (q.group_size // 16) % stages):
+        if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk, rows)
-        if plan_launch(cfg, x.shape[0], q.out_features, kp, q.group_size).smem > smem_limit:
+        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
-        launched = (wn, wk, stages, bulk, rows, split_steps(cfg, kp, q.group_size))
+        launched = (wn, wk, stages, bulk, rows, split_steps(cfg, kp, group))
         if launched in seen:
             continue
         seen.add(launched)
         out.append((LibraryConfig("mma", config_str(cfg)),
-                    [lambda c, qc=qc: w4a16_mma(x, *mma_int4.layout(qc), qc.group_size, config=parse_config(c.arg))
-                     for qc in qs]))
+                    [lambda c, qc=qc: mma_weights.mma_matmul(x, qc, c.arg) for qc in qs]))
     return out
 
 

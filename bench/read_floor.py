@@ -151,7 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("read floor: needs a GPU")
-    from llmesh.engine.quant import mma_int4
+    from llmesh.engine.quant import mma_weights
     from llmesh.engine.quant.linear import linear
     from llmesh.engine.quant.quantize import quantize_int4
 
@@ -160,12 +160,13 @@ def main() -> None:
     k, n = 4096, 14336
     w = seeded_weight(n, k, dev)
     q = quantize_int4(w)
-    int4_bytes = sum(t.numel() * t.element_size() for t in mma_int4.layout(q))
+    mma_weights.layout(q)
+    int4_bytes = mma_weights.copy_bytes(q)
     x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
     metrics: dict[str, float] = {}
     qs = [q.map_tensors(torch.clone) for _ in range(8)]
     for qc in qs:
-        mma_int4.layout(qc)
+        mma_weights.layout(qc)
     metrics["mma_m1_pdl_us"] = graph_ms([lambda qc=qc: linear(x, qc) for qc in qs]) * 1e3
     with pdl_off():
         metrics["mma_m1_us"] = graph_ms([lambda qc=qc: linear(x, qc) for qc in qs]) * 1e3

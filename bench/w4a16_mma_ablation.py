@@ -44,20 +44,21 @@ MMA = '''  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2,
 NO_MMA = '''  float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b0 ^ b1 ^ a[0]));
   c[0] += f;'''
-WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));'''
+WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));'''
 SRC = "const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;"
+PRO, NXT = "src + (size_t)(s * PLANES + p) * 32", "src + (size_t)(nxt * PLANES + p) * 32"  # the loads' steps
 CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1))
 
 
 def variants(source: str) -> dict[str, str]:
-    for part in (MMA, WIDEN, SRC):
+    for part in (MMA, WIDEN, SRC, PRO, NXT):
         if part not in source:
             raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
     loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
     strided = (loads.replace(SRC, "const u32x4* src = reinterpret_cast<const u32x4*>(codes + ((size_t)strip * ksteps"
                                   " + kstep0 + wk) * 128) + lane;")
-               .replace("src + (size_t)s * 32", "src + (size_t)s * 32 * WK")
-               .replace("src + (size_t)nxt * 32", "src + (size_t)nxt * 32 * WK"))
+               .replace(PRO, "src + (size_t)(s * PLANES * WK + p) * 32")
+               .replace(NXT, "src + (size_t)(nxt * PLANES * WK + p) * 32"))
     return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided}
 
 

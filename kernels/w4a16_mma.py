@@ -11,7 +11,7 @@ the weight is the MMA's A operand (16 output columns) and x its B (8 rows): at d
 MMA then wastes no rows of 16 on padding, and a lane holds half the accumulators (so more warps
 fit an SM).
 
-Layouts (made once at load from an Int4Weight, services/engine/quant/mma_int4.py):
+Layouts (made once at load from an Int4Weight or Int8Weight, services/engine/quant/mma_weights.py):
 
 codes   int32 [N / 64, Kp / 16, 32, 4]: for column strip c (64 columns), K step s (16 rows),
         lane l = 4 g + t, word w: what would be the lane's B fragments of the m16n8k16 MMAs of
@@ -20,6 +20,13 @@ codes   int32 [N / 64, Kp / 16, 32, 4]: for column strip c (64 columns), K step 
         r-th nibble pair (bits 4r..4r+3 and 16+4r..19+4r, r = 0..3) holds column group
         2w + r // 2, rows k = 2t + 8 (r % 2) and k + 1 of the step. The kernel widens a pair
         with one lop3 into bf16 (128 + q_lo, 128 + q_hi) after a shift by 4r.
+codes8  int32 [N / 64, Kp / 16, 2, 32, 4] (W8A16, ``pack_codes_int8``): a signed 8-bit
+        weight q as u = q + 128 = 16 hi + lo, plane 0 the high nibbles and plane 1 the low, each
+        in the 4-bit layout above. The kernel widens hi to bf16 2048 + 16 hi (exact: bf16's
+        spacing in [2048, 4096) is 16) and lo to 128 + lo, and both planes' MMAs add into one
+        accumulator, x . (u + 2176): two loads and eight MMAs a step where INT4 takes one and
+        four, and no extra registers. Its scales are the INT4 form with m = -128 s and groups
+        of at most 128 rows (a per-channel scale repeated: ``int8_scales``).
 scales  float16 [N / 64, Kp / G, 8, 4, 2, 2]: per strip and group, for g = 0..7 the 32 bytes
         lanes 4g..4g+3 read as two 16-byte loads: for MMA q the scales of columns 16q + g and
         16q + 8 + g (the lane's C-fragment rows), then their mins.
@@ -141,12 +148,12 @@ def row_tile(m: int, rows: int = 0) -> int:
     return rows or (8 if m <= 8 else 16)
 
 
-def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1) -> int:
+def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1, planes: int = 1) -> int:
     """Shared memory of a block: the bulk-copy ring (none without), x's rows over the block's
     K (16-byte padded rows), a row of zeros and x's float32 sums over each group of ``group_steps``
     K steps; the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
-    ring = config.stages * threads * 16 * config.bulk
+    ring = config.stages * threads * 16 * config.bulk * planes
     x_tile = rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
     return max(ring + x_tile, config.wk * config.wn * rows * RED_ROW * 4)
 
@@ -163,12 +170,15 @@ class Launch:
     split_steps: int
 
 
-def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int) -> Launch:
+def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1) -> Launch:
+    """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``)."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
-    name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}>"
-    return Launch(name, grid, config.wn * config.wk * 32, smem_bytes(config, min(m, tile), per, group // 16), per)
+    name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
+    name += ", 2>" if planes == 2 else ">"
+    smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
+    return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 
 
 # ---- layouts ----
@@ -210,6 +220,39 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return out.permute(1, 3, 0, 4, 2).reshape(steps * 16, strips * STRIP)
 
 
+def pack_codes_int8(qweight: torch.Tensor, kp: int) -> torch.Tensor:
+    """int8 weights [K, N] → int32 [N / 64, Kp / 16, 2, 32, 4]: u = q + 128 as its high nibble
+    plane then its low, each in ``pack_codes``'s layout; rows past K are 0 (x is zero there)."""
+    k, n = qweight.shape
+    if kp < k or kp % 16:
+        raise ValueError(f"int8 weight [K, N]={list(qweight.shape)}: Kp={kp} must be >= K and a multiple of 16")
+    u = torch.zeros(kp, n, dtype=torch.int32, device=qweight.device)
+    u[:k] = qweight.to(torch.int32) + 128
+    u[k:] = 128
+    return torch.stack([pack_codes((u >> 4).to(torch.uint8)), pack_codes((u & 15).to(torch.uint8))], dim=2)
+
+
+def int8_group(group: int, k: int) -> int | None:
+    """The kernel's group for an int8 weight of K rows and ``group_size`` ``group``: 128 for a
+    per-channel scale (group >= K: one scale, repeated every 128 rows), the group itself up to
+    128 rows (a multiple of 16), 128 for a multiple of it past; None otherwise."""
+    if group >= k:
+        return 128
+    if group % 16:
+        return None
+    return group if group <= 128 else (128 if group % 128 == 0 else None)
+
+
+def int8_scales(scales: torch.Tensor, group: int, k: int, kp: int) -> torch.Tensor:
+    """An int8 weight's scales [K / G, N] → ``pack_scales`` of s and m = -128 s over groups of
+    ``int8_group(G, K)`` rows through Kp (rows past K get s = 0)."""
+    g = int8_group(group, k)
+    s = scales.float()
+    s = s[:1].expand(kp // g, -1) if group >= k else s.repeat_interleave(group // g, dim=0)
+    s = torch.nn.functional.pad(s, (0, 0, 0, kp // g - s.shape[0]))
+    return pack_scales(s.half().contiguous(), (-128.0 * s).half().contiguous())
+
+
 SCALES_SHAPE = "[N/64, Kp/G, 8, 4, 2, 2]"
 
 
@@ -233,17 +276,23 @@ def unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def emulate(x: torch.Tensor, packed_codes: torch.Tensor, packed_scales: torch.Tensor, group: int) -> torch.Tensor:
-    """What the kernel computes, in torch (float32): per group, x @ (128 + q) and x's row sums,
-    folded by s and m - 128 s; the CPU tests hold the layouts and the fold to the reference."""
-    q = unpack_codes(packed_codes).float()
+    """What the kernel computes, in torch (float32): per group, x @ (OFF + q) and x's row sums,
+    folded by s and m - OFF s (OFF = 128 for 4-bit codes; for 8-bit ones q = 16 hi + lo and
+    OFF = 2048 + 128, what widening both planes adds); the CPU tests hold the layouts and the
+    fold to the reference."""
+    if packed_codes.dim() == 5:
+        q = 16 * unpack_codes(packed_codes[:, :, 0]).float() + unpack_codes(packed_codes[:, :, 1]).float()
+        off = 2176.0
+    else:
+        q, off = unpack_codes(packed_codes).float(), 128.0
     s, m = (v.float() for v in unpack_scales(packed_scales))
     kp, k = q.shape[0], x.shape[1]
     xp = torch.nn.functional.pad(x.float(), (0, kp - k))
     y = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float32, device=x.device)
     for gi in range(kp // group):
         xg = xp[:, gi * group:(gi + 1) * group]
-        acc = xg @ (128.0 + q[gi * group:(gi + 1) * group])
-        y += s[gi] * acc + (m[gi] - 128.0 * s[gi]) * xg.sum(1, keepdim=True)
+        acc = xg @ (off + q[gi * group:(gi + 1) * group])
+        y += s[gi] * acc + (m[gi] - off * s[gi]) * xg.sum(1, keepdim=True)
     return y
 
 
@@ -271,14 +320,17 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
               out: torch.Tensor | None = None, config: MmaConfig | None = None,
               pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
-    16, 32, 4], ``pack_scales`` float16 [N / 64, Kp / G, 8, 4, 2, 2]); x bf16 on a GPU.
+    16, 32, 4] or ``pack_codes_int8`` [N / 64, Kp / 16, 2, 32, 4], ``pack_scales`` float16 [N /
+    64, Kp / G, 8, 4, 2, 2]); x bf16 on a GPU.
 
     ``pdl`` (default: common.pdl_launch's rule): programmatic dependent launch, the weight
     copies in flight while the previous kernel drains (the kernel waits before reading x)."""
     from llmesh.kernels import cuda_rtc
 
     check_tensor("x", x, "[M, K]", 2)
-    check_tensor("codes", codes, "[N/64, Kp/16, 32, 4]", 4, (torch.int32,), device=x.device)
+    planes = 2 if codes.dim() == 5 else 1  # 8-bit codes as two nibble planes
+    codes_shape = "[N/64, Kp/16, 2, 32, 4]" if planes == 2 else "[N/64, Kp/16, 32, 4]"
+    check_tensor("codes", codes, codes_shape, 3 + planes, (torch.int32,), device=x.device)
     check_tensor("scales", scales, SCALES_SHAPE, 6, (torch.float16,), device=x.device)
     m, k = x.shape
     strips, steps = codes.shape[:2]
@@ -288,7 +340,8 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if kp % (2 * group_size) or not kp - 2 * group_size < k <= kp:
         raise ValueError(f"codes hold Kp={kp} input rows; x has K={k}: expected Kp a multiple of "
                          f"2*group_size={2 * group_size} and {kp - 2 * group_size} < K <= {kp}")
-    check_size("codes", "shape", tuple(codes.shape), (strips, steps, 32, 4), "[N/64, Kp/16, 32, 4]")
+    check_size("codes", "shape", tuple(codes.shape), (strips, steps, *((2,) if planes == 2 else ()), 32, 4),
+               codes_shape)
     check_size("scales", "shape", tuple(scales.shape), (strips, kp // group_size, 8, 4, 2, 2),
                f"{SCALES_SHAPE} of Kp={kp}, G={group_size}")
     if not (codes.is_contiguous() and scales.is_contiguous()):
@@ -307,7 +360,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if not config.bulk and (group_size // 16) % config.stages:
         raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")
-    plan = plan_launch(config, m, n, kp, group_size)
+    plan = plan_launch(config, m, n, kp, group_size, planes)
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
     part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:

@@ -89,10 +89,12 @@ __device__ __forceinline__ void ldmatrix_x4(u32* a, u32 addr) {
                : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
 }
 
-// (v & 0x000f000f) | 0x43004300: two nibbles (bits 0-3 and 16-19) into bf16 128 + q
-__device__ __forceinline__ u32 widen(u32 v) {
+// (v & 0x000f000f) | MAGIC: two nibbles (bits 0-3 and 16-19) into the low mantissa bits of a
+// bf16 pair: MAGIC 0x43004300 gives 128 + q (bf16 spacing 1 in [128, 256)), 0x45004500 gives
+// 2048 + 16 q (spacing 16 in [2048, 4096)): both exact
+__device__ __forceinline__ u32 widen(u32 v, u32 magic = 0x43004300u) {
   u32 r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(0x43004300u));
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));
   return r;
 }
 
@@ -134,17 +136,23 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
   return v;
 }
 
-// codes:   u32 [N/64, Kp/16, 32 lanes, 4]  (kernels/w4a16_mma.py pack_codes)
+// codes:   u32 [N/64, Kp/16, PLANES, 32 lanes, 4]  (kernels/w4a16_mma.py pack_codes; PLANES = 2:
+//          an 8-bit code u = 16 hi + lo as its high then low nibble plane, each laid out as 4-bit
+//          codes; the MMAs of both planes add into one accumulator: x . (2048 + 16 hi) +
+//          x . (128 + lo) = x . (u + 2176), so the fold below subtracts OFF = 2176 sum(x))
 // scales:  u32x4 [N/64, Kp/G, 8 (g), 2]    (pack_scales: per lane g its 8 columns' s, m as half2)
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
 // NT: n8 tiles of x rows a block (8 * NT rows a tile); grid (tiles x strip blocks, splits)
-template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2>
+template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
     int M, int N, int K, int Kp, int ldx, int ldo, int split_steps) {
   static_assert(NT == 1 || NT == 2, "one or two n8 tiles of x rows");
+  static_assert(PLANES == 1 || PLANES == 2, "4-bit codes, or 8-bit codes as two nibble planes");
+  constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
+  constexpr float OFF = PLANES == 2 ? 2176.f : 128.f;  // what the widening adds to a code
   static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
   constexpr int RED = 68;  // float row stride of the warps' sums: lanes' stores fall in distinct banks
@@ -167,21 +175,22 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   const int kc = split_steps * 16;                       // K values the block's x tile holds
   const int xrow = kc + 8;                               // padded: ldmatrix rows 16 B apart in banks
 
-  constexpr int RING = BULK > 0 ? STAGES * THREADS * 16 * BULK : 0;
+  constexpr int SLOT = THREADS * 16 * BULK * PLANES;  // a ring slot: BULK steps of every warp
+  constexpr int RING = BULK > 0 ? STAGES * SLOT : 0;
   unsigned char* ring = smem;                                  // BULK: STAGES slots of BULK steps a warp
   u16* xs = reinterpret_cast<u16*>(smem + RING);               // [mrows, xrow]
   u32x4* zero = reinterpret_cast<u32x4*>(xs + mrows * xrow);   // one 16-byte row of zeros
   float* xsum = reinterpret_cast<float*>(zero + 1);            // [mrows, kc / (16 GS)]: x's group sums
 
-  const u32* wcodes = codes + ((size_t)strip * ksteps + my0) * 128;  // the warp's run: 512 B a step
+  const u32* wcodes = codes + ((size_t)strip * ksteps + my0) * 128 * PLANES;  // the warp's run: STEP B a step
   const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;
   // BULK: lane 0 copies BULK steps of the warp's (contiguous) codes a slot with one bulk copy
   // (TMA's 1-D form), completion counted on the slot's mbarrier; the lanes wait on its phase
   __shared__ __align__(8) unsigned long long bars[BULK > 0 ? WN * WK * STAGES : 1];
   const u32 bar0 = smem_addr(bars) + warp * STAGES * 8;
-  const u32 wring0 = smem_addr(ring) + warp * BULK * 512;  // the warp's slot 0 (BULK)
+  const u32 wring0 = smem_addr(ring) + warp * BULK * STEP;  // the warp's part of slot 0 (BULK)
   const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wcodes);
-  u32x4 pre[BULK > 0 ? 1 : STAGES];  // BULK = 0: the next STAGES steps' codes, in flight
+  u32x4 pre[BULK > 0 ? 1 : STAGES][PLANES];  // BULK = 0: the next STAGES steps' codes, in flight
   if constexpr (BULK > 0) {
     if (lane == 0) {
       for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + s * 8);
@@ -190,12 +199,14 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     __syncwarp();
     if (lane == 0) {
       for (int c = 0; c < STAGES - 1; ++c)
-        if (c * BULK < count) bulk_copy(wring0 + c * THREADS * 16 * BULK, wsrc + (size_t)c * BULK * 512, BULK * 512, bar0 + c * 8);
+        if (c * BULK < count) bulk_copy(wring0 + c * SLOT, wsrc + (size_t)c * BULK * STEP, BULK * STEP, bar0 + c * 8);
     }
   } else {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
-      if (s < count) pre[s] = ldg_stream(src + (size_t)s * 32);
+#pragma unroll
+      for (int p = 0; p < PLANES; ++p)
+        if (s < count) pre[s][p] = ldg_stream(src + (size_t)(s * PLANES + p) * 32);
   }
 
   // Launched with programmatic dependent launch (Hopper), the block may be resident before the
@@ -273,7 +284,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 #pragma unroll
     for (int js = 0; js < GS; ++js) {
       const int i = g0 + js;
-      u32x4 b;
+      u32x4 b[PLANES];
       if constexpr (BULK > 0) {
         const int c = i / BULK, slot = c % STAGES;
         if (js % BULK == 0) {
@@ -281,27 +292,36 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           __syncwarp();  // every lane is done with the slot chunk c - 1 used: refill it
           const int nc = c + STAGES - 1;
           if (lane == 0 && nc * BULK < count)
-            bulk_copy(wring0 + (nc % STAGES) * THREADS * 16 * BULK, wsrc + (size_t)nc * BULK * 512, BULK * 512,
+            bulk_copy(wring0 + (nc % STAGES) * SLOT, wsrc + (size_t)nc * BULK * STEP, BULK * STEP,
                       bar0 + (nc % STAGES) * 8);
         }
-        b = lds128(wring0 + slot * THREADS * 16 * BULK + (js % BULK) * 512 + lane * 16);
+#pragma unroll
+        for (int p = 0; p < PLANES; ++p) b[p] = lds128(wring0 + slot * SLOT + (js % BULK) * STEP + p * 512 + lane * 16);
       } else {
         // g0 is a multiple of GS, which STAGES divides: the ring index is a constant
-        b = pre[js % STAGES];
         const int nxt = i + STAGES;
-        if (nxt < count) pre[js % STAGES] = ldg_stream(src + (size_t)nxt * 32);
+#pragma unroll
+        for (int p = 0; p < PLANES; ++p) {
+          b[p] = pre[js % STAGES][p];
+          if (nxt < count) pre[js % STAGES][p] = ldg_stream(src + (size_t)(nxt * PLANES + p) * 32);
+        }
       }
       u32 bx[2 * NT];
       if constexpr (NT == 1) ldmatrix_x2(bx, xa0 + i * xstep);
       else ldmatrix_x4(bx, xa0 + i * xstep);
-      const u32 w[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // word q's nibble pairs 0..3: b0, b1 of column group 2q, then of 2q + 1 (the B-fragment
-        // order they were packed in); as A: rows g (group 2q) and g + 8 (group 2q + 1)
-        const u32 a[4] = {widen(w[q]), widen(w[q] >> 8), widen(w[q] >> 4), widen(w[q] >> 12)};
+      for (int p = 0; p < PLANES; ++p) {
+        const u32 w[4] = {b[p].x, b[p].y, b[p].z, b[p].w};
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
+        for (int q = 0; q < 4; ++q) {
+          // word q's nibble pairs 0..3: b0, b1 of column group 2q, then of 2q + 1 (the B-fragment
+          // order they were packed in); as A: rows g (group 2q) and g + 8 (group 2q + 1). With
+          // two planes, plane 0 holds the high nibbles (widened to 2048 + 16 hi)
+          const u32 mg = PLANES == 2 && p == 0 ? 0x45004500u : 0x43004300u;  // a constant once unrolled
+          const u32 a[4] = {widen(w[q], mg), widen(w[q] >> 8, mg), widen(w[q] >> 4, mg), widen(w[q] >> 12, mg)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
+        }
       }
     }
     const u32 sw[8] = {sc[0].x, sc[0].y, sc[0].z, sc[0].w, sc[1].x, sc[1].y, sc[1].z, sc[1].w};
@@ -316,7 +336,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     for (int q = 0; q < 4; ++q) {
       // sw[2q]: (s of column 16q + g, s of 16q + 8 + g) as half2; sw[2q + 1] the mins
       const float sa = half_lo(sw[2 * q]), sb = half_hi(sw[2 * q]);
-      const float za = half_lo(sw[2 * q + 1]) - 128.f * sa, zb = half_hi(sw[2 * q + 1]) - 128.f * sb;
+      const float za = half_lo(sw[2 * q + 1]) - OFF * sa, zb = half_hi(sw[2 * q + 1]) - OFF * sb;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         tot[nt][q][0] += sa * acc[nt][q][0] + za * xs0[nt];

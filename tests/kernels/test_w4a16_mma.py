@@ -14,10 +14,26 @@ import itertools
 import pytest
 import torch
 
-from llmesh.kernels.quant_ref import w4a16_gemm_ref
-from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, pack_codes, pack_scales,
-                                      parse_config, plan_launch, smem_bytes, split_steps, unpack_codes, unpack_scales,
-                                      w4a16_mma)
+from llmesh.kernels.quant_ref import w4a16_gemm_ref, w8a16_gemm_ref
+from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, int8_group, int8_scales,
+                                      pack_codes, pack_codes_int8, pack_scales, parse_config, plan_launch, smem_bytes,
+                                      split_steps, unpack_codes, unpack_scales, w4a16_mma)
+
+
+def int8_weight(k: int, n: int, group: int, gen: torch.Generator):
+    """A random Int8Weight: codes -128..127 (the full range: both nibbles of u = q + 128 vary),
+    scales 0.0005-0.0025 per group of ``group`` rows (group = K: per channel)."""
+    from llmesh.engine.quant.packed import Int8Weight
+
+    q = torch.randint(-128, 128, (k, n), generator=gen).to(torch.int8)
+    scales = (torch.rand(-(-k // group), n, generator=gen) * 0.002 + 0.0005).half()
+    return Int8Weight(q, scales, group_size=group, format="int8" if group == k else "q8_0")
+
+
+def int8_layout(w):
+    g = int8_group(w.group_size, w.in_features)
+    kp = -(-w.in_features // (2 * g)) * 2 * g
+    return pack_codes_int8(w.qweight, kp), int8_scales(w.scales, w.group_size, w.in_features, kp), g
 
 
 def test_codes_follow_the_mma_b_fragment_rule():
@@ -85,6 +101,34 @@ def test_the_kernels_arithmetic_matches_the_reference(m, n, k, g, int4_weight):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_codes_are_two_nibble_planes_of_the_4bit_layout():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(-128, 128, (40, 128), generator=gen).to(torch.int8)
+    packed = pack_codes_int8(q, 64)
+    assert packed.shape == (2, 4, 2, 32, 4)
+    u = 16 * unpack_codes(packed[:, :, 0]).int() + unpack_codes(packed[:, :, 1]).int()
+    assert torch.equal(u[:40], q.int() + 128) and torch.equal(u[40:], torch.full((24, 128), 128, dtype=torch.int32))
+    # the high plane widened with 0x4500 | hi is bf16 2048 + 16 hi exactly, the low one 128 + lo
+    hi = torch.arange(16, dtype=torch.int32)
+    as_bf16 = ((0x4500 | hi) << 16).view(torch.float32)
+    assert torch.equal(as_bf16, 2048.0 + 16.0 * hi.float())
+    assert torch.equal(((0x4300 | hi) << 16).view(torch.float32), 128.0 + hi.float())
+
+
+@pytest.mark.parametrize("m,n,k,g", [(1, 128, 256, 256), (3, 64, 200, 200), (9, 192, 512, 32)])
+def test_the_int8_arithmetic_matches_the_reference(m, n, k, g):
+    """x . (u + 2176) per group, folded by s and -128 s - 2176 s, is x @ (q s): per channel
+    (group = K, repeated every 128 rows) and per 32 rows (q8_0), K padded."""
+    gen = torch.Generator().manual_seed(m + n + k + g)
+    w = int8_weight(k, n, g, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    codes, scales, group = int8_layout(w)
+    assert group == (128 if g >= k else g)
+    got = emulate(x, codes, scales, group)
+    ref = w8a16_gemm_ref(x.float(), w.qweight, w.scales.float(), g)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_configs_plan_whole_groups_and_fit_shared_memory():
     cfg = MmaConfig(1, 8, 8, 3)
     assert parse_config(config_str(cfg)) == cfg and config_str(cfg) == "1,8,8,3"
@@ -124,6 +168,9 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     assert plan_launch(MmaConfig(1, 8, 4, 1), 9, 4096, 4096, 128).name.endswith(", 2>")
     eights = plan_launch(MmaConfig(1, 8, 4, 1, 0, 8), 16, 4096, 4096, 128)  # 16 rows in two tiles of 8
     assert eights.name.endswith(", 1>") and eights.grid == (128, 1, 1)
+    int8 = plan_launch(MmaConfig(1, 8, 2, 1, 4), 1, 4096, 4096, 128, planes=2)  # 8-bit codes: twice the ring
+    assert int8.name == "w4a16_mma<1, 8, 2, 8, 4, 1, 2>"
+    assert int8.smem == smem_bytes(MmaConfig(1, 8, 2, 1, 4), 1, 256, 8, 2) >= 2 * 256 * 16 * 4 * 2
 
 
 def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
@@ -137,7 +184,8 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     # (instance, registers at most): one n8 tile holds half the accumulators of two, so three
     # 256-thread blocks fit an SM; two tiles still fit two
     for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1>", 96), ("w4a16_mma<2, 8, 2, 8, 4, 1>", 96),
-                       ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128)):
+                       ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128),
+                       ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
@@ -185,6 +233,27 @@ def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     graph.replay()
     graph.replay()
     torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("m,n,k,g,config", [
+    (1, 128, 1024, 1024, MmaConfig(1, 4, 4, 1)),       # per channel: groups of 128, registers
+    (5, 192, 640, 640, MmaConfig(2, 2, 2, 2, 4)),      # per channel, K padded to 768, bulk, split K
+    (16, 256, 512, 32, MmaConfig(2, 2, 2, 1)),         # q8_0 (groups of 32), two n8 tiles
+    (20, 64, 1024, 1024, MmaConfig(1, 8, 2, 1, 8, 8)),  # three tiles of 8 rows, bulk of 8 steps
+])
+def test_int8_planes_match_the_reference_on_gpu(m, n, k, g, config):
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA kernel: needs a GPU")
+    if config.bulk and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies need Hopper")
+    gen = torch.Generator().manual_seed(m * 100 + n + k + g)
+    w = int8_weight(k, n, g, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    ref = w8a16_gemm_ref(x.float(), w.qweight, w.scales.float(), g)
+    codes, scales, group = int8_layout(w)
+    for _ in range(2):
+        got = w4a16_mma(x.cuda(), codes.cuda(), scales.cuda(), group, config=config)
+        torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=2e-2)
 
 
 def test_programmatic_dependent_launch_reads_x_after_its_producer(int4_weight):
@@ -244,7 +313,7 @@ def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
     if not torch.cuda.is_available():
         pytest.skip("the measured table dispatches on CUDA only")
     from llmesh.engine.quant import linear as linear_mod
-    from llmesh.engine.quant import mma_int4
+    from llmesh.engine.quant import mma_weights
     from llmesh.kernels import quant_gemm_config
     from llmesh.kernels.common import cuda_device_tag
 
@@ -259,5 +328,13 @@ def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
     got = linear_mod._tuned_matmul(x.to(device), w)
     ref = w4a16_gemm_ref(x.float(), w.qweight.cpu(), w.scales.cpu(), w.mins.cpu(), 128)
     torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=1e-2)
-    assert mma_int4.copy_bytes(w) == codes_bytes + scale_bytes
+    assert mma_weights.copy_bytes(w) == codes_bytes + scale_bytes
     assert linear_mod._tuned_matmul(torch.randn(17, 256, device=device, dtype=torch.bfloat16), w) is None
+
+    w8 = int8_weight(256, 128, 256, gen).to(device)  # per channel
+    table = {cuda_device_tag(device): {quant_gemm_config.table_key("w8a16", 128, 256, 16): ["mma", ["1,4,4,2"]]}}
+    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda *a: table)
+    assert linear_mod.prepare_library_weights([w8], device, torch.bfloat16) == 128 * 256 + 2 * 128 * 2 * 2
+    got = linear_mod._tuned_matmul(x.to(device), w8)
+    ref = w8a16_gemm_ref(x.float(), w8.qweight.cpu(), w8.scales.cpu().float(), 256)
+    torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=2e-2)

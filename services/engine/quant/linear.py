@@ -8,7 +8,7 @@ where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
 first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
 GEMM config, our swapped-operand INT4 kernel (swapped_int4.py), our CUDA C++ fragment-order
-INT4 kernel (mma_int4.py), cuBLASLt FP8, PyTorch's
+INT4/INT8 kernel (mma_weights.py), cuBLASLt FP8, PyTorch's
 tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8 kernels (gemlite_kernels.py) or FBGEMM's
 INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
@@ -67,9 +67,9 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
         return swapped_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
     if name == "mma":
-        from llmesh.engine.quant.mma_int4 import mma_matmul
+        from llmesh.engine.quant.mma_weights import mma_matmul
 
-        return mma_matmul(x, w, str(fields[0])) if isinstance(w, Int4Weight) else None
+        return mma_matmul(x, w, str(fields[0])) if isinstance(w, (Int4Weight, Int8Weight)) else None
     if name == "dequant":
         return dequant_matmul(x, w) if isinstance(w, (Int4Weight, Int8Weight)) else None
     if isinstance(w, Fp8Weight):
@@ -103,7 +103,7 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
 
-    from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack, mma_int4, swapped_int4
+    from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack, mma_weights, swapped_int4
 
     if device.type != "cuda":
         return 0
@@ -129,9 +129,9 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
         if any(name == "swapped" for name, _ in choices) and isinstance(w, Int4Weight):
             swapped_int4.codes(w)  # one copy, whichever config an M takes
             total += swapped_int4.copy_bytes(w)
-        if any(name == "mma" for name, _ in choices) and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
-            mma_int4.layout(w)
-            total += mma_int4.copy_bytes(w)
+        if any(name == "mma" for name, _ in choices) and mma_weights.can_lay_out(w) and dtype == torch.bfloat16:
+            mma_weights.layout(w)
+            total += mma_weights.copy_bytes(w)
         if any(name == "fbgemm" for name, _ in choices) and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
             if (why := fbgemm_kernels.unavailable_reason()) is not None:
                 missing.add(why)

@@ -1,0 +1,87 @@
+"""Int4Weight and Int8Weight through the CUDA C++ fragment-order kernel (kernels/w4a16_mma.py)
+where the measured table picks it (kernels/quant_gemm_tuned.json entries ``["mma", ["wn,wk,
+stages,split[,bulk[,rows]]"]]`` from bench/quant_gemm.py's sweep, which times it beside our
+other kernels and the libraries'). The kernel reads the codes in mma.sync's fragment order (an
+8-bit weight as two nibble planes) and the scales and mins interleaved per lane, so a weight it
+serves keeps that copy (as many bytes as its codes, scales and mins) beside its own; the copy is
+made once after the model loads (``linear.prepare_library_weights``), before the KV pool takes
+its share of memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.engine.quant.packed import Int4Weight, Int8Weight
+
+_CACHE = "_mma_layout"
+
+
+@dataclass(frozen=True)
+class MmaLayout:
+    codes: torch.Tensor
+    """int32 [N/64, Kp/16, 32, 4] (4-bit) or [N/64, Kp/16, 2, 32, 4] (8-bit as two planes)"""
+    scales: torch.Tensor
+    """float16 [N/64, Kp/G, 8, 4, 2, 2]"""
+    group: int
+    """the kernel's group (an int8 weight's per-channel scale repeats every 128 rows)"""
+
+
+def _group(w: Int4Weight | Int8Weight) -> int | None:
+    from llmesh.kernels.w4a16_mma import int8_group
+
+    return w.group_size if isinstance(w, Int4Weight) else int8_group(w.group_size, w.in_features)
+
+
+def can_lay_out(w) -> bool:
+    """Whether the kernel takes this weight at all (its layout can be made): int4 or int8 with a
+    group it handles, N a multiple of 64, K of 8."""
+    from llmesh.kernels.w4a16_mma import GROUP_STEPS, STRIP
+
+    if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
+        return False
+    return w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group // 16 in GROUP_STEPS and group % 16 == 0
+
+
+def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
+    """Whether the kernel can serve ``x`` times this weight (CUDA, bf16 rows, N a multiple of 64,
+    a group of 16-256 rows; an int8 weight's group a multiple of 16 up to 128 or of 128 past)."""
+    from llmesh.kernels.w4a16_mma import MAX_M, unsupported
+
+    if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
+        return False
+    return w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group) is None
+
+
+def layout(w: Int4Weight | Int8Weight) -> MmaLayout:
+    """The kernel's copy of the weight, made once and cached on it."""
+    from llmesh.kernels.w4a16_mma import int8_scales, pack_codes, pack_codes_int8, pack_scales
+
+    cached = w.__dict__.get(_CACHE)
+    if cached is None:
+        if isinstance(w, Int4Weight):
+            cached = MmaLayout(pack_codes(w.codes()), pack_scales(w.scales.half(), w.mins.half()), w.group_size)
+        else:
+            group = _group(w)
+            k = w.in_features
+            kp = -(-k // (2 * group)) * 2 * group  # the kernel's K: whole pairs of groups
+            cached = MmaLayout(pack_codes_int8(w.qweight, kp), int8_scales(w.scales, w.group_size, k, kp), group)
+        w.__dict__[_CACHE] = cached
+    return cached
+
+
+def copy_bytes(w: Int4Weight | Int8Weight) -> int:
+    cached = w.__dict__.get(_CACHE)
+    return 0 if cached is None else sum(t.numel() * t.element_size() for t in (cached.codes, cached.scales))
+
+
+def mma_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, config: str) -> torch.Tensor | None:
+    """x [M, K] @ W → [M, N] through the kernel with the table's config, or None where it cannot
+    serve these rows (the caller's default path then does)."""
+    from llmesh.kernels.w4a16_mma import parse_config, w4a16_mma
+
+    if not supported(w, x):
+        return None
+    lay = layout(w)
+    return w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config))
