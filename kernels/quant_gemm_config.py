@@ -146,7 +146,7 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # candidate per (kind, N, K, M) on a device and writes the winner to TUNED_FILE under the
 # device's tag. Candidates: "dot" (w4a16_gemm / w8a16_gemm with a GemmConfig), "gemv"
 # (quant_gemv.py with a GemvConfig), "swapped" (w4a16_swapped.py, its GemmConfig as a string;
-# a transposed copy of the codes), "mma" (w4a16_mma.py, the CUDA C++ kernel with the codes in
+# a transposed copy of the codes), "mma" (w4a16_mma.py, the CUDA C++ INT4/INT8 kernel with the codes in
 # mma.sync's fragment order, its MmaConfig as a string; a copy in that order), and for fp8 "fp8" (fp8_gemm) or "scaled_mm"
 # (torch._scaled_mm, cuBLASLt); and three libraries' kernels, "int4pack" (PyTorch's tinygemm),
 # "gemlite" and "fbgemm" (FBGEMM GenAI's CUTLASS INT4 and FP8 GEMMs; services/engine/quant/);
