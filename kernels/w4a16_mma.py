@@ -31,9 +31,9 @@ scales  float16 [N / 64, Kp / G, 8, 4, 2, 2]: per strip and group, for g = 0..7 
         lanes 4g..4g+3 read as two 16-byte loads: for MMA q the scales of columns 16q + g and
         16q + 8 + g (the lane's C-fragment rows), then their mins.
 
-Arithmetic: the MMAs multiply x by (128 + q), exact in bf16; the block sums each row of x over
-each group in float32 as it stages x; at the end of each group y += s * acc + (m - 128 s) *
-sum(x) in float32. So w = q * s + m is applied in float32 per output, not rounded to bf16 per weight:
+Arithmetic: the MMAs multiply x by (128 + q), exact in bf16 (8-bit codes: by u + 2176); the
+block sums each row of x over each group in float32 after staging x; at the end of each group
+y += s * acc + (m - 128 s) * sum(x) in float32 (2176 for 128 with 8-bit codes). So w = q * s + m is applied in float32 per output, not rounded to bf16 per weight:
 the result is at least as close to x @ W as the reference (quant_ref's dequantize-then-
 matmul), not bit-equal to it.
 

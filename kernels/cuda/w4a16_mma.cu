@@ -14,13 +14,13 @@
 // fragments of column groups 2q and 2q + 1 are its A fragment of columns 16q..16q+15.
 //
 // Per warp: one strip of 64 output columns over a range of K in steps of 16. A step is one
-// 16-byte load per lane holding its A fragments of four MMAs: either straight into registers,
+// 16-byte load per lane (two for 8-bit codes, PLANES below) holding its A fragments of four MMAs: either straight into registers,
 // STAGES steps ahead (BULK = 0: no shared memory for the weight, so many warps an SM), or (BULK
 // > 0, Hopper) lane 0's bulk copy of BULK steps of the warp's contiguous codes into a ring slot
 // in shared memory, STAGES slots, on an mbarrier. The codes widen by the exponent trick (a
 // nibble OR-ed into the mantissa of bf16 128.0 gives 128 + q exactly, one lop3 for two), so
-// the MMAs compute (128 + q) . x. The block sums each row of x over each group once, as it
-// stages x, and at each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q s
+// the MMAs compute (128 + q) . x. The block sums each row of x over each group once, after
+// staging x, and at each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q s
 // + m), which costs no arithmetic per weight beyond the lop3 and its shift.
 //
 // Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // both return at once.
   pdl_wait_then_release();
 
-  // x's rows of this m tile over the block's K range, zero past K (the codes there are 0 too)
+  // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
   const int kbase = kstep0 * 16, gpb = split_steps / GS;
   for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
     const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
