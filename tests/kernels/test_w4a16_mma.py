@@ -129,6 +129,20 @@ def test_the_int8_arithmetic_matches_the_reference(m, n, k, g):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_which_weights_the_kernel_takes():
+    """Int4 and int8 weights with N a multiple of 64; an int8 weight only where float16 holds its
+    scales exactly (the kernel reads them as float16): not one with subnormal scales."""
+    from llmesh.engine.quant import mma_weights
+
+    gen = torch.Generator().manual_seed(5)
+    assert mma_weights.can_lay_out(int8_weight(256, 128, 256, gen))
+    assert mma_weights.can_lay_out(int8_weight(256, 128, 32, gen))          # q8_0 groups
+    assert not mma_weights.can_lay_out(int8_weight(256, 96, 256, gen))      # N not a multiple of 64
+    tiny = int8_weight(256, 128, 256, gen)
+    tiny.scales = tiny.scales.float() * 1e-3                                 # under float16's normal range
+    assert not mma_weights.can_lay_out(tiny)
+
+
 def test_configs_plan_whole_groups_and_fit_shared_memory():
     cfg = MmaConfig(1, 8, 8, 3)
     assert parse_config(config_str(cfg)) == cfg and config_str(cfg) == "1,8,8,3"

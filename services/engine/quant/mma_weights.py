@@ -16,6 +16,11 @@ import torch
 from llmesh.engine.quant.packed import Int4Weight, Int8Weight
 
 _CACHE = "_mma_layout"
+_FITS = "_mma_scales_fit"
+FP16_MIN_NORMAL = 2.0 ** -14
+INT8_MAX_SCALE = 511.0
+"""The kernel reads scales and mins as float16: an int8 weight's float32 scale is taken only
+where float16 holds it to full precision (no subnormals) and its min, -128 s, in range."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,24 @@ def can_lay_out(w) -> bool:
 
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    return w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group // 16 in GROUP_STEPS and group % 16 == 0
+    if not (w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group // 16 in GROUP_STEPS and group % 16 == 0):
+        return False
+    return _scales_fit(w)
+
+
+def _scales_fit(w: Int4Weight | Int8Weight) -> bool:
+    """Int4Weight's scales are float16 already; an Int8Weight's (float32 from quantize-on-load)
+    must fit float16 as the module says. Checked once (a device sync) and cached on the weight:
+    ``linear.prepare_library_weights`` asks before any CUDA graph is captured."""
+    if isinstance(w, Int4Weight):
+        return True
+    fits = w.__dict__.get(_FITS)
+    if fits is None:
+        s = w.scales.float().abs()
+        nonzero = s[s > 0]
+        fits = w.__dict__[_FITS] = bool(s.max() <= INT8_MAX_SCALE) and (
+            nonzero.numel() == 0 or bool(nonzero.min() >= FP16_MIN_NORMAL))
+    return fits
 
 
 def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
@@ -51,7 +73,8 @@ def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
 
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    return w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group) is None
+    return (w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group) is None
+            and _scales_fit(w))
 
 
 def layout(w: Int4Weight | Int8Weight) -> MmaLayout:
