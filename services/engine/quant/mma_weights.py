@@ -41,12 +41,12 @@ def _group(w: Int4Weight | Int8Weight) -> int | None:
 
 def can_lay_out(w) -> bool:
     """Whether the kernel takes this weight at all (its layout can be made): int4 or int8 with a
-    group it handles, N a multiple of 64, K of 8."""
+    group it handles, N a multiple of 64, K of 8, scales that float16 holds (``_scales_fit``)."""
     from llmesh.kernels.w4a16_mma import GROUP_STEPS, STRIP
 
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    if not (w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group // 16 in GROUP_STEPS and group % 16 == 0):
+    if not (w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group % 16 == 0 and group // 16 in GROUP_STEPS):
         return False
     return _scales_fit(w)
 
