@@ -298,6 +298,13 @@ def emulate(x: torch.Tensor, packed_codes: torch.Tensor, packed_scales: torch.Te
 
 # ---- launch ----
 
+def shape_unsupported(n: int, k: int, group: int) -> str | None:
+    """Why the kernel cannot take a weight of this shape and (kernel) group, or None."""
+    if n % STRIP or k % 8 or group % 16 or group // 16 not in GROUP_STEPS:
+        return f"needs N % {STRIP} == 0, K % 8 == 0 and a group of 16..256 rows in steps of 16"
+    return None
+
+
 def unsupported(x: torch.Tensor, n: int, group: int) -> str | None:
     """Why the kernel cannot serve this call, or None."""
     if not x.is_cuda:
@@ -306,9 +313,7 @@ def unsupported(x: torch.Tensor, n: int, group: int) -> str | None:
         return f"bf16 activations only (got {x.dtype})"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return "needs bf16 mma.sync (sm_80 or newer)"
-    if n % STRIP or x.shape[1] % 8 or group % 16 or group // 16 not in GROUP_STEPS:
-        return f"needs N % {STRIP} == 0, K % 8 == 0 and a group of 16..256 rows in steps of 16"
-    return None
+    return shape_unsupported(n, x.shape[1], group)
 
 
 @functools.cache

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from llmesh.engine.quant.packed import Int4Weight, Int8Weight
+from llmesh.kernels.w4a16_mma import (MAX_M, int8_group, int8_scales, pack_codes, pack_codes_int8, pack_scales,
+                                      parse_config, shape_unsupported, unsupported, w4a16_mma)
 
 _CACHE = "_mma_layout"
 _FITS = "_mma_scales_fit"
@@ -34,21 +36,15 @@ class MmaLayout:
 
 
 def _group(w: Int4Weight | Int8Weight) -> int | None:
-    from llmesh.kernels.w4a16_mma import int8_group
-
     return w.group_size if isinstance(w, Int4Weight) else int8_group(w.group_size, w.in_features)
 
 
 def can_lay_out(w) -> bool:
     """Whether the kernel takes this weight at all (its layout can be made): int4 or int8 with a
     group it handles, N a multiple of 64, K of 8, scales that float16 holds (``_scales_fit``)."""
-    from llmesh.kernels.w4a16_mma import GROUP_STEPS, STRIP
-
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    if not (w.out_features % STRIP == 0 and w.in_features % 8 == 0 and group % 16 == 0 and group // 16 in GROUP_STEPS):
-        return False
-    return _scales_fit(w)
+    return shape_unsupported(w.out_features, w.in_features, group) is None and _scales_fit(w)
 
 
 def _scales_fit(w: Int4Weight | Int8Weight) -> bool:
@@ -69,8 +65,6 @@ def _scales_fit(w: Int4Weight | Int8Weight) -> bool:
 def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
     """Whether the kernel can serve ``x`` times this weight (CUDA, bf16 rows, N a multiple of 64,
     a group of 16-256 rows; an int8 weight's group a multiple of 16 up to 128 or of 128 past)."""
-    from llmesh.kernels.w4a16_mma import MAX_M, unsupported
-
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
     return (w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group) is None
@@ -79,8 +73,6 @@ def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
 
 def layout(w: Int4Weight | Int8Weight) -> MmaLayout:
     """The kernel's copy of the weight, made once and cached on it."""
-    from llmesh.kernels.w4a16_mma import int8_scales, pack_codes, pack_codes_int8, pack_scales
-
     cached = w.__dict__.get(_CACHE)
     if cached is None:
         if isinstance(w, Int4Weight):
@@ -102,8 +94,6 @@ def copy_bytes(w: Int4Weight | Int8Weight) -> int:
 def mma_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, config: str) -> torch.Tensor | None:
     """x [M, K] @ W → [M, N] through the kernel with the table's config, or None where it cannot
     serve these rows (the caller's default path then does)."""
-    from llmesh.kernels.w4a16_mma import parse_config, w4a16_mma
-
     if not supported(w, x):
         return None
     lay = layout(w)
