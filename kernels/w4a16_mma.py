@@ -226,9 +226,8 @@ def pack_codes_int8(qweight: torch.Tensor, kp: int) -> torch.Tensor:
     k, n = qweight.shape
     if kp < k or kp % 16:
         raise ValueError(f"int8 weight [K, N]={list(qweight.shape)}: Kp={kp} must be >= K and a multiple of 16")
-    u = torch.zeros(kp, n, dtype=torch.int32, device=qweight.device)
-    u[:k] = qweight.to(torch.int32) + 128
-    u[k:] = 128
+    u = torch.full((kp, n), 128, dtype=torch.int32, device=qweight.device)  # q = 0 past K
+    u[:k] += qweight.to(torch.int32)
     return torch.stack([pack_codes((u >> 4).to(torch.uint8)), pack_codes((u & 15).to(torch.uint8))], dim=2)
 
 
