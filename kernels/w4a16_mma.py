@@ -84,12 +84,18 @@ class MmaConfig:
     """x rows a block: 8 (one n8 tile of the MMA) or 16 (two sharing each widened weight
     fragment); 0: 8 up to 8 rows, else 16. The tiles of a strip run side by side, so past the
     first the codes come from L2"""
+    xload: int = 0
+    """1 (tiles of 8 rows, bulk 0 only): each lane loads its B fragments of x from global memory
+    with its codes, ``stages`` steps ahead, and x's sums come from an MMA against ones: no x tile
+    in shared memory and no barrier before the K loop (0: x staged, its sums taken once)"""
 
 
 def config_str(config: MmaConfig) -> str:
-    """The dispatch table's form: "wn,wk,stages,split" (",bulk" when it or rows is not 0,
-    ",rows" when it is not 0)."""
+    """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows" and ",xload" as far
+    as the last that is not 0."""
     text = f"{config.wn},{config.wk},{config.stages},{config.split}"
+    if config.xload:
+        return text + f",{config.bulk},{config.rows},{config.xload}"
     if config.rows:
         return text + f",{config.bulk},{config.rows}"
     return text + (f",{config.bulk}" if config.bulk else "")
@@ -98,8 +104,8 @@ def config_str(config: MmaConfig) -> str:
 @functools.lru_cache(maxsize=256)
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
-    if len(fields) not in (4, 5, 6):
-        raise ValueError(f"a w4a16_mma config is four to six integers 'wn,wk,stages,split[,bulk[,rows]]', "
+    if len(fields) not in (4, 5, 6, 7):
+        raise ValueError(f"a w4a16_mma config is four to seven integers 'wn,wk,stages,split[,bulk[,rows[,xload]]]', "
                          f"got {text!r}")
     return check_config(MmaConfig(*fields))
 
@@ -117,6 +123,8 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: bulk must be 0, 1, 2, 4 or 8 steps")
     if config.rows not in (0, 8, 16):
         raise ValueError(f"{config}: rows must be 0 (by M), 8 or 16")
+    if config.xload not in (0, 1) or (config.xload and (config.bulk or config.rows == 16)):
+        raise ValueError(f"{config}: xload is 0 or 1, and 1 only with bulk 0 and tiles of 8 rows")
     return config
 
 
@@ -151,10 +159,10 @@ def row_tile(m: int, rows: int = 0) -> int:
 def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1, planes: int = 1) -> int:
     """Shared memory of a block: the bulk-copy ring (none without), x's rows over the block's
     K (16-byte padded rows), a row of zeros and x's float32 sums over each group of ``group_steps``
-    K steps; the warps' sums reuse it at the end."""
+    K steps (none of those with xload); the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
     ring = config.stages * threads * 16 * config.bulk * planes
-    x_tile = rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
+    x_tile = 0 if config.xload else rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
     return max(ring + x_tile, config.wk * config.wn * rows * RED_ROW * 4)
 
 
@@ -174,9 +182,11 @@ def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: 
     """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``)."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
+    if config.xload and tile != 8:
+        raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += ", 2>" if planes == 2 else ">"
+    name += f", {planes}, 1>" if config.xload else (", 2>" if planes == 2 else ">")
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 

@@ -80,6 +80,18 @@ __device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {  // read once: ski
   return v;
 }
 
+__device__ __forceinline__ u32 ldg_u32(const u32* p) {
+  u32 v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// a B fragment of x straight from global memory: bf16 pairs at columns k and k + 8 of a row
+__device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live) {
+  f[0] = live && k < K ? ldg_u32(row + k / 2) : 0u;
+  f[1] = live && k + 8 < K ? ldg_u32(row + k / 2 + 4) : 0u;
+}
+
 __device__ __forceinline__ void ldmatrix_x2(u32* a, u32 addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(a[0]), "=r"(a[1]) : "r"(addr) : "memory");
 }
@@ -144,7 +156,10 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
 // NT: n8 tiles of x rows a block (8 * NT rows a tile); grid (tiles x strip blocks, splits)
-template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1>
+// XLOAD (one n8 tile, register loads only): x's B fragments loaded from global memory with the
+// codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no barrier
+// before the loop (a variant, timed against the staged x by the sweep)
+template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
@@ -154,6 +169,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
   constexpr float OFF = PLANES == 2 ? 2176.f : 128.f;  // what the widening adds to a code
   static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
+  static_assert(!XLOAD || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
   constexpr int RED = 68;  // float row stride of the warps' sums: lanes' stores fall in distinct banks
   extern __shared__ __align__(16) unsigned char smem[];
@@ -216,31 +232,42 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // both return at once.
   pdl_wait_then_release();
 
-  // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
   const int kbase = kstep0 * 16, gpb = split_steps / GS;
-  for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
-    const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
-    u32x4 v = {0u, 0u, 0u, 0u};
-    if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
-    *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
-  }
-  if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
-  __syncthreads();
-  // each row's sum over each group: a thread a (row, group), its 2 GS 16-byte chunks read
-  // from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
-  for (int p = tid; p < mrows * gpb; p += THREADS) {
-    const u16* row = xs + (p / gpb) * xrow + (p % gpb) * 16 * GS;
-    float sum = 0.f;
+  // XLOAD: lane (g, t)'s B fragment of step i is x[m0 + g][k, k + 1] and [k + 8, k + 9] at
+  // k = 16 (my0 + i) + 2t, as bf16 pairs; zero for rows past M and past K (K is even)
+  const bool xg_live = g < mrows;
+  const u32* xrow_g = reinterpret_cast<const u32*>(x + (size_t)(m0 + (xg_live ? g : 0)) * ldx);
+  u32 px[XLOAD ? STAGES : 1][2];
+  if constexpr (XLOAD) {
 #pragma unroll
-    for (int j = 0; j < 2 * GS; ++j) {
-      const u32x4 v = *reinterpret_cast<const u32x4*>(row + ((j + lane) & (2 * GS - 1)) * 8);
-      const u32 h[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
+    for (int s = 0; s < STAGES; ++s)
+      if (s < count) load_xfrag(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
+  } else {
+    // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
+    for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
+      const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
+      u32x4 v = {0u, 0u, 0u, 0u};
+      if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
+      *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
     }
-    xsum[p] = sum;
+    if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
+    __syncthreads();
+    // each row's sum over each group: a thread a (row, group), its 2 GS 16-byte chunks read
+    // from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
+    for (int p = tid; p < mrows * gpb; p += THREADS) {
+      const u16* row = xs + (p / gpb) * xrow + (p % gpb) * 16 * GS;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 2 * GS; ++j) {
+        const u32x4 v = *reinterpret_cast<const u32x4*>(row + ((j + lane) & (2 * GS - 1)) * 8);
+        const u32 h[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
+      }
+      xsum[p] = sum;
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   // x as the B operand (k16 x n8, column n = row n of x): ldmatrix (not transposed) of 8x8
   // tiles whose rows are x's rows gives lane l row l / 4 at k 2 (l % 4), +1: b0 from k 0-7,
@@ -274,7 +301,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps
     sc[0] = ldg128(sc_src + (g0 / GS) * 16);
     sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
-    float acc[NT][4][4];
+    float acc[NT][4][4], xsum_mma[4] = {0.f, 0.f, 0.f, 0.f};  // the latter: XLOAD's sums of x
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -307,8 +334,18 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
         }
       }
       u32 bx[2 * NT];
-      if constexpr (NT == 1) ldmatrix_x2(bx, xa0 + i * xstep);
-      else ldmatrix_x4(bx, xa0 + i * xstep);
+      if constexpr (XLOAD) {
+        const int nxt = i + STAGES;
+        bx[0] = px[js % STAGES][0];
+        bx[1] = px[js % STAGES][1];
+        if (nxt < count) load_xfrag(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
+        const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 pairs (1, 1)
+        mma(xsum_mma, ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
+      } else if constexpr (NT == 1) {
+        ldmatrix_x2(bx, xa0 + i * xstep);
+      } else {
+        ldmatrix_x4(bx, xa0 + i * xstep);
+      }
 #pragma unroll
       for (int p = 0; p < PLANES; ++p) {
         const u32 w[4] = {b[p].x, b[p].y, b[p].z, b[p].w};
@@ -329,8 +366,8 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     float xs0[NT], xs1[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      xs0[nt] = xsum[srow[nt][0] + sg];
-      xs1[nt] = xsum[srow[nt][1] + sg];
+      xs0[nt] = XLOAD ? xsum_mma[0] : xsum[srow[nt][0] + sg];
+      xs1[nt] = XLOAD ? xsum_mma[1] : xsum[srow[nt][1] + sg];
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {

@@ -151,9 +151,12 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     assert config_str(MmaConfig(1, 8, 4, 1, 0, 8)) == "1,8,4,1,0,8"
     with pytest.raises(ValueError, match="rows"):
         parse_config("1,8,4,1,0,4")
+    assert config_str(parse_config("1,8,2,1,0,0,1")) == "1,8,2,1,0,0,1"
+    with pytest.raises(ValueError, match="xload"):
+        parse_config("1,8,2,1,4,0,1")  # not with bulk copies
     with pytest.raises(ValueError, match="bulk"):
         parse_config("1,8,4,1,3")
-    with pytest.raises(ValueError, match="four to six integers"):
+    with pytest.raises(ValueError, match="four to seven integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
         parse_config("1,8,3,1")  # steps held in registers: 1, 2, 4 or 8
@@ -182,6 +185,10 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     assert plan_launch(MmaConfig(1, 8, 4, 1), 9, 4096, 4096, 128).name.endswith(", 2>")
     eights = plan_launch(MmaConfig(1, 8, 4, 1, 0, 8), 16, 4096, 4096, 128)  # 16 rows in two tiles of 8
     assert eights.name.endswith(", 1>") and eights.grid == (128, 1, 1)
+    xload = plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 3, 4096, 4096, 128)  # x from global: no x tile
+    assert xload.name == "w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>" and xload.smem == 8 * 3 * 68 * 4
+    with pytest.raises(ValueError, match="tiles of 8"):
+        plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 12, 4096, 4096, 128)
     int8 = plan_launch(MmaConfig(1, 8, 2, 1, 4), 1, 4096, 4096, 128, planes=2)  # 8-bit codes: twice the ring
     assert int8.name == "w4a16_mma<1, 8, 2, 8, 4, 1, 2>"
     assert int8.smem == smem_bytes(MmaConfig(1, 8, 2, 1, 4), 1, 256, 8, 2) >= 2 * 256 * 16 * 4 * 2
@@ -199,7 +206,8 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     # 256-thread blocks fit an SM; two tiles still fit two
     for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1>", 96), ("w4a16_mma<2, 8, 2, 8, 4, 1>", 96),
                        ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128),
-                       ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128)):
+                       ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128),
+                       ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
@@ -224,6 +232,9 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (7, 192, 640, 64, MmaConfig(2, 2, 2, 2, 4)),    # bulk, one n8 tile, split K (a shorter split)
     (16, 256, 640, 64, MmaConfig(2, 2, 4, 2, 2)),   # bulk copies with split K (a shorter split)
     (3, 192, 200, 32, MmaConfig(1, 2, 3, 1, 2)),    # bulk copies, K padded, three slots
+    (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 0, 0, 1)),  # x from global memory (xload)
+    (6, 192, 200, 32, MmaConfig(2, 2, 1, 2, 0, 8, 1)),    # xload, K padded, split K, one step ahead
+    (13, 128, 512, 64, MmaConfig(1, 4, 4, 1, 0, 8, 1)),   # xload in two tiles of 8 rows
 ])
 def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     if not torch.cuda.is_available():
