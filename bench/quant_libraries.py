@@ -162,17 +162,15 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
     # past 8 rows, tiles of 16 rows (the default) and of 8 (twice the reads, the repeats from L2);
     # up to 8, x staged and x loaded with the codes (xload, register loads only)
     variants = ((0, 0), (8, 0)) if x.shape[0] > 8 else ((0, 0), (0, 1))
-    # on Hopper each also with the warps' runs of codes prefetched into L2 first
-    prefetches = (0, 1) if hopper else (0,)
-    for (wn, wk, stages, split, bulk), (rows, xload), prefetch in itertools.product(sweep, variants, prefetches):
+    for (wn, wk, stages, split, bulk), (rows, xload) in itertools.product(sweep, variants):
         if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
             continue
         if xload and bulk:
             continue
-        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload, prefetch)
+        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
         if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
-        launched = (wn, wk, stages, bulk, rows, xload, prefetch, split_steps(cfg, kp, group))
+        launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
         if launched in seen:
             continue
         seen.add(launched)

@@ -88,28 +88,25 @@ class MmaConfig:
     """1 (tiles of 8 rows, bulk 0 only): each lane loads its B fragments of x from global memory
     with its codes, ``stages`` steps ahead, and x's sums come from an MMA against ones: no x tile
     in shared memory and no barrier before the K loop (0: x staged, its sums taken once)"""
-    prefetch: int = 0
-    """1 (Hopper): each warp first asks L2 for its whole run of codes (one bulk prefetch), so the
-    weight streams from memory at the copy engine's rate, from before the previous kernel ends
-    (PDL), and the loads find it in L2"""
 
 
 def config_str(config: MmaConfig) -> str:
-    """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows", ",xload" and
-    ",prefetch" as far as the last that is not 0."""
-    fields = [config.wn, config.wk, config.stages, config.split, config.bulk, config.rows, config.xload,
-              config.prefetch]
-    while len(fields) > 4 and not fields[-1]:
-        fields.pop()
-    return ",".join(str(v) for v in fields)
+    """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows" and ",xload" as far
+    as the last that is not 0."""
+    text = f"{config.wn},{config.wk},{config.stages},{config.split}"
+    if config.xload:
+        return text + f",{config.bulk},{config.rows},{config.xload}"
+    if config.rows:
+        return text + f",{config.bulk},{config.rows}"
+    return text + (f",{config.bulk}" if config.bulk else "")
 
 
 @functools.lru_cache(maxsize=256)
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
-    if not 4 <= len(fields) <= 8:
-        raise ValueError(f"a w4a16_mma config is four to eight integers "
-                         f"'wn,wk,stages,split[,bulk[,rows[,xload[,prefetch]]]]', got {text!r}")
+    if len(fields) not in (4, 5, 6, 7):
+        raise ValueError(f"a w4a16_mma config is four to seven integers 'wn,wk,stages,split[,bulk[,rows[,xload]]]', "
+                         f"got {text!r}")
     return check_config(MmaConfig(*fields))
 
 
@@ -128,8 +125,6 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: rows must be 0 (by M), 8 or 16")
     if config.xload not in (0, 1) or (config.xload and (config.bulk or config.rows == 16)):
         raise ValueError(f"{config}: xload is 0 or 1, and 1 only with bulk 0 and tiles of 8 rows")
-    if config.prefetch not in (0, 1):
-        raise ValueError(f"{config}: prefetch is 0 or 1")
     return config
 
 
@@ -190,13 +185,8 @@ def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: 
     if config.xload and tile != 8:
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
-    # template arguments past NT as far as the last that is not its default (PLANES 1, XLOAD 0,
-    # PREFETCH 0): one name, so one compiled instance, per distinct kernel
-    tail = [planes, config.xload, config.prefetch]
-    while tail and tail[-1] == (1, 0, 0)[len(tail) - 1]:
-        tail.pop()
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += "".join(f", {v}" for v in tail) + ">"
+    name += f", {planes}, 1>" if config.xload else (", 2>" if planes == 2 else ">")
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 
@@ -381,8 +371,6 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if config.bulk and ((group_size // 16) % config.bulk or torch.cuda.get_device_capability(x.device) < (9, 0)):
         raise ValueError(f"{config}: bulk copies need Hopper (sm_90) and a bulk dividing the group's "
                          f"{group_size // 16} steps")
-    if config.prefetch and torch.cuda.get_device_capability(x.device) < (9, 0):
-        raise ValueError(f"{config}: the L2 bulk prefetch needs Hopper (sm_90)")
     if not config.bulk and (group_size // 16) % config.stages:
         raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")

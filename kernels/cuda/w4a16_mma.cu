@@ -59,14 +59,6 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
   } while (!done);
 }
 
-// Hopper: ask L2 to fetch [src, src + bytes) from memory (no destination, no completion to wait
-// on); the loads that follow then hit L2
-__device__ __forceinline__ void prefetch_l2(const void* src, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void pdl_wait_then_release() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -167,11 +159,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // XLOAD (one n8 tile, register loads only): x's B fragments loaded from global memory with the
 // codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no barrier
 // before the loop (a variant, timed against the staged x by the sweep)
-// PREFETCH (Hopper): lane 0 of each warp first asks L2 for the warp's whole run of codes past
-// what its first loads take, so memory streams at the rate of the copy engine rather than of
-// the loads a warp keeps in flight, starting before the previous kernel has finished (PDL)
-template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
-          int PREFETCH = 0>
+template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
@@ -235,11 +223,6 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 #pragma unroll
       for (int p = 0; p < PLANES; ++p)
         if (s < count) pre[s][p] = ldg_stream(src + (size_t)(s * PLANES + p) * 32);
-  }
-
-  if constexpr (PREFETCH) {
-    const int ahead = BULK > 0 ? (STAGES - 1) * BULK : STAGES;  // steps the first loads take
-    if (lane == 0 && count > ahead) prefetch_l2(wsrc + (size_t)ahead * STEP, (u32)(count - ahead) * STEP);
   }
 
   // Launched with programmatic dependent launch (Hopper), the block may be resident before the

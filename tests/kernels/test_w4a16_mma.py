@@ -156,11 +156,7 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
         parse_config("1,8,2,1,4,0,1")  # not with bulk copies
     with pytest.raises(ValueError, match="bulk"):
         parse_config("1,8,4,1,3")
-    cfg = MmaConfig(1, 8, 4, 1, 0, 0, 0, 1)  # the L2 prefetch alone: the fields before it written out
-    assert config_str(cfg) == "1,8,4,1,0,0,0,1" and parse_config("1,8,4,1,0,0,0,1") == cfg
-    with pytest.raises(ValueError, match="prefetch"):
-        parse_config("1,8,4,1,0,0,0,2")
-    with pytest.raises(ValueError, match="four to eight integers"):
+    with pytest.raises(ValueError, match="four to seven integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
         parse_config("1,8,3,1")  # steps held in registers: 1, 2, 4 or 8
@@ -193,9 +189,6 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     assert xload.name == "w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>" and xload.smem == 8 * 3 * 68 * 4
     with pytest.raises(ValueError, match="tiles of 8"):
         plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 12, 4096, 4096, 128)
-    prefetch = plan_launch(MmaConfig(1, 8, 4, 1, 2, 0, 0, 1), 1, 4096, 4096, 128)  # defaults before it named
-    assert prefetch.name == "w4a16_mma<1, 8, 4, 8, 2, 1, 1, 0, 1>"
-    assert plan_launch(MmaConfig(1, 8, 4, 1, 0, 0, 1, 1), 1, 4096, 4096, 128).name.endswith(", 1, 1, 1>")
     int8 = plan_launch(MmaConfig(1, 8, 2, 1, 4), 1, 4096, 4096, 128, planes=2)  # 8-bit codes: twice the ring
     assert int8.name == "w4a16_mma<1, 8, 2, 8, 4, 1, 2>"
     assert int8.smem == smem_bytes(MmaConfig(1, 8, 2, 1, 4), 1, 256, 8, 2) >= 2 * 256 * 16 * 4 * 2
@@ -214,8 +207,7 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1>", 96), ("w4a16_mma<2, 8, 2, 8, 4, 1>", 96),
                        ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128),
                        ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128),
-                       ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104), ("w4a16_mma<1, 8, 4, 8, 0, 1, 1, 1, 1>", 128),
-                       ("w4a16_mma<2, 8, 2, 8, 4, 1, 1, 0, 1>", 96)):
+                       ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
@@ -243,15 +235,12 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 0, 0, 1)),  # x from global memory (xload)
     (6, 192, 200, 32, MmaConfig(2, 2, 1, 2, 0, 8, 1)),    # xload, K padded, split K, one step ahead
     (13, 128, 512, 64, MmaConfig(1, 4, 4, 1, 0, 8, 1)),   # xload in two tiles of 8 rows
-    (3, 192, 1024, 64, MmaConfig(1, 4, 2, 2, 0, 0, 0, 1)),  # L2 prefetch, registers, split K
-    (1, 128, 200, 32, MmaConfig(1, 2, 2, 1, 0, 0, 1, 1)),   # L2 prefetch with xload, K padded
-    (9, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 4, 0, 0, 1)),  # L2 prefetch with bulk copies
 ])
 def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     if not torch.cuda.is_available():
         pytest.skip("a CUDA kernel: needs a GPU")
-    if config is not None and (config.bulk or config.prefetch) and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("bulk copies and the L2 prefetch need Hopper")
+    if config is not None and config.bulk and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies need Hopper")
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
     w = int4_weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -276,13 +265,12 @@ def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     (5, 192, 640, 640, MmaConfig(2, 2, 2, 2, 4)),      # per channel, K padded to 768, bulk, split K
     (16, 256, 512, 32, MmaConfig(2, 2, 2, 1)),         # q8_0 (groups of 32), two n8 tiles
     (20, 64, 1024, 1024, MmaConfig(1, 8, 2, 1, 8, 8)),  # three tiles of 8 rows, bulk of 8 steps
-    (1, 128, 1024, 128, MmaConfig(1, 4, 4, 1, 0, 0, 1, 1)),  # xload and the L2 prefetch, two planes
 ])
 def test_int8_planes_match_the_reference_on_gpu(m, n, k, g, config):
     if not torch.cuda.is_available():
         pytest.skip("a CUDA kernel: needs a GPU")
-    if (config.bulk or config.prefetch) and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("bulk copies and the L2 prefetch need Hopper")
+    if config.bulk and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies need Hopper")
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
     w = int8_weight(k, n, g, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
