@@ -230,7 +230,9 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
             # point for the harness, not a floor (on the H200 it took longer than the kernels)
             floor_ms = run.timer([_word_sum(qc.qweight) for qc in rings["w4a16"]])
             met[f"gemm_w4_read_floor_{k}x{n}_ms"] = floor_ms
-            run.log(f"read floor {k}x{n}: {floor_ms:.4f} ms for {pk['w4a16'].qweight.numel() / 1e6:.1f} MB")
+            run.log(f"torch word sum of the INT4 bytes {k}x{n}: {floor_ms:.4f} ms for "
+                    f"{pk['w4a16'].qweight.numel() / 1e6:.1f} MB (a harness reference; bench/read_floor.py "
+                    f"measures the floor)")
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.bfloat16)  # [M, K]
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
