@@ -9,6 +9,11 @@ optimised away:
 
   grid<U>      grid-stride: every thread U 16-byte ld.global.nc vectors an iteration
   blocked<U>   each block one contiguous range, its threads U coalesced vectors an iteration
+  ring<U>      each block one contiguous range, each thread U vectors always in flight (one used,
+               the next issued: the INT4 kernel's registers-ahead loads); also launched in the
+               INT4 kernel's own grid shapes at M = 1 (a block a strip pair of 512 threads, a
+               strip of 256) and one block or two an SM, which says whether its grid or its
+               arithmetic keeps it off the floor
   bulk<C,S,W>  each of W warps a contiguous range, lane 0 copying C-byte chunks into a ring of
                S slots with cp.async.bulk on an mbarrier (the INT4 kernel's Hopper path)
 
@@ -80,6 +85,29 @@ __global__ void read_blocked(const u32x4* __restrict__ src, long long n16, u32* 
   if (acc == 0x9e3779b9u) out[0] = acc;
 }
 
+template <int U>
+__global__ void read_ring(const u32x4* __restrict__ src, long long n16, u32* out) {
+  const long long per = (n16 + gridDim.x - 1) / gridDim.x;
+  const long long lo = (long long)blockIdx.x * per, hi = min(n16, lo + per);
+  const long long steps = (hi - lo + blockDim.x - 1) / blockDim.x;
+  u32x4 v[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const long long j = lo + threadIdx.x + (long long)u * blockDim.x;
+    v[u] = j < hi ? ldg_stream(src + j) : u32x4{0u, 0u, 0u, 0u};
+  }
+  u32 acc = 0;
+  for (long long s = 0; s < steps; s += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc ^= fold(v[u]);
+      const long long j = lo + threadIdx.x + (s + u + U) * blockDim.x;
+      v[u] = j < hi ? ldg_stream(src + j) : u32x4{0u, 0u, 0u, 0u};
+    }
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;
+}
+
 template <int CHUNK, int STAGES, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) read_bulk(const unsigned char* __restrict__ src, long long bytes,
                                                         u32* out) {
@@ -126,9 +154,14 @@ def source() -> str:
     return head + KERNELS
 
 
-def variants(sms: int) -> list[tuple[str, str, int, int, int]]:
-    """(tag, template instance, blocks, threads, dynamic shared memory)."""
+def variants(sms: int, strips: int = 14336 // 64) -> list[tuple[str, str, int, int, int]]:
+    """(tag, template instance, blocks, threads, dynamic shared memory); ``strips``: the INT4
+    kernel's 64-column strips at this shape, for the ring variants in its grid shapes."""
     out = []
+    shapes = ((strips // 2, 512), (strips, 256), (sms, 512), (2 * sms, 256))  # its grids, then one / two an SM
+    for u in (4, 8):
+        for blocks, threads in shapes:
+            out.append((f"ring{u}_t{threads}_n{blocks}", f"read_ring<{u}>", blocks, threads, 0))
     for u in (4, 8):
         for threads in (256, 512):
             for per_sm in (1, 2, 4, 8):
@@ -184,7 +217,7 @@ def main() -> None:
         dst = torch.empty_like(bufs[0])
         metrics[f"copy_{label}_us"] = graph_ms([lambda b=b: dst.copy_(b) for b in bufs]) * 1e3
         best = None
-        for tag, name, blocks, threads, smem in variants(sms):
+        for tag, name, blocks, threads, smem in variants(sms, n // 64):
             kern = cuda_rtc.load_source(text, name, dev)
             size = nbytes if name.startswith("read_bulk") else nbytes // 16
             us = graph_ms([lambda b=b: kern.launch((blocks, 1, 1), threads, smem, [b, ctypes.c_longlong(size), sink])
@@ -202,7 +235,7 @@ def main() -> None:
     metrics["bf16_m1_vs_read_floor"] = metrics["bf16_m1_us"] / metrics["read_best_bf16_us"]
     metrics["read_floor_int4_speedup_x"] = metrics["bf16_m1_us"] / metrics["read_best_int4_us"]
     workload = {"shape_kxn": [k, n], "int4_bytes": int4_bytes, "bf16_bytes": n * k * 2, "sms": sms,
-                "variants": [v[0] for v in variants(sms)],
+                "variants": [v[0] for v in variants(sms, n // 64)],
                 "timing": "CUDA graph over a ring of 8 buffers (bf16: 3), quant_common.graph_ms",
                 "mma": "quant.linear's dispatch at M = 1 (the committed table), plain and with PDL"}
     path = write_result(f"read_floor_{device_tag(dev)}", workload, metrics,

@@ -77,8 +77,13 @@ def test_the_cuda_benchmarks_sources_compile():
         modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[name])
     floor = modules["read_floor"].source()
-    for name in ("read_grid<4>", "read_blocked<4>", "read_bulk<4096, 2, 8>"):
-        assert cuda_rtc.compile_cubin(floor, name, "sm_90")[1]
+    instances = {v[1] for v in modules["read_floor"].variants(132)}
+    assert {"read_grid<4>", "read_blocked<4>", "read_ring<4>", "read_ring<8>", "read_bulk<4096, 2, 8>"} <= instances
+    for name in sorted(instances):
+        assert cuda_rtc.compile_cubin(floor, name, "sm_90")[1], name
+    # the ring variants run in the INT4 kernel's grids at 4096 x 14336 (224 strips) and one or two an SM
+    rings = {(v[2], v[3]) for v in modules["read_floor"].variants(132) if v[1] == "read_ring<4>"}
+    assert rings == {(112, 512), (224, 256), (132, 512), (264, 256)}
     ablation = modules["w4a16_mma_ablation"]
     plan = plan_launch(MmaConfig(1, 8, 4, 1), 1, 14336, 4096, 128)
     for variant, text in ablation.variants((cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()).items():
