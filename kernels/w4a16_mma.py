@@ -93,12 +93,10 @@ class MmaConfig:
 def config_str(config: MmaConfig) -> str:
     """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows" and ",xload" as far
     as the last that is not 0."""
-    text = f"{config.wn},{config.wk},{config.stages},{config.split}"
-    if config.xload:
-        return text + f",{config.bulk},{config.rows},{config.xload}"
-    if config.rows:
-        return text + f",{config.bulk},{config.rows}"
-    return text + (f",{config.bulk}" if config.bulk else "")
+    fields = [config.wn, config.wk, config.stages, config.split, config.bulk, config.rows, config.xload]
+    while len(fields) > 4 and not fields[-1]:
+        fields.pop()
+    return ",".join(str(v) for v in fields)
 
 
 @functools.lru_cache(maxsize=256)
@@ -178,6 +176,15 @@ class Launch:
     split_steps: int
 
 
+def _template_tail(values: list[int], defaults: tuple[int, ...]) -> str:
+    """Template arguments past the fixed ones, as far as the last that is not its default: one
+    name, so one compiled instance, per distinct kernel."""
+    values = list(values)
+    while values and values[-1] == defaults[len(values) - 1]:
+        values.pop()
+    return "".join(f", {v}" for v in values) + ">"
+
+
 def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1) -> Launch:
     """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``)."""
     per, splits = split_steps(config, kp, group)
@@ -186,7 +193,7 @@ def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: 
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += f", {planes}, 1>" if config.xload else (", 2>" if planes == 2 else ">")
+    name += _template_tail([planes, config.xload], (1, 0))  # PLANES, XLOAD
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 
