@@ -185,15 +185,16 @@ def _template_tail(values: list[int], defaults: tuple[int, ...]) -> str:
     return "".join(f", {v}" for v in values) + ">"
 
 
-def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1) -> Launch:
-    """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``)."""
+def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1, act: int = 0) -> Launch:
+    """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``); ``act`` 1: x is
+    [gate | up] and the input silu(gate) * up (``w4a16_mma``'s ``act="silu_mul"``)."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
     if config.xload and tile != 8:
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += _template_tail([planes, config.xload], (1, 0))  # PLANES, XLOAD
+    name += _template_tail([planes, config.xload, act], (1, 0, 0))  # PLANES, XLOAD, ACT
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 
@@ -321,15 +322,15 @@ def shape_unsupported(n: int, k: int, group: int) -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n: int, group: int) -> str | None:
-    """Why the kernel cannot serve this call, or None."""
+def unsupported(x: torch.Tensor, n: int, group: int, k: int | None = None) -> str | None:
+    """Why the kernel cannot serve this call (``k``: its input width, x's by default), or None."""
     if not x.is_cuda:
         return "a CUDA kernel"
     if x.dtype != torch.bfloat16:
         return f"bf16 activations only (got {x.dtype})"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return "needs bf16 mma.sync (sm_80 or newer)"
-    return shape_unsupported(n, x.shape[1], group)
+    return shape_unsupported(n, x.shape[1] if k is None else k, group)
 
 
 @functools.cache
@@ -337,26 +338,38 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+ACTS = (None, "silu_mul")
+"""What ``w4a16_mma`` may apply to x as it reads it (its ``act``)."""
+
+
 def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,
               out: torch.Tensor | None = None, config: MmaConfig | None = None,
-              pdl: bool | None = None) -> torch.Tensor:
+              pdl: bool | None = None, act: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
     16, 32, 4] or ``pack_codes_int8`` [N / 64, Kp / 16, 2, 32, 4], ``pack_scales`` float16 [N /
     64, Kp / G, 8, 4, 2, 2]); x bf16 on a GPU.
 
     ``pdl`` (default: common.pdl_launch's rule): programmatic dependent launch, the weight
-    copies in flight while the previous kernel drains (the kernel waits before reading x)."""
+    copies in flight while the previous kernel drains (the kernel waits before reading x).
+    ``act="silu_mul"``: x is [M, 2K], gate then up (a fused gate/up projection's output), and
+    y = (silu(gate) * up) @ W, rounded as silu_and_mul rounds, without its launch."""
     from llmesh.kernels import cuda_rtc
 
-    check_tensor("x", x, "[M, K]", 2)
+    if act not in ACTS:
+        raise ValueError(f"w4a16_mma: act must be one of {ACTS}, got {act!r}")
+    check_tensor("x", x, "[M, 2K] (gate | up)" if act else "[M, K]", 2)
     planes = 2 if codes.dim() == 5 else 1  # 8-bit codes as two nibble planes
     codes_shape = "[N/64, Kp/16, 2, 32, 4]" if planes == 2 else "[N/64, Kp/16, 32, 4]"
     check_tensor("codes", codes, codes_shape, 3 + planes, (torch.int32,), device=x.device)
     check_tensor("scales", scales, SCALES_SHAPE, 6, (torch.float16,), device=x.device)
     m, k = x.shape
+    if act:
+        if k % 2:
+            raise ValueError(f"w4a16_mma: act={act!r} reads x as [gate | up]: its width must be even, got {k}")
+        k //= 2
     strips, steps = codes.shape[:2]
     n, kp = strips * STRIP, steps * 16
-    if (why := unsupported(x, n, group_size)) is not None:
+    if (why := unsupported(x, n, group_size, k)) is not None:
         raise ValueError(f"w4a16_mma: {why}")
     if kp % (2 * group_size) or not kp - 2 * group_size < k <= kp:
         raise ValueError(f"codes hold Kp={kp} input rows; x has K={k}: expected Kp a multiple of "
@@ -381,7 +394,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if not config.bulk and (group_size // 16) % config.stages:
         raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")
-    plan = plan_launch(config, m, n, kp, group_size, planes)
+    plan = plan_launch(config, m, n, kp, group_size, planes, int(act is not None))
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
     part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:

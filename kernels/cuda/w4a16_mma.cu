@@ -86,10 +86,17 @@ __device__ __forceinline__ u32 ldg_u32(const u32* p) {
   return v;
 }
 
-// a B fragment of x straight from global memory: bf16 pairs at columns k and k + 8 of a row
+// a B fragment of x straight from global memory: bf16 pairs at columns k and k + 8 of a row;
+// ACT: also up's at K + k and K + k + 8 (f[2], f[3]), combined when the fragment is used, so
+// the loads stay in flight until then
+template <int ACT>
 __device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live) {
   f[0] = live && k < K ? ldg_u32(row + k / 2) : 0u;
   f[1] = live && k + 8 < K ? ldg_u32(row + k / 2 + 4) : 0u;
+  if constexpr (ACT) {
+    f[2] = live && k < K ? ldg_u32(row + (K + k) / 2) : 0u;
+    f[3] = live && k + 8 < K ? ldg_u32(row + (K + k) / 2 + 4) : 0u;
+  }
 }
 
 __device__ __forceinline__ void ldmatrix_x2(u32* a, u32 addr) {
@@ -129,6 +136,21 @@ __device__ __forceinline__ float half_hi(u32 v) {
   return f;
 }
 
+__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ float silu(float g) { return g * (1.f / (1.f + __expf(-g))); }
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi);
+
+// silu(gate) * up of two bf16 pairs, rounded where kernels/activation.py rounds (the SiLU to
+// bf16, then the product): the down projection's input made as it is read, silu_and_mul's
+// launch and its round trip through memory gone. silu(0) * 0 = 0, so padding stays zero.
+__device__ __forceinline__ u32 silu_mul2(u32 gate, u32 up) {
+  const u32 a = pack_bf16(silu(bf16_lo(gate)), silu(bf16_hi(gate)));
+  return pack_bf16(bf16_lo(a) * bf16_lo(up), bf16_hi(a) * bf16_hi(up));
+}
+
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
   u32 r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -159,7 +181,11 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // XLOAD (one n8 tile, register loads only): x's B fragments loaded from global memory with the
 // codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no barrier
 // before the loop (a variant, timed against the staged x by the sweep)
-template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0>
+// ACT = 1: x holds [gate | up] (rows of 2K, the fused gate/up projection's output) and the
+// GEMM's input is silu(gate) * up, made as x is staged or loaded (kernels/activation.py's
+// rounding): a down projection without silu_and_mul's launch
+template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
+          int ACT = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
@@ -237,17 +263,24 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // k = 16 (my0 + i) + 2t, as bf16 pairs; zero for rows past M and past K (K is even)
   const bool xg_live = g < mrows;
   const u32* xrow_g = reinterpret_cast<const u32*>(x + (size_t)(m0 + (xg_live ? g : 0)) * ldx);
-  u32 px[XLOAD ? STAGES : 1][2];
+  u32 px[XLOAD ? STAGES : 1][ACT ? 4 : 2];
   if constexpr (XLOAD) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
-      if (s < count) load_xfrag(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
+      if (s < count) load_xfrag<ACT>(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
   } else {
     // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
     for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
       const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
       u32x4 v = {0u, 0u, 0u, 0u};
-      if (kbase + c < K) v = *reinterpret_cast<const u32x4*>(x + (size_t)(m0 + r) * ldx + kbase + c);
+      if (kbase + c < K) {
+        const u16* xr = x + (size_t)(m0 + r) * ldx + kbase + c;
+        v = *reinterpret_cast<const u32x4*>(xr);
+        if constexpr (ACT) {
+          const u32x4 u = *reinterpret_cast<const u32x4*>(xr + K);
+          v = u32x4{silu_mul2(v.x, u.x), silu_mul2(v.y, u.y), silu_mul2(v.z, u.z), silu_mul2(v.w, u.w)};
+        }
+      }
       *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
     }
     if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
@@ -336,9 +369,14 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       u32 bx[2 * NT];
       if constexpr (XLOAD) {
         const int nxt = i + STAGES;
-        bx[0] = px[js % STAGES][0];
-        bx[1] = px[js % STAGES][1];
-        if (nxt < count) load_xfrag(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
+        if constexpr (ACT) {
+          bx[0] = silu_mul2(px[js % STAGES][0], px[js % STAGES][2]);
+          bx[1] = silu_mul2(px[js % STAGES][1], px[js % STAGES][3]);
+        } else {
+          bx[0] = px[js % STAGES][0];
+          bx[1] = px[js % STAGES][1];
+        }
+        if (nxt < count) load_xfrag<ACT>(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
         const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 pairs (1, 1)
         mma(xsum_mma, ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
       } else if constexpr (NT == 1) {

@@ -189,6 +189,9 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     assert xload.name == "w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>" and xload.smem == 8 * 3 * 68 * 4
     with pytest.raises(ValueError, match="tiles of 8"):
         plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 12, 4096, 4096, 128)
+    act = plan_launch(MmaConfig(1, 8, 4, 1), 1, 4096, 4096, 128, act=1)  # silu(gate) * up as x: the defaults named
+    assert act.name == "w4a16_mma<1, 8, 4, 8, 0, 1, 1, 0, 1>"
+    assert plan_launch(MmaConfig(1, 8, 4, 1, 0, 0, 1), 1, 4096, 4096, 128, 2, 1).name.endswith(", 2, 1, 1>")
     int8 = plan_launch(MmaConfig(1, 8, 2, 1, 4), 1, 4096, 4096, 128, planes=2)  # 8-bit codes: twice the ring
     assert int8.name == "w4a16_mma<1, 8, 2, 8, 4, 1, 2>"
     assert int8.smem == smem_bytes(MmaConfig(1, 8, 2, 1, 4), 1, 256, 8, 2) >= 2 * 256 * 16 * 4 * 2
@@ -281,6 +284,43 @@ def test_int8_planes_match_the_reference_on_gpu(m, n, k, g, config):
         torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("m,n,k,g,config,int8", [
+    (1, 128, 1024, 128, MmaConfig(1, 4, 4, 1, 0, 0, 1), False),  # xload: up's fragments carried with gate's
+    (3, 192, 200, 32, MmaConfig(1, 2, 2, 2, 0, 0, 1), False),    # xload, K padded, split K
+    (5, 128, 512, 64, MmaConfig(2, 2, 2, 1), False),              # x staged as silu(gate) * up
+    (13, 192, 640, 64, MmaConfig(1, 4, 2, 2), False),             # two n8 tiles, split K
+    (8, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 4), False),         # bulk copies
+    (2, 128, 1024, 1024, MmaConfig(1, 4, 4, 1, 0, 0, 1), True),   # 8-bit codes, per channel
+])
+def test_silu_mul_is_made_as_x_is_read_on_gpu(m, n, k, g, config, int8, int4_weight):
+    """act="silu_mul": gate_up [M, 2K] in, (silu(gate) * up) @ W out, equal (to the GEMM's
+    tolerance) to silu_and_mul then the plain kernel, and to the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA kernel: needs a GPU")
+    if config.bulk and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies need Hopper")
+    from llmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    gen = torch.Generator().manual_seed(m * 100 + n + k + g)
+    gate_up = (2 * torch.randn(m, 2 * k, generator=gen)).to(torch.bfloat16)
+    x = silu_and_mul_ref(gate_up)
+    if int8:
+        w = int8_weight(k, n, g, gen)
+        ref = w8a16_gemm_ref(x.float(), w.qweight, w.scales.float(), g)
+        codes, scales, group = int8_layout(w)
+    else:
+        w = int4_weight(k, n, g, gen)
+        ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
+        codes, scales, group = pack_codes(w.codes()), pack_scales(w.scales, w.mins), g
+    codes, scales, gu = codes.cuda(), scales.cuda(), gate_up.cuda()
+    for _ in range(2):  # the second call finds the split counters reset by the first
+        got = w4a16_mma(gu, codes, scales, group, config=config, act="silu_mul")
+        assert got.shape == (m, n)
+        torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=2e-2)
+    unfused = w4a16_mma(silu_and_mul(gu), codes, scales, group, config=config)
+    torch.testing.assert_close(got, unfused, rtol=1e-2, atol=1e-2)
+
+
 def test_programmatic_dependent_launch_reads_x_after_its_producer(int4_weight):
     """Launched with PDL, the kernel's blocks start while the previous kernel drains and copy
     weights before they wait: x written by a PDL producer the step before (SiLU-and-mul, as in
@@ -322,6 +362,8 @@ def test_bad_arguments_are_named(int4_weight):
     codes, scales = pack_codes(w.codes()), pack_scales(w.scales, w.mins)
     with pytest.raises(ValueError, match="CUDA kernel"):
         w4a16_mma(torch.randn(1, 128).to(torch.bfloat16), codes, scales, 64)
+    with pytest.raises(ValueError, match="act must be one of"):
+        w4a16_mma(torch.randn(1, 256).to(torch.bfloat16), codes, scales, 64, act="gelu")
     with pytest.raises(ValueError, match="N of 64"):
         pack_codes(torch.zeros(32, 48, dtype=torch.uint8))
     if torch.cuda.is_available():
@@ -329,6 +371,9 @@ def test_bad_arguments_are_named(int4_weight):
             w4a16_mma(torch.randn(1, 200, device="cuda").to(torch.bfloat16), codes.cuda(), scales.cuda(), 64)
         with pytest.raises(ValueError, match="bf16"):
             w4a16_mma(torch.randn(1, 128, device="cuda").half(), codes.cuda(), scales.cuda(), 64)
+        with pytest.raises(ValueError, match="even"):
+            w4a16_mma(torch.randn(1, 255, device="cuda").to(torch.bfloat16), codes.cuda(), scales.cuda(), 64,
+                      act="silu_mul")
 
 
 def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
@@ -363,3 +408,42 @@ def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
     got = linear_mod._tuned_matmul(x.to(device), w8)
     ref = w8a16_gemm_ref(x.float(), w8.qweight.cpu(), w8.scales.cpu().float(), 256)
     torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=2e-2)
+
+
+def test_the_down_projection_takes_the_activation_where_the_table_picks_it(monkeypatch, int4_weight):
+    """The Triton backend's act_linear sends gate_up straight to the kernel (act="silu_mul")
+    where the table has an "mma" entry for the down projection at these rows; elsewhere (rows
+    past the table, another kernel's entry, LLMESH_FUSED_DECODE=0) silu_and_mul runs first.
+    Both give the same rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("the measured table dispatches on CUDA only")
+    from llmesh.engine.model.config import ModelConfig
+    from llmesh.engine.model.ops_triton import TritonOps
+    from llmesh.engine.quant import linear as linear_mod
+    from llmesh.kernels import quant_gemm_config
+    from llmesh.kernels.activation import silu_and_mul
+    from llmesh.kernels.common import cuda_device_tag
+
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(5)
+    w = int4_weight(512, 256, 128, gen).to(device)
+    gate_up = torch.randn(3, 1024, generator=gen).to(torch.bfloat16).to(device)
+    key = quant_gemm_config.table_key("w4a16", 256, 512, 4)
+    monkeypatch.setattr(quant_gemm_config, "load_tuned",
+                        lambda *a: {cuda_device_tag(device): {key: ["mma", ["1,4,2,1,0,0,1"]]}})
+    calls = []
+    real = linear_mod.silu_mul_matmul
+    monkeypatch.setattr("llmesh.engine.model.ops_triton.silu_mul_matmul",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    cfg = ModelConfig("llama", vocab_size=32, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64)
+    ops = TritonOps(cfg, device=device, max_positions=64)
+    fused = ops.act_linear(gate_up, w)
+    unfused = linear_mod.linear(silu_and_mul(gate_up), w)
+    assert linear_mod.silu_mul_matmul(gate_up, w) is not None and calls == [gate_up.shape]
+    torch.testing.assert_close(fused, unfused, rtol=1e-2, atol=1e-2)
+    assert linear_mod.silu_mul_matmul(torch.cat([gate_up] * 3), w) is None  # 9 rows: past the table's M = 4
+    monkeypatch.setattr(ops, "fused_decode", False)  # LLMESH_FUSED_DECODE=0: the two ops
+    calls.clear()
+    torch.testing.assert_close(ops.act_linear(gate_up, w), unfused, rtol=0, atol=0)
+    assert calls == []

@@ -22,7 +22,7 @@ import os
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear
+from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, silu_mul_matmul
 from llmesh.engine.quant.packed import Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
@@ -166,6 +166,8 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import silu_mul_linear
 
             return silu_mul_linear(gate_up, w, bias, config=config)
+        if self.fused_decode and not isinstance(w, list) and (y := silu_mul_matmul(gate_up, w)) is not None:
+            return _plus(y, bias)
         if self.fused_decode and fp8_input(gate_up, w) and gate_up.shape[-1] % 2 == 0:
             return _plus(fp8_matmul(silu_and_mul_fp8(gate_up), w, gate_up.dtype), bias)
         return self.linear(self.silu_and_mul(gate_up), w, bias)

@@ -165,6 +165,24 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return w8a16_gemm(x, w.qweight, w.scales, w.group_size)
 
 
+def silu_mul_matmul(gate_up: torch.Tensor, w: Weight) -> torch.Tensor | None:
+    """(silu(gate) * up) @ W in one launch, gate_up [M, 2K] a fused gate/up projection's output,
+    where the measured table sends this weight at M rows to the fragment-order kernel (it makes
+    the activation as it reads x: silu_and_mul's launch and round trip gone); else None, and
+    the caller runs the two ops. Not for act-order weights, whose input is permuted first."""
+    if (not gate_up.is_cuda or gate_up.dim() != 2 or not isinstance(w, (Int4Weight, Int8Weight))
+            or (isinstance(w, Int4Weight) and w.perm is not None)):
+        return None
+    from llmesh.kernels.quant_gemm_config import tuned_choice
+
+    choice = tuned_choice(gate_up.device, _KIND[type(w)], gate_up.shape[0], w.out_features, w.in_features)
+    if choice is None or choice[0] != "mma":
+        return None
+    from llmesh.engine.quant.mma_weights import mma_matmul
+
+    return mma_matmul(gate_up, w, str(choice[1][0]), act="silu_mul")
+
+
 def dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     """x @ W with W expanded to x's dtype by a kernel first (a transient copy of the whole
     weight), then cuBLAS: compute-bound sizes, where the expansion's one pass is cheap beside

@@ -1,7 +1,8 @@
 """Int4Weight and Int8Weight through the CUDA C++ fragment-order kernel (kernels/w4a16_mma.py)
 where the measured table picks it (kernels/quant_gemm_tuned.json entries ``["mma", ["wn,wk,
-stages,split[,bulk[,rows]]"]]`` from bench/quant_gemm.py's sweep, which times it beside our
-other kernels and the libraries'). The kernel reads the codes in mma.sync's fragment order (an
+stages,split[,bulk[,rows[,xload]]]"]]`` from bench/quant_gemm.py's sweep, which times it beside
+our other kernels and the libraries'); a down projection so dispatched also takes its input as
+[gate | up] and makes silu(gate) * up itself (``act``, linear.silu_mul_matmul). The kernel reads the codes in mma.sync's fragment order (an
 8-bit weight as two nibble planes) and the scales and mins interleaved per lane, so a weight it
 serves keeps that copy (as many bytes as its codes, scales and mins) beside its own; the copy is
 made once after the model loads (``linear.prepare_library_weights``), before the KV pool takes
@@ -62,12 +63,16 @@ def _scales_fit(w: Int4Weight | Int8Weight) -> bool:
     return fits
 
 
-def supported(w: Int4Weight | Int8Weight, x: torch.Tensor) -> bool:
+def supported(w: Int4Weight | Int8Weight, x: torch.Tensor, act: str | None = None) -> bool:
     """Whether the kernel can serve ``x`` times this weight (CUDA, bf16 rows, N a multiple of 64,
-    a group of 16-256 rows; an int8 weight's group a multiple of 16 up to 128 or of 128 past)."""
+    a group of 16-256 rows; an int8 weight's group a multiple of 16 up to 128 or of 128 past);
+    with ``act``, x is [gate | up] of twice the weight's input width."""
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    return (w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group) is None
+    k = x.shape[1] // 2 if act else x.shape[1]
+    if act and x.shape[1] != 2 * w.in_features:
+        return False
+    return (w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group, k) is None
             and _scales_fit(w))
 
 
@@ -91,10 +96,12 @@ def copy_bytes(w: Int4Weight | Int8Weight) -> int:
     return 0 if cached is None else sum(t.numel() * t.element_size() for t in (cached.codes, cached.scales))
 
 
-def mma_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, config: str) -> torch.Tensor | None:
-    """x [M, K] @ W → [M, N] through the kernel with the table's config, or None where it cannot
+def mma_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, config: str, act: str | None = None
+               ) -> torch.Tensor | None:
+    """x [M, K] @ W → [M, N] through the kernel with the table's config (``act="silu_mul"``: x
+    is [M, 2K], gate then up, and the product is silu(gate) * up @ W), or None where it cannot
     serve these rows (the caller's default path then does)."""
-    if not supported(w, x):
+    if not supported(w, x, act):
         return None
     lay = layout(w)
-    return w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config))
+    return w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config), act=act)
