@@ -11,6 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from gpu_ceilings import device_tag
+from quant_act import act_kinds, act_sweep
 from quant_common import Budget, Run
 from quant_libraries import (LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fbgemm_w4a8_cell, fp8_choices, scaled_mm_cell,
                              w4a8_ring)
@@ -272,6 +273,9 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
     library_ms = tuple(m for m in ms if m not in sweep_ms and m <= LIBRARY_MAX_M)
     sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, library_ms, broken,
           copy_gb_s, budget, tuned)
+    if act_kinds(run):
+        write_tuned(run, tuned)  # the unfused pair runs through the plain entries just measured
+        act_sweep(run, ring_cache, shapes, ms, budget, tuned)
     write_tuned(run, tuned)
     headlines(run, headline, "_best")
     dispatched_headlines(run, ring_cache[headline], headline, copy_gb_s)

@@ -142,14 +142,15 @@ fit a block."""
 SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
-def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
+def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: str | None = None) -> list:
     """(config, calls) for our CUDA C++ INT4/INT8 kernel with the codes in mma.sync's fragment
     order (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
-    does it at load). ``arg`` is the config as the table stores it."""
+    does it at load). ``arg`` is the config as the table stores it. ``act="silu_mul"``: x is
+    [gate | up] and the kernel makes its input silu(gate) * up (bench/quant_act.py)."""
     from llmesh.engine.quant import mma_weights
     from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, plan_launch, split_steps
 
-    if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x):
+    if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x, act):
         return []
     for qc in qs:
         mma_weights.layout(qc)
@@ -168,14 +169,14 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list
         if xload and bulk:
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
-        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes).smem > smem_limit:
+        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes, int(act is not None)).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
         launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
         if launched in seen:
             continue
         seen.add(launched)
         out.append((LibraryConfig("mma", config_str(cfg)),
-                    [lambda c, qc=qc: mma_weights.mma_matmul(x, qc, c.arg) for qc in qs]))
+                    [lambda c, qc=qc: mma_weights.mma_matmul(x, qc, c.arg, act) for qc in qs]))
     return out
 
 

@@ -155,7 +155,13 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # A device, shape or M without an entry keeps the default path.
 
 TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")
-CHOICES = ("dot", "gemv", "swapped", "mma", "fp8", "scaled_mm", "int4pack", "gemlite", "fbgemm", "dequant")
+CHOICES = ("dot", "gemv", "swapped", "mma", "fp8", "scaled_mm", "int4pack", "gemlite", "fbgemm", "dequant",
+           "unfused")
+SILU_MUL = "+silu_mul"
+"""Suffix of a kind whose entries choose how a down projection takes a fused gate/up output:
+["mma", [config]] the fragment-order kernel making silu(gate) * up as it reads x (one launch), or
+["unfused", []] silu_and_mul and then the plain kind's own entry. Measured, not assumed: with x
+loaded with the codes (xload) every warp redoes the activation of its whole K range."""
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quant_gpu_smoke_writes_every_part(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "bench/quant_gpu.py", "--smoke", "--parts", "gemm,engine",
-                           "--formats", "none,int4", "--results-dir", str(tmp_path)],
+                           "--formats", "none,int4", "--gemm-sweep-kinds", "w4a16,w8a16,w4a16+silu_mul",
+                           "--results-dir", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "quant_cpu.json").read_text())
@@ -26,7 +27,11 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
         assert key in m, key
     assert m["weight_gib_int4"] < m["weight_gib_none"]
     configs = doc["workload"]["gemm_configs"]
-    tried = [name for cell in configs.values() if isinstance(cell, dict) and "all" in cell for name, _ in cell["all"]]
+    # the down projection fed [gate | up]: the unfused pair is always timed (the fused kernel is CUDA only)
+    assert configs["w4a16+silu_mul_64x128_m1"]["all"][0][0] == "unfused"
+    assert m["gemm_w4a16+silu_mul_64x128_m1_unfused_ms"] > 0
+    tried = [name for cell in configs.values() if isinstance(cell, dict) and "all" in cell and "unfused_ms" not in cell
+             for name, _ in cell["all"]]
     assert any(name.startswith("words ") for name in tried) and any("gemv-words" in name for name in tried), tried
     assert not configs.get("errors"), configs.get("errors")
 

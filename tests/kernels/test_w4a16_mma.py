@@ -412,8 +412,8 @@ def test_the_measured_table_dispatches_to_it(monkeypatch, int4_weight):
 
 def test_the_down_projection_takes_the_activation_where_the_table_picks_it(monkeypatch, int4_weight):
     """The Triton backend's act_linear sends gate_up straight to the kernel (act="silu_mul")
-    where the table has an "mma" entry for the down projection at these rows; elsewhere (rows
-    past the table, another kernel's entry, LLMESH_FUSED_DECODE=0) silu_and_mul runs first.
+    where the table's "+silu_mul" entry for the down projection at these rows is "mma"; elsewhere
+    (an "unfused" entry, rows past the table, LLMESH_FUSED_DECODE=0) silu_and_mul runs first.
     Both give the same rows."""
     if not torch.cuda.is_available():
         pytest.skip("the measured table dispatches on CUDA only")
@@ -428,9 +428,11 @@ def test_the_down_projection_takes_the_activation_where_the_table_picks_it(monke
     gen = torch.Generator().manual_seed(5)
     w = int4_weight(512, 256, 128, gen).to(device)
     gate_up = torch.randn(3, 1024, generator=gen).to(torch.bfloat16).to(device)
-    key = quant_gemm_config.table_key("w4a16", 256, 512, 4)
-    monkeypatch.setattr(quant_gemm_config, "load_tuned",
-                        lambda *a: {cuda_device_tag(device): {key: ["mma", ["1,4,2,1,0,0,1"]]}})
+    act = "w4a16" + quant_gemm_config.SILU_MUL
+    table = {quant_gemm_config.table_key("w4a16", 256, 512, 4): ["mma", ["1,4,2,1,0,0,1"]],
+             quant_gemm_config.table_key(act, 256, 512, 4): ["mma", ["1,4,2,1,0,0,1"]],
+             quant_gemm_config.table_key(act, 256, 512, 16): ["unfused", []]}
+    monkeypatch.setattr(quant_gemm_config, "load_tuned", lambda *a: {cuda_device_tag(device): table})
     calls = []
     real = linear_mod.silu_mul_matmul
     monkeypatch.setattr("llmesh.engine.model.ops_triton.silu_mul_matmul",
@@ -442,7 +444,8 @@ def test_the_down_projection_takes_the_activation_where_the_table_picks_it(monke
     unfused = linear_mod.linear(silu_and_mul(gate_up), w)
     assert linear_mod.silu_mul_matmul(gate_up, w) is not None and calls == [gate_up.shape]
     torch.testing.assert_close(fused, unfused, rtol=1e-2, atol=1e-2)
-    assert linear_mod.silu_mul_matmul(torch.cat([gate_up] * 3), w) is None  # 9 rows: past the table's M = 4
+    assert linear_mod.silu_mul_matmul(torch.cat([gate_up] * 3), w) is None  # 9 rows: the M = 16 entry, unfused
+    assert linear_mod.silu_mul_matmul(torch.cat([gate_up] * 6), w) is None  # 18 rows: past the table
     monkeypatch.setattr(ops, "fused_decode", False)  # LLMESH_FUSED_DECODE=0: the two ops
     calls.clear()
     torch.testing.assert_close(ops.act_linear(gate_up, w), unfused, rtol=0, atol=0)

@@ -101,7 +101,7 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own),
     and re-lay W4A8 weights for FBGEMM's kernel in place; returns the copies' bytes. Called once
     after the model loads, so the KV pool is sized with them in memory."""
-    from llmesh.kernels.quant_gemm_config import tuned_choices_any_m
+    from llmesh.kernels.quant_gemm_config import SILU_MUL, tuned_choices_any_m
 
     from llmesh.engine.quant import fbgemm_kernels, gemlite_kernels, int4pack, mma_weights, swapped_int4
 
@@ -114,7 +114,8 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
             fbgemm_kernels.w4a8_shuffle(w)  # in place: no copy, so no bytes to count
         if not isinstance(w, (Int4Weight, Int8Weight)):
             continue
-        choices = tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)
+        choices = (tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)
+                   | tuned_choices_any_m(device, _KIND[type(w)] + SILU_MUL, w.out_features, w.in_features))
         for name, fields in sorted(choices):
             if name == "int4pack" and isinstance(w, Int4Weight) and dtype == torch.bfloat16:
                 if int4pack.supported(w, int(fields[0])):
@@ -167,15 +168,17 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 
 def silu_mul_matmul(gate_up: torch.Tensor, w: Weight) -> torch.Tensor | None:
     """(silu(gate) * up) @ W in one launch, gate_up [M, 2K] a fused gate/up projection's output,
-    where the measured table sends this weight at M rows to the fragment-order kernel (it makes
-    the activation as it reads x: silu_and_mul's launch and round trip gone); else None, and
-    the caller runs the two ops. Not for act-order weights, whose input is permuted first."""
+    where the measured table's ``+silu_mul`` entry for this weight at M rows picks the fused
+    fragment-order kernel (it makes the activation as it reads x: silu_and_mul's launch and round
+    trip gone); else None, and the caller runs the two ops. Not for act-order weights, whose
+    input is permuted first."""
     if (not gate_up.is_cuda or gate_up.dim() != 2 or not isinstance(w, (Int4Weight, Int8Weight))
             or (isinstance(w, Int4Weight) and w.perm is not None)):
         return None
-    from llmesh.kernels.quant_gemm_config import tuned_choice
+    from llmesh.kernels.quant_gemm_config import SILU_MUL, tuned_choice
 
-    choice = tuned_choice(gate_up.device, _KIND[type(w)], gate_up.shape[0], w.out_features, w.in_features)
+    choice = tuned_choice(gate_up.device, _KIND[type(w)] + SILU_MUL, gate_up.shape[0], w.out_features,
+                          w.in_features)
     if choice is None or choice[0] != "mma":
         return None
     from llmesh.engine.quant.mma_weights import mma_matmul

@@ -1,12 +1,13 @@
 """Int4Weight and Int8Weight through the CUDA C++ fragment-order kernel (kernels/w4a16_mma.py)
 where the measured table picks it (kernels/quant_gemm_tuned.json entries ``["mma", ["wn,wk,
 stages,split[,bulk[,rows[,xload]]]"]]`` from bench/quant_gemm.py's sweep, which times it beside
-our other kernels and the libraries'); a down projection so dispatched also takes its input as
-[gate | up] and makes silu(gate) * up itself (``act``, linear.silu_mul_matmul). The kernel reads the codes in mma.sync's fragment order (an
-8-bit weight as two nibble planes) and the scales and mins interleaved per lane, so a weight it
-serves keeps that copy (as many bytes as its codes, scales and mins) beside its own; the copy is
-made once after the model loads (``linear.prepare_library_weights``), before the KV pool takes
-its share of memory."""
+our other kernels and the libraries'); where the table's ``+silu_mul`` entry picks it, a down
+projection takes its input as [gate | up] and makes silu(gate) * up itself (``act``,
+linear.silu_mul_matmul; bench/quant_act.py measures both ways). The kernel reads the codes in
+mma.sync's fragment order (an 8-bit weight as two nibble planes) and the scales and mins
+interleaved per lane, so a weight it serves keeps that copy (as many bytes as its codes, scales
+and mins) beside its own; the copy is made once after the model loads
+(``linear.prepare_library_weights``), before the KV pool takes its share of memory."""
 
 from __future__ import annotations
 
