@@ -2,6 +2,8 @@
 # The GPU-relevant tests on a CUDA machine, in parallel groups (Triton compiles on the CPU, so
 # groups overlap compilation), and a summary in bench/results/gpu_tests_<dev>.json.
 # Usage: bash bench/gpu_tests.sh [timeout seconds per group, default 420] [results folder, default bench/results]
+# GPU_TEST_GROUPS="3 4": only those groups (0-based), recorded as gpu_tests_<dev>_groups.json (a
+# rerun of groups that timed out, beside the full record it completes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,17 +14,20 @@ groups=(
   "tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py"
   "tests/kernels/test_unified_attention.py tests/kernels/test_dense_causal_attention.py"
   "tests/kernels/test_rmsnorm.py tests/kernels/test_rope.py tests/kernels/test_rope_kv_write.py tests/kernels/test_activation.py tests/kernels/test_kv_cache_write.py tests/kernels/test_paged_attention_ref.py tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_fused_quant.py tests/kernels/test_kv_fp8_write.py tests/kernels/test_kv_fp8_attention.py tests/engine/test_quant_w4a8.py"
-  "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w4a16_swapped.py tests/kernels/test_w4a16_mma.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_skinny_gemm.py tests/kernels/test_fused_skinny.py tests/kernels/test_quant_gemv.py tests/kernels/test_fused_moe.py tests/kernels/test_moe_align.py tests/kernels/test_moe_router.py tests/kernels/test_attention_config.py tests/kernels/test_argmax.py tests/kernels/test_pdl.py"
+  "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w4a16_swapped.py tests/kernels/test_w4a16_mma.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_quant_gemv.py"
+  "tests/kernels/test_skinny_gemm.py tests/kernels/test_fused_skinny.py tests/kernels/test_fused_moe.py tests/kernels/test_moe_align.py tests/kernels/test_moe_router.py tests/kernels/test_attention_config.py tests/kernels/test_argmax.py tests/kernels/test_pdl.py"
   "tests/engine/test_triton_backend.py tests/engine/test_async_scheduling.py tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_quant_awq_gptq.py tests/engine/test_int4pack.py tests/engine/test_gemlite_kernels.py tests/engine/test_fbgemm_kernels.py tests/engine/test_eval_perplexity.py tests/engine/test_kv_fp8_engine.py tests/engine/test_structured_output_async.py"
   "tests/engine/test_spec_decode.py tests/engine/test_embeddings.py tests/engine/test_moe_fidelity.py -k triton"
   "tests/engine/test_tensor_parallel.py tests/engine/test_moe_ep.py -k gpus"
 )
-pids=()
+ONLY=${GPU_TEST_GROUPS:-}
+declare -A pids=()
 for i in "${!groups[@]}"; do
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $i "* ]] || continue
   # shellcheck disable=SC2086
   timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider --junitxml "$TMP/g$i.xml" ${groups[$i]} \
     > "$TMP/g$i.log" 2>&1 &
-  pids+=($!)
+  pids[$i]=$!
 done
 rc=0
 for i in "${!pids[@]}"; do
@@ -32,7 +37,7 @@ for i in "${!pids[@]}"; do
   [ "$code" -eq 124 ] && echo "${groups[$i]}" >> "$TMP/timed_out"
   echo "=== group $i: ${groups[$i]}"; tail -n 15 "$TMP/g$i.log"
 done
-$PY - "$TMP" "$RESULTS" <<'PYEOF'
+GPU_TEST_GROUPS="$ONLY" $PY - "$TMP" "$RESULTS" <<'PYEOF'
 import os, sys, glob, xml.etree.ElementTree as ET
 sys.path.insert(0, "bench")
 import torch
@@ -52,7 +57,9 @@ metrics["gpu_tests_passed"] = totals["tests"] - totals["failures"] - totals["err
 timed_out = open(f"{sys.argv[1]}/timed_out").read().split("\n") if os.path.exists(f"{sys.argv[1]}/timed_out") else []
 metrics["gpu_tests_groups_timed_out"] = len([g for g in timed_out if g])
 print(metrics, failed[:20])
-write_result(f"gpu_tests_{device_tag('cuda')}", {"failed": failed, "timed_out_groups": [g for g in timed_out if g],
-                                                  "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
+only = os.environ.get("GPU_TEST_GROUPS", "").split()
+write_result(f"gpu_tests_{device_tag('cuda')}" + ("_groups" if only else ""),
+             {"failed": failed, "timed_out_groups": [g for g in timed_out if g], "groups": only or "all",
+              "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
 PYEOF
 exit $rc
