@@ -16,7 +16,6 @@ RUN pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
 COPY pyproject.toml README.md ./
 COPY llmesh ./llmesh
 COPY services ./services
-COPY kernels ./kernels
 COPY protos ./protos
 COPY deploy ./deploy
 RUN pip install ".${LLMESH_EXTRAS:+[$LLMESH_EXTRAS]}" \

@@ -1,4 +1,4 @@
-"""Tile-config sweep of the attention kernels, for the tables in kernels/attention_config.py.
+"""Tile-config sweep of the attention kernels, for the tables in llmesh/kernels/attention_config.py.
 
 One GPU call (about 3 minutes on an H200) times a grid of configs at Llama-3-8B attention
 shapes (32 query / 8 KV heads, head_dim 128, bf16, KV block size 16), checks every config's
@@ -240,7 +240,7 @@ def main() -> int:
     for kind, w in win.items():
         print(f"  {kind}: {w['config']}  mean {w['mean_frac']:.3f}  {w['per_shape']}")
     lines = paste_rows(win, sweep.d)
-    print("[sweep] rows for kernels/attention_config.py (PREFILL / DECODE tables):")
+    print("[sweep] rows for llmesh/kernels/attention_config.py (PREFILL / DECODE tables):")
     print("\n".join(lines) or "  (none)", flush=True)
     wrong = [r for r in sweep.rows if not r["ok"]]
     metrics = {k: float(v) for k, v in ceilings.items()}

@@ -1,4 +1,4 @@
-"""Partition size of the paged decode attention (kernels/paged_decode_attention.py) by batch.
+"""Partition size of the paged decode attention (llmesh/kernels/paged_decode_attention.py) by batch.
 
 The decode kernel splits each sequence's context into partitions of `partition_size` keys,
 one program per (sequence, KV head, partition), and a reduce kernel combines them. Under a
@@ -13,7 +13,7 @@ block size 16, max_seq_len 2048 (the graphs' bound in the benchmarks): batch x c
 partition size, each timed as a CUDA-graph replay (gpu_ceilings.graph_time_ms), the output
 checked once against the torch reference. Per bucket of (batch x KV heads) pairs the size with
 the least mean time over the contexts wins; prints the `DECODE_PARTITION` literal for
-kernels/attention_config.py and writes bench/results/decode_partition_<dev>.json (metrics
+llmesh/kernels/attention_config.py and writes bench/results/decode_partition_<dev>.json (metrics
 decode_part_p<pairs>_best_size, decode_part_p<pairs>_speedup_x against size 512, and every
 time as decode_part_h<kv>_b<B>_c<ctx>_s<size>_us).
 
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"[decode-part] {pairs:4d} (sequence, KV head) pairs: best {best} ({means[best]:.1f} us mean, "
               f"{base / means[best]:.2f}x size {BASELINE})", flush=True)
     literal = f"DECODE_PARTITION[{device_tag(device)!r}] = {table!r}"
-    print("# paste into kernels/attention_config.py\n" + literal, flush=True)
+    print("# paste into llmesh/kernels/attention_config.py\n" + literal, flush=True)
     workload = {"kv_heads": list(kv_heads), "query_heads": h_q, "head_dim": d, "block_size": block_size,
                 "batches": list(batches), "contexts": list(contexts), "sizes": list(sizes), "max_seq_len": max_len,
                 "timing": "CUDA-graph replay, triton.testing.do_bench (L2 flushed)", "literal": literal,

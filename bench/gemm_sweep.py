@@ -1,4 +1,4 @@
-"""Skinny dense GEMM sweep: kernels/skinny_gemm.py against F.linear (cuBLAS) at decode sizes.
+"""Skinny dense GEMM sweep: llmesh/kernels/skinny_gemm.py against F.linear (cuBLAS) at decode sizes.
 
 For each Llama-3-8B bf16 projection (weights [N, K] like nn.Linear) — qkv [6144 x 4096],
 o [4096 x 4096], gate_up [28672 x 4096], down [4096 x 14336], lm_head [128256 x 4096] — and
@@ -16,7 +16,7 @@ replays (quant_common.graph_ms).
 
 Output: a table, bench/results/gemm_sweep_<dev><suffix>.json (metrics skinny_gemm_m<M>_bw_frac_<shape>,
 skinny_gemm_m<M>_speedup_x_<shape>, flinear_m<M>_bw_frac_<shape>, copy_tb_s, ...; every
-config's time in workload.configs) and the `TUNED` literal for kernels/skinny_gemm_config.py:
+config's time in workload.configs) and the `TUNED` literal for llmesh/kernels/skinny_gemm_config.py:
 the (N, K, M bucket) entries where the best config beat F.linear by at least MIN_SPEEDUP.
 
 Usage (GPU, about 2-3 minutes, mostly Triton compiles): python bench/gemm_sweep.py
@@ -24,10 +24,10 @@ Usage (GPU, about 2-3 minutes, mostly Triton compiles): python bench/gemm_sweep.
 --smoke: tiny shapes through Triton's interpreter on the CPU, results to a scratch folder.
 
 --ab-fused (instead of the sweep): at M = 1 on the Llama-3-8B shapes, the decode ops that
-kernels/fused_skinny.py fuses, each pair timed the same way (one CUDA graph, weight ring):
+llmesh/kernels/fused_skinny.py fuses, each pair timed the same way (one CUDA graph, weight ring):
 rmsnorm (with the residual add) + skinny qkv against rmsnorm_linear, the same for gate_up, and
 silu_and_mul + skinny down against silu_mul_linear; both sides use the tuned config of that
-shape (kernels/skinny_gemm_config.py; the default config where the table has none, which is
+shape (llmesh/kernels/skinny_gemm_config.py; the default config where the table has none, which is
 then named in the output). Prints and records the time saved per layer and per 32-layer step,
 and whether the fused outputs equal the unfused ones bit for bit
 (bench/results/gemm_fused_ab_<dev>.json). About a minute on a GPU.
@@ -289,7 +289,7 @@ def ab_fused(args: argparse.Namespace, device: torch.device, t0: float) -> tuple
     literal = (f"FUSED_SLOWER[{device_tag(device)!r}] = "
                + ("{" + ", ".join(map(repr, sorted(slower))) + "}" if slower else "set()"))
     info["fused_slower_literal"] = literal
-    print("# shapes where fusing lost (paste into kernels/skinny_gemm_config.py; an empty set: fuse all)\n"
+    print("# shapes where fusing lost (paste into llmesh/kernels/skinny_gemm_config.py; an empty set: fuse all)\n"
           f"{literal}\n", flush=True)
     # saved per layer counts only pairs the engine would fuse (the others keep the separate ops)
     metrics["saved_us_per_layer_dispatched"] = sum(
@@ -351,7 +351,7 @@ def main() -> None:
     metrics, tuned = report(cells, copy_tb_s, shapes)
     tag = device_tag(device)
     literal = "TUNED[" + repr(tag) + "] = " + pprint.pformat(dict(sorted(tuned.items())), width=110, sort_dicts=False)
-    print("# paste into kernels/skinny_gemm_config.py (fields: block_m, block_n, block_k, split_k, num_warps, "
+    print("# paste into llmesh/kernels/skinny_gemm_config.py (fields: block_m, block_n, block_k, split_k, num_warps, "
           f"num_stages, dot); entries beat F.linear by >= {MIN_SPEEDUP}x\n{literal}\n", flush=True)
     workload = {
         "software": software_versions(), "smoke": args.smoke,

@@ -139,7 +139,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
              for name, (n, us) in top]
     print(f"[profile] {model} batch {args.batch}: {metrics[f'{tag}_step_ms']:.3f} ms/step "
           f"({metrics[f'{tag}_step_ms_unprofiled']:.3f} unprofiled), "
-          f"{metrics[f'{tag}_kernels_per_step']:.0f} kernels/step summing to "
+          f"{metrics[f'{tag}_kernels_per_step']:.0f} llmesh/kernels/step summing to "
           f"{metrics[f'{tag}_kernel_ms_per_step']:.3f} ms, GPU busy {metrics[f'{tag}_gpu_busy_frac']:.2f}", flush=True)
     for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1]):
         print(f"    {fam:<12} {us / 1e3 / steps:8.3f} ms/step", flush=True)

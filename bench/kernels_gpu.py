@@ -1,4 +1,4 @@
-"""Microbenchmarks of the Triton kernels in kernels/ at Llama-3-8B shapes (bf16).
+"""Microbenchmarks of the Triton kernels in llmesh/kernels/ at Llama-3-8B shapes (bf16).
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, KV block size 16, hidden 4096,
 intermediate 14336. Memory-bound kernels report achieved GB/s and the fraction of the
@@ -18,7 +18,7 @@ prefill attention reports TFLOP/s and the fraction of the measured bf16 GEMM thr
 - KV-cache write, RMSNorm (alone and fused with the residual add), SiLU-and-mul, RoPE at
   T = 8192 tokens: bytes = every input read once + every output written once.
 - argmax (the greedy sampler): float32 logits [N, 128256] at N = 1, 8, 64, 256, the split-row
-  kernel (kernels/argmax.py) against torch's argmax: argmax_us_{ours,torch}_n{N}.
+  kernel (llmesh/kernels/argmax.py) against torch's argmax: argmax_us_{ours,torch}_n{N}.
 
 Usage: python bench/kernels_gpu.py [--smoke] [--parts a,b] [--suffix _x]
 Writes bench/results/kernels_<dev><suffix>.json. --smoke runs tiny shapes through the Triton

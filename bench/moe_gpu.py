@@ -1,4 +1,4 @@
-"""The fused MoE layer (kernels/fused_moe.py) at Qwen3-30B-A3B's shape, and the engine on a
+"""The fused MoE layer (llmesh/kernels/fused_moe.py) at Qwen3-30B-A3B's shape, and the engine on a
 random-weight Qwen3-30B-A3B.
 
 Kernel (bf16; hidden 2048, 128 experts, top-8, expert FFN 768; routing from softmax of random
@@ -26,7 +26,7 @@ Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--tun
        [--offline-repeats 3] [--smoke] [--suffix _x]
 Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
-counts in --tune-m) and merges the winners into kernels/fused_moe_tuned.json under the device's
+counts in --tune-m) and merges the winners into llmesh/kernels/fused_moe_tuned.json under the device's
 tag, which the kernel and engine parts of the same run then use; --tune-weights int4 sweeps
 INT4_CANDIDATES with INT4 experts into the device's ":int4" table.
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
@@ -363,7 +363,7 @@ def main() -> int:
     ap.add_argument("--tune-weights", default="dense",
                     help="comma-separated expert formats the autotune sweeps: dense (bf16, int8, fp8), int4")
     ap.add_argument("--tuned-file", default=None,
-                    help="table the autotune writes (default kernels/fused_moe_tuned.json; smoke: "
+                    help="table the autotune writes (default llmesh/kernels/fused_moe_tuned.json; smoke: "
                          "<results-dir>/fused_moe_tuned_smoke.json)")
     ap.add_argument("--offline-repeats", type=int, default=3,
                     help="engine part: offline runs (fresh ids each); the lower median is reported")

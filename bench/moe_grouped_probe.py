@@ -1,5 +1,5 @@
 """PyTorch's grouped GEMM (torch._grouped_mm, CUTLASS on sm90) for the MoE layer at prefill
-sizes, against kernels/fused_moe.py, Qwen3-30B-A3B's shape: whether a library kernel should
+sizes, against llmesh/kernels/fused_moe.py, Qwen3-30B-A3B's shape: whether a library kernel should
 take the prefill GEMMs (docs/moe.md). Per token count: the fused layer, a layer built on
 grouped_mm (sort, gather, two grouped GEMMs, SiLU-mul, weighting, index_add), and the two
 grouped GEMMs alone. CUDA-graph timing where the call can be captured, else eager.

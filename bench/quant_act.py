@@ -6,7 +6,7 @@ its round trip through memory go; but with x loaded beside the codes (xload) eve
 the activation over its whole K range, so fusing is not always faster. This times, per shape
 and M, the unfused pair as the engine runs it (silu_and_mul, then ``linear`` through the table's
 plain entry) against every fused config, and writes the winner under the ``<kind>+silu_mul`` key
-(kernels/quant_gemm_config.py SILU_MUL) that ``linear.silu_mul_matmul`` reads.
+(llmesh/kernels/quant_gemm_config.py SILU_MUL) that ``linear.silu_mul_matmul`` reads.
 
 Selected with ``--gemm-sweep-kinds w4a16+silu_mul,w8a16+silu_mul``; the shapes are the down
 projection's K x N (14336x4096 for Llama-3-8B).

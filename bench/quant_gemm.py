@@ -34,7 +34,7 @@ SWEEP = ((64, 128, 4, 4, "auto"), (128, 128, 4, 4, "auto"), (128, 64, 4, 4, "aut
 # counts stored rows (INT4: byte rows, two K values each) and is clamped to the scale group.
 GEMV_SWEEP = ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32, 4, 3, 2), (32, 128, 4, 3, 2),
               (128, 64, 8, 3, 4), (32, 64, 2, 4, 4), (64, 128, 4, 2, 8))
-# The int32-word variants (kernels/int_words.py): the W4A16 tl.dot kernel's as SWEEP's rows
+# The int32-word variants (llmesh/kernels/int_words.py): the W4A16 tl.dot kernel's as SWEEP's rows
 # (block_n >= 64), the GEMV's as GEMV_SWEEP's. GEMV tiles of either kind are kept to those whose
 # accumulators fit in about 64 registers a thread at the batch's M (their [M, block_k, block_n]
 # float32 tile lives in registers; larger ones spill, and at M = 16 took minutes to compile).

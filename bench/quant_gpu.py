@@ -226,7 +226,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ppl-budget-s", type=float, default=None, help="seconds for the perplexity part (default 80)")
     ap.add_argument("--tuned-file", default=None,
                     help="dispatch table the GEMM sweep merges its winners into (default "
-                         "kernels/quant_gemm_tuned.json; smoke: <results-dir>/quant_gemm_tuned_smoke.json)")
+                         "llmesh/kernels/quant_gemm_tuned.json; smoke: <results-dir>/quant_gemm_tuned_smoke.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and model, torch backend, CPU interpreter")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
     args = ap.parse_args()

@@ -101,7 +101,7 @@ SMOKE_SWAPPED_SWEEP = ((64, 16, 2, 4, 2),)
 
 
 def swapped_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool) -> list:
-    """(config, calls) for our swapped-operand INT4 kernel (kernels/w4a16_swapped.py: the weight
+    """(config, calls) for our swapped-operand INT4 kernel (llmesh/kernels/w4a16_swapped.py: the weight
     on the dot's left, wgmma from registers on Hopper) at each swept tile; each ring copy's codes
     are transposed once, outside the timing (the engine does it at load). ``arg`` is the config
     as the table stores it."""
@@ -144,7 +144,7 @@ SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: str | None = None) -> list:
     """(config, calls) for our CUDA C++ INT4/INT8 kernel with the codes in mma.sync's fragment
-    order (kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
+    order (llmesh/kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
     does it at load). ``arg`` is the config as the table stores it. ``act="silu_mul"``: x is
     [gate | up] and the kernel makes its input silu(gate) * up (bench/quant_act.py)."""
     from llmesh.engine.quant import mma_weights

@@ -1,10 +1,10 @@
 """How fast can a kernel only *read* the bytes of a decode GEMM's weight? The floor under
-kernels/w4a16_mma.py (docs/quantization.md).
+llmesh/kernels/w4a16_mma.py (docs/quantization.md).
 
 The fragment-order INT4 kernel's time is set by its loads (bench/w4a16_mma_ablation.py), so
 what a kernel doing nothing but reading the same bytes takes, in the same harness, bounds what
 any restructuring of its loads can buy. Three read-only kernels (CUDA C++ through NVRTC, the
-PTX helpers of kernels/cuda/w4a16_mma.cu), each XOR-folding what it reads so nothing is
+PTX helpers of llmesh/kernels/cuda/w4a16_mma.cu), each XOR-folding what it reads so nothing is
 optimised away:
 
   grid<U>      grid-stride: every thread U 16-byte ld.global.nc vectors an iteration
@@ -150,7 +150,7 @@ def source() -> str:
     head = text.split("\n// codes:", 1)[0]
     for helper in ("smem_addr", "bulk_copy", "mbar_wait", "lds128", "ldg_stream", "struct alignas(16) u32x4"):
         if helper not in head:
-            raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: {helper} is no longer before its kernel")
+            raise SystemExit(f"llmesh/kernels/cuda/w4a16_mma.cu changed: {helper} is no longer before its kernel")
     return head + KERNELS
 
 

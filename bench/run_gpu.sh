@@ -66,7 +66,7 @@ want moe-ep && step moe-ep $PY bench/moe_ep_gpu.py ${NUM_PROMPTS:+--num-prompts 
   ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 # moe: the fused MoE layer and the engine on Qwen3-30B-A3B's shape (MOE_AUTOTUNE=1 sweeps the
 # tiles first); quant-sweep: the weight-only GEMM configs (QUANT_SHAPES, QUANT_MS cut the grid,
-# QUANT_SWEEP_BUDGET_S bounds it). Both merge what they measure into kernels/*_tuned.json,
+# QUANT_SWEEP_BUDGET_S bounds it). Both merge what they measure into llmesh/kernels/*_tuned.json,
 # which comes back with the results.
 want moe && step moe $PY bench/moe_gpu.py --parts kernel,engine ${MOE_AUTOTUNE:+--autotune} "${OUTDIR[@]}" \
   ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}

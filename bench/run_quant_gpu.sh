@@ -59,7 +59,7 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$RESULTS_DIR"/quant_*.json "$OUT"/ && stamp "copied $(ls "$RESULTS_DIR"/quant_*.json | wc -l) file(s) to $OUT"
   # the dispatch table the GEMM sweep merged this device's winners into (commit it with the results)
-  [ "$SMOKE" = 1 ] || cp kernels/quant_gemm_tuned.json "$OUT"/
+  [ "$SMOKE" = 1 ] || cp llmesh/kernels/quant_gemm_tuned.json "$OUT"/
 
 fi
 stamp "done${FAILED[0]:+; failed: ${FAILED[*]}}"

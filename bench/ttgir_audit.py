@@ -1,5 +1,5 @@
 """Which loads of the GEMM and attention kernels' K loops Triton pipelines, read from an sm90
-compile on the CPU (no GPU needed; kernels/compile_check.py says how and why).
+compile on the CPU (no GPU needed; llmesh/kernels/compile_check.py says how and why).
 
 For each kernel variant below (the shapes and tiles the engine runs), compiled as a launch
 specialises it, prints: cp.async copies (pipelined tile loads), wgmma ops, shared memory, and
@@ -96,7 +96,7 @@ def audit(case: Case) -> dict:
     kernel = compile_sm90(fn, case.pointers, case.constexprs, divisible=frozenset(ints - case.not_divisible),
                           num_warps=case.num_warps, num_stages=case.num_stages)
     report = loop_report(kernel.asm["ttgir"])
-    # lop3: the exponent trick's widening of INT4 codes (kernels/fused_moe_int4.py) made it to the PTX
+    # lop3: the exponent trick's widening of INT4 codes (llmesh/kernels/fused_moe_int4.py) made it to the PTX
     return dict(asdict(report), shared_bytes=kernel.metadata.shared, ptx_lop3=kernel.asm["ptx"].count("lop3.b32"))
 
 

@@ -1,4 +1,4 @@
-"""Where the fragment-order INT4 kernel's time goes (kernels/w4a16_mma.py), by leaving stages out.
+"""Where the fragment-order INT4 kernel's time goes (llmesh/kernels/w4a16_mma.py), by leaving stages out.
 
 METHOD: with no hardware counters, time variants of the kernel that leave one stage out and
 compare. The variants are the kernel's own source with one function body replaced, compiled by
@@ -53,7 +53,7 @@ CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1),
 def variants(source: str) -> dict[str, str]:
     for part in (MMA, WIDEN, SRC, PRO, NXT):
         if part not in source:
-            raise SystemExit(f"kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
+            raise SystemExit(f"llmesh/kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
     loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
     strided = (loads.replace(SRC, "const u32x4* src = reinterpret_cast<const u32x4*>(codes + ((size_t)strip * ksteps"
                                   " + kstep0 + wk) * 128) + lane;")

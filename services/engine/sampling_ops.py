@@ -36,7 +36,7 @@ def to_device(
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax ([N, V] → [N] int64; ties → lowest id). On a GPU the split-row kernel
-    (kernels/argmax.py: torch reduces a row in one block, 27 µs for a 128k vocabulary in a
+    (llmesh/kernels/argmax.py: torch reduces a row in one block, 27 µs for a 128k vocabulary in a
     profiled H200 step, bench/kernel_profile.py), elsewhere torch's, which equals it."""
     if (logits.is_cuda and not interpreting() and logits.stride(-1) == 1
             and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)):

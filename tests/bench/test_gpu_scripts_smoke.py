@@ -61,7 +61,7 @@ def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
 
 
 def test_the_cuda_benchmarks_sources_compile():
-    """read_floor.py and w4a16_mma_ablation.py build their kernels from kernels/cuda/w4a16_mma.cu's
+    """read_floor.py and w4a16_mma_ablation.py build their kernels from llmesh/kernels/cuda/w4a16_mma.cu's
     text (its helpers; its body with parts replaced): NVRTC compiles what they would launch, so a
     change to the kernel that breaks them shows here rather than on the device."""
     import importlib.util

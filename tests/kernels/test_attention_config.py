@@ -1,4 +1,4 @@
-"""The decode attention's partition size rule (kernels/attention_config.py)."""
+"""The decode attention's partition size rule (llmesh/kernels/attention_config.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ output (with and without the residual add, rows longer than one block, a zero ro
 triton op table's norm_linear / act_linear give the unfused ops' result with the fusion on.
 
 On the CPU the kernels run under Triton's interpreter (its E4M3 cast fixed up as in
-kernels/fp8_gemm.py); on a GPU without FP8 they are refused and the tests skip."""
+llmesh/kernels/fp8_gemm.py); on a GPU without FP8 they are refused and the tests skip."""
 
 from __future__ import annotations
 

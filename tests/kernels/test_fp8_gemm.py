@@ -2,7 +2,7 @@
 references; the references are within FP8 error of float32 arithmetic.
 
 On the CPU the kernels run under Triton's interpreter on small shapes (its float32 -> E4M3
-cast is fixed up inside the kernel, see kernels/fp8_gemm.py); the large shapes run only on a
+cast is fixed up inside the kernel, see llmesh/kernels/fp8_gemm.py); the large shapes run only on a
 GPU that has FP8 (compute capability >= 8.9).
 """
 

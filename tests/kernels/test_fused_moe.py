@@ -1,4 +1,4 @@
-"""The fused MoE kernel against its per-expert torch reference (kernels/fused_moe_ref.py),
+"""The fused MoE kernel against its per-expert torch reference (llmesh/kernels/fused_moe_ref.py),
 and the block alignment against its definition."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The skinny GEMV with a fused prologue (kernels/fused_skinny.py) against its unfused
+"""The skinny GEMV with a fused prologue (llmesh/kernels/fused_skinny.py) against its unfused
 composition: silu_mul_linear equals silu_and_mul + skinny_gemm with the same config bit for
 bit; rmsnorm_linear is within a bf16 ulp of rmsnorm + skinny_gemm and of the torch reference,
 and its new residual is x + residual exactly; every config form (FMA rows, FMA tiles, tl.dot,

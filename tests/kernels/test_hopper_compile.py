@@ -135,7 +135,7 @@ CASES = [
 # tiles stay pipelined only while their loads reach tl.dot through the widening in the same
 # step (carried across steps in registers, as a manual prefetch would, Triton left them plain);
 # their scale and min rows, which Triton does not pipeline, must be carried a step ahead, not
-# waited on (kernels/compile_check.py's LoopReport).
+# waited on (llmesh/kernels/compile_check.py's LoopReport).
 PIPELINED = [(24, 9), (25, 12), (26, 9), (28, 12)]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
@@ -158,11 +158,11 @@ def check_ptx(ptx: str) -> str | None:
 
 
 def pdl_kernels() -> set[str]:
-    """Every @triton.jit kernel in kernels/ that takes PDL (so may be launched with it)."""
+    """Every @triton.jit kernel in llmesh/kernels/ that takes PDL (so may be launched with it)."""
     from triton.runtime.jit import JITFunction
 
     found = set()
-    for path in sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "llmesh" / "kernels").glob("*.py")):
         mod = importlib.import_module(f"llmesh.kernels.{path.stem}")
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ and "PDL" in obj.arg_names \

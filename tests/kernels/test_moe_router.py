@@ -1,4 +1,4 @@
-"""The MoE router's one-program top-k softmax (kernels/moe_router.py) against its torch reference
+"""The MoE router's one-program top-k softmax (llmesh/kernels/moe_router.py) against its torch reference
 on random logits: the same experts in the same order, weights to float32 rounding (the
 reductions' order differs), renormalised or not, every weights dtype the models use."""
 

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels/common.pdl_launch): off where it cannot work, and on
+"""Programmatic dependent launch (llmesh/kernels/common.pdl_launch): off where it cannot work, and on
 a Hopper GPU a chain of dependent kernels captured in a CUDA graph gives every bit with PDL
 that it gives without (a kernel reading before its wait would race with its producer)."""
 

@@ -1,4 +1,4 @@
-"""The CUDA C++ W4A16 kernel with codes in mma.sync's fragment order (kernels/w4a16_mma.py).
+"""The CUDA C++ W4A16 kernel with codes in mma.sync's fragment order (llmesh/kernels/w4a16_mma.py).
 
 On the CPU: the layouts hold the fragment rules of PTX's m16n8k16 operands (checked element by
 element against the rules as PTX states them, not against the packer's own index tables), the

@@ -1,4 +1,4 @@
-"""The swapped-operand W4A16 kernel (weight on the dot's left, kernels/w4a16_swapped.py) matches
+"""The swapped-operand W4A16 kernel (weight on the dot's left, llmesh/kernels/w4a16_swapped.py) matches
 the torch reference of Int4Weight's layout: rows up to 64, K padded, groups of 32-128, K split
 across programs (twice on the same arrival counters), float32 and 16-bit activations."""
 

@@ -250,7 +250,7 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         # input_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, H_kv, D] → [T, hidden];
-        # kv_scales: [L, 2, num_blocks, block_size, H_kv] uint8 beside an FP8 pool (kernels/kv_quant.py)
+        # kv_scales: [L, 2, num_blocks, block_size, H_kv] uint8 beside an FP8 pool (llmesh/kernels/kv_quant.py)
         ops, eps = self.ops, self.eps
         t, nq, nkv, d = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         ops.prepare(meta)

@@ -7,7 +7,7 @@
 
 Routing is computed here, once for both op tables; the experts run through the table's
 ``moe`` op (torch: a per-expert loop in HF's order; triton: the fused grouped GEMMs of
-kernels/fused_moe.py).
+llmesh/kernels/fused_moe.py).
 
 Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_proj`` /
 ``w1``...) or one stacked tensor per projection (GGUF's ``ffn_gate_exps``, named
@@ -24,7 +24,7 @@ layer); the engine reads all counts at most once per stats interval (``expert_to
 Expert parallelism (a ``shard`` with ``expert_parallel``, model/shard.py): the block holds
 only experts [expert_start, expert_end) — only those are loaded — and routes every token with
 the whole (replicated) router. Global ids outside its range become -1 (the ``moe`` op skips
-those pairs, kernels/fused_moe.py), local ones are shifted to start at 0; the output is this
+those pairs, llmesh/kernels/fused_moe.py), local ones are shifted to start at 0; the output is this
 rank's partial sum, which the decoder all-reduces. Counting happens on the global ids before
 the mapping, so every rank's counts cover all experts once (rank 0's are the ones read).
 """
@@ -92,7 +92,7 @@ def quantize_experts_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_experts_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise INT4 with zero points of stacked experts, quantize_int4's rule per expert:
     w [E, N, K] → (codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout, scales and mins
-    float16 [E, Kp / 128, N]), w ≈ q * scale + min (kernels/fused_moe.py's INT4 layout)."""
+    float16 [E, Kp / 128, N]), w ≈ q * scale + min (llmesh/kernels/fused_moe.py's INT4 layout)."""
     from llmesh.engine.quant.quantize import quantize_int4
 
     parts = [quantize_int4(one) for one in w]  # [N, K] each, an nn.Linear weight's layout

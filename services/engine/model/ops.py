@@ -2,7 +2,7 @@
 
 One model definition (llama.py) computes with whichever table it is built with: ``torch``
 (plain PyTorch, CPU or GPU; the numerics of Hugging Face, the oracle) or ``triton`` (the
-Triton kernels in kernels/). Both take the same tensors and return the same shapes, so the
+Triton kernels in llmesh/kernels/). Both take the same tensors and return the same shapes, so the
 two backends cannot drift apart in anything but the kernels themselves.
 """
 

@@ -1,4 +1,4 @@
-"""The triton op table: the Triton kernels of kernels/ (the ``triton`` backend).
+"""The triton op table: the Triton kernels of llmesh/kernels/ (the ``triton`` backend).
 
 Same contract as the torch table, rearranged for speed: RMSNorm fused with the residual
 add, RoPE applied in place on the fused q/k/v projection and K/V written in the same
@@ -6,7 +6,7 @@ kernel, dense weights through the skinny GEMM where it beats cuBLAS (quant/linea
 packed weights through our quantized GEMMs, and attention by one dispatch function.
 
 At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
-the down projection run inside the skinny GEMV's prologue (kernels/fused_skinny.py), one kernel
+the down projection run inside the skinny GEMV's prologue (llmesh/kernels/fused_skinny.py), one kernel
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
 measured table); everywhere else they stay separate ops. Before an FP8 linear layer, at any
 size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
@@ -77,7 +77,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     - a decode-only batch: the paged decode kernel (no host reads, graph friendly);
     - a batch of prefill chunks that all start at position 0 (nothing cached before them,
       known from the host lists): dense causal attention over the step's own k/v, which
-      dispatches to cuDNN where that was measured faster (kernels/dense_causal_attention.py);
+      dispatches to cuDNN where that was measured faster (llmesh/kernels/dense_causal_attention.py);
     - anything else (extends after a cached prefix, chunks beside decodes): the paged
       prefill kernel, which takes any mix.
 

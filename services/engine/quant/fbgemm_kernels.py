@@ -8,7 +8,7 @@ FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's 
   and zeros, a Hopper mixed-input GEMM (wgmma, TMA) over weights pre-shuffled into its
   tensor-core fragment order. On the H200 it ran 0.7-1.0x bf16 at M = 32-256 on Llama-3-8B
   shapes, where our tl.dot kernels fell to 0.2-0.5x; tinygemm stays faster at M <= 4 and our
-  kernels mostly at M = 16 (bench/quant_gemm.py measures; kernels/quant_gemm_tuned.json records).
+  kernels mostly at M = 16 (bench/quant_gemm.py measures; llmesh/kernels/quant_gemm_tuned.json records).
 - ``f8f8bf16_rowwise``: FP8 activations quantized per token times FP8 weights with one scale
   per output channel (exactly Fp8Weight), bfloat16 out: 1.3-1.9x bf16 from M = 1 to 8192,
   where cuBLASLt through ``torch._scaled_mm`` gave 0.8-1.4x at decode sizes.

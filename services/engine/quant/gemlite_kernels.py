@@ -5,7 +5,7 @@ GemLite is a well-kept library of low-bit GEMV/GEMM kernels (in SGLang and Torch
 shapes of kernel for the decode sizes that ours and tinygemm serve: a plain GEMV, its
 "reverse split-K" variant (each program two K blocks, fewer scale loads), a split-K GEMV and a
 split-K GEMM with an atomic reduction. bench/quant_gemm.py times each of them beside our
-kernels and tinygemm per (shape, M) and writes the winner to kernels/quant_gemm_tuned.json as
+kernels and tinygemm per (shape, M) and writes the winner to llmesh/kernels/quant_gemm_tuned.json as
 ``["gemlite", [matmul_type]]``; ``linear`` dispatches there. Our kernels stay the reference and
 the fallback (gemlite imports only with a CUDA device and is an optional dependency: the
 ``gpu`` extra).

@@ -1,7 +1,7 @@
 """PyTorch's built-in INT4 GEMM (``torch.ops.aten._weight_int4pack_mm``, the tensor-core
 "tinygemm" kernel gpt-fast uses) for Int4Weight on CUDA, where the measured table picks it.
 
-The table (kernels/quant_gemm_tuned.json, entries ``["int4pack", [inner_k_tiles]]``) comes from
+The table (llmesh/kernels/quant_gemm_tuned.json, entries ``["int4pack", [inner_k_tiles]]``) comes from
 bench/quant_gemm.py, which times this kernel beside ours per shape and batch size; on the
 H200 it was measured against our W4A16 kernels at decode sizes. Its weight layout is its own
 (an [N/8, K/(16 * inner_k_tiles), 32, inner_k_tiles/2] int32 tiling of the tensor-core

@@ -6,7 +6,7 @@ Triton GEMMs (the triton backend, and the torch backend on a GPU); otherwise thr
 torch references — dequantize, round to x's dtype, multiply. The torch backend on the CPU,
 where Triton has no compiled kernels, asks for ``cpu_kernels``: PyTorch's packed CPU GEMMs
 (cpu_matmul.py), the reference for the formats they do not take. On a GPU, packed weights
-first consult the measured table (kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
+first consult the measured table (llmesh/kernels/quant_gemm_config.py, tuned_choice): GEMV, tl.dot
 GEMM config, our swapped-operand INT4 kernel (swapped_int4.py), our CUDA C++ fragment-order
 INT4/INT8 kernel (mma_weights.py), cuBLASLt FP8, PyTorch's
 tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8 kernels (gemlite_kernels.py) or FBGEMM's
@@ -14,7 +14,7 @@ INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
 (the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
 and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
-table (kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape.
+table (llmesh/kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     """The kernel bench/quant_gemm.py measured fastest for this device, shape and M
-    (kernels/quant_gemm_tuned.json), or None where it has no entry (the default path)."""
+    (llmesh/kernels/quant_gemm_tuned.json), or None where it has no entry (the default path)."""
     from llmesh.kernels.quant_gemm_config import GemmConfig, tuned_choice
 
     choice = tuned_choice(x.device, _KIND[type(w)], x.shape[0], w.out_features, w.in_features)

@@ -1,5 +1,5 @@
-"""Int4Weight and Int8Weight through the CUDA C++ fragment-order kernel (kernels/w4a16_mma.py)
-where the measured table picks it (kernels/quant_gemm_tuned.json entries ``["mma", ["wn,wk,
+"""Int4Weight and Int8Weight through the CUDA C++ fragment-order kernel (llmesh/kernels/w4a16_mma.py)
+where the measured table picks it (llmesh/kernels/quant_gemm_tuned.json entries ``["mma", ["wn,wk,
 stages,split[,bulk[,rows[,xload]]]"]]`` from bench/quant_gemm.py's sweep, which times it beside
 our other kernels and the libraries'); where the table's ``+silu_mul`` entry picks it, a down
 projection takes its input as [gate | up] and makes silu(gate) * up itself (``act``,

@@ -1,5 +1,5 @@
-"""Int4Weight through the swapped-operand W4A16 kernel (kernels/w4a16_swapped.py) where the
-measured table picks it (kernels/quant_gemm_tuned.json entries ``["swapped", ["m,n,k,split,
+"""Int4Weight through the swapped-operand W4A16 kernel (llmesh/kernels/w4a16_swapped.py) where the
+measured table picks it (llmesh/kernels/quant_gemm_tuned.json entries ``["swapped", ["m,n,k,split,
 warps,stages"]]``, from bench/quant_gemm.py's sweep, which times it beside our other kernels and
 the libraries'). The kernel reads the codes transposed, K contiguous, so a weight it serves keeps
 that copy (as many bytes as its codes) beside its own; the copy is made once after the model

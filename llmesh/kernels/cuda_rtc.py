@@ -2,7 +2,7 @@
 
 Our kernels are Triton's, except where a kernel needs what Triton does not let us place: the
 tensor-core fragment layout of a weight that is never staged in shared memory (w4a16_mma.py).
-Those are CUDA C++ sources in kernels/cuda/, written with no headers (inline PTX for what
+Those are CUDA C++ sources in llmesh/kernels/cuda/, written with no headers (inline PTX for what
 headers would give), so NVRTC, which ships with PyTorch's CUDA wheels and with every CUDA
 toolkit, compiles one in well under a second on the machine that runs it, for its own GPU: no
 build step, no toolkit, nothing to package but the source. ``Kernel`` is one compiled
@@ -209,7 +209,7 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load(source_file: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
-    """``name`` from kernels/cuda/``source_file``, compiled for ``device``'s GPU (once per
+    """``name`` from llmesh/kernels/cuda/``source_file``, compiled for ``device``'s GPU (once per
     process and device; NVRTC takes 0.2-0.3 s for w4a16_mma)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (source_file, name, index, options)

@@ -187,7 +187,7 @@ def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    block_tables: torch.Tensor, num_seqs: int) -> tuple[int, int, int]:
     """Shared checks of the paged attention wrappers; returns (block_size, H_kv, D)."""
     device = q.device
-    # q's dtype, or an FP8 pool (kernels/kv_quant.py) whose scales the caller checks
+    # q's dtype, or an FP8 pool (llmesh/kernels/kv_quant.py) whose scales the caller checks
     check_tensor("k_cache", k_cache, "[num_blocks, block_size, H_kv, D]", 4, (q.dtype, torch.float8_e4m3fn),
                  device=device)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.device != device:

@@ -1,4 +1,4 @@
-"""Tile configurations of the fused MoE GEMMs (kernels/fused_moe.py).
+"""Tile configurations of the fused MoE GEMMs (llmesh/kernels/fused_moe.py).
 
 A table per device (TUNED_FILE, keyed by the device tag, h200 for an H200) maps (E, N, K, M
 bucket) — E experts, N output columns of one GEMM (I for the gate/up GEMM, whose program

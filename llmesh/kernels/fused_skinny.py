@@ -12,8 +12,8 @@ GEMV program (x is re-read per output tile), so the program can compute them on 
 - `silu_mul_linear`: y = (silu(gate) * up) @ W^T, gate and up read from the fused gate_up
   projection's output, the activation never stored.
 
-Rounding follows the unfused kernels step by step (kernels/rmsnorm.py: x + residual, x * rstd
-and the weight product each rounded to the activation dtype; kernels/activation.py: silu then
+Rounding follows the unfused kernels step by step (llmesh/kernels/rmsnorm.py: x + residual, x * rstd
+and the weight product each rounded to the activation dtype; llmesh/kernels/activation.py: silu then
 the product rounded), and the GEMV loop is skinny_gemm's for the same config. So silu_mul_linear
 equals silu_and_mul + skinny_gemm bit for bit; rmsnorm_linear sums the squares in chunks of the
 row rather than in rmsnorm's one block, so its rstd may differ in the last float32 bit and a

@@ -1,5 +1,5 @@
 """FP8 (E4M3) KV cache: the quantization as @triton.jit helpers for the KV-write kernels and
-the scale decoding for the attention kernels; the arithmetic of kernels/kv_quant_ref.py (which
+the scale decoding for the attention kernels; the arithmetic of llmesh/kernels/kv_quant_ref.py (which
 explains the layout and the choice of scales), bit for bit.
 """
 

@@ -6,7 +6,7 @@ token (a batch padded up to a CUDA-graph size) and is skipped. One program per t
 all its heads, so a launch is T programs of H_kv * D elements each.
 
 An FP8 pool (float8_e4m3fn, with ``k_scales, v_scales: [num_blocks, block_size, H_kv]``
-exponents beside it) is quantized on store, per token and head (kernels/kv_quant.py).
+exponents beside it) is quantized on store, per token and head (llmesh/kernels/kv_quant.py).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ together (one group of each per step); fused_moe_int4.py holds that loop: how th
 widened and where each group's scale goes in decode and prefill tiles. INT4 has a tile table of
 its own (fused_moe_config.py). A W4A16 grouped GEMM reading a quarter of bf16's bytes.
 
-Rounding follows the torch reference (kernels/fused_moe_ref.py, HF's order): gate and up are
+Rounding follows the torch reference (llmesh/kernels/fused_moe_ref.py, HF's order): gate and up are
 rounded to the activation dtype, then silu(gate), then the product; the down output is
 rounded before the routing weight multiplies it. One place differs: the k weighted expert
 outputs of a token are summed in float32 and rounded once, where HF and the reference round
@@ -114,7 +114,7 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride
 
 
 # The pair count changes with every eager step's tokens: not specialised (no compile per
-# value class mid-serving, kernels/README.md).
+# value class mid-serving, llmesh/kernels/README.md).
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, scale_ptr, min_ptr, out_ptr, topk_w_ptr,

@@ -1,4 +1,4 @@
-"""Torch reference of the fused mixture-of-experts layer (kernels/fused_moe.py).
+"""Torch reference of the fused mixture-of-experts layer (llmesh/kernels/fused_moe.py).
 
 One SwiGLU per expert, over the tokens routed to it, in Hugging Face's order (its
 ``*Experts.forward``): gate/up projection, silu(gate) * up, down projection, times the
@@ -8,7 +8,7 @@ op table runs this, so a float32 model agrees with transformers to rounding.
 Weights are stacked over experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
 INT8 weight-only experts carry per-output-channel scales (w = q * scale): w13_scale [E, 2I],
 w2_scale [E, H]. INT4 experts are codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout
-with float16 group scales and mins [E, Kp / G, N] (w = q * scale + min; kernels/fused_moe.py).
+with float16 group scales and mins [E, Kp / G, N] (w = q * scale + min; llmesh/kernels/fused_moe.py).
 A topk_ids entry of -1 names an expert held by another rank (expert
 parallelism): the pair contributes zero.
 """

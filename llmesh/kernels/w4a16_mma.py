@@ -5,7 +5,7 @@ Our Triton INT4 kernels read the weight at about 1.1 TB/s on the H200 whichever 
 memory or registers in layouts it chooses, and the widening costs per weight. Marlin's answer
 is to store the codes so that each lane's 16-byte load *is* its MMA fragments: one load, a lop3
 per two codes, no shuffles. Triton cannot place fragments, so this kernel is CUDA C++
-(kernels/cuda/w4a16_mma.cu, compiled at run time by NVRTC: cuda_rtc.py); the layout idea is
+(llmesh/kernels/cuda/w4a16_mma.cu, compiled at run time by NVRTC: cuda_rtc.py); the layout idea is
 Marlin's, the code ours, the scales are applied after the MMAs (below) rather than before, and
 the weight is the MMA's A operand (16 output columns) and x its B (8 rows): at decode sizes an
 MMA then wastes no rows of 16 on padding, and a lane holds half the accumulators (so more warps

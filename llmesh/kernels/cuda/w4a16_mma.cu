@@ -1,9 +1,9 @@
 // W4A16 at decode sizes in CUDA C++: y[M, N] = x[M, K] @ W[K, N], W's codes in the fragment
 // order of mma.sync (Marlin's idea), widened in registers and never staged as bf16.
 //
-// Compiled at run time by NVRTC (kernels/cuda_rtc.py) with no headers: everything below is
+// Compiled at run time by NVRTC (llmesh/kernels/cuda_rtc.py) with no headers: everything below is
 // plain C++ and inline PTX, so a compile takes a fraction of a second and needs no CUDA toolkit.
-// kernels/w4a16_mma.py holds the layouts (it writes the codes and scales this kernel reads),
+// llmesh/kernels/w4a16_mma.py holds the layouts (it writes the codes and scales this kernel reads),
 // the launch and a torch model of what each lane computes; docs/quantization.md the why.
 //
 // The weight is the MMA's A operand and x its B (swap AB, as decode GEMMs in TensorRT-LLM and
@@ -25,7 +25,7 @@
 //
 // Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
 // gridDim.y splits of K meet through float32 partials, the last split to arrive adding them
-// in split order (one launch, CUDA-graph safe; kernels/split_k.py does the same in Triton).
+// in split order (one launch, CUDA-graph safe; llmesh/kernels/split_k.py does the same in Triton).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -143,7 +143,7 @@ __device__ __forceinline__ float silu(float g) { return g * (1.f / (1.f + __expf
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi);
 
-// silu(gate) * up of two bf16 pairs, rounded where kernels/activation.py rounds (the SiLU to
+// silu(gate) * up of two bf16 pairs, rounded where llmesh/kernels/activation.py rounds (the SiLU to
 // bf16, then the product): the down projection's input made as it is read, silu_and_mul's
 // launch and its round trip through memory gone. silu(0) * 0 = 0, so padding stays zero.
 __device__ __forceinline__ u32 silu_mul2(u32 gate, u32 up) {
@@ -170,7 +170,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
   return v;
 }
 
-// codes:   u32 [N/64, Kp/16, PLANES, 32 lanes, 4]  (kernels/w4a16_mma.py pack_codes; PLANES = 2:
+// codes:   u32 [N/64, Kp/16, PLANES, 32 lanes, 4]  (llmesh/kernels/w4a16_mma.py pack_codes; PLANES = 2:
 //          an 8-bit code u = 16 hi + lo as its high then low nibble plane, each laid out as 4-bit
 //          codes; the MMAs of both planes add into one accumulator: x . (2048 + 16 hi) +
 //          x . (128 + lo) = x . (u + 2176), so the fold below subtracts OFF = 2176 sum(x))
@@ -182,7 +182,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no barrier
 // before the loop (a variant, timed against the staged x by the sweep)
 // ACT = 1: x holds [gate | up] (rows of 2K, the fused gate/up projection's output) and the
-// GEMM's input is silu(gate) * up, made as x is staged or loaded (kernels/activation.py's
+// GEMM's input is silu(gate) * up, made as x is staged or loaded (llmesh/kernels/activation.py's
 // rounding): a down projection without silu_and_mul's launch
 template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
           int ACT = 0>

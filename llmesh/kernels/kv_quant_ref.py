@@ -1,5 +1,5 @@
 """FP8 (E4M3) KV cache: the torch reference of the quantization (no Triton import, so the
-torch backend runs without it) and the pool layout. kernels/kv_quant.py holds the same
+torch backend runs without it) and the pool layout. llmesh/kernels/kv_quant.py holds the same
 arithmetic as @triton.jit helpers; the rationale below applies to both.
 
 Layout: the pools ``k_cache, v_cache: [num_blocks, block_size, H_kv, D]`` hold float8_e4m3fn

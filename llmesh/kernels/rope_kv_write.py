@@ -7,10 +7,10 @@ from registers to k_out and to its pool slot, and v is copied to its slot, so k 
 read once and the second launch disappears. A negative slot marks a padding token (a batch
 padded to a CUDA-graph size): it is rotated (harmless) but not written to the pool. The grid
 is (T,), shapes only, so the launch is graph-capturable. An FP8 pool is quantized on store
-per (token, head) as kv_cache_write does (kernels/kv_quant.py), the scale from both halves.
+per (token, head) as kv_cache_write does (llmesh/kernels/kv_quant.py), the scale from both halves.
 
 Qwen3's per-head RMSNorm of q and k (``q_norm`` / ``k_norm`` weights [D]) can run first in the
-same program, with the arithmetic of kernels/rmsnorm.py (float32 statistics, the normalised
+same program, with the arithmetic of llmesh/kernels/rmsnorm.py (float32 statistics, the normalised
 value rounded to the input dtype, then times the weight, rounded): in a decode step's graph
 that removes four launches a layer (two contiguous copies of the q and k views, two norms).
 """

@@ -11,7 +11,7 @@ others (prefill chunks, extends after a prefix hit) one by one with a causal mas
 by the tokens already cached. It is the torch backend's attention and the oracle the
 Triton kernels are tested against.
 
-An FP8 pool (kernels/kv_quant.py) comes with its per-(token, head) scale pools: the reference
+An FP8 pool (llmesh/kernels/kv_quant.py) comes with its per-(token, head) scale pools: the reference
 quantizes on write and dequantizes what it gathers to q's dtype before attending.
 """
 

@@ -7,12 +7,12 @@ an online softmax in float32 over the partition's tokens, BLOCK_N at a time, gat
 through the block table. With one partition the program writes the output; with several
 (long contexts, where a single program per head would leave most of the GPU idle) each
 writes its running max, sum and unnormalised output, and the last of a (sequence, KV head)'s
-partition programs to finish (an arrival counter per pair, kernels/common.arrival_counters)
+partition programs to finish (an arrival counter per pair, llmesh/kernels/common.arrival_counters)
 rescales and combines them, in partition order; a sequence whose context fits one partition
 is written directly. Below attention_config.FOLD_MIN_PAIRS pairs (measured), or with `fold=False`
 (LLMESH_DECODE_FOLD=0; =1 folds at every size), a second, reduce kernel combines them instead.
 
-An FP8 pool (kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
+An FP8 pool (llmesh/kernels/kv_quant.py) is converted to the dot's dtype (exact) and its per-(token,
 head) power-of-two scales applied per key column: to the scores for K, to the probabilities
 for V (whose P·V dot runs in bfloat16 for 16-bit models, see `fp8_pv_operands`), which equals
 dequantizing the tiles first at BLOCK_N multiplies a tile.

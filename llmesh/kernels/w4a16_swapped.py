@@ -7,7 +7,7 @@ MMA (wgmma) takes its left operand from registers and its right one from shared 
 needs 64 rows on the left: so here the weight tile is the left operand, [BLOCK_N output
 columns, BLOCK_K], dequantized in registers and fed to wgmma without a trip through shared
 memory, and x^T [BLOCK_K, BLOCK_M] (a few rows, padded to 16) is the small operand Triton
-stages. An sm90 compile (kernels/compile_check.py) shows it: `warp_group_dot` with the codes'
+stages. An sm90 compile (llmesh/kernels/compile_check.py) shows it: `warp_group_dot` with the codes'
 operand in `dot_op` registers and the code tiles copied by cp.async (bench/ttgir_audit.py case
 `w4a16_swapped`). This is the part of Marlin's design Triton can express: no hand-placed
 fragment layout, but no shared-memory staging of the widened weight either.
