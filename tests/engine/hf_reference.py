@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -21,7 +22,8 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = fro
     """Greedy continuation with HF's KV cache; returns (token ids, [logits per step])."""
     ids = torch.tensor([prompt])
     out = model(ids, use_cache=True)
-    past, tokens, logits = out.past_key_values, [], []
+    kw = _cache_arg(model)
+    past, tokens, logits = getattr(out, kw), [], []
     for _ in range(max_new_tokens):
         step_logits = out.logits[0, -1].float()
         logits.append(step_logits)
@@ -29,6 +31,12 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = fro
         tokens.append(nxt)
         if nxt in eos:
             break
-        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(torch.tensor([[nxt]]), **{kw: past}, use_cache=True)
+        past = getattr(out, kw)
     return tokens, logits
+
+
+def _cache_arg(model) -> str:
+    """The forward's KV-cache argument and output field: ``cache`` in transformers 5.x, whose
+    ``past_key_values`` is a deprecated alias (gone in 5.40); ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
