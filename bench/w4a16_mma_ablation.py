@@ -11,12 +11,16 @@ NVRTC as the kernel is (their results are wrong by design; only their time is us
   interleaved   loads_only with the WK warps of a block reading consecutive 512-byte steps
                 (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
 
-at 4096 x 14336 (the issue's headline shape), M = 1, for four block shapes, against bf16
-F.linear and a device-to-device copy of the same bytes in the same run. Timing as
-bench/quant_gemm.py: one CUDA graph over a ring of weight copies (> 3x L2), quant_common.graph_ms.
+at 4096 x 14336 (the issue's headline shape), M = 1, for four register-path block shapes and
+the forms the dispatch table picks at M = 1 (bulk copies; x loaded with the codes, split K), plus
+the table's own entry for this device when it has one, against bf16 F.linear and a
+device-to-device copy of the same bytes in the same run. For the bulk form ``interleaved`` is
+``loads_only`` (its copies are whole runs). Timing as bench/quant_gemm.py: one CUDA graph over a
+ring of weight copies (> 3x L2), quant_common.graph_ms.
 
-Output: bench/results/w4a16_mma_ablation_<dev>.json, metrics ``<variant>_<wn>_<wk>_<stages>_us``,
-``<variant>_..._tb_s`` (packed bytes / time), ``bf16_us``, ``copy_us``.
+Output: bench/results/w4a16_mma_ablation_<dev>.json, metrics ``<variant>_<config>_us`` (config as
+the table writes it, commas as dashes), ``<variant>_..._tb_s`` (packed bytes / time),
+``bf16_us``, ``copy_us``.
 Usage (GPU, under a minute): python bench/w4a16_mma_ablation.py [--results-dir DIR]
 """
 
@@ -35,7 +39,8 @@ from quant_common import graph_ms, seeded_weight  # noqa: E402
 from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.kernels import cuda_rtc  # noqa: E402
 from llmesh.kernels.common import arrival_counters  # noqa: E402
-from llmesh.kernels.w4a16_mma import MmaConfig, pack_codes, pack_scales, plan_launch  # noqa: E402
+from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, pack_codes, pack_scales, parse_config,  # noqa: E402
+                                      plan_launch)
 
 MMA = '''  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
@@ -47,7 +52,19 @@ NO_MMA = '''  float f;
 WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));'''
 SRC = "const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;"
 PRO, NXT = "src + (size_t)(s * PLANES + p) * 32", "src + (size_t)(nxt * PLANES + p) * 32"  # the loads' steps
-CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1))
+CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1),
+           MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1), MmaConfig(1, 8, 4, 1, 0, 0, 1))
+
+
+def configs(dev: torch.device, n: int, k: int) -> list[MmaConfig]:
+    """CONFIGS and the dispatch table's M = 1 entry for this shape on ``dev`` (when it is ours)."""
+    from llmesh.kernels.quant_gemm_config import tuned_choice
+
+    out = list(CONFIGS)
+    choice = tuned_choice(dev, "w4a16", 1, n, k)
+    if choice is not None and choice[0] == "mma" and parse_config(str(choice[1][0])) not in out:
+        out.append(parse_config(str(choice[1][0])))
+    return out
 
 
 def variants(source: str) -> dict[str, str]:
@@ -84,8 +101,9 @@ def main() -> None:
     metrics = {"bf16_us": bf16_ms * 1e3, "copy_us": graph_ms([lambda: dst.copy_(src)]) * 1e3}
     print(f"bf16 F.linear {metrics['bf16_us']:.2f} us; copy of {nbytes / 1e6:.1f} MB {metrics['copy_us']:.2f} us")
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    swept = configs(dev, n, k)
     for name, text in variants(source).items():
-        for cfg in CONFIGS:
+        for cfg in swept:
             plan = plan_launch(cfg, m, n, 4096, q.group_size)
             kern = cuda_rtc.load_source(text, plan.name, dev)
             part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
@@ -95,12 +113,12 @@ def main() -> None:
                                                 [c, s, x, out, part, counters, *args])
                    for c, s in ring]
             us = graph_ms(fns) * 1e3
-            tag = f"{name}_{cfg.wn}_{cfg.wk}_{cfg.stages}"
+            tag = f"{name}_{config_str(cfg).replace(',', '-')}"
             metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
-            print(f"{name:12} wn {cfg.wn} wk {cfg.wk:>2} stages {cfg.stages}  {us:6.2f} us  "
+            print(f"{name:12} {config_str(cfg):<16} {us:6.2f} us  "
                   f"{metrics['bf16_us'] / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
     workload = {"shape_kxn": [k, n], "m": m, "group": q.group_size, "packed_bytes": nbytes,
-                "configs": [[c.wn, c.wk, c.stages, c.split] for c in CONFIGS], "variants": list(variants(source)),
+                "configs": [config_str(c) for c in swept], "variants": list(variants(source)),
                 "timing": "CUDA graph over 8 weight copies (> 3x L2), quant_common.graph_ms; bf16 over 3 copies"}
     path = write_result(f"w4a16_mma_ablation_{device_tag(dev)}", workload, metrics,
                         results_dir=Path(args.results_dir) if args.results_dir else None)
