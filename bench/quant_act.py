@@ -49,20 +49,11 @@ def act_sweep(run: Run, packs: dict, shapes: list, ms: tuple[int, ...], budget: 
                 with budget.item():
                     gate_up = torch.randn(m, 2 * k, generator=gen.manual_seed(m), device=run.device,
                                           dtype=torch.bfloat16)
-                    unfused = [lambda qc=qc: linear(silu_and_mul(gate_up), qc) for qc in qs]
-                    ref = unfused[0]().float()
-                    candidates = [(LibraryConfig("unfused", ""), [lambda c, f=f: f() for f in unfused])]
+                    unfused = [lambda c, qc=qc: linear(silu_and_mul(gate_up), qc) for qc in qs]
+                    candidates = [(LibraryConfig("unfused", ""), unfused)]
                     candidates += mma_candidates(base, qs[0], qs, gate_up, run.args.smoke, act=ACT)
-                    times = []
-                    for cfg, fns in candidates:
-                        try:
-                            got = fns[0](cfg).float()
-                            if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                                raise ValueError(f"wrong result: max |diff| {(got - ref).abs().max().item():.3g}")
-                            times.append((run.timer([lambda f=f, c=cfg: f(c) for f in fns], quick=True), cfg))
-                        except Exception as e:  # e.g. out of shared memory: that candidate is out
-                            found.setdefault("errors", []).append(f"{kind} {tag} {cfg.arg}: {type(e).__name__}: "
-                                                                  f"{str(e)[:120]}")
+                    times = run.time_candidates(candidates, unfused[0](None), f"{kind} {tag}",
+                                                LibraryConfig.short)
                     if not times or times[0][1].choice != "unfused":
                         run.failed.append(f"sweep {kind} {tag}: the unfused pair did not run")
                         continue

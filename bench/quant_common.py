@@ -53,6 +53,25 @@ class Run:
             return time_ms(fns[0], self.device, cpu_reps=1)
         return graph_ms(fns, reps=3 if quick else 10)
 
+    def time_candidates(self, candidates: list, ref: torch.Tensor, label: str,
+                        describe: Callable[[object], str]) -> list[tuple[float, object]]:
+        """(ms, config) of each (config, calls) candidate whose first call matches ``ref`` (a
+        sweep's default path) to the GEMM's tolerance, timed quickly over its calls (one a
+        weight copy); one that raises or differs is left out and named under
+        workload.gemm_configs.errors."""
+        errors = self.workload.setdefault("gemm_configs", {}).setdefault("errors", [])
+        ref = ref.float()
+        times = []
+        for cfg, fns in candidates:
+            try:
+                got = fns[0](cfg).float()
+                if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                    raise ValueError(f"wrong result: max |diff| {(got - ref).abs().max().item():.3g}")
+                times.append((self.timer([lambda c=c, cfg=cfg: c(cfg) for c in fns], quick=True), cfg))
+            except Exception as e:  # e.g. out of shared memory: that candidate is out
+                errors.append(f"{label} {describe(cfg)}: {type(e).__name__}: {str(e)[:120]}")
+        return times
+
 
 @dataclass
 class Budget:

@@ -318,7 +318,6 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], librar
                     gemvs = [gemv_call(kind, x, qc, out) for qc in qs]
                     group = q.group_size
                     ref = kernel_call(kind, x, q, torch.empty_like(out))().clone()  # the default path's y
-                    times = []
                     configs = sweep_configs(kind, m, n, k, group, run.device, run.args.smoke)
                     if m in library_ms:
                         candidates = [(configs[0], calls)] + current_entry(run.device, kind, m, n, k, calls, gemvs)
@@ -333,15 +332,7 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], librar
                         except Exception as e:  # not on this torch / device / install: the others only
                             found.setdefault("errors", []).append(f"{kind} {tag} {name}: {type(e).__name__}: "
                                                                   f"{str(e)[:120]}")
-                    for cfg, fns in candidates:
-                        try:
-                            got = fns[0](cfg).float()
-                            if not torch.allclose(got, ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                                raise ValueError(f"wrong result: max |diff| {(got - ref.float()).abs().max().item():.3g}")
-                            times.append((run.timer([partial(c, cfg) for c in fns], quick=True), cfg))
-                        except Exception as e:  # e.g. out of shared memory: that candidate is out
-                            found.setdefault("errors", []).append(f"{kind} {tag} {cfg_str(cfg)}: "
-                                                                  f"{type(e).__name__}: {str(e)[:120]}")
+                    times = run.time_candidates(candidates, ref, f"{kind} {tag}", cfg_str)
                     if not times:
                         run.failed.append(f"sweep {kind} {tag}: no config ran")
                         continue
