@@ -28,7 +28,9 @@ Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_c
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
 counts in --tune-m) and merges the winners into llmesh/kernels/fused_moe_tuned.json under the device's
 tag, which the kernel and engine parts of the same run then use; --tune-weights int4 sweeps
-INT4_CANDIDATES with INT4 experts into the device's ":int4" table.
+INT4_CANDIDATES with INT4 experts into the device's ":int4" table. The winners are then tried with
+split-K (decode sizes) and in grouped program order (MoEConfig.group_m; prefill sizes);
+--tune-order-only skips the tile sweep and tries only those on the table's tiles.
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
 """
 
@@ -211,6 +213,8 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
 
 SPLIT_CANDIDATES = (2, 4, 8)
 """split_k values the autotune tries on its winners at decode sizes."""
+GROUP_CANDIDATES = (1, 2, 4, 8, 16)
+"""group_m values (the grouped program order) the autotune tries on its winners at prefill sizes."""
 SPLIT_MAX_PAIRS_PER_EXPERT = 4
 """Batches with at most this many (token, slot) pairs an expert on average count as decode sizes."""
 
@@ -240,10 +244,12 @@ def tune_weights(weights: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[tor
 
 
 def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path,
-             weights: str = "dense") -> list[str]:
+             weights: str = "dense", tiles: bool = True) -> list[str]:
     """Time the candidate configs per GEMM and M for one expert format (fused_moe_config's
     WEIGHT_FORMATS); the winners go into ``tuned_file`` under the table tag of this device and
-    format (what fused_moe's pick_config reads). Returns one line per winner."""
+    format (what fused_moe's pick_config reads). Returns one line per winner. ``tiles`` False:
+    no tile sweep; the table's (or the heuristic's) tiles are the winners whose split and
+    program order are tried."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
@@ -255,6 +261,9 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         topk_w, ids = routing(t, s, device, gen)
         candidates = tune_candidates(t, s, smoke, weights)
         default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)
+        if not tiles:
+            candidates = [pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights)]
+            default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device, weights)
 
         def run(up, down):
             return graph_time_ms(lambda: fused_moe(x, w13, w2, topk_w, ids, config=up, down_config=down, **quant),
@@ -274,7 +283,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             lines.append(f"{weights} T={t}: no gate/up config ran")
             continue
         best_down, best_down_ms = None, float("inf")
-        for c in candidates:
+        for c in candidates if tiles else [default_down]:
             if c.block_m != best_up.block_m:
                 continue
             try:
@@ -295,6 +304,26 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
                     except Exception as exc:
                         print(f"[moe] autotune {weights} T={t} {which} {c}: {type(exc).__name__}", flush=True)
                         continue
+                    if ms < best_down_ms:
+                        best_down_ms = ms
+                        if which == "up":
+                            best_up = c
+                        else:
+                            best_down = c
+        if best_down is not None and t * s.top_k > SPLIT_MAX_PAIRS_PER_EXPERT * s.experts:
+            # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
+            # rows and an expert's weight columns), each against the layer's total
+            best_down_ms = run(best_up, best_down)  # both winners together, timed once more
+            for group in GROUP_CANDIDATES:
+                for which in ("up", "down"):
+                    c = replace(best_up if which == "up" else best_down, group_m=group)
+                    try:
+                        ms = run(c, best_down) if which == "up" else run(best_up, c)
+                    except Exception as exc:
+                        print(f"[moe] autotune {weights} T={t} {which} {c}: {type(exc).__name__}", flush=True)
+                        continue
+                    print(f"[moe] autotune {weights} T={t} {which} group_m={group}: {ms:.3f} ms "
+                          f"(best {best_down_ms:.3f})", flush=True)
                     if ms < best_down_ms:
                         best_down_ms = ms
                         if which == "up":
@@ -360,6 +389,9 @@ def main() -> int:
     ap.add_argument("--autotune", action="store_true",
                     help="sweep tile configs first and merge the winners into the tuned file")
     ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
+    ap.add_argument("--tune-order-only", action="store_true",
+                    help="autotune: keep the table's tiles, try only split-K (decode sizes) and the grouped "
+                         "program order (prefill sizes) on them")
     ap.add_argument("--tune-weights", default="dense",
                     help="comma-separated expert formats the autotune sweeps: dense (bf16, int8, fp8), int4")
     ap.add_argument("--tuned-file", default=None,
@@ -409,7 +441,8 @@ def main() -> int:
             results_dir / "fused_moe_tuned_smoke.json" if args.smoke else TUNED_FILE)
         t1 = time.perf_counter()
         workload["autotune"] = [line for weights in args.tune_weights.split(",")
-                                for line in autotune(shapes, device, m_values, args.smoke, tuned_file, weights)]
+                                for line in autotune(shapes, device, m_values, args.smoke, tuned_file, weights,
+                                                      tiles=not args.tune_order_only)]
         print(f"[moe] autotune {time.perf_counter() - t1:.0f}s", flush=True)
         save()
     if "kernel" in parts:

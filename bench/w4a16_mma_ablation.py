@@ -10,17 +10,19 @@ NVRTC as the kernel is (their results are wrong by design; only their time is us
                 the scales and the epilogue only
   interleaved   loads_only with the WK warps of a block reading consecutive 512-byte steps
                 (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
+  no_xstage     (M = 16, staged forms) the kernel without staging x's tile and its group sums
 
 at 4096 x 14336 (the issue's headline shape), M = 1, for four register-path block shapes and
-the forms the dispatch table picks at M = 1 (bulk copies; x loaded with the codes, split K), plus
-the table's own entry for this device when it has one, against bf16 F.linear and a
+the forms the dispatch table picks at M = 1 (bulk copies; x loaded with the codes, split K), and
+M = 16 for the forms it picks at 16-64 rows, plus the table's own entry for this device and M
+when it has one, against bf16 F.linear and a
 device-to-device copy of the same bytes in the same run. For the bulk form ``interleaved`` is
 ``loads_only`` (its copies are whole runs). Timing as bench/quant_gemm.py: one CUDA graph over a
 ring of weight copies (> 3x L2), quant_common.graph_ms.
 
 Output: bench/results/w4a16_mma_ablation_<dev>.json, metrics ``<variant>_<config>_us`` (config as
-the table writes it, commas as dashes), ``<variant>_..._tb_s`` (packed bytes / time),
-``bf16_us``, ``copy_us``.
+the table writes it, commas as dashes; ``_m16`` appended at M = 16), ``<variant>_..._tb_s``
+(packed bytes / time), ``bf16_us`` (``bf16_m16_us``), ``copy_us``.
 Usage (GPU, under a minute): python bench/w4a16_mma_ablation.py [--results-dir DIR]
 """
 
@@ -52,23 +54,28 @@ NO_MMA = '''  float f;
 WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));'''
 SRC = "const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;"
 PRO, NXT = "src + (size_t)(s * PLANES + p) * 32", "src + (size_t)(nxt * PLANES + p) * 32"  # the loads' steps
-CONFIGS = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1),
-           MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1), MmaConfig(1, 8, 4, 1, 0, 0, 1))
+CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1),
+               MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1), MmaConfig(1, 8, 4, 1, 0, 0, 1)),
+           # 16 rows: the bulk-copy and register forms the table picks at 16-64 rows
+           16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(1, 8, 2, 1, 8), MmaConfig(4, 4, 4, 1), MmaConfig(2, 8, 4, 1))}
+# x's tile staged and its group sums taken (the loops before the K loop): left out by no_xstage
+STAGE_LOOP = "for (int i = tid; i < mrows * (kc / 8); i += THREADS) {"
+SUM_LOOP = "for (int p = tid; p < mrows * gpb; p += THREADS) {"
 
 
-def configs(dev: torch.device, n: int, k: int) -> list[MmaConfig]:
-    """CONFIGS and the dispatch table's M = 1 entry for this shape on ``dev`` (when it is ours)."""
+def configs(dev: torch.device, n: int, k: int, m: int) -> list[MmaConfig]:
+    """CONFIGS[m] and the dispatch table's entry for this shape and M on ``dev`` (when it is ours)."""
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
-    out = list(CONFIGS)
-    choice = tuned_choice(dev, "w4a16", 1, n, k)
+    out = list(CONFIGS[m])
+    choice = tuned_choice(dev, "w4a16", m, n, k)
     if choice is not None and choice[0] == "mma" and parse_config(str(choice[1][0])) not in out:
         out.append(parse_config(str(choice[1][0])))
     return out
 
 
 def variants(source: str) -> dict[str, str]:
-    for part in (MMA, WIDEN, SRC, PRO, NXT):
+    for part in (MMA, WIDEN, SRC, PRO, NXT, STAGE_LOOP, SUM_LOOP):
         if part not in source:
             raise SystemExit(f"llmesh/kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
     loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
@@ -76,11 +83,15 @@ def variants(source: str) -> dict[str, str]:
                                   " + kstep0 + wk) * 128) + lane;")
                .replace(PRO, "src + (size_t)(s * PLANES * WK + p) * 32")
                .replace(NXT, "src + (size_t)(nxt * PLANES * WK + p) * 32"))
-    return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided}
+    unstaged = (source.replace(STAGE_LOOP, STAGE_LOOP.replace("i < mrows", "i < 0 * mrows"))
+                .replace(SUM_LOOP, SUM_LOOP.replace("p < mrows", "p < 0 * mrows")))
+    return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided,
+            "no_xstage": unstaged}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ms", default="1,16", help="rows of x: 1 and/or 16")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -88,37 +99,49 @@ def main() -> None:
     from llmesh.engine.quant.quantize import quantize_int4
 
     dev = torch.device("cuda")
-    k, n, m = 4096, 14336, 1
+    k, n = 4096, 14336
+    ms = [int(v) for v in args.ms.split(",")]
+    if set(ms) - set(CONFIGS):
+        raise SystemExit(f"--ms: rows from {sorted(CONFIGS)}")
     w = seeded_weight(n, k, dev)
     q = quantize_int4(w)
     packed = (pack_codes(q.codes()), pack_scales(q.scales.half(), q.mins.half()))
     nbytes = sum(t.numel() * t.element_size() for t in packed)
     ring = [tuple(t.clone() for t in packed) for _ in range(8)]
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-    bf16_ms = graph_ms([lambda wc=wc: torch.nn.functional.linear(x, wc) for wc in [w.clone() for _ in range(3)]])
     src, dst = torch.empty(nbytes, dtype=torch.uint8, device=dev), torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    metrics = {"bf16_us": bf16_ms * 1e3, "copy_us": graph_ms([lambda: dst.copy_(src)]) * 1e3}
-    print(f"bf16 F.linear {metrics['bf16_us']:.2f} us; copy of {nbytes / 1e6:.1f} MB {metrics['copy_us']:.2f} us")
+    metrics = {"copy_us": graph_ms([lambda: dst.copy_(src)]) * 1e3}
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
-    swept = configs(dev, n, k)
-    for name, text in variants(source).items():
-        for cfg in swept:
-            plan = plan_launch(cfg, m, n, 4096, q.group_size)
-            kern = cuda_rtc.load_source(text, plan.name, dev)
-            part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
-            counters = arrival_counters("w4a16_mma_ablation", dev, plan.grid[0])
-            args = [m, n, k, 4096, k, n, plan.split_steps]
-            fns = [lambda c=c, s=s: kern.launch(plan.grid, plan.threads, plan.smem,
-                                                [c, s, x, out, part, counters, *args])
-                   for c, s in ring]
-            us = graph_ms(fns) * 1e3
-            tag = f"{name}_{config_str(cfg).replace(',', '-')}"
-            metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
-            print(f"{name:12} {config_str(cfg):<16} {us:6.2f} us  "
-                  f"{metrics['bf16_us'] / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
-    workload = {"shape_kxn": [k, n], "m": m, "group": q.group_size, "packed_bytes": nbytes,
-                "configs": [config_str(c) for c in swept], "variants": list(variants(source)),
+    swept = {}
+    for m in ms:
+        sfx = "" if m == 1 else f"_m{m}"  # M = 1's names as earlier runs wrote them
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        bf16 = graph_ms([lambda wc=wc: torch.nn.functional.linear(x, wc) for wc in [w.clone() for _ in range(3)]]) * 1e3
+        metrics[f"bf16{sfx}_us"] = bf16
+        print(f"M = {m}: bf16 F.linear {bf16:.2f} us; copy of {nbytes / 1e6:.1f} MB {metrics['copy_us']:.2f} us")
+        swept[m] = configs(dev, n, k, m)
+        for name, text in variants(source).items():
+            if name == "no_xstage" and m == 1:
+                continue  # one row: 8 KB of x a block
+            for cfg in swept[m]:
+                if name == "no_xstage" and cfg.xload:
+                    continue  # nothing staged
+                plan = plan_launch(cfg, m, n, 4096, q.group_size)
+                kern = cuda_rtc.load_source(text, plan.name, dev)
+                part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
+                counters = arrival_counters("w4a16_mma_ablation", dev, plan.grid[0])
+                args = [m, n, k, 4096, k, n, plan.split_steps]
+                fns = [lambda c=c, s=s: kern.launch(plan.grid, plan.threads, plan.smem,
+                                                    [c, s, x, out, part, counters, *args])
+                       for c, s in ring]
+                us = graph_ms(fns) * 1e3
+                tag = f"{name}_{config_str(cfg).replace(',', '-')}{sfx}"
+                metrics[f"{tag}_us"], metrics[f"{tag}_tb_s"] = us, nbytes / (us * 1e-6) / 1e12
+                print(f"M={m:<3} {name:12} {config_str(cfg):<16} {us:6.2f} us  "
+                      f"{bf16 / us:.2f}x bf16  {metrics[f'{tag}_tb_s']:.2f} TB/s", flush=True)
+    workload = {"shape_kxn": [k, n], "ms": ms, "group": q.group_size, "packed_bytes": nbytes,
+                "configs": {m: [config_str(c) for c in cs] for m, cs in swept.items()},
+                "variants": list(variants(source)),
                 "timing": "CUDA graph over 8 weight copies (> 3x L2), quant_common.graph_ms; bf16 over 3 copies"}
     path = write_result(f"w4a16_mma_ablation_{device_tag(dev)}", workload, metrics,
                         results_dir=Path(args.results_dir) if args.results_dir else None)

@@ -124,7 +124,7 @@ def _moe_gemm_kernel(
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-    SUM_SLOTS: tl.constexpr = 0,
+    SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -137,11 +137,25 @@ def _moe_gemm_kernel(
     arrive sums them in split order and runs the epilogue (split_k.py's scheme).
     SUM_SLOTS = k (one token, one pair a block, no split; MUL_WEIGHT): the k weighted rows are
     summed here instead of by _moe_sum_kernel (_slot_sum) into out [1, N]; part is [k, N] float32.
+    GROUP_M > 0 (MoEConfig.group_m): a 1-D grid over (sorted block, column tile) in grouped
+    order, GROUP_M blocks taking every column tile before the next GROUP_M start.
     """
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if GROUP_M > 0:
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_m = tl.num_programs(0) // num_n
+        pid = tl.program_id(0)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size
+        pid_n = (pid % per_group) // size
+    else:
+        num_m = tl.num_programs(0)
+        num_n = tl.num_programs(1)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -174,7 +188,7 @@ def _moe_gemm_kernel(
         acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, tl.minimum(k_lo + k_split, K),
                                       stride_bn, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION)
     if SPLIT_K > 1:
-        rows = tl.num_programs(0) * BLOCK_M  # the partials' rows: every sorted position
+        rows = num_m * BLOCK_M  # the partials' rows: every sorted position
         width = N
         if GATED:
             width = 2 * N
@@ -182,7 +196,7 @@ def _moe_gemm_kernel(
         store_part(acc, part_ptr, pid_k, offs, rn, cols_mask, rows, width)
         if GATED:
             store_part(acc_up, part_ptr, pid_k, offs, rn + N, cols_mask, rows, width)
-        tile = pid_m * tl.num_programs(1) + pid_n
+        tile = pid_m * num_n + pid_n
         if arrive(lock_ptr, tile) == SPLIT_K - 1:
             acc = load_sum(part_ptr, offs, rn, cols_mask, rows, width, SPLIT_K, BLOCK_M, BLOCK_N)
             if GATED:
@@ -411,7 +425,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         N=inter, K=h, num_pairs=pairs, a_row_div=top_k,
         stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **split, **layouts[0], **common)
+        num_warps=config.num_warps, num_stages=config.num_stages, GROUP_M=config.group_m, **split, **layouts[0],
+        **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
@@ -420,7 +435,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if slot_sum:
         out = torch.empty(1, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=torch.empty(top_k, h, dtype=torch.float32, device=x.device),
-                     lock_ptr=arrival_counters("fused_moe_slot_sum", x.device, grid[1]))
+                     lock_ptr=arrival_counters("fused_moe_slot_sum", x.device,
+                                                    triton.cdiv(h, down_config.block_n)))
     else:
         out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     _moe_gemm_kernel[grid](
@@ -430,7 +446,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
         num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
-        **split, **layouts[1], **common)
+        GROUP_M=down_config.group_m, **split, **layouts[1], **common)
     return out if slot_sum else moe_sum(out.view(t, top_k, h))
 
 
@@ -452,11 +468,13 @@ def _pair_blocks(pairs: int, block_m: int, device: torch.device) -> tuple[torch.
 
 def _grid_and_split(kernel: str, x: torch.Tensor, config: MoEConfig, blocks: int, n: int, width: int,
                     k_rows: int) -> tuple[tuple[int, int, int], dict]:
-    """One GEMM's grid (sorted blocks, column tiles, K splits) and split-K launch arguments:
-    config.split_k pieces of the K loop's ``k_rows`` (K, or INT4's code rows), each a multiple
-    of BLOCK_K, with float32 partials for every sorted row and ``width`` columns (2N gated)."""
+    """One GEMM's grid (sorted blocks, column tiles, K splits; grouped order: blocks x column
+    tiles on one axis) and split-K launch arguments: config.split_k pieces of the K loop's
+    ``k_rows`` (K, or INT4's code rows), each a multiple of BLOCK_K, with float32 partials for
+    every sorted row and ``width`` columns (2N gated)."""
     k_split = triton.cdiv(triton.cdiv(k_rows, config.split_k), config.block_k) * config.block_k
     splits = triton.cdiv(k_rows, k_split)  # a short K takes fewer splits than asked
-    grid = (blocks, triton.cdiv(n, config.block_n), splits)
-    part, locks = split_buffers(kernel, x, blocks * config.block_m, width, splits, grid[0] * grid[1])
+    tiles = triton.cdiv(n, config.block_n)
+    grid = (blocks * tiles, 1, splits) if config.group_m else (blocks, tiles, splits)
+    part, locks = split_buffers(kernel, x, blocks * config.block_m, width, splits, blocks * tiles)
     return grid, dict(part_ptr=part, lock_ptr=locks, k_split=k_split, SPLIT_K=splits)

@@ -40,6 +40,12 @@ class MoEConfig:
     """Pieces of the K loop run by separate programs (float32 partials, the last to arrive sums
     them and runs the epilogue): more programs for decode batches whose few expert blocks
     leave SMs idle, at the price of the partials' traffic."""
+    group_m: int = 0
+    """Program order. 0: the sorted blocks fastest, so the programs running together share a
+    column tile and each read a different block's rows. g >= 1: g consecutive sorted blocks
+    take every column tile before the next g start (Triton's grouped ordering), so a block's
+    rows and an expert's weight columns are reused from L2 while they are there: at prefill
+    sizes the down GEMM's [T*k, I] input is larger than L2."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -48,10 +54,12 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"MoEConfig.split_k must be a positive int, got {self.split_k!r}")
+        if not isinstance(self.group_m, int) or self.group_m < 0:
+            raise ValueError(f"MoEConfig.group_m must be an int >= 0, got {self.group_m!r}")
 
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
-"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k)]}}."""
+"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k(, group_m))]}}."""
 
 WEIGHT_FORMATS = ("dense", "int4")
 """Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8
@@ -81,11 +89,17 @@ def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
     """Write ``entries`` into the file at ``path`` under ``tag`` (other devices' entries kept)."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
     mine = doc.get(tag, {})
-    mine.update({",".join(map(str, key)): list(astuple(cfg)) for key, cfg in entries.items()})
+    mine.update({",".join(map(str, key)): _fields(cfg) for key, cfg in entries.items()})
     doc[tag] = dict(sorted(mine.items(), key=lambda kv: tuple(int(v) for v in kv[0].split(","))))
     path.write_text(json.dumps(doc, indent=1) + "\n")
     load_tuned.cache_clear()
     _device_table.cache_clear()  # pick_config reads the new entries in this process too
+
+
+def _fields(cfg: MoEConfig) -> list[int]:
+    """A table entry: group_m only where it is not 0 (the order entries before it ran)."""
+    fields = list(astuple(cfg))
+    return fields if fields[-1] else fields[:-1]
 
 
 @functools.lru_cache(maxsize=8)

@@ -90,10 +90,15 @@ def test_the_cuda_benchmarks_sources_compile():
     rings = {(v[2], v[3]) for v in modules["read_floor"].variants(132) if v[1] == "read_ring<4>"}
     assert rings == {(112, 512), (224, 256), (132, 512), (264, 256)}
     ablation = modules["w4a16_mma_ablation"]
-    # the register path and the forms the table picks at M = 1: bulk copies, x loaded with the codes
-    shapes = (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1))
-    assert set(shapes) <= set(ablation.CONFIGS)
-    for cfg in shapes:
-        plan = plan_launch(cfg, 1, 14336, 4096, 128)
-        for variant, text in ablation.variants((cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()).items():
-            assert cuda_rtc.compile_cubin(text, plan.name, "sm_90")[1], (variant, cfg)
+    # the register path and the forms the table picks at M = 1 (bulk copies, x loaded with the
+    # codes) and at 16 rows (two n8 tiles; bulk copies, registers)
+    shapes = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1)),
+              16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(4, 4, 4, 1))}
+    variants = ablation.variants((cuda_rtc.SOURCES / "w4a16_mma.cu").read_text())
+    assert "no_xstage" in variants
+    for m, cfgs in shapes.items():
+        assert set(cfgs) <= set(ablation.CONFIGS[m])
+        for cfg in cfgs:
+            plan = plan_launch(cfg, m, 14336, 4096, 128)
+            for variant, text in variants.items():
+                assert cuda_rtc.compile_cubin(text, plan.name, "sm_90")[1], (variant, cfg)

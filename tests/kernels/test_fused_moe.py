@@ -3,6 +3,8 @@ and the block alignment against its definition."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -186,6 +188,32 @@ def test_one_token_skips_the_align_step_and_sums_in_the_down_gemm(device, fmt, d
     assert not fm._pair_block_cache or all(v[0].numel() == v[1].item() for v in fm._pair_block_cache.values())
 
 
+@pytest.mark.parametrize("fmt,group_m,split", [("dense", 1, 1), ("dense", 3, 2), ("int4", 2, 1), ("int4", 4, 3)])
+def test_grouped_program_order_changes_no_result(device, fmt, group_m, split):
+    """group_m: the programs in grouped order (a 1-D grid of blocks x column tiles, the last
+    group short) compute the same tiles, so the output is bit for bit the default order's, with
+    split-K partials and counters addressed by the same tile (two calls: the counters reset)."""
+    gen = torch.Generator().manual_seed(60 + group_m)
+    t, e, k, h, inter = 23, 4, 2, 192, 160  # column tiles of 32: 5 (gate/up), 6 (down)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(t, e, k, gen, skew=True)
+    quant = {}
+    if fmt == "int4":
+        w13, s13, m13 = quantize_experts_int4(w13)
+        w2, s2, m2 = quantize_experts_int4(w2)
+        quant = dict(w13_scale=s13.to(device), w2_scale=s2.to(device), w13_min=m13.to(device), w2_min=m2.to(device))
+    else:
+        w13, w2 = w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+    args = [v.to(device) for v in (x, w13, w2, weights.to(torch.bfloat16), ids)]
+    plain = MoEConfig(block_m=16, block_n=32, block_k=32, split_k=split)
+    grouped = MoEConfig(block_m=16, block_n=32, block_k=32, split_k=split, group_m=group_m)
+    want = fused_moe(*args, **quant, config=plain, down_config=plain, align_path="torch").cpu()
+    for _ in range(2):
+        got = fused_moe(*args, **quant, config=grouped, down_config=grouped, align_path="torch").cpu()
+        assert torch.equal(got, want)
+
+
 def test_split_k_must_be_positive():
     with pytest.raises(ValueError, match="split_k"):
         MoEConfig(16, 32, 32, 4, 3, 0)
@@ -320,6 +348,9 @@ def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
     assert tables["h100"][(128, 768, 2048, 64)].block_m == 32
     # INT4 experts: a table of their own beside the device's dense one
     merge_tuned(path, table_tag("h200", "int4"), {(128, 768, 2048, 64): MoEConfig(16, 128, 64, 4, 3)})
+    merge_tuned(path, "h200", {(128, 2048, 768, 4096): MoEConfig(64, 128, 64, 8, 3, 1, 8)})
+    assert load_tuned(path)["h200"][(128, 2048, 768, 4096)] == MoEConfig(64, 128, 64, 8, 3, 1, 8)
+    assert json.loads(path.read_text())["h200"]["128,2048,768,64"] == [16, 128, 64, 8, 4, 1]  # group_m 0: not written
     tables = load_tuned(path)
     assert tables["h200:int4"] == {(128, 768, 2048, 64): MoEConfig(16, 128, 64, 4, 3)}
     assert tables["h200"][(128, 768, 2048, 64)] == MoEConfig(16, 64, 128, 4, 3)
