@@ -130,9 +130,9 @@ def main() -> None:
                 kern = cuda_rtc.load_source(text, plan.name, dev)
                 part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
                 counters = arrival_counters("w4a16_mma_ablation", dev, plan.grid[0])
-                args = [m, n, k, 4096, k, n, plan.split_steps]
+                launch_args = [m, n, k, 4096, k, n, plan.split_steps]
                 fns = [lambda c=c, s=s: kern.launch(plan.grid, plan.threads, plan.smem,
-                                                    [c, s, x, out, part, counters, *args])
+                                                    [c, s, x, out, part, counters, *launch_args])
                        for c, s in ring]
                 us = graph_ms(fns) * 1e3
                 tag = f"{name}_{config_str(cfg).replace(',', '-')}{sfx}"
