@@ -260,6 +260,9 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         topk_w, ids = routing(t, s, device, gen)
         candidates = tune_candidates(t, s, smoke, weights)
+        prefill = t * s.top_k > SPLIT_MAX_PAIRS_PER_EXPERT * s.experts
+        if prefill:  # the tiles swept in the grouped order (moe_h200_order.json: group_m 1 took 0.985 to 0.813 ms)
+            candidates = [replace(c, group_m=1) for c in candidates]
         default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)
         if not tiles:
             candidates = [pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights)]
@@ -310,7 +313,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
                             best_up = c
                         else:
                             best_down = c
-        if best_down is not None and t * s.top_k > SPLIT_MAX_PAIRS_PER_EXPERT * s.experts:
+        if best_down is not None and prefill:
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), each against the layer's total
             best_down_ms = run(best_up, best_down)  # both winners together, timed once more

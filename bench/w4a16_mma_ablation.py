@@ -59,8 +59,8 @@ CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4,
            # 16 rows: the bulk-copy and register forms the table picks at 16-64 rows
            16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(1, 8, 2, 1, 8), MmaConfig(4, 4, 4, 1), MmaConfig(2, 8, 4, 1))}
 # x's tile staged and its group sums taken (the loops before the K loop): left out by no_xstage
-STAGE_LOOP = "for (int i = tid; i < mrows * (kc / 8); i += THREADS) {"
-SUM_LOOP = "for (int p = tid; p < mrows * gpb; p += THREADS) {"
+STAGE_LOOP = "for (int i = st; i < mrows * chunks; i += WN * 32) {"
+SUM_LOOP = "for (int p = st; p < mrows * sgn; p += WN * 32) {"
 
 
 def configs(dev: torch.device, n: int, k: int, m: int) -> list[MmaConfig]:

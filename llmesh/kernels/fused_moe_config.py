@@ -213,11 +213,13 @@ def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=Non
 
 CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)
-    for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (64, 128), (4, 8), (3, 4))
+    for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (64, 128), (4, 8), (3, 4))
+    if bn < 256 or bm >= 64
 )
-"""What an autotune run sweeps (96 configs, of which bench/moe_gpu.py compiles those whose
+"""What an autotune run sweeps (112 configs, of which bench/moe_gpu.py compiles those whose
 BLOCK_M suits the rows per expert). BLOCK_N 32 is for the smallest batches: at T = 1 the
-gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more programs."""
+gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more programs;
+256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""
 
 INT4_CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)
