@@ -23,7 +23,7 @@ ring of weight copies (> 3x L2), quant_common.graph_ms.
 Output: bench/results/w4a16_mma_ablation_<dev>.json, metrics ``<variant>_<config>_us`` (config as
 the table writes it, commas as dashes; ``_m16`` appended at M = 16), ``<variant>_..._tb_s``
 (packed bytes / time), ``bf16_us`` (``bf16_m16_us``), ``copy_us``.
-Usage (GPU, under a minute): python bench/w4a16_mma_ablation.py [--results-dir DIR]
+Usage (GPU, about a minute): python bench/w4a16_mma_ablation.py [--ms 1,16] [--suffix _x] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4,
            # 16 rows: the bulk-copy and register forms the table picks at 16-64 rows
            16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(1, 8, 2, 1, 8), MmaConfig(4, 4, 4, 1), MmaConfig(2, 8, 4, 1))}
 # x's tile staged and its group sums taken (the loops before the K loop): left out by no_xstage
-STAGE_LOOP = "for (int i = st; i < mrows * chunks; i += WN * 32) {"
-SUM_LOOP = "for (int p = st; p < mrows * sgn; p += WN * 32) {"
+STAGE_LOOP = "for (int i = tid; i < mrows * (kc / 8); i += THREADS) {"
+SUM_LOOP = "for (int p = tid; p < mrows * gpb; p += THREADS) {"
 
 
 def configs(dev: torch.device, n: int, k: int, m: int) -> list[MmaConfig]:
@@ -92,6 +92,7 @@ def variants(source: str) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", default="1,16", help="rows of x: 1 and/or 16")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -143,7 +144,7 @@ def main() -> None:
                 "configs": {m: [config_str(c) for c in cs] for m, cs in swept.items()},
                 "variants": list(variants(source)),
                 "timing": "CUDA graph over 8 weight copies (> 3x L2), quant_common.graph_ms; bf16 over 3 copies"}
-    path = write_result(f"w4a16_mma_ablation_{device_tag(dev)}", workload, metrics,
+    path = write_result(f"w4a16_mma_ablation_{device_tag(dev)}{args.suffix}", workload, metrics,
                         results_dir=Path(args.results_dir) if args.results_dir else None)
     print(f"wrote {path}")
 

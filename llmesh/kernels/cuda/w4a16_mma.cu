@@ -19,9 +19,9 @@
 // > 0, Hopper) lane 0's bulk copy of BULK steps of the warp's contiguous codes into a ring slot
 // in shared memory, STAGES slots, on an mbarrier. The codes widen by the exponent trick (a
 // nibble OR-ed into the mantissa of bf16 128.0 gives 128 + q exactly, one lop3 for two), so
-// the MMAs compute (128 + q) . x. The warps sum each row of x over each group once, after
-// staging their K slice of x, and at each group's end  y += s * acc + (m - 128 s) * sum(x)  in
-// float32 (w = q s + m), which costs no arithmetic per weight beyond the lop3 and its shift.
+// the MMAs compute (128 + q) . x. The block sums each row of x over each group once, after
+// staging x, and at each group's end  y += s * acc + (m - 128 s) * sum(x)  in float32 (w = q s
+// + m), which costs no arithmetic per weight beyond the lop3 and its shift.
 //
 // Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
 // gridDim.y splits of K meet through float32 partials, the last split to arrive adding them
@@ -96,25 +96,6 @@ __device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K,
   if constexpr (ACT) {
     f[2] = live && k < K ? ldg_u32(row + (K + k) / 2) : 0u;
     f[3] = live && k + 8 < K ? ldg_u32(row + (K + k) / 2 + 4) : 0u;
-  }
-}
-
-// 16 bytes global -> shared without registers (Ampere's cp.async), zero-filled when !valid; the
-// copies a thread issues are all in flight until its cp_async_wait_all
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-// the WN warps that share one K slice of x's tile meet here: a named barrier (id 1 + wk; 0 is
-// __syncthreads'), or the warp alone
-template <int WN>
-__device__ __forceinline__ void slice_sync(int wk) {
-  if constexpr (WN == 1) {
-    __syncwarp();
-  } else {
-    asm volatile("bar.sync %0, %1;" ::"r"(1 + wk), "r"(WN * 32) : "memory");
   }
 }
 
@@ -288,37 +269,26 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     for (int s = 0; s < STAGES; ++s)
       if (s < count) load_xfrag<ACT>(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
   } else {
-    // x's rows of this m tile over the block's K range, zero past K (so the padded codes add
-    // nothing), staged a K slice at a time: the WN warps of slice wk (the K range warp wk reads)
-    // copy it and take its rows' group sums together and wait only for each other, so a warp's
-    // K loop starts once its own slice is in, not the whole tile (16 rows of K = 4096 are 128 KB,
-    // which the block barrier this replaced held every warp for: 3.5 us of 16 at M = 16,
-    // w4a16_mma_ablation's no_xstage)
-    const int st = wn * 32 + lane, c0 = wk * warp_steps * 16, chunks = 2 * warp_steps;  // 8 values a chunk
-    for (int i = st; i < mrows * chunks; i += WN * 32) {
-      const int r = i / chunks, c = c0 + (i % chunks) * 8;
-      const bool in_k = kbase + c < K;
-      const u16* xr = x + (size_t)(m0 + r) * ldx + (in_k ? kbase + c : 0);
-      if constexpr (ACT) {
-        u32x4 v = {0u, 0u, 0u, 0u};
-        if (in_k) {
-          const u32x4 gt = *reinterpret_cast<const u32x4*>(xr), u = *reinterpret_cast<const u32x4*>(xr + K);
-          v = u32x4{silu_mul2(gt.x, u.x), silu_mul2(gt.y, u.y), silu_mul2(gt.z, u.z), silu_mul2(gt.w, u.w)};
+    // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
+    for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
+      const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
+      u32x4 v = {0u, 0u, 0u, 0u};
+      if (kbase + c < K) {
+        const u16* xr = x + (size_t)(m0 + r) * ldx + kbase + c;
+        v = *reinterpret_cast<const u32x4*>(xr);
+        if constexpr (ACT) {
+          const u32x4 u = *reinterpret_cast<const u32x4*>(xr + K);
+          v = u32x4{silu_mul2(v.x, u.x), silu_mul2(v.y, u.y), silu_mul2(v.z, u.z), silu_mul2(v.w, u.w)};
         }
-        *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
-      } else {
-        cp_async16(smem_addr(xs + r * xrow + c), xr, in_k);
       }
+      *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
     }
-    if (st == 0) *zero = u32x4{0u, 0u, 0u, 0u};  // each slice's first thread: the same zeros
-    if constexpr (!ACT) cp_async_wait_all();
-    slice_sync<WN>(wk);
-    // each row's sum over each of the slice's groups: a thread a (row, group), its 2 GS 16-byte
-    // chunks read from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
-    const int sg0 = c0 / (16 * GS), sgn = warp_steps / GS;
-    for (int p = st; p < mrows * sgn; p += WN * 32) {
-      const int r = p / sgn, grp = sg0 + p % sgn;
-      const u16* row = xs + r * xrow + grp * 16 * GS;
+    if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
+    __syncthreads();
+    // each row's sum over each group: a thread a (row, group), its 2 GS 16-byte chunks read
+    // from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
+    for (int p = tid; p < mrows * gpb; p += THREADS) {
+      const u16* row = xs + (p / gpb) * xrow + (p % gpb) * 16 * GS;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < 2 * GS; ++j) {
@@ -327,9 +297,9 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 #pragma unroll
         for (int e = 0; e < 4; ++e) sum += __uint_as_float(h[e] << 16) + __uint_as_float(h[e] & 0xffff0000u);
       }
-      xsum[r * gpb + grp] = sum;
+      xsum[p] = sum;
     }
-    slice_sync<WN>(wk);
+    __syncthreads();
   }
 
   // x as the B operand (k16 x n8, column n = row n of x): ldmatrix (not transposed) of 8x8
