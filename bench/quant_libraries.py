@@ -161,12 +161,15 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: st
     smem_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     sweep = SMOKE_MMA_SWEEP if smoke else MMA_SWEEP
     # past 8 rows, tiles of 16 rows (the default) and of 8 (twice the reads, the repeats from L2);
-    # up to 8, x staged and x loaded with the codes (xload, register loads only)
+    # up to 8, x staged and x loaded with the codes (xload 1, register loads only); at any size x
+    # staged a group ahead of the MMAs (xload 2; not with the fused activation)
     variants = ((0, 0), (8, 0)) if x.shape[0] > 8 else ((0, 0), (0, 1))
+    if act is None:
+        variants += ((0, 2),)
     for (wn, wk, stages, split, bulk), (rows, xload) in itertools.product(sweep, variants):
         if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
             continue
-        if xload and bulk:
+        if xload == 1 and bulk:
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
         if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes, int(act is not None)).smem > smem_limit:

@@ -10,7 +10,8 @@ NVRTC as the kernel is (their results are wrong by design; only their time is us
                 the scales and the epilogue only
   interleaved   loads_only with the WK warps of a block reading consecutive 512-byte steps
                 (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
-  no_xstage     (M = 16, staged forms) the kernel without staging x's tile and its group sums
+  no_xstage     (M = 16, forms that stage x's whole tile) the kernel without that staging and
+                its group sums
 
 at 4096 x 14336 (the issue's headline shape), M = 1, for four register-path block shapes and
 the forms the dispatch table picks at M = 1 (bulk copies; x loaded with the codes, split K), and
@@ -57,7 +58,9 @@ PRO, NXT = "src + (size_t)(s * PLANES + p) * 32", "src + (size_t)(nxt * PLANES +
 CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1),
                MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1), MmaConfig(1, 8, 4, 1, 0, 0, 1)),
            # 16 rows: the bulk-copy and register forms the table picks at 16-64 rows
-           16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(1, 8, 2, 1, 8), MmaConfig(4, 4, 4, 1), MmaConfig(2, 8, 4, 1))}
+           16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(1, 8, 2, 1, 8), MmaConfig(4, 4, 4, 1), MmaConfig(2, 8, 4, 1),
+                # x staged a group ahead of the MMAs (xload 2), register and bulk-copy weights
+                MmaConfig(2, 8, 4, 1, 0, 0, 2), MmaConfig(2, 8, 2, 1, 4, 0, 2))}
 # x's tile staged and its group sums taken (the loops before the K loop): left out by no_xstage
 STAGE_LOOP = "for (int i = tid; i < mrows * (kc / 8); i += THREADS) {"
 SUM_LOOP = "for (int p = tid; p < mrows * gpb; p += THREADS) {"

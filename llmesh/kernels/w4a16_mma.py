@@ -87,7 +87,10 @@ class MmaConfig:
     xload: int = 0
     """1 (tiles of 8 rows, bulk 0 only): each lane loads its B fragments of x from global memory
     with its codes, ``stages`` steps ahead, and x's sums come from an MMA against ones: no x tile
-    in shared memory and no barrier before the K loop (0: x staged, its sums taken once)"""
+    in shared memory and no barrier before the K loop (0: x staged, its sums taken once).
+    2 (any tiles, not with the fused activation): x staged a group at a time, one group ahead
+    of the MMAs (cp.async, each warp its own K range), its sums from MMAs against ones: the
+    weight stream runs while x comes in, where the whole-tile staging held it back"""
 
 
 def config_str(config: MmaConfig) -> str:
@@ -121,8 +124,8 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: bulk must be 0, 1, 2, 4 or 8 steps")
     if config.rows not in (0, 8, 16):
         raise ValueError(f"{config}: rows must be 0 (by M), 8 or 16")
-    if config.xload not in (0, 1) or (config.xload and (config.bulk or config.rows == 16)):
-        raise ValueError(f"{config}: xload is 0 or 1, and 1 only with bulk 0 and tiles of 8 rows")
+    if config.xload not in (0, 1, 2) or (config.xload == 1 and (config.bulk or config.rows == 16)):
+        raise ValueError(f"{config}: xload is 0, 1 or 2, and 1 only with bulk 0 and tiles of 8 rows")
     return config
 
 
@@ -160,7 +163,7 @@ def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1, p
     K steps (none of those with xload); the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
     ring = config.stages * threads * 16 * config.bulk * planes
-    x_tile = 0 if config.xload else rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
+    x_tile = 0 if config.xload == 1 else rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
     return max(ring + x_tile, config.wk * config.wn * rows * RED_ROW * 4)
 
 
@@ -190,8 +193,10 @@ def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: 
     [gate | up] and the input silu(gate) * up (``w4a16_mma``'s ``act="silu_mul"``)."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
-    if config.xload and tile != 8:
+    if config.xload == 1 and tile != 8:
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
+    if config.xload == 2 and act:
+        raise ValueError(f"{config}: xload 2 copies x as it is; the fused activation is made while staging")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
     name += _template_tail([planes, config.xload, act], (1, 0, 0))  # PLANES, XLOAD, ACT

@@ -154,6 +154,9 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
     assert config_str(parse_config("1,8,2,1,0,0,1")) == "1,8,2,1,0,0,1"
     with pytest.raises(ValueError, match="xload"):
         parse_config("1,8,2,1,4,0,1")  # not with bulk copies
+    assert parse_config("2,8,2,1,4,0,2") == MmaConfig(2, 8, 2, 1, 4, 0, 2)  # x a group ahead: any weight path
+    with pytest.raises(ValueError, match="xload"):
+        parse_config("1,8,2,1,0,0,3")
     with pytest.raises(ValueError, match="bulk"):
         parse_config("1,8,4,1,3")
     with pytest.raises(ValueError, match="four to seven integers"):
@@ -189,6 +192,10 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     assert xload.name == "w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>" and xload.smem == 8 * 3 * 68 * 4
     with pytest.raises(ValueError, match="tiles of 8"):
         plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 12, 4096, 4096, 128)
+    pipe = plan_launch(MmaConfig(2, 8, 4, 1, 0, 0, 2), 16, 4096, 4096, 128)  # x staged a group ahead: the tile
+    assert pipe.name == "w4a16_mma<2, 8, 4, 8, 0, 2, 1, 2>" and pipe.smem == smem_bytes(MmaConfig(2, 8, 4, 1), 16, 256, 8)
+    with pytest.raises(ValueError, match="fused activation"):
+        plan_launch(MmaConfig(2, 8, 4, 1, 0, 0, 2), 16, 4096, 4096, 128, act=1)
     act = plan_launch(MmaConfig(1, 8, 4, 1), 1, 4096, 4096, 128, act=1)  # silu(gate) * up as x: the defaults named
     assert act.name == "w4a16_mma<1, 8, 4, 8, 0, 1, 1, 0, 1>"
     assert plan_launch(MmaConfig(1, 8, 4, 1, 0, 0, 1), 1, 4096, 4096, 128, 2, 1).name.endswith(", 2, 1, 1>")
@@ -205,12 +212,14 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     except cuda_rtc.RtcError as e:
         pytest.skip(str(e))
     source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
-    # (instance, registers at most): one n8 tile holds half the accumulators of two, so three
+    # (instance, registers at most; x staged a group ahead fits the same, 8-bit codes at 256 threads
+    # more): one n8 tile holds half the accumulators of two, so three
     # 256-thread blocks fit an SM; two tiles still fit two
     for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1>", 96), ("w4a16_mma<2, 8, 2, 8, 4, 1>", 96),
                        ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128),
                        ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128),
-                       ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104)):
+                       ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104), ("w4a16_mma<2, 8, 4, 8, 0, 2, 1, 2>", 128),
+                       ("w4a16_mma<2, 8, 2, 8, 4, 2, 1, 2>", 128), ("w4a16_mma<2, 4, 4, 8, 0, 2, 2, 2>", 176)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
@@ -238,6 +247,10 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
     (1, 128, 1024, 128, MmaConfig(1, 4, 2, 1, 0, 0, 1)),  # x from global memory (xload)
     (6, 192, 200, 32, MmaConfig(2, 2, 1, 2, 0, 8, 1)),    # xload, K padded, split K, one step ahead
     (13, 128, 512, 64, MmaConfig(1, 4, 4, 1, 0, 8, 1)),   # xload in two tiles of 8 rows
+    (16, 256, 1024, 128, MmaConfig(2, 4, 4, 1, 0, 0, 2)),  # x a group ahead (xload 2), two n8 tiles
+    (11, 192, 640, 64, MmaConfig(2, 2, 2, 2, 4, 0, 2)),    # xload 2, bulk, split K (a shorter split), 11 rows
+    (3, 192, 200, 32, MmaConfig(1, 2, 2, 1, 0, 0, 2)),     # xload 2, K padded (zeros copied past K)
+    (40, 64, 1024, 128, MmaConfig(1, 8, 2, 1, 0, 8, 2)),   # xload 2 in five tiles of 8 rows
 ])
 def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     if not torch.cuda.is_available():
@@ -268,6 +281,7 @@ def test_kernel_matches_reference_on_gpu(m, n, k, g, config, int4_weight):
     (5, 192, 640, 640, MmaConfig(2, 2, 2, 2, 4)),      # per channel, K padded to 768, bulk, split K
     (16, 256, 512, 32, MmaConfig(2, 2, 2, 1)),         # q8_0 (groups of 32), two n8 tiles
     (20, 64, 1024, 1024, MmaConfig(1, 8, 2, 1, 8, 8)),  # three tiles of 8 rows, bulk of 8 steps
+    (16, 128, 1024, 128, MmaConfig(2, 4, 2, 1, 0, 0, 2)),  # x a group ahead (xload 2)
 ])
 def test_int8_planes_match_the_reference_on_gpu(m, n, k, g, config):
     if not torch.cuda.is_available():

@@ -99,6 +99,15 @@ __device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K,
   }
 }
 
+// 16 bytes global -> shared without registers (Ampere's cp.async), zero-filled when !valid
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
 __device__ __forceinline__ void ldmatrix_x2(u32* a, u32 addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(a[0]), "=r"(a[1]) : "r"(addr) : "memory");
 }
@@ -178,9 +187,14 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // x: bf16 [M, K] rows ldx apart; out: bf16 [M, N] rows ldo apart; part: float32 [splits, M, N]
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
 // NT: n8 tiles of x rows a block (8 * NT rows a tile); grid (tiles x strip blocks, splits)
-// XLOAD (one n8 tile, register loads only): x's B fragments loaded from global memory with the
-// codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no barrier
-// before the loop (a variant, timed against the staged x by the sweep)
+// XLOAD = 1 (one n8 tile, register loads only): x's B fragments loaded from global memory with
+// the codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no
+// barrier before the loop (a variant, timed against the staged x by the sweep)
+// XLOAD = 2 (not with ACT): x staged into the tile a group at a time, one group ahead of the
+// MMAs (cp.async), each warp copying the part its own K range needs, and its sums taken by MMAs
+// with ones as A: no block barrier and no pass over the tile before the K loop, whose weight
+// stream the whole-tile staging held back (3.6 us of 16 at 16 rows, w4a16_mma_ablation's
+// no_xstage at 4096 x 14336)
 // ACT = 1: x holds [gate | up] (rows of 2K, the fused gate/up projection's output) and the
 // GEMM's input is silu(gate) * up, made as x is staged or loaded (llmesh/kernels/activation.py's
 // rounding): a down projection without silu_and_mul's launch
@@ -195,7 +209,9 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
   constexpr float OFF = PLANES == 2 ? 2176.f : 128.f;  // what the widening adds to a code
   static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
-  static_assert(!XLOAD || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
+  static_assert(XLOAD != 1 || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
+  static_assert(XLOAD != 2 || !ACT, "x copied a group ahead: silu(gate) * up is made while staging, not copied");
+  constexpr bool XPIPE = XLOAD == 2;
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
   constexpr int RED = 68;  // float row stride of the warps' sums: lanes' stores fall in distinct banks
   extern __shared__ __align__(16) unsigned char smem[];
@@ -263,11 +279,29 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // k = 16 (my0 + i) + 2t, as bf16 pairs; zero for rows past M and past K (K is even)
   const bool xg_live = g < mrows;
   const u32* xrow_g = reinterpret_cast<const u32*>(x + (size_t)(m0 + (xg_live ? g : 0)) * ldx);
-  u32 px[XLOAD ? STAGES : 1][ACT ? 4 : 2];
-  if constexpr (XLOAD) {
+  u32 px[XLOAD == 1 ? STAGES : 1][ACT ? 4 : 2];
+  // XPIPE: the warp's group j (columns c0 + 16 GS j of the block's tile, every row) into x's tile:
+  // its copies are one cp.async group. The WN warps of a K range copy the same bytes to the same
+  // place (identical values, so whichever lands last changes nothing) and wait only for their own.
+  const int c0 = wk * warp_steps * 16;
+  auto stage_group = [&](int j) {
+    if (j * GS < count) {
+      for (int i = lane; i < mrows * 2 * GS; i += 32) {
+        const int r = i / (2 * GS), c = c0 + j * 16 * GS + (i % (2 * GS)) * 8;
+        const bool in_k = kbase + c < K;
+        cp_async16(smem_addr(xs + r * xrow + c), x + (size_t)(m0 + r) * ldx + (in_k ? kbase + c : 0), in_k);
+      }
+    }
+    cp_async_commit();  // empty past the warp's range: the wait below counts groups
+  };
+  if constexpr (XLOAD == 1) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
       if (s < count) load_xfrag<ACT>(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
+  } else if constexpr (XPIPE) {
+    if (lane == 0) *zero = u32x4{0u, 0u, 0u, 0u};  // every warp's lane 0: the same zeros
+    stage_group(0);
+    stage_group(1);
   } else {
     // x's rows of this m tile over the block's K range, zero past K (so the padded codes add nothing)
     for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
@@ -334,7 +368,16 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps
     sc[0] = ldg128(sc_src + (g0 / GS) * 16);
     sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
-    float acc[NT][4][4], xsum_mma[4] = {0.f, 0.f, 0.f, 0.f};  // the latter: XLOAD's sums of x
+    float acc[NT][4][4], xsum_mma[NT][4];  // the latter: XLOAD's sums of x
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xsum_mma[nt][e] = 0.f;
+    if constexpr (XPIPE) {
+      cp_async_wait_1();  // this group's copies are in (the next one's may not be)
+      __syncwarp();       // and every lane's are visible to the warp's ldmatrix
+      stage_group(g0 / GS + 2);  // its own place in the tile: nothing read yet is overwritten
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -367,7 +410,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
         }
       }
       u32 bx[2 * NT];
-      if constexpr (XLOAD) {
+      if constexpr (XLOAD == 1) {
         const int nxt = i + STAGES;
         if constexpr (ACT) {
           bx[0] = silu_mul2(px[js % STAGES][0], px[js % STAGES][2]);
@@ -378,11 +421,18 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
         }
         if (nxt < count) load_xfrag<ACT>(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
         const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 pairs (1, 1)
-        mma(xsum_mma, ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
-      } else if constexpr (NT == 1) {
-        ldmatrix_x2(bx, xa0 + i * xstep);
+        mma(xsum_mma[0], ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
       } else {
-        ldmatrix_x4(bx, xa0 + i * xstep);
+        if constexpr (NT == 1) {
+          ldmatrix_x2(bx, xa0 + i * xstep);
+        } else {
+          ldmatrix_x4(bx, xa0 + i * xstep);
+        }
+        if constexpr (XPIPE) {
+          const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma(xsum_mma[nt], ones, bx[2 * nt], bx[2 * nt + 1]);
+        }
       }
 #pragma unroll
       for (int p = 0; p < PLANES; ++p) {
@@ -404,8 +454,8 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     float xs0[NT], xs1[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      xs0[nt] = XLOAD ? xsum_mma[0] : xsum[srow[nt][0] + sg];
-      xs1[nt] = XLOAD ? xsum_mma[1] : xsum[srow[nt][1] + sg];
+      xs0[nt] = XLOAD ? xsum_mma[nt][0] : xsum[srow[nt][0] + sg];
+      xs1[nt] = XLOAD ? xsum_mma[nt][1] : xsum[srow[nt][1] + sg];
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
