@@ -12,8 +12,6 @@ NVRTC as the kernel is (their results are wrong by design; only their time is us
                 (warp w: steps w, w + WK, ...) rather than a contiguous run each: DRAM locality
   no_xstage     (M = 16, forms that stage x's whole tile) the kernel without that staging and
                 its group sums
-  xsum_mma      (forms with x's sums beside the codes, xload) each sum4 an MMA against ones,
-                as those sums were taken before (a cost proxy: its sums are not the kernel's)
 
 at 4096 x 14336 (the issue's headline shape), M = 1, for four register-path block shapes and
 the forms the dispatch table picks at M = 1 (bulk copies; x loaded with the codes, split K), and
@@ -55,11 +53,6 @@ NO_MMA = '''  float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b0 ^ b1 ^ a[0]));
   c[0] += f;'''
 WIDEN = '''  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));'''
-SUM4 = "  return (bf16_lo(a) + bf16_hi(a)) + (bf16_lo(b) + bf16_hi(b));"
-SUM4_MMA = """  float c[4] = {0.f, 0.f, 0.f, 0.f};
-  const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
-  mma(c, ones, a, b);
-  return c[0];"""
 SRC = "const u32x4* src = reinterpret_cast<const u32x4*>(wcodes) + lane;"
 PRO, NXT = "src + (size_t)(s * PLANES + p) * 32", "src + (size_t)(nxt * PLANES + p) * 32"  # the loads' steps
 CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4, 1), MmaConfig(1, 4, 4, 1),
@@ -85,7 +78,7 @@ def configs(dev: torch.device, n: int, k: int, m: int) -> list[MmaConfig]:
 
 
 def variants(source: str) -> dict[str, str]:
-    for part in (MMA, WIDEN, SRC, PRO, NXT, STAGE_LOOP, SUM_LOOP, SUM4):
+    for part in (MMA, WIDEN, SRC, PRO, NXT, STAGE_LOOP, SUM_LOOP):
         if part not in source:
             raise SystemExit(f"llmesh/kernels/cuda/w4a16_mma.cu changed: update this script ({part[:40]!r} not found)")
     loads = source.replace(MMA, NO_MMA).replace(WIDEN, "  r = v;")
@@ -96,7 +89,7 @@ def variants(source: str) -> dict[str, str]:
     unstaged = (source.replace(STAGE_LOOP, STAGE_LOOP.replace("i < mrows", "i < 0 * mrows"))
                 .replace(SUM_LOOP, SUM_LOOP.replace("p < mrows", "p < 0 * mrows")))
     return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided,
-            "no_xstage": unstaged, "xsum_mma": source.replace(SUM4, SUM4_MMA)}
+            "no_xstage": unstaged}
 
 
 def main() -> None:
@@ -135,8 +128,8 @@ def main() -> None:
             if name == "no_xstage" and m == 1:
                 continue  # one row: 8 KB of x a block
             for cfg in swept[m]:
-                if (name == "no_xstage" and cfg.xload) or (name == "xsum_mma" and not cfg.xload):
-                    continue  # nothing staged; no sums beside the codes
+                if name == "no_xstage" and cfg.xload:
+                    continue  # nothing staged
                 plan = plan_launch(cfg, m, n, 4096, q.group_size)
                 kern = cuda_rtc.load_source(text, plan.name, dev)
                 part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)

@@ -148,12 +148,6 @@ __device__ __forceinline__ float half_hi(u32 v) {
 __device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
 
-// the four bf16 of a B fragment's two registers, summed in float32: a lane's part of its x
-// row's group sum (x's sums beside the codes, XLOAD; on the ALU pipes, not the tensor cores)
-__device__ __forceinline__ float sum4(u32 a, u32 b) {
-  return (bf16_lo(a) + bf16_hi(a)) + (bf16_lo(b) + bf16_hi(b));
-}
-
 __device__ __forceinline__ float silu(float g) { return g * (1.f / (1.f + __expf(-g))); }
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi);
@@ -194,11 +188,11 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // split_steps: K steps (of 16) per split, a multiple of WK * GS; smem: see w4a16_mma.py smem_bytes
 // NT: n8 tiles of x rows a block (8 * NT rows a tile); grid (tiles x strip blocks, splits)
 // XLOAD = 1 (one n8 tile, register loads only): x's B fragments loaded from global memory with
-// the codes, STAGES steps ahead, and its sums taken as it is used (sum4): no x tile, no
+// the codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no
 // barrier before the loop (a variant, timed against the staged x by the sweep)
 // XLOAD = 2 (not with ACT): x staged into the tile a group at a time, one group ahead of the
-// MMAs (cp.async), each warp copying the part its own K range needs, and its sums taken as it
-// is used (sum4): no block barrier and no pass over the tile before the K loop, whose weight
+// MMAs (cp.async), each warp copying the part its own K range needs, and its sums taken by MMAs
+// with ones as A: no block barrier and no pass over the tile before the K loop, whose weight
 // stream the whole-tile staging held back (3.6 us of 16 at 16 rows, w4a16_mma_ablation's
 // no_xstage at 4096 x 14336)
 // ACT = 1: x holds [gate | up] (rows of 2K, the fused gate/up projection's output) and the
@@ -374,10 +368,11 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps
     sc[0] = ldg128(sc_src + (g0 / GS) * 16);
     sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
-    // xrun (XLOAD): the lane's x row 8 nt + g summed over the k its B fragments hold this group
-    float acc[NT][4][4], xrun[NT];
+    float acc[NT][4][4], xsum_mma[NT][4];  // the latter: XLOAD's sums of x
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xrun[nt] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xsum_mma[nt][e] = 0.f;
     if constexpr (XPIPE) {
       cp_async_wait_1();  // this group's copies are in (the next one's may not be)
       __syncwarp();       // and every lane's are visible to the warp's ldmatrix
@@ -425,7 +420,8 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           bx[1] = px[js % STAGES][1];
         }
         if (nxt < count) load_xfrag<ACT>(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
-        xrun[0] += sum4(bx[0], bx[1]);
+        const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 pairs (1, 1)
+        mma(xsum_mma[0], ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
       } else {
         if constexpr (NT == 1) {
           ldmatrix_x2(bx, xa0 + i * xstep);
@@ -433,8 +429,9 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           ldmatrix_x4(bx, xa0 + i * xstep);
         }
         if constexpr (XPIPE) {
+          const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) xrun[nt] += sum4(bx[2 * nt], bx[2 * nt + 1]);
+          for (int nt = 0; nt < NT; ++nt) mma(xsum_mma[nt], ones, bx[2 * nt], bx[2 * nt + 1]);
         }
       }
 #pragma unroll
@@ -457,18 +454,8 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     float xs0[NT], xs1[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (XLOAD) {
-        // the row's sum over the group: add the four lanes (g, t) that hold its k, then take
-        // rows 8 nt + 2t and + 1 (the C fragment's columns) from lanes 8t and 8t + 4
-        float sum = xrun[nt];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        xs0[nt] = __shfl_sync(0xffffffffu, sum, 8 * t);
-        xs1[nt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
-      } else {
-        xs0[nt] = xsum[srow[nt][0] + sg];
-        xs1[nt] = xsum[srow[nt][1] + sg];
-      }
+      xs0[nt] = XLOAD ? xsum_mma[nt][0] : xsum[srow[nt][0] + sg];
+      xs1[nt] = XLOAD ? xsum_mma[nt][1] : xsum[srow[nt][1] + sg];
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
