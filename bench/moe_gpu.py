@@ -243,6 +243,27 @@ def tune_weights(weights: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[tor
     return c13, c2, dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2)
 
 
+def _refine(run, field: str, values, best_up, best_down, best_ms: float, tag: str):
+    """Each of ``values`` for one MoEConfig ``field`` on the gate/up winner, then on the down
+    one, each timed against the layer's best total so far: (best_up, best_down, best_ms)."""
+    for value in values:
+        for which in ("up", "down"):
+            c = replace(best_up if which == "up" else best_down, **{field: value})
+            try:
+                ms = run(c, best_down) if which == "up" else run(best_up, c)
+            except Exception as exc:  # out of shared memory / registers: skip it
+                print(f"[moe] autotune {tag} {which} {c}: {type(exc).__name__}", flush=True)
+                continue
+            print(f"[moe] autotune {tag} {which} {field}={value}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
+            if ms < best_ms:
+                best_ms = ms
+                if which == "up":
+                    best_up = c
+                else:
+                    best_down = c
+    return best_up, best_down, best_ms
+
+
 def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path,
              weights: str = "dense", tiles: bool = True) -> list[str]:
     """Time the candidate configs per GEMM and M for one expert format (fused_moe_config's
@@ -296,43 +317,16 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
                 continue
             if ms < best_down_ms:
                 best_down, best_down_ms = c, ms
-        if best_down is not None and t * s.top_k <= SPLIT_MAX_PAIRS_PER_EXPERT * s.experts:
+        if best_down is not None and not prefill:
             # decode sizes: the winners again with the K loop in pieces (more programs for a
-            # batch whose few expert blocks leave SMs idle), each against the layer's total
-            for split in SPLIT_CANDIDATES:
-                for which in ("up", "down"):
-                    c = replace(best_up if which == "up" else best_down, split_k=split)
-                    try:
-                        ms = run(c, best_down) if which == "up" else run(best_up, c)
-                    except Exception as exc:
-                        print(f"[moe] autotune {weights} T={t} {which} {c}: {type(exc).__name__}", flush=True)
-                        continue
-                    if ms < best_down_ms:
-                        best_down_ms = ms
-                        if which == "up":
-                            best_up = c
-                        else:
-                            best_down = c
+            # batch whose few expert blocks leave SMs idle)
+            best_up, best_down, best_down_ms = _refine(run, "split_k", SPLIT_CANDIDATES, best_up, best_down,
+                                                       best_down_ms, f"{weights} T={t}")
         if best_down is not None and prefill:
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
-            # rows and an expert's weight columns), each against the layer's total
-            best_down_ms = run(best_up, best_down)  # both winners together, timed once more
-            for group in GROUP_CANDIDATES:
-                for which in ("up", "down"):
-                    c = replace(best_up if which == "up" else best_down, group_m=group)
-                    try:
-                        ms = run(c, best_down) if which == "up" else run(best_up, c)
-                    except Exception as exc:
-                        print(f"[moe] autotune {weights} T={t} {which} {c}: {type(exc).__name__}", flush=True)
-                        continue
-                    print(f"[moe] autotune {weights} T={t} {which} group_m={group}: {ms:.3f} ms "
-                          f"(best {best_down_ms:.3f})", flush=True)
-                    if ms < best_down_ms:
-                        best_down_ms = ms
-                        if which == "up":
-                            best_up = c
-                        else:
-                            best_down = c
+            # rows and an expert's weight columns), against both winners timed together once more
+            best_up, best_down, best_down_ms = _refine(run, "group_m", GROUP_CANDIDATES, best_up, best_down,
+                                                       run(best_up, best_down), f"{weights} T={t}")
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "

@@ -193,7 +193,8 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
     with pytest.raises(ValueError, match="tiles of 8"):
         plan_launch(MmaConfig(1, 8, 2, 1, 0, 0, 1), 12, 4096, 4096, 128)
     pipe = plan_launch(MmaConfig(2, 8, 4, 1, 0, 0, 2), 16, 4096, 4096, 128)  # x staged a group ahead: the tile
-    assert pipe.name == "w4a16_mma<2, 8, 4, 8, 0, 2, 1, 2>" and pipe.smem == smem_bytes(MmaConfig(2, 8, 4, 1), 16, 256, 8)
+    assert pipe.name == "w4a16_mma<2, 8, 4, 8, 0, 2, 1, 2>"
+    assert pipe.smem == smem_bytes(MmaConfig(2, 8, 4, 1), 16, 256, 8)
     with pytest.raises(ValueError, match="fused activation"):
         plan_launch(MmaConfig(2, 8, 4, 1, 0, 0, 2), 16, 4096, 4096, 128, act=1)
     act = plan_launch(MmaConfig(1, 8, 4, 1), 1, 4096, 4096, 128, act=1)  # silu(gate) * up as x: the defaults named
