@@ -160,7 +160,8 @@ def row_tile(m: int, rows: int = 0) -> int:
 def smem_bytes(config: MmaConfig, rows: int, steps: int, group_steps: int = 1, planes: int = 1) -> int:
     """Shared memory of a block: the bulk-copy ring (none without), x's rows over the block's
     K (16-byte padded rows), a row of zeros and x's float32 sums over each group of ``group_steps``
-    K steps (none of those with xload); the warps' sums reuse it at the end."""
+    K steps (none of those with xload 1; xload 2 stages the tile a group at a time and leaves
+the sums' rows unused); the warps' sums reuse it at the end."""
     threads = config.wn * config.wk * 32
     ring = config.stages * threads * 16 * config.bulk * planes
     x_tile = 0 if config.xload == 1 else rows * (steps * 16 + 8) * 2 + 16 + rows * (steps // group_steps) * 4
