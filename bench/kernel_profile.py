@@ -9,7 +9,7 @@ kernel intervals; the rest is launch gaps and host time), the time by kernel fam
 cut is chosen from a measurement.
 
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
-       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--pair-blocks default|off] [--route default|off] [--smoke]
+       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--pair-blocks default|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_FUSED_DECODE / LLMESH_DECODE_FOLD, when set, are
@@ -44,7 +44,7 @@ from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
 # First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
 # internals, torch's ATen kernels).
 FAMILIES: list[tuple[str, str]] = [
-    ("moe", r"moe|expert|topk_softmax|_route_kernel"),
+    ("moe", r"moe|expert|topk_softmax"),
     ("attention", r"attn|attention|flash|fmha|sdpa|cudnn"),
     ("norm", r"rmsnorm|rms_norm|layer_norm|norm"),
     ("rope_kv", r"rope|kv_cache|kv_write|reshape_and_cache"),
@@ -163,9 +163,6 @@ def main() -> None:
     ap.add_argument("--pair-blocks", choices=("default", "off"), default="default",
                     help="MoE: off sorts a one-token step's pairs by expert (the align launch) and sums "
                          "them with _moe_sum_kernel, as before kernels.fused_moe.PAIR_BLOCKS_MAX_TOKENS")
-    ap.add_argument("--route", choices=("default", "off"), default="default",
-                    help="MoE: off runs the router's GEMV and top-k as two launches at every size, as before "
-                         "kernels.moe_router.ROUTE_MAX_TOKENS")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (torch backend)")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--results-dir", default=None)
@@ -179,10 +176,6 @@ def main() -> None:
         import llmesh.kernels.fused_moe as fused_moe
 
         fused_moe.PAIR_BLOCKS_MAX_TOKENS = 0
-    if args.route == "off":
-        import llmesh.kernels.moe_router as moe_router
-
-        moe_router.ROUTE_MAX_TOKENS = 0
     models = args.models.split(",")
     if args.smoke:
         register_smoke_preset()
@@ -191,7 +184,7 @@ def main() -> None:
     metrics: dict[str, float] = {}
     workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
-                      "pair_blocks": args.pair_blocks, "route": args.route,
+                      "pair_blocks": args.pair_blocks,
                       "software": software_versions(), "smoke": args.smoke,
                       "environment": {k: os.environ[k] for k in (PDL_ENV, FUSED_DECODE_ENV, FOLD_ENV)
                                       if k in os.environ},

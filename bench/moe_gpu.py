@@ -22,12 +22,7 @@ Align (--parts align; the kernel part runs it too): the align step's three paths
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
 4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
 
-Router (--parts router; the kernel part runs it too): the top-k kernel against the torch ops
-and at 1/2/4 warps (moe_router_t<T>_*_us), and ``route`` (the projection and the top-k in one
-launch) against the engine's linear then the top-k kernel from 1 to 64 tokens
-(moe_route_t<T>_{fused,unfused}_us, moe_route_t1_slice<S>_us).
-
-Usage: python bench/moe_gpu.py [--parts kernel,engine,align,router] [--autotune] [--tune-weights dense,int4]
+Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--tune-weights dense,int4]
        [--offline-repeats 3] [--smoke] [--suffix _x]
 Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
@@ -59,7 +54,7 @@ from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_ceilin
                           results_dir_for, rounded, software_versions, time_ms)
 from llmesh.bench_results import write_result  # noqa: E402
 
-PARTS = ("kernel", "engine", "align", "router")
+PARTS = ("kernel", "engine", "align")
 
 
 @dataclass(frozen=True)
@@ -168,16 +163,11 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
 def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
     """The router's softmax + top-k + renormalisation + expert counts both ways (torch ops, one
     Triton program per token), replayed from a graph at batch 1 and the decode batch: what
-    decides ROUTER_KERNEL_ON_CUDA (and TOPK_NUM_WARPS, the kernel at 1, 2 and 4 warps). Then the
-    router's projection with it: ``route`` (one launch; ROUTE_SLICE_E experts a program, and 1-8)
-    against the engine's linear then the top-k kernel: what decides ROUTE_MAX_TOKENS."""
-    from llmesh.engine.quant.linear import linear
-    from llmesh.kernels import moe_router
-    from llmesh.kernels.moe_router import route, select_experts
+    decides ROUTER_KERNEL_ON_CUDA."""
+    from llmesh.kernels.moe_router import select_experts
 
     m: dict[str, float] = {}
     counts = torch.zeros(s.experts, dtype=torch.int64, device=device)
-    warps = moe_router.TOPK_NUM_WARPS
     for t in (1, s.decode_batch):
         logits = torch.randn(t, s.experts, generator=gen, device=device).bfloat16()
         counted = torch.ones(t, dtype=torch.int64, device=device)
@@ -185,31 +175,8 @@ def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[
             m[f"moe_router_t{t}_{path}_us"] = 1e3 * best_of_two(
                 lambda: select_experts(logits, s.top_k, True, torch.bfloat16, counts, counted, kernel=kernel),
                 device)
-        for w in (1, 2, 4):
-            moe_router.TOPK_NUM_WARPS = w
-            m[f"moe_router_t{t}_kernel_w{w}_us"] = 1e3 * best_of_two(
-                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, counts, counted, kernel=True), device)
-        moe_router.TOPK_NUM_WARPS = warps
         print(f"[moe] router T={t}: torch {m[f'moe_router_t{t}_torch_us']:.1f} us, kernel "
-              f"{m[f'moe_router_t{t}_kernel_us']:.1f} us (1/2/4 warps "
-              + " / ".join(f"{m[f'moe_router_t{t}_kernel_w{w}_us']:.1f}" for w in (1, 2, 4)) + ")", flush=True)
-    gate = (torch.randn(s.experts, s.hidden, generator=gen, device=device) * 0.02).bfloat16()
-    for t in sorted({1, 2, 4, 8, 16, 32, s.decode_batch}):
-        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
-        counted = torch.ones(t, dtype=torch.int64, device=device)
-        m[f"moe_route_t{t}_unfused_us"] = 1e3 * best_of_two(
-            lambda: select_experts(linear(x, gate), s.top_k, True, torch.bfloat16, counts, counted, kernel=True),
-            device)
-        m[f"moe_route_t{t}_fused_us"] = 1e3 * best_of_two(
-            lambda: route(x, gate, s.top_k, True, torch.bfloat16, counts, counted), device)
-        line = f"fused {m[f'moe_route_t{t}_fused_us']:.1f} us, GEMV + top-k {m[f'moe_route_t{t}_unfused_us']:.1f} us"
-        if t == 1:
-            for slice_e in (1, 2, 4, 8):
-                m[f"moe_route_t1_slice{slice_e}_us"] = 1e3 * best_of_two(
-                    lambda: route(x, gate, s.top_k, True, torch.bfloat16, counts, counted, slice_e=slice_e), device)
-            line += "; slices of 1/2/4/8 experts " + " / ".join(
-                f"{m[f'moe_route_t1_slice{v}_us']:.1f}" for v in (1, 2, 4, 8)) + " us"
-        print(f"[moe] route T={t}: {line}", flush=True)
+              f"{m[f'moe_router_t{t}_kernel_us']:.1f} us", flush=True)
     return m
 
 
@@ -403,8 +370,7 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
         return ({f"moe_{quantization}_{k}": v for k, v in m.items() if "roofline" not in k},
                 {"model": model, "engine": engine_kwargs})
     # As decode_gpu.py: one run varies a lot (docs/moe.md), so the lower median of repeats.
-    if offline_repeats:  # 0: the batch-1 decode alone
-        m.update(offline_repeated(llm, prompts, outputs, offline_repeats, np.random.default_rng(3)))
+    m.update(offline_repeated(llm, prompts, outputs, offline_repeats, np.random.default_rng(3)))
     workload = {"model": model, "engine": engine_kwargs, "offline": asdict(work),
                 "decode_b1": f"one {b1_prompt}-token prompt, {b1_new} new tokens; roofline = copy_tb_s / (top-k "
                              "experts of each layer + other weights except the input embedding + K/V)"}
@@ -429,8 +395,7 @@ def main() -> int:
                     help="table the autotune writes (default llmesh/kernels/fused_moe_tuned.json; smoke: "
                          "<results-dir>/fused_moe_tuned_smoke.json)")
     ap.add_argument("--offline-repeats", type=int, default=3,
-                    help="engine part: offline runs (fresh ids each); the lower median is reported (0: none, "
-                         "the batch-1 decode alone)")
+                    help="engine part: offline runs (fresh ids each); the lower median is reported")
     ap.add_argument("--engine-quantization", default="none",
                     help="engine part: comma-separated quantizations (none first: the full part; others: batch-1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
@@ -479,9 +444,6 @@ def main() -> int:
         save()
     if "kernel" in parts:
         metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
-        save()
-    if "router" in parts and "kernel" not in parts:
-        metrics.update(bench_router(shapes, device, torch.Generator(device).manual_seed(0)))
         save()
     if "align" in parts and "kernel" not in parts:
         gen = torch.Generator(device).manual_seed(0)

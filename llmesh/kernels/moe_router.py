@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import arrival_counters, interpreting, next_power_of_2, pdl_launch
-from llmesh.kernels.split_k import arrive
+from llmesh.kernels.common import interpreting, next_power_of_2, pdl_launch
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 ROUTER_KERNEL_ON_CUDA = True
@@ -35,18 +34,6 @@ kernel_profile_h200.json as committed at fadb3fc, the same run)."""
 
 MAX_EXPERTS = 1024
 """Experts one program holds in registers (a row of logits)."""
-
-TOPK_NUM_WARPS = 4
-"""Warps of the one-program top-k (its k arg-maxes are cross-warp reductions at more than one)."""
-
-ROUTE_MAX_TOKENS = 16
-"""Tokens up to which the triton table routes with ``route`` (one launch) rather than the router
-GEMV and ``topk_softmax``: every program re-reads its slice of the router weight per token."""
-ROUTE_SLICE_E = 4
-"""Experts a ``route`` program projects (E / ROUTE_SLICE_E programs a token)."""
-ROUTE_TILE = 8192
-"""float32 elements of a ``route`` program's [SLICE_E, BLOCK_H] product tile (64 a thread at 4 warps)."""
-ROUTE_NUM_WARPS = 4
 
 
 def topk_softmax_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
@@ -72,16 +59,20 @@ def _candidates(p, valid):
 
 
 @triton.jit
-def _pick(x, e, valid, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K: tl.constexpr, RENORM: tl.constexpr,
-          COUNT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Token t's choice from its float32 logits x [BLOCK_E] (-inf past E): softmax, k arg-maxes
-    (ties to the lower expert), the counts, the optionally renormalised weights."""
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, stride_l,
+                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
+                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    x = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(valid, p, 0.0)
     p = p / tl.sum(p, axis=0)
     # k arg-maxes name the winners in order; their ranks place every weight in one masked store.
     left = _candidates(p, valid)
-    rank = tl.zeros_like(e) - 1
+    rank = tl.full([BLOCK_E], -1, tl.int32)
     for j in tl.static_range(K):
         i = tl.argmax(left, axis=0, tie_break_left=True)
         tl.store(ids_ptr + t * K + j, i.to(tl.int64))
@@ -95,49 +86,6 @@ def _pick(x, e, valid, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K: tl.c
     tl.store(weights_ptr + t * K + rank, cast_rtne(p, weights_ptr.dtype.element_ty, INTERPRET), mask=picked)
 
 
-@triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, stride_l,
-                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
-                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    valid = e < E
-    x = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
-    _pick(x, e, valid, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K, RENORM, COUNT, INTERPRET)
-
-
-@triton.jit
-def _route_kernel(x_ptr, w_ptr, logits_ptr, lock_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, H,
-                  stride_x, stride_w, slices, K: tl.constexpr, BLOCK_E: tl.constexpr, SLICE_E: tl.constexpr,
-                  BLOCK_H: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr, INTERPRET: tl.constexpr,
-                  PDL: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * SLICE_E + tl.arange(0, SLICE_E)
-    row_ok = rows < E
-    w_rows = w_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_w  # past E: row 0, never stored
-    h = tl.arange(0, BLOCK_H)
-    # The router weight is no kernel's output: its first chunk is in flight before the wait for
-    # the previous kernel (x is).
-    w = tl.load(w_rows + h[None, :], mask=(h < H)[None, :], other=0.0)
-    pdl_enter(PDL)
-    x_row = x_ptr + t * stride_x
-    acc = w.to(tl.float32) * tl.load(x_row + h, mask=h < H, other=0.0).to(tl.float32)[None, :]
-    for h0 in range(BLOCK_H, H, BLOCK_H):
-        ok = h0 + h < H
-        w = tl.load(w_rows + (h0 + h)[None, :], mask=ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * tl.load(x_row + h0 + h, mask=ok, other=0.0).to(tl.float32)[None, :]
-    # rounded to x's dtype, as F.linear's output that the two-kernel path's softmax reads
-    logits = cast_rtne(tl.sum(acc, axis=1), x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    tl.store(logits_ptr + t * E + rows, logits, mask=row_ok)
-    if arrive(lock_ptr, t) == slices - 1:  # the token's last slice to finish picks its experts
-        e = tl.arange(0, BLOCK_E)
-        valid = e < E
-        row = tl.load(logits_ptr + t * E + e, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        _pick(row, e, valid, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K, RENORM, COUNT, INTERPRET)
-        tl.atomic_xchg(lock_ptr + t, 0)  # ready for the next launch on this stream
-
-
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
                  counts: torch.Tensor | None = None, counted: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,25 +94,6 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, wei
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
     t, e = router_logits.shape
-    counted = _check_choice(t, e, top_k, counts, counted)
-    if router_logits.stride(-1) != 1:
-        router_logits = router_logits.contiguous()
-    weights = torch.empty(t, top_k, dtype=weights_dtype, device=router_logits.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
-    if t:
-        count = counts is not None
-        _topk_softmax_kernel[(t,)](router_logits, weights, ids, counts if count else ids,
-                                   counted if count else ids, e, router_logits.stride(0), K=top_k,
-                                   BLOCK_E=next_power_of_2(e), RENORM=bool(renormalize), COUNT=count,
-                                   INTERPRET=interpreting(), num_warps=1 if interpreting() else TOPK_NUM_WARPS,
-                                   **pdl_launch(router_logits.device))
-    return weights, ids
-
-
-def _check_choice(t: int, e: int, top_k: int, counts: torch.Tensor | None, counted: torch.Tensor | None
-                  ) -> torch.Tensor | None:
-    """The choice's arguments for T tokens over E experts (ValueError naming the bad one);
-    returns counted made contiguous."""
     if not 0 < top_k <= e:
         raise ValueError(f"top_k must be in [1, {e}] (the experts), got {top_k}")
     if e > MAX_EXPERTS:
@@ -178,7 +107,18 @@ def _check_choice(t: int, e: int, top_k: int, counts: torch.Tensor | None, count
         if counted.dtype != torch.int64 or counted.shape != (t,):
             raise ValueError(f"counted must be int64 [{t}], got {counted.dtype} {tuple(counted.shape)}")
         counted = counted.contiguous()
-    return counted
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=weights_dtype, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
+    if t:
+        count = counts is not None
+        _topk_softmax_kernel[(t,)](router_logits, weights, ids, counts if count else ids,
+                                   counted if count else ids, e, router_logits.stride(0), K=top_k,
+                                   BLOCK_E=next_power_of_2(e), RENORM=bool(renormalize), COUNT=count,
+                                   INTERPRET=interpreting(), num_warps=1 if interpreting() else 4,
+                                   **pdl_launch(router_logits.device))
+    return weights, ids
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
@@ -192,58 +132,3 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, w
     if kernel:
         return topk_softmax(router_logits, top_k, renormalize, weights_dtype, counts, counted)
     return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype, counts, counted)
-
-
-def route_ref(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
-              counts: torch.Tensor | None = None, counted: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's projection x [T, H] @ gate [E, H]^T (logits in x's dtype, as nn.Linear) and
-    topk_softmax_ref's choice over them."""
-    return topk_softmax_ref(torch.nn.functional.linear(x, gate), top_k, renormalize, weights_dtype, counts, counted)
-
-
-def route_fusable(x: torch.Tensor, gate: object) -> bool:
-    """Whether ``route`` is the triton table's path for this projection: a GPU (or the
-    interpreter), at most ROUTE_MAX_TOKENS tokens (measured), a plain gate in x's 16-bit dtype."""
-    return (isinstance(gate, torch.Tensor) and (x.is_cuda or interpreting()) and x.dim() == 2
-            and 0 < x.shape[0] <= ROUTE_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16)
-            and gate.dtype == x.dtype and gate.dim() == 2 and gate.shape[1] == x.shape[1]
-            and gate.shape[0] <= MAX_EXPERTS)
-
-
-def route(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
-          counts: torch.Tensor | None = None, counted: torch.Tensor | None = None, *,
-          slice_e: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``route_ref``'s contract in one launch (CUDA-graph safe, no host read): programs (token,
-    slice of ``slice_e`` experts) each compute their slice's logits in float32, round them to x's
-    dtype and store them; the last slice of a token to arrive (an arrival counter per token,
-    common.arrival_counters, reset by that program) runs topk_softmax's choice over the row. At a
-    decode step this is one launch where the router's GEMV and the top-k were two, 48 layers deep
-    in Qwen3-30B-A3B. The logits' sums run in another order than cuBLAS's, so a logit may differ
-    from F.linear's in its last bit and the ids only where that decides a tie."""
-    if x.dim() != 2 or gate.dim() != 2 or gate.shape[1] != x.shape[1]:
-        raise ValueError(f"route needs x [T, H] and gate [E, H], got {tuple(x.shape)} and {tuple(gate.shape)}")
-    if gate.dtype != x.dtype:
-        raise ValueError(f"the router weight's dtype {gate.dtype} must be x's {x.dtype}")
-    t, h = x.shape
-    e = gate.shape[0]
-    counted = _check_choice(t, e, top_k, counts, counted)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
-    weights = torch.empty(t, top_k, dtype=weights_dtype, device=x.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
-    if t:
-        slice_e = slice_e or ROUTE_SLICE_E
-        if slice_e < 1 or slice_e & (slice_e - 1):
-            raise ValueError(f"slice_e must be a power of two, got {slice_e}")
-        slices = triton.cdiv(e, slice_e)
-        logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
-        count = counts is not None
-        _route_kernel[(t, slices)](
-            x, gate, logits, arrival_counters("moe_route", x.device, t), weights, ids,
-            counts if count else ids, counted if count else ids, e, h, x.stride(0), gate.stride(0), slices,
-            K=top_k, BLOCK_E=next_power_of_2(e), SLICE_E=slice_e,
-            BLOCK_H=min(next_power_of_2(h), max(16, ROUTE_TILE // slice_e)), RENORM=bool(renormalize),
-            COUNT=count, INTERPRET=interpreting(), num_warps=1 if interpreting() else ROUTE_NUM_WARPS,
-            **pdl_launch(x.device))
-    return weights, ids

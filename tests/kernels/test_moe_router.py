@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels import moe_router  # noqa: E402
-from llmesh.kernels.moe_router import route, route_ref, select_experts, topk_softmax, topk_softmax_ref  # noqa: E402
+from llmesh.kernels.moe_router import select_experts, topk_softmax, topk_softmax_ref  # noqa: E402
 
 
 @pytest.mark.parametrize("t,e,k", [(1, 8, 2), (5, 60, 4), (3, 128, 8), (2, 6, 6), (4, 200, 1)])
@@ -120,83 +120,3 @@ def test_counts_arguments_are_checked(device):
     with pytest.raises(ValueError, match="counted must be"):
         topk_softmax(logits, 2, True, torch.float32, torch.zeros(8, dtype=torch.int64, device=device),
                      torch.ones(3, dtype=torch.int64, device=device))
-
-
-def _exact_inputs(t: int, e: int, h: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and gate with few significant bits: every product and partial sum is exact in float32,
-    so the logits are the same whatever order a kernel sums in (and round the same way)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(-4, 5, (t, h), generator=gen).to(dtype) / 4
-    gate = torch.randint(-4, 5, (e, h), generator=gen).to(dtype) / 64
-    return x, gate
-
-
-@pytest.mark.parametrize("t,e,h,k,slice_e", [
-    (1, 128, 2048, 8, 4),   # Qwen3-30B-A3B's router at batch 1
-    (3, 8, 64, 2, 4),       # Mixtral's 8 experts, two slices
-    (2, 60, 100, 4, 8),     # E not a multiple of the slice, H not a power of two
-    (5, 128, 3000, 8, 8),   # H past one chunk: 1024-wide chunks, the last one short
-    (4, 6, 32, 6, 1),       # k = E, a program per expert
-])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_route_equals_projection_then_topk_kernel(device, t, e, h, k, slice_e, dtype):
-    """route (one launch) picks what the router GEMV then topk_softmax pick, weights bit for bit
-    and the same expert counts, and leaves its arrival counters ready: a second call agrees."""
-    x, gate = _exact_inputs(t, e, h, dtype, seed=t * 100 + e + h)
-    x, gate = x.to(device), gate.to(device)
-    counted = torch.ones(t, dtype=torch.int64, device=device)
-    counted[0] = 0  # a padding row: chosen, not counted
-    counts, want_counts = (torch.zeros(e, dtype=torch.int64, device=device) for _ in range(2))
-    for weights_dtype in (torch.float32, dtype):
-        want_w, want_ids = topk_softmax(torch.nn.functional.linear(x.float(), gate.float()).to(dtype), k, True,
-                                        weights_dtype, want_counts, counted)
-        for _ in range(2):
-            got_w, got_ids = route(x, gate, k, True, weights_dtype, counts, counted, slice_e=slice_e)
-            assert got_ids.cpu().tolist() == want_ids.cpu().tolist()
-            assert torch.equal(got_w.cpu(), want_w.cpu()) and got_w.dtype == weights_dtype
-    assert torch.equal(counts.cpu(), 2 * want_counts.cpu())
-
-
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_route_matches_reference_on_random_weights(device, renormalize):
-    """Random bfloat16 weights, so the logits' sums round in another order than nn.Linear's:
-    the chosen probabilities agree with the reference's to bfloat16 rounding (ties between
-    experts may be named in another order, so the comparison is of the sorted weights)."""
-    gen = torch.Generator().manual_seed(7)
-    t, e, h, k = 4, 128, 512, 8
-    x = torch.randn(t, h, generator=gen).bfloat16()
-    gate = (torch.randn(e, h, generator=gen) * 0.05).bfloat16()
-    want_w, want_ids = route_ref(x, gate, k, renormalize, torch.float32)
-    got_w, got_ids = route(x.to(device), gate.to(device), k, renormalize, torch.float32)
-    torch.testing.assert_close(got_w.cpu().sort(-1).values, want_w.sort(-1).values, rtol=2e-2, atol=1e-3)
-    overlap = [len(set(a) & set(b)) for a, b in zip(got_ids.cpu().tolist(), want_ids.tolist())]
-    assert min(overlap) >= k - 2, overlap  # only near-ties at the k-th place can differ
-
-
-def test_route_rejects_bad_arguments(device):
-    x = torch.randn(2, 32, device=device).bfloat16()
-    gate = torch.randn(8, 32, device=device).bfloat16()
-    with pytest.raises(ValueError, match=r"x \[T, H\] and gate \[E, H\]"):
-        route(x, gate[:, :16], 2, True, torch.float32)
-    with pytest.raises(ValueError, match="dtype"):
-        route(x, gate.float(), 2, True, torch.float32)
-    with pytest.raises(ValueError, match="top_k"):
-        route(x, gate, 9, True, torch.float32)
-    with pytest.raises(ValueError, match="power of two"):
-        route(x, gate, 2, True, torch.float32, slice_e=3)
-    w, ids = route(x[:0], gate, 2, True, torch.float32)
-    assert w.shape == (0, 2) and ids.shape == (0, 2)
-
-
-def test_route_fusable_only_where_measured(device):
-    """The triton table fuses at decode sizes (ROUTE_MAX_TOKENS) for a plain 16-bit gate in x's
-    dtype; float32 models, larger batches and other gate forms take the GEMV and top-k."""
-    gate = torch.zeros(8, 32, dtype=torch.bfloat16, device=device)
-    x = torch.zeros(moe_router.ROUTE_MAX_TOKENS, 32, dtype=torch.bfloat16, device=device)
-    on = device.type == "cuda" or moe_router.interpreting()
-    assert moe_router.route_fusable(x, gate) == on
-    assert not moe_router.route_fusable(torch.zeros(moe_router.ROUTE_MAX_TOKENS + 1, 32, dtype=torch.bfloat16,
-                                                    device=device), gate)
-    assert not moe_router.route_fusable(x.float(), gate.float())
-    assert not moe_router.route_fusable(x, gate.half())
-    assert not moe_router.route_fusable(x, [gate])

@@ -5,10 +5,9 @@
     (renormalised to sum 1 when norm_topk_prob; Mixtral always)
     y = sum_j p_j * SwiGLU_{e_j}(x)  (+ sigmoid(x @ g_s^T) * SwiGLU_shared(x), Qwen2-MoE)
 
-Routing runs through the op table's ``route`` (torch: the projection then HF's softmax/top-k;
-triton at decode sizes: both in one launch, llmesh/kernels/moe_router.py) and the experts
-through its ``moe`` op (torch: a per-expert loop in HF's order; triton: the fused grouped
-GEMMs of llmesh/kernels/fused_moe.py).
+Routing is computed here, once for both op tables; the experts run through the table's
+``moe`` op (torch: a per-expert loop in HF's order; triton: the fused grouped GEMMs of
+llmesh/kernels/fused_moe.py).
 
 Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_proj`` /
 ``w1``...) or one stacked tensor per projection (GGUF's ``ffn_gate_exps``, named
@@ -298,10 +297,11 @@ class SparseMoeBlock:
         """x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include →
         [T, H]; with several ranks, this rank's partial sum (the caller all-reduces it)."""
         c = self.cfg
+        router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
-        weights, ids = ops.route(x, self.router, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype,
-                                 self.expert_tokens, counted)
+        weights, ids = ops.select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype,
+                                          self.expert_tokens, counted)
         if self.partial_experts:
             # Global → local ids; other ranks' experts → -1, which the moe op skips. No host read.
             local = ids - self.expert_start  # [T, k]

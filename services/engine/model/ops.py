@@ -65,13 +65,12 @@ class ModelOps(Protocol):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
 
-    def route(self, x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
-              weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MoE router: logits x [T, H] @ gate [E, H]^T in x's dtype, softmax over them in
-        float32, the top k, renormalised when asked → (weights [T, k] in weights_dtype, expert
-        ids int64 [T, k]); each chosen expert's counts [E] (int64) grows by its token's counted
-        [T] (1, or 0 for padding). The triton table does it in one launch at decode sizes."""
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MoE router: softmax over router_logits [T, E] in float32, the top k, renormalised
+        when asked → (weights [T, k] in weights_dtype, expert ids int64 [T, k]); each chosen
+        expert's counts [E] (int64) grows by its token's counted [T] (1, or 0 for padding)."""
 
     def moe(self, x: torch.Tensor, experts: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor
             ) -> torch.Tensor:

@@ -79,10 +79,10 @@ class TorchOps:
             return rotated.split_with_sizes((q.shape[1], k.shape[1]), 1)
         return apply_rotary_signed(q, cos, sin_signed), apply_rotary_signed(k, cos, sin_signed)
 
-    def route(self, x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
-              weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_softmax_ref(self.linear(x, gate), top_k, renormalize, weights_dtype, counts, counted)
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_softmax_ref(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe_ref(x, experts.w13, experts.w2, topk_weights, topk_ids, **experts.quant_args())

@@ -26,7 +26,7 @@ from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, line
 from llmesh.engine.quant.packed import Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
-from llmesh.kernels.moe_router import route, route_fusable, select_experts
+from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.attention_config import decode_partition_size
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
@@ -135,12 +135,10 @@ class TritonOps:
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
 
-    def route(self, x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
-              weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        if route_fusable(x, gate):
-            return route(x, gate, top_k, renormalize, weights_dtype, counts, counted)
-        return select_experts(self.linear(x, gate), top_k, renormalize, weights_dtype, counts, counted)
+    def select_experts(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize, weights_dtype, counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, **experts.quant_args())
