@@ -12,7 +12,8 @@
 3. engine: random:llama3-8b per format (none, int4, fp8, int8, w4a8; one LLM at a time): batch-1
    decode (decode_gpu.decode_b1) against the roofline of the bytes a step reads (packed
    weights except the input embedding table, which a step gathers rows of, + K/V at the mean
-   context), and offline throughput on decode_gpu's workload cut to --num-prompts.
+   context), and offline throughput on decode_gpu's workload cut to --num-prompts (the lower
+   median of --offline-repeats runs, as decode_gpu.py reports it).
 4. ppl: perplexity through the engine (llmesh.engine.eval.perplexity) of the demo model
    (none, int8, int4, fp8, w4a8, gguf) and of random:llama3-8b (none, int8, int4, fp8, w4a8: random
    weights, so this checks the kernels' numerics at the 8B shapes, not language quality).
@@ -44,7 +45,7 @@ if "--smoke" in sys.argv[1:] and not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 from decode_gpu import (SMOKE_PRESET, Workload, bytes_per_decode_step, decode_b1, make_workload,  # noqa: E402
-                        offline, register_smoke_preset)
+                        offline_repeated, register_smoke_preset)
 from gpu_ceilings import device_name, device_tag, measure_ceilings, pick_device  # noqa: E402
 from quant_common import Budget, Run  # noqa: E402
 from quant_gemm import gemm_part  # noqa: E402
@@ -119,10 +120,14 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
                 run.save()
                 prompts, outputs = make_workload(work, cfg.vocab_size)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    off = offline(llm, prompts, outputs, prefix=f"offline_{fmt}")
+                    runs = offline_repeated(llm, prompts, outputs, args.offline_repeats,
+                                            np.random.default_rng(args.seed + 3))
+                # offline_<metric> -> offline_<fmt>_<metric>: the lower median run, and each run's out tok/s
+                off = {f"offline_{fmt}_{k[len('offline_'):]}": v for k, v in runs.items()}
                 met.update(off)
+                each = [v for k, v in off.items() if k.startswith(f"offline_{fmt}_run") and k.endswith("_out_tok_s")]
                 run.log(f"{fmt}: offline {len(prompts)} requests, {off[f'offline_{fmt}_out_tok_s']:.0f} out tok/s "
-                        f"({off[f'offline_{fmt}_wall_s']:.1f}s)")
+                        f"({off[f'offline_{fmt}_wall_s']:.1f}s)" + (f"; runs {each}" if each else ""))
             except Exception:
                 run.fail(f"engine {fmt}")
             finally:
@@ -202,6 +207,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="engine formats, in order")
     ap.add_argument("--num-prompts", type=int, default=None, help="offline workload size (default 400; smoke 12)")
+    ap.add_argument("--offline-repeats", type=int, default=1,
+                    help="engine part: offline runs per format (fresh ids each, decode_gpu.offline_repeated); "
+                         "the lower median is reported, with every run's out tok/s")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="perplexity text")
     ap.add_argument("--gemm-budget-s", type=float, default=None,
