@@ -9,7 +9,8 @@
    runs), FBGEMM's FP8 and W4A8 GEMMs on pre-quantized activations. speedup = bf16 ms /
    quantized ms; GB/s counts the packed weight bytes only. At
    M <= 16 W4A16 and W8A16 also run a few GemmConfig candidates: default and best config.
-3. engine: random:llama3-8b per format (none, int4, fp8, int8, w4a8; one LLM at a time): batch-1
+3. engine: random:llama3-8b per format (none, int4, fp8, int8, w4a8, each optionally with _kv8 for an
+   FP8 KV pool; one LLM at a time): batch-1
    decode (decode_gpu.decode_b1) against the roofline of the bytes a step reads (packed
    weights except the input embedding table, which a step gathers rows of, + K/V at the mean
    context), and offline throughput on decode_gpu's workload cut to --num-prompts (the lower
@@ -83,6 +84,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
         "offline": {**asdict(work), "sampling": "greedy, ignore_eos, random token ids, all submitted at once"}}
     budget = Budget(args.engine_budget_s)
     for fmt in args.formats:
+        quant, kv8 = engine_format(fmt)
         rng = np.random.default_rng(args.seed + 1)  # the same warm-up and batch-1 prompts for every format
         if not budget.allows():
             run.skipped.append(f"engine {fmt}")
@@ -91,7 +93,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
             run.free()
             try:
                 t = time.perf_counter()
-                llm = LLM(args.model, quantization=fmt, **kw)
+                llm = LLM(args.model, quantization=quant, **kw, **({"kv_cache_dtype": "fp8"} if kv8 else {}))
             except Exception:
                 run.fail(f"engine {fmt}: load")
                 continue
@@ -110,7 +112,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
                     b1 = decode_b1(llm, rng.integers(10, cfg.vocab_size, size=b1_prompt).tolist(), b1_new,
                                    ceilings["copy_tb_s"])
                 step_bytes = (total - embedding_bytes(eng.runner.model, cfg.tie_word_embeddings)
-                              + bytes_per_decode_step(cfg, eng.dtype.itemsize, b1_prompt + b1_new / 2)[1])
+                              + bytes_per_decode_step(cfg, 1 if kv8 else eng.dtype.itemsize, b1_prompt + b1_new / 2)[1])
                 roof = ceilings["copy_tb_s"] * 1e12 / step_bytes
                 met.update({f"decode_b1_{fmt}_tok_s": b1["decode_b1_tok_s"], f"decode_b1_{fmt}_roofline_tok_s": roof,
                             f"decode_b1_{fmt}_roofline_frac": b1["decode_b1_tok_s"] / roof,
@@ -133,12 +135,22 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
             finally:
                 llm = eng = None  # every reference, or the next format's load finds the pool still held
                 run.free()
-            ratios(met)
+            ratios(met, args.formats)
             run.save()
 
 
-def ratios(met: dict[str, float]) -> None:
-    for fmt in FORMATS[1:]:
+def engine_format(fmt: str) -> tuple[str, bool]:
+    """An engine format: a quantization (FORMATS), with ``_kv8`` for an FP8 KV pool as well
+    (kv_cache_dtype="fp8", the option serving stacks pair with FP8 weights); its metrics are
+    named with the format as given, so ``fp8_kv8``'s sit beside ``fp8``'s."""
+    quant = fmt.removesuffix("_kv8")
+    if quant not in FORMATS:
+        raise ValueError(f"engine format {fmt!r}: one of {', '.join(FORMATS)}, optionally with _kv8")
+    return quant, quant != fmt
+
+
+def ratios(met: dict[str, float], formats=FORMATS) -> None:
+    for fmt in [f for f in formats if f != "none"]:
         for name, key in ((f"{fmt}_offline_vs_bf16_x", "offline_{}_out_tok_s"),
                           (f"{fmt}_decode_b1_vs_bf16_x", "decode_b1_{}_tok_s")):
             if key.format(fmt) in met and key.format("none") in met:
@@ -205,7 +217,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--backend", choices=("triton", "torch"), default=None, help="default triton (smoke: torch)")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    ap.add_argument("--formats", default=",".join(FORMATS), help="engine formats, in order")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help="engine formats, in order; <format>_kv8 adds an FP8 KV pool (kv_cache_dtype=fp8)")
     ap.add_argument("--num-prompts", type=int, default=None, help="offline workload size (default 400; smoke 12)")
     ap.add_argument("--offline-repeats", type=int, default=1,
                     help="engine part: offline runs per format (fresh ids each, decode_gpu.offline_repeated); "
@@ -240,6 +253,11 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     args.parts = [p for p in args.parts.split(",") if p]
     args.formats = [f for f in args.formats.split(",") if f]
+    for fmt in args.formats:
+        try:
+            engine_format(fmt)
+        except ValueError as e:
+            ap.error(str(e))
     if bad := [p for p in args.parts if p not in ("gemm", "engine", "ppl")]:
         ap.error(f"unknown parts {bad}; choose from gemm, engine, ppl")
     args.backend = args.backend or ("torch" if args.smoke else "triton")
