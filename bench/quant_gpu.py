@@ -220,8 +220,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--formats", default=",".join(FORMATS),
                     help="engine formats, in order; <format>_kv8 adds an FP8 KV pool (kv_cache_dtype=fp8)")
     ap.add_argument("--num-prompts", type=int, default=None, help="offline workload size (default 400; smoke 12)")
-    ap.add_argument("--offline-repeats", type=int, default=1,
-                    help="engine part: offline runs per format (fresh ids each, decode_gpu.offline_repeated); "
+    ap.add_argument("--offline-repeats", type=int, default=3,
+                    help="engine part: offline runs per format (default 3; fresh ids each, decode_gpu.offline_repeated); "
                          "the lower median is reported, with every run's out tok/s")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="perplexity text")
