@@ -141,17 +141,18 @@ def decode_b1(llm: LLM, prompt: list[int], new_tokens: int, copy_tb_s: float) ->
 
 
 def offline_repeated(llm: LLM, prompts: list[list[int]], outputs: list[int], repeats: int,
-                     rng: np.random.Generator) -> dict[str, float]:
+                     rng: np.random.Generator, prefix: str = "offline") -> dict[str, float]:
     """``offline`` run ``repeats`` times, each after the first on fresh ids of the same lengths
     (the prefix cache must not serve a repeat): the lower-median run's metrics (with an even
-    count the slower of the middle two, never a mean of runs), and every run's out tok/s."""
-    runs = [offline(llm, prompts, outputs)]
+    count the slower of the middle two, never a mean of runs), and every run's out tok/s
+    (``<prefix>_run<i>_out_tok_s``)."""
+    runs = [offline(llm, prompts, outputs, prefix)]
     for _ in range(1, repeats):
-        runs.append(offline(llm, fresh_ids(prompts, llm.engine.model_config.vocab_size, rng), outputs))
-    metrics = dict(sorted(runs, key=lambda r: r["offline_out_tok_s"])[(len(runs) - 1) // 2])
+        runs.append(offline(llm, fresh_ids(prompts, llm.engine.model_config.vocab_size, rng), outputs, prefix))
+    metrics = dict(sorted(runs, key=lambda r: r[f"{prefix}_out_tok_s"])[(len(runs) - 1) // 2])
     if len(runs) > 1:
-        metrics.update({f"offline_run{i}_out_tok_s": r["offline_out_tok_s"] for i, r in enumerate(runs)})
-        metrics["offline_runs"] = len(runs)
+        metrics.update({f"{prefix}_run{i}_out_tok_s": r[f"{prefix}_out_tok_s"] for i, r in enumerate(runs)})
+        metrics[f"{prefix}_runs"] = len(runs)
     return metrics
 
 

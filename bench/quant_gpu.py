@@ -122,12 +122,10 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
                 run.save()
                 prompts, outputs = make_workload(work, cfg.vocab_size)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    runs = offline_repeated(llm, prompts, outputs, args.offline_repeats,
-                                            np.random.default_rng(args.seed + 3))
-                # offline_<metric> -> offline_<fmt>_<metric>: the lower median run, and each run's out tok/s
-                off = {f"offline_{fmt}_{k[len('offline_'):]}": v for k, v in runs.items()}
+                    off = offline_repeated(llm, prompts, outputs, args.offline_repeats,
+                                           np.random.default_rng(args.seed + 3), prefix=f"offline_{fmt}")
                 met.update(off)
-                each = [v for k, v in off.items() if k.startswith(f"offline_{fmt}_run") and k.endswith("_out_tok_s")]
+                each = [off[f"offline_{fmt}_run{i}_out_tok_s"] for i in range(off.get(f"offline_{fmt}_runs", 0))]
                 run.log(f"{fmt}: offline {len(prompts)} requests, {off[f'offline_{fmt}_out_tok_s']:.0f} out tok/s "
                         f"({off[f'offline_{fmt}_wall_s']:.1f}s)" + (f"; runs {each}" if each else ""))
             except Exception:
