@@ -40,6 +40,13 @@ def software_versions() -> dict[str, str]:
         pass
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("flash-attn-4", "nvidia-cutlass-dsl", "fbgemm-gpu-genai", "gemlite"):  # kernel libraries dispatched to
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return versions
 
 

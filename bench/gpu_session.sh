@@ -31,6 +31,24 @@ if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
   fi
   [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ "$SMOKE" != 1 ] && [ -f .fa4b/libs_cu13.tar.xz.part1 ] && [ -f .fa4/libs_cu13.tar.xz.part0 ]; then
+  # FlashAttention-4 (CuTe DSL): its wheels in .fa4, and the DSL's 92 MB CUDA-13 library wheel
+  # repacked as tar.xz and split over .fa4 and .fa4b: a device call carries at most 64 MiB, so
+  # .fa4 goes alone in a first call and .fa4b with .whl and .deb in the next, back to back (an
+  # ignored folder a call does not name stays there while the machine is warm); /tmp/site then
+  # keeps the install for the calls after.
+  if ! ls .fa4 .fa4b | cmp -s - /tmp/site/.llmesh_fa4; then
+    stamp "installing FlashAttention-4 and the CuTe DSL into /tmp/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .fa4/*.whl
+    cat .fa4/libs_cu13.tar.xz.part0 .fa4b/libs_cu13.tar.xz.part1 | tar -xJf - -C /tmp/site
+    ls .fa4 .fa4b > /tmp/site/.llmesh_fa4
+  fi
+fi
+if [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
+  # what the DSL's .pth file does in a site directory (PYTHONPATH entries read no .pth files)
+  [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+fi
 if [ "$SMOKE" != 1 ] && compgen -G ".deb/*.deb" >/dev/null && ! command -v redis-server >/dev/null; then
   stamp "unpacking $(ls .deb/*.deb | wc -l) carried Debian packages into /tmp/redisroot"
   for deb in .deb/*.deb; do dpkg-deb -x "$deb" /tmp/redisroot; done

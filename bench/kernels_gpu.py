@@ -204,7 +204,8 @@ class KernelBench:
     def causal_prefill(self) -> None:
         """prefill_attn_gemm_frac: causal prompts with no cached prefix, TFLOP/s over the GEMM
         ceiling, for our paged kernel, the dispatched path and torch SDPA's cuDNN / FLASH."""
-        from llmesh.kernels.dense_causal_attention import _gqa_expand, choose_backend, dense_causal_attention
+        from llmesh.kernels.dense_causal_attention import (_gqa_expand, choose_backend, dense_causal_attention,
+                                                           fa4_forward)
         from llmesh.kernels.prefill_attention import prefill_attention
 
         s = self.s
@@ -231,13 +232,13 @@ class KernelBench:
                 "dispatched_out": lambda: dense_causal_attention(q, k, v, starts, scale, out=out),
             }
             if self.device.type == "cuda":
-                for backend in ("cudnn", "flash"):
+                for backend in ("fa4", "cudnn", "flash") if fa4_forward() is not None else ("cudnn", "flash"):
                     impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale,
                                                                                backend=b))(backend)
             for name, fn in impls.items():
                 try:
                     ms = self.time(fn)
-                except RuntimeError as e:  # a backend this torch / GPU does not have
+                except Exception as e:  # a backend this torch / GPU lacks, or FA4's compiler refusing
                     print(f"[kernels] causal prefill {name} c{ctx}: {str(e)[:200]}", flush=True)
                     continue
                 tflops = flops / (ms * 1e-3) / 1e12
@@ -454,7 +455,7 @@ def main() -> int:
         "decode": "q [B, H_q, D] over B contexts of equal length, block tables scattered at random over the "
                   "pool, max_seq_len = context; bytes = K+V of every context token + q + out",
         "prefill": "causal, S prompts of T tokens in one launch over the paged pool; flops = 4 T^2 H D / 2 each",
-        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,cudnn,flash}_c{ctx}: causal_tokens // ctx prompts "
+        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,fa4,cudnn,flash}_c{ctx}: causal_tokens // ctx prompts "
                           "of ctx tokens, no cached prefix; ours reads the paged pool, the others dense k/v "
                           "(dispatched = dense_causal_attention's rule); flops = 4 ctx^2 H D / 2 each; "
                           "prefill_attn_gemm_frac = the dispatched mean over contexts",

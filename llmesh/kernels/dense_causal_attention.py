@@ -26,15 +26,42 @@ import torch
 
 from llmesh.kernels.common import check_out, check_size, check_tensor
 
-CUDNN_MIN_TOKENS = 512
-"""Below this many tokens the Triton launch is as fast and avoids per-sequence calls."""
+LIBRARY_MIN_TOKENS = 512
+"""Below this many tokens the Triton launch is as fast as a library's (and avoids cuDNN's
+per-sequence calls)."""
 CUDNN_MAX_CALLS = 16
 """Most SDPA calls (sequences of unequal lengths) one dispatch makes before Triton is cheaper."""
 
-BACKENDS = ("auto", "cudnn", "flash", "triton")
+BACKENDS = ("auto", "fa4", "cudnn", "flash", "triton")
 
 _refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised
 _gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised
+
+
+_fa4_fn = None  # FlashAttention-4's forward once imported; False when it cannot be
+
+
+def fa4_forward():
+    """FlashAttention-4's varlen forward (the flash-attn-4 package: CuTe DSL kernels with a
+    Hopper path, compiled on first use per shape class), or None where it is not installed or
+    its DSL cannot load. The private entry point is used because it takes `out`; the public
+    flash_attn_varlen_func wraps it in an autograd Function and allocates the output."""
+    global _fa4_fn
+    if _fa4_fn is None:
+        try:
+            from flash_attn.cute.interface import _flash_attn_fwd
+            _fa4_fn = _flash_attn_fwd
+        except Exception:  # ImportError, or the DSL's native libraries failing to load
+            _fa4_fn = False
+    return _fa4_fn or None
+
+
+def fa4_usable(q: torch.Tensor, group: int) -> bool:
+    """Whether FlashAttention-4 can take q's shapes here: a Hopper (sm90) GPU, fp16/bf16,
+    head_dim a multiple of 8 up to 256, the package importable, and no earlier refusal."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device)[0] == 9
+            and ("fa4", q.dtype, q.shape[-1], group) not in _refusals and fa4_forward() is not None)
 
 
 def _sdpa_backend(name: str):
@@ -52,7 +79,11 @@ def cudnn_usable(q: torch.Tensor, group: int) -> bool:
 
 def choose_backend(q: torch.Tensor, group: int, lengths: Sequence[int]) -> str:
     """The backend="auto" choice for a batch of sequences of these lengths."""
-    if not cudnn_usable(q, group) or sum(lengths) < CUDNN_MIN_TOKENS:
+    if sum(lengths) < LIBRARY_MIN_TOKENS:
+        return "triton"
+    if fa4_usable(q, group):
+        return "fa4"
+    if not cudnn_usable(q, group):
         return "triton"
     if len(set(lengths)) == 1 or len(lengths) <= CUDNN_MAX_CALLS:
         return "cudnn"
@@ -112,6 +143,17 @@ def _one_key(v: torch.Tensor, group: int) -> torch.Tensor:
     return v.repeat_interleave(group, dim=1) if group > 1 else v
 
 
+def _run_fa4(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | None) -> torch.Tensor:
+    """All sequences in one varlen launch (no per-sequence calls, no layout change: FA4 reads
+    [T, H, D] rows as they are). Rows past starts[-1] are left as they were."""
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    cu = torch.tensor(starts, dtype=torch.int32, device=q.device)
+    width = max(lengths)
+    res = fa4_forward()(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=width, max_seqlen_k=width,
+                        softmax_scale=scale, causal=True, out=out)
+    return res[0]
+
+
 def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
     from llmesh.kernels.prefill_attention import launch_prefill_kernel
 
@@ -164,6 +206,16 @@ def dense_causal_attention(
         return check_out("out", out, (t, h_q, d), q.dtype, q.device)
     group = h_q // k.shape[1]
     choice = choose_backend(q, group, lengths) if backend == "auto" else backend
+    if choice == "fa4":
+        if not q.is_cuda or fa4_forward() is None:
+            raise ValueError("backend 'fa4' needs a CUDA device and the flash-attn-4 package")
+        try:
+            return _run_fa4(q, k, v, starts, scale, out)
+        except Exception:  # the DSL compiler or the kernel refusing these shapes, not only RuntimeError
+            if backend != "auto":
+                raise
+            _refusals.add(("fa4", q.dtype, d, group))
+            choice = choose_backend(q, group, lengths)  # cuDNN or Triton now
     if choice in ("cudnn", "flash"):
         if not q.is_cuda or _sdpa_backend(choice) is None:
             raise ValueError(f"backend {choice!r} needs a CUDA device and a torch that has it")
