@@ -82,8 +82,8 @@ fi
 # FlashAttention-4 (CuTe DSL kernels with a Hopper forward), a candidate of dense_causal_attention's
 # dispatch: its wheels in .fa4, and the DSL's CUDA-13 library wheel (92 MB, over a device call's
 # 64 MiB carry alone) unpacked, repacked as tar.xz (64 MB; xz -9 takes minutes here) and split
-# over .fa4 (62.6 MB: alone in a first call) and .fa4b (9.6 MB: with .whl and .deb in the next),
-# two back-to-back calls (bench/gpu_session.sh joins the parts).
+# over .fa4 (56.6 MB) and .fa4b (15.6 MB), each carried alone (with the tracked files, a call
+# carries 64 MiB), in back-to-back calls; bench/gpu_session.sh joins the parts.
 FA4_WHEELS=(flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
   quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5 apache-tvm-ffi==0.1.15.post2)
 FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
@@ -99,8 +99,8 @@ if [ ! -s .fa4/libs_cu13.tar.xz.part0 ] || [ ! -s .fa4b/libs_cu13.tar.xz.part1 ]
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 -d "$tmp" "$FA4_LIBS"
   (cd "$tmp" && unzip -q ./*.whl -d unpacked && cd unpacked && tar -cf - . | xz -T0 -9 > "$tmp/libs.tar.xz")
-  head -c 54000000 "$tmp/libs.tar.xz" > .fa4/libs_cu13.tar.xz.part0
-  tail -c +54000001 "$tmp/libs.tar.xz" > .fa4b/libs_cu13.tar.xz.part1
+  head -c 48000000 "$tmp/libs.tar.xz" > .fa4/libs_cu13.tar.xz.part0
+  tail -c +48000001 "$tmp/libs.tar.xz" > .fa4b/libs_cu13.tar.xz.part1
   rm -rf "$tmp"
 fi
 ls -1 .whl .deb .fa4 .fa4b
