@@ -80,19 +80,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   (cd .deb && apt-get download -q "${missing[@]}")
 fi
 # FlashAttention-4 (CuTe DSL kernels with a Hopper forward), a candidate of dense_causal_attention's
-# dispatch: its wheels in .fa4, and the DSL's CUDA-13 library wheel (92 MB, over a device call's
-# 64 MiB carry alone) unpacked, repacked as tar.xz (64 MB; xz -9 takes minutes here) and split
-# over .fa4 (56.6 MB) and .fa4b (15.6 MB), each carried alone (with the tracked files, a call
-# carries 64 MiB), in back-to-back calls; bench/gpu_session.sh joins the parts.
+# dispatch. The DSL's CUDA-13 library wheel (92 MB, over a device call's 64 MiB carry alone) is
+# unpacked, repacked as tar.xz (64 MB; xz -9 takes minutes here) and split: .fa4 holds the first
+# 48 MB, .fa4b the rest and the other wheels (26 MB). With the tracked files a call carries
+# 64 MiB, so each goes alone, in back-to-back calls; bench/gpu_session.sh joins the parts.
 FA4_WHEELS=(flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
-  quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5 apache-tvm-ffi==0.1.15.post2)
+  nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5
+  apache-tvm-ffi==0.1.15.post2)
 FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
 mkdir -p .fa4 .fa4b
 for spec in "${FA4_WHEELS[@]}"; do
   stem=$(echo "${spec%%==*}" | tr '-' '_')
-  compgen -G ".fa4/${stem}-${spec#*==}-*.whl" >/dev/null && continue
+  compgen -G ".fa4b/${stem}-${spec#*==}-*.whl" >/dev/null && continue
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .fa4 "$spec"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .fa4b "$spec"
 done
 if [ ! -s .fa4/libs_cu13.tar.xz.part0 ] || [ ! -s .fa4b/libs_cu13.tar.xz.part1 ]; then
   tmp=$(mktemp -d)

@@ -32,14 +32,14 @@ if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
   [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "$SMOKE" != 1 ] && [ -f .fa4b/libs_cu13.tar.xz.part1 ] && [ -f .fa4/libs_cu13.tar.xz.part0 ]; then
-  # FlashAttention-4 (CuTe DSL): its wheels in .fa4, and the DSL's 92 MB CUDA-13 library wheel
+  # FlashAttention-4 (CuTe DSL): its wheels in .fa4b, and the DSL's 92 MB CUDA-13 library wheel
   # repacked as tar.xz and split over .fa4 and .fa4b: a device call carries at most 64 MiB with
   # the tracked files, so each goes alone, in back-to-back calls (an ignored folder a call does
   # not name stays there while the machine is warm); /tmp/site then keeps the install for the
   # calls after, which carry .whl and .deb.
   if ! ls .fa4 .fa4b | cmp -s - /tmp/site/.llmesh_fa4; then
     stamp "installing FlashAttention-4 and the CuTe DSL into /tmp/site"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .fa4/*.whl
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .fa4b/*.whl
     cat .fa4/libs_cu13.tar.xz.part0 .fa4b/libs_cu13.tar.xz.part1 | tar -xJf - -C /tmp/site
     ls .fa4 .fa4b > /tmp/site/.llmesh_fa4
   fi
