@@ -75,15 +75,8 @@ def test_triton_path_float32(device):
 
 def test_dispatch_rule():
     cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
-    assert dca.choose_backend(cpu_q, 4, [4096]) == "triton"  # no CUDA, no cuDNN, no FA4
-    assert not dca.fa4_usable(cpu_q, 4)
-    if _fa4_here():
-        q = cpu_q.cuda()
-        assert dca.choose_backend(q, 4, [2048, 2048]) == "fa4"
-        assert dca.choose_backend(q, 4, [64 + i for i in range(dca.CUDNN_MAX_CALLS + 1)]) == "fa4"  # one launch
-        assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens
-        assert dca.choose_backend(q.float(), 4, [4096]) == "triton"
-    elif torch.cuda.is_available() and dca.cudnn_usable(cpu_q.cuda(), 4):
+    assert dca.choose_backend(cpu_q, 4, [4096]) == "triton"  # no CUDA, no cuDNN
+    if torch.cuda.is_available() and dca.cudnn_usable(cpu_q.cuda(), 4):  # FA4 (forced only) never chosen
         q = cpu_q.cuda()
         assert dca.choose_backend(q, 4, [2048, 2048]) == "cudnn"
         assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens
@@ -99,10 +92,10 @@ def test_one_token_sequence_keeps_cudnn():
     if not dca.cudnn_usable(q.cuda(), 4):
         pytest.skip("this torch has no cuDNN SDPA for these shapes")
     dca._refusals.clear()
-    got = dense_causal_attention(q.cuda(), k.cuda(), v.cuda(), starts, 0.125, backend="cudnn").cpu()
+    got = dense_causal_attention(q.cuda(), k.cuda(), v.cuda(), starts, 0.125).cpu()
     torch.testing.assert_close(got.float(), dense_causal_attention_ref(q, k, v, starts, 0.125).float(),
                                rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
-    assert dca.choose_backend(q.cuda(), 4, [1, 2047]) in ("cudnn", "fa4") and not dca._refusals
+    assert dca.choose_backend(q.cuda(), 4, [1, 2047]) == "cudnn" and not dca._refusals
 
 
 def test_rejects_bad_inputs(device):
