@@ -9,7 +9,8 @@ kernel intervals; the rest is launch gaps and host time), the time by kernel fam
 cut is chosen from a measurement.
 
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
-       [--batch 1] [--steps 24] [--router-kernel default|on|off] [--pair-blocks default|off] [--smoke]
+       [--batch 1] [--steps 24] [--quantization none|fp8|int4|...] [--router-kernel default|on|off]
+       [--pair-blocks default|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_FUSED_DECODE / LLMESH_DECODE_FOLD, when set, are
@@ -45,7 +46,7 @@ from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
 # internals, torch's ATen kernels).
 FAMILIES: list[tuple[str, str]] = [
     ("moe", r"moe|expert|topk_softmax"),
-    ("attention", r"attn|attention|flash|fmha|sdpa|cudnn"),
+    ("attention", r"attn|attention|flash|fmha|sdpa|cudnn|decode_partition|decode_reduce"),
     ("norm", r"rmsnorm|rms_norm|layer_norm|norm"),
     ("rope_kv", r"rope|kv_cache|kv_write|reshape_and_cache"),
     ("gemm", r"gemm|gemv|nvjet|cublas|cutlass|xmma|sm90|matmul|_mm_|splitk|skinny|linear"),
@@ -80,7 +81,8 @@ def kernel_events(prof) -> list[tuple[str, float, float]]:
 
 def profile_model(model: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
     kwargs = dict(backend="triton" if device.type == "cuda" else "torch", dtype="bfloat16", device=str(device),
-                  max_num_seqs=max(8, args.batch), max_num_batched_tokens=8192, max_model_len=2048)
+                  max_num_seqs=max(8, args.batch), max_num_batched_tokens=8192, max_model_len=2048,
+                  quantization=args.quantization)
     if args.smoke:
         kwargs.update(max_num_batched_tokens=256, max_model_len=256, num_kv_blocks=128)
     llm = LLM(model, **kwargs)
@@ -122,7 +124,8 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
         per_name[name][1] += e - s
         per_family[family(name)] += e - s
     steps = args.steps
-    tag = f"profile_{model_tag(model)}_b{args.batch}"
+    quant = "" if args.quantization == "none" else f"_{args.quantization}"
+    tag = f"profile_{model_tag(model)}{quant}_b{args.batch}"
     total_us = sum(v[1] for v in per_name.values())
     metrics = {
         f"{tag}_step_ms": 1e3 * wall_s / steps,
@@ -157,6 +160,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--quantization", default="none",
+                    help="the engine's weight format (none, fp8, int4, ...); a format other than none "
+                         "is named in the metrics' tag: profile_<model>_<format>_b<B>_...")
     ap.add_argument("--device", default=None)
     ap.add_argument("--router-kernel", choices=("default", "on", "off"), default="default",
                     help="MoE router: the Triton kernel or the torch ops on the GPU (kernels.moe_router)")
@@ -182,7 +188,7 @@ def main() -> None:
         models = [f"random:{SMOKE_PRESET}"]
         args.prompt, args.warmup, args.steps = 16, 3, 4
     metrics: dict[str, float] = {}
-    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
+    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "quantization": args.quantization, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
                       "pair_blocks": args.pair_blocks,
                       "software": software_versions(), "smoke": args.smoke,

@@ -172,3 +172,34 @@ def pick_partition(table: dict[int, int], pairs: int, max_seq_len: int) -> int:
         size *= 2
     return size
 
+
+# ---- paged decode attention's tile (paged_decode_attention.py) ---------------------------------
+@dataclass(frozen=True)
+class PagedDecodeTile:
+    block_n: int
+    """Keys a loop step loads (capped by the partition size)."""
+    num_warps: int
+    num_stages: int
+    """K/V tiles Triton's pipeliner keeps in flight (shared memory: 2 * block_n * head_dim * 2
+    bytes a stage at 16 bits, which bounds the programs an SM holds)."""
+
+
+DEFAULT_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=4, num_stages=3)
+_INTERPRET_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=1, num_stages=1)
+# device tag -> {(sequence, KV head) pairs bucket: tile}, from bench/decode_tile_sweep.py (the
+# smallest bucket >= the batch's pairs; past the largest, the largest).
+PAGED_DECODE_TILE: dict[str, dict[int, PagedDecodeTile]] = {}
+
+
+def paged_decode_tile(device, pairs: int) -> PagedDecodeTile:
+    """The tile of a paged decode launch of `pairs` (sequences x KV heads) on `device`."""
+    import torch
+
+    if interpreting():
+        return _INTERPRET_PAGED_DECODE_TILE
+    device = torch.device(device)
+    table = PAGED_DECODE_TILE.get(cuda_device_tag(device)) if device.type == "cuda" else None
+    if not table:
+        return DEFAULT_PAGED_DECODE_TILE
+    return next((table[b] for b in sorted(table) if pairs <= b), table[max(table)])
+

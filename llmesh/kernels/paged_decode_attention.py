@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.attention_config import decode_fold
+from llmesh.kernels.attention_config import PagedDecodeTile, decode_fold, paged_decode_tile
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
     interpreting, next_power_of_2, pdl_launch)
@@ -209,6 +209,7 @@ def paged_decode_attention(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
     fold: bool | None = None,
+    tile: PagedDecodeTile | None = None,
 ) -> torch.Tensor:
     """Attention of q: [B, H_q, D] (one token per sequence) over each sequence's paged context.
 
@@ -221,7 +222,8 @@ def paged_decode_attention(
     pool comes with its scale pools k_scales, v_scales: [num_blocks, block_size, H_kv] uint8.
     `fold` (default: `attention_config.decode_fold`, from FOLD_MIN_PAIRS (sequence, KV head)
     pairs on; LLMESH_DECODE_FOLD=0 / 1 forces it off / on): the last partition program of a sequence and KV head to finish
-    combines the partitions, instead of a reduce kernel.
+    combines the partitions, instead of a reduce kernel. `tile` (default: the measured table,
+    attention_config.paged_decode_tile) sets BLOCK_N, warps and pipeline stages.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)
     b, h_q, _ = q.shape
@@ -253,6 +255,7 @@ def paged_decode_attention(
     pdl = pdl_launch(q.device)
     fold = split and (decode_fold(b * h_kv) if fold is None else fold)
     counters = arrival_counters("paged_decode_attention", q.device, b * h_kv) if fold else seq_lens
+    tile = tile or paged_decode_tile(q.device, b * h_kv)
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
         out, part_m, part_l, part_acc, counters,
@@ -261,10 +264,10 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=min(64, partition_size), PARTITION=partition_size, SPLIT=split,
+        BLOCK_SIZE=block_size, BLOCK_N=min(tile.block_n, partition_size), PARTITION=partition_size, SPLIT=split,
         FOLD=fold, NUM_KV_HEADS=h_kv, FP8=fp8,
         DOT_F32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
-        num_warps=4, **pdl
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl
     )
     if split and not fold:
         _decode_reduce_kernel[(b, h_q)](
