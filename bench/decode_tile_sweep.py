@@ -107,16 +107,22 @@ def main() -> None:
                     try:
                         got = fn().float()
                     except Exception as e:  # e.g. a tile whose stages overflow shared memory
-                        failed.append(f"h_kv {h_kv} b {b} ctx {ctx} {tile_name(tile)}: {str(e)[:120]}")
+                        failed.append(f"h_kv {h_kv} b {b} ctx {ctx} {tile_name(tile)}: {str(e)[:160]}")
+                        print(f"[decode-tile] {failed[-1]}", flush=True)
                         continue
                     err = ((got - want).abs().max() / want.abs().max()).item()
                     if not err < 2e-2:
                         wrong.append(f"h_kv {h_kv} b {b} ctx {ctx} {tile_name(tile)}: max rel error {err:.3g}")
+                        print(f"[decode-tile] WRONG {wrong[-1]}", flush=True)
                         continue
                     us = 1e3 * graph_time_ms(fn, device)
                     times[tile] = us
                     metrics[f"decode_tile_h{h_kv}_b{b}_c{ctx}_{tile_name(tile)}_us"] = us
                     per_bucket[b * h_kv][tile].append(us)
+                if DEFAULT_PAGED_DECODE_TILE not in times:
+                    print(f"[decode-tile] h_kv {h_kv} b {b} ctx {ctx}: the default tile did not run; cell left out",
+                          flush=True)
+                    continue
                 best = min(times, key=times.get)
                 base = times[DEFAULT_PAGED_DECODE_TILE]
                 tag = f"decode_tile_h{h_kv}_b{b}_c{ctx}"
@@ -130,6 +136,8 @@ def main() -> None:
         # only tiles that ran in every cell of the bucket compete
         cells = max(len(v) for v in per_bucket[pairs].values())
         means = {t: sum(v) / len(v) for t, v in per_bucket[pairs].items() if len(v) == cells}
+        if DEFAULT_PAGED_DECODE_TILE not in means:
+            continue
         best = min(means, key=means.get)
         table[pairs] = best
         metrics[f"decode_tile_p{pairs}_speedup_x"] = means[DEFAULT_PAGED_DECODE_TILE] / means[best]

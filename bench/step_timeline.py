@@ -7,7 +7,7 @@ host time of schedule, launch and landing the previous step. Prints a table by k
 share of wall time the GPU was busy; writes bench/results/step_timeline_<dev>.json.
 
 Usage: python bench/step_timeline.py [--num-prompts 1000] [--max-num-seqs 1024]
-       [--max-num-batched-tokens 16384] [--repeats N] [--smoke]
+       [--max-num-batched-tokens 16384] [--quantization none|fp8|int4|...] [--repeats N] [--suffix S] [--smoke]
 With --repeats N the last run's figures are the plain metrics and earlier runs' carry run<i>_.
 """
 
@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--quantization", default="none", help="the engine's weight format (none, fp8, int4, ...)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of the workload, each on fresh token ids of the same lengths")
     ap.add_argument("--smoke", action="store_true")
@@ -115,7 +117,7 @@ def main() -> None:
     work = replace(work, num_prompts=args.num_prompts or work.num_prompts)
     kw = dict(backend="torch" if args.smoke else "triton", dtype="bfloat16", device=str(device),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, quantization=args.quantization)
     if args.smoke:
         register_smoke_preset()
         args.model = f"random:{SMOKE_PRESET}"
@@ -149,7 +151,7 @@ def main() -> None:
         metrics.update(run_metrics if run == args.repeats - 1 else {f"run{run}_{k}": v for k, v in run_metrics.items()})
     workload = {"model": args.model, "engine": kw, "offline": vars(work) if hasattr(work, "__dict__") else str(work),
                 "software": software_versions()}
-    write_result(f"step_timeline_{device_tag(device)}", workload, rounded(metrics), device=device_name(device),
+    write_result(f"step_timeline_{device_tag(device)}{args.suffix}", workload, rounded(metrics), device=device_name(device),
                  results_dir=results_dir_for(args))
 
 
