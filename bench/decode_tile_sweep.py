@@ -68,7 +68,7 @@ def main() -> None:
         kv_heads, max_len, d, h_q = (8, 4), 2048, 128, 32
         batches = tuple(int(x) for x in args.batches.split(","))
         contexts = tuple(int(x) for x in args.contexts.split(","))
-        tiles = [PagedDecodeTile(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
+        tiles = [PagedDecodeTile(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3, 4))]
         if DEFAULT_PAGED_DECODE_TILE not in tiles:
             tiles.insert(0, DEFAULT_PAGED_DECODE_TILE)
     copy_gb_s = measure_copy_tb_s(device, gib=1 / 16 if args.smoke else 2.0) * 1e3
