@@ -186,9 +186,19 @@ class PagedDecodeTile:
 
 DEFAULT_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=4, num_stages=3)
 _INTERPRET_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=1, num_stages=1)
-# device tag -> {(sequence, KV head) pairs bucket: tile}, from bench/decode_tile_sweep.py (the
-# smallest bucket >= the batch's pairs; past the largest, the largest).
+# device tag -> {(sequence, KV head) pairs bucket: tile}, from bench/decode_tile_sweep.py: the
+# smallest bucket >= the batch's pairs, the largest past it; at most half the smallest bucket
+# (batches the sweep did not time) the default tile.
 PAGED_DECODE_TILE: dict[str, dict[int, PagedDecodeTile]] = {}
+# bench/results/decode_tile_h200.json (H200, 2026-12-04; 32 query heads, 8 or 4 KV heads, head_dim
+# 128, batches 64-256, contexts around 128-1024, the engine's partition sizes): 1.05-1.09x the
+# default tile by bucket, e.g. 256 sequences of ~256 tokens on 8 KV heads 86.7 -> 82.6 us.
+PAGED_DECODE_TILE["h200"] = {
+    256: PagedDecodeTile(block_n=128, num_warps=4, num_stages=2),
+    512: PagedDecodeTile(block_n=64, num_warps=2, num_stages=3),
+    1024: PagedDecodeTile(block_n=128, num_warps=4, num_stages=3),
+    2048: PagedDecodeTile(block_n=128, num_warps=4, num_stages=3),
+}
 
 
 def paged_decode_tile(device, pairs: int) -> PagedDecodeTile:
@@ -199,7 +209,12 @@ def paged_decode_tile(device, pairs: int) -> PagedDecodeTile:
         return _INTERPRET_PAGED_DECODE_TILE
     device = torch.device(device)
     table = PAGED_DECODE_TILE.get(cuda_device_tag(device)) if device.type == "cuda" else None
-    if not table:
+    return pick_tile(table or {}, pairs)
+
+
+def pick_tile(table: dict[int, PagedDecodeTile], pairs: int) -> PagedDecodeTile:
+    """`table`'s tile for `pairs` (see PAGED_DECODE_TILE); the default where it has none."""
+    if not table or pairs <= min(table) // 2:
         return DEFAULT_PAGED_DECODE_TILE
     return next((table[b] for b in sorted(table) if pairs <= b), table[max(table)])
 

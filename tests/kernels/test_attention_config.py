@@ -1,10 +1,12 @@
-"""The decode attention's partition size rule (llmesh/kernels/attention_config.py)."""
+"""The decode attention's partition size and tile rules (llmesh/kernels/attention_config.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from llmesh.kernels.attention_config import (DECODE_PARTITION, DEFAULT_DECODE_PARTITION, FOLD_ENV, FOLD_MIN_PAIRS,
+from llmesh.kernels.attention_config import (DEFAULT_PAGED_DECODE_TILE, PAGED_DECODE_TILE,
+                                             _INTERPRET_PAGED_DECODE_TILE, PagedDecodeTile, paged_decode_tile, pick_tile,
+                                             DECODE_PARTITION, DEFAULT_DECODE_PARTITION, FOLD_ENV, FOLD_MIN_PAIRS,
                                              MAX_DECODE_PARTITIONS, SINGLE_PARTITION_MAX_LEN, SINGLE_PARTITION_PAIRS,
                                              decode_fold, decode_partition_size, pick_partition)
 
@@ -63,3 +65,22 @@ def test_the_fold_runs_from_its_measured_pair_count(monkeypatch):
     assert decode_fold(8)
     monkeypatch.setenv(FOLD_ENV, "auto")
     assert not decode_fold(8) and decode_fold(FOLD_MIN_PAIRS)
+
+
+def test_the_decode_tile_comes_from_its_pairs_bucket():
+    a, b = PagedDecodeTile(128, 4, 2), PagedDecodeTile(64, 2, 3)
+    table = {256: a, 1024: b}
+    assert pick_tile(table, 128) == DEFAULT_PAGED_DECODE_TILE  # at most half the smallest bucket: not timed
+    assert pick_tile(table, 129) == a and pick_tile(table, 256) == a
+    assert pick_tile(table, 257) == b and pick_tile(table, 4096) == b  # past the largest: the largest
+    assert pick_tile({}, 512) == DEFAULT_PAGED_DECODE_TILE
+
+
+def test_every_shipped_decode_tile_fits_the_kernel():
+    for table in PAGED_DECODE_TILE.values():
+        for tile in table.values():
+            assert tile.block_n >= 16 and tile.block_n & (tile.block_n - 1) == 0
+            assert tile.num_warps in (1, 2, 4, 8) and tile.num_stages >= 1
+            # K and V tiles of every stage in shared memory at head_dim 128, 16 bits: under the 227 KB
+            assert 2 * tile.block_n * 128 * 2 * tile.num_stages <= 227 * 1024
+    assert paged_decode_tile("cpu", 4096) in (DEFAULT_PAGED_DECODE_TILE, _INTERPRET_PAGED_DECODE_TILE)

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
+from llmesh.kernels.attention_config import PagedDecodeTile  # noqa: E402
 from llmesh.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
 
 # float32 is exact up to summation order on the CPU interpreter; a GPU's dot units and exp2
@@ -16,7 +17,8 @@ TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat1
 HEADS = [(4, 4), (8, 2), (8, 1)]  # GQA ratios 1, 4, 8
 
 
-def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partition_size, table_dtype, fold=None):
+def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partition_size, table_dtype, fold=None,
+           tile=None):
     gen = torch.Generator().manual_seed(sum(seq_lens) * 7 + h_q * 3 + h_kv + d + partition_size + block_size)
     kv = paged_kv(seq_lens, h_kv, d, block_size, dtype, gen, table_dtype=table_dtype)
     q = torch.randn(len(seq_lens), h_q, d, generator=gen).to(dtype)
@@ -26,7 +28,7 @@ def _check(device, paged_kv, seq_lens, h_q, h_kv, d, block_size, dtype, partitio
     out = torch.full_like(q, float("nan"), device=device)  # every element must be written
     got = paged_decode_attention(
         q.to(device), kv.k_cache, kv.v_cache, kv.block_tables.to(device), kv.seq_lens.to(device), scale,
-        partition_size=partition_size, out=out, fold=fold)
+        partition_size=partition_size, out=out, fold=fold, tile=tile)
     assert got is out
     tol = TOL[dtype]
     torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=tol, atol=tol)
@@ -43,6 +45,14 @@ def test_batch_matches_reference(device, paged_kv, h_q, h_kv, d, dtype, partitio
     reduce kernel, or off."""
     _check(device, paged_kv, [1, 15, 16, 17, 33, 1030], h_q, h_kv, d, 16, dtype, partition_size, torch.int32,
            fold)
+
+
+@pytest.mark.parametrize("tile", [PagedDecodeTile(16, 2, 2), PagedDecodeTile(128, 4, 3)], ids=["n16", "n128"])
+@pytest.mark.parametrize("partition_size", [64, 2048])
+def test_every_tile_matches_reference(device, paged_kv, tile, partition_size):
+    """The measured table's tiles (BLOCK_N below and above a partition's 64 keys, which caps it)."""
+    _check(device, paged_kv, [1, 17, 64, 65, 300], 8, 2, 64, 16, torch.bfloat16, partition_size, torch.int32,
+           tile=tile)
 
 
 def test_folded_launches_reuse_their_counters(device, paged_kv):
