@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.attention_config import PagedDecodeTile, decode_fold, paged_decode_tile
+from llmesh.kernels.attention_config import (DEFAULT_PAGED_DECODE_TILE, PagedDecodeTile, decode_fold,
+                                             paged_decode_tile)
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
     interpreting, next_power_of_2, pdl_launch)
@@ -223,7 +224,7 @@ def paged_decode_attention(
     `fold` (default: `attention_config.decode_fold`, from FOLD_MIN_PAIRS (sequence, KV head)
     pairs on; LLMESH_DECODE_FOLD=0 / 1 forces it off / on): the last partition program of a sequence and KV head to finish
     combines the partitions, instead of a reduce kernel. `tile` (default: the measured table,
-    attention_config.paged_decode_tile) sets BLOCK_N, warps and pipeline stages.
+    attention_config.paged_decode_tile, for 16-bit pools) sets BLOCK_N, warps and pipeline stages.
     """
     check_tensor("q", q, "[B, H_q, D]", 3)
     b, h_q, _ = q.shape
@@ -255,7 +256,9 @@ def paged_decode_attention(
     pdl = pdl_launch(q.device)
     fold = split and (decode_fold(b * h_kv) if fold is None else fold)
     counters = arrival_counters("paged_decode_attention", q.device, b * h_kv) if fold else seq_lens
-    tile = tile or paged_decode_tile(q.device, b * h_kv)
+    # The table was measured on 16-bit pools; an FP8 pool's tiles convert codes as they load
+    # (a different balance of memory and arithmetic) and keep the default until swept.
+    tile = tile or (DEFAULT_PAGED_DECODE_TILE if fp8 else paged_decode_tile(q.device, b * h_kv))
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
         out, part_m, part_l, part_acc, counters,
