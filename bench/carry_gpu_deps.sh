@@ -84,26 +84,30 @@ fi
 # unpacked, repacked as tar.xz (64 MB; xz -9 takes minutes here) and split: .fa4 holds the first
 # 48 MB, .fa4b the rest and the other wheels (26 MB). With the tracked files a call carries
 # 64 MiB, so each goes alone, in back-to-back calls; bench/gpu_session.sh joins the parts.
-FA4_WHEELS=(flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
-  nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5
-  apache-tvm-ffi==0.1.15.post2)
-FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
-mkdir -p .fa4 .fa4b
-for spec in "${FA4_WHEELS[@]}"; do
-  stem=$(echo "${spec%%==*}" | tr '-' '_')
-  compgen -G ".fa4b/${stem}-${spec#*==}-*.whl" >/dev/null && continue
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .fa4b "$spec"
-done
-if [ ! -s .fa4/libs_cu13.tar.xz.part0 ] || [ ! -s .fa4b/libs_cu13.tar.xz.part1 ]; then
-  tmp=$(mktemp -d)
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 -d "$tmp" "$FA4_LIBS"
-  (cd "$tmp" && unzip -q ./*.whl -d unpacked && cd unpacked && tar -cf - . | xz -T0 -9 > "$tmp/libs.tar.xz")
-  head -c 48000000 "$tmp/libs.tar.xz" > .fa4/libs_cu13.tar.xz.part0
-  tail -c +48000001 "$tmp/libs.tar.xz" > .fa4b/libs_cu13.tar.xz.part1
-  rm -rf "$tmp"
+# Opt-in (FA4=1): only the fa4 columns of bench/kernels_gpu.py use it.
+if [ "${FA4:-0}" = 1 ]; then
+  FA4_WHEELS=(flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+    nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5
+    apache-tvm-ffi==0.1.15.post2)
+  FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
+  mkdir -p .fa4 .fa4b
+  for spec in "${FA4_WHEELS[@]}"; do
+    stem=$(echo "${spec%%==*}" | tr '-' '_')
+    compgen -G ".fa4b/${stem}-${spec#*==}-*.whl" >/dev/null && continue
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .fa4b "$spec"
+  done
+  if [ ! -s .fa4/libs_cu13.tar.xz.part0 ] || [ ! -s .fa4b/libs_cu13.tar.xz.part1 ]; then
+    tmp=$(mktemp -d)
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 -d "$tmp" "$FA4_LIBS"
+    (cd "$tmp" && $PY -m zipfile -e ./*.whl unpacked && cd unpacked && tar -cf - . | xz -T0 -9 > "$tmp/libs.tar.xz")
+    head -c 48000000 "$tmp/libs.tar.xz" > .fa4/libs_cu13.tar.xz.part0
+    tail -c +48000001 "$tmp/libs.tar.xz" > .fa4b/libs_cu13.tar.xz.part1
+    rm -rf "$tmp"
+  fi
 fi
-ls -1 .whl .deb .fa4 .fa4b
+ls -1 .whl .deb
 du -sch .whl .deb | tail -1
-du -sch .fa4 .fa4b
+[ "${FA4:-0}" = 1 ] && du -sch .fa4 .fa4b
+exit 0
