@@ -1,10 +1,12 @@
 """FP8 KV cache on the GPU: decode attention time over an FP8 pool against a bf16 pool at long
 context, and the KV capacity (tokens in the same memory) of kv_cache_dtype=fp8 against auto.
 
-Usage: python bench/kv_fp8_gpu.py [--smoke]
+Usage: python bench/kv_fp8_gpu.py [--smoke] [--suffix S]
 Writes bench/results/kv_fp8_<dev>.json with kv_fp8_decode_attn_speedup_x (bf16 ms / fp8 ms of
 paged_decode_attention, batch 64, context 4096, 32 query / 8 KV heads, head_dim 128) and
-kv_fp8_tokens_capacity_x (blocks per byte budget, 8B shape: 32 layers, 8 KV heads, D 128).
+kv_fp8_tokens_capacity_x (blocks per byte budget, 8B shape: 32 layers, 8 KV heads, D 128), and
+the speedup at 256 decodes of 256 tokens (_b256_c256). LLMESH_FP8_WIDEN=convert times Triton's
+own E4M3 conversion instead of kv_quant.widen_e4m3, for an A/B.
 --smoke runs tiny shapes through Triton's interpreter on the CPU and writes nothing.
 """
 
@@ -47,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter; writes nothing")
     ap.add_argument("--results-dir", default=None, help="where the JSON goes (default bench/results)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (e.g. an A/B of "
+                    "LLMESH_FP8_WIDEN=convert|asm)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
@@ -79,12 +83,24 @@ def main() -> None:
     metrics = {"kv_fp8_decode_attn_speedup_x": full_ms / fp8_ms, "kv_fp8_tokens_capacity_x": capacity,
                "kv_fp8_decode_attn_ms": fp8_ms, "kv_bf16_decode_attn_ms": full_ms,
                "kv_fp8_decode_attn_rel_err": err}
+    if not smoke:  # the offline workload's regime too: many decodes of short contexts
+        sb, sctx = 256, 256
+        (k, v), (k8, v8, ks, vs), tables = _pools(sb, sctx, h_kv, d, bs, dtype, device, gen)
+        q = torch.randn(sb, h_q, d, generator=gen).to(device, dtype)
+        lens = torch.full((sb,), sctx, dtype=torch.int32, device=device)
+        s_full, s_fp8 = time_ms(full, device), time_ms(fp8, device)
+        metrics.update({f"kv_fp8_decode_attn_speedup_x_b{sb}_c{sctx}": s_full / s_fp8,
+                        f"kv_fp8_decode_attn_ms_b{sb}_c{sctx}": s_fp8, f"kv_bf16_decode_attn_ms_b{sb}_c{sctx}": s_full})
     print({k: round(x, 4) for k, x in metrics.items()})
     if smoke:
         return
+    from llmesh.kernels.kv_quant import WIDEN_ENV
+
     workload = dict(batch=batch, context=ctx, h_q=h_q, h_kv=h_kv, head_dim=d, block_size=bs,
+                    short=dict(batch=256, context=256),
+                    widen=os.environ.get(WIDEN_ENV, "asm"),
                     capacity_shape="Llama-3-8B (32 layers, 8 KV heads, D 128)")
-    print(write_result(f"kv_fp8_{device_tag(device)}", workload, metrics,
+    print(write_result(f"kv_fp8_{device_tag(device)}{args.suffix}", workload, metrics,
                        results_dir=Path(args.results_dir) if args.results_dir else None))
 
 

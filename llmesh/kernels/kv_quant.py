@@ -5,11 +5,55 @@ explains the layout and the choice of scales), bit for bit.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from llmesh.kernels.fp8_gemm import _to_e4m3
 from llmesh.kernels.triton_helpers import cast_rtne
+
+WIDEN_ENV = "LLMESH_FP8_WIDEN"
+"""`asm` (default): E4M3 codes widen to bfloat16 by integer ops (`widen_e4m3`); `convert`:
+Triton's conversion, for an A/B. Read when this module is imported."""
+_WIDEN_ASM = tl.constexpr(os.environ.get(WIDEN_ENV, "asm") != "convert")
+
+# E4M3 (s eeee mmm, bias 7) to bfloat16 (bias 127), four codes a call, without a conversion
+# instruction: Triton converts through float16 and then float16 -> bfloat16 one value at a time
+# (F2F, a quarter of the FMA rate), which at decode bandwidth costs more than the bytes an FP8
+# pool saves. Here prmt puts each code byte in the high byte of a 16-bit half, a shift by 4 and
+# a mask move its exponent and mantissa under bfloat16's (the sign stays), and one paired
+# multiply by 2^120 rebiases the exponent: exact for every finite code, subnormals included
+# (E4M3 has no infinities; its NaN code 0x7F would read 480, and the KV quantizer never writes it).
+_E4M3_BF16_ASM = tl.constexpr("""{
+    .reg .b32 t0, t1, s0, s1, m, z;
+    mov.b32 m, 0x7B807B80;
+    mov.b32 z, 0x80008000;
+    prmt.b32 t0, $2, 0, 0x1404;
+    prmt.b32 t1, $2, 0, 0x3424;
+    shr.b32 s0, t0, 4;
+    shr.b32 s1, t1, 4;
+    and.b32 s0, s0, 0x07F007F0;
+    and.b32 s1, s1, 0x07F007F0;
+    lop3.b32 t0, t0, 0x80008000, s0, 0xEA;
+    lop3.b32 t1, t1, 0x80008000, s1, 0xEA;
+    fma.rn.bf16x2 $0, t0, m, z;
+    fma.rn.bf16x2 $1, t1, m, z;
+    }""")
+
+
+@triton.jit
+def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above; float16
+    (one paired hardware conversion already), float32 and the interpreter by Triton's cast."""
+    if INTERPRET:
+        out = x.to(DTYPE)
+    elif DTYPE == tl.bfloat16 and _WIDEN_ASM:
+        out = tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
+                                        dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        out = x.to(DTYPE)
+    return out
 
 
 @triton.jit
@@ -41,7 +85,7 @@ def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
         v = v.to(tl.float32)
     else:
         pv = pv.to(tl.bfloat16)
-        v = v.to(tl.bfloat16)
+        v = widen_e4m3(v, tl.bfloat16, INTERPRET)
     return pv, v
 
 

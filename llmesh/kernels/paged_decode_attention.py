@@ -29,7 +29,7 @@ from llmesh.kernels.attention_config import (DEFAULT_PAGED_DECODE_TILE, PagedDec
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
     interpreting, next_power_of_2, pdl_launch)
-from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
+from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands, widen_e4m3
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
@@ -99,7 +99,7 @@ def _decode_partition_kernel(
             if DOT_F32:
                 k = k.to(tl.float32)
             else:
-                k = k.to(q_ptr.dtype.element_ty)
+                k = widen_e4m3(k, q_ptr.dtype.element_ty, INTERPRET)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * ks[None, :]  # [BLOCK_G, BLOCK_N]
         else:
             if DOT_F32:

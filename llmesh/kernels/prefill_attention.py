@@ -33,7 +33,7 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands
+from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands, widen_e4m3
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -62,11 +62,12 @@ def find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
 def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head, d, d_mask,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                  BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, MASK_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr, Q_DTYPE: tl.constexpr):
+                 EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr, Q_DTYPE: tl.constexpr,
+                 INTERPRET: tl.constexpr):
     """k: [BLOCK_D, BLOCK_N] (transposed for the dot), v: [BLOCK_N, BLOCK_D] of keys n, gathered
     through the block table, and (FP8 pool) their per-key scales ks, vs: [BLOCK_N] float32
     (1.0 otherwise). MASK_N=False for tiles wholly inside the context (no predicates). An FP8
-    K tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32), the V tile
+    K tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32; `widen_e4m3`), the V tile
     left as E4M3 codes for `fp8_pv_operands`; both unscaled: `softmax_step` applies the scales
     per key column."""
     if MASK_N:
@@ -98,7 +99,7 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n
         if DOT_F32:
             k = k.to(tl.float32)
         else:
-            k = k.to(Q_DTYPE)
+            k = widen_e4m3(k, Q_DTYPE, INTERPRET)
     else:
         ks = 1.0
         vs = 1.0
@@ -197,7 +198,7 @@ def _prefill_kernel(
                                     kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
                                     stride_vb, stride_vs, stride_vh,
                                     BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty)
+                                    q_ptr.dtype.element_ty, INTERPRET)
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)
     for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
@@ -207,7 +208,7 @@ def _prefill_kernel(
                                     kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
                                     stride_vb, stride_vs, stride_vh,
                                     BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty)
+                                    q_ptr.dtype.element_ty, INTERPRET)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)

@@ -104,7 +104,7 @@ def _short_query_kernel(
                                     kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
                                     stride_vb, stride_vs, stride_vh,
                                     BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty)
+                                    q_ptr.dtype.element_ty, INTERPRET)
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)
     for n0 in range(open_end, end, BLOCK_N):
@@ -114,7 +114,7 @@ def _short_query_kernel(
                                     kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
                                     stride_vb, stride_vs, stride_vh,
                                     BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty)
+                                    q_ptr.dtype.element_ty, INTERPRET)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)
