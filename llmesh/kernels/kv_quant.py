@@ -14,43 +14,70 @@ from llmesh.kernels.fp8_gemm import _to_e4m3
 from llmesh.kernels.triton_helpers import cast_rtne
 
 WIDEN_ENV = "LLMESH_FP8_WIDEN"
-"""`asm` (default): E4M3 codes widen to bfloat16 by integer ops (`widen_e4m3`); `convert`:
-Triton's conversion, for an A/B. Read when this module is imported."""
-_WIDEN_ASM = tl.constexpr(os.environ.get(WIDEN_ENV, "asm") != "convert")
+"""`convert` (default): Triton's E4M3 -> bfloat16 conversion; `asm`: the integer route of
+`widen_e4m3`, not yet measured or run on a GPU (see below). Read when this module is imported."""
+_WIDEN_ASM = tl.constexpr(os.environ.get(WIDEN_ENV, "convert") == "asm")
 
 # E4M3 (s eeee mmm, bias 7) to bfloat16 (bias 127), four codes a call, without a conversion
-# instruction: Triton converts through float16 and then float16 -> bfloat16 one value at a time
-# (F2F, a quarter of the FMA rate), which at decode bandwidth costs more than the bytes an FP8
-# pool saves. Here prmt puts each code byte in the high byte of a 16-bit half, a shift by 4 and
-# a mask move its exponent and mantissa under bfloat16's (the sign stays), and one paired
-# multiply by 2^120 rebiases the exponent: exact for every finite code, subnormals included
-# (E4M3 has no infinities; its NaN code 0x7F would read 480, and the KV quantizer never writes it).
-_E4M3_BF16_ASM = tl.constexpr("""{
+# instruction. Why: Triton (3.6-3.9) converts through float16 and then float16 -> bfloat16 one
+# value at a time (cvt.bf16.f16, an F2F: a quarter of the FMA rate), and an FP8 pool's decode
+# attention measured slower than a bf16 pool's (kv_fp8_h200.json: 0.82x at 64 x 4096 tokens),
+# which points at the conversion rather than the halved bytes. Here prmt puts each code byte in
+# the high byte of a 16-bit half, a shift by 4 and a mask move its exponent and mantissa under
+# bfloat16's (the sign stays), and one paired multiply by 2^120 rebiases the exponent: exact for
+# every finite code, subnormals included (checked for all 256 codes by emulating these integer
+# ops; E4M3 has no infinities, its NaN code 0x7F would read 480, and the KV quantizer never
+# writes it). It compiles for sm_90 (ptxas) but has not run on a GPU yet: opt-in until
+# `LLMESH_FP8_WIDEN=asm python bench/kv_fp8_gpu.py --suffix _widen` against `--suffix _convert`
+# and the FP8 attention tests on a GPU say it is right and faster.
+E4M3_FIELD_MASK = 0x07F007F0
+"""Exponent and mantissa of two codes once shifted under bfloat16's fields."""
+SIGN_MASK = 0x80008000
+BF16_TWO_POW_120 = 0x7B80
+"""bfloat16 2^120: E4M3's bias 7 against bfloat16's 127."""
+_E4M3_BF16_ASM = tl.constexpr(f"""{{
     .reg .b32 t0, t1, s0, s1, m, z;
-    mov.b32 m, 0x7B807B80;
-    mov.b32 z, 0x80008000;
+    mov.b32 m, {BF16_TWO_POW_120 * 0x10001:#010x};
+    mov.b32 z, {SIGN_MASK:#010x};
     prmt.b32 t0, $2, 0, 0x1404;
     prmt.b32 t1, $2, 0, 0x3424;
     shr.b32 s0, t0, 4;
     shr.b32 s1, t1, 4;
-    and.b32 s0, s0, 0x07F007F0;
-    and.b32 s1, s1, 0x07F007F0;
-    lop3.b32 t0, t0, 0x80008000, s0, 0xEA;
-    lop3.b32 t1, t1, 0x80008000, s1, 0xEA;
+    and.b32 s0, s0, {E4M3_FIELD_MASK:#010x};
+    and.b32 s1, s1, {E4M3_FIELD_MASK:#010x};
+    lop3.b32 t0, t0, {SIGN_MASK:#010x}, s0, 0xEA;
+    lop3.b32 t1, t1, {SIGN_MASK:#010x}, s1, 0xEA;
     fma.rn.bf16x2 $0, t0, m, z;
     fma.rn.bf16x2 $1, t1, m, z;
-    }""")
+    }}""")
+
+
+def widen_e4m3_bits_ref(codes):
+    """The integer route of `_E4M3_BF16_ASM` on a torch uint8 tensor of codes, one code a 16-bit
+    half: the bfloat16 bits before the multiply by 2^120 (the asm does two halves a 32-bit word;
+    the shift moves the high half's low bits only into the masked-out bits of the low half)."""
+    import torch
+
+    t = codes.to(torch.int32) << 8  # prmt: the byte in the high byte of its half
+    return ((t & (SIGN_MASK & 0xFFFF)) | ((t >> 4) & (E4M3_FIELD_MASK & 0xFFFF))).to(torch.int16)
+
+
+@triton.jit
+def _widen_e4m3_asm(x):
+    """E4M3 tile -> bfloat16 by `_E4M3_BF16_ASM` (GPU only: the interpreter runs no asm)."""
+    return tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.bfloat16, is_pure=True, pack=4)
 
 
 @triton.jit
 def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above; float16
-    (one paired hardware conversion already), float32 and the interpreter by Triton's cast."""
+    """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above when
+    LLMESH_FP8_WIDEN=asm; otherwise (and for float16, one paired hardware conversion already,
+    float32 and the interpreter) Triton's cast."""
     if INTERPRET:
         out = x.to(DTYPE)
     elif DTYPE == tl.bfloat16 and _WIDEN_ASM:
-        out = tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
-                                        dtype=tl.bfloat16, is_pure=True, pack=4)
+        out = _widen_e4m3_asm(x)
     else:
         out = x.to(DTYPE)
     return out

@@ -1,0 +1,101 @@
+"""kv_quant.widen_e4m3's integer route (E4M3 -> bfloat16 without a conversion instruction):
+exact for every finite code by its integer reference on the CPU, its asm assembled for sm_90
+by Triton's own ptxas where the CUDA backend is installed, and equal to torch's conversion on
+a GPU that has FP8 (sm_89+)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from llmesh.kernels.kv_quant import BF16_TWO_POW_120, _widen_e4m3_asm, widen_e4m3_bits_ref  # noqa: E402
+
+CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+
+
+def _reference() -> torch.Tensor:
+    return CODES.view(torch.float8_e4m3fn).to(torch.bfloat16)
+
+
+def test_integer_route_is_exact_for_every_finite_code():
+    bits = widen_e4m3_bits_ref(CODES)
+    two_pow_120 = torch.tensor([BF16_TWO_POW_120], dtype=torch.int16).view(torch.bfloat16)
+    assert two_pow_120.float().item() == 2.0 ** 120
+    got = (bits.view(torch.bfloat16).float() * two_pow_120.float()).to(torch.bfloat16)
+    want = _reference()
+    finite = ~torch.isnan(want)
+    assert finite.sum() == 254  # E4M3 has two NaN codes and no infinities
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+    assert got[0].item() == 0.0 and got[1].item() == 2.0 ** -9  # zero and the smallest subnormal
+
+
+_WIDEN_KERNEL_SRC = """
+import triton
+import triton.language as tl
+from llmesh.kernels.kv_quant import _widen_e4m3_asm
+
+
+@triton.jit
+def widen_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y_ptr + o, _widen_e4m3_asm(tl.load(x_ptr + o)))
+"""
+
+_COMPILE_SM90 = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from widen_kernel import widen_kernel
+src = ASTSource(fn=widen_kernel, signature={"x_ptr": "*fp8e4nv", "y_ptr": "*bf16", "N": "constexpr"},
+                constexprs={"N": 256})
+try:
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+except Exception as e:
+    print("SKIP", str(e)[:160].replace("\\n", " "))
+    raise SystemExit(0)
+ptx = compiled.asm["ptx"]
+print("OK" if "fma.rn.bf16x2" in ptx and "cvt.bf16.f16" not in ptx and len(compiled.asm["cubin"]) else "BAD")
+"""
+
+
+def test_asm_assembles_for_sm90(tmp_path):
+    """In a child process without TRITON_INTERPRET (the interpreter compiles nothing): the asm
+    through Triton's code generator and ptxas for sm_90, and no F2F conversion left in the PTX."""
+    (tmp_path / "widen_kernel.py").write_text(_WIDEN_KERNEL_SRC)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    if verdict.startswith("SKIP"):
+        pytest.skip(f"no sm_90 toolchain in this Triton build: {verdict[5:]}")
+    assert verdict == "OK", out.stdout[-2000:]
+
+
+@triton.jit
+def _widen_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y_ptr + o, _widen_e4m3_asm(tl.load(x_ptr + o)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="E4M3 tensors and the asm need a GPU with FP8 (sm_89+)")
+def test_asm_matches_torch_on_gpu():
+    x = CODES.cuda().view(torch.float8_e4m3fn)
+    y = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+    _widen_kernel[(1,)](x, y, N=256)
+    want = _reference()
+    finite = ~torch.isnan(want)
+    assert torch.equal(y.cpu()[finite].view(torch.int16), want[finite].view(torch.int16))
