@@ -74,10 +74,15 @@ def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above when
     LLMESH_FP8_WIDEN=asm; otherwise (and for float16, one paired hardware conversion already,
     float32 and the interpreter) Triton's cast."""
+    # Nested, not `and`: Triton 3.6 has evaluated a compound test of constexprs as true when it
+    # was not (fused_moe_int4._nibbles), which here would switch the opt-in route on.
     if INTERPRET:
         out = x.to(DTYPE)
-    elif DTYPE == tl.bfloat16 and _WIDEN_ASM:
-        out = _widen_e4m3_asm(x)
+    elif DTYPE == tl.bfloat16:
+        if _WIDEN_ASM:
+            out = _widen_e4m3_asm(x)
+        else:
+            out = x.to(DTYPE)
     else:
         out = x.to(DTYPE)
     return out
