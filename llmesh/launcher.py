@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret, writ
 from llmesh.models_file import ModelsFile, ModelSpec, load_models_file, parse_models
 from llmesh.parent_death import ENV as DIE_WITH_PARENT_ENV
 from llmesh.redis_url import with_password
+from llmesh.stop_signal import StopFlag
 from llmesh.supervisor import Child, RestartPolicy, describe_exit
 
 DEMO_MODELS = {"default_model": "smollm2-135m",
@@ -248,7 +248,7 @@ class Mesh:
         self.specs = {p.name: p for p in self.plan}
         self.children: dict[str, Child] = {}
         self.api_key: str | None = None
-        self.interrupted = threading.Event()
+        self.interrupted = StopFlag()
         """Set (by Ctrl-C) to abandon a start in progress."""
 
     def _say(self, msg: str) -> None:
@@ -439,9 +439,8 @@ def _print_up(mesh: Mesh, cfg: UpConfig) -> None:
 def up(cfg: UpConfig, prompt: str | None = None) -> int:
     """Run the mesh in the foreground until Ctrl-C; returns the exit code. With ``prompt``,
     stream an answer to it through the gateway once everything is serving."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
+    stop.on_signals(signal.SIGINT, signal.SIGTERM)
     try:
         mesh = Mesh(cfg)
     except (OSError, ValueError) as e:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from llmesh.gateway.config import GatewayConfig
 from llmesh.mesh_secret import secret_of
+from llmesh.stop_signal import StopFlag
 
 log = logging.getLogger("llmesh.gateway.workers")
 
@@ -114,7 +115,7 @@ class Supervisor:
     def __init__(self, config: GatewayConfig, argv: list[str]) -> None:
         """``argv``: the gateway's own flags; each worker gets them with its ports appended."""
         self.config, self._argv = config, argv
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._sockets: list[socket.socket] = []
         self._workers = [_Worker(i) for i in range(config.workers)]
         self._exits: list[float] = []
@@ -126,8 +127,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped; the exit code (1: a worker could not start or kept failing)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+        self._stop.on_signals(signal.SIGTERM, signal.SIGINT)
         try:
             self._reserve()
             self._serve_metrics()
