@@ -5,8 +5,8 @@ Usage: python bench/kv_fp8_gpu.py [--smoke] [--suffix S]
 Writes bench/results/kv_fp8_<dev>.json with kv_fp8_decode_attn_speedup_x (bf16 ms / fp8 ms of
 paged_decode_attention, batch 64, context 4096, 32 query / 8 KV heads, head_dim 128) and
 kv_fp8_tokens_capacity_x (blocks per byte budget, 8B shape: 32 layers, 8 KV heads, D 128), and
-the speedup at 256 decodes of 256 tokens (_b256_c256). LLMESH_FP8_WIDEN=asm times
-kv_quant.widen_e4m3's integer route instead of Triton's E4M3 conversion, for an A/B.
+the speedup at 256 decodes of 256 tokens (_b256_c256). LLMESH_FP8_WIDEN=convert times
+Triton's E4M3 conversion instead of kv_quant.widen_e4m3's integer route (the default), for an A/B.
 --smoke runs tiny shapes through Triton's interpreter on the CPU and writes nothing.
 """
 
@@ -94,11 +94,11 @@ def main() -> None:
     print({k: round(x, 4) for k, x in metrics.items()})
     if smoke:
         return
-    from llmesh.kernels.kv_quant import WIDEN_ENV
+    from llmesh.kernels.kv_quant import WIDEN_ROUTE
 
     workload = dict(batch=batch, context=ctx, h_q=h_q, h_kv=h_kv, head_dim=d, block_size=bs,
                     short=dict(batch=256, context=256),
-                    widen=os.environ.get(WIDEN_ENV, "convert"),
+                    widen=WIDEN_ROUTE,
                     capacity_shape="Llama-3-8B (32 layers, 8 KV heads, D 128)")
     print(write_result(f"kv_fp8_{device_tag(device)}{args.suffix}", workload, metrics,
                        results_dir=Path(args.results_dir) if args.results_dir else None))

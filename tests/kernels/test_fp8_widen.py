@@ -99,3 +99,43 @@ def test_asm_matches_torch_on_gpu():
     want = _reference()
     finite = ~torch.isnan(want)
     assert torch.equal(y.cpu()[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+_COMPILE_DECODE = """
+import sys
+from llmesh.kernels.compile_check import compile_sm90
+from llmesh.kernels.paged_decode_attention import _decode_partition_kernel
+pointers = {"k_cache_ptr": "fp8e4nv", "v_cache_ptr": "fp8e4nv", "k_scale_ptr": "u8", "v_scale_ptr": "u8",
+            "block_tables_ptr": "i32", "seq_lens_ptr": "i32", "part_m_ptr": "fp32", "part_l_ptr": "fp32",
+            "part_acc_ptr": "fp32", "lock_ptr": "i32"}
+constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, PARTITION=512,
+                  SPLIT=True, FOLD=True, NUM_KV_HEADS=8, FP8=True, DOT_F32=False, DOT_PRECISION="tf32",
+                  INTERPRET=False, PDL=False)
+try:
+    ptx = compile_sm90(_decode_partition_kernel, pointers, constexprs).asm["ptx"]
+except Exception as e:
+    print("SKIP", str(e)[:160].replace("\\n", " "))
+    raise SystemExit(0)
+print(ptx.count("fma.rn.bf16x2"), ptx.count("cvt.bf16.f16"))
+"""
+
+
+@pytest.mark.parametrize("route", ["default", "convert"])
+def test_fp8_decode_kernel_takes_the_route_asked_for(route):
+    """The FP8 pool's decode kernel, compiled for sm_90 in a child process: by default K and V
+    codes widen by the integer route (paired multiplies, no F2F conversion); with
+    LLMESH_FP8_WIDEN=convert by Triton's cast (whose bf16 step is cvt.bf16.f16)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLMESH_FP8_WIDEN")}
+    if route == "convert":
+        env["LLMESH_FP8_WIDEN"] = "convert"
+    out = subprocess.run([sys.executable, "-c", _COMPILE_DECODE], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict = out.stdout.strip().splitlines()[-1]
+    if verdict.startswith("SKIP"):
+        pytest.skip(f"no sm_90 toolchain in this Triton build: {verdict[5:]}")
+    fma, cvt = (int(x) for x in verdict.split())
+    if route == "default":
+        assert fma > 0 and cvt == 0, verdict
+    else:
+        assert cvt > 0, verdict
