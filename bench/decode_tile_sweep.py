@@ -18,8 +18,12 @@ decode_tile_h<kv>_b<B>_c<ctx>_bw_frac (the default's and the best tile's K/V byt
 over the copy bandwidth: _default_bw_frac, _best_bw_frac) and every time as
 decode_tile_h<kv>_b<B>_c<ctx>_n<block_n>w<warps>s<stages>_us.
 
+With --kv-dtype fp8 the pools are E4M3 with their per-(token, head) scales (kv_cache_dtype=fp8),
+the bytes counted are theirs (1 byte an element, 1 a scale), the literal is
+`PAGED_DECODE_TILE['<dev>:fp8']` and the file decode_tile_<dev>_fp8.json.
+
 Usage: python bench/decode_tile_sweep.py [--batches 64,128,256] [--contexts 128,256,512,1024]
-       [--smoke] [--results-dir DIR]
+       [--kv-dtype bf16|fp8] [--smoke] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -48,6 +52,22 @@ from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_re
 from llmesh.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 
 
+def fp8_pools(k: torch.Tensor, v: torch.Tensor):
+    """k, v: [num_blocks, block_size, H_kv, D] bf16 written into E4M3 pools as the engine's
+    kv_cache_dtype=fp8 writes them: (k8, v8, (k_scales, v_scales))."""
+    from llmesh.kernels.kv_cache_write import kv_cache_write
+    from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_DTYPE
+
+    num_blocks, block_size, h_kv, d = k.shape
+    k8 = torch.empty(k.shape, dtype=KV_FP8_DTYPE, device=k.device)
+    v8 = torch.empty_like(k8)
+    ks = torch.empty(k.shape[:3], dtype=KV_SCALE_DTYPE, device=k.device)
+    vs = torch.empty_like(ks)
+    slots = torch.arange(num_blocks * block_size, device=k.device)
+    kv_cache_write(k8, v8, k.view(-1, h_kv, d), v.view(-1, h_kv, d), slots, ks, vs)
+    return k8, v8, (ks, vs)
+
+
 def tile_name(t: PagedDecodeTile) -> str:
     return f"n{t.block_n}w{t.num_warps}s{t.num_stages}"
 
@@ -57,10 +77,12 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--contexts", default="128,256,512,1024")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="the KV pool's element type")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes through Triton's interpreter on the CPU")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
     device = pick_device(args.device)
+    fp8 = args.kv_dtype == "fp8"
     if args.smoke:
         kv_heads, batches, contexts, max_len, d, h_q = (2,), (2,), (24,), 64, 16, 4
         tiles = [DEFAULT_PAGED_DECODE_TILE, PagedDecodeTile(32, 2, 2)]
@@ -84,6 +106,9 @@ def main() -> None:
         num_blocks = max_b * blocks_per_seq + 1
         k_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen, device=device).to(torch.bfloat16)
         v_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen, device=device).to(torch.bfloat16)
+        scales = None
+        if fp8:
+            k_cache, v_cache, scales = fp8_pools(k_cache, v_cache)
         perm = torch.randperm(num_blocks - 1, generator=gen, device=device).to(torch.int32) + 1
         for b in batches:
             tables = perm[:b * blocks_per_seq].view(b, blocks_per_seq).contiguous()
@@ -97,13 +122,15 @@ def main() -> None:
                 meta = AttentionMetadata(slot_mapping=torch.arange(b, device=device), block_tables=tables,
                                          seq_lens=seq_lens, query_start_loc=None, max_query_len=1,
                                          max_seq_len=max(host_lens), host_seq_lens=host_lens)
-                want = paged_attention_ref(q, k_cache, v_cache, meta, d ** -0.5).float()
-                nbytes = sum(host_lens) * h_kv * d * 2 * 2 + 2 * q.numel() * 2  # K+V of every token, q, out
+                want = paged_attention_ref(q, k_cache, v_cache, meta, d ** -0.5, *(scales or ())).float()
+                # K+V (and their scales) of every token, q, out
+                nbytes = sum(host_lens) * h_kv * ((d + 1) * 2 if fp8 else d * 2 * 2) + 2 * q.numel() * 2
                 times: dict[PagedDecodeTile, float] = {}
                 for tile in tiles:
                     def fn(tile=tile):
                         return paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d ** -0.5,
-                                                      max_seq_len=max_len, partition_size=size, out=out, tile=tile)
+                                                      max_seq_len=max_len, partition_size=size, out=out, tile=tile,
+                                                      k_scales=scales and scales[0], v_scales=scales and scales[1])
                     try:
                         got = fn().float()
                     except Exception as e:  # e.g. a tile whose stages overflow shared memory
@@ -145,15 +172,17 @@ def main() -> None:
         metrics[f"decode_tile_p{pairs}_speedup_x"] = means[DEFAULT_PAGED_DECODE_TILE] / means[best]
         print(f"[decode-tile] {pairs:5d} (sequence, KV head) pairs: best {tile_name(best)} ({means[best]:.1f} us "
               f"mean, {metrics[f'decode_tile_p{pairs}_speedup_x']:.2f}x the default)", flush=True)
-    literal = f"PAGED_DECODE_TILE[{device_tag(device)!r}] = {table!r}"
+    key = device_tag(device) + (":fp8" if fp8 else "")
+    literal = f"PAGED_DECODE_TILE[{key!r}] = {table!r}"
     print("# paste into llmesh/kernels/attention_config.py\n" + literal, flush=True)
     workload = {"kv_heads": list(kv_heads), "query_heads": h_q, "head_dim": d, "block_size": block_size,
                 "batches": list(batches), "contexts": list(contexts), "context_spread": "uniform in [c/2, 3c/2]",
                 "tiles": [tile_name(t) for t in tiles], "default": tile_name(DEFAULT_PAGED_DECODE_TILE),
-                "max_seq_len": max_len, "bytes": "K+V of every context token + q + out",
+                "max_seq_len": max_len, "kv_dtype": args.kv_dtype,
+                "bytes": "K+V (FP8: and their scales) of every context token + q + out",
                 "timing": "CUDA-graph replay, triton.testing.do_bench (L2 flushed)", "literal": literal,
                 "wrong": wrong, "failed": failed, "software": software_versions(), "smoke": args.smoke}
-    path = write_result(f"decode_tile_{device_tag(device)}", workload, rounded(metrics),
+    path = write_result(f"decode_tile_{device_tag(device)}" + ("_fp8" if fp8 else ""), workload, rounded(metrics),
                         device=device_name(device), results_dir=results_dir_for(args))
     print(f"[decode-tile] wrote {path}", flush=True)
     if wrong:

@@ -186,7 +186,8 @@ class PagedDecodeTile:
 
 DEFAULT_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=4, num_stages=3)
 _INTERPRET_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=1, num_stages=1)
-# device tag -> {(sequence, KV head) pairs bucket: tile}, from bench/decode_tile_sweep.py: the
+# device tag (":fp8" appended for FP8 pools) -> {(sequence, KV head) pairs bucket: tile}, from
+# bench/decode_tile_sweep.py (--kv-dtype fp8 for FP8 pools): the
 # smallest bucket >= the batch's pairs, the largest past it; at most half the smallest bucket
 # (batches the sweep did not time) the default tile.
 PAGED_DECODE_TILE: dict[str, dict[int, PagedDecodeTile]] = {}
@@ -201,14 +202,17 @@ PAGED_DECODE_TILE["h200"] = {
 }
 
 
-def paged_decode_tile(device, pairs: int) -> PagedDecodeTile:
-    """The tile of a paged decode launch of `pairs` (sequences x KV heads) on `device`."""
+def paged_decode_tile(device, pairs: int, fp8: bool = False) -> PagedDecodeTile:
+    """The tile of a paged decode launch of `pairs` (sequences x KV heads) on `device`; an FP8
+    pool's from the table under "<device tag>:fp8" (its tiles load half the bytes and widen the
+    codes: another balance, swept apart with `--kv-dtype fp8`)."""
     import torch
 
     if interpreting():
         return _INTERPRET_PAGED_DECODE_TILE
     device = torch.device(device)
-    table = PAGED_DECODE_TILE.get(cuda_device_tag(device)) if device.type == "cuda" else None
+    key = cuda_device_tag(device) + (":fp8" if fp8 else "")
+    table = PAGED_DECODE_TILE.get(key) if device.type == "cuda" else None
     return pick_tile(table or {}, pairs)
 
 

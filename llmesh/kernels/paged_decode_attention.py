@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.attention_config import (DEFAULT_PAGED_DECODE_TILE, PagedDecodeTile, decode_fold,
+from llmesh.kernels.attention_config import (PagedDecodeTile, decode_fold,
                                              paged_decode_tile)
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
@@ -37,6 +37,21 @@ from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 _LOG2E = 1.4426950408889634
 FOLD_BLOCK_P = tl.constexpr(16)
 """Partials a folded combine loads at once (fixed: the partition count is not specialised)."""
+
+
+@triton.jit
+def _scales_ahead(table, k_scale_ptr, v_scale_ptr, start, end, kv_head, BLOCK_N: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    """Before the K loop of an FP8 pool: the first step's K and V scale codes ([BLOCK_N] uint8,
+    from scale pools [num_blocks, block_size, H_kv]) and the second step's block-table entries."""
+    n = start + tl.arange(0, BLOCK_N)
+    block = tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0).to(tl.int64)
+    sc = (block * BLOCK_SIZE + n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+    ks = tl.load(k_scale_ptr + sc, mask=n < end, other=0)
+    vs = tl.load(v_scale_ptr + sc, mask=n < end, other=0)
+    n2 = n + BLOCK_N
+    blocks_next = tl.load(table + n2 // BLOCK_SIZE, mask=n2 < end, other=0)
+    return ks, vs, blocks_next
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -79,11 +94,27 @@ def _decode_partition_kernel(
     l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + b * stride_bt
+    if FP8:
+        # The scales are 1-byte gathers through the block table: too narrow for Triton to
+        # pipeline, so loaded in the step that uses them they cost two dependent global
+        # latencies a step (the table entry, then the scale). Instead they are carried: step i
+        # uses the scales loaded in step i - 1 and issues those of step i + 1 from the table
+        # entries loaded in step i - 1, whose own load for step i + 2 it issues too.
+        ks_next, vs_next, blocks_next = _scales_ahead(table, k_scale_ptr, v_scale_ptr, start, end, kv_head,
+                                                      BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         offset = n % BLOCK_SIZE
+        if FP8:
+            ks_codes, vs_codes = ks_next, vs_next
+            n2 = n + BLOCK_N
+            sc = (blocks_next.to(tl.int64) * BLOCK_SIZE + n2 % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+            ks_next = tl.load(k_scale_ptr + sc, mask=n2 < end, other=0)
+            vs_next = tl.load(v_scale_ptr + sc, mask=n2 < end, other=0)
+            n3 = n + 2 * BLOCK_N
+            blocks_next = tl.load(table + n3 // BLOCK_SIZE, mask=n3 < end, other=0)  # int32 until used
         kv_mask = n_mask[None, :] & d_mask[:, None]
         # k: [BLOCK_D, BLOCK_N] (transposed for the dot); v: [BLOCK_N, BLOCK_D]
         k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks
@@ -91,10 +122,9 @@ def _decode_partition_kernel(
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
                     + kv_head * stride_vh + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         if FP8:
-            # scales: [num_blocks, block_size, H_kv] uint8 exponents → [BLOCK_N] float32
-            sc = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
-            ks = exponent_to_scale(tl.load(k_scale_ptr + sc, mask=n_mask, other=0)) * scale_log2
-            vs = exponent_to_scale(tl.load(v_scale_ptr + sc, mask=n_mask, other=0))
+            # scales: uint8 exponents → [BLOCK_N] float32 (0 past the context: masked anyway)
+            ks = exponent_to_scale(ks_codes) * scale_log2
+            vs = exponent_to_scale(vs_codes)
             # v stays E4M3 codes until the P·V dot (fp8_pv_operands)
             if DOT_F32:
                 k = k.to(tl.float32)
@@ -256,9 +286,7 @@ def paged_decode_attention(
     pdl = pdl_launch(q.device)
     fold = split and (decode_fold(b * h_kv) if fold is None else fold)
     counters = arrival_counters("paged_decode_attention", q.device, b * h_kv) if fold else seq_lens
-    # The table was measured on 16-bit pools; an FP8 pool's tiles convert codes as they load
-    # (a different balance of memory and arithmetic) and keep the default until swept.
-    tile = tile or (DEFAULT_PAGED_DECODE_TILE if fp8 else paged_decode_tile(q.device, b * h_kv))
+    tile = tile or paged_decode_tile(q.device, b * h_kv, fp8)
     _decode_partition_kernel[(b, h_kv, num_partitions)](
         q, k_cache, v_cache, k_scales if fp8 else k_cache, v_scales if fp8 else v_cache, block_tables, seq_lens,
         out, part_m, part_l, part_acc, counters,

@@ -111,12 +111,17 @@ pointers = {"k_cache_ptr": "fp8e4nv", "v_cache_ptr": "fp8e4nv", "k_scale_ptr": "
 constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, PARTITION=512,
                   SPLIT=True, FOLD=True, NUM_KV_HEADS=8, FP8=True, DOT_F32=False, DOT_PRECISION="tf32",
                   INTERPRET=False, PDL=False)
+divisible = frozenset({"stride_qb", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
+                       "stride_vh", "stride_bt", "stride_ob", "stride_oh"})  # as a launch specialises them
 try:
-    ptx = compile_sm90(_decode_partition_kernel, pointers, constexprs).asm["ptx"]
+    from llmesh.kernels.compile_check import loop_report
+    kernel = compile_sm90(_decode_partition_kernel, pointers, constexprs, divisible=divisible)
 except Exception as e:
     print("SKIP", str(e)[:160].replace("\\n", " "))
     raise SystemExit(0)
-print(ptx.count("fma.rn.bf16x2"), ptx.count("cvt.bf16.f16"))
+ptx, report = kernel.asm["ptx"], loop_report(kernel.asm["ttgir"])
+print(ptx.count("fma.rn.bf16x2"), ptx.count("cvt.bf16.f16"), len(report.waited_loads[0]),
+      len(report.carried_loads[0]), report.async_copies)
 """
 
 
@@ -124,7 +129,8 @@ print(ptx.count("fma.rn.bf16x2"), ptx.count("cvt.bf16.f16"))
 def test_fp8_decode_kernel_takes_the_route_asked_for(route):
     """The FP8 pool's decode kernel, compiled for sm_90 in a child process: by default K and V
     codes widen by the integer route (paired multiplies, no F2F conversion); with
-    LLMESH_FP8_WIDEN=convert by Triton's cast (whose bf16 step is cvt.bf16.f16)."""
+    LLMESH_FP8_WIDEN=convert by Triton's cast (whose bf16 step is cvt.bf16.f16). Either way its
+    K loop waits on no plain load."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLMESH_FP8_WIDEN")}
     if route == "convert":
         env["LLMESH_FP8_WIDEN"] = "convert"
@@ -134,8 +140,12 @@ def test_fp8_decode_kernel_takes_the_route_asked_for(route):
     verdict = out.stdout.strip().splitlines()[-1]
     if verdict.startswith("SKIP"):
         pytest.skip(f"no sm_90 toolchain in this Triton build: {verdict[5:]}")
-    fma, cvt = (int(x) for x in verdict.split())
+    fma, cvt, waited, carried, copies = (int(x) for x in verdict.split())
     if route == "default":
         assert fma > 0 and cvt == 0, verdict
     else:
         assert cvt > 0, verdict
+    # The K/V tiles and their block-table entries are cp.async copies; the 1-byte scale gathers
+    # (and the table entries that address them) are loaded a step ahead: no plain load is
+    # waited on in the step that issues it.
+    assert copies >= 4 and waited == 0 and carried == 3, verdict
