@@ -23,7 +23,7 @@ the bytes counted are theirs (1 byte an element, 1 a scale), the literal is
 `PAGED_DECODE_TILE['<dev>:fp8']` and the file decode_tile_<dev>_fp8.json.
 
 Usage: python bench/decode_tile_sweep.py [--batches 64,128,256] [--contexts 128,256,512,1024]
-       [--kv-dtype bf16|fp8] [--smoke] [--results-dir DIR]
+       [--kv-heads 8,4] [--kv-dtype bf16|fp8] [--smoke] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--contexts", default="128,256,512,1024")
+    ap.add_argument("--kv-heads", default="8,4", help="KV head counts (32 query heads)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="the KV pool's element type")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes through Triton's interpreter on the CPU")
     ap.add_argument("--results-dir", default=None)
@@ -87,7 +88,7 @@ def main() -> None:
         kv_heads, batches, contexts, max_len, d, h_q = (2,), (2,), (24,), 64, 16, 4
         tiles = [DEFAULT_PAGED_DECODE_TILE, PagedDecodeTile(32, 2, 2)]
     else:
-        kv_heads, max_len, d, h_q = (8, 4), 2048, 128, 32
+        kv_heads, max_len, d, h_q = tuple(int(x) for x in args.kv_heads.split(",")), 2048, 128, 32
         batches = tuple(int(x) for x in args.batches.split(","))
         contexts = tuple(int(x) for x in args.contexts.split(","))
         tiles = [PagedDecodeTile(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3, 4))]

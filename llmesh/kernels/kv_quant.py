@@ -73,6 +73,18 @@ def _widen_e4m3_asm(x):
 
 
 @triton.jit
+def _widen_e4m3_asm_in_place(x):
+    """`_widen_e4m3_asm` marked impure, so Triton widens the tile in the layout it was loaded
+    in rather than moving the widening after the load into the dot's operand layout. For the V
+    tile of P.V that move is what costs: the MMA wants 4 consecutive keys of one column in a
+    register, the tile is column-contiguous, and Hopper has no transposing ldmatrix for bytes,
+    so the operand is gathered a byte at a time (64 ld.shared.b8 a thread a step at 64 x 128).
+    Widened first, the bf16 tile takes the 16-bit route (ldmatrix .trans) as a bf16 pool's does."""
+    return tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.bfloat16, is_pure=False, pack=4)
+
+
+@triton.jit
 def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above unless
     LLMESH_FP8_WIDEN=convert; otherwise (and for float16, one paired hardware conversion already,
@@ -120,7 +132,10 @@ def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
         v = v.to(tl.float32)
     else:
         pv = pv.to(tl.bfloat16)
-        v = widen_e4m3(v, tl.bfloat16, INTERPRET)
+        if _WIDEN_ASM:
+            v = _widen_e4m3_asm_in_place(v)
+        else:
+            v = v.to(tl.bfloat16)
     return pv, v
 
 
