@@ -84,3 +84,21 @@ def test_every_shipped_decode_tile_fits_the_kernel():
             # K and V tiles of every stage in shared memory at head_dim 128, 16 bits: under the 227 KB
             assert 2 * tile.block_n * 128 * 2 * tile.num_stages <= 227 * 1024
     assert paged_decode_tile("cpu", 4096) in (DEFAULT_PAGED_DECODE_TILE, _INTERPRET_PAGED_DECODE_TILE)
+
+
+def test_fp8_pools_look_up_their_own_tiles():
+    """An FP8 pool's tile comes from the "<dev>:fp8" table, a 16-bit pool's never does."""
+    import torch
+
+    from llmesh.kernels import attention_config
+
+    if not torch.cuda.is_available():
+        # the lookup itself, off the GPU: the shipped tables differ where both have a bucket
+        fp8, bf16 = PAGED_DECODE_TILE["h200:fp8"], PAGED_DECODE_TILE["h200"]
+        assert pick_tile(fp8, 2048) != pick_tile(bf16, 2048)
+        return
+    tag = attention_config.cuda_device_tag(torch.device("cuda"))
+    for pairs in (64, 512, 2048):
+        want = pick_tile(PAGED_DECODE_TILE.get(tag + ":fp8", {}), pairs)
+        assert paged_decode_tile("cuda", pairs, fp8=True) == want
+        assert paged_decode_tile("cuda", pairs) == pick_tile(PAGED_DECODE_TILE.get(tag, {}), pairs)
