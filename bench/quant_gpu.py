@@ -46,7 +46,7 @@ if "--smoke" in sys.argv[1:] and not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 from decode_gpu import (SMOKE_PRESET, Workload, bytes_per_decode_step, decode_b1, make_workload,  # noqa: E402
-                        offline_repeated, register_smoke_preset)
+                        offline_repeated, register_smoke_preset, warm_up)
 from gpu_ceilings import device_name, device_tag, measure_ceilings, pick_device  # noqa: E402
 from quant_common import Budget, Run  # noqa: E402
 from quant_gemm import gemm_part  # noqa: E402
@@ -67,7 +67,7 @@ def embedding_bytes(model, tied: bool) -> int:
 
 
 def engine_part(run: Run, ceilings: dict[str, float]) -> None:
-    from llmesh.engine import LLM, SamplingParams
+    from llmesh.engine import LLM
 
     args, met = run.args, run.metrics
     kw = {"backend": args.backend, "dtype": "bfloat16", "device": str(run.device), "max_num_seqs": 256,
@@ -105,9 +105,7 @@ def engine_part(run: Run, ceilings: dict[str, float]) -> None:
                 met[f"weight_gib_{fmt}"] = total / 2**30
                 run.log(f"{fmt}: loaded in {met[f'load_{fmt}_s']:.1f}s, weights {total / 2**30:.2f} GiB "
                         f"({eng.quantization.name})")
-                warm = [min(w, eng.max_model_len // 2) for w in (8, 64, 200, 300)]
-                llm.generate([rng.integers(10, cfg.vocab_size, size=w).tolist() for w in warm],
-                             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # compile every path
+                warm_up(llm, work, rng)
                 with contextlib.redirect_stdout(io.StringIO()):  # its line states a bf16 roofline
                     b1 = decode_b1(llm, rng.integers(10, cfg.vocab_size, size=b1_prompt).tolist(), b1_new,
                                    ceilings["copy_tb_s"])
