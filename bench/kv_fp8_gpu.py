@@ -5,7 +5,10 @@ Usage: python bench/kv_fp8_gpu.py [--smoke] [--suffix S]
 Writes bench/results/kv_fp8_<dev>.json with kv_fp8_decode_attn_speedup_x (bf16 ms / fp8 ms of
 paged_decode_attention, batch 64, context 4096, 32 query / 8 KV heads, head_dim 128) and
 kv_fp8_tokens_capacity_x (blocks per byte budget, 8B shape: 32 layers, 8 KV heads, D 128), and
-the speedup at 256 decodes of 256 tokens (_b256_c256). LLMESH_FP8_WIDEN=convert times
+the speedup at 256 decodes of 256 tokens under a 2048-token bound (_b256_c256): each call a CUDA-graph
+replay with the engine's partition size. (The files of session 33 and before were timed by
+do_bench on eager calls with a partition of 512, and the short cell under a 4096-token bound:
+mostly launches and empty partitions, its bf16 time read 0.09-0.23 ms.) LLMESH_FP8_WIDEN=convert times
 Triton's E4M3 conversion instead of kv_quant.widen_e4m3's integer route (the default), for an A/B.
 --smoke runs tiny shapes through Triton's interpreter on the CPU and writes nothing.
 """
@@ -25,6 +28,11 @@ from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.engine.model.config import ModelConfig  # noqa: E402
 from llmesh.engine.model_runner import kv_bytes_per_block  # noqa: E402
 from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_DTYPE  # noqa: E402
+
+
+SHORT_MAX_LEN = 2048
+"""The 256 x 256 cell's length bound (the engine's max_seq_len, which sets its partitions), as in
+decode_tile_sweep.py."""
 
 
 def _pools(num_seqs: int, ctx: int, h_kv: int, d: int, block_size: int, dtype, device, gen):
@@ -55,27 +63,39 @@ def main() -> None:
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from gpu_ceilings import time_ms
+    from gpu_ceilings import graph_time_ms
 
+    from llmesh.kernels.attention_config import decode_partition_size
     from llmesh.kernels.paged_decode_attention import paged_decode_attention
 
     device = torch.device("cpu" if smoke else "cuda")
     batch, ctx, h_q, h_kv, d, bs = (2, 64, 4, 2, 32, 16) if smoke else (64, 4096, 32, 8, 128, 16)
     dtype = torch.float32 if smoke else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
-    (k, v), (k8, v8, ks, vs), tables = _pools(batch, ctx, h_kv, d, bs, dtype, device, gen)
-    q = torch.randn(batch, h_q, d, generator=gen).to(device, dtype)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    scale = d ** -0.5
 
-    def full():
-        return paged_decode_attention(q, k, v, tables, lens, scale, max_seq_len=ctx)
+    def cell(num_seqs: int, context: int, max_len: int) -> tuple[float, float, float]:
+        """(bf16 ms, FP8 ms, relative error) of `num_seqs` decodes of `context` tokens, with the
+        engine's partition size for a `max_len` bound, each call a CUDA-graph replay (the host's
+        launch cost out of the figure, as in the engine's decode graphs)."""
+        (k, v), (k8, v8, ks, vs), tables = _pools(num_seqs, context, h_kv, d, bs, dtype, device, gen)
+        q = torch.randn(num_seqs, h_q, d, generator=gen).to(device, dtype)
+        lens = torch.full((num_seqs,), context, dtype=torch.int32, device=device)
+        size = decode_partition_size(device, num_seqs * h_kv, max_len)
+        out, out8 = torch.empty_like(q), torch.empty_like(q)
 
-    def fp8():
-        return paged_decode_attention(q, k8, v8, tables, lens, scale, max_seq_len=ctx, k_scales=ks, v_scales=vs)
+        def full():
+            return paged_decode_attention(q, k, v, tables, lens, d ** -0.5, max_seq_len=max_len,
+                                          partition_size=size, out=out)
 
-    err = ((fp8().float() - full().float()).norm() / full().float().norm()).item()
-    full_ms, fp8_ms = time_ms(full, device, cpu_reps=1), time_ms(fp8, device, cpu_reps=1)
+        def fp8():
+            return paged_decode_attention(q, k8, v8, tables, lens, d ** -0.5, max_seq_len=max_len,
+                                          partition_size=size, out=out8, k_scales=ks, v_scales=vs)
+
+        want = full().float()
+        err = ((fp8().float() - want).norm() / want.norm()).item()
+        return graph_time_ms(full, device), graph_time_ms(fp8, device), err
+
+    full_ms, fp8_ms, err = cell(batch, ctx, ctx)
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       max_position_embeddings=8192)
@@ -83,12 +103,9 @@ def main() -> None:
     metrics = {"kv_fp8_decode_attn_speedup_x": full_ms / fp8_ms, "kv_fp8_tokens_capacity_x": capacity,
                "kv_fp8_decode_attn_ms": fp8_ms, "kv_bf16_decode_attn_ms": full_ms,
                "kv_fp8_decode_attn_rel_err": err}
-    if not smoke:  # the offline workload's regime too: many decodes of short contexts
+    if not smoke:  # the offline workload's regime too: many decodes of short contexts, a 2048 bound
         sb, sctx = 256, 256
-        (k, v), (k8, v8, ks, vs), tables = _pools(sb, sctx, h_kv, d, bs, dtype, device, gen)
-        q = torch.randn(sb, h_q, d, generator=gen).to(device, dtype)
-        lens = torch.full((sb,), sctx, dtype=torch.int32, device=device)
-        s_full, s_fp8 = time_ms(full, device), time_ms(fp8, device)
+        s_full, s_fp8, _ = cell(sb, sctx, SHORT_MAX_LEN)
         metrics.update({f"kv_fp8_decode_attn_speedup_x_b{sb}_c{sctx}": s_full / s_fp8,
                         f"kv_fp8_decode_attn_ms_b{sb}_c{sctx}": s_fp8, f"kv_bf16_decode_attn_ms_b{sb}_c{sctx}": s_full})
     print({k: round(x, 4) for k, x in metrics.items()})
@@ -97,7 +114,8 @@ def main() -> None:
     from llmesh.kernels.kv_quant import WIDEN_ROUTE
 
     workload = dict(batch=batch, context=ctx, h_q=h_q, h_kv=h_kv, head_dim=d, block_size=bs,
-                    short=dict(batch=256, context=256),
+                    short=dict(batch=256, context=256, max_seq_len=SHORT_MAX_LEN),
+                    timing="CUDA-graph replays; the engine's partition size for each cell's length bound",
                     widen=WIDEN_ROUTE,
                     capacity_shape="Llama-3-8B (32 layers, 8 KV heads, D 128)")
     print(write_result(f"kv_fp8_{device_tag(device)}{args.suffix}", workload, metrics,
