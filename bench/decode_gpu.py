@@ -107,9 +107,10 @@ def warm_up(llm: LLM, work: Workload, rng: np.random.Generator) -> None:
     """Untimed, before any timing on a fresh engine: a few prompts of assorted lengths (every
     path compiles), then a slice of the workload's own shapes (other token ids: a full-budget
     prefill step and the mixed steps after it), so that Triton's specializations for those
-    sizes compile outside the timing. Without the slice the first offline run of a process read
-    about 15% low (10.4k and 10.6k out tok/s against 12.1k in quant_h200_tile.json and
-    quant_h200_kv8.json)."""
+    sizes compile outside the timing. quant_gpu.py warmed up without the slice, and its first
+    offline run of a process read about 15% low (10.4k and 10.6k out tok/s against 12.1k in
+    quant_h200_tile.json and quant_h200_kv8.json); this script's first runs did not
+    (decode_8b_h200.json: 13.01k, 13.17k, 12.99k)."""
     vocab = llm.engine.model_config.vocab_size
     warm = [min(n, llm.engine.max_model_len // 2) for n in (8, 64, 200, 300)]
     llm.generate([rng.integers(10, vocab, size=n).tolist() for n in warm],

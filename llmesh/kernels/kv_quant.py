@@ -30,9 +30,9 @@ _WIDEN_ASM = tl.constexpr(WIDEN_ROUTE == "asm")
 # ops; E4M3 has no infinities, its NaN code 0x7F would read 480, and the KV quantizer never
 # writes it). On the H200 the FP8 attention and engine tests pass with it, and the FP8 pool's
 # decode attention is 1.07x faster at 64 x 4096 tokens and 1.05x at 256 x 256 than with the
-# conversion (kv_fp8_h200_widen.json against kv_fp8_h200_convert.json): the conversion was a
-# part of the gap to a bf16 pool, not most of it (0.74x of bf16's time remains, see
-# docs/quantization.md).
+# conversion (kv_fp8_h200_widen.json against kv_fp8_h200_convert.json). The conversion was a
+# part of the gap to a bf16 pool, not most of it: that was the V tile's byte-wise gather
+# (`_widen_e4m3_asm_in_place`; docs/quantization.md, "FP8 KV cache").
 E4M3_FIELD_MASK = 0x07F007F0
 """Exponent and mantissa of two codes once shifted under bfloat16's fields."""
 SIGN_MASK = 0x80008000

@@ -98,8 +98,8 @@ def _decode_partition_kernel(
         # The scales are 1-byte gathers through the block table: too narrow for Triton to
         # pipeline, so loaded in the step that uses them they cost two dependent global
         # latencies a step (the table entry, then the scale). Instead they are carried: step i
-        # uses the scales loaded in step i - 1 and issues those of step i + 1 from the table
-        # entries loaded in step i - 1, whose own load for step i + 2 it issues too.
+        # uses the scales loaded in step i - 1, issues the scales of step i + 1 (from table
+        # entries loaded in step i - 1) and the table entries of step i + 2.
         ks_next, vs_next, blocks_next = _scales_ahead(table, k_scale_ptr, v_scale_ptr, start, end, kv_head,
                                                       BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
     for n0 in range(start, end, BLOCK_N):
