@@ -4,6 +4,7 @@ finding a script error."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -102,3 +103,25 @@ def test_the_cuda_benchmarks_sources_compile():
             plan = plan_launch(cfg, m, 14336, 4096, 128)
             for variant, text in variants.items():
                 assert cuda_rtc.compile_cubin(text, plan.name, "sm_90")[1], (variant, cfg)
+
+
+def test_kv_fp8_gpu_smoke_times_both_pools():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/kv_fp8_gpu.py", "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    m = ast.literal_eval(line)  # the script's printed dict of floats
+    assert m["kv_fp8_decode_attn_ms"] > 0 and m["kv_bf16_decode_attn_ms"] > 0
+    assert m["kv_fp8_decode_attn_rel_err"] < 0.1 and 1.9 < m["kv_fp8_tokens_capacity_x"] < 2.0
+
+
+def test_decode_tile_sweep_smoke_over_an_fp8_pool(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/decode_tile_sweep.py", "--smoke", "--kv-dtype", "fp8",
+                           "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "decode_tile_cpu_fp8.json").read_text())
+    assert doc["workload"]["kv_dtype"] == "fp8" and not doc["workload"]["wrong"]
+    assert "PAGED_DECODE_TILE['cpu:fp8']" in doc["workload"]["literal"]
