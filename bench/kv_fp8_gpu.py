@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from llmesh.bench_results import device_tag, write_result  # noqa: E402
 from llmesh.engine.model.config import ModelConfig  # noqa: E402
 from llmesh.engine.model_runner import kv_bytes_per_block  # noqa: E402
-from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE, KV_SCALE_DTYPE  # noqa: E402
+from llmesh.kernels.kv_quant_ref import KV_FP8_DTYPE  # noqa: E402
 
 
 SHORT_MAX_LEN = 2048
@@ -37,18 +37,13 @@ decode_tile_sweep.py."""
 
 def _pools(num_seqs: int, ctx: int, h_kv: int, d: int, block_size: int, dtype, device, gen):
     """A bf16 pool of random K/V, the same contexts written into an FP8 pool with scales, and the tables."""
-    from llmesh.kernels.kv_cache_write import kv_cache_write
+    from decode_tile_sweep import fp8_pools
 
     nb = -(-ctx // block_size)
     num_blocks = num_seqs * nb
     k = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(device, dtype)
     v = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(device, dtype)
-    k8 = torch.empty(k.shape, dtype=KV_FP8_DTYPE, device=device)
-    v8 = torch.empty_like(k8)
-    ks = torch.empty(k.shape[:3], dtype=KV_SCALE_DTYPE, device=device)
-    vs = torch.empty_like(ks)
-    slots = torch.arange(num_blocks * block_size, device=device)
-    kv_cache_write(k8, v8, k.view(-1, h_kv, d), v.view(-1, h_kv, d), slots, ks, vs)
+    k8, v8, (ks, vs) = fp8_pools(k, v)
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, nb).to(device, torch.int32)
     return (k, v), (k8, v8, ks, vs), tables
 
