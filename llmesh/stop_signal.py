@@ -48,5 +48,5 @@ class StopFlag:
             self.signal = signum
             self._set = True
 
-        for sig in signals or (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             signal.signal(sig, handler)

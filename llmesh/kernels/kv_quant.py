@@ -32,7 +32,7 @@ _WIDEN_ASM = tl.constexpr(WIDEN_ROUTE == "asm")
 # decode attention is 1.07x faster at 64 x 4096 tokens and 1.05x at 256 x 256 than with the
 # conversion (kv_fp8_h200_widen.json against kv_fp8_h200_convert.json). The conversion was a
 # part of the gap to a bf16 pool, not most of it: that was the V tile's byte-wise gather
-# (`_widen_e4m3_asm_in_place`; docs/quantization.md, "FP8 KV cache").
+# (`_widen_e4m3_asm`'s IN_PLACE; docs/quantization.md, "FP8 KV cache").
 E4M3_FIELD_MASK = 0x07F007F0
 """Exponent and mantissa of two codes once shifted under bfloat16's fields."""
 SIGN_MASK = 0x80008000
@@ -66,36 +66,32 @@ def widen_e4m3_bits_ref(codes):
 
 
 @triton.jit
-def _widen_e4m3_asm(x):
-    """E4M3 tile -> bfloat16 by `_E4M3_BF16_ASM` (GPU only: the interpreter runs no asm)."""
-    return tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
-                                     dtype=tl.bfloat16, is_pure=True, pack=4)
+def _widen_e4m3_asm(x, IN_PLACE: tl.constexpr = False):
+    """E4M3 tile -> bfloat16 by `_E4M3_BF16_ASM` (GPU only: the interpreter runs no asm).
 
-
-@triton.jit
-def _widen_e4m3_asm_in_place(x):
-    """`_widen_e4m3_asm` marked impure, so Triton widens the tile in the layout it was loaded
-    in rather than moving the widening after the load into the dot's operand layout. For the V
+    IN_PLACE marks the asm impure, so Triton widens the tile in the layout it was loaded in
+    rather than moving the widening after the load into the dot's operand layout. For the V
     tile of P.V that move is what costs: the MMA wants 4 consecutive keys of one column in a
     register, the tile is column-contiguous, and Hopper has no transposing ldmatrix for bytes,
     so the operand is gathered a byte at a time (64 ld.shared.b8 a thread a step at 64 x 128).
-    Widened first, the bf16 tile takes the 16-bit route (ldmatrix .trans) as a bf16 pool's does."""
+    Widened first, the bf16 tile takes the 16-bit route (ldmatrix .trans) as a bf16 pool's does.
+    The K tile is dimension-contiguous, its operand's K dimension, so it is left to move."""
     return tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=r,=r,r", [x.to(tl.uint8, bitcast=True)],
-                                     dtype=tl.bfloat16, is_pure=False, pack=4)
+                                     dtype=tl.bfloat16, is_pure=not IN_PLACE, pack=4)
 
 
 @triton.jit
-def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def widen_e4m3(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, IN_PLACE: tl.constexpr = False):
     """An E4M3 tile as DTYPE (exact). bfloat16 on a GPU by the integer route above unless
     LLMESH_FP8_WIDEN=convert; otherwise (and for float16, one paired hardware conversion already,
-    float32 and the interpreter) Triton's cast."""
+    float32 and the interpreter) Triton's cast. IN_PLACE: see `_widen_e4m3_asm`."""
     # Nested, not `and`: Triton 3.6 has evaluated a compound test of constexprs as true when it
     # was not (fused_moe_int4._nibbles), which here would take the asm route in the interpreter.
     if INTERPRET:
         out = x.to(DTYPE)
     elif DTYPE == tl.bfloat16:
         if _WIDEN_ASM:
-            out = _widen_e4m3_asm(x)
+            out = _widen_e4m3_asm(x, IN_PLACE)
         else:
             out = x.to(DTYPE)
     else:
@@ -132,10 +128,7 @@ def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
         v = v.to(tl.float32)
     else:
         pv = pv.to(tl.bfloat16)
-        if _WIDEN_ASM:
-            v = _widen_e4m3_asm_in_place(v)
-        else:
-            v = v.to(tl.bfloat16)
+        v = widen_e4m3(v, tl.bfloat16, INTERPRET, IN_PLACE=True)
     return pv, v
 
 

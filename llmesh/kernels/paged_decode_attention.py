@@ -40,18 +40,13 @@ FOLD_BLOCK_P = tl.constexpr(16)
 
 
 @triton.jit
-def _scales_ahead(table, k_scale_ptr, v_scale_ptr, start, end, kv_head, BLOCK_N: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
-    """Before the K loop of an FP8 pool: the first step's K and V scale codes ([BLOCK_N] uint8,
-    from scale pools [num_blocks, block_size, H_kv]) and the second step's block-table entries."""
-    n = start + tl.arange(0, BLOCK_N)
-    block = tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0).to(tl.int64)
-    sc = (block * BLOCK_SIZE + n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
-    ks = tl.load(k_scale_ptr + sc, mask=n < end, other=0)
-    vs = tl.load(v_scale_ptr + sc, mask=n < end, other=0)
-    n2 = n + BLOCK_N
-    blocks_next = tl.load(table + n2 // BLOCK_SIZE, mask=n2 < end, other=0)
-    return ks, vs, blocks_next
+def _scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE: tl.constexpr,
+                 NUM_KV_HEADS: tl.constexpr):
+    """The K and V scale codes ([BLOCK_N] uint8, from scale pools [num_blocks, block_size, H_kv])
+    of keys n, whose block-table entries are `blocks` (0 past `end`)."""
+    sc = (blocks.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+    return (tl.load(k_scale_ptr + sc, mask=n < end, other=0),
+            tl.load(v_scale_ptr + sc, mask=n < end, other=0))
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -100,8 +95,10 @@ def _decode_partition_kernel(
         # latencies a step (the table entry, then the scale). Instead they are carried: step i
         # uses the scales loaded in step i - 1, issues the scales of step i + 1 (from table
         # entries loaded in step i - 1) and the table entries of step i + 2.
-        ks_next, vs_next, blocks_next = _scales_ahead(table, k_scale_ptr, v_scale_ptr, start, end, kv_head,
-                                                      BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
+        n = start + tl.arange(0, BLOCK_N)
+        blocks = tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0)
+        ks_next, vs_next = _scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE, NUM_KV_HEADS)
+        blocks_next = tl.load(table + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
@@ -109,10 +106,8 @@ def _decode_partition_kernel(
         offset = n % BLOCK_SIZE
         if FP8:
             ks_codes, vs_codes = ks_next, vs_next
-            n2 = n + BLOCK_N
-            sc = (blocks_next.to(tl.int64) * BLOCK_SIZE + n2 % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
-            ks_next = tl.load(k_scale_ptr + sc, mask=n2 < end, other=0)
-            vs_next = tl.load(v_scale_ptr + sc, mask=n2 < end, other=0)
+            ks_next, vs_next = _scale_codes(k_scale_ptr, v_scale_ptr, blocks_next, n + BLOCK_N, end, kv_head,
+                                            BLOCK_SIZE, NUM_KV_HEADS)
             n3 = n + 2 * BLOCK_N
             blocks_next = tl.load(table + n3 // BLOCK_SIZE, mask=n3 < end, other=0)  # int32 until used
         kv_mask = n_mask[None, :] & d_mask[:, None]
