@@ -41,10 +41,9 @@ def load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS: tl.constexpr, BLOCK_H: tl
 
 
 @triton.jit
-def rotate_halves(x1, x2, cos, sin, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def rotate_halves(x1, x2, c, s, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """The rotated halves in float32, each product rounded to DTYPE as the torch expression does
-    (the sum is rounded by the caller's store)."""
-    c, s = cos[None, :], sin[None, :]
+    (the sum is rounded by the caller's store); c, s: cos and sin broadcastable to x1's shape."""
     o1 = round_to(x1 * c, DTYPE, INTERPRET) + round_to(-x2 * s, DTYPE, INTERPRET)
     o2 = round_to(x2 * c, DTYPE, INTERPRET) + round_to(x1 * s, DTYPE, INTERPRET)
     return o1, o2
@@ -57,7 +56,7 @@ def _rotate_heads(
 ):
     dtype = o_ptr.dtype.element_ty
     x1, x2, mask = load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS, BLOCK_H, HALF)
-    o1, o2 = rotate_halves(x1, x2, cos, sin, dtype, INTERPRET)
+    o1, o2 = rotate_halves(x1, x2, cos[None, :], sin[None, :], dtype, INTERPRET)
     h = tl.arange(0, BLOCK_H)
     dst = o_ptr + h[:, None] * stride_oh + j[None, :]
     tl.store(dst, cast_rtne(o1, dtype, INTERPRET), mask=mask)

@@ -69,7 +69,7 @@ def _rope_kv_write_kernel(
     q1, q2, q_mask = load_halves(q_ptr + t * stride_qt, stride_qh, j, j_mask, NUM_Q_HEADS, BLOCK_HQ, HALF)
     if QK_NORM:
         q1, q2 = _rms_halves(q1, q2, q_norm_ptr, j, j_mask, eps, HALF, dtype, INTERPRET)
-    q1, q2 = rotate_halves(q1, q2, cos, sin, dtype, INTERPRET)
+    q1, q2 = rotate_halves(q1, q2, cos[None, :], sin[None, :], dtype, INTERPRET)
     hq = tl.arange(0, BLOCK_HQ)
     q_dst = qo_ptr + t * stride_qot + hq[:, None] * stride_qoh + j[None, :]
     tl.store(q_dst, cast_rtne(q1, dtype, INTERPRET), mask=q_mask)
@@ -80,7 +80,7 @@ def _rope_kv_write_kernel(
     k1, k2, kv_mask = load_halves(k_ptr + t * stride_kt, stride_kh, j, j_mask, NUM_KV_HEADS, BLOCK_HKV, HALF)
     if QK_NORM:
         k1, k2 = _rms_halves(k1, k2, k_norm_ptr, j, j_mask, eps, HALF, dtype, INTERPRET)
-    k1, k2 = rotate_halves(k1, k2, cos, sin, dtype, INTERPRET)
+    k1, k2 = rotate_halves(k1, k2, cos[None, :], sin[None, :], dtype, INTERPRET)
     k1 = cast_rtne(k1, dtype, INTERPRET)
     k2 = cast_rtne(k2, dtype, INTERPRET)
     h = tl.arange(0, BLOCK_HKV)

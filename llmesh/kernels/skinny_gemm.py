@@ -42,18 +42,24 @@ REDUCE_BLOCK = 256
 # M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
 # every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
 @triton.jit
+def _tile_sum(acc, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    """A program's accumulator reduced to its [BM, BN] tile of y (float32)."""
+    if DOT:
+        return acc
+    elif BLOCK_M == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
+        return tl.sum(acc, axis=2)
+
+
+@triton.jit
 def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
                 BLOCK_M: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 INTERPRET: tl.constexpr):
     """A program's tile of y: reduce the accumulator, then a split-K partial (fp32, to the
     workspace) or the output (bias added, rounded once). Shared with the fused kernels so
     their epilogue, and with it every bit of y, is this one."""
-    if DOT:
-        y = acc  # [BM, BN]
-    elif BLOCK_M == 1:
-        y = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    else:
-        y = tl.sum(acc, axis=2)  # [BM, BN]
+    y = _tile_sum(acc, BLOCK_M, DOT)  # [BM, BN]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
@@ -65,29 +71,15 @@ def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, par
         tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
-def _skinny_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
-    stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_enter(PDL)
-    # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
-    # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
-    pid = tl.program_id(0)
-    pid_m = pid % NUM_M_BLOCKS
-    pid_n = pid // NUM_M_BLOCKS
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+@triton.jit
+def _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """The GEMV loop: rows rn of W (any N rows, in any order) times rows rm of x over
+    K[k_lo:k_hi], as the float32 accumulator _tile_sum reduces. Each row's products and their
+    order depend only on the config, not on which rows share the program, so a kernel that
+    groups W's rows differently gets the same bits per row."""
     rk = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :]  # [BN, BK]
     if BLOCK_M == 1:
         x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + k_lo + rk  # [BK]
@@ -122,7 +114,33 @@ def _skinny_kernel(
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    return acc
 
+
+@triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
+def _skinny_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
+    # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_n = pid // NUM_M_BLOCKS
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
     _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
                 BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
 

@@ -123,6 +123,9 @@ CASES = [
       "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
      dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=1, SUM_SLOTS=8, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
+    ("skinny_rope_kv", "_skinny_rope_kv_kernel", {"pos_ptr": "i64", "slot_ptr": "i64", "cos_sin_ptr": "fp32"},
+     dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, HALF=64, BLOCK_SIZE=16, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False,
+          HAS_BIAS=False, EVEN_K=True, DOT_F32=False, INTERPRET=False)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into

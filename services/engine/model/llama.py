@@ -260,13 +260,12 @@ class LlamaForCausalLM:
         real_tokens = (meta.slot_mapping >= 0).long() if self.expert_tokens.numel() else None  # [T]
         layer_kv = self._kv_views(kv_caches)
         for i, layer in enumerate(self.layers):
-            qkv, residual = ops.norm_linear(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
-                                            layer.qkv_proj.bias)  # [T, (nq + 2 nkv) d]
-            q, k, v = qkv.view(t, nq + 2 * nkv, d).split_with_sizes((nq, nkv, nkv), 1)  # views of qkv
             qk_norm = None if layer.q_norm is None else (layer.q_norm, layer.k_norm, eps)
             k_cache, v_cache = layer_kv[i]
             k_scales, v_scales = (None, None) if kv_scales is None else (kv_scales[i, 0], kv_scales[i, 1])
-            q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales, qk_norm)
+            q, k, v, residual = ops.norm_qkv_rope(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
+                                                  layer.qkv_proj.bias, (nq, nkv, d), positions, k_cache, v_cache,
+                                                  meta, k_scales, v_scales, qk_norm)  # q, k, v: [T, heads, d]
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:

@@ -62,6 +62,18 @@ class ModelOps(Protocol):
         (inside the same kernel in the Triton table).
         An FP8 pool is quantized on store, its scales [num_blocks, block_size, H_kv] in k_scales, v_scales."""
 
+    def norm_qkv_rope(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      w: Weight | list[Weight], bias: torch.Tensor | None, heads: tuple[int, int, int],
+                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None,
+                      qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An attention block's inputs: ``norm_linear`` into the fused q/k/v projection w, its
+        output split into heads = (H_q, H_kv, D), then ``rope_and_write_kv`` → (q, k, v,
+        x + residual) (``compose_norm_qkv_rope``; the triton table runs the projection, RoPE
+        and the K/V write as one kernel at batch 1)."""
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :I]) * x[..., I:] → [..., I]."""
 
@@ -83,6 +95,21 @@ class ModelOps(Protocol):
         """Causal paged attention of q [T, H_q, D] over the pool → [T, H_q, D]; k, v [T, H_kv, D]
         are the step's own (already in the pool), for paths that need no gather. An FP8 pool
         (with its scales) is dequantized on load."""
+
+
+def compose_norm_qkv_rope(ops: ModelOps, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                         eps: float, w: Weight | list[Weight], bias: torch.Tensor | None,
+                         heads: tuple[int, int, int], positions: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, meta: AttentionMetadata, k_scales: torch.Tensor | None = None,
+                         v_scales: torch.Tensor | None = None,
+                         qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ModelOps.norm_qkv_rope as the three ops it stands for."""
+    qkv, residual = ops.norm_linear(x, residual, norm_weight, eps, w, bias)  # [T, (H_q + 2 H_kv) D]
+    nq, nkv, d = heads
+    q, k, v = qkv.view(qkv.shape[0], nq + 2 * nkv, d).split_with_sizes((nq, nkv, nkv), 1)  # views of qkv
+    q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales, qk_norm)
+    return q, k, v, residual
 
 
 def make_ops(name: str, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,

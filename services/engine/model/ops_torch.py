@@ -10,6 +10,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.layers import apply_rotary_signed, rms_norm, rope_inv_freq, signed_sin
+from llmesh.engine.model.ops import compose_norm_qkv_rope
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from llmesh.kernels.moe_router import topk_softmax_ref
@@ -66,6 +67,8 @@ class TorchOps:
     def act_linear(self, gate_up: torch.Tensor, w: Weight | list[Weight], bias: torch.Tensor | None = None
                    ) -> torch.Tensor:
         return self.linear(self.silu_and_mul(gate_up), w, bias)
+
+    norm_qkv_rope = compose_norm_qkv_rope
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows

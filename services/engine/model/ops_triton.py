@@ -8,11 +8,13 @@ packed weights through our quantized GEMMs, and attention by one dispatch functi
 At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
 the down projection run inside the skinny GEMV's prologue (llmesh/kernels/fused_skinny.py), one kernel
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
-measured table); everywhere else they stay separate ops. Before an FP8 linear layer, at any
+measured table); where the qkv projection's GEMV keeps its norm separate (measured faster at
+batch 1), RoPE and the K/V write run in its epilogue instead (llmesh/kernels/skinny_rope_kv.py);
+everywhere else they stay separate ops. Before an FP8 linear layer, at any
 size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
 silu_and_mul_fp8), so quantizing the activations costs no kernel of its own.
 ``LLMESH_FUSED_DECODE=0`` in the environment keeps all of them separate (to A/B the fusions on
-one GPU).
+one GPU); ``LLMESH_QKV_ROPE=0`` only the RoPE epilogue.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import torch
 
 from llmesh.engine.model.config import ModelConfig
+from llmesh.engine.model.ops import compose_norm_qkv_rope
 from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, silu_mul_matmul
 from llmesh.engine.quant.packed import Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
@@ -37,10 +40,13 @@ from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
 from llmesh.kernels.rope import rope_cos_sin_cache
 from llmesh.kernels.rope_kv_write import rope_kv_write
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
-from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config, tuned_config
+from llmesh.kernels.skinny_rope_kv import rope_kv_fusable, skinny_rope_kv
 from llmesh.kernels.unified_attention import unified_attention
 
 FUSED_DECODE_ENV = "LLMESH_FUSED_DECODE"
+QKV_ROPE_ENV = "LLMESH_QKV_ROPE"
+"""=0 keeps RoPE and the K/V write out of the qkv GEMV's epilogue (the A/B of that fusion alone)."""
 
 
 def fused_decode_enabled() -> bool:
@@ -48,16 +54,31 @@ def fused_decode_enabled() -> bool:
     return os.environ.get(FUSED_DECODE_ENV, "1").strip() != "0"
 
 
-def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int) -> SkinnyConfig | None:
+def fused_config(a: torch.Tensor, w: Weight | list[Weight], k: int, prologue: bool = True) -> SkinnyConfig | None:
     """The skinny config for a GEMV with a fused prologue reading a: [M, *] into w: [N, k], or
     None where linear() would not use the skinny kernel for w at M rows (not CUDA, packed or
-    split weights, not 16-bit, M past the table, no measured entry for (N, k, M bucket)) or where
-    the fused prologue was measured slower than the separate ops (FUSED_SLOWER)."""
+    split weights, not 16-bit, M past the table, no measured entry for (N, k, M bucket)) or,
+    with `prologue`, where the fused prologue was measured slower than the separate ops
+    (FUSED_SLOWER)."""
     if (not isinstance(w, torch.Tensor) or not a.is_cuda or a.dim() != 2 or w.dim() != 2
             or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype or w.shape[1] != k
             or w.stride(-1) != 1 or a.stride(-1) != 1 or not 0 < a.shape[0] <= SKINNY_MAX_M):
         return None
+    if not prologue:
+        return tuned_config(a.device, a.shape[0], w.shape[0], k)
     return fused_prologue_config(a.device, a.shape[0], w.shape[0], k)
+
+
+def rope_epilogue_config(x: torch.Tensor, w: Weight | list[Weight], head_dim: int, k_cache: torch.Tensor,
+                         fp8_pool: bool, qk_norm: bool) -> SkinnyConfig | None:
+    """The skinny config with which the q/k/v projection of x: [M, K] can carry RoPE and the
+    K/V write (skinny_rope_kv), or None: where linear() would not use the skinny GEMV for w at
+    M rows, where the RMSNorm prologue is fused instead (it would lose its own fusion), or
+    where the epilogue cannot run (skinny_rope_kv.rope_kv_fusable)."""
+    config = fused_config(x, w, x.shape[-1], prologue=False)
+    if config is None or fused_config(x, w, x.shape[-1]) is not None:
+        return None
+    return config if rope_kv_fusable(config, head_dim, k_cache, fp8_pool, qk_norm) else None
 
 
 def fp8_input(a: torch.Tensor, w: Weight | list[Weight]) -> bool:
@@ -110,6 +131,7 @@ class TritonOps:
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, max_positions: int) -> None:
         self.fused_decode = fused_decode_enabled()
+        self.qkv_rope = self.fused_decode and os.environ.get(QKV_ROPE_ENV, "1").strip() != "0"
         # Fixed size: a table that grew would move under a captured CUDA graph.
         self.cos_sin = rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
                                           device=device)  # [P, D] float32
@@ -171,6 +193,27 @@ class TritonOps:
         if self.fused_decode and fp8_input(gate_up, w) and gate_up.shape[-1] % 2 == 0:
             return _plus(fp8_matmul(silu_and_mul_fp8(gate_up), w, gate_up.dtype), bias)
         return self.linear(self.silu_and_mul(gate_up), w, bias)
+
+    def norm_qkv_rope(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      w: Weight | list[Weight], bias: torch.Tensor | None, heads: tuple[int, int, int],
+                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None,
+                      qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Where the projection runs the skinny GEMV without a norm prologue (batch 1 on the
+        # H200), RoPE and the K/V write ride in its epilogue: one launch instead of two.
+        config = (rope_epilogue_config(x, w, heads[2], k_cache, k_scales is not None, qk_norm is not None)
+                  if self.qkv_rope else None)
+        if config is None:
+            return compose_norm_qkv_rope(self, x, residual, norm_weight, eps, w, bias, heads, positions, k_cache,
+                                         v_cache, meta, k_scales, v_scales, qk_norm)
+        h, residual = self.rmsnorm(x, norm_weight, eps, residual)
+        nq, nkv, d = heads
+        qkv = skinny_rope_kv(h, w, bias, positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping, nq, nkv,
+                             config=config)
+        q, k, v = qkv.view(qkv.shape[0], nq + 2 * nkv, d).split_with_sizes((nq, nkv, nkv), 1)
+        return q, k, v, residual
 
     def rope_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
