@@ -60,6 +60,15 @@ def pdl_off():
             os.environ[PDL_ENV] = before
 
 
+PDL_LATE_ENV = "LLMESH_PDL_LATE"
+
+
+def pdl_late() -> bool:
+    """Whether the skinny GEMVs let their dependents launch after their main loop rather than
+    at their start (triton_helpers.pdl_wait / pdl_release); LLMESH_PDL_LATE=1."""
+    return os.environ.get(PDL_LATE_ENV, "0").strip() == "1"
+
+
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """Launch arguments for a kernel that starts with `triton_helpers.pdl_enter(PDL)`.
 

@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
-                                   pdl_launch)
+                                   pdl_late, pdl_launch)
 from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _splitk_reduce_kernel, _store_tile
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
 SUMSQ_ELEMS = 4096
 """float32 elements of one sum-of-squares chunk [BLOCK_M, BLOCK_H] (32 registers a thread at 4 warps)."""
@@ -75,9 +75,9 @@ def _fused_skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, LATE: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL, LATE)
     # Grid, tiles and loop as skinny_gemm's _skinny_kernel, so the accumulation order (and with
     # it every bit of y) is the same for the same config; only x's loads are replaced.
     pid = tl.program_id(0)
@@ -144,6 +144,7 @@ def _fused_skinny_kernel(
             acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
 
+    pdl_release(PDL, LATE)
     _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
                 BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
@@ -178,7 +179,7 @@ def _launch(a, r, g, weight, bias, out, res_out, m, n, k, eps, config, norm, has
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_H=block_h,
         DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         NORM=norm, HAS_RESIDUAL=has_residual, DOT_F32=interpret, INTERPRET=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        LATE=pdl_late(), num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if split:
         _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](

@@ -5,7 +5,9 @@ row is cos and second half sin of ``position * inv_freq`` (float32), built by
 `rope_cos_sin_cache` from `layers.rope_inv_freq` with the same float32 operations as
 `layers.RotaryEmbedding`. The kernel casts cos/sin to the q dtype and rounds after each
 multiply and the add, as the torch expression ``x * cos + rotate_half(x) * sin`` does, so
-16-bit results match `layers.apply_rotary` to the last bit (up to FMA contraction on a GPU).
+16-bit results match `layers.apply_rotary` to the last bit: the products are rounded through
+an instruction the compiler cannot see through (`round_product`), since it would otherwise
+contract a product and the add into one FMA, which rounds once where torch rounds twice.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def round_product(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """round_to for a product about to be added: on a GPU the rounding is an inline cvt (mov for
+    float32), opaque to LLVM, so the product cannot be fused with the add into an FMA, and two
+    kernels computing the same expression get the same bits whatever else they contract."""
+    if INTERPRET:
+        y = round_to(x, DTYPE, INTERPRET)
+    elif DTYPE == tl.bfloat16:
+        y = tl.inline_asm_elementwise("cvt.rn.bf16.f32 $0, $1;", "=h,r", [x], dtype=tl.bfloat16, is_pure=True,
+                                      pack=1).to(tl.float32)
+    elif DTYPE == tl.float16:
+        y = tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16, is_pure=True,
+                                      pack=1).to(tl.float32)
+    else:
+        y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return y
+
+
+@triton.jit
 def load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
     """(x1, x2, mask): the halves [BLOCK_H, HALF] of one token's heads in float32, and the mask
     of real (head, j) elements."""
@@ -44,8 +64,8 @@ def load_halves(x_ptr, stride_h, j, j_mask, NUM_HEADS: tl.constexpr, BLOCK_H: tl
 def rotate_halves(x1, x2, c, s, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """The rotated halves in float32, each product rounded to DTYPE as the torch expression does
     (the sum is rounded by the caller's store); c, s: cos and sin broadcastable to x1's shape."""
-    o1 = round_to(x1 * c, DTYPE, INTERPRET) + round_to(-x2 * s, DTYPE, INTERPRET)
-    o2 = round_to(x2 * c, DTYPE, INTERPRET) + round_to(x1 * s, DTYPE, INTERPRET)
+    o1 = round_product(x1 * c, DTYPE, INTERPRET) + round_product(-x2 * s, DTYPE, INTERPRET)
+    o2 = round_product(x2 * c, DTYPE, INTERPRET) + round_product(x1 * s, DTYPE, INTERPRET)
     return o1, o2
 
 

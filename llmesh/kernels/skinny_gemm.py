@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
-                                   pdl_launch)
+                                   pdl_late, pdl_launch)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter, pdl_release, pdl_wait
 
 DTYPES = (torch.float16, torch.bfloat16)
 REDUCE_BLOCK = 256
@@ -124,9 +124,9 @@ def _skinny_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL, LATE)
     # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
     # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
     pid = tl.program_id(0)
@@ -141,6 +141,7 @@ def _skinny_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
+    pdl_release(PDL, LATE)
     _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
                 BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
@@ -214,7 +215,7 @@ def skinny_gemm(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         DOT_F32=interpret, INTERPRET=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        LATE=pdl_late(), num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if split:
         _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](

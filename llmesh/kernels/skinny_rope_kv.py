@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import INDEX_DTYPES, check_size, check_tensor, interpreting, pdl_launch
+from llmesh.kernels.common import INDEX_DTYPES, check_size, check_tensor, interpreting, pdl_late, pdl_launch
 from llmesh.kernels.rope import round_to, rotate_halves
 from llmesh.kernels.skinny_gemm import DTYPES, _check_args, _skinny_acc, _tile_sum
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
 
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
@@ -43,9 +43,9 @@ def _skinny_rope_kv_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL, LATE)
     HB: tl.constexpr = BLOCK_N // 2
     CHUNKS: tl.constexpr = HALF // HB
     N: tl.constexpr = (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * 2 * HALF
@@ -59,21 +59,24 @@ def _skinny_rope_kv_kernel(
     rn = head * 2 * HALF + d0 + i % HB + (i // HB) * HALF
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
-    acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, 0, K, stride_xm, stride_wn,
-                      BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
-    y = _tile_sum(acc, BLOCK_M, DOT)  # [BM, BN]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    # The epilogue's inputs first: position -> cos/sin is two dependent loads, which here
+    # overlap the weight stream instead of adding their latency to every program's tail.
     dtype = qkv_ptr.dtype.element_ty
-    y = round_to(y, dtype, INTERPRET)  # the projection as the qkv tensor holds it
-    x1, x2 = tl.split(tl.permute(tl.reshape(y, [BLOCK_M, 2, HB]), (0, 2, 1)))  # [BM, HB] each
-
     rows = (rm % M).to(tl.int64)
     pos = tl.load(pos_ptr + rows).to(tl.int64)
+    slot = tl.load(slot_ptr + rows).to(tl.int64)
     dims = d0 + tl.arange(0, HB)
     cs = cos_sin_ptr + pos[:, None] * stride_cs + dims[None, :]
     cos = round_to(tl.load(cs), dtype, INTERPRET)
     sin = round_to(tl.load(cs + HALF), dtype, INTERPRET)
+    acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, 0, K, stride_xm, stride_wn,
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
+    pdl_release(PDL, LATE)
+    y = _tile_sum(acc, BLOCK_M, DOT)  # [BM, BN]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    y = round_to(y, dtype, INTERPRET)  # the projection as the qkv tensor holds it
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [BLOCK_M, 2, HB]), (0, 2, 1)))  # [BM, HB] each
     if head < NUM_Q_HEADS + NUM_KV_HEADS:  # q and k rotate; v is stored as projected
         x1, x2 = rotate_halves(x1, x2, cos, sin, dtype, INTERPRET)
     o1 = cast_rtne(x1, dtype, INTERPRET)
@@ -84,7 +87,6 @@ def _skinny_rope_kv_kernel(
     tl.store(dst + HALF, o2, mask=mask)
 
     if head >= NUM_Q_HEADS:
-        slot = tl.load(slot_ptr + rows).to(tl.int64)
         write = mask & (slot >= 0)[:, None]
         block = (slot // BLOCK_SIZE)[:, None]
         offset = (slot % BLOCK_SIZE)[:, None]
@@ -162,6 +164,6 @@ def skinny_rope_kv(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT=config.dot, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         DOT_F32=interpret, INTERPRET=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
+        LATE=pdl_late(), num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
     )
     return qkv

@@ -34,3 +34,20 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr, LATE: tl.constexpr):
+    """pdl_enter, except that with LATE the next kernel's programs are let in only by
+    pdl_release (after the main loop), so they do not sit on SMs this kernel's programs use."""
+    if PDL:
+        gdc_wait()
+        if not LATE:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr, LATE: tl.constexpr):
+    """The second half of pdl_wait(PDL, LATE): let the next kernel's programs be scheduled."""
+    if PDL and LATE:
+        gdc_launch_dependents()

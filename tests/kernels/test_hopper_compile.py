@@ -31,17 +31,20 @@ ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, F
 CASES = [
     ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, DOT=False, SPLIT=True, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
-          INTERPRET=False)),
+          INTERPRET=False, LATE=False)),
     ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT=True, SPLIT=False, HAS_BIAS=True, EVEN_K=False, DOT_F32=False,
-          INTERPRET=False)),
+          INTERPRET=False, LATE=False)),
+    ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
+     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False, SPLIT=False, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
+          INTERPRET=False, LATE=True)),
     ("skinny_gemm", "_splitk_reduce_kernel", {"part_ptr": "fp32"}, dict(HAS_BIAS=True, BLOCK=256, INTERPRET=False)),
     ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, BLOCK_H=1024, DOT=False, SPLIT=False, HAS_BIAS=False, EVEN_K=True,
-          NORM=True, HAS_RESIDUAL=True, DOT_F32=False, INTERPRET=False)),
+          NORM=True, HAS_RESIDUAL=True, DOT_F32=False, INTERPRET=False, LATE=False)),
     ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_H=256, DOT=True, SPLIT=True, HAS_BIAS=False, EVEN_K=False,
-          NORM=False, HAS_RESIDUAL=False, DOT_F32=False, INTERPRET=False)),
+          NORM=False, HAS_RESIDUAL=False, DOT_F32=False, INTERPRET=False, LATE=False)),
     ("argmax", "_argmax_chunk_kernel", {"x_ptr": "fp32", "key_ptr": "fp32", "nan_ptr": "i32", "idx_ptr": "i32"},
      dict(CHUNK=2048)),
     ("argmax", "_argmax_final_kernel", {"key_ptr": "fp32", "nan_ptr": "i32", "idx_ptr": "i32", "out_ptr": "i64"},
@@ -125,7 +128,7 @@ CASES = [
           SPLIT_K=1, SUM_SLOTS=8, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     ("skinny_rope_kv", "_skinny_rope_kv_kernel", {"pos_ptr": "i64", "slot_ptr": "i64", "cos_sin_ptr": "fp32"},
      dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, HALF=64, BLOCK_SIZE=16, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False,
-          HAS_BIAS=False, EVEN_K=True, DOT_F32=False, INTERPRET=False)),
+          HAS_BIAS=False, EVEN_K=True, DOT_F32=False, INTERPRET=False, LATE=False)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
@@ -139,7 +142,7 @@ CASES = [
 # step (carried across steps in registers, as a manual prefetch would, Triton left them plain);
 # their scale and min rows, which Triton does not pipeline, must be carried a step ahead, not
 # waited on (llmesh/kernels/compile_check.py's LoopReport).
-PIPELINED = [(24, 9), (25, 12), (26, 9), (28, 12)]
+PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12)]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
