@@ -65,8 +65,11 @@ PDL_LATE_ENV = "LLMESH_PDL_LATE"
 
 def pdl_late() -> bool:
     """Whether the skinny GEMVs let their dependents launch after their main loop rather than
-    at their start (triton_helpers.pdl_wait / pdl_release); LLMESH_PDL_LATE=1."""
-    return os.environ.get(PDL_LATE_ENV, "0").strip() == "1"
+    at their start (triton_helpers.pdl_wait / pdl_release). On by default: a GEMV's programs
+    fill the GPU, and a dependent attention kernel let in at their start sits on the SMs they
+    stream the weights with (bench/README.md, kernel_profile.py's A/B). LLMESH_PDL_LATE=0 lets
+    them in at the start, as every other PDL kernel does."""
+    return os.environ.get(PDL_LATE_ENV, "1").strip() != "0"
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
