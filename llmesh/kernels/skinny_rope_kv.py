@@ -16,6 +16,11 @@ first's output. Here the GEMV's programs do it themselves, so it disappears:
   padding row, is not stored). So q, k, v and the pool hold exactly what skinny_gemm followed
   by rope_kv_write leave there.
 
+The programs let the next kernel (the decode attention) launch only after their loop
+(`triton_helpers.pdl_release`): let in at their start, its programs sat on the SMs the GEMV
+streams with, and the fused step was slower than the two kernels (bench/README.md,
+kernel_profile.py).
+
 What it does not cover, left to the two-kernel path by the caller: split-K configs (the
 epilogue would move into the reduce launch), an FP8 pool (a (token, head) scale needs the
 whole head), Qwen3's per-head q/k norm (likewise), and a head dim whose half is not a multiple
@@ -59,8 +64,8 @@ def _skinny_rope_kv_kernel(
     rn = head * 2 * HALF + d0 + i % HB + (i // HB) * HALF
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
-    # The epilogue's inputs first: position -> cos/sin is two dependent loads, which here
-    # overlap the weight stream instead of adding their latency to every program's tail.
+    # The epilogue's inputs before the loop (position, then its cos/sin row). On the H200 the
+    # step took the same time with them after it (bench/results/qkv_rope/).
     dtype = qkv_ptr.dtype.element_ty
     rows = (rm % M).to(tl.int64)
     pos = tl.load(pos_ptr + rows).to(tl.int64)
