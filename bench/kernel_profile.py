@@ -9,10 +9,10 @@ kernel intervals; the rest is launch gaps and host time), the time by kernel fam
 cut is chosen from a measurement.
 
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
-       [--batch 1] [--steps 24] [--quantization none|fp8|int4|...] [--router-kernel default|on|off]
+       [--batch 1] [--chunk 0] [--steps 24] [--quantization none|fp8|int4|...] [--router-kernel default|on|off]
        [--pair-blocks default|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
-profile_<T>_b<B>_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
+profile_<T>_b<B>[_c<N>]_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_PDL_LATE / LLMESH_FUSED_DECODE / LLMESH_QKV_ROPE / LLMESH_DECODE_FOLD, when set, are
 recorded in the workload (A/B of one switch per run, with --suffix).
 """
@@ -81,24 +81,33 @@ def kernel_events(prof) -> list[tuple[str, float, float]]:
 
 def profile_model(model: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
     kwargs = dict(backend="triton" if device.type == "cuda" else "torch", dtype="bfloat16", device=str(device),
-                  max_num_seqs=max(8, args.batch), max_num_batched_tokens=8192, max_model_len=2048,
-                  quantization=args.quantization)
+                  max_num_seqs=max(8, args.batch + 1), max_num_batched_tokens=max(8192, args.batch + args.chunk),
+                  max_model_len=2048, quantization=args.quantization)
     if args.smoke:
-        kwargs.update(max_num_batched_tokens=256, max_model_len=256, num_kv_blocks=128)
+        kwargs.update(max_num_batched_tokens=max(256, args.batch + args.chunk), max_model_len=256, num_kv_blocks=128)
     llm = LLM(model, **kwargs)
     eng = llm.engine
     rng = np.random.default_rng(0)
     vocab = eng.model_config.vocab_size
     params = SamplingParams(max_tokens=args.warmup + 2 * args.steps + 16, temperature=0.0, ignore_eos=True)
+    one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     for _ in range(args.batch):
         eng.add_request(rng.integers(10, vocab, size=args.prompt).tolist(), params)
-    for _ in range(args.warmup):  # prefill, graph capture of this batch size, caches warm
+
+    def step() -> None:
+        # --chunk: a fresh prompt that prefills in this step and finishes with its first token,
+        # so every step is the batch's decodes plus one prefill chunk (a mixed step)
+        if args.chunk:
+            eng.add_request(rng.integers(10, vocab, size=args.chunk).tolist(), one_token)
         eng.step()
+
+    for _ in range(args.warmup):  # prefill, graph capture of this batch size, caches warm
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()  # the same steps unprofiled: the profiler's own cost stays out of this one
     for _ in range(args.steps):
-        eng.step()
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     plain_s = time.perf_counter() - t0
@@ -106,7 +115,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            eng.step()
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall_s = time.perf_counter() - t0
@@ -125,7 +134,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
         per_family[family(name)] += e - s
     steps = args.steps
     quant = "" if args.quantization == "none" else f"_{args.quantization}"
-    tag = f"profile_{model_tag(model)}{quant}_b{args.batch}"
+    tag = f"profile_{model_tag(model)}{quant}_b{args.batch}" + (f"_c{args.chunk}" if args.chunk else "")
     total_us = sum(v[1] for v in per_name.values())
     metrics = {
         f"{tag}_step_ms": 1e3 * wall_s / steps,
@@ -157,6 +166,9 @@ def main() -> None:
     ap.add_argument("--models", default="random:llama3-8b,random:qwen3-30b-a3b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="tokens of a fresh prompt prefilled beside the decodes in every step (mixed "
+                         "steps, as the offline workload's; the tag gains _c<N>); 0: decode-only steps")
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--top", type=int, default=30)
@@ -188,7 +200,7 @@ def main() -> None:
         models = [f"random:{SMOKE_PRESET}"]
         args.prompt, args.warmup, args.steps = 16, 3, 4
     metrics: dict[str, float] = {}
-    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "quantization": args.quantization, "warmup_steps": args.warmup,
+    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "chunk_tokens": args.chunk, "quantization": args.quantization, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
                       "pair_blocks": args.pair_blocks,
                       "software": software_versions(), "smoke": args.smoke,

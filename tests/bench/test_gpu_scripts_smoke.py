@@ -125,3 +125,18 @@ def test_decode_tile_sweep_smoke_over_an_fp8_pool(tmp_path):
     doc = json.loads((tmp_path / "decode_tile_cpu_fp8.json").read_text())
     assert doc["workload"]["kv_dtype"] == "fp8" and not doc["workload"]["wrong"]
     assert "PAGED_DECODE_TILE['cpu:fp8']" in doc["workload"]["literal"]
+
+
+def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
+    """Decode-only steps, then --chunk: every profiled step also prefills a fresh prompt (a mixed
+    step), tagged _c<N>."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    for extra, tag in (([], "profile_smoke_tiny_b2"), (["--chunk", "24"], "profile_smoke_tiny_b2_c24")):
+        proc = subprocess.run([sys.executable, "bench/kernel_profile.py", "--smoke", "--batch", "2", *extra,
+                               "--results-dir", str(tmp_path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        doc = json.loads((tmp_path / "kernel_profile_cpu.json").read_text())
+        tags = {k.rsplit("_step_ms", 1)[0] for k in doc["metrics"] if k.endswith("_step_ms")}
+        assert tags == {tag}, tags
+        assert doc["workload"]["chunk_tokens"] == (24 if extra else 0)
