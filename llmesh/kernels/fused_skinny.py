@@ -28,7 +28,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
                                    pdl_late, pdl_launch)
-from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _splitk_reduce_kernel, _store_tile
+from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _program_tile, _splitk_reduce_kernel, _store_tile
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
@@ -80,17 +80,9 @@ def _fused_skinny_kernel(
     pdl_wait(PDL, LATE)
     # Grid, tiles and loop as skinny_gemm's _skinny_kernel, so the accumulation order (and with
     # it every bit of y) is the same for the same config; only x's loads are replaced.
-    pid = tl.program_id(0)
-    pid_m = pid % NUM_M_BLOCKS
-    pid_n = pid // NUM_M_BLOCKS
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    pid_m, pid_n, pid_k, rm, rn, m_mask, n_mask, k_lo, k_hi = _program_tile(M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
+                                                                             BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     rows = (rm % M).to(tl.int64)  # rows past M re-read a valid row and are never stored
     row_off = rows[:, None] * stride_am  # [BM, 1]
     r_row_off = rows[:, None] * stride_rm

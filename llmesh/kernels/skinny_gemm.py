@@ -72,6 +72,22 @@ def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, par
 
 
 @triton.jit
+def _program_tile(M, N, K, K_PER_SPLIT, NUM_M_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows of x and of W and its K range: (pid_m, pid_n, pid_k, rm, rn, m_mask,
+    n_mask, k_lo, k_hi). The M blocks of one N tile are neighbours in the launch order, so when
+    x has more rows than BLOCK_M the programs re-reading that W tile run together and find it
+    in L2."""
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_n = pid // NUM_M_BLOCKS
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_PER_SPLIT
+    return pid_m, pid_n, pid_k, rm, rn, rm < M, rn < N, k_lo, tl.minimum(k_lo + K_PER_SPLIT, K)
+
+
+@triton.jit
 def _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
@@ -127,18 +143,8 @@ def _skinny_kernel(
     DOT_F32: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
 ):
     pdl_wait(PDL, LATE)
-    # The M blocks of one N tile are neighbours in the launch order, so when x has more rows
-    # than BLOCK_M the programs re-reading that W tile run together and find it in L2.
-    pid = tl.program_id(0)
-    pid_m = pid % NUM_M_BLOCKS
-    pid_n = pid // NUM_M_BLOCKS
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    pid_m, pid_n, pid_k, rm, rn, m_mask, n_mask, k_lo, k_hi = _program_tile(M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
+                                                                             BLOCK_M, BLOCK_N)
     acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
     pdl_release(PDL, LATE)
