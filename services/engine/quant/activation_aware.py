@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmesh.engine.model.ops import compose_norm_qkv_rope
 from llmesh.engine.quant.quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8, quantize_w4a8
 from llmesh.kernels.paged_attention import AttentionMetadata
 
@@ -103,6 +104,10 @@ class _RecordingOps:
 
     def act_linear(self, gate_up, w, bias=None):
         return self.linear(self._base.silu_and_mul(gate_up), w, bias)
+
+    def norm_qkv_rope(self, *args, **kwargs):
+        # composed here, so that the q/k/v projection's input goes through norm_linear above
+        return compose_norm_qkv_rope(self, *args, **kwargs)
 
 
 @torch.inference_mode()
