@@ -39,8 +39,6 @@ DTYPES = (torch.float16, torch.bfloat16)
 REDUCE_BLOCK = 256
 
 
-# M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
-# every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
 @triton.jit
 def _tile_sum(acc, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
     """A program's accumulator reduced to its [BM, BN] tile of y (float32)."""
@@ -133,6 +131,8 @@ def _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, str
     return acc
 
 
+# M is not specialized (Triton would compile apart M = 1 and M % 16 == 0): one binary serves
+# every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
