@@ -24,6 +24,7 @@ from llmesh.kernels.fused_skinny import (  # noqa: E402
 from llmesh.kernels.rmsnorm import rmsnorm  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 from llmesh.kernels.skinny_gemm_config import FUSED_SLOWER, M_BUCKETS, TUNED, SkinnyConfig  # noqa: E402
+from tests.kernels.cuda_graphs import capture  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to max |y|: an ulp or so of the output
@@ -241,14 +242,7 @@ def test_cuda_graph_capture_and_replay(cfg):
     def step():
         return (*rmsnorm_linear(x, r, g, EPS, w, b, config=cfg), silu_mul_linear(gu, wd, config=cfg))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture(step)
     for seed in (1, 2):
         sgen = torch.Generator().manual_seed(seed)
         for t in (x, r, gu):

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.common import PDL_ENV, pdl_launch, pdl_off  # noqa: E402
+from tests.kernels.cuda_graphs import capture  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
@@ -93,16 +94,14 @@ def test_graph_with_pdl_gives_every_bit_of_the_graph_without(monkeypatch):
         monkeypatch.setenv(PDL_ENV, pdl)
         k_cache, v_cache = k0.clone(), v0.clone()
         args = (x, res, g, w_qkv, w_down, positions, cos_sin, k_cache, v_cache, slots, (tables, seq_lens))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _layer(*args)  # compile outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+
+        def chain():
             outs = _layer(*args)
             for _ in range(7):  # a chain of layers: each reads the last one's residual stream
                 outs = _layer(outs[1], outs[2], *args[2:])
+            return outs
+
+        graph, outs = capture(chain)
         k_cache.copy_(k0)
         v_cache.copy_(v0)
         graph.replay()

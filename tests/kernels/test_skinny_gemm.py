@@ -18,6 +18,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 from llmesh.kernels.skinny_gemm import skinny_gemm, skinny_gemm_ref  # noqa: E402
 from llmesh.kernels.skinny_gemm_config import (  # noqa: E402
     M_BUCKETS, TUNED, SkinnyConfig, check_config, default_config, m_bucket, split_plan, tuned_config)
+from tests.kernels.cuda_graphs import capture  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to max |y|: an ulp or so of the output
@@ -197,14 +198,7 @@ def test_cuda_graph_capture_and_replay(name):
     x, w, b = x.cuda(), w.cuda(), b.cuda()
     cfg = SkinnyConfig(*{"fma_row": (1, 16, 256, 1, 4, 3, False), "fma_row_split": (1, 16, 256, 4, 4, 3, False),
                          "dot_split": (16, 32, 128, 4, 4, 4, True)}[name])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        skinny_gemm(x, w, b, config=cfg)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = skinny_gemm(x, w, b, config=cfg)
+    graph, y = capture(lambda: skinny_gemm(x, w, b, config=cfg))
     for seed in (1, 2):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
         graph.replay()

@@ -18,12 +18,12 @@ from llmesh.engine.model.config import ModelConfig  # noqa: E402
 from llmesh.engine.model.ops import compose_norm_qkv_rope  # noqa: E402
 from llmesh.engine.model.ops_torch import TorchOps  # noqa: E402
 from llmesh.engine.model.ops_triton import FUSED_DECODE_ENV, TritonOps, rope_epilogue_config  # noqa: E402
-from llmesh.kernels.paged_attention import AttentionMetadata  # noqa: E402
 from llmesh.kernels.rope import rope_cos_sin_cache  # noqa: E402
 from llmesh.kernels.rope_kv_write import rope_kv_write  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 from llmesh.kernels.skinny_gemm_config import FUSED_SLOWER, TUNED, SkinnyConfig  # noqa: E402
 from llmesh.kernels.skinny_rope_kv import rope_kv_fusable, skinny_rope_kv  # noqa: E402
+from tests.kernels.cuda_graphs import capture  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 EPS = 1e-5
@@ -197,14 +197,7 @@ def test_llama_8b_shape_with_the_h200_config_in_a_cuda_graph():
     def step():
         return skinny_rope_kv(x, w, None, pos, cs, kc, vc, slots, nq, nkv, config=cfg)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     kc_ref, vc_ref = kc.clone(), vc.clone()  # after the warm-up call's writes
     for seed, p, s in ((1, 7, 100), (2, 3000, 513)):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))

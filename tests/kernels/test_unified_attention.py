@@ -10,6 +10,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 from llmesh.kernels.attention_config import DecodeConfig, PrefillConfig  # noqa: E402
 from llmesh.kernels.unified_attention import unified_attention, unified_attention_ref  # noqa: E402
+from tests.kernels.cuda_graphs import capture  # noqa: E402
 
 TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -128,14 +129,7 @@ def test_cuda_graph_replay(paged_kv):
                           max_seq_len=max_blocks * bs, out=out)
 
     load(batches[0])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step)
     for seqs in batches:
         real = load(seqs)
         out.fill_(float("nan"))
