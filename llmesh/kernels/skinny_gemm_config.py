@@ -122,13 +122,16 @@ def tuned_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig |
     return SkinnyConfig(*fields) if fields is not None else None
 
 
+def prologue_slower(device: torch.device, m: int, n: int, k: int) -> bool:
+    """Whether FUSED_SLOWER says a fused prologue lost to the separate op for this shape here."""
+    slower = FUSED_SLOWER.get(cuda_device_tag(device))
+    return bool(slower) and (n, k, m_bucket(m)) in slower
+
+
 def fused_prologue_config(device: torch.device, m: int, n: int, k: int) -> SkinnyConfig | None:
     """tuned_config, except where FUSED_SLOWER says the fused prologue lost on this device."""
     config = tuned_config(device, m, n, k)
-    if config is None:
-        return None
-    slower = FUSED_SLOWER.get(cuda_device_tag(device))
-    return None if slower and (n, k, m_bucket(m)) in slower else config
+    return None if config is None or prologue_slower(device, m, n, k) else config
 
 
 def _is_pow2(v: object) -> bool:

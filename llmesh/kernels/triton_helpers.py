@@ -31,9 +31,7 @@ def pdl_enter(PDL: tl.constexpr):
     """First statement of a kernel launched with common.pdl_launch: wait until the previous
     kernel has finished and its writes are visible, then let the next kernel's programs be
     scheduled (they wait in turn), so its launch overlaps this kernel's work."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_wait(PDL, False)
 
 
 @triton.jit

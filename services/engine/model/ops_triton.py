@@ -40,7 +40,7 @@ from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
 from llmesh.kernels.rope import rope_cos_sin_cache
 from llmesh.kernels.rope_kv_write import rope_kv_write
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
-from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config, tuned_config
+from llmesh.kernels.skinny_gemm_config import SkinnyConfig, fused_prologue_config, prologue_slower, tuned_config
 from llmesh.kernels.skinny_rope_kv import rope_kv_fusable, skinny_rope_kv
 from llmesh.kernels.unified_attention import unified_attention
 
@@ -76,7 +76,7 @@ def rope_epilogue_config(x: torch.Tensor, w: Weight | list[Weight], head_dim: in
     M rows, where the RMSNorm prologue is fused instead (it would lose its own fusion), or
     where the epilogue cannot run (skinny_rope_kv.rope_kv_fusable)."""
     config = fused_config(x, w, x.shape[-1], prologue=False)
-    if config is None or fused_config(x, w, x.shape[-1]) is not None:
+    if config is None or not prologue_slower(x.device, x.shape[0], w.shape[0], x.shape[-1]):
         return None
     return config if rope_kv_fusable(config, head_dim, k_cache, fp8_pool, qk_norm) else None
 
