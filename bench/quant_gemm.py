@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from gpu_ceilings import device_tag
 from quant_act import act_kinds, act_sweep
 from quant_common import Budget, Run
+from quant_fp8_sweep import fp8_sweep
 from quant_libraries import (LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fbgemm_w4a8_cell, fp8_choices, scaled_mm_cell,
                              w4a8_ring)
 
@@ -273,6 +274,8 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
     library_ms = tuple(m for m in ms if m not in sweep_ms and m <= LIBRARY_MAX_M)
     sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], sweep_ms, library_ms, broken,
           copy_gb_s, budget, tuned)
+    if "fp8" in run.args.gemm_sweep_kinds.split(",") and "fp8" not in broken:
+        fp8_sweep(run, ring_cache, list(shapes), ms, budget, tuned)
     if act_kinds(run):
         write_tuned(run, tuned)  # the unfused pair runs through the plain entries just measured
         act_sweep(run, ring_cache, shapes, ms, budget, tuned)

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
+from llmesh.kernels.quant_gemm_config import split_plan
+from llmesh.kernels.split_k import finish, split_buffers
 from llmesh.kernels.triton_helpers import cast_rtne
 
 FP8_MAX = 448.0
@@ -54,7 +56,9 @@ class Fp8Rows(NamedTuple):
 @dataclass(frozen=True)
 class Fp8GemmConfig:
     """Launch parameters of the FP8 GEMM. group_m: row blocks per group in the L2-friendly
-    program order (programs of a group share the weight tiles they read)."""
+    program order (programs of a group share the weight tiles they read); split_k: programs
+    sharing one output tile's K range (split_k.py: the last to arrive sums the partials), for
+    shapes whose output tiles alone leave SMs idle (a decode batch times a 4096-wide layer)."""
 
     block_m: int
     block_n: int
@@ -62,6 +66,26 @@ class Fp8GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_k: int = 1
+
+    def short(self) -> str:
+        return (f"fp8 m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} st{self.num_stages} "
+                f"g{self.group_m} s{self.split_k}")
+
+
+def check_fp8_config(config: Fp8GemmConfig) -> None:
+    if not isinstance(config, Fp8GemmConfig):
+        raise ValueError(f"config must be an Fp8GemmConfig, got {type(config).__name__}")
+    for name in ("block_m", "block_n", "block_k", "num_warps"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or v <= 0 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two, got {v!r}")
+    if config.block_k < 32 or config.block_m < 16 or config.block_n < 16:
+        raise ValueError(f"config: FP8 tl.dot tiles need block_m, block_n >= 16 and block_k >= 32, got {config.short()}")
+    for name in ("num_stages", "group_m", "split_k"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
 
 
 def default_config(m: int, n: int, k: int) -> Fp8GemmConfig:
@@ -144,14 +168,15 @@ def _quant_per_token_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    xq_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K,
+    xq_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, K_PER_SPLIT, SPLITS,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Grouped order: GROUP_M row blocks walk the column blocks together, so the weight tiles
     # one of them loads are still in L2 when the others need them.
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_n
@@ -162,7 +187,9 @@ def _fp8_gemm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    rk = k_start + tl.arange(0, BLOCK_K)
     # Rows / columns past the edge read row M-1 / N-1 instead of masking (their results are
     # never stored), which keeps the loads in the main loop unmasked when K is a multiple.
     rm_in = tl.minimum(rm, M - 1).to(tl.int64)
@@ -171,12 +198,12 @@ def _fp8_gemm_kernel(
     a_ptrs = xq_ptr + rm_in[:, None] * stride_xm + rk[None, :]
     b_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_in = k0 + rk < K
+            k_in = k0 - k_start + rk < k_end
             a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
@@ -185,10 +212,11 @@ def _fp8_gemm_kernel(
 
     xs = tl.load(xs_ptr + rm_in)  # [BLOCK_M]
     ws = tl.load(ws_ptr + rn_in)  # [BLOCK_N]
+    # Each split scales its own partial: the sum of the scaled partials differs from the scaled
+    # sum only by float32 rounding, and the last split's sum is then a plain load_sum.
     y = acc * xs[:, None] * ws[None, :]
-    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :],
-             cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+    finish(y, part_ptr, lock_ptr, out_ptr, rm, rn, (rm < M)[:, None] & (rn < N)[None, :],
+           pid_m * num_n + pid_n, pid_k, M, N, stride_om, SPLITS, SPLIT, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 def check_fp8_runnable(device: torch.device) -> None:
@@ -277,17 +305,19 @@ def fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, w_scale: torch.Tensor, *
         if out_dtype not in FLOAT_DTYPES:
             raise ValueError(f"give out or a float out_dtype, got {out_dtype!r}")
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    if config is not None and not isinstance(config, Fp8GemmConfig):
-        raise ValueError(f"config must be an Fp8GemmConfig, got {type(config).__name__}")
+    if config is not None:
+        check_fp8_config(config)
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(m, n, k)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _fp8_gemm_kernel[grid](
-        xq, qweight, x_scale, w_scale, out, m, n, k,
+    splits, k_per_split = split_plan(k, cfg.block_k, cfg.split_k)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    part, locks = split_buffers("fp8_gemm", out, m, n, splits, tiles)
+    _fp8_gemm_kernel[(tiles, splits)](
+        xq, qweight, x_scale, w_scale, out, part, locks, m, n, k, k_per_split, splits,
         xq.stride(0), qweight.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=k % cfg.block_k == 0, INTERPRET=interpreting(),
+        EVEN_K=k % cfg.block_k == 0, SPLIT=splits > 1, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

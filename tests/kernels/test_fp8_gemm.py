@@ -155,6 +155,11 @@ def _gemm_case(m, n, k, dtype, seed):
     (37, 70, 200, Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2)),  # ragged M, N, K
     (100, 33, 130, None),
     (64, 96, 256, Fp8GemmConfig(16, 16, 128, num_warps=4, num_stages=2, group_m=3)),  # groups cut short
+    # split-K: the splits' scaled partials summed by the last to arrive (K 256 in 4, 4 x 64;
+    # K 200 in 3 of 2 x 32 with a ragged last tile; 3 asked of 2 tiles gives 2 splits)
+    (20, 48, 256, Fp8GemmConfig(16, 16, 64, num_warps=4, num_stages=2, group_m=2, split_k=4)),
+    (37, 70, 200, Fp8GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=1, split_k=3)),
+    (3, 32, 64, Fp8GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=1, split_k=3)),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gemm_matches_reference(device, m, n, k, config, dtype):
@@ -178,16 +183,42 @@ def test_gemm_matches_reference_large(m, n, k, dtype):
     _assert_gemm_close(got, ref.cpu())
 
 
+def test_split_k_sums_in_split_order_and_resets_its_counters(device):
+    """Two launches of a split config give identical bits (the sum's order is the splits', not
+    the arrivals'), and each leaves its arrival counters at zero for the next."""
+    from llmesh.kernels.common import arrival_counters
+
+    x, qweight, scales = (t.to(device) for t in _gemm_case(24, 64, 512, torch.float16, seed=5))
+    cfg = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=1, split_k=4)
+    first = fp8_gemm(x, qweight, scales, config=cfg)
+    second = fp8_gemm(x, qweight, scales, config=cfg)
+    assert torch.equal(first, second)
+    assert int(arrival_counters("fp8_gemm", x.device, 1).abs().sum()) == 0
+    _assert_gemm_close(first, fp8_gemm_ref(x, qweight, scales).cpu())
+
+
+@pytest.mark.parametrize("bad", [
+    Fp8GemmConfig(16, 32, 48, num_warps=4, num_stages=2),            # block_k not a power of two
+    Fp8GemmConfig(16, 32, 16, num_warps=4, num_stages=2),            # block_k under FP8's 32
+    Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, split_k=0),
+])
+def test_bad_config_is_refused(device, bad):
+    x, qweight, scales = (t.to(device) for t in _gemm_case(4, 32, 64, torch.float32, seed=1))
+    with pytest.raises(ValueError, match="config"):
+        fp8_gemm(x, qweight, scales, config=bad)
+
+
 @needs_fp8_gpu
-def test_gemm_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("config", [None, Fp8GemmConfig(64, 64, 128, num_warps=4, num_stages=4, split_k=4)])
+def test_gemm_replays_in_a_cuda_graph(config):
     dev = torch.device("cuda")
     x, qweight, scales = (t.to(dev) for t in _gemm_case(16, 512, 1024, torch.bfloat16, seed=9))
     static_x = x.clone()
-    fp8_gemm(static_x, qweight, scales)  # compile outside the capture
+    fp8_gemm(static_x, qweight, scales, config=config)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = fp8_gemm(static_x, qweight, scales)
+        static_y = fp8_gemm(static_x, qweight, scales, config=config)
     new_x = torch.randn_like(x)
     static_x.copy_(new_x)
     graph.replay()

@@ -201,8 +201,9 @@ def fp8_matmul(rows, w: Fp8Weight | W4A8Weight, out_dtype: torch.dtype) -> torch
     """Activations quantized per token (kernels.fp8_gemm.Fp8Rows: by quantize_fp8_per_token, or
     fused into the op that produced them) @ an FP8 or W4A8 weight → [M, N] in out_dtype. FP8:
     cuBLASLt's FP8 GEMM where the measured table says ``scaled_mm``, FBGEMM's where it says
-    ``fbgemm`` (and it can run), else our kernel. W4A8: w4a8_matmul."""
-    from llmesh.kernels.fp8_gemm import fp8_gemm_rows, fp8_scaled_mm_rows
+    ``fbgemm`` (and it can run), else our kernel (with the table's tile where it gives one).
+    W4A8: w4a8_matmul."""
+    from llmesh.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm_rows, fp8_scaled_mm_rows
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
     if isinstance(w, W4A8Weight):
@@ -215,7 +216,8 @@ def fp8_matmul(rows, w: Fp8Weight | W4A8Weight, out_dtype: torch.dtype) -> torch
 
         if (y := fbgemm_fp8_matmul(rows.xq, rows.scale, w, out_dtype)) is not None:
             return y
-    return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype)
+    config = Fp8GemmConfig(*choice[1]) if choice is not None and choice[0] == "fp8" and choice[1] else None
+    return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype, config=config)
 
 
 def w4a8_matmul(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
