@@ -106,6 +106,45 @@ def exponent_to_scale(e):
 
 
 @triton.jit
+def scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE: tl.constexpr,
+                NUM_KV_HEADS: tl.constexpr):
+    """The K and V scale codes ([BLOCK_N] uint8, from scale pools [num_blocks, block_size, H_kv])
+    of keys n, whose block-table entries are `blocks` (0 past `end`)."""
+    sc = (blocks.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+    return (tl.load(k_scale_ptr + sc, mask=n < end, other=0),
+            tl.load(v_scale_ptr + sc, mask=n < end, other=0))
+
+
+# The scales are 1-byte gathers through the block table: too narrow for Triton to pipeline, so
+# loaded in the step that uses them they cost two dependent global latencies a step (the table
+# entry, then the scale). The attention loops over an FP8 pool carry them instead: step i uses
+# the codes loaded in step i - 1, issues those of step i + 1 (from table entries loaded in step
+# i - 1) and the table entries of step i + 2. Masks use the loop's `end`, so a loop that stops
+# early (or a second loop continuing the first's tiles) reads nothing past it.
+@triton.jit
+def scale_carry_init(k_scale_ptr, v_scale_ptr, table, n, end, kv_head, BLOCK_N: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    """The carry before a loop whose first tile is keys n: (K codes, V codes) of that tile and
+    the block-table entries of the next."""
+    blocks = tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0)
+    ks, vs = scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE, NUM_KV_HEADS)
+    blocks_next = tl.load(table + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
+    return ks, vs, blocks_next
+
+
+@triton.jit
+def scale_carry_step(k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, end, kv_head,
+                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    """At the tile of keys n: (its K codes, its V codes, the carry for the next tile)."""
+    ks_codes, vs_codes = ks_next, vs_next
+    ks_next, vs_next = scale_codes(k_scale_ptr, v_scale_ptr, blocks_next, n + BLOCK_N, end, kv_head, BLOCK_SIZE,
+                                   NUM_KV_HEADS)
+    n3 = n + 2 * BLOCK_N
+    blocks_next = tl.load(table + n3 // BLOCK_SIZE, mask=n3 < end, other=0)  # int32 until used
+    return ks_codes, vs_codes, ks_next, vs_next, blocks_next
+
+
+@triton.jit
 def fp8_pv_operands(p, vs, v, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
     """Operands of the P·V dot over an FP8 value tile: p: [M, N] float32 probabilities times the
     value scales vs: [N], and v: [N, D] E4M3 codes.

@@ -29,7 +29,8 @@ from llmesh.kernels.attention_config import (PagedDecodeTile, decode_fold,
 from llmesh.kernels.common import (
     INDEX_DTYPES, arrival_counters, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision,
     interpreting, next_power_of_2, pdl_launch)
-from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands, widen_e4m3
+from llmesh.kernels.kv_quant import (
+    exponent_to_scale, fp8_pv_operands, scale_carry_init, scale_carry_step, widen_e4m3)
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
@@ -37,16 +38,6 @@ from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 _LOG2E = 1.4426950408889634
 FOLD_BLOCK_P = tl.constexpr(16)
 """Partials a folded combine loads at once (fixed: the partition count is not specialised)."""
-
-
-@triton.jit
-def _scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE: tl.constexpr,
-                 NUM_KV_HEADS: tl.constexpr):
-    """The K and V scale codes ([BLOCK_N] uint8, from scale pools [num_blocks, block_size, H_kv])
-    of keys n, whose block-table entries are `blocks` (0 past `end`)."""
-    sc = (blocks.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
-    return (tl.load(k_scale_ptr + sc, mask=n < end, other=0),
-            tl.load(v_scale_ptr + sc, mask=n < end, other=0))
 
 
 # The partition count (from the step's longest context in eager steps) and the block table's
@@ -89,27 +80,18 @@ def _decode_partition_kernel(
     l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + b * stride_bt
-    if FP8:
-        # The scales are 1-byte gathers through the block table: too narrow for Triton to
-        # pipeline, so loaded in the step that uses them they cost two dependent global
-        # latencies a step (the table entry, then the scale). Instead they are carried: step i
-        # uses the scales loaded in step i - 1, issues the scales of step i + 1 (from table
-        # entries loaded in step i - 1) and the table entries of step i + 2.
-        n = start + tl.arange(0, BLOCK_N)
-        blocks = tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0)
-        ks_next, vs_next = _scale_codes(k_scale_ptr, v_scale_ptr, blocks, n, end, kv_head, BLOCK_SIZE, NUM_KV_HEADS)
-        blocks_next = tl.load(table + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
+    if FP8:  # the scale codes are carried a step ahead (kv_quant.scale_carry_init says why)
+        ks_next, vs_next, blocks_next = scale_carry_init(k_scale_ptr, v_scale_ptr, table, start + tl.arange(0, BLOCK_N),
+                                                         end, kv_head, BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         offset = n % BLOCK_SIZE
         if FP8:
-            ks_codes, vs_codes = ks_next, vs_next
-            ks_next, vs_next = _scale_codes(k_scale_ptr, v_scale_ptr, blocks_next, n + BLOCK_N, end, kv_head,
-                                            BLOCK_SIZE, NUM_KV_HEADS)
-            n3 = n + 2 * BLOCK_N
-            blocks_next = tl.load(table + n3 // BLOCK_SIZE, mask=n3 < end, other=0)  # int32 until used
+            ks_codes, vs_codes, ks_next, vs_next, blocks_next = scale_carry_step(
+                k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, end, kv_head,
+                BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
         kv_mask = n_mask[None, :] & d_mask[:, None]
         # k: [BLOCK_D, BLOCK_N] (transposed for the dot); v: [BLOCK_N, BLOCK_D]
         k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks

@@ -33,7 +33,8 @@ from llmesh.kernels.attention_config import PrefillConfig, prefill_config
 from llmesh.kernels.common import (
     INDEX_DTYPES, check_out, check_paged_kv, check_size, check_tensor, dot_in_fp32, dot_precision, interpreting,
     next_power_of_2)
-from llmesh.kernels.kv_quant import exponent_to_scale, fp8_pv_operands, widen_e4m3
+from llmesh.kernels.kv_quant import (
+    exponent_to_scale, fp8_pv_operands, scale_carry_init, scale_carry_step, widen_e4m3)
 from llmesh.kernels.kv_quant_ref import check_kv_scales
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -59,17 +60,18 @@ def find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask, kv_head, d, d_mask,
+def load_kv_tile(k_cache_ptr, v_cache_ptr, ks_codes, vs_codes, table, n, n_mask, kv_head, d, d_mask,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, MASK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, MASK_N: tl.constexpr,
                  EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr, Q_DTYPE: tl.constexpr,
                  INTERPRET: tl.constexpr):
     """k: [BLOCK_D, BLOCK_N] (transposed for the dot), v: [BLOCK_N, BLOCK_D] of keys n, gathered
-    through the block table, and (FP8 pool) their per-key scales ks, vs: [BLOCK_N] float32
-    (1.0 otherwise). MASK_N=False for tiles wholly inside the context (no predicates). An FP8
-    K tile is converted to the dot's dtype (exact: E4M3 fits fp16, bf16 and fp32; `widen_e4m3`), the V tile
-    left as E4M3 codes for `fp8_pv_operands`; both unscaled: `softmax_step` applies the scales
-    per key column."""
+    through the block table, and (FP8 pool) their per-key scales ks, vs: [BLOCK_N] float32 from
+    the scale codes the loop carried (kv_quant.scale_carry_step; 1.0 otherwise). MASK_N=False
+    for tiles wholly inside the context (no predicates). An FP8 K tile is converted to the
+    dot's dtype (exact: E4M3 fits fp16, bf16 and fp32; `widen_e4m3`), the V tile left as E4M3
+    codes for `fp8_pv_operands`; both unscaled: `softmax_step` applies the scales per key
+    column."""
     if MASK_N:
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     else:
@@ -87,14 +89,8 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
     if FP8:
-        # scales: [num_blocks, block_size, H_kv] uint8 exponents, contiguous
-        sc = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head  # [BLOCK_N]
-        if MASK_N:
-            ks = exponent_to_scale(tl.load(k_scale_ptr + sc, mask=n_mask, other=0))
-            vs = exponent_to_scale(tl.load(v_scale_ptr + sc, mask=n_mask, other=0))
-        else:
-            ks = exponent_to_scale(tl.load(k_scale_ptr + sc))
-            vs = exponent_to_scale(tl.load(v_scale_ptr + sc))
+        ks = exponent_to_scale(ks_codes)
+        vs = exponent_to_scale(vs_codes)
         # v stays E4M3 codes until the P·V dot (fp8_pv_operands)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -107,6 +103,42 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n
             k = k.to(tl.float32)
             v = v.to(tl.float32)
     return k, v, ks, vs
+
+
+@triton.jit
+def kv_tile_step(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, n_mask,
+                 end, kv_head, d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, MASK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr, Q_DTYPE: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """One key tile of a loop over the pool: `load_kv_tile`, and on an FP8 pool the scale carry
+    advanced (kv_quant.scale_carry_step; without FP8 the carry passes through untouched).
+    Returns (k, v, ks, vs, ks_next, vs_next, blocks_next)."""
+    if FP8:
+        ks_codes, vs_codes, ks_next, vs_next, blocks_next = scale_carry_step(
+            k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, end, kv_head,
+            BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS)
+    else:
+        ks_codes = ks_next
+        vs_codes = vs_next
+    k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, ks_codes, vs_codes, table, n, n_mask, kv_head, d, d_mask,
+                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                BLOCK_SIZE, MASK_N, EVEN_D, DOT_F32, FP8, Q_DTYPE, INTERPRET)
+    return k, v, ks, vs, ks_next, vs_next, blocks_next
+
+
+@triton.jit
+def kv_carry_init(k_scale_ptr, v_scale_ptr, table, n, end, kv_head, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr):
+    """The carry `kv_tile_step` starts from at keys n (zeros, unused, without FP8)."""
+    if FP8:
+        ks, vs, blocks = scale_carry_init(k_scale_ptr, v_scale_ptr, table, n, end, kv_head, BLOCK_N, BLOCK_SIZE,
+                                          NUM_KV_HEADS)
+    else:
+        ks = tl.zeros([BLOCK_N], tl.uint8)
+        vs = tl.zeros([BLOCK_N], tl.uint8)
+        blocks = tl.zeros([BLOCK_N], tl.int32)
+    return ks, vs, blocks
 
 
 @triton.jit
@@ -192,23 +224,25 @@ def _prefill_kernel(
     hi = tl.minimum(ctx_len, first_pos + BLOCK_Q)
     diag = tl.maximum(first_pos, 0) // BLOCK_N * BLOCK_N
     n_range = tl.arange(0, BLOCK_N)
+    ks_next, vs_next, blocks_next = kv_carry_init(k_scale_ptr, v_scale_ptr, table, n_range, hi, kv_head, BLOCK_N,
+                                                  BLOCK_SIZE, NUM_KV_HEADS, FP8)
     for n0 in range(0, diag, BLOCK_N):  # off-diagonal: visible to every row, inside the context
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < hi,
-                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
-                                    stride_vb, stride_vs, stride_vh,
-                                    BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty, INTERPRET)
+        k, v, ks, vs, ks_next, vs_next, blocks_next = kv_tile_step(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, n < hi, hi,
+            kv_head, d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8, q_ptr.dtype.element_ty,
+            INTERPRET)
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)
     for n0 in range(diag, hi, BLOCK_N):  # the diagonal: causal mask
         n = n0 + n_range
         n_mask = n < hi
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask,
-                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
-                                    stride_vb, stride_vs, stride_vh,
-                                    BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty, INTERPRET)
+        k, v, ks, vs, ks_next, vs_next, blocks_next = kv_tile_step(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, n_mask, hi,
+            kv_head, d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8, q_ptr.dtype.element_ty,
+            INTERPRET)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)

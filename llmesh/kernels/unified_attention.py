@@ -32,7 +32,7 @@ from llmesh.kernels.attention_config import DecodeConfig, PrefillConfig, decode_
 from llmesh.kernels.common import check_out, dot_in_fp32, dot_precision, interpreting, next_power_of_2, pdl_launch
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.prefill_attention import (
-    LOG2E, check_varlen_paged, launch_prefill_kernel, load_kv_tile, softmax_step)
+    LOG2E, check_varlen_paged, kv_carry_init, kv_tile_step, launch_prefill_kernel, softmax_step)
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 
@@ -98,23 +98,25 @@ def _short_query_kernel(
     # need no mask; the rest (the causal tail and the segment's ragged end) do.
     open_end = start + tl.maximum(tl.minimum(end, prefix + 1) - start, 0) // BLOCK_N * BLOCK_N
     n_range = tl.arange(0, BLOCK_N)
+    ks_next, vs_next, blocks_next = kv_carry_init(k_scale_ptr, v_scale_ptr, table, start + n_range, end, kv_head,
+                                                  BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, FP8)
     for n0 in range(start, open_end, BLOCK_N):
         n = n0 + n_range
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n < end,
-                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
-                                    stride_vb, stride_vs, stride_vh,
-                                    BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty, INTERPRET)
+        k, v, ks, vs, ks_next, vs_next, blocks_next = kv_tile_step(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, n < end, end,
+            kv_head, d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, False, HEAD_DIM == BLOCK_D, DOT_F32, FP8, q_ptr.dtype.element_ty,
+            INTERPRET)
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, None, False, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)
     for n0 in range(open_end, end, BLOCK_N):
         n = n0 + n_range
         n_mask = n < end
-        k, v, ks, vs = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, n, n_mask,
-                                    kv_head, d, d_mask, stride_kb, stride_ks, stride_kh,
-                                    stride_vb, stride_vs, stride_vh,
-                                    BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8,
-                                    q_ptr.dtype.element_ty, INTERPRET)
+        k, v, ks, vs, ks_next, vs_next, blocks_next = kv_tile_step(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, ks_next, vs_next, blocks_next, n, n_mask, end,
+            kv_head, d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, True, HEAD_DIM == BLOCK_D, DOT_F32, FP8, q_ptr.dtype.element_ty,
+            INTERPRET)
         valid = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
         acc, l, m = softmax_step(q, k, v, ks, vs, acc, l, m, scale_log2, valid, True, FP8, DOT_PRECISION,
                                  DOT_F32, INTERPRET)

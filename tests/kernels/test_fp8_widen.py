@@ -5,6 +5,7 @@ a GPU that has FP8 (sm_89+)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,46 @@ def test_fp8_decode_kernel_takes_the_route_asked_for(route):
     # (and the table entries that address them) are loaded a step ahead: no plain load is
     # waited on in the step that issues it.
     assert copies >= 4 and waited == 0 and carried == 3, verdict
+
+
+_COMPILE_LOOPS = """
+import json
+from llmesh.kernels.compile_check import compile_sm90, loop_report
+from llmesh.kernels.prefill_attention import _prefill_kernel
+from llmesh.kernels.unified_attention import _short_query_kernel
+pointers = {"k_cache_ptr": "fp8e4nv", "v_cache_ptr": "fp8e4nv", "k_scale_ptr": "u8", "v_scale_ptr": "u8",
+            "block_tables_ptr": "i32", "query_start_loc_ptr": "i32", "seq_lens_ptr": "i32",
+            "part_m_ptr": "fp32", "part_l_ptr": "fp32", "part_acc_ptr": "fp32"}
+attn = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, FP8=True, DOT_F32=False,
+            DOT_PRECISION="tf32", INTERPRET=False)
+divisible = frozenset({"stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
+                       "stride_vh", "stride_bt", "stride_ot", "stride_oh"})  # as a launch specialises them
+kernels = [(_short_query_kernel, dict(attn, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=64, NUM_SEGMENTS=4, MIN_SEGMENT=256,
+                                      PDL=False)),
+           (_prefill_kernel, dict(attn, BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, MIN_QUERY_LEN=5))]
+for fn, constexprs in kernels:
+    try:
+        report = loop_report(compile_sm90(fn, pointers, constexprs, divisible=divisible).asm["ttgir"])
+    except Exception as e:
+        print("SKIP", str(e)[:160].replace("\\n", " "))
+        raise SystemExit(0)
+    print(json.dumps([fn.__name__, [len(w) for w in report.waited_loads], [len(c) for c in report.carried_loads]]))
+"""
+
+
+def test_fp8_prefill_and_unified_loops_carry_their_scales():
+    """The unified kernel's short-query loops and the prefill kernel's loops over an FP8 pool,
+    compiled for sm_90: as in the decode kernel, the scale codes and the table entries that
+    address them are carried a step ahead (kv_quant.scale_carry_step), so no step waits on a
+    plain load it issued (two loops each: whole tiles, then the masked ones)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLMESH_FP8_WIDEN")}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_LOOPS], env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    if lines[-1].startswith("SKIP"):
+        pytest.skip(f"no sm_90 toolchain in this Triton build: {lines[-1][5:]}")
+    reports = [json.loads(line) for line in lines[-2:]]
+    assert [name for name, _, _ in reports] == ["_short_query_kernel", "_prefill_kernel"], lines
+    for name, waited, carried in reports:
+        assert waited == [0, 0] and carried == [3, 3], (name, waited, carried)
