@@ -46,7 +46,9 @@ from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
 # internals, torch's ATen kernels).
 FAMILIES: list[tuple[str, str]] = [
     ("moe", r"moe|expert|topk_softmax"),
-    ("attention", r"attn|attention|flash|fmha|sdpa|cudnn|decode_partition|decode_reduce"),
+    # the unified kernel's short-query and long-query (_prefill_kernel) launches; before "copy",
+    # whose "fill" the latter's name holds
+    ("attention", r"attn|attention|flash|fmha|sdpa|cudnn|decode_partition|decode_reduce|short_query|_prefill_kernel"),
     ("norm", r"rmsnorm|rms_norm|layer_norm|norm"),
     ("rope_kv", r"rope|kv_cache|kv_write|reshape_and_cache"),
     ("gemm", r"gemm|gemv|nvjet|cublas|cutlass|xmma|sm90|matmul|_mm_|splitk|skinny|linear"),

@@ -140,3 +140,16 @@ def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
         tags = {k.rsplit("_step_ms", 1)[0] for k in doc["metrics"] if k.endswith("_step_ms")}
         assert tags == {tag}, tags
         assert doc["workload"]["chunk_tokens"] == (24 if extra else 0)
+
+
+def test_kernel_profile_families_name_the_unified_attention_kernels():
+    """The unified kernel's two launches count as attention (the long-query one's name,
+    _prefill_kernel, holds "fill", which the copy family matches)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_profile import family
+
+    assert family("_short_query_kernel") == "attention"
+    assert family("_prefill_kernel") == "attention"
+    assert family("_decode_partition_kernel") == "attention"
+    assert family("Memset (Device)") == "copy"
+    assert family("_silu_and_mul_fp8_kernel") == "activation"

@@ -181,7 +181,8 @@ def test_fp8_prefill_and_unified_loops_carry_their_scales():
     """The unified kernel's short-query loops and the prefill kernel's loops over an FP8 pool,
     compiled for sm_90: as in the decode kernel, the scale codes and the table entries that
     address them are carried a step ahead (kv_quant.scale_carry_step), so no step waits on a
-    plain load it issued (two loops each: whole tiles, then the masked ones)."""
+    plain load it issued (two loops each: whole tiles, then the masked ones). Before the carry
+    each loop waited on three."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLMESH_FP8_WIDEN")}
     out = subprocess.run([sys.executable, "-c", _COMPILE_LOOPS], env=env, capture_output=True, text=True,
                          timeout=400)
@@ -192,4 +193,6 @@ def test_fp8_prefill_and_unified_loops_carry_their_scales():
     reports = [json.loads(line) for line in lines[-2:]]
     assert [name for name, _, _ in reports] == ["_short_query_kernel", "_prefill_kernel"], lines
     for name, waited, carried in reports:
-        assert waited == [0, 0] and carried == [3, 3], (name, waited, carried)
+        # carried: the scale codes and their table entries at least (Triton 3.6 carries the
+        # short-query loop's K/V table entries too: 6 there, 3 with 3.9)
+        assert waited == [0, 0] and min(carried) >= 3, (name, waited, carried)
