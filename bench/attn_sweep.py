@@ -9,6 +9,8 @@ writes attn_sweep_<dev>.json:
   BLOCK_M x BLOCK_N x num_warps x num_stages, prompts of 1k-8k tokens (16k tokens a call,
   no cached prefix), TFLOP/s and fraction of the bf16 GEMM ceiling measured in the same run;
   a config's score is its mean fraction over the contexts.
+- mixed (with --parts mixed): the long-query launch's tile inside unified_attention at mixed-step
+  shapes (attention_config.UNIFIED_LONG; see Sweep.mixed).
 - decode: unified_attention's short-query split-KV kernel over BLOCK_N x num_warps x
   num_stages (segments by the default rule), then split sizes (segments per sequence) for
   the best tiles; shapes: 256 decodes at context 512-2048 plus one 256-token prefill chunk
@@ -174,11 +176,83 @@ class Sweep:
                 break
             run(best, segments)
 
+    # ---- mixed -------------------------------------------------------------------------------
+    def mixed(self) -> None:
+        """The long-query launch's tile in mixed steps (attention_config.UNIFIED_LONG): the whole
+        unified_attention call at the offline workload's mixed-step shapes (a few hundred
+        decodes beside one or two fresh chunks; max_query_len the step's token count and
+        max_seq_len 2048, as the engine's captured graphs pass them), replayed from a CUDA graph,
+        with each candidate as prefill_cfg. Score: the default config's time over the
+        candidate's (frac). The chunk alone and the decodes alone, with the default, are timed
+        beside them (shapes "<name> chunk only" / "decodes only": what the launch costs on top
+        of its working programs)."""
+        from gpu_ceilings import graph_time_ms
+
+        from llmesh.kernels.attention_config import PrefillConfig, unified_long_config
+        from llmesh.kernels.unified_attention import unified_attention, unified_attention_ref
+
+        rng = torch.Generator().manual_seed(2)
+        if self.smoke:
+            specs = [("3d+24p", [20, 50, 33], [24])]
+            max_len = 256
+        else:
+            specs = [("255d+400p", torch.randint(150, 451, (255,), generator=rng).tolist(), [400]),
+                     ("254d+2x200p", torch.randint(150, 451, (254,), generator=rng).tolist(), [200, 200]),
+                     ("128d+1024p", torch.randint(200, 601, (128,), generator=rng).tolist(), [1024])]
+            max_len = 2048
+        default = unified_long_config(self.d, self.device)
+
+        def case(ctx: list[int], chunks: list[int]):
+            lens = ctx + chunks
+            k, v, tables = self.pool(lens)
+            t = len(ctx) + sum(chunks)
+            q = self.randn(t, self.h_q, self.d)
+            starts = list(range(len(ctx) + 1))
+            for c in chunks:
+                starts.append(starts[-1] + c)
+            qsl = torch.tensor(starts, dtype=torch.int32, device=self.device)
+            seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
+            return q, k, v, tables, seq_lens, qsl, t
+
+        def call(shape, cfg):
+            q, k, v, tables, seq_lens, qsl, t = shape
+            out = torch.empty_like(q)
+            return out, lambda: unified_attention(q, k, v, tables, seq_lens, qsl, self.scale, max_query_len=t,  # noqa: E731
+                                                  max_seq_len=max_len, out=out, prefill_cfg=cfg)
+
+        shapes = []
+        for name, ctx, chunks in specs:
+            shape = case(ctx, chunks)
+            q, k, v, tables, seq_lens, qsl, _ = shape
+            ref = unified_attention_ref(q, k, v, tables, seq_lens, qsl, self.scale).float()
+            base_ms = graph_time_ms(call(shape, default)[1], self.device)
+            self.record("mixed", asdict(default), name, base_ms, 1.0, "x default", 1.0, None)
+            for part, sub in ((f"{name} chunk only", case([], chunks)), (f"{name} decodes only", case(ctx, []))):
+                ms = graph_time_ms(call(sub, default)[1], self.device)
+                self.record("mixed_part", asdict(default), part, ms, base_ms / ms, "x whole", base_ms / ms, None)
+            shapes.append((name, shape, ref, base_ms))
+        grid = ([PrefillConfig(16, 16, 1, 1)] if self.smoke else [
+            PrefillConfig(bm, bn, w, st) for bm, bn, w, st in itertools.product(
+                (32, 64, 128), (32, 64, 128), (4, 8), (2, 3)) if not (bm <= 64 and w == 8)])
+        for cfg in grid:
+            if self.out_of_time():
+                print("[sweep] mixed: budget spent, stopping", flush=True)
+                return
+            try:
+                for name, shape, ref, base_ms in shapes:
+                    out, fn = call(shape, cfg)
+                    fn()
+                    err = float((out.float() - ref).abs().max())
+                    ms = graph_time_ms(fn, self.device)
+                    self.record("mixed", asdict(cfg), name, ms, base_ms / ms, "x default", base_ms / ms, err)
+            except Exception:  # e.g. a tile that does not fit in shared memory
+                print(f"[sweep] mixed {cfg}: FAILED\n{traceback.format_exc(limit=-2)}", flush=True)
+
     # ---- summary ------------------------------------------------------------------------------
     def winners(self) -> dict:
         """Best config per kind by mean fraction over the shapes it completed (all shapes, correct)."""
         out = {}
-        for kind in ("prefill", "decode"):
+        for kind in ("prefill", "decode", "mixed"):
             rows = [r for r in self.rows if r["kind"] == kind]
             n_shapes = len({r["shape"] for r in rows})
             by_cfg: dict[str, list[dict]] = {}
@@ -206,6 +280,11 @@ def paste_rows(win: dict, d: int) -> list[str]:
         lines.append(f"    {d}: DecodeConfig(block_n={c['block_n']}, num_warps={c['num_warps']}, "
                      f"num_stages={c['num_stages']}, min_segment={c['min_segment']}, "
                      f"programs_per_sm={c['programs_per_sm']}),{note}")
+    if "mixed" in win:
+        c = win["mixed"]["config"]
+        lines.append(f"    UNIFIED_LONG[<device tag>][{d}] = PrefillConfig(block_m={c['block_m']}, block_n={c['block_n']}, "
+                     f"num_warps={c['num_warps']}, num_stages={c['num_stages']})  "
+                     f"# {win['mixed']['mean_frac']:.2f}x the default")
     return lines
 
 
@@ -215,7 +294,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes through the interpreter on the CPU")
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default $OUT, else bench/results)")
     ap.add_argument("--budget-s", type=float, default=170.0, help="start no config after this many seconds")
-    ap.add_argument("--parts", default="prefill,decode")
+    ap.add_argument("--parts", default="prefill,decode",
+                    help="comma-separated: prefill, decode, mixed (the long-query tile in mixed steps)")
     args = ap.parse_args()
     device = pick_device(args.device)
     if device.type != "cuda":
@@ -235,12 +315,15 @@ def main() -> int:
         sweep.deadline = t0 + args.budget_s
     if "decode" in parts:
         sweep.decode(ceilings["copy_tb_s"] * 1e3)
+    if "mixed" in parts:
+        sweep.deadline = time.perf_counter() + args.budget_s if parts == ["mixed"] else t0 + args.budget_s
+        sweep.mixed()
     win = sweep.winners()
     print("\n[sweep] winners (mean fraction of the ceiling over the shapes):")
     for kind, w in win.items():
         print(f"  {kind}: {w['config']}  mean {w['mean_frac']:.3f}  {w['per_shape']}")
     lines = paste_rows(win, sweep.d)
-    print("[sweep] rows for llmesh/kernels/attention_config.py (PREFILL / DECODE tables):")
+    print("[sweep] rows for llmesh/kernels/attention_config.py (PREFILL / DECODE / UNIFIED_LONG tables):")
     print("\n".join(lines) or "  (none)", flush=True)
     wrong = [r for r in sweep.rows if not r["ok"]]
     metrics = {k: float(v) for k, v in ceilings.items()}

@@ -6,6 +6,7 @@ Two kernels, two regimes:
   unified_attention). Compute bound: BLOCK_M rows of (query token, query head of one KV
   group) against BLOCK_N keys per step, `tl.dot` on 16-bit operands (wgmma on Hopper), with
   num_stages K/V tiles in flight. Large tiles while the accumulator fits in registers.
+  `UNIFIED_LONG` (per device) replaces it for that half where measured: mixed steps.
 - `DECODE`: the short-query split-KV kernel of unified_attention.py (decodes, speculative
   steps). Memory bound: one 16-row tile (tl.dot's minimum) holds a sequence's few query
   tokens times its GQA group, so each K/V tile is read once per KV head; the context is
@@ -75,6 +76,23 @@ def _lookup(table: dict, head_dim: int):
 
 def prefill_config(head_dim: int) -> PrefillConfig:
     return _INTERPRET_PREFILL if interpreting() else _lookup(PREFILL, head_dim)
+
+
+# device tag -> {head_dim: config} of the long-query launch inside unified_attention, from
+# bench/attn_sweep.py's "mixed" part. PREFILL is chosen for whole prompts of 1k-8k tokens,
+# where thousands of programs fill the GPU; in a mixed step the long queries are one or two
+# chunks of a few hundred tokens beside hundreds of decodes, so the launch has ~100 working
+# programs, each walking its keys one tile after another (on the H200 at 255 decodes plus a
+# 400-token chunk it took 34-37 us a layer, kernel_profile_h200_c400_*.json). A device or
+# head_dim without an entry takes PREFILL's.
+UNIFIED_LONG: dict[str, dict[int, PrefillConfig]] = {}
+
+
+def unified_long_config(head_dim: int, device) -> PrefillConfig:
+    if interpreting():
+        return _INTERPRET_PREFILL
+    table = UNIFIED_LONG.get(cuda_device_tag(device)) if device.type == "cuda" else None
+    return _lookup(table, head_dim) if table else _lookup(PREFILL, head_dim)
 
 
 def decode_config(head_dim: int) -> DecodeConfig:

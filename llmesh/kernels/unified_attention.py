@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.attention_config import DecodeConfig, PrefillConfig, decode_config, sm_count
+from llmesh.kernels.attention_config import (
+    DecodeConfig, PrefillConfig, decode_config, sm_count, unified_long_config)
 from llmesh.kernels.common import check_out, dot_in_fp32, dot_precision, interpreting, next_power_of_2, pdl_launch
 from llmesh.kernels.paged_attention import AttentionMetadata, paged_attention_ref
 from llmesh.kernels.prefill_attention import (
@@ -222,7 +223,8 @@ def unified_attention(
     captured token count and the model's maximum length under CUDA graphs; nothing here
     reads a tensor value on the host. Returns (or fills `out`) [T, H_q, D]; rows past
     query_start_loc[S] are not written. The *_cfg / num_segments overrides are for
-    bench/attn_sweep.py; the tables in attention_config.py are the defaults.
+    bench/attn_sweep.py; the tables in attention_config.py are the defaults (DECODE, and
+    UNIFIED_LONG or PREFILL for the long queries).
     """
     s = check_varlen_paged(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales)
     fp8 = k_scales is not None
@@ -263,7 +265,8 @@ def unified_attention(
         )
     if max_query_len > block_q:
         launch_prefill_kernel(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
-                              min_query_len=block_q + 1, config=prefill_cfg, k_scales=k_scales, v_scales=v_scales)
+                              min_query_len=block_q + 1, config=prefill_cfg or unified_long_config(d, q.device),
+                              k_scales=k_scales, v_scales=v_scales)
     return out
 
 

@@ -61,6 +61,21 @@ def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
     assert any("PrefillConfig(" in line for line in doc["workload"]["paste"])
 
 
+def test_attn_sweep_smoke_mixed_part_times_the_long_query_tile(tmp_path):
+    """--parts mixed: the whole unified call at a mixed shape per candidate long-query tile,
+    checked against the reference, beside the chunk alone and the decodes alone."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/attn_sweep.py", "--smoke", "--parts", "mixed",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "attn_sweep_cpu.json").read_text())
+    rows = doc["workload"]["rows"]
+    assert doc["workload"]["wrong"] == 0 and set(doc["workload"]["winners"]) == {"mixed"}
+    assert {r["shape"] for r in rows if r["kind"] == "mixed_part"} == {"3d+24p chunk only", "3d+24p decodes only"}
+    assert any(r["kind"] == "mixed" and r["max_err"] is not None for r in rows)  # a candidate, checked
+    assert any(line.startswith("    UNIFIED_LONG[") for line in doc["workload"]["paste"])
+
+
 def test_the_cuda_benchmarks_sources_compile():
     """read_floor.py and w4a16_mma_ablation.py build their kernels from llmesh/kernels/cuda/w4a16_mma.cu's
     text (its helpers; its body with parts replaced): NVRTC compiles what they would launch, so a

@@ -102,3 +102,15 @@ def test_fp8_pools_look_up_their_own_tiles():
         want = pick_tile(PAGED_DECODE_TILE.get(tag + ":fp8", {}), pairs)
         assert paged_decode_tile("cuda", pairs, fp8=True) == want
         assert paged_decode_tile("cuda", pairs) == pick_tile(PAGED_DECODE_TILE.get(tag, {}), pairs)
+
+
+def test_the_long_query_tile_of_mixed_steps_falls_back_to_prefill(monkeypatch):
+    """unified_attention's long-query launch takes UNIFIED_LONG's entry for the device where a
+    sweep measured one, else PREFILL's (and the interpreter's small tile under TRITON_INTERPRET)."""
+    from llmesh.kernels import attention_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_config.unified_long_config(128, torch.device("cpu")) == attention_config.prefill_config(128)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for d in (64, 128, 256):
+        assert attention_config.unified_long_config(d, torch.device("cpu")) == attention_config.PREFILL[d]
