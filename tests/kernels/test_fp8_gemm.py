@@ -155,8 +155,8 @@ def _gemm_case(m, n, k, dtype, seed):
     (37, 70, 200, Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2)),  # ragged M, N, K
     (100, 33, 130, None),
     (64, 96, 256, Fp8GemmConfig(16, 16, 128, num_warps=4, num_stages=2, group_m=3)),  # groups cut short
-    # split-K: the splits' scaled partials summed by the last to arrive (K 256 in 4, 4 x 64;
-    # K 200 in 3 of 2 x 32 with a ragged last tile; 3 asked of 2 tiles gives 2 splits)
+    # split-K: the splits' scaled partials summed by the last to arrive (K 256 in 4 splits of
+    # 64; K 200 in 3 of 96, 96 and 8: a ragged last tile; 3 asked of 2 tiles gives 2 splits)
     (20, 48, 256, Fp8GemmConfig(16, 16, 64, num_warps=4, num_stages=2, group_m=2, split_k=4)),
     (37, 70, 200, Fp8GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=1, split_k=3)),
     (3, 32, 64, Fp8GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=1, split_k=3)),
