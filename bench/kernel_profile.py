@@ -9,7 +9,8 @@ kernel intervals; the rest is launch gaps and host time), the time by kernel fam
 cut is chosen from a measurement.
 
 Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30b-a3b]
-       [--batch 1] [--chunk 0] [--steps 24] [--quantization none|fp8|int4|...] [--router-kernel default|on|off]
+       [--batch 1] [--chunk 0] [--steps 24] [--quantization none|fp8|int4|...] [--kv-cache-dtype auto|fp8]
+       [--router-kernel default|on|off]
        [--pair-blocks default|off] [--smoke]
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>[_c<N>]_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
@@ -84,7 +85,7 @@ def kernel_events(prof) -> list[tuple[str, float, float]]:
 def profile_model(model: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
     kwargs = dict(backend="triton" if device.type == "cuda" else "torch", dtype="bfloat16", device=str(device),
                   max_num_seqs=max(8, args.batch + 1), max_num_batched_tokens=max(8192, args.batch + args.chunk),
-                  max_model_len=2048, quantization=args.quantization)
+                  max_model_len=2048, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.smoke:
         kwargs.update(max_num_batched_tokens=max(256, args.batch + args.chunk), max_model_len=256, num_kv_blocks=128)
     llm = LLM(model, **kwargs)
@@ -135,7 +136,8 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
         per_name[name][1] += e - s
         per_family[family(name)] += e - s
     steps = args.steps
-    quant = "" if args.quantization == "none" else f"_{args.quantization}"
+    quant = ("" if args.quantization == "none" else f"_{args.quantization}") + \
+        ("_kv8" if args.kv_cache_dtype == "fp8" else "")
     tag = f"profile_{model_tag(model)}{quant}_b{args.batch}" + (f"_c{args.chunk}" if args.chunk else "")
     total_us = sum(v[1] for v in per_name.values())
     metrics = {
@@ -177,6 +179,9 @@ def main() -> None:
     ap.add_argument("--quantization", default="none",
                     help="the engine's weight format (none, fp8, int4, ...); a format other than none "
                          "is named in the metrics' tag: profile_<model>_<format>_b<B>_...")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="the KV pool's dtype: auto (the model's), fp8 (E4M3 with per-head scales; the tag "
+                         "gains _kv8: profile_<model>[_<format>]_kv8_b<B>_...)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--router-kernel", choices=("default", "on", "off"), default="default",
                     help="MoE router: the Triton kernel or the torch ops on the GPU (kernels.moe_router)")
@@ -202,7 +207,8 @@ def main() -> None:
         models = [f"random:{SMOKE_PRESET}"]
         args.prompt, args.warmup, args.steps = 16, 3, 4
     metrics: dict[str, float] = {}
-    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "chunk_tokens": args.chunk, "quantization": args.quantization, "warmup_steps": args.warmup,
+    workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "chunk_tokens": args.chunk,
+                      "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
                       "pair_blocks": args.pair_blocks,
                       "software": software_versions(), "smoke": args.smoke,

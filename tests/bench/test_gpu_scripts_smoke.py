@@ -144,9 +144,10 @@ def test_decode_tile_sweep_smoke_over_an_fp8_pool(tmp_path):
 
 def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
     """Decode-only steps, then --chunk: every profiled step also prefills a fresh prompt (a mixed
-    step), tagged _c<N>."""
+    step), tagged _c<N>; then decode steps over an FP8 KV pool, tagged _kv8."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for extra, tag in (([], "profile_smoke_tiny_b2"), (["--chunk", "24"], "profile_smoke_tiny_b2_c24")):
+    for extra, tag in (([], "profile_smoke_tiny_b2"), (["--chunk", "24"], "profile_smoke_tiny_b2_c24"),
+                       (["--kv-cache-dtype", "fp8"], "profile_smoke_tiny_kv8_b2")):
         proc = subprocess.run([sys.executable, "bench/kernel_profile.py", "--smoke", "--batch", "2", *extra,
                                "--results-dir", str(tmp_path)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -154,7 +155,8 @@ def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
         doc = json.loads((tmp_path / "kernel_profile_cpu.json").read_text())
         tags = {k.rsplit("_step_ms", 1)[0] for k in doc["metrics"] if k.endswith("_step_ms")}
         assert tags == {tag}, tags
-        assert doc["workload"]["chunk_tokens"] == (24 if extra else 0)
+        assert doc["workload"]["chunk_tokens"] == (24 if "--chunk" in extra else 0)
+        assert doc["workload"]["kv_cache_dtype"] == ("fp8" if "--kv-cache-dtype" in extra else "auto")
 
 
 def test_kernel_profile_families_name_the_unified_attention_kernels():
