@@ -79,6 +79,20 @@ class Sweep:
         print(f"[sweep] {kind:<8}{shape:<18}{json.dumps(config):<80}{ms:9.4f} ms {rate:9.1f} {unit} "
               f"{frac:.3f}{err_s}", flush=True)
 
+    def batch(self, ctx: list[int], chunks: list[int]):
+        """A mixed batch over a fresh pool: decodes whose contexts are `ctx` (one new token each),
+        then fresh prompt chunks of `chunks` tokens: (q, k, v, tables, seq_lens, qsl, tokens)."""
+        lens = ctx + chunks
+        k, v, tables = self.pool(lens)
+        t = len(ctx) + sum(chunks)
+        q = self.randn(t, self.h_q, self.d)
+        starts = list(range(len(ctx) + 1))
+        for c in chunks:
+            starts.append(starts[-1] + c)
+        qsl = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        return q, k, v, tables, seq_lens, qsl, t
+
     # ---- prefill ------------------------------------------------------------------------------
     def prefill(self, gemm_tflops: float) -> None:
         from llmesh.kernels.attention_config import PrefillConfig
@@ -129,14 +143,8 @@ class Sweep:
             specs = [("mix 256d+256p", lens, 256), ("16d c8192", [8192] * 16, 0), ("64d c8192", [8192] * 64, 0)]
         shapes = []
         for name, ctx, chunk in specs:
-            lens = ctx + ([chunk] if chunk else [])
-            k, v, tables = self.pool(lens)
-            t = len(ctx) + chunk
-            q = self.randn(t, self.h_q, self.d)
-            starts = list(range(len(ctx) + 1)) + ([t] if chunk else [])
-            qsl = torch.tensor(starts, dtype=torch.int32, device=self.device)
-            seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
-            nbytes = 2 * sum(lens) * self.h_kv * self.d * 2 + 2 * q.numel() * 2
+            q, k, v, tables, seq_lens, qsl, _ = self.batch(ctx, [chunk] if chunk else [])
+            nbytes = 2 * int(seq_lens.sum()) * self.h_kv * self.d * 2 + 2 * q.numel() * 2
             max_seq = tables.shape[1] * BLOCK_SIZE
             ref = unified_attention_ref(q, k, v, tables, seq_lens, qsl, self.scale).float()
             shapes.append((name, nbytes, q, k, v, tables, seq_lens, qsl, max(chunk, 1), max_seq, ref))
@@ -202,18 +210,6 @@ class Sweep:
             max_len = 2048
         default = unified_long_config(self.d, self.device)
 
-        def case(ctx: list[int], chunks: list[int]):
-            lens = ctx + chunks
-            k, v, tables = self.pool(lens)
-            t = len(ctx) + sum(chunks)
-            q = self.randn(t, self.h_q, self.d)
-            starts = list(range(len(ctx) + 1))
-            for c in chunks:
-                starts.append(starts[-1] + c)
-            qsl = torch.tensor(starts, dtype=torch.int32, device=self.device)
-            seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
-            return q, k, v, tables, seq_lens, qsl, t
-
         def call(shape, cfg):
             q, k, v, tables, seq_lens, qsl, t = shape
             out = torch.empty_like(q)
@@ -222,12 +218,13 @@ class Sweep:
 
         shapes = []
         for name, ctx, chunks in specs:
-            shape = case(ctx, chunks)
+            shape = self.batch(ctx, chunks)
             q, k, v, tables, seq_lens, qsl, _ = shape
             ref = unified_attention_ref(q, k, v, tables, seq_lens, qsl, self.scale).float()
             base_ms = graph_time_ms(call(shape, default)[1], self.device)
             self.record("mixed", asdict(default), name, base_ms, 1.0, "x default", 1.0, None)
-            for part, sub in ((f"{name} chunk only", case([], chunks)), (f"{name} decodes only", case(ctx, []))):
+            for part, sub in ((f"{name} chunk only", self.batch([], chunks)),
+                              (f"{name} decodes only", self.batch(ctx, []))):
                 ms = graph_time_ms(call(sub, default)[1], self.device)
                 self.record("mixed_part", asdict(default), part, ms, base_ms / ms, "x whole", base_ms / ms, None)
             shapes.append((name, shape, ref, base_ms))

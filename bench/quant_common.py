@@ -16,6 +16,12 @@ from gpu_ceilings import device_name, device_tag, results_dir_for, rounded, soft
 
 from llmesh.bench_results import write_result
 
+def auto_splits(tiles: int, iters: int, sms: int, cap: int) -> int:
+    """Split-K for a launch of `tiles` output tiles of `iters` K steps each: enough splits to
+    give every SM about two programs, each split at least two K steps, at most `cap`."""
+    return max(1, min(-(-2 * sms // tiles), iters // 2, cap))
+
+
 class Run:
     """Metrics, workload description, failures and skips of this run; saves after every item."""
 

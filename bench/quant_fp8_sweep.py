@@ -13,8 +13,10 @@ in, the libraries without.
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import torch
-from quant_common import Budget, Run
+from quant_common import Budget, Run, auto_splits
 from quant_libraries import LibraryConfig
 
 # (block_m, block_n, block_k, num_warps, num_stages); split-K is added per cell
@@ -31,7 +33,7 @@ kernels' ground); the sweep starts here."""
 def fp8_configs(m: int, n: int, k: int, sms: int, smoke: bool) -> list:
     """Our kernel's candidates for this cell: tiles whose rows suit M (not taller than M rounded
     up, not under an eighth of it), each unsplit and, where its output tiles fill under two
-    waves, split so that they come to about two programs an SM."""
+    waves, split so that they come to about two programs an SM (quant_common.auto_splits)."""
     from llmesh.kernels.common import next_power_of_2
     from llmesh.kernels.fp8_gemm import Fp8GemmConfig
 
@@ -42,10 +44,7 @@ def fp8_configs(m: int, n: int, k: int, sms: int, smoke: bool) -> list:
             continue
         tiles = -(-m // bm) * -(-n // bn)
         iters = -(-k // bk)
-        splits = {1}
-        if tiles < 2 * sms:
-            splits.add(max(1, min(-(-2 * sms // tiles), iters // 2, 8)))
-        for s in sorted(splits):
+        for s in sorted({1, auto_splits(tiles, iters, sms, 8)}):
             cfg = Fp8GemmConfig(bm, bn, bk, warps, stages, 8, s)
             if cfg not in out:
                 out.append(cfg)
@@ -96,9 +95,7 @@ def fp8_sweep(run: Run, rings: dict, shapes: list, ms: tuple[int, ...], budget: 
                 found[f"fp8_{tag}"] = {"best": best.short(), "best_ms": round(best_ms, 5),
                                        "all": [[c.short(), round(t, 5)] for t, c in times]}
                 tuned[table_key("fp8", n, k, m)] = ([best.choice, []] if isinstance(best, LibraryConfig)
-                                                    else ["fp8", [best.block_m, best.block_n, best.block_k,
-                                                                  best.num_warps, best.num_stages, best.group_m,
-                                                                  best.split_k]])
+                                                    else ["fp8", list(astuple(best))])
                 run.metrics[f"gemm_fp8_{tag}_best_ms"] = best_ms
                 if own:
                     run.metrics[f"gemm_fp8_{tag}_own_best_ms"] = min(own, key=lambda t: t[0])[0]

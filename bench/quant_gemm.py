@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from gpu_ceilings import device_tag
 from quant_act import act_kinds, act_sweep
-from quant_common import Budget, Run
+from quant_common import Budget, Run, auto_splits
 from quant_fp8_sweep import fp8_sweep
 from quant_libraries import (LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fbgemm_w4a8_cell, fp8_choices, scaled_mm_cell,
                              w4a8_ring)
@@ -113,7 +113,7 @@ def sweep_configs(kind: str, m: int, n: int, k: int, group: int, device: torch.d
         block_k = clamp_block_k(block_k, group, grouped)
         tiles = -(-m // block_m) * -(-n // block_n)
         iters = -(-k_rows(kind, k, group) // block_k)
-        auto = max(1, min(-(-2 * sms // tiles), iters // 2, 16))
+        auto = auto_splits(tiles, iters, sms, 16)
         splits = {"auto": auto, "2x": max(1, min(2 * auto, iters // 2, 32)),
                   "4x": max(1, min(4 * auto, iters // 2, 32)), "1": 1}[split]
         cfg = GemmConfig(block_m, block_n, block_k, splits, warps, stages, words)
