@@ -3,7 +3,7 @@
 One GPU call (about 3 minutes on an H200) times a grid of configs at Llama-3-8B attention
 shapes (32 query / 8 KV heads, head_dim 128, bf16, KV block size 16), checks every config's
 output once against the torch reference, prints a table and the table rows to paste, and
-writes attn_sweep_<dev>.json:
+writes attn_sweep_<dev>.json (attn_sweep_<dev>_<parts>.json for other --parts):
 
 - prefill: the causal tile kernel (prefill_attention / unified's long-query path) over
   BLOCK_M x BLOCK_N x num_warps x num_stages, prompts of 1k-8k tokens (16k tokens a call,
@@ -305,6 +305,9 @@ def main() -> int:
           f"gemm {ceilings['gemm_bf16_tflops']:.1f} TFLOP/s", flush=True)
     sweep = Sweep(device, args.smoke, args.budget_s)
     parts = args.parts.split(",")
+    # the default parts keep the plain name (the PREFILL / DECODE tables' file); another set of
+    # parts is a file of its own, so a mixed-only sweep does not replace the tile sweep's record
+    suffix = "" if sorted(parts) == ["decode", "prefill"] else "_" + "_".join(parts)
     if "prefill" in parts:
         if "decode" in parts:  # half the budget each, the decode half starting when prefill ends
             sweep.deadline = time.perf_counter() + args.budget_s / 2
@@ -336,7 +339,7 @@ def main() -> int:
         out_dir = Path(os.environ["OUT"])
     else:
         out_dir = results_dir_for(argparse.Namespace(results_dir=None, smoke=args.smoke))
-    path = write_result(f"attn_sweep_{device_tag(device)}", workload, metrics, device=device_name(device),
+    path = write_result(f"attn_sweep_{device_tag(device)}{suffix}", workload, metrics, device=device_name(device),
                         results_dir=out_dir)
     print(f"[sweep] wrote {path} ({time.perf_counter() - t0:.1f}s); {len(wrong)} wrong rows", flush=True)
     return 1 if wrong else 0

@@ -84,8 +84,14 @@ def prefill_config(head_dim: int) -> PrefillConfig:
 # chunks of a few hundred tokens beside hundreds of decodes, so the launch has ~100 working
 # programs, each walking its keys one tile after another (on the H200 at 255 decodes plus a
 # 400-token chunk it took 34-37 us a layer, kernel_profile_h200_c400_*.json). A device or
-# head_dim without an entry takes PREFILL's.
-UNIFIED_LONG: dict[str, dict[int, PrefillConfig]] = {}
+# head_dim without an entry takes PREFILL's. On the H200 (attn_sweep_h200_mixed.json, three mixed
+# shapes timed as CUDA-graph replays of the whole unified call) 64 x 64 tiles with 2 stages took
+# the call 1.03-1.05x faster than PREFILL's 128 x 32 x 4 (255 decodes + 400: 0.127 against 0.133
+# ms). The same file times the halves alone: the decodes take ~0.11 ms of that call and the
+# chunk ~0.03, so the long-query tile is a small share of a mixed step's attention.
+UNIFIED_LONG: dict[str, dict[int, PrefillConfig]] = {
+    "h200": {128: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)},
+}
 
 
 def unified_long_config(head_dim: int, device) -> PrefillConfig:

@@ -68,7 +68,9 @@ def test_attn_sweep_smoke_mixed_part_times_the_long_query_tile(tmp_path):
     proc = subprocess.run([sys.executable, "bench/attn_sweep.py", "--smoke", "--parts", "mixed",
                            "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "attn_sweep_cpu.json").read_text())
+    # a file of its own, so a mixed-only sweep leaves the tile sweep's record alone
+    assert not (tmp_path / "attn_sweep_cpu.json").exists()
+    doc = json.loads((tmp_path / "attn_sweep_cpu_mixed.json").read_text())
     rows = doc["workload"]["rows"]
     assert doc["workload"]["wrong"] == 0 and set(doc["workload"]["winners"]) == {"mixed"}
     assert {r["shape"] for r in rows if r["kind"] == "mixed_part"} == {"3d+24p chunk only", "3d+24p decodes only"}
