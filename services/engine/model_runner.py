@@ -321,7 +321,7 @@ class RunnerBase(abc.ABC):
         self.cfg, self.device, self.dtype, self.block_size, self.sampler = cfg, device, dtype, block_size, sampler
         self.linear_method = linear_method
         self.logits_observer: Callable[[list[Request], torch.Tensor], None] | None = None
-        """When set, sees each step's float32 logits [N, vocab] (fidelity tests)."""
+        """When set, sees each step's logits [N, vocab] as float32 (fidelity tests)."""
         self.feed = SampledTokenFeed()
         self.kv_dtype = kv_pool_dtype(kv_cache_dtype, dtype, device, self.ops)
         self._build_model(weights, awq_calibration)
@@ -404,7 +404,7 @@ class RunnerBase(abc.ABC):
             self.feed.set(None)
             return None
         if self.logits_observer is not None:
-            self.logits_observer(host.sampling_requests, logits)
+            self.logits_observer(host.sampling_requests, logits.float())
 
         def sample() -> SampledBatch:
             sampled = self.sampler.sample(logits, host.sampling_requests, host.spec_drafts)

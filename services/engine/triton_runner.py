@@ -193,7 +193,7 @@ class TritonModelRunner(RunnerBase):
         out, hidden = self.forward_host(host)
         decode_only = self._decode_only(host)
         prompt_lps = None if decode_only else self.prompt_logprobs(scheduled, host.query_start_loc, out)
-        # [R, vocab] float32, a fresh tensor: the next graph replay does not overwrite it
+        # [R, vocab] in the model dtype, a fresh tensor: the next graph replay does not overwrite it
         logits = self.model.compute_logits(hidden) if host.sampling_requests else None
         # An embedding chunk never samples, so its step is never decode-only: ``out`` holds
         # every token's hidden state, padded rows after the step's ``t``.

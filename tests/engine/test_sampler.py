@@ -60,6 +60,23 @@ def test_greedy_is_argmax(dtype):
     assert out.logprobs == [None] * 8
 
 
+def test_16_bit_logits_sample_as_their_float32_copy():
+    """The model hands its logits over in its own dtype (compute_logits no longer widens them):
+    every rule (penalties, bias, filters, seeded sampling, logprobs) must see what it saw in the
+    float32 copy of the same values, and ties among 16-bit values stay ties."""
+    logits = (rand_logits(5, 64, seed=3) * 4).round().bfloat16()  # coarse: many ties
+
+    def batch():
+        return [req("g", temperature=0.0), req("p", output=(4, 4, 9), temperature=0.0, repetition_penalty=1.3,
+                                                  frequency_penalty=0.2, logprobs=3),
+                req("s", temperature=0.8, top_k=5, seed=7, logprobs=2), req("b", temperature=0.0, logit_bias={1: 5.0}),
+                req("m", temperature=1.1, top_p=0.7, min_p=0.05, seed=11)]
+
+    half, full = Sampler()(logits, batch()), Sampler()(logits.float(), batch())
+    assert half.token_ids == full.token_ids
+    assert half.logprobs == full.logprobs
+
+
 def test_greedy_ties_pick_lowest_id():
     logits = torch.tensor([[0.0, 5.0, 5.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
     out = Sampler()(logits, [req("a", temperature=0.0, logprobs=2), req("b", temperature=0.0)])

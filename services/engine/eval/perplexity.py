@@ -65,7 +65,7 @@ def window_nll(runner, ids: Sequence[int]) -> float:
     total = 0.0
     for start in range(0, n - 1, LOGIT_ROWS):
         stop = min(start + LOGIT_ROWS, n - 1)
-        logits = model.compute_logits(hidden[start:stop])             # [rows, vocab] float32
+        logits = model.compute_logits(hidden[start:stop]).float()     # [rows, vocab]
         logprobs = torch.log_softmax(logits, dim=-1)
         total -= logprobs.gather(1, tokens[start + 1:stop + 1, None]).sum().item()
     return total

@@ -299,8 +299,14 @@ class LlamaForCausalLM:
         return self.shard.all_reduce(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] → logits [N, vocab] float32. Tensor-parallel: every rank must call
-        it with the same rows; rank 0 gets the gathered logits, the others their own part."""
+        """hidden [N, hidden] → logits [N, vocab] in the model dtype. Tensor-parallel: every rank
+        must call it with the same rows; rank 0 gets the gathered logits, the others their own part.
+
+        Not widened to float32 here: the usual serving batch is all greedy, and its argmax over
+        the 16-bit logits is the argmax over their exact float32 copies. That copy was a kernel a
+        step writing 4 bytes a logit (48 µs at 128 rows of a 128k vocabulary on the H200,
+        kernel_profile_h200_b128_*.json) and the argmax read it back; whoever needs float32
+        (sampling, penalties, logprobs) widens what it uses."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        logits = self.ops.linear(hidden, weight).float()  # [N, vocab part]
+        logits = self.ops.linear(hidden, weight)  # [N, vocab part]
         return self.shard.gather_last_dim(logits, self.config.vocab_size)
