@@ -29,7 +29,8 @@ whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4
 counts in --tune-m) and merges the winners into llmesh/kernels/fused_moe_tuned.json under the device's
 tag, which the kernel and engine parts of the same run then use; --tune-weights int4 sweeps
 INT4_CANDIDATES with INT4 experts into the device's ":int4" table. The winners are then tried with
-split-K (decode sizes) and in grouped program order (MoEConfig.group_m; prefill sizes);
+split-K (decode sizes), in grouped program order (MoEConfig.group_m; prefill sizes) and with
+their weight tiles through TMA descriptors (MoEConfig.weight_tma; every size);
 --tune-order-only skips the tile sweep and tries only those on the table's tiles.
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
 """
@@ -271,7 +272,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
     format (what fused_moe's pick_config reads). Returns one line per winner. ``tiles`` False:
     no tile sweep; the table's (or the heuristic's) tiles are the winners whose split and
     program order are tried."""
-    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
     gen = torch.Generator(device).manual_seed(1)
@@ -326,6 +327,10 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), against both winners timed together once more
             best_up, best_down, best_down_ms = _refine(run, "group_m", GROUP_CANDIDATES, best_up, best_down,
+                                                       run(best_up, best_down), f"{weights} T={t}")
+        if best_down is not None and weight_tma_supported(w13):
+            # every size: the winners with their weight tiles through TMA descriptors
+            best_up, best_down, best_down_ms = _refine(run, "weight_tma", (1,), best_up, best_down,
                                                        run(best_up, best_down), f"{weights} T={t}")
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up

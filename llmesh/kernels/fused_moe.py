@@ -83,11 +83,15 @@ _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
-def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride_bn, GATED: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo, k_hi, stride_bn,
+                    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr):
     """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert,
-    columns k_lo..k_hi of K (this split's)."""
+    columns k_lo..k_hi of K (this split's).
+
+    WEIGHT_TMA: the weight tiles come from b_desc (the experts' rows stacked [E * rows, K]),
+    this tile's first row being b_row. The descriptor fills columns past K with zeros; rows
+    past this expert's N are the up rows or the next expert's, in columns the store masks."""
     act_dtype = a_rows.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -95,8 +99,11 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-        b_mask = k_mask[:, None] & n_mask[None, :]
-        b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)  # [BK, BN]
+        if WEIGHT_TMA:
+            b = b_desc.load([b_row, k0]).T  # [BK, BN]
+        else:
+            b_mask = k_mask[:, None] & n_mask[None, :]
+            b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -104,7 +111,10 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride
             b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
         if GATED:
-            bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
+            if WEIGHT_TMA:
+                bu = b_desc.load([b_row + N, k0]).T
+            else:
+                bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
             if DOT_F32:
                 bu = bu.to(tl.float32)
             else:
@@ -117,14 +127,14 @@ def _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, k_hi, stride
 # value class mid-serving, llmesh/kernels/README.md).
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
+    a_ptr, b_ptr, b_desc, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr, part_ptr, lock_ptr,
     N, K, KH, num_pairs, a_row_div, k_split,
     stride_am, stride_be, stride_bn, stride_se, stride_sg, stride_om,
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-    SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0,
+    SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0, WEIGHT_TMA: tl.constexpr = False,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -139,6 +149,9 @@ def _moe_gemm_kernel(
     summed here instead of by _moe_sum_kernel (_slot_sum) into out [1, N]; part is [k, N] float32.
     GROUP_M > 0 (MoEConfig.group_m): a 1-D grid over (sorted block, column tile) in grouped
     order, GROUP_M blocks taking every column tile before the next GROUP_M start.
+    WEIGHT_TMA (MoEConfig.weight_tma; float / INT8 / FP8 experts): the weight tiles through
+    b_desc, a TMA descriptor over b's rows stacked [E * (2N gated / N), K] with block
+    [BLOCK_N, BLOCK_K]; otherwise b_desc is unused.
     """
     pdl_enter(PDL)
     pid_k = tl.program_id(2)
@@ -185,8 +198,13 @@ def _moe_gemm_kernel(
                                      tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_M,
                                      BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION, INTERPRET)
     else:
-        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, rn, n_mask, N, K, k_lo, tl.minimum(k_lo + k_split, K),
-                                      stride_bn, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION)
+        rows_per_expert = N
+        if GATED:
+            rows_per_expert = 2 * N
+        b_row = (expert * rows_per_expert).to(tl.int32) + pid_n * BLOCK_N
+        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo,
+                                      tl.minimum(k_lo + k_split, K), stride_bn, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+                                      DOT_F32, DOT_PRECISION, WEIGHT_TMA)
     if SPLIT_K > 1:
         rows = num_m * BLOCK_M  # the partials' rows: every sorted position
         width = N
@@ -416,17 +434,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             layouts.append(_int4_args(codes, scale, low))
         else:  # KH, GROUP, min_ptr and the group stride are the INT4 path's: unused here
             layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0, stride_sg=0))
+    descs = [_weight_desc(w, cfg) for w, cfg in ((w13, config), (w2, down_config))]
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid, split = _grid_and_split("fused_moe_up", x, config, expert_ids.shape[0], inter, 2 * inter,
                                   w13.shape[1] if int4 else h)
     _moe_gemm_kernel[grid](
-        x, w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
+        x, w13, descs[0] or w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=inter, K=h, num_pairs=pairs, a_row_div=top_k,
         stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, GROUP_M=config.group_m, **split, **layouts[0],
-        **common)
+        num_warps=config.num_warps, num_stages=config.num_stages, GROUP_M=config.group_m,
+        WEIGHT_TMA=descs[0] is not None, **split, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
@@ -440,14 +459,38 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     else:
         out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     _moe_gemm_kernel[grid](
-        hidden, w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
+        hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=h, K=inter, num_pairs=pairs, a_row_div=1,
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
         num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
-        GROUP_M=down_config.group_m, **split, **layouts[1], **common)
+        GROUP_M=down_config.group_m, WEIGHT_TMA=descs[1] is not None, **split, **layouts[1], **common)
     return out if slot_sum else moe_sum(out.view(t, top_k, h))
+
+
+def weight_tma_supported(w: torch.Tensor) -> bool:
+    """Whether ``w``'s experts can stream through a TMA descriptor: float / INT8 / FP8 weights
+    (INT4's codes are laid out by K halves), contiguous and 16-byte aligned, rows a multiple of
+    16 bytes, on a Hopper-or-later GPU or under the interpreter (which runs descriptors too)."""
+    if w.dtype == torch.uint8 or not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    if interpreting():
+        return True
+    return w.is_cuda and torch.cuda.get_device_capability(w.device)[0] >= 9
+
+
+def _weight_desc(w: torch.Tensor, config: MoEConfig):
+    """The TMA descriptor of one GEMM's experts for ``config``'s tile, or None where the config
+    asks for pointer loads or the weights cannot take one. (A host object holding the tensor;
+    Triton encodes it at launch, and a CUDA graph keeps what its capture encoded.)"""
+    if not config.weight_tma or not weight_tma_supported(w):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = w.reshape(-1, w.shape[-1])  # [E * N, K]: a view of the contiguous experts
+    return TensorDescriptor(rows, shape=list(rows.shape), strides=list(rows.stride()),
+                            block_shape=[config.block_n, config.block_k])
 
 
 def _pair_blocks(pairs: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

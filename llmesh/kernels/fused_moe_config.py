@@ -46,6 +46,12 @@ class MoEConfig:
     take every column tile before the next g start (Triton's grouped ordering), so a block's
     rows and an expert's weight columns are reused from L2 while they are there: at prefill
     sizes the down GEMM's [T*k, I] input is larger than L2."""
+    weight_tma: int = 0
+    """1: the weight tiles come in through the tensor memory accelerator (a host-built TMA
+    descriptor over the stacked experts; Hopper and later, float / INT8 / FP8 experts), so the
+    pipeline's weight loads are bulk copies that take no registers or address arithmetic. 0:
+    plain pointer loads. The token rows are a gather (sorted pairs), which stays a plain load
+    either way."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -56,10 +62,13 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.split_k must be a positive int, got {self.split_k!r}")
         if not isinstance(self.group_m, int) or self.group_m < 0:
             raise ValueError(f"MoEConfig.group_m must be an int >= 0, got {self.group_m!r}")
+        if self.weight_tma not in (0, 1):
+            raise ValueError(f"MoEConfig.weight_tma must be 0 or 1, got {self.weight_tma!r}")
 
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
-"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k(, group_m))]}}."""
+"""{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k(, group_m(,
+weight_tma)))]}}."""
 
 WEIGHT_FORMATS = ("dense", "int4")
 """Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8
@@ -97,9 +106,12 @@ def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
 
 
 def _fields(cfg: MoEConfig) -> list[int]:
-    """A table entry: group_m only where it is not 0 (the order entries before it ran)."""
+    """A table entry: the fields after split_k (group_m, weight_tma) only up to the last that is
+    not 0, as the entries written before them read."""
     fields = list(astuple(cfg))
-    return fields if fields[-1] else fields[:-1]
+    while len(fields) > 6 and not fields[-1]:
+        fields.pop()
+    return fields
 
 
 @functools.lru_cache(maxsize=8)

@@ -214,6 +214,56 @@ def test_grouped_program_order_changes_no_result(device, fmt, group_m, split):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("fmt,dtype,split,group_m", [("dense", torch.bfloat16, 1, 0), ("dense", torch.float32, 2, 0),
+                                                     ("dense", torch.bfloat16, 1, 2), ("int8", torch.bfloat16, 1, 0),
+                                                     ("fp8", torch.bfloat16, 3, 1)])
+def test_weight_tma_loads_the_same_tiles(device, fmt, dtype, split, group_m):
+    """weight_tma: the weight tiles through a TMA descriptor over the stacked experts give the
+    pointer loads' output bit for bit: a gate tile past I reads up rows and the last tiles rows
+    of the next expert or past the end (zeros), all in columns the store masks; K past H or I
+    reads zeros (H 208 and I 80 are not multiples of the 64-wide K steps; rows of 16-byte multiples,
+    as TMA asks)."""
+    from llmesh.kernels.fused_moe import weight_tma_supported
+
+    gen = torch.Generator().manual_seed(70 + split)
+    t, e, k, h, inter = 21, 4, 2, 208, 80
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(t, e, k, gen, skew=True)
+    quant = {}
+    if fmt == "dense":
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    else:
+        quantize = quantize_experts_int8 if fmt == "int8" else quantize_experts_fp8
+        w13, s13 = quantize(w13)
+        w2, s2 = quantize(w2)
+        quant = dict(w13_scale=s13.to(device), w2_scale=s2.to(device))
+    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
+    if not (weight_tma_supported(args[1]) and weight_tma_supported(args[2])):
+        pytest.skip("no TMA on this GPU (compute capability < 9)")
+    plain = MoEConfig(block_m=16, block_n=32, block_k=64, split_k=split, group_m=group_m)
+    tma = MoEConfig(block_m=16, block_n=32, block_k=64, split_k=split, group_m=group_m, weight_tma=1)
+    want = fused_moe(*args, **quant, config=plain, down_config=plain, align_path="torch").cpu()
+    got = fused_moe(*args, **quant, config=tma, down_config=tma, align_path="torch").cpu()
+    if dtype == torch.float32:  # float32 dots: the interpreter's matmul sums a transposed tile in another order
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    ref = fused_moe_ref(*[v.cpu() for v in args], **{n: v.cpu() for n, v in quant.items()})
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_weight_tma_is_refused_where_it_cannot_run():
+    from llmesh.kernels.fused_moe import weight_tma_supported
+
+    codes = torch.zeros(2, 8, 32, dtype=torch.uint8)  # INT4 codes: laid out by K halves
+    assert not weight_tma_supported(codes)
+    assert not weight_tma_supported(torch.zeros(2, 32, 64)[:, :, :60])  # rows not a multiple of 16 bytes
+    with pytest.raises(ValueError, match="weight_tma"):
+        MoEConfig(16, 32, 32, weight_tma=2)
+
+
 def test_split_k_must_be_positive():
     with pytest.raises(ValueError, match="split_k"):
         MoEConfig(16, 32, 32, 4, 3, 0)
@@ -351,6 +401,10 @@ def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
     merge_tuned(path, "h200", {(128, 2048, 768, 4096): MoEConfig(64, 128, 64, 8, 3, 1, 8)})
     assert load_tuned(path)["h200"][(128, 2048, 768, 4096)] == MoEConfig(64, 128, 64, 8, 3, 1, 8)
     assert json.loads(path.read_text())["h200"]["128,2048,768,64"] == [16, 128, 64, 8, 4, 1]  # group_m 0: not written
+    # weight_tma after a group_m of 0: both written; the entry reads back as the config
+    merge_tuned(path, "h200", {(128, 768, 2048, 4096): MoEConfig(64, 128, 64, 8, 3, 1, 0, 1)})
+    assert json.loads(path.read_text())["h200"]["128,768,2048,4096"] == [64, 128, 64, 8, 3, 1, 0, 1]
+    assert load_tuned(path)["h200"][(128, 768, 2048, 4096)].weight_tma == 1
     tables = load_tuned(path)
     assert tables["h200:int4"] == {(128, 768, 2048, 64): MoEConfig(16, 128, 64, 4, 3)}
     assert tables["h200"][(128, 768, 2048, 64)] == MoEConfig(16, 64, 128, 4, 3)
