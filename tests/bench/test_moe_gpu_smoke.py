@@ -26,6 +26,9 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
     assert m["moe_gemm_frac"] == min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     assert any("MoEConfig(" in line for line in doc["workload"]["autotune"])
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
-    # the five tile fields and split_k, then group_m where the prefill sizes' program order is not 0
-    assert tuned and all(len(fields) == 6 or (len(fields) == 7 and fields[6] >= 1) for fields in tuned.values())
+    # the five tile fields and split_k, then group_m and weight_tma up to the last that is not 0
+    assert tuned and all(len(fields) == 6 or (len(fields) == 7 and fields[6] >= 1)
+                         or (len(fields) == 8 and fields[7] == 1) for fields in tuned.values())
     assert "up group_m=1:" in proc.stdout and "down group_m=16:" in proc.stdout  # the orders tried at prefill
+    assert "up weight_tma=1:" in proc.stdout and "down weight_tma=1:" in proc.stdout  # TMA tried on the winners
+    assert m["moe_prefill4k_grouped_mm_gemms_ms"] > 0  # the library's grouped GEMMs beside the layer
