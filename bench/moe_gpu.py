@@ -12,9 +12,6 @@ router logits, so experts are hit unevenly as in a real batch):
 - moe_gemm_frac = the smaller of the two; the torch reference (per-expert loop, the torch
   backend's path) is timed at both shapes, and the INT8-, FP8- and INT4-expert kernels at both
   (moe_<fmt>_decode64_vs_bf16_x).
-- the library beside it at the prefill: PyTorch's CUTLASS grouped GEMM (torch._grouped_mm), its
-  two GEMMs alone on pre-sorted rows (moe_prefill4k_grouped_mm_{gemms_ms, tflops, gemm_frac};
-  a bound on a layer built on it, which would add the passes our kernel fuses).
 Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batch-1 decode
 (roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
 and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s. With
@@ -152,11 +149,6 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     try:  # a failure of the step comparisons must not cost the figures above
-        m.update(bench_grouped_mm(s, device, w13, w2, gen, ceilings))
-    except Exception:
-        traceback.print_exc()
-        print("[moe] grouped_mm comparison FAILED (the moe_prefill4k_grouped_mm_* metrics are missing)", flush=True)
-    try:
         m.update(bench_align(s, device, w13, w2, gen))
     except Exception:
         traceback.print_exc()
@@ -167,47 +159,6 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         traceback.print_exc()
         print("[moe] router comparison FAILED (the moe_router_* metrics are missing)", flush=True)
     return m
-
-
-def bench_grouped_mm(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor,
-                     gen: torch.Generator, ceilings: dict[str, float]) -> dict[str, float]:
-    """PyTorch's grouped GEMM (``torch._grouped_mm``, CUTLASS on Hopper) at the prefill shape,
-    as the library a prefill MoE layer could dispatch to: its two GEMMs alone on pairs already
-    sorted by expert (no padding), checked against the per-expert products, beside our fused
-    layer. A layer built on it also needs the passes our kernel fuses (the rows gathered into
-    expert order, SiLU-and-mul, the weighted top-k sum back in token order), so its GEMM time
-    is a lower bound of that layer's: moe_prefill4k_grouped_mm_{gemms_ms, tflops, gemm_frac}."""
-    from llmesh.kernels.fused_moe import fused_moe
-
-    if not hasattr(torch, "_grouped_mm"):
-        return {}
-    t = s.prefill_tokens
-    x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
-    weights, ids = routing(t, s, device, gen)
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=s.experts), 0).to(torch.int32)
-    xs = x.index_select(0, order // s.top_k)  # [T*k, H]: each pair's token row, in expert order
-    act = torch.randn(t * s.top_k, s.inter, generator=gen, device=device).bfloat16()
-    up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
-    down = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
-    ends = offs.tolist()
-    e = max(range(s.experts), key=lambda j: ends[j] - (ends[j - 1] if j else 0))  # the busiest expert
-    lo, hi = (ends[e - 1] if e else 0), ends[e]
-    for got, a, w in ((up, xs, w13), (down, act, w2)):  # the library's products against torch's
-        want = a[lo:hi].float() @ w[e].float().t()
-        err = float((got[lo:hi].float() - want).abs().max()) / max(float(want.abs().max()), 1e-6)
-        if err > 0.02:
-            raise RuntimeError(f"torch._grouped_mm differs from the per-expert product: relative max error {err:.3g}")
-    gemms_ms = best_of_two(lambda: (torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs),
-                                    torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)), device)
-    ours_ms = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)
-    flops = 2 * t * s.top_k * expert_bytes(s, 1)
-    print(f"[moe] prefill4k: torch._grouped_mm's two GEMMs {gemms_ms:.3f} ms ({flops / gemms_ms / 1e9:.1f} TFLOP/s) "
-          f"against our whole layer's {ours_ms:.3f} ms", flush=True)
-    return {"moe_prefill4k_grouped_mm_gemms_ms": gemms_ms, "moe_prefill4k_grouped_mm_tflops": flops / gemms_ms / 1e9,
-            "moe_prefill4k_grouped_mm_gemm_frac": flops / (gemms_ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12),
-            "moe_prefill4k_fused_again_ms": ours_ms}
 
 
 def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
