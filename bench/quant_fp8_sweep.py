@@ -1,6 +1,6 @@
 """The FP8 dispatch table's sweep (part of bench/quant_gemm.py, with ``--gemm-sweep-kinds fp8``):
 per (N, K, M), our FP8 GEMM at each candidate tile (with split-K where the output tiles leave
-SMs idle), cuBLASLt's (torch._scaled_mm) and FBGEMM's rowwise GEMM, every one on the same
+SMs idle; pointer loads and TMA copies), cuBLASLt's (torch._scaled_mm) and FBGEMM's rowwise GEMM, every one on the same
 activations already quantized per token, as the engine hands them over (the quantization is
 fused into the producing RMSNorm or SiLU-mul there, so no candidate pays for it). The fastest
 goes to the table: ``["fp8", [config fields]]``, ``["scaled_mm", []]`` or ``["fbgemm", []]``.
@@ -33,7 +33,8 @@ kernels' ground); the sweep starts here."""
 def fp8_configs(m: int, n: int, k: int, sms: int, smoke: bool) -> list:
     """Our kernel's candidates for this cell: tiles whose rows suit M (not taller than M rounded
     up, not under an eighth of it), each unsplit and, where its output tiles fill under two
-    waves, split so that they come to about two programs an SM (quant_common.auto_splits)."""
+    waves, split so that they come to about two programs an SM (quant_common.auto_splits);
+    each with pointer loads and with its tiles through TMA descriptors (Fp8GemmConfig.tma)."""
     from llmesh.kernels.common import next_power_of_2
     from llmesh.kernels.fp8_gemm import Fp8GemmConfig
 
@@ -45,9 +46,10 @@ def fp8_configs(m: int, n: int, k: int, sms: int, smoke: bool) -> list:
         tiles = -(-m // bm) * -(-n // bn)
         iters = -(-k // bk)
         for s in sorted({1, auto_splits(tiles, iters, sms, 8)}):
-            cfg = Fp8GemmConfig(bm, bn, bk, warps, stages, 8, s)
-            if cfg not in out:
-                out.append(cfg)
+            for tma in (0, 1):
+                cfg = Fp8GemmConfig(bm, bn, bk, warps, stages, 8, s, tma)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 

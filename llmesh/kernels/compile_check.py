@@ -25,11 +25,15 @@ FLOAT_ARGS = frozenset({"eps", "scale_log2"})
 
 def signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     """Triton's signature of ``fn``: pointers typed by ``pointers`` (default bf16), scalars i32
-    (fp32 for FLOAT_ARGS), constexprs as given (all must be, except those with a default)."""
+    (fp32 for FLOAT_ARGS), constexprs as given (all must be, except those with a default). An
+    argument that is neither (a TMA descriptor) takes its full type from ``pointers``, e.g.
+    ``"tensordesc<fp8e4nv[64, 128]>"``."""
     sig = {}
     for p in fn.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
+        elif not p.name.endswith("_ptr") and p.name in pointers:
+            sig[p.name] = pointers[p.name]
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*" + pointers.get(p.name, "bf16")
         else:
@@ -64,7 +68,7 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], *,
 @dataclass
 class LoopReport:
     async_copies: int
-    """cp.async copies in the whole kernel (prologue and loop bodies)."""
+    """cp.async copies in the whole kernel (prologue and loop bodies); TMA copies are tma_copies."""
     wgmma: int
     """Hopper warp-group MMAs (tl.dot on tiles of 64 rows or more)."""
     wgmma_register_lhs: int = 0
@@ -75,6 +79,8 @@ class LoopReport:
     (each step waits out their latency)."""
     carried_loads: list[list[str]] = field(default_factory=list)
     """Per loop: plain tt.loads whose value goes straight to the next step (loaded a step ahead)."""
+    tma_copies: int = 0
+    """Copies through the tensor memory accelerator (a TMA descriptor's tiles), prologue and loops."""
 
 
 _WGMMA = re.compile(r"ttng\.warp_group_dot [^\n]*? : ([^\n]*?) \* ")
@@ -95,7 +101,8 @@ def loop_report(ttgir: str) -> LoopReport:
     return LoopReport(async_copies=ttgir.count("async_copy_global_to_local"),
                       wgmma=len(re.findall(r"warp_group_dot ", ttgir)),
                       wgmma_register_lhs=sum("#ttg.dot_op<{opIdx = 0" in t and "memdesc" not in t for t in lhs),
-                      waited_loads=waited, carried_loads=carried)
+                      waited_loads=waited, carried_loads=carried,
+                      tma_copies=ttgir.count("async_tma_copy_global_to_local"))
 
 
 def nvidia_backend() -> bool:

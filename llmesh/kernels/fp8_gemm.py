@@ -67,10 +67,14 @@ class Fp8GemmConfig:
     num_stages: int
     group_m: int = 8
     split_k: int = 1
+    tma: int = 0
+    """1: both operands' tiles come in through TMA descriptors (host-built over xq [M, K] and
+    qweight [N, K]; Hopper and later, rows of 16-byte multiples): bulk copies that take no
+    registers or address arithmetic, edges and the K tail filled with zeros by the copy."""
 
     def short(self) -> str:
         return (f"fp8 m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} st{self.num_stages} "
-                f"g{self.group_m} s{self.split_k}")
+                f"g{self.group_m} s{self.split_k}" + (" tma" if self.tma else ""))
 
 
 def check_fp8_config(config: Fp8GemmConfig) -> None:
@@ -86,6 +90,8 @@ def check_fp8_config(config: Fp8GemmConfig) -> None:
         v = getattr(config, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
+    if config.tma not in (0, 1):
+        raise ValueError(f"config.tma must be 0 or 1, got {config.tma!r}")
 
 
 def default_config(m: int, n: int, k: int) -> Fp8GemmConfig:
@@ -168,11 +174,14 @@ def _quant_per_token_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    xq_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, K_PER_SPLIT, SPLITS,
+    xq_ptr, w_ptr, x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, K_PER_SPLIT, SPLITS,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    """TMA: the tiles through x_desc ([BLOCK_M, BLOCK_K] of xq) and w_desc ([BLOCK_N, BLOCK_K]
+    of qweight), whose copies fill rows past M or N and columns past K with zeros; otherwise
+    pointer loads (x_desc and w_desc unused)."""
     # Grouped order: GROUP_M row blocks walk the column blocks together, so the weight tiles
     # one of them loads are still in L2 when the others need them.
     pid = tl.program_id(0)
@@ -199,7 +208,10 @@ def _fp8_gemm_kernel(
     b_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
+        if TMA:  # a split's range is whole tiles (split_plan): a copy never crosses into the next
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+            b = w_desc.load([pid_n * BLOCK_N, k0]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
@@ -207,8 +219,9 @@ def _fp8_gemm_kernel(
             a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not TMA:
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
 
     xs = tl.load(xs_ptr + rm_in)  # [BLOCK_M]
     ws = tl.load(ws_ptr + rn_in)  # [BLOCK_N]
@@ -313,14 +326,36 @@ def fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, w_scale: torch.Tensor, *
     splits, k_per_split = split_plan(k, cfg.block_k, cfg.split_k)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     part, locks = split_buffers("fp8_gemm", out, m, n, splits, tiles)
+    descs = _tma_descs(xq, qweight, cfg) if cfg.tma else None
     _fp8_gemm_kernel[(tiles, splits)](
-        xq, qweight, x_scale, w_scale, out, part, locks, m, n, k, k_per_split, splits,
+        xq, qweight, *(descs or (xq, qweight)), x_scale, w_scale, out, part, locks, m, n, k, k_per_split, splits,
         xq.stride(0), qweight.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=k % cfg.block_k == 0, SPLIT=splits > 1, INTERPRET=interpreting(),
+        EVEN_K=k % cfg.block_k == 0, SPLIT=splits > 1, INTERPRET=interpreting(), TMA=descs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def tma_supported(t: torch.Tensor) -> bool:
+    """Whether a 2-D operand can be read through a TMA descriptor: unit last stride, base and
+    row stride 16-byte aligned, on a Hopper-or-later GPU or under the interpreter."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return False
+    if interpreting():
+        return True
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _tma_descs(xq: torch.Tensor, qweight: torch.Tensor, cfg: Fp8GemmConfig):
+    """(x_desc, w_desc) for a config that asks for TMA, or None where an operand cannot take one
+    (the pointer loads then run the same tile)."""
+    if not (tma_supported(xq) and tma_supported(qweight)):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(xq, list(xq.shape), list(xq.stride()), [cfg.block_m, cfg.block_k]),
+            TensorDescriptor(qweight, list(qweight.shape), list(qweight.stride()), [cfg.block_n, cfg.block_k]))
 
 
 def fp8_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,20 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
     assert not configs.get("errors"), configs.get("errors")
 
 
+def test_quant_gpu_smoke_fp8_sweep_times_pointer_and_tma_tiles(tmp_path):
+    """--gemm-sweep-kinds fp8: each of our candidate tiles with pointer loads and through TMA
+    descriptors (Fp8GemmConfig.tma), every one checked against the first's output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/quant_gpu.py", "--smoke", "--parts", "gemm", "--formats", "none,fp8",
+                           "--gemm-sweep-kinds", "fp8", "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    configs = json.loads((tmp_path / "quant_cpu.json").read_text())["workload"]["gemm_configs"]
+    names = [name for key, cell in configs.items() if key.startswith("fp8_") for name, _ in cell["all"]]
+    assert any(name.endswith(" tma") for name in names) and any(not name.endswith(" tma") for name in names)
+    assert not configs.get("errors"), configs.get("errors")
+
+
 def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "bench/kernels_gpu.py", "--smoke", "--parts", "causal,unified,rope_kv",

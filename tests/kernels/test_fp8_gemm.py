@@ -197,7 +197,29 @@ def test_split_k_sums_in_split_order_and_resets_its_counters(device):
     _assert_gemm_close(first, fp8_gemm_ref(x, qweight, scales).cpu())
 
 
+@pytest.mark.parametrize("m,n,k,split", [(37, 70, 208, 1), (100, 40, 256, 2), (5, 96, 208, 3)])
+def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
+    """tma=1: the tiles through TMA descriptors, whose copies fill rows past M or N and the K
+    tail (208 is not a multiple of 64) with zeros, give the pointer loads' output, split-K too;
+    an operand a descriptor cannot take (rows not a multiple of 16 bytes) runs the pointer loads."""
+    from llmesh.kernels.fp8_gemm import tma_supported
+
+    x, qweight, scales = (t.to(device) for t in _gemm_case(m, n, k, torch.bfloat16, seed=m + n))
+    if not tma_supported(qweight):
+        pytest.skip("no TMA on this GPU (compute capability < 9)")
+    plain = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2, split_k=split)
+    tma = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2, split_k=split, tma=1)
+    want = fp8_gemm(x, qweight, scales, config=plain)
+    got = fp8_gemm(x, qweight, scales, config=tma)
+    assert torch.equal(got, want)
+    _assert_gemm_close(got.cpu(), fp8_gemm_ref(x, qweight, scales).cpu())
+    x2, q2, s2 = (t.to(device) for t in _gemm_case(9, 24, 200, torch.bfloat16, seed=3))  # rows of 200 bytes
+    assert not tma_supported(q2)
+    assert torch.equal(fp8_gemm(x2, q2, s2, config=tma), fp8_gemm(x2, q2, s2, config=plain))
+
+
 @pytest.mark.parametrize("bad", [
+    Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, tma=2),
     Fp8GemmConfig(16, 32, 48, num_warps=4, num_stages=2),            # block_k not a power of two
     Fp8GemmConfig(16, 32, 16, num_warps=4, num_stages=2),            # block_k under FP8's 32
     Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, split_k=0),
@@ -209,7 +231,8 @@ def test_bad_config_is_refused(device, bad):
 
 
 @needs_fp8_gpu
-@pytest.mark.parametrize("config", [None, Fp8GemmConfig(64, 64, 128, num_warps=4, num_stages=4, split_k=4)])
+@pytest.mark.parametrize("config", [None, Fp8GemmConfig(64, 64, 128, num_warps=4, num_stages=4, split_k=4),
+                                    Fp8GemmConfig(64, 64, 128, num_warps=4, num_stages=4, split_k=2, tma=1)])
 def test_gemm_replays_in_a_cuda_graph(config):
     dev = torch.device("cuda")
     x, qweight, scales = (t.to(dev) for t in _gemm_case(16, 512, 1024, torch.bfloat16, seed=9))

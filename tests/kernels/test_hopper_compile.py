@@ -208,6 +208,44 @@ def compile_cases() -> dict[str, str | None]:
     return out
 
 
+# The TMA variants (MoEConfig.weight_tma, Fp8GemmConfig.tma): their descriptor tiles must reach
+# the K loop as TMA copies, software-pipelined like the cp.async ones (name, module, kernel,
+# argument types, constexprs, least TMA copies: the MoE gate/up GEMM's gate and up tiles, a
+# stage each in the prologue and the loop; the FP8 GEMM's activation and weight tiles).
+_MOE_PTRS = {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+             "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"}
+TMA_CASES = [
+    ("moe-gate-up", "fused_moe", "_moe_gemm_kernel", {**_MOE_PTRS, "b_desc": "tensordesc<bf16[128, 64]>"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+          SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, PDL=True, WEIGHT_TMA=True), 4),
+    ("fp8-gemm", "fp8_gemm", "_fp8_gemm_kernel",
+     {"xq_ptr": "fp8e4nv", "w_ptr": "fp8e4nv", "xs_ptr": "fp32", "ws_ptr": "fp32", "part_ptr": "fp32",
+      "lock_ptr": "i32", "x_desc": "tensordesc<fp8e4nv[128, 128]>", "w_desc": "tensordesc<fp8e4nv[64, 128]>"},
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, EVEN_K=True, SPLIT=False, INTERPRET=False, TMA=True), 4),
+]
+
+
+def tma_cases() -> dict[str, str | None]:
+    """Case name -> None when its K loop copies its descriptor tiles through TMA, pipelined, with
+    no plain load waited on a step, else what is wrong."""
+    out: dict[str, str | None] = {}
+    for name, module, kernel_name, types, constexprs, least in TMA_CASES:
+        try:
+            fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), kernel_name)
+            kernel = compile_sm90(fn, types, constexprs, divisible=_DIVISIBLE_INTS | {"K_PER_SPLIT", "stride_xm",
+                                                                                      "stride_wn"}, num_stages=3)
+            report = loop_report(kernel.asm["ttgir"])
+            problems = [f"{report.tma_copies} TMA copies in the TTGIR, expected >= {least}"] \
+                if report.tma_copies < least else []
+            if report.waited_loads and report.waited_loads[0]:
+                problems.append(f"the K loop waits on plain loads each step: {report.waited_loads[0]}")
+            out[name] = "; ".join(problems) or None
+        except Exception as e:  # noqa: BLE001 - reported per case
+            cause = e.__cause__ or e
+            out[name] = f"{type(cause).__name__}: {cause}"[-3000:]
+    return out
+
+
 def _case_id(i: int) -> str:
     return f"{CASES[i][1]}-{i}"
 
@@ -233,3 +271,20 @@ def test_compiles_for_sm90_with_pdl(compiled, case_id):
 @pytest.mark.parametrize("case_id", [f"pipelined-{_case_id(i)}" for i, _ in PIPELINED])
 def test_k_loops_are_software_pipelined(compiled, case_id):
     assert compiled[case_id] is None, compiled[case_id]
+
+
+@pytest.fixture(scope="module")
+def compiled_tma() -> dict[str, str | None]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from tests.kernels.test_hopper_compile import tma_cases; "
+            "sys.stdout.write('@@' + json.dumps(tma_cases()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("@@", 1)[1])
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("name", [case[0] for case in TMA_CASES])
+def test_tma_tiles_are_pipelined_tma_copies(compiled_tma, name):
+    assert compiled_tma[name] is None, compiled_tma[name]
