@@ -13,7 +13,9 @@ prefill attention reports TFLOP/s and the fraction of the measured bf16 GEMM thr
 - causal prefill (prefill_attn_gemm_frac): prompts of 1k-8k tokens (16k tokens a call), no cached
   prefix: our paged kernel, the dispatched path (dense_causal_attention), SDPA cuDNN and FLASH.
 - unified attention: 256 decodes at context 512-2048 + one 256-token prefill chunk in one call
-  (GB/s, ms, vs the decode + prefill kernels), and the decodes alone (vs paged_decode_attention).
+  (GB/s, ms, vs the decode + prefill kernels), and the decodes alone (vs paged_decode_attention);
+  the same at the offline workload's mixed step, 255 decodes of 150-450 tokens + a 400-token
+  chunk (metrics with _short: which of the two launches a mixed step should take there).
 - rope + KV write fused (rope_kv_write) vs rotary_embedding then kv_cache_write.
 - KV-cache write, RMSNorm (alone and fused with the residual add), SiLU-and-mul, RoPE at
   T = 8192 tokens: bytes = every input read once + every output written once.
@@ -67,15 +69,22 @@ class Shapes:
     """Decode contexts of the unified-attention mix, uniform in [lo, hi]."""
     mix_chunk: int
     """New tokens of the mix's one prefill chunk (no cached prefix)."""
+    mix_short: tuple[int, tuple[int, int], int]
+    """(decodes, context range, chunk) of a second mix at the offline workload's short contexts
+    (metrics with _short): a mixed step of the 1,000-prompt run, where the decodes' contexts are a
+    few hundred tokens and the unified kernel read at 0.68 of the copy bandwidth in attn_sweep's
+    mixed part."""
 
 
 LLAMA3_8B = Shapes(h_q=32, h_kv=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336,
                    contexts=(2048, 4096, 8192), batches=(16, 32, 64), main=(4096, 32),
                    prefill_seqs=4, prefill_len=2048, tokens=8192, causal_contexts=(1024, 2048, 4096, 8192),
-                   causal_tokens=16384, mix_decodes=256, mix_ctx=(512, 2048), mix_chunk=256)
+                   causal_tokens=16384, mix_decodes=256, mix_ctx=(512, 2048), mix_chunk=256,
+                   mix_short=(255, (150, 450), 400))
 SMOKE = Shapes(h_q=4, h_kv=2, head_dim=32, block_size=16, hidden=64, intermediate=96,
                contexts=(64, 600), batches=(1, 2), main=(600, 2), prefill_seqs=2, prefill_len=40, tokens=16,
-               causal_contexts=(32, 64), causal_tokens=64, mix_decodes=4, mix_ctx=(16, 80), mix_chunk=24)
+               causal_contexts=(32, 64), causal_tokens=64, mix_decodes=4, mix_ctx=(16, 80), mix_chunk=24,
+               mix_short=(3, (16, 48), 24))
 
 
 @dataclass
@@ -272,34 +281,40 @@ class KernelBench:
 
     def unified_mix(self) -> None:
         """unified_attention on a decode-heavy mix (many decodes + one fresh prefill chunk) and on
-        the decodes alone, against today's split (paged_decode_attention + prefill_attention)."""
+        the decodes alone, against the split (paged_decode_attention + prefill_attention): at
+        contexts of 512-2048 (unified_mix_*) and at the offline workload's (unified_mix_short_*)."""
+        s = self.s
+        self._mix("", s.mix_decodes, s.mix_ctx, s.mix_chunk)
+        self._mix("_short", *s.mix_short)
+
+    def _mix(self, tag: str, decodes: int, ctx_range: tuple[int, int], chunk: int) -> None:
         from llmesh.kernels.paged_decode_attention import paged_decode_attention
         from llmesh.kernels.prefill_attention import prefill_attention
         from llmesh.kernels.unified_attention import unified_attention
 
         s, elem = self.s, 2
-        lo, hi = s.mix_ctx
-        ctx = torch.randint(lo, hi + 1, (s.mix_decodes,), generator=torch.Generator().manual_seed(1)).tolist()
-        lens = ctx + [s.mix_chunk]
-        nb = -(-max(hi, s.mix_chunk) // s.block_size)
+        lo, hi = ctx_range
+        ctx = torch.randint(lo, hi + 1, (decodes,), generator=torch.Generator().manual_seed(1)).tolist()
+        lens = ctx + [chunk]
+        nb = -(-max(hi, chunk) // s.block_size)
         num_blocks = len(lens) * nb + 1
         k_cache, v_cache = self.paged_pool(num_blocks)
         tables = self.scattered_tables(num_blocks, len(lens), nb)
-        t = s.mix_decodes + s.mix_chunk
+        t = decodes + chunk
         q = self.randn(t, s.h_q, s.head_dim)
         out = torch.empty_like(q)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
-        qsl = torch.tensor(list(range(s.mix_decodes + 1)) + [t], dtype=torch.int32, device=self.device)
+        qsl = torch.tensor(list(range(decodes + 1)) + [t], dtype=torch.int32, device=self.device)
         scale = s.head_dim ** -0.5
         max_seq_len = nb * s.block_size
         kv_bytes = 2 * sum(lens) * s.h_kv * s.head_dim * elem
         nbytes = kv_bytes + 2 * q.numel() * elem
         uni = lambda: unified_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale,  # noqa: E731
-                                        max_query_len=s.mix_chunk, max_seq_len=max_seq_len, out=out)
-        ms, gb_s, frac = self.bandwidth(f"unified mix {s.mix_decodes}d+{s.mix_chunk}p", uni, nbytes)
-        self.metrics.update(unified_mix_ms=ms, unified_mix_gb_s=gb_s, unified_mix_bw_frac=frac)
+                                        max_query_len=chunk, max_seq_len=max_seq_len, out=out)
+        ms, gb_s, frac = self.bandwidth(f"unified mix {decodes}d+{chunk}p", uni, nbytes)
+        self.metrics.update({f"unified_mix{tag}_ms": ms, f"unified_mix{tag}_gb_s": gb_s, f"unified_mix{tag}_bw_frac": frac})
 
-        d_n = s.mix_decodes
+        d_n = decodes
         qd, od = q[:d_n], out[:d_n]
         qp, op = q[d_n:], out[d_n:]
 
@@ -307,22 +322,23 @@ class KernelBench:
             paged_decode_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], scale,
                                    max_seq_len=max_seq_len, out=od)
             prefill_attention(qp, k_cache, v_cache, tables[d_n:], qsl[d_n:] - d_n, seq_lens[d_n:], scale,
-                              max_query_len=s.mix_chunk, out=op)
+                              max_query_len=chunk, out=op)
         split_ms = self.time(split)
         self.rows.append(Row("  split decode+prefill", split_ms, nbytes / (split_ms * 1e-3) / 1e9, "GB/s",
                              nbytes / (split_ms * 1e-3) / 1e9 / self.copy_gb_s))
-        self.metrics.update(unified_mix_split_ms=split_ms, unified_mix_vs_split_x=split_ms / ms)
+        self.metrics.update({f"unified_mix{tag}_split_ms": split_ms, f"unified_mix{tag}_vs_split_x": split_ms / ms})
 
         dec_bytes = 2 * sum(ctx) * s.h_kv * s.head_dim * elem + 2 * qd.numel() * elem
         dec = lambda: unified_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], qsl[:d_n + 1],  # noqa
                                         scale, max_query_len=1, max_seq_len=max_seq_len, out=od)
         ms, gb_s, frac = self.bandwidth(f"unified {d_n} decodes", dec, dec_bytes)
-        self.metrics.update(unified_decode_ms=ms, unified_decode_gb_s=gb_s, unified_decode_bw_frac=frac)
+        self.metrics.update({f"unified_decode{tag}_ms": ms, f"unified_decode{tag}_gb_s": gb_s,
+                             f"unified_decode{tag}_bw_frac": frac})
         old_ms = self.time(lambda: paged_decode_attention(qd, k_cache, v_cache, tables[:d_n], seq_lens[:d_n], scale,
                                                           max_seq_len=max_seq_len, out=od))
         self.rows.append(Row("  paged_decode_attention", old_ms, dec_bytes / (old_ms * 1e-3) / 1e9, "GB/s",
                              dec_bytes / (old_ms * 1e-3) / 1e9 / self.copy_gb_s))
-        self.metrics.update(unified_decode_vs_paged_decode_x=old_ms / ms)
+        self.metrics.update({f"unified_decode{tag}_vs_paged_decode_x": old_ms / ms})
 
     def rope_kv(self) -> None:
         """rope_kv_write (one kernel) against rotary_embedding + kv_cache_write (two)."""
@@ -477,7 +493,8 @@ def main() -> int:
         "causal_rounds": kb.causal_rounds,
         "causal_round_fracs": kb.causal_round_fracs,
         "unified": "mix_decodes decodes (context uniform in mix_ctx) + one mix_chunk-token fresh prefill chunk in "
-                   "one unified_attention call; bytes = K+V of every context token + q + out; split = "
+                   "one unified_attention call, and the same at mix_short (decodes, context range, chunk; "
+                   "metrics with _short); bytes = K+V of every context token + q + out; split = "
                    "paged_decode_attention + prefill_attention on the same batch",
         "elementwise": "T tokens; bytes = inputs read once + outputs written once; rope in place",
         "argmax": "float32 logits [N, vocab]; bytes = the logits read once",

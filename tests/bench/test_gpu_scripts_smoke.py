@@ -60,6 +60,7 @@ def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
     m = json.loads((tmp_path / "kernels_cpu.json").read_text())["metrics"]
     for key in ("prefill_attn_gemm_frac", "prefill_attn_gemm_frac_ours", "prefill_attn_gemm_frac_ours_c64",
                 "unified_mix_gb_s", "unified_mix_vs_split_x", "unified_decode_vs_paged_decode_x",
+                "unified_mix_short_vs_split_x", "unified_decode_short_vs_paged_decode_x",
                 "rope_kv_write_vs_two_x"):
         assert key in m, key
 
