@@ -117,6 +117,22 @@ def arrival_counters(kernel: str, device: torch.device, needed: int) -> torch.Te
     return buf
 
 
+def tma_descriptor(t: torch.Tensor, block: list[int]):
+    """A host-built TMA descriptor over the 2-D tensor ``t`` with tiles of ``block``, or None
+    where TMA cannot read it: a last stride other than 1, a base or row stride not 16-byte
+    aligned, or a GPU older than Hopper (the interpreter runs descriptors too). A kernel given
+    one loads tiles with ``desc.load([row, col])``; the copy fills what lies past ``t``'s edges
+    with zeros. Triton encodes it at each launch, and a CUDA graph keeps what its capture
+    encoded, so ``t`` must stay where it is while a graph holds it (weights, static buffers)."""
+    if t.dim() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    if not interpreting() and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tl.dot operands are upcast to float32 for inputs of this dtype.
 

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
+    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2,
+    tma_descriptor)
 from llmesh.kernels.quant_gemm_config import split_plan
 from llmesh.kernels.split_k import finish, split_buffers
 from llmesh.kernels.triton_helpers import cast_rtne
@@ -337,25 +338,12 @@ def fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, w_scale: torch.Tensor, *
     return out
 
 
-def tma_supported(t: torch.Tensor) -> bool:
-    """Whether a 2-D operand can be read through a TMA descriptor: unit last stride, base and
-    row stride 16-byte aligned, on a Hopper-or-later GPU or under the interpreter."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-        return False
-    if interpreting():
-        return True
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-
-
 def _tma_descs(xq: torch.Tensor, qweight: torch.Tensor, cfg: Fp8GemmConfig):
     """(x_desc, w_desc) for a config that asks for TMA, or None where an operand cannot take one
     (the pointer loads then run the same tile)."""
-    if not (tma_supported(xq) and tma_supported(qweight)):
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return (TensorDescriptor(xq, list(xq.shape), list(xq.stride()), [cfg.block_m, cfg.block_k]),
-            TensorDescriptor(qweight, list(qweight.shape), list(qweight.stride()), [cfg.block_n, cfg.block_k]))
+    x_desc = tma_descriptor(xq, [cfg.block_m, cfg.block_k])
+    w_desc = tma_descriptor(qweight, [cfg.block_n, cfg.block_k])
+    return (x_desc, w_desc) if x_desc is not None and w_desc is not None else None
 
 
 def fp8_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, dot_in_fp32, dot_precision,
-                                   interpreting, pdl_launch)
+                                   interpreting, pdl_launch, tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_int4 import _int4_mainloop
@@ -393,26 +393,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 def weight_tma_supported(w: torch.Tensor) -> bool:
     """Whether ``w``'s experts can stream through a TMA descriptor: float / INT8 / FP8 weights
-    (INT4's codes are laid out by K halves), contiguous and 16-byte aligned, rows a multiple of
-    16 bytes, on a Hopper-or-later GPU or under the interpreter (which runs descriptors too)."""
-    if w.dtype == torch.uint8 or not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[-1] * w.element_size()) % 16:
-        return False
-    if interpreting():
-        return True
-    return w.is_cuda and torch.cuda.get_device_capability(w.device)[0] >= 9
+    (INT4's codes are laid out by K halves), contiguous, their rows as common.tma_descriptor
+    takes them."""
+    return _weight_desc(w, MoEConfig(16, 16, 16, weight_tma=1)) is not None
 
 
 def _weight_desc(w: torch.Tensor, config: MoEConfig):
-    """The TMA descriptor of one GEMM's experts for ``config``'s tile, or None where the config
-    asks for pointer loads or the weights cannot take one. (A host object holding the tensor;
-    Triton encodes it at launch, and a CUDA graph keeps what its capture encoded.)"""
-    if not config.weight_tma or not weight_tma_supported(w):
+    """The TMA descriptor of one GEMM's experts (rows stacked [E * N, K]) for ``config``'s tile,
+    or None where the config asks for pointer loads or the weights cannot take one."""
+    if not config.weight_tma or w.dtype == torch.uint8 or not w.is_contiguous():
         return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = w.reshape(-1, w.shape[-1])  # [E * N, K]: a view of the contiguous experts
-    return TensorDescriptor(rows, shape=list(rows.shape), strides=list(rows.stride()),
-                            block_shape=[config.block_n, config.block_k])
+    return tma_descriptor(w.reshape(-1, w.shape[-1]), [config.block_n, config.block_k])
 
 
 def _pair_blocks(pairs: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,10 +202,10 @@ def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
     """tma=1: the tiles through TMA descriptors, whose copies fill rows past M or N and the K
     tail (208 is not a multiple of 64) with zeros, give the pointer loads' output, split-K too;
     an operand a descriptor cannot take (rows not a multiple of 16 bytes) runs the pointer loads."""
-    from llmesh.kernels.fp8_gemm import tma_supported
+    from llmesh.kernels.common import tma_descriptor
 
     x, qweight, scales = (t.to(device) for t in _gemm_case(m, n, k, torch.bfloat16, seed=m + n))
-    if not tma_supported(qweight):
+    if tma_descriptor(qweight, [32, 64]) is None:
         pytest.skip("no TMA on this GPU (compute capability < 9)")
     plain = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2, split_k=split)
     tma = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2, split_k=split, tma=1)
@@ -214,7 +214,7 @@ def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
     assert torch.equal(got, want)
     _assert_gemm_close(got.cpu(), fp8_gemm_ref(x, qweight, scales).cpu())
     x2, q2, s2 = (t.to(device) for t in _gemm_case(9, 24, 200, torch.bfloat16, seed=3))  # rows of 200 bytes
-    assert not tma_supported(q2)
+    assert tma_descriptor(q2, [32, 64]) is None
     assert torch.equal(fp8_gemm(x2, q2, s2, config=tma), fp8_gemm(x2, q2, s2, config=plain))
 
 
