@@ -250,15 +250,20 @@ def _case_id(i: int) -> str:
     return f"{CASES[i][1]}-{i}"
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict[str, str | None]:
+def _in_child(function: str) -> dict[str, str | None]:
+    """What this module's ``function`` returns, run in a child process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; from tests.kernels.test_hopper_compile import compile_cases; "
-            "sys.stdout.write('@@' + json.dumps(compile_cases()))")
+    code = (f"import json, sys; from tests.kernels.test_hopper_compile import {function}; "
+            f"sys.stdout.write('@@' + json.dumps({function}()))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("@@", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, str | None]:
+    return _in_child("compile_cases")
 
 
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
@@ -275,13 +280,7 @@ def test_k_loops_are_software_pipelined(compiled, case_id):
 
 @pytest.fixture(scope="module")
 def compiled_tma() -> dict[str, str | None]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; from tests.kernels.test_hopper_compile import tma_cases; "
-            "sys.stdout.write('@@' + json.dumps(tma_cases()))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "@@" in proc.stdout, proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("@@", 1)[1])
+    return _in_child("tma_cases")
 
 
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
