@@ -32,7 +32,7 @@ from llmesh.kernels.common import (
     tma_descriptor)
 from llmesh.kernels.quant_gemm_config import split_plan
 from llmesh.kernels.split_k import finish, split_buffers
-from llmesh.kernels.triton_helpers import cast_rtne
+from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
 
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
@@ -183,17 +183,9 @@ def _fp8_gemm_kernel(
     """TMA: the tiles through x_desc ([BLOCK_M, BLOCK_K] of xq) and w_desc ([BLOCK_N, BLOCK_K]
     of qweight), whose copies fill rows past M or N and columns past K with zeros; otherwise
     pointer loads (x_desc and w_desc unused)."""
-    # Grouped order: GROUP_M row blocks walk the column blocks together, so the weight tiles
-    # one of them loads are still in L2 when the others need them.
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

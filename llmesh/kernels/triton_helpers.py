@@ -49,3 +49,16 @@ def pdl_release(PDL: tl.constexpr, LATE: tl.constexpr):
     """The second half of pdl_wait(PDL, LATE): let the next kernel's programs be scheduled."""
     if PDL and LATE:
         gdc_launch_dependents()
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in the L2-friendly grouped order: GROUP_M row blocks
+    walk the column blocks together, so the weight tiles one of them loads are still in L2 when
+    the others need them."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m

@@ -203,7 +203,8 @@ class EngineConfig:
                  "for decode on a GPU; on the CPU it runs through Triton's interpreter, for tests)")
     cuda_graphs: bool = option(True, "triton backend on a GPU: replay decode steps from captured CUDA graphs")
     quantization: str = option(
-        "auto", "weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, a GGUF's "
+        "auto", "weights in memory: auto (what the checkpoint holds: AWQ/GPTQ packed, an FP8 checkpoint's "
+                "E4M3 weights, a GGUF's "
                 "Q8_0/Q4_x blocks kept on a GPU; else full precision), none, int8 (per channel), int4 "
                 "(group 128, zero points), fp8 (E4M3 W8A8, Ada/Hopper GPUs), w4a8 (INT4 weights in groups of "
                 "128 times FP8 activations, FBGEMM's kernel on Hopper), gguf, awq or gptq")

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from llmesh.engine import LLM, SamplingParams
 from llmesh.engine.errors import UnsupportedModelError
 from llmesh.engine.model.weights import FusedLinear
 from llmesh.engine.quant.awq_gptq import pack_awq, pack_gptq
 from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, W4A8Weight
+from tests.fixtures.checkpoints import split_projections, write_checkpoint_pair
 
 PROMPTS = [[5, 17, 99, 300, 42, 7], [400, 3, 3, 250], list(range(30, 70))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _generate(path: str, **kw) -> tuple[LLM, list[list[int]]]:
@@ -114,12 +113,9 @@ def _quantized_checkpoint(src: str, dest: Path, method: str, group: int = 64) ->
     """``src`` (a float HF folder) as an AWQ / GPTQ checkpoint with codes fitted to its weights,
     and beside it (dest/float) a float twin holding exactly (q - z) * s."""
     gen = torch.Generator().manual_seed(3)
-    tensors = load_file(str(Path(src) / "model.safetensors"))
-    packed, twin = {}, {}
-    for name, w in tensors.items():
-        if not any(f".{p}.weight" in name for p in PROJ):
-            packed[name] = twin[name] = w
-            continue
+    kept, proj = split_projections(src)
+    packed, twin = dict(kept), dict(kept)
+    for name, w in proj.items():
         wt = w.t().float()                                               # [K, N]
         k, n = wt.shape
         if method == "gptq":  # act-order: rows of one group scattered over K
@@ -138,19 +134,12 @@ def _quantized_checkpoint(src: str, dest: Path, method: str, group: int = 64) ->
                  else pack_gptq(q, zeros, scales, group, g_idx=g_idx, checkpoint_format="gptq"))
         packed.update({f"{prefix}.{part}": t for part, t in parts.items()})
         twin[name] = ((q - z_rows).float() * s_rows).t().contiguous()
-    for folder, weights in ((dest, packed), (dest / "float", twin)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in Path(src).iterdir():
-            if f.name != "model.safetensors" and f.is_file():
-                shutil.copy(f, folder / f.name)
-        save_file(weights, str(folder / "model.safetensors"))
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                   "version": "gemm"} if method == "awq" else
-                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True,
-                                   "sym": False, "checkpoint_format": "gptq"})
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
+    return write_checkpoint_pair(
+        src, dest, packed, twin,
+        {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+        if method == "awq" else
+        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False,
+         "checkpoint_format": "gptq"})
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])

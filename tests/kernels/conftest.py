@@ -19,6 +19,18 @@ def device() -> torch.device:
 
 
 @pytest.fixture
+def fp8_device(device) -> torch.device:
+    """The test device for FP8 kernels: a GPU without FP8 (compute capability < 8.9) skips, the
+    CPU runs them through the interpreter."""
+    if device.type == "cuda":
+        from llmesh.kernels.fp8_gemm import fp8_support
+
+        if (why := fp8_support(device)) is not None:
+            pytest.skip(why)
+    return device
+
+
+@pytest.fixture
 def forbid(monkeypatch):
     """forbid(module, name): launching the @triton.jit kernel ``module.name`` fails the test, to
     show that a wrapper took another path (the int32-word kernel instead of the byte one)."""

@@ -24,13 +24,6 @@ needs_fp8_gpu = pytest.mark.skipif(
     "the interpreter would take minutes")
 
 
-@pytest.fixture
-def device(device):
-    """The conftest device, unless it is a GPU without FP8 (the CPU interpreter always has it)."""
-    if device.type == "cuda" and not HAS_FP8_GPU:
-        pytest.skip(fp8_support(device))
-    return device
-
 
 # One output rounding apart, plus float32 summation order (and, on Hopper, the tensor cores'
 # FP8 accumulator between promotions) relative to the output's largest value.
@@ -122,21 +115,21 @@ def test_reference_gemm_within_fp8_error_of_float32(dtype):
 
 @pytest.mark.parametrize("shape", [(1, 64), (7, 1000), (3, 5000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_per_token_kernel_matches_reference_bitwise(device, shape, dtype):
+def test_per_token_kernel_matches_reference_bitwise(fp8_device, shape, dtype):
     gen = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
     x = (torch.randn(shape, generator=gen) * torch.logspace(-3, 2, shape[0])[:, None]).to(dtype)
     if shape[0] > 1:
         x[1] = 0
-    xq, scale = quantize_fp8_per_token(x.to(device))
+    xq, scale = quantize_fp8_per_token(x.to(fp8_device))
     ref_q, ref_scale = quantize_fp8_per_token_ref(x)
     assert xq.dtype == FP8 and scale.dtype == torch.float32
     assert torch.equal(scale.cpu(), ref_scale)
     assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
 
 
-def test_per_token_kernel_rounds_to_nearest_even(device):
+def test_per_token_kernel_rounds_to_nearest_even(fp8_device):
     row = _grid_row()[None]
-    xq, scale = quantize_fp8_per_token(row.to(device))
+    xq, scale = quantize_fp8_per_token(row.to(fp8_device))
     ref_q, ref_scale = quantize_fp8_per_token_ref(row)
     assert ref_scale.item() == 1.0 and torch.equal(scale.cpu(), ref_scale)
     assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
@@ -162,11 +155,11 @@ def _gemm_case(m, n, k, dtype, seed):
     (3, 32, 64, Fp8GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=1, split_k=3)),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gemm_matches_reference(device, m, n, k, config, dtype):
+def test_gemm_matches_reference(fp8_device, m, n, k, config, dtype):
     x, qweight, scales = _gemm_case(m, n, k, dtype, seed=m * 7 + n + k)
     ref = fp8_gemm_ref(x, qweight, scales)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    got = fp8_gemm(x.to(device), qweight.to(device), scales.to(device), out=out, config=config)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=fp8_device)
+    got = fp8_gemm(x.to(fp8_device), qweight.to(fp8_device), scales.to(fp8_device), out=out, config=config)
     assert got is out
     _assert_gemm_close(got, ref)
 
@@ -183,12 +176,12 @@ def test_gemm_matches_reference_large(m, n, k, dtype):
     _assert_gemm_close(got, ref.cpu())
 
 
-def test_split_k_sums_in_split_order_and_resets_its_counters(device):
+def test_split_k_sums_in_split_order_and_resets_its_counters(fp8_device):
     """Two launches of a split config give identical bits (the sum's order is the splits', not
     the arrivals'), and each leaves its arrival counters at zero for the next."""
     from llmesh.kernels.common import arrival_counters
 
-    x, qweight, scales = (t.to(device) for t in _gemm_case(24, 64, 512, torch.float16, seed=5))
+    x, qweight, scales = (t.to(fp8_device) for t in _gemm_case(24, 64, 512, torch.float16, seed=5))
     cfg = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=1, split_k=4)
     first = fp8_gemm(x, qweight, scales, config=cfg)
     second = fp8_gemm(x, qweight, scales, config=cfg)
@@ -198,13 +191,13 @@ def test_split_k_sums_in_split_order_and_resets_its_counters(device):
 
 
 @pytest.mark.parametrize("m,n,k,split", [(37, 70, 208, 1), (100, 40, 256, 2), (5, 96, 208, 3)])
-def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
+def test_tma_tiles_equal_the_pointer_loads(fp8_device, m, n, k, split):
     """tma=1: the tiles through TMA descriptors, whose copies fill rows past M or N and the K
     tail (208 is not a multiple of 64) with zeros, give the pointer loads' output, split-K too;
     an operand a descriptor cannot take (rows not a multiple of 16 bytes) runs the pointer loads."""
     from llmesh.kernels.common import tma_descriptor
 
-    x, qweight, scales = (t.to(device) for t in _gemm_case(m, n, k, torch.bfloat16, seed=m + n))
+    x, qweight, scales = (t.to(fp8_device) for t in _gemm_case(m, n, k, torch.bfloat16, seed=m + n))
     if tma_descriptor(qweight, [32, 64]) is None:
         pytest.skip("no TMA on this GPU (compute capability < 9)")
     plain = Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, group_m=2, split_k=split)
@@ -213,7 +206,7 @@ def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
     got = fp8_gemm(x, qweight, scales, config=tma)
     assert torch.equal(got, want)
     _assert_gemm_close(got.cpu(), fp8_gemm_ref(x, qweight, scales).cpu())
-    x2, q2, s2 = (t.to(device) for t in _gemm_case(9, 24, 200, torch.bfloat16, seed=3))  # rows of 200 bytes
+    x2, q2, s2 = (t.to(fp8_device) for t in _gemm_case(9, 24, 200, torch.bfloat16, seed=3))  # rows of 200 bytes
     assert tma_descriptor(q2, [32, 64]) is None
     assert torch.equal(fp8_gemm(x2, q2, s2, config=tma), fp8_gemm(x2, q2, s2, config=plain))
 
@@ -224,8 +217,8 @@ def test_tma_tiles_equal_the_pointer_loads(device, m, n, k, split):
     Fp8GemmConfig(16, 32, 16, num_warps=4, num_stages=2),            # block_k under FP8's 32
     Fp8GemmConfig(16, 32, 64, num_warps=4, num_stages=2, split_k=0),
 ])
-def test_bad_config_is_refused(device, bad):
-    x, qweight, scales = (t.to(device) for t in _gemm_case(4, 32, 64, torch.float32, seed=1))
+def test_bad_config_is_refused(fp8_device, bad):
+    x, qweight, scales = (t.to(fp8_device) for t in _gemm_case(4, 32, 64, torch.float32, seed=1))
     with pytest.raises(ValueError, match="config"):
         fp8_gemm(x, qweight, scales, config=bad)
 
@@ -248,12 +241,12 @@ def test_gemm_replays_in_a_cuda_graph(config):
     _assert_gemm_close(static_y, fp8_gemm_ref(new_x, qweight, scales).cpu())
 
 
-def test_empty_inputs(device):
+def test_empty_inputs(fp8_device):
     qweight, scales = quantize_fp8_weight(torch.randn(16, 32))
-    qweight, scales = qweight.to(device), scales.to(device)
-    got = fp8_gemm(torch.randn(0, 32, device=device), qweight, scales)
+    qweight, scales = qweight.to(fp8_device), scales.to(fp8_device)
+    got = fp8_gemm(torch.randn(0, 32, device=fp8_device), qweight, scales)
     assert got.shape == (0, 16)
-    xq, s = quantize_fp8_per_token(torch.randn(0, 32, device=device))
+    xq, s = quantize_fp8_per_token(torch.randn(0, 32, device=fp8_device))
     assert xq.shape == (0, 32) and s.shape == (0,)
 
 
@@ -264,10 +257,10 @@ def test_default_config_is_valid():
         assert all(v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
 
 
-def test_rejects_bad_inputs(device):
-    x = torch.randn(4, 64, device=device)
+def test_rejects_bad_inputs(fp8_device):
+    x = torch.randn(4, 64, device=fp8_device)
     qweight, scales = quantize_fp8_weight(torch.randn(32, 64))
-    qweight, scales = qweight.to(device), scales.to(device)
+    qweight, scales = qweight.to(fp8_device), scales.to(fp8_device)
     with pytest.raises(ValueError, match="qweight must have dtype"):
         fp8_gemm(x, qweight.float(), scales)
     with pytest.raises(ValueError, match="qweight has K=64, expected 48"):
@@ -279,16 +272,16 @@ def test_rejects_bad_inputs(device):
     with pytest.raises(ValueError, match="x must be 2-D"):
         fp8_gemm(x[None], qweight, scales)
     with pytest.raises(ValueError, match="x must be contiguous"):
-        fp8_gemm(torch.randn(64, 4, device=device).t(), qweight, scales)
+        fp8_gemm(torch.randn(64, 4, device=fp8_device).t(), qweight, scales)
     with pytest.raises(ValueError, match="qweight must be contiguous"):
-        fp8_gemm(torch.randn(4, 32, device=device), qweight.t(), scales[:1].expand(64).contiguous())
+        fp8_gemm(torch.randn(4, 32, device=fp8_device), qweight.t(), scales[:1].expand(64).contiguous())
     with pytest.raises(ValueError, match="out must have shape"):
-        fp8_gemm(x, qweight, scales, out=torch.empty(4, 16, device=device))
+        fp8_gemm(x, qweight, scales, out=torch.empty(4, 16, device=fp8_device))
     with pytest.raises(ValueError, match="out must be"):
-        fp8_gemm(x, qweight, scales, out=torch.empty(4, 32, dtype=torch.float16, device=device))
+        fp8_gemm(x, qweight, scales, out=torch.empty(4, 32, dtype=torch.float16, device=fp8_device))
     with pytest.raises(ValueError, match="config must be an Fp8GemmConfig"):
         fp8_gemm(x, qweight, scales, config=(16, 16, 32, 4, 2, 8))
     with pytest.raises(ValueError, match="x must have K >= 1"):
-        quantize_fp8_per_token(torch.randn(3, 0, device=device))
+        quantize_fp8_per_token(torch.randn(3, 0, device=fp8_device))
     with pytest.raises(ValueError, match="w must be 2-D"):
         quantize_fp8_weight(torch.randn(64))

@@ -225,18 +225,17 @@ TMA_CASES = [
 ]
 
 
-def tma_cases() -> dict[str, str | None]:
-    """Case name -> None when its K loop copies its descriptor tiles through TMA, pipelined, with
-    no plain load waited on a step, else what is wrong."""
+def _loop_cases(cases, copies: str, divisible: frozenset[str]) -> dict[str, str | None]:
+    """Case name -> None when its K loop has at least the least number of ``copies`` (a LoopReport
+    count: tma_copies or async_copies) and waits on no plain load a step, else what is wrong."""
     out: dict[str, str | None] = {}
-    for name, module, kernel_name, types, constexprs, least in TMA_CASES:
+    for name, module, kernel_name, types, constexprs, options, least in cases:
         try:
             fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), kernel_name)
-            kernel = compile_sm90(fn, types, constexprs, divisible=_DIVISIBLE_INTS | {"K_PER_SPLIT", "stride_xm",
-                                                                                      "stride_wn"}, num_stages=3)
+            kernel = compile_sm90(fn, types, constexprs, divisible=divisible, **options)
             report = loop_report(kernel.asm["ttgir"])
-            problems = [f"{report.tma_copies} TMA copies in the TTGIR, expected >= {least}"] \
-                if report.tma_copies < least else []
+            got = getattr(report, copies)
+            problems = [f"{got} {copies} in the TTGIR, expected >= {least}"] if got < least else []
             if report.waited_loads and report.waited_loads[0]:
                 problems.append(f"the K loop waits on plain loads each step: {report.waited_loads[0]}")
             out[name] = "; ".join(problems) or None
@@ -244,6 +243,34 @@ def tma_cases() -> dict[str, str | None]:
             cause = e.__cause__ or e
             out[name] = f"{type(cause).__name__}: {cause}"[-3000:]
     return out
+
+
+def tma_cases() -> dict[str, str | None]:
+    """Case name -> None when its K loop copies its descriptor tiles through TMA, pipelined, with
+    no plain load waited on a step, else what is wrong."""
+    cases = [(*case[:5], dict(num_stages=3), case[5]) for case in TMA_CASES]
+    return _loop_cases(cases, "tma_copies", _DIVISIBLE_INTS | {"K_PER_SPLIT", "stride_xm", "stride_wn"})
+
+
+# Kernels without PDL whose K loop must still be software-pipelined with nothing waited on a step:
+# (name, module, kernel, argument types, constexprs, launch options, least cp.async copies).
+PLAIN_PIPELINED = [
+    ("block-fp8-gemm-decode", "block_fp8_gemm", "_block_fp8_gemm_kernel",
+     {"xq_ptr": "fp8e4nv", "w_ptr": "fp8e4nv", "xs_ptr": "fp32", "ws_ptr": "fp32"},
+     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BN=128, GROUP_M=8, EVEN_K=True, INTERPRET=False),
+     dict(num_warps=4, num_stages=4), 6),
+    ("block-fp8-gemm-prefill", "block_fp8_gemm", "_block_fp8_gemm_kernel",
+     {"xq_ptr": "fp8e4nv", "w_ptr": "fp8e4nv", "xs_ptr": "fp32", "ws_ptr": "fp32"},
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BN=128, GROUP_M=8, EVEN_K=True, INTERPRET=False),
+     dict(num_warps=8, num_stages=3), 4),
+]
+
+
+def plain_pipelined_cases() -> dict[str, str | None]:
+    """Case name -> None when its K loop copies its tiles with cp.async and waits on no plain
+    load (scales carried a step ahead), else what is wrong."""
+    return _loop_cases(PLAIN_PIPELINED, "async_copies",
+                       _DIVISIBLE_INTS | {"stride_xm", "stride_wn", "stride_xs", "stride_ws"})
 
 
 def _case_id(i: int) -> str:
@@ -287,3 +314,14 @@ def compiled_tma() -> dict[str, str | None]:
 @pytest.mark.parametrize("name", [case[0] for case in TMA_CASES])
 def test_tma_tiles_are_pipelined_tma_copies(compiled_tma, name):
     assert compiled_tma[name] is None, compiled_tma[name]
+
+
+@pytest.fixture(scope="module")
+def compiled_plain() -> dict[str, str | None]:
+    return _in_child("plain_pipelined_cases")
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("name", [case[0] for case in PLAIN_PIPELINED])
+def test_k_loops_without_pdl_are_software_pipelined(compiled_plain, name):
+    assert compiled_plain[name] is None, compiled_plain[name]

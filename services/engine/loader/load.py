@@ -6,7 +6,7 @@
 
 Both formats come out the same way: a ModelConfig, weights under HF names in HF layout
 (GGUF dequantized to float32), and where the tokenizer lives. ``weights_for(spec)`` gives
-them as a quantization loads them instead: GGUF blocks or AWQ/GPTQ tensors kept packed.
+them as a quantization loads them instead: GGUF blocks, AWQ/GPTQ or FP8 tensors kept packed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmesh.engine.errors import ModelLoadError
+from llmesh.engine.errors import ModelLoadError, UnsupportedModelError
 from llmesh.engine.loader.gguf_file import GGUFFile, GGUFWeights, gguf_model_config, open_gguf
 from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenizer_data
 from llmesh.engine.loader.hf_config import model_config_from_hf
@@ -51,9 +51,19 @@ class LoadedModel:
 
     @property
     def checkpoint_method(self) -> str | None:
-        """awq / gptq (or another quant_method, refused when the engine resolves it)."""
+        """awq / gptq / fp8 (or another quant_method, refused when the engine resolves it). An FP8
+        checkpoint's scheme is checked here, so one llmesh cannot serve fails before loading."""
         if not self.quantization_config:
             return None
+        from llmesh.engine.quant.fp8_checkpoint import is_fp8_checkpoint, parse_fp8_config
+
+        if is_fp8_checkpoint(self.quantization_config):
+            parse_fp8_config(self.quantization_config)
+            if self.config.num_experts:
+                raise UnsupportedModelError(
+                    f"{self.config.name} is an FP8 checkpoint of a mixture-of-experts model; llmesh serves FP8 experts "
+                    f"quantized on load: serve the float model with quantization='fp8'")
+            return "fp8"
         return str(self.quantization_config.get("quant_method", "unknown")).lower()
 
     def weights_for(self, spec: QuantSpec) -> Iterable[tuple[str, torch.Tensor | QuantizedWeight]]:
@@ -65,6 +75,10 @@ class LoadedModel:
             from llmesh.engine.quant.checkpoint_weights import PackedCheckpointWeights
 
             return PackedCheckpointWeights(self.weights, parse_quant_config(self.quantization_config))
+        if spec.name == "fp8" and spec.linear_method == "keep":
+            from llmesh.engine.quant.fp8_checkpoint import Fp8CheckpointWeights, parse_fp8_config
+
+            return Fp8CheckpointWeights(self.weights, parse_fp8_config(self.quantization_config))
         return self.weights
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmesh.engine.quant.linear import Weight
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, W4A8Weight, pack_int4
+from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, Int4Weight, Int8Weight, W4A8Weight, pack_int4
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,10 @@ def slice_out_features(w: Weight, start: int, end: int) -> Weight:
         return w[start:end]
     if isinstance(w, Fp8Weight):
         return w.map_tensors(lambda t: t[start:end])
+    if isinstance(w, Fp8BlockWeight):
+        bn = w.block[0]
+        _check_group_cut(f"{w.format} (block-scaled)", start, end, w.out_features, bn, "output")
+        return Fp8BlockWeight(w.qweight[start:end], w.scales[start // bn: -(-end // bn)], w.block, w.format)
     if isinstance(w, W4A8Weight):
         w._check_readable()
         return W4A8Weight(w.qweight[start:end], w.group_scales[:, start:end], w.scales[start:end], w.group_size,
@@ -159,6 +163,10 @@ def slice_in_features(w: Weight, start: int, end: int) -> Weight:
         return w[:, start:end]
     if isinstance(w, Fp8Weight):
         return Fp8Weight(w.qweight[:, start:end], w.scales, w.format)
+    if isinstance(w, Fp8BlockWeight):
+        bk = w.block[1]
+        _check_group_cut(f"{w.format} (block-scaled)", start, end, w.in_features, bk)
+        return Fp8BlockWeight(w.qweight[:, start:end], w.scales[:, start // bk: -(-end // bk)], w.block, w.format)
     k = w.in_features
     if isinstance(w, W4A8Weight):  # the row scale holds for every slice of K
         w._check_readable()
@@ -183,8 +191,8 @@ def slice_in_features(w: Weight, start: int, end: int) -> Weight:
     return pack_int4(q, w.scales[groups], w.mins[groups], g, fmt=w.format)
 
 
-def _check_group_cut(fmt: str, start: int, end: int, k: int, group: int) -> None:
+def _check_group_cut(fmt: str, start: int, end: int, k: int, group: int, features: str = "input") -> None:
     if start % group or (end % group and end != k):
-        raise ValueError(f"a {fmt} weight of {k} input features in groups of {group} cannot be split at "
+        raise ValueError(f"a {fmt} weight of {k} {features} features in groups of {group} cannot be split at "
                          f"[{start}, {end}) for tensor parallelism: a shard boundary must be a group boundary "
-                         f"(tensor_parallel_size must divide the input features into whole groups)")
+                         f"(tensor_parallel_size must divide the {features} features into whole groups)")

@@ -13,15 +13,19 @@ from llmesh.engine.errors import UnsupportedModelError
 log = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4", "fp8", "w4a8", "gguf", "awq", "gptq")
-"""auto: what the checkpoint holds (AWQ/GPTQ as such, GGUF blocks kept on a GPU), else none.
+"""auto: what the checkpoint holds (AWQ/GPTQ/FP8 as such, GGUF blocks kept on a GPU), else none.
 none: full precision (a GGUF is dequantized). int8 / int4 / fp8 / w4a8: quantize on load
 (w4a8: INT4 weights for FP8 activations, FBGEMM's kernel).
-gguf / awq / gptq: serve the checkpoint's own quantized tensors."""
+gguf / awq / gptq: serve the checkpoint's own quantized tensors (fp8 does too, for an FP8
+checkpoint: fp8_checkpoint.py)."""
 
 GGUF_KEPT_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_1"})
 """GGUF block types served as they are; other types in a kept file are dequantized on load."""
 
-CHECKPOINT_METHODS = ("awq", "gptq")
+CHECKPOINT_METHODS = ("awq", "gptq", "fp8")
+"""Checkpoints whose quantized tensors are served as stored (fp8: compressed-tensors and fp8 writers)."""
+CHECKPOINT_ONLY = ("awq", "gptq")
+"""Quantizations that need such a checkpoint (fp8 also quantizes a float model on load)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,18 @@ def resolve_quantization(requested: str | None, *, model: str, source_format: st
     if checkpoint_method is not None:
         if checkpoint_method not in CHECKPOINT_METHODS:
             raise UnsupportedModelError(
-                f"{model} is quantized with {checkpoint_method!r}; llmesh serves AWQ and GPTQ checkpoints, or "
-                f"float checkpoints quantized on load (int8, int4, fp8)")
+                f"{model} is quantized with {checkpoint_method!r}; llmesh serves AWQ, GPTQ and FP8 checkpoints, "
+                f"or float checkpoints quantized on load (int8, int4, fp8)")
         if req in ("auto", checkpoint_method):
+            if checkpoint_method in _ACTIVATION_FORMAT_NEEDS:
+                problem = _activation_format_problem(checkpoint_method, device, backend)
+                if problem is not None:
+                    raise UnsupportedModelError(f"{model} is an FP8 checkpoint: {problem}")
             return QuantSpec(checkpoint_method, "keep")
         raise UnsupportedModelError(
             f"{model} is a {checkpoint_method.upper()} checkpoint; it is served as quantization="
             f"'{checkpoint_method}' (or 'auto'), not {req!r}")
-    if req in CHECKPOINT_METHODS:
+    if req in CHECKPOINT_ONLY:
         raise UnsupportedModelError(
             f"quantization={req!r} needs a {req.upper()} checkpoint (config.json with quantization_config."
             f"quant_method = {req!r}); {model} has none. To quantize a float model on load use int4 or int8")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_packed_matmul
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, W4A8Weight
+from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, W4A8Weight
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
 from llmesh.kernels.skinny_gemm_config import tuned_config
 
@@ -153,6 +153,10 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         from llmesh.kernels.fp8_gemm import quantize_fp8_per_token
 
         return fp8_matmul(quantize_fp8_per_token(x), w, x.dtype)
+    if isinstance(w, Fp8BlockWeight):
+        from llmesh.kernels.block_fp8_gemm import block_fp8_gemm
+
+        return block_fp8_gemm(x, w.qweight, w.scales, w.block)
     if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
         return y
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
@@ -248,6 +252,10 @@ def _reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         from llmesh.kernels.fp8_gemm import fp8_gemm_ref
 
         return fp8_gemm_ref(x, w.qweight, w.scales)
+    if isinstance(w, Fp8BlockWeight):
+        from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_ref
+
+        return block_fp8_gemm_ref(x, w.qweight, w.scales, w.block)
     return x @ w.dequantize().to(x.dtype)
 
 
@@ -307,6 +315,10 @@ def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.T
         part = W4A8Weight(w.qweight.index_select(0, ids), w.group_scales.index_select(1, ids),
                           w.scales.index_select(0, ids), w.group_size, w.in_features)
         return part.dequantize().t().to(dtype)
+    if isinstance(w, Fp8BlockWeight):
+        bn, bk = w.block
+        scales = w.scales.index_select(0, ids // bn).repeat_interleave(bk, 1)[:, : w.in_features]
+        return (w.qweight.index_select(0, ids).float() * scales).to(dtype)
     if isinstance(w, Int8Weight):
         part = Int8Weight(w.qweight.index_select(1, ids), w.scales.index_select(1, ids), w.group_size, w.format)
     elif isinstance(w, Int4Weight):

@@ -25,6 +25,14 @@ Fp8Weight
     scales   float32 [N]            w[k, n] = qweight[n, k] * scales[n]
     Activations are quantized per token at run time (W8A8).
 
+Fp8BlockWeight
+    qweight  float8_e4m3fn [N, K]
+    scales   float32 [ceil(N / BN), ceil(K / BK)]   w[k, n] = qweight[n, k] * scales[n // BN, k // BK]
+    block    (BN, BK), 128 x 128 in every checkpoint that ships one (Qwen3-*-FP8, DeepSeek-V3)
+    FP8 checkpoints scaled per block (fp8_checkpoint.py); activations are quantized per token
+    and BK-channel group at run time, so each BK-wide slice of the product has one activation
+    and one weight scale (llmesh/kernels/block_fp8_gemm.py).
+
 W4A8Weight
     qweight       int8 [N, Kp // 2]      signed codes -8..7; byte (n, j): k = 2j in the low
                                          nibble, k = 2j + 1 in the high one
@@ -135,11 +143,8 @@ class Int8Weight(_Packed):
         return dequantize_int8_ref(self.qweight, self.scales, self.group_size)
 
 
-@dataclass
-class Fp8Weight(_Packed):
-    qweight: torch.Tensor            # float8_e4m3fn [N, K]
-    scales: torch.Tensor             # float32 [N]
-    format: str = "fp8"
+class _NkCodes(_Packed):
+    """Codes stored as nn.Linear stores its weight, qweight [N, K] (the FP8 formats)."""
 
     @property
     def in_features(self) -> int:
@@ -149,8 +154,32 @@ class Fp8Weight(_Packed):
     def out_features(self) -> int:
         return self.qweight.shape[0]
 
+
+@dataclass
+class Fp8Weight(_NkCodes):
+    qweight: torch.Tensor            # float8_e4m3fn [N, K]
+    scales: torch.Tensor             # float32 [N]
+    format: str = "fp8"
+
     def dequantize(self) -> torch.Tensor:
         return (self.qweight.float() * self.scales[:, None]).t()
+
+
+@dataclass
+class Fp8BlockWeight(_NkCodes):
+    qweight: torch.Tensor            # float8_e4m3fn [N, K]
+    scales: torch.Tensor             # float32 [ceil(N / BN), ceil(K / BK)]
+    block: tuple[int, int]           # (BN, BK)
+    format: str = "fp8"
+
+    def dense_scales(self) -> torch.Tensor:
+        """float32 [N, K]: each weight's block scale."""
+        bn, bk = self.block
+        n, k = self.qweight.shape
+        return self.scales.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.qweight.float() * self.dense_scales()).t()
 
 
 W4A8_ROW_RANGE = 392.0
@@ -213,7 +242,7 @@ class W4A8Weight(_Packed):
         return w4a8_product(self.codes().t(), g)
 
 
-QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight | W4A8Weight
+QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight | Fp8BlockWeight | W4A8Weight
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -242,6 +271,14 @@ def cat_out_features(weights: list[QuantizedWeight]) -> QuantizedWeight:
     first = weights[0]
     if any(type(w) is not type(first) for w in weights):
         raise ValueError("cannot fuse weights of different formats: " + ", ".join(w.format for w in weights))
+    if isinstance(first, Fp8BlockWeight):
+        bn = first.block[0]
+        if any(w.block != first.block or w.in_features != first.in_features for w in weights) or any(
+                w.out_features % bn for w in weights[:-1]):
+            raise ValueError("block-scaled FP8 weights fuse only with equal blocks and K, each part a whole number "
+                             "of row blocks")
+        return Fp8BlockWeight(torch.cat([w.qweight for w in weights], 0), torch.cat([w.scales for w in weights], 0),
+                              first.block, format=first.format)
     if isinstance(first, Fp8Weight):
         return Fp8Weight(torch.cat([w.qweight for w in weights], 0), torch.cat([w.scales for w in weights], 0),
                          format=first.format)

@@ -1,0 +1,212 @@
+"""Block-scaled FP8 (E4M3) linear layer: the scheme of Qwen3-*-FP8 and DeepSeek-V3 checkpoints.
+
+The weight qweight [N, K] carries one float32 scale per BN x BK block (128 x 128 in every
+checkpoint that ships one); activations are quantized at run time per token and BK-channel
+group (`quantize_fp8_per_group`), so every BK-wide slice of the product has exactly one
+activation scale per row and one weight scale per BN columns:
+
+    xs[m, g] = max(absmax(x[m, g*BK:(g+1)*BK]), eps) / 448     xq = e4m3(x / xs)
+    y[m, n] = sum_g (xq[m, g-slice] . qweight[n, g-slice]) * xs[m, g] * ws[n // BN, g]
+
+The GEMM (`_block_fp8_gemm_kernel`, the design of DeepSeek's and vLLM's Triton
+`w8a8_block_fp8_matmul`) walks K one group at a time: each group's FP8 tl.dot starts from zero
+and is scaled into the float32 accumulator, which also bounds the tensor cores' reduced-precision
+FP8 accumulation to BK products. Finer activation scales than fp8_gemm's per-token ones keep
+an outlier channel from costing its whole row precision.
+
+Untuned: the tile comes from `default_block_config` by M alone; no H200 measurement has
+chosen it yet (bench/quant_gpu.py does not sweep it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import (
+    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
+from llmesh.kernels.fp8_gemm import (
+    FP8_DTYPE, FP8_MAX, SCALE_EPS, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_row_inverse)
+from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
+
+
+@dataclass(frozen=True)
+class BlockFp8Config:
+    """Launch parameters of the block-scaled GEMM (BLOCK_K is the weight's BK: one group a step)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def default_block_config(m: int) -> BlockFp8Config:
+    """Narrow row tiles for decode batches (weight-bound), square ones past them."""
+    if m <= 16:
+        return BlockFp8Config(16, 64, num_warps=4, num_stages=4)
+    if m <= 64:
+        return BlockFp8Config(64, 64, num_warps=4, num_stages=4)
+    return BlockFp8Config(128, 128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _quant_per_group_kernel(
+    x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s, eps,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    c = g * GROUP + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < GROUP) & (c < K)
+    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    inv = fp8_row_inverse(tl.max(tl.abs(x), axis=0), scale_ptr + row * stride_s + g, eps)
+    tl.store(xq_ptr + row * stride_q + c, fp8_quantize(x, inv, INTERPRET), mask=mask)
+
+
+def quantize_fp8_per_group(x: torch.Tensor, group: int) -> Fp8Rows:
+    """x: [M, K] float → (xq float8_e4m3fn [M, K], scales float32 [M, ceil(K / group)]), one scale per
+    token and ``group`` channels: x ~ xq * scales repeated over each group."""
+    check_tensor("x", x, "[M, K]", 2, FLOAT_DTYPES)
+    check_last_dim_contiguous("x", x)
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"group must be a power of two >= 16, got {group}")
+    m, k = x.shape
+    check_fp8_runnable(x.device)
+    groups = triton.cdiv(k, group)
+    xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    if m and k:
+        block = next_power_of_2(group)
+        _quant_per_group_kernel[(m, groups)](
+            x, xq, scale, k, x.stride(0), xq.stride(0), scale.stride(0), SCALE_EPS,
+            GROUP=group, BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(4, block // 128)),
+        )
+    return Fp8Rows(xq, scale)
+
+
+def quantize_fp8_per_group_ref(x: torch.Tensor, group: int) -> Fp8Rows:
+    """The arithmetic of `_quant_per_group_kernel` in torch (same roundings, same bits)."""
+    m, k = x.shape
+    groups = -(-k // group)
+    x32 = torch.zeros((m, groups * group), dtype=torch.float32, device=x.device)
+    x32[:, :k] = x.to(torch.float32)
+    x32 = x32.view(m, groups, group)
+    amax = x32.abs().amax(dim=-1).clamp_min(SCALE_EPS)                  # [M, G]
+    inv = torch.full_like(amax, FP8_MAX) / amax
+    xq = (x32 * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group)[:, :k]
+    return Fp8Rows(xq.contiguous(), amax / FP8_MAX)
+
+
+@triton.jit
+def _block_fp8_gemm_kernel(
+    xq_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K,
+    stride_xm, stride_wn, stride_xs, stride_ws, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows / columns past the edge read row M-1 / N-1 (never stored), so the loads stay unmasked.
+    rm_in = tl.minimum(rm, M - 1).to(tl.int64)
+    rn_in = tl.minimum(rn, N - 1).to(tl.int64)
+    a_ptrs = xq_ptr + rm_in[:, None] * stride_xm + rk[None, :]
+    b_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None]
+    xs_ptrs = xs_ptr + rm_in * stride_xs          # [BLOCK_M] at group 0
+    ws_ptrs = ws_ptr + (rn_in // BN) * stride_ws  # [BLOCK_N] at group 0 (one row of scales per BN columns)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # The scales are carried a step ahead: Triton pipelines the tile loads (cp.async) but not these
+    # gathers, which a step would otherwise wait on before its scaling.
+    xs = tl.load(xs_ptrs)
+    ws = tl.load(ws_ptrs)
+    last_group = tl.cdiv(K, BLOCK_K) - 1
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_in = k0 + rk < K
+            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
+        nxt = tl.minimum(k0 // BLOCK_K + 1, last_group)  # the last step reloads its own (unused)
+        xs_next = tl.load(xs_ptrs + nxt)
+        ws_next = tl.load(ws_ptrs + nxt)
+        acc += tl.dot(a, b) * (xs[:, None] * ws[None, :])
+        xs, ws = xs_next, ws_next
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def _check_weight(qweight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], device) -> None:
+    check_tensor("qweight", qweight, "[N, K]", 2, (FP8_DTYPE,), device=device)
+    check_tensor("scales", scales, "[N / BN, K / BK]", 2, (torch.float32,), device=device)
+    bn, bk = block
+    for name, b in (("BN", bn), ("BK", bk)):
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"block {name} must be a power of two >= 16, got {b!r}")
+    n, k = qweight.shape
+    check_size("scales", "rows", scales.shape[0], triton.cdiv(n, bn), f"one per {bn} rows of qweight")
+    check_size("scales", "columns", scales.shape[1], triton.cdiv(k, bk), f"one per {bk} columns of qweight")
+    check_last_dim_contiguous("qweight", qweight)
+    check_last_dim_contiguous("scales", scales)
+
+
+def block_fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *,
+                   out: torch.Tensor | None = None, config: BlockFp8Config | None = None) -> torch.Tensor:
+    """y = x @ W^T, W = qweight scaled per (BN, BK) block, x quantized per token and BK channels.
+    x: [M, K] float; qweight float8_e4m3fn [N, K]; scales float32 [ceil(N/BN), ceil(K/BK)].
+    Returns [M, N] in x.dtype (into ``out`` when given)."""
+    check_tensor("x", x, "[M, K]", 2, FLOAT_DTYPES)
+    _check_weight(qweight, scales, block, x.device)
+    m, k = x.shape
+    n = qweight.shape[0]
+    check_size("qweight", "K", qweight.shape[1], k, "x's last dimension")
+    out = check_out("out", out, (m, n), x.dtype, x.device)
+    return block_fp8_gemm_rows(quantize_fp8_per_group(x, block[1]), qweight, scales, block, out=out, config=config)
+
+
+def block_fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *,
+                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                        config: BlockFp8Config | None = None) -> torch.Tensor:
+    """block_fp8_gemm on activations already quantized per group (quantize_fp8_per_group)."""
+    xq, xs = rows
+    m, k = xq.shape
+    n = qweight.shape[0]
+    bn, bk = block
+    if out is None:
+        if out_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"give out or a float out_dtype, got {out_dtype!r}")
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    check_size("activation scales", "groups", xs.shape[1], triton.cdiv(k, bk), f"one per {bk} channels")
+    if m == 0 or n == 0:
+        return out
+    cfg = config or default_block_config(m)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    _block_fp8_gemm_kernel[(tiles,)](
+        xq, qweight, xs, scales, out, m, n, k,
+        xq.stride(0), qweight.stride(0), xs.stride(0), scales.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BN=bn, GROUP_M=cfg.group_m,
+        EVEN_K=k % bk == 0, INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def block_fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]
+                       ) -> torch.Tensor:
+    """`block_fp8_gemm` in torch: quantize x per token and group, dequantize both sides to
+    float32, one matmul (the kernel sums the same products group by group)."""
+    bn, bk = block
+    n, k = qweight.shape
+    xq, xs = quantize_fp8_per_group_ref(x, bk)
+    x32 = xq.to(torch.float32) * xs.repeat_interleave(bk, 1)[:, :k]
+    w32 = qweight.to(torch.float32) * scales.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return (x32 @ w32.t()).to(x.dtype)
