@@ -14,8 +14,9 @@ and is scaled into the float32 accumulator, which also bounds the tensor cores' 
 FP8 accumulation to BK products. Finer activation scales than fp8_gemm's per-token ones keep
 an outlier channel from costing its whole row precision.
 
-Untuned: the tile comes from `default_block_config` by M alone; no H200 measurement has
-chosen it yet (bench/quant_gpu.py does not sweep it).
+Tiles by M: `BLOCK_FP8_TILE`, filled from bench/block_fp8_gpu.py's sweep on a device (which
+also times cuBLAS's block-scaled GEMM, torch.nn.functional.scaled_mm, where the build has it),
+else `default_block_config`. No device has measured them yet.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2)
+    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, cuda_device_tag, interpreting,
+    next_power_of_2)
 from llmesh.kernels.fp8_gemm import (
     FP8_DTYPE, FP8_MAX, SCALE_EPS, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_row_inverse)
 from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
@@ -51,6 +53,22 @@ def default_block_config(m: int) -> BlockFp8Config:
     if m <= 64:
         return BlockFp8Config(64, 64, num_warps=4, num_stages=4)
     return BlockFp8Config(128, 128, num_warps=8, num_stages=3)
+
+
+BLOCK_FP8_TILE: dict[str, dict[int, BlockFp8Config]] = {}
+"""Per device tag: {largest M of a bucket: the tile bench/block_fp8_gpu.py measured fastest there,
+over the Llama-3-8B shapes}; empty until a device session fills it (default_block_config meanwhile)."""
+
+
+def block_config(device: torch.device, m: int) -> BlockFp8Config:
+    """The tile for M rows on ``device``: the measured table's bucket, else default_block_config."""
+    table = BLOCK_FP8_TILE.get(cuda_device_tag(device)) if device.type == "cuda" and not interpreting() else None
+    if table:
+        for bound in sorted(table):
+            if m <= bound:
+                return table[bound]
+        return table[max(table)]
+    return default_block_config(m)
 
 
 @triton.jit
@@ -189,7 +207,7 @@ def block_fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch.Tens
     check_size("activation scales", "groups", xs.shape[1], triton.cdiv(k, bk), f"one per {bk} channels")
     if m == 0 or n == 0:
         return out
-    cfg = config or default_block_config(m)
+    cfg = config or block_config(xq.device, m)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     _block_fp8_gemm_kernel[(tiles,)](
         xq, qweight, xs, scales, out, m, n, k,
@@ -198,6 +216,22 @@ def block_fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch.Tens
         EVEN_K=k % bk == 0, INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] float -> (qweight float8_e4m3fn [N, K], scales float32 [ceil(N/BN), ceil(K/BK)]), one
+    absmax / 448 scale per block, as the checkpoints' writers make them (load-time; benchmarks and
+    tests build their block weights with it)."""
+    check_tensor("w", w, "[N, K]", 2, FLOAT_DTYPES)
+    bn, bk = block
+    n, k = w.shape
+    nb, kb = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[:n, :k] = w.float()
+    tiles = padded.view(nb, bn, kb, bk)
+    scales = tiles.abs().amax(dim=(1, 3)).clamp_min(SCALE_EPS) / FP8_MAX              # [NB, KB]
+    q = (tiles / scales[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(nb * bn, kb * bk)[:n, :k].contiguous(), scales
 
 
 def block_fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]

@@ -187,3 +187,15 @@ def test_kernel_profile_families_name_the_unified_attention_kernels():
     assert family("_decode_partition_kernel") == "attention"
     assert family("Memset (Device)") == "copy"
     assert family("_silu_and_mul_fp8_kernel") == "activation"
+
+
+def test_block_fp8_gpu_smoke(tmp_path):
+    """Every tile's output checked against the reference; the literal for the tile table printed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/block_fp8_gpu.py", "--smoke", "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "block_fp8_cpu.json").read_text())
+    assert not doc["workload"]["wrong"] and "BLOCK_FP8_TILE['cpu']" in doc["workload"]["literal"]
+    m = doc["metrics"]
+    assert m["block_fp8_64x96_m1_linear_us"] > 0 and m["block_fp8_64x96_m5_linear_vs_rowwise_x"] > 0

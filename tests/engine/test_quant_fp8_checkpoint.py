@@ -17,6 +17,7 @@ from llmesh.engine.model.shard import slice_in_features, slice_out_features
 from llmesh.engine.quant.fp8_checkpoint import parse_fp8_config
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight
 from llmesh.engine.quant.quantize import quantize_fp8
+from llmesh.kernels.block_fp8_gemm import quantize_fp8_blocks
 from tests.fixtures.checkpoints import split_projections, write_checkpoint_pair
 from tests.fixtures.tiny_models import build_tiny_model
 
@@ -47,16 +48,7 @@ def _quantize(w: torch.Tensor, strategy: str, block: tuple[int, int]) -> tuple[t
     if strategy == "tensor":
         s = w.abs().amax() / 448.0
         return (w / s).clamp(-448, 448).to(E4M3), s.reshape(())
-    bn, bk = block
-    n, k = w.shape
-    s = torch.zeros(-(-n // bn), -(-k // bk))
-    q = torch.empty(n, k, dtype=E4M3)
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            tile = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
-            s[i, j] = tile.abs().amax().clamp_min(1e-12) / 448.0
-            q[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (tile / s[i, j]).clamp(-448, 448).to(E4M3)
-    return q, s
+    return quantize_fp8_blocks(w, block)
 
 
 def _dequantize(q: torch.Tensor, s: torch.Tensor, strategy: str, block: tuple[int, int]) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.block_fp8_gemm import (  # noqa: E402
-    BlockFp8Config, block_fp8_gemm, block_fp8_gemm_ref, quantize_fp8_per_group, quantize_fp8_per_group_ref)
+    BlockFp8Config, block_fp8_gemm, block_fp8_gemm_ref, quantize_fp8_blocks, quantize_fp8_per_group,
+    quantize_fp8_per_group_ref)
 from llmesh.kernels.fp8_gemm import fp8_support, quantize_fp8_per_token_ref  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
 HAS_FP8_GPU = torch.cuda.is_available() and fp8_support(torch.device("cuda")) is None
 needs_fp8_gpu = pytest.mark.skipif(
     not HAS_FP8_GPU, reason="large shapes and CUDA graphs need a CUDA GPU with FP8 (compute capability >= 8.9); "
@@ -33,22 +33,7 @@ def _block_weight(n: int, k: int, block: tuple[int, int], seed: int) -> tuple[to
     w = torch.randn(n, k, generator=gen)
     nb, kb = -(-n // bn), -(-k // bk)
     w *= (10.0 ** (torch.rand(nb, kb, generator=gen) * 4 - 2)).repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return (w, *_block_weight_from(w, block))
-
-
-def _block_weight_from(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 codes, absmax / 448 block scales) of a float weight."""
-    bn, bk = block
-    n, k = w.shape
-    nb, kb = -(-n // bn), -(-k // bk)
-    s = torch.zeros(nb, kb)
-    q = torch.empty(n, k, dtype=FP8)
-    for i in range(nb):
-        for j in range(kb):
-            tile = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
-            s[i, j] = tile.abs().amax() / 448.0
-            q[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (tile / s[i, j]).to(FP8)
-    return q, s
+    return (w, *quantize_fp8_blocks(w, block))
 
 
 def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
