@@ -189,10 +189,31 @@ def test_fp8_checkpoint_errors_name_the_layer_and_the_fix(tiny_llama, tmp_path):
         _engine(str(folder))
     moe = Path(build_tiny_model(str(tmp_path / "moe"), "qwen3_moe"))
     cfg = json.loads((moe / "config.json").read_text())
-    cfg["quantization_config"] = _ct_config("channel")
+    cfg["quantization_config"] = _ct_config("block", block=(128, 128))
     (moe / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*quantization='fp8'"):
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts FP8 checkpoint with block-scaled.*per-channel"):
         _engine(str(moe))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])  # qwen2_moe: a shared expert too
+def test_a_per_channel_moe_checkpoint_fills_the_fp8_experts(tmp_path, arch):
+    """Every expert's stored codes and row scales land in the stacked FP8 experts as they are, so
+    the engine equals one quantizing the float twin on load (which rounds to the same codes)."""
+    src = build_tiny_model(str(tmp_path / "src"), arch)
+    folder = _fp8_checkpoint(src, tmp_path / "ckpt", "compressed-tensors", "channel")
+    stored, on_load = _engine(str(folder)), _engine(str(folder / "float"), quantization="fp8")
+    tensors = load_file(str(folder / "model.safetensors"))
+    layer = next(i for i, l in enumerate(stored.engine.runner.model.layers) if l.moe is not None)
+    experts = stored.engine.runner.model.layers[layer].moe.experts
+    assert experts.w13.dtype == torch.float8_e4m3fn
+    i = experts.w2.shape[2]
+    code = tensors[f"model.layers.{layer}.mlp.experts.1.up_proj.weight"]
+    assert torch.equal(experts.w13[1, i:].view(torch.uint8), code.view(torch.uint8))
+    scale = tensors[f"model.layers.{layer}.mlp.experts.1.up_proj.weight_scale"]
+    assert torch.equal(experts.w13_scale[1, i:], scale[:, 0].float())
+    assert torch.equal(_first_logits(stored, PROMPTS[2]), _first_logits(on_load, PROMPTS[2]))
+    outs = [[o.token_ids for o in e.generate(PROMPTS, GREEDY)] for e in (stored, on_load)]
+    assert outs[0] == outs[1]
 
 
 def test_tp2_serves_a_block_checkpoint_with_tp1_tokens(tiny_llama, tmp_path):

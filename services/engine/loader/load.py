@@ -58,11 +58,12 @@ class LoadedModel:
         from llmesh.engine.quant.fp8_checkpoint import is_fp8_checkpoint, parse_fp8_config
 
         if is_fp8_checkpoint(self.quantization_config):
-            parse_fp8_config(self.quantization_config)
-            if self.config.num_experts:
+            cfg = parse_fp8_config(self.quantization_config)  # refuses a scheme llmesh cannot serve
+            if self.config.num_experts and cfg.strategy == "block":
                 raise UnsupportedModelError(
-                    f"{self.config.name} is an FP8 checkpoint of a mixture-of-experts model; llmesh serves FP8 experts "
-                    f"quantized on load: serve the float model with quantization='fp8'")
+                    f"{self.config.name} is a mixture-of-experts FP8 checkpoint with block-scaled weights; the fused "
+                    f"MoE kernel takes FP8 experts with one scale per output channel: serve a per-channel FP8 "
+                    f"checkpoint (e.g. *-FP8-dynamic) or the float model with quantization='fp8'")
             return "fp8"
         return str(self.quantization_config.get("quant_method", "unknown")).lower()
 
@@ -75,7 +76,7 @@ class LoadedModel:
             from llmesh.engine.quant.checkpoint_weights import PackedCheckpointWeights
 
             return PackedCheckpointWeights(self.weights, parse_quant_config(self.quantization_config))
-        if spec.name == "fp8" and spec.linear_method == "keep":
+        if spec.name == "fp8" and self.checkpoint_method == "fp8":
             from llmesh.engine.quant.fp8_checkpoint import Fp8CheckpointWeights, parse_fp8_config
 
             return Fp8CheckpointWeights(self.weights, parse_fp8_config(self.quantization_config))

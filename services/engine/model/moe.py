@@ -14,7 +14,7 @@ Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_p
 ``experts.gate_proj`` by the GGUF loader); both fill stacked weights w13 [E, 2I, H] (gate rows,
 then up rows) and w2 [E, H, I]. With ``linear_method`` int8 each expert is quantized as it
 arrives (per output channel, so part by part equals the whole), likewise FP8 E4M3 with
-``fp8``, and INT4 in groups of 128 input channels with ``int4`` (each output column its own
+``fp8`` (whose experts also take an FP8 checkpoint's per-channel codes and scales as stored), and INT4 in groups of 128 input channels with ``int4`` (each output column its own
 groups: gate and up may arrive apart); other quantized methods keep the experts in the model
 dtype.
 
@@ -40,6 +40,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
+from llmesh.engine.quant.packed import Fp8Weight
 
 _EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 """Checkpoint projection names (Qwen / Mixtral) → part of the stacked weights."""
@@ -210,8 +211,11 @@ class SparseMoeBlock:
         if packed and what in ("router", "shared_gate") and hasattr(t, "dequantize"):
             # A GGUF kept packed: the router runs in float (a packed weight dequantizes to [K, N]).
             t, packed = t.dequantize().t(), False
-        if packed and not what.startswith("shared."):  # the shared expert's FusedLinear takes packed ones
-            raise ValueError(f"is a {type(t).__name__}; experts load from float tensors")
+        fp8_experts = self.experts.w13.dtype == torch.float8_e4m3fn
+        # The shared expert's FusedLinear takes packed weights; FP8 experts take an FP8 checkpoint's.
+        if packed and not what.startswith("shared.") and not (fp8_experts and isinstance(t, Fp8Weight)):
+            raise ValueError(f"is a {type(t).__name__}; experts load from float tensors"
+                             + (" or per-channel FP8 weights" if fp8_experts else ""))
         if what == "shared_gate" and t.dim() == 1:
             t = t[None]  # GGUF stores the shared-expert gate as a vector [H]
         if what == "router":
@@ -238,7 +242,7 @@ class SparseMoeBlock:
             raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
         return t.to(device=self.expert_tokens.device, dtype=self.dtype)
 
-    def _load_expert(self, part: str, expert: int | None, t: torch.Tensor) -> None:
+    def _load_expert(self, part: str, expert: int | None, t: torch.Tensor | Fp8Weight) -> None:
         c = self.cfg
         e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
         start, end = self.expert_start, self.expert_end
@@ -247,16 +251,22 @@ class SparseMoeBlock:
         if expert is not None and not 0 <= expert < e:
             raise ValueError(f"is expert {expert}, the model has {e} experts")
         shape = (e, *one) if expert is None else one
-        if tuple(t.shape) != shape:
-            raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
+        got = (t.out_features, t.in_features) if isinstance(t, Fp8Weight) else tuple(t.shape)
+        if got != shape:
+            raise ValueError(f"has shape {got}, the model expects {shape}")
         if expert is not None and not start <= expert < end:
             return  # another rank's expert (expert parallelism): never copied to this device
         experts = range(start, end) if expert is None else [expert]
-        # Only this rank's experts travel to the device (a stacked tensor is cut first).
-        stacked = (t[start:end] if expert is None else t[None]).to(self.expert_tokens.device)  # [n, rows, cols]
         target, scale = ((self.experts.w2, self.experts.w2_scale) if part == "down"
                          else (self.experts.w13, self.experts.w13_scale))
         sel = slice(0, end - start) if expert is None else slice(expert - start, expert - start + 1)
+        if isinstance(t, Fp8Weight):  # one expert of an FP8 checkpoint: its codes and row scales as stored
+            target[sel, rows] = t.qweight.to(target.device)[None]
+            scale[sel, rows] = t.scales.to(scale.device)[None]
+            self._filled.update((part, x) for x in experts)
+            return
+        # Only this rank's experts travel to the device (a stacked tensor is cut first).
+        stacked = (t[start:end] if expert is None else t[None]).to(self.expert_tokens.device)  # [n, rows, cols]
         if self.experts.int4:  # N is the last dimension of the INT4 layout
             low = self.experts.w2_min if part == "down" else self.experts.w13_min
             target[sel, :, rows], scale[sel, :, rows], low[sel, :, rows] = quantize_experts_int4(stacked)

@@ -34,7 +34,8 @@ class QuantSpec:
     """What is served: none, int8, int4, fp8, w4a8, gguf, awq or gptq."""
     linear_method: str
     """How the model's linear layers load: none (plain nn.Linear), int8 / int4 / fp8 / w4a8
-    (quantize float weights on load) or keep (store packed checkpoint tensors as they come)."""
+    (quantize float weights on load; fp8 also serves an FP8 checkpoint, whose packed weights
+    are stored as they come) or keep (store packed checkpoint tensors as they come)."""
 
     @property
     def quantized(self) -> bool:
@@ -82,6 +83,9 @@ def resolve_quantization(requested: str | None, *, model: str, source_format: st
                 problem = _activation_format_problem(checkpoint_method, device, backend)
                 if problem is not None:
                     raise UnsupportedModelError(f"{model} is an FP8 checkpoint: {problem}")
+                # The fp8 method takes the checkpoint's packed weights as they come and gives the
+                # routed experts FP8 storage (which "keep" would leave in the model dtype).
+                return QuantSpec(checkpoint_method, checkpoint_method)
             return QuantSpec(checkpoint_method, "keep")
         raise UnsupportedModelError(
             f"{model} is a {checkpoint_method.upper()} checkpoint; it is served as quantization="
