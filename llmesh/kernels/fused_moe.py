@@ -33,7 +33,10 @@ the same kernels: int8 codes -127..127 and every E4M3 value are exact in 16-bit 
 the codes are cast to the activation dtype in the K loop and feed tl.dot, and the accumulator
 is multiplied by the scale row once after the loop — the dequantization of every weight with
 its multiply factored out (one multiply per output, not per weight). Activations stay 16-bit
-(W8A16; no FP8 tensor-core GEMM).
+(W8A16; no FP8 tensor-core GEMM). E4M3 experts of a block-scaled FP8 checkpoint (one scale per
+``weight_block`` of rows and columns, 128 x 128 in Qwen3-*-FP8) cannot factor the scale out of
+the K loop: each K step lies in one column block, and its product is scaled per column before it
+joins the float32 sum (the block scales carried a step ahead, as Triton does not pipeline them).
 
 INT4 experts (group-wise with zero points, quant/quantize.py's ``quantize_int4`` per expert)
 store each expert as an Int4Weight does: codes uint8 [E, Kp / 2, N] whose byte (j, n) holds
@@ -82,17 +85,30 @@ _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 @triton.jit
 def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo, k_hi, stride_bn,
+                    s_base, stride_sn,
                     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr):
+                    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+                    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0):
     """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert,
     columns k_lo..k_hi of K (this split's).
 
     WEIGHT_TMA: the weight tiles come from b_desc (the experts' rows stacked [E * rows, K]),
     this tile's first row being b_row. The descriptor fills columns past K with zeros; rows
-    past this expert's N are the up rows or the next expert's, in columns the store masks."""
+    past this expert's N are the up rows or the next expert's, in columns the store masks.
+    SCALE_BN > 0: block-scaled E4M3 rows, one scale per SCALE_BN rows and SCALE_BK columns at
+    s_base ([rows / SCALE_BN, K / SCALE_BK], stride_sn a row); a K step lies in one column block
+    (BLOCK_K divides SCALE_BK, splits start on a step), so its product is scaled per column
+    before it joins the float32 sum."""
     act_dtype = a_rows.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SCALE_BN > 0:
+        # The scales are carried a step ahead: Triton pipelines the tiles, not these gathers.
+        s_rows = s_base + (rn // SCALE_BN).to(tl.int64) * stride_sn  # [BLOCK_N]
+        s_rows_up = s_base + ((rn + N) // SCALE_BN).to(tl.int64) * stride_sn
+        last_block = (k_hi - 1) // SCALE_BK
+        ws = tl.load(s_rows + k_lo // SCALE_BK, mask=n_mask, other=0.0)
+        ws_up = tl.load(s_rows_up + k_lo // SCALE_BK, mask=n_mask, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
@@ -107,7 +123,13 @@ def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_l
             b = b.to(tl.float32)
         else:
             b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        if SCALE_BN > 0:
+            nxt = tl.minimum((k0 + BLOCK_K) // SCALE_BK, last_block)  # the last step reloads its own
+            ws_next = tl.load(s_rows + nxt, mask=n_mask, other=0.0)
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION) * ws[None, :]
+            ws = ws_next
+        else:
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION)
         if GATED:
             if WEIGHT_TMA:
                 bu = b_desc.load([b_row + N, k0]).T
@@ -117,7 +139,12 @@ def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_l
                 bu = bu.to(tl.float32)
             else:
                 bu = bu.to(act_dtype)
-            acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
+            if SCALE_BN > 0:
+                ws_up_next = tl.load(s_rows_up + nxt, mask=n_mask, other=0.0)
+                acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION) * ws_up[None, :]
+                ws_up = ws_up_next
+            else:
+                acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
     return acc, acc_up
 
 
@@ -133,6 +160,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
     SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0, WEIGHT_TMA: tl.constexpr = False,
+    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -150,6 +178,8 @@ def _moe_gemm_kernel(
     WEIGHT_TMA (MoEConfig.weight_tma; float / INT8 / FP8 experts): the weight tiles through
     b_desc, a TMA descriptor over b's rows stacked [E * (2N gated / N), K] with block
     [BLOCK_N, BLOCK_K]; otherwise b_desc is unused.
+    SCALE_BN > 0 (SCALED False): block-scaled E4M3 experts, scales [E, rows / SCALE_BN, K / SCALE_BK]
+    (stride_se an expert, stride_sg a row of blocks) applied in the K loop (_dense_mainloop).
     """
     pdl_enter(PDL)
     pid_k = tl.program_id(2)
@@ -201,8 +231,9 @@ def _moe_gemm_kernel(
             rows_per_expert = 2 * N
         b_row = (expert * rows_per_expert).to(tl.int32) + pid_n * BLOCK_N
         acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo,
-                                      tl.minimum(k_lo + k_split, K), stride_bn, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
-                                      DOT_F32, DOT_PRECISION, WEIGHT_TMA)
+                                      tl.minimum(k_lo + k_split, K), stride_bn, scale_ptr + expert * stride_se,
+                                      stride_sg, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION,
+                                      WEIGHT_TMA, SCALE_BN, SCALE_BK)
     if SPLIT_K > 1:
         rows = num_m * BLOCK_M  # the partials' rows: every sorted position
         width = N
@@ -317,15 +348,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               w13_min: torch.Tensor | None = None, w2_min: torch.Tensor | None = None,
               config: MoEConfig | None = None, down_config: MoEConfig | None = None,
-              align_path: str | None = None) -> torch.Tensor:
+              align_path: str | None = None, weight_block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 / float8_e4m3fn with w13_scale [E, 2I], w2_scale
-    [E, H]; or INT4 codes with group scales and mins, the module docstring's layout)
-    → [T, H] in x's dtype. ``config`` / ``down_config`` override the tile table per GEMM
+    [E, H]; float8_e4m3fn scaled per ``weight_block`` = (BN, BK) block of rows and columns, w13_scale
+    [E, 2I / BN, H / BK] and w2_scale [E, H / BN, I / BK], as FP8 checkpoints store them; or INT4
+    codes with group scales and mins, the module docstring's layout) → [T, H] in x's dtype. ``config`` / ``down_config`` override the tile table per GEMM
     (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's. ``align_path`` forces the align step's implementation
     (moe_align_block_size's ``path``; the benchmark times each)."""
-    t, h, e, inter, top_k = check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min)
+    t, h, e, inter, top_k = check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min,
+                                          weight_block)
     if t == 0:
         return torch.zeros_like(x)
     fmt = "int4" if w13.dtype == torch.uint8 else "dense"  # the tile table's expert format
@@ -339,6 +372,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)
+    elif weight_block is not None:  # a K step must stay inside one column block
+        config, down_config = (dataclasses.replace(c, block_k=math.gcd(c.block_k, weight_block[1]))
+                               for c in (config, down_config))
     pairs = t * top_k
     pair_blocks = align_path is None and t <= PAIR_BLOCKS_MAX_TOKENS
     if pair_blocks:
@@ -348,14 +384,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, config.block_m, e, path=align_path)
     int8 = w13.dtype in QUANTIZED_DTYPES
     int4 = fmt == "int4"
+    bn, bk = weight_block or (0, 0)
     common = dict(DOT_F32=dot_in_fp32(x.dtype), DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
-                  **pdl_launch(x.device), SCALED=int8, INT4=int4, BLOCK_M=config.block_m)
+                  **pdl_launch(x.device), SCALED=int8 and not bn, INT4=int4, BLOCK_M=config.block_m, SCALE_BN=bn,
+                  SCALE_BK=bk)
     layouts = []
     for codes, scale, low in ((w13, w13_scale, w13_min), (w2, w2_scale, w2_min)):
         if int4:
             layouts.append(_int4_args(codes, scale, low))
-        else:  # KH, GROUP, min_ptr and the group stride are the INT4 path's: unused here
-            layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0, stride_sg=0))
+        else:  # KH, GROUP and min_ptr are the INT4 path's (unused); a block-scaled row of blocks is stride_sg
+            layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0,
+                                stride_sg=scale.stride(1) if bn else 0))
     descs = [_weight_desc(w, cfg) for w, cfg in ((w13, config), (w2, down_config))]
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid, split = _grid_and_split("fused_moe_up", x, config, expert_ids.shape[0], inter, 2 * inter,

@@ -1,5 +1,5 @@
 """fused_moe's argument checks: the stacked expert layouts it takes (float, INT8 / FP8 with
-per-row scales, INT4 codes with group scales and mins; llmesh/kernels/fused_moe.py's docstring),
+per-row scales, FP8 with block scales, INT4 codes with group scales and mins; llmesh/kernels/fused_moe.py's docstring),
 each violation a ValueError naming the argument and what it should be."""
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 """Expert weight types that carry per-row scales."""
 
 
-def check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min
-           ) -> tuple[int, int, int, int, int]:
+def check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min, weight_block=None
+                  ) -> tuple[int, int, int, int, int]:
     """Returns (T, H, E, I, k) after checking the stacked layouts against x."""
     check_tensor("x", x, "[T, H]", 2)
     device = x.device
     t, h = x.shape
-    if w13.dtype == torch.uint8:
+    if weight_block is not None:
+        e, inter = check_blocks(h, w13, w2, w13_scale, w2_scale, weight_block, device)
+    elif w13.dtype == torch.uint8:
         e, inter = check_int4(h, w13, w2, w13_scale, w2_scale, w13_min, w2_min, device)
     else:
         e, inter = check_rows(h, x.dtype, w13, w2, w13_scale, w2_scale, device)
-        if w13_min is not None or w2_min is not None:
-            raise ValueError("mins are for INT4 (uint8) experts")
+    if w13.dtype != torch.uint8 and (w13_min is not None or w2_min is not None):
+        raise ValueError("mins are for INT4 (uint8) experts")
     check_tensor("topk_ids", topk_ids, "[T, k]", 2, (torch.int32, torch.int64), device=device)
     check_tensor("topk_weights", topk_weights, "[T, k]", 2, device=device)
     check_size("topk_ids", "shape", tuple(topk_ids.shape), tuple(topk_weights.shape), "topk_weights' shape")
@@ -56,6 +58,31 @@ def check_rows(h, act_dtype, w13, w2, w13_scale, w2_scale, device) -> tuple[int,
         check_size("w2_scale", "shape", tuple(w2_scale.shape), (e, h), "one scale per w2 row")
     elif w13_scale is not None or w2_scale is not None:
         raise ValueError("scales are for int8 / fp8 / int4 experts; these weights are float")
+    return e, inter
+
+
+def check_blocks(h, w13, w2, w13_scale, w2_scale, block, device) -> tuple[int, int]:
+    """Block-scaled E4M3 experts: w13 [E, 2I, H], w2 [E, H, I], float32 scales per (BN, BK)
+    block [E, rows / BN, K / BK] (rounded up); gate and up meet on a block boundary (BN | I)."""
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in block)):
+        raise ValueError(f"weight_block must be two powers of two >= 16 (BN, BK), got {block!r}")
+    bn, bk = block
+    check_tensor("w13", w13, "[E, 2I, H]", 3, (torch.float8_e4m3fn,), device=device)
+    check_tensor("w2", w2, "[E, H, I]", 3, (torch.float8_e4m3fn,), device=device)
+    e, two_i, _ = w13.shape
+    check_size("w13", "H", w13.shape[2], h, "x's columns")
+    inter = two_i // 2
+    if two_i % 2 or inter % bn:
+        raise ValueError(f"w13 must stack gate and up rows (2I) with I a multiple of the block's {bn} rows, got "
+                         f"{two_i} rows")
+    check_size("w2", "shape", tuple(w2.shape), (e, h, inter), "[E, H, I] of w13's E, x's H and w13's I")
+    for name, scale, rows, k in (("w13_scale", w13_scale, two_i, h), ("w2_scale", w2_scale, h, inter)):
+        if scale is None:
+            raise ValueError("block-scaled experts need w13_scale and w2_scale [E, rows / BN, K / BK]")
+        check_tensor(name, scale, "[E, rows / BN, K / BK]", 3, (torch.float32,), device=device)
+        check_last_dim_contiguous(name, scale)
+        check_size(name, "shape", tuple(scale.shape), (e, -(-rows // bn), -(-k // bk)), f"one per {bn}x{bk} block")
     return e, inter
 
 

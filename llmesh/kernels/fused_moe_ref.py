@@ -7,7 +7,8 @@ op table runs this, so a float32 model agrees with transformers to rounding.
 
 Weights are stacked over experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
 INT8 weight-only experts carry per-output-channel scales (w = q * scale): w13_scale [E, 2I],
-w2_scale [E, H]. INT4 experts are codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout
+w2_scale [E, H]; E4M3 experts of a block-scaled FP8 checkpoint one scale per ``weight_block``
+(BN, BK) block: w13_scale [E, 2I / BN, H / BK], w2_scale [E, H / BN, I / BK]. INT4 experts are codes uint8 [E, Kp / 2, N] in Int4Weight's halves layout
 with float16 group scales and mins [E, Kp / G, N] (w = q * scale + min; llmesh/kernels/fused_moe.py).
 A topk_ids entry of -1 names an expert held by another rank (expert
 parallelism): the pair contributes zero.
@@ -21,11 +22,17 @@ from llmesh.kernels.quant_ref import dequantize_int4_ref
 
 
 def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
-                           low: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
+                           low: torch.Tensor | None = None, k: int | None = None,
+                           block: tuple[int, int] | None = None) -> torch.Tensor:
     """[E, N, K] int8 codes with scales [E, N] → [E, N, K] in ``dtype`` (float weights pass);
-    INT4 codes [E, Kp / 2, N] with ``low`` (the mins) and K given → [E, N, K] likewise."""
+    E4M3 codes with ``block`` (BN, BK) scales [E, N / BN, K / BK] likewise; INT4 codes
+    [E, Kp / 2, N] with ``low`` (the mins) and K given → [E, N, K] likewise."""
     if scale is None:
         return q.to(dtype)
+    if block is not None:
+        n, kk = q.shape[1:]
+        dense = scale.float().repeat_interleave(block[0], 1)[:, :n].repeat_interleave(block[1], 2)[:, :, :kk]
+        return (q.float() * dense).to(dtype)
     if low is None:
         return (q.float() * scale.float()[:, :, None]).to(dtype)
     group = 2 * q.shape[1] // scale.shape[1]
@@ -36,7 +43,7 @@ def dequantize_experts_ref(q: torch.Tensor, scale: torch.Tensor | None, dtype: t
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
                   w2_scale: torch.Tensor | None = None, w13_min: torch.Tensor | None = None,
-                  w2_min: torch.Tensor | None = None) -> torch.Tensor:
+                  w2_min: torch.Tensor | None = None, weight_block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, H], routing topk_weights / topk_ids [T, k] → [T, H] in x's dtype.
 
     topk_weights may be float32 (Mixtral keeps them so, and the product is rounded once) or
@@ -58,9 +65,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         token_idx, slot = torch.where(topk_ids == e)  # [n], [n]
         one = slice(e, e + 1)
         w_gate_up = dequantize_experts_ref(w13[one], None if w13_scale is None else w13_scale[one], x.dtype,
-                                           None if w13_min is None else w13_min[one], x.shape[1])[0]  # [2I, H]
+                                           None if w13_min is None else w13_min[one], x.shape[1],
+                                           weight_block)[0]  # [2I, H]
         w_down = dequantize_experts_ref(w2[one], None if w2_scale is None else w2_scale[one], x.dtype,
-                                        None if w2_min is None else w2_min[one], inter)[0]  # [H, I]
+                                        None if w2_min is None else w2_min[one], inter, weight_block)[0]  # [H, I]
         gate_up = torch.nn.functional.linear(x[token_idx], w_gate_up)  # [n, 2I]
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
         y = torch.nn.functional.linear(h, w_down) * topk_weights[token_idx, slot, None]  # [n, H]

@@ -187,12 +187,6 @@ def test_fp8_checkpoint_errors_name_the_layer_and_the_fix(tiny_llama, tmp_path):
     save_file(bad, str(folder / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"layers\.1\.mlp\.down_proj\.weight.*no weight scale"):
         _engine(str(folder))
-    moe = Path(build_tiny_model(str(tmp_path / "moe"), "qwen3_moe"))
-    cfg = json.loads((moe / "config.json").read_text())
-    cfg["quantization_config"] = _ct_config("block", block=(128, 128))
-    (moe / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts FP8 checkpoint with block-scaled.*per-channel"):
-        _engine(str(moe))
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])  # qwen2_moe: a shared expert too
@@ -202,10 +196,8 @@ def test_a_per_channel_moe_checkpoint_fills_the_fp8_experts(tmp_path, arch):
     src = build_tiny_model(str(tmp_path / "src"), arch)
     folder = _fp8_checkpoint(src, tmp_path / "ckpt", "compressed-tensors", "channel")
     stored, on_load = _engine(str(folder)), _engine(str(folder / "float"), quantization="fp8")
+    experts, layer = _first_experts(stored)
     tensors = load_file(str(folder / "model.safetensors"))
-    layer = next(i for i, l in enumerate(stored.engine.runner.model.layers) if l.moe is not None)
-    experts = stored.engine.runner.model.layers[layer].moe.experts
-    assert experts.w13.dtype == torch.float8_e4m3fn
     i = experts.w2.shape[2]
     code = tensors[f"model.layers.{layer}.mlp.experts.1.up_proj.weight"]
     assert torch.equal(experts.w13[1, i:].view(torch.uint8), code.view(torch.uint8))
@@ -214,6 +206,41 @@ def test_a_per_channel_moe_checkpoint_fills_the_fp8_experts(tmp_path, arch):
     assert torch.equal(_first_logits(stored, PROMPTS[2]), _first_logits(on_load, PROMPTS[2]))
     outs = [[o.token_ids for o in e.generate(PROMPTS, GREEDY)] for e in (stored, on_load)]
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_a_block_moe_checkpoint_keeps_its_expert_blocks(tmp_path, arch):
+    """A Qwen3-*-FP8-style checkpoint of an MoE model: the experts keep their codes and block
+    scales (the fused MoE kernel scales each K step). The experts run weight-only, so the routed
+    experts equal the float twin's to float32 rounding; the whole engine also rounds attention's
+    activations to FP8, which can flip a router's choice, so it only tracks the twin."""
+    src = build_tiny_model(str(tmp_path / "src"), arch)
+    folder = _fp8_checkpoint(src, tmp_path / "ckpt", "fp8", "block", (32, 32))
+    llm, twin = _engine(str(folder)), _engine(str(folder / "float"))
+    experts, layer = _first_experts(llm)
+    assert experts.block == (32, 32) and experts.w13.dtype == torch.float8_e4m3fn
+    tensors = load_file(str(folder / "model.safetensors"))
+    i = experts.w2.shape[2]
+    scale = tensors[f"model.layers.{layer}.mlp.experts.2.up_proj.weight_scale_inv"]
+    assert torch.equal(experts.w13_scale[2, i // 32:], scale)
+    down = tensors[f"model.layers.{layer}.mlp.experts.2.down_proj.weight"]
+    assert torch.equal(experts.w2[2].view(torch.uint8), down.view(torch.uint8))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, experts.w2.shape[1], generator=gen)
+    ids = torch.stack([torch.randperm(experts.w13.shape[0], generator=gen)[:4] for _ in range(7)])
+    weights = torch.softmax(torch.randn(7, 4, generator=gen), dim=-1)
+    routed = [e.engine.runner.model.ops.moe(x, e.engine.runner.model.layers[layer].moe.experts, weights, ids)
+              for e in (llm, twin)]
+    torch.testing.assert_close(routed[0], routed[1], rtol=1e-5, atol=1e-5)
+    got, ref = _first_logits(llm, PROMPTS[2]), _first_logits(twin, PROMPTS[2])
+    assert torch.corrcoef(torch.stack([got, ref]))[0, 1] > 0.95
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in llm.generate(PROMPTS, GREEDY))
+
+
+def _first_experts(llm: LLM):
+    """(the stacked experts of the first sparse layer, its index)."""
+    layer = next(i for i, lyr in enumerate(llm.engine.runner.model.layers) if lyr.moe is not None)
+    return llm.engine.runner.model.layers[layer].moe.experts, layer
 
 
 def test_tp2_serves_a_block_checkpoint_with_tp1_tokens(tiny_llama, tmp_path):
@@ -246,15 +273,17 @@ def test_block_weights_shard_on_block_boundaries():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="the FP8 kernels need a CUDA GPU of compute capability 8.9 or newer")
-@pytest.mark.parametrize("strategy", ["channel", "block"])
-def test_fp8_checkpoints_on_the_gpu_track_their_float_twin(tiny_llama, tmp_path, strategy):
-    """The triton backend's kernels (block_fp8_gemm for blocks, CUDA graphs on) against the float
-    twin served in bfloat16."""
-    folder = _fp8_checkpoint(tiny_llama, tmp_path / "ckpt", "compressed-tensors", strategy, (32, 64))
+@pytest.mark.parametrize("arch,strategy", [("llama", "channel"), ("llama", "block"), ("qwen3_moe", "block")])
+def test_fp8_checkpoints_on_the_gpu_track_their_float_twin(tiny_llama, tmp_path, arch, strategy):
+    """The triton backend's kernels (block_fp8_gemm for blocks, the fused MoE kernel on block-scaled
+    experts, CUDA graphs on) against the float twin served in bfloat16 (an MoE model only
+    loosely: FP8 activations in attention can flip a router's choice)."""
+    src = tiny_llama if arch == "llama" else build_tiny_model(str(tmp_path / "src"), arch)
+    folder = _fp8_checkpoint(src, tmp_path / "ckpt", "compressed-tensors", strategy, (32, 32))
     kw = dict(device="cuda", dtype="bfloat16", backend="triton", num_kv_blocks=64, enable_prefix_caching=False)
     llm, twin = LLM(str(folder), **kw), LLM(str(folder / "float"), **kw)
     assert llm.engine.quantization.name == "fp8"
     got, ref = _first_logits(llm, PROMPTS[2]), _first_logits(twin, PROMPTS[2])
-    assert torch.corrcoef(torch.stack([got, ref]))[0, 1] > 0.99
+    assert torch.corrcoef(torch.stack([got, ref]))[0, 1] > (0.99 if arch == "llama" else 0.95)
     outs = llm.generate(PROMPTS, GREEDY)
     assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)

@@ -129,20 +129,26 @@ CASES = [
     ("skinny_rope_kv", "_skinny_rope_kv_kernel", {"pos_ptr": "i64", "slot_ptr": "i64", "cos_sin_ptr": "fp32"},
      dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, HALF=64, BLOCK_SIZE=16, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False,
           HAS_BIAS=False, EVEN_K=True, DOT_F32=False, INTERPRET=False, LATE=False)),
+    ("fused_moe", "_moe_gemm_kernel",  # block-scaled E4M3 experts (an FP8 checkpoint's 128 x 128 blocks)
+     {"b_ptr": "fp8e4nv", "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
+          SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, SCALE_BN=128, SCALE_BK=128)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
 # shared memory, num_stages deep): (case index in CASES, the least number of async copies:
 # three a tile at 3 stages, two in the prologue and one in the loop: the dense gate/up GEMM's
 # a, gate and up tiles; the INT4 one's two activation halves and two code tiles; INT4 down's three;
-# the INT4 gate/up GEMM split four ways along K).
+# the INT4 gate/up GEMM split four ways along K; the block-scaled FP8 experts' gate/up GEMM, whose
+# block scales are carried a step ahead).
 # Compiled as a launch specialises them (pointers and the named ints divisible by 16): without
 # that, no load is wide enough for cp.async and nothing is pipelined. The INT4 experts' code
 # tiles stay pipelined only while their loads reach tl.dot through the widening in the same
 # step (carried across steps in registers, as a manual prefetch would, Triton left them plain);
 # their scale and min rows, which Triton does not pipeline, must be carried a step ahead, not
 # waited on (llmesh/kernels/compile_check.py's LoopReport).
-PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12)]
+PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 

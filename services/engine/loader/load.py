@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmesh.engine.errors import ModelLoadError, UnsupportedModelError
+from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.loader.gguf_file import GGUFFile, GGUFWeights, gguf_model_config, open_gguf
 from llmesh.engine.loader.gguf_tokenizer import GGUFTokenizerData, gguf_tokenizer_data
 from llmesh.engine.loader.hf_config import model_config_from_hf
@@ -58,12 +58,7 @@ class LoadedModel:
         from llmesh.engine.quant.fp8_checkpoint import is_fp8_checkpoint, parse_fp8_config
 
         if is_fp8_checkpoint(self.quantization_config):
-            cfg = parse_fp8_config(self.quantization_config)  # refuses a scheme llmesh cannot serve
-            if self.config.num_experts and cfg.strategy == "block":
-                raise UnsupportedModelError(
-                    f"{self.config.name} is a mixture-of-experts FP8 checkpoint with block-scaled weights; the fused "
-                    f"MoE kernel takes FP8 experts with one scale per output channel: serve a per-channel FP8 "
-                    f"checkpoint (e.g. *-FP8-dynamic) or the float model with quantization='fp8'")
+            parse_fp8_config(self.quantization_config)  # refuses a scheme llmesh cannot serve
             return "fp8"
         return str(self.quantization_config.get("quant_method", "unknown")).lower()
 

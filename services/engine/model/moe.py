@@ -40,7 +40,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.linear import Weight
-from llmesh.engine.quant.packed import Fp8Weight
+from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight
 
 _EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 """Checkpoint projection names (Qwen / Mixtral) → part of the stacked weights."""
@@ -119,17 +119,36 @@ class StackedExperts:
     w2_scale: torch.Tensor | None = None
     w13_min: torch.Tensor | None = None
     w2_min: torch.Tensor | None = None
+    block: tuple[int, int] | None = None
+    """(BN, BK) of a block-scaled FP8 checkpoint's experts: scales [E, rows / BN, K / BK]."""
 
     @property
     def int4(self) -> bool:
         return self.w13_min is not None
 
     def quant_args(self) -> dict:
-        """The ``moe`` ops' keyword arguments for these weights' scales (and mins)."""
+        """The ``moe`` ops' keyword arguments for these weights' scales (and mins, or blocks)."""
         args = dict(w13_scale=self.w13_scale, w2_scale=self.w2_scale)
         if self.int4:
             args.update(w13_min=self.w13_min, w2_min=self.w2_min)
+        if self.block is not None:
+            args.update(weight_block=self.block)
         return args
+
+    def use_blocks(self, block: tuple[int, int], k13: int, k2: int) -> None:
+        """Switch FP8 experts' per-row scales to ``block`` scales (a block-scaled checkpoint's
+        first expert tensor): the scales are small, so they are allocated when the block is known."""
+        if self.block == block:
+            return
+        if self.block is not None or self.w13.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"holds block-scaled FP8 experts of blocks {block}, these experts are "
+                             + (f"scaled by {self.block} blocks" if self.block else f"{self.w13.dtype}"))
+        e, bn, bk = self.w13.shape[0], *block
+
+        def scales(rows: int, k: int) -> torch.Tensor:
+            return torch.empty(e, -(-rows // bn), -(-k // bk), dtype=torch.float32, device=self.w13.device)
+
+        self.w13_scale, self.w2_scale, self.block = scales(self.w13.shape[1], k13), scales(self.w2.shape[1], k2), block
 
     def nbytes(self) -> int:
         return sum(weight_nbytes(t) for t in (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_min,
@@ -213,9 +232,10 @@ class SparseMoeBlock:
             t, packed = t.dequantize().t(), False
         fp8_experts = self.experts.w13.dtype == torch.float8_e4m3fn
         # The shared expert's FusedLinear takes packed weights; FP8 experts take an FP8 checkpoint's.
-        if packed and not what.startswith("shared.") and not (fp8_experts and isinstance(t, Fp8Weight)):
+        if packed and not what.startswith("shared.") and not (
+                fp8_experts and isinstance(t, (Fp8Weight, Fp8BlockWeight))):
             raise ValueError(f"is a {type(t).__name__}; experts load from float tensors"
-                             + (" or per-channel FP8 weights" if fp8_experts else ""))
+                             + (" or FP8 weights" if fp8_experts else ""))
         if what == "shared_gate" and t.dim() == 1:
             t = t[None]  # GGUF stores the shared-expert gate as a vector [H]
         if what == "router":
@@ -242,7 +262,7 @@ class SparseMoeBlock:
             raise ValueError(f"has shape {tuple(t.shape)}, the model expects {shape}")
         return t.to(device=self.expert_tokens.device, dtype=self.dtype)
 
-    def _load_expert(self, part: str, expert: int | None, t: torch.Tensor | Fp8Weight) -> None:
+    def _load_expert(self, part: str, expert: int | None, t: torch.Tensor | Fp8Weight | Fp8BlockWeight) -> None:
         c = self.cfg
         e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
         start, end = self.expert_start, self.expert_end
@@ -251,7 +271,8 @@ class SparseMoeBlock:
         if expert is not None and not 0 <= expert < e:
             raise ValueError(f"is expert {expert}, the model has {e} experts")
         shape = (e, *one) if expert is None else one
-        got = (t.out_features, t.in_features) if isinstance(t, Fp8Weight) else tuple(t.shape)
+        stored = isinstance(t, (Fp8Weight, Fp8BlockWeight))
+        got = (t.out_features, t.in_features) if stored else tuple(t.shape)
         if got != shape:
             raise ValueError(f"has shape {got}, the model expects {shape}")
         if expert is not None and not start <= expert < end:
@@ -260,9 +281,21 @@ class SparseMoeBlock:
         target, scale = ((self.experts.w2, self.experts.w2_scale) if part == "down"
                          else (self.experts.w13, self.experts.w13_scale))
         sel = slice(0, end - start) if expert is None else slice(expert - start, expert - start + 1)
-        if isinstance(t, Fp8Weight):  # one expert of an FP8 checkpoint: its codes and row scales as stored
+        if stored:  # one expert of an FP8 checkpoint: its codes and scales as stored
+            scale_rows = rows
+            if isinstance(t, Fp8BlockWeight):
+                bn = t.block[0]
+                if i % bn:
+                    raise ValueError(f"is scaled by {t.block} blocks; the experts' gate and up rows ({i} each) must "
+                                     f"be whole blocks of {bn} rows")
+                self.experts.use_blocks(t.block, h, i)
+                scale = self.experts.w2_scale if part == "down" else self.experts.w13_scale
+                scale_rows = slice(rows.start // bn, -(-rows.stop // bn))
+            elif self.experts.block is not None:
+                raise ValueError(f"is a per-channel FP8 weight; this layer's experts are scaled by {self.experts.block} "
+                                 f"blocks")
             target[sel, rows] = t.qweight.to(target.device)[None]
-            scale[sel, rows] = t.scales.to(scale.device)[None]
+            scale[sel, scale_rows] = t.scales.to(scale.device)[None]
             self._filled.update((part, x) for x in experts)
             return
         # Only this rank's experts travel to the device (a stacked tensor is cut first).
