@@ -105,10 +105,11 @@ def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_l
     if SCALE_BN > 0:
         # The scales are carried a step ahead: Triton pipelines the tiles, not these gathers.
         s_rows = s_base + (rn // SCALE_BN).to(tl.int64) * stride_sn  # [BLOCK_N]
-        s_rows_up = s_base + ((rn + N) // SCALE_BN).to(tl.int64) * stride_sn
         last_block = (k_hi - 1) // SCALE_BK
         ws = tl.load(s_rows + k_lo // SCALE_BK, mask=n_mask, other=0.0)
-        ws_up = tl.load(s_rows_up + k_lo // SCALE_BK, mask=n_mask, other=0.0)
+        if GATED:  # the up rows' scales follow the gate rows'
+            s_rows_up = s_base + ((rn + N) // SCALE_BN).to(tl.int64) * stride_sn
+            ws_up = tl.load(s_rows_up + k_lo // SCALE_BK, mask=n_mask, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
@@ -351,10 +352,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               align_path: str | None = None, weight_block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 / float8_e4m3fn with w13_scale [E, 2I], w2_scale
-    [E, H]; float8_e4m3fn scaled per ``weight_block`` = (BN, BK) block of rows and columns, w13_scale
-    [E, 2I / BN, H / BK] and w2_scale [E, H / BN, I / BK], as FP8 checkpoints store them; or INT4
-    codes with group scales and mins, the module docstring's layout) → [T, H] in x's dtype. ``config`` / ``down_config`` override the tile table per GEMM
-    (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
+    [E, H]; float8_e4m3fn scaled per ``weight_block`` = (BN, BK) block of rows and columns,
+    w13_scale [E, 2I / BN, H / BK] and w2_scale [E, H / BN, I / BK], as FP8 checkpoints store
+    them; or INT4 codes with group scales and mins, the module docstring's layout) → [T, H] in
+    x's dtype. ``config`` / ``down_config`` override the tile table per GEMM (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's. ``align_path`` forces the align step's implementation
     (moe_align_block_size's ``path``; the benchmark times each)."""
     t, h, e, inter, top_k = check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min,

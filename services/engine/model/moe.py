@@ -14,7 +14,8 @@ Checkpoints store one tensor per expert and projection (HF: ``experts.{e}.gate_p
 ``experts.gate_proj`` by the GGUF loader); both fill stacked weights w13 [E, 2I, H] (gate rows,
 then up rows) and w2 [E, H, I]. With ``linear_method`` int8 each expert is quantized as it
 arrives (per output channel, so part by part equals the whole), likewise FP8 E4M3 with
-``fp8`` (whose experts also take an FP8 checkpoint's per-channel codes and scales as stored), and INT4 in groups of 128 input channels with ``int4`` (each output column its own
+``fp8`` (whose experts also take an FP8 checkpoint's codes and scales as stored, per row or per
+block), and INT4 in groups of 128 input channels with ``int4`` (each output column its own
 groups: gate and up may arrive apart); other quantized methods keep the experts in the model
 dtype.
 
@@ -141,8 +142,8 @@ class StackedExperts:
         if self.block == block:
             return
         if self.block is not None or self.w13.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"holds block-scaled FP8 experts of blocks {block}, these experts are "
-                             + (f"scaled by {self.block} blocks" if self.block else f"{self.w13.dtype}"))
+            raise ValueError(f"is scaled by {block} blocks; this layer's experts are "
+                             + (f"scaled by {self.block} blocks" if self.block else f"{self.w13.dtype}, not FP8"))
         e, bn, bk = self.w13.shape[0], *block
 
         def scales(rows: int, k: int) -> torch.Tensor:
@@ -288,6 +289,8 @@ class SparseMoeBlock:
                 if i % bn:
                     raise ValueError(f"is scaled by {t.block} blocks; the experts' gate and up rows ({i} each) must "
                                      f"be whole blocks of {bn} rows")
+                if self.experts.block is None and any(p in ("gate", "up", "down") for p, _ in self._filled):
+                    raise ValueError(f"is scaled by {t.block} blocks; this layer's other experts are scaled per row")
                 self.experts.use_blocks(t.block, h, i)
                 scale = self.experts.w2_scale if part == "down" else self.experts.w13_scale
                 scale_rows = slice(rows.start // bn, -(-rows.stop // bn))

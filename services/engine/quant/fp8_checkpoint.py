@@ -10,7 +10,7 @@ compressed-tensors (llm-compressor; RedHat's ``*-FP8-dynamic`` / ``*-FP8`` model
     "ignore": ["lm_head", ...], "kv_cache_scheme": ...}
     tensors: ``weight_scale`` float [N, 1] (channel) or [1] / [] (tensor); ``input_scale`` for
     static activation scales; ``k_scale`` / ``v_scale`` with a kv_cache_scheme. The ignored
-    modules are stored in float and load as such.
+    modules are stored in float and pass through as float tensors.
 
 "fp8" (AutoFP8, and Transformers' fine-grained FP8 of Qwen3-*-FP8 and DeepSeek-V3)
     quantization_config: {"quant_method": "fp8", "activation_scheme": "dynamic" | "static",
@@ -31,6 +31,7 @@ scheme they were calibrated for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ import torch
 from llmesh.engine.errors import ModelLoadError, UnsupportedModelError
 from llmesh.engine.loader.hf_folder import SafetensorsWeights
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight
+
+log = logging.getLogger(__name__)
 
 FP8_METHODS = ("fp8", "compressed-tensors")
 """quantization_config quant_method values that hold FP8 weights (compressed-tensors: when its
@@ -154,6 +157,9 @@ class Fp8CheckpointWeights:
             if f"{prefix}.weight" not in names:
                 raise ModelLoadError(f"FP8 checkpoint layer {prefix!r} has a weight scale but no weight")
         self._dropped = sum(1 for n in names if n.rpartition(".")[2] in DROPPED_PARTS)
+        if self._dropped:
+            log.info("FP8 checkpoint: its static activation / KV scales are not used; activations are quantized per "
+                     "token at run time", extra={"dropped_scales": self._dropped, "activations": cfg.activations})
 
     def __len__(self) -> int:
         return len(self._weights) - len(self._scaled) - self._dropped
