@@ -10,8 +10,8 @@ router logits, so experts are hit unevenly as in a real batch):
   moe_gemm_frac_prefill4k = achieved FLOP/s over the measured bf16 GEMM throughput (about
   689e12 on an H200).
 - moe_gemm_frac = the smaller of the two; the torch reference (per-expert loop, the torch
-  backend's path) is timed at both shapes, and the INT8-, FP8- and INT4-expert kernels at both
-  (moe_<fmt>_decode64_vs_bf16_x).
+  backend's path) is timed at both shapes, and the INT8-, FP8-, block-scaled FP8- (128 x 128
+  blocks, Qwen3-30B-A3B-FP8's layout) and INT4-expert kernels at both (moe_<fmt>_decode64_vs_bf16_x).
 Engine (--parts engine): random:qwen3-30b-a3b through bench/decode_gpu.py's batch-1 decode
 (roofline: the top-k experts of each layer + every other weight + K/V, over copy bandwidth)
 and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s. With
@@ -89,6 +89,17 @@ def expert_bytes(s: Shapes, elem: float) -> float:
     return 3 * s.inter * s.hidden * elem
 
 
+def block_experts(w13: torch.Tensor, w2: torch.Tensor, s: Shapes) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The experts as a block-scaled FP8 checkpoint stores them (128 x 128 blocks; rows cut to a
+    power of two dividing I where the smoke shapes' I is smaller): codes and fused_moe's keywords."""
+    from llmesh.kernels.block_fp8_gemm import quantize_fp8_blocks
+
+    block = (min(128, s.inter & -s.inter), 128)
+    parts = [[quantize_fp8_blocks(one, block) for one in w] for w in (w13, w2)]
+    (q13, s13), (q2, s2) = ((torch.stack([q for q, _ in p]), torch.stack([sc for _, sc in p])) for p in parts)
+    return q13, q2, dict(w13_scale=s13, w2_scale=s2, weight_block=block)
+
+
 def best_of_two(fn, device: torch.device) -> float:
     return min(graph_time_ms(fn, device), graph_time_ms(fn, device))
 
@@ -107,6 +118,7 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     c13, cs13, cm13 = quantize_experts_int4(w13)
     c2, cs2, cm2 = quantize_experts_int4(w2)
     int4 = dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2)
+    b13, b2, blocks = block_experts(w13, w2, s)
     m: dict[str, float] = {}
     for tag, t in (("decode64", s.decode_batch), ("prefill4k", s.prefill_tokens)):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
@@ -129,12 +141,18 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         if err4 > 0.05 * max(float(ref4.float().abs().max()), 1e-6):
             raise RuntimeError(f"INT4 fused_moe differs from its reference at {tag}: max error {err4:.3g}")
         int4_ms = best_of_two(lambda: fused_moe(x, c13, c2, weights, ids, **int4), device)
+        refb = fused_moe_ref(x, b13, b2, weights, ids, **blocks)
+        errb = float((fused_moe(x, b13, b2, weights, ids, **blocks).float() - refb.float()).abs().max())
+        if errb > 0.05 * max(float(refb.float().abs().max()), 1e-6):
+            raise RuntimeError(f"block-scaled FP8 fused_moe differs from its reference at {tag}: max error {errb:.3g}")
+        fp8block_ms = best_of_two(lambda: fused_moe(x, b13, b2, weights, ids, **blocks), device)
         distinct = int(ids.unique().numel())
         act_bytes = 2 * t * s.hidden * 2 + t * s.top_k * (s.inter + s.hidden) * 2 * 2  # x, out; hidden, per-copy out
         bytes_ = distinct * expert_bytes(s, 2) + act_bytes
         flops = 2 * t * s.top_k * expert_bytes(s, 1)
         m.update({f"moe_{tag}_ms": ms, f"moe_{tag}_ref_ms": ref_ms, f"moe_{tag}_vs_ref_x": ref_ms / ms,
                   f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_int4_ms": int4_ms,
+                  f"moe_{tag}_fp8block_ms": fp8block_ms,
                   f"moe_{tag}_distinct_experts": distinct,
                   f"moe_{tag}_tb_s": bytes_ / ms / 1e9, f"moe_{tag}_tflops": flops / ms / 1e9})
         if tag == "decode64":
@@ -142,10 +160,11 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
             m["moe_int8_decode64_vs_bf16_x"] = ms / int8_ms
             m["moe_fp8_decode64_vs_bf16_x"] = ms / fp8_ms
             m["moe_int4_decode64_vs_bf16_x"] = ms / int4_ms
+            m["moe_fp8block_decode64_vs_bf16_x"] = ms / fp8block_ms
         else:
             m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
         print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, "
-              f"fp8 {fp8_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
+              f"fp8 {fp8_ms:.3f} ms, fp8 blocks {fp8block_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     try:  # a failure of the step comparisons must not cost the figures above
