@@ -21,6 +21,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_tensor, interpreting,
                                    next_power_of_2, pdl_launch)
+from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize
 from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -41,13 +42,21 @@ def _silu_mul(x_row, c, mask, INTER: tl.constexpr, DTYPE: tl.constexpr, INTERPRE
 @triton.jit
 def _silu_and_mul_fp8_kernel(
     x_ptr, xq_ptr, scale_ptr, stride_x, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, GROUP: tl.constexpr = 0,
 ):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + t * stride_x
     dtype = x_ptr.dtype.element_ty
-    if BLOCK >= INTER:  # the whole row in registers: one load
+    if GROUP > 0:  # per-group scales [M, groups]: each BLOCK (a multiple of GROUP) quantized as it is made
+        groups = (INTER + GROUP - 1) // GROUP
+        for c0 in range(0, INTER, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            y = _silu_mul(x_row, c, c < INTER, INTER, dtype, INTERPRET)
+            q = fp8_group_quantize(y, scale_ptr + t * groups + c0 // GROUP, groups - c0 // GROUP, BLOCK, GROUP,
+                                   INTERPRET)
+            tl.store(xq_ptr + t * stride_q + c, q, mask=c < INTER)
+    elif BLOCK >= INTER:  # the whole row in registers: one load
         c = tl.arange(0, BLOCK)
         y = _silu_mul(x_row, c, c < INTER, INTER, dtype, INTERPRET)
         inv = fp8_row_inverse(tl.max(tl.abs(y), axis=0), scale_ptr + t, SCALE_EPS_JIT)
@@ -98,8 +107,10 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     return out
 
 
-def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
-    """quantize_fp8_per_token(silu_and_mul(x)) for a 16-bit x: [M, 2 * I], in one kernel."""
+def silu_and_mul_fp8(x: torch.Tensor, group: int = 0) -> Fp8Rows:
+    """quantize_fp8_per_token(silu_and_mul(x)) for a 16-bit x: [M, 2 * I], in one kernel; with
+    ``group`` (a power of two >= 16) quantize_fp8_per_group(silu_and_mul(x), group)'s instead (the
+    input of a block-scaled FP8 down projection), in one pass."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a tensor [M, 2 * I]")
     check_tensor("x", x, "[M, 2 * I]", 2, (torch.float16, torch.bfloat16))
@@ -107,14 +118,16 @@ def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
         raise ValueError(f"x's last dimension must be even and positive (gate and up halves), got {x.shape[-1]}")
     check_last_dim_contiguous("x", x)
     check_fp8_runnable(x.device)
+    check_group(group)
     m, inter = x.shape[0], x.shape[-1] // 2
     xq = torch.empty(m, inter, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    scale = torch.empty((m, -(-inter // group)) if group else (m,), dtype=torch.float32, device=x.device)
     if m:
         block = next_power_of_2(inter) if inter <= ONE_PASS_MAX else _BLOCK
+        block = max(block, group)
         _silu_and_mul_fp8_kernel[(m,)](x, xq, scale, x.stride(0), xq.stride(0), INTER=inter, BLOCK=block,
                                        INTERPRET=interpreting(), num_warps=max(4, min(16, block // 1024)),
-                                       **pdl_launch(x.device))
+                                       GROUP=group, **pdl_launch(x.device))
     return Fp8Rows(xq, scale)
 
 

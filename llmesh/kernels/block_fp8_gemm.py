@@ -31,7 +31,7 @@ from llmesh.kernels.common import (
     FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, cuda_device_tag, interpreting,
     next_power_of_2)
 from llmesh.kernels.fp8_gemm import (
-    FP8_DTYPE, FP8_MAX, SCALE_EPS, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_row_inverse)
+    FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_row_inverse)
 from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
 
 
@@ -71,6 +71,26 @@ def block_config(device: torch.device, m: int) -> BlockFp8Config:
     return default_block_config(m)
 
 
+def check_group(group: int, per_token: bool = True) -> None:
+    """Channels per activation scale: a power of two >= 16 (or 0, per token, where allowed)."""
+    if (group or not per_token) and (not isinstance(group, int) or group < 16 or group & (group - 1)):
+        raise ValueError(f"group must be {'0 (per token) or ' if per_token else ''}a power of two >= 16, got {group}")
+
+
+@triton.jit
+def fp8_group_quantize(y, scale_ptr, n_groups, BLOCK: tl.constexpr, GROUP: tl.constexpr, INTERPRET: tl.constexpr):
+    """float32 y [BLOCK], BLOCK // GROUP consecutive groups of a row: stores each group's scale
+    (absmax / 448) at scale_ptr + g for g < n_groups and returns the E4M3 codes [BLOCK]; the
+    arithmetic of quantize_fp8_per_group_ref (what the fused RMSNorm and SiLU-mul producers of
+    block-scaled FP8 layers end with)."""
+    y2 = tl.reshape(y, [BLOCK // GROUP, GROUP])
+    amax = tl.maximum(tl.max(tl.abs(y2), axis=1), SCALE_EPS_JIT)
+    g = tl.arange(0, BLOCK // GROUP)
+    tl.store(scale_ptr + g, tl.math.div_rn(amax, 448.0), mask=g < n_groups)
+    scaled = tl.reshape(y2 * tl.math.div_rn(448.0, amax)[:, None], [BLOCK])
+    return fp8_quantize(scaled, 1.0, INTERPRET)  # times 1: exact, so rounded as the reference rounds
+
+
 @triton.jit
 def _quant_per_group_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s, eps,
@@ -90,8 +110,7 @@ def quantize_fp8_per_group(x: torch.Tensor, group: int) -> Fp8Rows:
     token and ``group`` channels: x ~ xq * scales repeated over each group."""
     check_tensor("x", x, "[M, K]", 2, FLOAT_DTYPES)
     check_last_dim_contiguous("x", x)
-    if group < 16 or group & (group - 1):
-        raise ValueError(f"group must be a power of two >= 16, got {group}")
+    check_group(group, per_token=False)
     m, k = x.shape
     check_fp8_runnable(x.device)
     groups = triton.cdiv(k, group)

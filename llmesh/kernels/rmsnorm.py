@@ -20,6 +20,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
+from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize
 from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -31,7 +32,7 @@ def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr,
     stride_x, stride_r, stride_o, stride_ro, eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr = 0,
 ):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -47,10 +48,14 @@ def _rmsnorm_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
     normed = cast_rtne(x * rstd, in_dtype, INTERPRET).to(tl.float32)
     w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    if FP8:  # the row as rmsnorm stores it (weight in x's dtype), then quantized per token
+    if FP8:  # the row as rmsnorm stores it (weight in x's dtype), then quantized per token or group
         y = cast_rtne(w * normed, in_dtype, INTERPRET).to(tl.float32)
-        inv = fp8_row_inverse(tl.max(tl.abs(y), axis=0), scale_ptr + row, SCALE_EPS_JIT)
-        tl.store(out_ptr + row * stride_o + c, fp8_quantize(y, inv, INTERPRET), mask=mask)
+        if GROUP > 0:  # scales [M, groups]: row `row`'s at scale_ptr + row * ceil(HIDDEN / GROUP)
+            groups = (HIDDEN + GROUP - 1) // GROUP
+            q = fp8_group_quantize(y, scale_ptr + row * groups, groups, BLOCK, GROUP, INTERPRET)
+        else:
+            q = fp8_quantize(y, fp8_row_inverse(tl.max(tl.abs(y), axis=0), scale_ptr + row, SCALE_EPS_JIT), INTERPRET)
+        tl.store(out_ptr + row * stride_o + c, q, mask=mask)
     else:
         tl.store(out_ptr + row * stride_o + c, cast_rtne(w * normed, out_ptr.dtype.element_ty, INTERPRET),
                  mask=mask)
@@ -74,20 +79,23 @@ def rmsnorm(
     return _launch(x, weight, eps, residual, out, residual_out, fp8=False)
 
 
-def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                ) -> tuple[Fp8Rows, torch.Tensor | None]:
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                group: int = 0) -> tuple[Fp8Rows, torch.Tensor | None]:
     """(quantize_fp8_per_token(normed), x + residual or None) for x: [M, H] and weight: [H] in
-    x's (16-bit) dtype: `rmsnorm` with the per-token FP8 quantization of its output fused in."""
+    x's (16-bit) dtype: `rmsnorm` with the per-token FP8 quantization of its output fused in;
+    with ``group`` (a power of two >= 16), quantize_fp8_per_group(normed, group)'s instead (the
+    input of a block-scaled FP8 layer)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a tensor [M, H]")
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_fp8 takes 16-bit x and a weight of its dtype, got {x.dtype} and "
                          f"{getattr(weight, 'dtype', None)}")
     check_fp8_runnable(x.device)
-    return _launch(x, weight, eps, residual, None, None, fp8=True)
+    check_group(group)
+    return _launch(x, weight, eps, residual, None, None, fp8=True, group=group)
 
 
-def _launch(x, weight, eps, residual, out, residual_out, fp8: bool):
+def _launch(x, weight, eps, residual, out, residual_out, fp8: bool, group: int = 0):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor [..., H]")
     check_tensor("x", x, "[..., H]", x.dim())
@@ -102,7 +110,8 @@ def _launch(x, weight, eps, residual, out, residual_out, fp8: bool):
     out = check_out("out", out, tuple(x.shape), FP8_DTYPE if fp8 else torch.promote_types(x.dtype, weight.dtype),
                     x.device, contiguous=True)
     out2 = out.view(-1, hidden)
-    scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device) if fp8 else out2
+    scale_shape = (x2.shape[0], -(-hidden // group)) if group else (x2.shape[0],)
+    scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device) if fp8 else out2
     if residual is not None:
         check_tensor("residual", residual, "[..., H]", x.dim(), (x.dtype,), device=x.device)
         if residual.shape != x.shape:
@@ -113,12 +122,12 @@ def _launch(x, weight, eps, residual, out, residual_out, fp8: bool):
     else:
         r2 = ro2 = x2  # unused by the kernel
     if x2.shape[0]:
-        block = next_power_of_2(hidden)
+        block = max(next_power_of_2(hidden), group)
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out2, ro2, scale,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), float(eps),
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, FP8=fp8, INTERPRET=interpreting(),
-            num_warps=max(1, min(16, block // 256)), **pdl_launch(x2.device)
+            GROUP=group, num_warps=max(1, min(16, block // 256)), **pdl_launch(x2.device)
         )
     if fp8:
         return Fp8Rows(out, scale), residual_out

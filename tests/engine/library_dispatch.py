@@ -23,7 +23,7 @@ def count_calls(monkeypatch, module, name: str) -> list:
     """The calls made to ``module.name`` from now on (it still runs)."""
     calls: list = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
 
 

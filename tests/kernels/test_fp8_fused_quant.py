@@ -1,6 +1,6 @@
 """The per-token FP8 quantization fused into the ops before an FP8 linear layer: rmsnorm_fp8 and
-silu_and_mul_fp8 give the bits quantize_fp8_per_token gives on rmsnorm's / silu_and_mul's
-output (with and without the residual add, rows longer than one block, a zero row), and the
+silu_and_mul_fp8 give the bits quantize_fp8_per_token (per group: quantize_fp8_per_group) gives on
+rmsnorm's / silu_and_mul's output (with and without the residual add, rows longer than one block, a zero row), and the
 triton op table's norm_linear / act_linear give the unfused ops' result with the fusion on.
 
 On the CPU the kernels run under Triton's interpreter (its E4M3 cast fixed up as in
@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.activation import ONE_PASS_MAX, silu_and_mul, silu_and_mul_fp8  # noqa: E402
+from llmesh.kernels.block_fp8_gemm import quantize_fp8_blocks, quantize_fp8_per_group_ref  # noqa: E402
 from llmesh.kernels.fp8_gemm import fp8_support, quantize_fp8_per_token, quantize_fp8_weight  # noqa: E402
 from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8  # noqa: E402
 
@@ -59,6 +60,27 @@ def test_silu_and_mul_fp8_is_quantized_product(device, dtype, inter):
     _same_rows(silu_and_mul_fp8(x), quantize_fp8_per_token(silu_and_mul(x)))
 
 
+@pytest.mark.parametrize("hidden,group", [(96, 32), (200, 64), (40, 64)])  # whole groups; a ragged last; H < group
+def test_rmsnorm_fp8_groups_are_quantized_rmsnorm(device, hidden, group):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(4, hidden, generator=gen) * 3).bfloat16().to(device)
+    x[1] = 0
+    x[2, 5] = 4000.0  # an outlier costs only its own group precision
+    r = torch.randn(4, hidden, generator=gen).bfloat16().to(device)
+    g = (1 + 0.1 * torch.randn(hidden, generator=gen)).bfloat16().to(device)
+    rows, summed = rmsnorm_fp8(x, g, EPS, r, group=group)
+    normed, want_sum = rmsnorm(x, g, EPS, residual=r)
+    assert torch.equal(summed, want_sum)
+    _same_rows(rows, quantize_fp8_per_group_ref(normed, group))
+
+
+@pytest.mark.parametrize("inter", [1024 + 40, ONE_PASS_MAX + 40])
+def test_silu_and_mul_fp8_groups_are_the_quantized_product(device, inter):
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(3, 2 * inter, generator=gen) * 2).bfloat16().to(device)
+    _same_rows(silu_and_mul_fp8(x, group=128), quantize_fp8_per_group_ref(silu_and_mul(x), 128))
+
+
 def test_producers_refuse_what_they_cannot_take(device):
     x = torch.randn(2, 8, device=device)
     with pytest.raises(ValueError, match="16-bit"):
@@ -67,16 +89,25 @@ def test_producers_refuse_what_they_cannot_take(device):
         rmsnorm_fp8(x.bfloat16(), torch.ones(8, device=device), EPS)  # weight of another dtype
     with pytest.raises(ValueError, match="even"):
         silu_and_mul_fp8(torch.randn(2, 7, device=device).bfloat16())
+    with pytest.raises(ValueError, match="power of two"):
+        silu_and_mul_fp8(torch.randn(2, 8, device=device).bfloat16(), group=24)
 
 
-def test_triton_table_fuses_the_quantization(device, monkeypatch):
-    """norm_linear and act_linear before an FP8 weight equal the separate ops (the switch off)
-    bit for bit, with the fusion on."""
+@pytest.mark.parametrize("blocks", [False, True], ids=["per-channel", "block-scaled"])
+def test_triton_table_fuses_the_quantization(device, monkeypatch, blocks):
+    """norm_linear and act_linear before an FP8 weight (per channel, or scaled per 32 x 32 block:
+    its activations per token and 32 channels) equal the separate ops (the switch off) bit for
+    bit, with the fusion on."""
     import llmesh.engine.model.ops_triton as ops_triton
     from llmesh.engine.model.config import ModelConfig
     from llmesh.engine.model.ops_triton import FUSED_DECODE_ENV, TritonOps, fp8_input
-    from llmesh.engine.quant.packed import Fp8Weight
+    from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight
     from tests.engine.library_dispatch import count_calls
+
+    def fp8_weight(n: int, k: int):
+        w = torch.randn(n, k, generator=gen).to(device)
+        return (Fp8BlockWeight(*quantize_fp8_blocks(w, (32, 32)), (32, 32)) if blocks
+                else Fp8Weight(*quantize_fp8_weight(w)))
 
     cfg = ModelConfig("llama", vocab_size=32, hidden_size=64, intermediate_size=40, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -87,9 +118,9 @@ def test_triton_table_fuses_the_quantization(device, monkeypatch):
     x = torch.randn(3, 64, generator=gen).bfloat16().to(device)
     r = torch.randn(3, 64, generator=gen).bfloat16().to(device)
     g = (1 + 0.1 * torch.randn(64, generator=gen)).bfloat16().to(device)
-    w = Fp8Weight(*quantize_fp8_weight(torch.randn(40, 64, generator=gen).to(device)))
+    w = fp8_weight(40, 64)
     gu = torch.randn(3, 2 * 40, generator=gen).bfloat16().to(device)
-    wd = Fp8Weight(*quantize_fp8_weight(torch.randn(24, 40, generator=gen).to(device)))
+    wd = fp8_weight(24, 40)
     b = torch.randn(40, generator=gen).bfloat16().to(device)
     assert fp8_input(x, w) and not fp8_input(x.float(), w) and not fp8_input(x, [w])
     results = {}

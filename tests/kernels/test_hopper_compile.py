@@ -134,6 +134,13 @@ CASES = [
       "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, SCALE_BN=128, SCALE_BK=128)),
+    # the producers of a block-scaled FP8 layer's input: scales per token and 128 channels
+    ("rmsnorm", "_rmsnorm_kernel", {"out_ptr": "fp8e4nv", "scale_ptr": "fp32"},
+     dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True, FP8=True, INTERPRET=False, GROUP=128)),
+    ("activation", "_silu_and_mul_fp8_kernel", {"xq_ptr": "fp8e4nv", "scale_ptr": "fp32"},
+     dict(INTER=14336, BLOCK=1024, INTERPRET=False, GROUP=128)),
+    ("activation", "_silu_and_mul_fp8_kernel", {"xq_ptr": "fp8e4nv", "scale_ptr": "fp32"},
+     dict(INTER=12288, BLOCK=16384, INTERPRET=False, GROUP=128)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into

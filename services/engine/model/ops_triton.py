@@ -12,7 +12,8 @@ measured table); where the qkv projection's GEMV keeps its norm separate (measur
 batch 1), RoPE and the K/V write run in its epilogue instead (llmesh/kernels/skinny_rope_kv.py);
 everywhere else they stay separate ops. Before an FP8 linear layer, at any
 size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
-silu_and_mul_fp8), so quantizing the activations costs no kernel of its own.
+silu_and_mul_fp8; per token and 128-channel group before a block-scaled one), so quantizing the
+activations costs no kernel of its own.
 ``LLMESH_FUSED_DECODE=0`` in the environment keeps all of them separate (to A/B the fusions on
 one GPU); ``LLMESH_QKV_ROPE=0`` only the RoPE epilogue.
 """
@@ -26,7 +27,7 @@ import torch
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.ops import compose_norm_qkv_rope
 from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, silu_mul_matmul
-from llmesh.engine.quant.packed import Fp8Weight, W4A8Weight
+from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.moe_router import select_experts
@@ -83,10 +84,16 @@ def rope_epilogue_config(x: torch.Tensor, w: Weight | list[Weight], head_dim: in
 
 def fp8_input(a: torch.Tensor, w: Weight | list[Weight]) -> bool:
     """Whether the op producing a: [M, *] for the FP8 activations of w quantizes its output itself
-    (rmsnorm_fp8, silu_and_mul_fp8): one FP8 or W4A8 weight, 16-bit 2-D a, on a GPU (or the
-    interpreter)."""
-    return (isinstance(w, (Fp8Weight, W4A8Weight)) and a.dim() == 2 and a.dtype in (torch.float16, torch.bfloat16)
-            and a.stride(-1) == 1 and (a.is_cuda or interpreting()))
+    (rmsnorm_fp8, silu_and_mul_fp8): one FP8 (per-channel or block-scaled) or W4A8 weight, 16-bit
+    2-D a, on a GPU (or the interpreter)."""
+    return (isinstance(w, (Fp8Weight, Fp8BlockWeight, W4A8Weight)) and a.dim() == 2
+            and a.dtype in (torch.float16, torch.bfloat16) and a.stride(-1) == 1 and (a.is_cuda or interpreting()))
+
+
+def fp8_group(w: Weight) -> int:
+    """Channels per activation scale for w's FP8 input: a block-scaled weight's block width, else
+    0 (per token)."""
+    return w.block[1] if isinstance(w, Fp8BlockWeight) else 0
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -176,7 +183,7 @@ class TritonOps:
 
             return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
         if fusable and fp8_input(x, w):
-            rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual)
+            rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual, group=fp8_group(w))
             return _plus(fp8_matmul(rows, w, x.dtype), bias), x if summed is None else summed
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
         return self.linear(h, w, bias), residual
@@ -191,7 +198,7 @@ class TritonOps:
         if self.fused_decode and not isinstance(w, list) and (y := silu_mul_matmul(gate_up, w)) is not None:
             return _plus(y, bias)
         if self.fused_decode and fp8_input(gate_up, w) and gate_up.shape[-1] % 2 == 0:
-            return _plus(fp8_matmul(silu_and_mul_fp8(gate_up), w, gate_up.dtype), bias)
+            return _plus(fp8_matmul(silu_and_mul_fp8(gate_up, group=fp8_group(w)), w, gate_up.dtype), bias)
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     def norm_qkv_rope(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,

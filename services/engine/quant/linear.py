@@ -154,9 +154,9 @@ def _kernel_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 
         return fp8_matmul(quantize_fp8_per_token(x), w, x.dtype)
     if isinstance(w, Fp8BlockWeight):
-        from llmesh.kernels.block_fp8_gemm import block_fp8_gemm
+        from llmesh.kernels.block_fp8_gemm import quantize_fp8_per_group
 
-        return block_fp8_gemm(x, w.qweight, w.scales, w.block)
+        return fp8_matmul(quantize_fp8_per_group(x, w.block[1]), w, x.dtype)
     if x.is_cuda and (y := _tuned_matmul(x, w)) is not None:
         return y
     if x.shape[0] >= DEQUANT_GEMM_MIN_M:
@@ -201,17 +201,21 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     return x @ dequantize_int8(w.qweight, w.scales, w.group_size, x.dtype)
 
 
-def fp8_matmul(rows, w: Fp8Weight | W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_matmul(rows, w: Fp8Weight | Fp8BlockWeight | W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """Activations quantized per token (kernels.fp8_gemm.Fp8Rows: by quantize_fp8_per_token, or
-    fused into the op that produced them) @ an FP8 or W4A8 weight → [M, N] in out_dtype. FP8:
-    cuBLASLt's FP8 GEMM where the measured table says ``scaled_mm``, FBGEMM's where it says
-    ``fbgemm`` (and it can run), else our kernel (with the table's tile where it gives one).
-    W4A8: w4a8_matmul."""
+    fused into the op that produced them; per token and group for a block-scaled weight) @ an FP8
+    or W4A8 weight → [M, N] in out_dtype. FP8: cuBLASLt's FP8 GEMM where the measured table says
+    ``scaled_mm``, FBGEMM's where it says ``fbgemm`` (and it can run), else our kernel (with the
+    table's tile where it gives one). Block-scaled FP8: block_fp8_gemm. W4A8: w4a8_matmul."""
     from llmesh.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm_rows, fp8_scaled_mm_rows
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
     if isinstance(w, W4A8Weight):
         return w4a8_matmul(rows, w, out_dtype)
+    if isinstance(w, Fp8BlockWeight):
+        from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_rows
+
+        return block_fp8_gemm_rows(rows, w.qweight, w.scales, w.block, out_dtype=out_dtype)
     choice = tuned_choice(rows.xq.device, "fp8", rows.xq.shape[0], w.out_features, w.in_features)
     if choice is not None and choice[0] == "scaled_mm":
         return fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
