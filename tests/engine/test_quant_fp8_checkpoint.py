@@ -170,6 +170,29 @@ def test_fp8_checkpoints_serve_their_stored_weights(tiny_llama, tmp_path, writer
     assert llm.generate(PROMPTS, GREEDY)[0].token_ids  # decodes with the packed weights throughout
 
 
+@pytest.mark.parametrize("writer,strategy", [("compressed-tensors", "channel"), ("compressed-tensors", "tensor"),
+                                             ("compressed-tensors", "block"), ("fp8", "block")])
+def test_the_formats_own_readers_take_the_test_checkpoints(tiny_llama, tmp_path, writer, strategy):
+    """The checkpoints these tests write are read back by the format's own library through
+    transformers (compressed-tensors; transformers' fine-grained FP8), dequantized to float, and
+    give the float twin's logits exactly: the layout and scale meaning llmesh reads are theirs.
+    (AutoFP8's per-tensor "fp8" layout has no reader in transformers; vLLM's Fp8Config reads it.)"""
+    import transformers
+
+    if writer == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is a test dependency (pyproject)")
+        config = transformers.CompressedTensorsConfig(dequantize=True)
+    else:
+        config = transformers.FineGrainedFP8Config(dequantize=True, weight_block_size=(32, 32))
+    folder = _fp8_checkpoint(tiny_llama, tmp_path / "ckpt", writer, strategy, (32, 32))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                               quantization_config=config)
+    twin = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "float"), dtype=torch.float32)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, twin(ids).logits)
+
+
 def test_fp8_checkpoint_errors_name_the_layer_and_the_fix(tiny_llama, tmp_path):
     folder = _fp8_checkpoint(tiny_llama, tmp_path / "ct", "compressed-tensors", "channel")
     with pytest.raises(UnsupportedModelError, match="FP8 checkpoint; it is served as quantization='fp8'"):
