@@ -4,7 +4,6 @@ engines that compute what a float engine holding the same weights computes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
