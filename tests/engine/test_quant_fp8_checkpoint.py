@@ -280,6 +280,24 @@ def test_tp2_serves_a_block_checkpoint_with_tp1_tokens(tiny_llama, tmp_path):
     assert outs[0] == outs[1]
 
 
+def test_expert_parallel_serves_a_block_moe_checkpoint_with_one_ranks_tokens(tmp_path):
+    """Two ranks with expert parallelism: each holds half the experts with their block scales
+    (allocated for its own experts) and a tensor-parallel half of attention; one rank's tokens."""
+    src = build_tiny_model(str(tmp_path / "src"), "qwen3_moe")
+    folder = _fp8_checkpoint(src, tmp_path / "ckpt", "fp8", "block", (32, 32))
+    outs = []
+    for kw in (dict(tensor_parallel_size=2, enable_expert_parallel=True), {}):
+        llm = LLM(str(folder), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64,
+                  max_num_batched_tokens=16, **kw)
+        try:
+            outs.append([o.token_ids for o in llm.generate(PROMPTS, GREEDY)])
+            experts, _ = _first_experts(llm)
+            assert experts.block == (32, 32) and experts.w13_scale.shape[0] == experts.w13.shape[0]
+        finally:
+            llm.engine.core.shutdown()
+    assert outs[0] == outs[1]
+
+
 def test_block_weights_shard_on_block_boundaries():
     w = torch.randn(256, 384)
     q, s = _quantize(w, "block", (128, 128))
