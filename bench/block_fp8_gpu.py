@@ -8,7 +8,8 @@ Per Llama-3-8B linear shape (qkv 4096 -> 6144, o 4096 -> 4096, gate/up 4096 -> 2
   (token, 128 channels), every output checked against block_fp8_gemm_ref;
 - ``scaled_mm``: torch.nn.functional.scaled_mm with BlockWise1x128 activations and BlockWise128x128
   weights (cuBLASLt, CUDA 12.9+ on Hopper), where this build runs it (else the reason is recorded);
-- ``linear``: the engine's whole block-scaled linear (quantize_fp8_per_group + the table's tile);
+- ``linear``: quantize_fp8_per_group and the GEMM at the table's tile (in the engine the
+  quantization rides in the RMSNorm or SiLU-and-mul before it, so this bounds its time from above);
 - ``rowwise``: the engine's per-channel FP8 linear on the same weights (services linear, measured table);
 - ``bf16``: F.linear on the float weight.
 
