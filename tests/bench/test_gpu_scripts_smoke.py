@@ -14,13 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quant_gpu_smoke_writes_every_part(tmp_path):
+def _smoke(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``bench/<script> --smoke *args`` through Triton's interpreter; fails the test with its output
+    unless it exits 0."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/quant_gpu.py", "--smoke", "--parts", "gemm,engine",
-                           "--formats", "none,int4", "--gemm-sweep-kinds", "w4a16,w8a16,w4a16+silu_mul",
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--smoke", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quant_gpu_smoke_writes_every_part(tmp_path):
+    _smoke("quant_gpu.py", "--parts", "gemm,engine", "--formats", "none,int4", "--gemm-sweep-kinds",
+           "w4a16,w8a16,w4a16+silu_mul", "--results-dir", str(tmp_path))
     doc = json.loads((tmp_path / "quant_cpu.json").read_text())
     m = doc["metrics"]
     for key in ("copy_tb_s", "w4a16_m1_speedup_x", "w8a16_m1_speedup_x", "decode_b1_int4_tok_s",
@@ -40,11 +46,8 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
 def test_quant_gpu_smoke_fp8_sweep_times_pointer_and_tma_tiles(tmp_path):
     """--gemm-sweep-kinds fp8: each of our candidate tiles with pointer loads and through TMA
     descriptors (Fp8GemmConfig.tma), every one checked against the first's output."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/quant_gpu.py", "--smoke", "--parts", "gemm", "--formats", "none,fp8",
-                           "--gemm-sweep-kinds", "fp8", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("quant_gpu.py", "--parts", "gemm", "--formats", "none,fp8", "--gemm-sweep-kinds", "fp8",
+           "--results-dir", str(tmp_path))
     configs = json.loads((tmp_path / "quant_cpu.json").read_text())["workload"]["gemm_configs"]
     names = [name for key, cell in configs.items() if key.startswith("fp8_") for name, _ in cell["all"]]
     assert any(name.endswith(" tma") for name in names) and any(not name.endswith(" tma") for name in names)
@@ -52,11 +55,7 @@ def test_quant_gpu_smoke_fp8_sweep_times_pointer_and_tma_tiles(tmp_path):
 
 
 def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/kernels_gpu.py", "--smoke", "--parts", "causal,unified,rope_kv",
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("kernels_gpu.py", "--parts", "causal,unified,rope_kv", "--results-dir", str(tmp_path))
     m = json.loads((tmp_path / "kernels_cpu.json").read_text())["metrics"]
     for key in ("prefill_attn_gemm_frac", "prefill_attn_gemm_frac_ours", "prefill_attn_gemm_frac_ours_c64",
                 "unified_mix_gb_s", "unified_mix_vs_split_x", "unified_decode_vs_paged_decode_x",
@@ -66,10 +65,7 @@ def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
 
 
 def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/attn_sweep.py", "--smoke", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("attn_sweep.py", "--out-dir", str(tmp_path))
     doc = json.loads((tmp_path / "attn_sweep_cpu.json").read_text())
     assert doc["workload"]["wrong"] == 0
     assert set(doc["workload"]["winners"]) == {"prefill", "decode"}
@@ -79,10 +75,7 @@ def test_attn_sweep_smoke_checks_and_picks_configs(tmp_path):
 def test_attn_sweep_smoke_mixed_part_times_the_long_query_tile(tmp_path):
     """--parts mixed: the whole unified call at a mixed shape per candidate long-query tile,
     checked against the reference, beside the chunk alone and the decodes alone."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/attn_sweep.py", "--smoke", "--parts", "mixed",
-                           "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("attn_sweep.py", "--parts", "mixed", "--out-dir", str(tmp_path))
     # a file of its own, so a mixed-only sweep leaves the tile sweep's record alone
     assert not (tmp_path / "attn_sweep_cpu.json").exists()
     doc = json.loads((tmp_path / "attn_sweep_cpu_mixed.json").read_text())
@@ -138,10 +131,7 @@ def test_the_cuda_benchmarks_sources_compile():
 
 
 def test_kv_fp8_gpu_smoke_times_both_pools():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/kv_fp8_gpu.py", "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = _smoke("kv_fp8_gpu.py")
     line = proc.stdout.strip().splitlines()[-1]
     m = ast.literal_eval(line)  # the script's printed dict of floats
     assert m["kv_fp8_decode_attn_ms"] > 0 and m["kv_bf16_decode_attn_ms"] > 0
@@ -149,11 +139,7 @@ def test_kv_fp8_gpu_smoke_times_both_pools():
 
 
 def test_decode_tile_sweep_smoke_over_an_fp8_pool(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/decode_tile_sweep.py", "--smoke", "--kv-dtype", "fp8",
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("decode_tile_sweep.py", "--kv-dtype", "fp8", "--results-dir", str(tmp_path))
     doc = json.loads((tmp_path / "decode_tile_cpu_fp8.json").read_text())
     assert doc["workload"]["kv_dtype"] == "fp8" and not doc["workload"]["wrong"]
     assert "PAGED_DECODE_TILE['cpu:fp8']" in doc["workload"]["literal"]
@@ -162,13 +148,9 @@ def test_decode_tile_sweep_smoke_over_an_fp8_pool(tmp_path):
 def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
     """Decode-only steps, then --chunk: every profiled step also prefills a fresh prompt (a mixed
     step), tagged _c<N>; then decode steps over an FP8 KV pool, tagged _kv8."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     for extra, tag in (([], "profile_smoke_tiny_b2"), (["--chunk", "24"], "profile_smoke_tiny_b2_c24"),
                        (["--kv-cache-dtype", "fp8"], "profile_smoke_tiny_kv8_b2")):
-        proc = subprocess.run([sys.executable, "bench/kernel_profile.py", "--smoke", "--batch", "2", *extra,
-                               "--results-dir", str(tmp_path)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        _smoke("kernel_profile.py", "--batch", "2", *extra, "--results-dir", str(tmp_path))
         doc = json.loads((tmp_path / "kernel_profile_cpu.json").read_text())
         tags = {k.rsplit("_step_ms", 1)[0] for k in doc["metrics"] if k.endswith("_step_ms")}
         assert tags == {tag}, tags
@@ -191,10 +173,7 @@ def test_kernel_profile_families_name_the_unified_attention_kernels():
 
 def test_block_fp8_gpu_smoke(tmp_path):
     """Every tile's output checked against the reference; the literal for the tile table printed."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/block_fp8_gpu.py", "--smoke", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _smoke("block_fp8_gpu.py", "--results-dir", str(tmp_path))
     doc = json.loads((tmp_path / "block_fp8_cpu.json").read_text())
     assert not doc["workload"]["wrong"] and "BLOCK_FP8_TILE['cpu']" in doc["workload"]["literal"]
     m = doc["metrics"]
