@@ -286,6 +286,11 @@ def plain_pipelined_cases() -> dict[str, str | None]:
                        _DIVISIBLE_INTS | {"stride_xm", "stride_wn", "stride_xs", "stride_ws"})
 
 
+def loop_cases() -> dict[str, str | None]:
+    """tma_cases and plain_pipelined_cases together (their names are distinct)."""
+    return {**tma_cases(), **plain_pipelined_cases()}
+
+
 def _case_id(i: int) -> str:
     return f"{CASES[i][1]}-{i}"
 
@@ -319,22 +324,18 @@ def test_k_loops_are_software_pipelined(compiled, case_id):
 
 
 @pytest.fixture(scope="module")
-def compiled_tma() -> dict[str, str | None]:
-    return _in_child("tma_cases")
+def compiled_loops() -> dict[str, str | None]:
+    """The TMA and the non-PDL loop cases, compiled in one child process."""
+    return _in_child("loop_cases")
 
 
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
 @pytest.mark.parametrize("name", [case[0] for case in TMA_CASES])
-def test_tma_tiles_are_pipelined_tma_copies(compiled_tma, name):
-    assert compiled_tma[name] is None, compiled_tma[name]
-
-
-@pytest.fixture(scope="module")
-def compiled_plain() -> dict[str, str | None]:
-    return _in_child("plain_pipelined_cases")
+def test_tma_tiles_are_pipelined_tma_copies(compiled_loops, name):
+    assert compiled_loops[name] is None, compiled_loops[name]
 
 
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
 @pytest.mark.parametrize("name", [case[0] for case in PLAIN_PIPELINED])
-def test_k_loops_without_pdl_are_software_pipelined(compiled_plain, name):
-    assert compiled_plain[name] is None, compiled_plain[name]
+def test_k_loops_without_pdl_are_software_pipelined(compiled_loops, name):
+    assert compiled_loops[name] is None, compiled_loops[name]
