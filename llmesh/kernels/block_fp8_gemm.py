@@ -31,7 +31,7 @@ from llmesh.kernels.common import (
     FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, cuda_device_tag, interpreting,
     next_power_of_2)
 from llmesh.kernels.fp8_gemm import (
-    FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_row_inverse)
+    FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize)
 from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
 
 
@@ -71,6 +71,10 @@ def block_config(device: torch.device, m: int) -> BlockFp8Config:
     return default_block_config(m)
 
 
+_QUANT_BLOCK = 2048
+"""Columns a quantize_fp8_per_group program takes (whole groups): a decode row of 4096 is two programs."""
+
+
 def check_group(group: int, per_token: bool = True) -> None:
     """Channels per activation scale: a power of two >= 16 (or 0, per token, where allowed)."""
     if (group or not per_token) and (not isinstance(group, int) or group < 16 or group & (group - 1)):
@@ -93,16 +97,17 @@ def fp8_group_quantize(y, scale_ptr, n_groups, BLOCK: tl.constexpr, GROUP: tl.co
 
 @triton.jit
 def _quant_per_group_kernel(
-    x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s, eps,
+    x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """One row's BLOCK columns (BLOCK // GROUP groups) a program."""
     row = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    c = g * GROUP + tl.arange(0, BLOCK)
-    mask = (tl.arange(0, BLOCK) < GROUP) & (c < K)
-    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
-    inv = fp8_row_inverse(tl.max(tl.abs(x), axis=0), scale_ptr + row * stride_s + g, eps)
-    tl.store(xq_ptr + row * stride_q + c, fp8_quantize(x, inv, INTERPRET), mask=mask)
+    c0 = tl.program_id(1) * BLOCK
+    c = c0 + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + c, mask=c < K, other=0.0).to(tl.float32)
+    q = fp8_group_quantize(x, scale_ptr + row * stride_s + c0 // GROUP, tl.cdiv(K, GROUP) - c0 // GROUP, BLOCK,
+                           GROUP, INTERPRET)
+    tl.store(xq_ptr + row * stride_q + c, q, mask=c < K)
 
 
 def quantize_fp8_per_group(x: torch.Tensor, group: int) -> Fp8Rows:
@@ -117,16 +122,16 @@ def quantize_fp8_per_group(x: torch.Tensor, group: int) -> Fp8Rows:
     xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     if m and k:
-        block = next_power_of_2(group)
-        _quant_per_group_kernel[(m, groups)](
-            x, xq, scale, k, x.stride(0), xq.stride(0), scale.stride(0), SCALE_EPS,
-            GROUP=group, BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(4, block // 128)),
+        block = max(group, min(next_power_of_2(k), _QUANT_BLOCK))  # whole groups, up to a row a program
+        _quant_per_group_kernel[(m, triton.cdiv(k, block))](
+            x, xq, scale, k, x.stride(0), xq.stride(0), scale.stride(0),
+            GROUP=group, BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(8, block // 256)),
         )
     return Fp8Rows(xq, scale)
 
 
 def quantize_fp8_per_group_ref(x: torch.Tensor, group: int) -> Fp8Rows:
-    """The arithmetic of `_quant_per_group_kernel` in torch (same roundings, same bits)."""
+    """The arithmetic of fp8_group_quantize in torch (same roundings, same bits)."""
     m, k = x.shape
     groups = -(-k // group)
     x32 = torch.zeros((m, groups * group), dtype=torch.float32, device=x.device)

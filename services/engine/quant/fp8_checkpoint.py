@@ -159,7 +159,8 @@ class Fp8CheckpointWeights:
         self._dropped = sum(1 for n in names if n.rpartition(".")[2] in DROPPED_PARTS)
         if self._dropped:
             log.info("FP8 checkpoint: its static activation / KV scales are not used; activations are quantized per "
-                     "token at run time", extra={"dropped_scales": self._dropped, "activations": cfg.activations})
+                     "token at run time",
+                     extra={"writer": cfg.writer, "dropped_scales": self._dropped, "activations": cfg.activations})
 
     def __len__(self) -> int:
         return len(self._weights) - len(self._scaled) - self._dropped
