@@ -37,18 +37,26 @@ def check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_m
     return t, h, e, inter, topk_ids.shape[1]
 
 
-def check_rows(h, act_dtype, w13, w2, w13_scale, w2_scale, device) -> tuple[int, int]:
-    """Float, int8 or E4M3 experts: w13 [E, 2I, H], w2 [E, H, I] (+ per-row scales)."""
-    int8 = w13.dtype in QUANTIZED_DTYPES
-    wdtypes = QUANTIZED_DTYPES if int8 else (act_dtype,)
+def _stacked(h, w13, w2, wdtypes, device, rows_multiple: int = 1) -> tuple[int, int]:
+    """(E, I) of row-major stacked experts w13 [E, 2I, H], w2 [E, H, I] of one of ``wdtypes``, I a
+    multiple of ``rows_multiple``."""
     check_tensor("w13", w13, "[E, 2I, H]", 3, wdtypes, device=device)
     check_tensor("w2", w2, "[E, H, I]", 3, wdtypes, device=device)
     e, two_i, _ = w13.shape
     check_size("w13", "H", w13.shape[2], h, "x's columns")
-    if two_i % 2:
-        raise ValueError(f"w13 must stack gate and up rows (2I), got {two_i} rows")
+    if two_i % (2 * rows_multiple):
+        blocks = f" with I a multiple of the block's {rows_multiple} rows" if rows_multiple > 1 else ""
+        raise ValueError(f"w13 must stack gate and up rows (2I){blocks}, got {two_i} rows")
     inter = two_i // 2
     check_size("w2", "shape", tuple(w2.shape), (e, h, inter), "[E, H, I] of w13's E, x's H and w13's I")
+    return e, inter
+
+
+def check_rows(h, act_dtype, w13, w2, w13_scale, w2_scale, device) -> tuple[int, int]:
+    """Float, int8 or E4M3 experts: w13 [E, 2I, H], w2 [E, H, I] (+ per-row scales)."""
+    int8 = w13.dtype in QUANTIZED_DTYPES
+    e, inter = _stacked(h, w13, w2, QUANTIZED_DTYPES if int8 else (act_dtype,), device)
+    two_i = 2 * inter
     if int8:
         if w13_scale is None or w2_scale is None:
             raise ValueError("int8 / fp8 experts need w13_scale [E, 2I] and w2_scale [E, H]")
@@ -68,16 +76,8 @@ def check_blocks(h, w13, w2, w13_scale, w2_scale, block, device) -> tuple[int, i
             or not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in block)):
         raise ValueError(f"weight_block must be two powers of two >= 16 (BN, BK), got {block!r}")
     bn, bk = block
-    check_tensor("w13", w13, "[E, 2I, H]", 3, (torch.float8_e4m3fn,), device=device)
-    check_tensor("w2", w2, "[E, H, I]", 3, (torch.float8_e4m3fn,), device=device)
-    e, two_i, _ = w13.shape
-    check_size("w13", "H", w13.shape[2], h, "x's columns")
-    inter = two_i // 2
-    if two_i % 2 or inter % bn:
-        raise ValueError(f"w13 must stack gate and up rows (2I) with I a multiple of the block's {bn} rows, got "
-                         f"{two_i} rows")
-    check_size("w2", "shape", tuple(w2.shape), (e, h, inter), "[E, H, I] of w13's E, x's H and w13's I")
-    for name, scale, rows, k in (("w13_scale", w13_scale, two_i, h), ("w2_scale", w2_scale, h, inter)):
+    e, inter = _stacked(h, w13, w2, (torch.float8_e4m3fn,), device, rows_multiple=bn)
+    for name, scale, rows, k in (("w13_scale", w13_scale, 2 * inter, h), ("w2_scale", w2_scale, h, inter)):
         if scale is None:
             raise ValueError("block-scaled experts need w13_scale and w2_scale [E, rows / BN, K / BK]")
         check_tensor(name, scale, "[E, rows / BN, K / BK]", 3, (torch.float32,), device=device)
