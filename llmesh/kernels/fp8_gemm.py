@@ -251,13 +251,20 @@ def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Rows:
     return Fp8Rows(xq, scale)
 
 
+def fp8_scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448, correctly rounded on every device, as the kernels' div_rn gives it: CUDA torch
+    multiplies by the reciprocal of a Python-number divisor, a last-bit difference, so the divisor
+    is a tensor."""
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def quantize_fp8_per_token_ref(x: torch.Tensor) -> Fp8Rows:
     """The arithmetic of `_quant_per_token_kernel` in torch (same roundings, same bits)."""
     x32 = x.to(torch.float32)
     amax = x32.abs().amax(dim=-1).clamp_min(SCALE_EPS)
     inv = torch.full_like(amax, FP8_MAX) / amax
     xq = (x32 * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return Fp8Rows(xq, amax / FP8_MAX)
+    return Fp8Rows(xq, fp8_scale_of(amax))
 
 
 def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +274,7 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_tensor("w", w, "[N, K]", 2, FLOAT_DTYPES)
     w32 = w.to(torch.float32)
-    scales = w32.abs().amax(dim=1).clamp_min(SCALE_EPS) / FP8_MAX
+    scales = fp8_scale_of(w32.abs().amax(dim=1).clamp_min(SCALE_EPS))
     qweight = (w32 / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return qweight.contiguous(), scales
 
