@@ -6,19 +6,25 @@ Per Llama-3-8B linear shape (qkv 4096 -> 6144, o 4096 -> 4096, gate/up 4096 -> 2
 
 - ``tile_<tile>``: our GEMM at each candidate tile on activations already quantized per
   (token, 128 channels), every output checked against block_fp8_gemm_ref;
-- ``scaled_mm``: torch.nn.functional.scaled_mm with BlockWise1x128 activations and BlockWise128x128
-  weights (cuBLASLt, CUDA 12.9+ on Hopper), where this build runs it (else the reason is recorded);
-- ``linear``: quantize_fp8_per_group and the GEMM at the table's tile (in the engine the
-  quantization rides in the RMSNorm or SiLU-and-mul before it, so this bounds its time from above);
+- ``scaled_mm``: cuBLASLt's block-scaled GEMM (block_fp8_scaled_mm_rows: torch.nn.functional.scaled_mm,
+  BlockWise1x128 x BlockWise128x128, CUDA 12.9+ on Hopper) and ``fbgemm``: FBGEMM GenAI's CUTLASS
+  f8f8bf16_groupwise (fbgemm_kernels.fp8_block_matmul), each as the engine calls it (on the rows
+  quantize_fp8_per_group lays out, scales M-major), where this build and device run it (else the
+  reason is recorded);
+- ``linear``: the engine's linear on the Fp8BlockWeight (quantize_fp8_per_group, then the GEMM the
+  tables pick; in the engine the quantization rides in the RMSNorm or SiLU-and-mul before it, so
+  this bounds its time from above);
 - ``rowwise``: the engine's per-channel FP8 linear on the same weights (services linear, measured table);
 - ``bf16``: F.linear on the float weight.
 
 Metrics: block_fp8_<k>x<n>_m<m>_<variant>_us, _linear_vs_bf16_x, _linear_vs_rowwise_x,
-_scaled_mm_vs_best_tile_x, and at M = 1 _linear_bw_frac (the FP8 weight's bytes over the copy
+_scaled_mm_vs_best_tile_x, _fbgemm_vs_best_tile_x, and at M = 1 _linear_bw_frac (the FP8 weight's bytes over the copy
 bandwidth). Per M bucket the tile with the least mean time over the shapes is printed as the
-`BLOCK_FP8_TILE` literal for llmesh/kernels/block_fp8_gemm.py (also in the workload).
+`BLOCK_FP8_TILE` literal for llmesh/kernels/block_fp8_gemm.py, and the fastest of that tile and the
+two libraries (mean over the shapes) as the `BLOCK_FP8_LIBRARY` one (both also in the workload).
 
-Usage: python bench/block_fp8_gpu.py [--ms 1,16,64,128,256,512,2048] [--smoke] [--results-dir DIR]
+Usage: python bench/block_fp8_gpu.py [--ms 1,16,64,128,256,512,2048] [--tiles all|table] [--suffix S]
+                                    [--smoke] [--results-dir DIR]
 --smoke runs tiny shapes through Triton's interpreter on the CPU (results to a scratch folder).
 """
 
@@ -41,15 +47,17 @@ from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_copy_t
                           results_dir_for, rounded, software_versions)
 
 from llmesh.bench_results import write_result  # noqa: E402
-from llmesh.kernels.block_fp8_gemm import (BlockFp8Config, block_config, block_fp8_gemm,  # noqa: E402
-                                           block_fp8_gemm_ref, block_fp8_gemm_rows, quantize_fp8_blocks,
-                                           quantize_fp8_per_group)
+from llmesh.engine.quant.packed import Fp8BlockWeight  # noqa: E402
+from llmesh.kernels.block_fp8_gemm import (BLOCK_FP8_TILE, BlockFp8Config, block_config,  # noqa: E402
+                                           block_fp8_gemm_ref, block_fp8_gemm_rows, block_fp8_scaled_mm_rows,
+                                           library_shape_ok, quantize_fp8_blocks, quantize_fp8_per_group)
 
 SHAPES_8B = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 """(K, N) of Llama-3-8B's linear layers (q/k/v and gate/up fused)."""
 TILES = tuple(BlockFp8Config(bm, bn, w, st) for bm, bn, w, st in (
     (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 6), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4),
-    (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3)))
+    (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3),
+    (16, 32, 4, 6), (16, 32, 2, 8), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4)))
 SMOKE_TILES = (BlockFp8Config(16, 32, 2, 2), BlockFp8Config(32, 64, 4, 2))
 BLOCK = (128, 128)
 
@@ -58,21 +66,33 @@ def tile_name(t: BlockFp8Config) -> str:
     return f"m{t.block_m}n{t.block_n}w{t.num_warps}s{t.num_stages}"
 
 
-def scaled_mm_call(rows, qweight, scales, out_dtype):
-    """cuBLAS's block-scaled GEMM on our operands, or raises why this build cannot run it: its 1x128
-    activation scales must be outer-dim-major ([M, K/128] with strides (1, M))."""
-    from torch.nn.functional import ScalingType, scaled_mm
+def library_calls(rows, weight: Fp8BlockWeight, out_dtype) -> dict:
+    """The libraries' block-scaled GEMMs as the engine calls them (block_fp8_matmul's branches),
+    those this build and device can run; the others' reasons go to ``why``."""
+    from llmesh.engine.quant import fbgemm_kernels
 
-    xs = rows.scale.t().contiguous().t()
-    return lambda: scaled_mm(rows.xq, qweight.t(), scale_a=xs, scale_recipe_a=ScalingType.BlockWise1x128,
-                             scale_b=scales, scale_recipe_b=ScalingType.BlockWise128x128, output_dtype=out_dtype)
+    calls, why = {}, {}
+    n, k = weight.qweight.shape
+    if not library_shape_ok(n, k, weight.block):
+        return {"why": {"all": f"[{n} x {k}] block {weight.block} is not a library shape"}}
+    calls["scaled_mm"] = lambda: block_fp8_scaled_mm_rows(rows, weight.qweight, weight.scales, out_dtype)
+    if (reason := fbgemm_kernels.groupwise_unavailable_reason()) is None and out_dtype == torch.bfloat16:
+        fbgemm_kernels.groupwise_scales(weight)  # made once at load in the engine, so before the timing
+        calls["fbgemm"] = lambda: fbgemm_kernels.fp8_block_matmul(rows, weight, out_dtype)
+    else:
+        why["fbgemm"] = reason or f"bfloat16 out only, not {out_dtype}"
+    return {"calls": calls, "why": why}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None)
     ap.add_argument("--ms", default="1,16,64,128,256,512,2048")
+    ap.add_argument("--tiles", choices=("all", "table"), default="all",
+                    help="table: only the tiles BLOCK_FP8_TILE already holds for this device (a quick "
+                         "rerun of the library comparison; its tile literal then chooses among those)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes through Triton's interpreter on the CPU")
+    ap.add_argument("--suffix", default="", help="result file block_fp8_<device><suffix>.json")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -83,15 +103,19 @@ def main() -> None:
         shapes, ms, tiles, block = ((64, 96),), (1, 5), SMOKE_TILES, (32, 32)
     else:
         shapes, ms, tiles, block = SHAPES_8B, tuple(int(m) for m in args.ms.split(",")), TILES, BLOCK
+        if args.tiles == "table":
+            tiles = tuple(dict.fromkeys(BLOCK_FP8_TILE.get(device_tag(device), {}).values())) or TILES
     copy_gb_s = measure_copy_tb_s(device, gib=1 / 16 if args.smoke else 2.0) * 1e3
     gen = torch.Generator(device).manual_seed(0)
     dtype = torch.bfloat16
     metrics: dict[str, float] = {"copy_tb_s": copy_gb_s / 1e3}
     per_bucket: dict[int, dict[BlockFp8Config, list[float]]] = defaultdict(lambda: defaultdict(list))
+    per_library: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     wrong, failed = [], []
     for k, n in shapes:
         w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
         qweight, scales = quantize_fp8_blocks(w, block)
+        weight = Fp8BlockWeight(qweight=qweight, scales=scales, block=block)
         rowwise = quantize_fp8(w)
         for m in ms:
             tag = f"block_fp8_{k}x{n}_m{m}"
@@ -120,18 +144,22 @@ def main() -> None:
                 continue
             best = min(times, key=times.get)
             metrics[f"{tag}_best_tile_us"] = times[best]
-            try:
-                call = scaled_mm_call(rows, qweight, scales, dtype)
-                err = ((call().float() - want).abs().max() / want.abs().max()).item()
-                if err < 1e-2:
-                    metrics[f"{tag}_scaled_mm_us"] = 1e3 * graph_time_ms(call, device)
-                    metrics[f"{tag}_scaled_mm_vs_best_tile_x"] = times[best] / metrics[f"{tag}_scaled_mm_us"]
-                else:
-                    wrong.append(f"{tag} scaled_mm: max rel error {err:.3g}")
-            except Exception as e:  # noqa: BLE001 - the build or the device lacks it: recorded
-                failed.append(f"{tag} scaled_mm: {type(e).__name__}: {str(e)[:200]}")
+            libs = library_calls(rows, weight, dtype)
+            failed += [f"{tag} {name}: {reason}" for name, reason in libs.get("why", {}).items()]
+            for name, call in libs.get("calls", {}).items():
+                try:
+                    err = ((call().float() - want).abs().max() / want.abs().max()).item()
+                except Exception as e:  # noqa: BLE001 - the build or the device lacks it: recorded
+                    failed.append(f"{tag} {name}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                if not err < 1e-2:
+                    wrong.append(f"{tag} {name}: max rel error {err:.3g}")
+                    continue
+                metrics[f"{tag}_{name}_us"] = 1e3 * graph_time_ms(call, device)
+                metrics[f"{tag}_{name}_vs_best_tile_x"] = times[best] / metrics[f"{tag}_{name}_us"]
+                per_library[m][name].append(metrics[f"{tag}_{name}_us"])
             us = {
-                "linear": 1e3 * graph_time_ms(lambda: block_fp8_gemm(x, qweight, scales, block), device),
+                "linear": 1e3 * graph_time_ms(lambda: linear(x, weight), device),
                 "rowwise": 1e3 * graph_time_ms(lambda: linear(x, rowwise), device),
                 "bf16": 1e3 * graph_time_ms(lambda: torch.nn.functional.linear(x, w), device),
             }
@@ -146,21 +174,31 @@ def main() -> None:
                   f"{tile_name(block_config(device, m))}), linear {us['linear']:.1f} us = "
                   f"{metrics[f'{tag}_linear_vs_bf16_x']:.2f}x bf16, {metrics[f'{tag}_linear_vs_rowwise_x']:.2f}x "
                   f"per-channel FP8" + (f", cuBLAS {metrics[f'{tag}_scaled_mm_us']:.1f} us"
-                                        if f"{tag}_scaled_mm_us" in metrics else ""), flush=True)
+                                        if f"{tag}_scaled_mm_us" in metrics else "")
+                  + (f", FBGEMM {metrics[f'{tag}_fbgemm_us']:.1f} us" if f"{tag}_fbgemm_us" in metrics else ""),
+                  flush=True)
     table = {}
     for m in sorted(per_bucket):
         cells = max(len(v) for v in per_bucket[m].values())
         means = {t: sum(v) / len(v) for t, v in per_bucket[m].items() if len(v) == cells}
         if means:
             table[m] = min(means, key=means.get)
-    literal = f"BLOCK_FP8_TILE[{device_tag(device)!r}] = {table!r}"
+    library = {}
+    for m, tile in table.items():
+        cells = len(per_bucket[m][tile])
+        means = {"triton": sum(per_bucket[m][tile]) / cells}
+        means.update({name: sum(v) / cells for name, v in per_library[m].items() if len(v) == cells})
+        library[m] = min(means, key=means.get)
+    literal = (f"BLOCK_FP8_TILE[{device_tag(device)!r}] = {table!r}\n"
+               f"BLOCK_FP8_LIBRARY[{device_tag(device)!r}] = {library!r}")
     print("# paste into llmesh/kernels/block_fp8_gemm.py\n" + literal, flush=True)
     workload = {"shapes_kn": [list(s) for s in shapes], "ms": list(ms), "block": list(block),
-                "tiles": [tile_name(t) for t in tiles], "weights": "randn * 0.02, bf16, quantized per block",
+                "tiles": [tile_name(t) for t in tiles], "tile_set": args.tiles,
+                "weights": "randn * 0.02, bf16, quantized per block",
                 "timing": "CUDA-graph replay, triton.testing.do_bench (L2 flushed)", "literal": literal,
                 "wrong": wrong, "failed": failed, "software": software_versions(), "smoke": args.smoke}
-    path = write_result(f"block_fp8_{device_tag(device)}", workload, rounded(metrics), device=device_name(device),
-                        results_dir=results_dir_for(args))
+    path = write_result(f"block_fp8_{device_tag(device)}{args.suffix}", workload, rounded(metrics),
+                        device=device_name(device), results_dir=results_dir_for(args))
     print(f"[block-fp8] wrote {path}", flush=True)
     if wrong:
         print("[block-fp8] FAILED: " + "; ".join(wrong), flush=True)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_tensor, interpreting,
                                    next_power_of_2, pdl_launch)
-from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize
+from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize, group_scales
 from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -41,20 +41,20 @@ def _silu_mul(x_row, c, mask, INTER: tl.constexpr, DTYPE: tl.constexpr, INTERPRE
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(
-    x_ptr, xq_ptr, scale_ptr, stride_x, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr, GROUP: tl.constexpr = 0,
+    x_ptr, xq_ptr, scale_ptr, stride_x, stride_q, stride_sg, INTER: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr = 0,
 ):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + t * stride_x
     dtype = x_ptr.dtype.element_ty
-    if GROUP > 0:  # per-group scales [M, groups]: each BLOCK (a multiple of GROUP) quantized as it is made
+    if GROUP > 0:  # per-group scales [M, groups] M-major: each BLOCK (a multiple of GROUP) quantized as it is made
         groups = (INTER + GROUP - 1) // GROUP
         for c0 in range(0, INTER, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             y = _silu_mul(x_row, c, c < INTER, INTER, dtype, INTERPRET)
-            q = fp8_group_quantize(y, scale_ptr + t * groups + c0 // GROUP, groups - c0 // GROUP, BLOCK, GROUP,
-                                   INTERPRET)
+            q = fp8_group_quantize(y, scale_ptr + t + (c0 // GROUP) * stride_sg, groups - c0 // GROUP, stride_sg,
+                                   BLOCK, GROUP, INTERPRET)
             tl.store(xq_ptr + t * stride_q + c, q, mask=c < INTER)
     elif BLOCK >= INTER:  # the whole row in registers: one load
         c = tl.arange(0, BLOCK)
@@ -121,13 +121,16 @@ def silu_and_mul_fp8(x: torch.Tensor, group: int = 0) -> Fp8Rows:
     check_group(group)
     m, inter = x.shape[0], x.shape[-1] // 2
     xq = torch.empty(m, inter, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((m, -(-inter // group)) if group else (m,), dtype=torch.float32, device=x.device)
+    if group:
+        scale = group_scales(m, -(-inter // group), x.device)
+    else:
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block = next_power_of_2(inter) if inter <= ONE_PASS_MAX else _BLOCK
         block = max(block, group)
-        _silu_and_mul_fp8_kernel[(m,)](x, xq, scale, x.stride(0), xq.stride(0), INTER=inter, BLOCK=block,
-                                       INTERPRET=interpreting(), num_warps=max(4, min(16, block // 1024)),
-                                       GROUP=group, **pdl_launch(x.device))
+        _silu_and_mul_fp8_kernel[(m,)](x, xq, scale, x.stride(0), xq.stride(0), scale.stride(-1), INTER=inter,
+                                       BLOCK=block, INTERPRET=interpreting(),
+                                       num_warps=max(4, min(16, block // 1024)), GROUP=group, **pdl_launch(x.device))
     return Fp8Rows(xq, scale)
 
 

@@ -14,9 +14,11 @@ and is scaled into the float32 accumulator, which also bounds the tensor cores' 
 FP8 accumulation to BK products. Finer activation scales than fp8_gemm's per-token ones keep
 an outlier channel from costing its whole row precision.
 
-Tiles by M: `BLOCK_FP8_TILE`, filled from bench/block_fp8_gpu.py's sweep on a device (which
-also times cuBLAS's block-scaled GEMM, torch.nn.functional.scaled_mm, where the build has it),
-else `default_block_config`. No device has measured them yet.
+Tiles by M: `BLOCK_FP8_TILE`, filled from bench/block_fp8_gpu.py's sweep on a device, else
+`default_block_config`. The same sweep times cuBLASLt's block-scaled GEMM (`block_fp8_scaled_mm_rows`)
+and FBGEMM's CUTLASS one on the same rows; `BLOCK_FP8_LIBRARY` records, per M bucket, which was
+fastest, and the engine's linear (engine/quant/linear.block_fp8_matmul) runs that one. This GEMM
+stays the reference for both and runs every shape they do not take.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from llmesh.kernels.common import (
     FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, cuda_device_tag, interpreting,
     next_power_of_2)
 from llmesh.kernels.fp8_gemm import (
-    FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize)
+    FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_scale_of)
 from llmesh.kernels.triton_helpers import cast_rtne, grouped_tile
 
 
@@ -57,18 +59,87 @@ def default_block_config(m: int) -> BlockFp8Config:
 
 BLOCK_FP8_TILE: dict[str, dict[int, BlockFp8Config]] = {}
 """Per device tag: {largest M of a bucket: the tile bench/block_fp8_gpu.py measured fastest there,
-over the Llama-3-8B shapes}; empty until a device session fills it (default_block_config meanwhile)."""
+over the Llama-3-8B shapes} (default_block_config on devices without an entry)."""
+BLOCK_FP8_TILE["h200"] = {  # bench/results/block_fp8_h200.json
+    1: BlockFp8Config(16, 64, num_warps=4, num_stages=6), 16: BlockFp8Config(16, 64, num_warps=4, num_stages=6),
+    64: BlockFp8Config(64, 64, num_warps=4, num_stages=4), 128: BlockFp8Config(64, 64, num_warps=4, num_stages=4),
+    256: BlockFp8Config(64, 128, num_warps=4, num_stages=3), 512: BlockFp8Config(64, 128, num_warps=4, num_stages=3),
+    2048: BlockFp8Config(64, 128, num_warps=4, num_stages=3)}
+
+
+BLOCK_FP8_LIBRARY: dict[str, dict[int, str]] = {}
+"""Per device tag: {largest M of a bucket: which GEMM runs a 128 x 128-block layer there}: ours
+("triton"), cuBLASLt's block-scaled GEMM ("scaled_mm", block_fp8_scaled_mm_rows) or FBGEMM's
+CUTLASS groupwise GEMM ("fbgemm", engine/quant/fbgemm_kernels.fp8_block_matmul), whichever
+bench/block_fp8_gpu.py measured fastest over the Llama-3-8B shapes, each called as the engine calls
+it. Ours runs where a device has no entry, the library cannot take the shape, or it is missing."""
+
+
+def _bucket(tables: dict, device: torch.device, m: int):
+    """The measured entry of the smallest bucket holding M on ``device`` (the largest past them),
+    or None where the device has no table (the CPU, the interpreter, an unmeasured GPU)."""
+    table = tables.get(cuda_device_tag(device)) if device.type == "cuda" and not interpreting() else None
+    if not table:
+        return None
+    return next((table[bound] for bound in sorted(table) if m <= bound), table[max(table)])
 
 
 def block_config(device: torch.device, m: int) -> BlockFp8Config:
     """The tile for M rows on ``device``: the measured table's bucket, else default_block_config."""
-    table = BLOCK_FP8_TILE.get(cuda_device_tag(device)) if device.type == "cuda" and not interpreting() else None
-    if table:
-        for bound in sorted(table):
-            if m <= bound:
-                return table[bound]
-        return table[max(table)]
-    return default_block_config(m)
+    return _bucket(BLOCK_FP8_TILE, device, m) or default_block_config(m)
+
+
+_HAS_BLOCK_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm")
+"""Whether this torch has the block-scaled GEMM (torch.nn.functional.scaled_mm); checked once, not per call."""
+
+
+def block_library(device: torch.device, m: int) -> str:
+    """Which GEMM BLOCK_FP8_LIBRARY picks for M rows on ``device`` ("triton" where unmeasured, and
+    instead of cuBLASLt's where this torch lacks the block-scaled scaled_mm)."""
+    library = _bucket(BLOCK_FP8_LIBRARY, device, m) or "triton"
+    return "triton" if library == "scaled_mm" and not _HAS_BLOCK_SCALED_MM else library
+
+
+LIBRARY_BLOCK = (128, 128)
+"""The one block both libraries take (DeepSeek's recipe: activations per token and 128 channels)."""
+
+
+def library_shape_ok(n: int, k: int, block: tuple[int, int]) -> bool:
+    """Whether the libraries' block-scaled GEMMs take an [N, K] weight: 128 x 128 blocks, whole
+    ones (no ragged edge), and K / 128 a multiple of 4 (cuBLASLt's weight scales are [K/128, N/128]
+    with K/128 padded to 4)."""
+    return tuple(block) == LIBRARY_BLOCK and n % 128 == 0 and k % 512 == 0
+
+
+def group_scales(m: int, groups: int, device: torch.device) -> torch.Tensor:
+    """An empty float32 [M, G] for per-(token, group) activation scales, M-major (strides (1, M)):
+    the layout cuBLASLt's and FBGEMM's block-scaled GEMMs read, so every producer (this module's
+    quantize_fp8_per_group, rmsnorm_fp8 and silu_and_mul_fp8 with a group) writes it and no call
+    re-lays it; our GEMM reads either layout, and loads a step's M scales contiguously."""
+    return torch.empty_strided((m, groups), (1, max(m, 1)), dtype=torch.float32, device=device)
+
+
+def mn_major_scales(xs: torch.Tensor) -> torch.Tensor:
+    """Activation scales [M, G] M-major (strides (1, M)), the layout both libraries read: as they
+    are where a producer laid them so (group_scales), else re-laid."""
+    m, groups = xs.shape
+    if xs.stride(0) == 1 and (xs.stride(1) == m or groups == 1):
+        return xs
+    out = group_scales(m, groups, xs.device)
+    return out.copy_(xs)
+
+
+def block_fp8_scaled_mm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+                             ) -> torch.Tensor:
+    """cuBLASLt's block-scaled FP8 GEMM (torch.nn.functional.scaled_mm, BlockWise1x128 activations
+    and BlockWise128x128 weights; Hopper, CUDA 12.9+) on per-group rows; the weight's scales
+    [N/128, K/128] transposed are the [K/128, N/128] it reads. Same products as our GEMM; cuBLAS
+    orders the sums its own way (not bit for bit)."""
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    return scaled_mm(rows.xq, qweight.t(), scale_a=mn_major_scales(rows.scale),
+                     scale_recipe_a=ScalingType.BlockWise1x128, scale_b=scales.t(),
+                     scale_recipe_b=ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 _QUANT_BLOCK = 2048
@@ -82,22 +153,23 @@ def check_group(group: int, per_token: bool = True) -> None:
 
 
 @triton.jit
-def fp8_group_quantize(y, scale_ptr, n_groups, BLOCK: tl.constexpr, GROUP: tl.constexpr, INTERPRET: tl.constexpr):
+def fp8_group_quantize(y, scale_ptr, n_groups, stride_g, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                       INTERPRET: tl.constexpr):
     """float32 y [BLOCK], BLOCK // GROUP consecutive groups of a row: stores each group's scale
-    (absmax / 448) at scale_ptr + g for g < n_groups and returns the E4M3 codes [BLOCK]; the
-    arithmetic of quantize_fp8_per_group_ref (what the fused RMSNorm and SiLU-mul producers of
+    (absmax / 448) at scale_ptr + g * stride_g for g < n_groups and returns the E4M3 codes [BLOCK];
+    the arithmetic of quantize_fp8_per_group_ref (what the fused RMSNorm and SiLU-mul producers of
     block-scaled FP8 layers end with)."""
     y2 = tl.reshape(y, [BLOCK // GROUP, GROUP])
     amax = tl.maximum(tl.max(tl.abs(y2), axis=1), SCALE_EPS_JIT)
     g = tl.arange(0, BLOCK // GROUP)
-    tl.store(scale_ptr + g, tl.math.div_rn(amax, 448.0), mask=g < n_groups)
+    tl.store(scale_ptr + g * stride_g, tl.math.div_rn(amax, 448.0), mask=g < n_groups)
     scaled = tl.reshape(y2 * tl.math.div_rn(448.0, amax)[:, None], [BLOCK])
     return fp8_quantize(scaled, 1.0, INTERPRET)  # times 1: exact, so rounded as the reference rounds
 
 
 @triton.jit
 def _quant_per_group_kernel(
-    x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s,
+    x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, stride_s, stride_sg,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One row's BLOCK columns (BLOCK // GROUP groups) a program."""
@@ -105,26 +177,27 @@ def _quant_per_group_kernel(
     c0 = tl.program_id(1) * BLOCK
     c = c0 + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + c, mask=c < K, other=0.0).to(tl.float32)
-    q = fp8_group_quantize(x, scale_ptr + row * stride_s + c0 // GROUP, tl.cdiv(K, GROUP) - c0 // GROUP, BLOCK,
+    g0 = c0 // GROUP
+    q = fp8_group_quantize(x, scale_ptr + row * stride_s + g0 * stride_sg, tl.cdiv(K, GROUP) - g0, stride_sg, BLOCK,
                            GROUP, INTERPRET)
     tl.store(xq_ptr + row * stride_q + c, q, mask=c < K)
 
 
 def quantize_fp8_per_group(x: torch.Tensor, group: int) -> Fp8Rows:
-    """x: [M, K] float → (xq float8_e4m3fn [M, K], scales float32 [M, ceil(K / group)]), one scale per
-    token and ``group`` channels: x ~ xq * scales repeated over each group."""
+    """x: [M, K] float → (xq float8_e4m3fn [M, K], scales float32 [M, ceil(K / group)], M-major as
+    group_scales lays them), one scale per token and ``group`` channels: x ~ xq * scales repeated
+    over each group."""
     check_tensor("x", x, "[M, K]", 2, FLOAT_DTYPES)
     check_last_dim_contiguous("x", x)
     check_group(group, per_token=False)
     m, k = x.shape
     check_fp8_runnable(x.device)
-    groups = triton.cdiv(k, group)
     xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    scale = group_scales(m, triton.cdiv(k, group), x.device)
     if m and k:
         block = max(group, min(next_power_of_2(k), _QUANT_BLOCK))  # whole groups, up to a row a program
         _quant_per_group_kernel[(m, triton.cdiv(k, block))](
-            x, xq, scale, k, x.stride(0), xq.stride(0), scale.stride(0),
+            x, xq, scale, k, x.stride(0), xq.stride(0), scale.stride(0), scale.stride(1),
             GROUP=group, BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(8, block // 256)),
         )
     return Fp8Rows(xq, scale)
@@ -140,13 +213,13 @@ def quantize_fp8_per_group_ref(x: torch.Tensor, group: int) -> Fp8Rows:
     amax = x32.abs().amax(dim=-1).clamp_min(SCALE_EPS)                  # [M, G]
     inv = torch.full_like(amax, FP8_MAX) / amax
     xq = (x32 * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group)[:, :k]
-    return Fp8Rows(xq.contiguous(), amax / FP8_MAX)
+    return Fp8Rows(xq.contiguous(), fp8_scale_of(amax))
 
 
 @triton.jit
 def _block_fp8_gemm_kernel(
     xq_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K,
-    stride_xm, stride_wn, stride_xs, stride_ws, stride_om,
+    stride_xm, stride_wn, stride_xs, stride_xsg, stride_ws, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -177,7 +250,7 @@ def _block_fp8_gemm_kernel(
             a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
         nxt = tl.minimum(k0 // BLOCK_K + 1, last_group)  # the last step reloads its own (unused)
-        xs_next = tl.load(xs_ptrs + nxt)
+        xs_next = tl.load(xs_ptrs + nxt * stride_xsg)
         ws_next = tl.load(ws_ptrs + nxt)
         acc += tl.dot(a, b) * (xs[:, None] * ws[None, :])
         xs, ws = xs_next, ws_next
@@ -235,7 +308,7 @@ def block_fp8_gemm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch.Tens
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     _block_fp8_gemm_kernel[(tiles,)](
         xq, qweight, xs, scales, out, m, n, k,
-        xq.stride(0), qweight.stride(0), xs.stride(0), scales.stride(0), out.stride(0),
+        xq.stride(0), qweight.stride(0), xs.stride(0), xs.stride(1), scales.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BN=bn, GROUP_M=cfg.group_m,
         EVEN_K=k % bk == 0, INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -253,7 +326,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, bn, kb, bk)
-    scales = tiles.abs().amax(dim=(1, 3)).clamp_min(SCALE_EPS) / FP8_MAX              # [NB, KB]
+    scales = fp8_scale_of(tiles.abs().amax(dim=(1, 3)).clamp_min(SCALE_EPS))           # [NB, KB]
     q = (tiles / scales[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(nb * bn, kb * bk)[:n, :k].contiguous(), scales
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (
     check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, next_power_of_2, pdl_launch)
-from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize
+from llmesh.kernels.block_fp8_gemm import check_group, fp8_group_quantize, group_scales
 from llmesh.kernels.fp8_gemm import FP8_DTYPE, SCALE_EPS_JIT, Fp8Rows, fp8_quantize, fp8_row_inverse, check_fp8_runnable
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
@@ -30,7 +30,7 @@ _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 @triton.jit
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr,
-    stride_x, stride_r, stride_o, stride_ro, eps,
+    stride_x, stride_r, stride_o, stride_ro, stride_sg, eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr = 0,
 ):
@@ -50,9 +50,9 @@ def _rmsnorm_kernel(
     w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
     if FP8:  # the row as rmsnorm stores it (weight in x's dtype), then quantized per token or group
         y = cast_rtne(w * normed, in_dtype, INTERPRET).to(tl.float32)
-        if GROUP > 0:  # scales [M, groups]: row `row`'s at scale_ptr + row * ceil(HIDDEN / GROUP)
+        if GROUP > 0:  # scales [M, groups] M-major (group_scales): row `row`'s group g at row + g * M
             groups = (HIDDEN + GROUP - 1) // GROUP
-            q = fp8_group_quantize(y, scale_ptr + row * groups, groups, BLOCK, GROUP, INTERPRET)
+            q = fp8_group_quantize(y, scale_ptr + row, groups, stride_sg, BLOCK, GROUP, INTERPRET)
         else:
             q = fp8_quantize(y, fp8_row_inverse(tl.max(tl.abs(y), axis=0), scale_ptr + row, SCALE_EPS_JIT), INTERPRET)
         tl.store(out_ptr + row * stride_o + c, q, mask=mask)
@@ -110,8 +110,12 @@ def _launch(x, weight, eps, residual, out, residual_out, fp8: bool, group: int =
     out = check_out("out", out, tuple(x.shape), FP8_DTYPE if fp8 else torch.promote_types(x.dtype, weight.dtype),
                     x.device, contiguous=True)
     out2 = out.view(-1, hidden)
-    scale_shape = (x2.shape[0], -(-hidden // group)) if group else (x2.shape[0],)
-    scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device) if fp8 else out2
+    if not fp8:
+        scale = out2  # unused by the kernel
+    elif group:
+        scale = group_scales(x2.shape[0], -(-hidden // group), x.device)
+    else:
+        scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if residual is not None:
         check_tensor("residual", residual, "[..., H]", x.dim(), (x.dtype,), device=x.device)
         if residual.shape != x.shape:
@@ -125,7 +129,7 @@ def _launch(x, weight, eps, residual, out, residual_out, fp8: bool, group: int =
         block = max(next_power_of_2(hidden), group)
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out2, ro2, scale,
-            x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), float(eps),
+            x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), scale.stride(-1), float(eps),
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, FP8=fp8, INTERPRET=interpreting(),
             GROUP=group, num_warps=max(1, min(16, block // 256)), **pdl_launch(x2.device)
         )

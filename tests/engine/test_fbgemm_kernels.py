@@ -1,7 +1,7 @@
 """FBGEMM GenAI's kernels behind the measured table (services/engine/quant/fbgemm_kernels.py):
 the signed nibbles, scales and zeros handed to its INT4 packer rebuild our weights (CPU); its
-INT4, FP8 and W4A8 GEMMs against the references, under a CUDA graph, and the dispatch through
-quant.linear, on a Hopper GPU with fbgemm-gpu-genai installed (the ``gpu`` extra)."""
+INT4, FP8, block-scaled FP8 and W4A8 GEMMs against the references, under a CUDA graph, and the
+dispatch through quant.linear, on a Hopper GPU with fbgemm-gpu-genai installed (the ``gpu`` extra)."""
 
 from __future__ import annotations
 
@@ -203,3 +203,67 @@ def test_w4a8_replays_in_a_cuda_graph_and_dispatches_through_linear(monkeypatch)
     got = linear(x, w)
     assert len(calls) == 1 and got.dtype == torch.bfloat16
     assert linear(x.half(), w).dtype == torch.float16  # its bfloat16 output, cast
+
+
+def _block_fp8(n: int, k: int, seed: int = 0):
+    from llmesh.engine.quant.packed import Fp8BlockWeight
+    from llmesh.kernels.block_fp8_gemm import quantize_fp8_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    q, s = quantize_fp8_blocks((0.05 * torch.randn(n, k, generator=gen)).bfloat16().cuda(), (128, 128))
+    return Fp8BlockWeight(qweight=q, scales=s, block=(128, 128))
+
+
+groupwise_gpu = pytest.mark.skipif(fbgemm_kernels.groupwise_unavailable_reason() is not None,
+                                   reason=str(fbgemm_kernels.groupwise_unavailable_reason()))
+
+
+@groupwise_gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (7, 384, 1024), (128, 4096, 4096), (300, 1024, 14336)])
+def test_block_fp8_matches_the_reference(m, n, k):
+    from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_ref, quantize_fp8_per_group
+
+    w = _block_fp8(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16().cuda()
+    rows = quantize_fp8_per_group(x, 128)
+    got = fbgemm_kernels.fp8_block_matmul(rows, w, torch.bfloat16)
+    want = block_fp8_gemm_ref(x, w.qweight, w.scales, w.block).float()
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+    assert fbgemm_kernels.fp8_block_matmul(rows, w, torch.float16) is None  # bfloat16 out only
+
+
+@groupwise_gpu
+def test_block_fp8_dispatch_follows_the_library_table_and_replays_in_a_graph(monkeypatch):
+    """BLOCK_FP8_LIBRARY's buckets send M = 1 to FBGEMM and M = 16 to cuBLASLt; a weight neither takes
+    (a ragged N) stays on our GEMM; the library calls capture in a CUDA graph and read the replay's rows."""
+    from llmesh.kernels import block_fp8_gemm as block
+    from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_ref
+    from llmesh.kernels.common import cuda_device_tag
+
+    monkeypatch.setitem(block.BLOCK_FP8_LIBRARY, cuda_device_tag(torch.device("cuda")), {1: "fbgemm", 16: "scaled_mm"})
+    w = _block_fp8(256, 512)
+    assert prepare_library_weights([w], torch.device("cuda"), torch.bfloat16) == 0
+    assert fbgemm_kernels.groupwise_scales(w) is fbgemm_kernels.groupwise_scales(w)  # made once, at load
+    fb = count_calls(monkeypatch, fbgemm_kernels, "fp8_block_matmul")
+    cublas = count_calls(monkeypatch, block, "block_fp8_scaled_mm_rows")
+    for m, want_calls in ((1, (1, 0)), (16, (1, 1))):
+        x = torch.randn(m, 512, device="cuda").bfloat16()
+        y = linear(x, w)
+        assert (len(fb), len(cublas)) == want_calls
+        want = block_fp8_gemm_ref(x, w.qweight, w.scales, w.block).float()
+        torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+    ragged = _block_fp8(200, 512)
+    linear(torch.randn(1, 512, device="cuda").bfloat16(), ragged)
+    assert (len(fb), len(cublas)) == (1, 1)
+    for m in (1, 16):
+        static_x = torch.zeros(m, 512, device="cuda", dtype=torch.bfloat16)
+        linear(static_x, w)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = linear(static_x, w)
+        new_x = torch.randn(m, 512, device="cuda").bfloat16()
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.testing.assert_close(static_y, linear(new_x, w))

@@ -4,7 +4,8 @@ reference is within FP8 error of float32 arithmetic and finer than per-token sca
 channel is an outlier.
 
 On the CPU the kernels run under Triton's interpreter on small shapes; the large shapes and the
-CUDA-graph replay only on a GPU with FP8 (compute capability >= 8.9).
+CUDA-graph replay only on a GPU with FP8 (compute capability >= 8.9), as is cuBLASLt's block-scaled
+GEMM (the libraries' shape rule and scale layout are checked on the CPU).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.block_fp8_gemm import (  # noqa: E402
-    BlockFp8Config, block_fp8_gemm, block_fp8_gemm_ref, quantize_fp8_blocks, quantize_fp8_per_group,
-    quantize_fp8_per_group_ref)
+    BlockFp8Config, block_fp8_gemm, block_fp8_gemm_ref, block_fp8_scaled_mm_rows, block_library, library_shape_ok,
+    mn_major_scales, quantize_fp8_blocks, quantize_fp8_per_group, quantize_fp8_per_group_ref)
 from llmesh.kernels.fp8_gemm import fp8_support, quantize_fp8_per_token_ref  # noqa: E402
 
 HAS_FP8_GPU = torch.cuda.is_available() and fp8_support(torch.device("cuda")) is None
@@ -51,6 +52,7 @@ def test_group_quantization_matches_the_reference_bit_for_bit(fp8_device, m, k, 
     got = quantize_fp8_per_group(x, group)
     ref = quantize_fp8_per_group_ref(x.cpu(), group)
     assert got.xq.shape == (m, k) and got.scale.shape == (m, -(-k // group))
+    assert mn_major_scales(got.scale) is got.scale  # laid M-major, as the libraries read them
     assert torch.equal(got.xq.cpu().view(torch.uint8), ref.xq.view(torch.uint8))
     assert torch.equal(got.scale.cpu(), ref.scale)
     # within half an E4M3 step of x
@@ -155,3 +157,65 @@ def test_gemm_replays_in_a_cuda_graph():
     graph.replay()
     ref = block_fp8_gemm_ref(new_x, q, s, (128, 128))
     torch.testing.assert_close(static_y.float(), ref.float(), rtol=8e-3, atol=2e-3 * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("n,k,block,ok", [
+    (4096, 4096, (128, 128), True), (6144, 14336, (128, 128), True),
+    (4096, 4096, (64, 64), False),     # the libraries take 128 x 128 blocks only
+    (4000, 4096, (128, 128), False),   # a ragged last row block
+    (4096, 4160, (128, 128), False),   # a ragged last column block
+    (4096, 4224, (128, 128), False),   # K / 128 = 33: cuBLASLt pads the weight scales' K to 4
+])
+def test_library_shape_rule(n, k, block, ok):
+    assert library_shape_ok(n, k, block) is ok
+
+
+def test_mn_major_scales_keep_the_values():
+    xs = torch.arange(12, dtype=torch.float32).view(3, 4)  # row-major: re-laid
+    got = mn_major_scales(xs)
+    assert got.shape == (3, 4) and got.stride() == (1, 3) and torch.equal(got, xs)
+    assert mn_major_scales(got) is got  # already M-major: as it is
+    one = mn_major_scales(xs[:1])  # M = 1: strides (1, 1), which .t().contiguous().t() does not give
+    assert one.stride() == (1, 1) and torch.equal(one, xs[:1])
+
+
+def test_the_gemm_reads_either_scale_layout(fp8_device):
+    """The producers lay the activation scales M-major; the GEMM takes row-major ones (a caller's
+    own) to the same bits."""
+    from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_rows
+    from llmesh.kernels.fp8_gemm import Fp8Rows
+
+    _, q, s = _block_weight(96, 320, (32, 64), seed=6)
+    q, s = q.to(fp8_device), s.to(fp8_device)
+    rows = quantize_fp8_per_group(_x(5, 320, torch.bfloat16, seed=6).to(fp8_device), 64)
+    row_major = Fp8Rows(rows.xq, rows.scale.contiguous())
+    assert rows.scale.stride() == (1, 5) and row_major.scale.stride() == (5, 1)
+    want = block_fp8_gemm_rows(rows, q, s, (32, 64), out_dtype=torch.bfloat16)
+    assert torch.equal(block_fp8_gemm_rows(row_major, q, s, (32, 64), out_dtype=torch.bfloat16), want)
+
+
+def test_the_cpu_runs_our_gemm_whatever_the_tables_say():
+    from llmesh.engine.quant.linear import linear
+    from llmesh.engine.quant.packed import Fp8BlockWeight
+
+    assert block_library(torch.device("cpu"), 64) == "triton"
+    w, q, s = _block_weight(128, 512, (128, 128), seed=4)
+    x = _x(3, 512, torch.float32, seed=4)
+    got = linear(x, Fp8BlockWeight(qweight=q, scales=s, block=(128, 128)))
+    assert torch.equal(got, block_fp8_gemm(x, q, s, (128, 128)))
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_cublas_block_gemm_matches_the_reference(m):
+    """block_fp8_scaled_mm_rows (cuBLASLt through torch.nn.functional.scaled_mm) on our operands and
+    scale layouts: the reference's products, summed in its own order."""
+    if not hasattr(torch.nn.functional, "scaled_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (block-scaled cuBLASLt)")
+    dev = torch.device("cuda")
+    _, q, s = _block_weight(1024, 2048, (128, 128), seed=m)
+    x = _x(m, 2048, torch.bfloat16, seed=m).to(dev)
+    got = block_fp8_scaled_mm_rows(quantize_fp8_per_group(x, 128), q.to(dev), s.to(dev), torch.bfloat16)
+    ref = block_fp8_gemm_ref(x, q.to(dev), s.to(dev), (128, 128)).float()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, 1024)
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels.activation import ONE_PASS_MAX, silu_and_mul, silu_and_mul_fp8  # noqa: E402
-from llmesh.kernels.block_fp8_gemm import quantize_fp8_blocks, quantize_fp8_per_group_ref  # noqa: E402
+from llmesh.kernels.block_fp8_gemm import (  # noqa: E402
+    mn_major_scales, quantize_fp8_blocks, quantize_fp8_per_group_ref)
 from llmesh.kernels.fp8_gemm import fp8_support, quantize_fp8_per_token, quantize_fp8_weight  # noqa: E402
 from llmesh.kernels.rmsnorm import rmsnorm, rmsnorm_fp8  # noqa: E402
 
@@ -72,13 +73,16 @@ def test_rmsnorm_fp8_groups_are_quantized_rmsnorm(device, hidden, group):
     normed, want_sum = rmsnorm(x, g, EPS, residual=r)
     assert torch.equal(summed, want_sum)
     _same_rows(rows, quantize_fp8_per_group_ref(normed, group))
+    assert mn_major_scales(rows.scale) is rows.scale  # M-major, the layout the library GEMMs read
 
 
 @pytest.mark.parametrize("inter", [1024 + 40, ONE_PASS_MAX + 40])
 def test_silu_and_mul_fp8_groups_are_the_quantized_product(device, inter):
     gen = torch.Generator().manual_seed(8)
     x = (torch.randn(3, 2 * inter, generator=gen) * 2).bfloat16().to(device)
-    _same_rows(silu_and_mul_fp8(x, group=128), quantize_fp8_per_group_ref(silu_and_mul(x), 128))
+    rows = silu_and_mul_fp8(x, group=128)
+    _same_rows(rows, quantize_fp8_per_group_ref(silu_and_mul(x), 128))
+    assert mn_major_scales(rows.scale) is rows.scale
 
 
 def test_producers_refuse_what_they_cannot_take(device):

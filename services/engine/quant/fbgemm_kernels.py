@@ -16,6 +16,10 @@ FBGEMM GenAI is Meta's library of CUTLASS 3 kernels for serving (what TorchAO's 
   row scale (W4A8Weight, the only kernel that format has on a GPU): the codes are widened to
   FP8 in registers and multiplied on FP8 tensor cores, so large batches run at FP8's rate
   while the weights stay at INT4's bytes.
+- ``f8f8bf16_groupwise``: FP8 activations per token and 128 channels times FP8 weights with one
+  scale per 128 x 128 block (Fp8BlockWeight: Qwen3-*-FP8, DeepSeek-V3), CUTLASS's
+  FP8BlockScaledAccum mainloop; it competes with cuBLASLt's block-scaled GEMM and our Triton
+  one per M bucket (bench/block_fp8_gpu.py measures; block_fp8_gemm.BLOCK_FP8_LIBRARY records).
 
 INT4 weights keep a second copy in FBGEMM's layout (made once after the model loads, by
 ``linear.prepare_library_weights``, before the KV pool is sized); FP8 weights are used as
@@ -36,7 +40,7 @@ import logging
 
 import torch
 
-from llmesh.engine.quant.packed import Fp8Weight, Int4Weight, W4A8Weight, pack_signed_nibbles
+from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, Int4Weight, W4A8Weight, pack_signed_nibbles
 
 CHECKED_INT4_GROUPS = (128,)
 """INT4 group sizes checked on a GPU (tests/engine/test_fbgemm_kernels.py); its packer takes
@@ -126,6 +130,46 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight, out_dtype:
     if out_dtype != torch.bfloat16 or xq.shape[0] == 0 or not w.qweight.is_cuda or unavailable_reason() is not None:
         return None
     return torch.ops.fbgemm.f8f8bf16_rowwise(xq, w.qweight, x_scale.float(), w.scales.float())
+
+
+@functools.lru_cache(maxsize=1)
+def groupwise_unavailable_reason() -> str | None:
+    """Why FBGEMM's block-scaled FP8 GEMM (f8f8bf16_groupwise) cannot run here (None: it can)."""
+    if (why := unavailable_reason()) is not None:
+        return why
+    try:
+        torch.ops.fbgemm.f8f8bf16_groupwise  # noqa: B018
+    except Exception as e:  # an older build without it
+        return f"fbgemm-gpu-genai has no f8f8bf16_groupwise: {type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+GROUPWISE = "groupwise"
+"""The cache key of a block-scaled weight's scales in the layout f8f8bf16_groupwise reads."""
+
+
+def groupwise_scales(w: Fp8BlockWeight) -> torch.Tensor:
+    """The weight's block scales N-major ([K/128, N/128] contiguous), made once and cached on it
+    (prepare_library_weights makes it after the load, so no CUDA graph capture allocates it)."""
+    cache: dict = w.__dict__.setdefault(_CACHE, {})
+    if GROUPWISE not in cache:
+        cache[GROUPWISE] = w.scales.t().contiguous()
+    return cache[GROUPWISE]
+
+
+def fp8_block_matmul(rows, w: Fp8BlockWeight, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows quantized per token and 128 channels @ a 128 x 128-block FP8 weight -> [M, N] bfloat16
+    through CUTLASS's groupwise GEMM (DeepSeek's recipe), or None where it cannot run (another
+    output dtype or block, a ragged shape, no rows, the library missing)."""
+    from llmesh.kernels.block_fp8_gemm import library_shape_ok, mn_major_scales
+
+    n, k = w.qweight.shape
+    if (out_dtype != torch.bfloat16 or rows.xq.shape[0] == 0 or not w.qweight.is_cuda
+            or not library_shape_ok(n, k, w.block) or groupwise_unavailable_reason() is not None):
+        return None
+    # its activation scales are read M-major: [K/128, M] contiguous is that transposed
+    return torch.ops.fbgemm.f8f8bf16_groupwise(rows.xq, w.qweight, mn_major_scales(rows.scale).t(),
+                                                groupwise_scales(w))
 
 
 W4A8_MIN_GROUP = 128

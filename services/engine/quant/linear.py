@@ -98,8 +98,9 @@ def _tuned_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
 
 def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -> int:
     """Make, now, the copies of every packed weight that the measured table sends to a library
-    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own),
-    and re-lay W4A8 weights for FBGEMM's kernel in place; returns the copies' bytes. Called once
+    kernel at some batch size (tinygemm's, gemlite's and FBGEMM's INT4 layouts are their own;
+    block-scaled FP8 weights' scales N-major for FBGEMM's groupwise GEMM), and re-lay W4A8 weights
+    for FBGEMM's kernel in place; returns the copies' bytes. Called once
     after the model loads, so the KV pool is sized with them in memory."""
     from llmesh.kernels.quant_gemm_config import SILU_MUL, tuned_choices_any_m
 
@@ -112,6 +113,8 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     for w in weights:
         if isinstance(w, W4A8Weight) and fbgemm_kernels.w4a8_supported(w) is None:
             fbgemm_kernels.w4a8_shuffle(w)  # in place: no copy, so no bytes to count
+        if isinstance(w, Fp8BlockWeight) and fbgemm_kernels.groupwise_unavailable_reason() is None:
+            fbgemm_kernels.groupwise_scales(w)  # K/128 x N/128 floats: too few bytes to count
         if not isinstance(w, (Int4Weight, Int8Weight)):
             continue
         choices = (tuned_choices_any_m(device, _KIND[type(w)], w.out_features, w.in_features)
@@ -206,16 +209,14 @@ def fp8_matmul(rows, w: Fp8Weight | Fp8BlockWeight | W4A8Weight, out_dtype: torc
     fused into the op that produced them; per token and group for a block-scaled weight) @ an FP8
     or W4A8 weight → [M, N] in out_dtype. FP8: cuBLASLt's FP8 GEMM where the measured table says
     ``scaled_mm``, FBGEMM's where it says ``fbgemm`` (and it can run), else our kernel (with the
-    table's tile where it gives one). Block-scaled FP8: block_fp8_gemm. W4A8: w4a8_matmul."""
+    table's tile where it gives one). Block-scaled FP8: block_fp8_matmul. W4A8: w4a8_matmul."""
     from llmesh.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm_rows, fp8_scaled_mm_rows
     from llmesh.kernels.quant_gemm_config import tuned_choice
 
     if isinstance(w, W4A8Weight):
         return w4a8_matmul(rows, w, out_dtype)
     if isinstance(w, Fp8BlockWeight):
-        from llmesh.kernels.block_fp8_gemm import block_fp8_gemm_rows
-
-        return block_fp8_gemm_rows(rows, w.qweight, w.scales, w.block, out_dtype=out_dtype)
+        return block_fp8_matmul(rows, w, out_dtype)
     choice = tuned_choice(rows.xq.device, "fp8", rows.xq.shape[0], w.out_features, w.in_features)
     if choice is not None and choice[0] == "scaled_mm":
         return fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
@@ -226,6 +227,25 @@ def fp8_matmul(rows, w: Fp8Weight | Fp8BlockWeight | W4A8Weight, out_dtype: torc
             return y
     config = Fp8GemmConfig(*choice[1]) if choice is not None and choice[0] == "fp8" and choice[1] else None
     return fp8_gemm_rows(rows, w.qweight, w.scales, out_dtype=out_dtype, config=config)
+
+
+def block_fp8_matmul(rows, w: Fp8BlockWeight, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows quantized per token and BK channels @ a block-scaled FP8 weight → [M, N]: the library
+    BLOCK_FP8_LIBRARY measured fastest at this M (cuBLASLt's or FBGEMM's block-scaled GEMM) where
+    it takes the weight, else our block_fp8_gemm."""
+    from llmesh.kernels import block_fp8_gemm as block
+
+    n, k = w.qweight.shape
+    if rows.xq.is_cuda and rows.xq.shape[0] and block.library_shape_ok(n, k, w.block):
+        library = block.block_library(rows.xq.device, rows.xq.shape[0])
+        if library == "scaled_mm":
+            return block.block_fp8_scaled_mm_rows(rows, w.qweight, w.scales, out_dtype)
+        if library == "fbgemm":
+            from llmesh.engine.quant.fbgemm_kernels import fp8_block_matmul
+
+            if (y := fp8_block_matmul(rows, w, out_dtype)) is not None:
+                return y
+    return block.block_fp8_gemm_rows(rows, w.qweight, w.scales, w.block, out_dtype=out_dtype)
 
 
 def w4a8_matmul(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
