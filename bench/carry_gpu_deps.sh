@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch, on this machine, what the GPU machine lacks to run the mesh (it has no registry and no
-# network): Python wheels into .whl/ and Debian's redis-server into .deb/ (both ignored by git;
-# the device call names them in `carry`). Idempotent: a file already there is not fetched again.
+# network): Python wheels into .whl/ (FBGEMM's into .fbgemm/, FlashAttention-3's into .fa3/) and
+# Debian's redis-server into .deb/ (all ignored by git; the device call names them in `carry`). Idempotent: a file already there is not fetched again.
 # bench/gpu_session.sh installs them on the device (wheels: pip --target /tmp/site + PYTHONPATH;
 # debs: dpkg -x into /tmp/redisroot, never into /). The list and why: bench/README.md.
 set -euo pipefail
@@ -35,9 +35,6 @@ WHEELS=(
   pydantic-core==2.50.5
   annotated-types==0.8.0
   typing-inspection==0.4.5
-  # the `gpu` extra: FBGEMM GenAI's CUTLASS INT4 / FP8 GEMMs, candidates of the quantized
-  # dispatch table (the build for the image's torch 2.11, CUDA 13)
-  fbgemm-gpu-genai==1.6.0
   # the structured-output tests validate answers with jsonschema
   jsonschema==4.26.0
   jsonschema-specifications==2025.9.1
@@ -45,6 +42,13 @@ WHEELS=(
   rpds-py==2026.9.1
   attrs==26.1.0
 )
+# Large wheels, each in its own folder so that a call carries only what it runs (a call carries
+# 64 MiB with the tracked files): .fbgemm (the `gpu` extra: FBGEMM GenAI's CUTLASS INT4 / FP8
+# GEMMs, candidates of the quantized dispatch table; the build for the image's torch 2.11,
+# CUDA 13; 36 MB) and .fa3 (FlashAttention-3's forward kernels for Hopper, a candidate of
+# dense_causal_attention's measured dispatch: built for CUDA 13 against torch's stable C ABI;
+# 28 MB). `.whl` (16 MB) with either fits.
+FOLDER_WHEELS=(.fbgemm:fbgemm-gpu-genai==1.6.0 .fa3:fa3-fwd==0.0.3)
 # Published as a source distribution only: built into a wheel here (pure Python, Triton kernels).
 SDISTS=(
   # the `gpu` extra: GemLite's INT4/INT8 kernels, a candidate of the quantized dispatch table
@@ -70,6 +74,17 @@ for spec in "${SDISTS[@]}"; do
   compgen -G ".whl/${name}-${version}-*.whl" >/dev/null && continue
   rm -f ".whl/${name}"-[0-9]*.whl
   $PY -m pip wheel -q --no-deps -w .whl "$spec"
+done
+for entry in "${FOLDER_WHEELS[@]}"; do
+  folder=${entry%%:*}; spec=${entry#*:}
+  stem=$(echo "${spec%%==*}" | tr '-' '_')
+  mkdir -p "$folder"
+  rm -f ".whl/${stem}"-[0-9]*.whl  # where an earlier version of this script put it
+  compgen -G "${folder}/${stem}-${spec#*==}-*.whl" >/dev/null && continue
+  rm -f "${folder}/${stem}"-[0-9]*.whl
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "$folder" "$spec"
 done
 missing=()
 for pkg in "${DEBS[@]}"; do
@@ -107,7 +122,8 @@ if [ "${FA4:-0}" = 1 ]; then
     rm -rf "$tmp"
   fi
 fi
-ls -1 .whl .deb
+ls -1 .whl .deb .fbgemm .fa3
 du -sch .whl .deb | tail -1
+du -sh .fbgemm .fa3
 [ "${FA4:-0}" = 1 ] && du -sch .fa4 .fa4b
 exit 0

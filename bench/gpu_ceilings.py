@@ -42,7 +42,7 @@ def software_versions() -> dict[str, str]:
         versions["cuda"] = torch.version.cuda
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("flash-attn-4", "nvidia-cutlass-dsl", "fbgemm-gpu-genai", "gemlite"):  # kernel libraries dispatched to
+    for dist in ("flash-attn-4", "fa3-fwd", "nvidia-cutlass-dsl", "fbgemm-gpu-genai", "gemlite"):  # kernel libraries dispatched to
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:

@@ -1,7 +1,8 @@
 # Sourced by bench/run_gpu.sh and bench/run_quant_gpu.sh: the shared start of a GPU session.
 # Sets PY, SMOKE, SMOKE_FLAG, RESULTS_DIR, START, FAILED and stamp(). What the GPU image lacks
 # travels in the ignored folders that bench/carry_gpu_deps.sh fills (no registry there):
-#   .whl/*.whl -> pip --target /tmp/site (never into the image's environment), PYTHONPATH=/tmp/site
+#   .whl/*.whl, .fbgemm/*.whl, .fa3/*.whl -> pip --target /tmp/site (never into the image's
+#                 environment), PYTHONPATH=/tmp/site
 #   .deb/*.deb -> dpkg -x into /tmp/redisroot (never into /); LLMESH_REDIS_SERVER = a wrapper
 #                 that runs its redis-server with the unpacked libraries
 # then installs llmesh editable (--no-deps, no network) when it does not import.
@@ -22,15 +23,17 @@ FAILED=()
 stamp() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
 [ "$SMOKE" = 1 ] || nvidia-smi -L
-if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-  # a second script in the same call finds them installed (the list of wheels is the stamp)
-  if ! ls .whl | cmp -s - /tmp/site/.llmesh_wheels; then
-    stamp "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    ls .whl > /tmp/site/.llmesh_wheels
+for folder in .whl .fbgemm .fa3; do
+  [ "$SMOKE" != 1 ] && compgen -G "$folder/*.whl" >/dev/null || continue
+  # a second script in the same call, or a later call while the machine is warm, finds them
+  # installed (each folder's list of wheels is its stamp)
+  if ! ls "$folder" | cmp -s - "/tmp/site/.llmesh${folder}"; then
+    stamp "installing $(ls "$folder"/*.whl | wc -l) carried wheels from $folder into /tmp/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$folder"/*.whl
+    ls "$folder" > "/tmp/site/.llmesh${folder}"
   fi
   [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+done
 if [ "$SMOKE" != 1 ] && [ -f .fa4b/libs_cu13.tar.xz.part1 ] && [ -f .fa4/libs_cu13.tar.xz.part0 ]; then
   # FlashAttention-4 (CuTe DSL): its wheels in .fa4b, and the DSL's 92 MB CUDA-13 library wheel
   # repacked as tar.xz and split over .fa4 and .fa4b: a device call carries at most 64 MiB with

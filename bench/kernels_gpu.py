@@ -10,8 +10,10 @@ prefill attention reports TFLOP/s and the fraction of the measured bf16 GEMM thr
   a long-running server's are); the torch reference (the torch backend's attention) timed at
   context 4096 x batch 32 for comparison.
 - prefill attention: 4 prompts x 2048 tokens, causal flops = 4 T^2 H D / 2 per prompt.
-- causal prefill (prefill_attn_gemm_frac): prompts of 1k-8k tokens (16k tokens a call), no cached
-  prefix: our paged kernel, the dispatched path (dense_causal_attention), SDPA cuDNN and FLASH.
+- causal prefill (prefill_attn_gemm_frac): prompts of 1k-8k tokens and of the offline workload's
+  mixed lengths (16k tokens a call), no cached prefix: our paged kernel, the dispatched path
+  (dense_causal_attention) and each backend it has (bench/causal_prefill_bench.py), with the
+  measured DENSE_CAUSAL_BACKEND table printed.
 - unified attention: 256 decodes at context 512-2048 + one 256-token prefill chunk in one call
   (GB/s, ms, vs the decode + prefill kernels), and the decodes alone (vs paged_decode_attention);
   the same at the offline workload's mixed step, 255 decodes of 150-450 tokens + a 400-token
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +42,7 @@ import torch
 
 from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device, results_dir_for, rounded,
                           software_versions, time_ms)
+from causal_prefill_bench import causal_prefill, dense_table_literal
 from kernels_shapes import LLAMA3_8B, SMOKE, Row, Shapes
 from llmesh.bench_results import write_result
 
@@ -56,7 +58,9 @@ class KernelBench:
         self.rows: list[Row] = []
         self.failed: list[str] = []
         self.dispatch: dict[str, str] = {}
-        """dense_causal_attention's choice per causal-prefill context."""
+        """dense_causal_attention's choice per causal-prefill case."""
+        self.dense_table: dict[int, str] = {}
+        """The fastest table candidate per causal-prefill bucket (the DENSE_CAUSAL_BACKEND literal)."""
         self.causal_rounds = 1 if smoke else 3
         self.causal_round_fracs: dict[str, dict[str, list[float]]] = {}
         """Each round's fraction of the GEMM ceiling, by implementation and context."""
@@ -162,69 +166,8 @@ class KernelBench:
                             attn_prefill_ms=ms, attn_prefill_ref_ms=ref_ms, attn_prefill_vs_ref_x=ref_ms / ms)
 
     def causal_prefill(self) -> None:
-        """prefill_attn_gemm_frac: causal prompts with no cached prefix, TFLOP/s over the GEMM
-        ceiling, for our paged kernel, the dispatched path and torch SDPA's cuDNN / FLASH."""
-        from llmesh.kernels.dense_causal_attention import (_gqa_expand, choose_backend, dense_causal_attention,
-                                                           fa4_forward)
-        from llmesh.kernels.prefill_attention import prefill_attention
-
-        s = self.s
-        scale = s.head_dim ** -0.5
-        fracs: dict[str, list[float]] = {}
-        for ctx in s.causal_contexts:
-            n = max(1, s.causal_tokens // ctx)
-            t = n * ctx
-            nb = -(-ctx // s.block_size)
-            k_cache, v_cache = self.paged_pool(n * nb + 1)
-            tables = self.scattered_tables(n * nb + 1, n, nb)
-            q = self.randn(t, s.h_q, s.head_dim)  # q: [T, H_q, D]
-            k, v = self.randn(t, s.h_kv, s.head_dim), self.randn(t, s.h_kv, s.head_dim)  # dense [T, H_kv, D]
-            out = torch.empty_like(q)
-            qsl = torch.arange(0, t + 1, ctx, dtype=torch.int32, device=self.device)
-            starts = qsl.tolist()
-            seq_lens = torch.full((n,), ctx, dtype=torch.int32, device=self.device)
-            flops = n * 4 * ctx * ctx * s.h_q * s.head_dim / 2
-            # The library backends are called as the engine calls them, with no `out`: a batch of
-            # equal lengths then returns SDPA's own output instead of copying it.
-            impls = {
-                "ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out),
-                "dispatched": lambda: dense_causal_attention(q, k, v, starts, scale),
-                "dispatched_out": lambda: dense_causal_attention(q, k, v, starts, scale, out=out),
-            }
-            if self.device.type == "cuda":
-                for backend in ("fa4", "cudnn", "flash") if fa4_forward() is not None else ("cudnn", "flash"):
-                    impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale,
-                                                                               backend=b))(backend)
-            # Rounds over every implementation in turn, each figure their median: one pass's
-            # figures moved by up to a tenth between passes (clocks), the same cuDNN call included.
-            times: dict[str, list[float]] = {name: [] for name in impls}
-            for _ in range(self.causal_rounds):
-                for name, fn in impls.items():
-                    if name in times:
-                        try:
-                            times[name].append(self.time(fn))
-                        except Exception as e:  # a backend this torch / GPU lacks, or FA4's compiler refusing
-                            print(f"[kernels] causal prefill {name} c{ctx}: {str(e)[:200]}", flush=True)
-                            del times[name]
-            for name, ms_rounds in times.items():
-                ms = statistics.median(ms_rounds)
-                self.causal_round_fracs.setdefault(name, {})[str(ctx)] = [
-                    round(flops / (x * 1e-3) / 1e12 / self.gemm_tflops, 4) for x in ms_rounds]
-                tflops = flops / (ms * 1e-3) / 1e12
-                frac = tflops / self.gemm_tflops
-                self.rows.append(Row(f"causal {name} {n}x{ctx}", ms, tflops, "TFLOP/s", frac))
-                self.metrics[f"prefill_attn_gemm_frac_{name}_c{ctx}"] = frac
-                self.metrics[f"prefill_attn_tflops_{name}_c{ctx}"] = tflops
-                fracs.setdefault(name, []).append(frac)
-            self.dispatch[str(ctx)] = choose_backend(q, s.h_q // s.h_kv, [ctx] * n)
-            # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.
-            self.dispatch["cudnn_gqa"] = "expanded" if any(key[0] == "cudnn" for key in _gqa_expand) else "native"
-            del k_cache, v_cache, q, k, v, out
-        for name, values in fracs.items():
-            if len(values) == len(s.causal_contexts):
-                self.metrics[f"prefill_attn_gemm_frac_{name}"] = sum(values) / len(values)
-        if "prefill_attn_gemm_frac_dispatched" in self.metrics:
-            self.metrics["prefill_attn_gemm_frac"] = self.metrics["prefill_attn_gemm_frac_dispatched"]
+        """prefill_attn_gemm_frac: causal prompts with no cached prefix (bench/causal_prefill_bench.py)."""
+        causal_prefill(self)
 
     def unified_mix(self) -> None:
         """unified_attention on a decode-heavy mix (many decodes + one fresh prefill chunk) and on
@@ -431,12 +374,15 @@ def main() -> int:
         "decode": "q [B, H_q, D] over B contexts of equal length, block tables scattered at random over the "
                   "pool, max_seq_len = context; bytes = K+V of every context token + q + out",
         "prefill": "causal, S prompts of T tokens in one launch over the paged pool; flops = 4 T^2 H D / 2 each",
-        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,fa4,cudnn,flash}_c{ctx}: causal_tokens // ctx prompts "
-                          "of ctx tokens, no cached prefix; ours reads the paged pool, the others dense k/v "
-                          "(dispatched = dense_causal_attention's rule); flops = 4 ctx^2 H D / 2 each; "
-                          "prefill_attn_gemm_frac = the dispatched mean over contexts; each figure the "
+        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,dispatched_out,fa3,fa4,cudnn,flash,triton}_{case}: "
+                          "case c{ctx} = causal_tokens // ctx prompts of ctx tokens, case mixed = lognormal "
+                          "lengths (shapes.causal_mixed: median, sigma, min, max) up to causal_tokens; no cached "
+                          "prefix; ours reads the paged pool, the others dense k/v with the offsets on the "
+                          "device (dispatched = dense_causal_attention's rule); flops = 4 L^2 H D / 2 a prompt; "
+                          "prefill_attn_gemm_frac = the dispatched mean over the c{ctx} cases; each figure the "
                           "median of causal_rounds rounds over all implementations in turn",
         "causal_dispatch": kb.dispatch,
+        "dense_causal_table": dense_table_literal(kb) if kb.dense_table else None,
         "causal_rounds": kb.causal_rounds,
         "causal_round_fracs": kb.causal_round_fracs,
         "unified": "mix_decodes decodes (context uniform in mix_ctx) + one mix_chunk-token fresh prefill chunk in "

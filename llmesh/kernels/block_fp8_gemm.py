@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from llmesh.kernels.common import (
-    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, cuda_device_tag, interpreting,
+    FLOAT_DTYPES, check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting, measured_bucket,
     next_power_of_2)
 from llmesh.kernels.fp8_gemm import (
     FP8_DTYPE, FP8_MAX, SCALE_EPS, SCALE_EPS_JIT, Fp8Rows, check_fp8_runnable, fp8_quantize, fp8_scale_of)
@@ -75,18 +75,9 @@ bench/block_fp8_gpu.py measured fastest over the Llama-3-8B shapes, each called 
 it. Ours runs where a device has no entry, the library cannot take the shape, or it is missing."""
 
 
-def _bucket(tables: dict, device: torch.device, m: int):
-    """The measured entry of the smallest bucket holding M on ``device`` (the largest past them),
-    or None where the device has no table (the CPU, the interpreter, an unmeasured GPU)."""
-    table = tables.get(cuda_device_tag(device)) if device.type == "cuda" and not interpreting() else None
-    if not table:
-        return None
-    return next((table[bound] for bound in sorted(table) if m <= bound), table[max(table)])
-
-
 def block_config(device: torch.device, m: int) -> BlockFp8Config:
     """The tile for M rows on ``device``: the measured table's bucket, else default_block_config."""
-    return _bucket(BLOCK_FP8_TILE, device, m) or default_block_config(m)
+    return measured_bucket(BLOCK_FP8_TILE, device, m) or default_block_config(m)
 
 
 _HAS_BLOCK_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm")
@@ -96,7 +87,7 @@ _HAS_BLOCK_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm")
 def block_library(device: torch.device, m: int) -> str:
     """Which GEMM BLOCK_FP8_LIBRARY picks for M rows on ``device`` ("triton" where unmeasured, and
     instead of cuBLASLt's where this torch lacks the block-scaled scaled_mm)."""
-    library = _bucket(BLOCK_FP8_LIBRARY, device, m) or "triton"
+    library = measured_bucket(BLOCK_FP8_LIBRARY, device, m) or "triton"
     return "triton" if library == "scaled_mm" and not _HAS_BLOCK_SCALED_MM else library
 
 

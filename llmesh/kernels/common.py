@@ -30,6 +30,20 @@ def cuda_device_tag(device: torch.device) -> str:
     return _cuda_tag(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def measured_bucket(tables: dict, device: torch.device, size: int):
+    """A per-device measured table's entry for ``size``: {device tag: {largest size of a bucket:
+    entry}}, the smallest bucket holding it (the largest past them), or None where the device has
+    no table (the CPU, the interpreter, an unmeasured GPU)."""
+    table = tables.get(cuda_device_tag(device)) if device.type == "cuda" and not interpreting() else None
+    return bucket_entry(table, size) if table else None
+
+
+def bucket_entry(table: dict, size: int):
+    """{largest size of a bucket: entry}'s entry for ``size``: the smallest bucket holding it, the
+    largest bucket's past them all."""
+    return next((table[bound] for bound in sorted(table) if size <= bound), table[max(table)])
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -7,7 +7,11 @@ Triton kernel gathering through the pool (bench/kernels_gpu.py measures both:
 prefill_attn_gemm_frac_*). Our Triton prefill kernel stays the reference and the fallback.
 
 Dispatch rule (backend="auto"):
-- cuDNN when it can run here (a CUDA device, fp16/bf16, head_dim a multiple of 8 and at most
+- below `LIBRARY_MIN_TOKENS` tokens, or off a CUDA device: the Triton prefill kernel;
+- where `DENSE_CAUSAL_BACKEND` has this device's measured choice for the batch's mean prompt
+  length (bench/kernels_gpu.py times every backend and prints the table): that backend, if it
+  can run the batch here;
+- otherwise cuDNN when it can run here (a CUDA device, fp16/bf16, head_dim a multiple of 8 and at most
   128, torch exposing SDPBackend.CUDNN_ATTENTION, and no earlier call found it refusing these
   shapes) and the batch is big enough to amortise one SDPA call per sequence: at least
   `LIBRARY_MIN_TOKENS` tokens, and either every sequence the same length (one batched call) or
@@ -16,6 +20,13 @@ Dispatch rule (backend="auto"):
   one-token blocks).
 Grouped-query heads go to cuDNN through enable_gqa; a torch whose cuDNN path refuses it gets
 K/V expanded to the query heads (remembered, so the refusal is paid once).
+
+FlashAttention-3 (the fa3-fwd package: the forward kernels of FlashAttention's `hopper/`
+tree, built for CUDA 13 against torch's stable C ABI, so one wheel loads under any torch 2.10+)
+runs every sequence of a batch in one varlen launch, whatever their lengths, where cuDNN makes
+one call per sequence unless they are equal: "fa3", which auto takes where the table says so.
+Its build has no paged K/V and no fp16 kernels, so cached prefixes and fp16 models stay on the
+other backends.
 
 FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with a Hopper forward) is a forced
 backend ("fa4") that auto does not pick: on the H200 (bench/results/kernels_h200_fa4.json,
@@ -27,11 +38,12 @@ measuring it wherever it is installed, so a release that wins can be switched on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from llmesh.kernels.common import check_out, check_size, check_tensor
+from llmesh.kernels.common import check_out, check_size, check_tensor, measured_bucket
 
 LIBRARY_MIN_TOKENS = 512
 """Below this many tokens the Triton launch is as fast as a library's (and avoids cuDNN's
@@ -39,7 +51,13 @@ per-sequence calls)."""
 CUDNN_MAX_CALLS = 16
 """Most SDPA calls (sequences of unequal lengths) one dispatch makes before Triton is cheaper."""
 
-BACKENDS = ("auto", "fa4", "cudnn", "flash", "triton")
+BACKENDS = ("auto", "fa3", "fa4", "cudnn", "flash", "triton")
+
+DENSE_CAUSAL_BACKEND: dict[str, dict[int, str]] = {}
+"""Per device tag: {largest mean prompt length of a bucket: "fa3", "cudnn" or "triton", the
+fastest bench/kernels_gpu.py measured there (prompts of that length, no cached prefix; the
+smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
+entry follows the cuDNN rule."""
 
 _refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised
 _gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised
@@ -63,6 +81,39 @@ def fa4_forward():
     return _fa4_fn or None
 
 
+_fa3_op = None  # torch.ops.fa3_fwd.fwd once loaded; False when it cannot be
+
+
+def fa3_forward():
+    """FlashAttention-3's forward op (torch.ops.fa3_fwd.fwd, registered by the fa3-fwd package's
+    extension), or None where the package is not installed or its library does not load (no
+    CUDA 13 runtime, a CPU build of torch). The op is called directly: the package's Python
+    wrappers add an autograd Function and a custom-op layer that inference does not need."""
+    global _fa3_op
+    if _fa3_op is None:
+        try:
+            import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd
+            _fa3_op = torch.ops.fa3_fwd.fwd
+        except Exception:  # ImportError, or the extension failing to load its CUDA libraries
+            _fa3_op = False
+    return _fa3_op or None
+
+
+@functools.lru_cache(maxsize=8)
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def fa3_usable(q: torch.Tensor, group: int) -> bool:
+    """Whether FlashAttention-3 can take q here: a Hopper GPU (the kernels measured; its build also
+    holds sm80 ones), bfloat16 (the build has no fp16 kernels), head_dim a multiple of 8 up to
+    256, the package loaded, and no earlier call refused these shapes."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and ("fa3", q.dtype, q.shape[-1], group) not in _refusals
+            and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            and fa3_forward() is not None)
+
+
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
 
@@ -78,7 +129,12 @@ def cudnn_usable(q: torch.Tensor, group: int) -> bool:
 
 def choose_backend(q: torch.Tensor, group: int, lengths: Sequence[int]) -> str:
     """The backend="auto" choice for a batch of sequences of these lengths."""
-    if not cudnn_usable(q, group) or sum(lengths) < LIBRARY_MIN_TOKENS:
+    if not q.is_cuda or sum(lengths) < LIBRARY_MIN_TOKENS:
+        return "triton"
+    measured = measured_bucket(DENSE_CAUSAL_BACKEND, q.device, sum(lengths) // len(lengths))
+    if measured == "fa3" and fa3_usable(q, group) or measured == "triton":
+        return measured
+    if not cudnn_usable(q, group):
         return "triton"
     if len(set(lengths)) == 1 or len(lengths) <= CUDNN_MAX_CALLS:
         return "cudnn"
@@ -149,6 +205,18 @@ def _run_fa4(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | N
     return res[0]
 
 
+def _run_fa3(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | None,
+             cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """All sequences in one varlen launch: FA3 reads the [T, H, D] rows where they are (views of
+    a fused qkv included) and writes `out` (allocated when None). Rows past starts[-1] are left
+    as they were."""
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=q.device)
+    width = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+    return fa3_forward()(q, k, v, out=out, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=width,
+                         max_seqlen_k=width, softmax_scale=scale, is_causal=True)[0]
+
+
 def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
     from llmesh.kernels.prefill_attention import launch_prefill_kernel
 
@@ -172,12 +240,15 @@ def dense_causal_attention(
     *,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of sequences with no cached prefix: q: [T, H_q, D], k, v: [T, H_kv, D]
     (the step's new tokens, RoPE applied; views of a fused qkv are fine), sequence s owning
     rows query_start_loc[s]:query_start_loc[s+1] (host ints: SDPA calls are sized by them).
     backend "auto" follows the module's dispatch rule; "cudnn", "flash" (torch SDPA backends)
-    and "triton" force one, for benchmarks and tests. Returns (or fills `out`) [T, H_q, D].
+    and "triton" force one, for benchmarks and tests, as do "fa3" and "fa4". `cu_seqlens`: the
+    same offsets as an int32 tensor on q's device, where the caller has them (FA3 reads them
+    there; made from the host list otherwise, a blocking copy). Returns (or fills `out`) [T, H_q, D].
     """
     check_tensor("q", q, "[T, H_q, D]", 3)
     t, h_q, d = q.shape
@@ -201,6 +272,18 @@ def dense_causal_attention(
         return check_out("out", out, (t, h_q, d), q.dtype, q.device)
     group = h_q // k.shape[1]
     choice = choose_backend(q, group, lengths) if backend == "auto" else backend
+    if choice == "fa3":
+        if not fa3_usable(q, group):
+            if backend != "auto":
+                raise ValueError("backend 'fa3' needs a Hopper GPU, bfloat16, head_dim <= 256 and the fa3-fwd package")
+        else:
+            try:
+                return _run_fa3(q, k, v, starts, scale, out, cu_seqlens)
+            except RuntimeError:
+                if backend != "auto":
+                    raise
+                _refusals.add(("fa3", q.dtype, d, group))
+        choice = "triton"
     if choice == "fa4":  # forced only (benchmarks, tests): auto never picks it, see the module doc
         if not q.is_cuda or fa4_forward() is None:
             raise ValueError("backend 'fa4' needs a CUDA device and the flash-attn-4 package")

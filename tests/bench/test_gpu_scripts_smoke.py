@@ -56,8 +56,12 @@ def test_quant_gpu_smoke_fp8_sweep_times_pointer_and_tma_tiles(tmp_path):
 
 def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
     _smoke("kernels_gpu.py", "--parts", "causal,unified,rope_kv", "--results-dir", str(tmp_path))
-    m = json.loads((tmp_path / "kernels_cpu.json").read_text())["metrics"]
+    doc = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    m = doc["metrics"]
+    # the mixed-length case and the dense path's forced Triton launch; the table literal from them
+    assert doc["workload"]["dense_causal_table"].startswith("DENSE_CAUSAL_BACKEND['cpu'] = {16: 'triton'")
     for key in ("prefill_attn_gemm_frac", "prefill_attn_gemm_frac_ours", "prefill_attn_gemm_frac_ours_c64",
+                "prefill_attn_gemm_frac_triton_mixed", "prefill_attn_gemm_frac_dispatched_mixed",
                 "unified_mix_gb_s", "unified_mix_vs_split_x", "unified_decode_vs_paged_decode_x",
                 "unified_mix_short_vs_split_x", "unified_decode_short_vs_paged_decode_x",
                 "rope_kv_write_vs_two_x"):

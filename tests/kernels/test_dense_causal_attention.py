@@ -33,7 +33,17 @@ def _fa4_here() -> bool:
             and dca.fa4_forward() is not None)
 
 
-BACKENDS = ["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []) + (["fa4"] if _fa4_here() else [])
+def _fa3_here() -> bool:
+    return torch.cuda.is_available() and dca.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
+
+
+BACKENDS = (["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []) + (["fa4"] if _fa4_here() else [])
+            + (["fa3"] if _fa3_here() else []))
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "fa3" and dtype != torch.bfloat16:
+        pytest.skip("the fa3-fwd build has bfloat16 kernels only")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,6 +54,7 @@ BACKENDS = ["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []
     ([1, 1, 1], 8, 2, 64, torch.bfloat16),  # one-token sequences: cuDNN refuses key length 1
 ])
 def test_matches_reference(device, backend, lengths, h_q, h_kv, d, dtype):
+    _skip_unsupported(backend, dtype)
     q, k, v, starts = _inputs(lengths, h_q, h_kv, d, dtype, seed=sum(lengths) + h_q, pad_rows=3)
     ref = dense_causal_attention_ref(q, k, v, starts, d ** -0.5)
     out = torch.full_like(q, float("nan"), device=device)
@@ -66,6 +77,25 @@ def test_without_out_equal_lengths_return_the_library_output(device, backend, le
                                rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_offsets_give_the_same_output(device, backend):
+    """The engine hands its int32 query_start_loc (on q's device) beside the host list; the
+    output is the one the host list alone gives."""
+    q, k, v, starts = _inputs([3, 50, 21], 8, 2, 64, torch.bfloat16, seed=9)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    want = dense_causal_attention(q, k, v, starts, 0.125, backend=backend)
+    cu = torch.tensor(starts, dtype=torch.int32, device=device)
+    got = dense_causal_attention(q, k, v, starts, 0.125, backend=backend, cu_seqlens=cu)
+    assert torch.equal(got, want)
+
+
+def test_fa3_forced_where_it_cannot_run_says_why():
+    q, k, v, starts = _inputs([8, 8], 4, 2, 64, torch.float16, seed=2)  # fp16: no FA3 kernels, on any device
+    q, k, v = (x.cuda() for x in (q, k, v)) if torch.cuda.is_available() else (q, k, v)
+    with pytest.raises(ValueError, match="fa3-fwd"):
+        dense_causal_attention(q, k, v, starts, 0.1, backend="fa3")
+
+
 def test_triton_path_float32(device):
     q, k, v, starts = _inputs([5, 30], 6, 2, 80, torch.float32, seed=4)
     got = dense_causal_attention(q.to(device), k.to(device), v.to(device), starts, 0.1)  # auto: Triton here
@@ -73,7 +103,9 @@ def test_triton_path_float32(device):
                                rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
-def test_dispatch_rule():
+def test_dispatch_rule(monkeypatch):
+    """The cuDNN rule, on a device without a measured table."""
+    monkeypatch.setattr(dca, "DENSE_CAUSAL_BACKEND", {})
     cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
     assert dca.choose_backend(cpu_q, 4, [4096]) == "triton"  # no CUDA, no cuDNN
     if torch.cuda.is_available() and dca.cudnn_usable(cpu_q.cuda(), 4):  # FA4 (forced only) never chosen
@@ -84,10 +116,36 @@ def test_dispatch_rule():
         assert dca.choose_backend(q.float(), 4, [4096]) == "triton"
 
 
+def test_measured_table_by_mean_prompt_length(monkeypatch):
+    """DENSE_CAUSAL_BACKEND's bucket of the batch's mean length decides where it has an entry:
+    "triton" always runs, "fa3" where FA3 can, anything else falls to the cuDNN rule; a CPU
+    never reads the table."""
+    from llmesh.kernels.common import bucket_entry
+
+    table = {512: "triton", 2048: "fa3", 8192: "cudnn"}
+    assert [bucket_entry(table, n) for n in (1, 512, 513, 4096, 100_000)] == ["triton", "triton", "fa3", "cudnn",
+                                                                            "cudnn"]
+    cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    monkeypatch.setitem(dca.DENSE_CAUSAL_BACKEND, "cpu", table)
+    assert dca.choose_backend(cpu_q, 4, [1024, 1024]) == "triton"
+    if not torch.cuda.is_available():
+        return
+    from llmesh.kernels.common import cuda_device_tag
+
+    q = cpu_q.cuda()
+    monkeypatch.setitem(dca.DENSE_CAUSAL_BACKEND, cuda_device_tag(q.device), table)
+    assert dca.choose_backend(q, 4, [300, 400]) == "triton"  # mean 350
+    want_fa3 = "fa3" if dca.fa3_usable(q, 4) else ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
+    assert dca.choose_backend(q, 4, [1000, 1400]) == want_fa3
+    assert dca.choose_backend(q, 4, [4096] * 4) == ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
+    assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens for any library
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN SDPA needs a CUDA device")
-def test_one_token_sequence_keeps_cudnn():
+def test_one_token_sequence_keeps_cudnn(monkeypatch):
     """A one-token prompt in a batch cuDNN takes does not make auto mode give cuDNN up for the shape
     (cuDNN refuses key length 1; that sequence's output is its value, computed aside)."""
+    monkeypatch.setattr(dca, "DENSE_CAUSAL_BACKEND", {})  # the cuDNN rule
     q, k, v, starts = _inputs([1, 2047], 8, 2, 64, torch.bfloat16, seed=7)
     if not dca.cudnn_usable(q.cuda(), 4):
         pytest.skip("this torch has no cuDNN SDPA for these shapes")

@@ -105,7 +105,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     - a decode-only batch: the paged decode kernel (no host reads, graph friendly);
     - a batch of prefill chunks that all start at position 0 (nothing cached before them,
       known from the host lists): dense causal attention over the step's own k/v, which
-      dispatches to cuDNN where that was measured faster (llmesh/kernels/dense_causal_attention.py);
+      dispatches to FlashAttention-3 or cuDNN where that was measured faster
+      (llmesh/kernels/dense_causal_attention.py);
     - anything else (extends after a cached prefix, chunks beside decodes): the paged
       prefill kernel, which takes any mix.
 
@@ -120,7 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     qsl, lens = meta.host_query_start_loc, meta.host_seq_lens
     if (k_scales is None and qsl is not None and lens is not None and meta.query_start_loc is not None
             and all(qsl[s + 1] - qsl[s] == n for s, n in enumerate(lens))):
-        return dense_causal_attention(q, k, v, qsl, scale)
+        return dense_causal_attention(q, k, v, qsl, scale, cu_seqlens=meta.query_start_loc)
     if meta.query_start_loc is None:
         size = decode_partition_size(q.device, q.shape[0] * k_cache.shape[2], meta.max_seq_len)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,

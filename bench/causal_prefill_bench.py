@@ -1,0 +1,131 @@
+"""The causal-prefill part of bench/kernels_gpu.py (prefill_attn_gemm_frac): prompts with no cached
+prefix, every backend dense_causal_attention can dispatch to, timed as the engine calls them.
+
+Cases: `c{ctx}`, causal_tokens // ctx prompts of ctx tokens each (the headline's contexts), and
+`mixed`, prompts of the offline workload's lengths (lognormal, Shapes.causal_mixed) up to
+causal_tokens in all: the engine's prefill steps, where lengths differ and cuDNN makes one call
+per prompt. Implementations: ours (the paged Triton prefill kernel over a scattered pool), the
+dispatched path with and without `out`, and each backend forced: fa3 (FlashAttention-3, where the
+fa3-fwd package loads), fa4, cudnn, flash (torch SDPA's) and triton (the dense path's own
+launch). Each figure is the median of `causal_rounds` rounds over all of them in turn. The
+fastest of fa3 / cudnn / triton per case is printed as the `DENSE_CAUSAL_BACKEND` literal for
+llmesh/kernels/dense_causal_attention.py, keyed by the case's mean prompt length bucket (mixed:
+half the smallest context).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels_shapes import Row
+
+if TYPE_CHECKING:
+    from kernels_gpu import KernelBench
+
+TABLE_CANDIDATES = ("fa3", "cudnn", "triton")
+"""The backends DENSE_CAUSAL_BACKEND may name (fa4 and flash stay forced-only: see the module doc)."""
+
+
+def mixed_lengths(median: int, sigma: float, lo: int, hi: int, total: int, seed: int = 0) -> list[int]:
+    """Prompt lengths drawn lognormal around `median` (clipped to [lo, hi]) until they sum to
+    `total` (the last one cut to fit)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        n = int(round(median * float(torch.exp(sigma * torch.randn((), generator=gen)))))
+        lengths.append(min(max(n, lo), hi, total - sum(lengths)))
+    return lengths
+
+
+def causal_prefill(kb: KernelBench) -> None:
+    """prefill_attn_gemm_frac_{name}_{case}: TFLOP/s over the GEMM ceiling per implementation
+    and case; the means over the equal-length contexts without the case suffix; the headline
+    prefill_attn_gemm_frac = the dispatched mean."""
+    s = kb.s
+    cases = [(f"c{ctx}", [ctx] * max(1, s.causal_tokens // ctx), ctx) for ctx in s.causal_contexts]
+    cases.append(("mixed", mixed_lengths(*s.causal_mixed, s.causal_tokens), min(s.causal_contexts) // 2))
+    fracs: dict[str, list[float]] = {}
+    for case, lengths, bucket in cases:
+        times = _time_case(kb, case, lengths)
+        flops = sum(4 * n * n * s.h_q * s.head_dim / 2 for n in lengths)
+        for name, ms_rounds in times.items():
+            ms = statistics.median(ms_rounds)
+            kb.causal_round_fracs.setdefault(name, {})[case] = [
+                round(flops / (x * 1e-3) / 1e12 / kb.gemm_tflops, 4) for x in ms_rounds]
+            tflops = flops / (ms * 1e-3) / 1e12
+            frac = tflops / kb.gemm_tflops
+            kb.rows.append(Row(f"causal {name} {len(lengths)}x{case}", ms, tflops, "TFLOP/s", frac))
+            kb.metrics[f"prefill_attn_gemm_frac_{name}_{case}"] = frac
+            kb.metrics[f"prefill_attn_tflops_{name}_{case}"] = tflops
+            if case != "mixed":
+                fracs.setdefault(name, []).append(frac)
+        medians = {name: statistics.median(times[name]) for name in TABLE_CANDIDATES if name in times}
+        if medians:
+            kb.dense_table[bucket] = min(medians, key=medians.get)
+    for name, values in fracs.items():
+        if len(values) == len(s.causal_contexts):
+            kb.metrics[f"prefill_attn_gemm_frac_{name}"] = sum(values) / len(values)
+    if "prefill_attn_gemm_frac_dispatched" in kb.metrics:
+        kb.metrics["prefill_attn_gemm_frac"] = kb.metrics["prefill_attn_gemm_frac_dispatched"]
+    print("# paste into llmesh/kernels/dense_causal_attention.py\n" + dense_table_literal(kb), flush=True)
+
+
+def dense_table_literal(kb: KernelBench) -> str:
+    from gpu_ceilings import device_tag
+
+    return f"DENSE_CAUSAL_BACKEND[{device_tag(kb.device)!r}] = {dict(sorted(kb.dense_table.items()))!r}"
+
+
+def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list[float]]:
+    """Each implementation's milliseconds per round on prompts of these lengths."""
+    from llmesh.kernels.dense_causal_attention import (_gqa_expand, choose_backend, dense_causal_attention,
+                                                       fa3_forward, fa4_forward)
+    from llmesh.kernels.prefill_attention import prefill_attention
+
+    s = kb.s
+    scale = s.head_dim ** -0.5
+    n, t, width = len(lengths), sum(lengths), max(lengths)
+    nb = -(-width // s.block_size)
+    k_cache, v_cache = kb.paged_pool(n * nb + 1)
+    tables = kb.scattered_tables(n * nb + 1, n, nb)
+    q = kb.randn(t, s.h_q, s.head_dim)  # q: [T, H_q, D]
+    k, v = kb.randn(t, s.h_kv, s.head_dim), kb.randn(t, s.h_kv, s.head_dim)  # dense [T, H_kv, D]
+    out = torch.empty_like(q)
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=kb.device)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=kb.device)
+    # The library backends are called as the engine calls them: no `out` (a batch of equal
+    # lengths then returns SDPA's own output instead of copying it), the offsets on the device.
+    impls = {
+        "ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out,
+                                          max_query_len=width),
+        "dispatched": lambda: dense_causal_attention(q, k, v, starts, scale, cu_seqlens=qsl),
+        "dispatched_out": lambda: dense_causal_attention(q, k, v, starts, scale, out=out, cu_seqlens=qsl),
+    }
+    backends = ["triton"]
+    if kb.device.type == "cuda":
+        backends += ["cudnn", "flash"] + (["fa4"] if fa4_forward() is not None else []) + (
+            ["fa3"] if fa3_forward() is not None else [])
+    for backend in backends:
+        impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, backend=b,
+                                                                   cu_seqlens=qsl))(backend)
+    # Rounds over every implementation in turn, each figure their median: one pass's figures
+    # moved by up to a tenth between passes (clocks), the same cuDNN call included.
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(kb.causal_rounds):
+        for name, fn in impls.items():
+            if name in times:
+                try:
+                    times[name].append(kb.time(fn))
+                except Exception as e:  # a backend this torch / GPU lacks, or a library refusing the shapes
+                    print(f"[kernels] causal prefill {name} {case}: {str(e)[:200]}", flush=True)
+                    del times[name]
+    kb.dispatch[case] = choose_backend(q, s.h_q // s.h_kv, lengths)
+    # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.
+    kb.dispatch["cudnn_gqa"] = "expanded" if any(key[0] == "cudnn" for key in _gqa_expand) else "native"
+    return times
