@@ -8,12 +8,13 @@
 #   structured (structured_output.py, async scheduling on and off), kv-fp8 (kv_fp8_gpu.py),
 #   tp and moe-ep (2 GPUs: tp_gpu.py, moe_ep_gpu.py; NCCL multicast off as the device requires),
 #   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep),
-#   trace (mesh_trace.py: the added TTFT from the services' spans; TRACE_TIMEOUT, 300 s).
+#   trace (mesh_trace.py: the added TTFT from the services' spans; TRACE_TIMEOUT, 300 s),
+#   block-fp8 (block_fp8_gpu.py: BLOCK_FP8_TILES all|table, BLOCK_FP8_SUFFIX).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
 # Knobs (environment): PYTHON (python3), PYTEST_TIMEOUT (150 s), HF_MAX_SECONDS (100 s),
-# NUM_PROMPTS (1000; smoke: 12), MODEL (random:llama3-8b), BACKEND (triton), RESULTS_DIR (bench/results),
+# KERNEL_PARTS and KERNELS_SUFFIX (kernels_gpu.py's --parts and --suffix), NUM_PROMPTS (1000; smoke: 12), MODEL (random:llama3-8b), BACKEND (triton), RESULTS_DIR (bench/results),
 # SERVE_TIMEOUT (420 s, a hard bound on the serve stage; its own budget is SERVE_BUDGET_S, 300 s),
 # GATEWAY_WORKERS (the gateway's processes in the serve stage; default llmesh up's) and SERVE_CONNECTIONS,
 # COMPARE_GATEWAY_WORKERS (M: a second gateway with M workers measured in the same serve run),
@@ -40,7 +41,8 @@ if want kernel-tests && [ "$SMOKE" != 1 ]; then
   timeout "${PYTEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/kernels \
     || stamp "kernel tests: failures or timeout (rc=$?), benchmarks continue"
 fi
-want kernels && step kernels $PY bench/kernels_gpu.py "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+want kernels && step kernels $PY bench/kernels_gpu.py ${KERNEL_PARTS:+--parts "$KERNEL_PARTS"} \
+  ${KERNELS_SUFFIX:+--suffix "$KERNELS_SUFFIX"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 HF=(--hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}")
 [ "${HF_BASELINE:-1}" = 1 ] || HF=()
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
@@ -73,6 +75,10 @@ want moe && step moe $PY bench/moe_gpu.py --parts kernel,engine ${MOE_AUTOTUNE:+
 want quant-sweep && step quant-sweep $PY bench/quant_gpu.py --parts gemm --suffix _sweep \
   ${QUANT_SHAPES:+--gemm-shapes "$QUANT_SHAPES"} ${QUANT_MS:+--gemm-ms "$QUANT_MS"} \
   --gemm-budget-s "${QUANT_SWEEP_BUDGET_S:-300}" "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+# block-fp8: the block-scaled FP8 GEMM's tiles (BLOCK_FP8_TILE) against cuBLASLt's and FBGEMM's
+# (BLOCK_FP8_LIBRARY); BLOCK_FP8_TILES=table times only the tiles the table holds (carry .fbgemm)
+want block-fp8 && step block-fp8 $PY bench/block_fp8_gpu.py --tiles "${BLOCK_FP8_TILES:-all}" \
+  ${BLOCK_FP8_SUFFIX:+--suffix "$BLOCK_FP8_SUFFIX"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 if want gpu-tests && [ "$SMOKE" != 1 ]; then
   step gpu-tests bash bench/gpu_tests.sh "${GPU_TESTS_LIMIT:-420}" "$RESULTS_DIR"
 fi
