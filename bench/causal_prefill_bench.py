@@ -68,6 +68,9 @@ def causal_prefill(kb: KernelBench) -> None:
     for name, values in fracs.items():
         if len(values) == len(s.causal_contexts):
             kb.metrics[f"prefill_attn_gemm_frac_{name}"] = sum(values) / len(values)
+    from llmesh.kernels.dense_causal_attention import fa3_unavailable_reason
+
+    kb.dispatch["fa3"] = fa3_unavailable_reason() or "loaded"
     if "prefill_attn_gemm_frac_dispatched" in kb.metrics:
         kb.metrics["prefill_attn_gemm_frac"] = kb.metrics["prefill_attn_gemm_frac_dispatched"]
     print("# paste into llmesh/kernels/dense_causal_attention.py\n" + dense_table_literal(kb), flush=True)

@@ -82,21 +82,28 @@ def fa4_forward():
 
 
 _fa3_op = None  # torch.ops.fa3_fwd.fwd once loaded; False when it cannot be
+_fa3_why = ""
 
 
 def fa3_forward():
     """FlashAttention-3's forward op (torch.ops.fa3_fwd.fwd, registered by the fa3-fwd package's
     extension), or None where the package is not installed or its library does not load (no
-    CUDA 13 runtime, a CPU build of torch). The op is called directly: the package's Python
-    wrappers add an autograd Function and a custom-op layer that inference does not need."""
-    global _fa3_op
+    CUDA 13 runtime, a CPU build of torch): fa3_unavailable_reason() says which. The op is called
+    directly: the package's Python wrappers add an autograd Function and a custom-op layer that
+    inference does not need."""
+    global _fa3_op, _fa3_why
     if _fa3_op is None:
         try:
             import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd
             _fa3_op = torch.ops.fa3_fwd.fwd
-        except Exception:  # ImportError, or the extension failing to load its CUDA libraries
-            _fa3_op = False
+        except Exception as e:  # ImportError, or the extension failing to load its CUDA libraries
+            _fa3_op, _fa3_why = False, f"{type(e).__name__}: {str(e)[:200]}"
     return _fa3_op or None
+
+
+def fa3_unavailable_reason() -> str | None:
+    """Why FlashAttention-3 cannot be loaded here (None: it can)."""
+    return None if fa3_forward() is not None else _fa3_why
 
 
 @functools.lru_cache(maxsize=8)

@@ -89,6 +89,10 @@ def test_device_offsets_give_the_same_output(device, backend):
     assert torch.equal(got, want)
 
 
+def test_fa3_is_loaded_or_says_why_not():
+    assert (dca.fa3_forward() is None) == (dca.fa3_unavailable_reason() is not None)
+
+
 def test_fa3_forced_where_it_cannot_run_says_why():
     q, k, v, starts = _inputs([8, 8], 4, 2, 64, torch.float16, seed=2)  # fp16: no FA3 kernels, on any device
     q, k, v = (x.cuda() for x in (q, k, v)) if torch.cuda.is_available() else (q, k, v)
