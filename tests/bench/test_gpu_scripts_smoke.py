@@ -182,3 +182,21 @@ def test_block_fp8_gpu_smoke(tmp_path):
     assert not doc["workload"]["wrong"] and "BLOCK_FP8_TILE['cpu']" in doc["workload"]["literal"]
     m = doc["metrics"]
     assert m["block_fp8_64x96_m1_linear_us"] > 0 and m["block_fp8_64x96_m5_linear_vs_rowwise_x"] > 0
+
+
+def test_warp_spec_probe_reports_each_loop():
+    """bench/warp_spec_probe.py compiles its two loops at 4 and 8 warps for sm90 here (a compiler
+    probe: no --smoke, no GPU) and says for each what the pass made of it."""
+    import pytest
+
+    from llmesh.kernels.compile_check import nvidia_backend
+
+    if not nvidia_backend():
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/warp_spec_probe.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert [name.split()[0] + name.split()[1] for name, _ in lines] == ["tma4", "tma8", "gather4", "gather8"]
+    assert all(outcome.strip().startswith(("partitioned", "declined", "compile failed")) for _, outcome in lines)
