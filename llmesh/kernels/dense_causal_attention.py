@@ -224,18 +224,21 @@ def _run_fa3(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | N
                          max_seqlen_k=width, softmax_scale=scale, is_causal=True)[0]
 
 
-def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor) -> None:
+def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None) -> None:
     from llmesh.kernels.prefill_attention import launch_prefill_kernel
 
     # K/V as a pool of one-token blocks: k: [T, 1, H_kv, D]; sequence s's table lists its rows.
-    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
-    width = max(lengths)
+    # The offsets, lengths and tables are made on the device from cu_seqlens where the caller
+    # has it: each host list copied to a GPU is a blocking copy (the stream waits, a layer at a time).
+    width = max(b - a for a, b in zip(starts[:-1], starts[1:]))
     dev = q.device
-    first = torch.tensor(starts[:-1], dtype=torch.int32, device=dev)
-    tables = (first[:, None] + torch.arange(width, dtype=torch.int32, device=dev)[None, :]).clamp_(max=q.shape[0] - 1)
-    launch_prefill_kernel(q, k.unsqueeze(1), v.unsqueeze(1), out, tables,
-                          torch.tensor(starts, dtype=torch.int32, device=dev),
-                          torch.tensor(lengths, dtype=torch.int32, device=dev), scale)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=dev)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tables = (cu_seqlens[:-1, None] + torch.arange(width, dtype=torch.int32, device=dev)[None, :]
+              ).clamp_(max=q.shape[0] - 1)
+    launch_prefill_kernel(q, k.unsqueeze(1), v.unsqueeze(1), out, tables, cu_seqlens, lengths, scale)
 
 
 def dense_causal_attention(
@@ -274,6 +277,9 @@ def dense_causal_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if out is not None:
         out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, "[S + 1]", 1, (torch.int32,), device=q.device)
+        check_size("cu_seqlens", "S + 1", cu_seqlens.shape[0], len(starts), "query_start_loc's entries")
     lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
     if not lengths or max(lengths) == 0:
         return check_out("out", out, (t, h_q, d), q.dtype, q.device)
@@ -313,7 +319,7 @@ def dense_causal_attention(
                 raise
             _refusals.add((choice, q.dtype, d, group))  # e.g. a cuDNN build without these shapes
     out = check_out("out", out, (t, h_q, d), q.dtype, q.device)
-    _run_triton(q, k, v, starts, scale, out)
+    _run_triton(q, k, v, starts, scale, out, cu_seqlens)
     return out
 
 

@@ -167,6 +167,11 @@ def test_rejects_bad_inputs(device):
         dense_causal_attention(q, k, v, [0, 5, 3], 0.1)
     with pytest.raises(ValueError, match="backend"):
         dense_causal_attention(q, k, v, starts, 0.1, backend="xformers")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        dense_causal_attention(q, k, v, starts, 0.1, cu_seqlens=torch.tensor(starts, device=device))  # int64
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        dense_causal_attention(q, k, v, starts, 0.1, cu_seqlens=torch.tensor(starts[:2], dtype=torch.int32,
+                                                                             device=device))
     with pytest.raises(ValueError, match="k has T=7"):
         dense_causal_attention(q, k[:7], v[:7], starts, 0.1)
     if not torch.cuda.is_available():
