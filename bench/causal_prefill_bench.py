@@ -11,6 +11,10 @@ launch). Each figure is the median of `causal_rounds` rounds over all of them in
 fastest of fa3 / cudnn / triton per case is printed as the `DENSE_CAUSAL_BACKEND` literal for
 llmesh/kernels/dense_causal_attention.py, keyed by the case's mean prompt length bucket (mixed:
 half the smallest context).
+
+Extend cases `x{cached}_{new}` (Shapes.extend_cases): chunks after a cached prefix, the paged
+kernel against FlashAttention-3 over the gathered contexts, the faster printed as the
+`EXTEND_BACKEND` literal for llmesh/kernels/extend_attention.py.
 """
 
 from __future__ import annotations
@@ -68,12 +72,15 @@ def causal_prefill(kb: KernelBench) -> None:
     for name, values in fracs.items():
         if len(values) == len(s.causal_contexts):
             kb.metrics[f"prefill_attn_gemm_frac_{name}"] = sum(values) / len(values)
-    from llmesh.kernels.dense_causal_attention import fa3_unavailable_reason
+    from llmesh.kernels.fa3 import fa3_unavailable_reason
 
     kb.dispatch["fa3"] = fa3_unavailable_reason() or "loaded"
     if "prefill_attn_gemm_frac_dispatched" in kb.metrics:
         kb.metrics["prefill_attn_gemm_frac"] = kb.metrics["prefill_attn_gemm_frac_dispatched"]
     print("# paste into llmesh/kernels/dense_causal_attention.py\n" + dense_table_literal(kb), flush=True)
+    for cached, new, n in s.extend_cases:
+        _extend_case(kb, cached, new, n)
+    print("# paste into llmesh/kernels/extend_attention.py\n" + extend_table_literal(kb), flush=True)
 
 
 def dense_table_literal(kb: KernelBench) -> str:
@@ -82,10 +89,72 @@ def dense_table_literal(kb: KernelBench) -> str:
     return f"DENSE_CAUSAL_BACKEND[{device_tag(kb.device)!r}] = {dict(sorted(kb.dense_table.items()))!r}"
 
 
+def extend_table_literal(kb: KernelBench) -> str:
+    from gpu_ceilings import device_tag
+
+    return f"EXTEND_BACKEND[{device_tag(kb.device)!r}] = {dict(sorted(kb.extend_table.items()))!r}"
+
+
+def _extend_case(kb: KernelBench, cached: int, new: int, n: int) -> None:
+    """extend_attn_gemm_frac_{ours,fa3,dispatched}_x{cached}_{new}: n sequences of `cached` tokens
+    already in the pool and `new` more (their K/V written too), causal; ours is the paged Triton
+    kernel, fa3 FlashAttention-3 over the contexts gathered out of the pool (extend_attention's
+    "fa3"), dispatched its auto choice. The faster of fa3 / ours goes into EXTEND_BACKEND under
+    `new` (the mean new tokens a sequence)."""
+    from llmesh.kernels import fa3
+    from llmesh.kernels.extend_attention import extend_attention
+    from llmesh.kernels.prefill_attention import prefill_attention
+
+    s = kb.s
+    scale = s.head_dim ** -0.5
+    ctx = cached + new
+    nb = -(-ctx // s.block_size)
+    k_cache, v_cache = kb.paged_pool(n * nb + 1)
+    tables = kb.scattered_tables(n * nb + 1, n, nb)
+    q = kb.randn(n * new, s.h_q, s.head_dim)
+    out = torch.empty_like(q)
+    qsl_host = list(range(0, n * new + 1, new))
+    lens_host = [ctx] * n
+    qsl = torch.tensor(qsl_host, dtype=torch.int32, device=kb.device)
+    seq_lens = torch.tensor(lens_host, dtype=torch.int32, device=kb.device)
+    flops = n * 4 * s.h_q * s.head_dim * (new * cached + new * (new + 1) / 2)
+
+    def ext(backend: str):
+        return lambda: extend_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, host_query_start_loc=qsl_host,
+                                        host_seq_lens=lens_host, out=out, backend=backend)
+
+    impls = {"ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out,
+                                               max_query_len=new),
+             "dispatched": ext("auto")}
+    if fa3.fa3_forward() is not None:
+        impls["fa3"] = ext("fa3")
+    case = f"x{cached}_{new}"
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(kb.causal_rounds):
+        for name, fn in impls.items():
+            if name in times:
+                try:
+                    times[name].append(kb.time(fn))
+                except Exception as e:  # FA3 refusing the shapes
+                    print(f"[kernels] extend {name} {case}: {str(e)[:200]}", flush=True)
+                    del times[name]
+    for name, ms_rounds in times.items():
+        ms = statistics.median(ms_rounds)
+        tflops = flops / (ms * 1e-3) / 1e12
+        kb.rows.append(Row(f"extend {name} {n}x{case}", ms, tflops, "TFLOP/s", tflops / kb.gemm_tflops))
+        kb.metrics[f"extend_attn_gemm_frac_{name}_{case}"] = tflops / kb.gemm_tflops
+        kb.metrics[f"extend_attn_ms_{name}_{case}"] = ms
+    medians = {("triton" if name == "ours" else name): statistics.median(times[name])
+               for name in ("ours", "fa3") if name in times}
+    if medians:
+        kb.extend_table[new] = min(medians, key=medians.get)
+    del k_cache, v_cache, q, out
+
+
 def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list[float]]:
     """Each implementation's milliseconds per round on prompts of these lengths."""
-    from llmesh.kernels.dense_causal_attention import (_gqa_expand, choose_backend, dense_causal_attention,
-                                                       fa3_forward, fa4_forward)
+    from llmesh.kernels.dense_causal_attention import _gqa_expand, choose_backend, dense_causal_attention, fa4_forward
+    from llmesh.kernels.fa3 import fa3_forward
     from llmesh.kernels.prefill_attention import prefill_attention
 
     s = kb.s

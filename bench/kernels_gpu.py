@@ -42,7 +42,7 @@ import torch
 
 from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device, results_dir_for, rounded,
                           software_versions, time_ms)
-from causal_prefill_bench import causal_prefill, dense_table_literal
+from causal_prefill_bench import causal_prefill, dense_table_literal, extend_table_literal
 from kernels_shapes import LLAMA3_8B, SMOKE, Row, Shapes
 from llmesh.bench_results import write_result
 
@@ -61,6 +61,8 @@ class KernelBench:
         """dense_causal_attention's choice per causal-prefill case."""
         self.dense_table: dict[int, str] = {}
         """The fastest table candidate per causal-prefill bucket (the DENSE_CAUSAL_BACKEND literal)."""
+        self.extend_table: dict[int, str] = {}
+        """The faster of FA3 and the paged kernel per extend bucket (the EXTEND_BACKEND literal)."""
         self.causal_rounds = 1 if smoke else 3
         self.causal_round_fracs: dict[str, dict[str, list[float]]] = {}
         """Each round's fraction of the GEMM ceiling, by implementation and context."""
@@ -383,6 +385,11 @@ def main() -> int:
                           "median of causal_rounds rounds over all implementations in turn",
         "causal_dispatch": kb.dispatch,
         "dense_causal_table": dense_table_literal(kb) if kb.dense_table else None,
+        "extend": "extend_attn_gemm_frac_{ours,fa3,dispatched}_x{cached}_{new} (and _ms): shapes.extend_cases "
+                  "(cached, new, sequences), the new tokens' K/V in the pool, causal; ours = the paged prefill "
+                  "kernel, fa3 = FlashAttention-3 over the contexts gathered out of the pool; flops = "
+                  "4 H D (new cached + new (new + 1) / 2) a sequence",
+        "extend_table": extend_table_literal(kb) if kb.extend_table else None,
         "causal_rounds": kb.causal_rounds,
         "causal_round_fracs": kb.causal_round_fracs,
         "unified": "mix_decodes decodes (context uniform in mix_ctx) + one mix_chunk-token fresh prefill chunk in "

@@ -21,12 +21,10 @@ Dispatch rule (backend="auto"):
 Grouped-query heads go to cuDNN through enable_gqa; a torch whose cuDNN path refuses it gets
 K/V expanded to the query heads (remembered, so the refusal is paid once).
 
-FlashAttention-3 (the fa3-fwd package: the forward kernels of FlashAttention's `hopper/`
-tree, built for CUDA 13 against torch's stable C ABI, so one wheel loads under any torch 2.10+)
-runs every sequence of a batch in one varlen launch, whatever their lengths, where cuDNN makes
-one call per sequence unless they are equal: "fa3", which auto takes where the table says so.
-Its build has no paged K/V and no fp16 kernels, so cached prefixes and fp16 models stay on the
-other backends.
+FlashAttention-3 (llmesh/kernels/fa3.py, the fa3-fwd package) runs every sequence of a batch in
+one varlen launch, whatever their lengths, where cuDNN makes one call per sequence unless they
+are equal: "fa3", which auto takes where the table says so. Its build has no fp16 kernels, so
+fp16 models stay on the other backends; cached prefixes go through extend_attention.py.
 
 FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with a Hopper forward) is a forced
 backend ("fa4") that auto does not pick: on the H200 (bench/results/kernels_h200_fa4.json,
@@ -38,12 +36,13 @@ measuring it wherever it is installed, so a release that wins can be switched on
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
+from llmesh.kernels import fa3
 from llmesh.kernels.common import check_out, check_size, check_tensor, measured_bucket
+from llmesh.kernels.fa3 import fa3_usable
 
 LIBRARY_MIN_TOKENS = 512
 """Below this many tokens the Triton launch is as fast as a library's (and avoids cuDNN's
@@ -59,7 +58,7 @@ fastest bench/kernels_gpu.py measured there (prompts of that length, no cached p
 smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
 entry follows the cuDNN rule."""
 
-_refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised
+_refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised (FA3's: fa3.refusals)
 _gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised
 
 
@@ -79,46 +78,6 @@ def fa4_forward():
         except Exception:  # ImportError, or the DSL's native libraries failing to load
             _fa4_fn = False
     return _fa4_fn or None
-
-
-_fa3_op = None  # torch.ops.fa3_fwd.fwd once loaded; False when it cannot be
-_fa3_why = ""
-
-
-def fa3_forward():
-    """FlashAttention-3's forward op (torch.ops.fa3_fwd.fwd, registered by the fa3-fwd package's
-    extension), or None where the package is not installed or its library does not load (no
-    CUDA 13 runtime, a CPU build of torch): fa3_unavailable_reason() says which. The op is called
-    directly: the package's Python wrappers add an autograd Function and a custom-op layer that
-    inference does not need."""
-    global _fa3_op, _fa3_why
-    if _fa3_op is None:
-        try:
-            import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd
-            _fa3_op = torch.ops.fa3_fwd.fwd
-        except Exception as e:  # ImportError, or the extension failing to load its CUDA libraries
-            _fa3_op, _fa3_why = False, f"{type(e).__name__}: {str(e)[:200]}"
-    return _fa3_op or None
-
-
-def fa3_unavailable_reason() -> str | None:
-    """Why FlashAttention-3 cannot be loaded here (None: it can)."""
-    return None if fa3_forward() is not None else _fa3_why
-
-
-@functools.lru_cache(maxsize=8)
-def _is_hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
-
-
-def fa3_usable(q: torch.Tensor, group: int) -> bool:
-    """Whether FlashAttention-3 can take q here: a Hopper GPU (the kernels measured; its build also
-    holds sm80 ones), bfloat16 (the build has no fp16 kernels), head_dim a multiple of 8 up to
-    256, the package loaded, and no earlier call refused these shapes."""
-    return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-            and ("fa3", q.dtype, q.shape[-1], group) not in _refusals
-            and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            and fa3_forward() is not None)
 
 
 def _sdpa_backend(name: str):
@@ -214,14 +173,11 @@ def _run_fa4(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | N
 
 def _run_fa3(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | None,
              cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """All sequences in one varlen launch: FA3 reads the [T, H, D] rows where they are (views of
-    a fused qkv included) and writes `out` (allocated when None). Rows past starts[-1] are left
-    as they were."""
+    """All sequences in one varlen launch (fa3.fa3_varlen, keys = queries)."""
     if cu_seqlens is None:
         cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=q.device)
     width = max(b - a for a, b in zip(starts[:-1], starts[1:]))
-    return fa3_forward()(q, k, v, out=out, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=width,
-                         max_seqlen_k=width, softmax_scale=scale, is_causal=True)[0]
+    return fa3.fa3_varlen(q, k, v, cu_seqlens, cu_seqlens, width, width, scale, out=out)
 
 
 def _run_triton(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor,
@@ -295,7 +251,7 @@ def dense_causal_attention(
             except RuntimeError:
                 if backend != "auto":
                     raise
-                _refusals.add(("fa3", q.dtype, d, group))
+                fa3.refusals.add((q.dtype, d, group))
         choice = "triton"
     if choice == "fa4":  # forced only (benchmarks, tests): auto never picks it, see the module doc
         if not q.is_cuda or fa4_forward() is None:

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from llmesh.kernels import dense_causal_attention as dca  # noqa: E402
+from llmesh.kernels import fa3  # noqa: E402
 from llmesh.kernels.dense_causal_attention import dense_causal_attention, dense_causal_attention_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -34,7 +35,7 @@ def _fa4_here() -> bool:
 
 
 def _fa3_here() -> bool:
-    return torch.cuda.is_available() and dca.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
+    return torch.cuda.is_available() and fa3.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
 
 
 BACKENDS = (["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []) + (["fa4"] if _fa4_here() else [])
@@ -90,7 +91,7 @@ def test_device_offsets_give_the_same_output(device, backend):
 
 
 def test_fa3_is_loaded_or_says_why_not():
-    assert (dca.fa3_forward() is None) == (dca.fa3_unavailable_reason() is not None)
+    assert (fa3.fa3_forward() is None) == (fa3.fa3_unavailable_reason() is not None)
 
 
 def test_fa3_forced_where_it_cannot_run_says_why():
@@ -139,7 +140,7 @@ def test_measured_table_by_mean_prompt_length(monkeypatch):
     q = cpu_q.cuda()
     monkeypatch.setitem(dca.DENSE_CAUSAL_BACKEND, cuda_device_tag(q.device), table)
     assert dca.choose_backend(q, 4, [300, 400]) == "triton"  # mean 350
-    want_fa3 = "fa3" if dca.fa3_usable(q, 4) else ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
+    want_fa3 = "fa3" if fa3.fa3_usable(q, 4) else ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
     assert dca.choose_backend(q, 4, [1000, 1400]) == want_fa3
     assert dca.choose_backend(q, 4, [4096] * 4) == ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
     assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens for any library

@@ -34,6 +34,7 @@ from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.attention_config import decode_partition_size
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
+from llmesh.kernels.extend_attention import extend_attention
 from llmesh.kernels.paged_decode_attention import paged_decode_attention
 from llmesh.kernels.prefill_attention import prefill_attention
 from llmesh.kernels.common import interpreting
@@ -107,8 +108,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
       known from the host lists): dense causal attention over the step's own k/v, which
       dispatches to FlashAttention-3 or cuDNN where that was measured faster
       (llmesh/kernels/dense_causal_attention.py);
-    - anything else (extends after a cached prefix, chunks beside decodes): the paged
-      prefill kernel, which takes any mix.
+    - anything else (extends after a cached prefix, chunks beside decodes): extend attention,
+      FlashAttention-3 over the contexts gathered out of the pool where that was measured faster
+      (llmesh/kernels/extend_attention.py), else the paged prefill kernel, which takes any mix.
 
     An FP8 pool (k_scales, v_scales given) skips the dense path: attention reads the quantized
     K/V through the pool, so a prompt sees the keys its later decodes and prefix-cache hits see
@@ -126,6 +128,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         size = decode_partition_size(q.device, q.shape[0] * k_cache.shape[2], meta.max_seq_len)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                       max_seq_len=meta.max_seq_len, partition_size=size, **scales)
+    if qsl is not None and lens is not None:
+        return extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+                                host_query_start_loc=qsl, host_seq_lens=lens, **scales)
     return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
                              max_query_len=meta.max_query_len, **scales)
 
