@@ -66,3 +66,45 @@ def test_released_graphs_leave_eager_steps_with_the_same_tokens(tiny_llama):
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
     assert runner.stats.decode_graph_steps + runner.stats.mixed_graph_steps == steps
     runner.release_graphs()  # a second call is a no-op
+
+
+def _fa3_here() -> bool:
+    from llmesh.kernels import fa3
+
+    return torch.cuda.is_available() and fa3.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fa3_here(), reason="FlashAttention-3 runs on a Hopper GPU with the fa3-fwd package")
+def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, monkeypatch):
+    """With the measured tables naming FA3 for every size, fresh prompts (dense attention) and
+    prefix-cache hits and later chunks (extend attention over the gathered contexts) run through
+    FA3, and the greedy tokens are those of the paged Triton kernels (bfloat16, eager steps)."""
+    from llmesh.engine import LLM
+    from llmesh.kernels import dense_causal_attention as dca
+    from llmesh.kernels import extend_attention as ext
+    from llmesh.kernels import fa3
+    from llmesh.kernels.common import cuda_device_tag
+
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 512) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (30, 7, 52, 19)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def generate():
+        llm = LLM(tiny_llama, device="cuda", backend="triton", dtype="bfloat16", max_num_seqs=4, num_kv_blocks=64,
+                  cuda_graphs=False, max_num_batched_tokens=48)
+        first = [o.token_ids for o in llm.generate(prompts[:1], params)]  # caches the shared prefix
+        return first + [o.token_ids for o in llm.generate(prompts[1:], params)]
+
+    want = generate()
+    tag = cuda_device_tag(torch.device("cuda"))
+    monkeypatch.setitem(dca.DENSE_CAUSAL_BACKEND, tag, {1 << 20: "fa3"})
+    monkeypatch.setitem(ext.EXTEND_BACKEND, tag, {1 << 20: "fa3"})
+    monkeypatch.setattr(dca, "LIBRARY_MIN_TOKENS", 1)
+    monkeypatch.setattr(ext, "LIBRARY_MIN_TOKENS", 1)
+    calls = []
+    real = fa3.fa3_varlen
+    monkeypatch.setattr(fa3, "fa3_varlen", lambda *a, **kw: calls.append(a[3] is a[4]) or real(*a, **kw))
+    assert generate() == want
+    assert True in calls and False in calls  # dense (q offsets = k offsets) and extend calls both ran
