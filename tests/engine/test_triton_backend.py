@@ -76,10 +76,12 @@ def _fa3_here() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fa3_here(), reason="FlashAttention-3 runs on a Hopper GPU with the fa3-fwd package")
-def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, monkeypatch):
-    """With the measured tables naming FA3 for every size, fresh prompts (dense attention) and
-    prefix-cache hits and later chunks (extend attention over the gathered contexts) run through
-    FA3, and the greedy tokens are those of the paged Triton kernels (bfloat16, eager steps)."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, monkeypatch, kv_cache_dtype):
+    """With the measured tables naming FA3 for every size, fresh prompts (dense attention; with
+    an FP8 pool, extend attention over the dequantized pool) and prefix-cache hits and later
+    chunks (extend attention over the gathered contexts) run through FA3, and the greedy tokens
+    are those of the paged Triton kernels (bfloat16, eager steps)."""
     from llmesh.engine import LLM
     from llmesh.kernels import dense_causal_attention as dca
     from llmesh.kernels import extend_attention as ext
@@ -93,7 +95,7 @@ def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, 
 
     def generate():
         llm = LLM(tiny_llama, device="cuda", backend="triton", dtype="bfloat16", max_num_seqs=4, num_kv_blocks=64,
-                  cuda_graphs=False, max_num_batched_tokens=48)
+                  cuda_graphs=False, max_num_batched_tokens=48, kv_cache_dtype=kv_cache_dtype)
         first = [o.token_ids for o in llm.generate(prompts[:1], params)]  # caches the shared prefix
         return first + [o.token_ids for o in llm.generate(prompts[1:], params)]
 
@@ -107,4 +109,5 @@ def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, 
     real = fa3.fa3_varlen
     monkeypatch.setattr(fa3, "fa3_varlen", lambda *a, **kw: calls.append(a[3] is a[4]) or real(*a, **kw))
     assert generate() == want
-    assert True in calls and False in calls  # dense (q offsets = k offsets) and extend calls both ran
+    assert False in calls  # extends (keys gathered out of the pool)
+    assert (True in calls) == (kv_cache_dtype == "auto")  # dense calls (q offsets = k offsets): 16-bit pools only

@@ -35,14 +35,14 @@ def _cu(lens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [8, 16])
-def test_gather_copies_each_context_exactly(device, paged_kv, dtype, block_size):
+@pytest.mark.parametrize("block_size,h_kv,d", [(8, 2, 64), (16, 2, 64), (16, 3, 80)])
+def test_gather_copies_each_context_exactly(device, paged_kv, dtype, block_size, h_kv, d):
     lens = [c + n for c, n in SEQS]
-    kv = paged_kv(lens, 2, 64, block_size, dtype, torch.Generator().manual_seed(block_size))
+    kv = paged_kv(lens, h_kv, d, block_size, dtype, torch.Generator().manual_seed(block_size + d))
     cu = torch.tensor(_cu(lens), dtype=torch.int32, device=device)
     k, v = gather_kv(kv.k_cache, kv.v_cache, kv.block_tables.to(device), cu, sum(lens), max(lens))
     want_k, want_v = gather_kv_ref(kv.k_ref, kv.v_ref, kv.block_tables, lens)
-    assert k.shape == (sum(lens), 2, 64) and k.dtype == dtype
+    assert k.shape == (sum(lens), h_kv, d) and k.dtype == dtype
     assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)  # no NaN: nothing past a context read
 
 
@@ -78,21 +78,20 @@ def test_matches_reference(device, paged_kv, backend, h_q, h_kv, d, dtype):
 
 
 def test_dispatch_rule(monkeypatch):
-    """The Triton kernel off CUDA, for an FP8 pool, below LIBRARY_MIN_TOKENS new tokens and where
+    """The Triton kernel off CUDA, below LIBRARY_MIN_TOKENS new tokens and where
     EXTEND_BACKEND's bucket of the mean new tokens does not say "fa3"; FA3 where it does and runs."""
     cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
     monkeypatch.setitem(ext.EXTEND_BACKEND, "cpu", {1 << 20: "fa3"})
-    assert ext.choose_backend(cpu_q, 4, [2048, 2048], fp8_pool=False) == "triton"
+    assert ext.choose_backend(cpu_q, 4, [2048, 2048]) == "triton"
     if not torch.cuda.is_available():
         return
     from llmesh.kernels.common import cuda_device_tag
 
     q = cpu_q.cuda()
     monkeypatch.setitem(ext.EXTEND_BACKEND, cuda_device_tag(q.device), {256: "triton", 8192: "fa3"})
-    assert ext.choose_backend(q, 4, [128] * 8, fp8_pool=False) == "triton"  # mean 128: the first bucket
-    assert ext.choose_backend(q, 4, [2048, 2048], fp8_pool=False) == ("fa3" if fa3.fa3_usable(q, 4) else "triton")
-    assert ext.choose_backend(q, 4, [2048, 2048], fp8_pool=True) == "triton"
-    assert ext.choose_backend(q, 4, [100, 100], fp8_pool=False) == "triton"  # too few tokens
+    assert ext.choose_backend(q, 4, [128] * 8) == "triton"  # mean 128: the first bucket
+    assert ext.choose_backend(q, 4, [2048, 2048]) == ("fa3" if fa3.fa3_usable(q, 4) else "triton")
+    assert ext.choose_backend(q, 4, [100, 100]) == "triton"  # too few tokens
 
 
 def test_rejects_bad_inputs(device, paged_kv):
@@ -108,3 +107,41 @@ def test_rejects_bad_inputs(device, paged_kv):
         extend_attention(*args, host_query_start_loc=[0, 4, 7], host_seq_lens=[10, 6], backend="cudnn")
     with pytest.raises(ValueError, match="fa3-fwd"):  # float32: no FA3 kernels, on any device
         extend_attention(*args, host_query_start_loc=[0, 4, 7], host_seq_lens=[10, 6], backend="fa3")
+
+
+_NO_FP8 = None
+if torch.cuda.is_available():
+    from llmesh.kernels.fp8_gemm import fp8_support
+
+    _NO_FP8 = fp8_support("cuda")
+
+
+@pytest.mark.skipif(_NO_FP8 is not None, reason=f"FP8 KV pool: {_NO_FP8}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_pool_is_gathered_dequantized_and_attends_as_the_reference(device, backend):
+    """An FP8 pool's contexts come out as their exact values (codes times scales), and attention
+    over them equals the reference over the same FP8 pool."""
+    from tests.kernels.test_kv_fp8_attention import Fp8Pool
+
+    gen = torch.Generator().manual_seed(5)
+    h_q, h_kv, d = 8, 2, 64
+    seqs = [(20, 20), (7, 40), (1, 9), (33, 70)]  # (new, context): a fresh prompt, extends, a decode
+    pool = Fp8Pool([c for _, c in seqs], h_kv, d, 16, gen)
+    k8, v8, ks, vs = pool.fp8(device)
+    lens = [c for _, c in seqs]
+    cu = torch.tensor(_cu(lens), dtype=torch.int32, device=device)
+    k, v = gather_kv(k8, v8, pool.tables.to(device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs,
+                     dtype=torch.bfloat16)
+    want_k, want_v = gather_kv_ref(pool.k8, pool.v8, pool.tables, lens, pool.ks, pool.vs, torch.bfloat16)
+    assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)
+    with pytest.raises(ValueError, match="float dtype"):
+        gather_kv(k8, v8, pool.tables.to(device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs)
+
+    qsl = _cu([n for n, _ in seqs])
+    q = torch.randn(qsl[-1], h_q, d, generator=gen).bfloat16()
+    ref = prefill_attention_ref(q.float(), pool.k8, pool.v8, pool.tables, torch.tensor(qsl), pool.lens, d ** -0.5,
+                                pool.ks, pool.vs)
+    got = extend_attention(q.to(device), k8, v8, pool.tables.to(device),
+                           torch.tensor(qsl, dtype=torch.int32, device=device), pool.lens.to(device), d ** -0.5,
+                           host_query_start_loc=qsl, host_seq_lens=lens, backend=backend, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(got.cpu().float(), ref, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])

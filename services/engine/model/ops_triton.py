@@ -113,8 +113,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
       (llmesh/kernels/extend_attention.py), else the paged prefill kernel, which takes any mix.
 
     An FP8 pool (k_scales, v_scales given) skips the dense path: attention reads the quantized
-    K/V through the pool, so a prompt sees the keys its later decodes and prefix-cache hits see
-    (and the torch reference computes), not their unquantized originals.
+    K/V through the pool (extend attention, fresh prompts included), so a prompt sees the keys
+    its later decodes and prefix-cache hits see (and the torch reference computes), not their
+    unquantized originals.
     """
     scales = dict(k_scales=k_scales, v_scales=v_scales)
     if meta.unified:
