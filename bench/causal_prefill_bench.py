@@ -81,6 +81,7 @@ def causal_prefill(kb: KernelBench) -> None:
     for cached, new, n in s.extend_cases:
         _extend_case(kb, cached, new, n)
     print("# paste into llmesh/kernels/extend_attention.py\n" + extend_table_literal(kb), flush=True)
+    _extend_case(kb, *s.extend_cases[len(s.extend_cases) // 2], fp8=True)  # FA3 over a dequantized FP8 pool
 
 
 def dense_table_literal(kb: KernelBench) -> str:
@@ -95,12 +96,13 @@ def extend_table_literal(kb: KernelBench) -> str:
     return f"EXTEND_BACKEND[{device_tag(kb.device)!r}] = {dict(sorted(kb.extend_table.items()))!r}"
 
 
-def _extend_case(kb: KernelBench, cached: int, new: int, n: int) -> None:
+def _extend_case(kb: KernelBench, cached: int, new: int, n: int, fp8: bool = False) -> None:
     """extend_attn_gemm_frac_{ours,fa3,dispatched}_x{cached}_{new}: n sequences of `cached` tokens
     already in the pool and `new` more (their K/V written too), causal; ours is the paged Triton
     kernel, fa3 FlashAttention-3 over the contexts gathered out of the pool (extend_attention's
     "fa3"), dispatched its auto choice. The faster of fa3 / ours goes into EXTEND_BACKEND under
-    `new` (the mean new tokens a sequence)."""
+    `new` (the mean new tokens a sequence). fp8: an FP8 pool with its scales (case suffix _fp8),
+    not entered in the table."""
     from llmesh.kernels import fa3
     from llmesh.kernels.extend_attention import extend_attention
     from llmesh.kernels.prefill_attention import prefill_attention
@@ -110,6 +112,11 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int) -> None:
     ctx = cached + new
     nb = -(-ctx // s.block_size)
     k_cache, v_cache = kb.paged_pool(n * nb + 1)
+    scales = {}
+    if fp8:
+        k_cache, v_cache = (x.clamp(-448, 448).to(torch.float8_e4m3fn) for x in (k_cache, v_cache))
+        exps = torch.full(k_cache.shape[:3], 127, dtype=torch.uint8, device=kb.device)  # scale 1
+        scales = dict(k_scales=exps, v_scales=exps.clone())
     tables = kb.scattered_tables(n * nb + 1, n, nb)
     q = kb.randn(n * new, s.h_q, s.head_dim)
     out = torch.empty_like(q)
@@ -121,14 +128,14 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int) -> None:
 
     def ext(backend: str):
         return lambda: extend_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, host_query_start_loc=qsl_host,
-                                        host_seq_lens=lens_host, out=out, backend=backend)
+                                        host_seq_lens=lens_host, out=out, backend=backend, **scales)
 
     impls = {"ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out,
-                                               max_query_len=new),
+                                               max_query_len=new, **scales),
              "dispatched": ext("auto")}
     if fa3.fa3_forward() is not None:
         impls["fa3"] = ext("fa3")
-    case = f"x{cached}_{new}"
+    case = f"x{cached}_{new}" + ("_fp8" if fp8 else "")
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(kb.causal_rounds):
         for name, fn in impls.items():
@@ -146,7 +153,7 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int) -> None:
         kb.metrics[f"extend_attn_ms_{name}_{case}"] = ms
     medians = {("triton" if name == "ours" else name): statistics.median(times[name])
                for name in ("ours", "fa3") if name in times}
-    if medians:
+    if medians and not fp8:
         kb.extend_table[new] = min(medians, key=medians.get)
     del k_cache, v_cache, q, out
 

@@ -62,6 +62,7 @@ def test_kernels_gpu_smoke_writes_attention_metrics(tmp_path):
     assert doc["workload"]["dense_causal_table"].startswith("DENSE_CAUSAL_BACKEND['cpu'] = {16: 'triton'")
     assert doc["workload"]["extend_table"] == "EXTEND_BACKEND['cpu'] = {8: 'triton', 24: 'triton'}"
     assert m["extend_attn_gemm_frac_ours_x32_8"] > 0 and m["extend_attn_ms_dispatched_x40_24"] > 0
+    assert m["extend_attn_ms_ours_x40_24_fp8"] > 0  # the FP8 pool's case
     for key in ("prefill_attn_gemm_frac", "prefill_attn_gemm_frac_ours", "prefill_attn_gemm_frac_ours_c64",
                 "prefill_attn_gemm_frac_triton_mixed", "prefill_attn_gemm_frac_dispatched_mixed",
                 "unified_mix_gb_s", "unified_mix_vs_split_x", "unified_decode_vs_paged_decode_x",
