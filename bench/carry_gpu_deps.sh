@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, on this machine, what the GPU machine lacks to run the mesh (it has no registry and no
 # network): Python wheels into .whl/ (FBGEMM's into .fbgemm/, FlashAttention-3's into .fa3/) and
-# Debian's redis-server into .deb/ (all ignored by git; the device call names them in `carry`). Idempotent: a file already there is not fetched again.
+# Debian's redis-server into .deb/ (all ignored by git; the device call names them in `carry`).
+# Idempotent: a file already there is not fetched again.
 # bench/gpu_session.sh installs them on the device (wheels: pip --target /tmp/site + PYTHONPATH;
 # debs: dpkg -x into /tmp/redisroot, never into /). The list and why: bench/README.md.
 set -euo pipefail
