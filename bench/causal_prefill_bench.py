@@ -136,15 +136,7 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int, fp8: bool = Fal
     if fa3.fa3_forward() is not None:
         impls["fa3"] = ext("fa3")
     case = f"x{cached}_{new}" + ("_fp8" if fp8 else "")
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(kb.causal_rounds):
-        for name, fn in impls.items():
-            if name in times:
-                try:
-                    times[name].append(kb.time(fn))
-                except Exception as e:  # FA3 refusing the shapes
-                    print(f"[kernels] extend {name} {case}: {str(e)[:200]}", flush=True)
-                    del times[name]
+    times = _rounds(kb, impls, f"extend {case}")
     for name, ms_rounds in times.items():
         ms = statistics.median(ms_rounds)
         tflops = flops / (ms * 1e-3) / 1e12
@@ -156,6 +148,23 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int, fp8: bool = Fal
     if medians and not fp8:
         kb.extend_table[new] = min(medians, key=medians.get)
     del k_cache, v_cache, q, out
+
+
+def _rounds(kb: KernelBench, impls: dict, label: str) -> dict[str, list[float]]:
+    """Each implementation's milliseconds per round, rounds over all of them in turn (each figure
+    is then their median: one pass's figures moved by up to a tenth between passes, clocks, the
+    same cuDNN call included). An implementation that raises (a backend this torch / GPU lacks,
+    a library refusing the shapes) is dropped with its reason printed."""
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(kb.causal_rounds):
+        for name, fn in impls.items():
+            if name in times:
+                try:
+                    times[name].append(kb.time(fn))
+                except Exception as e:  # noqa: BLE001 - reported, the others go on
+                    print(f"[kernels] {label} {name}: {str(e)[:200]}", flush=True)
+                    del times[name]
+    return times
 
 
 def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list[float]]:
@@ -193,17 +202,7 @@ def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list
     for backend in backends:
         impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, backend=b,
                                                                    cu_seqlens=qsl))(backend)
-    # Rounds over every implementation in turn, each figure their median: one pass's figures
-    # moved by up to a tenth between passes (clocks), the same cuDNN call included.
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(kb.causal_rounds):
-        for name, fn in impls.items():
-            if name in times:
-                try:
-                    times[name].append(kb.time(fn))
-                except Exception as e:  # a backend this torch / GPU lacks, or a library refusing the shapes
-                    print(f"[kernels] causal prefill {name} {case}: {str(e)[:200]}", flush=True)
-                    del times[name]
+    times = _rounds(kb, impls, f"causal prefill {case}")
     kb.dispatch[case] = choose_backend(q, s.h_q // s.h_kv, lengths)
     # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.
     kb.dispatch["cudnn_gqa"] = "expanded" if any(key[0] == "cudnn" for key in _gqa_expand) else "native"
