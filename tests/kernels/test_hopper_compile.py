@@ -291,6 +291,33 @@ def loop_cases() -> dict[str, str | None]:
     return {**tma_cases(), **plain_pipelined_cases()}
 
 
+# Kernels without a K loop or PDL that must still compile for sm90 (the interpreter runs code the
+# compiler rejects): (name, module, kernel, argument types, constexprs).
+PLAIN = [
+    ("gather-kv", "extend_attention", "_gather_kv_kernel", {"tables_ptr": "i32", "cu_k_ptr": "i32"},
+     dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16, FP8=False)),
+    ("gather-kv-fp8", "extend_attention", "_gather_kv_kernel",
+     {"tables_ptr": "i32", "cu_k_ptr": "i32", "k_cache_ptr": "fp8e4nv", "v_cache_ptr": "fp8e4nv",
+      "k_scale_ptr": "u8", "v_scale_ptr": "u8"},
+     dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16, FP8=True)),
+]
+
+
+def plain_cases() -> dict[str, str | None]:
+    """Case name -> None when it compiles for sm90 with vector loads, else what is wrong."""
+    out: dict[str, str | None] = {}
+    for name, module, kernel_name, types, constexprs in PLAIN:
+        try:
+            fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), kernel_name)
+            strides = frozenset(p.name for p in fn.params if p.name.startswith("stride_"))
+            ptx = compile_sm90(fn, types, constexprs, divisible=strides).asm["ptx"]
+            out[name] = None if re.search(r"ld\.global(\.\w+)*\.v[24]", ptx) else "no vector loads in the PTX"
+        except Exception as e:  # noqa: BLE001 - reported per case
+            cause = e.__cause__ or e
+            out[name] = f"{type(cause).__name__}: {cause}"[-3000:]
+    return out
+
+
 def _case_id(i: int) -> str:
     return f"{CASES[i][1]}-{i}"
 
@@ -339,3 +366,14 @@ def test_tma_tiles_are_pipelined_tma_copies(compiled_loops, name):
 @pytest.mark.parametrize("name", [case[0] for case in PLAIN_PIPELINED])
 def test_k_loops_without_pdl_are_software_pipelined(compiled_loops, name):
     assert compiled_loops[name] is None, compiled_loops[name]
+
+
+@pytest.fixture(scope="module")
+def compiled_plain() -> dict[str, str | None]:
+    return _in_child("plain_cases")
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("name", [case[0] for case in PLAIN])
+def test_plain_kernels_compile_for_sm90_with_vector_loads(compiled_plain, name):
+    assert compiled_plain[name] is None, compiled_plain[name]
