@@ -127,8 +127,9 @@ def _extend_case(kb: KernelBench, cached: int, new: int, n: int, fp8: bool = Fal
     flops = n * 4 * s.h_q * s.head_dim * (new * cached + new * (new + 1) / 2)
 
     def ext(backend: str):
-        return lambda: extend_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, host_query_start_loc=qsl_host,
-                                        host_seq_lens=lens_host, out=out, backend=backend, **scales)
+        return lambda: extend_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale,
+                                        host_query_start_loc=qsl_host, host_seq_lens=lens_host, out=out,
+                                        backend=backend, **scales)
 
     impls = {"ours": lambda: prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, scale, out=out,
                                                max_query_len=new, **scales),

@@ -59,6 +59,12 @@ def fa3_usable(q: torch.Tensor, group: int) -> bool:
             and fa3_forward() is not None)
 
 
+def fa3_runs_here() -> bool:
+    """Whether this machine's first GPU can run FlashAttention-3 at all (bfloat16, head_dim 64):
+    what the GPU-only tests and benchmarks ask before they try it."""
+    return torch.cuda.is_available() and fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
+
+
 def fa3_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                out: torch.Tensor | None = None) -> torch.Tensor:

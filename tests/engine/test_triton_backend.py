@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
 from llmesh.engine import LLMEngine, SamplingParams, build_engine_config  # noqa: E402
+from llmesh.kernels.fa3 import fa3_runs_here  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -68,14 +69,8 @@ def test_released_graphs_leave_eager_steps_with_the_same_tokens(tiny_llama):
     runner.release_graphs()  # a second call is a no-op
 
 
-def _fa3_here() -> bool:
-    from llmesh.kernels import fa3
-
-    return torch.cuda.is_available() and fa3.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _fa3_here(), reason="FlashAttention-3 runs on a Hopper GPU with the fa3-fwd package")
+@pytest.mark.skipif(not fa3_runs_here(), reason="FlashAttention-3 runs on a Hopper GPU with the fa3-fwd package")
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_fa3_prefill_and_extend_paths_give_the_paged_kernels_tokens(tiny_llama, monkeypatch, kv_cache_dtype):
     """With the measured tables naming FA3 for every size, fresh prompts (dense attention; with

@@ -34,12 +34,8 @@ def _fa4_here() -> bool:
             and dca.fa4_forward() is not None)
 
 
-def _fa3_here() -> bool:
-    return torch.cuda.is_available() and fa3.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
-
-
 BACKENDS = (["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []) + (["fa4"] if _fa4_here() else [])
-            + (["fa3"] if _fa3_here() else []))
+            + (["fa3"] if fa3.fa3_runs_here() else []))
 
 
 def _skip_unsupported(backend, dtype):

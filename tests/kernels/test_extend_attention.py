@@ -20,11 +20,7 @@ TOL = {torch.float32: 1e-3 if torch.cuda.is_available() else 2e-5, torch.bfloat1
 SEQS = [(16, 9), (5, 40), (15, 1), (300, 33), (20, 0), (0, 12)]
 
 
-def _fa3_here() -> bool:
-    return torch.cuda.is_available() and fa3.fa3_usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), 1)
-
-
-BACKENDS = ["triton"] + (["fa3"] if _fa3_here() else [])
+BACKENDS = ["triton"] + (["fa3"] if fa3.fa3_runs_here() else [])
 
 
 def _cu(lens):
@@ -109,16 +105,8 @@ def test_rejects_bad_inputs(device, paged_kv):
         extend_attention(*args, host_query_start_loc=[0, 4, 7], host_seq_lens=[10, 6], backend="fa3")
 
 
-_NO_FP8 = None
-if torch.cuda.is_available():
-    from llmesh.kernels.fp8_gemm import fp8_support
-
-    _NO_FP8 = fp8_support("cuda")
-
-
-@pytest.mark.skipif(_NO_FP8 is not None, reason=f"FP8 KV pool: {_NO_FP8}")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp8_pool_is_gathered_dequantized_and_attends_as_the_reference(device, backend):
+def test_fp8_pool_is_gathered_dequantized_and_attends_as_the_reference(fp8_device, backend):
     """An FP8 pool's contexts come out as their exact values (codes times scales), and attention
     over them equals the reference over the same FP8 pool."""
     from tests.kernels.test_kv_fp8_attention import Fp8Pool
@@ -127,21 +115,21 @@ def test_fp8_pool_is_gathered_dequantized_and_attends_as_the_reference(device, b
     h_q, h_kv, d = 8, 2, 64
     seqs = [(20, 20), (7, 40), (1, 9), (33, 70)]  # (new, context): a fresh prompt, extends, a decode
     pool = Fp8Pool([c for _, c in seqs], h_kv, d, 16, gen)
-    k8, v8, ks, vs = pool.fp8(device)
+    k8, v8, ks, vs = pool.fp8(fp8_device)
     lens = [c for _, c in seqs]
-    cu = torch.tensor(_cu(lens), dtype=torch.int32, device=device)
-    k, v = gather_kv(k8, v8, pool.tables.to(device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs,
+    cu = torch.tensor(_cu(lens), dtype=torch.int32, device=fp8_device)
+    k, v = gather_kv(k8, v8, pool.tables.to(fp8_device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs,
                      dtype=torch.bfloat16)
     want_k, want_v = gather_kv_ref(pool.k8, pool.v8, pool.tables, lens, pool.ks, pool.vs, torch.bfloat16)
     assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)
     with pytest.raises(ValueError, match="float dtype"):
-        gather_kv(k8, v8, pool.tables.to(device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs)
+        gather_kv(k8, v8, pool.tables.to(fp8_device), cu, sum(lens), max(lens), k_scales=ks, v_scales=vs)
 
     qsl = _cu([n for n, _ in seqs])
     q = torch.randn(qsl[-1], h_q, d, generator=gen).bfloat16()
     ref = prefill_attention_ref(q.float(), pool.k8, pool.v8, pool.tables, torch.tensor(qsl), pool.lens, d ** -0.5,
                                 pool.ks, pool.vs)
-    got = extend_attention(q.to(device), k8, v8, pool.tables.to(device),
-                           torch.tensor(qsl, dtype=torch.int32, device=device), pool.lens.to(device), d ** -0.5,
+    got = extend_attention(q.to(fp8_device), k8, v8, pool.tables.to(fp8_device),
+                           torch.tensor(qsl, dtype=torch.int32, device=fp8_device), pool.lens.to(fp8_device), d ** -0.5,
                            host_query_start_loc=qsl, host_seq_lens=lens, backend=backend, k_scales=ks, v_scales=vs)
     torch.testing.assert_close(got.cpu().float(), ref, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
