@@ -18,6 +18,9 @@ and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s. Wi
 --engine-quantization none,int4 the INT4 engine (experts and linears quantized on load) runs
 the batch-1 decode too: moe_int4_decode_b1_tok_s, moe_int4_decode_b1_vs_bf16_x.
 
+Batch 1 (the kernel part, bench/moe_steps.py): the layer at one token as dispatched and in each
+GEMM form forced, 16-row tiles and the GEMV form (moe_decode1_{ms,tile_ms,gemv_ms,frac}).
+
 Align (--parts align; the kernel part runs it too): the align step's three paths (torch ops,
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
 4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
@@ -54,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_ceilings, pick_device,  # noqa: E402
                           results_dir_for, rounded, software_versions, time_ms)
 from llmesh.bench_results import write_result  # noqa: E402
+from moe_steps import bench_align, bench_decode1, bench_router, best_of_two, routing  # noqa: E402
 
 PARTS = ("kernel", "engine", "align")
 
@@ -70,13 +74,6 @@ class Shapes:
 
 QWEN3_30B_A3B = Shapes(hidden=2048, experts=128, top_k=8, inter=768, decode_batch=64, prefill_tokens=4096)
 SMOKE = Shapes(hidden=64, experts=8, top_k=2, inter=32, decode_batch=4, prefill_tokens=24)
-
-
-def routing(t: int, s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    from llmesh.kernels.moe_router import topk_softmax_ref
-
-    logits = torch.randn(t, s.experts, generator=gen, device=device)  # [T, E]
-    return topk_softmax_ref(logits, s.top_k, True, torch.bfloat16)
 
 
 def experts(s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +95,6 @@ def block_experts(w13: torch.Tensor, w2: torch.Tensor, s: Shapes) -> tuple[torch
     parts = [[quantize_fp8_blocks(one, block) for one in w] for w in (w13, w2)]
     (q13, s13), (q2, s2) = ((torch.stack([q for q, _ in p]), torch.stack([sc for _, sc in p])) for p in parts)
     return q13, q2, dict(w13_scale=s13, w2_scale=s2, weight_block=block)
-
-
-def best_of_two(fn, device: torch.device) -> float:
-    return min(graph_time_ms(fn, device), graph_time_ms(fn, device))
 
 
 def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
@@ -173,63 +166,17 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         traceback.print_exc()
         print("[moe] align comparison FAILED (the moe_align_* metrics are missing)", flush=True)
     try:
+        m.update(bench_decode1(s, device, ceilings, w13, w2, gen))
+    except Exception:
+        traceback.print_exc()
+        print("[moe] batch-1 layer comparison FAILED (the moe_decode1_* metrics are missing)", flush=True)
+    try:
         m.update(bench_router(s, device, gen))
     except Exception:
         traceback.print_exc()
         print("[moe] router comparison FAILED (the moe_router_* metrics are missing)", flush=True)
     return m
 
-
-def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
-    """The router's softmax + top-k + renormalisation + expert counts both ways (torch ops, one
-    Triton program per token), replayed from a graph at batch 1 and the decode batch: what
-    decides ROUTER_KERNEL_ON_CUDA."""
-    from llmesh.kernels.moe_router import select_experts
-
-    m: dict[str, float] = {}
-    counts = torch.zeros(s.experts, dtype=torch.int64, device=device)
-    for t in (1, s.decode_batch):
-        logits = torch.randn(t, s.experts, generator=gen, device=device).bfloat16()
-        counted = torch.ones(t, dtype=torch.int64, device=device)
-        for path, kernel in (("torch", False), ("kernel", True)):
-            m[f"moe_router_t{t}_{path}_us"] = 1e3 * best_of_two(
-                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, counts, counted, kernel=kernel),
-                device)
-        print(f"[moe] router T={t}: torch {m[f'moe_router_t{t}_torch_us']:.1f} us, kernel "
-              f"{m[f'moe_router_t{t}_kernel_us']:.1f} us", flush=True)
-    return m
-
-
-def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
-                ) -> dict[str, float]:
-    """The align step three ways (the torch ops, the one-program Triton kernel, the chunked
-    kernels) alone, and inside the layer at batch 1, the decode batch and the prefill: what
-    decides ALIGN_KERNEL_ON_CUDA and ALIGN_KERNEL_MAX_PAIRS. Metric
-    names: moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_<same>_ms."""
-    from llmesh.kernels.fused_moe import fused_moe
-    from llmesh.kernels.fused_moe_config import pick_config
-    from llmesh.kernels.moe_align import moe_align_block_size
-
-    m: dict[str, float] = {}
-    paths = (("torch", "torch"), ("kernel", "program"), ("chunks", "chunks"))
-    # Every path at every size (each forced), so the crossovers are placed: the one-program
-    # kernel's time grows with the pairs on one SM, the torch ops' and the chunked kernels' spread.
-    layer_sizes = (1, s.decode_batch, s.prefill_tokens)
-    for t in (*layer_sizes, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
-        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
-        weights, ids = routing(t, s, device, gen)
-        block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
-        for name, path in paths:
-            m[f"moe_align_t{t}_{name}_us"] = 1e3 * best_of_two(
-                lambda: moe_align_block_size(ids, block_m, s.experts, path=path), device)
-            if t in layer_sizes:
-                m[f"moe_layer_t{t}_align_{name}_ms"] = best_of_two(
-                    lambda: fused_moe(x, w13, w2, weights, ids, align_path=path), device)
-        line = ", ".join(f"{name} {m[f'moe_align_t{t}_{name}_us']:.1f} us" for name, _ in paths)
-        if t in layer_sizes:
-            line += "; layer " + " / ".join(f"{m[f'moe_layer_t{t}_align_{name}_ms']:.3f}" for name, _ in paths) + " ms"
-        print(f"[moe] align T={t}: {line}", flush=True)
-    return m
 
 SPLIT_CANDIDATES = (2, 4, 8)
 """split_k values the autotune tries on its winners at decode sizes."""
@@ -247,9 +194,13 @@ def tune_candidates(t: int, s: Shapes, smoke: bool, weights: str = "dense") -> l
 
     pool = INT4_CANDIDATES if weights == "int4" else CANDIDATES
     if smoke:
-        return list(pool[:3])
+        return list(pool[:3]) + [c for c in pool if c.gemv][:1]
     rows = t * s.top_k / s.experts
-    return [c for c in pool if c.block_m <= max(16, rows) and c.block_m >= min(64, rows / 4)]
+
+    def suits(c) -> bool:  # the GEMV form (one pair a block) re-reads an expert's weights for each pair
+        return rows <= 1 if c.gemv else max(16, rows) >= c.block_m >= min(64, rows / 4)
+
+    return [c for c in pool if suits(c)]
 
 
 def tune_weights(weights: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

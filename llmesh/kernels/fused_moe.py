@@ -13,7 +13,9 @@ The design of vLLM's / SGLang's Triton fused_moe:
    loads the gate tile and the up tile of the same columns of its block's expert, keeps two
    accumulators, and writes silu(gate) * up in its epilogue. The [T*k, 2I] gate/up
    activation never reaches memory, and no separate silu-mul launch runs; the price is two
-   accumulators per program (register pressure), which the tile table sizes for.
+   accumulators per program (register pressure), which the tile table sizes for. Blocks of
+   one pair (a one-token step) may instead run the GEMV form (fused_moe_dense.py), where the
+   table measured it faster.
 3. A second grouped GEMM runs the down projection, multiplies each row by its routing
    weight in the epilogue, and writes one row per (token, slot) pair.
 4. The k copies of each token are summed by ``_moe_sum_kernel`` over [T, k, H] in slot order
@@ -67,6 +69,7 @@ from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, 
                                    interpreting, pdl_launch, tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
+from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
 from llmesh.kernels.fused_moe_int4 import _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
@@ -81,72 +84,6 @@ blocks are known without the align launch (expert_ids is topk_ids itself). With 
 pairs can share an expert, whose weights the sorted blocks read once."""
 
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-@triton.jit
-def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo, k_hi, stride_bn,
-                    s_base, stride_sn,
-                    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-                    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0):
-    """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert,
-    columns k_lo..k_hi of K (this split's).
-
-    WEIGHT_TMA: the weight tiles come from b_desc (the experts' rows stacked [E * rows, K]),
-    this tile's first row being b_row. The descriptor fills columns past K with zeros; rows
-    past this expert's N are the up rows or the next expert's, in columns the store masks.
-    SCALE_BN > 0: block-scaled E4M3 rows, one scale per SCALE_BN rows and SCALE_BK columns at
-    s_base ([rows / SCALE_BN, K / SCALE_BK], stride_sn a row); a K step lies in one column block
-    (BLOCK_K divides SCALE_BK, splits start on a step), so its product is scaled per column
-    before it joins the float32 sum."""
-    act_dtype = a_rows.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if SCALE_BN > 0:
-        # The scales are carried a step ahead: Triton pipelines the tiles, not these gathers.
-        s_rows = s_base + (rn // SCALE_BN).to(tl.int64) * stride_sn  # [BLOCK_N]
-        last_block = (k_hi - 1) // SCALE_BK
-        ws = tl.load(s_rows + k_lo // SCALE_BK, mask=n_mask, other=0.0)
-        if GATED:  # the up rows' scales follow the gate rows'
-            s_rows_up = s_base + ((rn + N) // SCALE_BN).to(tl.int64) * stride_sn
-            ws_up = tl.load(s_rows_up + k_lo // SCALE_BK, mask=n_mask, other=0.0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-        if WEIGHT_TMA:
-            b = b_desc.load([b_row, k0]).T  # [BK, BN]
-        else:
-            b_mask = k_mask[:, None] & n_mask[None, :]
-            b = tl.load(b_base + rn.to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        else:
-            b = b.to(act_dtype)  # int8 / E4M3 codes are exact in 16-bit floats
-        if SCALE_BN > 0:
-            nxt = tl.minimum((k0 + BLOCK_K) // SCALE_BK, last_block)  # the last step reloads its own
-            ws_next = tl.load(s_rows + nxt, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b, input_precision=DOT_PRECISION) * ws[None, :]
-            ws = ws_next
-        else:
-            acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-        if GATED:
-            if WEIGHT_TMA:
-                bu = b_desc.load([b_row + N, k0]).T
-            else:
-                bu = tl.load(b_base + (rn + N).to(tl.int64)[None, :] * stride_bn + k[:, None], mask=b_mask, other=0.0)
-            if DOT_F32:
-                bu = bu.to(tl.float32)
-            else:
-                bu = bu.to(act_dtype)
-            if SCALE_BN > 0:
-                ws_up_next = tl.load(s_rows_up + nxt, mask=n_mask, other=0.0)
-                acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION) * ws_up[None, :]
-                ws_up = ws_up_next
-            else:
-                acc_up += tl.dot(a, bu, input_precision=DOT_PRECISION)
-    return acc, acc_up
 
 
 # The pair count changes with every eager step's tokens: not specialised (no compile per
@@ -179,6 +116,8 @@ def _moe_gemm_kernel(
     WEIGHT_TMA (MoEConfig.weight_tma; float / INT8 / FP8 experts): the weight tiles through
     b_desc, a TMA descriptor over b's rows stacked [E * (2N gated / N), K] with block
     [BLOCK_N, BLOCK_K]; otherwise b_desc is unused.
+    BLOCK_M == 1 (MoEConfig.gemv; not INT4): one pair a block, its products by FMAs
+    (fused_moe_dense._dense_gemv_loop) instead of a 16-row tl.dot tile mostly padding.
     SCALE_BN > 0 (SCALED False): block-scaled E4M3 experts, scales [E, rows / SCALE_BN, K / SCALE_BK]
     (stride_se an expert, stride_sg a row of blocks) applied in the K loop (_dense_mainloop).
     """
@@ -231,10 +170,15 @@ def _moe_gemm_kernel(
         if GATED:
             rows_per_expert = 2 * N
         b_row = (expert * rows_per_expert).to(tl.int32) + pid_n * BLOCK_N
-        acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo,
-                                      tl.minimum(k_lo + k_split, K), stride_bn, scale_ptr + expert * stride_se,
-                                      stride_sg, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PRECISION,
-                                      WEIGHT_TMA, SCALE_BN, SCALE_BK)
+        if BLOCK_M == 1:
+            acc, acc_up = _dense_gemv_loop(a_rows, m_mask, b_base, b_desc, b_row, rn, N, K, k_lo,
+                                           tl.minimum(k_lo + k_split, K), stride_bn, scale_ptr + expert * stride_se,
+                                           stride_sg, GATED, BLOCK_N, BLOCK_K, WEIGHT_TMA, SCALE_BN, SCALE_BK)
+        else:
+            acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo,
+                                          tl.minimum(k_lo + k_split, K), stride_bn,
+                                          scale_ptr + expert * stride_se, stride_sg, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+                                          DOT_F32, DOT_PRECISION, WEIGHT_TMA, SCALE_BN, SCALE_BK)
     if SPLIT_K > 1:
         rows = num_m * BLOCK_M  # the partials' rows: every sorted position
         width = N
@@ -370,6 +314,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         config = config or fit_shared_memory(pick_config(t, e, inter, h, top_k, x.device, fmt), gated=True, **fit)
         down_config = down_config or fit_shared_memory(pick_config(t, e, h, inter, top_k, x.device, fmt),
                                                        gated=False, **fit)
+    if down_config.block_m != config.block_m:  # the down GEMM runs on the gate/up GEMM's blocks
+        if down_config.gemv and not config.gemv:
+            raise ValueError(f"fused_moe: down_config {down_config} is the GEMV form (block_m 1) but the gate/up "
+                             f"config {config} is not; the down GEMM runs on the gate/up GEMM's blocks, so give both "
+                             "block_m 1 or neither")
+        down_config = dataclasses.replace(down_config, block_m=config.block_m)
+    if fmt == "int4" and config.gemv:
+        raise ValueError("fused_moe: INT4 experts take tiles of 16 or more rows (their K loop feeds tl.dot); "
+                         "MoEConfig.block_m 1, the GEMV form, is for 16-bit, INT8 and FP8 experts")
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)

@@ -32,6 +32,8 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 @dataclass(frozen=True)
 class MoEConfig:
     block_m: int
+    """Sorted rows a block (a power of two >= 16, tl.dot's tiles), or 1: the GEMV form (``gemv``),
+    for blocks of one pair, whose column tiles (block_n) may then be narrower than 16."""
     block_n: int
     block_k: int
     num_warps: int = 4
@@ -56,14 +58,24 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"MoEConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
+            if self.gemv and name == "block_m":
+                continue
+            least = 1 if self.gemv and name == "block_n" else 16
+            if not isinstance(v, int) or v < least or v & (v - 1):
+                form = "the GEMV form's column tiles" if least == 1 else "tl.dot tiles; block_m may also be 1"
+                raise ValueError(f"MoEConfig.{name} must be a power of two >= {least} ({form}), got {v!r}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"MoEConfig.split_k must be a positive int, got {self.split_k!r}")
         if not isinstance(self.group_m, int) or self.group_m < 0:
             raise ValueError(f"MoEConfig.group_m must be an int >= 0, got {self.group_m!r}")
         if self.weight_tma not in (0, 1):
             raise ValueError(f"MoEConfig.weight_tma must be 0 or 1, got {self.weight_tma!r}")
+
+    @property
+    def gemv(self) -> bool:
+        """block_m 1: one (token, slot) pair a program, its products summed by FMAs, not tl.dot
+        (fused_moe_dense.py's GEMV form; 16-bit, INT8 and FP8 experts)."""
+        return self.block_m == 1
 
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
@@ -166,7 +178,10 @@ def shared_memory_estimate(config: MoEConfig, act_bytes: int, weight_bytes: int,
     num_stages - 1 copies of the activation and weight tiles in flight, and a dot operand made
     in registers (INT4 codes widened, or any operand cast to float32) is staged once more. On
     the H200 the INT4 gate/up tile 128 x 128 x 64 with 4 stages and float32 activations asked
-    for 311,296 bytes, which this gives exactly."""
+    for 311,296 bytes, which this gives exactly. The GEMV form stages nothing (Triton pipelines
+    only loads that feed tl.dot; its reductions' scratch is a few hundred bytes)."""
+    if config.gemv:
+        return 0
     k_rows = 2 * config.block_k if int4 else config.block_k  # an INT4 step covers both halves
     b_cols = config.block_n * (2 if gated else 1)  # the gate and up tiles
     a = config.block_m * k_rows * act_bytes
@@ -223,15 +238,24 @@ def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=Non
             or default_config(m, num_experts, n, k, top_k, weights))
 
 
+GEMV_CANDIDATES = tuple(
+    MoEConfig(1, bn, bk, w, 1)
+    for bn, bk, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))
+)
+"""The GEMV form's sweep (24 configs; blocks of one pair): around the dense projections' measured
+FMA winners (skinny_gemm_config.TUNED: 4-8 rows, K steps of 512-1024, 4 warps). One stage: Triton
+(3.6 and 3.9) pipelines only loads that feed tl.dot, so num_stages leaves this loop's code as it is
+(the same PTX at 1, 2 and 4); a K step's loads in flight are its BLOCK_K."""
+
 CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (64, 128), (4, 8), (3, 4))
     if bn < 256 or bm >= 64
-)
-"""What an autotune run sweeps (112 configs, of which bench/moe_gpu.py compiles those whose
-BLOCK_M suits the rows per expert). BLOCK_N 32 is for the smallest batches: at T = 1 the
-gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more programs;
-256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""
+) + GEMV_CANDIDATES
+"""What an autotune run sweeps (112 tiles and the GEMV form's 24, of which bench/moe_gpu.py
+compiles those whose BLOCK_M suits the rows per expert). BLOCK_N 32 is for the smallest batches:
+at T = 1 the gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more
+programs; 256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""
 
 INT4_CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)

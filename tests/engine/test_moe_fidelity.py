@@ -105,6 +105,34 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
 
 
+def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monkeypatch):
+    """The fused MoE kernel's GEMV form (one pair a block, MoEConfig.block_m 1) where the tile
+    table would pick it, at decode sizes: one-token steps (pair blocks, the down GEMM summing the
+    k rows) and steps of two or three tokens (sorted blocks of one pair), inside the engine."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    from llmesh.kernels import fused_moe as fm
+    from llmesh.kernels.fused_moe_config import MoEConfig
+    from tests.engine.test_triton_backend import _run as run_backend
+
+    real, used = fm.pick_config, []
+
+    def gemv_at_decode(m, num_experts, n, k, top_k, device=None, weights="dense"):
+        if m <= 3 and weights == "dense":
+            used.append(m)
+            return MoEConfig(1, 8, 32, 4, 1)
+        return real(m, num_experts, n, k, top_k, device, weights)
+
+    monkeypatch.setattr(fm, "pick_config", gemv_at_decode)
+    path = moe_dirs["qwen3_moe"]
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 14, 5)]
+    kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
+    tokens, _ = run_backend(path, "triton", prompts, [0, 1, 6], **kw)
+    assert 1 in used and {2, 3} & set(used), used
+    monkeypatch.setattr(fm, "pick_config", real)
+    assert tokens == run_backend(path, "torch", prompts, [0, 1, 6], **kw)[0]
+
+
 @pytest.mark.parametrize("method,dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn), ("int4", torch.uint8)])
 def test_quantized_experts_triton_equals_torch(moe_dirs, method, dtype):
     """Quantize-on-load int8 / fp8: experts become codes with per-row scales; the fused kernel

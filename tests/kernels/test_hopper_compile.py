@@ -134,6 +134,17 @@ CASES = [
       "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, SCALE_BN=128, SCALE_BK=128)),
+    ("fused_moe", "_moe_gemm_kernel",  # the GEMV form (one pair a block): gate/up in bf16, split along K
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
+          SPLIT_K=2, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
+    ("fused_moe", "_moe_gemm_kernel",  # the GEMV form's down GEMM summing one token's k rows, E4M3 blocks
+     {"b_ptr": "fp8e4nv", "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64",
+      "num_post_ptr": "i32", "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
+     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=1, BLOCK_N=8, BLOCK_K=256,
+          SPLIT_K=1, SUM_SLOTS=8, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, SCALE_BN=128,
+          SCALE_BK=128)),
     # the producers of a block-scaled FP8 layer's input: scales per token and 128 channels
     ("rmsnorm", "_rmsnorm_kernel", {"out_ptr": "fp8e4nv", "scale_ptr": "fp32"},
      dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True, FP8=True, INTERPRET=False, GROUP=128)),
@@ -156,6 +167,9 @@ CASES = [
 # their scale and min rows, which Triton does not pipeline, must be carried a step ahead, not
 # waited on (llmesh/kernels/compile_check.py's LoopReport).
 PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
+# Kernels whose weight stream must be 16-byte loads, as a launch specialises them (case index in
+# CASES): the GEMV form reads its weight rows with plain loads, whose width is all its speed.
+VECTOR_LOADS = [34, 35]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
@@ -216,6 +230,16 @@ def compile_cases() -> dict[str, str | None]:
         except Exception as e:  # noqa: BLE001 - reported per case
             cause = e.__cause__ or e
             out[f"pipelined-{_case_id(i)}"] = f"{type(cause).__name__}: {cause}"[-3000:]
+    for i in VECTOR_LOADS:
+        module, name, pointers, constexprs = CASES[i]
+        try:
+            fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), name)
+            ptx = compile_sm90(fn, pointers, dict(constexprs, PDL=True), divisible=_DIVISIBLE_INTS).asm["ptx"]
+            out[f"vector-{_case_id(i)}"] = None if re.search(r"ld\.global[.\w:]*\.v4", ptx) \
+                else "no 16-byte loads in the PTX"
+        except Exception as e:  # noqa: BLE001 - reported per case
+            cause = e.__cause__ or e
+            out[f"vector-{_case_id(i)}"] = f"{type(cause).__name__}: {cause}"[-3000:]
     missing = sorted(pdl_kernels() - {c[1] for c in CASES})
     out["coverage"] = f"PDL kernels without a case: {missing}" if missing else None
     return out
@@ -347,6 +371,12 @@ def test_compiles_for_sm90_with_pdl(compiled, case_id):
 @pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
 @pytest.mark.parametrize("case_id", [f"pipelined-{_case_id(i)}" for i, _ in PIPELINED])
 def test_k_loops_are_software_pipelined(compiled, case_id):
+    assert compiled[case_id] is None, compiled[case_id]
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("case_id", [f"vector-{_case_id(i)}" for i in VECTOR_LOADS])
+def test_weight_streams_are_16_byte_loads(compiled, case_id):
     assert compiled[case_id] is None, compiled[case_id]
 
 

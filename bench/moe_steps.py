@@ -1,0 +1,109 @@
+"""The MoE layer's steps compared alone and inside the layer, for bench/moe_gpu.py's kernel part:
+the router both ways, the align step's three paths, and the batch-1 layer in each GEMM form
+(each decides a dispatch rule or a table entry; metric names in each function's docstring)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from gpu_ceilings import graph_time_ms
+
+if TYPE_CHECKING:
+    from moe_gpu import Shapes
+
+
+def routing(t: int, s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmesh.kernels.moe_router import topk_softmax_ref
+
+    logits = torch.randn(t, s.experts, generator=gen, device=device)  # [T, E]
+    return topk_softmax_ref(logits, s.top_k, True, torch.bfloat16)
+
+
+def best_of_two(fn, device: torch.device) -> float:
+    return min(graph_time_ms(fn, device), graph_time_ms(fn, device))
+
+
+def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
+    """The router's softmax + top-k + renormalisation + expert counts both ways (torch ops, one
+    Triton program per token), replayed from a graph at batch 1 and the decode batch: what
+    decides ROUTER_KERNEL_ON_CUDA."""
+    from llmesh.kernels.moe_router import select_experts
+
+    m: dict[str, float] = {}
+    counts = torch.zeros(s.experts, dtype=torch.int64, device=device)
+    for t in (1, s.decode_batch):
+        logits = torch.randn(t, s.experts, generator=gen, device=device).bfloat16()
+        counted = torch.ones(t, dtype=torch.int64, device=device)
+        for path, kernel in (("torch", False), ("kernel", True)):
+            m[f"moe_router_t{t}_{path}_us"] = 1e3 * best_of_two(
+                lambda: select_experts(logits, s.top_k, True, torch.bfloat16, counts, counted, kernel=kernel),
+                device)
+        print(f"[moe] router T={t}: torch {m[f'moe_router_t{t}_torch_us']:.1f} us, kernel "
+              f"{m[f'moe_router_t{t}_kernel_us']:.1f} us", flush=True)
+    return m
+
+
+def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
+                ) -> dict[str, float]:
+    """The align step three ways (the torch ops, the one-program Triton kernel, the chunked
+    kernels) alone, and inside the layer at batch 1, the decode batch and the prefill: what
+    decides ALIGN_KERNEL_ON_CUDA and ALIGN_KERNEL_MAX_PAIRS. Metric
+    names: moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_<same>_ms."""
+    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe_config import pick_config
+    from llmesh.kernels.moe_align import moe_align_block_size
+
+    m: dict[str, float] = {}
+    paths = (("torch", "torch"), ("kernel", "program"), ("chunks", "chunks"))
+    # Every path at every size (each forced), so the crossovers are placed: the one-program
+    # kernel's time grows with the pairs on one SM, the torch ops' and the chunked kernels' spread.
+    layer_sizes = (1, s.decode_batch, s.prefill_tokens)
+    for t in (*layer_sizes, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
+        x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
+        weights, ids = routing(t, s, device, gen)
+        block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m
+        for name, path in paths:
+            m[f"moe_align_t{t}_{name}_us"] = 1e3 * best_of_two(
+                lambda: moe_align_block_size(ids, block_m, s.experts, path=path), device)
+            if t in layer_sizes:
+                m[f"moe_layer_t{t}_align_{name}_ms"] = best_of_two(
+                    lambda: fused_moe(x, w13, w2, weights, ids, align_path=path), device)
+        line = ", ".join(f"{name} {m[f'moe_align_t{t}_{name}_us']:.1f} us" for name, _ in paths)
+        if t in layer_sizes:
+            line += "; layer " + " / ".join(f"{m[f'moe_layer_t{t}_align_{name}_ms']:.3f}" for name, _ in paths) + " ms"
+        print(f"[moe] align T={t}: {line}", flush=True)
+    return m
+
+
+def bench_decode1(s: Shapes, device: torch.device, ceilings: dict[str, float], w13: torch.Tensor,
+                  w2: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+    """The layer at batch 1 (k pairs, each its own block) as the table dispatches it and in each
+    form forced: 16-row tiles (the heuristic's) and the GEMV form (the table's GEMV entry, else a
+    skinny_gemm-like 8 x 512 tile). Bytes: the k experts' weights; moe_decode1_frac is the
+    dispatched layer's share of the copy bandwidth. Metrics: moe_decode1_{ms,tile_ms,gemv_ms,frac}."""
+    from llmesh.kernels.fused_moe import fused_moe
+    from llmesh.kernels.fused_moe_config import MoEConfig, default_config, pick_config
+
+    x = torch.randn(1, s.hidden, generator=gen, device=device).bfloat16()
+    weights, ids = routing(1, s, device, gen)
+    up, down = (pick_config(1, s.experts, n, k, s.top_k, device) for n, k in ((s.inter, s.hidden), (s.hidden, s.inter)))
+    forms = {"tile": tuple(default_config(1, s.experts, n, k, s.top_k) for n, k in ((s.inter, s.hidden),
+                                                                                    (s.hidden, s.inter))),
+             "gemv": (up, down) if up.gemv else (MoEConfig(1, 8, 512, 4, 1),) * 2}
+    want = fused_moe(x, w13, w2, weights, ids)
+    m = {"moe_decode1_ms": best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)}
+    for name, (c_up, c_down) in forms.items():
+        got = fused_moe(x, w13, w2, weights, ids, config=c_up, down_config=c_down)
+        err = float((got.float() - want.float()).abs().max()) / max(float(want.float().abs().max()), 1e-6)
+        if err > 0.02:
+            raise RuntimeError(f"fused_moe's {name} form differs from the dispatched layer at batch 1: {err:.3g}")
+        m[f"moe_decode1_{name}_ms"] = best_of_two(
+            lambda: fused_moe(x, w13, w2, weights, ids, config=c_up, down_config=c_down), device)
+    bytes_ = s.top_k * 3 * s.inter * s.hidden * w13.element_size()
+    m["moe_decode1_frac"] = bytes_ / (m["moe_decode1_ms"] / 1e3) / (ceilings["copy_tb_s"] * 1e12)
+    print(f"[moe] decode1: {m['moe_decode1_ms'] * 1e3:.1f} us dispatched ({up}), tiles "
+          f"{m['moe_decode1_tile_ms'] * 1e3:.1f} us, GEMV {m['moe_decode1_gemv_ms'] * 1e3:.1f} us; "
+          f"{m['moe_decode1_frac']:.3f} of the copy bandwidth", flush=True)
+    return m
