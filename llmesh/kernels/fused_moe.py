@@ -70,7 +70,7 @@ from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, 
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
-from llmesh.kernels.fused_moe_int4 import _int4_mainloop
+from llmesh.kernels.fused_moe_int4 import _int4_gemv_loop, _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
 from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
@@ -116,8 +116,9 @@ def _moe_gemm_kernel(
     WEIGHT_TMA (MoEConfig.weight_tma; float / INT8 / FP8 experts): the weight tiles through
     b_desc, a TMA descriptor over b's rows stacked [E * (2N gated / N), K] with block
     [BLOCK_N, BLOCK_K]; otherwise b_desc is unused.
-    BLOCK_M == 1 (MoEConfig.gemv; not INT4): one pair a block, its products by FMAs
-    (fused_moe_dense._dense_gemv_loop) instead of a 16-row tl.dot tile mostly padding.
+    BLOCK_M == 1 (MoEConfig.gemv): one pair a block, its products by FMAs
+    (fused_moe_dense._dense_gemv_loop, fused_moe_int4._int4_gemv_loop) instead of a 16-row tl.dot
+    tile mostly padding.
     SCALE_BN > 0 (SCALED False): block-scaled E4M3 experts, scales [E, rows / SCALE_BN, K / SCALE_BK]
     (stride_se an expert, stride_sg a row of blocks) applied in the K loop (_dense_mainloop).
     """
@@ -160,7 +161,15 @@ def _moe_gemm_kernel(
     a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
     k_lo = pid_k * k_split
-    if INT4:
+    if INT4 and BLOCK_M == 1:
+        # the pair's row as a scalar pointer: its K run loads as a column of the [K, N] code tile
+        a_row = a_ptr + tl.max(pair // a_row_div, axis=0).to(tl.int64) * stride_am
+        live = tl.max(m_mask.to(tl.int32), axis=0) > 0
+        acc, acc_up = _int4_gemv_loop(a_row, live, b_base, scale_ptr + expert * stride_se,
+                                      min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,
+                                      tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_N,
+                                      BLOCK_K, INTERPRET)
+    elif INT4:
         acc, acc_up = _int4_mainloop(a_rows, m_mask, b_base, scale_ptr + expert * stride_se,
                                      min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,
                                      tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_M,
@@ -320,9 +329,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                              f"config {config} is not; the down GEMM runs on the gate/up GEMM's blocks, so give both "
                              "block_m 1 or neither")
         down_config = dataclasses.replace(down_config, block_m=config.block_m)
-    if fmt == "int4" and config.gemv:
-        raise ValueError("fused_moe: INT4 experts take tiles of 16 or more rows (their K loop feeds tl.dot); "
-                         "MoEConfig.block_m 1, the GEMV form, is for 16-bit, INT8 and FP8 experts")
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)

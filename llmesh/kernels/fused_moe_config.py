@@ -74,7 +74,7 @@ class MoEConfig:
     @property
     def gemv(self) -> bool:
         """block_m 1: one (token, slot) pair a program, its products summed by FMAs, not tl.dot
-        (fused_moe_dense.py's GEMV form; 16-bit, INT8 and FP8 experts)."""
+        (fused_moe_dense.py's and fused_moe_int4.py's GEMV forms)."""
         return self.block_m == 1
 
 
@@ -257,9 +257,16 @@ compiles those whose BLOCK_M suits the rows per expert). BLOCK_N 32 is for the s
 at T = 1 the gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more
 programs; 256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""
 
+INT4_GEMV_CANDIDATES = tuple(
+    MoEConfig(1, bn, bk, w, 1)
+    for bn, bk, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))
+)
+"""The INT4 GEMV form's sweep (18 configs): codes are [K rows, N] with N contiguous, so a column
+tile of 32-128 bytes a row; K steps of 32-128 code rows (64-256 weights of each column)."""
+
 INT4_CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (3, 4))
-)
+) + INT4_GEMV_CANDIDATES
 """The INT4 sweep: BLOCK_K 32 to 128 rows of each half (64 to 256 rows a K step; fused_moe
 clamps it to the group)."""

@@ -162,3 +162,85 @@ def _int4_mainloop(a_rows, m_mask, b_base, s_base, m_base, rn, n_mask, N, K, KH,
         s_lo, z_lo, s_hi, z_hi = ns_lo, nz_lo, ns_hi, nz_hi
         su_lo, zu_lo, su_hi, zu_hi = nsu_lo, nzu_lo, nsu_hi, nzu_hi
     return acc, acc_up
+
+
+# The GEMV form widens to float32 by the same trick: a value v < 2^23 in the mantissa of 2^23
+# (0x4B000000, whose last mantissa bit is worth 1) is the float 2^23 + v, so one subtraction
+# makes it exact. A byte's two codes: prmt puts the byte under 0x4B (the byte's lane k of the
+# packed word into byte 0, zeros, 0x4B into byte 3), then one and each keeps the low nibble (q)
+# or the high one where it lies (16 q): a prmt and two ands a byte. ptxas leaves Triton's
+# extract / and / or for the same thing as three ops a code.
+_BYTE_BITS = tl.constexpr("""{
+    .reg .b32 t0, t1, t2, t3;
+    prmt.b32 t0, $8, 0x4B000000, 0x7540;
+    prmt.b32 t1, $8, 0x4B000000, 0x7541;
+    prmt.b32 t2, $8, 0x4B000000, 0x7542;
+    prmt.b32 t3, $8, 0x4B000000, 0x7543;
+    and.b32 $0, t0, 0x4B00000F;
+    and.b32 $1, t1, 0x4B00000F;
+    and.b32 $2, t2, 0x4B00000F;
+    and.b32 $3, t3, 0x4B00000F;
+    and.b32 $4, t0, 0x4B0000F0;
+    and.b32 $5, t1, 0x4B0000F0;
+    and.b32 $6, t2, 0x4B0000F0;
+    and.b32 $7, t3, 0x4B0000F0;
+    }""")
+
+
+@triton.jit
+def _nibbles_f32(codes, INTERPRET: tl.constexpr):
+    """(q, 16 q) of a uint8 code tile's low and high nibbles as exact float32 (the interpreter,
+    which runs no PTX: the same bits by integer ops), where the integer conversion instruction
+    would issue at a quarter of the ALU rate."""
+    if INTERPRET:
+        wide = codes.to(tl.int32)
+        lo = (wide & 0xF) | 0x4B000000
+        hi = (wide & 0xF0) | 0x4B000000
+    else:
+        lo, hi = tl.inline_asm_elementwise(_BYTE_BITS, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+    return lo.to(tl.float32, bitcast=True) - 8388608.0, hi.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _int4_gemv_cols(acc, a_lo, a_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, INTERPRET: tl.constexpr):
+    """acc [BLOCK_K, BLOCK_N] + one K step of both halves (a_lo, a_hi [BLOCK_K, 1]) in float32,
+    each weight dequantized (q * s + z, not rounded: as the decode tiles apply the scales to exact
+    products). The high nibble is widened where it lies, as 16 q, against s / 16 (exact: a power
+    of two), so fma(16 q, s / 16, z) is fma(q, s, z) bit for bit, without a shift."""
+    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+    q_lo, q16_hi = _nibbles_f32(codes, INTERPRET)
+    w_lo = q_lo * s_lo.to(tl.float32)[None, :] + z_lo.to(tl.float32)[None, :]
+    w_hi = q16_hi * (s_hi.to(tl.float32) * 0.0625)[None, :] + z_hi.to(tl.float32)[None, :]
+    return acc + a_lo * w_lo + a_hi * w_hi
+
+
+@triton.jit
+def _int4_gemv_loop(a_row, live, b_base, s_base, m_base, rn, n_mask, N, K, KH, j_lo, j_hi, stride_bk, stride_sg,
+                    GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """The GEMV form of _int4_mainloop for a block of one pair (a_row: a scalar pointer to its row of
+    activations, live: whether the block holds a pair): the code rows of a
+    K step against both halves' activations, per-element FMAs into a float32 [BLOCK_K, BLOCK_N]
+    accumulator per GEMM, summed over K once after the loop; [1, BLOCK_N] each. No tl.dot, so no
+    code tile passes through shared memory and no 16-row tile pads fifteen rows."""
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    s_cols = s_base + rn
+    z_cols = m_base + rn
+    up_mask = n_mask if GATED else rn < 0  # no up columns: their (unused) rows load nothing
+    k_live = tl.where(live, K, 0)  # a block without a pair reads no activations
+    for j0 in range(j_lo, j_hi, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
+        j = j0 + tl.arange(0, BLOCK_K)
+        # loaded as [BK] and broadcast down the tile's K rows: each thread loads the rows it holds
+        a_lo = tl.load(a_row + j, mask=j < k_live, other=0.0, eviction_policy="evict_last")
+        a_hi = tl.load(a_row + j + KH, mask=(j + KH) < k_live, other=0.0, eviction_policy="evict_last")
+        a_lo = a_lo.to(tl.float32)[:, None]
+        a_hi = a_hi.to(tl.float32)[:, None]
+        s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP)
+        b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
+        acc = _int4_gemv_cols(acc, a_lo, a_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, INTERPRET)
+        if GATED:
+            su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0, KH, stride_sg, GROUP)
+            acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, b_ptrs + N, n_mask, su_lo, zu_lo, su_hi, zu_hi, INTERPRET)
+    return tl.sum(acc, axis=0)[None, :], tl.sum(acc_up, axis=0)[None, :]

@@ -1,7 +1,8 @@
-"""The fused MoE GEMMs' GEMV form (MoEConfig.block_m 1, llmesh/kernels/fused_moe_dense.py) against
-the torch reference and against the 16-row tile form, on random inputs: the one-token path (pair
-blocks, the down GEMM summing the k rows), sorted blocks of one pair, split-K, column tiles
-narrower than 16, quantized and block-scaled experts, TMA tiles; and the configs it refuses."""
+"""The fused MoE GEMMs' GEMV form (MoEConfig.block_m 1: fused_moe_dense.py, fused_moe_int4.py)
+against the torch reference and against the 16-row tile form, on random inputs: the one-token
+path (pair blocks, the down GEMM summing the k rows), sorted blocks of one pair, split-K, column
+tiles narrower than 16, INT8 / FP8 / block-scaled / INT4 experts, TMA tiles; and the configs it
+refuses."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int4, quantize_experts_int8
 from llmesh.kernels.fused_moe import fused_moe
-from llmesh.kernels.fused_moe_config import CANDIDATES, GEMV_CANDIDATES, MoEConfig
+from llmesh.kernels.fused_moe_config import (CANDIDATES, GEMV_CANDIDATES, INT4_CANDIDATES, INT4_GEMV_CANDIDATES,
+                                             MoEConfig)
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from tests.kernels.test_fused_moe import _experts, _routing
 from tests.kernels.test_fused_moe_blocks import _block_experts
@@ -81,6 +83,36 @@ def test_gemv_form_runs_per_channel_quantized_experts(device, quantize, t):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("t,k,config", [
+    (1, 8, MoEConfig(1, 32, 32, 4, 1)),             # one token: pair blocks, the k rows summed by the down GEMM
+    (1, 4, MoEConfig(1, 16, 64, 4, 1, split_k=3)),  # split-K over the code rows
+    (5, 2, MoEConfig(1, 64, 128, 8, 1)),            # sorted blocks of one pair; a K step of a whole group
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_form_matches_the_reference_and_the_tiles(device, t, k, config, dtype):
+    """INT4 experts (the halves layout, groups of 128; H = 200 pads to 256, I = 96 to 128) in the
+    GEMV form: each code widened exactly, its group's scale and min applied in float32."""
+    gen = torch.Generator().manual_seed(50 + t * 10 + k)
+    e, h, inter = 16, 200, 96
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    c13, s13, m13 = quantize_experts_int4(w13)
+    c2, s2, m2 = quantize_experts_int4(w2)
+    quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+    weights, ids = _routing(t, e, k, gen)
+    weights = weights.to(dtype)
+    if t == 1:
+        ids[0, 1] = -1  # a pair of another rank's expert adds nothing
+    kept = torch.where(ids < 0, 0.0, weights.float()).to(dtype)
+    ref = fused_moe_ref(x, c13, c2, kept, ids.clamp(min=0), **quant)
+    tiles = _run(device, x, c13, c2, weights, ids, MoEConfig(16, 32, 64), **quant)
+    for _ in range(2):  # the second call finds the arrival counters reset
+        got = _run(device, x, c13, c2, weights, ids, config, **quant)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(got, tiles, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("t,block,config", [
     (1, (32, 64), MoEConfig(1, 8, 32, 4, 2)),            # K steps of 32 in 64-wide blocks; one token
     (5, (16, 32), MoEConfig(1, 4, 32, 4, 1, split_k=2)),  # column tiles inside a row block; split-K
@@ -142,11 +174,6 @@ def test_configs_the_gemv_form_refuses_are_named(device):
     # a tile down config runs as the GEMV form behind a GEMV gate/up (the down GEMM takes its blocks)
     mixed = _run(device, x, w13, w2, weights, ids, MoEConfig(1, 8, 32), TILE)
     torch.testing.assert_close(mixed, fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
-    c13, s13, m13 = quantize_experts_int4(w13)
-    c2, s2, m2 = quantize_experts_int4(w2)
-    with pytest.raises(ValueError, match="INT4 experts take tiles of 16 or more rows"):
-        _run(device, x, c13, c2, weights, ids, MoEConfig(1, 8, 32), w13_scale=s13, w2_scale=s2, w13_min=m13,
-             w2_min=m2)
 
 
 def test_the_sweep_holds_gemv_candidates_for_one_pair_an_expert():
@@ -162,4 +189,6 @@ def test_the_sweep_holds_gemv_candidates_for_one_pair_an_expert():
     one = tune_candidates(1, s, smoke=False)  # 8 pairs over 128 experts
     assert {c for c in one if c.gemv} == set(GEMV_CANDIDATES) and any(not c.gemv for c in one)
     assert not any(c.gemv for c in tune_candidates(64, s, smoke=False))  # 4 pairs an expert: tiles only
-    assert not any(c.gemv for c in tune_candidates(1, s, smoke=False, weights="int4"))
+    int4 = tune_candidates(1, s, smoke=False, weights="int4")
+    assert {c for c in int4 if c.gemv} == set(INT4_GEMV_CANDIDATES) <= set(INT4_CANDIDATES)
+    assert not any(c.gemv for c in tune_candidates(64, s, smoke=False, weights="int4"))

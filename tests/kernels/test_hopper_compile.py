@@ -145,6 +145,11 @@ CASES = [
      dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=1, BLOCK_N=8, BLOCK_K=256,
           SPLIT_K=1, SUM_SLOTS=8, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, SCALE_BN=128,
           SCALE_BK=128)),
+    ("fused_moe", "_moe_gemm_kernel",  # the INT4 experts' GEMV form (gate/up, split along the code rows)
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64,
+          SPLIT_K=2, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
     # the producers of a block-scaled FP8 layer's input: scales per token and 128 channels
     ("rmsnorm", "_rmsnorm_kernel", {"out_ptr": "fp8e4nv", "scale_ptr": "fp32"},
      dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True, FP8=True, INTERPRET=False, GROUP=128)),
@@ -169,7 +174,7 @@ CASES = [
 PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
 # Kernels whose weight stream must be 16-byte loads, as a launch specialises them (case index in
 # CASES): the GEMV form reads its weight rows with plain loads, whose width is all its speed.
-VECTOR_LOADS = [34, 35]
+VECTOR_LOADS = [34, 35, 36]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
