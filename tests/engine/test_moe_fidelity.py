@@ -105,10 +105,12 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
 
 
-def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monkeypatch):
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monkeypatch, quantization):
     """The fused MoE kernel's GEMV form (one pair a block, MoEConfig.block_m 1) where the tile
     table would pick it, at decode sizes: one-token steps (pair blocks, the down GEMM summing the
-    k rows) and steps of two or three tokens (sorted blocks of one pair), inside the engine."""
+    k rows) and steps of two or three tokens (sorted blocks of one pair), inside the engine; float
+    experts and INT4 ones (quantized on load, against the torch backend's INT4 reference)."""
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
     from llmesh.kernels import fused_moe as fm
     from llmesh.kernels.fused_moe_config import MoEConfig
@@ -117,9 +119,9 @@ def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monke
     real, used = fm.pick_config, []
 
     def gemv_at_decode(m, num_experts, n, k, top_k, device=None, weights="dense"):
-        if m <= 3 and weights == "dense":
-            used.append(m)
-            return MoEConfig(1, 8, 32, 4, 1)
+        if m <= 3:
+            used.append((m, weights))
+            return MoEConfig(1, 8, 32, 4, 1) if weights == "dense" else MoEConfig(1, 32, 32, 4, 1)
         return real(m, num_experts, n, k, top_k, device, weights)
 
     monkeypatch.setattr(fm, "pick_config", gemv_at_decode)
@@ -127,8 +129,11 @@ def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monke
     rng = random.Random(9)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 14, 5)]
     kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
+    if quantization != "none":
+        kw["quantization"] = quantization
     tokens, _ = run_backend(path, "triton", prompts, [0, 1, 6], **kw)
-    assert 1 in used and {2, 3} & set(used), used
+    fmt = "dense" if quantization == "none" else quantization
+    assert (1, fmt) in used and {(2, fmt), (3, fmt)} & set(used), used
     monkeypatch.setattr(fm, "pick_config", real)
     assert tokens == run_backend(path, "torch", prompts, [0, 1, 6], **kw)[0]
 
