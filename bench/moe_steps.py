@@ -79,31 +79,42 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
 
 def bench_decode1(s: Shapes, device: torch.device, ceilings: dict[str, float], w13: torch.Tensor,
                   w2: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-    """The layer at batch 1 (k pairs, each its own block) as the table dispatches it and in each
-    form forced: 16-row tiles (the heuristic's) and the GEMV form (the table's GEMV entry, else a
-    skinny_gemm-like 8 x 512 tile). Bytes: the k experts' weights; moe_decode1_frac is the
-    dispatched layer's share of the copy bandwidth. Metrics: moe_decode1_{ms,tile_ms,gemv_ms,frac}."""
+    """The layer at batch 1 (k pairs, each its own block), bf16 and INT4 experts, as the tables
+    dispatch it and in each form forced: 16-row tiles (the heuristic's) and the GEMV form (the
+    table's GEMV entry, else 8 x 512 for bf16 and 64 x 64 for INT4). moe_decode1_frac: the
+    dispatched bf16 layer's k experts' bytes per second over the copy bandwidth. Metrics:
+    moe_decode1_{ms,tile_ms,gemv_ms,frac}, moe_decode1_int4_{ms,tile_ms,gemv_ms,vs_bf16_x}."""
+    from llmesh.engine.model.moe import quantize_experts_int4
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import MoEConfig, default_config, pick_config
 
     x = torch.randn(1, s.hidden, generator=gen, device=device).bfloat16()
     weights, ids = routing(1, s, device, gen)
-    up, down = (pick_config(1, s.experts, n, k, s.top_k, device) for n, k in ((s.inter, s.hidden), (s.hidden, s.inter)))
-    forms = {"tile": tuple(default_config(1, s.experts, n, k, s.top_k) for n, k in ((s.inter, s.hidden),
-                                                                                    (s.hidden, s.inter))),
-             "gemv": (up, down) if up.gemv else (MoEConfig(1, 8, 512, 4, 1),) * 2}
-    want = fused_moe(x, w13, w2, weights, ids)
-    m = {"moe_decode1_ms": best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)}
-    for name, (c_up, c_down) in forms.items():
-        got = fused_moe(x, w13, w2, weights, ids, config=c_up, down_config=c_down)
-        err = float((got.float() - want.float()).abs().max()) / max(float(want.float().abs().max()), 1e-6)
-        if err > 0.02:
-            raise RuntimeError(f"fused_moe's {name} form differs from the dispatched layer at batch 1: {err:.3g}")
-        m[f"moe_decode1_{name}_ms"] = best_of_two(
-            lambda: fused_moe(x, w13, w2, weights, ids, config=c_up, down_config=c_down), device)
+    c13, cs13, cm13 = quantize_experts_int4(w13)
+    c2, cs2, cm2 = quantize_experts_int4(w2)
+    formats = (("", "dense", (w13, w2), {}, MoEConfig(1, 8, 512, 4, 1)),
+               ("int4_", "int4", (c13, c2), dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2),
+                MoEConfig(1, 64, 64, 4, 1)))
+    shapes = ((s.inter, s.hidden), (s.hidden, s.inter))  # (N, K): gate/up, down
+    m: dict[str, float] = {}
+    for tag, fmt, (a13, a2), quant, gemv in formats:
+        up, down = (pick_config(1, s.experts, n, k, s.top_k, device, fmt) for n, k in shapes)
+        forms = {"tile": tuple(default_config(1, s.experts, n, k, s.top_k, fmt) for n, k in shapes),
+                 "gemv": (up, down) if up.gemv else (gemv, gemv)}
+        want = fused_moe(x, a13, a2, weights, ids, **quant)
+        m[f"moe_decode1_{tag}ms"] = best_of_two(lambda: fused_moe(x, a13, a2, weights, ids, **quant), device)
+        for name, (c_up, c_down) in forms.items():
+            got = fused_moe(x, a13, a2, weights, ids, config=c_up, down_config=c_down, **quant)
+            err = float((got.float() - want.float()).abs().max()) / max(float(want.float().abs().max()), 1e-6)
+            if err > 0.02:
+                raise RuntimeError(f"fused_moe's {name} form differs from the dispatched {fmt} layer at batch 1: "
+                                   f"{err:.3g}")
+            m[f"moe_decode1_{tag}{name}_ms"] = best_of_two(
+                lambda: fused_moe(x, a13, a2, weights, ids, config=c_up, down_config=c_down, **quant), device)
+        print(f"[moe] decode1 {fmt}: {m[f'moe_decode1_{tag}ms'] * 1e3:.1f} us dispatched ({up}), tiles "
+              f"{m[f'moe_decode1_{tag}tile_ms'] * 1e3:.1f} us, GEMV {m[f'moe_decode1_{tag}gemv_ms'] * 1e3:.1f} us",
+              flush=True)
     bytes_ = s.top_k * 3 * s.inter * s.hidden * w13.element_size()
     m["moe_decode1_frac"] = bytes_ / (m["moe_decode1_ms"] / 1e3) / (ceilings["copy_tb_s"] * 1e12)
-    print(f"[moe] decode1: {m['moe_decode1_ms'] * 1e3:.1f} us dispatched ({up}), tiles "
-          f"{m['moe_decode1_tile_ms'] * 1e3:.1f} us, GEMV {m['moe_decode1_gemv_ms'] * 1e3:.1f} us; "
-          f"{m['moe_decode1_frac']:.3f} of the copy bandwidth", flush=True)
+    m["moe_decode1_int4_vs_bf16_x"] = m["moe_decode1_ms"] / m["moe_decode1_int4_ms"]
     return m
