@@ -19,7 +19,8 @@ and its offline workload: moe_decode_b1_roofline_frac, moe_offline_out_tok_s. Wi
 the batch-1 decode too: moe_int4_decode_b1_tok_s, moe_int4_decode_b1_vs_bf16_x.
 
 Batch 1 (the kernel part, bench/moe_steps.py): the layer at one token as dispatched and in each
-GEMM form forced, 16-row tiles and the GEMV form (moe_decode1_{ms,tile_ms,gemv_ms,frac}).
+GEMM form forced, 16-row tiles and the GEMV form, bf16 and INT4 experts
+(moe_decode1_{ms,tile_ms,gemv_ms,frac}, moe_decode1_int4_{ms,tile_ms,gemv_ms,vs_bf16_x}).
 
 Align (--parts align; the kernel part runs it too): the align step's three paths (torch ops,
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
