@@ -161,10 +161,10 @@ def _moe_gemm_kernel(
     a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
     k_lo = pid_k * k_split
-    if INT4 and BLOCK_M == 1:
-        # the pair's row as a scalar pointer: its K run loads as a column of the [K, N] code tile
+    if BLOCK_M == 1:  # the GEMV forms take the pair's row as a scalar pointer (a vector in their tile's layout)
         a_row = a_ptr + tl.max(pair // a_row_div, axis=0).to(tl.int64) * stride_am
         live = tl.max(m_mask.to(tl.int32), axis=0) > 0
+    if INT4 and BLOCK_M == 1:
         acc, acc_up = _int4_gemv_loop(a_row, live, b_base, scale_ptr + expert * stride_se,
                                       min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,
                                       tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_N,
@@ -180,7 +180,7 @@ def _moe_gemm_kernel(
             rows_per_expert = 2 * N
         b_row = (expert * rows_per_expert).to(tl.int32) + pid_n * BLOCK_N
         if BLOCK_M == 1:
-            acc, acc_up = _dense_gemv_loop(a_rows, m_mask, b_base, b_desc, b_row, rn, N, K, k_lo,
+            acc, acc_up = _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo,
                                            tl.minimum(k_lo + k_split, K), stride_bn, scale_ptr + expert * stride_se,
                                            stride_sg, GATED, BLOCK_N, BLOCK_K, WEIGHT_TMA, SCALE_BN, SCALE_BK)
         else:

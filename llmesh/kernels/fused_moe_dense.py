@@ -108,12 +108,16 @@ def _gemv_rows(a, rows, b_desc, b_row, k, k_mask, s_rows, k0,
 
 
 @triton.jit
-def _dense_gemv_loop(a_rows, m_mask, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi, stride_bn, s_base, stride_sn,
+def _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi, stride_bn, s_base, stride_sn,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
                      SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0):
-    """The GEMV form of _dense_mainloop's (a @ gate^T, a @ up^T) for a block of one row
-    (a_rows [1, 1]): [1, BLOCK_N] each. Rows of rn past N read row rn % N (loads need no row
-    predicate) and are never stored; TMA tiles (WEIGHT_TMA) start at b_row as in the tile form."""
+    """The GEMV form of _dense_mainloop's (a @ gate^T, a @ up^T) for a block of one pair (a_row:
+    a scalar pointer to its row of activations, live: whether the block holds a pair):
+    [1, BLOCK_N] each. The row loads as a [BLOCK_K] vector broadcast along the weight rows (at
+    BLOCK_N 8-16 Triton 3.6 still moves it into the tile's layout through shared memory, a barrier
+    a K step; at 4 it does not: the sweep weighs that). Rows of rn past N read row rn % N (loads
+    need no row predicate) and are never stored; TMA tiles (WEIGHT_TMA) start at b_row as in the
+    tile form."""
     rk = tl.arange(0, BLOCK_K)
     row = rn % N
     rows = b_base + row.to(tl.int64)[:, None] * stride_bn  # [BN, 1]
@@ -122,11 +126,12 @@ def _dense_gemv_loop(a_rows, m_mask, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi
     s_rows_up = s_base + ((row + N) // SCALE_BN).to(tl.int64) * stride_sn if SCALE_BN > 0 else s_base
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    k_live = tl.where(live, K, 0)  # a block without a pair reads no activations
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         k_mask = k < K
-        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                    eviction_policy="evict_last").to(tl.float32)  # [1, BK]: every program of the pair reads it
+        a = tl.load(a_row + k, mask=k < k_live, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)[None, :]  # every program of the pair reads it
         acc += _gemv_rows(a, rows, b_desc, b_row, k, k_mask, s_rows, k0, WEIGHT_TMA, SCALE_BN, SCALE_BK)
         if GATED:
             acc_up += _gemv_rows(a, rows_up, b_desc, b_row + N, k, k_mask, s_rows_up, k0, WEIGHT_TMA, SCALE_BN,
