@@ -220,8 +220,8 @@ def _refine(run, field: str, values, best_up, best_down, best_ms: float, tag: st
     one, each timed against the layer's best total so far: (best_up, best_down, best_ms)."""
     for value in values:
         for which in ("up", "down"):
-            c = replace(best_up if which == "up" else best_down, **{field: value})
-            try:
+            try:  # a combination MoEConfig refuses (TMA boxes past 256) is skipped like one that cannot run
+                c = replace(best_up if which == "up" else best_down, **{field: value})
                 ms = run(c, best_down) if which == "up" else run(best_up, c)
             except Exception as exc:  # out of shared memory / registers: skip it
                 print(f"[moe] autotune {tag} {which} {c}: {type(exc).__name__}", flush=True)

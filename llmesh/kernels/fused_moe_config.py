@@ -70,6 +70,9 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.group_m must be an int >= 0, got {self.group_m!r}")
         if self.weight_tma not in (0, 1):
             raise ValueError(f"MoEConfig.weight_tma must be 0 or 1, got {self.weight_tma!r}")
+        if self.weight_tma and max(self.block_n, self.block_k) > 256:
+            raise ValueError(f"MoEConfig.weight_tma reads [block_n, block_k] tiles as TMA boxes, at most 256 "
+                             f"elements a side; got {self.block_n} x {self.block_k}")
 
     @property
     def gemv(self) -> bool:

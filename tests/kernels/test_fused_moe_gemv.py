@@ -161,6 +161,8 @@ def test_configs_the_gemv_form_refuses_are_named(device):
     with pytest.raises(ValueError, match="block_n must be a power of two >= 1"):
         MoEConfig(1, 6, 32)
     assert MoEConfig(1, 4, 32).gemv and not TILE.gemv
+    with pytest.raises(ValueError, match="at most 256 elements a side"):
+        MoEConfig(1, 8, 512, weight_tma=1)  # the GEMV form's long K steps are pointer loads only
     from llmesh.kernels.fused_moe_config import fit_shared_memory
 
     wide = MoEConfig(1, 32, 1024, 8, 3)  # stages the GEMV form ignores: nothing to fit
