@@ -203,3 +203,16 @@ def test_warp_spec_probe_reports_each_loop():
     lines = [line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert [name.split()[0] + name.split()[1] for name, _ in lines] == ["tma4", "tma8", "gather4", "gather8"]
     assert all(outcome.strip().startswith(("partitioned", "declined", "compile failed")) for _, outcome in lines)
+
+
+CPU_ONLY_KERNEL_TESTS = {"test_hopper_compile.py"}
+"""Kernel test files with nothing for a GPU to run (sm90 compiles on the CPU)."""
+
+
+def test_gpu_tests_sh_runs_every_kernel_test_file():
+    """bench/gpu_tests.sh lists its groups by file: a kernel test file added without a group never
+    runs on the device (test_extend_attention.py's FA3 cases and test_quant_dequant.py were missing)."""
+    script = (ROOT / "bench" / "gpu_tests.sh").read_text()
+    files = {p.name for p in (ROOT / "tests" / "kernels").glob("test_*.py")}
+    missing = sorted(f for f in files - CPU_ONLY_KERNEL_TESTS if f"tests/kernels/{f}" not in script)
+    assert not missing, f"kernel test files in no group of bench/gpu_tests.sh: {missing}"

@@ -106,7 +106,7 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_gemv_form_in_the_engine_gives_the_torch_backends_tokens(moe_dirs, monkeypatch, quantization):
+def test_gemv_form_on_the_triton_backend_gives_the_torch_backends_tokens(moe_dirs, monkeypatch, quantization):
     """The fused MoE kernel's GEMV form (one pair a block, MoEConfig.block_m 1) where the tile
     table would pick it, at decode sizes: one-token steps (pair blocks, the down GEMM summing the
     k rows) and steps of two or three tokens (sorted blocks of one pair), inside the engine; float
