@@ -167,7 +167,7 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         traceback.print_exc()
         print("[moe] align comparison FAILED (the moe_align_* metrics are missing)", flush=True)
     try:
-        m.update(bench_decode1(s, device, ceilings, w13, w2, gen))
+        m.update(bench_decode1(s, device, ceilings, w13, w2, (c13, c2, int4), gen))  # the INT4 experts above
     except Exception:
         traceback.print_exc()
         print("[moe] batch-1 layer comparison FAILED (the moe_decode1_* metrics are missing)", flush=True)

@@ -78,23 +78,21 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
 
 
 def bench_decode1(s: Shapes, device: torch.device, ceilings: dict[str, float], w13: torch.Tensor,
-                  w2: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+                  w2: torch.Tensor, int4: tuple[torch.Tensor, torch.Tensor, dict], gen: torch.Generator
+                  ) -> dict[str, float]:
     """The layer at batch 1 (k pairs, each its own block), bf16 and INT4 experts, as the tables
     dispatch it and in each form forced: 16-row tiles (the heuristic's) and the GEMV form (the
     table's GEMV entry, else 8 x 512 for bf16 and 64 x 64 for INT4). moe_decode1_frac: the
     dispatched bf16 layer's k experts' bytes per second over the copy bandwidth. Metrics:
-    moe_decode1_{ms,tile_ms,gemv_ms,frac}, moe_decode1_int4_{ms,tile_ms,gemv_ms,vs_bf16_x}."""
-    from llmesh.engine.model.moe import quantize_experts_int4
+    moe_decode1_{ms,tile_ms,gemv_ms,frac}, moe_decode1_int4_{ms,tile_ms,gemv_ms,vs_bf16_x}.
+    ``int4``: the same experts as INT4 (codes w13, codes w2, fused_moe's quantization keywords)."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import MoEConfig, default_config, pick_config
 
     x = torch.randn(1, s.hidden, generator=gen, device=device).bfloat16()
     weights, ids = routing(1, s, device, gen)
-    c13, cs13, cm13 = quantize_experts_int4(w13)
-    c2, cs2, cm2 = quantize_experts_int4(w2)
     formats = (("", "dense", (w13, w2), {}, MoEConfig(1, 8, 512, 4, 1)),
-               ("int4_", "int4", (c13, c2), dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2),
-                MoEConfig(1, 64, 64, 4, 1)))
+               ("int4_", "int4", int4[:2], int4[2], MoEConfig(1, 64, 64, 4, 1)))
     shapes = ((s.inter, s.hidden), (s.hidden, s.inter))  # (N, K): gate/up, down
     m: dict[str, float] = {}
     for tag, fmt, (a13, a2), quant, gemv in formats:

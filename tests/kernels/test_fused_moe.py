@@ -30,6 +30,13 @@ def _experts(e: int, h: int, inter: int, dtype, gen):
     return w13, w2
 
 
+def _int4_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Float experts as INT4 (quantize_int4 per expert): (codes w13, codes w2, fused_moe's keywords)."""
+    c13, s13, m13 = quantize_experts_int4(w13)
+    c2, s2, m2 = quantize_experts_int4(w2)
+    return c13, c2, dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+
+
 @pytest.mark.parametrize("t,e,k,skew", [(1, 8, 2, False), (5, 4, 1, False), (7, 8, 8, False),
                                         (33, 16, 2, True), (19, 8, 2, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -124,9 +131,7 @@ def test_split_k_sums_every_piece_once(device, fmt, dtype, split):
     weights, ids = _routing(t, e, k, gen)
     quant = {}
     if fmt == "int4":
-        w13, s13, m13 = quantize_experts_int4(w13)
-        w2, s2, m2 = quantize_experts_int4(w2)
-        quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+        w13, w2, quant = _int4_experts(w13, w2)
     else:
         w13, w2 = w13.to(dtype), w2.to(dtype)
     args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
@@ -161,9 +166,7 @@ def test_one_token_skips_the_align_step_and_sums_in_the_down_gemm(device, fmt, d
         ids[0, 2] = ids[0, 5] = -1
     quant = {}
     if fmt == "int4":
-        w13, s13, m13 = quantize_experts_int4(w13)
-        w2, s2, m2 = quantize_experts_int4(w2)
-        quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+        w13, w2, quant = _int4_experts(w13, w2)
     elif fmt == "int8":
         w13, s13 = quantize_experts_int8(w13)
         w2, s2 = quantize_experts_int8(w2)

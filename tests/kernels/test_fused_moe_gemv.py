@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int4, quantize_experts_int8
+from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int8
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.fused_moe_config import (CANDIDATES, GEMV_CANDIDATES, INT4_CANDIDATES, INT4_GEMV_CANDIDATES,
                                              MoEConfig)
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
-from tests.kernels.test_fused_moe import _experts, _routing
+from tests.kernels.test_fused_moe import _experts, _int4_experts, _routing
 from tests.kernels.test_fused_moe_blocks import _block_experts
 
 TILE = MoEConfig(16, 32, 32)
@@ -96,9 +96,7 @@ def test_int4_gemv_form_matches_the_reference_and_the_tiles(device, t, k, config
     e, h, inter = 16, 200, 96
     x = torch.randn(t, h, generator=gen).to(dtype)
     w13, w2 = _experts(e, h, inter, torch.float32, gen)
-    c13, s13, m13 = quantize_experts_int4(w13)
-    c2, s2, m2 = quantize_experts_int4(w2)
-    quant = dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
+    c13, c2, quant = _int4_experts(w13, w2)
     weights, ids = _routing(t, e, k, gen)
     weights = weights.to(dtype)
     if t == 1:
