@@ -26,7 +26,7 @@ Align (--parts align; the kernel part runs it too): the align step's three paths
 one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
 4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
 
-Usage: python bench/moe_gpu.py [--parts kernel,engine,align] [--autotune] [--tune-weights dense,int4]
+Usage: python bench/moe_gpu.py [--parts kernel,engine,align,decode1] [--autotune] [--tune-weights dense,int4]
        [--offline-repeats 3] [--smoke] [--suffix _x]
 Writes bench/results/moe_<dev><suffix>.json. --autotune first sweeps fused_moe_config.CANDIDATES (those
 whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4096 (the token
@@ -36,6 +36,8 @@ INT4_CANDIDATES with INT4 experts into the device's ":int4" table. The winners a
 split-K (decode sizes), in grouped program order (MoEConfig.group_m; prefill sizes) and with
 their weight tiles through TMA descriptors (MoEConfig.weight_tma; every size);
 --tune-order-only skips the tile sweep and tries only those on the table's tiles.
+--tune-gemv-only sweeps only the GEMV form's candidates against the table's entries (batch 1).
+--parts decode1: the batch-1 layer alone (bench/moe_steps.py's part of the kernel part).
 --smoke: tiny shapes through Triton's interpreter on the CPU (checks the code paths only).
 """
 
@@ -60,7 +62,7 @@ from gpu_ceilings import (device_name, device_tag, graph_time_ms, measure_ceilin
 from llmesh.bench_results import write_result  # noqa: E402
 from moe_steps import bench_align, bench_decode1, bench_router, best_of_two, routing  # noqa: E402
 
-PARTS = ("kernel", "engine", "align")
+PARTS = ("kernel", "engine", "align", "decode1")
 
 
 @dataclass(frozen=True)
@@ -237,12 +239,13 @@ def _refine(run, field: str, values, best_up, best_down, best_ms: float, tag: st
 
 
 def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path,
-             weights: str = "dense", tiles: bool = True) -> list[str]:
+             weights: str = "dense", tiles: bool = True, gemv_only: bool = False) -> list[str]:
     """Time the candidate configs per GEMM and M for one expert format (fused_moe_config's
     WEIGHT_FORMATS); the winners go into ``tuned_file`` under the table tag of this device and
     format (what fused_moe's pick_config reads). Returns one line per winner. ``tiles`` False:
     no tile sweep; the table's (or the heuristic's) tiles are the winners whose split and
-    program order are tried."""
+    program order are tried. ``gemv_only``: the GEMV candidates against the table's entries (a
+    GEMV config replaces them only where it measured faster), a few minutes' sweep less."""
     from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
@@ -257,6 +260,10 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         if prefill:  # the tiles swept in the grouped order (moe_h200_order.json: group_m 1 took 0.985 to 0.813 ms)
             candidates = [replace(c, group_m=1) for c in candidates]
         default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)
+        if gemv_only:
+            default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device, weights)
+            candidates = [c for c in candidates if c.gemv] + [
+                pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights), default_down]
         if not tiles:
             candidates = [pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights)]
             default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device, weights)
@@ -365,6 +372,8 @@ def main() -> int:
     ap.add_argument("--tune-order-only", action="store_true",
                     help="autotune: keep the table's tiles, try only split-K (decode sizes) and the grouped "
                          "program order (prefill sizes) on them")
+    ap.add_argument("--tune-gemv-only", action="store_true",
+                    help="autotune: only the GEMV-form candidates, against the table's tiles")
     ap.add_argument("--tune-weights", default="dense",
                     help="comma-separated expert formats the autotune sweeps: dense (bf16, int8, fp8), int4")
     ap.add_argument("--tuned-file", default=None,
@@ -415,11 +424,18 @@ def main() -> int:
         t1 = time.perf_counter()
         workload["autotune"] = [line for weights in args.tune_weights.split(",")
                                 for line in autotune(shapes, device, m_values, args.smoke, tuned_file, weights,
-                                                      tiles=not args.tune_order_only)]
+                                                      tiles=not args.tune_order_only,
+                                                      gemv_only=args.tune_gemv_only)]
         print(f"[moe] autotune {time.perf_counter() - t1:.0f}s", flush=True)
         save()
     if "kernel" in parts:
         metrics.update(bench_kernel(shapes, device, ceilings, args.smoke))
+        save()
+    if "decode1" in parts and "kernel" not in parts:  # the batch-1 layer alone (the kernel part runs it too)
+        gen = torch.Generator(device).manual_seed(0)
+        w13, w2 = experts(shapes, device, gen)
+        c13, c2, int4 = tune_weights("int4", w13, w2)
+        metrics.update(bench_decode1(shapes, device, ceilings, w13, w2, (c13, c2, int4), gen))
         save()
     if "align" in parts and "kernel" not in parts:
         gen = torch.Generator(device).manual_seed(0)
