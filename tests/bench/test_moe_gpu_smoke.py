@@ -33,3 +33,23 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
                          or (len(fields) == 8 and fields[7] == 1) for fields in tuned.values())
     assert "up group_m=1:" in proc.stdout and "down group_m=16:" in proc.stdout  # the orders tried at prefill
     assert "up weight_tma=1:" in proc.stdout and "down weight_tma=1:" in proc.stdout  # TMA tried on the winners
+
+
+def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
+    """--tune-gemv-only weighs the GEMV candidates against the table's two entries (the smoke pool
+    has one GEMV config: three candidates a GEMM); --parts decode1 writes the batch-1 layer alone."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--parts", "decode1", "--autotune",
+                           "--tune-gemv-only", "--tune-m", "1", "--tune-weights", "dense,int4",
+                           "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "moe_cpu.json").read_text())
+    lines = doc["workload"]["autotune"]
+    assert [line.split(" ")[0] for line in lines] == ["dense", "dense", "int4", "int4"]
+    assert all("(3 candidates)" in line for line in lines if "# gate/up" in line)
+    m = doc["metrics"]
+    for key in ("moe_decode1_ms", "moe_decode1_tile_ms", "moe_decode1_gemv_ms", "moe_decode1_frac",
+                "moe_decode1_int4_ms", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x"):
+        assert m[key] > 0, key
+    assert "moe_gemm_frac" not in m  # the kernel part did not run
