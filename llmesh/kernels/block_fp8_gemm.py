@@ -131,8 +131,10 @@ def block_fp8_scaled_mm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch
     xq, xs = rows.xq, rows.scale
     m = xq.shape[0]
     pad = -m % CUBLAS_ROW_MULTIPLE
-    if pad:  # zero rows with scale 1, their outputs dropped
-        xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+    if pad:  # zero rows with scale 1, their outputs dropped (bytes copied: cat lacks FP8 in some torch builds)
+        padded = torch.zeros(m + pad, xq.shape[1], dtype=torch.uint8, device=xq.device)
+        padded[:m].copy_(xq.view(torch.uint8))
+        xq = padded.view(xq.dtype)
         xs = torch.cat([xs, xs.new_ones(pad, xs.shape[1])])
     out = scaled_mm(xq, qweight.t(), scale_a=mn_major_scales(xs),
                     scale_recipe_a=ScalingType.BlockWise1x128, scale_b=scales.t(),
