@@ -10,6 +10,7 @@
 #   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep),
 #   trace (mesh_trace.py: the added TTFT from the services' spans; TRACE_TIMEOUT, 300 s),
 #   block-fp8 (block_fp8_gpu.py: BLOCK_FP8_TILES all|table, BLOCK_FP8_SUFFIX).
+#   causal-tables (the causal-prefill tables measured, pasted by paste_tables.py, the headline rerun).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
@@ -45,6 +46,21 @@ want kernels && step kernels $PY bench/kernels_gpu.py ${KERNEL_PARTS:+--parts "$
   ${KERNELS_SUFFIX:+--suffix "$KERNELS_SUFFIX"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 HF=(--hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}")
 [ "${HF_BASELINE:-1}" = 1 ] || HF=()
+# causal-tables: the causal-prefill part once to measure DENSE_CAUSAL_BACKEND / EXTEND_BACKEND
+# (kernels_<dev>_tables.json), bench/paste_tables.py writes them into their modules (smoke: --check),
+# then causal, unified and rope_kv again for kernels_<dev>.json's headline through the tables just
+# pasted (LLMESH_COMMIT, where set, marked +tables); the two modules come back with the results.
+if want causal-tables; then
+  step causal-measure $PY bench/kernels_gpu.py --parts causal --suffix _tables "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+  mapfile -t MEASURED < <(find "$RESULTS_DIR" -maxdepth 1 -name 'kernels_*_tables.json' -newer "$RESULTS_DIR/.run_start")
+  if [ ${#MEASURED[@]} -gt 0 ]; then
+    CHECK=(); [ "$SMOKE" = 1 ] && CHECK=(--check)
+    step paste $PY bench/paste_tables.py "${MEASURED[@]}" ${CHECK[@]+"${CHECK[@]}"}
+    LLMESH_COMMIT=${LLMESH_COMMIT:+$LLMESH_COMMIT+tables} step causal-headline $PY bench/kernels_gpu.py \
+      --parts causal,unified,rope_kv "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+    [ -z "${OUT:-}" ] || { mkdir -p "$OUT"; cp llmesh/kernels/dense_causal_attention.py llmesh/kernels/extend_attention.py "$OUT"/; }
+  fi
+fi
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
   ${HF[@]+"${HF[@]}"} ${OFFLINE_REPEATS:+--offline-repeats "$OFFLINE_REPEATS"} ${BACKEND:+--backend "$BACKEND"} \
   "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}

@@ -1,0 +1,123 @@
+"""Put the per-device tables a benchmark measured into the modules that read them.
+
+Several benchmarks end by printing a literal such as ``DENSE_CAUSAL_BACKEND['h200'] = {...}`` and
+keep it in their result file's workload; the kernel module holds it as source, so a fresh clone
+dispatches as that device measured. This script takes those literals from result files and
+writes each into its module: an existing ``NAME[tag] = ...`` statement (one line or several) is
+replaced, a new one goes right after the table's declaration and docstring. A literal that
+does not parse as ``NAME[tag] = <expression>``, or names a table its module lacks, is an error
+(nothing is written for that file). Run it on the device after the measuring run, so the rerun
+that records the headline dispatches through the tables just measured (bench/run_gpu.sh's
+causal-tables stage), and commit the modules it changed with the result files.
+
+Usage: python bench/paste_tables.py RESULT.json [RESULT.json ...] [--root DIR] [--check]
+--root: the repository whose modules are written (default: this one); --check: say what would
+change and write nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SOURCES = {  # workload key in a result file -> the module its literal belongs to
+    "dense_causal_table": "llmesh/kernels/dense_causal_attention.py",
+    "extend_table": "llmesh/kernels/extend_attention.py",
+    "literal": "llmesh/kernels/block_fp8_gemm.py",  # bench/block_fp8_gpu.py: BLOCK_FP8_TILE and _LIBRARY
+}
+
+
+def literals(doc: dict) -> list[tuple[str, str]]:
+    """(module path, one ``NAME[tag] = ...`` statement) for each table literal a result file holds."""
+    work = doc.get("workload", {})
+    out = []
+    for key, module in SOURCES.items():
+        text = work.get(key)
+        if not text:
+            continue
+        for stmt in ast.parse(text).body:
+            out.append((module, ast.get_source_segment(text, stmt)))
+    return out
+
+
+def _target(stmt: ast.stmt) -> tuple[str, object] | None:
+    """(table name, device tag) of ``NAME[tag] = ...``, else None."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript)):
+        return None
+    sub = stmt.targets[0]
+    if not (isinstance(sub.value, ast.Name) and isinstance(sub.slice, ast.Constant)):
+        return None
+    return sub.value.id, sub.slice.value
+
+
+def wrapped(statement: str, width: int = 120) -> str:
+    """A dict literal longer than ``width`` one entry a line (the modules' line length)."""
+    stmt = ast.parse(statement).body[0]
+    if len(statement) <= width or not isinstance(stmt.value, ast.Dict) or None in stmt.value.keys:
+        return statement
+    head = ast.get_source_segment(statement, stmt.targets[0])
+    entries = [f"    {ast.get_source_segment(statement, k)}: {ast.get_source_segment(statement, v)},"
+               for k, v in zip(stmt.value.keys, stmt.value.values)]
+    return "\n".join([f"{head} = {{", *entries, "}"])
+
+
+def paste(source: str, statement: str) -> str:
+    """``source`` with ``statement`` (``NAME[tag] = ...``) in place of the module's own entry for
+    that tag, or after NAME's declaration and its docstring where the module has none."""
+    parsed = ast.parse(statement).body
+    if len(parsed) != 1 or _target(parsed[0]) is None:
+        raise ValueError(f"not a table entry (NAME[tag] = ...): {statement[:120]!r}")
+    name, tag = _target(parsed[0])
+    statement = wrapped(statement)
+    lines = source.splitlines(keepends=True)
+    body = ast.parse(source).body
+    for stmt in body:
+        if _target(stmt) == (name, tag):
+            return "".join(lines[:stmt.lineno - 1]) + statement + "\n" + "".join(lines[stmt.end_lineno:])
+    for i, stmt in enumerate(body):
+        declared = (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name
+                    or isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
+                                                           for t in stmt.targets))
+        if declared:
+            end = stmt.end_lineno
+            following = body[i + 1] if i + 1 < len(body) else None
+            if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                end = following.end_lineno  # the table's docstring stays with its declaration
+            return "".join(lines[:end]) + statement + "\n" + "".join(lines[end:])
+    raise ValueError(f"{name} is not declared in this module")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    pending: dict[str, list[str]] = {}
+    for path in args.results:
+        for module, statement in literals(json.loads(path.read_text())):
+            pending.setdefault(module, []).append(statement)
+    if not pending:
+        print(f"[paste] no table literals in {', '.join(map(str, args.results))}", file=sys.stderr)
+        return 1
+    for module, statements in pending.items():
+        path = args.root / module
+        old = path.read_text()
+        new = old
+        for statement in statements:
+            new = paste(new, statement)
+        compile(new, str(path), "exec")
+        print(f"[paste] {module}: " + ("unchanged" if new == old else "; ".join(s.split(" =")[0] for s in statements)))
+        if new != old and not args.check:
+            path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
