@@ -25,10 +25,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SOURCES = {  # workload key in a result file -> the module its literal belongs to
-    "dense_causal_table": "llmesh/kernels/dense_causal_attention.py",
-    "extend_table": "llmesh/kernels/extend_attention.py",
-    "literal": "llmesh/kernels/block_fp8_gemm.py",  # bench/block_fp8_gpu.py: BLOCK_FP8_TILE and _LIBRARY
+WORKLOAD_KEYS = ("dense_causal_table", "extend_table", "literal")
+"""Where result files keep their literals (kernels_gpu.py's two; block_fp8_gpu.py's, decode_tile_sweep.py's
+and decode_partition_sweep.py's "literal")."""
+
+TABLES = {  # table name -> the module that holds it
+    "DENSE_CAUSAL_BACKEND": "llmesh/kernels/dense_causal_attention.py",
+    "EXTEND_BACKEND": "llmesh/kernels/extend_attention.py",
+    "BLOCK_FP8_TILE": "llmesh/kernels/block_fp8_gemm.py",
+    "BLOCK_FP8_LIBRARY": "llmesh/kernels/block_fp8_gemm.py",
+    "PAGED_DECODE_TILE": "llmesh/kernels/attention_config.py",
+    "DECODE_PARTITION": "llmesh/kernels/attention_config.py",
 }
 
 
@@ -36,23 +43,28 @@ def literals(doc: dict) -> list[tuple[str, str]]:
     """(module path, one ``NAME[tag] = ...`` statement) for each table literal a result file holds."""
     work = doc.get("workload", {})
     out = []
-    for key, module in SOURCES.items():
+    for key in WORKLOAD_KEYS:
         text = work.get(key)
-        if not text:
-            continue
-        for stmt in ast.parse(text).body:
-            out.append((module, ast.get_source_segment(text, stmt)))
+        for stmt in ast.parse(text).body if text else ():
+            target = _target(stmt)
+            if target is None or target[0] not in TABLES:
+                raise ValueError(f"{key}: not an entry of a known table ({', '.join(TABLES)}): "
+                                 f"{ast.get_source_segment(text, stmt)[:120]!r}")
+            out.append((TABLES[target[0]], ast.get_source_segment(text, stmt)))
     return out
 
 
 def _target(stmt: ast.stmt) -> tuple[str, object] | None:
-    """(table name, device tag) of ``NAME[tag] = ...``, else None."""
+    """(table name, device key) of ``NAME[key] = ...`` with a literal key, else None."""
     if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript)):
         return None
     sub = stmt.targets[0]
-    if not (isinstance(sub.value, ast.Name) and isinstance(sub.slice, ast.Constant)):
+    if not isinstance(sub.value, ast.Name):
         return None
-    return sub.value.id, sub.slice.value
+    try:
+        return sub.value.id, ast.literal_eval(sub.slice)
+    except ValueError:
+        return None
 
 
 def wrapped(statement: str, width: int = 120) -> str:

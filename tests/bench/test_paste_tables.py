@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from paste_tables import SOURCES, paste, wrapped  # noqa: E402
+from paste_tables import TABLES, literals, paste, wrapped  # noqa: E402
 
 
 def _entries(source: str, name: str) -> dict:
@@ -32,7 +32,7 @@ def _entries(source: str, name: str) -> dict:
 
 @pytest.fixture
 def repo(tmp_path):
-    for module in set(SOURCES.values()):
+    for module in set(TABLES.values()):
         (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / module, tmp_path / module)
     return tmp_path
@@ -77,6 +77,17 @@ def test_refusals_name_what_is_wrong(repo):
         paste(source, "EXTEND_BACKEND = {}")
     with pytest.raises(ValueError, match="NOT_A_TABLE is not declared"):
         paste(source, "NOT_A_TABLE['h200'] = {1: 'fa3'}")
+    with pytest.raises(ValueError, match="not an entry of a known table"):
+        literals({"workload": {"literal": "TUNED['h200'] = {}"}})
+
+
+def test_each_table_goes_to_its_module():
+    doc = {"workload": {"literal": "BLOCK_FP8_TILE['h9'] = {}\nBLOCK_FP8_LIBRARY['h9'] = {1: 'triton'}",
+                        "extend_table": "EXTEND_BACKEND['h9'] = {}"}}
+    assert [m for m, _ in literals(doc)] == ["llmesh/kernels/extend_attention.py",
+                                             "llmesh/kernels/block_fp8_gemm.py", "llmesh/kernels/block_fp8_gemm.py"]
+    key = literals({"workload": {"literal": "PAGED_DECODE_TILE[('h9', 'fp8')] = {}"}})  # a tuple key too
+    assert key == [("llmesh/kernels/attention_config.py", "PAGED_DECODE_TILE[('h9', 'fp8')] = {}")]
 
 
 def test_the_cli_pastes_every_literal_of_a_result_file(repo, tmp_path):
