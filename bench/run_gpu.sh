@@ -51,8 +51,10 @@ HF=(--hf-baseline --hf-max-seconds "${HF_MAX_SECONDS:-100}")
 # then causal, unified and rope_kv again for kernels_<dev>.json's headline through the tables just
 # pasted (LLMESH_COMMIT, where set, marked +tables); the two modules come back with the results.
 if want causal-tables; then
-  step causal-measure $PY bench/kernels_gpu.py --parts causal --suffix _tables "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
-  mapfile -t MEASURED < <(find "$RESULTS_DIR" -maxdepth 1 -name 'kernels_*_tables.json' -newer "$RESULTS_DIR/.run_start")
+  step causal-measure $PY bench/kernels_gpu.py --parts causal --suffix _tables "${OUTDIR[@]}" \
+    ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+  mapfile -t MEASURED < <(find "$RESULTS_DIR" -maxdepth 1 -name 'kernels_*_tables.json' \
+    -newer "$RESULTS_DIR/.run_start")
   if [ ${#MEASURED[@]} -gt 0 ]; then
     CHECK=(); [ "$SMOKE" = 1 ] && CHECK=(--check)
     step paste $PY bench/paste_tables.py "${MEASURED[@]}" ${CHECK[@]+"${CHECK[@]}"}
