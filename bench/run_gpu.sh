@@ -60,7 +60,8 @@ if want causal-tables; then
     step paste $PY bench/paste_tables.py "${MEASURED[@]}" ${CHECK[@]+"${CHECK[@]}"}
     LLMESH_COMMIT=${LLMESH_COMMIT:+$LLMESH_COMMIT+tables} step causal-headline $PY bench/kernels_gpu.py \
       --parts causal,unified,rope_kv "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
-    [ -z "${OUT:-}" ] || { mkdir -p "$OUT"; cp llmesh/kernels/dense_causal_attention.py llmesh/kernels/extend_attention.py "$OUT"/; }
+    [ -z "${OUT:-}" ] || { mkdir -p "$OUT"
+                           cp llmesh/kernels/dense_causal_attention.py llmesh/kernels/extend_attention.py "$OUT"/; }
   fi
 fi
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
