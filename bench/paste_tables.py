@@ -5,8 +5,8 @@ keep it in their result file's workload; the kernel module holds it as source, s
 dispatches as that device measured. This script takes those literals from result files and
 writes each into its module: an existing ``NAME[tag] = ...`` statement (one line or several) is
 replaced, a new one goes right after the table's declaration and docstring. A literal that
-does not parse as ``NAME[tag] = <expression>``, or names a table its module lacks, is an error
-(nothing is written for that file). Run it on the device after the measuring run, so the rerun
+does not parse as ``NAME[tag] = <expression>``, or names a table this script or its module does
+not know, is an error, and then nothing is written. Run it on the device after the measuring run, so the rerun
 that records the headline dispatches through the tables just measured (bench/run_gpu.sh's
 causal-tables stage), and commit the modules it changed with the result files.
 
@@ -118,7 +118,8 @@ def main() -> int:
     if not pending:
         print(f"[paste] no table literals in {', '.join(map(str, args.results))}", file=sys.stderr)
         return 1
-    for module, statements in pending.items():
+    changed: dict[Path, str] = {}
+    for module, statements in pending.items():  # every module worked out before any is written
         path = args.root / module
         old = path.read_text()
         new = old
@@ -126,8 +127,10 @@ def main() -> int:
             new = paste(new, statement)
         compile(new, str(path), "exec")
         print(f"[paste] {module}: " + ("unchanged" if new == old else "; ".join(s.split(" =")[0] for s in statements)))
-        if new != old and not args.check:
-            path.write_text(new)
+        if new != old:
+            changed[path] = new
+    for path, new in changed.items() if not args.check else ():
+        path.write_text(new)
     return 0
 
 
