@@ -90,6 +90,8 @@ def paste(source: str, statement: str) -> str:
     body = ast.parse(source).body
     for stmt in body:
         if _target(stmt) == (name, tag):
+            if ast.dump(stmt.value) == ast.dump(parsed[0].value):
+                return source  # the same table already: the module's layout and comments stay
             return "".join(lines[:stmt.lineno - 1]) + statement + "\n" + "".join(lines[stmt.end_lineno:])
     for i, stmt in enumerate(body):
         declared = (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name

@@ -62,6 +62,8 @@ def test_a_measured_entry_replaces_the_same_devices_multiline_one(repo):
     assert got["h200"] == "{1: BlockFp8Config(16, 64, num_warps=4, num_stages=6)}"
     assert {k: v for k, v in got.items() if k != "h200"} == {k: v for k, v in old.items() if k != "h200"}
     assert paste(after, new) == after  # pasting the same measurement again changes nothing
+    respaced = "BLOCK_FP8_TILE['h200'] = {1:BlockFp8Config(16,64,num_warps=4,num_stages=6)}"
+    assert paste(after, respaced) == after  # nor does the same table laid out otherwise
 
 
 def test_long_literals_are_wrapped_one_entry_a_line():
