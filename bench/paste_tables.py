@@ -4,7 +4,8 @@ Several benchmarks end by printing a literal such as ``DENSE_CAUSAL_BACKEND['h20
 keep it in their result file's workload; the kernel module holds it as source, so a fresh clone
 dispatches as that device measured. This script takes those literals from result files and
 writes each into its module: an existing ``NAME[tag] = ...`` statement (one line or several) is
-replaced, a new one goes right after the table's declaration and docstring. A literal that
+replaced unless it already holds the same table, a new one goes right after the table's
+declaration and docstring. A literal that
 does not parse as ``NAME[tag] = <expression>``, or names a table this script or its module does
 not know, is an error, and then nothing is written. Run it on the device after the measuring run, so the rerun
 that records the headline dispatches through the tables just measured (bench/run_gpu.sh's
