@@ -244,8 +244,8 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
     WEIGHT_FORMATS); the winners go into ``tuned_file`` under the table tag of this device and
     format (what fused_moe's pick_config reads). Returns one line per winner. ``tiles`` False:
     no tile sweep; the table's (or the heuristic's) tiles are the winners whose split and
-    program order are tried. ``gemv_only``: the GEMV candidates against the table's entries (a
-    GEMV config replaces them only where it measured faster), a few minutes' sweep less."""
+    program order are tried. ``gemv_only``: each GEMM's GEMV candidates against its table entry (a
+    GEMV config replaces it only where it measured faster), a few minutes' sweep less."""
     from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
@@ -260,10 +260,12 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         if prefill:  # the tiles swept in the grouped order (moe_h200_order.json: group_m 1 took 0.985 to 0.813 ms)
             candidates = [replace(c, group_m=1) for c in candidates]
         default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)
-        if gemv_only:
+        down_candidates = candidates
+        if gemv_only:  # each GEMM's GEMV candidates and its table entry
             default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device, weights)
-            candidates = [c for c in candidates if c.gemv] + [
-                pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights), default_down]
+            gemv = [c for c in candidates if c.gemv]
+            candidates = gemv + [pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights)]
+            down_candidates = gemv + [default_down]
         if not tiles:
             candidates = [pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device, weights)]
             default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device, weights)
@@ -286,7 +288,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             lines.append(f"{weights} T={t}: no gate/up config ran")
             continue
         best_down, best_down_ms = None, float("inf")
-        for c in candidates if tiles else [default_down]:
+        for c in down_candidates if tiles else [default_down]:
             if c.block_m != best_up.block_m:
                 continue
             try:

@@ -132,10 +132,14 @@ def block_fp8_scaled_mm_rows(rows: Fp8Rows, qweight: torch.Tensor, scales: torch
     m = xq.shape[0]
     pad = -m % CUBLAS_ROW_MULTIPLE
     if pad:  # zero rows with scale 1, their outputs dropped (bytes copied: cat lacks FP8 in some torch builds)
-        padded = torch.zeros(m + pad, xq.shape[1], dtype=torch.uint8, device=xq.device)
+        padded = torch.empty(m + pad, xq.shape[1], dtype=torch.uint8, device=xq.device)
         padded[:m].copy_(xq.view(torch.uint8))
+        padded[m:].zero_()
         xq = padded.view(xq.dtype)
-        xs = torch.cat([xs, xs.new_ones(pad, xs.shape[1])])
+        xs_padded = group_scales(m + pad, xs.shape[1], xs.device)  # laid M-major as the library reads them
+        xs_padded[:m].copy_(xs)
+        xs_padded[m:].fill_(1.0)
+        xs = xs_padded
     out = scaled_mm(xq, qweight.t(), scale_a=mn_major_scales(xs),
                     scale_recipe_a=ScalingType.BlockWise1x128, scale_b=scales.t(),
                     scale_recipe_b=ScalingType.BlockWise128x128, output_dtype=out_dtype)

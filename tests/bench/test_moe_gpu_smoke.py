@@ -36,8 +36,8 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
 
 
 def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
-    """--tune-gemv-only weighs the GEMV candidates against the table's two entries (the smoke pool
-    has one GEMV config: three candidates a GEMM); --parts decode1 writes the batch-1 layer alone."""
+    """--tune-gemv-only weighs each GEMM's GEMV candidates against its table entry (the smoke pool
+    has one GEMV config: two candidates a GEMM); --parts decode1 writes the batch-1 layer alone."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--parts", "decode1", "--autotune",
                            "--tune-gemv-only", "--tune-m", "1", "--tune-weights", "dense,int4",
@@ -47,7 +47,7 @@ def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
     doc = json.loads((tmp_path / "moe_cpu.json").read_text())
     lines = doc["workload"]["autotune"]
     assert [line.split(" ")[0] for line in lines] == ["dense", "dense", "int4", "int4"]
-    assert all("(3 candidates)" in line for line in lines if "# gate/up" in line)
+    assert all("(2 candidates)" in line for line in lines if "# gate/up" in line)
     m = doc["metrics"]
     for key in ("moe_decode1_ms", "moe_decode1_tile_ms", "moe_decode1_gemv_ms", "moe_decode1_frac",
                 "moe_decode1_int4_ms", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x"):
