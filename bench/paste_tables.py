@@ -5,11 +5,11 @@ keep it in their result file's workload; the kernel module holds it as source, s
 dispatches as that device measured. This script takes those literals from result files and
 writes each into its module: an existing ``NAME[tag] = ...`` statement (one line or several) is
 replaced unless it already holds the same table, a new one goes right after the table's
-declaration and docstring. A literal that
-does not parse as ``NAME[tag] = <expression>``, or names a table this script or its module does
-not know, is an error, and then nothing is written. Run it on the device after the measuring run, so the rerun
-that records the headline dispatches through the tables just measured (bench/run_gpu.sh's
-causal-tables stage), and commit the modules it changed with the result files.
+declaration and docstring. A literal that does not parse as ``NAME[tag] = <expression>``, or
+names a table this script or its module does not know, is an error, and then nothing is written.
+Run it on the device after the measuring run, so the rerun that records the headline dispatches
+through the tables just measured (bench/run_gpu.sh's causal-tables stage), and commit the
+modules it changed with the result files.
 
 Usage: python bench/paste_tables.py RESULT.json [RESULT.json ...] [--root DIR] [--check]
 --root: the repository whose modules are written (default: this one); --check: say what would
@@ -83,22 +83,21 @@ def paste(source: str, statement: str) -> str:
     """``source`` with ``statement`` (``NAME[tag] = ...``) in place of the module's own entry for
     that tag, or after NAME's declaration and its docstring where the module has none."""
     parsed = ast.parse(statement).body
-    if len(parsed) != 1 or _target(parsed[0]) is None:
+    target = _target(parsed[0]) if len(parsed) == 1 else None
+    if target is None:
         raise ValueError(f"not a table entry (NAME[tag] = ...): {statement[:120]!r}")
-    name, tag = _target(parsed[0])
+    name = target[0]
     statement = wrapped(statement)
     lines = source.splitlines(keepends=True)
     body = ast.parse(source).body
     for stmt in body:
-        if _target(stmt) == (name, tag):
+        if _target(stmt) == target:
             if ast.dump(stmt.value) == ast.dump(parsed[0].value):
                 return source  # the same table already: the module's layout and comments stay
             return "".join(lines[:stmt.lineno - 1]) + statement + "\n" + "".join(lines[stmt.end_lineno:])
     for i, stmt in enumerate(body):
-        declared = (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name
-                    or isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
-                                                           for t in stmt.targets))
-        if declared:
+        names = [stmt.target] if isinstance(stmt, ast.AnnAssign) else getattr(stmt, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == name for t in names):  # NAME's declaration
             end = stmt.end_lineno
             following = body[i + 1] if i + 1 < len(body) else None
             if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
