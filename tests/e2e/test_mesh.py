@@ -152,5 +152,9 @@ def test_bad_requests_get_clear_statuses_and_leave_everything_healthy(mesh, requ
 
 def test_reflection_lists_the_public_services(mesh):
     _, _, cfg = mesh
-    db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(f"{cfg.host}:{cfg.gateway_port}"))
-    assert {"llmesh.v1.Inference", "grpc.health.v1.Health"} <= set(db.get_services())
+    # The descriptor database's stream is not wait-for-ready: a first connect attempt that fails
+    # (a loaded CI machine) ends it UNAVAILABLE. channel_ready_future retries until ready, bounded.
+    with grpc.insecure_channel(f"{cfg.host}:{cfg.gateway_port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert {"llmesh.v1.Inference", "grpc.health.v1.Health"} <= set(db.get_services())
