@@ -226,7 +226,7 @@ def _refine(run, field: str, values, best_up, best_down, best_ms: float, tag: st
                 c = replace(best_up if which == "up" else best_down, **{field: value})
                 ms = run(c, best_down) if which == "up" else run(best_up, c)
             except Exception as exc:  # out of shared memory / registers: skip it
-                print(f"[moe] autotune {tag} {which} {c}: {type(exc).__name__}", flush=True)
+                print(f"[moe] autotune {tag} {which} {field}={value}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             print(f"[moe] autotune {tag} {which} {field}={value}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
             if ms < best_ms:

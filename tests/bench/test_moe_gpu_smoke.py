@@ -53,3 +53,26 @@ def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
                 "moe_decode1_int4_ms", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x"):
         assert m[key] > 0, key
     assert "moe_gemm_frac" not in m  # the kernel part did not run
+
+
+def test_refine_skips_a_combination_the_config_refuses():
+    """The H100's batch-1 sweep (f7ea4ff) crashed here: its GEMV winner's K step of 512 with
+    weight_tma is a TMA box MoEConfig refuses, raised while the candidate was built. That
+    candidate is skipped like one that cannot run; the other GEMM's is still tried."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from moe_gpu import _refine
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from llmesh.kernels.fused_moe_config import MoEConfig
+
+    up, down = MoEConfig(1, 16, 512, 4, 1), MoEConfig(1, 32, 256, 8, 1)
+    timed = []
+
+    def run(u, d):  # a TMA down tile measures faster: the refinement keeps it
+        timed.append((u, d))
+        return 1.0 if d.weight_tma else 2.0
+
+    best_up, best_down, best_ms = _refine(run, "weight_tma", (1,), up, down, 2.0, "test")
+    assert best_up == up and best_down.weight_tma == 1 and best_ms == 1.0
+    assert timed == [(up, best_down)]  # the refused up candidate never ran
