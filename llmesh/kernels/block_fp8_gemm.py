@@ -60,6 +60,15 @@ def default_block_config(m: int) -> BlockFp8Config:
 BLOCK_FP8_TILE: dict[str, dict[int, BlockFp8Config]] = {}
 """Per device tag: {largest M of a bucket: the tile bench/block_fp8_gpu.py measured fastest there,
 over the Llama-3-8B shapes} (default_block_config on devices without an entry)."""
+BLOCK_FP8_TILE['h100'] = {
+    1: BlockFp8Config(block_m=16, block_n=64, num_warps=4, num_stages=6, group_m=8),
+    16: BlockFp8Config(block_m=16, block_n=32, num_warps=4, num_stages=6, group_m=8),
+    64: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=3, group_m=8),
+    128: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=3, group_m=8),
+    256: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=3, group_m=8),
+    512: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8),
+    2048: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8),
+}
 BLOCK_FP8_TILE["h200"] = {  # bench/results/block_fp8_h200.json
     1: BlockFp8Config(16, 64, num_warps=4, num_stages=6), 16: BlockFp8Config(16, 64, num_warps=4, num_stages=6),
     64: BlockFp8Config(64, 64, num_warps=4, num_stages=4), 128: BlockFp8Config(64, 64, num_warps=4, num_stages=4),
@@ -73,6 +82,15 @@ BLOCK_FP8_LIBRARY: dict[str, dict[int, str]] = {}
 CUTLASS groupwise GEMM ("fbgemm", engine/quant/fbgemm_kernels.fp8_block_matmul), whichever
 bench/block_fp8_gpu.py measured fastest over the Llama-3-8B shapes, each called as the engine calls
 it. Ours runs where a device has no entry, the library cannot take the shape, or it is missing."""
+BLOCK_FP8_LIBRARY['h100'] = {
+    1: 'fbgemm',
+    16: 'fbgemm',
+    64: 'scaled_mm',
+    128: 'scaled_mm',
+    256: 'scaled_mm',
+    512: 'scaled_mm',
+    2048: 'scaled_mm',
+}
 
 
 def block_config(device: torch.device, m: int) -> BlockFp8Config:
