@@ -22,9 +22,10 @@ Batch 1 (the kernel part, bench/moe_steps.py): the layer at one token as dispatc
 GEMM form forced, 16-row tiles and the GEMV form, bf16 and INT4 experts
 (moe_decode1_{ms,tile_ms,gemv_ms,frac}, moe_decode1_int4_{ms,tile_ms,gemv_ms,vs_bf16_x}).
 
-Align (--parts align; the kernel part runs it too): the align step's three paths (torch ops,
-one-program kernel, chunked kernels) alone and inside the layer, at sizes from batch 1 to a
-4k prefill (moe_align_t<T>_{torch,kernel,chunks}_us, moe_layer_t<T>_align_*_ms).
+Align (--parts align; the kernel part runs it too): the align step's four paths (torch ops,
+one-program kernel, chunked kernels, chunked kernels with a sort) alone and inside the layer, at
+sizes from batch 1 to a 4k prefill (moe_align_t<T>_{torch,kernel,chunks,sorted}_us,
+moe_layer_t<T>_align_*_ms).
 
 Usage: python bench/moe_gpu.py [--parts kernel,engine,align,decode1] [--autotune] [--tune-weights dense,int4]
        [--offline-repeats 3] [--smoke] [--suffix _x]

@@ -1,7 +1,7 @@
 """The align step of the fused MoE layer: (token, slot) pairs sorted by expert, each expert's
 run padded to BLOCK_M, so every BLOCK_M block of the sorted list belongs to one expert.
 
-Three implementations of one contract (``moe_align_block_size``), the path picked by size:
+Four implementations of one contract (``moe_align_block_size``), the path picked by size:
 
 - ``moe_align_block_size_ref``: torch ops (a histogram, cumulative sums, a stable argsort,
   scatters, a searchsorted): the reference, and the CPU's path;
@@ -22,8 +22,17 @@ Three implementations of one contract (``moe_align_block_size``), the path picke
   starts; then each chunk places its pairs at run start + chunk offset + rank, the rank
   counted as in the one-program kernel. Stable too, and no atomics: the output does not
   depend on scheduling.
+- the "sorted" path: the chunked kernels without their serial steps of _CHUNK pairs. On the
+  H200 the chunked kernels took 28 us for 8 pairs: each program walks its 256 pairs 32 at a
+  time, each step a [32, E + 1] comparison against every bucket, a chain of dependent steps
+  however few the pairs. Here a chunk's counts are one ``tl.histogram``; its placement one
+  ``tl.sort`` of (bucket, index) keys, a pair's rank in its bucket then being its sorted
+  position less the chunk's pairs of lower buckets (a ``tl.gather`` of their cumulative
+  count); and the block experts, the scan program's serial loop over every block, are found by
+  the place programs, a share each. Same outputs, stable, no atomics. Forced only (``path``)
+  until a GPU times it against the chunked kernels (bench/moe_gpu.py --parts align).
 
-All three give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph
+All four give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph
 safe.
 """
 
@@ -51,7 +60,7 @@ CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at 
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
 
-ALIGN_PATHS = ("torch", "program", "chunks")
+ALIGN_PATHS = ("torch", "program", "chunks", "sorted")
 
 CHUNK_PAIRS = 256
 """Pairs per program of the chunked kernels (a loop of _CHUNK-pair steps)."""
@@ -156,16 +165,22 @@ def _bucket_onehot(e, valid, bins):
 
 @triton.jit
 def _chunk_counts_kernel(ids_ptr, counts_ptr, sorted_ptr, N, E, LENGTH, FILL,
-                         E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """counts[c, b] = chunk c's pairs in bucket b; sorted_ids[c * FILL, (c + 1) * FILL) = N."""
+                         E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, HIST: tl.constexpr,
+                         PDL: tl.constexpr):
+    """counts[c, b] = chunk c's pairs in bucket b; sorted_ids[c * FILL, (c + 1) * FILL) = N.
+    HIST: the chunk's SPAN pairs in one tl.histogram, else CHUNK at a time against every bucket."""
     pdl_enter(PDL)
     c = tl.program_id(0)
     r = tl.arange(0, CHUNK)
     bins = tl.arange(0, E_P2)
-    counts = tl.zeros([E_P2], dtype=tl.int32)
-    for s0 in range(0, SPAN, CHUNK):
-        e, valid = _experts_of(ids_ptr, c * SPAN + s0 + r, N, E)
-        counts += tl.sum(_bucket_onehot(e, valid, bins), axis=0)
+    if HIST:
+        e, valid = _experts_of(ids_ptr, c * SPAN + tl.arange(0, SPAN), N, E)
+        counts = tl.histogram(e, E_P2, mask=valid)
+    else:
+        counts = tl.zeros([E_P2], dtype=tl.int32)
+        for s0 in range(0, SPAN, CHUNK):
+            e, valid = _experts_of(ids_ptr, c * SPAN + s0 + r, N, E)
+            counts += tl.sum(_bucket_onehot(e, valid, bins), axis=0)
     tl.store(counts_ptr + c * E_P2 + bins, counts)
     fill_end = tl.minimum((c + 1) * FILL, LENGTH)
     for p0 in range(c * FILL, fill_end, CHUNK):  # padding slots hold N; placed pairs overwrite theirs
@@ -174,11 +189,12 @@ def _chunk_counts_kernel(ids_ptr, counts_ptr, sorted_ptr, N, E, LENGTH, FILL,
 
 
 @triton.jit
-def _chunk_scan_kernel(counts_ptr, base_ptr, expert_ids_ptr, num_post_ptr, C, E, NUM_BLOCKS,
+def _chunk_scan_kernel(counts_ptr, base_ptr, expert_ids_ptr, num_post_ptr, ends_ptr, C, E, NUM_BLOCKS,
                        BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                       PDL: tl.constexpr):
+                       OWNERS: tl.constexpr, PDL: tl.constexpr):
     """base[c, b] = where chunk c's pairs of bucket b begin in sorted_ids (the bucket's padded run
-    start plus the bucket's pairs in chunks before c); the block experts and the padded length."""
+    start plus the bucket's pairs in chunks before c); the padded length; the block experts
+    (OWNERS), or the runs' ends for the place programs to find them (ends_ptr [E_P2])."""
     pdl_enter(PDL)
     bins = tl.arange(0, E_P2)
     rows = tl.arange(0, ROWS)
@@ -198,11 +214,47 @@ def _chunk_scan_kernel(counts_ptr, base_ptr, expert_ids_ptr, num_post_ptr, C, E,
         tl.store(base_ptr + at, running[None, :] + tl.cumsum(tile, axis=0) - tile, mask=(cr < C)[:, None])
         running += tl.sum(tile, axis=0)
     ends_live = tl.where(bins <= E, ends, 2147483647)
+    if OWNERS:
+        _block_owners(ends_live, expert_ids_ptr, 0, NUM_BLOCKS, E, BLOCK_M, CHUNK)
+    else:
+        tl.store(ends_ptr + bins, ends_live)
+
+
+@triton.jit
+def _block_owners(ends_live, expert_ids_ptr, first, last, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """expert_ids[first:last]: each block's expert, the runs ending at or before its start
+    counted (searchsorted, right), as in _moe_align_kernel; -1 past the experts."""
     r = tl.arange(0, CHUNK)
-    for b0 in range(0, NUM_BLOCKS, CHUNK):  # each block's expert, as in _moe_align_kernel
+    for b0 in range(first, last, CHUNK):
         b = b0 + r
         owner = tl.sum((ends_live[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
+        tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < last)
+
+
+@triton.jit
+def _sorted_place_kernel(ids_ptr, base_ptr, ends_ptr, sorted_ptr, expert_ids_ptr, N, E, NUM_BLOCKS, BLOCKS_EACH,
+                         BLOCK_M: tl.constexpr, E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+                         PDL: tl.constexpr):
+    """_chunk_place_kernel's placement without its CHUNK-pair steps: the chunk's SPAN pairs
+    sorted once by (bucket, index), so a pair's rank in its bucket is its sorted position less
+    the chunk's pairs of lower buckets; then this program's BLOCKS_EACH of the block experts."""
+    pdl_enter(PDL)
+    c = tl.program_id(0)
+    r = tl.arange(0, SPAN)
+    bins = tl.arange(0, E_P2)
+    e, valid = _experts_of(ids_ptr, c * SPAN + r, N, E)
+    counts = tl.histogram(e, E_P2, mask=valid)
+    first = tl.cumsum(counts, axis=0) - counts  # the chunk's pairs in lower buckets
+    key = tl.sort(tl.where(valid, e, E_P2) * SPAN + r)  # missing pairs (past N) sort last
+    bucket = key // SPAN
+    placed = bucket < E_P2
+    bucket = tl.where(placed, bucket, 0)
+    rank = r - tl.gather(first, bucket, 0)
+    pos = tl.load(base_ptr + c * E_P2 + bucket, mask=placed, other=0) + rank
+    tl.store(sorted_ptr + pos, c * SPAN + key % SPAN, mask=placed)
+    ends_live = tl.load(ends_ptr + bins)
+    _block_owners(ends_live, expert_ids_ptr, c * BLOCKS_EACH, tl.minimum((c + 1) * BLOCKS_EACH, NUM_BLOCKS),
+                  E, BLOCK_M, CHUNK)
 
 
 @triton.jit
@@ -227,19 +279,29 @@ def _chunk_place_kernel(ids_ptr, base_ptr, sorted_ptr, N, E,
 
 
 def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids: torch.Tensor,
-                  expert_ids: torch.Tensor, num_post: torch.Tensor) -> None:
+                  expert_ids: torch.Tensor, num_post: torch.Tensor, sort: bool = False) -> None:
+    """The chunked kernels; ``sort``: the "sorted" path's (histograms, one sort a chunk, the
+    block experts found by the place programs instead of the scan's one)."""
     n, length = flat.numel(), sorted_ids.numel()
     e_p2 = next_power_of_2(num_experts + 1)
     chunks = triton.cdiv(n, CHUNK_PAIRS)
     counts = torch.empty(chunks, e_p2, dtype=torch.int32, device=flat.device)
     base = torch.empty_like(counts)
+    ends = torch.empty(e_p2, dtype=torch.int32, device=flat.device) if sort else counts
+    blocks = length // block_m
     pdl = pdl_launch(flat.device)
     _chunk_counts_kernel[(chunks,)](flat, counts, sorted_ids, n, num_experts, length, triton.cdiv(length, chunks),
-                                    E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
-    _chunk_scan_kernel[(1,)](counts, base, expert_ids, num_post, chunks, num_experts, length // block_m,
-                             BLOCK_M=block_m, E_P2=e_p2, ROWS=_SCAN_ROWS, CHUNK=_CHUNK, num_warps=4, **pdl)
-    _chunk_place_kernel[(chunks,)](flat, base, sorted_ids, n, num_experts,
-                                   E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
+                                    E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, HIST=sort, num_warps=4, **pdl)
+    _chunk_scan_kernel[(1,)](counts, base, expert_ids, num_post, ends, chunks, num_experts, blocks,
+                             BLOCK_M=block_m, E_P2=e_p2, ROWS=_SCAN_ROWS, CHUNK=_CHUNK, OWNERS=not sort,
+                             num_warps=4, **pdl)
+    if sort:
+        _sorted_place_kernel[(chunks,)](flat, base, ends, sorted_ids, expert_ids, n, num_experts, blocks,
+                                        triton.cdiv(blocks, chunks), BLOCK_M=block_m, E_P2=e_p2,
+                                        SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
+    else:
+        _chunk_place_kernel[(chunks,)](flat, base, sorted_ids, n, num_experts,
+                                       E_P2=e_p2, SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
 
 
 def default_align_path(topk_ids: torch.Tensor) -> str:
@@ -277,8 +339,9 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     sorted_ids = torch.empty(length, dtype=torch.int32, device=device)
     expert_ids = torch.empty(length // block_m, dtype=torch.int32, device=device)
     num_post = torch.empty(1, dtype=torch.int32, device=device)
-    if path == "chunks":
-        _align_chunks(topk_ids.reshape(-1), block_m, num_experts, sorted_ids, expert_ids, num_post)
+    if path in ("chunks", "sorted"):
+        _align_chunks(topk_ids.reshape(-1), block_m, num_experts, sorted_ids, expert_ids, num_post,
+                      sort=path == "sorted")
         return sorted_ids, expert_ids, num_post
     e_p2 = next_power_of_2(num_experts + 1)
     next_pos = torch.empty(e_p2, dtype=torch.int32, device=device)

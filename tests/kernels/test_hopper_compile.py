@@ -87,10 +87,10 @@ CASES = [
                                                              "next_ptr")} | {"ids_ptr": "i64"},
      dict(BLOCK_M=16, E_P2=16, CHUNK=32)),  # 8 experts: at 128 (E_P2 256) ptxas takes minutes here
     ("moe_align", "_chunk_counts_kernel", {"ids_ptr": "i64", "counts_ptr": "i32", "sorted_ptr": "i32"},
-     dict(E_P2=16, SPAN=256, CHUNK=32)),
+     dict(E_P2=16, SPAN=256, CHUNK=32, HIST=False)),
     ("moe_align", "_chunk_scan_kernel", {p: "i32" for p in ("counts_ptr", "base_ptr", "expert_ids_ptr",
-                                                              "num_post_ptr")},
-     dict(BLOCK_M=16, E_P2=16, ROWS=16, CHUNK=32)),
+                                                              "num_post_ptr", "ends_ptr")},
+     dict(BLOCK_M=16, E_P2=16, ROWS=16, CHUNK=32, OWNERS=True)),
     ("moe_align", "_chunk_place_kernel", {"ids_ptr": "i64", "base_ptr": "i32", "sorted_ptr": "i32"},
      dict(E_P2=16, SPAN=256, CHUNK=32)),
     ("fused_moe", "_moe_gemm_kernel",
@@ -157,6 +157,15 @@ CASES = [
      dict(INTER=14336, BLOCK=1024, INTERPRET=False, GROUP=128)),
     ("activation", "_silu_and_mul_fp8_kernel", {"xq_ptr": "fp8e4nv", "scale_ptr": "fp32"},
      dict(INTER=12288, BLOCK=16384, INTERPRET=False, GROUP=128)),
+    # the "sorted" path at Qwen3-30B-A3B's 128 experts (bucket 128 for other ranks' pairs: 256 bins)
+    ("moe_align", "_chunk_counts_kernel", {"ids_ptr": "i64", "counts_ptr": "i32", "sorted_ptr": "i32"},
+     dict(E_P2=256, SPAN=256, CHUNK=32, HIST=True)),
+    ("moe_align", "_chunk_scan_kernel", {p: "i32" for p in ("counts_ptr", "base_ptr", "expert_ids_ptr",
+                                                              "num_post_ptr", "ends_ptr")},
+     dict(BLOCK_M=64, E_P2=256, ROWS=16, CHUNK=32, OWNERS=False)),
+    ("moe_align", "_sorted_place_kernel", {p: "i32" for p in ("base_ptr", "ends_ptr", "sorted_ptr",
+                                                                "expert_ids_ptr")} | {"ids_ptr": "i64"},
+     dict(BLOCK_M=64, E_P2=256, SPAN=256, CHUNK=32)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into

@@ -1,5 +1,5 @@
-"""Both Triton align steps (moe_align.py: the one-program kernel, the chunked kernels) give
-exactly the torch reference's sorted pairs, block experts and padded length: ids of another
+"""The Triton align steps (moe_align.py: the one-program kernel, the chunked kernels, the chunked
+kernels with a sort) give exactly the torch reference's sorted pairs, block experts and padded length: ids of another
 rank (-1), experts never hit, pairs spanning several chunks (ranks carried across chunks),
 the size cut-over between the paths."""
 
@@ -34,7 +34,7 @@ def _ids(t, e, k, gen, held_elsewhere=0.0, skew=False):
     (CHUNK_PAIRS // 2 + 3, 16, 2, 16, 0.2, True),  # chunked: a second chunk of 6 pairs
     (3 * CHUNK_PAIRS // 8, 128, 8, 32, 0.0, True),  # chunked: 3 full chunks, many buckets
 ])
-@pytest.mark.parametrize("path", ["program", "chunks"])
+@pytest.mark.parametrize("path", ["program", "chunks", "sorted"])
 def test_kernel_equals_reference(device, t, e, k, block_m, held, skew, path):
     gen = torch.Generator().manual_seed(t * 31 + e + block_m)
     ids = _ids(t, e, k, gen, held, skew)
