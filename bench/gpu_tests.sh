@@ -43,7 +43,7 @@ for i in "${!pids[@]}"; do
   [ "$code" -eq 124 ] && echo "${groups[$i]}" >> "$TMP/timed_out"
   echo "=== group $i: ${groups[$i]}"; tail -n 15 "$TMP/g$i.log"
 done
-GPU_TEST_GROUPS="$ONLY" $PY - "$TMP" "$RESULTS" <<'PYEOF'
+GPU_TEST_GROUPS="$ONLY" $PY - "$TMP" "$RESULTS" "$LIMIT" <<'PYEOF'
 import os, sys, glob, xml.etree.ElementTree as ET
 sys.path.insert(0, "bench")
 import torch
@@ -64,8 +64,10 @@ timed_out = open(f"{sys.argv[1]}/timed_out").read().split("\n") if os.path.exist
 metrics["gpu_tests_groups_timed_out"] = len([g for g in timed_out if g])
 print(metrics, failed[:20])
 only = os.environ.get("GPU_TEST_GROUPS", "").split()
+command = ("GPU_TEST_GROUPS='" + " ".join(only) + "' " if only else "") + f"bash bench/gpu_tests.sh {sys.argv[3]}"
 write_result(f"gpu_tests_{device_tag('cuda')}" + ("_groups" if only else ""),
              {"failed": failed, "timed_out_groups": [g for g in timed_out if g], "groups": only or "all",
-              "script": "bench/gpu_tests.sh"}, metrics, results_dir=sys.argv[2] or None)
+              "script": "bench/gpu_tests.sh", "limit_s": int(sys.argv[3])}, metrics,
+             results_dir=sys.argv[2] or None, command=command)
 PYEOF
 exit $rc

@@ -66,15 +66,16 @@ def describe_device() -> str:
 
 
 def write_result(name: str, workload: dict[str, Any], metrics: dict[str, float], *,
-                 device: str | None = None, results_dir: Path | None = None) -> Path:
-    """Write ``<results_dir>/<name>.json``; metrics must be finite numbers."""
+                 device: str | None = None, results_dir: Path | None = None, command: str | None = None) -> Path:
+    """Write ``<results_dir>/<name>.json``; metrics must be finite numbers. ``command``: the command
+    that measured them, where it is not this process's own (a script that records for its caller)."""
     for k, v in metrics.items():
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"metric {k} is not a finite number: {v!r}")
     doc = {
         "device": device or describe_device(),
         "commit": git_commit(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "workload": workload,
         "metrics": metrics,
