@@ -129,6 +129,12 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         # timed from the host, the layer's ~20 launches (the align step's torch ops, two GEMMs,
         # the sum) made decode 64 host-bound, 0.54-1.35 ms from run to run for ~0.3 ms of GPU time
         ms = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids), device)
+        # the top-k sum inside the down GEMM (TOKEN_SUM_ON_CUDA decides from these), checked bit for bit
+        if not torch.equal(fused_moe(x, w13, w2, weights, ids, token_sum=True),
+                           fused_moe(x, w13, w2, weights, ids, token_sum=False)):
+            raise RuntimeError(f"fused_moe's in-GEMM top-k sum differs from moe_sum's at {tag}")
+        sums_ms = {on: best_of_two(lambda: fused_moe(x, w13, w2, weights, ids, token_sum=on), device)
+                   for on in (False, True)}
         # the reference's per-expert loop reads routing on the host (not capturable): host-timed
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = best_of_two(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
@@ -149,7 +155,9 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         flops = 2 * t * s.top_k * expert_bytes(s, 1)
         m.update({f"moe_{tag}_ms": ms, f"moe_{tag}_ref_ms": ref_ms, f"moe_{tag}_vs_ref_x": ref_ms / ms,
                   f"moe_{tag}_int8_ms": int8_ms, f"moe_{tag}_fp8_ms": fp8_ms, f"moe_{tag}_int4_ms": int4_ms,
-                  f"moe_{tag}_fp8block_ms": fp8block_ms,
+                  f"moe_{tag}_fp8block_ms": fp8block_ms, f"moe_{tag}_moe_sum_ms": sums_ms[False],
+                  f"moe_{tag}_token_sum_ms": sums_ms[True],
+                  f"moe_{tag}_token_sum_vs_moe_sum_x": sums_ms[False] / sums_ms[True],
                   f"moe_{tag}_distinct_experts": distinct,
                   f"moe_{tag}_tb_s": bytes_ / ms / 1e9, f"moe_{tag}_tflops": flops / ms / 1e9})
         if tag == "decode64":
@@ -161,7 +169,8 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
         else:
             m["moe_gemm_frac_prefill4k"] = flops / (ms / 1e3) / (ceilings["gemm_bf16_tflops"] * 1e12)
         print(f"[moe] {tag}: T={t} {distinct} experts hit: {ms:.3f} ms (ref {ref_ms:.3f} ms, int8 {int8_ms:.3f} ms, "
-              f"fp8 {fp8_ms:.3f} ms, fp8 blocks {fp8block_ms:.3f} ms, int4 {int4_ms:.3f} ms), "
+              f"fp8 {fp8_ms:.3f} ms, fp8 blocks {fp8block_ms:.3f} ms, int4 {int4_ms:.3f} ms; top-k sum in the down "
+              f"GEMM {sums_ms[True]:.3f} against {sums_ms[False]:.3f} ms), "
               f"{bytes_ / ms / 1e9:.2f} TB/s, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
     m["moe_gemm_frac"] = min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     try:  # a failure of the step comparisons must not cost the figures above

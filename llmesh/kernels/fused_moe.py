@@ -22,7 +22,8 @@ The design of vLLM's / SGLang's Triton fused_moe:
    (fixed, so the result does not depend on scheduling; atomics would not be deterministic).
    One launch of T x H / BLOCK_H programs: torch's ``sum`` over the middle dimension was a
    4.5 us reduction a layer at batch 1 on the H200 (kernel_profile_h200.json). A one-token
-   step sums inside the down GEMM instead, in the same order (``_slot_sum``).
+   step sums inside the down GEMM instead, in the same order (``_slot_sum``), and any step can
+   (``_token_sum``: the last of a token's pairs to arrive sums them; ``TOKEN_SUM_ON_CUDA``).
 
 Expert parallelism: an id of -1 in ``topk_ids`` is a pair whose expert another rank holds
 (vLLM's ``expert_map`` convention). The align step sorts those pairs into one trailing run
@@ -65,8 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, dot_in_fp32, dot_precision,
-                                   interpreting, pdl_launch, tma_descriptor)
+from llmesh.kernels.common import (ARRIVAL_SLOTS, arrival_counters, check_last_dim_contiguous, dot_in_fp32,
+                                   dot_precision, interpreting, pdl_launch, tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
@@ -83,6 +84,12 @@ sorting pairs by expert: one token's k experts are distinct, so no expert is rea
 blocks are known without the align launch (expert_ids is topk_ids itself). With more tokens two
 pairs can share an expert, whose weights the sorted blocks read once."""
 
+TOKEN_SUM_ON_CUDA = False
+"""Whether the down GEMM sums each token's k rows itself at every batch (``_token_sum``) rather
+than ``_moe_sum_kernel`` after it. At a 4k-token prefill that launch reads 134 MB of rows (~35 us
+on the H200); the fused form reads a token's rows once its last pair is written, during the GEMM,
+and spends an atomic per row. Off until bench/moe_gpu.py times both (``moe_<tag>_token_sum_ms``)."""
+
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -98,7 +105,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
     SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0, WEIGHT_TMA: tl.constexpr = False,
-    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0,
+    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0, TOKEN_SUM: tl.constexpr = 0,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -111,6 +118,8 @@ def _moe_gemm_kernel(
     arrive sums them in split order and runs the epilogue (split_k.py's scheme).
     SUM_SLOTS = k (one token, one pair a block, no split; MUL_WEIGHT): the k weighted rows are
     summed here instead of by _moe_sum_kernel (_slot_sum) into out [1, N]; part is [k, N] float32.
+    TOKEN_SUM = k (any tokens, no split; MUL_WEIGHT): rows still go to out [T * k, N], and the
+    last of a token's k pairs to arrive at a column tile sums them into part [T, N] (_token_sum).
     GROUP_M > 0 (MoEConfig.group_m): a 1-D grid over (sorted block, column tile) in grouped
     order, GROUP_M blocks taking every column tile before the next GROUP_M start.
     WEIGHT_TMA (MoEConfig.weight_tma; float / INT8 / FP8 experts): the weight tiles through
@@ -153,6 +162,10 @@ def _moe_gemm_kernel(
             if SUM_SLOTS > 0:
                 _slot_sum(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), part_ptr, lock_ptr, out_ptr, pair, m_mask,
                           rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
+            elif TOKEN_SUM > 0:
+                _token_sum(tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), out_ptr, part_ptr, lock_ptr,
+                           pair, m_mask, rn, n_mask, N, stride_om, pid_n, num_n, TOKEN_SUM, BLOCK_M, BLOCK_N,
+                           INTERPRET)
             else:
                 zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
                 tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], zeros,
@@ -212,6 +225,9 @@ def _moe_gemm_kernel(
                                   n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
         if SUM_SLOTS > 0:
             _slot_sum(out_rows, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, pid_n, SUM_SLOTS, INTERPRET)
+        elif TOKEN_SUM > 0:
+            _token_sum(out_rows, out_ptr, part_ptr, lock_ptr, pair, m_mask, rn, n_mask, N, stride_om, pid_n, num_n,
+                       TOKEN_SUM, BLOCK_M, BLOCK_N, INTERPRET)
         else:
             tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows,
                      mask=m_mask[:, None] & n_mask[None, :])
@@ -259,6 +275,32 @@ def _slot_sum(rows, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, ti
 
 
 @triton.jit
+def _token_sum(rows, out_ptr, sum_ptr, lock_ptr, pair, m_mask, rn, n_mask, N, stride_om, tile, num_tiles,
+               SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """The top-k sum inside the down GEMM at any batch: the tile's weighted rows go to out
+    [T * k, N] as _moe_sum_kernel reads them; each row then arrives at its token's counter for this
+    column tile, and the last of the token's k pairs sums their rows in slot order in float32,
+    rounds once, writes sum [T, N] and resets the counter: _moe_sum_kernel's result, bit for bit,
+    without its launch or its read of every row after the GEMM. A block holds one expert, so a token
+    has one row in it, except in the run of other ranks' pairs, whose lanes' atomics still count
+    one arrival each."""
+    tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], rows,
+             mask=m_mask[:, None] & n_mask[None, :])
+    tl.debug_barrier()  # every thread's rows are stored before the releases below
+    token = pair // SLOTS
+    counter = lock_ptr + token * num_tiles + tile
+    last = (tl.atomic_add(counter, 1, mask=m_mask, sem="acq_rel") == SLOTS - 1) & m_mask
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(SLOTS):
+        slot = (token * SLOTS + j).to(tl.int64)
+        total += tl.load(out_ptr + slot[:, None] * stride_om + rn[None, :], mask=last[:, None] & n_mask[None, :],
+                         other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(sum_ptr + token.to(tl.int64)[:, None] * N + rn[None, :],
+             cast_rtne(total, sum_ptr.dtype.element_ty, INTERPRET), mask=last[:, None] & n_mask[None, :])
+    tl.atomic_xchg(counter, 0, mask=last)  # ready for the next launch on this stream
+
+
+@triton.jit
 def _moe_sum_kernel(src_ptr, out_ptr, H, stride_st, stride_sk, stride_ot,
                     K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -302,15 +344,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               w13_min: torch.Tensor | None = None, w2_min: torch.Tensor | None = None,
               config: MoEConfig | None = None, down_config: MoEConfig | None = None,
-              align_path: str | None = None, weight_block: tuple[int, int] | None = None) -> torch.Tensor:
+              align_path: str | None = None, weight_block: tuple[int, int] | None = None,
+              token_sum: bool | None = None) -> torch.Tensor:
     """x [T, H] routed by topk_ids / topk_weights [T, k] through experts w13 [E, 2I, H] and
     w2 [E, H, I] (float in x's dtype, or int8 / float8_e4m3fn with w13_scale [E, 2I], w2_scale
     [E, H]; float8_e4m3fn scaled per ``weight_block`` = (BN, BK) block of rows and columns,
     w13_scale [E, 2I / BN, H / BK] and w2_scale [E, H / BN, I / BK], as FP8 checkpoints store
     them; or INT4 codes with group scales and mins, the module docstring's layout) → [T, H] in
-    x's dtype. ``config`` / ``down_config`` override the tile table per GEMM (tests and the autotune sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
+    x's dtype. ``config`` / ``down_config`` override the tile table per GEMM (tests and the autotune
+    sweep); the down GEMM shares the gate/up GEMM's sorted blocks, so
     its BLOCK_M is the gate/up config's. ``align_path`` forces the align step's implementation
-    (moe_align_block_size's ``path``; the benchmark times each)."""
+    (moe_align_block_size's ``path``; the benchmark times each). ``token_sum`` forces the top-k
+    sum inside the down GEMM (``_token_sum``) on or off; by default TOKEN_SUM_ON_CUDA decides."""
     t, h, e, inter, top_k = check_layouts(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_min, w2_min,
                                           weight_block)
     if t == 0:
@@ -372,13 +417,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                                   w2.shape[1] if int4 else inter)
     # one token's k rows summed by the down GEMM's last program of each column tile
     slot_sum = pair_blocks and t == 1 and split["SPLIT_K"] == 1
+    tiles = triton.cdiv(h, down_config.block_n)
+    if token_sum is None:
+        token_sum = x.is_cuda and TOKEN_SUM_ON_CUDA
+    token_sum = token_sum and not slot_sum and split["SPLIT_K"] == 1 and t * tiles <= ARRIVAL_SLOTS
     if slot_sum:
         out = torch.empty(1, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=torch.empty(top_k, h, dtype=torch.float32, device=x.device),
-                     lock_ptr=arrival_counters("fused_moe_slot_sum", x.device,
-                                                    triton.cdiv(h, down_config.block_n)))
+                     lock_ptr=arrival_counters("fused_moe_slot_sum", x.device, tiles))
     else:
         out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
+    if token_sum:
+        total = torch.empty(t, h, dtype=x.dtype, device=x.device)
+        split.update(part_ptr=total, lock_ptr=arrival_counters("fused_moe_token_sum", x.device, t * tiles))
     _moe_gemm_kernel[grid](
         hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
@@ -386,8 +437,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
         num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
+        TOKEN_SUM=top_k if token_sum else 0,
         GROUP_M=down_config.group_m, WEIGHT_TMA=descs[1] is not None, **split, **layouts[1], **common)
-    return out if slot_sum else moe_sum(out.view(t, top_k, h))
+    if slot_sum or token_sum:
+        return total if token_sum else out
+    return moe_sum(out.view(t, top_k, h))
 
 
 def weight_tma_supported(w: torch.Tensor) -> bool:

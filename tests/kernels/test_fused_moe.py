@@ -191,6 +191,41 @@ def test_one_token_skips_the_align_step_and_sums_in_the_down_gemm(device, fmt, d
     assert not fm._pair_block_cache or all(v[0].numel() == v[1].item() for v in fm._pair_block_cache.values())
 
 
+@pytest.mark.parametrize("fmt,dtype,t,ep", [("dense", torch.float32, 37, False), ("dense", torch.bfloat16, 21, True),
+                                             ("int4", torch.bfloat16, 9, True), ("dense", torch.bfloat16, 2, False)])
+def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
+    """token_sum: the last of a token's k pairs to reach a column tile sums its rows, giving
+    exactly _moe_sum_kernel's output, with other ranks' pairs (-1, several a token, so several
+    lanes of one block count on one counter), in grouped program order, three launches on
+    counters each leaves at zero; a split-K down GEMM falls back to moe_sum."""
+    from llmesh.kernels.common import arrival_counters
+
+    gen = torch.Generator().manual_seed(t + len(fmt))
+    e, k, h, inter = 16, 4, 96, 64
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(t, e, k, gen)
+    if ep:
+        ids[::2, 1:3] = -1
+    quant = {}
+    if fmt == "int4":
+        w13, w2, quant = _int4_experts(w13, w2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
+    qdev = {name: v.to(device) for name, v in quant.items()}
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=64 if fmt == "int4" else 32, group_m=2)
+    want = fused_moe(*args, **qdev, config=cfg, down_config=cfg, token_sum=False).cpu()
+    for _ in range(3):
+        got = fused_moe(*args, **qdev, config=cfg, down_config=cfg, token_sum=True).cpu()
+        assert torch.equal(got, want)
+    assert not arrival_counters("fused_moe_token_sum", x.to(device).device, 1).any()
+    split = MoEConfig(16, 32, 32, split_k=2)
+    if fmt == "dense":
+        torch.testing.assert_close(fused_moe(*args, config=cfg, down_config=split, token_sum=True).cpu(), want,
+                                   atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+
+
 @pytest.mark.parametrize("fmt,group_m,split", [("dense", 1, 1), ("dense", 3, 2), ("int4", 2, 1), ("int4", 4, 3)])
 def test_grouped_program_order_changes_no_result(device, fmt, group_m, split):
     """group_m: the programs in grouped order (a 1-D grid of blocks x column tiles, the last

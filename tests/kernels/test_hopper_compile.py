@@ -166,6 +166,12 @@ CASES = [
     ("moe_align", "_sorted_place_kernel", {p: "i32" for p in ("base_ptr", "ends_ptr", "sorted_ptr",
                                                                 "expert_ids_ptr")} | {"ids_ptr": "i64"},
      dict(BLOCK_M=64, E_P2=256, SPAN=256, CHUNK=32)),
+    # the down GEMM summing each token's k rows itself (fused_moe.TOKEN_SUM_ON_CUDA), grouped order
+    ("fused_moe", "_moe_gemm_kernel",
+     {"topk_w_ptr": "bf16", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
+      "lock_ptr": "i32"},
+     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+          SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, TOKEN_SUM=8, GROUP_M=1)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
