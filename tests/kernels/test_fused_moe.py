@@ -37,6 +37,18 @@ def _int4_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, to
     return c13, c2, dict(w13_scale=s13, w2_scale=s2, w13_min=m13, w2_min=m2)
 
 
+def _dense_or_int4(fmt, dtype, device, x, w13, w2, weights, ids):
+    """fused_moe's positional arguments and quantization keywords on ``device``: float experts in
+    ``dtype``, or INT4 ones (fmt "int4")."""
+    quant = {}
+    if fmt == "int4":
+        w13, w2, quant = _int4_experts(w13, w2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
+    return args, {name: v.to(device) for name, v in quant.items()}
+
+
 @pytest.mark.parametrize("t,e,k,skew", [(1, 8, 2, False), (5, 4, 1, False), (7, 8, 8, False),
                                         (33, 16, 2, True), (19, 8, 2, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -129,13 +141,7 @@ def test_split_k_sums_every_piece_once(device, fmt, dtype, split):
     x = torch.randn(t, h, generator=gen).to(dtype)
     w13, w2 = _experts(e, h, inter, torch.float32, gen)
     weights, ids = _routing(t, e, k, gen)
-    quant = {}
-    if fmt == "int4":
-        w13, w2, quant = _int4_experts(w13, w2)
-    else:
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
-    qdev = {name: v.to(device) for name, v in quant.items()}
+    args, qdev = _dense_or_int4(fmt, dtype, device, x, w13, w2, weights, ids)
     one = MoEConfig(block_m=16, block_n=32, block_k=32)
     many = MoEConfig(block_m=16, block_n=32, block_k=32, split_k=split)
     want = fused_moe(*args, **qdev, config=one, down_config=one).cpu()
@@ -143,7 +149,7 @@ def test_split_k_sums_every_piece_once(device, fmt, dtype, split):
         got = fused_moe(*args, **qdev, config=many, down_config=many).cpu()
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # the pieces' float32 sums in another order
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    ref = fused_moe_ref(x, w13, w2, weights.to(dtype), ids, **quant)
+    ref = fused_moe_ref(*(a.cpu() for a in args), **{name: v.cpu() for name, v in qdev.items()})
     torch.testing.assert_close(got, ref, atol=10 * tol, rtol=10 * tol)
 
 
@@ -207,13 +213,7 @@ def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
     weights, ids = _routing(t, e, k, gen)
     if ep:
         ids[::2, 1:3] = -1
-    quant = {}
-    if fmt == "int4":
-        w13, w2, quant = _int4_experts(w13, w2)
-    else:
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
-    qdev = {name: v.to(device) for name, v in quant.items()}
+    args, qdev = _dense_or_int4(fmt, dtype, device, x, w13, w2, weights, ids)
     cfg = MoEConfig(block_m=16, block_n=32, block_k=64 if fmt == "int4" else 32, group_m=2)
     want = fused_moe(*args, **qdev, config=cfg, down_config=cfg, token_sum=False).cpu()
     for _ in range(3):
