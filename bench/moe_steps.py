@@ -48,9 +48,10 @@ def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[
 def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
                 ) -> dict[str, float]:
     """The align step four ways (the torch ops, the one-program Triton kernel, the chunked
-    kernels, the chunked kernels with a sort) alone, and inside the layer at batch 1, the decode batch and the prefill: what
-    decides ALIGN_KERNEL_ON_CUDA and ALIGN_KERNEL_MAX_PAIRS. Metric
-    names: moe_align_t<T>_{torch,kernel,chunks,sorted}_us, moe_layer_t<T>_align_<same>_ms."""
+    kernels, the chunked kernels with a sort) alone, and inside the layer at batch 1, the decode
+    batch and the prefill: what decides ALIGN_KERNEL_ON_CUDA, ALIGN_KERNEL_MAX_PAIRS and whether
+    the sorted path takes the chunked kernels' sizes. Metric names:
+    moe_align_t<T>_{torch,kernel,chunks,sorted}_us, moe_layer_t<T>_align_<same>_ms."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import pick_config
     from llmesh.kernels.moe_align import moe_align_block_size

@@ -20,7 +20,8 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
     doc = json.loads((tmp_path / "moe_cpu.json").read_text())
     m = doc["metrics"]
     for key in ("moe_gemm_frac", "moe_gemm_frac_decode64", "moe_gemm_frac_prefill4k", "moe_decode64_ref_ms",
-                "moe_prefill4k_int8_ms", "moe_decode64_fp8_ms", "moe_decode64_fp8block_ms", "moe_decode_b1_roofline_frac",
+                "moe_prefill4k_int8_ms", "moe_decode64_fp8_ms", "moe_decode64_fp8block_ms",
+                "moe_decode_b1_roofline_frac",
                 "moe_prefill4k_token_sum_ms", "moe_prefill4k_moe_sum_ms", "moe_decode64_token_sum_vs_moe_sum_x",
                 "moe_offline_out_tok_s",
                 "moe_align_t1_kernel_us", "moe_layer_t4_align_torch_ms", "moe_decode1_ms", "moe_decode1_tile_ms",
