@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +70,19 @@ def _target(stmt: ast.stmt) -> tuple[str, object] | None:
         return None
 
 
+def double_quoted(statement: str) -> str:
+    """``statement`` with its single-quoted string literals double-quoted (the benchmarks print
+    their tables with repr; the modules quote with double quotes), other tokens as they are."""
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(statement).readline):
+        text = tok.string
+        simple = text[:1] == "'" and text[:3] != "'" * 3 and '"' not in text and "\\" not in text
+        if tok.type == tokenize.STRING and simple:  # same length: the tokens keep their columns
+            tok = tok._replace(string='"' + text[1:-1] + '"')
+        out.append(tok)
+    return tokenize.untokenize(out)
+
+
 def wrapped(statement: str, width: int = 120) -> str:
     """A dict literal longer than ``width`` one entry a line (the modules' line length)."""
     stmt = ast.parse(statement).body[0]
@@ -87,7 +102,7 @@ def paste(source: str, statement: str) -> str:
     if target is None:
         raise ValueError(f"not a table entry (NAME[tag] = ...): {statement[:120]!r}")
     name = target[0]
-    statement = wrapped(statement)
+    statement = wrapped(double_quoted(statement))
     lines = source.splitlines(keepends=True)
     body = ast.parse(source).body
     for stmt in body:

@@ -60,7 +60,7 @@ def default_block_config(m: int) -> BlockFp8Config:
 BLOCK_FP8_TILE: dict[str, dict[int, BlockFp8Config]] = {}
 """Per device tag: {largest M of a bucket: the tile bench/block_fp8_gpu.py measured fastest there,
 over the Llama-3-8B shapes} (default_block_config on devices without an entry)."""
-BLOCK_FP8_TILE['h100'] = {
+BLOCK_FP8_TILE["h100"] = {
     1: BlockFp8Config(block_m=16, block_n=64, num_warps=4, num_stages=6, group_m=8),
     16: BlockFp8Config(block_m=16, block_n=32, num_warps=4, num_stages=6, group_m=8),
     64: BlockFp8Config(block_m=64, block_n=128, num_warps=4, num_stages=3, group_m=8),
@@ -82,14 +82,14 @@ BLOCK_FP8_LIBRARY: dict[str, dict[int, str]] = {}
 CUTLASS groupwise GEMM ("fbgemm", engine/quant/fbgemm_kernels.fp8_block_matmul), whichever
 bench/block_fp8_gpu.py measured fastest over the Llama-3-8B shapes, each called as the engine calls
 it. Ours runs where a device has no entry, the library cannot take the shape, or it is missing."""
-BLOCK_FP8_LIBRARY['h100'] = {
-    1: 'fbgemm',
-    16: 'fbgemm',
-    64: 'scaled_mm',
-    128: 'scaled_mm',
-    256: 'scaled_mm',
-    512: 'scaled_mm',
-    2048: 'scaled_mm',
+BLOCK_FP8_LIBRARY["h100"] = {
+    1: "fbgemm",
+    16: "fbgemm",
+    64: "scaled_mm",
+    128: "scaled_mm",
+    256: "scaled_mm",
+    512: "scaled_mm",
+    2048: "scaled_mm",
 }
 
 

@@ -57,7 +57,7 @@ DENSE_CAUSAL_BACKEND: dict[str, dict[int, str]] = {}
 fastest bench/kernels_gpu.py measured there (prompts of that length, no cached prefix; the
 smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
 entry follows the cuDNN rule."""
-DENSE_CAUSAL_BACKEND['h100'] = {512: 'fa3', 1024: 'cudnn', 2048: 'fa3', 4096: 'fa3', 8192: 'fa3'}
+DENSE_CAUSAL_BACKEND["h100"] = {512: "fa3", 1024: "cudnn", 2048: "fa3", 4096: "fa3", 8192: "fa3"}
 
 _refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised (FA3's: fa3.refusals)
 _gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised

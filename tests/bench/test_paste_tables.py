@@ -45,7 +45,8 @@ def test_a_new_device_entry_goes_after_the_tables_docstring(repo):
     compile(after, str(path), "exec")
     assert _entries(after, "DENSE_CAUSAL_BACKEND")["h999"] == "{512: 'fa3', 1024: 'cudnn', 8192: 'fa3'}"
     lines = after.splitlines()
-    at = lines.index("DENSE_CAUSAL_BACKEND['h999'] = {512: 'fa3', 1024: 'cudnn', 8192: 'fa3'}")
+    # the benchmarks print repr's single quotes; the module gets its own double ones
+    at = lines.index('DENSE_CAUSAL_BACKEND["h999"] = {512: "fa3", 1024: "cudnn", 8192: "fa3"}')
     assert lines[at - 1].endswith('"""')  # right after the docstring, which stays with its declaration
     assert after.replace(lines[at] + "\n", "", 1) == before  # nothing else moved
 
@@ -134,3 +135,12 @@ def test_run_gpu_causal_tables_stage_smoke(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "dense_causal_attention.py", "extend_attention.py", "kernels_cpu.json", "kernels_cpu_tables.json"]
     assert [m.read_text() for m in modules] == before
+
+
+def test_string_literals_are_double_quoted_where_that_changes_nothing_else():
+    from paste_tables import double_quoted
+
+    assert double_quoted("T['h1'] = {1: 'fa3', 2: Cfg(name='x')}") == 'T["h1"] = {1: "fa3", 2: Cfg(name="x")}'
+    kept = "T['h1'] = {1: 'it\\'s', 2: \"say 'a'\", 3: b'raw'}"  # escapes, quotes inside, prefixes
+    assert double_quoted(kept) == kept.replace("T['h1']", 'T["h1"]')
+    assert ast.literal_eval(double_quoted(kept).split(" = ", 1)[1]) == ast.literal_eval(kept.split(" = ", 1)[1])
