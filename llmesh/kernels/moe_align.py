@@ -30,7 +30,8 @@ Four implementations of one contract (``moe_align_block_size``), the path picked
   position less the chunk's pairs of lower buckets (a ``tl.gather`` of their cumulative
   count); and the block experts, the scan program's serial loop over every block, are found by
   the place programs, a share each. Same outputs, stable, no atomics. Forced only (``path``)
-  until a GPU times it against the chunked kernels (bench/moe_gpu.py --parts align).
+  until a GPU times it against the chunked kernels (bench/moe_gpu.py --parts align), then
+  ``ALIGN_SORTED_ON_CUDA``.
 
 All four give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph
 safe.
@@ -59,6 +60,10 @@ ALIGN_KERNEL_ON_CUDA = True
 CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at batch 1, and
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
+
+ALIGN_SORTED_ON_CUDA = False
+"""Whether the sorted path replaces the chunked kernels on CUDA past ALIGN_KERNEL_MAX_PAIRS: off
+until bench/moe_gpu.py --parts align times both (moe_align_t<T>_{chunks,sorted}_us)."""
 
 ALIGN_PATHS = ("torch", "program", "chunks", "sorted")
 
@@ -307,13 +312,14 @@ def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids
 def default_align_path(topk_ids: torch.Tensor) -> str:
     """The path moe_align_block_size takes for these ids: under the interpreter and on CUDA,
     the one-program kernel up to ALIGN_KERNEL_MAX_PAIRS pairs (on CUDA while
-    ALIGN_KERNEL_ON_CUDA) and the chunked kernels past it; the torch ops on the CPU."""
+    ALIGN_KERNEL_ON_CUDA) and the chunked kernels past it (on CUDA the sorted path instead while
+    ALIGN_SORTED_ON_CUDA); the torch ops on the CPU."""
     n = topk_ids.numel()
     if n == 0 or not (interpreting() or topk_ids.is_cuda):
         return "torch"
     if n <= ALIGN_KERNEL_MAX_PAIRS:
         return "program" if interpreting() or ALIGN_KERNEL_ON_CUDA else "torch"
-    return "chunks"
+    return "sorted" if ALIGN_SORTED_ON_CUDA and not interpreting() else "chunks"
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, path: str | None = None

@@ -53,8 +53,9 @@ def test_unknown_path_is_refused(device):
 
 def test_default_path_picks_by_size(device, monkeypatch):
     """Up to ALIGN_KERNEL_MAX_PAIRS pairs the one-program kernel aligns (under the interpreter,
-    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels; spies on the kernels
-    say which ran, and either way the output is the reference's."""
+    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels (on CUDA the sorted path
+    with ALIGN_SORTED_ON_CUDA); spies on the kernels say which ran, and either way the output is
+    the reference's."""
     import llmesh.kernels.moe_align as moe_align
 
     launched = []
@@ -69,12 +70,14 @@ def test_default_path_picks_by_size(device, monkeypatch):
 
     monkeypatch.setattr(moe_align, "_moe_align_kernel", Spy("program", moe_align._moe_align_kernel))
     monkeypatch.setattr(moe_align, "_chunk_place_kernel", Spy("chunks", moe_align._chunk_place_kernel))
+    monkeypatch.setattr(moe_align, "_sorted_place_kernel", Spy("sorted", moe_align._sorted_place_kernel))
     gen = torch.Generator().manual_seed(3)
     small = _ids(4, 16, 2, gen).to(device)
     big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # two pairs past the cut-over
     on_cuda = device.type == "cuda" and not moe_align.interpreting()
-    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None, "chunks"}
-    for ids, path in zip((small, big), ("program", "chunks")):
+    large = "sorted" if on_cuda and moe_align.ALIGN_SORTED_ON_CUDA else "chunks"
+    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None, large}
+    for ids, path in zip((small, big), ("program", large)):
         launched.clear()
         got = moe_align_block_size(ids, 16, 16)
         assert launched == ([path] if path in expected else []), (path, launched)
