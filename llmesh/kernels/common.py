@@ -114,20 +114,21 @@ ARRIVAL_SLOTS = 1 << 16
 _arrival: dict[tuple, torch.Tensor] = {}
 
 
-def arrival_counters(kernel: str, device: torch.device, needed: int) -> torch.Tensor:
+def arrival_counters(kernel: str, device: torch.device, needed: int, slots: int = ARRIVAL_SLOTS) -> torch.Tensor:
     """Zeroed int32 counters for a kernel whose programs count their arrivals so that the last
     one combines the others' partial results (split-K with no second launch). Each launch must
-    leave every counter it used at zero (the last arrival resets its own); one buffer per
-    kernel, device and stream, so that launches on other streams cannot interleave, and the
-    same buffer each time, which a CUDA graph can capture."""
-    if needed > ARRIVAL_SLOTS:
-        raise ValueError(f"{kernel}: {needed} arrival counters needed, {ARRIVAL_SLOTS} exist; "
+    leave every counter it used at zero (the last arrival resets its own); one buffer of
+    ``slots`` counters per kernel, device and stream (a kernel always asks for the same size), so
+    that launches on other streams cannot interleave, and the same buffer each time, which a
+    CUDA graph can capture."""
+    if needed > slots:
+        raise ValueError(f"{kernel}: {needed} arrival counters needed, {slots} exist; "
                          f"launch fewer split tiles")
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (kernel, device.type, device.index, stream)
     buf = _arrival.get(key)
     if buf is None:
-        buf = _arrival[key] = torch.zeros(ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+        buf = _arrival[key] = torch.zeros(slots, dtype=torch.int32, device=device)
     return buf
 
 

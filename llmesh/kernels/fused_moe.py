@@ -66,8 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (ARRIVAL_SLOTS, arrival_counters, check_last_dim_contiguous, dot_in_fp32,
-                                   dot_precision, interpreting, pdl_launch, tma_descriptor)
+from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, dot_in_fp32, dot_precision,
+                                   interpreting, pdl_launch, tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
@@ -89,6 +89,10 @@ TOKEN_SUM_ON_CUDA = False
 than ``_moe_sum_kernel`` after it. At a 4k-token prefill that launch reads 134 MB of rows (~35 us
 on the H200); the fused form reads a token's rows once its last pair is written, during the GEMM,
 and spends an atomic per row. Off until bench/moe_gpu.py times both (``moe_<tag>_token_sum_ms``)."""
+
+TOKEN_SUM_SLOTS = 1 << 20
+"""Counters of the fused top-k sum (one per token and column tile of the down GEMM: 16 tiles at
+BLOCK_N 128 cover 65,536 tokens); a larger step sums with _moe_sum_kernel."""
 
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -420,7 +424,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     tiles = triton.cdiv(h, down_config.block_n)
     if token_sum is None:
         token_sum = x.is_cuda and TOKEN_SUM_ON_CUDA
-    token_sum = token_sum and not slot_sum and split["SPLIT_K"] == 1 and t * tiles <= ARRIVAL_SLOTS
+    token_sum = token_sum and not slot_sum and split["SPLIT_K"] == 1 and t * tiles <= TOKEN_SUM_SLOTS
     if slot_sum:
         out = torch.empty(1, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=torch.empty(top_k, h, dtype=torch.float32, device=x.device),
@@ -429,7 +433,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)  # [T*k, H]
     if token_sum:
         total = torch.empty(t, h, dtype=x.dtype, device=x.device)
-        split.update(part_ptr=total, lock_ptr=arrival_counters("fused_moe_token_sum", x.device, t * tiles))
+        split.update(part_ptr=total, lock_ptr=arrival_counters("fused_moe_token_sum", x.device, t * tiles,
+                                                               TOKEN_SUM_SLOTS))
     _moe_gemm_kernel[grid](
         hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,

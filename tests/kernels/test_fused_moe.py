@@ -204,6 +204,7 @@ def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
     exactly _moe_sum_kernel's output, with other ranks' pairs (-1, several a token, so several
     lanes of one block count on one counter), in grouped program order, three launches on
     counters each leaves at zero; a split-K down GEMM falls back to moe_sum."""
+    from llmesh.kernels import fused_moe as fm
     from llmesh.kernels.common import arrival_counters
 
     gen = torch.Generator().manual_seed(t + len(fmt))
@@ -219,7 +220,7 @@ def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
     for _ in range(3):
         got = fused_moe(*args, **qdev, config=cfg, down_config=cfg, token_sum=True).cpu()
         assert torch.equal(got, want)
-    assert not arrival_counters("fused_moe_token_sum", x.to(device).device, 1).any()
+    assert not arrival_counters("fused_moe_token_sum", x.to(device).device, 1, fm.TOKEN_SUM_SLOTS).any()
     split = MoEConfig(16, 32, 32, split_k=2)
     if fmt == "dense":
         torch.testing.assert_close(fused_moe(*args, config=cfg, down_config=split, token_sum=True).cpu(), want,
