@@ -294,14 +294,15 @@ def _token_sum(rows, out_ptr, sum_ptr, lock_ptr, pair, m_mask, rn, n_mask, N, st
     token = pair // SLOTS
     counter = lock_ptr + token * num_tiles + tile
     last = (tl.atomic_add(counter, 1, mask=m_mask, sem="acq_rel") == SLOTS - 1) & m_mask
-    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(SLOTS):
-        slot = (token * SLOTS + j).to(tl.int64)
-        total += tl.load(out_ptr + slot[:, None] * stride_om + rn[None, :], mask=last[:, None] & n_mask[None, :],
-                         other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(sum_ptr + token.to(tl.int64)[:, None] * N + rn[None, :],
-             cast_rtne(total, sum_ptr.dtype.element_ty, INTERPRET), mask=last[:, None] & n_mask[None, :])
-    tl.atomic_xchg(counter, 0, mask=last)  # ready for the next launch on this stream
+    if tl.max(last.to(tl.int32), axis=0) > 0:  # a program that finished no token issues no loads
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(SLOTS):
+            slot = (token * SLOTS + j).to(tl.int64)
+            total += tl.load(out_ptr + slot[:, None] * stride_om + rn[None, :],
+                             mask=last[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(sum_ptr + token.to(tl.int64)[:, None] * N + rn[None, :],
+                 cast_rtne(total, sum_ptr.dtype.element_ty, INTERPRET), mask=last[:, None] & n_mask[None, :])
+        tl.atomic_xchg(counter, 0, mask=last)  # ready for the next launch on this stream
 
 
 @triton.jit
