@@ -237,8 +237,8 @@ def _block_owners(ends_live, expert_ids_ptr, first, last, E, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _sorted_place_kernel(ids_ptr, base_ptr, ends_ptr, sorted_ptr, expert_ids_ptr, N, E, NUM_BLOCKS, BLOCKS_EACH,
-                         BLOCK_M: tl.constexpr, E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+def _sorted_place_kernel(ids_ptr, counts_ptr, base_ptr, ends_ptr, sorted_ptr, expert_ids_ptr, N, E, NUM_BLOCKS,
+                         BLOCKS_EACH, BLOCK_M: tl.constexpr, E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
                          PDL: tl.constexpr):
     """_chunk_place_kernel's placement without its CHUNK-pair steps: the chunk's SPAN pairs
     sorted once by (bucket, index), so a pair's rank in its bucket is its sorted position less
@@ -248,7 +248,7 @@ def _sorted_place_kernel(ids_ptr, base_ptr, ends_ptr, sorted_ptr, expert_ids_ptr
     r = tl.arange(0, SPAN)
     bins = tl.arange(0, E_P2)
     e, valid = _experts_of(ids_ptr, c * SPAN + r, N, E)
-    counts = tl.histogram(e, E_P2, mask=valid)
+    counts = tl.load(counts_ptr + c * E_P2 + bins)  # the count kernel's histogram of this chunk
     first = tl.cumsum(counts, axis=0) - counts  # the chunk's pairs in lower buckets
     key = tl.sort(tl.where(valid, e, E_P2) * SPAN + r)  # missing pairs (past N) sort last
     bucket = key // SPAN
@@ -301,7 +301,7 @@ def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids
                              BLOCK_M=block_m, E_P2=e_p2, ROWS=_SCAN_ROWS, CHUNK=_CHUNK, OWNERS=not sort,
                              num_warps=4, **pdl)
     if sort:
-        _sorted_place_kernel[(chunks,)](flat, base, ends, sorted_ids, expert_ids, n, num_experts, blocks,
+        _sorted_place_kernel[(chunks,)](flat, counts, base, ends, sorted_ids, expert_ids, n, num_experts, blocks,
                                         triton.cdiv(blocks, chunks), BLOCK_M=block_m, E_P2=e_p2,
                                         SPAN=CHUNK_PAIRS, CHUNK=_CHUNK, num_warps=4, **pdl)
     else:

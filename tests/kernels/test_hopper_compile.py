@@ -163,7 +163,7 @@ CASES = [
     ("moe_align", "_chunk_scan_kernel", {p: "i32" for p in ("counts_ptr", "base_ptr", "expert_ids_ptr",
                                                               "num_post_ptr", "ends_ptr")},
      dict(BLOCK_M=64, E_P2=256, ROWS=16, CHUNK=32, OWNERS=False)),
-    ("moe_align", "_sorted_place_kernel", {p: "i32" for p in ("base_ptr", "ends_ptr", "sorted_ptr",
+    ("moe_align", "_sorted_place_kernel", {p: "i32" for p in ("counts_ptr", "base_ptr", "ends_ptr", "sorted_ptr",
                                                                 "expert_ids_ptr")} | {"ids_ptr": "i64"},
      dict(BLOCK_M=64, E_P2=256, SPAN=256, CHUNK=32)),
     # the down GEMM summing each token's k rows itself (fused_moe.TOKEN_SUM_ON_CUDA), grouped order
