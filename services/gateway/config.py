@@ -73,6 +73,9 @@ class GatewayConfig(ServiceConfig):
                 "models_file is required: the gateway tokenizes with each model's tokenizer "
                 "(pass --models-file PATH or set LLMESH_GATEWAY_MODELS_FILE)")
         require(0 <= self.http_port <= 65535, f"http_port must be in [0, 65535], got {self.http_port}")
+        ports = {name: getattr(self, name) for name in ("port", "http_port", "health_port", "metrics_port")}
+        given = [port for port in ports.values() if port]
+        require(len(given) == len(set(given)), f"the gateway's ports must differ, got {ports}")
         require(self.max_request_bytes >= 1024,
                 f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         require(self.max_prompt_bytes >= 1, f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")

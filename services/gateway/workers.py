@@ -149,15 +149,25 @@ class Supervisor:
 
     # ---- start -------------------------------------------------------------------------------
     def _reserve(self) -> None:
+        """The given ports first, then a free gRPC port when ``port`` is 0: a bind to port 0
+        with SO_REUSEPORT may be handed a port that one of our own reuse sockets holds (the
+        kernel lets them share it), and gRPC and HTTP on one port would split connections
+        between the two servers."""
         cfg = self.config
-        grpc_sock = reserve_port(cfg.host, cfg.port, "port")
-        self._sockets.append(grpc_sock)
-        self.port = grpc_sock.getsockname()[1]
-        for attr, what in (("http_port", "http_port"), ("health_port", "health_port")):
-            if getattr(cfg, attr):  # 0 is off for these
-                sock = reserve_port(cfg.host, getattr(cfg, attr), what)
+        for what in ("port", "http_port", "health_port"):
+            if getattr(cfg, what):  # 0 is off for http_port and health_port; for port, picked below
+                self._sockets.append(reserve_port(cfg.host, getattr(cfg, what), what))
+        self.port, self.http_port, self.health_port = cfg.port, cfg.http_port, cfg.health_port
+        if not cfg.port:
+            held, refused = {s.getsockname()[1] for s in self._sockets}, []
+            try:
+                while (sock := reserve_port(cfg.host, 0, "port")).getsockname()[1] in held:
+                    refused.append(sock)  # stays bound until a port is found, so it is not handed back
                 self._sockets.append(sock)
-                setattr(self, attr, sock.getsockname()[1])
+                self.port = sock.getsockname()[1]
+            finally:
+                for s in refused:
+                    s.close()
 
     def _serve_metrics(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, start_http_server

@@ -20,7 +20,7 @@ from llmesh.bench.workloads import WorkloadConfig, build_requests
 from llmesh.engine import LLM
 from llmesh.launcher import Mesh, UpConfig
 from llmesh.mesh_secret import MESH_SECRET_FILE
-from tests.mesh_helpers import free_port
+from tests.mesh_helpers import free_ports
 
 LLMESH = [sys.executable, "-m", "llmesh.cli"]
 SMALL = ["--num-requests", "6", "--input-len", "16", "--output-len", "4", "--no-progress"]
@@ -33,10 +33,11 @@ def mesh(tmp_path_factory, tiny_llama):
         "name": "tiny", "path": tiny_llama, "size_class": "small", "replicas": 1,
         "engine": {"dtype": "float32", "num_kv_blocks": 128, "max_model_len": 256}}]}
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
-    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
-                   router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   http_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir), auth=False)
+    gateway, router, prefix_cache, engine_base, redis, http = free_ports(6)
+    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=gateway,
+                   router_port=router, prefix_cache_port=prefix_cache, engine_base_port=engine_base,
+                   http_port=http,
+                   redis_port=redis, metrics_base_port=0, device="cpu", run_dir=str(run_dir), auth=False)
     with Mesh(cfg, quiet=True) as m:
         m.start(timeout=180)
         yield m

@@ -19,7 +19,7 @@ from llmesh.mesh_secret import MESH_SECRET_FILE, METADATA_KEY, read_secret
 from llmesh.prefix_hash import hash_prefix_blocks
 from llmesh.router.config import RouterConfig
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, prefix_index_pb2, prefix_index_pb2_grpc
-from tests.mesh_helpers import free_port
+from tests.mesh_helpers import free_ports
 from tests.otlp_receiver import OtlpReceiver
 
 PROMPT = "the quick brown fox jumps over the lazy dog and keeps running far away"
@@ -32,9 +32,10 @@ def mesh(tmp_path_factory, tiny_llama):
         "name": "tiny", "path": tiny_llama, "size_class": "small", "replicas": 1,
         "engine": {"dtype": "float32", "num_kv_blocks": 128, "max_model_len": 256}}]}
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
-    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
-                   router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir),
+    gateway, router, prefix_cache, engine_base, redis = free_ports(5)
+    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=gateway,
+                   router_port=router, prefix_cache_port=prefix_cache, engine_base_port=engine_base,
+                   redis_port=redis, metrics_base_port=0, device="cpu", run_dir=str(run_dir),
                    auth=False)
     with OtlpReceiver() as otlp:
         saved = dict(os.environ)

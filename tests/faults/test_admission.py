@@ -34,7 +34,7 @@ from llmesh.v1 import (
     router_pb2_grpc,
 )
 from tests.gateway.test_auth import add_key, bearer
-from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, start_engine
+from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, free_ports, start_engine
 
 MODEL = "tiny"
 WINDOW = 512
@@ -62,7 +62,7 @@ def mesh(tiny_llama, tmp_path_factory):
                                                     wait=False))
         router.wait_ready()
         common = ["--router", router.address, "--models-file", str(models_file)]
-        keyed_http, capped_http = free_port(), free_port()
+        keyed_http, capped_http = free_ports(2)
         keyed = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
             *common, "--redis-url", redis_server.url, "--http-port", str(keyed_http)], wait=False))
         capped = stack.enter_context(ServiceProcess("llmesh.gateway.main", [

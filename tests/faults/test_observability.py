@@ -22,7 +22,7 @@ from llmesh.launcher import ENGINE_METRICS_OFFSET, METRICS_OFFSETS, Mesh, UpConf
 from llmesh.telemetry import NO_ROOT_METHODS, UNTRACED_METHODS
 from llmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc,
                        prefix_index_pb2, prefix_index_pb2_grpc)
-from tests.mesh_helpers import RedisServer, free_port, free_port_base, start_prefix_index
+from tests.mesh_helpers import RedisServer, free_port_base, free_ports, start_prefix_index
 from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,9 +41,10 @@ def mesh(tmp_path_factory, tiny_llama):
         "name": MODEL, "path": tiny_llama, "size_class": "small", "replicas": 1,
         "engine": {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256}}]}
     (run_dir / "models.in.yaml").write_text(yaml.safe_dump(models))
-    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=free_port(),
-                   router_port=free_port(), prefix_cache_port=free_port(), engine_base_port=free_port(),
-                   redis_port=free_port(), metrics_base_port=free_port_base(SERVICES.values()), device="cpu",
+    gateway, router, prefix_cache, engine_base, redis = free_ports(5)
+    cfg = UpConfig(models_file=str(run_dir / "models.in.yaml"), gateway_port=gateway,
+                   router_port=router, prefix_cache_port=prefix_cache, engine_base_port=engine_base,
+                   redis_port=redis, metrics_base_port=free_port_base(SERVICES.values()), device="cpu",
                    run_dir=str(run_dir), auth=False)
     with OtlpReceiver() as otlp:
         saved = dict(os.environ)

@@ -27,7 +27,7 @@ from llmesh.v1 import engine_pb2, inference_pb2, router_pb2
 from tests.gateway.test_auth import add_key, bearer, stub
 from tests.gateway.test_embeddings import EMB, assert_close, reference
 from tests.gateway.test_response_cache import BYPASS, PREFIX, REFRESH, USE, engine_steps, metric
-from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, start_engine
+from tests.mesh_helpers import RedisServer, ServiceProcess, free_ports, start_engine
 
 A, B, C, D = [5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42], [100, 7, 3, 19, 20], [77, 78, 79, 80]
 
@@ -47,7 +47,7 @@ def mesh(tiny_model_dirs, tmp_path_factory):
             "name": EMB, "path": emb_path, "addresses": [engine.address],
             "engine": {"pooling": "last", "normalize": True, "matryoshka": True}}]}))
         router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(models_file)]))
-        metrics_port, http_port = free_port(), free_port()
+        metrics_port, http_port = free_ports(2)
         gateway = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
             "--router", router.address, "--models-file", str(models_file), "--redis-url", keys_redis.url,
             "--response-cache", "true", "--response-cache-redis-url", cache_redis.url,

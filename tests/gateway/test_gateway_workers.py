@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2, inference_pb2_grpc, router_pb2
 from tests.faults._launcher_helpers import alive
-from tests.mesh_helpers import ServiceProcess, free_port, start_engine
+from tests.mesh_helpers import ServiceProcess, free_ports, start_engine
 
 MODEL = "tiny"
 WORKERS = 2
@@ -53,7 +54,7 @@ def start_gateway(models_file, *extra: str) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def gateway(models_file):
-    metrics_port, http_port = free_port(), free_port()
+    metrics_port, http_port = free_ports(2)
     with start_gateway(models_file, "--metrics-port", str(metrics_port), "--http-port", str(http_port)) as gw:
         gw.metrics_port, gw.http_port = metrics_port, http_port
         yield gw
@@ -246,3 +247,34 @@ def test_worker_index_names_the_worker_that_runs_once_per_gateway_work(monkeypat
     assert not is_worker() and worker_index() == 0
     monkeypatch.setenv(WORKER_ENV, "3/4")
     assert is_worker() and worker_index() == 3
+
+
+def test_the_supervisor_holds_every_port_and_picks_a_grpc_port_apart_from_the_given_ones(tmp_path):
+    from llmesh.gateway.config import GatewayConfig
+    from llmesh.gateway.workers import Supervisor
+
+    http_port, health_port = free_ports(2)
+    config = GatewayConfig(host="127.0.0.1", port=0, http_port=http_port, health_port=health_port,
+                           models_file=str(tmp_path / "models.yaml"), auth=False, workers=2)
+    supervisor = Supervisor(config, [])
+    try:
+        supervisor._reserve()
+        ports = (supervisor.port, supervisor.http_port, supervisor.health_port)
+        assert ports[1:] == (http_port, health_port) and supervisor.port not in ports[1:]
+        assert sorted(s.getsockname()[1] for s in supervisor._sockets) == sorted(ports)
+        for port in ports:  # held: no other program can take one between two starts of a worker
+            with socket.socket() as other, pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+    finally:
+        for s in supervisor._sockets:
+            s.close()
+        shutil.rmtree(supervisor._dir)
+
+
+@pytest.mark.parametrize("ports", [{"port": 7000, "http_port": 7000}, {"http_port": 7001, "health_port": 7001},
+                                   {"port": 7002, "metrics_port": 7002}])
+def test_one_port_given_twice_is_refused_by_name(tmp_path, ports):
+    from llmesh.gateway.config import GatewayConfig
+
+    with pytest.raises(ValueError, match="the gateway's ports must differ"):
+        GatewayConfig(models_file=str(tmp_path / "models.yaml"), auth=False, **ports)

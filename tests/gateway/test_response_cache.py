@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, inference_pb2
 from tests.gateway.test_auth import add_key, bearer, stub
-from tests.mesh_helpers import RedisServer, ServiceProcess, free_port, start_engine
+from tests.mesh_helpers import RedisServer, ServiceProcess, free_ports, start_engine
 
 MODEL = "tiny"
 WINDOW = 256
@@ -45,7 +45,7 @@ def cache_mesh(tiny_llama, run_dir, *gateway_args: str):
         models_file.write_text(yaml.safe_dump({"default_model": MODEL, "models": [{
             "name": MODEL, "path": tiny_llama, "addresses": [engine.address]}]}))
         router = stack.enter_context(ServiceProcess("llmesh.router.main", ["--models-file", str(models_file)]))
-        metrics_port, http_port = free_port(), free_port()
+        metrics_port, http_port = free_ports(2)
         gateway = stack.enter_context(ServiceProcess("llmesh.gateway.main", [
             "--router", router.address, "--models-file", str(models_file), "--redis-url", keys_redis.url,
             "--response-cache", "true", "--response-cache-redis-url", cache_redis.url,
