@@ -34,8 +34,9 @@ whose BLOCK_M suits the rows per expert) for both GEMMs at decode 64 / prefill 4
 counts in --tune-m) and merges the winners into llmesh/kernels/fused_moe_tuned.json under the device's
 tag, which the kernel and engine parts of the same run then use; --tune-weights int4 sweeps
 INT4_CANDIDATES with INT4 experts into the device's ":int4" table. The winners are then tried with
-split-K (decode sizes), in grouped program order (MoEConfig.group_m; prefill sizes) and with
-their weight tiles through TMA descriptors (MoEConfig.weight_tma; every size);
+split-K (decode sizes), in grouped program order (MoEConfig.group_m; prefill sizes), with
+their weight tiles through TMA descriptors (MoEConfig.weight_tma; every size) and, for the down
+GEMM's tl.dot tiles, in the sorted hidden layout (a_tma) and warp-specialized (warp_spec);
 --tune-order-only skips the tile sweep and tries only those on the table's tiles.
 --tune-gemv-only sweeps only the GEMV form's candidates against the table's entries (batch 1).
 --parts decode1: the batch-1 layer alone (bench/moe_steps.py's part of the kernel part).
@@ -101,6 +102,30 @@ def block_experts(w13: torch.Tensor, w2: torch.Tensor, s: Shapes) -> tuple[torch
     return q13, q2, dict(w13_scale=s13, w2_scale=s2, weight_block=block)
 
 
+def sorted_layout_ms(x, w13, w2, weights, ids, s: Shapes, device: torch.device, tag: str) -> dict[str, float]:
+    """The layer on the table's tiles as they are ("table"), with the down GEMM in the sorted hidden
+    layout ("sorted", MoEConfig.a_tma) and that down loop warp-specialized ("warp_spec"), each
+    output checked bit for bit against the first: {} where a GEMM runs the GEMV form or the
+    weights cannot take TMA."""
+    from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
+    from llmesh.kernels.fused_moe_config import pick_config
+
+    t = x.shape[0]
+    up = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device)
+    down = replace(pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device), block_m=up.block_m)
+    if up.gemv or not weight_tma_supported(w2):
+        return {}
+    variants = {"table": down, "sorted": replace(down, **SORTED_CHANGES[0]),
+                "warp_spec": replace(down, **SORTED_CHANGES[1])}
+    want = fused_moe(x, w13, w2, weights, ids, config=up, down_config=down)
+    out = {}
+    for name, cfg in variants.items():
+        if not torch.equal(fused_moe(x, w13, w2, weights, ids, config=up, down_config=cfg), want):
+            raise RuntimeError(f"fused_moe's {name} down tile {cfg} differs from the table's at {tag}")
+        out[name] = best_of_two(lambda: fused_moe(x, w13, w2, weights, ids, config=up, down_config=cfg), device)
+    return out
+
+
 def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], smoke: bool) -> dict[str, float]:
     from llmesh.engine.model.moe import quantize_experts_fp8, quantize_experts_int4, quantize_experts_int8
     from llmesh.kernels.fused_moe import fused_moe
@@ -135,6 +160,11 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
             raise RuntimeError(f"fused_moe's in-GEMM top-k sum differs from moe_sum's at {tag}")
         sums_ms = {on: best_of_two(lambda: fused_moe(x, w13, w2, weights, ids, token_sum=on), device)
                    for on in (False, True)}
+        layouts = sorted_layout_ms(x, w13, w2, weights, ids, s, device, tag)
+        for name, layout_ms in layouts.items():
+            m[f"moe_{tag}_{name}_tiles_ms" if name == "table" else f"moe_{tag}_{name}_ms"] = layout_ms
+            if name != "table":
+                m[f"moe_{tag}_{name}_vs_table_x"] = layouts["table"] / layout_ms
         # the reference's per-expert loop reads routing on the host (not capturable): host-timed
         ref_ms = time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids), device)
         int8_ms = best_of_two(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2), device)
@@ -227,18 +257,26 @@ def tune_weights(weights: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[tor
     return c13, c2, dict(w13_scale=cs13, w2_scale=cs2, w13_min=cm13, w2_min=cm2)
 
 
-def _refine(run, field: str, values, best_up, best_down, best_ms: float, tag: str):
-    """Each of ``values`` for one MoEConfig ``field`` on the gate/up winner, then on the down
-    one, each timed against the layer's best total so far: (best_up, best_down, best_ms)."""
-    for value in values:
-        for which in ("up", "down"):
+SORTED_CHANGES = ({"a_tma": 1, "weight_tma": 1},
+                  {"a_tma": 1, "weight_tma": 1, "warp_spec": 1, "num_warps": 4, "split_k": 1})
+"""The down GEMM's sorted hidden layout (MoEConfig.a_tma), then its K loop warp-specialized (at 4
+warps: Triton 3.6's pass declines 8)."""
+
+
+def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_gemms=("up", "down")):
+    """Each of ``changes`` (MoEConfig fields to replace, a dict each) on the gate/up winner, then
+    on the down one (of ``which_gemms``), each timed against the layer's best total so far:
+    (best_up, best_down, best_ms)."""
+    for change in changes:
+        label = ",".join(f"{k}={v}" for k, v in change.items())
+        for which in which_gemms:
             try:  # a combination MoEConfig refuses (TMA boxes past 256) is skipped like one that cannot run
-                c = replace(best_up if which == "up" else best_down, **{field: value})
+                c = replace(best_up if which == "up" else best_down, **change)
                 ms = run(c, best_down) if which == "up" else run(best_up, c)
             except Exception as exc:  # out of shared memory / registers: skip it
-                print(f"[moe] autotune {tag} {which} {field}={value}: {type(exc).__name__}: {exc}", flush=True)
+                print(f"[moe] autotune {tag} {which} {label}: {type(exc).__name__}: {exc}", flush=True)
                 continue
-            print(f"[moe] autotune {tag} {which} {field}={value}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
+            print(f"[moe] autotune {tag} {which} {label}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
             if ms < best_ms:
                 best_ms = ms
                 if which == "up":
@@ -311,17 +349,21 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         if best_down is not None and not prefill:
             # decode sizes: the winners again with the K loop in pieces (more programs for a
             # batch whose few expert blocks leave SMs idle)
-            best_up, best_down, best_down_ms = _refine(run, "split_k", SPLIT_CANDIDATES, best_up, best_down,
-                                                       best_down_ms, f"{weights} T={t}")
+            best_up, best_down, best_down_ms = _refine(run, [{"split_k": v} for v in SPLIT_CANDIDATES], best_up,
+                                                       best_down, best_down_ms, f"{weights} T={t}")
         if best_down is not None and prefill:
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), against both winners timed together once more
-            best_up, best_down, best_down_ms = _refine(run, "group_m", GROUP_CANDIDATES, best_up, best_down,
-                                                       run(best_up, best_down), f"{weights} T={t}")
+            best_up, best_down, best_down_ms = _refine(run, [{"group_m": v} for v in GROUP_CANDIDATES], best_up,
+                                                       best_down, run(best_up, best_down), f"{weights} T={t}")
         if best_down is not None and weight_tma_supported(w13):
             # every size: the winners with their weight tiles through TMA descriptors
-            best_up, best_down, best_down_ms = _refine(run, "weight_tma", (1,), best_up, best_down,
+            best_up, best_down, best_down_ms = _refine(run, [{"weight_tma": 1}], best_up, best_down,
                                                        run(best_up, best_down), f"{weights} T={t}")
+        if best_down is not None and weights == "dense" and not best_down.gemv and weight_tma_supported(w2):
+            # tl.dot tiles: the down GEMM's activation tiles whole through TMA, then warp-specialized
+            best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down,
+                                                       run(best_up, best_down), f"{weights} T={t}", ("down",))
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "
@@ -382,8 +424,8 @@ def main() -> int:
                     help="sweep tile configs first and merge the winners into the tuned file")
     ap.add_argument("--tune-m", default="64,4096", help="token counts the autotune sweeps")
     ap.add_argument("--tune-order-only", action="store_true",
-                    help="autotune: keep the table's tiles, try only split-K (decode sizes) and the grouped "
-                         "program order (prefill sizes) on them")
+                    help="autotune: keep the table's tiles, try only split-K (decode sizes), the grouped "
+                         "program order (prefill sizes), TMA and the sorted layout on them")
     ap.add_argument("--tune-gemv-only", action="store_true",
                     help="autotune: only the GEMV-form candidates, against the table's tiles")
     ap.add_argument("--tune-weights", default="dense",

@@ -88,12 +88,13 @@ want moe-ep && step moe-ep $PY bench/moe_ep_gpu.py ${NUM_PROMPTS:+--num-prompts 
 # moe: the fused MoE layer and the engine on Qwen3-30B-A3B's shape (MOE_AUTOTUNE=1 sweeps the
 # tiles first, at MOE_TUNE_M tokens, for MOE_TUNE_WEIGHTS formats; MOE_PARTS, MOE_ENGINE_QUANT,
 # MOE_SUFFIX, MOE_OFFLINE_REPEATS: moe_gpu.py's --parts, --engine-quantization, --suffix, --offline-repeats;
-# MOE_TUNE_GEMV_ONLY=1: --tune-gemv-only, the batch-1 GEMV sweep alone, e.g. with MOE_PARTS=decode1);
+# MOE_TUNE_GEMV_ONLY=1: --tune-gemv-only, the batch-1 GEMV sweep alone, e.g. with MOE_PARTS=decode1;
+# MOE_TUNE_ORDER_ONLY=1: --tune-order-only, no tile sweep, the refinements on the table's tiles);
 # quant-sweep: the weight-only GEMM configs (QUANT_SHAPES, QUANT_MS cut the grid, QUANT_SWEEP_BUDGET_S
 # bounds it). Both merge what they measure into llmesh/kernels/*_tuned.json,
 # which comes back with the results.
 want moe && step moe $PY bench/moe_gpu.py --parts "${MOE_PARTS:-kernel,engine}" ${MOE_AUTOTUNE:+--autotune} \
-  ${MOE_TUNE_GEMV_ONLY:+--tune-gemv-only} \
+  ${MOE_TUNE_GEMV_ONLY:+--tune-gemv-only} ${MOE_TUNE_ORDER_ONLY:+--tune-order-only} \
   ${MOE_TUNE_M:+--tune-m "$MOE_TUNE_M"} ${MOE_TUNE_WEIGHTS:+--tune-weights "$MOE_TUNE_WEIGHTS"} \
   ${MOE_ENGINE_QUANT:+--engine-quantization "$MOE_ENGINE_QUANT"} ${MOE_SUFFIX:+--suffix "$MOE_SUFFIX"} \
   ${MOE_OFFLINE_REPEATS:+--offline-repeats "$MOE_OFFLINE_REPEATS"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}

@@ -10,8 +10,11 @@ whether the compiled TTGIR holds a `ttg.warp_specialize` region (partitioned), o
 `tt.warp_specialize` attribute (the pass declined), or the compiler failed.
 
 Measured with Triton 3.6 (the GPU image's; session 39): `tma` is partitioned at 4 warps and
-declined at 8; `gather` fails to compile at 4 warps and is declined at 8. So with this Triton the
-fused MoE kernel's gathered rows cannot be warp-specialized (docs/moe.md).
+declined at 8; `gather` fails to compile at 4 warps and is declined at 8. So the fused MoE kernel's
+gathered rows cannot be warp-specialized; its down GEMM in the sorted hidden layout reads whole
+tiles through TMA and can (MoEConfig.warp_spec, docs/moe.md). With Triton 3.9 (session 43) these
+two loops come out the same, but that down GEMM (host-built descriptors) fails the pass at 128-row
+tiles with 4 warps and is partitioned at 64 (tests/kernels/test_hopper_compile.py).
 
 Usage: python bench/warp_spec_probe.py   (prints one line per loop and warp count; no result file:
 it measures the compiler, not the device)

@@ -17,8 +17,13 @@ The design of vLLM's / SGLang's Triton fused_moe:
    one pair (a one-token step) may instead run the GEMV form (fused_moe_dense.py), where the
    table measured it faster.
 3. A second grouped GEMM runs the down projection, multiplies each row by its routing
-   weight in the epilogue, and writes one row per (token, slot) pair.
-4. The k copies of each token are summed by ``_moe_sum_kernel`` over [T, k, H] in slot order
+   weight in the epilogue, and writes one row per (token, slot) pair. Its input rows are the
+   gate/up GEMM's, gathered by pair; in the sorted hidden layout (``MoEConfig.a_tma``) the
+   gate/up GEMM writes them at their sorted positions instead (padding rows as zeros), so each
+   down block reads one contiguous tile through a TMA descriptor, and with both operands through
+   TMA its K loop can be warp-specialized (``MoEConfig.warp_spec``), as CUTLASS's grouped GEMMs
+   are; the gate/up GEMM's own rows stay a gather (Hopper's TMA has no row gather).
+4. The k copies of each token are summed (moe_topk_sum.py) by ``_moe_sum_kernel`` over [T, k, H] in slot order
    (fixed, so the result does not depend on scheduling; atomics would not be deterministic).
    One launch of T x H / BLOCK_H programs: torch's ``sum`` over the middle dimension was a
    4.5 us reduction a layer at batch 1 on the H200 (kernel_profile_h200.json). A one-token
@@ -60,23 +65,27 @@ after adding each expert (in expert order); in 16-bit that is about one ulp of t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, dot_in_fp32, dot_precision,
-                                   interpreting, pdl_launch, tma_descriptor)
+from llmesh.kernels.common import (arrival_counters, dot_in_fp32, dot_precision, interpreting, pdl_launch,
+                                   tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
 from llmesh.kernels.fused_moe_int4 import _int4_gemv_loop, _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
+from llmesh.kernels.moe_topk_sum import TOKEN_SUM_SLOTS, _slot_sum, _token_sum, moe_sum
 from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
+
+log = logging.getLogger("llmesh.kernels.fused_moe")
 
 PAIR_BLOCKS_MAX_TOKENS = 1
 """Steps of at most this many tokens give each (token, slot) pair a block of its own instead of
@@ -90,18 +99,19 @@ than ``_moe_sum_kernel`` after it. At a 4k-token prefill that launch reads 134 M
 on the H200); the fused form reads a token's rows once its last pair is written, during the GEMM,
 and spends an atomic per row. Off until bench/moe_gpu.py times both (``moe_<tag>_token_sum_ms``)."""
 
-TOKEN_SUM_SLOTS = 1 << 20
-"""Counters of the fused top-k sum (one per token and column tile of the down GEMM: 16 tiles at
-BLOCK_N 128 cover 65,536 tokens); a larger step sums with _moe_sum_kernel."""
-
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+_warp_spec_refused: set[MoEConfig] = set()
+"""Down GEMM tiles (MoEConfig.warp_spec) whose warp-specialized loop this Triton failed to compile:
+3.9's pass fails at BLOCK_M 128 with 4 warps, where 3.6 (the GPU image's, which the tables are
+measured with) partitions it. They run the plain loop, so a table stays usable across versions."""
 
 
 # The pair count changes with every eager step's tokens: not specialised (no compile per
 # value class mid-serving, llmesh/kernels/README.md).
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, b_desc, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
+    a_ptr, a_desc, b_ptr, b_desc, scale_ptr, min_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr, part_ptr, lock_ptr,
     N, K, KH, num_pairs, a_row_div, k_split,
     stride_am, stride_be, stride_bn, stride_se, stride_sg, stride_om,
@@ -110,6 +120,8 @@ def _moe_gemm_kernel(
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
     SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0, WEIGHT_TMA: tl.constexpr = False,
     SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0, TOKEN_SUM: tl.constexpr = 0,
+    OUT_SORTED: tl.constexpr = False, A_SORTED: tl.constexpr = False, A_TMA: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -134,6 +146,10 @@ def _moe_gemm_kernel(
     tile mostly padding.
     SCALE_BN > 0 (SCALED False): block-scaled E4M3 experts, scales [E, rows / SCALE_BN, K / SCALE_BK]
     (stride_se an expert, stride_sg a row of blocks) applied in the K loop (_dense_mainloop).
+    OUT_SORTED (the gate/up GEMM of the sorted hidden layout, MoEConfig.a_tma): out rows are the
+    sorted positions, every row of a block written (padding rows as zeros), not the pairs' rows.
+    A_SORTED (the down GEMM of that layout): a's rows are the sorted positions; A_TMA: they come
+    through a_desc (block [BLOCK_M, BLOCK_K]); WARP_SPEC: the K loop warp-specialized.
     """
     pdl_enter(PDL)
     pid_k = tl.program_id(2)
@@ -151,15 +167,27 @@ def _moe_gemm_kernel(
         num_n = tl.num_programs(1)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-        return
+    block_live = pid_m * BLOCK_M < tl.load(num_post_ptr)
+    # A warp-specialized loop under an early return fails Triton 3.6's pass (an assertion in its
+    # task-id propagation), so WARP_SPEC runs every program through the loop, see below.
+    if not WARP_SPEC:
+        if not block_live:
+            return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs)  # [BLOCK_M] flat (token, slot) index; num_pairs: padding
     m_mask = pair < num_pairs
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    if expert < 0:
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    if WARP_SPEC:
+        # A block past the padded end or of other ranks' pairs runs no K step: its zero sums make
+        # the zero rows the latter need (the routing weight times 0), the former store nothing.
+        m_mask = pair < tl.where(block_live, num_pairs, 0)  # (the interpreter's int1 & a scalar int1 is no mask)
+        k_hi = tl.where(block_live & (expert >= 0), k_hi, k_lo)
+        expert = tl.maximum(expert, 0)  # its scale row is read for nothing, but inside the tensor
+    elif expert < 0:
         # Pairs whose expert another rank holds: the top-k sum reads their down rows, so they
         # must be zero (cheaper than zeroing the whole output first).
         if MUL_WEIGHT:
@@ -175,11 +203,14 @@ def _moe_gemm_kernel(
                 tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], zeros,
                          mask=m_mask[:, None] & n_mask[None, :])
         return
-    a_rows = a_ptr + (pair // a_row_div).to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
+    if A_SORTED:
+        a_at = offs
+    else:
+        a_at = pair // a_row_div
+    a_rows = a_ptr + a_at.to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
     b_base = b_ptr + expert * stride_be
-    k_lo = pid_k * k_split
     if BLOCK_M == 1:  # the GEMV forms take the pair's row as a scalar pointer (a vector in their tile's layout)
-        a_row = a_ptr + tl.max(pair // a_row_div, axis=0).to(tl.int64) * stride_am
+        a_row = a_ptr + tl.max(a_at, axis=0).to(tl.int64) * stride_am
         live = tl.max(m_mask.to(tl.int32), axis=0) > 0
     if INT4 and BLOCK_M == 1:
         acc, acc_up = _int4_gemv_loop(a_row, live, b_base, scale_ptr + expert * stride_se,
@@ -198,13 +229,19 @@ def _moe_gemm_kernel(
         b_row = (expert * rows_per_expert).to(tl.int32) + pid_n * BLOCK_N
         if BLOCK_M == 1:
             acc, acc_up = _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo,
-                                           tl.minimum(k_lo + k_split, K), stride_bn, scale_ptr + expert * stride_se,
+                                           k_hi, stride_bn, scale_ptr + expert * stride_se,
                                            stride_sg, GATED, BLOCK_N, BLOCK_K, WEIGHT_TMA, SCALE_BN, SCALE_BK)
         else:
-            acc, acc_up = _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo,
-                                          tl.minimum(k_lo + k_split, K), stride_bn,
+            acc, acc_up = _dense_mainloop(a_rows, m_mask, a_desc, pid_m * BLOCK_M, b_base, b_desc, b_row, rn, n_mask,
+                                          N, K, k_lo, k_hi, stride_bn,
                                           scale_ptr + expert * stride_se, stride_sg, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
-                                          DOT_F32, DOT_PRECISION, WEIGHT_TMA, SCALE_BN, SCALE_BK)
+                                          DOT_F32, DOT_PRECISION, WEIGHT_TMA, SCALE_BN, SCALE_BK, A_TMA, WARP_SPEC)
+    if OUT_SORTED:  # every row of the block, its padding rows' zeros included: the down GEMM reads whole tiles
+        out_at = offs
+        out_mask = (offs >= 0)[:, None] & n_mask[None, :]
+    else:
+        out_at = pair
+        out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         rows = num_m * BLOCK_M  # the partials' rows: every sorted position
         width = N
@@ -222,8 +259,7 @@ def _moe_gemm_kernel(
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
             out_rows = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask,
                                       rn, n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows,
-                     mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(out_ptr + out_at.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows, mask=out_mask)
     else:
         out_rows = _epilogue_rows(acc, acc_up, scale_ptr + expert * stride_se, topk_w_ptr, out_ptr, pair, m_mask, rn,
                                   n_mask, N, GATED, MUL_WEIGHT, SCALED, INTERPRET)
@@ -233,8 +269,7 @@ def _moe_gemm_kernel(
             _token_sum(out_rows, out_ptr, part_ptr, lock_ptr, pair, m_mask, rn, n_mask, N, stride_om, pid_n, num_n,
                        TOKEN_SUM, BLOCK_M, BLOCK_N, INTERPRET)
         else:
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows,
-                     mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(out_ptr + out_at.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows, mask=out_mask)
 
 
 @triton.jit
@@ -258,78 +293,6 @@ def _epilogue_rows(acc, acc_up, s_base, topk_w_ptr, out_ptr, pair, m_mask, rn, n
         w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
     return cast_rtne(acc, out_dtype, INTERPRET)
-
-
-@triton.jit
-def _slot_sum(rows, part_ptr, lock_ptr, out_ptr, pair, m_mask, rn, n_mask, N, tile, SLOTS: tl.constexpr,
-              INTERPRET: tl.constexpr):
-    """One token's top-k sum inside the down GEMM (one pair a block): each program stores its
-    pair's weighted row (rounded, as the [T, k, H] rows _moe_sum_kernel reads) into part [k, N];
-    the last of the k to arrive at this column tile sums them in slot order in float32, rounds
-    once, writes out [1, N] and resets the tile's counter: _moe_sum_kernel's result, bit for bit,
-    without its launch."""
-    tl.store(part_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :], rows.to(tl.float32),
-             mask=m_mask[:, None] & n_mask[None, :])
-    if arrive(lock_ptr, tile) == SLOTS - 1:
-        total = tl.zeros(rn.shape, dtype=tl.float32)
-        for j in tl.static_range(SLOTS):
-            total += tl.load(part_ptr + j * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + rn, cast_rtne(total, out_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
-        tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
-
-
-@triton.jit
-def _token_sum(rows, out_ptr, sum_ptr, lock_ptr, pair, m_mask, rn, n_mask, N, stride_om, tile, num_tiles,
-               SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """The top-k sum inside the down GEMM at any batch: the tile's weighted rows go to out
-    [T * k, N] as _moe_sum_kernel reads them; each row then arrives at its token's counter for this
-    column tile, and the last of the token's k pairs sums their rows in slot order in float32,
-    rounds once, writes sum [T, N] and resets the counter: _moe_sum_kernel's result, bit for bit,
-    without its launch or its read of every row after the GEMM. A block holds one expert, so a token
-    has one row in it, except in the run of other ranks' pairs, whose lanes' atomics still count
-    one arrival each."""
-    tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rn[None, :], rows,
-             mask=m_mask[:, None] & n_mask[None, :])
-    tl.debug_barrier()  # every thread's rows are stored before the releases below
-    token = pair // SLOTS
-    counter = lock_ptr + token * num_tiles + tile
-    last = (tl.atomic_add(counter, 1, mask=m_mask, sem="acq_rel") == SLOTS - 1) & m_mask
-    if tl.max(last.to(tl.int32), axis=0) > 0:  # a program that finished no token issues no loads
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(SLOTS):
-            slot = (token * SLOTS + j).to(tl.int64)
-            total += tl.load(out_ptr + slot[:, None] * stride_om + rn[None, :],
-                             mask=last[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(sum_ptr + token.to(tl.int64)[:, None] * N + rn[None, :],
-                 cast_rtne(total, sum_ptr.dtype.element_ty, INTERPRET), mask=last[:, None] & n_mask[None, :])
-        tl.atomic_xchg(counter, 0, mask=last)  # ready for the next launch on this stream
-
-
-@triton.jit
-def _moe_sum_kernel(src_ptr, out_ptr, H, stride_st, stride_sk, stride_ot,
-                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = h < H
-    acc = tl.zeros([BLOCK_H], tl.float32)
-    for j in tl.static_range(K):
-        acc += tl.load(src_ptr + t * stride_st + j * stride_sk + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_ot + h, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-def moe_sum(src: torch.Tensor) -> torch.Tensor:
-    """[T, k, H] → [T, H]: each token's k rows summed in float32 in slot order, rounded once."""
-    t, k, h = src.shape
-    out = torch.empty(t, h, dtype=src.dtype, device=src.device)
-    if t == 0:
-        return out
-    check_last_dim_contiguous("src", src)
-    block_h = min(1024, triton.next_power_of_2(h)) if not interpreting() else min(64, triton.next_power_of_2(h))
-    _moe_sum_kernel[(t, triton.cdiv(h, block_h))](src, out, h, src.stride(0), src.stride(1), out.stride(0),
-                                                  K=k, BLOCK_H=block_h, INTERPRET=interpreting(),
-                                                  num_warps=4 if not interpreting() else 1, **pdl_launch(src.device))
-    return out
 
 
 def _within_group(config: MoEConfig, codes: torch.Tensor, scale: torch.Tensor) -> MoEConfig:
@@ -379,6 +342,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                              f"config {config} is not; the down GEMM runs on the gate/up GEMM's blocks, so give both "
                              "block_m 1 or neither")
         down_config = dataclasses.replace(down_config, block_m=config.block_m)
+    if config.a_tma or config.warp_spec:
+        raise ValueError(f"fused_moe: a_tma and warp_spec are the down GEMM's (its activation tiles are the "
+                         f"sorted hidden rows; the gate/up GEMM's are gathered tokens), but the gate/up config "
+                         f"{config} asks for them")
+    if down_config.a_tma and fmt == "int4":
+        raise ValueError(f"fused_moe: down_config {down_config} asks for a_tma, a K loop of float / INT8 / FP8 "
+                         "experts; INT4 experts' loop reads its activations in two halves")
     if fmt == "int4":  # a K step must stay inside one group of each half
         config = _within_group(config, w13, w13_scale)
         down_config = _within_group(down_config, w2, w2_scale)
@@ -406,17 +376,21 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             layouts.append(dict(KH=0, GROUP=1, min_ptr=codes, stride_se=scale.stride(0) if int8 else 0,
                                 stride_sg=scale.stride(1) if bn else 0))
     descs = [_weight_desc(w, cfg) for w, cfg in ((w13, config), (w2, down_config))]
-    hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
+    # [T*k, I] by pair, or (a_tma) every sorted position's row, so the down GEMM reads whole tiles
+    sorted_hidden = bool(down_config.a_tma)
+    hidden = torch.empty(expert_ids.shape[0] * config.block_m if sorted_hidden else pairs, inter, dtype=x.dtype,
+                         device=x.device)
+    a_desc = tma_descriptor(hidden, [config.block_m, down_config.block_k]) if sorted_hidden else None
     grid, split = _grid_and_split("fused_moe_up", x, config, expert_ids.shape[0], inter, 2 * inter,
                                   w13.shape[1] if int4 else h)
     _moe_gemm_kernel[grid](
-        x, w13, descs[0] or w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
+        x, x, w13, descs[0] or w13, w13_scale if int8 or int4 else w13, out_ptr=hidden, topk_w_ptr=topk_weights,
         sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=inter, K=h, num_pairs=pairs, a_row_div=top_k,
         stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages, GROUP_M=config.group_m,
-        WEIGHT_TMA=descs[0] is not None, **split, **layouts[0], **common)
+        WEIGHT_TMA=descs[0] is not None, OUT_SORTED=sorted_hidden, **split, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
@@ -436,15 +410,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         total = torch.empty(t, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=total, lock_ptr=arrival_counters("fused_moe_token_sum", x.device, t * tiles,
                                                                TOKEN_SUM_SLOTS))
-    _moe_gemm_kernel[grid](
-        hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2, out_ptr=out, topk_w_ptr=weights,
-        sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
+    down = dict(
+        out_ptr=out, topk_w_ptr=weights, sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
         N=h, K=inter, num_pairs=pairs, a_row_div=1,
         stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
         GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
         num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
         TOKEN_SUM=top_k if token_sum else 0,
-        GROUP_M=down_config.group_m, WEIGHT_TMA=descs[1] is not None, **split, **layouts[1], **common)
+        GROUP_M=down_config.group_m, WEIGHT_TMA=descs[1] is not None, A_SORTED=sorted_hidden,
+        A_TMA=a_desc is not None, **split, **layouts[1], **common)
+    operands = (hidden, a_desc or hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2)
+    warp_spec = (bool(down_config.warp_spec) and a_desc is not None and descs[1] is not None
+                 and down_config not in _warp_spec_refused)
+    try:
+        _moe_gemm_kernel[grid](*operands, WARP_SPEC=warp_spec, **down)
+    except RuntimeError as exc:  # this Triton's warp-specialization pass failed on the tile: the plain loop
+        if not warp_spec or "PassManager::run failed" not in str(exc):
+            raise
+        _warp_spec_refused.add(down_config)
+        log.warning("fused_moe: this Triton (%s) cannot warp-specialize the down GEMM's tile %s; it runs the "
+                    "plain pipelined loop", triton.__version__, down_config)
+        _moe_gemm_kernel[grid](*operands, WARP_SPEC=False, **down)
     if slot_sum or token_sum:
         return total if token_sum else out
     return moe_sum(out.view(t, top_k, h))

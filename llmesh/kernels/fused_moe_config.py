@@ -54,6 +54,16 @@ class MoEConfig:
     pipeline's weight loads are bulk copies that take no registers or address arithmetic. 0:
     plain pointer loads. The token rows are a gather (sorted pairs), which stays a plain load
     either way."""
+    a_tma: int = 0
+    """The down GEMM's (float / INT8 / FP8 experts, tiles of 16 rows or more). 1: the sorted hidden
+    layout: the gate/up GEMM writes its rows at their sorted positions, padding rows as zeros, so the
+    down GEMM's activation tiles are whole contiguous [block_m, block_k] tiles, read through a TMA
+    descriptor instead of gathered by pair; the hidden buffer grows to the padded length. 0: hidden
+    rows by pair, gathered."""
+    warp_spec: int = 0
+    """1 (with a_tma and weight_tma, split_k 1): the down GEMM's K loop warp-specialized by Triton (producer
+    warps issue the TMA copies while the rest run the MMAs, as CUTLASS's grouped GEMMs do); Triton
+    3.6 partitions such a loop on sm90 at 4 warps and declines at 8 (bench/warp_spec_probe.py)."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -73,6 +83,16 @@ class MoEConfig:
         if self.weight_tma and max(self.block_n, self.block_k) > 256:
             raise ValueError(f"MoEConfig.weight_tma reads [block_n, block_k] tiles as TMA boxes, at most 256 "
                              f"elements a side; got {self.block_n} x {self.block_k}")
+        for name in ("a_tma", "warp_spec"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"MoEConfig.{name} must be 0 or 1, got {getattr(self, name)!r}")
+        if self.a_tma and (self.gemv or max(self.block_m, self.block_k) > 256):
+            raise ValueError(f"MoEConfig.a_tma reads [block_m, block_k] tiles as TMA boxes: tiles of 16 to 256 "
+                             f"rows and columns, not the GEMV form; got {self.block_m} x {self.block_k}")
+        if self.warp_spec and not (self.a_tma and self.weight_tma and self.split_k == 1):
+            raise ValueError("MoEConfig.warp_spec needs a_tma and weight_tma and no split_k: Triton warp-specializes "
+                             "a K loop whose operands both come through TMA, not one with gathered rows, and the "
+                             f"kernel runs it without split-K's arrivals; got {self}")
 
     @property
     def gemv(self) -> bool:
@@ -83,7 +103,7 @@ class MoEConfig:
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
 """{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k(, group_m(,
-weight_tma)))]}}."""
+weight_tma(, a_tma(, warp_spec)))))]}}."""
 
 WEIGHT_FORMATS = ("dense", "int4")
 """Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8
@@ -121,7 +141,7 @@ def merge_tuned(path: Path, tag: str, entries: dict[Key, MoEConfig]) -> None:
 
 
 def _fields(cfg: MoEConfig) -> list[int]:
-    """A table entry: the fields after split_k (group_m, weight_tma) only up to the last that is
+    """A table entry: the fields after split_k (group_m, weight_tma, ...) only up to the last that is
     not 0, as the entries written before them read."""
     fields = list(astuple(cfg))
     while len(fields) > 6 and not fields[-1]:

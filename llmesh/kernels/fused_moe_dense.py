@@ -27,17 +27,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo, k_hi, stride_bn,
+def _dense_mainloop(a_rows, m_mask, a_desc, a_row, b_base, b_desc, b_row, rn, n_mask, N, K, k_lo, k_hi, stride_bn,
                     s_base, stride_sn,
                     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-                    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0):
+                    SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0, A_TMA: tl.constexpr = False,
+                    WARP_SPEC: tl.constexpr = False):
     """(a @ gate^T, a @ up^T) over float, int8 or E4M3 rows [N (2N gated), K] of one expert,
     columns k_lo..k_hi of K (this split's).
 
     WEIGHT_TMA: the weight tiles come from b_desc (the experts' rows stacked [E * rows, K]),
     this tile's first row being b_row. The descriptor fills columns past K with zeros; rows
     past this expert's N are the up rows or the next expert's, in columns the store masks.
+    A_TMA: the activation tiles come from a_desc (rows a_row.. of a [rows, K] tensor in sorted
+    order, the down GEMM's hidden rows) instead of the gathered rows a_rows; padding rows hold
+    zeros there, so no row mask is needed.
+    WARP_SPEC: the K loop warp-specialized (Triton's producer warps issue the copies while the
+    others run the MMAs); Triton 3.6 partitions it on sm90 only with both operands through TMA
+    (bench/warp_spec_probe.py), so the wrapper asks for it with A_TMA and WEIGHT_TMA alone.
     SCALE_BN > 0: block-scaled E4M3 rows, one scale per SCALE_BN rows and SCALE_BK columns at
     s_base ([rows / SCALE_BN, K / SCALE_BK], stride_sn a row); a K step lies in one column block
     (BLOCK_K divides SCALE_BK, splits start on a step), so its product is scaled per column
@@ -53,10 +60,13 @@ def _dense_mainloop(a_rows, m_mask, b_base, b_desc, b_row, rn, n_mask, N, K, k_l
         if GATED:  # the up rows' scales follow the gate rows'
             s_rows_up = s_base + ((rn + N) // SCALE_BN).to(tl.int64) * stride_sn
             ws_up = tl.load(s_rows_up + k_lo // SCALE_BK, mask=n_mask, other=0.0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WARP_SPEC):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        if A_TMA:
+            a = a_desc.load([a_row, k0])  # [BM, BK]; columns past K come in as zeros
+        else:
+            a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         if WEIGHT_TMA:
             b = b_desc.load([b_row, k0]).T  # [BK, BN]
         else:

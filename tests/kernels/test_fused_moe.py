@@ -204,8 +204,8 @@ def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
     exactly _moe_sum_kernel's output, with other ranks' pairs (-1, several a token, so several
     lanes of one block count on one counter), in grouped program order, three launches on
     counters each leaves at zero; a split-K down GEMM falls back to moe_sum."""
-    from llmesh.kernels import fused_moe as fm
     from llmesh.kernels.common import arrival_counters
+    from llmesh.kernels.moe_topk_sum import TOKEN_SUM_SLOTS
 
     gen = torch.Generator().manual_seed(t + len(fmt))
     e, k, h, inter = 16, 4, 96, 64
@@ -220,7 +220,7 @@ def test_the_down_gemm_sums_each_token_bit_for_bit(device, fmt, dtype, t, ep):
     for _ in range(3):
         got = fused_moe(*args, **qdev, config=cfg, down_config=cfg, token_sum=True).cpu()
         assert torch.equal(got, want)
-    assert not arrival_counters("fused_moe_token_sum", x.to(device).device, 1, fm.TOKEN_SUM_SLOTS).any()
+    assert not arrival_counters("fused_moe_token_sum", x.to(device).device, 1, TOKEN_SUM_SLOTS).any()
     split = MoEConfig(16, 32, 32, split_k=2)
     if fmt == "dense":
         torch.testing.assert_close(fused_moe(*args, config=cfg, down_config=split, token_sum=True).cpu(), want,
@@ -251,56 +251,6 @@ def test_grouped_program_order_changes_no_result(device, fmt, group_m, split):
     for _ in range(2):
         got = fused_moe(*args, **quant, config=grouped, down_config=grouped, align_path="torch").cpu()
         assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("fmt,dtype,split,group_m", [("dense", torch.bfloat16, 1, 0), ("dense", torch.float32, 2, 0),
-                                                     ("dense", torch.bfloat16, 1, 2), ("int8", torch.bfloat16, 1, 0),
-                                                     ("fp8", torch.bfloat16, 3, 1)])
-def test_weight_tma_loads_the_same_tiles(device, fmt, dtype, split, group_m):
-    """weight_tma: the weight tiles through a TMA descriptor over the stacked experts give the
-    pointer loads' output bit for bit: a gate tile past I reads up rows and the last tiles rows
-    of the next expert or past the end (zeros), all in columns the store masks; K past H or I
-    reads zeros (H 208 and I 80 are not multiples of the 64-wide K steps; rows of 16-byte multiples,
-    as TMA asks)."""
-    from llmesh.kernels.fused_moe import weight_tma_supported
-
-    gen = torch.Generator().manual_seed(70 + split)
-    t, e, k, h, inter = 21, 4, 2, 208, 80
-    x = torch.randn(t, h, generator=gen).to(dtype)
-    w13, w2 = _experts(e, h, inter, torch.float32, gen)
-    weights, ids = _routing(t, e, k, gen, skew=True)
-    quant = {}
-    if fmt == "dense":
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-    else:
-        quantize = quantize_experts_int8 if fmt == "int8" else quantize_experts_fp8
-        w13, s13 = quantize(w13)
-        w2, s2 = quantize(w2)
-        quant = dict(w13_scale=s13.to(device), w2_scale=s2.to(device))
-    args = [v.to(device) for v in (x, w13, w2, weights.to(dtype), ids)]
-    if not (weight_tma_supported(args[1]) and weight_tma_supported(args[2])):
-        pytest.skip("no TMA on this GPU (compute capability < 9)")
-    plain = MoEConfig(block_m=16, block_n=32, block_k=64, split_k=split, group_m=group_m)
-    tma = MoEConfig(block_m=16, block_n=32, block_k=64, split_k=split, group_m=group_m, weight_tma=1)
-    want = fused_moe(*args, **quant, config=plain, down_config=plain, align_path="torch").cpu()
-    got = fused_moe(*args, **quant, config=tma, down_config=tma, align_path="torch").cpu()
-    if dtype == torch.float32:  # float32 dots: the interpreter's matmul sums a transposed tile in another order
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    else:
-        assert torch.equal(got, want)
-    ref = fused_moe_ref(*[v.cpu() for v in args], **{n: v.cpu() for n, v in quant.items()})
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
-
-
-def test_weight_tma_is_refused_where_it_cannot_run():
-    from llmesh.kernels.fused_moe import weight_tma_supported
-
-    codes = torch.zeros(2, 8, 32, dtype=torch.uint8)  # INT4 codes: laid out by K halves
-    assert not weight_tma_supported(codes)
-    assert not weight_tma_supported(torch.zeros(2, 32, 64)[:, :, :60])  # rows not a multiple of 16 bytes
-    with pytest.raises(ValueError, match="weight_tma"):
-        MoEConfig(16, 32, 32, weight_tma=2)
 
 
 def test_split_k_must_be_positive():
@@ -459,7 +409,7 @@ def test_tuned_table_merges_per_device_and_the_shipped_file_parses(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_sum_adds_slots_in_order(device, t, k, h, dtype):
     """The top-k sum: float32 in slot order, rounded once, bit for bit; masked tail columns."""
-    from llmesh.kernels.fused_moe import moe_sum
+    from llmesh.kernels.moe_topk_sum import moe_sum
 
     gen = torch.Generator().manual_seed(t * 7 + k + h)
     src = (torch.randn(t, k, h, generator=gen) * torch.logspace(-3, 3, k)[None, :, None]).to(dtype)

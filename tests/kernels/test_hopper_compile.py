@@ -120,7 +120,7 @@ CASES = [
       "part_ptr": "fp32", "lock_ptr": "i32", "b_ptr": "u8", "scale_ptr": "fp16", "min_ptr": "fp16"},
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=True, GROUP=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=4, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False)),
-    ("fused_moe", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
+    ("moe_topk_sum", "_moe_sum_kernel", {}, dict(K=8, BLOCK_H=1024, INTERPRET=False)),
     ("fused_moe", "_moe_gemm_kernel",  # one token's down GEMM summing its k rows (one pair a block)
      {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64", "num_post_ptr": "i32",
       "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
@@ -265,16 +265,22 @@ def compile_cases() -> dict[str, str | None]:
     return out
 
 
-# The TMA variants (MoEConfig.weight_tma, Fp8GemmConfig.tma): their descriptor tiles must reach
-# the K loop as TMA copies, software-pipelined like the cp.async ones (name, module, kernel,
+# The TMA variants (MoEConfig.weight_tma and a_tma, Fp8GemmConfig.tma): their descriptor tiles must
+# reach the K loop as TMA copies, software-pipelined like the cp.async ones (name, module, kernel,
 # argument types, constexprs, least TMA copies: the MoE gate/up GEMM's gate and up tiles, a
-# stage each in the prologue and the loop; the FP8 GEMM's activation and weight tiles).
+# stage each in the prologue and the loop; the MoE down GEMM's hidden and weight tiles in the sorted
+# layout; the FP8 GEMM's activation and weight tiles).
 _MOE_PTRS = {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32",
              "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"}
 TMA_CASES = [
     ("moe-gate-up", "fused_moe", "_moe_gemm_kernel", {**_MOE_PTRS, "b_desc": "tensordesc<bf16[128, 64]>"},
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
           SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, PDL=True, WEIGHT_TMA=True), 4),
+    ("moe-down-sorted", "fused_moe", "_moe_gemm_kernel",
+     {**_MOE_PTRS, "a_desc": "tensordesc<bf16[128, 64]>", "b_desc": "tensordesc<bf16[128, 64]>"},
+     dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+          SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, PDL=True, WEIGHT_TMA=True, GROUP_M=1,
+          A_SORTED=True, A_TMA=True), 4),
     ("fp8-gemm", "fp8_gemm", "_fp8_gemm_kernel",
      {"xq_ptr": "fp8e4nv", "w_ptr": "fp8e4nv", "xs_ptr": "fp32", "ws_ptr": "fp32", "part_ptr": "fp32",
       "lock_ptr": "i32", "x_desc": "tensordesc<fp8e4nv[128, 128]>", "w_desc": "tensordesc<fp8e4nv[64, 128]>"},
@@ -330,9 +336,34 @@ def plain_pipelined_cases() -> dict[str, str | None]:
                        _DIVISIBLE_INTS | {"stride_xm", "stride_wn", "stride_xs", "stride_ws"})
 
 
+# MoEConfig.warp_spec: the sorted-layout down GEMM's K loop must come out of the compiler
+# partitioned into producer and consumer warps (a ttg.warp_specialize region) at 4 warps, with the
+# top-k sum in its epilogue or not; a loop under an early return fails the pass (fused_moe.py).
+# 64-row tiles: Triton 3.9's pass fails at 128 rows and 4 warps, where 3.6's partitions them
+# (fused_moe._warp_spec_refused); both partition 64.
+WARP_SPEC_CASES = [(f"moe-down-warp-spec-sum{token_sum}", TMA_CASES[1][1], TMA_CASES[1][2],
+                    dict(TMA_CASES[1][3], a_desc="tensordesc<bf16[64, 64]>"),
+                    dict(TMA_CASES[1][4], BLOCK_M=64, WARP_SPEC=True, TOKEN_SUM=token_sum)) for token_sum in (0, 8)]
+
+
+def warp_spec_cases() -> dict[str, str | None]:
+    """Case name -> None when its K loop is warp-specialized, else what is wrong."""
+    out: dict[str, str | None] = {}
+    for name, module, kernel_name, types, constexprs in WARP_SPEC_CASES:
+        try:
+            fn = getattr(importlib.import_module(f"llmesh.kernels.{module}"), kernel_name)
+            ttgir = compile_sm90(fn, types, constexprs, divisible=_DIVISIBLE_INTS, num_warps=4,
+                                 num_stages=4).asm["ttgir"]
+            out[name] = None if "ttg.warp_specialize" in ttgir else "the K loop is not warp-specialized"
+        except Exception as e:  # noqa: BLE001 - reported per case
+            cause = e.__cause__ or e
+            out[name] = f"{type(cause).__name__}: {cause}"[-3000:]
+    return out
+
+
 def loop_cases() -> dict[str, str | None]:
-    """tma_cases and plain_pipelined_cases together (their names are distinct)."""
-    return {**tma_cases(), **plain_pipelined_cases()}
+    """tma_cases, plain_pipelined_cases and warp_spec_cases together (their names are distinct)."""
+    return {**tma_cases(), **plain_pipelined_cases(), **warp_spec_cases()}
 
 
 # Kernels without a K loop or PDL that must still compile for sm90 (the interpreter runs code the
@@ -427,3 +458,9 @@ def compiled_plain() -> dict[str, str | None]:
 @pytest.mark.parametrize("name", [case[0] for case in PLAIN])
 def test_plain_kernels_compile_for_sm90_with_vector_loads(compiled_plain, name):
     assert compiled_plain[name] is None, compiled_plain[name]
+
+
+@pytest.mark.skipif(not _NVIDIA, reason="this Triton build has no NVIDIA backend")
+@pytest.mark.parametrize("name", [case[0] for case in WARP_SPEC_CASES])
+def test_the_sorted_down_gemm_loop_is_warp_specialized(compiled_loops, name):
+    assert compiled_loops[name] is None, compiled_loops[name]
