@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceilings import graph_time_ms, time_ms  # noqa: E402
-from moe_gpu import QWEN3_30B_A3B as S, experts, routing  # noqa: E402
+from moe_shapes import QWEN3_30B_A3B as S, experts  # noqa: E402
+from moe_steps import routing  # noqa: E402
 
 from llmesh.kernels.fused_moe import fused_moe  # noqa: E402
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 from gpu_ceilings import graph_time_ms
 
 if TYPE_CHECKING:
-    from moe_gpu import Shapes
+    from moe_shapes import Shapes
 
 
 def routing(t: int, s: Shapes, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,17 +72,20 @@ import torch
 import triton
 import triton.language as tl
 
+from llmesh.kernels.attention_config import sm_count
 from llmesh.kernels.common import (arrival_counters, dot_in_fp32, dot_precision, interpreting, pdl_launch,
                                    tma_descriptor)
 from llmesh.kernels.fused_moe_checks import QUANTIZED_DTYPES, check_layouts
 from llmesh.kernels.fused_moe_config import MoEConfig, fit_shared_memory, pick_config, shared_memory_limit
 from llmesh.kernels.fused_moe_dense import _dense_gemv_loop, _dense_mainloop
+from llmesh.kernels.fused_moe_epilogue import _epilogue_rows
+from llmesh.kernels.fused_moe_persistent import _moe_down_persistent_kernel
 from llmesh.kernels.fused_moe_int4 import _int4_gemv_loop, _int4_mainloop
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel's reference)
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
 from llmesh.kernels.moe_topk_sum import TOKEN_SUM_SLOTS, _slot_sum, _token_sum, moe_sum
 from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
+from llmesh.kernels.triton_helpers import pdl_enter
 
 
 log = logging.getLogger("llmesh.kernels.fused_moe")
@@ -101,7 +104,7 @@ and spends an atomic per row. Off until bench/moe_gpu.py times both (``moe_<tag>
 
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-_warp_spec_refused: set[MoEConfig] = set()
+_warp_spec_refused: set[tuple] = set()
 """Down GEMM tiles (MoEConfig.warp_spec) whose warp-specialized loop this Triton failed to compile:
 3.9's pass fails at BLOCK_M 128 with 4 warps, where 3.6 (the GPU image's, which the tables are
 measured with) partitions it. They run the plain loop, so a table stays usable across versions."""
@@ -272,29 +275,6 @@ def _moe_gemm_kernel(
             tl.store(out_ptr + out_at.to(tl.int64)[:, None] * stride_om + rn[None, :], out_rows, mask=out_mask)
 
 
-@triton.jit
-def _epilogue_rows(acc, acc_up, s_base, topk_w_ptr, out_ptr, pair, m_mask, rn, n_mask, N, GATED: tl.constexpr,
-                   MUL_WEIGHT: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
-    """The tile's output rows in out's dtype from its float32 sums: INT8/FP8 scales,
-    SiLU-and-mul (gated), the routing weight (down), rounded where the reference rounds."""
-    out_dtype = out_ptr.dtype.element_ty
-
-    if SCALED:
-        acc = acc * tl.load(s_base + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up = acc_up * tl.load(s_base + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    # Round where the reference rounds (each op's output in the activation dtype).
-    acc = cast_rtne(acc, out_dtype, INTERPRET).to(tl.float32)
-    if GATED:
-        up = cast_rtne(acc_up, out_dtype, INTERPRET).to(tl.float32)
-        act = cast_rtne(acc * tl.sigmoid(acc), out_dtype, INTERPRET).to(tl.float32)
-        acc = act * up
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
-        acc = acc * w[:, None]
-    return cast_rtne(acc, out_dtype, INTERPRET)
-
-
 def _within_group(config: MoEConfig, codes: torch.Tensor, scale: torch.Tensor) -> MoEConfig:
     group = 2 * codes.shape[1] // scale.shape[1]
     block_k = math.gcd(config.block_k, group)  # >= 16: check_int4 takes groups of multiples of 16
@@ -343,8 +323,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                              "block_m 1 or neither")
         down_config = dataclasses.replace(down_config, block_m=config.block_m)
     if config.a_tma or config.warp_spec:
-        raise ValueError(f"fused_moe: a_tma and warp_spec are the down GEMM's (its activation tiles are the "
-                         f"sorted hidden rows; the gate/up GEMM's are gathered tokens), but the gate/up config "
+        raise ValueError(f"fused_moe: a_tma, warp_spec and persistent are the down GEMM's (its activation tiles are "
+                         f"the sorted hidden rows; the gate/up GEMM's are gathered tokens), but the gate/up config "
                          f"{config} asks for them")
     if down_config.a_tma and fmt == "int4":
         raise ValueError(f"fused_moe: down_config {down_config} asks for a_tma, a K loop of float / INT8 / FP8 "
@@ -394,12 +374,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
+    persistent = bool(down_config.persistent) and a_desc is not None and descs[1] is not None
     # one token's k rows summed by the down GEMM's last program of each column tile
-    slot_sum = pair_blocks and t == 1 and split["SPLIT_K"] == 1
+    slot_sum = pair_blocks and t == 1 and split["SPLIT_K"] == 1 and not persistent
     tiles = triton.cdiv(h, down_config.block_n)
     if token_sum is None:
         token_sum = x.is_cuda and TOKEN_SUM_ON_CUDA
-    token_sum = token_sum and not slot_sum and split["SPLIT_K"] == 1 and t * tiles <= TOKEN_SUM_SLOTS
+    token_sum = (token_sum and not slot_sum and not persistent and split["SPLIT_K"] == 1
+                 and t * tiles <= TOKEN_SUM_SLOTS)
     if slot_sum:
         out = torch.empty(1, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=torch.empty(top_k, h, dtype=torch.float32, device=x.device),
@@ -410,30 +392,43 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         total = torch.empty(t, h, dtype=x.dtype, device=x.device)
         split.update(part_ptr=total, lock_ptr=arrival_counters("fused_moe_token_sum", x.device, t * tiles,
                                                                TOKEN_SUM_SLOTS))
-    down = dict(
-        out_ptr=out, topk_w_ptr=weights, sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids, num_post_ptr=num_post,
-        N=h, K=inter, num_pairs=pairs, a_row_div=1,
-        stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1), stride_om=out.stride(0),
-        GATED=False, MUL_WEIGHT=True, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
-        num_warps=down_config.num_warps, num_stages=down_config.num_stages, SUM_SLOTS=top_k if slot_sum else 0,
-        TOKEN_SUM=top_k if token_sum else 0,
-        GROUP_M=down_config.group_m, WEIGHT_TMA=descs[1] is not None, A_SORTED=sorted_hidden,
-        A_TMA=a_desc is not None, **split, **layouts[1], **common)
-    operands = (hidden, a_desc or hidden, w2, descs[1] or w2, w2_scale if int8 or int4 else w2)
-    warp_spec = (bool(down_config.warp_spec) and a_desc is not None and descs[1] is not None
-                 and down_config not in _warp_spec_refused)
-    try:
-        _moe_gemm_kernel[grid](*operands, WARP_SPEC=warp_spec, **down)
-    except RuntimeError as exc:  # this Triton's warp-specialization pass failed on the tile: the plain loop
-        if not warp_spec or "PassManager::run failed" not in str(exc):
-            raise
-        _warp_spec_refused.add(down_config)
-        log.warning("fused_moe: this Triton (%s) cannot warp-specialize the down GEMM's tile %s; it runs the "
-                    "plain pipelined loop", triton.__version__, down_config)
-        _moe_gemm_kernel[grid](*operands, WARP_SPEC=False, **down)
+    rows = dict(out_ptr=out, topk_w_ptr=weights, sorted_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids,
+                num_post_ptr=num_post, N=h, K=inter, num_pairs=pairs, stride_om=out.stride(0),
+                BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k, GROUP_M=down_config.group_m,
+                num_warps=down_config.num_warps, num_stages=down_config.num_stages)
+    scale = w2_scale if int8 or int4 else w2
+    if persistent:
+        # the interpreter's programs run one after another: two "SMs", so each walks several tiles
+        grid = (down_config.persistent * (sm_count(x.device) if x.is_cuda else 2),)
+        kernel, operands = _moe_down_persistent_kernel, (a_desc, descs[1], scale)
+        down = dict(rows, stride_se=layouts[1]["stride_se"], stride_sg=layouts[1]["stride_sg"], PROGRAMS=grid[0],
+                    **{k: v for k, v in common.items() if k != "INT4"})
+    else:
+        kernel, operands = _moe_gemm_kernel, (hidden, a_desc or hidden, w2, descs[1] or w2, scale)
+        down = dict(rows, a_row_div=1, stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1),
+                    GATED=False, MUL_WEIGHT=True, SUM_SLOTS=top_k if slot_sum else 0,
+                    TOKEN_SUM=top_k if token_sum else 0, WEIGHT_TMA=descs[1] is not None, A_SORTED=sorted_hidden,
+                    A_TMA=a_desc is not None, **split, **layouts[1], **common)
+    warp_spec = bool(down_config.warp_spec) and a_desc is not None and descs[1] is not None
+    _launch_warp_spec(kernel, grid, operands, down, warp_spec, down_config)
     if slot_sum or token_sum:
         return total if token_sum else out
     return moe_sum(out.view(t, top_k, h))
+
+
+def _launch_warp_spec(kernel, grid, operands: tuple, kwargs: dict, warp_spec: bool, config: MoEConfig) -> None:
+    """kernel[grid](*operands, WARP_SPEC=..., **kwargs), warp-specialized where asked unless this
+    Triton's pass fails on the tile: then (and for every later launch of that config) the plain loop."""
+    warp_spec = warp_spec and (kernel, config) not in _warp_spec_refused
+    try:
+        kernel[grid](*operands, WARP_SPEC=warp_spec, **kwargs)
+    except RuntimeError as exc:
+        if not warp_spec or "PassManager::run failed" not in str(exc):
+            raise
+        _warp_spec_refused.add((kernel, config))
+        log.warning("fused_moe: this Triton (%s) cannot warp-specialize the down GEMM's tile %s; it runs the "
+                    "plain pipelined loop", triton.__version__, config)
+        kernel[grid](*operands, WARP_SPEC=False, **kwargs)
 
 
 def weight_tma_supported(w: torch.Tensor) -> bool:

@@ -64,6 +64,11 @@ class MoEConfig:
     """1 (with a_tma and weight_tma, split_k 1): the down GEMM's K loop warp-specialized by Triton (producer
     warps issue the TMA copies while the rest run the MMAs, as CUTLASS's grouped GEMMs do); Triton
     3.6 partitions such a loop on sm90 at 4 warps and declines at 8 (bench/warp_spec_probe.py)."""
+    persistent: int = 0
+    """p >= 1 (with a_tma and weight_tma, split_k 1): the down GEMM as a persistent kernel of p
+    programs per SM walking the live tiles (fused_moe_persistent.py), its tile loop warp-specialized
+    with warp_spec, so the next tile's loads overlap this one's epilogue; the top-k sum is then the
+    separate launch. 0: one program per tile."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -86,6 +91,11 @@ class MoEConfig:
         for name in ("a_tma", "warp_spec"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"MoEConfig.{name} must be 0 or 1, got {getattr(self, name)!r}")
+        if self.persistent not in range(5):
+            raise ValueError(f"MoEConfig.persistent must be programs per SM in [0, 4], got {self.persistent!r}")
+        if self.persistent and not (self.a_tma and self.weight_tma and self.split_k == 1):
+            raise ValueError(f"MoEConfig.persistent needs a_tma and weight_tma and no split_k: the persistent down "
+                             f"GEMM reads both operands through TMA in whole tiles; got {self}")
         if self.a_tma and (self.gemv or max(self.block_m, self.block_k) > 256):
             raise ValueError(f"MoEConfig.a_tma reads [block_m, block_k] tiles as TMA boxes: tiles of 16 to 256 "
                              f"rows and columns, not the GEMV form; got {self.block_m} x {self.block_k}")
@@ -103,7 +113,7 @@ class MoEConfig:
 
 TUNED_FILE = Path(__file__).with_name("fused_moe_tuned.json")
 """{table tag: {"E,N,K,M bucket": [block_m, block_n, block_k, num_warps, num_stages(, split_k(, group_m(,
-weight_tma(, a_tma(, warp_spec)))))]}}."""
+weight_tma(, a_tma(, warp_spec(, persistent))))))]}}."""
 
 WEIGHT_FORMATS = ("dense", "int4")
 """Expert formats with a table of their own: "dense" (bfloat16 / float16, and the INT8 and FP8

@@ -24,7 +24,7 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
                 "moe_decode_b1_roofline_frac",
                 "moe_prefill4k_token_sum_ms", "moe_prefill4k_moe_sum_ms", "moe_decode64_token_sum_vs_moe_sum_x",
                 "moe_prefill4k_table_tiles_ms", "moe_prefill4k_sorted_ms", "moe_prefill4k_warp_spec_vs_table_x",
-                "moe_decode64_warp_spec_ms",
+                "moe_decode64_warp_spec_ms", "moe_prefill4k_persistent_vs_table_x",
                 "moe_offline_out_tok_s",
                 "moe_align_t1_kernel_us", "moe_layer_t4_align_torch_ms", "moe_decode1_ms", "moe_decode1_tile_ms",
                 "moe_decode1_gemv_ms", "moe_decode1_frac", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x"):
@@ -32,12 +32,13 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
     assert m["moe_gemm_frac"] == min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     assert any("MoEConfig(" in line for line in doc["workload"]["autotune"])
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
-    # the five tile fields and split_k, then group_m, weight_tma, a_tma, warp_spec up to the last that is not 0
-    assert tuned and all(len(fields) == 6 or (len(fields) <= 10 and fields[-1] >= 1) for fields in tuned.values())
+    # the five tile fields and split_k, then group_m ... persistent up to the last that is not 0
+    assert tuned and all(len(fields) == 6 or (len(fields) <= 11 and fields[-1] >= 1) for fields in tuned.values())
     assert "up group_m=1:" in proc.stdout and "down group_m=16:" in proc.stdout  # the orders tried at prefill
     assert "up weight_tma=1:" in proc.stdout and "down weight_tma=1:" in proc.stdout  # TMA tried on the winners
     assert "down a_tma=1,weight_tma=1:" in proc.stdout and "up a_tma=1" not in proc.stdout  # the down GEMM's alone
     assert "down a_tma=1,weight_tma=1,warp_spec=1,num_warps=4,split_k=1:" in proc.stdout
+    assert "down a_tma=1,weight_tma=1,warp_spec=1,num_warps=4,split_k=1,persistent=1:" in proc.stdout
 
 
 def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
@@ -66,7 +67,7 @@ def test_refine_skips_a_combination_the_config_refuses():
     candidate is skipped like one that cannot run; the other GEMM's is still tried."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from moe_gpu import _refine
+        from moe_autotune import _refine
     finally:
         sys.path.remove(str(ROOT / "bench"))
     from llmesh.kernels.fused_moe_config import MoEConfig

@@ -181,8 +181,8 @@ def test_the_sweep_holds_gemv_candidates_for_one_pair_an_expert():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from moe_gpu import QWEN3_30B_A3B as s  # 128 experts, top-8
-    from moe_gpu import tune_candidates
+    from moe_shapes import QWEN3_30B_A3B as s  # 128 experts, top-8
+    from moe_autotune import tune_candidates
 
     assert GEMV_CANDIDATES and all(c.gemv for c in GEMV_CANDIDATES)
     assert set(GEMV_CANDIDATES) <= set(CANDIDATES)

@@ -76,7 +76,8 @@ def test_sorted_hidden_through_tma_gives_the_gathered_layouts_bits(device, fmt, 
     """a_tma: the gate/up GEMM writes every sorted row (split-K's last split too; padding rows as
     zeros, other ranks' blocks left unwritten and unread), and the down GEMM reads whole tiles
     through a descriptor (rows past the padded length and K past I as zeros), in a warp-specialized
-    loop or not, summing the top k after itself or not: the gathered layout's output bit for bit.
+    loop or not, summing the top k after itself or not, or as a persistent kernel walking the live
+    tiles (in grouped order or blocks fastest): the gathered layout's output bit for bit.
     T = 1 runs the one-pair blocks (no align launch); I 80 is not a multiple of the K steps."""
     gen = torch.Generator().manual_seed(80 + t)
     args, quant = _experts_as(fmt, dtype, device, gen, t=t, e=8, k=4, h=96, inter=80)
@@ -87,7 +88,9 @@ def test_sorted_hidden_through_tma_gives_the_gathered_layouts_bits(device, fmt, 
     up = MoEConfig(block_m=16, block_n=32, block_k=32, split_k=up_split, weight_tma=1)
     down = MoEConfig(block_m=16, block_n=32, block_k=64, group_m=2, weight_tma=1)
     want = fused_moe(*args, **quant, config=up, down_config=down, token_sum=token_sum).cpu()
-    for tiles in (dataclasses.replace(down, a_tma=1), dataclasses.replace(down, a_tma=1, warp_spec=1)):
+    for tiles in (dataclasses.replace(down, a_tma=1), dataclasses.replace(down, a_tma=1, warp_spec=1),
+                  dataclasses.replace(down, a_tma=1, persistent=1), dataclasses.replace(down, a_tma=1, persistent=2,
+                                                                                         warp_spec=1, group_m=0)):
         got = fused_moe(*args, **quant, config=up, down_config=tiles, token_sum=token_sum).cpu()
         assert torch.equal(got, want)
     ref = fused_moe_ref(*[v.cpu() for v in args], **{n: v.cpu() for n, v in quant.items()})
@@ -100,12 +103,16 @@ def test_a_tma_and_warp_spec_are_refused_where_they_cannot_run(device):
         MoEConfig(64, 64, 64, a_tma=1, warp_spec=1)
     with pytest.raises(ValueError, match="a_tma reads"):
         MoEConfig(1, 16, 256, a_tma=1)  # the GEMV form reads one row a program
+    with pytest.raises(ValueError, match="persistent needs a_tma"):
+        MoEConfig(64, 64, 64, weight_tma=1, persistent=1)
+    with pytest.raises(ValueError, match="programs per SM"):
+        MoEConfig(64, 64, 64, a_tma=1, weight_tma=1, persistent=8)
     gen = torch.Generator().manual_seed(90)
     x = torch.randn(5, 64, generator=gen)
     w13, w2 = _experts(4, 64, 32, torch.float32, gen)
     weights, ids = _routing(5, 4, 2, gen)
     tiles = MoEConfig(16, 32, 32, a_tma=1)
-    with pytest.raises(ValueError, match="are the down GEMM's"):
+    with pytest.raises(ValueError, match="persistent are the down GEMM's"):
         fused_moe(*[v.to(device) for v in (x, w13, w2, weights, ids)], config=tiles, down_config=tiles)
     args, quant = _dense_or_int4("int4", torch.float32, device, x, w13, w2, weights, ids)
     with pytest.raises(ValueError, match="INT4 experts"):

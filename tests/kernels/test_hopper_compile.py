@@ -28,6 +28,8 @@ _NVIDIA = nvidia_backend()
 # (module, kernel, pointer element types by argument (default bf16), constexprs)
 ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, FP8=False, DOT_F32=False,
             DOT_PRECISION="tf32", INTERPRET=False)
+_PERSISTENT_PTRS = {"a_desc": "tensordesc<bf16[64, 64]>", "b_desc": "tensordesc<bf16[128, 64]>", "scale_ptr": "fp32",
+                    "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32"}
 CASES = [
     ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, DOT=False, SPLIT=True, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
@@ -172,6 +174,10 @@ CASES = [
       "lock_ptr": "i32"},
      dict(GATED=False, MUL_WEIGHT=True, SCALED=False, INT4=False, GROUP=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
           SPLIT_K=1, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, TOKEN_SUM=8, GROUP_M=1)),
+    # the persistent down GEMM (MoEConfig.persistent) over the sorted hidden rows
+    ("fused_moe_persistent", "_moe_down_persistent_kernel", _PERSISTENT_PTRS,
+     dict(SCALED=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, PROGRAMS=264, DOT_F32=False,
+          DOT_PRECISION="tf32", INTERPRET=False, WARP_SPEC=False)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
@@ -336,14 +342,16 @@ def plain_pipelined_cases() -> dict[str, str | None]:
                        _DIVISIBLE_INTS | {"stride_xm", "stride_wn", "stride_xs", "stride_ws"})
 
 
-# MoEConfig.warp_spec: the sorted-layout down GEMM's K loop must come out of the compiler
-# partitioned into producer and consumer warps (a ttg.warp_specialize region) at 4 warps, with the
-# top-k sum in its epilogue or not; a loop under an early return fails the pass (fused_moe.py).
-# 64-row tiles: Triton 3.9's pass fails at 128 rows and 4 warps, where 3.6's partitions them
-# (fused_moe._warp_spec_refused); both partition 64.
+# MoEConfig.warp_spec: the sorted-layout down GEMM's K loop, and the persistent down GEMM's tile
+# loop, must come out of the compiler partitioned into producer and consumer warps (a
+# ttg.warp_specialize region) at 4 warps, with the top-k sum in the epilogue or not; a loop under
+# an early return fails the pass (fused_moe.py). 64-row tiles: Triton 3.9's pass fails the first
+# at 128 rows and 4 warps, where 3.6's partitions it (fused_moe._warp_spec_refused); both take 64.
 WARP_SPEC_CASES = [(f"moe-down-warp-spec-sum{token_sum}", TMA_CASES[1][1], TMA_CASES[1][2],
                     dict(TMA_CASES[1][3], a_desc="tensordesc<bf16[64, 64]>"),
                     dict(TMA_CASES[1][4], BLOCK_M=64, WARP_SPEC=True, TOKEN_SUM=token_sum)) for token_sum in (0, 8)]
+WARP_SPEC_CASES.append(("moe-down-persistent-warp-spec", "fused_moe_persistent", "_moe_down_persistent_kernel",
+                        _PERSISTENT_PTRS, dict(CASES[-1][3], PDL=True, WARP_SPEC=True)))
 
 
 def warp_spec_cases() -> dict[str, str | None]:
