@@ -149,10 +149,11 @@ class Supervisor:
 
     # ---- start -------------------------------------------------------------------------------
     def _reserve(self) -> None:
-        """The given ports first, then a free gRPC port when ``port`` is 0: a bind to port 0
-        with SO_REUSEPORT may be handed a port that one of our own reuse sockets holds (the
-        kernel lets them share it), and gRPC and HTTP on one port would split connections
-        between the two servers."""
+        """The given ports first, then a free gRPC port when ``port`` is 0. In the other order a
+        port given for HTTP but not held yet could be handed out for gRPC's 0, and the HTTP
+        reservation would then share it (two reuse sockets, neither listening, pass the probe):
+        gRPC and HTTP on one port split connections between two servers (HTTP 400 to gRPC
+        clients). The pick is checked against the held ports too."""
         cfg = self.config
         for what in ("port", "http_port", "health_port"):
             if getattr(cfg, what):  # 0 is off for http_port and health_port; for port, picked below
