@@ -65,3 +65,24 @@ def test_block_layouts_that_cannot_run_are_named(fp8_device):
                   weight_block=(16, 32))
     with pytest.raises(ValueError, match="two powers of two"):
         fused_moe(*args, w13_scale=s13.to(fp8_device), w2_scale=s2.to(fp8_device), weight_block=(16, 24))
+
+
+def test_block_scaled_experts_in_the_sorted_layout_give_the_same_bits(fp8_device):
+    """The down GEMM of block-scaled experts in the sorted hidden layout (a_tma), warp-specialized
+    and persistent: its block scales per K step as in the gathered layout, so the same bits."""
+    if fp8_device.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper GPU")
+    gen = torch.Generator().manual_seed(95)
+    t, k, e, h, inter, block = 9, 2, 8, 192, 96, (32, 64)
+    x = torch.randn(t, h, generator=gen).bfloat16()
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    (q13, s13), (q2, s2) = _block_experts(w13, block), _block_experts(w2, block)
+    weights, ids = _routing(t, e, k, gen)
+    args = [v.to(fp8_device) for v in (x, q13, q2, weights.bfloat16(), ids)]
+    quant = dict(w13_scale=s13.to(fp8_device), w2_scale=s2.to(fp8_device), weight_block=block)
+    up = MoEConfig(16, 32, 32, weight_tma=1)
+    want = fused_moe(*args, config=up, down_config=MoEConfig(16, 32, 64, weight_tma=1), **quant).cpu()
+    for down in (MoEConfig(16, 32, 64, weight_tma=1, a_tma=1), MoEConfig(16, 32, 64, weight_tma=1, a_tma=1,
+                                                                         warp_spec=1, group_m=2),
+                 MoEConfig(16, 32, 64, weight_tma=1, a_tma=1, warp_spec=1, persistent=1)):
+        assert torch.equal(fused_moe(*args, config=up, down_config=down, **quant).cpu(), want), down
