@@ -124,7 +124,7 @@ def _moe_gemm_kernel(
     SUM_SLOTS: tl.constexpr = 0, GROUP_M: tl.constexpr = 0, WEIGHT_TMA: tl.constexpr = False,
     SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0, TOKEN_SUM: tl.constexpr = 0,
     OUT_SORTED: tl.constexpr = False, A_SORTED: tl.constexpr = False, A_TMA: tl.constexpr = False,
-    WARP_SPEC: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = False,
 ):
     """One [BLOCK_M, BLOCK_N] tile of out[pair] = a[pair // a_row_div] @ b[expert]^T.
 
@@ -153,6 +153,8 @@ def _moe_gemm_kernel(
     sorted positions, every row of a block written (padding rows as zeros), not the pairs' rows.
     A_SORTED (the down GEMM of that layout): a's rows are the sorted positions; A_TMA: they come
     through a_desc (block [BLOCK_M, BLOCK_K]); WARP_SPEC: the K loop warp-specialized.
+    GEMV_PREFETCH (the GEMV form at MoEConfig.num_stages >= 2; float / INT8 / FP8 experts): the
+    next K step's weight tiles loaded a step ahead (fused_moe_dense._dense_gemv_loop).
     """
     pdl_enter(PDL)
     pid_k = tl.program_id(2)
@@ -233,7 +235,8 @@ def _moe_gemm_kernel(
         if BLOCK_M == 1:
             acc, acc_up = _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo,
                                            k_hi, stride_bn, scale_ptr + expert * stride_se,
-                                           stride_sg, GATED, BLOCK_N, BLOCK_K, WEIGHT_TMA, SCALE_BN, SCALE_BK)
+                                           stride_sg, GATED, BLOCK_N, BLOCK_K, WEIGHT_TMA, SCALE_BN, SCALE_BK,
+                                           GEMV_PREFETCH)
         else:
             acc, acc_up = _dense_mainloop(a_rows, m_mask, a_desc, pid_m * BLOCK_M, b_base, b_desc, b_row, rn, n_mask,
                                           N, K, k_lo, k_hi, stride_bn,
@@ -370,7 +373,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         stride_am=x.stride(0), stride_be=w13.stride(0), stride_bn=w13.stride(1), stride_om=hidden.stride(0),
         GATED=True, MUL_WEIGHT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages, GROUP_M=config.group_m,
-        WEIGHT_TMA=descs[0] is not None, OUT_SORTED=sorted_hidden, **split, **layouts[0], **common)
+        WEIGHT_TMA=descs[0] is not None, OUT_SORTED=sorted_hidden, GEMV_PREFETCH=_prefetches(config),
+        **split, **layouts[0], **common)
     weights = topk_weights.reshape(-1)  # [T*k]; float32 (Mixtral) or x's dtype (Qwen-MoE)
     grid, split = _grid_and_split("fused_moe_down", x, down_config, expert_ids.shape[0], h, h,
                                   w2.shape[1] if int4 else inter)
@@ -408,12 +412,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         down = dict(rows, a_row_div=1, stride_am=hidden.stride(0), stride_be=w2.stride(0), stride_bn=w2.stride(1),
                     GATED=False, MUL_WEIGHT=True, SUM_SLOTS=top_k if slot_sum else 0,
                     TOKEN_SUM=top_k if token_sum else 0, WEIGHT_TMA=descs[1] is not None, A_SORTED=sorted_hidden,
-                    A_TMA=a_desc is not None, **split, **layouts[1], **common)
+                    A_TMA=a_desc is not None, GEMV_PREFETCH=_prefetches(down_config), **split, **layouts[1],
+                    **common)
     warp_spec = bool(down_config.warp_spec) and a_desc is not None and descs[1] is not None
     _launch_warp_spec(kernel, grid, operands, down, warp_spec, down_config)
     if slot_sum or token_sum:
         return total if token_sum else out
     return moe_sum(out.view(t, top_k, h))
+
+
+def _prefetches(config: MoEConfig) -> bool:
+    """The GEMV form's num_stages >= 2: its weight tiles loaded a step ahead (tl.dot tiles pipeline
+    through num_stages themselves)."""
+    return config.gemv and config.num_stages > 1
 
 
 def _launch_warp_spec(kernel, grid, operands: tuple, kwargs: dict, warp_spec: bool, config: MoEConfig) -> None:

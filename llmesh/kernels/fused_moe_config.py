@@ -272,20 +272,21 @@ def pick_config(m: int, num_experts: int, n: int, k: int, top_k: int, device=Non
 
 
 GEMV_CANDIDATES = tuple(
-    MoEConfig(1, bn, bk, w, 1)
-    for bn, bk, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))
+    MoEConfig(1, bn, bk, w, s)
+    for bn, bk, w, s in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 2))
 )
-"""The GEMV form's sweep (24 configs; blocks of one pair): around the dense projections' measured
-FMA winners (skinny_gemm_config.TUNED: 4-8 rows, K steps of 512-1024, 4 warps). One stage: Triton
-(3.6 and 3.9) pipelines only loads that feed tl.dot, so num_stages leaves this loop's code as it is
-(the same PTX at 1, 2 and 4); a K step's loads in flight are its BLOCK_K."""
+"""The GEMV form's sweep (48 configs; blocks of one pair): around the dense projections' measured
+FMA winners (skinny_gemm_config.TUNED: 4-8 rows, K steps of 512-1024, 4 warps). Triton (3.6 and
+3.9) pipelines only loads that feed tl.dot, so in this form num_stages is ours: 1 loads each K
+step's weight tile when the step runs, 2 a step ahead (fused_moe_dense._dense_gemv_loop's
+PREFETCH: two steps of the weight stream in flight, at twice the registers for the tiles)."""
 
 CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (64, 128), (4, 8), (3, 4))
     if bn < 256 or bm >= 64
 ) + GEMV_CANDIDATES
-"""What an autotune run sweeps (112 tiles and the GEMV form's 24, of which bench/moe_gpu.py
+"""What an autotune run sweeps (112 tiles and the GEMV form's 48, of which bench/moe_gpu.py
 compiles those whose BLOCK_M suits the rows per expert). BLOCK_N 32 is for the smallest batches:
 at T = 1 the gate/up GEMM has only top-k blocks of rows, and narrower column tiles give more
 programs; 256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""

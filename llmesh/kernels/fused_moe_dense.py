@@ -103,14 +103,16 @@ def _dense_mainloop(a_rows, m_mask, a_desc, a_row, b_base, b_desc, b_row, rn, n_
 
 
 @triton.jit
-def _gemv_rows(a, rows, b_desc, b_row, k, k_mask, s_rows, k0,
-               WEIGHT_TMA: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):
-    """One K step's products a * W[rows, k] in float32 ([BLOCK_N, BLOCK_K]), block-scaled where
-    SCALE_BN > 0."""
+def _gemv_load(rows, b_desc, b_row, k, k_mask, k0, WEIGHT_TMA: tl.constexpr):
+    """One K step's weight tile W[rows, k] ([BLOCK_N, BLOCK_K], the weights' dtype)."""
     if WEIGHT_TMA:
-        w = b_desc.load([b_row, k0])  # [BN, BK]; columns past K come in as zeros
-    else:
-        w = tl.load(rows + k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        return b_desc.load([b_row, k0])  # [BN, BK]; columns past K come in as zeros
+    return tl.load(rows + k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_product(a, w, s_rows, k0, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):
+    """One K step's products a * w in float32, block-scaled where SCALE_BN > 0."""
     prod = a * w.to(tl.float32)
     if SCALE_BN > 0:
         prod = prod * tl.load(s_rows + k0 // SCALE_BK)[:, None]
@@ -120,14 +122,18 @@ def _gemv_rows(a, rows, b_desc, b_row, k, k_mask, s_rows, k0,
 @triton.jit
 def _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi, stride_bn, s_base, stride_sn,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-                     SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0):
+                     SCALE_BN: tl.constexpr = 0, SCALE_BK: tl.constexpr = 0, PREFETCH: tl.constexpr = False):
     """The GEMV form of _dense_mainloop's (a @ gate^T, a @ up^T) for a block of one pair (a_row:
     a scalar pointer to its row of activations, live: whether the block holds a pair):
     [1, BLOCK_N] each. The row loads as a [BLOCK_K] vector broadcast along the weight rows (at
     BLOCK_N 8-16 Triton 3.6 still moves it into the tile's layout through shared memory, a barrier
     a K step; at 4 it does not: the sweep weighs that). Rows of rn past N read row rn % N (loads
     need no row predicate) and are never stored; TMA tiles (WEIGHT_TMA) start at b_row as in the
-    tile form."""
+    tile form.
+    PREFETCH (MoEConfig.num_stages >= 2 in the GEMV form): the next K step's weight tiles are
+    loaded before this step's products and carried in registers, so a program keeps two steps of
+    its weight stream in flight (Triton software-pipelines only loads that feed tl.dot, so without
+    this each step waits out its loads' latency); the same products in the same order."""
     rk = tl.arange(0, BLOCK_K)
     row = rn % N
     rows = b_base + row.to(tl.int64)[:, None] * stride_bn  # [BN, 1]
@@ -137,13 +143,30 @@ def _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi, s
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     k_live = tl.where(live, K, 0)  # a block without a pair reads no activations
+    k_end = tl.minimum(k_hi, K)  # a prefetch past this split's K range loads nothing (pointer loads)
+    if PREFETCH:
+        w = _gemv_load(rows, b_desc, b_row, k_lo + rk, k_lo + rk < k_end, k_lo, WEIGHT_TMA)
+        w_up = w
+        if GATED:
+            w_up = _gemv_load(rows_up, b_desc, b_row + N, k_lo + rk, k_lo + rk < k_end, k_lo, WEIGHT_TMA)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         k_mask = k < K
         a = tl.load(a_row + k, mask=k < k_live, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)[None, :]  # every program of the pair reads it
-        acc += _gemv_rows(a, rows, b_desc, b_row, k, k_mask, s_rows, k0, WEIGHT_TMA, SCALE_BN, SCALE_BK)
-        if GATED:
-            acc_up += _gemv_rows(a, rows_up, b_desc, b_row + N, k, k_mask, s_rows_up, k0, WEIGHT_TMA, SCALE_BN,
-                                 SCALE_BK)
+        if PREFETCH:
+            kn = k + BLOCK_K
+            w_next = _gemv_load(rows, b_desc, b_row, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
+            acc += _gemv_product(a, w, s_rows, k0, SCALE_BN, SCALE_BK)
+            w = w_next
+            if GATED:
+                w_up_next = _gemv_load(rows_up, b_desc, b_row + N, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
+                acc_up += _gemv_product(a, w_up, s_rows_up, k0, SCALE_BN, SCALE_BK)
+                w_up = w_up_next
+        else:
+            acc += _gemv_product(a, _gemv_load(rows, b_desc, b_row, k, k_mask, k0, WEIGHT_TMA), s_rows, k0,
+                                 SCALE_BN, SCALE_BK)
+            if GATED:
+                acc_up += _gemv_product(a, _gemv_load(rows_up, b_desc, b_row + N, k, k_mask, k0, WEIGHT_TMA),
+                                        s_rows_up, k0, SCALE_BN, SCALE_BK)
     return tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]

@@ -51,6 +51,38 @@ def test_gemv_form_matches_the_reference_and_the_tiles(device, t, k, config, dty
         torch.testing.assert_close(got, tiles, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("fmt,t,split,tma", [("bf16", 1, 1, False), ("fp32", 3, 3, False), ("int8", 1, 2, False),
+                                            ("fp8block", 5, 1, False), ("bf16", 1, 1, True)])
+def test_gemv_prefetch_gives_the_same_bits(device, fmt, t, split, tma):
+    """num_stages 2 in the GEMV form loads each K step's weight tiles a step ahead: the same
+    products in the same order, so the unprefetched form's bits, through split-K pieces (the last
+    step's prefetch masked to the piece), block scales and TMA tiles."""
+    gen = torch.Generator().manual_seed(40 + t + split)
+    e, k, h, inter = 8, 4, 192, 64
+    x = torch.randn(t, h, generator=gen).to(torch.float32 if fmt == "fp32" else torch.bfloat16)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    weights, ids = _routing(t, e, k, gen)
+    quant = {}
+    if fmt == "int8":
+        (w13, s13), (w2, s2) = quantize_experts_int8(w13), quantize_experts_int8(w2)
+        quant = dict(w13_scale=s13, w2_scale=s2)
+    elif fmt == "fp8block":
+        (w13, s13), (w2, s2) = _block_experts(w13, (32, 64)), _block_experts(w2, (32, 64))
+        quant = dict(w13_scale=s13, w2_scale=s2, weight_block=(32, 64))
+    else:
+        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    if fmt == "fp8block" and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 needs sm_89 or newer")
+    if tma and device.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper GPU")
+    weights = weights.to(x.dtype)
+    plain = MoEConfig(1, 8, 64 if tma else 32, 4, 1, split_k=split, weight_tma=int(tma))
+    want = _run(device, x, w13, w2, weights, ids, plain, **quant)
+    got = _run(device, x, w13, w2, weights, ids, MoEConfig(1, 8, 64 if tma else 32, 4, 2, split_k=split,
+                                                           weight_tma=int(tma)), **quant)
+    assert torch.equal(got, want)
+
+
 def test_gemv_form_skips_pairs_of_another_ranks_experts(device):
     """Expert parallelism: pairs routed to experts this rank does not hold (id -1) add nothing,
     in the one-token path (slot sum) and in sorted blocks."""
@@ -163,7 +195,7 @@ def test_configs_the_gemv_form_refuses_are_named(device):
         MoEConfig(1, 8, 512, weight_tma=1)  # the GEMV form's long K steps are pointer loads only
     from llmesh.kernels.fused_moe_config import fit_shared_memory
 
-    wide = MoEConfig(1, 32, 1024, 8, 3)  # stages the GEMV form ignores: nothing to fit
+    wide = MoEConfig(1, 32, 1024, 8, 3)  # the GEMV form's prefetch is in registers: nothing to fit
     assert fit_shared_memory(wide, 1, 2, 2, gated=True, int4=False) == wide
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 64, generator=gen)

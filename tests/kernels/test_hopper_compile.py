@@ -178,6 +178,12 @@ CASES = [
     ("fused_moe_persistent", "_moe_down_persistent_kernel", _PERSISTENT_PTRS,
      dict(SCALED=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, PROGRAMS=264, DOT_F32=False,
           DOT_PRECISION="tf32", INTERPRET=False, WARP_SPEC=False)),
+    # the GEMV form with its weight tiles loaded a step ahead (num_stages 2), gate/up split along K
+    ("fused_moe", "_moe_gemm_kernel",
+     {"topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i64", "num_post_ptr": "i32",
+      "part_ptr": "fp32", "lock_ptr": "i32", "scale_ptr": "fp32"},
+     dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
+          SPLIT_K=2, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, GEMV_PREFETCH=True)),
 ]
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
@@ -195,7 +201,7 @@ CASES = [
 PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
 # Kernels whose weight stream must be 16-byte loads, as a launch specialises them (case index in
 # CASES): the GEMV form reads its weight rows with plain loads, whose width is all its speed.
-VECTOR_LOADS = [34, 35, 36]
+VECTOR_LOADS = [34, 35, 36, 45]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
@@ -351,7 +357,7 @@ WARP_SPEC_CASES = [(f"moe-down-warp-spec-sum{token_sum}", TMA_CASES[1][1], TMA_C
                     dict(TMA_CASES[1][3], a_desc="tensordesc<bf16[64, 64]>"),
                     dict(TMA_CASES[1][4], BLOCK_M=64, WARP_SPEC=True, TOKEN_SUM=token_sum)) for token_sum in (0, 8)]
 WARP_SPEC_CASES.append(("moe-down-persistent-warp-spec", "fused_moe_persistent", "_moe_down_persistent_kernel",
-                        _PERSISTENT_PTRS, dict(CASES[-1][3], PDL=True, WARP_SPEC=True)))
+                        _PERSISTENT_PTRS, dict(CASES[44][3], PDL=True, WARP_SPEC=True)))
 
 
 def warp_spec_cases() -> dict[str, str | None]:
