@@ -85,7 +85,7 @@ from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel
 from llmesh.kernels.moe_align import moe_align_block_size, padded_length_bound  # noqa: F401 (re-exported)
 from llmesh.kernels.moe_topk_sum import TOKEN_SUM_SLOTS, _slot_sum, _token_sum, moe_sum
 from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
-from llmesh.kernels.triton_helpers import pdl_enter
+from llmesh.kernels.triton_helpers import grouped_tile, pdl_enter
 
 
 log = logging.getLogger("llmesh.kernels.fused_moe")
@@ -161,12 +161,7 @@ def _moe_gemm_kernel(
     if GROUP_M > 0:
         num_n = tl.cdiv(N, BLOCK_N)
         num_m = tl.num_programs(0) // num_n
-        pid = tl.program_id(0)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size
-        pid_n = (pid % per_group) // size
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
     else:
         num_m = tl.num_programs(0)
         num_n = tl.num_programs(1)

@@ -44,7 +44,7 @@ def _moe_down_persistent_kernel(
     num_m = tl.cdiv(tl.load(num_post_ptr), BLOCK_M)  # live blocks only: the padded tail is never visited
     for tile in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, warp_specialize=WARP_SPEC):
         if GROUP_M > 0:
-            pid_m, pid_n = grouped_tile(tile, num_m * BLOCK_M, num_n * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
+            pid_m, pid_n = grouped_tile(tile, num_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         else:  # the grouped kernel's 2-D grid order: the sorted blocks fastest
             pid_m = tile % num_m
             pid_n = tile // num_m
