@@ -6,6 +6,8 @@ refuses."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from llmesh.kernels.fused_moe_config import (CANDIDATES, GEMV_CANDIDATES, INT4_C
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from tests.kernels.test_fused_moe import _experts, _int4_experts, _routing
 from tests.kernels.test_fused_moe_blocks import _block_experts
+from tests.kernels.test_fused_moe_tma import _experts_as
 
 TILE = MoEConfig(16, 32, 32)
 
@@ -57,30 +60,18 @@ def test_gemv_prefetch_gives_the_same_bits(device, fmt, t, split, tma):
     """num_stages 2 in the GEMV form loads each K step's weight tiles a step ahead: the same
     products in the same order, so the unprefetched form's bits, through split-K pieces (the last
     step's prefetch masked to the piece), block scales and TMA tiles."""
-    gen = torch.Generator().manual_seed(40 + t + split)
-    e, k, h, inter = 8, 4, 192, 64
-    x = torch.randn(t, h, generator=gen).to(torch.float32 if fmt == "fp32" else torch.bfloat16)
-    w13, w2 = _experts(e, h, inter, torch.float32, gen)
-    weights, ids = _routing(t, e, k, gen)
-    quant = {}
-    if fmt == "int8":
-        (w13, s13), (w2, s2) = quantize_experts_int8(w13), quantize_experts_int8(w2)
-        quant = dict(w13_scale=s13, w2_scale=s2)
-    elif fmt == "fp8block":
-        (w13, s13), (w2, s2) = _block_experts(w13, (32, 64)), _block_experts(w2, (32, 64))
-        quant = dict(w13_scale=s13, w2_scale=s2, weight_block=(32, 64))
-    else:
-        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     if fmt == "fp8block" and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("E4M3 needs sm_89 or newer")
     if tma and device.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs a Hopper GPU")
-    weights = weights.to(x.dtype)
+    gen = torch.Generator().manual_seed(40 + t + split)
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    args, quant = _experts_as("dense" if fmt in ("bf16", "fp32") else fmt, dtype, device, gen, t=t, e=8, k=4,
+                              h=192, inter=64, skew=False)
     plain = MoEConfig(1, 8, 64 if tma else 32, 4, 1, split_k=split, weight_tma=int(tma))
-    want = _run(device, x, w13, w2, weights, ids, plain, **quant)
-    got = _run(device, x, w13, w2, weights, ids, MoEConfig(1, 8, 64 if tma else 32, 4, 2, split_k=split,
-                                                           weight_tma=int(tma)), **quant)
-    assert torch.equal(got, want)
+    want = fused_moe(*args, **quant, config=plain, down_config=plain).cpu()
+    ahead = dataclasses.replace(plain, num_stages=2)
+    assert torch.equal(fused_moe(*args, **quant, config=ahead, down_config=ahead).cpu(), want)
 
 
 def test_gemv_form_skips_pairs_of_another_ranks_experts(device):

@@ -15,17 +15,22 @@ from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
 from llmesh.kernels.fused_moe_config import MoEConfig
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from tests.kernels.test_fused_moe import _dense_or_int4, _experts, _routing
+from tests.kernels.test_fused_moe_blocks import _block_experts
 
 
-def _experts_as(fmt: str, dtype, device, gen, t: int, e: int, k: int, h: int, inter: int):
-    """(fused_moe's positional arguments, quantization keywords) for experts in ``fmt``: float in
-    ``dtype``, or "int8" / "fp8" codes with per-channel scales."""
+def _experts_as(fmt: str, dtype, device, gen, t: int, e: int, k: int, h: int, inter: int, skew: bool = True):
+    """(fused_moe's positional arguments, quantization keywords) on ``device`` for experts in
+    ``fmt``: float in ``dtype``, "int8" / "fp8" codes with per-channel scales, or "fp8block" (E4M3
+    in 32 x 64 blocks)."""
     x = torch.randn(t, h, generator=gen).to(dtype)
     w13, w2 = _experts(e, h, inter, torch.float32, gen)
-    weights, ids = _routing(t, e, k, gen, skew=True)
+    weights, ids = _routing(t, e, k, gen, skew=skew)
     quant = {}
     if fmt == "dense":
         w13, w2 = w13.to(dtype), w2.to(dtype)
+    elif fmt == "fp8block":
+        (w13, s13), (w2, s2) = _block_experts(w13, (32, 64)), _block_experts(w2, (32, 64))
+        quant = dict(w13_scale=s13.to(device), w2_scale=s2.to(device), weight_block=(32, 64))
     else:
         quantize = quantize_experts_int8 if fmt == "int8" else quantize_experts_fp8
         w13, s13 = quantize(w13)
