@@ -153,8 +153,8 @@ def _moe_gemm_kernel(
     sorted positions, every row of a block written (padding rows as zeros), not the pairs' rows.
     A_SORTED (the down GEMM of that layout): a's rows are the sorted positions; A_TMA: they come
     through a_desc (block [BLOCK_M, BLOCK_K]); WARP_SPEC: the K loop warp-specialized.
-    GEMV_PREFETCH (the GEMV form at MoEConfig.num_stages >= 2; float / INT8 / FP8 experts): the
-    next K step's weight tiles loaded a step ahead (fused_moe_dense._dense_gemv_loop).
+    GEMV_PREFETCH (the GEMV form at MoEConfig.num_stages >= 2): the next K step's weight tiles
+    loaded a step ahead (fused_moe_dense._dense_gemv_loop, fused_moe_int4._int4_gemv_loop).
     """
     pdl_enter(PDL)
     pid_k = tl.program_id(2)
@@ -216,7 +216,7 @@ def _moe_gemm_kernel(
         acc, acc_up = _int4_gemv_loop(a_row, live, b_base, scale_ptr + expert * stride_se,
                                       min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,
                                       tl.minimum(k_lo + k_split, KH), stride_bn, stride_sg, GATED, GROUP, BLOCK_N,
-                                      BLOCK_K, INTERPRET)
+                                      BLOCK_K, INTERPRET, GEMV_PREFETCH)
     elif INT4:
         acc, acc_up = _int4_mainloop(a_rows, m_mask, b_base, scale_ptr + expert * stride_se,
                                      min_ptr + expert * stride_se, rn, n_mask, N, K, KH, k_lo,

@@ -292,11 +292,12 @@ at T = 1 the gate/up GEMM has only top-k blocks of rows, and narrower column til
 programs; 256 only with tall tiles (prefill), where each weight tile loaded serves 64-128 rows."""
 
 INT4_GEMV_CANDIDATES = tuple(
-    MoEConfig(1, bn, bk, w, 1)
-    for bn, bk, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))
+    MoEConfig(1, bn, bk, w, s)
+    for bn, bk, w, s in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2))
 )
-"""The INT4 GEMV form's sweep (18 configs): codes are [K rows, N] with N contiguous, so a column
-tile of 32-128 bytes a row; K steps of 32-128 code rows (64-256 weights of each column)."""
+"""The INT4 GEMV form's sweep (36 configs): codes are [K rows, N] with N contiguous, so a column
+tile of 32-128 bytes a row; K steps of 32-128 code rows (64-256 weights of each column); num_stages
+2 loads each step's codes a step ahead (fused_moe_int4._int4_gemv_loop's PREFETCH)."""
 
 INT4_CANDIDATES = tuple(
     MoEConfig(bm, bn, bk, w, s)

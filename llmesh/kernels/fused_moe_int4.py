@@ -203,12 +203,12 @@ def _nibbles_f32(codes, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_cols(acc, a_lo, a_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, INTERPRET: tl.constexpr):
+def _int4_gemv_cols(acc, a_lo, a_hi, codes, s_lo, z_lo, s_hi, z_hi, INTERPRET: tl.constexpr):
     """acc [BLOCK_K, BLOCK_N] + one K step of both halves (a_lo, a_hi [BLOCK_K, 1]) in float32,
-    each weight dequantized (q * s + z, not rounded: as the decode tiles apply the scales to exact
-    products). The high nibble is widened where it lies, as 16 q, against s / 16 (exact: a power
-    of two), so fma(16 q, s / 16, z) is fma(q, s, z) bit for bit, without a shift."""
-    codes = tl.load(b_ptrs, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+    each weight of the step's codes dequantized (q * s + z, not rounded: as the decode tiles apply
+    the scales to exact products). The high nibble is widened where it lies, as 16 q, against
+    s / 16 (exact: a power of two), so fma(16 q, s / 16, z) is fma(q, s, z) bit for bit, without a
+    shift."""
     q_lo, q16_hi = _nibbles_f32(codes, INTERPRET)
     w_lo = q_lo * s_lo.to(tl.float32)[None, :] + z_lo.to(tl.float32)[None, :]
     w_hi = q16_hi * (s_hi.to(tl.float32) * 0.0625)[None, :] + z_hi.to(tl.float32)[None, :]
@@ -216,20 +216,35 @@ def _int4_gemv_cols(acc, a_lo, a_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, INT
 
 
 @triton.jit
+def _int4_codes(b_ptrs, mask):
+    return tl.load(b_ptrs, mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _int4_gemv_loop(a_row, live, b_base, s_base, m_base, rn, n_mask, N, K, KH, j_lo, j_hi, stride_bk, stride_sg,
                     GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = False):
     """The GEMV form of _int4_mainloop for a block of one pair (a_row: a scalar pointer to its row of
     activations, live: whether the block holds a pair): the code rows of a
     K step against both halves' activations, per-element FMAs into a float32 [BLOCK_K, BLOCK_N]
     accumulator per GEMM, summed over K once after the loop; [1, BLOCK_N] each. No tl.dot, so no
-    code tile passes through shared memory and no 16-row tile pads fifteen rows."""
+    code tile passes through shared memory and no 16-row tile pads fifteen rows.
+    PREFETCH (num_stages >= 2, as fused_moe_dense._dense_gemv_loop's): the next K step's code tiles
+    loaded before this step's FMAs and carried in registers; the same FMAs in the same order."""
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     s_cols = s_base + rn
     z_cols = m_base + rn
     up_mask = n_mask if GATED else rn < 0  # no up columns: their (unused) rows load nothing
     k_live = tl.where(live, K, 0)  # a block without a pair reads no activations
+    cols = b_base + rn[None, :]
+    if PREFETCH:
+        j = j_lo + tl.arange(0, BLOCK_K)
+        ahead = (j < j_hi)[:, None] & n_mask[None, :]  # a split's range may be empty
+        codes = _int4_codes(cols + j.to(tl.int64)[:, None] * stride_bk, ahead)
+        codes_up = codes
+        if GATED:
+            codes_up = _int4_codes(cols + N + j.to(tl.int64)[:, None] * stride_bk, ahead)
     for j0 in range(j_lo, j_hi, BLOCK_K):  # BLOCK_K divides GROUP, and GROUP divides KH
         j = j0 + tl.arange(0, BLOCK_K)
         # loaded as [BK] and broadcast down the tile's K rows: each thread loads the rows it holds
@@ -238,9 +253,22 @@ def _int4_gemv_loop(a_row, live, b_base, s_base, m_base, rn, n_mask, N, K, KH, j
         a_lo = a_lo.to(tl.float32)[:, None]
         a_hi = a_hi.to(tl.float32)[:, None]
         s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP)
-        b_ptrs = b_base + j.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-        acc = _int4_gemv_cols(acc, a_lo, a_hi, b_ptrs, n_mask, s_lo, z_lo, s_hi, z_hi, INTERPRET)
+        b_ptrs = cols + j.to(tl.int64)[:, None] * stride_bk
+        if PREFETCH:
+            ahead = (j + BLOCK_K < j_hi)[:, None] & n_mask[None, :]  # past this split's range: nothing
+            codes_next = _int4_codes(b_ptrs + BLOCK_K * stride_bk, ahead)
+            acc = _int4_gemv_cols(acc, a_lo, a_hi, codes, s_lo, z_lo, s_hi, z_hi, INTERPRET)
+            codes = codes_next
+        else:
+            acc = _int4_gemv_cols(acc, a_lo, a_hi, _int4_codes(b_ptrs, n_mask[None, :]), s_lo, z_lo, s_hi, z_hi,
+                                  INTERPRET)
         if GATED:
             su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0, KH, stride_sg, GROUP)
-            acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, b_ptrs + N, n_mask, su_lo, zu_lo, su_hi, zu_hi, INTERPRET)
+            if PREFETCH:
+                codes_up_next = _int4_codes(b_ptrs + N + BLOCK_K * stride_bk, ahead)
+                acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, codes_up, su_lo, zu_lo, su_hi, zu_hi, INTERPRET)
+                codes_up = codes_up_next
+            else:
+                acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, _int4_codes(b_ptrs + N, n_mask[None, :]), su_lo, zu_lo,
+                                         su_hi, zu_hi, INTERPRET)
     return tl.sum(acc, axis=0)[None, :], tl.sum(acc_up, axis=0)[None, :]

@@ -74,6 +74,25 @@ def test_gemv_prefetch_gives_the_same_bits(device, fmt, t, split, tma):
     assert torch.equal(fused_moe(*args, **quant, config=ahead, down_config=ahead).cpu(), want)
 
 
+@pytest.mark.parametrize("t,k,split,block_k", [(1, 8, 1, 32), (1, 4, 3, 64), (5, 2, 2, 128), (3, 2, 1, 64)])
+def test_int4_gemv_prefetch_gives_the_same_bits(device, t, k, split, block_k):
+    """INT4 experts' GEMV form at num_stages 2 loads each K step's codes a step ahead: the same FMAs
+    in the same order, so the unprefetched form's bits, through split-K pieces of the code rows
+    (the last step's prefetch masked to its piece; 3 pieces of 128 rows in 64-row steps leave one
+    piece empty) and T = 1's slot sum."""
+    gen = torch.Generator().manual_seed(60 + t * 10 + split)
+    e, h, inter = 16, 200, 96
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    w13, w2 = _experts(e, h, inter, torch.float32, gen)
+    c13, c2, quant = _int4_experts(w13, w2)
+    weights, ids = _routing(t, e, k, gen)
+    weights = weights.to(torch.bfloat16)
+    plain = MoEConfig(1, 32, block_k, 4, 1, split_k=split)
+    want = _run(device, x, c13, c2, weights, ids, plain, **quant).cpu()
+    ahead = dataclasses.replace(plain, num_stages=2)
+    assert torch.equal(_run(device, x, c13, c2, weights, ids, ahead, **quant).cpu(), want)
+
+
 def test_gemv_form_skips_pairs_of_another_ranks_experts(device):
     """Expert parallelism: pairs routed to experts this rank does not hold (id -1) add nothing,
     in the one-token path (slot sum) and in sorted blocks."""

@@ -185,6 +185,8 @@ CASES = [
      dict(GATED=True, MUL_WEIGHT=False, SCALED=False, INT4=False, GROUP=1, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
           SPLIT_K=2, DOT_F32=False, DOT_PRECISION="tf32", INTERPRET=False, GEMV_PREFETCH=True)),
 ]
+# the INT4 experts' GEMV form (case 36) with its code tiles loaded a step ahead
+CASES.append(("fused_moe", "_moe_gemm_kernel", CASES[36][2], dict(CASES[36][3], GEMV_PREFETCH=True)))
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
 # shared memory, num_stages deep): (case index in CASES, the least number of async copies:
@@ -201,7 +203,7 @@ CASES = [
 PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
 # Kernels whose weight stream must be 16-byte loads, as a launch specialises them (case index in
 # CASES): the GEMV form reads its weight rows with plain loads, whose width is all its speed.
-VECTOR_LOADS = [34, 35, 36, 45]
+VECTOR_LOADS = [34, 35, 36, 45, 46]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
                              "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
 
