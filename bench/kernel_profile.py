@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--router-kernel", choices=("default", "on", "off"), default="default",
                     help="MoE router: the Triton kernel or the torch ops on the GPU (kernels.moe_router)")
+    ap.add_argument("--norm-router", choices=("default", "on", "off"), default="default",
+                    help="MoE: on fuses the layer's norm, router GEMM and top-k into one kernel up to 64 "
+                         "tokens a step, off never (kernels.moe_norm_router.NORM_ROUTER_MAX_TOKENS)")
     ap.add_argument("--pair-blocks", choices=("default", "off"), default="default",
                     help="MoE: off sorts a one-token step's pairs by expert (the align launch) and sums "
                          "them with _moe_sum_kernel, as before kernels.fused_moe.PAIR_BLOCKS_MAX_TOKENS")
@@ -197,6 +200,10 @@ def main() -> None:
         import llmesh.kernels.moe_router as moe_router
 
         moe_router.ROUTER_KERNEL_ON_CUDA = args.router_kernel == "on"
+    if args.norm_router != "default":
+        import llmesh.kernels.moe_norm_router as moe_norm_router
+
+        moe_norm_router.NORM_ROUTER_MAX_TOKENS = 64 if args.norm_router == "on" else 0
     if args.pair_blocks == "off":
         import llmesh.kernels.fused_moe as fused_moe
 
@@ -210,7 +217,7 @@ def main() -> None:
     workload: dict = {"batch": args.batch, "prompt_tokens": args.prompt, "chunk_tokens": args.chunk,
                       "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "warmup_steps": args.warmup,
                       "profiled_steps": args.steps, "router_kernel": args.router_kernel,
-                      "pair_blocks": args.pair_blocks,
+                      "pair_blocks": args.pair_blocks, "norm_router": args.norm_router,
                       "software": software_versions(), "smoke": args.smoke,
                       "environment": {k: os.environ[k] for k in (PDL_ENV, PDL_LATE_ENV, FUSED_DECODE_ENV, QKV_ROPE_ENV, FOLD_ENV)
                                       if k in os.environ},

@@ -64,7 +64,7 @@ from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device
 from llmesh.bench_results import write_result  # noqa: E402
 from moe_autotune import SORTED_CHANGES, autotune, tune_weights  # noqa: E402
 from moe_shapes import QWEN3_30B_A3B, SMOKE, Shapes, expert_bytes, experts  # noqa: E402
-from moe_steps import bench_align, bench_decode1, bench_router, best_of_two, routing  # noqa: E402
+from moe_steps import bench_align, bench_decode1, bench_norm_router, bench_router, best_of_two, routing  # noqa: E402
 
 PARTS = ("kernel", "engine", "align", "decode1")
 
@@ -196,6 +196,11 @@ def bench_kernel(s: Shapes, device: torch.device, ceilings: dict[str, float], sm
     except Exception:
         traceback.print_exc()
         print("[moe] router comparison FAILED (the moe_router_* metrics are missing)", flush=True)
+    try:
+        m.update(bench_norm_router(s, device, gen))
+    except Exception:
+        traceback.print_exc()
+        print("[moe] norm + router comparison FAILED (the moe_norm_router_* metrics are missing)", flush=True)
     return m
 
 

@@ -45,6 +45,45 @@ def bench_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[
     return m
 
 
+def bench_norm_router(s: Shapes, device: torch.device, gen: torch.Generator) -> dict[str, float]:
+    """The MoE layer's entry (residual add + RMSNorm, the router's linear, top-k softmax with the
+    expert counts) as the three ops the triton table runs (each on its engine path) and as
+    moe_norm_router's one kernel, replayed from a graph at 1, 4, 16 tokens and the decode batch:
+    what decides NORM_ROUTER_MAX_TOKENS. Metric names: moe_norm_router_t<T>_{unfused,fused}_us,
+    _fused_vs_unfused_x and _same_experts_frac."""
+    from llmesh.engine.quant.linear import linear
+    from llmesh.kernels.moe_norm_router import norm_router
+    from llmesh.kernels.moe_router import select_experts
+    from llmesh.kernels.rmsnorm import rmsnorm
+
+    m: dict[str, float] = {}
+    counts = torch.zeros(s.experts, dtype=torch.int64, device=device)
+    router = (torch.randn(s.experts, s.hidden, generator=gen, device=device) / s.hidden ** 0.5).bfloat16()
+    norm = (1 + 0.1 * torch.randn(s.hidden, generator=gen, device=device)).bfloat16()
+
+    def unfused(x, r, counted):
+        h, res = rmsnorm(x, norm, 1e-6, residual=r)
+        return select_experts(linear(h, router), s.top_k, True, torch.bfloat16, counts, counted, kernel=True), res
+
+    for t in sorted({1, 4, 16, s.decode_batch}):
+        x, r = (torch.randn(t, s.hidden, generator=gen, device=device).bfloat16() for _ in range(2))
+        counted = torch.ones(t, dtype=torch.int64, device=device)
+        (_, want_ids), _ = unfused(x, r, counted)
+        _, _, _, _, ids = norm_router(x, r, norm, 1e-6, router, s.top_k, True, torch.bfloat16, counts, counted)
+        # the same experts for (nearly) every token: only tied or last-bit logits may choose apart
+        agree = float((ids.sort(-1).values == want_ids.sort(-1).values).all(-1).float().mean())
+        m[f"moe_norm_router_t{t}_same_experts_frac"] = agree
+        m[f"moe_norm_router_t{t}_unfused_us"] = 1e3 * best_of_two(lambda: unfused(x, r, counted), device)
+        m[f"moe_norm_router_t{t}_fused_us"] = 1e3 * best_of_two(
+            lambda: norm_router(x, r, norm, 1e-6, router, s.top_k, True, torch.bfloat16, counts, counted), device)
+        m[f"moe_norm_router_t{t}_fused_vs_unfused_x"] = (m[f"moe_norm_router_t{t}_unfused_us"]
+                                                         / m[f"moe_norm_router_t{t}_fused_us"])
+        print(f"[moe] norm + router T={t}: three kernels {m[f'moe_norm_router_t{t}_unfused_us']:.1f} us, one "
+              f"{m[f'moe_norm_router_t{t}_fused_us']:.1f} us ({agree:.0%} of tokens chose the same experts)",
+              flush=True)
+    return m
+
+
 def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator
                 ) -> dict[str, float]:
     """The align step four ways (the torch ops, the one-program Triton kernel, the chunked

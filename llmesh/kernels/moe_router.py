@@ -59,20 +59,16 @@ def _candidates(p, valid):
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, stride_l,
-                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
-                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    valid = e < E
-    x = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
+def choose_experts(x, valid, e, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K: tl.constexpr,
+                   RENORM: tl.constexpr, COUNT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Token t's choice from its logits x (float32 [BLOCK_E], lanes past E invalid and -inf):
+    softmax, k arg-maxes, weights (renormalised under RENORM) and ids stored, counts grown."""
     p = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(valid, p, 0.0)
     p = p / tl.sum(p, axis=0)
     # k arg-maxes name the winners in order; their ranks place every weight in one masked store.
     left = _candidates(p, valid)
-    rank = tl.full([BLOCK_E], -1, tl.int32)
+    rank = tl.full(e.shape, -1, tl.int32)
     for j in tl.static_range(K):
         i = tl.argmax(left, axis=0, tie_break_left=True)
         tl.store(ids_ptr + t * K + j, i.to(tl.int64))
@@ -84,6 +80,18 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_p
     if RENORM:
         p = p / tl.sum(tl.where(picked, p, 0.0), axis=0)
     tl.store(weights_ptr + t * K + rank, cast_rtne(p, weights_ptr.dtype.element_ty, INTERPRET), mask=picked)
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, E, stride_l,
+                         K: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
+                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    x = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
+    choose_experts(x, valid, e, t, weights_ptr, ids_ptr, counts_ptr, counted_ptr, K, RENORM, COUNT, INTERPRET)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,

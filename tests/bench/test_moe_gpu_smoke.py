@@ -27,9 +27,11 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
                 "moe_decode64_warp_spec_ms", "moe_prefill4k_persistent_vs_table_x",
                 "moe_offline_out_tok_s",
                 "moe_align_t1_kernel_us", "moe_layer_t4_align_torch_ms", "moe_decode1_ms", "moe_decode1_tile_ms",
-                "moe_decode1_gemv_ms", "moe_decode1_frac", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x"):
+                "moe_decode1_gemv_ms", "moe_decode1_frac", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x",
+                "moe_norm_router_t1_fused_us", "moe_norm_router_t16_unfused_us", "moe_norm_router_t4_fused_vs_unfused_x"):
         assert key in m, key
     assert m["moe_gemm_frac"] == min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
+    assert m["moe_norm_router_t1_same_experts_frac"] == 1.0  # random logits: no ties to choose apart
     assert any("MoEConfig(" in line for line in doc["workload"]["autotune"])
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
     # the five tile fields and split_k, then group_m ... persistent up to the last that is not 0

@@ -128,8 +128,9 @@ def test_rank_partials_sum_to_the_whole_block(moe_dirs, arch, world, ops_name):
     ops = make_ops(ops_name, cfg, device=torch.device("cpu"), dtype=torch.float32, max_positions=64)
     x = torch.randn(13, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     counted = torch.ones(13, dtype=torch.int64)
-    full = whole.forward(ops, x, counted)
-    summed = sum(block.forward(ops, x, counted) for block in parts)
+    norm = torch.ones(cfg.hidden_size)
+    full, _ = whole.forward(ops, x, None, norm, 1e-6, counted)
+    summed = sum(block.forward(ops, x, None, norm, 1e-6, counted)[0] for block in parts)
     torch.testing.assert_close(summed, full, atol=1e-5, rtol=1e-5)
     # Every rank counts every expert by its global id: each rank's counts are the whole block's.
     assert int(whole.expert_tokens.sum()) == 13 * cfg.num_experts_per_tok

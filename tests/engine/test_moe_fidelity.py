@@ -105,6 +105,34 @@ def test_triton_backend_matches_torch_backend(moe_dirs, arch):
     assert worst < 1e-3, f"max |triton - torch| logit = {worst}"
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_fused_norm_router_on_the_triton_backend_gives_the_torch_backends_tokens(moe_dirs, monkeypatch, arch):
+    """The MoE entry as one kernel (moe_norm_router.py: the residual add and norm, the router's
+    logits, the top-k) in every step of up to 24 tokens, prefill chunks included, inside the
+    engine: the torch backend's tokens (Mixtral's float32 weights, Qwen2-MoE's shared expert
+    reading the normalised row the kernel stored)."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    from llmesh.kernels import moe_norm_router
+    from tests.engine.test_triton_backend import _run as run_backend
+
+    real, used = moe_norm_router.norm_router, []
+
+    def counting(x, *args, **kwargs):
+        used.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(moe_norm_router, "norm_router", counting)
+    monkeypatch.setattr(moe_norm_router, "NORM_ROUTER_MAX_TOKENS", 24)
+    path = moe_dirs[arch]
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 14, 5)]
+    kw = dict(block_size=16, num_kv_blocks=32, max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
+    tokens, _ = run_backend(path, "triton", prompts, [0, 1, 6], **kw)
+    assert 1 in used and max(used) > 3, used  # one-token decodes and prefill chunks both fused
+    monkeypatch.undo()
+    assert tokens == run_backend(path, "torch", prompts, [0, 1, 6], **kw)[0]
+
+
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_gemv_form_on_the_triton_backend_gives_the_torch_backends_tokens(moe_dirs, monkeypatch, quantization):
     """The fused MoE kernel's GEMV form (one pair a block, MoEConfig.block_m 1) where the tile

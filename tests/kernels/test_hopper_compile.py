@@ -187,6 +187,11 @@ CASES = [
 ]
 # the INT4 experts' GEMV form (case 36) with its code tiles loaded a step ahead
 CASES.append(("fused_moe", "_moe_gemm_kernel", CASES[36][2], dict(CASES[36][3], GEMV_PREFETCH=True)))
+# the MoE entry in one launch: norm, router GEMV, the last program's top-k (Qwen3-30B-A3B's 128 experts)
+CASES.append(("moe_norm_router", "_norm_router_kernel",
+              {"weights_ptr": "bf16", "ids_ptr": "i64", "counts_ptr": "i64", "counted_ptr": "i64", "lock_ptr": "i32"},
+              dict(TOP_K=8, BLOCK_E=4, BLOCK_ALL=128, BLOCK_H=512, HAS_RESIDUAL=True, RENORM=True, COUNT=True,
+                   INTERPRET=False)))
 
 # Kernels whose K loop Triton must software-pipeline (its loads become cp.async copies into
 # shared memory, num_stages deep): (case index in CASES, the least number of async copies:
@@ -203,9 +208,10 @@ CASES.append(("fused_moe", "_moe_gemm_kernel", CASES[36][2], dict(CASES[36][3], 
 PIPELINED = [(25, 9), (26, 12), (27, 9), (29, 12), (33, 9)]
 # Kernels whose weight stream must be 16-byte loads, as a launch specialises them (case index in
 # CASES): the GEMV form reads its weight rows with plain loads, whose width is all its speed.
-VECTOR_LOADS = [34, 35, 36, 45, 46]
+VECTOR_LOADS = [34, 35, 36, 45, 46, 47]
 _DIVISIBLE_INTS = frozenset({"N", "K", "KH", "k_split", "stride_am", "stride_be", "stride_bn", "stride_se",
-                             "stride_sg", "stride_om"})  # k_split: a multiple of BLOCK_K
+                             "stride_sg", "stride_om", "H", "stride_w", "stride_x", "stride_r"})
+# (k_split: a multiple of BLOCK_K)
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async)")
 

@@ -269,8 +269,8 @@ class LlamaForCausalLM:
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:
-                h, residual = ops.rmsnorm(x, layer.post_attention_layernorm, eps, residual)
-                x = self.shard.all_reduce(layer.moe.forward(ops, h, real_tokens))
+                x, residual = layer.moe.forward(ops, x, residual, layer.post_attention_layernorm, eps, real_tokens)
+                x = self.shard.all_reduce(x)
                 continue
             gate_up, residual = ops.norm_linear(x, residual, layer.post_attention_layernorm, eps,
                                                 layer.gate_up_proj.weight)  # [T, 2 I]

@@ -339,15 +339,18 @@ class SparseMoeBlock:
                 + shared)
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, ops, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] (normalised), counted: int64 [T] 1 for tokens the expert counts include →
-        [T, H]; with several ranks, this rank's partial sum (the caller all-reduces it)."""
+    def forward(self, ops, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the attention block's output [T, H], residual as ModelOps.rmsnorm's, norm_weight the
+        layer's post-attention norm, counted: int64 [T] 1 for tokens the expert counts include →
+        ([T, H] the block's output, with several ranks this rank's partial sum (the caller
+        all-reduces it); x + residual)."""
         c = self.cfg
-        router_logits = ops.linear(x, self.router)  # [T, E]
         # Mixtral multiplies the expert outputs by float32 weights; Qwen-MoE rounds them first.
         weights_dtype = torch.float32 if c.architecture == "mixtral" else x.dtype
-        weights, ids = ops.select_experts(router_logits, c.num_experts_per_tok, c.norm_topk_prob, weights_dtype,
-                                          self.expert_tokens, counted)
+        x, residual, weights, ids = ops.norm_router(x, residual, norm_weight, eps, self.router,
+                                                    c.num_experts_per_tok, c.norm_topk_prob, weights_dtype,
+                                                    self.expert_tokens, counted)  # x: normalised [T, H]
         if self.partial_experts:
             # Global → local ids; other ranks' experts → -1, which the moe op skips. No host read.
             local = ids - self.expert_start  # [T, k]
@@ -357,4 +360,4 @@ class SparseMoeBlock:
             shared = ops.act_linear(ops.linear(x, self.shared_gate_up.weight), self.shared_down.weight)  # [T, H]
             gate = torch.sigmoid(ops.linear(x, self.shared_expert_gate))  # [T, 1]
             out = out + gate * shared
-        return out
+        return out, residual

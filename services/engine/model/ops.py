@@ -84,6 +84,14 @@ class ModelOps(Protocol):
         when asked → (weights [T, k] in weights_dtype, expert ids int64 [T, k]); each chosen
         expert's counts [E] (int64) grows by its token's counted [T] (1, or 0 for padding)."""
 
+    def norm_router(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    router: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
+                    counts: torch.Tensor, counted: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An MoE layer's entry: ``rmsnorm``, the router's ``linear`` [E, H] and ``select_experts``
+        → (h = norm(x + residual), x + residual, weights, ids) (``compose_norm_router``; the
+        triton table runs them as one kernel at decode sizes, moe_norm_router.py)."""
+
     def moe(self, x: torch.Tensor, experts: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor
             ) -> torch.Tensor:
         """The routed experts of a mixture-of-experts layer: x [T, H] through each token's
@@ -110,6 +118,17 @@ def compose_norm_qkv_rope(ops: ModelOps, x: torch.Tensor, residual: torch.Tensor
     q, k, v = qkv.view(qkv.shape[0], nq + 2 * nkv, d).split_with_sizes((nq, nkv, nkv), 1)  # views of qkv
     q, k = ops.rope_and_write_kv(positions, q, k, v, k_cache, v_cache, meta, k_scales, v_scales, qk_norm)
     return q, k, v, residual
+
+
+def compose_norm_router(ops: ModelOps, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float, router: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
+                        counts: torch.Tensor, counted: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ModelOps.norm_router as the three ops it stands for."""
+    h, residual = ops.rmsnorm(x, norm_weight, eps, residual)
+    router_logits = ops.linear(h, router)  # [T, E]
+    weights, ids = ops.select_experts(router_logits, top_k, renormalize, weights_dtype, counts, counted)
+    return h, residual, weights, ids
 
 
 def make_ops(name: str, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,

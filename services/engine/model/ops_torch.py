@@ -10,7 +10,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.layers import apply_rotary_signed, rms_norm, rope_inv_freq, signed_sin
-from llmesh.engine.model.ops import compose_norm_qkv_rope
+from llmesh.engine.model.ops import compose_norm_qkv_rope, compose_norm_router
 from llmesh.engine.quant.linear import Weight, dequantize_rows, linear
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
 from llmesh.kernels.moe_router import topk_softmax_ref
@@ -69,6 +69,7 @@ class TorchOps:
         return self.linear(self.silu_and_mul(gate_up), w, bias)
 
     norm_qkv_rope = compose_norm_qkv_rope
+    norm_router = compose_norm_router
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows

@@ -25,11 +25,12 @@ import os
 import torch
 
 from llmesh.engine.model.config import ModelConfig
-from llmesh.engine.model.ops import compose_norm_qkv_rope
+from llmesh.engine.model.ops import compose_norm_qkv_rope, compose_norm_router
 from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, silu_mul_matmul
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
+from llmesh.kernels import moe_norm_router
 from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.attention_config import decode_partition_size
 from llmesh.kernels.paged_attention import AttentionMetadata
@@ -175,6 +176,17 @@ class TritonOps:
                        weights_dtype: torch.dtype, counts: torch.Tensor, counted: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         return select_experts(router_logits, top_k, renormalize, weights_dtype, counts, counted)
+
+    def norm_router(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    router: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype,
+                    counts: torch.Tensor, counted: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if moe_norm_router.fusable(x, residual, norm_weight, router):
+            h, residual, _, weights, ids = moe_norm_router.norm_router(x, residual, norm_weight, eps, router, top_k,
+                                                                       renormalize, weights_dtype, counts, counted)
+            return h, residual, weights, ids
+        return compose_norm_router(self, x, residual, norm_weight, eps, router, top_k, renormalize, weights_dtype,
+                                   counts, counted)
 
     def moe(self, x: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids, **experts.quant_args())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmesh.engine.model.ops import compose_norm_qkv_rope
+from llmesh.engine.model.ops import compose_norm_qkv_rope, compose_norm_router
 from llmesh.engine.quant.quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8, quantize_w4a8
 from llmesh.kernels.paged_attention import AttentionMetadata
 
@@ -108,6 +108,10 @@ class _RecordingOps:
     def norm_qkv_rope(self, *args, **kwargs):
         # composed here, so that the q/k/v projection's input goes through norm_linear above
         return compose_norm_qkv_rope(self, *args, **kwargs)
+
+    def norm_router(self, *args, **kwargs):
+        # likewise: the router's input is recorded as every linear's
+        return compose_norm_router(self, *args, **kwargs)
 
 
 @torch.inference_mode()
