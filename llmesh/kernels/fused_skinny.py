@@ -28,7 +28,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
                                    pdl_late, pdl_launch)
-from llmesh.kernels.skinny_gemm import DTYPES, REDUCE_BLOCK, _program_tile, _splitk_reduce_kernel, _store_tile
+from llmesh.kernels.skinny_gemm import DTYPES, _program_tile, _store_tile, split_workspace
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
@@ -69,7 +69,7 @@ def _prologue_tile(a_ptr, r_ptr, g_ptr, row_off, r_row_off, cols, ok, rstd, K,
 
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _fused_skinny_kernel(
-    a_ptr, r_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, res_out_ptr,
+    a_ptr, r_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr, res_out_ptr,
     M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
     stride_am, stride_rm, stride_wn, stride_om, stride_rom, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -137,8 +137,8 @@ def _fused_skinny_kernel(
         w_ptrs += BLOCK_K
 
     pdl_release(PDL, LATE)
-    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
-                BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
+    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
+                BLOCK_M, BLOCK_N, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
 
 def _check_weight(a: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
@@ -157,27 +157,22 @@ def _check_weight(a: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Ten
 def _launch(a, r, g, weight, bias, out, res_out, m, n, k, eps, config, norm, has_residual):
     check_config(config)
     splits, k_per_split = split_plan(k, config.block_k, config.split_k)
-    split = splits > 1
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=a.device) if split else out
-    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     num_m_blocks = triton.cdiv(m, config.block_m)
+    tiles = num_m_blocks * triton.cdiv(n, config.block_n)
+    part, lock = split_workspace("fused_skinny", a, m, n, splits, tiles, out)
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     block_h = min(triton.next_power_of_2(k), max(16, SUMSQ_ELEMS // config.block_m))
     interpret = interpreting()
     pdl = pdl_launch(a.device)
-    _fused_skinny_kernel[(num_m_blocks * triton.cdiv(n, config.block_n), splits)](
-        a, r, g, weight, bias_arg, out, part, res_out,
+    _fused_skinny_kernel[(tiles, splits)](
+        a, r, g, weight, bias_arg, out, part, lock, res_out,
         m, n, k, k_per_split, num_m_blocks,
         a.stride(0), r.stride(0), weight.stride(0), out.stride(0), res_out.stride(0), float(eps),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_H=block_h,
-        DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        DOT=config.dot, SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         NORM=norm, HAS_RESIDUAL=has_residual, DOT_F32=interpret, INTERPRET=interpret,
         LATE=pdl_late(), num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
-    if split:
-        _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            part, bias_arg, out, m, n, splits, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, INTERPRET=interpret, num_warps=4, **pdl,
-        )
 
 
 def rmsnorm_linear(

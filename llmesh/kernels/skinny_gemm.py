@@ -15,10 +15,14 @@ streams W, so the kernel is shaped around reading W at full memory bandwidth:
   at the end (no per-step cross-thread reduction), which suits M = 1 where a 16-row dot
   wastes 15/16 of its work and registers.
 - Split-K: when N / BLOCK_N programs cannot fill the GPU, `split_k` programs share an output
-  tile, each writing a float32 partial to a [SPLIT, M, N] workspace; a second kernel sums the
-  partials in split order, adds the bias and rounds. No atomics, so results are identical run
-  to run (greedy decoding reproduces), and nothing syncs with the host: the workspace comes
-  from the caching allocator, which hands out graph-private memory during CUDA-graph capture.
+  tile, each writing a float32 partial to a [SPLIT, M, N] workspace; the last of a tile's
+  splits to arrive (split_k.py's arrival counters) sums the partials in split order, adds the
+  bias and rounds, in the same launch (a second reduce kernel did, until session 44: a launch
+  per split GEMM, Qwen3-30B-A3B's q/k/v projection at batch 1 each layer). The sum's order is
+  the split order whichever split finished last, so results are identical run to run (greedy
+  decoding reproduces), and nothing syncs with the host: the workspace comes from the caching
+  allocator, which hands out graph-private memory during CUDA-graph capture, and the counters
+  are one fixed buffer the last arrival resets.
 
 Which config, and whether to use this kernel at all rather than cuBLAS, is decided per
 device and shape by measurement (skinny_gemm_config.TUNED, filled by bench/gemm_sweep.py).
@@ -30,13 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
-                                   pdl_late, pdl_launch)
+from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, check_out, check_size, check_tensor,
+                                   interpreting, pdl_late, pdl_launch)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter, pdl_release, pdl_wait
+from llmesh.kernels.split_k import arrive, load_sum, store_part
+from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
 DTYPES = (torch.float16, torch.bfloat16)
-REDUCE_BLOCK = 256
 
 
 @triton.jit
@@ -51,22 +55,34 @@ def _tile_sum(acc, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
-                BLOCK_M: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """A program's tile of y: reduce the accumulator, then a split-K partial (fp32, to the
-    workspace) or the output (bias added, rounded once). Shared with the fused kernels so
-    their epilogue, and with it every bit of y, is this one."""
+def _store_y(y, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """y's tile (float32 sums) with the bias added, rounded once to out's dtype."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """A program's tile of y: reduce the accumulator, then the output (bias added, rounded
+    once), or with SPLIT its float32 partial, the last split of the tile to arrive summing them
+    all in split order into the output. Shared with the fused kernels so their epilogue, and
+    with it every bit of y, is this one. The tile is program_id(0), the splits the grid's
+    second axis."""
     y = _tile_sum(acc, BLOCK_M, DOT)  # [BM, BN]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
-        part = part_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(part, y, mask=mask)
+        store_part(y, part_ptr, pid_k, rm, rn, mask, M, N)
+        tile = tl.program_id(0)
+        if arrive(lock_ptr, tile) == tl.num_programs(1) - 1:
+            total = load_sum(part_ptr, rm, rn, mask, M, N, tl.num_programs(1), BLOCK_M, BLOCK_N)
+            _store_y(total, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS, INTERPRET)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
     else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        _store_y(y, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
@@ -135,7 +151,7 @@ def _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, str
 # every batch size of a bucket, so capturing decode graphs per batch size compiles nothing new.
 @triton.jit(do_not_specialize=["M", "NUM_M_BLOCKS"])
 def _skinny_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, K_PER_SPLIT, NUM_M_BLOCKS,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -148,26 +164,8 @@ def _skinny_kernel(
     acc = _skinny_acc(x_ptr, w_ptr, rm, rn, pid_m, M, N, K, k_lo, k_hi, stride_xm, stride_wn,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, EVEN_K, DOT_F32)
     pdl_release(PDL, LATE)
-    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, stride_om,
-                BLOCK_M, DOT, SPLIT, HAS_BIAS, INTERPRET)
-
-
-@triton.jit(do_not_specialize=["M", "SPLITS"])
-def _splitk_reduce_kernel(
-    part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_enter(PDL)
-    pid_m = tl.program_id(1)
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = rn < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLITS):  # split order, every run: the sum is reproducible
-        acc += tl.load(part_ptr + (s * M + pid_m).to(tl.int64) * N + rn, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_m.to(tl.int64) * stride_om + rn, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET),
-             mask=mask)
+    _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
+                BLOCK_M, BLOCK_N, DOT, SPLIT, HAS_BIAS, INTERPRET)
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -208,27 +206,32 @@ def skinny_gemm(
     if k == 0:
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     splits, k_per_split = split_plan(k, config.block_k, config.split_k)
-    split = splits > 1
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if split else out
-    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     num_m_blocks = triton.cdiv(m, config.block_m)
+    tiles = num_m_blocks * triton.cdiv(n, config.block_n)
+    part, lock = split_workspace("skinny_gemm", x, m, n, splits, tiles, out)
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     interpret = interpreting()
     pdl = pdl_launch(x.device)
-    _skinny_kernel[(num_m_blocks * triton.cdiv(n, config.block_n), splits)](
-        x, weight, bias_arg, out, part,
+    _skinny_kernel[(tiles, splits)](
+        x, weight, bias_arg, out, part, lock,
         m, n, k, k_per_split, num_m_blocks,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT=config.dot, SPLIT=split, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        DOT=config.dot, SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         DOT_F32=interpret, INTERPRET=interpret,
         LATE=pdl_late(), num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
-    if split:
-        _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            part, bias_arg, out, m, n, splits, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, INTERPRET=interpret, num_warps=4, **pdl,
-        )
     return out
+
+
+def split_workspace(kernel: str, x: torch.Tensor, m: int, n: int, splits: int, tiles: int, out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partials [splits, m, n], the kernel's arrival counters for ``tiles`` tiles); with
+    one split neither is read (out stands in for both)."""
+    if splits == 1:
+        return out, out
+    return (torch.empty(splits, m, n, dtype=torch.float32, device=x.device),
+            arrival_counters(kernel, x.device, tiles))
 
 
 def skinny_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,9 +11,11 @@ common.arrival_counters) sums the partials in split order and writes the output:
   kernel and stream, and the last arrival resets its own to zero);
 - deterministic: the sum's order is the split order, whichever split finished last.
 
-quant_gemv.py (the no-dot GEMV), the tl.dot kernels (w4a16_gemm.py, w8a16_gemm.py) and the
+quant_gemv.py (the no-dot GEMV), the tl.dot kernels (w4a16_gemm.py, w8a16_gemm.py), the
 fused MoE's gate/up GEMM at decode sizes (fused_moe.py, whose last split runs the SiLU epilogue
-on the sums) share it.
+on the sums), the dense skinny GEMV (skinny_gemm.py, fused_skinny.py: the bias added after the
+sum) and the MoE entry's router (moe_norm_router.py: its last program makes the top-k choice)
+share it.
 """
 
 from __future__ import annotations

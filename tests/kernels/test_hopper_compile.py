@@ -31,7 +31,7 @@ ATTN = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, NUM_KV_HEADS=8, F
 _PERSISTENT_PTRS = {"a_desc": "tensordesc<bf16[64, 64]>", "b_desc": "tensordesc<bf16[128, 64]>", "scale_ptr": "fp32",
                     "topk_w_ptr": "fp32", "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "num_post_ptr": "i32"}
 CASES = [
-    ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
+    ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32", "lock_ptr": "i32"},
      dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, DOT=False, SPLIT=True, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
           INTERPRET=False, LATE=False)),
     ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
@@ -40,11 +40,14 @@ CASES = [
     ("skinny_gemm", "_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False, SPLIT=False, HAS_BIAS=False, EVEN_K=True, DOT_F32=False,
           INTERPRET=False, LATE=True)),
-    ("skinny_gemm", "_splitk_reduce_kernel", {"part_ptr": "fp32"}, dict(HAS_BIAS=True, BLOCK=256, INTERPRET=False)),
+    # split-K summed in the launch by the last split to arrive, the bias added then, with the norm prologue
+    ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32", "lock_ptr": "i32"},
+     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, BLOCK_H=1024, DOT=False, SPLIT=True, HAS_BIAS=True, EVEN_K=True,
+          NORM=True, HAS_RESIDUAL=True, DOT_F32=False, INTERPRET=False, LATE=True)),
     ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
      dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, BLOCK_H=1024, DOT=False, SPLIT=False, HAS_BIAS=False, EVEN_K=True,
           NORM=True, HAS_RESIDUAL=True, DOT_F32=False, INTERPRET=False, LATE=False)),
-    ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32"},
+    ("fused_skinny", "_fused_skinny_kernel", {"part_ptr": "fp32", "lock_ptr": "i32"},
      dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_H=256, DOT=True, SPLIT=True, HAS_BIAS=False, EVEN_K=False,
           NORM=False, HAS_RESIDUAL=False, DOT_F32=False, INTERPRET=False, LATE=False)),
     ("argmax", "_argmax_chunk_kernel", {"x_ptr": "fp32", "key_ptr": "fp32", "nan_ptr": "i32", "idx_ptr": "i32"},
