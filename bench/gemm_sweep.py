@@ -10,7 +10,7 @@ checks every config once against F.linear in float32, and reports the best confi
 bandwidth measured in the same run, and its speedup over F.linear.
 
 Timing: the calls replayed from one CUDA graph (how the engine runs decode steps: host launch
-overhead out, the split-K reduce kernel's launch in) over a ring of weight copies that
+overhead out, the split-K sum in: since session 44 the tile's last split, same launch) over a ring of weight copies that
 together exceed 3x the L2 cache, so every call reads its weight from memory; mean of the
 replays (quant_common.graph_ms).
 
@@ -358,7 +358,7 @@ def main() -> None:
         "shapes_n_k": {s: list(v) for s, v in shapes.items()}, "m": list(SMOKE_MS if args.smoke else args.ms),
         "weights": "randn * 0.02 bf16 [N, K]; x randn bf16 [M, K]; y = x @ W^T, no bias",
         "timing": "mean of 20 replays of one CUDA graph over a ring of weight copies >= 3x L2 (>= 2 copies); "
-                  "F.linear = cuBLAS; kernel = llmesh.kernels.skinny_gemm (split-K reduce launch included)",
+                  "F.linear = cuBLAS; kernel = llmesh.kernels.skinny_gemm (split-K sum included)",
         "bytes": "weight bytes N*K*2; bw_frac = GB/s / copy bandwidth (read + written bytes of a 1 GiB "
                  "device-to-device copy) measured in this run",
         "check": f"every config once against F.linear in float32: max |err| / max |y| <= {TOL}",
