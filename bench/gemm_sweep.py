@@ -10,9 +10,9 @@ checks every config once against F.linear in float32, and reports the best confi
 bandwidth measured in the same run, and its speedup over F.linear.
 
 Timing: the calls replayed from one CUDA graph (how the engine runs decode steps: host launch
-overhead out, the split-K sum in: since session 44 the tile's last split, same launch) over a ring of weight copies that
-together exceed 3x the L2 cache, so every call reads its weight from memory; mean of the
-replays (quant_common.graph_ms).
+overhead out, the split-K sum in: since session 44 the tile's last split, same launch) over a
+ring of weight copies that together exceed 3x the L2 cache, so every call reads its weight
+from memory; mean of the replays (quant_common.graph_ms).
 
 Output: a table, bench/results/gemm_sweep_<dev><suffix>.json (metrics skinny_gemm_m<M>_bw_frac_<shape>,
 skinny_gemm_m<M>_speedup_x_<shape>, flinear_m<M>_bw_frac_<shape>, copy_tb_s, ...; every
