@@ -122,3 +122,44 @@ def test_a_tma_and_warp_spec_are_refused_where_they_cannot_run(device):
     args, quant = _dense_or_int4("int4", torch.float32, device, x, w13, w2, weights, ids)
     with pytest.raises(ValueError, match="INT4 experts"):
         fused_moe(*args, **quant, config=MoEConfig(16, 32, 32), down_config=tiles)
+
+
+class _WarpSpecRefusingKernel:
+    """A stand-in for a Triton kernel that a Triton version cannot warp-specialize (3.9 at 128
+    rows and 4 warps): its pass fails at compile, which only a GPU reaches, so the dispatch
+    rule is checked here on what each launch was asked for."""
+
+    def __init__(self, error: str = "PassManager::run failed") -> None:
+        self.launches: list[bool] = []
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*operands, WARP_SPEC: bool, **kwargs):
+            self.launches.append(WARP_SPEC)
+            if WARP_SPEC:
+                raise RuntimeError(self.error)
+        return launch
+
+
+def test_a_tile_triton_cannot_warp_specialize_falls_back_once(caplog):
+    """The plain loop runs in its place, logged once; later launches of that config skip the try;
+    another config still tries; any other error, or one without warp specialization, propagates."""
+    from llmesh.kernels import fused_moe as fm
+
+    kernel, other = _WarpSpecRefusingKernel(), _WarpSpecRefusingKernel()
+    big = MoEConfig(128, 128, 64, 4, 3, a_tma=1, weight_tma=1, warp_spec=1)
+    small = dataclasses.replace(big, block_m=64)
+    try:
+        with caplog.at_level("WARNING", logger=fm.log.name):
+            fm._launch_warp_spec(kernel, (1,), (), {}, True, big)
+            fm._launch_warp_spec(kernel, (1,), (), {}, True, big)
+        assert kernel.launches == [True, False, False]
+        assert sum("cannot warp-specialize" in r.getMessage() for r in caplog.records) == 1
+        fm._launch_warp_spec(kernel, (1,), (), {}, True, small)  # another tile: tried again
+        assert kernel.launches[3:] == [True, False]
+        fm._launch_warp_spec(other, (1,), (), {}, False, big)  # not asked: one plain launch
+        assert other.launches == [False]
+        with pytest.raises(RuntimeError, match="out of resources"):
+            fm._launch_warp_spec(_WarpSpecRefusingKernel("out of resources"), (1,), (), {}, True, big)
+    finally:
+        fm._warp_spec_refused.difference_update({(kernel, big), (kernel, small)})
