@@ -28,7 +28,8 @@ import triton.language as tl
 
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
                                    pdl_late, pdl_launch)
-from llmesh.kernels.skinny_gemm import DTYPES, _program_tile, _store_tile, split_workspace
+from llmesh.kernels.skinny_gemm import DTYPES, _program_tile, _store_tile
+from llmesh.kernels.split_k import split_buffers
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
@@ -159,7 +160,7 @@ def _launch(a, r, g, weight, bias, out, res_out, m, n, k, eps, config, norm, has
     splits, k_per_split = split_plan(k, config.block_k, config.split_k)
     num_m_blocks = triton.cdiv(m, config.block_m)
     tiles = num_m_blocks * triton.cdiv(n, config.block_n)
-    part, lock = split_workspace("fused_skinny", a, m, n, splits, tiles, out)
+    part, lock = split_buffers("fused_skinny", a, m, n, splits, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     block_h = min(triton.next_power_of_2(k), max(16, SUMSQ_ELEMS // config.block_m))
     interpret = interpreting()

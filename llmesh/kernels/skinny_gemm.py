@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, check_out, check_size, check_tensor,
-                                   interpreting, pdl_late, pdl_launch)
+from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
+                                   pdl_late, pdl_launch)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.split_k import arrive, load_sum, store_part
+from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -208,7 +208,7 @@ def skinny_gemm(
     splits, k_per_split = split_plan(k, config.block_k, config.split_k)
     num_m_blocks = triton.cdiv(m, config.block_m)
     tiles = num_m_blocks * triton.cdiv(n, config.block_n)
-    part, lock = split_workspace("skinny_gemm", x, m, n, splits, tiles, out)
+    part, lock = split_buffers("skinny_gemm", x, m, n, splits, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     interpret = interpreting()
     pdl = pdl_launch(x.device)
@@ -223,15 +223,6 @@ def skinny_gemm(
     )
     return out
 
-
-def split_workspace(kernel: str, x: torch.Tensor, m: int, n: int, splits: int, tiles: int, out: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 partials [splits, m, n], the kernel's arrival counters for ``tiles`` tiles); with
-    one split neither is read (out stands in for both)."""
-    if splits == 1:
-        return out, out
-    return (torch.empty(splits, m, n, dtype=torch.float32, device=x.device),
-            arrival_counters(kernel, x.device, tiles))
 
 
 def skinny_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
