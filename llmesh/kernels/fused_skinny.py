@@ -155,6 +155,26 @@ def _check_weight(a: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Ten
     return n
 
 
+def check_norm_operands(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        dtypes: tuple[torch.dtype, ...]) -> tuple[int, int]:
+    """(M, H) after checking a norm prologue's operands: x [M, H] in one of dtypes, residual
+    [M, H] or None and norm_weight [H] in x's dtype, rows contiguous, H within one program's row."""
+    check_tensor("x", x, "[M, H]", 2, dtypes)
+    m, h = x.shape
+    check_last_dim_contiguous("x", x)
+    check_tensor("norm_weight", norm_weight, "[H]", 1, (x.dtype,), device=x.device)
+    check_size("norm_weight", "H", norm_weight.shape[0], h, "x's columns")
+    check_last_dim_contiguous("norm_weight", norm_weight)
+    if not 0 < h <= _MAX_HIDDEN:
+        raise ValueError(f"hidden size must be in 1..{_MAX_HIDDEN}, got {h}")
+    if residual is not None:
+        check_tensor("residual", residual, "[M, H]", 2, (x.dtype,), device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        check_last_dim_contiguous("residual", residual)
+    return m, h
+
+
 def _launch(a, r, g, weight, bias, out, res_out, m, n, k, eps, config, norm, has_residual):
     check_config(config)
     splits, k_per_split = split_plan(k, config.block_k, config.split_k)
@@ -190,19 +210,7 @@ def rmsnorm_linear(
     """(rmsnorm(x + residual) @ weight^T (+ bias), x + residual) for x, residual: [M, H],
     norm_weight: [H], weight: [N, H] → ([M, N], [M, H]); without residual the second is x itself.
     One dtype (float16 / bfloat16) for x, residual, norm_weight and weight."""
-    check_tensor("x", x, "[M, H]", 2, DTYPES)
-    m, h = x.shape
-    check_last_dim_contiguous("x", x)
-    check_tensor("norm_weight", norm_weight, "[H]", 1, (x.dtype,), device=x.device)
-    check_size("norm_weight", "H", norm_weight.shape[0], h, "x's columns")
-    check_last_dim_contiguous("norm_weight", norm_weight)
-    if not 0 < h <= _MAX_HIDDEN:
-        raise ValueError(f"hidden size must be in 1..{_MAX_HIDDEN}, got {h}")
-    if residual is not None:
-        check_tensor("residual", residual, "[M, H]", 2, (x.dtype,), device=x.device)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-        check_last_dim_contiguous("residual", residual)
+    m, h = check_norm_operands(x, residual, norm_weight, DTYPES)
     n = _check_weight(x, h, weight, bias)
     config = config or default_config(m, n, h)
     out = check_out("out", out, (m, n), x.dtype, x.device)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from llmesh.kernels.common import (arrival_counters, check_last_dim_contiguous, check_size, check_tensor,
                                    interpreting, next_power_of_2, pdl_launch)
+from llmesh.kernels.fused_skinny import _MAX_HIDDEN, check_norm_operands
 from llmesh.kernels.moe_router import MAX_EXPERTS, choose_experts
 from llmesh.kernels.split_k import arrive
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
@@ -41,7 +42,6 @@ GPU (bench/moe_gpu.py's ``moe_norm_router_t<T>_{fused,unfused}_us`` and kernel_p
 ``--norm-router``); until then the three kernels run."""
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HIDDEN = 65536
 
 
 @dataclass(frozen=True)
@@ -141,24 +141,13 @@ def norm_router(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     router^T [T, E] (x's dtype), then moe_router.topk_softmax's choice of the logits (weights [T, k]
     in weights_dtype, ids int64 [T, k]; counts and counted as there). Without residual the second
     is x itself."""
-    check_tensor("x", x, "[T, H]", 2, DTYPES)
-    t, h = x.shape
-    check_last_dim_contiguous("x", x)
-    if not 0 < h <= _MAX_HIDDEN:
-        raise ValueError(f"hidden size must be in 1..{_MAX_HIDDEN}, got {h}")
-    check_tensor("norm_weight", norm_weight, "[H]", 1, (x.dtype,), device=x.device)
-    check_size("norm_weight", "H", norm_weight.shape[0], h, "x's columns")
+    t, h = check_norm_operands(x, residual, norm_weight, DTYPES)
     check_tensor("router", router, "[E, H]", 2, (x.dtype,), device=x.device)
     check_size("router", "H", router.shape[1], h, "x's columns")
     check_last_dim_contiguous("router", router)
     e = router.shape[0]
     if not 0 < top_k <= e <= MAX_EXPERTS:
         raise ValueError(f"top_k {top_k} of {e} experts: need 0 < top_k <= experts <= {MAX_EXPERTS}")
-    if residual is not None:
-        check_tensor("residual", residual, "[T, H]", 2, (x.dtype,), device=x.device)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-        check_last_dim_contiguous("residual", residual)
     if (counts is None) != (counted is None):
         raise ValueError("counts and counted come together")
     if counts is not None and (counts.dtype != torch.int64 or counts.shape != (e,) or not counts.is_contiguous()
