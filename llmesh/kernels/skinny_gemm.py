@@ -37,8 +37,8 @@ import triton.language as tl
 from llmesh.kernels.common import (check_last_dim_contiguous, check_out, check_size, check_tensor, interpreting,
                                    pdl_late, pdl_launch)
 from llmesh.kernels.skinny_gemm_config import SkinnyConfig, check_config, default_config, split_plan
-from llmesh.kernels.split_k import arrive, load_sum, split_buffers, store_part
-from llmesh.kernels.triton_helpers import cast_rtne, pdl_release, pdl_wait
+from llmesh.kernels.split_k import finish, split_buffers
+from llmesh.kernels.triton_helpers import pdl_release, pdl_wait
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,34 +55,16 @@ def _tile_sum(acc, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _store_y(y, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """y's tile (float32 sums) with the bias added, rounded once to out's dtype."""
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
 def _store_tile(acc, rm, rn, m_mask, n_mask, pid_k, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """A program's tile of y: reduce the accumulator, then the output (bias added, rounded
-    once), or with SPLIT its float32 partial, the last split of the tile to arrive summing them
-    all in split order into the output. Shared with the fused kernels so their epilogue, and
-    with it every bit of y, is this one. The tile is program_id(0), the splits the grid's
-    second axis."""
-    y = _tile_sum(acc, BLOCK_M, DOT)  # [BM, BN]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        store_part(y, part_ptr, pid_k, rm, rn, mask, M, N)
-        tile = tl.program_id(0)
-        if arrive(lock_ptr, tile) == tl.num_programs(1) - 1:
-            total = load_sum(part_ptr, rm, rn, mask, M, N, tl.num_programs(1), BLOCK_M, BLOCK_N)
-            _store_y(total, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS, INTERPRET)
-            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
-    else:
-        _store_y(y, rm, rn, mask, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS, INTERPRET)
+    """A program's tile of y: the accumulator reduced, then split_k.finish (the output with the
+    bias added and rounded once, or with SPLIT this split's partial, the tile's last split summing
+    them all in split order). Shared with the fused kernels so their epilogue, and with it every
+    bit of y, is this one. The tile is program_id(0), the splits the grid's second axis."""
+    finish(_tile_sum(acc, BLOCK_M, DOT), part_ptr, lock_ptr, out_ptr, rm, rn, m_mask[:, None] & n_mask[None, :],
+           tl.program_id(0), pid_k, M, N, stride_om, tl.num_programs(1), SPLIT, BLOCK_M, BLOCK_N, INTERPRET,
+           bias_ptr, HAS_BIAS)
 
 
 @triton.jit

@@ -67,16 +67,27 @@ def store_sum(part_ptr, out_ptr, rm, cols, mask, M, N, stride_om, splits, BLOCK_
 
 
 @triton.jit
+def add_bias(acc, bias_ptr, cols, N, HAS_BIAS: tl.constexpr):
+    """acc + bias[cols] in float32 where HAS_BIAS (after the split sum: y is rounded once)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def finish(acc, part_ptr, lock_ptr, out_ptr, rm, rn, mask, tile, pid_k, M, N, stride_om, splits,
-           SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+           SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+           bias_ptr=None, HAS_BIAS: tl.constexpr = False):
     """Write y's tile (SPLIT false), or this split's partial, the last split to arrive at
-    ``tile`` then summing all of them into y and resetting the tile's counter."""
+    ``tile`` then summing all of them into y and resetting the tile's counter; the bias (HAS_BIAS)
+    added to the whole sum before the one rounding."""
     if not SPLIT:
-        store_out(acc, out_ptr, rm, rn, mask, stride_om, INTERPRET)
+        store_out(add_bias(acc, bias_ptr, rn, N, HAS_BIAS), out_ptr, rm, rn, mask, stride_om, INTERPRET)
     else:
         store_part(acc, part_ptr, pid_k, rm, rn, mask, M, N)
         if arrive(lock_ptr, tile) == splits - 1:
-            store_sum(part_ptr, out_ptr, rm, rn, mask, M, N, stride_om, splits, BLOCK_M, BLOCK_N, INTERPRET)
+            total = load_sum(part_ptr, rm, rn, mask, M, N, splits, BLOCK_M, BLOCK_N)
+            store_out(add_bias(total, bias_ptr, rn, N, HAS_BIAS), out_ptr, rm, rn, mask, stride_om, INTERPRET)
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch on this stream
 
 
