@@ -154,19 +154,18 @@ def _dense_gemv_loop(a_row, live, b_base, b_desc, b_row, rn, N, K, k_lo, k_hi, s
         k_mask = k < K
         a = tl.load(a_row + k, mask=k < k_live, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)[None, :]  # every program of the pair reads it
-        if PREFETCH:
-            kn = k + BLOCK_K
-            w_next = _gemv_load(rows, b_desc, b_row, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
-            acc += _gemv_product(a, w, s_rows, k0, SCALE_BN, SCALE_BK)
-            w = w_next
-            if GATED:
-                w_up_next = _gemv_load(rows_up, b_desc, b_row + N, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
-                acc_up += _gemv_product(a, w_up, s_rows_up, k0, SCALE_BN, SCALE_BK)
-                w_up = w_up_next
+        kn = k + BLOCK_K
+        if PREFETCH:  # this step's tile was loaded a step ago; the next one's load goes out first
+            cur = w
+            w = _gemv_load(rows, b_desc, b_row, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
         else:
-            acc += _gemv_product(a, _gemv_load(rows, b_desc, b_row, k, k_mask, k0, WEIGHT_TMA), s_rows, k0,
-                                 SCALE_BN, SCALE_BK)
-            if GATED:
-                acc_up += _gemv_product(a, _gemv_load(rows_up, b_desc, b_row + N, k, k_mask, k0, WEIGHT_TMA),
-                                        s_rows_up, k0, SCALE_BN, SCALE_BK)
+            cur = _gemv_load(rows, b_desc, b_row, k, k_mask, k0, WEIGHT_TMA)
+        acc += _gemv_product(a, cur, s_rows, k0, SCALE_BN, SCALE_BK)
+        if GATED:
+            if PREFETCH:
+                cur_up = w_up
+                w_up = _gemv_load(rows_up, b_desc, b_row + N, kn, kn < k_end, k0 + BLOCK_K, WEIGHT_TMA)
+            else:
+                cur_up = _gemv_load(rows_up, b_desc, b_row + N, k, k_mask, k0, WEIGHT_TMA)
+            acc_up += _gemv_product(a, cur_up, s_rows_up, k0, SCALE_BN, SCALE_BK)
     return tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]

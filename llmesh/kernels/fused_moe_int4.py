@@ -254,21 +254,19 @@ def _int4_gemv_loop(a_row, live, b_base, s_base, m_base, rn, n_mask, N, K, KH, j
         a_hi = a_hi.to(tl.float32)[:, None]
         s_lo, z_lo, s_hi, z_hi = _int4_groups(s_cols, z_cols, n_mask, j0, KH, stride_sg, GROUP)
         b_ptrs = cols + j.to(tl.int64)[:, None] * stride_bk
-        if PREFETCH:
-            ahead = (j + BLOCK_K < j_hi)[:, None] & n_mask[None, :]  # past this split's range: nothing
-            codes_next = _int4_codes(b_ptrs + BLOCK_K * stride_bk, ahead)
-            acc = _int4_gemv_cols(acc, a_lo, a_hi, codes, s_lo, z_lo, s_hi, z_hi, INTERPRET)
-            codes = codes_next
+        ahead = (j + BLOCK_K < j_hi)[:, None] & n_mask[None, :]  # a prefetch past this split's range: nothing
+        if PREFETCH:  # this step's codes were loaded a step ago; the next one's load goes out first
+            cur = codes
+            codes = _int4_codes(b_ptrs + BLOCK_K * stride_bk, ahead)
         else:
-            acc = _int4_gemv_cols(acc, a_lo, a_hi, _int4_codes(b_ptrs, n_mask[None, :]), s_lo, z_lo, s_hi, z_hi,
-                                  INTERPRET)
+            cur = _int4_codes(b_ptrs, n_mask[None, :])
+        acc = _int4_gemv_cols(acc, a_lo, a_hi, cur, s_lo, z_lo, s_hi, z_hi, INTERPRET)
         if GATED:
             su_lo, zu_lo, su_hi, zu_hi = _int4_groups(s_cols + N, z_cols + N, up_mask, j0, KH, stride_sg, GROUP)
             if PREFETCH:
-                codes_up_next = _int4_codes(b_ptrs + N + BLOCK_K * stride_bk, ahead)
-                acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, codes_up, su_lo, zu_lo, su_hi, zu_hi, INTERPRET)
-                codes_up = codes_up_next
+                cur_up = codes_up
+                codes_up = _int4_codes(b_ptrs + N + BLOCK_K * stride_bk, ahead)
             else:
-                acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, _int4_codes(b_ptrs + N, n_mask[None, :]), su_lo, zu_lo,
-                                         su_hi, zu_hi, INTERPRET)
+                cur_up = _int4_codes(b_ptrs + N, n_mask[None, :])
+            acc_up = _int4_gemv_cols(acc_up, a_lo, a_hi, cur_up, su_lo, zu_lo, su_hi, zu_hi, INTERPRET)
     return tl.sum(acc, axis=0)[None, :], tl.sum(acc_up, axis=0)[None, :]
