@@ -143,7 +143,8 @@ class _WarpSpecRefusingKernel:
 
 def test_a_tile_triton_cannot_warp_specialize_falls_back_once(caplog):
     """The plain loop runs in its place, logged once; later launches of that config skip the try;
-    another config still tries; any other error, or one without warp specialization, propagates."""
+    another config still tries; a launch not asked to warp-specialize runs once, plainly; any other
+    error propagates."""
     from llmesh.kernels import fused_moe as fm
 
     kernel, other = _WarpSpecRefusingKernel(), _WarpSpecRefusingKernel()
