@@ -99,11 +99,16 @@ def test_keys_and_usage_survive_redis_kill_9(mesh):
 
 
 def test_keys_and_usage_survive_redis_shutdown(mesh):
+    requests = lambda: sum(r["requests"] for r in _usage(mesh).values())  # noqa: E731
+    served = requests()
     assert _generate(mesh, mesh.api_key())
+    # Usage is written after the stream ends: the snapshot waits for this request's row, or a
+    # row landing after it would read as a change made by the restart.
+    wait_until(lambda: requests() > served, 10, "this request's usage row")
     client = _redis(mesh)
     keys_before = {k: client.hgetall(k) for k in client.scan_iter(REDIS_PREFIX + "*")}
     client.close()
-    usage_before = wait_until(lambda: _usage(mesh) or None, 10, "usage rows")
+    usage_before = _usage(mesh)
     assert keys_before and usage_before
 
     _restart_redis(mesh, "shutdown")
