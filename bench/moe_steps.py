@@ -88,8 +88,8 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
                 ) -> dict[str, float]:
     """The align step four ways (the torch ops, the one-program Triton kernel, the chunked
     kernels, the chunked kernels with a sort) alone, and inside the layer at batch 1, the decode
-    batch and the prefill: what decides ALIGN_KERNEL_ON_CUDA, ALIGN_KERNEL_MAX_PAIRS and whether
-    the sorted path takes the chunked kernels' sizes. Metric names:
+    batch and the prefill: what decides ALIGN_KERNEL_ON_CUDA, ALIGN_KERNEL_MAX_PAIRS,
+    ALIGN_SORTED_ON_CUDA and ALIGN_PROGRAM_MAX_PAIRS_SORTED. Metric names:
     moe_align_t<T>_{torch,kernel,chunks,sorted}_us, moe_layer_t<T>_align_<same>_ms."""
     from llmesh.kernels.fused_moe import fused_moe
     from llmesh.kernels.fused_moe_config import pick_config
@@ -100,7 +100,8 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
     # Every path at every size (each forced), so the crossovers are placed: the one-program
     # kernel's time grows with the pairs on one SM, the torch ops' and the chunked kernels' spread.
     layer_sizes = (1, s.decode_batch, s.prefill_tokens)
-    for t in (*layer_sizes, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch):
+    # 4, 8 and 16 tokens (32-128 pairs at top-8) place ALIGN_PROGRAM_MAX_PAIRS_SORTED.
+    for t in dict.fromkeys((*layer_sizes, 4, 8, 16, 2 * s.decode_batch, 4 * s.decode_batch, 16 * s.decode_batch)):
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         weights, ids = routing(t, s, device, gen)
         block_m = pick_config(t, s.experts, s.inter, s.hidden, s.top_k, device).block_m

@@ -29,9 +29,8 @@ Four implementations of one contract (``moe_align_block_size``), the path picked
   ``tl.sort`` of (bucket, index) keys, a pair's rank in its bucket then being its sorted
   position less the chunk's pairs of lower buckets (a ``tl.gather`` of their cumulative
   count); and the block experts, the scan program's serial loop over every block, are found by
-  the place programs, a share each. Same outputs, stable, no atomics. Forced only (``path``)
-  until a GPU times it against the chunked kernels (bench/moe_gpu.py --parts align), then
-  ``ALIGN_SORTED_ON_CUDA``.
+  the place programs, a share each. Same outputs, stable, no atomics. On CUDA it takes every
+  size past ``ALIGN_PROGRAM_MAX_PAIRS_SORTED`` (``ALIGN_SORTED_ON_CUDA``, measured below).
 
 All four give identical outputs (tests/kernels/test_moe_align.py): no host read, CUDA-graph
 safe.
@@ -61,9 +60,18 @@ CUDA graph took 0.043 ms with the kernel against 0.102 ms with the torch ops at 
 0.324 against 0.387 ms at batch 64; tests/kernels/test_moe_align.py passes there
 (gpu_tests_h200.json)."""
 
-ALIGN_SORTED_ON_CUDA = False
-"""Whether the sorted path replaces the chunked kernels on CUDA past ALIGN_KERNEL_MAX_PAIRS: off
-until bench/moe_gpu.py --parts align times both (moe_align_t<T>_{chunks,sorted}_us)."""
+ALIGN_SORTED_ON_CUDA = True
+"""Whether the sorted path replaces the chunked kernels on CUDA, and the one program past
+ALIGN_PROGRAM_MAX_PAIRS_SORTED. On the H100 (moe_h100_sorted.json, 78a1272; 128 experts, top-8)
+it took 10.2 / 12.6 / 11.8 / 11.1 / 12.6 / 20.8 us at 8 / 512 / 1,024 / 2,048 / 8,192 / 32,768
+pairs, where the chunked kernels took 28.0 / 37.5 / 38.0 / 41.0 / 46.6 / 61.3 and the one
+program 7.9 / 32.5 / 55.3 / 101.7 / 378 / 1,827; the Qwen3-30B-A3B layer at batch 64 0.427 ms
+against 0.447 with the one program, at a 4,096-token prefill 1.014 against 1.053 chunked."""
+
+ALIGN_PROGRAM_MAX_PAIRS_SORTED = 64
+"""Pairs up to which the one program still aligns while the sorted path is on: its time grows
+~0.05 us a pair from 7.9 us (8 pairs), the sorted path's stays ~10-12 us, so they cross near 64
+(batch 8 at top-8; moe_gpu.py's align part times 32, 64 and 128 pairs to place it)."""
 
 ALIGN_PATHS = ("torch", "program", "chunks", "sorted")
 
@@ -312,14 +320,16 @@ def _align_chunks(flat: torch.Tensor, block_m: int, num_experts: int, sorted_ids
 def default_align_path(topk_ids: torch.Tensor) -> str:
     """The path moe_align_block_size takes for these ids: under the interpreter and on CUDA,
     the one-program kernel up to ALIGN_KERNEL_MAX_PAIRS pairs (on CUDA while
-    ALIGN_KERNEL_ON_CUDA) and the chunked kernels past it (on CUDA the sorted path instead while
-    ALIGN_SORTED_ON_CUDA); the torch ops on the CPU."""
+    ALIGN_KERNEL_ON_CUDA) and the chunked kernels past it; on CUDA while ALIGN_SORTED_ON_CUDA the
+    one program up to ALIGN_PROGRAM_MAX_PAIRS_SORTED and the sorted path past it; the torch ops on
+    the CPU."""
     n = topk_ids.numel()
     if n == 0 or not (interpreting() or topk_ids.is_cuda):
         return "torch"
-    if n <= ALIGN_KERNEL_MAX_PAIRS:
+    sort = ALIGN_SORTED_ON_CUDA and not interpreting()
+    if n <= (ALIGN_PROGRAM_MAX_PAIRS_SORTED if sort else ALIGN_KERNEL_MAX_PAIRS):
         return "program" if interpreting() or ALIGN_KERNEL_ON_CUDA else "torch"
-    return "sorted" if ALIGN_SORTED_ON_CUDA and not interpreting() else "chunks"
+    return "sorted" if sort else "chunks"
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *, path: str | None = None

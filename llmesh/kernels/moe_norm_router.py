@@ -37,9 +37,14 @@ from llmesh.kernels.split_k import arrive
 from llmesh.kernels.triton_helpers import cast_rtne, pdl_enter
 
 NORM_ROUTER_MAX_TOKENS = 0
-"""The triton op table fuses the MoE entry up to this many tokens (0: never). Not yet timed on a
-GPU (bench/moe_gpu.py's ``moe_norm_router_t<T>_{fused,unfused}_us`` and kernel_profile.py's
-``--norm-router``); until then the three kernels run."""
+"""The triton op table fuses the MoE entry up to this many tokens (0: never). On the H100
+(78a1272, Qwen3-30B-A3B's layer: moe_h100_sorted.json's ``moe_norm_router_t<T>_*``) the fused
+kernel took 14.9 / 14.5 / 15.4 / 22.3 us at 1 / 4 / 16 / 64 tokens against the three kernels'
+15.8 / 15.4 / 15.7 / 16.1 (every row choosing the same experts), but in the batch-1 step
+(kernel_profile_h100_nr_{on,off}.json) it saved nothing: 3.925 ms a step against 3.926 with 96
+launches fewer, the step already 0.95 GPU-busy and the GEMM after it waiting on the entry either
+way. So it stays off: the three kernels are the simpler path at the same speed. What would change
+that is an entry that is not latency-bound on one SM's row (the router GEMM split wider)."""
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -53,9 +53,9 @@ def test_unknown_path_is_refused(device):
 
 def test_default_path_picks_by_size(device, monkeypatch):
     """Up to ALIGN_KERNEL_MAX_PAIRS pairs the one-program kernel aligns (under the interpreter,
-    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels (on CUDA the sorted path
-    with ALIGN_SORTED_ON_CUDA); spies on the kernels say which ran, and either way the output is
-    the reference's."""
+    and on CUDA with ALIGN_KERNEL_ON_CUDA), past it the chunked kernels; on CUDA with
+    ALIGN_SORTED_ON_CUDA the sorted path takes every size past ALIGN_PROGRAM_MAX_PAIRS_SORTED.
+    Spies on the kernels say which ran, and either way the output is the reference's."""
     import llmesh.kernels.moe_align as moe_align
 
     launched = []
@@ -72,15 +72,19 @@ def test_default_path_picks_by_size(device, monkeypatch):
     monkeypatch.setattr(moe_align, "_chunk_place_kernel", Spy("chunks", moe_align._chunk_place_kernel))
     monkeypatch.setattr(moe_align, "_sorted_place_kernel", Spy("sorted", moe_align._sorted_place_kernel))
     gen = torch.Generator().manual_seed(3)
-    small = _ids(4, 16, 2, gen).to(device)
-    big = _ids(ALIGN_KERNEL_MAX_PAIRS // 2 + 1, 16, 2, gen).to(device)  # two pairs past the cut-over
     on_cuda = device.type == "cuda" and not moe_align.interpreting()
-    large = "sorted" if on_cuda and moe_align.ALIGN_SORTED_ON_CUDA else "chunks"
-    expected = {"program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else None, large}
-    for ids, path in zip((small, big), ("program", large)):
+    sort = on_cuda and moe_align.ALIGN_SORTED_ON_CUDA
+    program = "program" if not on_cuda or moe_align.ALIGN_KERNEL_ON_CUDA else "torch"
+    cases = (  # (tokens at top-2, the path that must run)
+        (4, program),
+        (moe_align.ALIGN_PROGRAM_MAX_PAIRS_SORTED // 2 + 1, "sorted" if sort else program),
+        (ALIGN_KERNEL_MAX_PAIRS // 2 + 1, "sorted" if sort else "chunks"),  # two pairs past the cut-over
+    )
+    for tokens, path in cases:
+        ids = _ids(tokens, 16, 2, gen).to(device)
         launched.clear()
         got = moe_align_block_size(ids, 16, 16)
-        assert launched == ([path] if path in expected else []), (path, launched)
-        assert moe_align.default_align_path(ids) == (path if path in expected else "torch")
+        assert launched == ([] if path == "torch" else [path]), (tokens, path, launched)
+        assert moe_align.default_align_path(ids) == path
         for a, b in zip(got, moe_align_block_size_ref(ids.cpu(), 16, 16)):
             assert torch.equal(a.cpu(), b)
