@@ -56,8 +56,8 @@ from quant_common import Budget, graph_ms  # noqa: E402
 
 from llmesh.bench_results import RESULTS_DIR, write_result  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
-from llmesh.kernels.skinny_gemm_config import (SkinnyConfig, default_config, m_bucket, split_plan,  # noqa: E402
-                                               tuned_config)
+from llmesh.kernels.skinny_gemm_config import (FUSED_SLOWER, TUNED, SkinnyConfig, default_config,  # noqa: E402
+                                               m_bucket, split_plan, tuned_config)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096),
@@ -189,6 +189,16 @@ def measure(name: str, m: int, n: int, k: int, ws: list[torch.Tensor], sms: int,
     return cell
 
 
+def complete_table(current: dict, measured: dict, swept: set) -> dict:
+    """The device's whole table after a sweep: the cells it timed (``swept``, (N, K, M bucket))
+    re-decided, a winner's entry or none where F.linear won, the others as ``current`` (the
+    module's) has them. The printed literal then replaces the module's entry without dropping
+    the cells another run measured (a sweep of a few shapes or Ms)."""
+    table = {key: fields for key, fields in current.items() if key not in swept}
+    table.update(measured)
+    return dict(sorted(table.items()))
+
+
 def report(cells: list[Cell], copy_tb_s: float, shapes: dict) -> tuple[dict[str, float], dict]:
     """Metrics, the printed table, and the TUNED entries (winners by MIN_SPEEDUP)."""
     metrics: dict[str, float] = {"copy_tb_s": copy_tb_s}
@@ -286,11 +296,14 @@ def ab_fused(args: argparse.Namespace, device: torch.device, t0: float) -> tuple
     metrics["saved_ms_per_step_llama3_8b"] = saved * LLAMA3_8B_LAYERS
     print("\n" + "\n".join(rows) + f"\nsaved per layer {saved * 1e3:.2f} us; per {LLAMA3_8B_LAYERS}-layer step "
           f"{saved * LLAMA3_8B_LAYERS:.3f} ms; bit-equal: {info['bit_equal']}\n", flush=True)
+    # The device's whole set: the shapes timed here re-decided, the others as the module has them.
+    timed = {(*shapes[name], 1) for name in AB_PAIRS}
+    slower |= FUSED_SLOWER.get(device_tag(device), set()) - timed
     literal = (f"FUSED_SLOWER[{device_tag(device)!r}] = "
                + ("{" + ", ".join(map(repr, sorted(slower))) + "}" if slower else "set()"))
     info["fused_slower_literal"] = literal
-    print("# shapes where fusing lost (paste into llmesh/kernels/skinny_gemm_config.py; an empty set: fuse all)\n"
-          f"{literal}\n", flush=True)
+    print("# shapes where fusing lost, the device's whole set (bench/paste_tables.py writes it into "
+          f"llmesh/kernels/skinny_gemm_config.py; an empty set: fuse all)\n{literal}\n", flush=True)
     # saved per layer counts only pairs the engine would fuse (the others keep the separate ops)
     metrics["saved_us_per_layer_dispatched"] = sum(
         max(0.0, metrics[f"saved_us_{name}"]) for name in AB_PAIRS if not name.startswith("moe_"))
@@ -350,9 +363,13 @@ def main() -> None:
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     metrics, tuned = report(cells, copy_tb_s, shapes)
     tag = device_tag(device)
-    literal = "TUNED[" + repr(tag) + "] = " + pprint.pformat(dict(sorted(tuned.items())), width=110, sort_dicts=False)
-    print("# paste into llmesh/kernels/skinny_gemm_config.py (fields: block_m, block_n, block_k, split_k, num_warps, "
-          f"num_stages, dot); entries beat F.linear by >= {MIN_SPEEDUP}x\n{literal}\n", flush=True)
+    swept = {(*shapes[c.shape], c.m) for c in cells if c.times and m_bucket(c.m) == c.m}
+    table = complete_table(TUNED.get(tag, {}), tuned, swept)
+    literal = "TUNED[" + repr(tag) + "] = " + pprint.pformat(table, width=110, sort_dicts=False)
+    print("# the device's whole table for llmesh/kernels/skinny_gemm_config.py (bench/paste_tables.py writes it;"
+          " fields: block_m, block_n, block_k, split_k, num_warps, num_stages, dot): this sweep's cells where a"
+          f" config beat F.linear by >= {MIN_SPEEDUP}x, the cells it did not time as the module has them"
+          f"\n{literal}\n", flush=True)
     workload = {
         "software": software_versions(), "smoke": args.smoke,
         "shapes_n_k": {s: list(v) for s, v in shapes.items()}, "m": list(SMOKE_MS if args.smoke else args.ms),

@@ -28,9 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKLOAD_KEYS = ("dense_causal_table", "extend_table", "literal")
+WORKLOAD_KEYS = ("dense_causal_table", "extend_table", "literal", "tuned_literal", "fused_slower_literal")
 """Where result files keep their literals (kernels_gpu.py's two; block_fp8_gpu.py's, decode_tile_sweep.py's
-and decode_partition_sweep.py's "literal")."""
+and decode_partition_sweep.py's "literal"; gemm_sweep.py's "tuned_literal", and with --ab-fused
+"fused_slower_literal")."""
 
 TABLES = {  # table name -> the module that holds it
     "DENSE_CAUSAL_BACKEND": "llmesh/kernels/dense_causal_attention.py",
@@ -39,6 +40,8 @@ TABLES = {  # table name -> the module that holds it
     "BLOCK_FP8_LIBRARY": "llmesh/kernels/block_fp8_gemm.py",
     "PAGED_DECODE_TILE": "llmesh/kernels/attention_config.py",
     "DECODE_PARTITION": "llmesh/kernels/attention_config.py",
+    "TUNED": "llmesh/kernels/skinny_gemm_config.py",
+    "FUSED_SLOWER": "llmesh/kernels/skinny_gemm_config.py",
 }
 
 

@@ -10,7 +10,8 @@
 #   moe (moe_gpu.py), quant-sweep (quant_gpu.py --parts gemm --suffix _sweep),
 #   trace (mesh_trace.py: the added TTFT from the services' spans; TRACE_TIMEOUT, 300 s),
 #   block-fp8 (block_fp8_gpu.py: BLOCK_FP8_TILES all|table, BLOCK_FP8_SUFFIX).
-#   causal-tables (the causal-prefill tables measured, pasted by paste_tables.py, the headline rerun).
+#   causal-tables (the causal-prefill tables measured, pasted by paste_tables.py, the headline rerun),
+#   skinny-tables (the skinny GEMM's TUNED and FUSED_SLOWER measured by gemm_sweep.py and pasted).
 # Results: bench/results/{ceilings,kernels,decode_8b,serve_gpu}_<dev>.json; those this run wrote
 # are copied to $OUT when it is set.
 # A failing benchmark does not stop the next one; the script exits 1 if any failed.
@@ -63,6 +64,23 @@ if want causal-tables; then
     [ -z "${OUT:-}" ] || { mkdir -p "$OUT"
                            cp llmesh/kernels/dense_causal_attention.py llmesh/kernels/extend_attention.py "$OUT"/; }
   fi
+fi
+# skinny-tables: the skinny GEMM's sweep (SKINNY_SHAPES, SKINNY_MS, SKINNY_SUFFIX, SKINNY_BUDGET_S:
+# gemm_sweep.py's --shapes, --ms, --suffix, --budget-s) and the fused-prologue A/B, then
+# bench/paste_tables.py writes both tables (TUNED, FUSED_SLOWER) into skinny_gemm_config.py (smoke:
+# --check); the A/B runs after the paste, so it times the configs just measured; the module
+# comes back with the results.
+if want skinny-tables; then
+  step skinny-sweep $PY bench/gemm_sweep.py ${SKINNY_SHAPES:+--shapes "$SKINNY_SHAPES"}     ${SKINNY_MS:+--ms "$SKINNY_MS"} ${SKINNY_SUFFIX:+--suffix "$SKINNY_SUFFIX"}     --budget-s "${SKINNY_BUDGET_S:-150}" --out "$RESULTS_DIR" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+  CHECK=(); [ "$SMOKE" = 1 ] && CHECK=(--check)
+  paste_new() {  # the result files matching $1 that this run wrote
+    mapfile -t NEW < <(find "$RESULTS_DIR" -maxdepth 1 -name "$1" -newer "$RESULTS_DIR/.run_start")
+    [ ${#NEW[@]} -eq 0 ] || step "paste-${2}" $PY bench/paste_tables.py "${NEW[@]}" ${CHECK[@]+"${CHECK[@]}"}
+  }
+  paste_new "gemm_sweep_*.json" tuned
+  step skinny-ab $PY bench/gemm_sweep.py --ab-fused --out "$RESULTS_DIR" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+  paste_new "gemm_fused_ab_*.json" fused
+  [ -z "${OUT:-}" ] || { mkdir -p "$OUT"; cp llmesh/kernels/skinny_gemm_config.py "$OUT"/; }
 fi
 want decode && step decode $PY bench/decode_gpu.py --model "${MODEL:-random:llama3-8b}" ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
   ${HF[@]+"${HF[@]}"} ${OFFLINE_REPEATS:+--offline-repeats "$OFFLINE_REPEATS"} ${BACKEND:+--backend "$BACKEND"} \

@@ -48,14 +48,30 @@ class SkinnyConfig:
 # ---- measured table -----------------------------------------------------------------------
 # device tag (llmesh.bench_results.device_tag) -> {(N, K, M bucket): config fields in
 # SkinnyConfig order}. Only entries where the kernel beat F.linear in bench/gemm_sweep.py;
-# replace a device's block with the literal the sweep prints.
+# bench/paste_tables.py writes the device's table from the sweep's result file.
 TUNED: dict[str, dict[tuple[int, int, int], tuple[int, int, int, int, int, int, bool]]] = {}
 # bench/results/gemm_sweep_h200.json (H200, 2026-11-29): M = 1 wins 1.04-1.24x (0.73-0.99 of copy
 # bandwidth against cuBLAS's 0.59-0.95); from M = 2 cuBLAS mostly wins, the LM head excepted.
-TUNED["h200"] = {(4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
+# Qwen3-30B-A3B's dense projections (bench/results/gemm_sweep_h200_moe.json, H200, 2026-11-30):
+# at M = 1 the router (128 x 2048) 2.7 us against cuBLAS's 5.3, o (2048 x 4096) 6.4 against 9.3,
+# qkv (5120 x 2048) 7.3 against 8.7; from M = 2 cuBLAS keeps qkv.
+# One statement a device: gemm_sweep.py prints the device's whole table (the cells it swept
+# re-decided, the rest kept) and bench/paste_tables.py replaces this statement with it.
+TUNED["h200"] = {(128, 2048, 1): (1, 4, 1024, 1, 4, 1, False),
+                 (128, 2048, 2): (1, 4, 1024, 1, 4, 1, False),
+                 (128, 2048, 4): (1, 4, 1024, 1, 4, 1, False),
+                 (128, 2048, 8): (1, 4, 1024, 1, 4, 1, False),
+                 (128, 2048, 16): (16, 16, 128, 8, 4, 4, True),
+                 (2048, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+                 (2048, 4096, 2): (1, 8, 1024, 1, 4, 1, False),
+                 (2048, 4096, 4): (16, 64, 64, 8, 4, 6, True),
+                 (2048, 4096, 8): (16, 64, 64, 8, 4, 6, True),
+                 (2048, 4096, 16): (16, 64, 64, 8, 4, 6, True),
+                 (4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
                  (4096, 4096, 8): (16, 32, 128, 3, 4, 4, True),
                  (4096, 4096, 16): (16, 32, 128, 3, 4, 4, True),
                  (4096, 14336, 1): (1, 8, 1024, 1, 4, 1, False),
+                 (5120, 2048, 1): (1, 8, 512, 1, 4, 3, False),
                  (6144, 4096, 1): (1, 8, 512, 1, 4, 1, False),
                  (28672, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
                  (128256, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
@@ -63,20 +79,6 @@ TUNED["h200"] = {(4096, 4096, 1): (1, 8, 1024, 1, 4, 1, False),
                  (128256, 4096, 4): (16, 64, 128, 1, 4, 4, True),
                  (128256, 4096, 8): (16, 64, 128, 1, 4, 4, True),
                  (128256, 4096, 16): (16, 64, 128, 1, 4, 4, True)}
-# Qwen3-30B-A3B's dense projections (bench/results/gemm_sweep_h200_moe.json, H200, 2026-11-30):
-# at M = 1 the router (128 x 2048) 2.7 us against cuBLAS's 5.3, o (2048 x 4096) 6.4 against 9.3,
-# qkv (5120 x 2048) 7.3 against 8.7; from M = 2 cuBLAS keeps qkv.
-TUNED["h200"].update({(128, 2048, 1): (1, 4, 1024, 1, 4, 1, False),
-                      (128, 2048, 2): (1, 4, 1024, 1, 4, 1, False),
-                      (128, 2048, 4): (1, 4, 1024, 1, 4, 1, False),
-                      (128, 2048, 8): (1, 4, 1024, 1, 4, 1, False),
-                      (128, 2048, 16): (16, 16, 128, 8, 4, 4, True),
-                      (2048, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
-                      (2048, 4096, 2): (1, 8, 1024, 1, 4, 1, False),
-                      (2048, 4096, 4): (16, 64, 64, 8, 4, 6, True),
-                      (2048, 4096, 8): (16, 64, 64, 8, 4, 6, True),
-                      (2048, 4096, 16): (16, 64, 64, 8, 4, 6, True),
-                      (5120, 2048, 1): (1, 8, 512, 1, 4, 3, False)})
 
 _INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
 

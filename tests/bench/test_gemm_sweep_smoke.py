@@ -55,3 +55,36 @@ def test_table_takes_only_clear_winners_at_bucket_sizes(monkeypatch):
     assert metrics["skinny_gemm_m1_speedup_x_a"] == 0.010 / 0.008
     assert abs(metrics["skinny_gemm_m1_bw_frac_a"] - 4096 * 4096 * 2 / 8e-6 / 4e12) < 1e-9
     assert "skinny_gemm_m16_speedup_x_b" not in metrics and "flinear_m16_bw_frac_b" in metrics
+
+
+def test_the_printed_table_is_the_devices_whole_table(monkeypatch):
+    """complete_table(): the cells a sweep timed are re-decided (a winner replaces the entry, a
+    cell cuBLAS won loses it), the cells it did not time keep the module's entries."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gemm_sweep as gs
+
+    old, new = (1, 8, 512, 1, 4, 1, False), (1, 4, 1024, 1, 4, 1, False)
+    current = {(4096, 4096, 1): old, (4096, 4096, 2): old, (6144, 4096, 1): old}
+    swept = {(4096, 4096, 1), (4096, 4096, 2), (128, 2048, 1)}
+    measured = {(4096, 4096, 1): new, (128, 2048, 1): new}  # at M = 2 cuBLAS won this time
+    assert gs.complete_table(current, measured, swept) == {
+        (128, 2048, 1): new, (4096, 4096, 1): new, (6144, 4096, 1): old}
+    assert list(gs.complete_table(current, measured, swept)) == sorted(gs.complete_table(current, measured, swept))
+
+
+def test_ab_fused_smoke_times_each_pair_and_prints_the_fused_slower_set(tmp_path):
+    """--ab-fused --smoke: each fused prologue against its two kernels, bit-equal outputs, and the
+    FUSED_SLOWER literal (the device's whole set) that bench/paste_tables.py takes."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/gemm_sweep.py", "--ab-fused", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gemm_fused_ab_cpu.json").read_text())
+    m, w = doc["metrics"], doc["workload"]
+    assert all(w["bit_equal"].values()) and not w["wrong"]
+    for name in ("qkv", "gate_up", "down", "moe_qkv"):
+        assert m[f"unfused_us_{name}"] > 0 and m[f"fused_us_{name}"] > 0
+    literal = w["fused_slower_literal"]
+    assert literal in proc.stdout and literal.startswith("FUSED_SLOWER['cpu'] = ")
+    slower = ast.literal_eval(literal.split(" = ", 1)[1].replace("set()", "[]"))
+    assert all(len(key) == 3 and key[2] == 1 for key in slower)

@@ -81,7 +81,7 @@ def test_refusals_name_what_is_wrong(repo):
     with pytest.raises(ValueError, match="NOT_A_TABLE is not declared"):
         paste(source, "NOT_A_TABLE['h200'] = {1: 'fa3'}")
     with pytest.raises(ValueError, match="not an entry of a known table"):
-        literals({"workload": {"literal": "TUNED['h200'] = {}"}})
+        literals({"workload": {"literal": "NOT_A_TABLE['h200'] = {}"}})
 
 
 def test_each_table_goes_to_its_module():
@@ -91,6 +91,32 @@ def test_each_table_goes_to_its_module():
                                              "llmesh/kernels/block_fp8_gemm.py", "llmesh/kernels/block_fp8_gemm.py"]
     key = literals({"workload": {"literal": "PAGED_DECODE_TILE[('h9', 'fp8')] = {}"}})  # a tuple key too
     assert key == [("llmesh/kernels/attention_config.py", "PAGED_DECODE_TILE[('h9', 'fp8')] = {}")]
+
+
+def test_the_skinny_tables_of_a_gemm_sweep_go_into_their_module(repo):
+    """gemm_sweep.py's two literals (the device's whole TUNED table, and with --ab-fused its
+    FUSED_SLOWER set): a new device's entries are added, the same device's replaced, and the
+    module then dispatches by them."""
+    import importlib.util
+
+    doc = {"workload": {"tuned_literal": "TUNED['h200'] = {(128, 2048, 1): (1, 4, 1024, 1, 4, 1, False)}",
+                        "fused_slower_literal": "FUSED_SLOWER['h999'] = {(5120, 2048, 1)}"}}
+    path = repo / "llmesh/kernels/skinny_gemm_config.py"
+    source = path.read_text()
+    for module, statement in literals(doc):
+        assert module == "llmesh/kernels/skinny_gemm_config.py"
+        source = paste(source, statement)
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("pasted_skinny_gemm_config", path)
+    pasted = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pasted  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(pasted)
+    finally:
+        del sys.modules[spec.name]
+    assert pasted.TUNED["h200"] == {(128, 2048, 1): (1, 4, 1024, 1, 4, 1, False)}  # the one statement replaced
+    assert pasted.FUSED_SLOWER["h999"] == {(5120, 2048, 1)}
+    assert pasted.FUSED_SLOWER["h200"]  # the other device's set kept
 
 
 def test_the_cli_pastes_every_literal_of_a_result_file(repo, tmp_path):
@@ -135,6 +161,25 @@ def test_run_gpu_causal_tables_stage_smoke(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "dense_causal_attention.py", "extend_attention.py", "kernels_cpu.json", "kernels_cpu_tables.json"]
     assert [m.read_text() for m in modules] == before
+
+
+@pytest.mark.timeout(300)
+def test_run_gpu_skinny_tables_stage_smoke(tmp_path):
+    """SMOKE=1 STAGES=skinny-tables: the sweep, its paste (--check on the CPU: the module stays as
+    it is), the fused-prologue A/B and its paste, the module copied to $OUT with both results."""
+    module = ROOT / "llmesh/kernels/skinny_gemm_config.py"
+    before = module.read_text()
+    env = {**os.environ, "SMOKE": "1", "STAGES": "skinny-tables", "RESULTS_DIR": str(tmp_path / "r"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/run_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "[paste] llmesh/kernels/skinny_gemm_config.py: TUNED['cpu']" in proc.stdout
+    assert "[paste] llmesh/kernels/skinny_gemm_config.py: FUSED_SLOWER['cpu']" in proc.stdout
+    assert proc.stdout.index("TUNED['cpu']\n") < proc.stdout.index("skinny-ab:")  # the A/B after the paste
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gemm_fused_ab_cpu.json", "gemm_sweep_cpu.json", "skinny_gemm_config.py"]
+    assert module.read_text() == before
 
 
 def test_string_literals_are_double_quoted_where_that_changes_nothing_else():
