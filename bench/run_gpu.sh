@@ -71,7 +71,9 @@ fi
 # --check); the A/B runs after the paste, so it times the configs just measured; the module
 # comes back with the results.
 if want skinny-tables; then
-  step skinny-sweep $PY bench/gemm_sweep.py ${SKINNY_SHAPES:+--shapes "$SKINNY_SHAPES"}     ${SKINNY_MS:+--ms "$SKINNY_MS"} ${SKINNY_SUFFIX:+--suffix "$SKINNY_SUFFIX"}     --budget-s "${SKINNY_BUDGET_S:-150}" --out "$RESULTS_DIR" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+  step skinny-sweep $PY bench/gemm_sweep.py ${SKINNY_SHAPES:+--shapes "$SKINNY_SHAPES"} \
+    ${SKINNY_MS:+--ms "$SKINNY_MS"} ${SKINNY_SUFFIX:+--suffix "$SKINNY_SUFFIX"} \
+    --budget-s "${SKINNY_BUDGET_S:-150}" --out "$RESULTS_DIR" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
   CHECK=(); [ "$SMOKE" = 1 ] && CHECK=(--check)
   paste_new() {  # the result files matching $1 that this run wrote
     mapfile -t NEW < <(find "$RESULTS_DIR" -maxdepth 1 -name "$1" -newer "$RESULTS_DIR/.run_start")
