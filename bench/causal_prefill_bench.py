@@ -6,8 +6,9 @@ Cases: `c{ctx}`, causal_tokens // ctx prompts of ctx tokens each (the headline's
 causal_tokens in all: the engine's prefill steps, where lengths differ and cuDNN makes one call
 per prompt. Implementations: ours (the paged Triton prefill kernel over a scattered pool), the
 dispatched path with and without `out`, and each backend forced: fa3 (FlashAttention-3, where the
-fa3-fwd package loads), fa4, cudnn, flash (torch SDPA's) and triton (the dense path's own
-launch). Each figure is the median of `causal_rounds` rounds over all of them in turn. The
+fa3-fwd package loads; fa3_batched: its non-varlen form, equal lengths only, measured, not
+dispatched), fa4, cudnn, flash (torch SDPA's) and triton (the dense path's own launch). Each
+figure is the median of `causal_rounds` rounds over all of them in turn. The
 fastest of fa3 / cudnn / triton per case is printed as the `DENSE_CAUSAL_BACKEND` literal for
 llmesh/kernels/dense_causal_attention.py, keyed by the case's mean prompt length bucket (mixed:
 half the smallest context).
@@ -203,6 +204,11 @@ def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list
     for backend in backends:
         impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, backend=b,
                                                                    cu_seqlens=qsl))(backend)
+    if "fa3" in impls and len(set(lengths)) == 1:
+        # FA3's batched (non-varlen) form, [n, L, H, D] views: another tile scheduler and no
+        # varlen metadata; measured beside the varlen launch the dispatcher makes, not a table candidate
+        qb, kb_, vb = (x.unflatten(0, (n, width)) for x in (q, k, v))
+        impls["fa3_batched"] = lambda: fa3_forward()(qb, kb_, vb, softmax_scale=scale, is_causal=True)[0]
     times = _rounds(kb, impls, f"causal prefill {case}")
     kb.dispatch[case] = choose_backend(q, s.h_q // s.h_kv, lengths)
     # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.

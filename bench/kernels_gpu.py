@@ -376,7 +376,8 @@ def main() -> int:
         "decode": "q [B, H_q, D] over B contexts of equal length, block tables scattered at random over the "
                   "pool, max_seq_len = context; bytes = K+V of every context token + q + out",
         "prefill": "causal, S prompts of T tokens in one launch over the paged pool; flops = 4 T^2 H D / 2 each",
-        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,dispatched_out,fa3,fa4,cudnn,flash,triton}_{case}: "
+        "causal_prefill": "prefill_attn_gemm_frac_{ours,dispatched,dispatched_out,fa3,fa3_batched,fa4,cudnn,flash,"
+                          "triton}_{case}: "
                           "case c{ctx} = causal_tokens // ctx prompts of ctx tokens, case mixed = lognormal "
                           "lengths (shapes.causal_mixed: median, sigma, min, max) up to causal_tokens; no cached "
                           "prefix; ours reads the paged pool, the others dense k/v with the offsets on the "
