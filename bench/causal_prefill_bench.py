@@ -6,10 +6,10 @@ Cases: `c{ctx}`, causal_tokens // ctx prompts of ctx tokens each (the headline's
 causal_tokens in all: the engine's prefill steps, where lengths differ and cuDNN makes one call
 per prompt. Implementations: ours (the paged Triton prefill kernel over a scattered pool), the
 dispatched path with and without `out`, and each backend forced: fa3 (FlashAttention-3, where the
-fa3-fwd package loads; fa3_batched: its non-varlen form, equal lengths only, measured, not
-dispatched), fa4, cudnn, flash (torch SDPA's) and triton (the dense path's own launch). Each
-figure is the median of `causal_rounds` rounds over all of them in turn. The
-fastest of fa3 / cudnn / triton per case is printed as the `DENSE_CAUSAL_BACKEND` literal for
+fa3-fwd package loads; fa3_batched: its non-varlen form, equal lengths only), fa4, cudnn, flash
+(torch SDPA's) and triton (the dense path's own launch). Each figure is the median of
+`causal_rounds` rounds over all of them in turn. The fastest of fa3 / fa3_batched / cudnn /
+triton per case is printed as the `DENSE_CAUSAL_BACKEND` literal for
 llmesh/kernels/dense_causal_attention.py, keyed by the case's mean prompt length bucket (mixed:
 half the smallest context).
 
@@ -30,7 +30,7 @@ from kernels_shapes import Row
 if TYPE_CHECKING:
     from kernels_gpu import KernelBench
 
-TABLE_CANDIDATES = ("fa3", "cudnn", "triton")
+TABLE_CANDIDATES = ("fa3", "fa3_batched", "cudnn", "triton")
 """The backends DENSE_CAUSAL_BACKEND may name (fa4 and flash stay forced-only: see the module doc)."""
 
 
@@ -200,15 +200,11 @@ def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list
     backends = ["triton"]
     if kb.device.type == "cuda":
         backends += ["cudnn", "flash"] + (["fa4"] if fa4_forward() is not None else []) + (
-            ["fa3"] if fa3_forward() is not None else [])
+            ["fa3"] if fa3_forward() is not None else []) + (
+            ["fa3_batched"] if fa3_forward() is not None and len(set(lengths)) == 1 else [])
     for backend in backends:
         impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, backend=b,
                                                                    cu_seqlens=qsl))(backend)
-    if "fa3" in impls and len(set(lengths)) == 1:
-        # FA3's batched (non-varlen) form, [n, L, H, D] views: another tile scheduler and no
-        # varlen metadata; measured beside the varlen launch the dispatcher makes, not a table candidate
-        qb, kb_, vb = (x.unflatten(0, (n, width)) for x in (q, k, v))
-        impls["fa3_batched"] = lambda: fa3_forward()(qb, kb_, vb, softmax_scale=scale, is_causal=True)[0]
     times = _rounds(kb, impls, f"causal prefill {case}")
     kb.dispatch[case] = choose_backend(q, s.h_q // s.h_kv, lengths)
     # Whether cuDNN took the grouped K/V as they are or they were expanded to the query heads.

@@ -23,7 +23,10 @@ K/V expanded to the query heads (remembered, so the refusal is paid once).
 
 FlashAttention-3 (llmesh/kernels/fa3.py, the fa3-fwd package) runs every sequence of a batch in
 one varlen launch, whatever their lengths, where cuDNN makes one call per sequence unless they
-are equal: "fa3", which auto takes where the table says so. Its build has no fp16 kernels, so
+are equal: "fa3", which auto takes where the table says so. "fa3_batched" is the same kernels'
+non-varlen form where every sequence has the same length (another tile scheduler, no varlen
+metadata; the varlen launch otherwise), a table entry of its own because only a measurement
+says which form is faster at a length. Its build has no fp16 kernels, so
 fp16 models stay on the other backends; cached prefixes go through extend_attention.py.
 
 FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with a Hopper forward) is a forced
@@ -50,12 +53,12 @@ per-sequence calls)."""
 CUDNN_MAX_CALLS = 16
 """Most SDPA calls (sequences of unequal lengths) one dispatch makes before Triton is cheaper."""
 
-BACKENDS = ("auto", "fa3", "fa4", "cudnn", "flash", "triton")
+BACKENDS = ("auto", "fa3", "fa3_batched", "fa4", "cudnn", "flash", "triton")
 
 DENSE_CAUSAL_BACKEND: dict[str, dict[int, str]] = {}
-"""Per device tag: {largest mean prompt length of a bucket: "fa3", "cudnn" or "triton", the
-fastest bench/kernels_gpu.py measured there (prompts of that length, no cached prefix; the
-smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
+"""Per device tag: {largest mean prompt length of a bucket: "fa3", "fa3_batched", "cudnn" or
+"triton", the fastest bench/kernels_gpu.py measured there (prompts of that length, no cached
+prefix; the smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
 entry follows the cuDNN rule."""
 DENSE_CAUSAL_BACKEND["h100"] = {512: "fa3", 1024: "cudnn", 2048: "fa3", 4096: "fa3", 8192: "fa3"}
 
@@ -99,7 +102,7 @@ def choose_backend(q: torch.Tensor, group: int, lengths: Sequence[int]) -> str:
     if not q.is_cuda or sum(lengths) < LIBRARY_MIN_TOKENS:
         return "triton"
     measured = measured_bucket(DENSE_CAUSAL_BACKEND, q.device, sum(lengths) // len(lengths))
-    if measured == "fa3" and fa3_usable(q, group) or measured == "triton":
+    if measured in ("fa3", "fa3_batched") and fa3_usable(q, group) or measured == "triton":
         return measured
     if not cudnn_usable(q, group):
         return "triton"
@@ -173,11 +176,18 @@ def _run_fa4(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | N
 
 
 def _run_fa3(q, k, v, starts: Sequence[int], scale: float, out: torch.Tensor | None,
-             cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """All sequences in one varlen launch (fa3.fa3_varlen, keys = queries)."""
+             cu_seqlens: torch.Tensor | None, batched: bool = False) -> torch.Tensor:
+    """All sequences in one launch: varlen (fa3.fa3_varlen, keys = queries), or, when `batched`
+    and every sequence has the same length, the non-varlen form (fa3.fa3_batched) over their rows."""
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    if batched and len(set(lengths)) == 1 and (out is not None or starts[-1] == q.shape[0]):
+        rows = slice(0, starts[-1])
+        res = fa3.fa3_batched(q[rows], k[rows], v[rows], len(lengths), scale,
+                              out=None if out is None else out[rows])
+        return res if out is None else out
     if cu_seqlens is None:
         cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=q.device)
-    width = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+    width = max(lengths)
     return fa3.fa3_varlen(q, k, v, cu_seqlens, cu_seqlens, width, width, scale, out=out)
 
 
@@ -213,9 +223,10 @@ def dense_causal_attention(
     (the step's new tokens, RoPE applied; views of a fused qkv are fine), sequence s owning
     rows query_start_loc[s]:query_start_loc[s+1] (host ints: SDPA calls are sized by them).
     backend "auto" follows the module's dispatch rule; "cudnn", "flash" (torch SDPA backends)
-    and "triton" force one, for benchmarks and tests, as do "fa3" and "fa4". `cu_seqlens`: the
-    same offsets as an int32 tensor on q's device, where the caller has them (FA3 reads them
-    there; made from the host list otherwise, a blocking copy). Returns (or fills `out`) [T, H_q, D].
+    and "triton" force one, for benchmarks and tests, as do "fa3", "fa3_batched" and "fa4".
+    `cu_seqlens`: the same offsets as an int32 tensor on q's device, where the caller has them
+    (FA3 reads them there; made from the host list otherwise, a blocking copy). Returns (or
+    fills `out`) [T, H_q, D].
     """
     check_tensor("q", q, "[T, H_q, D]", 3)
     t, h_q, d = q.shape
@@ -242,13 +253,14 @@ def dense_causal_attention(
         return check_out("out", out, (t, h_q, d), q.dtype, q.device)
     group = h_q // k.shape[1]
     choice = choose_backend(q, group, lengths) if backend == "auto" else backend
-    if choice == "fa3":
+    if choice in ("fa3", "fa3_batched"):
         if not fa3_usable(q, group):
             if backend != "auto":
-                raise ValueError("backend 'fa3' needs a Hopper GPU, bfloat16, head_dim <= 256 and the fa3-fwd package")
+                raise ValueError(f"backend {choice!r} needs a Hopper GPU, bfloat16, head_dim <= 256 and the fa3-fwd "
+                                 "package")
         else:
             try:
-                return _run_fa3(q, k, v, starts, scale, out, cu_seqlens)
+                return _run_fa3(q, k, v, starts, scale, out, cu_seqlens, batched=choice == "fa3_batched")
             except RuntimeError:
                 if backend != "auto":
                     raise

@@ -76,3 +76,14 @@ def fa3_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: 
     return fa3_forward()(q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=scale,
                          is_causal=True)[0]
+
+
+def fa3_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of n sequences of equal length in FA3's non-varlen form: q [n L, H_q, D]
+    and k, v [n L, H_kv, D] rows viewed as [n, L, H, D] (no copy), so the kernel runs with the
+    batched tile scheduler and no varlen metadata. Returns (or fills `out`) [n L, H_q, D]."""
+    qs, ks, vs = (x.unflatten(0, (n, x.shape[0] // n)) for x in (q, k, v))
+    res = fa3_forward()(qs, ks, vs, out=None if out is None else out.unflatten(0, (n, out.shape[0] // n)),
+                        softmax_scale=scale, is_causal=True)[0]
+    return res.flatten(0, 1)

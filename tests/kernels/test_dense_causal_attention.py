@@ -35,11 +35,11 @@ def _fa4_here() -> bool:
 
 
 BACKENDS = (["triton"] + (["cudnn", "flash"] if torch.cuda.is_available() else []) + (["fa4"] if _fa4_here() else [])
-            + (["fa3"] if fa3.fa3_runs_here() else []))
+            + (["fa3", "fa3_batched"] if fa3.fa3_runs_here() else []))
 
 
 def _skip_unsupported(backend, dtype):
-    if backend == "fa3" and dtype != torch.bfloat16:
+    if backend.startswith("fa3") and dtype != torch.bfloat16:
         pytest.skip("the fa3-fwd build has bfloat16 kernels only")
 
 
@@ -93,8 +93,9 @@ def test_fa3_is_loaded_or_says_why_not():
 def test_fa3_forced_where_it_cannot_run_says_why():
     q, k, v, starts = _inputs([8, 8], 4, 2, 64, torch.float16, seed=2)  # fp16: no FA3 kernels, on any device
     q, k, v = (x.cuda() for x in (q, k, v)) if torch.cuda.is_available() else (q, k, v)
-    with pytest.raises(ValueError, match="fa3-fwd"):
-        dense_causal_attention(q, k, v, starts, 0.1, backend="fa3")
+    for backend in ("fa3", "fa3_batched"):
+        with pytest.raises(ValueError, match=f"'{backend}'.*fa3-fwd"):
+            dense_causal_attention(q, k, v, starts, 0.1, backend=backend)
 
 
 def test_triton_path_float32(device):
@@ -119,13 +120,13 @@ def test_dispatch_rule(monkeypatch):
 
 def test_measured_table_by_mean_prompt_length(monkeypatch):
     """DENSE_CAUSAL_BACKEND's bucket of the batch's mean length decides where it has an entry:
-    "triton" always runs, "fa3" where FA3 can, anything else falls to the cuDNN rule; a CPU
-    never reads the table."""
+    "triton" always runs, "fa3" and "fa3_batched" where FA3 can, anything else falls to the cuDNN
+    rule; a CPU never reads the table."""
     from llmesh.kernels.common import bucket_entry
 
-    table = {512: "triton", 2048: "fa3", 8192: "cudnn"}
-    assert [bucket_entry(table, n) for n in (1, 512, 513, 4096, 100_000)] == ["triton", "triton", "fa3", "cudnn",
-                                                                            "cudnn"]
+    table = {512: "triton", 1024: "fa3_batched", 2048: "fa3", 8192: "cudnn"}
+    assert [bucket_entry(table, n) for n in (1, 512, 513, 1025, 4096, 100_000)] == [
+        "triton", "triton", "fa3_batched", "fa3", "cudnn", "cudnn"]
     cpu_q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
     monkeypatch.setitem(dca.DENSE_CAUSAL_BACKEND, "cpu", table)
     assert dca.choose_backend(cpu_q, 4, [1024, 1024]) == "triton"
@@ -138,6 +139,7 @@ def test_measured_table_by_mean_prompt_length(monkeypatch):
     assert dca.choose_backend(q, 4, [300, 400]) == "triton"  # mean 350
     want_fa3 = "fa3" if fa3.fa3_usable(q, 4) else ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
     assert dca.choose_backend(q, 4, [1000, 1400]) == want_fa3
+    assert dca.choose_backend(q, 4, [1024, 1024]) == ("fa3_batched" if want_fa3 == "fa3" else want_fa3)
     assert dca.choose_backend(q, 4, [4096] * 4) == ("cudnn" if dca.cudnn_usable(q, 4) else "triton")
     assert dca.choose_backend(q, 4, [100, 200]) == "triton"  # too few tokens for any library
 
