@@ -26,8 +26,10 @@ one varlen launch, whatever their lengths, where cuDNN makes one call per sequen
 are equal: "fa3", which auto takes where the table says so. "fa3_batched" is the same kernels'
 non-varlen form where every sequence has the same length (another tile scheduler, no varlen
 metadata; the varlen launch otherwise), a table entry of its own because only a measurement
-says which form is faster at a length. Its build has no fp16 kernels, so
-fp16 models stay on the other backends; cached prefixes go through extend_attention.py.
+says which form is faster at a length: on the H100 (bench/results/kernels_h100_tables.json) it
+took 473-655 TFLOP/s at 1k-8k tokens a prompt where the varlen launch took 402-612 and cuDNN
+436-570. Its build has no fp16 kernels, so fp16 models stay on the other backends; cached
+prefixes go through extend_attention.py.
 
 FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with a Hopper forward) is a forced
 backend ("fa4") that auto does not pick: on the H200 (bench/results/kernels_h200_fa4.json,
@@ -60,7 +62,13 @@ DENSE_CAUSAL_BACKEND: dict[str, dict[int, str]] = {}
 "triton", the fastest bench/kernels_gpu.py measured there (prompts of that length, no cached
 prefix; the smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
 entry follows the cuDNN rule."""
-DENSE_CAUSAL_BACKEND["h100"] = {512: "fa3", 1024: "cudnn", 2048: "fa3", 4096: "fa3", 8192: "fa3"}
+DENSE_CAUSAL_BACKEND["h100"] = {
+    512: "fa3",
+    1024: "fa3_batched",
+    2048: "fa3_batched",
+    4096: "fa3_batched",
+    8192: "fa3_batched",
+}
 
 _refusals: set[tuple] = set()  # (backend, dtype, head_dim, group) combinations that raised (FA3's: fa3.refusals)
 _gqa_expand: set[tuple] = set()  # (backend, dtype, head_dim) whose enable_gqa raised
