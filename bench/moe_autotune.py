@@ -3,6 +3,7 @@ winners (split-K, program order, TMA, the sorted hidden layout), merged into the
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,12 +56,23 @@ SORTED_CHANGES = ({"a_tma": 1, "weight_tma": 1},
 warps: Triton 3.6's pass declines 8), then as a persistent kernel with a warp-specialized tile loop."""
 
 
-def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_gemms=("up", "down")):
+def _spent(deadline: float, what: str) -> bool:
+    """Whether the sweep's budget is spent (said once per skipped stage)."""
+    if time.perf_counter() < deadline:
+        return False
+    print(f"[moe] autotune budget spent: {what} skipped", flush=True)
+    return True
+
+
+def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_gemms=("up", "down"),
+            deadline: float = float("inf")):
     """Each of ``changes`` (MoEConfig fields to replace, a dict each) on the gate/up winner, then
     on the down one (of ``which_gemms``), each timed against the layer's best total so far:
-    (best_up, best_down, best_ms)."""
+    (best_up, best_down, best_ms). Changes not begun by ``deadline`` are skipped."""
     for change in changes:
         label = ",".join(f"{k}={v}" for k, v in change.items())
+        if _spent(deadline, f"{tag} {label}"):
+            break
         for which in which_gemms:
             try:  # a combination MoEConfig refuses (TMA boxes past 256) is skipped like one that cannot run
                 c = replace(best_up if which == "up" else best_down, **change)
@@ -79,20 +91,27 @@ def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_ge
 
 
 def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, tuned_file: Path,
-             weights: str = "dense", tiles: bool = True, gemv_only: bool = False) -> list[str]:
+             weights: str = "dense", tiles: bool = True, gemv_only: bool = False,
+             budget_s: float = float("inf")) -> list[str]:
     """Time the candidate configs per GEMM and M for one expert format (fused_moe_config's
     WEIGHT_FORMATS); the winners go into ``tuned_file`` under the table tag of this device and
     format (what fused_moe's pick_config reads). Returns one line per winner. ``tiles`` False:
     no tile sweep; the table's (or the heuristic's) tiles are the winners whose split and
     program order are tried. ``gemv_only``: each GEMM's GEMV candidates against its table entry (a
-    GEMV config replaces it only where it measured faster), a few minutes' sweep less."""
+    GEMV config replaces it only where it measured faster), a few minutes' sweep less.
+    ``budget_s``: past it, the candidates and refinements not yet begun are skipped and each size
+    keeps the best measured so far; every size's winners are merged as soon as it finishes, so a
+    call cut short keeps the sizes done."""
     from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
     gen = torch.Generator(device).manual_seed(1)
     w13, w2, quant = tune_weights(weights, *experts(s, device, gen))
-    lines, entries = [], {}
+    lines = []
+    deadline = time.perf_counter() + budget_s
+    tag = table_tag(device_tag(device), weights)
     for t in m_values:
+        entries = {}
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         topk_w, ids = routing(t, s, device, gen)
         candidates = tune_candidates(t, s, smoke, weights)
@@ -116,7 +135,9 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
 
         # The gate/up GEMM first (down at its default); then the down GEMM with the same BLOCK_M.
         best_up, best_up_ms = None, float("inf")
-        for c in candidates:
+        for i, c in enumerate(candidates):
+            if best_up is not None and _spent(deadline, f"{weights} T={t}: {len(candidates) - i} gate/up candidates"):
+                break
             try:
                 ms = run(c, replace(default_down, block_m=c.block_m))
             except Exception as exc:  # out of shared memory / registers for this tile: skip it
@@ -131,6 +152,8 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         for c in down_candidates if tiles else [default_down]:
             if c.block_m != best_up.block_m:
                 continue
+            if best_down is not None and _spent(deadline, f"{weights} T={t}: the rest of the down candidates"):
+                break
             try:
                 ms = run(best_up, c)
             except Exception as exc:
@@ -142,20 +165,24 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             # decode sizes: the winners again with the K loop in pieces (more programs for a
             # batch whose few expert blocks leave SMs idle)
             best_up, best_down, best_down_ms = _refine(run, [{"split_k": v} for v in SPLIT_CANDIDATES], best_up,
-                                                       best_down, best_down_ms, f"{weights} T={t}")
+                                                       best_down, best_down_ms, f"{weights} T={t}",
+                                                       deadline=deadline)
         if best_down is not None and prefill:
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), against both winners timed together once more
             best_up, best_down, best_down_ms = _refine(run, [{"group_m": v} for v in GROUP_CANDIDATES], best_up,
-                                                       best_down, run(best_up, best_down), f"{weights} T={t}")
+                                                       best_down, run(best_up, best_down), f"{weights} T={t}",
+                                                       deadline=deadline)
         if best_down is not None and weight_tma_supported(w13):
             # every size: the winners with their weight tiles through TMA descriptors
             best_up, best_down, best_down_ms = _refine(run, [{"weight_tma": 1}], best_up, best_down,
-                                                       run(best_up, best_down), f"{weights} T={t}")
+                                                       run(best_up, best_down), f"{weights} T={t}",
+                                                       deadline=deadline)
         if best_down is not None and weights == "dense" and not best_down.gemv and weight_tma_supported(w2):
             # tl.dot tiles: the down GEMM's activation tiles whole through TMA, then warp-specialized
             best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down,
-                                                       run(best_up, best_down), f"{weights} T={t}", ("down",))
+                                                       run(best_up, best_down), f"{weights} T={t}", ("down",),
+                                                       deadline)
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "
@@ -165,8 +192,6 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             lines.append(f"{weights} ({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
                          f"{best_down_ms:.3f} ms")
         print("\n".join(lines[-2:]), flush=True)
-    if entries:
-        tag = table_tag(device_tag(device), weights)
         merge_tuned(tuned_file, tag, entries)
         print(f"[moe] {len(entries)} entries for {tag} -> {tuned_file}", flush=True)
     return lines

@@ -254,6 +254,8 @@ def main() -> int:
                     help="autotune: only the GEMV-form candidates, against the table's tiles")
     ap.add_argument("--tune-weights", default="dense",
                     help="comma-separated expert formats the autotune sweeps: dense (bf16, int8, fp8), int4")
+    ap.add_argument("--tune-budget-s", type=float, default=float("inf"),
+                    help="seconds per format's sweep: past them the rest is skipped, each size keeps its best so far")
     ap.add_argument("--tuned-file", default=None,
                     help="table the autotune writes (default llmesh/kernels/fused_moe_tuned.json; smoke: "
                          "<results-dir>/fused_moe_tuned_smoke.json)")
@@ -303,7 +305,8 @@ def main() -> int:
         workload["autotune"] = [line for weights in args.tune_weights.split(",")
                                 for line in autotune(shapes, device, m_values, args.smoke, tuned_file, weights,
                                                       tiles=not args.tune_order_only,
-                                                      gemv_only=args.tune_gemv_only)]
+                                                      gemv_only=args.tune_gemv_only,
+                                                      budget_s=args.tune_budget_s)]
         print(f"[moe] autotune {time.perf_counter() - t1:.0f}s", flush=True)
         save()
     if "kernel" in parts:

@@ -109,13 +109,15 @@ want moe-ep && step moe-ep $PY bench/moe_ep_gpu.py ${NUM_PROMPTS:+--num-prompts 
 # tiles first, at MOE_TUNE_M tokens, for MOE_TUNE_WEIGHTS formats; MOE_PARTS, MOE_ENGINE_QUANT,
 # MOE_SUFFIX, MOE_OFFLINE_REPEATS: moe_gpu.py's --parts, --engine-quantization, --suffix, --offline-repeats;
 # MOE_TUNE_GEMV_ONLY=1: --tune-gemv-only, the batch-1 GEMV sweep alone, e.g. with MOE_PARTS=decode1;
-# MOE_TUNE_ORDER_ONLY=1: --tune-order-only, no tile sweep, the refinements on the table's tiles);
+# MOE_TUNE_ORDER_ONLY=1: --tune-order-only, no tile sweep, the refinements on the table's tiles;
+# MOE_TUNE_BUDGET_S: --tune-budget-s, the seconds a format's sweep may take before it skips the rest);
 # quant-sweep: the weight-only GEMM configs (QUANT_SHAPES, QUANT_MS cut the grid, QUANT_SWEEP_BUDGET_S
 # bounds it). Both merge what they measure into llmesh/kernels/*_tuned.json,
 # which comes back with the results.
 want moe && step moe $PY bench/moe_gpu.py --parts "${MOE_PARTS:-kernel,engine}" ${MOE_AUTOTUNE:+--autotune} \
   ${MOE_TUNE_GEMV_ONLY:+--tune-gemv-only} ${MOE_TUNE_ORDER_ONLY:+--tune-order-only} \
   ${MOE_TUNE_M:+--tune-m "$MOE_TUNE_M"} ${MOE_TUNE_WEIGHTS:+--tune-weights "$MOE_TUNE_WEIGHTS"} \
+  ${MOE_TUNE_BUDGET_S:+--tune-budget-s "$MOE_TUNE_BUDGET_S"} \
   ${MOE_ENGINE_QUANT:+--engine-quantization "$MOE_ENGINE_QUANT"} ${MOE_SUFFIX:+--suffix "$MOE_SUFFIX"} \
   ${MOE_OFFLINE_REPEATS:+--offline-repeats "$MOE_OFFLINE_REPEATS"} "${OUTDIR[@]}" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
 want quant-sweep && step quant-sweep $PY bench/quant_gpu.py --parts gemm --suffix _sweep \

@@ -84,3 +84,34 @@ def test_refine_skips_a_combination_the_config_refuses():
     best_up, best_down, best_ms = _refine(run, [{"weight_tma": 1}], up, down, 2.0, "test")
     assert best_up == up and best_down.weight_tma == 1 and best_ms == 1.0
     assert timed == [(up, best_down)]  # the refused up candidate never ran
+
+
+def test_refine_past_its_deadline_runs_nothing(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from moe_autotune import _refine
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from llmesh.kernels.fused_moe_config import MoEConfig
+
+    up, down = MoEConfig(16, 64, 64, 4, 3), MoEConfig(16, 64, 64, 4, 3)
+    timed = []
+    got = _refine(lambda u, d: timed.append((u, d)) or 1.0, [{"group_m": 2}, {"group_m": 4}], up, down, 2.0,
+                  "test", deadline=0.0)
+    assert got == (up, down, 2.0) and timed == []
+    assert "autotune budget spent: test group_m=2 skipped" in capsys.readouterr().out
+
+
+def test_spent_budget_keeps_the_best_so_far_and_writes_it(tmp_path):
+    """--tune-budget-s 0: each GEMM's first candidate runs (a size needs a winner), the rest and the
+    refinements are skipped, and the winners still reach the tuned file."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--parts", "decode1", "--autotune",
+                           "--tune-gemv-only", "--tune-m", "1", "--tune-budget-s", "0",
+                           "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "autotune budget spent: dense T=1: 1 gate/up candidates skipped" in proc.stdout
+    assert "split_k=2:" not in proc.stdout  # no refinement ran
+    tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
+    assert len(tuned) == 2  # the gate/up and down winners at batch 1
