@@ -12,11 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_moe_gpu_smoke_writes_every_metric(tmp_path):
+def _moe_smoke(tmp_path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """bench/moe_gpu.py --smoke with these arguments, through Triton's interpreter; it must succeed."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--autotune", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", *args, "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_moe_gpu_smoke_writes_every_metric(tmp_path):
+    proc = _moe_smoke(tmp_path, "--autotune", timeout=600)
     doc = json.loads((tmp_path / "moe_cpu.json").read_text())
     m = doc["metrics"]
     for key in ("moe_gemm_frac", "moe_gemm_frac_decode64", "moe_gemm_frac_prefill4k", "moe_decode64_ref_ms",
@@ -46,12 +52,8 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
 def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
     """--tune-gemv-only weighs each GEMM's GEMV candidates against its table entry (the smoke pool
     has one GEMV config: two candidates a GEMM); --parts decode1 writes the batch-1 layer alone."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--parts", "decode1", "--autotune",
-                           "--tune-gemv-only", "--tune-m", "1", "--tune-weights", "dense,int4",
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _moe_smoke(tmp_path, "--parts", "decode1", "--autotune", "--tune-gemv-only", "--tune-m", "1",
+               "--tune-weights", "dense,int4")
     doc = json.loads((tmp_path / "moe_cpu.json").read_text())
     lines = doc["workload"]["autotune"]
     assert [line.split(" ")[0] for line in lines] == ["dense", "dense", "int4", "int4"]
@@ -63,16 +65,23 @@ def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
     assert "moe_gemm_frac" not in m  # the kernel part did not run
 
 
-def test_refine_skips_a_combination_the_config_refuses():
-    """The H100's batch-1 sweep (f7ea4ff) crashed here: its GEMV winner's K step of 512 with
-    weight_tma is a TMA box MoEConfig refuses, raised while the candidate was built. That
-    candidate is skipped like one that cannot run; the other GEMM's is still tried."""
+def _refine_and_config():
+    """bench/moe_autotune.py's _refine (bench/ is a scripts folder, not a package) and MoEConfig."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from moe_autotune import _refine
     finally:
         sys.path.remove(str(ROOT / "bench"))
     from llmesh.kernels.fused_moe_config import MoEConfig
+
+    return _refine, MoEConfig
+
+
+def test_refine_skips_a_combination_the_config_refuses():
+    """The H100's batch-1 sweep (f7ea4ff) crashed here: its GEMV winner's K step of 512 with
+    weight_tma is a TMA box MoEConfig refuses, raised while the candidate was built. That
+    candidate is skipped like one that cannot run; the other GEMM's is still tried."""
+    _refine, MoEConfig = _refine_and_config()
 
     up, down = MoEConfig(1, 16, 512, 4, 1), MoEConfig(1, 32, 256, 8, 1)
     timed = []
@@ -87,12 +96,7 @@ def test_refine_skips_a_combination_the_config_refuses():
 
 
 def test_refine_past_its_deadline_runs_nothing(capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from moe_autotune import _refine
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    from llmesh.kernels.fused_moe_config import MoEConfig
+    _refine, MoEConfig = _refine_and_config()
 
     up, down = MoEConfig(16, 64, 64, 4, 3), MoEConfig(16, 64, 64, 4, 3)
     timed = []
@@ -105,12 +109,8 @@ def test_refine_past_its_deadline_runs_nothing(capsys):
 def test_spent_budget_keeps_the_best_so_far_and_writes_it(tmp_path):
     """--tune-budget-s 0: each GEMM's first candidate runs (a size needs a winner), the rest and the
     refinements are skipped, and the winners still reach the tuned file."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--smoke", "--parts", "decode1", "--autotune",
-                           "--tune-gemv-only", "--tune-m", "1", "--tune-budget-s", "0",
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = _moe_smoke(tmp_path, "--parts", "decode1", "--autotune", "--tune-gemv-only", "--tune-m", "1",
+                      "--tune-budget-s", "0")
     assert "autotune budget spent: dense T=1: 1 gate/up candidates skipped" in proc.stdout
     assert "split_k=2:" not in proc.stdout  # no refinement ran
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
