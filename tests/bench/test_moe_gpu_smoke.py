@@ -34,7 +34,8 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
                 "moe_offline_out_tok_s",
                 "moe_align_t1_kernel_us", "moe_layer_t4_align_torch_ms", "moe_decode1_ms", "moe_decode1_tile_ms",
                 "moe_decode1_gemv_ms", "moe_decode1_frac", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x",
-                "moe_norm_router_t1_fused_us", "moe_norm_router_t16_unfused_us", "moe_norm_router_t4_fused_vs_unfused_x"):
+                "moe_norm_router_t1_fused_us", "moe_norm_router_t16_unfused_us",
+                "moe_norm_router_t4_fused_vs_unfused_x"):
         assert key in m, key
     assert m["moe_gemm_frac"] == min(m["moe_gemm_frac_decode64"], m["moe_gemm_frac_prefill4k"])
     assert m["moe_norm_router_t1_same_experts_frac"] == 1.0  # random logits: no ties to choose apart
