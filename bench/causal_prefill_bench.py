@@ -199,9 +199,9 @@ def _time_case(kb: KernelBench, case: str, lengths: list[int]) -> dict[str, list
     }
     backends = ["triton"]
     if kb.device.type == "cuda":
-        backends += ["cudnn", "flash"] + (["fa4"] if fa4_forward() is not None else []) + (
-            ["fa3"] if fa3_forward() is not None else []) + (
-            ["fa3_batched"] if fa3_forward() is not None and len(set(lengths)) == 1 else [])
+        backends += ["cudnn", "flash"] + (["fa4"] if fa4_forward() is not None else [])
+        if fa3_forward() is not None:  # the batched form only where every prompt has the same length
+            backends += ["fa3"] + (["fa3_batched"] if len(set(lengths)) == 1 else [])
     for backend in backends:
         impls[backend] = (lambda b: lambda: dense_causal_attention(q, k, v, starts, scale, backend=b,
                                                                    cu_seqlens=qsl))(backend)

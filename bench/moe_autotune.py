@@ -65,14 +65,17 @@ def _spent(deadline: float, what: str) -> bool:
 
 
 def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_gemms=("up", "down"),
-            deadline: float = float("inf")):
+            deadline: float = float("inf"), retime: bool = False):
     """Each of ``changes`` (MoEConfig fields to replace, a dict each) on the gate/up winner, then
     on the down one (of ``which_gemms``), each timed against the layer's best total so far:
-    (best_up, best_down, best_ms). Changes not begun by ``deadline`` are skipped."""
+    (best_up, best_down, best_ms). ``retime``: the winners timed together once more before the
+    first change, as its baseline. Changes not begun by ``deadline`` are skipped (with the retiming)."""
     for change in changes:
         label = ",".join(f"{k}={v}" for k, v in change.items())
         if _spent(deadline, f"{tag} {label}"):
             break
+        if retime:
+            best_ms, retime = run(best_up, best_down), False
         for which in which_gemms:
             try:  # a combination MoEConfig refuses (TMA boxes past 256) is skipped like one that cannot run
                 c = replace(best_up if which == "up" else best_down, **change)
@@ -171,18 +174,16 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), against both winners timed together once more
             best_up, best_down, best_down_ms = _refine(run, [{"group_m": v} for v in GROUP_CANDIDATES], best_up,
-                                                       best_down, run(best_up, best_down), f"{weights} T={t}",
-                                                       deadline=deadline)
+                                                       best_down, best_down_ms, f"{weights} T={t}", deadline=deadline,
+                                                       retime=True)
         if best_down is not None and weight_tma_supported(w13):
             # every size: the winners with their weight tiles through TMA descriptors
-            best_up, best_down, best_down_ms = _refine(run, [{"weight_tma": 1}], best_up, best_down,
-                                                       run(best_up, best_down), f"{weights} T={t}",
-                                                       deadline=deadline)
+            best_up, best_down, best_down_ms = _refine(run, [{"weight_tma": 1}], best_up, best_down, best_down_ms,
+                                                       f"{weights} T={t}", deadline=deadline, retime=True)
         if best_down is not None and weights == "dense" and not best_down.gemv and weight_tma_supported(w2):
             # tl.dot tiles: the down GEMM's activation tiles whole through TMA, then warp-specialized
-            best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down,
-                                                       run(best_up, best_down), f"{weights} T={t}", ("down",),
-                                                       deadline)
+            best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down, best_down_ms,
+                                                       f"{weights} T={t}", ("down",), deadline, retime=True)
         b = m_bucket(t)
         entries[(s.experts, s.inter, s.hidden, b)] = best_up
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "

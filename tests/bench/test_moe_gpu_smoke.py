@@ -102,8 +102,8 @@ def test_refine_past_its_deadline_runs_nothing(capsys):
     up, down = MoEConfig(16, 64, 64, 4, 3), MoEConfig(16, 64, 64, 4, 3)
     timed = []
     got = _refine(lambda u, d: timed.append((u, d)) or 1.0, [{"group_m": 2}, {"group_m": 4}], up, down, 2.0,
-                  "test", deadline=0.0)
-    assert got == (up, down, 2.0) and timed == []
+                  "test", deadline=0.0, retime=True)
+    assert got == (up, down, 2.0) and timed == []  # not even the baseline's retiming ran
     assert "autotune budget spent: test group_m=2 skipped" in capsys.readouterr().out
 
 
