@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# A device call's worth of GPU steps from a plan file: the steps for this machine's GPU, in order,
+# each skipped when its estimate no longer fits the call, each one's output kept in its own log,
+# and after every step everything written so far packed into $OUT/plan.tgz, so a call cut at its
+# limit still brings back what finished (the reply keeps only the last 12,000 characters).
+# Usage: bash bench/gpu_plan.sh PLAN [BUDGET_S, default 560: a device command holds at most 600 s]
+# Plan lines (bench/plans/*.plan; # starts a comment):
+#   DEVICES | SECONDS | NAME | COMMAND
+#   DEVICES: h100,h200 or * (matched against the GPU nvidia-smi names; cpu when SMOKE=1)
+#   SECONDS: what the step is expected to take; it runs only if that fits the time left, and is
+#            stopped (timeout) when the call's budget is spent
+#   COMMAND: bash, in the repo root, with RESULTS_DIR, SMOKE and PYTHON exported and OUT unset
+#            (the steps' own scripts would copy into it; this script packs for them)
+# The results carry LLMESH_COMMIT: the device's copy of the tree has no .git, so the command line
+# must set it (the script stops at once otherwise, before any device time goes on results that
+# would read "unknown").
+# Knobs: STEPS (a comma list of step names: only those, e.g. the second call of a plan longer than
+# one), SMOKE=1 (RESULTS_DIR a scratch folder, device "cpu": checks a plan on a machine without a
+# GPU), DEVICE_KEY (overrides the GPU's name), RESERVE_S (kept back for the last pack, 15), DRY_RUN=1
+# (lists the steps this device would run, runs none).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PLAN=${1:?usage: bash bench/gpu_plan.sh PLAN [BUDGET_S]}
+BUDGET=${2:-560}
+RESERVE=${RESERVE_S:-15}
+SMOKE=${SMOKE:-0}
+START=$(date +%s)
+stamp() { echo "=== plan [$(( $(date +%s) - START ))s] $*"; }
+trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
+
+[ -f "$PLAN" ] || { echo "gpu_plan: no plan file $PLAN" >&2; exit 2; }
+if [ -z "${LLMESH_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "gpu_plan: LLMESH_COMMIT is unset and this tree has no .git: set it to the commit the tree is" >&2
+  exit 2
+fi
+if [ "$SMOKE" = 1 ]; then
+  DEVICE=${DEVICE_KEY:-cpu}
+  export RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d)}
+else
+  DEVICE=${DEVICE_KEY:-$(nvidia-smi -L 2>/dev/null | grep -o -i -m1 'H[0-9]00' | tr '[:upper:]' '[:lower:]')}
+  export RESULTS_DIR=${RESULTS_DIR:-bench/results}
+fi
+[ -n "$DEVICE" ] || { echo "gpu_plan: no H100 or H200 in nvidia-smi -L (set DEVICE_KEY)" >&2; exit 2; }
+export SMOKE PYTHON=${PYTHON:-python3}
+PACK=${OUT:-}
+unset OUT
+LOGS=$(mktemp -d)/logs
+mkdir -p "$LOGS" "$RESULTS_DIR"
+STAMP_FILE=$(mktemp)  # its mtime is the call's start: what is newer was written by the plan
+touch -d "@$START" "$STAMP_FILE"
+
+pack() {  # every result, tuned table and module written since the start, and the logs
+  [ -n "$PACK" ] || return 0
+  mkdir -p "$PACK"
+  mapfile -t NEW < <(find "$RESULTS_DIR" llmesh/kernels -maxdepth 1 -type f \
+    \( -name '*.json' -o -name '*.py' \) -newer "$STAMP_FILE" | sort)
+  tar -czf "$PACK/plan.tgz.part" "${NEW[@]}" -C "$(dirname "$LOGS")" logs && mv "$PACK/plan.tgz.part" "$PACK/plan.tgz"
+}
+
+stamp "device $DEVICE, plan $PLAN, budget ${BUDGET}s, commit ${LLMESH_COMMIT:-$(git rev-parse HEAD)}"
+SUMMARY=()
+FAILED=0
+DRY_SPENT=0  # DRY_RUN: the estimates of the steps listed so far, as if they had run
+n=0
+while IFS='|' read -r devices seconds name command; do
+  devices=$(trim "$devices")
+  [ -z "$devices" ] || [[ "$devices" == \#* ]] && continue
+  seconds=$(trim "$seconds"); name=$(trim "$name"); command=$(trim "$command")
+  if [ -z "$command" ] || ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
+    echo "gpu_plan: malformed line for step '$name' (DEVICES | SECONDS | NAME | COMMAND)" >&2; exit 2
+  fi
+  [[ "$devices" == "*" || ",${devices// /}," == *",$DEVICE,"* ]] || continue
+  [ -z "${STEPS:-}" ] || [[ ",${STEPS// /}," == *",$name,"* ]] || continue
+  n=$((n + 1))
+  left=$(( BUDGET - RESERVE - ($(date +%s) - START) - DRY_SPENT ))
+  if [ "$seconds" -gt "$left" ]; then
+    stamp "skip $name: expects ${seconds}s, ${left}s left"
+    SUMMARY+=("$name: skipped (${seconds}s > ${left}s left)")
+    continue
+  fi
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "would run $name (${seconds}s of ${left}s left): $command"
+    DRY_SPENT=$((DRY_SPENT + seconds))
+    continue
+  fi
+  log=$(printf '%s/%02d-%s.log' "$LOGS" "$n" "${name//[^A-Za-z0-9_.-]/_}")
+  stamp "step $name (expects ${seconds}s, ${left}s left): $command"
+  t0=$(date +%s)
+  timeout -k 10 "$left" bash -c "$command" </dev/null 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  took=$(( $(date +%s) - t0 ))
+  [ "$rc" -eq 0 ] || FAILED=1
+  verdict=$([ "$rc" -eq 0 ] && echo ok || { [ "$rc" -eq 124 ] && echo "timed out" || echo "failed rc=$rc"; })
+  stamp "step $name: $verdict in ${took}s"
+  SUMMARY+=("$name: $verdict in ${took}s (log $(basename "$log"))")
+  pack
+done < "$PLAN"
+
+stamp "summary"
+[ ${#SUMMARY[@]} -eq 0 ] || printf '  %s\n' "${SUMMARY[@]}"
+find "$RESULTS_DIR" llmesh/kernels -maxdepth 1 -type f \( -name '*.json' -o -name '*.py' \) -newer "$STAMP_FILE" \
+  | sort | sed 's/^/  wrote /'
+[ -z "$PACK" ] || stamp "packed into $PACK/plan.tgz"
+rm -f "$STAMP_FILE"
+exit "$FAILED"

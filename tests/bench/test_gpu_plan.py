@@ -1,0 +1,130 @@
+"""bench/gpu_plan.sh, the runner of a device call's steps, on the CPU (SMOKE=1): the steps for
+this device in order, the budget's skips and timeout, each step's log and results packed after
+it, and the plan the open issues' runs are kept in."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = ROOT / "bench/plans/open_goals.plan"
+
+
+def _run(plan: Path, tmp_path: Path, *args: str, script: Path = ROOT / "bench/gpu_plan.sh", **env: str):
+    inherited = {k: v for k, v in os.environ.items() if k not in ("STEPS", "DRY_RUN", "DEVICE_KEY", "RESERVE_S")}
+    full = {**inherited, "SMOKE": "1", "RESULTS_DIR": str(tmp_path / "r"), "OUT": str(tmp_path / "out"),
+            "LLMESH_COMMIT": "abc123", **env}
+    return subprocess.run(["bash", str(script), str(plan), *args], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _packed(tmp_path: Path) -> dict[str, str]:
+    with tarfile.open(tmp_path / "out/plan.tgz") as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+def test_steps_run_in_order_for_this_device_and_everything_comes_back(tmp_path):
+    plan = tmp_path / "p.plan"
+    plan.write_text("""# a comment | 1 | x | echo never
+cpu | 5 | first | echo one; echo '{"metrics": {}}' > "$RESULTS_DIR/a_cpu.json"
+h200 | 5 | other-device | echo never
+* | 5 | fails | echo two; exit 3
+
+* | 9999 | too-long | echo never
+cpu,h100 | 5 | env | echo "out=${OUT:-unset} smoke=$SMOKE commit=$LLMESH_COMMIT"
+""")
+    proc = _run(plan, tmp_path, "100")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one step failed
+    out = proc.stdout
+    assert "never" not in out.replace("echo never", "")
+    assert out.index("one\n") < out.index("two\n") < out.index("out=unset smoke=1 commit=abc123")
+    assert "skip too-long: expects 9999s" in out and "fails: failed rc=3" in out and "env: ok" in out
+    packed = _packed(tmp_path)
+    logs = {Path(name).name: text for name, text in packed.items() if "/logs/" in f"/{name}"}
+    assert set(logs) == {"01-first.log", "02-fails.log", "04-env.log"}  # 03 was skipped
+    assert logs["02-fails.log"] == "two\n"
+    results = [name for name in packed if name.endswith("a_cpu.json")]
+    assert len(results) == 1 and packed[results[0]] == '{"metrics": {}}\n'
+
+
+def test_steps_names_only_those_and_dry_run_runs_none(tmp_path):
+    plan = tmp_path / "p.plan"
+    plan.write_text("* | 5 | a | echo ran-a\n* | 5 | b | echo ran-b\n* | 5 | c | echo ran-c\n")
+    proc = _run(plan, tmp_path, STEPS="c,a")
+    assert proc.returncode == 0, proc.stderr
+    assert "ran-a" in proc.stdout and "ran-c" in proc.stdout and "ran-b" not in proc.stdout
+    dry = _run(plan, tmp_path, "22", DRY_RUN="1", RESERVE_S="2")
+    assert dry.returncode == 0, dry.stderr
+    assert "ran-" not in dry.stdout.replace("echo ran-", "")
+    # the dry run counts each listed step's estimate as spent: 20 s hold a and b, not c
+    assert "would run a (5s of 20s left)" in dry.stdout and "would run b (5s of 15s left)" in dry.stdout
+    assert "would run c (5s of 10s left)" in dry.stdout
+
+
+@pytest.mark.timeout(60)
+def test_the_budget_stops_a_running_step_and_skips_the_rest(tmp_path):
+    plan = tmp_path / "p.plan"
+    plan.write_text("* | 1 | sleeper | echo start; sleep 30\n* | 1 | after | echo after\n")
+    proc = _run(plan, tmp_path, "6", RESERVE_S="2")
+    assert proc.returncode == 1
+    assert "sleeper: timed out" in proc.stdout and "skip after" in proc.stdout
+    assert "after\n" not in proc.stdout.replace("skip after", "")
+    assert _packed(tmp_path)["logs/01-sleeper.log"] == "start\n"  # packed after the cut step
+
+
+def test_a_tree_without_git_needs_llmesh_commit_and_bad_lines_stop_the_plan(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench/gpu_plan.sh", tree / "bench/gpu_plan.sh")
+    plan = tmp_path / "p.plan"
+    plan.write_text("* | 5 | a | echo ran-a\n")
+    env = {k: v for k, v in os.environ.items() if k != "LLMESH_COMMIT"}
+    proc = subprocess.run(["bash", str(tree / "bench/gpu_plan.sh"), str(plan)], cwd=tree,
+                          env={**env, "SMOKE": "1", "GIT_CEILING_DIRECTORIES": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "LLMESH_COMMIT is unset" in proc.stderr and "ran-a" not in proc.stdout
+    plan.write_text("* | soon | a | echo ran-a\n")
+    bad = _run(plan, tmp_path)
+    assert bad.returncode == 2 and "malformed line for step 'a'" in bad.stderr and "ran-a" not in bad.stdout
+
+
+def _steps(plan: Path) -> list[tuple[str, int, str, str]]:
+    steps = []
+    for line in plan.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        devices, seconds, name, command = (part.strip() for part in line.split("|", 3))
+        steps.append((devices, int(seconds), name, command))
+    return steps
+
+
+def test_the_open_goals_plan_names_real_scripts_and_fits_its_calls(tmp_path):
+    steps = _steps(PLAN)
+    names = [name for _, _, name, _ in steps]
+    assert len(set(names)) == len(names)
+    for _, _, name, command in steps:
+        for script in re.findall(r"bench/[\w/]+\.(?:sh|py)", command):
+            assert (ROOT / script).is_file(), (name, script)
+        stages = re.search(r"STAGES=(\S+)", command)
+        if stages:  # every stage a run_gpu.sh stage
+            for stage in stages.group(1).split(","):
+                assert f"want {stage}" in (ROOT / "bench/run_gpu.sh").read_text(), (name, stage)
+    # each call the header names runs whole within the default budget on its device
+    text = PLAN.read_text()
+    for device, calls in (("h200", re.findall(r"STEPS=(\S+) bash", text)),
+                          ("h100", re.findall(r"STEPS=([\w-]+(?:,[\w-]+)*)", text.split("on an H100")[1]))):
+        for call in calls:
+            wanted = call.split(",")
+            assert set(wanted) <= set(names), call
+            proc = _run(PLAN, tmp_path, DRY_RUN="1", DEVICE_KEY=device, STEPS=call)
+            assert proc.returncode == 0, proc.stderr
+            assert "skip" not in proc.stdout, (device, call, proc.stdout)
+            ran = re.findall(r"would run (\S+)", proc.stdout)
+            assert ran == [name for name in names if name in wanted] and ran, (device, call, proc.stdout)
