@@ -10,7 +10,9 @@
 #   SECONDS: what the step is expected to take; it runs only if that fits the time left, and is
 #            stopped (timeout) when the call's budget is spent
 #   COMMAND: bash, in the repo root, with RESULTS_DIR, SMOKE and PYTHON exported and OUT unset
-#            (the steps' own scripts would copy into it; this script packs for them)
+#            (the steps' own scripts would copy into it; this script packs for them), after
+#            bench/gpu_session.sh has set the machine up once (carried wheels on PYTHONPATH,
+#            llmesh installed; not with SMOKE=1), so a step may run a benchmark script directly
 # The results carry LLMESH_COMMIT: the device's copy of the tree has no .git, so the command line
 # must set it (the script stops at once otherwise, before any device time goes on results that
 # would read "unknown").
@@ -24,8 +26,6 @@ PLAN=${1:?usage: bash bench/gpu_plan.sh PLAN [BUDGET_S]}
 BUDGET=${2:-560}
 RESERVE=${RESERVE_S:-15}
 SMOKE=${SMOKE:-0}
-START=$(date +%s)
-stamp() { echo "=== plan [$(( $(date +%s) - START ))s] $*"; }
 trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
 
 [ -f "$PLAN" ] || { echo "gpu_plan: no plan file $PLAN" >&2; exit 2; }
@@ -41,7 +41,15 @@ else
   export RESULTS_DIR=${RESULTS_DIR:-bench/results}
 fi
 [ -n "$DEVICE" ] || { echo "gpu_plan: no H100 or H200 in nvidia-smi -L (set DEVICE_KEY)" >&2; exit 2; }
-export SMOKE PYTHON=${PYTHON:-python3}
+export SMOKE RESULTS_DIR
+T0=$(date +%s)  # the call's budget counts the setup too
+if [ "${DRY_RUN:-0}" != 1 ] && [ "$SMOKE" != 1 ]; then
+  # shellcheck source=bench/gpu_session.sh
+  source bench/gpu_session.sh
+fi
+export PYTHON=${PY:-${PYTHON:-python3}}
+START=$T0
+stamp() { echo "=== plan [$(( $(date +%s) - START ))s] $*"; }
 PACK=${OUT:-}
 unset OUT
 LOGS=$(mktemp -d)/logs

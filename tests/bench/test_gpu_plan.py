@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ PLAN = ROOT / "bench/plans/open_goals.plan"
 def _run(plan: Path, tmp_path: Path, *args: str, script: Path = ROOT / "bench/gpu_plan.sh", **env: str):
     inherited = {k: v for k, v in os.environ.items() if k not in ("STEPS", "DRY_RUN", "DEVICE_KEY", "RESERVE_S")}
     full = {**inherited, "SMOKE": "1", "RESULTS_DIR": str(tmp_path / "r"), "OUT": str(tmp_path / "out"),
-            "LLMESH_COMMIT": "abc123", **env}
+            "LLMESH_COMMIT": "abc123", "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(script), str(plan), *args], cwd=ROOT, env=full, capture_output=True,
                           text=True, timeout=120)
 

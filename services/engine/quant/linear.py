@@ -328,6 +328,28 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
     return y.view(*lead, y.shape[-1])
 
 
+def kernel_operands(w: Weight | list[Weight], m: int, device: torch.device) -> list[torch.Tensor]:
+    """The weight tensors the kernel that multiplies m rows by ``w`` on ``device`` reads (what an
+    L2 prefetch should bring in, model/prefetch.py): a dense weight itself; a packed one's copy in
+    its kernel's layout where the measured table sends m rows to the fragment-order kernel and the
+    copy exists, else its own codes and scales (the other kernels, our GEMVs and tl.dot GEMMs
+    among them, read those; a library's private copy is not named, so its weight's own bytes are
+    asked for instead: a prefetch is only a hint)."""
+    if isinstance(w, list):
+        return [t for part in w for t in kernel_operands(part, m, device)]
+    if isinstance(w, torch.Tensor):
+        return [w]
+    if isinstance(w, (Int4Weight, Int8Weight)) and device.type == "cuda":
+        from llmesh.engine.quant.mma_weights import cached_layout
+        from llmesh.kernels.quant_gemm_config import tuned_choice
+
+        choice = tuned_choice(device, _KIND[type(w)], m, w.out_features, w.in_features)
+        if choice is not None and choice[0] == "mma" and (copy := cached_layout(w)) is not None:
+            return [copy.codes, copy.scales]
+    names = ("qweight", "scales", "mins", "group_scales")
+    return [t for t in (getattr(w, name, None) for name in names) if isinstance(t, torch.Tensor)]
+
+
 def dequantize_rows(w: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``ids`` of an embedding table stored as a linear weight [vocab, hidden] (dense) or
     packed with N = vocab (GGUF's quantized token_embd): [T] → [T, hidden], only those rows

@@ -92,6 +92,11 @@ def layout(w: Int4Weight | Int8Weight) -> MmaLayout:
     return cached
 
 
+def cached_layout(w: Int4Weight | Int8Weight) -> MmaLayout | None:
+    """The kernel's copy if `layout` has made it (prepare_library_weights does at load), else None."""
+    return w.__dict__.get(_CACHE)
+
+
 def copy_bytes(w: Int4Weight | Int8Weight) -> int:
     cached = w.__dict__.get(_CACHE)
     return 0 if cached is None else sum(t.numel() * t.element_size() for t in (cached.codes, cached.scales))

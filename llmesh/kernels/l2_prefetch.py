@@ -1,0 +1,103 @@
+"""Bring a tensor's bytes into the GPU's L2 cache ahead of the kernel that will read them.
+
+At batch 1 a decode layer alternates weight streams (the GEMVs, which keep HBM busy) with
+kernels that read almost nothing from it (RoPE and the K/V write, the decode attention and its
+reduce, the norms): for those microseconds the memory system idles. A weight the next GEMV
+reads can be fetched into L2 in that window (an H100/H200 L2 holds 50 MB; the 8B model's o_proj
+is 8.4 MB in INT4, Qwen3-30B-A3B's 16.8 MB in bf16), so the GEMV then reads it at L2 speed and
+latency instead of HBM's. The engine launches this on a side stream (model/prefetch.py) right
+after the qkv projection; nothing waits for it, and it changes no value anywhere.
+
+A program owns BLOCK chunks of CHUNK bytes; each thread issues one
+``cp.async.bulk.prefetch.L2.global`` for its chunk (sm90+: an asynchronous bulk request the
+memory system completes on its own, no registers or shared memory held, so the kernel exits at
+once). The instruction needs a 16-byte-aligned address and a size that is a multiple of 16, so
+the range is the tensor's bytes widened to 16-byte boundaries inside its storage (`byte_span`).
+With ``record`` the kernel also writes each chunk's (offset, size) — what the tests compare with
+`chunk_plan`, the reference, under Triton's interpreter, which has no inline assembly and so
+prefetches nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmesh.kernels.common import interpreting
+
+CHUNK = 16384
+"""Bytes a prefetch instruction asks for (a multiple of 16; the PTX ISA states no maximum)."""
+BLOCK = 128
+"""Chunks a program issues: one a thread at 4 warps."""
+
+
+@triton.jit
+def _l2_prefetch_kernel(base_ptr, nbytes, record_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        RECORD: tl.constexpr, INTERPRET: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    start = idx.to(tl.int64) * CHUNK
+    live = start < nbytes
+    size = tl.where(live, tl.minimum(nbytes - start, CHUNK), 0).to(tl.int32)
+    if not INTERPRET:
+        # a dead chunk (size 0) issues nothing; the 0 the asm returns is stored nowhere, but a
+        # store the compiler cannot prove dead keeps the asm (it has no output of its own)
+        zero = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(record_ptr + 2 * idx, zero.to(tl.int64), mask=live & (zero != 0))
+    if RECORD:
+        tl.store(record_ptr + 2 * idx, start, mask=live)
+        tl.store(record_ptr + 2 * idx + 1, size.to(tl.int64), mask=live)
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte, bytes) of t's range widened to 16-byte boundaries, as offsets into its
+    storage (the allocator aligns storages, so the widened range stays inside the allocation;
+    its end is clipped to the storage's size, where the last partial 16 bytes are left out)."""
+    if not t.is_contiguous():
+        raise ValueError("l2_prefetch takes contiguous tensors (a weight): this one has strides "
+                         f"{tuple(t.stride())} for shape {tuple(t.shape)}")
+    first = t.storage_offset() * t.element_size()
+    end = first + t.numel() * t.element_size()
+    lo = first - first % 16
+    hi = min(end + (-end) % 16, t.untyped_storage().nbytes())
+    hi -= (hi - lo) % 16
+    return lo, max(hi - lo, 0)
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def scratch(device: torch.device) -> torch.Tensor:
+    """The never-written int64 pair the kernel's guarded store points at without ``record``: one a
+    device, made on first use (the engine makes it at load, so no CUDA graph capture allocates it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the key a tensor's own device gives
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _SCRATCH:
+        _SCRATCH[device] = torch.zeros(2, dtype=torch.int64, device=device)
+    return _SCRATCH[device]
+
+
+def chunk_plan(nbytes: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """The reference: the (offset, size) of each prefetch over ``nbytes`` bytes."""
+    return [(off, min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
+
+
+def l2_prefetch(t: torch.Tensor, *, record: torch.Tensor | None = None) -> int:
+    """Ask for t's bytes in L2 (asynchronously, on the current stream); returns the bytes asked
+    for. A no-op on the CPU (0) unless Triton's interpreter runs it with ``record`` (int64
+    [2 * chunks], the tests'). Values never change: a prefetch is a hint."""
+    lo, nbytes = byte_span(t)
+    if nbytes == 0 or not (t.is_cuda or interpreting()):
+        return 0
+    chunks = triton.cdiv(nbytes, CHUNK)
+    if record is not None and record.numel() < 2 * chunks:
+        raise ValueError(f"record has {record.numel()} entries; {2 * chunks} needed for {chunks} chunks")
+    data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage(), lo, (nbytes,), (1,))
+    rec = record if record is not None else scratch(t.device)
+    _l2_prefetch_kernel[(triton.cdiv(chunks, BLOCK),)](
+        data, nbytes, rec, CHUNK=CHUNK, BLOCK=BLOCK, RECORD=record is not None, INTERPRET=interpreting(),
+        num_warps=BLOCK // 32)
+    return nbytes

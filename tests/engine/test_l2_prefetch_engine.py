@@ -1,0 +1,64 @@
+"""The engine's L2 prefetch of o_proj weights (services/engine/model/prefetch.py): which tensors it
+asks for (the ones the layer's kernel reads), when it is on (opt-in, triton table, sm90+), and on
+a GPU that the decode graphs fork and rejoin its side stream with the greedy tokens unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmesh.engine import LLM, SamplingParams
+from llmesh.engine.model.prefetch import PREFETCH_ENV, WeightPrefetcher, prefetch_wanted
+from llmesh.engine.quant.linear import kernel_operands
+from llmesh.engine.quant.quantize import quantize_int4
+
+CPU = torch.device("cpu")
+
+
+def test_kernel_operands_name_what_the_kernel_reads():
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 256, generator=g)
+    assert [t is dense for t in kernel_operands(dense, 1, CPU)] == [True]
+    packed = quantize_int4(torch.randn(64, 256, generator=g), group_size=128)
+    got = kernel_operands(packed, 1, CPU)
+    assert [id(t) for t in got] == [id(packed.qweight), id(packed.scales), id(packed.mins)]
+    both = kernel_operands([dense, packed], 1, CPU)  # a fused weight kept as parts
+    assert len(both) == 4 and both[0] is dense
+
+
+def test_off_unless_asked_for_on_the_triton_table_of_a_hopper_gpu(monkeypatch):
+    monkeypatch.delenv(PREFETCH_ENV, raising=False)
+    assert not prefetch_wanted(CPU, "triton")
+    monkeypatch.setenv(PREFETCH_ENV, "1")
+    assert not prefetch_wanted(CPU, "triton")  # no CUDA device
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        assert not prefetch_wanted(cuda, "torch")
+        assert prefetch_wanted(cuda, "triton") == (torch.cuda.get_device_capability() >= (9, 0))
+    off = WeightPrefetcher(CPU, enabled=False)
+    off.weights(torch.zeros(4, 4), 1)  # a no-op: nothing forked, nothing asked
+    off.join()
+    assert not off.forked and off.bytes_asked == 0
+
+
+def _generate(path, quantization):
+    llm = LLM(path, device="cuda", backend="triton", dtype="bfloat16", quantization=quantization, max_num_seqs=4,
+              num_kv_blocks=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    tokens = [o.token_ids for o in llm.generate([[5, 6, 7, 8, 9], [10, 11], [12]], params)]
+    return tokens, llm.engine.runner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="cp.async.bulk.prefetch needs a Hopper (sm90) or later GPU")
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_decode_graphs_prefetch_with_the_same_greedy_tokens(tiny_llama, monkeypatch, quantization):
+    monkeypatch.delenv(PREFETCH_ENV, raising=False)
+    plain, runner = _generate(tiny_llama, quantization)
+    assert not runner.model.prefetch.enabled
+    monkeypatch.setenv(PREFETCH_ENV, "1")
+    fetched, runner = _generate(tiny_llama, quantization)
+    assert runner.model.prefetch.enabled and runner.stats.decode_graph_steps > 0
+    assert runner.model.prefetch.bytes_asked > 0 and not runner.model.prefetch.forked  # captured, then joined
+    assert fetched == plain
