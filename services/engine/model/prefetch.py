@@ -45,10 +45,13 @@ class WeightPrefetcher:
         self.enabled = enabled
         self.side = None
         if enabled:
-            from llmesh.kernels.l2_prefetch import scratch
+            from llmesh.kernels.l2_prefetch import l2_prefetch, scratch
 
             self.side = torch.cuda.Stream(device)
-            scratch(device)  # now, not inside the first capture
+            # The kernel compiled and loaded and its scratch made now, eagerly: a module load or an
+            # allocation inside the first capture could fail it. Its own 16 bytes: the launch a
+            # weight's prefetch specialises to (every byte count and address a multiple of 16).
+            l2_prefetch(scratch(device))
         self.forked = False
         self.bytes_asked = 0
         """Bytes the last captured forward pass asked for (for the benchmark's record)."""
