@@ -8,10 +8,11 @@ is 8.4 MB in INT4, Qwen3-30B-A3B's 16.8 MB in bf16), so the GEMV then reads it a
 latency instead of HBM's. The engine launches this on a side stream (model/prefetch.py) right
 after the qkv projection; nothing waits for it, and it changes no value anywhere.
 
-A program owns BLOCK chunks of CHUNK bytes; each thread issues one
+A program (one warp) owns BLOCK chunks of CHUNK bytes; each thread issues one
 ``cp.async.bulk.prefetch.L2.global`` for its chunk (sm90+: an asynchronous bulk request the
 memory system completes on its own, no registers or shared memory held, so the kernel exits at
-once). The instruction needs a 16-byte-aligned address and a size that is a multiple of 16, so
+once). Small chunks and one-warp programs spread a weight's requests over many SMs' copy
+engines (66 programs for 8.4 MB) rather than queueing them on a few. The instruction needs a 16-byte-aligned address and a size that is a multiple of 16, so
 the range is the tensor's bytes widened to 16-byte boundaries inside its storage (`byte_span`).
 With ``record`` the kernel also writes each chunk's (offset, size) — what the tests compare with
 `chunk_plan`, the reference, under Triton's interpreter, which has no inline assembly and so
@@ -26,10 +27,10 @@ import triton.language as tl
 
 from llmesh.kernels.common import interpreting
 
-CHUNK = 16384
+CHUNK = 4096
 """Bytes a prefetch instruction asks for (a multiple of 16; the PTX ISA states no maximum)."""
-BLOCK = 128
-"""Chunks a program issues: one a thread at 4 warps."""
+BLOCK = 32
+"""Chunks a program issues: one a thread of its one warp."""
 
 
 @triton.jit
