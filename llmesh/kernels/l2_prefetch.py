@@ -86,11 +86,14 @@ def chunk_plan(nbytes: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     return [(off, min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
 
 
-def l2_prefetch(t: torch.Tensor, *, record: torch.Tensor | None = None) -> int:
-    """Ask for t's bytes in L2 (asynchronously, on the current stream); returns the bytes asked
-    for. A no-op on the CPU (0) unless Triton's interpreter runs it with ``record`` (int64
-    [2 * chunks], the tests'). Values never change: a prefetch is a hint."""
+def l2_prefetch(t: torch.Tensor, *, max_bytes: int | None = None, record: torch.Tensor | None = None) -> int:
+    """Ask for t's bytes in L2 (asynchronously, on the current stream), at most its first
+    ``max_bytes`` (rounded down to 16); returns the bytes asked for. A no-op on the CPU (0)
+    unless Triton's interpreter runs it with ``record`` (int64 [2 * chunks], the tests'). Values
+    never change: a prefetch is a hint."""
     lo, nbytes = byte_span(t)
+    if max_bytes is not None:
+        nbytes = min(nbytes, max(0, max_bytes) // 16 * 16)
     if nbytes == 0 or not (t.is_cuda or interpreting()):
         return 0
     chunks = triton.cdiv(nbytes, CHUNK)

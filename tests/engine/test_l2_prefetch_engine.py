@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmesh.engine import LLM, SamplingParams
-from llmesh.engine.model.prefetch import PREFETCH_ENV, WeightPrefetcher, prefetch_wanted
+from llmesh.engine.model.prefetch import PREFETCH_ENV, WeightPrefetcher, prefetch_mode
 from llmesh.engine.quant.linear import kernel_operands
 from llmesh.engine.quant.quantize import quantize_int4
 
@@ -28,15 +28,18 @@ def test_kernel_operands_name_what_the_kernel_reads():
 
 def test_off_unless_asked_for_on_the_triton_table_of_a_hopper_gpu(monkeypatch):
     monkeypatch.delenv(PREFETCH_ENV, raising=False)
-    assert not prefetch_wanted(CPU, "triton")
-    monkeypatch.setenv(PREFETCH_ENV, "1")
-    assert not prefetch_wanted(CPU, "triton")  # no CUDA device
+    assert prefetch_mode(CPU, "triton") == 0
+    monkeypatch.setenv(PREFETCH_ENV, "2")
+    assert prefetch_mode(CPU, "triton") == 0  # no CUDA device
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        assert not prefetch_wanted(cuda, "torch")
-        assert prefetch_wanted(cuda, "triton") == (torch.cuda.get_device_capability() >= (9, 0))
-    off = WeightPrefetcher(CPU, enabled=False)
-    off.weights(torch.zeros(4, 4), 1)  # a no-op: nothing forked, nothing asked
+        assert prefetch_mode(cuda, "torch") == 0
+        assert prefetch_mode(cuda, "triton") == (2 if torch.cuda.get_device_capability() >= (9, 0) else 0)
+    monkeypatch.setenv(PREFETCH_ENV, "yes")
+    with pytest.raises(ValueError, match="LLMESH_L2_PREFETCH='yes': expected one of 0, 1, 2"):
+        prefetch_mode(CPU, "triton")
+    off = WeightPrefetcher(CPU, 0)
+    off.attention_window(torch.zeros(4, 4), torch.zeros(8, 4), 1)  # a no-op: nothing forked, nothing asked
     off.join()
     assert not off.forked and off.bytes_asked == 0
 
@@ -56,9 +59,14 @@ def _generate(path, quantization):
 def test_decode_graphs_prefetch_with_the_same_greedy_tokens(tiny_llama, monkeypatch, quantization):
     monkeypatch.delenv(PREFETCH_ENV, raising=False)
     plain, runner = _generate(tiny_llama, quantization)
-    assert not runner.model.prefetch.enabled
-    monkeypatch.setenv(PREFETCH_ENV, "1")
-    fetched, runner = _generate(tiny_llama, quantization)
-    assert runner.model.prefetch.enabled and runner.stats.decode_graph_steps > 0
-    assert runner.model.prefetch.bytes_asked > 0 and not runner.model.prefetch.forked  # captured, then joined
-    assert fetched == plain
+    assert runner.model.prefetch.mode == 0
+    asked = {}
+    for mode in ("1", "2"):
+        monkeypatch.setenv(PREFETCH_ENV, mode)
+        fetched, runner = _generate(tiny_llama, quantization)
+        prefetch = runner.model.prefetch
+        assert prefetch.mode == int(mode) and runner.stats.decode_graph_steps > 0
+        assert prefetch.bytes_asked > 0 and not prefetch.forked  # captured, then joined
+        assert fetched == plain
+        asked[mode] = prefetch.bytes_asked
+    assert asked["2"] > asked["1"]  # the gate/up lead on top of o_proj

@@ -62,6 +62,10 @@ def test_the_kernels_chunks_are_the_plan_and_values_stay(case):
     assert torch.equal(t, before)
     assert l2_prefetch(t) == n  # without a record: the guarded store is never taken
     assert torch.equal(t, before)
+    lead = torch.full_like(record, -7)
+    assert l2_prefetch(t, max_bytes=n // 3 + 5, record=lead) == (n // 3 + 5) // 16 * 16  # a leading share
+    head = chunk_plan((n // 3 + 5) // 16 * 16)
+    assert [tuple(pair) for pair in lead.view(-1, 2).tolist()][: len(head) + 1] == head + [(-7, -7)]
 
 
 def test_refusals_and_the_cpu_noop(monkeypatch):

@@ -29,7 +29,7 @@ from llmesh.engine.errors import ModelLoadError
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.moe import SparseMoeBlock, moe_tensor_name
 from llmesh.engine.model.ops import ModelOps, make_ops
-from llmesh.engine.model.prefetch import WeightPrefetcher, prefetch_wanted
+from llmesh.engine.model.prefetch import WeightPrefetcher, prefetch_mode
 from llmesh.engine.model.shard import ShardSpec, check_shardable, own_storage, slice_out_features
 from llmesh.engine.model.weights import FusedLinear, weight_nbytes
 from llmesh.engine.quant.cpu_matmul import cpu_layout
@@ -89,8 +89,8 @@ class LlamaForCausalLM:
         self.ops: ModelOps = make_ops(ops, cfg, device=self.device, dtype=dtype,
                                       max_positions=max_positions or min(cfg.max_position_embeddings,
                                                                          DEFAULT_MAX_POSITIONS))
-        self.prefetch = WeightPrefetcher(self.device, prefetch_wanted(self.device, ops))
-        """o_proj weights into L2 during attention in decode graphs (opt-in; model/prefetch.py)."""
+        self.prefetch = WeightPrefetcher(self.device, prefetch_mode(self.device, ops))
+        """Weights into L2 during attention in decode graphs (opt-in; model/prefetch.py)."""
         self.expert_tokens = torch.zeros(len(cfg.sparse_layers), cfg.num_experts, dtype=torch.int64,
                                          device=self.device)
         """Tokens routed to each expert of each sparse layer [L_sparse, E], counted on the device."""
@@ -269,7 +269,8 @@ class LlamaForCausalLM:
             q, k, v, residual = ops.norm_qkv_rope(x, residual, layer.input_layernorm, eps, layer.qkv_proj.weight,
                                                   layer.qkv_proj.bias, (nq, nkv, d), positions, k_cache, v_cache,
                                                   meta, k_scales, v_scales, qk_norm)  # q, k, v: [T, heads, d]
-            self.prefetch.weights(layer.o_proj.weight, t)  # read after the attention below
+            mlp = None if layer.gate_up_proj is None else layer.gate_up_proj.weight
+            self.prefetch.attention_window(layer.o_proj.weight, mlp, t)  # read after the attention below
             o = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, k_scales, v_scales)  # [T, nq, d]
             x = self.shard.all_reduce(ops.linear(o.reshape(t, nq * d), layer.o_proj.weight, layer.o_proj.bias))
             if layer.moe is not None:

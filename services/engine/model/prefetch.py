@@ -1,4 +1,4 @@
-"""Weights into L2 while a decode step's small kernels leave HBM idle (opt-in, LLMESH_L2_PREFETCH=1).
+"""Weights into L2 while a decode step's small kernels leave HBM idle (opt-in, LLMESH_L2_PREFETCH).
 
 After a layer's qkv projection, the next kernels (RoPE and the K/V write, the decode attention
 and its reduce) read a few kilobytes; the o_proj GEMV after them streams its whole weight. The
@@ -8,11 +8,13 @@ weight's bytes (those its kernel will read at this batch size, quant/linear.kern
 L2, and the main stream goes on without waiting. The side stream rejoins the main one at the end
 of the forward pass (`join`), as a CUDA graph capture requires of a forked stream.
 
-Only inside a CUDA graph capture (the decode steps): there the fork costs nothing a step, where
-an eager step would pay a Triton launch per layer on the host. Only up to MAX_TOKENS rows: past
-them the GEMMs are no longer weight streams. Off by default until a device measures it
-(bench/plans/open_goals.plan, the l2-prefetch A/B); a prefetch changes no value, so greedy
-output is the same either way.
+Modes (LLMESH_L2_PREFETCH): 0 (default) off; 1 o_proj's weight; 2 that and, in a dense layer,
+the first LEAD_BYTES of the MLP's gate/up weight, which the o_proj GEMV (reading L2) and the norm
+after it would otherwise leave HBM idle for. Only inside a CUDA graph capture (the decode steps):
+there the fork costs nothing a step, where an eager step would pay a Triton launch per layer on
+the host. Only up to MAX_TOKENS rows: past them the GEMMs are no longer weight streams. Off by
+default until a device measures it (bench/plans/open_goals.plan, the l2-prefetch A/B); a prefetch
+changes no value, so greedy output is the same in every mode.
 """
 
 from __future__ import annotations
@@ -24,27 +26,34 @@ import torch
 from llmesh.engine.quant.linear import Weight, kernel_operands
 
 PREFETCH_ENV = "LLMESH_L2_PREFETCH"
-"""1: prefetch each layer's o_proj weight into L2 during its attention (decode graphs, sm90+)."""
+"""0 off, 1 each layer's o_proj weight during its attention, 2 also the gate/up weight's lead."""
+MODES = (0, 1, 2)
 MAX_TOKENS = 64
-"""Rows up to which a step's o_proj is asked for (the decode batch sizes where it streams weights)."""
+"""Rows up to which a step's weights are asked for (the decode batch sizes where they stream)."""
+LEAD_BYTES = 16 << 20
+"""Mode 2: the bytes of gate/up asked for with o_proj (with o_proj's 8.4 MB in INT4, well inside
+the 50 MB L2 of an H100 / H200 that the GEMVs between stream nothing through)."""
 
 
-def prefetch_wanted(device: torch.device, ops: str) -> bool:
-    """LLMESH_L2_PREFETCH=1, the triton op table, and a CUDA device of compute capability 9.0 or
-    later (cp.async.bulk.prefetch is sm90's)."""
-    if os.environ.get(PREFETCH_ENV, "0").strip() != "1" or ops != "triton" or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+def prefetch_mode(device: torch.device, ops: str) -> int:
+    """LLMESH_L2_PREFETCH's mode where it can run: the triton op table on a CUDA device of compute
+    capability 9.0 or later (cp.async.bulk.prefetch is sm90's); 0 elsewhere."""
+    raw = os.environ.get(PREFETCH_ENV, "0").strip() or "0"
+    if raw not in {str(m) for m in MODES}:
+        raise ValueError(f"{PREFETCH_ENV}={raw!r}: expected one of {', '.join(map(str, MODES))}")
+    if raw == "0" or ops != "triton" or device.type != "cuda":
+        return 0
+    return int(raw) if torch.cuda.get_device_capability(device) >= (9, 0) else 0
 
 
 class WeightPrefetcher:
-    """One a model: its side stream and whether a fork is open."""
+    """One a model: its mode, its side stream and whether a fork is open."""
 
-    def __init__(self, device: torch.device, enabled: bool) -> None:
+    def __init__(self, device: torch.device, mode: int) -> None:
         self.device = device
-        self.enabled = enabled
+        self.mode = mode
         self.side = None
-        if enabled:
+        if mode:
             from llmesh.kernels.l2_prefetch import l2_prefetch, scratch
 
             self.side = torch.cuda.Stream(device)
@@ -56,18 +65,25 @@ class WeightPrefetcher:
         self.bytes_asked = 0
         """Bytes the last captured forward pass asked for (for the benchmark's record)."""
 
-    def weights(self, w: Weight | list[Weight], tokens: int) -> None:
-        """Ask for w's bytes in L2 on the side stream, behind what the current stream has queued."""
-        if not self.enabled or tokens > MAX_TOKENS or not torch.cuda.is_current_stream_capturing():
+    def attention_window(self, o_proj: Weight | list[Weight], gate_up: Weight | list[Weight] | None,
+                         tokens: int) -> None:
+        """Called as a layer's qkv projection is queued: ask for o_proj's weight (and in mode 2 the
+        first LEAD_BYTES of gate/up's) on the side stream, behind what the current stream has queued."""
+        if not self.mode or tokens > MAX_TOKENS or not torch.cuda.is_current_stream_capturing():
             return
         from llmesh.kernels.l2_prefetch import l2_prefetch
 
         if not self.forked:
             self.bytes_asked = 0
-        main = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(main)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
-            self.bytes_asked += sum(l2_prefetch(t) for t in kernel_operands(w, tokens, self.device))
+            self.bytes_asked += sum(l2_prefetch(t) for t in kernel_operands(o_proj, tokens, self.device))
+            if self.mode == 2 and gate_up is not None:
+                lead = kernel_operands(gate_up, tokens, self.device)
+                share = LEAD_BYTES / max(1, sum(t.numel() * t.element_size() for t in lead))
+                # the same leading share of each tensor: whichever programs read it find it in L2
+                self.bytes_asked += sum(l2_prefetch(t, max_bytes=int(share * t.numel() * t.element_size()))
+                                        for t in lead)
         self.forked = True
 
     def join(self) -> None:
