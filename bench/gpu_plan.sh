@@ -9,7 +9,8 @@
 #   DEVICES: h100,h200 or * (matched against the GPU nvidia-smi names; cpu when SMOKE=1)
 #   SECONDS: what the step is expected to take; it runs only if that fits the time left, and is
 #            stopped (timeout) when the call's budget is spent
-#   COMMAND: bash, in the repo root, with RESULTS_DIR, SMOKE and PYTHON exported and OUT unset
+#   COMMAND: bash, in the repo root, with RESULTS_DIR, SMOKE, SMOKE_ARG (--smoke when SMOKE=1, for
+#            a benchmark script run directly) and PYTHON exported and OUT unset
 #            (the steps' own scripts would copy into it; this script packs for them), after
 #            bench/gpu_session.sh has set the machine up once (carried wheels on PYTHONPATH,
 #            llmesh installed; not with SMOKE=1), so a step may run a benchmark script directly
@@ -41,7 +42,8 @@ else
   export RESULTS_DIR=${RESULTS_DIR:-bench/results}
 fi
 [ -n "$DEVICE" ] || { echo "gpu_plan: no H100 or H200 in nvidia-smi -L (set DEVICE_KEY)" >&2; exit 2; }
-export SMOKE RESULTS_DIR
+SMOKE_ARG=$([ "$SMOKE" = 1 ] && echo --smoke)
+export SMOKE SMOKE_ARG RESULTS_DIR
 T0=$(date +%s)  # the call's budget counts the setup too
 if [ "${DRY_RUN:-0}" != 1 ] && [ "$SMOKE" != 1 ]; then
   # shellcheck source=bench/gpu_session.sh
