@@ -83,7 +83,7 @@ while IFS='|' read -r devices seconds name command; do
   [ -z "${STEPS:-}" ] || [[ ",${STEPS// /}," == *",$name,"* ]] || continue
   n=$((n + 1))
   left=$(( BUDGET - RESERVE - ($(date +%s) - START) - DRY_SPENT ))
-  if [ "$seconds" -gt "$left" ]; then
+  if [ "$seconds" -gt "$left" ] || [ "$left" -lt 1 ]; then  # (timeout 0 would mean no limit)
     stamp "skip $name: expects ${seconds}s, ${left}s left"
     SUMMARY+=("$name: skipped (${seconds}s > ${left}s left)")
     continue
