@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A device call's worth of GPU steps from a plan file: the steps for this machine's GPU, in order,
-# each skipped when its estimate no longer fits the call, each one's output kept in its own log,
-# and after every step everything written so far packed into $OUT/plan.tgz, so a call cut at its
-# limit still brings back what finished (the reply keeps only the last 12,000 characters).
+# each skipped when its estimate no longer fits the call, each one's output kept in its own log
+# (its last LOG_TAIL lines, 40, printed when it ends), and after every step everything written so
+# far packed into $OUT/plan.tgz, so a call cut at its limit still brings back what finished (the
+# reply keeps only the last 12,000 characters). A step runs in a session of its own (setsid):
+# when the budget stops it, every process it started goes, those in process groups of their own
+# (a script's own `timeout`) included.
 # Usage: bash bench/gpu_plan.sh PLAN [BUDGET_S, default 560: a device command holds at most 600 s]
 # Plan lines (bench/plans/*.plan; # starts a comment):
 #   DEVICES | SECONDS | NAME | COMMAND
@@ -20,7 +23,7 @@
 # Knobs: STEPS (a comma list of step names: only those, e.g. the second call of a plan longer than
 # one), SMOKE=1 (RESULTS_DIR a scratch folder, device "cpu": checks a plan on a machine without a
 # GPU), DEVICE_KEY (overrides the GPU's name), RESERVE_S (kept back for the last pack, 15), DRY_RUN=1
-# (lists the steps this device would run, runs none).
+# (lists the steps this device would run, as if each took its estimate, and runs none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PLAN=${1:?usage: bash bench/gpu_plan.sh PLAN [BUDGET_S]}
@@ -45,6 +48,7 @@ fi
 SMOKE_ARG=$([ "$SMOKE" = 1 ] && echo --smoke)
 export SMOKE SMOKE_ARG RESULTS_DIR
 T0=$(date +%s)  # the call's budget counts the setup too
+STAMP_FILE=$(mktemp)  # its mtime: what is newer was written by the plan (the tree's copy is older)
 if [ "${DRY_RUN:-0}" != 1 ] && [ "$SMOKE" != 1 ]; then
   # shellcheck source=bench/gpu_session.sh
   source bench/gpu_session.sh
@@ -56,8 +60,6 @@ PACK=${OUT:-}
 unset OUT
 LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS" "$RESULTS_DIR"
-STAMP_FILE=$(mktemp)  # its mtime is the call's start: what is newer was written by the plan
-touch -d "@$START" "$STAMP_FILE"
 
 pack() {  # every result, tuned table and module written since the start, and the logs
   [ -n "$PACK" ] || return 0
@@ -67,12 +69,17 @@ pack() {  # every result, tuned table and module written since the start, and th
   tar -czf "$PACK/plan.tgz.part" "${NEW[@]}" -C "$(dirname "$LOGS")" logs && mv "$PACK/plan.tgz.part" "$PACK/plan.tgz"
 }
 
+names() { grep -v '^[[:space:]]*\(#\|$\)' "$PLAN" | awk -F'|' '{ gsub(/^[ \t]+|[ \t]+$/, "", $3); print $3 }'; }
+WANTED=${STEPS:-}
+for want in ${WANTED//,/ }; do
+  names | grep -qx -- "$want" || { echo "gpu_plan: STEPS names '$want', which $PLAN has no step of" >&2; exit 2; }
+done
 stamp "device $DEVICE, plan $PLAN, budget ${BUDGET}s, commit ${LLMESH_COMMIT:-$(git rev-parse HEAD)}"
 SUMMARY=()
 FAILED=0
 DRY_SPENT=0  # DRY_RUN: the estimates of the steps listed so far, as if they had run
 n=0
-while IFS='|' read -r devices seconds name command; do
+while IFS='|' read -r devices seconds name command || [ -n "$devices" ]; do
   devices=$(trim "$devices")
   [ -z "$devices" ] || [[ "$devices" == \#* ]] && continue
   seconds=$(trim "$seconds"); name=$(trim "$name"); command=$(trim "$command")
@@ -82,7 +89,11 @@ while IFS='|' read -r devices seconds name command; do
   [[ "$devices" == "*" || ",${devices// /}," == *",$DEVICE,"* ]] || continue
   [ -z "${STEPS:-}" ] || [[ ",${STEPS// /}," == *",$name,"* ]] || continue
   n=$((n + 1))
-  left=$(( BUDGET - RESERVE - ($(date +%s) - START) - DRY_SPENT ))
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    left=$(( BUDGET - RESERVE - DRY_SPENT ))
+  else
+    left=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
+  fi
   if [ "$seconds" -gt "$left" ] || [ "$left" -lt 1 ]; then  # (timeout 0 would mean no limit)
     stamp "skip $name: expects ${seconds}s, ${left}s left"
     SUMMARY+=("$name: skipped (${seconds}s > ${left}s left)")
@@ -96,11 +107,27 @@ while IFS='|' read -r devices seconds name command; do
   log=$(printf '%s/%02d-%s.log' "$LOGS" "$n" "${name//[^A-Za-z0-9_.-]/_}")
   stamp "step $name (expects ${seconds}s, ${left}s left): $command"
   t0=$(date +%s)
-  timeout -k 10 "$left" bash -c "$command" </dev/null 2>&1 | tee "$log"
-  rc=${PIPESTATUS[0]}
+  # not a process group leader (no job control here), so setsid execs in place: $! is the session id
+  setsid bash -c "$command" </dev/null >"$log" 2>&1 &
+  sid=$!
+  cut=0
+  while kill -0 "$sid" 2>/dev/null; do
+    if [ $(( $(date +%s) - t0 )) -ge "$left" ]; then
+      cut=1
+      pkill -TERM -s "$sid" 2>/dev/null || kill -TERM -- "-$sid" 2>/dev/null
+      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$sid" 2>/dev/null || break; sleep 1; done
+      pkill -KILL -s "$sid" 2>/dev/null || kill -KILL -- "-$sid" 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait "$sid"
+  rc=$?
+  pkill -KILL -s "$sid" 2>/dev/null  # whatever the step left behind in its session
   took=$(( $(date +%s) - t0 ))
-  [ "$rc" -eq 0 ] || FAILED=1
-  verdict=$([ "$rc" -eq 0 ] && echo ok || { [ "$rc" -eq 124 ] && echo "timed out" || echo "failed rc=$rc"; })
+  tail -n "${LOG_TAIL:-40}" "$log"
+  [ "$rc" -eq 0 ] && [ "$cut" -eq 0 ] || FAILED=1
+  verdict=$([ "$cut" -eq 1 ] && echo "timed out" || { [ "$rc" -eq 0 ] && echo ok || echo "failed rc=$rc"; })
   stamp "step $name: $verdict in ${took}s"
   SUMMARY+=("$name: $verdict in ${took}s (log $(basename "$log"))")
   pack

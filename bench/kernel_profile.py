@@ -126,7 +126,9 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     events = kernel_events(prof)
     while eng.has_unfinished_requests():
         eng.step()
-    del llm
+    prefetch = eng.runner.model.prefetch  # what LLMESH_L2_PREFETCH resolved to on this device
+    l2_prefetch = {"mode": prefetch.mode, "bytes_per_step": prefetch.bytes_asked}
+    del llm, eng, prefetch
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -163,7 +165,7 @@ def profile_model(model: str, args: argparse.Namespace, device: torch.device) ->
     for row in table:
         print(f"    {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.1f}x  {row['us_per_call']:7.2f} us/call  "
               f"{row['kernel'][:100]}", flush=True)
-    return metrics, {"kernels": table, "engine": kwargs}
+    return metrics, {"kernels": table, "engine": kwargs, "l2_prefetch": l2_prefetch}
 
 
 def main() -> None:

@@ -163,6 +163,8 @@ def test_kernel_profile_smoke_decode_and_mixed_steps(tmp_path):
         assert tags == {tag}, tags
         assert doc["workload"]["chunk_tokens"] == (24 if "--chunk" in extra else 0)
         assert doc["workload"]["kv_cache_dtype"] == ("fp8" if "--kv-cache-dtype" in extra else "auto")
+        # what LLMESH_L2_PREFETCH resolved to: off on the CPU whatever the environment asks
+        assert [m["l2_prefetch"] for m in doc["workload"]["models"].values()] == [{"mode": 0, "bytes_per_step": 0}]
 
 
 def test_kernel_profile_families_name_the_unified_attention_kernels():

@@ -26,6 +26,25 @@ def test_kernel_operands_name_what_the_kernel_reads():
     assert len(both) == 4 and both[0] is dense
 
 
+def test_kernel_operands_follow_the_measured_table(monkeypatch):
+    """On a GPU the table's choice decides: the fragment-order copy where it exists, nothing for a
+    kernel with a private copy of its own, the weight's own tensors for our other kernels."""
+    from llmesh.engine.quant import mma_weights
+    from llmesh.kernels import quant_gemm_config
+
+    packed = quantize_int4(torch.randn(64, 256, generator=torch.Generator().manual_seed(1)), group_size=128)
+    cuda = torch.device("cuda")  # only its type is read: the table lookup is the stand-in below
+    own = [id(packed.qweight), id(packed.scales), id(packed.mins)]
+    for choice, expected in ((("gemv", (64, 128, 4, 4, 1, True)), own), (("swapped", ("cfg",)), []),
+                             (("fbgemm", ("shuffled",)), []), (None, own), (("mma", ("1,8,2,1,8",)), own)):
+        monkeypatch.setattr(quant_gemm_config, "tuned_choice", lambda *args, c=choice: c)
+        assert [id(t) for t in kernel_operands(packed, 1, cuda)] == expected, choice
+    copy = mma_weights.MmaLayout(torch.zeros(4, dtype=torch.int32), torch.zeros(2, dtype=torch.float16), 128)
+    packed.__dict__[mma_weights._CACHE] = copy  # the copy prepare_library_weights makes at load
+    got = kernel_operands(packed, 1, cuda)
+    assert got[0] is copy.codes and got[1] is copy.scales and len(got) == 2
+
+
 def test_off_unless_asked_for_on_the_triton_table_of_a_hopper_gpu(monkeypatch):
     monkeypatch.delenv(PREFETCH_ENV, raising=False)
     assert prefetch_mode(CPU, "triton") == 0

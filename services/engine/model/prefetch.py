@@ -1,20 +1,25 @@
 """Weights into L2 while a decode step's small kernels leave HBM idle (opt-in, LLMESH_L2_PREFETCH).
 
-After a layer's qkv projection, the next kernels (RoPE and the K/V write, the decode attention
-and its reduce) read a few kilobytes; the o_proj GEMV after them streams its whole weight. The
-forward pass (llama.py) asks for that weight here as soon as the qkv projection is queued: on a
-side stream, behind the main stream's work so far, `llmesh.kernels.l2_prefetch` requests the
-weight's bytes (those its kernel will read at this batch size, quant/linear.kernel_operands) into
-L2, and the main stream goes on without waiting. The side stream rejoins the main one at the end
-of the forward pass (`join`), as a CUDA graph capture requires of a forked stream.
+Between a layer's qkv projection and its o_proj GEMV run kernels that read a few kilobytes (RoPE
+and the K/V write, the decode attention and its reduce), while the o_proj GEMV then streams its
+whole weight. The forward pass (llama.py) asks for that weight here as soon as `norm_qkv_rope` has
+queued its kernels (the GEMV, and RoPE with the K/V write where they are a kernel of their own),
+so the request overlaps the attention and its reduce: on a side stream, behind the main stream's
+work so far, `llmesh.kernels.l2_prefetch` requests the weight's bytes (those its kernel will read
+at this batch size, quant/linear.kernel_operands) into L2, and the main stream goes on without
+waiting. The side stream rejoins the main one at the end of the forward pass (`join`), as a CUDA
+graph capture requires of a forked stream. It is a high-priority stream, so its one-warp programs
+are not queued behind the attention's or the early-launched GEMV's (a hint: a graph keeps node
+priorities only where it is instantiated to).
 
 Modes (LLMESH_L2_PREFETCH): 0 (default) off; 1 o_proj's weight; 2 that and, in a dense layer,
 the first LEAD_BYTES of the MLP's gate/up weight, which the o_proj GEMV (reading L2) and the norm
-after it would otherwise leave HBM idle for. Only inside a CUDA graph capture (the decode steps):
-there the fork costs nothing a step, where an eager step would pay a Triton launch per layer on
-the host. Only up to MAX_TOKENS rows: past them the GEMMs are no longer weight streams. Off by
-default until a device measures it (bench/plans/open_goals.plan, the l2-prefetch A/B); a prefetch
-changes no value, so greedy output is the same in every mode.
+after it would otherwise leave HBM idle for. Only inside a CUDA graph capture (the decode graphs,
+and mixed graphs of up to MAX_TOKENS tokens): there the fork costs nothing a step, where an eager
+step would pay a Triton launch per layer on the host. Only up to MAX_TOKENS rows: past them the
+GEMMs are no longer weight streams. Off by default until a device measures it
+(bench/plans/open_goals.plan, the l2-prefetch A/B); a prefetch changes no value, so greedy output
+is the same in every mode.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ the 50 MB L2 of an H100 / H200 that the GEMVs between stream nothing through).""
 
 
 def prefetch_mode(device: torch.device, ops: str) -> int:
-    """LLMESH_L2_PREFETCH's mode where it can run: the triton op table on a CUDA device of compute
-    capability 9.0 or later (cp.async.bulk.prefetch is sm90's); 0 elsewhere."""
+    """LLMESH_L2_PREFETCH's mode where it can run: the triton op table on an NVIDIA GPU of compute
+    capability 9.0 or later (cp.async.bulk.prefetch is sm90's PTX; ROCm reports MI300 as 9.x too);
+    0 elsewhere."""
     raw = os.environ.get(PREFETCH_ENV, "0").strip() or "0"
     if raw not in {str(m) for m in MODES}:
         raise ValueError(f"{PREFETCH_ENV}={raw!r}: expected one of {', '.join(map(str, MODES))}")
-    if raw == "0" or ops != "triton" or device.type != "cuda":
+    if raw == "0" or ops != "triton" or device.type != "cuda" or torch.version.hip is not None:
         return 0
     return int(raw) if torch.cuda.get_device_capability(device) >= (9, 0) else 0
 
@@ -56,18 +62,18 @@ class WeightPrefetcher:
         if mode:
             from llmesh.kernels.l2_prefetch import l2_prefetch, scratch
 
-            self.side = torch.cuda.Stream(device)
+            self.side = torch.cuda.Stream(device, priority=-1)
             # The kernel compiled and loaded and its scratch made now, eagerly: a module load or an
             # allocation inside the first capture could fail it. Its own 16 bytes: the launch a
             # weight's prefetch specialises to (every byte count and address a multiple of 16).
             l2_prefetch(scratch(device))
         self.forked = False
         self.bytes_asked = 0
-        """Bytes the last captured forward pass asked for (for the benchmark's record)."""
+        """Bytes the last captured forward pass asked for (kernel_profile.py records it)."""
 
     def attention_window(self, o_proj: Weight | list[Weight], gate_up: Weight | list[Weight] | None,
                          tokens: int) -> None:
-        """Called as a layer's qkv projection is queued: ask for o_proj's weight (and in mode 2 the
+        """Called once norm_qkv_rope has queued a layer's kernels: ask for o_proj's weight (and in mode 2 the
         first LEAD_BYTES of gate/up's) on the side stream, behind what the current stream has queued."""
         if not self.mode or tokens > MAX_TOKENS or not torch.cuda.is_current_stream_capturing():
             return

@@ -38,6 +38,8 @@ multiplied by cuBLAS (compute bound there; vLLM's AWQ switches at the same size)
 
 
 _KIND = {Int4Weight: "w4a16", Int8Weight: "w8a16", Fp8Weight: "fp8"}
+_PRIVATE_COPIES = frozenset({"swapped", "int4pack", "gemlite", "fbgemm"})
+"""Table choices whose kernels read a copy of the weight in a layout of their own (kernel_operands)."""
 log = logging.getLogger(__name__)
 
 
@@ -330,11 +332,12 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
 
 def kernel_operands(w: Weight | list[Weight], m: int, device: torch.device) -> list[torch.Tensor]:
     """The weight tensors the kernel that multiplies m rows by ``w`` on ``device`` reads (what an
-    L2 prefetch should bring in, model/prefetch.py): a dense weight itself; a packed one's copy in
-    its kernel's layout where the measured table sends m rows to the fragment-order kernel and the
-    copy exists, else its own codes and scales (the other kernels, our GEMVs and tl.dot GEMMs
-    among them, read those; a library's private copy is not named, so its weight's own bytes are
-    asked for instead: a prefetch is only a hint)."""
+    L2 prefetch should bring in, model/prefetch.py): a dense weight itself; a packed one's
+    fragment-order copy where the measured table sends m rows to that kernel (its own codes and
+    scales until the copy is made); none where the table picks a kernel that reads a private copy
+    not named here (the swapped-operand kernel's, tinygemm's, GemLite's, FBGEMM's), since asking
+    for bytes no kernel reads would only take HBM time and L2 room; else the weight's own codes
+    and scales (our GEMVs and tl.dot GEMMs, the dequantizing path, FP8's kernels)."""
     if isinstance(w, list):
         return [t for part in w for t in kernel_operands(part, m, device)]
     if isinstance(w, torch.Tensor):
@@ -344,8 +347,11 @@ def kernel_operands(w: Weight | list[Weight], m: int, device: torch.device) -> l
         from llmesh.kernels.quant_gemm_config import tuned_choice
 
         choice = tuned_choice(device, _KIND[type(w)], m, w.out_features, w.in_features)
-        if choice is not None and choice[0] == "mma" and (copy := cached_layout(w)) is not None:
+        name = None if choice is None else choice[0]
+        if name == "mma" and (copy := cached_layout(w)) is not None:
             return [copy.codes, copy.scales]
+        if name in _PRIVATE_COPIES:
+            return []
     names = ("qweight", "scales", "mins", "group_scales")
     return [t for t in (getattr(w, name, None) for name in names) if isinstance(t, torch.Tensor)]
 
