@@ -5,8 +5,9 @@ kernels that read almost nothing from it (RoPE and the K/V write, the decode att
 reduce, the norms): for those microseconds the memory system idles. A weight the next GEMV
 reads can be fetched into L2 in that window (an H100/H200 L2 holds 50 MB; the 8B model's o_proj
 is 8.4 MB in INT4, Qwen3-30B-A3B's 16.8 MB in bf16), so the GEMV then reads it at L2 speed and
-latency instead of HBM's. The engine launches this on a side stream (model/prefetch.py) right
-after the qkv projection; nothing waits for it, and it changes no value anywhere.
+latency instead of HBM's. The engine launches this on a side stream (model/prefetch.py) once the
+qkv projection (and its RoPE and K/V write) is queued; nothing waits for it, and it changes no
+value anywhere.
 
 A program (one warp) owns BLOCK chunks of CHUNK bytes; each thread issues one
 ``cp.async.bulk.prefetch.L2.global`` for its chunk (sm90+: an asynchronous bulk request the
