@@ -36,8 +36,9 @@ MODES = (0, 1, 2)
 MAX_TOKENS = 64
 """Rows up to which a step's weights are asked for (the decode batch sizes where they stream)."""
 LEAD_BYTES = 16 << 20
-"""Mode 2: the bytes of gate/up asked for with o_proj (with o_proj's 8.4 MB in INT4, well inside
-the 50 MB L2 of an H100 / H200 that the GEMVs between stream nothing through)."""
+"""Mode 2: the bytes of gate/up asked for with o_proj (with o_proj's 8.9 MB in INT4, 25 MB of the
+50 MB L2 of an H100 / H200, which nothing between the request and the gate/up GEMV streams through:
+the attention reads kilobytes and the o_proj GEMV the L2)."""
 
 
 def prefetch_mode(device: torch.device, ops: str) -> int:
@@ -73,8 +74,9 @@ class WeightPrefetcher:
 
     def attention_window(self, o_proj: Weight | list[Weight], gate_up: Weight | list[Weight] | None,
                          tokens: int) -> None:
-        """Called once norm_qkv_rope has queued a layer's kernels: ask for o_proj's weight (and in mode 2 the
-        first LEAD_BYTES of gate/up's) on the side stream, behind what the current stream has queued."""
+        """Called once norm_qkv_rope has queued a layer's kernels: ask for o_proj's weight (and in
+        mode 2 the first LEAD_BYTES of gate/up's) on the side stream, behind what the current
+        stream has queued."""
         if not self.mode or tokens > MAX_TOKENS or not torch.cuda.is_current_stream_capturing():
             return
         from llmesh.kernels.l2_prefetch import l2_prefetch
