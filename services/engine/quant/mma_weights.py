@@ -98,7 +98,7 @@ def cached_layout(w: Int4Weight | Int8Weight) -> MmaLayout | None:
 
 
 def copy_bytes(w: Int4Weight | Int8Weight) -> int:
-    cached = w.__dict__.get(_CACHE)
+    cached = cached_layout(w)
     return 0 if cached is None else sum(t.numel() * t.element_size() for t in (cached.codes, cached.scales))
 
 
