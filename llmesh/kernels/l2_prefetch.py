@@ -44,7 +44,8 @@ def _l2_prefetch_kernel(base_ptr, nbytes, record_ptr, CHUNK: tl.constexpr, BLOCK
     size = tl.where(live, tl.minimum(nbytes - start, CHUNK), 0).to(tl.int32)
     if not INTERPRET:
         # a dead chunk (size 0) issues nothing; the 0 the asm returns is stored nowhere, but a
-        # store the compiler cannot prove dead keeps the asm (it has no output of its own)
+        # store the compiler cannot prove dead keeps the asm (it has no output of its own); without
+        # a record, record_ptr is the prefetched bytes themselves, never written
         zero = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
             "=r,l,r", [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
@@ -69,20 +70,6 @@ def byte_span(t: torch.Tensor) -> tuple[int, int]:
     return lo, max(hi - lo, 0)
 
 
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
-
-
-def scratch(device: torch.device) -> torch.Tensor:
-    """The never-written int64 pair the kernel's guarded store points at without ``record``: one a
-    device, made on first use (the engine makes it at load, so no CUDA graph capture allocates it)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # the key a tensor's own device gives
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _SCRATCH:
-        _SCRATCH[device] = torch.zeros(2, dtype=torch.int64, device=device)
-    return _SCRATCH[device]
-
-
 def chunk_plan(nbytes: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     """The reference: the (offset, size) of each prefetch over ``nbytes`` bytes."""
     return [(off, min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
@@ -104,7 +91,7 @@ def l2_prefetch(t: torch.Tensor, *, max_bytes: int | None = None, record: torch.
     data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage(), lo, (nbytes,), (1,))
     if data.data_ptr() % 16:  # a storage the caching allocator did not align: the instruction would fault
         return 0
-    rec = record if record is not None else scratch(t.device)
+    rec = record if record is not None else data  # the guarded store's target, never taken
     _l2_prefetch_kernel[(triton.cdiv(chunks, BLOCK),)](
         data, nbytes, rec, CHUNK=CHUNK, BLOCK=BLOCK, RECORD=record is not None, INTERPRET=interpreting(),
         num_warps=BLOCK // 32)

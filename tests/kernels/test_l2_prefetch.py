@@ -82,7 +82,7 @@ def test_refusals_and_the_cpu_noop(monkeypatch):
 _COMPILE = r"""
 from llmesh.kernels.compile_check import compile_sm90
 from llmesh.kernels.l2_prefetch import _l2_prefetch_kernel
-k = compile_sm90(_l2_prefetch_kernel, {"base_ptr": "u8", "record_ptr": "i64"},
+k = compile_sm90(_l2_prefetch_kernel, {"base_ptr": "u8", "record_ptr": "u8"},  # the engine's launch
                  dict(CHUNK=4096, BLOCK=32, RECORD=False, INTERPRET=False), num_warps=1, num_stages=1)
 ptx = k.asm["ptx"]
 print(ptx.count("cp.async.bulk.prefetch.L2.global"), len(k.asm["cubin"]) > 0)

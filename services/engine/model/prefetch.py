@@ -61,13 +61,13 @@ class WeightPrefetcher:
         self.mode = mode
         self.side = None
         if mode:
-            from llmesh.kernels.l2_prefetch import l2_prefetch, scratch
+            from llmesh.kernels.l2_prefetch import l2_prefetch
 
             self.side = torch.cuda.Stream(device, priority=-1)
-            # The kernel compiled and loaded and its scratch made now, eagerly: a module load or an
-            # allocation inside the first capture could fail it. Its own 16 bytes: the launch a
-            # weight's prefetch specialises to (every byte count and address a multiple of 16).
-            l2_prefetch(scratch(device))
+            # The kernel compiled and loaded now, eagerly: a module load inside the first capture
+            # could fail it. 16 bytes of a fresh tensor: the launch a weight's prefetch specialises
+            # to (every byte count and address a multiple of 16).
+            l2_prefetch(torch.zeros(16, dtype=torch.uint8, device=device))
         self.forked = False
         self.bytes_asked = 0
         """Bytes the last captured forward pass asked for (kernel_profile.py records it)."""
