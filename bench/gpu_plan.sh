@@ -37,6 +37,23 @@ if [ -z "${LLMESH_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "gpu_plan: LLMESH_COMMIT is unset and this tree has no .git: set it to the commit the tree is" >&2
   exit 2
 fi
+# The plan read once, checked whole (a malformed line, or a STEPS name it lacks, stops it before
+# any step runs): P_DEVICES, P_SECONDS, P_NAMES, P_COMMANDS, one entry a step.
+P_DEVICES=(); P_SECONDS=(); P_NAMES=(); P_COMMANDS=()
+while IFS='|' read -r devices seconds name command || [ -n "$devices" ]; do
+  devices=$(trim "$devices")
+  [ -z "$devices" ] || [[ "$devices" == \#* ]] && continue
+  seconds=$(trim "$seconds"); name=$(trim "$name"); command=$(trim "$command")
+  if [ -z "$command" ] || ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
+    echo "gpu_plan: malformed line for step '$name' (DEVICES | SECONDS | NAME | COMMAND)" >&2; exit 2
+  fi
+  P_DEVICES+=("$devices"); P_SECONDS+=("$seconds"); P_NAMES+=("$name"); P_COMMANDS+=("$command")
+done < "$PLAN"
+WANTED=${STEPS:-}
+for want in ${WANTED//,/ }; do
+  [[ " ${P_NAMES[*]} " == *" $want "* ]] \
+    || { echo "gpu_plan: STEPS names '$want', which $PLAN has no step of" >&2; exit 2; }
+done
 if [ "$SMOKE" = 1 ]; then
   DEVICE=${DEVICE_KEY:-cpu}
   export RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d)}
@@ -69,23 +86,13 @@ pack() {  # every result, tuned table and module written since the start, and th
   tar -czf "$PACK/plan.tgz.part" "${NEW[@]}" -C "$(dirname "$LOGS")" logs && mv "$PACK/plan.tgz.part" "$PACK/plan.tgz"
 }
 
-names() { grep -v '^[[:space:]]*\(#\|$\)' "$PLAN" | awk -F'|' '{ gsub(/^[ \t]+|[ \t]+$/, "", $3); print $3 }'; }
-WANTED=${STEPS:-}
-for want in ${WANTED//,/ }; do
-  names | grep -qx -- "$want" || { echo "gpu_plan: STEPS names '$want', which $PLAN has no step of" >&2; exit 2; }
-done
 stamp "device $DEVICE, plan $PLAN, budget ${BUDGET}s, commit ${LLMESH_COMMIT:-$(git rev-parse HEAD)}"
 SUMMARY=()
 FAILED=0
 DRY_SPENT=0  # DRY_RUN: the estimates of the steps listed so far, as if they had run
 n=0
-while IFS='|' read -r devices seconds name command || [ -n "$devices" ]; do
-  devices=$(trim "$devices")
-  [ -z "$devices" ] || [[ "$devices" == \#* ]] && continue
-  seconds=$(trim "$seconds"); name=$(trim "$name"); command=$(trim "$command")
-  if [ -z "$command" ] || ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
-    echo "gpu_plan: malformed line for step '$name' (DEVICES | SECONDS | NAME | COMMAND)" >&2; exit 2
-  fi
+for i in "${!P_NAMES[@]}"; do
+  devices=${P_DEVICES[$i]} seconds=${P_SECONDS[$i]} name=${P_NAMES[$i]} command=${P_COMMANDS[$i]}
   [[ "$devices" == "*" || ",${devices// /}," == *",$DEVICE,"* ]] || continue
   [ -z "${STEPS:-}" ] || [[ ",${STEPS// /}," == *",$name,"* ]] || continue
   n=$((n + 1))
@@ -131,7 +138,7 @@ while IFS='|' read -r devices seconds name command || [ -n "$devices" ]; do
   stamp "step $name: $verdict in ${took}s"
   SUMMARY+=("$name: $verdict in ${took}s (log $(basename "$log"))")
   pack
-done < "$PLAN"
+done
 
 stamp "summary"
 [ ${#SUMMARY[@]} -eq 0 ] || printf '  %s\n' "${SUMMARY[@]}"
