@@ -50,6 +50,15 @@ class SkinnyConfig:
 # SkinnyConfig order}. Only entries where the kernel beat F.linear in bench/gemm_sweep.py;
 # bench/paste_tables.py writes the device's table from the sweep's result file.
 TUNED: dict[str, dict[tuple[int, int, int], tuple[int, int, int, int, int, int, bool]]] = {}
+TUNED["h100"] = {
+    (128, 2048, 1): (1, 4, 1024, 1, 4, 1, False),
+    (2048, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+    (4096, 4096, 1): (1, 8, 512, 1, 4, 1, False),
+    (4096, 14336, 1): (1, 8, 512, 1, 4, 3, False),
+    (5120, 2048, 1): (1, 4, 1024, 1, 4, 1, False),
+    (6144, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+    (128256, 4096, 1): (1, 4, 1024, 1, 4, 1, False),
+}
 # bench/results/gemm_sweep_h200.json (H200, 2026-11-29): M = 1 wins 1.04-1.24x (0.73-0.99 of copy
 # bandwidth against cuBLAS's 0.59-0.95); from M = 2 cuBLAS mostly wins, the LM head excepted.
 # Qwen3-30B-A3B's dense projections (bench/results/gemm_sweep_h200_moe.json, H200, 2026-11-30):
@@ -86,6 +95,7 @@ _INTERPRET_DOT = SkinnyConfig(16, 16, 32, 1, 1, 1, True)
 # GEMV with the fused RMSNorm / SiLU-and-mul prologue (fused_skinny.py) slower than the two
 # separate kernels: those shapes keep the separate ops. Empty until a GPU run says otherwise.
 FUSED_SLOWER: dict[str, set[tuple[int, int, int]]] = {}
+FUSED_SLOWER["h100"] = {(4096, 14336, 1), (5120, 2048, 1), (6144, 4096, 1), (28672, 4096, 1)}
 # bench/results/gemm_fused_ab_h200.json: at M = 1 the RMSNorm prologue costs more than the
 # separate norm kernel for qkv (-5.9 us) and gate_up (-3.8 us, whose programs read 40 KB of
 # activation row for a 32 KB weight slice); the SiLU prologue of down saves 2.2 us.
