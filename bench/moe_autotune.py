@@ -56,40 +56,67 @@ SORTED_CHANGES = ({"a_tma": 1, "weight_tma": 1},
 warps: Triton 3.6's pass declines 8), then as a persistent kernel with a warp-specialized tile loop."""
 
 
-def _spent(deadline: float, what: str) -> bool:
-    """Whether the sweep's budget is spent (said once per skipped stage)."""
-    if time.perf_counter() < deadline:
-        return False
-    print(f"[moe] autotune budget spent: {what} skipped", flush=True)
-    return True
+class Budget:
+    """The sweep's time budget. A stage (one candidate or one change) is begun only while the
+    longest stage so far would still end before the deadline: an H100 call with a 240 s budget was
+    cut at 533 s inside a warp-specialized change, before any winner was kept."""
+
+    def __init__(self, seconds: float):
+        self.start = time.perf_counter()
+        self.deadline = self.start + seconds
+        self.longest = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def spent(self, what: str) -> bool:
+        """Whether the budget is spent for a stage about to begin (said for each skipped stage)."""
+        if time.perf_counter() + self.longest < self.deadline:
+            return False
+        print(f"[moe] autotune budget spent at {self.elapsed():.0f}s (longest stage {self.longest:.0f}s): "
+              f"{what} skipped", flush=True)
+        return True
+
+    def timed(self, fn, *args):
+        """fn(*args), its duration counted towards the longest stage (also when it raises)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - t0)
 
 
 def _refine(run, changes, best_up, best_down, best_ms: float, tag: str, which_gemms=("up", "down"),
-            deadline: float = float("inf"), retime: bool = False):
+            budget: Budget | None = None, retime: bool = False, keep=None):
     """Each of ``changes`` (MoEConfig fields to replace, a dict each) on the gate/up winner, then
     on the down one (of ``which_gemms``), each timed against the layer's best total so far:
     (best_up, best_down, best_ms). ``retime``: the winners timed together once more before the
-    first change, as its baseline. Changes not begun by ``deadline`` are skipped (with the retiming)."""
+    first change, as its baseline. Changes ``budget`` has no room for are skipped (with the
+    retiming). ``keep(best_up, best_down)`` is called on each new winner, so a call cut later keeps it."""
+    budget = budget or Budget(float("inf"))
     for change in changes:
         label = ",".join(f"{k}={v}" for k, v in change.items())
-        if _spent(deadline, f"{tag} {label}"):
+        if budget.spent(f"{tag} {label}"):
             break
         if retime:
-            best_ms, retime = run(best_up, best_down), False
+            best_ms, retime = budget.timed(run, best_up, best_down), False
         for which in which_gemms:
             try:  # a combination MoEConfig refuses (TMA boxes past 256) is skipped like one that cannot run
                 c = replace(best_up if which == "up" else best_down, **change)
-                ms = run(c, best_down) if which == "up" else run(best_up, c)
+                ms = budget.timed(run, c, best_down) if which == "up" else budget.timed(run, best_up, c)
             except Exception as exc:  # out of shared memory / registers: skip it
                 print(f"[moe] autotune {tag} {which} {label}: {type(exc).__name__}: {exc}", flush=True)
                 continue
-            print(f"[moe] autotune {tag} {which} {label}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
+            print(f"[moe] autotune [{budget.elapsed():.0f}s] {tag} {which} {label}: {ms:.3f} ms "
+                  f"(best {best_ms:.3f})", flush=True)
             if ms < best_ms:
                 best_ms = ms
                 if which == "up":
                     best_up = c
                 else:
                     best_down = c
+                if keep is not None:
+                    keep(best_up, best_down)
     return best_up, best_down, best_ms
 
 
@@ -103,18 +130,17 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
     program order are tried. ``gemv_only``: each GEMM's GEMV candidates against its table entry (a
     GEMV config replaces it only where it measured faster), a few minutes' sweep less.
     ``budget_s``: past it, the candidates and refinements not yet begun are skipped and each size
-    keeps the best measured so far; every size's winners are merged as soon as it finishes, so a
-    call cut short keeps the sizes done."""
+    keeps the best measured so far; a size's winners are merged into the table after its tile sweep
+    and again on each refinement that beats them, so a call cut short keeps what it measured."""
     from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import m_bucket, merge_tuned, pick_config, table_tag
 
     gen = torch.Generator(device).manual_seed(1)
     w13, w2, quant = tune_weights(weights, *experts(s, device, gen))
     lines = []
-    deadline = time.perf_counter() + budget_s
+    budget = Budget(budget_s)
     tag = table_tag(device_tag(device), weights)
     for t in m_values:
-        entries = {}
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         topk_w, ids = routing(t, s, device, gen)
         candidates = tune_candidates(t, s, smoke, weights)
@@ -139,10 +165,10 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         # The gate/up GEMM first (down at its default); then the down GEMM with the same BLOCK_M.
         best_up, best_up_ms = None, float("inf")
         for i, c in enumerate(candidates):
-            if best_up is not None and _spent(deadline, f"{weights} T={t}: {len(candidates) - i} gate/up candidates"):
+            if best_up is not None and budget.spent(f"{weights} T={t}: {len(candidates) - i} gate/up candidates"):
                 break
             try:
-                ms = run(c, replace(default_down, block_m=c.block_m))
+                ms = budget.timed(run, c, replace(default_down, block_m=c.block_m))
             except Exception as exc:  # out of shared memory / registers for this tile: skip it
                 print(f"[moe] autotune {weights} T={t} {c}: {type(exc).__name__}", flush=True)
                 continue
@@ -155,44 +181,53 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         for c in down_candidates if tiles else [default_down]:
             if c.block_m != best_up.block_m:
                 continue
-            if best_down is not None and _spent(deadline, f"{weights} T={t}: the rest of the down candidates"):
+            if best_down is not None and budget.spent(f"{weights} T={t}: the rest of the down candidates"):
                 break
             try:
-                ms = run(best_up, c)
+                ms = budget.timed(run, best_up, c)
             except Exception as exc:
                 print(f"[moe] autotune {weights} T={t} down {c}: {type(exc).__name__}", flush=True)
                 continue
             if ms < best_down_ms:
                 best_down, best_down_ms = c, ms
+        b = m_bucket(t)
+
+        def keep(up, down):  # this size's winners so far into the table (a later cut keeps them)
+            entries = {(s.experts, s.inter, s.hidden, b): up}
+            if down is not None:
+                entries[(s.experts, s.hidden, s.inter, b)] = down
+            merge_tuned(tuned_file, tag, entries)
+            return entries
+
+        print(f"[moe] autotune [{budget.elapsed():.0f}s] {weights} T={t} tile sweep: gate/up {best_up!r} "
+              f"{best_up_ms:.3f} ms, down {best_down!r} {best_down_ms:.3f} ms", flush=True)
+        keep(best_up, best_down)
+        tag_t = f"{weights} T={t}"
         if best_down is not None and not prefill:
             # decode sizes: the winners again with the K loop in pieces (more programs for a
             # batch whose few expert blocks leave SMs idle)
             best_up, best_down, best_down_ms = _refine(run, [{"split_k": v} for v in SPLIT_CANDIDATES], best_up,
-                                                       best_down, best_down_ms, f"{weights} T={t}",
-                                                       deadline=deadline)
+                                                       best_down, best_down_ms, tag_t, budget=budget, keep=keep)
         if best_down is not None and prefill:
             # prefill sizes: the winners again in grouped program order (L2 reuse of a block's
             # rows and an expert's weight columns), against both winners timed together once more
             best_up, best_down, best_down_ms = _refine(run, [{"group_m": v} for v in GROUP_CANDIDATES], best_up,
-                                                       best_down, best_down_ms, f"{weights} T={t}", deadline=deadline,
-                                                       retime=True)
+                                                       best_down, best_down_ms, tag_t, budget=budget, retime=True,
+                                                       keep=keep)
         if best_down is not None and weight_tma_supported(w13):
             # every size: the winners with their weight tiles through TMA descriptors
             best_up, best_down, best_down_ms = _refine(run, [{"weight_tma": 1}], best_up, best_down, best_down_ms,
-                                                       f"{weights} T={t}", deadline=deadline, retime=True)
+                                                       tag_t, budget=budget, retime=True, keep=keep)
         if best_down is not None and weights == "dense" and not best_down.gemv and weight_tma_supported(w2):
             # tl.dot tiles: the down GEMM's activation tiles whole through TMA, then warp-specialized
             best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down, best_down_ms,
-                                                       f"{weights} T={t}", ("down",), deadline, retime=True)
-        b = m_bucket(t)
-        entries[(s.experts, s.inter, s.hidden, b)] = best_up
+                                                       tag_t, ("down",), budget, retime=True, keep=keep)
+        entries = keep(best_up, best_down)
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "
                      f"{best_up_ms:.3f} ms ({len(candidates)} candidates)")
         if best_down is not None:
-            entries[(s.experts, s.hidden, s.inter, b)] = best_down
             lines.append(f"{weights} ({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
                          f"{best_down_ms:.3f} ms")
         print("\n".join(lines[-2:]), flush=True)
-        merge_tuned(tuned_file, tag, entries)
         print(f"[moe] {len(entries)} entries for {tag} -> {tuned_file}", flush=True)
     return lines

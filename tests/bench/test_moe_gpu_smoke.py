@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,16 +67,21 @@ def test_gemv_only_sweep_and_the_batch1_part(tmp_path):
     assert "moe_gemm_frac" not in m  # the kernel part did not run
 
 
-def _refine_and_config():
-    """bench/moe_autotune.py's _refine (bench/ is a scripts folder, not a package) and MoEConfig."""
+def _autotune_module():
+    """bench/moe_autotune.py (bench/ is a scripts folder, not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from moe_autotune import _refine
+        import moe_autotune
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return moe_autotune
+
+
+def _refine_and_config():
+    """bench/moe_autotune.py's _refine and MoEConfig."""
     from llmesh.kernels.fused_moe_config import MoEConfig
 
-    return _refine, MoEConfig
+    return _autotune_module()._refine, MoEConfig
 
 
 def test_refine_skips_a_combination_the_config_refuses():
@@ -102,9 +108,32 @@ def test_refine_past_its_deadline_runs_nothing(capsys):
     up, down = MoEConfig(16, 64, 64, 4, 3), MoEConfig(16, 64, 64, 4, 3)
     timed = []
     got = _refine(lambda u, d: timed.append((u, d)) or 1.0, [{"group_m": 2}, {"group_m": 4}], up, down, 2.0,
-                  "test", deadline=0.0, retime=True)
+                  "test", budget=_autotune_module().Budget(0.0), retime=True)
     assert got == (up, down, 2.0) and timed == []  # not even the baseline's retiming ran
-    assert "autotune budget spent: test group_m=2 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "autotune budget spent at 0s" in out and "test group_m=2 skipped" in out
+
+
+def test_budget_leaves_room_for_its_longest_stage_and_refine_keeps_each_winner(capsys):
+    """A change is begun only while the longest stage so far still fits: after a 0.3 s stage, a
+    budget with 0.2 s left begins nothing more. Each winner is handed to keep as it is found, so a
+    call cut inside a later change (an H100's was, at 533 s of a 240 s budget) keeps it."""
+    at = _autotune_module()
+    _refine, MoEConfig = _refine_and_config()
+    up, down = MoEConfig(16, 64, 64, 4, 3), MoEConfig(16, 64, 64, 4, 3)
+    budget = at.Budget(0.5)
+    kept = []
+
+    def run(u, d):  # the first change is slow and faster; the second must not begin
+        time.sleep(0.3)
+        return 1.0 if d.group_m == 2 else 2.0
+
+    got = _refine(run, [{"group_m": 2}, {"group_m": 4}], up, down, 2.0, "test", ("down",), budget,
+                  keep=lambda u, d: kept.append((u, d)))
+    assert got[1].group_m == 2 and got[2] == 1.0
+    assert kept == [(up, got[1])]
+    assert 0.3 <= budget.longest < 0.5
+    assert "test group_m=4 skipped" in capsys.readouterr().out
 
 
 def test_spent_budget_keeps_the_best_so_far_and_writes_it(tmp_path):
@@ -112,7 +141,7 @@ def test_spent_budget_keeps_the_best_so_far_and_writes_it(tmp_path):
     refinements are skipped, and the winners still reach the tuned file."""
     proc = _moe_smoke(tmp_path, "--parts", "decode1", "--autotune", "--tune-gemv-only", "--tune-m", "1",
                       "--tune-budget-s", "0")
-    assert "autotune budget spent: dense T=1: 1 gate/up candidates skipped" in proc.stdout
+    assert "dense T=1: 1 gate/up candidates skipped" in proc.stdout and "autotune budget spent at" in proc.stdout
     assert "split_k=2:" not in proc.stdout  # no refinement ran
     tuned = json.loads((tmp_path / "fused_moe_tuned_smoke.json").read_text())["cpu"]
     assert len(tuned) == 2  # the gate/up and down winners at batch 1
