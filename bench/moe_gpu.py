@@ -84,7 +84,8 @@ def sorted_layout_ms(x, w13, w2, weights, ids, s: Shapes, device: torch.device, 
     """The layer on the table's tiles as they are ("table"), with the down GEMM in the sorted hidden
     layout ("sorted", MoEConfig.a_tma), that down loop warp-specialized ("warp_spec") and as a
     persistent kernel ("persistent"; SORTED_CHANGES), each output checked bit for bit against the
-    first: {} where a GEMM runs the GEMV form or the weights cannot take TMA."""
+    first: {} where a GEMM runs the GEMV form or the weights cannot take TMA; a variant MoEConfig
+    refuses on these tiles (warp_spec past WARP_SPEC_MAX_ROWS) is left out, said on stdout."""
     from llmesh.kernels.fused_moe import fused_moe, weight_tma_supported
     from llmesh.kernels.fused_moe_config import pick_config
 
@@ -93,8 +94,12 @@ def sorted_layout_ms(x, w13, w2, weights, ids, s: Shapes, device: torch.device, 
     down = replace(pick_config(t, s.experts, s.hidden, s.inter, s.top_k, device), block_m=up.block_m)
     if up.gemv or not weight_tma_supported(w2):
         return {}
-    variants = {"table": down, **{name: replace(down, **change)
-                                  for name, change in zip(("sorted", "warp_spec", "persistent"), SORTED_CHANGES)}}
+    variants = {"table": down}
+    for name, change in zip(("sorted", "warp_spec", "persistent"), SORTED_CHANGES):
+        try:
+            variants[name] = replace(down, **change)
+        except ValueError as exc:
+            print(f"[moe] {tag}: no {name} variant of the table's down tile: {exc}", flush=True)
     want = fused_moe(x, w13, w2, weights, ids, config=up, down_config=down)
     out = {}
     for name, cfg in variants.items():

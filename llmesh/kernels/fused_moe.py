@@ -106,9 +106,9 @@ and spends an atomic per row. Off: on the H100 (moe_h100_sorted.json, 78a1272) i
 _pair_block_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 _warp_spec_refused: set[tuple] = set()
-"""Down GEMM tiles (MoEConfig.warp_spec) whose warp-specialized loop this Triton failed to compile:
-3.9's pass fails at BLOCK_M 128 with 4 warps, where 3.6 (the GPU image's, which the tables are
-measured with) partitions it. They run the plain loop, so a table stays usable across versions."""
+"""Down GEMM tiles (MoEConfig.warp_spec) whose warp-specialized loop this Triton failed to compile
+(3.9's pass failed at BLOCK_M 128 with 4 warps, tiles MoEConfig now refuses; another version may
+fail another tile). They run the plain loop, so a table stays usable across Triton versions."""
 
 
 # The pair count changes with every eager step's tokens: not specialised (no compile per

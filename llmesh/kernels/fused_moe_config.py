@@ -27,6 +27,12 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+WARP_SPEC_MAX_ROWS = 64
+"""The tallest tiles MoEConfig.warp_spec takes: 64-row tiles ran on an H100 (moe_h100_sorted.json),
+16-row ones in the GPU tests on H100 and H200; the down GEMM's 128-row tiles (128 x 128 x 64, 4 warps,
+3 stages), which Triton 3.6 compiles and partitions in a second on the CPU, never returned on an H100
+(session 48: two autotune calls were cut 100 and 280 s into that one change), and Triton 3.9's pass
+refuses them."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,10 @@ class MoEConfig:
             raise ValueError("MoEConfig.warp_spec needs a_tma and weight_tma and no split_k: Triton warp-specializes "
                              "a K loop whose operands both come through TMA, not one with gathered rows, and the "
                              f"kernel runs it without split-K's arrivals; got {self}")
+        if self.warp_spec and self.block_m > WARP_SPEC_MAX_ROWS:
+            raise ValueError(f"MoEConfig.warp_spec takes tiles of at most {WARP_SPEC_MAX_ROWS} rows: a "
+                             f"warp-specialized down loop of 128-row tiles hung an H100 under Triton 3.6 and "
+                             f"fails Triton 3.9's pass; got {self}")
 
     @property
     def gemv(self) -> bool:

@@ -106,6 +106,9 @@ def test_sorted_hidden_through_tma_gives_the_gathered_layouts_bits(device, fmt, 
 def test_a_tma_and_warp_spec_are_refused_where_they_cannot_run(device):
     with pytest.raises(ValueError, match="warp_spec needs a_tma and weight_tma"):
         MoEConfig(64, 64, 64, a_tma=1, warp_spec=1)
+    with pytest.raises(ValueError, match="warp_spec takes tiles of at most 64 rows"):
+        MoEConfig(128, 128, 64, 4, 3, a_tma=1, weight_tma=1, warp_spec=1)  # hung an H100 (Triton 3.6)
+    MoEConfig(128, 128, 64, 4, 3, a_tma=1, weight_tma=1)  # the same tile without it runs
     with pytest.raises(ValueError, match="a_tma reads"):
         MoEConfig(1, 16, 256, a_tma=1)  # the GEMV form reads one row a program
     with pytest.raises(ValueError, match="persistent needs a_tma"):
@@ -125,9 +128,10 @@ def test_a_tma_and_warp_spec_are_refused_where_they_cannot_run(device):
 
 
 class _WarpSpecRefusingKernel:
-    """A stand-in for a Triton kernel that a Triton version cannot warp-specialize (3.9 at 128
-    rows and 4 warps): its pass fails at compile, which only a GPU reaches, so the dispatch
-    rule is checked here on what each launch was asked for."""
+    """A stand-in for a Triton kernel that a Triton version cannot warp-specialize (3.9's pass
+    fails at 128 rows and 4 warps, which MoEConfig now refuses; another version may fail another
+    tile): its pass fails at compile, which only a GPU reaches, so the dispatch rule is checked
+    here on what each launch was asked for."""
 
     def __init__(self, error: str = "PassManager::run failed") -> None:
         self.launches: list[bool] = []
@@ -148,8 +152,8 @@ def test_a_tile_triton_cannot_warp_specialize_falls_back_once(caplog):
     from llmesh.kernels import fused_moe as fm
 
     kernel, other = _WarpSpecRefusingKernel(), _WarpSpecRefusingKernel()
-    big = MoEConfig(128, 128, 64, 4, 3, a_tma=1, weight_tma=1, warp_spec=1)
-    small = dataclasses.replace(big, block_m=64)
+    big = MoEConfig(64, 128, 64, 4, 3, a_tma=1, weight_tma=1, warp_spec=1)
+    small = dataclasses.replace(big, block_m=32)
     try:
         with caplog.at_level("WARNING", logger=fm.log.name):
             fm._launch_warp_spec(kernel, (1,), (), {}, True, big)

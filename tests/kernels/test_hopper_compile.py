@@ -362,8 +362,9 @@ def plain_pipelined_cases() -> dict[str, str | None]:
 # MoEConfig.warp_spec: the sorted-layout down GEMM's K loop, and the persistent down GEMM's tile
 # loop, must come out of the compiler partitioned into producer and consumer warps (a
 # ttg.warp_specialize region) at 4 warps, with the top-k sum in the epilogue or not; a loop under
-# an early return fails the pass (fused_moe.py). 64-row tiles: Triton 3.9's pass fails the first
-# at 128 rows and 4 warps, where 3.6's partitions it (fused_moe._warp_spec_refused); both take 64.
+# an early return fails the pass (fused_moe.py). 64-row tiles, the tallest MoEConfig takes for it
+# (WARP_SPEC_MAX_ROWS: at 128 rows and 4 warps Triton 3.9's pass fails the first, and 3.6 partitions
+# it but the kernel never returned on an H100).
 WARP_SPEC_CASES = [(f"moe-down-warp-spec-sum{token_sum}", TMA_CASES[1][1], TMA_CASES[1][2],
                     dict(TMA_CASES[1][3], a_desc="tensordesc<bf16[64, 64]>"),
                     dict(TMA_CASES[1][4], BLOCK_M=64, WARP_SPEC=True, TOKEN_SUM=token_sum)) for token_sum in (0, 8)]
