@@ -31,8 +31,8 @@ WARP_SPEC_MAX_ROWS = 64
 """The tallest tiles MoEConfig.warp_spec takes: 64-row tiles ran on an H100 (moe_h100_sorted.json),
 16-row ones in the GPU tests on H100 and H200; the down GEMM's 128-row tiles (128 x 128 x 64, 4 warps,
 3 stages), which Triton 3.6 compiles and partitions in a second on the CPU, never returned on an H100
-(session 48: two autotune calls were cut 100 and 280 s into that one change), and Triton 3.9's pass
-refuses them."""
+(session 48: two autotune calls were cut inside that one change, one 90 s into it), and Triton 3.9's
+pass refuses them."""
 
 
 @dataclass(frozen=True)

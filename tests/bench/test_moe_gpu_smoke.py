@@ -132,7 +132,7 @@ def test_budget_leaves_room_for_its_longest_stage_and_refine_keeps_each_winner(c
                   keep=lambda u, d: kept.append((u, d)))
     assert got[1].group_m == 2 and got[2] == 1.0
     assert kept == [(up, got[1])]
-    assert 0.3 <= budget.longest < 0.5
+    assert budget.longest >= 0.3
     assert "test group_m=4 skipped" in capsys.readouterr().out
 
 
