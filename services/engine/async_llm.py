@@ -21,9 +21,8 @@ import logging
 import pickle
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmesh.engine.config import EngineConfig
@@ -49,6 +48,7 @@ from llmesh.engine.pooling_params import PoolingParams, pooling_for_model
 from llmesh.engine.request import FinishReason, Priority
 from llmesh.engine.sampling_params import SamplingParams
 from llmesh.engine.stats import IterationStats, RequestStats
+from llmesh.engine.stream_delivery import Stream, deliver, merge, next_item, resolve
 from llmesh.overload import RetryEstimator
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,6 @@ class AbortResult:
     found: bool
     """Whether a live (waiting or running) request had this id."""
     freed_blocks: int
-
-
-@dataclass
-class _Stream:
-    """One request's deltas on their way to the caller's event loop; an exception item
-    ends the stream with that error."""
-
-    loop: asyncio.AbstractEventLoop
-    items: deque = field(default_factory=deque)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class AsyncLLM:
@@ -85,10 +75,13 @@ class AsyncLLM:
         self._publisher = publisher
         self._lock = threading.Lock()
         """Guards streams, calls and the output processor (the reader thread vs callers)."""
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._choices: dict[str, list[str]] = {}
-        """A live request with n > 1 → its choices' core request ids."""
+        """A live request's core id, when n > 1 → its choices' core request ids."""
+        self._core_ids: dict[str, str] = {}
+        """A live request's id as its caller gave it → the id it runs under in the core."""
+        self._submissions = itertools.count()
         self._call_ids = itertools.count()
         self._dead: str | None = None
         self.closing = False
@@ -169,34 +162,35 @@ class AsyncLLM:
         cancelling the iterator aborts the request."""
         self._check_room()  # the cheap refusal first: a full queue costs no input processing
         arrival = time.monotonic()
-        core_req = self.input_processor.process(prompt, params, request_id=request_id, priority=priority,
+        core_id = self._core_id(request_id)
+        core_req = self.input_processor.process(prompt, params, request_id=core_id, priority=priority,
                                                 cache_salt=cache_salt)
         choices = fan_out(core_req)
         index_of = {c.request_id: i for i, c in enumerate(choices)}
-        stream = _Stream(asyncio.get_running_loop())
+        stream = Stream(asyncio.get_running_loop())
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
-            if request_id in self._streams or request_id in self._choices \
-                    or any(c in self._streams for c in index_of):
+            if request_id in self._core_ids:
                 raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
                                           field="request_id")
             self._check_room()
             for c in choices:
                 self._streams[c.request_id] = stream
                 self.output_processor.add_request(c, arrival)
+            self._core_ids[request_id] = core_id
             if len(choices) > 1:
-                self._choices[request_id] = list(index_of)
+                self._choices[core_id] = list(index_of)
         live = set(index_of)
         try:
             for c in choices:
                 self._core.send(c)
             while live:
-                item = await _next_item(stream)
+                item = await next_item(stream)
                 # A slow reader gets several tokens of a choice per delta.
                 while (not item.finished and stream.items and not isinstance(stream.items[0], BaseException)
                        and stream.items[0].request_id == item.request_id):
-                    item = _merge(item, stream.items.popleft())
+                    item = merge(item, stream.items.popleft())
                 if item.finished:
                     live.discard(item.request_id)
                 item.index = index_of.get(item.request_id, 0)
@@ -204,9 +198,19 @@ class AsyncLLM:
                 yield item
         finally:
             with self._lock:
-                self._choices.pop(request_id, None)
+                self._choices.pop(core_id, None)
+                if self._core_ids.get(request_id) == core_id:
+                    del self._core_ids[request_id]
             for choice_id in live:
                 self._forget(choice_id, stream)
+
+    def _core_id(self, request_id: str) -> str:
+        """The id a submission runs under in the core: the caller's plus a number no other
+        submission of this engine has. An aborted request's last outputs may still be on their
+        way back from the core when its caller reuses the id (a router escalating, a client
+        retrying); keyed by the caller's id alone, they would land in the new request's stream
+        (the escalation test caught a token of the aborted one at the head of the next)."""
+        return f"{request_id}#{next(self._submissions)}"
 
     def pooling_params(self, dimensions: int | None = None) -> PoolingParams:
         """The PoolingParams of an embedding request to this engine (InvalidRequestError naming
@@ -233,27 +237,29 @@ class AsyncLLM:
         self._check_room()
         pooling = self.pooling_params(dimensions)
         arrival = time.monotonic()
-        reqs = [self.input_processor.process(p, None, request_id=f"{request_id}/{i}", priority=priority,
+        core_id = self._core_id(request_id)
+        reqs = [self.input_processor.process(p, None, request_id=f"{core_id}/{i}", priority=priority,
                                              cache_salt=cache_salt, pooling=pooling)
                 for i, p in enumerate(prompts)]
-        stream = _Stream(asyncio.get_running_loop())
+        stream = Stream(asyncio.get_running_loop())
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
-            if any(r.request_id in self._streams for r in reqs):
+            if request_id in self._core_ids:
                 raise InvalidRequestError(f"request_id {request_id!r} is already used by a live request",
                                           field="request_id")
             self._check_room()
             for r in reqs:
                 self._streams[r.request_id] = stream
                 self.output_processor.add_request(r, arrival)
+            self._core_ids[request_id] = core_id
         live = {r.request_id for r in reqs}
         done: dict[str, RequestOutput] = {}
         try:
             for r in reqs:
                 self._core.send(r)
             while live:
-                item = await _next_item(stream)
+                item = await next_item(stream)
                 if not item.finished:
                     continue
                 live.discard(item.request_id)
@@ -262,28 +268,40 @@ class AsyncLLM:
                                       f"({item.finish_reason}{': ' + item.error if item.error else ''})")
                 done[item.request_id] = item
         finally:
+            with self._lock:
+                if self._core_ids.get(request_id) == core_id:
+                    del self._core_ids[request_id]
             for rid in live:
                 self._forget(rid, stream)
-        return [EmbeddingOutput(r.request_id, r.prompt_token_ids, done[r.request_id].embedding.tolist(),
-                                done[r.request_id].num_cached_tokens) for r in reqs]
+        return [EmbeddingOutput(f"{request_id}/{i}", r.prompt_token_ids, done[r.request_id].embedding.tolist(),
+                                done[r.request_id].num_cached_tokens) for i, r in enumerate(reqs)]
 
     async def abort(self, request_id: str) -> int:
         """Abort a request; returns how many KV blocks were freed."""
         return (await self.abort_request(request_id)).freed_blocks
 
     async def abort_request(self, request_id: str) -> AbortResult:
-        """Abort a request (every choice of it); says whether it was live and how many KV
-        blocks were freed. Its stream (if any) ends with an ABORT delta per choice."""
+        """Abort a request (every choice of it) by the id its caller gave; says whether it was
+        live and how many KV blocks were freed. Its stream ends with an ABORT delta per choice."""
+        with self._lock:
+            core_id, dead = self._core_ids.get(request_id), self._dead
+        if dead is not None:
+            raise EngineDeadError(dead)
+        if core_id is None:
+            return AbortResult(False, 0)  # not live here: the core holds nothing under it either
+        return await self._abort_core(core_id)
+
+    async def _abort_core(self, request_id: str) -> AbortResult:
         with self._lock:
             choice_ids = self._choices.get(request_id)
         if choice_ids is not None:
-            results = [await self.abort_request(c) for c in choice_ids]
+            results = [await self._abort_core(c) for c in choice_ids]
             return AbortResult(any(r.found for r in results), sum(r.freed_blocks for r in results))
         with self._lock:
             stream = self._streams.pop(request_id, None)
             self._record_abort(self.output_processor.remove(request_id))
         if stream is not None:
-            _deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
+            deliver(stream, [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT)])
         found, freed = await self.call(abort_with_result, request_id)
         return AbortResult(found, freed)
 
@@ -355,7 +373,7 @@ class AsyncLLM:
                 f"max_waiting_requests={sched.waiting_cap}, {s.num_running} running)", retry_after_s=hint)
 
     # ---- the reader thread -------------------------------------------------------------------
-    def _forget(self, request_id: str, stream: _Stream) -> None:
+    def _forget(self, request_id: str, stream: Stream) -> None:
         """The caller stopped listening: drop the stream and abort the request in the core."""
         with self._lock:
             if self._streams.get(request_id) is not stream:
@@ -374,7 +392,7 @@ class AsyncLLM:
         for batch in msg.kv_events:
             if self._publisher is not None:
                 self._publisher.publish(batch)
-        deliveries: dict[int, tuple[_Stream, list]] = {}
+        deliveries: dict[int, tuple[Stream, list]] = {}
         stopped: list[str] = []
         iteration = IterationStats(step_tokens=msg.step_tokens)
         with self._lock:
@@ -406,9 +424,9 @@ class AsyncLLM:
             except EngineDeadError:
                 pass  # the stream already ended on its stop string; a dead core has nothing to free
         for stream, items in deliveries.values():
-            _deliver(stream, items)
+            deliver(stream, items)
         for (loop, fut), res in calls:
-            _resolve(loop, fut, res.result, res.error)
+            resolve(loop, fut, res.result, res.error)
 
     def _record_abort(self, stats: RequestStats | None) -> None:
         """A live request the caller gave up on (cancel, disconnect, Abort) ends as 'abort'."""
@@ -434,54 +452,6 @@ class AsyncLLM:
             for request_id in streams:
                 self.output_processor.remove(request_id)
         for stream in streams.values():
-            _deliver(stream, [EngineDeadError(reason)])
+            deliver(stream, [EngineDeadError(reason)])
         for loop, fut in calls.values():
-            _resolve(loop, fut, None, EngineDeadError(reason))
-
-
-async def _next_item(stream: _Stream) -> RequestOutput:
-    """The stream's next output, waiting for one; raises the error that ended the stream."""
-    while not stream.items:
-        stream.ready.clear()
-        await stream.ready.wait()
-    item = stream.items.popleft()
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-def _deliver(stream: _Stream, items: list) -> None:
-    def put() -> None:
-        stream.items.extend(items)
-        stream.ready.set()
-    try:
-        stream.loop.call_soon_threadsafe(put)
-    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-        pass
-
-
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """One delta covering ``a`` then ``b`` (b may be the last one)."""
-    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    return RequestOutput(
-        request_id=a.request_id, prompt_token_ids=a.prompt_token_ids or b.prompt_token_ids,
-        token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs,
-        finished=b.finished, finish_reason=b.finish_reason, stop_reason=b.stop_reason,
-        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens, error=b.error, index=a.index,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-        embedding=b.embedding)
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,
-             error: BaseException | None = None) -> None:
-    def set_() -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(value)
-    try:
-        loop.call_soon_threadsafe(set_)
-    except RuntimeError:  # the caller's loop is closed: nobody awaits the result any more
-        pass
+            resolve(loop, fut, None, EngineDeadError(reason))

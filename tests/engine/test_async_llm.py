@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -92,3 +93,30 @@ def test_admission_error_surfaces_before_streaming(engine):
 
     asyncio.run(main())
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_an_id_reused_right_after_its_abort_streams_only_its_own_tokens(engine):
+    """A router escalating or a client retrying reuses a request id at once. The aborted
+    request's last outputs, still on their way back from the core, must not reach the new
+    request's stream: keyed by the caller's id alone they did (tests/router/test_escalation.py
+    once saw a token of the aborted request at the head of the next one). The aborted request
+    reads another prompt, so any token of it in the new stream shows."""
+    prompt = [5, 17, 99, 250, 300, 41, 7, 128]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        want = (await _collect(engine, prompt, params, "fresh"))[0]
+        got = []
+        for _ in range(5):
+            async with contextlib.aclosing(engine.generate([11] * 30, long, request_id="reused")) as stream:
+                n = 0
+                async for _ in stream:
+                    n += 1
+                    if n == 3:
+                        break  # the stream closes here: the core aborts it, its outputs in flight are stale
+            got.append((await _collect(engine, prompt, params, "reused"))[0])
+        return want, got
+
+    want, got = asyncio.run(main())
+    assert got == [want] * 5
