@@ -197,7 +197,6 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             if down is not None:
                 entries[(s.experts, s.hidden, s.inter, b)] = down
             merge_tuned(tuned_file, tag, entries)
-            return entries
 
         print(f"[moe] autotune [{budget.elapsed():.0f}s] {weights} T={t} tile sweep: gate/up {best_up!r} "
               f"{best_up_ms:.3f} ms, down {best_down!r} {best_down_ms:.3f} ms", flush=True)
@@ -222,12 +221,12 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
             # tl.dot tiles: the down GEMM's activation tiles whole through TMA, then warp-specialized
             best_up, best_down, best_down_ms = _refine(run, SORTED_CHANGES, best_up, best_down, best_down_ms,
                                                        tag_t, ("down",), budget, retime=True, keep=keep)
-        entries = keep(best_up, best_down)
         lines.append(f"{weights} ({s.experts}, {s.inter}, {s.hidden}, {b}): {best_up!r}  # gate/up, "
                      f"{best_up_ms:.3f} ms ({len(candidates)} candidates)")
         if best_down is not None:
             lines.append(f"{weights} ({s.experts}, {s.hidden}, {s.inter}, {b}): {best_down!r}  # down, total "
                          f"{best_down_ms:.3f} ms")
         print("\n".join(lines[-2:]), flush=True)
-        print(f"[moe] {len(entries)} entries for {tag} -> {tuned_file}", flush=True)
+        print(f"[moe] {1 + (best_down is not None)} entries for {tag} -> {tuned_file} (kept as each was found)",
+              flush=True)
     return lines
