@@ -83,9 +83,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
 def graph_time_ms(fn: Callable[[], object], device: torch.device) -> float:
     """time_ms of `fn` replayed from a CUDA graph: the GPU time of a call whose host side (many
     small launches) would otherwise be timed instead, as it is in the engine's decode graphs.
-    `fn` must be capturable (no host synchronisation). On the CPU: time_ms."""
+    `fn` must be capturable (no host synchronisation). On the CPU: time_ms of one call (the
+    scripts that graph-time run there only as smoke checks, through Triton's interpreter, whose
+    times are no figures: more calls would only lengthen the check)."""
     if device.type != "cuda":
-        return time_ms(fn, device)
+        return time_ms(fn, device, cpu_reps=1)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # compile and warm up outside the capture

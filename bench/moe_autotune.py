@@ -21,6 +21,18 @@ SPLIT_MAX_PAIRS_PER_EXPERT = 4
 """Batches with at most this many (token, slot) pairs an expert on average count as decode sizes."""
 
 
+def is_prefill(t: int, s: Shapes) -> bool:
+    """Whether T tokens on these shapes are a prefill size (program order tried) or a decode one (split K)."""
+    return t * s.top_k > SPLIT_MAX_PAIRS_PER_EXPERT * s.experts
+
+
+def smoke_sizes(m_values: list[int], real: Shapes, smoke: Shapes) -> list[int]:
+    """The smoke run's token counts for the real sizes asked: each decode size capped at the smoke
+    shapes' decode batch, each prefill size their prefill (one of each kind: a size twice would be
+    swept twice)."""
+    return sorted({smoke.prefill_tokens if is_prefill(v, real) else min(v, smoke.decode_batch) for v in m_values})
+
+
 def tune_candidates(t: int, s: Shapes, smoke: bool, weights: str = "dense") -> list:
     """The format's candidates whose BLOCK_M fits the rows an expert sees (T * k / E): a tile far
     taller pads most rows, one far shorter re-reads each weight tile; neither can win, both cost
@@ -144,7 +156,7 @@ def autotune(s: Shapes, device: torch.device, m_values: list[int], smoke: bool, 
         x = torch.randn(t, s.hidden, generator=gen, device=device).bfloat16()
         topk_w, ids = routing(t, s, device, gen)
         candidates = tune_candidates(t, s, smoke, weights)
-        prefill = t * s.top_k > SPLIT_MAX_PAIRS_PER_EXPERT * s.experts
+        prefill = is_prefill(t, s)
         if prefill:  # the tiles swept in the grouped order (moe_h200_order.json: group_m 1 took 0.985 to 0.813 ms)
             candidates = [replace(c, group_m=1) for c in candidates]
         default_down = pick_config(t, s.experts, s.hidden, s.inter, s.top_k, weights=weights)

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device,  # noqa: E402
                           results_dir_for, rounded, software_versions, time_ms)
 from llmesh.bench_results import write_result  # noqa: E402
-from moe_autotune import SORTED_CHANGES, autotune, tune_weights  # noqa: E402
+from moe_autotune import SORTED_CHANGES, autotune, smoke_sizes, tune_weights  # noqa: E402
 from moe_shapes import QWEN3_30B_A3B, SMOKE, Shapes, expert_bytes, experts  # noqa: E402
 from moe_steps import bench_align, bench_decode1, bench_norm_router, bench_router, best_of_two, routing  # noqa: E402
 
@@ -303,7 +303,7 @@ def main() -> int:
 
         m_values = [max(1, int(v)) for v in args.tune_m.split(",")]
         if args.smoke:
-            m_values = [min(v, shapes.prefill_tokens) for v in m_values[:2]]
+            m_values = smoke_sizes(m_values, QWEN3_30B_A3B, shapes)
         tuned_file = Path(args.tuned_file) if args.tuned_file else (
             results_dir / "fused_moe_tuned_smoke.json" if args.smoke else TUNED_FILE)
         t1 = time.perf_counter()
