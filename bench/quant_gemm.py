@@ -156,17 +156,43 @@ def cfg_str(cfg) -> str:
             f"w{cfg.num_warps} st{cfg.num_stages}")
 
 
+def tuned_path(run: Run):
+    """The dispatch table this run merges its winners into (and, seeded, draws its candidates from)."""
+    from pathlib import Path
+
+    from llmesh.kernels.quant_gemm_config import TUNED_FILE
+
+    return Path(run.args.tuned_file) if run.args.tuned_file else (
+        run.results_dir / "quant_gemm_tuned_smoke.json" if run.args.smoke else TUNED_FILE)
+
+
+def table_seeds(run: Run, kind: str) -> set[tuple]:
+    """Every entry the dispatch table holds for ``kind``, on any device, shape or M, as
+    (choice, fields): a seeded sweep's candidates besides the default config."""
+    from llmesh.kernels.quant_gemm_config import load_tuned
+
+    return {_seed(entry) for table in load_tuned(tuned_path(run)).values()
+            for key, entry in table.items() if key.split(" ")[0] == kind}
+
+
+def _seed(entry: list) -> tuple:
+    return entry[0], tuple(entry[1])
+
+
+def seeded(candidates: list, seeds: set[tuple]) -> list:
+    """The default (first) candidate and those whose table entry is among ``seeds``."""
+    return candidates[:1] + [c for c in candidates[1:] if _seed(table_entry(c[0])) in seeds]
+
+
 def write_tuned(run: Run, entries: dict[str, list]) -> None:
     """Merge this device's measured winners into the dispatch table the engine reads."""
     import json
-    from pathlib import Path
 
-    from llmesh.kernels.quant_gemm_config import TUNED_FILE, load_tuned
+    from llmesh.kernels.quant_gemm_config import load_tuned
 
     if not entries:
         return
-    path = Path(run.args.tuned_file) if run.args.tuned_file else (
-        run.results_dir / "quant_gemm_tuned_smoke.json" if run.args.smoke else TUNED_FILE)
+    path = tuned_path(run)
     tag = device_tag(run.device)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc[tag] = dict(sorted({**doc.get(tag, {}), **entries}.items()))
@@ -305,6 +331,9 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], librar
     library kernels at library_ms; the configs go to workload.gemm_configs."""
     gen = torch.Generator(run.device)
     found = run.workload.setdefault("gemm_configs", {})
+    seeds = {kind: table_seeds(run, kind) for kind in ("w4a16", "w8a16")}  # read once: not this run's own winners
+    if run.args.gemm_sweep_seeded:
+        found["seeds"] = {kind: len(v) for kind, v in seeds.items()}
     for k, n in shapes:
         for kind in (k for k in ("w4a16", "w8a16") if k in run.args.gemm_sweep_kinds.split(",")):
             qs = packs[(k, n)].get(kind)
@@ -335,6 +364,8 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], librar
                         except Exception as e:  # not on this torch / device / install: the others only
                             found.setdefault("errors", []).append(f"{kind} {tag} {name}: {type(e).__name__}: "
                                                                   f"{str(e)[:120]}")
+                    if run.args.gemm_sweep_seeded:
+                        candidates = seeded(candidates, seeds[kind])
                     times = run.time_candidates(candidates, ref, f"{kind} {tag}", cfg_str)
                     if not times:
                         run.failed.append(f"sweep {kind} {tag}: no config ran")

@@ -230,6 +230,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gemm-sweep-ms", default=None,
                     help="Ms whose full config sweep runs (default 1,4,16); the others up to 256 time the "
                          "default config, the table's current entry and the library kernels only")
+    ap.add_argument("--gemm-sweep-seeded", action="store_true",
+                    help="the sweep times only the default config and the configs the dispatch table holds for "
+                         "the kind on any device, shape or M (each still measured here, winners written as usual): "
+                         "a new device's or shape's table in seconds a cell, where the full sweep takes a minute")
     ap.add_argument("--gemm-libraries", default="int4pack,gemlite,fbgemm,swapped,mma,dequant",
                     help="kernels with layouts of their own (and dequant: expand, then cuBLAS) the sweep times as candidates (default all six)")
     ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",

@@ -43,6 +43,30 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
     assert not configs.get("errors"), configs.get("errors")
 
 
+def test_quant_gpu_seeded_sweep_times_the_default_and_the_tables_configs_only(tmp_path):
+    """--gemm-sweep-seeded: the candidates are the default config and those the table holds for the
+    kind on another device (a GEMV tile and a swapped-operand config here); the winners are
+    written under this device's tag, each one of those."""
+    table = tmp_path / "tuned.json"
+    seeds = {"w4a16 4096x4096 m16": ["gemv", [16, 32, 1, 1, 1, False]],
+             "w4a16 14336x4096 m1": ["swapped", ["16,64,16,2,4,2"]],
+             "w8a16 4096x4096 m1": ["gemv", [16, 16, 1, 1, 2, False]]}  # another kind's: not a candidate
+    table.write_text(json.dumps({"h200": seeds}))
+    _smoke("quant_gpu.py", "--parts", "gemm", "--formats", "none", "--gemm-sweep-kinds", "w4a16",
+           "--gemm-sweep-seeded", "--tuned-file", str(table), "--results-dir", str(tmp_path))
+    configs = json.loads((tmp_path / "quant_cpu.json").read_text())["workload"]["gemm_configs"]
+    assert configs["seeds"] == {"w4a16": 2, "w8a16": 1}
+    assert [name for name, _ in configs["w4a16_64x128_m1"]["all"]] == [
+        "m16 n32 k32 s1 w1 st1", "gemv n16 k32 s1 w1 st1", "swapped 16,64,16,2,4,2"]
+    written = json.loads(table.read_text())
+    assert written["h200"] == seeds
+    cells = {f"w4a16 {n}x{k} m{m}": configs[f"w4a16_{k}x{n}_m{m}"] for k, n in ((64, 128), (128, 64)) for m in (1, 4)}
+    assert {key for key in written["cpu"] if key.startswith("w4a16")} == set(cells)
+    for key, cell in cells.items():  # each cell's winner: its default config or a seed
+        assert written["cpu"][key] in [["dot", list(cell["default"].values())], *seeds.values()], (key, cell)
+    assert not configs.get("errors"), configs.get("errors")
+
+
 def test_quant_gpu_smoke_fp8_sweep_times_pointer_and_tma_tiles(tmp_path):
     """--gemm-sweep-kinds fp8: each of our candidate tiles with pointer loads and through TMA
     descriptors (Fp8GemmConfig.tma), every one checked against the first's output."""
