@@ -331,8 +331,9 @@ def sweep(run: Run, packs: dict, shapes: list, sweep_ms: tuple[int, ...], librar
     library kernels at library_ms; the configs go to workload.gemm_configs."""
     gen = torch.Generator(run.device)
     found = run.workload.setdefault("gemm_configs", {})
-    seeds = {kind: table_seeds(run, kind) for kind in ("w4a16", "w8a16")}  # read once: not this run's own winners
-    if run.args.gemm_sweep_seeded:
+    seeds = {}
+    if run.args.gemm_sweep_seeded:  # the table as the run found it (not the winners it merges as it goes)
+        seeds = {kind: table_seeds(run, kind) for kind in ("w4a16", "w8a16")}
         found["seeds"] = {kind: len(v) for kind, v in seeds.items()}
     for k, n in shapes:
         for kind in (k for k in ("w4a16", "w8a16") if k in run.args.gemm_sweep_kinds.split(",")):
