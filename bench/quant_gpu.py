@@ -238,8 +238,9 @@ def parse_args() -> argparse.Namespace:
                     help="kernels with layouts of their own (and dequant: expand, then cuBLAS) the sweep times as candidates (default all six)")
     ap.add_argument("--gemm-sweep-kinds", default="w4a16,w8a16",
                     help="kinds whose kernel candidates the sweep times (default the weight-only two); "
-                         "w4a16+silu_mul / w8a16+silu_mul: the down projection fed [gate | up], fused "
-                         "against the unfused pair (bench/quant_act.py); fp8: our FP8 GEMM's tiles and "
+                         "w4a16+silu_mul / w8a16+silu_mul: the down projection fed [gate | up], and "
+                         "w4a16+rmsnorm / w8a16+rmsnorm: the qkv and gate/up projections fed the hidden "
+                         "state before its norm, fused against the unfused pair (bench/quant_act.py); fp8: our FP8 GEMM's tiles and "
                          "split-K against cuBLASLt's and FBGEMM's at every --gemm-ms from 16 "
                          "(bench/quant_fp8_sweep.py)")
     ap.add_argument("--ppl-variants", default="none,int8,int8-awq,int4,int4-awq,fp8,w4a8,w4a8-awq",

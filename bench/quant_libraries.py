@@ -142,15 +142,19 @@ fit a block."""
 SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
-def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: str | None = None) -> list:
+def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: str | None = None,
+                   norm: tuple | None = None) -> list:
     """(config, calls) for our CUDA C++ INT4/INT8 kernel with the codes in mma.sync's fragment
     order (llmesh/kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
     does it at load). ``arg`` is the config as the table stores it. ``act="silu_mul"``: x is
-    [gate | up] and the kernel makes its input silu(gate) * up (bench/quant_act.py)."""
+    [gate | up] and the kernel makes its input silu(gate) * up; ``act="rmsnorm"`` with ``norm``
+    (residual, weight, eps): the kernel makes rmsnorm(x + residual) (bench/quant_act.py)."""
     from llmesh.engine.quant import mma_weights
-    from llmesh.kernels.w4a16_mma import MAX_M, MmaConfig, config_str, plan_launch, split_steps
+    from llmesh.kernels.w4a16_mma import ACT_CODES, MAX_M, MmaConfig, config_str, plan_launch, split_steps
 
-    if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x, act):
+    fused_norm = act == "rmsnorm"
+    if (kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda
+            or not mma_weights.supported(q, x, None if fused_norm else act)):
         return []
     for qc in qs:
         mma_weights.layout(qc)
@@ -172,14 +176,18 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: st
         if xload == 1 and bulk:
             continue
         cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
-        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes, int(act is not None)).smem > smem_limit:
+        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes, ACT_CODES[act]).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
         launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
         if launched in seen:
             continue
         seen.add(launched)
-        out.append((LibraryConfig("mma", config_str(cfg)),
-                    [lambda c, qc=qc: mma_weights.mma_matmul(x, qc, c.arg, act) for qc in qs]))
+        if fused_norm:
+            calls = [lambda c, qc=qc: mma_weights.norm_mma_matmul(x, norm[0], norm[1], norm[2], qc, c.arg)[0]
+                     for qc in qs]
+        else:
+            calls = [lambda c, qc=qc: mma_weights.mma_matmul(x, qc, c.arg, act) for qc in qs]
+        out.append((LibraryConfig("mma", config_str(cfg)), calls))
     return out
 
 

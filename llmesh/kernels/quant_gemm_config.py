@@ -162,6 +162,12 @@ SILU_MUL = "+silu_mul"
 ["mma", [config]] the fragment-order kernel making silu(gate) * up as it reads x (one launch), or
 ["unfused", []] silu_and_mul and then the plain kind's own entry. Measured, not assumed: with x
 loaded with the codes (xload) every warp redoes the activation of its whole K range."""
+RMSNORM = "+rmsnorm"
+"""Suffix of a kind whose entries choose how a qkv or gate/up projection takes the hidden state
+before its RMSNorm: ["mma", [config]] the fragment-order kernel normalising x (+ residual) as it
+reads it, or ["unfused", []] rmsnorm and then the plain kind's entry. Measured: every block of
+the fused kernel first reads its rows over the whole K for their statistics."""
+FUSED_INPUTS = (SILU_MUL, RMSNORM)
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

@@ -48,6 +48,7 @@ The kernel is for M up to a few tiles (decode).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -190,14 +191,15 @@ def _template_tail(values: list[int], defaults: tuple[int, ...]) -> str:
 
 
 def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1, act: int = 0) -> Launch:
-    """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``); ``act`` 1: x is
-    [gate | up] and the input silu(gate) * up (``w4a16_mma``'s ``act="silu_mul"``)."""
+    """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``); ``act``: ACT_CODES of
+    ``w4a16_mma``'s ``act`` (1: x is [gate | up] and the input silu(gate) * up; 2: the input is
+    rmsnorm(x + residual))."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
     if config.xload == 1 and tile != 8:
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     if config.xload == 2 and act:
-        raise ValueError(f"{config}: xload 2 copies x as it is; the fused activation is made while staging")
+        raise ValueError(f"{config}: xload 2 copies x as it is; a fused activation or norm is made while staging")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
     name += _template_tail([planes, config.xload, act], (1, 0, 0))  # PLANES, XLOAD, ACT
@@ -344,13 +346,45 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-ACTS = (None, "silu_mul")
+ACTS = (None, "silu_mul", "rmsnorm")
 """What ``w4a16_mma`` may apply to x as it reads it (its ``act``)."""
+ACT_CODES = {None: 0, "silu_mul": 1, "rmsnorm": 2}
+"""``act`` as the kernel's ACT template argument."""
+_NULL = ctypes.c_void_p(0)
+
+
+def _norm_operands(x: torch.Tensor, k: int, norm, residual, residual_out) -> list:
+    """The kernel's last four arguments (residual, residual_out, norm weight, eps): nulls and 0
+    without a norm; checked with one."""
+    if norm is None:
+        if residual is not None or residual_out is not None:
+            raise ValueError("w4a16_mma: residual and residual_out come with act='rmsnorm'")
+        return [_NULL, _NULL, _NULL, ctypes.c_float(0.0)]
+    weight, eps = norm
+    check_tensor("norm weight", weight, "[K]", 1, (x.dtype,), device=x.device)
+    check_size("norm weight", "K", weight.shape[0], k, "x's K")
+    if residual is None:
+        if residual_out is not None:
+            raise ValueError("w4a16_mma: residual_out without a residual")
+        return [_NULL, _NULL, weight.contiguous(), ctypes.c_float(float(eps))]
+    for name, t in (("residual", residual), ("residual_out", residual_out)):
+        if t is None:
+            raise ValueError("w4a16_mma: a residual needs residual_out (x + residual is stored there)")
+        check_tensor(name, t, "[M, K]", 2, (x.dtype,), device=x.device)
+        check_size(name, "shape", tuple(t.shape), tuple(x.shape), "x's")
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"w4a16_mma: {name} must be contiguous and 16-byte aligned")
+    if residual_out.data_ptr() in (residual.data_ptr(), x.data_ptr()):
+        raise ValueError("w4a16_mma: residual_out must be a buffer of its own (other blocks still read x "
+                         "and the residual while one stores the sum)")
+    return [residual, residual_out, weight.contiguous(), ctypes.c_float(float(eps))]
 
 
 def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,
               out: torch.Tensor | None = None, config: MmaConfig | None = None,
-              pdl: bool | None = None, act: str | None = None) -> torch.Tensor:
+              pdl: bool | None = None, act: str | None = None,
+              norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+              residual_out: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W for W in this kernel's layouts (``pack_codes`` int32 [N / 64, Kp /
     16, 32, 4] or ``pack_codes_int8`` [N / 64, Kp / 16, 2, 32, 4], ``pack_scales`` float16 [N /
     64, Kp / G, 8, 4, 2, 2]); x bf16 on a GPU.
@@ -358,18 +392,23 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     ``pdl`` (default: common.pdl_launch's rule): programmatic dependent launch, the weight
     copies in flight while the previous kernel drains (the kernel waits before reading x).
     ``act="silu_mul"``: x is [M, 2K], gate then up (a fused gate/up projection's output), and
-    y = (silu(gate) * up) @ W, rounded as silu_and_mul rounds, without its launch."""
+    y = (silu(gate) * up) @ W, rounded as silu_and_mul rounds, without its launch.
+    ``act="rmsnorm"`` with ``norm=(weight [K], eps)``: y = rmsnorm(x + residual) @ W, rounded as
+    rmsnorm.rmsnorm rounds, without its launch; with a residual [M, K], x + residual is stored to
+    ``residual_out`` [M, K] (contiguous, a buffer of its own), as rmsnorm's second result."""
     from llmesh.kernels import cuda_rtc
 
     if act not in ACTS:
         raise ValueError(f"w4a16_mma: act must be one of {ACTS}, got {act!r}")
-    check_tensor("x", x, "[M, 2K] (gate | up)" if act else "[M, K]", 2)
+    if (act == "rmsnorm") != (norm is not None):
+        raise ValueError("w4a16_mma: norm=(weight, eps) goes with act='rmsnorm', and only with it")
+    check_tensor("x", x, "[M, 2K] (gate | up)" if act == "silu_mul" else "[M, K]", 2)
     planes = 2 if codes.dim() == 5 else 1  # 8-bit codes as two nibble planes
     codes_shape = "[N/64, Kp/16, 2, 32, 4]" if planes == 2 else "[N/64, Kp/16, 32, 4]"
     check_tensor("codes", codes, codes_shape, 3 + planes, (torch.int32,), device=x.device)
     check_tensor("scales", scales, SCALES_SHAPE, 6, (torch.float16,), device=x.device)
     m, k = x.shape
-    if act:
+    if act == "silu_mul":
         if k % 2:
             raise ValueError(f"w4a16_mma: act={act!r} reads x as [gate | up]: its width must be even, got {k}")
         k //= 2
@@ -388,6 +427,7 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
         raise ValueError("w4a16_mma: codes and scales must be contiguous")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)  # rows are read as 16-byte vectors
+    norm_args = _norm_operands(x, k, norm, residual, residual_out)
     out = check_out("out", out, (m, n), x.dtype, x.device)
     if out.stride(-1) != 1 or out.stride(0) % 2:
         raise ValueError(f"out must have unit last stride and an even row stride, got {out.stride()}")
@@ -400,12 +440,13 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if not config.bulk and (group_size // 16) % config.stages:
         raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")
-    plan = plan_launch(config, m, n, kp, group_size, planes, int(act is not None))
+    plan = plan_launch(config, m, n, kp, group_size, planes, ACT_CODES[act])
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
     part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:
         pdl = pdl_launch(x.device)["PDL"]
     kernel.launch(plan.grid, plan.threads, plan.smem,
-                  [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps],
+                  [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps,
+                   *norm_args],
                   pdl=pdl)
     return out

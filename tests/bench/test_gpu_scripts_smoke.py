@@ -26,7 +26,7 @@ def _smoke(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_quant_gpu_smoke_writes_every_part(tmp_path):
     _smoke("quant_gpu.py", "--parts", "gemm,engine", "--formats", "none,int4", "--gemm-sweep-kinds",
-           "w4a16,w8a16,w4a16+silu_mul", "--results-dir", str(tmp_path))
+           "w4a16,w8a16,w4a16+silu_mul,w8a16+rmsnorm", "--results-dir", str(tmp_path))
     doc = json.loads((tmp_path / "quant_cpu.json").read_text())
     m = doc["metrics"]
     for key in ("copy_tb_s", "w4a16_m1_speedup_x", "w8a16_m1_speedup_x", "decode_b1_int4_tok_s",
@@ -34,9 +34,13 @@ def test_quant_gpu_smoke_writes_every_part(tmp_path):
         assert key in m, key
     assert m["weight_gib_int4"] < m["weight_gib_none"]
     configs = doc["workload"]["gemm_configs"]
-    # the down projection fed [gate | up]: the unfused pair is always timed (the fused kernel is CUDA only)
-    assert configs["w4a16+silu_mul_64x128_m1"]["all"][0][0] == "unfused"
-    assert m["gemm_w4a16+silu_mul_64x128_m1_unfused_ms"] > 0
+    # the down projection (K > N) fed [gate | up], the widening projections (K < N) the hidden state
+    # before its norm: the unfused pair is always timed (the fused kernel is CUDA only), each fused
+    # kind only where the engine asks for it
+    assert configs["w4a16+silu_mul_128x64_m1"]["all"][0][0] == "unfused"
+    assert m["gemm_w4a16+silu_mul_128x64_m1_unfused_ms"] > 0
+    assert configs["w8a16+rmsnorm_64x128_m4"]["all"][0][0] == "unfused"
+    assert "w4a16+silu_mul_64x128_m1" not in configs and "w8a16+rmsnorm_128x64_m1" not in configs
     tried = [name for cell in configs.values() if isinstance(cell, dict) and "all" in cell and "unfused_ms" not in cell
              for name, _ in cell["all"]]
     assert any(name.startswith("words ") for name in tried) and any("gemv-words" in name for name in tried), tried

@@ -87,15 +87,23 @@ __device__ __forceinline__ u32 ldg_u32(const u32* p) {
 }
 
 // a B fragment of x straight from global memory: bf16 pairs at columns k and k + 8 of a row;
-// ACT: also up's at K + k and K + k + 8 (f[2], f[3]), combined when the fragment is used, so
-// the loads stay in flight until then
+// ACT 1: also up's at K + k and K + k + 8 (f[2], f[3]); ACT 2: the residual row's pairs (f[2],
+// f[3]; zeros without one) and the norm weight's (f[4], f[5]). Combined when the fragment is
+// used, so the loads stay in flight until then
 template <int ACT>
-__device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live) {
+__device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live,
+                                           const u32* rrow = nullptr, const u32* nw = nullptr) {
   f[0] = live && k < K ? ldg_u32(row + k / 2) : 0u;
   f[1] = live && k + 8 < K ? ldg_u32(row + k / 2 + 4) : 0u;
-  if constexpr (ACT) {
+  if constexpr (ACT == 1) {
     f[2] = live && k < K ? ldg_u32(row + (K + k) / 2) : 0u;
     f[3] = live && k + 8 < K ? ldg_u32(row + (K + k) / 2 + 4) : 0u;
+  }
+  if constexpr (ACT == 2) {
+    f[2] = rrow && live && k < K ? ldg_u32(rrow + k / 2) : 0u;
+    f[3] = rrow && live && k + 8 < K ? ldg_u32(rrow + k / 2 + 4) : 0u;
+    f[4] = live && k < K ? ldg_u32(nw + k / 2) : 0u;
+    f[5] = live && k + 8 < K ? ldg_u32(nw + k / 2 + 4) : 0u;
   }
 }
 
@@ -166,6 +174,25 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
   return r;
 }
 
+// x + residual of two bf16 pairs, rounded as HF's residual add (and llmesh/kernels/rmsnorm.py) rounds
+__device__ __forceinline__ u32 add2(u32 a, u32 b) {
+  return pack_bf16(bf16_lo(a) + bf16_lo(b), bf16_hi(a) + bf16_hi(b));
+}
+
+__device__ __forceinline__ float sq2(u32 v) { return bf16_lo(v) * bf16_lo(v) + bf16_hi(v) * bf16_hi(v); }
+
+// RMSNorm of a bf16 pair of a summed row s whose rstd is known, rounded where rmsnorm.py rounds
+// (s * rstd to bf16, then times the weight to bf16): the projection's input made as it is read,
+// rmsnorm's launch and its round trip through memory gone. Padding (s = w = 0) stays zero.
+__device__ __forceinline__ u32 norm2(u32 s, u32 w, float rstd) {
+  const u32 n = pack_bf16(bf16_lo(s) * rstd, bf16_hi(s) * rstd);
+  return pack_bf16(bf16_lo(w) * bf16_lo(n), bf16_hi(w) * bf16_hi(n));
+}
+
+__device__ __forceinline__ u32x4 add4(u32x4 a, u32x4 b) {
+  return u32x4{add2(a.x, b.x), add2(a.y, b.y), add2(a.z, b.z), add2(a.w, b.w)};
+}
+
 __device__ __forceinline__ float ldcg(const float* p) {  // L2: another block wrote it
   float v;
   asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
@@ -190,7 +217,7 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // XLOAD = 1 (one n8 tile, register loads only): x's B fragments loaded from global memory with
 // the codes, STAGES steps ahead, and its sums taken by an MMA with ones as A: no x tile, no
 // barrier before the loop (a variant, timed against the staged x by the sweep)
-// XLOAD = 2 (not with ACT): x staged into the tile a group at a time, one group ahead of the
+// XLOAD = 2 (no ACT): x staged into the tile a group at a time, one group ahead of the
 // MMAs (cp.async), each warp copying the part its own K range needs, and its sums taken by MMAs
 // with ones as A: no block barrier and no pass over the tile before the K loop, whose weight
 // stream the whole-tile staging held back (3.6 us of 16 at 16 rows, w4a16_mma_ablation's
@@ -198,19 +225,26 @@ __device__ __forceinline__ u32x4 ldg128(const u32x4* p) {
 // ACT = 1: x holds [gate | up] (rows of 2K, the fused gate/up projection's output) and the
 // GEMM's input is silu(gate) * up, made as x is staged or loaded (llmesh/kernels/activation.py's
 // rounding): a down projection without silu_and_mul's launch
+// ACT = 2: the GEMM's input is rmsnorm(x + res) * nw (llmesh/kernels/rmsnorm.py's rounding; res
+// may be null): every block first sums the squares of its row tile over the whole K (its own K
+// range is only a part), and the first strip block of split 0 stores x + res to res_out (another
+// buffer: the other blocks still read res); a qkv or gate/up projection without rmsnorm's launch.
+// res, res_out rows are K apart; eps is the norm's epsilon
 template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
           int ACT = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
-    int M, int N, int K, int Kp, int ldx, int ldo, int split_steps) {
+    int M, int N, int K, int Kp, int ldx, int ldo, int split_steps,
+    const u16* __restrict__ res, u16* __restrict__ res_out, const u16* __restrict__ nw, float eps) {
   static_assert(NT == 1 || NT == 2, "one or two n8 tiles of x rows");
   static_assert(PLANES == 1 || PLANES == 2, "4-bit codes, or 8-bit codes as two nibble planes");
   constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
   constexpr float OFF = PLANES == 2 ? 2176.f : 128.f;  // what the widening adds to a code
   static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
   static_assert(XLOAD != 1 || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
-  static_assert(XLOAD != 2 || !ACT, "x copied a group ahead: silu(gate) * up is made while staging, not copied");
+  static_assert(XLOAD != 2 || !ACT, "x copied a group ahead: its activation is made while staging, not copied");
+  static_assert(ACT >= 0 && ACT <= 2, "ACT: 0 none, 1 silu(gate) * up, 2 rmsnorm");
   constexpr bool XPIPE = XLOAD == 2;
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
   constexpr int RED = 68;  // float row stride of the warps' sums: lanes' stores fall in distinct banks
@@ -274,12 +308,45 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   // both return at once.
   pdl_wait_then_release();
 
+  // ACT 2: each row's 1 / rms over the whole K (rmsnorm.py's statistics), the summed rows stored once
+  __shared__ float rstd_s[ACT == 2 ? 16 : 1];
+  if constexpr (ACT == 2) {
+    __shared__ float nsum[WN * WK][16];
+    const bool keep = res != nullptr && sb == 0 && blockIdx.y == 0;
+    for (int r = 0; r < mrows; ++r) {
+      const u16* xr = x + (size_t)(m0 + r) * ldx;
+      float ss = 0.f;
+      for (int c = tid * 8; c < K; c += THREADS * 8) {
+        u32x4 v = *reinterpret_cast<const u32x4*>(xr + c);
+        if (res != nullptr) {
+          v = add4(v, *reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + c));
+          if (keep) *reinterpret_cast<u32x4*>(res_out + (size_t)(m0 + r) * K + c) = v;
+        }
+        ss += sq2(v.x) + sq2(v.y) + sq2(v.z) + sq2(v.w);
+      }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (lane == 0) nsum[warp][r] = ss;
+    }
+    __syncthreads();
+    if (tid < mrows) {
+      float ss = 0.f;
+      for (int w = 0; w < WN * WK; ++w) ss += nsum[w][tid];
+      rstd_s[tid] = rsqrtf(ss / K + eps);
+    }
+    __syncthreads();
+  }
+
   const int kbase = kstep0 * 16, gpb = split_steps / GS;
   // XLOAD: lane (g, t)'s B fragment of step i is x[m0 + g][k, k + 1] and [k + 8, k + 9] at
   // k = 16 (my0 + i) + 2t, as bf16 pairs; zero for rows past M and past K (K is even)
   const bool xg_live = g < mrows;
   const u32* xrow_g = reinterpret_cast<const u32*>(x + (size_t)(m0 + (xg_live ? g : 0)) * ldx);
-  u32 px[XLOAD == 1 ? STAGES : 1][ACT ? 4 : 2];
+  u32 px[XLOAD == 1 ? STAGES : 1][ACT == 1 ? 4 : ACT == 2 ? 6 : 2];
+  const u32* rrow_g = ACT == 2 && res != nullptr
+      ? reinterpret_cast<const u32*>(res + (size_t)(m0 + (xg_live ? g : 0)) * K) : nullptr;
+  const u32* nw32 = reinterpret_cast<const u32*>(nw);
+  const float xrstd = ACT == 2 ? rstd_s[xg_live ? g : 0] : 0.f;
   // XPIPE: the warp's group j (columns c0 + 16 GS j of the block's tile, every row) into x's tile:
   // its copies are one cp.async group. The WN warps of a K range copy the same bytes to the same
   // place (identical values, so whichever lands last changes nothing) and wait only for their own.
@@ -297,7 +364,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   if constexpr (XLOAD == 1) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
-      if (s < count) load_xfrag<ACT>(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live);
+      if (s < count) load_xfrag<ACT>(px[s], xrow_g, (my0 + s) * 16 + 2 * t, K, xg_live, rrow_g, nw32);
   } else if constexpr (XPIPE) {
     if (lane == 0) *zero = u32x4{0u, 0u, 0u, 0u};  // every warp's lane 0: the same zeros
     stage_group(0);
@@ -310,9 +377,15 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       if (kbase + c < K) {
         const u16* xr = x + (size_t)(m0 + r) * ldx + kbase + c;
         v = *reinterpret_cast<const u32x4*>(xr);
-        if constexpr (ACT) {
+        if constexpr (ACT == 1) {
           const u32x4 u = *reinterpret_cast<const u32x4*>(xr + K);
           v = u32x4{silu_mul2(v.x, u.x), silu_mul2(v.y, u.y), silu_mul2(v.z, u.z), silu_mul2(v.w, u.w)};
+        }
+        if constexpr (ACT == 2) {
+          if (res != nullptr) v = add4(v, *reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + kbase + c));
+          const u32x4 w = *reinterpret_cast<const u32x4*>(nw + kbase + c);
+          const float rs = rstd_s[r];
+          v = u32x4{norm2(v.x, w.x, rs), norm2(v.y, w.y, rs), norm2(v.z, w.z, rs), norm2(v.w, w.w, rs)};
         }
       }
       *reinterpret_cast<u32x4*>(xs + r * xrow + c) = v;
@@ -412,14 +485,17 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       u32 bx[2 * NT];
       if constexpr (XLOAD == 1) {
         const int nxt = i + STAGES;
-        if constexpr (ACT) {
+        if constexpr (ACT == 1) {
           bx[0] = silu_mul2(px[js % STAGES][0], px[js % STAGES][2]);
           bx[1] = silu_mul2(px[js % STAGES][1], px[js % STAGES][3]);
+        } else if constexpr (ACT == 2) {
+          bx[0] = norm2(add2(px[js % STAGES][0], px[js % STAGES][2]), px[js % STAGES][4], xrstd);
+          bx[1] = norm2(add2(px[js % STAGES][1], px[js % STAGES][3]), px[js % STAGES][5], xrstd);
         } else {
           bx[0] = px[js % STAGES][0];
           bx[1] = px[js % STAGES][1];
         }
-        if (nxt < count) load_xfrag<ACT>(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live);
+        if (nxt < count) load_xfrag<ACT>(px[js % STAGES], xrow_g, (my0 + nxt) * 16 + 2 * t, K, xg_live, rrow_g, nw32);
         const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 pairs (1, 1)
         mma(xsum_mma[0], ones, bx[0], bx[1]);  // C row r, column 2t (+1): x's row 2t (+1) summed over k
       } else {

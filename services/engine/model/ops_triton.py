@@ -8,8 +8,10 @@ packed weights through our quantized GEMMs, and attention by one dispatch functi
 At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
 the down projection run inside the skinny GEMV's prologue (llmesh/kernels/fused_skinny.py), one kernel
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
-measured table); where the qkv projection's GEMV keeps its norm separate (measured faster at
-batch 1), RoPE and the K/V write run in its epilogue instead (llmesh/kernels/skinny_rope_kv.py);
+measured table), and inside the INT4 / INT8 fragment-order kernel's where the table's ``+rmsnorm`` /
+``+silu_mul`` entries pick it (llmesh/kernels/w4a16_mma.py); where the qkv projection's GEMV keeps its
+norm separate (measured faster at batch 1), RoPE and the K/V write run in its epilogue instead
+(llmesh/kernels/skinny_rope_kv.py);
 everywhere else they stay separate ops. Before an FP8 linear layer, at any
 size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
 silu_and_mul_fp8; per token and 128-channel group before a block-scaled one), so quantizing the
@@ -26,7 +28,7 @@ import torch
 
 from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.ops import compose_norm_qkv_rope, compose_norm_router
-from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, silu_mul_matmul
+from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, linear, norm_matmul, silu_mul_matmul
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
@@ -201,6 +203,8 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import rmsnorm_linear
 
             return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
+        if fusable and not isinstance(w, list) and (fused := norm_matmul(x, residual, norm_weight, eps, w)) is not None:
+            return _plus(fused[0], bias), fused[1]
         if fusable and fp8_input(x, w):
             rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual, group=fp8_group(w))
             return _plus(fp8_matmul(rows, w, x.dtype), bias), x if summed is None else summed

@@ -195,6 +195,25 @@ def silu_mul_matmul(gate_up: torch.Tensor, w: Weight) -> torch.Tensor | None:
     return mma_matmul(gate_up, w, str(choice[1][0]), act="silu_mul")
 
 
+def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                w: Weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rmsnorm(x + residual) @ W, x + residual) in one launch, where the measured table's
+    ``+rmsnorm`` entry for this weight at M rows picks the fused fragment-order kernel (it
+    normalises x as it reads it: rmsnorm's launch and round trip gone); else None, and the caller
+    runs the two ops. Not for act-order weights, whose input is permuted first."""
+    if (not x.is_cuda or x.dim() != 2 or not isinstance(w, (Int4Weight, Int8Weight))
+            or (isinstance(w, Int4Weight) and w.perm is not None)):
+        return None
+    from llmesh.kernels.quant_gemm_config import RMSNORM, tuned_choice
+
+    choice = tuned_choice(x.device, _KIND[type(w)] + RMSNORM, x.shape[0], w.out_features, w.in_features)
+    if choice is None or choice[0] != "mma":
+        return None
+    from llmesh.engine.quant.mma_weights import norm_mma_matmul
+
+    return norm_mma_matmul(x, residual, norm_weight, eps, w, str(choice[1][0]))
+
+
 def dequant_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     """x @ W with W expanded to x's dtype by a kernel first (a transient copy of the whole
     weight), then cuBLAS: compute-bound sizes, where the expansion's one pass is cheap beside

@@ -3,7 +3,9 @@ where the measured table picks it (llmesh/kernels/quant_gemm_tuned.json entries 
 stages,split[,bulk[,rows[,xload]]]"]]`` from bench/quant_gemm.py's sweep, which times it beside
 our other kernels and the libraries'); where the table's ``+silu_mul`` entry picks it, a down
 projection takes its input as [gate | up] and makes silu(gate) * up itself (``act``,
-linear.silu_mul_matmul; bench/quant_act.py measures both ways). The kernel reads the codes in
+linear.silu_mul_matmul; bench/quant_act.py measures both ways), and where the ``+rmsnorm`` entry
+picks it, a qkv or gate/up projection takes the un-normalised hidden state and its residual and
+makes rmsnorm(x + residual) itself (linear.norm_matmul). The kernel reads the codes in
 mma.sync's fragment order (an 8-bit weight as two nibble planes) and the scales and mins
 interleaved per lane, so a weight it serves keeps that copy (as many bytes as its codes, scales
 and mins) beside its own; the copy is made once after the model loads
@@ -67,11 +69,12 @@ def _scales_fit(w: Int4Weight | Int8Weight) -> bool:
 def supported(w: Int4Weight | Int8Weight, x: torch.Tensor, act: str | None = None) -> bool:
     """Whether the kernel can serve ``x`` times this weight (CUDA, bf16 rows, N a multiple of 64,
     a group of 16-256 rows; an int8 weight's group a multiple of 16 up to 128 or of 128 past);
-    with ``act``, x is [gate | up] of twice the weight's input width."""
+    with ``act="silu_mul"``, x is [gate | up] of twice the weight's input width."""
     if not isinstance(w, (Int4Weight, Int8Weight)) or (group := _group(w)) is None:
         return False
-    k = x.shape[1] // 2 if act else x.shape[1]
-    if act and x.shape[1] != 2 * w.in_features:
+    silu = act == "silu_mul"
+    k = x.shape[1] // 2 if silu else x.shape[1]
+    if silu and x.shape[1] != 2 * w.in_features:
         return False
     return (w.qweight.is_cuda and 0 < x.shape[0] <= MAX_M and unsupported(x, w.out_features, group, k) is None
             and _scales_fit(w))
@@ -107,7 +110,28 @@ def mma_matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, config: str, act: st
     """x [M, K] @ W → [M, N] through the kernel with the table's config (``act="silu_mul"``: x
     is [M, 2K], gate then up, and the product is silu(gate) * up @ W), or None where it cannot
     serve these rows (the caller's default path then does)."""
+    if act == "rmsnorm":
+        raise ValueError("mma_matmul: the fused norm goes through norm_mma_matmul")
     if not supported(w, x, act):
         return None
     lay = layout(w)
     return w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config), act=act)
+
+
+def norm_mma_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: Int4Weight | Int8Weight, config: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rmsnorm(x + residual) @ W, x + residual) in one launch, rounded as rmsnorm then the plain
+    kernel (without a residual the second is x itself), or None where the kernel cannot serve
+    these rows."""
+    if (not supported(w, x) or x.shape[1] != w.in_features or norm_weight.dtype != x.dtype
+            or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))):
+        return None
+    lay = layout(w)
+    res_out = None
+    if residual is not None:
+        if not residual.is_contiguous() or residual.data_ptr() % 16:  # rows read as 16-byte vectors
+            residual = residual.clone(memory_format=torch.contiguous_format)
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config), act="rmsnorm",
+                  norm=(norm_weight, eps), residual=residual, residual_out=res_out)
+    return y, x if res_out is None else res_out
