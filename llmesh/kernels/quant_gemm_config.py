@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,16 @@ before its RMSNorm: ["mma", [config]] the fragment-order kernel normalising x (+
 reads it, or ["unfused", []] rmsnorm and then the plain kind's entry. Measured: every block of
 the fused kernel first reads its rows over the whole K for their statistics."""
 FUSED_INPUTS = (SILU_MUL, RMSNORM)
+FUSED_INPUTS_ENV = "LLMESH_MMA_FUSED"
+"""Which fused inputs the table's entries may pick, e.g. ``silu_mul`` (comma-separated; ``none``:
+neither; unset: both): an A/B of each fusion inside the engine's step on one GPU, where the
+sweep timed each pair alone."""
+
+
+def fused_input_allowed(suffix: str) -> bool:
+    """Whether LLMESH_MMA_FUSED lets a ``+silu_mul`` / ``+rmsnorm`` entry be used."""
+    allowed = os.environ.get(FUSED_INPUTS_ENV)
+    return allowed is None or suffix.lstrip("+") in {a.strip() for a in allowed.split(",")}
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

@@ -183,3 +183,18 @@ def test_norm_linear_takes_the_fused_kernel_where_the_table_picks_it(monkeypatch
     y2, summed2 = ops.norm_linear(x, res, weight, EPS, w)
     torch.testing.assert_close(y2, unfused, rtol=0, atol=0)
     assert calls == []
+
+
+def test_the_environment_names_the_fused_inputs_the_table_may_pick(monkeypatch):
+    """LLMESH_MMA_FUSED: unset, both fusions; a list, those named; ``none``, neither (the engine's
+    A/B of each fusion on one GPU)."""
+    from llmesh.kernels.quant_gemm_config import FUSED_INPUTS_ENV, RMSNORM, SILU_MUL, fused_input_allowed
+
+    monkeypatch.delenv(FUSED_INPUTS_ENV, raising=False)
+    assert fused_input_allowed(SILU_MUL) and fused_input_allowed(RMSNORM)
+    monkeypatch.setenv(FUSED_INPUTS_ENV, "silu_mul")
+    assert fused_input_allowed(SILU_MUL) and not fused_input_allowed(RMSNORM)
+    monkeypatch.setenv(FUSED_INPUTS_ENV, " rmsnorm , silu_mul")
+    assert fused_input_allowed(SILU_MUL) and fused_input_allowed(RMSNORM)
+    monkeypatch.setenv(FUSED_INPUTS_ENV, "none")
+    assert not fused_input_allowed(SILU_MUL) and not fused_input_allowed(RMSNORM)
