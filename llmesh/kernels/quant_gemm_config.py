@@ -170,15 +170,20 @@ reads it, or ["unfused", []] rmsnorm and then the plain kind's entry. Measured: 
 the fused kernel first reads its rows over the whole K for their statistics."""
 FUSED_INPUTS = (SILU_MUL, RMSNORM)
 FUSED_INPUTS_ENV = "LLMESH_MMA_FUSED"
-"""Which fused inputs the table's entries may pick, e.g. ``silu_mul`` (comma-separated; ``none``:
-neither; unset: both): an A/B of each fusion inside the engine's step on one GPU, where the
-sweep timed each pair alone."""
+"""Which fused inputs the table's entries may pick (comma-separated, e.g. ``silu_mul,rmsnorm``;
+``none``: neither): the A/B of each fusion inside the engine's step (bench/decode_ab.sh)."""
+FUSED_INPUTS_DEFAULT = "silu_mul"
+"""The fusions the engine takes by default: those that won inside the step, not only alone. The
+norm did not: with its M = 1 entry (a tie alone, 0.0089 against 0.0090 ms) the 8B INT4 batch-1
+step went from 2.618 to 2.790 ms on the H100, where SiLU-mul's took it to 2.582
+(kernel_profile_h100_b1_int4_ab_*.json)."""
 
 
 def fused_input_allowed(suffix: str) -> bool:
-    """Whether LLMESH_MMA_FUSED lets a ``+silu_mul`` / ``+rmsnorm`` entry be used."""
-    allowed = os.environ.get(FUSED_INPUTS_ENV)
-    return allowed is None or suffix.lstrip("+") in {a.strip() for a in allowed.split(",")}
+    """Whether LLMESH_MMA_FUSED (default FUSED_INPUTS_DEFAULT) lets a ``+silu_mul`` / ``+rmsnorm``
+    entry be used."""
+    allowed = os.environ.get(FUSED_INPUTS_ENV, FUSED_INPUTS_DEFAULT)
+    return suffix.lstrip("+") in {a.strip() for a in allowed.split(",")}
 
 
 def table_key(kind: str, n: int, k: int, m: int) -> str:

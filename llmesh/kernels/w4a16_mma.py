@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -350,10 +349,6 @@ def _sms(index: int) -> int:
 ACTS = (None, "silu_mul", "rmsnorm")
 """What ``w4a16_mma`` may apply to x as it reads it (its ``act``)."""
 ACT_CODES = {None: 0, "silu_mul": 1, "rmsnorm": 2}
-L2PF_ENV = "LLMESH_MMA_L2PF"
-"""Bytes of its codes a launch prefetches into L2 before its PDL wait (e.g. 16M; unset or 0: none),
-spread evenly over its warps, each the lead of its own K run: the A/B of streaming the weight
-while the previous kernel drains."""
 """``act`` as the kernel's ACT template argument."""
 _NULL = ctypes.c_void_p(0)
 
@@ -383,18 +378,6 @@ def _norm_operands(x: torch.Tensor, k: int, norm, residual, residual_out) -> lis
         raise ValueError("w4a16_mma: residual_out must be a buffer of its own (other blocks still read x "
                          "and the residual while one stores the sum)")
     return [residual, residual_out, weight.contiguous(), ctypes.c_float(float(eps))]
-
-
-def l2pf_budget() -> int:
-    """LLMESH_MMA_L2PF in bytes (a K or M suffix multiplies), 0 when unset."""
-    text = os.environ.get(L2PF_ENV, "").strip().upper()
-    if not text:
-        return 0
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
-    try:
-        return max(0, int(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise ValueError(f"{L2PF_ENV} must be a byte count such as 16M, got {text!r}") from None
 
 
 def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,
@@ -459,13 +442,11 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
                          f"{group_size // 16} steps")
     plan = plan_launch(config, m, n, kp, group_size, planes, ACT_CODES[act])
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
-    warps = plan.grid[0] * plan.grid[1] * plan.threads // 32
-    l2pf = l2pf_budget() // (warps * 512 * planes)  # steps a warp
     part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:
         pdl = pdl_launch(x.device)["PDL"]
     kernel.launch(plan.grid, plan.threads, plan.smem,
                   [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps,
-                   *norm_args, l2pf],
+                   *norm_args],
                   pdl=pdl)
     return out

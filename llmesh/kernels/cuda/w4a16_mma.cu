@@ -51,13 +51,6 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, int bytes, u
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
-// `bytes` (a multiple of 16) from global memory into L2, nothing else waiting on them (Hopper)
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, int bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
   u32 done;
   do {
@@ -243,7 +236,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
     int M, int N, int K, int Kp, int ldx, int ldo, int split_steps,
-    const u16* __restrict__ res, u16* __restrict__ res_out, const u16* __restrict__ nw, float eps, int l2pf) {
+    const u16* __restrict__ res, u16* __restrict__ res_out, const u16* __restrict__ nw, float eps) {
   static_assert(NT == 1 || NT == 2, "one or two n8 tiles of x rows");
   static_assert(PLANES == 1 || PLANES == 2, "4-bit codes, or 8-bit codes as two nibble planes");
   constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
@@ -306,16 +299,6 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 #pragma unroll
       for (int p = 0; p < PLANES; ++p)
         if (s < count) pre[s][p] = ldg_stream(src + (size_t)(s * PLANES + p) * 32);
-  }
-
-  // l2pf: the warp's next l2pf steps of codes past those just loaded into L2 with one bulk
-  // prefetch, before the PDL wait: they stream while the previous kernel drains and the loop
-  // finds them in L2. A budget (the launch's share of L2), not the whole run: a projection
-  // larger than L2 would evict its own lead
-  if (l2pf > 0 && lane == 0) {
-    const int first = BULK > 0 ? (STAGES - 1) * BULK : STAGES, last = min(count, first + l2pf);
-    if (last > first) bulk_prefetch_l2(reinterpret_cast<const unsigned char*>(wcodes) + (size_t)first * STEP,
-                                       (last - first) * STEP);
   }
 
   // Launched with programmatic dependent launch (Hopper), the block may be resident before the
