@@ -36,6 +36,17 @@ def int8_layout(w):
     return pack_codes_int8(w.qweight, kp), int8_scales(w.scales, w.group_size, w.in_features, kp), g
 
 
+def layout_and_reference(k: int, n: int, g: int, gen: torch.Generator, int8: bool, int4_weight):
+    """A random INT8 or INT4 weight [K, N] in groups of g: (codes, scales, the kernel's group, the
+    reference x @ W as a function of x)."""
+    if int8:
+        w = int8_weight(k, n, g, gen)
+        return (*int8_layout(w), lambda x: w8a16_gemm_ref(x.float(), w.qweight, w.scales.float(), g))
+    w = int4_weight(k, n, g, gen)
+    return (pack_codes(w.codes()), pack_scales(w.scales, w.mins), g,
+            lambda x: w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g))
+
+
 def test_codes_follow_the_mma_b_fragment_rule():
     # PTX ISA, mma.m16n8k16 with .bf16: lane l holds B[k][n] for n = l / 4 (groupID) and, in
     # register b0, k = 2 (l % 4) + {0, 1}; in b1 the same rows + 8; the lower k in the low half.
@@ -220,7 +231,11 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
                        ("w4a16_mma<1, 8, 2, 8, 0, 2>", 128), ("w4a16_mma<2, 8, 2, 8, 4, 2>", 128),
                        ("w4a16_mma<1, 8, 2, 8, 8, 1, 2>", 96), ("w4a16_mma<1, 8, 4, 8, 0, 1, 2>", 128),
                        ("w4a16_mma<1, 8, 2, 8, 0, 1, 1, 1>", 104), ("w4a16_mma<2, 8, 4, 8, 0, 2, 1, 2>", 128),
-                       ("w4a16_mma<2, 8, 2, 8, 4, 2, 1, 2>", 128), ("w4a16_mma<2, 4, 4, 8, 0, 2, 2, 2>", 176)):
+                       ("w4a16_mma<2, 8, 2, 8, 4, 2, 1, 2>", 128), ("w4a16_mma<2, 4, 4, 8, 0, 2, 2, 2>", 176),
+                       # RMSNorm made as x is read (ACT 2, test_w4a16_mma_norm.py): staged with bulk
+                       # copies, loaded with the codes (4- then 8-bit codes), two n8 tiles
+                       ("w4a16_mma<1, 8, 2, 8, 8, 1, 1, 0, 2>", 96), ("w4a16_mma<4, 4, 4, 8, 0, 1, 1, 1, 2>", 128),
+                       ("w4a16_mma<1, 8, 4, 8, 0, 1, 2, 1, 2>", 176), ("w4a16_mma<2, 8, 2, 8, 4, 2, 1, 0, 2>", 128)):
         cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         report = cuda_rtc.resource_usage(cubin, tmp_path)
@@ -318,15 +333,8 @@ def test_silu_mul_is_made_as_x_is_read_on_gpu(m, n, k, g, config, int8, int4_wei
 
     gen = torch.Generator().manual_seed(m * 100 + n + k + g)
     gate_up = (2 * torch.randn(m, 2 * k, generator=gen)).to(torch.bfloat16)
-    x = silu_and_mul_ref(gate_up)
-    if int8:
-        w = int8_weight(k, n, g, gen)
-        ref = w8a16_gemm_ref(x.float(), w.qweight, w.scales.float(), g)
-        codes, scales, group = int8_layout(w)
-    else:
-        w = int4_weight(k, n, g, gen)
-        ref = w4a16_gemm_ref(x.float(), w.qweight, w.scales, w.mins, g)
-        codes, scales, group = pack_codes(w.codes()), pack_scales(w.scales, w.mins), g
+    codes, scales, group, reference = layout_and_reference(k, n, g, gen, int8, int4_weight)
+    ref = reference(silu_and_mul_ref(gate_up))
     codes, scales, gu = codes.cuda(), scales.cuda(), gate_up.cuda()
     for _ in range(2):  # the second call finds the split counters reset by the first
         got = w4a16_mma(gu, codes, scales, group, config=config, act="silu_mul")

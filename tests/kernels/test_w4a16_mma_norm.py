@@ -4,8 +4,8 @@ A qkv or gate/up projection's input is rmsnorm(x + residual) * weight. The kerne
 residual and the norm weight, sums each row's squares over the whole K itself, normalises x as it
 stages or loads it, and one block per row tile stores x + residual: rmsnorm's launch is gone.
 
-On the CPU: the launch names the instance, bad arguments are named, and NVRTC (where installed)
-compiles the fused instances for sm_90 with no local memory. On a GPU: the kernel against
+On the CPU: the launch names the instance and bad arguments are named (NVRTC compiles the fused
+instances with no local memory in test_w4a16_mma.py). On a GPU: the kernel against
 rmsnorm_ref then the GEMM reference (x staged and loaded with the codes, bulk copies, split K, two
 n8 tiles, K padded, with and without a residual, 4- and 8-bit codes, in a CUDA graph), the stored
 sum bit for bit rmsnorm's, and the Triton backend's norm_linear taking it where the table says."""
@@ -15,10 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmesh.kernels.quant_ref import w4a16_gemm_ref, w8a16_gemm_ref
 from llmesh.kernels.rmsnorm import rmsnorm_ref
 from llmesh.kernels.w4a16_mma import MmaConfig, pack_codes, pack_scales, plan_launch, w4a16_mma
-from tests.kernels.test_w4a16_mma import int8_layout, int8_weight
+from tests.kernels.test_w4a16_mma import layout_and_reference
 
 EPS = 1e-5
 
@@ -52,25 +51,6 @@ def test_bad_norm_arguments_are_named(int4_weight):
         w4a16_mma(x, codes, scales, 64, act="rmsnorm", norm=(weight[:64], EPS))
 
 
-def test_nvrtc_compiles_the_norm_instances_without_local_memory(tmp_path):
-    from llmesh.kernels import cuda_rtc
-
-    try:
-        cuda_rtc.nvrtc()
-    except cuda_rtc.RtcError as e:
-        pytest.skip(str(e))
-    source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
-    # x staged, bulk copies; x loaded with the codes (4-bit, then 8-bit codes); registers, 16 rows
-    for name in ("w4a16_mma<1, 8, 2, 8, 8, 1, 1, 0, 2>", "w4a16_mma<4, 4, 4, 8, 0, 1, 1, 1, 2>",
-                 "w4a16_mma<1, 8, 4, 8, 0, 1, 2, 1, 2>", "w4a16_mma<2, 8, 2, 8, 4, 2, 1, 0, 2>"):
-        cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
-        assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
-        report = cuda_rtc.resource_usage(cubin, tmp_path)
-        if report is None:
-            pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
-        assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
-
-
 def _operands(m: int, k: int, gen: torch.Generator, residual: bool):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     res = torch.randn(m, k, generator=gen).to(torch.bfloat16) if residual else None
@@ -101,14 +81,8 @@ def test_rmsnorm_is_made_as_x_is_read_on_gpu(m, n, k, g, config, residual, int8,
         h, summed = rmsnorm_ref(x, weight, EPS), x
     else:
         h, summed = rmsnorm_ref(x, weight, EPS, res)
-    if int8:
-        w = int8_weight(k, n, g, gen)
-        ref = w8a16_gemm_ref(h.float(), w.qweight, w.scales.float(), g)
-        codes, scales, group = int8_layout(w)
-    else:
-        w = int4_weight(k, n, g, gen)
-        ref = w4a16_gemm_ref(h.float(), w.qweight, w.scales, w.mins, g)
-        codes, scales, group = pack_codes(w.codes()), pack_scales(w.scales, w.mins), g
+    codes, scales, group, reference = layout_and_reference(k, n, g, gen, int8, int4_weight)
+    ref = reference(h)
     codes, scales, xd, wd = codes.cuda(), scales.cuda(), x.cuda(), weight.cuda()
     resd = None if res is None else res.cuda()
     res_out = None if res is None else torch.full_like(resd, float("nan"))
@@ -133,9 +107,7 @@ def test_rmsnorm_is_made_as_x_is_read_on_gpu(m, n, k, g, config, residual, int8,
     xd.copy_(x2)
     graph.replay()
     h2 = rmsnorm_ref(x2, weight, EPS) if res is None else rmsnorm_ref(x2, weight, EPS, res)[0]
-    ref2 = (w8a16_gemm_ref(h2.float(), w.qweight, w.scales.float(), g) if int8
-            else w4a16_gemm_ref(h2.float(), w.qweight, w.scales, w.mins, g))
-    torch.testing.assert_close(out.cpu().float(), ref2, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(out.cpu().float(), reference(h2), rtol=1e-2, atol=2e-2)
 
 
 def test_norm_linear_takes_the_fused_kernel_where_the_table_picks_it(monkeypatch, int4_weight):
