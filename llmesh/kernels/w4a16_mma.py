@@ -363,10 +363,12 @@ def _norm_operands(x: torch.Tensor, k: int, norm, residual, residual_out) -> lis
     weight, eps = norm
     check_tensor("norm weight", weight, "[K]", 1, (x.dtype,), device=x.device)
     check_size("norm weight", "K", weight.shape[0], k, "x's K")
+    if not weight.is_contiguous() or weight.data_ptr() % 16:  # read as 16-byte vectors
+        weight = weight.clone(memory_format=torch.contiguous_format)
     if residual is None:
         if residual_out is not None:
             raise ValueError("w4a16_mma: residual_out without a residual")
-        return [_NULL, _NULL, weight.contiguous(), ctypes.c_float(float(eps))]
+        return [_NULL, _NULL, weight, ctypes.c_float(float(eps))]
     for name, t in (("residual", residual), ("residual_out", residual_out)):
         if t is None:
             raise ValueError("w4a16_mma: a residual needs residual_out (x + residual is stored there)")
@@ -377,7 +379,7 @@ def _norm_operands(x: torch.Tensor, k: int, norm, residual, residual_out) -> lis
     if residual_out.data_ptr() in (residual.data_ptr(), x.data_ptr()):
         raise ValueError("w4a16_mma: residual_out must be a buffer of its own (other blocks still read x "
                          "and the residual while one stores the sum)")
-    return [residual, residual_out, weight.contiguous(), ctypes.c_float(float(eps))]
+    return [residual, residual_out, weight, ctypes.c_float(float(eps))]
 
 
 def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, *,

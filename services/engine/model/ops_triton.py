@@ -8,8 +8,9 @@ packed weights through our quantized GEMMs, and attention by one dispatch functi
 At decode sizes the RMSNorm before the qkv and gate_up projections and the SiLU-and-mul before
 the down projection run inside the skinny GEMV's prologue (llmesh/kernels/fused_skinny.py), one kernel
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
-measured table), and inside the INT4 / INT8 fragment-order kernel's where the table's ``+rmsnorm`` /
-``+silu_mul`` entries pick it (llmesh/kernels/w4a16_mma.py); where the qkv projection's GEMV keeps its
+measured table), and inside the INT4 / INT8 fragment-order kernel's where the table's ``+silu_mul`` /
+``+rmsnorm`` entries pick it (llmesh/kernels/w4a16_mma.py; the norm's only where LLMESH_MMA_FUSED
+names it: it lengthened the H100's batch-1 step, quant_gemm_config.FUSED_INPUTS_DEFAULT); where the qkv projection's GEMV keeps its
 norm separate (measured faster at batch 1), RoPE and the K/V write run in its epilogue instead
 (llmesh/kernels/skinny_rope_kv.py);
 everywhere else they stay separate ops. Before an FP8 linear layer, at any
