@@ -152,9 +152,7 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: st
     from llmesh.engine.quant import mma_weights
     from llmesh.kernels.w4a16_mma import ACT_CODES, MAX_M, MmaConfig, config_str, plan_launch, split_steps
 
-    fused_norm = act == "rmsnorm"
-    if (kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda
-            or not mma_weights.supported(q, x, None if fused_norm else act)):
+    if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x, act):
         return []
     for qc in qs:
         mma_weights.layout(qc)
@@ -182,7 +180,7 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: st
         if launched in seen:
             continue
         seen.add(launched)
-        if fused_norm:
+        if act == "rmsnorm":
             calls = [lambda c, qc=qc: mma_weights.norm_mma_matmul(x, norm[0], norm[1], norm[2], qc, c.arg)[0]
                      for qc in qs]
         else:

@@ -346,10 +346,9 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-ACTS = (None, "silu_mul", "rmsnorm")
-"""What ``w4a16_mma`` may apply to x as it reads it (its ``act``)."""
 ACT_CODES = {None: 0, "silu_mul": 1, "rmsnorm": 2}
-"""``act`` as the kernel's ACT template argument."""
+"""What ``w4a16_mma`` may apply to x as it reads it (its ``act``), as the kernel's ACT template argument."""
+ACTS = tuple(ACT_CODES)
 _NULL = ctypes.c_void_p(0)
 
 

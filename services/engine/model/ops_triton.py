@@ -10,15 +10,16 @@ the down projection run inside the skinny GEMV's prologue (llmesh/kernels/fused_
 instead of two, wherever linear() would pick the skinny kernel for that weight anyway (the
 measured table), and inside the INT4 / INT8 fragment-order kernel's where the table's ``+silu_mul`` /
 ``+rmsnorm`` entries pick it (llmesh/kernels/w4a16_mma.py; the norm's only where LLMESH_MMA_FUSED
-names it: it lengthened the H100's batch-1 step, quant_gemm_config.FUSED_INPUTS_DEFAULT); where the qkv projection's GEMV keeps its
-norm separate (measured faster at batch 1), RoPE and the K/V write run in its epilogue instead
-(llmesh/kernels/skinny_rope_kv.py);
-everywhere else they stay separate ops. Before an FP8 linear layer, at any
-size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
+names it: it lengthened the H100's batch-1 step, quant_gemm_config.FUSED_INPUTS_DEFAULT); where the
+qkv projection's GEMV keeps its norm separate (measured faster at batch 1), RoPE and the K/V write
+run in its epilogue instead (llmesh/kernels/skinny_rope_kv.py); everywhere else they stay separate
+ops. Before an FP8 linear layer, at any size, they end with the per-token FP8 quantization of their output (rmsnorm_fp8,
 silu_and_mul_fp8; per token and 128-channel group before a block-scaled one), so quantizing the
 activations costs no kernel of its own.
 ``LLMESH_FUSED_DECODE=0`` in the environment keeps all of them separate (to A/B the fusions on
-one GPU); ``LLMESH_QKV_ROPE=0`` only the RoPE epilogue.
+one GPU); ``LLMESH_QKV_ROPE=0`` only the RoPE epilogue; ``LLMESH_MMA_FUSED`` names the fragment-order
+kernel's fused inputs the table may pick (quant_gemm_config.fused_input_allowed). All are read once,
+when the op table is made.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels import moe_norm_router
 from llmesh.kernels.moe_router import select_experts
+from llmesh.kernels.quant_gemm_config import RMSNORM, SILU_MUL, fused_input_allowed
 from llmesh.kernels.attention_config import decode_partition_size
 from llmesh.kernels.paged_attention import AttentionMetadata
 from llmesh.kernels.dense_causal_attention import dense_causal_attention
@@ -150,6 +152,7 @@ class TritonOps:
     def __init__(self, cfg: ModelConfig, *, device: torch.device, max_positions: int) -> None:
         self.fused_decode = fused_decode_enabled()
         self.qkv_rope = self.fused_decode and os.environ.get(QKV_ROPE_ENV, "1").strip() != "0"
+        self.mma_silu_mul, self.mma_rmsnorm = fused_input_allowed(SILU_MUL), fused_input_allowed(RMSNORM)
         # Fixed size: a table that grew would move under a captured CUDA graph.
         self.cos_sin = rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
                                           device=device)  # [P, D] float32
@@ -204,7 +207,8 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import rmsnorm_linear
 
             return rmsnorm_linear(x, residual, norm_weight, eps, w, bias, config=config)
-        if fusable and not isinstance(w, list) and (fused := norm_matmul(x, residual, norm_weight, eps, w)) is not None:
+        if (fusable and self.mma_rmsnorm and not isinstance(w, list)
+                and (fused := norm_matmul(x, residual, norm_weight, eps, w)) is not None):
             return _plus(fused[0], bias), fused[1]
         if fusable and fp8_input(x, w):
             rows, summed = rmsnorm_fp8(x, norm_weight, eps, residual, group=fp8_group(w))
@@ -219,7 +223,8 @@ class TritonOps:
             from llmesh.kernels.fused_skinny import silu_mul_linear
 
             return silu_mul_linear(gate_up, w, bias, config=config)
-        if self.fused_decode and not isinstance(w, list) and (y := silu_mul_matmul(gate_up, w)) is not None:
+        if (self.fused_decode and self.mma_silu_mul and not isinstance(w, list)
+                and (y := silu_mul_matmul(gate_up, w)) is not None):
             return _plus(y, bias)
         if self.fused_decode and fp8_input(gate_up, w) and gate_up.shape[-1] % 2 == 0:
             return _plus(fp8_matmul(silu_and_mul_fp8(gate_up, group=fp8_group(w)), w, gate_up.dtype), bias)

@@ -184,10 +184,8 @@ def silu_mul_matmul(gate_up: torch.Tensor, w: Weight) -> torch.Tensor | None:
     if (not gate_up.is_cuda or gate_up.dim() != 2 or not isinstance(w, (Int4Weight, Int8Weight))
             or (isinstance(w, Int4Weight) and w.perm is not None)):
         return None
-    from llmesh.kernels.quant_gemm_config import SILU_MUL, fused_input_allowed, tuned_choice
+    from llmesh.kernels.quant_gemm_config import SILU_MUL, tuned_choice
 
-    if not fused_input_allowed(SILU_MUL):
-        return None
     choice = tuned_choice(gate_up.device, _KIND[type(w)] + SILU_MUL, gate_up.shape[0], w.out_features,
                           w.in_features)
     if choice is None or choice[0] != "mma":
@@ -206,10 +204,8 @@ def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     if (not x.is_cuda or x.dim() != 2 or not isinstance(w, (Int4Weight, Int8Weight))
             or (isinstance(w, Int4Weight) and w.perm is not None)):
         return None
-    from llmesh.kernels.quant_gemm_config import RMSNORM, fused_input_allowed, tuned_choice
+    from llmesh.kernels.quant_gemm_config import RMSNORM, tuned_choice
 
-    if not fused_input_allowed(RMSNORM):
-        return None
     choice = tuned_choice(x.device, _KIND[type(w)] + RMSNORM, x.shape[0], w.out_features, w.in_features)
     if choice is None or choice[0] != "mma":
         return None
