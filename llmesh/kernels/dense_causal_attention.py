@@ -62,6 +62,13 @@ DENSE_CAUSAL_BACKEND: dict[str, dict[int, str]] = {}
 "triton", the fastest bench/kernels_gpu.py measured there (prompts of that length, no cached
 prefix; the smallest bucket is the offline workload's unequal ~200-token prompts)}. A device without an
 entry follows the cuDNN rule."""
+DENSE_CAUSAL_BACKEND["h200"] = {
+    512: "fa3",
+    1024: "fa3_batched",
+    2048: "fa3_batched",
+    4096: "fa3_batched",
+    8192: "fa3_batched",
+}
 DENSE_CAUSAL_BACKEND["h100"] = {
     512: "fa3",
     1024: "fa3_batched",

@@ -40,6 +40,7 @@ EXTEND_BACKEND: dict[str, dict[int, str]] = {}
 """Per device tag: {largest mean new tokens per sequence of a bucket: "fa3" or "triton", the faster
 bench/kernels_gpu.py measured there (chunks after a cached prefix)}. A device without an entry
 runs the Triton kernel."""
+EXTEND_BACKEND["h200"] = {128: "fa3", 1024: "fa3", 4096: "fa3"}
 EXTEND_BACKEND["h100"] = {128: "triton", 1024: "fa3", 4096: "fa3"}
 
 
