@@ -118,6 +118,37 @@ def bench_align(s: Shapes, device: torch.device, w13: torch.Tensor, w2: torch.Te
     return m
 
 
+def bench_decode1_cuda(x, w13, w2, weights, ids, bytes_: int, ceilings: dict[str, float], dispatched_ms: float
+                       ) -> dict[str, float]:
+    """The bf16 layer at one token through llmesh/kernels/moe_gemv.py's CUDA C++ kernels, each
+    MoeGemvConfig, beside the dispatched layer: what MEASURED_FASTER is decided from. Metrics:
+    moe_decode1_cuda_ms (its best config), moe_decode1_cuda_frac, moe_decode1_cuda_vs_dispatched_x,
+    moe_decode1_cuda_<rows>x<warps>_ms."""
+    from llmesh.kernels import moe_gemv as mg
+
+    if (why := mg.unsupported(x, w13, w2, weights, ids)) is not None:
+        print(f"[moe] decode1 cuda: skipped ({why})", flush=True)
+        return {}
+    m: dict[str, float] = {}
+    want = mg.fused_moe_ref(x, w13, w2, weights, ids).float()
+    for rows in (1, 2):
+        for warps in (4, 8):
+            cfg = mg.MoeGemvConfig(rows, warps)
+            err = float((mg.moe_gemv(x, w13, w2, weights, ids, config=cfg).float() - want).abs().max())
+            if err > 0.02 * max(float(want.abs().max()), 1e-6):
+                raise RuntimeError(f"moe_gemv {cfg} differs from fused_moe_ref at batch 1: {err:.3g}")
+            m[f"moe_decode1_cuda_{rows}x{warps}_ms"] = best_of_two(
+                lambda: mg.moe_gemv(x, w13, w2, weights, ids, config=cfg), x.device)
+    m["moe_decode1_cuda_ms"] = min(m.values())
+    m["moe_decode1_cuda_frac"] = bytes_ / (m["moe_decode1_cuda_ms"] / 1e3) / (ceilings["copy_tb_s"] * 1e12)
+    m["moe_decode1_cuda_vs_dispatched_x"] = dispatched_ms / m["moe_decode1_cuda_ms"]
+    print(f"[moe] decode1 cuda: {m['moe_decode1_cuda_ms'] * 1e3:.1f} us ("
+          + ", ".join(f"{k.split('_')[-2]} {v * 1e3:.1f}" for k, v in m.items() if k.endswith("x4_ms") or
+                      k.endswith("x8_ms")) + f"), {m['moe_decode1_cuda_vs_dispatched_x']:.2f}x the dispatched layer",
+          flush=True)
+    return m
+
+
 def bench_decode1(s: Shapes, device: torch.device, ceilings: dict[str, float], w13: torch.Tensor,
                   w2: torch.Tensor, int4: tuple[torch.Tensor, torch.Tensor, dict], gen: torch.Generator
                   ) -> dict[str, float]:
@@ -155,5 +186,6 @@ def bench_decode1(s: Shapes, device: torch.device, ceilings: dict[str, float], w
               flush=True)
     bytes_ = s.top_k * 3 * s.inter * s.hidden * w13.element_size()
     m["moe_decode1_frac"] = bytes_ / (m["moe_decode1_ms"] / 1e3) / (ceilings["copy_tb_s"] * 1e12)
+    m.update(bench_decode1_cuda(x, w13, w2, weights, ids, bytes_, ceilings, m["moe_decode1_ms"]))
     m["moe_decode1_int4_vs_bf16_x"] = m["moe_decode1_ms"] / m["moe_decode1_int4_ms"]
     return m

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(WARPS * 32) read_bulk(const unsigned char* __r
 
 def source() -> str:
     """The PTX helpers of the INT4 kernel's source (everything before its kernel), then ours."""
-    text = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    text = cuda_rtc.source("w4a16_mma.cu")
     head = text.split("\n// codes:", 1)[0]
     for helper in ("smem_addr", "bulk_copy", "mbar_wait", "lds128", "ldg_stream", "struct alignas(16) u32x4"):
         if helper not in head:

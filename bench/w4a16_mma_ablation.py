@@ -115,7 +115,7 @@ def main() -> None:
     ring = [tuple(t.clone() for t in packed) for _ in range(8)]
     src, dst = torch.empty(nbytes, dtype=torch.uint8, device=dev), torch.empty(nbytes, dtype=torch.uint8, device=dev)
     metrics = {"copy_us": graph_ms([lambda: dst.copy_(src)]) * 1e3}
-    source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    source = cuda_rtc.source("w4a16_mma.cu")
     swept = {}
     for m in ms:
         sfx = "" if m == 1 else f"_m{m}"  # M = 1's names as earlier runs wrote them

@@ -27,6 +27,15 @@ from pathlib import Path
 import torch
 
 SOURCES = Path(__file__).resolve().parent / "cuda"
+PRELUDE = "common.cuh"
+"""What every source in SOURCES starts from (`source`): the helpers the kernels share."""
+
+
+def source(source_file: str) -> str:
+    """The text NVRTC compiles for llmesh/kernels/cuda/``source_file``: common.cuh, then the
+    file, its lines numbered as the file's own in NVRTC's messages."""
+    return ((SOURCES / PRELUDE).read_text() + f'\n#line 1 "{source_file}"\n'
+            + (SOURCES / source_file).read_text())
 
 
 class RtcError(RuntimeError):
@@ -215,7 +224,7 @@ def load(source_file: str, name: str, device: torch.device, options: tuple[str, 
     key = (source_file, name, index, options)
     kernel = _LOADED.get(key)  # a launch's lookup: no file read
     if kernel is None:
-        kernel = _LOADED[key] = load_source((SOURCES / source_file).read_text(), name, device, options)
+        kernel = _LOADED[key] = load_source(source(source_file), name, device, options)
     return kernel
 
 

@@ -30,6 +30,9 @@ The design of vLLM's / SGLang's Triton fused_moe:
    step sums inside the down GEMM instead, in the same order (``_slot_sum``), and any step can
    (``_token_sum``: the last of a token's pairs to arrive sums them; ``TOKEN_SUM_ON_CUDA``).
 
+A one-token bf16 layer may skip all of this for moe_gemv.py's two CUDA C++ kernels (``moe_gemv.chosen``:
+where a device measured them faster, or LLMESH_MOE_CUDA_GEMV=1).
+
 Expert parallelism: an id of -1 in ``topk_ids`` is a pair whose expert another rank holds
 (vLLM's ``expert_map`` convention). The align step sorts those pairs into one trailing run
 whose blocks carry expert -1: the gate/up GEMM skips them, the down GEMM writes zeros to
@@ -72,6 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmesh.kernels import moe_gemv
 from llmesh.kernels.attention_config import sm_count
 from llmesh.kernels.common import (arrival_counters, dot_in_fp32, dot_precision, interpreting, pdl_launch,
                                    tma_descriptor)
@@ -308,6 +312,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if t == 0:
         return torch.zeros_like(x)
     fmt = "int4" if w13.dtype == torch.uint8 else "dense"  # the tile table's expert format
+    if (t == 1 and config is None and down_config is None and align_path is None and w13_scale is None
+            and token_sum is None and moe_gemv.chosen(x, w13, w2, topk_weights, topk_ids)):
+        return moe_gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids)  # one token's two streams in CUDA C++
     # a table's tile is fitted to this launch's dtypes; an explicit one (tests, the sweep) runs as given
     if config is None or down_config is None:
         fit = dict(limit=shared_memory_limit(x.device), act_bytes=x.element_size(),

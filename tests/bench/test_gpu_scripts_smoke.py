@@ -155,7 +155,7 @@ def test_the_cuda_benchmarks_sources_compile():
     # codes) and at 16 rows (two n8 tiles; bulk copies, registers)
     shapes = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 2, 1, 8), MmaConfig(2, 8, 4, 4, 0, 0, 1)),
               16: (MmaConfig(2, 8, 2, 4, 4), MmaConfig(4, 4, 4, 1))}
-    variants = ablation.variants((cuda_rtc.SOURCES / "w4a16_mma.cu").read_text())
+    variants = ablation.variants(cuda_rtc.source("w4a16_mma.cu"))
     assert "no_xstage" in variants
     for m, cfgs in shapes.items():
         assert set(cfgs) <= set(ablation.CONFIGS[m])

@@ -223,7 +223,7 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
         cuda_rtc.nvrtc()
     except cuda_rtc.RtcError as e:
         pytest.skip(str(e))
-    source = (cuda_rtc.SOURCES / "w4a16_mma.cu").read_text()
+    source = cuda_rtc.source("w4a16_mma.cu")
     # (instance, registers at most; x staged a group ahead fits the same, 8-bit codes at 256 threads
     # more): one n8 tile holds half the accumulators of two, so three
     # 256-thread blocks fit an SM; two tiles still fit two

@@ -26,11 +26,9 @@
 // Block: WN strips x WK warps along K; the WK warps' sums meet in shared memory, and the
 // gridDim.y splits of K meet through float32 partials, the last split to arrive adding them
 // in split order (one launch, CUDA-graph safe; llmesh/kernels/split_k.py does the same in Triton).
-
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-struct alignas(16) u32x4 { u32 x, y, z, w; };
+//
+// The helpers it shares with the other CUDA kernels (types, streaming loads, bf16 conversions, PDL)
+// are common.cuh's, which cuda_rtc.source puts in front of it.
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 a;
@@ -59,24 +57,10 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
   } while (!done);
 }
 
-__device__ __forceinline__ void pdl_wait_then_release() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ u32x4 lds128(u32 addr) {
   u32x4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {  // read once: skip L1
-  u32x4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -153,25 +137,12 @@ __device__ __forceinline__ float half_hi(u32 v) {
   return f;
 }
 
-__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
-
-__device__ __forceinline__ float silu(float g) { return g * (1.f / (1.f + __expf(-g))); }
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi);
-
 // silu(gate) * up of two bf16 pairs, rounded where llmesh/kernels/activation.py rounds (the SiLU to
 // bf16, then the product): the down projection's input made as it is read, silu_and_mul's
 // launch and its round trip through memory gone. silu(0) * 0 = 0, so padding stays zero.
 __device__ __forceinline__ u32 silu_mul2(u32 gate, u32 up) {
   const u32 a = pack_bf16(silu(bf16_lo(gate)), silu(bf16_hi(gate)));
   return pack_bf16(bf16_lo(a) * bf16_lo(up), bf16_hi(a) * bf16_hi(up));
-}
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
 }
 
 // x + residual of two bf16 pairs, rounded as HF's residual add (and llmesh/kernels/rmsnorm.py) rounds

@@ -1,0 +1,46 @@
+// What the CUDA C++ kernels of llmesh/kernels/cuda/ share: put in front of each source by
+// llmesh/kernels/cuda_rtc.source (NVRTC is given no include paths, so there is no #include).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct alignas(16) u32x4 { u32 x, y, z, w; };
+
+// Programmatic dependent launch (Hopper): wait until the previous kernel's writes are visible,
+// then (release) let the next kernel's blocks be scheduled. Without PDL both return at once.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait_then_release() {
+  pdl_wait();
+  pdl_release();
+}
+
+__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {  // read once: skip L1
+  u32x4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ float silu(float g) { return g * (1.f / (1.f + __expf(-g))); }
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {  // rounded to nearest even
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float round_bf16(float v) { return bf16_lo(pack_bf16(v, 0.f)); }

@@ -1,0 +1,186 @@
+// A mixture-of-experts layer at one token in CUDA C++, bf16 experts: the two weight streams of a
+// decode step at batch 1 (llmesh/kernels/moe_gemv.py launches them; docs/moe.md the why).
+//
+// One token routed to k experts reads k gate/up matrices [2I, H] and k down matrices [H, I] once
+// each (75 MB a layer at Qwen3-30B-A3B's shape) and does two multiply-adds per weight: a pure
+// stream. A warp owns whole weight rows: each lane issues every 16-byte load of its part of the
+// warp's rows before it multiplies any (ldg_stream, no L1), so a warp keeps 8-16 KB in flight and
+// an SM many warps' worth, with no shared memory, no barriers and no split-K; the 32 lanes' sums
+// meet by shuffles.
+//
+// moe_gemv_up: warp w takes pair p and R gate rows n.. with their up rows I + n..: silu(gate) * up
+//   into hidden [k, I], rounded as the torch reference rounds (gate and up to bf16, the SiLU to
+//   bf16, the product to bf16).
+// moe_gemv_down: warp w takes R output rows n.. and every pair: row n of each pair's expert times
+//   that pair's hidden row, each rounded to bf16 and times its routing weight (rounded again),
+//   summed over the pairs in slot order in float32 and rounded once: the top-k sum with no atomics
+//   and no second kernel (fused_moe's one-token slot sum gives the same).
+// A pair whose expert id is negative (held by another rank under expert parallelism) adds nothing.
+// Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
+// kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs.
+
+// ldg_stream without `volatile`: ptxas may then issue all of a pass's loads before the first
+// multiply that needs one (with it, it interleaves them, two loads in flight a warp)
+__device__ __forceinline__ u32x4 ldg_weights(const u32x4* p) {
+  u32x4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// the float32 dot of a lane's 16-byte slices: 8 weights times 8 activations, bf16 each
+__device__ __forceinline__ float dot8(u32x4 w, u32x4 a, float acc) {
+  acc = fmaf(bf16_lo(w.x), bf16_lo(a.x), acc);
+  acc = fmaf(bf16_hi(w.x), bf16_hi(a.x), acc);
+  acc = fmaf(bf16_lo(w.y), bf16_lo(a.y), acc);
+  acc = fmaf(bf16_hi(w.y), bf16_hi(a.y), acc);
+  acc = fmaf(bf16_lo(w.z), bf16_lo(a.z), acc);
+  acc = fmaf(bf16_hi(w.z), bf16_hi(a.z), acc);
+  acc = fmaf(bf16_lo(w.w), bf16_lo(a.w), acc);
+  return fmaf(bf16_hi(w.w), bf16_hi(a.w), acc);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int ID64>
+__device__ __forceinline__ int expert_of(const void* ids, int p) {  // ids < 2^31 (checked by the launch)
+  return ID64 ? static_cast<int>(static_cast<const long long*>(ids)[p]) : static_cast<const int*>(ids)[p];
+}
+
+// R gate rows and their R up rows a warp, U 16-byte slices of each row a lane per pass over H
+template <int R, int U, int ID64>
+__global__ void __launch_bounds__(256, 2) moe_gemv_up(
+    const u16* __restrict__ x, const u16* __restrict__ w13, const void* __restrict__ ids, u16* __restrict__ hidden,
+    int H, int I, long long stride_e, int pairs) {
+  const int lane = threadIdx.x & 31;
+  const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int per_pair = (I + R - 1) / R;
+  pdl_wait();
+  if (warp >= pairs * per_pair) {
+    pdl_release();
+    return;
+  }
+  const int p = warp / per_pair, n0 = (warp % per_pair) * R;
+  const int e = expert_of<ID64>(ids, p);
+  if (e < 0) {
+    pdl_release();
+    return;  // another rank's expert: the down kernel skips this pair
+  }
+  const int slices = H >> 3;  // 16-byte slices of a row
+  const u16* base = w13 + (long long)e * stride_e;
+  float acc[2 * R];
+#pragma unroll
+  for (int r = 0; r < 2 * R; ++r) acc[r] = 0.f;
+  for (int s0 = 0; s0 < slices; s0 += 32 * U) {
+    u32x4 w[2 * R][U];
+#pragma unroll
+    for (int r = 0; r < 2 * R; ++r) {
+      const int row = r < R ? n0 + r : I + n0 + (r - R);
+      const bool live = (r < R ? n0 + r : n0 + r - R) < I;
+      const u32x4* src = reinterpret_cast<const u32x4*>(base + (size_t)row * H);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int s = s0 + u * 32 + lane;
+        w[r][u] = live && s < slices ? ldg_weights(src + s) : u32x4{0u, 0u, 0u, 0u};
+      }
+    }
+    const u32x4* xs = reinterpret_cast<const u32x4*>(x);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * 32 + lane;
+      const u32x4 a = s < slices ? xs[s] : u32x4{0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int r = 0; r < 2 * R; ++r) acc[r] = dot8(w[r][u], a, acc[r]);
+    }
+  }
+  pdl_release();
+#pragma unroll
+  for (int r = 0; r < 2 * R; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane < R && n0 + lane < I) {
+    float g = 0.f, up = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {  // lane r stores row n0 + r (registers stay statically indexed)
+      if (r == lane) {
+        g = acc[r];
+        up = acc[R + r];
+      }
+    }
+    const float a = round_bf16(silu(round_bf16(g)));
+    hidden[(size_t)p * I + n0 + lane] = static_cast<u16>(pack_bf16(a * round_bf16(up), 0.f));
+  }
+}
+
+// R output rows a warp, for all KMAX >= k pairs; U 16-byte slices of each row a lane per pass over I.
+// W32: the routing weights are float32 (Mixtral), else bf16 (Qwen-MoE)
+template <int R, int KMAX, int U, int ID64, int W32>
+__global__ void __launch_bounds__(256, 1) moe_gemv_down(
+    const u16* __restrict__ hidden, const u16* __restrict__ w2, const void* __restrict__ ids,
+    const void* __restrict__ topk_w, u16* __restrict__ out, int H, int I, long long stride_e, int pairs) {
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+  pdl_wait();
+  if (n0 >= H) {
+    pdl_release();
+    return;
+  }
+  int e[KMAX];
+#pragma unroll
+  for (int p = 0; p < KMAX; ++p) e[p] = p < pairs ? expert_of<ID64>(ids, p) : -1;
+  const int slices = I >> 3;
+  float acc[KMAX][R];
+#pragma unroll
+  for (int p = 0; p < KMAX; ++p)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[p][r] = 0.f;
+  for (int s0 = 0; s0 < slices; s0 += 32 * U) {
+    u32x4 w[KMAX][R][U];
+#pragma unroll
+    for (int p = 0; p < KMAX; ++p)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const bool live = e[p] >= 0 && n0 + r < H;
+        const u16* row = w2 + (long long)(live ? e[p] : 0) * stride_e + (size_t)(n0 + r) * I;
+        const u32x4* src = reinterpret_cast<const u32x4*>(row);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int s = s0 + u * 32 + lane;
+          w[p][r][u] = live && s < slices ? ldg_weights(src + s) : u32x4{0u, 0u, 0u, 0u};
+        }
+      }
+#pragma unroll
+    for (int p = 0; p < KMAX; ++p) {
+      const u32x4* hs = reinterpret_cast<const u32x4*>(hidden + (size_t)p * I);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int s = s0 + u * 32 + lane;
+        const u32x4 a = e[p] >= 0 && s < slices ? hs[s] : u32x4{0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[p][r] = dot8(w[p][r][u], a, acc[p][r]);
+      }
+    }
+  }
+  pdl_release();
+#pragma unroll
+  for (int p = 0; p < KMAX; ++p)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[p][r] = warp_sum(acc[p][r]);
+  if (lane < R && n0 + lane < H) {
+    float total = 0.f;
+#pragma unroll
+    for (int p = 0; p < KMAX; ++p) {
+      if (e[p] < 0) continue;
+      float v = 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r == lane) v = acc[p][r];
+      const float wt = W32 ? static_cast<const float*>(topk_w)[p]
+                           : bf16_lo(static_cast<const u16*>(topk_w)[p]);
+      total += round_bf16(round_bf16(v) * wt);
+    }
+    out[n0 + lane] = static_cast<u16>(pack_bf16(total, 0.f));
+  }
+}

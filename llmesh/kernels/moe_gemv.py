@@ -1,0 +1,132 @@
+"""A mixture-of-experts layer at one token, bf16 experts, in CUDA C++ (llmesh/kernels/cuda/moe_gemv.cu).
+
+At batch 1 a MoE layer is two weight streams: the k chosen experts' gate/up rows, then their
+down rows (75 MB a layer at Qwen3-30B-A3B's shape). fused_moe's GEMV form (fused_moe_dense.py)
+streams them at about 0.54 of the copy bandwidth on an H200 (`moe_decode1_frac`,
+bench/results/moe_h200_gemv.json), and its one-token layer is what keeps the batch-1 decode under
+its roofline goal (docs/moe.md). These two kernels do the same arithmetic with each warp issuing
+all of its loads of a pass before its first multiply (the weights streamed past L1), so more
+bytes are in flight per SM than Triton's loop keeps:
+
+- ``moe_gemv_up``: hidden [k, I] = silu(x W_gate^T) * (x W_up^T) for each pair's expert;
+- ``moe_gemv_down``: out [1, H] = sum over pairs of weight_p * (hidden_p W2_p^T), in slot order,
+  each pair's row rounded as fused_moe_ref rounds it, so no top-k sum launch follows.
+
+fused_moe dispatches a one-token bf16 layer here where ``chosen`` says: LLMESH_MOE_CUDA_GEMV=1 / 0
+forces it on / off; by default on the devices in MEASURED_FASTER, where bench/moe_gpu.py's
+``moe_decode1_cuda_ms`` beat the Triton layer (none until a device has measured it). The result
+equals fused_moe_ref to bf16 rounding (the float32 sums run in another order), as fused_moe's
+does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import torch
+
+from llmesh.kernels.common import INDEX_DTYPES, cuda_device_tag, pdl_launch
+from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernels' reference)
+
+ENV = "LLMESH_MOE_CUDA_GEMV"
+"""1: one-token bf16 MoE layers run these kernels wherever they can; 0: never; unset: MEASURED_FASTER."""
+MEASURED_FASTER: frozenset[str] = frozenset()
+"""Device tags (common.cuda_device_tag) where the layer measured faster than fused_moe's GEMV form."""
+MAX_PAIRS = 16
+"""Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
+DOWN_LOADS = 24
+"""16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 174 registers at 8 x 3,
+all issued before the first multiply (tests/kernels/test_moe_gemv.py checks the compile)."""
+
+
+@dataclass(frozen=True)
+class MoeGemvConfig:
+    """up_rows: gate rows (with their up rows) a warp of the gate/up kernel; warps: a block's."""
+
+    up_rows: int = 1
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.up_rows not in (1, 2) or self.warps not in (2, 4, 8):
+            raise ValueError(f"MoeGemvConfig: up_rows must be 1 or 2 and warps 2, 4 or 8, got {self}")
+
+
+def _slices(width: int, cap: int) -> int:
+    """16-byte slices of a row a lane loads a pass: the row in one pass where ``cap`` allows."""
+    return max(1, min(cap, -(-width // 256)))
+
+
+def instances(h: int, inter: int, pairs: int, ids64: bool, weights32: bool, config: MoeGemvConfig
+              ) -> tuple[str, str]:
+    """The two template instances a layer of hidden size h, expert width inter and ``pairs``
+    routed experts launches."""
+    kmax = 1 << max(0, pairs - 1).bit_length()
+    up = f"moe_gemv_up<{config.up_rows}, {_slices(h, 8)}, {int(ids64)}>"
+    down = f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}>"
+    return up, down
+
+
+def unsupported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> str | None:
+    """Why these kernels cannot run this layer, or None (shapes as fused_moe checks them)."""
+    if not x.is_cuda:
+        return "a CUDA kernel"
+    if torch.version.hip is not None or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs an NVIDIA GPU of sm_80 or newer (bf16 conversions)"
+    if x.shape[0] != 1:
+        return f"one token only (got {x.shape[0]})"
+    if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16):
+        return f"bf16 activations and experts only (got {x.dtype}, {w13.dtype}, {w2.dtype})"
+    h, inter = x.shape[1], w2.shape[2]
+    if h % 8 or inter % 8:
+        return f"hidden size and expert width must be multiples of 8 (16-byte rows), got {h} and {inter}"
+    if not (w13.is_contiguous() and w2.is_contiguous()) or (w13.data_ptr() | w2.data_ptr()) % 16:
+        return "contiguous, 16-byte aligned expert weights only"
+    if topk_ids.shape[-1] > MAX_PAIRS:
+        return f"at most {MAX_PAIRS} experts a token (got {topk_ids.shape[-1]})"
+    if topk_ids.dtype not in INDEX_DTYPES or topk_weights.dtype not in (torch.float32, torch.bfloat16):
+        return f"int32/int64 ids and float32/bf16 routing weights (got {topk_ids.dtype}, {topk_weights.dtype})"
+    return None
+
+
+def chosen(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+           topk_ids: torch.Tensor) -> bool:
+    """Whether fused_moe runs this one-token layer here (ENV, else MEASURED_FASTER)."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced == "0" or not x.is_cuda:
+        return False
+    if forced != "1" and cuda_device_tag(x.device) not in MEASURED_FASTER:
+        return False
+    return unsupported(x, w13, w2, topk_weights, topk_ids) is None
+
+
+def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor, *, config: MoeGemvConfig | None = None, pdl: bool | None = None
+             ) -> torch.Tensor:
+    """x [1, H] through its k experts: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I],
+    topk_weights / topk_ids [1, k] (an id of -1: another rank's expert, adding nothing) → [1, H]."""
+    from llmesh.kernels import cuda_rtc
+
+    if (why := unsupported(x, w13, w2, topk_weights, topk_ids)) is not None:
+        raise ValueError(f"moe_gemv: {why}")
+    config = config or MoeGemvConfig()
+    h, inter, pairs = x.shape[1], w2.shape[2], topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    x = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone()
+    hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, h, dtype=x.dtype, device=x.device)
+    up_name, down_name = instances(h, inter, pairs, ids.dtype == torch.int64, weights.dtype == torch.float32, config)
+    up = cuda_rtc.load("moe_gemv.cu", up_name, x.device)
+    down = cuda_rtc.load("moe_gemv.cu", down_name, x.device)
+    if pdl is None:
+        pdl = pdl_launch(x.device)["PDL"]
+    threads = 32 * config.warps
+    up_warps = pairs * -(-inter // config.up_rows)
+    up.launch((-(-up_warps // config.warps), 1, 1), threads, 0,
+              [x, w13, ids, hidden, h, inter, ctypes.c_longlong(w13.stride(0)), pairs], pdl=pdl)
+    down.launch((-(-h // config.warps), 1, 1), threads, 0,
+                [hidden, w2, ids, weights, out, h, inter, ctypes.c_longlong(w2.stride(0)), pairs], pdl=pdl)
+    return out

@@ -1,0 +1,122 @@
+"""The one-token MoE layer in CUDA C++ (llmesh/kernels/moe_gemv.py): on the CPU which instances a
+layer launches, what it refuses and when fused_moe takes it, and that NVRTC compiles those
+instances with no local memory; on a GPU, the layer against the torch reference on random
+inputs (Qwen-MoE's bf16 routing weights and Mixtral's float32 ones, int32 / int64 ids, another
+rank's experts, widths that are not multiples of a pass) and fused_moe's dispatch to it, inside
+a CUDA graph too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmesh.kernels import moe_gemv as mg
+from llmesh.kernels.fused_moe import fused_moe
+from llmesh.kernels.fused_moe_ref import fused_moe_ref
+from tests.kernels.test_fused_moe import _experts, _routing
+
+GPU = torch.cuda.is_available()
+
+
+def test_instances_hold_the_layer_in_one_pass_where_registers_allow():
+    cfg = mg.MoeGemvConfig()
+    # Qwen3-30B-A3B: H 2048 (8 slices a lane, one pass), I 768 (3), 8 pairs, bf16 weights, int64 ids
+    assert mg.instances(2048, 768, 8, True, False, cfg) == ("moe_gemv_up<1, 8, 1>", "moe_gemv_down<1, 8, 3, 1, 0>")
+    # Mixtral: H 4096 in two passes of 8, I 14336 in passes of 12 slices (24 loads over 2 pairs)
+    assert mg.instances(4096, 14336, 2, False, True, mg.MoeGemvConfig(2)) == (
+        "moe_gemv_up<2, 8, 0>", "moe_gemv_down<1, 2, 12, 0, 1>")
+    assert mg.instances(200, 40, 6, True, False, cfg)[1] == "moe_gemv_down<1, 8, 1, 1, 0>"  # 6 pairs: 8 slots
+    assert mg.instances(64, 64, 16, True, False, cfg)[1] == "moe_gemv_down<1, 16, 1, 1, 0>"
+    with pytest.raises(ValueError, match="up_rows"):
+        mg.MoeGemvConfig(3)
+
+
+def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
+    x = torch.randn(1, 64).bfloat16()
+    w13, w2 = _experts(4, 64, 32, torch.bfloat16, torch.Generator().manual_seed(0))
+    weights, ids = _routing(1, 4, 2, torch.Generator().manual_seed(1))
+    assert mg.unsupported(x, w13, w2, weights, ids) == "a CUDA kernel"
+    monkeypatch.setenv(mg.ENV, "1")
+    assert not mg.chosen(x, w13, w2, weights, ids)  # forced on, still only on a GPU
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
+                               atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="moe_gemv: a CUDA kernel"):
+        mg.moe_gemv(x, w13, w2, weights, ids)
+
+
+def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
+    from llmesh.kernels import cuda_rtc
+
+    try:
+        cuda_rtc.nvrtc()
+    except cuda_rtc.RtcError as e:
+        pytest.skip(str(e))
+    source = cuda_rtc.source("moe_gemv.cu")
+    names = {n for shape in ((2048, 768, 8), (4096, 14336, 2), (200, 40, 6), (64, 64, 16))
+             for rows in (1, 2) for n in mg.instances(*shape, True, False, mg.MoeGemvConfig(rows))}
+    for name in sorted(names | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
+        cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
+        assert lowered.startswith("_Z") and len(cubin) > 4_000
+        report = cuda_rtc.resource_usage(cubin, tmp_path)
+        if report is None:
+            pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
+        # registers enough for every load of a pass in flight, and no spills
+        assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
+
+
+def _layer(seed, h, inter, e, k, weights_dtype, ids_dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, h, generator=gen).bfloat16()
+    w13, w2 = _experts(e, h, inter, torch.bfloat16, gen)
+    weights, ids = _routing(1, e, k, gen)
+    return x, w13, w2, weights.to(weights_dtype), ids.to(ids_dtype)
+
+
+@pytest.mark.skipif(not GPU, reason="a CUDA kernel: needs a GPU")
+@pytest.mark.parametrize("h,inter,e,k,wdt,idt,rows", [
+    (2048, 768, 16, 8, torch.bfloat16, torch.int64, 1),    # Qwen3-30B-A3B's widths
+    (512, 1792, 8, 2, torch.float32, torch.int32, 2),      # Mixtral-like: float32 weights, a long down row
+    (200, 40, 12, 6, torch.bfloat16, torch.int64, 1),      # part passes; 6 pairs in 8 slots
+    (4096, 64, 20, 16, torch.bfloat16, torch.int32, 2),    # two passes of the gate/up rows; 16 pairs
+])
+def test_the_layer_matches_the_reference_on_gpu(h, inter, e, k, wdt, idt, rows):
+    x, w13, w2, weights, ids = (t.cuda() for t in _layer(h + k, h, inter, e, k, wdt, idt))
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    for _ in range(2):
+        got = mg.moe_gemv(x, w13, w2, weights, ids, config=mg.MoeGemvConfig(rows))
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    foreign = ids.clone()
+    foreign[0, ::2] = -1  # every other pair's expert is another rank's: it adds nothing
+    torch.testing.assert_close(mg.moe_gemv(x, w13, w2, weights, foreign).float(),
+                               fused_moe_ref(x, w13, w2, weights, foreign).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not GPU, reason="a CUDA kernel: needs a GPU")
+def test_fused_moe_dispatches_to_it_and_a_cuda_graph_replays_it(monkeypatch):
+    x, w13, w2, weights, ids = (t.cuda() for t in _layer(3, 1024, 256, 16, 8, torch.bfloat16, torch.int64))
+    direct = mg.moe_gemv(x, w13, w2, weights, ids)
+    monkeypatch.setenv(mg.ENV, "1")
+    assert mg.chosen(x, w13, w2, weights, ids)
+    assert torch.equal(fused_moe(x, w13, w2, weights, ids), direct)
+    assert not mg.chosen(x.float(), w13.float(), w2.float(), weights, ids)  # bf16 only
+    fused_moe(x, w13, w2, weights, ids)  # compiled and loaded before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, weights, ids)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, mg.moe_gemv(x, w13, w2, weights, ids))
+    monkeypatch.setenv(mg.ENV, "0")
+    assert not mg.chosen(x, w13, w2, weights, ids)
+
+
+@pytest.mark.skipif(not GPU, reason="a CUDA kernel: needs a GPU")
+def test_bad_arguments_are_named():
+    x, w13, w2, weights, ids = (t.cuda() for t in _layer(5, 256, 64, 8, 4, torch.bfloat16, torch.int64))
+    with pytest.raises(ValueError, match="one token only"):
+        mg.moe_gemv(x.expand(2, -1), w13, w2, weights.expand(2, -1), ids.expand(2, -1))
+    with pytest.raises(ValueError, match="bf16"):
+        mg.moe_gemv(x.half(), w13.half(), w2.half(), weights, ids)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        mg.moe_gemv(x[:, :252], w13[:, :, :252].contiguous(), w2[:, :252].contiguous(), weights, ids)
