@@ -13,6 +13,7 @@ import torch
 from llmesh.kernels import moe_gemv as mg
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
+from tests.kernels.nvrtc_check import compiled_report
 from tests.kernels.test_fused_moe import _experts, _routing
 
 GPU = torch.cuda.is_available()
@@ -45,21 +46,11 @@ def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
 
 
 def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
-    from llmesh.kernels import cuda_rtc
-
-    try:
-        cuda_rtc.nvrtc()
-    except cuda_rtc.RtcError as e:
-        pytest.skip(str(e))
-    source = cuda_rtc.source("moe_gemv.cu")
     names = {n for shape in ((2048, 768, 8), (4096, 14336, 2), (200, 40, 6), (64, 64, 16))
              for rows in (1, 2) for n in mg.instances(*shape, True, False, mg.MoeGemvConfig(rows))}
     for name in sorted(names | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
-        cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
+        cubin, lowered, report = compiled_report("moe_gemv.cu", name, tmp_path)
         assert lowered.startswith("_Z") and len(cubin) > 4_000
-        report = cuda_rtc.resource_usage(cubin, tmp_path)
-        if report is None:
-            pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
         # registers enough for every load of a pass in flight, and no spills
         assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
 

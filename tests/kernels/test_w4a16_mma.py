@@ -18,6 +18,7 @@ from llmesh.kernels.quant_ref import w4a16_gemm_ref, w8a16_gemm_ref
 from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, int8_group, int8_scales,
                                       pack_codes, pack_codes_int8, pack_scales, parse_config, plan_launch, smem_bytes,
                                       split_steps, unpack_codes, unpack_scales, w4a16_mma)
+from tests.kernels.nvrtc_check import compiled_report
 
 
 def int8_weight(k: int, n: int, group: int, gen: torch.Generator):
@@ -217,13 +218,6 @@ def test_the_launch_plan_names_the_instance_and_covers_the_output():
 
 
 def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
-    from llmesh.kernels import cuda_rtc
-
-    try:
-        cuda_rtc.nvrtc()
-    except cuda_rtc.RtcError as e:
-        pytest.skip(str(e))
-    source = cuda_rtc.source("w4a16_mma.cu")
     # (instance, registers at most; x staged a group ahead fits the same, 8-bit codes at 256 threads
     # more): one n8 tile holds half the accumulators of two, so three
     # 256-thread blocks fit an SM; two tiles still fit two
@@ -236,11 +230,8 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
                        # copies, loaded with the codes (4- then 8-bit codes), two n8 tiles
                        ("w4a16_mma<1, 8, 2, 8, 8, 1, 1, 0, 2>", 96), ("w4a16_mma<4, 4, 4, 8, 0, 1, 1, 1, 2>", 128),
                        ("w4a16_mma<1, 8, 4, 8, 0, 1, 2, 1, 2>", 176), ("w4a16_mma<2, 8, 2, 8, 4, 2, 1, 0, 2>", 128)):
-        cubin, lowered = cuda_rtc.compile_cubin(source, name, "sm_90")
+        cubin, lowered, report = compiled_report("w4a16_mma.cu", name, tmp_path)
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
-        report = cuda_rtc.resource_usage(cubin, tmp_path)
-        if report is None:
-            pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
         assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
         assert report["REG"] <= regs, (name, report)
 

@@ -1,0 +1,25 @@
+"""NVRTC compiles of the CUDA C++ kernels (llmesh/kernels/cuda/) on any machine, GPU or not, and
+cuobjdump's resource report of each: what the compile tests assert on (no local memory, registers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def compiled_report(source_file: str, name: str, tmp_path: Path, arch: str = "sm_90"
+                    ) -> tuple[bytes, str, dict[str, int]]:
+    """(cubin, lowered name, resource report) of template instance ``name`` of ``source_file``;
+    skips the test where NVRTC or cuobjdump is not installed."""
+    from llmesh.kernels import cuda_rtc
+
+    try:
+        cuda_rtc.nvrtc()
+    except cuda_rtc.RtcError as e:
+        pytest.skip(str(e))
+    cubin, lowered = cuda_rtc.compile_cubin(cuda_rtc.source(source_file), name, arch)
+    report = cuda_rtc.resource_usage(cubin, tmp_path)
+    if report is None:
+        pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
+    return cubin, lowered, report
