@@ -1,7 +1,8 @@
 """What `pip install .` (the Docker image, a wheel) ships: every package directory and every
 data file the code reads at run time, as pyproject.toml declares them. An editable install
 finds anything in the tree, so a file left out of the wheel breaks only an installed copy
-(the CUDA sources NVRTC compiles and the speculative-decoding package were once missing)."""
+(the CUDA sources NVRTC compiles, later their shared header, and the speculative-decoding
+package were once missing)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_every_package_directory_is_declared_and_exists():
     for name in packages:  # every sub-folder holding Python or data is itself a declared package
         for sub in _package_dir(name, mapping).iterdir():
             if sub.is_dir() and sub.name != "__pycache__" and any(
-                    p.suffix in (".py", ".cu", ".json") for p in sub.iterdir()):
+                    p.suffix in (".py", ".cu", ".cuh", ".json") for p in sub.iterdir()):
                 assert f"{name}.{sub.name}" in packages, f"{sub} is not in pyproject's packages"
 
 
@@ -47,6 +48,6 @@ def test_every_data_file_the_code_reads_is_package_data():
     for name in cfg["packages"]:
         folder = _package_dir(name, mapping)
         for path in folder.iterdir():
-            if path.is_file() and path.suffix in (".json", ".cu"):
+            if path.is_file() and path.suffix in (".json", ".cu", ".cuh"):
                 assert any(fnmatch.fnmatch(path.name, pat) for pat in data.get(name, [])), \
                     f"{path.relative_to(ROOT)} is not package-data of {name}: an installed llmesh lacks it"
