@@ -2,12 +2,13 @@
 
 Our kernels are Triton's, except where a kernel needs what Triton does not let us place: the
 tensor-core fragment layout of a weight that is never staged in shared memory (w4a16_mma.py).
-Those are CUDA C++ sources in llmesh/kernels/cuda/, written with no headers (inline PTX for what
-headers would give), so NVRTC, which ships with PyTorch's CUDA wheels and with every CUDA
-toolkit, compiles one in well under a second on the machine that runs it, for its own GPU: no
-build step, no toolkit, nothing to package but the source. ``Kernel`` is one compiled
-function; a launch goes onto PyTorch's current stream, so CUDA graphs capture it like any
-other kernel.
+Those are CUDA C++ sources in llmesh/kernels/cuda/ (also the one-token MoE layer, moe_gemv.py),
+written with no CUDA headers (inline PTX for what they would give; our own shared headers,
+common.cuh and ptx.cuh, go in as text: ``source``), so NVRTC, which ships with PyTorch's CUDA
+wheels and with every CUDA toolkit, compiles one in well under a second on the machine that
+runs it, for its own GPU: no build step, no toolkit, nothing to package but the sources.
+``Kernel`` is one compiled function; a launch goes onto PyTorch's current stream, so CUDA
+graphs capture it like any other kernel.
 
 The two libraries are found by ctypes: libcuda (the driver, present wherever a GPU is) and
 libnvrtc (PyTorch's own, then the CUDA toolkit's, then a pip ``nvidia-cuda-nvrtc``).
@@ -19,6 +20,7 @@ import ctypes
 import functools
 import glob
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -31,11 +33,24 @@ PRELUDE = "common.cuh"
 """What every source in SOURCES starts from (`source`): the helpers the kernels share."""
 
 
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.M)
+"""A header of SOURCES a source names (one level: a header includes none)."""
+
+
 def source(source_file: str) -> str:
     """The text NVRTC compiles for llmesh/kernels/cuda/``source_file``: common.cuh, then the
-    file, its lines numbered as the file's own in NVRTC's messages."""
-    return ((SOURCES / PRELUDE).read_text() + f'\n#line 1 "{source_file}"\n'
-            + (SOURCES / source_file).read_text())
+    file with each ``#include "x.cuh"`` line replaced by that header's text (NVRTC is given no
+    include path: everything it compiles is this one string), every line numbered as its own
+    file's in NVRTC's messages."""
+    text = (SOURCES / source_file).read_text()
+    parts, last = [(SOURCES / PRELUDE).read_text(), f'\n#line 1 "{source_file}"\n'], 0
+    for m in _INCLUDE.finditer(text):
+        after = text.count("\n", 0, m.start()) + 2  # the number of the line after the include
+        parts += [text[last:m.start()], f'#line 1 "{m[1]}"\n', (SOURCES / m[1]).read_text().rstrip("\n") + "\n",
+                  f'#line {after} "{source_file}"']
+        last = m.end()
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 class RtcError(RuntimeError):

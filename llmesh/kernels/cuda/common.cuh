@@ -1,5 +1,6 @@
 // What the CUDA C++ kernels of llmesh/kernels/cuda/ share: put in front of each source by
-// llmesh/kernels/cuda_rtc.source (NVRTC is given no include paths, so there is no #include).
+// llmesh/kernels/cuda_rtc.source (NVRTC is given no include paths: this and the headers a source
+// includes, such as ptx.cuh, go into the one string it compiles as text).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
