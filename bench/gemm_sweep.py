@@ -14,6 +14,11 @@ overhead out, the split-K sum in: since session 44 the tile's last split, same l
 ring of weight copies that together exceed 3x the L2 cache, so every call reads its weight
 from memory; mean of the replays (quant_common.graph_ms).
 
+At M = 1 it also times llmesh/kernels/moe_gemv.py's CUDA C++ GEMV (the MoE down kernel's dense
+instance) in each GemvConfig, checked the same way: cuda_gemv_m1_us_<shape>, its bw_frac, and
+cuda_gemv_m1_vs_best_x_<shape> against the faster of F.linear and the skinny kernel's best config;
+the shapes where that reaches MIN_SPEEDUP are printed as the module's DENSE_FASTER entry.
+
 Output: a table, bench/results/gemm_sweep_<dev><suffix>.json (metrics skinny_gemm_m<M>_bw_frac_<shape>,
 skinny_gemm_m<M>_speedup_x_<shape>, flinear_m<M>_bw_frac_<shape>, copy_tb_s, ...; every
 config's time in workload.configs) and the `TUNED` literal for llmesh/kernels/skinny_gemm_config.py:
@@ -41,7 +46,7 @@ import pprint
 import sys
 import tempfile
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +60,7 @@ from gpu_ceilings import (device_name, device_tag, measure_copy_tb_s, pick_devic
 from quant_common import Budget, graph_ms  # noqa: E402
 
 from llmesh.bench_results import RESULTS_DIR, write_result  # noqa: E402
+from llmesh.kernels.moe_gemv import GemvConfig, dense_unsupported, gemv  # noqa: E402
 from llmesh.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 from llmesh.kernels.skinny_gemm_config import (FUSED_SLOWER, TUNED, SkinnyConfig, default_config,  # noqa: E402
                                                m_bucket, split_plan, tuned_config)
@@ -86,6 +92,7 @@ DOTS = ((16, 16, 128, 4, 4, True), (16, 16, 256, 4, 3, True), (16, 32, 128, 4, 4
         (16, 32, 256, 4, 3, True), (16, 64, 128, 4, 4, True), (16, 16, 512, 4, 2, True),
         (16, 32, 128, 8, 6, True), (16, 64, 64, 4, 6, True))
 SMOKE_GRID = ((1, 16, 32, 1, 1, False), (0, 8, 16, 1, 1, False), (16, 16, 32, 1, 1, True))
+GEMV_CONFIGS = tuple(GemvConfig(rows, warps) for rows in (1, 2) for warps in (4, 8))
 FMA_ROW_MAX_M = 8     # past this the FMA rows re-read each W tile too often (from L2, but still)
 FMA_TILE_MAX_M = 8    # the [M, BN, BK] float32 accumulator outgrows the registers past this
 
@@ -98,6 +105,7 @@ class Cell:
     m: int
     flinear_ms: float
     times: list[tuple[float, SkinnyConfig]]
+    gemv: list[tuple[float, GemvConfig]] = field(default_factory=list)
 
 
 def candidates(m: int, n: int, k: int, sms: int, smoke: bool) -> list[SkinnyConfig]:
@@ -186,6 +194,16 @@ def measure(name: str, m: int, n: int, k: int, ws: list[torch.Tensor], sms: int,
             continue
         cell.times.append((ms_, cfg))
         info["configs"][key] = round(ms_ * 1e3, 3)
+    if m == 1 and dense_unsupported(x, ws[0]) is None:
+        for cfg in GEMV_CONFIGS:
+            key = f"{name} m1 cuda_gemv r{cfg.rows}w{cfg.warps}"
+            err = ((gemv(x, ws[0], config=cfg).float() - ref).abs().max() / scale).item()
+            if not err <= TOL:
+                info["wrong"].append(f"{key}: max error {err:.3g} of max |y|")
+                continue
+            ms_ = timer([lambda w=w, cfg=cfg: gemv(x, w, config=cfg) for w in ws], cuda, device)
+            cell.gemv.append((ms_, cfg))
+            info["configs"][key] = round(ms_ * 1e3, 3)
     return cell
 
 
@@ -199,10 +217,13 @@ def complete_table(current: dict, measured: dict, swept: set) -> dict:
     return dict(sorted(table.items()))
 
 
-def report(cells: list[Cell], copy_tb_s: float, shapes: dict) -> tuple[dict[str, float], dict]:
-    """Metrics, the printed table, and the TUNED entries (winners by MIN_SPEEDUP)."""
+def report(cells: list[Cell], copy_tb_s: float, shapes: dict, gemv_faster: set | None = None
+           ) -> tuple[dict[str, float], dict]:
+    """Metrics, the printed table, and the TUNED entries (winners by MIN_SPEEDUP); the (N, K)
+    where the CUDA GEMV won by MIN_SPEEDUP go into ``gemv_faster``."""
     metrics: dict[str, float] = {"copy_tb_s": copy_tb_s}
     tuned: dict[tuple[int, int, int], tuple] = {}
+    gemv_faster = set() if gemv_faster is None else gemv_faster
     rows = [f"{'shape':<8}{'N x K':>14}{'M':>4}{'F.linear us':>12}{'frac':>6}{'best us':>9}{'GB/s':>7}"
             f"{'frac':>6}{'speedup':>8}  best config"]
     for c in cells:
@@ -224,6 +245,17 @@ def report(cells: list[Cell], copy_tb_s: float, shapes: dict) -> tuple[dict[str,
             tuned[(n, k, c.m)] = astuple(best)
         rows.append(f"{c.shape:<8}{f'{n}x{k}':>14}{c.m:>4}{c.flinear_ms * 1e3:>12.1f}{fl_frac:>6.2f}"
                     f"{best_ms * 1e3:>9.1f}{gb_s:>7.0f}{frac:>6.2f}{speedup:>7.2f}x  {best.short()}")
+        if c.gemv:
+            g_ms, g_cfg = min(c.gemv, key=lambda t: t[0])
+            vs = min(best_ms, c.flinear_ms) / g_ms
+            metrics.update({f"cuda_gemv_m1_us_{c.shape}": g_ms * 1e3,
+                            f"cuda_gemv_m1_bw_frac_{c.shape}": nbytes / (g_ms * 1e-3) / (copy_tb_s * 1e12),
+                            f"cuda_gemv_m1_vs_best_x_{c.shape}": vs})
+            if vs >= MIN_SPEEDUP:
+                gemv_faster.add((n, k))
+            rows.append(f"{'':<8}{'':>14}{'':>4}{'CUDA GEMV':>12}{'':>6}{g_ms * 1e3:>9.1f}"
+                        f"{nbytes / (g_ms * 1e-3) / 1e9:>7.0f}{nbytes / (g_ms * 1e-3) / (copy_tb_s * 1e12):>6.2f}"
+                        f"{vs:>7.2f}x  rows {g_cfg.rows}, warps {g_cfg.warps} (speedup over the faster above)")
     print("\n" + "\n".join(rows) + f"\n(frac = GB/s of the weight bytes / copy bandwidth {copy_tb_s:.3f} TB/s; "
           f"speedup = F.linear us / best us)\n", flush=True)
     return metrics, tuned
@@ -361,8 +393,14 @@ def main() -> None:
     log(t0, f"{device_name(device)}: copy {copy_tb_s:.3f} TB/s")
     cells, info = sweep(args, device, t0)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    metrics, tuned = report(cells, copy_tb_s, shapes)
+    gemv_faster: set = set()
+    metrics, tuned = report(cells, copy_tb_s, shapes, gemv_faster)
     tag = device_tag(device)
+    gemv_literal = None
+    if any(c.gemv for c in cells):
+        gemv_literal = f"DENSE_FASTER[{tag!r}] = frozenset({sorted(gemv_faster)!r})"
+        print("# llmesh/kernels/moe_gemv.py: the (N, K) this sweep timed where the CUDA GEMV beat F.linear and"
+              f" the skinny kernel's best by >= {MIN_SPEEDUP}x at M = 1\n{gemv_literal}\n", flush=True)
     swept = {(*shapes[c.shape], c.m) for c in cells if c.times and m_bucket(c.m) == c.m}
     table = complete_table(TUNED.get(tag, {}), tuned, swept)
     literal = "TUNED[" + repr(tag) + "] = " + pprint.pformat(table, width=110, sort_dicts=False)
@@ -380,7 +418,9 @@ def main() -> None:
                  "device-to-device copy) measured in this run",
         "check": f"every config once against F.linear in float32: max |err| / max |y| <= {TOL}",
         "min_speedup_for_table": MIN_SPEEDUP, "tuned": {f"{n}x{k}_m{m}": list(v) for (n, k, m), v in tuned.items()},
-        "tuned_literal": literal, **info}
+        "tuned_literal": literal, "cuda_gemv": "llmesh.kernels.moe_gemv.gemv at M = 1, configs "
+        + ", ".join(f"rows {c.rows} warps {c.warps}" for c in GEMV_CONFIGS), "dense_faster_literal": gemv_literal,
+        **info}
     path = write_result(f"gemm_sweep_{tag}{args.suffix}", workload, rounded(metrics), device=device_name(device),
                         results_dir=out_dir)
     log(t0, f"wrote {path}")

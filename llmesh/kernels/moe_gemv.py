@@ -12,6 +12,11 @@ bytes are in flight per SM than Triton's loop keeps:
 - ``moe_gemv_down``: out [1, H] = sum over pairs of weight_p * (hidden_p W2_p^T), in slot order,
   each pair's row rounded as fused_moe_ref rounds it, so no top-k sum launch follows.
 
+The down kernel with one pair (expert 0, weight 1) is a dense GEMV: ``gemv`` runs a bf16
+projection at one token with it, y = W x rounded once as F.linear rounds; quant/linear.py takes
+it for the (N, K) in DENSE_FASTER, measured against the skinny Triton GEMV and cuBLAS
+(bench/gemm_sweep.py's ``cuda_gemv_m1_*``).
+
 fused_moe dispatches a one-token bf16 layer here where ``chosen`` says: LLMESH_MOE_CUDA_GEMV=1 / 0
 forces it on / off; by default on the devices in MEASURED_FASTER, where bench/moe_gpu.py's
 ``moe_decode1_cuda_ms`` beat the Triton layer (none until a device has measured it). The result
@@ -34,6 +39,11 @@ ENV = "LLMESH_MOE_CUDA_GEMV"
 """1: one-token bf16 MoE layers run these kernels wherever they can; 0: never; unset: MEASURED_FASTER."""
 MEASURED_FASTER: frozenset[str] = frozenset()
 """Device tags (common.cuda_device_tag) where the layer measured faster than fused_moe's GEMV form."""
+DENSE_ENV = "LLMESH_CUDA_GEMV"
+"""1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_FASTER."""
+DENSE_FASTER: dict[str, frozenset[tuple[int, int]]] = {}
+"""Device tag -> the weight shapes (N, K) where bench/gemm_sweep.py measured ``gemv`` at M = 1 faster
+than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP); none measured yet."""
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24
@@ -129,4 +139,71 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
               [x, w13, ids, hidden, h, inter, ctypes.c_longlong(w13.stride(0)), pairs], pdl=pdl)
     down.launch((-(-h // config.warps), 1, 1), threads, 0,
                 [hidden, w2, ids, weights, out, h, inter, ctypes.c_longlong(w2.stride(0)), pairs], pdl=pdl)
+    return out
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """rows: output rows a warp; warps: a block's."""
+
+    rows: int = 1
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.rows not in (1, 2) or self.warps not in (2, 4, 8):
+            raise ValueError(f"GemvConfig: rows must be 1 or 2 and warps 2, 4 or 8, got {self}")
+
+
+def dense_instance(k: int, config: GemvConfig) -> str:
+    """The down kernel's instance for a dense GEMV over K = k: one pair, no ids and no routing weights (ID64 2)."""
+    return f"moe_gemv_down<{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1>"
+
+
+def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why ``gemv`` cannot run x [..., K] (one row) through w [N, K], or None."""
+    if not x.is_cuda:
+        return "a CUDA kernel"
+    if torch.version.hip is not None or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs an NVIDIA GPU of sm_80 or newer (bf16 conversions)"
+    k = x.shape[-1]
+    if x.numel() != k:
+        return f"one row only (got {x.numel() // max(k, 1)})"
+    if not (x.dtype == w.dtype == torch.bfloat16):
+        return f"bf16 activations and weights only (got {x.dtype}, {w.dtype})"
+    if w.dim() != 2 or w.shape[1] != k:
+        return f"a weight [N, {k}] (got {tuple(w.shape)})"
+    if k % 8 or not w.is_contiguous() or w.data_ptr() % 16:
+        return f"a contiguous, 16-byte aligned weight whose rows are a multiple of 8 wide (K = {k})"
+    return None
+
+
+def dense_chosen(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether linear() runs x (one row) through w here (DENSE_ENV, else DENSE_FASTER)."""
+    forced = os.environ.get(DENSE_ENV, "").strip()
+    if forced == "0" or not x.is_cuda or x.numel() != x.shape[-1]:
+        return False
+    if forced != "1" and tuple(w.shape) not in DENSE_FASTER.get(cuda_device_tag(x.device), ()):
+        return False
+    return dense_unsupported(x, w) is None
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemvConfig | None = None, pdl: bool | None = None
+         ) -> torch.Tensor:
+    """x [..., K] holding one row, w [N, K] bf16 → x @ w^T [..., N], float32 sums rounded once."""
+    from llmesh.kernels import cuda_rtc
+
+    if (why := dense_unsupported(x, w)) is not None:
+        raise ValueError(f"gemv: {why}")
+    config = config or GemvConfig()
+    n, k = w.shape
+    row = x.reshape(k)
+    row = row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    kernel = cuda_rtc.load("moe_gemv.cu", dense_instance(k, config), x.device)
+    if pdl is None:
+        pdl = pdl_launch(x.device)["PDL"]
+    null = ctypes.c_void_p(0)  # the instance reads neither ids nor routing weights
+    warps = -(-n // config.rows)
+    kernel.launch((-(-warps // config.warps), 1, 1), 32 * config.warps, 0,
+                  [row, w, null, null, out, n, k, ctypes.c_longlong(0), 1], pdl=pdl)
     return out

@@ -3,7 +3,8 @@ layer launches, what it refuses and when fused_moe takes it, and that NVRTC comp
 instances with no local memory; on a GPU, the layer against the torch reference on random
 inputs (Qwen-MoE's bf16 routing weights and Mixtral's float32 ones, int32 / int64 ids, another
 rank's experts, widths that are not multiples of a pass) and fused_moe's dispatch to it, inside
-a CUDA graph too."""
+a CUDA graph too. The down kernel's dense instance (``gemv``, one pair, no routing) likewise: its
+instances and refusals on the CPU, against F.linear and through linear() on a GPU."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
 def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
     names = {n for shape in ((2048, 768, 8), (4096, 14336, 2), (200, 40, 6), (64, 64, 16))
              for rows in (1, 2) for n in mg.instances(*shape, True, False, mg.MoeGemvConfig(rows))}
-    for name in sorted(names | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
+    dense = {mg.dense_instance(k, mg.GemvConfig(rows)) for k in (2048, 4096, 14336, 40) for rows in (1, 2)}
+    for name in sorted(names | dense | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
         cubin, lowered, report = compiled_report("moe_gemv.cu", name, tmp_path)
         assert lowered.startswith("_Z") and len(cubin) > 4_000
         # registers enough for every load of a pass in flight, and no spills
@@ -111,3 +113,58 @@ def test_bad_arguments_are_named():
         mg.moe_gemv(x.half(), w13.half(), w2.half(), weights, ids)
     with pytest.raises(ValueError, match="multiples of 8"):
         mg.moe_gemv(x[:, :252], w13[:, :, :252].contiguous(), w2[:, :252].contiguous(), weights, ids)
+
+
+def test_dense_instances_and_refusals_on_the_cpu(monkeypatch):
+    # K 2048: 8 slices a lane, the row in one pass; K 14336 in passes of 24 loads (12 a row at 2 rows)
+    assert mg.dense_instance(2048, mg.GemvConfig()) == "moe_gemv_down<1, 1, 8, 2, 1>"
+    assert mg.dense_instance(14336, mg.GemvConfig(2, 4)) == "moe_gemv_down<2, 1, 12, 2, 1>"
+    with pytest.raises(ValueError, match="rows"):
+        mg.GemvConfig(4)
+    x, w = torch.randn(1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    assert mg.dense_unsupported(x, w) == "a CUDA kernel"
+    monkeypatch.setenv(mg.DENSE_ENV, "1")
+    assert not mg.dense_chosen(x, w)
+    with pytest.raises(ValueError, match="gemv: a CUDA kernel"):
+        mg.gemv(x, w)
+
+
+@pytest.mark.skipif(not GPU, reason="a CUDA kernel: needs a GPU")
+@pytest.mark.parametrize("n,k,rows,warps", [(5120, 2048, 1, 8), (2048, 4096, 2, 4), (128, 2048, 1, 2),
+                                            (301, 14336, 2, 8), (37, 40, 1, 4)])
+def test_gemv_matches_f_linear_on_gpu(n, k, rows, warps):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, 1, k, generator=gen).bfloat16().cuda()  # [B, T, K] with one row, as a decode step
+    w = (0.05 * torch.randn(n, k, generator=gen)).bfloat16().cuda()
+    got = mg.gemv(x, w, config=mg.GemvConfig(rows, warps))
+    assert got.shape == (1, 1, n)
+    ref = x.float() @ w.float().t()
+    torch.testing.assert_close(got.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=1e-2)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=2e-2 * float(ref.abs().max()), rtol=1e-2)
+    with pytest.raises(ValueError, match="one row only"):
+        mg.gemv(x.expand(2, 1, k), w)
+    with pytest.raises(ValueError, match="bf16"):
+        mg.gemv(x.half(), w.half())
+
+
+@pytest.mark.skipif(not GPU, reason="a CUDA kernel: needs a GPU")
+def test_linear_dispatches_to_gemv_and_a_cuda_graph_replays_it(monkeypatch):
+    from llmesh.engine.quant.linear import linear
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2048, generator=gen).bfloat16().cuda()
+    w = (0.05 * torch.randn(5120, 2048, generator=gen)).bfloat16().cuda()
+    direct = mg.gemv(x, w)
+    monkeypatch.setenv(mg.DENSE_ENV, "1")
+    assert mg.dense_chosen(x, w) and torch.equal(linear(x, w), direct)
+    assert not mg.dense_chosen(x.expand(2, -1), w)  # one row only
+    linear(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, mg.gemv(x, w))
+    monkeypatch.setenv(mg.DENSE_ENV, "0")
+    assert not mg.dense_chosen(x, w)

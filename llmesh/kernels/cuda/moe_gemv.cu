@@ -16,6 +16,10 @@
 //   summed over the pairs in slot order in float32 and rounded once: the top-k sum with no atomics
 //   and no second kernel (fused_moe's one-token slot sum gives the same).
 // A pair whose expert id is negative (held by another rank under expert parallelism) adds nothing.
+// moe_gemv_down with ID64 = 2 reads no ids and no routing weights (one pair, expert 0, weight 1): a
+// dense GEMV, out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1 projections
+// around the experts). A template value, not a null-pointer test: that cost the Qwen instance 80
+// registers.
 // Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
 // kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs.
 
@@ -48,6 +52,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <int ID64>
 __device__ __forceinline__ int expert_of(const void* ids, int p) {  // ids < 2^31 (checked by the launch)
+  if (ID64 == 2) return 0;  // a dense GEMV
   return ID64 ? static_cast<int>(static_cast<const long long*>(ids)[p]) : static_cast<const int*>(ids)[p];
 }
 
@@ -115,7 +120,8 @@ __global__ void __launch_bounds__(256, 2) moe_gemv_up(
 }
 
 // R output rows a warp, for all KMAX >= k pairs; U 16-byte slices of each row a lane per pass over I.
-// W32: the routing weights are float32 (Mixtral), else bf16 (Qwen-MoE)
+// ID64: int64 ids, else int32 (2: none, a dense GEMV). W32: the routing weights are float32 (Mixtral),
+// else bf16 (Qwen-MoE)
 template <int R, int KMAX, int U, int ID64, int W32>
 __global__ void __launch_bounds__(256, 1) moe_gemv_down(
     const u16* __restrict__ hidden, const u16* __restrict__ w2, const void* __restrict__ ids,
@@ -177,8 +183,9 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(
 #pragma unroll
       for (int r = 0; r < R; ++r)
         if (r == lane) v = acc[p][r];
-      const float wt = W32 ? static_cast<const float*>(topk_w)[p]
-                           : bf16_lo(static_cast<const u16*>(topk_w)[p]);
+      const float wt = ID64 == 2 ? 1.f
+                       : W32      ? static_cast<const float*>(topk_w)[p]
+                                  : bf16_lo(static_cast<const u16*>(topk_w)[p]);
       total += round_bf16(round_bf16(v) * wt);
     }
     out[n0 + lane] = static_cast<u16>(pack_bf16(total, 0.f));

@@ -14,7 +14,8 @@ INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
 (the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
 and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
-table (llmesh/kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape.
+table (llmesh/kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape,
+and at one row of bf16 where moe_gemv.DENSE_FASTER says the CUDA C++ GEMV is faster than both.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from llmesh.engine.quant.cpu_matmul import cpu_dense_matmul, cpu_packed_matmul
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, W4A8Weight
+from llmesh.kernels import moe_gemv
 from llmesh.kernels.skinny_gemm_config import MAX_M as SKINNY_MAX_M
 from llmesh.kernels.skinny_gemm_config import tuned_config
 
@@ -327,8 +329,11 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *, kern
     """x: [..., K] → [..., N]. ``cpu_kernels`` (with kernels off, x on the CPU): packed
     weights through PyTorch's CPU kernels (cpu_matmul.py) where their format allows."""
     if isinstance(w, torch.Tensor):
-        if kernels and x.is_cuda and (y := _dense_skinny(x, w, bias)) is not None:
-            return y
+        if kernels and x.is_cuda:
+            if bias is None and moe_gemv.dense_chosen(x, w):
+                return moe_gemv.gemv(x, w)  # one row: the CUDA GEMV where it measured fastest
+            if (y := _dense_skinny(x, w, bias)) is not None:
+                return y
         if cpu_kernels and x.is_cpu and x.dim() >= 2:
             flat = x.dim() == 2  # the model's [T, K]: no reshape and view around the GEMM
             y = cpu_dense_matmul(x if flat else x.reshape(-1, x.shape[-1]), w, bias)
