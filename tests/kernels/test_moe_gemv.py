@@ -40,8 +40,9 @@ def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
     assert mg.unsupported(x, w13, w2, weights, ids) == "a CUDA kernel"
     monkeypatch.setenv(mg.ENV, "1")
     assert not mg.chosen(x, w13, w2, weights, ids)  # forced on, still only on a GPU
-    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
-                               atol=2e-2, rtol=2e-2)
+    if not GPU:  # fused_moe runs CPU tensors through Triton's interpreter only on a machine without a GPU
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
+                                   atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="moe_gemv: a CUDA kernel"):
         mg.moe_gemv(x, w13, w2, weights, ids)
 
