@@ -19,7 +19,7 @@ it for the (N, K) in DENSE_FASTER, measured against the skinny Triton GEMV and c
 
 fused_moe dispatches a one-token bf16 layer here where ``chosen`` says: LLMESH_MOE_CUDA_GEMV=1 / 0
 forces it on / off; by default on the devices in MEASURED_FASTER, where bench/moe_gpu.py's
-``moe_decode1_cuda_ms`` beat the Triton layer (none until a device has measured it). The result
+``moe_decode1_cuda_ms`` beat the Triton layer. The result
 equals fused_moe_ref to bf16 rounding (the float32 sums run in another order), as fused_moe's
 does.
 """
@@ -37,13 +37,18 @@ from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel
 
 ENV = "LLMESH_MOE_CUDA_GEMV"
 """1: one-token bf16 MoE layers run these kernels wherever they can; 0: never; unset: MEASURED_FASTER."""
-MEASURED_FASTER: frozenset[str] = frozenset()
-"""Device tags (common.cuda_device_tag) where the layer measured faster than fused_moe's GEMV form."""
+MEASURED_FASTER: frozenset[str] = frozenset({"h100"})
+"""Device tags (common.cuda_device_tag) where the layer measured faster than fused_moe's GEMV form:
+H100 36.9 us against 39.1 (bench/results/moe_h100_cuda_gemv.json), the batch-1 step 3.439 -> 3.374 ms
+(kernel_profile_h100_moe_b1_cuda{0,1}.json)."""
 DENSE_ENV = "LLMESH_CUDA_GEMV"
 """1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_FASTER."""
 DENSE_FASTER: dict[str, frozenset[tuple[int, int]]] = {}
 """Device tag -> the weight shapes (N, K) where bench/gemm_sweep.py measured ``gemv`` at M = 1 faster
-than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP); none measured yet."""
+than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""
+# bench/results/gemm_sweep_h100_cuda_gemv.json: 0.99-1.02x the skinny kernel's best on the other seven
+# shapes, Qwen3-30B-A3B's router 1.6 us against 2.2.
+DENSE_FASTER["h100"] = frozenset([(128, 2048)])
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24

@@ -20,8 +20,10 @@
 // dense GEMV, out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1 projections
 // around the experts). A template value, not a null-pointer test: that cost the Qwen instance 80
 // registers.
-// Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
-// kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs.
+// Both let the next kernel's blocks in (PDL) only after their loads, so those do not sit on the
+// SMs the stream needs. The up kernel waits for the previous kernel's writes before it reads the
+// routing; the down kernel issues its first pass of weight loads before it waits for the up
+// kernel's hidden rows, so its blocks stream weights while the up kernel's last blocks finish.
 
 // ldg_stream without `volatile`: ptxas may then issue all of a pass's loads before the first
 // multiply that needs one (with it, it interleaves them, two loads in flight a warp)
@@ -128,11 +130,13 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(
     const void* __restrict__ topk_w, u16* __restrict__ out, int H, int I, long long stride_e, int pairs) {
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
-  pdl_wait();
   if (n0 >= H) {
-    pdl_release();
+    pdl_wait_then_release();
     return;
   }
+  // The ids and routing weights are read before pdl_wait: the router wrote them before the up
+  // kernel, which passed its own wait (so the router had finished) before it let this grid in.
+  // Only hidden is the up kernel's, so the first pass's weight loads go out while it drains.
   int e[KMAX];
 #pragma unroll
   for (int p = 0; p < KMAX; ++p) e[p] = p < pairs ? expert_of<ID64>(ids, p) : -1;
@@ -157,6 +161,7 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(
           w[p][r][u] = live && s < slices ? ldg_weights(src + s) : u32x4{0u, 0u, 0u, 0u};
         }
       }
+    if (s0 == 0) pdl_wait();
 #pragma unroll
     for (int p = 0; p < KMAX; ++p) {
       const u32x4* hs = reinterpret_cast<const u32x4*>(hidden + (size_t)p * I);
