@@ -52,20 +52,32 @@ DENSE_FASTER["h100"] = frozenset([(128, 2048)])
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24
-"""16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 174 registers at 8 x 3,
+"""16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 240 registers at 8 x 3,
 all issued before the first multiply (tests/kernels/test_moe_gemv.py checks the compile)."""
+DOWN_REGS = (255, 168, 128)
+"""The down kernel's register caps a MoeGemvConfig may name."""
 
 
 @dataclass(frozen=True)
 class MoeGemvConfig:
-    """up_rows: gate rows (with their up rows) a warp of the gate/up kernel; warps: a block's."""
+    """up_rows: gate rows (with their up rows) a warp of the gate/up kernel; warps: a block's;
+    down_regs: the down kernel's register cap (255: no spills, 8 warps an SM; 168 and 128 let 12
+    and 16 warps of 4- and 8-warp blocks share an SM, at a few spilled words)."""
 
     up_rows: int = 1
     warps: int = 8
+    down_regs: int = 255
 
     def __post_init__(self) -> None:
-        if self.up_rows not in (1, 2) or self.warps not in (2, 4, 8):
-            raise ValueError(f"MoeGemvConfig: up_rows must be 1 or 2 and warps 2, 4 or 8, got {self}")
+        if self.up_rows not in (1, 2) or self.warps not in (2, 4, 8) or self.down_regs not in DOWN_REGS:
+            raise ValueError(f"MoeGemvConfig: up_rows must be 1 or 2, warps 2, 4 or 8 and down_regs one of "
+                             f"{DOWN_REGS}, got {self}")
+
+
+CONFIGS: dict[str, MoeGemvConfig] = {}
+"""Device tag -> the MoeGemvConfig bench/moe_gpu.py's decode1 part measured fastest (printed as this
+statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_gemv.json): 1 x 4 36.9 us, 1 x 8 37.2."""
+CONFIGS["h100"] = MoeGemvConfig(1, 4)
 
 
 def _slices(width: int, cap: int) -> int:
@@ -79,7 +91,8 @@ def instances(h: int, inter: int, pairs: int, ids64: bool, weights32: bool, conf
     routed experts launches."""
     kmax = 1 << max(0, pairs - 1).bit_length()
     up = f"moe_gemv_up<{config.up_rows}, {_slices(h, 8)}, {int(ids64)}>"
-    down = f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}>"
+    down = (f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}, "
+            f"{config.down_regs}>")
     return up, down
 
 
@@ -126,7 +139,7 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
     if (why := unsupported(x, w13, w2, topk_weights, topk_ids)) is not None:
         raise ValueError(f"moe_gemv: {why}")
-    config = config or MoeGemvConfig()
+    config = config or CONFIGS.get(cuda_device_tag(x.device), MoeGemvConfig())
     h, inter, pairs = x.shape[1], w2.shape[2], topk_ids.shape[-1]
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
@@ -161,7 +174,7 @@ class GemvConfig:
 
 def dense_instance(k: int, config: GemvConfig) -> str:
     """The down kernel's instance for a dense GEMV over K = k: one pair, no ids and no routing weights (ID64 2)."""
-    return f"moe_gemv_down<{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1>"
+    return f"moe_gemv_down<{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1, 255>"
 
 
 def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:

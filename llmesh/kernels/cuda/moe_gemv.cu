@@ -124,8 +124,11 @@ __global__ void __launch_bounds__(256, 2) moe_gemv_up(
 // R output rows a warp, for all KMAX >= k pairs; U 16-byte slices of each row a lane per pass over I.
 // ID64: int64 ids, else int32 (2: none, a dense GEMV). W32: the routing weights are float32 (Mixtral),
 // else bf16 (Qwen-MoE)
-template <int R, int KMAX, int U, int ID64, int W32>
-__global__ void __launch_bounds__(256, 1) moe_gemv_down(
+// MAXREG: the registers a thread may hold (__maxnreg__): 255 holds every load of a pass without a
+// spill but leaves 8 warps an SM, so Qwen3's 2,048 output rows run in two waves; 168 and 128 fit
+// 12 and 16 warps, spilling a few words to the stack (MoeGemvConfig.down_regs, chosen by measurement).
+template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
+__global__ void __maxnreg__(MAXREG) moe_gemv_down(
     const u16* __restrict__ hidden, const u16* __restrict__ w2, const void* __restrict__ ids,
     const void* __restrict__ topk_w, u16* __restrict__ out, int H, int I, long long stride_e, int pairs) {
   const int lane = threadIdx.x & 31;
