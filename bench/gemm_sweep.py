@@ -217,13 +217,13 @@ def complete_table(current: dict, measured: dict, swept: set) -> dict:
     return dict(sorted(table.items()))
 
 
-def report(cells: list[Cell], copy_tb_s: float, shapes: dict, gemv_faster: set | None = None
+def report(cells: list[Cell], copy_tb_s: float, shapes: dict, gemv_faster: dict | None = None
            ) -> tuple[dict[str, float], dict]:
     """Metrics, the printed table, and the TUNED entries (winners by MIN_SPEEDUP); the (N, K)
-    where the CUDA GEMV won by MIN_SPEEDUP go into ``gemv_faster``."""
+    where the CUDA GEMV won by MIN_SPEEDUP go into ``gemv_faster`` with its best config."""
     metrics: dict[str, float] = {"copy_tb_s": copy_tb_s}
     tuned: dict[tuple[int, int, int], tuple] = {}
-    gemv_faster = set() if gemv_faster is None else gemv_faster
+    gemv_faster = {} if gemv_faster is None else gemv_faster
     rows = [f"{'shape':<8}{'N x K':>14}{'M':>4}{'F.linear us':>12}{'frac':>6}{'best us':>9}{'GB/s':>7}"
             f"{'frac':>6}{'speedup':>8}  best config"]
     for c in cells:
@@ -252,7 +252,7 @@ def report(cells: list[Cell], copy_tb_s: float, shapes: dict, gemv_faster: set |
                             f"cuda_gemv_m1_bw_frac_{c.shape}": nbytes / (g_ms * 1e-3) / (copy_tb_s * 1e12),
                             f"cuda_gemv_m1_vs_best_x_{c.shape}": vs})
             if vs >= MIN_SPEEDUP:
-                gemv_faster.add((n, k))
+                gemv_faster[(n, k)] = g_cfg
             rows.append(f"{'':<8}{'':>14}{'':>4}{'CUDA GEMV':>12}{'':>6}{g_ms * 1e3:>9.1f}"
                         f"{nbytes / (g_ms * 1e-3) / 1e9:>7.0f}{nbytes / (g_ms * 1e-3) / (copy_tb_s * 1e12):>6.2f}"
                         f"{vs:>7.2f}x  rows {g_cfg.rows}, warps {g_cfg.warps} (speedup over the faster above)")
@@ -393,12 +393,12 @@ def main() -> None:
     log(t0, f"{device_name(device)}: copy {copy_tb_s:.3f} TB/s")
     cells, info = sweep(args, device, t0)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    gemv_faster: set = set()
+    gemv_faster: dict = {}
     metrics, tuned = report(cells, copy_tb_s, shapes, gemv_faster)
     tag = device_tag(device)
     gemv_literal = None
     if any(c.gemv for c in cells):
-        gemv_literal = f"DENSE_FASTER[{tag!r}] = frozenset({sorted(gemv_faster)!r})"
+        gemv_literal = f"DENSE_FASTER[{tag!r}] = {dict(sorted(gemv_faster.items()))!r}"
         print("# llmesh/kernels/moe_gemv.py: the (N, K) this sweep timed where the CUDA GEMV beat F.linear and"
               f" the skinny kernel's best by >= {MIN_SPEEDUP}x at M = 1\n{gemv_literal}\n", flush=True)
     swept = {(*shapes[c.shape], c.m) for c in cells if c.times and m_bucket(c.m) == c.m}

@@ -35,6 +35,19 @@ import torch
 from llmesh.kernels.common import INDEX_DTYPES, cuda_device_tag, pdl_launch
 from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernels' reference)
 
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The dense GEMV's launch: rows, output rows a warp; warps, a block's."""
+
+    rows: int = 1
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.rows not in (1, 2) or self.warps not in (2, 4, 8):
+            raise ValueError(f"GemvConfig: rows must be 1 or 2 and warps 2, 4 or 8, got {self}")
+
+
 ENV = "LLMESH_MOE_CUDA_GEMV"
 """1: one-token bf16 MoE layers run these kernels wherever they can; 0: never; unset: MEASURED_FASTER."""
 MEASURED_FASTER: frozenset[str] = frozenset({"h100"})
@@ -43,12 +56,12 @@ H100 36.9 us against 39.1 (bench/results/moe_h100_cuda_gemv.json), the batch-1 s
 (kernel_profile_h100_moe_b1_cuda{0,1}.json)."""
 DENSE_ENV = "LLMESH_CUDA_GEMV"
 """1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_FASTER."""
-DENSE_FASTER: dict[str, frozenset[tuple[int, int]]] = {}
-"""Device tag -> the weight shapes (N, K) where bench/gemm_sweep.py measured ``gemv`` at M = 1 faster
-than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""
+DENSE_FASTER: dict[str, dict[tuple[int, int], GemvConfig]] = {}
+"""Device tag -> {weight shape (N, K): its fastest GemvConfig} where bench/gemm_sweep.py measured
+``gemv`` at M = 1 faster than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""
 # bench/results/gemm_sweep_h100_cuda_gemv.json: 0.99-1.02x the skinny kernel's best on the other seven
 # shapes, Qwen3-30B-A3B's router 1.6 us against 2.2.
-DENSE_FASTER["h100"] = frozenset([(128, 2048)])
+DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(1, 4)}
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24
@@ -160,18 +173,6 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out
 
 
-@dataclass(frozen=True)
-class GemvConfig:
-    """rows: output rows a warp; warps: a block's."""
-
-    rows: int = 1
-    warps: int = 8
-
-    def __post_init__(self) -> None:
-        if self.rows not in (1, 2) or self.warps not in (2, 4, 8):
-            raise ValueError(f"GemvConfig: rows must be 1 or 2 and warps 2, 4 or 8, got {self}")
-
-
 def dense_instance(k: int, config: GemvConfig) -> str:
     """The down kernel's instance for a dense GEMV over K = k: one pair, no ids and no routing weights (ID64 2)."""
     return f"moe_gemv_down<{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1, 255>"
@@ -200,7 +201,7 @@ def dense_chosen(x: torch.Tensor, w: torch.Tensor) -> bool:
     forced = os.environ.get(DENSE_ENV, "").strip()
     if forced == "0" or not x.is_cuda or x.numel() != x.shape[-1]:
         return False
-    if forced != "1" and tuple(w.shape) not in DENSE_FASTER.get(cuda_device_tag(x.device), ()):
+    if forced != "1" and tuple(w.shape) not in DENSE_FASTER.get(cuda_device_tag(x.device), {}):
         return False
     return dense_unsupported(x, w) is None
 
@@ -212,8 +213,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemvConfig | None = None, 
 
     if (why := dense_unsupported(x, w)) is not None:
         raise ValueError(f"gemv: {why}")
-    config = config or GemvConfig()
     n, k = w.shape
+    config = config or DENSE_FASTER.get(cuda_device_tag(x.device), {}).get((n, k), GemvConfig())
     row = x.reshape(k)
     row = row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)

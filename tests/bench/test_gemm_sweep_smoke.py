@@ -57,6 +57,25 @@ def test_table_takes_only_clear_winners_at_bucket_sizes(monkeypatch):
     assert "skinny_gemm_m16_speedup_x_b" not in metrics and "flinear_m16_bw_frac_b" in metrics
 
 
+def test_the_cuda_gemv_enters_dense_faster_only_past_both_by_min_speedup(monkeypatch):
+    """report(): the CUDA GEMV's metrics against the faster of F.linear and the skinny kernel's
+    best, and its fastest config recorded where it beats both by MIN_SPEEDUP."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gemm_sweep as gs
+    from llmesh.kernels.moe_gemv import GemvConfig
+
+    cfg = SkinnyConfig(1, 8, 512, 1, 4, 1, False)
+    shapes = {"a": (4096, 4096), "b": (128, 2048)}
+    cells = [gs.Cell("a", 1, 0.010, [(0.008, cfg)], [(0.0079, GemvConfig(1, 8))]),  # 1.01x the skinny: a tie
+             gs.Cell("b", 1, 0.005, [(0.0022, cfg)], [(0.0017, GemvConfig(2, 8)), (0.0016, GemvConfig(1, 4))])]
+    faster: dict = {}
+    metrics, _ = gs.report(cells, 4.0, shapes, faster)
+    assert faster == {(128, 2048): GemvConfig(1, 4)}
+    assert metrics["cuda_gemv_m1_vs_best_x_b"] == 0.0022 / 0.0016
+    assert metrics["cuda_gemv_m1_vs_best_x_a"] == 0.008 / 0.0079 and metrics["cuda_gemv_m1_us_a"] == 7.9
+    assert "cuda_gemv_m1_us_c" not in metrics
+
+
 def test_the_printed_table_is_the_devices_whole_table(monkeypatch):
     """complete_table(): the cells a sweep timed are re-decided (a winner replaces the entry, a
     cell cuBLAS won loses it), the cells it did not time keep the module's entries."""
