@@ -92,7 +92,7 @@ DOTS = ((16, 16, 128, 4, 4, True), (16, 16, 256, 4, 3, True), (16, 32, 128, 4, 4
         (16, 32, 256, 4, 3, True), (16, 64, 128, 4, 4, True), (16, 16, 512, 4, 2, True),
         (16, 32, 128, 8, 6, True), (16, 64, 64, 4, 6, True))
 SMOKE_GRID = ((1, 16, 32, 1, 1, False), (0, 8, 16, 1, 1, False), (16, 16, 32, 1, 1, True))
-GEMV_CONFIGS = tuple(GemvConfig(rows, warps) for rows in (1, 2) for warps in (4, 8))
+GEMV_CONFIGS = tuple(GemvConfig(rows, warps, early) for rows in (1, 2) for warps in (4, 8) for early in (False, True))
 FMA_ROW_MAX_M = 8     # past this the FMA rows re-read each W tile too often (from L2, but still)
 FMA_TILE_MAX_M = 8    # the [M, BN, BK] float32 accumulator outgrows the registers past this
 
@@ -196,7 +196,7 @@ def measure(name: str, m: int, n: int, k: int, ws: list[torch.Tensor], sms: int,
         info["configs"][key] = round(ms_ * 1e3, 3)
     if m == 1 and dense_unsupported(x, ws[0]) is None:
         for cfg in GEMV_CONFIGS:
-            key = f"{name} m1 cuda_gemv r{cfg.rows}w{cfg.warps}"
+            key = f"{name} m1 cuda_gemv r{cfg.rows}w{cfg.warps}{'e' if cfg.early else ''}"
             err = ((gemv(x, ws[0], config=cfg).float() - ref).abs().max() / scale).item()
             if not err <= TOL:
                 info["wrong"].append(f"{key}: max error {err:.3g} of max |y|")
@@ -255,7 +255,8 @@ def report(cells: list[Cell], copy_tb_s: float, shapes: dict, gemv_faster: dict 
                 gemv_faster[(n, k)] = g_cfg
             rows.append(f"{'':<8}{'':>14}{'':>4}{'CUDA GEMV':>12}{'':>6}{g_ms * 1e3:>9.1f}"
                         f"{nbytes / (g_ms * 1e-3) / 1e9:>7.0f}{nbytes / (g_ms * 1e-3) / (copy_tb_s * 1e12):>6.2f}"
-                        f"{vs:>7.2f}x  rows {g_cfg.rows}, warps {g_cfg.warps} (speedup over the faster above)")
+                        f"{vs:>7.2f}x  rows {g_cfg.rows}, warps {g_cfg.warps}{', early' if g_cfg.early else ''}"
+                        " (speedup over the faster above)")
     print("\n" + "\n".join(rows) + f"\n(frac = GB/s of the weight bytes / copy bandwidth {copy_tb_s:.3f} TB/s; "
           f"speedup = F.linear us / best us)\n", flush=True)
     return metrics, tuned
@@ -419,7 +420,8 @@ def main() -> None:
         "check": f"every config once against F.linear in float32: max |err| / max |y| <= {TOL}",
         "min_speedup_for_table": MIN_SPEEDUP, "tuned": {f"{n}x{k}_m{m}": list(v) for (n, k, m), v in tuned.items()},
         "tuned_literal": literal, "cuda_gemv": "llmesh.kernels.moe_gemv.gemv at M = 1, configs "
-        + ", ".join(f"rows {c.rows} warps {c.warps}" for c in GEMV_CONFIGS), "dense_faster_literal": gemv_literal,
+        + ", ".join(f"rows {c.rows} warps {c.warps}{' early' if c.early else ''}" for c in GEMV_CONFIGS),
+        "dense_faster_literal": gemv_literal,
         **info}
     path = write_result(f"gemm_sweep_{tag}{args.suffix}", workload, rounded(metrics), device=device_name(device),
                         results_dir=out_dir)

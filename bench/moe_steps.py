@@ -124,8 +124,8 @@ def bench_decode1_cuda(x, w13, w2, weights, ids, bytes_: int, ceilings: dict[str
     """The bf16 layer at one token through llmesh/kernels/moe_gemv.py's CUDA C++ kernels, each
     MoeGemvConfig, beside the dispatched layer: what MEASURED_FASTER and CONFIGS are decided from.
     Metrics: moe_decode1_cuda_ms (its best config), moe_decode1_cuda_frac,
-    moe_decode1_cuda_vs_dispatched_x, moe_decode1_cuda_<rows>x<warps>[_r<down_regs>]_ms (no suffix:
-    the uncapped 255), moe_decode1_cuda_default_ms (the config moe_gemv picks on this device)."""
+    moe_decode1_cuda_vs_dispatched_x, moe_decode1_cuda_<rows>x<warps>[_early<cap>]_ms (no suffix: the
+    down kernel that waits first), moe_decode1_cuda_default_ms (the config moe_gemv picks here)."""
     from llmesh.kernels import moe_gemv as mg
 
     if (why := mg.unsupported(x, w13, w2, weights, ids)) is not None:
@@ -134,13 +134,13 @@ def bench_decode1_cuda(x, w13, w2, weights, ids, bytes_: int, ceilings: dict[str
     m: dict[str, float] = {}
     want = mg.fused_moe_ref(x, w13, w2, weights, ids).float()
     times: dict[mg.MoeGemvConfig, float] = {}
-    for cfg in (mg.MoeGemvConfig(r, w, g) for r in (1, 2) for w in (4, 8) for g in mg.DOWN_REGS):
+    for cfg in (mg.MoeGemvConfig(r, w, g) for r in (1, 2) for w in (4, 8) for g in (0, *mg.EARLY_REGS)):
         err = float((mg.moe_gemv(x, w13, w2, weights, ids, config=cfg).float() - want).abs().max())
         if err > 0.02 * max(float(want.abs().max()), 1e-6):
             raise RuntimeError(f"moe_gemv {cfg} differs from fused_moe_ref at batch 1: {err:.3g}")
         times[cfg] = best_of_two(lambda: mg.moe_gemv(x, w13, w2, weights, ids, config=cfg), x.device)
-        regs = "" if cfg.down_regs == 255 else f"_r{cfg.down_regs}"
-        m[f"moe_decode1_cuda_{cfg.up_rows}x{cfg.warps}{regs}_ms"] = times[cfg]
+        early = f"_early{cfg.early_regs}" if cfg.early_regs else ""
+        m[f"moe_decode1_cuda_{cfg.up_rows}x{cfg.warps}{early}_ms"] = times[cfg]
     best = min(times, key=times.__getitem__)
     m["moe_decode1_cuda_ms"] = times[best]
     m["moe_decode1_cuda_default_ms"] = best_of_two(lambda: mg.moe_gemv(x, w13, w2, weights, ids), x.device)
@@ -148,7 +148,7 @@ def bench_decode1_cuda(x, w13, w2, weights, ids, bytes_: int, ceilings: dict[str
     m["moe_decode1_cuda_vs_dispatched_x"] = dispatched_ms / m["moe_decode1_cuda_ms"]
     print(f"[moe] decode1 cuda: best {m['moe_decode1_cuda_ms'] * 1e3:.1f} us ({best}), default "
           f"{m['moe_decode1_cuda_default_ms'] * 1e3:.1f} us; "
-          + ", ".join(f"{c.up_rows}x{c.warps}/{c.down_regs} {t * 1e3:.1f}" for c, t in times.items())
+          + ", ".join(f"{c.up_rows}x{c.warps}/{c.early_regs} {t * 1e3:.1f}" for c, t in times.items())
           + f"; {m['moe_decode1_cuda_vs_dispatched_x']:.2f}x the dispatched layer", flush=True)
     print(f"# llmesh/kernels/moe_gemv.py\nCONFIGS[{cuda_device_tag(x.device)!r}] = {best!r}", flush=True)
     return m

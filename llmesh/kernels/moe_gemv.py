@@ -38,10 +38,12 @@ from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """The dense GEMV's launch: rows, output rows a warp; warps, a block's."""
+    """The dense GEMV's launch: rows, output rows a warp; warps, a block's; early: the candidate
+    entry point that issues its weight loads before it waits for x (moe_gemv_down_early)."""
 
     rows: int = 1
     warps: int = 8
+    early: bool = False
 
     def __post_init__(self) -> None:
         if self.rows not in (1, 2) or self.warps not in (2, 4, 8):
@@ -65,26 +67,28 @@ DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(1, 4)}
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24
-"""16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 240 registers at 8 x 3,
+"""16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 174 registers at 8 x 3,
 all issued before the first multiply (tests/kernels/test_moe_gemv.py checks the compile)."""
-DOWN_REGS = (255, 168, 128)
-"""The down kernel's register caps a MoeGemvConfig may name."""
+EARLY_REGS = (255, 168, 128)
+"""The register caps of moe_gemv_down_early a MoeGemvConfig may name (0: the measured down kernel)."""
 
 
 @dataclass(frozen=True)
 class MoeGemvConfig:
     """up_rows: gate rows (with their up rows) a warp of the gate/up kernel; warps: a block's;
-    down_regs: the down kernel's register cap (255: no spills, 8 warps an SM; 168 and 128 let 12
-    and 16 warps of 4- and 8-warp blocks share an SM, at a few spilled words)."""
+    early_regs: 0 runs the down kernel that waits for the up kernel before any load; 255, 168 or
+    128 the candidate that issues its first weight loads before that wait, under that register cap
+    (8, 12 or 16 warps an SM; the capped ones spill a few words)."""
 
     up_rows: int = 1
     warps: int = 8
-    down_regs: int = 255
+    early_regs: int = 0
 
     def __post_init__(self) -> None:
-        if self.up_rows not in (1, 2) or self.warps not in (2, 4, 8) or self.down_regs not in DOWN_REGS:
-            raise ValueError(f"MoeGemvConfig: up_rows must be 1 or 2, warps 2, 4 or 8 and down_regs one of "
-                             f"{DOWN_REGS}, got {self}")
+        if (self.up_rows not in (1, 2) or self.warps not in (2, 4, 8)
+                or self.early_regs not in (0, *EARLY_REGS)):
+            raise ValueError(f"MoeGemvConfig: up_rows must be 1 or 2, warps 2, 4 or 8 and early_regs 0 or one of "
+                             f"{EARLY_REGS}, got {self}")
 
 
 CONFIGS: dict[str, MoeGemvConfig] = {}
@@ -104,8 +108,9 @@ def instances(h: int, inter: int, pairs: int, ids64: bool, weights32: bool, conf
     routed experts launches."""
     kmax = 1 << max(0, pairs - 1).bit_length()
     up = f"moe_gemv_up<{config.up_rows}, {_slices(h, 8)}, {int(ids64)}>"
-    down = (f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}, "
-            f"{config.down_regs}>")
+    down = f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}>"
+    if config.early_regs:
+        down = down.replace("moe_gemv_down<", "moe_gemv_down_early<")[:-1] + f", {config.early_regs}>"
     return up, down
 
 
@@ -175,7 +180,8 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 def dense_instance(k: int, config: GemvConfig) -> str:
     """The down kernel's instance for a dense GEMV over K = k: one pair, no ids and no routing weights (ID64 2)."""
-    return f"moe_gemv_down<{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1, 255>"
+    args = f"{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1"
+    return f"moe_gemv_down_early<{args}, 255>" if config.early else f"moe_gemv_down<{args}>"
 
 
 def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:

@@ -23,18 +23,17 @@ GPU = torch.cuda.is_available()
 def test_instances_hold_the_layer_in_one_pass_where_registers_allow():
     cfg = mg.MoeGemvConfig()
     # Qwen3-30B-A3B: H 2048 (8 slices a lane, one pass), I 768 (3), 8 pairs, bf16 weights, int64 ids
-    assert mg.instances(2048, 768, 8, True, False, cfg) == ("moe_gemv_up<1, 8, 1>",
-                                                            "moe_gemv_down<1, 8, 3, 1, 0, 255>")
+    assert mg.instances(2048, 768, 8, True, False, cfg) == ("moe_gemv_up<1, 8, 1>", "moe_gemv_down<1, 8, 3, 1, 0>")
     # Mixtral: H 4096 in two passes of 8, I 14336 in passes of 12 slices (24 loads over 2 pairs)
     assert mg.instances(4096, 14336, 2, False, True, mg.MoeGemvConfig(2)) == (
-        "moe_gemv_up<2, 8, 0>", "moe_gemv_down<1, 2, 12, 0, 1, 255>")
-    assert mg.instances(200, 40, 6, True, False, cfg)[1] == "moe_gemv_down<1, 8, 1, 1, 0, 255>"  # 6 pairs: 8 slots
-    assert mg.instances(64, 64, 16, True, False, mg.MoeGemvConfig(down_regs=128))[1] == (
-        "moe_gemv_down<1, 16, 1, 1, 0, 128>")
+        "moe_gemv_up<2, 8, 0>", "moe_gemv_down<1, 2, 12, 0, 1>")
+    assert mg.instances(200, 40, 6, True, False, cfg)[1] == "moe_gemv_down<1, 8, 1, 1, 0>"  # 6 pairs: 8 slots
+    assert mg.instances(64, 64, 16, True, False, mg.MoeGemvConfig(early_regs=128))[1] == (
+        "moe_gemv_down_early<1, 16, 1, 1, 0, 128>")
     with pytest.raises(ValueError, match="up_rows"):
         mg.MoeGemvConfig(3)
-    with pytest.raises(ValueError, match="down_regs"):
-        mg.MoeGemvConfig(down_regs=64)
+    with pytest.raises(ValueError, match="early_regs"):
+        mg.MoeGemvConfig(early_regs=64)
 
 
 def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
@@ -54,9 +53,11 @@ def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
 def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
     names = {n for shape in ((2048, 768, 8), (4096, 14336, 2), (200, 40, 6), (64, 64, 16))
              for rows in (1, 2) for n in mg.instances(*shape, True, False, mg.MoeGemvConfig(rows))}
-    dense = {mg.dense_instance(k, mg.GemvConfig(rows)) for k in (2048, 4096, 14336, 40) for rows in (1, 2)}
-    capped = {mg.instances(2048, 768, 8, True, False, mg.MoeGemvConfig(down_regs=r))[1] for r in mg.DOWN_REGS[1:]}
-    for name in sorted(names | dense | capped | {"moe_gemv_down<1, 8, 3, 0, 1, 255>", "moe_gemv_up<1, 8, 0>"}):
+    dense = {mg.dense_instance(k, mg.GemvConfig(rows, early=early))
+             for k in (2048, 4096, 14336, 40) for rows in (1, 2) for early in (False, True)}
+    early = {mg.instances(2048, 768, 8, True, False, mg.MoeGemvConfig(early_regs=r))[1] for r in mg.EARLY_REGS}
+    capped = {n for n in early if not n.endswith(", 255>")}
+    for name in sorted(names | dense | early | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
         cubin, lowered, report = compiled_report("moe_gemv.cu", name, tmp_path)
         assert lowered.startswith("_Z") and len(cubin) > 4_000
         if name in capped:  # a capped down kernel spills a few words to the stack, never to local arrays
@@ -86,7 +87,9 @@ def test_the_layer_matches_the_reference_on_gpu(h, inter, e, k, wdt, idt, rows):
     x, w13, w2, weights, ids = (t.cuda() for t in _layer(h + k, h, inter, e, k, wdt, idt))
     ref = fused_moe_ref(x, w13, w2, weights, ids)
     for _ in range(2):
-        got = mg.moe_gemv(x, w13, w2, weights, ids, config=mg.MoeGemvConfig(rows, down_regs=mg.DOWN_REGS[rows]))
+        got = mg.moe_gemv(x, w13, w2, weights, ids, config=mg.MoeGemvConfig(rows))
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        got = mg.moe_gemv(x, w13, w2, weights, ids, config=mg.MoeGemvConfig(rows, early_regs=mg.EARLY_REGS[rows]))
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
     foreign = ids.clone()
     foreign[0, ::2] = -1  # every other pair's expert is another rank's: it adds nothing
@@ -127,8 +130,8 @@ def test_bad_arguments_are_named():
 
 def test_dense_instances_and_refusals_on_the_cpu(monkeypatch):
     # K 2048: 8 slices a lane, the row in one pass; K 14336 in passes of 24 loads (12 a row at 2 rows)
-    assert mg.dense_instance(2048, mg.GemvConfig()) == "moe_gemv_down<1, 1, 8, 2, 1, 255>"
-    assert mg.dense_instance(14336, mg.GemvConfig(2, 4)) == "moe_gemv_down<2, 1, 12, 2, 1, 255>"
+    assert mg.dense_instance(2048, mg.GemvConfig()) == "moe_gemv_down<1, 1, 8, 2, 1>"
+    assert mg.dense_instance(14336, mg.GemvConfig(2, 4, early=True)) == "moe_gemv_down_early<2, 1, 12, 2, 1, 255>"
     with pytest.raises(ValueError, match="rows"):
         mg.GemvConfig(4)
     x, w = torch.randn(1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
@@ -146,10 +149,11 @@ def test_gemv_matches_f_linear_on_gpu(n, k, rows, warps):
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(1, 1, k, generator=gen).bfloat16().cuda()  # [B, T, K] with one row, as a decode step
     w = (0.05 * torch.randn(n, k, generator=gen)).bfloat16().cuda()
-    got = mg.gemv(x, w, config=mg.GemvConfig(rows, warps))
-    assert got.shape == (1, 1, n)
     ref = x.float() @ w.float().t()
-    torch.testing.assert_close(got.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=1e-2)
+    for early in (False, True):
+        got = mg.gemv(x, w, config=mg.GemvConfig(rows, warps, early))
+        assert got.shape == (1, 1, n)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=1e-2)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=2e-2 * float(ref.abs().max()), rtol=1e-2)
     with pytest.raises(ValueError, match="one row only"):
         mg.gemv(x.expand(2, 1, k), w)

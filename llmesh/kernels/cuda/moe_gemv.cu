@@ -20,10 +20,9 @@
 // dense GEMV, out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1 projections
 // around the experts). A template value, not a null-pointer test: that cost the Qwen instance 80
 // registers.
-// Both let the next kernel's blocks in (PDL) only after their loads, so those do not sit on the
-// SMs the stream needs. The up kernel waits for the previous kernel's writes before it reads the
-// routing; the down kernel issues its first pass of weight loads before it waits for the up
-// kernel's hidden rows, so its blocks stream weights while the up kernel's last blocks finish.
+// Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
+// kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs
+// (moe_gemv_down_early, a candidate, issues its first weight loads before the wait).
 
 // ldg_stream without `volatile`: ptxas may then issue all of a pass's loads before the first
 // multiply that needs one (with it, it interleaves them, two loads in flight a warp)
@@ -123,23 +122,22 @@ __global__ void __launch_bounds__(256, 2) moe_gemv_up(
 
 // R output rows a warp, for all KMAX >= k pairs; U 16-byte slices of each row a lane per pass over I.
 // ID64: int64 ids, else int32 (2: none, a dense GEMV). W32: the routing weights are float32 (Mixtral),
-// else bf16 (Qwen-MoE)
-// MAXREG: the registers a thread may hold (__maxnreg__): 255 holds every load of a pass without a
-// spill but leaves 8 warps an SM, so Qwen3's 2,048 output rows run in two waves; 168 and 128 fit
-// 12 and 16 warps, spilling a few words to the stack (MoeGemvConfig.down_regs, chosen by measurement).
-template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
-__global__ void __maxnreg__(MAXREG) moe_gemv_down(
+// else bf16 (Qwen-MoE). EARLY: the first pass's weight loads go out before pdl_wait (the kernels
+// below say which entry point does which).
+template <int R, int KMAX, int U, int ID64, int W32, int EARLY>
+__device__ __forceinline__ void down_rows(
     const u16* __restrict__ hidden, const u16* __restrict__ w2, const void* __restrict__ ids,
     const void* __restrict__ topk_w, u16* __restrict__ out, int H, int I, long long stride_e, int pairs) {
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+  if (!EARLY) pdl_wait();
   if (n0 >= H) {
-    pdl_wait_then_release();
+    if (EARLY) pdl_wait();
+    pdl_release();
     return;
   }
-  // The ids and routing weights are read before pdl_wait: the router wrote them before the up
+  // EARLY reads the ids and routing weights before pdl_wait: the router wrote them before the up
   // kernel, which passed its own wait (so the router had finished) before it let this grid in.
-  // Only hidden is the up kernel's, so the first pass's weight loads go out while it drains.
   int e[KMAX];
 #pragma unroll
   for (int p = 0; p < KMAX; ++p) e[p] = p < pairs ? expert_of<ID64>(ids, p) : -1;
@@ -164,7 +162,7 @@ __global__ void __maxnreg__(MAXREG) moe_gemv_down(
           w[p][r][u] = live && s < slices ? ldg_weights(src + s) : u32x4{0u, 0u, 0u, 0u};
         }
       }
-    if (s0 == 0) pdl_wait();
+    if (EARLY && s0 == 0) pdl_wait();  // hidden is the up kernel's
 #pragma unroll
     for (int p = 0; p < KMAX; ++p) {
       const u32x4* hs = reinterpret_cast<const u32x4*>(hidden + (size_t)p * I);
@@ -198,4 +196,25 @@ __global__ void __maxnreg__(MAXREG) moe_gemv_down(
     }
     out[n0 + lane] = static_cast<u16>(pack_bf16(total, 0.f));
   }
+}
+
+#define DOWN_PARAMS                                                                                 \
+  const u16 *__restrict__ hidden, const u16 *__restrict__ w2, const void *__restrict__ ids,       \
+      const void *__restrict__ topk_w, u16 *__restrict__ out, int H, int I, long long stride_e, int pairs
+#define DOWN_ARGS hidden, w2, ids, topk_w, out, H, I, stride_e, pairs
+
+// The measured down kernel: it waits for the up kernel before any load; 174 registers at Qwen3's
+// shape leave one 8-warp block an SM, so its 2,048 output rows run in two waves.
+template <int R, int KMAX, int U, int ID64, int W32>
+__global__ void __launch_bounds__(256, 1) moe_gemv_down(DOWN_PARAMS) {
+  down_rows<R, KMAX, U, ID64, W32, 0>(DOWN_ARGS);
+}
+
+// The candidate (session 54, not yet timed on a GPU): the first pass of weight loads goes out
+// before the wait, so its blocks stream while the up kernel's last blocks finish, under a register
+// cap (__maxnreg__) of 255, 168 or 128: 8, 12 or 16 warps an SM, the capped ones spilling a few
+// words to the stack (MoeGemvConfig.early_regs, GemvConfig.early).
+template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
+__global__ void __maxnreg__(MAXREG) moe_gemv_down_early(DOWN_PARAMS) {
+  down_rows<R, KMAX, U, ID64, W32, 1>(DOWN_ARGS);
 }
