@@ -15,8 +15,8 @@ Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>[_c<N>]_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_PDL_LATE / LLMESH_FUSED_DECODE / LLMESH_QKV_ROPE / LLMESH_DECODE_FOLD /
-LLMESH_L2_PREFETCH / LLMESH_MOE_CUDA_GEMV / LLMESH_CUDA_GEMV, when set, are recorded in the workload (A/B of one switch per run,
-with --suffix).
+LLMESH_L2_PREFETCH / LLMESH_MOE_CUDA_GEMV / LLMESH_CUDA_GEMV, when set, are recorded in the workload (A/B of one
+switch per run, with --suffix).
 """
 
 from __future__ import annotations
