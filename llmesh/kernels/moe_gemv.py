@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,6 +71,10 @@ DOWN_LOADS = 24
 all issued before the first multiply (tests/kernels/test_moe_gemv.py checks the compile)."""
 EARLY_REGS = (255, 168, 128)
 """The register caps of moe_gemv_down_early a MoeGemvConfig may name (0: the measured down kernel)."""
+EARLY_ENV = "LLMESH_GEMV_EARLY"
+"""A/B switch for a step: one of EARLY_REGS turns the configs both kernels would take by default into
+their early forms (the MoE layer's down kernel under that cap, the dense GEMV early); unset or 0: as
+the tables say."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,23 @@ CONFIGS: dict[str, MoeGemvConfig] = {}
 """Device tag -> the MoeGemvConfig bench/moe_gpu.py's decode1 part measured fastest (printed as this
 statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_gemv.json): 1 x 4 36.9 us, 1 x 8 37.2."""
 CONFIGS["h100"] = MoeGemvConfig(1, 4)
+
+
+def _early_regs() -> int:
+    """EARLY_ENV's cap, 0 when unset (a value outside EARLY_REGS is refused by MoeGemvConfig)."""
+    return int(os.environ.get(EARLY_ENV, "0").strip() or 0)
+
+
+def layer_config(tag: str) -> MoeGemvConfig:
+    """The config moe_gemv launches on a device of this tag: CONFIGS', in its early form under EARLY_ENV."""
+    config = CONFIGS.get(tag, MoeGemvConfig())
+    return replace(config, early_regs=early) if (early := _early_regs()) else config
+
+
+def dense_config(tag: str, n: int, k: int) -> GemvConfig:
+    """The config gemv launches for a weight [n, k] here: DENSE_FASTER's, early under EARLY_ENV."""
+    config = DENSE_FASTER.get(tag, {}).get((n, k), GemvConfig())
+    return replace(config, early=True) if _early_regs() else config
 
 
 def _slices(width: int, cap: int) -> int:
@@ -157,7 +178,7 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
     if (why := unsupported(x, w13, w2, topk_weights, topk_ids)) is not None:
         raise ValueError(f"moe_gemv: {why}")
-    config = config or CONFIGS.get(cuda_device_tag(x.device), MoeGemvConfig())
+    config = config or layer_config(cuda_device_tag(x.device))
     h, inter, pairs = x.shape[1], w2.shape[2], topk_ids.shape[-1]
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
@@ -220,7 +241,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemvConfig | None = None, 
     if (why := dense_unsupported(x, w)) is not None:
         raise ValueError(f"gemv: {why}")
     n, k = w.shape
-    config = config or DENSE_FASTER.get(cuda_device_tag(x.device), {}).get((n, k), GemvConfig())
+    config = config or dense_config(cuda_device_tag(x.device), n, k)
     row = x.reshape(k)
     row = row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)

@@ -50,6 +50,19 @@ def test_what_it_refuses_and_when_fused_moe_takes_it(monkeypatch):
         mg.moe_gemv(x, w13, w2, weights, ids)
 
 
+def test_default_configs_follow_the_tables_and_the_early_switch(monkeypatch):
+    monkeypatch.delenv(mg.EARLY_ENV, raising=False)
+    assert mg.layer_config("h100") == mg.CONFIGS["h100"] and mg.layer_config("none") == mg.MoeGemvConfig()
+    assert mg.dense_config("h100", 128, 2048) == mg.DENSE_FASTER["h100"][(128, 2048)]
+    assert mg.dense_config("h100", 5120, 2048) == mg.GemvConfig()
+    monkeypatch.setenv(mg.EARLY_ENV, "168")
+    assert mg.layer_config("h100") == mg.MoeGemvConfig(mg.CONFIGS["h100"].up_rows, mg.CONFIGS["h100"].warps, 168)
+    assert mg.dense_config("h100", 128, 2048).early and mg.dense_config("none", 64, 64) == mg.GemvConfig(early=True)
+    monkeypatch.setenv(mg.EARLY_ENV, "100")
+    with pytest.raises(ValueError, match="early_regs"):
+        mg.layer_config("h100")
+
+
 def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
     names = {n for shape in ((2048, 768, 8), (4096, 14336, 2), (200, 40, 6), (64, 64, 16))
              for rows in (1, 2) for n in mg.instances(*shape, True, False, mg.MoeGemvConfig(rows))}
