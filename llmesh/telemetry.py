@@ -18,6 +18,7 @@ never as a root.
 from __future__ import annotations
 
 import os
+import sys
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -85,7 +86,10 @@ def setup_tracing(service: str) -> TracerProvider | None:
     if kind == "otlp":
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
     elif kind == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        # stderr, the logs' stream, so each span reaches the log in one write: on stdout, which the
+        # launcher copies into the log line by line beside stderr, log lines landed inside spans'
+        # multi-line JSON and a reader (bench/mesh_trace.py) lost those spans
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     elif kind is not None:
         raise ValueError(f"OTEL_TRACES_EXPORTER={kind!r} is not supported (use otlp, console or none)")
     trace.set_tracer_provider(provider)
