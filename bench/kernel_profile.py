@@ -51,8 +51,6 @@ from llmesh.kernels.moe_gemv import ENV as MOE_GEMV_ENV  # noqa: E402
 # First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
 # internals, torch's ATen kernels).
 FAMILIES: list[tuple[str, str]] = [
-    # moe_gemv.cu's down kernel with one pair and ID64 = 2 is the dense one-row GEMV (moe_gemv.gemv)
-    ("gemm", r"moe_gemv_down(_early)?<\d+, 1, \d+, 2,"),
     ("moe", r"moe|expert|topk_softmax"),
     # the unified kernel's short-query and long-query (_prefill_kernel) launches; before "copy",
     # whose "fill" the latter's name holds

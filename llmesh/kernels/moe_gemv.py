@@ -39,7 +39,7 @@ from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel
 @dataclass(frozen=True)
 class GemvConfig:
     """The dense GEMV's launch: rows, output rows a warp; warps, a block's; early: the candidate
-    entry point that issues its weight loads before it waits for x (moe_gemv_down_early)."""
+    form that issues its weight loads before it waits for x (as moe_gemv_down_early does)."""
 
     rows: int = 1
     warps: int = 8
@@ -129,9 +129,8 @@ def instances(h: int, inter: int, pairs: int, ids64: bool, weights32: bool, conf
     routed experts launches."""
     kmax = 1 << max(0, pairs - 1).bit_length()
     up = f"moe_gemv_up<{config.up_rows}, {_slices(h, 8)}, {int(ids64)}>"
-    down = f"moe_gemv_down<1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}>"
-    if config.early_regs:
-        down = down.replace("moe_gemv_down<", "moe_gemv_down_early<")[:-1] + f", {config.early_regs}>"
+    args = f"1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}"
+    down = f"moe_gemv_down_early<{args}, {config.early_regs}>" if config.early_regs else f"moe_gemv_down<{args}>"
     return up, down
 
 
@@ -200,9 +199,8 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 def dense_instance(k: int, config: GemvConfig) -> str:
-    """The down kernel's instance for a dense GEMV over K = k: one pair, no ids and no routing weights (ID64 2)."""
-    args = f"{config.rows}, 1, {_slices(k, DOWN_LOADS // config.rows)}, 2, 1"
-    return f"moe_gemv_down_early<{args}, 255>" if config.early else f"moe_gemv_down<{args}>"
+    """dense_gemv's instance for K = k: the down kernel's rows with one pair and no routing."""
+    return f"dense_gemv<{config.rows}, {_slices(k, DOWN_LOADS // config.rows)}, {int(config.early)}>"
 
 
 def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
@@ -225,8 +223,10 @@ def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
 
 def dense_chosen(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether linear() runs x (one row) through w here (DENSE_ENV, else DENSE_FASTER)."""
+    if x.numel() != x.shape[-1] or not x.is_cuda:  # every call of linear() asks: the cheap refusals first
+        return False
     forced = os.environ.get(DENSE_ENV, "").strip()
-    if forced == "0" or not x.is_cuda or x.numel() != x.shape[-1]:
+    if forced == "0":
         return False
     if forced != "1" and tuple(w.shape) not in DENSE_FASTER.get(cuda_device_tag(x.device), {}):
         return False

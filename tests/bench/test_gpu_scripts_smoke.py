@@ -206,11 +206,12 @@ def test_kernel_profile_families_name_the_unified_attention_kernels():
     assert family("_decode_partition_kernel") == "attention"
     assert family("Memset (Device)") == "copy"
     assert family("_silu_and_mul_fp8_kernel") == "activation"
-    # moe_gemv.cu's down kernel is the MoE layer's, except its dense one-row GEMV instance (ID64 = 2)
+    # moe_gemv.cu's down kernels are the MoE layer's; its dense one-row GEMV has an entry point of its own
     assert family("void moe_gemv_down<1, 8, 3, 1, 0>(unsigned short const*, ...)") == "moe"
     assert family("void moe_gemv_down<1, 1, 24, 0, 1>(unsigned short const*, ...)") == "moe"  # top-1
-    assert family("void moe_gemv_down<1, 1, 8, 2, 1>(unsigned short const*, ...)") == "gemm"
-    assert family("void moe_gemv_down_early<2, 1, 12, 2, 1, 255>(unsigned short const*, ...)") == "gemm"
+    assert family("void moe_gemv_down_early<1, 8, 3, 1, 0, 168>(unsigned short const*, ...)") == "moe"
+    assert family("void dense_gemv<1, 8, 0>(unsigned short const*, ...)") == "gemm"
+    assert family("void dense_gemv<2, 12, 1>(unsigned short const*, ...)") == "gemm"
 
 
 def test_block_fp8_gpu_smoke(tmp_path):

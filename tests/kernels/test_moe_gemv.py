@@ -143,8 +143,8 @@ def test_bad_arguments_are_named():
 
 def test_dense_instances_and_refusals_on_the_cpu(monkeypatch):
     # K 2048: 8 slices a lane, the row in one pass; K 14336 in passes of 24 loads (12 a row at 2 rows)
-    assert mg.dense_instance(2048, mg.GemvConfig()) == "moe_gemv_down<1, 1, 8, 2, 1>"
-    assert mg.dense_instance(14336, mg.GemvConfig(2, 4, early=True)) == "moe_gemv_down_early<2, 1, 12, 2, 1, 255>"
+    assert mg.dense_instance(2048, mg.GemvConfig()) == "dense_gemv<1, 8, 0>"
+    assert mg.dense_instance(14336, mg.GemvConfig(2, 4, early=True)) == "dense_gemv<2, 12, 1>"
     with pytest.raises(ValueError, match="rows"):
         mg.GemvConfig(4)
     x, w = torch.randn(1, 64).bfloat16(), torch.randn(32, 64).bfloat16()

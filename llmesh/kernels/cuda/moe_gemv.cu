@@ -16,10 +16,10 @@
 //   summed over the pairs in slot order in float32 and rounded once: the top-k sum with no atomics
 //   and no second kernel (fused_moe's one-token slot sum gives the same).
 // A pair whose expert id is negative (held by another rank under expert parallelism) adds nothing.
-// moe_gemv_down with ID64 = 2 reads no ids and no routing weights (one pair, expert 0, weight 1): a
-// dense GEMV, out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1 projections
-// around the experts). A template value, not a null-pointer test: that cost the Qwen instance 80
-// registers.
+// dense_gemv runs the down kernel's rows with ID64 = 2: no ids and no routing weights (one pair,
+// expert 0, weight 1), out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1
+// projections around the experts). A template value, not a null-pointer test: that cost the Qwen
+// instance 80 registers.
 // Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
 // kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs
 // (moe_gemv_down_early, a candidate, issues its first weight loads before the wait).
@@ -217,4 +217,11 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(DOWN_PARAMS) {
 template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
 __global__ void __maxnreg__(MAXREG) moe_gemv_down_early(DOWN_PARAMS) {
   down_rows<R, KMAX, U, ID64, W32, 1>(DOWN_ARGS);
+}
+
+// The dense one-row GEMV (moe_gemv.gemv): an entry point of its own, so a profile names it apart
+// from the MoE layer. EARLY as above; its 80-150 registers need no cap.
+template <int R, int U, int EARLY>
+__global__ void __launch_bounds__(256, 1) dense_gemv(DOWN_PARAMS) {
+  down_rows<R, 1, U, 2, 1, EARLY>(DOWN_ARGS);
 }
