@@ -55,15 +55,25 @@ ENV = "LLMESH_MOE_CUDA_GEMV"
 MEASURED_FASTER: frozenset[str] = frozenset({"h100"})
 """Device tags (common.cuda_device_tag) where the layer measured faster than fused_moe's GEMV form:
 H100 36.9 us against 39.1 (bench/results/moe_h100_cuda_gemv.json), the batch-1 step 3.439 -> 3.374 ms
-(kernel_profile_h100_moe_b1_cuda{0,1}.json)."""
+(kernel_profile_h100_moe_b1_cuda{0,1}.json), 3.560 -> 3.410 ms in a later run
+(kernel_profile_h100_moe_b1_pf_{off,moe}.json)."""
 DENSE_ENV = "LLMESH_CUDA_GEMV"
 """1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_FASTER."""
 DENSE_FASTER: dict[str, dict[tuple[int, int], GemvConfig]] = {}
 """Device tag -> {weight shape (N, K): its fastest GemvConfig} where bench/gemm_sweep.py measured
 ``gemv`` at M = 1 faster than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""
 # bench/results/gemm_sweep_h100_cuda_gemv.json: 0.99-1.02x the skinny kernel's best on the other seven
-# shapes, Qwen3-30B-A3B's router 1.6 us against 2.2.
-DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(1, 4)}
+# shapes, Qwen3-30B-A3B's router 1.6 us against 2.2; early as the step below ran it.
+DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(1, 4, early=True)}
+DENSE_STEP: dict[str, GemvConfig] = {}
+"""Device tag -> the GemvConfig every other one-row bf16 projection takes there: where the batch-1
+step measured faster with all of them on ``gemv`` than on the skinny GEMM and cuBLAS, though each
+ties alone. In a step the early form's weight loads overlap the kernel before it (PDL), which a
+kernel timed back to back with itself hides. H100, Qwen3-30B-A3B at batch 1 (kernel_profile.py,
+kernel_profile_h100_moe_b1_pf_{moe,all,early}.json): 3.410 ms with the MoE layer alone on CUDA, 3.299
+with every projection on ``gemv``, 3.272 with the early forms; the engine's figure 0.5969 -> 0.6015 of
+the roofline (moe_h100_cuda_all_engine.json, moe_h100_cuda_early_engine.json)."""
+DENSE_STEP["h100"] = GemvConfig(1, 8, early=True)
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
 DOWN_LOADS = 24
@@ -97,8 +107,10 @@ class MoeGemvConfig:
 
 CONFIGS: dict[str, MoeGemvConfig] = {}
 """Device tag -> the MoeGemvConfig bench/moe_gpu.py's decode1 part measured fastest (printed as this
-statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_gemv.json): 1 x 4 36.9 us, 1 x 8 37.2."""
-CONFIGS["h100"] = MoeGemvConfig(1, 4)
+statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json): 1 x 4 with the early
+down kernel under 255 registers 37.7 us, 37.9 without; in the batch-1 step (with DENSE_STEP's
+projections) 3.272 ms against 3.299 (kernel_profile_h100_moe_b1_pf_{early,all}.json)."""
+CONFIGS["h100"] = MoeGemvConfig(1, 4, early_regs=255)
 
 
 def _early_regs() -> int:
@@ -113,8 +125,9 @@ def layer_config(tag: str) -> MoeGemvConfig:
 
 
 def dense_config(tag: str, n: int, k: int) -> GemvConfig:
-    """The config gemv launches for a weight [n, k] here: DENSE_FASTER's, early under EARLY_ENV."""
-    config = DENSE_FASTER.get(tag, {}).get((n, k), GemvConfig())
+    """The config gemv launches for a weight [n, k] here: DENSE_FASTER's, else DENSE_STEP's, early
+    under EARLY_ENV."""
+    config = DENSE_FASTER.get(tag, {}).get((n, k)) or DENSE_STEP.get(tag, GemvConfig())
     return replace(config, early=True) if _early_regs() else config
 
 
@@ -222,14 +235,16 @@ def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
 
 
 def dense_chosen(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether linear() runs x (one row) through w here (DENSE_ENV, else DENSE_FASTER)."""
+    """Whether linear() runs x (one row) through w here (DENSE_ENV, else DENSE_STEP or DENSE_FASTER)."""
     if x.numel() != x.shape[-1] or not x.is_cuda:  # every call of linear() asks: the cheap refusals first
         return False
     forced = os.environ.get(DENSE_ENV, "").strip()
     if forced == "0":
         return False
-    if forced != "1" and tuple(w.shape) not in DENSE_FASTER.get(cuda_device_tag(x.device), {}):
-        return False
+    if forced != "1":
+        tag = cuda_device_tag(x.device)
+        if tag not in DENSE_STEP and tuple(w.shape) not in DENSE_FASTER.get(tag, {}):
+            return False
     return dense_unsupported(x, w) is None
 
 

@@ -15,7 +15,7 @@ INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 (the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
 and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
 table (llmesh/kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape,
-and at one row of bf16 where moe_gemv.DENSE_FASTER says the CUDA C++ GEMV is faster than both.
+and at one row of bf16 where moe_gemv.DENSE_STEP or DENSE_FASTER says the CUDA C++ GEMV is faster than both.
 """
 
 from __future__ import annotations
