@@ -62,17 +62,20 @@ DENSE_ENV = "LLMESH_CUDA_GEMV"
 DENSE_FASTER: dict[str, dict[tuple[int, int], GemvConfig]] = {}
 """Device tag -> {weight shape (N, K): its fastest GemvConfig} where bench/gemm_sweep.py measured
 ``gemv`` at M = 1 faster than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""
-# bench/results/gemm_sweep_h100_cuda_gemv.json: 0.99-1.02x the skinny kernel's best on the other seven
-# shapes, Qwen3-30B-A3B's router 1.6 us against 2.2; early as the step below ran it.
-DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(1, 4, early=True)}
+# bench/results/gemm_sweep_h100_cuda_gemv.json (e83f2f6): Qwen3-30B-A3B's router 1.6 us against 2.2, its qkv
+# 8.0 against 8.6 and the 8B's o 12.9 against 13.4; 1.00-1.01x the skinny kernel's best on the other five shapes.
+DENSE_FASTER["h100"] = {(128, 2048): GemvConfig(rows=1, warps=4, early=True),
+                        (4096, 4096): GemvConfig(rows=1, warps=4, early=True),
+                        (5120, 2048): GemvConfig(rows=1, warps=8, early=True)}
 DENSE_STEP: dict[str, GemvConfig] = {}
 """Device tag -> the GemvConfig every other one-row bf16 projection takes there: where the batch-1
 step measured faster with all of them on ``gemv`` than on the skinny GEMM and cuBLAS, though each
-ties alone. In a step the early form's weight loads overlap the kernel before it (PDL), which a
-kernel timed back to back with itself hides. H100, Qwen3-30B-A3B at batch 1 (kernel_profile.py,
-kernel_profile_h100_moe_b1_pf_{moe,all,early}.json): 3.410 ms with the MoE layer alone on CUDA, 3.299
-with every projection on ``gemv``, 3.272 with the early forms; the engine's figure 0.5969 -> 0.6015 of
-the roofline (moe_h100_cuda_all_engine.json, moe_h100_cuda_early_engine.json)."""
+ties alone (its loads all in flight before the first multiply overlap the kernel before it in a
+step, which a kernel timed back to back with itself does not show). H100 at batch 1 (kernel_profile.py):
+Qwen3-30B-A3B 3.410 ms with the MoE layer alone on CUDA, 3.299 with every projection on ``gemv``
+(kernel_profile_h100_moe_b1_pf_{moe,all}.json at 243850a; 3.496 off, 3.260 on in a rerun at e83f2f6);
+the dense 8B's bf16 step 5.894 -> 5.668 ms (kernel_profile_h100_b1_dense_gemv_{0,default}.json). The
+early form: 3.272 against 3.299 in the first run, 3.279 against 3.260 in the second, even within noise."""
 DENSE_STEP["h100"] = GemvConfig(1, 8, early=True)
 MAX_PAIRS = 16
 """Experts a token may be routed to (the down kernel holds one accumulator a pair in registers)."""
@@ -107,9 +110,9 @@ class MoeGemvConfig:
 
 CONFIGS: dict[str, MoeGemvConfig] = {}
 """Device tag -> the MoeGemvConfig bench/moe_gpu.py's decode1 part measured fastest (printed as this
-statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json): 1 x 4 with the early
-down kernel under 255 registers 37.7 us, 37.9 without; in the batch-1 step (with DENSE_STEP's
-projections) 3.272 ms against 3.299 (kernel_profile_h100_moe_b1_pf_{early,all}.json)."""
+statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json, two runs): 1 x 4 with the
+early down kernel under 255 registers 37.7 / 37.1 us, 37.9 / 37.3 without; in the batch-1 step the
+early forms were even with the plain ones (DENSE_STEP)."""
 CONFIGS["h100"] = MoeGemvConfig(1, 4, early_regs=255)
 
 
