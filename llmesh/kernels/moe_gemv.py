@@ -58,7 +58,7 @@ H100 36.9 us against 39.1 (bench/results/moe_h100_cuda_gemv.json), the batch-1 s
 (kernel_profile_h100_moe_b1_cuda{0,1}.json), 3.560 -> 3.410 ms in a later run
 (kernel_profile_h100_moe_b1_pf_{off,moe}.json)."""
 DENSE_ENV = "LLMESH_CUDA_GEMV"
-"""1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_FASTER."""
+"""1: every bf16 projection at one token runs ``gemv`` wherever it can; 0: none; unset: DENSE_STEP, DENSE_FASTER."""
 DENSE_FASTER: dict[str, dict[tuple[int, int], GemvConfig]] = {}
 """Device tag -> {weight shape (N, K): its fastest GemvConfig} where bench/gemm_sweep.py measured
 ``gemv`` at M = 1 faster than both the skinny GEMM's tuned config and F.linear (by its MIN_SPEEDUP)."""

@@ -54,8 +54,9 @@ def test_default_configs_follow_the_tables_and_the_early_switch(monkeypatch):
     monkeypatch.delenv(mg.EARLY_ENV, raising=False)
     assert mg.layer_config("h100") == mg.CONFIGS["h100"] and mg.layer_config("none") == mg.MoeGemvConfig()
     assert mg.dense_config("h100", 128, 2048) == mg.DENSE_FASTER["h100"][(128, 2048)]
-    assert mg.dense_config("h100", 5120, 2048) == mg.DENSE_STEP["h100"]  # the step's default for other shapes
-    assert mg.dense_config("none", 5120, 2048) == mg.GemvConfig()
+    assert (6144, 4096) not in mg.DENSE_FASTER["h100"]
+    assert mg.dense_config("h100", 6144, 4096) == mg.DENSE_STEP["h100"]  # the step's default for other shapes
+    assert mg.dense_config("none", 6144, 4096) == mg.GemvConfig()
     monkeypatch.setenv(mg.EARLY_ENV, "168")
     assert mg.layer_config("h100") == mg.MoeGemvConfig(mg.CONFIGS["h100"].up_rows, mg.CONFIGS["h100"].warps, 168)
     assert mg.dense_config("h100", 128, 2048).early and mg.dense_config("none", 64, 64) == mg.GemvConfig(early=True)
