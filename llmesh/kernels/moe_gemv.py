@@ -38,8 +38,8 @@ from llmesh.kernels.fused_moe_ref import fused_moe_ref  # noqa: F401 (the kernel
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """The dense GEMV's launch: rows, output rows a warp; warps, a block's; early: the candidate
-    form that issues its weight loads before it waits for x (as moe_gemv_down_early does)."""
+    """The dense GEMV's launch: rows, output rows a warp; warps, a block's; early: the form that
+    issues its weight loads before it waits for x (as moe_gemv_down_early does)."""
 
     rows: int = 1
     warps: int = 8
@@ -83,7 +83,7 @@ DOWN_LOADS = 24
 """16-byte loads a lane of the down kernel keeps in flight (pairs x slices): 174 registers at 8 x 3,
 all issued before the first multiply (tests/kernels/test_moe_gemv.py checks the compile)."""
 EARLY_REGS = (255, 168, 128)
-"""The register caps of moe_gemv_down_early a MoeGemvConfig may name (0: the measured down kernel)."""
+"""The register caps of moe_gemv_down_early a MoeGemvConfig may name (0: the plain down kernel)."""
 EARLY_ENV = "LLMESH_GEMV_EARLY"
 """A/B switch for a step: one of EARLY_REGS turns the configs both kernels would take by default into
 their early forms (the MoE layer's down kernel under that cap, the dense GEMV early); unset or 0: as
@@ -94,7 +94,7 @@ the tables say."""
 class MoeGemvConfig:
     """up_rows: gate rows (with their up rows) a warp of the gate/up kernel; warps: a block's;
     early_regs: 0 runs the down kernel that waits for the up kernel before any load; 255, 168 or
-    128 the candidate that issues its first weight loads before that wait, under that register cap
+    128 the early form that issues its first weight loads before that wait, under that register cap
     (8, 12 or 16 warps an SM; the capped ones spill a few words)."""
 
     up_rows: int = 1

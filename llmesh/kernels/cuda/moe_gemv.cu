@@ -22,7 +22,7 @@
 // instance 80 registers.
 // Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
 // kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs
-// (moe_gemv_down_early, a candidate, issues its first weight loads before the wait).
+// (moe_gemv_down_early and dense_gemv's EARLY form issue their first weight loads before the wait).
 
 // ldg_stream without `volatile`: ptxas may then issue all of a pass's loads before the first
 // multiply that needs one (with it, it interleaves them, two loads in flight a warp)
@@ -203,14 +203,14 @@ __device__ __forceinline__ void down_rows(
       const void *__restrict__ topk_w, u16 *__restrict__ out, int H, int I, long long stride_e, int pairs
 #define DOWN_ARGS hidden, w2, ids, topk_w, out, H, I, stride_e, pairs
 
-// The measured down kernel: it waits for the up kernel before any load; 174 registers at Qwen3's
+// The plain down kernel: it waits for the up kernel before any load; 174 registers at Qwen3's
 // shape leave one 8-warp block an SM, so its 2,048 output rows run in two waves.
 template <int R, int KMAX, int U, int ID64, int W32>
 __global__ void __launch_bounds__(256, 1) moe_gemv_down(DOWN_PARAMS) {
   down_rows<R, KMAX, U, ID64, W32, 0>(DOWN_ARGS);
 }
 
-// The candidate (session 54, not yet timed on a GPU): the first pass of weight loads goes out
+// The early form (the H100's default, moe_gemv.CONFIGS): the first pass of weight loads goes out
 // before the wait, so its blocks stream while the up kernel's last blocks finish, under a register
 // cap (__maxnreg__) of 255, 168 or 128: 8, 12 or 16 warps an SM, the capped ones spilling a few
 // words to the stack (MoeGemvConfig.early_regs, GemvConfig.early).
