@@ -23,3 +23,30 @@ def compiled_report(source_file: str, name: str, tmp_path: Path, arch: str = "sm
     if report is None:
         pytest.skip("no cuobjdump here (it comes with Triton's NVIDIA backend)")
     return cubin, lowered, report
+
+
+def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
+    """The global loads of a cubin's machine code by form (nvdisasm's LDG opcodes with their
+    modifiers, e.g. ``LDG.E.NA.128.CONSTANT``: ld.global.nc with L1::no_allocate): CONSTANT is
+    the read-only path, which may serve what a kernel still running under PDL has not written
+    yet. Skips where no nvdisasm is at hand (it comes with Triton's NVIDIA backend)."""
+    import collections
+    import re
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvdisasm")
+    if tool is None:
+        try:
+            import triton
+
+            candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+            tool = str(candidate) if candidate.exists() else None
+        except ImportError:
+            tool = None
+    if tool is None:
+        pytest.skip("no nvdisasm here (it comes with Triton's NVIDIA backend)")
+    path = tmp_path / "loads.cubin"
+    path.write_bytes(cubin)
+    text = subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
+    return dict(collections.Counter(re.findall(r"\b(LDG\.[A-Z0-9.]+)", text)))

@@ -14,7 +14,7 @@ import torch
 from llmesh.kernels import moe_gemv as mg
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
-from tests.kernels.nvrtc_check import compiled_report
+from tests.kernels.nvrtc_check import compiled_report, global_loads
 from tests.kernels.test_fused_moe import _experts, _routing
 
 GPU = torch.cuda.is_available()
@@ -75,6 +75,11 @@ def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
     for name in sorted(names | dense | early | {"moe_gemv_down<1, 8, 3, 0, 1>", "moe_gemv_up<1, 8, 0>"}):
         cubin, lowered, report = compiled_report("moe_gemv.cu", name, tmp_path)
         assert lowered.startswith("_Z") and len(cubin) > 4_000
+        # the read-only path for the weights alone (L1::no_allocate: NA); the activations, ids and
+        # routing weights the kernels before wrote come by coherent loads (cuda/common.cuh, ld_act)
+        loads = global_loads(cubin, tmp_path)
+        assert all(".NA." in op for op in loads if op.endswith(".CONSTANT")), (name, loads)
+        assert any(not op.endswith(".CONSTANT") for op in loads), (name, loads)
         if name in capped:  # a capped down kernel spills a few words to the stack, never to local arrays
             assert report["LOCAL"] == 0 and report["REG"] <= int(name.rsplit(", ", 1)[1][:-1]), (name, report)
             assert report["STACK"] <= 256, (name, report)

@@ -26,6 +26,38 @@ __device__ __forceinline__ void pdl_wait_then_release() {
   pdl_release();
 }
 
+// What the kernel before wrote (activations, routing), read after pdl_wait: coherent loads. Not
+// ld.global.nc (ldg_stream, ldg_weights, and what a plain read through a `const __restrict__`
+// pointer compiles to): the read-only path takes the data as fixed for the kernel's whole life,
+// and under PDL that life begins while the writer still runs. In a decode graph, where one layer's
+// buffers are the next one's, it served rows of the layer before (tests/engine/test_cuda_gemv_engine.py;
+// tests/kernels/test_cuda_sources.py checks the compiled kernels for it).
+__device__ __forceinline__ u32x4 ld_act(const u32x4* p) {
+  u32x4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// ... and from L2 (.cg), for a read that goes out before pdl_wait: no L1 line of an earlier kernel
+__device__ __forceinline__ u32 ld_l2_u32(const void* p) {
+  u32 v;
+  asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32 ld_act_u32(const void* p) {
+  u32 v;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u16 ld_act_u16(const void* p) {
+  u16 v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {  // read once: skip L1
   u32x4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"

@@ -54,7 +54,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <int ID64>
 __device__ __forceinline__ int expert_of(const void* ids, int p) {  // ids < 2^31 (checked by the launch)
   if (ID64 == 2) return 0;  // a dense GEMV
-  return ID64 ? static_cast<int>(static_cast<const long long*>(ids)[p]) : static_cast<const int*>(ids)[p];
+  // an int64 id's low word is the id (ids in [-1, 2^31)); from L2: the early down kernel reads them before pdl_wait
+  return static_cast<int>(ld_l2_u32(ID64 ? static_cast<const void*>(static_cast<const long long*>(ids) + p)
+                                         : static_cast<const void*>(static_cast<const int*>(ids) + p)));
 }
 
 // R gate rows and their R up rows a warp, U 16-byte slices of each row a lane per pass over H
@@ -98,7 +100,7 @@ __global__ void __launch_bounds__(256, 2) moe_gemv_up(
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = s0 + u * 32 + lane;
-      const u32x4 a = s < slices ? xs[s] : u32x4{0u, 0u, 0u, 0u};
+      const u32x4 a = s < slices ? ld_act(xs + s) : u32x4{0u, 0u, 0u, 0u};
 #pragma unroll
       for (int r = 0; r < 2 * R; ++r) acc[r] = dot8(w[r][u], a, acc[r]);
     }
@@ -169,7 +171,7 @@ __device__ __forceinline__ void down_rows(
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int s = s0 + u * 32 + lane;
-        const u32x4 a = e[p] >= 0 && s < slices ? hs[s] : u32x4{0u, 0u, 0u, 0u};
+        const u32x4 a = e[p] >= 0 && s < slices ? ld_act(hs + s) : u32x4{0u, 0u, 0u, 0u};
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[p][r] = dot8(w[p][r][u], a, acc[p][r]);
       }
@@ -190,8 +192,8 @@ __device__ __forceinline__ void down_rows(
       for (int r = 0; r < R; ++r)
         if (r == lane) v = acc[p][r];
       const float wt = ID64 == 2 ? 1.f
-                       : W32      ? static_cast<const float*>(topk_w)[p]
-                                  : bf16_lo(static_cast<const u16*>(topk_w)[p]);
+                       : W32      ? __uint_as_float(ld_act_u32(static_cast<const float*>(topk_w) + p))
+                                  : bf16_lo(ld_act_u16(static_cast<const u16*>(topk_w) + p));
       total += round_bf16(round_bf16(v) * wt);
     }
     out[n0 + lane] = static_cast<u16>(pack_bf16(total, 0.f));

@@ -40,15 +40,15 @@
 template <int ACT>
 __device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live,
                                            const u32* rrow = nullptr, const u32* nw = nullptr) {
-  f[0] = live && k < K ? ldg_u32(row + k / 2) : 0u;
-  f[1] = live && k + 8 < K ? ldg_u32(row + k / 2 + 4) : 0u;
+  f[0] = live && k < K ? ld_act_u32(row + k / 2) : 0u;
+  f[1] = live && k + 8 < K ? ld_act_u32(row + k / 2 + 4) : 0u;
   if constexpr (ACT == 1) {
-    f[2] = live && k < K ? ldg_u32(row + (K + k) / 2) : 0u;
-    f[3] = live && k + 8 < K ? ldg_u32(row + (K + k) / 2 + 4) : 0u;
+    f[2] = live && k < K ? ld_act_u32(row + (K + k) / 2) : 0u;
+    f[3] = live && k + 8 < K ? ld_act_u32(row + (K + k) / 2 + 4) : 0u;
   }
   if constexpr (ACT == 2) {
-    f[2] = rrow && live && k < K ? ldg_u32(rrow + k / 2) : 0u;
-    f[3] = rrow && live && k + 8 < K ? ldg_u32(rrow + k / 2 + 4) : 0u;
+    f[2] = rrow && live && k < K ? ld_act_u32(rrow + k / 2) : 0u;
+    f[3] = rrow && live && k + 8 < K ? ld_act_u32(rrow + k / 2 + 4) : 0u;
     f[4] = live && k < K ? ldg_u32(nw + k / 2) : 0u;
     f[5] = live && k + 8 < K ? ldg_u32(nw + k / 2 + 4) : 0u;
   }
@@ -201,9 +201,9 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       const u16* xr = x + (size_t)(m0 + r) * ldx;
       float ss = 0.f;
       for (int c = tid * 8; c < K; c += THREADS * 8) {
-        u32x4 v = *reinterpret_cast<const u32x4*>(xr + c);
+        u32x4 v = ld_act(reinterpret_cast<const u32x4*>(xr + c));
         if (res != nullptr) {
-          v = add4(v, *reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + c));
+          v = add4(v, ld_act(reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + c)));
           if (keep) *reinterpret_cast<u32x4*>(res_out + (size_t)(m0 + r) * K + c) = v;
         }
         ss += sq2(v.x) + sq2(v.y) + sq2(v.z) + sq2(v.w);
@@ -260,13 +260,14 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       u32x4 v = {0u, 0u, 0u, 0u};
       if (kbase + c < K) {
         const u16* xr = x + (size_t)(m0 + r) * ldx + kbase + c;
-        v = *reinterpret_cast<const u32x4*>(xr);
+        v = ld_act(reinterpret_cast<const u32x4*>(xr));
         if constexpr (ACT == 1) {
-          const u32x4 u = *reinterpret_cast<const u32x4*>(xr + K);
+          const u32x4 u = ld_act(reinterpret_cast<const u32x4*>(xr + K));
           v = u32x4{silu_mul2(v.x, u.x), silu_mul2(v.y, u.y), silu_mul2(v.z, u.z), silu_mul2(v.w, u.w)};
         }
         if constexpr (ACT == 2) {
-          if (res != nullptr) v = add4(v, *reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + kbase + c));
+          if (res != nullptr)
+            v = add4(v, ld_act(reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + kbase + c)));
           const u32x4 w = *reinterpret_cast<const u32x4*>(nw + kbase + c);
           const float rs = rstd_s[r];
           v = u32x4{norm2(v.x, w.x, rs), norm2(v.y, w.y, rs), norm2(v.z, w.z, rs), norm2(v.w, w.w, rs)};
