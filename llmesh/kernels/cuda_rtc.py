@@ -138,22 +138,29 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def binary_tool(name: str) -> str | None:
+    """The path of a CUDA binary utility (cuobjdump, nvdisasm): on PATH, else the copy Triton's
+    NVIDIA backend carries, else None."""
+    import shutil
+
+    tool = shutil.which(name)
+    if tool is not None:
+        return tool
+    try:
+        import triton
+    except ImportError:
+        return None
+    candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(candidate) if candidate.exists() else None
+
+
 def resource_usage(cubin: bytes, workdir: Path) -> dict[str, int] | None:
     """cuobjdump's resource report of a cubin's kernel (REG, STACK, SHARED, LOCAL, ...), or None
     where no cuobjdump is at hand (Triton's NVIDIA backend carries one)."""
     import re
-    import shutil
     import subprocess
 
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        try:
-            import triton
-
-            candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-            tool = str(candidate) if candidate.exists() else None
-        except ImportError:
-            tool = None
+    tool = binary_tool("cuobjdump")
     if tool is None:
         return None
     path = Path(workdir) / "kernel.cubin"

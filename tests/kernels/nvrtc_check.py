@@ -32,18 +32,11 @@ def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
     yet. Skips where no nvdisasm is at hand (it comes with Triton's NVIDIA backend)."""
     import collections
     import re
-    import shutil
     import subprocess
 
-    tool = shutil.which("nvdisasm")
-    if tool is None:
-        try:
-            import triton
+    from llmesh.kernels import cuda_rtc
 
-            candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-            tool = str(candidate) if candidate.exists() else None
-        except ImportError:
-            tool = None
+    tool = cuda_rtc.binary_tool("nvdisasm")
     if tool is None:
         pytest.skip("no nvdisasm here (it comes with Triton's NVIDIA backend)")
     path = tmp_path / "loads.cubin"
