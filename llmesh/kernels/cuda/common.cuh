@@ -31,7 +31,7 @@ __device__ __forceinline__ void pdl_wait_then_release() {
 // pointer compiles to): the read-only path takes the data as fixed for the kernel's whole life,
 // and under PDL that life begins while the writer still runs. In a decode graph, where one layer's
 // buffers are the next one's, it served rows of the layer before (tests/engine/test_cuda_gemv_engine.py;
-// tests/kernels/test_cuda_sources.py checks the compiled kernels for it).
+// the NVRTC compile tests of test_moe_gemv.py and test_w4a16_mma.py check the machine code's load forms).
 __device__ __forceinline__ u32x4 ld_act(const u32x4* p) {
   u32x4 v;
   asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
