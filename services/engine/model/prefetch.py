@@ -17,10 +17,11 @@ the first LEAD_BYTES of the MLP's gate/up weight, which the o_proj GEMV (reading
 after it would otherwise leave HBM idle for. Only inside a CUDA graph capture (the decode graphs,
 and mixed graphs of up to MAX_TOKENS tokens): there the fork costs nothing a step, where an eager
 step would pay a Triton launch per layer on the host. Only up to MAX_TOKENS rows: past them the
-GEMMs are no longer weight streams. Off by default: the H100's A/B (bench/plans/open_goals.plan's
-l2-prefetch-ab, kernel_profile_h100_*_tables_l2pf*.json) found no gain, the 8B INT4 step 2.576 /
-2.599 / 2.575 ms in modes 0 / 1 / 2 and Qwen3-30B-A3B's 3.255 / 3.371 in modes 0 / 1. A prefetch
-changes no value, so greedy output is the same in every mode.
+GEMMs are no longer weight streams. Off by default: the A/B on both devices (bench/plans/
+open_goals.plan's l2-prefetch-ab, kernel_profile_<dev>_*_tables_l2pf*.json) found no gain, the 8B
+INT4 batch-1 step 2.184 / 2.198 / 2.255 ms in modes 0 / 1 / 2 on the H200, 2.576 / 2.599 / 2.575
+on the H100, Qwen3-30B-A3B's 2.861 / 2.951 and 3.255 / 3.371 in modes 0 / 1. A prefetch changes no
+value, so greedy output is the same in every mode.
 """
 
 from __future__ import annotations
