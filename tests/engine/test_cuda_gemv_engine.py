@@ -76,6 +76,7 @@ def test_graph_replays_give_the_eager_steps_tokens_with_the_cuda_kernels(tmp_pat
     monkeypatch.setenv(moe_gemv.DENSE_ENV, "1")
     monkeypatch.setenv(moe_gemv.ENV, "1")
     kw: dict = dict(kv_cache_dtype=kv_cache_dtype)
+    entry: list[int] = []
     if norm_router:
         from llmesh.kernels import moe_norm_router
 
