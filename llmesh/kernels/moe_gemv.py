@@ -110,10 +110,12 @@ class MoeGemvConfig:
 
 CONFIGS: dict[str, MoeGemvConfig] = {}
 """Device tag -> the MoeGemvConfig bench/moe_gpu.py's decode1 part measured fastest (printed as this
-statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json, two runs): 1 x 4 with the
-early down kernel under 255 registers 37.7 / 37.1 us, 37.9 / 37.3 without; in the batch-1 step the
-early forms were even with the plain ones (DENSE_STEP)."""
-CONFIGS["h100"] = MoeGemvConfig(1, 4, early_regs=255)
+statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json, two runs): 1 x 4, 37.9 /
+37.3 us. The early down kernel under 255 registers read 37.7 / 37.1, but that build read the up kernel's
+hidden rows before its PDL wait (NVCC hoisted the read-only loads above it, the race cuda/common.cuh's
+ld_act ends); with coherent loads ptxas keeps one weight load of its first pass before the wait, so it
+is the plain kernel under a register cap until a device times it again (the moe-cuda-ab step)."""
+CONFIGS["h100"] = MoeGemvConfig(1, 4)
 
 
 def _early_regs() -> int:

@@ -212,10 +212,11 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(DOWN_PARAMS) {
   down_rows<R, KMAX, U, ID64, W32, 0>(DOWN_ARGS);
 }
 
-// The early form (the H100's default, moe_gemv.CONFIGS): the first pass of weight loads goes out
-// before the wait, so its blocks stream while the up kernel's last blocks finish, under a register
-// cap (__maxnreg__) of 255, 168 or 128: 8, 12 or 16 warps an SM, the capped ones spilling a few
-// words to the stack (MoeGemvConfig.early_regs, GemvConfig.early).
+// The early form (MoeGemvConfig.early_regs, LLMESH_GEMV_EARLY): the first pass of weight loads goes
+// out before the wait in the source, under a register cap (__maxnreg__) of 255, 168 or 128: 8, 12 or
+// 16 warps an SM, the capped ones spilling a few words to the stack. ptxas, free to sink a load,
+// keeps one of them before the wait at Qwen3's shape (the dense GEMV keeps its whole first pass
+// there): no device default since the hidden rows are read coherently (moe_gemv.CONFIGS says why).
 template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
 __global__ void __maxnreg__(MAXREG) moe_gemv_down_early(DOWN_PARAMS) {
   down_rows<R, KMAX, U, ID64, W32, 1>(DOWN_ARGS);
