@@ -113,8 +113,8 @@ CONFIGS: dict[str, MoeGemvConfig] = {}
 statement); MoeGemvConfig() elsewhere. The H100's (moe_h100_cuda_prefetch.json, two runs): 1 x 4, 37.9 /
 37.3 us. The early down kernel under 255 registers read 37.7 / 37.1, but that build read the up kernel's
 hidden rows before its PDL wait (NVCC hoisted the read-only loads above it, the race cuda/common.cuh's
-ld_act ends); with coherent loads ptxas keeps one weight load of its first pass before the wait, so it
-is the plain kernel under a register cap until a device times it again (the moe-cuda-ab step)."""
+ld_act ends). Its first pass of weight loads now lands before the wait and the rows are read after it;
+a device times that (the moe-cuda-ab step) before a table names it again."""
 CONFIGS["h100"] = MoeGemvConfig(1, 4)
 
 
@@ -168,8 +168,8 @@ def unsupported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
         return f"hidden size and expert width must be multiples of 8 (16-byte rows), got {h} and {inter}"
     if not (w13.is_contiguous() and w2.is_contiguous()) or (w13.data_ptr() | w2.data_ptr()) % 16:
         return "contiguous, 16-byte aligned expert weights only"
-    if topk_ids.shape[-1] > MAX_PAIRS:
-        return f"at most {MAX_PAIRS} experts a token (got {topk_ids.shape[-1]})"
+    if not 1 <= topk_ids.shape[-1] <= MAX_PAIRS:  # the early down kernel's never-taken trap needs one
+        return f"1 to {MAX_PAIRS} experts a token (got {topk_ids.shape[-1]})"
     if topk_ids.dtype not in INDEX_DTYPES or topk_weights.dtype not in (torch.float32, torch.bfloat16):
         return f"int32/int64 ids and float32/bf16 routing weights (got {topk_ids.dtype}, {topk_weights.dtype})"
     return None

@@ -25,13 +25,10 @@ def compiled_report(source_file: str, name: str, tmp_path: Path, arch: str = "sm
     return cubin, lowered, report
 
 
-def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
-    """The global loads of a cubin's machine code by form (nvdisasm's LDG opcodes with their
-    modifiers, e.g. ``LDG.E.NA.128.CONSTANT``: ld.global.nc with L1::no_allocate): CONSTANT is
-    the read-only path, which may serve what a kernel still running under PDL has not written
-    yet. Skips where no nvdisasm is at hand (it comes with Triton's NVIDIA backend)."""
-    import collections
-    import re
+
+def machine_code(cubin: bytes, tmp_path: Path) -> str:
+    """nvdisasm's listing of a cubin (skips where no nvdisasm is at hand: it comes with Triton's
+    NVIDIA backend)."""
     import subprocess
 
     from llmesh.kernels import cuda_rtc
@@ -39,7 +36,24 @@ def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
     tool = cuda_rtc.binary_tool("nvdisasm")
     if tool is None:
         pytest.skip("no nvdisasm here (it comes with Triton's NVIDIA backend)")
-    path = tmp_path / "loads.cubin"
+    path = tmp_path / "listing.cubin"
     path.write_bytes(cubin)
-    text = subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
-    return dict(collections.Counter(re.findall(r"\b(LDG\.[A-Z0-9.]+)", text)))
+    return subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
+    """The global loads of a cubin's machine code by form (nvdisasm's LDG opcodes with their
+    modifiers, e.g. ``LDG.E.NA.128.CONSTANT``: ld.global.nc with L1::no_allocate): CONSTANT is
+    the read-only path, which may serve what a kernel still running under PDL has not written
+    yet."""
+    import collections
+    import re
+
+    return dict(collections.Counter(re.findall(r"\b(LDG\.[A-Z0-9.]+)", machine_code(cubin, tmp_path))))
+
+
+def weight_loads_before_wait(cubin: bytes, tmp_path: Path) -> int:
+    """The weight-stream loads (L1::no_allocate) placed before the kernel's last PDL wait
+    (griddepcontrol.wait is ACQBULK in the machine code)."""
+    text = machine_code(cubin, tmp_path)
+    return text[:text.rindex("ACQBULK")].count("LDG.E.NA.128.CONSTANT")

@@ -14,7 +14,7 @@ import torch
 from llmesh.kernels import moe_gemv as mg
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
-from tests.kernels.nvrtc_check import compiled_report, global_loads
+from tests.kernels.nvrtc_check import compiled_report, global_loads, weight_loads_before_wait
 from tests.kernels.test_fused_moe import _experts, _routing
 
 GPU = torch.cuda.is_available()
@@ -80,6 +80,14 @@ def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
         loads = global_loads(cubin, tmp_path)
         assert all(".NA." in op for op in loads if op.endswith(".CONSTANT")), (name, loads)
         assert any(not op.endswith(".CONSTANT") for op in loads), (name, loads)
+        # an early form's first pass of weight loads goes out before its PDL wait: R x KMAX x U of them
+        # at least (moe_gemv_down_early<R, KMAX, U, ...>, dense_gemv<R, U, 1>; a loop's later passes may
+        # be laid out before it too)
+        args = [int(v) for v in name[name.index("<") + 1:-1].split(", ")]
+        if name.startswith("moe_gemv_down_early"):
+            assert weight_loads_before_wait(cubin, tmp_path) >= args[0] * args[1] * args[2], name
+        elif name.startswith("dense_gemv") and args[2] == 1 and args[1] >= 3:  # K = 40: ptxas sinks one of two
+            assert weight_loads_before_wait(cubin, tmp_path) >= args[0] * args[1], name
         if name in capped:  # a capped down kernel spills a few words to the stack, never to local arrays
             assert report["LOCAL"] == 0 and report["REG"] <= int(name.rsplit(", ", 1)[1][:-1]), (name, report)
             assert report["STACK"] <= 256, (name, report)
@@ -144,6 +152,10 @@ def test_bad_arguments_are_named():
         mg.moe_gemv(x.expand(2, -1), w13, w2, weights.expand(2, -1), ids.expand(2, -1))
     with pytest.raises(ValueError, match="bf16"):
         mg.moe_gemv(x.half(), w13.half(), w2.half(), weights, ids)
+    with pytest.raises(ValueError, match="1 to 16 experts a token"):  # none: the early kernel's trap
+        mg.moe_gemv(x, w13, w2, weights[:, :0], ids[:, :0])
+    with pytest.raises(ValueError, match="1 to 16 experts a token"):
+        mg.moe_gemv(x, w13, w2, weights.repeat(1, 5), ids.repeat(1, 5))
     with pytest.raises(ValueError, match="multiples of 8"):
         mg.moe_gemv(x[:, :252], w13[:, :, :252].contiguous(), w2[:, :252].contiguous(), weights, ids)
 

@@ -164,7 +164,21 @@ __device__ __forceinline__ void down_rows(
           w[p][r][u] = live && s < slices ? ldg_weights(src + s) : u32x4{0u, 0u, 0u, 0u};
         }
       }
-    if (EARLY && s0 == 0) pdl_wait();  // hidden is the up kernel's
+    if (EARLY && s0 == 0) {
+      if (ID64 != 2) {
+        // ptxas sinks loads past the wait (moving a load later is always allowed): a branch on
+        // their values keeps this pass's weight loads before it. Never taken (pairs >= 1).
+        u32 seen = static_cast<u32>(pairs);
+#pragma unroll
+        for (int p = 0; p < KMAX; ++p)
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int u = 0; u < U; ++u) seen |= w[p][r][u].x;
+        if (seen == 0u) __trap();
+      }
+      pdl_wait();  // hidden is the up kernel's
+    }
 #pragma unroll
     for (int p = 0; p < KMAX; ++p) {
       const u32x4* hs = reinterpret_cast<const u32x4*>(hidden + (size_t)p * I);
@@ -213,10 +227,10 @@ __global__ void __launch_bounds__(256, 1) moe_gemv_down(DOWN_PARAMS) {
 }
 
 // The early form (MoeGemvConfig.early_regs, LLMESH_GEMV_EARLY): the first pass of weight loads goes
-// out before the wait in the source, under a register cap (__maxnreg__) of 255, 168 or 128: 8, 12 or
-// 16 warps an SM, the capped ones spilling a few words to the stack. ptxas, free to sink a load,
-// keeps one of them before the wait at Qwen3's shape (the dense GEMV keeps its whole first pass
-// there): no device default since the hidden rows are read coherently (moe_gemv.CONFIGS says why).
+// out before the wait (held there by a branch on their values: ptxas sank all but one of them below
+// it otherwise), under a register cap (__maxnreg__) of 255, 168 or 128: 8, 12 or 16 warps an SM, the
+// capped ones spilling a few words to the stack. No device's default until timed again
+// (moe_gemv.CONFIGS says why).
 template <int R, int KMAX, int U, int ID64, int W32, int MAXREG>
 __global__ void __maxnreg__(MAXREG) moe_gemv_down_early(DOWN_PARAMS) {
   down_rows<R, KMAX, U, ID64, W32, 1>(DOWN_ARGS);
