@@ -25,7 +25,6 @@ def compiled_report(source_file: str, name: str, tmp_path: Path, arch: str = "sm
     return cubin, lowered, report
 
 
-
 def machine_code(cubin: bytes, tmp_path: Path) -> str:
     """nvdisasm's listing of a cubin (skips where no nvdisasm is at hand: it comes with Triton's
     NVIDIA backend)."""
