@@ -40,19 +40,18 @@ def machine_code(cubin: bytes, tmp_path: Path) -> str:
     return subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-def global_loads(cubin: bytes, tmp_path: Path) -> dict[str, int]:
-    """The global loads of a cubin's machine code by form (nvdisasm's LDG opcodes with their
-    modifiers, e.g. ``LDG.E.NA.128.CONSTANT``: ld.global.nc with L1::no_allocate): CONSTANT is
-    the read-only path, which may serve what a kernel still running under PDL has not written
-    yet."""
+def global_loads(listing: str) -> dict[str, int]:
+    """The global loads of a machine-code listing (``machine_code``) by form (nvdisasm's LDG opcodes
+    with their modifiers, e.g. ``LDG.E.NA.128.CONSTANT``: ld.global.nc with L1::no_allocate):
+    CONSTANT is the read-only path, which may serve what a kernel still running under PDL has not
+    written yet."""
     import collections
     import re
 
-    return dict(collections.Counter(re.findall(r"\b(LDG\.[A-Z0-9.]+)", machine_code(cubin, tmp_path))))
+    return dict(collections.Counter(re.findall(r"\b(LDG\.[A-Z0-9.]+)", listing)))
 
 
-def weight_loads_before_wait(cubin: bytes, tmp_path: Path) -> int:
-    """The weight-stream loads (L1::no_allocate) placed before the kernel's last PDL wait
+def weight_loads_before_wait(listing: str) -> int:
+    """The weight-stream loads (L1::no_allocate) a listing places before the kernel's last PDL wait
     (griddepcontrol.wait is ACQBULK in the machine code)."""
-    text = machine_code(cubin, tmp_path)
-    return text[:text.rindex("ACQBULK")].count("LDG.E.NA.128.CONSTANT")
+    return listing[:listing.rindex("ACQBULK")].count("LDG.E.NA.128.CONSTANT")

@@ -14,7 +14,7 @@ import torch
 from llmesh.kernels import moe_gemv as mg
 from llmesh.kernels.fused_moe import fused_moe
 from llmesh.kernels.fused_moe_ref import fused_moe_ref
-from tests.kernels.nvrtc_check import compiled_report, global_loads, weight_loads_before_wait
+from tests.kernels.nvrtc_check import compiled_report, global_loads, machine_code, weight_loads_before_wait
 from tests.kernels.test_fused_moe import _experts, _routing
 
 GPU = torch.cuda.is_available()
@@ -77,7 +77,8 @@ def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
         assert lowered.startswith("_Z") and len(cubin) > 4_000
         # the read-only path for the weights alone (L1::no_allocate: NA); the activations, ids and
         # routing weights the kernels before wrote come by coherent loads (cuda/common.cuh, ld_act)
-        loads = global_loads(cubin, tmp_path)
+        listing = machine_code(cubin, tmp_path)
+        loads = global_loads(listing)
         assert all(".NA." in op for op in loads if op.endswith(".CONSTANT")), (name, loads)
         assert any(not op.endswith(".CONSTANT") for op in loads), (name, loads)
         # an early form's first pass of weight loads goes out before its PDL wait: R x KMAX x U of them
@@ -85,9 +86,9 @@ def test_nvrtc_compiles_the_instances_without_local_memory(tmp_path):
         # be laid out before it too)
         args = [int(v) for v in name[name.index("<") + 1:-1].split(", ")]
         if name.startswith("moe_gemv_down_early"):
-            assert weight_loads_before_wait(cubin, tmp_path) >= args[0] * args[1] * args[2], name
+            assert weight_loads_before_wait(listing) >= args[0] * args[1] * args[2], name
         elif name.startswith("dense_gemv") and args[2] == 1 and args[1] >= 3:  # K = 40: ptxas sinks one of two
-            assert weight_loads_before_wait(cubin, tmp_path) >= args[0] * args[1], name
+            assert weight_loads_before_wait(listing) >= args[0] * args[1], name
         if name in capped:  # a capped down kernel spills a few words to the stack, never to local arrays
             assert report["LOCAL"] == 0 and report["REG"] <= int(name.rsplit(", ", 1)[1][:-1]), (name, report)
             assert report["STACK"] <= 256, (name, report)

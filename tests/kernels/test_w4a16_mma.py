@@ -18,7 +18,7 @@ from llmesh.kernels.quant_ref import w4a16_gemm_ref, w8a16_gemm_ref
 from llmesh.kernels.w4a16_mma import (MmaConfig, config_str, default_config, emulate, int8_group, int8_scales,
                                       pack_codes, pack_codes_int8, pack_scales, parse_config, plan_launch, smem_bytes,
                                       split_steps, unpack_codes, unpack_scales, w4a16_mma)
-from tests.kernels.nvrtc_check import compiled_report, global_loads
+from tests.kernels.nvrtc_check import compiled_report, global_loads, machine_code
 
 
 def int8_weight(k: int, n: int, group: int, gen: torch.Generator):
@@ -238,7 +238,7 @@ def test_nvrtc_compiles_the_kernel_for_hopper_without_local_memory(tmp_path):
         # ld_act); the read-only path keeps L1 for the two 16-byte scale loads and, with RMSNorm, the
         # norm weight (one more 16-byte load staged, two 4-byte ones a fragment against x's and the
         # residual's four where it is loaded with the codes)
-        loads = global_loads(cubin, tmp_path)
+        loads = global_loads(machine_code(cubin, tmp_path))
         norm = name.count(",") >= 8 and name.rstrip(">").rsplit(", ", 1)[1] == "2"
         assert loads.get("LDG.E.128.CONSTANT", 0) <= (3 if norm else 2), (name, loads)
         assert loads.get("LDG.E.CONSTANT", 0) <= (loads.get("LDG.E", 0) // 2 if norm else 0), (name, loads)
