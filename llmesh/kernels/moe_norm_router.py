@@ -43,8 +43,11 @@ kernel took 14.9 / 14.5 / 15.4 / 22.3 us at 1 / 4 / 16 / 64 tokens against the t
 15.8 / 15.4 / 15.7 / 16.1 (every row choosing the same experts), but in the batch-1 step
 (kernel_profile_h100_nr_{on,off}.json) it saved nothing: 3.925 ms a step against 3.926 with 96
 launches fewer, the step already 0.95 GPU-busy and the GEMM after it waiting on the entry either
-way. So it stays off: the three kernels are the simpler path at the same speed. What would change
-that is an entry that is not latency-bound on one SM's row (the router GEMM split wider)."""
+way. With the CUDA GEMVs in the step it lost (session 57, ca3d025, kernel_profile_h100_moe_b1_nr_*.json):
+3.553 / 3.554 ms with it against 3.361 / 3.364 without (CUDA paths / Triton tables), the fused entry
+10.4 us a launch, on the path of every layer. So it stays off: the three kernels are the simpler path
+and the faster. What would change that is an entry that is not latency-bound on one SM's row (the
+router GEMM split wider)."""
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
