@@ -4,9 +4,10 @@
 # Usage: bash bench/gpu_tests.sh [timeout seconds per group, default 420] [results folder, default bench/results]
 # GPU_TEST_GROUPS="3 4": only those groups (0-based), recorded as gpu_tests_<dev>_groups.json (a
 # rerun of groups that timed out, beside the full record it completes). The engine's tests are four
-# groups (6: the triton backend, 7 and 8: the quantized formats, 11: the library kernels and the CUDA
-# C++ ones inside decode graphs) and the fused MoE kernels one (5): on the H100 at 9b22db4 the groups
-# they were split from ran past 400 s, and group 8 with the library tests past 450 s at c2f6966.
+# groups (6: the triton backend, 7 and 8: the quantized formats, 11: the library kernels) and the fused
+# MoE kernels one (5): on the H100 at 9b22db4 the groups they were split from ran past 400 s, and group
+# 8 with the library tests past 450 s at c2f6966. Group 12 holds the CUDA C++ kernels' tests (the MoE
+# layer and GEMV, and both inside decode graphs), so a change to them can be rerun alone.
 # FBGEMM's tests need .fbgemm carried, FlashAttention-3's .fa3 (bench/README.md, the carry section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +21,14 @@ groups=(
   "tests/kernels/test_rmsnorm.py tests/kernels/test_rope.py tests/kernels/test_rope_kv_write.py tests/kernels/test_activation.py tests/kernels/test_kv_cache_write.py tests/kernels/test_paged_attention_ref.py tests/kernels/test_fp8_gemm.py tests/kernels/test_block_fp8_gemm.py tests/kernels/test_fp8_fused_quant.py tests/kernels/test_kv_fp8_write.py tests/kernels/test_kv_fp8_attention.py tests/kernels/test_fp8_widen.py tests/engine/test_quant_w4a8.py tests/kernels/test_l2_prefetch.py"
   "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w4a16_swapped.py tests/kernels/test_w4a16_mma.py tests/kernels/test_w4a16_mma_norm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_quant_gemv.py tests/kernels/test_quant_dequant.py"
   "tests/kernels/test_skinny_gemm.py tests/kernels/test_fused_skinny.py tests/kernels/test_skinny_rope_kv.py tests/kernels/test_moe_align.py tests/kernels/test_moe_router.py tests/kernels/test_moe_norm_router.py tests/kernels/test_attention_config.py tests/kernels/test_argmax.py tests/kernels/test_pdl.py"
-  "tests/kernels/test_fused_moe.py tests/kernels/test_fused_moe_blocks.py tests/kernels/test_fused_moe_gemv.py tests/kernels/test_fused_moe_tma.py tests/kernels/test_moe_gemv.py tests/kernels/test_cuda_sources.py"
+  "tests/kernels/test_fused_moe.py tests/kernels/test_fused_moe_blocks.py tests/kernels/test_fused_moe_gemv.py tests/kernels/test_fused_moe_tma.py"
   "tests/engine/test_triton_backend.py tests/engine/test_async_scheduling.py tests/engine/test_kv_fp8_engine.py tests/engine/test_structured_output_async.py tests/engine/test_l2_prefetch_engine.py"
   "tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_eval_perplexity.py"
   "tests/engine/test_quant_awq_gptq.py tests/engine/test_quant_fp8_checkpoint.py tests/engine/test_int4pack.py"
   "tests/engine/test_spec_decode.py tests/engine/test_embeddings.py tests/engine/test_moe_fidelity.py -k triton"
   "tests/engine/test_tensor_parallel.py tests/engine/test_moe_ep.py -k gpus"
-  "tests/engine/test_gemlite_kernels.py tests/engine/test_fbgemm_kernels.py tests/engine/test_cuda_gemv_engine.py"
+  "tests/engine/test_gemlite_kernels.py tests/engine/test_fbgemm_kernels.py"
+  "tests/kernels/test_moe_gemv.py tests/kernels/test_cuda_sources.py tests/engine/test_cuda_gemv_engine.py"
 )
 ONLY=${GPU_TEST_GROUPS:-}
 declare -A pids=()
