@@ -7,7 +7,7 @@
 # groups (6: the triton backend, 7 and 8: the quantized formats, 11: the library kernels) and the fused
 # MoE kernels one (5): on the H100 at 9b22db4 the groups they were split from ran past 400 s, and group
 # 8 with the library tests past 450 s at c2f6966. Group 12 holds the CUDA C++ kernels' tests (the MoE
-# layer and GEMV, and both inside decode graphs), so a change to them can be rerun alone.
+# layer, router and GEMV, and all inside decode graphs), so a change to them can be rerun alone.
 # FBGEMM's tests need .fbgemm carried, FlashAttention-3's .fa3 (bench/README.md, the carry section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ groups=(
   "tests/engine/test_spec_decode.py tests/engine/test_embeddings.py tests/engine/test_moe_fidelity.py -k triton"
   "tests/engine/test_tensor_parallel.py tests/engine/test_moe_ep.py -k gpus"
   "tests/engine/test_gemlite_kernels.py tests/engine/test_fbgemm_kernels.py"
-  "tests/kernels/test_moe_gemv.py tests/kernels/test_cuda_sources.py tests/engine/test_cuda_gemv_engine.py"
+  "tests/kernels/test_moe_gemv.py tests/kernels/test_router_gemv.py tests/kernels/test_cuda_sources.py tests/engine/test_cuda_gemv_engine.py"
 )
 ONLY=${GPU_TEST_GROUPS:-}
 declare -A pids=()

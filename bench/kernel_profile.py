@@ -15,8 +15,8 @@ Usage: python bench/kernel_profile.py [--models random:llama3-8b,random:qwen3-30
 Writes bench/results/kernel_profile_<dev><suffix>.json; metrics per model tag T (8b, 30b_a3b ...):
 profile_<T>_b<B>[_c<N>]_{step_ms, step_ms_unprofiled, kernels_per_step, kernel_ms_per_step, gpu_busy_frac,
 <family>_ms_per_step}. LLMESH_PDL / LLMESH_PDL_LATE / LLMESH_FUSED_DECODE / LLMESH_QKV_ROPE / LLMESH_DECODE_FOLD /
-LLMESH_L2_PREFETCH / LLMESH_MOE_CUDA_GEMV / LLMESH_CUDA_GEMV / LLMESH_GEMV_EARLY, when set, are recorded in the
-workload (A/B of one switch per run, with --suffix).
+LLMESH_L2_PREFETCH / LLMESH_MOE_CUDA_GEMV / LLMESH_CUDA_GEMV / LLMESH_GEMV_EARLY / LLMESH_CUDA_ROUTER, when set,
+are recorded in the workload (A/B of one switch per run, with --suffix).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import DENSE_ENV as DENSE_GEMV_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import EARLY_ENV as GEMV_EARLY_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import ENV as MOE_GEMV_ENV  # noqa: E402
+from llmesh.kernels.router_gemv import ENV as ROUTER_ENV  # noqa: E402
 
 # First match wins; names are lower-cased kernel names (Triton function names, cuBLAS/cuDNN
 # internals, torch's ATen kernels).
@@ -228,7 +229,7 @@ def main() -> None:
                       "software": software_versions(), "smoke": args.smoke,
                       "environment": {k: os.environ[k] for k in (PDL_ENV, PDL_LATE_ENV, FUSED_DECODE_ENV, QKV_ROPE_ENV,
                                                                  FOLD_ENV, PREFETCH_ENV, MOE_GEMV_ENV, DENSE_GEMV_ENV,
-                                                                 GEMV_EARLY_ENV)
+                                                                 GEMV_EARLY_ENV, ROUTER_ENV)
                                       if k in os.environ},
                       "families": dict(FAMILIES), "models": {}}
     for model in models:

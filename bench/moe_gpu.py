@@ -293,7 +293,8 @@ def main() -> int:
     metrics: dict[str, float] = dict(ceilings)
     workload: dict = {"shapes": asdict(shapes), "dtype": "bfloat16", "software": software_versions(),
                       "smoke": args.smoke,
-                      "environment": {k: os.environ[k] for k in ("LLMESH_MOE_CUDA_GEMV", "LLMESH_CUDA_GEMV", "LLMESH_GEMV_EARLY")
+                      "environment": {k: os.environ[k] for k in ("LLMESH_MOE_CUDA_GEMV", "LLMESH_CUDA_GEMV",
+                                                                 "LLMESH_GEMV_EARLY", "LLMESH_CUDA_ROUTER")
                                       if k in os.environ},
                       "kernel": "fused_moe (aligned blocks, gate/up + SiLU-mul fused, down with the routing weight, "
                                 "sum over k); decode bytes = distinct experts touched x (w13 + w2) + activations; "

@@ -59,17 +59,19 @@ def _int4_on_mma(monkeypatch, config: str) -> list[int]:
     return _count_calls(monkeypatch, mma_weights, "w4a16_mma")
 
 
-CASES = [("llama", "auto", None, False), ("llama", "fp8", None, False), ("qwen3_moe", "auto", None, False),
-         ("qwen3_moe", "auto", None, True), ("llama", "auto", "staged", False), ("llama", "auto", "fragments", False)]
+CASES = [("llama", "auto", None, None), ("llama", "fp8", None, None), ("qwen3_moe", "auto", None, None),
+         ("qwen3_moe", "auto", None, "norm_router"), ("qwen3_moe", "auto", None, "router_gemv"),
+         ("llama", "auto", "staged", None), ("llama", "auto", "fragments", None)]
 """(architecture, KV cache dtype, the INT4 kernel's x path or None for bf16 weights, the MoE entry
-in one kernel, moe_norm_router, feeding the CUDA MoE layer)"""
+feeding the CUDA MoE layer: the three ops, or moe_norm_router's one Triton kernel, or the norm then
+router_gemv's one CUDA launch for the router's GEMV and choice)"""
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels inside CUDA graphs: need a GPU")
-@pytest.mark.parametrize("arch,kv_cache_dtype,int4,norm_router", CASES)
+@pytest.mark.parametrize("arch,kv_cache_dtype,int4,entry_kind", CASES)
 def test_graph_replays_give_the_eager_steps_tokens_with_the_cuda_kernels(tmp_path, monkeypatch, arch,
-                                                                         kv_cache_dtype, int4, norm_router):
+                                                                         kv_cache_dtype, int4, entry_kind):
     probe = torch.zeros(1, 64, dtype=torch.bfloat16, device="cuda")
     if (why := moe_gemv.dense_unsupported(probe, torch.zeros(8, 64, dtype=torch.bfloat16, device="cuda"))):
         pytest.skip(f"the CUDA GEMV: {why}")
@@ -77,11 +79,16 @@ def test_graph_replays_give_the_eager_steps_tokens_with_the_cuda_kernels(tmp_pat
     monkeypatch.setenv(moe_gemv.ENV, "1")
     kw: dict = dict(kv_cache_dtype=kv_cache_dtype)
     entry: list[int] = []
-    if norm_router:
+    if entry_kind == "norm_router":
         from llmesh.kernels import moe_norm_router
 
         monkeypatch.setattr(moe_norm_router, "NORM_ROUTER_MAX_TOKENS", 64)
         entry = _count_calls(monkeypatch, moe_norm_router, "norm_router")
+    elif entry_kind == "router_gemv":
+        from llmesh.kernels import router_gemv
+
+        monkeypatch.setenv(router_gemv.ENV, "1")
+        entry = _count_calls(monkeypatch, router_gemv, "router")
     if int4 is None:
         dense = _count_calls(monkeypatch, moe_gemv, "gemv")
         layer = _count_calls(monkeypatch, moe_gemv, "moe_gemv")
@@ -95,7 +102,7 @@ def test_graph_replays_give_the_eager_steps_tokens_with_the_cuda_kernels(tmp_pat
     graphs = _tokens(path, prompts, graphs=True, **kw)
     if int4 is None:
         assert dense and (layer or arch != "qwen3_moe"), "the CUDA kernels never ran"
-        assert entry or not norm_router, "the fused MoE entry never ran"
+        assert entry or not entry_kind, f"the MoE entry's {entry_kind} never ran"
     else:
         assert mma, "w4a16_mma never ran"
     assert all(run == eager[0] for run in eager), "eager steps differ from run to run"

@@ -46,6 +46,12 @@ __device__ __forceinline__ u32 ld_l2_u32(const void* p) {
   return v;
 }
 
+__device__ __forceinline__ u16 ld_l2_u16(const void* p) {  // another block's store, after its arrival
+  u16 v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ u32 ld_act_u32(const void* p) {
   u32 v;
   asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));

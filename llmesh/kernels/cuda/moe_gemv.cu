@@ -19,7 +19,8 @@
 // dense_gemv runs the down kernel's rows with ID64 = 2: no ids and no routing weights (one pair,
 // expert 0, weight 1), out = W x rounded once as F.linear rounds (moe_gemv.gemv: the batch-1
 // projections around the experts). A template value, not a null-pointer test: that cost the Qwen
-// instance 80 registers.
+// instance 80 registers. router_gemv is dense_gemv over the router's rows with the choice of
+// experts after it, made by the grid's last block (router_gemv.router).
 // Both wait for the previous kernel's writes (PDL) before reading the routing, and let the next
 // kernel's blocks in only after their loads, so those do not sit on the SMs the stream needs
 // (moe_gemv_down_early and dense_gemv's EARLY form issue their first weight loads before the wait).
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(256, 2) moe_gemv_up(
 // R output rows a warp, for all KMAX >= k pairs; U 16-byte slices of each row a lane per pass over I.
 // ID64: int64 ids, else int32 (2: none, a dense GEMV). W32: the routing weights are float32 (Mixtral),
 // else bf16 (Qwen-MoE). EARLY: the first pass's weight loads go out before pdl_wait (the kernels
-// below say which entry point does which).
+// below say which entry point does which; 2: held there by a branch in the dense form too).
 template <int R, int KMAX, int U, int ID64, int W32, int EARLY>
 __device__ __forceinline__ void down_rows(
     const u16* __restrict__ hidden, const u16* __restrict__ w2, const void* __restrict__ ids,
@@ -165,9 +166,10 @@ __device__ __forceinline__ void down_rows(
         }
       }
     if (EARLY && s0 == 0) {
-      if (ID64 != 2) {
+      if (ID64 != 2 || EARLY == 2) {
         // ptxas sinks loads past the wait (moving a load later is always allowed): a branch on
-        // their values keeps this pass's weight loads before it. Never taken (pairs >= 1).
+        // their values keeps this pass's weight loads before it. Never taken (pairs >= 1). The
+        // dense GEMV's kept them there without it (EARLY 2 asks for it: router_gemv's did not).
         u32 seen = static_cast<u32>(pairs);
 #pragma unroll
         for (int p = 0; p < KMAX; ++p)
@@ -241,4 +243,96 @@ __global__ void __maxnreg__(MAXREG) moe_gemv_down_early(DOWN_PARAMS) {
 template <int R, int U, int EARLY>
 __global__ void __launch_bounds__(256, 1) dense_gemv(DOWN_PARAMS) {
   down_rows<R, 1, U, 2, 1, EARLY>(DOWN_ARGS);
+}
+
+// The router at one token: the logits (dense_gemv's rows over the E experts, rounded to bf16 as
+// F.linear rounds), then, in the grid's last block to arrive, moe_router's choice from them:
+// softmax in float32, the top k (ties to the lower id, a NaN probability above every number),
+// renormalised to sum 1 under RENORM, the weights rounded to bf16 (W32: kept float32), the ids as
+// int64, and counts[id] grown by counted[0] (COUNT). One launch where the GEMV and
+// moe_router.topk_softmax took two: at batch 1 each of those is a few microseconds of one layer's
+// path. E <= 32 EPL (the last block's first warp holds the row, EPL experts a lane), k <= KMAX.
+template <int R, int U, int EARLY, int EPL, int KMAX, int RENORM, int W32, int COUNT>
+__global__ void __launch_bounds__(256, 1) router_gemv(
+    const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__ logits, int* __restrict__ counter,
+    void* __restrict__ topk_w, long long* __restrict__ ids, unsigned long long* __restrict__ counts,
+    const long long* __restrict__ counted, int E, int H, int k) {
+  // pairs = k (>= 1, a run-time value): the one pair is live either way, and the early form's
+  // branch then tests a value ptxas cannot fold away, which holds the loads before the wait
+  down_rows<R, 1, U, 2, 1, EARLY ? 2 : 0>(x, w, nullptr, nullptr, logits, E, H, 0, k);
+  __shared__ int last;
+  __threadfence();  // this block's logits are visible before its arrival is
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last || threadIdx.x >= 32) return;
+  __threadfence();
+  const int lane = threadIdx.x;
+  const float NEG_INF = __int_as_float(0xff800000);
+  float p[EPL], cand[EPL];
+  float m = NEG_INF;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) {
+    const int e = lane + 32 * j;
+    p[j] = e < E ? bf16_lo(ld_l2_u16(logits + e)) : NEG_INF;
+    m = fmaxf(m, p[j]);
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) {
+    p[j] = lane + 32 * j < E ? __expf(p[j] - m) : 0.f;
+    s += p[j];
+  }
+  s = warp_sum(s);
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) {
+    p[j] = p[j] / s;
+    // moe_router._candidates: NaN above every number, experts past E below every pick
+    cand[j] = lane + 32 * j < E ? (p[j] != p[j] ? __int_as_float(0x7f800000) : p[j]) : -2.f;
+  }
+  float picked_w = 0.f, total = 0.f;
+  int picked_id = 0;
+#pragma unroll
+  for (int j = 0; j < KMAX; ++j) {
+    if (j >= k) break;
+    float bv = cand[0], bp = p[0];
+    int bi = lane;
+#pragma unroll
+    for (int q = 1; q < EPL; ++q)  // a lane's experts in ascending id: strict > keeps the lower on ties
+      if (cand[q] > bv) {
+        bv = cand[q];
+        bp = p[q];
+        bi = lane + 32 * q;
+      }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o), op = __shfl_xor_sync(0xffffffffu, bp, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bp = op;
+        bi = oi;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < EPL; ++q)
+      if (lane + 32 * q == bi) cand[q] = -1.f;  // taken
+    total += bp;  // in pick order, as the reference's sum of the top k (up to the last bits)
+    if (lane == j) {
+      picked_w = bp;
+      picked_id = bi;
+    }
+  }
+  if (lane < k) {
+    const float wt = RENORM ? picked_w / total : picked_w;
+    if (W32)
+      static_cast<float*>(topk_w)[lane] = wt;
+    else
+      static_cast<u16*>(topk_w)[lane] = static_cast<u16>(pack_bf16(wt, 0.f));
+    ids[lane] = picked_id;
+    if (COUNT) atomicAdd(counts + picked_id, static_cast<unsigned long long>(ld_act_u32(counted)));
+  }
+  if (lane == 0) atomicExch(counter, 0);  // ready for the next launch on this stream
 }

@@ -34,7 +34,7 @@ from llmesh.engine.quant.linear import Weight, dequantize_rows, fp8_matmul, line
 from llmesh.engine.quant.packed import Fp8BlockWeight, Fp8Weight, W4A8Weight
 from llmesh.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from llmesh.kernels.fused_moe import fused_moe
-from llmesh.kernels import moe_norm_router
+from llmesh.kernels import moe_norm_router, router_gemv
 from llmesh.kernels.moe_router import select_experts
 from llmesh.kernels.quant_gemm_config import RMSNORM, SILU_MUL, fused_input_allowed
 from llmesh.kernels.attention_config import decode_partition_size
@@ -190,6 +190,10 @@ class TritonOps:
         if moe_norm_router.fusable(x, residual, norm_weight, router):
             h, residual, _, weights, ids = moe_norm_router.norm_router(x, residual, norm_weight, eps, router, top_k,
                                                                        renormalize, weights_dtype, counts, counted)
+            return h, residual, weights, ids
+        if router_gemv.chosen(x, router, top_k, weights_dtype):  # one token: the GEMV and the choice in one launch
+            h, residual = self.rmsnorm(x, norm_weight, eps, residual)
+            weights, ids = router_gemv.router(h, router, top_k, renormalize, weights_dtype, counts, counted)
             return h, residual, weights, ids
         return compose_norm_router(self, x, residual, norm_weight, eps, router, top_k, renormalize, weights_dtype,
                                    counts, counted)
