@@ -136,7 +136,7 @@ def dense_config(tag: str, n: int, k: int) -> GemvConfig:
     return replace(config, early=True) if _early_regs() else config
 
 
-def _slices(width: int, cap: int) -> int:
+def pass_slices(width: int, cap: int) -> int:
     """16-byte slices of a row a lane loads a pass: the row in one pass where ``cap`` allows."""
     return max(1, min(cap, -(-width // 256)))
 
@@ -146,8 +146,8 @@ def instances(h: int, inter: int, pairs: int, ids64: bool, weights32: bool, conf
     """The two template instances a layer of hidden size h, expert width inter and ``pairs``
     routed experts launches."""
     kmax = 1 << max(0, pairs - 1).bit_length()
-    up = f"moe_gemv_up<{config.up_rows}, {_slices(h, 8)}, {int(ids64)}>"
-    args = f"1, {kmax}, {_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}"
+    up = f"moe_gemv_up<{config.up_rows}, {pass_slices(h, 8)}, {int(ids64)}>"
+    args = f"1, {kmax}, {pass_slices(inter, DOWN_LOADS // kmax)}, {int(ids64)}, {int(weights32)}"
     down = f"moe_gemv_down_early<{args}, {config.early_regs}>" if config.early_regs else f"moe_gemv_down<{args}>"
     return up, down
 
@@ -218,7 +218,7 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 def dense_instance(k: int, config: GemvConfig) -> str:
     """dense_gemv's instance for K = k: the down kernel's rows with one pair and no routing."""
-    return f"dense_gemv<{config.rows}, {_slices(k, DOWN_LOADS // config.rows)}, {int(config.early)}>"
+    return f"dense_gemv<{config.rows}, {pass_slices(k, DOWN_LOADS // config.rows)}, {int(config.early)}>"
 
 
 def dense_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:

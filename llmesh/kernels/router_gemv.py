@@ -23,7 +23,7 @@ import os
 import torch
 
 from llmesh.kernels.common import arrival_counters, cuda_device_tag, next_power_of_2, pdl_launch
-from llmesh.kernels.moe_gemv import DOWN_LOADS, MAX_PAIRS, GemvConfig, _slices, dense_config, dense_unsupported
+from llmesh.kernels.moe_gemv import DOWN_LOADS, MAX_PAIRS, GemvConfig, dense_config, dense_unsupported, pass_slices
 
 ENV = "LLMESH_CUDA_ROUTER"
 """1: a one-token router runs ``router`` wherever it can; 0: never; unset: MEASURED_FASTER."""
@@ -39,7 +39,7 @@ def instance(e: int, k: int, renormalize: bool, weights32: bool, count: bool, co
     """The template instance for E experts over a row of k: the GEMV's rows, slices and form, then
     the experts a lane of the choosing warp holds, the most pairs, and the choice's switches."""
     epl = next_power_of_2(-(-e // 32))
-    return (f"router_gemv<{config.rows}, {_slices(k, DOWN_LOADS // config.rows)}, {int(config.early)}, {epl}, "
+    return (f"router_gemv<{config.rows}, {pass_slices(k, DOWN_LOADS // config.rows)}, {int(config.early)}, {epl}, "
             f"{MAX_PAIRS}, {int(renormalize)}, {int(weights32)}, {int(count)}>")
 
 
