@@ -253,6 +253,12 @@ def dense_chosen(x: torch.Tensor, w: torch.Tensor) -> bool:
     return dense_unsupported(x, w) is None
 
 
+def one_row(x: torch.Tensor) -> torch.Tensor:
+    """x's one row as the kernels read it: contiguous and 16-byte aligned (a copy only where it is not)."""
+    row = x.reshape(x.shape[-1])
+    return row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemvConfig | None = None, pdl: bool | None = None
          ) -> torch.Tensor:
     """x [..., K] holding one row, w [N, K] bf16 → x @ w^T [..., N], float32 sums rounded once."""
@@ -262,8 +268,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemvConfig | None = None, 
         raise ValueError(f"gemv: {why}")
     n, k = w.shape
     config = config or dense_config(cuda_device_tag(x.device), n, k)
-    row = x.reshape(k)
-    row = row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
+    row = one_row(x)
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     kernel = cuda_rtc.load("moe_gemv.cu", dense_instance(k, config), x.device)
     if pdl is None:

@@ -23,7 +23,8 @@ import os
 import torch
 
 from llmesh.kernels.common import arrival_counters, cuda_device_tag, next_power_of_2, pdl_launch
-from llmesh.kernels.moe_gemv import DOWN_LOADS, MAX_PAIRS, GemvConfig, dense_config, dense_unsupported, pass_slices
+from llmesh.kernels.moe_gemv import (DOWN_LOADS, MAX_PAIRS, GemvConfig, dense_config, dense_unsupported, one_row,
+                                     pass_slices)
 
 ENV = "LLMESH_CUDA_ROUTER"
 """1: a one-token router runs ``router`` wherever it can; 0: never; unset: MEASURED_FASTER."""
@@ -85,8 +86,7 @@ def router(x: torch.Tensor, w: torch.Tensor, top_k: int, renormalize: bool, weig
         raise ValueError(f"router: counts must be a contiguous int64 [{e}] and counted an int64 [1], got "
                          f"{counts.dtype} {tuple(counts.shape)} and {counted.dtype} {tuple(counted.shape)}")
     config = config or dense_config(cuda_device_tag(x.device), e, k)
-    row = x.reshape(k)
-    row = row if row.is_contiguous() and row.data_ptr() % 16 == 0 else row.clone()
+    row = one_row(x)
     logits = torch.empty(e, dtype=x.dtype, device=x.device)
     weights = torch.empty(1, top_k, dtype=weights_dtype, device=x.device)
     ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
