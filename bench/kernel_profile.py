@@ -43,7 +43,7 @@ from llmesh.engine import LLM, SamplingParams  # noqa: E402
 from llmesh.engine.model.ops_triton import FUSED_DECODE_ENV, QKV_ROPE_ENV  # noqa: E402
 from llmesh.engine.model.prefetch import PREFETCH_ENV  # noqa: E402
 from llmesh.kernels.common import PDL_ENV, PDL_LATE_ENV  # noqa: E402
-from llmesh.kernels.attention_config import FOLD_ENV  # noqa: E402
+from llmesh.kernels.attention_config import FOLD_ENV, PARTITION_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import DENSE_ENV as DENSE_GEMV_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import EARLY_ENV as GEMV_EARLY_ENV  # noqa: E402
 from llmesh.kernels.moe_gemv import ENV as MOE_GEMV_ENV  # noqa: E402
@@ -229,7 +229,7 @@ def main() -> None:
                       "software": software_versions(), "smoke": args.smoke,
                       "environment": {k: os.environ[k] for k in (PDL_ENV, PDL_LATE_ENV, FUSED_DECODE_ENV, QKV_ROPE_ENV,
                                                                  FOLD_ENV, PREFETCH_ENV, MOE_GEMV_ENV, DENSE_GEMV_ENV,
-                                                                 GEMV_EARLY_ENV, ROUTER_ENV)
+                                                                 GEMV_EARLY_ENV, ROUTER_ENV, PARTITION_ENV)
                                       if k in os.environ},
                       "families": dict(FAMILIES), "models": {}}
     for model in models:

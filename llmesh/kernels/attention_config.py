@@ -161,13 +161,33 @@ length (a grid of B x H_kv x max_len / size) and the reduce's loop cost more tha
 partition saves (the sweep measured up to 32)."""
 
 
+PARTITION_ENV = "LLMESH_DECODE_PARTITION"
+"""For A/B runs (bench/plans): a power of two >= 16 that every decode launch splits contexts by,
+in place of the measured table's size (e.g. the old default against a new table in one call)."""
+
+
+def forced_partition() -> int | None:
+    """LLMESH_DECODE_PARTITION's size, or None where unset; a value the kernel cannot take is
+    refused with the variable's name, before any launch."""
+    raw = os.environ.get(PARTITION_ENV, "").strip()
+    if not raw:
+        return None
+    size = int(raw) if raw.isdigit() else 0
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"attention_config: {PARTITION_ENV}={raw!r} is not a power of two >= 16")
+    return size
+
+
 def decode_partition_size(device, pairs: int, max_seq_len: int) -> int:
     """Partition size for a decode batch of `pairs` (sequences x KV heads) whose launch is sized
     for `max_seq_len` keys: the measured table's entry for the smallest bucket >= pairs, raised
     until at most MAX_DECODE_PARTITIONS partitions cover max_seq_len (never past 512); 512 where
-    there is no table."""
+    there is no table; LLMESH_DECODE_PARTITION's size where it is set."""
     import torch
 
+    forced = forced_partition()
+    if forced is not None:
+        return forced
     device = torch.device(device)
     if device.type != "cuda" or interpreting():
         return DEFAULT_DECODE_PARTITION

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmesh.kernels.attention_config import (DEFAULT_PAGED_DECODE_TILE, PAGED_DECODE_TILE,
                                              _INTERPRET_PAGED_DECODE_TILE, PagedDecodeTile, paged_decode_tile, pick_tile,
                                              DECODE_PARTITION, DEFAULT_DECODE_PARTITION, FOLD_ENV, FOLD_MIN_PAIRS,
                                              MAX_DECODE_PARTITIONS, SINGLE_PARTITION_MAX_LEN, SINGLE_PARTITION_PAIRS,
-                                             decode_fold, decode_partition_size, pick_partition)
+                                             PARTITION_ENV, decode_fold, decode_partition_size, pick_partition)
 
 
 def test_the_smallest_bucket_at_or_above_the_pairs_decides():
@@ -50,7 +51,20 @@ def test_every_shipped_size_is_a_power_of_two_the_kernel_takes():
         assert all(s >= 16 and s & (s - 1) == 0 for s in table.values())
 
 
-def test_cpu_keeps_the_default():
+def test_cpu_keeps_the_default(monkeypatch):
+    monkeypatch.delenv(PARTITION_ENV, raising=False)
+    assert decode_partition_size(torch.device("cpu"), 1, 2048) == DEFAULT_DECODE_PARTITION
+
+
+def test_the_ab_switch_forces_one_size_and_refuses_what_the_kernel_cannot_take(monkeypatch):
+    monkeypatch.setenv(PARTITION_ENV, "64")
+    assert decode_partition_size(torch.device("cpu"), 1, 2048) == 64
+    assert decode_partition_size(torch.device("cpu"), SINGLE_PARTITION_PAIRS, 2048) == 64
+    for bad in ("48", "8", "0", "-64", "big"):
+        monkeypatch.setenv(PARTITION_ENV, bad)
+        with pytest.raises(ValueError, match=PARTITION_ENV):
+            decode_partition_size(torch.device("cpu"), 1, 2048)
+    monkeypatch.setenv(PARTITION_ENV, " ")
     assert decode_partition_size(torch.device("cpu"), 1, 2048) == DEFAULT_DECODE_PARTITION
 
 
