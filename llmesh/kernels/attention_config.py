@@ -131,6 +131,10 @@ DECODE_PARTITION: dict[str, dict[int, int]] = {}
 # head_dim 128, contexts 128-2048, max_seq_len 2048): at batch 1 size 64 takes 12.9 us at
 # context 512 against 23.3 us with 512 (1.56x over the contexts); from 256 pairs 512 wins.
 DECODE_PARTITION["h200"] = {4: 64, 8: 64, 16: 64, 32: 128, 64: 128, 128: 256, 256: 512, 512: 512}
+# bench/results/decode_partition_h100.json (H100, 2026-12-07, same sweep): 1.54x size 512 at 4 pairs, 1.47x at 8,
+# 1.30x at 16, 1.14x at 32, within 3% from 64. In the batch-1 step (kernel_profile_h100_*_part_*.json, one call):
+# Qwen3-30B-A3B 3.349 -> 3.232 ms with size 64 (3.307 with 128), Llama-3-8B INT4 2.612 -> 2.559 ms.
+DECODE_PARTITION["h100"] = {4: 64, 8: 64, 16: 128, 32: 256, 64: 128, 128: 128, 256: 512, 512: 512}
 
 DEFAULT_DECODE_PARTITION = 512
 SINGLE_PARTITION_PAIRS = 1024
