@@ -239,6 +239,15 @@ _INTERPRET_PAGED_DECODE_TILE = PagedDecodeTile(block_n=64, num_warps=1, num_stag
 # smallest bucket >= the batch's pairs, the largest past it; at most half the smallest bucket
 # (batches the sweep did not time) the default tile.
 PAGED_DECODE_TILE: dict[str, dict[int, PagedDecodeTile]] = {}
+# bench/results/decode_tile_h100.json (H100, 2026-12-07, c4e36fd; the same grid as the H200's):
+# 1.02-1.08x the default tile by bucket (512 pairs: 66.1 us mean, 1.08x), the same tiles as the
+# H200's but for the 512 bucket's deeper pipeline.
+PAGED_DECODE_TILE["h100"] = {
+    256: PagedDecodeTile(block_n=128, num_warps=4, num_stages=2),
+    512: PagedDecodeTile(block_n=64, num_warps=2, num_stages=4),
+    1024: PagedDecodeTile(block_n=128, num_warps=4, num_stages=3),
+    2048: PagedDecodeTile(block_n=128, num_warps=4, num_stages=3),
+}
 # bench/results/decode_tile_h200.json (H200, 2026-12-04; 32 query heads, 8 or 4 KV heads, head_dim
 # 128, batches 64-256, contexts around 128-1024, the engine's partition sizes): 1.05-1.09x the
 # default tile by bucket, e.g. 256 sequences of ~256 tokens on 8 KV heads 86.7 -> 82.6 us.
