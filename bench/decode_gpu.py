@@ -35,6 +35,7 @@ import torch
 
 from gpu_ceilings import (device_name, device_tag, measure_ceilings, pick_device, results_dir_for, rounded,
                           software_versions)
+from jit_watch import JitWatch
 from llmesh.bench_results import write_result
 from llmesh.engine import LLM, SamplingParams
 from llmesh.engine.loader.random_weights import PRESETS, parameter_shapes
@@ -183,10 +184,11 @@ def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str 
     stats = getattr(llm.engine.runner, "stats", None)
     before = replace(stats) if stats is not None else None
     sync(llm.engine.device)
-    t0 = time.perf_counter()
-    results = llm.generate(prompts, params)
-    sync(llm.engine.device)
-    wall = time.perf_counter() - t0
+    with JitWatch() as jit:
+        t0 = time.perf_counter()
+        results = llm.generate(prompts, params)
+        sync(llm.engine.device)
+        wall = time.perf_counter() - t0
     got = [len(r.token_ids) for r in results]
     if got != outputs:
         bad = next(i for i, (g, w) in enumerate(zip(got, outputs)) if g != w)
@@ -196,6 +198,10 @@ def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str 
           f"{n_out / wall:.0f} out tok/s, {(n_in + n_out) / wall:.0f} total tok/s", flush=True)
     out = {f"{prefix}_out_tok_s": n_out / wall, f"{prefix}_total_tok_s": (n_in + n_out) / wall,
            f"{prefix}_requests": len(prompts), f"{prefix}_wall_s": wall}
+    if jit.available:  # Triton specializations made inside the timing: the figure paid for them
+        out.update({f"{prefix}_jit_specializations": jit.count, f"{prefix}_jit_s": jit.seconds})
+        if jit.count:
+            print(f"[decode] {prefix}: Triton specializations made inside the timed run: {jit.summary()}", flush=True)
     if before is not None:  # how the steps ran: graph replays (decode / mixed buckets) vs eager
         d = {k: getattr(stats, k) - getattr(before, k) for k in ("decode_graph_steps", "mixed_graph_steps",
                                                                  "eager_steps")}

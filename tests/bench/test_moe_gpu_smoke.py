@@ -32,7 +32,7 @@ def test_moe_gpu_smoke_writes_every_metric(tmp_path):
                 "moe_prefill4k_token_sum_ms", "moe_prefill4k_moe_sum_ms", "moe_decode64_token_sum_vs_moe_sum_x",
                 "moe_prefill4k_table_tiles_ms", "moe_prefill4k_sorted_ms", "moe_prefill4k_warp_spec_vs_table_x",
                 "moe_decode64_warp_spec_ms", "moe_prefill4k_persistent_vs_table_x",
-                "moe_offline_out_tok_s",
+                "moe_offline_out_tok_s", "moe_offline_jit_specializations", "moe_offline_jit_s",
                 "moe_align_t1_kernel_us", "moe_layer_t4_align_torch_ms", "moe_decode1_ms", "moe_decode1_tile_ms",
                 "moe_decode1_gemv_ms", "moe_decode1_frac", "moe_decode1_int4_gemv_ms", "moe_decode1_int4_vs_bf16_x",
                 "moe_norm_router_t1_fused_us", "moe_norm_router_t16_unfused_us",
