@@ -10,7 +10,8 @@ figure paid for compiles.
 Triton calls ``knobs.runtime.jit_cache_hook`` before it makes a specialization a kernel's
 in-memory cache lacks and ``jit_post_compile_hook`` after; the watch chains itself in front
 of hooks already set and gives them back on exit. Where this Triton has no such knobs, the
-watch says so (``available`` False) and counts nothing.
+watch says so (``available`` False) and counts nothing. It sees this process only: the benchmarks'
+``LLM`` steps its runner in process, but a tensor-parallel engine's workers compile in their own.
 """
 
 from __future__ import annotations
