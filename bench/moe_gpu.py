@@ -233,8 +233,8 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
     prompts, outputs = make_workload(work, cfg.vocab_size)
     # The workload's own shapes compile before any timing, up to its largest decode batch. With three short prompts,
     # the first engine of a call on a fresh H100 read 6.0k out tok/s and the next 8.3k (55f171b); with decode_gpu's
-    # 128-prompt slice still 6.7k against 8.4k for the same engine run next (f60d114, moe_h100_part_512*_engine.json):
-    # what the Triton cache on disk held for the second process was compiled inside the first one's timed run.
+    # 128-prompt slice 6.7k against 8.4k (f60d114); with this whole-workload warm-up still 6.8k against 8.8k
+    # (c4e36fd), so compiles may not be the cause: the offline metrics' jit counts (jit_watch.py) will say.
     warm_up(llm, work, np.random.default_rng(5), slice_prompts=work.num_prompts, slice_tokens=32)
     gen = torch.Generator().manual_seed(2)
     b1_prompt, b1_new = (16, 12) if smoke else (128, 256)
