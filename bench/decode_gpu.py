@@ -202,6 +202,8 @@ def offline(llm: LLM, prompts: list[list[int]], outputs: list[int], prefix: str 
         out.update({f"{prefix}_jit_specializations": jit.count, f"{prefix}_jit_s": jit.seconds})
         if jit.count:
             print(f"[decode] {prefix}: Triton specializations made inside the timed run: {jit.summary()}", flush=True)
+            for variant in jit.variants:
+                print(f"[decode] {prefix}:   {variant[:3000]}", flush=True)
     if before is not None:  # how the steps ran: graph replays (decode / mixed buckets) vs eager
         d = {k: getattr(stats, k) - getattr(before, k) for k in ("decode_graph_steps", "mixed_graph_steps",
                                                                  "eager_steps")}

@@ -21,11 +21,28 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+def _variant(hook_kwargs: dict) -> str:
+    """One specialization: the kernel's name, its arguments' types by name, the attributes Triton
+    specialised them on (``tt.divisibility`` 16 where an integer or a pointer is a multiple of 16,
+    keyed by argument index) and the constexprs' values. (The hook's own ``repr`` pairs the names
+    with the characters of its key string in Triton 3.9, so it is built here from ``compile``.)"""
+    fn, c = hook_kwargs.get("fn"), hook_kwargs.get("compile") or {}
+    name = getattr(fn, "name", None) or "?"
+    if not c.get("signature"):
+        return str(hook_kwargs.get("repr") or name)
+    return f"{name} {c['signature']} attrs={c.get('configs')} constants={c.get('constants')}"
+
+
 @dataclass
 class JitWatch:
-    """``with JitWatch() as w: ...``; then ``w.count``, ``w.seconds``, ``w.kernels``."""
+    """``with JitWatch() as w: ...``; then ``w.count``, ``w.seconds``, ``w.kernels``, and
+    ``w.variants``: the first MAX_VARIANTS specializations described (``_variant``), to say
+    which argument made a new one."""
+
+    MAX_VARIANTS = 32
 
     kernels: Counter = field(default_factory=Counter)
+    variants: list[str] = field(default_factory=list)
     seconds: float = 0.0
     available: bool = False
     _started: float | None = None
@@ -44,6 +61,8 @@ class JitWatch:
         def hook(*args, **kwargs):
             fn = kwargs.get("fn")
             self.kernels[getattr(fn, "name", None) or "?"] += 1
+            if len(self.variants) < self.MAX_VARIANTS:
+                self.variants.append(_variant(kwargs))
             self._started = time.perf_counter()
             return previous(*args, **kwargs) if previous else None
         return hook

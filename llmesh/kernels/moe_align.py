@@ -176,7 +176,7 @@ def _bucket_onehot(e, valid, bins):
     return ((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32)  # [_CHUNK, E_P2]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "LENGTH", "FILL"])
 def _chunk_counts_kernel(ids_ptr, counts_ptr, sorted_ptr, N, E, LENGTH, FILL,
                          E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, HIST: tl.constexpr,
                          PDL: tl.constexpr):
@@ -201,7 +201,7 @@ def _chunk_counts_kernel(ids_ptr, counts_ptr, sorted_ptr, N, E, LENGTH, FILL,
         tl.store(sorted_ptr + p, tl.full([CHUNK], 0, tl.int32) + N, mask=p < fill_end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "NUM_BLOCKS"])
 def _chunk_scan_kernel(counts_ptr, base_ptr, expert_ids_ptr, num_post_ptr, ends_ptr, C, E, NUM_BLOCKS,
                        BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
                        OWNERS: tl.constexpr, PDL: tl.constexpr):
@@ -244,7 +244,7 @@ def _block_owners(ends_live, expert_ids_ptr, first, last, E, BLOCK_M: tl.constex
         tl.store(expert_ids_ptr + b, tl.where(owner < E, owner, -1), mask=b < last)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "NUM_BLOCKS", "BLOCKS_EACH"])
 def _sorted_place_kernel(ids_ptr, counts_ptr, base_ptr, ends_ptr, sorted_ptr, expert_ids_ptr, N, E, NUM_BLOCKS,
                          BLOCKS_EACH, BLOCK_M: tl.constexpr, E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
                          PDL: tl.constexpr):
@@ -270,7 +270,7 @@ def _sorted_place_kernel(ids_ptr, counts_ptr, base_ptr, ends_ptr, sorted_ptr, ex
                   E, BLOCK_M, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _chunk_place_kernel(ids_ptr, base_ptr, sorted_ptr, N, E,
                         E_P2: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Chunk c's pairs at base[c, bucket] + the bucket's pairs placed before them in the chunk."""

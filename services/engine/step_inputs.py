@@ -58,6 +58,38 @@ class HostStep:
         return tables
 
 
+def warmup_step(num_tokens: int, max_seqs: int, max_len: int, block_size: int, decode_row: bool) -> HostStep:
+    """A step of ``num_tokens`` tokens that no request sent, for a runner to compile the kernels
+    of a step shape before serving: fresh prompts of at most ``max_len`` tokens each (token 0,
+    positions from 0), or with ``decode_row`` one decode first (a token at position 1 after one
+    cached token), which makes the attention a mixed batch's instead of fresh prompts' only.
+    Every slot is -1, so nothing is written to the K/V pool, and every table names block 0,
+    whose contents (zeros, or some request's K/V) are finite; nothing samples."""
+    if num_tokens < 1 + decode_row:
+        raise ValueError(f"a warm-up step of {num_tokens} tokens holds no prompt")
+    prompt_tokens = num_tokens - decode_row
+    n = -(-prompt_tokens // max_len)
+    if n + decode_row > max_seqs:
+        raise ValueError(f"{prompt_tokens} prompt tokens need {n} sequences of at most {max_len}: "
+                         f"more than {max_seqs - decode_row}")
+    lens = np.full(n, prompt_tokens // n, np.int64)
+    lens[: prompt_tokens % n] += 1
+    starts = np.zeros(n, np.int64)
+    if decode_row:
+        lens, starts = np.concatenate([[1], lens]), np.concatenate([[1], starts])
+    qsl = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=qsl[1:])
+    seq_lens = starts + lens
+    positions = np.concatenate([np.arange(a, a + q) for a, q in zip(starts, lens)])
+    table_lens = -(-seq_lens // block_size)
+    return HostStep(
+        num_tokens=num_tokens, num_seqs=len(lens), token_ids=np.zeros(num_tokens, np.int64), positions=positions,
+        slot_mapping=np.full(num_tokens, -1, np.int64), query_start_loc=qsl, seq_lens=seq_lens,
+        block_ids=np.zeros(int(table_lens.sum()), np.int64), table_lens=table_lens,
+        logits_indices=np.zeros(0, np.int64), sampling_requests=[], spec_drafts=[], pending_index=[],
+        pending_requests=[], max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()))
+
+
 def stage_host(scheduled: SchedulerOutput, block_size: int) -> HostStep:
     """Flatten a step's chunks (both backends' one staging); per-token arrays come from array
     ops over the batch, the chunks' own token ids from list slices."""

@@ -33,7 +33,7 @@ from llmesh.engine.model_runner import RunnerBase, SampledTokenFeed, StepHandle
 from llmesh.engine.pooling import has_pooling, pool_step
 from llmesh.engine.sampler import Sampler
 from llmesh.engine.scheduler_output import SchedulerOutput
-from llmesh.engine.step_inputs import HostStep, StaticInputs
+from llmesh.engine.step_inputs import HostStep, StaticInputs, warmup_step
 from llmesh.kernels.paged_attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,29 @@ DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 25
                       640, 768, 896, 1024)
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536,
                        1792, 2048)
+
+
+def eager_warmup_sizes(largest_graph_tokens: int, max_tokens: int) -> list[int]:
+    """Token counts the runner steps through once at start-up, past its graphs' largest bucket.
+
+    A step of more tokens than any mixed graph runs eagerly, and a Triton kernel compiles a
+    variant for each tile config its size picks (the MoE and quantized GEMMs' tables are keyed
+    by power-of-two buckets of tokens, the smallest holding the step's, and the heuristics
+    behind them change at powers of two): on an H100 the first offline run of Qwen3-30B-A3B
+    compiled eight variants in its eager steps, 5.4 s of a 29 s run, which a server would have
+    spent inside a request's latency (moe_h100_order1_engine.json). Both ends of every bucket
+    (b/2, b] that such steps reach, so a kernel whose choice falls between two powers of two
+    is met on each side. The kernels' per-step integers that are not tile choices (pair and
+    block counts) are left unspecialised (``do_not_specialize``), so no size class of theirs is
+    missed either."""
+    sizes: set[int] = set()
+    b = 1
+    while b // 2 < max_tokens:
+        lo, hi = max(b // 2 + 1, largest_graph_tokens + 1), min(b, max_tokens)
+        if lo <= hi:
+            sizes |= {lo, hi}
+        b *= 2
+    return sorted(sizes)
 
 
 @dataclass
@@ -85,6 +108,7 @@ class TritonModelRunner(RunnerBase):
         self.mixed_buckets = [b for b in MIXED_TOKEN_BUCKETS if b <= max_graph_tokens]
         self.max_num_seqs = max_num_seqs
         max_tokens = max(max_num_batched_tokens, self.decode_sizes[-1], *(self.mixed_buckets or [1]))
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.static = StaticInputs(max_tokens, max(max_num_seqs, self.decode_sizes[-1]), self.max_blocks, device)
         self.decode_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -130,11 +154,28 @@ class TritonModelRunner(RunnerBase):
                     out = self._forward_static(t, s, kind)
                 (self.decode_graphs if kind == "decode" else self.mixed_graphs)[t] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        eager = self._warm_eager_steps()
         torch.cuda.synchronize(self.device)
         self.model.expert_tokens.zero_()  # the warm-up passes routed tokens no request sent
         log.info("captured CUDA graphs", extra={"decode_batch_sizes": self.decode_sizes,
                                                 "mixed_token_buckets": self.mixed_buckets,
+                                                "eager_warmup_tokens": eager,
                                                 "seconds": round(time.perf_counter() - t0, 2)})
+
+    def _warm_eager_steps(self) -> list[int]:
+        """Run the steps too large for a graph once per size of ``eager_warmup_sizes``, as fresh
+        prompts and as a mixed batch (their attention differs), so that their kernels compile
+        now rather than inside a request; on the stream eager steps run on, whose cached blocks
+        they will reuse. Returns the sizes."""
+        longest = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)  # what a step can hold
+        sizes = eager_warmup_sizes(self.mixed_buckets[-1] if self.mixed_buckets else 0, longest)
+        for t in sizes:
+            for decode_row in (False, True):
+                if t > decode_row and -(-(t - decode_row) // self.max_model_len) + decode_row <= self.max_num_seqs:
+                    self.forward_host(warmup_step(t, self.max_num_seqs, self.max_model_len, self.block_size,
+                                                  decode_row))
+        self.stats = GraphStats()  # what the benchmarks read counts requests' steps only
+        return sizes
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and the memory they hold; later steps run eager. Under

@@ -21,10 +21,11 @@ knobs = pytest.importorskip("triton").knobs
 jit = pytest.importorskip("triton.runtime.jit")
 
 
-def _announce(name: str, compile_s: float) -> None:
+def _announce(name: str, compile_s: float, signature: dict | None = None, attrs: dict | None = None) -> None:
     """What _do_compile does around one compile, with its keyword arguments."""
     info = jit.JitFunctionInfo(module=None, name=name, jit_function=None)
-    kwargs = dict(key=(name,), repr=name, fn=info, compile={}, is_manual_warmup=False, already_compiled=False)
+    compile_ = dict(key=name, signature=signature, configs=[attrs or {}], constants={"BLOCK": 64}) if signature else {}
+    kwargs = dict(key=name, repr=name, fn=info, compile=compile_, is_manual_warmup=False, already_compiled=False)
     if knobs.runtime.jit_cache_hook is not None and knobs.runtime.jit_cache_hook(**kwargs):
         return
     time.sleep(compile_s)
@@ -34,10 +35,15 @@ def _announce(name: str, compile_s: float) -> None:
 
 def test_counts_each_kernels_specializations_and_their_seconds():
     with JitWatch() as w:
-        _announce("_fused_moe_kernel", 0.02)
-        _announce("_fused_moe_kernel", 0.02)
+        _announce("_fused_moe_kernel", 0.02, {"N": "i32", "BLOCK": "constexpr"}, {(0,): [["tt.divisibility", 16]]})
+        _announce("_fused_moe_kernel", 0.02, {"N": "i32", "BLOCK": "constexpr"})
         _announce("_rmsnorm_kernel", 0.0)
     assert w.available
+    assert w.variants == [
+        "_fused_moe_kernel {'N': 'i32', 'BLOCK': 'constexpr'} attrs=[{(0,): [['tt.divisibility', 16]]}] "
+        "constants={'BLOCK': 64}",
+        "_fused_moe_kernel {'N': 'i32', 'BLOCK': 'constexpr'} attrs=[{}] constants={'BLOCK': 64}",
+        "_rmsnorm_kernel"]
     assert w.count == 3 and w.kernels == {"_fused_moe_kernel": 2, "_rmsnorm_kernel": 1}
     assert 0.04 <= w.seconds < 1.0
     assert w.summary().startswith("3 in ") and "_fused_moe_kernel x2" in w.summary()
