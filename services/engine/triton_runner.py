@@ -32,6 +32,7 @@ from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.model_runner import RunnerBase, SampledTokenFeed, StepHandle
 from llmesh.engine.pooling import has_pooling, pool_step
 from llmesh.engine.sampler import Sampler
+from llmesh.engine.sampling_ops import greedy_ids
 from llmesh.engine.scheduler_output import SchedulerOutput
 from llmesh.engine.step_inputs import HostStep, StaticInputs, warmup_step
 from llmesh.kernels.paged_attention import AttentionMetadata
@@ -155,6 +156,9 @@ class TritonModelRunner(RunnerBase):
                 (self.decode_graphs if kind == "decode" else self.mixed_graphs)[t] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         eager = self._warm_eager_steps()
+        # no warm-up step samples: the greedy sampler's kernel too, lest the first request compile it
+        row = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        greedy_ids(self.model.compute_logits(row))
         torch.cuda.synchronize(self.device)
         self.model.expert_tokens.zero_()  # the warm-up passes routed tokens no request sent
         log.info("captured CUDA graphs", extra={"decode_batch_sizes": self.decode_sizes,

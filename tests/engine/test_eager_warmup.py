@@ -22,6 +22,7 @@ from llmesh.engine.step_inputs import warmup_step  # noqa: E402
 from llmesh.engine.triton_runner import eager_warmup_sizes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_sizes_are_both_ends_of_each_power_of_two_bucket_past_the_graphs():
@@ -65,15 +66,15 @@ def _counting(monkeypatch, module, name: str) -> list[int]:
 
 
 def test_warmup_runs_both_eager_attention_paths_and_leaves_the_pool_and_counts_clean(tiny_model_dirs, monkeypatch):
-    """On the CPU (Triton's interpreter) a runner has no graphs, so the pass is called directly,
-    with one 16-token bucket standing for the graphs: steps of 17 and 24 tokens, each as fresh
-    prompts (dense causal attention) and as a mixed batch (extend attention)."""
+    """The pass called directly on a runner without graphs (on the CPU through Triton's
+    interpreter), with one 16-token bucket standing for the graphs: steps of 17 and 24 tokens,
+    each as fresh prompts (dense causal attention) and as a mixed batch (extend attention)."""
     from llmesh.engine.model import ops_triton
 
     dense = _counting(monkeypatch, ops_triton, "dense_causal_attention")
     extend = _counting(monkeypatch, ops_triton, "extend_attention")
-    engine = LLMEngine(build_engine_config(tiny_model_dirs["llama"], dtype="float32", device="cpu", backend="triton",
-                                           block_size=8, num_kv_blocks=16, max_model_len=16,
+    engine = LLMEngine(build_engine_config(tiny_model_dirs["llama"], dtype="float32", device=DEVICE, backend="triton",
+                                           block_size=8, num_kv_blocks=16, max_model_len=16, cuda_graphs=False,
                                            max_num_batched_tokens=24, max_num_seqs=4))
     runner = engine.runner
     runner.mixed_buckets = [16]
@@ -87,11 +88,11 @@ def test_warmup_runs_both_eager_attention_paths_and_leaves_the_pool_and_counts_c
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels (and CUDA graphs exist) on a GPU only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels (and graphs exist) on a GPU only")
 def test_no_request_step_compiles_a_kernel_after_start_up(tmp_path):
     """A tiny Qwen3-MoE (the sorted MoE align path and the grouped GEMM in every eager step):
-    eager steps of assorted sizes, fresh prompts and prompts beside decodes, make no Triton
-    specialization once the engine has started."""
+    eager steps of assorted sizes, fresh prompts and prompts beside decodes, and the greedy
+    sampler's first call make no Triton specialization once the engine has started."""
     sys.path.insert(0, str(ROOT / "bench"))
     from jit_watch import JitWatch
 
