@@ -22,7 +22,7 @@ groups=(
   "tests/kernels/test_w4a16_gemm.py tests/kernels/test_w4a16_swapped.py tests/kernels/test_w4a16_mma.py tests/kernels/test_w4a16_mma_norm.py tests/kernels/test_w8a16_gemm.py tests/kernels/test_quant_gemv.py tests/kernels/test_quant_dequant.py"
   "tests/kernels/test_skinny_gemm.py tests/kernels/test_fused_skinny.py tests/kernels/test_skinny_rope_kv.py tests/kernels/test_moe_align.py tests/kernels/test_moe_router.py tests/kernels/test_moe_norm_router.py tests/kernels/test_attention_config.py tests/kernels/test_argmax.py tests/kernels/test_pdl.py"
   "tests/kernels/test_fused_moe.py tests/kernels/test_fused_moe_blocks.py tests/kernels/test_fused_moe_gemv.py tests/kernels/test_fused_moe_tma.py"
-  "tests/engine/test_triton_backend.py tests/engine/test_async_scheduling.py tests/engine/test_kv_fp8_engine.py tests/engine/test_structured_output_async.py tests/engine/test_l2_prefetch_engine.py"
+  "tests/engine/test_triton_backend.py tests/engine/test_async_scheduling.py tests/engine/test_kv_fp8_engine.py tests/engine/test_structured_output_async.py tests/engine/test_l2_prefetch_engine.py tests/engine/test_eager_warmup.py"
   "tests/engine/test_quant_engine.py tests/engine/test_quant_gguf_blocks.py tests/engine/test_eval_perplexity.py"
   "tests/engine/test_quant_awq_gptq.py tests/engine/test_quant_fp8_checkpoint.py tests/engine/test_int4pack.py"
   "tests/engine/test_spec_decode.py tests/engine/test_embeddings.py tests/engine/test_moe_fidelity.py -k triton"
