@@ -231,10 +231,9 @@ def bench_engine(device: torch.device, ceilings: dict[str, float], smoke: bool, 
     llm = LLM(model, **engine_kwargs)
     cfg = llm.engine.model_config
     prompts, outputs = make_workload(work, cfg.vocab_size)
-    # The workload's own shapes compile before any timing, up to its largest decode batch. With three short prompts,
-    # the first engine of a call on a fresh H100 read 6.0k out tok/s and the next 8.3k (55f171b); with decode_gpu's
-    # 128-prompt slice 6.7k against 8.4k (f60d114); with this whole-workload warm-up still 6.8k against 8.8k
-    # (c4e36fd), so compiles may not be the cause: the offline metrics' jit counts (jit_watch.py) will say.
+    # The workload's own shapes before any timing, up to its largest decode batch. It did not stop the first
+    # engine of a fresh machine compiling inside its timed run (6.9k out tok/s against the next process's 8.8k,
+    # moe_h100_order{1,2}_engine.json): the eager steps' kernels, which the runner now compiles at start-up.
     warm_up(llm, work, np.random.default_rng(5), slice_prompts=work.num_prompts, slice_tokens=32)
     gen = torch.Generator().manual_seed(2)
     b1_prompt, b1_new = (16, 12) if smoke else (128, 256)
