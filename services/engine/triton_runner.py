@@ -10,7 +10,8 @@ step runs, picked by its shape:
   grid depends only on the bucket's shape, so the step's varying lengths live in the
   static buffers it reads;
 - larger steps run eagerly (their GPU time dwarfs the launches, and under async
-  scheduling the launches overlap the previous step anyway).
+  scheduling the launches overlap the previous step anyway); their kernels compile at
+  start-up, after the graphs' capture (``eager_warmup_sizes``).
 
 Inputs are staged on the host with array ops and sent in one pinned copy
 (step_inputs.py); decode inputs still on the device (async scheduling) are patched in
@@ -49,15 +50,16 @@ def eager_warmup_sizes(largest_graph_tokens: int, max_tokens: int) -> list[int]:
     """Token counts the runner steps through once at start-up, past its graphs' largest bucket.
 
     A step of more tokens than any mixed graph runs eagerly, and a Triton kernel compiles a
-    variant for each tile config its size picks (the MoE and quantized GEMMs' tables are keyed
-    by power-of-two buckets of tokens, the smallest holding the step's, and the heuristics
-    behind them change at powers of two): on an H100 the first offline run of Qwen3-30B-A3B
-    compiled eight variants in its eager steps, 5.4 s of a 29 s run, which a server would have
-    spent inside a request's latency (moe_h100_order1_engine.json). Both ends of every bucket
-    (b/2, b] that such steps reach, so a kernel whose choice falls between two powers of two
-    is met on each side. The kernels' per-step integers that are not tile choices (pair and
-    block counts) are left unspecialised (``do_not_specialize``), so no size class of theirs is
-    missed either."""
+    variant for each tile config its size picks: the MoE GEMM's table is keyed by power-of-two
+    token buckets (the smallest holding the step's), the quantized GEMMs' by the smallest
+    measured M at or above it (the sweeps measure powers of two), and the MoE heuristic's
+    thresholds fall on powers of two for the usual expert counts. On an H100 the first offline
+    run of Qwen3-30B-A3B compiled eight variants in its eager steps, 5.4 s of a 29 s run, which a
+    server would have spent inside a request's latency (moe_h100_order1_engine.json). So both
+    ends of every bucket (b/2, b] that such steps reach. The kernels' per-step integers that are
+    not tile choices (pair and block counts) are left unspecialised (``do_not_specialize``), so
+    no size class of theirs is missed either; a choice made at some other size would still
+    compile at its first step (tests/engine/test_eager_warmup.py checks the MoE path on a GPU)."""
     sizes: set[int] = set()
     b = 1
     while b // 2 < max_tokens:
@@ -169,8 +171,9 @@ class TritonModelRunner(RunnerBase):
     def _warm_eager_steps(self) -> list[int]:
         """Run the steps too large for a graph once per size of ``eager_warmup_sizes``, as fresh
         prompts and as a mixed batch (their attention differs), so that their kernels compile
-        now rather than inside a request; on the stream eager steps run on, whose cached blocks
-        they will reuse. Returns the sizes."""
+        now rather than inside a request, and a step too large for the memory left beside the
+        pool fails here rather than under one; on the stream eager steps run on, whose cached
+        blocks they will reuse. Returns the sizes."""
         longest = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)  # what a step can hold
         sizes = eager_warmup_sizes(self.mixed_buckets[-1] if self.mixed_buckets else 0, longest)
         for t in sizes:
