@@ -104,25 +104,23 @@ def bytes_per_decode_step(cfg: ModelConfig, elem: int, context: float) -> tuple[
     return params * elem, kv_per_token * context
 
 
-def warm_up(llm: LLM, work: Workload, rng: np.random.Generator, slice_prompts: int = 128,
-            slice_tokens: int = 4) -> None:
+def warm_up(llm: LLM, work: Workload, rng: np.random.Generator) -> None:
     """Untimed, before any timing on a fresh engine: a few prompts of assorted lengths (every
     path compiles), then a slice of the workload's own shapes (other token ids: a full-budget
     prefill step and the mixed steps after it), so that Triton's specializations for those
     sizes compile outside the timing. quant_gpu.py warmed up without the slice, and its first
     offline run of a process read about 15% low (10.4k and 10.6k out tok/s against 12.1k in
     quant_h200_tile.json and quant_h200_kv8.json); this script's first runs did not
-    (decode_8b_h200.json: 13.01k, 13.17k, 12.99k). ``slice_prompts`` and ``slice_tokens``: the
-    slice's prompts and the tokens each generates; the whole workload's count, with outputs
-    outliving its prefill steps, runs decode batches as large as the timed run's (moe_gpu.py: a
-    MoE layer's grouped GEMM specializes by the step's token count)."""
+    (decode_8b_h200.json: 13.01k, 13.17k, 12.99k). The kernels of steps too large for a graph,
+    which no slice reliably reaches (moe_h100_order1_engine.json), the engine compiles itself at
+    start-up (triton_runner.eager_warmup_sizes); ``offline`` counts what its timed run still makes."""
     vocab = llm.engine.model_config.vocab_size
     warm = [min(n, llm.engine.max_model_len // 2) for n in (8, 64, 200, 300)]
     llm.generate([rng.integers(10, vocab, size=n).tolist() for n in warm],
                  SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    count = min(work.num_prompts, slice_prompts)
+    count = min(work.num_prompts, 128)
     warm_prompts, _ = make_workload(replace(work, num_prompts=count, seed=work.seed + 7), vocab)
-    llm.generate(warm_prompts, SamplingParams(max_tokens=slice_tokens, temperature=0.0, ignore_eos=True))
+    llm.generate(warm_prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
 
 
 def drain(llm: LLM) -> None:

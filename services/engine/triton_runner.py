@@ -178,9 +178,11 @@ class TritonModelRunner(RunnerBase):
         sizes = eager_warmup_sizes(self.mixed_buckets[-1] if self.mixed_buckets else 0, longest)
         for t in sizes:
             for decode_row in (False, True):
-                if t > decode_row and -(-(t - decode_row) // self.max_model_len) + decode_row <= self.max_num_seqs:
-                    self.forward_host(warmup_step(t, self.max_num_seqs, self.max_model_len, self.block_size,
-                                                  decode_row))
+                try:
+                    step = warmup_step(t, self.max_num_seqs, self.max_model_len, self.block_size, decode_row)
+                except ValueError:  # no step of the scheduler's has this shape (e.g. a decode beside a full batch)
+                    continue
+                self.forward_host(step)
         self.stats = GraphStats()  # what the benchmarks read counts requests' steps only
         return sizes
 

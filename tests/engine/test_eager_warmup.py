@@ -106,19 +106,16 @@ def test_no_request_step_compiles_a_kernel_after_start_up(tmp_path):
     rng = random.Random(3)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     waves = [[1000, 1000, 601], [999, 1000, 1000, 1000, 97], [700, 700, 700, 333]]
-    n = 0
     with JitWatch() as jit:
         for i, wave in enumerate(waves):
             if i == 2:  # two requests decode while the wave's prompts prefill: a mixed eager step
                 for _ in range(2):
                     engine.add_request([rng.randrange(3, 500) for _ in range(9)],
                                        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
-                    n += 1
                 engine.step()
                 engine.step()
             for length in wave:
                 engine.add_request([rng.randrange(3, 500) for _ in range(length)], params)
-                n += 1
             while engine.has_unfinished_requests():
                 engine.step()
     assert jit.available
