@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 
 from llmesh.bench.loadgen import GatewayTarget, run_load, run_loop
-from llmesh.bench.overhead import free_port, mesh_addresses, start_mesh
+from llmesh.bench.overhead import mesh_addresses, start_mesh
 from llmesh.bench.process_tree import tree_cpu_s
 from llmesh.bench.workloads import WorkloadConfig, build_requests
 from llmesh.bench_results import device_tag, write_result
+from llmesh.ports import free_port
 
 PAYLOAD = b"y" * 60
 """About a one-token GenerateResponse's size on the wire."""

@@ -53,11 +53,12 @@ import yaml
 
 from llmesh.bench.loadgen import EngineTarget, GatewayTarget, Target, run_loop
 from llmesh.bench.metrics import Slo
-from llmesh.bench.overhead import free_port, idle_probe, mesh_addresses, start_mesh
+from llmesh.bench.overhead import idle_probe, mesh_addresses, start_mesh
 from llmesh.bench.report import format_summary
 from llmesh.bench.sweep import LoadPoint, PointResult, run_point
 from llmesh.bench.workloads import WorkloadConfig
 from llmesh.bench_results import write_result
+from llmesh.ports import free_port
 from llmesh.router.config import RouterConfig
 
 KEPT = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",

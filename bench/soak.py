@@ -39,9 +39,11 @@ from pathlib import Path
 
 import grpc
 
+from llmesh.bench.overhead import ENGINE_PORTS
 from llmesh.bench.process_tree import tree_rss_mb
 from llmesh.bench_results import write_result
 from llmesh.launcher import Mesh, UpConfig
+from llmesh.ports import free_port, free_port_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak_faults import Faults, drain, supervise  # noqa: E402  (the sibling module, however this script is started)
@@ -51,14 +53,6 @@ SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches"]
 TAIL = 0.9
 """Errors after this fraction of the duration are counted apart (errors_tail_n)."""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- measurements -----------------------------------------------------------------------------
@@ -293,9 +287,10 @@ def soak(args: argparse.Namespace) -> dict:
     # A fresh data folder per run: the soak's Redis (its append-only file and password) is
     # never the user's, and no key of an earlier run is there to hide a lost one.
     data_dir = tempfile.mkdtemp(prefix="data-", dir=run_dir)
-    cfg = UpConfig(models_file=args.models_file, gateway_port=_free_port(), http_port=_free_port(),
-                   router_port=_free_port(), prefix_cache_port=_free_port(), engine_base_port=_free_port(),
-                   redis_port=_free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir),
+    cfg = UpConfig(models_file=args.models_file, gateway_port=free_port(), http_port=free_port(),
+                   router_port=free_port(), prefix_cache_port=free_port(),
+                   engine_base_port=free_port_base(range(ENGINE_PORTS)),
+                   redis_port=free_port(), metrics_base_port=0, device="cpu", run_dir=str(run_dir),
                    data_dir=data_dir, auth=True)
     t_start = time.monotonic()
 

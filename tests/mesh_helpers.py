@@ -30,56 +30,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 
 import pytest
 
 from llmesh.health import wait_serving  # noqa: F401  (re-exported for the tests)
+from llmesh.ports import free_port, free_port_base, free_ports  # noqa: F401  (re-exported for the tests)
 
 READY_PREFIX = "LLMESH_READY "
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports on 127.0.0.1, free right now. All sockets stay bound until every
-    port is chosen: separate free_port() calls can get the same port back (a mesh then refuses
-    to start with a port planned twice)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port_base(offsets: Iterable[int], avoid: Iterable[int] = (), attempts: int = 50) -> int:
-    """A base port whose base + offset are all free now and none of them in ``avoid``: a
-    service planned at an offset from a base (metrics ports) must not land on a port another
-    service was given, nor on one a connection holds."""
-    offsets, avoid = list(offsets), set(avoid)
-    for _ in range(attempts):
-        base = free_ports(1)[0]
-        ports = [base + off for off in offsets]
-        if max(ports) > 65535 or avoid.intersection(ports):
-            continue
-        socks = []
-        try:
-            for port in ports:
-                socks.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                socks[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free block of ports at offsets {offsets} after {attempts} tries")
 
 
 def _kill_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:

@@ -10,13 +10,13 @@ filled. Reported: added TTFT (mesh − direct, p50 and p99) and the throughput r
 from __future__ import annotations
 
 import dataclasses
-import socket
 import tempfile
 from pathlib import Path
 
 from llmesh.bench.loadgen import EngineTarget, GatewayTarget, RouterTarget, RunResult, Target, run_load
 from llmesh.bench.metrics import Slo, percentile, prefixed, summarize
 from llmesh.bench.workloads import WorkloadConfig, build_requests
+from llmesh.ports import free_port, free_port_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,29 +28,15 @@ class OverheadResult:
     """What was sent (vocabulary and window clipped to the engine's)."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENGINE_PORTS = 8
+"""Engines of a benchmark mesh take consecutive ports from one base; room for this many."""
 
 
-def free_metrics_base(engines: int = 1, tries: int = 50) -> int:
+def free_metrics_base(engines: int = 1) -> int:
     """A base port whose every metrics port (``llmesh.launcher``'s offsets) is free now."""
     from llmesh.launcher import ENGINE_METRICS_OFFSET, METRICS_OFFSETS
 
-    offsets = [*METRICS_OFFSETS.values(), *(ENGINE_METRICS_OFFSET + n for n in range(engines))]
-    for _ in range(tries):
-        base = free_port()
-        if base + max(offsets) > 65535:
-            continue
-        try:
-            for off in offsets:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind(("127.0.0.1", base + off))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no block of free metrics ports found in {tries} tries")
+    return free_port_base([*METRICS_OFFSETS.values(), *(ENGINE_METRICS_OFFSET + n for n in range(engines))])
 
 
 def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str | None = None,
@@ -63,7 +49,8 @@ def start_mesh(device: str = "cpu", models_file: str | None = None, run_dir: str
     from llmesh.launcher import Mesh, UpConfig
 
     cfg = UpConfig(models_file=models_file, host="127.0.0.1", gateway_port=free_port(), router_port=free_port(),
-                   prefix_cache_port=free_port(), engine_base_port=free_port(), redis_port=free_port(),
+                   prefix_cache_port=free_port(), redis_port=free_port(),
+                   engine_base_port=free_port_base(range(ENGINE_PORTS)),
                    metrics_base_port=free_metrics_base() if metrics else 0, device=device, run_dir=run_dir,
                    auth=auth, gateway_workers=gateway_workers,
                    data_dir=tempfile.mkdtemp(prefix="llmesh-bench-data-"))  # beside a running `llmesh up`

@@ -23,7 +23,6 @@ import atexit
 import logging
 import multiprocessing as mp
 import os
-import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from llmesh.engine.model.config import ModelConfig
 from llmesh.engine.model.shard import ShardSpec
 from llmesh.engine.quant.config import QuantSpec
 from llmesh.engine.step_inputs import HostStep
+from llmesh.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,6 @@ def _abort_group(timeout: float) -> None:
         log.error("tensor-parallel group: the abort did not return in %.0f s; left behind", timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TensorParallelGroup:
     """Rank 0's side: the worker processes, the group, each step's message, the watch."""
 
@@ -182,7 +176,7 @@ class TensorParallelGroup:
         self._closing = False
         self._dead: str | None = None
         os.environ.update(WORKER_ENV)  # inherited by the spawned workers
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         from llmesh.engine.core.tp_worker import run_worker
 
         ctx = mp.get_context("spawn")  # fork would copy CUDA's and the core's threads
