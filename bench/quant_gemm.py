@@ -16,6 +16,7 @@ from quant_common import Budget, Run, auto_splits
 from quant_fp8_sweep import fp8_sweep
 from quant_libraries import (LIBRARIES, LibraryConfig, fbgemm_fp8_cell, fbgemm_w4a8_cell, fp8_choices, scaled_mm_cell,
                              w4a8_ring)
+from quant_w4a8_sweep import w4a8_sweep
 
 HEADLINE = (4096, 14336)
 SHAPES = ((4096, 4096), HEADLINE, (14336, 4096), (4096, 128256))
@@ -253,6 +254,8 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
         rings = {kind: ring(q, q.nbytes(), lambda p: p.map_tensors(torch.clone)) if dev.type == "cuda" else [q] for kind, q in pk.items()}
         ring_cache[(k, n)] = rings
         w4a8s, w4a8_ref = w4a8_ring(run, w, ring)
+        if w4a8s is not None and "w4a8" in run.args.gemm_sweep_kinds.split(","):
+            rings["w4a8"] = (w4a8s, w4a8_ref)  # for w4a8_sweep: FBGEMM's copies and the codes unshuffled
         if "w4a16" in rings and dev.type == "cuda":
             # torch summing the packed INT4 bytes as int32 words (int64 accumulator): a reference
             # point for the harness, not a floor (on the H200 it took longer than the kernels)
@@ -302,6 +305,8 @@ def gemm_part(run: Run, ceilings: dict[str, float]) -> None:
           copy_gb_s, budget, tuned)
     if "fp8" in run.args.gemm_sweep_kinds.split(",") and "fp8" not in broken:
         fp8_sweep(run, ring_cache, list(shapes), ms, budget, tuned)
+    if "w4a8" in run.args.gemm_sweep_kinds.split(","):
+        w4a8_sweep(run, ring_cache, [headline] + [s for s in shapes if s != headline], ms, budget, tuned, ring)
     if act_kinds(run):
         write_tuned(run, tuned)  # the unfused pair runs through the plain entries just measured
         act_sweep(run, ring_cache, shapes, ms, budget, tuned)

@@ -242,7 +242,8 @@ def parse_args() -> argparse.Namespace:
                          "w4a16+rmsnorm / w8a16+rmsnorm: the qkv and gate/up projections fed the hidden "
                          "state before its norm, fused against the unfused pair (bench/quant_act.py); fp8: our FP8 GEMM's tiles and "
                          "split-K against cuBLASLt's and FBGEMM's at every --gemm-ms from 16 "
-                         "(bench/quant_fp8_sweep.py)")
+                         "(bench/quant_fp8_sweep.py); w4a8: FBGEMM's W4A8 GEMM against the fragment-order "
+                         "kernel's W4A8 instance at every --gemm-ms up to 64 (bench/quant_w4a8_sweep.py)")
     ap.add_argument("--ppl-variants", default="none,int8,int8-awq,int4,int4-awq,fp8,w4a8,w4a8-awq",
                     help="variants of --model in the perplexity part (the demo's are fixed)")
     ap.add_argument("--suffix", default="", help="result file quant_<device><suffix>.json (e.g. _sweep)")

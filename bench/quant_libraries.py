@@ -142,15 +142,52 @@ fit a block."""
 SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
+def mma_configs(m: int, n: int, kp: int, group: int, device: torch.device, smoke: bool, planes: int = 1,
+                act: int = 0, w4a8: bool = False) -> list:
+    """The fragment-order kernel's candidate MmaConfigs for m rows of a [kp, n] weight in groups
+    of ``group``: the sweep's (wn, wk, stages, split, bulk) rows crossed with the x-loading
+    variants that suit m, less those the device cannot run (bulk copies off Hopper), whose
+    register ring or bulk does not divide the group's steps, whose shared memory does not fit a
+    block, or that launch the same blocks as one already listed. Past 8 rows, tiles of 16 rows
+    (the default) and of 8 (twice the reads, the repeats from L2); up to 8, x staged and x loaded
+    with the codes (xload 1, register loads only); at any size x staged a group ahead of the MMAs
+    (xload 2; not with the fused activation). The W4A8 instance stages x whole (xload 0)."""
+    from llmesh.kernels.w4a16_mma import MmaConfig, plan_launch, split_steps
+
+    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+    smem_limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    variants = ((0, 0), (8, 0)) if m > 8 else ((0, 0), (0, 1))
+    if not act:
+        variants += ((0, 2),)
+    if w4a8:
+        variants = tuple(v for v in variants if v[1] == 0)
+    out, seen = [], set()
+    for (wn, wk, stages, split, bulk), (rows, xload) in itertools.product(SMOKE_MMA_SWEEP if smoke else MMA_SWEEP,
+                                                                           variants):
+        if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
+            continue
+        if xload == 1 and bulk:
+            continue
+        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
+        if plan_launch(cfg, m, n, kp, group, planes, act, w4a8).smem > smem_limit:
+            continue  # a ring this deep does not fit: not a candidate here
+        launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
+        if launched not in seen:
+            seen.add(launched)
+            out.append(cfg)
+    return out
+
+
 def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: str | None = None,
                    norm: tuple | None = None) -> list:
     """(config, calls) for our CUDA C++ INT4/INT8 kernel with the codes in mma.sync's fragment
-    order (llmesh/kernels/w4a16_mma.py); each ring copy is re-laid once, outside the timing (the engine
-    does it at load). ``arg`` is the config as the table stores it. ``act="silu_mul"``: x is
-    [gate | up] and the kernel makes its input silu(gate) * up; ``act="rmsnorm"`` with ``norm``
-    (residual, weight, eps): the kernel makes rmsnorm(x + residual) (bench/quant_act.py)."""
+    order (llmesh/kernels/w4a16_mma.py) at each of ``mma_configs``; each ring copy is re-laid once,
+    outside the timing (the engine does it at load). ``arg`` is the config as the table stores it.
+    ``act="silu_mul"``: x is [gate | up] and the kernel makes its input silu(gate) * up;
+    ``act="rmsnorm"`` with ``norm`` (residual, weight, eps): the kernel makes rmsnorm(x + residual)
+    (bench/quant_act.py)."""
     from llmesh.engine.quant import mma_weights
-    from llmesh.kernels.w4a16_mma import ACT_CODES, MAX_M, MmaConfig, config_str, plan_launch, split_steps
+    from llmesh.kernels.w4a16_mma import ACT_CODES, MAX_M, config_str
 
     if kind not in ("w4a16", "w8a16") or x.shape[0] > MAX_M or not x.is_cuda or not mma_weights.supported(q, x, act):
         return []
@@ -158,28 +195,8 @@ def mma_candidates(kind: str, q, qs: list, x: torch.Tensor, smoke: bool, act: st
         mma_weights.layout(qc)
     lay = mma_weights.layout(q)
     kp, group, planes = lay.codes.shape[1] * 16, lay.group, lay.codes.dim() - 3
-    out, seen = [], set()
-    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
-    smem_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    sweep = SMOKE_MMA_SWEEP if smoke else MMA_SWEEP
-    # past 8 rows, tiles of 16 rows (the default) and of 8 (twice the reads, the repeats from L2);
-    # up to 8, x staged and x loaded with the codes (xload 1, register loads only); at any size x
-    # staged a group ahead of the MMAs (xload 2; not with the fused activation)
-    variants = ((0, 0), (8, 0)) if x.shape[0] > 8 else ((0, 0), (0, 1))
-    if act is None:
-        variants += ((0, 2),)
-    for (wn, wk, stages, split, bulk), (rows, xload) in itertools.product(sweep, variants):
-        if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
-            continue
-        if xload == 1 and bulk:
-            continue
-        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
-        if plan_launch(cfg, x.shape[0], q.out_features, kp, group, planes, ACT_CODES[act]).smem > smem_limit:
-            continue  # a ring this deep does not fit: not a candidate here
-        launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
-        if launched in seen:
-            continue
-        seen.add(launched)
+    out = []
+    for cfg in mma_configs(x.shape[0], q.out_features, kp, group, x.device, smoke, planes, ACT_CODES[act]):
         if act == "rmsnorm":
             calls = [lambda c, qc=qc: mma_weights.norm_mma_matmul(x, norm[0], norm[1], norm[2], qc, c.arg)[0]
                      for qc in qs]

@@ -64,7 +64,7 @@ CONFIGS = {1: (MmaConfig(1, 8, 4, 1), MmaConfig(1, 8, 8, 1), MmaConfig(1, 16, 4,
                 MmaConfig(2, 8, 4, 1, 0, 0, 2), MmaConfig(2, 8, 2, 1, 4, 0, 2))}
 # x's tile staged and its group sums taken (the loops before the K loop): left out by no_xstage
 STAGE_LOOP = "for (int i = tid; i < mrows * (kc / 8); i += THREADS) {"
-SUM_LOOP = "for (int p = tid; p < mrows * gpb; p += THREADS) {"
+SUM_LOOP = "for (int p = tid; p < (W4A8 ? 0 : mrows * gpb); p += THREADS) {"
 
 
 def configs(dev: torch.device, n: int, k: int, m: int) -> list[MmaConfig]:
@@ -88,7 +88,7 @@ def variants(source: str) -> dict[str, str]:
                .replace(PRO, "src + (size_t)(s * PLANES * WK + p) * 32")
                .replace(NXT, "src + (size_t)(nxt * PLANES * WK + p) * 32"))
     unstaged = (source.replace(STAGE_LOOP, STAGE_LOOP.replace("i < mrows", "i < 0 * mrows"))
-                .replace(SUM_LOOP, SUM_LOOP.replace("p < mrows", "p < 0 * mrows")))
+                .replace(SUM_LOOP, SUM_LOOP.replace(": mrows", ": 0 * mrows")))
     return {"full": source, "no_mma": source.replace(MMA, NO_MMA), "loads_only": loads, "interleaved": strided,
             "no_xstage": unstaged}
 
@@ -135,8 +135,9 @@ def main() -> None:
                 kern = cuda_rtc.load_source(text, plan.name, dev)
                 part = torch.empty(plan.grid[1], m, n, dtype=torch.float32, device=dev)
                 counters = arrival_counters("w4a16_mma_ablation", dev, plan.grid[0])
-                # no fused input: null residual, residual_out and norm weight, eps 0
-                launch_args = [m, n, k, 4096, k, n, plan.split_steps, *[ctypes.c_void_p(0)] * 3, ctypes.c_float(0.0)]
+                # no fused input: null residual, residual_out and norm weight, eps 0; no W4A8 scales
+                launch_args = [m, n, k, 4096, k, n, plan.split_steps, *[ctypes.c_void_p(0)] * 3, ctypes.c_float(0.0),
+                               *[ctypes.c_void_p(0)] * 2]
                 fns = [lambda c=c, s=s: kern.launch(plan.grid, plan.threads, plan.smem,
                                                     [c, s, x, out, part, counters, *launch_args])
                        for c, s in ring]

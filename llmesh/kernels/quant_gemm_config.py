@@ -152,7 +152,9 @@ def split_plan(rows: int, block_k: int, split_k: int) -> tuple[int, int]:
 # (torch._scaled_mm, cuBLASLt); and three libraries' kernels, "int4pack" (PyTorch's tinygemm),
 # "gemlite" and "fbgemm" (FBGEMM GenAI's CUTLASS INT4 and FP8 GEMMs; services/engine/quant/);
 # and "dequant" (the weight expanded to x's dtype, then cuBLAS: linear.py's default from
-# DEQUANT_GEMM_MIN_M rows, measured against the others at prefill sizes).
+# DEQUANT_GEMM_MIN_M rows, measured against the others at prefill sizes). The "w4a8" kind's
+# entries choose between "fbgemm" (f8i4bf16_shuffled, the format's default) and "mma" (the
+# fragment-order kernel's W4A8 instance, w4a8_mma.py; bench/quant_w4a8_sweep.py).
 # A device, shape or M without an entry keeps the default path.
 
 TUNED_FILE = Path(__file__).with_name("quant_gemm_tuned.json")

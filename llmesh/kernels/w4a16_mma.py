@@ -190,19 +190,23 @@ def _template_tail(values: list[int], defaults: tuple[int, ...]) -> str:
     return "".join(f", {v}" for v in values) + ">"
 
 
-def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1, act: int = 0) -> Launch:
+def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: int = 1, act: int = 0,
+                w4a8: bool = False) -> Launch:
     """``planes``: 1 for 4-bit codes, 2 for 8-bit ones (``pack_codes_int8``); ``act``: ACT_CODES of
     ``w4a16_mma``'s ``act`` (1: x is [gate | up] and the input silu(gate) * up; 2: the input is
-    rmsnorm(x + residual))."""
+    rmsnorm(x + residual)); ``w4a8``: the W4A8 instance (w4a8_mma.py: FP8 rows, 4-bit codes, x
+    staged whole)."""
     per, splits = split_steps(config, kp, group)
     tile = row_tile(m, config.rows)
     if config.xload == 1 and tile != 8:
         raise ValueError(f"{config}: xload takes tiles of 8 rows ({m} rows ask for 16: set rows to 8)")
     if config.xload == 2 and act:
         raise ValueError(f"{config}: xload 2 copies x as it is; a fused activation or norm is made while staging")
+    if w4a8 and (planes != 1 or act or config.xload):
+        raise ValueError(f"{config}: the W4A8 instance takes 4-bit codes and stages x whole (xload 0, no act)")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += _template_tail([planes, config.xload, act], (1, 0, 0))  # PLANES, XLOAD, ACT
+    name += _template_tail([planes, config.xload, act, int(w4a8)], (1, 0, 0, 0))  # PLANES, XLOAD, ACT, W4A8
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 
@@ -448,6 +452,6 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
         pdl = pdl_launch(x.device)["PDL"]
     kernel.launch(plan.grid, plan.threads, plan.smem,
                   [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps,
-                   *norm_args],
+                   *norm_args, _NULL, _NULL],  # no FP8 row and column scales (W4A8's)
                   pdl=pdl)
     return out

@@ -58,6 +58,10 @@ __device__ __forceinline__ u32 ld_act_u32(const void* p) {
   return v;
 }
 
+__device__ __forceinline__ void ld_act_u32x2(const void* p, u32& a, u32& b) {
+  asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+}
+
 __device__ __forceinline__ u16 ld_act_u16(const void* p) {
   u16 v;
   asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));

@@ -29,66 +29,11 @@
 //
 // The helpers it shares with the other CUDA kernels (types, streaming loads, bf16 conversions, PDL)
 // are common.cuh's, which cuda_rtc.source puts in front of it; its PTX wrappers (mbarriers, bulk
-// and async copies, ldmatrix, mma.sync, cache-hinted loads) are ptx.cuh's.
+// and async copies, ldmatrix, mma.sync, cache-hinted loads) are ptx.cuh's; how it makes its
+// operands in registers (x's fused inputs, the codes' widening) is mma_operands.cuh's.
 
 #include "ptx.cuh"
-
-// a B fragment of x straight from global memory: bf16 pairs at columns k and k + 8 of a row;
-// ACT 1: also up's at K + k and K + k + 8 (f[2], f[3]); ACT 2: the residual row's pairs (f[2],
-// f[3]; zeros without one) and the norm weight's (f[4], f[5]). Combined when the fragment is
-// used, so the loads stay in flight until then
-template <int ACT>
-__device__ __forceinline__ void load_xfrag(u32* f, const u32* row, int k, int K, bool live,
-                                           const u32* rrow = nullptr, const u32* nw = nullptr) {
-  f[0] = live && k < K ? ld_act_u32(row + k / 2) : 0u;
-  f[1] = live && k + 8 < K ? ld_act_u32(row + k / 2 + 4) : 0u;
-  if constexpr (ACT == 1) {
-    f[2] = live && k < K ? ld_act_u32(row + (K + k) / 2) : 0u;
-    f[3] = live && k + 8 < K ? ld_act_u32(row + (K + k) / 2 + 4) : 0u;
-  }
-  if constexpr (ACT == 2) {
-    f[2] = rrow && live && k < K ? ld_act_u32(rrow + k / 2) : 0u;
-    f[3] = rrow && live && k + 8 < K ? ld_act_u32(rrow + k / 2 + 4) : 0u;
-    f[4] = live && k < K ? ldg_u32(nw + k / 2) : 0u;
-    f[5] = live && k + 8 < K ? ldg_u32(nw + k / 2 + 4) : 0u;
-  }
-}
-
-// (v & 0x000f000f) | MAGIC: two nibbles (bits 0-3 and 16-19) into the low mantissa bits of a
-// bf16 pair: MAGIC 0x43004300 gives 128 + q (bf16 spacing 1 in [128, 256)), 0x45004500 gives
-// 2048 + 16 q (spacing 16 in [2048, 4096)): both exact
-__device__ __forceinline__ u32 widen(u32 v, u32 magic = 0x43004300u) {
-  u32 r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));
-  return r;
-}
-
-// silu(gate) * up of two bf16 pairs, rounded where llmesh/kernels/activation.py rounds (the SiLU to
-// bf16, then the product): the down projection's input made as it is read, silu_and_mul's
-// launch and its round trip through memory gone. silu(0) * 0 = 0, so padding stays zero.
-__device__ __forceinline__ u32 silu_mul2(u32 gate, u32 up) {
-  const u32 a = pack_bf16(silu(bf16_lo(gate)), silu(bf16_hi(gate)));
-  return pack_bf16(bf16_lo(a) * bf16_lo(up), bf16_hi(a) * bf16_hi(up));
-}
-
-// x + residual of two bf16 pairs, rounded as HF's residual add (and llmesh/kernels/rmsnorm.py) rounds
-__device__ __forceinline__ u32 add2(u32 a, u32 b) {
-  return pack_bf16(bf16_lo(a) + bf16_lo(b), bf16_hi(a) + bf16_hi(b));
-}
-
-__device__ __forceinline__ float sq2(u32 v) { return bf16_lo(v) * bf16_lo(v) + bf16_hi(v) * bf16_hi(v); }
-
-// RMSNorm of a bf16 pair of a summed row s whose rstd is known, rounded where rmsnorm.py rounds
-// (s * rstd to bf16, then times the weight to bf16): the projection's input made as it is read,
-// rmsnorm's launch and its round trip through memory gone. Padding (s = w = 0) stays zero.
-__device__ __forceinline__ u32 norm2(u32 s, u32 w, float rstd) {
-  const u32 n = pack_bf16(bf16_lo(s) * rstd, bf16_hi(s) * rstd);
-  return pack_bf16(bf16_lo(w) * bf16_lo(n), bf16_hi(w) * bf16_hi(n));
-}
-
-__device__ __forceinline__ u32x4 add4(u32x4 a, u32x4 b) {
-  return u32x4{add2(a.x, b.x), add2(a.y, b.y), add2(a.z, b.z), add2(a.w, b.w)};
-}
+#include "mma_operands.cuh"
 
 // codes:   u32 [N/64, Kp/16, PLANES, 32 lanes, 4]  (llmesh/kernels/w4a16_mma.py pack_codes; PLANES = 2:
 //          an 8-bit code u = 16 hi + lo as its high then low nibble plane, each laid out as 4-bit
@@ -114,13 +59,20 @@ __device__ __forceinline__ u32x4 add4(u32x4 a, u32x4 b) {
 // range is only a part), and the first strip block of split 0 stores x + res to res_out (another
 // buffer: the other blocks still read res); a qkv or gate/up projection without rmsnorm's launch.
 // res, res_out rows are K apart; eps is the norm's epsilon
+// W4A8 = 1 (4-bit codes u = q + 8, x staged whole, no ACT): x is E4M3 codes [M, K] (bytes, rows
+// ldx apart) with float32 row scales xscale [M], and W = e4m3(q g) r with float32 column scales
+// wscale [N]: the scales' halves hold each column's group scale g and -1032 g as float16, each
+// weight is widened to e4m3(q g) in float16 (mma_operands.cuh), x to float16 as it is staged, the
+// MMAs are float16 ones into float32, and y = xscale wscale sum at the end: FBGEMM's W4A8
+// arithmetic (without its FP8 tensor cores' shortened accumulation) for decode sizes
 template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
-          int ACT = 0>
+          int ACT = 0, int W4A8 = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     const u32* __restrict__ codes, const u32x4* __restrict__ scales, const u16* __restrict__ x,
     u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
     int M, int N, int K, int Kp, int ldx, int ldo, int split_steps,
-    const u16* __restrict__ res, u16* __restrict__ res_out, const u16* __restrict__ nw, float eps) {
+    const u16* __restrict__ res, u16* __restrict__ res_out, const u16* __restrict__ nw, float eps,
+    const float* __restrict__ xscale, const float* __restrict__ wscale) {
   static_assert(NT == 1 || NT == 2, "one or two n8 tiles of x rows");
   static_assert(PLANES == 1 || PLANES == 2, "4-bit codes, or 8-bit codes as two nibble planes");
   constexpr int STEP = 512 * PLANES;             // bytes of a warp's K step
@@ -128,6 +80,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   static_assert(BULK > 0 || GS % STAGES == 0, "the register ring's depth divides the group's steps");
   static_assert(XLOAD != 1 || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
   static_assert(XLOAD != 2 || !ACT, "x copied a group ahead: its activation is made while staging, not copied");
+  static_assert(!W4A8 || (PLANES == 1 && XLOAD == 0 && ACT == 0), "W4A8: 4-bit codes, x widened as it is staged");
   static_assert(ACT >= 0 && ACT <= 2, "ACT: 0 none, 1 silu(gate) * up, 2 rmsnorm");
   constexpr bool XPIPE = XLOAD == 2;
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
@@ -194,32 +147,8 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 
   // ACT 2: each row's 1 / rms over the whole K (rmsnorm.py's statistics), the summed rows stored once
   __shared__ float rstd_s[ACT == 2 ? 16 : 1];
-  if constexpr (ACT == 2) {
-    __shared__ float nsum[WN * WK][16];
-    const bool keep = res != nullptr && sb == 0 && blockIdx.y == 0;
-    for (int r = 0; r < mrows; ++r) {
-      const u16* xr = x + (size_t)(m0 + r) * ldx;
-      float ss = 0.f;
-      for (int c = tid * 8; c < K; c += THREADS * 8) {
-        u32x4 v = ld_act(reinterpret_cast<const u32x4*>(xr + c));
-        if (res != nullptr) {
-          v = add4(v, ld_act(reinterpret_cast<const u32x4*>(res + (size_t)(m0 + r) * K + c)));
-          if (keep) *reinterpret_cast<u32x4*>(res_out + (size_t)(m0 + r) * K + c) = v;
-        }
-        ss += sq2(v.x) + sq2(v.y) + sq2(v.z) + sq2(v.w);
-      }
-#pragma unroll
-      for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      if (lane == 0) nsum[warp][r] = ss;
-    }
-    __syncthreads();
-    if (tid < mrows) {
-      float ss = 0.f;
-      for (int w = 0; w < WN * WK; ++w) ss += nsum[w][tid];
-      rstd_s[tid] = rsqrtf(ss / K + eps);
-    }
-    __syncthreads();
-  }
+  if constexpr (ACT == 2)
+    row_rstd<WN * WK>(rstd_s, x, res, res_out, res != nullptr && sb == 0 && blockIdx.y == 0, m0, mrows, K, ldx, eps);
 
   const int kbase = kstep0 * 16, gpb = split_steps / GS;
   // XLOAD: lane (g, t)'s B fragment of step i is x[m0 + g][k, k + 1] and [k + 8, k + 9] at
@@ -258,7 +187,12 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     for (int i = tid; i < mrows * (kc / 8); i += THREADS) {
       const int r = i / (kc / 8), c = (i % (kc / 8)) * 8;
       u32x4 v = {0u, 0u, 0u, 0u};
-      if (kbase + c < K) {
+      if (W4A8 && kbase + c < K) {  // eight E4M3 codes, widened to float16 here
+        u32 e0, e1;
+        ld_act_u32x2(reinterpret_cast<const unsigned char*>(x) + (size_t)(m0 + r) * ldx + kbase + c, e0, e1);
+        e4m3x4_to_f16(e0, v.x, v.y);
+        e4m3x4_to_f16(e1, v.z, v.w);
+      } else if (kbase + c < K) {
         const u16* xr = x + (size_t)(m0 + r) * ldx + kbase + c;
         v = ld_act(reinterpret_cast<const u32x4*>(xr));
         if constexpr (ACT == 1) {
@@ -277,9 +211,9 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     }
     if (tid == 0) *zero = u32x4{0u, 0u, 0u, 0u};
     __syncthreads();
-    // each row's sum over each group: a thread a (row, group), its 2 GS 16-byte chunks read
-    // from a lane-rotated first one (so the lanes of a quarter-warp fall in distinct banks)
-    for (int p = tid; p < mrows * gpb; p += THREADS) {
+    // each row's sum over each group (none with W4A8: no min to fold): a thread a (row, group), its
+    // 2 GS 16-byte chunks read from a lane-rotated first one (so a quarter-warp's lanes fall in distinct banks)
+    for (int p = tid; p < (W4A8 ? 0 : mrows * gpb); p += THREADS) {
       const u16* row = xs + (p / gpb) * xrow + (p % gpb) * 16 * GS;
       float sum = 0.f;
 #pragma unroll
@@ -322,10 +256,38 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
     for (int e = 0; e < 2; ++e) srow[nt][e] = (8 * nt + 2 * t + e < mrows ? 8 * nt + 2 * t + e : 0) * gpb;
   const int sgroup0 = wk * warp_steps / GS;  // the warp's first group within the block's
   const u32x4* sc_src = scales + ((size_t)strip * groups + my0 / GS) * 16 + g * 2;
+  // W4A8 widens each code with its group's scale, so a group's scales are loaded one group ahead
+  u32x4 sc_next[2] = {u32x4{0u, 0u, 0u, 0u}, u32x4{0u, 0u, 0u, 0u}};
+  if (W4A8 && count > 0) {
+    sc_next[0] = ldg128(sc_src);
+    sc_next[1] = ldg128(sc_src + 1);
+  }
   for (int g0 = 0; g0 < count; g0 += GS) {
-    u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps
-    sc[0] = ldg128(sc_src + (g0 / GS) * 16);
-    sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
+    u32x4 sc[2];  // this group's scales and mins: loaded now, used after its GS steps (W4A8: at once)
+    if constexpr (W4A8) {
+      sc[0] = sc_next[0];
+      sc[1] = sc_next[1];
+      if (g0 + GS < count) {
+        sc_next[0] = ldg128(sc_src + (g0 / GS + 1) * 16);
+        sc_next[1] = ldg128(sc_src + (g0 / GS + 1) * 16 + 1);
+      }
+    } else {
+      sc[0] = ldg128(sc_src + (g0 / GS) * 16);
+      sc[1] = ldg128(sc_src + (g0 / GS) * 16 + 1);
+    }
+    // W4A8: per MMA q, the group scale g and -1032 g of the lane's A rows as float16 pairs (g, g)
+    // and (c, c): [q][0] column 16q + g, [q][1] column 16q + 8 + g
+    u32 gg[W4A8 ? 4 : 1][2], cc[W4A8 ? 4 : 1][2];
+    if constexpr (W4A8) {
+      const u32 sv[8] = {sc[0].x, sc[0].y, sc[0].z, sc[0].w, sc[1].x, sc[1].y, sc[1].z, sc[1].w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        gg[q][0] = __byte_perm(sv[2 * q], 0u, 0x1010);
+        gg[q][1] = __byte_perm(sv[2 * q], 0u, 0x3232);
+        cc[q][0] = __byte_perm(sv[2 * q + 1], 0u, 0x1010);
+        cc[q][1] = __byte_perm(sv[2 * q + 1], 0u, 0x3232);
+      }
+    }
     float acc[NT][4][4], xsum_mma[NT][4];  // the latter: XLOAD's sums of x
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -403,12 +365,28 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           // word q's nibble pairs 0..3: b0, b1 of column group 2q, then of 2q + 1 (the B-fragment
           // order they were packed in); as A: rows g (group 2q) and g + 8 (group 2q + 1). With
           // two planes, plane 0 holds the high nibbles (widened to 2048 + 16 hi)
-          const u32 mg = PLANES == 2 && p == 0 ? 0x45004500u : 0x43004300u;  // a constant once unrolled
-          const u32 a[4] = {widen(w[q], mg), widen(w[q] >> 8, mg), widen(w[q] >> 4, mg), widen(w[q] >> 12, mg)};
+          if constexpr (W4A8) {
+            const u32 a[4] = {w4a8_weight(w[q], gg[q][0], cc[q][0]), w4a8_weight(w[q] >> 8, gg[q][1], cc[q][1]),
+                              w4a8_weight(w[q] >> 4, gg[q][0], cc[q][0]), w4a8_weight(w[q] >> 12, gg[q][1], cc[q][1])};
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
+            for (int nt = 0; nt < NT; ++nt) mma_f16(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
+          } else {
+            const u32 mg = PLANES == 2 && p == 0 ? 0x45004500u : 0x43004300u;  // a constant once unrolled
+            const u32 a[4] = {widen(w[q], mg), widen(w[q] >> 8, mg), widen(w[q] >> 4, mg), widen(w[q] >> 12, mg)};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
+          }
         }
       }
+    }
+    if constexpr (W4A8) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) tot[nt][q][e] += acc[nt][q][e];  // the group scales were in the weights
+      continue;
     }
     const u32 sw[8] = {sc[0].x, sc[0].y, sc[0].z, sc[0].w, sc[1].x, sc[1].y, sc[1].z, sc[1].w};
     const int sg = sgroup0 + g0 / GS;
@@ -457,6 +435,16 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
 
   const int splits = gridDim.y, n0 = sb * WN * 64;
   const int pairs = WN * mrows * 32;  // column pairs of the block's [mrows, WN * 64] tile
+  // W4A8: a finished pair of outputs times its row's and columns' scales (x's were written by the
+  // kernel before: a coherent load)
+  auto store = [&](int r, int n, float v0, float v1) {
+    if constexpr (W4A8) {
+      const float xsr = __uint_as_float(ld_act_u32(xscale + m0 + r));
+      v0 *= xsr * wscale[n];
+      v1 *= xsr * wscale[n + 1];
+    }
+    *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
+  };
   for (int i = tid; i < pairs; i += THREADS) {
     const int sn = i / (mrows * 32), r = (i / 32) % mrows, c = (i % 32) * 2;
     const int n = n0 + sn * 64 + c;
@@ -469,7 +457,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       v1 += p[1];
     }
     if (splits == 1) {
-      *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
+      store(r, n, v0, v1);
     } else {
       float* p = part + ((size_t)blockIdx.y * M + m0 + r) * N + n;
       p[0] = v0;
@@ -495,7 +483,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
       v0 += ldcg(p);
       v1 += ldcg(p + 1);
     }
-    *reinterpret_cast<u32*>(out + (size_t)(m0 + r) * ldo + n) = pack_bf16(v0, v1);
+    store(r, n, v0, v1);
   }
   if (tid == 0) atomicExch(counters + blockIdx.x, 0);  // ready for the next launch on this stream
 }

@@ -12,8 +12,9 @@ INT4/INT8 kernel (mma_weights.py), cuBLASLt FP8, PyTorch's
 tinygemm INT4 kernel (int4pack.py), GemLite's INT4/INT8 kernels (gemlite_kernels.py) or FBGEMM's
 INT4/FP8 CUTLASS kernels (fbgemm_kernels.py) per shape and batch size;
 ``prepare_library_weights`` makes the copies of the weights that those with layouts of their own
-(the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights have one GPU kernel, FBGEMM's,
-and no table. Dense weights use F.linear, except on CUDA at decode sizes where the measured
+(the swapped and fragment-order kernels and the libraries) will serve. W4A8 weights run FBGEMM's
+kernel, or the fragment-order kernel's W4A8 instance at the sizes where the table's ``w4a8``
+entries say ``mma``. Dense weights use F.linear, except on CUDA at decode sizes where the measured
 table (llmesh/kernels/skinny_gemm_config.py) says the skinny Triton GEMM is faster for that shape,
 and at one row of bf16 where moe_gemv.DENSE_STEP or DENSE_FASTER says the CUDA C++ GEMV is faster than both.
 """
@@ -115,8 +116,14 @@ def prepare_library_weights(weights, device: torch.device, dtype: torch.dtype) -
     total = 0
     missing: set[str] = set()
     for w in weights:
-        if isinstance(w, W4A8Weight) and fbgemm_kernels.w4a8_supported(w) is None:
-            fbgemm_kernels.w4a8_shuffle(w)  # in place: no copy, so no bytes to count
+        if isinstance(w, W4A8Weight):
+            # the fragment-order copy is laid out from the codes, so before FBGEMM's shuffle
+            if (any(name == "mma" for name, _ in tuned_choices_any_m(device, "w4a8", w.out_features, w.in_features))
+                    and mma_weights.w4a8_can_lay_out(w)):
+                mma_weights.w4a8_layout(w)
+                total += mma_weights.copy_bytes(w)
+            if fbgemm_kernels.w4a8_supported(w) is None:
+                fbgemm_kernels.w4a8_shuffle(w)  # in place: no copy, so no bytes to count
         if isinstance(w, Fp8BlockWeight) and fbgemm_kernels.groupwise_unavailable_reason() is None:
             fbgemm_kernels.groupwise_scales(w)  # K/128 x N/128 floats: too few bytes to count
         if not isinstance(w, (Int4Weight, Int8Weight)):
@@ -272,10 +279,20 @@ def block_fp8_matmul(rows, w: Fp8BlockWeight, out_dtype: torch.dtype) -> torch.T
 
 
 def w4a8_matmul(rows, w: W4A8Weight, out_dtype: torch.dtype) -> torch.Tensor:
-    """Per-token FP8 rows @ a W4A8 weight → [M, N] in out_dtype: FBGEMM's kernel on a GPU where
-    it runs (its bfloat16 output cast when another dtype is asked), else the reference."""
+    """Per-token FP8 rows @ a W4A8 weight → [M, N] in out_dtype: on a GPU the fragment-order
+    kernel's W4A8 instance where the measured table says ``mma`` for this M (and its copy was
+    made at load), else FBGEMM's kernel where it runs (either's bfloat16 output cast when another
+    dtype is asked); else the reference."""
     if rows.xq.is_cuda:
         from llmesh.engine.quant import fbgemm_kernels
+        from llmesh.kernels.quant_gemm_config import tuned_choice
+
+        choice = tuned_choice(rows.xq.device, "w4a8", rows.xq.shape[0], w.out_features, w.in_features)
+        if choice is not None and choice[0] == "mma":
+            from llmesh.engine.quant.mma_weights import w4a8_mma_matmul
+
+            if (y := w4a8_mma_matmul(rows, w, str(choice[1][0]))) is not None:
+                return y.to(out_dtype)
 
         # shuffled: the support check passed at load (prepare_library_weights), not again per call
         if w.shuffled or fbgemm_kernels.w4a8_supported(w) is None:
@@ -366,15 +383,15 @@ def kernel_operands(w: Weight | list[Weight], m: int, device: torch.device) -> l
         return [t for part in w for t in kernel_operands(part, m, device)]
     if isinstance(w, torch.Tensor):
         return [w]
-    if isinstance(w, (Int4Weight, Int8Weight)) and device.type == "cuda":
+    if isinstance(w, (Int4Weight, Int8Weight, W4A8Weight)) and device.type == "cuda":
         from llmesh.engine.quant.mma_weights import cached_layout
         from llmesh.kernels.quant_gemm_config import tuned_choice
 
-        choice = tuned_choice(device, _KIND[type(w)], m, w.out_features, w.in_features)
+        choice = tuned_choice(device, _KIND.get(type(w), "w4a8"), m, w.out_features, w.in_features)
         name = None if choice is None else choice[0]
         if name == "mma" and (copy := cached_layout(w)) is not None:
             return [copy.codes, copy.scales]
-        if name in _PRIVATE_COPIES:
+        if name in _PRIVATE_COPIES and not isinstance(w, W4A8Weight):  # FBGEMM re-lays W4A8's own in place
             return []
     names = ("qweight", "scales", "mins", "group_scales")
     return [t for t in (getattr(w, name, None) for name in names) if isinstance(t, torch.Tensor)]

@@ -9,7 +9,11 @@ makes rmsnorm(x + residual) itself (linear.norm_matmul). The kernel reads the co
 mma.sync's fragment order (an 8-bit weight as two nibble planes) and the scales and mins
 interleaved per lane, so a weight it serves keeps that copy (as many bytes as its codes, scales
 and mins) beside its own; the copy is made once after the model loads
-(``linear.prepare_library_weights``), before the KV pool takes its share of memory."""
+(``linear.prepare_library_weights``), before the KV pool takes its share of memory.
+
+W4A8 weights go through the kernel's W4A8 instance (llmesh/kernels/w4a8_mma.py) where the table's
+``w4a8`` entries pick ``mma`` (bench/quant_w4a8_sweep.py times it beside FBGEMM's kernel, the
+format's default): their copy is laid out from the codes before FBGEMM's in-place shuffle."""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmesh.engine.quant.packed import Int4Weight, Int8Weight
+from llmesh.engine.quant.packed import Int4Weight, Int8Weight, W4A8Weight
 from llmesh.kernels.w4a16_mma import (MAX_M, int8_group, int8_scales, pack_codes, pack_codes_int8, pack_scales,
                                       parse_config, shape_unsupported, unsupported, w4a16_mma)
+from llmesh.kernels.w4a8_mma import kernel_k, pack_w4a8_codes, pack_w4a8_scales, scales_fit, w4a8_mma
+from llmesh.kernels.w4a8_mma import unsupported as w4a8_unsupported
 
 _CACHE = "_mma_layout"
 _FITS = "_mma_scales_fit"
@@ -95,12 +101,12 @@ def layout(w: Int4Weight | Int8Weight) -> MmaLayout:
     return cached
 
 
-def cached_layout(w: Int4Weight | Int8Weight) -> MmaLayout | None:
+def cached_layout(w: Int4Weight | Int8Weight | W4A8Weight) -> MmaLayout | None:
     """The kernel's copy if `layout` has made it (prepare_library_weights does at load), else None."""
     return w.__dict__.get(_CACHE)
 
 
-def copy_bytes(w: Int4Weight | Int8Weight) -> int:
+def copy_bytes(w: Int4Weight | Int8Weight | W4A8Weight) -> int:
     cached = cached_layout(w)
     return 0 if cached is None else sum(t.numel() * t.element_size() for t in (cached.codes, cached.scales))
 
@@ -135,3 +141,33 @@ def norm_mma_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     y = w4a16_mma(x, lay.codes, lay.scales, lay.group, config=parse_config(config), act="rmsnorm",
                   norm=(norm_weight, eps), residual=residual, residual_out=res_out)
     return y, x if res_out is None else res_out
+
+
+def w4a8_can_lay_out(w: W4A8Weight) -> bool:
+    """Whether the W4A8 instance takes this weight: codes still readable (not yet shuffled for
+    FBGEMM), N a multiple of 64, K of 8, a group of 16-256 rows, group scales it holds exactly."""
+    return (isinstance(w, W4A8Weight) and not w.shuffled
+            and shape_unsupported(w.out_features, w.in_features, w.group_size) is None and scales_fit(w.group_scales))
+
+
+def w4a8_layout(w: W4A8Weight) -> MmaLayout:
+    """The W4A8 instance's copy of the codes and group scales (u = q + 8; g and -1032 g), made
+    once, before FBGEMM's shuffle, and cached on the weight."""
+    cached = w.__dict__.get(_CACHE)
+    if cached is None:
+        kp = kernel_k(w.in_features, w.group_size)
+        cached = MmaLayout(pack_w4a8_codes(w.codes(), kp), pack_w4a8_scales(w.group_scales, w.group_size, kp),
+                           w.group_size)
+        w.__dict__[_CACHE] = cached
+    return cached
+
+
+def w4a8_mma_matmul(rows, w: W4A8Weight, config: str) -> torch.Tensor | None:
+    """Per-token FP8 rows (fp8_gemm.Fp8Rows) @ a W4A8 weight → [M, N] bf16 through the W4A8
+    instance with the table's config, or None where it cannot serve them (no copy was made at
+    load, or too many rows): the caller's FBGEMM path then does."""
+    lay = cached_layout(w)
+    if (lay is None or not 0 < rows.xq.shape[0] <= MAX_M
+            or w4a8_unsupported(rows.xq, w.out_features, w.group_size) is not None):
+        return None
+    return w4a8_mma(rows.xq, rows.scale, lay.codes, lay.scales, w.scales, w.group_size, config=parse_config(config))
