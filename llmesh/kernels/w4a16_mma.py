@@ -334,14 +334,23 @@ def shape_unsupported(n: int, k: int, group: int) -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n: int, group: int, k: int | None = None) -> str | None:
-    """Why the kernel cannot serve this call (``k``: its input width, x's by default), or None."""
+_ACTIVATIONS = {torch.bfloat16: ("bf16", (8, 0), "bf16 mma.sync (sm_80 or newer)"),
+                torch.float8_e4m3fn: ("E4M3", (8, 9), "the paired E4M3 conversions (sm_89 or newer)")}
+"""Per activation dtype an instance takes (bf16; E4M3 for the W4A8 one): its name, the least
+compute capability and what needs it."""
+
+
+def unsupported(x: torch.Tensor, n: int, group: int, k: int | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why the kernel cannot serve this call (``k``: its input width, x's by default; ``dtype``:
+    the activations the instance takes), or None."""
     if not x.is_cuda:
         return "a CUDA kernel"
-    if x.dtype != torch.bfloat16:
-        return f"bf16 activations only (got {x.dtype})"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "needs bf16 mma.sync (sm_80 or newer)"
+    name, capability, needs = _ACTIVATIONS[dtype]
+    if x.dtype != dtype:
+        return f"{name} activations only (got {x.dtype})"
+    if torch.cuda.get_device_capability(x.device) < capability:
+        return f"needs {needs}"
     return shape_unsupported(n, x.shape[1] if k is None else k, group)
 
 
@@ -401,8 +410,6 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     ``act="rmsnorm"`` with ``norm=(weight [K], eps)``: y = rmsnorm(x + residual) @ W, rounded as
     rmsnorm.rmsnorm rounds, without its launch; with a residual [M, K], x + residual is stored to
     ``residual_out`` [M, K] (contiguous, a buffer of its own), as rmsnorm's second result."""
-    from llmesh.kernels import cuda_rtc
-
     if act not in ACTS:
         raise ValueError(f"w4a16_mma: act must be one of {ACTS}, got {act!r}")
     if (act == "rmsnorm") != (norm is not None):
@@ -438,6 +445,22 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
         raise ValueError(f"out must have unit last stride and an even row stride, got {out.stride()}")
     if m == 0:
         return out
+    launch(x, out, codes, scales, k, group_size, config, pdl, [*norm_args, _NULL, _NULL],  # no W4A8 scales
+           planes=planes, act=ACT_CODES[act])
+    return out
+
+
+def launch(x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int, group_size: int,
+           config: MmaConfig | None, pdl: bool | None, tail: list, *, planes: int = 1, act: int = 0,
+           w4a8: bool = False) -> None:
+    """Launch the instance for these arguments (checked by the caller: ``w4a16_mma``,
+    ``w4a8_mma.w4a8_mma``) with ``config`` (default_config's when None) after checking it
+    against the group and the device; ``tail``: the kernel's last six arguments (the fused
+    norm's four, W4A8's two scale vectors)."""
+    from llmesh.kernels import cuda_rtc
+
+    m, n = out.shape
+    kp = codes.shape[1] * 16
     config = check_config(config or default_config(m, n, kp, group_size, _sms(x.device.index or 0)))
     if config.bulk and ((group_size // 16) % config.bulk or torch.cuda.get_device_capability(x.device) < (9, 0)):
         raise ValueError(f"{config}: bulk copies need Hopper (sm_90) and a bulk dividing the group's "
@@ -445,13 +468,11 @@ def w4a16_mma(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_
     if not config.bulk and (group_size // 16) % config.stages:
         raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
                          f"{group_size // 16} steps")
-    plan = plan_launch(config, m, n, kp, group_size, planes, ACT_CODES[act])
+    plan = plan_launch(config, m, n, kp, group_size, planes, act, w4a8)
     kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, x.device)
-    part, counters = split_buffers("w4a16_mma", x, m, n, plan.grid[1], plan.grid[0])
+    part, counters = split_buffers("w4a16_mma", out, m, n, plan.grid[1], plan.grid[0])
     if pdl is None:
         pdl = pdl_launch(x.device)["PDL"]
     kernel.launch(plan.grid, plan.threads, plan.smem,
                   [codes, scales, x, out, part, counters, m, n, k, kp, x.stride(0), out.stride(0), plan.split_steps,
-                   *norm_args, _NULL, _NULL],  # no FP8 row and column scales (W4A8's)
-                  pdl=pdl)
-    return out
+                   *tail], pdl=pdl)

@@ -28,10 +28,10 @@ import ctypes
 
 import torch
 
-from llmesh.kernels.common import check_out, check_tensor, pdl_launch
-from llmesh.kernels.split_k import split_buffers
-from llmesh.kernels.w4a16_mma import (SCALES_SHAPE, STRIP, MmaConfig, check_config, default_config, pack_codes,
-                                      pack_scales, plan_launch, shape_unsupported, unpack_codes, unpack_scales)
+from llmesh.kernels.common import check_out, check_tensor
+from llmesh.kernels.w4a16_mma import (SCALES_SHAPE, STRIP, MmaConfig, launch, pack_codes, pack_scales, unpack_codes,
+                                      unpack_scales)
+from llmesh.kernels.w4a16_mma import unsupported as mma_unsupported
 
 OFFSET = 1032.0
 """What widening adds, times g: (1024 + u) g with u = q + 8 is q g + 1032 g."""
@@ -83,13 +83,7 @@ def emulate(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scales
 
 def unsupported(xq: torch.Tensor, n: int, group: int) -> str | None:
     """Why the kernel cannot serve these FP8 rows times a weight of N columns, or None."""
-    if not xq.is_cuda:
-        return "a CUDA kernel"
-    if xq.dtype != torch.float8_e4m3fn:
-        return f"E4M3 activations only (got {xq.dtype})"
-    if torch.cuda.get_device_capability(xq.device) < (8, 9):
-        return "needs the paired E4M3 conversions (sm_89 or newer)"
-    return shape_unsupported(n, xq.shape[1], group)
+    return mma_unsupported(xq, n, group, dtype=torch.float8_e4m3fn)
 
 
 def w4a8_mma(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -98,8 +92,6 @@ def w4a8_mma(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scale
     """y [M, N] bf16 = (xq [M, K] E4M3 * x_scale [M]) @ W for W in this module's layouts
     (``pack_w4a8_codes``, ``pack_w4a8_scales``) times ``row_scales`` [N] (float32). ``pdl`` as
     w4a16_mma's."""
-    from llmesh.kernels import cuda_rtc
-
     check_tensor("xq", xq, "[M, K]", 2)
     check_tensor("codes", codes, "[N/64, Kp/16, 32, 4]", 4, (torch.int32,), device=xq.device)
     check_tensor("scales", scales, SCALES_SHAPE, 6, (torch.float16,), device=xq.device)
@@ -129,22 +121,6 @@ def w4a8_mma(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scale
         raise ValueError(f"out must have unit last stride and an even row stride, got {out.stride()}")
     if m == 0:
         return out
-    sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
-    config = check_config(config or default_config(m, n, kp, group_size, sms))
-    if config.xload:
-        raise ValueError(f"{config}: W4A8 stages x whole (xload 0), widening its codes as it copies them")
-    if config.bulk and (group_size // 16) % config.bulk:
-        raise ValueError(f"{config}: a bulk must divide the group's {group_size // 16} steps")
-    if not config.bulk and (group_size // 16) % config.stages:
-        raise ValueError(f"{config}: the steps held in registers (stages) must divide the group's "
-                         f"{group_size // 16} steps")
-    plan = plan_launch(config, m, n, kp, group_size, w4a8=True)
-    kernel = cuda_rtc.load("w4a16_mma.cu", plan.name, xq.device)
-    part, counters = split_buffers("w4a16_mma", out, m, n, plan.grid[1], plan.grid[0])
-    if pdl is None:
-        pdl = pdl_launch(xq.device)["PDL"]
-    kernel.launch(plan.grid, plan.threads, plan.smem,
-                  [codes, scales, xq, out, part, counters, m, n, k, kp, xq.stride(0), out.stride(0), plan.split_steps,
-                   _NULL, _NULL, _NULL, ctypes.c_float(0.0), x_scale, row_scales],
-                  pdl=pdl)
+    launch(xq, out, codes, scales, k, group_size, config, pdl, [_NULL, _NULL, _NULL, ctypes.c_float(0.0), x_scale,
+                                                                 row_scales], w4a8=True)
     return out
