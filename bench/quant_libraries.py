@@ -143,7 +143,7 @@ SMOKE_MMA_SWEEP = ((1, 8, 8, 1, 0), (1, 4, 4, 2, 0))
 
 
 def mma_configs(m: int, n: int, kp: int, group: int, device: torch.device, smoke: bool, planes: int = 1,
-                act: int = 0, w4a8: bool = False) -> list:
+                act: int = 0, w4a8: bool = False, int_round: bool = False) -> list:
     """The fragment-order kernel's candidate MmaConfigs for m rows of a [kp, n] weight in groups
     of ``group``: the sweep's (wn, wk, stages, split, bulk) rows crossed with the x-loading
     variants that suit m, less those the device cannot run (bulk copies off Hopper), whose
@@ -151,7 +151,9 @@ def mma_configs(m: int, n: int, kp: int, group: int, device: torch.device, smoke
     block, or that launch the same blocks as one already listed. Past 8 rows, tiles of 16 rows
     (the default) and of 8 (twice the reads, the repeats from L2); up to 8, x staged and x loaded
     with the codes (xload 1, register loads only); at any size x staged a group ahead of the MMAs
-    (xload 2; not with the fused activation). The W4A8 instance stages x whole (xload 0)."""
+    (xload 2; not with the fused activation). The W4A8 instance stages x whole (xload 0), and with
+    ``int_round`` (its weight's scales make it exact) each config comes again with the products
+    rounded by integer operations (round 1)."""
     from llmesh.kernels.w4a16_mma import MmaConfig, plan_launch, split_steps
 
     hopper = torch.cuda.get_device_capability(device) >= (9, 0)
@@ -161,17 +163,18 @@ def mma_configs(m: int, n: int, kp: int, group: int, device: torch.device, smoke
         variants += ((0, 2),)
     if w4a8:
         variants = tuple(v for v in variants if v[1] == 0)
+    rounds = (0, 1) if w4a8 and int_round else (0,)
     out, seen = [], set()
-    for (wn, wk, stages, split, bulk), (rows, xload) in itertools.product(SMOKE_MMA_SWEEP if smoke else MMA_SWEEP,
-                                                                           variants):
+    for (wn, wk, stages, split, bulk), (rows, xload), rnd in itertools.product(
+            SMOKE_MMA_SWEEP if smoke else MMA_SWEEP, variants, rounds):
         if (bulk and (not hopper or (group // 16) % bulk)) or (not bulk and (group // 16) % stages):
             continue
         if xload == 1 and bulk:
             continue
-        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload)
+        cfg = MmaConfig(wn, wk, stages, split, bulk, rows, xload, rnd)
         if plan_launch(cfg, m, n, kp, group, planes, act, w4a8).smem > smem_limit:
             continue  # a ring this deep does not fit: not a candidate here
-        launched = (wn, wk, stages, bulk, rows, xload, split_steps(cfg, kp, group))
+        launched = (wn, wk, stages, bulk, rows, xload, rnd, split_steps(cfg, kp, group))
         if launched not in seen:
             seen.add(launched)
             out.append(cfg)

@@ -1,7 +1,8 @@
 """The W4A8 dispatch table's sweep (part of bench/quant_gemm.py, with ``--gemm-sweep-kinds w4a8``):
 per (N, K, M) up to the fragment-order kernel's rows, FBGEMM's ``f8i4bf16_shuffled`` (the
 format's default kernel) against the fragment-order kernel's W4A8 instance
-(llmesh/kernels/w4a8_mma.py) at each of its candidate configs, all on the same activations
+(llmesh/kernels/w4a8_mma.py) at each of its candidate configs (each with the products rounded by
+conversions and, where the weight's scales allow, by integer operations), all on the same activations
 already quantized per token, as the engine hands them over. The fastest goes to the table:
 ``["fbgemm", []]`` or ``["mma", [config]]``; the engine makes the kernel's copy of a weight at
 load only where some M's entry is ``mma``.
@@ -60,7 +61,8 @@ def w4a8_sweep(run: Run, rings: dict, shapes: list, ms: tuple[int, ...], budget:
                 ref = w4a8_matmul_ref(rows, ref_w, torch.float32)
                 candidates = [(LibraryConfig("fbgemm", ""),
                                [lambda cfg, q=q: fbgemm_kernels.w4a8_matmul(rows.xq, rows.scale, q) for q in shuffled])]
-                for cfg in mma_configs(m, n, kp, ref_w.group_size, dev, run.args.smoke, w4a8=True):
+                for cfg in mma_configs(m, n, kp, ref_w.group_size, dev, run.args.smoke, w4a8=True,
+                                       int_round=first.int_round):
                     calls = [lambda c, lay=lay: w4a8_mma(rows.xq, rows.scale, lay.codes, lay.scales, ref_w.scales,
                                                          ref_w.group_size, config=parse_config(c.arg)) for lay in lays]
                     candidates.append((LibraryConfig("mma", config_str(cfg)), calls))

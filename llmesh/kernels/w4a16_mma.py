@@ -92,12 +92,16 @@ class MmaConfig:
     2 (any tiles, not with the fused activation): x staged a group at a time, one group ahead
     of the MMAs (cp.async, each warp its own K range), its sums from MMAs against ones: the
     weight stream runs while x comes in, where the whole-tile staging held it back"""
+    round: int = 0
+    """W4A8 only: 0 rounds each widened product to E4M3 by two conversions a pair, 1 by four
+    integer operations on its float16 bits (exact for group scales up to 56, which
+    w4a8_mma.int_rounding_exact checks; the engine falls back to 0 for others)"""
 
 
 def config_str(config: MmaConfig) -> str:
-    """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows" and ",xload" as far
-    as the last that is not 0."""
-    fields = [config.wn, config.wk, config.stages, config.split, config.bulk, config.rows, config.xload]
+    """The dispatch table's form: "wn,wk,stages,split" then ",bulk", ",rows", ",xload" and
+    ",round" as far as the last that is not 0."""
+    fields = [config.wn, config.wk, config.stages, config.split, config.bulk, config.rows, config.xload, config.round]
     while len(fields) > 4 and not fields[-1]:
         fields.pop()
     return ",".join(str(v) for v in fields)
@@ -106,9 +110,9 @@ def config_str(config: MmaConfig) -> str:
 @functools.lru_cache(maxsize=256)
 def parse_config(text: str) -> MmaConfig:
     fields = [int(v) for v in str(text).split(",")]
-    if len(fields) not in (4, 5, 6, 7):
-        raise ValueError(f"a w4a16_mma config is four to seven integers 'wn,wk,stages,split[,bulk[,rows[,xload]]]', "
-                         f"got {text!r}")
+    if len(fields) not in (4, 5, 6, 7, 8):
+        raise ValueError(f"a w4a16_mma config is four to eight integers "
+                         f"'wn,wk,stages,split[,bulk[,rows[,xload[,round]]]]', got {text!r}")
     return check_config(MmaConfig(*fields))
 
 
@@ -127,6 +131,8 @@ def check_config(config: MmaConfig) -> MmaConfig:
         raise ValueError(f"{config}: rows must be 0 (by M), 8 or 16")
     if config.xload not in (0, 1, 2) or (config.xload == 1 and (config.bulk or config.rows == 16)):
         raise ValueError(f"{config}: xload is 0, 1 or 2, and 1 only with bulk 0 and tiles of 8 rows")
+    if config.round not in (0, 1):
+        raise ValueError(f"{config}: round is 0 (conversions) or 1 (integer operations)")
     return config
 
 
@@ -204,9 +210,12 @@ def plan_launch(config: MmaConfig, m: int, n: int, kp: int, group: int, planes: 
         raise ValueError(f"{config}: xload 2 copies x as it is; a fused activation or norm is made while staging")
     if w4a8 and (planes != 1 or act or config.xload):
         raise ValueError(f"{config}: the W4A8 instance takes 4-bit codes and stages x whole (xload 0, no act)")
+    if config.round and not w4a8:
+        raise ValueError(f"{config}: round chooses how the W4A8 instance rounds its products; this is not it")
     grid = (-(-(n // STRIP) // config.wn) * -(-m // tile), splits, 1)
     name = f"w4a16_mma<{config.wn}, {config.wk}, {config.stages}, {group // 16}, {config.bulk}, {tile // 8}"
-    name += _template_tail([planes, config.xload, act, int(w4a8)], (1, 0, 0, 0))  # PLANES, XLOAD, ACT, W4A8
+    # PLANES, XLOAD, ACT, W4A8 (1: products rounded by conversions, 2: by integer operations)
+    name += _template_tail([planes, config.xload, act, 1 + config.round if w4a8 else 0], (1, 0, 0, 0))
     smem = smem_bytes(config, min(m, tile), per, group // 16, planes)
     return Launch(name, grid, config.wn * config.wk * 32, smem, per)
 

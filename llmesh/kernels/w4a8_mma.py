@@ -64,19 +64,41 @@ def pack_w4a8_scales(group_scales: torch.Tensor, group: int, kp: int) -> torch.T
     return pack_scales(g.half().contiguous(), (-OFFSET * g).half().contiguous())
 
 
+INT_ROUND_MAX_SCALE = 56.0
+"""Group scales up to which rounding a product's float16 bits is E4M3's rounding (config round 1):
+|q g| stays within E4M3's 448 (-8 * 56), and a subnormal scale's products lie on E4M3's
+subnormal grid (multiples of 2^-9), so only a normal's mantissa is ever cut."""
+
+
+def int_rounding_exact(group_scales: torch.Tensor) -> bool:
+    """Whether the integer rounding (MmaConfig.round = 1) is exact for every product of these
+    scales: all within ``INT_ROUND_MAX_SCALE`` (quantize_w4a8's are)."""
+    return bool(group_scales.float().abs().max() <= INT_ROUND_MAX_SCALE) if group_scales.numel() else True
+
+
 def scales_fit(group_scales: torch.Tensor) -> bool:
     """Whether every group scale is within ``MAX_GROUP_SCALE`` (quantize_w4a8's are at most 56)."""
     return bool(group_scales.float().abs().max() <= MAX_GROUP_SCALE) if group_scales.numel() else True
 
 
+def round_f16_bits(p: torch.Tensor) -> torch.Tensor:
+    """The integer rounding (MmaConfig.round = 1) of float16 values, as the kernel does it on a
+    pair's 32 bits: round to nearest even at 3 mantissa bits by adding 0x3F plus the lowest kept
+    bit and clearing the 7 dropped ones."""
+    bits = p.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = (bits + 0x3F + ((bits >> 7) & 1)) & 0xFF80
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16).float()
+
+
 def emulate(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-            row_scales: torch.Tensor, group: int) -> torch.Tensor:
+            row_scales: torch.Tensor, group: int, round_: int = 0) -> torch.Tensor:
     """What the kernel computes, in torch (float32) from its layouts: each weight (1024 + u) g +
-    c rounded to E4M3, times x's codes, summed, times the row and column scales. The CPU tests
-    hold it to linear.w4a8_matmul_ref."""
+    c rounded to E4M3 (``round_`` 1: by ``round_f16_bits``), times x's codes, summed, times the
+    row and column scales. The CPU tests hold it to linear.w4a8_matmul_ref."""
     u = unpack_codes(codes).float()                                            # [Kp, N]
     g, c = (v.float().repeat_interleave(group, dim=0) for v in unpack_scales(scales))
-    w = ((1024.0 + u) * g + c).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+    p = (1024.0 + u) * g + c
+    w = round_f16_bits(p) if round_ else p.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).float()
     xp = torch.nn.functional.pad(xq.float(), (0, u.shape[0] - xq.shape[1]))
     return (xp @ w) * x_scale.float()[:, None] * row_scales.float()[None, :]
 

@@ -171,7 +171,7 @@ def test_configs_plan_whole_groups_and_fit_shared_memory():
         parse_config("1,8,2,1,0,0,3")
     with pytest.raises(ValueError, match="bulk"):
         parse_config("1,8,4,1,3")
-    with pytest.raises(ValueError, match="four to seven integers"):
+    with pytest.raises(ValueError, match="four to eight integers"):
         parse_config("1,8")
     with pytest.raises(ValueError, match="stages"):
         parse_config("1,8,3,1")  # steps held in registers: 1, 2, 4 or 8

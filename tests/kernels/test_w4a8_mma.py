@@ -17,9 +17,9 @@ from llmesh.engine.quant.linear import w4a8_matmul_ref
 from llmesh.engine.quant.packed import W4A8Weight
 from llmesh.engine.quant.quantize import quantize_w4a8
 from llmesh.kernels.fp8_gemm import quantize_fp8_per_token_ref
-from llmesh.kernels.w4a8_mma import (MAX_GROUP_SCALE, OFFSET, emulate, kernel_k, pack_w4a8_codes, pack_w4a8_scales,
-                                     scales_fit, w4a8_mma)
-from llmesh.kernels.w4a16_mma import MmaConfig, plan_launch, unpack_codes, unpack_scales
+from llmesh.kernels.w4a8_mma import (INT_ROUND_MAX_SCALE, MAX_GROUP_SCALE, OFFSET, emulate, int_rounding_exact,
+                                     kernel_k, pack_w4a8_codes, pack_w4a8_scales, round_f16_bits, scales_fit, w4a8_mma)
+from llmesh.kernels.w4a16_mma import MmaConfig, config_str, parse_config, plan_launch, unpack_codes, unpack_scales
 from tests.kernels.nvrtc_check import compiled_report, global_loads, machine_code
 
 
@@ -51,6 +51,21 @@ def test_float16_holds_every_widened_product_and_offset():
     assert (OFFSET * 64.0) > torch.finfo(torch.float16).max
 
 
+def test_the_integer_rounding_is_e4m3s_for_every_product_of_a_scale_up_to_56():
+    """round 1 rounds the float16 product's bits instead of converting: for every code and every
+    E4M3 scale (subnormals too) up to INT_ROUND_MAX_SCALE it gives E4M3's value (saturated as the
+    conversion saturates); past it, products leave E4M3's range and it does not."""
+    g = e4m3_values()
+    q = torch.arange(-8, 8, dtype=torch.float32)[:, None]
+    inside = g <= INT_ROUND_MAX_SCALE
+    p = q * g[inside]
+    torch.testing.assert_close(round_f16_bits(p), p.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float(),
+                               rtol=0, atol=0)
+    past = q * g[~inside & (g <= MAX_GROUP_SCALE)]
+    assert not torch.equal(round_f16_bits(past), past.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float())
+    assert int_rounding_exact(torch.tensor([0.0, 2.0 ** -9, 56.0])) and not int_rounding_exact(torch.tensor([60.0]))
+
+
 def test_codes_and_scales_round_trip_through_the_layouts():
     gen = torch.Generator().manual_seed(0)
     w = random_w4a8(200, 128, gen)  # K 200: the weight pads to 256, the kernel's K to 256 (two groups)
@@ -66,13 +81,13 @@ def test_codes_and_scales_round_trip_through_the_layouts():
     assert torch.equal(c.float(), -OFFSET * g.float())
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (3, 200, 192), (16, 640, 64), (9, 384, 128)])
-def test_the_kernels_arithmetic_matches_the_reference(m, k, n):
+@pytest.mark.parametrize("m,k,n,round_", [(1, 256, 128, 0), (3, 200, 192, 1), (16, 640, 64, 0), (9, 384, 128, 1)])
+def test_the_kernels_arithmetic_matches_the_reference(m, k, n, round_):
     gen = torch.Generator().manual_seed(m + k + n)
     w = random_w4a8(k, n, gen)
     rows = quantize_fp8_per_token_ref(torch.randn(m, k, generator=gen).to(torch.bfloat16))
     codes, scales = layout(w)
-    got = emulate(rows.xq, rows.scale, codes, scales, w.scales, w.group_size)
+    got = emulate(rows.xq, rows.scale, codes, scales, w.scales, w.group_size, round_)
     want = w4a8_matmul_ref(rows, w, torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -97,19 +112,27 @@ def test_the_launch_plan_names_the_w4a8_instance():
         plan_launch(MmaConfig(1, 8, 4, 1, 0, 0, 2), 1, 4096, 4096, 128, w4a8=True)
     with pytest.raises(ValueError, match="W4A8"):
         plan_launch(MmaConfig(1, 8, 4, 1), 1, 4096, 4096, 128, planes=2, w4a8=True)
+    integer = MmaConfig(1, 8, 4, 1, round=1)
+    assert plan_launch(integer, 1, 4096, 4096, 128, w4a8=True).name == "w4a16_mma<1, 8, 4, 8, 0, 1, 1, 0, 0, 2>"
+    assert config_str(integer) == "1,8,4,1,0,0,0,1" and parse_config("1,8,4,1,0,0,0,1") == integer
+    with pytest.raises(ValueError, match="round"):
+        plan_launch(integer, 1, 4096, 4096, 128)
 
 
 def test_nvrtc_compiles_the_w4a8_instance_for_hopper_without_local_memory(tmp_path):
     # registers, one and two n8 tiles, loads to registers and bulk copies, at 256 threads
+    # and the same with the products rounded by integer operations (W4A8 = 2: no conversion back)
     for name, regs in (("w4a16_mma<1, 8, 4, 8, 0, 1, 1, 0, 0, 1>", 112), ("w4a16_mma<1, 8, 2, 8, 4, 1, 1, 0, 0, 1>", 112),
-                       ("w4a16_mma<2, 4, 4, 8, 0, 2, 1, 0, 0, 1>", 168), ("w4a16_mma<2, 4, 2, 8, 8, 2, 1, 0, 0, 1>", 168)):
+                       ("w4a16_mma<2, 4, 4, 8, 0, 2, 1, 0, 0, 1>", 168), ("w4a16_mma<2, 4, 2, 8, 8, 2, 1, 0, 0, 1>", 168),
+                       ("w4a16_mma<1, 8, 4, 8, 0, 1, 1, 0, 0, 2>", 112), ("w4a16_mma<2, 4, 2, 8, 8, 2, 1, 0, 0, 2>", 168)):
         cubin, lowered, report = compiled_report("w4a16_mma.cu", name, tmp_path)
         assert lowered.startswith("_Z9w4a16_mma") and len(cubin) > 10_000
         assert report["LOCAL"] == 0 and report["STACK"] == 0, (name, report)
         assert report["REG"] <= regs, (name, report)
         listing = machine_code(cubin, tmp_path)
-        # per 16-byte load of codes (32 weights): 16 paired FMAs, 16 roundings to E4M3, and back
-        assert listing.count("F2FP.SATFINITE.E4M3.F16") > 0 and "HFMA2" in listing, name
+        # per 16-byte load of codes (32 weights): 16 paired FMAs, then 16 roundings to E4M3 and back
+        # (W4A8 = 1) or integer operations only (W4A8 = 2; x's codes are still widened by conversion)
+        assert ("F2FP.SATFINITE.E4M3.F16" in listing) == name.endswith(" 1>") and "HFMA2" in listing, name
         assert "HMMA.16816.F32 " in listing and "HMMA.16816.F32.BF16" not in listing, name  # float16 MMAs
         # x (E4M3 bytes, 8 at a time) and its row scales come by coherent loads: the kernel before
         # wrote them (cuda/common.cuh); the read-only path keeps to the weights and their scales
@@ -136,6 +159,8 @@ def _gpu_or_skip():
     (40, 64, 1024, MmaConfig(1, 8, 2, 1)),         # three row tiles
     (13, 192, 768, MmaConfig(1, 4, 2, 1, 4, 8)),   # bulk copies, two tiles of 8 rows
     (1, 128, 1024, MmaConfig(1, 4, 2, 1, 4)),      # bulk copies of 4 steps, two slots
+    (1, 128, 1024, MmaConfig(1, 4, 4, 2, round=1)),         # products rounded by integer operations
+    (13, 192, 768, MmaConfig(1, 4, 2, 1, 4, 8, round=1)),   # the same, bulk copies, two tiles of 8 rows
 ])
 def test_kernel_matches_reference_on_gpu(m, n, k, config):
     _gpu_or_skip()
@@ -201,6 +226,18 @@ def test_the_measured_table_dispatches_to_it_before_fbgemm_shuffles(monkeypatch)
     got = linear_mod.w4a8_matmul(Fp8Rows(rows.xq.to(device), rows.scale.to(device)), w, torch.bfloat16)
     torch.testing.assert_close(got.cpu().float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
     assert quant_gemm_config.tuned_choice(device, "w4a8", 17, 128, 256) is None  # past the table
+    # the integer rounding where the scales allow it, the conversions where one is past 56
+    rows_d = Fp8Rows(rows.xq.to(device), rows.scale.to(device))
+    got = mma_weights.w4a8_mma_matmul(rows_d, w, "1,4,4,2,0,0,0,1")
+    torch.testing.assert_close(got.cpu().float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    wide_cpu = W4A8Weight(cpu_w.qweight, cpu_w.group_scales.float().clone().index_fill_(1, torch.tensor([0]), 60.0)
+                          .to(torch.float8_e4m3fn), cpu_w.scales, cpu_w.group_size, cpu_w.in_features)
+    wide = wide_cpu.map_tensors(lambda t: t.to(device))
+    mma_weights.w4a8_layout(wide)
+    assert not mma_weights.cached_layout(wide).int_round
+    got = mma_weights.w4a8_mma_matmul(rows_d, wide, "1,4,4,2,0,0,0,1")
+    want = w4a8_matmul_ref(rows, wide_cpu, torch.float32)
+    torch.testing.assert_close(got.cpu().float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
     big = quantize_fp8_per_token_ref(torch.randn(17, 256, generator=gen).to(torch.bfloat16))
     got = linear_mod.w4a8_matmul(Fp8Rows(big.xq.to(device), big.scale.to(device)), w, torch.bfloat16)
     want = w4a8_matmul_ref(big, cpu_w, torch.float32)

@@ -63,14 +63,25 @@ __device__ __forceinline__ u32x4 add4(u32x4 a, u32x4 b) {
 // W4A8: a nibble pair (u = q + 8) widened to float16 (1024 + u_lo, 1024 + u_hi) (spacing 1 in
 // [1024, 2048)), then (1024 + u) g - 1032 g = q g in one paired FMA with gg = (g, g) and cc =
 // (-1032 g, -1032 g): exact, as f16 holds every product of a code and an E4M3 scale up to 63
-// (and 1032 g too). Rounded to E4M3 and widened back, it is the weight FBGEMM's kernel multiplies:
-// the products' rounding is part of the format (docs/quantization.md, W4A8).
+// (and 1032 g too). Rounded to E4M3, it is the weight FBGEMM's kernel multiplies: the products'
+// rounding is part of the format (docs/quantization.md, W4A8). ROUND 1: converted to E4M3 and
+// back (two conversions a pair, sm_89 on). ROUND 2: rounded in place on the float16 bits, to
+// nearest even at E4M3's 3 mantissa bits (add 0x3F plus the lowest kept bit, clear the 7
+// dropped; a half's carry never reaches the sign or the other half, |q g| <= 448): four integer
+// operations a pair, exact for every scale up to 56 (w4a8_mma.int_rounding_exact: the products
+// stay within 448, and a subnormal scale's lie on E4M3's subnormal grid)
+template <int ROUND>
 __device__ __forceinline__ u32 w4a8_weight(u32 v, u32 gg, u32 cc) {
   const u32 h = widen(v, 0x64006400u);
-  u32 p, r;
+  u32 p;
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p) : "r"(h), "r"(gg), "r"(cc));
-  asm("{ .reg .b16 e; cvt.rn.satfinite.e4m3x2.f16x2 e, %1; cvt.rn.f16x2.e4m3x2 %0, e; }" : "=r"(r) : "r"(p));
-  return r;
+  if constexpr (ROUND == 2) {
+    return (p + 0x003F003Fu + ((p >> 7) & 0x00010001u)) & 0xFF80FF80u;
+  } else {
+    u32 r;
+    asm("{ .reg .b16 e; cvt.rn.satfinite.e4m3x2.f16x2 e, %1; cvt.rn.f16x2.e4m3x2 %0, e; }" : "=r"(r) : "r"(p));
+    return r;
+  }
 }
 
 // four E4M3 codes (x's bytes k..k+3) as two float16 pairs: exact, every E4M3 value is a float16

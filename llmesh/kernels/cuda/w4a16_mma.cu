@@ -59,12 +59,13 @@
 // range is only a part), and the first strip block of split 0 stores x + res to res_out (another
 // buffer: the other blocks still read res); a qkv or gate/up projection without rmsnorm's launch.
 // res, res_out rows are K apart; eps is the norm's epsilon
-// W4A8 = 1 (4-bit codes u = q + 8, x staged whole, no ACT): x is E4M3 codes [M, K] (bytes, rows
+// W4A8 = 1 or 2 (4-bit codes u = q + 8, x staged whole, no ACT): x is E4M3 codes [M, K] (bytes, rows
 // ldx apart) with float32 row scales xscale [M], and W = e4m3(q g) r with float32 column scales
 // wscale [N]: the scales' halves hold each column's group scale g and -1032 g as float16, each
 // weight is widened to e4m3(q g) in float16 (mma_operands.cuh), x to float16 as it is staged, the
 // MMAs are float16 ones into float32, and y = xscale wscale sum at the end: FBGEMM's W4A8
-// arithmetic (without its FP8 tensor cores' shortened accumulation) for decode sizes
+// arithmetic (without its FP8 tensor cores' shortened accumulation) for decode sizes; 1 rounds
+// the products to E4M3 by conversions, 2 by integer operations (w4a8_weight's ROUND)
 template <int WN, int WK, int STAGES, int GS, int BULK = 0, int NT = 2, int PLANES = 1, int XLOAD = 0,
           int ACT = 0, int W4A8 = 0>
 __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
@@ -81,6 +82,7 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
   static_assert(XLOAD != 1 || (NT == 1 && BULK == 0), "x's fragments from global memory: one n8 tile, register loads");
   static_assert(XLOAD != 2 || !ACT, "x copied a group ahead: its activation is made while staging, not copied");
   static_assert(!W4A8 || (PLANES == 1 && XLOAD == 0 && ACT == 0), "W4A8: 4-bit codes, x widened as it is staged");
+  static_assert(W4A8 >= 0 && W4A8 <= 2, "W4A8: 0 off, 1 products rounded by conversions, 2 by integer operations");
   static_assert(ACT >= 0 && ACT <= 2, "ACT: 0 none, 1 silu(gate) * up, 2 rmsnorm");
   constexpr bool XPIPE = XLOAD == 2;
   constexpr int THREADS = WN * WK * 32, MT = 8 * NT;
@@ -366,8 +368,10 @@ __global__ void __launch_bounds__(WN * WK * 32) w4a16_mma(
           // order they were packed in); as A: rows g (group 2q) and g + 8 (group 2q + 1). With
           // two planes, plane 0 holds the high nibbles (widened to 2048 + 16 hi)
           if constexpr (W4A8) {
-            const u32 a[4] = {w4a8_weight(w[q], gg[q][0], cc[q][0]), w4a8_weight(w[q] >> 8, gg[q][1], cc[q][1]),
-                              w4a8_weight(w[q] >> 4, gg[q][0], cc[q][0]), w4a8_weight(w[q] >> 12, gg[q][1], cc[q][1])};
+            const u32 a[4] = {w4a8_weight<W4A8>(w[q], gg[q][0], cc[q][0]),
+                              w4a8_weight<W4A8>(w[q] >> 8, gg[q][1], cc[q][1]),
+                              w4a8_weight<W4A8>(w[q] >> 4, gg[q][0], cc[q][0]),
+                              w4a8_weight<W4A8>(w[q] >> 12, gg[q][1], cc[q][1])};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mma_f16(acc[nt][q], a, bx[2 * nt], bx[2 * nt + 1]);
           } else {

@@ -17,6 +17,7 @@ format's default): their copy is laid out from the codes before FBGEMM's in-plac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,8 @@ import torch
 from llmesh.engine.quant.packed import Int4Weight, Int8Weight, W4A8Weight
 from llmesh.kernels.w4a16_mma import (MAX_M, int8_group, int8_scales, pack_codes, pack_codes_int8, pack_scales,
                                       parse_config, shape_unsupported, unsupported, w4a16_mma)
-from llmesh.kernels.w4a8_mma import kernel_k, pack_w4a8_codes, pack_w4a8_scales, scales_fit, w4a8_mma
+from llmesh.kernels.w4a8_mma import (int_rounding_exact, kernel_k, pack_w4a8_codes, pack_w4a8_scales, scales_fit,
+                                     w4a8_mma)
 from llmesh.kernels.w4a8_mma import unsupported as w4a8_unsupported
 
 _CACHE = "_mma_layout"
@@ -43,6 +45,8 @@ class MmaLayout:
     """float16 [N/64, Kp/G, 8, 4, 2, 2]"""
     group: int
     """the kernel's group (an int8 weight's per-channel scale repeats every 128 rows)"""
+    int_round: bool = False
+    """W4A8: the integer rounding of products (MmaConfig.round 1) is exact for these scales"""
 
 
 def _group(w: Int4Weight | Int8Weight) -> int | None:
@@ -157,17 +161,21 @@ def w4a8_layout(w: W4A8Weight) -> MmaLayout:
     if cached is None:
         kp = kernel_k(w.in_features, w.group_size)
         cached = MmaLayout(pack_w4a8_codes(w.codes(), kp), pack_w4a8_scales(w.group_scales, w.group_size, kp),
-                           w.group_size)
+                           w.group_size, int_rounding_exact(w.group_scales))
         w.__dict__[_CACHE] = cached
     return cached
 
 
 def w4a8_mma_matmul(rows, w: W4A8Weight, config: str) -> torch.Tensor | None:
     """Per-token FP8 rows (fp8_gemm.Fp8Rows) @ a W4A8 weight → [M, N] bf16 through the W4A8
-    instance with the table's config, or None where it cannot serve them (no copy was made at
+    instance with the table's config (its integer rounding only where this weight's scales make
+    it exact: the conversions otherwise), or None where it cannot serve them (no copy was made at
     load, or too many rows): the caller's FBGEMM path then does."""
     lay = cached_layout(w)
     if (lay is None or not 0 < rows.xq.shape[0] <= MAX_M
             or w4a8_unsupported(rows.xq, w.out_features, w.group_size) is not None):
         return None
-    return w4a8_mma(rows.xq, rows.scale, lay.codes, lay.scales, w.scales, w.group_size, config=parse_config(config))
+    cfg = parse_config(config)
+    if cfg.round and not lay.int_round:
+        cfg = dataclasses.replace(cfg, round=0)
+    return w4a8_mma(rows.xq, rows.scale, lay.codes, lay.scales, w.scales, w.group_size, config=cfg)
