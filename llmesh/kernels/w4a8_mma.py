@@ -70,15 +70,19 @@ INT_ROUND_MAX_SCALE = 56.0
 subnormal grid (multiples of 2^-9), so only a normal's mantissa is ever cut."""
 
 
+def _within(group_scales: torch.Tensor, bound: float) -> bool:
+    return not group_scales.numel() or bool(group_scales.float().abs().max() <= bound)
+
+
 def int_rounding_exact(group_scales: torch.Tensor) -> bool:
     """Whether the integer rounding (MmaConfig.round = 1) is exact for every product of these
     scales: all within ``INT_ROUND_MAX_SCALE`` (quantize_w4a8's are)."""
-    return bool(group_scales.float().abs().max() <= INT_ROUND_MAX_SCALE) if group_scales.numel() else True
+    return _within(group_scales, INT_ROUND_MAX_SCALE)
 
 
 def scales_fit(group_scales: torch.Tensor) -> bool:
     """Whether every group scale is within ``MAX_GROUP_SCALE`` (quantize_w4a8's are at most 56)."""
-    return bool(group_scales.float().abs().max() <= MAX_GROUP_SCALE) if group_scales.numel() else True
+    return _within(group_scales, MAX_GROUP_SCALE)
 
 
 def round_f16_bits(p: torch.Tensor) -> torch.Tensor:
